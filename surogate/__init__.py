@@ -1,0 +1,37 @@
+"""surogate: fast LoRA and QLoRA fine-tuning of Hugging Face LLMs in low precision.
+
+    model = surogate.compile(model, recipe="qfp8")
+
+Submodules are imported lazily so that `import surogate` stays cheap and free of side effects.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from surogate import recipes  # noqa: E402  (pure data, cheap)
+
+_LAZY = {
+    "formats": ("surogate.formats", None),
+    "ops": ("surogate.ops", None),
+    "compile": ("surogate.compile", "compile"),
+    "save_adapter": ("surogate.adapters", "save_adapter"),
+    "load_adapter": ("surogate.adapters", "load_adapter"),
+    "merge": ("surogate.adapters", "merge"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'surogate' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["recipes", "__version__", *_LAZY]
