@@ -1,0 +1,120 @@
+"""Tile and tuning configs of the fused GEMM kernels, per architecture.
+
+Each `get_<kernel family>_configs(arch)` returns the `triton.Config`s that autotuning picks
+from (keyed on the problem shape); heuristics are named functions with a reason. Under
+`TRITON_INTERPRET=1` one small config runs, so CPU tests stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+from surogate.recipes import ARCHS, normalize_arch
+
+# Shared memory per block (bytes) the configs may plan for: Hopper/Blackwell datacenter parts
+# have ~227 KB, Ada and consumer Blackwell ~99 KB.
+_SMEM = {"sm_89": 99 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024, "sm_120": 99 * 1024}
+
+
+def interpreting() -> bool:
+    """True under the Triton CPU interpreter (tests): one small config, fp32 MMAs."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpret_config(family: str) -> dict:
+    """The single config used under the interpreter: small tiles, K step that divides 128."""
+    return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+def _fits(c: triton.Config, elem_bytes: float, arch: str) -> bool:
+    """A config fits when its pipelined A and W tiles fit in the arch's shared memory."""
+    kw = c.kwargs
+    per_stage = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
+    return per_stage * c.num_stages <= _SMEM[arch]
+
+
+def get_lora_linear_bf16_configs(arch: str) -> list[triton.Config]:
+    """bf16 x bf16 (also dgrad): wide N tiles feed wgmma/tcgen05 best; smaller tiles for Ada/sm_120."""
+    arch = normalize_arch(arch)
+    if arch in ("sm_90", "sm_100"):
+        cands = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4),
+                 _cfg(256, 128, 64, 8, 3)]
+    else:
+        cands = [_cfg(128, 128, 32, 4, 4), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3)]
+    return [c for c in cands if _fits(c, 2, arch)]
+
+
+def get_lora_linear_fp8_configs(arch: str) -> list[triton.Config]:
+    """FP8 x FP8 (row- or block-scaled): K step 128 (one FP8 block) so block scales are per step."""
+    arch = normalize_arch(arch)
+    if not ARCHS[arch].fp8_mma:
+        raise ValueError(f"{arch} has no FP8 tensor cores; use a bf16 recipe")
+    if arch in ("sm_90", "sm_100"):
+        cands = [_cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 8, 4), _cfg(128, 128, 128, 4, 4),
+                 _cfg(256, 128, 128, 8, 3)]
+    else:
+        cands = [_cfg(128, 128, 128, 4, 3), _cfg(128, 64, 128, 4, 3), _cfg(64, 128, 128, 4, 3)]
+    return [c for c in cands if _fits(c, 1, arch)]
+
+
+def get_lora_linear_dequant_configs(arch: str) -> list[triton.Config]:
+    """Dequant prologue + bf16 MMA: the weight tile is built in registers, so fewer warps idle
+    on loads with more of them; the activation dominates shared memory."""
+    arch = normalize_arch(arch)
+    if arch in ("sm_90", "sm_100"):
+        cands = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
+                 _cfg(128, 128, 128, 8, 3)]
+    else:
+        cands = [_cfg(128, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 3)]
+    return [c for c in cands if _fits(c, 2, arch)]
+
+
+def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
+    """NVFP4 block-scaled MMA (sm_100/sm_120 only): K step 128 = 8 scale groups of 16."""
+    arch = normalize_arch(arch)
+    if not ARCHS[arch].fp4_mma:
+        raise ValueError(f"{arch} has no FP4 tensor cores; NVFP4 recipes run emulated there (allow_emulation=True)")
+    if arch == "sm_100":
+        cands = [_cfg(128, 256, 128, 8, 3), _cfg(128, 128, 256, 4, 3), _cfg(128, 128, 128, 4, 4)]
+    else:
+        cands = [_cfg(128, 128, 128, 4, 3), _cfg(64, 128, 128, 4, 3)]
+    return [c for c in cands if _fits(c, 0.5, arch)]
+
+
+def fp8_promote(arch: str, k: int) -> bool:
+    """Whether FP8 tile products are added in FP32 each K step rather than kept in the MMA.
+
+    On sm_90 Triton accumulates FP8 wgmma products without FP32 promotion by default
+    (max_num_imprecise_acc = 2**30); over long K that loses bits (DESIGN.md §3). Promoting each
+    K step costs one FP32 add per accumulator element per step. Long K (>= 2048, all real
+    hidden sizes) promotes; see bench/NOTES.md for the measured cost.
+    """
+    return normalize_arch(arch) == "sm_90" and k >= 2048
+
+
+def block_r(r: int) -> int:
+    """LoRA rank padded to an MMA-friendly power of two (>= 16)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+FAMILIES = {
+    "bf16": get_lora_linear_bf16_configs,
+    "fp8": get_lora_linear_fp8_configs,
+    "dequant": get_lora_linear_dequant_configs,
+    "nvfp4": get_lora_linear_nvfp4_configs,
+}
+
+
+def get_configs(family: str, arch: str) -> list[triton.Config]:
+    """Configs of one kernel family on `arch`."""
+    try:
+        return FAMILIES[family](arch)
+    except KeyError:
+        raise ValueError(f"unknown kernel family {family!r}; valid: {', '.join(FAMILIES)}") from None

@@ -1,0 +1,389 @@
+"""Fused quantize-GEMM-LoRA kernels: `out = GEMM(A, W) * scales (+ bias) + s * H @ U^T`.
+
+One Triton kernel, `_lora_gemm_kernel`, serves every forward and dgrad GEMM of a LoRA
+linear; constexpr modes pick how the activation operand `A` and the weight operand `W`
+are stored. Forward: `A = Q(input)`, `W` the (N, K) weight, `H = lora_hidden`, `U = lora_b`.
+Dgrad (`grad_input.py`): `A = Q(grad_output)`, `W` read transposed, `H = grad_lora_hidden`,
+`U = lora_a^T`. Keeping one kernel means one place for tiling, scales and the epilogue.
+
+Weight modes that dequantize (nf4, nvfp4, fp8_block) do it in registers inside the K loop,
+then run a bf16 MMA: the bf16 weight never exists in memory. The LoRA up-projection is a
+second small MMA in the epilogue, on `lora_hidden` computed beforehand (one cuBLAS GEMM
+reading the input once; see docs/kernels.md for why not in the main loop).
+
+`lora_linear_nvfp4` (native NVFP4 x NVFP4 through `tl.dot_scaled`) is a separate kernel:
+its operands are packed and its scales are per 16 along K.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from surogate.kernels.configs import block_r, fp8_promote, get_configs, interpret_config, interpreting
+from surogate.recipes import current_arch
+from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
+
+# Operand modes: the single place where formats become constexpr integers (STYLE.md 4).
+A_BF16, A_FP8_ROW, A_FP8_BLOCK = 0, 1, 2
+W_BF16, W_FP8_ROW, W_FP8_BLOCK, W_DEQ_FP8_BLOCK, W_DEQ_NF4, W_DEQ_NVFP4 = 0, 1, 2, 3, 4, 5
+SCALE_BLOCK = 128  # the FP8 block size of activations (1x128) and weights (128x128)
+
+
+def _gemm_metadata(grid, kernel, args):
+    """Flops and bytes for profilers (STYLE.md 3)."""
+    m, n, k = args["M"], args["N"], args["K"]
+    return {"name": f"{kernel.name} M={m} N={n} K={k}", "flops": 2.0 * m * n * k}
+
+
+@triton.jit
+def _load_weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr,
+                      wn, wk, mask, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1,
+                      W_MODE: tl.constexpr):
+    """Load the weight elements at W coordinates (wn, wk) (any broadcast shape).
+
+    Raw modes return the stored dtype (bf16 or fp8); dequant modes return fp32 values.
+    nf4: `w_ptr` packed bytes of the flattened (N*K) weight, element 2i in the high nibble,
+    absmax per 64 = code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes).
+    `table_ptr` holds the 16 code values of the element type (NF4 or signed E2M1).
+    nvfp4: `w_ptr` (N, Kp/2) bytes, element 2i in the low nibble, E4M3 scale per 16 along K.
+    """
+    if W_MODE == 4:  # W_DEQ_NF4
+        flat = wn.to(tl.int64) * Kw + wk
+        byte = tl.load(w_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+        code = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
+        value = tl.load(table_ptr + code)  # the 16 NF4 values
+        blk = flat // 64
+        qabs = tl.load(aux0_ptr + blk, mask=mask, other=0).to(tl.int32)
+        # ws_ptr holds absmax_code, the 256-entry bitsandbytes dynamic map
+        absmax = tl.load(ws_ptr + qabs) * tl.load(aux1_ptr + blk // 256, mask=mask, other=0.0)
+        absmax = absmax + tl.load(aux2_ptr)
+        return value * absmax
+    elif W_MODE == 5:  # W_DEQ_NVFP4
+        byte = tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk // 2, mask=mask, other=0).to(tl.int32)
+        code = tl.where((wk % 2) == 0, byte & 15, byte >> 4)
+        value = tl.load(table_ptr + code)  # the 16 signed E2M1 values
+        bscale = tl.load(ws_ptr + wn.to(tl.int64) * stride_ws0 + (wk // 16) * stride_ws1, mask=mask, other=0.0)
+        return value * bscale.to(tl.float32) * tl.load(aux0_ptr)
+    elif W_MODE == 3:  # W_DEQ_FP8_BLOCK
+        w = tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk * stride_w1, mask=mask, other=0.0)
+        s = tl.load(ws_ptr + (wn // 128) * stride_ws0 + (wk // 128) * stride_ws1, mask=mask, other=0.0)
+        return w.to(tl.float32) * s
+    else:
+        return tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk * stride_w1, mask=mask, other=0.0)
+
+
+@triton.jit(launch_metadata=_gemm_metadata)
+def _lora_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr,
+    h_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R, Kw,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_w0, stride_w1, stride_ws0, stride_ws1,
+    stride_hm, stride_hr, stride_un, stride_ur, stride_om, stride_on,
+    lora_scale,
+    A_MODE: tl.constexpr, W_MODE: tl.constexpr, TRANS_W: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FP8_PROMOTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[M, N] = sum_k A[m, k] W'[k, n] (scaled) (+ bias[n]) + lora_scale * H[m, :] U[n, :]^T.
+
+    W' is W^T when TRANS_W is False (W stored (N, K), the forward layout) and W itself when
+    TRANS_W is True (W stored (K, N) in the kernel's terms: dgrad through the forward weight).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows_m = tl.where(mask_m, offs_m, 0).to(tl.int64)
+    cols_n = tl.where(mask_n, offs_n, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if A_MODE == 1:  # per-row activation scale, applied in the epilogue
+        a_row_scale = tl.load(as_ptr + rows_m * stride_asm)
+    if W_MODE == 1:  # per-output-channel weight scale, applied in the epilogue
+        w_col_scale = tl.load(ws_ptr + cols_n * stride_ws0)
+
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # The weight tile as [BLOCK_K, BLOCK_N] (reduction x output), in W's own coordinates.
+        if TRANS_W:
+            wn = kk[:, None]
+            wk = offs_n[None, :]
+        else:
+            wn = offs_n[None, :]
+            wk = kk[:, None]
+        wmask = mask_k[:, None] & mask_n[None, :]
+        w = _load_weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, wn, wk, wmask, Kw,
+                              stride_w0, stride_w1, stride_ws0, stride_ws1, W_MODE)
+        if W_MODE >= 3:  # dequantized in registers: bf16 MMA
+            w = w.to(tl.bfloat16)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if A_MODE == 2:  # block-scaled FP8: promote every 128 of K with both block scales
+            part = tl.dot(a, w)
+            a_blk_scale = tl.load(as_ptr + rows_m * stride_asm + (k0 // 128) * stride_ask)
+            if TRANS_W:
+                w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + (cols_n // 128) * stride_ws1)
+            else:
+                w_blk_scale = tl.load(ws_ptr + (cols_n // 128) * stride_ws0 + (k0 // 128) * stride_ws1)
+            acc += part * a_blk_scale[:, None] * w_blk_scale[None, :]
+        elif FP8_PROMOTE:  # fp8 on sm_90: add each tile's product in fp32 (max_num_imprecise_acc)
+            acc += tl.dot(a, w)
+        else:
+            acc = tl.dot(a, w, acc)
+
+    if A_MODE == 1:
+        acc = acc * a_row_scale[:, None]
+    if W_MODE == 1:
+        acc = acc * w_col_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        h = tl.load(h_ptr + rows_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        u = tl.load(u_ptr + cols_n[None, :].to(tl.int64) * stride_un + offs_r[:, None] * stride_ur,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            u = u.to(tl.float32)
+        acc += lora_scale * tl.dot(h, u)
+
+    out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(launch_metadata=_gemm_metadata)
+def _lora_gemm_nvfp4_kernel(
+    a_ptr, as_ptr, a_ts_ptr, w_ptr, ws_ptr, w_ts_ptr, h_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_hm, stride_hr, stride_un, stride_ur,
+    stride_om, stride_on, lora_scale,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled, E4M3 scales per 16), both operands K-major.
+
+    A: packed (M, K/2) uint8 + (M, K/16) E4M3; W: packed (N, K/2) + (N, K/16); K is the padded
+    K (a multiple of 16). The two FP32 tensor scales are applied in the epilogue.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows_m = tl.where(mask_m, offs_m, 0).to(tl.int64)
+    cols_n = tl.where(mask_n, offs_n, 0).to(tl.int64)
+    offs_kb = tl.arange(0, BLOCK_K // 2)
+    offs_ks = tl.arange(0, BLOCK_K // 16)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // 2 + offs_kb
+        ks = k0 // 16 + offs_ks
+        mkb = kb < K // 2
+        mks = ks < K // 16
+        a = tl.load(a_ptr + rows_m[:, None] * stride_am + kb[None, :], mask=mkb[None, :], other=0)
+        a_s = tl.load(as_ptr + rows_m[:, None] * stride_asm + ks[None, :], mask=mks[None, :], other=0.0)
+        w = tl.load(w_ptr + cols_n[None, :] * stride_wn + kb[:, None], mask=mkb[:, None], other=0)
+        w_s = tl.load(ws_ptr + cols_n[:, None] * stride_wsn + ks[None, :], mask=mks[None, :], other=0.0)
+        acc = tl.dot_scaled(a, a_s, "e2m1", w, w_s, "e2m1", acc)
+    acc = acc * (tl.load(a_ts_ptr) * tl.load(w_ts_ptr))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        h = tl.load(h_ptr + rows_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        u = tl.load(u_ptr + cols_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            u = u.to(tl.float32)
+        acc += lora_scale * tl.dot(h, u)
+    out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_RUNNERS: dict[tuple, object] = {}
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def code_table(kind: str, device: torch.device) -> torch.Tensor:
+    """The 16 fp32 values of an NF4 or signed E2M1 code, cached per device."""
+    key = (kind, str(device))
+    if key not in _TABLES:
+        if kind == "nf4":
+            values = list(NF4_VALUES)
+        elif kind == "e2m1":
+            values = list(FP4_E2M1_VALUES) + [-v for v in FP4_E2M1_VALUES]
+        else:
+            raise ValueError(f"unknown code table {kind!r}")
+        _TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _TABLES[key]
+
+
+def _runner(kernel, family: str, device: torch.device, modes: tuple):
+    """The kernel with its launch config: autotuned on shape on a GPU, one small config when
+    interpreting. One autotuner per (family, arch, modes) so each mode tunes separately."""
+    if interpreting():
+        cfg = interpret_config(family)
+        return lambda grid, **kw: kernel[grid](**kw, **cfg)
+    arch = current_arch()
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), family, arch, modes)
+    if key not in _RUNNERS:
+        tuned = triton.autotune(configs=get_configs(family, arch), key=["M", "N", "K"])(kernel)
+        _RUNNERS[key] = lambda grid, **kw: tuned[grid](**kw)
+    return _RUNNERS[key]
+
+
+def _grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
+                     w: torch.Tensor, w_scale: torch.Tensor | None, w_mode: int, trans_w: bool, n_out: int,
+                     hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
+                     lora_scale: float, *, aux: tuple = (None, None, None), table: torch.Tensor | None = None,
+                     kw: int = 0, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Run `_lora_gemm_kernel` on 2-D operands: `a (M, K)`, `hidden (M, r)`, `up (n_out, r)`.
+
+    `w` is read in its own coordinates (see `_load_weight_tile`); `kw` is W's row length for
+    the flattened nf4 layout. Returns `out (M, n_out)`.
+    """
+    M, K = a.shape
+    N = n_out
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    dummy = out  # any pointer for arguments a mode ignores
+    has_lora = hidden is not None
+    r = hidden.shape[1] if has_lora else 0
+    as_ = a_scale if a_scale is not None else dummy
+    ws = w_scale if w_scale is not None else dummy
+    aux0, aux1, aux2 = (t if t is not None else dummy for t in aux)
+    h = hidden if has_lora else dummy
+    u = up if has_lora else dummy
+    if w.dim() == 1:  # nf4 packed bytes: strides unused
+        sw0, sw1 = 0, 0
+    else:
+        sw0, sw1 = w.stride(0), w.stride(1)
+    sws0, sws1 = (ws.stride(0), ws.stride(1) if ws.dim() > 1 else 0) if ws.dim() > 0 else (0, 0)
+    family = {A_BF16: "bf16", A_FP8_ROW: "fp8", A_FP8_BLOCK: "fp8"}[a_mode] if w_mode < 3 else "dequant"
+    promote = a_mode == A_FP8_ROW and not interpreting() and fp8_promote(current_arch(), K)
+    run = _runner(_lora_gemm_kernel, family, a.device, (a_mode, w_mode, trans_w, has_lora, bias is not None))
+    run(_grid(M, N),
+        a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2,
+        table_ptr=table if table is not None else dummy, h_ptr=h, u_ptr=u,
+        bias_ptr=bias if bias is not None else dummy, out_ptr=out,
+        M=M, N=N, K=K, R=r, Kw=kw,
+        stride_am=a.stride(0), stride_ak=a.stride(1),
+        stride_asm=as_.stride(0) if as_.dim() > 0 else 0, stride_ask=as_.stride(1) if as_.dim() > 1 else 0,
+        stride_w0=sw0, stride_w1=sw1, stride_ws0=sws0, stride_ws1=sws1,
+        stride_hm=h.stride(0), stride_hr=h.stride(1) if h.dim() > 1 else 0,
+        stride_un=u.stride(0), stride_ur=u.stride(1) if u.dim() > 1 else 0,
+        stride_om=out.stride(0), stride_on=out.stride(1), lora_scale=float(lora_scale),
+        A_MODE=a_mode, W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        UPCAST=interpreting(), FP8_PROMOTE=promote, BLOCK_R=block_r(r))
+    return out
+
+
+def lora_linear_bf16(x, w, hidden, lora_b, bias, lora_scale):
+    """bf16 x bf16: x (M, K), w (N, K), hidden (M, r), lora_b (N, r)."""
+    return launch_lora_gemm(x, None, A_BF16, w, None, W_BF16, False, w.shape[0], hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_fp8(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
+    """E4M3 x E4M3: row scales x (M, 1) and per-channel w (N,), both applied in the epilogue."""
+    return launch_lora_gemm(x_fp8, x_scale, A_FP8_ROW, w_fp8, w_scale, W_FP8_ROW, False, w_fp8.shape[0],
+                            hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_fp8_block(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
+    """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step."""
+    return launch_lora_gemm(x_fp8, x_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, False, w_fp8.shape[0],
+                            hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_dequant_fp8_block(x, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
+    """bf16 x (block FP8 weight dequantized in registers)."""
+    return launch_lora_gemm(x, None, A_BF16, w_fp8, w_scale, W_DEQ_FP8_BLOCK, False, w_fp8.shape[0],
+                            hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_dequant_nvfp4(x, packed, block_scale, tensor_scale, hidden, lora_b, bias, lora_scale):
+    """bf16 x (NVFP4 weight (N, K/2) dequantized in registers)."""
+    return launch_lora_gemm(x, None, A_BF16, packed, block_scale, W_DEQ_NVFP4, False, packed.shape[0],
+                            hidden, lora_b, bias, lora_scale, aux=(tensor_scale, None, None),
+                            table=code_table("e2m1", x.device))
+
+
+def lora_linear_dequant_nf4(x, nf4: list, shape, hidden, lora_b, bias, lora_scale):
+    """bf16 x (NF4 weight, double-quantized, dequantized in registers); `nf4` is the weight list."""
+    packed, absmax_q, absmax_scale, absmax_offset, absmax_code = nf4
+    n, k = shape
+    return launch_lora_gemm(x, None, A_BF16, packed, absmax_code, W_DEQ_NF4, False, n, hidden, lora_b, bias,
+                            lora_scale, aux=(absmax_q, absmax_scale, absmax_offset),
+                            table=code_table("nf4", x.device), kw=k)
+
+
+def lora_linear_nvfp4(x_packed, x_block_scale, x_tensor_scale, w_packed, w_block_scale, w_tensor_scale,
+                      hidden, lora_b, bias, lora_scale):
+    """NVFP4 x NVFP4 through tl.dot_scaled; both operands packed (rows, Kp/2) with (rows, Kp/16) scales."""
+    M, N, Kp = x_packed.shape[0], w_packed.shape[0], x_packed.shape[1] * 2
+    out = torch.empty((M, N), dtype=torch.bfloat16, device=x_packed.device)
+    has_lora = hidden is not None
+    r = hidden.shape[1] if has_lora else 0
+    h = hidden if has_lora else out
+    u = lora_b if has_lora else out
+    run = _runner(_lora_gemm_nvfp4_kernel, "nvfp4", x_packed.device, (has_lora, bias is not None))
+    run(_grid(M, N), a_ptr=x_packed, as_ptr=x_block_scale, a_ts_ptr=x_tensor_scale, w_ptr=w_packed,
+        ws_ptr=w_block_scale, w_ts_ptr=w_tensor_scale, h_ptr=h, u_ptr=u,
+        bias_ptr=bias if bias is not None else out, out_ptr=out, M=M, N=N, K=Kp, R=r,
+        stride_am=x_packed.stride(0), stride_asm=x_block_scale.stride(0), stride_wn=w_packed.stride(0),
+        stride_wsn=w_block_scale.stride(0), stride_hm=h.stride(0), stride_hr=h.stride(1),
+        stride_un=u.stride(0), stride_ur=u.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
+        lora_scale=float(lora_scale), HAS_LORA=has_lora, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+        BLOCK_R=block_r(r))
+    return out
+
+
+FORWARD_LAUNCHERS = {
+    "lora_linear_bf16": lora_linear_bf16,
+    "lora_linear_fp8": lora_linear_fp8,
+    "lora_linear_fp8_block": lora_linear_fp8_block,
+    "lora_linear_dequant_fp8_block": lora_linear_dequant_fp8_block,
+    "lora_linear_dequant_nvfp4": lora_linear_dequant_nvfp4,
+    "lora_linear_dequant_nf4": lora_linear_dequant_nf4,
+    "lora_linear_nvfp4": lora_linear_nvfp4,
+}

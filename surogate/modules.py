@@ -1,0 +1,78 @@
+"""`SurogateLinear`: the frozen, possibly quantized base layer swapped into PEFT's `base_layer`.
+
+Why a module and not a graph rewrite: the quantized weight must exist (and the bf16 copy be
+freed) before capture, so that Dynamo sees the weight list as ordinary buffers and the
+compiled graph never holds the bf16 weight of a q-recipe. Its forward is one
+`surogate::lora_linear` call without LoRA, so eager runs are correct on their own and the
+match pass reads the weight format straight from the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from surogate.recipes import Recipe, get
+
+
+class SurogateLinear(nn.Module):
+    """A frozen linear `y = Q(x) @ W.T + b` whose weight is held as the recipe says.
+
+    Buffers `w0..wn` hold the list of `surogate.ops.prepare_weight(W, recipe.weight_format)`.
+    Recipes that keep the bf16 weight (bf16, fp8, fp4) also keep `weight` as a frozen parameter
+    (for merging and export); q-recipes drop it and `weight` is None.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, recipe: "str | Recipe") -> None:
+        super().__init__()
+        from surogate import ops
+
+        recipe = get(recipe)
+        if weight.dim() != 2:
+            raise ValueError(f"SurogateLinear takes a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight_format = recipe.weight_format.value
+        self.forward_precision = recipe.forward.value
+        self.grad_input_precision = recipe.grad_input.value
+        weight = weight.detach()
+        parts = ops.prepare_weight(weight, self.weight_format)
+        self._n_parts = len(parts)
+        for i, part in enumerate(parts):
+            self.register_buffer(f"w{i}", part, persistent=False)
+        self.weight = nn.Parameter(weight, requires_grad=False) if recipe.keeps_bf16_weight else None
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, recipe: "str | Recipe") -> "SurogateLinear":
+        """Build from an `nn.Linear` or a GPT-2 style `Conv1D` (weight stored (in, out): transposed here)."""
+        weight = module.weight
+        if type(module).__name__ == "Conv1D":
+            weight = weight.t().contiguous()
+        elif not isinstance(module, nn.Linear):
+            raise TypeError(f"cannot turn {type(module).__name__} into a SurogateLinear; expected nn.Linear or Conv1D")
+        return cls(weight, getattr(module, "bias", None), recipe)
+
+    def weight_list(self) -> list[Tensor]:
+        return [getattr(self, f"w{i}") for i in range(self._n_parts)]
+
+    def forward(self, input: Tensor) -> Tensor:
+        from surogate import ops
+
+        return ops.lora_linear(input, self.weight_list(), self.weight_format, None, None, None, self.bias, 1.0,
+                               self.forward_precision, self.grad_input_precision)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """The base weight (N, K) as the GEMMs see it: exact for bf16 recipes, dequantized for q-recipes."""
+        if self.weight is not None:
+            return self.weight.to(dtype)
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.w0.device)
+        from surogate import ops
+
+        # One GEMM against the identity dequantizes through the op itself, whatever the format.
+        out = ops.lora_linear(eye, self.weight_list(), self.weight_format, forward="bf16", grad_input="bf16")
+        return out.t().contiguous().to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_format={self.weight_format}, forward={self.forward_precision}")

@@ -1,0 +1,252 @@
+"""The op layer: `torch.library` custom ops that FX passes and Inductor see as single nodes.
+
+`surogate::lora_linear` is one LoRA linear (frozen, possibly quantized base GEMM + LoRA
+branch), `surogate::lora_linear_backward` its backward. CUDA tensors run the Triton kernels
+(`surogate.kernels.launch`), CPU tensors the plain-torch reference
+(`surogate.kernels.reference`), so the whole pipeline runs and is tested without a GPU.
+Contracts (weight lists per format, shapes, dtypes): docs/internals.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from surogate.recipes import Compute, WeightFormat
+
+_WEIGHT_FORMATS = frozenset(f.value for f in WeightFormat)
+_COMPUTES = frozenset(c.value for c in Compute)
+# How many tensors each weight format's list holds (docs/internals.md).
+_WEIGHT_LIST_LEN = {"bf16": 1, "fp8_row": 4, "fp8_block": 2, "nvfp4": 3, "nvfp4_cached": 3, "nf4": 5}
+
+_check_finite = False
+
+
+@contextlib.contextmanager
+def check_finite(enabled: bool = True) -> Iterator[None]:
+    """Raise `FloatingPointError` when an activation or gradient entering a LoRA linear is NaN/Inf.
+
+    Off by default: the check reads a flag back from the GPU (one host sync per linear).
+    Turn it on to find the first layer where a run goes non-finite.
+    """
+    global _check_finite
+    previous, _check_finite = _check_finite, enabled
+    try:
+        yield
+    finally:
+        _check_finite = previous
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Switch the NaN/Inf check of `check_finite` on or off for the rest of the process."""
+    global _check_finite
+    _check_finite = enabled
+
+
+def _assert_finite(tensor: Tensor, what: str) -> None:
+    if _check_finite and not bool(torch.isfinite(tensor).all()):
+        raise FloatingPointError(
+            f"surogate: {what} of a LoRA linear {tuple(tensor.shape)} contains NaN or Inf. The values came "
+            "from the layer before it; lower the learning rate, check the data, or try recipe='bf16' "
+            "to see whether low precision is the cause.")
+
+
+def out_features(weight: Sequence[Tensor], weight_format: str, in_features: int) -> int:
+    """N of the frozen (N x K) weight held in `weight`, whatever its format."""
+    if weight_format == "nf4":
+        return weight[0].numel() * 2 // in_features
+    return weight[0].shape[0]
+
+
+def _backend():
+    from surogate.kernels import reference
+
+    return reference
+
+
+def _cuda_backend():
+    from surogate.kernels import launch
+
+    return launch
+
+
+@torch.library.custom_op("surogate::lora_linear", mutates_args=())
+def _lora_linear_op(
+    input: Tensor,
+    weight: list[Tensor],
+    weight_format: str,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    lora_input: Tensor | None,
+    bias: Tensor | None,
+    lora_scale: float,
+    forward: str,
+    grad_input: str,
+) -> tuple[Tensor, Tensor]:
+    _assert_finite(input, "the input")
+    if input.is_cuda:
+        fn = _cuda_backend().lora_linear_cuda
+    else:
+        fn = _backend().lora_linear_ref
+    output, lora_hidden = fn(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
+                             forward, grad_input)
+    return output, lora_hidden
+
+
+@_lora_linear_op.register_fake
+def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input):
+    n = out_features(weight, weight_format, input.shape[-1])
+    rank = 0 if lora_a is None else lora_a.shape[0]
+    output = input.new_empty((*input.shape[:-1], n))
+    lora_hidden = input.new_empty((*input.shape[:-1], rank))
+    return output, lora_hidden
+
+
+@torch.library.custom_op("surogate::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: list[Tensor],
+    weight_format: str,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    lora_input: Tensor | None,
+    lora_hidden: Tensor | None,
+    lora_scale: float,
+    grad_input: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors."""
+    _assert_finite(grad_output, "the gradient")
+    if grad_output.is_cuda:
+        fn = _cuda_backend().lora_linear_backward_cuda
+    else:
+        fn = _backend().lora_linear_backward_ref
+    grads = fn(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale,
+               grad_input)
+    return tuple(_empty_if_none(g, grad_output) for g in grads)
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input):
+    return (
+        torch.empty_like(input),
+        grad_output.new_empty(0) if lora_a is None else torch.empty_like(lora_a),
+        grad_output.new_empty(0) if lora_b is None else torch.empty_like(lora_b),
+        grad_output.new_empty(0) if lora_input is None else torch.empty_like(lora_input),
+    )
+
+
+def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if tensor is None else tensor
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input = inputs
+    ctx.n_weight = len(weight)
+    ctx.weight_format = weight_format
+    ctx.lora_scale = lora_scale
+    ctx.grad_input_precision = grad_input
+    ctx.has_lora = lora_a is not None
+    ctx.has_lora_input = lora_input is not None
+    saved = [input, *weight]
+    if ctx.has_lora:
+        saved += [lora_a, lora_b, output[1]]
+    if ctx.has_lora_input:
+        saved.append(lora_input)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
+    # lora_hidden is an internal output kept for this backward; nothing downstream differentiates it.
+    saved = list(ctx.saved_tensors)
+    input, weight, rest = saved[0], saved[1:1 + ctx.n_weight], saved[1 + ctx.n_weight:]
+    lora_a = lora_b = lora_hidden = lora_input = None
+    if ctx.has_lora:
+        lora_a, lora_b, lora_hidden, rest = rest[0], rest[1], rest[2], rest[3:]
+    if ctx.has_lora_input:
+        lora_input = rest[0]
+    g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
+        grad_output.contiguous(), input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
+        ctx.lora_scale, ctx.grad_input_precision)
+    return (
+        g_input,
+        [None] * ctx.n_weight,  # the frozen weight never gets a gradient
+        None,
+        g_a if ctx.has_lora else None,
+        g_b if ctx.has_lora else None,
+        g_lora_input if ctx.has_lora_input else None,
+        None,  # bias: the base layer is frozen
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("surogate::lora_linear", _backward, setup_context=_setup_context)
+
+
+def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a: Tensor | None,
+             lora_b: Tensor | None, forward: str, grad_input: str) -> None:
+    """Shape/format checks with messages that say what to do; cheap, and traced once under compile."""
+    if weight_format not in _WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(sorted(_WEIGHT_FORMATS))}")
+    for name, value in (("forward", forward), ("grad_input", grad_input)):
+        if value not in _COMPUTES:
+            raise ValueError(f"unknown {name} precision {value!r}; valid: {', '.join(sorted(_COMPUTES))}")
+    if len(weight) != _WEIGHT_LIST_LEN[weight_format]:
+        raise ValueError(f"weight_format {weight_format!r} takes {_WEIGHT_LIST_LEN[weight_format]} tensors, "
+                         f"got {len(weight)}; build the list with surogate.ops.prepare_weight")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating tensor, got {input.dtype}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("pass both lora_a and lora_b, or neither")
+    if lora_a is not None:
+        n = out_features(weight, weight_format, input.shape[-1])
+        if lora_a.shape[1] != input.shape[-1] or lora_b.shape != (n, lora_a.shape[0]):
+            raise ValueError(f"LoRA shapes do not fit: input (..., {input.shape[-1]}), weight N={n}, "
+                             f"lora_a {tuple(lora_a.shape)} (want (r, {input.shape[-1]})), lora_b "
+                             f"{tuple(lora_b.shape)} (want ({n}, r))")
+
+
+def lora_linear(
+    input: Tensor,
+    weight: Sequence[Tensor],
+    weight_format: str = "bf16",
+    lora_a: Tensor | None = None,
+    lora_b: Tensor | None = None,
+    lora_input: Tensor | None = None,
+    bias: Tensor | None = None,
+    lora_scale: float = 1.0,
+    forward: str = "bf16",
+    grad_input: str = "bf16",
+) -> Tensor:
+    """`Q(input) @ W.T (+ bias) + lora_scale * (lora_input or input) @ lora_a.T @ lora_b.T`, differentiable.
+
+    Gradients flow to `input`, `lora_a`, `lora_b` and `lora_input`; never to the frozen weight or bias.
+    """
+    validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input)
+    output, _ = torch.ops.surogate.lora_linear(input, list(weight), weight_format, lora_a, lora_b, lora_input,
+                                               bias, float(lora_scale), forward, grad_input)
+    return output
+
+
+def prepare_weight(weight: Tensor, weight_format: "str | WeightFormat") -> list[Tensor]:
+    """The tensors that hold the frozen `weight` (N x K) in `weight_format` (docs/internals.md).
+
+    CUDA weights are quantized by the Triton kernels, CPU weights by the reference; both are
+    bit-identical by test.
+    """
+    fmt = weight_format.value if isinstance(weight_format, WeightFormat) else weight_format
+    if fmt not in _WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {fmt!r}; valid: {', '.join(sorted(_WEIGHT_FORMATS))}")
+    if weight.dim() != 2:
+        raise ValueError(f"a frozen linear weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        if weight.is_cuda:
+            from surogate.kernels import quantize
+
+            return list(quantize.quantize_weight(weight, fmt))
+        return list(_backend().quantize_weight_ref(weight, fmt))
