@@ -14,11 +14,13 @@ Nothing here compiles or spawns anything at import time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import pickle
 import re
@@ -221,8 +223,10 @@ def build_in_process(request: BuildRequest) -> Build:
     try:
         signature, constexprs = _full_signature(fn, request)
         options = {"num_warps": request.num_warps, "num_stages": request.num_stages, **request.options}
-        compiled = _triton_compile(fn, signature, constexprs, _attrs(signature, request.divisible), capability,
-                                   options)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            # Triton prints the whole PTX as a "reproducer" when ptxas fails; the error says enough.
+            compiled = _triton_compile(fn, signature, constexprs, _attrs(signature, request.divisible), capability,
+                                       options)
         sass, usage = disassemble(compiled.asm["cubin"])
     except Exception as e:  # a kernel that does not build is a result to report, not a crash
         return Build(request.name, arch, target, error=_short_error(e))
@@ -286,34 +290,41 @@ def _worker_env() -> dict[str, str]:
 
 
 def _run_workers(requests: Sequence[BuildRequest], workers: int) -> list[Build]:
-    chunks = [list(range(i, len(requests), workers)) for i in range(workers)]
-    procs = []
-    for idx in chunks:
-        payload = [(dataclasses.replace(requests[i], fn=None), _fn_ref(requests[i].fn)) for i in idx]
-        proc = subprocess.Popen([sys.executable, "-m", "surogate.kernels.aot"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_worker_env())
-        proc.stdin.write(pickle.dumps(payload))
-        proc.stdin.close()
-        procs.append((idx, proc))
+    """Split `requests` over `workers` processes; each reads its jobs from a file and writes its Builds to one."""
     results: list[Build | None] = [None] * len(requests)
-    for idx, proc in procs:
-        out = proc.stdout.read()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.wait()
-        if proc.returncode != 0:
-            for i in idx:
-                r = requests[i]
-                results[i] = Build(r.name, normalize_arch(r.arch), target_of(r.arch)[1],
-                                   error=f"AOT worker failed (exit {proc.returncode}): {err[-1500:]}")
-            continue
-        for i, b in zip(idx, pickle.loads(out)):
-            results[i] = b
+    with tempfile.TemporaryDirectory(prefix="surogate-aot-") as tmp:
+        procs = []
+        for w in range(workers):
+            idx = list(range(w, len(requests), workers))
+            jobs, done = os.path.join(tmp, f"jobs{w}.pkl"), os.path.join(tmp, f"builds{w}.pkl")
+            with open(jobs, "wb") as f:
+                pickle.dump([(dataclasses.replace(requests[i], fn=None), _fn_ref(requests[i].fn)) for i in idx], f)
+            # Triton prints reproducers on stdout/stderr when ptxas fails: keep them out of the way.
+            log = open(os.path.join(tmp, f"log{w}.txt"), "w+b")
+            proc = subprocess.Popen([sys.executable, "-m", "surogate.kernels.aot", jobs, done],
+                                    stdout=log, stderr=subprocess.STDOUT, env=_worker_env())
+            procs.append((idx, proc, done, log))
+        for idx, proc, done, log in procs:
+            proc.wait()
+            if proc.returncode == 0 and os.path.exists(done):
+                with open(done, "rb") as f:
+                    for i, b in zip(idx, pickle.load(f)):
+                        results[i] = b
+            else:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-1500:]
+                for i in idx:
+                    r = requests[i]
+                    results[i] = Build(r.name, normalize_arch(r.arch), target_of(r.arch)[1],
+                                       error=f"AOT worker failed (exit {proc.returncode}): {tail}")
+            log.close()
     return [b for b in results if b is not None]
 
 
-def _worker_main() -> None:
-    """Read pickled (request, fn ref) pairs on stdin, write pickled Builds on stdout."""
-    payload = pickle.loads(sys.stdin.buffer.read())
+def _worker_main(jobs_path: str, builds_path: str) -> None:
+    """Build the pickled (request, fn ref) pairs in `jobs_path`; pickle the Builds to `builds_path`."""
+    with open(jobs_path, "rb") as f:
+        payload = pickle.load(f)
     builds = []
     for request, ref in payload:
         try:
@@ -323,8 +334,8 @@ def _worker_main() -> None:
                                 error=f"cannot import {ref[0]}.{ref[2]}: {_short_error(e)}"))
             continue
         builds.append(build_in_process(dataclasses.replace(request, fn=fn)))
-    sys.stdout.buffer.write(pickle.dumps(builds))
-    sys.stdout.buffer.flush()
+    with open(builds_path, "wb") as f:
+        pickle.dump(builds, f)
 
 
 def build_many(requests: Sequence[BuildRequest], workers: int | None = None) -> list[Build]:
@@ -359,4 +370,8 @@ def triton_version() -> str:
 
 
 if __name__ == "__main__":
-    _worker_main()
+    # Run the worker from the importable module, so that the Builds it pickles name
+    # `surogate.kernels.aot.Build` rather than `__main__.Build`.
+    from surogate.kernels import aot as _aot
+
+    _aot._worker_main(*sys.argv[1:3])

@@ -7,9 +7,11 @@ from (keyed on the problem shape); heuristics are named functions with a reason.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import triton
+
+from surogate.compat import triton_interpreting
 
 from surogate.recipes import ARCHS, normalize_arch
 
@@ -20,7 +22,7 @@ _SMEM = {"sm_89": 99 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024, "sm_120"
 
 def interpreting() -> bool:
     """True under the Triton CPU interpreter (tests): one small config, fp32 MMAs."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 def interpret_config(family: str) -> dict:
@@ -57,8 +59,8 @@ def get_lora_linear_fp8_configs(arch: str) -> list[triton.Config]:
     if not ARCHS[arch].fp8_mma:
         raise ValueError(f"{arch} has no FP8 tensor cores; use a bf16 recipe")
     if arch in ("sm_90", "sm_100"):
-        cands = [_cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 8, 4), _cfg(128, 128, 128, 4, 4),
-                 _cfg(256, 128, 128, 8, 3)]
+        cands = [_cfg(128, 256, 128, 8, 3), _cfg(128, 256, 128, 8, 4), _cfg(128, 128, 128, 8, 4),
+                 _cfg(128, 128, 128, 4, 5), _cfg(256, 128, 128, 8, 4)]
     else:
         cands = [_cfg(128, 128, 128, 4, 3), _cfg(128, 64, 128, 4, 3), _cfg(64, 128, 128, 4, 3)]
     return [c for c in cands if _fits(c, 1, arch)]
@@ -70,7 +72,7 @@ def get_lora_linear_dequant_configs(arch: str) -> list[triton.Config]:
     arch = normalize_arch(arch)
     if arch in ("sm_90", "sm_100"):
         cands = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
-                 _cfg(128, 128, 128, 8, 3)]
+                 _cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 4, 4)]
     else:
         cands = [_cfg(128, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 3)]
     return [c for c in cands if _fits(c, 2, arch)]
@@ -88,6 +90,18 @@ def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
     return [c for c in cands if _fits(c, 0.5, arch)]
 
 
+# Set by bench/kernels.py to measure both sides of `fp8_promote`; None: the heuristic decides.
+FP8_PROMOTE_OVERRIDE: bool | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(index: int) -> str:
+    """The arch of CUDA device `index`, cached: launchers ask on every call (host overhead)."""
+    import torch
+
+    return normalize_arch(torch.cuda.get_device_capability(index))
+
+
 def fp8_promote(arch: str, k: int) -> bool:
     """Whether FP8 tile products are added in FP32 each K step rather than kept in the MMA.
 
@@ -96,6 +110,8 @@ def fp8_promote(arch: str, k: int) -> bool:
     K step costs one FP32 add per accumulator element per step. Long K (>= 2048, all real
     hidden sizes) promotes; see bench/NOTES.md for the measured cost.
     """
+    if FP8_PROMOTE_OVERRIDE is not None:
+        return FP8_PROMOTE_OVERRIDE
     return normalize_arch(arch) == "sm_90" and k >= 2048
 
 

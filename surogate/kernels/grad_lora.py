@@ -24,16 +24,7 @@ def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: 
     into the dgrad epilogue.
     """
     dtype = grad_output.dtype
-    b = lora_b.to(dtype)
-    gh = grad_output @ b
-    grad_b = torch.matmul(grad_output.t(), lora_hidden.to(dtype), out_dtype=torch.float32) \
-        if _has_out_dtype() else (grad_output.t() @ lora_hidden.to(dtype)).float()
-    grad_a = torch.matmul(gh.t(), lora_input.to(dtype), out_dtype=torch.float32) \
-        if _has_out_dtype() else (gh.t() @ lora_input.to(dtype)).float()
-    grad_a = (grad_a * lora_scale).to(lora_a.dtype)
-    grad_b = (grad_b * lora_scale).to(lora_b.dtype)
-    return grad_a, grad_b, gh
-
-
-def _has_out_dtype() -> bool:
-    return False
+    gh = grad_output @ lora_b.to(dtype)
+    grad_b = (grad_output.t() @ lora_hidden.to(dtype)).float() * lora_scale
+    grad_a = (gh.t() @ lora_input.to(dtype)).float() * lora_scale
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), gh

@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.kernels.configs import block_r, fp8_promote, get_configs, interpret_config, interpreting
-from surogate.recipes import current_arch
+from surogate.kernels.configs import block_r, device_arch, fp8_promote, get_configs, interpret_config, interpreting
 from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
 
 # Operand modes: the single place where formats become constexpr integers (STYLE.md 4).
@@ -38,40 +37,53 @@ def _gemm_metadata(grid, kernel, args):
 
 
 @triton.jit
-def _load_weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr,
-                      wn, wk, mask, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1,
-                      W_MODE: tl.constexpr):
-    """Load the weight elements at W coordinates (wn, wk) (any broadcast shape).
+def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, col0, n_rows, n_cols, Kw,
+                  stride_w0, stride_ws0, stride_ws1, R: tl.constexpr, C: tl.constexpr, W_MODE: tl.constexpr):
+    """fp32 tile W[rows, col0:col0+C] in W's own layout (rows = N, cols = K), dequantized in registers.
 
-    Raw modes return the stored dtype (bf16 or fp8); dequant modes return fp32 values.
-    nf4: `w_ptr` packed bytes of the flattened (N*K) weight, element 2i in the high nibble,
-    absmax per 64 = code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes).
-    `table_ptr` holds the 16 code values of the element type (NF4 or signed E2M1).
-    nvfp4: `w_ptr` (N, Kp/2) bytes, element 2i in the low nibble, E4M3 scale per 16 along K.
+    Elements are read contiguously along K and scales once per group (128 / 64 / 16 along K),
+    broadcast by a reshape, so the prologue costs a few ALU ops per element, not a gather each.
+    fp8_block: E4M3 (N, K) x FP32 scale per 128x128.
+    nf4: packed bytes of the flattened (N*K) weight, element 2i in the high nibble; absmax per 64
+    = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes double quant);
+    `ws_ptr` holds absmax_code, `table_ptr` the 16 NF4 values.
+    nvfp4: packed (N, Kp/2), element 2i in the low nibble, E4M3 scale per 16 along K, FP32 tensor scale.
     """
-    if W_MODE == 4:  # W_DEQ_NF4
-        flat = wn.to(tl.int64) * Kw + wk
-        byte = tl.load(w_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-        code = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
-        value = tl.load(table_ptr + code)  # the 16 NF4 values
-        blk = flat // 64
-        qabs = tl.load(aux0_ptr + blk, mask=mask, other=0).to(tl.int32)
-        # ws_ptr holds absmax_code, the 256-entry bitsandbytes dynamic map
-        absmax = tl.load(ws_ptr + qabs) * tl.load(aux1_ptr + blk // 256, mask=mask, other=0.0)
-        absmax = absmax + tl.load(aux2_ptr)
-        return value * absmax
-    elif W_MODE == 5:  # W_DEQ_NVFP4
-        byte = tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk // 2, mask=mask, other=0).to(tl.int32)
-        code = tl.where((wk % 2) == 0, byte & 15, byte >> 4)
-        value = tl.load(table_ptr + code)  # the 16 signed E2M1 values
-        bscale = tl.load(ws_ptr + wn.to(tl.int64) * stride_ws0 + (wk // 16) * stride_ws1, mask=mask, other=0.0)
-        return value * bscale.to(tl.float32) * tl.load(aux0_ptr)
-    elif W_MODE == 3:  # W_DEQ_FP8_BLOCK
-        w = tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk * stride_w1, mask=mask, other=0.0)
-        s = tl.load(ws_ptr + (wn // 128) * stride_ws0 + (wk // 128) * stride_ws1, mask=mask, other=0.0)
-        return w.to(tl.float32) * s
+    rmask = rows < n_rows
+    r64 = tl.where(rmask, rows, 0).to(tl.int64)
+    if W_MODE == 3:  # W_DEQ_FP8_BLOCK
+        G: tl.constexpr = 128 if C >= 128 else C
+        cols = col0 + tl.arange(0, C)
+        v = tl.load(w_ptr + r64[:, None] * stride_w0 + cols[None, :],
+                    mask=rmask[:, None] & (cols < n_cols)[None, :], other=0.0).to(tl.float32)
+        grp = (col0 + tl.arange(0, C // G) * G) // 128
+        sc = tl.load(ws_ptr + (r64 // 128)[:, None] * stride_ws0 + grp[None, :] * stride_ws1,
+                     mask=rmask[:, None] & (grp * 128 < n_cols)[None, :], other=0.0)
     else:
-        return tl.load(w_ptr + wn.to(tl.int64) * stride_w0 + wk * stride_w1, mask=mask, other=0.0)
+        G: tl.constexpr = 64 if W_MODE == 4 else 16
+        bcols = col0 // 2 + tl.arange(0, C // 2)
+        bmask = rmask[:, None] & (bcols * 2 < n_cols)[None, :]
+        if W_MODE == 4:  # W_DEQ_NF4
+            byte = tl.load(w_ptr + r64[:, None] * (Kw // 2) + bcols[None, :], mask=bmask, other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(byte >> 4, byte & 15), (R, C))
+            v = tl.load(table_ptr + codes)
+            blk = r64[:, None] * (Kw // 64) + (col0 // 64 + tl.arange(0, C // 64))[None, :]
+            smask = rmask[:, None] & ((col0 + tl.arange(0, C // 64) * 64) < n_cols)[None, :]
+            qabs = tl.load(aux0_ptr + blk, mask=smask, other=0).to(tl.int32)
+            sc = tl.load(ws_ptr + qabs) * tl.load(aux1_ptr + blk // 256, mask=smask, other=0.0) + tl.load(aux2_ptr)
+        else:  # W_DEQ_NVFP4
+            byte = tl.load(w_ptr + r64[:, None] * stride_w0 + bcols[None, :], mask=bmask, other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(byte & 15, byte >> 4), (R, C))
+            e = (codes >> 1) & 3
+            m = (codes & 1).to(tl.float32)
+            mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
+            v = tl.where((codes & 8) != 0, -mag, mag)
+            grp = col0 // 16 + tl.arange(0, C // 16)
+            sc = tl.load(ws_ptr + r64[:, None] * stride_ws0 + grp[None, :] * stride_ws1,
+                         mask=rmask[:, None] & (grp * 16 < n_cols)[None, :], other=0.0).to(tl.float32)
+            sc = sc * tl.load(aux0_ptr)
+    v = tl.reshape(v, (R, C // G, G)) * sc[:, :, None]
+    return tl.reshape(v, (R, C))
 
 
 @triton.jit(launch_metadata=_gemm_metadata)
@@ -121,18 +133,21 @@ def _lora_gemm_kernel(
         mask_k = kk < K
         a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # The weight tile as [BLOCK_K, BLOCK_N] (reduction x output), in W's own coordinates.
-        if TRANS_W:
-            wn = kk[:, None]
-            wk = offs_n[None, :]
-        else:
-            wn = offs_n[None, :]
-            wk = kk[:, None]
-        wmask = mask_k[:, None] & mask_n[None, :]
-        w = _load_weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, wn, wk, wmask, Kw,
-                              stride_w0, stride_w1, stride_ws0, stride_ws1, W_MODE)
-        if W_MODE >= 3:  # dequantized in registers: bf16 MMA
+        # The weight tile as [BLOCK_K, BLOCK_N] (reduction x output).
+        if W_MODE >= 3:  # dequantize in registers, in W's own layout, then a bf16 MMA
+            if TRANS_W:  # dgrad: W rows are the reduction, W columns the output
+                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, kk, pid_n * BLOCK_N,
+                                  K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
+            else:
+                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, offs_n, k0,
+                                           N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
             w = w.to(tl.bfloat16)
+        else:
+            if TRANS_W:
+                w_off = kk[:, None].to(tl.int64) * stride_w0 + offs_n[None, :] * stride_w1
+            else:
+                w_off = offs_n[None, :].to(tl.int64) * stride_w0 + kk[:, None] * stride_w1
+            w = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -169,6 +184,19 @@ def _lora_gemm_kernel(
 
     out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _e2m1_unpack_rows(packed, scale, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[ROWS, BLOCK_K/2] packed E2M1 (low nibble first) x [ROWS, BLOCK_K/16] E4M3 -> fp32 [ROWS, BLOCK_K]."""
+    p = packed.to(tl.int32)
+    codes = tl.reshape(tl.join(p & 15, p >> 4), (ROWS, BLOCK_K))
+    e = (codes >> 1) & 3
+    m = (codes & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
+    val = tl.where((codes & 8) != 0, -mag, mag)
+    val = tl.reshape(val, (ROWS, BLOCK_K // 16, 16)) * scale.to(tl.float32)[:, :, None]
+    return tl.reshape(val, (ROWS, BLOCK_K))
 
 
 @triton.jit(launch_metadata=_gemm_metadata)
@@ -214,7 +242,12 @@ def _lora_gemm_nvfp4_kernel(
         a_s = tl.load(as_ptr + rows_m[:, None] * stride_asm + ks[None, :], mask=mks[None, :], other=0.0)
         w = tl.load(w_ptr + cols_n[None, :] * stride_wn + kb[:, None], mask=mkb[:, None], other=0)
         w_s = tl.load(ws_ptr + cols_n[:, None] * stride_wsn + ks[None, :], mask=mks[None, :], other=0.0)
-        acc = tl.dot_scaled(a, a_s, "e2m1", w, w_s, "e2m1", acc)
+        if UPCAST:  # the interpreter reads dot_scaled scales as E8M0: emulate with the E4M3 scales
+            av = _e2m1_unpack_rows(a, a_s, BLOCK_M, BLOCK_K)
+            wv = _e2m1_unpack_rows(tl.trans(w), w_s, BLOCK_N, BLOCK_K)
+            acc += tl.dot(av, tl.trans(wv))
+        else:
+            acc = tl.dot_scaled(a, a_s, "e2m1", w, w_s, "e2m1", acc)
     acc = acc * (tl.load(a_ts_ptr) * tl.load(w_ts_ptr))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
@@ -259,8 +292,8 @@ def _runner(kernel, family: str, device: torch.device, modes: tuple):
     if interpreting():
         cfg = interpret_config(family)
         return lambda grid, **kw: kernel[grid](**kw, **cfg)
-    arch = current_arch()
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), family, arch, modes)
+    arch = device_arch(device.index if device.index is not None else torch.cuda.current_device())
+    key = (id(kernel), family, arch, modes)
     if key not in _RUNNERS:
         tuned = triton.autotune(configs=get_configs(family, arch), key=["M", "N", "K"])(kernel)
         _RUNNERS[key] = lambda grid, **kw: tuned[grid](**kw)
@@ -300,7 +333,7 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
         sw0, sw1 = w.stride(0), w.stride(1)
     sws0, sws1 = (ws.stride(0), ws.stride(1) if ws.dim() > 1 else 0) if ws.dim() > 0 else (0, 0)
     family = {A_BF16: "bf16", A_FP8_ROW: "fp8", A_FP8_BLOCK: "fp8"}[a_mode] if w_mode < 3 else "dequant"
-    promote = a_mode == A_FP8_ROW and not interpreting() and fp8_promote(current_arch(), K)
+    promote = a_mode == A_FP8_ROW and not interpreting() and fp8_promote(device_arch(a.device.index or 0), K)
     run = _runner(_lora_gemm_kernel, family, a.device, (a_mode, w_mode, trans_w, has_lora, bias is not None))
     run(_grid(M, N),
         a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2,

@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.compat import triton_interpreting
 from surogate.recipes.formats import (
     FP4_E2M1_MAX,
     FP8_ACTIVATION_BLOCK,
@@ -61,7 +60,8 @@ def fp8_constexprs(element: "str | Element") -> dict:
 def _fp8_code(v, FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr):
     """The FP8 byte (int32 0..255) of fp32 `v`: saturate to +-FP8_MAX, round to nearest even.
 
-    NaN -> 0x7f | sign (torch's code); -0 and negatives that round to zero keep the sign bit.
+    NaN -> 0x7f (what torch gives on CUDA, where NaNs are canonical); -0 and negatives that round
+    to zero keep the sign bit.
     """
     bits = v.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
@@ -76,20 +76,23 @@ def _fp8_code(v, FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr):
     sig = (ab & 0x7FFFFF) | 0x800000
     s = tl.minimum(tl.maximum(151 - BIAS - MANT - e, 1), 31)
     sub = (sig + ((1 << (s - 1)) - 1) + ((sig >> s) & 1)) >> s
-    code = tl.where(e >= 128 - BIAS, normal, sub)
-    code = tl.where(v != v, 0x7F, code)
-    return code | sign
+    code = tl.where(e >= 128 - BIAS, normal, sub) | sign
+    return tl.where(v != v, 0x7F, code)
 
 
 @triton.jit
 def _fp8_value(code, MANT: tl.constexpr, BIAS: tl.constexpr):
-    """The fp32 value of an FP8 byte held in int32 (finite codes; NaN codes are never produced for scales)."""
+    """The fp32 value of an E4M3/E5M2 byte held in int32; 0x7f / 0xff (E4M3 NaN) -> NaN.
+
+    Only E4M3 scales are decoded this way; E5M2 Inf/NaN codes are not special-cased.
+    """
     mag = code & 0x7F
     e = mag >> MANT
     m = mag & ((1 << MANT) - 1)
     normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MANT))
     val = tl.where(e > 0, normal.to(tl.float32, bitcast=True),
                    m.to(tl.float32) * (1.0 / (1 << (BIAS - 1 + MANT))))
+    val = tl.where(mag == 0x7F, float("nan"), val)
     return tl.where((code & 0x80) != 0, -val, val)
 
 
@@ -114,16 +117,21 @@ def _amax_nan(a, axis: tl.constexpr):
 
 @triton.jit
 def _scale_from_amax(amax, FMT_MAX: tl.constexpr, POW2: tl.constexpr):
-    """scale = amax / FMT_MAX (1 where amax is 0 or not finite... see docs/kernels-quantize.md).
+    """scale = amax / FMT_MAX; 1 where that is 0 (all-zero or underflowing group); NaN where
+    amax is NaN or Inf (the group dequantizes to NaN). As `reference._amax_to_scale`.
 
-    POW2 rounds the scale up to a power of two (exact: mantissa bits cleared, exponent bumped).
+    POW2 rounds a finite scale up to the next power of two, exactly: mantissa cleared and the
+    exponent bumped (subnormal scales are first lifted by 2^24 so that this holds for them too).
     """
     s = tl.math.div_rn(amax, FMT_MAX)
+    s = tl.where(s == 0, 1.0, s)
     if POW2:
-        sb = s.to(tl.int32, bitcast=True)
-        up = tl.where((sb & 0x7FFFFF) != 0, (sb & 0x7F800000) + 0x800000, sb)
-        s = up.to(tl.float32, bitcast=True)
-    return tl.where(amax > 0, s, 1.0)
+        tiny = s < 1.1754943508222875e-38  # below the smallest normal fp32
+        t = tl.where(tiny, s * 16777216.0, s)
+        tb = t.to(tl.int32, bitcast=True)
+        up = tl.where((tb & 0x7FFFFF) != 0, (tb & 0x7F800000) + 0x800000, tb).to(tl.float32, bitcast=True)
+        s = tl.where(tiny, up * (1.0 / 16777216.0), up)
+    return tl.where(amax < float("inf"), s, float("nan"))
 
 
 @triton.jit
@@ -183,6 +191,13 @@ def _amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
 def get_amax_configs(arch: str | None = None) -> dict:
     """One program reduces BLOCK elements; large enough to keep the partial buffer tiny."""
     return dict(BLOCK=8192, num_warps=8)
+
+
+def amax_to_scale(a: torch.Tensor, fmax: float) -> torch.Tensor:
+    """`_scale_from_amax` in torch, for the one tensor-wise scale (no host sync)."""
+    s = a / fmax
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.where(torch.isfinite(a), s, torch.full_like(s, float("nan")))
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
@@ -312,8 +327,7 @@ def quantize_fp8_tensorwise(x: torch.Tensor, element: "str | Element" = "e4m3",
     xc = x.contiguous()
     a = amax(xc)
     if scale is None:
-        fmax = _FP8[el]["FP8_MAX"]
-        scale = torch.where(a > 0, a / fmax, torch.ones_like(a))
+        scale = amax_to_scale(a, _FP8[el]["FP8_MAX"])
     else:
         if scale.numel() != 1:
             raise ValueError(f"a tensor-wise scale has one element, got shape {tuple(scale.shape)}")
@@ -417,18 +431,18 @@ def _quantize_nvfp4_kernel(
     block_amax = _amax_nan(tl.abs(x3), 2)
     # block scale = (block_amax / 6) / tensor_scale, rounded to E4M3 (saturating).
     bcode = _fp8_code(tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), ts), 448.0, 3, 7)
-    bval = _fp8_value(bcode, 3, 7)
-    denom = bval * ts
-    a = tl.math.div_rn(tl.abs(x3), tl.where(denom > 0, denom, 1.0)[:, :, None])
-    a = tl.where((denom > 0)[:, :, None], a, 0.0)
+    decode = _fp8_value(bcode, 3, 7) * ts
+    # v = x / decode, 0 where decode is 0; NaN v -> code 0; sign = signbit(v) (as the reference)
+    v = tl.math.div_rn(x3, tl.where(decode == 0, 1.0, decode)[:, :, None])
+    v = tl.where((decode == 0)[:, :, None], 0.0, v)
     if STOCHASTIC:
         idx = rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
         offsets = tl.reshape(idx, (BLOCK_M, NB, 16)).to(tl.uint32)
     else:
         offsets = 0
-    code = _e2m1_code(a, offsets, seed, STOCHASTIC)
-    code = tl.where(x3 != x3, 7, code)  # NaN saturates (E2M1 has no NaN); see docs
-    code = code | tl.where(x3 < 0, 8, 0)
+    code = _e2m1_code(tl.abs(v), offsets, seed, STOCHASTIC)
+    code = code | ((v.to(tl.int32, bitcast=True) >> 28) & 8)
+    code = tl.where(v != v, 0, code)
     pair = tl.reshape(code, (BLOCK_M, BLOCK_K // 2, 2))
     shift = tl.arange(0, 2)[None, None, :] * 4
     packed = tl.sum(pair << shift, axis=2)
@@ -449,8 +463,7 @@ def get_quantize_nvfp4_configs(arch: str | None, K: int) -> dict:
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """s_tensor = amax / (448 * 6) (1 when amax is 0), an fp32 0-d tensor, no host sync."""
-    a = amax(x)
-    return torch.where(a > 0, a / (FP8_E4M3_MAX * FP4_E2M1_MAX), torch.ones_like(a))
+    return amax_to_scale(amax(x), FP8_E4M3_MAX * FP4_E2M1_MAX)
 
 
 def quantize_nvfp4(x: torch.Tensor, tensor_scale: torch.Tensor | None = None, stochastic: bool = False,
@@ -505,5 +518,3 @@ def quantize_weight(weight: torch.Tensor, weight_format) -> list[torch.Tensor]:
         return [q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code]
     raise ValueError(f"unknown weight_format {fmt!r}; valid: bf16, fp8_row, fp8_block, nvfp4, nvfp4_cached, nf4")
 
-
-INTERPRET = triton_interpreting  # re-exported for launchers that pick interpreter-safe paths

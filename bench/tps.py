@@ -1,0 +1,276 @@
+"""Training throughput and memory of surogate against its peers (DESIGN.md section 5).
+
+    python bench/tps.py --models 0.6B,8B                      # every system that runs here
+    python bench/tps.py --models 0.6B --systems hf_eager,surogate:qfp8 --steps 6
+
+Each (model, system) runs in its own subprocess, so that one crash, OOM or compile cache does
+not leak into the next. Qwen3 models are built from their published configs with random
+weights (no download); LoRA r=16, alpha=32 on the 7 projections; batch 2 x seq 2048 packed
+(random token ids: throughput does not depend on the text), grad accumulation 4; AdamW.
+tokens/s = batch * seq * accum / median wall time of an optimizer step after warm-up.
+Writes bench/results/tps.json (one record per measurement), tps.md and tps.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Qwen3 dense configs (hidden, intermediate, layers, heads, kv heads, tied embeddings).
+QWEN3 = {
+    "0.6B": (1024, 3072, 28, 16, 8, True),
+    "1.7B": (2048, 6144, 28, 16, 8, True),
+    "4B": (2560, 9728, 36, 32, 8, True),
+    "8B": (4096, 12288, 36, 32, 8, False),
+    "14B": (5120, 17408, 40, 40, 8, False),
+}
+PEERS = ["hf_eager", "hf_compile", "liger", "bnb_nf4"]
+SUROGATE_RECIPES = ["bf16", "fp8", "qfp8", "qfp8-bf16", "qnf4", "fp4", "qfp4"]
+
+
+def qwen3_config(size: str):
+    from transformers import Qwen3Config
+
+    hidden, inter, layers, heads, kv, tied = QWEN3[size]
+    return Qwen3Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, vocab_size=151936,
+                       max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+
+
+def _to_nf4(model):
+    """Swap the 7 projections for bitsandbytes Linear4bit (NF4, double quantization), as QLoRA does."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(module, child_name, q.cuda())
+    return model
+
+
+def build(size: str, system: str):
+    """The model a system trains, ready for `model(input_ids=..., labels=...)`."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if system == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+        apply_liger_kernel_to_qwen3()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(qwen3_config(size), torch_dtype=torch.bfloat16)
+    if system == "bnb_nf4":
+        model = _to_nf4(model)
+    if system.startswith("surogate:"):
+        import surogate
+
+        return surogate.compile(model, recipe=system.split(":", 1)[1], lora=_lora_config())
+    model = get_peft_model(model, _lora_config())
+    if system == "hf_compile":
+        model = torch.compile(model)
+    return model
+
+
+def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int, accum: int) -> dict:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = build(size, system)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab = qwen3_config(size).vocab_size
+    batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
+
+    times, losses = [], []
+    first_step_s = None
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        if first_step_s is None:
+            first_step_s = t1 - start
+        if step >= warmup:
+            times.append(t1 - t0)
+        losses.append(float(loss) * accum)
+    median = statistics.median(times)
+    return {
+        "model": f"Qwen3-{size}", "system": system, "tokens_per_s": batch * seq * accum / median,
+        "step_s": median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first_step_s,
+        "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(lambda v: v == v, losses)),
+    }
+
+
+def environment() -> dict:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = os.environ.get("SUROGATE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip() or None
+        except OSError:
+            commit = None
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "commit": commit}
+
+
+def available(system: str) -> str | None:
+    """None if `system` can run here, else why not."""
+    import importlib.util
+
+    needs = {"liger": "liger_kernel", "bnb_nf4": "bitsandbytes"}.get(system)
+    if needs and importlib.util.find_spec(needs) is None:
+        return f"{needs} is not installed"
+    if system.startswith("surogate:"):
+        from surogate.recipes import Support, plan
+
+        p = plan(system.split(":", 1)[1])
+        if p.support is Support.REFUSED:
+            return p.explain()
+    return None
+
+
+def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tps.json").write_text(json.dumps({"environment": env, "skipped": skipped, "records": records}, indent=2))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    systems = list(dict.fromkeys(r["system"] for r in records))
+    by = {(r["model"], r["system"]): r for r in records}
+    lines = [f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+             f"commit {env['commit']})", "", "tokens/s (peak GiB, first step s)", "",
+             "| model | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for m in models:
+        cells = []
+        for s in systems:
+            r = by.get((m, s))
+            cells.append("-" if r is None or "error" in r else
+                         f"{r['tokens_per_s'] / 1e3:.1f}k ({r['peak_gib']:.1f}, {r['first_step_s']:.0f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Speed-up of each surogate recipe over the best peer measured in this run:", ""]
+    for m in models:
+        peers = [by[(m, s)]["tokens_per_s"] for s in PEERS if (m, s) in by and "error" not in by[(m, s)]]
+        if not peers:
+            continue
+        for s in systems:
+            r = by.get((m, s))
+            if s.startswith("surogate:") and r and "error" not in r:
+                lines.append(f"- {m} {s}: {r['tokens_per_s'] / max(peers):.2f}x")
+    errors = [r for r in records if "error" in r]
+    if errors or skipped:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {r['model']} {r['system']}: {r['error']}" for r in errors]
+        lines += [f"- {k}: {v}" for k, v in skipped.items()]
+    (out / "tps.md").write_text("\n".join(lines) + "\n")
+    _plot(records, out / "tps.png")
+
+
+def _plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    systems = list(dict.fromkeys(r["system"] for r in ok))
+    fig, axes = plt.subplots(1, len(models), figsize=(4 + 2.5 * len(systems) * len(models) / 4, 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in ok if r["model"] == m]
+        ax.bar([r["system"] for r in rows], [r["tokens_per_s"] / 1e3 for r in rows],
+               color=["tab:orange" if r["system"].startswith("surogate") else "tab:gray" for r in rows])
+        ax.set_title(m)
+        ax.set_ylabel("k tokens/s")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="0.6B", help=f"comma list of {', '.join(QWEN3)}")
+    p.add_argument("--systems", default="all", help="comma list of peers and surogate:<recipe>, or 'all'")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per (model, system) subprocess")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "SYSTEM"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=args.seq, accum=args.accum)
+
+    if args.worker:
+        print(json.dumps(worker(*args.worker, **shape)))
+        return 0
+
+    systems = PEERS + [f"surogate:{r}" for r in SUROGATE_RECIPES] if args.systems == "all" \
+        else args.systems.split(",")
+    env = environment()
+    records, skipped = [], {}
+    for system in systems:
+        why = available(system)
+        if why:
+            skipped[system] = why
+            print(f"skip {system}: {why}", flush=True)
+    for size in args.models.split(","):
+        for system in [s for s in systems if s not in skipped]:
+            cmd = [sys.executable, __file__, "--worker", size, system] + \
+                  [f"--{k}={v}" for k, v in shape.items()]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+                record = json.loads(last) if done.returncode == 0 else \
+                    {"model": f"Qwen3-{size}", "system": system, "error": done.stderr.strip()[-400:]}
+            except subprocess.TimeoutExpired:
+                record = {"model": f"Qwen3-{size}", "system": system, "error": f"timed out after {args.timeout}s"}
+            record.update(env)
+            records.append(record)
+            shown = record.get("error", "").splitlines()[-1:] if "error" in record else \
+                f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB  first step " \
+                f"{record['first_step_s']:6.1f} s  loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}"
+            print(f"Qwen3-{size:5} {system:22} {shown}", flush=True)
+            write_results(records, skipped, env, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""LoRA adapters in the PEFT format: save, load, merge.
+
+What surogate trains must leave surogate: an adapter is written as `adapter_model.safetensors`
++ `adapter_config.json` with PEFT's key names (`base_model.model.model.layers.0.self_attn.q_proj.
+lora_A.weight`), which `peft.PeftModel.from_pretrained` loads onto the plain bf16 base and vLLM
+serves. A quantized recipe changes how the frozen base is stored, never the adapter, so the same
+files fit the unquantized base.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+# Wrappers that hold the PEFT model: torch.compile's OptimizedModule, DDP/FSDP, surogate's compiled model.
+_WRAPPER_ATTRS = ("peft_model", "_orig_mod", "module", "_module", "model", "_model")
+_COMPILE_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
+
+
+def find_peft_model(model: object, _depth: int = 0):
+    """The `peft.PeftModel` inside `model` (itself, or held by a compile/DDP wrapper)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model
+    if _depth < 4:
+        for attr in _WRAPPER_ATTRS:
+            try:
+                inner = getattr(model, attr, None)
+            except Exception:  # a property that raises is not a wrapper slot
+                inner = None
+            if inner is not None and inner is not model:
+                found = find_peft_model(inner, _depth + 1)
+                if found is not None:
+                    return found
+    if _depth == 0:
+        raise TypeError(f"{type(model).__name__} holds no LoRA adapter; attach one with "
+                        "surogate.compile(model, lora=LoraConfig(...)) or peft.get_peft_model(model, config)")
+    return None
+
+
+def adapter_state_dict(model: object, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names (adapter name and compile prefixes removed)."""
+    from peft import get_peft_model_state_dict
+
+    peft_model = find_peft_model(model)
+    name = adapter_name or peft_model.active_adapter
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _COMPILE_PREFIX.sub(r"\1", key)
+        if f".{name}." in key:
+            raise RuntimeError(f"adapter key {key!r} still carries the adapter name {name!r}; "
+                               "PEFT's key layout changed, please report this")
+        out[key] = value.detach().to("cpu").contiguous()
+    if not out:
+        raise RuntimeError(f"adapter {name!r} has no tensors to save")
+    return out
+
+
+def save_adapter(model: object, out_dir: "str | os.PathLike", base_model_name_or_path: str | None = None,
+                 adapter_name: str | None = None) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` to `out_dir`; returns the directory.
+
+    `model` is a `PeftModel` or what `surogate.compile` returned. `base_model_name_or_path` is
+    recorded in the config (default: what PEFT knows) so that `AutoPeftModel` can find the base.
+    """
+    from safetensors.torch import save_file
+
+    peft_model = find_peft_model(model)
+    name = adapter_name or peft_model.active_adapter
+    state = adapter_state_dict(peft_model, name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft_model.peft_config[name]
+    saved_base = config.base_model_name_or_path
+    inference_mode = config.inference_mode
+    try:
+        if base_model_name_or_path is not None:
+            config.base_model_name_or_path = str(base_model_name_or_path)
+        config.inference_mode = True  # as PEFT saves it: loading for training is asked for explicitly
+        config.save_pretrained(str(out))
+    finally:
+        config.base_model_name_or_path, config.inference_mode = saved_base, inference_mode
+    return out
+
+
+def _check_adapter_dir(adapter_dir: "str | os.PathLike") -> Path:
+    d = Path(adapter_dir).expanduser()
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{d} holds no {ADAPTER_CONFIG}; point at a directory written by "
+                                "surogate.save_adapter or PeftModel.save_pretrained")
+    return d
+
+
+def _load_base(model_dir: "str | os.PathLike", dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+
+
+def load_adapter(model: "nn.Module | str | os.PathLike", adapter_dir: "str | os.PathLike",
+                 is_trainable: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """A `PeftModel`: the adapter in `adapter_dir` on `model` (a module, or a model directory / hub id
+    loaded in `dtype`). `is_trainable=True` to continue training it."""
+    from peft import PeftModel
+
+    d = _check_adapter_dir(adapter_dir)
+    base = model if isinstance(model, nn.Module) else _load_base(model, dtype)
+    return PeftModel.from_pretrained(base, str(d), is_trainable=is_trainable)
+
+
+def _copy_tokenizer(sources: list[Path], out: Path) -> None:
+    for src in sources:
+        files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if files:
+            for f in files:
+                shutil.copy2(f, out / f.name)
+            return
+
+
+def merge(model_dir: "str | os.PathLike", adapter_dir: "str | os.PathLike", out_dir: "str | os.PathLike",
+          dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write base + adapter as one plain Hugging Face checkpoint in `dtype` (bf16 by default).
+
+    The merge runs in FP32 (W + scale * B @ A) and rounds once to `dtype`, so the merged model
+    differs from base + adapter only by that rounding. The tokenizer is copied along when the
+    model or adapter directory has one.
+    """
+    d = _check_adapter_dir(adapter_dir)
+    out = Path(out_dir)
+    merged = load_adapter(model_dir, d, dtype=torch.float32).merge_and_unload()
+    merged = merged.to(dtype)
+    merged.config.dtype = dtype
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    _copy_tokenizer([p for p in (Path(str(model_dir)).expanduser(), d) if p.is_dir()], out)
+    return out

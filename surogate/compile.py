@@ -1,0 +1,320 @@
+"""`surogate.compile`: prepare a HF model for LoRA training, capture it, rewrite it, hand it back.
+
+Steps: resolve the recipe's plan for the arch (errors and warnings first, before any work);
+attach LoRA through PEFT unless the model already has it; swap every target's base layer for a
+frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free the bf16 copy);
+compile each decoder block with Dynamo and the surogate backend (regional compilation: one
+graph serves every identical block; the sequence dimension is marked dynamic); route
+`labels=` calls through the chunked LM head + cross-entropy (`surogate.loss`).
+
+Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
+rewritten graph runs through AOTAutograd without Inductor (`aot_eager`: seconds of compile,
+what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from surogate.modules import SurogateLinear
+from surogate.passes import CompileReport, PassContext, run_pipeline
+from surogate.recipes import Recipe, get, normalize_arch, plan
+from surogate.recipes.arch import CPU, current_arch
+
+# PEFT target names tried first ("where they exist"): separate and fused projections.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj")
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+# Config attributes that change the logits in ways the chunked loss does not model.
+_UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class AlreadyCompiledError(RuntimeError):
+    """`surogate.compile` was given a model it (or torch.compile) already compiled."""
+
+
+def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
+            allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True,
+            horizontal: bool = True, chunked_loss: bool = True) -> nn.Module:
+    """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
+
+    Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
+    `.loss.backward()` and any optimizer; `model.save_pretrained(dir)` writes a PEFT adapter;
+    `model.surogate_report` says what every target linear became.
+    """
+    rec = get(recipe)  # unknown names raise with the list of valid ones
+    arch_name = current_arch() if arch is None else normalize_arch(arch)
+    the_plan = plan(rec, arch_name).check(allow_emulation)
+    _refuse_compiled(model)
+    peft_model = _attach_lora(model, lora)
+    _check_device(peft_model, arch_name)
+    _check_dtype(peft_model, rec)
+    targets = _lora_layers(peft_model)
+    if not targets:
+        raise ValueError("the model has no LoRA linear to train: pass lora=LoraConfig(target_modules=[...]) naming "
+                         "its linear layers")
+    _check_frozen(peft_model, targets)
+    report = CompileReport(recipe=rec.name, arch=arch_name,
+                           backend="aot_eager (no Inductor)" if arch_name == CPU else "inductor")
+    swapped = _swap_base_layers(targets, rec)
+    report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
+                + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
+    if the_plan.support.value == "emulated":
+        report.note(the_plan.explain())
+    ctx_options = {"horizontal": horizontal}
+    backend = make_backend(rec, arch_name, report, ctx_options)
+    hf = peft_model.base_model.model
+    blocks = _decoder_blocks(hf, targets) if regional else []
+    if blocks:
+        # Block 0 would otherwise see an input without grad and compile a second graph.
+        hf.enable_input_require_grads()
+        _compile_blocks(blocks, backend, dynamic)
+        report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
+                    "compiled graph")
+    else:
+        inner = hf.forward
+        hf.forward = torch.compile(inner, backend=backend, dynamic=dynamic or None)
+        report.note("whole-model capture (no repeated decoder blocks found or regional=False)")
+    if chunked_loss:
+        _attach_chunked_loss(hf, report)
+    peft_model.surogate_report = report
+    peft_model.surogate_plan = the_plan
+    peft_model._surogate_compiled = True
+    return peft_model
+
+
+# --- checks -------------------------------------------------------------------------------------------
+
+def _refuse_compiled(model: nn.Module) -> None:
+    if getattr(model, "_surogate_compiled", False):
+        raise AlreadyCompiledError("this model was already passed through surogate.compile; compile the original "
+                                   "model once (reload it to change the recipe)")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise AlreadyCompiledError("this model is already wrapped by torch.compile; pass the uncompiled model "
+                                   "(model._orig_mod) to surogate.compile")
+
+
+def _check_device(model: nn.Module, arch: str) -> None:
+    devices = {p.device.type for p in model.parameters()}
+    if arch == CPU and devices != {"cpu"}:
+        raise ValueError(f"arch='cpu' runs the reference backend but the model is on {sorted(devices)}; "
+                         "move it with model.cpu() or pass arch=None")
+    if arch != CPU and "cuda" not in devices:
+        raise ValueError(f"arch {arch} needs the model on a CUDA device; call model.cuda() first, or pass arch='cpu'")
+
+
+def _check_dtype(model: nn.Module, recipe: Recipe) -> None:
+    for name, module in _lora_layers(model):
+        weight = module.get_base_layer().weight
+        if weight.dtype != torch.bfloat16:
+            raise TypeError(f"recipe {recipe.name!r} takes bfloat16 base weights, but {name} holds {weight.dtype}; "
+                            "load the model with torch_dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
+
+
+def _check_frozen(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    for name, module in targets:
+        base = module.get_base_layer()
+        if any(p.requires_grad for p in base.parameters()):
+            raise ValueError(f"the base weight of {name} is trainable; surogate trains LoRA adapters on a frozen "
+                             f"base: freeze it (requires_grad_(False)) or drop it from modules_to_save")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if trainable:
+        warnings.warn(f"{len(trainable)} non-LoRA parameters are trainable (e.g. {trainable[0]}); they train in "
+                      "bf16 outside the fused kernels", stacklevel=3)
+
+
+# --- preparation --------------------------------------------------------------------------------------
+
+def _attach_lora(model: nn.Module, lora: Any) -> nn.Module:
+    """The PEFT model: `model` itself if it is one, else `model` with LoRA attached by PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        if lora is not None:
+            raise ValueError("the model already has PEFT adapters; pass lora=None")
+        return model
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"surogate.compile takes a Hugging Face PreTrainedModel or a PeftModel, "
+                        f"got {type(model).__name__}")
+    if isinstance(lora, LoraConfig):
+        config = lora
+    else:
+        options = {**DEFAULT_LORA, **(lora or {})}
+        if "target_modules" not in options:
+            options["target_modules"] = _default_targets(model)
+        if not options["target_modules"]:
+            raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
+                             "lora={'target_modules': [...]} naming its linear layers")
+        options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
+        config = LoraConfig(task_type="CAUSAL_LM", **options)
+    return get_peft_model(model, config)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    """q,k,v,o,gate,up,down (and fused qkv / gate_up) where they exist, else every linear in the blocks."""
+    blocks = _decoder_blocks(model, None)
+    names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
+    found = [t for t in DEFAULT_TARGETS if t in names]
+    return found or sorted(names)
+
+
+def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    return any(type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> int:
+    """Replace base layers by `SurogateLinear` (bf16 recipe: only Conv1D, nn.Linear stays F.linear)."""
+    swapped = 0
+    for name, module in targets:
+        base = module.base_layer
+        if isinstance(base, SurogateLinear):
+            continue
+        if not _is_linear(base):
+            continue  # reported as a fallback by the match pass (not a linear base GEMM)
+        if recipe.name == "bf16" and isinstance(base, nn.Linear):
+            continue
+        module.base_layer = SurogateLinear.from_linear(base, recipe)
+        swapped += 1
+    return swapped
+
+
+def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | None) -> list[nn.Module]:
+    """The longest ModuleList of identically typed blocks that hold linears (the decoder layers)."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        kinds = {type(b) for b in module}
+        if len(kinds) != 1 or not any(_is_linear(m) for m in module[0].modules()):
+            continue
+        if len(module) > len(best):
+            best = list(module)
+    return best
+
+
+# --- capture ------------------------------------------------------------------------------------------
+
+def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
+    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA)."""
+    options = options or {}
+
+    def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
+        run_pipeline(gm, PassContext(recipe, arch, report, options))
+        if arch == CPU:
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    return surogate_backend
+
+
+_REGION_IDS = itertools.count()
+
+
+def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with its own code object: Dynamo caches per code object, so each compiled model
+    gets its own cache (no recompile-limit pile-up across models in one process, no cross-model guards)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}__surogate{next(_REGION_IDS)}")
+    new = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool) -> None:
+    """Compile the blocks' shared forward once; every block calls it (regional compilation).
+
+    The sequence dimension of each call's tensors is marked dynamic, so one graph serves every length.
+    """
+    shared = torch.compile(_fresh_function(type(blocks[0]).forward), backend=backend, dynamic=None)
+    for block in blocks:
+        def forward(*args, _block=block, **kwargs):
+            if dynamic:
+                _mark_sequence_dynamic(args, kwargs)
+            return shared(_block, *args, **kwargs)
+
+        block.forward = forward
+
+
+def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
+    """Mark the sequence dims as dynamic: dim 1 of (B, S, ...) tensors, dims 2-3 of (B, h, S, S) masks."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[1] < 2:
+        return
+    seq = hidden.shape[1]
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            dims = (2, 3) if value.dim() == 4 else (1,) if value.dim() >= 2 else ()
+            for d in dims:
+                if value.shape[d] == seq:
+                    torch._dynamo.maybe_mark_dynamic(value, d)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+
+    visit(args)
+    visit(list(kwargs.values()))
+
+
+# --- LM head + loss -----------------------------------------------------------------------------------
+
+def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
+    """Route `labels=` calls through `surogate.loss.lm_head_cross_entropy` (no full FP32 logits)."""
+    config = getattr(hf, "config", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    backbone = getattr(hf, "base_model", hf)
+    bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
+        why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
+        report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
+        return
+    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+    original = hf.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from surogate.loss import lm_head_cross_entropy
+
+        if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
+            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.setdefault("use_cache", False)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out[0]
+        loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
+                                     num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None))
+
+    hf.forward = types.MethodType(forward, hf)
+    report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "
+                f"(softcap {softcap})" if softcap else "lm_head + cross-entropy: surogate::lm_head_ce, chunked")
+
+
+class _CallableModule(types.ModuleType):
+    """`import surogate.compile` binds the submodule over the lazy `surogate.compile` function (same name);
+    making the module callable keeps `surogate.compile(model, ...)` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return compile(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

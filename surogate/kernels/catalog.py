@@ -1,0 +1,315 @@
+"""The catalog of surogate's Triton kernels, as ahead-of-time builds see them.
+
+Each `KernelSpec` names one kernel specialization (the names `plan()` reports for GEMMs), the
+argument types and representative constexprs (tiles from the kernel's own config function,
+LLM-sized integer arguments), the recipes it serves and the MMA instruction class it must
+compile to on each arch. `surogate info` and tests/test_aot_sass.py read this list, so a
+kernel that falls to a slower MMA class on some arch is seen there.
+
+The kernel modules are imported by `specs()` on first use, never at import of this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from surogate.kernels.aot import Build, BuildRequest, mma_class
+from surogate.recipes import ARCHS, Compute, Support, names, normalize_arch, plan
+
+# GEMMs in the plan that are not Triton kernels, and what runs instead.
+NOT_TRITON: Mapping[str, str] = MappingProxyType({
+    "grad_lora": "cuBLAS (three skinny torch.matmul GEMMs, surogate/kernels/grad_lora.py)",
+})
+
+# A representative LLM layer (Qwen3-8B-like: 4096 tokens, hidden 4096, LoRA r = 16): integer
+# arguments take these values, so Triton specializes them as its launcher would.
+SHAPE = MappingProxyType({"M": 4096, "N": 4096, "K": 4096, "R": 16})
+
+# MMA classes that must not appear on an arch: the older, slower instruction families
+# (an mma.sync on Hopper where wgmma was expected, a wgmma or mma.sync on datacenter Blackwell).
+SLOW_MMA: Mapping[str, frozenset[str]] = MappingProxyType({
+    "sm_89": frozenset(),
+    "sm_90": frozenset({"HMMA", "QMMA", "IMMA"}),
+    "sm_100": frozenset({"HMMA", "QMMA", "IMMA", "HGMMA", "QGMMA", "IGMMA", "OMMA"}),
+    "sm_120": frozenset(),
+})
+
+# Archs whose SASS MMA mnemonics carry the operand types (tcgen05's UTC*MMA keep them in idesc).
+_TYPED_MNEMONICS = frozenset({"sm_89", "sm_90", "sm_120"})
+# Hardware block scaling with E4M3 scales per 16 (NVFP4), as the mnemonic shows it.
+_NVFP4_SCALED = MappingProxyType({"sm_100": "UTCOMMA.4X", "sm_120": "UE4M3.4X"})
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel specialization to build for each arch it runs on."""
+
+    name: str
+    fn: Any  # the @triton.jit function
+    signature: Mapping[str, str]  # pointer / float args -> Triton type ("*bf16", "*fp8e4nv", "fp32")
+    constexprs: Mapping[str, Any]  # arch-independent constexprs
+    recipes: tuple[str, ...]  # recipes whose training step runs this kernel
+    precision: Compute | None  # MMA operand precision; None: not an MMA kernel (quantizers)
+    archs: tuple[str, ...] = tuple(ARCHS)
+    ints: Mapping[str, int] = field(default_factory=dict)  # integer args -> representative value
+    config: Callable[[str], Any] | None = None  # arch -> triton.Config or config dict (tiles, warps)
+    per_arch: Callable[[str], Mapping[str, Any]] | None = None  # further arch-dependent constexprs
+    operands: str | None = None  # operand types in the SASS mnemonic, e.g. "E5M2.E4M3"
+    what: str = ""
+
+    def expected_mma(self, arch: str) -> str | None:
+        """The MMA class this kernel must use on `arch` (from the arch table); None: no MMA."""
+        info = ARCHS[normalize_arch(arch)]
+        if self.precision is None:
+            return None
+        return {Compute.BF16: info.mma_bf16, Compute.FP8: info.mma_fp8, Compute.NVFP4: info.mma_fp4}[self.precision]
+
+    def request(self, arch: str) -> BuildRequest:
+        """The AOT build request for `arch`: config tiles, per-arch constexprs, specialized ints."""
+        arch = normalize_arch(arch)
+        if arch not in self.archs:
+            raise ValueError(f"kernel {self.name!r} does not run on {arch}; it is built for {', '.join(self.archs)}")
+        constexprs = dict(self.constexprs)
+        num_warps, num_stages, options = 4, 3, {}
+        if self.config is not None:
+            tiles, num_warps, num_stages, options = _config_parts(self.config(arch), num_warps, num_stages)
+            constexprs.update(tiles)
+        if self.per_arch is not None:
+            constexprs.update(self.per_arch(arch))
+        signature = dict(self.signature)
+        divisible = [n for n, t in signature.items() if t.startswith("*")]
+        for n, v in self.ints.items():
+            if v == 1:  # Triton's launcher turns an integer 1 into a constexpr
+                constexprs[n] = 1
+                continue
+            signature[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                divisible.append(n)
+        return BuildRequest(self.name, self.fn, signature, constexprs, arch, num_warps=num_warps,
+                            num_stages=num_stages, options=options, divisible=tuple(divisible))
+
+    def check(self, build: Build) -> list[str]:
+        """What is wrong with `build` for this kernel (empty when it is as expected)."""
+        if not build.ok:
+            return [f"does not compile: {build.error}"]
+        problems = []
+        expected = self.expected_mma(build.arch)
+        found = set(build.mma_classes)
+        if expected is None and found:
+            problems.append(f"expected no MMA, found {sorted(found)}")
+        if expected is not None:
+            if expected not in found:
+                problems.append(f"expected {expected}, found {sorted(found) or 'no MMA'}")
+            slow = found & SLOW_MMA[build.arch]
+            if slow:
+                problems.append(f"slow MMA class {sorted(slow)} on {build.arch}")
+            main = [op for op in build.mma if mma_class(op) == expected]
+            if main and self.operands and build.arch in _TYPED_MNEMONICS and \
+                    not any(self.operands in op for op in main):
+                problems.append(f"expected {expected} on {self.operands} operands, found {sorted(main)}")
+            if main and self.precision is Compute.NVFP4 and \
+                    not any(_NVFP4_SCALED[build.arch] in op for op in main):
+                problems.append(f"expected NVFP4 hardware block scaling ({_NVFP4_SCALED[build.arch]}), "
+                                f"found {sorted(main)}")
+        return problems
+
+
+def _config_parts(cfg: Any, num_warps: int, num_stages: int) -> tuple[dict, int, int, dict]:
+    """(constexprs, num_warps, num_stages, options) of a triton.Config or a config dict."""
+    if hasattr(cfg, "kwargs"):  # triton.Config
+        options = {k: v for k in ("num_ctas", "maxnreg") if (v := getattr(cfg, k, None)) not in (None, 1)}
+        return dict(cfg.kwargs), cfg.num_warps or num_warps, cfg.num_stages or num_stages, options
+    d = dict(cfg)
+    return d, d.pop("num_warps", num_warps), d.pop("num_stages", num_stages), {}
+
+
+def recipe_usage(kernel: str) -> dict[str, list[str]]:
+    """arch -> recipes whose plan on that arch runs `kernel` (refused plans excluded)."""
+    usage: dict[str, list[str]] = {}
+    for arch in ARCHS:
+        for recipe in names(include_aliases=False):
+            p = plan(recipe, arch)
+            if p.support is Support.REFUSED:
+                continue
+            if any(g.kernel == kernel for g in p.gemms) and recipe not in usage.setdefault(arch, []):
+                usage[arch].append(recipe)
+    return {a: r for a, r in usage.items() if r}
+
+
+def _gemm_spec(name: str, fn: Any, signature: dict, constexprs: dict, precision: Compute, family: str,
+               operands: str | None, ints: dict, what: str, per_arch=None) -> KernelSpec:
+    """A GEMM kernel's spec: archs and recipes from the plan, tiles from the first config of `family`."""
+    from surogate.kernels.configs import get_configs
+
+    usage = recipe_usage(name)
+    recipes = tuple(r for r in names(include_aliases=False) if any(r in rs for rs in usage.values()))
+    return KernelSpec(name, fn, MappingProxyType(signature), MappingProxyType(constexprs), recipes, precision,
+                      archs=tuple(a for a in ARCHS if a in usage), ints=MappingProxyType(ints),
+                      config=lambda arch, family=family: _first_config(get_configs(family, arch), name, arch),
+                      per_arch=per_arch,
+                      operands=operands, what=what)
+
+
+def _first_config(configs: list, name: str, arch: str) -> Any:
+    """The first (largest, the one big LLM shapes pick) of a kernel's autotune configs."""
+    if not configs:
+        raise ValueError(f"kernel {name!r} has no config for {arch} (get_*_configs returned none that fit)")
+    return configs[0]
+
+
+def _gemm_specs() -> list[KernelSpec]:
+    """The forward and dgrad kernels, as `surogate/kernels/launch.py` calls them."""
+    from surogate.kernels import lora_linear as ll
+    from surogate.kernels.configs import block_r, fp8_promote
+
+    m, n, k, r = SHAPE["M"], SHAPE["N"], SHAPE["K"], SHAPE["R"]
+    unused = "*bf16"  # the launcher passes the output as a dummy pointer for unused operands
+    weights = {  # W_MODE -> (w_ptr, ws_ptr, aux0, aux1, aux2, table) types
+        ll.W_BF16: ("*bf16", unused, unused, unused, unused, unused),
+        ll.W_FP8_ROW: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
+        ll.W_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
+        ll.W_DEQ_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
+        ll.W_DEQ_NVFP4: ("*u8", "*fp8e4nv", "*fp32", unused, unused, "*fp32"),
+        ll.W_DEQ_NF4: ("*u8", "*fp32", "*u8", "*fp32", "*fp32", "*fp32"),
+    }
+
+    def promote(a_mode: int):
+        return lambda arch: {"FP8_PROMOTE": a_mode == ll.A_FP8_ROW and fp8_promote(arch, k)}
+
+    def spec(name, a_mode, a_type, w_mode, trans_w, precision, family, operands, what, ws_strides=None):
+        w, ws, aux0, aux1, aux2, table = weights[w_mode]
+        a_scale = "*fp32" if a_mode != ll.A_BF16 else unused
+        signature = dict(a_ptr=a_type, as_ptr=a_scale, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1,
+                         aux2_ptr=aux2, table_ptr=table, h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16",
+                         out_ptr="*bf16", lora_scale="fp32")
+        # Strides of contiguous operands: forward U = lora_b (N, r); dgrad U = lora_a^T, a (K, r) view.
+        w_strides = (0, 0) if w_mode == ll.W_DEQ_NF4 else (k, 1)
+        ws_strides = ws_strides or {ll.W_FP8_ROW: (1, 0), ll.W_FP8_BLOCK: (k // 128, 1), ll.W_DEQ_FP8_BLOCK: (k // 128, 1),
+                      ll.W_DEQ_NVFP4: (k // 16, 1), ll.W_DEQ_NF4: (1, 0), ll.W_BF16: (n, 1)}[w_mode]
+        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (k // 128, 1)}[a_mode]
+        u_strides = (1, k) if trans_w else (r, 1)
+        ints = dict(M=m, N=n, K=k, R=r, Kw=k if w_mode == ll.W_DEQ_NF4 else 0,
+                    stride_am=k, stride_ak=1, stride_asm=as_strides[0], stride_ask=as_strides[1],
+                    stride_w0=w_strides[0], stride_w1=w_strides[1], stride_ws0=ws_strides[0],
+                    stride_ws1=ws_strides[1], stride_hm=r, stride_hr=1, stride_un=u_strides[0],
+                    stride_ur=u_strides[1], stride_om=n, stride_on=1)
+        constexprs = dict(A_MODE=a_mode, W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=True, HAS_BIAS=False,
+                          UPCAST=False, FP8_PROMOTE=False, BLOCK_R=block_r(r))
+        return _gemm_spec(name, ll._lora_gemm_kernel, signature, constexprs, precision, family, operands, ints,
+                          what, per_arch=promote(a_mode))
+
+    def nvfp4_spec(name, what):
+        signature = dict(a_ptr="*u8", as_ptr="*fp8e4nv", a_ts_ptr="*fp32", w_ptr="*u8", ws_ptr="*fp8e4nv",
+                         w_ts_ptr="*fp32", h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",
+                         lora_scale="fp32")
+        ints = dict(M=m, N=n, K=k, R=r, stride_am=k // 2, stride_asm=k // 16, stride_wn=k // 2,
+                    stride_wsn=k // 16, stride_hm=r, stride_hr=1, stride_un=r, stride_ur=1, stride_om=n,
+                    stride_on=1)
+        constexprs = dict(HAS_LORA=True, HAS_BIAS=False, UPCAST=False, BLOCK_R=block_r(r))
+        return _gemm_spec(name, ll._lora_gemm_nvfp4_kernel, signature, constexprs, Compute.NVFP4, "nvfp4", None,
+                          ints, what)
+
+    bf16, fp8, e4m3, e5m2 = Compute.BF16, Compute.FP8, "*fp8e4nv", "*fp8e5"
+    return [
+        spec("lora_linear_bf16", ll.A_BF16, "*bf16", ll.W_BF16, False, bf16, "bf16", "BF16",
+             "forward: bf16 x bf16 + LoRA epilogue"),
+        spec("lora_linear_fp8", ll.A_FP8_ROW, e4m3, ll.W_FP8_ROW, False, fp8, "fp8", "E4M3.E4M3",
+             "forward: E4M3 x E4M3, row/channel scales"),
+        spec("lora_linear_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8", "E4M3.E4M3",
+             "forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
+        spec("lora_linear_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, False, bf16, "dequant",
+             "BF16", "forward: block-FP8 weight dequantized in registers, bf16 MMA"),
+        spec("lora_linear_dequant_nvfp4", ll.A_BF16, "*bf16", ll.W_DEQ_NVFP4, False, bf16, "dequant", "BF16",
+             "forward: NVFP4 weight dequantized in registers, bf16 MMA"),
+        spec("lora_linear_dequant_nf4", ll.A_BF16, "*bf16", ll.W_DEQ_NF4, False, bf16, "dequant", "BF16",
+             "forward: NF4 weight dequantized in registers, bf16 MMA"),
+        nvfp4_spec("lora_linear_nvfp4", "forward: NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled)"),
+        spec("grad_input_bf16", ll.A_BF16, "*bf16", ll.W_BF16, True, bf16, "bf16", "BF16",
+             "dgrad: bf16 grad x bf16 weight read transposed"),
+        spec("grad_input_fp8", ll.A_FP8_ROW, e5m2, ll.W_FP8_ROW, False, fp8, "fp8", "E5M2.E4M3",
+             "dgrad: E5M2 grad x cached K-major E4M3 transpose"),
+        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e5m2, ll.W_FP8_BLOCK, False, fp8, "fp8", "E5M2.E4M3",
+             "dgrad: E5M2 grad x block-FP8 weight made K-major", ws_strides=(1, k // 128)),
+        spec("grad_input_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, True, bf16, "dequant",
+             "BF16", "dgrad: block-FP8 weight dequantized, read transposed"),
+        spec("grad_input_dequant_nvfp4", ll.A_BF16, "*bf16", ll.W_DEQ_NVFP4, True, bf16, "dequant", "BF16",
+             "dgrad: NVFP4 weight dequantized, read transposed"),
+        spec("grad_input_dequant_nf4", ll.A_BF16, "*bf16", ll.W_DEQ_NF4, True, bf16, "dequant", "BF16",
+             "dgrad: NF4 weight dequantized, read transposed"),
+        nvfp4_spec("grad_input_nvfp4", "dgrad: NVFP4 grad x NVFP4 K-major weight transpose"),
+    ]
+
+
+def _quantizer_specs() -> list[KernelSpec]:
+    """Quantize / dequantize kernels: no MMA; built for every arch."""
+    from surogate.kernels import dequantize as dq
+    from surogate.kernels import quantize as q
+
+    k, m = SHAPE["K"], SHAPE["M"]
+
+    def spec(name, fn, signature, constexprs, ints, config, recipes, what):
+        return KernelSpec(name, fn, MappingProxyType(signature), MappingProxyType(constexprs), recipes, None,
+                          ints=MappingProxyType(ints), config=config, what=what)
+
+    e4m3 = q.fp8_constexprs("e4m3")
+    e5m2 = q.fp8_constexprs("e5m2")
+    return [
+        spec("amax", q._amax_kernel, dict(x_ptr="*bf16", partial_ptr="*fp32"), {}, dict(n=m * k),
+             q.get_amax_configs, ("fp8", "fp4", "qfp4"), "max |x| of a tensor (delayed / NVFP4 tensor scales)"),
+        spec("quantize_fp8_rowwise", q._quantize_fp8_rowwise_kernel,
+             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", amax_ptr="*fp32"), dict(e4m3, POW2=False),
+             dict(M=m, K=k, stride_xm=k, stride_qm=k), lambda arch: q.get_quantize_fp8_rowwise_configs(arch, k),
+             ("fp8",), "activations to E4M3, one scale per row"),
+        spec("quantize_fp8_tensorwise", q._quantize_fp8_tensorwise_kernel,
+             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), e4m3, dict(n=m * k),
+             q.get_quantize_fp8_tensorwise_configs, ("fp8", "qfp8"), "E4M3 with one (delayed) tensor scale"),
+        spec("quantize_fp8_block", q._quantize_fp8_block_kernel,
+             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e5m2, POW2=False),
+             dict(M=m, K=k, stride_xm=k, stride_qm=k, stride_sm=k // 128),
+             lambda arch: q.get_quantize_fp8_block_configs(arch, (1, 128)), ("qfp8",),
+             "gradients to E5M2, 1x128 block scales"),
+        spec("quantize_nvfp4", q._quantize_nvfp4_kernel,
+             dict(x_ptr="*bf16", packed_ptr="*u8", bscale_ptr="*u8", tscale_ptr="*fp32"), dict(STOCHASTIC=True),
+             dict(seed=12345, M=m, K=k, stride_xm=k, stride_pm=k // 2, stride_bm=k // 16),
+             lambda arch: q.get_quantize_nvfp4_configs(arch, k), ("fp4", "qfp4"),
+             "to NVFP4 with stochastic rounding (gradients)"),
+        spec("dequantize_nf4", dq._dequantize_nf4_kernel,
+             dict(packed_ptr="*u8", absmax_ptr="*fp32", absmax_q_ptr="*u8", absmax_code_ptr="*fp32",
+                  absmax_scale_ptr="*fp32", absmax_offset_ptr="*fp32", nf4_ptr="*fp32", out_ptr="*bf16"),
+             dict(BLOCKSIZE=64, DQ_BLOCK=256, DOUBLE_QUANT=True, ROUND_BF16=True, INTERPRET=False),
+             dict(n=m * k), dq.get_dequantize_nf4_configs, ("qnf4",), "NF4 (double-quantized) to bf16"),
+        spec("dequantize_nvfp4", dq._dequantize_nvfp4_kernel,
+             dict(packed_ptr="*u8", bscale_ptr="*u8", tscale_ptr="*fp32", out_ptr="*bf16"), dict(ROUND_BF16=True),
+             dict(M=m, K=k, stride_pm=k // 2, stride_bm=k // 16, stride_om=k),
+             lambda arch: dq.get_dequantize_nvfp4_configs(arch, k), ("fp4", "qfp4"), "NVFP4 to bf16"),
+        spec("dequantize_fp8_block", dq._dequantize_fp8_block_kernel,
+             dict(q_ptr="*fp8e4nv", scale_ptr="*fp32", out_ptr="*bf16"), dict(BM=128, BK=128),
+             dict(M=m, K=k, stride_qm=k, stride_sm=k // 128, stride_om=k), dq.get_dequantize_fp8_block_configs,
+             ("qfp8", "qfp8-bf16"), "block FP8 to bf16"),
+    ]
+
+
+def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise ValueError(f"kernel {s.name!r} is in the catalog twice; kernel names must be unique")
+        seen.add(s.name)
+    return specs
+
+
+@functools.lru_cache(maxsize=1)
+def specs() -> tuple[KernelSpec, ...]:
+    """Every kernel in the catalog (imports the kernel modules on first call)."""
+    return tuple(_check_unique(_gemm_specs() + _quantizer_specs()))
+
+
+def get(name: str) -> KernelSpec:
+    """The spec called `name`; unknown names list the known ones."""
+    for s in specs():
+        if s.name == name:
+            return s
+    raise KeyError(f"no kernel {name!r} in the catalog; known: {', '.join(s.name for s in specs())}")

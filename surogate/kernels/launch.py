@@ -1,0 +1,131 @@
+"""CUDA entry points of the `surogate::lora_linear` ops: quantize activations, run the kernels.
+
+`lora_linear_cuda` / `lora_linear_backward_cuda` have exactly the signatures and semantics of
+`reference.lora_linear_ref` / `lora_linear_backward_ref` (docs/internals.md). Which kernel runs
+is read from the arch table (`surogate/recipes/arch.py`), keyed on (compute, weight format), so
+the names here are the names `plan()` reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surogate.kernels import quantize as q
+from surogate.kernels.dequantize import dequantize_nvfp4
+from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
+from surogate.kernels.grad_lora import grad_lora
+from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
+from surogate.kernels.reference_linear import NVFP4_SR_SEED
+from surogate.recipes.arch import _FORWARD_KERNELS, _GRAD_INPUT_KERNELS
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
+from surogate.recipes.recipe import Compute, WeightFormat
+
+# The FP8 element of the gradient in the dgrad GEMM ("hybrid": E5M2 grads, E4M3 weights).
+GRAD_FP8_ELEMENT = "e5m2"
+
+
+def kernel_name(gemm: str, compute: str, weight_format: str) -> str:
+    """The kernel that runs `gemm` ("output" | "grad_input") for (compute, weight_format)."""
+    table = _FORWARD_KERNELS if gemm == "output" else _GRAD_INPUT_KERNELS
+    try:
+        return table[(Compute(compute), WeightFormat(weight_format))]
+    except (KeyError, ValueError):
+        valid = ", ".join(f"({c.value}, {w.value})" for c, w in table)
+        raise ValueError(f"no {gemm} kernel for compute {compute!r} with weight_format {weight_format!r}; "
+                         f"valid pairs: {valid}") from None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K) with unit stride along K (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _nf4_shape(weight: list[torch.Tensor], k: int) -> tuple[int, int]:
+    if k % 64:
+        raise ValueError(f"the NF4 kernels need in_features divisible by 64 (one absmax block per row "
+                         f"segment); got {k}. Use the qfp8 or bf16 recipe for this layer.")
+    return weight[0].numel() * 2 // k, k
+
+
+def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
+                     grad_input):
+    """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract."""
+    name = kernel_name("output", forward, weight_format)
+    lead, k = input.shape[:-1], input.shape[-1]
+    dtype = input.dtype
+    x = _rows(input)
+    has_lora = lora_a is not None and lora_b is not None
+    if has_lora:
+        xl = x if lora_input is None else _rows(lora_input).to(dtype)
+        hidden = xl @ lora_a.to(dtype).t()  # (M, r): one skinny cuBLAS GEMM reading x once
+        up = lora_b.to(dtype)
+    else:
+        hidden = x.new_empty((x.shape[0], 0))
+    h, u = (hidden, up) if has_lora else (None, None)
+    b = bias.to(dtype) if bias is not None else None
+    run = FORWARD_LAUNCHERS[name]
+    if name == "lora_linear_bf16":
+        out = run(x, weight[0], h, u, b, lora_scale)
+    elif name == "lora_linear_fp8":
+        xq, xs, _ = q.quantize_fp8_rowwise(x, "e4m3")
+        out = run(xq, xs, weight[0], weight[1], h, u, b, lora_scale)
+    elif name == "lora_linear_fp8_block":
+        xq, xs = q.quantize_fp8_block(x, FP8_ACTIVATION_BLOCK, "e4m3")
+        out = run(xq, xs, weight[0], weight[1], h, u, b, lora_scale)
+    elif name == "lora_linear_dequant_fp8_block":
+        out = run(x, weight[0], weight[1], h, u, b, lora_scale)
+    elif name == "lora_linear_dequant_nvfp4":
+        out = run(x, weight[0], weight[1], weight[2], h, u, b, lora_scale)
+    elif name == "lora_linear_dequant_nf4":
+        out = run(x, weight, _nf4_shape(weight, k), h, u, b, lora_scale)
+    elif name == "lora_linear_nvfp4":
+        xp, xbs, xts = q.quantize_nvfp4(x)
+        out = run(xp, xbs, xts, weight[0], weight[1], weight[2], h, u, b, lora_scale)
+    else:  # a name in the arch table without a launcher: a bug, not user input
+        raise NotImplementedError(f"kernel {name} has no launcher")
+    return out.view(*lead, out.shape[-1]), hidden.view(*lead, hidden.shape[-1])
+
+
+def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
+                              lora_scale, grad_input):
+    """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None."""
+    name = kernel_name("grad_input", grad_input, weight_format)
+    k = input.shape[-1]
+    dtype = grad_output.dtype
+    g = _rows(grad_output)
+    has_lora = lora_a is not None and lora_b is not None
+    grad_a = grad_b = grad_lora_input = None
+    gh = a = None
+    if has_lora:
+        xl = _rows(input if lora_input is None else lora_input)
+        grad_a, grad_b, gh = grad_lora(g, xl, _rows(lora_hidden), lora_a, lora_b, lora_scale)
+        a = lora_a.to(dtype)
+        if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
+            grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
+            gh = a = None
+    run = GRAD_INPUT_LAUNCHERS[name]
+    if name == "grad_input_bf16":
+        dx = run(g, weight[0], gh, a, lora_scale)
+    elif name == "grad_input_fp8":
+        gq, gs, _ = q.quantize_fp8_rowwise(g, GRAD_FP8_ELEMENT)
+        dx = run(gq, gs, weight[2], weight[3], gh, a, lora_scale)
+    elif name == "grad_input_fp8_block":
+        gq, gs = q.quantize_fp8_block(g, FP8_ACTIVATION_BLOCK, GRAD_FP8_ELEMENT)
+        dx = run(gq, gs, weight[0], weight[1], gh, a, lora_scale)
+    elif name == "grad_input_dequant_fp8_block":
+        dx = run(g, weight[0], weight[1], gh, a, lora_scale)
+    elif name == "grad_input_dequant_nvfp4":
+        dx = run(g, weight[0], weight[1], weight[2], k, gh, a, lora_scale)
+    elif name == "grad_input_dequant_nf4":
+        dx = run(g, weight, _nf4_shape(weight, k), gh, a, lora_scale)
+    elif name == "grad_input_nvfp4":
+        # As the reference: the weight's values re-quantized to NVFP4 along N (its K-major copy),
+        # the gradient NVFP4 along N with stochastic rounding.
+        w = dequantize_nvfp4(weight[0], weight[1], weight[2], shape=(g.shape[1], k), dtype=torch.float32)
+        wt_p, wt_bs, wt_ts = q.quantize_nvfp4(w.t().contiguous())
+        gp, gbs, gts = q.quantize_nvfp4(g, stochastic=True, seed=NVFP4_SR_SEED)
+        dx = run(gp, gbs, gts, wt_p, wt_bs, wt_ts, gh, a, lora_scale)
+    else:
+        raise NotImplementedError(f"kernel {name} has no launcher")
+    return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input

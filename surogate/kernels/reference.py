@@ -1,0 +1,46 @@
+"""The plain-torch twin of every surogate kernel: the numeric definition the Triton code must meet.
+
+Bit-exact to DESIGN.md section 2 for the quantizers; the GEMM references multiply dequantized
+operands in FP32. The code lives in small modules by concern, re-exported here:
+- `reference_formats`: FP8 (tensor/row/block), NVFP4, OCP MX quantizers and dequantizers;
+- `reference_nf4`: bitsandbytes-compatible NF4 with double quantization;
+- `reference_linear`: weight lists by `WeightFormat`, `lora_linear_ref` and its backward.
+"""
+
+from surogate.kernels.reference_formats import (
+    FP8_DTYPES,
+    FP8_MAX,
+    dequantize_fp8_ref,
+    dequantize_mx_ref,
+    dequantize_nvfp4_ref,
+    e2m1_decode,
+    e2m1_encode,
+    pack_nibbles,
+    quantize_fp8_ref,
+    quantize_mx_ref,
+    quantize_nvfp4_ref,
+    unpack_nibbles,
+)
+from surogate.kernels.reference_linear import (
+    NVFP4_SR_SEED,
+    dequantize_weight_ref,
+    lora_linear_backward_ref,
+    lora_linear_ref,
+    quantize_weight_ref,
+)
+from surogate.kernels.reference_nf4 import (
+    dequantize_blockwise_8bit_ref,
+    dequantize_nf4_ref,
+    dynamic_map,
+    nf4_code,
+    quantize_blockwise_8bit_ref,
+    quantize_nf4_ref,
+)
+
+__all__ = [
+    "FP8_DTYPES", "FP8_MAX", "NVFP4_SR_SEED", "dequantize_blockwise_8bit_ref", "dequantize_fp8_ref",
+    "dequantize_mx_ref", "dequantize_nf4_ref", "dequantize_nvfp4_ref", "dequantize_weight_ref", "dynamic_map",
+    "e2m1_decode", "e2m1_encode", "lora_linear_backward_ref", "lora_linear_ref", "nf4_code", "pack_nibbles",
+    "quantize_blockwise_8bit_ref", "quantize_fp8_ref", "quantize_mx_ref", "quantize_nf4_ref",
+    "quantize_nvfp4_ref", "quantize_weight_ref", "unpack_nibbles",
+]

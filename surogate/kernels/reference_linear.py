@@ -1,0 +1,258 @@
+"""Plain-torch twin of the fused quantize-GEMM-LoRA op (`surogate::lora_linear` and its backward).
+
+This defines what the Triton kernels compute (docs/internals.md has the op signatures):
+- every GEMM multiplies the dequantized operands in FP32 (products exact, FP32 accumulation);
+  kernels accumulate in another order, so they match this to FP32 rounding, not bitwise;
+- the quantizations feeding the GEMMs are the bit-exact ones of `reference_formats`;
+- each output is rounded once, at the end, to the input dtype (bf16).
+
+Quantized GEMM operands, per `Compute`:
+- "bf16": the weight dequantized to bf16 (bf16 itself for the bf16 format), the activation as is.
+- "fp8" forward: input E4M3 per row (current scaling) against the weight's FP8 form (fp8_row:
+  per output channel; fp8_block: 128x128 blocks with the input in 1x128 blocks). dgrad:
+  grad_output E5M2 per row (1x128 blocks for fp8_block) against the E4M3 weight (fp8_row: the
+  K-major copy with per-input-channel scales; fp8_block: the same blocks, transposed).
+  Weight formats without an FP8 form are quantized per row to E4M3 on the fly.
+- "nvfp4" forward: input NVFP4 (its own tensor scale, 16 along K) x the weight's NVFP4 copy
+  (or the weight quantized on the fly). dgrad: grad_output NVFP4 along N with stochastic
+  rounding from `torch.Generator().manual_seed(NVFP4_SR_SEED)`, against the weight's
+  dequantized values re-quantized to NVFP4 along N (round to nearest).
+LoRA (bf16 compute, FP32 accumulation): lora_hidden = bf16(lora_input @ A.T);
+output = bf16(base + bias + s * lora_hidden @ B.T). Backward: t = bf16(grad_output @ B);
+grad_lora_b = s * grad_output.T @ lora_hidden; grad_lora_a = s * t.T @ lora_input (both in the
+dtype of A/B); s * t @ A is added to grad_input, or returned as grad_lora_input when a
+separate lora_input was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surogate.kernels.qtensor import Fp8Tensor, NF4Tensor, NVFP4Tensor
+from surogate.kernels.reference_formats import (
+    dequantize_fp8_ref,
+    dequantize_nvfp4_ref,
+    quantize_fp8_ref,
+    quantize_nvfp4_ref,
+)
+from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK, NF4_BLOCK
+from surogate.recipes.recipe import Compute, WeightFormat
+
+__all__ = ["NVFP4_SR_SEED", "dequantize_weight_ref", "lora_linear_backward_ref", "lora_linear_ref",
+           "quantize_weight_ref"]
+
+# Seed of the generator that draws the stochastic-rounding bits of the NVFP4 dgrad reference.
+NVFP4_SR_SEED = 0
+
+_WEIGHT_LIST_LEN = {"bf16": 1, "fp8_row": 4, "fp8_block": 2, "nvfp4": 3, "nvfp4_cached": 3, "nf4": 5}
+
+
+def _weight_format(weight_format: "str | WeightFormat") -> str:
+    value = weight_format.value if isinstance(weight_format, WeightFormat) else weight_format
+    valid = [f.value for f in WeightFormat]
+    if value not in valid:
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _compute(compute: "str | Compute", what: str) -> str:
+    value = compute.value if isinstance(compute, Compute) else compute
+    valid = [c.value for c in Compute]
+    if value not in valid:
+        raise ValueError(f"unknown {what} compute {compute!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:
+    """The weight list of docs/internals.md for a frozen `(N, K)` weight."""
+    fmt = _weight_format(weight_format)
+    if weight.dim() != 2:
+        raise ValueError(f"a linear weight is (N, K); got shape {tuple(weight.shape)}")
+    if fmt == "bf16":
+        return [weight.to(torch.bfloat16)]
+    if fmt == "fp8_row":
+        fwd = quantize_fp8_ref(weight, "e4m3", "row")
+        bwd = quantize_fp8_ref(weight.t().contiguous(), "e4m3", "row")
+        return [fwd.data, fwd.scale.reshape(-1), bwd.data, bwd.scale.reshape(-1)]
+    if fmt == "fp8_block":
+        return quantize_fp8_ref(weight, "e4m3", "block", FP8_WEIGHT_BLOCK).tensors()
+    if fmt in ("nvfp4", "nvfp4_cached"):
+        return quantize_nvfp4_ref(weight).tensors()
+    return quantize_nf4_ref(weight, NF4_BLOCK, double_quant=True).tensors()
+
+
+def _check_list(tensors: list[torch.Tensor], fmt: str) -> None:
+    if len(tensors) != _WEIGHT_LIST_LEN[fmt]:
+        raise ValueError(f"weight_format {fmt!r} takes {_WEIGHT_LIST_LEN[fmt]} tensors "
+                         f"(docs/internals.md), got {len(tensors)}; build it with quantize_weight_ref")
+
+
+def _fp8_weight(tensors: list[torch.Tensor], fmt: str) -> Fp8Tensor:
+    """The forward FP8 copy of an fp8_row / fp8_block weight list."""
+    if fmt == "fp8_row":
+        return Fp8Tensor(tensors[0], tensors[1].reshape(-1, 1), (1, tensors[0].shape[-1]))
+    return Fp8Tensor(tensors[0], tensors[1], FP8_WEIGHT_BLOCK)
+
+
+def dequantize_weight_ref(tensors: list[torch.Tensor], weight_format: "str | WeightFormat",
+                          shape: "torch.Size | tuple[int, int]", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The `(N, K)` weight a weight list stands for (the forward copy), in `dtype`."""
+    fmt = _weight_format(weight_format)
+    _check_list(tensors, fmt)
+    shape = torch.Size(shape)
+    if fmt == "bf16":
+        out = tensors[0]
+    elif fmt in ("fp8_row", "fp8_block"):
+        out = dequantize_fp8_ref(_fp8_weight(tensors, fmt))
+    elif fmt in ("nvfp4", "nvfp4_cached"):
+        out = dequantize_nvfp4_ref(NVFP4Tensor(tensors[0], tensors[1], tensors[2], shape))
+    else:
+        packed, absmax_q, absmax_scale, absmax_offset, absmax_code = tensors
+        out = dequantize_nf4_ref(NF4Tensor(packed, None, absmax_q, absmax_scale, absmax_offset, absmax_code,
+                                           NF4_BLOCK, shape))
+    if out.shape != shape:
+        raise ValueError(f"weight list holds a {tuple(out.shape)} weight, not {tuple(shape)}")
+    return out.to(dtype)
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.T with FP32 operands and accumulation."""
+    return a.float() @ b_t.float().t()
+
+
+def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int, forward: str) -> torch.Tensor:
+    """Q(input) @ Q(W).T in FP32, for a 2D input (M, K)."""
+    k = x2.shape[-1]
+    if forward == "bf16":
+        return _mm(x2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16))
+    if forward == "fp8":
+        if fmt in ("fp8_row", "fp8_block"):
+            w = dequantize_fp8_ref(_fp8_weight(tensors, fmt))
+        else:
+            w = quantize_fp8_ref(dequantize_weight_ref(tensors, fmt, (n, k)), "e4m3", "row").dequantize()
+        if fmt == "fp8_block":
+            xq = quantize_fp8_ref(x2, "e4m3", "block", FP8_ACTIVATION_BLOCK)
+        else:
+            xq = quantize_fp8_ref(x2, "e4m3", "row")
+        return _mm(xq.dequantize(), w)
+    if fmt in ("nvfp4", "nvfp4_cached"):
+        w = dequantize_weight_ref(tensors, fmt, (n, k))
+    else:
+        w = quantize_nvfp4_ref(dequantize_weight_ref(tensors, fmt, (n, k))).dequantize()
+    return _mm(quantize_nvfp4_ref(x2).dequantize(), w)
+
+
+def _dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str) -> torch.Tensor:
+    """Q(grad_output) @ Q(W) in FP32, for a 2D grad_output (M, N)."""
+    n = g2.shape[-1]
+    if grad_input == "bf16":
+        return _mm(g2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16).t())
+    if grad_input == "fp8":
+        if fmt == "fp8_row":
+            w_t = dequantize_fp8_ref(Fp8Tensor(tensors[2], tensors[3].reshape(-1, 1), (1, n)))
+        elif fmt == "fp8_block":
+            w_t = dequantize_fp8_ref(_fp8_weight(tensors, fmt)).t()
+        else:
+            w = dequantize_weight_ref(tensors, fmt, (n, k))
+            w_t = quantize_fp8_ref(w.t().contiguous(), "e4m3", "row").dequantize()
+        if fmt == "fp8_block":
+            gq = quantize_fp8_ref(g2, "e5m2", "block", FP8_ACTIVATION_BLOCK)
+        else:
+            gq = quantize_fp8_ref(g2, "e5m2", "row")
+        return _mm(gq.dequantize(), w_t)
+    w_t = dequantize_weight_ref(tensors, fmt, (n, k)).t().contiguous()
+    w_t = quantize_nvfp4_ref(w_t).dequantize()
+    gen = torch.Generator(device=g2.device).manual_seed(NVFP4_SR_SEED)
+    gq = quantize_nvfp4_ref(g2, stochastic=True, generator=gen)
+    return _mm(gq.dequantize(), w_t)
+
+
+def _check_lora(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, k: int, n: int) -> bool:
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("pass both lora_a and lora_b, or neither (a plain linear)")
+    if lora_a is None:
+        return False
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != k or lora_b.shape[0] != n \
+            or lora_a.shape[0] != lora_b.shape[1]:
+        raise ValueError(f"lora_a must be (r, K={k}) and lora_b (N={n}, r); got {tuple(lora_a.shape)} "
+                         f"and {tuple(lora_b.shape)}")
+    return True
+
+
+def _weight_n(tensors: list[torch.Tensor], fmt: str, k: int, lora_b: torch.Tensor | None) -> int:
+    """N, read from the weight list (NF4 stores a flat vector: N*K rounded up to even, / 2 bytes)."""
+    _check_list(tensors, fmt)
+    if fmt != "nf4":
+        return tensors[0].shape[0]
+    if lora_b is not None:
+        return lora_b.shape[0]
+    numel = 2 * tensors[0].numel()
+    return numel // k if numel % k == 0 else (numel - 1) // k
+
+
+def lora_linear_ref(
+    input: torch.Tensor,
+    weight: list[torch.Tensor],
+    weight_format: "str | WeightFormat",
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_input: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_scale: float,
+    forward: "str | Compute",
+    grad_input: "str | Compute",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`surogate::lora_linear` on plain torch: (output (..., N), lora_hidden (..., r))."""
+    fmt = _weight_format(weight_format)
+    fwd = _compute(forward, "forward")
+    _compute(grad_input, "grad_input")
+    k = input.shape[-1]
+    n = _weight_n(weight, fmt, k, lora_b)
+    has_lora = _check_lora(lora_a, lora_b, k, n)
+    lead = input.shape[:-1]
+    x2 = input.reshape(-1, k)
+    acc = _forward_base(x2, weight, fmt, n, fwd)
+    if bias is not None:
+        acc = acc + bias.float()
+    if not has_lora:
+        return acc.to(input.dtype).reshape(*lead, n), input.new_empty((*lead, 0))
+    li = x2 if lora_input is None else lora_input.reshape(-1, k)
+    hidden = _mm(li.to(input.dtype), lora_a.to(input.dtype)).to(input.dtype)
+    acc = acc + lora_scale * _mm(hidden, lora_b.to(input.dtype))
+    return acc.to(input.dtype).reshape(*lead, n), hidden.reshape(*lead, -1)
+
+
+def lora_linear_backward_ref(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: list[torch.Tensor],
+    weight_format: "str | WeightFormat",
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_input: torch.Tensor | None,
+    lora_hidden: torch.Tensor | None,
+    lora_scale: float,
+    grad_input: "str | Compute",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`surogate::lora_linear_backward`: (grad_input, grad_lora_a, grad_lora_b, grad_lora_input)."""
+    fmt = _weight_format(weight_format)
+    dgrad = _compute(grad_input, "grad_input")
+    k = input.shape[-1]
+    n = grad_output.shape[-1]
+    has_lora = _check_lora(lora_a, lora_b, k, n)
+    dtype = input.dtype
+    g2 = grad_output.reshape(-1, n).to(dtype)
+    acc = _dgrad_base(g2, weight, fmt, k, dgrad)
+    if not has_lora:
+        return acc.to(dtype).reshape(input.shape), None, None, None
+    li = (input if lora_input is None else lora_input).reshape(-1, k).to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    hidden = _mm(li, a).to(dtype) if lora_hidden is None else lora_hidden.reshape(-1, a.shape[0]).to(dtype)
+    t = (g2.float() @ b.float()).to(dtype)  # (M, r): grad of lora_hidden before the scale
+    grad_b = (lora_scale * (g2.float().t() @ hidden.float())).to(lora_b.dtype)
+    grad_a = (lora_scale * (t.float().t() @ li.float())).to(lora_a.dtype)
+    lora_dx = lora_scale * (t.float() @ a.float())
+    if lora_input is None:
+        return (acc + lora_dx).to(dtype).reshape(input.shape), grad_a, grad_b, None
+    return acc.to(dtype).reshape(input.shape), grad_a, grad_b, lora_dx.to(dtype).reshape(lora_input.shape)

@@ -1,0 +1,118 @@
+"""Pass 3: horizontal fusion of rewritten LoRA linears that share their input (q/k/v, gate/up).
+
+What is fused: the group becomes ONE `surogate::lora_linear` call over the weights concatenated
+along N (so the shared input is read, and for FP8 recipes quantized, once, and one GEMM runs),
+LoRA A stacked along r and LoRA B as a block-diagonal (N_total, r_total) matrix (gradients flow
+back to each member through `cat`/`block_diag`). The output is split back per member.
+Cost: the concatenation copies the frozen weights once per step in the graph; that is why only
+formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0),
+and never branches with dropout (members would share one mask).
+Refused (reported): fp8_row (the K-major dgrad copy has per-input-channel scales of each
+member), nvfp4 (one tensor scale per member), nf4 (double-quantized absmax per member).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from surogate.passes import nodes as N
+from surogate.passes.match import LoraMatch
+from surogate.recipes import Recipe
+
+FUSABLE_FORMATS = ("bf16", "fp8_block")
+_BLOCK = 128
+
+
+def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
+    """Reason a group sharing one input cannot be fused, or None. `meta` describes the group."""
+    if meta["weight_format"] not in FUSABLE_FORMATS:
+        return f"weight format {meta['weight_format']} has per-member scales that do not concatenate along N"
+    if meta["dropout"]:
+        return "LoRA dropout > 0 (fused members would share one dropout mask)"
+    if len(set(meta["scales"])) != 1 or len(set(meta["computes"])) != 1:
+        return "members differ in LoRA scaling or GEMM precision"
+    if meta["has_bias"] not in ((True,) * meta["size"], (False,) * meta["size"]):
+        return "some members have a bias and some do not"
+    if meta["weight_format"] == "fp8_block" and any(n is None or n % _BLOCK for n in meta["out_features"]):
+        return "fp8_block members need N % 128 == 0 to concatenate their block scales"
+    if any(n is None for n in meta["out_features"]):
+        return "output sizes unknown (no shape metadata)"
+    return None
+
+
+def supports(recipe: Recipe, arch: str, meta: dict) -> bool:
+    return why_not(recipe, arch, meta) is None
+
+
+def _group_meta(members: list[tuple[LoraMatch, fx.Node]]) -> dict:
+    outs = [N.meta_value(out) for _, out in members]
+    return {
+        "size": len(members),
+        "weight_format": members[0][0].weight_format,
+        "dropout": any(m.dropout is not None for m, _ in members),
+        "scales": [m.scale for m, _ in members],
+        "computes": [(m.weight_format, m.forward, m.grad_input) for m, _ in members],
+        "has_bias": tuple(m.bias is not None for m, _ in members),
+        "out_features": [None if v is None else v.shape[-1] for v in outs],
+    }
+
+
+def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: list[int]) -> None:
+    g = gm.graph
+    first_op = min((out.args[0] for _, out in members), key=lambda n: _order(gm)[n])
+    m0 = members[0][0]
+    with g.inserting_before(first_op):
+        n_parts = len(m0.weight)
+        weight = [g.call_function(torch.cat, ([m.weight[i] for m, _ in members], 0)) for i in range(n_parts)]
+        lora_a = g.call_function(torch.cat, ([m.lora_a for m, _ in members], 0))
+        lora_b = g.call_function(torch.block_diag, tuple(m.lora_b for m, _ in members))
+        bias = None
+        if m0.bias is not None:
+            bias = g.call_function(torch.cat, ([m.bias for m, _ in members], 0))
+        op = g.call_function(N.surogate_op(), (m0.input, weight, m0.weight_format, lora_a, lora_b, None, bias,
+                                               m0.scale, m0.forward, m0.grad_input))
+        out = g.call_function(operator.getitem, (op, 0))
+        parts = g.call_function(torch.split, (out, sizes, -1))
+        for i, (_, old) in enumerate(members):
+            piece = g.call_function(operator.getitem, (parts, i))
+            # contiguous: consumers may `view` the output; Inductor folds the copy into them on CUDA.
+            fresh = g.call_method("contiguous", (piece,))
+            if (val := N.meta_value(old)) is not None:
+                fresh.meta["example_value"] = val
+            old.replace_all_uses_with(fresh)
+    for _, old in members:
+        op_old = old.args[0]
+        g.erase_node(old)
+        if not op_old.users:
+            g.erase_node(op_old)
+
+
+def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def fuse_shared_input(gm: fx.GraphModule, ctx) -> int:
+    """Fuse each group of >= 2 rewritten linears reading the same input. Returns the groups fused."""
+    groups: dict[fx.Node, list[tuple[LoraMatch, fx.Node]]] = {}
+    for m, out in getattr(ctx, "rewritten", []):
+        groups.setdefault(m.input, []).append((m, out))
+    fused = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        names = tuple(m.name for m, _ in members)
+        meta = _group_meta(members)
+        reason = why_not(ctx.recipe, ctx.arch, meta)
+        if reason is not None or not ctx.options.get("horizontal", True):
+            ctx.report.group(f"shared input, not fused ({reason or 'horizontal fusion off'})", names)
+            continue
+        _fuse(gm, members, meta["out_features"])
+        ctx.report.group(f"one GEMM over concatenated weights [{meta['weight_format']}]", names)
+        for m, _ in members:
+            ctx.report.rewrote(m.name, f"surogate::lora_linear[{m.weight_format}, fwd={m.forward}, "
+                                       f"dgrad={m.grad_input}] fused with {', '.join(n for n in names if n != m.name)}")
+        fused += 1
+    return fused

@@ -1,0 +1,101 @@
+"""Small predicates over torch-level FX nodes (what Dynamo hands a custom backend).
+
+One place that knows the spellings Dynamo uses for the same operation: `torch._C._nn.linear`
+or `F.linear`, `x.to(dtype)` or `x.float()`, `operator.mul` or `torch.mul`, and so on.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+MUL_TARGETS = (operator.mul, operator.imul, torch.mul)
+DROPOUT_TARGETS = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+CAST_METHODS = ("to", "float", "bfloat16", "half", "type", "type_as")
+
+
+def surogate_op():
+    """The `surogate::lora_linear` overload (imported late: the op layer registers it)."""
+    import surogate.ops  # noqa: F401  (registers torch.ops.surogate.*)
+
+    return torch.ops.surogate.lora_linear.default
+
+
+def is_call(node: Any, targets: tuple) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Any, names: tuple[str, ...]) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def is_linear(node: Any) -> bool:
+    return is_call(node, LINEAR_TARGETS)
+
+
+def is_surogate_op(node: Any) -> bool:
+    op = surogate_op()
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op, op._overloadpacket)
+
+
+def is_add(node: Any) -> bool:
+    return is_call(node, ADD_TARGETS) or is_method(node, ("add", "add_", "__add__"))
+
+
+def is_mul(node: Any) -> bool:
+    return is_call(node, MUL_TARGETS) or is_method(node, ("mul", "mul_", "__mul__"))
+
+
+def is_cast(node: Any) -> bool:
+    """A dtype cast (`x.to(torch.float32)`, `x.float()`); device moves are not expected in a region."""
+    return is_method(node, CAST_METHODS)
+
+
+def is_dropout(node: Any) -> bool:
+    return is_call(node, DROPOUT_TARGETS)
+
+
+def is_getitem(node: Any, index: int | None = None) -> bool:
+    return (is_call(node, (operator.getitem,)) and (index is None or node.args[1] == index))
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument `name` of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def meta_value(node: Any) -> Any:
+    """The fake/example tensor Dynamo (`example_value`) or make_fx (`val`) recorded for a node."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def strip_casts(node: Any) -> Any:
+    while is_cast(node):
+        node = node.args[0]
+    return node
+
+
+_MODULE_TOKEN = re.compile(r"modules_(.+?)_(?=modules_|parameters_|buffers_)")
+_STOP = ("base_layer", "lora_A", "lora_B", "lora_a", "lora_b")
+
+
+def module_name(node: fx.Node) -> str:
+    """'self_attn.q_proj' from a Dynamo placeholder such as `L_self_modules_self_attn_modules_q_proj_...`."""
+    text = str(node.target if node.op in ("placeholder", "get_attr") else node.name)
+    parts: list[str] = []
+    for token in _MODULE_TOKEN.findall(text):
+        if token in _STOP:
+            break
+        parts.append(token)
+    return ".".join(parts) or text
