@@ -49,8 +49,11 @@ def test_opcheck_schema_fake_and_autograd_registration(recipe, fmt, fwd, bwd):
     x, w, a, b = _case(m=3)
     weight = ops.prepare_weight(w, fmt)
     args = (x, weight, fmt, a.requires_grad_(), b.requires_grad_(), None, None, 2.0, fwd, bwd)
-    torch.library.opcheck(torch.ops.surogate.lora_linear, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # opcheck's schema test compares inputs with allclose, which float8 tensors do not implement on CPU.
+    utils = ("test_faketensor", "test_autograd_registration")
+    if fmt == "bf16" or fmt == "nf4":
+        utils = ("test_schema", *utils)
+    torch.library.opcheck(torch.ops.surogate.lora_linear, args, test_utils=utils)
 
 
 def test_compiled_fullgraph_equals_eager_outputs_and_grads():

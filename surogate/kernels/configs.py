@@ -26,8 +26,8 @@ def interpreting() -> bool:
 
 
 def interpret_config(family: str) -> dict:
-    """The single config used under the interpreter: small tiles, K step that divides 128."""
-    return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
+    """The single config used under the interpreter: small tiles; N and K steps of 64 (one NF4 block)."""
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:

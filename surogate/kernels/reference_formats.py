@@ -103,10 +103,10 @@ def quantize_fp8_ref(
     m = xf.numel() // k if k else 0
     if scaling == "tensor":
         group_block = None
-        amax = xf.abs().amax() if xf.numel() else torch.zeros(())
+        amax = xf.abs().amax() if xf.numel() else torch.zeros((), device=x.device)
     elif scaling == "row":
         group_block = (1, k)
-        amax = xf.abs().amax(-1, keepdim=True) if k else torch.zeros((*x.shape[:-1], 1))
+        amax = xf.abs().amax(-1, keepdim=True) if k else torch.zeros((*x.shape[:-1], 1), device=x.device)
     else:
         if len(block) != 2 or min(block) < 1:
             raise ValueError(f"block must be two positive ints (bm, bk), e.g. (1, 128) or (128, 128); got {block}")

@@ -63,12 +63,12 @@ def _dynamic_map_cpu(signed: bool, max_exponent_bits: int, total_bits: int) -> t
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8,
                 device: "torch.device | str | None" = None) -> torch.Tensor:
     """bitsandbytes' 256-entry dynamic 8-bit map (`create_dynamic_map` semantics), sorted, FP32."""
-    return _dynamic_map_cpu(signed, max_exponent_bits, total_bits).to(device)
+    return _dynamic_map_cpu(signed, max_exponent_bits, total_bits).to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=8)
 def _lookup_table_cpu(code_key: tuple[float, ...]) -> torch.Tensor:
-    """For each of the 65536 LUT cells, the index of the code entry nearest its centre."""
+    """For each of the 65536 LUT cells, the index of the (sorted) code entry nearest its centre."""
     code = torch.tensor(code_key, dtype=torch.float64)
     centres = torch.arange(_LUT_STEPS + 1, dtype=torch.float64) / _LUT_STEPS * 2 - 1
     midpoints = (code[:-1] + code[1:]) / 2

@@ -93,6 +93,7 @@ _STOP = ("base_layer", "lora_A", "lora_B", "lora_a", "lora_b")
 def module_name(node: fx.Node) -> str:
     """'self_attn.q_proj' from a Dynamo placeholder such as `L_self_modules_self_attn_modules_q_proj_...`."""
     text = str(node.target if node.op in ("placeholder", "get_attr") else node.name)
+    text = text.replace("_dict_modules_", "_modules_")  # PEFT wrappers trace as `..._dict_modules_...`
     parts: list[str] = []
     for token in _MODULE_TOKEN.findall(text):
         if token in _STOP:

@@ -1,0 +1,180 @@
+"""Quantize / dequantize kernels on the GPU at real sizes: bit-equal to the references run on
+the same CUDA tensors (atol 0). Run as a script, it also measures bandwidth (see `main`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from surogate.kernels import dequantize as D
+from surogate.kernels import quantize as Q
+from surogate.kernels import reference_formats as RF
+from surogate.kernels import reference_nf4 as RN
+
+pytestmark = pytest.mark.gpu
+SHAPES = [(4096, 4096), (4096, 12288), (123, 77), (5, 9000)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bytes of a tensor, with every NaN one NaN (see tests/test_kernels_quantize.py)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        b = t.contiguous().view(torch.uint8)
+        nan = (b & 0x7F) > (0x7E if t.dtype == torch.float8_e4m3fn else 0x7C)
+        return torch.where(nan, torch.full_like(b, 0x7F), b)
+    t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _x(shape, seed: int, dtype=torch.bfloat16, nonfinite: bool = False) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, generator=g, device="cuda") * 3.0
+    x[0] = 0.0
+    x.view(-1)[7] = 1e-30
+    x.view(-1)[-1] = -2e4
+    if nonfinite:
+        x.view(-1)[x.numel() // 3] = float("nan")
+        x.view(-1)[x.numel() // 2] = float("inf")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("element", ["e4m3", "e5m2"])
+def test_fp8_rowwise_gpu(shape, element):
+    for nonfinite in (False, True):
+        x = _x(shape, 1, nonfinite=nonfinite)
+        data, scale, amax = Q.quantize_fp8_rowwise(x, element)
+        ref = RF.quantize_fp8_ref(x, element, scaling="row")
+        assert torch.equal(_bits(scale), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
+        assert torch.equal(_bits(amax), _bits(x.float().abs().amax(-1)))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_fp8_tensorwise_and_block_gpu(shape):
+    x = _x(shape, 2, torch.float32)
+    for scale in (None, torch.tensor(0.02, device="cuda")):
+        data, s, _ = Q.quantize_fp8_tensorwise(x, "e4m3", scale=scale)
+        ref = RF.quantize_fp8_ref(x, "e4m3", scaling="tensor", scale=scale)
+        assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
+    for block in ((1, 128), (128, 128)):
+        for pow2 in (False, True):
+            data, s = Q.quantize_fp8_block(x, block, power_of_two=pow2)
+            ref = RF.quantize_fp8_ref(x, "e4m3", scaling="block", block=block, power_of_two=pow2)
+            assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
+            back = D.dequantize_fp8_block(data, s, block)
+            assert torch.equal(_bits(back), _bits(RF.dequantize_fp8_ref(ref, torch.bfloat16)))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_nvfp4_gpu(shape):
+    x = _x(shape, 3)
+    packed, bscale, ts = Q.quantize_nvfp4(x)
+    ref = RF.quantize_nvfp4_ref(x)
+    assert torch.equal(_bits(ts), _bits(ref.tensor_scale)) and torch.equal(_bits(bscale), _bits(ref.block_scale))
+    assert torch.equal(packed, ref.packed)
+    for dtype in (torch.bfloat16, torch.float32):
+        back = D.dequantize_nvfp4(packed, bscale, ts, shape=x.shape, dtype=dtype)
+        assert torch.equal(_bits(back), _bits(RF.dequantize_nvfp4_ref(ref, dtype)))
+    given = torch.tensor(1e-3, device="cuda")
+    p2, b2, _ = Q.quantize_nvfp4(x, tensor_scale=given)
+    r2 = RF.quantize_nvfp4_ref(x, tensor_scale=given)
+    assert torch.equal(p2, r2.packed) and torch.equal(_bits(b2), _bits(r2.block_scale))
+
+
+def test_nvfp4_stochastic_gpu_unbiased():
+    x = _x((1024, 4096), 4, torch.float32)
+    ts = Q.nvfp4_tensor_scale(x)
+    acc = torch.zeros_like(x)
+    for seed in range(16):
+        p, b, _ = Q.quantize_nvfp4(x, tensor_scale=ts, stochastic=True, seed=seed)
+        acc += D.dequantize_nvfp4(p, b, ts, dtype=torch.float32)
+    rne = D.dequantize_nvfp4(*Q.quantize_nvfp4(x, tensor_scale=ts), dtype=torch.float32)
+    # the mean of 16 stochastic roundings is closer to x than round-to-nearest, on average
+    assert (acc / 16 - x).abs().mean() < (rne - x).abs().mean()
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 12288), (77, 123)])
+def test_nf4_dequant_gpu(shape):
+    w = _x(shape, 5, nonfinite=False)
+    q = RN.quantize_nf4_ref(w)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code, w.shape,
+                               dtype=dtype)
+        assert torch.equal(_bits(got), _bits(RN.dequantize_nf4_ref(q, dtype)))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_row", "fp8_block", "nvfp4", "nvfp4_cached", "nf4"])
+def test_quantize_weight_gpu_equals_reference(fmt):
+    w = _x((1536, 4096 + 64), 6)
+    got = Q.quantize_weight(w, fmt)
+    if fmt == "bf16":
+        want = [w]
+    elif fmt == "fp8_row":
+        a = RF.quantize_fp8_ref(w, "e4m3", scaling="row")
+        b = RF.quantize_fp8_ref(w.t().contiguous(), "e4m3", scaling="row")
+        want = [a.data, a.scale.view(-1), b.data, b.scale.view(-1)]
+    elif fmt == "fp8_block":
+        r = RF.quantize_fp8_ref(w, "e4m3", scaling="block", block=(128, 128))
+        want = [r.data, r.scale]
+    elif fmt == "nf4":
+        r = RN.quantize_nf4_ref(w)
+        want = [r.packed, r.absmax_q, r.absmax_scale, r.absmax_offset, r.absmax_code]
+    else:
+        r = RF.quantize_nvfp4_ref(w)
+        want = [r.packed, r.block_scale, r.tensor_scale]
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
+        assert g.shape == e.shape and g.dtype == e.dtype and torch.equal(_bits(g), _bits(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bandwidth (python tests/gpu/test_quantize_gpu.py [out.json]): GB/s of each kernel beside a copy.
+# ----------------------------------------------------------------------------------------------
+
+def _gbps(fn, nbytes: int) -> tuple[float, float]:
+    import triton
+
+    ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return ms * 1e3, nbytes / (ms * 1e-3) / 1e9
+
+
+def main(out_path: str | None = None) -> list[dict]:
+    rows = []
+    for m, k in ((4096, 4096), (4096, 12288)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        n = m * k
+        dst = torch.empty_like(x)
+        cases = {
+            "copy (bf16, read+write)": (lambda: dst.copy_(x), 4 * n),
+            "quantize_fp8_rowwise e4m3": (lambda: Q.quantize_fp8_rowwise(x, "e4m3"), 3 * n + 8 * m),
+            "quantize_fp8_block 1x128": (lambda: Q.quantize_fp8_block(x, (1, 128)), 3 * n + 4 * n // 128),
+            "quantize_fp8_block 128x128": (lambda: Q.quantize_fp8_block(x, (128, 128)), 3 * n),
+            "quantize_nvfp4": (lambda: Q.quantize_nvfp4(x), 2 * n + 2 * n + n // 2 + n // 16),  # amax pass + quant
+            "torch ref quantize_fp8 row": (lambda: RF.quantize_fp8_ref(x, "e4m3", scaling="row"), 3 * n),
+        }
+        q = RN.quantize_nf4_ref(x)
+        p, b, ts = Q.quantize_nvfp4(x)
+        d8, s8 = Q.quantize_fp8_block(x, (128, 128))
+        cases["dequantize_nf4 -> bf16"] = (
+            lambda: D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code, x.shape),
+            n // 2 + n // 64 + 2 * n)
+        cases["torch ref dequantize_nf4"] = (lambda: RN.dequantize_nf4_ref(q, torch.bfloat16), n // 2 + 2 * n)
+        cases["dequantize_nvfp4 -> bf16"] = (lambda: D.dequantize_nvfp4(p, b, ts), n // 2 + n // 16 + 2 * n)
+        cases["dequantize_fp8_block -> bf16"] = (lambda: D.dequantize_fp8_block(d8, s8), 3 * n)
+        for name, (fn, nbytes) in cases.items():
+            us, gbps = _gbps(fn, nbytes)
+            rows.append(dict(shape=f"{m}x{k}", kernel=name, us=round(us, 1), bytes=nbytes, gbps=round(gbps, 1)))
+    for r in rows:
+        print(f"{r['shape']:>11} {r['kernel']:<32} {r['us']:>9.1f} us {r['gbps']:>8.1f} GB/s")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "quantize_bw.json"))

@@ -1,0 +1,327 @@
+"""Ahead-of-time builds for sm_89 / sm_90a / sm_100a / sm_120a and the MMA class in their SASS.
+
+Three tiers: (1) the SASS parser, the catalog and `surogate info` without compiling anything;
+(2) small probe GEMMs (bf16 and FP8 `tl.dot`, NVFP4 `tl.dot_scaled`) that pin down what
+Triton emits per arch, so the arch table in surogate/recipes/arch.py is checked against the
+compiler; (3) every kernel in the catalog, per arch: the MMA class it is sold on (and no
+slower one), or for a quantizer: no MMA and no register spills.
+
+Builds run in worker processes (the suite imports kernels under TRITON_INTERPRET=1), all of a
+tier in one parallel batch, cached for the session; Triton's own cache makes reruns fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from types import MappingProxyType
+
+import pytest
+import triton
+import triton.language as tl
+
+from surogate import info
+from surogate.kernels import catalog
+from surogate.kernels.aot import Build, BuildRequest, build_in_process, build_many, mma_class, parse_sass
+from surogate.kernels.catalog import KernelSpec
+from surogate.recipes import ARCHS, Compute, Support, names, plan
+
+ALL_ARCHS = tuple(ARCHS)
+
+
+# ------------------------------------------------------------------------------------ probes
+
+@triton.jit
+def _probe_dot_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C = A @ B^T, A (M, K) and B (N, K) both K-major: the layout every tensor core takes."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(tl.bfloat16),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _probe_nvfp4_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                        stride_asm, stride_bsn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NVFP4 C = A @ B^T: packed E2M1 (rows, K/2) with E4M3 scales per 16 along K."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rkp = tl.arange(0, BLOCK_K // 2)
+    rks = tl.arange(0, BLOCK_K // 16)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rkp[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_bn + rkp[None, :]
+    as_ptrs = as_ptr + rm[:, None] * stride_asm + rks[None, :]
+    bs_ptrs = bs_ptr + rn[:, None] * stride_bsn + rks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = tl.dot_scaled(tl.load(a_ptrs), tl.load(as_ptrs), "e2m1",
+                            tl.trans(tl.load(b_ptrs)), tl.load(bs_ptrs), "e2m1", acc)
+        a_ptrs += BLOCK_K // 2
+        b_ptrs += BLOCK_K // 2
+        as_ptrs += BLOCK_K // 16
+        bs_ptrs += BLOCK_K // 16
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(tl.bfloat16),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+_INTS = MappingProxyType({"M": 4096, "N": 4096, "K": 4096, "stride_am": 4096, "stride_bn": 4096, "stride_cm": 4096})
+
+
+def _probe(name: str, a: str, b: str, precision: Compute, operands: str | None, archs=ALL_ARCHS) -> KernelSpec:
+    block_k = 64 if precision is Compute.BF16 else 128
+    return KernelSpec(name, _probe_dot_kernel, {"a_ptr": a, "b_ptr": b, "c_ptr": "*bf16"},
+                      {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k}, (), precision, archs=archs,
+                      ints=_INTS, operands=operands)
+
+
+_NVFP4_SIG = {"a_ptr": "*u8", "b_ptr": "*u8", "as_ptr": "*fp8e4nv", "bs_ptr": "*fp8e4nv", "c_ptr": "*bf16"}
+_NVFP4_INTS = {**_INTS, "stride_am": 2048, "stride_bn": 2048, "stride_asm": 256, "stride_bsn": 256}
+PROBES = (
+    _probe("probe_bf16", "*bf16", "*bf16", Compute.BF16, "F32.BF16"),
+    _probe("probe_fp8", "*fp8e4nv", "*fp8e4nv", Compute.FP8, "F32.E4M3.E4M3"),
+    _probe("probe_fp8_hybrid", "*fp8e5", "*fp8e4nv", Compute.FP8, "F32.E5M2.E4M3"),
+    KernelSpec("probe_nvfp4", _probe_nvfp4_kernel, _NVFP4_SIG, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, (),
+               Compute.NVFP4, archs=("sm_100", "sm_120"), ints=_NVFP4_INTS),
+    # Hopper has no FP4 tensor cores: tl.dot_scaled is emulated through bf16 wgmma (why plan() says EMULATED).
+    KernelSpec("probe_nvfp4_emulated", _probe_nvfp4_kernel, _NVFP4_SIG,
+               {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, (), Compute.BF16, archs=("sm_90",),
+               ints=_NVFP4_INTS, operands="F32.BF16"),
+)
+
+# The exact mnemonics Triton 3.6-3.9 emit for the probes (docs/aot.md records them).
+PROBE_MNEMONICS = {
+    ("probe_bf16", "sm_89"): "HMMA.16816.F32.BF16",
+    ("probe_bf16", "sm_90"): "HGMMA.64x128x16.F32.BF16",
+    ("probe_bf16", "sm_100"): "UTCHMMA",
+    ("probe_bf16", "sm_120"): "HMMA.16816.F32.BF16",
+    ("probe_fp8", "sm_89"): "QMMA.16832.F32.E4M3.E4M3",
+    ("probe_fp8", "sm_90"): "QGMMA.64x128x32.F32.E4M3.E4M3",
+    ("probe_fp8", "sm_100"): "UTCQMMA",
+    ("probe_fp8", "sm_120"): "QMMA.16832.F32.E4M3.E4M3",
+    ("probe_fp8_hybrid", "sm_89"): "QMMA.16832.F32.E5M2.E4M3",
+    ("probe_fp8_hybrid", "sm_90"): "QGMMA.64x128x32.F32.E5M2.E4M3",
+    ("probe_fp8_hybrid", "sm_100"): "UTCQMMA",
+    ("probe_fp8_hybrid", "sm_120"): "QMMA.16832.F32.E5M2.E4M3",
+    ("probe_nvfp4", "sm_100"): "UTCOMMA.4X",
+    ("probe_nvfp4", "sm_120"): "OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X",
+    ("probe_nvfp4_emulated", "sm_90"): "HGMMA.64x128x16.F32.BF16",
+}
+PROBE_CASES = [(s, a) for s in PROBES for a in s.archs]
+
+
+def _build_all(specs_and_archs: list[tuple[KernelSpec, str]]) -> dict[tuple[str, str], Build]:
+    builds = build_many([s.request(a) for s, a in specs_and_archs], workers=os.cpu_count() or 1)
+    return {(s.name, a): b for (s, a), b in zip(specs_and_archs, builds)}
+
+
+@pytest.fixture(scope="session")
+def probe_builds() -> dict[tuple[str, str], Build]:
+    return _build_all(PROBE_CASES)
+
+
+def _catalog_cases() -> list:
+    try:
+        return [pytest.param(s, a, id=f"{s.name}-{a}") for s in catalog.specs() for a in s.archs]
+    except Exception as e:  # a kernel module that does not import: one failing case says why
+        return [pytest.param(None, repr(e), id="catalog-import-error")]
+
+
+CATALOG_CASES = _catalog_cases()
+
+
+@pytest.fixture(scope="session")
+def catalog_builds() -> dict[tuple[str, str], Build]:
+    return _build_all([p.values for p in CATALOG_CASES if p.values[0] is not None])
+
+
+# ------------------------------------------------------------------- tier 1: no compiling
+
+SASS = """
+        /*0cb0*/                   HMMA.16816.F32.BF16 R48, R172.reuse, R20, R48 ;        /* 0x00000014ac30723c */
+        /*0ce0*/              @!P0 HMMA.16816.F32.BF16 R32, R172.reuse, R68, R184 ;       /* 0x00000044ac20723c */
+        /*3e40*/                   WARPGROUP.ARRIVE ;                                     /* 0x00000000000079c5 */
+        /*3e50*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8].tnspB, R88 ;  /* 0x41e00000085879f0 */
+        /*0bd0*/                   UTCOMMA.4X gdesc[UR10], gdesc[UR12], tmem[UR6], tmem[UR16], idesc[UR17] ;
+        /*0be0*/               @P1 STL [R1+0x4], R3 ;
+        /*0bf0*/                   LDL R3, [R1+0x4] ;
+        .section .text.kernel  HMMA not an instruction line
+"""
+
+
+def test_parse_sass_counts_opcodes_and_full_mma_mnemonics():
+    opcodes, mma = parse_sass(SASS)
+    assert mma == {"HMMA.16816.F32.BF16": 2, "HGMMA.64x128x16.F32.BF16": 1, "UTCOMMA.4X": 1}
+    assert opcodes["WARPGROUP"] == 1 and opcodes["STL"] == 1 and opcodes["LDL"] == 1
+    assert sum(opcodes.values()) == 7
+    assert {mma_class(op) for op in mma} == {"HMMA", "HGMMA", "UTCOMMA"}
+
+
+def test_catalog_names_are_unique_and_a_duplicate_is_refused():
+    specs = catalog.specs()
+    assert len({s.name for s in specs}) == len(specs)
+    with pytest.raises(ValueError, match="twice"):
+        catalog._check_unique([specs[0], specs[0]])
+    with pytest.raises(KeyError, match="known: "):
+        catalog.get("no_such_kernel")
+
+
+def test_every_planned_kernel_is_in_the_catalog_with_the_plans_mma():
+    """The names plan() reports are the catalog's, and both expect the same MMA class per arch."""
+    seen = set()
+    for recipe in names(include_aliases=False):
+        for arch in ARCHS:
+            p = plan(recipe, arch)
+            for g in p.gemms:
+                if g.support is Support.REFUSED or g.kernel in catalog.NOT_TRITON:
+                    continue
+                spec = catalog.get(g.kernel)
+                assert arch in spec.archs, (g.kernel, arch)
+                assert spec.expected_mma(arch) == g.mma, (g.kernel, arch)
+                assert recipe in spec.recipes
+                seen.add(g.kernel)
+    gemms = {s.name for s in catalog.specs() if s.precision is not None}
+    assert gemms == seen, "catalog GEMM kernels that no plan uses: " + ", ".join(sorted(gemms - seen))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_every_spec_gives_every_kernel_argument_a_type(arch):
+    """A kernel whose arguments changed fails here at once, without compiling."""
+    from surogate.kernels.aot import _full_signature, _jit_function
+
+    for spec in catalog.specs():
+        if arch not in spec.archs:
+            with pytest.raises(ValueError, match="does not run on"):
+                spec.request(arch)
+            continue
+        request = spec.request(arch)
+        fn = _jit_function(request.fn) or request.fn  # interpreted: .fn is the Python function
+        signature, constexprs = _full_signature(fn, request)
+        assert list(signature) == list(inspect.signature(fn.fn).parameters)
+
+
+def _build(mma: dict[str, int], arch: str, stack: int = 0) -> Build:
+    return Build("k", arch, ARCHS[arch].ptx_target, mma=mma, stack_bytes=stack)
+
+
+def test_check_catches_a_missing_or_slower_mma_class_and_wrong_operands():
+    fp8 = KernelSpec("k", None, {}, {}, (), Compute.FP8, operands="E5M2.E4M3")
+    assert fp8.check(_build({"QGMMA.64x128x32.F32.E5M2.E4M3": 4, "HGMMA.64x16x16.F32.BF16": 1}, "sm_90")) == []
+    assert "expected QGMMA" in fp8.check(_build({"QMMA.16832.F32.E5M2.E4M3": 8}, "sm_90"))[0]
+    assert any("slow MMA" in p for p in fp8.check(_build({"QGMMA.64x128x32.F32.E5M2.E4M3": 4,
+                                                            "HMMA.16816.F32.BF16": 2}, "sm_90")))
+    assert "E5M2.E4M3 operands" in fp8.check(_build({"QMMA.16832.F32.E4M3.E4M3": 8}, "sm_89"))[0]
+    assert fp8.check(_build({"UTCQMMA": 8}, "sm_100")) == []  # tcgen05 keeps operand types in idesc
+    nvfp4 = KernelSpec("k", None, {}, {}, (), Compute.NVFP4)
+    assert nvfp4.check(_build({"OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X": 8}, "sm_120")) == []
+    assert "block scaling" in nvfp4.check(_build({"OMMA.SF.16864.F32.E2M1.E2M1.E8": 8}, "sm_120"))[0]
+    assert "block scaling" in nvfp4.check(_build({"UTCOMMA": 8}, "sm_100"))[0]
+    quant = KernelSpec("k", None, {}, {}, (), None)
+    assert quant.check(_build({}, "sm_89")) == []
+    assert "expected no MMA" in quant.check(_build({"HMMA.16816.F32.BF16": 1}, "sm_89"))[0]
+    failed = Build("k", "sm_90", "sm_90a", error="PTXASError: out of registers")
+    assert "does not compile" in fp8.check(failed)[0]
+
+
+def test_request_specializes_ones_and_marks_16_divisible_args():
+    spec = _probe("p", "*bf16", "*bf16", Compute.BF16, None)
+    spec = KernelSpec(spec.name, spec.fn, spec.signature, spec.constexprs, (), spec.precision,
+                      ints={**_INTS, "stride_cm": 1, "M": 100})
+    r = spec.request("sm_90")
+    assert r.constexprs["stride_cm"] == 1 and "stride_cm" not in r.signature
+    assert r.signature["M"] == "i32" and "M" not in r.divisible and "K" in r.divisible and "a_ptr" in r.divisible
+
+
+def test_bad_requests_fail_with_a_clear_error_before_compiling():
+    jit = triton.runtime.jit.JITFunction(_probe_dot_kernel.fn)  # compilable even under the interpreter
+    base = dict(name="p", fn=jit, constexprs={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, arch="sm_90")
+    missing = build_in_process(BuildRequest(signature={"a_ptr": "*bf16"}, **base))
+    assert not missing.ok and "argument 'b_ptr'" in missing.error and "add it to the signature" in missing.error
+    unknown = build_in_process(BuildRequest(signature={"nope": "i32"}, **base))
+    assert not unknown.ok and "['nope'] are not arguments" in unknown.error
+    with pytest.raises(Exception, match="sm_91 is not supported"):
+        build_many([BuildRequest(signature={}, **{**base, "arch": "sm_91"})])
+
+
+def test_importing_info_needs_no_gpu_and_compiles_nothing():
+    code = ("import sys, surogate.info, surogate.kernels.catalog, surogate.kernels.aot; "
+            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_recipe_table_says_native_emulated_or_reference():
+    by_arch = {a: {r.recipe: r for r in info.recipe_table(a)} for a in (*ALL_ARCHS, "cpu")}
+    assert by_arch["sm_90"]["fp8"].support == "native" and "QGMMA" in by_arch["sm_90"]["fp8"].output
+    assert by_arch["sm_90"]["qfp4"].support == "emulated" and "no FP4 tensor cores" in by_arch["sm_90"]["qfp4"].note
+    assert by_arch["sm_120"]["qfp4"].support == "native" and "OMMA" in by_arch["sm_120"]["qfp4"].output
+    assert by_arch["sm_100"]["qnf4"].output.startswith("lora_linear_dequant_nf4 (bf16, UTCHMMA)")
+    assert {r.support for r in by_arch["cpu"].values()} == {"reference"}
+    assert list(by_arch["sm_89"]) == names(include_aliases=False)
+
+
+def test_render_without_sass_lists_environment_recipes_and_every_kernel():
+    text = info.render("sm_120", check_sass=False)
+    for key in ("torch", "triton", "transformers", "peft", "cuda", "gpu"):
+        assert f"\n  {key} " in text
+    assert "recipes on sm_120" in text and "SASS not checked" in text
+    for spec in catalog.specs():
+        assert (spec.name in text) == ("sm_120" in spec.archs), spec.name
+    assert "grad_lora" in text and "cuBLAS" in text
+    cpu = info.render("cpu")
+    assert "no GPU here; pass --arch" in cpu and "reference" in cpu
+
+
+def test_kernel_table_rows_from_builds(monkeypatch):
+    """kernel_table turns builds into ok / WRONG rows with the problem and spills in the note."""
+    import surogate.kernels.aot as aot
+
+    def fake_build_many(requests, workers=None):
+        mma = {"lora_linear_bf16": {"HMMA.16816.F32.BF16": 8}, "lora_linear_fp8": {"QGMMA.64x128x32.F32.E4M3.E4M3": 4}}
+        return [Build(r.name, r.arch, "sm_90a", mma=mma.get(r.name, {}), stack_bytes=64 if r.name == "amax" else 0)
+                for r in requests]
+
+    monkeypatch.setattr(aot, "build_many", fake_build_many)
+    rows = {r.kernel: r for r in info.kernel_table("sm_90")}
+    assert rows["lora_linear_fp8"].ok is True and rows["lora_linear_fp8"].found_mma == "QGMMA"
+    assert rows["lora_linear_bf16"].ok is False and "expected HGMMA" in rows["lora_linear_bf16"].note
+    assert rows["amax"].ok is True and "spills: 64 B stack" in rows["amax"].note
+    assert rows["grad_lora"].ok is None and rows["grad_lora"].expected_mma == "HGMMA"
+    assert "lora_linear_nvfp4" not in rows  # not run on sm_90: the dequant kernel emulates it
+
+
+# ------------------------------------------------------------ tier 2: probes, compiled
+
+@pytest.mark.parametrize("spec,arch", PROBE_CASES, ids=[f"{s.name}-{a}" for s, a in PROBE_CASES])
+def test_probe_gemm_emits_the_mma_class_of_the_arch_table(spec, arch, probe_builds):
+    build = probe_builds[(spec.name, arch)]
+    assert spec.check(build) == [], build.summary()
+    want = PROBE_MNEMONICS[(spec.name, arch)]
+    assert any(op.startswith(want) for op in build.mma), f"expected {want}: {build.summary()}"
+    assert not build.spills, build.summary()
+
+
+# ----------------------------------------------------- tier 3: every real kernel, per arch
+
+@pytest.mark.parametrize("spec,arch", CATALOG_CASES)
+def test_kernel_compiles_to_its_mma_class(spec, arch, catalog_builds):
+    assert spec is not None, f"the kernel catalog does not import: {arch}"
+    build = catalog_builds[(spec.name, arch)]
+    assert spec.check(build) == [], build.summary()
+    if spec.precision is None:  # quantizers: registers suffice for their tiles
+        assert not build.spills, build.summary()
