@@ -50,6 +50,16 @@ def _info(arch: str | None) -> str:
     return render(arch=arch)
 
 
+def _quiet_libraries() -> None:
+    """Keep the progress lines readable: no HF progress bars, no PEFT-on-transformers deprecation noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def _train(args: argparse.Namespace) -> int:
     from surogate.config import load_config
 
@@ -62,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    _quiet_libraries()
     from surogate.train import train
 
     result = train(cfg)

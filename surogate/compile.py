@@ -180,7 +180,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> int:
-    """Replace base layers by `SurogateLinear` (bf16 recipe: only Conv1D, nn.Linear stays F.linear)."""
+    """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear)."""
     swapped = 0
     for name, module in targets:
         base = module.base_layer
@@ -188,8 +188,9 @@ def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> i
             continue
         if not _is_linear(base):
             continue  # reported as a fallback by the match pass (not a linear base GEMM)
-        if recipe.name == "bf16" and isinstance(base, nn.Linear):
-            continue
+        if recipe.name == "bf16" and type(base) is nn.Linear:
+            continue  # traced as F.linear; subclasses (e.g. FalconLinear's `x @ W.T`) are swapped
+
         module.base_layer = SurogateLinear.from_linear(base, recipe)
         swapped += 1
     return swapped

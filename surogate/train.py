@@ -102,14 +102,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
     import importlib
 
-    try:
-        compile_fn = importlib.import_module("surogate.compile").compile
-    except ModuleNotFoundError as e:  # TEMPORARY: until surogate/compile.py lands, plain PEFT
-        if e.name != "surogate.compile":
-            raise
-        from peft import get_peft_model
-
-        return get_peft_model(model, lora_config(cfg))
+    compile_fn = importlib.import_module("surogate.compile").compile
     return compile_fn(model, recipe=cfg.recipe, lora=lora_config(cfg), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation)
 
@@ -158,6 +151,16 @@ def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """`batch` grown to `rows` rows that the loss ignores, so that every eval batch has one shape
+    (a short last batch would cost a recompilation)."""
+    have = batch["input_ids"].shape[0]
+    if have == rows:
+        return batch
+    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    return {k: torch.cat([v, v.new_full((rows - have, *v.shape[1:]), fill[k])]) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> float:
     """Mean cross-entropy per predicted token over `dataset`."""
@@ -167,7 +170,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -
     try:
         for batch in dataset.batches(batch_size):
             n = _predicted_tokens(batch)
-            total += float(model(**_to(batch, device)).loss) * n
+            total += float(model(**_to(_pad_rows(batch, batch_size), device)).loss) * n
             count += n
     finally:
         model.train(was_training)
@@ -317,8 +320,9 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                 f"{window_tokens / max(now - t_window, 1e-9):,.0f} tokens/s | {now - t_start:.1f}s")
             t_window, window_tokens = time.perf_counter(), 0
         if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
+            t_eval = time.perf_counter()
             evals.append({"step": step, "loss": evaluate(model, eval_set, eval_bs, device)})
-            log(f"eval  step {step}: loss {evals[-1]['loss']:.4f}")
+            log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
             t_window = time.perf_counter()
     t_end = time.perf_counter()
     train_s = t_end - t_train
@@ -328,9 +332,10 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 
     first_eval = None
     if eval_set is not None:
+        t_eval = time.perf_counter()
         evals.append({"step": total, "loss": evaluate(model, eval_set, eval_bs, device)})
         first_eval = evals[0]["loss"] if len(evals) > 1 else None
-        log(f"eval  step {total}: loss {evals[-1]['loss']:.4f}")
+        log(f"eval  step {total}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
 
     adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)
     tokenizer.save_pretrained(str(adapter_dir))
@@ -341,12 +346,17 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
         train_tokens=tokens_total, tokens_per_s=tokens_per_s, final_train_loss=history[-1]["loss"],
         final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
         wall_s=time.perf_counter() - t_start, history=history)
-    _write_metrics(result, cfg, evals, device, t_first_step)
+    report = getattr(model, "surogate_report", None)
+    if report is not None:
+        (out / "compile_report.txt").write_text(f"{report}\n")
+        log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
+            f"({report.backend}); details in {out / 'compile_report.txt'}")
+    _write_metrics(result, cfg, evals, device, t_first_step, report)
     return result
 
 
 def _write_metrics(r: TrainResult, cfg: TrainConfig, evals: list[dict], device: torch.device,
-                   time_to_first_step: float | None) -> None:
+                   time_to_first_step: float | None, report=None) -> None:
     import surogate
 
     metrics = {
@@ -357,6 +367,9 @@ def _write_metrics(r: TrainResult, cfg: TrainConfig, evals: list[dict], device: 
         "final_train_loss": r.final_train_loss, "final_eval_loss": r.final_eval_loss,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "adapter_dir": str(r.adapter_dir), "chart": str(r.chart_path),
+        "compile": None if report is None else {
+            "backend": report.backend, "graphs": report.graphs, "rewritten": len(report.rewritten),
+            "linears": len(report.linears), "fallbacks": [list(f) for f in report.fallbacks]},
         "train": r.history, "eval": evals, "config": cfg.to_dict(),
     }
     r.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")

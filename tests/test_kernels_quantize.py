@@ -39,7 +39,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
         b = t.contiguous().view(torch.uint8)
         nan = (b & 0x7F) > (0x7E if t.dtype == torch.float8_e4m3fn else 0x7C)
         return torch.where(nan, torch.full_like(b, 0x7F), b)
-    t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+    if t.is_floating_point():
+        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
@@ -150,6 +151,17 @@ def test_fp8_tensorwise_matches_reference(n, element, given_scale, nonfinite, se
     ref = RF.quantize_fp8_ref(x, element, scaling="tensor", scale=scale)
     assert torch.equal(_bits(a), _bits(x.float().abs().amax()))
     assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
+
+
+@pytest.mark.parametrize("values", [[0.0, -0.0], [1e-44, 0.0], [3.0, -7.5, 1e-30], [1.0, float("nan")],
+                                    [1.0, -float("inf")], [3e38, -3.4e38]])
+@pytest.mark.parametrize("fmax", [448.0, 57344.0, 2688.0])
+def test_amax_and_scale_special_values(values, fmax):
+    """Zero -> scale 1, underflow -> 1, NaN / Inf -> NaN, across the partial-then-finish reduction."""
+    x = torch.tensor(values * 5000, device=DEV)  # > one 8192-element partial
+    a, s = Q.amax_and_scale(x, fmax)
+    want_a = x.abs().amax()
+    assert torch.equal(_bits(a), _bits(want_a)) and torch.equal(_bits(s), _bits(_scale(want_a, fmax)))
 
 
 @given(m=st.sampled_from([1, 5, 77, 130]), k=ODD, weight=st.booleans(), pow2=st.booleans(),
@@ -309,7 +321,7 @@ def test_dequantize_bad_layouts_say_what_to_do():
 # Weight lists (docs/internals.md)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_row", "fp8_block", "nvfp4", "nvfp4_cached"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_row", "fp8_block", "nvfp4", "nvfp4_cached", "nf4"])
 def test_quantize_weight_lists_follow_internals(fmt):
     n, k = 130, 77
     w = _sample((n, k), 11, torch.bfloat16, specials=False)
@@ -322,8 +334,14 @@ def test_quantize_weight_lists_follow_internals(fmt):
                     ((k,), torch.float32)],
         "fp8_block": [((n, k), torch.float8_e4m3fn), ((2, 1), torch.float32)],
         "nvfp4": [((n, kp // 2), torch.uint8), ((n, kp // 16), torch.float8_e4m3fn), ((), torch.float32)],
+        "nf4": [((n * k // 2,), torch.uint8), ((157,), torch.uint8), ((1,), torch.float32), ((), torch.float32),
+                ((256,), torch.float32)],
     }
     assert shapes == want.get(fmt, want["nvfp4"])
+    from surogate.kernels.reference import quantize_weight_ref
+
+    ref = quantize_weight_ref(w, fmt)
+    assert len(ref) == len(ts) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(ts, ref))
     if fmt == "fp8_row":
         wt_scale = _scale(w.float().abs().amax(0), 448.0)
         assert torch.equal(_bits(ts[3]), _bits(wt_scale))

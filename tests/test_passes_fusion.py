@@ -18,15 +18,20 @@ class Block(nn.Module):
 
     def __init__(self, h: int = 128, n_kv: int = 128) -> None:
         super().__init__()
-        self.norm = nn.Parameter(torch.ones(h))
+        self.norm, self.norm2 = nn.Parameter(torch.ones(h)), nn.Parameter(torch.full((h,), 0.5))
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(h, h, False), nn.Linear(h, n_kv, False), nn.Linear(h, n_kv, False)
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, 256, False), nn.Linear(h, 256, False), nn.Linear(256, h, False)
 
     def forward(self, x):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        h = self.norm * (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
+        h = self._rms(x, self.norm)
         a = self.q_proj(h) + self.k_proj(h).sum(-1, keepdim=True) + self.v_proj(h).view(*h.shape[:-1], -1, 16).sum(-1).sum(-1, keepdim=True)
+        h = self._rms(a, self.norm2)
         return a + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    @staticmethod
+    def _rms(x, weight):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return weight * (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,11 +80,12 @@ def test_horizontal_fuses_qkv_and_gate_up_with_same_numbers(recipe):
     ref = _grads(model)
     model.zero_grad()
     out1 = gm1(*inputs1)[0]
-    # Same quantized operands, same per-column sums: equal up to the GEMM's blocking order.
-    torch.testing.assert_close(out1, out0, rtol=1e-2, atol=1e-2)
+    # Same quantized operands, same per-column sums: the outputs are equal; gradients differ only by the
+    # order in which bf16 partial gradients are summed (and, for FP8 dgrad, per-row grad scales of the group).
+    assert torch.equal(out1, out0)
     out1.float().square().sum().backward()
     for name, g in _grads(model).items():
-        torch.testing.assert_close(g, ref[name], rtol=2e-2, atol=2e-3, msg=name)
+        assert ((g - ref[name]).norm() / ref[name].norm()).item() < 1e-2, name
 
 
 def test_horizontal_refuses_dropout_and_unaligned_fp8_blocks():
@@ -103,9 +109,10 @@ def test_producer_candidates_are_reported_and_refused_without_kernel():
     x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
     gm, _, counts, report = _run(_model("qfp8"), "qfp8", x, horizontal=False)
     assert counts["producer"] == 0
-    kinds = [what.split(" ")[0] for what, _ in report.groups]
-    assert kinds.count("rmsnorm") == 1 and kinds.count("swiglu") == 1
-    assert all("rmsnorm_quant" in what or "swiglu_quant" in what for what, _ in report.groups)
+    found = [what for what, _ in report.groups if what.startswith(("rmsnorm", "swiglu"))]
+    kinds = [what.split(" ")[0] for what in found]
+    assert kinds.count("rmsnorm") == 2 and kinds.count("swiglu") == 1
+    assert all("not fused" in what and ("rmsnorm_quant" in what or "swiglu_quant" in what) for what in found)
 
 
 def test_producer_checker():

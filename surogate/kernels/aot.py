@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -59,13 +58,13 @@ class Build:
     arch: str
     target: str  # "sm_90a"
     error: str | None = None
-    opcodes: dict[str, int] = field(default_factory=dict)  # base SASS opcode -> count
+    opcodes: dict[str, int] = field(default_factory=dict, repr=False)  # base SASS opcode -> count
     mma: dict[str, int] = field(default_factory=dict)  # full MMA mnemonic -> count
     registers: int = 0
     stack_bytes: int = 0  # per-thread stack frame; > 0 usually means register spills
     local_memory_ops: int = 0  # STL + LDL instructions: spills (or local arrays)
     shared_bytes: int = 0
-    sass: str = ""  # the disassembly (kept so a failing test can show it)
+    sass: str = field(default="", repr=False)  # the disassembly, to look into a failure
 
     @property
     def ok(self) -> bool:
@@ -119,16 +118,17 @@ def _triton_compile(fn: Any, signature: dict[str, str], constexprs: dict[str, An
 
     Triton 3.6-3.9 agree on `ASTSource(fn, signature, constexprs, attrs)` with name-keyed
     signatures that list constexprs as "constexpr", and on `GPUTarget("cuda", cc, 32)`.
-    Differences handled: 3.9 warns when `enable_fp_fusion` is left unset (its default will
-    flip in 3.10), so we pass the runtime's current default (True) explicitly, which 3.6 also
-    accepts. Blackwell targets need the `ptxas-blackwell` that both versions ship and pick
-    themselves (3.6: for cc >= 100; 3.9: for cc >= 90).
+    Difference handled: 3.9 warns when `enable_fp_fusion` is left unset (its default flips to
+    False in 3.10), so we pass the launcher's default (`knobs.language.default_fp_fusion`,
+    True in 3.6-3.9) explicitly: the cubin is the one a launch would build. Blackwell targets
+    need the `ptxas-blackwell` both versions ship and pick themselves (3.6: cc >= 100; 3.9: cc >= 90).
     """
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    opts = {"enable_fp_fusion": True, **options}
+    opts = {"enable_fp_fusion": bool(getattr(knobs.language, "default_fp_fusion", True)), **options}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
 
@@ -144,6 +144,7 @@ def _cuobjdump() -> str:
 
 _MMA_OPCODE = re.compile(r"^[A-Z]*MMA$")
 _SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
+_SASS_TARGET = re.compile(r"^\s*code for (sm_\w+)", re.MULTILINE)
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -231,8 +232,9 @@ def build_in_process(request: BuildRequest) -> Build:
     except Exception as e:  # a kernel that does not build is a result to report, not a crash
         return Build(request.name, arch, target, error=_short_error(e))
     opcodes, mma = parse_sass(sass)
+    found = _SASS_TARGET.search(sass)
     return Build(
-        request.name, arch, target,
+        request.name, arch, found.group(1) if found else target,
         opcodes=dict(opcodes), mma=dict(mma),
         registers=usage.get("REG", 0), stack_bytes=usage.get("STACK", 0),
         local_memory_ops=opcodes.get("STL", 0) + opcodes.get("LDL", 0),
@@ -285,7 +287,6 @@ def _worker_env() -> dict[str, str]:
     env.pop("TRITON_INTERPRET", None)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(importlib.import_module("surogate").__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 
 
@@ -360,13 +361,6 @@ def build_many(requests: Sequence[BuildRequest], workers: int | None = None) -> 
 def build(request: BuildRequest) -> Build:
     """Build one request (in a worker process when its kernel is interpreted)."""
     return build_many([request], workers=1 if _jit_function(request.fn) is not None else None)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def triton_version() -> str:
-    import triton
-
-    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -259,6 +259,9 @@ def _quantizer_specs() -> list[KernelSpec]:
     return [
         spec("amax", q._amax_kernel, dict(x_ptr="*bf16", partial_ptr="*fp32"), {}, dict(n=m * k),
              q.get_amax_configs, ("fp8", "fp4", "qfp4"), "max |x| of a tensor (delayed / NVFP4 tensor scales)"),
+        spec("amax_finish", q._amax_finish_kernel, dict(partial_ptr="*fp32", amax_ptr="*fp32", scale_ptr="*fp32"),
+             dict(FMT_MAX=448.0, BLOCK=1024), dict(n_partial=m * k // 8192), lambda arch: dict(num_warps=4),
+             ("fp8", "fp4", "qfp4"), "max of the amax partials and its scale, on the GPU (no host sync)"),
         spec("quantize_fp8_rowwise", q._quantize_fp8_rowwise_kernel,
              dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", amax_ptr="*fp32"), dict(e4m3, POW2=False),
              dict(M=m, K=k, stride_xm=k, stride_qm=k), lambda arch: q.get_quantize_fp8_rowwise_configs(arch, k),
@@ -290,6 +293,10 @@ def _quantizer_specs() -> list[KernelSpec]:
              dict(M=m, K=k, stride_qm=k, stride_sm=k // 128, stride_om=k), dq.get_dequantize_fp8_block_configs,
              ("qfp8", "qfp8-bf16"), "block FP8 to bf16"),
     ]
+
+
+# The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
+KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:

@@ -79,12 +79,20 @@ def _dequantize_nf4_kernel(
 
 
 def get_dequantize_nf4_configs(arch: str | None = None) -> dict:
-    """Elementwise: 4K outputs per program (2 KB of packed input)."""
-    return dict(BLOCK=4096, num_warps=8)
+    """Elementwise: 4K outputs per program (2 KB of packed input). H100: 4 warps 26 / 68 us
+    for 4096 x 4096 / 4096 x 12288 (1.6-1.85 TB/s), 8 warps 28 / 71 us."""
+    return dict(BLOCK=4096, num_warps=4)
+
+
+_NF4_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def _nf4_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    """The 16 NF4 values on `device`, made once (a host->device copy per call costs ~10 us)."""
+    table = _NF4_TABLES.get(device)
+    if table is None:
+        table = _NF4_TABLES[device] = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    return table
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_scale: torch.Tensor | None,
@@ -112,7 +120,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
     out = torch.empty(shape, device=device, dtype=dtype)
     if n == 0:
         return out
-    dummy = torch.empty(1, device=device, dtype=torch.float32)
+    dummy = _nf4_table(device)  # stands in for the pointers the chosen branch never reads
     cfg = get_dequantize_nf4_configs()
     _dequantize_nf4_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
         packed.contiguous(), dummy if double else absmax.float().contiguous(),

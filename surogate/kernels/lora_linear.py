@@ -37,6 +37,26 @@ def _gemm_metadata(grid, kernel, args):
 
 
 @triton.jit
+def _nf4_value(c):
+    """NF4 code -> value by a 4-level select tree on its bits: no loads (a table gather inside
+    the pipelined K loop was 8x slower on the H100, bench/NOTES.md run 2)."""
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    lo0 = tl.where(b0, -0.6961928009986877, -1.0)
+    lo1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+    lo2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+    lo3 = tl.where(b0, 0.0, -0.09105003625154495)
+    hi0 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+    hi1 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+    hi2 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+    hi3 = tl.where(b0, 1.0, 0.7229568362236023)
+    lo = tl.where(b2, tl.where(b1, lo3, lo2), tl.where(b1, lo1, lo0))
+    hi = tl.where(b2, tl.where(b1, hi3, hi2), tl.where(b1, hi1, hi0))
+    return tl.where((c & 8) != 0, hi, lo)
+
+
+@triton.jit
 def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, col0, n_rows, n_cols, Kw,
                   stride_w0, stride_ws0, stride_ws1, R: tl.constexpr, C: tl.constexpr, W_MODE: tl.constexpr):
     """fp32 tile W[rows, col0:col0+C] in W's own layout (rows = N, cols = K), dequantized in registers.
@@ -66,7 +86,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, 
         if W_MODE == 4:  # W_DEQ_NF4
             byte = tl.load(w_ptr + r64[:, None] * (Kw // 2) + bcols[None, :], mask=bmask, other=0).to(tl.int32)
             codes = tl.reshape(tl.join(byte >> 4, byte & 15), (R, C))
-            v = tl.load(table_ptr + codes)
+            v = _nf4_value(codes)
             blk = r64[:, None] * (Kw // 64) + (col0 // 64 + tl.arange(0, C // 64))[None, :]
             smask = rmask[:, None] & ((col0 + tl.arange(0, C // 64) * 64) < n_cols)[None, :]
             qabs = tl.load(aux0_ptr + blk, mask=smask, other=0).to(tl.int32)
@@ -123,10 +143,6 @@ def _lora_gemm_kernel(
     cols_n = tl.where(mask_n, offs_n, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if A_MODE == 1:  # per-row activation scale, applied in the epilogue
-        a_row_scale = tl.load(as_ptr + rows_m * stride_asm)
-    if W_MODE == 1:  # per-output-channel weight scale, applied in the epilogue
-        w_col_scale = tl.load(ws_ptr + cols_n * stride_ws0)
 
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -164,10 +180,11 @@ def _lora_gemm_kernel(
         else:
             acc = tl.dot(a, w, acc)
 
-    if A_MODE == 1:
-        acc = acc * a_row_scale[:, None]
-    if W_MODE == 1:
-        acc = acc * w_col_scale[None, :]
+    # Row / channel scales are loaded after the loop: held across it they spilled registers.
+    if A_MODE == 1:  # per-row activation scale
+        acc = acc * tl.load(as_ptr + rows_m * stride_asm)[:, None]
+    if W_MODE == 1:  # per-output-channel weight scale
+        acc = acc * tl.load(ws_ptr + cols_n * stride_ws0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -180,7 +197,7 @@ def _lora_gemm_kernel(
         if UPCAST:
             h = h.to(tl.float32)
             u = u.to(tl.float32)
-        acc += lora_scale * tl.dot(h, u)
+        acc = tl.dot(h, u, acc)  # U arrives pre-scaled by lora_scale: one accumulator, no spill
 
     out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -261,7 +278,7 @@ def _lora_gemm_nvfp4_kernel(
         if UPCAST:
             h = h.to(tl.float32)
             u = u.to(tl.float32)
-        acc += lora_scale * tl.dot(h, u)
+        acc = tl.dot(h, u, acc)  # U arrives pre-scaled by lora_scale: one accumulator, no spill
     out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -300,6 +317,14 @@ def _runner(kernel, family: str, device: torch.device, modes: tuple):
     return _RUNNERS[key]
 
 
+def _prescale(up: torch.Tensor, lora_scale: float) -> torch.Tensor:
+    """lora_scale folded into the (small) up-projection, so the epilogue MMA accumulates straight
+    into the GEMM accumulator: a second 128x256 fp32 accumulator spilled registers on sm_90."""
+    if lora_scale == 1.0:
+        return up
+    return (up.float() * lora_scale).to(up.dtype)
+
+
 def _grid(M: int, N: int):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
@@ -322,6 +347,7 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
     dummy = out  # any pointer for arguments a mode ignores
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
+    up = _prescale(up, lora_scale) if has_lora else None
     as_ = a_scale if a_scale is not None else dummy
     ws = w_scale if w_scale is not None else dummy
     aux0, aux1, aux2 = (t if t is not None else dummy for t in aux)
@@ -398,7 +424,7 @@ def lora_linear_nvfp4(x_packed, x_block_scale, x_tensor_scale, w_packed, w_block
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
     h = hidden if has_lora else out
-    u = lora_b if has_lora else out
+    u = _prescale(lora_b, lora_scale) if has_lora else out
     run = _runner(_lora_gemm_nvfp4_kernel, "nvfp4", x_packed.device, (has_lora, bias is not None))
     run(_grid(M, N), a_ptr=x_packed, as_ptr=x_block_scale, a_ts_ptr=x_tensor_scale, w_ptr=w_packed,
         ws_ptr=w_block_scale, w_ts_ptr=w_tensor_scale, h_ptr=h, u_ptr=u,
@@ -420,3 +446,4 @@ FORWARD_LAUNCHERS = {
     "lora_linear_dequant_nf4": lora_linear_dequant_nf4,
     "lora_linear_nvfp4": lora_linear_nvfp4,
 }
+

@@ -67,10 +67,18 @@ def fuse_producers(gm: fx.GraphModule, ctx) -> int:
             continue
         seen.add(node.args[0])
         meta = {"kind": kind, "forward": N.arg(node, 8, "forward")}
+        if meta["forward"] not in _QUANTIZED_COMPUTES:
+            continue  # a bf16 GEMM: nothing to quantize, nothing to report
         reason = why_not(ctx.recipe, ctx.arch, meta)
-        consumers = [N.module_name(u.args[1][0]) if isinstance(u.args[1], (list, tuple)) and u.args[1]
-                     and isinstance(u.args[1][0], fx.Node) else u.name
-                     for u in node.args[0].users if N.is_surogate_op(u)]
+        consumers = tuple(_consumer_name(u) for u in node.args[0].users if N.is_surogate_op(u))
         ctx.report.group(f"{kind} -> quantized GEMM: " + ("not fused, " + reason if reason else "fused"),
-                         tuple(consumers))
+                         consumers)
     return 0
+
+
+def _consumer_name(op: fx.Node) -> str:
+    """The target linear(s) an op node computes, named from its (possibly concatenated) weight."""
+    weight = op.args[1][0] if isinstance(op.args[1], (list, tuple)) and op.args[1] else None
+    if N.is_call(weight, (torch.cat,)):
+        return "+".join(N.module_name(w) for w in weight.args[0])
+    return N.module_name(weight) if isinstance(weight, fx.Node) else op.name

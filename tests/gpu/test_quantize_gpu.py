@@ -1,9 +1,14 @@
-"""Quantize / dequantize kernels on the GPU at real sizes: bit-equal to the references run on
-the same CUDA tensors (atol 0). Run as a script, it also measures bandwidth (see `main`).
+"""Quantize / dequantize kernels on the GPU at real sizes: bit-equal (atol 0) to the references.
+
+The references run on CPU copies: on CUDA, torch divides by a Python scalar as a multiply by
+its fp32 reciprocal (`amax / 448`), so the reference's own scales differ by an ulp between
+devices; the CPU result is the format's definition. Run as a script, this file also measures
+bandwidth (see `main`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,8 +31,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
         b = t.contiguous().view(torch.uint8)
         nan = (b & 0x7F) > (0x7E if t.dtype == torch.float8_e4m3fn else 0x7C)
         return torch.where(nan, torch.full_like(b, 0x7F), b)
-    t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
+    if t.is_floating_point():
+        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _cpu(ref):
+    """Run a reference on CPU copies of its tensor arguments, results back on the GPU."""
+    def run(*args, **kwargs):
+        mv = lambda a: a.cpu() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        out = ref(*[mv(a) for a in args], **{k: mv(v) for k, v in kwargs.items()})
+        if isinstance(out, torch.Tensor):
+            return out.cuda()
+        for f in dataclasses.fields(out):
+            v = getattr(out, f.name)
+            if isinstance(v, torch.Tensor):
+                object.__setattr__(out, f.name, v.cuda())
+        return out
+    return run
 
 
 def _x(shape, seed: int, dtype=torch.bfloat16, nonfinite: bool = False) -> torch.Tensor:
@@ -48,7 +69,7 @@ def test_fp8_rowwise_gpu(shape, element):
     for nonfinite in (False, True):
         x = _x(shape, 1, nonfinite=nonfinite)
         data, scale, amax = Q.quantize_fp8_rowwise(x, element)
-        ref = RF.quantize_fp8_ref(x, element, scaling="row")
+        ref = _cpu(RF.quantize_fp8_ref)(x, element, scaling="row")
         assert torch.equal(_bits(scale), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
         assert torch.equal(_bits(amax), _bits(x.float().abs().amax(-1)))
 
@@ -58,30 +79,30 @@ def test_fp8_tensorwise_and_block_gpu(shape):
     x = _x(shape, 2, torch.float32)
     for scale in (None, torch.tensor(0.02, device="cuda")):
         data, s, _ = Q.quantize_fp8_tensorwise(x, "e4m3", scale=scale)
-        ref = RF.quantize_fp8_ref(x, "e4m3", scaling="tensor", scale=scale)
+        ref = _cpu(RF.quantize_fp8_ref)(x, "e4m3", scaling="tensor", scale=scale)
         assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
     for block in ((1, 128), (128, 128)):
         for pow2 in (False, True):
             data, s = Q.quantize_fp8_block(x, block, power_of_two=pow2)
-            ref = RF.quantize_fp8_ref(x, "e4m3", scaling="block", block=block, power_of_two=pow2)
+            ref = _cpu(RF.quantize_fp8_ref)(x, "e4m3", scaling="block", block=block, power_of_two=pow2)
             assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
             back = D.dequantize_fp8_block(data, s, block)
-            assert torch.equal(_bits(back), _bits(RF.dequantize_fp8_ref(ref, torch.bfloat16)))
+            assert torch.equal(_bits(back), _bits(_cpu(RF.dequantize_fp8_ref)(ref, torch.bfloat16)))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_nvfp4_gpu(shape):
     x = _x(shape, 3)
     packed, bscale, ts = Q.quantize_nvfp4(x)
-    ref = RF.quantize_nvfp4_ref(x)
+    ref = _cpu(RF.quantize_nvfp4_ref)(x)
     assert torch.equal(_bits(ts), _bits(ref.tensor_scale)) and torch.equal(_bits(bscale), _bits(ref.block_scale))
     assert torch.equal(packed, ref.packed)
     for dtype in (torch.bfloat16, torch.float32):
         back = D.dequantize_nvfp4(packed, bscale, ts, shape=x.shape, dtype=dtype)
-        assert torch.equal(_bits(back), _bits(RF.dequantize_nvfp4_ref(ref, dtype)))
+        assert torch.equal(_bits(back), _bits(_cpu(RF.dequantize_nvfp4_ref)(ref, dtype)))
     given = torch.tensor(1e-3, device="cuda")
     p2, b2, _ = Q.quantize_nvfp4(x, tensor_scale=given)
-    r2 = RF.quantize_nvfp4_ref(x, tensor_scale=given)
+    r2 = _cpu(RF.quantize_nvfp4_ref)(x, tensor_scale=given)
     assert torch.equal(p2, r2.packed) and torch.equal(_bits(b2), _bits(r2.block_scale))
 
 
@@ -104,7 +125,7 @@ def test_nf4_dequant_gpu(shape):
     for dtype in (torch.bfloat16, torch.float32):
         got = D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code, w.shape,
                                dtype=dtype)
-        assert torch.equal(_bits(got), _bits(RN.dequantize_nf4_ref(q, dtype)))
+        assert torch.equal(_bits(got), _bits(_cpu(RN.dequantize_nf4_ref)(q, dtype)))
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8_row", "fp8_block", "nvfp4", "nvfp4_cached", "nf4"])
@@ -114,17 +135,17 @@ def test_quantize_weight_gpu_equals_reference(fmt):
     if fmt == "bf16":
         want = [w]
     elif fmt == "fp8_row":
-        a = RF.quantize_fp8_ref(w, "e4m3", scaling="row")
-        b = RF.quantize_fp8_ref(w.t().contiguous(), "e4m3", scaling="row")
+        a = _cpu(RF.quantize_fp8_ref)(w, "e4m3", scaling="row")
+        b = _cpu(RF.quantize_fp8_ref)(w.t().contiguous(), "e4m3", scaling="row")
         want = [a.data, a.scale.view(-1), b.data, b.scale.view(-1)]
     elif fmt == "fp8_block":
-        r = RF.quantize_fp8_ref(w, "e4m3", scaling="block", block=(128, 128))
+        r = _cpu(RF.quantize_fp8_ref)(w, "e4m3", scaling="block", block=(128, 128))
         want = [r.data, r.scale]
     elif fmt == "nf4":
         r = RN.quantize_nf4_ref(w)
         want = [r.packed, r.absmax_q, r.absmax_scale, r.absmax_offset, r.absmax_code]
     else:
-        r = RF.quantize_nvfp4_ref(w)
+        r = _cpu(RF.quantize_nvfp4_ref)(w)
         want = [r.packed, r.block_scale, r.tensor_scale]
     assert len(got) == len(want)
     for g, e in zip(got, want):
@@ -148,13 +169,16 @@ def main(out_path: str | None = None) -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         n = m * k
         dst = torch.empty_like(x)
+        ts = Q.nvfp4_tensor_scale(x)
         cases = {
             "copy (bf16, read+write)": (lambda: dst.copy_(x), 4 * n),
             "quantize_fp8_rowwise e4m3": (lambda: Q.quantize_fp8_rowwise(x, "e4m3"), 3 * n + 8 * m),
             "quantize_fp8_block 1x128": (lambda: Q.quantize_fp8_block(x, (1, 128)), 3 * n + 4 * n // 128),
             "quantize_fp8_block 128x128": (lambda: Q.quantize_fp8_block(x, (128, 128)), 3 * n),
             "quantize_nvfp4": (lambda: Q.quantize_nvfp4(x), 2 * n + 2 * n + n // 2 + n // 16),  # amax pass + quant
-            "torch ref quantize_fp8 row": (lambda: RF.quantize_fp8_ref(x, "e4m3", scaling="row"), 3 * n),
+            "torch ref quantize_fp8 row (GPU)": (lambda: RF.quantize_fp8_ref(x, "e4m3", scaling="row"), 3 * n),
+            "amax only": (lambda: Q.amax(x), 2 * n),
+            "quantize_nvfp4 given tensor scale": (lambda: Q.quantize_nvfp4(x, tensor_scale=ts), 2 * n + n // 2 + n // 16),
         }
         q = RN.quantize_nf4_ref(x)
         p, b, ts = Q.quantize_nvfp4(x)
@@ -162,17 +186,69 @@ def main(out_path: str | None = None) -> list[dict]:
         cases["dequantize_nf4 -> bf16"] = (
             lambda: D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code, x.shape),
             n // 2 + n // 64 + 2 * n)
-        cases["torch ref dequantize_nf4"] = (lambda: RN.dequantize_nf4_ref(q, torch.bfloat16), n // 2 + 2 * n)
+        cases["torch ref dequantize_nf4 (GPU)"] = (lambda: RN.dequantize_nf4_ref(q, torch.bfloat16), n // 2 + 2 * n)
         cases["dequantize_nvfp4 -> bf16"] = (lambda: D.dequantize_nvfp4(p, b, ts), n // 2 + n // 16 + 2 * n)
         cases["dequantize_fp8_block -> bf16"] = (lambda: D.dequantize_fp8_block(d8, s8), 3 * n)
         for name, (fn, nbytes) in cases.items():
             us, gbps = _gbps(fn, nbytes)
             rows.append(dict(shape=f"{m}x{k}", kernel=name, us=round(us, 1), bytes=nbytes, gbps=round(gbps, 1)))
+    rows += _sweep()
     for r in rows:
         print(f"{r['shape']:>11} {r['kernel']:<32} {r['us']:>9.1f} us {r['gbps']:>8.1f} GB/s")
     if out_path:
         with open(out_path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    return rows
+
+
+def _sweep() -> list[dict]:
+    """Time the launchers under other tile configs (the get_*_configs functions swapped out)."""
+    variants = {
+        (Q, "get_quantize_fp8_rowwise_configs", "rowwise"): [
+            dict(BLOCK_M=1, BLOCK_K=4096, ONE_TILE=True, num_warps=4),
+            dict(BLOCK_M=2, BLOCK_K=4096, ONE_TILE=True, num_warps=8),
+            dict(BLOCK_M=4, BLOCK_K=4096, ONE_TILE=True, num_warps=8),
+            dict(BLOCK_M=4, BLOCK_K=4096, ONE_TILE=True, num_warps=16),
+            dict(BLOCK_M=1, BLOCK_K=16384, ONE_TILE=True, num_warps=16),
+            dict(BLOCK_M=1, BLOCK_K=16384, ONE_TILE=True, num_warps=32),
+            dict(BLOCK_M=1, BLOCK_K=2048, ONE_TILE=False, num_warps=4),
+            dict(BLOCK_M=2, BLOCK_K=4096, ONE_TILE=False, num_warps=8)],
+        (D, "get_dequantize_nf4_configs", "nf4"): [
+            dict(BLOCK=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)],
+        (Q, "get_quantize_nvfp4_configs", "nvfp4"): [
+            dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w) for bm in (4, 8, 16) for bk in (128, 256) for w in (4, 8)],
+        (Q, "get_quantize_fp8_block_configs", "block128"): [
+            dict(TILE_M=128, BK=128, ROW_BLOCKS=False, num_warps=w) for w in (4, 8, 16)],
+    }
+    rows = []
+    for m, k in ((4096, 4096), (4096, 12288)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        n = m * k
+        q = RN.quantize_nf4_ref(x)
+        ts = Q.nvfp4_tensor_scale(x)
+        calls = {
+            "rowwise": (lambda: Q.quantize_fp8_rowwise(x, "e4m3"), 3 * n),
+            "nf4": (lambda: D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset,
+                                             q.absmax_code, x.shape), n // 2 + 2 * n),
+            "nvfp4": (lambda: Q.quantize_nvfp4(x, tensor_scale=ts), 2 * n + n // 2),
+            "block128": (lambda: Q.quantize_fp8_block(x, (128, 128)), 3 * n),
+        }
+        for (mod, getter, key), cfgs in variants.items():
+            original = getattr(mod, getter)
+            for cfg in cfgs:
+                if key == "rowwise" and cfg["ONE_TILE"] and cfg["BLOCK_K"] < k:
+                    continue
+                setattr(mod, getter, lambda *a, _c=cfg: dict(_c))
+                try:
+                    fn, nbytes = calls[key]
+                    us, gbps = _gbps(fn, nbytes)
+                    rows.append(dict(shape=f"{m}x{k}", kernel=f"sweep {key} {cfg}", us=round(us, 1), bytes=nbytes,
+                                     gbps=round(gbps, 1)))
+                except Exception as e:  # a config that does not compile is a result
+                    rows.append(dict(shape=f"{m}x{k}", kernel=f"sweep {key} {cfg} FAILED {type(e).__name__}",
+                                     us=0.0, bytes=0, gbps=0.0))
+                finally:
+                    setattr(mod, getter, original)
     return rows
 
 

@@ -1,0 +1,141 @@
+"""`surogate train` configs: every bad key, value or path fails up front, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surogate.config import ConfigError, TrainConfig, default_config_path, from_dict, load_config
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_default_config_loads_and_matches_dataclass_defaults_where_unset():
+    cfg = load_config(None)
+    assert cfg.model == "default" and cfg.recipe == "bf16"
+    assert cfg.dataset.path is None and cfg.dataset.eval_split == "test"
+    assert cfg.max_steps is not None  # the embedded run is bounded
+    assert default_config_path().is_file()
+
+
+def test_empty_mapping_gives_dataclass_defaults():
+    assert from_dict({}) == TrainConfig()
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("lerning_rate", 1e-3, "did you mean 'learning_rate'"),
+    ("zzz", 1, "unknown key 'zzz'"),
+])
+def test_unknown_key_named_with_hint(key, value, expect):
+    with pytest.raises(ConfigError, match=expect):
+        from_dict({key: value})
+
+
+def test_unknown_dataset_key_named():
+    with pytest.raises(ConfigError, match=r"unknown key dataset\.'pth'.*did you mean 'path'"):
+        from_dict({"dataset": {"pth": "x"}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"learning_rate": "fast"}, "learning_rate"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"sequence_len": 1}, "sequence_len"),
+    ({"sequence_len": 12.5}, "sequence_len"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+    ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps"),
+    ({"sample_packing": "yes"}, "sample_packing"),
+    ({"lr_scheduler_type": "exponential"}, "lr_scheduler_type"),
+    ({"lora_rank": -4}, "lora_rank"),
+    ({"lora_dropout": 1.5}, "lora_dropout"),
+    ({"lora_target_modules": []}, "lora_target_modules"),
+    ({"recipe": "fp16"}, "recipe"),
+    ({"arch": "sm_75"}, "arch"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"num_epochs": 0}, "num_epochs"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"dataset": {"format": "alpaca"}}, "dataset.format"),
+    ({"dataset": {"max_train_samples": 0}}, "dataset.max_train_samples"),
+    ({"dataset": 5}, "dataset"),
+])
+def test_bad_value_names_the_key(raw, key):
+    with pytest.raises(ConfigError, match=rf"^{key}\b"):
+        from_dict(raw)
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    # PyYAML reads "2e-4" as a string; the config must still take it as 2e-4.
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 2e-4\nlora_alpha: 16\n")
+    cfg = load_config(p)
+    assert cfg.learning_rate == pytest.approx(2e-4) and cfg.lora_alpha == 16.0
+
+
+def test_missing_model_dir_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model: .*not a directory"):
+        from_dict({"model": str(tmp_path / "nope")})
+
+
+def test_model_dir_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model: .*config\.json"):
+        from_dict({"model": str(tmp_path)})
+
+
+def test_hub_id_accepted_without_network():
+    assert from_dict({"model": "Qwen/Qwen3-0.6B"}).model == "Qwen/Qwen3-0.6B"
+
+
+def test_missing_dataset_dir_and_split(tmp_path):
+    with pytest.raises(ConfigError, match=r"^dataset\.path"):
+        from_dict({"dataset": {"path": str(tmp_path / "missing")}})
+    (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist"):
+        from_dict({"dataset": {"path": str(tmp_path), "format": "text"}})
+    cfg = from_dict({"dataset": {"path": str(tmp_path), "format": "text", "eval_split": None}})
+    assert cfg.dataset.eval_split is None
+
+
+def test_tokenizer_with_default_model_refused():
+    with pytest.raises(ConfigError, match=r"^tokenizer"):
+        from_dict({"tokenizer": "Qwen/Qwen3-0.6B"})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_errors_carry_the_file_name(tmp_path):
+    p = _write(tmp_path, {"lora_rank": "sixteen"})
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: lora_rank"):
+        load_config(p)
+
+
+def test_non_mapping_yaml(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    p = _write(tmp_path, {"max_steps": 5})
+    cfg = load_config(p, ["max_steps=7", "dataset.max_train_samples=10", "recipe=qbnb"])
+    assert cfg.max_steps == 7 and cfg.dataset.max_train_samples == 10 and cfg.recipe == "qnf4"
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["max_steps"])
+    with pytest.raises(ConfigError, match=r"max_stepz.*did you mean 'max_steps'"):
+        load_config(p, ["max_stepz=3"])
+
+
+def test_example_configs_are_valid():
+    configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+    assert configs, "examples/configs/ has no YAML"
+    for path in configs:
+        load_config(path)  # hub ids are not looked up: checking needs no network

@@ -1,0 +1,127 @@
+"""Data: GSM8K formatting, packing into fixed-length rows, padding masks; the local tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from surogate import data
+from surogate.data import IGNORE_INDEX, build_split, format_example, pack, pad, read_jsonl
+from surogate.tokenizer import DEFAULT_VOCAB_SIZE, EOS_TOKEN, default_tokenizer_path, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    import os
+
+    old = os.environ.get("SUROGATE_CACHE_DIR")
+    os.environ["SUROGATE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield load_tokenizer(None)
+    finally:
+        if old is None:
+            os.environ.pop("SUROGATE_CACHE_DIR")
+        else:
+            os.environ["SUROGATE_CACHE_DIR"] = old
+
+
+def test_bundled_sample_and_license_ship():
+    d = data.bundled_dataset_dir()
+    assert len(read_jsonl(d / "train.jsonl")) == 800
+    assert len(read_jsonl(d / "test.jsonl")) == 200
+    assert "MIT License" in (d / "LICENSE").read_text()
+
+
+def test_import_gets_the_module_not_the_data_directory():
+    assert Path(data.__file__).name == "data.py"
+
+
+def test_format_gsm8k():
+    text = format_example({"question": " Q? ", "answer": "A\n#### 4"}, "gsm8k")
+    assert text == "Question: Q?\nAnswer: A\n#### 4"
+    with pytest.raises(ValueError, match="needs 'question' and 'answer'"):
+        format_example({"text": "x"}, "gsm8k")
+    with pytest.raises(ValueError, match="unknown dataset format"):
+        format_example({"text": "x"}, "alpaca")
+
+
+def test_read_jsonl_reports_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
+        read_jsonl(p)
+    assert len(read_jsonl(p, limit=1)) == 1
+
+
+def test_pack_is_the_concatenated_stream_cut_into_rows():
+    seqs = [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 0]]  # 12 tokens
+    ds = pack(seqs, 5)
+    assert ds.input_ids.tolist() == [[1, 2, 3, 0, 4], [5, 0, 6, 7, 8]]  # tail of 2 dropped
+    assert torch.equal(ds.labels, ds.input_ids) and ds.attention_mask is None
+    assert ds.num_tokens == 10 and ds.seq_len == 5
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        pack([[1, 2]], 5)
+
+
+def test_pad_masks_padding_from_loss():
+    ds = pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 4, pad_id=0)
+    assert ds.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
+    assert ds.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert ds.labels.tolist() == [[1, 2, 3, IGNORE_INDEX], [4, 5, 6, 7]]
+    assert ds.num_tokens == 7
+
+
+def test_batches_shuffle_is_seeded_and_covers_every_row():
+    ds = pack([list(range(100))], 4)  # 25 rows
+    a = [b["input_ids"] for b in ds.batches(4, shuffle=True, seed=3)]
+    b = [b["input_ids"] for b in ds.batches(4, shuffle=True, seed=3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    rows = torch.cat(a)
+    assert sorted(rows[:, 0].tolist()) == list(range(0, 100, 4))
+    assert len(list(ds.batches(4, drop_last=True))) == 6
+
+
+def test_tokenizer_round_trips_text_and_has_eos(tok):
+    assert len(tok) == DEFAULT_VOCAB_SIZE
+    assert tok.eos_token == EOS_TOKEN and tok.pad_token_id == tok.eos_token_id
+    text = "Question: Natalia sold 48/2 = <<48/2=24>>24 clips. Ünïcödé ✓\n#### 72"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text  # byte-level: nothing is unknown
+    assert len(ids) < len(text.encode())  # merges were learned
+
+
+def test_tokenizer_is_deterministic_across_processes(tmp_path):
+    """Two fresh processes with empty caches train byte-identical tokenizers."""
+    code = ("import sys; sys.path.insert(0, %r); from surogate.tokenizer import train_default_tokenizer_json as t;"
+            "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())" % str(Path(__file__).parents[1]))
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(2)}
+    assert len(digests) == 1
+
+
+def test_tokenizer_cache_is_reused(tok, tmp_path):
+    path = default_tokenizer_path()
+    assert path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert default_tokenizer_path() == path and path.stat().st_mtime_ns == mtime
+    assert json.loads(path.read_text())["model"]["type"] == "BPE"
+
+
+def test_local_tokenizer_path(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    local = load_tokenizer(tmp_path)
+    text = "Answer: 3 + 4 = 7"
+    assert local(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_build_split_packs_gsm8k(tok):
+    ds = build_split(None, "test", "gsm8k", tok, 64, packing=True, limit=20)
+    assert ds.input_ids.shape[1] == 64 and ds.input_ids.dtype == torch.long
+    assert (ds.input_ids == tok.eos_token_id).sum() >= 10  # examples are separated by EOS
+    padded = build_split(None, "test", "gsm8k", tok, 64, packing=False, limit=20)
+    assert len(padded) == 20 and padded.attention_mask is not None
