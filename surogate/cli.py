@@ -31,23 +31,16 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="what surogate runs on this machine or on a given GPU architecture")
     i.add_argument("--arch", default=None, help="an architecture such as sm_90 or sm_120 (default: this GPU)")
+    i.add_argument("--no-sass", action="store_true",
+                   help="skip building the kernels and checking their SASS (instant; recipes table only)")
     return p
 
 
-def _info(arch: str | None) -> str:
-    """`surogate.info.render` when that module exists; until then, every recipe's plan."""
-    import importlib
+def _info(arch: str | None, check_sass: bool = True) -> str:
+    """The text of `surogate info`: `surogate.info.render` (imported here: it pulls in Triton)."""
+    from surogate.info import render
 
-    try:
-        render = importlib.import_module("surogate.info").render
-    except ModuleNotFoundError as e:
-        if e.name != "surogate.info":
-            raise
-        from surogate import recipes
-
-        target = recipes.current_arch() if arch is None else recipes.normalize_arch(arch)
-        return "\n\n".join(str(recipes.plan(name, target)) for name in recipes.names(include_aliases=False))
-    return render(arch=arch)
+    return render(arch=arch) if check_sass else render(arch=arch, check_sass=False)
 
 
 def _quiet_libraries() -> None:
@@ -89,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             try:
-                print(_info(args.arch))
+                print(_info(args.arch, check_sass=not args.no_sass), end="")
             except ValueError as e:  # an --arch that is not an architecture
                 raise ConfigError(f"--arch: {e}") from None
             return 0

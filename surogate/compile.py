@@ -79,9 +79,10 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
                     "compiled graph")
     else:
-        inner = hf.forward
-        hf.forward = torch.compile(inner, backend=backend, dynamic=dynamic or None)
-        report.note("whole-model capture (no repeated decoder blocks found or regional=False)")
+        # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
+        body = getattr(hf, "base_model", hf)
+        body.forward = torch.compile(body.forward, backend=backend, dynamic=dynamic or None)
+        report.note("whole-backbone capture (no repeated decoder blocks found, or regional=False)")
     if chunked_loss:
         _attach_chunked_loss(hf, report)
     peft_model.surogate_report = report

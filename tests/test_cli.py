@@ -84,7 +84,7 @@ def test_train_without_packing(tmp_path, tiny_model_dir, cache):
     (["train", "/nonexistent/cfg.yaml"], "does not exist"),
     (["train", "--set", "lerning_rate=1"], "did you mean 'learning_rate'"),
     (["train", "--set", "model=/nonexistent/model"], "model:"),
-    (["info", "--arch", "sm_75"], "--arch"),
+    (["info", "--arch", "sm_75"], "sm_75"),
 ])
 def test_user_errors_exit_2_with_one_line(args, expect, capsys, tmp_path):
     assert main(args) == 2
@@ -101,9 +101,12 @@ def test_print_config_shows_the_checked_default(capsys):
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_120", None])
 def test_info_prints_every_recipe(arch, capsys):
+    """The recipes table (kernel SASS checks are the info module's tests; --no-sass keeps this instant)."""
     from surogate import recipes
 
-    assert main(["info"] + (["--arch", arch] if arch else [])) == 0
+    assert main(["info", "--no-sass"] + (["--arch", arch] if arch else [])) == 0
     out = capsys.readouterr().out
     for name in recipes.names(include_aliases=False):
         assert name in out
+    if arch:
+        assert arch in out

@@ -20,11 +20,11 @@ from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
 from surogate.kernels.quantize import quantize_weight
 from surogate.recipes import ARCHS
-from surogate.recipes.arch import _FORWARD_KERNELS, _GRAD_INPUT_KERNELS
+from surogate.recipes.arch import FORWARD_KERNELS, GRAD_INPUT_KERNELS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward/grad compute, weight format): every pair the arch table names a kernel for.
-PAIRS = sorted({(c.value, w.value) for c, w in _FORWARD_KERNELS} - {("bf16", "nvfp4_cached")})
+PAIRS = sorted({(c.value, w.value) for c, w in FORWARD_KERNELS} - {("bf16", "nvfp4_cached")})
 FLOOR = 40.0
 NVFP4_SR_FLOOR = 12.0  # NVFP4 dgrad: stochastic rounding from another RNG than the reference's
 
@@ -110,8 +110,8 @@ def test_plain_linear_without_lora(pair) -> None:
 
 
 def test_every_arch_table_kernel_has_a_launcher() -> None:
-    assert set(_FORWARD_KERNELS.values()) <= set(FORWARD_LAUNCHERS)
-    assert set(_GRAD_INPUT_KERNELS.values()) <= set(GRAD_INPUT_LAUNCHERS)
+    assert set(FORWARD_KERNELS.values()) <= set(FORWARD_LAUNCHERS)
+    assert set(GRAD_INPUT_KERNELS.values()) <= set(GRAD_INPUT_LAUNCHERS)
     assert launch.kernel_name("output", "fp8", "fp8_block") == "lora_linear_fp8_block"
     assert launch.kernel_name("grad_input", "bf16", "nf4") == "grad_input_dequant_nf4"
 

@@ -4,9 +4,9 @@ With `g = grad_output (M, N)`, `x = lora_input (M, K)`, `h = lora_hidden (M, r)`
     grad_lora_hidden = g @ lora_b            (M, r)
     grad_lora_b      = s * g^T @ h           (N, r)
     grad_lora_a      = s * grad_lora_hidden^T @ x   (r, K)
-These are skinny GEMMs (one side is r = 8..64) whose cost is reading `g` and `x` once; cuBLAS
-runs them at memory speed, so `grad_lora` is three cuBLAS calls rather than a Triton kernel
-(docs/kernels.md has the numbers). FP32 accumulate, bf16 operands, results in the masters'
+These are skinny GEMMs (one side is r = 8..64) whose cost is reading `g` and `x` once, so
+`grad_lora` is three cuBLAS calls; a Triton version (one pass over `g` for both) was not written
+or measured (docs/kernels.md). FP32 accumulate, bf16 operands, results in the masters'
 dtype.
 """
 

@@ -16,7 +16,7 @@ from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
 from surogate.kernels.reference_linear import NVFP4_SR_SEED
-from surogate.recipes.arch import _FORWARD_KERNELS, _GRAD_INPUT_KERNELS
+from surogate.recipes.arch import FORWARD_KERNELS, GRAD_INPUT_KERNELS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 from surogate.recipes.recipe import Compute, WeightFormat
 
@@ -26,7 +26,7 @@ GRAD_FP8_ELEMENT = "e5m2"
 
 def kernel_name(gemm: str, compute: str, weight_format: str) -> str:
     """The kernel that runs `gemm` ("output" | "grad_input") for (compute, weight_format)."""
-    table = _FORWARD_KERNELS if gemm == "output" else _GRAD_INPUT_KERNELS
+    table = FORWARD_KERNELS if gemm == "output" else GRAD_INPUT_KERNELS
     try:
         return table[(Compute(compute), WeightFormat(weight_format))]
     except (KeyError, ValueError):

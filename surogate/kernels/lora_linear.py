@@ -66,7 +66,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, 
     fp8_block: E4M3 (N, K) x FP32 scale per 128x128.
     nf4: packed bytes of the flattened (N*K) weight, element 2i in the high nibble; absmax per 64
     = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes double quant);
-    `ws_ptr` holds absmax_code, `table_ptr` the 16 NF4 values.
+    `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `_nf4_value` (`table_ptr` unused).
     nvfp4: packed (N, Kp/2), element 2i in the low nibble, E4M3 scale per 16 along K, FP32 tensor scale.
     """
     rmask = rows < n_rows

@@ -54,7 +54,7 @@ CPU = "cpu"
 
 # Kernel names per (GEMM, precision, weight format). `surogate/kernels/` registers kernels
 # under exactly these names so that `surogate info` and the SASS tests can find them.
-_FORWARD_KERNELS: dict[tuple[Compute, WeightFormat], str] = {
+FORWARD_KERNELS: dict[tuple[Compute, WeightFormat], str] = {
     (Compute.BF16, WeightFormat.BF16): "lora_linear_bf16",
     (Compute.BF16, WeightFormat.FP8_BLOCK): "lora_linear_dequant_fp8_block",
     (Compute.BF16, WeightFormat.NVFP4): "lora_linear_dequant_nvfp4",
@@ -65,7 +65,7 @@ _FORWARD_KERNELS: dict[tuple[Compute, WeightFormat], str] = {
     (Compute.NVFP4, WeightFormat.NVFP4): "lora_linear_nvfp4",
     (Compute.NVFP4, WeightFormat.NVFP4_CACHED): "lora_linear_nvfp4",
 }
-_GRAD_INPUT_KERNELS: dict[tuple[Compute, WeightFormat], str] = {
+GRAD_INPUT_KERNELS: dict[tuple[Compute, WeightFormat], str] = {
     (Compute.BF16, WeightFormat.BF16): "grad_input_bf16",
     (Compute.BF16, WeightFormat.FP8_BLOCK): "grad_input_dequant_fp8_block",
     (Compute.BF16, WeightFormat.NVFP4): "grad_input_dequant_nvfp4",
@@ -158,7 +158,7 @@ def current_arch() -> str:
 
 
 def _gemm_plan(gemm: str, want: Compute, fmt: WeightFormat, info: ArchInfo) -> GemmPlan:
-    table = _FORWARD_KERNELS if gemm == "output" else _GRAD_INPUT_KERNELS
+    table = FORWARD_KERNELS if gemm == "output" else GRAD_INPUT_KERNELS
     if want is Compute.FP8 and not info.fp8_mma:
         return GemmPlan(gemm, want, table[(want, fmt)], Support.REFUSED, None, f"{info.name} has no FP8 tensor cores")
     if want is Compute.NVFP4 and not info.fp4_mma:
