@@ -140,3 +140,21 @@ def test_configs_fit_each_arch(arch: str) -> None:
         with pytest.raises(ValueError, match="no FP4 tensor cores"):
             configs.get_configs("nvfp4", arch)
     assert configs.block_r(4) == 16 and configs.block_r(33) == 64
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp8_block", "nvfp4"])
+def test_dequantize_to_scratch_equals_the_fused_dequant_path(fmt, monkeypatch) -> None:
+    """Large-M dequant GEMMs dequantize once to a bf16 buffer; both paths compute the same function."""
+    x, w, a, b, bias, go, wl = _case(37, 96, 128, 4, fmt, seed=3)
+    results = []
+    for min_rows in (10**9, 1):  # fused in-register dequantization, then the scratch buffer
+        monkeypatch.setattr(launch, "DEQUANT_SCRATCH_MIN_ROWS", min_rows)
+        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, "bf16", "bf16")
+        grads = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, "bf16")
+        results.append((y, grads[0]))
+    assert launch.dequantize_to_scratch(1)  # monkeypatched threshold is in force
+    (y_fused, gi_fused), (y_scratch, gi_scratch) = results
+    assert sqnr(y_scratch, y_fused) > FLOOR
+    assert sqnr(gi_scratch, gi_fused) > FLOOR
+    y_r, _ = ref.lora_linear_ref(x, wl, fmt, a, b, None, bias, 2.0, "bf16", "bf16")
+    assert sqnr(y_scratch, y_r) > FLOOR

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import io
+import json
 import os
 import pickle
 import re
@@ -170,17 +173,48 @@ def parse_sass(sass: str) -> tuple[Counter, Counter]:
 
 
 def disassemble(cubin: bytes) -> tuple[str, dict[str, int]]:
-    """(SASS text, resource usage {REG, STACK, SHARED, LOCAL}) of a cubin, via Triton's cuobjdump."""
+    """(SASS text, resource usage {REG, STACK, SHARED, LOCAL}) of a cubin, via Triton's cuobjdump.
+
+    cuobjdump costs about a second per cubin, so results are kept next to Triton's own
+    cache (`<TRITON_CACHE_DIR>/surogate-sass/<sha256 of the cubin>.json.gz`).
+    """
+    path = _sass_cache_path(cubin)
+    if path is not None and os.path.exists(path):
+        try:
+            with gzip.open(path, "rt") as f:
+                cached = json.load(f)
+            return cached["sass"], cached["usage"]
+        except (OSError, ValueError, KeyError):
+            pass  # a torn or stale entry: disassemble again
     tool = _cuobjdump()
     with tempfile.TemporaryDirectory(prefix="surogate-aot-") as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
+        cubin_path = os.path.join(tmp, "kernel.cubin")
+        with open(cubin_path, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([tool, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
     m = _RES_USAGE.search(res)
     usage = dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups()))) if m else {}
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp_path = f"{path}.{os.getpid()}.tmp"
+            with gzip.open(tmp_path, "wt") as f:
+                json.dump({"sass": sass, "usage": usage}, f)
+            os.replace(tmp_path, path)  # atomic: parallel workers never read half a file
+        except OSError:
+            pass  # a read-only cache only costs time
     return sass, usage
+
+
+def _sass_cache_path(cubin: bytes) -> str | None:
+    try:
+        from triton import knobs
+
+        root = knobs.cache.dir
+    except Exception:
+        return None
+    return os.path.join(root, "surogate-sass", hashlib.sha256(cubin).hexdigest() + ".json.gz") if root else None
 
 
 def _full_signature(fn: Any, request: BuildRequest) -> tuple[dict[str, str], dict[str, Any]]:

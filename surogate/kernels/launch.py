@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from surogate.kernels import quantize as q
-from surogate.kernels.dequantize import dequantize_nvfp4
+from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
 from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
@@ -48,6 +48,30 @@ def _nf4_shape(weight: list[torch.Tensor], k: int) -> tuple[int, int]:
     return weight[0].numel() * 2 // k, k
 
 
+# Below this many rows the fused in-register dequantization wins: the GEMM is bound by reading
+# the weight, and the packed weight is 2-4x smaller than bf16. Above it, every M tile decoding
+# the same weight tile again makes the kernel ALU-bound (qnf4 ran at 0.3x of bf16 on an H100,
+# bench/NOTES.md), while one dequantization pass to a transient bf16 buffer costs ~2% of the GEMM.
+DEQUANT_SCRATCH_MIN_ROWS = 128
+
+
+def dequantize_to_scratch(rows: int) -> bool:
+    """Whether a dequant-format GEMM over `rows` rows dequantizes the weight once into a transient
+    bf16 buffer (freed after the call) and runs the bf16 kernel, instead of dequantizing per tile."""
+    return rows >= DEQUANT_SCRATCH_MIN_ROWS
+
+
+def _dequantize_weight(weight, weight_format: str, k: int) -> torch.Tensor:
+    """The frozen weight as a transient bf16 (N, K) tensor, by the Triton dequantization kernels."""
+    if weight_format == "fp8_block":
+        return dequantize_fp8_block(weight[0], weight[1])
+    if weight_format in ("nvfp4", "nvfp4_cached"):
+        return dequantize_nvfp4(weight[0], weight[1], weight[2], shape=(weight[0].shape[0], k))
+    if weight_format == "nf4":
+        return dequantize_nf4(*weight, shape=_nf4_shape(weight, k))
+    raise ValueError(f"weight_format {weight_format!r} is not dequantized")
+
+
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
                      grad_input):
     """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract."""
@@ -64,6 +88,9 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         hidden = x.new_empty((x.shape[0], 0))
     h, u = (hidden, up) if has_lora else (None, None)
     b = bias.to(dtype) if bias is not None else None
+    if name.startswith("lora_linear_dequant_") and dequantize_to_scratch(x.shape[0]):
+        name = "lora_linear_bf16"
+        weight = [_dequantize_weight(weight, weight_format, k)]
     run = FORWARD_LAUNCHERS[name]
     if name == "lora_linear_bf16":
         out = run(x, weight[0], h, u, b, lora_scale)
@@ -104,6 +131,9 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None
+    if name.startswith("grad_input_dequant_") and dequantize_to_scratch(g.shape[0]):
+        name = "grad_input_bf16"
+        weight = [_dequantize_weight(weight, weight_format, k)]
     run = GRAD_INPUT_LAUNCHERS[name]
     if name == "grad_input_bf16":
         dx = run(g, weight[0], gh, a, lora_scale)
