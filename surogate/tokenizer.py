@@ -76,6 +76,7 @@ def default_tokenizer_path(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
         os.replace(tmp, path)
     return path
 

@@ -190,6 +190,9 @@ def plot_losses(history: list[dict], evals: list[dict], path: "str | os.PathLike
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1.5)
     if evals:
         ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o--", label="eval loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title(title, fontsize=9)
@@ -286,7 +289,7 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 
     history: list[dict] = []
     evals: list[dict] = []
-    tokens_total, t_first_step, window_tokens = 0, None, 0
+    tokens_total, t_first_step, window_tokens, eval_s = 0, None, 0, 0.0
     t_train = t_window = time.perf_counter()
     for step in range(1, total + 1):
         step_loss, step_tokens = 0.0, 0
@@ -322,12 +325,13 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
         if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
             t_eval = time.perf_counter()
             evals.append({"step": step, "loss": evaluate(model, eval_set, eval_bs, device)})
+            eval_s += time.perf_counter() - t_eval
             log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
             t_window = time.perf_counter()
     t_end = time.perf_counter()
     train_s = t_end - t_train
     # Steady-state throughput: after the first step (which pays for compilation), as DESIGN.md §5.
-    steady_s = t_end - t_steady
+    steady_s = t_end - t_steady - eval_s
     tokens_per_s = tokens_steady / steady_s if total > 1 and steady_s > 0 else tokens_total / train_s
 
     first_eval = None

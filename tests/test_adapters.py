@@ -128,3 +128,23 @@ def test_merge_equals_base_plus_adapter(base_dir, tmp_path, dtype, tol):
         got = merged(input_ids=_ids()).logits
     # bf16: the merged weight is rounded once to bf16 (relative 2^-9), so allow that much.
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_adapter_of_a_compiled_model_loads_onto_the_plain_base(base_dir, tmp_path):
+    """What surogate.compile returns saves an adapter that plain PEFT on the bf16 base reproduces."""
+    from peft import LoraConfig, PeftModel
+
+    torch.manual_seed(1)
+    model = surogate.compile(_base(base_dir, torch.bfloat16), recipe="bf16", arch="cpu",
+                             lora=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model.eval()
+    out = surogate.save_adapter(model, tmp_path / "c")
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight" in load_file(out / ADAPTER_WEIGHTS)
+    with torch.no_grad():
+        compiled = model(input_ids=_ids()).logits.float()
+        reloaded = PeftModel.from_pretrained(_base(base_dir, torch.bfloat16), out).eval()
+        eager = reloaded(input_ids=_ids()).logits.float()
+        plain = _base(base_dir, torch.bfloat16)(input_ids=_ids()).logits.float()
+    # Same weights; the compiled graph computes the LoRA branch in bf16, PEFT eager in FP32.
+    err = (compiled - eager).abs().max()
+    assert err < 0.1 * (plain - eager).abs().max(), err

@@ -43,7 +43,7 @@ _TYPED_MNEMONICS = frozenset({"sm_89", "sm_90", "sm_120"})
 _NVFP4_SCALED = MappingProxyType({"sm_100": "UTCOMMA.4X", "sm_120": "UE4M3.4X"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: fields hold functions and mappings
 class KernelSpec:
     """One kernel specialization to build for each arch it runs on."""
 
