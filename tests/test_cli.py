@@ -73,6 +73,24 @@ def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, 
     assert lora_b.abs().sum() > 0  # trained: B left its zero initialisation
 
 
+def test_embedded_default_keeps_its_random_base(tmp_path, cache, capsys):
+    """`model: default` saves its random base beside the adapter, so that the adapter is usable."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = ["train", "--output-dir", str(tmp_path / "d"), "--set", "max_steps=1", "--set", "sequence_len=32",
+            "--set", "dataset.max_train_samples=8", "--set", "dataset.max_eval_samples=2",
+            "--set", "lora_target_modules=[q_proj]"]
+    assert main(args) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    adapter_cfg = json.loads((tmp_path / "d" / "adapter" / "adapter_config.json").read_text())
+    base_dir = tmp_path / "d" / "base_model"
+    assert adapter_cfg["base_model_name_or_path"] == str(base_dir.resolve())
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert base.config.vocab_size == 2048 and base.config.num_hidden_layers == 2
+    PeftModel.from_pretrained(base, tmp_path / "d" / "adapter")
+
+
 def test_train_without_packing(tmp_path, tiny_model_dir, cache):
     assert main(["train", _config(tmp_path, tiny_model_dir, sample_packing=False, max_steps=1, eval_steps=None,
                                   sequence_len=256), "--set", "dataset.eval_split=null"]) == 0

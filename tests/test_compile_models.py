@@ -62,6 +62,11 @@ CASES = [(m, r) for m in ("qwen3", "llama") for r in FULL] + [
     for r in ("bf16", q)]
 
 
+# Training 20 steps: every model's bf16 and rotated quantized case, and qwen3 under qfp8 and qnf4. The rest of
+# the full matrix compares numbers only (CPU time: the NVFP4 reference is slow to step).
+NO_TRAIN = {(m, r) for m in ("qwen3", "llama") for r in FULL if r != "bf16"} - {("qwen3", "qfp8"), ("qwen3", "qnf4")}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
@@ -91,6 +96,8 @@ def test_model_matches_eager_peft_and_trains(arch_name, recipe):
     flat = lambda d: torch.cat([d[k].flatten().float() for k in sorted(d)])  # noqa: E731
     assert _rel(flat(g), flat(g_ref)) < grad_bound
 
+    if (arch_name, recipe) in NO_TRAIN:
+        return
     opt = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=1e-2)
     first = loss.item()
     for _ in range(20):
