@@ -71,6 +71,11 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     ctx_options = {"horizontal": horizontal}
     backend = make_backend(rec, arch_name, report, ctx_options)
     hf = peft_model.base_model.model
+    if getattr(getattr(hf, "config", None), "use_cache", False):
+        # A KV cache in training makes each block update its own cache slot (a guard on layer_idx):
+        # one recompile per layer. Training needs no cache; generate() can still pass use_cache=True.
+        hf.config.use_cache = False
+        report.note("config.use_cache set to False (training needs no KV cache; it would recompile per layer)")
     blocks = _decoder_blocks(hf, targets) if regional else []
     if blocks:
         # Block 0 would otherwise see an input without grad and compile a second graph.
@@ -81,7 +86,9 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     else:
         # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
         body = getattr(hf, "base_model", hf)
-        body.forward = torch.compile(body.forward, backend=backend, dynamic=dynamic or None)
+        # dynamic=None, never True: True turns Python floats (the LoRA scale) into graph inputs, which the
+        # match pass refuses; automatic dynamic shapes still stop recompiling after the second length.
+        body.forward = torch.compile(body.forward, backend=backend, dynamic=None)
         report.note("whole-backbone capture (no repeated decoder blocks found, or regional=False)")
     if chunked_loss:
         _attach_chunked_loss(hf, report)

@@ -108,10 +108,11 @@ def test_lora_dict_and_no_labels_returns_logits():
     out = model(input_ids=ids)
     assert out.logits.shape == (1, 6, 128)
     assert len(model.surogate_report.linears) == 1
+    assert model.surogate_report.graphs == 1  # HF's path too: no KV cache, so no recompile per layer
 
 
 def test_whole_model_capture_without_regions():
-    model = surogate.compile(_qwen3(), recipe="qfp8", arch="cpu", regional=False, dynamic=False)
+    model = surogate.compile(_qwen3(), recipe="qfp8", arch="cpu", regional=False)
     ids = torch.randint(0, 128, (2, 8))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
