@@ -17,7 +17,7 @@ from surogate import recipes  # noqa: E402  (pure data, cheap)
 _LAZY = {
     "formats": ("surogate.formats", None),
     "ops": ("surogate.ops", None),
-    "compile": ("surogate.compile", "compile"),
+    "compile": ("surogate.compiler", "compile"),
     "save_adapter": ("surogate.adapters", "save_adapter"),
     "load_adapter": ("surogate.adapters", "load_adapter"),
     "merge": ("surogate.adapters", "merge"),

@@ -102,7 +102,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
     import importlib
 
-    compile_fn = importlib.import_module("surogate.compile").compile
+    compile_fn = importlib.import_module("surogate.compiler").compile
     return compile_fn(model, recipe=cfg.recipe, lora=lora_config(cfg), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation)
 

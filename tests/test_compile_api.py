@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import surogate
-from surogate.compile import AlreadyCompiledError
+from surogate.compiler import AlreadyCompiledError
 from surogate.modules import SurogateLinear
 from surogate.recipes import RecipeNotSupportedError
 

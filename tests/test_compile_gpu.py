@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import surogate
-from surogate.compile import _attach_lora
+from surogate.compiler import _attach_lora
 
 BOUNDS = {"bf16": (1e-3, 0.06), "fp8": (5e-3, 0.25), "qfp8": (5e-3, 0.25), "qfp8-bf16": (5e-3, 0.2),
           "qnf4": (5e-3, 0.3), "fp4": (1e-2, 1.0), "qfp4": (1e-2, 1.0)}

@@ -16,7 +16,7 @@ import torch
 import transformers as T
 
 import surogate
-from surogate.compile import _attach_lora
+from surogate.compiler import _attach_lora
 
 H, V = 64, 128
 BOUNDS = {  # recipe: (relative loss error, relative LoRA-gradient error)

@@ -15,7 +15,6 @@ what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
 from __future__ import annotations
 
 import itertools
-import sys
 import types
 import warnings
 from typing import Any
@@ -317,13 +316,3 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
     report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "
                 f"(softcap {softcap})" if softcap else "lm_head + cross-entropy: surogate::lm_head_ce, chunked")
 
-
-class _CallableModule(types.ModuleType):
-    """`import surogate.compile` binds the submodule over the lazy `surogate.compile` function (same name);
-    making the module callable keeps `surogate.compile(model, ...)` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return compile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
