@@ -73,6 +73,13 @@ def _cuda_backend():
     return launch
 
 
+def _implementation(name: str, tensor: Tensor):
+    """`<name>_cuda` (Triton) for CUDA tensors, `<name>_ref` (plain torch) for the rest."""
+    if tensor.is_cuda:
+        return getattr(_cuda_backend(), f"{name}_cuda")
+    return getattr(_backend(), f"{name}_ref")
+
+
 @torch.library.custom_op("surogate::lora_linear", mutates_args=())
 def _lora_linear_op(
     input: Tensor,
@@ -87,11 +94,7 @@ def _lora_linear_op(
     grad_input: str,
 ) -> tuple[Tensor, Tensor]:
     _assert_finite(input, "the input")
-    if input.is_cuda:
-        fn = _cuda_backend().lora_linear_cuda
-    else:
-        fn = _backend().lora_linear_ref
-    output, lora_hidden = fn(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
+    output, lora_hidden = _implementation("lora_linear", input)(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
                              forward, grad_input)
     return output, lora_hidden
 
@@ -120,11 +123,7 @@ def _lora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors."""
     _assert_finite(grad_output, "the gradient")
-    if grad_output.is_cuda:
-        fn = _cuda_backend().lora_linear_backward_cuda
-    else:
-        fn = _backend().lora_linear_backward_ref
-    grads = fn(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale,
+    grads = _implementation("lora_linear_backward", grad_output)(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale,
                grad_input)
     return tuple(_empty_if_none(g, grad_output) for g in grads)
 
