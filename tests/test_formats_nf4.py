@@ -22,11 +22,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def _eager_bitsandbytes(monkeypatch):
-    """bitsandbytes wraps some CPU fallbacks in torch.compile; run them eagerly (same math, no compile time)."""
+def _eager_bitsandbytes():
+    """bitsandbytes wraps some CPU fallbacks in torch.compile; run them eagerly (same math, no compile time).
+
+    torch's own `config.patch`, not pytest's monkeypatch: pytest >= 9.2 undoes a setattr on an
+    attribute served by `__getattr__` (torch's config modules) with delattr, which removes the option.
+    """
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _bnb(x: torch.Tensor, double_quant: bool):
