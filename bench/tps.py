@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -131,23 +130,9 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
 
 
 def environment() -> dict:
-    import torch
+    from surogate.info import run_record
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = os.environ.get("SUROGATE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip() or None
-        except OSError:
-            commit = None
-    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton_version, "commit": commit}
+    return run_record(str(Path(__file__).resolve().parent))
 
 
 def available(system: str) -> str | None:

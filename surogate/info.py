@@ -66,6 +66,30 @@ def environment() -> dict[str, str]:
     return env
 
 
+
+def run_record(repo: "str | None" = None) -> dict[str, str]:
+    """`environment()` plus the Python version and the git commit: what every benchmark result records.
+
+    The commit is $GIT_COMMIT when set (the GPU machine's copy of the tree has no .git), else
+    `git rev-parse --short HEAD` in `repo`, else "unknown".
+    """
+    import os
+    import platform
+    import subprocess
+
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    record = {**environment(), "python": platform.python_version(), "commit": commit or "unknown"}
+    if record["arch"] == "cpu":
+        record["gpu"] = "cpu"  # a field for tables, not the sentence `surogate info` prints
+    return record
+
+
 def _package_version() -> str:
     import surogate
 
