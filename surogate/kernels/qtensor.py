@@ -22,8 +22,19 @@ def _shape_str(shape: "torch.Size | tuple[int, ...]") -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
+class _QuantizedTensor:
+    """What every quantized tensor shares: storage size (elements and scales) from `tensors()`."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors())
+
+
 @dataclass(eq=False)
-class Fp8Tensor:
+class Fp8Tensor(_QuantizedTensor):
     """FP8 (E4M3 or E5M2) elements with FP32 scales.
 
     `block` says how many elements share one scale: None is one scale for the tensor
@@ -53,10 +64,6 @@ class Fp8Tensor:
             return "row"
         return "block"
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
     def tensors(self) -> list[torch.Tensor]:
         return [self.data, self.scale]
 
@@ -71,7 +78,7 @@ class Fp8Tensor:
 
 
 @dataclass(eq=False)
-class NVFP4Tensor:
+class NVFP4Tensor(_QuantizedTensor):
     """NVFP4: E2M1 pairs in bytes (element 2i in the low nibble), E4M3 scale per 16, FP32 tensor scale.
 
     The last dim is padded with zeros up to a multiple of 16; `shape` is the original shape.
@@ -81,10 +88,6 @@ class NVFP4Tensor:
     block_scale: torch.Tensor
     tensor_scale: torch.Tensor
     shape: torch.Size
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.block_scale, self.tensor_scale]
@@ -100,7 +103,7 @@ class NVFP4Tensor:
 
 
 @dataclass(eq=False)
-class NF4Tensor:
+class NF4Tensor(_QuantizedTensor):
     """bitsandbytes NF4: codes per element (element 2i in the HIGH nibble), absmax per block.
 
     With double quantization `absmax` is None and the absmaxes are stored as 8-bit codes of
@@ -122,10 +125,6 @@ class NF4Tensor:
     def double_quant(self) -> bool:
         return self.absmax is None
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
     def tensors(self) -> list[torch.Tensor]:
         """The weight list of docs/internals.md (`[packed, absmax]` when not double-quantized)."""
         if self.double_quant:
@@ -143,7 +142,7 @@ class NF4Tensor:
 
 
 @dataclass(eq=False)
-class MXTensor:
+class MXTensor(_QuantizedTensor):
     """OCP MX: E4M3 elements (or E2M1 pairs packed like NVFP4) with an E8M0 scale per 32.
 
     E8M0 stores a biased exponent: scale = 2**(code - 127), code 255 is NaN. The last dim is
@@ -154,10 +153,6 @@ class MXTensor:
     scale: torch.Tensor
     element: str
     shape: torch.Size
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.data, self.scale]
