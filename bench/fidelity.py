@@ -557,19 +557,32 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     fig.savefig(str(path))
 
 
+def _records_dir(args) -> Path:
+    """This machine's runs directory, or else the only one of this base in the work dir: the report
+    may run where the fine-tuning did not (another Python or tokenizers version changes the key)."""
+    own = runs_dir(args)
+    if own.is_dir():
+        return own
+    found = sorted((Path(args.work) / "runs").glob(f"{args.base}-*"))
+    if len(found) == 1:
+        log(f"report: {own.name} not here; reading the only {args.base} run, {found[0].name}")
+        return found[0]
+    return own
+
+
 def report(args) -> list[dict]:
     from surogate.recipes import names
 
-    src = runs_dir(args)
+    src = _records_dir(args)
     records = {p.stem: json.loads(p.read_text()) for p in src.glob("*.json")} if src.is_dir() else {}
     if not records:
         raise SystemExit(f"fidelity: no recipe records in {src}; run --phase finetune with the same settings")
     order = names(include_aliases=False)
     records = [records[n] for n in sorted(records, key=lambda n: order.index(n) if n in order else len(order))]
     rows = [_row(r, next((b for b in records if b["recipe"] == "bf16"), None)) for r in records]
-    base_meta = json.loads((base_dir(args) / "base.json").read_text())
-    settings = finetune_settings(args)
-    study = {"base": args.base, "base_dir": base_dir(args).name, "base_params": base_meta["params"],
+    settings = records[0]["settings"]  # as the GPU run wrote them (this machine may key them differently)
+    base_meta = json.loads((Path(args.work) / settings["base"] / "base.json").read_text())
+    study = {"base": args.base, "base_dir": settings["base"], "base_params": base_meta["params"],
              "base_heldout_loss": base_meta["heldout_loss"], "pretrain_tokens":
              args.spec.pretrain_steps * args.spec.pretrain_batch * args.spec.seq, "pretrain_s": base_meta["pretrain_s"],
              "eval": "mean cross-entropy over the answer tokens (answer, '#### N', EOS) of GSM8K test examples, "
@@ -592,7 +605,9 @@ def report(args) -> list[dict]:
           f"{records[0]['eval_tokens']:,} scored tokens). 'vs bf16' = eval loss / bf16's; a target is met when "
           "the ratio is at or under it. 'base loss' is the same loss with the LoRA B matrices zeroed: the "
           "pretrained base as the recipe stores it." + (" Exact match: greedy decoding, '#### N' compared "
-                                                       "as numbers." if args.exact_match else ""),
+                                                       "as numbers." if args.exact_match else
+                                                       " Exact match: not measured in this run (--exact-match K "
+                                                       "decodes the first K test questions)."),
           "", *table_lines(rows), "", "Train-loss curves: fidelity_loss.png."]
     (out / "fidelity.md").write_text("\n".join(md) + "\n")
     plot_curves(records, out / "fidelity_loss.png",

@@ -67,6 +67,21 @@ def _to_nf4(model):
     return model
 
 
+# Suffixes of a surogate system name, for ablations: "surogate:bf16+whole" compiles the whole backbone.
+SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}}
+
+
+def surogate_system(system: str) -> tuple[str, dict]:
+    """("bf16", {"regional": False}) for "surogate:bf16+whole": the recipe and surogate.compile options."""
+    recipe, *flags = system.split(":", 1)[1].split("+")
+    options: dict = {}
+    for flag in flags:
+        if flag not in SUROGATE_OPTIONS:
+            raise ValueError(f"unknown option +{flag} in {system!r}; known: {', '.join(SUROGATE_OPTIONS)}")
+        options.update(SUROGATE_OPTIONS[flag])
+    return recipe, options
+
+
 def build(size: str, system: str):
     """The model a system trains, ready for `model(input_ids=..., labels=...)`."""
     import torch
@@ -85,7 +100,8 @@ def build(size: str, system: str):
     if system.startswith("surogate:"):
         import surogate
 
-        return surogate.compile(model, recipe=system.split(":", 1)[1], lora=_lora_config())
+        recipe, options = surogate_system(system)
+        return surogate.compile(model, recipe=recipe, lora=_lora_config(), **options)
     model = get_peft_model(model, _lora_config())
     if system == "hf_compile":
         model = torch.compile(model)
@@ -145,7 +161,7 @@ def available(system: str) -> str | None:
     if system.startswith("surogate:"):
         from surogate.recipes import Support, plan
 
-        p = plan(system.split(":", 1)[1])
+        p = plan(surogate_system(system)[0])
         if p.support is Support.REFUSED:
             return p.explain()
     return None
@@ -208,6 +224,10 @@ def _plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _previous_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="0.6B", help=f"comma list of {', '.join(QWEN3)}")
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--timeout", type=int, default=900, help="seconds per (model, system) subprocess")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--append", action="store_true",
+                   help="keep the records already in --out/tps.json (a re-measured (model, system) replaces its own)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=args.seq, accum=args.accum)
@@ -230,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = PEERS + [f"surogate:{r}" for r in SUROGATE_RECIPES] if args.systems == "all" \
         else args.systems.split(",")
     env = environment()
-    records, skipped = [], {}
+    records, skipped = (_previous_records(args.out / "tps.json") if args.append else []), {}
     for system in systems:
         why = available(system)
         if why:
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 record = {"model": f"Qwen3-{size}", "system": system, "error": f"timed out after {args.timeout}s"}
             record.update(env)
-            records.append(record)
+            records = [r for r in records if (r["model"], r["system"]) != (record["model"], system)] + [record]
             shown = record.get("error", "").splitlines()[-1:] if "error" in record else \
                 f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB  first step " \
                 f"{record['first_step_s']:6.1f} s  loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}"

@@ -155,8 +155,9 @@ def _dequantize_nvfp4_kernel(
     bcode = tl.load(bscale_ptr + rows.to(tl.int64)[:, None] * stride_bm + bcols[None, :],
                     mask=rmask[:, None] & (bcols < stride_bm)[None, :], other=0).to(tl.int32)
     scale = _fp8_value(bcode, 3, 7) * tl.load(tscale_ptr)
-    mag = _e2m1_value(codes & 7)
-    val = tl.where((codes & 8) != 0, -mag, mag) * scale[:, :, None]
+    mag = _e2m1_value(codes & 7) * scale[:, :, None]
+    # The sign goes in as a bit: on the GPU `where(neg, -mag, mag) * scale` gave +0 for code 8 (-0).
+    val = (mag.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
     val = tl.reshape(val, (BLOCK_M, BLOCK_K))
     cols = k0 + tl.arange(0, BLOCK_K)
     _store_out(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], val,

@@ -12,11 +12,12 @@ import torch
 
 from surogate.kernels import quantize as q
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
+from surogate.kernels.configs import device_arch
 from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
 from surogate.kernels.reference_linear import NVFP4_SR_SEED
-from surogate.recipes.arch import FORWARD_KERNELS, GRAD_INPUT_KERNELS
+from surogate.recipes.arch import ARCHS, FORWARD_KERNELS, GRAD_INPUT_KERNELS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 from surogate.recipes.recipe import Compute, WeightFormat
 
@@ -72,10 +73,22 @@ def _dequantize_weight(weight, weight_format: str, k: int) -> torch.Tensor:
     raise ValueError(f"weight_format {weight_format!r} is not dequantized")
 
 
+def emulates_fp4(device: torch.device) -> bool:
+    """Whether NVFP4 GEMMs on `device` run emulated: no FP4 tensor cores (sm_89, sm_90). Off the GPU
+    (the Triton interpreter in tests) every kernel runs, the native FP4 one included."""
+    return device.type == "cuda" and not ARCHS[device_arch(device.index or 0)].fp4_mma
+
+
+def _nvfp4_round_trip(t: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """`t` quantized to NVFP4 (16 along its last dim) and back to bf16: the values an FP4 MMA would
+    read. bf16 holds each e2m1 x e4m3 product exactly; only the FP32 tensor scale rounds (2^-9)."""
+    packed, block_scale, tensor_scale = q.quantize_nvfp4(t, stochastic=stochastic, seed=NVFP4_SR_SEED)
+    return dequantize_nvfp4(packed, block_scale, tensor_scale, shape=t.shape)
+
+
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
                      grad_input):
     """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract."""
-    name = kernel_name("output", forward, weight_format)
     lead, k = input.shape[:-1], input.shape[-1]
     dtype = input.dtype
     x = _rows(input)
@@ -86,6 +99,11 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         up = lora_b.to(dtype)
     else:
         hidden = x.new_empty((x.shape[0], 0))
+    if forward == "nvfp4" and emulates_fp4(x.device):
+        # As the reference: the input's NVFP4 values times the weight's, here by a bf16 MMA (the LoRA
+        # branch above keeps the unquantized input).
+        x, forward = _nvfp4_round_trip(x), "bf16"
+    name = kernel_name("output", forward, weight_format)
     h, u = (hidden, up) if has_lora else (None, None)
     b = bias.to(dtype) if bias is not None else None
     if name.startswith("lora_linear_dequant_") and dequantize_to_scratch(x.shape[0]):
@@ -117,7 +135,6 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
 def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
                               lora_scale, grad_input):
     """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None."""
-    name = kernel_name("grad_input", grad_input, weight_format)
     k = input.shape[-1]
     dtype = grad_output.dtype
     g = _rows(grad_output)
@@ -131,6 +148,13 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None
+    if grad_input == "nvfp4" and emulates_fp4(g.device):
+        # As the reference: the gradient NVFP4 along N with stochastic rounding, the weight's values
+        # re-quantized along N; a bf16 MMA over both (the LoRA term above used the exact gradient).
+        w = dequantize_nvfp4(weight[0], weight[1], weight[2], shape=(g.shape[1], k), dtype=torch.float32)
+        weight, weight_format, grad_input = [_nvfp4_round_trip(w.t().contiguous()).t().contiguous()], "bf16", "bf16"
+        g = _nvfp4_round_trip(g, stochastic=True)
+    name = kernel_name("grad_input", grad_input, weight_format)
     if name.startswith("grad_input_dequant_") and dequantize_to_scratch(g.shape[0]):
         name = "grad_input_bf16"
         weight = [_dequantize_weight(weight, weight_format, k)]

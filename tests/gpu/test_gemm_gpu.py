@@ -33,11 +33,12 @@ def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _runs(recipe: str) -> tuple[str, str]:
-    """(forward, grad_input) computes that actually run here (emulated NVFP4 runs as bf16)."""
+    """(forward, grad_input) computes the compiled graph passes the op (the recipe's own: where FP4
+    is emulated, the op quantizes to NVFP4 and runs a bf16 MMA itself)."""
     p = plan(recipe, current_arch())
     if p.support is Support.REFUSED:
         pytest.fail(f"{recipe} refused on {current_arch()}: {p.explain()}")
-    return p.gemm("output").precision.value, p.gemm("grad_input").precision.value
+    return p.recipe.forward.value, p.recipe.grad_input.value
 
 
 def _case(recipe: str, m: int, n: int, k: int, seed: int):
@@ -109,7 +110,8 @@ def test_forward_backward_vs_oracle(recipe: str, shape: tuple[int, int, int]) ->
     # fp8_row dgrad reads the K-major transpose, quantized on its own (per input channel)
     wd_t = (wl[2].float() * wl[3][:, None]).t() if fmt == "fp8_row" and dg == "fp8" else wd
     gi_ref = _dequant_act(go, dg, fmt, "e5m2") @ wd_t + SCALE * gh.bfloat16().float() @ a.bfloat16().float()
-    assert sqnr(gi, gi_ref) > ORACLE_FLOOR - 3
+    # NVFP4 dgrad: stochastic rounding and the weight re-quantized along N, neither in this oracle
+    assert sqnr(gi, gi_ref) > (12.0 if dg == "nvfp4" else ORACLE_FLOOR - 3)
     assert sqnr(ga, SCALE * gh.t() @ x.float()) > 40
     assert sqnr(gb, SCALE * go.float().t() @ h.float()) > 40
 
