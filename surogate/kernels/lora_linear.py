@@ -106,6 +106,36 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, 
     return tl.reshape(v, (R, C))
 
 
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, grouped GROUP_M tiles along M so that programs running
+    together share weight tiles in L2 (the Triton matmul tutorial's ordering)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
+def _lora_epilogue(acc, h_ptr, u_ptr, rows_m, cols_n, mask_m, mask_n, R, stride_hm, stride_hr, stride_un,
+                   stride_ur, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + H[rows, :r] @ U[cols, :r]^T: the LoRA up-projection accumulated into the GEMM's own
+    accumulator (U arrives pre-scaled by lora_scale: a second accumulator spilled registers)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    h = tl.load(h_ptr + rows_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    u = tl.load(u_ptr + cols_n[None, :].to(tl.int64) * stride_un + offs_r[:, None] * stride_ur,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
+        h = h.to(tl.float32)
+        u = u.to(tl.float32)
+    return tl.dot(h, u, acc)
+
+
 @triton.jit(launch_metadata=_gemm_metadata)
 def _lora_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr,
@@ -125,14 +155,7 @@ def _lora_gemm_kernel(
     W' is W^T when TRANS_W is False (W stored (N, K), the forward layout) and W itself when
     TRANS_W is True (W stored (K, N) in the kernel's terms: dgrad through the forward weight).
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,16 +211,8 @@ def _lora_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        h = tl.load(h_ptr + rows_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        u = tl.load(u_ptr + cols_n[None, :].to(tl.int64) * stride_un + offs_r[:, None] * stride_ur,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            u = u.to(tl.float32)
-        acc = tl.dot(h, u, acc)  # U arrives pre-scaled by lora_scale: one accumulator, no spill
+        acc = _lora_epilogue(acc, h_ptr, u_ptr, rows_m, cols_n, mask_m, mask_n, R, stride_hm, stride_hr,
+                             stride_un, stride_ur, BLOCK_R, UPCAST)
 
     out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -231,14 +246,7 @@ def _lora_gemm_nvfp4_kernel(
     A: packed (M, K/2) uint8 + (M, K/16) E4M3; W: packed (N, K/2) + (N, K/16); K is the padded
     K (a multiple of 16). The two FP32 tensor scales are applied in the epilogue.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,16 +277,8 @@ def _lora_gemm_nvfp4_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        h = tl.load(h_ptr + rows_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        u = tl.load(u_ptr + cols_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            u = u.to(tl.float32)
-        acc = tl.dot(h, u, acc)  # U arrives pre-scaled by lora_scale: one accumulator, no spill
+        acc = _lora_epilogue(acc, h_ptr, u_ptr, rows_m, cols_n, mask_m, mask_n, R, stride_hm, stride_hr,
+                             stride_un, stride_ur, BLOCK_R, UPCAST)
     out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
