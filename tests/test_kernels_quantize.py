@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from bit_compare import bits as _bits
 
 if not torch.cuda.is_available():  # conftest sets it too; here so the file also runs alone
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,21 +28,6 @@ from surogate.recipes.formats import FP4_E2M1_VALUES  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 ODD = st.sampled_from([1, 5, 16, 77, 123, 128, 130])
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Compare floats by their bytes: -0 differs from +0, every NaN is one NaN.
-
-    The sign of a NaN is not part of the format: torch on x86 CPUs keeps or sets it
-    (x / NaN), CUDA makes NaNs canonical; the kernels always write the positive NaN.
-    """
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        b = t.contiguous().view(torch.uint8)
-        nan = (b & 0x7F) > (0x7E if t.dtype == torch.float8_e4m3fn else 0x7C)
-        return torch.where(nan, torch.full_like(b, 0x7F), b)
-    if t.is_floating_point():
-        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _sample(shape, seed: int, dtype=torch.bfloat16, specials: bool = True, nonfinite: bool = False) -> torch.Tensor:

@@ -16,6 +16,9 @@ import sys
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from bit_compare import bits as _bits  # noqa: E402
+
 from surogate.kernels import dequantize as D
 from surogate.kernels import quantize as Q
 from surogate.kernels import reference_formats as RF
@@ -23,17 +26,6 @@ from surogate.kernels import reference_nf4 as RN
 
 pytestmark = pytest.mark.gpu
 SHAPES = [(4096, 4096), (4096, 12288), (123, 77), (5, 9000)]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Bytes of a tensor, with every NaN one NaN (see tests/test_kernels_quantize.py)."""
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        b = t.contiguous().view(torch.uint8)
-        nan = (b & 0x7F) > (0x7E if t.dtype == torch.float8_e4m3fn else 0x7C)
-        return torch.where(nan, torch.full_like(b, 0x7F), b)
-    if t.is_floating_point():
-        t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t)
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _cpu(ref):
