@@ -67,8 +67,11 @@ def _to_nf4(model):
     return model
 
 
-# Suffixes of a surogate system name, for ablations: "surogate:bf16+whole" compiles the whole backbone.
-SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}}
+# Suffixes of a surogate system name, for ablations: "surogate:bf16+whole" compiles the whole backbone,
+# "+nograph" drives the model eagerly instead of through surogate.GraphedStep (the default),
+# "+ckpt" recomputes each decoder block in the backward (activation checkpointing).
+SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
+                    "ckpt": {"checkpoint": True}, "nograph": {"cuda_graphs": False}}
 
 
 def surogate_system(system: str) -> tuple[str, dict]:
@@ -101,6 +104,7 @@ def build(size: str, system: str):
         import surogate
 
         recipe, options = surogate_system(system)
+        options.pop("cuda_graphs", None)  # a driver option (worker), not a compile option
         return surogate.compile(model, recipe=recipe, lora=_lora_config(), **options)
     model = get_peft_model(model, _lora_config())
     if system == "hf_compile":
@@ -120,14 +124,23 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
     vocab = qwen3_config(size).vocab_size
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
 
+    def micro_step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss / accum).backward()
+        return loss.detach()
+
+    if system.startswith("surogate:") and surogate_system(system)[1].get("cuda_graphs", True):
+        from surogate.graphed_step import GraphedStep
+
+        graphed = GraphedStep(model, loss_scale=1 / accum)
+        micro_step = lambda ids: graphed(input_ids=ids, labels=ids)  # noqa: E731
+
     times, losses = [], []
     first_step_s = None
     for step in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss / accum
-            loss.backward()
+        step_losses = [micro_step(ids).clone() for ids in batches]
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -136,7 +149,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
             first_step_s = t1 - start
         if step >= warmup:
             times.append(t1 - t0)
-        losses.append(float(loss) * accum)
+        losses.append(float(torch.stack(step_losses).mean()))
     median = statistics.median(times)
     return {
         "model": f"Qwen3-{size}", "system": system, "tokens_per_s": batch * seq * accum / median,

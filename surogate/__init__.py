@@ -21,6 +21,7 @@ _LAZY = {
     "save_adapter": ("surogate.adapters", "save_adapter"),
     "load_adapter": ("surogate.adapters", "load_adapter"),
     "merge": ("surogate.adapters", "merge"),
+    "GraphedStep": ("surogate.graphed_step", "GraphedStep"),
 }
 
 

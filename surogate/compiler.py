@@ -4,8 +4,9 @@ Steps: resolve the recipe's plan for the arch (errors and warnings first, before
 attach LoRA through PEFT unless the model already has it; swap every target's base layer for a
 frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free the bf16 copy);
 compile each decoder block with Dynamo and the surogate backend (regional compilation: one
-graph serves every identical block; the sequence dimension is marked dynamic); route
-`labels=` calls through the chunked LM head + cross-entropy (`surogate.loss`).
+graph serves every identical block; the sequence dimension is marked dynamic); optionally
+checkpoint each block (its forward recomputed in the backward); route `labels=` calls through
+the chunked LM head + cross-entropy (`surogate.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
 rewritten graph runs through AOTAutograd without Inductor (`aot_eager`: seconds of compile,
@@ -14,12 +15,14 @@ what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 import warnings
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from surogate.modules import SurogateLinear
@@ -40,18 +43,35 @@ class AlreadyCompiledError(RuntimeError):
 
 
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
-            allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True,
-            horizontal: bool = True, chunked_loss: bool = True) -> nn.Module:
+            allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
+            horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
     `.loss.backward()` and any optimizer; `model.save_pretrained(dir)` writes a PEFT adapter;
     `model.surogate_report` says what every target linear became.
+
+    `checkpoint=True` turns on activation checkpointing of the decoder blocks: between forward and
+    backward only each block's inputs (the residual stream, plus the small RoPE/mask tensors every
+    block reads) stay alive; the backward runs each block's forward once more to rebuild the rest.
+    It trades one extra forward of every block per step (with frozen base weights the backward is
+    about one forward, so up to about half more block compute) for the activations of every layer.
+    With regional compilation the compiled block call is wrapped in non-reentrant
+    `torch.utils.checkpoint` (the recompute calls the same compiled graph: no recompile); with
+    `regional=False` every block's forward is wrapped before the backbone is compiled, Dynamo
+    captures each as a checkpoint region, the passes rewrite inside them and AOTAutograd's
+    partitioner recomputes them. Blocks are checkpointed only while autograd records and no KV
+    cache is passed (a replay would write the cache twice).
     """
+    if not isinstance(checkpoint, bool):
+        raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
+                        f"got {checkpoint!r}")
     rec = get(recipe)  # unknown names raise with the list of valid ones
     arch_name = current_arch() if arch is None else normalize_arch(arch)
     the_plan = plan(rec, arch_name).check(allow_emulation)
     _refuse_compiled(model)
+    if checkpoint:
+        _check_checkpointable(model)
     peft_model = _attach_lora(model, lora)
     _check_device(peft_model, arch_name)
     _check_dtype(peft_model, rec)
@@ -67,7 +87,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
-    ctx_options = {"horizontal": horizontal}
+    ctx_options = {"horizontal": horizontal, "producer": producer}
     backend = make_backend(rec, arch_name, report, ctx_options)
     hf = peft_model.base_model.model
     if getattr(getattr(hf, "config", None), "use_cache", False):
@@ -75,20 +95,25 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         # one recompile per layer. Training needs no cache; generate() can still pass use_cache=True.
         hf.config.use_cache = False
         report.note("config.use_cache set to False (training needs no KV cache; it would recompile per layer)")
-    blocks = _decoder_blocks(hf, targets) if regional else []
-    if blocks:
+    blocks = _decoder_blocks(hf, targets)
+    if blocks and regional:
         # Block 0 would otherwise see an input without grad and compile a second graph.
         hf.enable_input_require_grads()
-        _compile_blocks(blocks, backend, dynamic)
+        _compile_blocks(blocks, backend, dynamic, checkpoint)
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
                     "compiled graph")
     else:
+        if checkpoint:
+            _checkpoint_blocks(blocks)  # before the backbone is compiled: Dynamo captures each as a region
         # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
         body = getattr(hf, "base_model", hf)
         # dynamic=None, never True: True turns Python floats (the LoRA scale) into graph inputs, which the
         # match pass refuses; automatic dynamic shapes still stop recompiling after the second length.
         body.forward = torch.compile(body.forward, backend=backend, dynamic=None)
         report.note("whole-backbone capture (no repeated decoder blocks found, or regional=False)")
+    if checkpoint:
+        report.note(f"activation checkpointing on: each of the {len(blocks)} decoder blocks keeps only its inputs "
+                    "and recomputes its forward in the backward")
     if chunked_loss:
         _attach_chunked_loss(hf, report)
     peft_model.surogate_report = report
@@ -115,6 +140,16 @@ def _check_device(model: nn.Module, arch: str) -> None:
                          "move it with model.cpu() or pass arch=None")
     if arch != CPU and "cuda" not in devices:
         raise ValueError(f"arch {arch} needs the model on a CUDA device; call model.cuda() first, or pass arch='cpu'")
+
+
+def _check_checkpointable(model: nn.Module) -> None:
+    blocks = _decoder_blocks(model, None)
+    if not blocks:
+        raise ValueError("checkpoint=True checkpoints the decoder blocks, but the model has no ModuleList of "
+                         "identical blocks holding linears; pass checkpoint=False")
+    if any(getattr(b, "gradient_checkpointing", False) for b in blocks):
+        raise ValueError("the model has Hugging Face gradient checkpointing on; with checkpoint=True surogate "
+                         "checkpoints the blocks itself: call model.gradient_checkpointing_disable() first")
 
 
 def _check_dtype(model: nn.Module, recipe: Recipe) -> None:
@@ -224,6 +259,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
     options = options or {}
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
+        _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
         run_pipeline(gm, PassContext(recipe, arch, report, options))
         if arch == CPU:
             return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
@@ -235,6 +271,8 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
 
 
 _REGION_IDS = itertools.count()
+# Decoder-layer keyword arguments that carry a KV cache: a checkpoint replay would update it twice.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
@@ -246,10 +284,31 @@ def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
     return new
 
 
-def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool) -> None:
+def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    """Run the passes inside every activation-checkpoint region of `gm` (each a subgraph of its own).
+
+    Dynamo captures a `torch.utils.checkpoint` call as `tag_activation_checkpoint(body, *inputs)`; the
+    block's linears live in `body`, which the passes (they walk one graph) would not see. A body is part
+    of the graph Dynamo handed over, so it does not count as a graph of its own in the report.
+    """
+    done = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.higher_order.tag_activation_checkpoint:
+            continue
+        body = getattr(gm, node.args[0].target)
+        if id(body) in done:
+            continue
+        done.add(id(body))
+        run_pipeline(body, dataclasses.replace(ctx, matches=[], rewritten=[]))
+        ctx.report.graphs -= 1
+
+
+def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: bool = False) -> None:
     """Compile the blocks' shared forward once; every block calls it (regional compilation).
 
     The sequence dimension of each call's tensors is marked dynamic, so one graph serves every length.
+    With `checkpoint`, each call of the compiled graph runs under `torch.utils.checkpoint` (eager,
+    non-reentrant): the recompute in the backward calls the same compiled graph with the same guards.
     """
     shared = torch.compile(_fresh_function(type(blocks[0]).forward), backend=backend, dynamic=None)
     for block in blocks:
@@ -258,7 +317,23 @@ def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool) -> None:
                 _mark_sequence_dynamic(args, kwargs)
             return shared(_block, *args, **kwargs)
 
-        block.forward = forward
+        block.forward = _checkpointed(forward) if checkpoint else forward
+
+
+def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    """Wrap every block's forward in a checkpoint before the backbone is compiled (regional=False)."""
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(fn):
+    """`fn` under non-reentrant activation checkpointing while autograd records and no KV cache is passed."""
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+            return fn(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+    return forward
 
 
 def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
@@ -284,6 +359,28 @@ def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
 
 # --- LM head + loss -----------------------------------------------------------------------------------
 
+def _causal_mask_mapping(backbone: nn.Module, config: Any) -> dict | None:
+    """`{"full_attention": None}` where the backbone takes a per-layer-type mask mapping and every layer is
+    full causal attention; else None.
+
+    Without a mask, transformers inspects `position_ids` for packed sequences: eagerly with a host
+    sync (`.all()`), and under tracing or CUDA-graph capture without it, which then builds a dense
+    mask; the captured graph would differ from the warm-up and recompile mid-capture. Passing the
+    mapping skips that and keeps SDPA on its causal (flash) path. Models without mapping support
+    keep HF's mask code (no CUDA graph capture for them: see docs/compile.md).
+    """
+    import inspect
+
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or set(layer_types) != {"full_attention"}:
+        return None
+    try:
+        source = inspect.getsource(type(backbone).forward)
+    except (OSError, TypeError):
+        return None
+    return {"full_attention": None} if "causal_mask_mapping := attention_mask" in source else None
+
+
 def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
     """Route `labels=` calls through `surogate.loss.lm_head_cross_entropy` (no full FP32 logits)."""
     config = getattr(hf, "config", None)
@@ -296,6 +393,7 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         return
     softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
     original = hf.forward
+    causal_only = _causal_mask_mapping(backbone, config)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -306,6 +404,8 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
             return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
+        if attention_mask is None and causal_only is not None and "position_ids" not in kwargs:
+            attention_mask = causal_only  # plain causal attention, no mask to build or inspect
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0]
         loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
@@ -313,6 +413,9 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None))
 
     hf.forward = types.MethodType(forward, hf)
+    if causal_only is not None:
+        report.note("attention: causal without a mask when none is passed (no packed-sequence inspection, "
+                    "no host sync; CUDA-graph capturable)")
     report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "
                 f"(softcap {softcap})" if softcap else "lm_head + cross-entropy: surogate::lm_head_ce, chunked")
 

@@ -69,6 +69,8 @@ class TrainConfig:
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int | None = None  # None: evaluate at the end only
+    cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +120,16 @@ def _str(key: str, v: Any, optional: bool = False, choices: tuple[str, ...] | No
     if choices is not None and v not in choices:
         raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
     return v
+
+
+CUDA_GRAPH_MODES = ("auto", "true", "false")
+
+
+def _cuda_graphs(key: str, v: Any) -> str:
+    """YAML reads `true`/`false` as booleans; keep one string form."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return _str(key, v, choices=CUDA_GRAPH_MODES)
 
 
 def _model(key: str, v: Any) -> str:
@@ -251,6 +263,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.seed = _int("seed", c.seed, 0)
     c.logging_steps = _int("logging_steps", c.logging_steps, 1)
     c.eval_steps = _int("eval_steps", c.eval_steps, 1, optional=True)
+    c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
+    c.gradient_checkpointing = _bool("gradient_checkpointing", c.gradient_checkpointing)
     if c.model == "default" and c.tokenizer not in (None, "default"):
         raise ConfigError("tokenizer: the embedded default model is built for the default tokenizer; "
                           "drop the tokenizer key or set model to a directory or hub id")

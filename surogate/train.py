@@ -103,8 +103,9 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     import importlib
 
     compile_fn = importlib.import_module("surogate.compiler").compile
+    options = {"checkpoint": True} if cfg.gradient_checkpointing else {}
     return compile_fn(model, recipe=cfg.recipe, lora=lora_config(cfg), arch=cfg.arch,
-                      allow_emulation=cfg.allow_emulation)
+                      allow_emulation=cfg.allow_emulation, **options)
 
 
 # --- optimizer, schedule, evaluation -------------------------------------------------------------
@@ -123,6 +124,43 @@ def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float =
     params = trainable_parameters(model)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+
+
+class MicroStep:
+    """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed
+    from a CUDA graph (`surogate.GraphedStep`) when `cfg.cuda_graphs` allows. Returns the loss."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr) -> None:
+        self.model, self.mode, self.log = model, cfg.cuda_graphs, log
+        self.loss_scale = 1.0 / cfg.gradient_accumulation_steps
+        if self.mode == "true" and device.type != "cuda":
+            raise ValueError("cuda_graphs: true needs a CUDA device; set cuda_graphs: auto or false")
+        self.graphed = None
+        if self.mode == "true" or (self.mode == "auto" and device.type == "cuda" and cfg.sample_packing):
+            from surogate.graphed_step import GraphedStep
+
+            self.graphed = GraphedStep(model, loss_scale=self.loss_scale)
+
+    def eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        (loss * self.loss_scale).backward()
+        return loss.detach()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.graphed is None:
+            return self.eager(batch)
+        first = not self.graphed.captured
+        try:
+            loss = self.graphed(**batch)
+        except RuntimeError as error:
+            if self.mode == "true" or not first:
+                raise
+            self.log(f"cuda_graphs: {error}\ncuda_graphs: training without CUDA graphs")
+            self.graphed = None
+            return self.eager(batch)
+        if first:
+            self.log("cuda_graphs: the micro-step (forward + backward) is captured and replayed as one CUDA graph")
+        return loss
 
 
 def lr_factor(step: int, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -289,20 +327,20 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     sched = make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
     eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
     micro = _micro_batches(train_set, cfg)
+    micro_step = MicroStep(model, cfg, device, log)
 
     history: list[dict] = []
     evals: list[dict] = []
     tokens_total, t_first_step, window_tokens, eval_s = 0, None, 0, 0.0
     t_train = t_window = time.perf_counter()
     for step in range(1, total + 1):
-        step_loss, step_tokens = 0.0, 0
+        losses, step_tokens = [], 0
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(micro)
-            loss = model(**_to(batch, device)).loss
-            (loss / cfg.gradient_accumulation_steps).backward()
-            step_loss += float(loss.detach()) / cfg.gradient_accumulation_steps
+            batch = next(micro)  # on the host: counting its tokens costs no GPU sync
+            losses.append(micro_step(_to(batch, device)).clone())
             step_tokens += int(batch["input_ids"].numel() if "attention_mask" not in batch
                                else batch["attention_mask"].sum())
+        step_loss = float(torch.stack(losses).mean())  # the step's one host sync
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
