@@ -349,14 +349,14 @@ def _unshadow_stdlib() -> None:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
-def _step(model: Any, opt: Any, batches: list, accum: int) -> Any:
-    """One optimizer step, as bench/tps.py's worker runs it."""
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss / accum
-        loss.backward()
+def _step(micro_step: Any, opt: Any, batches: list) -> Any:
+    """One optimizer step, as bench/tps.py's worker runs it; returns the mean micro-batch loss."""
+    import torch
+
+    losses = [micro_step(ids).clone() for ids in batches]
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return torch.stack(losses).mean()
 
 
 def _trace_path(out: Path, size: str, system: str) -> Path:
@@ -375,18 +375,19 @@ def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int
     vocab = tps.qwen3_config(size).vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
+    micro_step = tps.micro_step_fn(model, system, accum)
     unprofiled = None
     for _ in range(warmup):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _step(model, opt, batches, accum)
+        _step(micro_step, opt, batches)
         torch.cuda.synchronize()
         unprofiled = time.perf_counter() - t0
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t0 = time.perf_counter()
-        loss = _step(model, opt, batches, accum)
+        loss = _step(micro_step, opt, batches)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     kernels, calls, by_context = device_kernels(prof.events(), vocab)
@@ -399,7 +400,7 @@ def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int
         "model": f"Qwen3-{size}", "system": system, "batch": batch, "seq": seq, "accum": accum, "warmup": warmup,
         "step_s": wall, "tokens_per_s": tokens / wall, "unprofiled_step_s": unprofiled,
         "tokens_per_s_unprofiled": tokens / unprofiled if unprofiled else None,
-        "loss": float(loss) * accum, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         **summarize(kernels, wall * 1e6), "launch_calls": calls, "placed_by_context": by_context,
     }
 

@@ -112,6 +112,23 @@ def build(size: str, system: str):
     return model
 
 
+def micro_step_fn(model, system: str, accum: int):
+    """`ids -> loss`: forward + backward of one micro-batch (loss / accum). surogate systems replay it
+    from a CUDA graph (surogate.GraphedStep) unless "+nograph"; peers run it eagerly."""
+    if system.startswith("surogate:") and surogate_system(system)[1].get("cuda_graphs", True):
+        from surogate.graphed_step import GraphedStep
+
+        graphed = GraphedStep(model, loss_scale=1 / accum)
+        return lambda ids: graphed(input_ids=ids, labels=ids)
+
+    def eager(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss / accum).backward()
+        return loss.detach()
+
+    return eager
+
+
 def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int, accum: int) -> dict:
     import torch
 
@@ -124,17 +141,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
     vocab = qwen3_config(size).vocab_size
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
 
-    def micro_step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        (loss / accum).backward()
-        return loss.detach()
-
-    if system.startswith("surogate:") and surogate_system(system)[1].get("cuda_graphs", True):
-        from surogate.graphed_step import GraphedStep
-
-        graphed = GraphedStep(model, loss_scale=1 / accum)
-        micro_step = lambda ids: graphed(input_ids=ids, labels=ids)  # noqa: E731
-
+    micro_step = micro_step_fn(model, system, accum)
     times, losses = [], []
     first_step_s = None
     for step in range(warmup + steps):

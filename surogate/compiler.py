@@ -317,21 +317,36 @@ def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint:
                 _mark_sequence_dynamic(args, kwargs)
             return shared(_block, *args, **kwargs)
 
-        block.forward = _checkpointed(forward) if checkpoint else forward
+        block.forward = _checkpointed(forward, _draws_random(block)) if checkpoint else forward
 
 
 def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
     """Wrap every block's forward in a checkpoint before the backbone is compiled (regional=False)."""
     for block in blocks:
-        block.forward = _checkpointed(block.forward)
+        block.forward = _checkpointed(block.forward, _draws_random(block))
 
 
-def _checkpointed(fn):
+def _draws_random(block: nn.Module) -> bool:
+    """Whether `block` draws random numbers in training (dropout), which a recompute must replay.
+
+    Only then does the checkpoint save and restore the RNG state: that read is a cost per block, and
+    torch refuses it during CUDA-graph capture (surogate.GraphedStep)."""
+    for module in block.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            return True
+    return False
+
+
+def _checkpointed(fn, preserve_rng_state: bool = True):
     """`fn` under non-reentrant activation checkpointing while autograd records and no KV cache is passed."""
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
             return fn(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                 preserve_rng_state=preserve_rng_state, **kwargs)
 
     return forward
 

@@ -80,7 +80,13 @@ def _implementation(name: str, tensor: Tensor):
     return getattr(_backend(), f"{name}_ref")
 
 
-@torch.library.custom_op("surogate::lora_linear", mutates_args=())
+# Written out because infer_schema has no optional tensor list (`input_q`).
+_LORA_LINEAR_SCHEMA = ("(Tensor input, Tensor[] weight, str weight_format, Tensor? lora_a, Tensor? lora_b, "
+                       "Tensor? lora_input, Tensor? bias, float lora_scale, str forward, str grad_input, "
+                       "Tensor[]? input_q=None) -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("surogate::lora_linear", mutates_args=(), schema=_LORA_LINEAR_SCHEMA)
 def _lora_linear_op(
     input: Tensor,
     weight: list[Tensor],
@@ -92,15 +98,16 @@ def _lora_linear_op(
     lora_scale: float,
     forward: str,
     grad_input: str,
+    input_q: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     _assert_finite(input, "the input")
     output, lora_hidden = _implementation("lora_linear", input)(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
-                             forward, grad_input)
+                             forward, grad_input, input_q)
     return output, lora_hidden
 
 
 @_lora_linear_op.register_fake
-def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input):
+def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input, input_q=None):
     n = out_features(weight, weight_format, input.shape[-1])
     rank = 0 if lora_a is None else lora_a.shape[0]
     output = input.new_empty((*input.shape[:-1], n))
@@ -143,7 +150,8 @@ def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input = inputs
+    input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input, input_q = inputs
+    ctx.n_input_q = None if input_q is None else len(input_q)
     ctx.n_weight = len(weight)
     ctx.weight_format = weight_format
     ctx.lora_scale = lora_scale
@@ -170,7 +178,7 @@ def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
     g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
         grad_output.contiguous(), input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
         ctx.lora_scale, ctx.grad_input_precision)
-    return (
+    grads = (
         g_input,
         [None] * ctx.n_weight,  # the frozen weight never gets a gradient
         None,
@@ -181,14 +189,19 @@ def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
         None,
         None,
         None,
+        # input_q: a function of `input` whose gradient the dgrad above already is (straight through)
+        None if ctx.n_input_q is None else [None] * ctx.n_input_q,
     )
+    # The dispatcher drops a trailing argument equal to its default (input_q=None) before autograd sees
+    # the call; needs_input_grad has one entry per argument actually passed, and so must the result.
+    return grads[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("surogate::lora_linear", _backward, setup_context=_setup_context)
 
 
 def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a: Tensor | None,
-             lora_b: Tensor | None, forward: str, grad_input: str) -> None:
+             lora_b: Tensor | None, forward: str, grad_input: str, input_q: Sequence[Tensor] | None = None) -> None:
     """Shape/format checks with messages that say what to do; cheap, and traced once under compile."""
     if weight_format not in _WEIGHT_FORMATS:
         raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(sorted(_WEIGHT_FORMATS))}")
@@ -208,6 +221,8 @@ def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a
             raise ValueError(f"LoRA shapes do not fit: input (..., {input.shape[-1]}), weight N={n}, "
                              f"lora_a {tuple(lora_a.shape)} (want (r, {input.shape[-1]})), lora_b "
                              f"{tuple(lora_b.shape)} (want ({n}, r))")
+    if input_q is not None:
+        _backend().check_input_q(input_q, input, weight_format, forward)
 
 
 def lora_linear(
@@ -221,14 +236,18 @@ def lora_linear(
     lora_scale: float = 1.0,
     forward: str = "bf16",
     grad_input: str = "bf16",
+    input_q: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """`Q(input) @ W.T (+ bias) + lora_scale * (lora_input or input) @ lora_a.T @ lora_b.T`, differentiable.
 
     Gradients flow to `input`, `lora_a`, `lora_b` and `lora_input`; never to the frozen weight or bias.
+    `input_q` is Q(input) already computed (FP8 forwards only: `reference.input_quantizer(forward,
+    weight_format)(input)`), so that the producer of `input` can emit it; it gets no gradient.
     """
-    validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input)
+    validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input, input_q)
     output, _ = torch.ops.surogate.lora_linear(input, list(weight), weight_format, lora_a, lora_b, lora_input,
-                                               bias, float(lora_scale), forward, grad_input)
+                                               bias, float(lora_scale), forward, grad_input,
+                                               None if input_q is None else list(input_q))
     return output
 
 

@@ -167,3 +167,17 @@ def test_whole_backbone_checkpoint():
     # Measured 112,648 / 473,864 = 0.24: AOTAutograd's partitioner keeps each region's inputs and recomputes the
     # rest, except random ops: it keeps the LoRA dropout masks (1 byte an element; 0.090 without dropout).
     assert kept_ckpt < 0.4 * kept_plain, (kept_ckpt, kept_plain)
+
+
+def test_the_rng_state_is_saved_only_for_blocks_that_draw_random_numbers():
+    """A dropout-free block skips the RNG save/restore (a per-block cost, refused under CUDA-graph capture)."""
+    from torch import nn
+
+    from surogate.compiler import _draws_random
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))
+    assert not _draws_random(block)
+    assert _draws_random(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
+    attention = nn.Module()
+    attention.attention_dropout = 0.1
+    assert _draws_random(nn.Sequential(attention))

@@ -1,4 +1,4 @@
-"""Passes 3-4: horizontal fusion of linears sharing an input, producer (RMSNorm/SwiGLU) candidates."""
+"""Pass 3: horizontal fusion of linears sharing an input (pass 4, producer fusion: test_passes_producer.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from surogate.modules import SurogateLinear
-from surogate.passes import PassContext, nodes, producer, run_pipeline
+from surogate.passes import PassContext, nodes, run_pipeline
 from surogate.passes.capture import capture_graph
 
 
@@ -103,20 +103,3 @@ def test_horizontal_refuses_fp8_row():
     gm, _, counts, report = _run(_model("fp8"), "fp8", x)
     assert counts["horizontal"] == 0 and _ops(gm) == 6
     assert any("per-member scales" in what for what, _ in report.groups)
-
-
-def test_producer_candidates_are_reported_and_refused_without_kernel():
-    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
-    gm, _, counts, report = _run(_model("qfp8"), "qfp8", x, horizontal=False)
-    assert counts["producer"] == 0
-    found = [what for what, _ in report.groups if what.startswith(("rmsnorm", "swiglu"))]
-    kinds = [what.split(" ")[0] for what in found]
-    assert kinds.count("rmsnorm") == 2 and kinds.count("swiglu") == 1
-    assert all("not fused" in what and ("rmsnorm_quant" in what or "swiglu_quant" in what) for what in found)
-
-
-def test_producer_checker():
-    recipe = None
-    assert producer.why_not(recipe, "cpu", {"kind": "rmsnorm", "forward": "bf16"}) is not None
-    refused = producer.why_not(recipe, "cpu", {"kind": "swiglu", "forward": "fp8"})
-    assert "swiglu_quant" in refused and not producer.supports(recipe, "cpu", {"kind": "swiglu", "forward": "fp8"})

@@ -16,7 +16,7 @@ from surogate.kernels.configs import device_arch
 from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
-from surogate.kernels.reference_linear import NVFP4_SR_SEED
+from surogate.kernels.reference_linear import NVFP4_SR_SEED, check_input_q
 from surogate.recipes.arch import ARCHS, FORWARD_KERNELS, GRAD_INPUT_KERNELS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 from surogate.recipes.recipe import Compute, WeightFormat
@@ -87,10 +87,15 @@ def _nvfp4_round_trip(t: torch.Tensor, stochastic: bool = False) -> torch.Tensor
 
 
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
-                     grad_input):
-    """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract."""
+                     grad_input, input_q=None):
+    """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract.
+
+    `input_q` ([data, scale], FP8 forwards only) is the input already quantized, usually by the kernel
+    that produced it (passes/producer.py); the GEMM reads it instead of quantizing `input`.
+    """
     lead, k = input.shape[:-1], input.shape[-1]
     dtype = input.dtype
+    given_q = None if input_q is None else tuple(_rows(t) for t in check_input_q(input_q, input, weight_format, forward))
     x = _rows(input)
     has_lora = lora_a is not None and lora_b is not None
     if has_lora:
@@ -113,10 +118,10 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
     if name == "lora_linear_bf16":
         out = run(x, weight[0], h, u, b, lora_scale)
     elif name == "lora_linear_fp8":
-        xq, xs, _ = q.quantize_fp8_rowwise(x, "e4m3")
+        xq, xs = q.quantize_fp8_rowwise(x, "e4m3")[:2] if given_q is None else given_q
         out = run(xq, xs, weight[0], weight[1], h, u, b, lora_scale)
     elif name == "lora_linear_fp8_block":
-        xq, xs = q.quantize_fp8_block(x, FP8_ACTIVATION_BLOCK, "e4m3")
+        xq, xs = q.quantize_fp8_block(x, FP8_ACTIVATION_BLOCK, "e4m3") if given_q is None else given_q
         out = run(xq, xs, weight[0], weight[1], h, u, b, lora_scale)
     elif name == "lora_linear_dequant_fp8_block":
         out = run(x, weight[0], weight[1], h, u, b, lora_scale)

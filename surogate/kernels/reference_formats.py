@@ -22,8 +22,8 @@ from surogate.recipes.formats import (
 
 __all__ = [
     "FP8_DTYPES", "FP8_MAX", "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nvfp4_ref",
-    "e2m1_decode", "e2m1_encode", "pack_nibbles", "quantize_fp8_ref", "quantize_mx_ref",
-    "quantize_nvfp4_ref", "unpack_nibbles",
+    "e2m1_decode", "e2m1_encode", "pack_nibbles", "quantize_fp8_block_ref", "quantize_fp8_ref",
+    "quantize_fp8_rowwise_ref", "quantize_mx_ref", "quantize_nvfp4_ref", "unpack_nibbles",
 ]
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -47,6 +47,11 @@ def _check_float(x: torch.Tensor, what: str) -> None:
     if x.dim() == 0:
         raise ValueError(f"{what} needs at least one dimension (the last one is K); got a scalar, "
                          "reshape it to (1,)")
+
+
+def _check_element(element: str) -> None:
+    if element not in FP8_DTYPES:
+        raise ValueError(f"unknown FP8 element {element!r}; valid: {', '.join(FP8_DTYPES)}")
 
 
 def _amax_to_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
@@ -93,8 +98,7 @@ def quantize_fp8_ref(
     e.g. delayed scaling) is used as is: no amax, no rounding, Inf saturates, NaN stays NaN.
     """
     _check_float(x, "quantize_fp8_ref")
-    if element not in FP8_DTYPES:
-        raise ValueError(f"unknown FP8 element {element!r}; valid: {', '.join(FP8_DTYPES)}")
+    _check_element(element)
     if scaling not in _FP8_SCALINGS:
         raise ValueError(f"unknown FP8 scaling {scaling!r}; valid: {', '.join(_FP8_SCALINGS)}")
     fmax = FP8_MAX[element]
@@ -129,6 +133,78 @@ def quantize_fp8_ref(
         full = s
     data = _cast_fp8(xf / full, element)
     return Fp8Tensor(data=data, scale=s.contiguous(), block=group_block)
+
+
+# --- Traceable activation quantizers ------------------------------------------------------------------
+# Twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block` launchers that an FX pass can put into
+# a graph (passes/producer.py): reductions and pointwise ops with static control flow only, so
+# make_fx/AOTAutograd trace them and Inductor fuses them into the kernel that produces the activation.
+# Eager, they equal `quantize_fp8_ref` bit for bit (tests/test_passes_producer.py) and, on CUDA, the
+# Triton kernels (tests/gpu/test_producer_gpu.py). Compiled by Inductor for CUDA, a code moves by one
+# FP8 step where x / scale is an exact tie: Inductor divides with the approximate `div.full.f32` (and
+# by a constant as a multiply by its reciprocal), where the Triton kernels use IEEE `div_rn`.
+
+def _stored_value(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, as its dtype stores it: `x.float()`, with a bf16 rounding Inductor cannot drop.
+
+    Inductor keeps a fused producer's output in fp32 registers and drops the downcast-upcast pair
+    before the quantizer, which would then quantize the unrounded value: its scale moves by up to
+    2^-8 and ~2% of the codes by one step, against the unfused op. Rounding to nearest even on the
+    bits (a no-op in eager, where x already holds bf16 values) restores what the op would read.
+    """
+    xf = x.float()
+    if x.dtype != torch.bfloat16:
+        return xf
+    bits = xf.view(torch.int32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
+    return torch.where(torch.isnan(xf), xf, rounded)
+
+
+def _scale_from_amax(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """`_amax_to_scale`, dividing by a tensor: eager CUDA divides by a Python scalar as a multiply by
+    its reciprocal, an ulp off the Triton kernels' IEEE division for some amaxes."""
+    scale = amax / torch.full((), fmax, dtype=torch.float32, device=amax.device)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+
+
+def quantize_fp8_rowwise_ref(x: torch.Tensor, element: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (..., K) fp8, scale (..., 1) fp32): `quantize_fp8_ref(x, element, "row")`, traceable.
+
+    The first two outputs of the Triton `quantize.quantize_fp8_rowwise(x, element)`.
+    """
+    _check_float(x, "quantize_fp8_rowwise_ref")
+    _check_element(element)
+    xf = _stored_value(x)
+    scale = _scale_from_amax(xf.abs().amax(-1, keepdim=True), FP8_MAX[element])
+    return _cast_fp8(xf / scale, element), scale
+
+
+def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
+                           element: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """(data fp8 (x.shape), scale fp32): `quantize_fp8_ref(x, element, "block", block)`, traceable.
+
+    What the Triton `quantize.quantize_fp8_block(x, block, element)` returns: for (1, bk) blocks the
+    scale is `(..., ceil(K/bk))`, for (bm, bk) blocks of a 2-D x `(ceil(M/bm), ceil(K/bk))`.
+    """
+    _check_float(x, "quantize_fp8_block_ref")
+    _check_element(element)
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"block must be two positive ints (bm, bk), e.g. (1, 128) or (128, 128); got {block}")
+    bm, bk = block
+    k = x.shape[-1]
+    xf = _stored_value(x).reshape(-1, k)
+    m = xf.shape[0]
+    pad_k = -k % bk
+    pad_m = 0 if bm == 1 else -m % bm
+    padded = torch.nn.functional.pad(xf, (0, pad_k, 0, pad_m))
+    tiles = padded.reshape(-1, bm, (k + pad_k) // bk, bk)  # (M/bm, bm, K/bk, bk)
+    scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_MAX[element])
+    data = _cast_fp8(tiles / scale[:, None, :, None], element)
+    data = data.reshape(m + pad_m, k + pad_k)[:m, :k].reshape(x.shape)
+    if bm == 1:
+        return data, scale.reshape(*x.shape[:-1], scale.shape[-1])
+    return data, scale
 
 
 def dequantize_fp8_ref(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

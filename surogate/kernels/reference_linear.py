@@ -17,6 +17,10 @@ Quantized GEMM operands, per `Compute`:
   (or the weight quantized on the fly). dgrad: grad_output NVFP4 along N with stochastic
   rounding from `torch.Generator().manual_seed(NVFP4_SR_SEED)`, against the weight's
   dequantized values re-quantized to NVFP4 along N (round to nearest).
+`input_q`: the input already quantized for the forward GEMM, `[data, scale]` as the Triton quantizer
+the CUDA op would run on `input` returns it (`input_quantizer` names it). Only the FP8 forward kernels
+take it (lora_linear_fp8: E4M3 per row; lora_linear_fp8_block: E4M3 per 1x128); the LoRA branch and
+the backward read the bf16 `input` as always.
 LoRA (bf16 compute, FP32 accumulation): lora_hidden = bf16(lora_input @ A.T);
 output = bf16(base + bias + s * lora_hidden @ B.T). Backward: t = bf16(grad_output @ B);
 grad_lora_b = s * grad_output.T @ lora_hidden; grad_lora_a = s * t.T @ lora_input (both in the
@@ -26,26 +30,40 @@ separate lora_input was given.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from surogate.kernels.qtensor import Fp8Tensor, NF4Tensor, NVFP4Tensor
 from surogate.kernels.reference_formats import (
     dequantize_fp8_ref,
     dequantize_nvfp4_ref,
+    quantize_fp8_block_ref,
     quantize_fp8_ref,
+    quantize_fp8_rowwise_ref,
     quantize_nvfp4_ref,
 )
 from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
+from surogate.recipes.arch import FORWARD_KERNELS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK, NF4_BLOCK
 from surogate.recipes.recipe import Compute, WeightFormat
 
-__all__ = ["NVFP4_SR_SEED", "dequantize_weight_ref", "lora_linear_backward_ref", "lora_linear_ref",
-           "quantize_weight_ref"]
+__all__ = ["INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_input_q", "dequantize_weight_ref", "input_quantizer",
+           "lora_linear_backward_ref", "lora_linear_ref", "quantize_weight_ref"]
 
 # Seed of the generator that draws the stochastic-rounding bits of the NVFP4 dgrad reference.
 NVFP4_SR_SEED = 0
 
 _WEIGHT_LIST_LEN = {"bf16": 1, "fp8_row": 4, "fp8_block": 2, "nvfp4": 3, "nvfp4_cached": 3, "nf4": 5}
+
+# The forward kernels that take a pre-quantized input (`input_q`), each with the traceable twin of the
+# quantizer launch.py runs on `input` for it: `input_q` is exactly what that function returns.
+# NVFP4 is not here: its tensor scale needs the amax of the whole activation before any block is
+# quantized, and on sm_89/sm_90 the op emulates it (bf16 MMA over round-tripped values).
+INPUT_Q_QUANTIZERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "lora_linear_fp8": quantize_fp8_rowwise_ref,  # E4M3, one scale per row: (data, scale (..., 1))
+    "lora_linear_fp8_block": quantize_fp8_block_ref,  # E4M3, one scale per 1x128: (data, scale (..., K/128))
+}
 
 
 def _weight_format(weight_format: "str | WeightFormat") -> str:
@@ -62,6 +80,47 @@ def _compute(compute: "str | Compute", what: str) -> str:
     if value not in valid:
         raise ValueError(f"unknown {what} compute {compute!r}; valid: {', '.join(valid)}")
     return value
+
+
+def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> str | None:
+    """The forward kernel of (forward, weight_format) when it takes `input_q`, else None."""
+    name = FORWARD_KERNELS.get((Compute(_compute(forward, "forward")), WeightFormat(_weight_format(weight_format))))
+    return name if name in INPUT_Q_QUANTIZERS else None
+
+
+def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat"
+                    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The function whose outputs `input_q` must be for (forward, weight_format), or None when the
+    forward kernel of that pair quantizes its input itself (bf16, dequant and NVFP4 kernels)."""
+    name = _input_q_kernel(forward, weight_format)
+    return None if name is None else INPUT_Q_QUANTIZERS[name]
+
+
+def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_format: "str | WeightFormat",
+                  forward: "str | Compute") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate `input_q` against `input` (..., K); return it as (data (M, K), scale (M, groups))."""
+    name = _input_q_kernel(forward, weight_format)
+    if name is None:
+        raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
+                         f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "
+                         f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass input_q=None")
+    quantizer = INPUT_Q_QUANTIZERS[name]
+    if len(input_q) != 2:
+        raise ValueError(f"input_q holds [data, scale] (what {quantizer.__name__} returns); got {len(input_q)} tensors")
+    data, scale = input_q
+    k = input.shape[-1]
+    m = input.numel() // k if k else 0
+    groups = 1 if name == "lora_linear_fp8" else -(-k // FP8_ACTIVATION_BLOCK[1])
+    what = f"input_q (what {quantizer.__name__}(input) returns)"
+    if data.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
+        raise TypeError(f"{what}: want data float8_e4m3fn and scale float32, got {data.dtype} and {scale.dtype}")
+    if data.device != input.device or scale.device != input.device:
+        raise ValueError(f"{what}: on {data.device}/{scale.device}, the input on {input.device}")
+    if data.shape[-1:] != (k,) or data.numel() != m * k or scale.numel() != m * groups \
+            or (scale.dim() and scale.shape[-1] != groups):
+        raise ValueError(f"{what}: for an input {tuple(input.shape)} want data (M={m}, K={k}) and scale "
+                         f"(M, {groups}) (or the input's leading dims), got {tuple(data.shape)} and {tuple(scale.shape)}")
+    return data.reshape(m, k), scale.reshape(m, groups)
 
 
 def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:
@@ -121,8 +180,9 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.float() @ b_t.float().t()
 
 
-def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int, forward: str) -> torch.Tensor:
-    """Q(input) @ Q(W).T in FP32, for a 2D input (M, K)."""
+def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int, forward: str,
+                  input_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Q(input) @ Q(W).T in FP32, for a 2D input (M, K); `input_q` (checked, 2D) replaces Q(input)."""
     k = x2.shape[-1]
     if forward == "bf16":
         return _mm(x2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16))
@@ -131,7 +191,9 @@ def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: in
             w = dequantize_fp8_ref(_fp8_weight(tensors, fmt))
         else:
             w = quantize_fp8_ref(dequantize_weight_ref(tensors, fmt, (n, k)), "e4m3", "row").dequantize()
-        if fmt == "fp8_block":
+        if input_q is not None:
+            xq = Fp8Tensor(input_q[0], input_q[1], FP8_ACTIVATION_BLOCK if fmt == "fp8_block" else (1, k))
+        elif fmt == "fp8_block":
             xq = quantize_fp8_ref(x2, "e4m3", "block", FP8_ACTIVATION_BLOCK)
         else:
             xq = quantize_fp8_ref(x2, "e4m3", "row")
@@ -202,6 +264,7 @@ def lora_linear_ref(
     lora_scale: float,
     forward: "str | Compute",
     grad_input: "str | Compute",
+    input_q: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`surogate::lora_linear` on plain torch: (output (..., N), lora_hidden (..., r))."""
     fmt = _weight_format(weight_format)
@@ -210,9 +273,10 @@ def lora_linear_ref(
     k = input.shape[-1]
     n = _weight_n(weight, fmt, k, lora_b)
     has_lora = _check_lora(lora_a, lora_b, k, n)
+    xq = None if input_q is None else check_input_q(input_q, input, fmt, fwd)
     lead = input.shape[:-1]
     x2 = input.reshape(-1, k)
-    acc = _forward_base(x2, weight, fmt, n, fwd)
+    acc = _forward_base(x2, weight, fmt, n, fwd, xq)
     if bias is not None:
         acc = acc + bias.float()
     if not has_lora:

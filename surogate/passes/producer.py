@@ -1,40 +1,60 @@
-"""Pass 4: producer fusion, RMSNorm or SwiGLU feeding a quantized GEMM.
+"""Pass 4: producer fusion: the kernel that produces an FP8 GEMM's input also quantizes it.
 
-The goal (DESIGN.md section 4): the normalisation or activation that produces a quantized GEMM's
-input writes the FP8 activation and its scale directly, so the GEMM does not re-read and
-re-quantize it. That needs (a) a kernel `rmsnorm_quant` / `swiglu_quant` emitting (fp8, scale) and
-(b) a `surogate::lora_linear` variant that takes a pre-quantized input. Neither exists in the op
-layer today, so this pass finds the candidates, reports them, and changes nothing: the checker
-refuses while `torch.ops.surogate` has no `rmsnorm_quant` / `swiglu_quant` op. Inductor still
-fuses the norm/activation arithmetic itself on CUDA.
+The FP8 forward kernels (lora_linear_fp8: E4M3 per row; lora_linear_fp8_block: E4M3 per 1x128) take
+their input already quantized (`input_q`, docs/internals.md). For each such op this pass inserts the
+traceable twin of the quantizer the op would run (`reference_linear.input_quantizer`) on the op's
+input and passes its outputs as `input_q`. The twin is plain reductions and pointwise ops, so on CUDA
+Inductor fuses it into the kernel that computes the input (the RMSNorm, the SwiGLU multiply): the
+activation is quantized while it is in registers instead of being read back by a separate quantize
+kernel. On CPU (aot_eager) it simply runs, with the same bits; compiled for CUDA it differs from the
+Triton quantizer only where x / scale is an exact FP8 tie (Inductor's division is approximate; about
+0.1% of the codes move by one step, tests/gpu/test_producer_gpu.py). Ops reading one input with the same
+quantizer share one quantize node (after horizontal fusion: one for qkv, one for gate_up; with fp8_row,
+which is not fused horizontally, q/k/v now quantize once instead of three times).
+
+Which inputs: those an RMSNorm or SwiGLU produces (DESIGN.md), and every other input computed in the
+graph ("other": the contiguous copy of the attention output feeding o_proj, a GELU feeding fc2): the
+quantizer computes the same values wherever it runs, and Inductor fuses it into that pointwise/copy
+kernel. Left to the op, and reported: graph inputs and outputs of extern GEMMs (no Inductor kernel in
+this graph to quantize them in), NVFP4 forwards (the tensor scale needs the whole activation's amax
+first, and on sm_89/sm_90 the op emulates FP4). bf16 forwards have nothing to quantize and are skipped.
 """
 
 from __future__ import annotations
+
+import operator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
+from surogate.kernels.reference_linear import input_quantizer
 from surogate.passes import nodes as N
 from surogate.recipes import Recipe
 
-# The op each producer kind would need; when the op layer grows it, the checker starts accepting.
-NEEDED_OPS = {"rmsnorm": "rmsnorm_quant", "swiglu": "swiglu_quant"}
-_QUANTIZED_COMPUTES = ("fp8", "nvfp4")
-
-
-def _has_op(name: str) -> bool:
-    import surogate.ops  # noqa: F401
-
-    return hasattr(torch.ops.surogate, name)
+# Nodes whose value an extern kernel (not Inductor) writes: nothing to fuse a quantizer into.
+_EXTERN_TARGETS = (*N.LINEAR_TARGETS, torch.matmul, operator.matmul, torch.mm, torch.bmm,
+                   F.scaled_dot_product_attention)
+_NO_PRODUCER_KERNEL = ("graph input", "GEMM output")
+_INPUT_Q = 10  # position of `input_q` in surogate::lora_linear
 
 
 def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
-    if meta["forward"] not in _QUANTIZED_COMPUTES:
+    """Reason the input of an op cannot be quantized by its producer, or None.
+
+    `meta`: "kind" (`input_kind` of the op's input), "forward" and "weight_format" of the op.
+    """
+    forward, fmt = meta["forward"], meta["weight_format"]
+    if forward == "bf16":
         return "the consumer GEMM runs in bf16: nothing to quantize"
-    op = NEEDED_OPS[meta["kind"]]
-    if not _has_op(op):
-        return f"needs op surogate::{op} (fused {meta['kind']} + quantize) and a pre-quantized-input lora_linear; not in surogate.ops"
+    if forward == "nvfp4":
+        return ("the NVFP4 forward takes no pre-quantized input (its tensor scale needs the amax of the whole "
+                "activation first; on sm_89/sm_90 the op emulates FP4)")
+    if input_quantizer(forward, fmt) is None:
+        return f"no {forward} forward kernel takes a pre-quantized input for weight format {fmt}"
+    if meta["kind"] in _NO_PRODUCER_KERNEL:
+        return f"the input is a {meta['kind']}: no kernel in this graph to quantize it in (the op quantizes it)"
     return None
 
 
@@ -56,24 +76,74 @@ def producer_kind(node: fx.Node) -> str | None:
     return None
 
 
+def input_kind(node: fx.Node) -> str:
+    """'rmsnorm' / 'swiglu' (`producer_kind`), 'graph input', 'GEMM output' (an extern kernel's), else 'other'."""
+    kind = producer_kind(node)
+    if kind is not None:
+        return kind
+    if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+        return "graph input"
+    if N.is_call(node, _EXTERN_TARGETS) or N.is_surogate_op(node) or \
+            (N.is_getitem(node) and N.is_surogate_op(node.args[0])):
+        return "GEMM output"
+    return "other"
+
+
+def _fused_what(kind: str, quantizer: Callable) -> str:
+    if kind == "other":
+        return "other -> quantized GEMM: quantize in the producer's kernel"
+    return f"{kind} -> quantized GEMM: fused ({quantizer.__name__} in the {kind} kernel)"
+
+
+def _set_input_q(op: fx.Node, value: list[fx.Node]) -> None:
+    if len(op.args) >= _INPUT_Q:
+        op.args = (*op.args[:_INPUT_Q], value, *op.args[_INPUT_Q + 1:])
+    else:
+        op.kwargs = {**op.kwargs, "input_q": value}
+
+
+def _insert_quantize(gm: fx.GraphModule, x: fx.Node, quantizer: Callable, ops: list[fx.Node]) -> fx.Node:
+    """One `quantizer(x)` before the first of `ops`; every op of `ops` gets its (data, scale) as input_q."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    with g.inserting_before(min(ops, key=order.__getitem__)):
+        q = g.call_function(quantizer, (x,))
+        data = g.call_function(operator.getitem, (q, 0))
+        scale = g.call_function(operator.getitem, (q, 1))
+    for op in ops:
+        _set_input_q(op, [data, scale])
+    return q
+
+
 def fuse_producers(gm: fx.GraphModule, ctx) -> int:
-    """Report producer-fusion candidates; fuse where the checker accepts (no op yet: returns 0)."""
-    seen: set[fx.Node] = set()
+    """Give every FP8-forward op an `input_q` computed next to its producer. Returns the quantize nodes added.
+
+    Ops that already have an `input_q` are left alone, so a second run adds nothing.
+    """
+    groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if not N.is_surogate_op(node) or node.args[0] in seen:
+        if not N.is_surogate_op(node) or N.arg(node, _INPUT_Q, "input_q") is not None:
             continue
-        kind = producer_kind(node.args[0])
-        if kind is None:
+        forward, fmt = N.arg(node, 8, "forward"), N.arg(node, 2, "weight_format")
+        if forward == "bf16":
+            continue  # nothing to quantize, nothing to report
+        x = node.args[0]
+        kind = input_kind(x)
+        reason = why_not(ctx.recipe, ctx.arch, {"kind": kind, "forward": forward, "weight_format": fmt})
+        if reason is None and not ctx.options.get("producer", True):
+            reason = "producer fusion off"
+        quantizer = input_quantizer(forward, fmt) if reason is None else None
+        groups.setdefault((x, kind, reason, quantizer), []).append(node)
+    fused = 0
+    for (x, kind, reason, quantizer), ops in groups.items():
+        consumers = tuple(_consumer_name(op) for op in ops)
+        if reason is not None:
+            ctx.report.group(f"{kind} -> quantized GEMM: not fused, {reason}", consumers)
             continue
-        seen.add(node.args[0])
-        meta = {"kind": kind, "forward": N.arg(node, 8, "forward")}
-        if meta["forward"] not in _QUANTIZED_COMPUTES:
-            continue  # a bf16 GEMM: nothing to quantize, nothing to report
-        reason = why_not(ctx.recipe, ctx.arch, meta)
-        consumers = tuple(_consumer_name(u) for u in node.args[0].users if N.is_surogate_op(u))
-        ctx.report.group(f"{kind} -> quantized GEMM: " + ("not fused, " + reason if reason else "fused"),
-                         consumers)
-    return 0
+        _insert_quantize(gm, x, quantizer, ops)
+        ctx.report.group(_fused_what(kind, quantizer), consumers)
+        fused += 1
+    return fused
 
 
 def _consumer_name(op: fx.Node) -> str:

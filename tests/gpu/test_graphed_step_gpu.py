@@ -14,21 +14,23 @@ from surogate.compiler import _attach_lora
 from surogate.graphed_step import GraphedStep
 
 
-def _models(recipe: str):
+def _models(recipe: str, checkpoint: bool = False):
     torch.manual_seed(0)
     cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=64, vocab_size=512)
     base = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
     peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     twin = copy.deepcopy(peft_model)
-    return (surogate.compile(peft_model, recipe=recipe, allow_emulation=True),
+    return (surogate.compile(peft_model, recipe=recipe, allow_emulation=True, checkpoint=checkpoint),
             surogate.compile(twin, recipe=recipe, allow_emulation=True))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qnf4"])
-def test_graphed_training_follows_eager(recipe):
-    graphed_model, eager_model = _models(recipe)
+@pytest.mark.parametrize("recipe,checkpoint", [("bf16", False), ("fp8", False), ("qfp8", False), ("qnf4", False),
+                                               ("bf16", True), ("qnf4", True)])
+def test_graphed_training_follows_eager(recipe, checkpoint):
+    """With checkpoint=True the graphed model recomputes its blocks; the eager twin does not."""
+    graphed_model, eager_model = _models(recipe, checkpoint)
     g = torch.Generator("cuda").manual_seed(1)
     steps = [[torch.randint(0, 512, (2, 128), device="cuda", generator=g) for _ in range(2)] for _ in range(3)]
 
