@@ -187,11 +187,20 @@ def available(system: str) -> str | None:
     return None
 
 
+def _system_order(system: str) -> tuple:
+    """Peers first (PEERS order), then surogate recipes (SUROGATE_RECIPES order), each before its variants."""
+    if not system.startswith("surogate:"):
+        return (0, PEERS.index(system) if system in PEERS else len(PEERS), system)
+    recipe, *flags = system.split(":", 1)[1].split("+")
+    rank = SUROGATE_RECIPES.index(recipe) if recipe in SUROGATE_RECIPES else len(SUROGATE_RECIPES)
+    return (1, rank, len(flags), system)
+
+
 def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tps.json").write_text(json.dumps({"environment": env, "skipped": skipped, "records": records}, indent=2))
     models = list(dict.fromkeys(r["model"] for r in records))
-    systems = list(dict.fromkeys(r["system"] for r in records))
+    systems = sorted(dict.fromkeys(r["system"] for r in records), key=_system_order)
     by = {(r["model"], r["system"]): r for r in records}
     lines = [f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"commit {env['commit']})", "", "tokens/s (peak GiB, first step s)", "",
@@ -212,6 +221,10 @@ def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: 
             r = by.get((m, s))
             if s.startswith("surogate:") and r and "error" not in r:
                 lines.append(f"- {m} {s}: {r['tokens_per_s'] / max(peers):.2f}x")
+    commits = sorted({r.get("commit", "?") for r in records})
+    if len(commits) > 1:
+        lines += ["", "Records come from several commits (the `commit` of each record in tps.json): "
+                  + ", ".join(commits) + "."]
     errors = [r for r in records if "error" in r]
     if errors or skipped:
         lines += ["", "Not measured:", ""]
