@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-import transformers as T
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3
 
 import surogate
-from surogate.compiler import _attach_lora
 
 BOUNDS = {"bf16": (1e-3, 0.06), "fp8": (5e-3, 0.25), "qfp8": (5e-3, 0.25), "qfp8-bf16": (5e-3, 0.2),
           "qnf4": (5e-3, 0.3), "fp4": (1e-2, 1.0), "qfp4": (1e-2, 1.0)}
@@ -18,14 +17,10 @@ BOUNDS = {"bf16": (1e-3, 0.06), "fp8": (5e-3, 0.25), "qfp8": (5e-3, 0.25), "qfp8
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["bf16", "fp8", "qfp8", "qfp8-bf16", "qnf4", "fp4", "qfp4"])
 def test_cuda_compile_matches_eager(recipe):
-    torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=512)
-    model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
-    peft_model = _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    peft_model = cuda_lora_qwen3()
     eager = copy.deepcopy(peft_model)
     compiled = surogate.compile(peft_model, recipe=recipe, allow_emulation=True)  # fp4 emulated on sm_89/90
-    ids = torch.randint(0, 512, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     ref = eager(input_ids=ids, labels=ids).loss
     ref.backward()
     loss = compiled(input_ids=ids, labels=ids).loss

@@ -4,22 +4,21 @@ the same trajectory as the same model driven eagerly."""
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
-import transformers as T
 
-import surogate
-from surogate.compiler import _attach_lora
-from surogate.graphed_step import GraphedStep
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+
+import surogate  # noqa: E402
+from surogate.graphed_step import GraphedStep  # noqa: E402
 
 
 def _models(recipe: str, checkpoint: bool = False):
-    torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=512)
-    base = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
-    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    peft_model = cuda_lora_qwen3()
     twin = copy.deepcopy(peft_model)
     return (surogate.compile(peft_model, recipe=recipe, allow_emulation=True, checkpoint=checkpoint),
             surogate.compile(twin, recipe=recipe, allow_emulation=True))
@@ -32,7 +31,7 @@ def test_graphed_training_follows_eager(recipe, checkpoint):
     """With checkpoint=True the graphed model recomputes its blocks; the eager twin does not."""
     graphed_model, eager_model = _models(recipe, checkpoint)
     g = torch.Generator("cuda").manual_seed(1)
-    steps = [[torch.randint(0, 512, (2, 128), device="cuda", generator=g) for _ in range(2)] for _ in range(3)]
+    steps = [[torch.randint(0, VOCAB, (2, 128), device="cuda", generator=g) for _ in range(2)] for _ in range(3)]
 
     def train(model, micro_step):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
 from bit_compare import bits as _bits  # noqa: E402
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
 
 from surogate.kernels import quantize as Q  # noqa: E402
 from surogate.kernels import reference_formats as RF  # noqa: E402
@@ -120,20 +121,13 @@ def test_lora_linear_cuda_with_input_q_equals_without(fmt):
 
 def _qwen3_loss_and_grads(recipe: str | None, producer: bool = True):
     """(loss, flat LoRA grads, report) of a tiny Qwen3: compiled for `recipe`, or eager PEFT for None."""
-    import transformers as T
-
     import surogate
-    from surogate.compiler import _attach_lora
 
-    torch.manual_seed(0)
     torch._dynamo.reset()
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=512)
-    model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
-    model = _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    model = cuda_lora_qwen3()
     if recipe is not None:
         model = surogate.compile(model, recipe=recipe, producer=producer)
-    ids = torch.randint(0, 512, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     names = sorted(n for n, p in model.named_parameters() if "lora_" in n)
