@@ -103,3 +103,51 @@ def test_horizontal_refuses_fp8_row():
     gm, _, counts, report = _run(_model("fp8"), "fp8", x)
     assert counts["horizontal"] == 0 and _ops(gm) == 6
     assert any("per-member scales" in what for what, _ in report.groups)
+
+
+def _weights_kept_for_backward(recipe: str) -> list[tuple[int, ...]]:
+    """Shapes of the concatenated frozen weights that the forward of a tiny compiled Qwen3 keeps for the
+    backward, partitioned by Inductor's min-cut partitioner (the one CUDA training uses)."""
+    from unittest import mock
+
+    import transformers as T
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    import surogate
+    import surogate.compiler as compiler
+
+    kept: list[tuple[int, ...]] = []
+
+    def backend_with_partitioner(rec, arch, report, options=None):
+        def backend(gm, example_inputs):
+            run_pipeline(gm, PassContext(rec, arch, report, options or {}))
+
+            def forward_compiler(fw, _inputs):
+                outputs = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+                kept.extend(tuple(o.meta["val"].shape) for o in outputs
+                            if isinstance(o, torch.fx.Node) and o.target is torch.ops.aten.cat.default
+                            and o.meta["val"].dtype != torch.float32)  # LoRA A is fp32: trainable, not frozen
+                return fw
+
+            return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                         bw_compiler=lambda bw, _inputs: bw,
+                                         partition_fn=min_cut_rematerialization_partition)
+        return backend
+
+    torch.manual_seed(0)
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, vocab_size=128)
+    model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    with mock.patch.object(compiler, "make_backend", backend_with_partitioner):
+        model = surogate.compile(model, recipe=recipe, arch="cpu")
+    ids = torch.randint(0, 128, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return kept
+
+
+def test_memory_first_recipes_recompute_the_concatenated_weights_in_the_backward():
+    """bf16 keeps the q/k/v and gate/up concatenations (no second copy per step); qfp8, which frees the
+    bf16 copy to save memory, copies them again in the backward instead of holding them."""
+    assert sorted(_weights_kept_for_backward("bf16")) == [(512, 256), (1024, 256)]
+    assert _weights_kept_for_backward("qfp8") == []

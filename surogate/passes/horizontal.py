@@ -6,7 +6,11 @@ LoRA A stacked along r and LoRA B as a block-diagonal (N_total, r_total) matrix 
 back to each member through `cat`/`block_diag`). The output is split back per member.
 Cost: the concatenation copies the frozen weights once per step in the graph; that is why only
 formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0),
-and never branches with dropout (members would share one mask).
+and never branches with dropout (members would share one mask). The backward needs the
+concatenated weight too, and Inductor's partitioner keeps it from the forward (it may not recompute
+what feeds a custom op): on Qwen3-8B that is ~8.4 GiB (bf16) / ~4.2 GiB (fp8_block) per micro-batch
+held between forward and backward. Recipes that free the bf16 copy (memory first) tag the
+concatenation MUST_RECOMPUTE instead: it is copied again in the backward and never held.
 Refused (reported): fp8_row (the K-major dgrad copy has per-input-channel scales of each
 member), nvfp4 (one tensor scale per member), nf4 (double-quantized absmax per member).
 """
@@ -17,6 +21,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from surogate.passes import nodes as N
 from surogate.passes.match import LoraMatch
@@ -60,13 +65,17 @@ def _group_meta(members: list[tuple[LoraMatch, fx.Node]]) -> dict:
     }
 
 
-def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: list[int]) -> None:
+def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: list[int],
+          recompute_weight: bool = False) -> None:
     g = gm.graph
     first_op = min((out.args[0] for _, out in members), key=lambda n: _order(gm)[n])
     m0 = members[0][0]
     with g.inserting_before(first_op):
         n_parts = len(m0.weight)
         weight = [g.call_function(torch.cat, ([m.weight[i] for m, _ in members], 0)) for i in range(n_parts)]
+        if recompute_weight:  # AOTAutograd copies this tag to the aten nodes; the partitioner obeys it
+            for w in weight:
+                w.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         lora_a = g.call_function(torch.cat, ([m.lora_a for m, _ in members], 0))
         lora_b = g.call_function(torch.block_diag, tuple(m.lora_b for m, _ in members))
         bias = None
@@ -109,8 +118,10 @@ def fuse_shared_input(gm: fx.GraphModule, ctx) -> int:
         if reason is not None or not ctx.options.get("horizontal", True):
             ctx.report.group(f"shared input, not fused ({reason or 'horizontal fusion off'})", names)
             continue
-        _fuse(gm, members, meta["out_features"])
-        ctx.report.group(f"one GEMM over concatenated weights [{meta['weight_format']}]", names)
+        recompute = not ctx.recipe.keeps_bf16_weight
+        _fuse(gm, members, meta["out_features"], recompute_weight=recompute)
+        ctx.report.group(f"one GEMM over concatenated weights [{meta['weight_format']}]"
+                         + (", recomputed in the backward" if recompute else ""), names)
         for m, _ in members:
             ctx.report.rewrote(m.name, f"surogate::lora_linear[{m.weight_format}, fwd={m.forward}, "
                                        f"dgrad={m.grad_input}] fused with {', '.join(n for n in names if n != m.name)}")
