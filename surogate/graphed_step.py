@@ -110,6 +110,7 @@ class GraphedStep:
         self.capture_backend = capture
         self.grads: list[Tensor] | None = None
         self.static_inputs: dict[str, Tensor] | None = None
+        self.static_signature: tuple | None = None
         self.static_loss: Tensor | None = None
         self.replays = 0
         self.eager_calls = 0
@@ -128,7 +129,7 @@ class GraphedStep:
             raise ValueError("GraphedStep trains: pass labels= so that the model returns a loss")
         if self.static_inputs is None:
             self._capture(inputs)
-        elif _signature(inputs) != _signature(self.static_inputs):
+        elif _signature(inputs) != self.static_signature:
             return self._eager(inputs)
         self._bind_grads()
         for name, value in inputs.items():
@@ -151,7 +152,7 @@ class GraphedStep:
         self.eager_calls += 1
         if self.eager_calls == 1:
             warnings.warn(f"GraphedStep: inputs {_signature(inputs)} differ from the captured "
-                          f"{_signature(self.static_inputs)}; running them eagerly (pack to one shape to keep "
+                          f"{self.static_signature}; running them eagerly (pack to one shape to keep "
                           "every micro-step in the graph)", stacklevel=3)
         return self._forward_backward(inputs)
 
@@ -173,6 +174,7 @@ class GraphedStep:
         # Gradients already accumulated (a capture in mid-step) survive the warm-up runs.
         kept = [None if p.grad is None else p.grad.clone() for p in self.params]
         self.static_inputs = {k: v.clone() for k, v in inputs.items()}
+        self.static_signature = _signature(self.static_inputs)
         self.capture_backend.warmup(lambda: self._forward_backward(self.static_inputs), self.warmup)
         self.grads = []
         for p, k in zip(self.params, kept):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from toy_layers import rms_norm
+
 from surogate.modules import SurogateLinear
 from surogate.passes import PassContext, nodes, run_pipeline
 from surogate.passes.capture import capture_graph
@@ -23,15 +25,11 @@ class Block(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, 256, False), nn.Linear(h, 256, False), nn.Linear(256, h, False)
 
     def forward(self, x):
-        h = self._rms(x, self.norm)
+        h = rms_norm(x, self.norm)
         a = self.q_proj(h) + self.k_proj(h).sum(-1, keepdim=True) + self.v_proj(h).view(*h.shape[:-1], -1, 16).sum(-1).sum(-1, keepdim=True)
-        h = self._rms(a, self.norm2)
+        h = rms_norm(a, self.norm2)
         return a + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
-    @staticmethod
-    def _rms(x, weight):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]

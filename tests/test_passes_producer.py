@@ -17,6 +17,7 @@ from bit_compare import bits
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from toy_layers import rms_norm
 
 import surogate
 from surogate import ops
@@ -172,15 +173,11 @@ class Block(nn.Module):
             nn.Linear(256, h, False)
 
     def forward(self, x):
-        h = self._rms(x + self.in_proj(x), self.norm)
+        h = rms_norm(x + self.in_proj(x), self.norm)
         o = self.o_proj(torch.tanh(self.q_proj(h)) * self.k_proj(h))
-        h = self._rms(o, self.norm2)
+        h = rms_norm(o, self.norm2)
         return o + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
-    @staticmethod
-    def _rms(x, weight):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
 
 
 TARGETS = ["in_proj", "q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
