@@ -163,6 +163,16 @@ def test_fp8_block_matches_reference(m, k, weight, pow2, element, nonfinite, see
     assert torch.equal(_bits(back), _bits(RF.dequantize_fp8_ref(ref, torch.bfloat16)))
 
 
+def test_fp8_activation_block_scales_are_stored_m_contiguous():
+    """The block GEMM loads a tile's row scales each K step: coalesced only when M is the inner dim.
+    The traceable twin (producer fusion) hands the GEMM the same layout."""
+    x = _sample((2, 33, 300), 3, torch.bfloat16)
+    for quantize in (lambda t: Q.quantize_fp8_block(t, (1, 128)), RF.quantize_fp8_block_ref):
+        data, scale = quantize(x)
+        assert scale.shape == (2, 33, 3) and scale.stride() == (33, 1, 66)
+    assert Q.quantize_fp8_block(x[0], (128, 128))[1].is_contiguous()  # weight scales: (N/128, K/128) rows
+
+
 def test_fp8_power_of_two_scales_for_tiny_and_huge_amax():
     """Subnormal and near-max scales round up to the exact power of two (as frexp/ldexp)."""
     x = torch.tensor([[1e-42, 0.0], [3e-39, 1.0e-40], [3.0e38, 1.0], [448.0, 1.0], [449.0, 0.0]], device=DEV)

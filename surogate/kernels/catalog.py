@@ -189,7 +189,7 @@ def _gemm_specs() -> list[KernelSpec]:
         w_strides = (0, 0) if w_mode == ll.W_DEQ_NF4 else (k, 1)
         ws_strides = ws_strides or {ll.W_FP8_ROW: (1, 0), ll.W_FP8_BLOCK: (k // 128, 1), ll.W_DEQ_FP8_BLOCK: (k // 128, 1),
                       ll.W_DEQ_NVFP4: (k // 16, 1), ll.W_DEQ_NF4: (1, 0), ll.W_BF16: (n, 1)}[w_mode]
-        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (k // 128, 1)}[a_mode]
+        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (1, m)}[a_mode]  # block scales M-contiguous
         u_strides = (1, k) if trans_w else (r, 1)
         ints = dict(M=m, N=n, K=k, R=r, Kw=k if w_mode == ll.W_DEQ_NF4 else 0,
                     stride_am=k, stride_ak=1, stride_asm=as_strides[0], stride_ask=as_strides[1],
@@ -218,7 +218,7 @@ def _gemm_specs() -> list[KernelSpec]:
              "forward: bf16 x bf16 + LoRA epilogue"),
         spec("lora_linear_fp8", ll.A_FP8_ROW, e4m3, ll.W_FP8_ROW, False, fp8, "fp8", "E4M3.E4M3",
              "forward: E4M3 x E4M3, row/channel scales"),
-        spec("lora_linear_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8", "E4M3.E4M3",
+        spec("lora_linear_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E4M3.E4M3",
              "forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
         spec("lora_linear_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, False, bf16, "dequant",
              "BF16", "forward: block-FP8 weight dequantized in registers, bf16 MMA"),
@@ -231,7 +231,7 @@ def _gemm_specs() -> list[KernelSpec]:
              "dgrad: bf16 grad x bf16 weight read transposed"),
         spec("grad_input_fp8", ll.A_FP8_ROW, e5m2, ll.W_FP8_ROW, False, fp8, "fp8", "E5M2.E4M3",
              "dgrad: E5M2 grad x cached K-major E4M3 transpose"),
-        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e5m2, ll.W_FP8_BLOCK, False, fp8, "fp8", "E5M2.E4M3",
+        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e5m2, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E5M2.E4M3",
              "dgrad: E5M2 grad x block-FP8 weight made K-major", ws_strides=(1, k // 128)),
         spec("grad_input_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, True, bf16, "dequant",
              "BF16", "dgrad: block-FP8 weight dequantized, read transposed"),
@@ -247,6 +247,7 @@ def _quantizer_specs() -> list[KernelSpec]:
     """Quantize / dequantize kernels: no MMA; built for every arch."""
     from surogate.kernels import dequantize as dq
     from surogate.kernels import quantize as q
+    from surogate.kernels import transpose as tr
 
     k, m = SHAPE["K"], SHAPE["M"]
 
@@ -271,7 +272,7 @@ def _quantizer_specs() -> list[KernelSpec]:
              q.get_quantize_fp8_tensorwise_configs, ("fp8", "qfp8"), "E4M3 with one (delayed) tensor scale"),
         spec("quantize_fp8_block", q._quantize_fp8_block_kernel,
              dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e5m2, POW2=False),
-             dict(M=m, K=k, stride_xm=k, stride_qm=k, stride_sm=k // 128),
+             dict(M=m, K=k, stride_xm=k, stride_qm=k, stride_sm=1, stride_sk=m),
              lambda arch: q.get_quantize_fp8_block_configs(arch, (1, 128)), ("qfp8",),
              "gradients to E5M2, 1x128 block scales"),
         spec("quantize_nvfp4", q._quantize_nvfp4_kernel,
@@ -292,11 +293,15 @@ def _quantizer_specs() -> list[KernelSpec]:
              dict(q_ptr="*fp8e4nv", scale_ptr="*fp32", out_ptr="*bf16"), dict(BM=128, BK=128),
              dict(M=m, K=k, stride_qm=k, stride_sm=k // 128, stride_om=k), dq.get_dequantize_fp8_block_configs,
              ("qfp8", "qfp8-bf16"), "block FP8 to bf16"),
+        spec("transpose_bytes", tr._transpose_bytes_kernel, dict(x_ptr="*u8", y_ptr="*u8"), {},
+             dict(R=m, C=k, stride_xr=k, stride_yr=m), tr.get_transpose_bytes_configs, ("qfp8",),
+             "K-major copy of a block-FP8 weight for the dgrad"),
     ]
 
 
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
-KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize")
+KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
+                  "surogate.kernels.transpose")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:

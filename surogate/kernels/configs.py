@@ -66,6 +66,24 @@ def get_lora_linear_fp8_configs(arch: str) -> list[triton.Config]:
     return [c for c in cands if _fits(c, 1, arch)]
 
 
+def get_lora_linear_fp8_block_configs(arch: str) -> list[triton.Config]:
+    """Block-scaled FP8 (1x128 x 128x128): each K step's product is scaled into the accumulator,
+    so a second accumulator-sized register tile is live and the MMA waits every step. Tiles of
+    64 x 128 on 4 warps keep both in registers and fit 2-3 programs an SM, whose MMAs then overlap
+    each other's scaling (the same reason DeepGEMM runs two math warpgroups)."""
+    arch = normalize_arch(arch)
+    if not ARCHS[arch].fp8_mma:
+        raise ValueError(f"{arch} has no FP8 tensor cores; use a bf16 recipe")
+    if arch in ("sm_90", "sm_100"):
+        # Measured on the H100 over the 8B shapes (bench/results/gemm_configs.md): 128x64 wins the
+        # forwards, 64x128 (group 16) the dgrads; 128x128 on 8 warps loses 10-30%, on 4 warps it spills.
+        cands = [_cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4, group=16), _cfg(64, 128, 128, 4, 3),
+                 _cfg(64, 256, 128, 8, 3)]
+    else:
+        cands = [_cfg(64, 128, 128, 4, 3), _cfg(128, 64, 128, 4, 3), _cfg(64, 64, 128, 4, 3)]
+    return [c for c in cands if _fits(c, 1, arch)]
+
+
 def get_lora_linear_dequant_configs(arch: str) -> list[triton.Config]:
     """Dequant prologue + bf16 MMA: the weight tile is built in registers, so fewer warps idle
     on loads with more of them; the activation dominates shared memory."""
@@ -124,6 +142,7 @@ def block_r(r: int) -> int:
 FAMILIES = {
     "bf16": get_lora_linear_bf16_configs,
     "fp8": get_lora_linear_fp8_configs,
+    "fp8_block": get_lora_linear_fp8_block_configs,
     "dequant": get_lora_linear_dequant_configs,
     "nvfp4": get_lora_linear_nvfp4_configs,
 }

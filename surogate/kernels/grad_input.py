@@ -7,7 +7,7 @@ scales and the LoRA epilogue live in one place. The LoRA term rides in the epilo
 FP8 ("hybrid"): E5M2 gradient x E4M3 weight. Hopper's FP8 wgmma wants both operands K-major
 (here K is the GEMM's reduction dim, the weight's N), so `fp8_row` uses the cached K-major
 transpose `w_t_fp8 (K, N)` from the weight list; `fp8_block` has no cached transpose and makes
-one per call on the GPU (N*K bytes, a few percent of the GEMM; see docs/kernels.md).
+one per call on the GPU (`transpose_fp8`: N*K bytes read and written, ~5% of the GEMM).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from surogate.kernels.configs import interpreting
+from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.lora_linear import (
     A_BF16,
     A_FP8_BLOCK,
@@ -51,7 +52,7 @@ def grad_input_fp8_block(dy_fp8, dy_scale, w_fp8, w_scale, gh, lora_a, lora_scal
     if interpreting():  # exercise the strided (transposed) read; on a GPU, make W K-major first
         return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, True, w_fp8.shape[1],
                                 gh, _up(lora_a), None, lora_scale)
-    w_t = w_fp8.t().contiguous()
+    w_t = transpose_fp8(w_fp8)
     return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_t, w_scale.t(), W_FP8_BLOCK, False, w_t.shape[0],
                             gh, _up(lora_a), None, lora_scale)
 

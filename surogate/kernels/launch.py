@@ -95,7 +95,11 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
     """
     lead, k = input.shape[:-1], input.shape[-1]
     dtype = input.dtype
-    given_q = None if input_q is None else tuple(_rows(t) for t in check_input_q(input_q, input, weight_format, forward))
+    if input_q is not None:  # the scale keeps its strides: block scales are read M-contiguous
+        data_q, scale_q = check_input_q(input_q, input, weight_format, forward)
+        given_q = (_rows(data_q), scale_q)
+    else:
+        given_q = None
     x = _rows(input)
     has_lora = lora_a is not None and lora_b is not None
     if has_lora:

@@ -192,12 +192,21 @@ def _lora_gemm_kernel(
             w = w.to(tl.float32)
         if A_MODE == 2:  # block-scaled FP8: promote every 128 of K with both block scales
             part = tl.dot(a, w)
+            # Activation scales are stored M-contiguous (quantize_fp8_block): one coalesced load.
             a_blk_scale = tl.load(as_ptr + rows_m * stride_asm + (k0 // 128) * stride_ask)
-            if TRANS_W:
-                w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + (cols_n // 128) * stride_ws1)
+            if BLOCK_N <= 128:  # the tile lies in one 128-wide weight block: one scale, one FMA a value
+                n_blk = (pid_n * BLOCK_N) // 128
+                if TRANS_W:
+                    w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + n_blk * stride_ws1)
+                else:
+                    w_blk_scale = tl.load(ws_ptr + n_blk * stride_ws0 + (k0 // 128) * stride_ws1)
+                acc += part * (a_blk_scale * w_blk_scale)[:, None]
             else:
-                w_blk_scale = tl.load(ws_ptr + (cols_n // 128) * stride_ws0 + (k0 // 128) * stride_ws1)
-            acc += part * a_blk_scale[:, None] * w_blk_scale[None, :]
+                if TRANS_W:
+                    w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + (cols_n // 128) * stride_ws1)
+                else:
+                    w_blk_scale = tl.load(ws_ptr + (cols_n // 128) * stride_ws0 + (k0 // 128) * stride_ws1)
+                acc += part * a_blk_scale[:, None] * w_blk_scale[None, :]
         elif FP8_PROMOTE:  # fp8 on sm_90: add each tile's product in fp32 (max_num_imprecise_acc)
             acc += tl.dot(a, w)
         else:
@@ -358,7 +367,7 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
     else:
         sw0, sw1 = w.stride(0), w.stride(1)
     sws0, sws1 = (ws.stride(0), ws.stride(1) if ws.dim() > 1 else 0) if ws.dim() > 0 else (0, 0)
-    family = {A_BF16: "bf16", A_FP8_ROW: "fp8", A_FP8_BLOCK: "fp8"}[a_mode] if w_mode < 3 else "dequant"
+    family = {A_BF16: "bf16", A_FP8_ROW: "fp8", A_FP8_BLOCK: "fp8_block"}[a_mode] if w_mode < 3 else "dequant"
     promote = a_mode == A_FP8_ROW and not interpreting() and fp8_promote(device_arch(a.device.index or 0), K)
     run = _runner(_lora_gemm_kernel, family, a.device, (a_mode, w_mode, trans_w, has_lora, bias is not None))
     run(_grid(M, N),

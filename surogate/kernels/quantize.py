@@ -369,12 +369,13 @@ def quantize_fp8_tensorwise(x: torch.Tensor, element: "str | Element" = "e4m3",
 
 @triton.jit(launch_metadata=_meta("quantize_fp8_block", 3))
 def _quantize_fp8_block_kernel(
-    x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, stride_sm,
+    x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
     TILE_M: tl.constexpr, BK: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
     """One program: TILE_M rows x BK columns. ROW_BLOCKS: one scale per row (1 x BK blocks),
-    else one scale for the whole tile (TILE_M x BK blocks)."""
+    else one scale for the whole tile (TILE_M x BK blocks). Scales go to (row block, K block) through
+    their strides: 1 x BK scales are stored M-contiguous, the layout the block GEMM reads coalesced."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * TILE_M + tl.arange(0, TILE_M)
@@ -386,12 +387,12 @@ def _quantize_fp8_block_kernel(
         block_amax = _amax_nan(tl.abs(x), 1)
         scale = _scale_from_amax(block_amax, FP8_MAX, POW2)
         code = _fp8_code(tl.math.div_rn(x, scale[:, None]), FP8_MAX, MANT, BIAS)
-        tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + pid_k, scale, mask=rows < M)
+        tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + pid_k * stride_sk, scale, mask=rows < M)
     else:
         block_amax = _amax_nan(_amax_nan(tl.abs(x), 1), 0)
         scale = _scale_from_amax(block_amax, FP8_MAX, POW2)
         code = _fp8_code(tl.math.div_rn(x, scale), FP8_MAX, MANT, BIAS)
-        tl.store(scale_ptr + pid_m * stride_sm + pid_k, scale)
+        tl.store(scale_ptr + pid_m * stride_sm + pid_k * stride_sk, scale)
     tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], code.to(tl.uint8), mask=mask)
 
 
@@ -406,7 +407,11 @@ def get_quantize_fp8_block_configs(arch: str | None, block: tuple[int, int]) -> 
 
 def quantize_fp8_block(x: torch.Tensor, block: tuple[int, int] = FP8_ACTIVATION_BLOCK,
                        element: "str | Element" = "e4m3", power_of_two: bool = False):
-    """x (M, K) (or (..., K) for 1 x 128) -> (data fp8 (x.shape), scale fp32 (ceil(M/bm), ceil(K/bk)))."""
+    """x (M, K) (or (..., K) for 1 x 128) -> (data fp8 (x.shape), scale fp32 (ceil(M/bm), ceil(K/bk))).
+
+    1 x 128 scales are stored M-contiguous (strides (1, M)): the block GEMM loads a tile's column of
+    row scales every K step, and that load is coalesced only in this layout (DeepGEMM's choice too).
+    """
     el = fp8_element(element)
     block = tuple(block)
     if block not in (FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK):
@@ -418,12 +423,15 @@ def quantize_fp8_block(x: torch.Tensor, block: tuple[int, int] = FP8_ACTIVATION_
     M, K = x2.shape
     bm, bk = block
     data = torch.empty((M, K), device=x.device, dtype=_FP8_DTYPE[el])
-    scale = torch.empty((triton.cdiv(M, bm), triton.cdiv(K, bk)), device=x.device, dtype=torch.float32)
+    if bm == 1:
+        scale = torch.empty((triton.cdiv(K, bk), M), device=x.device, dtype=torch.float32).t()
+    else:
+        scale = torch.empty((triton.cdiv(M, bm), triton.cdiv(K, bk)), device=x.device, dtype=torch.float32)
     if M and K:
         cfg = get_quantize_fp8_block_configs(None, block)
         grid = (triton.cdiv(M, cfg["TILE_M"]), triton.cdiv(K, bk))
         _quantize_fp8_block_kernel[grid](
-            x2, data.view(torch.uint8), scale, M, K, x2.stride(0), data.stride(0), scale.stride(0),
+            x2, data.view(torch.uint8), scale, M, K, x2.stride(0), data.stride(0), scale.stride(0), scale.stride(1),
             POW2=power_of_two, **fp8_constexprs(el), **cfg)
     lead = x.shape[:-1]
     if bm == 1:

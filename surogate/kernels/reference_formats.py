@@ -185,7 +185,7 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
     """(data fp8 (x.shape), scale fp32): `quantize_fp8_ref(x, element, "block", block)`, traceable.
 
     What the Triton `quantize.quantize_fp8_block(x, block, element)` returns: for (1, bk) blocks the
-    scale is `(..., ceil(K/bk))`, for (bm, bk) blocks of a 2-D x `(ceil(M/bm), ceil(K/bk))`.
+    scale is `(..., ceil(K/bk))` stored M-contiguous, for (bm, bk) blocks of a 2-D x `(ceil(M/bm), ceil(K/bk))`.
     """
     _check_float(x, "quantize_fp8_block_ref")
     _check_element(element)
@@ -202,8 +202,8 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
     scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_MAX[element])
     data = _cast_fp8(tiles / scale[:, None, :, None], element)
     data = data.reshape(m + pad_m, k + pad_k)[:m, :k].reshape(x.shape)
-    if bm == 1:
-        return data, scale.reshape(*x.shape[:-1], scale.shape[-1])
+    if bm == 1:  # M-contiguous, as the Triton quantizer stores 1 x bk scales
+        return data, scale.t().contiguous().t().reshape(*x.shape[:-1], scale.shape[-1])
     return data, scale
 
 
