@@ -27,3 +27,20 @@ def triton_available() -> bool:
         return False
     return True
 
+
+
+@functools.cache
+def block_scaled_mm():
+    """`(scaled_mm, ScalingType)` when torch exposes DeepSeek-style (1x128, 128x128) FP8 scaling, else None.
+
+    Root cause: `torch.nn.functional.scaled_mm` with `ScalingType.BlockWise1x128` arrived with
+    cuBLASLt 12.9 support (torch 2.10+); older builds have only `torch._scaled_mm` row/tensor scaling.
+    Whether the running cuBLASLt takes it is only known by calling it (kernels/cublas_block_fp8.py).
+    """
+    try:
+        from torch.nn.functional import ScalingType, scaled_mm
+    except ImportError:
+        return None
+    if not hasattr(ScalingType, "BlockWise1x128") or not hasattr(ScalingType, "BlockWise128x128"):
+        return None
+    return scaled_mm, ScalingType

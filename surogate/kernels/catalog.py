@@ -231,8 +231,8 @@ def _gemm_specs() -> list[KernelSpec]:
              "dgrad: bf16 grad x bf16 weight read transposed"),
         spec("grad_input_fp8", ll.A_FP8_ROW, e5m2, ll.W_FP8_ROW, False, fp8, "fp8", "E5M2.E4M3",
              "dgrad: E5M2 grad x cached K-major E4M3 transpose"),
-        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e5m2, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E5M2.E4M3",
-             "dgrad: E5M2 grad x block-FP8 weight made K-major", ws_strides=(1, k // 128)),
+        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E4M3.E4M3",
+             "dgrad: E4M3 1x128 grad x block-FP8 weight made K-major", ws_strides=(1, k // 128)),
         spec("grad_input_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, True, bf16, "dequant",
              "BF16", "dgrad: block-FP8 weight dequantized, read transposed"),
         spec("grad_input_dequant_nvfp4", ll.A_BF16, "*bf16", ll.W_DEQ_NVFP4, True, bf16, "dequant", "BF16",
@@ -256,7 +256,6 @@ def _quantizer_specs() -> list[KernelSpec]:
                           ints=MappingProxyType(ints), config=config, what=what)
 
     e4m3 = q.fp8_constexprs("e4m3")
-    e5m2 = q.fp8_constexprs("e5m2")
     return [
         spec("amax", q._amax_kernel, dict(x_ptr="*bf16", partial_ptr="*fp32"), {}, dict(n=m * k),
              q.get_amax_configs, ("fp8", "fp4", "qfp4"), "max |x| of a tensor (delayed / NVFP4 tensor scales)"),
@@ -271,10 +270,10 @@ def _quantizer_specs() -> list[KernelSpec]:
              dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), e4m3, dict(n=m * k),
              q.get_quantize_fp8_tensorwise_configs, ("fp8", "qfp8"), "E4M3 with one (delayed) tensor scale"),
         spec("quantize_fp8_block", q._quantize_fp8_block_kernel,
-             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e5m2, POW2=False),
+             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e4m3, POW2=False),
              dict(M=m, K=k, stride_xm=k, stride_qm=k, stride_sm=1, stride_sk=m),
              lambda arch: q.get_quantize_fp8_block_configs(arch, (1, 128)), ("qfp8",),
-             "gradients to E5M2, 1x128 block scales"),
+             "activations and gradients to E4M3, 1x128 block scales (stored M-contiguous)"),
         spec("quantize_nvfp4", q._quantize_nvfp4_kernel,
              dict(x_ptr="*bf16", packed_ptr="*u8", bscale_ptr="*u8", tscale_ptr="*fp32"), dict(STOCHASTIC=True),
              dict(seed=12345, M=m, K=k, stride_xm=k, stride_pm=k // 2, stride_bm=k // 16),

@@ -4,7 +4,7 @@ They reuse `_lora_gemm_kernel` (lora_linear.py) with the weight read transposed,
 scales and the LoRA epilogue live in one place. The LoRA term rides in the epilogue:
 `H = grad_lora_hidden = grad_output @ lora_b` (M, r) and `U = lora_a^T` (K, r) as a strided view.
 
-FP8 ("hybrid"): E5M2 gradient x E4M3 weight. Hopper's FP8 wgmma wants both operands K-major
+FP8: E5M2 (fp8_row, "hybrid") or E4M3 (fp8_block) gradient x E4M3 weight. Hopper's FP8 wgmma wants both operands K-major
 (here K is the GEMM's reduction dim, the weight's N), so `fp8_row` uses the cached K-major
 transpose `w_t_fp8 (K, N)` from the weight list; `fp8_block` has no cached transpose and makes
 one per call on the GPU (`transpose_fp8`: N*K bytes read and written, ~5% of the GEMM).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from surogate.kernels import cublas_block_fp8
 from surogate.kernels.configs import interpreting
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.lora_linear import (
@@ -48,11 +49,13 @@ def grad_input_fp8(dy_fp8, dy_scale, w_t_fp8, w_t_scale, gh, lora_a, lora_scale)
 
 
 def grad_input_fp8_block(dy_fp8, dy_scale, w_fp8, w_scale, gh, lora_a, lora_scale):
-    """FP8 dy with 1x128 block scales along N (M, ceil(N/128)) x 128x128-block E4M3 w (N, K)."""
+    """E4M3 dy with 1x128 block scales along N (M, ceil(N/128)) x 128x128-block E4M3 w (N, K)."""
     if interpreting():  # exercise the strided (transposed) read; on a GPU, make W K-major first
         return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, True, w_fp8.shape[1],
                                 gh, _up(lora_a), None, lora_scale)
     w_t = transpose_fp8(w_fp8)
+    if cublas_block_fp8.usable(dy_fp8, w_t.shape[0], w_t.shape[1]):
+        return cublas_block_fp8.block_fp8_gemm(dy_fp8, dy_scale, w_t, w_scale.t(), gh, _up(lora_a), None, lora_scale)
     return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_t, w_scale.t(), W_FP8_BLOCK, False, w_t.shape[0],
                             gh, _up(lora_a), None, lora_scale)
 

@@ -18,11 +18,9 @@ from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
 from surogate.kernels.reference_linear import NVFP4_SR_SEED, check_input_q
 from surogate.recipes.arch import ARCHS, FORWARD_KERNELS, GRAD_INPUT_KERNELS
-from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, GRAD_FP8_ELEMENT
 from surogate.recipes.recipe import Compute, WeightFormat
 
-# The FP8 element of the gradient in the dgrad GEMM ("hybrid": E5M2 grads, E4M3 weights).
-GRAD_FP8_ELEMENT = "e5m2"
 
 
 def kernel_name(gemm: str, compute: str, weight_format: str) -> str:
@@ -171,10 +169,10 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     if name == "grad_input_bf16":
         dx = run(g, weight[0], gh, a, lora_scale)
     elif name == "grad_input_fp8":
-        gq, gs, _ = q.quantize_fp8_rowwise(g, GRAD_FP8_ELEMENT)
+        gq, gs, _ = q.quantize_fp8_rowwise(g, GRAD_FP8_ELEMENT["fp8_row"])
         dx = run(gq, gs, weight[2], weight[3], gh, a, lora_scale)
     elif name == "grad_input_fp8_block":
-        gq, gs = q.quantize_fp8_block(g, FP8_ACTIVATION_BLOCK, GRAD_FP8_ELEMENT)
+        gq, gs = q.quantize_fp8_block(g, FP8_ACTIVATION_BLOCK, GRAD_FP8_ELEMENT["fp8_block"])
         dx = run(gq, gs, weight[0], weight[1], gh, a, lora_scale)
     elif name == "grad_input_dequant_fp8_block":
         dx = run(g, weight[0], weight[1], gh, a, lora_scale)

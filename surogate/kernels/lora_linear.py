@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from surogate.kernels import cublas_block_fp8
 from surogate.kernels.configs import block_r, device_arch, fp8_promote, get_configs, interpret_config, interpreting
 from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
 
@@ -398,7 +399,10 @@ def lora_linear_fp8(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_s
 
 
 def lora_linear_fp8_block(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
-    """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step."""
+    """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step
+    (cuBLAS on sm_90, see cublas_block_fp8.py)."""
+    if cublas_block_fp8.usable(x_fp8, w_fp8.shape[0], w_fp8.shape[1]):
+        return cublas_block_fp8.block_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale)
     return launch_lora_gemm(x_fp8, x_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, False, w_fp8.shape[0],
                             hidden, lora_b, bias, lora_scale)
 

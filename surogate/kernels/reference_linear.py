@@ -10,8 +10,8 @@ Quantized GEMM operands, per `Compute`:
 - "bf16": the weight dequantized to bf16 (bf16 itself for the bf16 format), the activation as is.
 - "fp8" forward: input E4M3 per row (current scaling) against the weight's FP8 form (fp8_row:
   per output channel; fp8_block: 128x128 blocks with the input in 1x128 blocks). dgrad:
-  grad_output E5M2 per row (1x128 blocks for fp8_block) against the E4M3 weight (fp8_row: the
-  K-major copy with per-input-channel scales; fp8_block: the same blocks, transposed).
+  grad_output E5M2 per row (fp8_block: E4M3 per 1x128; `GRAD_FP8_ELEMENT`) against the E4M3
+  weight (fp8_row: the K-major copy with per-input-channel scales; fp8_block: the same blocks, transposed).
   Weight formats without an FP8 form are quantized per row to E4M3 on the fly.
 - "nvfp4" forward: input NVFP4 (its own tensor scale, 16 along K) x the weight's NVFP4 copy
   (or the weight quantized on the fly). dgrad: grad_output NVFP4 along N with stochastic
@@ -45,7 +45,7 @@ from surogate.kernels.reference_formats import (
 )
 from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
 from surogate.recipes.arch import FORWARD_KERNELS
-from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK, NF4_BLOCK
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK, GRAD_FP8_ELEMENT, NF4_BLOCK
 from surogate.recipes.recipe import Compute, WeightFormat
 
 __all__ = ["INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_input_q", "dequantize_weight_ref", "input_quantizer",
@@ -219,9 +219,9 @@ def _dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int,
             w = dequantize_weight_ref(tensors, fmt, (n, k))
             w_t = quantize_fp8_ref(w.t().contiguous(), "e4m3", "row").dequantize()
         if fmt == "fp8_block":
-            gq = quantize_fp8_ref(g2, "e5m2", "block", FP8_ACTIVATION_BLOCK)
+            gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT[fmt], "block", FP8_ACTIVATION_BLOCK)
         else:
-            gq = quantize_fp8_ref(g2, "e5m2", "row")
+            gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT["fp8_row"], "row")
         return _mm(gq.dequantize(), w_t)
     w_t = dequantize_weight_ref(tensors, fmt, (n, k)).t().contiguous()
     w_t = quantize_nvfp4_ref(w_t).dequantize()

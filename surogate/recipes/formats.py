@@ -66,6 +66,11 @@ NF4_BLOCK = 64
 NF4_DOUBLE_QUANT_BLOCK = 256
 FP8_ACTIVATION_BLOCK = (1, 128)
 FP8_WEIGHT_BLOCK = (128, 128)
+# The FP8 element of grad_output in an FP8 dgrad, per weight format. Per-row scales ("hybrid",
+# fp8_row) need E5M2's range: one scale spans a whole gradient row. 1x128 blocks (fp8_block) track
+# the range locally, so E4M3's extra mantissa bit is the better trade (DeepSeek-V3's choice), and
+# it is what Hopper's block-scaled cuBLAS GEMM takes (E4M3 x E4M3 only).
+GRAD_FP8_ELEMENT = {"fp8_row": "e5m2", "fp8_block": "e4m3"}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from surogate.recipes import Support, current_arch, get, plan
+from surogate.recipes.formats import GRAD_FP8_ELEMENT
 
 pytestmark = pytest.mark.gpu
 
@@ -109,7 +110,7 @@ def test_forward_backward_vs_oracle(recipe: str, shape: tuple[int, int, int]) ->
     gh = go.float() @ b.bfloat16().float()
     # fp8_row dgrad reads the K-major transpose, quantized on its own (per input channel)
     wd_t = (wl[2].float() * wl[3][:, None]).t() if fmt == "fp8_row" and dg == "fp8" else wd
-    gi_ref = _dequant_act(go, dg, fmt, "e5m2") @ wd_t + SCALE * gh.bfloat16().float() @ a.bfloat16().float()
+    gi_ref = _dequant_act(go, dg, fmt, GRAD_FP8_ELEMENT.get(fmt, "e5m2")) @ wd_t + SCALE * gh.bfloat16().float() @ a.bfloat16().float()
     # NVFP4 dgrad: stochastic rounding and the weight re-quantized along N, neither in this oracle
     assert sqnr(gi, gi_ref) > (12.0 if dg == "nvfp4" else ORACLE_FLOOR - 3)
     assert sqnr(ga, SCALE * gh.t() @ x.float()) > 40
@@ -155,3 +156,27 @@ def test_lora_input_and_no_lora() -> None:
     assert sqnr(y0, _dequant_act(x, "fp8", fmt, "e4m3") @ _dequant_weight(wl, fmt, n, k).t()) > ORACLE_FLOOR
     gi0, ga0, gb0, gl0 = launch.lora_linear_backward_cuda(go, x, wl, fmt, None, None, None, h0, 1.0, "fp8")
     assert ga0 is None and gb0 is None and gi0.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(784, 1024, 2048), (777, 1024, 2048), (256, 384, 640)],
+                         ids=["cublas_shape", "m_not_16", "k_not_512"])
+def test_block_fp8_cublas_and_triton_agree(shape, monkeypatch) -> None:
+    """qfp8's block GEMMs run on cuBLAS where it takes them (sm_90, K a multiple of 512) and on the
+    Triton kernel elsewhere: both compute the same forward and dgrad, and the shape decides which runs."""
+    from surogate.kernels import cublas_block_fp8, configs, launch
+
+    m, n, k = shape
+    x, w, a, b, bias, go, fmt, wl = _case("qfp8", m, n, k, seed=11)
+    runs = {}
+    for backend in (None, "triton"):
+        monkeypatch.setattr(configs, "FP8_BLOCK_GEMM_OVERRIDE", backend)
+        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "fp8", "fp8")
+        runs[backend] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "fp8")[0])
+    monkeypatch.setattr(configs, "FP8_BLOCK_GEMM_OVERRIDE", None)
+    wants_cublas = current_arch() == "sm_90" and k % 512 == 0 and m % 16 == 0
+    assert cublas_block_fp8.usable(x, n, k) == wants_cublas
+    assert sqnr(runs[None][0], runs["triton"][0]) > 45  # one more bf16 rounding (LoRA added after)
+    assert sqnr(runs[None][1], runs["triton"][1]) > 45
+    y_ref = _dequant_act(x, "fp8", fmt, "e4m3") @ _dequant_weight(wl, fmt, n, k).t() + bias.float() + \
+        SCALE * (x.float() @ a.bfloat16().float().t()).bfloat16().float() @ b.bfloat16().float().t()
+    assert sqnr(runs[None][0], y_ref) > ORACLE_FLOOR
