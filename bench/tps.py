@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
     return {
         "model": f"Qwen3-{size}", "system": system, "tokens_per_s": batch * seq * accum / median,
         "step_s": median, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first_step_s,
-        "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(lambda v: v == v, losses)),
+        "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(math.isfinite, losses)),
+        "steps": warmup + steps,
     }
 
 

@@ -34,13 +34,13 @@ def _probe(device: torch.device) -> bool:
 
 def usable(a: torch.Tensor, n_out: int, k_red: int) -> bool:
     """Whether `block_fp8_gemm` can run here: sm_90, a torch and cuBLASLt with block scaling, K a
-    multiple of 512 (cuBLAS reads the weight scales in groups of 4 blocks along K), N and the
-    number of rows M multiples of 16 (cuBLAS refused M = 123 and 777 on the H100; packed batches
-    of 2 x 2048 tokens qualify)."""
+    multiple of 512 (cuBLAS reads the weight scales in groups of 4 blocks along K), N a multiple
+    of 16 and M of 4 (the activation scales' column stride, M floats, must be 16-byte aligned:
+    cuBLASLt answered NOT_SUPPORTED for M = 123 and 777 on the H100 and took 776, 780, 784)."""
     override = configs.FP8_BLOCK_GEMM_OVERRIDE
     if override == "triton" or configs.interpreting() or not a.is_cuda or block_scaled_mm() is None:
         return False
-    if torch.cuda.get_device_capability(a.device)[0] != 9 or k_red % 512 or n_out % 16 or a.shape[0] % 16 \
+    if torch.cuda.get_device_capability(a.device)[0] != 9 or k_red % 512 or n_out % 16 or a.shape[0] % 4 \
             or a.shape[0] == 0:
         return False
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
