@@ -4,8 +4,8 @@ The autotuner only reports its pick; this table shows the whole field, so a conf
 cut to what wins and a new candidate judged before it goes into `surogate/kernels/configs.py`.
 Each (op, shape, config) is launched with that config fixed, timed by CUDA-graph replay (no host
 overhead), and checked against what the library runs by default (SQNR, dB) so a fast config that is
-wrong shows. "default" is the autotuned Triton pick, except for qfp8 on sm_90 where it is cuBLAS
-(surogate/kernels/cublas_block_fp8.py): the Triton configs are then the fallback's.
+wrong shows. "default" is what the library runs: the autotuned Triton pick, or cuBLAS where
+surogate/kernels/cublas.py sends the GEMM (qfp8 on sm_90, bf16 with K >= 4096).
 
     python bench/gemm_configs.py [--ops qfp8_fwd,qfp8_dgrad,qfp8_dgrad_dequant] [--out bench/results]
 
@@ -117,14 +117,14 @@ class _FixedConfig:
         lora_linear._runner = self.saved
 
 
-class _TritonBlockGemm:
-    """Runs the Triton block-FP8 kernel where the library would call cuBLAS (cublas_block_fp8.py)."""
+class _TritonGemms:
+    """Runs the Triton kernels where the library would call cuBLAS (surogate/kernels/cublas.py)."""
 
     def __enter__(self):
-        configs.FP8_BLOCK_GEMM_OVERRIDE = "triton"
+        configs.FORCE_TRITON_GEMMS = True
 
     def __exit__(self, *exc):
-        configs.FP8_BLOCK_GEMM_OVERRIDE = None
+        configs.FORCE_TRITON_GEMMS = False
 
 
 def sweep(ops: list[str], arch: str) -> list[dict]:
@@ -140,7 +140,7 @@ def sweep(ops: list[str], arch: str) -> list[dict]:
               flush=True)
         for op in ops:
             fn = _op_fn(op, c)
-            ref = fn()  # what the library runs: cuBLAS for qfp8 on sm_90, else the autotuned Triton pick
+            ref = fn()  # what the library runs (cuBLAS or the autotuned Triton pick)
             auto_ms = _time(fn)
             family = _family(op)
             cands = configs.get_configs(family, arch) + EXTRA[family]
@@ -148,7 +148,7 @@ def sweep(ops: list[str], arch: str) -> list[dict]:
                 rec = dict(shape=shape, N=n, K=k, op=op, family=family, config=_cfg_name(cfg),
                            in_family=cfg in cands[:len(cands) - len(EXTRA[family])], default_ms=auto_ms, **side)
                 try:
-                    with _FixedConfig(cfg), _TritonBlockGemm():
+                    with _FixedConfig(cfg), _TritonGemms():
                         y = fn()
                         rec["sqnr_vs_default_db"] = _sqnr(y, ref)
                         rec["ms"] = _time(fn)

@@ -35,7 +35,7 @@ def block_scaled_mm():
 
     Root cause: `torch.nn.functional.scaled_mm` with `ScalingType.BlockWise1x128` arrived with
     cuBLASLt 12.9 support (torch 2.10+); older builds have only `torch._scaled_mm` row/tensor scaling.
-    Whether the running cuBLASLt takes it is only known by calling it (kernels/cublas_block_fp8.py).
+    Whether the running cuBLASLt takes it is only known by calling it (kernels/cublas.py).
     """
     try:
         from torch.nn.functional import ScalingType, scaled_mm

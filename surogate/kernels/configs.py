@@ -110,9 +110,8 @@ def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
 
 # Set by bench/kernels.py to measure both sides of `fp8_promote`; None: the heuristic decides.
 FP8_PROMOTE_OVERRIDE: bool | None = None
-# "triton" runs the Triton block-FP8 GEMM where cuBLAS would (cublas_block_fp8.py), for
-# measurement and tests; None: cuBLAS where it runs (sm_90), else Triton.
-FP8_BLOCK_GEMM_OVERRIDE: str | None = None
+# True runs the Triton kernels where cuBLAS would (kernels/cublas.py), for measurement and tests.
+FORCE_TRITON_GEMMS: bool = False
 
 
 @functools.lru_cache(maxsize=None)

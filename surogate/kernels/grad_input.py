@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from surogate.kernels import cublas_block_fp8
+from surogate.kernels import cublas
 from surogate.kernels.configs import interpreting
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.lora_linear import (
@@ -38,7 +38,9 @@ def _up(lora_a: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def grad_input_bf16(dy, w, gh, lora_a, lora_scale):
-    """dy (M, N) bf16, w (N, K) bf16 read transposed (bf16 wgmma takes an MN-major B)."""
+    """dy (M, N) bf16, w (N, K) bf16 read transposed (bf16 wgmma takes an MN-major B); cuBLAS for long N."""
+    if cublas.bf16_usable(dy, w.shape[0]):
+        return cublas.bf16_gemm(dy, w.t(), gh, _up(lora_a), None, lora_scale)
     return launch_lora_gemm(dy, None, A_BF16, w, None, W_BF16, True, w.shape[1], gh, _up(lora_a), None, lora_scale)
 
 
@@ -54,8 +56,8 @@ def grad_input_fp8_block(dy_fp8, dy_scale, w_fp8, w_scale, gh, lora_a, lora_scal
         return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, True, w_fp8.shape[1],
                                 gh, _up(lora_a), None, lora_scale)
     w_t = transpose_fp8(w_fp8)
-    if cublas_block_fp8.usable(dy_fp8, w_t.shape[0], w_t.shape[1]):
-        return cublas_block_fp8.block_fp8_gemm(dy_fp8, dy_scale, w_t, w_scale.t(), gh, _up(lora_a), None, lora_scale)
+    if cublas.block_fp8_usable(dy_fp8, w_t.shape[0], w_t.shape[1]):
+        return cublas.block_fp8_gemm(dy_fp8, dy_scale, w_t, w_scale.t(), gh, _up(lora_a), None, lora_scale)
     return launch_lora_gemm(dy_fp8, dy_scale, A_FP8_BLOCK, w_t, w_scale.t(), W_FP8_BLOCK, False, w_t.shape[0],
                             gh, _up(lora_a), None, lora_scale)
 

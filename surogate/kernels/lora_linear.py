@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.kernels import cublas_block_fp8
+from surogate.kernels import cublas
 from surogate.kernels.configs import block_r, device_arch, fp8_promote, get_configs, interpret_config, interpreting
 from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
 
@@ -388,7 +388,9 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
 
 
 def lora_linear_bf16(x, w, hidden, lora_b, bias, lora_scale):
-    """bf16 x bf16: x (M, K), w (N, K), hidden (M, r), lora_b (N, r)."""
+    """bf16 x bf16: x (M, K), w (N, K), hidden (M, r), lora_b (N, r); cuBLAS for long K (cublas.py)."""
+    if cublas.bf16_usable(x, w.shape[1]):
+        return cublas.bf16_gemm(x, w, hidden, lora_b, bias, lora_scale)
     return launch_lora_gemm(x, None, A_BF16, w, None, W_BF16, False, w.shape[0], hidden, lora_b, bias, lora_scale)
 
 
@@ -400,9 +402,9 @@ def lora_linear_fp8(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_s
 
 def lora_linear_fp8_block(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
     """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step
-    (cuBLAS on sm_90, see cublas_block_fp8.py)."""
-    if cublas_block_fp8.usable(x_fp8, w_fp8.shape[0], w_fp8.shape[1]):
-        return cublas_block_fp8.block_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale)
+    (cuBLAS on sm_90, see cublas.py)."""
+    if cublas.block_fp8_usable(x_fp8, w_fp8.shape[0], w_fp8.shape[1]):
+        return cublas.block_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale)
     return launch_lora_gemm(x_fp8, x_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, False, w_fp8.shape[0],
                             hidden, lora_b, bias, lora_scale)
 

@@ -163,20 +163,40 @@ def test_lora_input_and_no_lora() -> None:
 def test_block_fp8_cublas_and_triton_agree(shape, monkeypatch) -> None:
     """qfp8's block GEMMs run on cuBLAS where it takes them (sm_90, K a multiple of 512) and on the
     Triton kernel elsewhere: both compute the same forward and dgrad, and the shape decides which runs."""
-    from surogate.kernels import cublas_block_fp8, configs, launch
+    from surogate.kernels import configs, cublas, launch
 
     m, n, k = shape
     x, w, a, b, bias, go, fmt, wl = _case("qfp8", m, n, k, seed=11)
     runs = {}
     for backend in (None, "triton"):
-        monkeypatch.setattr(configs, "FP8_BLOCK_GEMM_OVERRIDE", backend)
+        monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", backend == "triton")
         y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "fp8", "fp8")
         runs[backend] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "fp8")[0])
-    monkeypatch.setattr(configs, "FP8_BLOCK_GEMM_OVERRIDE", None)
+    monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", False)
     wants_cublas = current_arch() == "sm_90" and k % 512 == 0 and m % 4 == 0
-    assert cublas_block_fp8.usable(x, n, k) == wants_cublas
+    assert cublas.block_fp8_usable(x, n, k) == wants_cublas
     assert sqnr(runs[None][0], runs["triton"][0]) > 45  # one more bf16 rounding (LoRA added after)
     assert sqnr(runs[None][1], runs["triton"][1]) > 45
     y_ref = _dequant_act(x, "fp8", fmt, "e4m3") @ _dequant_weight(wl, fmt, n, k).t() + bias.float() + \
         SCALE * (x.float() @ a.bfloat16().float().t()).bfloat16().float() @ b.bfloat16().float().t()
     assert sqnr(runs[None][0], y_ref) > ORACLE_FLOOR
+
+
+@pytest.mark.parametrize("k", [2048, 4096])
+def test_bf16_long_reductions_run_on_cublas_and_match_triton(k, monkeypatch) -> None:
+    """bf16 GEMMs with K >= 4096 go to cuBLAS + an addmm_ LoRA term (faster there on the H100),
+    shorter ones stay on the fused Triton kernel; forward and dgrad agree either way."""
+    from surogate.kernels import configs, cublas, launch
+
+    m, n = 512, 4096
+    x, w, a, b, bias, go, fmt, wl = _case("bf16", m, n, k, seed=5)
+    runs = {}
+    for force_triton in (False, True):
+        monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", force_triton)
+        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "bf16", "bf16")
+        runs[force_triton] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "bf16")[0])
+    monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", False)
+    assert cublas.bf16_usable(x, k) == (k >= cublas.BF16_CUBLAS_MIN_K)
+    assert cublas.bf16_usable(go, n)  # the dgrad reduces over N = 4096
+    assert sqnr(runs[False][0], runs[True][0]) > 45
+    assert sqnr(runs[False][1], runs[True][1]) > 45

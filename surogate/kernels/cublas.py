@@ -1,0 +1,96 @@
+"""The LoRA-linear GEMMs that cuBLAS runs faster than our Triton kernels, with the LoRA term added after.
+
+Measured on the H100 (bench/results/gemm_configs.md, kernels.md):
+- block-scaled FP8 (E4M3, 1x128 activation x 128x128 weight blocks) on sm_90: cuBLASLt ~1100 TFLOP/s
+  through torch's `scaled_mm`; the Triton block kernel, which must scale and add every 128-deep
+  product in registers without warp specialisation, ~600;
+- bf16 with a long reduction (K >= 4096, the 8B shapes): the Triton kernel is at 0.80-0.97x of
+  cuBLAS + a separate LoRA GEMM; at the 0.6B shapes it is 1.0-1.4x faster (the fused LoRA epilogue
+  saves a pass over the output), so those stay on Triton.
+The LoRA term is a second cuBLAS GEMM accumulating into the output (`addmm_`): one more read and
+write of it. Everything else, or a shape cuBLAS refuses, runs the Triton kernel;
+`configs.FORCE_TRITON_GEMMS = True` runs Triton everywhere, for measurement and tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surogate.compat import block_scaled_mm
+from surogate.kernels import configs
+
+# bf16 GEMMs whose reduction is at least this long go to cuBLAS (see the module docstring).
+BF16_CUBLAS_MIN_K = 4096
+
+_PROBED: dict[int, bool] = {}  # device index -> cuBLASLt took a block-scaled GEMM
+
+
+def _add_lora_and_bias(out: torch.Tensor, hidden: torch.Tensor | None, up: torch.Tensor | None,
+                       bias: torch.Tensor | None, lora_scale: float) -> torch.Tensor:
+    """out + bias + lora_scale * hidden @ up^T, in place (hidden (M, r), up (N, r))."""
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    if hidden is not None:
+        out.addmm_(hidden, up.t(), alpha=lora_scale)
+    return out
+
+
+def _on_cuda(a: torch.Tensor) -> bool:
+    return a.is_cuda and not configs.FORCE_TRITON_GEMMS and not configs.interpreting()
+
+
+def _probe(device: torch.device) -> bool:
+    """One tiny block-scaled GEMM, once per device: the cuBLASLt version decides, and only a call tells."""
+    scaled_mm, scaling = block_scaled_mm()
+    a = torch.zeros(128, 512, device=device, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(128, 512, device=device, dtype=torch.float8_e4m3fn)
+    sa = torch.ones(4, 128, device=device).t()
+    sb = torch.ones(1, 4, device=device).t()
+    try:
+        scaled_mm(a, b.t(), sa, scaling.BlockWise1x128, sb, scaling.BlockWise128x128, output_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def block_fp8_usable(a: torch.Tensor, n_out: int, k_red: int) -> bool:
+    """Whether `block_fp8_gemm` can run here: sm_90, a torch and cuBLASLt with block scaling, K a
+    multiple of 512 (cuBLAS reads the weight scales in groups of 4 blocks along K), N a multiple
+    of 16 and M of 4 (the activation scales' column stride, M floats, must be 16-byte aligned:
+    cuBLASLt answered NOT_SUPPORTED for M = 123 and 777 on the H100 and took 776, 780, 784)."""
+    if not _on_cuda(a) or block_scaled_mm() is None:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] != 9 or k_red % 512 or n_out % 16 or a.shape[0] % 4 \
+            or a.shape[0] == 0:
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if index not in _PROBED:
+        if torch.cuda.is_current_stream_capturing():  # never probe inside a CUDA graph capture
+            return False
+        _PROBED[index] = _probe(a.device)
+    return _PROBED[index]
+
+
+def block_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
+                   lora_scale: float) -> torch.Tensor:
+    """`a (M, K) @ b (N, K)^T` with E4M3 1x128 scales `a_scale (M, K/128)` and 128x128 `b_scale
+    (N/128, K/128)` (b K-major: the forward weight, or the dgrad's transposed copy), + bias +
+    lora_scale * hidden @ up^T; bf16 (M, N)."""
+    scaled_mm, scaling = block_scaled_mm()
+    if a_scale.stride(0) != 1 and a.shape[0] > 1:  # cuBLAS reads activation scales M-contiguous
+        a_scale = a_scale.t().contiguous().t()
+    out = scaled_mm(a, b.t(), a_scale, scaling.BlockWise1x128, b_scale.contiguous().t(), scaling.BlockWise128x128,
+                    output_dtype=torch.bfloat16)
+    return _add_lora_and_bias(out, hidden, up, bias, lora_scale)
+
+
+def bf16_usable(a: torch.Tensor, k_red: int) -> bool:
+    """Whether a bf16 GEMM with reduction length `k_red` goes to cuBLAS (`BF16_CUBLAS_MIN_K`)."""
+    return _on_cuda(a) and k_red >= BF16_CUBLAS_MIN_K and a.dtype == torch.bfloat16
+
+
+def bf16_gemm(a: torch.Tensor, b: torch.Tensor, hidden: torch.Tensor | None, up: torch.Tensor | None,
+              bias: torch.Tensor | None, lora_scale: float) -> torch.Tensor:
+    """`a (M, K) @ b (N, K)^T` (b may be a transposed view) + bias + lora_scale * hidden @ up^T; bf16 (M, N)."""
+    return _add_lora_and_bias(a @ b.t(), hidden, up, bias, lora_scale)
