@@ -222,7 +222,10 @@ def markdown(records: list[dict], env: dict) -> str:
              f"{shape.get('warmup', '?')} warm-up steps; LoRA r=16 on the 7 projections (bench/tps.py). "
              "Time per category is the sum of its GPU activities' durations, as a share of the profiled "
              "step's wall time; categories on concurrent streams may overlap. Idle = wall - union of GPU "
-             "busy intervals; the profiler slows the CPU side, so it is an upper bound.", ""]
+             "busy intervals; the profiler slows the CPU side, so it is an upper bound. surogate systems replay "
+             "each micro-step as one CUDA graph (GraphedStep), so the profiler sees no CPU op above their "
+             "kernels and places them by name only: the LM-head GEMM counts as a cuBLAS GEMM and the chunked "
+             "loss's exp / elementwise kernels as fused elementwise (\"lm head + loss\" reads 0 there).", ""]
     for model in dict.fromkeys(r["model"] for r in records):
         lines += [f"## {model}", ""] + category_table(records, model) + [""]
         lines += [_step_line(r) for r in ok if r["model"] == model] + [""]
