@@ -166,7 +166,19 @@ def _gemm_plan(gemm: str, want: Compute, fmt: WeightFormat, info: ArchInfo) -> G
         return GemmPlan(gemm, Compute.BF16, table[(Compute.BF16, fmt)], Support.EMULATED, info.mma_bf16,
                         f"{info.name} has no FP4 tensor cores; NVFP4 is dequantized to bf16")
     mma = {Compute.BF16: info.mma_bf16, Compute.FP8: info.mma_fp8, Compute.NVFP4: info.mma_fp4}[want]
-    return GemmPlan(gemm, want, table[(want, fmt)], Support.NATIVE, mma)
+    return GemmPlan(gemm, want, table[(want, fmt)], Support.NATIVE, mma, _cublas_note(want, fmt, info.name))
+
+
+def _cublas_note(want: Compute, fmt: WeightFormat, arch: str) -> str:
+    """Where kernels/cublas.py sends the GEMM to cuBLAS instead of the named Triton kernel (measured
+    faster there on the H100; docs/kernels.md)."""
+    if want is Compute.FP8 and fmt is WeightFormat.FP8_BLOCK and arch == "sm_90":
+        return "cuBLAS block-scaled FP8 (scaled_mm) where M % 4 == 0 and K % 512 == 0"
+    if want is Compute.BF16 and fmt is WeightFormat.BF16:
+        return "cuBLAS + LoRA addmm where the reduction is >= 4096"
+    if want is Compute.BF16:
+        return "large M: weight dequantized to a bf16 scratch, then as bf16 (cuBLAS where the reduction is >= 4096)"
+    return ""
 
 
 def plan(recipe: "str | Recipe", arch: "str | int | tuple[int, int] | None" = None) -> Plan:
