@@ -60,10 +60,9 @@ def block_fp8_usable(a: torch.Tensor, n_out: int, k_red: int) -> bool:
     cuBLASLt answered NOT_SUPPORTED for M = 123 and 777 on the H100 and took 776, 780, 784)."""
     if not _on_cuda(a) or block_scaled_mm() is None:
         return False
-    if torch.cuda.get_device_capability(a.device)[0] != 9 or k_red % 512 or n_out % 16 or a.shape[0] % 4 \
-            or a.shape[0] == 0:
-        return False
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if configs.device_arch(index) != "sm_90" or k_red % 512 or n_out % 16 or a.shape[0] % 4 or a.shape[0] == 0:
+        return False
     if index not in _PROBED:
         if torch.cuda.is_current_stream_capturing():  # never probe inside a CUDA graph capture
             return False
