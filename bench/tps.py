@@ -8,7 +8,10 @@ not leak into the next. Qwen3 models are built from their published configs with
 weights (no download); LoRA r=16, alpha=32 on the 7 projections; batch 2 x seq 2048 packed
 (random token ids: throughput does not depend on the text), grad accumulation 4; AdamW.
 tokens/s = batch * seq * accum / median wall time of an optimizer step after warm-up.
-Writes bench/results/tps.json (one record per measurement), tps.md and tps.png.
+Writes bench/results/tps.json (one record per measurement: model, system, recipe, emulated,
+tokens_per_s, peak_gib, first_step_s, losses, GPU, versions, commit), tps.md (with the speed-up over
+the best peer; emulated recipes labelled) and tps.png. Peers that cannot be imported are skipped
+with the reason; missing packages travel as wheels (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -106,7 +109,8 @@ def build(size: str, system: str):
 
         recipe, options = surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (worker), not a compile option
-        return surogate.compile(model, recipe=recipe, lora=_lora_config(), **options)
+        # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.
+        return surogate.compile(model, recipe=recipe, lora=_lora_config(), allow_emulation=True, **options)
     model = get_peft_model(model, _lora_config())
     if system == "hf_compile":
         model = torch.compile(model)
@@ -189,6 +193,20 @@ def available(system: str) -> str | None:
     return None
 
 
+PEER_RECIPES = {"hf_eager": "bf16", "hf_compile": "bf16", "liger": "bf16", "bnb_nf4": "nf4 (bitsandbytes)"}
+
+
+def recipe_of(system: str) -> tuple[str, bool]:
+    """(recipe, emulated): what the system trains in, and whether this GPU runs it emulated
+    (NVFP4 recipes without FP4 tensor cores: measured, and labelled so in the tables)."""
+    if not system.startswith("surogate:"):
+        return PEER_RECIPES.get(system, "?"), False
+    from surogate.recipes import Support, plan
+
+    recipe = surogate_system(system)[0]
+    return recipe, plan(recipe).support is Support.EMULATED
+
+
 def _system_order(system: str) -> tuple:
     """Peers first (PEERS order), then surogate recipes (SUROGATE_RECIPES order), each before its variants."""
     if not system.startswith("surogate:"):
@@ -204,9 +222,11 @@ def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: 
     models = list(dict.fromkeys(r["model"] for r in records))
     systems = sorted(dict.fromkeys(r["system"] for r in records), key=_system_order)
     by = {(r["model"], r["system"]): r for r in records}
+    emulated = {r["system"] for r in records if r.get("emulated")}
     lines = [f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"commit {env['commit']})", "", "tokens/s (peak GiB, first step s)", "",
-             "| model | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+             "| model | " + " | ".join(s + (" (emulated)" if s in emulated else "") for s in systems) + " |",
+             "|---|" + "---|" * len(systems)]
     for m in models:
         cells = []
         for s in systems:
@@ -305,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 record = {"model": f"Qwen3-{size}", "system": system, "error": f"timed out after {args.timeout}s"}
             record.update(env)
+            record["recipe"], record["emulated"] = recipe_of(system)
             records = [r for r in records if (r["model"], r["system"]) != (record["model"], system)] + [record]
             shown = record.get("error", "").splitlines()[-1:] if "error" in record else \
                 f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB  first step " \
