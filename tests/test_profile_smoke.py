@@ -6,7 +6,6 @@ times, fake profiler events, fake records) is checked here, in well under a seco
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,20 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bench_module import load_bench
 from torch.autograd import DeviceType
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_profile", REPO / "bench" / "step_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bp = _load()
+bp = load_bench("step_profile")
 VOCAB = 151936
 
 
