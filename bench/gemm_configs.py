@@ -158,7 +158,7 @@ def sweep(ops: list[str], arch: str) -> list[dict]:
                 rows.append(rec)
                 print(_row_text(rec), flush=True)
             del fn, ref
-        del c
+        c = None  # free this shape's tensors before the next
         torch.cuda.empty_cache()
     return rows
 
