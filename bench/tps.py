@@ -267,8 +267,12 @@ def _plot(records: list[dict], path: Path) -> None:
         return
     models = list(dict.fromkeys(r["model"] for r in ok))
     systems = list(dict.fromkeys(r["system"] for r in ok))
-    fig, axes = plt.subplots(1, len(models), figsize=(4 + 2.5 * len(systems) * len(models) / 4, 4), squeeze=False)
-    for ax, m in zip(axes[0], models):
+    cols = min(2, len(models))
+    rows_n = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(1.2 + 0.55 * len(systems) * cols, 4.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, models):
         rows = [r for r in ok if r["model"] == m]
         ax.bar([r["system"] for r in rows], [r["tokens_per_s"] / 1e3 for r in rows],
                color=["tab:orange" if r["system"].startswith("surogate") else "tab:gray" for r in rows])
