@@ -191,8 +191,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['op']} | {r['shape']} | {r['config']}{extra} | {ms} | {r['tflops']:.0f} | "
                      f"{r['default_ms']:.3f} | {r['sqnr_vs_default_db']:.0f} |")
     side = {r["shape"]: r for r in rows}
-    lines += ["", "| shape | quantize dy 1x128 (ms) | FP8 weight transpose: transpose_fp8 (ms) | torch .t().contiguous() (ms) |",
-              "|---|---|---|---|"]
+    lines += ["", "| shape | quantize dy 1x128 (ms) | FP8 weight transpose: transpose_fp8 (ms) "
+              "| torch .t().contiguous() (ms) |", "|---|---|---|---|"]
     lines += [f"| {s} | {r['quantize_1x128_ms']:.3f} | {r['weight_transpose_ms']:.3f} | {r['torch_transpose_ms']:.3f} |"
               for s, r in side.items()]
     return "\n".join(lines) + "\n"

@@ -189,7 +189,8 @@ def _gemm_specs() -> list[KernelSpec]:
         w_strides = (0, 0) if w_mode == ll.W_DEQ_NF4 else (k, 1)
         ws_strides = ws_strides or {ll.W_FP8_ROW: (1, 0), ll.W_FP8_BLOCK: (k // 128, 1), ll.W_DEQ_FP8_BLOCK: (k // 128, 1),
                       ll.W_DEQ_NVFP4: (k // 16, 1), ll.W_DEQ_NF4: (1, 0), ll.W_BF16: (n, 1)}[w_mode]
-        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (1, m)}[a_mode]  # block scales M-contiguous
+        # Activation scales: per row (M, 1); 1x128 blocks (M, K/128) stored M-contiguous.
+        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (1, m)}[a_mode]
         u_strides = (1, k) if trans_w else (r, 1)
         ints = dict(M=m, N=n, K=k, R=r, Kw=k if w_mode == ll.W_DEQ_NF4 else 0,
                     stride_am=k, stride_ak=1, stride_asm=as_strides[0], stride_ask=as_strides[1],

@@ -4,10 +4,11 @@ They reuse `_lora_gemm_kernel` (lora_linear.py) with the weight read transposed,
 scales and the LoRA epilogue live in one place. The LoRA term rides in the epilogue:
 `H = grad_lora_hidden = grad_output @ lora_b` (M, r) and `U = lora_a^T` (K, r) as a strided view.
 
-FP8: E5M2 (fp8_row, "hybrid") or E4M3 (fp8_block) gradient x E4M3 weight. Hopper's FP8 wgmma wants both operands K-major
-(here K is the GEMM's reduction dim, the weight's N), so `fp8_row` uses the cached K-major
-transpose `w_t_fp8 (K, N)` from the weight list; `fp8_block` has no cached transpose and makes
-one per call on the GPU (`transpose_fp8`: N*K bytes read and written, ~5% of the GEMM).
+FP8: E5M2 (fp8_row, "hybrid") or E4M3 (fp8_block) gradient x E4M3 weight. Hopper's FP8 wgmma
+wants both operands K-major (here K is the GEMM's reduction dim, the weight's N), so `fp8_row`
+uses the cached K-major transpose `w_t_fp8 (K, N)` from the weight list; `fp8_block` has no
+cached transpose and makes one per call on the GPU (`transpose_fp8`: N*K bytes read and
+written, ~5% of the GEMM). On sm_90 its GEMM then runs on cuBLAS (cublas.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from surogate.kernels import cublas
 from surogate.kernels.configs import interpreting
-from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.lora_linear import (
     A_BF16,
     A_FP8_BLOCK,
@@ -31,6 +31,7 @@ from surogate.kernels.lora_linear import (
     launch_lora_gemm,
     lora_linear_nvfp4,
 )
+from surogate.kernels.transpose import transpose_fp8
 
 
 def _up(lora_a: torch.Tensor | None) -> torch.Tensor | None:

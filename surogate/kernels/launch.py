@@ -22,7 +22,6 @@ from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, GRAD_FP8_ELEMENT
 from surogate.recipes.recipe import Compute, WeightFormat
 
 
-
 def kernel_name(gemm: str, compute: str, weight_format: str) -> str:
     """The kernel that runs `gemm` ("output" | "grad_input") for (compute, weight_format)."""
     table = FORWARD_KERNELS if gemm == "output" else GRAD_INPUT_KERNELS

@@ -110,7 +110,8 @@ def test_forward_backward_vs_oracle(recipe: str, shape: tuple[int, int, int]) ->
     gh = go.float() @ b.bfloat16().float()
     # fp8_row dgrad reads the K-major transpose, quantized on its own (per input channel)
     wd_t = (wl[2].float() * wl[3][:, None]).t() if fmt == "fp8_row" and dg == "fp8" else wd
-    gi_ref = _dequant_act(go, dg, fmt, GRAD_FP8_ELEMENT.get(fmt, "e5m2")) @ wd_t + SCALE * gh.bfloat16().float() @ a.bfloat16().float()
+    grad_element = GRAD_FP8_ELEMENT.get(fmt, "e5m2")  # nf4 / nvfp4 weights with an FP8 dgrad: per row
+    gi_ref = _dequant_act(go, dg, fmt, grad_element) @ wd_t + SCALE * gh.bfloat16().float() @ a.bfloat16().float()
     # NVFP4 dgrad: stochastic rounding and the weight re-quantized along N, neither in this oracle
     assert sqnr(gi, gi_ref) > (12.0 if dg == "nvfp4" else ORACLE_FLOOR - 3)
     assert sqnr(ga, SCALE * gh.t() @ x.float()) > 40
