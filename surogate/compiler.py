@@ -25,6 +25,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from surogate import attention
 from surogate.modules import SurogateLinear
 from surogate.passes import CompileReport, PassContext, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch, plan
@@ -95,6 +96,13 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         # one recompile per layer. Training needs no cache; generate() can still pass use_cache=True.
         hf.config.use_cache = False
         report.note("config.use_cache set to False (training needs no KV cache; it would recompile per layer)")
+    original_attention = attention.install(hf)
+    if original_attention is None:
+        report.note("attention: transformers' own masks (this architecture does not call through "
+                     "ALL_ATTENTION_FUNCTIONS): packed rows with position_ids are refused; pad instead")
+    else:
+        report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
+                    f"sync; plain causal rows run {original_attention}'s causal kernel)")
     blocks = _decoder_blocks(hf, targets)
     if blocks and regional:
         # Block 0 would otherwise see an input without grad and compile a second graph.
@@ -374,28 +382,6 @@ def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
 
 # --- LM head + loss -----------------------------------------------------------------------------------
 
-def _causal_mask_mapping(backbone: nn.Module, config: Any) -> dict | None:
-    """`{"full_attention": None}` where the backbone takes a per-layer-type mask mapping and every layer is
-    full causal attention; else None.
-
-    Without a mask, transformers inspects `position_ids` for packed sequences: eagerly with a host
-    sync (`.all()`), and under tracing or CUDA-graph capture without it, which then builds a dense
-    mask; the captured graph would differ from the warm-up and recompile mid-capture. Passing the
-    mapping skips that and keeps SDPA on its causal (flash) path. Models without mapping support
-    keep HF's mask code (no CUDA graph capture for them: see docs/compile.md).
-    """
-    import inspect
-
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types or set(layer_types) != {"full_attention"}:
-        return None
-    try:
-        source = inspect.getsource(type(backbone).forward)
-    except (OSError, TypeError):
-        return None
-    return {"full_attention": None} if "causal_mask_mapping := attention_mask" in source else None
-
-
 def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
     """Route `labels=` calls through `surogate.loss.lm_head_cross_entropy` (no full FP32 logits)."""
     config = getattr(hf, "config", None)
@@ -408,7 +394,7 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         return
     softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
     original = hf.forward
-    causal_only = _causal_mask_mapping(backbone, config)
+    own_attention = attention.original_implementation(hf) is not None
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -416,11 +402,15 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         from surogate.loss import lm_head_cross_entropy
 
         if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
-            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache
+                return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
-        if attention_mask is None and causal_only is not None and "position_ids" not in kwargs:
-            attention_mask = causal_only  # plain causal attention, no mask to build or inspect
+        if own_attention:
+            attention_mask = _segments_into(kwargs, attention_mask)
+        elif kwargs.get("position_ids") is not None and attention_mask is None:
+            raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
+                             "attend across examples; pad the examples instead of packing them (sample_packing: false)")
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0]
         loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
@@ -428,9 +418,17 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None))
 
     hf.forward = types.MethodType(forward, hf)
-    if causal_only is not None:
-        report.note("attention: causal without a mask when none is passed (no packed-sequence inspection, "
-                    "no host sync; CUDA-graph capturable)")
     report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "
                 f"(softcap {softcap})" if softcap else "lm_head + cross-entropy: surogate::lm_head_ce, chunked")
 
+
+
+def _segments_into(kwargs: dict, attention_mask):
+    """Put the segment ids of `position_ids` / a 2-D `attention_mask` into the layer kwargs (surogate
+    attention reads them); returns the mask to hand the backbone (None: surogate attention builds its own)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return attention_mask  # a prepared 4-D mask or BlockMask: the caller's own, passed through
+    segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
+    if segments is not None:
+        kwargs[attention.SEGMENTS_KWARG] = segments
+    return None

@@ -1,10 +1,16 @@
-"""Training data: JSONL examples -> token sequences of a fixed length, packed or padded.
+"""Training data: JSONL examples -> token rows, packed with their boundaries kept or padded per batch.
 
-Fixed-length batches keep every step the same shape, so a compiled graph is captured once and
-tokens/s is comparable between steps. Packing concatenates the examples (each followed by EOS)
-and cuts the stream into `seq_len` rows, as Hugging Face's `run_clm` does: no padding is
-wasted, and attention runs across example boundaries (EOS marks them). Without packing each
-example is truncated or padded to `seq_len` and the padding is masked out of the loss.
+Fine-tuning examples have a prompt (masked from the loss) and a completion (trained). Two layouts:
+- packed (`pack_examples`, the default of `surogate train`): whole examples placed into rows of
+  `seq_len` tokens (first fit), in Hugging Face's padding-free convention (TRL's `padding_free`,
+  `DataCollatorWithFlattening`): `position_ids` restart at 0 at each example, and the first token of
+  each example is not a target (it would be predicted from the previous example). surogate's attention
+  reads the boundaries from `position_ids`, so no token attends across examples. Rows are padded to
+  `seq_len`: every batch has one shape.
+- padded: one example per row, each batch right-padded to its longest row (GraphedStep rounds that up
+  to a shape bucket); padding is masked from the loss.
+`pack` / `pad` / `TokenDataset` are the plain-text layouts (a stream cut into rows), used for pretraining
+corpora where boundaries do not matter (bench/fidelity.py).
 
 The package directory `surogate/data/` (no `__init__.py`) holds the bundled GSM8K sample, the
 default config and the embedded model config; this module is what `import surogate.data` gets.
@@ -65,6 +71,147 @@ def format_example(example: dict, fmt: str) -> str:
             raise ValueError("text-format example lacks the 'text' field")
         return str(example["text"])
     raise ValueError(f"unknown dataset format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def prompt_and_completion(example: dict, fmt: str) -> tuple[str, str]:
+    """The part of an example the model reads (masked from the loss) and the part it learns to write.
+    gsm8k: "Question: ...\nAnswer:" | " <answer>"; text: "" | the text."""
+    text = format_example(example, fmt)
+    if fmt == "gsm8k":
+        cut = text.index("\nAnswer:") + len("\nAnswer:")
+        return text[:cut], text[cut:]
+    return "", text
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: `labels` equal `input_ids` where the model learns, IGNORE_INDEX elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_examples(examples: list[dict], fmt: str, tokenizer, train_on_inputs: bool = False) -> list[Example]:
+    """Prompt and completion tokenized apart (so the boundary is exact), EOS appended; the prompt's labels
+    are IGNORE_INDEX unless `train_on_inputs`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; examples need one at their end")
+    pairs = [prompt_and_completion(e, fmt) for e in examples]
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(prompts, completions):
+        ids = p + c + [eos]
+        labels = (ids if train_on_inputs else [IGNORE_INDEX] * len(p) + c + [eos])
+        out.append(Example(ids, list(labels)))
+    return out
+
+
+class Batch(dict):
+    """Model keyword arguments (a dict) that also know how many real tokens they hold (`num_tokens`)."""
+
+    num_tokens: int = 0
+
+
+@dataclass
+class ExampleRows:
+    """Rows of whole examples: packed (several per row, `positions` restarting at each) or one per row."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    positions: list[list[int]] | None  # None: one example per row (padded layout)
+    seq_len: int
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def packed(self) -> bool:
+        return self.positions is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the examples (padding not counted)."""
+        return sum(map(len, self.input_ids))
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches as model keyword arguments: packed rows padded to `seq_len` with `position_ids`;
+        single examples padded to the batch's longest with `attention_mask` (1 on real tokens)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size].tolist())
+
+    def batch(self, rows: list[int]) -> Batch:
+        width = self.seq_len if self.packed else max(len(self.input_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        extra = torch.zeros((len(rows), width), dtype=torch.long)  # position_ids or attention_mask
+        for r, i in enumerate(rows):
+            k = len(self.input_ids[i])
+            ids[r, :k] = torch.tensor(self.input_ids[i])
+            labels[r, :k] = torch.tensor(self.labels[i])
+            if self.packed:  # the padding is a segment of its own: positions restart at 0
+                extra[r, :k] = torch.tensor(self.positions[i])
+                extra[r, k:] = torch.arange(width - k)
+            else:
+                extra[r, :k] = 1
+        out = Batch(input_ids=ids, labels=labels, **{"position_ids" if self.packed else "attention_mask": extra})
+        out.num_tokens = sum(len(self.input_ids[i]) for i in rows)
+        return out
+
+
+def _has_target(labels: list[int]) -> bool:
+    """Whether a (truncated) example still teaches something: a target after its first token."""
+    return any(t != IGNORE_INDEX for t in labels[1:])
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> ExampleRows:
+    """Whole examples placed first-fit into rows of at most `seq_len` tokens, in order; an example longer
+    than `seq_len` is truncated to it, and dropped if no target is left (a prompt cut before its answer).
+    Each example's first label is IGNORE_INDEX (it has no predecessor in its own example)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    room: list[int] = []  # free tokens per row, for first fit
+    open_rows: list[int] = []  # rows with room left
+    for ex in examples:
+        ids, labels = ex.input_ids[:seq_len], ex.labels[:seq_len]
+        if not _has_target(labels):
+            continue
+        target = next((r for r in open_rows if room[r] >= len(ids)), None)
+        if target is None:
+            rows.append(([], [], []))
+            room.append(seq_len)
+            target = len(rows) - 1
+            open_rows.append(target)
+        row_ids, row_labels, row_pos = rows[target]
+        row_ids += ids
+        row_labels += [IGNORE_INDEX] + labels[1:]
+        row_pos += range(len(ids))
+        room[target] -= len(ids)
+        if room[target] == 0:
+            open_rows.remove(target)
+    if not rows:
+        raise ValueError(f"no examples to pack: none has a target token within {seq_len} tokens "
+                         "(raise sequence_len, or set train_on_inputs: true)")
+    return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id)
+
+
+def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0) -> ExampleRows:
+    """One example per row, truncated to `seq_len` (batches pad to their longest row)."""
+    kept = [ex for ex in examples if _has_target(ex.labels[:seq_len])]
+    if not kept:
+        raise ValueError(f"no examples: none has a target token within {seq_len} tokens (raise sequence_len, "
+                         "or set train_on_inputs: true)")
+    return ExampleRows([ex.input_ids[:seq_len] for ex in kept], [ex.labels[:seq_len] for ex in kept], None,
+                       seq_len, pad_id)
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
@@ -146,10 +293,12 @@ def split_path(dataset_dir: "str | os.PathLike | None", split: str) -> Path:
 
 
 def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
-                packing: bool = True, limit: int | None = None) -> TokenDataset:
-    """Read, format, tokenize and pack (or pad) one split."""
+                packing: bool = True, limit: int | None = None, train_on_inputs: bool = False) -> ExampleRows:
+    """Read, tokenize (prompt masked unless `train_on_inputs`) and pack with boundaries (or lay out one
+    example per row) one split."""
     examples = read_jsonl(split_path(dataset_dir, split), limit)
     if not examples:
         raise ValueError(f"split {split!r} of {dataset_dir or 'the bundled sample'} has no examples")
-    seqs = tokenize([format_example(e, fmt) for e in examples], tokenizer)
-    return pack(seqs, seq_len) if packing else pad(seqs, seq_len, tokenizer.pad_token_id)
+    tokenized = tokenize_examples(examples, fmt, tokenizer, train_on_inputs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_examples(tokenized, seq_len, pad_id) if packing else one_per_row(tokenized, seq_len, pad_id)

@@ -1,47 +1,79 @@
-"""One training micro-step (forward + backward) captured as a CUDA graph and replayed.
+"""One training micro-step (forward + backward) captured as a CUDA graph per shape bucket and replayed.
 
-Why: a compiled LoRA step still launches ~140 kernels per decoder layer from Python; on a 0.6B
-model the GPU idles for more than half the step waiting for them (bench/results/profile.md).
-Replaying a captured graph launches the whole micro-step at once. With packed batches every
-micro-batch has the same shape, so one capture serves the whole run.
+Why: a compiled LoRA step still launches ~140 kernels per decoder layer from Python; on a 0.6B model
+the launches, not the GPU, set the pace (bench/results/profile.md). Replaying a captured graph
+launches the whole micro-step at once.
 
     step = surogate.GraphedStep(model, loss_scale=1 / accum)
     for batch in micro_batches:
         loss = step(**batch)          # forward + backward; gradients accumulate in p.grad
     optimizer.step(); optimizer.zero_grad()
 
-The first call runs `warmup` eager micro-steps (compilation, autotuning, cuBLAS workspaces),
-then captures; the gradients are as if only the real calls had run. A call whose inputs differ in
-shape, dtype or key set from the captured one runs eagerly (same gradients, no graph), so an
-odd-sized batch never breaks a run. The loss a call returns lives in the graph's memory: the next
-call overwrites it, so `.clone()` (or add it into an accumulator) to keep it.
+Shape buckets: real data has rows of many lengths. Each call's sequence length is rounded up to
+the next multiple of `pad_to` (128 by default) and the row is padded to it (labels -100, so the loss
+and the gradients are those of the unpadded row: padding is appended after every real token, which
+causal attention never lets a real token see; `attention_mask` is padded with 0 and `position_ids`
+restart at 0, a segment of their own). One graph is captured per (batch size, bucket length, dtypes),
+up to `max_graphs`; later shapes run eagerly. All graphs share one memory pool (they never run at
+the same time), so the graphs of several buckets cost about the memory of the largest one, plus
+each graph's static inputs and loss. Padding costs compute: at most `pad_to - 1` tokens a row.
+
+The first call of a bucket runs `warmup` eager micro-steps (compilation, autotuning, cuBLAS
+workspaces), then captures; the gradients are as if only the real calls had run. If a capture
+fails, the process is left whole (CUDA RNG state, the allocator's graph pool, the current stream,
+the gradients), a warning says why once, and every later call runs eagerly. The loss a call returns
+lives in the graph's memory: the next call overwrites it, so `.clone()` it to keep it.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+# Fill of each padded input (keys not listed pad with 0). position_ids pad with 0, 1, 2, ...
+PAD_VALUES = {"labels": -100, "attention_mask": 0, "input_ids": 0}
+
+
+def bucket_length(length: int, pad_to: int, limit: int | None = None) -> int:
+    """`length` rounded up to a multiple of `pad_to` (no padding past `limit`, e.g. a model's positions)."""
+    if pad_to <= 1:
+        return length
+    padded = math.ceil(length / pad_to) * pad_to
+    return length if limit is not None and padded > limit else padded
+
 
 class Capture(Protocol):
-    """What `GraphedStep` needs from a graph: record `fn` once, then run the recording."""
+    """What `GraphedStep` needs from a graph: warm up, record `fn` once, then run the recording."""
+
+    def warmup(self, fn: Callable[[], None], iterations: int) -> None: ...
 
     def capture(self, fn: Callable[[], None]) -> None: ...
 
     def replay(self) -> None: ...
 
 
-class CudaGraphCapture:
-    """`torch.cuda.CUDAGraph` on a side stream; warm-up and capture share the stream (cuBLAS keeps a
-    workspace per stream, and one allocated during capture would be freed under the graph)."""
+class CaptureFailed(RuntimeError):
+    """A CUDA graph capture failed; the process state was restored (see `CudaGraphCapture.capture`)."""
 
-    def __init__(self) -> None:
+
+class CudaGraphCapture:
+    """`torch.cuda.CUDAGraph` on a side stream. Warm-up and capture share the stream (cuBLAS keeps a
+    workspace per stream, and one allocated during capture would be freed under the graph); graphs made
+    with the same `shared` dict share that stream and one memory pool."""
+
+    def __init__(self, shared: dict | None = None) -> None:
+        shared = {} if shared is None else shared
+        if "stream" not in shared:
+            shared["stream"] = torch.cuda.Stream()
+            shared["pool"] = torch.cuda.graph_pool_handle()
+        self.stream, self.pool = shared["stream"], shared["pool"]
         self.graph = torch.cuda.CUDAGraph()
-        self.stream = torch.cuda.Stream()
 
     def warmup(self, fn: Callable[[], None], iterations: int) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -53,18 +85,43 @@ class CudaGraphCapture:
         torch.cuda.empty_cache()  # warm-up blocks back to the driver, so the graph pool does not double them
 
     def capture(self, fn: Callable[[], None]) -> None:
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            fn()
+        """Record `fn`. On failure torch leaves the process half in capture mode: the default CUDA generator
+        still counts offsets for the graph ("Offset increment outside graph capture" at the next random op),
+        the allocator still routes to the graph's pool, the side stream stays current. Undo all three."""
+        device = torch.cuda.current_device()
+        generator = torch.cuda.default_generators[device]
+        rng = generator.clone_state()  # a state object that was never registered with the capture
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+                fn()
+        except Exception as error:
+            torch.cuda.set_stream(stream)
+            _quietly(self.graph.reset)
+            generator.graphsafe_set_state(rng)
+            _quietly(lambda: torch._C._cuda_endAllocateToPool(device, self.pool))
+            _quietly(torch.cuda.synchronize)
+            raise CaptureFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
 
     def replay(self) -> None:
         self.graph.replay()
+
+    def release(self) -> None:
+        self.graph.reset()
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:  # cleaning up after a failed capture: whatever still fails here was never set up
+        pass
 
 
 class EagerCapture:
     """Runs `fn` at every replay instead of recording it: the bookkeeping of `GraphedStep` without a
     GPU (tests, and a debugging switch when a capture misbehaves)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: dict | None = None) -> None:
         self.fn: Callable[[], None] | None = None
 
     def warmup(self, fn: Callable[[], None], iterations: int) -> None:
@@ -78,22 +135,37 @@ class EagerCapture:
         assert self.fn is not None, "replay before capture"
         self.fn()
 
+    def release(self) -> None:
+        self.fn = None
+
 
 def _signature(inputs: dict[str, Tensor]) -> tuple:
     return tuple(sorted((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()))
 
 
+@dataclass
+class _Graph:
+    """One captured bucket: its recording, its static inputs (padded shape) and its loss."""
+
+    capture: Capture
+    inputs: dict[str, Tensor]
+    padding: dict[str, Tensor]  # per-token inputs: the pad values over the whole bucket width
+    loss: Tensor | None = None
+
+
 class GraphedStep:
-    """`loss = step(**batch)`: the model's forward, `(loss * loss_scale).backward()`, as one CUDA graph.
+    """`loss = step(**batch)`: the model's forward, `(loss * loss_scale).backward()`, as CUDA graphs.
 
     Gradients accumulate into each trainable parameter's `.grad` exactly as an eager backward would;
     `optimizer.zero_grad()` (to None or to zero) between optimizer steps is fine. The parameters must
     keep their storage (optimizers update in place), and the model must not sync with the host inside
-    its forward/backward (no `.item()`), or the capture fails with an error that says so.
+    its forward/backward (no `.item()`). `capture` is a class (or an instance whose class is used) that
+    records one graph: `CudaGraphCapture` on CUDA, `EagerCapture` to check the bookkeeping anywhere.
+    `strict=True` raises when a capture fails instead of continuing eagerly.
     """
 
-    def __init__(self, model: nn.Module, loss_scale: float = 1.0, warmup: int = 2,
-                 capture: Capture | None = None) -> None:
+    def __init__(self, model: nn.Module, loss_scale: float = 1.0, warmup: int = 2, capture=None,
+                 pad_to: int = 128, max_graphs: int = 16, strict: bool = False) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; attach LoRA (surogate.compile) first")
@@ -101,25 +173,30 @@ class GraphedStep:
             if not all(p.is_cuda for p in self.params):
                 raise ValueError("CUDA graphs need the model on a CUDA device; move it with model.cuda(), or "
                                  "drive it without GraphedStep (model(**batch).loss.backward())")
-            capture = CudaGraphCapture()
+            capture = CudaGraphCapture
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (compilation must happen before capture), got {warmup}")
+        if pad_to < 1 or max_graphs < 1:
+            raise ValueError(f"pad_to and max_graphs must be >= 1, got {pad_to} and {max_graphs}")
         self.model = model
         self.loss_scale = float(loss_scale)
         self.warmup = warmup
-        self.capture_backend = capture
+        self.capture_class = capture if isinstance(capture, type) else type(capture)
+        self.pad_to, self.max_graphs, self.strict = pad_to, max_graphs, strict
+        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.shared: dict = {}  # the stream and memory pool every graph of this step uses
+        self.graphs: dict[tuple, _Graph] = {}
         self.grads: list[Tensor] | None = None
-        self.static_inputs: dict[str, Tensor] | None = None
-        self.static_signature: tuple | None = None
-        self.static_loss: Tensor | None = None
+        self.failure: str | None = None
         self.replays = 0
         self.eager_calls = 0
+        self._warned: set[str] = set()
 
     # --- public -------------------------------------------------------------------------------
 
     @property
     def captured(self) -> bool:
-        return self.static_inputs is not None
+        return bool(self.graphs)
 
     def __call__(self, **inputs: Tensor) -> Tensor:
         """Forward + backward of one micro-batch; returns the (unscaled) loss."""
@@ -127,16 +204,31 @@ class GraphedStep:
             raise TypeError("GraphedStep takes tensor keyword arguments only (input_ids=..., labels=...)")
         if "labels" not in inputs:
             raise ValueError("GraphedStep trains: pass labels= so that the model returns a loss")
-        if self.static_inputs is None:
-            self._capture(inputs)
-        elif _signature(inputs) != self.static_signature:
+        if self.failure is not None:
             return self._eager(inputs)
+        length = inputs["labels"].shape[-1]
+        padded = bucket_length(length, self.pad_to, self.max_positions)
+        key = _signature({k: v[:, :0] if _is_row(v, length) else v for k, v in inputs.items()}) + (padded,)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs:
+                self._warn_once("max_graphs", f"GraphedStep: {self.max_graphs} shape buckets are captured already "
+                                "(max_graphs); running this shape eagerly")
+                return self._eager(inputs)
+            graph = self._capture(inputs, length, padded, key)
+            if graph is None:
+                return self._eager(inputs)
         self._bind_grads()
-        for name, value in inputs.items():
-            self.static_inputs[name].copy_(value, non_blocking=True)
-        self.capture_backend.replay()
+        _fill(graph, inputs, length)
+        graph.capture.replay()
         self.replays += 1
-        return self.static_loss
+        return graph.loss
+
+    def release(self) -> None:
+        """Free every captured graph (their memory pool goes back to the allocator)."""
+        for graph in self.graphs.values():
+            graph.capture.release()
+        self.graphs.clear()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -148,16 +240,18 @@ class GraphedStep:
         return loss.detach()
 
     def _eager(self, inputs: dict[str, Tensor]) -> Tensor:
-        self._bind_grads()
+        if self.grads is not None:
+            self._bind_grads()
         self.eager_calls += 1
-        if self.eager_calls == 1:
-            warnings.warn(f"GraphedStep: inputs {_signature(inputs)} differ from the captured "
-                          f"{self.static_signature}; running them eagerly (pack to one shape to keep "
-                          "every micro-step in the graph)", stacklevel=3)
         return self._forward_backward(inputs)
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
     def _bind_grads(self) -> None:
-        """Point every `.grad` at the buffer the graph accumulates into (zeroed if it was set to None)."""
+        """Point every `.grad` at the buffer the graphs accumulate into (zeroed if it was set to None)."""
         unset = []
         for p, g in zip(self.params, self.grads):
             if p.grad is None:
@@ -170,31 +264,73 @@ class GraphedStep:
         if unset:
             torch._foreach_zero_(unset)
 
-    def _capture(self, inputs: dict[str, Tensor]) -> None:
+    def _restore_grads(self, kept: list[Tensor | None]) -> None:
+        """Gradients as before the warm-up, in the buffers the graphs accumulate into."""
+        if self.grads is None:
+            self.grads = [torch.zeros_like(p) for p in self.params]
+        for p, buffer, k in zip(self.params, self.grads, kept):
+            if k is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(k)
+            p.grad = buffer
+
+    def _capture(self, inputs: dict[str, Tensor], length: int, padded: int, key: tuple) -> _Graph | None:
         # Gradients already accumulated (a capture in mid-step) survive the warm-up runs.
         kept = [None if p.grad is None else p.grad.clone() for p in self.params]
-        self.static_inputs = {k: v.clone() for k, v in inputs.items()}
-        self.static_signature = _signature(self.static_inputs)
-        self.capture_backend.warmup(lambda: self._forward_backward(self.static_inputs), self.warmup)
-        self.grads = []
-        for p, k in zip(self.params, kept):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if k is None:
-                p.grad.zero_()
-            else:
-                p.grad.copy_(k)
-            self.grads.append(p.grad)
+        padding = {k: _pad_value(k, v, padded) for k, v in inputs.items() if _is_row(v, length)}
+        static = {k: v.clone() for k, v in inputs.items()}
+        for name, pad in padding.items():
+            static[name] = torch.cat([inputs[name], pad[:, length:]], dim=1)
+        graph = _Graph(self.capture_class(self.shared), static, padding)
+        try:
+            graph.capture.warmup(lambda: self._forward_backward(static), self.warmup)
+        finally:
+            self._restore_grads(kept)
 
         def record() -> None:
-            self.static_loss = self._forward_backward(self.static_inputs)
+            graph.loss = self._forward_backward(static)
 
         try:
-            self.capture_backend.capture(record)
-        except RuntimeError as error:
-            self.static_inputs = None
-            raise RuntimeError(
-                f"capturing the training step as a CUDA graph failed ({error}). Usually something in the "
-                "forward or backward syncs with the host (.item(), a data-dependent shape, a CPU tensor); "
-                "train without CUDA graphs (cuda_graphs: false, or call the model directly) or remove the "
-                "sync") from error
+            graph.capture.capture(record)
+        except Exception as error:
+            self._restore_grads(kept)
+            self.failure = str(error)
+            self.release()
+            message = (f"capturing the training step as a CUDA graph failed ({error}). Usually something in the "
+                       "forward or backward syncs with the host (.item(), a data-dependent shape, a CPU tensor). "
+                       "Training continues without CUDA graphs (same results, slower); set cuda_graphs: false "
+                       "to skip the attempt")
+            if self.strict:
+                raise RuntimeError(message) from error
+            self._warn_once("failed", f"GraphedStep: {message}")
+            return None
+        self.graphs[key] = graph
+        return graph
+
+
+def _is_row(value: Tensor, length: int) -> bool:
+    """A per-token input (B, S, ...) whose sequence dimension is padded to the bucket."""
+    return value.dim() >= 2 and value.shape[1] == length
+
+
+def _pad_value(name: str, value: Tensor, width: int) -> Tensor:
+    """The pad of a per-token input over a whole bucket `width` (a call uses the columns past its length).
+    Any pad is harmless to the real tokens before it (causal attention, labels -100); position_ids count
+    on (0 .. width-1 stays inside the model's positions), the rest take `PAD_VALUES`."""
+    shape = (value.shape[0], width, *value.shape[2:])
+    if name == "position_ids":
+        ramp = torch.arange(width, device=value.device, dtype=value.dtype)
+        return ramp.view(1, width, *([1] * (value.dim() - 2))).expand(shape).clone()
+    return value.new_full(shape, PAD_VALUES.get(name, 0))
+
+
+def _fill(graph: _Graph, inputs: dict[str, Tensor], length: int) -> None:
+    """Copy a call's inputs into a graph's static inputs; per-token ones fill the first `length` columns
+    and the pad the rest (a shorter call must not leave a longer one's tokens behind)."""
+    for name, value in inputs.items():
+        target = graph.inputs[name]
+        if name in graph.padding and target.shape[1] != length:
+            target[:, length:].copy_(graph.padding[name][:, length:], non_blocking=True)
+            target = target[:, :length]
+        target.copy_(value, non_blocking=True)

@@ -117,8 +117,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     flat = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk or chunk_rows(weight.shape[0])
     total, _ = torch.ops.surogate.lm_head_ce(flat, weight, bias, shifted, float(softcap or 0.0), int(rows))
-    if num_items_in_batch is None:
-        return total / (shifted != IGNORE_INDEX).sum()
+    if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
+        return total / (shifted != IGNORE_INDEX).sum().clamp(min=1)
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

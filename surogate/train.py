@@ -127,8 +127,9 @@ def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float =
 
 
 class MicroStep:
-    """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed
-    from a CUDA graph (`surogate.GraphedStep`) when `cfg.cuda_graphs` allows. Returns the loss."""
+    """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed from
+    CUDA graphs (`surogate.GraphedStep`, one per shape bucket) when `cfg.cuda_graphs` allows. Returns the loss.
+    A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr) -> None:
         self.model, self.mode, self.log = model, cfg.cuda_graphs, log
@@ -136,10 +137,11 @@ class MicroStep:
         if self.mode == "true" and device.type != "cuda":
             raise ValueError("cuda_graphs: true needs a CUDA device; set cuda_graphs: auto or false")
         self.graphed = None
-        if self.mode == "true" or (self.mode == "auto" and device.type == "cuda" and cfg.sample_packing):
+        if self.mode == "true" or (self.mode == "auto" and device.type == "cuda"):
             from surogate.graphed_step import GraphedStep
 
-            self.graphed = GraphedStep(model, loss_scale=self.loss_scale)
+            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true")
+        self._said = False
 
     def eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -149,17 +151,14 @@ class MicroStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.graphed is None:
             return self.eager(batch)
-        first = not self.graphed.captured
-        try:
-            loss = self.graphed(**batch)
-        except RuntimeError as error:
-            if self.mode == "true" or not first:
-                raise
-            self.log(f"cuda_graphs: {error}\ncuda_graphs: training without CUDA graphs")
-            self.graphed = None
-            return self.eager(batch)
-        if first:
-            self.log("cuda_graphs: the micro-step (forward + backward) is captured and replayed as one CUDA graph")
+        loss = self.graphed(**batch)
+        if not self._said:
+            self._said = True
+            if self.graphed.failure is None:
+                self.log("cuda_graphs: each micro-step (forward + backward) is captured and replayed as a CUDA "
+                         f"graph, one per shape bucket (rows padded to a multiple of {self.graphed.pad_to})")
+            else:
+                self.log(f"cuda_graphs: capture failed ({self.graphed.failure}); training without CUDA graphs")
         return loss
 
 
@@ -183,8 +182,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind, warmup_steps, total_steps))
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to(batch: dict[str, torch.Tensor], device: torch.device, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """`batch` on `device`. Right-padded rows drop their `attention_mask` when the model runs surogate
+    attention: the padding follows every real token, so causal attention never shows it to one, and its
+    labels are -100; without a mask the step keeps the causal flash kernel."""
+    from surogate.attention import original_implementation
+
+    drop = model is not None and original_implementation(model.base_model.model) is not None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if not (drop and k == "attention_mask")}
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the examples in `batch` (padding not counted): the batch's own count where it has one."""
+    count = getattr(batch, "num_tokens", None)
+    if count is not None:
+        return count
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -198,7 +211,7 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
     have = batch["input_ids"].shape[0]
     if have == rows:
         return batch
-    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0, "position_ids": 0}
     return {k: torch.cat([v, v.new_full((rows - have, *v.shape[1:]), fill[k])]) for k, v in batch.items()}
 
 
@@ -211,7 +224,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -
     try:
         for batch in dataset.batches(batch_size):
             n = _predicted_tokens(batch)
-            total += float(model(**_to(_pad_rows(batch, batch_size), device)).loss) * n
+            total += float(model(**_to(_pad_rows(batch, batch_size), device, model)).loss) * n
             count += n
     finally:
         model.train(was_training)
@@ -305,7 +318,9 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                             ds.max_train_samples)
     eval_set = None if ds.eval_split is None else build_split(
         ds.path, ds.eval_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing, ds.max_eval_samples)
-    log(f"data: {len(train_set)} train rows x {cfg.sequence_len} tokens"
+    layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
+              else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
+    log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
         + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
 
     base = load_base_model(cfg, tokenizer)
@@ -337,9 +352,8 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
         losses, step_tokens = [], 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(micro)  # on the host: counting its tokens costs no GPU sync
-            losses.append(micro_step(_to(batch, device)).clone())
-            step_tokens += int(batch["input_ids"].numel() if "attention_mask" not in batch
-                               else batch["attention_mask"].sum())
+            losses.append(micro_step(_to(batch, device, model)).clone())
+            step_tokens += _real_tokens(batch)
         step_loss = float(torch.stack(losses).mean())  # the step's one host sync
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)

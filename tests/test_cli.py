@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def _config(tmp_path, model_dir, **extra) -> str:
     raw = {
-        "model": str(model_dir), "recipe": "bf16", "sequence_len": 32, "per_device_train_batch_size": 2,
+        "model": str(model_dir), "recipe": "bf16", "sequence_len": 192, "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "warmup_steps": 1, "lora_rank": 4,
         "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj", "down_proj"],
         "dataset": {"max_train_samples": 16, "max_eval_samples": 4},
@@ -58,7 +58,9 @@ def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, 
     run = tmp_path / "out"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3 and len(metrics["train"]) == 3
-    assert metrics["train_tokens"] == 3 * 2 * 2 * 32  # steps x accumulation x batch x sequence
+    steps = metrics["train"]
+    assert metrics["train_tokens"] == sum(s["tokens"] for s in steps)  # the examples' tokens, padding not counted
+    assert all(0 < s["tokens"] <= 2 * 2 * 192 for s in steps)  # accumulation x batch x sequence at most
     assert metrics["tokens_per_s"] > 0 and math.isfinite(metrics["final_train_loss"])
     assert [e["step"] for e in metrics["eval"]] == [2, 3]
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,7 +80,7 @@ def test_embedded_default_keeps_its_random_base(tmp_path, cache, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = ["train", "--output-dir", str(tmp_path / "d"), "--set", "max_steps=1", "--set", "sequence_len=32",
+    args = ["train", "--output-dir", str(tmp_path / "d"), "--set", "max_steps=1", "--set", "sequence_len=192",
             "--set", "dataset.max_train_samples=8", "--set", "dataset.max_eval_samples=2",
             "--set", "lora_target_modules=[q_proj]"]
     assert main(args) == 0

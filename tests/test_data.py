@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from surogate import data
-from surogate.data import IGNORE_INDEX, build_split, format_example, pack, pad, read_jsonl
+from surogate.data import (IGNORE_INDEX, Example, build_split, format_example, pack, pack_examples, pad,
+                           read_jsonl, split_path, tokenize_examples)
 from surogate.tokenizer import DEFAULT_VOCAB_SIZE, EOS_TOKEN, default_tokenizer_path, load_tokenizer
 
 
@@ -119,9 +120,41 @@ def test_local_tokenizer_path(tok, tmp_path):
     assert local(text)["input_ids"] == tok(text)["input_ids"]
 
 
-def test_build_split_packs_gsm8k(tok):
-    ds = build_split(None, "test", "gsm8k", tok, 64, packing=True, limit=20)
-    assert ds.input_ids.shape[1] == 64 and ds.input_ids.dtype == torch.long
-    assert (ds.input_ids == tok.eos_token_id).sum() >= 10  # examples are separated by EOS
-    padded = build_split(None, "test", "gsm8k", tok, 64, packing=False, limit=20)
-    assert len(padded) == 20 and padded.attention_mask is not None
+def test_build_split_packs_whole_gsm8k_examples_with_the_prompt_masked(tok):
+    ds = build_split(None, "test", "gsm8k", tok, 256, packing=True, limit=20)
+    assert ds.packed and all(len(r) <= 256 for r in ds.input_ids)
+    assert sum(pos.count(0) for pos in ds.positions) == 20  # every example starts at position 0, none is cut
+    examples = read_jsonl(split_path(None, "test"), 20)
+    first = tokenize_examples(examples[:1], "gsm8k", tok)[0]
+    prompt = tok(f"Question: {examples[0]['question'].strip()}\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert first.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)  # the question is not a target
+    assert first.labels[len(prompt):] == first.input_ids[len(prompt):] and first.input_ids[-1] == tok.eos_token_id
+    batch = next(ds.batches(2))
+    assert batch["input_ids"].shape == (2, 256) and "attention_mask" not in batch
+    assert batch.num_tokens == len(ds.input_ids[0]) + len(ds.input_ids[1])
+    padded = build_split(None, "test", "gsm8k", tok, 256, packing=False, limit=20)
+    batch = next(padded.batches(4))
+    assert len(padded) == 20 and batch["input_ids"].shape[1] == max(len(r) for r in padded.input_ids[:4])
+    assert int(batch["attention_mask"].sum()) == batch.num_tokens
+
+
+def test_pack_examples_keeps_boundaries_first_fit():
+    ex = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [4, 5]), Example(list(range(10, 17)), list(range(10, 17))),
+          Example(list(range(20, 31)), list(range(20, 31)))]
+    rows = pack_examples(ex, 8)
+    assert rows.input_ids == [[1, 2, 3, 4, 5], list(range(10, 17)), list(range(20, 28))]  # [4, 5] fills row 0
+    assert rows.positions == [[0, 1, 2, 0, 1], list(range(7)), list(range(8))]  # the long one is truncated
+    assert rows.labels[0] == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]  # no target across the boundary
+    batch = rows.batch([0])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # the padding is a segment of its own
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5] + [IGNORE_INDEX] * 3]
+    with pytest.raises(ValueError, match="no examples to pack"):
+        pack_examples([], 8)
+
+
+def test_train_on_inputs_keeps_the_prompt_as_targets(tok):
+    examples = read_jsonl(split_path(None, "test"), 2)
+    trained = tokenize_examples(examples, "gsm8k", tok, train_on_inputs=True)
+    assert all(e.labels == e.input_ids for e in trained)
+    text = tokenize_examples([{"text": "plain words"}], "text", tok)[0]
+    assert text.labels == text.input_ids

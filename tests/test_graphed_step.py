@@ -59,7 +59,7 @@ def _pair():
 def test_replayed_steps_accumulate_like_eager_and_warmup_leaves_no_trace():
     model, ref = _pair()
     batches = _batches(3)
-    step = GraphedStep(model, loss_scale=1 / 3, warmup=2, capture=EagerCapture())
+    step = GraphedStep(model, loss_scale=1 / 3, warmup=2, capture=EagerCapture(), pad_to=1)
     losses = [step(**b).clone() for b in batches]
     expected = _eager_grads(ref, batches, 1 / 3)
     for g, e in zip(_grads(model), expected):
@@ -72,7 +72,7 @@ def test_capture_in_mid_step_keeps_the_gradients_already_accumulated():
     model, ref = _pair()
     batches = _batches(2)
     (model(**batches[0]).loss * 0.5).backward()  # an eager micro-batch first
-    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture())
+    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture(), pad_to=1)
     step(**batches[1])
     for g, e in zip(_grads(model), _eager_grads(ref, batches, 0.5)):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
@@ -81,7 +81,7 @@ def test_capture_in_mid_step_keeps_the_gradients_already_accumulated():
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_optimizer_steps_with_zero_grad_match_eager(set_to_none):
     model, ref = _pair()
-    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture())
+    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture(), pad_to=1)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     opt_ref = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
     buffers = None
@@ -99,21 +99,56 @@ def test_optimizer_steps_with_zero_grad_match_eager(set_to_none):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_other_shapes_run_eagerly_with_a_warning_and_the_same_gradients():
+def test_each_shape_bucket_gets_its_own_graph_and_the_same_gradients():
     model, ref = _pair()
     first, odd = _batches(1)[0], _batches(1, shape=(1, 5), seed=3)[0]
-    step = GraphedStep(model, capture=EagerCapture())
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
     step(**first)
-    with pytest.warns(UserWarning, match="running them eagerly"):
-        step(**odd)
-    assert step.eager_calls == 1 and step.replays == 1
-    for g, e in zip(_grads(model), _eager_grads(ref, [first, odd], 1.0)):
+    step(**odd)
+    step(**first)
+    assert len(step.graphs) == 2 and step.replays == 3 and step.eager_calls == 0
+    for g, e in zip(_grads(model), _eager_grads(ref, [first, odd, first], 1.0)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_rows_pad_to_their_bucket_and_shorter_rows_leave_no_trace():
+    """Lengths 5, 7 and 3 share the bucket of 8: one graph; the loss and gradients are those of the
+    unpadded rows (labels -100 on the padding; the tail of a longer call is overwritten by padding)."""
+    model, ref = _pair()
+    batches = [_batches(1, shape=(2, n), seed=n)[0] for n in (5, 7, 3)]
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=8)
+    losses = [step(**b).clone() for b in batches]
+    assert len(step.graphs) == 1 and step.replays == 3
+    assert next(iter(step.graphs.values())).inputs["labels"].shape == (2, 8)
+    for loss, b in zip(losses, batches):
+        torch.testing.assert_close(loss, ref(**b).loss.detach(), rtol=1e-6, atol=0)
+    for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_bucket_length_rule():
+    from surogate.graphed_step import bucket_length
+
+    assert [bucket_length(n, 128) for n in (1, 127, 128, 129, 600)] == [128, 128, 128, 256, 640]
+    assert bucket_length(1000, 128, limit=1024) == 1024 and bucket_length(1000, 128, limit=1000) == 1000
+    assert bucket_length(77, 1) == 77
+
+
+def test_shapes_past_max_graphs_run_eagerly_with_one_warning():
+    model, ref = _pair()
+    batches = [_batches(1, shape=(1, n), seed=n)[0] for n in (4, 5, 6, 6)]
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1, max_graphs=2)
+    with pytest.warns(UserWarning, match="max_graphs"):
+        for b in batches:
+            step(**b)
+    assert len(step.graphs) == 2 and step.eager_calls == 2 and step.replays == 2
+    for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 def test_a_replaced_grad_is_refused():
     model, _ = _pair()
-    step = GraphedStep(model, capture=EagerCapture())
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
     step(**_batches(1)[0])
     model.a.grad = torch.zeros_like(model.a)
     with pytest.raises(RuntimeError, match="replaced by another tensor"):
@@ -125,12 +160,12 @@ def test_bad_use_gets_clear_errors():
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedStep(model)  # CPU parameters and no capture backend given
     with pytest.raises(ValueError, match="no trainable parameters"):
-        GraphedStep(nn.Linear(2, 2).requires_grad_(False), capture=EagerCapture())
-    step = GraphedStep(model, capture=EagerCapture())
+        GraphedStep(nn.Linear(2, 2).requires_grad_(False), capture=EagerCapture(), pad_to=1)
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
     with pytest.raises(ValueError, match="labels="):
         step(input_ids=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="warmup"):
-        GraphedStep(model, warmup=0, capture=EagerCapture())
+        GraphedStep(model, warmup=0, capture=EagerCapture(), pad_to=1)
 
 
 class FailingCapture(EagerCapture):
@@ -138,21 +173,33 @@ class FailingCapture(EagerCapture):
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
-def test_a_failed_capture_says_what_to_do_and_micro_step_falls_back():
+def test_a_failed_capture_warns_once_and_trains_on_eagerly_with_the_same_gradients():
+    model, ref = _pair()
+    batches = _batches(3)
+    step = GraphedStep(model, capture=FailingCapture(), pad_to=1)
+    with pytest.warns(UserWarning, match="cuda_graphs: false") as caught:
+        losses = [step(**b).clone() for b in batches]
+    assert len([w for w in caught if "GraphedStep" in str(w.message)]) == 1
+    assert step.failure is not None and not step.graphs and step.eager_calls == 3
+    for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):  # the warm-up left no trace
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(losses[0], ref(**batches[0]).loss.detach())
+
+
+def test_strict_capture_failure_raises_and_micro_step_reports_the_fallback():
     model, ref = _pair()
     batch = _batches(1)[0]
     with pytest.raises(RuntimeError, match="cuda_graphs: false"):
-        GraphedStep(model, capture=FailingCapture())(**batch)
+        GraphedStep(model, capture=FailingCapture(), strict=True)(**batch)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # warm-up left no trace
 
     lines = []
     micro = MicroStep(model, TrainConfig(cuda_graphs="false"), torch.device("cpu"), lines.append)
-    micro.graphed, micro.mode = GraphedStep(model, capture=FailingCapture()), "auto"
-    loss = micro(batch)
-    assert micro.graphed is None and any("without CUDA graphs" in line for line in lines)
+    micro.graphed, micro.mode = GraphedStep(model, capture=FailingCapture(), pad_to=1), "auto"
+    with pytest.warns(UserWarning):
+        loss = micro(batch)
+    assert any("without CUDA graphs" in line for line in lines)
     torch.testing.assert_close(loss, ref(**batch).loss.detach())
-    for g, e in zip(_grads(model), _eager_grads(ref, [batch], 1.0)):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 def test_micro_step_modes_on_cpu():
@@ -178,7 +225,7 @@ def test_graphed_step_drives_a_surogate_compiled_model():
     model = surogate.compile(base, recipe="bf16", arch="cpu")
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": (ids := torch.randint(0, 96, (2, 16), generator=g)), "labels": ids} for _ in range(2)]
-    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture())
+    step = GraphedStep(model, loss_scale=0.5, capture=EagerCapture(), pad_to=1)
     for b in batches:
         step(**b)
     for b in batches:
@@ -187,22 +234,3 @@ def test_graphed_step_drives_a_surogate_compiled_model():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, named[n].grad, rtol=0, atol=0)
-
-
-def test_the_chunked_loss_path_passes_a_causal_mask_mapping_where_the_model_takes_one():
-    """Without it transformers inspects position_ids for packing (a host sync eagerly; a dense mask
-    under capture), so a captured step would differ from its warm-up."""
-    import transformers as T
-
-    from surogate.compiler import _causal_mask_mapping
-
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=64)
-    qwen3 = T.AutoModelForCausalLM.from_config(T.Qwen3Config(head_dim=16, **small))
-    assert _causal_mask_mapping(qwen3.model, qwen3.config) == {"full_attention": None}
-    llama = T.AutoModelForCausalLM.from_config(T.LlamaConfig(**small))
-    assert _causal_mask_mapping(llama.model, llama.config) is None  # its forward takes no mapping
-    sliding = T.Qwen3Config(head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=0,
-                            **small)
-    windowed = T.AutoModelForCausalLM.from_config(sliding)
-    assert _causal_mask_mapping(windowed.model, windowed.config) is None  # sliding layers need their mask

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.kernels import cublas
-from surogate.kernels.configs import block_r, device_arch, fp8_promote, get_configs, interpret_config, interpreting
+from surogate.kernels import cublas, tuning
+from surogate.kernels.configs import block_r, device_arch, fp8_promote, interpreting
 from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
 
 # Operand modes: the single place where formats become constexpr integers (STYLE.md 4).
@@ -295,7 +295,6 @@ def _lora_gemm_nvfp4_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-_RUNNERS: dict[tuple, object] = {}
 _TABLES: dict[tuple[str, str], torch.Tensor] = {}
 
 
@@ -314,17 +313,9 @@ def code_table(kind: str, device: torch.device) -> torch.Tensor:
 
 
 def _runner(kernel, family: str, device: torch.device, modes: tuple):
-    """The kernel with its launch config: autotuned on shape on a GPU, one small config when
-    interpreting. One autotuner per (family, arch, modes) so each mode tunes separately."""
-    if interpreting():
-        cfg = interpret_config(family)
-        return lambda grid, **kw: kernel[grid](**kw, **cfg)
-    arch = device_arch(device.index if device.index is not None else torch.cuda.current_device())
-    key = (id(kernel), family, arch, modes)
-    if key not in _RUNNERS:
-        tuned = triton.autotune(configs=get_configs(family, arch), key=["M", "N", "K"])(kernel)
-        _RUNNERS[key] = lambda grid, **kw: tuned[grid](**kw)
-    return _RUNNERS[key]
+    """`run(grid, **kw)`: the kernel with the config tuned for its shape bucket (`tuning.py`), one
+    small config when interpreting. `modes` (the constexpr modes) keep each variant's tuning apart."""
+    return tuning.runner(kernel, family, device, modes)
 
 
 def _prescale(up: torch.Tensor, lora_scale: float) -> torch.Tensor:

@@ -1,0 +1,217 @@
+"""Attention that keeps example boundaries and never syncs the host: packed rows, padding, CUDA graphs.
+
+Why: Hugging Face builds the attention mask outside the model's layers, and the way it builds it
+depends on whether it thinks it is tracing. Eagerly it inspects `position_ids` and the padding mask
+with host syncs (`.all()`) and, for plain causal batches, passes no mask (SDPA's causal flash path);
+under CUDA-graph capture it skips the inspection and materialises a dense mask. A graph captured
+that way differs from its warm-up, recompiles inside the capture, and the capture fails (Llama,
+Mistral, Phi3, GPT-2, ... : every model without a per-layer-type mask mapping).
+
+`install(model)` registers one attention implementation, "surogate", in transformers'
+`AttentionInterface` and points the model's config at it. transformers then builds no mask at all
+(an implementation without a registered mask function gets `attention_mask=None`), and each
+attention layer receives, through the layer kwargs, the tensor `surogate_segments` (B, S) that the
+model's forward computed once from `position_ids` and the padding mask (`segment_ids`): a token
+attends to the earlier tokens of its own segment. The decision between paths depends only on which
+keyword arguments are present, never on tensor values, so warm-up, capture and replay agree:
+
+- no segments (plain causal rows; right-padded rows with their padding masked from the loss):
+  the model's original implementation with `attention_mask=None`, i.e. SDPA's causal flash kernel;
+- segments on CUDA: FlexAttention with a document mask (blocks that cross an example are skipped, so
+  packed rows of short examples cost less attention than one long causal row);
+- segments elsewhere (CPU reference, dropout, `SUROGATE_ATTENTION=dense`): the original implementation
+  with a dense boolean mask built from the segments.
+
+Sliding windows (`sliding_window`) and logit soft-capping (`softcap`, Gemma 2) are applied on every
+path that has segments or needs them. Architectures whose attention does not go through
+`ALL_ATTENTION_FUNCTIONS` (Falcon, ...) keep transformers' own masks: `install` returns None for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+IMPLEMENTATION = "surogate"
+SEGMENTS_KWARG = "surogate_segments"
+# Attribute set on the model and its attention modules: the implementation that ran before `install`
+# (what no-segment calls use). Not on the config, which `save_pretrained` would write out.
+_ORIGINAL_ATTR = "_surogate_original_attn_implementation"
+
+
+def segment_ids(position_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor | None:
+    """(B, S) int32 segment of every token, or None when neither input is given (plain causal rows).
+
+    From `position_ids` (Hugging Face's padding-free convention, as `DataCollatorWithFlattening`
+    writes it): a new segment starts wherever a position is not the previous one plus one, so
+    positions restarting at 0 open a new example. From a 2-D `attention_mask`: padded tokens
+    (mask 0) get segment -1, so no real token attends to them and they attend only to each other
+    (no fully masked row, no NaN). Pure tensor ops: no host sync, capturable.
+    """
+    seg = None
+    if position_ids is not None:
+        pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        seg = starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = attention_mask.to(torch.bool)
+        if seg is None:
+            seg = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device)
+        elif seg.shape[0] != keep.shape[0]:
+            seg = seg.expand(keep.shape[0], -1)
+        seg = torch.where(keep, seg, torch.full_like(seg, -1))
+    return seg
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `model`'s attention layers call through transformers' `ALL_ATTENTION_FUNCTIONS` (so that
+    registering an implementation reaches them, with the layer kwargs) and the model can switch to it."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return False
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module)
+
+
+def install(model: nn.Module) -> str | None:
+    """Switch `model` (a HF PreTrainedModel) to the "surogate" implementation; returns the original
+    implementation's name, or None when the architecture is not supported (left unchanged)."""
+    if not supports(model):
+        return None
+    if getattr(model, _ORIGINAL_ATTR, None) is not None:
+        return getattr(model, _ORIGINAL_ATTR)
+    _register()
+    original = model.config._attn_implementation or "sdpa"
+    for module in model.modules():
+        if module is model or "Attention" in type(module).__name__:
+            setattr(module, _ORIGINAL_ATTR, original)
+    for cfg in _configs(model):
+        cfg._attn_implementation = IMPLEMENTATION
+    return original
+
+
+def original_implementation(model: nn.Module) -> str | None:
+    """The implementation `install` replaced (None when it did not)."""
+    return getattr(model, _ORIGINAL_ATTR, None)
+
+
+class uninstalled:
+    """`with uninstalled(model):` runs calls with the original implementation (inference and generation,
+    where transformers' own masks for KV caches and padding are wanted)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.original = model, original_implementation(model)
+
+    def __enter__(self) -> None:
+        if self.original is not None:
+            for cfg in _configs(self.model):
+                cfg._attn_implementation = self.original
+
+    def __exit__(self, *exc: object) -> None:
+        if self.original is not None:
+            for cfg in _configs(self.model):
+                cfg._attn_implementation = IMPLEMENTATION
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config and its sub-configs (text_config etc.), each once."""
+    seen, out = set(), []
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, surogate_attention)
+
+
+def _original_function(module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module, _ORIGINAL_ATTR, "sdpa")
+    if name == "eager":  # the modeling file's own eager function (softcap and all)
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return name, fn
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return "sdpa", sdpa_attention_forward
+    return name, ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | None, device) -> Tensor:
+    """(B or 1, 1, S, S) bool: causal, inside the window, same segment."""
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    keep = k <= q
+    if window is not None:
+        keep = keep & (q - k < window)
+    keep = keep[None, None]
+    if segments is not None:
+        keep = keep & (segments[:, None, :, None] == segments[:, None, None, :])
+    return keep
+
+
+def _use_flex(query: Tensor, dropout: float) -> bool:
+    mode = os.environ.get("SUROGATE_ATTENTION", "auto")
+    return query.is_cuda and dropout == 0.0 and mode != "dense"
+
+
+def _flex(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, segments: Tensor, scaling: float | None,
+          window: int | None, softcap: float | None) -> Tensor:
+    """FlexAttention with a document (+ causal, + window) mask; output (B, S, H, D)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        return keep
+
+    score_mod = None
+    if softcap:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+    b, _, s, _ = query.shape
+    block_mask = create_block_mask(mask_mod, b, None, s, key.shape[2], device=query.device)
+    out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """The "surogate" entry of `ALL_ATTENTION_FUNCTIONS`: query (B, H, S, D), key/value (B, Hkv, S, D) ->
+    ((B, S, H, D), None). `attention_mask` is ignored (transformers passes None for this implementation);
+    the segments come as the `surogate_segments` kwarg."""
+    segments = kwargs.pop(SEGMENTS_KWARG, None)
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    name, original = _original_function(module)
+    if attention_mask is not None:  # a mask the caller prepared (4-D tensor): theirs, as is
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    window_matters = window is not None and kv_len > window
+    if segments is None and not window_matters and name != "eager" and not softcap:
+        return original(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    if segments is not None and _use_flex(query, dropout):
+        return _flex(module, query, key, value, segments, scaling, window if window_matters else None, softcap), None
+    keep = _allowed(segments, q_len, kv_len, window if window_matters else None, query.device)
+    if name == "eager":  # additive float mask, as the eager functions expect
+        mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~keep, torch.finfo(query.dtype).min)
+        return original(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return original(module, query, key, value, keep, dropout=dropout, scaling=scaling, **kwargs)
