@@ -1,0 +1,134 @@
+"""Packed rows keep their example boundaries: per-token losses of a packed row equal those of its
+examples run alone, on CPU, through `surogate.compile`'s attention (surogate/attention.py).
+
+A packed row here is several examples laid end to end with `position_ids` restarting at 0 (Hugging
+Face's padding-free convention). Attending across examples changes every token after the first
+example, by far more than bf16 rounding: each test checks that case too, so it could fail.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from test_compile_models import tiny_config
+
+import surogate
+from surogate.attention import segment_ids
+from surogate.compiler import _attach_lora
+
+LENGTHS = (5, 9, 7)
+
+
+def _compiled(name: str):
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(tiny_config(name)).to(torch.bfloat16)
+    return surogate.compile(_attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False}),
+                            recipe="bf16", arch="cpu")
+
+
+def _token_losses(model, **inputs) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the compiled model's labels path, from the backbone's output."""
+    hf = model.base_model.model
+    grabbed = {}
+    hook = hf.base_model.register_forward_hook(lambda m, i, out: grabbed.__setitem__("h", out[0]))
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    logits = hf.get_output_embeddings()(grabbed["h"]).float()
+    labels = inputs["labels"]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none",
+                           ignore_index=-100).view(labels.shape[0], -1)
+
+
+def _row(generator: torch.Generator):
+    examples = [torch.randint(1, 100, (n,), generator=generator) for n in LENGTHS]
+    row = torch.cat(examples)[None]
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    labels = row.clone()
+    starts = torch.tensor([0, *LENGTHS[:-1]]).cumsum(0)
+    labels[0, starts] = -100  # no target across a boundary (DataCollatorWithFlattening does the same)
+    return examples, row, positions, labels
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "opt"])
+def test_packed_row_losses_equal_each_example_alone(name):
+    """llama (sdpa), gemma2 (eager attention with softcap and sliding windows), gpt2 and opt (learned
+    positions, read from position_ids)."""
+    model = _compiled(name)
+    examples, row, positions, labels = _row(torch.Generator().manual_seed(1))
+    packed = _token_losses(model, input_ids=row, labels=labels, position_ids=positions)[0]
+    alone = torch.cat([torch.cat([torch.zeros(1), _token_losses(model, input_ids=e[None], labels=e[None])[0]])
+                       for e in examples])[1:]  # each example's first token has no target
+    keep = labels[0, 1:] != -100
+    crossing = _token_losses(model, input_ids=row, labels=labels)[0]  # no position_ids: one long sequence
+    assert _max_diff(packed[keep], alone[keep]) < 0.03  # nats; bf16 activations: rounding only
+    assert _max_diff(crossing[keep], alone[keep]) > 0.1  # attending across examples is caught
+
+
+def test_padding_mask_and_right_padding_without_mask_match_the_unpadded_rows():
+    """Left padding needs the mask; right padding is invisible to causal attention, so the trainer
+    passes no mask there and keeps the causal kernel (surogate/train.py `_to`)."""
+    model = _compiled("llama")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 100, (1, 9), generator=g)
+    base = _token_losses(model, input_ids=ids, labels=ids)[0]
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    left = torch.cat([pad, ids], 1)
+    left_labels = torch.cat([pad - 100, ids], 1)
+    mask = torch.cat([pad, torch.ones_like(ids)], 1)
+    masked = _token_losses(model, input_ids=left, labels=left_labels, attention_mask=mask)[0, 4:]
+    unmasked = _token_losses(model, input_ids=left, labels=left_labels)[0, 4:]
+    right = torch.cat([ids, pad], 1)
+    right_labels = torch.cat([ids, pad - 100], 1)
+    assert _max_diff(masked, base) < 0.03
+    assert _max_diff(unmasked, base) > 0.1  # without the mask the left padding is attended to
+    assert _max_diff(_token_losses(model, input_ids=right, labels=right_labels)[0, :8], base) < 0.03
+
+
+def test_segment_ids_follow_position_ids_and_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 0, 1, 2, 0, 0]])
+    assert segment_ids(pos).tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3], [1, 1, 1, 1, 2, 2, 2, 3, 4]]
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    assert segment_ids(attention_mask=mask).tolist() == [[-1, -1, 0, 0, 0]]
+    both = segment_ids(torch.tensor([[0, 1, 0, 1, 2]]), mask)
+    assert both.tolist() == [[-1, -1, 2, 2, 2]]
+    assert segment_ids() is None
+
+
+def test_an_architecture_without_the_attention_interface_refuses_packed_rows():
+    """Falcon's attention ignores transformers' attention functions; packing there would attend across
+    examples, so it is refused with a message that says to pad instead."""
+    model = _compiled("falcon")
+    assert any("transformers' own masks" in note for note in model.surogate_report.notes)
+    _, row, positions, labels = _row(torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="pad the examples"):
+        model(input_ids=row, labels=labels, position_ids=positions)
+    assert torch.isfinite(model(input_ids=row, labels=labels).loss)
+
+
+def test_calls_without_labels_run_the_original_attention_with_its_masks():
+    """Inference and generate() run transformers' own masks (KV cache, padding): a left-padded row's logits
+    equal the unpadded row's (RoPE is relative, so the shifted positions do not matter)."""
+    model = _compiled("llama")
+    hf = model.base_model.model
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    left = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        padded = model(input_ids=left, attention_mask=mask).logits[0, 2:].float()
+        alone = model(input_ids=ids).logits[0].float()
+    assert _relative(padded, alone) < 0.02
+    assert hf.config._attn_implementation == "surogate"  # switched back after the call
