@@ -1,21 +1,39 @@
-"""Probe: which tiny configs / lengths trip Inductor's can_fuse assertion (run on the GPU)."""
-import sys, os, importlib.util, traceback
+"""Probe: which way of driving a tiny compiled model trips Inductor's can_fuse assertion (run on the GPU)."""
+import sys, importlib.util, traceback
 sys.path.insert(0, "tests")
-import torch, transformers as T, surogate
-from surogate.compiler import _attach_lora
+import torch, surogate
+from surogate.graphed_step import GraphedStep
 spec = importlib.util.spec_from_file_location("g", "tests/gpu/test_real_data_gpu.py"); g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
-from tiny_qwen3 import cuda_lora_qwen3
-cases = [("qwen3_ref", None, 128), ("llama", {}, 96), ("llama", {}, 128), ("llama", {"num_key_value_heads": 4}, 128), ("qwen3", {}, 128)]
-for name, over, S in cases:
+
+
+def direct(m, b):
+    m(**b).loss.backward()
+
+
+def side_stream(m, b):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        (m(**b).loss * 0.5).backward()
+    torch.cuda.synchronize()
+
+
+def graphed(m, b):
+    GraphedStep(m, loss_scale=0.5, strict=True, pad_to=1)(**b)
+
+
+def graphed_twin_first(m, b):
+    GraphedStep(m, loss_scale=0.5, strict=True)(**b)
+
+
+for fn in (direct, side_stream, graphed, graphed_twin_first):
     torch._dynamo.reset()
     try:
-        if over is None:
-            m = surogate.compile(cuda_lora_qwen3(), recipe="bf16")
-        else:
-            m, _ = g._pair(name, **over)
-        ids = torch.randint(1, 120, (2, S), device="cuda")
-        for _ in range(2):
-            m(input_ids=ids, labels=ids).loss.backward()
-        print("OK", name, over, S, flush=True)
+        m, twin = g._pair("llama")
+        ids = torch.randint(1, 120, (2, 128), device="cuda")
+        fn(m, {"input_ids": ids, "labels": ids})
+        print("OK", fn.__name__, flush=True)
     except Exception as e:
-        print("FAIL", name, over, S, type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+        print("FAIL", fn.__name__, type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+        tb = traceback.format_exc().splitlines()
+        print("\n".join(l for l in tb if "surogate" in l or "torch/_inductor" in l or "torch/_dynamo" in l)[-3000:])
