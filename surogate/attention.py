@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 IMPLEMENTATION = "surogate"
 SEGMENTS_KWARG = "surogate_segments"
+BLOCK_MASK_KWARG = "surogate_block_mask"
 # Attribute set on the model and its attention modules: the implementation that ran before `install`
 # (what no-segment calls use). Not on the config, which `save_pretrained` would write out.
 _ORIGINAL_ATTR = "_surogate_original_attn_implementation"
@@ -67,6 +68,23 @@ def segment_ids(position_ids: Tensor | None = None, attention_mask: Tensor | Non
             seg = seg.expand(keep.shape[0], -1)
         seg = torch.where(keep, seg, torch.full_like(seg, -1))
     return seg
+
+
+def uses_flex(device: torch.device) -> bool:
+    """Whether segments run through FlexAttention on `device` (CUDA unless SUROGATE_ATTENTION=dense)."""
+    return device.type == "cuda" and os.environ.get("SUROGATE_ATTENTION", "flex") != "dense"
+
+
+def document_block_mask(segments: Tensor):
+    """FlexAttention's BlockMask for causal attention inside each segment, built once per forward outside
+    the compiled layers (tensor ops only: capturable); every layer without a sliding window reuses it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+
+    b, s = segments.shape
+    return create_block_mask(mask_mod, b, None, s, s, device=segments.device)
 
 
 def supports(model: nn.Module) -> bool:
@@ -164,29 +182,16 @@ def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | Non
     return keep
 
 
-def _use_flex(query: Tensor, dropout: float) -> bool:
-    mode = os.environ.get("SUROGATE_ATTENTION", "auto")
-    return query.is_cuda and dropout == 0.0 and mode != "dense"
-
-
-def _flex(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, segments: Tensor, scaling: float | None,
-          window: int | None, softcap: float | None) -> Tensor:
-    """FlexAttention with a document (+ causal, + window) mask; output (B, S, H, D)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
-        if window is not None:
-            keep = keep & (q_idx - kv_idx < window)
-        return keep
+def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float | None,
+          softcap: float | None) -> Tensor:
+    """FlexAttention over a prepared document BlockMask; output (B, S, H, D)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None
     if softcap:
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
 
-    b, _, s, _ = query.shape
-    block_mask = create_block_mask(mask_mod, b, None, s, key.shape[2], device=query.device)
     out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous()
@@ -198,6 +203,7 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     ((B, S, H, D), None). `attention_mask` is ignored (transformers passes None for this implementation);
     the segments come as the `surogate_segments` kwarg."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
+    block_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     name, original = _original_function(module)
@@ -207,8 +213,8 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     window_matters = window is not None and kv_len > window
     if segments is None and not window_matters and name != "eager" and not softcap:
         return original(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    if segments is not None and _use_flex(query, dropout):
-        return _flex(module, query, key, value, segments, scaling, window if window_matters else None, softcap), None
+    if block_mask is not None and not window_matters and dropout == 0.0:
+        return _flex(query, key, value, block_mask, scaling, softcap), None
     keep = _allowed(segments, q_len, kv_len, window if window_matters else None, query.device)
     if name == "eager":  # additive float mask, as the eager functions expect
         mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)

@@ -431,4 +431,6 @@ def _segments_into(kwargs: dict, attention_mask):
     segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
     if segments is not None:
         kwargs[attention.SEGMENTS_KWARG] = segments
+        if attention.uses_flex(segments.device):
+            kwargs[attention.BLOCK_MASK_KWARG] = attention.document_block_mask(segments)
     return None
