@@ -302,3 +302,14 @@ def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, t
     tokenized = tokenize_examples(examples, fmt, tokenizer, train_on_inputs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack_examples(tokenized, seq_len, pad_id) if packing else one_per_row(tokenized, seq_len, pad_id)
+
+
+def load_splits(cfg, tokenizer) -> tuple[ExampleRows, ExampleRows | None]:
+    """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
+    `cfg.sample_packing` says: the one entry point `surogate train` reads its data through."""
+    ds = cfg.dataset
+    train = build_split(ds.path, ds.train_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing,
+                        ds.max_train_samples)
+    evaluation = None if ds.eval_split is None else build_split(
+        ds.path, ds.eval_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing, ds.max_eval_samples)
+    return train, evaluation

@@ -302,7 +302,7 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     """Run one LoRA fine-tuning job from a config (a TrainConfig, a YAML path, or None: the default)."""
     from surogate import recipes
     from surogate.adapters import save_adapter
-    from surogate.data import build_split
+    from surogate.data import load_splits
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     t_start = time.perf_counter()
@@ -314,10 +314,7 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 
     tokenizer = load_tokenizer_for(cfg, log)
     ds = cfg.dataset
-    train_set = build_split(ds.path, ds.train_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing,
-                            ds.max_train_samples)
-    eval_set = None if ds.eval_split is None else build_split(
-        ds.path, ds.eval_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing, ds.max_eval_samples)
+    train_set, eval_set = load_splits(cfg, tokenizer)
     layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
