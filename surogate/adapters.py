@@ -115,9 +115,12 @@ def load_adapter(model: "nn.Module | str | os.PathLike", adapter_dir: "str | os.
     loaded in `dtype`). `is_trainable=True` to continue training it."""
     from peft import PeftModel
 
+    from surogate.compat import quiet_peft_deprecations
+
     d = _check_adapter_dir(adapter_dir)
     base = model if isinstance(model, nn.Module) else _load_base(model, dtype)
-    return PeftModel.from_pretrained(base, str(d), is_trainable=is_trainable)
+    with quiet_peft_deprecations():
+        return PeftModel.from_pretrained(base, str(d), is_trainable=is_trainable)
 
 
 def _copy_tokenizer(sources: list[Path], out: Path) -> None:

@@ -1,8 +1,10 @@
-"""The `surogate` console script: `surogate train [CONFIG.yaml]` and `surogate info [--arch sm_XX]`.
+"""The `surogate` console script: `surogate train [CONFIG.yaml]`, `surogate merge BASE ADAPTER OUT` and
+`surogate info [--arch sm_XX]`.
 
 Heavy imports (torch, transformers) happen inside the subcommands, so `surogate --help` and
 config errors answer at once. Errors a user can fix (bad config, missing file, a recipe the GPU
 cannot run) print one line and exit with status 2; anything else is a bug and keeps its traceback.
+Ctrl-C during training saves a checkpoint (surogate/train.py), then exits with status 130.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=None, help="shorthand for --set output_dir=DIR")
     t.add_argument("--print-config", action="store_true", help="print the checked config as YAML and exit")
 
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base: one plain Hugging Face checkpoint",
+                       description="Write BASE + ADAPTER as one Hugging Face model in OUT (merged in FP32, rounded "
+                                   "once to --dtype); the tokenizer is copied along. Loads with from_pretrained, "
+                                   "serves with vLLM.")
+    m.add_argument("base", help="the base model: a local folder or a hub id (the one the adapter was trained on)")
+    m.add_argument("adapter", help="an adapter folder (output_dir/adapter or output_dir/checkpoint-<step>)")
+    m.add_argument("out", help="the folder to write (new, or empty)")
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the merged weights (default bfloat16)")
+
     i = sub.add_parser("info", help="what surogate runs on this machine or on a given GPU architecture")
     i.add_argument("--arch", default=None, help="an architecture such as sm_90 or sm_120 (default: this GPU)")
     i.add_argument("--no-sass", action="store_true",
@@ -44,13 +56,39 @@ def _info(arch: str | None, check_sass: bool = True) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Keep the progress lines readable: no HF progress bars, no PEFT-on-transformers deprecation noise."""
-    import warnings
-
+    """Keep the progress lines readable: no HF progress bars (PEFT's deprecation noise is silenced where
+    surogate calls it: surogate.compat.quiet_peft_deprecations)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """`surogate merge`: paths checked first (one-line errors), then `surogate.adapters.merge`."""
+    from pathlib import Path
+
+    from surogate.adapters import ADAPTER_CONFIG
+    from surogate.config import ConfigError, check_model_name
+    from surogate.train_checks import model_config
+
+    adapter, out = Path(args.adapter).expanduser(), Path(args.out).expanduser()
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        what = "does not exist" if not adapter.exists() else f"holds no {ADAPTER_CONFIG}"
+        raise ConfigError(f"ADAPTER: {args.adapter!r} {what}; give the adapter folder a run wrote "
+                          "(output_dir/adapter or output_dir/checkpoint-<step>)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"OUT: {args.out!r} exists and is {'a file' if not out.is_dir() else 'not empty'}; "
+                          "name a new folder")
+    check_model_name("BASE", args.base, allow_default=False)  # a missing folder, or a mistyped one
+    model_config(args.base, key="BASE")  # a folder without a readable config.json, or a hub id the hub lacks
+    _quiet_libraries()
+    import torch
+
+    from surogate.adapters import merge
+
+    written = merge(args.base, adapter, out, dtype=getattr(torch, args.dtype))
+    print(f"merged: {written}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from surogate.recipes import RecipeNotSupportedError
 
     try:
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "info":
             try:
                 print(_info(args.arch, check_sass=not args.no_sass), end="")

@@ -5,8 +5,10 @@ Supported: torch 2.11-2.13, Triton 3.6 and newer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
 
 
 def triton_interpreting() -> bool:
@@ -44,3 +46,16 @@ def block_scaled_mm():
     if not hasattr(ScalingType, "BlockWise1x128") or not hasattr(ScalingType, "BlockWise128x128"):
         return None
     return scaled_mm, ScalingType
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations():
+    """PEFT calls made without transformers' deprecation notice about them.
+
+    Root cause: PEFT (0.17-0.21) reads `model.is_gradient_checkpointing` when it wraps a model
+    (`get_peft_model`, `PeftModel.from_pretrained`); transformers 5 deprecated that property in favour of
+    `is_activation_checkpointing`, so every wrap warned (FutureWarning) about a call that is not ours.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

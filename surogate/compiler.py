@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from surogate import attention
-from surogate.modules import SurogateLinear
+from surogate.modules import SurogateLinear, parameter_counts
 from surogate.passes import CompileReport, PassContext, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch, plan
 from surogate.recipes.arch import CPU, current_arch
@@ -50,7 +50,12 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
     `.loss.backward()` and any optimizer; `model.save_pretrained(dir)` writes a PEFT adapter;
-    `model.surogate_report` says what every target linear became.
+    `model.surogate_report` says what every target linear became (from the first forward on, when
+    Dynamo compiles; until then it says that it is pending).
+
+    All or nothing: every check (recipe, device, LoRA targets, dtype, frozen base) runs on the model as
+    given before anything changes it, and a later failure undoes what was changed, so a refused model
+    can be fixed (e.g. `model.to(torch.bfloat16)`) and compiled again.
 
     `checkpoint=True` turns on activation checkpointing of the decoder blocks: between forward and
     backward only each block's inputs (the residual stream, plus the small RoPE/mask tensors every
@@ -70,20 +75,35 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     rec = get(recipe)  # unknown names raise with the list of valid ones
     arch_name = current_arch() if arch is None else normalize_arch(arch)
     the_plan = plan(rec, arch_name).check(allow_emulation)
+    # Every check runs on the model as given, before anything changes it: a refused model is left as it was.
     _refuse_compiled(model)
     if checkpoint:
         _check_checkpointable(model)
-    peft_model = _attach_lora(model, lora)
-    _check_device(peft_model, arch_name)
-    _check_dtype(peft_model, rec)
+    config = _lora_config(model, lora)
+    _check_device(model, arch_name)
+    planned = _planned_targets(model, config)
+    _check_dtype(planned, rec)
+    undo = _Undo(model)
+    try:
+        return _compile_checked(model, config, rec, arch_name, the_plan, undo, regional=regional, dynamic=dynamic,
+                                producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
+                                checkpoint=checkpoint)
+    except BaseException:
+        undo.restore()  # a step past the checks failed: put the model back as it came
+        raise
+
+
+def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo", *,
+                     regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
+                     checkpoint: bool) -> nn.Module:
+    """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
+    peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
-    if not targets:
-        raise ValueError("the model has no LoRA linear to train: pass lora=LoraConfig(target_modules=[...]) naming "
-                         "its linear layers")
-    _check_frozen(peft_model, targets)
+    if config is not None:  # a PeftModel given was checked before
+        _check_frozen(peft_model, targets)
     report = CompileReport(recipe=rec.name, arch=arch_name,
                            backend="aot_eager (no Inductor)" if arch_name == CPU else "inductor")
-    swapped = _swap_base_layers(targets, rec)
+    swapped = _swap_base_layers(targets, rec, undo)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
     if the_plan.support.value == "emulated":
@@ -124,6 +144,9 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
                     "and recomputes its forward in the backward")
     if chunked_loss:
         _attach_chunked_loss(hf, report)
+    report.note(f"parameters: {parameter_counts(peft_model, rec.name)}")
+    report.pending = (f"linears: pending until the first forward (Dynamo compiles lazily); {len(targets)} LoRA "
+                      "target layers")
     peft_model.surogate_report = report
     peft_model.surogate_plan = the_plan
     peft_model._surogate_compiled = True
@@ -160,12 +183,12 @@ def _check_checkpointable(model: nn.Module) -> None:
                          "checkpoints the blocks itself: call model.gradient_checkpointing_disable() first")
 
 
-def _check_dtype(model: nn.Module, recipe: Recipe) -> None:
-    for name, module in _lora_layers(model):
-        weight = module.get_base_layer().weight
-        if weight.dtype != torch.bfloat16:
+def _check_dtype(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> None:
+    for name, module in targets:
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dtype != torch.bfloat16:
             raise TypeError(f"recipe {recipe.name!r} takes bfloat16 base weights, but {name} holds {weight.dtype}; "
-                            "load the model with torch_dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
+                            "load the model with dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
 
 
 def _check_frozen(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
@@ -180,31 +203,152 @@ def _check_frozen(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> Non
                       "bf16 outside the fused kernels", stacklevel=3)
 
 
+_MISSING = object()
+
+
+class _Undo:
+    """What `compile` changes on a model that passed its checks, recorded so that a failure half-way
+    (a bug, a format that refuses a shape) hands the model back as it came: LoRA detached, base layers,
+    requires_grad flags, forwards, attention implementation, use_cache, the input-grad hook."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from peft import PeftModel
+
+        self.model = model
+        self.hf = model.base_model.model if isinstance(model, PeftModel) else model
+        self.peft_model = None
+        self.had_peft_config = hasattr(model, "peft_config")
+        self.swapped: list[tuple[nn.Module, nn.Module]] = []
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.forwards = [(m, vars(m).get("forward", _MISSING)) for m in model.modules()]
+        self.marked = [(m, vars(m).get(attention._ORIGINAL_ATTR, _MISSING)) for m in model.modules()]
+        self.configs = [(c, getattr(c, "_attn_implementation_internal", None), getattr(c, "use_cache", _MISSING))
+                        for c in attention._configs(self.hf)]
+        self.had_grad_hook = hasattr(self.hf, "_require_grads_hook")
+
+    def attach(self, model: nn.Module, config: Any) -> nn.Module:
+        self.peft_model = _get_peft_model(model, config)
+        return self.peft_model
+
+    def restore(self) -> None:
+        for module, base in reversed(self.swapped):
+            module.base_layer = base
+        for restore_list, attr in ((self.forwards, "forward"), (self.marked, attention._ORIGINAL_ATTR)):
+            for module, value in restore_list:
+                if value is _MISSING:
+                    vars(module).pop(attr, None)
+                else:
+                    setattr(module, attr, value)
+        for config, implementation, use_cache in self.configs:
+            config._attn_implementation_internal = implementation
+            if use_cache is not _MISSING:
+                config.use_cache = use_cache
+        if not self.had_grad_hook and hasattr(self.hf, "_require_grads_hook"):
+            self.hf.disable_input_require_grads()
+        if self.peft_model is not None:
+            self.peft_model.base_model.unload()  # the original base layers back in place of PEFT's
+            if not self.had_peft_config:
+                vars(self.model).pop("peft_config", None)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+
+
 # --- preparation --------------------------------------------------------------------------------------
 
 def _attach_lora(model: nn.Module, lora: Any) -> nn.Module:
     """The PEFT model: `model` itself if it is one, else `model` with LoRA attached by PEFT."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    config = _lora_config(model, lora)
+    return model if config is None else _get_peft_model(model, config)
+
+
+def _get_peft_model(model: nn.Module, config: Any) -> nn.Module:
+    from peft import get_peft_model
+
+    from surogate.compat import quiet_peft_deprecations
+
+    with quiet_peft_deprecations():
+        return get_peft_model(model, config)
+
+
+def _lora_config(model: nn.Module, lora: Any):
+    """The LoraConfig to attach to `model`, or None when `model` is a PeftModel already (then `lora` must be None)."""
+    from peft import LoraConfig, PeftModel
 
     if isinstance(model, PeftModel):
         if lora is not None:
             raise ValueError("the model already has PEFT adapters; pass lora=None")
-        return model
+        return None
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"surogate.compile takes a Hugging Face PreTrainedModel or a PeftModel, "
                         f"got {type(model).__name__}")
     if isinstance(lora, LoraConfig):
-        config = lora
+        return lora
+    options = {**DEFAULT_LORA, **(lora or {})}
+    if "target_modules" not in options:
+        options["target_modules"] = _default_targets(model)
+    if not options["target_modules"]:
+        raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
+                         "lora={'target_modules': [...]} naming its linear layers")
+    options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
+    return LoraConfig(task_type="CAUSAL_LM", **options)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of the linear layers (nn.Linear, GPT-2's Conv1D) of `model`: what LoRA can target."""
+    return [name for name, module in model.named_modules() if name and _is_linear(module)]
+
+
+def target_matches(target: str, name: str) -> bool:
+    """PEFT's rule for a `target_modules` list entry: the module's full name, or its dotted suffix."""
+    return name == target or name.endswith(f".{target}")
+
+
+def unmatched_targets(targets: "list[str] | tuple[str, ...]", names: list[str]) -> list[str]:
+    """The entries of a `target_modules` list that match none of the module `names`."""
+    return [t for t in targets if not any(target_matches(t, n) for n in names)]
+
+
+def short_linear_names(model: nn.Module) -> list[str]:
+    """The distinct last components of the linear layers' names (q_proj, ..., lm_head), for messages."""
+    return sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+
+
+def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module]]:
+    """The layers LoRA goes on, found without changing `model`: PEFT's target matching, run ahead of PEFT so
+    that a config matching nothing (or a non-linear layer) is refused before the model is touched."""
+    if config is None:  # a PeftModel: its LoRA layers are the targets
+        targets = [(n, m.get_base_layer()) for n, m in _lora_layers(model)]
+        if not targets:
+            raise ValueError("the model has no LoRA linear to train: pass lora=LoraConfig(target_modules=[...]) "
+                             "naming its linear layers")
+        _check_frozen(model, _lora_layers(model))
+        return targets
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    wanted = config.target_modules
+    if isinstance(wanted, str) and wanted.lower() == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        planned = [(n, m) for n, m in model.named_modules() if n and _is_linear(m) and m is not head]
     else:
-        options = {**DEFAULT_LORA, **(lora or {})}
-        if "target_modules" not in options:
-            options["target_modules"] = _default_targets(model)
-        if not options["target_modules"]:
-            raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
-                             "lora={'target_modules': [...]} naming its linear layers")
-        options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
-        config = LoraConfig(task_type="CAUSAL_LM", **options)
-    return get_peft_model(model, config)
+        planned = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(config, n)]
+    available = ", ".join(short_linear_names(model)) or "none"
+    if not planned:
+        raise ValueError(f"LoRA target_modules {_show(wanted)} match no layer of {type(model).__name__}; "
+                         f"its linear layers: {available} (or target_modules='all-linear')")
+    odd = [(n, m) for n, m in planned if not (_is_linear(m) or isinstance(m, nn.Embedding))]
+    if odd:
+        raise ValueError(f"LoRA target {odd[0][0]} is a {type(odd[0][1]).__name__}, not a linear layer; name linear "
+                         f"layers in target_modules: {available}")
+    if not isinstance(wanted, str):
+        missing = unmatched_targets(sorted(wanted), [n for n, _ in planned])
+        if missing:
+            warnings.warn(f"LoRA target_modules {missing} match no layer of {type(model).__name__}; LoRA goes on "
+                          f"the others (its linear layers: {available})", stacklevel=3)
+    return planned
+
+
+def _show(targets: Any) -> str:
+    return repr(targets) if isinstance(targets, str) else str(sorted(targets))
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -229,7 +373,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> int:
+def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo: "_Undo | None" = None) -> int:
     """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear)."""
     swapped = 0
     for name, module in targets:
@@ -242,6 +386,8 @@ def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> i
             continue  # traced as F.linear; subclasses (e.g. FalconLinear's `x @ W.T`) are swapped
 
         module.base_layer = SurogateLinear.from_linear(base, recipe)
+        if undo is not None:
+            undo.swapped.append((module, base))
         swapped += 1
     return swapped
 
@@ -267,6 +413,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
     options = options or {}
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
+        report.pending = ""
         _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
         run_pipeline(gm, PassContext(recipe, arch, report, options))
         if arch == CPU:
@@ -415,7 +562,9 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         hidden = out[0]
         loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
                                      num_items_in_batch=num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None))
+        # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
+        # backbone's (`out.past_key_values`) is deprecated in transformers 5.
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     hf.forward = types.MethodType(forward, hf)
     report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "

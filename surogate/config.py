@@ -31,12 +31,15 @@ class ConfigError(ValueError):
 class DatasetConfig:
     """Where the examples are and how to read them."""
 
-    path: str | None = None  # directory holding <split>.jsonl files; None: the bundled GSM8K sample
-    format: str = "gsm8k"  # gsm8k: "question"/"answer" fields; text: a "text" field
+    path: str | None = None  # a .jsonl/.json/.parquet file, a folder, or a HF dataset; None: the bundled GSM8K sample
+    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/data_formats.py)
     train_split: str = "train"
-    eval_split: str | None = "test"  # None: no evaluation
+    eval_split: str | None = "test"  # None: no evaluation; a single file has none
+    val_set_size: float | int | None = None  # hold out this fraction (0, 1) or count of train as eval (Axolotl)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    train_on_inputs: bool = False  # train on the read part too (prompts, user turns): Axolotl's train_on_inputs
+    chat_template: str | None = None  # messages: chatml, a Jinja string or a .jinja file; None: the tokenizer's
 
 
 @dataclass
@@ -68,7 +71,12 @@ class TrainConfig:
     num_epochs: float = 1.0
     seed: int = 42
     logging_steps: int = 1
-    eval_steps: int | None = None  # None: evaluate at the end only
+    eval_steps: int | None = None  # None: evaluate before the first step and at the end only
+    eval_on_start: bool = True  # evaluate before the first step (step 0)
+    save_steps: int | None = None  # write output_dir/checkpoint-<step>/ every N steps (and on Ctrl-C always)
+    save_total_limit: int | None = None  # keep the N newest checkpoints
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true: the latest in output_dir
+    report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
     cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
 
@@ -132,18 +140,109 @@ def _cuda_graphs(key: str, v: Any) -> str:
     return _str(key, v, choices=CUDA_GRAPH_MODES)
 
 
-def _model(key: str, v: Any) -> str:
+def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
+    """A model `v` is "default", an existing folder with a config.json, or shaped like a hub id and not
+    a mistyped local folder (whether the hub has it is asked before the model loads: train_checks.py)."""
     v = _str(key, v)
-    if v == "default":
+    if v == "default" and allow_default:
         return v
     p = Path(v).expanduser()
     if p.exists() or not _HUB_ID.match(v) or v.startswith((".", "/", "~")):
         if not p.is_dir():
             raise ConfigError(f"{key}: {v!r} is not a directory; give a local Hugging Face model directory, "
-                              "a hub id like 'Qwen/Qwen3-0.6B', or 'default' for the embedded tiny model")
+                              "a hub id like 'Qwen/Qwen3-0.6B'"
+                              + (", or 'default' for the embedded tiny model" if allow_default else ""))
         if not (p / "config.json").exists():
             raise ConfigError(f"{key}: {v!r} has no config.json; save the model there with save_pretrained()")
+        return v
+    why = _not_a_hub_id(v)
+    if why:
+        raise ConfigError(f"{key}: {v!r} is not a local folder{why}; write ./{v} for a local folder, or a hub id "
+                          "such as Qwen/Qwen3-0.6B")
     return v
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
+                                                                                     "TRANSFORMERS_OFFLINE"))
+
+
+def _not_a_hub_id(v: str) -> str:
+    """Why `v`, shaped like a hub id but no local folder, is a mistyped local path rather than a hub id
+    ("" when it may well be one: the hub is asked for its config before the model loads)."""
+    head, _, tail = v.partition("/")
+    where = Path(head) if tail else Path(".")
+    name = tail or head
+    if tail and where.is_dir() or not tail:
+        close = difflib.get_close_matches(name, [c.name for c in where.iterdir() if c.is_dir()], n=1, cutoff=0.8) \
+            if where.is_dir() else []
+        if close:
+            return f" (did you mean {str(where / close[0]) if tail else close[0]!r}?)"
+        if tail:
+            return f" ({head}/ is a local folder without {tail})"
+    if _hub_offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(v, "config.json"), str)
+        except Exception:  # an id the hub library refuses is no cached hub id either
+            cached = False
+        if not cached:
+            return ", and HF_HUB_OFFLINE is set with no cached hub model of that name"
+    return ""
+
+
+def _output_dir(key: str, v: Any) -> str:
+    v = _str(key, v)
+    p = Path(v).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "" if q == p else f" is inside {str(q)!r}, which"
+                raise ConfigError(f"{key}: {v!r}{where} is a file, not a folder; name a folder (created if missing)")
+            break
+    return v
+
+
+def _resume(key: str, v: Any, output_dir: str) -> str | bool | None:
+    if v is None or v is False:
+        return None
+    from surogate import checkpoint
+
+    if v is True:
+        if checkpoint.latest(Path(output_dir).expanduser()) is None:
+            raise ConfigError(f"{key}: true, but output_dir {output_dir!r} holds no checkpoint-<step>/ folder to "
+                              "resume from; drop the key to start a new run")
+        return True
+    v = _str(key, v)
+    if not checkpoint.is_checkpoint(Path(v).expanduser()):
+        raise ConfigError(f"{key}: {v!r} is not a checkpoint folder (no {checkpoint.STATE_FILE}); give "
+                          "output_dir/checkpoint-<step>, or true for the latest in output_dir")
+    return v
+
+
+REPORTERS = ("tensorboard",)
+
+
+def _report_to(key: str, v: Any) -> list[str]:
+    """`none`, `tensorboard`, or a list of them (Hugging Face's spelling); metrics.jsonl is always written."""
+    items = [] if v is None else [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ConfigError(f"{key}: expected none, tensorboard or a list of them, got {v!r}")
+    out = []
+    for item in items:
+        if item == "none":
+            continue
+        if item not in REPORTERS:
+            raise ConfigError(f"{key}: {item!r} is not supported; use tensorboard or none (metrics.jsonl in "
+                              "output_dir is always written)")
+        import importlib.util
+
+        if importlib.util.find_spec(item) is None:
+            raise ConfigError(f"{key}: {item} needs the {item} package: pip install {item} (or pip install "
+                              f"'surogate[{item}]'), or set {key}: none")
+        out.append(item)
+    return out
 
 
 def _tokenizer(key: str, v: Any) -> str | None:
@@ -207,19 +306,27 @@ def _dataset(raw: Any) -> DatasetConfig:
     d.path = _str("dataset.path", d.path, optional=True)
     if d.path in ("default", "gsm8k-sample"):
         d.path = None
-    d.format = _str("dataset.format", d.format, choices=("gsm8k", "text"))
+    from surogate import data_files
+    from surogate.data_formats import FORMAT_NAMES, resolve_chat_template
+
+    d.format = _str("dataset.format", d.format, choices=FORMAT_NAMES)
     d.train_split = _str("dataset.train_split", d.train_split)
     d.eval_split = _str("dataset.eval_split", d.eval_split, optional=True)
     d.max_train_samples = _int("dataset.max_train_samples", d.max_train_samples, 1, optional=True)
     d.max_eval_samples = _int("dataset.max_eval_samples", d.max_eval_samples, 1, optional=True)
-    if d.path is not None and not Path(d.path).expanduser().is_dir():
-        raise ConfigError(f"dataset.path: {d.path!r} is not a directory; it must hold <split>.jsonl files "
-                          "(omit it for the bundled GSM8K sample)")
-    from surogate.data import split_path
-
-    for key, split in (("dataset.train_split", d.train_split), ("dataset.eval_split", d.eval_split)):
-        if split is not None and not split_path(d.path, split).is_file():
-            raise ConfigError(f"{key}: {split_path(d.path, split)} does not exist")
+    d.train_on_inputs = _bool("dataset.train_on_inputs", d.train_on_inputs)
+    d.chat_template = _str("dataset.chat_template", d.chat_template, optional=True)
+    resolve_chat_template(d.chat_template)  # a missing .jinja file fails here, naming the key
+    if d.val_set_size is not None:
+        v = d.val_set_size
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (isinstance(v, int) and v >= 1)):
+            raise ConfigError(f"dataset.val_set_size: expected a fraction in (0, 1) or a count >= 1 of train rows "
+                              f"to hold out for eval, got {v!r}")
+        if "eval_split" in raw and d.eval_split is not None:
+            raise ConfigError(f"dataset.val_set_size: set together with dataset.eval_split ({d.eval_split!r}); use "
+                              "one: set eval_split: null to hold out part of train")
+        d.eval_split = None
+    d.eval_split = data_files.check_path(d.path, d.train_split, d.eval_split, "eval_split" in raw)
     return d
 
 
@@ -234,7 +341,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     raw = dict(raw)
     dataset = _dataset(raw.pop("dataset", None))
     c = TrainConfig(**raw, dataset=dataset)
-    c.model = _model("model", c.model)
+    c.model = check_model_name("model", c.model)
     c.tokenizer = _tokenizer("tokenizer", c.tokenizer)
     c.recipe = _recipe("recipe", c.recipe)
     c.arch = _arch("arch", c.arch)
@@ -255,7 +362,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.lora_alpha = _float("lora_alpha", c.lora_alpha, 0.0)
     c.lora_dropout = _float("lora_dropout", c.lora_dropout, 0.0, 0.999)
     c.lora_target_modules = _targets("lora_target_modules", c.lora_target_modules)
-    c.output_dir = _str("output_dir", c.output_dir)
+    c.output_dir = _output_dir("output_dir", c.output_dir)
     c.max_steps = _int("max_steps", c.max_steps, 1, optional=True)
     c.num_epochs = _float("num_epochs", c.num_epochs, 0.0)
     if c.max_steps is None and c.num_epochs == 0:
@@ -263,6 +370,14 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.seed = _int("seed", c.seed, 0)
     c.logging_steps = _int("logging_steps", c.logging_steps, 1)
     c.eval_steps = _int("eval_steps", c.eval_steps, 1, optional=True)
+    if c.eval_steps is not None and c.dataset.eval_split is None and getattr(c.dataset, "val_set_size", None) is None:
+        raise ConfigError("eval_steps: set, but there is no eval split (dataset.eval_split is null); name an eval "
+                          "split, set dataset.val_set_size to hold out part of train, or drop eval_steps")
+    c.eval_on_start = _bool("eval_on_start", c.eval_on_start)
+    c.save_steps = _int("save_steps", c.save_steps, 1, optional=True)
+    c.save_total_limit = _int("save_total_limit", c.save_total_limit, 1, optional=True)
+    c.resume_from_checkpoint = _resume("resume_from_checkpoint", c.resume_from_checkpoint, c.output_dir)
+    c.report_to = _report_to("report_to", c.report_to)
     c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
     c.gradient_checkpointing = _bool("gradient_checkpointing", c.gradient_checkpointing)
     if c.model == "default" and c.tokenizer not in (None, "default"):
@@ -299,8 +414,10 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a config must be a mapping of keys to values, got {type(raw).__name__}")
+    overridden = []
     for item in overrides or []:
         key, value = parse_override(item)
+        overridden.append(key)
         if key.startswith("dataset."):
             ds = raw.get("dataset") or {}
             ds = {"path": ds} if isinstance(ds, str) else dict(ds)
@@ -311,6 +428,8 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     try:
         return from_dict(raw)
     except ConfigError as e:
+        if any(str(e).startswith((f"{key}:", f"unknown key {key!r}")) for key in overridden):
+            raise  # the value came from --set / --output-dir, not from the file
         raise ConfigError(f"{p}: {e}") from None
     except TypeError as e:  # a dataclass rejected something the checks above did not foresee
         raise ConfigError(f"{p}: {e}") from None

@@ -1,6 +1,9 @@
-"""Training data: JSONL examples -> token rows, packed with their boundaries kept or padded per batch.
+"""Training data: dataset rows -> token rows, packed with their boundaries kept or padded per batch.
 
-Fine-tuning examples have a prompt (masked from the loss) and a completion (trained). Two layouts:
+`load_splits` is the one entry point of `surogate train`: rows come from `data_files` (a .jsonl/.json/
+.parquet file, a folder of `<split>.<ext>` files, a Hugging Face dataset; `val_set_size` held out of
+train), become examples through `data_formats` (gsm8k, alpaca, completion, text, messages, auto: the read
+part masked from the loss, the trained part not), and are laid out here. Two layouts:
 - packed (`pack_examples`, the default of `surogate train`): whole examples placed into rows of
   `seq_len` tokens (first fit), in Hugging Face's padding-free convention (TRL's `padding_free`,
   `DataCollatorWithFlattening`): `position_ids` restart at 0 at each example, and the first token of
@@ -18,7 +21,6 @@ default config and the embedded model config; this module is what `import suroga
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ("gsm8k", "text")
-IGNORE_INDEX = -100  # label value Hugging Face losses skip
+from surogate.data_files import DataError, Rows, bundled_dataset_dir, hold_out, read_jsonl_rows, read_split
+from surogate.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
+                                   resolve_chat_template, resolve_format, tokenize_examples)
 
 
 def package_data_dir() -> Path:
@@ -35,77 +38,25 @@ def package_data_dir() -> Path:
     return Path(__file__).resolve().parent / "data"
 
 
-def bundled_dataset_dir() -> Path:
-    """The bundled GSM8K sample (800 train, 200 test examples; MIT license, see its LICENSE)."""
-    return package_data_dir() / "gsm8k"
-
-
 def read_jsonl(path: "str | os.PathLike", limit: int | None = None) -> list[dict]:
     """The first `limit` (all when None) JSON objects of a JSON-lines file; blank lines skipped."""
-    rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def format_example(example: dict, fmt: str) -> str:
-    """One training text. gsm8k: "Question: ...\\nAnswer: ..." (answer kept whole, "#### N" included)."""
-    if fmt == "gsm8k":
-        missing = [k for k in ("question", "answer") if k not in example]
-        if missing:
-            raise ValueError(f"gsm8k example lacks {missing}; it needs 'question' and 'answer' (or use format: text)")
-        return f"Question: {example['question'].strip()}\nAnswer: {example['answer'].strip()}"
-    if fmt == "text":
-        if "text" not in example:
-            raise ValueError("text-format example lacks the 'text' field")
-        return str(example["text"])
-    raise ValueError(f"unknown dataset format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return read_jsonl_rows(path, limit).rows
 
 
 def prompt_and_completion(example: dict, fmt: str) -> tuple[str, str]:
-    """The part of an example the model reads (masked from the loss) and the part it learns to write.
-    gsm8k: "Question: ...\nAnswer:" | " <answer>"; text: "" | the text."""
-    text = format_example(example, fmt)
-    if fmt == "gsm8k":
-        cut = text.index("\nAnswer:") + len("\nAnswer:")
-        return text[:cut], text[cut:]
-    return "", text
+    """The part of an example the model reads (masked from the loss) and the part it learns to write, for
+    the formats with one of each (gsm8k, alpaca, completion; text: "" and the text)."""
+    if fmt not in FORMATS or FORMATS[fmt].pieces is None:
+        raise ValueError(f"format {fmt!r} has no single prompt and completion; use one of "
+                         f"{', '.join(n for n, f in FORMATS.items() if f.pieces is not None)}")
+    form = FORMATS[fmt]
+    pieces = form.pieces(check_row(example, form, "example"))
+    return "".join(t for t, trained in pieces if not trained), "".join(t for t, trained in pieces if trained)
 
 
-@dataclass(frozen=True)
-class Example:
-    """One tokenized example: `labels` equal `input_ids` where the model learns, IGNORE_INDEX elsewhere."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-def tokenize_examples(examples: list[dict], fmt: str, tokenizer, train_on_inputs: bool = False) -> list[Example]:
-    """Prompt and completion tokenized apart (so the boundary is exact), EOS appended; the prompt's labels
-    are IGNORE_INDEX unless `train_on_inputs`."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; examples need one at their end")
-    pairs = [prompt_and_completion(e, fmt) for e in examples]
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-    out = []
-    for p, c in zip(prompts, completions):
-        ids = p + c + [eos]
-        labels = (ids if train_on_inputs else [IGNORE_INDEX] * len(p) + c + [eos])
-        out.append(Example(ids, list(labels)))
-    return out
+def format_example(example: dict, fmt: str) -> str:
+    """One training text. gsm8k: "Question: ...\nAnswer: ..." (answer kept whole, "#### N" included)."""
+    return "".join(prompt_and_completion(example, fmt))
 
 
 class Batch(dict):
@@ -199,7 +150,7 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> Exa
         if room[target] == 0:
             open_rows.remove(target)
     if not rows:
-        raise ValueError(f"no examples to pack: none has a target token within {seq_len} tokens "
+        raise DataError(f"no examples to pack: none has a target token within {seq_len} tokens "
                          "(raise sequence_len, or set train_on_inputs: true)")
     return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id)
 
@@ -208,7 +159,7 @@ def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0) -> Examp
     """One example per row, truncated to `seq_len` (batches pad to their longest row)."""
     kept = [ex for ex in examples if _has_target(ex.labels[:seq_len])]
     if not kept:
-        raise ValueError(f"no examples: none has a target token within {seq_len} tokens (raise sequence_len, "
+        raise DataError(f"no examples: none has a target token within {seq_len} tokens (raise sequence_len, "
                          "or set train_on_inputs: true)")
     return ExampleRows([ex.input_ids[:seq_len] for ex in kept], [ex.labels[:seq_len] for ex in kept], None,
                        seq_len, pad_id)
@@ -292,24 +243,59 @@ def split_path(dataset_dir: "str | os.PathLike | None", split: str) -> Path:
     return base / f"{split}.jsonl"
 
 
-def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
-                packing: bool = True, limit: int | None = None, train_on_inputs: bool = False) -> ExampleRows:
-    """Read, tokenize (prompt masked unless `train_on_inputs`) and pack with boundaries (or lay out one
-    example per row) one split."""
-    examples = read_jsonl(split_path(dataset_dir, split), limit)
-    if not examples:
-        raise ValueError(f"split {split!r} of {dataset_dir or 'the bundled sample'} has no examples")
-    tokenized = tokenize_examples(examples, fmt, tokenizer, train_on_inputs)
+def _nonempty(rows: Rows, split: str) -> Rows:
+    if not rows.rows:
+        raise DataError(f"{rows.source}: no examples in the {split} split (the file is empty); add rows, "
+                        "one JSON object per line for .jsonl")
+    return rows
+
+
+def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, train_on_inputs: bool = False,
+           chat_template: str | None = None) -> ExampleRows:
+    """Tokenize rows (read text masked unless `train_on_inputs`) and pack them with their boundaries (or lay
+    them out one example per row)."""
+    tokenized = tokenize_examples(rows, fmt, tokenizer, train_on_inputs, chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack_examples(tokenized, seq_len, pad_id) if packing else one_per_row(tokenized, seq_len, pad_id)
 
 
+def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
+                packing: bool = True, limit: int | None = None, train_on_inputs: bool = False,
+                chat_template: str | None = None) -> ExampleRows:
+    """Read one split of a dataset path (a file, a folder of `<split>.<ext>` files, a Hugging Face
+    dataset; None: the bundled sample), tokenize it and lay it out (see `layout`)."""
+    rows = _nonempty(read_split(bundled_dataset_dir() if dataset_dir is None else dataset_dir, split, limit), split)
+    return layout(rows, fmt, tokenizer, seq_len, packing, train_on_inputs, resolve_chat_template(chat_template))
+
+
+def load_rows(ds, seed: int) -> tuple[Rows, Rows | None]:
+    """The train rows and the eval rows (None without evaluation) of a `DatasetConfig`: the eval split, or
+    `val_set_size` of train held out with `seed`; `max_*_samples` apply after the hold-out."""
+    path = bundled_dataset_dir() if ds.path is None else Path(ds.path).expanduser()
+    if path.is_file() and ds.eval_split is not None:
+        raise DataError(f"dataset.eval_split: dataset.path {ds.path} is one file (the train split); set "
+                        "eval_split: null, or dataset.val_set_size to hold out part of it")
+    if ds.val_set_size is None:
+        train = _nonempty(read_split(path, ds.train_split, ds.max_train_samples), ds.train_split)
+        return train, None if ds.eval_split is None else _nonempty(
+            read_split(path, ds.eval_split, ds.max_eval_samples), ds.eval_split)
+    if ds.eval_split is not None:
+        raise DataError(f"dataset.val_set_size: set together with dataset.eval_split ({ds.eval_split!r}); "
+                        "use one: set eval_split: null to hold out part of train")
+    train, held = hold_out(_nonempty(read_split(path, ds.train_split), ds.train_split), ds.val_set_size, seed)
+    return train.head(ds.max_train_samples), held.head(ds.max_eval_samples)
+
+
 def load_splits(cfg, tokenizer) -> tuple[ExampleRows, ExampleRows | None]:
     """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
-    `cfg.sample_packing` says: the one entry point `surogate train` reads its data through."""
+    `cfg.sample_packing` says: the one entry point `surogate train` reads its data through. `auto` is
+    resolved on the train rows, and the eval rows are read in the same format."""
     ds = cfg.dataset
-    train = build_split(ds.path, ds.train_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing,
-                        ds.max_train_samples)
-    evaluation = None if ds.eval_split is None else build_split(
-        ds.path, ds.eval_split, ds.format, tokenizer, cfg.sequence_len, cfg.sample_packing, ds.max_eval_samples)
+    train_rows, eval_rows = load_rows(ds, cfg.seed)
+    fmt = resolve_format(train_rows, ds.format).name
+    template = resolve_chat_template(ds.chat_template)
+    on_inputs = ds.train_on_inputs
+    train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template)
+    evaluation = None if eval_rows is None else layout(
+        eval_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template)
     return train, evaluation

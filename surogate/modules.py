@@ -9,6 +9,8 @@ match pass reads the weight format straight from the graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +39,7 @@ class SurogateLinear(nn.Module):
         weight = weight.detach()
         parts = ops.prepare_weight(weight, self.weight_format)
         self._n_parts = len(parts)
+        self._part_dtypes = tuple(part.dtype for part in parts)
         for i, part in enumerate(parts):
             self.register_buffer(f"w{i}", part, persistent=False)
         self.weight = nn.Parameter(weight, requires_grad=False) if recipe.keeps_bf16_weight else None
@@ -53,7 +56,10 @@ class SurogateLinear(nn.Module):
         return cls(weight, getattr(module, "bias", None), recipe)
 
     def weight_list(self) -> list[Tensor]:
-        return [getattr(self, f"w{i}") for i in range(self._n_parts)]
+        # surogate.distributed may hold an integer part as a float view of the same bytes (FSDP2 before
+        # torch 2.13 shards only floating-point parameters); the op always gets the stored dtype.
+        parts = [getattr(self, f"w{i}") for i in range(self._n_parts)]
+        return [p if p.dtype == d else p.view(d) for p, d in zip(parts, self._part_dtypes)]
 
     def forward(self, input: Tensor) -> Tensor:
         from surogate import ops
@@ -76,3 +82,53 @@ class SurogateLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight_format={self.weight_format}, forward={self.forward_precision}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCounts:
+    """Trainable (LoRA) and frozen (base) parameters; a quantized base counts its weights' elements, and
+    `frozen_bytes` is the memory the frozen base takes as stored (e.g. FP8 or NF4 plus their scales)."""
+
+    trainable: int
+    frozen: int
+    frozen_bytes: int
+    recipe: str | None = None
+
+    def __str__(self) -> str:
+        how = f" ({self.recipe})" if self.recipe else ""
+        return (f"trainable {_human_count(self.trainable)} params (LoRA), frozen {_human_count(self.frozen)} params "
+                f"stored in {_human_bytes(self.frozen_bytes)}{how}")
+
+
+def parameter_counts(model: nn.Module, recipe: str | None = None) -> ParameterCounts:
+    """Count `model`'s parameters as users expect: trainable = those that train (the LoRA factors);
+    frozen = the base's, quantized weights (SurogateLinear without a bf16 copy) by their element count."""
+    trainable = frozen = frozen_bytes = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+            frozen_bytes += p.numel() * p.element_size()
+    for module in model.modules():
+        if isinstance(module, SurogateLinear):
+            frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list())
+            if module.weight is None:
+                frozen += module.in_features * module.out_features
+    return ParameterCounts(trainable, frozen, frozen_bytes, recipe)
+
+
+def _human_count(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}"
+    return str(n)
+
+
+def _human_bytes(n: int) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e5:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"

@@ -1,10 +1,13 @@
 """The training loop behind `surogate train`: a plain PyTorch loop over a surogate.compile'd model.
 
 Nothing here hides the loop: AdamW over the LoRA parameters, a warmup + decay schedule,
-gradient accumulation, fixed-length packed batches, eval loss on a held-out split, then the
-adapter, a metrics JSON and a loss chart in `output_dir`. The helpers are public so that the
-examples can write the same loop by hand. `compile_model` is the one place that calls
-`surogate.compile`.
+gradient accumulation, fixed-length packed batches, eval loss on a held-out split (before the
+first step, every `eval_steps`, at the end), each step's numbers appended to `metrics.jsonl` as
+it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/checkpoint.py) that
+`resume_from_checkpoint` continues exactly, then the adapter, a metrics JSON and a loss chart in
+`output_dir`. What the config cannot know alone (the model's positions and layer names) is checked
+from the model's config before any weight loads. The helpers are public so that the examples can
+write the same loop by hand. `compile_model` is the one place that calls `surogate.compile`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from surogate import checkpoint, train_checks
 from surogate.config import TrainConfig, load_config
+from surogate.train_checks import is_local_model as _is_local
 
 Log = Callable[[str], None]
 
@@ -42,10 +48,6 @@ def pick_device() -> torch.device:
 
 # --- model and tokenizer -------------------------------------------------------------------------
 
-def _is_local(name: str) -> bool:
-    return Path(name).expanduser().is_dir()
-
-
 def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
     """The tokenizer for `cfg`: explicit > the model directory's own > the embedded default."""
     from surogate.tokenizer import has_tokenizer_files, load_tokenizer
@@ -58,15 +60,16 @@ def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
     return load_tokenizer(cfg.model)
 
 
-def embedded_model_config(tokenizer):
-    """The embedded tiny Qwen3 config (surogate/data/qwen3-tiny.json) sized to `tokenizer`."""
+def embedded_model_config(tokenizer=None):
+    """The embedded tiny Qwen3 config (surogate/data/qwen3-tiny.json) sized to `tokenizer` (None: as stored)."""
     from transformers import Qwen3Config
 
     from surogate.data import package_data_dir
 
     raw = json.loads((package_data_dir() / "qwen3-tiny.json").read_text())
-    raw.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is not None:
+        raw.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return Qwen3Config(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
 
 
@@ -186,9 +189,12 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device, model: nn.Module |
     """`batch` on `device`. Right-padded rows drop their `attention_mask` when the model runs surogate
     attention: the padding follows every real token, so causal attention never shows it to one, and its
     labels are -100; without a mask the step keeps the causal flash kernel."""
+    from peft import PeftModel
+
     from surogate.attention import original_implementation
 
-    drop = model is not None and original_implementation(model.base_model.model) is not None
+    hf = model.base_model.model if isinstance(model, PeftModel) else model  # evaluate() takes plain models too
+    drop = model is not None and original_implementation(hf) is not None
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if not (drop and k == "attention_mask")}
 
 
@@ -267,19 +273,28 @@ class TrainResult:
     chart_path: Path
     steps: int
     train_tokens: int
-    tokens_per_s: float
+    tokens_per_s: float | None  # steady state: after the first step of this process (None: no step after it)
     final_train_loss: float
     final_eval_loss: float | None
     first_eval_loss: float | None
     wall_s: float
     history: list[dict] = field(default_factory=list, repr=False)
+    first_step_s: float | None = None  # the first step of this process, compilation included
+    resumed_from: Path | None = None
 
     def summary(self) -> str:
         ev = "" if self.final_eval_loss is None else (
             f", eval loss {self.first_eval_loss:.4f} -> {self.final_eval_loss:.4f}"
             if self.first_eval_loss is not None else f", eval loss {self.final_eval_loss:.4f}")
-        return (f"done: {self.steps} steps, {self.train_tokens:,} tokens in {self.wall_s:.1f}s, "
-                f"{self.tokens_per_s:,.0f} tokens/s; final train loss {self.final_train_loss:.4f}{ev}\n"
+        if self.first_step_s is None:
+            speed = "no step run (resumed at the last step)"
+        elif self.tokens_per_s is None:
+            speed = f"first step {self.first_step_s:.1f} s (compile), no steady-state tokens/s from one step"
+        else:
+            speed = f"first step {self.first_step_s:.1f} s (compile), then {self.tokens_per_s:,.0f} tokens/s"
+        final = "n/a" if math.isnan(self.final_train_loss) else f"{self.final_train_loss:.4f}"
+        return (f"done: {self.steps} steps, {self.train_tokens:,} tokens in {self.wall_s:.1f}s; {speed}; "
+                f"final train loss {final}{ev}\n"
                 f"adapter: {self.adapter_dir}\nloss chart: {self.chart_path}\nmetrics: {self.metrics_path}")
 
 
@@ -289,27 +304,98 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
-def _micro_batches(dataset, cfg: TrainConfig):
-    """Shuffled micro-batches, epoch after epoch (reshuffled with seed + epoch), forever."""
-    epoch = 0
-    while True:
-        yield from dataset.batches(cfg.per_device_train_batch_size, shuffle=True, seed=cfg.seed + epoch,
-                                   drop_last=len(dataset) >= cfg.per_device_train_batch_size)
-        epoch += 1
+class MicroBatches:
+    """Shuffled micro-batches, epoch after epoch (reshuffled with seed + epoch), forever, with their
+    position: `epoch` and `index` (micro-batches of that epoch taken), which a checkpoint stores and a
+    resumed run starts from."""
+
+    def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size, cfg.seed
+        self.drop_last = len(dataset) >= self.batch_size
+        self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
+        self.epoch, self.index = epoch, index
+        self._it = None
+
+    def __iter__(self) -> "MicroBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.dataset.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch,
+                                                     drop_last=self.drop_last))
+                for _ in range(self.index):  # resumed in the middle of this epoch: its order, from there
+                    next(self._it)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.index += 1
+                return batch
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+        raise RuntimeError("the train split yields no batch")
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs as a fraction (for the log)."""
+        return round(self.epoch + self.index / self.per_epoch, 4)
 
 
-def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = log_stderr) -> TrainResult:
-    """Run one LoRA fine-tuning job from a config (a TrainConfig, a YAML path, or None: the default)."""
+class StopOnInterrupt:
+    """While the loop runs, the first Ctrl-C (SIGINT) asks it to stop after the current step, where a
+    checkpoint is saved; a second one stops at once. Outside the main thread nothing is installed."""
+
+    def __init__(self, log: Log) -> None:
+        self.log, self.requested, self._previous, self._installed = log, False, None, False
+
+    def __enter__(self) -> "StopOnInterrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread: signals go to the main one
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:
+            self.log("interrupt: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+        except RuntimeError:  # the signal came in the middle of a write to the same stream ("reentrant call")
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
+    """Train and eval records in the order metrics.jsonl lists them (a step's eval after its train line)."""
+    lines = [(h["step"], 0, h) for h in history] + [(e["step"], 1, {"step": e["step"], "eval_loss": e["loss"]})
+                                                    for e in evals]
+    return [record for _, _, record in sorted(lines, key=lambda t: (t[0], t[1]))]
+
+
+def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = log_stderr,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run one LoRA fine-tuning job from a config (a TrainConfig, a YAML path, or None: the default).
+
+    `on_step(record)` is called after each optimizer step (its metrics line written, its eval and
+    checkpoint done). A KeyboardInterrupt (Ctrl-C, or raised by `on_step`) saves a checkpoint of the last
+    finished step, then propagates.
+    """
     from surogate import recipes
     from surogate.adapters import save_adapter
     from surogate.data import load_splits
+    from surogate.modules import parameter_counts
+    from surogate.run_log import RunLog
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     t_start = time.perf_counter()
     recipes.plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
+    resume_dir = train_checks.resume_path(cfg)
+    targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
     device = pick_device()
     out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer_for(cfg, log)
@@ -319,8 +405,19 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
         + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
+    fingerprint = train_checks.data_fingerprint(train_set, cfg)
+    state = None
+    if resume_dir is not None:
+        state = checkpoint.read_state(resume_dir)
+        train_checks.check_resumable(cfg, state, fingerprint, resume_dir)
+    elif checkpoint.list_checkpoints(out):
+        log(f"{out} holds checkpoints of an earlier run; this run starts over (resume_from_checkpoint: true "
+            "continues the latest)")
+    out.mkdir(parents=True, exist_ok=True)
 
     base = load_base_model(cfg, tokenizer)
+    if not targets_checked:
+        train_checks.check_lora_targets(cfg, base)
     base_ref = str(Path(cfg.model).expanduser().resolve()) if _is_local(cfg.model) else cfg.model
     if cfg.model == "default":  # random weights: keep them, or the adapter would have no base
         base_dir = out / "base_model"
@@ -329,69 +426,117 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
         base_ref = str(base_dir.resolve())
     model = compile_model(base.to(device), cfg)
     model.train()
-    n_lora = sum(p.numel() for p in trainable_parameters(model))
-    log(f"model: {cfg.model} ({sum(p.numel() for p in base.parameters()):,} params), recipe {cfg.recipe}, "
-        f"LoRA r={cfg.lora_rank} ({n_lora:,} trainable) on {device.type}")
+    counts = parameter_counts(model, cfg.recipe)
+    log(f"model: {cfg.model}, recipe {cfg.recipe}, LoRA r={cfg.lora_rank} on {device.type}: {counts}")
 
-    batches_per_epoch = max(1, len(train_set) // cfg.per_device_train_batch_size)
-    total = _total_steps(cfg, batches_per_epoch)
+    micro = MicroBatches(train_set, cfg)
+    total = _total_steps(cfg, micro.per_epoch)
     opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
     eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
-    micro = _micro_batches(train_set, cfg)
-    micro_step = MicroStep(model, cfg, device, log)
-
     history: list[dict] = []
     evals: list[dict] = []
-    tokens_total, t_first_step, window_tokens, eval_s = 0, None, 0, 0.0
-    t_train = t_window = time.perf_counter()
-    for step in range(1, total + 1):
-        losses, step_tokens = [], 0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(micro)  # on the host: counting its tokens costs no GPU sync
-            losses.append(micro_step(_to(batch, device, model)).clone())
-            step_tokens += _real_tokens(batch)
-        step_loss = float(torch.stack(losses).mean())  # the step's one host sync
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"step {step}: the loss is {step_loss}; lower learning_rate")
-        now = time.perf_counter()
-        if t_first_step is None:
-            t_first_step = now - t_start  # compile and first step included
-            t_steady, tokens_steady = now, 0
-        else:
-            tokens_steady += step_tokens
-        tokens_total += step_tokens
-        window_tokens += step_tokens
-        history.append({"step": step, "loss": step_loss, "lr": lr, "tokens": step_tokens,
-                        "elapsed_s": now - t_train})
-        if step % cfg.logging_steps == 0 or step == total:
-            log(f"step {step:>{len(str(total))}}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                f"{window_tokens / max(now - t_window, 1e-9):,.0f} tokens/s | {now - t_start:.1f}s")
-            t_window, window_tokens = time.perf_counter(), 0
-        if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
-            t_eval = time.perf_counter()
-            evals.append({"step": step, "loss": evaluate(model, eval_set, eval_bs, device)})
-            eval_s += time.perf_counter() - t_eval
-            log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
-            t_window = time.perf_counter()
-    t_end = time.perf_counter()
-    train_s = t_end - t_train
-    # Steady-state throughput: after the first step (which pays for compilation), as DESIGN.md §5.
-    steady_s = t_end - t_steady - eval_s
-    tokens_per_s = tokens_steady / steady_s if total > 1 and steady_s > 0 else tokens_total / train_s
+    tokens_total, start = 0, 1
+    if state is not None:
+        state = checkpoint.restore(resume_dir, model, opt, sched)
+        history, evals, tokens_total = state["history"], state["evals"], state["tokens_total"]
+        start = state["global_step"] + 1
+        micro = MicroBatches(train_set, cfg, epoch=state["epoch"], index=state["micro_batch"])
+        log(f"resumed from {resume_dir}: step {start - 1} of {total} done, epoch {state['epoch']}, "
+            f"micro-batch {state['micro_batch']} of its order")
+    run_log = RunLog(out, cfg.report_to, _merged_log(history, evals), None if state is None else start - 1)
 
-    first_eval = None
-    if eval_set is not None:
+    def run_eval(step: int) -> None:
         t_eval = time.perf_counter()
-        evals.append({"step": total, "loss": evaluate(model, eval_set, eval_bs, device)})
-        first_eval = evals[0]["loss"] if len(evals) > 1 else None
-        log(f"eval  step {total}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
+        evals.append({"step": step, "loss": evaluate(model, eval_set, eval_bs, device)})
+        run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
+        log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
+
+    saved: list[int] = []
+
+    def save_checkpoint(step: int) -> Path:
+        trainer_state = {"global_step": step, "total_steps": total, "epoch": micro.epoch, "micro_batch": micro.index,
+                         "micro_batches_per_epoch": micro.per_epoch,
+                         "tokens_total": tokens_total, "history": history, "evals": evals,
+                         "resume_keys": train_checks.resume_keys(cfg), "train_data": fingerprint}
+        path = checkpoint.save(out, step, model, opt, sched, trainer_state, tokenizer, base_ref)
+        if cfg.save_total_limit:
+            checkpoint.rotate(out, cfg.save_total_limit, protect=path)
+        saved.append(step)
+        return path
+
+    try:
+        if eval_set is not None and cfg.eval_on_start and state is None:
+            run_eval(0)
+        if state is not None:
+            checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
+        micro_step = MicroStep(model, cfg, device, log)
+        first_step_s = time_to_first_step = None
+        steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
+        t_train = time.perf_counter()
+        step, in_step = start - 1, False
+        with StopOnInterrupt(log) as stop:
+            try:
+                for step in range(start, total + 1):
+                    in_step, t0 = True, time.perf_counter()
+                    losses, step_tokens = [], 0
+                    for _ in range(cfg.gradient_accumulation_steps):
+                        batch = next(micro)  # on the host: counting its tokens costs no GPU sync
+                        losses.append(micro_step(_to(batch, device, model)).clone())
+                        step_tokens += _real_tokens(batch)
+                    step_loss = float(torch.stack(losses).mean())  # the step's one host sync
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    in_step, now = False, time.perf_counter()
+                    if not math.isfinite(step_loss):
+                        raise FloatingPointError(f"step {step}: the loss is {step_loss}; lower learning_rate")
+                    if first_step_s is None:  # compilation included: reported apart, never in tokens/s
+                        first_step_s, time_to_first_step = now - t0, now - t_start
+                    else:
+                        steady_tokens, steady_s = steady_tokens + step_tokens, steady_s + (now - t0)
+                        window_tokens, window_s = window_tokens + step_tokens, window_s + (now - t0)
+                    tokens_total += step_tokens
+                    record = {"step": step, "epoch": micro.epochs_done, "loss": step_loss, "lr": lr,
+                              "tokens": step_tokens, "elapsed_s": round(now - t_train, 3)}
+                    history.append(record)
+                    run_log.train(record)
+                    if step == start or step % cfg.logging_steps == 0 or step == total:
+                        speed = (f"first step {first_step_s:.1f} s (compile)" if step == start
+                                 else f"{window_tokens / max(window_s, 1e-9):,.0f} tokens/s")
+                        log(f"step {step:>{len(str(total))}}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                            f"{speed} | {now - t_start:.1f}s")
+                        window_tokens, window_s = 0, 0.0
+                    if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
+                        run_eval(step)
+                    if cfg.save_steps and step % cfg.save_steps == 0:
+                        log(f"checkpoint: {save_checkpoint(step)}")
+                    if on_step is not None:
+                        on_step(dict(record))
+                    if stop.requested:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if in_step:
+                    log(f"interrupted during step {step}: no checkpoint of it (a step half done)")
+                elif step < start:
+                    log("interrupted before the first step: nothing to save")
+                else:
+                    path = out / f"checkpoint-{step}" if step in saved else save_checkpoint(step)
+                    log(f"interrupted after step {step}: checkpoint saved to {path}; continue with "
+                        "`--set resume_from_checkpoint=true`")
+                raise
+        t_end = time.perf_counter()
+        tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
+
+        first_eval = None
+        if eval_set is not None:
+            run_eval(total)
+            first_eval = evals[0]["loss"] if len(evals) > 1 else None
+    finally:
+        run_log.close()
 
     adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)
     tokenizer.save_pretrained(str(adapter_dir))
@@ -399,29 +544,34 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                         title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {device.type}")
     result = TrainResult(
         output_dir=out, adapter_dir=adapter_dir, metrics_path=out / "metrics.json", chart_path=chart, steps=total,
-        train_tokens=tokens_total, tokens_per_s=tokens_per_s, final_train_loss=history[-1]["loss"],
+        train_tokens=tokens_total, tokens_per_s=tokens_per_s,
+        final_train_loss=history[-1]["loss"] if history else float("nan"),
         final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
-        wall_s=time.perf_counter() - t_start, history=history)
+        wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s, resumed_from=resume_dir)
     report = getattr(model, "surogate_report", None)
     if report is not None:
         (out / "compile_report.txt").write_text(f"{report}\n")
         log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
             f"({report.backend}); details in {out / 'compile_report.txt'}")
-    _write_metrics(result, cfg, evals, device, t_first_step, report)
+    _write_metrics(result, cfg, evals, device, time_to_first_step, report, counts, t_end - t_train)
     return result
 
 
 def _write_metrics(r: TrainResult, cfg: TrainConfig, evals: list[dict], device: torch.device,
-                   time_to_first_step: float | None, report=None) -> None:
+                   time_to_first_step: float | None, report=None, counts=None, train_s: float | None = None) -> None:
     import surogate
 
     metrics = {
         "surogate_version": surogate.__version__, "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "recipe": cfg.recipe, "model": cfg.model, "steps": r.steps, "train_tokens": r.train_tokens,
-        "tokens_per_s": r.tokens_per_s, "time_to_first_step_s": time_to_first_step, "wall_s": r.wall_s,
-        "final_train_loss": r.final_train_loss, "final_eval_loss": r.final_eval_loss,
+        "tokens_per_s": r.tokens_per_s, "first_step_s": r.first_step_s, "time_to_first_step_s": time_to_first_step,
+        "train_s": train_s, "wall_s": r.wall_s, "final_train_loss": r.final_train_loss,
+        "final_eval_loss": r.final_eval_loss,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "parameters": None if counts is None else {
+            "trainable": counts.trainable, "frozen": counts.frozen, "frozen_bytes": counts.frozen_bytes},
+        "resumed_from": None if r.resumed_from is None else str(r.resumed_from),
         "adapter_dir": str(r.adapter_dir), "chart": str(r.chart_path),
         "compile": None if report is None else {
             "backend": report.backend, "graphs": report.graphs, "rewritten": len(report.rewritten),

@@ -1,4 +1,5 @@
-"""The `surogate` CLI end to end on a very tiny config: train from a local model directory, info."""
+"""The `surogate` CLI end to end on a very tiny config: train from a local model directory, merge, info, and
+every user-fixable mistake answered with one line and exit status 2 (before the model loads)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 import yaml
+from tiny_models import save_tiny_model, tiny_raw_config, write_config
 
 from surogate.cli import main
 
@@ -20,30 +22,16 @@ def cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Qwen3 saved with save_pretrained (no tokenizer: the default one is used)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
-    from surogate.tokenizer import DEFAULT_VOCAB_SIZE
 
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=DEFAULT_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                      initializer_range=0.1)
-    d = tmp_path_factory.mktemp("tiny-model")
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
-    return d
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
 
 def _config(tmp_path, model_dir, **extra) -> str:
-    raw = {
-        "model": str(model_dir), "recipe": "bf16", "sequence_len": 192, "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "warmup_steps": 1, "lora_rank": 4,
-        "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj", "down_proj"],
-        "dataset": {"max_train_samples": 16, "max_eval_samples": 4},
-        "output_dir": str(tmp_path / "out"), "max_steps": 3, "logging_steps": 1, "eval_steps": 2, **extra,
-    }
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    return str(p)
+    return write_config(tmp_path / "tiny.yaml", tiny_raw_config(model_dir, tmp_path / "out", **extra))
 
 
 def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, capsys):
@@ -52,8 +40,10 @@ def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, 
 
     assert main(["train", _config(tmp_path, tiny_model_dir)]) == 0
     out, err = capsys.readouterr()
-    assert "tokens/s" in err and "step 3/3" in err and "has no tokenizer" in err
-    assert "adapter:" in out and "loss chart:" in out and "tokens/s" in out
+    assert "step 3/3" in err and "has no tokenizer" in err
+    assert "step 1/3 | " in err and "first step" in err.split("step 1/3")[1].splitlines()[0]  # compile apart
+    assert "tokens/s" in err.split("step 2/3")[1].splitlines()[0]
+    assert "adapter:" in out and "loss chart:" in out and "then" in out and "tokens/s" in out
 
     run = tmp_path / "out"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -62,7 +52,12 @@ def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, 
     assert metrics["train_tokens"] == sum(s["tokens"] for s in steps)  # the examples' tokens, padding not counted
     assert all(0 < s["tokens"] <= 2 * 2 * 192 for s in steps)  # accumulation x batch x sequence at most
     assert metrics["tokens_per_s"] > 0 and math.isfinite(metrics["final_train_loss"])
-    assert [e["step"] for e in metrics["eval"]] == [2, 3]
+    assert metrics["first_step_s"] > 0
+    assert [e["step"] for e in metrics["eval"]] == [0, 2, 3]  # before the first step, every eval_steps, the end
+    # parameter counts: LoRA r=4 on q (32->32), v (32->16), down (64->32) of one layer; the base without LoRA
+    assert metrics["parameters"]["trainable"] == 4 * ((32 + 32) + (32 + 16) + (64 + 32))
+    base_numel = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert metrics["parameters"]["frozen"] == base_numel and metrics["parameters"]["frozen_bytes"] == 2 * base_numel
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["compile"]["rewritten"] > 0  # the loop ran through surogate.compile's rewritten graph
 
@@ -84,7 +79,7 @@ def test_embedded_default_keeps_its_random_base(tmp_path, cache, capsys):
             "--set", "dataset.max_train_samples=8", "--set", "dataset.max_eval_samples=2",
             "--set", "lora_target_modules=[q_proj]"]
     assert main(args) == 0
-    assert "tokens/s" in capsys.readouterr().out
+    assert "first step" in capsys.readouterr().out  # one step: no steady-state tokens/s to give
     adapter_cfg = json.loads((tmp_path / "d" / "adapter" / "adapter_config.json").read_text())
     base_dir = tmp_path / "d" / "base_model"
     assert adapter_cfg["base_model_name_or_path"] == str(base_dir.resolve())
@@ -111,6 +106,126 @@ def test_user_errors_exit_2_with_one_line(args, expect, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("surogate: error:") and expect in err and "Traceback" not in err
     assert not (tmp_path / "surogate-out").exists()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("surogate: error: "), err
+    return err
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fail the test if the model's weights load: these errors must come before."""
+    import surogate.train as train_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the error")
+
+    monkeypatch.setattr(train_module, "load_base_model", refuse)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({"lora_target_modules": ["q_proj", "q_porj"]},
+     ("lora_target_modules: q_porj matches no linear layer of {model}; its linear layers: down_proj, gate_proj, "
+      "k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or [all-linear])")),
+    ({"sequence_len": 512}, "sequence_len: 512 is more than the model's max_position_embeddings (256)"),
+    ({"eval_steps": 2, "dataset": {"eval_split": None}}, "eval_steps: set, but there is no eval split"),
+])
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_model_mismatches_are_one_line_before_the_model_loads(extra, expect, arch, tiny_model_dir, tiny_llama_dir,
+                                                              tmp_path, cache, no_model_load, capsys):
+    model = tiny_model_dir if arch == "qwen3" else tiny_llama_dir
+    assert main(["train", _config(tmp_path, model, **extra)]) == 2
+    assert expect.format(model=model) in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_naming_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert main(["train", "--output-dir", str(tmp_path / "taken")]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("surogate: error: output_dir: ") and "is a file, not a folder" in err
+    assert main(["train", "--output-dir", str(tmp_path / "taken" / "run")]) == 2
+    assert "which is a file" in _one_line_error(capsys)
+
+
+def test_mistyped_local_model_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A folder name without ./ looks like a hub id; a close local folder, or no hub to ask, says so."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny-model")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--set", "model=tiny-modell"]) == 2
+    assert "model: 'tiny-modell' is not a local folder (did you mean 'tiny-model'?); write ./tiny-modell" in \
+        _one_line_error(capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--set", "model=my-own-model"]) == 2
+    assert "is not a local folder, and HF_HUB_OFFLINE is set" in _one_line_error(capsys)
+    assert main(["train", "--set", "model=tiny-model", "--set", "sequence_len=192", "--print-config"]) == 0
+
+
+def test_hub_id_the_hub_does_not_give_is_one_line(tmp_path, monkeypatch, capsys):
+    """Past the config check (a plausible hub id), the hub is asked for the model's config before anything loads."""
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\n(88 more lines)")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    assert main(["train", "--set", "model=someone/some-model", "--output-dir", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "model: 'someone/some-model' is not a local folder, and the hub gave no config for it (We couldn't " in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_to_tensorboard_without_the_package(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert main(["train", "--set", "report_to=tensorboard"]) == 2
+    assert "report_to: tensorboard needs the tensorboard package: pip install tensorboard" in _one_line_error(capsys)
+
+
+def _adapter(base_dir, out_dir):
+    """A LoRA adapter with non-zero B (PEFT's own save), as a finished run leaves."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(out_dir)
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_merge_command(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    q = _adapter(tiny_model_dir, tmp_path / "adapter")
+    assert main(["merge", str(tiny_model_dir), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    assert "merged:" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    a, b = q.lora_A["default"].weight.float(), q.lora_B["default"].weight.float()
+    expect = (q.base_layer.weight.float() + 2.0 * b @ a).to(torch.bfloat16)  # scale = alpha / r = 2
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expect)
+
+
+@pytest.mark.parametrize("which, expect", [
+    ("base", "BASE: "), ("adapter", "ADAPTER: "), ("out", "OUT: "),
+])
+def test_merge_errors_are_one_line(which, expect, tiny_model_dir, tmp_path, capsys):
+    _adapter(tiny_model_dir, tmp_path / "adapter")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    args = {"base": str(tiny_model_dir), "adapter": str(tmp_path / "adapter"), "out": str(tmp_path / "merged")}
+    args[which] = {"base": str(tmp_path / "no-base"), "adapter": str(tmp_path / "no-adapter"),
+                   "out": str(tmp_path / "full")}[which]
+    assert main(["merge", args["base"], args["adapter"], args["out"]]) == 2
+    assert expect in _one_line_error(capsys)
+    assert not (tmp_path / "merged").exists()
 
 
 def test_print_config_shows_the_checked_default(capsys):

@@ -63,9 +63,125 @@ def test_already_compiled():
         surogate.compile(torch.compile(_qwen3()), arch="cpu")
 
 
-def test_float32_model_is_refused():
-    with pytest.raises(TypeError, match="bfloat16"):
-        surogate.compile(_qwen3(torch.float32), recipe="qfp8", arch="cpu")
+def _shape(model: nn.Module) -> tuple:
+    """What compile would change: module types, parameter names and flags, config and instance attributes."""
+    modules = [(n, type(m).__name__, sorted(k for k in vars(m) if not k.startswith("_")))
+               for n, m in model.named_modules()]
+    return (modules,
+            [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()],
+            model.config.use_cache, model.config._attn_implementation, hasattr(model, "peft_config"))
+
+
+def _train_one_step(model: nn.Module) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.isfinite(loss) and lora_b.grad.abs().sum() > 0
+    opt.step()
+    assert lora_b.abs().sum() > 0  # B left its zero init: the model trains
+
+
+def test_float32_model_is_refused_untouched_then_compiles_in_bf16():
+    """All or nothing: the dtype check runs before LoRA is attached, so the fix the message gives works."""
+    model = _qwen3(torch.float32)
+    before = _shape(model)
+    with pytest.raises(TypeError, match=r"takes bfloat16 base weights.*model\.to\(torch\.bfloat16\)"):
+        surogate.compile(model, recipe="qfp8", arch="cpu")
+    assert _shape(model) == before and not isinstance(model, PeftModel)
+    model.to(torch.bfloat16)
+    _train_one_step(surogate.compile(model, recipe="qfp8", arch="cpu"))
+
+
+def test_failure_after_the_checks_hands_the_model_back(monkeypatch):
+    """A step past the checks that fails (here the third base-layer swap) undoes LoRA, swaps and flags."""
+    model = _qwen3()
+    before = _shape(model)
+    real, calls = SurogateLinear.from_linear, []
+
+    def third_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a format refused this shape")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(SurogateLinear, "from_linear", third_fails)
+    with pytest.raises(RuntimeError, match="refused this shape"):
+        surogate.compile(model, recipe="qfp8", arch="cpu")
+    assert _shape(model) == before and len(calls) == 3
+    monkeypatch.setattr(SurogateLinear, "from_linear", real)
+    _train_one_step(surogate.compile(model, recipe="qfp8", arch="cpu"))
+
+
+def test_targets_matching_nothing_are_refused_before_peft():
+    model = _qwen3()
+    before = _shape(model)
+    with pytest.raises(ValueError, match=r"match no layer of Qwen3ForCausalLM; its linear layers: down_proj, "
+                                         r"gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        surogate.compile(model, arch="cpu", lora={"target_modules": ["q_porj"]})
+    assert _shape(model) == before
+    with pytest.warns(UserWarning, match=r"\['q_porj'\] match no layer"):  # some match: LoRA on those, said once
+        compiled = surogate.compile(model, arch="cpu", lora={"target_modules": ["q_proj", "q_porj"]})
+    assert len(compiled.surogate_report.pending) > 0
+
+
+def test_report_is_complete_on_return_or_says_why_not():
+    model = surogate.compile(_qwen3(), recipe="qfp8", arch="cpu")
+    text = str(model.surogate_report)
+    assert "linears: pending until the first forward (Dynamo compiles lazily); 14 LoRA target layers" in text
+    assert "0 rewritten of 0" not in text
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    text = str(model.surogate_report)
+    assert "pending" not in text and "linears (7 rewritten of 7):" in text
+
+
+def test_no_deprecation_notice_from_our_own_calls():
+    """transformers 5 deprecates `past_key_values` on outputs (a logger notice) and PEFT's read of
+    `is_gradient_checkpointing` (a FutureWarning): compile, forward and backward trigger neither."""
+    import logging
+    import warnings
+
+    notices: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = notices.append
+    hf_logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # transformers says each notice once per process: say it again
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = surogate.compile(_qwen3(), arch="cpu")
+            ids = torch.randint(0, 128, (2, 8))
+            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        hf_logger.removeHandler(handler)
+    noisy = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+             and "torch.jit" not in str(w.message)]
+    assert noisy == []
+    assert [r.getMessage() for r in notices if "deprecated" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("recipe, frozen_bytes_per_weight", [("bf16", 2.0), ("qfp8", 1.0), ("qnf4", 0.5)])
+def test_parameter_counts(recipe, frozen_bytes_per_weight):
+    """trainable = the LoRA factors; frozen = the base's elements, also when quantized; bytes as stored."""
+    from surogate.modules import parameter_counts
+
+    reference = _qwen3()
+    base = sum(p.numel() for p in reference.parameters())
+    linear = sum(m.weight.numel() for n, m in reference.named_modules()
+                 if isinstance(m, nn.Linear) and n.startswith("model.layers"))
+    model = surogate.compile(_qwen3(), recipe=recipe, arch="cpu", lora={"r": 4, "lora_alpha": 8})
+    counts = parameter_counts(model, recipe)
+    lora = 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))  # q, k+v, o, gate+up, down
+    assert counts.trainable == lora and counts.frozen == base
+    rest = 2 * (base - linear)  # embeddings, norms: bf16
+    assert counts.frozen_bytes - rest >= frozen_bytes_per_weight * linear
+    assert counts.frozen_bytes - rest < (frozen_bytes_per_weight + 0.3) * linear  # scales and tables on top
+    assert str(counts).startswith(f"trainable {lora / 1e3:.1f}k params (LoRA), frozen {base / 1e3:.1f}k params "
+                                  "stored in ") and str(counts).endswith(f"({recipe})")
 
 
 def test_q_recipe_frees_bf16_weight_and_default_targets():

@@ -60,7 +60,7 @@ def test_unknown_dataset_key_named():
     ({"max_steps": 0}, "max_steps"),
     ({"num_epochs": 0}, "num_epochs"),
     ({"warmup_steps": -1}, "warmup_steps"),
-    ({"dataset": {"format": "alpaca"}}, "dataset.format"),
+    ({"dataset": {"format": "alpacca"}}, "dataset.format"),
     ({"dataset": {"max_train_samples": 0}}, "dataset.max_train_samples"),
     ({"dataset": 5}, "dataset"),
 ])
@@ -87,7 +87,9 @@ def test_model_dir_without_config_json(tmp_path):
         from_dict({"model": str(tmp_path)})
 
 
-def test_hub_id_accepted_without_network():
+def test_hub_id_accepted_without_network(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert from_dict({"model": "Qwen/Qwen3-0.6B"}).model == "Qwen/Qwen3-0.6B"
 
 
@@ -134,8 +136,62 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load_config(p, ["max_stepz=3"])
 
 
-def test_example_configs_are_valid():
+def test_example_configs_are_valid(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are plausible names, not looked up
     configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
     assert configs, "examples/configs/ has no YAML"
     for path in configs:
         load_config(path)  # hub ids are not looked up: checking needs no network
+
+
+# --- trainer keys: checkpoints, logging, eval, output_dir, model names ---------------------------------
+
+@pytest.mark.parametrize("raw, key", [
+    ({"save_steps": 0}, "save_steps"),
+    ({"save_total_limit": 0}, "save_total_limit"),
+    ({"eval_on_start": "yes"}, "eval_on_start"),
+    ({"report_to": "wandb"}, "report_to"),
+    ({"report_to": 3}, "report_to"),
+    ({"resume_from_checkpoint": 5}, "resume_from_checkpoint"),
+])
+def test_bad_trainer_value_names_the_key(raw, key):
+    with pytest.raises(ConfigError, match=rf"^{key}\b"):
+        from_dict(raw)
+
+
+def test_trainer_keys_accepted():
+    cfg = from_dict({"save_steps": 50, "save_total_limit": 2, "report_to": "none", "eval_on_start": False})
+    assert (cfg.save_steps, cfg.save_total_limit, cfg.report_to, cfg.eval_on_start) == (50, 2, [], False)
+    assert from_dict({"report_to": ["tensorboard"]}).report_to == ["tensorboard"]  # installed by the test extra
+
+
+def test_eval_steps_needs_an_eval_split():
+    with pytest.raises(ConfigError, match=r"^eval_steps: set, but there is no eval split"):
+        from_dict({"eval_steps": 10, "dataset": {"eval_split": None}})
+    assert from_dict({"eval_steps": 10}).eval_steps == 10  # the bundled sample's test split
+    assert from_dict({"eval_steps": 10, "dataset": {"val_set_size": 0.1}}).eval_steps == 10  # held-out train
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"^output_dir: .* is a file, not a folder"):
+        from_dict({"output_dir": str(tmp_path / "f")})
+    with pytest.raises(ConfigError, match=r"^output_dir: .* is inside .*, which is a file"):
+        from_dict({"output_dir": str(tmp_path / "f" / "run")})
+    assert from_dict({"output_dir": str(tmp_path / "new" / "run")}).output_dir.endswith("run")
+
+
+def test_model_name_that_is_a_mistyped_folder(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ConfigError, match=r"^model: 'models/tiny-lama' is not a local folder \(did you mean "
+                                          r"'models/tiny-llama'\?\); write ./models/tiny-lama for a local folder"):
+        from_dict({"model": "models/tiny-lama"})
+    with pytest.raises(ConfigError, match=r"models/ is a local folder without zzz"):
+        from_dict({"model": "models/zzz"})
+    assert from_dict({"model": "Qwen/Qwen3-0.6B"}).model == "Qwen/Qwen3-0.6B"  # not checked against the hub here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and no cached hub model of that name
+    with pytest.raises(ConfigError, match=r"^model: 'nobody-xyz/no-model' is not a local folder, and HF_HUB_OFFLINE"):
+        from_dict({"model": "nobody-xyz/no-model"})

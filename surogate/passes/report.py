@@ -27,6 +27,7 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # pass name -> how many changes (summed over graphs)
     graphs: int = 0  # FX graphs the backend was handed (one per compiled region shape/guard set)
+    pending: str = ""  # why `linears` is not filled yet (Dynamo compiles at the first forward); "" once it is
 
     def rewrote(self, name: str, became: str) -> None:
         self.linears[name] = LinearEntry(name, became)
@@ -54,7 +55,10 @@ class CompileReport:
     def __str__(self) -> str:
         rows = [f"surogate compile report: recipe {self.recipe} on {self.arch}, backend {self.backend}, "
                 f"{self.graphs} graph(s)"]
-        rows.append(f"linears ({len(self.rewritten)} rewritten of {len(self.linears)}):")
+        if self.pending and not self.linears:
+            rows.append(self.pending)
+        else:
+            rows.append(f"linears ({len(self.rewritten)} rewritten of {len(self.linears)}):")
         for e in self.linears.values():
             rows.append(f"  {e.name:<40} -> {e.became}" + (f"   [fallback: {e.reason}]" if e.reason else ""))
         if self.groups:

@@ -1,0 +1,155 @@
+"""Checkpoints of `surogate train`: written every `save_steps` and on Ctrl-C, resumed exactly.
+
+`output_dir/checkpoint-<step>/` holds everything the run needs to go on as if it had not stopped:
+
+| file | what |
+|---|---|
+| `adapter_model.safetensors`, `adapter_config.json` (+ tokenizer) | the LoRA adapter, PEFT format, as the final one |
+| `optimizer.pt` | AdamW's state_dict (moments and step counts) |
+| `scheduler.pt` | the learning-rate scheduler's state_dict |
+| `rng_state.pth` | Python's, torch's CPU and (when CUDA is in use) every GPU's generator state |
+| `trainer_state.json` | the step; the data position (epoch, micro-batches taken in that epoch's seeded |
+|   | shuffled order); the log so far; what a resume must match (keys, a fingerprint of the train rows) |
+
+Writes are atomic: the files go into a hidden `.checkpoint-<step>.tmp` directory that is renamed to
+`checkpoint-<step>` once complete, so an interrupt while saving leaves nothing `latest` would pick.
+Every file is read back with `torch.load(weights_only=True)` (tensors and plain values only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pth"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TEMP_PREFIX = ".checkpoint-"
+
+
+def is_checkpoint(path: "str | os.PathLike") -> bool:
+    """Whether `path` is a complete checkpoint directory (its state file is written last)."""
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: "str | os.PathLike") -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `output_dir`, oldest step first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for child in d.iterdir():
+        m = _NAME.match(child.name)
+        if m and child.is_dir() and is_checkpoint(child):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest(output_dir: "str | os.PathLike") -> Path | None:
+    """The checkpoint of the highest step in `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def read_state(path: "str | os.PathLike") -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(output_dir: "str | os.PathLike", step: int, model, optimizer, scheduler, state: dict[str, Any],
+         tokenizer=None, base_model_name_or_path: str | None = None) -> Path:
+    """Write `output_dir/checkpoint-<step>/` atomically; returns its path. `state` goes to trainer_state.json."""
+    import torch
+
+    from surogate.adapters import save_adapter
+
+    out = Path(output_dir)
+    final = out / f"checkpoint-{step}"
+    for stale in out.glob(f"{_TEMP_PREFIX}*"):  # left by an interrupt while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f"{_TEMP_PREFIX}{step}.tmp"
+    try:
+        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        torch.save(rng_state(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")  # last: marks the directory complete
+        if final.exists():  # from an earlier run in the same output_dir: move it aside, then drop it
+            old = out / f"{_TEMP_PREFIX}{step}.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def rotate(output_dir: "str | os.PathLike", keep: int, protect: "str | os.PathLike | None" = None) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints in `output_dir` (never `protect`, the one just written);
+    returns the deleted paths."""
+    found = [(step, path) for step, path in list_checkpoints(output_dir)
+             if protect is None or path != Path(protect)]
+    gone = [path for _, path in found[:max(0, len(found) - keep + (protect is not None))]]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str, Any]:
+    """Load the adapter weights into `model` (in place) and the optimizer and scheduler states from the
+    checkpoint at `path`; returns its trainer state. The RNG states are set apart (`restore_rng`), right
+    before the first step, so that nothing in between draws from them."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from surogate.adapters import ADAPTER_WEIGHTS, adapter_state_dict, find_peft_model
+
+    d = Path(path)
+    saved = load_file(str(d / ADAPTER_WEIGHTS))
+    peft_model = find_peft_model(model)
+    result = set_peft_model_state_dict(peft_model, saved)
+    loaded = adapter_state_dict(peft_model)
+    if getattr(result, "unexpected_keys", None) or set(loaded) != set(saved) or not all(
+            torch.equal(loaded[k], saved[k].to(loaded[k].dtype)) for k in saved):
+        raise RuntimeError(f"{d / ADAPTER_WEIGHTS} does not fit this model's LoRA layers (different targets or "
+                           "rank?); resume with the config the checkpoint was trained with")
+    optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    return read_state(d)
+
+
+def restore_rng(path: "str | os.PathLike") -> None:
+    import torch
+
+    set_rng_state(torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=True))

@@ -1,0 +1,283 @@
+"""Where training rows come from: a `.jsonl`/`.json`/`.parquet` file, a folder of `<split>.<ext>` files,
+or a Hugging Face `datasets` dataset; and the seeded hold-out of part of train (`val_set_size`).
+
+Every row keeps where it came from (`file:line` for JSON lines and JSON arrays, `file row N` otherwise),
+so that a bad row is reported where the user can find it. A user-fixable problem raises `DataError`, a
+`ConfigError`: `surogate train` prints it as one line and exits with status 2. The optional readers
+(`pyarrow` for Parquet, `datasets` for Hugging Face datasets) are imported only when a path needs them, and
+their absence is one line saying what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from surogate.config import _HUB_ID, ConfigError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+HF_DISK_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
+_INSTALL = {"pyarrow": "pip install pyarrow", "datasets": "pip install datasets"}
+
+
+class DataError(ConfigError):
+    """The data cannot be read as configured: an empty file, a row without its field, a missing reader."""
+
+
+def require(module: str, why: str):
+    """Import an optional reader, or fail with one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise DataError(f"{why} needs the `{package}` package: {_INSTALL[package]} "
+                        "(or pip install 'surogate[data]')") from None
+
+
+@dataclass
+class Rows:
+    """Rows of one split and where each came from (`lines`: 1-based line in `source`, None: row numbers)."""
+
+    source: str
+    rows: list[dict]
+    lines: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, i: int) -> str:
+        return f"{self.source}:{self.lines[i]}" if self.lines is not None else f"{self.source} row {i + 1}"
+
+    def take(self, index: list[int]) -> "Rows":
+        return Rows(self.source, [self.rows[i] for i in index],
+                    None if self.lines is None else [self.lines[i] for i in index])
+
+    def head(self, limit: int | None) -> "Rows":
+        return self if limit is None or limit >= len(self) else self.take(list(range(limit)))
+
+
+# --- readers -----------------------------------------------------------------------------------------
+
+def _object(path, lineno: int, row) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
+    """The first `limit` (all when None) JSON objects of a JSON-lines file, with their line numbers."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
+            rows.append(_object(path, lineno, row))
+            lines.append(lineno)
+    return Rows(str(path), rows, lines)
+
+
+def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
+    """A `.json` file: an array of objects (each with the line it starts on), or JSON lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip())
+    if not text[start:start + 1] == "[":
+        return read_jsonl_rows(path, limit)
+    decoder = json.JSONDecoder()
+    rows, lines = [], []
+    i = start + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]" or (limit is not None and len(rows) >= limit):
+            break
+        lineno = text.count("\n", 0, i) + 1
+        try:
+            row, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected an array of objects") from None
+        rows.append(_object(path, lineno, row))
+        lines.append(lineno)
+    return Rows(str(path), rows, lines)
+
+
+def read_parquet_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
+    """A Parquet file's rows as dicts (needs `pyarrow`)."""
+    pq = require("pyarrow.parquet", f"reading {path}")
+    table = pq.read_table(str(path))
+    if limit is not None:
+        table = table.slice(0, limit)
+    return Rows(str(path), table.to_pylist())
+
+
+_READERS = {".jsonl": read_jsonl_rows, ".json": read_json_rows, ".parquet": read_parquet_rows}
+
+
+def read_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
+    """The rows of one data file, by its suffix."""
+    p = Path(path)
+    if p.suffix not in _READERS:
+        raise DataError(f"{p}: not a data file surogate reads; use {', '.join(FILE_SUFFIXES)}")
+    return _READERS[p.suffix](p, limit)
+
+
+# --- what a dataset.path is ---------------------------------------------------------------------------
+
+def bundled_dataset_dir() -> Path:
+    """The bundled GSM8K sample (800 train, 200 test examples; MIT license, see its LICENSE)."""
+    return Path(__file__).resolve().parent / "data" / "gsm8k"
+
+
+def split_file(folder: "str | os.PathLike", split: str) -> Path | None:
+    """`<folder>/<split>.jsonl` (or .json, .parquet), the first that exists; None when none does."""
+    return next((Path(folder) / f"{split}{s}" for s in FILE_SUFFIXES if (Path(folder) / f"{split}{s}").is_file()),
+                None)
+
+
+def is_hf_disk_dataset(folder: Path) -> bool:
+    """A folder written by `datasets`' `save_to_disk` (read with `load_from_disk`)."""
+    return any((folder / m).is_file() for m in HF_DISK_MARKERS)
+
+
+def hf_disk_splits(folder: Path) -> list[str] | None:
+    """The split names of a saved DatasetDict (None: a single saved Dataset, which is the train split)."""
+    info = folder / "dataset_dict.json"
+    return list(json.loads(info.read_text(encoding="utf-8")).get("splits", [])) if info.is_file() else None
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`name` or `owner/name`, not a relative path nor a file name."""
+    return bool(_HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
+
+
+def has_module(name: str) -> bool:
+    """Whether an optional reader imports (without saying anything when it does not)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------------------
+
+def _hf_call(what: str, fn, *args):
+    """`fn(*args)`, its failure (no network, no such dataset, files it cannot read) as one line."""
+    try:
+        return fn(*args)
+    except Exception as e:  # datasets raises its own types too (DatasetNotFoundError, ...)
+        if not isinstance(e, (OSError, ValueError, KeyError, ConnectionError)) and not type(e).__module__.startswith(
+                ("datasets", "huggingface_hub", "fsspec", "pyarrow")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"dataset.path: {what} failed: {type(e).__name__}: {first}") from None
+
+
+def read_hf_split(path: str, split: str, limit: int | None = None) -> Rows:
+    """One split of a Hugging Face dataset: a `save_to_disk` folder (`load_from_disk`), or anything
+    `load_dataset` reads (a local data folder, or a hub id where there is a network)."""
+    datasets = require("datasets", f"dataset.path {path!r} (a Hugging Face dataset)")
+    local = Path(path).expanduser()
+    if local.is_dir() and is_hf_disk_dataset(local):
+        what = f"load_from_disk({path!r})"
+        loaded = _hf_call(what, datasets.load_from_disk, str(local))
+    else:
+        what = f"load_dataset({path!r})"
+        loaded = _hf_call(what, datasets.load_dataset, str(local) if local.exists() else path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{what} has no split {split!r}; its splits: {', '.join(loaded)} "
+                            "(set dataset.train_split / dataset.eval_split)")
+        loaded = loaded[split]
+    elif split != "train":
+        raise DataError(f"{what} is a single dataset (used as the train split); it has no split {split!r}: "
+                        "set dataset.eval_split: null, or dataset.val_set_size to hold out part of it")
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
+    return Rows(f"{path}[{split}]", loaded.to_list())
+
+
+def read_split(path: "str | os.PathLike", split: str, limit: int | None = None) -> Rows:
+    """The rows of `split` of `path`: a file (its only split), a folder of `<split>.<ext>` files, or a
+    Hugging Face dataset."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return read_rows(p, limit)
+    if p.is_dir():
+        f = split_file(p, split)
+        if f is not None:
+            return read_rows(f, limit)
+    return read_hf_split(str(path), split, limit)
+
+
+def hold_out(rows: Rows, size: float | int, seed: int) -> tuple[Rows, Rows]:
+    """(train, eval): `size` rows (an int) or that fraction of them (a float in (0, 1), rounded up, as
+    `datasets`' `train_test_split`) drawn with `seed`; each part keeps the file order."""
+    import torch
+
+    n = len(rows)
+    n_eval = math.ceil(size * n) if isinstance(size, float) else size
+    if not 0 < n_eval < n:
+        raise DataError(f"dataset.val_set_size: {size} of {n} rows leaves {n - n_eval} to train on and {n_eval} "
+                        "to evaluate; both need at least one")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return rows.take(sorted(order[n_eval:])), rows.take(sorted(order[:n_eval]))
+
+
+# --- config checks (before the model loads) -----------------------------------------------------------
+
+def check_path(path: str | None, train_split: str, eval_split: str | None, eval_given: bool) -> str | None:
+    """Check `dataset.path` and its splits as far as can be known without reading the data; returns the
+    eval split (None for a single file, which is the train split alone). Raises ConfigError naming the key."""
+    p = bundled_dataset_dir() if path is None else Path(path).expanduser()
+    if p.is_file():
+        if p.suffix not in FILE_SUFFIXES:
+            raise ConfigError(f"dataset.path: {path!r} is not a {', '.join(FILE_SUFFIXES)} file")
+        if train_split != "train" or (eval_given and eval_split is not None):
+            key = "dataset.train_split" if train_split != "train" else "dataset.eval_split"
+            raise ConfigError(f"{key}: dataset.path is one file (the train split), it has no splits; drop the key, "
+                              "set dataset.val_set_size to hold out part of it, or point path at a folder")
+        eval_split = None
+        files = [p]
+    elif p.is_dir() and is_hf_disk_dataset(p):
+        if not has_module("datasets"):
+            raise ConfigError(f"dataset.path: {path!r} is a Hugging Face dataset (save_to_disk); reading it needs "
+                              "the `datasets` package: pip install datasets (or pip install 'surogate[data]')")
+        splits = hf_disk_splits(p)
+        if splits is None:  # one saved Dataset: the train split alone, as a single file
+            splits, eval_split = ["train"], eval_split if eval_given else None
+        for key, split in (("dataset.train_split", train_split), ("dataset.eval_split", eval_split)):
+            if split is not None and split not in splits:
+                raise ConfigError(f"{key}: {path!r} has no split {split!r}; its splits: {', '.join(splits)}")
+        files = []
+    elif p.is_dir():
+        files = [split_file(p, s) for s in (train_split, eval_split) if s is not None]
+        if files[0] is None and has_module("datasets"):
+            files = []  # not <split>.<ext> files: datasets' load_dataset reads the folder
+        for key, split, f in zip(("dataset.train_split", "dataset.eval_split"), (train_split, eval_split), files):
+            if f is None:
+                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet)"
+                                  + ("; set eval_split: null, or dataset.val_set_size to hold out part of train"
+                                     if key.endswith("eval_split") else ""))
+    elif looks_like_hub_id(path):
+        if not has_module("datasets"):
+            raise ConfigError(f"dataset.path: {path!r} is not a file or folder here; as a Hugging Face hub dataset "
+                              "it needs the `datasets` package: pip install datasets (or pip install 'surogate[data]')")
+        files = []
+    else:
+        raise ConfigError(f"dataset.path: {path!r} does not exist; give a {'/'.join(FILE_SUFFIXES)} "
+                          "file, a folder of <split>.jsonl files, or a Hugging Face dataset (omit it for the bundled "
+                          "GSM8K sample)")
+    if any(f.suffix == ".parquet" for f in files) and not has_module("pyarrow"):
+        raise ConfigError(f"dataset.path: reading {[f for f in files if f.suffix == '.parquet'][0]} needs the "
+                          "`pyarrow` package: pip install pyarrow (or pip install 'surogate[data]')")
+    return eval_split

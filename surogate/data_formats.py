@@ -1,0 +1,260 @@
+"""Row formats: how one row of a dataset becomes token ids and labels.
+
+A row becomes a list of text pieces, each read (masked from the loss, label IGNORE_INDEX) or trained:
+
+| format | fields | read | trained |
+|---|---|---|---|
+| `messages` | messages (OpenAI-style) | everything else | each assistant turn and its end-of-turn text |
+| `alpaca` | instruction, input (optional), output | the Stanford Alpaca prompt | output |
+| `completion` | prompt, completion | prompt | completion (TRL's prompt-completion) |
+| `gsm8k` | question, answer | "Question: <question>\\nAnswer:" | " <answer>" |
+| `text` | text | nothing | text |
+
+`auto` takes the first format, in the order of the table (`FORMATS`), whose fields the first row has.
+The pieces are tokenized apart, so a boundary between read and trained text is exact, then joined. The
+tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first, as Llama's and Mistral's
+do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
+writes its BOS); EOS comes last (see `tokenize_examples`).
+
+Messages go through the tokenizer's chat template (or `dataset.chat_template`). The span of assistant turn
+i is found by rendering the whole conversation again with that turn's content replaced by a marker: the
+text before the marker and after it must equal the real rendering's start and end, so whatever lies
+between is the rendered content, whatever the template does around it (a system prompt, a think block,
+a BOS). The turn's end-of-turn text (ChatML's "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template
+writes after the content of a conversation's last turn; it is trained with the turn, so the model learns
+to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from surogate.data_files import DataError, Rows
+
+IGNORE_INDEX = -100  # label value Hugging Face losses skip
+ROLES = ("system", "user", "assistant", "tool")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML}
+_MARKER = "@@surogate-assistant-content@@"
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+Pieces = list[tuple[str, bool]]  # (text, trained)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: `labels` equal `input_ids` where the model learns, IGNORE_INDEX elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """A format: the fields a row must have and how its text splits into read and trained pieces
+    (`pieces` None: the row is a conversation rendered by a chat template)."""
+
+    name: str
+    fields: tuple[str, ...]
+    pieces: Callable[[dict], Pieces] | None
+
+
+def _gsm8k(row: dict) -> Pieces:
+    return [(f"Question: {row['question'].strip()}\nAnswer:", False), (f" {row['answer'].strip()}", True)]
+
+
+def _alpaca(row: dict) -> Pieces:
+    extra = row.get("input") or ""
+    prompt = (ALPACA_PROMPT.format(instruction=row["instruction"], input=extra) if extra.strip()
+              else ALPACA_PROMPT_NO_INPUT.format(instruction=row["instruction"]))
+    return [(prompt, False), (row["output"], True)]
+
+
+# The table every user reads; its order is the order `auto` tries.
+FORMATS: dict[str, RowFormat] = {f.name: f for f in (
+    RowFormat("messages", ("messages",), None),
+    RowFormat("alpaca", ("instruction", "output"), _alpaca),
+    RowFormat("completion", ("prompt", "completion"), lambda r: [(r["prompt"], False), (r["completion"], True)]),
+    RowFormat("gsm8k", ("question", "answer"), _gsm8k),
+    RowFormat("text", ("text",), lambda r: [(r["text"], True)]),
+)}
+FORMAT_NAMES = ("auto", *FORMATS)
+
+
+def _fields_help() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.fields)})" for f in FORMATS.values())
+
+
+def detect(row: dict) -> RowFormat | None:
+    """The first format (in table order) whose fields `row` has; None when none fits."""
+    return next((f for f in FORMATS.values() if all(k in row for k in f.fields)), None)
+
+
+def resolve_format(rows: Rows, name: str) -> RowFormat:
+    """The format `name`, or for `auto` the one the first row looks like."""
+    if name != "auto":
+        if name not in FORMATS:
+            raise DataError(f"dataset.format: {name!r} is not one of {', '.join(FORMAT_NAMES)}")
+        return FORMATS[name]
+    found = detect(rows.rows[0])
+    if found is None:
+        raise DataError(f"{rows.where(0)}: cannot tell the format of a row with keys {sorted(rows.rows[0])}; "
+                        f"set dataset.format, one of {_fields_help()}")
+    return found
+
+
+def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
+    """`row` with its fields checked (strings; numbers taken as text) or a one-line error at `where`
+    naming the missing field and, when the row fits another format, that format."""
+    missing = [k for k in fmt.fields if row.get(k) is None]
+    if missing:
+        other = detect(row)
+        hint = (f"; its keys {sorted(row)} look like format {other.name}: set dataset.format: {other.name} (or auto)"
+                if other is not None and other is not fmt else f"; it has {sorted(row)}")
+        raise DataError(f"{where}: row has no {missing[0]!r} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
+    if fmt.pieces is None:
+        return {**row, "messages": _check_messages(row["messages"], where)}
+    out = dict(row)
+    for k in (*fmt.fields, "input"):
+        v = row.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = str(v)
+        elif v is not None and not isinstance(v, str):
+            raise DataError(f"{where}: field {k!r} is a {type(v).__name__}; format {fmt.name} needs a string")
+    return out
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{n}] must be an object with a role ({', '.join(ROLES)}) and a "
+                            f"string content, got {m!r:.80}")
+    return messages
+
+
+# --- chat templates ------------------------------------------------------------------------------
+
+def resolve_chat_template(value: "str | os.PathLike | None") -> str | None:
+    """`dataset.chat_template`: None, a built-in name (chatml), a Jinja string, or a path to a Jinja file."""
+    if value is None:
+        return None
+    value = str(value)
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset.chat_template: {value!r} is not a built-in template ({', '.join(BUILTIN_TEMPLATES)}),"
+                        " a Jinja string, or an existing .jinja file")
+    return path.read_text(encoding="utf-8")
+
+
+def chat_template_for(tokenizer, configured: str | None) -> str | None:
+    """The template messages are rendered with: `dataset.chat_template` when set, else None for the
+    tokenizer's own (which `apply_chat_template` picks); an error when there is neither."""
+    if configured is None and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the embedded default"
+        raise DataError(f"dataset.format messages: tokenizer {name!r} has no chat template; set "
+                        "dataset.chat_template to chatml (built in), a Jinja string, or a path to a .jinja file")
+    return configured
+
+
+def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str) -> Pieces:
+    """The rendered conversation cut into read text and trained assistant turns (see the module docstring)."""
+    import jinja2
+
+    def render(msgs: list[dict]) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        except jinja2.TemplateError as e:
+            raise DataError(f"{where}: the chat template failed on this conversation: {' '.join(str(e).split())}") \
+                from None
+
+    full = render(messages)
+    pieces: Pieces = []
+    done = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        marked = render([*messages[:i], {**m, "content": _MARKER}, *messages[i + 1:]])
+        start = marked.find(_MARKER)
+        after = marked[start + len(_MARKER):]
+        end = len(full) - len(after)
+        if (marked.count(_MARKER) != 1 or start < done or end < start or not full.startswith(marked[:start])
+                or not full.endswith(after)):
+            raise DataError(f"{where}: cannot locate assistant message {i} in the chat template's output (the "
+                            "template rewrites it); set dataset.chat_template to one that writes content as given")
+        last = render([*messages[:i], {**m, "content": _MARKER}])
+        end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
+        end += len(os.path.commonprefix([full[end:], end_of_turn]))
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    if done < len(full):
+        pieces.append((full[done:], False))
+    return pieces
+
+
+# --- tokenization ----------------------------------------------------------------------------------
+
+def start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (its BOS for Llama or Mistral; none for Qwen)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return next((full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), [])
+
+
+def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_inputs: bool = False,
+                      chat_template: str | None = None) -> list[Example]:
+    """Rows -> examples. Read pieces get IGNORE_INDEX labels unless `train_on_inputs`; start tokens (BOS)
+    are prepended unless present and never trained; EOS is appended (trained) after a trained end, unless
+    the example already ends with it, or, for messages, the last assistant turn already holds it (a template
+    whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>)."""
+    rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
+    if not rows.rows:
+        return []
+    form = resolve_format(rows, fmt)
+    chat = form.pieces is None
+    template = chat_template_for(tokenizer, chat_template) if chat else None
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; examples need one at their end")
+    per_row: list[Pieces] = []
+    for i, raw in enumerate(rows.rows):
+        row = check_row(raw, form, rows.where(i))
+        pieces = chat_pieces(row["messages"], tokenizer, template, rows.where(i)) if chat else form.pieces(row)
+        per_row.append([(t, trained or train_on_inputs) for t, trained in pieces if t])
+    flat = [t for pieces in per_row for t, _ in pieces]
+    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    start = start_tokens(tokenizer)
+    out = []
+    for pieces in per_row:
+        ids: list[int] = []
+        labels: list[int] = []
+        last: list[int] = []
+        for _, trained in pieces:
+            last = next(encoded)
+            ids += last
+            labels += last if trained else [IGNORE_INDEX] * len(last)
+        if start:  # the start tokens once, never a target
+            if ids[:len(start)] != start:
+                ids = start + ids
+                labels = [IGNORE_INDEX] * len(start) + labels
+            labels[:len(start)] = [IGNORE_INDEX] * len(start)
+        ends_trained = bool(pieces) and pieces[-1][1]
+        has_eos = (eos in last) if chat else (ids[-1:] == [eos])
+        if ends_trained and not has_eos:
+            ids, labels = ids + [eos], labels + [eos]
+        out.append(Example(ids, labels))
+    return out

@@ -1,0 +1,171 @@
+"""What `surogate train` checks against the model and the checkpoint before any weight loads.
+
+The config checks (surogate/config.py) see keys and files; these need the model's config (a few kB:
+the embedded one, a local config.json, or the hub's) and its layer names, read from the layers built
+on the meta device (no memory, no initialisation). Each failure is a `ConfigError` naming the key, so
+that the CLI prints one line and exits 2 instead of a traceback after the model loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surogate import checkpoint
+from surogate.config import DEFAULT_TARGETS, ConfigError, TrainConfig
+
+# Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape.
+RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
+               "lora_target_modules")
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def is_local_model(name: str) -> bool:
+    """Whether `model:` names an existing local folder."""
+    return Path(name).expanduser().is_dir()
+
+
+def model_config(name: str, key: str = "model"):
+    """The config of model `name` without its weights: the embedded one ("default"), a local folder's
+    config.json, or the hub's (a few kB); one that cannot be read is a ConfigError naming `key`."""
+    from transformers import AutoConfig
+
+    if name == "default":
+        from surogate.train import embedded_model_config
+
+        return embedded_model_config()
+    if is_local_model(name):
+        path = Path(name).expanduser()
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{key}: {path / 'config.json'} is not a config transformers reads "
+                              f"({_first_line(e)})") from None
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)  # a cached hub model: no network
+    except (OSError, ValueError):
+        pass
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry lines ("Retrying in 8s") would bury the one-line error
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as e:  # not found, no network, offline without a cached copy: hub errors come in many types
+        raise ConfigError(f"{key}: {name!r} is not a local folder, and the hub gave no config for it "
+                          f"({_first_line(e)}); write ./{name} for a local folder, or a hub id such as "
+                          "Qwen/Qwen3-0.6B") from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions cover, when its config says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _POSITION_ATTRS:
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def meta_model(config) -> nn.Module | None:
+    """The model's layers on the meta device (names and shapes, no memory), or None when the architecture
+    cannot be built there (then the names are read after the load, before LoRA is attached)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture whose construction needs real tensors: checked after the load instead
+        return None
+
+
+def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
+    """Every name in `lora_target_modules` must match a linear layer (PEFT's suffix rule). The default list
+    means "those of the seven the model has", so it needs one match only."""
+    from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
+
+    targets = cfg.lora_target_modules
+    if targets == ["all-linear"]:
+        return
+    missing = unmatched_targets(targets, linear_module_names(model))
+    if not missing or (list(targets) == list(DEFAULT_TARGETS) and len(missing) < len(targets)):
+        return
+    verb = "matches" if len(missing) == 1 else "match"
+    raise ConfigError(f"lora_target_modules: {', '.join(missing)} {verb} no linear layer of {cfg.model}; its linear "
+                      f"layers: {', '.join(short_linear_names(model))} (or [all-linear])")
+
+
+def check_model(cfg: TrainConfig) -> bool:
+    """`sequence_len` against the model's positions and `lora_target_modules` against its linear layers,
+    from its config alone. Returns whether the targets were checked (False: check them after the load)."""
+    config = model_config(cfg.model)
+    limit = max_positions(config)
+    if limit is not None and cfg.sequence_len > limit:
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} is more than the model's max_position_embeddings "
+                          f"({limit}); set sequence_len to {limit} or less")
+    meta = meta_model(config)
+    if meta is None:
+        return False
+    check_lora_targets(cfg, meta)
+    return True
+
+
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: a path, or (true) the latest in `output_dir`."""
+    value = cfg.resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if value is True:
+        found = checkpoint.latest(Path(cfg.output_dir).expanduser())
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint: true, but {cfg.output_dir!r} holds no checkpoint-<step>/ "
+                              "folder; drop the key to start a new run")
+        return found
+    path = Path(value).expanduser()
+    if not checkpoint.is_checkpoint(path):
+        raise ConfigError(f"resume_from_checkpoint: {value!r} is not a checkpoint folder (no "
+                          f"{checkpoint.STATE_FILE}); give output_dir/checkpoint-<step>, or true for the latest")
+    return path
+
+
+def data_fingerprint(rows, cfg: TrainConfig) -> str:
+    """A short hash of the train rows as the run sees them: count, tokens, the first rows in order and
+    in the seeded shuffled order. A resumed run on other data (another dataset, sequence_len, packing or
+    tokenizer) would not repeat the interrupted one."""
+    h = hashlib.sha256(f"{len(rows)} {rows.num_tokens} {rows.packed}".encode())
+    size = cfg.per_device_train_batch_size
+    for batch in (next(iter(rows.batches(size)), None), next(iter(rows.batches(size, shuffle=True, seed=cfg.seed)),
+                                                             None)):
+        for key in sorted(batch or {}):
+            h.update(key.encode())
+            h.update(batch[key].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resume_keys(cfg: TrainConfig) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in RESUME_KEYS}
+
+
+def check_resumable(cfg: TrainConfig, state: dict[str, Any], fingerprint: str, path: Path) -> None:
+    """The checkpoint at `path` was trained with this config's data order and LoRA shape."""
+    saved = state.get("resume_keys", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise ConfigError(f"resume_from_checkpoint: {path.name} was trained with {key}: {saved[key]!r}, the "
+                              f"config has {getattr(cfg, key)!r}; resume with the same value, or start a new run in "
+                              "another output_dir")
+    if state.get("train_data") != fingerprint:
+        raise ConfigError(f"resume_from_checkpoint: the train rows differ from those {path.name} was trained on "
+                          "(dataset, sequence_len, sample_packing or tokenizer changed); resume with the same data, "
+                          "or start a new run in another output_dir")

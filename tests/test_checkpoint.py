@@ -1,0 +1,216 @@
+"""Checkpoints, resume, Ctrl-C and the per-step logs of `surogate train`, on the CPU reference backend.
+
+The resume test is exact: a run interrupted after step k and resumed from its checkpoint logs the same
+losses (==, not approximately) and ends with the same adapter (torch.equal) as a run that never stopped,
+across an epoch boundary, with gradient accumulation and LoRA dropout (so the RNG states matter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model, tiny_raw_config, write_config
+
+from surogate import checkpoint
+from surogate.config import ConfigError, from_dict
+from surogate.train import train
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _cfg(model_dir: Path, out: Path, **extra):
+    return from_dict(tiny_raw_config(model_dir, out, **extra))
+
+
+# 8 examples -> 7 packed rows of 192 (one prompt does not fit) -> 3 micro-batches of 2 an epoch: 4 steps of 2
+# micro-batches cross two epoch boundaries, and the interrupt after step 2 falls inside the second epoch.
+RESUME = {"max_steps": 4, "eval_steps": None, "lora_dropout": 0.1,
+          "dataset": {"max_train_samples": 8, "eval_split": None}}
+
+
+def _stop_at(step: int):
+    def hook(record: dict) -> None:
+        if record["step"] == step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(model_dir, tmp_path):
+    straight = train(_cfg(model_dir, tmp_path / "straight", **RESUME), log=_quiet)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(model_dir, tmp_path / "cut", **RESUME), log=_quiet, on_step=_stop_at(2))
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "cut")] == [2]
+    state = checkpoint.read_state(tmp_path / "cut" / "checkpoint-2")
+    assert state["global_step"] == 2 and state["micro_batches_per_epoch"] == 3
+    assert (state["epoch"], state["micro_batch"]) == (1, 1)  # 4 micro-batches taken: 3 of epoch 0, 1 of epoch 1
+
+    resumed = train(_cfg(model_dir, tmp_path / "cut", **RESUME, resume_from_checkpoint=True), log=_quiet)
+    assert resumed.resumed_from == tmp_path / "cut" / "checkpoint-2"
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
+    assert resumed.train_tokens == straight.train_tokens
+    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl lists every step once: the resumed run rewrote it from the checkpoint's log
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_checkpoint_contents_and_rotation(model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = train(_cfg(model_dir, out, max_steps=4, save_steps=2, save_total_limit=1, eval_steps=None,
+                        dataset={"eval_split": None}), log=_quiet)
+    assert [step for step, _ in checkpoint.list_checkpoints(out)] == [4]  # checkpoint-2 rotated away
+    ck = out / "checkpoint-4"
+    names = {p.name for p in ck.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json", "tokenizer.json"} <= names
+    assert not list(out.glob(".checkpoint-*"))  # no temp directory left
+    # the adapter: PEFT's format, equal to the final one (the checkpoint is of the last step)
+    final = load_file(result.adapter_dir / "adapter_model.safetensors")
+    saved = load_file(ck / "adapter_model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+    base = AutoModelForCausalLM.from_pretrained(json.loads((ck / "adapter_config.json").read_text())
+                                                ["base_model_name_or_path"])
+    PeftModel.from_pretrained(base, ck)
+    opt = torch.load(ck / "optimizer.pt", weights_only=True)
+    assert len(opt["state"]) == 3 * 2 and all(int(s["step"]) == 4 for s in opt["state"].values())  # A, B per target
+    assert torch.load(ck / "scheduler.pt", weights_only=True)["last_epoch"] == 4
+    rng = torch.load(ck / "rng_state.pth", weights_only=True)
+    assert set(rng) >= {"python", "torch"} and rng["torch"].dtype == torch.uint8
+    state = checkpoint.read_state(ck)
+    assert state["global_step"] == 4 and len(state["history"]) == 4
+    # the data position: 4 steps x 2 micro-batches taken, counted as whole epochs + the index in the current one
+    assert state["epoch"] * state["micro_batches_per_epoch"] + state["micro_batch"] == 4 * 2
+
+
+def test_interrupt_while_saving_leaves_no_checkpoint(model_dir, tmp_path, monkeypatch):
+    """A checkpoint is renamed into place once complete; an interrupt before that leaves the older one latest."""
+    out = tmp_path / "run"
+    train(_cfg(model_dir, out, max_steps=2, save_steps=1, eval_steps=None, dataset={"eval_split": None}),
+          log=_quiet)
+    assert checkpoint.latest(out) == out / "checkpoint-2"
+
+    real_save = torch.save
+
+    def interrupted(obj, path, *args, **kwargs):
+        if str(path).endswith(checkpoint.RNG_FILE):
+            raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(out, 3, model, opt, sched, {"global_step": 3})
+    assert checkpoint.latest(out) == out / "checkpoint-2" and not (out / "checkpoint-3").exists()
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, tmp_path, monkeypatch, capsys):
+    """SIGINT during a step: the step finishes, a checkpoint of it is saved, the CLI exits 130."""
+    import surogate.train as train_module
+    from surogate.cli import main
+
+    def sigint_at_step_2(record: dict) -> None:
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C or `timeout -s INT` would
+
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda cfg: real_train(cfg, on_step=sigint_at_step_2))
+    config = write_config(tmp_path / "c.yaml", tiny_raw_config(model_dir, tmp_path / "out", max_steps=5,
+                                                                eval_steps=None, dataset={"eval_split": None}))
+    previous = signal.getsignal(signal.SIGINT)
+    assert main(["train", config]) == 130
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is the loop's only
+    err = capsys.readouterr().err
+    assert "checkpoint saved to" in err and err.rstrip().endswith("surogate: interrupted")
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "out")] == [2]
+    assert not (tmp_path / "out" / "adapter").exists()  # the run did not finish
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_step_logs_as_they_happen_metrics_jsonl_and_tensorboard(model_dir, tmp_path):
+    """metrics.jsonl has step k's line when step k has finished (eval at step 0 first); TensorBoard gets the
+    same scalars with report_to: tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    seen = []
+
+    def read_log(record: dict) -> None:  # the file as it stands when step k has just finished
+        seen.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+
+    train(_cfg(model_dir, out, max_steps=3, eval_steps=2, report_to="tensorboard"), log=_quiet, on_step=read_log)
+    assert seen[0][0]["step"] == 0 and "eval_loss" in seen[0][0]  # eval before the first step
+    for k, lines in enumerate(seen, start=1):
+        steps = [r for r in lines if "loss" in r]
+        assert [r["step"] for r in steps] == list(range(1, k + 1))
+        assert all({"step", "loss", "lr", "tokens", "epoch", "elapsed_s"} <= set(r) and r["tokens"] > 0 for r in steps)
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval_loss" in r) for r in final] == [(0, True), (1, False), (2, False), (2, True),
+                                                              (3, False), (3, True)]
+
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in final if "loss" in r])
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 3]
+    assert {"train/learning_rate", "train/tokens"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+    import surogate.train as train_module
+
+    out = tmp_path / "run"
+    train(_cfg(model_dir, out, max_steps=1, save_steps=1, eval_steps=None, dataset={"eval_split": None}), log=_quiet)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the resume check")
+
+    monkeypatch.setattr(train_module, "load_base_model", no_load)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with seed: 42"):
+        train(_cfg(model_dir, out, seed=7, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: the train rows differ"):
+        train(_cfg(model_dir, out, resume_from_checkpoint=str(out / "checkpoint-1"), eval_steps=None,
+                   dataset={"max_train_samples": 12, "eval_split": None}), log=_quiet)
+
+
+def test_resume_keys_checked_by_the_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: true, but output_dir .* holds no checkpoint"):
+        from_dict({"output_dir": str(tmp_path), "resume_from_checkpoint": True})
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .* is not a checkpoint folder"):
+        from_dict({"resume_from_checkpoint": str(tmp_path)})
+    assert from_dict({"resume_from_checkpoint": False}).resume_from_checkpoint is None

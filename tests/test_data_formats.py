@@ -1,0 +1,428 @@
+"""Dataset formats and sources of `surogate train`: which tokens are targets for each format (exact label
+lists of known examples), auto detection, single files / folders / Parquet / Hugging Face datasets,
+the seeded `val_set_size` hold-out, and the one-line errors a user gets instead of a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from surogate.config import ConfigError, from_dict
+from surogate.data import load_splits
+from surogate.data_files import DataError, Rows, hold_out, read_rows
+from surogate.data_formats import CHATML, IGNORE_INDEX, chat_pieces, detect, tokenize_examples
+from surogate.tokenizer import load_tokenizer
+
+X = IGNORE_INDEX
+CHATML_IN_TEST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture()
+def tok():
+    """A fresh embedded tokenizer (byte-level BPE, EOS <|endoftext|>, no BOS, no chat template)."""
+    return load_tokenizer(None)
+
+
+def enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def expected(tok, pieces: list[tuple[str, bool]], eos: bool = True) -> tuple[list[int], list[int]]:
+    """ids and labels from literal (text, trained) pieces, tokenized apart, EOS appended as a target."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        t = enc(tok, text)
+        ids += t
+        labels += t if trained else [X] * len(t)
+    if eos:
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+    return ids, labels
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cfg_for(path, **dataset):
+    """A checked TrainConfig reading `path` (a file or folder)."""
+    return from_dict({"dataset": {"path": str(path), **dataset}, "sequence_len": 256})
+
+
+# --- each format: exact targets of a known example -------------------------------------------------
+
+def test_alpaca_masks_the_prompt_and_trains_the_output(tok):
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+              "### Input:\n2 and 3\n\n### Response:\n")
+    ex = tokenize_examples([ALPACA], "alpaca", tok)[0]
+    assert (ex.input_ids, ex.labels) == expected(tok, [(prompt, False), ("5", True)])
+    assert ex.labels[-2:] == [enc(tok, "5")[0], tok.eos_token_id] and ex.labels.count(X) == len(enc(tok, prompt))
+    no_input = tokenize_examples([{"instruction": "Say hi.", "input": "", "output": "hi"}], "alpaca", tok)[0]
+    bare = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+    assert (no_input.input_ids, no_input.labels) == expected(tok, [(bare, False), ("hi", True)])
+
+
+def test_completion_and_text_and_gsm8k(tok):
+    ex = tokenize_examples([{"prompt": "Q: 2+2?\nA:", "completion": " 4"}], "completion", tok)[0]
+    assert (ex.input_ids, ex.labels) == expected(tok, [("Q: 2+2?\nA:", False), (" 4", True)])
+    ex = tokenize_examples([{"text": "plain words"}], "text", tok)[0]
+    assert (ex.input_ids, ex.labels) == expected(tok, [("plain words", True)])
+    ex = tokenize_examples([{"question": " Q? ", "answer": "A\n#### 4"}], "gsm8k", tok)[0]
+    assert (ex.input_ids, ex.labels) == expected(tok, [("Question: Q?\nAnswer:", False), (" A\n#### 4", True)])
+
+
+def test_train_on_inputs_trains_the_prompt_too(tok):
+    ex = tokenize_examples([{"prompt": "Q: 2+2?\nA:", "completion": " 4"}], "completion", tok, train_on_inputs=True)[0]
+    assert ex.labels == ex.input_ids and X not in ex.labels
+
+
+def test_messages_train_only_assistant_turns_exactly(tok):
+    tok.chat_template = CHATML_IN_TEST
+    ex = tokenize_examples([{"messages": CONVERSATION}], "messages", tok)[0]
+    want = expected(tok, [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("4<|im_end|>\n", True),
+    ])
+    assert (ex.input_ids, ex.labels) == want
+    # the built-in `chatml` renders the same text
+    assert tok.apply_chat_template(CONVERSATION, chat_template=CHATML, tokenize=False) == \
+        tok.apply_chat_template(CONVERSATION, tokenize=False)
+    everything = tokenize_examples([{"messages": CONVERSATION}], "messages", tok, train_on_inputs=True)[0]
+    assert everything.input_ids == ex.input_ids and everything.labels == everything.input_ids
+
+
+def test_messages_end_of_turn_eos_is_trained_once(tok):
+    """A template that ends each turn with the EOS token: EOS trained after assistant turns, masked after user
+    turns, and not appended a second time at the end."""
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    ex = tokenize_examples([{"messages": conv}], "messages", tok, chat_template=template)[0]
+    assert (ex.input_ids, ex.labels) == expected(tok, [("[user] Hi<|endoftext|>[assistant] ", False),
+                                                       ("Yo<|endoftext|>", True)], eos=False)
+    assert ex.input_ids.count(tok.eos_token_id) == 2 and ex.labels.count(tok.eos_token_id) == 1
+
+
+def test_messages_history_rendered_differently_from_the_last_turn(tok):
+    """A Qwen3-like template adds an empty think block to the last assistant turn only: rendering the
+    conversation prefix by prefix would not match, the marker method does, and the think block is read."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
+                "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    pieces = chat_pieces(CONVERSATION, tok, template, "x")
+    assert pieces == [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
+        ("4<|im_end|>\n", True),
+    ]
+
+
+def test_messages_template_that_rewrites_content_is_refused(tok):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+    with pytest.raises(DataError, match=r"^x: cannot locate assistant message 2 .*dataset\.chat_template"):
+        chat_pieces(CONVERSATION, tok, template, "x")
+
+
+def test_messages_without_chat_template_says_how_to_give_one(tmp_path, tok):
+    cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}]))
+    with pytest.raises(DataError, match=r"has no chat template; set dataset\.chat_template to chatml") as e:
+        load_splits(cfg, tok)
+    assert "\n" not in str(e.value)
+    train, _ = load_splits(cfg_for(tmp_path / "chat.jsonl", chat_template="chatml"), tok)
+    assert len(train) == 1
+
+
+def test_chat_template_from_a_file(tmp_path, tok):
+    (tmp_path / "t.jinja").write_text(CHATML_IN_TEST)
+    cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}]), chat_template=str(tmp_path / "t.jinja"))
+    train, _ = load_splits(cfg, tok)
+    tok.chat_template = CHATML_IN_TEST
+    ex = tokenize_examples([{"messages": CONVERSATION}], "messages", tok)[0]
+    assert train.input_ids[0] == ex.input_ids and train.labels[0] == [X] + ex.labels[1:]  # packed: first not a target
+    with pytest.raises(ConfigError, match=r"^dataset\.chat_template: .*missing\.jinja"):
+        cfg_for(tmp_path / "chat.jsonl", chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_bad_messages_named_with_their_line(tmp_path, tok):
+    rows = [{"messages": CONVERSATION}, {"messages": [{"role": "assistent", "content": "x"}]}]
+    cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", rows), chat_template="chatml")
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: messages\[0\] must be an object with a role"):
+        load_splits(cfg, tok)
+
+
+# --- BOS and EOS as the tokenizer defines them -------------------------------------------------------
+
+def _with_bos(tok):
+    from tokenizers import processors
+
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert tok("ab")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds it: so do the examples
+    return tok
+
+
+def test_bos_added_once_and_never_a_target(tok):
+    tok = _with_bos(tok)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    ex = tokenize_examples([{"prompt": "Q:", "completion": " A"}], "completion", tok)[0]
+    assert ex.input_ids == [bos] + enc(tok, "Q:") + enc(tok, " A") + [eos]
+    assert ex.labels == [X] + [X] * len(enc(tok, "Q:")) + enc(tok, " A") + [eos]
+    text = tokenize_examples([{"text": "<s>ab"}], "text", tok)[0]  # already starts with it: not twice
+    assert text.input_ids == [bos] + enc(tok, "ab") + [eos] and text.labels[0] == X
+    template = "{{ bos_token }}" + CHATML_IN_TEST  # a template that writes its own BOS
+    chat = tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=template)[0]
+    assert chat.input_ids.count(bos) == 1 and chat.input_ids[0] == bos and chat.labels[0] == X
+
+
+def test_no_bos_when_the_tokenizer_adds_none(tok):
+    assert tok.bos_token_id is None
+    ex = tokenize_examples([{"text": "ab"}], "text", tok)[0]
+    assert ex.input_ids == enc(tok, "ab") + [tok.eos_token_id]
+
+
+# --- auto detection ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row, name", [
+    ({"messages": []}, "messages"), (ALPACA, "alpaca"), ({"instruction": "i", "output": "o"}, "alpaca"),
+    ({"prompt": "p", "completion": "c"}, "completion"), ({"question": "q", "answer": "a"}, "gsm8k"),
+    ({"text": "t"}, "text"), ({"text": "t", "messages": []}, "messages"),
+])
+def test_detect(row, name):
+    assert detect(row).name == name
+
+
+def test_auto_reads_each_format_and_refuses_unknown_rows_in_one_line(tmp_path, tok):
+    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", [ALPACA]))
+    assert cfg.dataset.format == "auto" and cfg.dataset.eval_split is None
+    train, _ = load_splits(cfg, tok)
+    assert train.input_ids[0] == tokenize_examples([ALPACA], "alpaca", tok)[0].input_ids
+    cfg = cfg_for(write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}]))
+    with pytest.raises(DataError, match=r"odd\.jsonl:1: cannot tell the format of a row with keys \['bar', 'foo'\]; "
+                                        r"set dataset\.format, one of messages \(messages\); alpaca") as e:
+        load_splits(cfg, tok)
+    assert "\n" not in str(e.value)
+
+
+# --- files, folders, Parquet, Hugging Face datasets --------------------------------------------------
+
+def test_json_array_file_reports_the_line_of_a_bad_row(tmp_path, tok):
+    p = tmp_path / "rows.json"
+    p.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c",\n   "completion": "d"},\n'
+                 '  {"prompt": "e"}\n]\n')
+    rows = read_rows(p)
+    assert rows.lines == [2, 3, 5] and rows.rows[1] == {"prompt": "c", "completion": "d"}
+    with pytest.raises(DataError, match=r"rows\.json:5: row has no 'completion' \(format completion needs prompt, "
+                                        r"completion\)"):
+        load_splits(cfg_for(p), tok)
+    jl = tmp_path / "lines.json"  # JSON lines under a .json name, as datasets' json loader takes them
+    jl.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert read_rows(jl).rows == [{"text": "a"}, {"text": "b"}]
+
+
+def test_folder_with_splits_in_different_file_types(tmp_path, tok):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}, {"text": "two"}])
+    (tmp_path / "test.json").write_text(json.dumps([{"text": "three"}]))
+    train, evaluation = load_splits(cfg_for(tmp_path), tok)
+    assert sum(p.count(0) for p in train.positions) == 2 and sum(p.count(0) for p in evaluation.positions) == 1
+    assert evaluation.input_ids[0] == enc(tok, "three") + [tok.eos_token_id]
+
+
+def test_unsupported_file_suffix_refused_at_config(tmp_path):
+    (tmp_path / "rows.csv").write_text("text\nhi\n")
+    with pytest.raises(ConfigError, match=r"^dataset\.path: .*rows\.csv' is not a \.jsonl, \.json, \.parquet file"):
+        cfg_for(tmp_path / "rows.csv")
+
+
+def test_single_file_has_no_eval_split(tmp_path):
+    p = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}])
+    with pytest.raises(ConfigError, match=r"^dataset\.eval_split: dataset\.path is one file .*val_set_size"):
+        cfg_for(p, eval_split="test")
+    with pytest.raises(ConfigError, match=r"^dataset\.train_split: dataset\.path is one file"):
+        cfg_for(p, train_split="dev")
+
+
+def test_parquet_file(tmp_path, tok):
+    import pyarrow as pa  # an optional reader for users, part of the test extra; its absence is tested below
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q:", "completion": " A"}, {"prompt": "R:", "completion": " B"}]),
+                   tmp_path / "rows.parquet")
+    rows = read_rows(tmp_path / "rows.parquet")
+    assert rows.rows[1] == {"prompt": "R:", "completion": " B"} and rows.where(1).endswith("rows.parquet row 2")
+    train, evaluation = load_splits(cfg_for(tmp_path / "rows.parquet", val_set_size=1), tok)
+    assert len(train) == 1 and len(evaluation) == 1
+
+
+def test_parquet_without_pyarrow_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"^dataset\.path: reading .*rows\.parquet needs the `pyarrow` package: "
+                                          r"pip install pyarrow"):
+        cfg_for(tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"rows\.parquet needs the `pyarrow` package: pip install pyarrow"):
+        read_rows(tmp_path / "rows.parquet")
+
+
+def test_hf_datasets_missing_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    with pytest.raises(ConfigError, match=r"^dataset\.path: .*save_to_disk.*pip install datasets"):
+        cfg_for(saved)
+    with pytest.raises(ConfigError, match=r"^dataset\.path: 'someone/some-set' is not a file or folder here; .*"
+                                          r"pip install datasets"):
+        from_dict({"dataset": {"path": "someone/some-set"}})
+    with pytest.raises(ConfigError, match=r"^dataset\.train_split: .*train\.jsonl does not exist"):
+        cfg_for(tmp_path)  # an empty folder: no <split> files, and no datasets to try load_dataset
+    from surogate.data_files import read_hf_split
+
+    with pytest.raises(DataError, match=r"needs the `datasets` package: pip install datasets"):
+        read_hf_split(str(saved), "train")
+
+
+def test_hf_save_to_disk_and_load_dataset_folder(tmp_path, tok):
+    import datasets  # an optional reader for users, part of the test extra; its absence is tested above
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "a b"}, {"text": "c d"}]),
+                              "validation": datasets.Dataset.from_list([{"text": "e f"}])})
+    d.save_to_disk(str(tmp_path / "saved"))
+    train, evaluation = load_splits(cfg_for(tmp_path / "saved", eval_split="validation"), tok)
+    assert sum(p.count(0) for p in train.positions) == 2 and evaluation.input_ids[0] == enc(tok, "e f") + [tok.eos_token_id]
+    with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*has no split 'test'; its splits: train, validation"):
+        cfg_for(tmp_path / "saved")
+    raw = tmp_path / "raw"  # no <split>.<ext> files: load_dataset infers the split from the file name
+    raw.mkdir()
+    write_jsonl(raw / "my_train_part.jsonl", [{"prompt": "Q:", "completion": " A"}])
+    train, evaluation = load_splits(cfg_for(raw, eval_split=None), tok)
+    assert evaluation is None and train.input_ids[0] == enc(tok, "Q:") + enc(tok, " A") + [tok.eos_token_id]
+
+
+# --- val_set_size -----------------------------------------------------------------------------------
+
+def test_hold_out_is_seeded_disjoint_and_keeps_file_order():
+    rows = Rows("f", [{"i": i} for i in range(10)], list(range(1, 11)))
+    train, held = hold_out(rows, 0.25, seed=3)
+    assert len(held) == 3 and len(train) == 7  # ceil(0.25 * 10), as datasets' train_test_split
+    ids = [r["i"] for r in train.rows], [r["i"] for r in held.rows]
+    assert sorted(ids[0] + ids[1]) == list(range(10)) and ids[0] == sorted(ids[0]) and ids[1] == sorted(ids[1])
+    assert held.lines == [i + 1 for i in ids[1]]
+    again = hold_out(rows, 0.25, seed=3)[1]
+    assert [r["i"] for r in again.rows] == ids[1]
+    others = {tuple(r["i"] for r in hold_out(rows, 0.25, seed=s)[1].rows) for s in range(8)}
+    assert len(others) > 1  # the seed matters
+    assert len(hold_out(rows, 4, seed=0)[1]) == 4
+    with pytest.raises(DataError, match=r"^dataset\.val_set_size: 10 of 10 rows"):
+        hold_out(rows, 10, seed=0)
+
+
+def test_val_set_size_through_load_splits_uses_the_run_seed(tmp_path, tok):
+    p = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    cfg = from_dict({"dataset": {"path": str(p), "val_set_size": 0.2}, "seed": 5, "sample_packing": False})
+    train, evaluation = load_splits(cfg, tok)
+    assert len(train) == 16 and len(evaluation) == 4
+    assert load_splits(cfg, tok)[1].input_ids == evaluation.input_ids
+    held = {tok.decode(r[:-1]) for r in evaluation.input_ids}
+    assert held == {r["text"] for r in hold_out(read_rows(p), 0.2, seed=5)[1].rows}
+    assert held.isdisjoint(tok.decode(r[:-1]) for r in train.input_ids)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1.0, 1.5, -1, True, "ten"])
+def test_val_set_size_must_be_a_fraction_or_a_count(value):
+    with pytest.raises(ConfigError, match=r"^dataset\.val_set_size: expected a fraction in \(0, 1\) or a count"):
+        from_dict({"dataset": {"val_set_size": value, "eval_split": None}})
+
+
+def test_val_set_size_and_eval_split_are_exclusive():
+    with pytest.raises(ConfigError, match=r"^dataset\.val_set_size: set together with dataset\.eval_split \('test'\)"):
+        from_dict({"dataset": {"val_set_size": 0.1, "eval_split": "test"}})
+    assert from_dict({"dataset": {"val_set_size": 0.1}}).dataset.eval_split is None
+
+
+# --- errors: one line, where to look, what to do -------------------------------------------------------
+
+def test_empty_train_file(tmp_path, tok):
+    (tmp_path / "train.jsonl").write_text("\n")
+    (tmp_path / "test.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl: no examples in the train split \(the file is empty\)") as e:
+        load_splits(cfg_for(tmp_path), tok)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_train_file_from_the_cli_is_one_line_and_status_2(tmp_path, capsys):
+    from surogate.cli import main
+
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "test.jsonl").write_text('{"text": "x"}\n')
+    assert main(["train", "--set", f"dataset.path={tmp_path}", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("surogate: error: ") and "train.jsonl: no examples" in err and "\n" not in err
+
+
+def test_row_without_its_field_names_file_and_line(tmp_path, tok):
+    rows = [ALPACA, ALPACA, {"instruction": "x", "input": ""}]
+    with pytest.raises(DataError, match=r"rows\.jsonl:3: row has no 'output' \(format alpaca needs instruction, "
+                                        r"output\)"):
+        load_splits(cfg_for(write_jsonl(tmp_path / "rows.jsonl", rows)), tok)
+
+
+def test_alpaca_rows_under_gsm8k_say_which_format_they_look_like(tmp_path, tok):
+    p = tmp_path / "rows.jsonl"
+    p.write_text("\n" + json.dumps(ALPACA) + "\n")  # a blank first line: the row is on line 2
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: row has no 'question' \(format gsm8k needs question, answer\); "
+                                        r"its keys \['input', 'instruction', 'output'\] look like format alpaca: set "
+                                        r"dataset\.format: alpaca \(or auto\)"):
+        load_splits(cfg_for(p, format="gsm8k"), tok)
+
+
+def test_non_string_field_refused(tmp_path, tok):
+    p = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": ["a"], "completion": "b"}])
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: field 'prompt' is a list; format completion needs a string"):
+        load_splits(cfg_for(p), tok)
+
+
+def test_dataset_keys_checked_at_config_time(tmp_path):
+    with pytest.raises(ConfigError, match=r"^dataset\.format: 'sharegpt' is not one of auto, messages, alpaca"):
+        from_dict({"dataset": {"format": "sharegpt"}})
+    with pytest.raises(ConfigError, match=r"^dataset\.train_on_inputs: expected true or false"):
+        from_dict({"dataset": {"train_on_inputs": "yes"}})
+    with pytest.raises(ConfigError, match=r"^dataset\.path: .*nope\.jsonl' does not exist; give a"):
+        from_dict({"dataset": {"path": str(tmp_path / "nope.jsonl")}})
+
+
+def test_bundled_default_is_unchanged(tok):
+    """format auto on the bundled sample is gsm8k: the default run trains on what it trained on before."""
+    cfg = from_dict({"dataset": {"max_train_samples": 5, "eval_split": None}})
+    train, evaluation = load_splits(cfg, tok)
+    from surogate.data import build_split
+
+    assert evaluation is None and train.input_ids == build_split(None, "train", "gsm8k", tok, 256, limit=5).input_ids
+
+
+def test_default_config_takes_one_file_from_the_command_line(tmp_path):
+    from surogate.config import load_config
+
+    p = write_jsonl(tmp_path / "rows.jsonl", [ALPACA])
+    cfg = load_config(None, [f"dataset.path={p}"])
+    assert cfg.dataset.format == "auto" and cfg.dataset.eval_split is None
+    cfg = load_config(None, [f"dataset.path={p}", "dataset.val_set_size=0.5"])
+    assert cfg.dataset.val_set_size == 0.5 and cfg.dataset.eval_split is None
