@@ -59,6 +59,17 @@ def format_example(example: dict, fmt: str) -> str:
     return "".join(prompt_and_completion(example, fmt))
 
 
+def batch_rows(n: int, batch_size: int, shuffle: bool = False, seed: int = 0,
+               drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """Row indices of each batch over `n` rows; `shuffle` draws one permutation from `seed`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
 class Batch(dict):
     """Model keyword arguments (a dict) that also know how many real tokens they hold (`num_tokens`)."""
 
@@ -91,13 +102,8 @@ class ExampleRows:
                 drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Batches as model keyword arguments: packed rows padded to `seq_len` with `position_ids`;
         single examples padded to the batch's longest with `attention_mask` (1 on real tokens)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size].tolist())
+        for rows in batch_rows(len(self), batch_size, shuffle, seed, drop_last):
+            yield self.batch(rows.tolist())
 
     def batch(self, rows: list[int]) -> Batch:
         width = self.seq_len if self.packed else max(len(self.input_ids[i]) for i in rows)
@@ -197,13 +203,7 @@ class TokenDataset:
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Batches as model keyword arguments; `shuffle` draws one permutation from `seed`."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batch_rows(len(self), batch_size, shuffle, seed, drop_last):
             batch = {"input_ids": self.input_ids[idx], "labels": self.labels[idx]}
             if self.attention_mask is not None:
                 batch["attention_mask"] = self.attention_mask[idx]
