@@ -48,13 +48,16 @@ def find_peft_model(model: object, _depth: int = 0):
     return None
 
 
-def adapter_state_dict(model: object, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's saved key names (adapter name and compile prefixes removed)."""
+def adapter_state_dict(model: object, adapter_name: str | None = None,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names (adapter name and compile prefixes removed).
+    `state_dict`: the model's weights to take them from, by parameter name (None: `model.state_dict()`;
+    under FSDP, the whole tensors `distributed.gather_trainable_state` returned)."""
     from peft import get_peft_model_state_dict
 
     peft_model = find_peft_model(model)
     name = adapter_name or peft_model.active_adapter
-    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    state = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=name)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = _COMPILE_PREFIX.sub(r"\1", key)
@@ -68,17 +71,18 @@ def adapter_state_dict(model: object, adapter_name: str | None = None) -> dict[s
 
 
 def save_adapter(model: object, out_dir: "str | os.PathLike", base_model_name_or_path: str | None = None,
-                 adapter_name: str | None = None) -> Path:
+                 adapter_name: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` to `out_dir`; returns the directory.
 
     `model` is a `PeftModel` or what `surogate.compile` returned. `base_model_name_or_path` is
     recorded in the config (default: what PEFT knows) so that `AutoPeftModel` can find the base.
+    `state_dict`: the weights to write, by parameter name (see `adapter_state_dict`).
     """
     from safetensors.torch import save_file
 
     peft_model = find_peft_model(model)
     name = adapter_name or peft_model.active_adapter
-    state = adapter_state_dict(peft_model, name)
+    state = adapter_state_dict(peft_model, name, state_dict)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -14,6 +14,14 @@
 Writes are atomic: the files go into a hidden `.checkpoint-<step>.tmp` directory that is renamed to
 `checkpoint-<step>` once complete, so an interrupt while saving leaves nothing `latest` would pick.
 Every file is read back with `torch.load(weights_only=True)` (tensors and plain values only).
+
+Several processes (`surogate.distributed`): every rank calls `save` and `restore`; rank 0 alone writes.
+Under DDP every rank holds the whole LoRA weights and optimizer state, so rank 0 writes its own
+(`optimizer.pt` is a plain `state_dict`) and every rank restores the same files. Under FSDP they are
+gathered whole first (`distributed.gather_trainable_state`, a collective; `optimizer.pt` then holds
+the whole state by parameter name) and restored by rank 0 reading and broadcasting them
+(`scatter_trainable_state`), each rank keeping its part. The RNG states are rank 0's: every rank
+draws the same numbers in the same order, so they are every rank's.
 """
 
 from __future__ import annotations
@@ -81,23 +89,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sharded(model) -> bool:
+    """Whether `model` was spread with FSDP (`distributed.wrap(model, "fsdp")`): its LoRA weights and
+    optimizer state may be shards, gathered to be saved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def save(output_dir: "str | os.PathLike", step: int, model, optimizer, scheduler, state: dict[str, Any],
          tokenizer=None, base_model_name_or_path: str | None = None) -> Path:
-    """Write `output_dir/checkpoint-<step>/` atomically; returns its path. `state` goes to trainer_state.json."""
+    """Write `output_dir/checkpoint-<step>/` atomically; returns its path. `state` goes to trainer_state.json.
+    In a job of several processes every rank calls it (see the module docstring); rank 0 writes."""
     import torch
 
+    from surogate import distributed
     from surogate.adapters import save_adapter
 
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
+    weights = optimizer_state = None
+    if _sharded(model):
+        weights, optimizer_state = distributed.gather_trainable_state(model, optimizer)  # every rank
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 writes
+        return final
     for stale in out.glob(f"{_TEMP_PREFIX}*"):  # left by an interrupt while saving
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out / f"{_TEMP_PREFIX}{step}.tmp"
     try:
-        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
+        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(rng_state(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")  # last: marks the directory complete
@@ -111,6 +135,7 @@ def save(output_dir: "str | os.PathLike", step: int, model, optimizer, scheduler
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -136,6 +161,10 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     from surogate.adapters import ADAPTER_WEIGHTS, adapter_state_dict, find_peft_model
 
     d = Path(path)
+    if _sharded(model):
+        _restore_sharded(d, model, optimizer)
+        scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+        return read_state(d)
     saved = load_file(str(d / ADAPTER_WEIGHTS))
     peft_model = find_peft_model(model)
     result = set_peft_model_state_dict(peft_model, saved)
@@ -147,6 +176,32 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     return read_state(d)
+
+
+def _restore_sharded(d: Path, model, optimizer) -> None:
+    """FSDP: rank 0 reads the adapter (renamed back to parameter names) and the whole optimizer state,
+    `scatter_trainable_state` broadcasts them and each rank keeps its shards. Every rank calls it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from surogate import distributed
+    from surogate.adapters import _COMPILE_PREFIX, ADAPTER_WEIGHTS, find_peft_model
+
+    weights: dict = {}
+    optimizer_state: dict = {}
+    if distributed.is_main():
+        saved = load_file(str(d / ADAPTER_WEIGHTS))
+        peft_model = find_peft_model(model)
+        tag = f".{peft_model.active_adapter}"
+        # PEFT's saved names: the parameter's, less the adapter name (and torch.compile's prefix)
+        names = {_COMPILE_PREFIX.sub(r"\1", n).replace(tag, ""): n
+                 for n, p in peft_model.named_parameters() if p.requires_grad}
+        if set(names) != set(saved):
+            raise RuntimeError(f"{d / ADAPTER_WEIGHTS} does not fit this model's LoRA layers (different targets or "
+                               "rank?); resume with the config the checkpoint was trained with")
+        weights = {names[k]: v for k, v in saved.items()}
+        optimizer_state = torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    distributed.scatter_trainable_state(model, optimizer, weights, optimizer_state)
 
 
 def restore_rng(path: "str | os.PathLike") -> None:

@@ -5,11 +5,15 @@ Heavy imports (torch, transformers) happen inside the subcommands, so `surogate 
 config errors answer at once. Errors a user can fix (bad config, missing file, a recipe the GPU
 cannot run) print one line and exit with status 2; anything else is a bug and keeps its traceback.
 Ctrl-C during training saves a checkpoint (surogate/train.py), then exits with status 130.
+
+Under torchrun (`torchrun --nproc-per-node N -m surogate.cli train cfg.yaml`) every rank runs `train`;
+rank 0 prints the summary and the messages that every rank would print alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--no-sass", action="store_true",
                    help="skip building the kernels and checking their SASS (instant; recipes table only)")
     return p
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): what decides who prints the job's lines."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 def _info(arch: str | None, check_sass: bool = True) -> str:
@@ -107,7 +119,8 @@ def _train(args: argparse.Namespace) -> int:
     from surogate.train import train
 
     result = train(cfg)
-    print(result.summary())
+    if result.rank == 0:
+        print(result.summary())
     return 0
 
 
@@ -128,10 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _train(args)
     except (ConfigError, RecipeNotSupportedError, FileNotFoundError) as e:
-        print(f"surogate: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # the other ranks' errors print with their rank (distributed.fail_fast)
+            print(f"surogate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("surogate: interrupted", file=sys.stderr)
+        if _rank() == 0:
+            print("surogate: interrupted", file=sys.stderr)
         return 130
 
 

@@ -79,6 +79,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
     cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
+    parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
+    fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +133,8 @@ def _str(key: str, v: Any, optional: bool = False, choices: tuple[str, ...] | No
 
 
 CUDA_GRAPH_MODES = ("auto", "true", "false")
+PARALLELISMS = ("ddp", "fsdp")  # surogate.distributed.Parallelism
+FSDP_LORA = ("replicated", "sharded")  # surogate.distributed.LoraPlacement
 
 
 def _cuda_graphs(key: str, v: Any) -> str:
@@ -380,6 +384,15 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.report_to = _report_to("report_to", c.report_to)
     c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
     c.gradient_checkpointing = _bool("gradient_checkpointing", c.gradient_checkpointing)
+    c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
+    c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)
+    if c.fsdp_lora == "sharded" and c.parallelism != "fsdp":
+        raise ConfigError("fsdp_lora: sharded needs parallelism: fsdp (ddp keeps the LoRA weights whole on every "
+                          "rank); set parallelism: fsdp, or drop fsdp_lora")
+    if c.cuda_graphs == "true" and c.parallelism == "fsdp":
+        raise ConfigError("cuda_graphs: true cannot run with parallelism: fsdp (FSDP gathers and frees the weights "
+                          "from host-side hooks, which a CUDA graph cannot record); set cuda_graphs: auto or false, "
+                          "or parallelism: ddp")
     if c.model == "default" and c.tokenizer not in (None, "default"):
         raise ConfigError("tokenizer: the embedded default model is built for the default tokenizer; "
                           "drop the tokenizer key or set model to a directory or hub id")

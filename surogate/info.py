@@ -67,6 +67,26 @@ def environment() -> dict[str, str]:
 
 
 
+def distributed_line() -> str:
+    """One line on several processes: this one's place when torchrun launched it (its env vars), the
+    torch.distributed backends this build has, and how `surogate train` spreads over them."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed is not in this build of torch: one process only"
+    world = os.environ.get("WORLD_SIZE")
+    where = (f"launched: rank {os.environ.get('RANK', '?')} of {world} (local rank {os.environ.get('LOCAL_RANK', '?')})"
+             if world else "not launched by torchrun (one process)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nccl = "NCCL " + ("yes" if dist.is_nccl_available() else "no")
+    gloo = "gloo " + ("yes" if dist.is_gloo_available() else "no")
+    return (f"{where}; backends: {nccl}, {gloo}; {gpus} GPU(s); several: torchrun --nproc-per-node N "
+            "-m surogate.cli train cfg.yaml (parallelism: ddp | fsdp)")
+
+
 def run_record(repo: "str | None" = None) -> dict[str, str]:
     """`environment()` plus the Python version and the git commit: what every benchmark result records.
 
@@ -174,7 +194,7 @@ def render(arch: str | None = None, check_sass: bool = True) -> str:
     ("sm_89", "sm_90", "sm_100", "sm_120") to see what would run there.
     """
     env = environment()
-    out = ["environment:"] + [f"  {k:<13} {v}" for k, v in env.items()]
+    out = ["environment:"] + [f"  {k:<13} {v}" for k, v in env.items()] + [f"  {'distributed':<13} {distributed_line()}"]
     target = normalize_arch(arch) if arch is not None else env["arch"]
     if target != "cpu" and target not in ARCHS:  # a GPU surogate has no kernels for
         out += ["", f"this GPU ({target}) is not a surogate target ({', '.join(ARCHS)}); "

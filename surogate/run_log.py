@@ -6,6 +6,7 @@ at any point keeps every step it finished (`tail -f` follows it). Train lines ca
 `report_to: tensorboard`, the same scalars go to TensorBoard event files in `output_dir/runs/`
 (`train/loss`, `train/learning_rate`, `train/tokens`, `eval/loss`). A resumed run rewrites the file
 from the checkpoint's log, so steps after the checkpoint (which it repeats) are not listed twice.
+In a job of several processes rank 0 alone writes them (the others get a `NullRunLog`).
 """
 
 from __future__ import annotations
@@ -60,3 +61,16 @@ class RunLog:
         self._file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class NullRunLog:
+    """What ranks other than 0 log to in a job of several processes: nothing (rank 0 writes the files)."""
+
+    def train(self, record: dict) -> None:
+        pass
+
+    def eval(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -8,10 +8,20 @@ it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/checkpoint.py
 `output_dir`. What the config cannot know alone (the model's positions and layer names) is checked
 from the model's config before any weight loads. The helpers are public so that the examples can
 write the same loop by hand. `compile_model` is the one place that calls `surogate.compile`.
+
+Under `torchrun --nproc-per-node N` the same loop runs on N ranks (surogate/distributed.py): every rank
+draws the same seeded order of global micro-batches of N x `per_device_train_batch_size` rows and trains
+its 1/N of each (`distributed.shard`), the loss of each rank normalised by the global micro-batch's
+target count (`num_items_in_batch`, as `distributed.items_per_rank`), so that N ranks of B rows take the
+steps of one process of N x B rows. The model is wrapped per `parallelism` (DDP, or FSDP2), gradients
+accumulate under `no_sync` until the last micro-step; with CUDA graphs under DDP the model stays
+unwrapped and `all_reduce_grads` runs after the last replay. Rank 0 alone logs and writes; an error
+on one rank ends the job (`distributed.fail_fast`); the ranks agree on where a Ctrl-C stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surogate import checkpoint, train_checks
+from surogate import checkpoint, distributed, train_checks
 from surogate.config import TrainConfig, load_config
 from surogate.train_checks import is_local_model as _is_local
 
@@ -35,6 +45,10 @@ Log = Callable[[str], None]
 
 def log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the job (errors print with their rank: fail_fast)."""
 
 
 def set_seed(seed: int) -> None:
@@ -129,18 +143,26 @@ def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float =
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
+def wants_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether `cfg.cuda_graphs` asks for CUDA graphs on `device` ("true" on a CPU is refused by MicroStep)."""
+    return cfg.cuda_graphs == "true" or (cfg.cuda_graphs == "auto" and device.type == "cuda")
+
+
 class MicroStep:
     """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed from
     CUDA graphs (`surogate.GraphedStep`, one per shape bucket) when `cfg.cuda_graphs` allows. Returns the loss.
-    A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error)."""
+    A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error).
+    `graphs=False` turns the graphs off whatever the config says (FSDP); `items`, when given, is the
+    `num_items_in_batch` the loss divides its sum by (several ranks: see `surogate.distributed`)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
+                 graphs: bool = True) -> None:
         self.model, self.mode, self.log = model, cfg.cuda_graphs, log
         self.loss_scale = 1.0 / cfg.gradient_accumulation_steps
         if self.mode == "true" and device.type != "cuda":
             raise ValueError("cuda_graphs: true needs a CUDA device; set cuda_graphs: auto or false")
         self.graphed = None
-        if self.mode == "true" or (self.mode == "auto" and device.type == "cuda"):
+        if graphs and wants_cuda_graphs(cfg, device):
             from surogate.graphed_step import GraphedStep
 
             self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true")
@@ -151,7 +173,9 @@ class MicroStep:
         (loss * self.loss_scale).backward()
         return loss.detach()
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor], items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is not None:
+            batch = {**batch, "num_items_in_batch": items}
         if self.graphed is None:
             return self.eager(batch)
         loss = self.graphed(**batch)
@@ -222,18 +246,34 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy per predicted token over `dataset`."""
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, world: int = 1) -> float:
+    """Mean cross-entropy per predicted token over `dataset`.
+
+    `world` > 1 (a job of several processes; every rank calls it with the same `dataset`): each global
+    batch of `world` x `batch_size` rows is split over the ranks, each runs its rows (padding rows
+    included, so that FSDP's gathers match), and the token sums and counts are added over the ranks:
+    the result equals one process's with `world` x `batch_size` rows a batch.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    rows = batch_size * world
     try:
-        for batch in dataset.batches(batch_size):
+        for batch in dataset.batches(rows):
+            batch = _pad_rows(batch, rows)
+            if world > 1:
+                batch = distributed.shard(batch)
             n = _predicted_tokens(batch)
-            total += float(model(**_to(_pad_rows(batch, batch_size), device, model)).loss) * n
-            count += n
+            loss = model(**_to(batch, device, model)).loss
+            if n:
+                total += float(loss) * n
+                count += n
     finally:
         model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
@@ -281,6 +321,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list, repr=False)
     first_step_s: float | None = None  # the first step of this process, compilation included
     resumed_from: Path | None = None
+    rank: int = 0  # this process's rank (a job of several: only rank 0 wrote the outputs)
+    world_size: int = 1
 
     def summary(self) -> str:
         ev = "" if self.final_eval_loss is None else (
@@ -307,10 +349,12 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 class MicroBatches:
     """Shuffled micro-batches, epoch after epoch (reshuffled with seed + epoch), forever, with their
     position: `epoch` and `index` (micro-batches of that epoch taken), which a checkpoint stores and a
-    resumed run starts from."""
+    resumed run starts from. With `world` ranks these are the global micro-batches of `world` x
+    `per_device_train_batch_size` rows, the same on every rank (each trains its `distributed.shard`):
+    the order of one process with a batch `world` times larger."""
 
-    def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0) -> None:
-        self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size, cfg.seed
+    def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0, world: int = 1) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
         self.drop_last = len(dataset) >= self.batch_size
         self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
         self.epoch, self.index = epoch, index
@@ -375,6 +419,39 @@ def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
     return [record for _, _, record in sorted(lines, key=lambda t: (t[0], t[1]))]
 
 
+class _AgreedStop(KeyboardInterrupt):
+    """Every rank stops after the same step (a Ctrl-C that the ranks agreed on, its checkpoint saved)."""
+
+
+def _spread(model: nn.Module, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
+            log: Log) -> tuple[nn.Module, bool, bool]:
+    """The model to train on this job's ranks, whether its micro-steps may run as CUDA graphs, and
+    whether the gradients are reduced by hand after the last micro-step (CUDA graphs under DDP)."""
+    graphs = wants_cuda_graphs(cfg, device)
+    if not info.distributed:
+        if (cfg.parallelism, cfg.fsdp_lora) != ("ddp", "replicated"):
+            log(f"parallelism: {cfg.parallelism} ignored: a single process (launch with torchrun --nproc-per-node N "
+                "to spread the job over N)")
+        return model, graphs, False
+    if cfg.parallelism == "fsdp" and graphs:
+        log("cuda_graphs: off under fsdp (FSDP gathers and frees each block's weights from host-side hooks, which "
+            "a CUDA graph cannot record); every micro-step runs eagerly")
+        graphs = False
+    if cfg.parallelism == "ddp" and graphs:
+        # DDP's reducer runs from autograd hooks that a captured graph cannot replay: the model stays
+        # unwrapped, LoRA starts from rank 0's weights, gradients are averaged after the last replay.
+        distributed.broadcast_trainable(model)
+        model._surogate_parallelism = "ddp (CUDA graphs: gradients all-reduced after the last micro-step)"
+        report = getattr(model, "surogate_report", None)
+        if report is not None:
+            report.note(f"distributed: ddp over {info.world} ranks ({info.backend}) with CUDA graphs: the model is "
+                        "not wrapped; the LoRA gradients are all-reduced once per optimizer step, after the last "
+                        "replayed micro-step (distributed.all_reduce_grads)")
+        return model, True, True
+    lora = cfg.fsdp_lora if cfg.parallelism == "fsdp" else None
+    return distributed.wrap(model, cfg.parallelism, lora=lora), graphs, False
+
+
 def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = log_stderr,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Run one LoRA fine-tuning job from a config (a TrainConfig, a YAML path, or None: the default).
@@ -382,21 +459,45 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     `on_step(record)` is called after each optimizer step (its metrics line written, its eval and
     checkpoint done). A KeyboardInterrupt (Ctrl-C, or raised by `on_step`) saves a checkpoint of the last
     finished step, then propagates.
+
+    Launched by torchrun (RANK, WORLD_SIZE... in the environment), every rank runs it: it joins the job
+    (`distributed.init`), and an exception on any rank ends every rank with that error
+    (`distributed.fail_fast`). Only rank 0 logs (`log`) and writes; every rank returns the result.
+    A SIGINT to any rank (torchrun passes the agent's on to every worker) stops every rank after the
+    same step, where the checkpoint is saved; a KeyboardInterrupt raised on one rank alone ends the job
+    without a checkpoint.
     """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = distributed.init()
+    stopped = False
+    with distributed.fail_fast():
+        try:
+            result = _train(cfg, info, log if info.is_main else _silent, on_step)
+        except _AgreedStop:  # not a failure: every rank saved the checkpoint and stops here
+            stopped = True
+    if info.distributed and not joined:
+        distributed.cleanup()
+    if stopped:
+        raise KeyboardInterrupt
+    return result
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
+           on_step: Callable[[dict], None] | None) -> TrainResult:
     from surogate import recipes
-    from surogate.adapters import save_adapter
     from surogate.data import load_splits
     from surogate.modules import parameter_counts
-    from surogate.run_log import RunLog
+    from surogate.run_log import NullRunLog, RunLog
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config)
     t_start = time.perf_counter()
+    main, world = info.is_main, info.world
     recipes.plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
     resume_dir = train_checks.resume_path(cfg)
     targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
-    device = pick_device()
+    device = info.device if info.distributed else pick_device()
     out = Path(cfg.output_dir).expanduser()
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the same on every rank: the same LoRA init, data order and dropout draws
 
     tokenizer = load_tokenizer_for(cfg, log)
     ds = cfg.dataset
@@ -409,11 +510,12 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     state = None
     if resume_dir is not None:
         state = checkpoint.read_state(resume_dir)
-        train_checks.check_resumable(cfg, state, fingerprint, resume_dir)
+        train_checks.check_resumable(cfg, state, fingerprint, resume_dir, world)
     elif checkpoint.list_checkpoints(out):
         log(f"{out} holds checkpoints of an earlier run; this run starts over (resume_from_checkpoint: true "
             "continues the latest)")
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     base = load_base_model(cfg, tokenizer)
     if not targets_checked:
@@ -421,15 +523,22 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     base_ref = str(Path(cfg.model).expanduser().resolve()) if _is_local(cfg.model) else cfg.model
     if cfg.model == "default":  # random weights: keep them, or the adapter would have no base
         base_dir = out / "base_model"
-        base.save_pretrained(str(base_dir))
-        tokenizer.save_pretrained(str(base_dir))
+        if main:
+            base.save_pretrained(str(base_dir))
+            tokenizer.save_pretrained(str(base_dir))
         base_ref = str(base_dir.resolve())
-    model = compile_model(base.to(device), cfg)
-    model.train()
-    counts = parameter_counts(model, cfg.recipe)
+    core = compile_model(base.to(device), cfg)  # what surogate.compile returned: the PEFT model
+    core.train()
+    counts = parameter_counts(core, cfg.recipe)
     log(f"model: {cfg.model}, recipe {cfg.recipe}, LoRA r={cfg.lora_rank} on {device.type}: {counts}")
+    model, graphs, reduce_by_hand = _spread(core, cfg, info, device, log)
+    wrapped = info.distributed and not reduce_by_hand  # DDP or FSDP: no_sync until the last micro-step
+    if info.distributed:
+        rows = cfg.per_device_train_batch_size
+        log(f"distributed: {distributed.describe(model)}; {rows} rows per rank per micro-step, global micro-batch "
+            f"{world} x {rows} = {world * rows} rows; rank 0 logs and writes")
 
-    micro = MicroBatches(train_set, cfg)
+    micro = MicroBatches(train_set, cfg, world=world)
     total = _total_steps(cfg, micro.per_epoch)
     opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
@@ -441,26 +550,28 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
         state = checkpoint.restore(resume_dir, model, opt, sched)
         history, evals, tokens_total = state["history"], state["evals"], state["tokens_total"]
         start = state["global_step"] + 1
-        micro = MicroBatches(train_set, cfg, epoch=state["epoch"], index=state["micro_batch"])
+        micro = MicroBatches(train_set, cfg, epoch=state["epoch"], index=state["micro_batch"], world=world)
         log(f"resumed from {resume_dir}: step {start - 1} of {total} done, epoch {state['epoch']}, "
             f"micro-batch {state['micro_batch']} of its order")
-    run_log = RunLog(out, cfg.report_to, _merged_log(history, evals), None if state is None else start - 1)
+    run_log = (RunLog(out, cfg.report_to, _merged_log(history, evals), None if state is None else start - 1)
+               if main else NullRunLog())
 
     def run_eval(step: int) -> None:
         t_eval = time.perf_counter()
-        evals.append({"step": step, "loss": evaluate(model, eval_set, eval_bs, device)})
+        evals.append({"step": step, "loss": evaluate(core, eval_set, eval_bs, device, world)})
         run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
         log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
 
     saved: list[int] = []
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int) -> Path:  # every rank: FSDP gathers the shards, rank 0 writes
         trainer_state = {"global_step": step, "total_steps": total, "epoch": micro.epoch, "micro_batch": micro.index,
                          "micro_batches_per_epoch": micro.per_epoch,
                          "tokens_total": tokens_total, "history": history, "evals": evals,
-                         "resume_keys": train_checks.resume_keys(cfg), "train_data": fingerprint}
+                         "resume_keys": train_checks.resume_keys(cfg), "train_data": fingerprint,
+                         **train_checks.run_layout(cfg, world)}
         path = checkpoint.save(out, step, model, opt, sched, trainer_state, tokenizer, base_ref)
-        if cfg.save_total_limit:
+        if cfg.save_total_limit and main:
             checkpoint.rotate(out, cfg.save_total_limit, protect=path)
         saved.append(step)
         return path
@@ -470,7 +581,8 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
             run_eval(0)
         if state is not None:
             checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
-        micro_step = MicroStep(model, cfg, device, log)
+        micro_step = MicroStep(model, cfg, device, log, graphs=graphs)
+        params = trainable_parameters(model)
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
         t_train = time.perf_counter()
@@ -480,19 +592,36 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                 for step in range(start, total + 1):
                     in_step, t0 = True, time.perf_counter()
                     losses, step_tokens = [], 0
-                    for _ in range(cfg.gradient_accumulation_steps):
+                    for k in range(cfg.gradient_accumulation_steps):
                         batch = next(micro)  # on the host: counting its tokens costs no GPU sync
-                        losses.append(micro_step(_to(batch, device, model)).clone())
-                        step_tokens += _real_tokens(batch)
-                    step_loss = float(torch.stack(losses).mean())  # the step's one host sync
+                        step_tokens += _real_tokens(batch)  # the global micro-batch's
+                        items = None
+                        if info.distributed:
+                            # = distributed.items_per_rank(labels), without its all-reduce: every rank holds
+                            # the global micro-batch. Each rank's loss is then its token sum x world / (the
+                            # global micro-batch's targets): averaged by DDP/FSDP, the global token mean.
+                            items = torch.full((), max(_predicted_tokens(batch), 1) / world, device=device)
+                            batch = distributed.shard(batch)
+                        last = k == cfg.gradient_accumulation_steps - 1
+                        with contextlib.nullcontext() if last or not wrapped else distributed.no_sync(model):
+                            losses.append(micro_step(_to(batch, device, core), items).clone())
+                    if reduce_by_hand:  # CUDA graphs under DDP: one all-reduce after the last replay
+                        distributed.all_reduce_grads(params)
+                    agreed_stop = False
+                    if info.distributed:  # one collective: the loss's mean over the ranks, and any rank's Ctrl-C
+                        flag = torch.full((), float(stop.requested), device=device)
+                        both = distributed.mean_over_ranks(torch.stack([torch.stack(losses).mean().float(), flag]))
+                        step_loss, agreed_stop = float(both[0]), float(both[1]) > 0  # the step's one host sync
+                    else:
+                        step_loss = float(torch.stack(losses).mean())  # the step's one host sync
                     if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                     in_step, now = False, time.perf_counter()
-                    if not math.isfinite(step_loss):
+                    if not math.isfinite(step_loss):  # the mean over the ranks: every rank stops here
                         raise FloatingPointError(f"step {step}: the loss is {step_loss}; lower learning_rate")
                     if first_step_s is None:  # compilation included: reported apart, never in tokens/s
                         first_step_s, time_to_first_step = now - t0, now - t_start
@@ -516,9 +645,16 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                         log(f"checkpoint: {save_checkpoint(step)}")
                     if on_step is not None:
                         on_step(dict(record))
-                    if stop.requested:
+                    if agreed_stop:  # several ranks: what they all saw in this step's all-reduce
+                        raise _AgreedStop
+                    if stop.requested and not info.distributed:
                         raise KeyboardInterrupt
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as interrupt:
+                if info.distributed and not isinstance(interrupt, _AgreedStop):
+                    # on this rank alone (a second Ctrl-C, or on_step): the others are elsewhere, so no
+                    # collective checkpoint; fail_fast ends the job
+                    log(f"interrupted at once during step {step}: no checkpoint")
+                    raise
                 if in_step:
                     log(f"interrupted during step {step}: no checkpoint of it (a step half done)")
                 elif step < start:
@@ -526,7 +662,8 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
                 else:
                     path = out / f"checkpoint-{step}" if step in saved else save_checkpoint(step)
                     log(f"interrupted after step {step}: checkpoint saved to {path}; continue with "
-                        "`--set resume_from_checkpoint=true`")
+                        "`--set resume_from_checkpoint=true`"
+                        + (f" (on {world} ranks again)" if info.distributed else ""))
                 raise
         t_end = time.perf_counter()
         tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
@@ -538,32 +675,40 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     finally:
         run_log.close()
 
-    adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)
-    tokenizer.save_pretrained(str(adapter_dir))
-    chart = plot_losses(history, evals, out / "loss.png",
-                        title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {device.type}")
+    adapter_dir = distributed.save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)  # every rank
+    chart = out / "loss.png"
+    if main:
+        tokenizer.save_pretrained(str(adapter_dir))
+        where = device.type if not info.distributed else f"{world} x {device.type}"
+        plot_losses(history, evals, chart,
+                    title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {where}")
     result = TrainResult(
         output_dir=out, adapter_dir=adapter_dir, metrics_path=out / "metrics.json", chart_path=chart, steps=total,
         train_tokens=tokens_total, tokens_per_s=tokens_per_s,
         final_train_loss=history[-1]["loss"] if history else float("nan"),
         final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
-        wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s, resumed_from=resume_dir)
-    report = getattr(model, "surogate_report", None)
-    if report is not None:
-        (out / "compile_report.txt").write_text(f"{report}\n")
-        log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
-            f"({report.backend}); details in {out / 'compile_report.txt'}")
-    _write_metrics(result, cfg, evals, device, time_to_first_step, report, counts, t_end - t_train)
+        wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s, resumed_from=resume_dir,
+        rank=info.rank, world_size=world)
+    report = getattr(core, "surogate_report", None)
+    if main:
+        if report is not None:
+            (out / "compile_report.txt").write_text(f"{report}\n")
+            log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
+                f"({report.backend}); details in {out / 'compile_report.txt'}")
+        _write_metrics(result, cfg, evals, device, time_to_first_step, report, counts, t_end - t_train,
+                       distributed.describe(model) if info.distributed else None)
     return result
 
 
 def _write_metrics(r: TrainResult, cfg: TrainConfig, evals: list[dict], device: torch.device,
-                   time_to_first_step: float | None, report=None, counts=None, train_s: float | None = None) -> None:
+                   time_to_first_step: float | None, report=None, counts=None, train_s: float | None = None,
+                   spread: str | None = None) -> None:
     import surogate
 
     metrics = {
         "surogate_version": surogate.__version__, "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "world_size": r.world_size, "distributed": spread,
         "recipe": cfg.recipe, "model": cfg.model, "steps": r.steps, "train_tokens": r.train_tokens,
         "tokens_per_s": r.tokens_per_s, "first_step_s": r.first_step_s, "time_to_first_step_s": time_to_first_step,
         "train_s": train_s, "wall_s": r.wall_s, "final_train_loss": r.final_train_loss,

@@ -157,8 +157,26 @@ def resume_keys(cfg: TrainConfig) -> dict[str, Any]:
     return {key: getattr(cfg, key) for key in RESUME_KEYS}
 
 
-def check_resumable(cfg: TrainConfig, state: dict[str, Any], fingerprint: str, path: Path) -> None:
-    """The checkpoint at `path` was trained with this config's data order and LoRA shape."""
+def run_layout(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """How many processes ran the job and how (what a checkpoint records and a resume must match):
+    the world size decides the global batch and the data each rank takes; the parallelism, how the
+    optimizer state is stored (a plain state_dict, or whole tensors by parameter name under fsdp)."""
+    return {"world_size": world, "parallelism": cfg.parallelism if world > 1 else None}
+
+
+def check_resumable(cfg: TrainConfig, state: dict[str, Any], fingerprint: str, path: Path, world: int = 1) -> None:
+    """The checkpoint at `path` was trained with this config's data order and LoRA shape, on as many
+    processes (and with the same parallelism) as this job has."""
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
+        raise ConfigError(f"resume_from_checkpoint: {path.name} was written by a job of {saved_world} "
+                          f"process{'es' if saved_world != 1 else ''}, this one has {world}; resume with the same "
+                          f"world size (torchrun --nproc-per-node {saved_world}" + (", or no torchrun" if saved_world == 1
+                                                                                    else "") + ")")
+    layout = run_layout(cfg, world)
+    if state.get("parallelism") != layout["parallelism"]:
+        raise ConfigError(f"resume_from_checkpoint: {path.name} was trained with parallelism: {state.get('parallelism')}, "
+                          f"the config has {layout['parallelism']}; resume with the same parallelism")
     saved = state.get("resume_keys", {})
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(cfg, key):

@@ -1,4 +1,5 @@
-"""The jobs tests/test_distributed.py runs under `python -m torch.distributed.run --nproc-per-node 2`.
+"""The jobs tests/test_distributed.py (and test_train_distributed.py) run under `python -m torch.distributed.run
+--nproc-per-node 2`.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_jobs.py JOB OUT_DIR [ARGS]
 
@@ -229,7 +230,25 @@ def job_raise(out: dict, where: str) -> None:
     raise AssertionError("rank 0 was not stopped")
 
 
-JOBS = {"train": job_train, "save": job_save, "resume": job_resume, "raise": job_raise}
+def job_cli_graphed(out: dict, *args: str) -> None:
+    """`surogate train ARGS` down its CUDA-graph path under DDP, on the CPU: MicroStep's GraphedStep with
+    EagerCapture (the graph bookkeeping, each replay run eagerly), the model unwrapped, the gradients
+    all-reduced after the last micro-step (tests/test_train_distributed.py)."""
+    import surogate.train as train_module
+    from surogate import graphed_step
+    from surogate.cli import main as cli
+
+    class Eager(graphed_step.GraphedStep):
+        def __init__(self, model, **kwargs):
+            super().__init__(model, capture=graphed_step.EagerCapture(), pad_to=1, **kwargs)
+
+    graphed_step.GraphedStep = Eager
+    train_module.wants_cuda_graphs = lambda cfg, device: True
+    out["code"] = cli(["train", *args])
+
+
+JOBS = {"train": job_train, "save": job_save, "resume": job_resume, "raise": job_raise,
+        "cli_graphed": job_cli_graphed}
 
 
 def main() -> None:

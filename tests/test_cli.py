@@ -245,3 +245,16 @@ def test_info_prints_every_recipe(arch, capsys):
         assert name in out
     if arch:
         assert arch in out
+
+
+def test_info_says_how_several_processes_would_run(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["info", "--no-sass"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("distributed"))
+    assert "not launched by torchrun (one process); backends: NCCL" in line and "gloo yes" in line
+    assert "torchrun --nproc-per-node N -m surogate.cli train cfg.yaml" in line
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["info", "--no-sass"]) == 0
+    assert "distributed   launched: rank 2 of 4 (local rank 0)" in capsys.readouterr().out

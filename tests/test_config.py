@@ -165,6 +165,23 @@ def test_trainer_keys_accepted():
     assert from_dict({"report_to": ["tensorboard"]}).report_to == ["tensorboard"]  # installed by the test extra
 
 
+@pytest.mark.parametrize("raw, expect", [
+    ({"parallelism": "tp"}, r"^parallelism: 'tp' is not one of ddp, fsdp"),
+    ({"fsdp_lora": "offloaded"}, r"^fsdp_lora: 'offloaded' is not one of replicated, sharded"),
+    ({"fsdp_lora": "sharded"}, r"^fsdp_lora: sharded needs parallelism: fsdp"),
+    ({"parallelism": "fsdp", "cuda_graphs": True}, r"^cuda_graphs: true cannot run with parallelism: fsdp"),
+])
+def test_parallelism_keys_checked(raw, expect):
+    with pytest.raises(ConfigError, match=expect):
+        from_dict(raw)
+
+
+def test_parallelism_keys_accepted():
+    assert (from_dict({}).parallelism, from_dict({}).fsdp_lora) == ("ddp", "replicated")
+    cfg = from_dict({"parallelism": "fsdp", "fsdp_lora": "sharded", "cuda_graphs": "auto"})
+    assert (cfg.parallelism, cfg.fsdp_lora) == ("fsdp", "sharded")
+
+
 def test_eval_steps_needs_an_eval_split():
     with pytest.raises(ConfigError, match=r"^eval_steps: set, but there is no eval split"):
         from_dict({"eval_steps": 10, "dataset": {"eval_split": None}})
