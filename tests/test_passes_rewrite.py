@@ -96,8 +96,18 @@ def test_checker_refuses_float32_activations():
     assert torch.allclose(gm(*inputs)[0], model(x))
 
 
-def test_checker_refuses_a_refused_plan():
-    # fp8 compute on an arch without FP8 tensor cores is refused by the plan; sm_89 has them.
+def test_checker_refuses_a_refused_plan(monkeypatch):
+    # No (recipe, arch) pair of today's table is refused (FP4 is emulated where it is not native), so a
+    # refusing plan stands in for the one a future arch without FP8 tensor cores would give.
+    import types
+
+    import surogate.recipes as recipes
+    from surogate.recipes import Support
+
     meta = {"input_dtype": torch.bfloat16, "lora_rank": 4, "lora_b_rank": 4}
-    assert supports(get("fp8"), "sm_89", meta)
+    assert supports(get("fp8"), "sm_89", meta)  # sm_89 has FP8 tensor cores
+    monkeypatch.setattr(recipes, "plan", lambda recipe, arch: types.SimpleNamespace(support=Support.REFUSED))
+    assert not supports(get("fp8"), "sm_89", meta)
+    assert why_not(get("fp8"), "sm_89", meta) == "recipe fp8 is refused on sm_89"
+    monkeypatch.undo()
     assert why_not(get("bf16"), "cpu", {**meta, "lora_b_rank": 8}) == "LoRA A and B ranks differ"
