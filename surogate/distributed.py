@@ -639,16 +639,8 @@ def save_adapter(model: nn.Module, out_dir: "str | os.PathLike", **kwargs: Any) 
 
     peft_model = unwrap(model)
     weights, _ = gather_trainable_state(model) if dist.is_initialized() else (None, None)
-    if is_main():
-        if weights is None:
-            write(peft_model, out_dir, **kwargs)
-        else:
-            # PEFT reads `model.state_dict()`, which under FSDP2 holds shards: hand it the gathered one.
-            peft_model.state_dict = lambda *a, **k: weights  # instance attribute, removed below
-            try:
-                write(peft_model, out_dir, **kwargs)
-            finally:
-                del peft_model.state_dict
+    if is_main():  # under FSDP2 `model.state_dict()` holds shards: PEFT takes the gathered weights instead
+        write(peft_model, out_dir, state_dict=weights, **kwargs)
     barrier()
     return Path(out_dir)
 
