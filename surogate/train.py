@@ -384,16 +384,20 @@ class MicroBatches:
 
 
 class StopOnInterrupt:
-    """While the loop runs, the first Ctrl-C (SIGINT) asks it to stop after the current step, where a
-    checkpoint is saved; a second one stops at once. Outside the main thread nothing is installed."""
+    """While the loop runs, the first Ctrl-C (SIGINT) or, in one process, SIGTERM (what SLURM and other
+    schedulers send before they kill a job) asks it to stop after the current step, where a checkpoint is
+    saved; a second one stops at once. Under torchrun SIGTERM keeps its default: the agent sends it to the
+    other ranks when one fails, and they must end then, not finish a step. Outside the main thread nothing
+    is installed."""
 
-    def __init__(self, log: Log) -> None:
-        self.log, self.requested, self._previous, self._installed = log, False, None, False
+    def __init__(self, log: Log, distributed: bool = False) -> None:
+        self.log, self.requested, self._previous = log, False, {}
+        self.signals = (signal.SIGINT,) if distributed else (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "StopOnInterrupt":
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: signals go to the main one
             pass
         return self
@@ -403,13 +407,14 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         try:
-            self.log("interrupt: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+            self.log(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                     "(Ctrl-C again to stop at once)")
         except RuntimeError:  # the signal came in the middle of a write to the same stream ("reentrant call")
             pass
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
@@ -587,7 +592,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
         t_train = time.perf_counter()
         step, in_step = start - 1, False
-        with StopOnInterrupt(log) as stop:
+        with StopOnInterrupt(log, info.distributed) as stop:
             try:
                 for step in range(start, total + 1):
                     in_step, t0 = True, time.perf_counter()

@@ -136,22 +136,24 @@ def test_interrupt_while_saving_leaves_no_checkpoint(model_dir, tmp_path, monkey
     assert not list(out.glob(".checkpoint-*"))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, tmp_path, monkeypatch, capsys):
-    """SIGINT during a step: the step finishes, a checkpoint of it is saved, the CLI exits 130."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, tmp_path, monkeypatch, capsys, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) during a step: the step finishes, a checkpoint of
+    it is saved, the CLI exits 130."""
     import surogate.train as train_module
     from surogate.cli import main
 
     def sigint_at_step_2(record: dict) -> None:
         if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C or `timeout -s INT` would
+            os.kill(os.getpid(), sig)  # as Ctrl-C, `timeout -s INT` or a scheduler would
 
     real_train = train_module.train
     monkeypatch.setattr(train_module, "train", lambda cfg: real_train(cfg, on_step=sigint_at_step_2))
     config = write_config(tmp_path / "c.yaml", tiny_raw_config(model_dir, tmp_path / "out", max_steps=5,
                                                                 eval_steps=None, dataset={"eval_split": None}))
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(sig)
     assert main(["train", config]) == 130
-    assert signal.getsignal(signal.SIGINT) is previous  # the handler is the loop's only
+    assert signal.getsignal(sig) is previous  # the handler is the loop's only
     err = capsys.readouterr().err
     assert "checkpoint saved to" in err and err.rstrip().endswith("surogate: interrupted")
     assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "out")] == [2]
