@@ -8,7 +8,6 @@ example, by far more than bf16 rounding: each test checks that case too, so it c
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
