@@ -334,7 +334,8 @@ DECODE_BATCH = 16  # questions decoded together for --exact-match
 
 def runnable_recipes() -> dict[str, str]:
     """{recipe: support label} for every recipe (aliases left out) that this machine runs."""
-    from surogate.recipes import Support, names, plan
+    from surogate.recipes import names
+    from surogate.kernels.plan import Support, plan
 
     supports = {name: plan(name).support for name in names(include_aliases=False)}
     return {name: s.value for name, s in supports.items() if s is not Support.REFUSED}

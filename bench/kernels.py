@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from surogate.kernels import configs, launch  # noqa: E402
 from surogate.kernels import quantize as q  # noqa: E402
 from surogate.kernels.lora_linear import lora_linear_fp8  # noqa: E402
-from surogate.recipes import get, native_recipes, current_arch  # noqa: E402
+from surogate.recipes import get, current_arch  # noqa: E402
+from surogate.kernels.plan import native_recipes
 
 MODELS = {  # hidden, intermediate, q heads, kv heads (head dim 128)
     "0.6B": (1024, 3072, 16, 8),
@@ -111,10 +112,10 @@ def promote_accuracy() -> dict:
         c = make_case(1024, k, "fp8", seed=2)
         y_ref, _ = ref.lora_linear_ref(c["x"], c["wl"], "fp8_row", None, None, None, None, 1.0, "fp8", "fp8")
         for flag in (False, True):
-            configs.FP8_PROMOTE_OVERRIDE = flag
+            configs.FP8_PROMOTE = flag
             y, _ = launch.lora_linear_cuda(c["x"], c["wl"], "fp8_row", None, None, None, None, 1.0, "fp8", "fp8")
             out[f"K={k} promote={flag}"] = sqnr(y, y_ref)
-        configs.FP8_PROMOTE_OVERRIDE = None
+        configs.FP8_PROMOTE = False
         y_bf16 = c["x"].float() @ c["w"].float().t()  # the FP8 quantization noise itself, for scale
         out[f"K={k} fp8 vs bf16 math"] = sqnr(y_ref, y_bf16)
     return out
@@ -153,10 +154,10 @@ def bench(models: list[str], recipes: list[str]) -> list[dict]:
                                                    out_dtype=torch.bfloat16))
             t_gemm_fp8 = _time(lambda: lora_linear_fp8(xq, xs, w8[0], w8[1], None, None, None, 0.0))
             promote = {}
-            for flag in (False, True):  # fp8_promote's two sides, measured (configs.fp8_promote)
-                configs.FP8_PROMOTE_OVERRIDE = flag
+            for flag in (False, True):  # FP8_PROMOTE's two sides, measured (configs.FP8_PROMOTE)
+                configs.FP8_PROMOTE = flag
                 promote[str(flag)] = _time(lambda: lora_linear_fp8(xq, xs, w8[0], w8[1], None, None, None, 0.0))
-            configs.FP8_PROMOTE_OVERRIDE = None
+            configs.FP8_PROMOTE = False
             t_peft_f_eager = _time_eager(lambda: _peft_forward(base))
             t_fused_f_eager = _time_eager(lambda: _forward(base))
             row = dict(model=model, linear=lin, M=M_TOKENS, N=n, K=k, peft_fwd_ms=t_peft_f, peft_bwd_ms=t_peft_b,

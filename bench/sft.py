@@ -114,7 +114,7 @@ def model_config(key: str):
 
 def default_systems(arch: str) -> list[str]:
     """The peers and every recipe native on `arch` (emulated ones, fp4/qfp4 on sm_90, only when named)."""
-    from surogate.recipes import native_recipes
+    from surogate.kernels.plan import native_recipes
 
     return PEERS + [f"surogate:{r}" for r in native_recipes(arch)]
 

@@ -185,7 +185,7 @@ def available(system: str) -> str | None:
     if needs and importlib.util.find_spec(needs) is None:
         return f"{needs} is not installed"
     if system.startswith("surogate:"):
-        from surogate.recipes import Support, plan
+        from surogate.kernels.plan import Support, plan
 
         p = plan(surogate_system(system)[0])
         if p.support is Support.REFUSED:
@@ -201,7 +201,7 @@ def recipe_of(system: str) -> tuple[str, bool]:
     (NVFP4 recipes without FP4 tensor cores: measured, and labelled so in the tables)."""
     if not system.startswith("surogate:"):
         return PEER_RECIPES.get(system, "?"), False
-    from surogate.recipes import Support, plan
+    from surogate.kernels.plan import Support, plan
 
     recipe = surogate_system(system)[0]
     return recipe, plan(recipe).support is Support.EMULATED

@@ -86,7 +86,7 @@ def train(model, data, lr=1e-3) -> dict:
 
 def main() -> None:
     import surogate
-    from surogate.recipes import native_recipes
+    from surogate.kernels.plan import native_recipes
 
     p = argparse.ArgumentParser()
     p.add_argument("--data", default="surogate/data/gsm8k/train.jsonl")

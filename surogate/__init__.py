@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 from surogate import recipes  # noqa: E402  (pure data, cheap)
 
 _LAZY = {
-    "formats": ("surogate.formats", None),
+    "formats": ("surogate.ops.formats", None),
     "ops": ("surogate.ops", None),
     "compile": ("surogate.compiler", "compile"),
+    "plan": ("surogate.kernels.plan", "plan"),
     "save_adapter": ("surogate.adapters", "save_adapter"),
     "load_adapter": ("surogate.adapters", "load_adapter"),
     "merge": ("surogate.adapters", "merge"),

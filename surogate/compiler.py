@@ -6,7 +6,7 @@ frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free th
 compile each decoder block with Dynamo and the surogate backend (regional compilation: one
 graph serves every identical block; the sequence dimension is marked dynamic); optionally
 checkpoint each block (its forward recomputed in the backward); route `labels=` calls through
-the chunked LM head + cross-entropy (`surogate.loss`).
+the chunked LM head + cross-entropy (`surogate.ops.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
 rewritten graph runs through AOTAutograd without Inductor (`aot_eager`: seconds of compile,
@@ -25,10 +25,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from surogate import attention
-from surogate.modules import SurogateLinear, parameter_counts
+from surogate.ops import attention
+from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.passes import CompileReport, PassContext, run_pipeline
-from surogate.recipes import Recipe, get, normalize_arch, plan
+from surogate.recipes import Recipe, get, normalize_arch
+from surogate.kernels.plan import plan
 from surogate.recipes.arch import CPU, current_arch
 
 # PEFT target names tried first ("where they exist"): separate and fused projections.
@@ -530,7 +531,7 @@ def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
 # --- LM head + loss -----------------------------------------------------------------------------------
 
 def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
-    """Route `labels=` calls through `surogate.loss.lm_head_cross_entropy` (no full FP32 logits)."""
+    """Route `labels=` calls through `surogate.ops.loss.lm_head_cross_entropy` (no full FP32 logits)."""
     config = getattr(hf, "config", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     backbone = getattr(hf, "base_model", hf)
@@ -546,7 +547,7 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        from surogate.loss import lm_head_cross_entropy
+        from surogate.ops.loss import lm_head_cross_entropy
 
         if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
             with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache

@@ -446,7 +446,7 @@ def _quantized_parts_as_parameters(model: nn.Module) -> int:
     """Re-register each `SurogateLinear`'s weight list (`w0..wn`, buffers) as frozen parameters, which
     FSDP2 shards (it leaves buffers whole). 0-d parts (a tensor scale, an NF4 mean: 4 bytes) stay
     buffers, as `fully_shard` refuses scalar parameters. The bytes themselves are not touched."""
-    from surogate.modules import SurogateLinear
+    from surogate.ops.modules import SurogateLinear
 
     moved = 0
     for module in model.modules():

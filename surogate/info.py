@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
-from surogate.recipes import ARCHS, Support, current_arch, names, normalize_arch, plan
+from surogate.recipes import ARCHS, current_arch, names, normalize_arch
+
+from surogate.kernels.plan import Support, plan
 
 
 @dataclass(frozen=True)

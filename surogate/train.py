@@ -215,7 +215,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device, model: nn.Module |
     labels are -100; without a mask the step keeps the causal flash kernel."""
     from peft import PeftModel
 
-    from surogate.attention import original_implementation
+    from surogate.ops.attention import original_implementation
 
     hf = model.base_model.model if isinstance(model, PeftModel) else model  # evaluate() takes plain models too
     drop = model is not None and original_implementation(hf) is not None
@@ -490,14 +490,14 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 
 def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
            on_step: Callable[[dict], None] | None) -> TrainResult:
-    from surogate import recipes
+    from surogate.kernels.plan import plan
     from surogate.data import load_splits
-    from surogate.modules import parameter_counts
+    from surogate.ops.modules import parameter_counts
     from surogate.run_log import NullRunLog, RunLog
 
     t_start = time.perf_counter()
     main, world = info.is_main, info.world
-    recipes.plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
+    plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
     resume_dir = train_checks.resume_path(cfg)
     targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
     device = info.device if info.distributed else pick_device()

@@ -26,7 +26,8 @@ from surogate import info
 from surogate.kernels import catalog
 from surogate.kernels.aot import Build, BuildRequest, build_in_process, build_many, mma_class, parse_sass
 from surogate.kernels.catalog import KernelSpec
-from surogate.recipes import ARCHS, Compute, Support, names, plan
+from surogate.recipes import ARCHS, Compute, names
+from surogate.kernels.plan import Support, plan
 
 ALL_ARCHS = tuple(ARCHS)
 

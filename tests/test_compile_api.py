@@ -11,7 +11,7 @@ from torch import nn
 
 import surogate
 from surogate.compiler import AlreadyCompiledError
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 from surogate.recipes import RecipeNotSupportedError
 
 
@@ -167,7 +167,7 @@ def test_no_deprecation_notice_from_our_own_calls():
 @pytest.mark.parametrize("recipe, frozen_bytes_per_weight", [("bf16", 2.0), ("qfp8", 1.0), ("qnf4", 0.5)])
 def test_parameter_counts(recipe, frozen_bytes_per_weight):
     """trainable = the LoRA factors; frozen = the base's elements, also when quantized; bytes as stored."""
-    from surogate.modules import parameter_counts
+    from surogate.ops.modules import parameter_counts
 
     reference = _qwen3()
     base = sum(p.numel() for p in reference.parameters())

@@ -107,6 +107,6 @@ def test_model_matches_eager_peft_and_trains(arch_name, recipe):
         loss.backward()
     assert torch.isfinite(loss) and loss.item() < 0.9 * first
     # One block graph for every layer and every step; models that mix sliding-window and full layers
-    # (Gemma 2) compile one per layer type: the attention reads its window (surogate/attention.py).
+    # (Gemma 2) compile one per layer type: the attention reads its window (surogate/ops/attention.py).
     layer_types = getattr(compiled.base_model.model.config, "layer_types", None) or ["full_attention"]
     assert report.graphs == len(set(layer_types[:2]))  # the tiny models have 2 layers

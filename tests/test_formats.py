@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import surogate.formats as sf
+import surogate.ops.formats as sf
 from surogate.kernels import reference as ref
 from surogate.recipes.formats import FP4_E2M1_VALUES
 

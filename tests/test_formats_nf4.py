@@ -29,7 +29,7 @@ from bnb_decode import BNB_NF4, decode_blockwise, decode_nf4
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import surogate.formats
+import surogate.ops.formats
 from surogate.kernels import reference as ref
 from surogate.recipes.formats import NF4_VALUES
 
@@ -65,7 +65,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_equal_to_bnb(x: torch.Tensor, double_quant: bool) -> None:
     packed, state = _bnb(x, double_quant)
-    q = surogate.formats.quantize(x, "nf4", double_quant=double_quant)
+    q = surogate.ops.formats.quantize(x, "nf4", double_quant=double_quant)
     assert torch.equal(q.packed, packed.reshape(-1)), "packed bytes differ"
     assert state.nested == double_quant and tuple(state.shape) == tuple(x.shape) and state.dtype == x.dtype
     if double_quant:
@@ -137,7 +137,7 @@ def test_decoder_round_trips_code_values_exactly(shape):
     dec = decode_nf4(packed, state)
     assert dec.dtype == torch.float32 and dec.shape == x.shape
     assert torch.equal(dec, x)
-    assert torch.equal(surogate.formats.quantize(x, "nf4", double_quant=False).dequantize(), x)
+    assert torch.equal(surogate.ops.formats.quantize(x, "nf4", double_quant=False).dequantize(), x)
 
 
 @pytest.mark.parametrize("shape", SHAPES_FOR_DECODER + [(1000, 64)])  # (1000, 64): 1000 absmaxes, 4 groups
@@ -155,7 +155,7 @@ def test_decoder_double_quant_from_first_principles(shape):
     group_max = torch.nn.functional.pad(dev, (0, (-dev.numel()) % 256)).reshape(-1, 256).amax(-1)
     bound = 0.0071 * group_max.repeat_interleave(256)[: absmax.numel()] + 1e-6 * absmax
     assert ((a_hat.double() - absmax.double()).abs() <= bound).all()
-    assert torch.equal(surogate.formats.quantize(x, "nf4").dequantize().reshape(-1), dec)
+    assert torch.equal(surogate.ops.formats.quantize(x, "nf4").dequantize().reshape(-1), dec)
 
 
 @pytest.mark.parametrize("shape", [(700, 96), (5, 64), (300, 256), (77,), (1000, 64)])

@@ -11,12 +11,13 @@ import types
 import torch
 
 from surogate.kernels import configs, cublas
+from surogate.kernels.variants import BF16_CUBLAS_MIN_K, CublasRule, cublas_takes
 
 
 def test_cpu_tensors_and_forced_triton_never_route_to_cublas(monkeypatch):
     x = torch.zeros(4096, 4096, dtype=torch.bfloat16)
-    assert not cublas.bf16_usable(x, 4096)
-    assert not cublas.block_fp8_usable(x.to(torch.float8_e4m3fn), 4096, 4096)
+    assert not cublas.available(x, CublasRule.BF16_LONG_REDUCTION)
+    assert not cublas.available(x.to(torch.float8_e4m3fn), CublasRule.BLOCK_FP8_SM90)
     cuda_like = types.SimpleNamespace(is_cuda=True)
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     assert cublas._on_cuda(cuda_like)
@@ -25,10 +26,23 @@ def test_cpu_tensors_and_forced_triton_never_route_to_cublas(monkeypatch):
 
 
 def test_bf16_goes_to_cublas_from_a_reduction_of_4096(monkeypatch):
+    assert cublas_takes(CublasRule.BF16_LONG_REDUCTION, "sm_90", 8, 8, BF16_CUBLAS_MIN_K)
+    assert not cublas_takes(CublasRule.BF16_LONG_REDUCTION, "sm_90", 8, 8, BF16_CUBLAS_MIN_K - 1)
     monkeypatch.setattr(cublas, "_on_cuda", lambda a: True)
     x = torch.zeros(8, 8, dtype=torch.bfloat16)
-    assert cublas.bf16_usable(x, cublas.BF16_CUBLAS_MIN_K) and not cublas.bf16_usable(x, cublas.BF16_CUBLAS_MIN_K - 1)
-    assert not cublas.bf16_usable(x.half(), 8192)  # other dtypes keep the Triton kernel
+    assert cublas.available(x, CublasRule.BF16_LONG_REDUCTION)
+    assert not cublas.available(x.half(), CublasRule.BF16_LONG_REDUCTION)  # other dtypes keep the Triton kernel
+    assert not cublas.available(x, CublasRule.NEVER)
+
+
+def test_block_fp8_rule_needs_sm90_and_aligned_shapes():
+    rule = CublasRule.BLOCK_FP8_SM90
+    assert cublas_takes(rule, "sm_90", 784, 1024, 2048)
+    assert not cublas_takes(rule, "sm_90", 777, 1024, 2048)  # M % 4: cuBLASLt answered NOT_SUPPORTED
+    assert not cublas_takes(rule, "sm_90", 784, 1024, 640)  # the reduction % 512
+    assert not cublas_takes(rule, "sm_90", 784, 1000, 2048)  # the output % 16
+    assert not cublas_takes(rule, "sm_89", 784, 1024, 2048)  # only measured faster on sm_90
+    assert not cublas_takes(rule, "sm_90", 0, 1024, 2048)
 
 
 def test_bf16_gemm_adds_bias_and_the_scaled_lora_term():

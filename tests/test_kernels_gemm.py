@@ -14,17 +14,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surogate.kernels import configs, launch
+from surogate.kernels import configs, launch, variants
 from surogate.kernels import reference as ref
-from surogate.kernels.grad_input import GRAD_INPUT_LAUNCHERS
-from surogate.kernels.lora_linear import FORWARD_LAUNCHERS
 from surogate.kernels.quantize import quantize_weight
 from surogate.recipes import ARCHS
-from surogate.recipes.arch import FORWARD_KERNELS, GRAD_INPUT_KERNELS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (forward/grad compute, weight format): every pair the arch table names a kernel for.
-PAIRS = sorted({(c.value, w.value) for c, w in FORWARD_KERNELS} - {("bf16", "nvfp4_cached")})
+# (forward/grad compute, weight format): every pair the kernel table has a variant for.
+PAIRS = sorted({(v.compute.value, v.weight_format.value) for v in variants.VARIANTS
+                if v.gemm is variants.Gemm.OUTPUT} - {("bf16", "nvfp4_cached")})
 FLOOR = 40.0
 NVFP4_SR_FLOOR = 12.0  # NVFP4 dgrad: stochastic rounding from another RNG than the reference's
 
@@ -126,16 +124,19 @@ def test_plain_linear_without_lora(pair) -> None:
     assert sqnr(gi, ref.lora_linear_backward_ref(go, x, wl, fmt, None, None, None, h_r, 1.0, compute)[0]) > FLOOR
 
 
-def test_every_arch_table_kernel_has_a_launcher() -> None:
-    assert set(FORWARD_KERNELS.values()) <= set(FORWARD_LAUNCHERS)
-    assert set(GRAD_INPUT_KERNELS.values()) <= set(GRAD_INPUT_LAUNCHERS)
-    assert launch.kernel_name("output", "fp8", "fp8_block") == "lora_linear_fp8_block"
-    assert launch.kernel_name("grad_input", "bf16", "nf4") == "grad_input_dequant_nf4"
+def test_every_variant_has_its_launcher() -> None:
+    from surogate.kernels import grad_input, lora_linear
+
+    for v in variants.VARIANTS:
+        module = lora_linear if v.gemm is variants.Gemm.OUTPUT else grad_input
+        assert callable(getattr(module, v.launcher)), v
+    assert variants.variant("output", "fp8", "fp8_block").kernel == "lora_linear_fp8_block"
+    assert variants.variant("grad_input", "bf16", "nf4").kernel == "grad_input_dequant_nf4"
 
 
 def test_bad_input_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="valid pairs"):
-        launch.kernel_name("output", "fp8", "nf4")
+        variants.variant("output", "fp8", "nf4")
     x, w, a, b, bias, go, wl = _case(3, 64, 128, 4, "bf16", seed=3)
     nf4 = quantize_weight(torch.randn(64, 96, device=DEVICE).bfloat16(), "nf4")
     with pytest.raises(ValueError, match="divisible by 64"):
@@ -165,11 +166,12 @@ def test_dequantize_to_scratch_equals_the_fused_dequant_path(fmt, monkeypatch) -
     x, w, a, b, bias, go, wl = _case(37, 96, 128, 4, fmt, seed=3)
     results = []
     for min_rows in (10**9, 1):  # fused in-register dequantization, then the scratch buffer
-        monkeypatch.setattr(launch, "DEQUANT_SCRATCH_MIN_ROWS", min_rows)
-        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, "bf16", "bf16")
-        grads = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, "bf16")
+        monkeypatch.setattr(variants, "DEQUANT_SCRATCH_MIN_ROWS", min_rows)
+        with variants.trace() as ran:
+            y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, "bf16", "bf16")
+            grads = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, "bf16")
+        assert [r.scratch for r in ran] == [min_rows == 1] * 2  # the threshold decided both GEMMs
         results.append((y, grads[0]))
-    assert launch.dequantize_to_scratch(1)  # monkeypatched threshold is in force
     (y_fused, gi_fused), (y_scratch, gi_scratch) = results
     assert sqnr(y_scratch, y_fused) > FLOOR
     assert sqnr(gi_scratch, gi_fused) > FLOOR

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from surogate.loss import chunk_rows, lm_head_cross_entropy
+from surogate.ops.loss import chunk_rows, lm_head_cross_entropy
 
 
 def _data(b=2, s=7, h=24, v=37, seed=0):

@@ -1,5 +1,5 @@
 """Packed rows keep their example boundaries: per-token losses of a packed row equal those of its
-examples run alone, on CPU, through `surogate.compile`'s attention (surogate/attention.py).
+examples run alone, on CPU, through `surogate.compile`'s attention (surogate/ops/attention.py).
 
 A packed row here is several examples laid end to end with `position_ids` restarting at 0 (Hugging
 Face's padding-free convention). Attending across examples changes every token after the first
@@ -15,7 +15,7 @@ import transformers as T
 from test_compile_models import tiny_config
 
 import surogate
-from surogate.attention import segment_ids
+from surogate.ops.attention import segment_ids
 from surogate.compiler import _attach_lora
 
 LENGTHS = (5, 9, 7)

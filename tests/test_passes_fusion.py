@@ -10,7 +10,7 @@ from torch import nn
 
 from toy_layers import rms_norm
 
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 from surogate.passes import PassContext, nodes, run_pipeline
 from surogate.passes.capture import capture_graph
 

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 from surogate.passes import PassContext
 from surogate.passes.capture import capture_graph
 from surogate.passes.match import match_lora_linears

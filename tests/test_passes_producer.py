@@ -23,7 +23,7 @@ import surogate
 from surogate import ops
 from surogate.compiler import _attach_lora
 from surogate.kernels import reference as ref
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 from surogate.passes import PIPELINE, PassContext, nodes, producer, run_pipeline
 from surogate.passes.capture import capture_graph
 

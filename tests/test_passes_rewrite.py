@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 from surogate.passes import PassContext, nodes, run_pipeline
 from surogate.passes.capture import capture_graph
 from surogate.passes.match import match_lora_linears
@@ -101,12 +101,12 @@ def test_checker_refuses_a_refused_plan(monkeypatch):
     # refusing plan stands in for the one a future arch without FP8 tensor cores would give.
     import types
 
-    import surogate.recipes as recipes
-    from surogate.recipes import Support
+    from surogate.kernels.plan import Support
+    from surogate.passes import rewrite
 
     meta = {"input_dtype": torch.bfloat16, "lora_rank": 4, "lora_b_rank": 4}
     assert supports(get("fp8"), "sm_89", meta)  # sm_89 has FP8 tensor cores
-    monkeypatch.setattr(recipes, "plan", lambda recipe, arch: types.SimpleNamespace(support=Support.REFUSED))
+    monkeypatch.setattr(rewrite, "plan", lambda recipe, arch: types.SimpleNamespace(support=Support.REFUSED))
     assert not supports(get("fp8"), "sm_89", meta)
     assert why_not(get("fp8"), "sm_89", meta) == "recipe fp8 is refused on sm_89"
     monkeypatch.undo()

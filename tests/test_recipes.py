@@ -8,19 +8,16 @@ import sys
 import pytest
 
 import surogate
+from surogate.kernels.plan import Support, native_recipes, plan
 from surogate.recipes import (
     ARCHS,
-    ActivationScaling,
     Compute,
     RecipeNotSupportedError,
-    Support,
     WeightFormat,
     get,
     get_format,
     names,
-    native_recipes,
     normalize_arch,
-    plan,
     register,
 )
 
@@ -62,10 +59,10 @@ def test_recipes_are_frozen_and_replace_makes_a_variant():
     fp8 = get("fp8")
     with pytest.raises(Exception):
         fp8.name = "x"  # type: ignore[misc]
-    delayed = fp8.replace(activation_scaling=ActivationScaling.DELAYED)
-    assert delayed.activation_scaling is ActivationScaling.DELAYED
-    assert fp8.activation_scaling is ActivationScaling.ROW
-    assert delayed.amax_history_len == 16
+    bf16_only = fp8.replace(forward=Compute.BF16, grad_input=Compute.BF16)
+    assert (bf16_only.forward, bf16_only.grad_input) == (Compute.BF16, Compute.BF16)
+    assert (fp8.forward, fp8.grad_input) == (Compute.FP8, Compute.FP8)
+    assert bf16_only.weight_format is fp8.weight_format
 
 
 @pytest.mark.parametrize("name, storage, frees", [

@@ -17,7 +17,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from surogate.kernels.aot import Build, BuildRequest, mma_class
-from surogate.recipes import ARCHS, Compute, Support, names, normalize_arch, plan
+from surogate.kernels.plan import Support, plan
+from surogate.recipes import ARCHS, Compute, names, normalize_arch
 
 # GEMMs in the plan that are not Triton kernels, and what runs instead.
 NOT_TRITON: Mapping[str, str] = MappingProxyType({
@@ -62,10 +63,7 @@ class KernelSpec:
 
     def expected_mma(self, arch: str) -> str | None:
         """The MMA class this kernel must use on `arch` (from the arch table); None: no MMA."""
-        info = ARCHS[normalize_arch(arch)]
-        if self.precision is None:
-            return None
-        return {Compute.BF16: info.mma_bf16, Compute.FP8: info.mma_fp8, Compute.NVFP4: info.mma_fp4}[self.precision]
+        return None if self.precision is None else ARCHS[normalize_arch(arch)].mma(self.precision)
 
     def request(self, arch: str) -> BuildRequest:
         """The AOT build request for `arch`: config tiles, per-arch constexprs, specialized ints."""
@@ -161,48 +159,54 @@ def _first_config(configs: list, name: str, arch: str) -> Any:
 
 
 def _gemm_specs() -> list[KernelSpec]:
-    """The forward and dgrad kernels, as `surogate/kernels/launch.py` calls them."""
+    """The forward and dgrad kernels: one spec per Triton kernel of the variant table (kernels/variants.py),
+    with the modes, config family and operand types the table gives it."""
+    from surogate.kernels import configs
     from surogate.kernels import lora_linear as ll
-    from surogate.kernels.configs import block_r, fp8_promote
+    from surogate.kernels import variants as V
+    from surogate.kernels.configs import block_r
 
     m, n, k, r = SHAPE["M"], SHAPE["N"], SHAPE["K"], SHAPE["R"]
     unused = "*bf16"  # the launcher passes the output as a dummy pointer for unused operands
-    weights = {  # W_MODE -> (w_ptr, ws_ptr, aux0, aux1, aux2, table) types
-        ll.W_BF16: ("*bf16", unused, unused, unused, unused, unused),
-        ll.W_FP8_ROW: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
-        ll.W_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
-        ll.W_DEQ_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused, unused),
-        ll.W_DEQ_NVFP4: ("*u8", "*fp8e4nv", "*fp32", unused, unused, "*fp32"),
-        ll.W_DEQ_NF4: ("*u8", "*fp32", "*u8", "*fp32", "*fp32", "*fp32"),
+    weights = {  # W_MODE -> (w_ptr, ws_ptr, aux0, aux1, aux2) types
+        V.W_BF16: ("*bf16", unused, unused, unused, unused),
+        V.W_FP8_ROW: ("*fp8e4nv", "*fp32", unused, unused, unused),
+        V.W_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused),
+        V.W_DEQ_FP8_BLOCK: ("*fp8e4nv", "*fp32", unused, unused, unused),
+        V.W_DEQ_NVFP4: ("*u8", "*fp8e4nv", "*fp32", unused, unused),
+        V.W_DEQ_NF4: ("*u8", "*fp32", "*u8", "*fp32", "*fp32"),
     }
+    a_types = {V.Quantizer.NONE: "*bf16", V.Quantizer.FP8_ROW_E4M3: "*fp8e4nv", V.Quantizer.FP8_ROW_E5M2: "*fp8e5",
+               V.Quantizer.FP8_BLOCK_E4M3: "*fp8e4nv"}
 
-    def promote(a_mode: int):
-        return lambda arch: {"FP8_PROMOTE": a_mode == ll.A_FP8_ROW and fp8_promote(arch, k)}
-
-    def spec(name, a_mode, a_type, w_mode, trans_w, precision, family, operands, what, ws_strides=None):
-        w, ws, aux0, aux1, aux2, table = weights[w_mode]
-        a_scale = "*fp32" if a_mode != ll.A_BF16 else unused
-        signature = dict(a_ptr=a_type, as_ptr=a_scale, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1,
-                         aux2_ptr=aux2, table_ptr=table, h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16",
+    def spec(v: V.Variant) -> KernelSpec:
+        w, ws, aux0, aux1, aux2 = weights[v.w_mode]
+        a_scale = "*fp32" if v.a_mode != V.A_BF16 else unused
+        signature = dict(a_ptr=a_types[v.quantizer], as_ptr=a_scale, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0,
+                         aux1_ptr=aux1, aux2_ptr=aux2, h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16",
                          out_ptr="*bf16", lora_scale="fp32")
         # Strides of contiguous operands: forward U = lora_b (N, r); dgrad U = lora_a^T, a (K, r) view.
-        w_strides = (0, 0) if w_mode == ll.W_DEQ_NF4 else (k, 1)
-        ws_strides = ws_strides or {ll.W_FP8_ROW: (1, 0), ll.W_FP8_BLOCK: (k // 128, 1), ll.W_DEQ_FP8_BLOCK: (k // 128, 1),
-                      ll.W_DEQ_NVFP4: (k // 16, 1), ll.W_DEQ_NF4: (1, 0), ll.W_BF16: (n, 1)}[w_mode]
+        w_strides = (0, 0) if v.w_mode == V.W_DEQ_NF4 else (k, 1)
+        if v.gemm is V.Gemm.GRAD_INPUT and v.w_mode == V.W_FP8_BLOCK:
+            ws_strides = (1, k // 128)  # the K-major copy's scales: a transposed view
+        else:
+            ws_strides = {V.W_FP8_ROW: (1, 0), V.W_FP8_BLOCK: (k // 128, 1), V.W_DEQ_FP8_BLOCK: (k // 128, 1),
+                          V.W_DEQ_NVFP4: (k // 16, 1), V.W_DEQ_NF4: (1, 0), V.W_BF16: (n, 1)}[v.w_mode]
         # Activation scales: per row (M, 1); 1x128 blocks (M, K/128) stored M-contiguous.
-        as_strides = {ll.A_BF16: (n, 1), ll.A_FP8_ROW: (1, 1), ll.A_FP8_BLOCK: (1, m)}[a_mode]
-        u_strides = (1, k) if trans_w else (r, 1)
-        ints = dict(M=m, N=n, K=k, R=r, Kw=k if w_mode == ll.W_DEQ_NF4 else 0,
+        as_strides = {V.A_BF16: (n, 1), V.A_FP8_ROW: (1, 1), V.A_FP8_BLOCK: (1, m)}[v.a_mode]
+        u_strides = (1, k) if v.trans_w else (r, 1)
+        ints = dict(M=m, N=n, K=k, R=r, Kw=k if v.w_mode == V.W_DEQ_NF4 else 0,
                     stride_am=k, stride_ak=1, stride_asm=as_strides[0], stride_ask=as_strides[1],
                     stride_w0=w_strides[0], stride_w1=w_strides[1], stride_ws0=ws_strides[0],
                     stride_ws1=ws_strides[1], stride_hm=r, stride_hr=1, stride_un=u_strides[0],
                     stride_ur=u_strides[1], stride_om=n, stride_on=1)
-        constexprs = dict(A_MODE=a_mode, W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=True, HAS_BIAS=False,
+        constexprs = dict(A_MODE=v.a_mode, W_MODE=v.w_mode, TRANS_W=v.trans_w, HAS_LORA=True, HAS_BIAS=False,
                           UPCAST=False, FP8_PROMOTE=False, BLOCK_R=block_r(r))
-        return _gemm_spec(name, ll._lora_gemm_kernel, signature, constexprs, precision, family, operands, ints,
-                          what, per_arch=promote(a_mode))
+        promote = v.a_mode == V.A_FP8_ROW and configs.FP8_PROMOTE
+        return _gemm_spec(v.kernel, ll._lora_gemm_kernel, signature, constexprs, v.compute, v.family, v.operands,
+                          ints, v.what, per_arch=lambda arch: {"FP8_PROMOTE": promote})
 
-    def nvfp4_spec(name, what):
+    def nvfp4_spec(v: V.Variant) -> KernelSpec:
         signature = dict(a_ptr="*u8", as_ptr="*fp8e4nv", a_ts_ptr="*fp32", w_ptr="*u8", ws_ptr="*fp8e4nv",
                          w_ts_ptr="*fp32", h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",
                          lora_scale="fp32")
@@ -210,38 +214,13 @@ def _gemm_specs() -> list[KernelSpec]:
                     stride_wsn=k // 16, stride_hm=r, stride_hr=1, stride_un=r, stride_ur=1, stride_om=n,
                     stride_on=1)
         constexprs = dict(HAS_LORA=True, HAS_BIAS=False, UPCAST=False, BLOCK_R=block_r(r))
-        return _gemm_spec(name, ll._lora_gemm_nvfp4_kernel, signature, constexprs, Compute.NVFP4, "nvfp4", None,
-                          ints, what)
+        return _gemm_spec(v.kernel, ll._lora_gemm_nvfp4_kernel, signature, constexprs, v.compute, v.family, None,
+                          ints, v.what)
 
-    bf16, fp8, e4m3, e5m2 = Compute.BF16, Compute.FP8, "*fp8e4nv", "*fp8e5"
-    return [
-        spec("lora_linear_bf16", ll.A_BF16, "*bf16", ll.W_BF16, False, bf16, "bf16", "BF16",
-             "forward: bf16 x bf16 + LoRA epilogue"),
-        spec("lora_linear_fp8", ll.A_FP8_ROW, e4m3, ll.W_FP8_ROW, False, fp8, "fp8", "E4M3.E4M3",
-             "forward: E4M3 x E4M3, row/channel scales"),
-        spec("lora_linear_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E4M3.E4M3",
-             "forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
-        spec("lora_linear_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, False, bf16, "dequant",
-             "BF16", "forward: block-FP8 weight dequantized in registers, bf16 MMA"),
-        spec("lora_linear_dequant_nvfp4", ll.A_BF16, "*bf16", ll.W_DEQ_NVFP4, False, bf16, "dequant", "BF16",
-             "forward: NVFP4 weight dequantized in registers, bf16 MMA"),
-        spec("lora_linear_dequant_nf4", ll.A_BF16, "*bf16", ll.W_DEQ_NF4, False, bf16, "dequant", "BF16",
-             "forward: NF4 weight dequantized in registers, bf16 MMA"),
-        nvfp4_spec("lora_linear_nvfp4", "forward: NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled)"),
-        spec("grad_input_bf16", ll.A_BF16, "*bf16", ll.W_BF16, True, bf16, "bf16", "BF16",
-             "dgrad: bf16 grad x bf16 weight read transposed"),
-        spec("grad_input_fp8", ll.A_FP8_ROW, e5m2, ll.W_FP8_ROW, False, fp8, "fp8", "E5M2.E4M3",
-             "dgrad: E5M2 grad x cached K-major E4M3 transpose"),
-        spec("grad_input_fp8_block", ll.A_FP8_BLOCK, e4m3, ll.W_FP8_BLOCK, False, fp8, "fp8_block", "E4M3.E4M3",
-             "dgrad: E4M3 1x128 grad x block-FP8 weight made K-major", ws_strides=(1, k // 128)),
-        spec("grad_input_dequant_fp8_block", ll.A_BF16, "*bf16", ll.W_DEQ_FP8_BLOCK, True, bf16, "dequant",
-             "BF16", "dgrad: block-FP8 weight dequantized, read transposed"),
-        spec("grad_input_dequant_nvfp4", ll.A_BF16, "*bf16", ll.W_DEQ_NVFP4, True, bf16, "dequant", "BF16",
-             "dgrad: NVFP4 weight dequantized, read transposed"),
-        spec("grad_input_dequant_nf4", ll.A_BF16, "*bf16", ll.W_DEQ_NF4, True, bf16, "dequant", "BF16",
-             "dgrad: NF4 weight dequantized, read transposed"),
-        nvfp4_spec("grad_input_nvfp4", "dgrad: NVFP4 grad x NVFP4 K-major weight transpose"),
-    ]
+    first = {}  # one spec per kernel name (nvfp4 and nvfp4_cached share theirs)
+    for v in V.VARIANTS:
+        first.setdefault(v.kernel, v)
+    return [spec(v) if v.a_mode is not None else nvfp4_spec(v) for v in first.values()]
 
 
 def _quantizer_specs() -> list[KernelSpec]:

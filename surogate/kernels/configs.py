@@ -108,8 +108,13 @@ def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
     return [c for c in cands if _fits(c, 0.5, arch)]
 
 
-# Set by bench/kernels.py to measure both sides of `fp8_promote`; None: the heuristic decides.
-FP8_PROMOTE_OVERRIDE: bool | None = None
+# Whether FP8 tile products are added in FP32 each K step rather than kept in the MMA (fp8_row).
+# On sm_90 Triton accumulates FP8 wgmma products without FP32 promotion by default
+# (max_num_imprecise_acc = 2**30); over long K that can lose bits. Promoting each K step breaks the
+# wgmma accumulator chain: measured on the H100 (bench/NOTES.md runs 2-3) it cost 20-25% on 8B
+# shapes while the unpromoted result stayed far above the FP8 quantization noise against the FP32
+# reference, so it is off; bench/kernels.py sets it to measure both sides.
+FP8_PROMOTE: bool = False
 # True runs the Triton kernels where cuBLAS would (kernels/cublas.py), for measurement and tests.
 FORCE_TRITON_GEMMS: bool = False
 
@@ -120,20 +125,6 @@ def device_arch(index: int) -> str:
     import torch
 
     return normalize_arch(torch.cuda.get_device_capability(index))
-
-
-def fp8_promote(arch: str, k: int) -> bool:
-    """Whether FP8 tile products are added in FP32 each K step rather than kept in the MMA.
-
-    On sm_90 Triton accumulates FP8 wgmma products without FP32 promotion by default
-    (max_num_imprecise_acc = 2**30); over long K that can lose bits (DESIGN.md §3). Promoting
-    each K step breaks the wgmma accumulator chain: measured on the H100 (bench/NOTES.md runs 2-3)
-    it cost 20-25% on 8B shapes while the unpromoted result stayed far above the FP8
-    quantization noise against the FP32 reference, so it is off; the flag stays for measurement.
-    """
-    if FP8_PROMOTE_OVERRIDE is not None:
-        return FP8_PROMOTE_OVERRIDE
-    return False
 
 
 def block_r(r: int) -> int:

@@ -8,7 +8,8 @@ Measured on the H100 (bench/results/gemm_configs.md, kernels.md):
   cuBLAS + a separate LoRA GEMM; at the 0.6B shapes it is 1.0-1.4x faster (the fused LoRA epilogue
   saves a pass over the output), so those stay on Triton.
 The LoRA term is a second cuBLAS GEMM accumulating into the output (`addmm_`): one more read and
-write of it. Everything else, or a shape cuBLAS refuses, runs the Triton kernel;
+write of it. Which shapes go here is the kernel table's rule (`variants.CublasRule`, applied by
+`variants.route`); this module answers only whether cuBLAS can run at all (`available`) and runs it.
 `configs.FORCE_TRITON_GEMMS = True` runs Triton everywhere, for measurement and tests.
 """
 
@@ -18,9 +19,7 @@ import torch
 
 from surogate.compat import block_scaled_mm
 from surogate.kernels import configs
-
-# bf16 GEMMs whose reduction is at least this long go to cuBLAS (see the module docstring).
-BF16_CUBLAS_MIN_K = 4096
+from surogate.kernels.variants import CublasRule
 
 _PROBED: dict[int, bool] = {}  # device index -> cuBLASLt took a block-scaled GEMM
 
@@ -53,18 +52,21 @@ def _probe(device: torch.device) -> bool:
     return True
 
 
-def block_fp8_usable(a: torch.Tensor, n_out: int, k_red: int) -> bool:
-    """Whether `block_fp8_gemm` can run here: sm_90, a torch and cuBLASLt with block scaling, K a
-    multiple of 512 (cuBLAS reads the weight scales in groups of 4 blocks along K), N a multiple
-    of 16 and M of 4 (the activation scales' column stride, M floats, must be 16-byte aligned:
-    cuBLASLt answered NOT_SUPPORTED for M = 123 and 777 on the H100 and took 776, 780, 784)."""
-    if not _on_cuda(a) or block_scaled_mm() is None:
+def available(a: torch.Tensor, rule: CublasRule) -> bool:
+    """Whether cuBLAS can run a GEMM of `rule` on `a`'s device at all (the shape is `variants.route`'s
+    business): a CUDA tensor, not the interpreter nor `FORCE_TRITON_GEMMS`; for block-scaled FP8 also
+    a torch and cuBLASLt with block scaling, probed once per device (never inside a graph capture)."""
+    if rule is CublasRule.NEVER or not _on_cuda(a):
+        return False
+    if rule is CublasRule.BF16_LONG_REDUCTION:
+        return a.dtype == torch.bfloat16
+    if block_scaled_mm() is None:
         return False
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if configs.device_arch(index) != "sm_90" or k_red % 512 or n_out % 16 or a.shape[0] % 4 or a.shape[0] == 0:
+    if configs.device_arch(index) != "sm_90":  # the only arch where it was measured faster
         return False
     if index not in _PROBED:
-        if torch.cuda.is_current_stream_capturing():  # never probe inside a CUDA graph capture
+        if torch.cuda.is_current_stream_capturing():
             return False
         _PROBED[index] = _probe(a.device)
     return _PROBED[index]
@@ -82,11 +84,6 @@ def block_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     out = scaled_mm(a, b.t(), a_scale, scaling.BlockWise1x128, b_scale.contiguous().t(), scaling.BlockWise128x128,
                     output_dtype=torch.bfloat16)
     return _add_lora_and_bias(out, hidden, up, bias, lora_scale)
-
-
-def bf16_usable(a: torch.Tensor, k_red: int) -> bool:
-    """Whether a bf16 GEMM with reduction length `k_red` goes to cuBLAS (`BF16_CUBLAS_MIN_K`)."""
-    return _on_cuda(a) and k_red >= BF16_CUBLAS_MIN_K and a.dtype == torch.bfloat16
 
 
 def bf16_gemm(a: torch.Tensor, b: torch.Tensor, hidden: torch.Tensor | None, up: torch.Tensor | None,

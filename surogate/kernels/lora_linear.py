@@ -21,14 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.kernels import cublas, tuning
-from surogate.kernels.configs import block_r, device_arch, fp8_promote, interpreting
-from surogate.recipes.formats import FP4_E2M1_VALUES, NF4_VALUES
-
-# Operand modes: the single place where formats become constexpr integers (STYLE.md 4).
-A_BF16, A_FP8_ROW, A_FP8_BLOCK = 0, 1, 2
-W_BF16, W_FP8_ROW, W_FP8_BLOCK, W_DEQ_FP8_BLOCK, W_DEQ_NF4, W_DEQ_NVFP4 = 0, 1, 2, 3, 4, 5
-SCALE_BLOCK = 128  # the FP8 block size of activations (1x128) and weights (128x128)
+from surogate.kernels import configs, tuning
+from surogate.kernels.configs import block_r, interpreting
+from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, Variant
 
 
 def _gemm_metadata(grid, kernel, args):
@@ -58,7 +53,7 @@ def _nf4_value(c):
 
 
 @triton.jit
-def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, col0, n_rows, n_cols, Kw,
+def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_rows, n_cols, Kw,
                   stride_w0, stride_ws0, stride_ws1, R: tl.constexpr, C: tl.constexpr, W_MODE: tl.constexpr):
     """fp32 tile W[rows, col0:col0+C] in W's own layout (rows = N, cols = K), dequantized in registers.
 
@@ -67,7 +62,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, rows, 
     fp8_block: E4M3 (N, K) x FP32 scale per 128x128.
     nf4: packed bytes of the flattened (N*K) weight, element 2i in the high nibble; absmax per 64
     = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes double quant);
-    `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `_nf4_value` (`table_ptr` unused).
+    `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `_nf4_value`.
     nvfp4: packed (N, Kp/2), element 2i in the low nibble, E4M3 scale per 16 along K, FP32 tensor scale.
     """
     rmask = rows < n_rows
@@ -139,7 +134,7 @@ def _lora_epilogue(acc, h_ptr, u_ptr, rows_m, cols_n, mask_m, mask_n, R, stride_
 
 @triton.jit(launch_metadata=_gemm_metadata)
 def _lora_gemm_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr,
     h_ptr, u_ptr, bias_ptr, out_ptr,
     M, N, K, R, Kw,
     stride_am, stride_ak, stride_asm, stride_ask,
@@ -176,10 +171,10 @@ def _lora_gemm_kernel(
         # The weight tile as [BLOCK_K, BLOCK_N] (reduction x output).
         if W_MODE >= 3:  # dequantize in registers, in W's own layout, then a bf16 MMA
             if TRANS_W:  # dgrad: W rows are the reduction, W columns the output
-                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, kk, pid_n * BLOCK_N,
+                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, pid_n * BLOCK_N,
                                   K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
             else:
-                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, table_ptr, offs_n, k0,
+                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, offs_n, k0,
                                            N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
             w = w.to(tl.bfloat16)
         else:
@@ -295,22 +290,6 @@ def _lora_gemm_nvfp4_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-_TABLES: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def code_table(kind: str, device: torch.device) -> torch.Tensor:
-    """The 16 fp32 values of an NF4 or signed E2M1 code, cached per device."""
-    key = (kind, str(device))
-    if key not in _TABLES:
-        if kind == "nf4":
-            values = list(NF4_VALUES)
-        elif kind == "e2m1":
-            values = list(FP4_E2M1_VALUES) + [-v for v in FP4_E2M1_VALUES]
-        else:
-            raise ValueError(f"unknown code table {kind!r}")
-        _TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
-    return _TABLES[key]
-
 
 def _runner(kernel, family: str, device: torch.device, modes: tuple):
     """`run(grid, **kw)`: the kernel with the config tuned for its shape bucket (`tuning.py`), one
@@ -333,12 +312,12 @@ def _grid(M: int, N: int):
 def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
                      w: torch.Tensor, w_scale: torch.Tensor | None, w_mode: int, trans_w: bool, n_out: int,
                      hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
-                     lora_scale: float, *, aux: tuple = (None, None, None), table: torch.Tensor | None = None,
-                     kw: int = 0, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     lora_scale: float, *, aux: tuple = (None, None, None), kw: int = 0,
+                     family: str, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Run `_lora_gemm_kernel` on 2-D operands: `a (M, K)`, `hidden (M, r)`, `up (n_out, r)`.
 
-    `w` is read in its own coordinates (see `_load_weight_tile`); `kw` is W's row length for
-    the flattened nf4 layout. Returns `out (M, n_out)`.
+    `w` is read in its own coordinates (see `_dequant_tile`); `kw` is W's row length for the
+    flattened nf4 layout; `family` is the variant's tile-config family. Returns `out (M, n_out)`.
     """
     M, K = a.shape
     N = n_out
@@ -359,13 +338,11 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
     else:
         sw0, sw1 = w.stride(0), w.stride(1)
     sws0, sws1 = (ws.stride(0), ws.stride(1) if ws.dim() > 1 else 0) if ws.dim() > 0 else (0, 0)
-    family = {A_BF16: "bf16", A_FP8_ROW: "fp8", A_FP8_BLOCK: "fp8_block"}[a_mode] if w_mode < 3 else "dequant"
-    promote = a_mode == A_FP8_ROW and not interpreting() and fp8_promote(device_arch(a.device.index or 0), K)
+    promote = a_mode == A_FP8_ROW and not interpreting() and configs.FP8_PROMOTE
     run = _runner(_lora_gemm_kernel, family, a.device, (a_mode, w_mode, trans_w, has_lora, bias is not None))
     run(_grid(M, N),
         a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2,
-        table_ptr=table if table is not None else dummy, h_ptr=h, u_ptr=u,
-        bias_ptr=bias if bias is not None else dummy, out_ptr=out,
+        h_ptr=h, u_ptr=u, bias_ptr=bias if bias is not None else dummy, out_ptr=out,
         M=M, N=N, K=K, R=r, Kw=kw,
         stride_am=a.stride(0), stride_ak=a.stride(1),
         stride_asm=as_.stride(0) if as_.dim() > 0 else 0, stride_ask=as_.stride(1) if as_.dim() > 1 else 0,
@@ -378,64 +355,20 @@ def launch_lora_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
     return out
 
 
-def lora_linear_bf16(x, w, hidden, lora_b, bias, lora_scale):
-    """bf16 x bf16: x (M, K), w (N, K), hidden (M, r), lora_b (N, r); cuBLAS for long K (cublas.py)."""
-    if cublas.bf16_usable(x, w.shape[1]):
-        return cublas.bf16_gemm(x, w, hidden, lora_b, bias, lora_scale)
-    return launch_lora_gemm(x, None, A_BF16, w, None, W_BF16, False, w.shape[0], hidden, lora_b, bias, lora_scale)
-
-
-def lora_linear_fp8(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
-    """E4M3 x E4M3: row scales x (M, 1) and per-channel w (N,), both applied in the epilogue."""
-    return launch_lora_gemm(x_fp8, x_scale, A_FP8_ROW, w_fp8, w_scale, W_FP8_ROW, False, w_fp8.shape[0],
-                            hidden, lora_b, bias, lora_scale)
-
-
-def lora_linear_fp8_block(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
-    """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step
-    (cuBLAS on sm_90, see cublas.py)."""
-    if cublas.block_fp8_usable(x_fp8, w_fp8.shape[0], w_fp8.shape[1]):
-        return cublas.block_fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, hidden, lora_b, bias, lora_scale)
-    return launch_lora_gemm(x_fp8, x_scale, A_FP8_BLOCK, w_fp8, w_scale, W_FP8_BLOCK, False, w_fp8.shape[0],
-                            hidden, lora_b, bias, lora_scale)
-
-
-def lora_linear_dequant_fp8_block(x, w_fp8, w_scale, hidden, lora_b, bias, lora_scale):
-    """bf16 x (block FP8 weight dequantized in registers)."""
-    return launch_lora_gemm(x, None, A_BF16, w_fp8, w_scale, W_DEQ_FP8_BLOCK, False, w_fp8.shape[0],
-                            hidden, lora_b, bias, lora_scale)
-
-
-def lora_linear_dequant_nvfp4(x, packed, block_scale, tensor_scale, hidden, lora_b, bias, lora_scale):
-    """bf16 x (NVFP4 weight (N, K/2) dequantized in registers)."""
-    return launch_lora_gemm(x, None, A_BF16, packed, block_scale, W_DEQ_NVFP4, False, packed.shape[0],
-                            hidden, lora_b, bias, lora_scale, aux=(tensor_scale, None, None),
-                            table=code_table("e2m1", x.device))
-
-
-def lora_linear_dequant_nf4(x, nf4: list, shape, hidden, lora_b, bias, lora_scale):
-    """bf16 x (NF4 weight, double-quantized, dequantized in registers); `nf4` is the weight list."""
-    packed, absmax_q, absmax_scale, absmax_offset, absmax_code = nf4
-    n, k = shape
-    return launch_lora_gemm(x, None, A_BF16, packed, absmax_code, W_DEQ_NF4, False, n, hidden, lora_b, bias,
-                            lora_scale, aux=(absmax_q, absmax_scale, absmax_offset),
-                            table=code_table("nf4", x.device), kw=k)
-
-
-def lora_linear_nvfp4(x_packed, x_block_scale, x_tensor_scale, w_packed, w_block_scale, w_tensor_scale,
-                      hidden, lora_b, bias, lora_scale):
+def launch_nvfp4_gemm(a_packed, a_block_scale, a_tensor_scale, w_packed, w_block_scale, w_tensor_scale,
+                      hidden, up, bias, lora_scale) -> torch.Tensor:
     """NVFP4 x NVFP4 through tl.dot_scaled; both operands packed (rows, Kp/2) with (rows, Kp/16) scales."""
-    M, N, Kp = x_packed.shape[0], w_packed.shape[0], x_packed.shape[1] * 2
-    out = torch.empty((M, N), dtype=torch.bfloat16, device=x_packed.device)
+    M, N, Kp = a_packed.shape[0], w_packed.shape[0], a_packed.shape[1] * 2
+    out = torch.empty((M, N), dtype=torch.bfloat16, device=a_packed.device)
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
     h = hidden if has_lora else out
-    u = _prescale(lora_b, lora_scale) if has_lora else out
-    run = _runner(_lora_gemm_nvfp4_kernel, "nvfp4", x_packed.device, (has_lora, bias is not None))
-    run(_grid(M, N), a_ptr=x_packed, as_ptr=x_block_scale, a_ts_ptr=x_tensor_scale, w_ptr=w_packed,
+    u = _prescale(up, lora_scale) if has_lora else out
+    run = _runner(_lora_gemm_nvfp4_kernel, "nvfp4", a_packed.device, (has_lora, bias is not None))
+    run(_grid(M, N), a_ptr=a_packed, as_ptr=a_block_scale, a_ts_ptr=a_tensor_scale, w_ptr=w_packed,
         ws_ptr=w_block_scale, w_ts_ptr=w_tensor_scale, h_ptr=h, u_ptr=u,
         bias_ptr=bias if bias is not None else out, out_ptr=out, M=M, N=N, K=Kp, R=r,
-        stride_am=x_packed.stride(0), stride_asm=x_block_scale.stride(0), stride_wn=w_packed.stride(0),
+        stride_am=a_packed.stride(0), stride_asm=a_block_scale.stride(0), stride_wn=w_packed.stride(0),
         stride_wsn=w_block_scale.stride(0), stride_hm=h.stride(0), stride_hr=h.stride(1),
         stride_un=u.stride(0), stride_ur=u.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
         lora_scale=float(lora_scale), HAS_LORA=has_lora, HAS_BIAS=bias is not None, UPCAST=interpreting(),
@@ -443,13 +376,49 @@ def lora_linear_nvfp4(x_packed, x_block_scale, x_tensor_scale, w_packed, w_block
     return out
 
 
-FORWARD_LAUNCHERS = {
-    "lora_linear_bf16": lora_linear_bf16,
-    "lora_linear_fp8": lora_linear_fp8,
-    "lora_linear_fp8_block": lora_linear_fp8_block,
-    "lora_linear_dequant_fp8_block": lora_linear_dequant_fp8_block,
-    "lora_linear_dequant_nvfp4": lora_linear_dequant_nvfp4,
-    "lora_linear_dequant_nf4": lora_linear_dequant_nf4,
-    "lora_linear_nvfp4": lora_linear_nvfp4,
-}
+# Forward launchers, one per kernel variant (kernels/variants.py names them): `aq` is the activation
+# as the variant's quantizer left it, `weight` the format's list, `k` the input's true K.
 
+
+def variant_gemm(v: Variant, a, a_scale, w, w_scale, n_out, hidden, up, bias, lora_scale, **kw) -> torch.Tensor:
+    return launch_lora_gemm(a, a_scale, v.a_mode, w, w_scale, v.w_mode, v.trans_w, n_out, hidden, up, bias,
+                            lora_scale, family=v.family, **kw)
+
+
+def lora_linear_bf16(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """bf16 x bf16: x (M, K), w (N, K), hidden (M, r), lora_b (N, r)."""
+    return variant_gemm(v, aq[0], None, weight[0], None, weight[0].shape[0], hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_fp8(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """E4M3 x E4M3: row scales x (M, 1) and per-channel w (N,), both applied in the epilogue."""
+    return variant_gemm(v, aq[0], aq[1], weight[0], weight[1], weight[0].shape[0], hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_fp8_block(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """E4M3 1x128 activation blocks (M, ceil(K/128)) x 128x128 weight blocks, scaled per K step."""
+    return variant_gemm(v, aq[0], aq[1], weight[0], weight[1], weight[0].shape[0], hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_dequant_fp8_block(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """bf16 x (block FP8 weight dequantized in registers)."""
+    return variant_gemm(v, aq[0], None, weight[0], weight[1], weight[0].shape[0], hidden, lora_b, bias, lora_scale)
+
+
+def lora_linear_dequant_nvfp4(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """bf16 x (NVFP4 weight (N, K/2) dequantized in registers)."""
+    packed, block_scale, tensor_scale = weight
+    return variant_gemm(v, aq[0], None, packed, block_scale, packed.shape[0], hidden, lora_b, bias, lora_scale,
+                 aux=(tensor_scale, None, None))
+
+
+def lora_linear_dequant_nf4(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """bf16 x (NF4 weight, double-quantized, dequantized in registers)."""
+    packed, absmax_q, absmax_scale, absmax_offset, absmax_code = weight
+    return variant_gemm(v, aq[0], None, packed, absmax_code, packed.numel() * 2 // k, hidden, lora_b, bias, lora_scale,
+                 aux=(absmax_q, absmax_scale, absmax_offset), kw=k)
+
+
+def lora_linear_nvfp4(v: Variant, aq, weight, k, hidden, lora_b, bias, lora_scale):
+    """NVFP4 x NVFP4: the input packed (M, Kp/2) + scales, the weight's list (N, Kp/2) + scales."""
+    return launch_nvfp4_gemm(*aq, *weight, hidden, lora_b, bias, lora_scale)

@@ -44,48 +44,53 @@ from surogate.kernels.reference_formats import (
     quantize_nvfp4_ref,
 )
 from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
-from surogate.recipes.arch import FORWARD_KERNELS
-from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, FP8_WEIGHT_BLOCK, GRAD_FP8_ELEMENT, NF4_BLOCK
+from surogate.kernels.variants import WEIGHT_LISTS, Gemm, Quantizer, variant
+from surogate.recipes.formats import (
+    FP8_ACTIVATION_BLOCK,
+    FP8_WEIGHT_BLOCK,
+    GRAD_FP8_ELEMENT,
+    NF4_BLOCK,
+    NVFP4_SR_SEED,
+)
 from surogate.recipes.recipe import Compute, WeightFormat
 
-__all__ = ["INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_input_q", "dequantize_weight_ref", "input_quantizer",
+__all__ = ["INPUT_Q_QUANTIZERS", "check_input_q", "dequantize_weight_ref", "input_quantizer",
            "lora_linear_backward_ref", "lora_linear_ref", "quantize_weight_ref"]
-
-# Seed of the generator that draws the stochastic-rounding bits of the NVFP4 dgrad reference.
-NVFP4_SR_SEED = 0
-
-_WEIGHT_LIST_LEN = {"bf16": 1, "fp8_row": 4, "fp8_block": 2, "nvfp4": 3, "nvfp4_cached": 3, "nf4": 5}
 
 # The forward kernels that take a pre-quantized input (`input_q`), each with the traceable twin of the
 # quantizer launch.py runs on `input` for it: `input_q` is exactly what that function returns.
 # NVFP4 is not here: its tensor scale needs the amax of the whole activation before any block is
 # quantized, and on sm_89/sm_90 the op emulates it (bf16 MMA over round-tripped values).
-INPUT_Q_QUANTIZERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    "lora_linear_fp8": quantize_fp8_rowwise_ref,  # E4M3, one scale per row: (data, scale (..., 1))
-    "lora_linear_fp8_block": quantize_fp8_block_ref,  # E4M3, one scale per 1x128: (data, scale (..., K/128))
+INPUT_Q_QUANTIZERS: dict[Quantizer, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    Quantizer.FP8_ROW_E4M3: quantize_fp8_rowwise_ref,  # E4M3, one scale per row: (data, scale (..., 1))
+    Quantizer.FP8_BLOCK_E4M3: quantize_fp8_block_ref,  # E4M3, one scale per 1x128: (data, scale (..., K/128))
 }
 
 
-def _weight_format(weight_format: "str | WeightFormat") -> str:
-    value = weight_format.value if isinstance(weight_format, WeightFormat) else weight_format
-    valid = [f.value for f in WeightFormat]
-    if value not in valid:
-        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(valid)}")
-    return value
+def _weight_format(weight_format: "str | WeightFormat") -> WeightFormat:
+    try:
+        return WeightFormat(weight_format)
+    except ValueError:
+        valid = ", ".join(f.value for f in WeightFormat)
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {valid}") from None
 
 
-def _compute(compute: "str | Compute", what: str) -> str:
-    value = compute.value if isinstance(compute, Compute) else compute
-    valid = [c.value for c in Compute]
-    if value not in valid:
-        raise ValueError(f"unknown {what} compute {compute!r}; valid: {', '.join(valid)}")
-    return value
+def _compute(compute: "str | Compute", what: str) -> Compute:
+    try:
+        return Compute(compute)
+    except ValueError:
+        valid = ", ".join(c.value for c in Compute)
+        raise ValueError(f"unknown {what} compute {compute!r}; valid: {valid}") from None
 
 
-def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> str | None:
-    """The forward kernel of (forward, weight_format) when it takes `input_q`, else None."""
-    name = FORWARD_KERNELS.get((Compute(_compute(forward, "forward")), WeightFormat(_weight_format(weight_format))))
-    return name if name in INPUT_Q_QUANTIZERS else None
+def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
+    """The quantizer of the forward variant of (forward, weight_format) when it takes `input_q`, else None."""
+    fwd, fmt = Compute(_compute(forward, "forward")), WeightFormat(_weight_format(weight_format))
+    try:
+        v = variant(Gemm.OUTPUT, fwd, fmt)
+    except ValueError:
+        return None
+    return v.quantizer if v.takes_input_q else None
 
 
 def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat"
@@ -110,7 +115,7 @@ def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_f
     data, scale = input_q
     k = input.shape[-1]
     m = input.numel() // k if k else 0
-    groups = 1 if name == "lora_linear_fp8" else -(-k // FP8_ACTIVATION_BLOCK[1])
+    groups = 1 if name is Quantizer.FP8_ROW_E4M3 else -(-k // FP8_ACTIVATION_BLOCK[1])
     what = f"input_q (what {quantizer.__name__}(input) returns)"
     if data.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
         raise TypeError(f"{what}: want data float8_e4m3fn and scale float32, got {data.dtype} and {scale.dtype}")
@@ -128,28 +133,29 @@ def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat
     fmt = _weight_format(weight_format)
     if weight.dim() != 2:
         raise ValueError(f"a linear weight is (N, K); got shape {tuple(weight.shape)}")
-    if fmt == "bf16":
+    if fmt is WeightFormat.BF16:
         return [weight.to(torch.bfloat16)]
-    if fmt == "fp8_row":
+    if fmt is WeightFormat.FP8_ROW:
         fwd = quantize_fp8_ref(weight, "e4m3", "row")
         bwd = quantize_fp8_ref(weight.t().contiguous(), "e4m3", "row")
         return [fwd.data, fwd.scale.reshape(-1), bwd.data, bwd.scale.reshape(-1)]
-    if fmt == "fp8_block":
+    if fmt is WeightFormat.FP8_BLOCK:
         return quantize_fp8_ref(weight, "e4m3", "block", FP8_WEIGHT_BLOCK).tensors()
-    if fmt in ("nvfp4", "nvfp4_cached"):
+    if fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
         return quantize_nvfp4_ref(weight).tensors()
     return quantize_nf4_ref(weight, NF4_BLOCK, double_quant=True).tensors()
 
 
 def _check_list(tensors: list[torch.Tensor], fmt: str) -> None:
-    if len(tensors) != _WEIGHT_LIST_LEN[fmt]:
-        raise ValueError(f"weight_format {fmt!r} takes {_WEIGHT_LIST_LEN[fmt]} tensors "
+    want = len(WEIGHT_LISTS[WeightFormat(fmt)])
+    if len(tensors) != want:
+        raise ValueError(f"weight_format {fmt!r} takes {want} tensors {WEIGHT_LISTS[WeightFormat(fmt)]} "
                          f"(docs/internals.md), got {len(tensors)}; build it with quantize_weight_ref")
 
 
 def _fp8_weight(tensors: list[torch.Tensor], fmt: str) -> Fp8Tensor:
     """The forward FP8 copy of an fp8_row / fp8_block weight list."""
-    if fmt == "fp8_row":
+    if fmt is WeightFormat.FP8_ROW:
         return Fp8Tensor(tensors[0], tensors[1].reshape(-1, 1), (1, tensors[0].shape[-1]))
     return Fp8Tensor(tensors[0], tensors[1], FP8_WEIGHT_BLOCK)
 
@@ -160,11 +166,11 @@ def dequantize_weight_ref(tensors: list[torch.Tensor], weight_format: "str | Wei
     fmt = _weight_format(weight_format)
     _check_list(tensors, fmt)
     shape = torch.Size(shape)
-    if fmt == "bf16":
+    if fmt is WeightFormat.BF16:
         out = tensors[0]
-    elif fmt in ("fp8_row", "fp8_block"):
+    elif fmt in (WeightFormat.FP8_ROW, WeightFormat.FP8_BLOCK):
         out = dequantize_fp8_ref(_fp8_weight(tensors, fmt))
-    elif fmt in ("nvfp4", "nvfp4_cached"):
+    elif fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
         out = dequantize_nvfp4_ref(NVFP4Tensor(tensors[0], tensors[1], tensors[2], shape))
     else:
         packed, absmax_q, absmax_scale, absmax_offset, absmax_code = tensors
@@ -184,21 +190,21 @@ def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: in
                   input_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Q(input) @ Q(W).T in FP32, for a 2D input (M, K); `input_q` (checked, 2D) replaces Q(input)."""
     k = x2.shape[-1]
-    if forward == "bf16":
+    if forward is Compute.BF16:
         return _mm(x2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16))
-    if forward == "fp8":
-        if fmt in ("fp8_row", "fp8_block"):
+    if forward is Compute.FP8:
+        if fmt in (WeightFormat.FP8_ROW, WeightFormat.FP8_BLOCK):
             w = dequantize_fp8_ref(_fp8_weight(tensors, fmt))
         else:
             w = quantize_fp8_ref(dequantize_weight_ref(tensors, fmt, (n, k)), "e4m3", "row").dequantize()
         if input_q is not None:
-            xq = Fp8Tensor(input_q[0], input_q[1], FP8_ACTIVATION_BLOCK if fmt == "fp8_block" else (1, k))
-        elif fmt == "fp8_block":
+            xq = Fp8Tensor(input_q[0], input_q[1], FP8_ACTIVATION_BLOCK if fmt is WeightFormat.FP8_BLOCK else (1, k))
+        elif fmt is WeightFormat.FP8_BLOCK:
             xq = quantize_fp8_ref(x2, "e4m3", "block", FP8_ACTIVATION_BLOCK)
         else:
             xq = quantize_fp8_ref(x2, "e4m3", "row")
         return _mm(xq.dequantize(), w)
-    if fmt in ("nvfp4", "nvfp4_cached"):
+    if fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
         w = dequantize_weight_ref(tensors, fmt, (n, k))
     else:
         w = quantize_nvfp4_ref(dequantize_weight_ref(tensors, fmt, (n, k))).dequantize()
@@ -208,18 +214,18 @@ def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: in
 def _dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str) -> torch.Tensor:
     """Q(grad_output) @ Q(W) in FP32, for a 2D grad_output (M, N)."""
     n = g2.shape[-1]
-    if grad_input == "bf16":
+    if grad_input is Compute.BF16:
         return _mm(g2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16).t())
-    if grad_input == "fp8":
-        if fmt == "fp8_row":
+    if grad_input is Compute.FP8:
+        if fmt is WeightFormat.FP8_ROW:
             w_t = dequantize_fp8_ref(Fp8Tensor(tensors[2], tensors[3].reshape(-1, 1), (1, n)))
-        elif fmt == "fp8_block":
+        elif fmt is WeightFormat.FP8_BLOCK:
             w_t = dequantize_fp8_ref(_fp8_weight(tensors, fmt)).t()
         else:
             w = dequantize_weight_ref(tensors, fmt, (n, k))
             w_t = quantize_fp8_ref(w.t().contiguous(), "e4m3", "row").dequantize()
-        if fmt == "fp8_block":
-            gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT[fmt], "block", FP8_ACTIVATION_BLOCK)
+        if fmt is WeightFormat.FP8_BLOCK:
+            gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT[fmt.value], "block", FP8_ACTIVATION_BLOCK)
         else:
             gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT["fp8_row"], "row")
         return _mm(gq.dequantize(), w_t)
@@ -245,7 +251,7 @@ def _check_lora(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, k: int
 def _weight_n(tensors: list[torch.Tensor], fmt: str, k: int, lora_b: torch.Tensor | None) -> int:
     """N, read from the weight list (NF4 stores a flat vector: N*K rounded up to even, / 2 bytes)."""
     _check_list(tensors, fmt)
-    if fmt != "nf4":
+    if fmt is not WeightFormat.NF4:
         return tensors[0].shape[0]
     if lora_b is not None:
         return lora_b.shape[0]

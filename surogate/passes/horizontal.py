@@ -25,9 +25,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from surogate.passes import nodes as N
 from surogate.passes.match import LoraMatch
-from surogate.recipes import Recipe
+from surogate.recipes import Recipe, WeightFormat
 
-FUSABLE_FORMATS = ("bf16", "fp8_block")
+FUSABLE_FORMATS = (WeightFormat.BF16, WeightFormat.FP8_BLOCK)
 _BLOCK = 128
 
 
@@ -81,8 +81,9 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
         bias = None
         if m0.bias is not None:
             bias = g.call_function(torch.cat, ([m.bias for m, _ in members], 0))
-        op = g.call_function(N.surogate_op(), (m0.input, weight, m0.weight_format, lora_a, lora_b, None, bias,
-                                               m0.scale, m0.forward, m0.grad_input))
+        op = N.call_op(g, input=m0.input, weight=weight, weight_format=m0.weight_format, lora_a=lora_a,
+                       lora_b=lora_b, lora_input=None, bias=bias, lora_scale=m0.scale, forward=m0.forward,
+                       grad_input=m0.grad_input)
         out = g.call_function(operator.getitem, (op, 0))
         parts = g.call_function(torch.split, (out, sizes, -1))
         for i, (_, old) in enumerate(members):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from surogate.passes import nodes as N
+from surogate.recipes import Compute, WeightFormat
 
 
 @dataclass
@@ -44,14 +45,14 @@ class NoMatch(Exception):
 def _base(node: fx.Node) -> tuple[fx.Node, list[fx.Node], str, str, str, fx.Node | None, list[fx.Node]]:
     """(input, weight list, format, forward, grad_input, bias, dead nodes) of a base GEMM output."""
     if N.is_linear(node):
-        return node.args[0], [node.args[1]], "bf16", "bf16", "bf16", N.arg(node, 2, "bias"), [node]
+        bf16 = WeightFormat.BF16.value  # op arguments in the graph are the schema's strings
+        return node.args[0], [node.args[1]], bf16, Compute.BF16.value, Compute.BF16.value, N.arg(node, 2, "bias"), [node]
     if N.is_getitem(node, 0) and N.is_surogate_op(node.args[0]):
         op = node.args[0]
-        if N.arg(op, 3, "lora_a") is not None:
+        if N.op_arg(op, "lora_a") is not None:
             raise NoMatch("the base GEMM already carries a LoRA branch")
-        fmt = N.arg(op, 2, "weight_format")
-        return (op.args[0], list(N.arg(op, 1, "weight")), fmt, N.arg(op, 8, "forward"),
-                N.arg(op, 9, "grad_input"), N.arg(op, 6, "bias"), [node, op])
+        return (N.op_arg(op, "input"), list(N.op_arg(op, "weight")), N.op_arg(op, "weight_format"),
+                N.op_arg(op, "forward"), N.op_arg(op, "grad_input"), N.op_arg(op, "bias"), [node, op])
     raise NoMatch(f"the base layer is not a linear (found {node.format_node() if isinstance(node, fx.Node) else node})")
 
 

@@ -73,6 +73,45 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _op_arg_names() -> tuple[str, ...]:
+    """The argument names of `surogate::lora_linear`, in schema order."""
+    return tuple(a.name for a in surogate_op()._schema.arguments)
+
+
+def op_arg(node: fx.Node, name: str) -> Any:
+    """Argument `name` of a `surogate::lora_linear` call node, read by its schema name (positional,
+    keyword, or the schema's default)."""
+    names = _op_arg_names()
+    i = names.index(name)  # a name not in the schema is a bug here: ValueError
+    if len(node.args) > i:
+        return node.args[i]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    default = surogate_op()._schema.arguments[i].default_value
+    return default
+
+
+def set_op_arg(node: fx.Node, name: str, value: Any) -> None:
+    """Set argument `name` of a `surogate::lora_linear` call node, wherever it was passed."""
+    i = _op_arg_names().index(name)
+    if len(node.args) > i:
+        node.args = (*node.args[:i], value, *node.args[i + 1:])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def call_op(graph: fx.Graph, **arguments: Any) -> fx.Node:
+    """A `surogate::lora_linear` call node from its arguments by name (schema order; defaults omitted)."""
+    names = _op_arg_names()
+    unknown = set(arguments) - set(names)
+    if unknown:
+        raise TypeError(f"surogate::lora_linear has no argument {sorted(unknown)}; its arguments: {names}")
+    args = tuple(arguments[n] for n in names if n in arguments)
+    if len(args) != len(arguments) or names[:len(args)] != tuple(n for n in names if n in arguments):
+        raise TypeError(f"pass the arguments of surogate::lora_linear as a prefix of {names}")
+    return graph.call_function(surogate_op(), args)
+
+
 def meta_value(node: Any) -> Any:
     """The fake/example tensor Dynamo (`example_value`) or make_fx (`val`) recorded for a node."""
     if not isinstance(node, fx.Node):

@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from surogate.kernels.reference_linear import input_quantizer
+from surogate.ops import input_quantizer
 from surogate.passes import nodes as N
-from surogate.recipes import Recipe
+from surogate.recipes import Compute, Recipe
 
 # Nodes whose value an extern kernel (not Inductor) writes: nothing to fuse a quantizer into.
 _EXTERN_TARGETS = (*N.LINEAR_TARGETS, torch.matmul, operator.matmul, torch.mm, torch.bmm,
                    F.scaled_dot_product_attention)
 _NO_PRODUCER_KERNEL = ("graph input", "GEMM output")
-_INPUT_Q = 10  # position of `input_q` in surogate::lora_linear
 
 
 def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
@@ -46,9 +45,9 @@ def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
     `meta`: "kind" (`input_kind` of the op's input), "forward" and "weight_format" of the op.
     """
     forward, fmt = meta["forward"], meta["weight_format"]
-    if forward == "bf16":
+    if forward == Compute.BF16:
         return "the consumer GEMM runs in bf16: nothing to quantize"
-    if forward == "nvfp4":
+    if forward == Compute.NVFP4:
         return ("the NVFP4 forward takes no pre-quantized input (its tensor scale needs the amax of the whole "
                 "activation first; on sm_89/sm_90 the op emulates FP4)")
     if input_quantizer(forward, fmt) is None:
@@ -95,13 +94,6 @@ def _fused_what(kind: str, quantizer: Callable) -> str:
     return f"{kind} -> quantized GEMM: fused ({quantizer.__name__} in the {kind} kernel)"
 
 
-def _set_input_q(op: fx.Node, value: list[fx.Node]) -> None:
-    if len(op.args) >= _INPUT_Q:
-        op.args = (*op.args[:_INPUT_Q], value, *op.args[_INPUT_Q + 1:])
-    else:
-        op.kwargs = {**op.kwargs, "input_q": value}
-
-
 def _insert_quantize(gm: fx.GraphModule, x: fx.Node, quantizer: Callable, ops: list[fx.Node]) -> fx.Node:
     """One `quantizer(x)` before the first of `ops`; every op of `ops` gets its (data, scale) as input_q."""
     g = gm.graph
@@ -111,7 +103,7 @@ def _insert_quantize(gm: fx.GraphModule, x: fx.Node, quantizer: Callable, ops: l
         data = g.call_function(operator.getitem, (q, 0))
         scale = g.call_function(operator.getitem, (q, 1))
     for op in ops:
-        _set_input_q(op, [data, scale])
+        N.set_op_arg(op, "input_q", [data, scale])
     return q
 
 
@@ -122,12 +114,12 @@ def fuse_producers(gm: fx.GraphModule, ctx) -> int:
     """
     groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if not N.is_surogate_op(node) or N.arg(node, _INPUT_Q, "input_q") is not None:
+        if not N.is_surogate_op(node) or N.op_arg(node, "input_q") is not None:
             continue
-        forward, fmt = N.arg(node, 8, "forward"), N.arg(node, 2, "weight_format")
-        if forward == "bf16":
+        forward, fmt = N.op_arg(node, "forward"), N.op_arg(node, "weight_format")
+        if forward == Compute.BF16:
             continue  # nothing to quantize, nothing to report
-        x = node.args[0]
+        x = N.op_arg(node, "input")
         kind = input_kind(x)
         reason = why_not(ctx.recipe, ctx.arch, {"kind": kind, "forward": forward, "weight_format": fmt})
         if reason is None and not ctx.options.get("producer", True):
@@ -148,7 +140,8 @@ def fuse_producers(gm: fx.GraphModule, ctx) -> int:
 
 def _consumer_name(op: fx.Node) -> str:
     """The target linear(s) an op node computes, named from its (possibly concatenated) weight."""
-    weight = op.args[1][0] if isinstance(op.args[1], (list, tuple)) and op.args[1] else None
+    weights = N.op_arg(op, "weight")
+    weight = weights[0] if isinstance(weights, (list, tuple)) and weights else None
     if N.is_call(weight, (torch.cat,)):
         return "+".join(N.module_name(w) for w in weight.args[0])
     return N.module_name(weight) if isinstance(weight, fx.Node) else op.name

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from surogate.kernels.plan import Support, plan
 from surogate.passes import nodes as N
 from surogate.passes.match import LoraMatch
-from surogate.recipes import Recipe, Support
+from surogate.recipes import Recipe
 
 # The activation dtypes the op layer takes (docs/internals.md: input bf16).
 INPUT_DTYPES = (torch.bfloat16,)
@@ -23,8 +24,6 @@ INPUT_DTYPES = (torch.bfloat16,)
 
 def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
     """The reason a LoRA linear cannot be rewritten, or None when it can."""
-    from surogate.recipes import plan
-
     if plan(recipe, arch).support is Support.REFUSED:
         return f"recipe {recipe.name} is refused on {arch}"
     dtype = meta.get("input_dtype")
@@ -61,8 +60,9 @@ def rewrite_one(gm: fx.GraphModule, m: LoraMatch) -> fx.Node:
         if m.dropout is not None:
             p, training = N.arg(m.dropout, 1, "p", 0.5), N.arg(m.dropout, 2, "training", True)
             lora_input = g.call_function(F.dropout, (m.input, p, training, False))
-        op = g.call_function(N.surogate_op(), (m.input, list(m.weight), m.weight_format, m.lora_a, m.lora_b,
-                                               lora_input, m.bias, m.scale, m.forward, m.grad_input))
+        op = N.call_op(g, input=m.input, weight=list(m.weight), weight_format=m.weight_format, lora_a=m.lora_a,
+                       lora_b=m.lora_b, lora_input=lora_input, bias=m.bias, lora_scale=m.scale, forward=m.forward,
+                       grad_input=m.grad_input)
         out = g.call_function(operator.getitem, (op, 0))
     base_val = N.meta_value(m.dead[-1] if N.is_linear(m.dead[-1]) else m.dead[-2])
     if base_val is not None:

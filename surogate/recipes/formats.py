@@ -71,6 +71,8 @@ FP8_WEIGHT_BLOCK = (128, 128)
 # the range locally, so E4M3's extra mantissa bit is the better trade (DeepSeek-V3's choice), and
 # it is what Hopper's block-scaled cuBLAS GEMM takes (E4M3 x E4M3 only).
 GRAD_FP8_ELEMENT = {"fp8_row": "e5m2", "fp8_block": "e4m3"}
+# Seed of the generator that draws the stochastic-rounding bits of NVFP4 gradients (reference and kernels).
+NVFP4_SR_SEED = 0
 
 
 @dataclass(frozen=True)

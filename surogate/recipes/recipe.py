@@ -12,8 +12,11 @@ import enum
 from dataclasses import dataclass
 
 
-class WeightFormat(enum.Enum):
-    """How the frozen base weight (N x K) is held between steps. The op layer keys on `.value`."""
+class WeightFormat(str, enum.Enum):
+    """How the frozen base weight (N x K) is held between steps.
+
+    A str enum: the custom op's schema carries the value as a string (torch.library has no enum
+    type) and the op turns it back into a member once, at its boundary (`surogate/ops`)."""
 
     BF16 = "bf16"  # the bf16 weight itself
     FP8_ROW = "fp8_row"  # bf16 kept, plus cached E4M3 copies with one FP32 scale per output channel
@@ -23,19 +26,12 @@ class WeightFormat(enum.Enum):
     NF4 = "nf4"  # bitsandbytes NF4 with double quantization; bf16 freed
 
 
-class Compute(enum.Enum):
+class Compute(str, enum.Enum):
     """The operand precision of one GEMM (accumulation is always FP32)."""
 
     BF16 = "bf16"  # bf16 x bf16 (quantized weights are dequantized in the GEMM prologue)
     FP8 = "fp8"  # forward E4M3 x E4M3; dgrad E5M2 grad x E4M3 weight ("hybrid")
     NVFP4 = "nvfp4"  # NVFP4 x NVFP4 block-scaled MMA
-
-
-class ActivationScaling(enum.Enum):
-    """How FP8 activation scales are chosen."""
-
-    ROW = "row"  # "current" scaling: one scale per token row, from this step's amax
-    DELAYED = "delayed"  # one per-tensor scale from an amax history, updated once per optimizer step
 
 
 @dataclass(frozen=True)
@@ -48,26 +44,15 @@ class Recipe:
     grad_input: Compute
     keeps_bf16_weight: bool
     description: str
-    activation_scaling: ActivationScaling = ActivationScaling.ROW
-    amax_history_len: int = 16
-    stochastic_rounding_grads: bool = False
 
     def replace(self, **changes) -> "Recipe":
-        """A copy with `changes` applied (e.g. `activation_scaling=ActivationScaling.DELAYED`)."""
+        """A copy with `changes` applied (e.g. `weight_format=WeightFormat.NF4`)."""
         return dataclasses.replace(self, **changes)
 
     @property
     def is_quantized_storage(self) -> bool:
         """True when the bf16 base weight is freed and only the quantized copy is kept."""
         return not self.keeps_bf16_weight
-
-    @property
-    def uses_fp8(self) -> bool:
-        return Compute.FP8 in (self.forward, self.grad_input)
-
-    @property
-    def uses_fp4(self) -> bool:
-        return Compute.NVFP4 in (self.forward, self.grad_input)
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -130,7 +115,6 @@ register(Recipe(
     forward=Compute.NVFP4,
     grad_input=Compute.NVFP4,
     keeps_bf16_weight=True,
-    stochastic_rounding_grads=True,
     description="bf16 weights with a cached NVFP4 copy; NVFP4 GEMMs, stochastic rounding on grads",
 ))
 register(Recipe(
@@ -155,7 +139,6 @@ register(Recipe(
     forward=Compute.NVFP4,
     grad_input=Compute.NVFP4,
     keeps_bf16_weight=False,
-    stochastic_rounding_grads=True,
     description="weights stored as NVFP4 (bf16 freed); NVFP4 GEMMs where native",
 ))
 register(Recipe(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surogate.recipes import Support, current_arch, get, plan
+from surogate.recipes import current_arch, get
+
+from surogate.kernels.plan import Support, plan
 from surogate.recipes.formats import GRAD_FP8_ELEMENT
 
 pytestmark = pytest.mark.gpu
@@ -164,18 +166,21 @@ def test_lora_input_and_no_lora() -> None:
 def test_block_fp8_cublas_and_triton_agree(shape, monkeypatch) -> None:
     """qfp8's block GEMMs run on cuBLAS where it takes them (sm_90, K a multiple of 512) and on the
     Triton kernel elsewhere: both compute the same forward and dgrad, and the shape decides which runs."""
-    from surogate.kernels import configs, cublas, launch
+    from surogate.kernels import configs, launch, variants
 
     m, n, k = shape
     x, w, a, b, bias, go, fmt, wl = _case("qfp8", m, n, k, seed=11)
-    runs = {}
+    runs, engines = {}, {}
     for backend in (None, "triton"):
         monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", backend == "triton")
-        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "fp8", "fp8")
-        runs[backend] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "fp8")[0])
+        with variants.trace() as ran:
+            y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "fp8", "fp8")
+            runs[backend] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "fp8")[0])
+        engines[backend] = [r.engine.value for r in ran]
     monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", False)
     wants_cublas = current_arch() == "sm_90" and k % 512 == 0 and m % 4 == 0
-    assert cublas.block_fp8_usable(x, n, k) == wants_cublas
+    assert engines[None][0] == ("cublas" if wants_cublas else "triton")  # the forward reduces over K
+    assert engines["triton"] == ["triton", "triton"]
     assert sqnr(runs[None][0], runs["triton"][0]) > 45  # one more bf16 rounding (LoRA added after)
     assert sqnr(runs[None][1], runs["triton"][1]) > 45
     y_ref = _dequant_act(x, "fp8", fmt, "e4m3") @ _dequant_weight(wl, fmt, n, k).t() + bias.float() + \
@@ -187,17 +192,21 @@ def test_block_fp8_cublas_and_triton_agree(shape, monkeypatch) -> None:
 def test_bf16_long_reductions_run_on_cublas_and_match_triton(k, monkeypatch) -> None:
     """bf16 GEMMs with K >= 4096 go to cuBLAS + an addmm_ LoRA term (faster there on the H100),
     shorter ones stay on the fused Triton kernel; forward and dgrad agree either way."""
-    from surogate.kernels import configs, cublas, launch
+    from surogate.kernels import configs, launch, variants
 
     m, n = 512, 4096
     x, w, a, b, bias, go, fmt, wl = _case("bf16", m, n, k, seed=5)
-    runs = {}
+    runs, engines = {}, {}
     for force_triton in (False, True):
         monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", force_triton)
-        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "bf16", "bf16")
-        runs[force_triton] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "bf16")[0])
+        with variants.trace() as ran:
+            y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "bf16", "bf16")
+            runs[force_triton] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE,
+                                                                      "bf16")[0])
+        engines[force_triton] = [r.engine.value for r in ran]
     monkeypatch.setattr(configs, "FORCE_TRITON_GEMMS", False)
-    assert cublas.bf16_usable(x, k) == (k >= cublas.BF16_CUBLAS_MIN_K)
-    assert cublas.bf16_usable(go, n)  # the dgrad reduces over N = 4096
+    long_k = "cublas" if k >= variants.BF16_CUBLAS_MIN_K else "triton"
+    assert engines[False] == [long_k, "cublas"]  # the dgrad reduces over N = 4096
+    assert engines[True] == ["triton", "triton"]
     assert sqnr(runs[False][0], runs[True][0]) > 45
     assert sqnr(runs[False][1], runs[True][1]) > 45

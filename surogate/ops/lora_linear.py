@@ -1,9 +1,12 @@
 """The op layer: `torch.library` custom ops that FX passes and Inductor see as single nodes.
 
 `surogate::lora_linear` is one LoRA linear (frozen, possibly quantized base GEMM + LoRA
-branch), `surogate::lora_linear_backward` its backward. CUDA tensors run the Triton kernels
-(`surogate.kernels.launch`), CPU tensors the plain-torch reference
-(`surogate.kernels.reference`), so the whole pipeline runs and is tested without a GPU.
+branch), `surogate::lora_linear_backward` its backward. The plain-torch reference
+(`surogate.kernels.reference`) is each op's default implementation, so the whole pipeline runs
+and is tested without a GPU; the CUDA implementation (`surogate.kernels.launch`: the kernel
+table's routes) is registered for CUDA tensors with `register_kernel("cuda")`. The schema carries
+the weight format and precisions as strings (torch.library has no enum type); they become
+`WeightFormat` / `Compute` here, once, and everything below takes the enums.
 Contracts (weight lists per format, shapes, dtypes): docs/internals.md.
 """
 
@@ -15,12 +18,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from surogate.kernels import reference
+from surogate.kernels.variants import WEIGHT_LISTS
 from surogate.recipes import Compute, WeightFormat
-
-_WEIGHT_FORMATS = frozenset(f.value for f in WeightFormat)
-_COMPUTES = frozenset(c.value for c in Compute)
-# How many tensors each weight format's list holds (docs/internals.md).
-_WEIGHT_LIST_LEN = {"bf16": 1, "fp8_row": 4, "fp8_block": 2, "nvfp4": 3, "nvfp4_cached": 3, "nf4": 5}
 
 _check_finite = False
 
@@ -54,30 +54,11 @@ def _assert_finite(tensor: Tensor, what: str) -> None:
             "to see whether low precision is the cause.")
 
 
-def out_features(weight: Sequence[Tensor], weight_format: str, in_features: int) -> int:
+def out_features(weight: Sequence[Tensor], weight_format: "str | WeightFormat", in_features: int) -> int:
     """N of the frozen (N x K) weight held in `weight`, whatever its format."""
-    if weight_format == "nf4":
+    if weight_format == WeightFormat.NF4:
         return weight[0].numel() * 2 // in_features
     return weight[0].shape[0]
-
-
-def _backend():
-    from surogate.kernels import reference
-
-    return reference
-
-
-def _cuda_backend():
-    from surogate.kernels import launch
-
-    return launch
-
-
-def _implementation(name: str, tensor: Tensor):
-    """`<name>_cuda` (Triton) for CUDA tensors, `<name>_ref` (plain torch) for the rest."""
-    if tensor.is_cuda:
-        return getattr(_cuda_backend(), f"{name}_cuda")
-    return getattr(_backend(), f"{name}_ref")
 
 
 # Written out because infer_schema has no optional tensor list (`input_q`).
@@ -100,10 +81,22 @@ def _lora_linear_op(
     grad_input: str,
     input_q: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """The CPU (and default) implementation: the plain-torch reference."""
     _assert_finite(input, "the input")
-    output, lora_hidden = _implementation("lora_linear", input)(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
-                             forward, grad_input, input_q)
-    return output, lora_hidden
+    return reference.lora_linear_ref(input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input, bias,
+                                     lora_scale, Compute(forward), Compute(grad_input), input_q)
+
+
+@_lora_linear_op.register_kernel("cuda")
+def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input, input_q=None):
+    from surogate.kernels import launch
+
+    _assert_finite(input, "the input")
+    fmt, fwd = WeightFormat(weight_format), Compute(forward)
+    if input_q is not None:
+        input_q = list(reference.check_input_q(input_q, input, fmt, fwd))
+    return launch.lora_linear_cuda(input, weight, fmt, lora_a, lora_b, lora_input, bias, lora_scale, fwd,
+                                   Compute(grad_input), input_q)
 
 
 @_lora_linear_op.register_fake
@@ -130,8 +123,18 @@ def _lora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors."""
     _assert_finite(grad_output, "the gradient")
-    grads = _implementation("lora_linear_backward", grad_output)(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale,
-               grad_input)
+    grads = reference.lora_linear_backward_ref(grad_output, input, weight, WeightFormat(weight_format), lora_a,
+                                               lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input))
+    return tuple(_empty_if_none(g, grad_output) for g in grads)
+
+
+@_lora_linear_backward_op.register_kernel("cuda")
+def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input):
+    from surogate.kernels import launch
+
+    _assert_finite(grad_output, "the gradient")
+    grads = launch.lora_linear_backward_cuda(grad_output, input, weight, WeightFormat(weight_format), lora_a, lora_b,
+                                             lora_input, lora_hidden, lora_scale, Compute(grad_input))
     return tuple(_empty_if_none(g, grad_output) for g in grads)
 
 
@@ -203,14 +206,13 @@ torch.library.register_autograd("surogate::lora_linear", _backward, setup_contex
 def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a: Tensor | None,
              lora_b: Tensor | None, forward: str, grad_input: str, input_q: Sequence[Tensor] | None = None) -> None:
     """Shape/format checks with messages that say what to do; cheap, and traced once under compile."""
-    if weight_format not in _WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(sorted(_WEIGHT_FORMATS))}")
+    fmt = _weight_format(weight_format)
     for name, value in (("forward", forward), ("grad_input", grad_input)):
-        if value not in _COMPUTES:
-            raise ValueError(f"unknown {name} precision {value!r}; valid: {', '.join(sorted(_COMPUTES))}")
-    if len(weight) != _WEIGHT_LIST_LEN[weight_format]:
-        raise ValueError(f"weight_format {weight_format!r} takes {_WEIGHT_LIST_LEN[weight_format]} tensors, "
-                         f"got {len(weight)}; build the list with surogate.ops.prepare_weight")
+        if value not in {c.value for c in Compute}:
+            raise ValueError(f"unknown {name} precision {value!r}; valid: {', '.join(c.value for c in Compute)}")
+    if len(weight) != len(WEIGHT_LISTS[fmt]):
+        raise ValueError(f"weight_format {fmt.value!r} takes {len(WEIGHT_LISTS[fmt])} tensors "
+                         f"{WEIGHT_LISTS[fmt]}, got {len(weight)}; build the list with surogate.ops.prepare_weight")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating tensor, got {input.dtype}")
     if (lora_a is None) != (lora_b is None):
@@ -222,7 +224,21 @@ def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a
                              f"lora_a {tuple(lora_a.shape)} (want (r, {input.shape[-1]})), lora_b "
                              f"{tuple(lora_b.shape)} (want ({n}, r))")
     if input_q is not None:
-        _backend().check_input_q(input_q, input, weight_format, forward)
+        reference.check_input_q(input_q, input, weight_format, forward)
+
+
+def _weight_format(weight_format: "str | WeightFormat") -> WeightFormat:
+    try:
+        return WeightFormat(weight_format)
+    except ValueError:
+        valid = ", ".join(f.value for f in WeightFormat)
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {valid}") from None
+
+
+def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat"):
+    """The traceable function whose outputs an FP8 forward reads as `input_q` (the kernel table's
+    quantizer of that variant, in plain torch), or None when the forward quantizes its input itself."""
+    return reference.input_quantizer(forward, weight_format)
 
 
 def lora_linear(
@@ -241,13 +257,13 @@ def lora_linear(
     """`Q(input) @ W.T (+ bias) + lora_scale * (lora_input or input) @ lora_a.T @ lora_b.T`, differentiable.
 
     Gradients flow to `input`, `lora_a`, `lora_b` and `lora_input`; never to the frozen weight or bias.
-    `input_q` is Q(input) already computed (FP8 forwards only: `reference.input_quantizer(forward,
+    `input_q` is Q(input) already computed (FP8 forwards only: `input_quantizer(forward,
     weight_format)(input)`), so that the producer of `input` can emit it; it gets no gradient.
     """
     validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input, input_q)
-    output, _ = torch.ops.surogate.lora_linear(input, list(weight), weight_format, lora_a, lora_b, lora_input,
-                                               bias, float(lora_scale), forward, grad_input,
-                                               None if input_q is None else list(input_q))
+    output, _ = torch.ops.surogate.lora_linear(input, list(weight), WeightFormat(weight_format).value, lora_a,
+                                               lora_b, lora_input, bias, float(lora_scale), Compute(forward).value,
+                                               Compute(grad_input).value, None if input_q is None else list(input_q))
     return output
 
 
@@ -257,9 +273,7 @@ def prepare_weight(weight: Tensor, weight_format: "str | WeightFormat") -> list[
     CUDA weights are quantized by the Triton kernels, CPU weights by the reference; both are
     bit-identical by test.
     """
-    fmt = weight_format.value if isinstance(weight_format, WeightFormat) else weight_format
-    if fmt not in _WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight_format {fmt!r}; valid: {', '.join(sorted(_WEIGHT_FORMATS))}")
+    fmt = _weight_format(weight_format)
     if weight.dim() != 2:
         raise ValueError(f"a frozen linear weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     with torch.no_grad():
@@ -267,4 +281,4 @@ def prepare_weight(weight: Tensor, weight_format: "str | WeightFormat") -> list[
             from surogate.kernels import quantize
 
             return list(quantize.quantize_weight(weight, fmt))
-        return list(_backend().quantize_weight_ref(weight, fmt))
+        return list(reference.quantize_weight_ref(weight, fmt))

@@ -1,0 +1,270 @@
+"""The one table of kernel variants: what runs for each GEMM of a LoRA linear, and the shape rule.
+
+A LoRA linear has three GEMMs: the output (forward), grad_input (dgrad) and grad_lora (the LoRA
+factors' gradients, always three skinny bf16 cuBLAS GEMMs). For output and grad_input, one row of
+`VARIANTS` per (GEMM, compute, weight format) says everything the rest of the code needs:
+
+- the Triton kernel specialization and its constexpr modes (`A_MODE`, `W_MODE`, `TRANS_W`) and
+  config family: what `launch.py` runs, what the AOT catalog builds and `surogate info` lists;
+- how the activation operand is quantized (`Quantizer`), and which forwards take it pre-quantized
+  from their producer (`takes_input_q`: the FX producer pass reads this);
+- the shape rule (`CublasRule`, `scratch`) under which the call runs on cuBLAS instead, or
+  dequantizes the weight once into a bf16 scratch buffer and then runs as bf16.
+
+`route(...)` applies the rule to one call's shape. `plan()` (kernels/plan.py) and the CUDA launcher
+(kernels/launch.py) both call it, so what the plan names is what runs; `trace()` records what the
+launcher actually ran, for tests and `surogate info`. This module is pure data: importing it
+imports neither Triton nor the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from surogate.recipes.recipe import Compute, WeightFormat
+
+
+class Gemm(str, enum.Enum):
+    """The role of a GEMM in a LoRA linear."""
+
+    OUTPUT = "output"  # x @ W^T + s * (x @ A^T) @ B^T
+    GRAD_INPUT = "grad_input"  # dy @ W + s * (dy @ B) @ A
+    GRAD_LORA = "grad_lora"  # dA, dB: three skinny bf16 GEMMs on cuBLAS (kernels/grad_lora.py)
+
+
+class Engine(str, enum.Enum):
+    """Who computes the GEMM."""
+
+    TRITON = "triton"  # the fused kernel: base GEMM + LoRA up-projection in its epilogue
+    CUBLAS = "cublas"  # cuBLAS GEMM, then the LoRA term by a second GEMM into the output (addmm_)
+    REFERENCE = "reference"  # no GPU: the plain-torch reference
+
+
+class Quantizer(str, enum.Enum):
+    """How the activation operand (input, or grad_output in a dgrad) is quantized before the GEMM."""
+
+    NONE = "none"  # bf16 operand
+    FP8_ROW_E4M3 = "fp8_row_e4m3"  # E4M3, one FP32 scale per row
+    FP8_ROW_E5M2 = "fp8_row_e5m2"  # E5M2 (a gradient's range), one scale per row
+    FP8_BLOCK_E4M3 = "fp8_block_e4m3"  # E4M3, one scale per 1x128 (M-contiguous scales)
+    NVFP4 = "nvfp4"  # E2M1, E4M3 per 16, FP32 tensor scale (round to nearest)
+    NVFP4_SR = "nvfp4_sr"  # the same with stochastic rounding (gradients)
+
+
+class CublasRule(str, enum.Enum):
+    """When a call goes to cuBLAS (measured faster there on the H100, docs/kernels.md)."""
+
+    NEVER = "never"
+    BF16_LONG_REDUCTION = "bf16_long_reduction"  # bf16 with a reduction >= BF16_CUBLAS_MIN_K
+    BLOCK_FP8_SM90 = "block_fp8_sm90"  # sm_90, M % 4 == 0, reduction % 512 == 0, output % 16 == 0
+
+
+# Operand modes of `_lora_gemm_kernel`: the single place where formats become constexpr integers.
+A_BF16, A_FP8_ROW, A_FP8_BLOCK = 0, 1, 2
+W_BF16, W_FP8_ROW, W_FP8_BLOCK, W_DEQ_FP8_BLOCK, W_DEQ_NF4, W_DEQ_NVFP4 = 0, 1, 2, 3, 4, 5
+
+# bf16 GEMMs whose reduction is at least this long go to cuBLAS: at the 8B shapes the Triton kernel
+# ran at 0.80-0.97x of cuBLAS + a LoRA addmm; at the 0.6B shapes (K = 1024-3072) it is 1.0-1.4x
+# faster (the fused LoRA epilogue saves a pass over the output).
+BF16_CUBLAS_MIN_K = 4096
+# From this many rows on, dequantizing formats dequantize the weight once into a transient bf16
+# buffer and run the bf16 route: above it every M tile decoding the same weight tile again makes the
+# fused kernel ALU-bound (qnf4 ran at 0.3x of bf16 on an H100), while one dequantization pass costs
+# ~2% of the GEMM. Below it the GEMM is bound by reading the weight, and the packed one is 2-4x smaller.
+DEQUANT_SCRATCH_MIN_ROWS = 128
+
+# The tensors of each weight format's list, in order (docs/internals.md).
+WEIGHT_LISTS: dict[WeightFormat, tuple[str, ...]] = {
+    WeightFormat.BF16: ("weight",),
+    WeightFormat.FP8_ROW: ("data", "scale", "data_t", "scale_t"),
+    WeightFormat.FP8_BLOCK: ("data", "block_scale"),
+    WeightFormat.NVFP4: ("packed", "block_scale", "tensor_scale"),
+    WeightFormat.NVFP4_CACHED: ("packed", "block_scale", "tensor_scale"),
+    WeightFormat.NF4: ("packed", "absmax_q", "absmax_scale", "absmax_offset", "absmax_code"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel variant: a (GEMM, compute, weight format) and how it runs."""
+
+    gemm: Gemm
+    compute: Compute
+    weight_format: WeightFormat
+    kernel: str  # the Triton kernel specialization's name (catalog, AOT builds, SASS checks, plan)
+    launcher: str  # the function in kernels/lora_linear.py or grad_input.py that launches it
+    family: str  # tile-config family (kernels/configs.py)
+    quantizer: Quantizer  # of the activation operand
+    a_mode: int | None = None  # constexpr modes of _lora_gemm_kernel; None: the NVFP4 kernel
+    w_mode: int | None = None
+    trans_w: bool = False  # the kernel reads W transposed (dgrad through the (N, K) weight)
+    cublas: CublasRule = CublasRule.NEVER
+    scratch: bool = False  # dequantizing weight: at M >= DEQUANT_SCRATCH_MIN_ROWS dequantize once, run bf16
+    operands: str | None = None  # operand types in the SASS MMA mnemonic, e.g. "E4M3.E4M3"
+    what: str = ""
+
+    @property
+    def weight_list(self) -> tuple[str, ...]:
+        return WEIGHT_LISTS[self.weight_format]
+
+    @property
+    def takes_input_q(self) -> bool:
+        """Whether this forward reads its input pre-quantized (`input_q`) when its producer emits it."""
+        return self.gemm is Gemm.OUTPUT and self.quantizer in (Quantizer.FP8_ROW_E4M3, Quantizer.FP8_BLOCK_E4M3)
+
+    def describe_rule(self, arch: str) -> str:
+        """The shape rule on `arch` as one line of text (plan, `surogate info`)."""
+        parts = []
+        if self.scratch:
+            parts.append(f"M >= {DEQUANT_SCRATCH_MIN_ROWS}: weight dequantized to a bf16 scratch, then the bf16 route "
+                         f"(cuBLAS where the reduction is >= {BF16_CUBLAS_MIN_K})")
+        if self.cublas is CublasRule.BF16_LONG_REDUCTION:
+            parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
+        if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
+            parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
+                         "the reduction % 512 == 0 and the output % 16 == 0")
+        return "; ".join(parts) or "always this Triton kernel"
+
+
+def _v(gemm, compute, fmt, kernel, launcher, family, quantizer, a_mode=None, w_mode=None, trans_w=False, **kw):
+    return Variant(gemm, compute, fmt, kernel, launcher, family, quantizer, a_mode, w_mode, trans_w, **kw)
+
+
+_O, _G = Gemm.OUTPUT, Gemm.GRAD_INPUT
+_BF16, _FP8, _FP4 = Compute.BF16, Compute.FP8, Compute.NVFP4
+_W = WeightFormat
+_LONG_K, _SM90 = CublasRule.BF16_LONG_REDUCTION, CublasRule.BLOCK_FP8_SM90
+
+VARIANTS: tuple[Variant, ...] = (
+    # ---- output (forward)
+    _v(_O, _BF16, _W.BF16, "lora_linear_bf16", "lora_linear_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16,
+       cublas=_LONG_K, operands="BF16", what="forward: bf16 x bf16 + LoRA epilogue"),
+    _v(_O, _FP8, _W.FP8_ROW, "lora_linear_fp8", "lora_linear_fp8", "fp8", Quantizer.FP8_ROW_E4M3, A_FP8_ROW,
+       W_FP8_ROW, operands="E4M3.E4M3", what="forward: E4M3 x E4M3, row/channel scales"),
+    _v(_O, _FP8, _W.FP8_BLOCK, "lora_linear_fp8_block", "lora_linear_fp8_block", "fp8_block",
+       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3",
+       what="forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
+    _v(_O, _BF16, _W.FP8_BLOCK, "lora_linear_dequant_fp8_block", "lora_linear_dequant_fp8_block", "dequant",
+       Quantizer.NONE, A_BF16, W_DEQ_FP8_BLOCK, scratch=True, operands="BF16",
+       what="forward: block-FP8 weight dequantized in registers, bf16 MMA"),
+    _v(_O, _BF16, _W.NVFP4, "lora_linear_dequant_nvfp4", "lora_linear_dequant_nvfp4", "dequant", Quantizer.NONE,
+       A_BF16, W_DEQ_NVFP4, scratch=True, operands="BF16",
+       what="forward: NVFP4 weight dequantized in registers, bf16 MMA"),
+    _v(_O, _BF16, _W.NVFP4_CACHED, "lora_linear_dequant_nvfp4", "lora_linear_dequant_nvfp4", "dequant",
+       Quantizer.NONE, A_BF16, W_DEQ_NVFP4, scratch=True, operands="BF16",
+       what="forward: NVFP4 weight dequantized in registers, bf16 MMA"),
+    _v(_O, _BF16, _W.NF4, "lora_linear_dequant_nf4", "lora_linear_dequant_nf4", "dequant", Quantizer.NONE,
+       A_BF16, W_DEQ_NF4, scratch=True, operands="BF16",
+       what="forward: NF4 weight dequantized in registers, bf16 MMA"),
+    _v(_O, _FP4, _W.NVFP4, "lora_linear_nvfp4", "lora_linear_nvfp4", "nvfp4", Quantizer.NVFP4,
+       what="forward: NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled)"),
+    _v(_O, _FP4, _W.NVFP4_CACHED, "lora_linear_nvfp4", "lora_linear_nvfp4", "nvfp4", Quantizer.NVFP4,
+       what="forward: NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled)"),
+    # ---- grad_input (dgrad)
+    _v(_G, _BF16, _W.BF16, "grad_input_bf16", "grad_input_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16, True,
+       cublas=_LONG_K, operands="BF16", what="dgrad: bf16 grad x bf16 weight read transposed"),
+    _v(_G, _FP8, _W.FP8_ROW, "grad_input_fp8", "grad_input_fp8", "fp8", Quantizer.FP8_ROW_E5M2, A_FP8_ROW,
+       W_FP8_ROW, operands="E5M2.E4M3", what="dgrad: E5M2 grad x cached K-major E4M3 transpose"),
+    _v(_G, _FP8, _W.FP8_BLOCK, "grad_input_fp8_block", "grad_input_fp8_block", "fp8_block",
+       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3",
+       what="dgrad: E4M3 1x128 grad x block-FP8 weight made K-major (transpose_fp8)"),
+    _v(_G, _BF16, _W.FP8_BLOCK, "grad_input_dequant_fp8_block", "grad_input_dequant_fp8_block", "dequant",
+       Quantizer.NONE, A_BF16, W_DEQ_FP8_BLOCK, True, scratch=True, operands="BF16",
+       what="dgrad: block-FP8 weight dequantized, read transposed"),
+    _v(_G, _BF16, _W.NVFP4, "grad_input_dequant_nvfp4", "grad_input_dequant_nvfp4", "dequant", Quantizer.NONE,
+       A_BF16, W_DEQ_NVFP4, True, scratch=True, operands="BF16",
+       what="dgrad: NVFP4 weight dequantized, read transposed"),
+    _v(_G, _BF16, _W.NVFP4_CACHED, "grad_input_dequant_nvfp4", "grad_input_dequant_nvfp4", "dequant",
+       Quantizer.NONE, A_BF16, W_DEQ_NVFP4, True, scratch=True, operands="BF16",
+       what="dgrad: NVFP4 weight dequantized, read transposed"),
+    _v(_G, _BF16, _W.NF4, "grad_input_dequant_nf4", "grad_input_dequant_nf4", "dequant", Quantizer.NONE, A_BF16,
+       W_DEQ_NF4, True, scratch=True, operands="BF16", what="dgrad: NF4 weight dequantized, read transposed"),
+    _v(_G, _FP4, _W.NVFP4, "grad_input_nvfp4", "grad_input_nvfp4", "nvfp4", Quantizer.NVFP4_SR,
+       what="dgrad: NVFP4 grad (stochastic rounding) x NVFP4 K-major weight transpose"),
+    _v(_G, _FP4, _W.NVFP4_CACHED, "grad_input_nvfp4", "grad_input_nvfp4", "nvfp4", Quantizer.NVFP4_SR,
+       what="dgrad: NVFP4 grad (stochastic rounding) x NVFP4 K-major weight transpose"),
+)
+
+_BY_KEY: dict[tuple[Gemm, Compute, WeightFormat], Variant] = {(v.gemm, v.compute, v.weight_format): v
+                                                               for v in VARIANTS}
+
+
+def variant(gemm: "Gemm | str", compute: "Compute | str", weight_format: "WeightFormat | str") -> Variant:
+    """The variant of one (GEMM, compute, weight format); an impossible pair lists the valid ones."""
+    try:
+        return _BY_KEY[(Gemm(gemm), Compute(compute), WeightFormat(weight_format))]
+    except (KeyError, ValueError):
+        valid = ", ".join(f"({v.compute.value}, {v.weight_format.value})" for v in VARIANTS if v.gemm == gemm)
+        raise ValueError(f"no {getattr(gemm, 'value', gemm)} kernel for compute {getattr(compute, 'value', compute)!r} "
+                         f"with weight_format {getattr(weight_format, 'value', weight_format)!r}; "
+                         f"valid pairs: {valid}") from None
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one call runs: the engine, the variant whose kernel runs, and whether the weight was first
+    dequantized into a bf16 scratch buffer (then `variant` is the bf16 one)."""
+
+    engine: Engine
+    variant: Variant
+    scratch: bool = False
+
+    def __str__(self) -> str:
+        what = self.variant.kernel if self.engine is Engine.TRITON else f"cuBLAS ({self.variant.kernel}'s GEMM)"
+        return f"dequantize to bf16, then {what}" if self.scratch else what
+
+
+def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int) -> bool:
+    """Whether `rule` sends a GEMM of `rows` x `n_out` with reduction `k_red` on `arch` to cuBLAS.
+
+    Block-scaled FP8: cuBLASLt reads the weight scales in groups of 4 blocks along K (K % 512), and
+    the activation scales' column stride (M floats) must be 16-byte aligned (M % 4: it answered
+    NOT_SUPPORTED for M = 123 and 777 on the H100 and took 776, 780, 784).
+    """
+    if rule is CublasRule.BF16_LONG_REDUCTION:
+        return k_red >= BF16_CUBLAS_MIN_K
+    if rule is CublasRule.BLOCK_FP8_SM90:
+        return arch == "sm_90" and rows > 0 and rows % 4 == 0 and k_red % 512 == 0 and n_out % 16 == 0
+    return False
+
+
+def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
+          cublas: "bool | Callable[[CublasRule], bool]" = True) -> Route:
+    """The route of one call of `v` on `arch`: `rows` (M), `n_out` output columns, reduction `k_red`.
+
+    `cublas` says whether cuBLAS can run a rule's GEMM here at all (False, or a function of the rule
+    answering False: no GPU, the Triton interpreter, a cuBLASLt without block scaling,
+    `configs.FORCE_TRITON_GEMMS`); then the Triton kernel runs instead.
+    """
+    if arch == "cpu":
+        return Route(Engine.REFERENCE, v)
+    if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
+        bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
+        return Route(route(bf16, arch, rows, n_out, k_red, cublas).engine, bf16, scratch=True)
+    if cublas_takes(v.cublas, arch, rows, n_out, k_red) and (cublas(v.cublas) if callable(cublas) else cublas):
+        return Route(Engine.CUBLAS, v)
+    return Route(Engine.TRITON, v)
+
+
+_trace: list[Route] | None = None
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[Route]]:
+    """Record the route of every GEMM the CUDA launcher runs inside the block (tests, benchmarks)."""
+    global _trace
+    previous, _trace = _trace, []
+    try:
+        yield _trace
+    finally:
+        _trace = previous
+
+
+def record(r: Route) -> Route:
+    """Called by the launcher once per GEMM it runs; free when no `trace()` is open."""
+    if _trace is not None:
+        _trace.append(r)
+    return r
