@@ -21,17 +21,6 @@ def triton_interpreting() -> bool:
 
 
 @functools.cache
-def triton_available() -> bool:
-    """Triton imports (it is a Linux-only dependency)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-
-@functools.cache
 def block_scaled_mm():
     """`(scaled_mm, ScalingType)` when torch exposes DeepSeek-style (1x128, 128x128) FP8 scaling, else None.
 

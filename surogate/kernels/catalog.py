@@ -217,9 +217,10 @@ def _gemm_specs() -> list[KernelSpec]:
         return _gemm_spec(v.kernel, ll._lora_gemm_nvfp4_kernel, signature, constexprs, v.compute, v.family, None,
                           ints, v.what)
 
-    first = {}  # one spec per kernel name (nvfp4 and nvfp4_cached share theirs)
+    first = {}  # one spec per kernel name (nvfp4 and nvfp4_cached share theirs) that a registered recipe runs
     for v in V.VARIANTS:
-        first.setdefault(v.kernel, v)
+        if recipe_usage(v.kernel):
+            first.setdefault(v.kernel, v)
     return [spec(v) if v.a_mode is not None else nvfp4_spec(v) for v in first.values()]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from surogate.kernels.variants import Gemm, Route, Variant, route, variant
 from surogate.recipes.arch import ARCHS, CPU, ArchInfo, RecipeNotSupportedError, current_arch, normalize_arch
-from surogate.recipes.recipe import Compute, Recipe, get, names
+from surogate.recipes.recipe import Compute, Recipe, WeightFormat, get, names
 
 
 class Support(enum.Enum):
@@ -102,10 +102,13 @@ def _gemm_plan(gemm: Gemm, want: Compute, r: Recipe, info: ArchInfo) -> GemmPlan
         return GemmPlan(gemm, want, variant(gemm, want, fmt), Support.REFUSED, None,
                         f"{info.name} has no FP8 tensor cores")
     if not info.has_mma(want):
-        # Dequantize NVFP4 in the prologue and run a bf16 MMA: correct, but not the speed of native FP4.
-        v = variant(gemm, Compute.BF16, fmt)
+        # NVFP4 values through a bf16 MMA: correct, but not the speed of native FP4. The forward reads the
+        # NVFP4 weight through the dequantizing kernel; the dgrad first re-quantizes the weight along N
+        # (what a native FP4 dgrad reads) into a dense bf16 tensor, so it runs the plain bf16 variant.
+        v = variant(gemm, Compute.BF16, fmt if gemm is Gemm.OUTPUT else WeightFormat.BF16)
         return GemmPlan(gemm, Compute.BF16, v, Support.EMULATED, info.mma_bf16,
-                        f"{info.name} has no FP4 tensor cores; NVFP4 is dequantized to bf16; {v.describe_rule(info.name)}")
+                        f"{info.name} has no FP4 tensor cores; NVFP4 values run through a bf16 MMA "
+                        f"({v.describe_rule(info.name)})")
     v = variant(gemm, want, fmt)
     return GemmPlan(gemm, want, v, Support.NATIVE, info.mma(want), v.describe_rule(info.name))
 

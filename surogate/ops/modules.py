@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from surogate.recipes import Recipe, get
+from surogate.recipes import Compute, Recipe, get
 
 
 class SurogateLinear(nn.Module):
@@ -76,7 +76,7 @@ class SurogateLinear(nn.Module):
         from surogate import ops
 
         # One GEMM against the identity dequantizes through the op itself, whatever the format.
-        out = ops.lora_linear(eye, self.weight_list(), self.weight_format, forward="bf16", grad_input="bf16")
+        out = ops.lora_linear(eye, self.weight_list(), self.weight_format, forward=Compute.BF16, grad_input=Compute.BF16)
         return out.t().contiguous().to(dtype)
 
     def extra_repr(self) -> str:

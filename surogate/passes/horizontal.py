@@ -41,7 +41,7 @@ def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
         return "members differ in LoRA scaling or GEMM precision"
     if meta["has_bias"] not in ((True,) * meta["size"], (False,) * meta["size"]):
         return "some members have a bias and some do not"
-    if meta["weight_format"] == "fp8_block" and any(n is None or n % _BLOCK for n in meta["out_features"]):
+    if meta["weight_format"] == WeightFormat.FP8_BLOCK and any(n is None or n % _BLOCK for n in meta["out_features"]):
         return "fp8_block members need N % 128 == 0 to concatenate their block scales"
     if any(n is None for n in meta["out_features"]):
         return "output sizes unknown (no shape metadata)"
