@@ -36,8 +36,14 @@ class GemmPlan:
     precision: Compute  # what actually runs (may differ from the recipe when emulated)
     variant: Variant | None  # the kernel table's row; None for grad_lora (cuBLAS) and on CPU
     support: Support
+    arch: str
     mma: str | None  # expected SASS instruction class; None on CPU
     note: str = ""
+
+    @property
+    def rule(self) -> str:
+        """Where calls of this GEMM leave its kernel: the variant's shape rule on this plan's arch."""
+        return self.variant.describe_rule(self.arch) if self.variant is not None else self.note
 
     @property
     def kernel(self) -> str:
@@ -92,25 +98,24 @@ class Plan:
         rows = [f"recipe {self.recipe.name} on {self.arch}: {self.support.value}"]
         for g in self.gemms:
             rows.append(f"  {g.gemm.value:<11} {g.precision.value:<6} {g.kernel:<32} {g.support.value:<9} "
-                        f"{g.mma or '-':<8} {g.note}")
+                        f"{g.mma or '-':<8} {g.rule}")
         return "\n".join(rows)
 
 
 def _gemm_plan(gemm: Gemm, want: Compute, r: Recipe, info: ArchInfo) -> GemmPlan:
     fmt = r.weight_format
     if not info.has_mma(want) and want is Compute.FP8:
-        return GemmPlan(gemm, want, variant(gemm, want, fmt), Support.REFUSED, None,
+        return GemmPlan(gemm, want, variant(gemm, want, fmt), Support.REFUSED, info.name, None,
                         f"{info.name} has no FP8 tensor cores")
     if not info.has_mma(want):
         # NVFP4 values through a bf16 MMA: correct, but not the speed of native FP4. The forward reads the
         # NVFP4 weight through the dequantizing kernel; the dgrad first re-quantizes the weight along N
         # (what a native FP4 dgrad reads) into a dense bf16 tensor, so it runs the plain bf16 variant.
         v = variant(gemm, Compute.BF16, fmt if gemm is Gemm.OUTPUT else WeightFormat.BF16)
-        return GemmPlan(gemm, Compute.BF16, v, Support.EMULATED, info.mma_bf16,
-                        f"{info.name} has no FP4 tensor cores; NVFP4 values run through a bf16 MMA "
-                        f"({v.describe_rule(info.name)})")
+        return GemmPlan(gemm, Compute.BF16, v, Support.EMULATED, info.name, info.mma_bf16,
+                        f"{info.name} has no FP4 tensor cores; NVFP4 values run through a bf16 MMA")
     v = variant(gemm, want, fmt)
-    return GemmPlan(gemm, want, v, Support.NATIVE, info.mma(want), v.describe_rule(info.name))
+    return GemmPlan(gemm, want, v, Support.NATIVE, info.name, info.mma(want), v.describe_rule(info.name))
 
 
 def plan(recipe: "str | Recipe", arch: "str | int | tuple[int, int] | None" = None) -> Plan:
@@ -118,7 +123,7 @@ def plan(recipe: "str | Recipe", arch: "str | int | tuple[int, int] | None" = No
     r = get(recipe)
     name = current_arch() if arch is None else normalize_arch(arch)
     if name == CPU:
-        gemms = tuple(GemmPlan(g, c, None, Support.REFERENCE, None, "plain-torch reference")
+        gemms = tuple(GemmPlan(g, c, None, Support.REFERENCE, CPU, None, "plain-torch reference")
                       for g, c in ((Gemm.OUTPUT, r.forward), (Gemm.GRAD_INPUT, r.grad_input),
                                    (Gemm.GRAD_LORA, Compute.BF16)))
         return Plan(r, CPU, gemms)
@@ -126,7 +131,8 @@ def plan(recipe: "str | Recipe", arch: "str | int | tuple[int, int] | None" = No
     gemms = (
         _gemm_plan(Gemm.OUTPUT, r.forward, r, info),
         _gemm_plan(Gemm.GRAD_INPUT, r.grad_input, r, info),
-        GemmPlan(Gemm.GRAD_LORA, Compute.BF16, None, Support.NATIVE, info.mma_bf16, "cuBLAS"),
+        GemmPlan(Gemm.GRAD_LORA, Compute.BF16, None, Support.NATIVE, name, info.mma_bf16,
+                 "three skinny bf16 GEMMs on cuBLAS"),
     )
     return Plan(r, name, gemms)
 
