@@ -9,6 +9,8 @@ NaN/Inf behave as docs/formats.md says. NF4 lives in test_formats_nf4.py.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -327,3 +329,15 @@ def test_public_options_and_errors():
         sf.quantize(x, "mxfp4", stochastic=True)
     with pytest.raises(TypeError, match="surogate.formats.quantize"):
         sf.dequantize(x)
+
+
+def test_containers_import_no_reference_module():
+    """Imports go one way: `reference_*` -> `qtensor`; the containers dequantize without them."""
+    code = ("import sys, torch; from surogate.kernels.qtensor import NVFP4Tensor; "
+            "q = NVFP4Tensor(torch.tensor([[0x2f] + [0] * 7], dtype=torch.uint8), "
+            "torch.ones(1, 1).to(torch.float8_e4m3fn), torch.tensor(2.0), torch.Size((1, 2))); "
+            "assert q.dequantize().tolist() == [[-12.0, 2.0]], q.dequantize(); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('surogate.kernels.')); "
+            "assert loaded == ['surogate.kernels.qtensor'], loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
