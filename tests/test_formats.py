@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import surogate.formats as sf
 from surogate.kernels import reference as ref
-from surogate.recipes.formats import FP4_E2M1_VALUES
+from surogate.recipes.formats import FORMATS, FP4_E2M1_VALUES, Scaling
 
 SETTINGS = settings(max_examples=15, deadline=None)
 NAN, INF = float("nan"), float("inf")
@@ -323,12 +323,19 @@ def test_public_options_and_errors():
     assert q.packed.shape == (4, 32)
     with pytest.raises(ValueError, match="valid formats: fp8_e4m3, fp8_e5m2, fp8_block, nvfp4, mxfp8, mxfp4, nf4"):
         sf.quantize(x, "int4")
+    with pytest.raises(ValueError, match="'bf16' .* is not a quantized format; valid formats: fp8_e4m3"):
+        sf.quantize(x, "bf16")
     with pytest.raises(ValueError, match="valid options: scaling, block, power_of_two, scale"):
         sf.quantize(x, "fp8_e4m3", blocksize=64)
     with pytest.raises(ValueError, match="valid options: none"):
         sf.quantize(x, "mxfp4", stochastic=True)
     with pytest.raises(TypeError, match="surogate.formats.quantize"):
         sf.dequantize(x)
+
+
+def test_names_are_the_scaled_formats_of_the_format_table():
+    """`quantize` takes every format of `surogate.recipes.FORMATS` that has a scale, and only those."""
+    assert set(sf.names()) == {n for n, f in FORMATS.items() if f.scaling is not Scaling.NONE}
 
 
 def test_containers_import_no_reference_module():
