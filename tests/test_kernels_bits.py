@@ -7,6 +7,8 @@ compared with the table in `surogate.recipes.formats` (or torch's own FP8 decode
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 from bit_compare import bits as _bits
@@ -78,3 +80,12 @@ def test_round_bf16_is_torchs_nearest_even_cast():
     out = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     assert torch.equal(_bits(out.cpu()), _bits(x.cpu().to(torch.bfloat16).float()))
+
+
+def test_bits_imports_no_other_kernel_module():
+    """The kernel modules import bits.py, never the other way round (no import loop)."""
+    code = ("import sys, surogate.kernels.bits; "
+            "loaded = sorted(m for m in sys.modules if m.startswith('surogate.kernels.')); "
+            "assert loaded == ['surogate.kernels.bits'], loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
