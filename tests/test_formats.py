@@ -9,6 +9,8 @@ NaN/Inf behave as docs/formats.md says. NF4 lives in test_formats_nf4.py.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 import surogate.ops.formats as sf
 from surogate.kernels import reference as ref
-from surogate.recipes.formats import FP4_E2M1_VALUES
+from surogate.recipes.formats import FORMATS, FP4_E2M1_VALUES, Scaling
 
 SETTINGS = settings(max_examples=15, deadline=None)
 NAN, INF = float("nan"), float("inf")
@@ -321,9 +323,28 @@ def test_public_options_and_errors():
     assert q.packed.shape == (4, 32)
     with pytest.raises(ValueError, match="valid formats: fp8_e4m3, fp8_e5m2, fp8_block, nvfp4, mxfp8, mxfp4, nf4"):
         sf.quantize(x, "int4")
+    with pytest.raises(ValueError, match="'bf16' .* is not a quantized format; valid formats: fp8_e4m3"):
+        sf.quantize(x, "bf16")
     with pytest.raises(ValueError, match="valid options: scaling, block, power_of_two, scale"):
         sf.quantize(x, "fp8_e4m3", blocksize=64)
     with pytest.raises(ValueError, match="valid options: none"):
         sf.quantize(x, "mxfp4", stochastic=True)
     with pytest.raises(TypeError, match="surogate.formats.quantize"):
         sf.dequantize(x)
+
+
+def test_names_are_the_scaled_formats_of_the_format_table():
+    """`quantize` takes every format of `surogate.recipes.FORMATS` that has a scale, and only those."""
+    assert set(sf.names()) == {n for n, f in FORMATS.items() if f.scaling is not Scaling.NONE}
+
+
+def test_containers_import_no_reference_module():
+    """Imports go one way: `reference_*` -> `qtensor`; the containers dequantize without them."""
+    code = ("import sys, torch; from surogate.kernels.qtensor import NVFP4Tensor; "
+            "q = NVFP4Tensor(torch.tensor([[0x2f] + [0] * 7], dtype=torch.uint8), "
+            "torch.ones(1, 1).to(torch.float8_e4m3fn), torch.tensor(2.0), torch.Size((1, 2))); "
+            "assert q.dequantize().tolist() == [[-12.0, 2.0]], q.dequantize(); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('surogate.kernels.')); "
+            "assert loaded == ['surogate.kernels.qtensor'], loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr

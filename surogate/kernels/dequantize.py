@@ -2,7 +2,7 @@
 
 Bit-exact with `reference.py` (and, for NF4, with bitsandbytes): every product is one
 correctly rounded fp32 multiply followed by one round to nearest even into bf16, done with
-integer arithmetic (`_round_bf16`) because the CPU interpreter's bf16 cast truncates.
+integer arithmetic (`bits.round_bf16`) because the CPU interpreter's bf16 cast truncates.
 The NF4 absmax is `code[q] * scale + offset` as two roundings, like bitsandbytes; Triton
 would contract that into one FMA, so the multiply goes through `_mul_rn` (PTX `mul.rn.f32`,
 which ptxas never fuses).
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from surogate.compat import triton_interpreting
-from surogate.kernels.quantize import _e2m1_value, _fp8_value, _meta, _round_bf16
+from surogate.kernels.bits import bytes_metadata, e2m1_value, fp8_value, round_bf16
 from surogate.recipes.formats import FP8_WEIGHT_BLOCK, NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK, NF4_VALUES, NVFP4_BLOCK
 
 _OUT_DTYPES = {torch.bfloat16: True, torch.float32: False}  # dtype -> ROUND_BF16 constexpr
@@ -40,7 +40,7 @@ def _mul_rn(a, b, INTERPRET: tl.constexpr):
 @triton.jit
 def _store_out(ptr, v, mask, ROUND_BF16: tl.constexpr):
     if ROUND_BF16:
-        tl.store(ptr, _round_bf16(v).to(tl.bfloat16), mask=mask)
+        tl.store(ptr, round_bf16(v).to(tl.bfloat16), mask=mask)
     else:
         tl.store(ptr, v, mask=mask)
 
@@ -49,7 +49,7 @@ def _store_out(ptr, v, mask, ROUND_BF16: tl.constexpr):
 # NF4 (bitsandbytes layout): flattened, blocks of 64, element 2i in the high nibble.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("dequantize_nf4", 2.6))
+@triton.jit(launch_metadata=bytes_metadata("dequantize_nf4", 2.6))
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
     nf4_ptr, out_ptr, n,
@@ -137,7 +137,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
 # NVFP4: packed (M, Kp/2) low nibble first, E4M3 scale per 16, FP32 tensor scale.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("dequantize_nvfp4", 2.5625))
+@triton.jit(launch_metadata=bytes_metadata("dequantize_nvfp4", 2.5625))
 def _dequantize_nvfp4_kernel(
     packed_ptr, bscale_ptr, tscale_ptr, out_ptr, M, K, stride_pm, stride_bm, stride_om,
     ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -154,8 +154,8 @@ def _dequantize_nvfp4_kernel(
     bcols = k0 // 16 + tl.arange(0, NB)
     bcode = tl.load(bscale_ptr + rows.to(tl.int64)[:, None] * stride_bm + bcols[None, :],
                     mask=rmask[:, None] & (bcols < stride_bm)[None, :], other=0).to(tl.int32)
-    scale = _fp8_value(bcode, 3, 7) * tl.load(tscale_ptr)
-    mag = _e2m1_value(codes & 7) * scale[:, :, None]
+    scale = fp8_value(bcode, 3, 7) * tl.load(tscale_ptr)
+    mag = e2m1_value(codes & 7) * scale[:, :, None]
     # The sign goes in as a bit: on the GPU `where(neg, -mag, mag) * scale` gave +0 for code 8 (-0).
     val = (mag.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
     val = tl.reshape(val, (BLOCK_M, BLOCK_K))
@@ -197,7 +197,7 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, tensor_sca
 # Block FP8: data (M, K) e4m3/e5m2, FP32 scale per (bm x bk) block.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("dequantize_fp8_block", 3))
+@triton.jit(launch_metadata=bytes_metadata("dequantize_fp8_block", 3))
 def _dequantize_fp8_block_kernel(
     q_ptr, scale_ptr, out_ptr, M, K, stride_qm, stride_sm, stride_om,
     BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from surogate.kernels import configs, tuning
+from surogate.kernels.bits import e2m1_unpack_rows, nf4_value
 from surogate.kernels.configs import block_r, interpreting
 from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, Variant
 
@@ -30,26 +31,6 @@ def _gemm_metadata(grid, kernel, args):
     """Flops and bytes for profilers (STYLE.md 3)."""
     m, n, k = args["M"], args["N"], args["K"]
     return {"name": f"{kernel.name} M={m} N={n} K={k}", "flops": 2.0 * m * n * k}
-
-
-@triton.jit
-def _nf4_value(c):
-    """NF4 code -> value by a 4-level select tree on its bits: no loads (a table gather inside
-    the pipelined K loop was 8x slower on the H100, bench/NOTES.md run 2)."""
-    b0 = (c & 1) != 0
-    b1 = (c & 2) != 0
-    b2 = (c & 4) != 0
-    lo0 = tl.where(b0, -0.6961928009986877, -1.0)
-    lo1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-    lo2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-    lo3 = tl.where(b0, 0.0, -0.09105003625154495)
-    hi0 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-    hi1 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-    hi2 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-    hi3 = tl.where(b0, 1.0, 0.7229568362236023)
-    lo = tl.where(b2, tl.where(b1, lo3, lo2), tl.where(b1, lo1, lo0))
-    hi = tl.where(b2, tl.where(b1, hi3, hi2), tl.where(b1, hi1, hi0))
-    return tl.where((c & 8) != 0, hi, lo)
 
 
 @triton.jit
@@ -62,7 +43,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_row
     fp8_block: E4M3 (N, K) x FP32 scale per 128x128.
     nf4: packed bytes of the flattened (N*K) weight, element 2i in the high nibble; absmax per 64
     = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes double quant);
-    `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `_nf4_value`.
+    `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `nf4_value` (kernels/bits.py).
     nvfp4: packed (N, Kp/2), element 2i in the low nibble, E4M3 scale per 16 along K, FP32 tensor scale.
     """
     rmask = rows < n_rows
@@ -82,7 +63,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_row
         if W_MODE == 4:  # W_DEQ_NF4
             byte = tl.load(w_ptr + r64[:, None] * (Kw // 2) + bcols[None, :], mask=bmask, other=0).to(tl.int32)
             codes = tl.reshape(tl.join(byte >> 4, byte & 15), (R, C))
-            v = _nf4_value(codes)
+            v = nf4_value(codes)
             blk = r64[:, None] * (Kw // 64) + (col0 // 64 + tl.arange(0, C // 64))[None, :]
             smask = rmask[:, None] & ((col0 + tl.arange(0, C // 64) * 64) < n_cols)[None, :]
             qabs = tl.load(aux0_ptr + blk, mask=smask, other=0).to(tl.int32)
@@ -223,19 +204,6 @@ def _lora_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _e2m1_unpack_rows(packed, scale, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[ROWS, BLOCK_K/2] packed E2M1 (low nibble first) x [ROWS, BLOCK_K/16] E4M3 -> fp32 [ROWS, BLOCK_K]."""
-    p = packed.to(tl.int32)
-    codes = tl.reshape(tl.join(p & 15, p >> 4), (ROWS, BLOCK_K))
-    e = (codes >> 1) & 3
-    m = (codes & 1).to(tl.float32)
-    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
-    val = tl.where((codes & 8) != 0, -mag, mag)
-    val = tl.reshape(val, (ROWS, BLOCK_K // 16, 16)) * scale.to(tl.float32)[:, :, None]
-    return tl.reshape(val, (ROWS, BLOCK_K))
-
-
 @triton.jit(launch_metadata=_gemm_metadata)
 def _lora_gemm_nvfp4_kernel(
     a_ptr, as_ptr, a_ts_ptr, w_ptr, ws_ptr, w_ts_ptr, h_ptr, u_ptr, bias_ptr, out_ptr,
@@ -273,8 +241,8 @@ def _lora_gemm_nvfp4_kernel(
         w = tl.load(w_ptr + cols_n[None, :] * stride_wn + kb[:, None], mask=mkb[:, None], other=0)
         w_s = tl.load(ws_ptr + cols_n[:, None] * stride_wsn + ks[None, :], mask=mks[None, :], other=0.0)
         if UPCAST:  # the interpreter reads dot_scaled scales as E8M0: emulate with the E4M3 scales
-            av = _e2m1_unpack_rows(a, a_s, BLOCK_M, BLOCK_K)
-            wv = _e2m1_unpack_rows(tl.trans(w), w_s, BLOCK_N, BLOCK_K)
+            av = e2m1_unpack_rows(a, a_s, BLOCK_M, BLOCK_K)
+            wv = e2m1_unpack_rows(tl.trans(w), w_s, BLOCK_N, BLOCK_K)
             acc += tl.dot(av, tl.trans(wv))
         else:
             acc = tl.dot_scaled(a, a_s, "e2m1", w, w_s, "e2m1", acc)

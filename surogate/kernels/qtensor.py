@@ -1,8 +1,11 @@
-"""Quantized tensor containers: the storage every floor agrees on (docs/internals.md).
+"""Quantized tensor containers: the storage every floor agrees on (docs/internals.md), and its decoders.
 
-A container only holds tensors and the metadata needed to read them back; the rules that
-produce them live in `surogate/kernels/reference*.py` (and their Triton twins). The scale
-convention is the same everywhere: dequantized value = stored element x scale.
+A container holds tensors and the metadata needed to read them back, and the plain-torch code that
+reads them back lives here with it: the nibble layout, E2M1 / E8M0 / NF4 code values, block scales
+expanded to elements, bitsandbytes' double-quantized absmax, and `dequantize_*_ref`. The rules that
+produce a container (rounding, saturation, the choice of scales) live in `reference_formats.py` /
+`reference_nf4.py` (and their Triton twins), which import this module and re-export its decoders;
+nothing here imports them. The scale convention is the same everywhere: value = stored element x scale.
 """
 
 from __future__ import annotations
@@ -11,7 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fp8Tensor", "MXTensor", "NF4Tensor", "NVFP4Tensor", "QTensor"]
+from surogate.recipes.formats import (
+    FP4_E2M1_VALUES,
+    MX_BLOCK,
+    NF4_DOUBLE_QUANT_BLOCK,
+    NF4_VALUES,
+    NVFP4_BLOCK,
+)
+
+__all__ = [
+    "E8M0_NAN", "Fp8Tensor", "MXTensor", "NF4Tensor", "NVFP4Tensor", "QTensor", "dequantize_blockwise_8bit_ref",
+    "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nf4_ref", "dequantize_nvfp4_ref", "e2m1_decode",
+    "expand_blocks", "nf4_absmax", "nf4_code", "pack_nibbles", "unpack_nibbles",
+]
+
+E8M0_NAN = 255  # the E8M0 scale byte that stands for NaN (OCP MX v1.0)
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -68,9 +85,7 @@ class Fp8Tensor(_QuantizedTensor):
         return [self.data, self.scale]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from surogate.kernels import reference_formats
-
-        return reference_formats.dequantize_fp8_ref(self, dtype)
+        return dequantize_fp8_ref(self, dtype)
 
     def __repr__(self) -> str:
         return (f"Fp8Tensor({self.element}, shape={_shape_str(self.shape)}, scaling={self.scaling}, "
@@ -93,9 +108,7 @@ class NVFP4Tensor(_QuantizedTensor):
         return [self.packed, self.block_scale, self.tensor_scale]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from surogate.kernels import reference_formats
-
-        return reference_formats.dequantize_nvfp4_ref(self, dtype)
+        return dequantize_nvfp4_ref(self, dtype)
 
     def __repr__(self) -> str:
         return (f"NVFP4Tensor(shape={_shape_str(self.shape)}, packed={_shape_str(self.packed.shape)}, "
@@ -132,9 +145,7 @@ class NF4Tensor(_QuantizedTensor):
         return [self.packed, self.absmax]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from surogate.kernels import reference_nf4
-
-        return reference_nf4.dequantize_nf4_ref(self, dtype)
+        return dequantize_nf4_ref(self, dtype)
 
     def __repr__(self) -> str:
         return (f"NF4Tensor(shape={_shape_str(self.shape)}, blocksize={self.blocksize}, "
@@ -158,9 +169,7 @@ class MXTensor(_QuantizedTensor):
         return [self.data, self.scale]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from surogate.kernels import reference_formats
-
-        return reference_formats.dequantize_mx_ref(self, dtype)
+        return dequantize_mx_ref(self, dtype)
 
     def __repr__(self) -> str:
         return (f"MXTensor({self.element}, shape={_shape_str(self.shape)}, "
@@ -168,3 +177,95 @@ class MXTensor(_QuantizedTensor):
 
 
 QTensor = Fp8Tensor | NVFP4Tensor | NF4Tensor | MXTensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders: stored codes and scales back to values (the quantizers in reference_*.py write them).
+# ----------------------------------------------------------------------------------------------
+
+def expand_blocks(scale: torch.Tensor, block: tuple[int, int], m: int, k: int) -> torch.Tensor:
+    """A `(ceil(M/bm), ceil(K/bk))` grid of scales blown up to `(M, K)` (edge blocks cropped)."""
+    bm, bk = block
+    return scale.repeat_interleave(bm, 0)[:m].repeat_interleave(bk, 1)[:, :k]
+
+
+def pack_nibbles(codes: torch.Tensor, first_high: bool = False) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last (even) dim; element 2i low unless `first_high`."""
+    c = codes.to(torch.uint8)
+    even, odd = c[..., 0::2], c[..., 1::2]
+    return ((even << 4) | odd) if first_high else (even | (odd << 4))
+
+
+def unpack_nibbles(packed: torch.Tensor, first_high: bool = False) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: `(..., n)` bytes -> `(..., 2n)` codes (uint8)."""
+    lo, hi = packed & 0xF, packed >> 4
+    first, second = (hi, lo) if first_high else (lo, hi)
+    return torch.stack((first, second), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """FP32 values of 4-bit E2M1 codes."""
+    grid = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    c = codes.to(torch.int64)
+    mag = grid[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def dequantize_fp8_ref(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """element x scale in FP32, then cast to `dtype`."""
+    data = q.data.float()
+    if q.block is None or q.scaling == "row":
+        out = data * q.scale
+    else:
+        k = data.shape[-1]
+        m = data.numel() // k if k else 0
+        out = data.reshape(m, k) * expand_blocks(q.scale, q.block, m, k)
+    return out.reshape(q.data.shape).to(dtype)
+
+
+def dequantize_nvfp4_ref(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e2m1(code) x (float(block_scale) x tensor_scale) in FP32, cropped to the original shape."""
+    vals = e2m1_decode(unpack_nibbles(q.packed))
+    decode = (q.block_scale.float() * q.tensor_scale).repeat_interleave(NVFP4_BLOCK, -1)
+    out = (vals * decode)[..., : q.shape[-1]]
+    return out.reshape(q.shape).to(dtype)
+
+
+def dequantize_mx_ref(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """element x 2**(code - 127) (NaN for code 255), cropped to the original shape."""
+    code = q.scale.to(torch.int32)
+    scale = torch.ldexp(torch.ones(code.shape, device=code.device), code - 127)
+    scale = torch.where(code == E8M0_NAN, torch.full_like(scale, float("nan")), scale)
+    vals = q.data.float() if q.element == "e4m3" else e2m1_decode(unpack_nibbles(q.data))
+    out = (vals * scale.repeat_interleave(MX_BLOCK, -1))[..., : q.shape[-1]]
+    return out.reshape(q.shape).to(dtype)
+
+
+def nf4_code(device: "torch.device | str | None" = None) -> torch.Tensor:
+    """The 16 NF4 code values as FP32."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+def dequantize_blockwise_8bit_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                                  blocksize: int = NF4_DOUBLE_QUANT_BLOCK) -> torch.Tensor:
+    """code[q] x absmax of its block, FP32."""
+    n = q.numel()
+    vals = code[q.to(torch.int64).reshape(-1)]
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return vals * scale
+
+
+def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
+    """The FP32 absmax per block (decoding the double quantization: code[q] x scale + offset)."""
+    if not q.double_quant:
+        return q.absmax
+    return dequantize_blockwise_8bit_ref(q.absmax_q, q.absmax_scale, q.absmax_code) + q.absmax_offset
+
+
+def dequantize_nf4_ref(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """NF4_VALUES[code] x absmax in FP32, then cast to `dtype` (as bitsandbytes' dequantize_4bit)."""
+    n = torch.Size(q.shape).numel()
+    codes = torch.stack((q.packed >> 4, q.packed & 0xF), -1).reshape(-1)[:n]
+    vals = nf4_code(q.packed.device)[codes.to(torch.int64)]
+    scale = nf4_absmax(q).repeat_interleave(q.blocksize)[:n]
+    return (vals * scale).reshape(q.shape).to(dtype)

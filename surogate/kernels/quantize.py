@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from surogate.kernels.bits import bytes_metadata, e2m1_value, fp8_value
 from surogate.recipes.formats import (
     FP4_E2M1_MAX,
     FP8_ACTIVATION_BLOCK,
@@ -53,7 +54,7 @@ def fp8_constexprs(element: "str | Element") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bit-exact rounding helpers (also used by dequantize.py and the fused GEMM prologues).
+# Bit-exact rounding helpers of the quantizers (the decoders they share live in bits.py).
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -78,30 +79,6 @@ def _fp8_code(v, FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr):
     sub = (sig + ((1 << (s - 1)) - 1) + ((sig >> s) & 1)) >> s
     code = tl.where(e >= 128 - BIAS, normal, sub) | sign
     return tl.where(v != v, 0x7F, code)
-
-
-@triton.jit
-def _fp8_value(code, MANT: tl.constexpr, BIAS: tl.constexpr):
-    """The fp32 value of an E4M3/E5M2 byte held in int32; 0x7f / 0xff (E4M3 NaN) -> NaN.
-
-    Only E4M3 scales are decoded this way; E5M2 Inf/NaN codes are not special-cased.
-    """
-    mag = code & 0x7F
-    e = mag >> MANT
-    m = mag & ((1 << MANT) - 1)
-    normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MANT))
-    val = tl.where(e > 0, normal.to(tl.float32, bitcast=True),
-                   m.to(tl.float32) * (1.0 / (1 << (BIAS - 1 + MANT))))
-    val = tl.where(mag == 0x7F, float("nan"), val)
-    return tl.where((code & 0x80) != 0, -val, val)
-
-
-@triton.jit
-def _round_bf16(v):
-    """fp32 -> the nearest-even bf16 value, still in fp32 (so the final cast is exact everywhere)."""
-    bits = v.to(tl.int32, bitcast=True)
-    r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -143,8 +120,8 @@ def _e2m1_code(a, seed_offsets, seed, STOCHASTIC: tl.constexpr):
         lo = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
               + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
               + (a >= 6.0).to(tl.int32))
-        lo_v = _e2m1_value(lo)
-        hi_v = _e2m1_value(tl.minimum(lo + 1, 7))
+        lo_v = e2m1_value(lo)
+        hi_v = e2m1_value(tl.minimum(lo + 1, 7))
         gap = tl.where(hi_v > lo_v, hi_v - lo_v, 1.0)
         p = tl.math.div_rn(a - lo_v, gap)
         r = tl.rand(seed, seed_offsets)
@@ -156,26 +133,6 @@ def _e2m1_code(a, seed_offsets, seed, STOCHASTIC: tl.constexpr):
     return code
 
 
-@triton.jit
-def _e2m1_value(code):
-    """fp32 magnitude of an E2M1 code 0..7: {0, .5, 1, 1.5, 2, 3, 4, 6}."""
-    e = code >> 1
-    m = (code & 1).to(tl.float32)
-    return tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
-
-
-# ----------------------------------------------------------------------------------------------
-# launch_metadata: bytes moved, so profiles name the work.
-# ----------------------------------------------------------------------------------------------
-
-def _meta(name: str, bytes_per_element: float):
-    def fn(grid, kernel, args):
-        n = args.get("M", 1) * args.get("K", args.get("n", 0))
-        return {"name": f"{name} [{args.get('M', '')}x{args.get('K', args.get('n', ''))}]",
-                "bytes": int(n * bytes_per_element)}
-    return fn
-
-
 # ----------------------------------------------------------------------------------------------
 # amax of a whole tensor: partial maxima per program, then one program finishes the reduction
 # and derives the scale with the same `_scale_from_amax` as the row/block kernels. (Doing the
@@ -183,7 +140,7 @@ def _meta(name: str, bytes_per_element: float):
 # fp32 reciprocal, an ulp off `amax / fmax` for most amaxes.)
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("amax", 2))
+@triton.jit(launch_metadata=bytes_metadata("amax", 2))
 def _amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -235,7 +192,7 @@ def amax(x: torch.Tensor) -> torch.Tensor:
 # FP8 row-wise ("current" scaling): one scale per row, from that row's amax.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("quantize_fp8_rowwise", 3))
+@triton.jit(launch_metadata=bytes_metadata("quantize_fp8_rowwise", 3))
 def _quantize_fp8_rowwise_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_xm, stride_qm,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
@@ -318,7 +275,7 @@ def quantize_fp8_rowwise(x: torch.Tensor, element: "str | Element" = "e4m3", pow
 # FP8 tensor-wise: one scale for the whole tensor (current, or given by delayed scaling).
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("quantize_fp8_tensorwise", 3))
+@triton.jit(launch_metadata=bytes_metadata("quantize_fp8_tensorwise", 3))
 def _quantize_fp8_tensorwise_kernel(
     x_ptr, q_ptr, scale_ptr, n,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -367,7 +324,7 @@ def quantize_fp8_tensorwise(x: torch.Tensor, element: "str | Element" = "e4m3",
 # FP8 block-wise: FP32 scale per (1 x 128) activation block or (128 x 128) weight block.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("quantize_fp8_block", 3))
+@triton.jit(launch_metadata=bytes_metadata("quantize_fp8_block", 3))
 def _quantize_fp8_block_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, POW2: tl.constexpr,
@@ -443,7 +400,7 @@ def quantize_fp8_block(x: torch.Tensor, block: tuple[int, int] = FP8_ACTIVATION_
 # NVFP4: E2M1 elements, E4M3 scale per 16 along K, one FP32 tensor scale.
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit(launch_metadata=_meta("quantize_nvfp4", 2.5625))
+@triton.jit(launch_metadata=bytes_metadata("quantize_nvfp4", 2.5625))
 def _quantize_nvfp4_kernel(
     x_ptr, packed_ptr, bscale_ptr, tscale_ptr, seed, M, K, stride_xm, stride_pm, stride_bm,
     STOCHASTIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -462,7 +419,7 @@ def _quantize_nvfp4_kernel(
     block_amax = _amax_nan(tl.abs(x3), 2)
     # block scale = (block_amax / 6) / tensor_scale, rounded to E4M3 (saturating).
     bcode = _fp8_code(tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), ts), 448.0, 3, 7)
-    decode = _fp8_value(bcode, 3, 7) * ts
+    decode = fp8_value(bcode, 3, 7) * ts
     # v = x / decode, 0 where decode is 0; NaN v -> code 0; sign = signbit(v) (as the reference)
     v = tl.math.div_rn(x3, tl.where(decode == 0, 1.0, decode)[:, :, None])
     v = tl.where((decode == 0)[:, :, None], 0.0, v)

@@ -2,7 +2,8 @@
 
 Bit-exact to DESIGN.md section 2 for the quantizers; the GEMM references multiply dequantized
 operands in FP32. The code lives in small modules by concern, re-exported here:
-- `reference_formats`: FP8 (tensor/row/block), NVFP4, OCP MX quantizers and dequantizers, and the
+- `reference_formats`: FP8 (tensor/row/block), NVFP4, OCP MX quantizers (and, re-exported from
+  `qtensor`, where the containers and their decoders live, the dequantizers), and the
   traceable FP8 activation quantizers an FX pass puts into a graph (`quantize_fp8_rowwise_ref`,
   `quantize_fp8_block_ref`: the twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block`);
 - `reference_nf4`: bitsandbytes-compatible NF4 with double quantization;

@@ -3,14 +3,27 @@
 These functions define the formats: every Triton quantize kernel must reproduce them
 bit for bit (except stochastic rounding, whose random bits come from torch's generator
 here). Arithmetic is FP32 throughout, in the order written; docs/formats.md restates the
-rules and the NaN/Inf behaviour.
+rules and the NaN/Inf behaviour. The decoders (`dequantize_*_ref`, `e2m1_decode`, the nibble
+layout) live with the containers in `qtensor.py` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from surogate.kernels.qtensor import Fp8Tensor, MXTensor, NVFP4Tensor
+from surogate.kernels.qtensor import (
+    E8M0_NAN,
+    Fp8Tensor,
+    MXTensor,
+    NVFP4Tensor,
+    dequantize_fp8_ref,
+    dequantize_mx_ref,
+    dequantize_nvfp4_ref,
+    e2m1_decode,
+    expand_blocks,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from surogate.recipes.formats import (
     FP4_E2M1_MAX,
     FP4_E2M1_VALUES,
@@ -37,7 +50,6 @@ _E2M1_TIE_UP = (False, True, False, True, False, True, False)
 
 # Exponent of the largest power of two in each MX element's range (OCP MX v1.0, emax_elem).
 _MX_EMAX = {"e4m3": 8, "e2m1": 2}
-_E8M0_NAN = 255
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:
@@ -73,12 +85,6 @@ def _cast_fp8(v: torch.Tensor, element: str) -> torch.Tensor:
     """Saturate to +-max (torch's cast would give NaN/Inf), then round to nearest even."""
     fmax = FP8_MAX[element]
     return v.clamp(-fmax, fmax).to(FP8_DTYPES[element])
-
-
-def _expand_blocks(scale: torch.Tensor, block: tuple[int, int], m: int, k: int) -> torch.Tensor:
-    """A `(ceil(M/bm), ceil(K/bk))` grid of scales blown up to `(M, K)` (edge blocks cropped)."""
-    bm, bk = block
-    return scale.repeat_interleave(bm, 0)[:m].repeat_interleave(bk, 1)[:, :k]
 
 
 def quantize_fp8_ref(
@@ -128,7 +134,7 @@ def quantize_fp8_ref(
         s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
         s = s.reshape(()) if scaling == "tensor" else s.reshape(amax.shape)
     if scaling == "block":
-        full = _expand_blocks(s, group_block, m, k).reshape(x.shape)
+        full = expand_blocks(s, group_block, m, k).reshape(x.shape)
     else:
         full = s
     data = _cast_fp8(xf / full, element)
@@ -207,18 +213,6 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
     return data, scale
 
 
-def dequantize_fp8_ref(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """element x scale in FP32, then cast to `dtype`."""
-    data = q.data.float()
-    if q.block is None or q.scaling == "row":
-        out = data * q.scale
-    else:
-        k = data.shape[-1]
-        m = data.numel() // k if k else 0
-        out = data.reshape(m, k) * _expand_blocks(q.scale, q.block, m, k)
-    return out.reshape(q.data.shape).to(dtype)
-
-
 def e2m1_encode(v: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """4-bit E2M1 codes (sign in bit 3) of FP32 values already divided by their scale.
 
@@ -244,28 +238,6 @@ def e2m1_encode(v: torch.Tensor, stochastic: bool = False, generator: torch.Gene
     code = torch.where(torch.isnan(v), torch.zeros_like(code), code)
     sign = torch.signbit(v) & ~torch.isnan(v)
     return (code | (sign.to(torch.int64) << 3)).to(torch.uint8)
-
-
-def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    """FP32 values of 4-bit E2M1 codes."""
-    grid = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    c = codes.to(torch.int64)
-    mag = grid[c & 7]
-    return torch.where((c & 8) != 0, -mag, mag)
-
-
-def pack_nibbles(codes: torch.Tensor, first_high: bool = False) -> torch.Tensor:
-    """Two 4-bit codes per byte along the last (even) dim; element 2i low unless `first_high`."""
-    c = codes.to(torch.uint8)
-    even, odd = c[..., 0::2], c[..., 1::2]
-    return ((even << 4) | odd) if first_high else (even | (odd << 4))
-
-
-def unpack_nibbles(packed: torch.Tensor, first_high: bool = False) -> torch.Tensor:
-    """Inverse of `pack_nibbles`: `(..., n)` bytes -> `(..., 2n)` codes (uint8)."""
-    lo, hi = packed & 0xF, packed >> 4
-    first, second = (hi, lo) if first_high else (lo, hi)
-    return torch.stack((first, second), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -308,14 +280,6 @@ def quantize_nvfp4_ref(
     return NVFP4Tensor(packed=pack_nibbles(codes), block_scale=block_scale, tensor_scale=ts, shape=shape)
 
 
-def dequantize_nvfp4_ref(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """e2m1(code) x (float(block_scale) x tensor_scale) in FP32, cropped to the original shape."""
-    vals = e2m1_decode(unpack_nibbles(q.packed))
-    decode = (q.block_scale.float() * q.tensor_scale).repeat_interleave(NVFP4_BLOCK, -1)
-    out = (vals * decode)[..., : q.shape[-1]]
-    return out.reshape(q.shape).to(dtype)
-
-
 def quantize_mx_ref(x: torch.Tensor, element: str = "e4m3") -> MXTensor:
     """OCP MX (v1.0): an E8M0 scale 2**(floor(log2(amax)) - emax_elem) per 32 along the last dim.
 
@@ -335,7 +299,7 @@ def quantize_mx_ref(x: torch.Tensor, element: str = "e4m3") -> MXTensor:
     exp = (e - 1 - _MX_EMAX[element]).clamp(-127, 127)
     exp = torch.where(amax == 0, torch.zeros_like(exp), exp)
     finite = torch.isfinite(amax)
-    code = torch.where(finite, exp + 127, torch.full_like(exp, _E8M0_NAN)).to(torch.uint8)
+    code = torch.where(finite, exp + 127, torch.full_like(exp, E8M0_NAN)).to(torch.uint8)
     scale = torch.where(finite, torch.ldexp(torch.ones_like(amax), exp), torch.full_like(amax, float("nan")))
     v = blocks / scale.unsqueeze(-1)
     if element == "e4m3":
@@ -345,11 +309,3 @@ def quantize_mx_ref(x: torch.Tensor, element: str = "e4m3") -> MXTensor:
     return MXTensor(data=data, scale=code, element=element, shape=shape)
 
 
-def dequantize_mx_ref(q: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """element x 2**(code - 127) (NaN for code 255), cropped to the original shape."""
-    code = q.scale.to(torch.int32)
-    scale = torch.ldexp(torch.ones(code.shape, device=code.device), code - 127)
-    scale = torch.where(code == _E8M0_NAN, torch.full_like(scale, float("nan")), scale)
-    vals = q.data.float() if q.element == "e4m3" else e2m1_decode(unpack_nibbles(q.data))
-    out = (vals * scale.repeat_interleave(MX_BLOCK, -1))[..., : q.shape[-1]]
-    return out.reshape(q.shape).to(dtype)

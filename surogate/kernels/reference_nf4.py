@@ -11,6 +11,9 @@ Matches bitsandbytes 0.50's CPU backend bit for bit (tests/test_formats_nf4.py c
   ignores NaN), clamped to [-1, 1], `j = trunc(((r + 1) * 0.5) * 65535 + 0.5)` in FP32,
   code = the dynamic-map entry nearest to `j / 65535 * 2 - 1` (NaN -> code 0). bitsandbytes'
   CUDA kernel picks the nearest entry of `r` directly, which differs in rare near-midpoint cases.
+
+The decoders (`dequantize_nf4_ref`, `dequantize_blockwise_8bit_ref`, `nf4_code`) live with the
+container in `qtensor.py` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,18 +22,18 @@ import functools
 
 import torch
 
-from surogate.kernels.qtensor import NF4Tensor
-from surogate.recipes.formats import NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK, NF4_VALUES
+from surogate.kernels.qtensor import (
+    NF4Tensor,
+    dequantize_blockwise_8bit_ref,
+    dequantize_nf4_ref,
+    nf4_code,
+)
+from surogate.recipes.formats import NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK
 
 __all__ = ["dequantize_nf4_ref", "dynamic_map", "nf4_code", "quantize_blockwise_8bit_ref",
            "dequantize_blockwise_8bit_ref", "quantize_nf4_ref"]
 
 _LUT_STEPS = 65535  # bitsandbytes' CPU 8-bit quantizer: a 16-bit lookup over [-1, 1]
-
-
-def nf4_code(device: "torch.device | str | None" = None) -> torch.Tensor:
-    """The 16 NF4 code values as FP32."""
-    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,15 +93,6 @@ def quantize_blockwise_8bit_ref(x: torch.Tensor, code: torch.Tensor,
     return lut[cell].reshape(-1)[:n], absmax
 
 
-def dequantize_blockwise_8bit_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                                  blocksize: int = NF4_DOUBLE_QUANT_BLOCK) -> torch.Tensor:
-    """code[q] x absmax of its block, FP32."""
-    n = q.numel()
-    vals = code[q.to(torch.int64).reshape(-1)]
-    scale = absmax.repeat_interleave(blocksize)[:n]
-    return vals * scale
-
-
 def _nf4_absmax_and_codes(xf: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = xf.numel()
     rem = n % blocksize
@@ -142,17 +136,3 @@ def quantize_nf4_ref(x: torch.Tensor, blocksize: int = NF4_BLOCK, double_quant: 
                      absmax_offset=offset, absmax_code=dmap, blocksize=blocksize, shape=x.shape)
 
 
-def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
-    """The FP32 absmax per block (decoding the double quantization: code[q] x scale + offset)."""
-    if not q.double_quant:
-        return q.absmax
-    return dequantize_blockwise_8bit_ref(q.absmax_q, q.absmax_scale, q.absmax_code) + q.absmax_offset
-
-
-def dequantize_nf4_ref(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """NF4_VALUES[code] x absmax in FP32, then cast to `dtype` (as bitsandbytes' dequantize_4bit)."""
-    n = torch.Size(q.shape).numel()
-    codes = torch.stack((q.packed >> 4, q.packed & 0xF), -1).reshape(-1)[:n]
-    vals = nf4_code(q.packed.device)[codes.to(torch.int64)]
-    scale = nf4_absmax(q).repeat_interleave(q.blocksize)[:n]
-    return (vals * scale).reshape(q.shape).to(dtype)

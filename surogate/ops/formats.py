@@ -18,8 +18,9 @@ Formats and their options (docs/formats.md has the bit layouts and error bounds)
 - "nf4": bitsandbytes NF4 (`NF4Tensor`), bit-compatible with bitsandbytes' quantize_4bit.
     blocksize=64, double_quant=True (8-bit absmaxes per 256, as bitsandbytes' compress_statistics).
 
-Unknown formats or options raise ValueError naming the valid ones. These run the plain-torch
-reference (any device); the Triton kernels are reached through `surogate.ops`.
+Unknown formats or options raise ValueError naming the valid ones; so does "bf16", which is a
+stored format (`surogate.recipes.FORMATS`) but has no scale and nothing to quantize. These run the
+plain-torch reference (any device); the Triton kernels are reached through `surogate.ops`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from surogate.kernels import reference as ref
 from surogate.kernels.qtensor import Fp8Tensor, MXTensor, NF4Tensor, NVFP4Tensor, QTensor
+from surogate.recipes.formats import FORMATS
 
 __all__ = ["Fp8Tensor", "MXTensor", "NF4Tensor", "NVFP4Tensor", "QTensor", "dequantize", "names", "quantize"]
 
@@ -74,7 +76,11 @@ def names() -> list[str]:
 def quantize(tensor: torch.Tensor, fmt: str, **options: Any) -> QTensor:
     """Quantize `tensor` to format `fmt` (see the module docstring for formats and options)."""
     if fmt not in _QUANTIZERS:
-        raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(_QUANTIZERS)}")
+        if fmt in FORMATS:  # bf16: a stored format, but with no scale there is nothing to quantize
+            what = f"{fmt!r} ({FORMATS[fmt].doc}) is not a quantized format"
+        else:
+            what = f"unknown format {fmt!r}"
+        raise ValueError(f"{what}; valid formats: {', '.join(_QUANTIZERS)}")
     fn, valid = _QUANTIZERS[fmt]
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -86,7 +86,9 @@ class Format:
     doc: str
 
 
-# The names accepted by `surogate.formats.quantize(tensor, fmt)`.
+# Every stored format by name. `surogate.formats.quantize(tensor, fmt)` takes the quantized ones
+# (`surogate.formats.names()`); bf16, the unquantized baseline (no scale), is here for its storage bits
+# and quantize() refuses it with a ValueError.
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
