@@ -121,7 +121,7 @@ def micro_step_fn(model, system: str, accum: int):
     """`ids -> loss`: forward + backward of one micro-batch (loss / accum). surogate systems replay it
     from a CUDA graph (surogate.GraphedStep) unless "+nograph"; peers run it eagerly."""
     if system.startswith("surogate:") and surogate_system(system)[1].get("cuda_graphs", True):
-        from surogate.graphed_step import GraphedStep
+        from surogate.training.graphed_step import GraphedStep
 
         graphed = GraphedStep(model, loss_scale=1 / accum)
         return lambda ids: graphed(input_ids=ids, labels=ids)
@@ -172,7 +172,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
 
 
 def environment() -> dict:
-    from surogate.info import run_record
+    from surogate.training.info import run_record
 
     return run_record(str(Path(__file__).resolve().parent))
 

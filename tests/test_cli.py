@@ -11,7 +11,7 @@ import torch
 import yaml
 from tiny_models import save_tiny_model, tiny_raw_config, write_config
 
-from surogate.cli import main
+from surogate.training.cli import main
 
 
 @pytest.fixture()
@@ -117,7 +117,7 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if the model's weights load: these errors must come before."""
-    import surogate.train as train_module
+    import surogate.training.train as train_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded before the error")
@@ -252,7 +252,7 @@ def test_info_says_how_several_processes_would_run(monkeypatch, capsys):
     assert main(["info", "--no-sass"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("distributed"))
     assert "not launched by torchrun (one process); backends: NCCL" in line and "gloo yes" in line
-    assert "torchrun --nproc-per-node N -m surogate.cli train cfg.yaml" in line
+    assert "torchrun --nproc-per-node N -m surogate.training.cli train cfg.yaml" in line
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -24,7 +24,7 @@ _FORMAT_VERSION = "1"  # bump when the way the default is built changes
 
 def _training_texts() -> list[str]:
     """The bundled GSM8K train sample, formatted exactly as the training data is."""
-    from surogate.data import bundled_dataset_dir, format_example, read_jsonl
+    from surogate.training.data import bundled_dataset_dir, format_example, read_jsonl
 
     return [format_example(e, "gsm8k") for e in read_jsonl(bundled_dataset_dir() / "train.jsonl")]
 

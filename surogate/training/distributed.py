@@ -466,7 +466,7 @@ def _quantized_parts_as_parameters(model: nn.Module) -> int:
 
 
 def _note(model: nn.Module, text: str) -> None:
-    from surogate.adapters import find_peft_model
+    from surogate.training.adapters import find_peft_model
 
     with contextlib.suppress(TypeError):
         report = getattr(find_peft_model(model), "surogate_report", None)
@@ -559,7 +559,7 @@ def wrap(model: nn.Module, parallelism: "str | Parallelism" = Parallelism.DDP, *
 
 
 def _peft(model: nn.Module) -> nn.Module:
-    from surogate.adapters import find_peft_model
+    from surogate.training.adapters import find_peft_model
 
     return find_peft_model(model)
 
@@ -635,7 +635,7 @@ def scatter_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer |
 def save_adapter(model: nn.Module, out_dir: "str | os.PathLike", **kwargs: Any) -> Path:
     """`surogate.save_adapter` for a wrapped model: every rank calls it (FSDP gathers the LoRA shards),
     rank 0 writes the PEFT adapter; the others wait for it. Returns the directory."""
-    from surogate.adapters import save_adapter as write
+    from surogate.training.adapters import save_adapter as write
 
     peft_model = unwrap(model)
     weights, _ = gather_trainable_state(model) if dist.is_initialized() else (None, None)

@@ -3,13 +3,13 @@
 Nothing here hides the loop: AdamW over the LoRA parameters, a warmup + decay schedule,
 gradient accumulation, fixed-length packed batches, eval loss on a held-out split (before the
 first step, every `eval_steps`, at the end), each step's numbers appended to `metrics.jsonl` as
-it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/checkpoint.py) that
+it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/training/checkpoint.py) that
 `resume_from_checkpoint` continues exactly, then the adapter, a metrics JSON and a loss chart in
 `output_dir`. What the config cannot know alone (the model's positions and layer names) is checked
 from the model's config before any weight loads. The helpers are public so that the examples can
 write the same loop by hand. `compile_model` is the one place that calls `surogate.compile`.
 
-Under `torchrun --nproc-per-node N` the same loop runs on N ranks (surogate/distributed.py): every rank
+Under `torchrun --nproc-per-node N` the same loop runs on N ranks (surogate/training/distributed.py): every rank
 draws the same seeded order of global micro-batches of N x `per_device_train_batch_size` rows and trains
 its 1/N of each (`distributed.shard`), the loss of each rank normalised by the global micro-batch's
 target count (`num_items_in_batch`, as `distributed.items_per_rank`), so that N ranks of B rows take the
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surogate import checkpoint, distributed, train_checks
-from surogate.config import TrainConfig, load_config
-from surogate.train_checks import is_local_model as _is_local
+from surogate.training import checkpoint, distributed, train_checks
+from surogate.training.config import TrainConfig, load_config
+from surogate.training.train_checks import is_local_model as _is_local
 
 Log = Callable[[str], None]
 
@@ -64,7 +64,7 @@ def pick_device() -> torch.device:
 
 def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
     """The tokenizer for `cfg`: explicit > the model directory's own > the embedded default."""
-    from surogate.tokenizer import has_tokenizer_files, load_tokenizer
+    from surogate.training.tokenizer import has_tokenizer_files, load_tokenizer
 
     if cfg.tokenizer is not None or cfg.model == "default":
         return load_tokenizer(cfg.tokenizer)
@@ -78,7 +78,7 @@ def embedded_model_config(tokenizer=None):
     """The embedded tiny Qwen3 config (surogate/data/qwen3-tiny.json) sized to `tokenizer` (None: as stored)."""
     from transformers import Qwen3Config
 
-    from surogate.data import package_data_dir
+    from surogate.training.data_files import package_data_dir
 
     raw = json.loads((package_data_dir() / "qwen3-tiny.json").read_text())
     if tokenizer is not None:
@@ -153,7 +153,7 @@ class MicroStep:
     CUDA graphs (`surogate.GraphedStep`, one per shape bucket) when `cfg.cuda_graphs` allows. Returns the loss.
     A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error).
     `graphs=False` turns the graphs off whatever the config says (FSDP); `items`, when given, is the
-    `num_items_in_batch` the loss divides its sum by (several ranks: see `surogate.distributed`)."""
+    `num_items_in_batch` the loss divides its sum by (several ranks: see `surogate.training.distributed`)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
                  graphs: bool = True) -> None:
@@ -163,7 +163,7 @@ class MicroStep:
             raise ValueError("cuda_graphs: true needs a CUDA device; set cuda_graphs: auto or false")
         self.graphed = None
         if graphs and wants_cuda_graphs(cfg, device):
-            from surogate.graphed_step import GraphedStep
+            from surogate.training.graphed_step import GraphedStep
 
             self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true")
         self._said = False
@@ -491,9 +491,9 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
            on_step: Callable[[dict], None] | None) -> TrainResult:
     from surogate import recipes
-    from surogate.data import load_splits
+    from surogate.training.data import load_splits
     from surogate.modules import parameter_counts
-    from surogate.run_log import NullRunLog, RunLog
+    from surogate.training.run_log import NullRunLog, RunLog
 
     t_start = time.perf_counter()
     main, world = info.is_main, info.world

@@ -32,7 +32,7 @@ class DatasetConfig:
     """Where the examples are and how to read them."""
 
     path: str | None = None  # a .jsonl/.json/.parquet file, a folder, or a HF dataset; None: the bundled GSM8K sample
-    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/data_formats.py)
+    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/training/data_formats.py)
     train_split: str = "train"
     eval_split: str | None = "test"  # None: no evaluation; a single file has none
     val_set_size: float | int | None = None  # hold out this fraction (0, 1) or count of train as eval (Axolotl)
@@ -133,8 +133,8 @@ def _str(key: str, v: Any, optional: bool = False, choices: tuple[str, ...] | No
 
 
 CUDA_GRAPH_MODES = ("auto", "true", "false")
-PARALLELISMS = ("ddp", "fsdp")  # surogate.distributed.Parallelism
-FSDP_LORA = ("replicated", "sharded")  # surogate.distributed.LoraPlacement
+PARALLELISMS = ("ddp", "fsdp")  # surogate.training.distributed.Parallelism
+FSDP_LORA = ("replicated", "sharded")  # surogate.training.distributed.LoraPlacement
 
 
 def _cuda_graphs(key: str, v: Any) -> str:
@@ -211,7 +211,7 @@ def _output_dir(key: str, v: Any) -> str:
 def _resume(key: str, v: Any, output_dir: str) -> str | bool | None:
     if v is None or v is False:
         return None
-    from surogate import checkpoint
+    from surogate.training import checkpoint
 
     if v is True:
         if checkpoint.latest(Path(output_dir).expanduser()) is None:
@@ -310,8 +310,8 @@ def _dataset(raw: Any) -> DatasetConfig:
     d.path = _str("dataset.path", d.path, optional=True)
     if d.path in ("default", "gsm8k-sample"):
         d.path = None
-    from surogate import data_files
-    from surogate.data_formats import FORMAT_NAMES, resolve_chat_template
+    from surogate.training import data_files
+    from surogate.training.data_formats import FORMAT_NAMES, resolve_chat_template
 
     d.format = _str("dataset.format", d.format, choices=FORMAT_NAMES)
     d.train_split = _str("dataset.train_split", d.train_split)
@@ -401,7 +401,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 def default_config_path() -> Path:
     """The embedded default config that `surogate train` runs with no argument."""
-    from surogate.data import package_data_dir
+    from surogate.training.data_files import package_data_dir
 
     return package_data_dir() / "default.yaml"
 
