@@ -250,7 +250,8 @@ def pretrain(args) -> Path:
     from transformers import AutoModelForCausalLM
 
     from surogate.training.data import TokenDataset, pack, tokenize
-    from surogate.training.train import evaluate, make_scheduler, pick_device, set_seed
+    from surogate.training.setup import make_scheduler, pick_device, set_seed
+    from surogate.training.steps import evaluate
 
     out = base_dir(args)
     if (out / "base.json").is_file():
@@ -425,7 +426,8 @@ def evaluate_adapter(args, base: Path, adapter_dir: Path, recipe: str, emulated:
     """Eval loss of base + adapter under `recipe`; again with LoRA B zeroed (the base as the recipe stores it)."""
     import surogate
     from surogate.training.tokenizer import load_tokenizer
-    from surogate.training.train import evaluate, pick_device
+    from surogate.training.setup import pick_device
+    from surogate.training.steps import evaluate
 
     device = pick_device()
     tokenizer = load_tokenizer(str(base))

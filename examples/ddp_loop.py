@@ -30,7 +30,7 @@ def load(name: str, global_batch: int, seq: int):
     if name == "tiny":
         from surogate.training.data import build_split
         from surogate.training.tokenizer import load_tokenizer
-        from surogate.training.train import embedded_model_config
+        from surogate.training.setup import embedded_model_config
 
         tokenizer = load_tokenizer()
         model = AutoModelForCausalLM.from_config(embedded_model_config(tokenizer), dtype=torch.bfloat16)

@@ -19,7 +19,8 @@ import torch
 import surogate
 from surogate.training.config import from_dict
 from surogate.training.data import build_split
-from surogate.training.train import evaluate, load_base_model, load_tokenizer_for, lora_config, make_scheduler, pick_device
+from surogate.training.setup import load_base_model, load_tokenizer_for, lora_config, make_scheduler, pick_device
+from surogate.training.steps import evaluate
 
 
 def parse_args() -> argparse.Namespace:

@@ -234,8 +234,7 @@ def job_cli_graphed(out: dict, *args: str) -> None:
     """`surogate train ARGS` down its CUDA-graph path under DDP, on the CPU: MicroStep's GraphedStep with
     EagerCapture (the graph bookkeeping, each replay run eagerly), the model unwrapped, the gradients
     all-reduced after the last micro-step (tests/test_train_distributed.py)."""
-    import surogate.training.train as train_module
-    from surogate.training import graphed_step
+    from surogate.training import graphed_step, steps
     from surogate.training.cli import main as cli
 
     class Eager(graphed_step.GraphedStep):
@@ -243,7 +242,7 @@ def job_cli_graphed(out: dict, *args: str) -> None:
             super().__init__(model, capture=graphed_step.EagerCapture(), pad_to=1, **kwargs)
 
     graphed_step.GraphedStep = Eager
-    train_module.wants_cuda_graphs = lambda cfg, device: True
+    steps.wants_cuda_graphs = lambda cfg, device: True
     out["code"] = cli(["train", *args])
 
 

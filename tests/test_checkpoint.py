@@ -193,7 +193,7 @@ def test_step_logs_as_they_happen_metrics_jsonl_and_tensorboard(model_dir, tmp_p
 
 
 def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_path, monkeypatch):
-    import surogate.training.train as train_module
+    from surogate.training import setup
 
     out = tmp_path / "run"
     train(_cfg(model_dir, out, max_steps=1, save_steps=1, eval_steps=None, dataset={"eval_split": None}), log=_quiet)
@@ -201,7 +201,7 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before the resume check")
 
-    monkeypatch.setattr(train_module, "load_base_model", no_load)
+    monkeypatch.setattr(setup, "load_base_model", no_load)
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with seed: 42"):
         train(_cfg(model_dir, out, seed=7, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)

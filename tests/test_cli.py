@@ -117,12 +117,12 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if the model's weights load: these errors must come before."""
-    import surogate.training.train as train_module
+    from surogate.training import setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded before the error")
 
-    monkeypatch.setattr(train_module, "load_base_model", refuse)
+    monkeypatch.setattr(setup, "load_base_model", refuse)
 
 
 @pytest.mark.parametrize("extra, expect", [

@@ -13,7 +13,7 @@ from torch import nn
 
 from surogate.training.config import TrainConfig
 from surogate.training.graphed_step import EagerCapture, GraphedStep
-from surogate.training.train import MicroStep
+from surogate.training.steps import MicroStep
 
 
 class TinyLM(nn.Module):

@@ -41,7 +41,7 @@ def model_config(name: str, key: str = "model"):
     from transformers import AutoConfig
 
     if name == "default":
-        from surogate.training.train import embedded_model_config
+        from surogate.training.setup import embedded_model_config
 
         return embedded_model_config()
     if is_local_model(name):
