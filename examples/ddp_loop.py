@@ -29,8 +29,8 @@ def load(name: str, global_batch: int, seq: int):
     """The bf16 model and an endless iterator of global batches (the same on every rank)."""
     if name == "tiny":
         from surogate.training.data import build_split
-        from surogate.training.tokenizer import load_tokenizer
         from surogate.training.setup import embedded_model_config
+        from surogate.training.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
         model = AutoModelForCausalLM.from_config(embedded_model_config(tokenizer), dtype=torch.bfloat16)

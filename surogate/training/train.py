@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surogate.training import checkpoint, distributed, outputs, setup, steps, train_checks
+from surogate.training import (
+    checkpoint,
+    distributed,
+    outputs,
+    setup,
+    steps,
+    train_checks,
+)
 from surogate.training.config import TrainConfig, load_config
 from surogate.training.outputs import TrainResult
 from surogate.training.setup import Log, log_stderr
@@ -101,17 +108,8 @@ def _spread(model: nn.Module, cfg: TrainConfig, info: distributed.DistInfo, devi
         log("cuda_graphs: off under fsdp (FSDP gathers and frees each block's weights from host-side hooks, which "
             "a CUDA graph cannot record); every micro-step runs eagerly")
         graphs = False
-    if cfg.parallelism == "ddp" and graphs:
-        # DDP's reducer runs from autograd hooks that a captured graph cannot replay: the model stays
-        # unwrapped, LoRA starts from rank 0's weights, gradients are averaged after the last replay.
-        distributed.broadcast_trainable(model)
-        model._surogate_parallelism = "ddp (CUDA graphs: gradients all-reduced after the last micro-step)"
-        report = getattr(model, "surogate_report", None)
-        if report is not None:
-            report.note(f"distributed: ddp over {info.world} ranks ({info.backend}) with CUDA graphs: the model is "
-                        "not wrapped; the LoRA gradients are all-reduced once per optimizer step, after the last "
-                        "replayed micro-step (distributed.all_reduce_grads)")
-        return model, True, True
+    if cfg.parallelism == "ddp" and graphs:  # the model stays unwrapped: gradients averaged after the last replay
+        return distributed.replicate_unwrapped(model), True, True
     lora = cfg.fsdp_lora if cfg.parallelism == "fsdp" else None
     return distributed.wrap(model, cfg.parallelism, lora=lora), graphs, False
 
