@@ -240,8 +240,8 @@ def build(key: str, system: str):
         recipe, options = tps.surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (micro_step_fn), not a compile option
         emulated = tps.recipe_of(system)[1]  # only when named: default_systems() has native recipes only
-        return surogate.compile(model, recipe=recipe, lora=tps._lora_config(), allow_emulation=emulated, **options)
-    model = get_peft_model(model, tps._lora_config())
+        return surogate.compile(model, recipe=recipe, lora=tps.lora_config(), allow_emulation=emulated, **options)
+    model = get_peft_model(model, tps.lora_config())
     if system == "hf_compile":
         model = torch.compile(model, dynamic=True)
     return model
@@ -398,7 +398,7 @@ def _system_order(system: str) -> tuple:
     """Peers first (PEERS order), then surogate recipes in bench/tps.py's order."""
     if system in PEERS:
         return (0, PEERS.index(system), "", system)
-    return (1,) + tps._system_order(system)[1:]
+    return (1,) + tps.system_order(system)[1:]
 
 
 def _cell(r: dict | None) -> str:

@@ -185,7 +185,7 @@ def _restore_sharded(d: Path, model, optimizer) -> None:
     from safetensors.torch import load_file
 
     from surogate.training import distributed
-    from surogate.training.adapters import _COMPILE_PREFIX, ADAPTER_WEIGHTS, find_peft_model
+    from surogate.training.adapters import ADAPTER_WEIGHTS, COMPILE_PREFIX, find_peft_model
 
     weights: dict = {}
     optimizer_state: dict = {}
@@ -194,7 +194,7 @@ def _restore_sharded(d: Path, model, optimizer) -> None:
         peft_model = find_peft_model(model)
         tag = f".{peft_model.active_adapter}"
         # PEFT's saved names: the parameter's, less the adapter name (and torch.compile's prefix)
-        names = {_COMPILE_PREFIX.sub(r"\1", n).replace(tag, ""): n
+        names = {COMPILE_PREFIX.sub(r"\1", n).replace(tag, ""): n
                  for n, p in peft_model.named_parameters() if p.requires_grad}
         if set(names) != set(saved):
             raise RuntimeError(f"{d / ADAPTER_WEIGHTS} does not fit this model's LoRA layers (different targets or "

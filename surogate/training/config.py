@@ -20,7 +20,9 @@ import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# What a Hugging Face hub id looks like (`name` or `owner/name`): a path that matches it and is not on disk
+# is taken for a hub id (config.model, dataset.path).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class ConfigError(ValueError):
@@ -151,7 +153,7 @@ def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
     if v == "default" and allow_default:
         return v
     p = Path(v).expanduser()
-    if p.exists() or not _HUB_ID.match(v) or v.startswith((".", "/", "~")):
+    if p.exists() or not HUB_ID.match(v) or v.startswith((".", "/", "~")):
         if not p.is_dir():
             raise ConfigError(f"{key}: {v!r} is not a directory; give a local Hugging Face model directory, "
                               "a hub id like 'Qwen/Qwen3-0.6B'"
@@ -254,7 +256,7 @@ def _tokenizer(key: str, v: Any) -> str | None:
     if v is None or v == "default":
         return v
     p = Path(v).expanduser()
-    if (p.exists() or v.startswith((".", "/", "~")) or not _HUB_ID.match(v)) and not p.is_dir():
+    if (p.exists() or v.startswith((".", "/", "~")) or not HUB_ID.match(v)) and not p.is_dir():
         raise ConfigError(f"{key}: {v!r} is not a directory; give a local tokenizer directory, a hub id, "
                           "or 'default'")
     return v

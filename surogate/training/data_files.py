@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from surogate.training.config import _HUB_ID, ConfigError
+from surogate.training.config import HUB_ID, ConfigError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 HF_DISK_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
@@ -161,7 +161,7 @@ def hf_disk_splits(folder: Path) -> list[str] | None:
 
 def looks_like_hub_id(path: str) -> bool:
     """`name` or `owner/name`, not a relative path nor a file name."""
-    return bool(_HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
+    return bool(HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
 
 
 def has_module(name: str) -> bool:
