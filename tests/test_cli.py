@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +238,16 @@ def test_print_config_shows_the_checked_default(capsys):
     assert cfg["max_steps"] == 3 and cfg["model"] == "default" and cfg["recipe"] == "bf16"
 
 
+def test_python_dash_m_surogate_runs_the_console_script():
+    """`python -m surogate` (what `torchrun ... -m surogate train` starts on every rank) is the same main."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "surogate", "train", "--print-config", "--set", "max_steps=3"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["max_steps"] == 3
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_120", None])
 def test_info_prints_every_recipe(arch, capsys):
     """The recipes table (kernel SASS checks are the info module's tests; --no-sass keeps this instant)."""
@@ -252,7 +266,7 @@ def test_info_says_how_several_processes_would_run(monkeypatch, capsys):
     assert main(["info", "--no-sass"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("distributed"))
     assert "not launched by torchrun (one process); backends: NCCL" in line and "gloo yes" in line
-    assert "torchrun --nproc-per-node N -m surogate.training.cli train cfg.yaml" in line
+    assert "torchrun --nproc-per-node N -m surogate train cfg.yaml" in line
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -1,6 +1,6 @@
 """`surogate train` under torchrun: 2 CPU ranks of gloo, the tiny model folder of tests/tiny_models.py.
 
-Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate.training.cli train cfg.yaml` in a
+Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate train cfg.yaml` in a
 subprocess with a deadline (tests/test_distributed.py's `_run`: a hang fails the test and kills the
 process group). Five launches: DDP (bf16), FSDP (qnf4, LoRA sharded), that FSDP run resumed from its
 checkpoint and stopped with SIGINT to the torchrun agent, a run whose rank 0 fails, and the DDP run down
@@ -35,7 +35,7 @@ STEPS, SAVE_AT = 4, 2
 RUN = {"max_steps": STEPS, "save_steps": SAVE_AT, "lr_scheduler_type": "constant", "warmup_steps": 0,
        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_steps": 2}
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          "-m", "surogate.training.cli", "train"]
+          "-m", "surogate", "train"]
 
 
 @pytest.fixture(scope="module")

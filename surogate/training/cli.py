@@ -6,7 +6,7 @@ config errors answer at once. Errors a user can fix (bad config, missing file, a
 cannot run) print one line and exit with status 2; anything else is a bug and keeps its traceback.
 Ctrl-C during training saves a checkpoint (surogate/training/train.py), then exits with status 130.
 
-Under torchrun (`torchrun --nproc-per-node N -m surogate.training.cli train cfg.yaml`) every rank runs `train`;
+Under torchrun (`torchrun --nproc-per-node N -m surogate train cfg.yaml`) every rank runs `train`;
 rank 0 prints the summary and the messages that every rank would print alike.
 """
 

@@ -84,7 +84,7 @@ def distributed_line() -> str:
     nccl = "NCCL " + ("yes" if dist.is_nccl_available() else "no")
     gloo = "gloo " + ("yes" if dist.is_gloo_available() else "no")
     return (f"{where}; backends: {nccl}, {gloo}; {gpus} GPU(s); several: torchrun --nproc-per-node N "
-            "-m surogate.training.cli train cfg.yaml (parallelism: ddp | fsdp)")
+            "-m surogate train cfg.yaml (parallelism: ddp | fsdp)")
 
 
 def run_record(repo: "str | None" = None) -> dict[str, str]:
