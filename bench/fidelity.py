@@ -359,7 +359,13 @@ def chosen_recipes(args) -> dict[str, str]:
 def answer_dataset(data: Path, tokenizer, limit: int | None):
     """GSM8K test examples, one per row, labels only on the answer (+ EOS). Rows are right-padded to the
     longest example (rounded up to 64), so no answer is cut; returns the dataset."""
-    from surogate.training.data import IGNORE_INDEX, format_example, pad, read_jsonl, tokenize
+    from surogate.training.data import (
+        IGNORE_INDEX,
+        format_example,
+        pad,
+        read_jsonl,
+        tokenize,
+    )
 
     examples = read_jsonl(data / "test.jsonl", limit)
     texts = [format_example(e, "gsm8k") for e in examples]
@@ -425,9 +431,9 @@ def exact_match(model, tokenizer, data: Path, k: int, max_new_tokens: int, devic
 def evaluate_adapter(args, base: Path, adapter_dir: Path, recipe: str, emulated: bool) -> dict:
     """Eval loss of base + adapter under `recipe`; again with LoRA B zeroed (the base as the recipe stores it)."""
     import surogate
-    from surogate.training.tokenizer import load_tokenizer
     from surogate.training.setup import pick_device
     from surogate.training.steps import evaluate
+    from surogate.training.tokenizer import load_tokenizer
 
     device = pick_device()
     tokenizer = load_tokenizer(str(base))

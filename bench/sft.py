@@ -149,7 +149,11 @@ def available(system: str, key: str) -> str | None:
 
 def load_examples(data: "str | os.PathLike | None", limit: int | None = None) -> list:
     """GSM8K examples of `data` (default: the bundled train sample), tokenized, prompt masked."""
-    from surogate.training.data import bundled_dataset_dir, read_jsonl, tokenize_examples
+    from surogate.training.data import (
+        bundled_dataset_dir,
+        read_jsonl,
+        tokenize_examples,
+    )
     from surogate.training.tokenizer import load_tokenizer
 
     path = Path(data) if data else bundled_dataset_dir() / "train.jsonl"

@@ -158,7 +158,11 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from surogate.training.adapters import ADAPTER_WEIGHTS, adapter_state_dict, find_peft_model
+    from surogate.training.adapters import (
+        ADAPTER_WEIGHTS,
+        adapter_state_dict,
+        find_peft_model,
+    )
 
     d = Path(path)
     if _sharded(model):
@@ -185,7 +189,11 @@ def _restore_sharded(d: Path, model, optimizer) -> None:
     from safetensors.torch import load_file
 
     from surogate.training import distributed
-    from surogate.training.adapters import ADAPTER_WEIGHTS, COMPILE_PREFIX, find_peft_model
+    from surogate.training.adapters import (
+        ADAPTER_WEIGHTS,
+        COMPILE_PREFIX,
+        find_peft_model,
+    )
 
     weights: dict = {}
     optimizer_state: dict = {}

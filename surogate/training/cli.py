@@ -127,8 +127,8 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `surogate` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from surogate.training.config import ConfigError
     from surogate.recipes import RecipeNotSupportedError
+    from surogate.training.config import ConfigError
 
     try:
         if args.command == "merge":
