@@ -4,11 +4,11 @@ A random base would tell nothing (any recipe "matches" bf16 on noise), so the st
 pretrains a small Qwen3 on a real corpus that is on every machine and unlike GSM8K: the Python
 standard library's own sources (`.py` files under sysconfig's stdlib path, sorted, up to a byte
 budget). Then it LoRA-fine-tunes that same base on GSM8K train once per recipe, with the same
-seed, data order and hyperparameters (`surogate.train.train`, the loop behind `surogate train`),
+seed, data order and hyperparameters (`surogate.training.train.train`, the loop behind `surogate train`),
 and compares the recipes' GSM8K test losses with bf16's.
 
 Phases (each one a separate command, so that each GPU call stays under 10 minutes):
-  pretrain  byte-level BPE (surogate.tokenizer, trained on stdlib + GSM8K train), then the base
+  pretrain  byte-level BPE (surogate.training.tokenizer, trained on stdlib + GSM8K train), then the base
             pretrained in bf16 autocast over FP32 master weights, saved in bf16 under
             <work>/base-<base>-<key>/ (key: every setting + Python version + data hash): built once.
   finetune  for each recipe: LoRA on the cached base, then evaluation with the same recipe:
@@ -186,7 +186,7 @@ def runs_dir(args) -> Path:
 
 
 def environment() -> dict:
-    from surogate.info import run_record
+    from surogate.training.info import run_record
 
     return run_record(str(REPO))
 
@@ -217,17 +217,17 @@ def stdlib_texts(budget: int) -> list[str]:
 
 
 def gsm8k_texts(data: Path, split: str, limit: int | None = None) -> list[str]:
-    from surogate.data import format_example, read_jsonl
+    from surogate.training.data import format_example, read_jsonl
 
     return [format_example(e, "gsm8k") for e in read_jsonl(data / f"{split}.jsonl", limit)]
 
 
 def build_tokenizer(corpus: list[str], gsm8k: list[str], vocab: int):
-    """A byte-level BPE trained on both corpora (surogate.tokenizer's trainer), as a fast tokenizer."""
+    """A byte-level BPE trained on both corpora (surogate.training.tokenizer's trainer), as a fast tokenizer."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from surogate.tokenizer import EOS_TOKEN, train_default_tokenizer_json
+    from surogate.training.tokenizer import EOS_TOKEN, train_default_tokenizer_json
 
     raw = Tokenizer.from_str(train_default_tokenizer_json(vocab, corpus + gsm8k))
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
@@ -249,8 +249,9 @@ def pretrain(args) -> Path:
     """Build (or find) the cached base: tokenizer + Qwen3 pretrained on the stdlib, saved in bf16."""
     from transformers import AutoModelForCausalLM
 
-    from surogate.data import TokenDataset, pack, tokenize
-    from surogate.train import evaluate, make_scheduler, pick_device, set_seed
+    from surogate.training.data import TokenDataset, pack, tokenize
+    from surogate.training.setup import make_scheduler, pick_device, set_seed
+    from surogate.training.steps import evaluate
 
     out = base_dir(args)
     if (out / "base.json").is_file():
@@ -359,7 +360,13 @@ def chosen_recipes(args) -> dict[str, str]:
 def answer_dataset(data: Path, tokenizer, limit: int | None):
     """GSM8K test examples, one per row, labels only on the answer (+ EOS). Rows are right-padded to the
     longest example (rounded up to 64), so no answer is cut; returns the dataset."""
-    from surogate.data import IGNORE_INDEX, format_example, pad, read_jsonl, tokenize
+    from surogate.training.data import (
+        IGNORE_INDEX,
+        format_example,
+        pad,
+        read_jsonl,
+        tokenize,
+    )
 
     examples = read_jsonl(data / "test.jsonl", limit)
     texts = [format_example(e, "gsm8k") for e in examples]
@@ -388,7 +395,7 @@ def _same_number(a: str | None, b: str | None) -> bool:
 @torch.no_grad()
 def exact_match(model, tokenizer, data: Path, k: int, max_new_tokens: int, device) -> dict:
     """Greedy decoding (no KV cache, left padding, explicit positions) of the first `k` test questions."""
-    from surogate.data import read_jsonl
+    from surogate.training.data import read_jsonl
 
     examples = read_jsonl(data / "test.jsonl", k)
     eos, correct, samples = tokenizer.eos_token_id, 0, []
@@ -425,8 +432,9 @@ def exact_match(model, tokenizer, data: Path, k: int, max_new_tokens: int, devic
 def evaluate_adapter(args, base: Path, adapter_dir: Path, recipe: str, emulated: bool) -> dict:
     """Eval loss of base + adapter under `recipe`; again with LoRA B zeroed (the base as the recipe stores it)."""
     import surogate
-    from surogate.tokenizer import load_tokenizer
-    from surogate.train import evaluate, pick_device
+    from surogate.training.setup import pick_device
+    from surogate.training.steps import evaluate
+    from surogate.training.tokenizer import load_tokenizer
 
     device = pick_device()
     tokenizer = load_tokenizer(str(base))
@@ -450,9 +458,9 @@ def evaluate_adapter(args, base: Path, adapter_dir: Path, recipe: str, emulated:
 
 
 def finetune(args, recipe: str, support: str) -> dict:
-    """LoRA on the cached base with `recipe` (surogate.train.train), then its evaluation; writes the record."""
-    from surogate.config import from_dict
-    from surogate.train import train
+    """LoRA on the cached base with `recipe` (surogate.training.train.train), then its evaluation; writes the record."""
+    from surogate.training.config import from_dict
+    from surogate.training.train import train
 
     base = base_dir(args)
     if not (base / "base.json").is_file():

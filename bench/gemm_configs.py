@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from surogate.kernels import configs, grad_input, lora_linear  # noqa: E402
 from surogate.kernels import quantize as q  # noqa: E402
 from surogate.kernels.transpose import transpose_fp8  # noqa: E402
-from surogate.info import run_record  # noqa: E402
+from surogate.training.info import run_record  # noqa: E402
 
 M_TOKENS, RANK, SCALE = 4096, 16, 2.0
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}

@@ -12,4 +12,4 @@ python3 -c "import torch, triton, transformers, peft; print(torch.__version__, t
 echo "== GPU tests"; timeout 330 python3 -m pytest tests/gpu tests/test_compile_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
 echo "== dequant kernels, 8B shapes"; timeout 120 python3 bench/kernels.py --models 8B --recipes "${BENCH_RECIPES:-qnf4,qfp8-bf16}" \
     --skip-validate --out "$OUT" 2>&1 | tail -n 12
-echo "== main job"; timeout 70 python3 -m surogate.cli train --output-dir /tmp/surogate-out 2>&1 | tee "$OUT/main_job.log" | tail -n 8
+echo "== main job"; timeout 70 python3 -m surogate train --output-dir /tmp/surogate-out 2>&1 | tee "$OUT/main_job.log" | tail -n 8

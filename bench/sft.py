@@ -149,8 +149,12 @@ def available(system: str, key: str) -> str | None:
 
 def load_examples(data: "str | os.PathLike | None", limit: int | None = None) -> list:
     """GSM8K examples of `data` (default: the bundled train sample), tokenized, prompt masked."""
-    from surogate.data import bundled_dataset_dir, read_jsonl, tokenize_examples
-    from surogate.tokenizer import load_tokenizer
+    from surogate.training.data import (
+        bundled_dataset_dir,
+        read_jsonl,
+        tokenize_examples,
+    )
+    from surogate.training.tokenizer import load_tokenizer
 
     path = Path(data) if data else bundled_dataset_dir() / "train.jsonl"
     rows = read_jsonl(path, limit)
@@ -161,10 +165,10 @@ def load_examples(data: "str | os.PathLike | None", limit: int | None = None) ->
 
 def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: int = 1, seq: int = 4096,
                   pad_id: int = 0, seed: int = 0) -> list:
-    """The first `count` micro-batches (`surogate.data.Batch`, CPU) of the fixed sequence a mode trains on:
+    """The first `count` micro-batches (`surogate.training.data.Batch`, CPU) of the fixed sequence a mode trains on:
     padded, `batch` examples per micro-batch; packed, `rows` rows of `seq` tokens. Epochs repeat with the
     order reshuffled (seed + epoch) when one is not enough; a short last batch is dropped."""
-    from surogate.data import one_per_row, pack_examples
+    from surogate.training.data import one_per_row, pack_examples
 
     if mode == "packed":
         layout, size = pack_examples(examples, seq, pad_id), rows
@@ -187,7 +191,7 @@ def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: i
 
 def shape_key(batch) -> tuple[int, int]:
     """(rows, length rounded up to the 128-token bucket): what decides a compiled shape and a CUDA graph."""
-    from surogate.graphed_step import bucket_length
+    from surogate.training.graphed_step import bucket_length
 
     n, length = batch["input_ids"].shape
     return n, bucket_length(length, PAD_TO)
@@ -240,8 +244,8 @@ def build(key: str, system: str):
         recipe, options = tps.surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (micro_step_fn), not a compile option
         emulated = tps.recipe_of(system)[1]  # only when named: default_systems() has native recipes only
-        return surogate.compile(model, recipe=recipe, lora=tps._lora_config(), allow_emulation=emulated, **options)
-    model = get_peft_model(model, tps._lora_config())
+        return surogate.compile(model, recipe=recipe, lora=tps.lora_config(), allow_emulation=emulated, **options)
+    model = get_peft_model(model, tps.lora_config())
     if system == "hf_compile":
         model = torch.compile(model, dynamic=True)
     return model
@@ -251,7 +255,7 @@ def micro_step_fn(model, system: str, accum: int):
     """(`batch -> loss`, the GraphedStep or None): forward + backward of one micro-batch (loss / accum);
     surogate systems replay it from CUDA graphs unless "+nograph", peers run eagerly."""
     if system.startswith("surogate:") and tps.surogate_system(system)[1].get("cuda_graphs", True):
-        from surogate.graphed_step import GraphedStep
+        from surogate.training.graphed_step import GraphedStep
 
         graphed = GraphedStep(model, loss_scale=1 / accum)
         return (lambda batch: graphed(**batch)), graphed
@@ -398,7 +402,7 @@ def _system_order(system: str) -> tuple:
     """Peers first (PEERS order), then surogate recipes in bench/tps.py's order."""
     if system in PEERS:
         return (0, PEERS.index(system), "", system)
-    return (1,) + tps._system_order(system)[1:]
+    return (1,) + tps.system_order(system)[1:]
 
 
 def _cell(r: dict | None) -> str:

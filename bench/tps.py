@@ -49,7 +49,8 @@ def qwen3_config(size: str):
                        max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
 
 
-def _lora_config():
+def lora_config():
+    """The LoRA every system of the benchmark trains (r=16 on TARGETS), so that they train the same thing."""
     from peft import LoraConfig
 
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -110,8 +111,8 @@ def build(size: str, system: str):
         recipe, options = surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (worker), not a compile option
         # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.
-        return surogate.compile(model, recipe=recipe, lora=_lora_config(), allow_emulation=True, **options)
-    model = get_peft_model(model, _lora_config())
+        return surogate.compile(model, recipe=recipe, lora=lora_config(), allow_emulation=True, **options)
+    model = get_peft_model(model, lora_config())
     if system == "hf_compile":
         model = torch.compile(model)
     return model
@@ -121,7 +122,7 @@ def micro_step_fn(model, system: str, accum: int):
     """`ids -> loss`: forward + backward of one micro-batch (loss / accum). surogate systems replay it
     from a CUDA graph (surogate.GraphedStep) unless "+nograph"; peers run it eagerly."""
     if system.startswith("surogate:") and surogate_system(system)[1].get("cuda_graphs", True):
-        from surogate.graphed_step import GraphedStep
+        from surogate.training.graphed_step import GraphedStep
 
         graphed = GraphedStep(model, loss_scale=1 / accum)
         return lambda ids: graphed(input_ids=ids, labels=ids)
@@ -172,7 +173,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
 
 
 def environment() -> dict:
-    from surogate.info import run_record
+    from surogate.training.info import run_record
 
     return run_record(str(Path(__file__).resolve().parent))
 
@@ -207,7 +208,7 @@ def recipe_of(system: str) -> tuple[str, bool]:
     return recipe, plan(recipe).support is Support.EMULATED
 
 
-def _system_order(system: str) -> tuple:
+def system_order(system: str) -> tuple:
     """Peers first (PEERS order), then surogate recipes (SUROGATE_RECIPES order), each before its variants."""
     if not system.startswith("surogate:"):
         return (0, PEERS.index(system) if system in PEERS else len(PEERS), system)
@@ -220,7 +221,7 @@ def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "tps.json").write_text(json.dumps({"environment": env, "skipped": skipped, "records": records}, indent=2))
     models = list(dict.fromkeys(r["model"] for r in records))
-    systems = sorted(dict.fromkeys(r["system"] for r in records), key=_system_order)
+    systems = sorted(dict.fromkeys(r["system"] for r in records), key=system_order)
     by = {(r["model"], r["system"]): r for r in records}
     emulated = {r["system"] for r in records if r.get("emulated")}
     lines = [f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import surogate
-from surogate import distributed
+from surogate.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 def load(name: str, global_batch: int, seq: int):
     """The bf16 model and an endless iterator of global batches (the same on every rank)."""
     if name == "tiny":
-        from surogate.data import build_split
-        from surogate.tokenizer import load_tokenizer
-        from surogate.train import embedded_model_config
+        from surogate.training.data import build_split
+        from surogate.training.setup import embedded_model_config
+        from surogate.training.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
         model = AutoModelForCausalLM.from_config(embedded_model_config(tokenizer), dtype=torch.bfloat16)

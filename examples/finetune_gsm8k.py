@@ -6,7 +6,7 @@
 
 The loop is written out: AdamW over the LoRA parameters, linear warmup + decay, gradient
 accumulation, fixed-length packed sequences, eval loss on the test split, the adapter at the end.
-`surogate train CONFIG.yaml` runs the same loop (surogate/train.py) from a config file.
+`surogate train CONFIG.yaml` runs the same loop (surogate/training/train.py) from a config file.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import time
 import torch
 
 import surogate
-from surogate.config import from_dict
-from surogate.data import build_split
-from surogate.train import evaluate, load_base_model, load_tokenizer_for, lora_config, make_scheduler, pick_device
+from surogate.training.config import from_dict
+from surogate.training.data import build_split
+from surogate.training.setup import load_base_model, load_tokenizer_for, lora_config, make_scheduler, pick_device
+from surogate.training.steps import evaluate
 
 
 def parse_args() -> argparse.Namespace:

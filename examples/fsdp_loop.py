@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import surogate
-from surogate import distributed
+from surogate.training import distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_loop import load  # noqa: E402  (the same model and data as the DDP example)

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import surogate
-from surogate.data import build_split
-from surogate.tokenizer import load_tokenizer
-from surogate.train import embedded_model_config
+from surogate.training.data import build_split
+from surogate.training.setup import embedded_model_config
+from surogate.training.tokenizer import load_tokenizer
 
 tokenizer = load_tokenizer()  # the embedded default: a byte-level BPE, cached after the first run
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,10 +19,10 @@ _LAZY = {
     "ops": ("surogate.ops", None),
     "compile": ("surogate.compiler", "compile"),
     "plan": ("surogate.kernels.plan", "plan"),
-    "save_adapter": ("surogate.adapters", "save_adapter"),
-    "load_adapter": ("surogate.adapters", "load_adapter"),
-    "merge": ("surogate.adapters", "merge"),
-    "GraphedStep": ("surogate.graphed_step", "GraphedStep"),
+    "save_adapter": ("surogate.training.adapters", "save_adapter"),
+    "load_adapter": ("surogate.training.adapters", "load_adapter"),
+    "merge": ("surogate.training.adapters", "merge"),
+    "GraphedStep": ("surogate.training.graphed_step", "GraphedStep"),
 }
 
 

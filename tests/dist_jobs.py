@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surogate import distributed
+from surogate.training import distributed
 
 GLOBAL_BATCH, SEQ, VOCAB, LR, STEPS = 4, 16, 128, 1e-2, 5
 NATIVE_FLOAT_VIEWS = distributed._FLOAT_VIEWS_FOR_FSDP  # what this torch needs (True before 2.13)
@@ -160,7 +160,7 @@ def _gathered_parts(model, before: dict) -> tuple[dict, dict]:
 def _train_graphed(out: dict, recipe: str) -> None:
     """GraphedStep (EagerCapture: the CUDA-graph bookkeeping on CPU) on the unwrapped model, two
     micro-batches per optimizer step, then one all_reduce_grads outside the graph."""
-    from surogate.graphed_step import EagerCapture, GraphedStep
+    from surogate.training.graphed_step import EagerCapture, GraphedStep
 
     model = tiny_model(recipe)
     distributed.broadcast_trainable(model)
@@ -234,16 +234,15 @@ def job_cli_graphed(out: dict, *args: str) -> None:
     """`surogate train ARGS` down its CUDA-graph path under DDP, on the CPU: MicroStep's GraphedStep with
     EagerCapture (the graph bookkeeping, each replay run eagerly), the model unwrapped, the gradients
     all-reduced after the last micro-step (tests/test_train_distributed.py)."""
-    import surogate.train as train_module
-    from surogate import graphed_step
-    from surogate.cli import main as cli
+    from surogate.training import graphed_step, steps
+    from surogate.training.cli import main as cli
 
     class Eager(graphed_step.GraphedStep):
         def __init__(self, model, **kwargs):
             super().__init__(model, capture=graphed_step.EagerCapture(), pad_to=1, **kwargs)
 
     graphed_step.GraphedStep = Eager
-    train_module.wants_cuda_graphs = lambda cfg, device: True
+    steps.wants_cuda_graphs = lambda cfg, device: True
     out["code"] = cli(["train", *args])
 
 

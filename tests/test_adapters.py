@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import surogate
-from surogate.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_peft_model
+from surogate.training.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_peft_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

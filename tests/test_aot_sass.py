@@ -22,7 +22,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from surogate import info
+from surogate.training import info
 from surogate.kernels import catalog
 from surogate.kernels.aot import Build, BuildRequest, build_in_process, build_many, mma_class, parse_sass
 from surogate.kernels.catalog import KernelSpec
@@ -279,7 +279,7 @@ def test_bad_requests_fail_with_a_clear_error_before_compiling():
 
 
 def test_importing_info_needs_no_gpu_and_compiles_nothing():
-    code = ("import sys, surogate.info, surogate.kernels.catalog, surogate.kernels.aot; "
+    code = ("import sys, surogate.training.info, surogate.kernels.catalog, surogate.kernels.aot; "
             "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}

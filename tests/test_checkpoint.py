@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, tiny_raw_config, write_config
 
-from surogate import checkpoint
-from surogate.config import ConfigError, from_dict
-from surogate.train import train
+from surogate.training import checkpoint
+from surogate.training.config import ConfigError, from_dict
+from surogate.training.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -140,8 +140,8 @@ def test_interrupt_while_saving_leaves_no_checkpoint(model_dir, tmp_path, monkey
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, tmp_path, monkeypatch, capsys, sig):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) during a step: the step finishes, a checkpoint of
     it is saved, the CLI exits 130."""
-    import surogate.train as train_module
-    from surogate.cli import main
+    import surogate.training.train as train_module
+    from surogate.training.cli import main
 
     def sigint_at_step_2(record: dict) -> None:
         if record["step"] == 2:
@@ -193,7 +193,7 @@ def test_step_logs_as_they_happen_metrics_jsonl_and_tensorboard(model_dir, tmp_p
 
 
 def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_path, monkeypatch):
-    import surogate.train as train_module
+    from surogate.training import setup
 
     out = tmp_path / "run"
     train(_cfg(model_dir, out, max_steps=1, save_steps=1, eval_steps=None, dataset={"eval_split": None}), log=_quiet)
@@ -201,7 +201,7 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before the resume check")
 
-    monkeypatch.setattr(train_module, "load_base_model", no_load)
+    monkeypatch.setattr(setup, "load_base_model", no_load)
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with seed: 42"):
         train(_cfg(model_dir, out, seed=7, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from tiny_models import save_tiny_model, tiny_raw_config, write_config
 
-from surogate.cli import main
+from surogate.training.cli import main
 
 
 @pytest.fixture()
@@ -117,12 +121,12 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if the model's weights load: these errors must come before."""
-    import surogate.train as train_module
+    from surogate.training import setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded before the error")
 
-    monkeypatch.setattr(train_module, "load_base_model", refuse)
+    monkeypatch.setattr(setup, "load_base_model", refuse)
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -234,6 +238,16 @@ def test_print_config_shows_the_checked_default(capsys):
     assert cfg["max_steps"] == 3 and cfg["model"] == "default" and cfg["recipe"] == "bf16"
 
 
+def test_python_dash_m_surogate_runs_the_console_script():
+    """`python -m surogate` (what `torchrun ... -m surogate train` starts on every rank) is the same main."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "surogate", "train", "--print-config", "--set", "max_steps=3"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["max_steps"] == 3
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_120", None])
 def test_info_prints_every_recipe(arch, capsys):
     """The recipes table (kernel SASS checks are the info module's tests; --no-sass keeps this instant)."""
@@ -252,7 +266,7 @@ def test_info_says_how_several_processes_would_run(monkeypatch, capsys):
     assert main(["info", "--no-sass"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("distributed"))
     assert "not launched by torchrun (one process); backends: NCCL" in line and "gloo yes" in line
-    assert "torchrun --nproc-per-node N -m surogate.cli train cfg.yaml" in line
+    assert "torchrun --nproc-per-node N -m surogate train cfg.yaml" in line
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

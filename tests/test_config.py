@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surogate.config import ConfigError, TrainConfig, default_config_path, from_dict, load_config
+from surogate.training.config import ConfigError, TrainConfig, default_config_path, from_dict, load_config
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surogate import data
-from surogate.data import (IGNORE_INDEX, Example, build_split, format_example, pack, pack_examples, pad,
-                           read_jsonl, split_path, tokenize_examples)
-from surogate.tokenizer import DEFAULT_VOCAB_SIZE, EOS_TOKEN, default_tokenizer_path, load_tokenizer
+from surogate.training import data
+from surogate.training.data import (IGNORE_INDEX, Example, build_split, format_example, pack, pack_examples,
+                                    pad, read_jsonl, split_path, tokenize_examples)
+from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE, EOS_TOKEN, default_tokenizer_path, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_tokenizer_round_trips_text_and_has_eos(tok):
 
 def test_tokenizer_is_deterministic_across_processes(tmp_path):
     """Two fresh processes with empty caches train byte-identical tokenizers."""
-    code = ("import sys; sys.path.insert(0, %r); from surogate.tokenizer import train_default_tokenizer_json as t;"
+    code = ("import sys; sys.path.insert(0, %r); from surogate.training.tokenizer import train_default_tokenizer_json as t;"
             "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())" % str(Path(__file__).parents[1]))
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
                for _ in range(2)}

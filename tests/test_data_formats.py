@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from surogate.config import ConfigError, from_dict
-from surogate.data import load_splits
-from surogate.data_files import DataError, Rows, hold_out, read_rows
-from surogate.data_formats import CHATML, IGNORE_INDEX, chat_pieces, detect, tokenize_examples
-from surogate.tokenizer import load_tokenizer
+from surogate.training.config import ConfigError, from_dict
+from surogate.training.data import load_splits
+from surogate.training.data_files import DataError, Rows, hold_out, read_rows
+from surogate.training.data_formats import CHATML, IGNORE_INDEX, chat_pieces, detect, tokenize_examples
+from surogate.training.tokenizer import load_tokenizer
 
 X = IGNORE_INDEX
 CHATML_IN_TEST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -295,7 +295,7 @@ def test_hf_datasets_missing_is_one_line_saying_what_to_install(tmp_path, monkey
         from_dict({"dataset": {"path": "someone/some-set"}})
     with pytest.raises(ConfigError, match=r"^dataset\.train_split: .*train\.jsonl does not exist"):
         cfg_for(tmp_path)  # an empty folder: no <split> files, and no datasets to try load_dataset
-    from surogate.data_files import read_hf_split
+    from surogate.training.data_files import read_hf_split
 
     with pytest.raises(DataError, match=r"needs the `datasets` package: pip install datasets"):
         read_hf_split(str(saved), "train")
@@ -369,7 +369,7 @@ def test_empty_train_file(tmp_path, tok):
 
 
 def test_empty_train_file_from_the_cli_is_one_line_and_status_2(tmp_path, capsys):
-    from surogate.cli import main
+    from surogate.training.cli import main
 
     (tmp_path / "train.jsonl").write_text("")
     (tmp_path / "test.jsonl").write_text('{"text": "x"}\n')
@@ -413,13 +413,13 @@ def test_bundled_default_is_unchanged(tok):
     """format auto on the bundled sample is gsm8k: the default run trains on what it trained on before."""
     cfg = from_dict({"dataset": {"max_train_samples": 5, "eval_split": None}})
     train, evaluation = load_splits(cfg, tok)
-    from surogate.data import build_split
+    from surogate.training.data import build_split
 
     assert evaluation is None and train.input_ids == build_split(None, "train", "gsm8k", tok, 256, limit=5).input_ids
 
 
 def test_default_config_takes_one_file_from_the_command_line(tmp_path):
-    from surogate.config import load_config
+    from surogate.training.config import load_config
 
     p = write_jsonl(tmp_path / "rows.jsonl", [ALPACA])
     cfg = load_config(None, [f"dataset.path={p}"])

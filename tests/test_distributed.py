@@ -24,7 +24,7 @@ import dist_jobs
 import pytest
 import torch
 
-from surogate import distributed
+from surogate.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = Path(__file__).with_name("dist_jobs.py")

@@ -71,7 +71,7 @@ def test_exact_match_decodes_and_scores(study):
     """Greedy decoding on the plain HF base (no compile: fast); the scoring parses '#### N'."""
     from transformers import AutoModelForCausalLM
 
-    from surogate.tokenizer import load_tokenizer
+    from surogate.training.tokenizer import load_tokenizer
 
     fidelity, args, _ = study
     base = fidelity.base_dir(args)

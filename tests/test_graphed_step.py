@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from surogate.config import TrainConfig
-from surogate.graphed_step import EagerCapture, GraphedStep
-from surogate.train import MicroStep
+from surogate.training.config import TrainConfig
+from surogate.training.graphed_step import EagerCapture, GraphedStep
+from surogate.training.steps import MicroStep
 
 
 class TinyLM(nn.Module):
@@ -127,7 +127,7 @@ def test_rows_pad_to_their_bucket_and_shorter_rows_leave_no_trace():
 
 
 def test_bucket_length_rule():
-    from surogate.graphed_step import bucket_length
+    from surogate.training.graphed_step import bucket_length
 
     assert [bucket_length(n, 128) for n in (1, 127, 128, 129, 600)] == [128, 128, 128, 256, 640]
     assert bucket_length(1000, 128, limit=1024) == 1024 and bucket_length(1000, 128, limit=1000) == 1000

@@ -78,7 +78,7 @@ def test_packed_row_losses_equal_each_example_alone(name):
 
 def test_padding_mask_and_right_padding_without_mask_match_the_unpadded_rows():
     """Left padding needs the mask; right padding is invisible to causal attention, so the trainer
-    passes no mask there and keeps the causal kernel (surogate/train.py `_to`)."""
+    passes no mask there and keeps the causal kernel (surogate/training/steps.py `to_device`)."""
     model = _compiled("llama")
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 100, (1, 9), generator=g)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from bench_module import REPO, load_bench
 
-from surogate.data import IGNORE_INDEX, Batch
+from surogate.training.data import IGNORE_INDEX, Batch
 
 sft = load_bench("sft")
 ENV = dict(gpu="NVIDIA H200", torch="2.11", triton="3.6", commit="abc1234")

@@ -1,6 +1,6 @@
 """`surogate train` under torchrun: 2 CPU ranks of gloo, the tiny model folder of tests/tiny_models.py.
 
-Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate.cli train cfg.yaml` in a
+Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate train cfg.yaml` in a
 subprocess with a deadline (tests/test_distributed.py's `_run`: a hang fails the test and kills the
 process group). Five launches: DDP (bf16), FSDP (qnf4, LoRA sharded), that FSDP run resumed from its
 checkpoint and stopped with SIGINT to the torchrun agent, a run whose rank 0 fails, and the DDP run down
@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from test_distributed import REPO, _env, _run, torchrun
 from tiny_models import save_tiny_model, tiny_raw_config, write_config
 
-from surogate import checkpoint
-from surogate.config import ConfigError, from_dict
-from surogate.train import train
+from surogate.training import checkpoint
+from surogate.training.config import ConfigError, from_dict
+from surogate.training.train import train
 
 LOSS_ATOL = 1e-4  # the issue's bound; measured within 5e-7 (4 steps, 2 micro-batches each)
 STEPS, SAVE_AT = 4, 2
@@ -35,7 +35,7 @@ STEPS, SAVE_AT = 4, 2
 RUN = {"max_steps": STEPS, "save_steps": SAVE_AT, "lr_scheduler_type": "constant", "warmup_steps": 0,
        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_steps": 2}
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          "-m", "surogate.cli", "train"]
+          "-m", "surogate", "train"]
 
 
 @pytest.fixture(scope="module")

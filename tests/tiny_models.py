@@ -17,7 +17,7 @@ def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
     """A 1-layer, hidden-32 causal LM in bf16 with the default tokenizer's vocabulary, saved to `path`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    from surogate.tokenizer import DEFAULT_VOCAB_SIZE
+    from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE
 
     torch.manual_seed(seed)
     shape = {"vocab_size": DEFAULT_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -61,7 +61,7 @@ def stream_capturing() -> bool:
 def cache_dir() -> Path:
     """Where tuned configs are kept: `<surogate cache dir>/autotune` ($SUROGATE_CACHE_DIR, else
     $XDG_CACHE_HOME/surogate, else ~/.cache/surogate; one rule with the tokenizer cache)."""
-    from surogate.tokenizer import cache_dir as surogate_cache_dir
+    from surogate.cache import cache_dir as surogate_cache_dir
 
     return surogate_cache_dir() / "autotune"
 

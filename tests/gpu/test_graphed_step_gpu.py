@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
 
 import surogate  # noqa: E402
-from surogate.graphed_step import GraphedStep  # noqa: E402
+from surogate.training.graphed_step import GraphedStep  # noqa: E402
 
 
 def _models(recipe: str, checkpoint: bool = False):

@@ -19,7 +19,7 @@ from test_compile_models import tiny_config  # noqa: E402
 
 import surogate  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
-from surogate.graphed_step import GraphedStep  # noqa: E402
+from surogate.training.graphed_step import GraphedStep  # noqa: E402
 
 ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "opt", "gpt_neox", "falcon"]
 

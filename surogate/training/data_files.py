@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from surogate.config import _HUB_ID, ConfigError
+from surogate.training.config import HUB_ID, ConfigError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 HF_DISK_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
@@ -132,9 +132,14 @@ def read_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
 
 # --- what a dataset.path is ---------------------------------------------------------------------------
 
+def package_data_dir() -> Path:
+    """`surogate/data/`: the bundled files (the package's, one floor above this module)."""
+    return Path(__file__).resolve().parents[1] / "data"
+
+
 def bundled_dataset_dir() -> Path:
     """The bundled GSM8K sample (800 train, 200 test examples; MIT license, see its LICENSE)."""
-    return Path(__file__).resolve().parent / "data" / "gsm8k"
+    return package_data_dir() / "gsm8k"
 
 
 def split_file(folder: "str | os.PathLike", split: str) -> Path | None:
@@ -156,7 +161,7 @@ def hf_disk_splits(folder: Path) -> list[str] | None:
 
 def looks_like_hub_id(path: str) -> bool:
     """`name` or `owner/name`, not a relative path nor a file name."""
-    return bool(_HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
+    return bool(HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
 
 
 def has_module(name: str) -> bool:

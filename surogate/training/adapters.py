@@ -23,7 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 # Wrappers that hold the PEFT model: torch.compile's OptimizedModule, DDP/FSDP, surogate's compiled model.
 _WRAPPER_ATTRS = ("peft_model", "_orig_mod", "module", "_module", "model", "_model")
-_COMPILE_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
+# The `_orig_mod.` that torch.compile puts into parameter names: dropped wherever names are saved or matched.
+COMPILE_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
 
 
 def find_peft_model(model: object, _depth: int = 0):
@@ -60,7 +61,7 @@ def adapter_state_dict(model: object, adapter_name: str | None = None,
     state = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=name)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        key = _COMPILE_PREFIX.sub(r"\1", key)
+        key = COMPILE_PREFIX.sub(r"\1", key)
         if f".{name}." in key:
             raise RuntimeError(f"adapter key {key!r} still carries the adapter name {name!r}; "
                                "PEFT's key layout changed, please report this")

@@ -15,22 +15,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from surogate.cache import cache_dir
+
 DEFAULT_VOCAB_SIZE = 2048
 EOS_TOKEN = "<|endoftext|>"
 _FORMAT_VERSION = "1"  # bump when the way the default is built changes
 
 
-def cache_dir() -> Path:
-    """Where surogate caches what it builds: $SUROGATE_CACHE_DIR, else $XDG_CACHE_HOME/surogate, else ~/.cache/surogate."""
-    if os.environ.get("SUROGATE_CACHE_DIR"):
-        return Path(os.environ["SUROGATE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "surogate"
-
-
 def _training_texts() -> list[str]:
     """The bundled GSM8K train sample, formatted exactly as the training data is."""
-    from surogate.data import bundled_dataset_dir, format_example, read_jsonl
+    from surogate.training.data import bundled_dataset_dir, format_example, read_jsonl
 
     return [format_example(e, "gsm8k") for e in read_jsonl(bundled_dataset_dir() / "train.jsonl")]
 

@@ -1,6 +1,6 @@
 """What `surogate train` checks against the model and the checkpoint before any weight loads.
 
-The config checks (surogate/config.py) see keys and files; these need the model's config (a few kB:
+The config checks (surogate/training/config.py) see keys and files; these need the model's config (a few kB:
 the embedded one, a local config.json, or the hub's) and its layer names, read from the layers built
 on the meta device (no memory, no initialisation). Each failure is a `ConfigError` naming the key, so
 that the CLI prints one line and exits 2 instead of a traceback after the model loaded.
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from surogate import checkpoint
-from surogate.config import DEFAULT_TARGETS, ConfigError, TrainConfig
+from surogate.training import checkpoint
+from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig
 
 # Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape.
 RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
@@ -41,7 +41,7 @@ def model_config(name: str, key: str = "model"):
     from transformers import AutoConfig
 
     if name == "default":
-        from surogate.train import embedded_model_config
+        from surogate.training.setup import embedded_model_config
 
         return embedded_model_config()
     if is_local_model(name):

@@ -1,7 +1,7 @@
 """What surogate runs where: the function behind `surogate info [--arch sm_XX]`.
 
 `render()` prints the environment, every recipe's support on the arch (native, emulated or
-refused, from `surogate.recipes.plan`) and every Triton kernel with the MMA instruction class
+refused, from `surogate.kernels.plan.plan`) and every Triton kernel with the MMA instruction class
 it should use next to the one found in its SASS, built ahead of time for that arch (no GPU
 needed: Triton ships ptxas and cuobjdump). Importing this module touches no GPU and compiles
 nothing.
@@ -86,7 +86,7 @@ def distributed_line() -> str:
     nccl = "NCCL " + ("yes" if dist.is_nccl_available() else "no")
     gloo = "gloo " + ("yes" if dist.is_gloo_available() else "no")
     return (f"{where}; backends: {nccl}, {gloo}; {gpus} GPU(s); several: torchrun --nproc-per-node N "
-            "-m surogate.cli train cfg.yaml (parallelism: ddp | fsdp)")
+            "-m surogate train cfg.yaml (parallelism: ddp | fsdp)")
 
 
 def run_record(repo: "str | None" = None) -> dict[str, str]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from surogate.data_files import DataError, Rows
+from surogate.training.data_files import DataError, Rows
 
 IGNORE_INDEX = -100  # label value Hugging Face losses skip
 ROLES = ("system", "user", "assistant", "tool")

@@ -15,7 +15,7 @@ Writes are atomic: the files go into a hidden `.checkpoint-<step>.tmp` directory
 `checkpoint-<step>` once complete, so an interrupt while saving leaves nothing `latest` would pick.
 Every file is read back with `torch.load(weights_only=True)` (tensors and plain values only).
 
-Several processes (`surogate.distributed`): every rank calls `save` and `restore`; rank 0 alone writes.
+Several processes (`surogate.training.distributed`): every rank calls `save` and `restore`; rank 0 alone writes.
 Under DDP every rank holds the whole LoRA weights and optimizer state, so rank 0 writes its own
 (`optimizer.pt` is a plain `state_dict`) and every rank restores the same files. Under FSDP they are
 gathered whole first (`distributed.gather_trainable_state`, a collective; `optimizer.pt` then holds
@@ -103,8 +103,8 @@ def save(output_dir: "str | os.PathLike", step: int, model, optimizer, scheduler
     In a job of several processes every rank calls it (see the module docstring); rank 0 writes."""
     import torch
 
-    from surogate import distributed
-    from surogate.adapters import save_adapter
+    from surogate.training import distributed
+    from surogate.training.adapters import save_adapter
 
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
@@ -158,7 +158,11 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from surogate.adapters import ADAPTER_WEIGHTS, adapter_state_dict, find_peft_model
+    from surogate.training.adapters import (
+        ADAPTER_WEIGHTS,
+        adapter_state_dict,
+        find_peft_model,
+    )
 
     d = Path(path)
     if _sharded(model):
@@ -184,8 +188,12 @@ def _restore_sharded(d: Path, model, optimizer) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from surogate import distributed
-    from surogate.adapters import _COMPILE_PREFIX, ADAPTER_WEIGHTS, find_peft_model
+    from surogate.training import distributed
+    from surogate.training.adapters import (
+        ADAPTER_WEIGHTS,
+        COMPILE_PREFIX,
+        find_peft_model,
+    )
 
     weights: dict = {}
     optimizer_state: dict = {}
@@ -194,7 +202,7 @@ def _restore_sharded(d: Path, model, optimizer) -> None:
         peft_model = find_peft_model(model)
         tag = f".{peft_model.active_adapter}"
         # PEFT's saved names: the parameter's, less the adapter name (and torch.compile's prefix)
-        names = {_COMPILE_PREFIX.sub(r"\1", n).replace(tag, ""): n
+        names = {COMPILE_PREFIX.sub(r"\1", n).replace(tag, ""): n
                  for n, p in peft_model.named_parameters() if p.requires_grad}
         if set(names) != set(saved):
             raise RuntimeError(f"{d / ADAPTER_WEIGHTS} does not fit this model's LoRA layers (different targets or "

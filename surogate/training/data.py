@@ -15,8 +15,8 @@ part masked from the loss, the trained part not), and are laid out here. Two lay
 `pack` / `pad` / `TokenDataset` are the plain-text layouts (a stream cut into rows), used for pretraining
 corpora where boundaries do not matter (bench/fidelity.py).
 
-The package directory `surogate/data/` (no `__init__.py`) holds the bundled GSM8K sample, the
-default config and the embedded model config; this module is what `import surogate.data` gets.
+The package directory `surogate/data/` (no `__init__.py`: files, not code; `data_files.package_data_dir`)
+holds the bundled GSM8K sample, the default config and the embedded model config.
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ from pathlib import Path
 
 import torch
 
-from surogate.data_files import DataError, Rows, bundled_dataset_dir, hold_out, read_jsonl_rows, read_split
-from surogate.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
-                                   resolve_chat_template, resolve_format, tokenize_examples)
-
-
-def package_data_dir() -> Path:
-    """`surogate/data/`: the bundled files."""
-    return Path(__file__).resolve().parent / "data"
+from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, hold_out,  # noqa: F401
+                                          package_data_dir, read_jsonl_rows, read_split)
+from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
+                                            resolve_chat_template, resolve_format, tokenize_examples)
 
 
 def read_jsonl(path: "str | os.PathLike", limit: int | None = None) -> list[dict]:

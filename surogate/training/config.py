@@ -20,7 +20,9 @@ import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# What a Hugging Face hub id looks like (`name` or `owner/name`): a path that matches it and is not on disk
+# is taken for a hub id (config.model, dataset.path).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class ConfigError(ValueError):
@@ -32,7 +34,7 @@ class DatasetConfig:
     """Where the examples are and how to read them."""
 
     path: str | None = None  # a .jsonl/.json/.parquet file, a folder, or a HF dataset; None: the bundled GSM8K sample
-    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/data_formats.py)
+    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/training/data_formats.py)
     train_split: str = "train"
     eval_split: str | None = "test"  # None: no evaluation; a single file has none
     val_set_size: float | int | None = None  # hold out this fraction (0, 1) or count of train as eval (Axolotl)
@@ -133,8 +135,8 @@ def _str(key: str, v: Any, optional: bool = False, choices: tuple[str, ...] | No
 
 
 CUDA_GRAPH_MODES = ("auto", "true", "false")
-PARALLELISMS = ("ddp", "fsdp")  # surogate.distributed.Parallelism
-FSDP_LORA = ("replicated", "sharded")  # surogate.distributed.LoraPlacement
+PARALLELISMS = ("ddp", "fsdp")  # surogate.training.distributed.Parallelism
+FSDP_LORA = ("replicated", "sharded")  # surogate.training.distributed.LoraPlacement
 
 
 def _cuda_graphs(key: str, v: Any) -> str:
@@ -151,7 +153,7 @@ def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
     if v == "default" and allow_default:
         return v
     p = Path(v).expanduser()
-    if p.exists() or not _HUB_ID.match(v) or v.startswith((".", "/", "~")):
+    if p.exists() or not HUB_ID.match(v) or v.startswith((".", "/", "~")):
         if not p.is_dir():
             raise ConfigError(f"{key}: {v!r} is not a directory; give a local Hugging Face model directory, "
                               "a hub id like 'Qwen/Qwen3-0.6B'"
@@ -211,7 +213,7 @@ def _output_dir(key: str, v: Any) -> str:
 def _resume(key: str, v: Any, output_dir: str) -> str | bool | None:
     if v is None or v is False:
         return None
-    from surogate import checkpoint
+    from surogate.training import checkpoint
 
     if v is True:
         if checkpoint.latest(Path(output_dir).expanduser()) is None:
@@ -254,7 +256,7 @@ def _tokenizer(key: str, v: Any) -> str | None:
     if v is None or v == "default":
         return v
     p = Path(v).expanduser()
-    if (p.exists() or v.startswith((".", "/", "~")) or not _HUB_ID.match(v)) and not p.is_dir():
+    if (p.exists() or v.startswith((".", "/", "~")) or not HUB_ID.match(v)) and not p.is_dir():
         raise ConfigError(f"{key}: {v!r} is not a directory; give a local tokenizer directory, a hub id, "
                           "or 'default'")
     return v
@@ -310,8 +312,8 @@ def _dataset(raw: Any) -> DatasetConfig:
     d.path = _str("dataset.path", d.path, optional=True)
     if d.path in ("default", "gsm8k-sample"):
         d.path = None
-    from surogate import data_files
-    from surogate.data_formats import FORMAT_NAMES, resolve_chat_template
+    from surogate.training import data_files
+    from surogate.training.data_formats import FORMAT_NAMES, resolve_chat_template
 
     d.format = _str("dataset.format", d.format, choices=FORMAT_NAMES)
     d.train_split = _str("dataset.train_split", d.train_split)
@@ -401,7 +403,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 def default_config_path() -> Path:
     """The embedded default config that `surogate train` runs with no argument."""
-    from surogate.data import package_data_dir
+    from surogate.training.data_files import package_data_dir
 
     return package_data_dir() / "default.yaml"
 

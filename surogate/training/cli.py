@@ -4,9 +4,9 @@
 Heavy imports (torch, transformers) happen inside the subcommands, so `surogate --help` and
 config errors answer at once. Errors a user can fix (bad config, missing file, a recipe the GPU
 cannot run) print one line and exit with status 2; anything else is a bug and keeps its traceback.
-Ctrl-C during training saves a checkpoint (surogate/train.py), then exits with status 130.
+Ctrl-C during training saves a checkpoint (surogate/training/train.py), then exits with status 130.
 
-Under torchrun (`torchrun --nproc-per-node N -m surogate.cli train cfg.yaml`) every rank runs `train`;
+Under torchrun (`torchrun --nproc-per-node N -m surogate train cfg.yaml`) every rank runs `train`;
 rank 0 prints the summary and the messages that every rank would print alike.
 """
 
@@ -61,8 +61,8 @@ def _rank() -> int:
 
 
 def _info(arch: str | None, check_sass: bool = True) -> str:
-    """The text of `surogate info`: `surogate.info.render` (imported here: it pulls in Triton)."""
-    from surogate.info import render
+    """The text of `surogate info`: `surogate.training.info.render` (imported here: it pulls in Triton)."""
+    from surogate.training.info import render
 
     return render(arch=arch) if check_sass else render(arch=arch, check_sass=False)
 
@@ -76,12 +76,12 @@ def _quiet_libraries() -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    """`surogate merge`: paths checked first (one-line errors), then `surogate.adapters.merge`."""
+    """`surogate merge`: paths checked first (one-line errors), then `surogate.training.adapters.merge`."""
     from pathlib import Path
 
-    from surogate.adapters import ADAPTER_CONFIG
-    from surogate.config import ConfigError, check_model_name
-    from surogate.train_checks import model_config
+    from surogate.training.adapters import ADAPTER_CONFIG
+    from surogate.training.config import ConfigError, check_model_name
+    from surogate.training.train_checks import model_config
 
     adapter, out = Path(args.adapter).expanduser(), Path(args.out).expanduser()
     if not (adapter / ADAPTER_CONFIG).is_file():
@@ -96,7 +96,7 @@ def _merge(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import torch
 
-    from surogate.adapters import merge
+    from surogate.training.adapters import merge
 
     written = merge(args.base, adapter, out, dtype=getattr(torch, args.dtype))
     print(f"merged: {written}")
@@ -104,7 +104,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from surogate.config import load_config
+    from surogate.training.config import load_config
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
@@ -116,7 +116,7 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     _quiet_libraries()
-    from surogate.train import train
+    from surogate.training.train import train
 
     result = train(cfg)
     if result.rank == 0:
@@ -127,8 +127,8 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `surogate` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from surogate.config import ConfigError
     from surogate.recipes import RecipeNotSupportedError
+    from surogate.training.config import ConfigError
 
     try:
         if args.command == "merge":

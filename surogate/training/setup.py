@@ -1,0 +1,142 @@
+"""What a run trains, built from its config: the tokenizer, the frozen base model, LoRA compiled for the
+recipe, the optimizer and the learning-rate schedule.
+
+These are public so that the examples build the same pieces and write the loop by hand
+(examples/finetune_gsm8k.py, bench/fidelity.py); `compile_model` is the one place the trainer calls
+`surogate.compile`. The loop itself is `surogate/training/train.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surogate.training.config import TrainConfig
+from surogate.training.train_checks import is_local_model
+
+Log = Callable[[str], None]
+
+
+def log_stderr(line: str) -> None:
+    """The default `Log`: one line to stderr, flushed (stdout stays free for a command's result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's and torch's generators (the LoRA init, the data order and dropout draw from them)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    """The GPU when there is one, else the CPU (one process; several take `distributed.init`'s device)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --- model and tokenizer -------------------------------------------------------------------------
+
+def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
+    """The tokenizer for `cfg`: explicit > the model directory's own > the embedded default."""
+    from surogate.training.tokenizer import has_tokenizer_files, load_tokenizer
+
+    if cfg.tokenizer is not None or cfg.model == "default":
+        return load_tokenizer(cfg.tokenizer)
+    if is_local_model(cfg.model) and not has_tokenizer_files(Path(cfg.model).expanduser()):
+        log(f"{cfg.model} has no tokenizer; using the embedded default (set `tokenizer:` to choose one)")
+        return load_tokenizer(None)
+    return load_tokenizer(cfg.model)
+
+
+def embedded_model_config(tokenizer=None):
+    """The embedded tiny Qwen3 config (surogate/data/qwen3-tiny.json) sized to `tokenizer` (None: as stored)."""
+    from transformers import Qwen3Config
+
+    from surogate.training.data_files import package_data_dir
+
+    raw = json.loads((package_data_dir() / "qwen3-tiny.json").read_text())
+    if tokenizer is not None:
+        raw.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return Qwen3Config(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+
+
+def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.Module:
+    """The frozen base in bf16: random weights for the embedded default, else from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model == "default":
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        model = AutoModelForCausalLM.from_config(embedded_model_config(tokenizer), dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(cfg.model).expanduser()) if is_local_model(cfg.model)
+                                                     else cfg.model, dtype=torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}; "
+                         "set `tokenizer:` to the model's own tokenizer")
+    return model
+
+
+def lora_config(cfg: TrainConfig):
+    """The PEFT LoraConfig the run trains (rank, alpha, dropout, targets from `cfg`)."""
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets), task_type="CAUSAL_LM",
+    )
+
+
+def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
+    from surogate.compiler import compile as surogate_compile
+
+    options = {"checkpoint": True} if cfg.gradient_checkpointing else {}
+    return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg), arch=cfg.arch,
+                      allow_emulation=cfg.allow_emulation, **options)
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters; LoRA was not attached "
+                           "(check lora_target_modules against the model's module names)")
+    return params
+
+
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable (LoRA) parameters only; the fused CUDA kernel (one launch for every
+    parameter) when they live on a GPU."""
+    params = trainable_parameters(model)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+
+
+def lr_factor(step: int, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier at optimizer `step` (0-based): linear warmup, then decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}; use linear, cosine or constant")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind, warmup_steps, total_steps))

@@ -1,0 +1,171 @@
+"""Batches in, losses out: the resumable order of micro-batches, one micro-step (eager, or replayed as a
+CUDA graph) and the eval loss, each as the loop and a hand-written loop (examples/) both call them.
+
+The token counts live here too, taken on the host before a batch moves (`real_tokens` for tokens/s,
+`predicted_tokens` for the loss's denominator), so that counting never costs a GPU sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from surogate.training import distributed
+from surogate.training.config import TrainConfig
+from surogate.training.setup import Log, log_stderr
+
+
+def wants_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether `cfg.cuda_graphs` asks for CUDA graphs on `device` ("true" on a CPU is refused by MicroStep)."""
+    return cfg.cuda_graphs == "true" or (cfg.cuda_graphs == "auto" and device.type == "cuda")
+
+
+class MicroStep:
+    """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed from
+    CUDA graphs (`surogate.GraphedStep`, one per shape bucket) when `cfg.cuda_graphs` allows. Returns the loss.
+    A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error).
+    `graphs=False` turns the graphs off whatever the config says (FSDP); `items`, when given, is the
+    `num_items_in_batch` the loss divides its sum by (several ranks: see `surogate.training.distributed`)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
+                 graphs: bool = True) -> None:
+        self.model, self.mode, self.log = model, cfg.cuda_graphs, log
+        self.loss_scale = 1.0 / cfg.gradient_accumulation_steps
+        if self.mode == "true" and device.type != "cuda":
+            raise ValueError("cuda_graphs: true needs a CUDA device; set cuda_graphs: auto or false")
+        self.graphed = None
+        if graphs and wants_cuda_graphs(cfg, device):
+            from surogate.training.graphed_step import GraphedStep
+
+            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true")
+        self._said = False
+
+    def eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        (loss * self.loss_scale).backward()
+        return loss.detach()
+
+    def __call__(self, batch: dict[str, torch.Tensor], items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is not None:
+            batch = {**batch, "num_items_in_batch": items}
+        if self.graphed is None:
+            return self.eager(batch)
+        loss = self.graphed(**batch)
+        if not self._said:
+            self._said = True
+            if self.graphed.failure is None:
+                self.log("cuda_graphs: each micro-step (forward + backward) is captured and replayed as a CUDA "
+                         f"graph, one per shape bucket (rows padded to a multiple of {self.graphed.pad_to})")
+            else:
+                self.log(f"cuda_graphs: capture failed ({self.graphed.failure}); training without CUDA graphs")
+        return loss
+
+
+class MicroBatches:
+    """Shuffled micro-batches, epoch after epoch (reshuffled with seed + epoch), forever, with their
+    position: `epoch` and `index` (micro-batches of that epoch taken), which a checkpoint stores and a
+    resumed run starts from. With `world` ranks these are the global micro-batches of `world` x
+    `per_device_train_batch_size` rows, the same on every rank (each trains its `distributed.shard`):
+    the order of one process with a batch `world` times larger."""
+
+    def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0, world: int = 1) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
+        self.drop_last = len(dataset) >= self.batch_size
+        self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
+        self.epoch, self.index = epoch, index
+        self._it = None
+
+    def __iter__(self) -> "MicroBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.dataset.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch,
+                                                     drop_last=self.drop_last))
+                for _ in range(self.index):  # resumed in the middle of this epoch: its order, from there
+                    next(self._it)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.index += 1
+                return batch
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+        raise RuntimeError("the train split yields no batch")
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs as a fraction (for the log)."""
+        return round(self.epoch + self.index / self.per_epoch, 4)
+
+
+# --- batches on the device, their tokens ---------------------------------------------------------
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device,
+              model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """`batch` on `device`. Right-padded rows drop their `attention_mask` when the model runs surogate
+    attention: the padding follows every real token, so causal attention never shows it to one, and its
+    labels are -100; without a mask the step keeps the causal flash kernel."""
+    from peft import PeftModel
+
+    from surogate.ops.attention import original_implementation
+
+    hf = model.base_model.model if isinstance(model, PeftModel) else model  # evaluate() takes plain models too
+    drop = model is not None and original_implementation(hf) is not None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if not (drop and k == "attention_mask")}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the examples in `batch` (padding not counted): the batch's own count where it has one."""
+    count = getattr(batch, "num_tokens", None)
+    if count is not None:
+        return count
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss averages over (labels shift by one inside the model)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """`batch` grown to `rows` rows that the loss ignores, so that every eval batch has one shape
+    (a short last batch would cost a recompilation)."""
+    have = batch["input_ids"].shape[0]
+    if have == rows:
+        return batch
+    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0, "position_ids": 0}
+    return {k: torch.cat([v, v.new_full((rows - have, *v.shape[1:]), fill[k])]) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, world: int = 1) -> float:
+    """Mean cross-entropy per predicted token over `dataset`.
+
+    `world` > 1 (a job of several processes; every rank calls it with the same `dataset`): each global
+    batch of `world` x `batch_size` rows is split over the ranks, each runs its rows (padding rows
+    included, so that FSDP's gathers match), and the token sums and counts are added over the ranks:
+    the result equals one process's with `world` x `batch_size` rows a batch.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = batch_size * world
+    try:
+        for batch in dataset.batches(rows):
+            batch = _pad_rows(batch, rows)
+            if world > 1:
+                batch = distributed.shard(batch)
+            n = predicted_tokens(batch)
+            loss = model(**to_device(batch, device, model)).loss
+            if n:
+                total += float(loss) * n
+                count += n
+    finally:
+        model.train(was_training)
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
+    return total / max(count, 1)

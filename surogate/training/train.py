@@ -1,0 +1,362 @@
+"""The training loop behind `surogate train`: a plain PyTorch loop over a surogate.compile'd model.
+
+Nothing here hides the loop: AdamW over the LoRA parameters, a warmup + decay schedule,
+gradient accumulation, fixed-length packed batches, eval loss on a held-out split (before the
+first step, every `eval_steps`, at the end), each step's numbers appended to `metrics.jsonl` as
+it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/training/checkpoint.py) that
+`resume_from_checkpoint` continues exactly, then the adapter, a metrics JSON and a loss chart in
+`output_dir`. What the config cannot know alone (the model's positions and layer names) is checked
+from the model's config before any weight loads. The parts are public, each in its file, so that the
+examples can write the same loop by hand: `setup` builds the model, optimizer and schedule, `steps` runs
+micro-batches and the eval loss, `outputs` writes what a finished run leaves.
+
+Under `torchrun --nproc-per-node N` the same loop runs on N ranks (surogate/training/distributed.py): every rank
+draws the same seeded order of global micro-batches of N x `per_device_train_batch_size` rows and trains
+its 1/N of each (`distributed.shard`), the loss of each rank normalised by the global micro-batch's
+target count (`num_items_in_batch`, as `distributed.items_per_rank`), so that N ranks of B rows take the
+steps of one process of N x B rows. The model is wrapped per `parallelism` (DDP, or FSDP2), gradients
+accumulate under `no_sync` until the last micro-step; with CUDA graphs under DDP the model stays
+unwrapped and `all_reduce_grads` runs after the last replay. Rank 0 alone logs and writes; an error
+on one rank ends the job (`distributed.fail_fast`); the ranks agree on where a Ctrl-C stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surogate.training import (
+    checkpoint,
+    distributed,
+    outputs,
+    setup,
+    steps,
+    train_checks,
+)
+from surogate.training.config import TrainConfig, load_config
+from surogate.training.outputs import TrainResult
+from surogate.training.setup import Log, log_stderr
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the job (errors print with their rank: fail_fast)."""
+
+
+class StopOnInterrupt:
+    """While the loop runs, the first Ctrl-C (SIGINT) or, in one process, SIGTERM (what SLURM and other
+    schedulers send before they kill a job) asks it to stop after the current step, where a checkpoint is
+    saved; a second one stops at once. Under torchrun SIGTERM keeps its default: the agent sends it to the
+    other ranks when one fails, and they must end then, not finish a step. Outside the main thread nothing
+    is installed."""
+
+    def __init__(self, log: Log, distributed: bool = False) -> None:
+        self.log, self.requested, self._previous = log, False, {}
+        self.signals = (signal.SIGINT,) if distributed else (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "StopOnInterrupt":
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals go to the main one
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:
+            self.log(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                     "(Ctrl-C again to stop at once)")
+        except RuntimeError:  # the signal came in the middle of a write to the same stream ("reentrant call")
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+class _AgreedStop(KeyboardInterrupt):
+    """Every rank stops after the same step (a Ctrl-C that the ranks agreed on, its checkpoint saved)."""
+
+
+def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def _spread(model: nn.Module, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
+            log: Log) -> tuple[nn.Module, bool, bool]:
+    """The model to train on this job's ranks, whether its micro-steps may run as CUDA graphs, and
+    whether the gradients are reduced by hand after the last micro-step (CUDA graphs under DDP)."""
+    graphs = steps.wants_cuda_graphs(cfg, device)
+    if not info.distributed:
+        if (cfg.parallelism, cfg.fsdp_lora) != ("ddp", "replicated"):
+            log(f"parallelism: {cfg.parallelism} ignored: a single process (launch with torchrun --nproc-per-node N "
+                "to spread the job over N)")
+        return model, graphs, False
+    if cfg.parallelism == "fsdp" and graphs:
+        log("cuda_graphs: off under fsdp (FSDP gathers and frees each block's weights from host-side hooks, which "
+            "a CUDA graph cannot record); every micro-step runs eagerly")
+        graphs = False
+    if cfg.parallelism == "ddp" and graphs:  # the model stays unwrapped: gradients averaged after the last replay
+        return distributed.replicate_unwrapped(model), True, True
+    lora = cfg.fsdp_lora if cfg.parallelism == "fsdp" else None
+    return distributed.wrap(model, cfg.parallelism, lora=lora), graphs, False
+
+
+def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = log_stderr,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run one LoRA fine-tuning job from a config (a TrainConfig, a YAML path, or None: the default).
+
+    `on_step(record)` is called after each optimizer step (its metrics line written, its eval and
+    checkpoint done). A KeyboardInterrupt (Ctrl-C, or raised by `on_step`) saves a checkpoint of the last
+    finished step, then propagates.
+
+    Launched by torchrun (RANK, WORLD_SIZE... in the environment), every rank runs it: it joins the job
+    (`distributed.init`), and an exception on any rank ends every rank with that error
+    (`distributed.fail_fast`). Only rank 0 logs (`log`) and writes; every rank returns the result.
+    A SIGINT to any rank (torchrun passes the agent's on to every worker) stops every rank after the
+    same step, where the checkpoint is saved; a KeyboardInterrupt raised on one rank alone ends the job
+    without a checkpoint.
+    """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = distributed.init()
+    stopped = False
+    with distributed.fail_fast():
+        try:
+            result = _train(cfg, info, log if info.is_main else _silent, on_step)
+        except _AgreedStop:  # not a failure: every rank saved the checkpoint and stops here
+            stopped = True
+    if info.distributed and not joined:
+        distributed.cleanup()
+    if stopped:
+        raise KeyboardInterrupt
+    return result
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
+           on_step: Callable[[dict], None] | None) -> TrainResult:
+    from surogate.kernels.plan import plan
+    from surogate.ops.modules import parameter_counts
+    from surogate.training.data import load_splits
+    from surogate.training.run_log import NullRunLog, RunLog
+
+    t_start = time.perf_counter()
+    main, world = info.is_main, info.world
+    plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
+    resume_dir = train_checks.resume_path(cfg)
+    targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
+    device = info.device if info.distributed else setup.pick_device()
+    out = Path(cfg.output_dir).expanduser()
+    setup.set_seed(cfg.seed)  # the same on every rank: the same LoRA init, data order and dropout draws
+
+    tokenizer = setup.load_tokenizer_for(cfg, log)
+    ds = cfg.dataset
+    train_set, eval_set = load_splits(cfg, tokenizer)
+    layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
+              else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
+    log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
+        + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
+    fingerprint = train_checks.data_fingerprint(train_set, cfg)
+    state = None
+    if resume_dir is not None:
+        state = checkpoint.read_state(resume_dir)
+        train_checks.check_resumable(cfg, state, fingerprint, resume_dir, world)
+    elif checkpoint.list_checkpoints(out):
+        log(f"{out} holds checkpoints of an earlier run; this run starts over (resume_from_checkpoint: true "
+            "continues the latest)")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    base = setup.load_base_model(cfg, tokenizer)
+    if not targets_checked:
+        train_checks.check_lora_targets(cfg, base)
+    base_ref = str(Path(cfg.model).expanduser().resolve()) if train_checks.is_local_model(cfg.model) else cfg.model
+    if cfg.model == "default":  # random weights: keep them, or the adapter would have no base
+        base_dir = out / "base_model"
+        if main:
+            base.save_pretrained(str(base_dir))
+            tokenizer.save_pretrained(str(base_dir))
+        base_ref = str(base_dir.resolve())
+    core = setup.compile_model(base.to(device), cfg)  # what surogate.compile returned: the PEFT model
+    core.train()
+    counts = parameter_counts(core, cfg.recipe)
+    log(f"model: {cfg.model}, recipe {cfg.recipe}, LoRA r={cfg.lora_rank} on {device.type}: {counts}")
+    model, graphs, reduce_by_hand = _spread(core, cfg, info, device, log)
+    wrapped = info.distributed and not reduce_by_hand  # DDP or FSDP: no_sync until the last micro-step
+    if info.distributed:
+        rows = cfg.per_device_train_batch_size
+        log(f"distributed: {distributed.describe(model)}; {rows} rows per rank per micro-step, global micro-batch "
+            f"{world} x {rows} = {world * rows} rows; rank 0 logs and writes")
+
+    micro = steps.MicroBatches(train_set, cfg, world=world)
+    total = _total_steps(cfg, micro.per_epoch)
+    opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
+    eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+    history: list[dict] = []
+    evals: list[dict] = []
+    tokens_total, start = 0, 1
+    if state is not None:
+        state = checkpoint.restore(resume_dir, model, opt, sched)
+        history, evals, tokens_total = state["history"], state["evals"], state["tokens_total"]
+        start = state["global_step"] + 1
+        micro = steps.MicroBatches(train_set, cfg, epoch=state["epoch"], index=state["micro_batch"], world=world)
+        log(f"resumed from {resume_dir}: step {start - 1} of {total} done, epoch {state['epoch']}, "
+            f"micro-batch {state['micro_batch']} of its order")
+    run_log = (RunLog(out, cfg.report_to, outputs.merged_log(history, evals), None if state is None else start - 1)
+               if main else NullRunLog())
+
+    def run_eval(step: int) -> None:
+        t_eval = time.perf_counter()
+        evals.append({"step": step, "loss": steps.evaluate(core, eval_set, eval_bs, device, world)})
+        run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
+        log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
+
+    saved: list[int] = []
+
+    def save_checkpoint(step: int) -> Path:  # every rank: FSDP gathers the shards, rank 0 writes
+        trainer_state = {"global_step": step, "total_steps": total, "epoch": micro.epoch, "micro_batch": micro.index,
+                         "micro_batches_per_epoch": micro.per_epoch,
+                         "tokens_total": tokens_total, "history": history, "evals": evals,
+                         "resume_keys": train_checks.resume_keys(cfg), "train_data": fingerprint,
+                         **train_checks.run_layout(cfg, world)}
+        path = checkpoint.save(out, step, model, opt, sched, trainer_state, tokenizer, base_ref)
+        if cfg.save_total_limit and main:
+            checkpoint.rotate(out, cfg.save_total_limit, protect=path)
+        saved.append(step)
+        return path
+
+    try:
+        if eval_set is not None and cfg.eval_on_start and state is None:
+            run_eval(0)
+        if state is not None:
+            checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
+        micro_step = steps.MicroStep(model, cfg, device, log, graphs=graphs)
+        params = setup.trainable_parameters(model)
+        first_step_s = time_to_first_step = None
+        steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
+        t_train = time.perf_counter()
+        step, in_step = start - 1, False
+        with StopOnInterrupt(log, info.distributed) as stop:
+            try:
+                for step in range(start, total + 1):
+                    in_step, t0 = True, time.perf_counter()
+                    losses, step_tokens = [], 0
+                    for k in range(cfg.gradient_accumulation_steps):
+                        batch = next(micro)  # on the host: counting its tokens costs no GPU sync
+                        step_tokens += steps.real_tokens(batch)  # the global micro-batch's
+                        items = None
+                        if info.distributed:
+                            # = distributed.items_per_rank(labels), without its all-reduce: every rank holds
+                            # the global micro-batch. Each rank's loss is then its token sum x world / (the
+                            # global micro-batch's targets): averaged by DDP/FSDP, the global token mean.
+                            items = torch.full((), max(steps.predicted_tokens(batch), 1) / world, device=device)
+                            batch = distributed.shard(batch)
+                        last = k == cfg.gradient_accumulation_steps - 1
+                        with contextlib.nullcontext() if last or not wrapped else distributed.no_sync(model):
+                            losses.append(micro_step(steps.to_device(batch, device, core), items).clone())
+                    if reduce_by_hand:  # CUDA graphs under DDP: one all-reduce after the last replay
+                        distributed.all_reduce_grads(params)
+                    agreed_stop = False
+                    if info.distributed:  # one collective: the loss's mean over the ranks, and any rank's Ctrl-C
+                        flag = torch.full((), float(stop.requested), device=device)
+                        both = distributed.mean_over_ranks(torch.stack([torch.stack(losses).mean().float(), flag]))
+                        step_loss, agreed_stop = float(both[0]), float(both[1]) > 0  # the step's one host sync
+                    else:
+                        step_loss = float(torch.stack(losses).mean())  # the step's one host sync
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    in_step, now = False, time.perf_counter()
+                    if not math.isfinite(step_loss):  # the mean over the ranks: every rank stops here
+                        raise FloatingPointError(f"step {step}: the loss is {step_loss}; lower learning_rate")
+                    if first_step_s is None:  # compilation included: reported apart, never in tokens/s
+                        first_step_s, time_to_first_step = now - t0, now - t_start
+                    else:
+                        steady_tokens, steady_s = steady_tokens + step_tokens, steady_s + (now - t0)
+                        window_tokens, window_s = window_tokens + step_tokens, window_s + (now - t0)
+                    tokens_total += step_tokens
+                    record = {"step": step, "epoch": micro.epochs_done, "loss": step_loss, "lr": lr,
+                              "tokens": step_tokens, "elapsed_s": round(now - t_train, 3)}
+                    history.append(record)
+                    run_log.train(record)
+                    if step == start or step % cfg.logging_steps == 0 or step == total:
+                        speed = (f"first step {first_step_s:.1f} s (compile)" if step == start
+                                 else f"{window_tokens / max(window_s, 1e-9):,.0f} tokens/s")
+                        log(f"step {step:>{len(str(total))}}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                            f"{speed} | {now - t_start:.1f}s")
+                        window_tokens, window_s = 0, 0.0
+                    if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
+                        run_eval(step)
+                    if cfg.save_steps and step % cfg.save_steps == 0:
+                        log(f"checkpoint: {save_checkpoint(step)}")
+                    if on_step is not None:
+                        on_step(dict(record))
+                    if agreed_stop:  # several ranks: what they all saw in this step's all-reduce
+                        raise _AgreedStop
+                    if stop.requested and not info.distributed:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt as interrupt:
+                if info.distributed and not isinstance(interrupt, _AgreedStop):
+                    # on this rank alone (a second Ctrl-C, or on_step): the others are elsewhere, so no
+                    # collective checkpoint; fail_fast ends the job
+                    log(f"interrupted at once during step {step}: no checkpoint")
+                    raise
+                if in_step:
+                    log(f"interrupted during step {step}: no checkpoint of it (a step half done)")
+                elif step < start:
+                    log("interrupted before the first step: nothing to save")
+                else:
+                    path = out / f"checkpoint-{step}" if step in saved else save_checkpoint(step)
+                    log(f"interrupted after step {step}: checkpoint saved to {path}; continue with "
+                        "`--set resume_from_checkpoint=true`"
+                        + (f" (on {world} ranks again)" if info.distributed else ""))
+                raise
+        t_end = time.perf_counter()
+        tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
+
+        first_eval = None
+        if eval_set is not None:
+            run_eval(total)
+            first_eval = evals[0]["loss"] if len(evals) > 1 else None
+    finally:
+        run_log.close()
+
+    adapter_dir = distributed.save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)  # every rank
+    chart = out / "loss.png"
+    if main:
+        tokenizer.save_pretrained(str(adapter_dir))
+        where = device.type if not info.distributed else f"{world} x {device.type}"
+        outputs.plot_losses(history, evals, chart,
+                    title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {where}")
+    result = TrainResult(
+        output_dir=out, adapter_dir=adapter_dir, metrics_path=out / "metrics.json", chart_path=chart, steps=total,
+        train_tokens=tokens_total, tokens_per_s=tokens_per_s,
+        final_train_loss=history[-1]["loss"] if history else float("nan"),
+        final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
+        wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s, resumed_from=resume_dir,
+        rank=info.rank, world_size=world)
+    report = getattr(core, "surogate_report", None)
+    if main:
+        if report is not None:
+            (out / "compile_report.txt").write_text(f"{report}\n")
+            log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
+                f"({report.backend}); details in {out / 'compile_report.txt'}")
+        outputs.write_metrics(result, cfg, evals, device, time_to_first_step, report, counts, t_end - t_train,
+                       distributed.describe(model) if info.distributed else None)
+    return result
