@@ -32,7 +32,8 @@ from surogate.recipes import Recipe, get, normalize_arch
 from surogate.kernels.plan import plan
 from surogate.recipes.arch import CPU, current_arch
 
-# PEFT target names tried first ("where they exist"): separate and fused projections.
+# The default LoRA targets, "those of these the model has" (surogate.compile and `surogate train`):
+# separate and fused (Phi-3's qkv_proj, gate_up_proj) projections.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                    "gate_up_proj")
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}

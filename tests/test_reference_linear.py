@@ -159,3 +159,16 @@ def test_bad_arguments():
         ref.lora_linear_ref(x, wl, "bf16", a[:, :10], b, None, bias, SCALE, "bf16", "bf16")
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         ref.quantize_weight_ref(torch.randn(3, 4, 5), "bf16")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "nf4", "fp8_block"])
+def test_zero_rows_give_empty_outputs_and_zero_lora_grads(fmt):
+    """A batch with no rows (an expert that receives no token, an empty shard) is not an error."""
+    w = torch.randn(32, 64).bfloat16()
+    wl = ref.quantize_weight_ref(w, fmt)
+    x = torch.zeros(0, 64).bfloat16()
+    a, b = torch.randn(4, 64), torch.randn(32, 4)
+    y, h = ref.lora_linear_ref(x, wl, fmt, a, b, None, None, 1.0, "bf16", "bf16")
+    assert y.shape == (0, 32) and h.shape == (0, 4)
+    gi, ga, gb, _ = ref.lora_linear_backward_ref(torch.zeros(0, 32).bfloat16(), x, wl, fmt, a, b, None, h, 1.0, "bf16")
+    assert gi.shape == (0, 64) and not ga.any() and not gb.any()

@@ -290,7 +290,7 @@ def lora_linear_ref(
     li = x2 if lora_input is None else lora_input.reshape(-1, k)
     hidden = _mm(li.to(input.dtype), lora_a.to(input.dtype)).to(input.dtype)
     acc = acc + lora_scale * _mm(hidden, lora_b.to(input.dtype))
-    return acc.to(input.dtype).reshape(*lead, n), hidden.reshape(*lead, -1)
+    return acc.to(input.dtype).reshape(*lead, n), hidden.reshape(*lead, lora_a.shape[0])
 
 
 def lora_linear_backward_ref(

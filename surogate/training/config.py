@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from surogate.compiler import DEFAULT_TARGETS  # the same default as surogate.compile: those the model has
+
 SCHEDULERS = ("linear", "cosine", "constant")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What a Hugging Face hub id looks like (`name` or `owner/name`): a path that matches it and is not on disk
 # is taken for a hub id (config.model, dataset.path).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
