@@ -272,3 +272,16 @@ def test_info_says_how_several_processes_would_run(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(["info", "--no-sass"]) == 0
     assert "distributed   launched: rank 2 of 4 (local rank 0)" in capsys.readouterr().out
+
+
+def test_info_shows_where_each_kernel_hands_over_to_cublas(capsys):
+    """`surogate info` prints the kernel table's shape rules: on sm_90 the block-FP8 GEMMs go to cuBLASLt,
+    on sm_89 they stay on the Triton kernel."""
+    assert main(["info", "--no-sass", "--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    route = next(line for line in out.splitlines() if line.strip().startswith("lora_linear_fp8_block "))
+    assert "cuBLASLt block-scaled FP8" in route
+    assert main(["info", "--no-sass", "--arch", "sm_89"]) == 0
+    out = capsys.readouterr().out
+    route = next(line for line in out.splitlines() if line.strip().startswith("lora_linear_fp8_block "))
+    assert "always this Triton kernel" in route

@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
-from surogate.recipes import ARCHS, current_arch, names, normalize_arch
-
 from surogate.kernels.plan import Support, plan
+from surogate.recipes import ARCHS, current_arch, names, normalize_arch
 
 
 @dataclass(frozen=True)
@@ -146,6 +145,17 @@ def recipe_table(arch: str | None = None) -> list[RecipeRow]:
     return rows
 
 
+def route_table(arch: str) -> list[tuple[str, str]]:
+    """(kernel, shape rule) for every output / grad_input variant a recipe runs on `arch`."""
+    rows: dict[str, str] = {}
+    for name in names(include_aliases=False):
+        p = plan(name, arch)
+        for g in p.gemms:
+            if g.variant is not None and p.support is not Support.REFUSED:
+                rows.setdefault(g.kernel, g.rule)
+    return list(rows.items())
+
+
 def kernel_table(arch: str, check_sass: bool = True, workers: int | None = None) -> list[KernelRow]:
     """Every kernel that runs on `arch`: its recipes, precision, expected and found MMA class.
 
@@ -207,6 +217,9 @@ def render(arch: str | None = None, check_sass: bool = True) -> str:
     out.append(_indent(_table(("recipe", "support", "output GEMM", "grad_input GEMM", "grad_lora GEMM", "note"),
                               [(r.recipe, r.support, r.output, r.grad_input, r.grad_lora, r.note)
                                for r in recipe_table(target)])))
+    if target in ARCHS:
+        out += ["", f"routes on {target} (kernels/variants.py: where a call leaves its kernel, by shape):",
+                _indent(_table(("kernel", "shape rule"), route_table(target)))]
     if target not in ARCHS:
         out += ["", "kernels: no GPU here; pass --arch sm_89 | sm_90 | sm_100 | sm_120 to build every kernel "
                     "for that arch ahead of time and check its SASS"]
