@@ -18,7 +18,7 @@ from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.transpose import transpose_fp8
-from surogate.kernels.variants import Engine, Gemm, Quantizer, Route, Variant, record, route, variant
+from surogate.kernels.variants import Engine, Gemm, Quantizer, Route, Variant, check_input_q, record, route, variant
 from surogate.recipes.arch import ARCHS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, NVFP4_SR_SEED
 from surogate.recipes.recipe import Compute, WeightFormat
@@ -90,8 +90,8 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
                      grad_input_precision, input_q=None):
     """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract.
 
-    `input_q` ([data (M, K), scale (M, groups)], FP8 forwards only, checked by the op) is the input
-    already quantized, usually by the kernel that produced it (passes/producer.py); the GEMM reads it
+    `input_q` ([data, scale], FP8 forwards only: `variants.check_input_q`) is the input already quantized,
+    usually by the kernel that produced it (passes/producer.py); the GEMM reads it
     instead of quantizing `input`.
     """
     fmt, compute = WeightFormat(weight_format), Compute(forward)
@@ -116,8 +116,9 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:
         weight = _dequantize_weight(weight, fmt, k)
-    if input_q is not None and not r.scratch and v.takes_input_q:
-        aq = (_rows(input_q[0]), input_q[1])  # block scales keep their M-contiguous strides
+    if input_q is not None:
+        data, scale = check_input_q(input_q, input, fmt, compute)
+        aq = (_rows(data), scale)  # block scales keep their M-contiguous strides
     else:
         aq = _quantize(x, r.variant.quantizer)
     if r.engine is Engine.CUBLAS:

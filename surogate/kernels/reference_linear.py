@@ -44,6 +44,7 @@ from surogate.kernels.reference_formats import (
     quantize_nvfp4_ref,
 )
 from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
+from surogate.kernels import variants
 from surogate.kernels.variants import WEIGHT_LISTS, Gemm, Quantizer, variant
 from surogate.recipes.formats import (
     FP8_ACTIVATION_BLOCK,
@@ -103,29 +104,12 @@ def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat
 
 def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_format: "str | WeightFormat",
                   forward: "str | Compute") -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate `input_q` against `input` (..., K); return it as (data (M, K), scale (M, groups))."""
+    """Validate `input_q` against `input` (..., K); return it as (data (M, K), scale (M, groups)).
+    The contract is the kernel table's (`variants.check_input_q`); this names the reference twin."""
     name = _input_q_kernel(forward, weight_format)
-    if name is None:
-        raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
-                         f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "
-                         f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass input_q=None")
-    quantizer = INPUT_Q_QUANTIZERS[name]
-    if len(input_q) != 2:
-        raise ValueError(f"input_q holds [data, scale] (what {quantizer.__name__} returns); got {len(input_q)} tensors")
-    data, scale = input_q
-    k = input.shape[-1]
-    m = input.numel() // k if k else 0
-    groups = 1 if name is Quantizer.FP8_ROW_E4M3 else -(-k // FP8_ACTIVATION_BLOCK[1])
-    what = f"input_q (what {quantizer.__name__}(input) returns)"
-    if data.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
-        raise TypeError(f"{what}: want data float8_e4m3fn and scale float32, got {data.dtype} and {scale.dtype}")
-    if data.device != input.device or scale.device != input.device:
-        raise ValueError(f"{what}: on {data.device}/{scale.device}, the input on {input.device}")
-    if data.shape[-1:] != (k,) or data.numel() != m * k or scale.numel() != m * groups \
-            or (scale.dim() and scale.shape[-1] != groups):
-        raise ValueError(f"{what}: for an input {tuple(input.shape)} want data (M={m}, K={k}) and scale "
-                         f"(M, {groups}) (or the input's leading dims), got {tuple(data.shape)} and {tuple(scale.shape)}")
-    return data.reshape(m, k), scale.reshape(m, groups)
+    quantizer = INPUT_Q_QUANTIZERS.get(name)
+    return variants.check_input_q(input_q, input, weight_format, forward,
+                                  what=None if quantizer is None else f"what {quantizer.__name__}(input) returns")
 
 
 def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:

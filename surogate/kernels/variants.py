@@ -249,6 +249,37 @@ def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
     return Route(Engine.TRITON, v)
 
 
+def check_input_q(input_q, input, weight_format: "WeightFormat | str", forward: "Compute | str",
+                  what: str | None = None):
+    """Validate `input_q` (the op's pre-quantized input) against `input` (..., K) for the forward variant
+    of (forward, weight_format); return it as (data (M, K), scale (M, groups)), the scale keeping its
+    strides where it can (block scales are read M-contiguous)."""
+    import torch
+
+    v = variant(Gemm.OUTPUT, forward, weight_format) if forward in {c.value for c in Compute} and \
+        weight_format in {f.value for f in WeightFormat} else None
+    if v is None or not v.takes_input_q:
+        raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
+                         f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "
+                         f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass input_q=None")
+    what = f"input_q ({what or f'the {v.quantizer.value} quantizer of the input'})"
+    if len(input_q) != 2:
+        raise ValueError(f"{what} holds [data, scale]; got {len(input_q)} tensors")
+    data, scale = input_q
+    k = input.shape[-1]
+    m = input.numel() // k if k else 0
+    groups = 1 if v.quantizer is Quantizer.FP8_ROW_E4M3 else -(-k // 128)
+    if data.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
+        raise TypeError(f"{what}: want data float8_e4m3fn and scale float32, got {data.dtype} and {scale.dtype}")
+    if data.device != input.device or scale.device != input.device:
+        raise ValueError(f"{what}: on {data.device}/{scale.device}, the input on {input.device}")
+    if data.shape[-1:] != (k,) or data.numel() != m * k or scale.numel() != m * groups \
+            or (scale.dim() and scale.shape[-1] != groups):
+        raise ValueError(f"{what}: for an input {tuple(input.shape)} want data (M={m}, K={k}) and scale "
+                         f"(M, {groups}) (or the input's leading dims), got {tuple(data.shape)} and {tuple(scale.shape)}")
+    return data.reshape(m, k), scale.reshape(m, groups)
+
+
 _trace: list[Route] | None = None
 
 

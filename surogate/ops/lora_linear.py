@@ -92,11 +92,8 @@ def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale
     from surogate.kernels import launch
 
     _assert_finite(input, "the input")
-    fmt, fwd = WeightFormat(weight_format), Compute(forward)
-    if input_q is not None:
-        input_q = list(reference.check_input_q(input_q, input, fmt, fwd))
-    return launch.lora_linear_cuda(input, weight, fmt, lora_a, lora_b, lora_input, bias, lora_scale, fwd,
-                                   Compute(grad_input), input_q)
+    return launch.lora_linear_cuda(input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input, bias,
+                                   lora_scale, Compute(forward), Compute(grad_input), input_q)
 
 
 @_lora_linear_op.register_fake
