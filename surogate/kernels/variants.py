@@ -190,6 +190,9 @@ VARIANTS: tuple[Variant, ...] = (
 
 _BY_KEY: dict[tuple[Gemm, Compute, WeightFormat], Variant] = {(v.gemm, v.compute, v.weight_format): v
                                                                for v in VARIANTS}
+# Member by value or by member, without calling the Enum class (traceable by Dynamo on torch 2.11).
+_COMPUTE_OF = {**{c.value: c for c in Compute}, **{c: c for c in Compute}}
+_FORMAT_OF = {**{f.value: f for f in WeightFormat}, **{f: f for f in WeightFormat}}
 
 
 def variant(gemm: "Gemm | str", compute: "Compute | str", weight_format: "WeightFormat | str") -> Variant:
@@ -256,8 +259,7 @@ def check_input_q(input_q, input, weight_format: "WeightFormat | str", forward: 
     strides where it can (block scales are read M-contiguous)."""
     import torch
 
-    v = variant(Gemm.OUTPUT, forward, weight_format) if forward in {c.value for c in Compute} and \
-        weight_format in {f.value for f in WeightFormat} else None
+    v = _BY_KEY.get((Gemm.OUTPUT, _COMPUTE_OF.get(forward), _FORMAT_OF.get(weight_format)))
     if v is None or not v.takes_input_q:
         raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
                          f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "

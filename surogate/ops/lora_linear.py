@@ -22,6 +22,18 @@ from surogate.kernels import reference
 from surogate.kernels.variants import WEIGHT_LISTS
 from surogate.recipes import Compute, WeightFormat
 
+# What the traced wrappers below check against: plain strings, because Dynamo (torch 2.11) graph-breaks
+# on calling or iterating an Enum class, and a break there splits the LoRA linear the passes must see whole.
+_FORMATS = frozenset(f.value for f in WeightFormat)
+_COMPUTES = frozenset(c.value for c in Compute)
+_LIST_LEN = {f.value: len(names) for f, names in WEIGHT_LISTS.items()}
+_NF4 = WeightFormat.NF4.value
+
+
+def _value(x: "str | WeightFormat | Compute") -> str:
+    """The schema's string for a format or precision given as a member or as its value (traceable)."""
+    return x if type(x) is str else x.value
+
 _check_finite = False
 
 
@@ -56,7 +68,7 @@ def _assert_finite(tensor: Tensor, what: str) -> None:
 
 def out_features(weight: Sequence[Tensor], weight_format: "str | WeightFormat", in_features: int) -> int:
     """N of the frozen (N x K) weight held in `weight`, whatever its format."""
-    if weight_format == WeightFormat.NF4:
+    if _value(weight_format) == _NF4:
         return weight[0].numel() * 2 // in_features
     return weight[0].shape[0]
 
@@ -203,13 +215,15 @@ torch.library.register_autograd("surogate::lora_linear", _backward, setup_contex
 def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a: Tensor | None,
              lora_b: Tensor | None, forward: str, grad_input: str, input_q: Sequence[Tensor] | None = None) -> None:
     """Shape/format checks with messages that say what to do; cheap, and traced once under compile."""
-    fmt = _weight_format(weight_format)
-    for name, value in (("forward", forward), ("grad_input", grad_input)):
-        if value not in {c.value for c in Compute}:
-            raise ValueError(f"unknown {name} precision {value!r}; valid: {', '.join(c.value for c in Compute)}")
-    if len(weight) != len(WEIGHT_LISTS[fmt]):
-        raise ValueError(f"weight_format {fmt.value!r} takes {len(WEIGHT_LISTS[fmt])} tensors "
-                         f"{WEIGHT_LISTS[fmt]}, got {len(weight)}; build the list with surogate.ops.prepare_weight")
+    fmt = _value(weight_format)
+    if fmt not in _FORMATS:
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {', '.join(sorted(_FORMATS))}")
+    for name, value in (("forward", _value(forward)), ("grad_input", _value(grad_input))):
+        if value not in _COMPUTES:
+            raise ValueError(f"unknown {name} precision {value!r}; valid: {', '.join(sorted(_COMPUTES))}")
+    if len(weight) != _LIST_LEN[fmt]:
+        raise ValueError(f"weight_format {fmt!r} takes {_LIST_LEN[fmt]} tensors, got {len(weight)}; "
+                         f"build the list with surogate.ops.prepare_weight")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating tensor, got {input.dtype}")
     if (lora_a is None) != (lora_b is None):
@@ -258,9 +272,9 @@ def lora_linear(
     weight_format)(input)`), so that the producer of `input` can emit it; it gets no gradient.
     """
     validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input, input_q)
-    output, _ = torch.ops.surogate.lora_linear(input, list(weight), WeightFormat(weight_format).value, lora_a,
-                                               lora_b, lora_input, bias, float(lora_scale), Compute(forward).value,
-                                               Compute(grad_input).value, None if input_q is None else list(input_q))
+    output, _ = torch.ops.surogate.lora_linear(input, list(weight), _value(weight_format), lora_a, lora_b,
+                                               lora_input, bias, float(lora_scale), _value(forward),
+                                               _value(grad_input), None if input_q is None else list(input_q))
     return output
 
 
