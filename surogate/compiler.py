@@ -25,11 +25,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from surogate.kernels.plan import plan
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.passes import CompileReport, PassContext, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch
-from surogate.kernels.plan import plan
 from surogate.recipes.arch import CPU, current_arch
 
 # The default LoRA targets, "those of these the model has" (surogate.compile and `surogate train`):

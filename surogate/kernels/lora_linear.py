@@ -24,7 +24,7 @@ import triton.language as tl
 from surogate.kernels import configs, tuning
 from surogate.kernels.bits import e2m1_unpack_rows, nf4_value
 from surogate.kernels.configs import block_r, interpreting
-from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, Variant
+from surogate.kernels.variants import A_FP8_ROW, Variant
 
 
 def _gemm_metadata(grid, kernel, args):

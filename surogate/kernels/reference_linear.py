@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from surogate.kernels import variants
 from surogate.kernels.qtensor import Fp8Tensor, NF4Tensor, NVFP4Tensor
 from surogate.kernels.reference_formats import (
     dequantize_fp8_ref,
@@ -44,8 +45,7 @@ from surogate.kernels.reference_formats import (
     quantize_nvfp4_ref,
 )
 from surogate.kernels.reference_nf4 import dequantize_nf4_ref, quantize_nf4_ref
-from surogate.kernels import variants
-from surogate.kernels.variants import WEIGHT_LISTS, Gemm, Quantizer, variant
+from surogate.kernels.variants import WEIGHT_LISTS, Gemm, Quantizer, variant, weight_format_of
 from surogate.recipes.formats import (
     FP8_ACTIVATION_BLOCK,
     FP8_WEIGHT_BLOCK,
@@ -68,14 +68,6 @@ INPUT_Q_QUANTIZERS: dict[Quantizer, Callable[[torch.Tensor], tuple[torch.Tensor,
 }
 
 
-def _weight_format(weight_format: "str | WeightFormat") -> WeightFormat:
-    try:
-        return WeightFormat(weight_format)
-    except ValueError:
-        valid = ", ".join(f.value for f in WeightFormat)
-        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {valid}") from None
-
-
 def _compute(compute: "str | Compute", what: str) -> Compute:
     try:
         return Compute(compute)
@@ -86,7 +78,7 @@ def _compute(compute: "str | Compute", what: str) -> Compute:
 
 def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
     """The quantizer of the forward variant of (forward, weight_format) when it takes `input_q`, else None."""
-    fwd, fmt = Compute(_compute(forward, "forward")), WeightFormat(_weight_format(weight_format))
+    fwd, fmt = _compute(forward, "forward"), weight_format_of(weight_format)
     try:
         v = variant(Gemm.OUTPUT, fwd, fmt)
     except ValueError:
@@ -114,7 +106,7 @@ def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_f
 
 def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:
     """The weight list of docs/internals.md for a frozen `(N, K)` weight."""
-    fmt = _weight_format(weight_format)
+    fmt = weight_format_of(weight_format)
     if weight.dim() != 2:
         raise ValueError(f"a linear weight is (N, K); got shape {tuple(weight.shape)}")
     if fmt is WeightFormat.BF16:
@@ -147,7 +139,7 @@ def _fp8_weight(tensors: list[torch.Tensor], fmt: str) -> Fp8Tensor:
 def dequantize_weight_ref(tensors: list[torch.Tensor], weight_format: "str | WeightFormat",
                           shape: "torch.Size | tuple[int, int]", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The `(N, K)` weight a weight list stands for (the forward copy), in `dtype`."""
-    fmt = _weight_format(weight_format)
+    fmt = weight_format_of(weight_format)
     _check_list(tensors, fmt)
     shape = torch.Size(shape)
     if fmt is WeightFormat.BF16:
@@ -257,7 +249,7 @@ def lora_linear_ref(
     input_q: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`surogate::lora_linear` on plain torch: (output (..., N), lora_hidden (..., r))."""
-    fmt = _weight_format(weight_format)
+    fmt = weight_format_of(weight_format)
     fwd = _compute(forward, "forward")
     _compute(grad_input, "grad_input")
     k = input.shape[-1]
@@ -290,7 +282,7 @@ def lora_linear_backward_ref(
     grad_input: "str | Compute",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`surogate::lora_linear_backward`: (grad_input, grad_lora_a, grad_lora_b, grad_lora_input)."""
-    fmt = _weight_format(weight_format)
+    fmt = weight_format_of(weight_format)
     dgrad = _compute(grad_input, "grad_input")
     k = input.shape[-1]
     n = grad_output.shape[-1]

@@ -195,6 +195,15 @@ _COMPUTE_OF = {**{c.value: c for c in Compute}, **{c: c for c in Compute}}
 _FORMAT_OF = {**{f.value: f for f in WeightFormat}, **{f: f for f in WeightFormat}}
 
 
+def weight_format_of(weight_format: "WeightFormat | str") -> WeightFormat:
+    """The `WeightFormat` of a member or its value; an unknown one lists the valid ones."""
+    try:
+        return _FORMAT_OF[weight_format]
+    except (KeyError, TypeError):
+        valid = ", ".join(f.value for f in WeightFormat)
+        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {valid}") from None
+
+
 def variant(gemm: "Gemm | str", compute: "Compute | str", weight_format: "WeightFormat | str") -> Variant:
     """The variant of one (GEMM, compute, weight format); an impossible pair lists the valid ones."""
     try:

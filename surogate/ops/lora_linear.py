@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from surogate.kernels import reference
-from surogate.kernels.variants import WEIGHT_LISTS
+from surogate.kernels.variants import WEIGHT_LISTS, weight_format_of
 from surogate.recipes import Compute, WeightFormat
 
 # What the traced wrappers below check against: plain strings, because Dynamo (torch 2.11) graph-breaks
@@ -238,14 +238,6 @@ def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a
         reference.check_input_q(input_q, input, weight_format, forward)
 
 
-def _weight_format(weight_format: "str | WeightFormat") -> WeightFormat:
-    try:
-        return WeightFormat(weight_format)
-    except ValueError:
-        valid = ", ".join(f.value for f in WeightFormat)
-        raise ValueError(f"unknown weight_format {weight_format!r}; valid: {valid}") from None
-
-
 def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat"):
     """The traceable function whose outputs an FP8 forward reads as `input_q` (the kernel table's
     quantizer of that variant, in plain torch), or None when the forward quantizes its input itself."""
@@ -284,7 +276,7 @@ def prepare_weight(weight: Tensor, weight_format: "str | WeightFormat") -> list[
     CUDA weights are quantized by the Triton kernels, CPU weights by the reference; both are
     bit-identical by test.
     """
-    fmt = _weight_format(weight_format)
+    fmt = weight_format_of(weight_format)
     if weight.dim() != 2:
         raise ValueError(f"a frozen linear weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     with torch.no_grad():

@@ -11,7 +11,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from test_kernel_variants import RECIPES, planned_routes, run_routes  # noqa: E402
