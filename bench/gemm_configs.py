@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from surogate.kernels import configs, grad_input, lora_linear  # noqa: E402
+from surogate.kernels import configs, grad_input, lora_linear, variants  # noqa: E402
 from surogate.kernels import quantize as q  # noqa: E402
 from surogate.kernels.transpose import transpose_fp8  # noqa: E402
 from surogate.training.info import run_record  # noqa: E402
@@ -68,19 +68,29 @@ def _case(n: int, k: int) -> dict:
 
 
 def _op_fn(op: str, c: dict):
-    """The launch under test, as a closure (weight transpose included for qfp8_dgrad: it runs every call)."""
+    """The launch under test, as a closure (weight transpose included for qfp8_dgrad: it runs every call).
+    Each launcher takes its kernel-table variant, the activation as its quantizer left it, the weight
+    list and the true K (kernels/variants.py)."""
+    k = c["w"].shape[1]
+    fwd, dgrad = variants.Gemm.OUTPUT, variants.Gemm.GRAD_INPUT
     if op == "qfp8_fwd":
-        return lambda: lora_linear.lora_linear_fp8_block(*c["xq"], c["wq"], c["ws"], c["hidden"], c["lora_b"], None,
-                                                         SCALE)
+        v = variants.variant(fwd, "fp8", "fp8_block")
+        return lambda: lora_linear.lora_linear_fp8_block(v, c["xq"], [c["wq"], c["ws"]], k, c["hidden"], c["lora_b"],
+                                                         None, SCALE)
     if op == "qfp8_dgrad":
-        return lambda: grad_input.grad_input_fp8_block(*c["dyq"], c["wq"], c["ws"], c["gh"], c["lora_a"], SCALE)
+        v = variants.variant(dgrad, "fp8", "fp8_block")
+        return lambda: grad_input.grad_input_fp8_block(v, c["dyq"], [transpose_fp8(c["wq"]), c["ws"].t()], k,
+                                                       c["gh"], c["lora_a"], SCALE)
     if op == "qfp8_dgrad_dequant":
-        return lambda: grad_input.grad_input_dequant_fp8_block(c["dy"], c["wq"], c["ws"], c["gh"], c["lora_a"], SCALE)
+        v = variants.variant(dgrad, "bf16", "fp8_block")
+        return lambda: grad_input.grad_input_dequant_fp8_block(v, (c["dy"],), [c["wq"], c["ws"]], k, c["gh"],
+                                                               c["lora_a"], SCALE)
     if op == "fp8_fwd":
-        wr = c["w_row"]
-        return lambda: lora_linear.lora_linear_fp8(*c["xr"], wr[0], wr[1], c["hidden"], c["lora_b"], None, SCALE)
+        v = variants.variant(fwd, "fp8", "fp8_row")
+        return lambda: lora_linear.lora_linear_fp8(v, c["xr"], c["w_row"], k, c["hidden"], c["lora_b"], None, SCALE)
     if op == "bf16_fwd":
-        return lambda: lora_linear.lora_linear_bf16(c["x"], c["w"], c["hidden"], c["lora_b"], None, SCALE)
+        v = variants.variant(fwd, "bf16", "bf16")
+        return lambda: lora_linear.lora_linear_bf16(v, (c["x"],), [c["w"]], k, c["hidden"], c["lora_b"], None, SCALE)
     raise ValueError(f"unknown op {op!r}")
 
 

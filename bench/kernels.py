@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from surogate.kernels import configs, launch  # noqa: E402
 from surogate.kernels import quantize as q  # noqa: E402
 from surogate.kernels.lora_linear import lora_linear_fp8  # noqa: E402
+from surogate.kernels.variants import variant  # noqa: E402
 from surogate.recipes import get, current_arch  # noqa: E402
 from surogate.kernels.plan import native_recipes
 
@@ -140,6 +141,7 @@ def _time_eager(fn) -> float:
 
 def bench(models: list[str], recipes: list[str]) -> list[dict]:
     rows = []
+    fp8_row = variant("output", "fp8", "fp8_row")
     for model in models:
         for lin, (n, k) in linear_shapes(model).items():
             flops = 2.0 * M_TOKENS * n * k
@@ -152,11 +154,11 @@ def bench(models: list[str], recipes: list[str]) -> list[dict]:
             w8 = q.quantize_weight(base["w"], "fp8_row")
             t_smm = _time(lambda: torch._scaled_mm(xq, w8[0].t(), scale_a=xs, scale_b=w8[1].view(1, -1),
                                                    out_dtype=torch.bfloat16))
-            t_gemm_fp8 = _time(lambda: lora_linear_fp8(xq, xs, w8[0], w8[1], None, None, None, 0.0))
+            t_gemm_fp8 = _time(lambda: lora_linear_fp8(fp8_row, (xq, xs), w8, k, None, None, None, 0.0))
             promote = {}
             for flag in (False, True):  # FP8_PROMOTE's two sides, measured (configs.FP8_PROMOTE)
                 configs.FP8_PROMOTE = flag
-                promote[str(flag)] = _time(lambda: lora_linear_fp8(xq, xs, w8[0], w8[1], None, None, None, 0.0))
+                promote[str(flag)] = _time(lambda: lora_linear_fp8(fp8_row, (xq, xs), w8, k, None, None, None, 0.0))
             configs.FP8_PROMOTE = False
             t_peft_f_eager = _time_eager(lambda: _peft_forward(base))
             t_fused_f_eager = _time_eager(lambda: _forward(base))
