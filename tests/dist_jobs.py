@@ -1,9 +1,11 @@
 """The jobs tests/test_distributed.py (and test_train_distributed.py) run under `python -m torch.distributed.run
 --nproc-per-node 2`.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_jobs.py JOB OUT_DIR [ARGS]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_jobs.py JOB OUT_DIR [ARGS] [+ JOB [ARGS]]...
 
-Each rank writes what the test checks to OUT_DIR/rank<r>.pt. The single-process reference
+Jobs joined by "+" run one after the other in the same ranks (a launch's start-up, ~10 s on 2 cores,
+once); their results share one dict, keyed by case. Each rank writes what the test checks to
+OUT_DIR/rank<r>.pt. The single-process reference
 (`train_single`) runs the same model, data and optimizer on the whole global batch, in the test's own
 process. Tiny models from a config (2-layer Qwen3, hidden 64, vocab 128, bf16), the reference backend.
 """
@@ -184,6 +186,7 @@ RESUME_STEPS, SAVE_AT = 5, 2
 
 def _wrapped(case: str):
     parallelism, recipe, *lora = case.split(":")
+    distributed._FLOAT_VIEWS_FOR_FSDP = NATIVE_FLOAT_VIEWS  # whatever a train job before it in the launch set
     return distributed.wrap(tiny_model(recipe), parallelism, lora=lora[0] if lora else None)
 
 
@@ -252,10 +255,17 @@ JOBS = {"train": job_train, "save": job_save, "resume": job_resume, "raise": job
 
 def main() -> None:
     job, out_dir, *args = sys.argv[1:]
+    jobs = [[job]]
+    for arg in args:
+        if arg == "+":
+            jobs.append([])
+        else:
+            jobs[-1].append(arg)
     info = distributed.init(timeout_s=300)
     with distributed.fail_fast(poll_s=0.2):
         out: dict = {}
-        JOBS[job](out, *args)
+        for name, *job_args in jobs:
+            JOBS[name](out, *job_args)
         torch.save(out, Path(out_dir) / f"rank{info.rank}.pt")
     distributed.cleanup()
 

@@ -1,10 +1,15 @@
 """Any HF model: tiny random configs of 13 architectures compiled on CPU against eager PEFT.
 
 For each (model, recipe): it compiles; every target linear is rewritten (none falls back); the loss
-and the LoRA gradients match eager PEFT (bf16 LoRA compute vs PEFT's FP32) within the recipe's bound;
-20 AdamW steps lower the loss. Bounds (docs/compile.md): relative loss error and the relative
-norm of the error of all LoRA gradients together, scaled with the element format's relative step
-(bf16 2^-9, E4M3 2^-4, NF4 ~2^-3, E2M1 2^-2), measured, then given a 2x margin.
+and the LoRA gradients match eager PEFT within the recipe's bounds; 5 AdamW steps lower the loss.
+The gradients are checked against two eager references:
+- the same operands: PEFT on the base layers the compiled model holds (`SurogateLinear` of the recipe,
+  run eagerly), so forward and dgrad see the same quantized values. What is left is the bf16 LoRA
+  compute (PEFT: FP32) and the quantization steps it flips: a relative error of a few percent, whatever
+  the format, which a wrong rewrite (a dropped scale, a swapped operand, a missing term) exceeds;
+- the truth: PEFT on the bf16 base. The quantization noise itself, up to 0.83 relative error for E2M1
+  on Gemma 3, so direction and size separately: cosine similarity above a floor, norm ratio within 1.5x.
+Bounds: measured on every case here (values in the comments), then a 2x margin (on the error, 1 - cos).
 """
 
 from __future__ import annotations
@@ -14,17 +19,31 @@ import copy
 import pytest
 import torch
 import transformers as T
+from peft.tuners.lora import LoraLayer
 
 import surogate
 from surogate.compiler import _attach_lora
+from surogate.modules import SurogateLinear
 
 H, V = 64, 128
-BOUNDS = {  # recipe: (relative loss error, relative LoRA-gradient error)
-    "bf16": (1e-3, 0.06),
-    "fp8": (5e-3, 0.25), "qfp8": (5e-3, 0.25), "qfp8-bf16": (5e-3, 0.2),
-    "qnf4": (5e-3, 0.3),
-    "fp4": (1e-2, 1.0), "qfp4": (1e-2, 1.0),  # E2M1 on both operands of forward and dgrad: loose
+# recipe: (relative loss error vs the truth, relative LoRA-gradient error vs the same operands, cosine
+# floor vs the truth). Measured maxima (loss; same operands; lowest cosine):
+#   bf16       2e-4; 0.032 qwen3;             0.9996 qwen3 (the same operands are the truth)
+#   fp8        1e-4; 0.044 qwen3;             0.9965 qwen3
+#   fp4        1e-3; 0.065 qwen3;             0.955 qwen3 (opt 0.998)
+#   qfp8       4e-4; 0.040 gemma2;            0.9949 qwen3
+#   qfp8-bf16  1e-4; 0.020 qwen3;             0.9990 qwen3
+#   qfp4       1e-3; 0.138 gemma3 (qwen3 0.065); 0.737 gemma3 (qwen3 0.955, llama 0.988): Gemma scales
+#              embeddings by sqrt(hidden) and has 4 norms a layer; every tensor of it is off (its layer-0
+#              attention most: cos 0.42..0.81), none alone, as noise is and a wrong factor is not
+#   qnf4       8e-4; 0.044 qwen3;             0.9949 qwen3
+BOUNDS = {
+    "bf16": (1e-3, 0.06, 0.999),
+    "fp8": (5e-3, 0.09, 0.99), "qfp8": (5e-3, 0.08, 0.98), "qfp8-bf16": (5e-3, 0.04, 0.995),
+    "qnf4": (5e-3, 0.09, 0.98),
+    "fp4": (1e-2, 0.13, 0.9), "qfp4": (1e-2, 0.28, 0.45),  # E2M1 on both operands of forward and dgrad
 }
+NORM_RATIO = 1.5  # |grads| / |truth's| measured 0.86 (qwen3 fp4) .. 1.22 (gemma3 qfp4)
 
 
 def tiny_config(name: str):
@@ -54,17 +73,21 @@ def tiny_config(name: str):
 
 
 FULL = ["bf16", "fp8", "fp4", "qfp8", "qfp8-bf16", "qfp4", "qnf4"]
-# The full recipe matrix on two models; bf16 plus one quantized recipe (rotated) on the rest.
-CASES = [(m, r) for m in ("qwen3", "llama") for r in FULL] + [
-    (m, r) for m, q in (("qwen2", "qnf4"), ("qwen3_moe", "qfp8"), ("mistral", "fp8"), ("mixtral", "qnf4"),
-                        ("gemma2", "qfp8"), ("gemma3", "qfp4"), ("phi3", "qfp8-bf16"), ("gpt2", "qnf4"),
-                        ("opt", "fp4"), ("gpt_neox", "qfp8"), ("falcon", "fp8"))
+# The full recipe matrix on Qwen3; bf16 plus one quantized recipe (rotated) on the rest, so every recipe
+# also runs on 2-4 other architectures. (Llama had the full matrix too: its graph is Qwen3's without the
+# q/k norms, the same linears, producers and passes, so it repeated Qwen3's code paths.)
+CASES = [("qwen3", r) for r in FULL] + [
+    (m, r) for m, q in (("llama", "qfp4"), ("qwen2", "qnf4"), ("qwen3_moe", "qfp8"), ("mistral", "fp8"),
+                        ("mixtral", "qnf4"), ("gemma2", "qfp8"), ("gemma3", "qfp4"), ("phi3", "qfp8-bf16"),
+                        ("gpt2", "qnf4"), ("opt", "fp4"), ("gpt_neox", "qfp8"), ("falcon", "fp8"))
     for r in ("bf16", q)]
 
 
-# Training 20 steps: every model's bf16 and rotated quantized case, and qwen3 under qfp8 and qnf4. The rest of
-# the full matrix compares numbers only (CPU time: the NVFP4 reference is slow to step).
-NO_TRAIN = {(m, r) for m in ("qwen3", "llama") for r in FULL if r != "bf16"} - {("qwen3", "qfp8"), ("qwen3", "qnf4")}
+# Training: every model's bf16 and rotated quantized case, and qwen3 under qfp8 and qnf4. The rest of
+# Qwen3's matrix compares numbers only.
+NO_TRAIN = {("qwen3", r) for r in FULL if r not in ("bf16", "qfp8", "qnf4")}
+# 5 AdamW steps at 3e-2 on one batch: measured loss ratios 0.88 (falcon) .. 0.956 (mixtral bf16).
+STEPS, LR, LOSS_RATIO = 5, 3e-2, 0.97
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,37 +98,64 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([grads[k].flatten().float() for k in sorted(grads)])
+
+
+def _same_operands(peft_model, recipe: str):
+    """A copy of the PEFT model on the base layers `compile` swaps in (`SurogateLinear` of the recipe),
+    run eagerly: the same quantized operands in forward and dgrad, the LoRA branch in FP32."""
+    model = copy.deepcopy(peft_model)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.base_layer = SurogateLinear.from_linear(module.base_layer, recipe)
+    return model
+
+
+def _check_lora_grads(grads: dict, same_operands: dict, truth: dict, recipe: str) -> None:
+    """BOUNDS and NORM_RATIO; each tensor within twice the bound of all together (one wrong tensor hides
+    in the sum)."""
+    _, bound, cos_floor = BOUNDS[recipe]
+    assert grads and grads.keys() == same_operands.keys() == truth.keys()
+    assert _rel(_flat(grads), _flat(same_operands)) < bound
+    for name, grad in grads.items():
+        assert _rel(grad, same_operands[name]) < 2 * bound, name
+    g, t = _flat(grads), _flat(truth)
+    assert torch.nn.functional.cosine_similarity(g, t, dim=0).item() > cos_floor
+    assert 1 / NORM_RATIO < (g.norm() / t.norm()).item() < NORM_RATIO
+
+
 @pytest.mark.parametrize("arch_name,recipe", CASES)
 def test_model_matches_eager_peft_and_trains(arch_name, recipe):
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(tiny_config(arch_name)).to(torch.bfloat16)
     peft_model = _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     eager = copy.deepcopy(peft_model)
+    # bf16: the same operands are the truth's (measured equal: a bf16 SurogateLinear is the plain GEMM).
+    same = eager if recipe == "bf16" else _same_operands(peft_model, recipe)
     compiled = surogate.compile(peft_model, recipe=recipe, arch="cpu", dynamic=False)
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = eager(input_ids=ids, labels=ids).loss
     ref.backward()
+    if same is not eager:
+        same(input_ids=ids, labels=ids).loss.backward()
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     report = compiled.surogate_report  # filled when the first call compiles the block graph
     assert report.linears and len(report.rewritten) == len(report.linears), str(report)
-    loss_bound, grad_bound = BOUNDS[recipe]
-    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) / ref.item() < loss_bound
-    g_ref, g = _lora_grads(eager), _lora_grads(compiled)
-    assert g.keys() == g_ref.keys() and g
-    flat = lambda d: torch.cat([d[k].flatten().float() for k in sorted(d)])  # noqa: E731
-    assert _rel(flat(g), flat(g_ref)) < grad_bound
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) / ref.item() < BOUNDS[recipe][0]
+    _check_lora_grads(_lora_grads(compiled), _lora_grads(same), _lora_grads(eager), recipe)
 
     if (arch_name, recipe) in NO_TRAIN:
         return
-    opt = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=LR)
     first = loss.item()
-    for _ in range(20):
+    for _ in range(STEPS):
         opt.step()
         opt.zero_grad()
         loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
-    assert torch.isfinite(loss) and loss.item() < 0.9 * first
+    assert torch.isfinite(loss) and loss.item() < LOSS_RATIO * first
     # One block graph for every layer and every step; models that mix sliding-window and full layers
     # (Gemma 2) compile one per layer type: the attention reads its window (surogate/ops/attention.py).
     layer_types = getattr(compiled.base_model.model.config, "layer_types", None) or ["full_attention"]

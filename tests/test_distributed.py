@@ -80,11 +80,22 @@ def _assert_close_to_single(ranks: list[dict], reference: dict) -> None:
 
 # --- data parallel ----------------------------------------------------------------------------------
 
+DDP_CASES = ("ddp:bf16:-:2", "graphed:bf16")
+
+
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    cases = ("ddp:bf16:-:2", "graphed:bf16")
-    ranks = torchrun(tmp_path_factory.mktemp("ddp"), "train", *cases)
-    return {case: [r[case] for r in ranks] for case in cases}
+def trained(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One launch for the DDP and FSDP cases, then the runs that save checkpoints (to root/<case>): a
+    launch's start-up (imports: ~10 s on 2 cores) costs more than a case."""
+    root = tmp_path_factory.mktemp("ckpt")
+    ranks = torchrun(root / "train", "train", *DDP_CASES, *FSDP_CASES, "+", "save", str(root), *CKPT_CASES,
+                     timeout=480)
+    return root, ranks
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(trained) -> dict[str, list[dict]]:
+    return {case: [r[case] for r in trained[1]] for case in DDP_CASES}
 
 
 def test_ddp_equals_one_process_with_twice_the_batch(ddp_runs):
@@ -115,9 +126,8 @@ FSDP_CASES = ("fsdp:qnf4:sharded:1", "fsdp:qfp8:replicated:2", "fsdp:bf16:sharde
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    ranks = torchrun(tmp_path_factory.mktemp("fsdp"), "train", *FSDP_CASES)
-    return {case: [r[case] for r in ranks] for case in FSDP_CASES}
+def fsdp_runs(trained) -> dict[str, list[dict]]:
+    return {case: [r[case] for r in trained[1]] for case in FSDP_CASES}
 
 
 @pytest.mark.parametrize("case", FSDP_CASES)
@@ -171,10 +181,9 @@ CKPT_CASES = ("ddp:bf16", "fsdp:qnf4:sharded", "fsdp:qfp8:replicated")
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> tuple[Path, dict, dict]:
-    root = tmp_path_factory.mktemp("ckpt")
-    saved = torchrun(root / "save", "save", str(root), *CKPT_CASES)
-    resumed = torchrun(root / "resume", "resume", str(root), *CKPT_CASES)
+def resumed(trained) -> tuple[Path, list[dict], list[dict]]:
+    root, saved = trained
+    resumed = torchrun(root / "resume", "resume", str(root), *CKPT_CASES)  # new processes, as a real resume
     return root, saved, resumed
 
 

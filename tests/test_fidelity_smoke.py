@@ -1,7 +1,8 @@
-"""bench/fidelity.py end to end on a CPU: tiny base, two recipes, each phase as its own call.
+"""bench/fidelity.py on a CPU: the report and the answer scoring from made-up records (fast), and
+end to end (`slow`: about 60 s on 2 cores): tiny base, two recipes, each phase as its own call.
 
-It proves that the study's pipeline runs and writes its outputs, not that any recipe is accurate
-(a ~0.5M-parameter base after a few steps says nothing about that). About 45 s on 2 cores.
+The end-to-end run proves that the study's pipeline runs and writes its outputs, not that any recipe
+is accurate (a ~0.5M-parameter base after a few steps says nothing about that).
 """
 
 from __future__ import annotations
@@ -25,6 +26,43 @@ def _fidelity():
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+def test_report_compares_each_recipe_with_bf16_and_writes_its_files(tmp_path):
+    """The report phase on records as the finetune phase writes them: ratios, targets, verdicts, files."""
+    fidelity = _fidelity()
+    args = fidelity.parse_args(["--phase", "report", "--base", "tiny", "--steps", "4", "--data", str(SAMPLE),
+                                "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    settings = fidelity.finetune_settings(args)
+    base = tmp_path / "work" / settings["base"]
+    base.mkdir(parents=True)
+    (base / "base.json").write_text(json.dumps({"params": 500_000, "heldout_loss": 3.2, "pretrain_s": 9.0}))
+    runs = fidelity.runs_dir(args)
+    runs.mkdir(parents=True)
+    env = {"gpu": "cpu", "torch": "2.13", "triton": "3.6", "transformers": "5.0", "commit": "abc1234"}
+    for recipe, loss in (("bf16", 2.0), ("qfp8", 2.01), ("qnf4", 2.1)):
+        (runs / f"{recipe}.json").write_text(json.dumps({
+            "recipe": recipe, "support": "reference", "eval_loss": loss, "eval_loss_base": 2.5, "exact_match": None,
+            "steps": 4, "seed": 42, "final_train_loss": 1.9, "train_loss": [2.2, 2.1, 2.0, 1.9], "tokens_per_s": 1.0,
+            "settings": settings, "eval_examples": 16, "eval_tokens": 900, **env}))
+    rows = {r["recipe"]: r for r in fidelity.report(args)}
+    assert rows["bf16"]["ratio_to_bf16"] == 1.0 and rows["bf16"]["target_met"] is None
+    assert rows["qfp8"]["ratio_to_bf16"] == pytest.approx(1.005) and rows["qfp8"]["target_met"] is True
+    assert rows["qnf4"]["ratio_to_bf16"] == pytest.approx(1.05) and rows["qnf4"]["target_ratio"] == 1.02
+    assert rows["qnf4"]["target_met"] is False
+    md = (tmp_path / "out" / "fidelity.md").read_text()
+    assert "| qfp8 | reference | 2.0100 | 1.0050 | <= +1% | met |" in md
+    assert "| qnf4 | reference | 2.1000 | 1.0500 | <= +2% | MISSED |" in md
+    saved = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert [r["recipe"] for r in saved["recipes"]] == ["bf16", "qfp8", "qnf4"] and saved["study"]["steps"] == 4
+    assert (tmp_path / "out" / "fidelity_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_final_answer_is_the_number_after_the_hashes():
+    fidelity = _fidelity()
+    assert fidelity.final_answer("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert fidelity.final_answer("no answer") is None
+    assert fidelity._same_number("18", "18.0") and not fidelity._same_number("18", None)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +106,7 @@ def test_fidelity_reuses_the_cached_base_and_records(study, capsys):
 
 @pytest.mark.slow
 def test_exact_match_decodes_and_scores(study):
-    """Greedy decoding on the plain HF base (no compile: fast); the scoring parses '#### N'."""
+    """Greedy decoding on the plain HF base (no compile: fast), scored."""
     from transformers import AutoModelForCausalLM
 
     from surogate.training.tokenizer import load_tokenizer
@@ -78,6 +116,3 @@ def test_exact_match_decodes_and_scores(study):
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).eval()
     result = fidelity.exact_match(model, load_tokenizer(str(base)), args.data, 3, 4, torch.device("cpu"))
     assert result["k"] == 3 and 0 <= result["correct"] <= 3 and len(result["samples"]) == 3
-    assert fidelity.final_answer("so 3 + 4 = 7\n#### 1,234") == "1234"
-    assert fidelity.final_answer("no answer") is None
-    assert fidelity._same_number("18", "18.0") and not fidelity._same_number("18", None)

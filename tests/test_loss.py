@@ -60,7 +60,7 @@ def test_bias_and_all_ignored():
     torch.testing.assert_close(lm_head_cross_entropy(hidden, weight, labels, bias=bias, chunk=4), ref,
                                rtol=1e-5, atol=1e-5)
     # HF returns 0/0 = NaN for a batch without targets, which poisons accumulated gradients; here: 0, no gradient.
-    h = hidden.clone().requires_grad_(True)
+    h = hidden.detach().clone().requires_grad_(True)  # a leaf: a non-leaf's .grad is always None
     empty = lm_head_cross_entropy(h, weight, torch.full_like(labels, -100))
     empty.backward()
     assert empty.item() == 0.0 and (h.grad is None or not h.grad.any())

@@ -8,6 +8,8 @@ example, by far more than bf16 rounding: each test checks that case too, so it c
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,9 @@ from surogate.compiler import _attach_lora
 LENGTHS = (5, 9, 7)
 
 
+@functools.cache
 def _compiled(name: str):
+    """One compiled model per architecture, shared by the tests: they run forwards only."""
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(tiny_config(name)).to(torch.bfloat16)
     return surogate.compile(_attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False}),

@@ -2,11 +2,13 @@
 
 Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate train cfg.yaml` in a
 subprocess with a deadline (tests/test_distributed.py's `_run`: a hang fails the test and kills the
-process group). Five launches: DDP (bf16), FSDP (qnf4, LoRA sharded), that FSDP run resumed from its
-checkpoint and stopped with SIGINT to the torchrun agent, a run whose rank 0 fails, and the DDP run down
-the CUDA-graph path (tests/dist_jobs.py `cli_graphed`, EagerCapture on the CPU). The references
-run in this process: one process with `per_device_train_batch_size` (and the eval batch) doubled,
-the same seed and data order, which 2 ranks must equal (measured: within 5e-7 of loss).
+process group). Two launches by default: DDP (bf16), and that run resumed from its checkpoint and
+stopped with SIGINT to the torchrun agent. Three more are `slow` (a launch is ~10 s of start-up on 2
+cores), each with the default test that covers its behaviour named beside it: FSDP (qnf4, LoRA
+sharded), a run whose rank 0 fails, and the DDP run down the CUDA-graph path (tests/dist_jobs.py
+`cli_graphed`, EagerCapture on the CPU). The references run in this process: one process with
+`per_device_train_batch_size` (and the eval batch) doubled, the same seed and data order, which 2 ranks
+must equal (measured: within 5e-7 of loss).
 """
 
 from __future__ import annotations
@@ -137,6 +139,10 @@ def test_rank_0_alone_logs_and_writes(ddp):
     assert len(opt["state"]) == 6 and all(int(s["step"]) == SAVE_AT for s in opt["state"].values())  # DDP: plain
 
 
+# slow: GraphedStep with all_reduce_grads on 2 ranks is test_distributed.py's
+# test_graphed_step_with_all_reduce_after_the_replays_equals_one_process, MicroStep's graph mode
+# test_graphed_step.py's; this is their glue in `surogate train`.
+@pytest.mark.slow
 def test_cuda_graph_path_under_ddp_takes_the_same_steps(ddp, tmp_path, cache_env):
     """The GPU path (cuda_graphs auto): the model stays unwrapped, each micro-step is replayed from its
     graph, `all_reduce_grads` runs after the last one. On the CPU through tests/dist_jobs.py's
@@ -164,6 +170,10 @@ def test_resume_with_another_world_size_is_refused_before_the_model_loads(ddp, m
         train(from_dict(raw), log=lambda line: None)
 
 
+# slow: FSDP (qnf4, LoRA sharded) equal to one process is test_distributed.py's
+# test_fsdp_equals_one_process_with_twice_the_batch[fsdp:qnf4:sharded:1], its checkpoint's whole tensors
+# test_the_checkpoint_holds_whole_tensors_and_rank0_wrote_the_adapter; the CLI under torchrun is the DDP run.
+@pytest.mark.slow
 def test_fsdp_run_equals_one_process_with_twice_the_batch(fsdp):
     out, text, (result, lines) = fsdp
     _assert_equal_to_one_process(out, result)
@@ -176,11 +186,11 @@ def test_fsdp_run_equals_one_process_with_twice_the_batch(fsdp):
     assert any("parallelism: fsdp ignored: a single process" in line for line in lines)  # the reference said so
 
 
-def test_resumed_fsdp_run_continues_and_sigint_stops_every_rank_after_one_step(fsdp, cache_env, tmp_path):
+def test_resumed_run_continues_and_sigint_stops_every_rank_after_one_step(ddp, cache_env, tmp_path):
     """Resumed from its checkpoint-2, the 2-rank run repeats steps 3 and 4 of the run that never stopped;
     it goes on (max_steps 400) until SIGINT to the torchrun agent, which passes it to both workers: they
     agree on a step, save its checkpoint and stop, before torchrun's 30 s grace runs out."""
-    out, _, _ = fsdp
+    out, _, _ = ddp
     again = tmp_path / "again"
     cmd = [*LAUNCH, str(out.parent / "cfg.yaml"), "--set", "max_steps=400", "--set",
            f"resume_from_checkpoint={out / 'checkpoint-2'}", "--output-dir", str(again)]
@@ -222,6 +232,10 @@ def _lines(path: Path) -> list[dict]:
         return []
 
 
+# slow: a failing rank bringing the torchrun job down with its error, and fail_fast stopping the other,
+# are test_distributed.py's test_a_rank_that_raises_brings_the_torchrun_job_down_with_its_error and
+# test_fail_fast_stops_the_other_ranks_without_a_launcher.
+@pytest.mark.slow
 def test_a_rank_that_fails_ends_the_job_with_its_error(model_dir, cache_env, tmp_path):
     """Rank 0 cannot open metrics.jsonl (a folder is in the way); rank 1, which writes nothing, has gone
     on into the step-0 eval's all-reduce. fail_fast's watchdog stops it with rank 0's error, no hang."""
