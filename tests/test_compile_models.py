@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 
 import surogate
 from surogate.compiler import _attach_lora
-from surogate.modules import SurogateLinear
+from surogate.ops.modules import SurogateLinear
 
 H, V = 64, 128
 # recipe: (relative loss error vs the truth, relative LoRA-gradient error vs the same operands, cosine
