@@ -104,10 +104,12 @@ def job_train(out: dict, *cases: str) -> None:
             _train(out[case], kind, recipe, *rest)
 
 
-def _train(out: dict, parallelism: str, recipe: str, lora: str = "-", accum: str = "1", views: str = "") -> None:
+def _train(out: dict, parallelism: str, recipe: str, lora: str = "-", accum: str = "1", views: str = "",
+           ckpt: Path | None = None) -> None:
     # "views": hold integer bytes as float views, as FSDP2 before torch 2.13 requires (the path taken there);
     # "hsdp": shard_size=1, the 2-D mesh of hybrid sharding (2 replicas of 1 shard); "ac": activation
-    # checkpointing, each block's gathered bytes kept from its forward to its backward.
+    # checkpointing, each block's gathered bytes kept from its forward to its backward. With `ckpt`, a
+    # checkpoint (and the adapter) is saved there after SAVE_AT steps, and training goes on.
     distributed._FLOAT_VIEWS_FOR_FSDP = views == "views" or NATIVE_FLOAT_VIEWS
     options = {"shard_size": 1} if views == "hsdp" else {"reshard_after_forward": False} if views == "ac" else {}
     model = tiny_model(recipe, checkpoint=views == "ac")
@@ -117,7 +119,13 @@ def _train(out: dict, parallelism: str, recipe: str, lora: str = "-", accum: str
     model = distributed.wrap(model, parallelism, lora=None if lora == "-" else lora, **options)
     opt = optimizer(model)
     t0 = time.perf_counter()
-    out["losses"] = [step(model, opt, distributed.shard(global_batch(s)), int(accum)) for s in range(STEPS)]
+    out["losses"] = []
+    for s in range(STEPS):
+        out["losses"].append(step(model, opt, distributed.shard(global_batch(s)), int(accum)))
+        if ckpt is not None and s + 1 == SAVE_AT:
+            distributed.save_checkpoint(model, opt, ckpt, step=s + 1)
+            distributed.save_adapter(model, ckpt / "adapter")
+            out["lora_at_save"] = lora_state(model)
     out["train_s"] = time.perf_counter() - t0
     out["lora"] = lora_state(model)
     out["frozen_bytes"] = distributed.frozen_bytes(model)
@@ -181,40 +189,29 @@ def _train_graphed(out: dict, recipe: str) -> None:
     out.update(losses=losses, lora=lora_state(model), replays=graphed.replays, reduces=reduces)
 
 
-RESUME_STEPS, SAVE_AT = 5, 2
-
-
-def _wrapped(case: str):
-    parallelism, recipe, *lora = case.split(":")
-    distributed._FLOAT_VIEWS_FOR_FSDP = NATIVE_FLOAT_VIEWS  # whatever a train job before it in the launch set
-    return distributed.wrap(tiny_model(recipe), parallelism, lora=lora[0] if lora else None)
+SAVE_AT = 2
 
 
 def job_save(out: dict, ckpt_root: str, *cases: str) -> None:
-    """Per case ("fsdp:qnf4:sharded", "ddp:bf16"): train RESUME_STEPS steps without stopping, saving a
-    checkpoint (and the adapter) to ckpt_root/<case> after SAVE_AT steps."""
+    """Per case ("fsdp:qnf4:sharded:1", "ddp:bf16:-:2", no variant): job_train's run, which also saves a
+    checkpoint (and the adapter) to ckpt_root/<case> after SAVE_AT of its STEPS steps."""
     for case in cases:
-        ckpt = Path(ckpt_root) / case.replace(":", "-")
-        model = _wrapped(case)
-        opt = optimizer(model)
-        out[case] = {"losses": []}
-        for s in range(RESUME_STEPS):
-            out[case]["losses"].append(step(model, opt, distributed.shard(global_batch(s))))
-            if s + 1 == SAVE_AT:
-                distributed.save_checkpoint(model, opt, ckpt, step=s + 1)
-                distributed.save_adapter(model, ckpt / "adapter")
-                out[case]["lora_at_save"] = lora_state(model)
+        kind, recipe, lora, accum = case.split(":")
+        out[case] = {}
+        _train(out[case], kind, recipe, lora, accum, ckpt=Path(ckpt_root) / case.replace(":", "-"))
 
 
 def job_resume(out: dict, ckpt_root: str, *cases: str) -> None:
-    """Per case: a fresh model and optimizer, the checkpoint loaded, the steps after it."""
+    """Per case of job_save: a fresh model and optimizer, the checkpoint loaded, the steps after it."""
     for case in cases:
-        model = _wrapped(case)
+        parallelism, recipe, lora, accum = case.split(":")
+        distributed._FLOAT_VIEWS_FOR_FSDP = NATIVE_FLOAT_VIEWS
+        model = distributed.wrap(tiny_model(recipe), parallelism, lora=None if lora == "-" else lora)
         opt = optimizer(model)
         meta = distributed.load_checkpoint(model, opt, Path(ckpt_root) / case.replace(":", "-"))
         out[case] = {"meta": meta, "lora_loaded": lora_state(model)}
-        out[case]["losses"] = [step(model, opt, distributed.shard(global_batch(s)))
-                               for s in range(meta["step"], RESUME_STEPS)]
+        out[case]["losses"] = [step(model, opt, distributed.shard(global_batch(s)), int(accum))
+                               for s in range(meta["step"], STEPS)]
 
 
 def job_raise(out: dict, where: str) -> None:

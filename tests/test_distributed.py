@@ -85,11 +85,11 @@ DDP_CASES = ("ddp:bf16:-:2", "graphed:bf16")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """One launch for the DDP and FSDP cases, then the runs that save checkpoints (to root/<case>): a
-    launch's start-up (imports: ~10 s on 2 cores) costs more than a case."""
+    """The DDP and FSDP cases in one launch (its start-up, imports on 2 cores, ~10 s, costs more than a
+    case); those of CKPT_CASES also save a checkpoint (to root/<case>) and train on."""
     root = tmp_path_factory.mktemp("ckpt")
-    ranks = torchrun(root / "train", "train", *DDP_CASES, *FSDP_CASES, "+", "save", str(root), *CKPT_CASES,
-                     timeout=480)
+    plain = [case for case in (*DDP_CASES, *FSDP_CASES) if case not in CKPT_CASES]
+    ranks = torchrun(root / "train", "train", *plain, "+", "save", str(root), *CKPT_CASES, timeout=480)
     return root, ranks
 
 
@@ -177,7 +177,7 @@ def test_fsdp_gathers_the_stored_quantized_bytes_unchanged(fsdp_runs, case):
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-CKPT_CASES = ("ddp:bf16", "fsdp:qnf4:sharded", "fsdp:qfp8:replicated")
+CKPT_CASES = ("ddp:bf16:-:2", "fsdp:qnf4:sharded:1", "fsdp:qfp8:replicated:2")  # trained above, saved at step 2
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 Each job is `python -m torch.distributed.run --nproc-per-node 2 -m surogate train cfg.yaml` in a
 subprocess with a deadline (tests/test_distributed.py's `_run`: a hang fails the test and kills the
 process group). Two launches by default: DDP (bf16), and that run resumed from its checkpoint and
-stopped with SIGINT to the torchrun agent. Three more are `slow` (a launch is ~10 s of start-up on 2
+stopped with SIGINT to the torchrun agent. Four more are `slow` (a launch is ~10 s of start-up on 2
 cores), each with the default test that covers its behaviour named beside it: FSDP (qnf4, LoRA
-sharded), a run whose rank 0 fails, and the DDP run down the CUDA-graph path (tests/dist_jobs.py
-`cli_graphed`, EagerCapture on the CPU). The references run in this process: one process with
+sharded) and its resume with SIGINT, a run whose rank 0 fails, and the DDP run down the CUDA-graph
+path (tests/dist_jobs.py `cli_graphed`, EagerCapture on the CPU). The references run in this process: one process with
 `per_device_train_batch_size` (and the eval batch) doubled, the same seed and data order, which 2 ranks
 must equal (measured: within 5e-7 of loss).
 """
@@ -186,11 +186,14 @@ def test_fsdp_run_equals_one_process_with_twice_the_batch(fsdp):
     assert any("parallelism: fsdp ignored: a single process" in line for line in lines)  # the reference said so
 
 
-def test_resumed_run_continues_and_sigint_stops_every_rank_after_one_step(ddp, cache_env, tmp_path):
+# slow for FSDP: its resume from a checkpoint of sharded LoRA is test_distributed.py's
+# test_a_checkpoint_saved_by_two_ranks_resumes_on_two_ranks[fsdp:qnf4:sharded].
+@pytest.mark.parametrize("run", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_resumed_run_continues_and_sigint_stops_every_rank_after_one_step(run, request, cache_env, tmp_path):
     """Resumed from its checkpoint-2, the 2-rank run repeats steps 3 and 4 of the run that never stopped;
     it goes on (max_steps 400) until SIGINT to the torchrun agent, which passes it to both workers: they
     agree on a step, save its checkpoint and stop, before torchrun's 30 s grace runs out."""
-    out, _, _ = ddp
+    out, _, _ = request.getfixturevalue(run)
     again = tmp_path / "again"
     cmd = [*LAUNCH, str(out.parent / "cfg.yaml"), "--set", "max_steps=400", "--set",
            f"resume_from_checkpoint={out / 'checkpoint-2'}", "--output-dir", str(again)]
