@@ -308,7 +308,10 @@ def _qwen3(recipe: str, producer_on: bool):
     return loss.detach(), grads, compiled.surogate_report
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "qfp8"])
+# qfp8 only (each recipe is two compiles): fp8's row quantizer, its q/k/v sharing one quantize and its
+# numbers with the pass on and off are test_pass_shares_one_quantize_per_input_and_keeps_the_numbers[fp8-7]'s,
+# and the Qwen3 graph's producers (HF's RMSNorm, the attention output, SwiGLU) are found alike for both.
+@pytest.mark.parametrize("recipe", ["qfp8"])
 def test_qwen3_reports_fused_producers_and_equals_producer_fusion_off(recipe):
     loss, grads, report = _qwen3(recipe, True)
     loss_off, grads_off, report_off = _qwen3(recipe, False)
