@@ -1,0 +1,239 @@
+"""Plain-torch twin of the grouped LoRA linear: the experts of a mixture-of-experts block.
+
+A MoE block runs one small linear per expert on the tokens routed to it. Sorted by expert, the
+tokens form E contiguous groups, and the whole block is one "grouped" linear:
+
+    out[t] = Q(x[t]) @ W[e(t)]^T + s * (x[t] @ A[e(t)]^T) @ B[e(t)]^T     for t in group e(t)
+
+with the frozen expert weights `W (E, N, K)` in a quantized format and per-expert LoRA factors
+`A (E, r, K)`, `B (E, N, r)` (FP32 masters). This module defines what the Triton kernels of
+`kernels/grouped.py` compute, by the rule "each group is one dense LoRA linear": for every
+expert it calls the dense reference's per-format GEMM functions (`reference_linear`) on that
+group's rows, and the LoRA terms are written with the dense reference's formulas, so the grouped
+reference equals a loop of `lora_linear_ref` / `lora_linear_backward_ref` over the experts
+bit for bit (tests/test_kernels_grouped.py checks it). Nothing about a format is re-implemented.
+
+Contract (docs/moe.md):
+- `input (T, K)`: tokens sorted by expert; `offsets (E+1,)` int32 with `offsets[0] == 0`,
+  non-decreasing, `offsets[E] == T`: group e is rows `offsets[e]:offsets[e+1]`; a group may be empty.
+- `weight`: the grouped weight list: the dense list of `weight_format` (docs/internals.md,
+  `variants.WEIGHT_LISTS`) of every expert, each tensor stacked along a new leading dim E
+  (`stack_expert_weights`). So `expert_weight(weight, e)` is exactly expert e's dense list.
+  nf4: `[packed (E, N*K/2) u8, absmax_q (E, N*K/64) u8, absmax_scale (E, ceil(N*K/64/256)) f32,
+  absmax_offset (E,) f32, absmax_code (E, 256) f32]`: each expert double-quantized on its own.
+  fp8_block: `[data (E, N, K) e4m3, block_scale (E, ceil(N/128), ceil(K/128)) f32]`.
+- No bias (Qwen3-MoE, Mixtral and Qwen2-MoE experts have none) and no separate LoRA input:
+  PEFT refuses dropout on a targeted parameter (`ParamWrapper`), since x cannot be factored out.
+- Compute: "bf16" (weights dequantized, bf16 operands) and "fp8" (every FP8 activation scale is
+  per row or per 1x128 block, so the groups do not change it). "nvfp4" is refused: its activation
+  tensor scale is an amax over the whole tensor, and whether that is per group or over all tokens
+  has not been decided (docs/moe.md).
+
+This is also what a future `surogate::grouped_lora_linear` op would run on the CPU. It reads the
+offsets on the host (`tolist()`), which the Triton launcher does not do.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from surogate.kernels.reference_linear import (
+    _dgrad_base,  # the dense reference's per-format GEMMs, reused so the formats have one definition
+    _forward_base,
+    _weight_format,
+    quantize_weight_ref,
+)
+from surogate.kernels.variants import WEIGHT_LISTS
+from surogate.recipes.recipe import Compute, WeightFormat
+
+__all__ = ["check_offsets", "expert_weight", "grouped_lora_linear_backward_ref", "grouped_lora_linear_ref",
+           "grouped_out_features", "lora_factors_from_peft", "quantize_grouped_weight_ref", "stack_expert_weights"]
+
+GROUPED_COMPUTES = (Compute.BF16, Compute.FP8)
+
+
+def stack_expert_weights(lists: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """E dense weight lists of one format -> the grouped list (each tensor stacked along dim 0)."""
+    if not lists:
+        raise ValueError("need at least one expert's weight list")
+    if len({len(t) for t in lists}) != 1:
+        raise ValueError("every expert's weight list must have the same format")
+    return [torch.stack(list(ts)) for ts in zip(*lists)]
+
+
+def expert_weight(weight: Sequence[torch.Tensor], e: int) -> list[torch.Tensor]:
+    """Expert e's dense weight list (views) out of a grouped list."""
+    return [t[e] for t in weight]
+
+
+def quantize_grouped_weight_ref(weight: torch.Tensor, weight_format: str | WeightFormat,
+                                quantize: Callable[[torch.Tensor, str], list[torch.Tensor]] | None = None
+                                ) -> list[torch.Tensor]:
+    """The grouped weight list of a frozen `(E, N, K)` expert stack, each expert quantized on its own.
+
+    Per expert, not over the stack: FP8 128x128 blocks must not straddle two experts when N is not a
+    multiple of 128, and an NF4 expert then decodes with nothing from its neighbours. `quantize`
+    (default `quantize_weight_ref`; the Triton `quantize.quantize_weight` on a GPU) makes one list.
+    """
+    fmt = _weight_format(weight_format)
+    if weight.dim() != 3:
+        raise ValueError(f"an expert weight stack is (E, N, K); got shape {tuple(weight.shape)}")
+    quantize = quantize or quantize_weight_ref
+    return stack_expert_weights([quantize(weight[e], fmt) for e in range(weight.shape[0])])
+
+
+def grouped_out_features(weight: Sequence[torch.Tensor], weight_format: str | WeightFormat, k: int) -> int:
+    """N of a grouped weight list (NF4 stores each expert flat: N*K/2 bytes, K a multiple of 64)."""
+    fmt = _weight_format(weight_format)
+    want = WEIGHT_LISTS[fmt]
+    if len(weight) != len(want):
+        raise ValueError(f"weight_format {fmt.value!r} takes {len(want)} stacked tensors {want} "
+                         f"(docs/moe.md), got {len(weight)}; build it with quantize_grouped_weight_ref")
+    if fmt is WeightFormat.NF4:
+        if k % 64:
+            raise ValueError(f"NF4 experts need K divisible by 64 (one absmax block per row segment); got {k}")
+        return weight[0].shape[1] * 2 // k
+    return weight[0].shape[1]
+
+
+def check_offsets(offsets: torch.Tensor, num_experts: int, tokens: int) -> list[int]:
+    """Validate the group boundaries (host side, so this syncs on a GPU); return them as ints."""
+    if offsets.dtype != torch.int32 or offsets.shape != (num_experts + 1,):
+        raise ValueError(f"offsets must be int32 ({num_experts + 1},) = (E+1,); got {offsets.dtype} "
+                         f"{tuple(offsets.shape)}")
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != tokens or any(a > b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"offsets must start at 0, not decrease and end at T={tokens}; got {bounds}")
+    return bounds
+
+
+def _check_lora(lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, e: int, n: int, k: int) -> bool:
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("pass both lora_a and lora_b, or neither (plain grouped linear)")
+    if lora_a is None:
+        return False
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[0] != e or lora_b.shape[0] != e \
+            or lora_a.shape[2] != k or lora_b.shape[1] != n or lora_a.shape[1] != lora_b.shape[2]:
+        raise ValueError(f"lora_a must be (E={e}, r, K={k}) and lora_b (E={e}, N={n}, r); got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    return True
+
+
+def _grouped_compute(compute: str | Compute, what: str) -> Compute:
+    c = Compute(compute)
+    if c not in GROUPED_COMPUTES:
+        raise ValueError(f"grouped {what} compute {c.value!r} is not defined: NVFP4's activation tensor scale "
+                         f"(per group or over all tokens?) is open (docs/moe.md); use bf16 or fp8")
+    return c
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.T with FP32 operands and accumulation (as `reference_linear._mm`)."""
+    return a.float() @ b_t.float().t()
+
+
+def grouped_lora_linear_ref(
+    input: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: Sequence[torch.Tensor],
+    weight_format: str | WeightFormat,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_scale: float,
+    forward: str | Compute = "bf16",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (output (T, N) in the input dtype, lora_hidden (T, r), saved for the backward).
+
+    Per group e: `output = bf16(Q(x) @ Q(W_e)^T + s * bf16(x @ A_e^T) @ B_e^T)`, FP32 products
+    and accumulation, as `lora_linear_ref` on that group.
+    """
+    fmt, fwd = _weight_format(weight_format), _grouped_compute(forward, "forward")
+    t, k = input.shape
+    e_count = weight[0].shape[0]
+    n = grouped_out_features(weight, fmt, k)
+    has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
+    bounds = check_offsets(offsets, e_count, t)
+    dtype = input.dtype
+    r = lora_a.shape[1] if has_lora else 0
+    out = torch.empty((t, n), dtype=dtype, device=input.device)
+    hidden = torch.empty((t, r), dtype=dtype, device=input.device)
+    for e in range(e_count):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        x = input[lo:hi]
+        acc = _forward_base(x, expert_weight(weight, e), fmt, n, fwd)
+        if has_lora:
+            h = _mm(x, lora_a[e].to(dtype)).to(dtype)
+            acc = acc + lora_scale * _mm(h, lora_b[e].to(dtype))
+            hidden[lo:hi] = h
+        out[lo:hi] = acc.to(dtype)
+    return out, hidden
+
+
+def grouped_lora_linear_backward_ref(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: Sequence[torch.Tensor],
+    weight_format: str | WeightFormat,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    lora_hidden: torch.Tensor | None,
+    lora_scale: float,
+    grad_input: str | Compute = "bf16",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """-> (grad_input (T, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight grad.
+
+    Per group e, with `t = bf16(g @ B_e)`: `grad_lora_b[e] = s * g^T @ hidden`, `grad_lora_a[e] =
+    s * t^T @ x` (FP32, then the factors' dtype), `grad_input = bf16(Q(g) @ Q(W_e) + s * t @ A_e)`.
+    An expert that got no token gets zero LoRA gradients.
+    """
+    fmt, dgrad = _weight_format(weight_format), _grouped_compute(grad_input, "grad_input")
+    t, k = input.shape
+    e_count = weight[0].shape[0]
+    n = grouped_out_features(weight, fmt, k)
+    has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
+    bounds = check_offsets(offsets, e_count, t)
+    dtype = input.dtype
+    dx = torch.empty_like(input)
+    grad_a = torch.zeros_like(lora_a) if has_lora else None
+    grad_b = torch.zeros_like(lora_b) if has_lora else None
+    for e in range(e_count):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        g, x = grad_output[lo:hi].to(dtype), input[lo:hi]
+        acc = _dgrad_base(g, expert_weight(weight, e), fmt, k, dgrad)
+        if has_lora:
+            a, b = lora_a[e].to(dtype), lora_b[e].to(dtype)
+            h = _mm(x, a).to(dtype) if lora_hidden is None else lora_hidden[lo:hi].to(dtype)
+            tg = (g.float() @ b.float()).to(dtype)
+            grad_b[e] = (lora_scale * (g.float().t() @ h.float())).to(lora_b.dtype)
+            grad_a[e] = (lora_scale * (tg.float().t() @ x.float())).to(lora_a.dtype)
+            acc = acc + lora_scale * (tg.float() @ a.float())
+        dx[lo:hi] = acc.to(dtype)
+    return dx, grad_a, grad_b
+
+
+def lora_factors_from_peft(lora_a_weight: torch.Tensor, lora_b_weight: torch.Tensor, num_experts: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `ParamWrapper` factors of a 3-D expert parameter -> `(A (E, r, K), B (E, N, r))`, views.
+
+    PEFT 0.21 (`target_parameters`) keeps one `nn.Linear` pair for all experts: `lora_A.weight
+    (r*E, K)` with expert e's rows at `e*r:(e+1)*r` (expert-major), and `lora_B.weight (N, r*E)`
+    with expert e's rank j at column `j*E + e` (rank-major). Its delta for expert e is
+    `scaling * B_e @ A_e` (`ParamWrapper.get_delta_factors`); tests/test_kernels_grouped.py pins this
+    against a PEFT-wrapped Qwen3-MoE block.
+    """
+    rk, k = lora_a_weight.shape
+    n = lora_b_weight.shape[0]
+    if rk % num_experts or lora_b_weight.shape[1] != rk:
+        raise ValueError(f"PEFT expert factors are lora_A (r*E, K) and lora_B (N, r*E) with E={num_experts}; "
+                         f"got {tuple(lora_a_weight.shape)} and {tuple(lora_b_weight.shape)}")
+    a = lora_a_weight.reshape(num_experts, rk // num_experts, k)
+    b = lora_b_weight.reshape(n, rk // num_experts, num_experts).permute(2, 0, 1)
+    return a, b
