@@ -1,0 +1,329 @@
+"""Grouped GEMM kernels for the experts of a MoE block: one launch per GEMM over all experts.
+
+`_grouped_lora_gemm_kernel` is `_lora_gemm_kernel` (lora_linear.py) with a tile schedule over
+groups: the tokens are sorted by expert, `offsets (E+1,)` bounds the groups, and each program
+finds its (expert, M tile) from `offsets` itself (`_group_tile`), so the launcher needs neither
+the group sizes on the host (no sync: the grid comes from T and E alone) nor a tile table built by
+another launch. The grid is an upper bound, `cdiv(T, BLOCK_M) + E` M tiles (each group adds at
+most one partial tile) times the N tiles; programs past the real tile count return at once.
+Each tile reads its expert's weight through the dense kernel's helpers: `_dequant_tile`
+(fp8_block, nf4, nvfp4 decoded in registers, bf16 MMA) and `_lora_epilogue` (the per-expert
+LoRA up-projection accumulated into the GEMM accumulator); `_tile_ids` gives the L2-friendly
+program order over the virtual (M tile, N tile) grid.
+
+One call of the grouped LoRA linear is three launches, as the dense op's Triton route:
+- forward: `hidden = x @ A_e^T` (this kernel with the bf16 `A (E, r, K)` as the weight, N = r),
+  then `out = x @ W_e^T + s * hidden @ B_e^T`;
+- dgrad: `gh = g @ B_e` (this kernel over `B^T` as a strided view), then
+  `grad_input = g @ W_e + s * gh @ A_e` with W read transposed (`TRANS_W`);
+- LoRA gradients: `_grouped_wgrad_kernel`, one program per (expert, tile of the (I, J) output)
+  looping over the expert's tokens: `grad_lora_b[e] = s g_e^T hidden_e`, `grad_lora_a[e] = s gh_e^T x_e`.
+
+Weight modes come from the dense variant table (`variants.variant(gemm, "bf16", format)`): the
+grouped kernel runs the bf16-compute row of each format (bf16, dequant fp8_block / nf4 / nvfp4).
+FP8 and NVFP4 MMAs are not built. Tested under the Triton interpreter only; not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from surogate.kernels import tuning
+from surogate.kernels.configs import block_r, interpreting
+from surogate.kernels.lora_linear import (
+    _dequant_tile,
+    _gemm_metadata,
+    _lora_epilogue,
+    _prescale,
+    _tile_ids,
+)
+from surogate.kernels.reference_grouped import grouped_out_features
+from surogate.kernels.variants import W_BF16, Gemm, variant
+from surogate.recipes.recipe import Compute, WeightFormat
+
+__all__ = ["grouped_lora_linear", "grouped_lora_linear_backward", "launch_grouped_gemm", "launch_grouped_wgrad"]
+
+
+@triton.jit
+def _group_tile(offsets_ptr, E, tile, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) of virtual M tile `tile`; expert >= E when past the last tile.
+
+    The groups' tile counts are summed in registers (E <= BLOCK_E lanes, one load of offsets); the
+    expert is the number of groups whose tiles all lie before `tile`. Empty groups have no tile,
+    so they are skipped; O(E) work per program, nothing written to memory.
+    """
+    e = tl.arange(0, BLOCK_E)
+    start = tl.load(offsets_ptr + e, mask=e < E, other=0)
+    end = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
+    tiles = tl.cdiv(end - start, BLOCK_M)
+    last = tl.cumsum(tiles, 0)  # tiles of groups 0..e
+    expert = tl.sum((last <= tile).to(tl.int32), 0)
+    here = e == expert
+    row0 = tl.sum(tl.where(here, start + (tile - (last - tiles)) * BLOCK_M, 0), 0)
+    row_end = tl.sum(tl.where(here, end, 0), 0)
+    return expert, row0, row_end
+
+
+@triton.jit(launch_metadata=_gemm_metadata)
+def _grouped_lora_gemm_kernel(
+    a_ptr, offsets_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, h_ptr, u_ptr, out_ptr,
+    M, N, K, R, E, Kw,
+    stride_am, stride_ak, stride_we, stride_w0, stride_w1, stride_wse, stride_ws0, stride_ws1,
+    stride_aux0e, stride_aux1e, stride_aux2e,
+    stride_hm, stride_hr, stride_ue, stride_un, stride_ur, stride_om, stride_on,
+    W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[t, N] = A[t, :K] W_e'[K, N] + H[t, :r] U_e[N, :r]^T for each row t of group e.
+
+    A is bf16 (M = T rows sorted by expert). W_e is expert e's slice of the stacked weight (its
+    own pointer offsets by `stride_*e`), in the dense kernel's coordinates: W_e' = W_e^T (N, K)
+    stored, or W_e itself when TRANS_W (dgrad). U_e is pre-scaled by lora_scale.
+    """
+    tiles_m = tl.cdiv(M, BLOCK_M) + E  # an upper bound: each group adds at most one partial tile
+    tile, pid_n = _tile_ids(tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    expert, row0, row_end = _group_tile(offsets_ptr, E, tile, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    e64 = expert.to(tl.int64)
+    w_ptr += e64 * stride_we
+    ws_ptr += e64 * stride_wse
+    aux0_ptr += e64 * stride_aux0e
+    aux1_ptr += e64 * stride_aux1e
+    aux2_ptr += e64 * stride_aux2e
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_end
+    mask_n = offs_n < N
+    rows_m = tl.where(mask_m, offs_m, 0).to(tl.int64)
+    cols_n = tl.where(mask_n, offs_n, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if W_MODE >= 3:  # dequantize in registers (the dense kernel's helper), then a bf16 MMA
+            if TRANS_W:
+                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, pid_n * BLOCK_N,
+                                  K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
+            else:
+                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, offs_n, k0,
+                                           N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
+            w = w.to(tl.bfloat16)
+        else:
+            if TRANS_W:
+                w_off = kk[:, None].to(tl.int64) * stride_w0 + offs_n[None, :] * stride_w1
+            else:
+                w_off = offs_n[None, :].to(tl.int64) * stride_w0 + kk[:, None] * stride_w1
+            w = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+
+    if HAS_LORA:
+        acc = _lora_epilogue(acc, h_ptr, u_ptr + e64 * stride_ue, rows_m, cols_n, mask_m, mask_n, R,
+                             stride_hm, stride_hr, stride_un, stride_ur, BLOCK_R, UPCAST)
+    out = out_ptr + rows_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(p_ptr, q_ptr, offsets_ptr, out_ptr, I, J, scale,
+                          stride_pt, stride_pi, stride_qt, stride_qj, stride_oe, stride_oi, stride_oj,
+                          UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[e] = scale * P[group e]^T @ Q[group e]: (I, J) per expert, FP32, summed over its tokens.
+
+    One program per (expert, I tile, J tile) walks the expert's rows; an empty group stores zeros.
+    The LoRA factor gradients are skinny (r = 16 on one side), so this is bound by reading P and Q.
+    """
+    e = tl.program_id(0)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < I
+    mask_j = offs_j < J
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        mask_t = rows < end
+        r64 = tl.where(mask_t, rows, 0).to(tl.int64)
+        p = tl.load(p_ptr + r64[:, None] * stride_pt + offs_i[None, :] * stride_pi,
+                    mask=mask_t[:, None] & mask_i[None, :], other=0.0)
+        q = tl.load(q_ptr + r64[:, None] * stride_qt + offs_j[None, :] * stride_qj,
+                    mask=mask_t[:, None] & mask_j[None, :], other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(tl.trans(p), q, acc)
+    out = out_ptr + e.to(tl.int64) * stride_oe + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj
+    tl.store(out, acc * scale, mask=mask_i[:, None] & mask_j[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    """The first `dims` strides of `t` (0 for a missing tensor or dim): a mode ignores them."""
+    if t is None:
+        return (0,) * dims
+    return tuple(t.stride(i) if i < t.dim() else 0 for i in range(dims))
+
+
+def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
+                        w_mode: int, trans_w: bool, n_out: int, hidden: torch.Tensor | None,
+                        up: torch.Tensor | None, lora_scale: float, *, aux: Sequence[torch.Tensor | None] = (None,) * 3,
+                        kw: int = 0, family: str) -> torch.Tensor:
+    """Run `_grouped_lora_gemm_kernel`: `a (T, K)` bf16 sorted by expert, `w` stacked `(E, ...)` in the
+    dense kernel's per-expert coordinates, `hidden (T, r)`, `up (E, n_out, r)` (any strides).
+
+    `w_scale` and the three `aux` tensors are stacked per expert too (dim 0 is E; the nf4 code
+    table included). `kw` is K for the flat nf4 layout. Returns `out (T, n_out)` bf16; no host sync.
+    """
+    T, K = a.shape
+    E = w.shape[0]
+    out = torch.empty((T, n_out), dtype=torch.bfloat16, device=a.device)
+    if T == 0 or n_out == 0:
+        return out
+    has_lora = hidden is not None
+    r = hidden.shape[1] if has_lora else 0
+    up = _prescale(up, lora_scale) if has_lora else None
+    dummy = out  # any pointer for an argument the mode ignores
+    ws = w_scale if w_scale is not None else dummy
+    aux0, aux1, aux2 = (t if t is not None else dummy for t in aux)
+    h = hidden if has_lora else dummy
+    u = up if has_lora else dummy
+    swe, sw0, sw1 = (w.stride(0), 0, 0) if w.dim() == 2 else _strides(w, 3)  # nf4: flat bytes per expert
+    swse, sws0, sws1 = _strides(w_scale, 3)
+    sue, sun, sur = _strides(up, 3)
+    run = tuning.runner(_grouped_lora_gemm_kernel, family, a.device, (w_mode, trans_w, has_lora))
+    run(lambda meta: ((triton.cdiv(T, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"]),),
+        a_ptr=a, offsets_ptr=offsets, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2,
+        h_ptr=h, u_ptr=u, out_ptr=out, M=T, N=n_out, K=K, R=r, E=E, Kw=kw,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=swe, stride_w0=sw0, stride_w1=sw1,
+        stride_wse=swse, stride_ws0=sws0, stride_ws1=sws1, stride_aux0e=_strides(aux[0], 1)[0],
+        stride_aux1e=_strides(aux[1], 1)[0], stride_aux2e=_strides(aux[2], 1)[0],
+        stride_hm=h.stride(0), stride_hr=h.stride(1) if has_lora else 0,
+        stride_ue=sue, stride_un=sun, stride_ur=sur, stride_om=out.stride(0), stride_on=out.stride(1),
+        W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, UPCAST=interpreting(), BLOCK_R=block_r(r),
+        BLOCK_E=triton.next_power_of_2(E))
+    return out
+
+
+# Fixed tiles of the LoRA-gradient kernel (not tuned yet): one side is the rank (<= 64 in one tile).
+_WGRAD_BLOCKS = {"BLOCK_T": 32, "BLOCK_I": 64, "BLOCK_J": 64}
+
+
+def launch_grouped_wgrad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, scale: float,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """`out[e] = scale * p[group e]^T @ q[group e]`, `(E, I, J)` in `out_dtype`: p (T, I), q (T, J)."""
+    I, J, E = p.shape[1], q.shape[1], offsets.shape[0] - 1
+    out = torch.empty((E, I, J), dtype=torch.float32, device=p.device)
+    if E == 0 or I == 0 or J == 0:
+        return out.to(out_dtype)
+    b = _WGRAD_BLOCKS
+    grid = (E, triton.cdiv(I, b["BLOCK_I"]), triton.cdiv(J, b["BLOCK_J"]))
+    _grouped_wgrad_kernel[grid](p, q, offsets, out, I, J, float(scale), p.stride(0), p.stride(1), q.stride(0),
+                                q.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                                UPCAST=interpreting(), **b)
+    return out.to(out_dtype)
+
+
+def _weight_operands(weight: Sequence[torch.Tensor], fmt: WeightFormat, k: int) -> dict:
+    """The grouped weight list as the kernel's (w, w_scale, aux, kw) arguments, per format."""
+    if fmt is WeightFormat.BF16:
+        return {"w": weight[0], "w_scale": None}
+    if fmt is WeightFormat.FP8_BLOCK:
+        return {"w": weight[0], "w_scale": weight[1]}
+    if fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
+        packed, block_scale, tensor_scale = weight
+        return {"w": packed, "w_scale": block_scale, "aux": (tensor_scale, None, None)}
+    packed, absmax_q, absmax_scale, absmax_offset, absmax_code = weight
+    return {"w": packed, "w_scale": absmax_code, "aux": (absmax_q, absmax_scale, absmax_offset), "kw": k}
+
+
+def _checked(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.Tensor], fmt: WeightFormat,
+             compute: str | Compute, gemm: Gemm) -> tuple[int, int, int]:
+    """(E, N, K) after the checks that need no host sync (the offsets' values are trusted)."""
+    if Compute(compute) is not Compute.BF16:
+        raise ValueError(f"the grouped kernels run bf16 compute only (weights dequantized in registers); "
+                         f"got {Compute(compute).value!r}: FP8 / NVFP4 grouped MMAs are not built (docs/moe.md)")
+    variant(gemm, Compute.BF16, fmt)  # raises for a format without a bf16-compute kernel (fp8_row)
+    if input.dim() != 2:
+        raise ValueError(f"want input (T, K) with tokens sorted by expert; got {tuple(input.shape)}")
+    e, k = weight[0].shape[0], input.shape[1]
+    if offsets.dtype != torch.int32 or offsets.shape != (e + 1,):
+        raise ValueError(f"want offsets int32 (E+1,) = ({e + 1},); got {offsets.dtype} {tuple(offsets.shape)}")
+    if triton.next_power_of_2(e) > 1024:
+        raise ValueError(f"{e} experts: the in-kernel tile schedule holds at most 1024 groups")
+    return e, grouped_out_features(weight, fmt, k), k
+
+
+def grouped_lora_linear(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.Tensor],
+                        weight_format: str | WeightFormat, lora_a: torch.Tensor | None,
+                        lora_b: torch.Tensor | None, lora_scale: float, forward: str | Compute = "bf16"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (output (T, N) bf16, lora_hidden (T, r)): `reference_grouped.grouped_lora_linear_ref` on Triton.
+
+    Two launches: the per-expert down-projection `hidden = x @ A_e^T` (the grouped kernel with A as
+    a bf16 weight), then the base GEMM with the up-projection `s * hidden @ B_e^T` in its epilogue.
+    """
+    fmt = WeightFormat(weight_format)
+    _, n, k = _checked(input, offsets, weight, fmt, forward, Gemm.OUTPUT)
+    x = input.to(torch.bfloat16)
+    has_lora = lora_a is not None and lora_b is not None
+    hidden = up = None
+    if has_lora:
+        a16 = lora_a.to(torch.bfloat16)
+        hidden = launch_grouped_gemm(x, offsets, a16, None, W_BF16, False, a16.shape[1], None, None, 1.0,
+                                     family="bf16")
+        up = lora_b.to(torch.bfloat16)
+    v = variant(Gemm.OUTPUT, Compute.BF16, fmt)
+    out = launch_grouped_gemm(x, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=n, hidden=hidden, up=up,
+                              lora_scale=lora_scale, family=v.family, **_weight_operands(weight, fmt, k))
+    return out, hidden if has_lora else x.new_empty((x.shape[0], 0))
+
+
+def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, offsets: torch.Tensor,
+                                 weight: Sequence[torch.Tensor], weight_format: str | WeightFormat,
+                                 lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+                                 lora_hidden: torch.Tensor | None, lora_scale: float,
+                                 grad_input: str | Compute = "bf16"
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """-> (grad_input (T, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight gradient.
+
+    Four launches: `gh = g @ B_e` (grouped kernel over B^T, a strided view), the LoRA factor
+    gradients (`_grouped_wgrad_kernel` twice), and the dgrad `g @ W_e + s * gh @ A_e` with the
+    weight read transposed and `A_e^T` (a view) as the epilogue's U.
+    """
+    fmt = WeightFormat(weight_format)
+    *_, k = _checked(input, offsets, weight, fmt, grad_input, Gemm.GRAD_INPUT)
+    g = grad_output.to(torch.bfloat16)
+    x = input.to(torch.bfloat16)
+    has_lora = lora_a is not None and lora_b is not None
+    grad_a = grad_b = gh = up = None
+    if has_lora:
+        b16, a16 = lora_b.to(torch.bfloat16), lora_a.to(torch.bfloat16)
+        gh = launch_grouped_gemm(g, offsets, b16.transpose(1, 2), None, W_BF16, False, b16.shape[2], None, None,
+                                 1.0, family="bf16")
+        if lora_hidden is None:
+            lora_hidden = launch_grouped_gemm(x, offsets, a16, None, W_BF16, False, a16.shape[1], None, None, 1.0,
+                                              family="bf16")
+        grad_b = launch_grouped_wgrad(g, lora_hidden.to(torch.bfloat16), offsets, lora_scale, lora_b.dtype)
+        grad_a = launch_grouped_wgrad(gh, x, offsets, lora_scale, lora_a.dtype)
+        up = a16.transpose(1, 2)  # U_e = A_e^T (K, r)
+    v = variant(Gemm.GRAD_INPUT, Compute.BF16, fmt)
+    dx = launch_grouped_gemm(g, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,
+                             lora_scale=lora_scale, family=v.family, **_weight_operands(weight, fmt, k))
+    return dx.to(input.dtype), grad_a, grad_b
+
