@@ -25,6 +25,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from surogate import moe
 from surogate.kernels.plan import plan
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
@@ -108,6 +109,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     swapped = _swap_base_layers(targets, rec, undo)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
+    for line in moe.swap_experts(peft_model, rec, undo):
+        report.note(line)
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
     ctx_options = {"horizontal": horizontal, "producer": producer}
@@ -221,6 +224,8 @@ class _Undo:
         self.peft_model = None
         self.had_peft_config = hasattr(model, "peft_config")
         self.swapped: list[tuple[nn.Module, nn.Module]] = []
+        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (owner, attribute, original module)
+        self.classes: list[tuple[nn.Module, type]] = []  # (module, its original class)
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.forwards = [(m, vars(m).get("forward", _MISSING)) for m in model.modules()]
         self.marked = [(m, vars(m).get(attention._ORIGINAL_ATTR, _MISSING)) for m in model.modules()]
@@ -235,6 +240,10 @@ class _Undo:
     def restore(self) -> None:
         for module, base in reversed(self.swapped):
             module.base_layer = base
+        for owner, attr, original in reversed(self.replaced):
+            setattr(owner, attr, original)
+        for module, cls in reversed(self.classes):
+            module.__class__ = cls
         for restore_list, attr in ((self.forwards, "forward"), (self.marked, attention._ORIGINAL_ATTR)):
             for module, value in restore_list:
                 if value is _MISSING:
@@ -291,6 +300,8 @@ def _lora_config(model: nn.Module, lora: Any):
     if not options["target_modules"]:
         raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
                          "lora={'target_modules': [...]} naming its linear layers")
+    if "target_parameters" not in options and moe.expert_modules(model):
+        options["target_parameters"] = moe.expert_target_parameters(model)  # one LoRA pair per expert
     options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
     return LoraConfig(task_type="CAUSAL_LM", **options)
 
@@ -334,6 +345,9 @@ def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
     else:
         planned = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(config, n)]
     available = ", ".join(short_linear_names(model)) or "none"
+    moe.check_target_parameters(model, getattr(config, "target_parameters", None))
+    if not planned and getattr(config, "target_parameters", None):
+        return planned  # LoRA on expert parameters only
     if not planned:
         raise ValueError(f"LoRA target_modules {_show(wanted)} match no layer of {type(model).__name__}; "
                          f"its linear layers: {available} (or target_modules='all-linear')")
@@ -341,7 +355,7 @@ def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
     if odd:
         raise ValueError(f"LoRA target {odd[0][0]} is a {type(odd[0][1]).__name__}, not a linear layer; name linear "
                          f"layers in target_modules: {available}")
-    if not isinstance(wanted, str):
+    if wanted is not None and not isinstance(wanted, str):
         missing = unmatched_targets(sorted(wanted), [n for n, _ in planned])
         if missing:
             warnings.warn(f"LoRA target_modules {missing} match no layer of {type(model).__name__}; LoRA goes on "

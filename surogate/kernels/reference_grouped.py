@@ -40,13 +40,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from surogate.kernels.reference_linear import (
-    _dgrad_base,  # the dense reference's per-format GEMMs, reused so the formats have one definition
-    _forward_base,
-    _weight_format,
+from surogate.kernels.reference_linear import (  # the dense reference's per-format GEMMs: one definition
+    dgrad_base,
+    forward_base,
     quantize_weight_ref,
 )
 from surogate.kernels.variants import WEIGHT_LISTS
+from surogate.kernels.variants import weight_format_of as _weight_format
 from surogate.recipes.recipe import Compute, WeightFormat
 
 __all__ = ["check_offsets", "expert_weight", "grouped_lora_linear_backward_ref", "grouped_lora_linear_ref",
@@ -165,7 +165,7 @@ def grouped_lora_linear_ref(
         if lo == hi:
             continue
         x = input[lo:hi]
-        acc = _forward_base(x, expert_weight(weight, e), fmt, n, fwd)
+        acc = forward_base(x, expert_weight(weight, e), fmt, n, fwd)
         if has_lora:
             h = _mm(x, lora_a[e].to(dtype)).to(dtype)
             acc = acc + lora_scale * _mm(h, lora_b[e].to(dtype))
@@ -207,7 +207,7 @@ def grouped_lora_linear_backward_ref(
         if lo == hi:
             continue
         g, x = grad_output[lo:hi].to(dtype), input[lo:hi]
-        acc = _dgrad_base(g, expert_weight(weight, e), fmt, k, dgrad)
+        acc = dgrad_base(g, expert_weight(weight, e), fmt, k, dgrad)
         if has_lora:
             a, b = lora_a[e].to(dtype), lora_b[e].to(dtype)
             h = _mm(x, a).to(dtype) if lora_hidden is None else lora_hidden[lo:hi].to(dtype)

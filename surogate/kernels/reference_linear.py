@@ -162,7 +162,7 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.float() @ b_t.float().t()
 
 
-def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int, forward: str,
+def forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int, forward: str,
                   input_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Q(input) @ Q(W).T in FP32, for a 2D input (M, K); `input_q` (checked, 2D) replaces Q(input)."""
     k = x2.shape[-1]
@@ -187,7 +187,7 @@ def _forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: in
     return _mm(quantize_nvfp4_ref(x2).dequantize(), w)
 
 
-def _dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str) -> torch.Tensor:
+def dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str) -> torch.Tensor:
     """Q(grad_output) @ Q(W) in FP32, for a 2D grad_output (M, N)."""
     n = g2.shape[-1]
     if grad_input is Compute.BF16:
@@ -258,7 +258,7 @@ def lora_linear_ref(
     xq = None if input_q is None else check_input_q(input_q, input, fmt, fwd)
     lead = input.shape[:-1]
     x2 = input.reshape(-1, k)
-    acc = _forward_base(x2, weight, fmt, n, fwd, xq)
+    acc = forward_base(x2, weight, fmt, n, fwd, xq)
     if bias is not None:
         acc = acc + bias.float()
     if not has_lora:
@@ -289,7 +289,7 @@ def lora_linear_backward_ref(
     has_lora = _check_lora(lora_a, lora_b, k, n)
     dtype = input.dtype
     g2 = grad_output.reshape(-1, n).to(dtype)
-    acc = _dgrad_base(g2, weight, fmt, k, dgrad)
+    acc = dgrad_base(g2, weight, fmt, k, dgrad)
     if not has_lora:
         return acc.to(dtype).reshape(input.shape), None, None, None
     li = (input if lora_input is None else lora_input).reshape(-1, k).to(dtype)

@@ -110,11 +110,17 @@ def parameter_counts(model: nn.Module, recipe: str | None = None) -> ParameterCo
         else:
             frozen += p.numel()
             frozen_bytes += p.numel() * p.element_size()
+    from surogate.ops.experts import EXPERT_PARAMETERS, SurogateExperts
+
     for module in model.modules():
         if isinstance(module, SurogateLinear):
             frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list())
             if module.weight is None:
                 frozen += module.in_features * module.out_features
+        elif isinstance(module, SurogateExperts) and module.weight_format != "bf16":  # bf16: the parameters above
+            for name in EXPERT_PARAMETERS:
+                frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list(name))
+            frozen += 3 * module.num_experts * module.hidden_size * module.intermediate_size  # (E, 2I, H) + (E, H, I)
     return ParameterCounts(trainable, frozen, frozen_bytes, recipe)
 
 
