@@ -375,7 +375,7 @@ def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int
     model = tps.build(size, system)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             fused=True)
-    vocab = tps.qwen3_config(size).vocab_size
+    vocab = tps.model_config(size).vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
     micro_step = tps.micro_step_fn(model, system, accum)

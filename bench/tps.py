@@ -5,9 +5,12 @@
 
 Each (model, system) runs in its own subprocess, so that one crash, OOM or compile cache does
 not leak into the next. Qwen3 models are built from their published configs with random
-weights (no download); LoRA r=16, alpha=32 on the 7 projections; batch 2 x seq 2048 packed
-(random token ids: throughput does not depend on the text), grad accumulation 4; AdamW.
-tokens/s = batch * seq * accum / median wall time of an optimizer step after warm-up.
+weights (no download), directly on the GPU in bf16; LoRA r=16, alpha=32 on the 7 projections;
+batch 2 x seq 2048 packed (random token ids: throughput does not depend on the text), grad
+accumulation 4; AdamW. tokens/s = batch * seq * accum / median wall time of an optimizer step after warm-up.
+Models: dense Qwen3 0.6B, 1.7B, 4B, 8B, 14B; MoE Qwen3-30B-A3B (LoRA on attention + every expert via PEFT
+target_parameters; peers hf_eager, hf_compile, with HF's grouped_mm experts). A worker that runs out of
+GPU memory is recorded as "OOM".
 Writes bench/results/tps.json (one record per measurement: model, system, recipe, emulated,
 tokens_per_s, peak_gib, first_step_s, losses, GPU, versions, commit), tps.md (with the speed-up over
 the best peer; emulated recipes labelled) and tps.png. Peers that cannot be imported are skipped
@@ -36,7 +39,23 @@ QWEN3 = {
     "8B": (4096, 12288, 36, 32, 8, False),
     "14B": (5120, 17408, 40, 40, 8, False),
 }
+# Qwen3 MoE configs (transformers.Qwen3MoeConfig fields): every layer sparse (no dense MLP layers).
+QWEN3_MOE = {
+    "30B-A3B": {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "tie_word_embeddings": False},
+}
+# LoRA of an MoE model: the attention projections, and each expert's slice of the fused 3-D expert weights
+# (PEFT target_parameters: one A/B pair per expert), since the experts are parameters, not nn.Linear.
+MOE_TARGETS = TARGETS[:4]
+MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEERS = ["hf_eager", "hf_compile", "liger", "bnb_nf4"]
+# Peers that only exist for dense models here, and why (a skipped (model, system), not a failure).
+MOE_UNSUPPORTED = {
+    "liger": "dense only here: build() applies Liger's dense-Qwen3 patch, not its Qwen3-MoE one",
+    "bnb_nf4": "dense only: bnb Linear4bit quantizes nn.Linear, the experts are fused 3-D parameters",
+}
 SUROGATE_RECIPES = ["bf16", "fp8", "qfp8", "qfp8-bf16", "qnf4", "fp4", "qfp4"]
 
 
@@ -49,10 +68,36 @@ def qwen3_config(size: str):
                        max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
 
 
-def lora_config():
-    """The LoRA every system of the benchmark trains (r=16 on TARGETS), so that they train the same thing."""
+def is_moe(size: str | None) -> bool:
+    return size in QWEN3_MOE
+
+
+def qwen3_moe_config(size: str):
+    """The MoE config, with HF's "grouped_mm" experts (one grouped GEMM over all experts). transformers 5.17+
+    defaults to it but silently falls back to the per-expert loop where it cannot; requested, it raises instead."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**QWEN3_MOE[size], vocab_size=151936, max_position_embeddings=32768,
+                          torch_dtype="bfloat16", experts_implementation="grouped_mm")
+
+
+def model_config(size: str):
+    """The config of any size of QWEN3 (dense) or QWEN3_MOE."""
+    if size in QWEN3:
+        return qwen3_config(size)
+    if size in QWEN3_MOE:
+        return qwen3_moe_config(size)
+    raise ValueError(f"unknown model {size!r}; known: {', '.join([*QWEN3, *QWEN3_MOE])}")
+
+
+def lora_config(size: str | None = None):
+    """The LoRA every system of the benchmark trains on `size` (r=16 on TARGETS; attention and experts for an
+    MoE model), so that they train the same thing."""
     from peft import LoraConfig
 
+    if is_moe(size):
+        return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MOE_TARGETS,
+                          target_parameters=MOE_TARGET_PARAMETERS, task_type="CAUSAL_LM")
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
@@ -96,13 +141,15 @@ def build(size: str, system: str):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    if unsupported(size, system):
+        raise ValueError(f"{system} on Qwen3-{size}: {unsupported(size, system)}")
     if system == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3
 
         apply_liger_kernel_to_qwen3()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(qwen3_config(size), torch_dtype=torch.bfloat16)
+    with torch.device("cuda"):  # allocated on the GPU in bf16: 30B-A3B's 61 GB never exist on the host
+        model = AutoModelForCausalLM.from_config(model_config(size), torch_dtype=torch.bfloat16)
     if system == "bnb_nf4":
         model = _to_nf4(model)
     if system.startswith("surogate:"):
@@ -111,8 +158,8 @@ def build(size: str, system: str):
         recipe, options = surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (worker), not a compile option
         # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.
-        return surogate.compile(model, recipe=recipe, lora=lora_config(), allow_emulation=True, **options)
-    model = get_peft_model(model, lora_config())
+        return surogate.compile(model, recipe=recipe, lora=lora_config(size), allow_emulation=True, **options)
+    model = get_peft_model(model, lora_config(size))
     if system == "hf_compile":
         model = torch.compile(model)
     return model
@@ -144,7 +191,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    vocab = qwen3_config(size).vocab_size
+    vocab = model_config(size).vocab_size
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
 
     micro_step = micro_step_fn(model, system, accum)
@@ -194,6 +241,26 @@ def available(system: str) -> str | None:
     return None
 
 
+def unsupported(size: str, system: str) -> str | None:
+    """None if `system` can train model `size`, else why not (MoE models: the peers that are dense only)."""
+    return MOE_UNSUPPORTED.get(system) if is_moe(size) else None
+
+
+OOM_SIGNS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """The error of a worker that failed: "OOM" when the GPU ran out of memory (a result: the system does not
+    fit this model and shape), else how it ended. Only the end of stderr counts (the final traceback), so that
+    an OOM caught and retried earlier (an autotuning candidate) does not mark a later, other failure."""
+    tail = stderr.strip()[-4000:]
+    if any(sign in tail for sign in OOM_SIGNS):
+        return "OOM"
+    if returncode < 0:
+        return f"killed by signal {-returncode}" + (" (host out of memory?)" if returncode == -9 else "")
+    return tail[-400:]
+
+
 PEER_RECIPES = {"hf_eager": "bf16", "hf_compile": "bf16", "liger": "bf16", "bnb_nf4": "nf4 (bitsandbytes)"}
 
 
@@ -224,15 +291,15 @@ def write_results(records: list[dict], skipped: dict[str, str], env: dict, out: 
     systems = sorted(dict.fromkeys(r["system"] for r in records), key=system_order)
     by = {(r["model"], r["system"]): r for r in records}
     emulated = {r["system"] for r in records if r.get("emulated")}
-    lines = [f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-             f"commit {env['commit']})", "", "tokens/s (peak GiB, first step s)", "",
+    lines = [(f"# Training throughput ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+              f"commit {env['commit']})"), "", "tokens/s (peak GiB, first step s)", "",
              "| model | " + " | ".join(s + (" (emulated)" if s in emulated else "") for s in systems) + " |",
              "|---|" + "---|" * len(systems)]
     for m in models:
         cells = []
         for s in systems:
             r = by.get((m, s))
-            cells.append("-" if r is None or "error" in r else
+            cells.append("-" if r is None else "OOM" if r.get("error") == "OOM" else "-" if "error" in r else
                          f"{r['tokens_per_s'] / 1e3:.1f}k ({r['peak_gib']:.1f}, {r['first_step_s']:.0f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Speed-up of each surogate recipe over the best peer measured in this run:", ""]
@@ -290,7 +357,7 @@ def _previous_records(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="0.6B", help=f"comma list of {', '.join(QWEN3)}")
+    p.add_argument("--models", default="0.6B", help=f"comma list of {', '.join([*QWEN3, *QWEN3_MOE])}")
     p.add_argument("--systems", default="all", help="comma list of peers and surogate:<recipe>, or 'all'")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -303,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the records already in --out/tps.json (a re-measured (model, system) replaces its own)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=args.seq, accum=args.accum)
+    shape = {"steps": args.steps, "warmup": args.warmup, "batch": args.batch, "seq": args.seq, "accum": args.accum}
 
     if args.worker:
         print(json.dumps(worker(*args.worker, **shape)))
@@ -311,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = PEERS + [f"surogate:{r}" for r in SUROGATE_RECIPES] if args.systems == "all" \
         else args.systems.split(",")
+    sizes = args.models.split(",")
+    for size in sizes:
+        model_config(size)  # an unknown size fails here, not in every worker
     env = environment()
     records, skipped = (_previous_records(args.out / "tps.json") if args.append else []), {}
     for system in systems:
@@ -318,25 +388,32 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             skipped[system] = why
             print(f"skip {system}: {why}", flush=True)
-    for size in args.models.split(","):
-        for system in [s for s in systems if s not in skipped]:
+    for size in sizes:
+        for system in [s for s in systems if s not in skipped and unsupported(size, s)]:
+            skipped[f"Qwen3-{size} {system}"] = unsupported(size, system)
+            print(f"skip Qwen3-{size} {system}: {unsupported(size, system)}", flush=True)
+    for size in sizes:
+        for system in [s for s in systems if s not in skipped and f"Qwen3-{size} {s}" not in skipped]:
             cmd = [sys.executable, __file__, "--worker", size, system] + \
                   [f"--{k}={v}" for k, v in shape.items()]
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
                 last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
                 record = json.loads(last) if done.returncode == 0 else \
-                    {"model": f"Qwen3-{size}", "system": system, "error": done.stderr.strip()[-400:]}
+                    {"model": f"Qwen3-{size}", "system": system, "error": failure(done.returncode, done.stderr)}
+                if record.get("error") == "OOM":  # the allocation that failed, and what was in use
+                    record["detail"] = done.stderr.strip().splitlines()[-1][-400:]
             except subprocess.TimeoutExpired:
                 record = {"model": f"Qwen3-{size}", "system": system, "error": f"timed out after {args.timeout}s"}
             record.update(env)
             record["recipe"], record["emulated"] = recipe_of(system)
             records = [r for r in records if (r["model"], r["system"]) != (record["model"], system)] + [record]
-            shown = record.get("error", "").splitlines()[-1:] if "error" in record else \
+            shown = (record["error"].splitlines() or [""])[-1] if "error" in record else \
                 f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB  first step " \
                 f"{record['first_step_s']:6.1f} s  loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}"
-            print(f"Qwen3-{size:5} {system:22} {shown}", flush=True)
+            print(f"Qwen3-{size:7} {system:22} {shown}", flush=True)
             write_results(records, skipped, env, args.out)
+    write_results(records, skipped, env, args.out)  # also when every (model, system) was skipped
     return 0
 
 
