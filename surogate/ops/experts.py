@@ -108,6 +108,21 @@ class SurogateExperts(nn.Module):
         a, b, scale = lora.get(name, (None, None, 1.0))
         return grouped_lora_linear(x, offsets, self.weight_list(name), self.weight_format, a, b, scale, self.compute)
 
+    @torch.no_grad()
+    def dequantize(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """The `(E, N, K)` stack `name` as the grouped GEMMs see it (exact for bf16, dequantized otherwise)."""
+        stack = getattr(self, name)
+        if stack is not None:
+            return stack.to(dtype)
+        e = self.num_experts
+        k = self.hidden_size if name == "gate_up_proj" else self.intermediate_size
+        device = self.weight_list(name)[0].device
+        # One grouped GEMM of every expert against the identity dequantizes through the op itself.
+        eye = torch.eye(k, dtype=torch.bfloat16, device=device).repeat(e, 1)
+        offsets = torch.arange(e + 1, device=device, dtype=torch.int32) * k
+        out = grouped_lora_linear(eye, offsets, self.weight_list(name), self.weight_format, compute=self.compute)
+        return out.view(e, k, -1).transpose(1, 2).contiguous().to(dtype)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"weight_format={self.weight_format}, compute={self.compute}")
