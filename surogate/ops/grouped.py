@@ -70,7 +70,7 @@ def _grouped_backward_op(grad_output: Tensor, input: Tensor, offsets: Tensor, we
     grads = reference_grouped.grouped_lora_linear_backward_ref(
         grad_output, input, offsets, weight, WeightFormat(weight_format), lora_a, lora_b, lora_hidden, lora_scale,
         Compute(grad_input))
-    return tuple(_empty_if_none(g, grad_output) for g in grads)
+    return tuple(_empty_if_none(g, grad_output).contiguous() for g in grads)
 
 
 @_grouped_backward_op.register_kernel("cuda")
@@ -80,14 +80,15 @@ def _(grad_output, input, offsets, weight, weight_format, lora_a, lora_b, lora_h
     _assert_finite(grad_output, "the gradient")
     grads = grouped.grouped_lora_linear_backward(grad_output, input, offsets, weight, WeightFormat(weight_format),
                                                  lora_a, lora_b, lora_hidden, lora_scale, Compute(grad_input))
-    return tuple(_empty_if_none(g, grad_output) for g in grads)
+    return tuple(_empty_if_none(g, grad_output).contiguous() for g in grads)
 
 
 @_grouped_backward_op.register_fake
 def _(grad_output, input, offsets, weight, weight_format, lora_a, lora_b, lora_hidden, lora_scale, grad_input):
-    return (torch.empty_like(input),
-            grad_output.new_empty(0) if lora_a is None else torch.empty_like(lora_a),
-            grad_output.new_empty(0) if lora_b is None else torch.empty_like(lora_b))
+    # Contiguous whatever the factors' strides (PEFT's B is a permuted view): both implementations return so.
+    return (input.new_empty(input.shape),
+            grad_output.new_empty(0) if lora_a is None else lora_a.new_empty(lora_a.shape),
+            grad_output.new_empty(0) if lora_b is None else lora_b.new_empty(lora_b.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
