@@ -297,11 +297,11 @@ def _lora_config(model: nn.Module, lora: Any):
     options = {**DEFAULT_LORA, **(lora or {})}
     if "target_modules" not in options:
         options["target_modules"] = _default_targets(model)
-    if not options["target_modules"]:
-        raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
-                         "lora={'target_modules': [...]} naming its linear layers")
     if "target_parameters" not in options and moe.expert_modules(model):
         options["target_parameters"] = moe.expert_target_parameters(model)  # one LoRA pair per expert
+    if not options["target_modules"] and not options.get("target_parameters"):
+        raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
+                         "lora={'target_modules': [...]} naming its linear layers")
     options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
     return LoraConfig(task_type="CAUSAL_LM", **options)
 

@@ -84,6 +84,12 @@ def _expert_grads(model) -> dict[str, torch.Tensor]:
             if p.requires_grad and ".experts." in n and p.grad is not None}
 
 
+# LoRA on the experts only: the dense layers stay as HF runs them (not swapped, not quantized), so the FP32
+# truth on the dequantized experts has exactly the compiled model's frozen operands.
+EXPERTS_ONLY = {"r": 8, "lora_alpha": 16, "init_lora_weights": False, "target_modules": [],
+                "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+
+
 def _truth(peft_model, compiled) -> torch.nn.Module:
     """PEFT eager in FP32 on the experts as the compiled model holds them (dequantized)."""
     model = copy.deepcopy(peft_model).float()
@@ -101,7 +107,7 @@ def _truth(peft_model, compiled) -> torch.nn.Module:
 def test_moe_model_on_cuda_follows_fp32_peft(name, recipe):
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(torch.bfloat16).cuda()
-    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    peft_model = _attach_lora(base, EXPERTS_ONLY)
     twin = copy.deepcopy(peft_model)
     compiled = surogate.compile(twin, recipe=recipe)
     truth = _truth(peft_model, compiled)
