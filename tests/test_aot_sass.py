@@ -141,9 +141,19 @@ def probe_builds(request) -> dict[tuple[str, str], Build]:
     return _build_all(_selected(request.session, "test_probe_gemm_emits_the_mma_class_of_the_arch_table"))
 
 
+# The MoE grouped kernels built on every arch by default (12 builds, ~7 s on two cores with a cold Triton
+# cache): a dequant-in-registers forward with the LoRA epilogue, the bf16 dgrad (W read transposed, the
+# widest tiles) and the factor-gradient kernel. The other weight modes and the LoRA factor GEMMs
+# (32 builds, ~20 s cold) are `slow`: pytest -m slow -k grouped tests/test_aot_sass.py.
+GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4", "grouped_grad_input_bf16", "grouped_grad_lora"})
+
+
 def _catalog_cases() -> list:
+    def marks(s: KernelSpec) -> tuple:
+        return (pytest.mark.slow,) if s.grouped and s.name not in GROUPED_DEFAULT else ()
+
     try:
-        return [pytest.param(s, a, id=f"{s.name}-{a}") for s in catalog.specs() for a in s.archs]
+        return [pytest.param(s, a, id=f"{s.name}-{a}", marks=marks(s)) for s in catalog.specs() for a in s.archs]
     except Exception as e:  # a kernel module that does not import: one failing case says why
         return [pytest.param(None, repr(e), id="catalog-import-error")]
 
@@ -201,7 +211,7 @@ def test_every_planned_kernel_is_in_the_catalog_with_the_plans_mma():
                 assert spec.expected_mma(arch) == g.mma, (g.kernel, arch)
                 assert recipe in spec.recipes
                 seen.add(g.kernel)
-    gemms = {s.name for s in catalog.specs() if s.precision is not None}
+    gemms = {s.name for s in catalog.specs() if s.precision is not None and not s.grouped}
     assert gemms == seen, "catalog GEMM kernels that no plan uses: " + ", ".join(sorted(gemms - seen))
 
 
@@ -233,6 +243,104 @@ def test_every_spec_gives_every_kernel_argument_a_type(arch):
         fn = _jit_function(request.fn) or request.fn  # interpreted: .fn is the Python function
         signature, constexprs = _full_signature(fn, request)
         assert list(signature) == list(inspect.signature(fn.fn).parameters)
+
+
+def test_grouped_kernels_are_the_variant_tables_bf16_rows_plus_the_lora_kernels():
+    """One grouped GEMM per bf16-compute kernel of the variant table (forward and dgrad), recipes by
+    their experts' format; the LoRA factor GEMMs and gradients for every recipe; bf16 MMAs on every arch."""
+    from surogate.kernels import variants as V
+    from surogate.ops.experts import experts_weight_format
+    from surogate.recipes import WeightFormat
+
+    grouped = {s.name: s for s in catalog.specs() if s.grouped}
+    want = {}
+    for gemm in (V.Gemm.OUTPUT, V.Gemm.GRAD_INPUT):
+        for fmt in WeightFormat:
+            if fmt is WeightFormat.FP8_ROW:
+                with pytest.raises(ValueError):
+                    V.variant(gemm, Compute.BF16, fmt)
+                continue
+            v = V.variant(gemm, Compute.BF16, fmt)
+            want.setdefault(f"grouped_{v.kernel}", (v, set()))[1].add(fmt)
+    every = set(names(include_aliases=False))
+    assert set(grouped) == set(want) | {"grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"}
+    for name, (v, formats) in want.items():
+        spec = grouped[name]
+        assert (spec.constexprs["W_MODE"], spec.constexprs["TRANS_W"], spec.constexprs["HAS_LORA"]) == \
+            (v.w_mode, v.trans_w, True), name
+        assert set(spec.recipes) == {r for r in every if experts_weight_format(r) in formats}, name
+    for name in ("grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"):
+        assert set(grouped[name].recipes) == every
+    for spec in grouped.values():
+        assert spec.precision is Compute.BF16 and spec.archs == ALL_ARCHS, spec.name
+        for arch in ALL_ARCHS:
+            assert spec.recipes_on(arch) == spec.recipes
+            assert spec.expected_mma(arch) == ARCHS[arch].mma_bf16
+
+
+_TRITON_TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.uint8": "*u8",
+                 "torch.float8_e4m3fn": "*fp8e4nv", "torch.int32": "*i32"}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "nvfp4", "nf4"])
+def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
+    """Every launch of the grouped op (forward and backward, launches recorded, none run) has a catalog
+    spec with its modes, its pointer types and the same integer arguments at 0 and at 1 (constexprs)."""
+    import torch
+
+    from surogate.kernels import grouped as G
+    from surogate.kernels import reference_grouped as rg
+    from surogate.kernels import tuning
+    from surogate.kernels import variants as V
+
+    launches = []
+    monkeypatch.setattr(tuning, "runner", lambda kernel, *a: lambda grid, **kw: launches.append(kw))
+    wgrad_args = list(inspect.signature(G._grouped_wgrad_kernel.fn).parameters)
+
+    class _Wgrad:
+        fn = G._grouped_wgrad_kernel.fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append({**dict(zip(wgrad_args, args)), **kw})
+
+    monkeypatch.setattr(G, "_grouped_wgrad_kernel", _Wgrad())
+    torch.manual_seed(0)
+    e, n, k, r = 3, 256, 192, 16
+    offsets = torch.tensor([0, 5, 5, 37], dtype=torch.int32)
+    x, g = torch.randn(37, k), torch.randn(37, n)
+    weight = rg.quantize_grouped_weight_ref(torch.randn(e, n, k), fmt)
+    a, b = torch.randn(e, r, k), torch.randn(e, n, r)
+    G.grouped_lora_linear(x, offsets, weight, fmt, a, b, 2.0)
+    G.grouped_lora_linear_backward(g, x, offsets, weight, fmt, a, b, None, 2.0)
+
+    w_mode = V.variant(V.Gemm.OUTPUT, Compute.BF16, fmt).w_mode
+    lora = {"grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"}
+    specs = [s for s in catalog.specs() if s.grouped and (s.name in lora or s.constexprs.get("W_MODE") == w_mode)]
+
+    def key(spec_or_kw):
+        if isinstance(spec_or_kw, KernelSpec):
+            s = spec_or_kw
+            ints, types = s.ints, dict(s.signature)
+            modes = tuple(s.constexprs.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA"))
+        else:
+            kw = spec_or_kw
+            ints = {n: v for n, v in kw.items() if isinstance(v, int) and not isinstance(v, bool)
+                    and n not in constexprs}
+            types = {n: _TRITON_TYPES[str(v.dtype)] for n, v in kw.items() if isinstance(v, torch.Tensor)}
+            modes = tuple(kw.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA"))
+        zero_one = ({n for n, v in ints.items() if v == 0}, {n for n, v in ints.items() if v == 1})
+        return modes, tuple(sorted(t for t in types.items() if t[1] != "fp32")), zero_one
+
+    constexprs = {n for f in (G._grouped_lora_gemm_kernel.fn, _Wgrad.fn)
+                  for n, p in inspect.signature(f).parameters.items() if "constexpr" in str(p.annotation)}
+    spec_keys = {s.name: key(s) for s in specs}
+    matched = set()
+    assert len(launches) == 7  # forward: hidden, base; backward: gh, hidden, 2 x wgrad, dgrad
+    for kw in launches:
+        hits = [name for name, sk in spec_keys.items() if sk == key(kw)]
+        assert hits, f"no catalog spec for the launch {key(kw)}; specs: {spec_keys}"
+        matched.update(hits)
+    assert matched == set(spec_keys)
 
 
 def _build(mma: dict[str, int], arch: str, stack: int = 0) -> Build:
@@ -302,8 +410,9 @@ def test_render_without_sass_lists_environment_recipes_and_every_kernel():
     for key in ("torch", "triton", "transformers", "peft", "cuda", "gpu"):
         assert f"\n  {key} " in text
     assert "recipes on sm_120" in text and "SASS not checked" in text
+    rows = {line.split()[0] for line in text.split("kernels on sm_120")[1].splitlines()[3:] if line.strip()}
     for spec in catalog.specs():
-        assert (spec.name in text) == ("sm_120" in spec.archs), spec.name
+        assert (spec.name in rows) == ("sm_120" in spec.archs), spec.name
     assert "grad_lora" in text and "cuBLAS" in text
     cpu = info.render("cpu")
     assert "no GPU here; pass --arch" in cpu and "reference" in cpu
@@ -325,6 +434,10 @@ def test_kernel_table_rows_from_builds(monkeypatch):
     assert rows["amax"].ok is True and "spills: 64 B stack" in rows["amax"].note
     assert rows["grad_lora"].ok is None and rows["grad_lora"].expected_mma == "HGMMA"
     assert "lora_linear_nvfp4" not in rows  # not run on sm_90: the dequant kernel emulates it
+    # MoE grouped kernels: the recipes whose experts they run (not in plan()), the arch's bf16 class
+    assert rows["grouped_lora_linear_dequant_nf4"].recipes == ("qnf4",)
+    assert rows["grouped_grad_lora"].recipes == tuple(names(include_aliases=False))
+    assert rows["grouped_grad_lora"].expected_mma == "HGMMA" and "expected HGMMA" in rows["grouped_grad_lora"].note
 
 
 # ------------------------------------------------------------ tier 2: probes, compiled

@@ -1,10 +1,11 @@
 """The catalog of surogate's Triton kernels, as ahead-of-time builds see them.
 
-Each `KernelSpec` names one kernel specialization (the names `plan()` reports for GEMMs), the
-argument types and representative constexprs (tiles from the kernel's own config function,
-LLM-sized integer arguments), the recipes it serves and the MMA instruction class it must
-compile to on each arch. `surogate info` and tests/test_aot_sass.py read this list, so a
-kernel that falls to a slower MMA class on some arch is seen there.
+Each `KernelSpec` names one kernel specialization (the names `plan()` reports for GEMMs; the MoE
+grouped kernels, which `plan()` does not report, as `grouped_*`), the argument types and
+representative constexprs (tiles from the kernel's own config function, LLM-sized integer
+arguments), the recipes it serves and the MMA instruction class it must compile to on each arch.
+`surogate info` and tests/test_aot_sass.py read this list, so a kernel that falls to a slower
+MMA class on some arch is seen there.
 
 The kernel modules are imported by `specs()` on first use, never at import of this module.
 """
@@ -28,6 +29,9 @@ NOT_TRITON: Mapping[str, str] = MappingProxyType({
 # A representative LLM layer (Qwen3-8B-like: 4096 tokens, hidden 4096, LoRA r = 16): integer
 # arguments take these values, so Triton specializes them as its launcher would.
 SHAPE = MappingProxyType({"M": 4096, "N": 4096, "K": 4096, "R": 16})
+# The same for the MoE grouped kernels: Qwen3-30B-A3B's gate_up experts (128 experts, (2 x 768, 2048)
+# each) with 4096 tokens routed top-8, so T = 32768 rows sorted by expert; LoRA r = 16.
+GROUPED_SHAPE = MappingProxyType({"T": 32768, "E": 128, "N": 1536, "K": 2048, "R": 16})
 
 # MMA classes that must not appear on an arch: the older, slower instruction families
 # (an mma.sync on Hopper where wgmma was expected, a wgmma or mma.sync on datacenter Blackwell).
@@ -60,6 +64,15 @@ class KernelSpec:
     per_arch: Callable[[str], Mapping[str, Any]] | None = None  # further arch-dependent constexprs
     operands: str | None = None  # operand types in the SASS mnemonic, e.g. "E5M2.E4M3"
     what: str = ""
+    # A MoE grouped kernel (kernels/grouped.py): not a GEMM of plan(); `recipes` are those whose
+    # experts it runs on a MoE model, on every arch the kernel is built for.
+    grouped: bool = False
+
+    def recipes_on(self, arch: str) -> tuple[str, ...]:
+        """The recipes that run this kernel on `arch` (a dense GEMM: from the plan, refused plans excluded)."""
+        if self.precision is None or self.grouped:
+            return self.recipes
+        return tuple(recipe_usage(self.name).get(normalize_arch(arch), ()))
 
     def expected_mma(self, arch: str) -> str | None:
         """The MMA class this kernel must use on `arch` (from the arch table); None: no MMA."""
@@ -224,6 +237,108 @@ def _gemm_specs() -> list[KernelSpec]:
     return [spec(v) if v.a_mode is not None else nvfp4_spec(v) for v in first.values()]
 
 
+def _grouped_specs() -> list[KernelSpec]:
+    """The MoE grouped kernels (kernels/grouped.py), bf16 MMAs on every arch.
+
+    `_grouped_lora_gemm_kernel` once per kernel of the variant table's bf16-compute row of each weight
+    format (`variant(gemm, "bf16", fmt)`, as the launcher reads it: forward and dgrad, LoRA epilogue on),
+    named `grouped_<dense kernel>`; the same kernel without LoRA as the LoRA factor GEMMs run it (the
+    bf16 factor as the weight, N = r); and `_grouped_wgrad_kernel` (the factors' gradients). Pointer
+    types and strides are the launchers' for the stacked weight lists of `quantize_grouped_weight_ref`.
+    """
+    import triton
+
+    from surogate.kernels import grouped as G
+    from surogate.kernels import variants as V
+    from surogate.kernels.configs import block_r, get_configs
+    from surogate.ops.experts import experts_weight_format
+    from surogate.recipes import WeightFormat
+
+    t, e, n_w, k_w, r = (GROUPED_SHAPE[x] for x in ("T", "E", "N", "K", "R"))
+    every = tuple(names(include_aliases=False))
+    unused = "*bf16"  # the launcher passes the output as a dummy pointer for unused operands
+    # W_MODE -> types of (w, ws, aux0, aux1, aux2) and strides (dim 0 is the expert; a missing tensor's are 0)
+    # of w (e, 0, 1), ws (e, 0, 1) and aux0..2 (e) for a stack of E (n_w, k_w) weights.
+    layouts = {
+        V.W_BF16: (("*bf16", unused, unused, unused, unused), (n_w * k_w, k_w, 1), (0, 0, 0), (0, 0, 0)),
+        V.W_DEQ_FP8_BLOCK: (("*fp8e4nv", "*fp32", unused, unused, unused), (n_w * k_w, k_w, 1),
+                            (n_w * k_w // 128 ** 2, k_w // 128, 1), (0, 0, 0)),
+        V.W_DEQ_NVFP4: (("*u8", "*fp8e4nv", "*fp32", unused, unused), (n_w * k_w // 2, k_w // 2, 1),
+                        (n_w * k_w // 16, k_w // 16, 1), (1, 0, 0)),
+        # packed flat per expert; ws = the absmax code table (E, 256); aux = absmax_q, absmax_scale, absmax_offset
+        V.W_DEQ_NF4: (("*u8", "*fp32", "*u8", "*fp32", "*fp32"), (n_w * k_w // 2, 0, 0), (256, 1, 0),
+                      (n_w * k_w // 64, n_w * k_w // 64 // 256, 1)),
+    }
+
+    def runs_on(recipes: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(a for a in ARCHS if any(plan(x, a).support is not Support.REFUSED for x in recipes))
+
+    def gemm(name, w_mode, trans_w, has_lora, family, recipes, what, backward=None, w_strides=None) -> KernelSpec:
+        types, w_st, ws_st, aux_st = layouts[w_mode]
+        w_st = w_strides or w_st
+        backward = trans_w if backward is None else backward
+        m, n, k = (t, k_w, n_w) if backward else (t, n_w, k_w)  # backward: a = g (T, N), reduction over N
+        if not has_lora:  # a LoRA factor GEMM: a bf16 factor as the weight, out (T, r)
+            n = r
+        # U of the epilogue: forward lora_b (E, N, r); dgrad lora_a^T, a (E, K, r) view of (E, r, K).
+        u_st = ((r * k_w, 1, k_w) if backward else (n_w * r, r, 1)) if has_lora else (0, 0, 0)
+        signature = {"a_ptr": "*bf16", "offsets_ptr": "*i32", "w_ptr": types[0], "ws_ptr": types[1],
+                     "aux0_ptr": types[2], "aux1_ptr": types[3], "aux2_ptr": types[4], "h_ptr": "*bf16",
+                     "u_ptr": "*bf16", "out_ptr": "*bf16"}
+        ints = {"M": m, "N": n, "K": k, "R": r if has_lora else 0, "E": e,
+                "Kw": k_w if w_mode == V.W_DEQ_NF4 else 0, "stride_am": k, "stride_ak": 1,
+                "stride_we": w_st[0], "stride_w0": w_st[1], "stride_w1": w_st[2],
+                "stride_wse": ws_st[0], "stride_ws0": ws_st[1], "stride_ws1": ws_st[2],
+                "stride_aux0e": aux_st[0], "stride_aux1e": aux_st[1], "stride_aux2e": aux_st[2],
+                # without LoRA the launcher passes the output as H: its row stride, no column stride
+                "stride_hm": r if has_lora else n, "stride_hr": 1 if has_lora else 0,
+                "stride_ue": u_st[0], "stride_un": u_st[1], "stride_ur": u_st[2], "stride_om": n, "stride_on": 1}
+        constexprs = {"W_MODE": w_mode, "TRANS_W": trans_w, "HAS_LORA": has_lora, "UPCAST": False,
+                      "BLOCK_R": block_r(r if has_lora else 0), "BLOCK_E": triton.next_power_of_2(e)}
+        return KernelSpec(name, G._grouped_lora_gemm_kernel, MappingProxyType(signature),
+                          MappingProxyType(constexprs), recipes, Compute.BF16, archs=runs_on(recipes),
+                          ints=MappingProxyType(ints),
+                          config=lambda arch: _first_config(get_configs(family, arch), name, arch),
+                          operands="BF16", what=what, grouped=True)
+
+    specs: dict[str, KernelSpec] = {}
+    for g in (V.Gemm.OUTPUT, V.Gemm.GRAD_INPUT):
+        formats: dict[str, list[WeightFormat]] = {}  # kernel -> the formats it runs (nvfp4 and nvfp4_cached share)
+        variants: dict[str, V.Variant] = {}
+        for fmt in WeightFormat:
+            try:
+                v = V.variant(g, Compute.BF16, fmt)  # what kernels/grouped.py runs for this format
+            except ValueError:
+                continue  # no bf16-compute kernel (fp8_row): refused by the grouped op
+            variants.setdefault(v.kernel, v)
+            formats.setdefault(v.kernel, []).append(fmt)
+        for kernel, v in variants.items():
+            recipes = tuple(x for x in every if experts_weight_format(x) in formats[kernel])
+            if recipes:
+                name = f"grouped_{kernel}"
+                specs[name] = gemm(name, v.w_mode, v.trans_w, True, v.family, recipes,
+                                   f"MoE experts, {v.what}")
+    # The LoRA factor GEMMs (no epilogue): A (E, r, K) as stored; B^T, an (E, r, N) view of (E, N, r).
+    specs["grouped_lora_hidden"] = gemm(
+        "grouped_lora_hidden", V.W_BF16, False, False, "bf16", every,
+        "MoE experts: hidden = x @ A_e^T (no LoRA epilogue, N = r)", w_strides=(r * k_w, k_w, 1))
+    specs["grouped_lora_grad_hidden"] = gemm(
+        "grouped_lora_grad_hidden", V.W_BF16, False, False, "bf16", every,
+        "MoE experts: gh = g @ B_e over B^T, a strided view (no LoRA epilogue, N = r)", backward=True,
+        w_strides=(n_w * r, 1, r))
+    # grad_lora_b[e] = s g_e^T hidden_e: P = g (T, N), Q = hidden (T, r), out (E, N, r) FP32.
+    specs["grouped_grad_lora"] = KernelSpec(
+        "grouped_grad_lora", G._grouped_wgrad_kernel,
+        MappingProxyType({"p_ptr": "*bf16", "q_ptr": "*bf16", "offsets_ptr": "*i32", "out_ptr": "*fp32",
+                          "scale": "fp32"}),
+        MappingProxyType({"UPCAST": False}), every, Compute.BF16, archs=runs_on(every),
+        ints=MappingProxyType({"I": n_w, "J": r, "stride_pt": n_w, "stride_pi": 1, "stride_qt": r, "stride_qj": 1,
+                               "stride_oe": n_w * r, "stride_oi": r, "stride_oj": 1}),
+        config=lambda arch: dict(G._WGRAD_BLOCKS), operands="BF16", grouped=True,
+        what="MoE experts: LoRA factor gradients, one program per (expert, output tile) over its tokens")
+    return list(specs.values())
+
+
 def _quantizer_specs() -> list[KernelSpec]:
     """Quantize / dequantize kernels: no MMA; built for every arch."""
     from surogate.kernels import dequantize as dq
@@ -281,7 +396,7 @@ def _quantizer_specs() -> list[KernelSpec]:
 
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
-                  "surogate.kernels.transpose")
+                  "surogate.kernels.transpose", "surogate.kernels.grouped")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
@@ -296,7 +411,7 @@ def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
 @functools.lru_cache(maxsize=1)
 def specs() -> tuple[KernelSpec, ...]:
     """Every kernel in the catalog (imports the kernel modules on first call)."""
-    return tuple(_check_unique(_gemm_specs() + _quantizer_specs()))
+    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs()))
 
 
 def get(name: str) -> KernelSpec:

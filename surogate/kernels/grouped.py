@@ -21,7 +21,8 @@ One call of the grouped LoRA linear is three launches, as the dense op's Triton 
 
 Weight modes come from the dense variant table (`variants.variant(gemm, "bf16", format)`): the
 grouped kernel runs the bf16-compute row of each format (bf16, dequant fp8_block / nf4 / nvfp4).
-FP8 and NVFP4 MMAs are not built. Tested under the Triton interpreter only; not run on a GPU yet.
+FP8 and NVFP4 MMAs are not built. Tested under the Triton interpreter; compiled ahead of time for the
+four archs (kernels/catalog.py, their SASS MMA class checked in tests/test_aot_sass.py); not run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def kernel_table(arch: str, check_sass: bool = True, workers: int | None = None)
     builds = build_many([s.request(arch) for s in specs], workers=workers) if check_sass else [None] * len(specs)
     rows = []
     for spec, build in zip(specs, builds):
-        recipes = tuple(recipe_usage(spec.name).get(arch, ())) if spec.precision is not None else spec.recipes
+        recipes = spec.recipes_on(arch)  # a dense GEMM's from the plan; a MoE grouped kernel's: its experts'
         expected = spec.expected_mma(arch) or "none"
         precision = spec.precision.value if spec.precision is not None else "-"
         if build is None:
