@@ -3,6 +3,10 @@
 - `lora_linear.py`: the `surogate::lora_linear` custom op (and its backward) with autograd, fake
   tensors and shape checks; `prepare_weight` builds a weight list in any format.
 - `modules.py`: `SurogateLinear`, the frozen (possibly quantized) base layer put under PEFT's LoRA.
+- `grouped.py`: `surogate::grouped_lora_linear`, the experts of a MoE block as one op per GEMM, and
+  `prepare_expert_weights` (an (E, N, K) stack in any format).
+- `experts.py`: `SurogateExperts`, the frozen experts of a MoE block run as two grouped ops, with PEFT's
+  per-expert LoRA factors.
 - `loss.py`: the chunked LM head + cross-entropy that never holds FP32 logits.
 - `attention.py`: the "surogate" attention implementation (packed rows never attend across examples).
 - `formats.py`: `quantize(tensor, fmt)` into the numeric formats, for inspection and tests.
@@ -10,6 +14,7 @@
 Importing this package registers the ops; the other modules are imported where they are used.
 """
 
+from surogate.ops.grouped import grouped_lora_linear, prepare_expert_weights
 from surogate.ops.lora_linear import (
     check_finite,
     input_quantizer,
@@ -20,5 +25,5 @@ from surogate.ops.lora_linear import (
     validate,
 )
 
-__all__ = ["check_finite", "input_quantizer", "lora_linear", "out_features", "prepare_weight", "set_check_finite",
-           "validate"]
+__all__ = ["check_finite", "grouped_lora_linear", "input_quantizer", "lora_linear", "out_features", "prepare_expert_weights",
+           "prepare_weight", "set_check_finite", "validate"]

@@ -99,8 +99,11 @@ class SurogateExperts(nn.Module):
         x = hidden_states[order // top_k]
         gate_up = self._grouped(x, offsets, "gate_up_proj", lora)
         gate, up = gate_up.chunk(2, dim=-1)
-        out = self._grouped(self.act_fn(gate) * up, offsets, "down_proj", lora)
-        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        # The routing weight scales the down projection's input rather than its output (the GEMM is linear in
+        # each row): the backward then keeps the (T*k, I) input, not the (T*k, H) output, for the weight's
+        # gradient: 84 MB less per layer on Qwen3-30B-A3B at 4096 tokens.
+        weight = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(gate.dtype)
+        out = self._grouped(self.act_fn(gate) * up * weight, offsets, "down_proj", lora)
         unsorted = torch.empty_like(out).index_copy(0, order, out)
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
