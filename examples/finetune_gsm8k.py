@@ -53,7 +53,7 @@ def main() -> None:
     eval_set = build_split(args.data_dir, "test", "gsm8k", tokenizer, args.seq_len, packing=True,
                            limit=args.eval_samples)
     model = load_base_model(cfg, tokenizer).to(device)  # bf16 base (random weights for 'default')
-    model = surogate.compile(model, recipe=args.recipe, lora=lora_config(cfg))
+    model = surogate.compile(model, recipe=args.recipe, lora=lora_config(cfg, model))
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sched = make_scheduler(opt, "linear", args.warmup, args.steps)

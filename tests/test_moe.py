@@ -222,3 +222,21 @@ def test_grouped_op_equals_a_loop_of_dense_ops_with_peft_factor_layout():
     for got, ref in ((ga, ga2), (gb, gb2), (gx, gx2)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert not ga.view(e, r, k)[[1, 3]].any()  # idle experts get no gradient
+
+
+def test_the_trainer_puts_lora_on_the_experts_unless_told_otherwise():
+    from surogate.training.config import ConfigError, from_dict
+    from surogate.training.setup import lora_config
+
+    model = _base("qwen3_moe")
+    assert sorted(lora_config(from_dict({}), model).target_parameters) == ["experts.down_proj", "experts.gate_up_proj"]
+    assert not lora_config(from_dict({"lora_target_parameters": []}), model).target_parameters
+    assert not lora_config(from_dict({}), _base_dense()).target_parameters
+    with pytest.raises(ConfigError, match="lora_dropout: must be 0 with lora_target_parameters"):
+        from_dict({"lora_dropout": 0.1, "lora_target_parameters": ["experts.down_proj"]})
+    with pytest.raises(ConfigError, match="lora_target_parameters: expected a list"):
+        from_dict({"lora_target_parameters": 3})
+
+
+def _base_dense() -> torch.nn.Module:
+    return T.AutoModelForCausalLM.from_config(T.Qwen3Config(head_dim=16, **C)).to(torch.bfloat16)

@@ -68,6 +68,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_target_parameters: list[str] | None = None  # None: every expert of a MoE model; []: none
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     output_dir: str = "surogate-out"
     max_steps: int | None = None  # optimizer steps; wins over num_epochs
@@ -293,6 +294,17 @@ def _targets(key: str, v: Any) -> list[str]:
     return list(v)
 
 
+def _parameter_targets(key: str, v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{key}: expected a list of parameter names like [experts.gate_up_proj, "
+                          f"experts.down_proj], [] for none, or null for every expert of a MoE model; got {v!r}")
+    return list(v)
+
+
 def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
     for k in sorted(keys):
         close = difflib.get_close_matches(str(k), valid, n=1)
@@ -369,6 +381,10 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.lora_alpha = _float("lora_alpha", c.lora_alpha, 0.0)
     c.lora_dropout = _float("lora_dropout", c.lora_dropout, 0.0, 0.999)
     c.lora_target_modules = _targets("lora_target_modules", c.lora_target_modules)
+    c.lora_target_parameters = _parameter_targets("lora_target_parameters", c.lora_target_parameters)
+    if c.lora_target_parameters and c.lora_dropout:
+        raise ConfigError("lora_dropout: must be 0 with lora_target_parameters (PEFT cannot drop out the input of "
+                          "an expert's LoRA); set lora_dropout: 0, or lora_target_parameters: [] for no expert LoRA")
     c.output_dir = _output_dir("output_dir", c.output_dir)
     c.max_steps = _int("max_steps", c.max_steps, 1, optional=True)
     c.num_epochs = _float("num_epochs", c.num_epochs, 0.0)

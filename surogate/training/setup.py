@@ -84,14 +84,25 @@ def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.
     return model
 
 
-def lora_config(cfg: TrainConfig):
-    """The PEFT LoraConfig the run trains (rank, alpha, dropout, targets from `cfg`)."""
+def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
+    """The PEFT LoraConfig the run trains (rank, alpha, dropout, targets from `cfg`). With `model`, a MoE
+    model's experts get one LoRA pair each unless `lora_target_parameters` says otherwise."""
     from peft import LoraConfig
 
+    from surogate import moe
+
     targets = cfg.lora_target_modules
+    parameters = cfg.lora_target_parameters
+    if parameters is None:
+        parameters = moe.expert_target_parameters(model) if model is not None else []
+    if parameters and cfg.lora_dropout:
+        parameters = []  # PEFT refuses dropout on a targeted parameter: the experts then train no LoRA
+        print("note: lora_dropout > 0, so the MoE experts get no LoRA (PEFT cannot drop out an expert's "
+              "input); set lora_dropout: 0 to train them")
     return LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets), task_type="CAUSAL_LM",
+        target_parameters=list(parameters) or None,
     )
 
 
@@ -100,7 +111,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     from surogate.compiler import compile as surogate_compile
 
     options = {"checkpoint": True} if cfg.gradient_checkpointing else {}
-    return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg), arch=cfg.arch,
+    return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg, model), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation, **options)
 
 
