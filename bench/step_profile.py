@@ -45,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 GEMM_SUROGATE = "gemm (surogate fused)"
+GEMM_GROUPED = "gemm (surogate grouped, MoE experts)"
+ROUTING = "sort / gather / scatter (MoE routing; index ops)"
 GEMM_OTHER = "gemm (cuBLAS/other)"
 QUANT = "quantize/dequantize"
 ATTENTION = "attention"
@@ -54,20 +56,25 @@ ELEMENTWISE = "norm/rope/activation (fused elementwise)"
 MEMORY = "memory copies"
 OTHER = "other"
 IDLE = "launch gaps / idle"
-CATEGORIES = [GEMM_SUROGATE, GEMM_OTHER, QUANT, ATTENTION, LOSS, OPTIMIZER, ELEMENTWISE, MEMORY, OTHER, IDLE]
-GEMMS = {GEMM_SUROGATE, GEMM_OTHER}
+CATEGORIES = [GEMM_SUROGATE, GEMM_GROUPED, GEMM_OTHER, QUANT, ATTENTION, ROUTING, LOSS, OPTIMIZER, ELEMENTWISE, MEMORY,
+              OTHER, IDLE]
+GEMMS = {GEMM_SUROGATE, GEMM_GROUPED, GEMM_OTHER}
 
 # Kernel name -> category, case-insensitive, first match wins. Attention comes before the cuBLAS
 # GEMMs because cuDNN's SDPA kernels carry "wgmma" in their names; the elementwise category has two
 # rules around memory copies so that Inductor's "triton_poi_fused__to_copy_add..." stays elementwise
 # while ATen's "vectorized_elementwise_kernel<FillFunctor>" and "direct_copy_kernel" count as copies.
 RULE_TABLE: list[tuple[str, str]] = [
+    (GEMM_GROUPED, r"_grouped_lora_gemm|_grouped_wgrad"),
     (GEMM_SUROGATE, r"lora_gemm|_grad_input|_dgrad"),
     (ATTENTION, r"flash|fmha|attn|sdpa|attention"),
     (GEMM_OTHER, r"gemm|sm90_xmma|sm80_xmma|cutlass|nvjet|cublas|_scaled_mm|wgmma|triton_tem_fused_\w*mm"),
     (QUANT, r"quantize|dequant|amax"),
     (LOSS, r"cross_entropy|lm_head|nll|log_?softmax|_ce_"),
     (OPTIMIZER, r"adam|foreach|multi_tensor|fused_adam"),
+    # Sorting the (token, expert) pairs, group bounds, gathers and scatters of the rows; also Inductor's
+    # fused kernels named after them.
+    (ROUTING, r"sort|searchsorted|topk|index|gather|scatter|histc|bincount"),
     (ELEMENTWISE, r"triton_|rms|norm|rope|rotary|silu|gelu|swiglu"),
     (MEMORY, r"memcpy|memset|copy|cat|fill"),
     (ELEMENTWISE, r"mul|add|elementwise|vectorized|reduce"),

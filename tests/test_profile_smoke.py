@@ -44,6 +44,11 @@ VOCAB = 151936
     ("triton_red_fused__log_softmax_nll_loss_forward_1", bp.LOSS),
     ("Memcpy DtoD (Device -> Device)", bp.MEMORY),
     ("some_unknown_kernel", bp.OTHER),
+    ("_grouped_lora_gemm_kernel", bp.GEMM_GROUPED),
+    ("_grouped_wgrad_kernel", bp.GEMM_GROUPED),
+    ("void at::cuda::cub::DeviceRadixSortOnesweepKernel<...>", bp.ROUTING),
+    ("triton_poi_fused_index_mul_1", bp.ROUTING),
+    ("void at::native::indexFuncLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>", bp.ROUTING),
 ])
 def test_classify_real_kernel_names(name, category):
     assert bp.classify(name) == category
