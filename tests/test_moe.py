@@ -29,13 +29,21 @@ from surogate.ops.modules import parameter_counts
 
 C = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          vocab_size=128, max_position_embeddings=64)
-CONFIGS = {
-    "qwen3_moe": lambda: T.Qwen3MoeConfig(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                                          **C),
-    "mixtral": lambda: T.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **C),
-    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                                          shared_expert_intermediate_size=128, **C),
-}
+
+
+def moe_configs(sizes: dict, head_dim: int, experts: int, top_k: int, expert_size: int) -> dict:
+    """Builders of a Qwen3-MoE, a Mixtral (8 experts, top-2, as the real one) and a Qwen2-MoE config."""
+    return {
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(head_dim=head_dim, num_experts=experts, num_experts_per_tok=top_k,
+                                              moe_intermediate_size=expert_size, **sizes),
+        "mixtral": lambda: T.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **sizes),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=top_k,
+                                              moe_intermediate_size=expert_size,
+                                              shared_expert_intermediate_size=sizes["intermediate_size"], **sizes),
+    }
+
+
+CONFIGS = moe_configs(C, head_dim=16, experts=8, top_k=2, expert_size=64)
 LORA = {"r": 4, "lora_alpha": 8, "init_lora_weights": False}
 EXPERTS_ONLY = {**LORA, "target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
 

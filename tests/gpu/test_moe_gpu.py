@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import transformers as T  # noqa: E402
 
 import surogate  # noqa: E402
+from test_moe import moe_configs  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
 from surogate.kernels import grouped  # noqa: E402
 from surogate.kernels import reference_grouped as rg  # noqa: E402
@@ -70,13 +71,7 @@ def test_grouped_kernels_at_qwen3_30b_a3b_shapes(fmt, n, k):
 
 C = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          vocab_size=512, max_position_embeddings=512)
-CONFIGS = {
-    "qwen3_moe": lambda: T.Qwen3MoeConfig(head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
-                                          **C),
-    "mixtral": lambda: T.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **C),
-    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
-                                          shared_expert_intermediate_size=256, **C),
-}
+CONFIGS = moe_configs(C, head_dim=64, experts=16, top_k=4, expert_size=128)
 
 
 def _expert_grads(model) -> dict[str, torch.Tensor]:
