@@ -141,11 +141,13 @@ def probe_builds(request) -> dict[tuple[str, str], Build]:
     return _build_all(_selected(request.session, "test_probe_gemm_emits_the_mma_class_of_the_arch_table"))
 
 
-# The MoE grouped kernels built on every arch by default (12 builds, ~7 s on two cores with a cold Triton
-# cache): a dequant-in-registers forward with the LoRA epilogue, the bf16 dgrad (W read transposed, the
-# widest tiles) and the factor-gradient kernel. The other weight modes and the LoRA factor GEMMs
-# (32 builds, ~20 s cold) are `slow`: pytest -m slow -k grouped tests/test_aot_sass.py.
-GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4", "grouped_grad_input_bf16", "grouped_grad_lora"})
+# The MoE grouped kernels built on every arch by default (16 builds, ~9 s on two cores with a cold Triton
+# cache): a dequant-in-registers forward with the LoRA epilogue and x gathered by rows (as the MoE block
+# runs it), the bf16 dgrad (W read transposed, the widest tiles) and the factor-gradient kernel, plain
+# and gathered. The other weight modes, the ungathered forwards and the LoRA factor GEMMs are `slow`:
+# pytest -m slow -k grouped tests/test_aot_sass.py.
+GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4_gather", "grouped_grad_input_bf16", "grouped_grad_lora",
+                             "grouped_grad_lora_gather"})
 
 
 def _catalog_cases() -> list:
@@ -247,7 +249,8 @@ def test_every_spec_gives_every_kernel_argument_a_type(arch):
 
 def test_grouped_kernels_are_the_variant_tables_bf16_rows_plus_the_lora_kernels():
     """One grouped GEMM per bf16-compute kernel of the variant table (forward and dgrad), recipes by
-    their experts' format; the LoRA factor GEMMs and gradients for every recipe; bf16 MMAs on every arch."""
+    their experts' format; the LoRA factor GEMMs and gradients for every recipe; the kernels that read
+    x also gathered (`_gather`: the forwards, hidden, grad_lora_a's wgrad); bf16 MMAs on every arch."""
     from surogate.kernels import variants as V
     from surogate.ops.experts import experts_weight_format
     from surogate.recipes import WeightFormat
@@ -261,16 +264,22 @@ def test_grouped_kernels_are_the_variant_tables_bf16_rows_plus_the_lora_kernels(
                     V.variant(gemm, Compute.BF16, fmt)
                 continue
             v = V.variant(gemm, Compute.BF16, fmt)
-            want.setdefault(f"grouped_{v.kernel}", (v, set()))[1].add(fmt)
+            gathers = (False, True) if gemm is V.Gemm.OUTPUT else (False,)
+            for gather in gathers:
+                name = f"grouped_{v.kernel}" + ("_gather" if gather else "")
+                want.setdefault(name, (v, gather, set()))[2].add(fmt)
     every = set(names(include_aliases=False))
-    assert set(grouped) == set(want) | {"grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"}
-    for name, (v, formats) in want.items():
+    lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
+            "grouped_grad_lora_gather"}
+    assert set(grouped) == set(want) | lora
+    for name, (v, gather, formats) in want.items():
         spec = grouped[name]
-        assert (spec.constexprs["W_MODE"], spec.constexprs["TRANS_W"], spec.constexprs["HAS_LORA"]) == \
-            (v.w_mode, v.trans_w, True), name
+        assert tuple(spec.constexprs[m] for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER")) == \
+            (v.w_mode, v.trans_w, True, gather), name
         assert set(spec.recipes) == {r for r in every if experts_weight_format(r) in formats}, name
-    for name in ("grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"):
+    for name in lora:
         assert set(grouped[name].recipes) == every
+        assert grouped[name].constexprs["GATHER"] == name.endswith("_gather"), name
     for spec in grouped.values():
         assert spec.precision is Compute.BF16 and spec.archs == ALL_ARCHS, spec.name
         for arch in ALL_ARCHS:
@@ -284,8 +293,9 @@ _TRITON_TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.uin
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "nvfp4", "nf4"])
 def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
-    """Every launch of the grouped op (forward and backward, launches recorded, none run) has a catalog
-    spec with its modes, its pointer types and the same integer arguments at 0 and at 1 (constexprs)."""
+    """Every launch of the grouped op (forward and backward, without and with a `rows` gather index,
+    launches recorded, none run) has a catalog spec with its modes, its pointer types and the same
+    integer arguments at 0 and at 1 (constexprs); and every spec is launched."""
     import torch
 
     from surogate.kernels import grouped as G
@@ -312,22 +322,27 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
     a, b = torch.randn(e, r, k), torch.randn(e, n, r)
     G.grouped_lora_linear(x, offsets, weight, fmt, a, b, 2.0)
     G.grouped_lora_linear_backward(g, x, offsets, weight, fmt, a, b, None, 2.0)
+    # Gathered: 37 grouped rows read from 20 tokens through an int64 index (the launcher passes int32).
+    rows = torch.randint(0, 20, (37,))
+    G.grouped_lora_linear(x[:20], offsets, weight, fmt, a, b, 2.0, rows=rows)
+    G.grouped_lora_linear_backward(g, x[:20], offsets, weight, fmt, a, b, None, 2.0, rows=rows)
 
     w_mode = V.variant(V.Gemm.OUTPUT, Compute.BF16, fmt).w_mode
-    lora = {"grouped_lora_hidden", "grouped_lora_grad_hidden", "grouped_grad_lora"}
+    lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
+            "grouped_grad_lora_gather"}
     specs = [s for s in catalog.specs() if s.grouped and (s.name in lora or s.constexprs.get("W_MODE") == w_mode)]
 
     def key(spec_or_kw):
         if isinstance(spec_or_kw, KernelSpec):
             s = spec_or_kw
             ints, types = s.ints, dict(s.signature)
-            modes = tuple(s.constexprs.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA"))
+            modes = tuple(s.constexprs.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER"))
         else:
             kw = spec_or_kw
             ints = {n: v for n, v in kw.items() if isinstance(v, int) and not isinstance(v, bool)
                     and n not in constexprs}
             types = {n: _TRITON_TYPES[str(v.dtype)] for n, v in kw.items() if isinstance(v, torch.Tensor)}
-            modes = tuple(kw.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA"))
+            modes = tuple(kw.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER"))
         zero_one = ({n for n, v in ints.items() if v == 0}, {n for n, v in ints.items() if v == 1})
         return modes, tuple(sorted(t for t in types.items() if t[1] != "fp32")), zero_one
 
@@ -335,7 +350,8 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
                   for n, p in inspect.signature(f).parameters.items() if "constexpr" in str(p.annotation)}
     spec_keys = {s.name: key(s) for s in specs}
     matched = set()
-    assert len(launches) == 7  # forward: hidden, base; backward: gh, hidden, 2 x wgrad, dgrad
+    assert len(launches) == 14  # forward: hidden, base; backward: gh, hidden, 2 x wgrad, dgrad; twice
+    assert [kw["GATHER"] for kw in launches] == [False] * 7 + [True, True, False, True, False, True, False]
     for kw in launches:
         hits = [name for name, sk in spec_keys.items() if sk == key(kw)]
         assert hits, f"no catalog spec for the launch {key(kw)}; specs: {spec_keys}"

@@ -8,6 +8,8 @@ Three tiers:
   multiple of the tile, K a multiple of 64 but not of 128 (NF4 blocks whole, FP8 blocks partial).
   Floors are SQNR in dB as in test_kernels_gemm.py; under the interpreter a kernel's fp32 -> bf16
   store truncates instead of rounding to nearest, which is why its hidden is ~47 dB, not > 60;
+- a gathered input (`rows`, MoE routing: each token in top_k groups): the reference with rows is the
+  reference on `input[rows]` bit for bit, and the kernels reading through the index match it;
 - a tiny Qwen3-MoE wrapped by PEFT (`target_parameters`) against the reference given the same
   routing, forward and LoRA gradients: this pins PEFT's layout of the per-expert factors.
 """
@@ -107,6 +109,78 @@ def test_grouped_kernel_matches_reference(fmt, counts, r) -> None:
     assert not ga[empty].any() and not gb[empty].any()
 
 
+# ------------------------------------------------------------------ gathered input (rows)
+
+ROUTED_E, ROUTED_TOKENS, TOP_K = 6, 37, 2
+
+
+def _routed_case(fmt: str, r: int = 4, seed: int = 11):
+    """MoE routing: each of T tokens picks TOP_K distinct experts (skewed, experts 0 and 4 never), the
+    (token, expert) pairs sorted by expert give `rows = order // top_k` (S = T*k, every token in k groups)
+    and the offsets; the input has 3 more tokens that no expert gets. -> (tokens, rows int64, offsets,
+    weight list, A, B, grad_output (S, N))."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([0.0, 1.0, 4.0, 0.5, 0.0, 2.0])
+    idx = torch.multinomial(weights.expand(ROUTED_TOKENS, -1), TOP_K, generator=g)
+    expert_ids, order = torch.sort(idx.reshape(-1), stable=True)
+    counts = torch.bincount(expert_ids, minlength=ROUTED_E).tolist()
+    assert counts[0] == counts[4] == 0 and max(counts) > 32  # empty groups; one spans 3 M tiles, 2 T steps
+    _, offsets, wl, a, b, go = _case(counts, 96, 192, r, fmt, seed)
+    tokens = torch.randn(ROUTED_TOKENS + 3, 192, generator=g).bfloat16().to(DEVICE)
+    return tokens, (order // TOP_K).to(DEVICE), offsets, wl, a, b, go
+
+
+@pytest.mark.parametrize("pair", [("bf16", "bf16"), ("bf16", "nf4"), ("fp8", "fp8_row"), ("fp8", "fp8_block")],
+                         ids=lambda p: f"{p[0]}-{p[1]}")
+def test_reference_with_rows_is_the_reference_on_the_gathered_rows(pair) -> None:
+    compute, fmt = pair
+    tokens, rows, offsets, wl, a, b, go = _routed_case(fmt)
+    x = tokens[rows]  # what the index stands for: the (S, K) copy
+    y, h = rg.grouped_lora_linear_ref(tokens, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
+    y_g, h_g = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, compute)
+    assert y.shape == (rows.shape[0], 96) and h.shape == (rows.shape[0], 4)
+    assert torch.equal(y, y_g) and torch.equal(h, h_g)
+    for saved in (h, None):  # int32 rows too; without the saved hidden it is recomputed through rows
+        got = rg.grouped_lora_linear_backward_ref(go, tokens, offsets, wl, fmt, a, b, saved, 2.0, compute,
+                                                  rows=rows.int())
+        want = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_g, 2.0, compute)
+        assert got[0].shape == x.shape  # grad_input per grouped row: the caller sums it into the tokens
+        assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
+@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
+def test_grouped_kernel_reads_rows_through_the_index(fmt) -> None:
+    tokens, rows, offsets, wl, a, b, go = _routed_case(fmt)
+    s_rows = rows.shape[0]
+    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    y_r, h_r = rg.grouped_lora_linear_ref(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    assert y.shape == (s_rows, 96) and h.shape == (s_rows, 4)
+    assert sqnr(h, h_r) > FLOOR
+    assert sqnr(y, y_r) > FLOOR
+
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, h, 2.0, rows=rows.int())
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, tokens, offsets, wl, fmt, a, b, h_r, 2.0, rows=rows)
+    assert gi.shape == (s_rows, 192) and gi.dtype == tokens.dtype and ga.shape == a.shape and gb.shape == b.shape
+    assert sqnr(gi, gi_r) > FLOOR
+    assert sqnr(ga, ga_r) > FLOOR
+    assert sqnr(gb, gb_r) > FLOOR
+    assert not ga[[0, 4]].any() and not gb[[0, 4]].any()
+
+
+def test_grouped_kernel_with_rows_is_the_kernel_on_the_gathered_copy() -> None:
+    """Reading through the index changes which memory a tile loads, nothing else: bit for bit the
+    kernels on `tokens[rows]`, the recomputed hidden (no saved one) included (one format: the gather
+    is the A operand's, the same code for every weight format)."""
+    fmt = "bf16"
+    tokens, rows, offsets, wl, a, b, go = _routed_case(fmt, r=16)
+    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    y_g, h_g = grouped.grouped_lora_linear(tokens[rows], offsets, wl, fmt, a, b, 2.0)
+    assert torch.equal(y, y_g) and torch.equal(h, h_g)
+    got = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, None, 2.0, rows=rows)
+    want = grouped.grouped_lora_linear_backward(go, tokens[rows], offsets, wl, fmt, a, b, h_g, 2.0)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
 def test_each_row_takes_its_own_experts_weight() -> None:
     """Experts that differ by their LoRA only: expert e adds 400 to column 16 e (x = 1, A_e = 1/K, so
     hidden = 1 exactly); a tile mapped to the wrong expert, or a row left out, shows by its column."""
@@ -154,6 +228,20 @@ def test_refusals_say_what_to_do() -> None:
     nf4 = rg.quantize_grouped_weight_ref(torch.randn(2, 64, 96).bfloat16(), "nf4")
     with pytest.raises(ValueError, match="divisible by 64"):
         grouped.grouped_lora_linear(torch.randn(7, 96).bfloat16(), offsets, nf4, "nf4", None, None, 1.0)
+    # A gathered input: offsets end at S = len(rows), the index is integer and in range (the reference
+    # reads it; the kernels trust its values and check its type), grad_output has S rows.
+    rows = torch.tensor([0, 2, 2, 1, 0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"end at S = len\(rows\)=9"):
+        rg.grouped_lora_linear_ref(x[:3], offsets, wl, "bf16", a, b, 1.0, rows=rows)
+    with pytest.raises(ValueError, match=r"values in \[0, 3\)"):
+        rg.grouped_lora_linear_ref(x[:3], _offsets([4, 5]), wl, "bf16", a, b, 1.0, rows=rows + 1)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        rg.grouped_lora_linear_ref(x[:3], _offsets([4, 5]), wl, "bf16", a, b, 1.0, rows=rows.float())
+    with pytest.raises(ValueError, match="int32 or int64"):
+        grouped.grouped_lora_linear(x[:3], _offsets([4, 5]), wl, "bf16", a, b, 1.0, rows=rows.view(3, 3))
+    with pytest.raises(ValueError, match=r"grad_output \(9, N\)"):
+        grouped.grouped_lora_linear_backward(torch.randn(3, 64), x[:3], _offsets([4, 5]), wl, "bf16", a, b, None,
+                                             1.0, rows=rows)
 
 
 # ---------------------------------------------------------------------------- PEFT's semantics

@@ -245,6 +245,9 @@ def _grouped_specs() -> list[KernelSpec]:
     named `grouped_<dense kernel>`; the same kernel without LoRA as the LoRA factor GEMMs run it (the
     bf16 factor as the weight, N = r); and `_grouped_wgrad_kernel` (the factors' gradients). Pointer
     types and strides are the launchers' for the stacked weight lists of `quantize_grouped_weight_ref`.
+    The kernels that read x also come gathered (`GATHER`, x read through the int32 `rows` index, named
+    `..._gather`): the forward GEMMs, `grouped_lora_hidden` and the wgrad of grad_lora_a. Without a
+    gather the launchers pass `offsets` as the unused `rows_ptr`, so its type is `*i32` either way.
     """
     import triton
 
@@ -273,7 +276,8 @@ def _grouped_specs() -> list[KernelSpec]:
     def runs_on(recipes: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(a for a in ARCHS if any(plan(x, a).support is not Support.REFUSED for x in recipes))
 
-    def gemm(name, w_mode, trans_w, has_lora, family, recipes, what, backward=None, w_strides=None) -> KernelSpec:
+    def gemm(name, w_mode, trans_w, has_lora, family, recipes, what, backward=None, w_strides=None,
+             gather=False) -> KernelSpec:
         types, w_st, ws_st, aux_st = layouts[w_mode]
         w_st = w_strides or w_st
         backward = trans_w if backward is None else backward
@@ -282,7 +286,7 @@ def _grouped_specs() -> list[KernelSpec]:
             n = r
         # U of the epilogue: forward lora_b (E, N, r); dgrad lora_a^T, a (E, K, r) view of (E, r, K).
         u_st = ((r * k_w, 1, k_w) if backward else (n_w * r, r, 1)) if has_lora else (0, 0, 0)
-        signature = {"a_ptr": "*bf16", "offsets_ptr": "*i32", "w_ptr": types[0], "ws_ptr": types[1],
+        signature = {"a_ptr": "*bf16", "rows_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": types[0], "ws_ptr": types[1],
                      "aux0_ptr": types[2], "aux1_ptr": types[3], "aux2_ptr": types[4], "h_ptr": "*bf16",
                      "u_ptr": "*bf16", "out_ptr": "*bf16"}
         ints = {"M": m, "N": n, "K": k, "R": r if has_lora else 0, "E": e,
@@ -293,7 +297,7 @@ def _grouped_specs() -> list[KernelSpec]:
                 # without LoRA the launcher passes the output as H: its row stride, no column stride
                 "stride_hm": r if has_lora else n, "stride_hr": 1 if has_lora else 0,
                 "stride_ue": u_st[0], "stride_un": u_st[1], "stride_ur": u_st[2], "stride_om": n, "stride_on": 1}
-        constexprs = {"W_MODE": w_mode, "TRANS_W": trans_w, "HAS_LORA": has_lora, "UPCAST": False,
+        constexprs = {"W_MODE": w_mode, "TRANS_W": trans_w, "HAS_LORA": has_lora, "GATHER": gather, "UPCAST": False,
                       "BLOCK_R": block_r(r if has_lora else 0), "BLOCK_E": triton.next_power_of_2(e)}
         return KernelSpec(name, G._grouped_lora_gemm_kernel, MappingProxyType(signature),
                           MappingProxyType(constexprs), recipes, Compute.BF16, archs=runs_on(recipes),
@@ -318,24 +322,39 @@ def _grouped_specs() -> list[KernelSpec]:
                 name = f"grouped_{kernel}"
                 specs[name] = gemm(name, v.w_mode, v.trans_w, True, v.family, recipes,
                                    f"MoE experts, {v.what}")
+                if g is V.Gemm.OUTPUT:  # x read through the rows index (the dgrad reads g, per grouped row)
+                    specs[f"{name}_gather"] = gemm(f"{name}_gather", v.w_mode, v.trans_w, True, v.family, recipes,
+                                                   f"MoE experts, {v.what}, x gathered by rows", gather=True)
     # The LoRA factor GEMMs (no epilogue): A (E, r, K) as stored; B^T, an (E, r, N) view of (E, N, r).
-    specs["grouped_lora_hidden"] = gemm(
-        "grouped_lora_hidden", V.W_BF16, False, False, "bf16", every,
-        "MoE experts: hidden = x @ A_e^T (no LoRA epilogue, N = r)", w_strides=(r * k_w, k_w, 1))
+    for gather in (False, True):
+        name = "grouped_lora_hidden" + ("_gather" if gather else "")
+        specs[name] = gemm(
+            name, V.W_BF16, False, False, "bf16", every,
+            "MoE experts: hidden = x @ A_e^T (no LoRA epilogue, N = r)" + (", x gathered by rows" if gather else ""),
+            w_strides=(r * k_w, k_w, 1), gather=gather)
     specs["grouped_lora_grad_hidden"] = gemm(
         "grouped_lora_grad_hidden", V.W_BF16, False, False, "bf16", every,
         "MoE experts: gh = g @ B_e over B^T, a strided view (no LoRA epilogue, N = r)", backward=True,
         w_strides=(n_w * r, 1, r))
-    # grad_lora_b[e] = s g_e^T hidden_e: P = g (T, N), Q = hidden (T, r), out (E, N, r) FP32.
-    specs["grouped_grad_lora"] = KernelSpec(
-        "grouped_grad_lora", G._grouped_wgrad_kernel,
-        MappingProxyType({"p_ptr": "*bf16", "q_ptr": "*bf16", "offsets_ptr": "*i32", "out_ptr": "*fp32",
-                          "scale": "fp32"}),
-        MappingProxyType({"UPCAST": False}), every, Compute.BF16, archs=runs_on(every),
-        ints=MappingProxyType({"I": n_w, "J": r, "stride_pt": n_w, "stride_pi": 1, "stride_qt": r, "stride_qj": 1,
-                               "stride_oe": n_w * r, "stride_oi": r, "stride_oj": 1}),
-        config=lambda arch: dict(G._WGRAD_BLOCKS), operands="BF16", grouped=True,
-        what="MoE experts: LoRA factor gradients, one program per (expert, output tile) over its tokens")
+    def wgrad(name, i, j, gather, what) -> KernelSpec:
+        """P (T, I), Q (T, J) contiguous, out (E, I, J) FP32."""
+        return KernelSpec(
+            name, G._grouped_wgrad_kernel,
+            MappingProxyType({"p_ptr": "*bf16", "q_ptr": "*bf16", "rows_ptr": "*i32", "offsets_ptr": "*i32",
+                              "out_ptr": "*fp32", "scale": "fp32"}),
+            MappingProxyType({"GATHER": gather, "UPCAST": False}), every, Compute.BF16, archs=runs_on(every),
+            ints=MappingProxyType({"I": i, "J": j, "stride_pt": i, "stride_pi": 1, "stride_qt": j, "stride_qj": 1,
+                                   "stride_oe": i * j, "stride_oi": j, "stride_oj": 1}),
+            config=lambda arch: dict(G._WGRAD_BLOCKS), operands="BF16", grouped=True, what=what)
+
+    # grad_lora_b[e] = s g_e^T hidden_e: P = g (T, N), Q = hidden (T, r), out (E, N, r).
+    specs["grouped_grad_lora"] = wgrad(
+        "grouped_grad_lora", n_w, r, False,
+        "MoE experts: LoRA factor gradients, one program per (expert, output tile) over its tokens")
+    # grad_lora_a[e] = s gh_e^T x_e with x read through rows: P = gh (T, r), Q = the tokens (., K), out (E, r, K).
+    specs["grouped_grad_lora_gather"] = wgrad(
+        "grouped_grad_lora_gather", r, k_w, True,
+        "MoE experts: grad_lora_a = s gh_e^T x_e, x gathered by rows, one program per (expert, output tile)")
     return list(specs.values())
 
 

@@ -19,6 +19,15 @@ One call of the grouped LoRA linear is three launches, as the dense op's Triton 
 - LoRA gradients: `_grouped_wgrad_kernel`, one program per (expert, tile of the (I, J) output)
   looping over the expert's tokens: `grad_lora_b[e] = s g_e^T hidden_e`, `grad_lora_a[e] = s gh_e^T x_e`.
 
+Gathered input (`rows`, the `GATHER` constexpr): for top-k routing the grouped rows are the tokens
+repeated k times in expert order, `x = input[rows]`. Instead of that (S, K) copy (S = T*k rows, the
+largest activation of a MoE model, and kept for the backward), the kernels take the tokens `(T, K)`
+and the index `rows (S,)`: each A tile loads its BLOCK_M row ids once and reads the token rows
+through them (the forward base GEMM and `hidden = x @ A_e^T`; `grad_lora_a`'s x operand). Everything
+else is per grouped row as before: `out`, `hidden`, `g`, `grad_input` have S rows; the dgrad's A
+operand is the gradient, already per grouped row, so it needs no gather, and summing `grad_input`
+back into the tokens is the caller's (one `index_add_`).
+
 Weight modes come from the dense variant table (`variants.variant(gemm, "bf16", format)`): the
 grouped kernel runs the bf16-compute row of each format (bf16, dequant fp8_block / nf4 / nvfp4).
 FP8 and NVFP4 MMAs are not built. Tested under the Triton interpreter; compiled ahead of time for the
@@ -71,20 +80,22 @@ def _group_tile(offsets_ptr, E, tile, BLOCK_M: tl.constexpr, BLOCK_E: tl.constex
 
 @triton.jit(launch_metadata=_gemm_metadata)
 def _grouped_lora_gemm_kernel(
-    a_ptr, offsets_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, h_ptr, u_ptr, out_ptr,
+    a_ptr, rows_ptr, offsets_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, h_ptr, u_ptr, out_ptr,
     M, N, K, R, E, Kw,
     stride_am, stride_ak, stride_we, stride_w0, stride_w1, stride_wse, stride_ws0, stride_ws1,
     stride_aux0e, stride_aux1e, stride_aux2e,
     stride_hm, stride_hr, stride_ue, stride_un, stride_ur, stride_om, stride_on,
-    W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, GATHER: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[t, N] = A[t, :K] W_e'[K, N] + H[t, :r] U_e[N, :r]^T for each row t of group e.
 
-    A is bf16 (M = T rows sorted by expert). W_e is expert e's slice of the stacked weight (its
-    own pointer offsets by `stride_*e`), in the dense kernel's coordinates: W_e' = W_e^T (N, K)
-    stored, or W_e itself when TRANS_W (dgrad). U_e is pre-scaled by lora_scale.
+    A is bf16 (M = T rows sorted by expert); with GATHER, A row t is `a[rows[t]]` (M = len(rows)
+    grouped rows, `a` the unsorted tokens), everything else stays indexed by t. W_e is expert e's
+    slice of the stacked weight (its own pointer offsets by `stride_*e`), in the dense kernel's
+    coordinates: W_e' = W_e^T (N, K) stored, or W_e itself when TRANS_W (dgrad). U_e is pre-scaled
+    by lora_scale.
     """
     tiles_m = tl.cdiv(M, BLOCK_M) + E  # an upper bound: each group adds at most one partial tile
     tile, pid_n = _tile_ids(tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -105,12 +116,16 @@ def _grouped_lora_gemm_kernel(
     mask_n = offs_n < N
     rows_m = tl.where(mask_m, offs_m, 0).to(tl.int64)
     cols_n = tl.where(mask_n, offs_n, 0)
+    if GATHER:  # the tile's token ids, loaded once: A row t is token rows[t]
+        a_rows = tl.load(rows_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        a_rows = rows_m
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if W_MODE >= 3:  # dequantize in registers (the dense kernel's helper), then a bf16 MMA
             if TRANS_W:
@@ -139,12 +154,14 @@ def _grouped_lora_gemm_kernel(
 
 
 @triton.jit
-def _grouped_wgrad_kernel(p_ptr, q_ptr, offsets_ptr, out_ptr, I, J, scale,
+def _grouped_wgrad_kernel(p_ptr, q_ptr, rows_ptr, offsets_ptr, out_ptr, I, J, scale,
                           stride_pt, stride_pi, stride_qt, stride_qj, stride_oe, stride_oi, stride_oj,
-                          UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+                          GATHER: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+                          BLOCK_J: tl.constexpr):
     """out[e] = scale * P[group e]^T @ Q[group e]: (I, J) per expert, FP32, summed over its tokens.
 
     One program per (expert, I tile, J tile) walks the expert's rows; an empty group stores zeros.
+    With GATHER, Q row t is `q[rows[t]]` (the tokens through the gather index; P is per grouped row).
     The LoRA factor gradients are skinny (r = 16 on one side), so this is bound by reading P and Q.
     """
     e = tl.program_id(0)
@@ -161,7 +178,11 @@ def _grouped_wgrad_kernel(p_ptr, q_ptr, offsets_ptr, out_ptr, I, J, scale,
         r64 = tl.where(mask_t, rows, 0).to(tl.int64)
         p = tl.load(p_ptr + r64[:, None] * stride_pt + offs_i[None, :] * stride_pi,
                     mask=mask_t[:, None] & mask_i[None, :], other=0.0)
-        q = tl.load(q_ptr + r64[:, None] * stride_qt + offs_j[None, :] * stride_qj,
+        if GATHER:
+            q_rows = tl.load(rows_ptr + r64, mask=mask_t, other=0).to(tl.int64)
+        else:
+            q_rows = r64
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + offs_j[None, :] * stride_qj,
                     mask=mask_t[:, None] & mask_j[None, :], other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
@@ -184,17 +205,21 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
                         w_mode: int, trans_w: bool, n_out: int, hidden: torch.Tensor | None,
                         up: torch.Tensor | None, lora_scale: float, *, aux: Sequence[torch.Tensor | None] = (None,) * 3,
-                        kw: int = 0, family: str) -> torch.Tensor:
+                        kw: int = 0, family: str, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Run `_grouped_lora_gemm_kernel`: `a (T, K)` bf16 sorted by expert, `w` stacked `(E, ...)` in the
     dense kernel's per-expert coordinates, `hidden (T, r)`, `up (E, n_out, r)` (any strides).
 
     `w_scale` and the three `aux` tensors are stacked per expert too (dim 0 is E; the nf4 code
     table included). `kw` is K for the flat nf4 layout. Returns `out (T, n_out)` bf16; no host sync.
+    With `rows (S,)` (int32, or int64; values trusted) the grouped rows are `a[rows]`, read through
+    the index (GATHER): `a` is then the unsorted tokens, and `offsets`, `hidden` and `out` have S rows.
     """
     T, K = a.shape
     E = w.shape[0]
-    out = torch.empty((T, n_out), dtype=torch.bfloat16, device=a.device)
-    if T == 0 or n_out == 0:
+    gather = rows is not None
+    M = rows.shape[0] if gather else T
+    out = torch.empty((M, n_out), dtype=torch.bfloat16, device=a.device)
+    if M == 0 or n_out == 0:
         return out
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
@@ -207,16 +232,16 @@ def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
     swe, sw0, sw1 = (w.stride(0), 0, 0) if w.dim() == 2 else _strides(w, 3)  # nf4: flat bytes per expert
     swse, sws0, sws1 = _strides(w_scale, 3)
     sue, sun, sur = _strides(up, 3)
-    run = tuning.runner(_grouped_lora_gemm_kernel, family, a.device, (w_mode, trans_w, has_lora))
-    run(lambda meta: ((triton.cdiv(T, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"]),),
-        a_ptr=a, offsets_ptr=offsets, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2,
-        h_ptr=h, u_ptr=u, out_ptr=out, M=T, N=n_out, K=K, R=r, E=E, Kw=kw,
+    run = tuning.runner(_grouped_lora_gemm_kernel, family, a.device, (w_mode, trans_w, has_lora, gather))
+    run(lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"]),),
+        a_ptr=a, rows_ptr=rows if gather else offsets, offsets_ptr=offsets, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0,
+        aux1_ptr=aux1, aux2_ptr=aux2, h_ptr=h, u_ptr=u, out_ptr=out, M=M, N=n_out, K=K, R=r, E=E, Kw=kw,
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=swe, stride_w0=sw0, stride_w1=sw1,
         stride_wse=swse, stride_ws0=sws0, stride_ws1=sws1, stride_aux0e=_strides(aux[0], 1)[0],
         stride_aux1e=_strides(aux[1], 1)[0], stride_aux2e=_strides(aux[2], 1)[0],
         stride_hm=h.stride(0), stride_hr=h.stride(1) if has_lora else 0,
         stride_ue=sue, stride_un=sun, stride_ur=sur, stride_om=out.stride(0), stride_on=out.stride(1),
-        W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, UPCAST=interpreting(), BLOCK_R=block_r(r),
+        W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, GATHER=gather, UPCAST=interpreting(), BLOCK_R=block_r(r),
         BLOCK_E=triton.next_power_of_2(E))
     return out
 
@@ -226,17 +251,21 @@ _WGRAD_BLOCKS = {"BLOCK_T": 32, "BLOCK_I": 64, "BLOCK_J": 64}
 
 
 def launch_grouped_wgrad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, scale: float,
-                         out_dtype: torch.dtype) -> torch.Tensor:
-    """`out[e] = scale * p[group e]^T @ q[group e]`, `(E, I, J)` in `out_dtype`: p (T, I), q (T, J)."""
+                         out_dtype: torch.dtype, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`out[e] = scale * p[group e]^T @ q[group e]`, `(E, I, J)` in `out_dtype`: p (T, I), q (T, J).
+
+    With `rows (S,)` (values trusted) q's grouped rows are `q[rows]` (q the unsorted tokens, read
+    through the index) and p has S rows."""
     I, J, E = p.shape[1], q.shape[1], offsets.shape[0] - 1
     out = torch.empty((E, I, J), dtype=torch.float32, device=p.device)
     if E == 0 or I == 0 or J == 0:
         return out.to(out_dtype)
     b = _WGRAD_BLOCKS
     grid = (E, triton.cdiv(I, b["BLOCK_I"]), triton.cdiv(J, b["BLOCK_J"]))
-    _grouped_wgrad_kernel[grid](p, q, offsets, out, I, J, float(scale), p.stride(0), p.stride(1), q.stride(0),
-                                q.stride(1), out.stride(0), out.stride(1), out.stride(2),
-                                UPCAST=interpreting(), **b)
+    gather = rows is not None
+    _grouped_wgrad_kernel[grid](p, q, rows if gather else offsets, offsets, out, I, J, float(scale), p.stride(0),
+                                p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                                GATHER=gather, UPCAST=interpreting(), **b)
     return out.to(out_dtype)
 
 
@@ -261,7 +290,8 @@ def _checked(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.
                          f"got {Compute(compute).value!r}: FP8 / NVFP4 grouped MMAs are not built (docs/moe.md)")
     variant(gemm, Compute.BF16, fmt)  # raises for a format without a bf16-compute kernel (fp8_row)
     if input.dim() != 2:
-        raise ValueError(f"want input (T, K) with tokens sorted by expert; got {tuple(input.shape)}")
+        raise ValueError(f"want input (T, K): tokens sorted by expert, or the tokens a `rows` index gathers; "
+                         f"got {tuple(input.shape)}")
     e, k = weight[0].shape[0], input.shape[1]
     if offsets.dtype != torch.int32 or offsets.shape != (e + 1,):
         raise ValueError(f"want offsets int32 (E+1,) = ({e + 1},); got {offsets.dtype} {tuple(offsets.shape)}")
@@ -270,45 +300,66 @@ def _checked(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.
     return e, grouped_out_features(weight, fmt, k), k
 
 
+def _gather_index(rows: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor | None:
+    """`rows` as the kernels are built for it (the AOT catalog): contiguous int32. An int64 index is
+    converted here, once per call (S * 4 bytes, no host sync); its values are trusted, not read."""
+    if rows is None:
+        return None
+    if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"want rows a 1-D int32 or int64 index (S,) into the input's rows; got {rows.dtype} "
+                         f"{tuple(rows.shape)}")
+    if input.shape[0] >= 2 ** 31:
+        raise ValueError(f"a gathered input has at most 2^31 - 1 rows (int32 row ids); got {input.shape[0]}")
+    return rows.to(torch.int32).contiguous()
+
+
 def grouped_lora_linear(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.Tensor],
                         weight_format: str | WeightFormat, lora_a: torch.Tensor | None,
-                        lora_b: torch.Tensor | None, lora_scale: float, forward: str | Compute = "bf16"
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (output (T, N) bf16, lora_hidden (T, r)): `reference_grouped.grouped_lora_linear_ref` on Triton.
+                        lora_b: torch.Tensor | None, lora_scale: float, forward: str | Compute = "bf16", *,
+                        rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (output (S, N) bf16, lora_hidden (S, r)): `reference_grouped.grouped_lora_linear_ref` on Triton.
 
     Two launches: the per-expert down-projection `hidden = x @ A_e^T` (the grouped kernel with A as
     a bf16 weight), then the base GEMM with the up-projection `s * hidden @ B_e^T` in its epilogue.
+    S = T; with `rows (S,)` both read `x = input[rows]` through the index (no gathered copy).
     """
     fmt = WeightFormat(weight_format)
     _, n, k = _checked(input, offsets, weight, fmt, forward, Gemm.OUTPUT)
+    rows = _gather_index(rows, input)
     x = input.to(torch.bfloat16)
     has_lora = lora_a is not None and lora_b is not None
     hidden = up = None
     if has_lora:
         a16 = lora_a.to(torch.bfloat16)
         hidden = launch_grouped_gemm(x, offsets, a16, None, W_BF16, False, a16.shape[1], None, None, 1.0,
-                                     family="bf16")
+                                     family="bf16", rows=rows)
         up = lora_b.to(torch.bfloat16)
     v = variant(Gemm.OUTPUT, Compute.BF16, fmt)
     out = launch_grouped_gemm(x, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=n, hidden=hidden, up=up,
-                              lora_scale=lora_scale, family=v.family, **_weight_operands(weight, fmt, k))
-    return out, hidden if has_lora else x.new_empty((x.shape[0], 0))
+                              lora_scale=lora_scale, family=v.family, rows=rows, **_weight_operands(weight, fmt, k))
+    return out, hidden if has_lora else x.new_empty((out.shape[0], 0))
 
 
 def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor, offsets: torch.Tensor,
                                  weight: Sequence[torch.Tensor], weight_format: str | WeightFormat,
                                  lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
                                  lora_hidden: torch.Tensor | None, lora_scale: float,
-                                 grad_input: str | Compute = "bf16"
+                                 grad_input: str | Compute = "bf16", *, rows: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """-> (grad_input (T, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight gradient.
+    """-> (grad_input (S, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight gradient.
 
     Four launches: `gh = g @ B_e` (grouped kernel over B^T, a strided view), the LoRA factor
     gradients (`_grouped_wgrad_kernel` twice), and the dgrad `g @ W_e + s * gh @ A_e` with the
-    weight read transposed and `A_e^T` (a view) as the epilogue's U.
+    weight read transposed and `A_e^T` (a view) as the epilogue's U. S = T; with `rows (S,)`,
+    `grad_lora_a` (and a recomputed hidden) read `x = input[rows]` through the index, and
+    grad_input stays per grouped row, (S, K): the caller sums it into the tokens.
     """
     fmt = WeightFormat(weight_format)
     *_, k = _checked(input, offsets, weight, fmt, grad_input, Gemm.GRAD_INPUT)
+    rows = _gather_index(rows, input)
+    s_rows = input.shape[0] if rows is None else rows.shape[0]
+    if grad_output.dim() != 2 or grad_output.shape[0] != s_rows:
+        raise ValueError(f"want grad_output ({s_rows}, N), one row per grouped row; got {tuple(grad_output.shape)}")
     g = grad_output.to(torch.bfloat16)
     x = input.to(torch.bfloat16)
     has_lora = lora_a is not None and lora_b is not None
@@ -319,9 +370,9 @@ def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor,
                                  1.0, family="bf16")
         if lora_hidden is None:
             lora_hidden = launch_grouped_gemm(x, offsets, a16, None, W_BF16, False, a16.shape[1], None, None, 1.0,
-                                              family="bf16")
+                                              family="bf16", rows=rows)
         grad_b = launch_grouped_wgrad(g, lora_hidden.to(torch.bfloat16), offsets, lora_scale, lora_b.dtype)
-        grad_a = launch_grouped_wgrad(gh, x, offsets, lora_scale, lora_a.dtype)
+        grad_a = launch_grouped_wgrad(gh, x, offsets, lora_scale, lora_a.dtype, rows=rows)
         up = a16.transpose(1, 2)  # U_e = A_e^T (K, r)
     v = variant(Gemm.GRAD_INPUT, Compute.BF16, fmt)
     dx = launch_grouped_gemm(g, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,

@@ -16,6 +16,11 @@ bit for bit (tests/test_kernels_grouped.py checks it). Nothing about a format is
 Contract (docs/moe.md):
 - `input (T, K)`: tokens sorted by expert; `offsets (E+1,)` int32 with `offsets[0] == 0`,
   non-decreasing, `offsets[E] == T`: group e is rows `offsets[e]:offsets[e+1]`; a group may be empty.
+- Gathered input (`rows (S,)` int32 or int64): the grouped rows are `input[rows]`, so `input` is the
+  unsorted tokens `(T, K)` and row s of the grouped GEMM reads token `rows[s]` (top-k routing: S = T*k,
+  a token in k groups). Then `offsets[E] == S`, and everything per row (output, lora_hidden,
+  grad_output, grad_input) has S rows. By definition equal to passing `input[rows]` without `rows`;
+  the kernels read through the index instead of copying (docs/moe.md).
 - `weight`: the grouped weight list: the dense list of `weight_format` (docs/internals.md,
   `variants.WEIGHT_LISTS`) of every expert, each tensor stacked along a new leading dim E
   (`stack_expert_weights`). So `expert_weight(weight, e)` is exactly expert e's dense list.
@@ -49,8 +54,9 @@ from surogate.kernels.variants import WEIGHT_LISTS
 from surogate.kernels.variants import weight_format_of as _weight_format
 from surogate.recipes.recipe import Compute, WeightFormat
 
-__all__ = ["check_offsets", "expert_weight", "grouped_lora_linear_backward_ref", "grouped_lora_linear_ref",
-           "grouped_out_features", "lora_factors_from_peft", "quantize_grouped_weight_ref", "stack_expert_weights"]
+__all__ = ["check_offsets", "check_rows", "expert_weight", "grouped_lora_linear_backward_ref",
+           "grouped_lora_linear_ref", "grouped_out_features", "lora_factors_from_peft", "quantize_grouped_weight_ref",
+           "stack_expert_weights"]
 
 GROUPED_COMPUTES = (Compute.BF16, Compute.FP8)
 
@@ -99,14 +105,15 @@ def grouped_out_features(weight: Sequence[torch.Tensor], weight_format: str | We
     return weight[0].shape[1]
 
 
-def check_offsets(offsets: torch.Tensor, num_experts: int, tokens: int) -> list[int]:
-    """Validate the group boundaries (host side, so this syncs on a GPU); return them as ints."""
+def check_offsets(offsets: torch.Tensor, num_experts: int, tokens: int, what: str = "T") -> list[int]:
+    """Validate the group boundaries (host side, so this syncs on a GPU); return them as ints.
+    `tokens` is the number of grouped rows (`what`: T, or S = len(rows) for a gathered input)."""
     if offsets.dtype != torch.int32 or offsets.shape != (num_experts + 1,):
         raise ValueError(f"offsets must be int32 ({num_experts + 1},) = (E+1,); got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
     bounds = offsets.tolist()
     if bounds[0] != 0 or bounds[-1] != tokens or any(a > b for a, b in itertools.pairwise(bounds)):
-        raise ValueError(f"offsets must start at 0, not decrease and end at T={tokens}; got {bounds}")
+        raise ValueError(f"offsets must start at 0, not decrease and end at {what}={tokens}; got {bounds}")
     return bounds
 
 
@@ -130,6 +137,24 @@ def _grouped_compute(compute: str | Compute, what: str) -> Compute:
     return c
 
 
+def check_rows(rows: torch.Tensor | None, tokens: int) -> int | None:
+    """Validate a gather index (host side: reads its values); return S = len(rows), or None without one."""
+    if rows is None:
+        return None
+    if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+        raise ValueError(f"rows must be a 1-D int32 or int64 index (S,) into the T={tokens} input rows; got "
+                         f"{rows.dtype} {tuple(rows.shape)}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= tokens):
+        raise ValueError(f"rows must index the input's T={tokens} rows: values in [0, {tokens}); got "
+                         f"[{int(rows.min())}, {int(rows.max())}]")
+    return rows.shape[0]
+
+
+def _group_rows(input: torch.Tensor, rows: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of the grouped input: a slice, or with `rows` that group's gathered tokens only."""
+    return input[lo:hi] if rows is None else input[rows[lo:hi]]
+
+
 def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a @ b_t.T with FP32 operands and accumulation (as `reference_linear._mm`)."""
     return a.float() @ b_t.float().t()
@@ -144,18 +169,23 @@ def grouped_lora_linear_ref(
     lora_b: torch.Tensor | None,
     lora_scale: float,
     forward: str | Compute = "bf16",
+    *,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (output (T, N) in the input dtype, lora_hidden (T, r), saved for the backward).
+    """-> (output (S, N) in the input dtype, lora_hidden (S, r), saved for the backward).
 
     Per group e: `output = bf16(Q(x) @ Q(W_e)^T + s * bf16(x @ A_e^T) @ B_e^T)`, FP32 products
-    and accumulation, as `lora_linear_ref` on that group.
+    and accumulation, as `lora_linear_ref` on that group. S = T, or with `rows` S = len(rows) and
+    x = `input[rows]` (gathered one group at a time here).
     """
     fmt, fwd = _weight_format(weight_format), _grouped_compute(forward, "forward")
     t, k = input.shape
     e_count = weight[0].shape[0]
     n = grouped_out_features(weight, fmt, k)
     has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
-    bounds = check_offsets(offsets, e_count, t)
+    s_rows = check_rows(rows, t)
+    t = t if s_rows is None else s_rows
+    bounds = check_offsets(offsets, e_count, t, "T" if rows is None else "S = len(rows)")
     dtype = input.dtype
     r = lora_a.shape[1] if has_lora else 0
     out = torch.empty((t, n), dtype=dtype, device=input.device)
@@ -164,7 +194,7 @@ def grouped_lora_linear_ref(
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
-        x = input[lo:hi]
+        x = _group_rows(input, rows, lo, hi)
         acc = forward_base(x, expert_weight(weight, e), fmt, n, fwd)
         if has_lora:
             h = _mm(x, lora_a[e].to(dtype)).to(dtype)
@@ -185,28 +215,33 @@ def grouped_lora_linear_backward_ref(
     lora_hidden: torch.Tensor | None,
     lora_scale: float,
     grad_input: str | Compute = "bf16",
+    *,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """-> (grad_input (T, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight grad.
+    """-> (grad_input (S, K), grad_lora_a (E, r, K), grad_lora_b (E, N, r)); no base-weight grad.
 
     Per group e, with `t = bf16(g @ B_e)`: `grad_lora_b[e] = s * g^T @ hidden`, `grad_lora_a[e] =
     s * t^T @ x` (FP32, then the factors' dtype), `grad_input = bf16(Q(g) @ Q(W_e) + s * t @ A_e)`.
-    An expert that got no token gets zero LoRA gradients.
+    An expert that got no token gets zero LoRA gradients. With `rows`, x = `input[rows]` and
+    grad_input stays per grouped row, (S, K): the caller sums it into the tokens (`index_add_`).
     """
     fmt, dgrad = _weight_format(weight_format), _grouped_compute(grad_input, "grad_input")
     t, k = input.shape
     e_count = weight[0].shape[0]
     n = grouped_out_features(weight, fmt, k)
     has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
-    bounds = check_offsets(offsets, e_count, t)
+    s_rows = check_rows(rows, t)
+    t = t if s_rows is None else s_rows
+    bounds = check_offsets(offsets, e_count, t, "T" if rows is None else "S = len(rows)")
     dtype = input.dtype
-    dx = torch.empty_like(input)
+    dx = torch.empty((t, k), dtype=dtype, device=input.device)
     grad_a = torch.zeros_like(lora_a) if has_lora else None
     grad_b = torch.zeros_like(lora_b) if has_lora else None
     for e in range(e_count):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
-        g, x = grad_output[lo:hi].to(dtype), input[lo:hi]
+        g, x = grad_output[lo:hi].to(dtype), _group_rows(input, rows, lo, hi)
         acc = dgrad_base(g, expert_weight(weight, e), fmt, k, dgrad)
         if has_lora:
             a, b = lora_a[e].to(dtype), lora_b[e].to(dtype)

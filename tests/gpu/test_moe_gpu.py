@@ -69,6 +69,35 @@ def test_grouped_kernels_at_qwen3_30b_a3b_shapes(fmt, n, k):
     assert not ga[idle].any() and not gb[idle].any()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grouped_kernels_gather_rows_at_qwen3_30b_a3b_shapes(fmt):
+    """x read through `rows = order // top_k` (no gathered copy) at gate_up's shape, against the reference."""
+    tokens, e, top_k, r, n, k = 512, 128, 8, 16, 1536, 2048
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(tokens, e, generator=gen) + torch.linspace(2, -2, e)
+    logits[:, -3:] = -1e9  # experts that receive no token
+    expert_ids, order = torch.sort(logits.topk(top_k, dim=-1).indices.flatten(), stable=True)
+    counts = torch.bincount(expert_ids, minlength=e)
+    offsets = torch.tensor([0, *counts.cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    rows = (order // top_k).cuda()
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(e, n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    a = torch.randn(e, r, k, device="cuda", generator=g) / k ** 0.5
+    b = torch.randn(e, n, r, device="cuda", generator=g) * 0.1
+    go = torch.randn(rows.shape[0], n, device="cuda", generator=g).bfloat16()
+    wl = surogate.ops.grouped.prepare_expert_weights(w, fmt)
+    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    assert y.shape == (tokens * top_k, n)
+    assert sqnr(h, h_r) > FLOOR and sqnr(y, y_r) > FLOOR
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, None, 2.0, rows=rows)
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0, rows=rows)
+    assert gi.shape == (tokens * top_k, k)
+    assert sqnr(gi, gi_r) > FLOOR and sqnr(ga, ga_r) > FLOOR and sqnr(gb, gb_r) > FLOOR
+    assert not ga[-3:].any() and not gb[-3:].any()
+
+
 C = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          vocab_size=512, max_position_embeddings=512)
 CONFIGS = moe_configs(C, head_dim=64, experts=16, top_k=4, expert_size=128)
