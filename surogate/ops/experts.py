@@ -96,8 +96,8 @@ class SurogateExperts(nn.Module):
         # Group boundaries without a host sync (and so inside a CUDA graph): the first row of each expert.
         bounds = torch.arange(self.num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
         offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
-        x = hidden_states[order // top_k]
-        gate_up = self._grouped(x, offsets, "gate_up_proj", lora)
+        rows = (order // top_k).to(torch.int32)  # the kernels read each token through the index: no (T*k, H) copy
+        gate_up = self._grouped(hidden_states, offsets, "gate_up_proj", lora, rows)
         gate, up = gate_up.chunk(2, dim=-1)
         # The routing weight scales the down projection's input rather than its output (the GEMM is linear in
         # each row): the backward then keeps the (T*k, I) input, not the (T*k, H) output, for the weight's
@@ -107,9 +107,10 @@ class SurogateExperts(nn.Module):
         unsorted = torch.empty_like(out).index_copy(0, order, out)
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _grouped(self, x: Tensor, offsets: Tensor, name: str, lora: dict) -> Tensor:
+    def _grouped(self, x: Tensor, offsets: Tensor, name: str, lora: dict, rows: Tensor | None = None) -> Tensor:
         a, b, scale = lora.get(name, (None, None, 1.0))
-        return grouped_lora_linear(x, offsets, self.weight_list(name), self.weight_format, a, b, scale, self.compute)
+        return grouped_lora_linear(x, offsets, self.weight_list(name), self.weight_format, a, b, scale, self.compute,
+                                   rows)
 
     @torch.no_grad()
     def dequantize(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Tensor:
