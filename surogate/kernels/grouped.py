@@ -6,8 +6,8 @@ finds its (expert, M tile) from `offsets` itself (`_group_tile`), so the launche
 the group sizes on the host (no sync: the grid comes from T and E alone) nor a tile table built by
 another launch. The grid is an upper bound, `cdiv(T, BLOCK_M) + E` M tiles (each group adds at
 most one partial tile) times the N tiles; programs past the real tile count return at once.
-Each tile reads its expert's weight through the dense kernel's helpers: `_dequant_tile`
-(fp8_block, nf4, nvfp4 decoded in registers, bf16 MMA) and `_lora_epilogue` (the per-expert
+Each tile reads its expert's weight through the dense kernel's helpers: `_weight_tile`
+(bf16 as stored; fp8_block, nf4, nvfp4 decoded in registers for a bf16 MMA) and `_lora_epilogue` (the per-expert
 LoRA up-projection accumulated into the GEMM accumulator); `_tile_ids` gives the L2-friendly
 program order over the virtual (M tile, N tile) grid.
 
@@ -45,11 +45,11 @@ import triton.language as tl
 from surogate.kernels import tuning
 from surogate.kernels.configs import block_r, interpreting
 from surogate.kernels.lora_linear import (
-    _dequant_tile,
     _gemm_metadata,
     _lora_epilogue,
     _prescale,
     _tile_ids,
+    _weight_tile,
 )
 from surogate.kernels.reference_grouped import grouped_out_features
 from surogate.kernels.variants import W_BF16, Gemm, variant
@@ -127,20 +127,10 @@ def _grouped_lora_gemm_kernel(
         mask_k = kk < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if W_MODE >= 3:  # dequantize in registers (the dense kernel's helper), then a bf16 MMA
-            if TRANS_W:
-                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, pid_n * BLOCK_N,
-                                  K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
-            else:
-                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, offs_n, k0,
-                                           N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
-            w = w.to(tl.bfloat16)
-        else:
-            if TRANS_W:
-                w_off = kk[:, None].to(tl.int64) * stride_w0 + offs_n[None, :] * stride_w1
-            else:
-                w_off = offs_n[None, :].to(tl.int64) * stride_w0 + kk[:, None] * stride_w1
-            w = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        # The dense kernel's weight tile (dequantized in registers for W_MODE >= 3, then a bf16 MMA).
+        w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, pid_n * BLOCK_N, mask_k,
+                         mask_n, K, N, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE,
+                         TRANS_W)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
             a = a.to(tl.float32)
             w = w.to(tl.float32)

@@ -84,6 +84,29 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_row
 
 
 @triton.jit
+def _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, n0, mask_k, mask_n, K, N, Kw,
+                 stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 W_MODE: tl.constexpr, TRANS_W: tl.constexpr):
+    """The weight tile as [BLOCK_K, BLOCK_N] (reduction x output): dequantized in registers (in W's own
+    layout) to bf16 for W_MODE >= 3, else loaded as stored. TRANS_W (dgrad): W's rows are the reduction."""
+    if W_MODE >= 3:
+        if TRANS_W:
+            w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, n0,
+                              K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
+        else:
+            w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, offs_n, k0,
+                                       N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
+        w = w.to(tl.bfloat16)
+    else:
+        if TRANS_W:
+            w_off = kk[:, None].to(tl.int64) * stride_w0 + offs_n[None, :] * stride_w1
+        else:
+            w_off = offs_n[None, :].to(tl.int64) * stride_w0 + kk[:, None] * stride_w1
+        w = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, grouped GROUP_M tiles along M so that programs running
     together share weight tiles in L2 (the Triton matmul tutorial's ordering)."""
@@ -149,21 +172,9 @@ def _lora_gemm_kernel(
         mask_k = kk < K
         a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # The weight tile as [BLOCK_K, BLOCK_N] (reduction x output).
-        if W_MODE >= 3:  # dequantize in registers, in W's own layout, then a bf16 MMA
-            if TRANS_W:  # dgrad: W rows are the reduction, W columns the output
-                w = _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, pid_n * BLOCK_N,
-                                  K, N, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE)
-            else:
-                w = tl.trans(_dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, offs_n, k0,
-                                           N, K, Kw, stride_w0, stride_ws0, stride_ws1, BLOCK_N, BLOCK_K, W_MODE))
-            w = w.to(tl.bfloat16)
-        else:
-            if TRANS_W:
-                w_off = kk[:, None].to(tl.int64) * stride_w0 + offs_n[None, :] * stride_w1
-            else:
-                w_off = offs_n[None, :].to(tl.int64) * stride_w0 + kk[:, None] * stride_w1
-            w = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, pid_n * BLOCK_N, mask_k,
+                         mask_n, K, N, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE,
+                         TRANS_W)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
             a = a.to(tl.float32)
             w = w.to(tl.float32)
