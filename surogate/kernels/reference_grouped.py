@@ -160,6 +160,20 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.float() @ b_t.float().t()
 
 
+def _checked_groups(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.Tensor], fmt: WeightFormat,
+                    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, rows: torch.Tensor | None
+                    ) -> tuple[int, int, int, int, bool, list[int]]:
+    """(E, S grouped rows, N, K, has LoRA, group bounds) after every check of the arguments."""
+    t, k = input.shape
+    e_count = weight[0].shape[0]
+    n = grouped_out_features(weight, fmt, k)
+    has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
+    s_rows = check_rows(rows, t)
+    s = t if s_rows is None else s_rows
+    bounds = check_offsets(offsets, e_count, s, "T" if rows is None else "S = len(rows)")
+    return e_count, s, n, k, has_lora, bounds
+
+
 def grouped_lora_linear_ref(
     input: torch.Tensor,
     offsets: torch.Tensor,
@@ -179,13 +193,7 @@ def grouped_lora_linear_ref(
     x = `input[rows]` (gathered one group at a time here).
     """
     fmt, fwd = _weight_format(weight_format), _grouped_compute(forward, "forward")
-    t, k = input.shape
-    e_count = weight[0].shape[0]
-    n = grouped_out_features(weight, fmt, k)
-    has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
-    s_rows = check_rows(rows, t)
-    t = t if s_rows is None else s_rows
-    bounds = check_offsets(offsets, e_count, t, "T" if rows is None else "S = len(rows)")
+    e_count, t, n, k, has_lora, bounds = _checked_groups(input, offsets, weight, fmt, lora_a, lora_b, rows)
     dtype = input.dtype
     r = lora_a.shape[1] if has_lora else 0
     out = torch.empty((t, n), dtype=dtype, device=input.device)
@@ -226,13 +234,7 @@ def grouped_lora_linear_backward_ref(
     grad_input stays per grouped row, (S, K): the caller sums it into the tokens (`index_add_`).
     """
     fmt, dgrad = _weight_format(weight_format), _grouped_compute(grad_input, "grad_input")
-    t, k = input.shape
-    e_count = weight[0].shape[0]
-    n = grouped_out_features(weight, fmt, k)
-    has_lora = _check_lora(lora_a, lora_b, e_count, n, k)
-    s_rows = check_rows(rows, t)
-    t = t if s_rows is None else s_rows
-    bounds = check_offsets(offsets, e_count, t, "T" if rows is None else "S = len(rows)")
+    e_count, t, n, k, has_lora, bounds = _checked_groups(input, offsets, weight, fmt, lora_a, lora_b, rows)
     dtype = input.dtype
     dx = torch.empty((t, k), dtype=dtype, device=input.device)
     grad_a = torch.zeros_like(lora_a) if has_lora else None
