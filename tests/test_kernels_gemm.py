@@ -18,6 +18,7 @@ from surogate.kernels import configs, launch, variants
 from surogate.kernels import reference as ref
 from surogate.kernels.quantize import quantize_weight
 from surogate.recipes import ARCHS
+from numerics import sqnr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward/grad compute, weight format): every pair the kernel table has a variant for.
@@ -26,14 +27,6 @@ PAIRS = sorted({(v.compute.value, v.weight_format.value) for v in variants.VARIA
 FLOOR = 40.0
 NVFP4_SR_FLOOR = 12.0  # NVFP4 dgrad: stochastic rounding from another RNG than the reference's
 
-
-def sqnr(y: torch.Tensor, r: torch.Tensor) -> float:
-    y, r = y.double(), r.double()
-    assert torch.isfinite(y).all(), "non-finite result"
-    err = (y - r).pow(2).sum()
-    if err == 0:
-        return float("inf")
-    return float(10 * torch.log10(r.pow(2).sum().clamp_min(1e-300) / err))
 
 
 def _case(m: int, n: int, k: int, r: int, fmt: str, seed: int):

@@ -22,19 +22,12 @@ import torch
 from surogate.kernels import grouped
 from surogate.kernels import reference as ref
 from surogate.kernels import reference_grouped as rg
+from numerics import sqnr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = 40.0
 KERNEL_FORMATS = ("bf16", "fp8_block", "nf4", "nvfp4")
 
-
-def sqnr(y: torch.Tensor, r: torch.Tensor) -> float:
-    y, r = y.double(), r.double()
-    assert torch.isfinite(y).all(), "non-finite result"
-    err = (y - r).pow(2).sum()
-    if err == 0:
-        return float("inf")
-    return float(10 * torch.log10(r.pow(2).sum().clamp_min(1e-300) / err))
 
 
 def _offsets(counts: list[int]) -> torch.Tensor:

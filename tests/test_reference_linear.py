@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from surogate import recipes
 from surogate.kernels import reference as ref
+from numerics import sqnr
 
 SQNR_FLOOR = {  # recipe -> (output, grad_input)
     "bf16": (45.0, 45.0), "fp8": (28.0, 20.0), "qfp8": (28.0, 20.0), "qfp8-bf16": (31.0, 26.0),
@@ -24,9 +25,6 @@ SQNR_FLOOR = {  # recipe -> (output, grad_input)
 }
 SCALE = 2.0
 
-
-def sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
-    return 10 * math.log10(want.float().pow(2).sum() / (got.float() - want.float()).pow(2).sum().clamp(min=1e-30))
 
 
 def _problem(seed: int, lead=(2, 3), k=320, n=96, r=8, master=torch.float32):

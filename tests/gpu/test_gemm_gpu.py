@@ -16,6 +16,7 @@ from surogate.recipes import current_arch, get
 
 from surogate.kernels.plan import Support, plan
 from surogate.recipes.formats import GRAD_FP8_ELEMENT
+from numerics import sqnr
 
 pytestmark = pytest.mark.gpu
 
@@ -28,11 +29,6 @@ REF_FLOOR = {"output": 35.0, "grad_input": 30.0, "grad_lora_a": 30.0, "grad_lora
 ORACLE_FLOOR = 38.0
 SCALE = 2.0
 
-
-def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "non-finite output"
-    return float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum().clamp_min(1e-300)))
 
 
 def _runs(recipe: str) -> tuple[str, str]:

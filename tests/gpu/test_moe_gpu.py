@@ -23,17 +23,13 @@ from surogate.kernels import grouped  # noqa: E402
 from surogate.kernels import reference_grouped as rg  # noqa: E402
 from surogate.ops.experts import SurogateExperts  # noqa: E402
 from surogate.training.graphed_step import GraphedStep  # noqa: E402
+from numerics import sqnr  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 FORMATS = ("bf16", "fp8_block", "nf4", "nvfp4")
 FLOOR = 38.0  # dB against the reference: the same dequantized operands, FP32 accumulation in another order
 
-
-def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "non-finite result"
-    return float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum().clamp_min(1e-300)))
 
 
 def _routed(tokens: int, experts: int, top_k: int, seed: int) -> torch.Tensor:
