@@ -83,12 +83,12 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     if checkpoint:
         _check_checkpointable(model)
     config = _lora_config(model, lora)
-    _check_device(model, arch_name)
+    device = _target_device(model, arch_name)
     planned = _planned_targets(model, config)
     _check_dtype(planned, rec)
     undo = _Undo(model)
     try:
-        return _compile_checked(model, config, rec, arch_name, the_plan, undo, regional=regional, dynamic=dynamic,
+        return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
                                 checkpoint=checkpoint)
     except BaseException:
@@ -96,7 +96,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         raise
 
 
-def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo", *,
+def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
+                     device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: bool) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
@@ -106,11 +107,17 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         _check_frozen(peft_model, targets)
     report = CompileReport(recipe=rec.name, arch=arch_name,
                            backend="aot_eager (no Inductor)" if arch_name == CPU else "inductor")
-    swapped = _swap_base_layers(targets, rec, undo)
+    swapped = _swap_base_layers(targets, rec, undo, device)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
-    for line in moe.swap_experts(peft_model, rec, undo):
+    for line in moe.swap_experts(peft_model, rec, undo, device):
         report.note(line)
+    if device is not None:
+        # The targets went to the GPU one at a time, quantized on the way; now the rest (embeddings, norms,
+        # LoRA factors). The model's bf16 weights never were on the GPU all at once.
+        undo.moved = True
+        peft_model.to(device)
+        report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
     ctx_options = {"horizontal": horizontal, "producer": producer}
@@ -169,13 +176,20 @@ def _refuse_compiled(model: nn.Module) -> None:
                                    "(model._orig_mod) to surogate.compile")
 
 
-def _check_device(model: nn.Module, arch: str) -> None:
+def _target_device(model: nn.Module, arch: str) -> "torch.device | None":
+    """None when the model is where it runs; the CUDA device when a CPU model is to be moved there by
+    `compile` (targets quantized one at a time on the way, so a model whose bf16 weights do not fit the
+    GPU still trains there in a q-recipe)."""
     devices = {p.device.type for p in model.parameters()}
     if arch == CPU and devices != {"cpu"}:
         raise ValueError(f"arch='cpu' runs the reference backend but the model is on {sorted(devices)}; "
                          "move it with model.cpu() or pass arch=None")
     if arch != CPU and "cuda" not in devices:
-        raise ValueError(f"arch {arch} needs the model on a CUDA device; call model.cuda() first, or pass arch='cpu'")
+        if devices == {"cpu"} and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        raise ValueError(f"arch {arch} needs the model on a CUDA device (or on the CPU, to be moved by compile); "
+                         f"it is on {sorted(devices)}; pass arch='cpu' to run the reference on the CPU")
+    return None
 
 
 def _check_checkpointable(model: nn.Module) -> None:
@@ -232,6 +246,7 @@ class _Undo:
         self.configs = [(c, getattr(c, "_attn_implementation_internal", None), getattr(c, "use_cache", _MISSING))
                         for c in attention._configs(self.hf)]
         self.had_grad_hook = hasattr(self.hf, "_require_grads_hook")
+        self.moved = False  # compile moved a CPU model to the GPU
 
     def attach(self, model: nn.Module, config: Any) -> nn.Module:
         self.peft_model = _get_peft_model(model, config)
@@ -262,6 +277,8 @@ class _Undo:
                 vars(self.model).pop("peft_config", None)
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
+        if self.moved:
+            self.model.to("cpu")
 
 
 # --- preparation --------------------------------------------------------------------------------------
@@ -389,8 +406,10 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo: "_Undo | None" = None) -> int:
-    """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear)."""
+def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo: "_Undo | None" = None,
+                      device: "torch.device | None" = None) -> int:
+    """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear),
+    built on `device` when given (the model is being moved there)."""
     swapped = 0
     for name, module in targets:
         base = module.base_layer
@@ -401,7 +420,7 @@ def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo
         if recipe.name == "bf16" and type(base) is nn.Linear:
             continue  # traced as F.linear; subclasses (e.g. FalconLinear's `x @ W.T`) are swapped
 
-        module.base_layer = SurogateLinear.from_linear(base, recipe)
+        module.base_layer = SurogateLinear.from_linear(base, recipe, device)
         if undo is not None:
             undo.swapped.append((module, base))
         swapped += 1

@@ -70,11 +70,11 @@ def _chain(outer: nn.Module) -> list[nn.Module]:
     return chain
 
 
-def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None) -> list[str]:
+def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device: Any = None) -> list[str]:
     """Swap every experts module for a `SurogateExperts`; returns the report's lines.
 
     `undo` (compiler's `_Undo`) records each replaced module and swapped class, so a failure later
-    hands the model back as it came.
+    hands the model back as it came. `device`: build there (compile is moving a CPU model to the GPU).
     """
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -100,7 +100,7 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None) -> lis
             raise ValueError(f"{name} carries {len(adapters)} LoRA adapters {sorted(adapters)}; surogate trains one "
                              "adapter at a time on the experts")
         owner, owner_attr = (chain[-1], "base_layer") if chain else (parent, attr)
-        setattr(owner, owner_attr, SurogateExperts(experts, recipe))
+        setattr(owner, owner_attr, SurogateExperts(experts, recipe, device))
         if undo is not None:
             undo.replaced.append((owner, owner_attr, experts))
         if chain:

@@ -271,3 +271,11 @@ def test_grouped_op_reading_rows_through_an_index_equals_the_gathered_copy():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     for got, ref in zip(grads, grads2):
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3)  # token sums: FP32 here, bf16 adds there
+
+
+def test_a_cpu_model_for_a_gpu_arch_without_cuda_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _base("qwen3_moe")
+    with pytest.raises(ValueError, match="arch sm_90 needs the model on a CUDA device .*pass arch='cpu'"):
+        surogate.compile(model, recipe="qnf4", arch="sm_90")
+    assert not hasattr(model, "peft_config")

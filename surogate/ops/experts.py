@@ -63,7 +63,7 @@ class SurogateExperts(nn.Module):
     are the same tensors); q-recipes drop them.
     """
 
-    def __init__(self, experts: nn.Module, recipe: "str | Recipe") -> None:
+    def __init__(self, experts: nn.Module, recipe: "str | Recipe", device: "torch.device | None" = None) -> None:
         super().__init__()
         why = unsupported_experts(experts)
         if why:
@@ -75,7 +75,7 @@ class SurogateExperts(nn.Module):
         self.hidden_size, self.intermediate_size = experts.down_proj.shape[1], experts.down_proj.shape[2]
         self._n_parts = {}
         for name in EXPERT_PARAMETERS:
-            stack = getattr(experts, name).detach()
+            stack = getattr(experts, name).detach().to(device)  # one stack on the GPU at a time when moving
             parts = prepare_expert_weights(stack, self.weight_format)
             self._n_parts[name] = len(parts)
             for i, part in enumerate(parts):

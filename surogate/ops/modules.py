@@ -25,7 +25,8 @@ class SurogateLinear(nn.Module):
     (for merging and export); q-recipes drop it and `weight` is None.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, recipe: "str | Recipe") -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, recipe: "str | Recipe",
+                 device: "torch.device | None" = None) -> None:
         super().__init__()
         from surogate import ops
 
@@ -36,7 +37,8 @@ class SurogateLinear(nn.Module):
         self.weight_format = recipe.weight_format.value
         self.forward_precision = recipe.forward.value
         self.grad_input_precision = recipe.grad_input.value
-        weight = weight.detach()
+        weight = weight.detach().to(device)  # device: where it runs, when compile moves a CPU model there
+        bias = None if bias is None else bias.to(device)
         parts = ops.prepare_weight(weight, self.weight_format)
         self._n_parts = len(parts)
         self._part_dtypes = tuple(part.dtype for part in parts)
@@ -46,14 +48,16 @@ class SurogateLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, recipe: "str | Recipe") -> "SurogateLinear":
-        """Build from an `nn.Linear` or a GPT-2 style `Conv1D` (weight stored (in, out): transposed here)."""
+    def from_linear(cls, module: nn.Module, recipe: "str | Recipe",
+                    device: "torch.device | None" = None) -> "SurogateLinear":
+        """Build from an `nn.Linear` or a GPT-2 style `Conv1D` (weight stored (in, out): transposed here),
+        on `device` when given."""
         weight = module.weight
         if type(module).__name__ == "Conv1D":
             weight = weight.t().contiguous()
         elif not isinstance(module, nn.Linear):
             raise TypeError(f"cannot turn {type(module).__name__} into a SurogateLinear; expected nn.Linear or Conv1D")
-        return cls(weight, getattr(module, "bias", None), recipe)
+        return cls(weight, getattr(module, "bias", None), recipe, device)
 
     def weight_list(self) -> list[Tensor]:
         # surogate.distributed may hold an integer part as a float view of the same bytes (FSDP2 before

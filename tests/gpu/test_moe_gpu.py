@@ -165,3 +165,18 @@ def test_moe_step_is_captured_in_a_cuda_graph_and_follows_eager():
         (loss * 0.5).backward()
         expected.append(loss.detach())
     torch.testing.assert_close(losses, torch.stack(expected), rtol=5e-3, atol=0)
+
+
+def test_compile_moves_a_cpu_model_to_the_gpu_quantizing_each_target_on_the_way():
+    """A model whose bf16 weights would not fit the GPU: compile moves it there one target at a time."""
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(CONFIGS["qwen3_moe"]()).to(torch.bfloat16)  # on the CPU
+    twin = copy.deepcopy(base).cuda()
+    moved = surogate.compile(base, recipe="qnf4")
+    direct = surogate.compile(twin, recipe="qnf4")
+    assert all(t.is_cuda for t in [*moved.parameters(), *moved.buffers()])
+    assert "moved to cuda" in str(moved.surogate_report)
+    ids = torch.randint(1, 500, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(moved(input_ids=ids, labels=ids).loss, direct(input_ids=ids, labels=ids).loss,
+                                   rtol=1e-3, atol=0)
