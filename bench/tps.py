@@ -119,9 +119,12 @@ def _to_nf4(model):
 
 # Suffixes of a surogate system name, for ablations: "surogate:bf16+whole" compiles the whole backbone,
 # "+nograph" drives the model eagerly instead of through surogate.GraphedStep (the default),
-# "+ckpt" recomputes each decoder block in the backward (activation checkpointing).
+# "+ckpt" recomputes each decoder block in the backward (activation checkpointing), "+cpuload" builds the
+# model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the way
+# (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
-                    "ckpt": {"checkpoint": True}, "nograph": {"cuda_graphs": False}}
+                    "ckpt": {"checkpoint": True}, "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True}}
+DRIVER_OPTIONS = ("cuda_graphs", "cpu_load")  # read by build() / the worker, not surogate.compile options
 
 
 def surogate_system(system: str) -> tuple[str, dict]:
@@ -148,7 +151,9 @@ def build(size: str, system: str):
 
         apply_liger_kernel_to_qwen3()
     torch.manual_seed(0)
-    with torch.device("cuda"):  # allocated on the GPU in bf16: 30B-A3B's 61 GB never exist on the host
+    cpu_load = system.startswith("surogate:") and surogate_system(system)[1].get("cpu_load", False)
+    # Else allocated on the GPU in bf16: 30B-A3B's 61 GB never exist on the host.
+    with torch.device("cpu" if cpu_load else "cuda"):
         model = AutoModelForCausalLM.from_config(model_config(size), torch_dtype=torch.bfloat16)
     if system == "bnb_nf4":
         model = _to_nf4(model)
@@ -156,7 +161,8 @@ def build(size: str, system: str):
         import surogate
 
         recipe, options = surogate_system(system)
-        options.pop("cuda_graphs", None)  # a driver option (worker), not a compile option
+        for option in DRIVER_OPTIONS:
+            options.pop(option, None)
         # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.
         return surogate.compile(model, recipe=recipe, lora=lora_config(size), allow_emulation=True, **options)
     model = get_peft_model(model, lora_config(size))
