@@ -141,13 +141,15 @@ def probe_builds(request) -> dict[tuple[str, str], Build]:
     return _build_all(_selected(request.session, "test_probe_gemm_emits_the_mma_class_of_the_arch_table"))
 
 
-# The MoE grouped kernels built on every arch by default (16 builds, ~9 s on two cores with a cold Triton
+# The MoE grouped kernels built on every arch by default (24 builds, ~16 s on two cores with a cold Triton
 # cache): a dequant-in-registers forward with the LoRA epilogue and x gathered by rows (as the MoE block
-# runs it), the bf16 dgrad (W read transposed, the widest tiles) and the factor-gradient kernel, plain
-# and gathered. The other weight modes, the ungathered forwards and the LoRA factor GEMMs are `slow`:
-# pytest -m slow -k grouped tests/test_aot_sass.py.
-GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4_gather", "grouped_grad_input_bf16", "grouped_grad_lora",
-                             "grouped_grad_lora_gather"})
+# runs it), the bf16 dgrad (W read transposed, the widest tiles), the block-FP8 MMA forward (gathered)
+# and dgrad (qfp8's experts: QGMMA on sm_90, QMMA on sm_89 / sm_120, UTCQMMA on sm_100, E4M3.E4M3) and
+# the factor-gradient kernel, plain and gathered. The other weight modes, the ungathered forwards and
+# the LoRA factor GEMMs are `slow`: pytest -m slow -k grouped tests/test_aot_sass.py.
+GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4_gather", "grouped_grad_input_bf16",
+                             "grouped_lora_linear_fp8_block_gather", "grouped_grad_input_fp8_block",
+                             "grouped_grad_lora", "grouped_grad_lora_gather"})
 
 
 def _catalog_cases() -> list:
@@ -247,23 +249,27 @@ def test_every_spec_gives_every_kernel_argument_a_type(arch):
         assert list(signature) == list(inspect.signature(fn.fn).parameters)
 
 
-def test_grouped_kernels_are_the_variant_tables_bf16_rows_plus_the_lora_kernels():
-    """One grouped GEMM per bf16-compute kernel of the variant table (forward and dgrad), recipes by
-    their experts' format; the LoRA factor GEMMs and gradients for every recipe; the kernels that read
-    x also gathered (`_gather`: the forwards, hidden, grad_lora_a's wgrad); bf16 MMAs on every arch."""
+def test_grouped_kernels_are_the_variant_tables_rows_plus_the_lora_kernels():
+    """One grouped GEMM per kernel of the variant table that the grouped op runs (forward and dgrad): the
+    bf16-compute row of every format but fp8_row, and the fp8-compute row of fp8_block (block-scaled FP8
+    MMA); recipes by their experts' format and the compute the grouped op runs them with (qfp8: fp8;
+    qfp8-bf16: bf16). The LoRA factor GEMMs and gradients for every recipe; the kernels that read x also
+    gathered (`_gather`: the forwards, hidden, grad_lora_a's wgrad); the row's MMA class on every arch."""
     from surogate.kernels import variants as V
     from surogate.ops.experts import experts_weight_format
-    from surogate.recipes import WeightFormat
+    from surogate.recipes import WeightFormat, get
 
     grouped = {s.name: s for s in catalog.specs() if s.grouped}
     want = {}
     for gemm in (V.Gemm.OUTPUT, V.Gemm.GRAD_INPUT):
-        for fmt in WeightFormat:
-            if fmt is WeightFormat.FP8_ROW:
+        for compute, fmt in [(c, f) for c in (Compute.BF16, Compute.FP8, Compute.NVFP4) for f in WeightFormat]:
+            if fmt is WeightFormat.FP8_ROW or compute is Compute.NVFP4 or \
+                    (compute is Compute.FP8 and fmt is not WeightFormat.FP8_BLOCK):
                 with pytest.raises(ValueError):
-                    V.variant(gemm, Compute.BF16, fmt)
+                    V.grouped_variant(gemm, compute, fmt)
                 continue
-            v = V.variant(gemm, Compute.BF16, fmt)
+            v = V.grouped_variant(gemm, compute, fmt)
+            assert v == V.variant(gemm, compute, fmt)
             gathers = (False, True) if gemm is V.Gemm.OUTPUT else (False,)
             for gather in gathers:
                 name = f"grouped_{v.kernel}" + ("_gather" if gather else "")
@@ -272,30 +278,44 @@ def test_grouped_kernels_are_the_variant_tables_bf16_rows_plus_the_lora_kernels(
     lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
             "grouped_grad_lora_gather"}
     assert set(grouped) == set(want) | lora
+    assert {"grouped_lora_linear_fp8_block", "grouped_lora_linear_fp8_block_gather",
+            "grouped_grad_input_fp8_block"} <= set(grouped)
+
+    def compute_of(recipe, gemm):
+        r = get(recipe)
+        return V.grouped_compute(r.forward if gemm is V.Gemm.OUTPUT else r.grad_input, experts_weight_format(r))
+
     for name, (v, gather, formats) in want.items():
         spec = grouped[name]
-        assert tuple(spec.constexprs[m] for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER")) == \
-            (v.w_mode, v.trans_w, True, gather), name
-        assert set(spec.recipes) == {r for r in every if experts_weight_format(r) in formats}, name
+        assert tuple(spec.constexprs[m] for m in ("A_MODE", "W_MODE", "TRANS_W", "HAS_LORA", "GATHER")) == \
+            (v.a_mode, v.w_mode, v.trans_w, True, gather), name
+        assert set(spec.recipes) == {r for r in every if experts_weight_format(r) in formats
+                                     and compute_of(r, v.gemm) is v.compute}, name
+        assert spec.precision is v.compute and spec.operands == v.operands, name
+    assert grouped["grouped_grad_input_fp8_block"].recipes == ("qfp8",)
+    assert grouped["grouped_lora_linear_dequant_fp8_block"].recipes == ("qfp8-bf16",)
     for name in lora:
         assert set(grouped[name].recipes) == every
         assert grouped[name].constexprs["GATHER"] == name.endswith("_gather"), name
+        assert grouped[name].precision is Compute.BF16 and grouped[name].constexprs.get("A_MODE", 0) == 0, name
     for spec in grouped.values():
-        assert spec.precision is Compute.BF16 and spec.archs == ALL_ARCHS, spec.name
+        assert spec.archs == ALL_ARCHS, spec.name
         for arch in ALL_ARCHS:
             assert spec.recipes_on(arch) == spec.recipes
-            assert spec.expected_mma(arch) == ARCHS[arch].mma_bf16
+            assert spec.expected_mma(arch) == ARCHS[arch].mma(spec.precision)
 
 
 _TRITON_TYPES = {"torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.uint8": "*u8",
                  "torch.float8_e4m3fn": "*fp8e4nv", "torch.int32": "*i32"}
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_block", "nvfp4", "nf4"])
-def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
+@pytest.mark.parametrize("fmt,compute", [("bf16", "bf16"), ("fp8_block", "bf16"), ("fp8_block", "fp8"),
+                                         ("nvfp4", "bf16"), ("nf4", "bf16")])
+def test_grouped_specs_match_what_the_launchers_pass(fmt, compute, monkeypatch):
     """Every launch of the grouped op (forward and backward, without and with a `rows` gather index,
     launches recorded, none run) has a catalog spec with its modes, its pointer types and the same
-    integer arguments at 0 and at 1 (constexprs); and every spec is launched."""
+    integer arguments at 0 and at 1 (constexprs); and every spec is launched. FP8: the quantized A and
+    its block scales, the dgrad's K-major copy of the stack and its transposed scales."""
     import torch
 
     from surogate.kernels import grouped as G
@@ -320,29 +340,31 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, monkeypatch):
     x, g = torch.randn(37, k), torch.randn(37, n)
     weight = rg.quantize_grouped_weight_ref(torch.randn(e, n, k), fmt)
     a, b = torch.randn(e, r, k), torch.randn(e, n, r)
-    G.grouped_lora_linear(x, offsets, weight, fmt, a, b, 2.0)
-    G.grouped_lora_linear_backward(g, x, offsets, weight, fmt, a, b, None, 2.0)
+    G.grouped_lora_linear(x, offsets, weight, fmt, a, b, 2.0, compute)
+    G.grouped_lora_linear_backward(g, x, offsets, weight, fmt, a, b, None, 2.0, compute)
     # Gathered: 37 grouped rows read from 20 tokens through an int64 index (the launcher passes int32).
     rows = torch.randint(0, 20, (37,))
-    G.grouped_lora_linear(x[:20], offsets, weight, fmt, a, b, 2.0, rows=rows)
-    G.grouped_lora_linear_backward(g, x[:20], offsets, weight, fmt, a, b, None, 2.0, rows=rows)
+    G.grouped_lora_linear(x[:20], offsets, weight, fmt, a, b, 2.0, compute, rows=rows)
+    G.grouped_lora_linear_backward(g, x[:20], offsets, weight, fmt, a, b, None, 2.0, compute, rows=rows)
 
-    w_mode = V.variant(V.Gemm.OUTPUT, Compute.BF16, fmt).w_mode
+    v = V.variant(V.Gemm.OUTPUT, compute, fmt)
     lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
             "grouped_grad_lora_gather"}
-    specs = [s for s in catalog.specs() if s.grouped and (s.name in lora or s.constexprs.get("W_MODE") == w_mode)]
+    specs = [s for s in catalog.specs() if s.grouped and (s.name in lora or (
+        s.constexprs.get("W_MODE"), s.constexprs.get("A_MODE")) == (v.w_mode, v.a_mode))]
+    modes_of = ("A_MODE", "W_MODE", "TRANS_W", "HAS_LORA", "GATHER")
 
     def key(spec_or_kw):
         if isinstance(spec_or_kw, KernelSpec):
             s = spec_or_kw
             ints, types = s.ints, dict(s.signature)
-            modes = tuple(s.constexprs.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER"))
+            modes = tuple(s.constexprs.get(m) for m in modes_of)
         else:
             kw = spec_or_kw
             ints = {n: v for n, v in kw.items() if isinstance(v, int) and not isinstance(v, bool)
                     and n not in constexprs}
             types = {n: _TRITON_TYPES[str(v.dtype)] for n, v in kw.items() if isinstance(v, torch.Tensor)}
-            modes = tuple(kw.get(m) for m in ("W_MODE", "TRANS_W", "HAS_LORA", "GATHER"))
+            modes = tuple(kw.get(m) for m in modes_of)
         zero_one = ({n for n, v in ints.items() if v == 0}, {n for n, v in ints.items() if v == 1})
         return modes, tuple(sorted(t for t in types.items() if t[1] != "fp32")), zero_one
 

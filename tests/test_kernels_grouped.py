@@ -10,6 +10,10 @@ Three tiers:
   store truncates instead of rounding to nearest, which is why its hidden is ~47 dB, not > 60;
 - a gathered input (`rows`, MoE routing: each token in top_k groups): the reference with rows is the
   reference on `input[rows]` bit for bit, and the kernels reading through the index match it;
+- FP8 compute (fp8_block weights, block-scaled FP8 MMA): the kernels against the reference's fp8
+  compute, which quantizes the same operands (x or the gradient E4M3 per 1x128, the stored 128x128
+  weight blocks), so the floor holds; and more than FP8's noise away from its bf16 compute, so a
+  kernel that did not quantize would fail;
 - a tiny Qwen3-MoE wrapped by PEFT (`target_parameters`) against the reference given the same
   routing, forward and LoRA gradients: this pins PEFT's layout of the per-expert factors.
 """
@@ -27,6 +31,9 @@ from numerics import sqnr
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = 40.0
 KERNEL_FORMATS = ("bf16", "fp8_block", "nf4", "nvfp4")
+# FP8 compute against the reference's bf16 compute: E4M3's 3-bit mantissa on x (or g) is ~31 dB of noise
+# (measured 33-34 dB on these cases); below this, the kernel did quantize.
+FP8_VS_BF16 = 38.0
 
 
 
@@ -76,23 +83,27 @@ def test_reference_is_a_loop_of_dense_references(pair) -> None:
     assert all(torch.equal(u, v) for u, v in zip(again, (gi, ga, gb)))
 
 
-# (format, group sizes, rank): every format on COUNTS; bf16 and nf4 (the flat per-expert layout) also on
-# a group of two M tiles beside two empty middle groups, at r = 16.
-KERNEL_CASES = [*((f, COUNTS, 4) for f in KERNEL_FORMATS), *((f, [3, 0, 0, 30, 2], 16) for f in ("bf16", "nf4"))]
+# (format, group sizes, rank, compute): every format on COUNTS in bf16 compute, fp8_block also in fp8 compute;
+# bf16, nf4 (the flat per-expert layout) and fp8 compute also on a group of two M tiles beside two empty
+# middle groups, at r = 16 (fp8 `slow`: the routed case below has groups of 3 M tiles in fp8 compute).
+KERNEL_CASES = [*((f, COUNTS, 4, "bf16") for f in KERNEL_FORMATS), ("fp8_block", COUNTS, 4, "fp8"),
+                *((f, [3, 0, 0, 30, 2], 16, "bf16") for f in ("bf16", "nf4")),
+                pytest.param("fp8_block", [3, 0, 0, 30, 2], 16, "fp8", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("fmt,counts,r", KERNEL_CASES, ids=lambda v: v if isinstance(v, str) else str(v).replace(" ", ""))
-def test_grouped_kernel_matches_reference(fmt, counts, r) -> None:
+@pytest.mark.parametrize("fmt,counts,r,compute", KERNEL_CASES,
+                         ids=lambda v: v if isinstance(v, str) else str(v).replace(" ", ""))
+def test_grouped_kernel_matches_reference(fmt, counts, r, compute) -> None:
     x, offsets, wl, a, b, go = _case(counts, 96, 192, r, fmt, seed=len(counts))
-    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0)
-    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0)
+    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0, compute)
+    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, compute)
     assert y.shape == y_r.shape == (sum(counts), 96) and y.dtype == torch.bfloat16
     assert h.shape == h_r.shape == (sum(counts), r)
     assert sqnr(h, h_r) > FLOOR
     assert sqnr(y, y_r) > FLOOR
 
-    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, h, 2.0)
-    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0)
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, h, 2.0, compute)
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0, compute)
     assert gi.shape == x.shape and ga.shape == a.shape and gb.shape == b.shape
     assert ga.dtype == a.dtype == torch.float32 and gb.dtype == b.dtype and gi.dtype == x.dtype
     assert sqnr(gi, gi_r) > FLOOR
@@ -100,6 +111,9 @@ def test_grouped_kernel_matches_reference(fmt, counts, r) -> None:
     assert sqnr(gb, gb_r) > FLOOR
     empty = [e for e, c in enumerate(counts) if c == 0]
     assert not ga[empty].any() and not gb[empty].any()
+    if compute == "fp8":  # the operands were quantized: far from the bf16-compute reference
+        assert sqnr(y, rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0)[0]) < FP8_VS_BF16
+        assert sqnr(gi, rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0)[0]) < FP8_VS_BF16
 
 
 # ------------------------------------------------------------------ gathered input (rows)
@@ -141,18 +155,23 @@ def test_reference_with_rows_is_the_reference_on_the_gathered_rows(pair) -> None
         assert all(torch.equal(u, v) for u, v in zip(got, want))
 
 
-@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
-def test_grouped_kernel_reads_rows_through_the_index(fmt) -> None:
+ROWS_CASES = [*((f, "bf16") for f in KERNEL_FORMATS), ("fp8_block", "fp8")]
+
+
+@pytest.mark.parametrize("fmt,compute", ROWS_CASES)
+def test_grouped_kernel_reads_rows_through_the_index(fmt, compute) -> None:
     tokens, rows, offsets, wl, a, b, go = _routed_case(fmt)
     s_rows = rows.shape[0]
-    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
-    y_r, h_r = rg.grouped_lora_linear_ref(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
+    y_r, h_r = rg.grouped_lora_linear_ref(tokens, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
     assert y.shape == (s_rows, 96) and h.shape == (s_rows, 4)
     assert sqnr(h, h_r) > FLOOR
     assert sqnr(y, y_r) > FLOOR
 
-    gi, ga, gb = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, h, 2.0, rows=rows.int())
-    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, tokens, offsets, wl, fmt, a, b, h_r, 2.0, rows=rows)
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, h, 2.0, compute,
+                                                      rows=rows.int())
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, tokens, offsets, wl, fmt, a, b, h_r, 2.0, compute,
+                                                           rows=rows)
     assert gi.shape == (s_rows, 192) and gi.dtype == tokens.dtype and ga.shape == a.shape and gb.shape == b.shape
     assert sqnr(gi, gi_r) > FLOOR
     assert sqnr(ga, ga_r) > FLOOR
@@ -160,17 +179,19 @@ def test_grouped_kernel_reads_rows_through_the_index(fmt) -> None:
     assert not ga[[0, 4]].any() and not gb[[0, 4]].any()
 
 
-def test_grouped_kernel_with_rows_is_the_kernel_on_the_gathered_copy() -> None:
+@pytest.mark.parametrize("compute,fmt", [("bf16", "bf16"), ("fp8", "fp8_block")])
+def test_grouped_kernel_with_rows_is_the_kernel_on_the_gathered_copy(compute, fmt) -> None:
     """Reading through the index changes which memory a tile loads, nothing else: bit for bit the
-    kernels on `tokens[rows]`, the recomputed hidden (no saved one) included (one format: the gather
-    is the A operand's, the same code for every weight format)."""
-    fmt = "bf16"
+    kernels on `tokens[rows]`, the recomputed hidden (no saved one) included (one format per compute:
+    the gather is the A operand's, the same code for every weight format). FP8: the T tokens are
+    quantized once and their values and per-row block scales read through the index, which equals
+    quantizing the gathered copy."""
     tokens, rows, offsets, wl, a, b, go = _routed_case(fmt, r=16)
-    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, rows=rows)
-    y_g, h_g = grouped.grouped_lora_linear(tokens[rows], offsets, wl, fmt, a, b, 2.0)
+    y, h = grouped.grouped_lora_linear(tokens, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
+    y_g, h_g = grouped.grouped_lora_linear(tokens[rows], offsets, wl, fmt, a, b, 2.0, compute)
     assert torch.equal(y, y_g) and torch.equal(h, h_g)
-    got = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, None, 2.0, rows=rows)
-    want = grouped.grouped_lora_linear_backward(go, tokens[rows], offsets, wl, fmt, a, b, h_g, 2.0)
+    got = grouped.grouped_lora_linear_backward(go, tokens, offsets, wl, fmt, a, b, None, 2.0, compute, rows=rows)
+    want = grouped.grouped_lora_linear_backward(go, tokens[rows], offsets, wl, fmt, a, b, h_g, 2.0, compute)
     assert all(torch.equal(u, v) for u, v in zip(got, want))
 
 
@@ -189,25 +210,33 @@ def test_each_row_takes_its_own_experts_weight() -> None:
     assert torch.equal((y.float().abs() > 100).nonzero()[:, 1].cpu(), expected)
 
 
-def test_without_lora_and_without_tokens() -> None:
-    x, offsets, wl, a, b, go = _case([2, 9], 64, 128, 4, "nf4", seed=6)
-    y, h = grouped.grouped_lora_linear(x, offsets, wl, "nf4", None, None, 1.0)
-    y_r, _ = rg.grouped_lora_linear_ref(x, offsets, wl, "nf4", None, None, 1.0)
+@pytest.mark.parametrize("compute,fmt", [("bf16", "nf4"), ("fp8", "fp8_block")])
+def test_without_lora_and_without_tokens(compute, fmt) -> None:
+    x, offsets, wl, a, b, go = _case([2, 9], 64, 128, 4, fmt, seed=6)
+    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, None, None, 1.0, compute)
+    y_r, _ = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, None, None, 1.0, compute)
     assert h.shape == (11, 0) and sqnr(y, y_r) > FLOOR
-    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, "nf4", None, None, None, 1.0)
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, None, None, None, 1.0, compute)
     assert ga is None and gb is None
-    assert sqnr(gi, rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, "nf4", None, None, None, 1.0)[0]) > FLOOR
+    gi_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, None, None, None, 1.0, compute)[0]
+    assert sqnr(gi, gi_r) > FLOOR
     none = _offsets([0, 0])
-    y0, h0 = grouped.grouped_lora_linear(x[:0], none, wl, "nf4", a, b, 1.0)
+    y0, h0 = grouped.grouped_lora_linear(x[:0], none, wl, fmt, a, b, 1.0, compute)
     assert y0.shape == (0, 64) and h0.shape == (0, 4)
-    _, ga0, gb0 = grouped.grouped_lora_linear_backward(go[:0], x[:0], none, wl, "nf4", a, b, h0, 1.0)
-    assert not ga0.any() and not gb0.any()
+    gi0, ga0, gb0 = grouped.grouped_lora_linear_backward(go[:0], x[:0], none, wl, fmt, a, b, h0, 1.0, compute)
+    assert gi0.shape == (0, 128) and not ga0.any() and not gb0.any()
 
 
 def test_refusals_say_what_to_do() -> None:
     x, offsets, wl, a, b, _ = _case([3, 4], 64, 128, 4, "bf16", seed=7)
-    with pytest.raises(ValueError, match="bf16 compute only"):
-        grouped.grouped_lora_linear(x, offsets, wl, "bf16", a, b, 1.0, forward="fp8")
+    # FP8 compute: fp8_block weights only (the others run bf16 compute); NVFP4 compute nowhere.
+    for fmt, compute in (("bf16", "fp8"), ("nf4", "fp8"), ("nvfp4", "fp8"), ("fp8_block", "nvfp4")):
+        wq = rg.quantize_grouped_weight_ref(wl[0], fmt)
+        with pytest.raises(ValueError, match=f"fp8 compute .* for fp8_block weights only; got compute '{compute}' "
+                                             f"with weight_format '{fmt}'"):
+            grouped.grouped_lora_linear(x, offsets, wq, fmt, a, b, 1.0, forward=compute)
+        with pytest.raises(ValueError, match="for fp8_block weights only"):
+            grouped.grouped_lora_linear_backward(x[:, :64], x, offsets, wq, fmt, a, b, None, 1.0, grad_input=compute)
     with pytest.raises(ValueError, match="valid pairs"):
         grouped.grouped_lora_linear(x, offsets, rg.quantize_grouped_weight_ref(wl[0], "fp8_row"), "fp8_row", a, b, 1.0)
     with pytest.raises(ValueError, match="int32"):

@@ -238,11 +238,14 @@ def _gemm_specs() -> list[KernelSpec]:
 
 
 def _grouped_specs() -> list[KernelSpec]:
-    """The MoE grouped kernels (kernels/grouped.py), bf16 MMAs on every arch.
+    """The MoE grouped kernels (kernels/grouped.py): bf16 MMAs on every arch, and block-scaled FP8 MMAs
+    for fp8_block experts under an FP8 recipe.
 
-    `_grouped_lora_gemm_kernel` once per kernel of the variant table's bf16-compute row of each weight
-    format (`variant(gemm, "bf16", fmt)`, as the launcher reads it: forward and dgrad, LoRA epilogue on),
-    named `grouped_<dense kernel>`; the same kernel without LoRA as the LoRA factor GEMMs run it (the
+    `_grouped_lora_gemm_kernel` once per kernel of the variant table's row that the grouped launcher
+    runs (`variants.grouped_variant(gemm, compute, fmt)`: bf16 compute for every format but fp8_row, fp8
+    compute for fp8_block; forward and dgrad, LoRA epilogue on), named `grouped_<dense kernel>`, its
+    recipes those whose experts' format and grouped compute (`variants.grouped_compute` of the recipe's
+    forward / grad_input) it runs; the same kernel without LoRA as the LoRA factor GEMMs run it (the
     bf16 factor as the weight, N = r); and `_grouped_wgrad_kernel` (the factors' gradients). Pointer
     types and strides are the launchers' for the stacked weight lists of `quantize_grouped_weight_ref`.
     The kernels that read x also come gathered (`GATHER`, x read through the int32 `rows` index, named
@@ -255,7 +258,7 @@ def _grouped_specs() -> list[KernelSpec]:
     from surogate.kernels import variants as V
     from surogate.kernels.configs import block_r, get_configs
     from surogate.ops.experts import experts_weight_format
-    from surogate.recipes import WeightFormat
+    from surogate.recipes import WeightFormat, get
 
     t, e, n_w, k_w, r = (GROUPED_SHAPE[x] for x in ("T", "E", "N", "K", "R"))
     every = tuple(names(include_aliases=False))
@@ -266,6 +269,10 @@ def _grouped_specs() -> list[KernelSpec]:
         V.W_BF16: (("*bf16", unused, unused, unused, unused), (n_w * k_w, k_w, 1), (0, 0, 0), (0, 0, 0)),
         V.W_DEQ_FP8_BLOCK: (("*fp8e4nv", "*fp32", unused, unused, unused), (n_w * k_w, k_w, 1),
                             (n_w * k_w // 128 ** 2, k_w // 128, 1), (0, 0, 0)),
+        # FP8 MMA: the forward reads the stack as stored; the dgrad its K-major copy (grouped._k_major_fp8_block:
+        # (K, E*N) bytes, expert e at column e*N) and the scales as an (E, K/128, N/128) view.
+        V.W_FP8_BLOCK: (("*fp8e4nv", "*fp32", unused, unused, unused), (n_w * k_w, k_w, 1),
+                        (n_w * k_w // 128 ** 2, k_w // 128, 1), (0, 0, 0)),
         V.W_DEQ_NVFP4: (("*u8", "*fp8e4nv", "*fp32", unused, unused), (n_w * k_w // 2, k_w // 2, 1),
                         (n_w * k_w // 16, k_w // 16, 1), (1, 0, 0)),
         # packed flat per expert; ws = the absmax code table (E, 256); aux = absmax_q, absmax_scale, absmax_offset
@@ -277,54 +284,68 @@ def _grouped_specs() -> list[KernelSpec]:
         return tuple(a for a in ARCHS if any(plan(x, a).support is not Support.REFUSED for x in recipes))
 
     def gemm(name, w_mode, trans_w, has_lora, family, recipes, what, backward=None, w_strides=None,
-             gather=False) -> KernelSpec:
+             gather=False, a_mode=V.A_BF16, precision=Compute.BF16, operands="BF16") -> KernelSpec:
         types, w_st, ws_st, aux_st = layouts[w_mode]
         w_st = w_strides or w_st
         backward = trans_w if backward is None else backward
         m, n, k = (t, k_w, n_w) if backward else (t, n_w, k_w)  # backward: a = g (T, N), reduction over N
+        fp8 = a_mode == V.A_FP8_BLOCK
+        if fp8 and backward:  # the K-major copy of the stack and its transposed scales (see layouts)
+            w_st, ws_st = (n_w, e * n_w, 1), (ws_st[0], 1, k_w // 128)
         if not has_lora:  # a LoRA factor GEMM: a bf16 factor as the weight, out (T, r)
             n = r
         # U of the epilogue: forward lora_b (E, N, r); dgrad lora_a^T, a (E, K, r) view of (E, r, K).
         u_st = ((r * k_w, 1, k_w) if backward else (n_w * r, r, 1)) if has_lora else (0, 0, 0)
-        signature = {"a_ptr": "*bf16", "rows_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": types[0], "ws_ptr": types[1],
+        # FP8 A: E4M3 with 1x128 block scales stored row-contiguous, (rows, K/128) with strides (1, rows).
+        signature = {"a_ptr": "*fp8e4nv" if fp8 else "*bf16", "as_ptr": "*fp32" if fp8 else unused,
+                     "rows_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": types[0], "ws_ptr": types[1],
                      "aux0_ptr": types[2], "aux1_ptr": types[3], "aux2_ptr": types[4], "h_ptr": "*bf16",
                      "u_ptr": "*bf16", "out_ptr": "*bf16"}
         ints = {"M": m, "N": n, "K": k, "R": r if has_lora else 0, "E": e,
                 "Kw": k_w if w_mode == V.W_DEQ_NF4 else 0, "stride_am": k, "stride_ak": 1,
+                "stride_asm": 1 if fp8 else 0, "stride_ask": m if fp8 else 0,
                 "stride_we": w_st[0], "stride_w0": w_st[1], "stride_w1": w_st[2],
                 "stride_wse": ws_st[0], "stride_ws0": ws_st[1], "stride_ws1": ws_st[2],
                 "stride_aux0e": aux_st[0], "stride_aux1e": aux_st[1], "stride_aux2e": aux_st[2],
                 # without LoRA the launcher passes the output as H: its row stride, no column stride
                 "stride_hm": r if has_lora else n, "stride_hr": 1 if has_lora else 0,
                 "stride_ue": u_st[0], "stride_un": u_st[1], "stride_ur": u_st[2], "stride_om": n, "stride_on": 1}
-        constexprs = {"W_MODE": w_mode, "TRANS_W": trans_w, "HAS_LORA": has_lora, "GATHER": gather, "UPCAST": False,
-                      "BLOCK_R": block_r(r if has_lora else 0), "BLOCK_E": triton.next_power_of_2(e)}
+        constexprs = {"A_MODE": a_mode, "W_MODE": w_mode, "TRANS_W": trans_w, "HAS_LORA": has_lora, "GATHER": gather,
+                      "UPCAST": False, "BLOCK_R": block_r(r if has_lora else 0), "BLOCK_E": triton.next_power_of_2(e)}
         return KernelSpec(name, G._grouped_lora_gemm_kernel, MappingProxyType(signature),
-                          MappingProxyType(constexprs), recipes, Compute.BF16, archs=runs_on(recipes),
+                          MappingProxyType(constexprs), recipes, precision, archs=runs_on(recipes),
                           ints=MappingProxyType(ints),
                           config=lambda arch: _first_config(get_configs(family, arch), name, arch),
-                          operands="BF16", what=what, grouped=True)
+                          operands=operands, what=what, grouped=True)
+
+    def experts_compute(recipe: str, g: V.Gemm) -> Compute:
+        """The compute the grouped op runs `recipe`'s experts with, for the forward or the dgrad."""
+        rec = get(recipe)
+        return V.grouped_compute(rec.forward if g is V.Gemm.OUTPUT else rec.grad_input, experts_weight_format(rec))
 
     specs: dict[str, KernelSpec] = {}
     for g in (V.Gemm.OUTPUT, V.Gemm.GRAD_INPUT):
         formats: dict[str, list[WeightFormat]] = {}  # kernel -> the formats it runs (nvfp4 and nvfp4_cached share)
         variants: dict[str, V.Variant] = {}
-        for fmt in WeightFormat:
-            try:
-                v = V.variant(g, Compute.BF16, fmt)  # what kernels/grouped.py runs for this format
-            except ValueError:
-                continue  # no bf16-compute kernel (fp8_row): refused by the grouped op
-            variants.setdefault(v.kernel, v)
-            formats.setdefault(v.kernel, []).append(fmt)
+        for compute in (Compute.BF16, Compute.FP8):
+            for fmt in WeightFormat:
+                try:
+                    v = V.grouped_variant(g, compute, fmt)  # what kernels/grouped.py runs for this pair
+                except ValueError:
+                    continue  # refused by the grouped op (fp8_row; fp8 compute on another format)
+                variants.setdefault(v.kernel, v)
+                formats.setdefault(v.kernel, []).append(fmt)
         for kernel, v in variants.items():
-            recipes = tuple(x for x in every if experts_weight_format(x) in formats[kernel])
+            recipes = tuple(x for x in every if experts_weight_format(x) in formats[kernel]
+                            and experts_compute(x, g) is v.compute)
             if recipes:
                 name = f"grouped_{kernel}"
+                kw = {"a_mode": v.a_mode, "precision": v.compute, "operands": v.operands}
                 specs[name] = gemm(name, v.w_mode, v.trans_w, True, v.family, recipes,
-                                   f"MoE experts, {v.what}")
+                                   f"MoE experts, {v.what}", backward=g is V.Gemm.GRAD_INPUT, **kw)
                 if g is V.Gemm.OUTPUT:  # x read through the rows index (the dgrad reads g, per grouped row)
                     specs[f"{name}_gather"] = gemm(f"{name}_gather", v.w_mode, v.trans_w, True, v.family, recipes,
-                                                   f"MoE experts, {v.what}, x gathered by rows", gather=True)
+                                                   f"MoE experts, {v.what}, x gathered by rows", gather=True, **kw)
     # The LoRA factor GEMMs (no epilogue): A (E, r, K) as stored; B^T, an (E, r, N) view of (E, N, r).
     for gather in (False, True):
         name = "grouped_lora_hidden" + ("_gather" if gather else "")

@@ -7,7 +7,9 @@ the group sizes on the host (no sync: the grid comes from T and E alone) nor a t
 another launch. The grid is an upper bound, `cdiv(T, BLOCK_M) + E` M tiles (each group adds at
 most one partial tile) times the N tiles; programs past the real tile count return at once.
 Each tile reads its expert's weight through the dense kernel's helpers: `_weight_tile`
-(bf16 as stored; fp8_block, nf4, nvfp4 decoded in registers for a bf16 MMA) and `_lora_epilogue` (the per-expert
+(bf16 as stored; fp8_block, nf4, nvfp4 decoded in registers for a bf16 MMA; or block FP8 as stored for
+an FP8 MMA), `_block_fp8_step` (FP8 compute: one K step's product scaled by the activation's 1x128
+and the weight's 128x128 block scales into the FP32 accumulator) and `_lora_epilogue` (the per-expert
 LoRA up-projection accumulated into the GEMM accumulator); `_tile_ids` gives the L2-friendly
 program order over the virtual (M tile, N tile) grid.
 
@@ -28,10 +30,20 @@ else is per grouped row as before: `out`, `hidden`, `g`, `grad_input` have S row
 operand is the gradient, already per grouped row, so it needs no gather, and summing `grad_input`
 back into the tokens is the caller's (one `index_add_`).
 
-Weight modes come from the dense variant table (`variants.variant(gemm, "bf16", format)`): the
-grouped kernel runs the bf16-compute row of each format (bf16, dequant fp8_block / nf4 / nvfp4).
-FP8 and NVFP4 MMAs are not built. Tested under the Triton interpreter; compiled ahead of time for the
-four archs (kernels/catalog.py, their SASS MMA class checked in tests/test_aot_sass.py); not run on a GPU yet.
+Modes, quantizer and config family come from the dense variant table (`grouped_variant`, which is
+`variants.variant(gemm, compute, format)` for the pairs the grouped kernel runs): bf16 compute runs the
+bf16-compute row of each format (bf16, dequant fp8_block / nf4 / nvfp4); fp8 compute runs the
+block-FP8 row of fp8_block weights (A_MODE / W_MODE 2, family `fp8_block`), as the dense op does:
+- forward: x quantized to E4M3 per 1x128 block (`quantize_fp8_block`, the dense launcher's
+  quantizer) once over the (T, K) tokens; with `rows` the tiles read the FP8 values and their per-row
+  scales through the index, which is exactly quantizing the gathered rows. The LoRA `hidden` still
+  reads the bf16 x, as the reference does;
+- dgrad: the gradient E4M3 per 1x128 along N, against a K-major copy of the stacked weight blocks
+  made per call (`transpose_fp8` over the flat (E*N, K) stack, E*N*K bytes transient; the scales a
+  transposed view), as the dense dgrad (FP8 MMAs want the reduction contiguous);
+so it computes `grouped_lora_linear_ref(..., "fp8")` to FP32 accumulation order. NVFP4 MMAs are not
+built. Tested under the Triton interpreter; compiled ahead of time for the four archs
+(kernels/catalog.py, their SASS MMA class checked in tests/test_aot_sass.py); not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -44,7 +56,9 @@ import triton.language as tl
 
 from surogate.kernels import tuning
 from surogate.kernels.configs import block_r, interpreting
+from surogate.kernels.launch import _quantize
 from surogate.kernels.lora_linear import (
+    _block_fp8_step,
     _gemm_metadata,
     _lora_epilogue,
     _prescale,
@@ -52,10 +66,21 @@ from surogate.kernels.lora_linear import (
     _weight_tile,
 )
 from surogate.kernels.reference_grouped import grouped_out_features
-from surogate.kernels.variants import W_BF16, Gemm, variant
+from surogate.kernels.transpose import transpose_fp8
+from surogate.kernels.variants import (  # GROUPED_FP8_FORMATS, grouped_compute: re-exported (__all__)
+    A_BF16,
+    GROUPED_FP8_FORMATS,
+    W_BF16,
+    Gemm,
+    Quantizer,
+    Variant,
+    grouped_compute,
+    grouped_variant,
+)
 from surogate.recipes.recipe import Compute, WeightFormat
 
-__all__ = ["grouped_lora_linear", "grouped_lora_linear_backward", "launch_grouped_gemm", "launch_grouped_wgrad"]
+__all__ = ["GROUPED_FP8_FORMATS", "grouped_compute", "grouped_lora_linear", "grouped_lora_linear_backward",
+           "grouped_variant", "launch_grouped_gemm", "launch_grouped_wgrad"]
 
 
 @triton.jit
@@ -80,22 +105,24 @@ def _group_tile(offsets_ptr, E, tile, BLOCK_M: tl.constexpr, BLOCK_E: tl.constex
 
 @triton.jit(launch_metadata=_gemm_metadata)
 def _grouped_lora_gemm_kernel(
-    a_ptr, rows_ptr, offsets_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, h_ptr, u_ptr, out_ptr,
+    a_ptr, as_ptr, rows_ptr, offsets_ptr, w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, h_ptr, u_ptr, out_ptr,
     M, N, K, R, E, Kw,
-    stride_am, stride_ak, stride_we, stride_w0, stride_w1, stride_wse, stride_ws0, stride_ws1,
-    stride_aux0e, stride_aux1e, stride_aux2e,
+    stride_am, stride_ak, stride_asm, stride_ask, stride_we, stride_w0, stride_w1, stride_wse, stride_ws0,
+    stride_ws1, stride_aux0e, stride_aux1e, stride_aux2e,
     stride_hm, stride_hr, stride_ue, stride_un, stride_ur, stride_om, stride_on,
-    W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, GATHER: tl.constexpr,
+    A_MODE: tl.constexpr, W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, GATHER: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[t, N] = A[t, :K] W_e'[K, N] + H[t, :r] U_e[N, :r]^T for each row t of group e.
 
-    A is bf16 (M = T rows sorted by expert); with GATHER, A row t is `a[rows[t]]` (M = len(rows)
-    grouped rows, `a` the unsorted tokens), everything else stays indexed by t. W_e is expert e's
-    slice of the stacked weight (its own pointer offsets by `stride_*e`), in the dense kernel's
-    coordinates: W_e' = W_e^T (N, K) stored, or W_e itself when TRANS_W (dgrad). U_e is pre-scaled
-    by lora_scale.
+    A is bf16 (A_MODE 0), or E4M3 with one FP32 scale per 1x128 block (A_MODE 2, scales `as (rows,
+    ceil(K/128))`; with W_MODE 2, W_e block FP8 with 128x128 scales, both applied to every 128 of K as
+    the dense kernel does). M = T rows sorted by expert; with GATHER, A row t (and its scales) is
+    `a[rows[t]]` (M = len(rows) grouped rows, `a` the unsorted tokens: per-row scales gather exactly),
+    everything else stays indexed by t. W_e is expert e's slice of the stacked weight (its own pointer
+    offsets by `stride_*e`), in the dense kernel's coordinates: W_e' = W_e^T (N, K) stored, or W_e
+    itself when TRANS_W (dgrad). U_e is pre-scaled by lora_scale.
     """
     tiles_m = tl.cdiv(M, BLOCK_M) + E  # an upper bound: each group adds at most one partial tile
     tile, pid_n = _tile_ids(tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -127,14 +154,19 @@ def _grouped_lora_gemm_kernel(
         mask_k = kk < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # The dense kernel's weight tile (dequantized in registers for W_MODE >= 3, then a bf16 MMA).
+        # The dense kernel's weight tile (dequantized in registers for W_MODE >= 3, then a bf16 MMA;
+        # block FP8 as stored for W_MODE 2).
         w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, pid_n * BLOCK_N, mask_k,
                          mask_n, K, N, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE,
                          TRANS_W)
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if A_MODE == 2:  # block-scaled FP8 MMA, promoted every K step with both block scales (dense kernel's)
+            acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, a_rows, cols_n, k0, pid_n * BLOCK_N, stride_asm,
+                                  stride_ask, stride_ws0, stride_ws1, BLOCK_N, TRANS_W)
+        else:
+            acc = tl.dot(a, w, acc)
 
     if HAS_LORA:
         acc = _lora_epilogue(acc, h_ptr, u_ptr + e64 * stride_ue, rows_m, cols_n, mask_m, mask_n, R,
@@ -195,9 +227,13 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
                         w_mode: int, trans_w: bool, n_out: int, hidden: torch.Tensor | None,
                         up: torch.Tensor | None, lora_scale: float, *, aux: Sequence[torch.Tensor | None] = (None,) * 3,
-                        kw: int = 0, family: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Run `_grouped_lora_gemm_kernel`: `a (T, K)` bf16 sorted by expert, `w` stacked `(E, ...)` in the
+                        kw: int = 0, family: str, rows: torch.Tensor | None = None, a_scale: torch.Tensor | None = None,
+                        a_mode: int = A_BF16) -> torch.Tensor:
+    """Run `_grouped_lora_gemm_kernel`: `a (T, K)` sorted by expert, `w` stacked `(E, ...)` in the
     dense kernel's per-expert coordinates, `hidden (T, r)`, `up (E, n_out, r)` (any strides).
+
+    `a` is bf16 (`a_mode` A_BF16), or for A_FP8_BLOCK E4M3 with `a_scale (T, ceil(K/128))` FP32 (as
+    `quantize_fp8_block` leaves them, any strides; read per row, through `rows` with a gather).
 
     `w_scale` and the three `aux` tensors are stacked per expert too (dim 0 is E; the nf4 code
     table included). `kw` is K for the flat nf4 layout. Returns `out (T, n_out)` bf16; no host sync.
@@ -215,6 +251,8 @@ def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
     r = hidden.shape[1] if has_lora else 0
     up = _prescale(up, lora_scale) if has_lora else None
     dummy = out  # any pointer for an argument the mode ignores
+    as_ = a_scale if a_scale is not None else dummy
+    sasm, sask = _strides(a_scale, 2)
     ws = w_scale if w_scale is not None else dummy
     aux0, aux1, aux2 = (t if t is not None else dummy for t in aux)
     h = hidden if has_lora else dummy
@@ -222,16 +260,18 @@ def launch_grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
     swe, sw0, sw1 = (w.stride(0), 0, 0) if w.dim() == 2 else _strides(w, 3)  # nf4: flat bytes per expert
     swse, sws0, sws1 = _strides(w_scale, 3)
     sue, sun, sur = _strides(up, 3)
-    run = tuning.runner(_grouped_lora_gemm_kernel, family, a.device, (w_mode, trans_w, has_lora, gather))
+    run = tuning.runner(_grouped_lora_gemm_kernel, family, a.device, (a_mode, w_mode, trans_w, has_lora, gather))
     run(lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"]),),
-        a_ptr=a, rows_ptr=rows if gather else offsets, offsets_ptr=offsets, w_ptr=w, ws_ptr=ws, aux0_ptr=aux0,
-        aux1_ptr=aux1, aux2_ptr=aux2, h_ptr=h, u_ptr=u, out_ptr=out, M=M, N=n_out, K=K, R=r, E=E, Kw=kw,
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=swe, stride_w0=sw0, stride_w1=sw1,
+        a_ptr=a, as_ptr=as_, rows_ptr=rows if gather else offsets, offsets_ptr=offsets, w_ptr=w, ws_ptr=ws,
+        aux0_ptr=aux0, aux1_ptr=aux1, aux2_ptr=aux2, h_ptr=h, u_ptr=u, out_ptr=out, M=M, N=n_out, K=K, R=r, E=E,
+        Kw=kw, stride_am=a.stride(0), stride_ak=a.stride(1), stride_asm=sasm, stride_ask=sask, stride_we=swe,
+        stride_w0=sw0, stride_w1=sw1,
         stride_wse=swse, stride_ws0=sws0, stride_ws1=sws1, stride_aux0e=_strides(aux[0], 1)[0],
         stride_aux1e=_strides(aux[1], 1)[0], stride_aux2e=_strides(aux[2], 1)[0],
         stride_hm=h.stride(0), stride_hr=h.stride(1) if has_lora else 0,
         stride_ue=sue, stride_un=sun, stride_ur=sur, stride_om=out.stride(0), stride_on=out.stride(1),
-        W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, GATHER=gather, UPCAST=interpreting(), BLOCK_R=block_r(r),
+        A_MODE=a_mode, W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, GATHER=gather, UPCAST=interpreting(),
+        BLOCK_R=block_r(r),
         BLOCK_E=triton.next_power_of_2(E))
     return out
 
@@ -273,12 +313,9 @@ def _weight_operands(weight: Sequence[torch.Tensor], fmt: WeightFormat, k: int) 
 
 
 def _checked(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.Tensor], fmt: WeightFormat,
-             compute: str | Compute, gemm: Gemm) -> tuple[int, int, int]:
-    """(E, N, K) after the checks that need no host sync (the offsets' values are trusted)."""
-    if Compute(compute) is not Compute.BF16:
-        raise ValueError(f"the grouped kernels run bf16 compute only (weights dequantized in registers); "
-                         f"got {Compute(compute).value!r}: FP8 / NVFP4 grouped MMAs are not built (docs/moe.md)")
-    variant(gemm, Compute.BF16, fmt)  # raises for a format without a bf16-compute kernel (fp8_row)
+             compute: str | Compute, gemm: Gemm) -> tuple[Variant, int, int, int]:
+    """(variant, E, N, K) after the checks that need no host sync (the offsets' values are trusted)."""
+    v = grouped_variant(gemm, compute, fmt)
     if input.dim() != 2:
         raise ValueError(f"want input (T, K): tokens sorted by expert, or the tokens a `rows` index gathers; "
                          f"got {tuple(input.shape)}")
@@ -287,7 +324,26 @@ def _checked(input: torch.Tensor, offsets: torch.Tensor, weight: Sequence[torch.
         raise ValueError(f"want offsets int32 (E+1,) = ({e + 1},); got {offsets.dtype} {tuple(offsets.shape)}")
     if triton.next_power_of_2(e) > 1024:
         raise ValueError(f"{e} experts: the in-kernel tile schedule holds at most 1024 groups")
-    return e, grouped_out_features(weight, fmt, k), k
+    return v, e, grouped_out_features(weight, fmt, k), k
+
+
+def _quantized(t: torch.Tensor, v: Variant) -> dict:
+    """The A operand as the variant's quantizer leaves it (the dense launcher's Triton quantizers), as
+    launch_grouped_gemm's (a, a_scale, a_mode). Every FP8 scale here is per row (1x128 blocks), so
+    quantizing all T tokens once and reading them through `rows` equals quantizing the gathered rows."""
+    aq = _quantize(t, v.quantizer)
+    return {"a": aq[0], "a_scale": aq[1] if len(aq) > 1 else None, "a_mode": v.a_mode}
+
+
+def _k_major_fp8_block(weight: Sequence[torch.Tensor]) -> dict:
+    """The kernel operands of a block-FP8 expert stack read K-major for the FP8 dgrad, as the dense dgrad
+    (launch.py: `transpose_fp8` of the data, the scales a transposed view): FP8 MMAs want the reduction
+    (here N) contiguous. One `transpose_fp8` over the flat (E*N, K) stack gives (K, E*N), where expert
+    e's W_e^T is columns e*N:(e+1)*N: an (E, K, N) view with strides (N, E*N, 1). E*N*K bytes per call."""
+    data, scale = weight
+    e, n, k = data.shape
+    w_t = transpose_fp8(data.reshape(e * n, k)).view(k, e, n).permute(1, 0, 2)
+    return {"w": w_t, "w_scale": scale.transpose(1, 2)}  # scales (E, ceil(K/128), ceil(N/128)), a view
 
 
 def _gather_index(rows: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor | None:
@@ -312,9 +368,11 @@ def grouped_lora_linear(input: torch.Tensor, offsets: torch.Tensor, weight: Sequ
     Two launches: the per-expert down-projection `hidden = x @ A_e^T` (the grouped kernel with A as
     a bf16 weight), then the base GEMM with the up-projection `s * hidden @ B_e^T` in its epilogue.
     S = T; with `rows (S,)` both read `x = input[rows]` through the index (no gathered copy).
+    `forward`: "bf16" (any format but fp8_row), or "fp8" for fp8_block weights (one more launch first:
+    the T tokens quantized to E4M3 per 1x128 block; a block-scaled FP8 MMA). Other pairs: ValueError.
     """
     fmt = WeightFormat(weight_format)
-    _, n, k = _checked(input, offsets, weight, fmt, forward, Gemm.OUTPUT)
+    v, _, n, k = _checked(input, offsets, weight, fmt, forward, Gemm.OUTPUT)
     rows = _gather_index(rows, input)
     x = input.to(torch.bfloat16)
     has_lora = lora_a is not None and lora_b is not None
@@ -324,9 +382,9 @@ def grouped_lora_linear(input: torch.Tensor, offsets: torch.Tensor, weight: Sequ
         hidden = launch_grouped_gemm(x, offsets, a16, None, W_BF16, False, a16.shape[1], None, None, 1.0,
                                      family="bf16", rows=rows)
         up = lora_b.to(torch.bfloat16)
-    v = variant(Gemm.OUTPUT, Compute.BF16, fmt)
-    out = launch_grouped_gemm(x, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=n, hidden=hidden, up=up,
-                              lora_scale=lora_scale, family=v.family, rows=rows, **_weight_operands(weight, fmt, k))
+    out = launch_grouped_gemm(offsets=offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=n, hidden=hidden, up=up,
+                              lora_scale=lora_scale, family=v.family, rows=rows, **_quantized(x, v),
+                              **_weight_operands(weight, fmt, k))
     return out, hidden if has_lora else x.new_empty((out.shape[0], 0))
 
 
@@ -343,9 +401,11 @@ def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor,
     weight read transposed and `A_e^T` (a view) as the epilogue's U. S = T; with `rows (S,)`,
     `grad_lora_a` (and a recomputed hidden) read `x = input[rows]` through the index, and
     grad_input stays per grouped row, (S, K): the caller sums it into the tokens.
+    `grad_input`: "bf16", or "fp8" for fp8_block weights (two more launches: the gradient quantized to
+    E4M3 per 1x128 along N, and the K-major copy of the weight stack; a block-scaled FP8 MMA).
     """
     fmt = WeightFormat(weight_format)
-    *_, k = _checked(input, offsets, weight, fmt, grad_input, Gemm.GRAD_INPUT)
+    v, *_, k = _checked(input, offsets, weight, fmt, grad_input, Gemm.GRAD_INPUT)
     rows = _gather_index(rows, input)
     s_rows = input.shape[0] if rows is None else rows.shape[0]
     if grad_output.dim() != 2 or grad_output.shape[0] != s_rows:
@@ -364,8 +424,9 @@ def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor,
         grad_b = launch_grouped_wgrad(g, lora_hidden.to(torch.bfloat16), offsets, lora_scale, lora_b.dtype)
         grad_a = launch_grouped_wgrad(gh, x, offsets, lora_scale, lora_a.dtype, rows=rows)
         up = a16.transpose(1, 2)  # U_e = A_e^T (K, r)
-    v = variant(Gemm.GRAD_INPUT, Compute.BF16, fmt)
-    dx = launch_grouped_gemm(g, offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,
-                             lora_scale=lora_scale, family=v.family, **_weight_operands(weight, fmt, k))
+    # FP8: the gradient E4M3 per 1x128 along N, against the K-major copy of the weight blocks (the dense dgrad's).
+    w_ops = _k_major_fp8_block(weight) if v.quantizer is Quantizer.FP8_BLOCK_E4M3 else _weight_operands(weight, fmt, k)
+    dx = launch_grouped_gemm(offsets=offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,
+                             lora_scale=lora_scale, family=v.family, **_quantized(g, v), **w_ops)
     return dx.to(input.dtype), grad_a, grad_b
 

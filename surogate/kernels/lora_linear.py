@@ -107,6 +107,34 @@ def _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, n0
 
 
 @triton.jit
+def _block_fp8_step(acc, a, w, as_ptr, ws_ptr, a_rows, cols_n, k0, n0, stride_asm, stride_ask, stride_ws0,
+                    stride_ws1, BLOCK_N: tl.constexpr, TRANS_W: tl.constexpr):
+    """acc + (a @ w) * a_scale[row, k0 // 128] * w_scale[n block, k0 // 128]: one K step of the
+    block-scaled FP8 GEMM (A_MODE 2), the product promoted into the FP32 accumulator with both block
+    scales. BLOCK_K divides 128, so the step lies in one 128-wide K block. `a_rows` are the rows of the
+    activation's scales (the A rows the tile loaded: gathered ones for a grouped GATHER); `n0` is the
+    tile's first output column. TRANS_W: the scales are indexed (K block, N block), else (N block, K block).
+    """
+    part = tl.dot(a, w)
+    # Activation scales are stored M-contiguous (quantize_fp8_block): one coalesced load.
+    a_blk_scale = tl.load(as_ptr + a_rows * stride_asm + (k0 // 128) * stride_ask)
+    if BLOCK_N <= 128:  # the tile lies in one 128-wide weight block: one scale, one FMA a value
+        n_blk = n0 // 128
+        if TRANS_W:
+            w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + n_blk * stride_ws1)
+        else:
+            w_blk_scale = tl.load(ws_ptr + n_blk * stride_ws0 + (k0 // 128) * stride_ws1)
+        acc += part * (a_blk_scale * w_blk_scale)[:, None]
+    else:
+        if TRANS_W:
+            w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + (cols_n // 128) * stride_ws1)
+        else:
+            w_blk_scale = tl.load(ws_ptr + (cols_n // 128) * stride_ws0 + (k0 // 128) * stride_ws1)
+        acc += part * a_blk_scale[:, None] * w_blk_scale[None, :]
+    return acc
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, grouped GROUP_M tiles along M so that programs running
     together share weight tiles in L2 (the Triton matmul tutorial's ordering)."""
@@ -179,22 +207,8 @@ def _lora_gemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if A_MODE == 2:  # block-scaled FP8: promote every 128 of K with both block scales
-            part = tl.dot(a, w)
-            # Activation scales are stored M-contiguous (quantize_fp8_block): one coalesced load.
-            a_blk_scale = tl.load(as_ptr + rows_m * stride_asm + (k0 // 128) * stride_ask)
-            if BLOCK_N <= 128:  # the tile lies in one 128-wide weight block: one scale, one FMA a value
-                n_blk = (pid_n * BLOCK_N) // 128
-                if TRANS_W:
-                    w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + n_blk * stride_ws1)
-                else:
-                    w_blk_scale = tl.load(ws_ptr + n_blk * stride_ws0 + (k0 // 128) * stride_ws1)
-                acc += part * (a_blk_scale * w_blk_scale)[:, None]
-            else:
-                if TRANS_W:
-                    w_blk_scale = tl.load(ws_ptr + (k0 // 128) * stride_ws0 + (cols_n // 128) * stride_ws1)
-                else:
-                    w_blk_scale = tl.load(ws_ptr + (cols_n // 128) * stride_ws0 + (k0 // 128) * stride_ws1)
-                acc += part * a_blk_scale[:, None] * w_blk_scale[None, :]
+            acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, pid_n * BLOCK_N, stride_asm,
+                                  stride_ask, stride_ws0, stride_ws1, BLOCK_N, TRANS_W)
         elif FP8_PROMOTE:  # fp8 on sm_90: add each tile's product in fp32 (max_num_imprecise_acc)
             acc += tl.dot(a, w)
         else:

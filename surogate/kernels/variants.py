@@ -11,6 +11,8 @@ factors' gradients, always three skinny bf16 cuBLAS GEMMs). For output and grad_
 - the shape rule (`CublasRule`, `scratch`) under which the call runs on cuBLAS instead, or
   dequantizes the weight once into a bf16 scratch buffer and then runs as bf16.
 
+`grouped_variant(...)` is the row the MoE grouped kernels (kernels/grouped.py) run for a (GEMM,
+compute, format), `grouped_compute(...)` the compute they have for a recipe's compute on a format.
 `route(...)` applies the rule to one call's shape. `plan()` (kernels/plan.py) and the CUDA launcher
 (kernels/launch.py) both call it, so what the plan names is what runs; `trace()` records what the
 launcher actually ran, for tests and `surogate info`. This module is pure data: importing it
@@ -213,6 +215,33 @@ def variant(gemm: "Gemm | str", compute: "Compute | str", weight_format: "Weight
         raise ValueError(f"no {getattr(gemm, 'value', gemm)} kernel for compute {getattr(compute, 'value', compute)!r} "
                          f"with weight_format {getattr(weight_format, 'value', weight_format)!r}; "
                          f"valid pairs: {valid}") from None
+
+
+# The weight formats whose MoE experts the grouped kernels (kernels/grouped.py) run with FP8 compute
+# (block-scaled FP8 MMA): the activation quantized E4M3 per 1x128 block against the stored 128x128
+# weight blocks. Every other format runs bf16 compute (dequantized in registers); fp8_row experts are
+# not run at all.
+GROUPED_FP8_FORMATS = frozenset({WeightFormat.FP8_BLOCK})
+
+
+def grouped_compute(compute: str | Compute, weight_format: str | WeightFormat) -> Compute:
+    """The compute the grouped kernels have for a recipe's `compute` on experts stored as `weight_format`:
+    FP8 where they run it (`GROUPED_FP8_FORMATS`: fp8_block), bf16 otherwise (dequantized in registers)."""
+    fp8 = Compute(compute) is Compute.FP8 and WeightFormat(weight_format) in GROUPED_FP8_FORMATS
+    return Compute.FP8 if fp8 else Compute.BF16
+
+
+def grouped_variant(gemm: Gemm | str, compute: str | Compute, weight_format: str | WeightFormat) -> Variant:
+    """The dense variant-table row whose modes, quantizer and config family the grouped kernel runs for
+    (gemm, compute, format): bf16 compute for bf16, fp8_block, nf4 and nvfp4 weights; fp8 compute for
+    fp8_block weights (`GROUPED_FP8_FORMATS`). Anything else is a ValueError naming what is supported."""
+    c, fmt = Compute(compute), WeightFormat(weight_format)
+    if c is Compute.BF16 or (c is Compute.FP8 and fmt in GROUPED_FP8_FORMATS):
+        return variant(gemm, c, fmt)  # raises for a format without a bf16-compute kernel (fp8_row)
+    fp8 = ", ".join(sorted(f.value for f in GROUPED_FP8_FORMATS))
+    raise ValueError(f"the grouped kernels run bf16 compute (weights dequantized in registers) for every format "
+                     f"but fp8_row, and fp8 compute (block-scaled FP8 MMA) for {fp8} weights only; got compute "
+                     f"{c.value!r} with weight_format {fmt.value!r} (docs/moe.md)")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from numerics import sqnr  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 FORMATS = ("bf16", "fp8_block", "nf4", "nvfp4")
+# (weight format, compute) of the grouped kernels: every format in bf16 compute, fp8_block also as FP8 MMAs.
+CASES = [*((f, "bf16") for f in FORMATS), ("fp8_block", "fp8")]
 FLOOR = 38.0  # dB against the reference: the same dequantized operands, FP32 accumulation in another order
 
 
@@ -42,9 +44,9 @@ def _routed(tokens: int, experts: int, top_k: int, seed: int) -> torch.Tensor:
     return counts
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt,compute", CASES)
 @pytest.mark.parametrize("n,k", [(1536, 2048), (2048, 768)], ids=["gate_up", "down"])
-def test_grouped_kernels_at_qwen3_30b_a3b_shapes(fmt, n, k):
+def test_grouped_kernels_at_qwen3_30b_a3b_shapes(fmt, compute, n, k):
     counts = _routed(512, 128, 8, seed=n)
     t, e, r = int(counts.sum()), 128, 16
     offsets = torch.tensor([0, *counts.cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -55,18 +57,18 @@ def test_grouped_kernels_at_qwen3_30b_a3b_shapes(fmt, n, k):
     b = torch.randn(e, n, r, device="cuda", generator=g) * 0.1
     go = torch.randn(t, n, device="cuda", generator=g).bfloat16()
     wl = surogate.ops.grouped.prepare_expert_weights(w, fmt)
-    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0)
-    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0)
+    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0, compute)
+    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, compute)
     assert sqnr(h, h_r) > FLOOR and sqnr(y, y_r) > FLOOR
-    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, h, 2.0)
-    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0)
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, h, 2.0, compute)
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0, compute)
     assert sqnr(gi, gi_r) > FLOOR and sqnr(ga, ga_r) > FLOOR and sqnr(gb, gb_r) > FLOOR
     idle = counts.eq(0).nonzero().flatten().tolist()
     assert not ga[idle].any() and not gb[idle].any()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_grouped_kernels_gather_rows_at_qwen3_30b_a3b_shapes(fmt):
+@pytest.mark.parametrize("fmt,compute", CASES)
+def test_grouped_kernels_gather_rows_at_qwen3_30b_a3b_shapes(fmt, compute):
     """x read through `rows = order // top_k` (no gathered copy) at gate_up's shape, against the reference."""
     tokens, e, top_k, r, n, k = 512, 128, 8, 16, 1536, 2048
     gen = torch.Generator().manual_seed(7)
@@ -83,12 +85,13 @@ def test_grouped_kernels_gather_rows_at_qwen3_30b_a3b_shapes(fmt):
     b = torch.randn(e, n, r, device="cuda", generator=g) * 0.1
     go = torch.randn(rows.shape[0], n, device="cuda", generator=g).bfloat16()
     wl = surogate.ops.grouped.prepare_expert_weights(w, fmt)
-    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0, rows=rows)
-    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, rows=rows)
+    y, h = grouped.grouped_lora_linear(x, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
+    y_r, h_r = rg.grouped_lora_linear_ref(x, offsets, wl, fmt, a, b, 2.0, compute, rows=rows)
     assert y.shape == (tokens * top_k, n)
     assert sqnr(h, h_r) > FLOOR and sqnr(y, y_r) > FLOOR
-    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, None, 2.0, rows=rows)
-    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0, rows=rows)
+    gi, ga, gb = grouped.grouped_lora_linear_backward(go, x, offsets, wl, fmt, a, b, None, 2.0, compute, rows=rows)
+    gi_r, ga_r, gb_r = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0, compute,
+                                                           rows=rows)
     assert gi.shape == (tokens * top_k, k)
     assert sqnr(gi, gi_r) > FLOOR and sqnr(ga, ga_r) > FLOOR and sqnr(gb, gb_r) > FLOOR
     assert not ga[-3:].any() and not gb[-3:].any()
