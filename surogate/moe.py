@@ -111,14 +111,11 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device
         swapped += 1
     lines = []
     if swapped:
-        fmt = SurogateExperts.__name__
-        lines.append(f"experts: {swapped} MoE blocks run as grouped ops ({fmt}: weights "
-                     f"{_experts_format(peft_model)}, bf16 MMAs, LoRA per expert in the epilogue)")
+        held = [m for m in peft_model.modules() if isinstance(m, SurogateExperts)]
+        formats = ", ".join(sorted({f"weights {m.weight_format}, {m.compute} MMAs" for m in held}))
+        lines.append(f"experts: {swapped} MoE blocks run as grouped ops (SurogateExperts: {formats}, LoRA per "
+                     "expert in the epilogue)")
     if left:
         lines.append(f"experts left as PEFT runs them ({len(left)}): {left[0]}")
     return lines
 
-
-def _experts_format(model: nn.Module) -> str:
-    formats = {m.weight_format for m in model.modules() if isinstance(m, SurogateExperts)}
-    return ", ".join(sorted(formats))

@@ -117,8 +117,11 @@ def test_quantized_experts_follow_fp32_on_the_same_operands_and_free_the_bf16_st
     loss, grads = _loss_and_grads(compiled, ids)
     loss_t, grads_t = _loss_and_grads(truth, ids)
     assert abs(loss - loss_t) < 1e-3 * loss_t
+    # qfp8 computes in FP8 (E4M3 activations and gradients per 1x128 block): measured min 0.9907; the others
+    # dequantize into bf16 MMAs: the same operands as the truth.
+    floor = 0.98 if recipe == "qfp8" else 0.998
     for key in grads:
-        assert F.cosine_similarity(grads[key], grads_t[key], dim=0) > 0.998, key
+        assert F.cosine_similarity(grads[key], grads_t[key], dim=0) > floor, key
 
 
 def test_twenty_steps_lower_the_loss_and_peft_loads_the_adapter_back(tmp_path):

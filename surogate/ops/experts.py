@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from surogate.ops.grouped import GROUPED_COMPUTE, grouped_lora_linear, prepare_expert_weights
+from surogate.kernels.variants import grouped_compute
+from surogate.ops.grouped import grouped_lora_linear, prepare_expert_weights
 from surogate.recipes import Recipe, WeightFormat, get
 
 # (name of the 3-D parameter, what it computes) of the experts layouts surogate runs.
@@ -27,8 +28,8 @@ EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 def experts_weight_format(recipe: "str | Recipe") -> WeightFormat:
     """How a recipe stores the experts: q-recipes as their weight format (the bf16 stacks freed); the
-    others keep bf16 experts, since the grouped kernels run bf16 MMAs and a cached FP8/FP4 copy would
-    only add memory."""
+    others keep bf16 experts (a cached FP8/FP4 copy beside the bf16 stack would only add memory: the
+    grouped kernels' FP8 MMA reads block-scaled fp8 experts, which only qfp8 stores)."""
     recipe = get(recipe)
     return WeightFormat.BF16 if recipe.keeps_bf16_weight else recipe.weight_format
 
@@ -71,7 +72,8 @@ class SurogateExperts(nn.Module):
         self.num_experts = int(experts.num_experts)
         self.act_fn = experts.act_fn
         self.weight_format = experts_weight_format(recipe).value
-        self.compute = GROUPED_COMPUTE
+        # qfp8: FP8 MMAs on the fp8_block experts; every other recipe: bf16 MMAs (dequantized in registers).
+        self.compute = grouped_compute(get(recipe).forward, self.weight_format).value
         self.hidden_size, self.intermediate_size = experts.down_proj.shape[1], experts.down_proj.shape[2]
         self._n_parts = {}
         for name in EXPERT_PARAMETERS:

@@ -23,7 +23,8 @@ from surogate.kernels import reference_grouped
 from surogate.ops.lora_linear import _FORMATS, _LIST_LEN, _NF4, _assert_finite, _empty_if_none, _value
 from surogate.recipes import Compute, WeightFormat
 
-# The grouped kernels dequantize every weight format to a bf16 MMA; FP8 / NVFP4 grouped MMAs are not built.
+# The default compute: every weight format dequantized in registers to a bf16 MMA. fp8_block experts also
+# run FP8 MMAs (compute "fp8"; `variants.grouped_compute` says which compute a recipe gets).
 GROUPED_COMPUTE = Compute.BF16.value
 
 

@@ -147,7 +147,8 @@ def test_moe_model_on_cuda_follows_fp32_peft(name, recipe):
         cos = F.cosine_similarity(got[key].flatten(), want[key].flatten(), dim=0).item()
         # 0.98: the truth runs the dense layers in FP32 too, so a near-tie in the second layer's top-k
         # routing can go the other way (mixtral-qnf4, top-2 of 8: 0.98999 on layer 1's lora_B, H200).
-        assert cos > 0.98, (key, cos)
+        # qfp8 adds FP8 (E4M3) activations and gradients: 0.9907 on the CPU's tiny Qwen3-MoE; not yet measured here.
+        assert cos > (0.97 if recipe == "qfp8" else 0.98), (key, cos)
 
 
 def test_moe_step_is_captured_in_a_cuda_graph_and_follows_eager():
