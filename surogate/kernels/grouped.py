@@ -6,11 +6,11 @@ finds its (expert, M tile) from `offsets` itself (`_group_tile`), so the launche
 the group sizes on the host (no sync: the grid comes from T and E alone) nor a tile table built by
 another launch. The grid is an upper bound, `cdiv(T, BLOCK_M) + E` M tiles (each group adds at
 most one partial tile) times the N tiles; programs past the real tile count return at once.
-Each tile reads its expert's weight through the dense kernel's helpers: `_weight_tile`
-(bf16 as stored; fp8_block, nf4, nvfp4 decoded in registers for a bf16 MMA; or block FP8 as stored for
-an FP8 MMA), `_block_fp8_step` (FP8 compute: one K step's product scaled by the activation's 1x128
-and the weight's 128x128 block scales into the FP32 accumulator) and `_lora_epilogue` (the per-expert
-LoRA up-projection accumulated into the GEMM accumulator); `_tile_ids` gives the L2-friendly
+Each tile runs the dense kernel's K step on its expert's weight, `_k_step` (the weight tile by
+`_weight_tile`: bf16 as stored; fp8_block, nf4, nvfp4 decoded in registers for a bf16 MMA; or block FP8
+as stored for an FP8 MMA whose product `_block_fp8_step` scales by the activation's 1x128 and the
+weight's 128x128 block scales), and the dense `_lora_epilogue` (the per-expert LoRA up-projection
+accumulated into the GEMM accumulator); `_tile_ids` gives the L2-friendly
 program order over the virtual (M tile, N tile) grid.
 
 One call of the grouped LoRA linear is three launches, as the dense op's Triton route:
@@ -58,12 +58,11 @@ from surogate.kernels import tuning
 from surogate.kernels.configs import block_r, interpreting
 from surogate.kernels.launch import _quantize
 from surogate.kernels.lora_linear import (
-    _block_fp8_step,
     _gemm_metadata,
+    _k_step,
     _lora_epilogue,
     _prescale,
     _tile_ids,
-    _weight_tile,
 )
 from surogate.kernels.reference_grouped import grouped_out_features
 from surogate.kernels.transpose import transpose_fp8
@@ -149,24 +148,11 @@ def _grouped_lora_gemm_kernel(
         a_rows = rows_m
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # The dense kernel's weight tile (dequantized in registers for W_MODE >= 3, then a bf16 MMA;
-        # block FP8 as stored for W_MODE 2).
-        w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, pid_n * BLOCK_N, mask_k,
-                         mask_n, K, N, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE,
-                         TRANS_W)
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if A_MODE == 2:  # block-scaled FP8 MMA, promoted every K step with both block scales (dense kernel's)
-            acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, a_rows, cols_n, k0, pid_n * BLOCK_N, stride_asm,
-                                  stride_ask, stride_ws0, stride_ws1, BLOCK_N, TRANS_W)
-        else:
-            acc = tl.dot(a, w, acc)
+    for k0 in range(0, K, BLOCK_K):  # the dense kernel's K step, on this expert's weight and the tile's rows
+        acc = _k_step(acc, a_ptr, a_rows, mask_m, k0, offs_k, offs_n, mask_n, cols_n, stride_am, stride_ak,
+                      w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, as_ptr, K, N, Kw, pid_n * BLOCK_N, stride_w0,
+                      stride_w1, stride_ws0, stride_ws1, stride_asm, stride_ask, BLOCK_K, BLOCK_N, A_MODE, W_MODE,
+                      TRANS_W, UPCAST, False)
 
     if HAS_LORA:
         acc = _lora_epilogue(acc, h_ptr, u_ptr + e64 * stride_ue, rows_m, cols_n, mask_m, mask_n, R,

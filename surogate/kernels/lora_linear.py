@@ -135,6 +135,34 @@ def _block_fp8_step(acc, a, w, as_ptr, ws_ptr, a_rows, cols_n, k0, n0, stride_as
 
 
 @triton.jit
+def _k_step(acc, a_ptr, a_rows, mask_m, k0, offs_k, offs_n, mask_n, cols_n, stride_am, stride_ak,
+            w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, as_ptr, K, N, Kw, n0, stride_w0, stride_w1,
+            stride_ws0, stride_ws1, stride_asm, stride_ask, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+            A_MODE: tl.constexpr, W_MODE: tl.constexpr, TRANS_W: tl.constexpr, UPCAST: tl.constexpr,
+            FP8_PROMOTE: tl.constexpr):
+    """One K step of the LoRA GEMM's base product, shared by the dense and the grouped kernel: the A tile
+    of rows `a_rows` (gathered ones for a grouped GATHER), the weight tile (`_weight_tile`), then the MMA
+    the modes say (block-scaled FP8 with both scales, fp8 promoted per tile on sm_90, or plain)."""
+    kk = k0 + offs_k
+    mask_k = kk < K
+    a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, n0, mask_k, mask_n, K, N, Kw,
+                     stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE, TRANS_W)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    if A_MODE == 2:  # block-scaled FP8: promote every 128 of K with both block scales
+        acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, a_rows, cols_n, k0, n0, stride_asm, stride_ask,
+                              stride_ws0, stride_ws1, BLOCK_N, TRANS_W)
+    elif FP8_PROMOTE:  # fp8 on sm_90: add each tile's product in fp32 (max_num_imprecise_acc)
+        acc += tl.dot(a, w)
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, grouped GROUP_M tiles along M so that programs running
     together share weight tiles in L2 (the Triton matmul tutorial's ordering)."""
@@ -196,23 +224,10 @@ def _lora_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        a = tl.load(a_ptr + rows_m[:, None] * stride_am + kk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _weight_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, kk, offs_n, k0, pid_n * BLOCK_N, mask_k,
-                         mask_n, K, N, Kw, stride_w0, stride_w1, stride_ws0, stride_ws1, BLOCK_K, BLOCK_N, W_MODE,
-                         TRANS_W)
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if A_MODE == 2:  # block-scaled FP8: promote every 128 of K with both block scales
-            acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, pid_n * BLOCK_N, stride_asm,
-                                  stride_ask, stride_ws0, stride_ws1, BLOCK_N, TRANS_W)
-        elif FP8_PROMOTE:  # fp8 on sm_90: add each tile's product in fp32 (max_num_imprecise_acc)
-            acc += tl.dot(a, w)
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = _k_step(acc, a_ptr, rows_m, mask_m, k0, offs_k, offs_n, mask_n, cols_n, stride_am, stride_ak,
+                      w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, as_ptr, K, N, Kw, pid_n * BLOCK_N, stride_w0,
+                      stride_w1, stride_ws0, stride_ws1, stride_asm, stride_ask, BLOCK_K, BLOCK_N, A_MODE, W_MODE,
+                      TRANS_W, UPCAST, FP8_PROMOTE)
 
     # Row / channel scales are loaded after the loop: held across it they spilled registers.
     if A_MODE == 1:  # per-row activation scale
