@@ -141,15 +141,14 @@ def probe_builds(request) -> dict[tuple[str, str], Build]:
     return _build_all(_selected(request.session, "test_probe_gemm_emits_the_mma_class_of_the_arch_table"))
 
 
-# The MoE grouped kernels built on every arch by default (24 builds, ~16 s on two cores with a cold Triton
+# The MoE grouped kernels built on every arch by default (12 builds, ~8 s on two cores with a cold Triton
 # cache): a dequant-in-registers forward with the LoRA epilogue and x gathered by rows (as the MoE block
-# runs it), the bf16 dgrad (W read transposed, the widest tiles), the block-FP8 MMA forward (gathered)
-# and dgrad (qfp8's experts: QGMMA on sm_90, QMMA on sm_89 / sm_120, UTCQMMA on sm_100, E4M3.E4M3) and
-# the factor-gradient kernel, plain and gathered. The other weight modes, the ungathered forwards and
-# the LoRA factor GEMMs are `slow`: pytest -m slow -k grouped tests/test_aot_sass.py.
-GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4_gather", "grouped_grad_input_bf16",
-                             "grouped_lora_linear_fp8_block_gather", "grouped_grad_input_fp8_block",
-                             "grouped_grad_lora", "grouped_grad_lora_gather"})
+# runs it), the block-FP8 MMA dgrad (qfp8's experts, W read transposed: QGMMA on sm_90, QMMA on sm_89 /
+# sm_120, UTCQMMA on sm_100, E4M3.E4M3) and the gathered factor-gradient kernel. The other weight modes,
+# the bf16 dgrad, the FP8 forward, the ungathered kernels and the LoRA factor GEMMs are `slow`:
+# pytest -m slow -k grouped tests/test_aot_sass.py.
+GROUPED_DEFAULT = frozenset({"grouped_lora_linear_dequant_nf4_gather", "grouped_grad_input_fp8_block",
+                             "grouped_grad_lora_gather"})
 
 
 def _catalog_cases() -> list:

@@ -86,7 +86,10 @@ def test_reference_is_a_loop_of_dense_references(pair) -> None:
 # (format, group sizes, rank, compute): every format on COUNTS in bf16 compute, fp8_block also in fp8 compute;
 # bf16, nf4 (the flat per-expert layout) and fp8 compute also on a group of two M tiles beside two empty
 # middle groups, at r = 16 (fp8 `slow`: the routed case below has groups of 3 M tiles in fp8 compute).
-KERNEL_CASES = [*((f, COUNTS, 4, "bf16") for f in KERNEL_FORMATS), ("fp8_block", COUNTS, 4, "fp8"),
+# Without `rows` (the down projection's path); fp8_block and nvfp4 in bf16 compute and bf16 at r = 4 are
+# `slow`: the routed cases below run every format through the same weight tiles with `rows`.
+KERNEL_CASES = [*(pytest.param(f, COUNTS, 4, "bf16", marks=pytest.mark.slow) for f in ("bf16", "fp8_block", "nvfp4")),
+                ("nf4", COUNTS, 4, "bf16"), ("fp8_block", COUNTS, 4, "fp8"),
                 *((f, [3, 0, 0, 30, 2], 16, "bf16") for f in ("bf16", "nf4")),
                 pytest.param("fp8_block", [3, 0, 0, 30, 2], 16, "fp8", marks=pytest.mark.slow)]
 
@@ -179,7 +182,7 @@ def test_grouped_kernel_reads_rows_through_the_index(fmt, compute) -> None:
     assert not ga[[0, 4]].any() and not gb[[0, 4]].any()
 
 
-@pytest.mark.parametrize("compute,fmt", [("bf16", "bf16"), ("fp8", "fp8_block")])
+@pytest.mark.parametrize("compute,fmt", [("bf16", "bf16"), pytest.param("fp8", "fp8_block", marks=pytest.mark.slow)])
 def test_grouped_kernel_with_rows_is_the_kernel_on_the_gathered_copy(compute, fmt) -> None:
     """Reading through the index changes which memory a tile loads, nothing else: bit for bit the
     kernels on `tokens[rows]`, the recomputed hidden (no saved one) included (one format per compute:
