@@ -126,7 +126,7 @@ class SurogateExperts(nn.Module):
         # One grouped GEMM of every expert against the identity dequantizes through the op itself.
         eye = torch.eye(k, dtype=torch.bfloat16, device=device).repeat(e, 1)
         offsets = torch.arange(e + 1, device=device, dtype=torch.int32) * k
-        out = grouped_lora_linear(eye, offsets, self.weight_list(name), self.weight_format, compute=self.compute)
+        out = grouped_lora_linear(eye, offsets, self.weight_list(name), self.weight_format)  # bf16 MMA: exact
         return out.view(e, k, -1).transpose(1, 2).contiguous().to(dtype)
 
     def extra_repr(self) -> str:
