@@ -14,3 +14,21 @@ def cache_dir() -> Path:
         return Path(os.environ["SUROGATE_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "surogate"
+
+
+def source_tag() -> str:
+    """`surogate-<hash>` of this package's Python sources: changes whenever an op, its fake or a kernel does."""
+    global _SOURCE_TAG
+    if _SOURCE_TAG is None:
+        import hashlib
+
+        digest = hashlib.sha1()
+        package = Path(__file__).resolve().parent
+        for path in sorted(package.rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
+        _SOURCE_TAG = f"surogate-{digest.hexdigest()[:12]}"
+    return _SOURCE_TAG
+
+
+_SOURCE_TAG: str | None = None

@@ -48,3 +48,19 @@ def quiet_peft_deprecations():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def tag_compile_cache(tag: str) -> bool:
+    """Add `tag` to torch.compile's cache keys (`torch.compiler.config.cache_key_tag`, kept with the user's
+    own tag). Inductor's FX-graph cache does not hash a custom op's fake implementation or its Triton
+    kernels, so without it a persistent cache serves code compiled against an older surogate (seen: stride
+    asserts from a changed fake, bench/NOTES.md run 42). False where this torch has no such key."""
+    import torch
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return False
+    current = config.cache_key_tag or ""
+    if tag not in current.split("+"):
+        config.cache_key_tag = f"{current}+{tag}" if current else tag
+    return True

@@ -26,6 +26,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from surogate import moe
+from surogate.cache import source_tag
+from surogate.compat import tag_compile_cache
 from surogate.kernels.plan import plan
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
@@ -76,6 +78,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
                         f"got {checkpoint!r}")
     rec = get(recipe)  # unknown names raise with the list of valid ones
+    tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
     the_plan = plan(rec, arch_name).check(allow_emulation)
     # Every check runs on the model as given, before anything changes it: a refused model is left as it was.

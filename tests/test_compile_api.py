@@ -233,3 +233,19 @@ def test_whole_model_capture_without_regions():
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and len(model.surogate_report.rewritten) == 14  # 7 per layer, both layers
+
+
+def test_compile_tags_the_torch_compile_cache_with_surogates_sources(monkeypatch):
+    """Inductor's FX-graph cache does not hash a custom op's fake or kernels: the key carries surogate's
+    source hash, beside a tag the user set."""
+    import torch
+
+    from surogate.cache import source_tag
+    from surogate.compat import tag_compile_cache
+
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    assert tag_compile_cache(source_tag())
+    assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
+    tag_compile_cache(source_tag())  # idempotent
+    assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
+    assert source_tag().startswith("surogate-") and len(source_tag()) == len("surogate-") + 12
