@@ -226,7 +226,7 @@ def markdown(records: list[dict], env: dict) -> str:
              f"triton {env.get('triton', '?')}, commit {env.get('commit', '?')})", "",
              f"One optimizer step (batch {shape.get('batch', '?')} x seq {shape.get('seq', '?')}, "
              f"grad accumulation {shape.get('accum', '?')}, AdamW fused) under torch.profiler after "
-             f"{shape.get('warmup', '?')} warm-up steps; LoRA r=16 on the 7 projections (bench/tps.py). "
+             f"{shape.get('warmup', '?')} warm-up steps; LoRA r=16 as bench/tps.py's lora_config (the 7 projections; MoE: attention and every expert). "
              "Time per category is the sum of its GPU activities' durations, as a share of the profiled "
              "step's wall time; categories on concurrent streams may overlap. Idle = wall - union of GPU "
              "busy intervals; the profiler slows the CPU side, so it is an upper bound. surogate systems replay "
@@ -455,7 +455,7 @@ def _summary_line(r: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="0.6B,8B", help="comma list of Qwen3 sizes (bench/tps.py QWEN3)")
+    p.add_argument("--models", default="0.6B,8B", help="comma list of model sizes (bench/tps.py QWEN3 and QWEN3_MOE, e.g. 30B-A3B)")
     p.add_argument("--systems", default="hf_compile,surogate:bf16,surogate:fp8",
                    help="comma list of bench/tps.py systems: hf_eager, hf_compile, liger, bnb_nf4, surogate:<recipe>")
     p.add_argument("--warmup", type=int, default=2, help="full optimizer steps before the profiled one")
