@@ -18,7 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from surogate.ops.experts import EXPERT_PARAMETERS, SurogateExperts, experts_lora_class, unsupported_experts
+from surogate.ops.experts import (
+    EXPERT_PARAMETERS,
+    SurogateExperts,
+    experts_lora_class,
+    experts_weight_format,
+    unsupported_experts,
+)
 from surogate.recipes import Recipe
 
 
@@ -91,7 +97,7 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device
         experts = chain[-1].base_layer if chain else module
         if not _is_experts(experts) or hasattr(experts, "base_layer"):
             continue
-        why = unsupported_experts(experts)
+        why = unsupported_experts(experts, experts_weight_format(recipe))
         if why:
             left.append(f"{name} ({type(experts).__name__}: {why})")
             continue

@@ -285,3 +285,22 @@ def test_info_shows_where_each_kernel_hands_over_to_cublas(capsys):
     out = capsys.readouterr().out
     route = next(line for line in out.splitlines() if line.strip().startswith("lora_linear_fp8_block "))
     assert "always this Triton kernel" in route
+
+
+def test_train_a_moe_model_dir_trains_lora_on_every_expert(tmp_path, cache, capsys):
+    """`surogate train` on a user's Qwen3-MoE folder: the experts get LoRA by default and run as grouped ops
+    (qfp8: block-FP8 experts, FP8 compute), and the adapter PEFT writes holds each expert's factors."""
+    model_dir = save_tiny_model(tmp_path / "moe", arch="qwen3_moe")
+    raw = tiny_raw_config(model_dir, tmp_path / "out", recipe="qfp8", lora_target_modules=["q_proj", "v_proj"],
+                          max_steps=2, eval_steps=2)
+    assert main(["train", write_config(tmp_path / "moe.yaml", raw)]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    attention = 4 * ((32 + 32) + (32 + 16))
+    experts = 4 * 4 * ((32 + 2 * 16) + (16 + 32))  # r x E x (gate_up: K + N, down: K + N)
+    assert metrics["parameters"]["trainable"] == attention + experts
+    assert math.isfinite(metrics["final_train_loss"])
+    report = (tmp_path / "out" / "compile_report.txt").read_text()
+    assert "experts: 1 MoE blocks run as grouped ops (SurogateExperts: weights fp8_block, fp8 MMAs" in report
+    adapter_cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter_cfg["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]

@@ -282,3 +282,13 @@ def test_a_cpu_model_for_a_gpu_arch_without_cuda_is_refused_with_what_to_do(monk
     with pytest.raises(ValueError, match="arch sm_90 needs the model on a CUDA device .*pass arch='cpu'"):
         surogate.compile(model, recipe="qnf4", arch="sm_90")
     assert not hasattr(model, "peft_config")
+
+
+def test_nf4_experts_of_a_shape_nf4_cannot_hold_stay_with_peft_and_say_what_to_use():
+    sizes = {**C, "hidden_size": 32, "intermediate_size": 64}
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(moe_configs(sizes, 8, 4, 2, 16)["qwen3_moe"]()).to(torch.bfloat16)
+    compiled = surogate.compile(model, recipe="qnf4", arch="cpu")
+    report = str(compiled.surogate_report)
+    assert "experts left as PEFT runs them (2)" in report and "divisible by 64 (got 32 and 16); use qfp8" in report
+    assert not any(isinstance(m, SurogateExperts) for m in compiled.modules())

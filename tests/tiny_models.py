@@ -1,4 +1,4 @@
-"""Tiny random Llama and Qwen3 folders saved with save_pretrained (no tokenizer: `surogate train` uses its
+"""Tiny random Llama, Qwen3 and Qwen3-MoE folders saved with save_pretrained (no tokenizer: `surogate train` uses its
 embedded default), and the small config that trains on them in seconds: what a user's own model looks like
 to the CLI, without a download."""
 
@@ -15,7 +15,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
     """A 1-layer, hidden-32 causal LM in bf16 with the default tokenizer's vocabulary, saved to `path`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -23,7 +23,10 @@ def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
     shape = {"vocab_size": DEFAULT_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
              "max_position_embeddings": MAX_POSITIONS, "initializer_range": 0.1}
-    config = Qwen3Config(**shape) if arch == "qwen3" else LlamaConfig(**shape)
+    if arch == "qwen3_moe":  # 4 experts of 16, top-2
+        config = Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    else:
+        config = Qwen3Config(**shape) if arch == "qwen3" else LlamaConfig(**shape)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return path
 

@@ -34,9 +34,10 @@ def experts_weight_format(recipe: "str | Recipe") -> WeightFormat:
     return WeightFormat.BF16 if recipe.keeps_bf16_weight else recipe.weight_format
 
 
-def unsupported_experts(module: nn.Module) -> str | None:
+def unsupported_experts(module: nn.Module, weight_format: "WeightFormat | str | None" = None) -> str | None:
     """Why surogate cannot run this experts module (None when it can): the layouts of Qwen3-MoE,
-    Mixtral and Qwen2-MoE (gate and up concatenated, (E, N, K) weights, no bias, the default gate)."""
+    Mixtral and Qwen2-MoE (gate and up concatenated, (E, N, K) weights, no bias, the default gate), and
+    the shapes `weight_format` can hold (NF4 experts: K of both GEMMs a multiple of 64)."""
     params = {name: getattr(module, name, None) for name in EXPERT_PARAMETERS}
     if not all(isinstance(p, Tensor) and p.dim() == 3 for p in params.values()):
         return "no 3-D gate_up_proj and down_proj parameters"
@@ -53,6 +54,8 @@ def unsupported_experts(module: nn.Module) -> str | None:
     if n2 % 2 or params["down_proj"].shape != (e, h, n2 // 2):
         return f"gate_up_proj {tuple(params['gate_up_proj'].shape)} and down_proj " \
                f"{tuple(params['down_proj'].shape)} are not (E, 2I, H) and (E, H, I)"
+    if weight_format is not None and WeightFormat(weight_format) is WeightFormat.NF4 and (h % 64 or n2 // 2 % 64):
+        return f"NF4 experts need hidden and expert sizes divisible by 64 (got {h} and {n2 // 2}); use qfp8"
     return None
 
 
@@ -66,12 +69,12 @@ class SurogateExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, recipe: "str | Recipe", device: "torch.device | None" = None) -> None:
         super().__init__()
-        why = unsupported_experts(experts)
+        self.weight_format = experts_weight_format(recipe).value
+        why = unsupported_experts(experts, self.weight_format)
         if why:
             raise ValueError(f"surogate cannot run {type(experts).__name__}: {why}")
         self.num_experts = int(experts.num_experts)
         self.act_fn = experts.act_fn
-        self.weight_format = experts_weight_format(recipe).value
         # qfp8: FP8 MMAs on the fp8_block experts; every other recipe: bf16 MMAs (dequantized in registers).
         self.compute = grouped_compute(get(recipe).forward, self.weight_format).value
         self.hidden_size, self.intermediate_size = experts.down_proj.shape[1], experts.down_proj.shape[2]
