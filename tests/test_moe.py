@@ -19,12 +19,10 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 import surogate
-from surogate import moe
+from surogate import moe, ops
 from surogate.compiler import _attach_lora
-from surogate.kernels.reference_grouped import lora_factors_from_peft
-from surogate import ops
 from surogate.ops import grouped
-from surogate.ops.experts import SurogateExperts
+from surogate.ops.experts import SurogateExperts, lora_factors_from_peft
 from surogate.ops.modules import parameter_counts
 
 C = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

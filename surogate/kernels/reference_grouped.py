@@ -55,7 +55,7 @@ from surogate.kernels.variants import weight_format_of as _weight_format
 from surogate.recipes.recipe import Compute, WeightFormat
 
 __all__ = ["check_offsets", "check_rows", "expert_weight", "grouped_lora_linear_backward_ref",
-           "grouped_lora_linear_ref", "grouped_out_features", "lora_factors_from_peft", "quantize_grouped_weight_ref",
+           "grouped_lora_linear_ref", "grouped_out_features", "quantize_grouped_weight_ref",
            "stack_expert_weights"]
 
 GROUPED_COMPUTES = (Compute.BF16, Compute.FP8)
@@ -254,23 +254,3 @@ def grouped_lora_linear_backward_ref(
             acc = acc + lora_scale * (tg.float() @ a.float())
         dx[lo:hi] = acc.to(dtype)
     return dx, grad_a, grad_b
-
-
-def lora_factors_from_peft(lora_a_weight: torch.Tensor, lora_b_weight: torch.Tensor, num_experts: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's `ParamWrapper` factors of a 3-D expert parameter -> `(A (E, r, K), B (E, N, r))`, views.
-
-    PEFT 0.21 (`target_parameters`) keeps one `nn.Linear` pair for all experts: `lora_A.weight
-    (r*E, K)` with expert e's rows at `e*r:(e+1)*r` (expert-major), and `lora_B.weight (N, r*E)`
-    with expert e's rank j at column `j*E + e` (rank-major). Its delta for expert e is
-    `scaling * B_e @ A_e` (`ParamWrapper.get_delta_factors`); tests/test_kernels_grouped.py pins this
-    against a PEFT-wrapped Qwen3-MoE block.
-    """
-    rk, k = lora_a_weight.shape
-    n = lora_b_weight.shape[0]
-    if rk % num_experts or lora_b_weight.shape[1] != rk:
-        raise ValueError(f"PEFT expert factors are lora_A (r*E, K) and lora_B (N, r*E) with E={num_experts}; "
-                         f"got {tuple(lora_a_weight.shape)} and {tuple(lora_b_weight.shape)}")
-    a = lora_a_weight.reshape(num_experts, rk // num_experts, k)
-    b = lora_b_weight.reshape(n, rk // num_experts, num_experts).permute(2, 0, 1)
-    return a, b

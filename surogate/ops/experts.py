@@ -137,6 +137,26 @@ class SurogateExperts(nn.Module):
                 f"weight_format={self.weight_format}, compute={self.compute}")
 
 
+def lora_factors_from_peft(lora_a_weight: torch.Tensor, lora_b_weight: torch.Tensor, num_experts: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's `ParamWrapper` factors of a 3-D expert parameter -> `(A (E, r, K), B (E, N, r))`, views.
+
+    PEFT 0.21 (`target_parameters`) keeps one `nn.Linear` pair for all experts: `lora_A.weight
+    (r*E, K)` with expert e's rows at `e*r:(e+1)*r` (expert-major), and `lora_B.weight (N, r*E)`
+    with expert e's rank j at column `j*E + e` (rank-major). Its delta for expert e is
+    `scaling * B_e @ A_e` (`ParamWrapper.get_delta_factors`); tests/test_kernels_grouped.py pins this
+    against a PEFT-wrapped Qwen3-MoE block.
+    """
+    rk, k = lora_a_weight.shape
+    n = lora_b_weight.shape[0]
+    if rk % num_experts or lora_b_weight.shape[1] != rk:
+        raise ValueError(f"PEFT expert factors are lora_A (r*E, K) and lora_B (N, r*E) with E={num_experts}; "
+                         f"got {tuple(lora_a_weight.shape)} and {tuple(lora_b_weight.shape)}")
+    a = lora_a_weight.reshape(num_experts, rk // num_experts, k)
+    b = lora_b_weight.reshape(n, rk // num_experts, num_experts).permute(2, 0, 1)
+    return a, b
+
+
 def peft_expert_factors(wrapper: nn.Module, adapter: str) -> tuple[Tensor, Tensor, float]:
     """PEFT 0.21's factors of one targeted expert parameter as `(A (E, r, K), B (E, N, r), scale)` views.
 
@@ -144,8 +164,6 @@ def peft_expert_factors(wrapper: nn.Module, adapter: str) -> tuple[Tensor, Tenso
     (N, r*E)` holds expert e's rank j at column `j*E + e` (rank-major); the delta of expert e is
     `scaling * B_e @ A_e` (PEFT's `ParamWrapper.get_delta_weight`; pinned by tests/test_moe.py).
     """
-    from surogate.kernels.reference_grouped import lora_factors_from_peft
-
     a, b = lora_factors_from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
                                   wrapper.num_experts)
     return a, b, wrapper.scaling[adapter]
