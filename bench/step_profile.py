@@ -386,13 +386,13 @@ def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(accum)]
     micro_step = tps.micro_step_fn(model, system, accum)
-    unprofiled = None
-    for _ in range(warmup):
+    unprofiled = None  # the last warm-up step's wall time; the first step compiles, so it counts from the second
+    for i in range(warmup):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         _step(micro_step, opt, batches)
         torch.cuda.synchronize()
-        unprofiled = time.perf_counter() - t0
+        unprofiled = time.perf_counter() - t0 if i > 0 else None
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
