@@ -31,6 +31,7 @@ from surogate.compat import tag_compile_cache
 from surogate.kernels.plan import plan
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
+from surogate.weight_packing import pack_shared_input_weights
 from surogate.passes import CompileReport, PassContext, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
@@ -113,6 +114,12 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     swapped = _swap_base_layers(targets, rec, undo, device)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
+    if horizontal:
+        packed = pack_shared_input_weights(targets, rec, undo, device)
+        if packed:
+            report.note(f"{len(packed)} groups of linears that share their input (e.g. "
+                        f"{', '.join(n.rsplit('.', 1)[-1] for n in packed[0])}) hold their frozen weights packed in one "
+                        f"buffer, which the fused GEMM reads whole")
     for line in moe.swap_experts(peft_model, rec, undo, device):
         report.note(line)
     if device is not None:

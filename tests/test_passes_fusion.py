@@ -103,9 +103,11 @@ def test_horizontal_refuses_fp8_row():
     assert any("per-member scales" in what for what, _ in report.groups)
 
 
-def _weights_kept_for_backward(recipe: str) -> list[tuple[int, ...]]:
-    """Shapes of the concatenated frozen weights that the forward of a tiny compiled Qwen3 keeps for the
-    backward, partitioned by Inductor's min-cut partitioner (the one CUDA training uses)."""
+def _frozen_concatenations(recipe: str, packed: bool = True) -> tuple[list, list, str]:
+    """(shapes of the concatenated frozen weights that the forward of a tiny compiled Qwen3 keeps for the
+    backward, shapes of every frozen-weight concatenation in its forward and backward graphs), partitioned
+    by Inductor's min-cut partitioner (the one CUDA training uses). `packed=False` undoes compile's
+    packing before the first forward, so the pass concatenates in the graph."""
     from unittest import mock
 
     import transformers as T
@@ -114,8 +116,14 @@ def _weights_kept_for_backward(recipe: str) -> list[tuple[int, ...]]:
 
     import surogate
     import surogate.compiler as compiler
+    from surogate import weight_packing
 
     kept: list[tuple[int, ...]] = []
+    cats: list[tuple[int, ...]] = []
+
+    def frozen_cats(graph):  # LoRA A is fp32: trainable, not frozen
+        return [n for n in graph.nodes if n.target is torch.ops.aten.cat.default and n.meta["val"].dtype != torch.float32
+                and n.meta["val"].dim() == 2 and n.meta["val"].shape[-1] == 256]
 
     def backend_with_partitioner(rec, arch, report, options=None):
         def backend(gm, example_inputs):
@@ -123,14 +131,16 @@ def _weights_kept_for_backward(recipe: str) -> list[tuple[int, ...]]:
 
             def forward_compiler(fw, _inputs):
                 outputs = next(n for n in fw.graph.nodes if n.op == "output").args[0]
-                kept.extend(tuple(o.meta["val"].shape) for o in outputs
-                            if isinstance(o, torch.fx.Node) and o.target is torch.ops.aten.cat.default
-                            and o.meta["val"].dtype != torch.float32)  # LoRA A is fp32: trainable, not frozen
+                kept.extend(tuple(o.meta["val"].shape) for o in outputs if o in frozen_cats(fw.graph))
+                cats.extend(tuple(n.meta["val"].shape) for n in frozen_cats(fw.graph))
                 return fw
 
+            def backward_compiler(bw, _inputs):
+                cats.extend(tuple(n.meta["val"].shape) for n in frozen_cats(bw.graph))
+                return bw
+
             return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
-                                         bw_compiler=lambda bw, _inputs: bw,
-                                         partition_fn=min_cut_rematerialization_partition)
+                                         bw_compiler=backward_compiler, partition_fn=min_cut_rematerialization_partition)
         return backend
 
     torch.manual_seed(0)
@@ -139,13 +149,26 @@ def _weights_kept_for_backward(recipe: str) -> list[tuple[int, ...]]:
     model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     with mock.patch.object(compiler, "make_backend", backend_with_partitioner):
         model = surogate.compile(model, recipe=recipe, arch="cpu")
-    ids = torch.randint(0, 128, (1, 32))
-    model(input_ids=ids, labels=ids).loss.backward()
-    return kept
+        if not packed:
+            assert weight_packing.unpack(model) == 5  # q, k, v, gate, up
+        ids = torch.randint(0, 128, (1, 32))
+        model(input_ids=ids, labels=ids).loss.backward()
+    return kept, cats, str(model.surogate_report)
 
 
-def test_memory_first_recipes_recompute_the_concatenated_weights_in_the_backward():
-    """bf16 keeps the q/k/v and gate/up concatenations (no second copy per step); qfp8, which frees the
-    bf16 copy to save memory, copies them again in the backward instead of holding them."""
-    assert sorted(_weights_kept_for_backward("bf16")) == [(512, 256), (1024, 256)]
-    assert _weights_kept_for_backward("qfp8") == []
+@pytest.mark.parametrize("recipe", ["bf16", "qfp8"])
+def test_packed_weights_are_never_concatenated_or_held(recipe):
+    """compile packs q/k/v and gate/up once: no frozen weight is copied in the step, none held for the backward."""
+    kept, cats, report = _frozen_concatenations(recipe)
+    assert report.count("one GEMM over the packed weights") == 2, report
+    assert kept == [] and cats == []
+
+
+def test_unpacked_groups_keep_or_recompute_the_concatenated_weights():
+    """Without packing the pass concatenates in the graph: bf16 keeps the q/k/v and gate/up concatenations
+    (no second copy per step); qfp8, which frees the bf16 copy to save memory, copies them again in the
+    backward instead of holding them."""
+    kept, cats, _ = _frozen_concatenations("bf16", packed=False)
+    assert sorted(kept) == [(512, 256), (1024, 256)] and sorted(cats) == [(512, 256), (1024, 256)]
+    kept, cats, _ = _frozen_concatenations("qfp8", packed=False)
+    assert kept == [] and sorted(cats) == [(512, 256), (512, 256), (1024, 256), (1024, 256)]  # forward + again

@@ -23,6 +23,10 @@ class SurogateLinear(nn.Module):
     Buffers `w0..wn` hold the list of `surogate.ops.prepare_weight(W, recipe.weight_format)`.
     Recipes that keep the bf16 weight (bf16, fp8, fp4) also keep `weight` as a frozen parameter
     (for merging and export); q-recipes drop it and `weight` is None.
+
+    Packed (`surogate.weight_packing`): linears that share their input (q/k/v, gate/up) can hold ONE set of
+    parts, their weights concatenated along N, registered in every member; each member reads its own
+    rows (`_rows`) as views, and the fused GEMM of horizontal fusion reads the whole buffer.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, recipe: "str | Recipe",
@@ -46,6 +50,7 @@ class SurogateLinear(nn.Module):
             self.register_buffer(f"w{i}", part, persistent=False)
         self.weight = nn.Parameter(weight, requires_grad=False) if recipe.keeps_bf16_weight else None
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._rows: tuple[tuple[int, int], ...] | None = None  # this layer's rows of each part, when packed
 
     @classmethod
     def from_linear(cls, module: nn.Module, recipe: "str | Recipe",
@@ -63,7 +68,32 @@ class SurogateLinear(nn.Module):
         # surogate.distributed may hold an integer part as a float view of the same bytes (FSDP2 before
         # torch 2.13 shards only floating-point parameters); the op always gets the stored dtype.
         parts = [getattr(self, f"w{i}") for i in range(self._n_parts)]
-        return [p if p.dtype == d else p.view(d) for p, d in zip(parts, self._part_dtypes)]
+        parts = [p if p.dtype == d else p.view(d) for p, d in zip(parts, self._part_dtypes)]
+        if self._rows is None:
+            return parts
+        return [p[start:stop] for p, (start, stop) in zip(parts, self._rows)]
+
+    def pack(self, parts: list[Tensor], rows: tuple[tuple[int, int], ...]) -> None:
+        """Hold `parts` (a group's packed weight, shared with the other members) and read `rows` of each.
+        A kept bf16 `weight` becomes a view of the packed rows, so nothing is stored twice."""
+        if self._rows is not None:
+            raise RuntimeError("this layer is packed already; unpack() it first")
+        for i, part in enumerate(parts):
+            setattr(self, f"w{i}", part)
+        self._rows = tuple(rows)
+        if self.weight is not None and self.weight_format == "bf16":
+            self.weight = nn.Parameter(self.weight_list()[0], requires_grad=False)
+
+    def unpack(self) -> None:
+        """Own contiguous copies of this layer's rows again (FSDP shards each member's parts on its own)."""
+        if self._rows is None:
+            return
+        own = [p.clone() for p in self.weight_list()]  # a view would keep the whole packed buffer alive
+        self._rows = None
+        for i, part in enumerate(own):
+            setattr(self, f"w{i}", part)
+        if self.weight is not None and self.weight_format == "bf16":
+            self.weight = nn.Parameter(own[0], requires_grad=False)
 
     def forward(self, input: Tensor) -> Tensor:
         from surogate import ops
@@ -118,7 +148,8 @@ def parameter_counts(model: nn.Module, recipe: str | None = None) -> ParameterCo
 
     for module in model.modules():
         if isinstance(module, SurogateLinear):
-            frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list())
+            if module.weight is None or module.weight_format != "bf16":  # bf16: w0 is `weight`, counted above
+                frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list())
             if module.weight is None:
                 frozen += module.in_features * module.out_features
         elif isinstance(module, SurogateExperts) and module.weight_format != "bf16":  # bf16: the parameters above

@@ -4,13 +4,15 @@ What is fused: the group becomes ONE `surogate::lora_linear` call over the weigh
 along N (so the shared input is read, and for FP8 recipes quantized, once, and one GEMM runs),
 LoRA A stacked along r and LoRA B as a block-diagonal (N_total, r_total) matrix (gradients flow
 back to each member through `cat`/`block_diag`). The output is split back per member.
-Cost: the concatenation copies the frozen weights once per step in the graph; that is why only
-formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0),
-and never branches with dropout (members would share one mask). The backward needs the
-concatenated weight too, and Inductor's partitioner keeps it from the forward (it may not recompute
-what feeds a custom op): on Qwen3-8B that is ~8.4 GiB (bf16) / ~4.2 GiB (fp8_block) per micro-batch
-held between forward and backward. Recipes that free the bf16 copy (memory first) tag the
-concatenation MUST_RECOMPUTE instead: it is copied again in the backward and never held.
+Only formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0),
+and never branches with dropout (members would share one mask).
+Weights: `surogate.compile` stores each group's frozen weights packed once (`surogate.weight_packing`): the
+members' weight parts are row slices of one buffer, and the fused GEMM reads that buffer, no copy.
+Groups that are not packed (other names, a model changed after compile) get the weights concatenated
+in the graph, a copy per step. The backward needs it too, and Inductor's partitioner keeps it from the
+forward (it may not recompute what feeds a custom op): on Qwen3-8B that is ~8.4 GiB (bf16) / ~4.2 GiB
+(fp8_block) per micro-batch held between forward and backward. Recipes that free the bf16 copy
+(memory first) tag that concatenation MUST_RECOMPUTE instead: copied again in the backward, never held.
 Refused (reported): fp8_row (the K-major dgrad copy has per-input-channel scales of each
 member), nvfp4 (one tensor scale per member), nf4 (double-quantized absmax per member).
 """
@@ -65,17 +67,57 @@ def _group_meta(members: list[tuple[LoraMatch, fx.Node]]) -> dict:
     }
 
 
+def _row_slice(node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(buffer, start, stop) when `node` is `buffer[start:stop]` (a packed member's part), else None."""
+    if not N.is_getitem(node) or not isinstance(node.args[1], slice) or node.args[1].step not in (None, 1):
+        return None
+    base, rows = node.args
+    value = N.meta_value(base)
+    if value is None or value.dim() == 0:
+        return None
+    start, stop, _ = rows.indices(value.shape[0])
+    return base, start, stop
+
+
+def _packed(members: list[tuple[LoraMatch, fx.Node]]) -> tuple[list[tuple[LoraMatch, fx.Node]], list[fx.Node]] | None:
+    """(members in row order, the packed buffers) when every weight part of the members is a row slice of
+    one buffer and the slices, in some order of the members, tile that buffer from its first row to its
+    last; else None (the weights are concatenated in the graph)."""
+    slices = []
+    for m, _ in members:
+        parts = [_row_slice(w) for w in m.weight]
+        if any(p is None for p in parts):
+            return None
+        slices.append(parts)
+    order = sorted(range(len(members)), key=lambda j: slices[j][0][1])
+    buffers = []
+    for i in range(len(slices[0])):
+        base, row = slices[order[0]][i][0], 0
+        for j in order:
+            b, start, stop = slices[j][i]
+            if b is not base or start != row:
+                return None
+            row = stop
+        if row != N.meta_value(base).shape[0]:
+            return None
+        buffers.append(base)
+    return [members[j] for j in order], buffers
+
+
 def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: list[int],
-          recompute_weight: bool = False) -> None:
+          recompute_weight: bool = False, packed: list[fx.Node] | None = None) -> None:
     g = gm.graph
     first_op = min((out.args[0] for _, out in members), key=lambda n: _order(gm)[n])
     m0 = members[0][0]
     with g.inserting_before(first_op):
         n_parts = len(m0.weight)
-        weight = [g.call_function(torch.cat, ([m.weight[i] for m, _ in members], 0)) for i in range(n_parts)]
-        if recompute_weight:  # AOTAutograd copies this tag to the aten nodes; the partitioner obeys it
-            for w in weight:
-                w.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        if packed is not None:
+            weight = list(packed)
+        else:
+            weight = [g.call_function(torch.cat, ([m.weight[i] for m, _ in members], 0)) for i in range(n_parts)]
+            if recompute_weight:  # AOTAutograd copies this tag to the aten nodes; the partitioner obeys it
+                for w in weight:
+                    w.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         lora_a = g.call_function(torch.cat, ([m.lora_a for m, _ in members], 0))
         lora_b = g.call_function(torch.block_diag, tuple(m.lora_b for m, _ in members))
         bias = None
@@ -84,6 +126,7 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
         op = N.call_op(g, input=m0.input, weight=weight, weight_format=m0.weight_format, lora_a=lora_a,
                        lora_b=lora_b, lora_input=None, bias=bias, lora_scale=m0.scale, forward=m0.forward,
                        grad_input=m0.grad_input)
+        op.meta["surogate_members"] = tuple(m.name for m, _ in members)  # the report's name for the fused GEMM
         out = g.call_function(operator.getitem, (op, 0))
         parts = g.call_function(torch.split, (out, sizes, -1))
         for i, (_, old) in enumerate(members):
@@ -93,11 +136,14 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
             if (val := N.meta_value(old)) is not None:
                 fresh.meta["example_value"] = val
             old.replace_all_uses_with(fresh)
-    for _, old in members:
+    for m, old in members:
         op_old = old.args[0]
         g.erase_node(old)
         if not op_old.users:
             g.erase_node(op_old)
+        for w in m.weight:  # a packed member's row slices, now unused
+            if isinstance(w, fx.Node) and not w.users and N.is_getitem(w):
+                g.erase_node(w)
 
 
 def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
@@ -119,10 +165,16 @@ def fuse_shared_input(gm: fx.GraphModule, ctx) -> int:
         if reason is not None or not ctx.options.get("horizontal", True):
             ctx.report.group(f"shared input, not fused ({reason or 'horizontal fusion off'})", names)
             continue
-        recompute = not ctx.recipe.keeps_bf16_weight
-        _fuse(gm, members, meta["out_features"], recompute_weight=recompute)
-        ctx.report.group(f"one GEMM over concatenated weights [{meta['weight_format']}]"
-                         + (", recomputed in the backward" if recompute else ""), names)
+        packing = _packed(members)
+        if packing is not None:
+            members = packing[0]
+            _fuse(gm, members, _group_meta(members)["out_features"], packed=packing[1])
+            ctx.report.group(f"one GEMM over the packed weights [{meta['weight_format']}]", names)
+        else:
+            recompute = not ctx.recipe.keeps_bf16_weight
+            _fuse(gm, members, meta["out_features"], recompute_weight=recompute)
+            ctx.report.group(f"one GEMM over concatenated weights [{meta['weight_format']}]"
+                             + (", recomputed in the backward" if recompute else ""), names)
         for m, _ in members:
             ctx.report.rewrote(m.name, f"surogate::lora_linear[{m.weight_format}, fwd={m.forward}, "
                                        f"dgrad={m.grad_input}] fused with {', '.join(n for n in names if n != m.name)}")

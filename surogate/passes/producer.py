@@ -139,9 +139,10 @@ def fuse_producers(gm: fx.GraphModule, ctx) -> int:
 
 
 def _consumer_name(op: fx.Node) -> str:
-    """The target linear(s) an op node computes, named from its (possibly concatenated) weight."""
+    """The target linear(s) an op node computes: as the rewrite and horizontal passes named them, else
+    from its weight."""
+    if "surogate_members" in op.meta:
+        return "+".join(op.meta["surogate_members"])
     weights = N.op_arg(op, "weight")
     weight = weights[0] if isinstance(weights, (list, tuple)) and weights else None
-    if N.is_call(weight, (torch.cat,)):
-        return "+".join(N.module_name(w) for w in weight.args[0])
     return N.module_name(weight) if isinstance(weight, fx.Node) else op.name

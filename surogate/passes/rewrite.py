@@ -63,6 +63,7 @@ def rewrite_one(gm: fx.GraphModule, m: LoraMatch) -> fx.Node:
         op = N.call_op(g, input=m.input, weight=list(m.weight), weight_format=m.weight_format, lora_a=m.lora_a,
                        lora_b=m.lora_b, lora_input=lora_input, bias=m.bias, lora_scale=m.scale, forward=m.forward,
                        grad_input=m.grad_input)
+        op.meta["surogate_members"] = (m.name,)  # the target it computes, for later passes' reports
         out = g.call_function(operator.getitem, (op, 0))
     base_val = N.meta_value(m.dead[-1] if N.is_linear(m.dead[-1]) else m.dead[-2])
     if base_val is not None:

@@ -135,6 +135,7 @@ def _quantized_parts_as_parameters(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, SurogateLinear):
             continue
+        module.unpack()  # a packed group's buffer is shared by its members; each member's rows are sharded alone
         buffers = dict(module.named_buffers(recurse=False))
         for i in range(len(module.weight_list())):
             name = f"w{i}"
