@@ -120,6 +120,20 @@ def test_grouped_kernel_matches_reference(fmt, counts, r, compute) -> None:
         assert sqnr(gi, rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, fmt, a, b, h_r, 2.0)[0]) < FP8_VS_BF16
 
 
+def test_fp8_dgrad_reading_the_stored_stack_equals_the_k_major_copy(monkeypatch) -> None:
+    """FP8_DGRAD_READS_STORED_STACK: the dgrad reads the stored (E, N, K) stack transposed instead of a
+    K-major copy: the same FP8 products and block scales in the same order, so the same bits; the scale
+    indexing of the transposed read (reduction block, output block) is what this pins."""
+    x, offsets, wl, a, b, go = _case([3, 0, 0, 30, 2], 256, 192, 4, "fp8_block", seed=7)  # N: two 128 blocks
+    h = grouped.grouped_lora_linear(x, offsets, wl, "fp8_block", a, b, 2.0, "fp8")[1]
+    copy = grouped.grouped_lora_linear_backward(go, x, offsets, wl, "fp8_block", a, b, h, 2.0, "fp8")
+    monkeypatch.setattr(grouped, "FP8_DGRAD_READS_STORED_STACK", True)
+    stored = grouped.grouped_lora_linear_backward(go, x, offsets, wl, "fp8_block", a, b, h, 2.0, "fp8")
+    assert torch.equal(stored[0], copy[0])
+    ref_dx = rg.grouped_lora_linear_backward_ref(go, x, offsets, wl, "fp8_block", a, b, h, 2.0, "fp8")[0]
+    assert sqnr(stored[0], ref_dx) > FLOOR
+
+
 # ------------------------------------------------------------------ gathered input (rows)
 
 ROUTED_E, ROUTED_TOKENS, TOP_K = 6, 37, 2

@@ -40,10 +40,15 @@ block-FP8 row of fp8_block weights (A_MODE / W_MODE 2, family `fp8_block`), as t
   reads the bf16 x, as the reference does;
 - dgrad: the gradient E4M3 per 1x128 along N, against a K-major copy of the stacked weight blocks
   made per call (`transpose_fp8` over the flat (E*N, K) stack, E*N*K bytes transient; the scales a
-  transposed view), as the dense dgrad (FP8 MMAs want the reduction contiguous);
+  transposed view), as the dense dgrad (FP8 MMAs want the reduction contiguous). That copy is 5.6% of
+  a Qwen3-30B-A3B qfp8 step (bench/results/profile_30b_a3b.md). `FP8_DGRAD_READS_STORED_STACK = True`
+  reads the stored stack instead (`TRANS_W`: Triton transposes each tile through shared memory), the
+  same products in the same order (equal bit for bit under the interpreter); which is faster is for
+  bench/grouped_kernels.py on a GPU to say, so the copy stays the default until then;
 so it computes `grouped_lora_linear_ref(..., "fp8")` to FP32 accumulation order. NVFP4 MMAs are not
-built. Tested under the Triton interpreter; compiled ahead of time for the four archs
-(kernels/catalog.py, their SASS MMA class checked in tests/test_aot_sass.py); not run on a GPU yet.
+built. Tested under the Triton interpreter and on the H200 (tests/gpu/test_moe_gpu.py, bench/NOTES.md
+run 47); compiled ahead of time for the four archs (kernels/catalog.py, their SASS MMA class checked in
+tests/test_aot_sass.py).
 """
 
 from __future__ import annotations
@@ -321,6 +326,20 @@ def _quantized(t: torch.Tensor, v: Variant) -> dict:
     return {"a": aq[0], "a_scale": aq[1] if len(aq) > 1 else None, "a_mode": v.a_mode}
 
 
+# The FP8 dgrad's weight operand: False = a K-major copy per call (measured, run 47), True = the stored
+# stack read transposed (TRANS_W; not yet measured on a GPU). bench/grouped_kernels.py times both.
+FP8_DGRAD_READS_STORED_STACK = False
+
+
+def _fp8_block_dgrad_operands(weight: Sequence[torch.Tensor]) -> dict:
+    """The block-FP8 stack as the dgrad kernel reads it, per FP8_DGRAD_READS_STORED_STACK: (w, w_scale,
+    trans_w). Stored: W_e (N, K) is the dgrad's (reduction, output) tile layout, so TRANS_W, and the
+    (E, N/128, K/128) scales index (reduction block, output block), as `_block_fp8_step` reads them."""
+    if FP8_DGRAD_READS_STORED_STACK:
+        return {"w": weight[0], "w_scale": weight[1], "trans_w": True}
+    return {**_k_major_fp8_block(weight), "trans_w": False}
+
+
 def _k_major_fp8_block(weight: Sequence[torch.Tensor]) -> dict:
     """The kernel operands of a block-FP8 expert stack read K-major for the FP8 dgrad, as the dense dgrad
     (launch.py: `transpose_fp8` of the data, the scales a transposed view): FP8 MMAs want the reduction
@@ -411,8 +430,11 @@ def grouped_lora_linear_backward(grad_output: torch.Tensor, input: torch.Tensor,
         grad_a = launch_grouped_wgrad(gh, x, offsets, lora_scale, lora_a.dtype, rows=rows)
         up = a16.transpose(1, 2)  # U_e = A_e^T (K, r)
     # FP8: the gradient E4M3 per 1x128 along N, against the K-major copy of the weight blocks (the dense dgrad's).
-    w_ops = _k_major_fp8_block(weight) if v.quantizer is Quantizer.FP8_BLOCK_E4M3 else _weight_operands(weight, fmt, k)
-    dx = launch_grouped_gemm(offsets=offsets, trans_w=v.trans_w, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,
+    if v.quantizer is Quantizer.FP8_BLOCK_E4M3:
+        w_ops = _fp8_block_dgrad_operands(weight)
+    else:
+        w_ops = {**_weight_operands(weight, fmt, k), "trans_w": v.trans_w}
+    dx = launch_grouped_gemm(offsets=offsets, w_mode=v.w_mode, n_out=k, hidden=gh, up=up,
                              lora_scale=lora_scale, family=v.family, **_quantized(g, v), **w_ops)
     return dx.to(input.dtype), grad_a, grad_b
 
