@@ -418,8 +418,9 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo: "_Undo | None" = None,
                       device: "torch.device | None" = None) -> int:
-    """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear),
-    built on `device` when given (the model is being moved there)."""
+    """Replace base layers by `SurogateLinear` (bf16 recipe: plain nn.Linear stays, traced as F.linear;
+    `weight_packing` swaps a packed group's members later), built on `device` when given (the model is
+    being moved there)."""
     swapped = 0
     for name, module in targets:
         base = module.base_layer
