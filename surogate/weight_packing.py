@@ -78,11 +78,12 @@ def pack_shared_input_weights(targets: list[tuple[str, nn.Module]], recipe: Reci
     for members in _groups(targets):
         if _why_not(members, recipe) is not None:
             continue
-        bases = []
+        bases, originals = [], {}
         for _, module in members:
             base = module.base_layer
             if not isinstance(base, SurogateLinear):
                 module.base_layer = SurogateLinear.from_linear(base, recipe, device)
+                originals[id(module.base_layer)] = base
                 if undo is not None:
                     undo.swapped.append((module, base))
             bases.append(module.base_layer)
@@ -98,6 +99,10 @@ def pack_shared_input_weights(targets: list[tuple[str, nn.Module]], recipe: Reci
             rows = tuple((starts[i], starts[i] + p.shape[0]) for i, p in enumerate(own))
             starts = [stop for _, stop in rows]
             base.pack(parts, rows)
+            if id(base) in originals and originals[id(base)].weight.device == base.w0.device:
+                # The nn.Linear kept for undo reads the packed rows too, so its own copy is freed now,
+                # not when compile returns (a bf16 model would otherwise hold q/k/v and gate/up twice).
+                originals[id(base)].weight.data = base.weight_list()[0]
         packed.append(tuple(name for name, _ in members))
     return packed
 

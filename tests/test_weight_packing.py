@@ -135,3 +135,16 @@ def test_unpack_and_fsdp_preparation_give_each_member_its_own_rows():
     assert k.w0.data_ptr() != q.w0.data_ptr() and k.w0.shape[0] == k.out_features
     assert all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b) for a, b in zip(k.weight_list(), want))
+
+
+def test_bf16_packing_frees_the_original_copies_during_compile():
+    """The nn.Linear kept to undo a failed compile reads the packed rows: q/k/v and gate/up are never held twice."""
+    model = _qwen3()
+    linears = {name: _layer(model.model.layers[0], name) for group in GROUPS for name in group}
+    values = {name: m.weight.detach().clone() for name, m in linears.items()}
+    model = surogate.compile(model, recipe="bf16", arch="cpu")
+    for group in GROUPS:
+        packed = _base(_block(model), group[0]).w0
+        for name in group:
+            assert linears[name].weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr(), name
+            assert torch.equal(linears[name].weight, values[name])
