@@ -87,11 +87,7 @@ def pack_shared_input_weights(targets: list[tuple[str, nn.Module]], recipe: Reci
                 if undo is not None:
                     undo.swapped.append((module, base))
             bases.append(module.base_layer)
-        if any(b._rows is not None for b in bases):
-            continue
-        lists = [b.weight_list() for b in bases]
-        if any(p.dim() == 0 for parts in lists for p in parts):
-            continue  # a whole-tensor scale does not concatenate
+        lists = [b.weight_list() for b in bases]  # bf16 / fp8_block: every part has N (or N/128) rows
         with torch.no_grad():
             parts = [torch.cat([parts[i] for parts in lists]) for i in range(len(lists[0]))]
         starts = [0] * len(parts)
