@@ -276,9 +276,13 @@ def test_grouped_kernels_are_the_variant_tables_rows_plus_the_lora_kernels():
     every = set(names(include_aliases=False))
     lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
             "grouped_grad_lora_gather"}
-    assert set(grouped) == set(want) | lora
+    stored = {"grouped_grad_input_fp8_block_stored"}  # the FP8 dgrad reading the stored stack (TRANS_W)
+    assert set(grouped) == set(want) | lora | stored
     assert {"grouped_lora_linear_fp8_block", "grouped_lora_linear_fp8_block_gather",
             "grouped_grad_input_fp8_block"} <= set(grouped)
+    s, copy = grouped["grouped_grad_input_fp8_block_stored"], grouped["grouped_grad_input_fp8_block"]
+    assert s.constexprs["TRANS_W"] and not copy.constexprs["TRANS_W"] and s.recipes == copy.recipes == ("qfp8",)
+    assert (s.ints["stride_w0"], s.ints["stride_w1"]) == (2048, 1)  # W_e (N, K) as stored, N the reduction
 
     def compute_of(recipe, gemm):
         r = get(recipe)

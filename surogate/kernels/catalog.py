@@ -270,7 +270,8 @@ def _grouped_specs() -> list[KernelSpec]:
         V.W_DEQ_FP8_BLOCK: (("*fp8e4nv", "*fp32", unused, unused, unused), (n_w * k_w, k_w, 1),
                             (n_w * k_w // 128 ** 2, k_w // 128, 1), (0, 0, 0)),
         # FP8 MMA: the forward reads the stack as stored; the dgrad its K-major copy (grouped._k_major_fp8_block:
-        # (K, E*N) bytes, expert e at column e*N) and the scales as an (E, K/128, N/128) view.
+        # (K, E*N) bytes, expert e at column e*N) and the scales as an (E, K/128, N/128) view, or (`_stored`,
+        # grouped.FP8_DGRAD_READS_STORED_STACK) the stack as stored with TRANS_W.
         V.W_FP8_BLOCK: (("*fp8e4nv", "*fp32", unused, unused, unused), (n_w * k_w, k_w, 1),
                         (n_w * k_w // 128 ** 2, k_w // 128, 1), (0, 0, 0)),
         V.W_DEQ_NVFP4: (("*u8", "*fp8e4nv", "*fp32", unused, unused), (n_w * k_w // 2, k_w // 2, 1),
@@ -290,7 +291,7 @@ def _grouped_specs() -> list[KernelSpec]:
         backward = trans_w if backward is None else backward
         m, n, k = (t, k_w, n_w) if backward else (t, n_w, k_w)  # backward: a = g (T, N), reduction over N
         fp8 = a_mode == V.A_FP8_BLOCK
-        if fp8 and backward:  # the K-major copy of the stack and its transposed scales (see layouts)
+        if fp8 and backward and not trans_w:  # the K-major copy of the stack and its transposed scales
             w_st, ws_st = (n_w, e * n_w, 1), (ws_st[0], 1, k_w // 128)
         if not has_lora:  # a LoRA factor GEMM: a bf16 factor as the weight, out (T, r)
             n = r
@@ -343,6 +344,10 @@ def _grouped_specs() -> list[KernelSpec]:
                 kw = {"a_mode": v.a_mode, "precision": v.compute, "operands": v.operands}
                 specs[name] = gemm(name, v.w_mode, v.trans_w, True, v.family, recipes,
                                    f"MoE experts, {v.what}", backward=g is V.Gemm.GRAD_INPUT, **kw)
+                if g is V.Gemm.GRAD_INPUT and v.a_mode == V.A_FP8_BLOCK:  # the stored stack read transposed
+                    specs[f"{name}_stored"] = gemm(f"{name}_stored", v.w_mode, True, True, v.family, recipes,
+                                                   f"MoE experts, {v.what}, the stored stack read transposed "
+                                                   "(FP8_DGRAD_READS_STORED_STACK)", backward=True, **kw)
                 if g is V.Gemm.OUTPUT:  # x read through the rows index (the dgrad reads g, per grouped row)
                     specs[f"{name}_gather"] = gemm(f"{name}_gather", v.w_mode, v.trans_w, True, v.family, recipes,
                                                    f"MoE experts, {v.what}, x gathered by rows", gather=True, **kw)
