@@ -51,7 +51,8 @@ class AlreadyCompiledError(RuntimeError):
 
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
-            horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False) -> nn.Module:
+            horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False,
+            recompute_producers: bool = False) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -74,6 +75,11 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     captures each as a checkpoint region, the passes rewrite inside them and AOTAutograd's
     partitioner recomputes them. Blocks are checkpointed only while autograd records and no KV
     cache is passed (a replay would write the cache twice).
+
+    `recompute_producers=True` (off by default until measured on a GPU): the RMSNorm and SwiGLU outputs
+    that the LoRA linears read are rebuilt in the backward from tensors it keeps anyway, instead of kept
+    from the forward (passes/recompute.py): about a third less activation memory per layer, the same
+    numbers, a few pointwise kernels more in the backward.
     """
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
@@ -94,7 +100,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     try:
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, recompute_producers=recompute_producers)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -103,7 +109,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: bool) -> nn.Module:
+                     checkpoint: bool, recompute_producers: bool = False) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -130,7 +136,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
-    ctx_options = {"horizontal": horizontal, "producer": producer}
+    ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers}
     backend = make_backend(rec, arch_name, report, ctx_options)
     hf = peft_model.base_model.model
     if getattr(getattr(hf, "config", None), "use_cache", False):

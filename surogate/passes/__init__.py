@@ -16,6 +16,7 @@ from torch import fx
 from surogate.passes.horizontal import fuse_shared_input
 from surogate.passes.match import LoraMatch, match_lora_linears
 from surogate.passes.producer import fuse_producers
+from surogate.passes.recompute import recompute_producers
 from surogate.passes.report import CompileReport
 from surogate.passes.rewrite import rewrite_lora_linears
 from surogate.recipes import Recipe, get
@@ -27,6 +28,7 @@ PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("rewrite", rewrite_lora_linears),
     ("horizontal", fuse_shared_input),
     ("producer", fuse_producers),
+    ("recompute", recompute_producers),
 )
 
 
