@@ -318,7 +318,8 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, compute, monkeypatch):
     """Every launch of the grouped op (forward and backward, without and with a `rows` gather index,
     launches recorded, none run) has a catalog spec with its modes, its pointer types and the same
     integer arguments at 0 and at 1 (constexprs); and every spec is launched. FP8: the quantized A and
-    its block scales, the dgrad's K-major copy of the stack and its transposed scales."""
+    its block scales, the dgrad's K-major copy of the stack and its transposed scales, or the stored stack
+    (FP8_DGRAD_READS_STORED_STACK)."""
     import torch
 
     from surogate.kernels import grouped as G
@@ -349,6 +350,10 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, compute, monkeypatch):
     rows = torch.randint(0, 20, (37,))
     G.grouped_lora_linear(x[:20], offsets, weight, fmt, a, b, 2.0, compute, rows=rows)
     G.grouped_lora_linear_backward(g, x[:20], offsets, weight, fmt, a, b, None, 2.0, compute, rows=rows)
+    stored = compute == "fp8"  # the FP8 dgrad also reading the stored stack (FP8_DGRAD_READS_STORED_STACK)
+    if stored:
+        monkeypatch.setattr(G, "FP8_DGRAD_READS_STORED_STACK", True)
+        G.grouped_lora_linear_backward(g, x, offsets, weight, fmt, a, b, None, 2.0, compute)
 
     v = V.variant(V.Gemm.OUTPUT, compute, fmt)
     lora = {"grouped_lora_hidden", "grouped_lora_hidden_gather", "grouped_lora_grad_hidden", "grouped_grad_lora",
@@ -375,8 +380,9 @@ def test_grouped_specs_match_what_the_launchers_pass(fmt, compute, monkeypatch):
                   for n, p in inspect.signature(f).parameters.items() if "constexpr" in str(p.annotation)}
     spec_keys = {s.name: key(s) for s in specs}
     matched = set()
-    assert len(launches) == 14  # forward: hidden, base; backward: gh, hidden, 2 x wgrad, dgrad; twice
-    assert [kw["GATHER"] for kw in launches] == [False] * 7 + [True, True, False, True, False, True, False]
+    # forward: hidden, base; backward: gh, hidden, 2 x wgrad, dgrad; twice (and the stored-stack backward)
+    assert len(launches) == 14 + 5 * stored
+    assert [kw["GATHER"] for kw in launches][:14] == [False] * 7 + [True, True, False, True, False, True, False]
     for kw in launches:
         hits = [name for name, sk in spec_keys.items() if sk == key(kw)]
         assert hits, f"no catalog spec for the launch {key(kw)}; specs: {spec_keys}"
