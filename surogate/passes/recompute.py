@@ -63,8 +63,12 @@ def producer_nodes(x: fx.Node) -> list[fx.Node]:
     kind = input_producer(x)
     if kind is None:
         return []
-    step = _layout if kind == "layout copy" else _pointwise
-    found, todo = [], [x]
+    return _walk([x], _layout if kind == "layout copy" else _pointwise)
+
+
+def _walk(starts: list[fx.Node], step) -> list[fx.Node]:
+    """The nodes reached from `starts` through their inputs while `step(node)` holds."""
+    found, todo = [], list(starts)
     while todo:
         node = todo.pop()
         if not isinstance(node, fx.Node) or node in found or not step(node):
@@ -92,45 +96,32 @@ def attention_input_nodes(attention: fx.Node) -> list[fx.Node]:
     backward: the attention's backward then recomputes q and k after RoPE from the GEMM's output, which
     the backward keeps once, instead of keeping q/k both before the norm (for the norm's backward) and
     after RoPE (for its own)."""
-    found: list[fx.Node] = []
-    todo = [a for a in attention.args[:3] if isinstance(a, fx.Node)]
-    while todo:
-        node = todo.pop()
-        if node in found or not _attention_input_step(node):
-            continue
-        found.append(node)
-        todo.extend(node.all_input_nodes)
-    return found
+    return _walk(list(attention.args[:3]), _attention_input_step)
 
 
 def recompute_producers(gm: fx.GraphModule, ctx) -> int:
-    """Tag the RMSNorm / SwiGLU producers of every op's input for recompute in the backward (when the
-    `recompute_producers` option is on). Returns the inputs tagged."""
+    """Tag for recompute in the backward the producers of every op's input (`producer_nodes`) and of every
+    attention call's q/k/v (`attention_input_nodes`), when the `recompute_producers` option is on.
+    Returns the inputs and attention calls tagged."""
     if not ctx.options.get("recompute_producers", False):
         return 0
     tagged = 0
     seen: set[fx.Node] = set()
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if N.is_call(node, _ATTENTION_TARGETS):
-            nodes = attention_input_nodes(node)
-            for n in nodes:
-                n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            if nodes:
-                tagged += 1
-                ctx.report.group("attention q/k/v (head views, q/k norms, RoPE): rebuilt in the backward from the "
-                                 "QKV GEMM's output, not kept", (node.name,))
+            nodes, what = attention_input_nodes(node), ("attention q/k/v (head views, q/k norms, RoPE): rebuilt in "
+                                                         "the backward from the QKV GEMM's output, not kept")
+            consumers = node.name
+        elif N.is_surogate_op(node) and N.op_arg(node, "input") not in seen:
+            x = N.op_arg(node, "input")
+            seen.add(x)
+            nodes, what = producer_nodes(x), f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept"
+            consumers = "+".join(node.meta.get("surogate_members", (node.name,)))
+        else:
             continue
-        if not N.is_surogate_op(node):
-            continue
-        x = N.op_arg(node, "input")
-        if x in seen:
-            continue
-        seen.add(x)
-        nodes = producer_nodes(x)
         for n in nodes:
             n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         if nodes:
             tagged += 1
-            consumers = "+".join(node.meta.get("surogate_members", (node.name,)))
-            ctx.report.group(f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept", (consumers,))
+            ctx.report.group(what, (consumers,))
     return tagged
