@@ -150,6 +150,7 @@ def test_example_configs_are_valid(monkeypatch):
     ({"save_steps": 0}, "save_steps"),
     ({"save_total_limit": 0}, "save_total_limit"),
     ({"eval_on_start": "yes"}, "eval_on_start"),
+    ({"recompute_producers": "sometimes"}, "recompute_producers"),
     ({"report_to": "wandb"}, "report_to"),
     ({"report_to": 3}, "report_to"),
     ({"resume_from_checkpoint": 5}, "resume_from_checkpoint"),
@@ -163,6 +164,21 @@ def test_trainer_keys_accepted():
     cfg = from_dict({"save_steps": 50, "save_total_limit": 2, "report_to": "none", "eval_on_start": False})
     assert (cfg.save_steps, cfg.save_total_limit, cfg.report_to, cfg.eval_on_start) == (50, 2, [], False)
     assert from_dict({"report_to": ["tensorboard"]}).report_to == ["tensorboard"]  # installed by the test extra
+
+
+def test_memory_keys_reach_surogate_compile(monkeypatch):
+    """gradient_checkpointing and recompute_producers become surogate.compile's checkpoint= and
+    recompute_producers= (the trainer's one integration point, setup.compile_model)."""
+    import surogate.compiler
+    from surogate.training import setup
+
+    seen = {}
+    monkeypatch.setattr(surogate.compiler, "compile", lambda model, **kw: seen.update(kw) or model)
+    monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
+    setup.compile_model(object(), from_dict({"recompute_producers": True}))
+    assert seen["recompute_producers"] is True and seen["checkpoint"] is False
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": True}))
+    assert seen["recompute_producers"] is False and seen["checkpoint"] is True
 
 
 @pytest.mark.parametrize("raw, expect", [

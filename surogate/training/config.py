@@ -83,6 +83,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
     cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
+    recompute_producers: bool = False  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
@@ -403,6 +404,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.report_to = _report_to("report_to", c.report_to)
     c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
     c.gradient_checkpointing = _bool("gradient_checkpointing", c.gradient_checkpointing)
+    c.recompute_producers = _bool("recompute_producers", c.recompute_producers)
     c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
     c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)
     if c.fsdp_lora == "sharded" and c.parallelism != "fsdp":
