@@ -73,10 +73,11 @@ def test_recompute_changes_no_number(recipe):
         assert what in report_on, report_on
 
 
-# Mistral's layer is Llama's graph (same norms, RoPE, SwiGLU): `slow`.
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", pytest.param("mistral", marks=pytest.mark.slow)])
+# Mistral's layer is Llama's graph (same norms, RoPE, SwiGLU): `slow`. Gemma 3: (1 + w) norms, GELU-gated MLP.
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3", pytest.param("mistral", marks=pytest.mark.slow)])
 def test_recompute_on_other_architectures_changes_no_number(arch):
     losses = []
+    report = ""
     for recompute in (False, True):
         torch.manual_seed(0)
         model = T.AutoModelForCausalLM.from_config(tiny_config(arch)).to(torch.bfloat16)
@@ -87,7 +88,10 @@ def test_recompute_on_other_architectures_changes_no_number(arch):
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         losses.append((loss.detach(), grads))
+        report = str(model.surogate_report)
     assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(losses[0][1], losses[1][1])
+    mlp = "gated MLP" if arch == "gemma3" else "swiglu"
+    assert f"{mlp} -> GEMM input: rebuilt" in report and "rmsnorm -> GEMM input: rebuilt" in report, report
 
 
 def test_what_the_pass_tags_in_a_qwen3_layer():

@@ -33,9 +33,23 @@ from surogate.passes.producer import producer_kind
 _LAYOUT_METHODS = ("contiguous", "reshape", "view", "transpose", "permute")
 
 
+_GATES = (F.silu, F.gelu, torch._C._nn.gelu)  # SwiGLU, and the GELU-gated MLP of Gemma (approximate="tanh")
+
+
+def _gate(node: fx.Node) -> bool:
+    return N.is_call(node, _GATES) or N.is_method(node, ("silu",))
+
+
 def _pointwise(node: fx.Node) -> bool:
-    """A node the backward may rebuild for the price of one elementwise pass: a multiply, a cast, a silu."""
-    return N.is_mul(node) or N.is_cast(node) or N.is_call(node, (F.silu,)) or N.is_method(node, ("silu",))
+    """A node the backward may rebuild for the price of one elementwise pass: a multiply, a cast, a gate
+    activation (silu, gelu)."""
+    return N.is_mul(node) or N.is_cast(node) or _gate(node)
+
+
+def _gated(node: fx.Node) -> bool:
+    """`act(g) * u` with act silu (SwiGLU) or gelu (GeGLU, Gemma)."""
+    node = N.strip_casts(node)
+    return N.is_mul(node) and any(_gate(N.strip_casts(a)) for a in node.args)
 
 
 def _layout(node: fx.Node) -> bool:
@@ -45,13 +59,15 @@ def _layout(node: fx.Node) -> bool:
 
 def input_producer(x: fx.Node) -> str | None:
     """What computes an op's input, when the backward can rebuild it from what it keeps anyway: 'rmsnorm',
-    'swiglu' (`producer.producer_kind`), 'layout copy' (of a tensor the backward keeps, such as the
-    attention output its own backward reads), else None."""
+    'swiglu' (`producer.producer_kind`), 'gated MLP' (a GELU gate, Gemma's), 'layout copy' (of a tensor
+    the backward keeps, such as the attention output its own backward reads), else None."""
     if not isinstance(x, fx.Node):
         return None
     kind = producer_kind(x)
     if kind is not None:
         return kind
+    if _gated(x):
+        return "gated MLP"
     return "layout copy" if _layout(x) else None
 
 
