@@ -123,8 +123,22 @@ def _flat(args) -> list:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["# What a decoder layer keeps for the backward (CPU, Inductor's min-cut partition)", "",
+def environment() -> dict:
+    """Versions and commit of the run (the partition depends on torch's partitioner)."""
+    import platform
+    import subprocess
+
+    import transformers
+
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    return {"device": f"CPU ({platform.machine()})", "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit}
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [f"# What a decoder layer keeps for the backward (CPU, Inductor's min-cut partition; torch {env['torch']}, "
+             f"transformers {env['transformers']}, commit {env['commit']})", "",
              f"Per layer per token, and per micro-batch of bench/tps.py ({MICRO_BATCH_TOKENS} tokens, all layers); "
              "computed tensors only (graph inputs such as the block input and the frozen weights are references). "
              "`recompute_producers`: surogate.compile's option (passes/recompute.py).", "",
@@ -153,10 +167,11 @@ def main() -> None:
                 print(f"{row['model']} {recipe:8s} recompute {'on ' if recompute else 'off'} "
                       f"{row['bytes_per_token_per_layer']:8.0f} B/token/layer  {row['gib_per_micro_batch']:6.2f} "
                       "GiB/micro-batch", flush=True)
+    env = environment()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "saved_activations.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "saved_activations.md").write_text(markdown(rows))
-    print(markdown(rows))
+    (args.out / "saved_activations.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (args.out / "saved_activations.md").write_text(markdown(rows, env))
+    print(markdown(rows, env))
 
 
 if __name__ == "__main__":
