@@ -50,6 +50,29 @@ def quiet_peft_deprecations():
         yield
 
 
+@contextlib.contextmanager
+def compile_options_cache_tag(tag: str):
+    """Add `tag` to torch.compile's cache keys while a graph compiles (`torch.compiler.config.cache_key_tag`).
+
+    Root cause: AOTAutograd's cache hashes a graph's code but strips `node.meta`, and surogate's passes
+    steer the partition through node.meta (pass 5 tags nodes MUST_RECOMPUTE). Without the options in the
+    key, a compile with `recompute_producers=False` was served the partition compiled with it on, from the
+    on-disk cache of an earlier process (bench/NOTES.md run 51). A no-op where this torch has no such key.
+    """
+    import torch
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag") or not tag:
+        yield
+        return
+    before = config.cache_key_tag
+    config.cache_key_tag = f"{before}+{tag}" if before else tag
+    try:
+        yield
+    finally:
+        config.cache_key_tag = before
+
+
 def tag_compile_cache(tag: str) -> bool:
     """Add `tag` to torch.compile's cache keys (`torch.compiler.config.cache_key_tag`, kept with the user's
     own tag). Inductor's FX-graph cache does not hash a custom op's fake implementation or its Triton

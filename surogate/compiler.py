@@ -27,7 +27,7 @@ from torch import nn
 
 from surogate import moe
 from surogate.cache import source_tag
-from surogate.compat import tag_compile_cache
+from surogate.compat import compile_options_cache_tag, tag_compile_cache
 from surogate.kernels.plan import plan
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
@@ -463,6 +463,8 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
     """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA)."""
     options = options or {}
+    # The passes tag nodes (node.meta), which the compile caches do not hash: the options go into the key.
+    options_tag = "surogate-options-" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
         report.pending = ""
@@ -472,7 +474,8 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
             return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        with compile_options_cache_tag(options_tag):
+            return compile_fx(gm, example_inputs)
 
     return surogate_backend
 

@@ -249,3 +249,25 @@ def test_compile_tags_the_torch_compile_cache_with_surogates_sources(monkeypatch
     tag_compile_cache(source_tag())  # idempotent
     assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
     assert source_tag().startswith("surogate-") and len(source_tag()) == len("surogate-") + 12
+
+
+def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
+    """AOTAutograd's cache strips node.meta, where the passes steer the partition (recompute_producers):
+    two backends that differ only in an option must compile under different cache keys, or one is served
+    the other's partition (bench/NOTES.md run 51); the user's tag is back after each compile."""
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    from surogate.compiler import make_backend
+    from surogate.passes import CompileReport
+    from surogate.recipes import get
+
+    seen = []
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx",
+                        lambda gm, inputs: seen.append(torch.compiler.config.cache_key_tag) or gm)
+    for recompute in (False, True, False):
+        backend = make_backend(get("bf16"), "sm_90", CompileReport(recipe="bf16", arch="sm_90", backend="x"),
+                               {"horizontal": True, "producer": True, "recompute_producers": recompute})
+        backend(torch.fx.symbolic_trace(lambda x: x * 2), [torch.ones(2)])
+        assert torch.compiler.config.cache_key_tag == "mine"
+    assert seen[0] == seen[2] != seen[1] and all(t.startswith("mine+surogate-options-") for t in seen)
