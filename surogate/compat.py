@@ -37,6 +37,31 @@ def block_scaled_mm():
     return scaled_mm, ScalingType
 
 
+def ensure_tma_allocator() -> None:
+    """Give Triton an allocator for the global scratch of device-side TMA descriptors, where none is set.
+
+    Root cause: a kernel that builds its descriptors on the GPU (`tl.make_tensor_descriptor`, Triton 3.4+;
+    kernels/persistent.py) writes them to a global scratch buffer that the launcher allocates through
+    `triton.set_allocator`; the default allocator raises. The allocator lives in a ContextVar
+    (`triton.runtime._allocation._allocator`, the same in 3.6 and 3.9), so a thread that never set one
+    (autograd's backward threads) has none: this sets it for the calling context when missing, and leaves
+    a user's own allocator alone. Host-side `TensorDescriptor`s need no scratch, but on sm_90 they break
+    the warp-specialized build (see kernels/persistent.py).
+    """
+    import triton
+    from triton.runtime import _allocation
+
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        import torch
+
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+
+
 @contextlib.contextmanager
 def quiet_peft_deprecations():
     """PEFT calls made without transformers' deprecation notice about them.

@@ -237,6 +237,52 @@ def _gemm_specs() -> list[KernelSpec]:
     return [spec(v) if v.a_mode is not None else nvfp4_spec(v) for v in first.values()]
 
 
+def persistent_specs() -> tuple[KernelSpec, ...]:
+    """The persistent TMA kernel (kernels/persistent.py), one spec per variant it runs (`Variant.persistent`),
+    named `Variant.persistent_kernel`, built for sm_90 and sm_100 with its family's first config and TMA on.
+
+    Not in `specs()` while `variants.PERSISTENT_SM90` is off: no plan names these kernels yet, so `surogate
+    info` would list kernels nothing runs. tests/test_kernels_persistent.py builds them (every config).
+    """
+    from surogate.kernels import persistent as P
+    from surogate.kernels import variants as V
+    from surogate.kernels.configs import block_r, get_configs
+
+    m, n, k, r = SHAPE["M"], SHAPE["N"], SHAPE["K"], SHAPE["R"]
+    a_types = {V.Quantizer.NONE: "*bf16", V.Quantizer.FP8_ROW_E4M3: "*fp8e4nv", V.Quantizer.FP8_ROW_E5M2: "*fp8e5",
+               V.Quantizer.FP8_BLOCK_E4M3: "*fp8e4nv"}
+    out = []
+    for v in V.VARIANTS:
+        if not v.persistent:
+            continue
+        fp8 = v.a_mode != V.A_BF16
+        family = P.FAMILIES[(v.a_mode, v.w_mode)]
+        signature = dict(a_ptr=a_types[v.quantizer], as_ptr="*fp32" if fp8 else "*bf16",
+                         w_ptr="*fp8e4nv" if fp8 else "*bf16", ws_ptr="*fp32" if fp8 else "*bf16", h_ptr="*bf16",
+                         ut_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
+        # Weight scales: per channel (N,); 128x128 blocks (N/128, K/128), the dgrad's K-major copy's a
+        # transposed view. Activation scales: (M, 1), or 1x128 blocks stored M-contiguous. U^T (r, N)
+        # contiguous: the pre-scaled copy of lora_b^T, or of lora_a (dgrad).
+        dgrad = v.gemm is V.Gemm.GRAD_INPUT
+        ws_strides = {V.W_BF16: (0, 0), V.W_FP8_ROW: (1, 0),
+                      V.W_FP8_BLOCK: (1, k // 128) if dgrad else (k // 128, 1)}[v.w_mode]
+        as_strides = {V.A_BF16: (0, 0), V.A_FP8_ROW: (1, 0), V.A_FP8_BLOCK: (1, m)}[v.a_mode]
+        ints = dict(M=m, N=n, K=k, R=r, stride_am=k, stride_asm=as_strides[0], stride_ask=as_strides[1],
+                    stride_w0=n if v.trans_w else k, stride_ws0=ws_strides[0], stride_ws1=ws_strides[1],
+                    stride_hm=r, stride_ut=n, stride_om=n)
+        constexprs = dict(A_MODE=v.a_mode, W_MODE=v.w_mode, TRANS_W=v.trans_w, HAS_LORA=True, HAS_BIAS=False,
+                          TMA=True, UPCAST=False, BLOCK_R=block_r(r), NUM_SMS=132)
+        usage = recipe_usage(v.kernel).get("sm_90", [])
+        out.append(KernelSpec(
+            v.persistent_kernel, P._persistent_lora_gemm_kernel, MappingProxyType(signature),
+            MappingProxyType(constexprs), tuple(usage), v.compute, archs=("sm_90", "sm_100"),
+            ints=MappingProxyType(ints),
+            config=lambda arch, family=family, name=v.persistent_kernel: _first_config(get_configs(family, arch), name,
+                                                                                      arch),
+            operands=v.operands, what=f"persistent TMA: {v.what}"))
+    return tuple(out)
+
+
 def _grouped_specs() -> list[KernelSpec]:
     """The MoE grouped kernels (kernels/grouped.py): bf16 MMAs on every arch, and block-scaled FP8 MMAs
     for fp8_block experts under an FP8 recipe.

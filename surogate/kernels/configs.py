@@ -26,8 +26,12 @@ def interpreting() -> bool:
 
 
 def interpret_config(family: str) -> dict:
-    """The single config used under the interpreter: small tiles; N and K steps of 64 (one NF4 block)."""
-    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+    """The single config used under the interpreter: small tiles; N and K steps of 64 (one NF4 block).
+    The persistent kernels' loop knobs are off there (the interpreter ignores them anyway)."""
+    tiles = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+    if family.startswith("persistent"):
+        tiles.update(WARP_SPECIALIZE=False, FLATTEN=False)
+    return tiles
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
@@ -96,6 +100,57 @@ def get_lora_linear_dequant_configs(arch: str) -> list[triton.Config]:
     return [c for c in cands if _fits(c, 2, arch)]
 
 
+def _pcfg(bm: int, bn: int, bk: int, ws: bool, stages: int, warps: int | None = None, group: int = 8,
+          flatten: bool = False) -> triton.Config:
+    """A persistent-kernel config. Warp-specialized ones take num_warps=4: Triton's sm_90 pass then adds a
+    producer warpgroup and runs two consumer warpgroups of BLOCK_M / 2 rows each (12 warps in all); with
+    8 warps it silently builds the unspecialized kernel."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "WARP_SPECIALIZE": ws,
+                          "FLATTEN": flatten}, num_warps=warps or (4 if ws else 8), num_stages=stages)
+
+
+def _fits_persistent(c: triton.Config, elem_bytes: float, arch: str) -> bool:
+    """The pipelined A and W tiles plus the bf16 output tile the TMA store stages in shared memory."""
+    kw = c.kwargs
+    return _fits(c, elem_bytes, arch) and \
+        (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes * c.num_stages + kw["BLOCK_M"] * kw["BLOCK_N"] * 2 \
+        <= _SMEM[arch]
+
+
+def _persistent_archs(arch: str) -> str:
+    arch = normalize_arch(arch)
+    if arch not in ("sm_90", "sm_100"):
+        raise ValueError(f"the persistent TMA kernels are built for sm_90 and sm_100, not {arch}")
+    return arch
+
+
+def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
+    """Persistent bf16 (kernels/persistent.py): 128x256 tiles, the cuBLAS shape on Hopper, warp-specialized
+    first; K step 64 (128 bytes: one TMA swizzle row)."""
+    arch = _persistent_archs(arch)
+    cands = [_pcfg(128, 256, 64, True, 2), _pcfg(128, 256, 64, False, 3), _pcfg(128, 128, 64, True, 4),
+             _pcfg(128, 128, 64, False, 4), _pcfg(256, 128, 64, True, 2), _pcfg(128, 256, 64, False, 3, flatten=True)]
+    return [c for c in cands if _fits_persistent(c, 2, arch)]
+
+
+def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
+    """Persistent FP8 with row / channel scales: K step 128 (128 bytes), scales in the epilogue."""
+    arch = _persistent_archs(arch)
+    cands = [_pcfg(128, 256, 128, True, 2), _pcfg(128, 256, 128, False, 3), _pcfg(128, 128, 128, True, 4),
+             _pcfg(128, 128, 128, False, 4), _pcfg(256, 128, 128, True, 2), _pcfg(128, 256, 128, False, 3, flatten=True)]
+    return [c for c in cands if _fits_persistent(c, 1, arch)]
+
+
+def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
+    """Persistent block-scaled FP8: K step 128 (one scale block), each step's product scaled into the
+    accumulator, so two accumulator tiles are live: warp specialization gives each consumer warpgroup half
+    of BLOCK_M (DeepGEMM's two math warpgroups), and the producer keeps the TMA loads ahead."""
+    arch = _persistent_archs(arch)
+    cands = [_pcfg(128, 128, 128, True, 4), _pcfg(128, 128, 128, True, 3), _pcfg(128, 128, 128, False, 4),
+             _pcfg(64, 128, 128, False, 4, warps=4)]
+    return [c for c in cands if _fits_persistent(c, 1, arch)]
+
+
 def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
     """NVFP4 block-scaled MMA (sm_100/sm_120 only): K step 128 = 8 scale groups of 16."""
     arch = normalize_arch(arch)
@@ -138,6 +193,9 @@ FAMILIES = {
     "fp8_block": get_lora_linear_fp8_block_configs,
     "dequant": get_lora_linear_dequant_configs,
     "nvfp4": get_lora_linear_nvfp4_configs,
+    "persistent_bf16": get_persistent_bf16_configs,
+    "persistent_fp8": get_persistent_fp8_configs,
+    "persistent_fp8_block": get_persistent_fp8_block_configs,
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from surogate.kernels import cublas, grad_input, lora_linear
+from surogate.kernels import cublas, grad_input, lora_linear, persistent
 from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
@@ -123,6 +123,8 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         aq = _quantize(x, r.variant.quantizer)
     if r.engine is Engine.CUBLAS:
         out = _cublas_forward(r.variant, aq, weight, h, up, b, lora_scale)
+    elif r.engine is Engine.PERSISTENT:
+        out = persistent.persistent_output(r.variant, aq, weight, k, h, up, b, lora_scale)
     else:
         out = getattr(lora_linear, r.variant.launcher)(r.variant, aq, weight, k, h, up, b, lora_scale)
     return out.view(*lead, out.shape[-1]), hidden.view(*lead, hidden.shape[-1])
@@ -151,9 +153,16 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None
+    dx = grad_input_cuda(g, weight, fmt, compute, k, gh, a, lora_scale)
+    return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
+
+
+def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale):
+    """The dgrad GEMM of the backward: `g (M, N) @ W (+ lora_scale * gh @ a)` -> (M, K), `a` = lora_a (r, K)
+    in g's dtype (or None, with `gh`). Quantizes g as the route's variant says, runs the route."""
     if compute is Compute.NVFP4 and emulates_fp4(g.device):
         # As the reference: the gradient NVFP4 along N with stochastic rounding, the weight's values
-        # re-quantized along N; a bf16 MMA over both (the LoRA term above used the exact gradient).
+        # re-quantized along N; a bf16 MMA over both (`gh`, the LoRA term, came from the exact gradient).
         w = dequantize_nvfp4(weight[0], weight[1], weight[2], shape=(g.shape[1], k), dtype=torch.float32)
         weight, fmt, compute = [_nvfp4_round_trip(w.t().contiguous()).t().contiguous()], WeightFormat.BF16, Compute.BF16
         g = _nvfp4_round_trip(g, stochastic=True)
@@ -174,6 +183,8 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
             dx = cublas.block_fp8_gemm(gq[0], gq[1], weight[0], weight[1], gh, up, None, lora_scale)
         else:
             dx = cublas.bf16_gemm(gq[0], weight[0].t(), gh, up, None, lora_scale)
+    elif r.engine is Engine.PERSISTENT:
+        dx = persistent.persistent_grad_input(r.variant, gq, weight, k, gh, a, lora_scale)
     else:
         dx = getattr(grad_input, r.variant.launcher)(r.variant, gq, weight, k, gh, a, lora_scale)
-    return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
+    return dx

@@ -41,6 +41,7 @@ class Engine(str, enum.Enum):
     """Who computes the GEMM."""
 
     TRITON = "triton"  # the fused kernel: base GEMM + LoRA up-projection in its epilogue
+    PERSISTENT = "persistent"  # sm_90: the persistent TMA / warp-specialized kernel (kernels/persistent.py)
     CUBLAS = "cublas"  # cuBLAS GEMM, then the LoRA term by a second GEMM into the output (addmm_)
     REFERENCE = "reference"  # no GPU: the plain-torch reference
 
@@ -78,6 +79,12 @@ BF16_CUBLAS_MIN_K = 4096
 # ~2% of the GEMM. Below it the GEMM is bound by reading the weight, and the packed one is 2-4x smaller.
 DEQUANT_SCRATCH_MIN_ROWS = 128
 
+# The switch of the persistent TMA kernel (kernels/persistent.py): True routes every sm_90 call of a
+# variant marked `persistent` (bf16, fp8 and fp8_block, forward and dgrad) to it, ahead of cuBLAS and of
+# `_lora_gemm_kernel`, wherever TMA can read the operands (`persistent_takes`). Off until the H200 run
+# of bench/kernels.py --persistent shows where it wins; `plan()` and the launcher both read it.
+PERSISTENT_SM90: bool = False
+
 # The tensors of each weight format's list, in order (docs/internals.md).
 WEIGHT_LISTS: dict[WeightFormat, tuple[str, ...]] = {
     WeightFormat.BF16: ("weight",),
@@ -105,6 +112,7 @@ class Variant:
     trans_w: bool = False  # the kernel reads W transposed (dgrad through the (N, K) weight)
     cublas: CublasRule = CublasRule.NEVER
     scratch: bool = False  # dequantizing weight: at M >= DEQUANT_SCRATCH_MIN_ROWS dequantize once, run bf16
+    persistent: bool = False  # kernels/persistent.py runs it too (sm_90, behind PERSISTENT_SM90)
     operands: str | None = None  # operand types in the SASS MMA mnemonic, e.g. "E4M3.E4M3"
     what: str = ""
 
@@ -117,6 +125,11 @@ class Variant:
         """Whether this forward reads its input pre-quantized (`input_q`) when its producer emits it."""
         return self.gemm is Gemm.OUTPUT and self.quantizer in (Quantizer.FP8_ROW_E4M3, Quantizer.FP8_BLOCK_E4M3)
 
+    @property
+    def persistent_kernel(self) -> str:
+        """The name of this variant's specialization of the persistent kernel (catalog, plan)."""
+        return f"persistent_{self.kernel}"
+
     def describe_rule(self, arch: str) -> str:
         """The shape rule on `arch` as one line of text (plan, `surogate info`)."""
         parts = []
@@ -125,6 +138,8 @@ class Variant:
                          f"(cuBLAS where the reduction is >= {BF16_CUBLAS_MIN_K})")
         if self.cublas is CublasRule.BF16_LONG_REDUCTION:
             parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
+        if self.persistent and PERSISTENT_SM90 and arch == "sm_90":
+            parts.append(f"the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
@@ -143,11 +158,11 @@ _LONG_K, _SM90 = CublasRule.BF16_LONG_REDUCTION, CublasRule.BLOCK_FP8_SM90
 VARIANTS: tuple[Variant, ...] = (
     # ---- output (forward)
     _v(_O, _BF16, _W.BF16, "lora_linear_bf16", "lora_linear_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16,
-       cublas=_LONG_K, operands="BF16", what="forward: bf16 x bf16 + LoRA epilogue"),
+       cublas=_LONG_K, operands="BF16", persistent=True, what="forward: bf16 x bf16 + LoRA epilogue"),
     _v(_O, _FP8, _W.FP8_ROW, "lora_linear_fp8", "lora_linear_fp8", "fp8", Quantizer.FP8_ROW_E4M3, A_FP8_ROW,
-       W_FP8_ROW, operands="E4M3.E4M3", what="forward: E4M3 x E4M3, row/channel scales"),
+       W_FP8_ROW, operands="E4M3.E4M3", persistent=True, what="forward: E4M3 x E4M3, row/channel scales"),
     _v(_O, _FP8, _W.FP8_BLOCK, "lora_linear_fp8_block", "lora_linear_fp8_block", "fp8_block",
-       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3",
+       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3", persistent=True,
        what="forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
     _v(_O, _BF16, _W.FP8_BLOCK, "lora_linear_dequant_fp8_block", "lora_linear_dequant_fp8_block", "dequant",
        Quantizer.NONE, A_BF16, W_DEQ_FP8_BLOCK, scratch=True, operands="BF16",
@@ -167,11 +182,11 @@ VARIANTS: tuple[Variant, ...] = (
        what="forward: NVFP4 x NVFP4 block-scaled MMA (tl.dot_scaled)"),
     # ---- grad_input (dgrad)
     _v(_G, _BF16, _W.BF16, "grad_input_bf16", "grad_input_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16, True,
-       cublas=_LONG_K, operands="BF16", what="dgrad: bf16 grad x bf16 weight read transposed"),
+       cublas=_LONG_K, operands="BF16", persistent=True, what="dgrad: bf16 grad x bf16 weight read transposed"),
     _v(_G, _FP8, _W.FP8_ROW, "grad_input_fp8", "grad_input_fp8", "fp8", Quantizer.FP8_ROW_E5M2, A_FP8_ROW,
-       W_FP8_ROW, operands="E5M2.E4M3", what="dgrad: E5M2 grad x cached K-major E4M3 transpose"),
+       W_FP8_ROW, operands="E5M2.E4M3", persistent=True, what="dgrad: E5M2 grad x cached K-major E4M3 transpose"),
     _v(_G, _FP8, _W.FP8_BLOCK, "grad_input_fp8_block", "grad_input_fp8_block", "fp8_block",
-       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3",
+       Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3", persistent=True,
        what="dgrad: E4M3 1x128 grad x block-FP8 weight made K-major (transpose_fp8)"),
     _v(_G, _BF16, _W.FP8_BLOCK, "grad_input_dequant_fp8_block", "grad_input_dequant_fp8_block", "dequant",
        Quantizer.NONE, A_BF16, W_DEQ_FP8_BLOCK, True, scratch=True, operands="BF16",
@@ -254,7 +269,8 @@ class Route:
     scratch: bool = False
 
     def __str__(self) -> str:
-        what = self.variant.kernel if self.engine is Engine.TRITON else f"cuBLAS ({self.variant.kernel}'s GEMM)"
+        what = {Engine.TRITON: self.variant.kernel, Engine.PERSISTENT: self.variant.persistent_kernel}.get(
+            self.engine, f"cuBLAS ({self.variant.kernel}'s GEMM)")
         return f"dequantize to bf16, then {what}" if self.scratch else what
 
 
@@ -272,6 +288,14 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
     return False
 
 
+def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int) -> bool:
+    """Whether the persistent TMA kernel runs a call of `v` (PERSISTENT_SM90 on): sm_90, a `persistent`
+    variant, and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
+    needs 8, 16 keeps one rule), the output's a multiple of 8 (16 bytes of bf16)."""
+    return (PERSISTENT_SM90 and v.persistent and arch == "sm_90" and rows > 0 and k_red % 16 == 0
+            and n_out % 8 == 0)
+
+
 def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
           cublas: "bool | Callable[[CublasRule], bool]" = True) -> Route:
     """The route of one call of `v` on `arch`: `rows` (M), `n_out` output columns, reduction `k_red`.
@@ -285,6 +309,8 @@ def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
     if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
         bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
         return Route(route(bf16, arch, rows, n_out, k_red, cublas).engine, bf16, scratch=True)
+    if persistent_takes(v, arch, rows, n_out, k_red):
+        return Route(Engine.PERSISTENT, v)
     if cublas_takes(v.cublas, arch, rows, n_out, k_red) and (cublas(v.cublas) if callable(cublas) else cublas):
         return Route(Engine.CUBLAS, v)
     return Route(Engine.TRITON, v)

@@ -1,0 +1,183 @@
+"""The persistent TMA kernel (surogate/kernels/persistent.py): numbers, routing switch, SASS.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 with both its TMA path (device-side tensor
+descriptors: Triton 3.9's interpreter runs them) and its pointer path. With the interpreter's single
+config both accumulate the same K steps in the same order as `_lora_gemm_kernel`, so the outputs are
+equal bit for bit, and both sit above the GEMM SQNR floor against the plain-torch reference. What the
+interpreter cannot show (warp specialization, wgmma, the real TMA engine) is checked in the sm_90
+SASS of ahead-of-time builds: HGMMA / QGMMA, UTMALDG / UTMASTG, setmaxnreg, no spills, shared memory
+within the SM's 227 KB, for every config the tuner may pick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from numerics import sqnr
+from surogate.kernels import catalog, configs, launch, lora_linear, persistent, variants
+from surogate.kernels import reference as ref
+from surogate.kernels.aot import build_many
+from surogate.kernels.plan import plan
+from surogate.kernels.quantize import quantize_fp8_block, quantize_fp8_rowwise, quantize_weight
+from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, W_BF16, W_FP8_BLOCK, W_FP8_ROW
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOOR = 40.0  # dB, as tests/test_kernels_gemm.py: FP32 summation order + the final bf16 rounding
+SMEM_SM90 = 232448  # bytes of shared memory one block may have on an H100 / H200
+RECIPES = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8_row"), "qfp8": ("fp8", "fp8_block")}
+
+
+def _case(m: int, n: int, k: int, r: int, fmt: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    b = torch.randn(n, r, generator=g) * 0.2
+    bias = torch.randn(n, generator=g).bfloat16()
+    go = torch.randn(m, n, generator=g).bfloat16()
+    x, w, a, b, bias, go = (t.to(DEVICE) for t in (x, w, a, b, bias, go))
+    return x, w, a, b, bias, go, quantize_weight(w, fmt)
+
+
+def _operands(mode: str, x, go, wl):
+    """(forward args, dgrad args) of launch_lora_gemm for one operand family: a, a_scale, a_mode, w,
+    w_scale, w_mode, trans_w. The dgrad reads the K-major weight copies the FP8 recipes use."""
+    if mode == "bf16":
+        return (x, None, A_BF16, wl[0], None, W_BF16, False), (go, None, A_BF16, wl[0], None, W_BF16, True)
+    if mode == "fp8":
+        xq, xs, _ = quantize_fp8_rowwise(x, "e4m3")
+        gq, gs, _ = quantize_fp8_rowwise(go, "e5m2")
+        return ((xq, xs, A_FP8_ROW, wl[0], wl[1], W_FP8_ROW, False),
+                (gq, gs, A_FP8_ROW, wl[2], wl[3], W_FP8_ROW, False))
+    xq, xs = quantize_fp8_block(x, (1, 128), "e4m3")
+    gq, gs = quantize_fp8_block(go, (1, 128), "e4m3")
+    w_t = wl[0].t().contiguous()  # what launch.py's transpose_fp8 makes for the dgrad
+    return ((xq, xs, A_FP8_BLOCK, wl[0], wl[1], W_FP8_BLOCK, False),
+            (gq, gs, A_FP8_BLOCK, w_t, wl[1].t(), W_FP8_BLOCK, False))
+
+
+# ------------------------------------------------------------------ numbers (interpreter or GPU)
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "qfp8"])
+@pytest.mark.parametrize("m", [1, 37])
+def test_persistent_equals_the_fused_kernel_bit_for_bit(mode, m, tma) -> None:
+    """Forward and dgrad, M not a multiple of the tile, N and K not multiples of BLOCK_N / BLOCK_K:
+    equal to `_lora_gemm_kernel` (interpreter: the same K steps in the same order) and above the floor
+    against the reference GEMM of the dequantized operands."""
+    n, k, r = 80, 144, 16
+    x, w, a, b, bias, go, wl = _case(m, n, k, r, RECIPES[mode][1], seed=m)
+    fwd, dgrad = _operands(mode, x, go, wl)
+    hidden = (x @ a.bfloat16().t())
+    gh = (go @ b.bfloat16())
+    for (aa, a_s, a_mode, ww, w_s, w_mode, trans), n_out, h, up, bb in (
+            (fwd, n, hidden, b.bfloat16(), bias), (dgrad, k, gh, a.bfloat16().t(), None)):
+        family = {"bf16": "bf16", "fp8": "fp8", "qfp8": "fp8_block"}[mode]
+        got = persistent.launch_persistent_gemm(aa, a_s, a_mode, ww, w_s, w_mode, trans, n_out, h, up, bb, 2.0, tma=tma)
+        want = lora_linear.launch_lora_gemm(aa, a_s, a_mode, ww, w_s, w_mode, trans, n_out, h, up, bb, 2.0,
+                                            family=family)
+        assert got.shape == want.shape == (m, n_out) and got.dtype == torch.bfloat16
+        if DEVICE == "cpu":
+            assert torch.equal(got, want)
+        assert sqnr(got, want) > FLOOR
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) -> None:
+    """With `variants.PERSISTENT_SM90` on, the op's forward and dgrad run the persistent kernel (the
+    launcher's trace says so) and match the reference; off, nothing routes to it."""
+    compute, fmt = RECIPES[recipe]
+    x, w, a, b, bias, go, wl = _case(37, 96, 256, 16, fmt, seed=7)
+    with variants.trace() as off:
+        y_off, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
+        gi_off = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
+    assert variants.Engine.PERSISTENT not in {r.engine for r in off}
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    with variants.trace() as on:
+        y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
+        gi = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability() == (9, 0):
+        assert [r.engine for r in on] == [variants.Engine.PERSISTENT] * 2
+        assert str(on[0]) == f"persistent_{on[0].variant.kernel}"
+    y_r, h_r = ref.lora_linear_ref(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
+    gi_r = ref.lora_linear_backward_ref(go, x, wl, fmt, a, b, None, h_r, 2.0, compute)[0]
+    assert sqnr(y, y_r) > FLOOR and sqnr(gi, gi_r) > FLOOR
+    if DEVICE == "cpu":  # the interpreter runs one config: the same sums as the Triton route
+        assert torch.equal(y, y_off) and torch.equal(gi, gi_off)
+
+
+def test_route_takes_the_persistent_kernel_only_when_switched_on_on_sm90(monkeypatch) -> None:
+    fp8 = variants.variant("output", "fp8", "fp8_row")
+    nf4 = variants.variant("output", "bf16", "nf4")
+    assert not variants.PERSISTENT_SM90  # off until the H200 measurement says where it wins
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.TRITON
+    assert "persistent" not in str(plan("fp8", "sm_90"))
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT
+    assert variants.route(fp8, "sm_100", 4096, 4096, 4096).engine is variants.Engine.TRITON
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4100).engine is variants.Engine.TRITON  # K % 16: no TMA
+    assert variants.route(fp8, "sm_90", 4096, 4100, 4096).engine is variants.Engine.TRITON  # N % 8
+    assert variants.route(nf4, "sm_90", 64, 4096, 4096).engine is variants.Engine.TRITON  # no persistent variant
+    qfp8 = variants.variant("grad_input", "fp8", "fp8_block")
+    assert variants.route(qfp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT  # ahead of cuBLAS
+    assert "the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
+    assert {v.kernel for v in variants.VARIANTS if v.persistent} == {
+        "lora_linear_bf16", "lora_linear_fp8", "lora_linear_fp8_block", "grad_input_bf16", "grad_input_fp8",
+        "grad_input_fp8_block"}
+
+
+def test_tma_needs_aligned_row_strides() -> None:
+    x = torch.zeros(8, 136, dtype=torch.bfloat16)
+    assert persistent.tma_ok(x, None)
+    assert persistent.tma_ok(x[:, :130])  # a narrower view: its row stride is still aligned
+    assert not persistent.tma_ok(x[:, 1:])  # base not 16-byte aligned
+    assert not persistent.tma_ok(torch.zeros(8, 4, dtype=torch.bfloat16))  # rank 4: 8-byte rows
+    assert not persistent.tma_ok(x.t())  # inner stride not 1
+
+
+# ---------------------------------------------------------------------- SASS of sm_90 builds
+
+def _requests(all_configs: bool):
+    out = []
+    for spec in catalog.persistent_specs():
+        family = persistent.FAMILIES[(spec.constexprs["A_MODE"], spec.constexprs["W_MODE"])]
+        cands = configs.get_configs(family, "sm_90")
+        for c in cands if all_configs else cands[:1]:
+            out.append((spec, c, dataclasses.replace(spec, config=lambda arch, c=c: c).request("sm_90")))
+    return out
+
+
+def _check_sm90(requests) -> list[str]:
+    problems = []
+    for (spec, c, _), build in zip(requests, build_many([r for _, _, r in requests])):
+        what = f"{spec.name} {c.kwargs} warps={c.num_warps} stages={c.num_stages}: {build.summary()}"
+        bad = spec.check(build)  # HGMMA / QGMMA on the spec's operand types, no slower MMA class
+        ops = build.opcodes if build.ok else {}
+        if build.ok:
+            if not ops.get("UTMALDG") or not ops.get("UTMASTG"):
+                bad.append("no TMA load / store")
+            if build.spills:
+                bad.append("spills")
+            if build.shared_bytes > SMEM_SM90:
+                bad.append(f"{build.shared_bytes} B of shared memory")
+            if c.kwargs["WARP_SPECIALIZE"] and not ops.get("USETMAXREG"):
+                bad.append("not warp-specialized (no setmaxnreg)")
+        problems += [f"{what}: {p}" for p in bad]
+    return problems
+
+
+def test_first_configs_build_for_sm90_with_wgmma_and_tma() -> None:
+    """The first (default) config of each persistent variant: QGMMA / HGMMA, TMA loads and stores, warp
+    specialization where the config asks for it, no spills, shared memory that fits."""
+    reqs = _requests(all_configs=False)
+    assert len(reqs) == 6
+    assert _check_sm90(reqs) == []
+
+
+@pytest.mark.slow
+def test_every_config_builds_for_sm90_with_wgmma_and_tma() -> None:
+    """Every config the tuner may pick on sm_90 (a config that does not fit would only be skipped there)."""
+    assert _check_sm90(_requests(all_configs=True)) == []
