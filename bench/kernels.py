@@ -7,12 +7,18 @@ For every recipe native on this GPU, forward (`lora_linear_cuda`) and backward
 and the fused FP8 GEMM alone on the same pre-quantized operands (`gemm_only`).
 `validate()` runs before `bench()`; results go to bench/results/kernels.{json,md}.
 
-    python bench/kernels.py [--models 0.6B,8B] [--recipes bf16,fp8,...] [--out bench/results]
+`--persistent` instead measures the persistent TMA kernel (kernels/persistent.py) against cuBLAS alone and
+the current route, forward and dgrad, per recipe (bf16, fp8, qfp8) and M (`--m`); `validate_persistent()`
+runs first; results go to bench/results/kernels_persistent.{json,md}.
+
+    python bench/kernels.py [--models 0.6B,8B] [--recipes bf16,fp8,...] [--m 4096] [--out bench/results]
+    python bench/kernels.py --persistent --models 8B --m 4096,16384 [--recipes bf16,fp8,qfp8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -23,12 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from surogate.kernels import configs, launch  # noqa: E402
+from surogate.kernels import configs, cublas, launch, variants  # noqa: E402
 from surogate.kernels import quantize as q  # noqa: E402
 from surogate.kernels.lora_linear import lora_linear_fp8  # noqa: E402
 from surogate.kernels.variants import variant  # noqa: E402
-from surogate.recipes import get, current_arch  # noqa: E402
-from surogate.kernels.plan import native_recipes
+from surogate.recipes import Compute, WeightFormat, get, current_arch  # noqa: E402
+from surogate.kernels.plan import native_recipes  # noqa: E402
 
 MODELS = {  # hidden, intermediate, q heads, kv heads (head dim 128)
     "0.6B": (1024, 3072, 16, 8),
@@ -36,6 +42,7 @@ MODELS = {  # hidden, intermediate, q heads, kv heads (head dim 128)
 }
 M_TOKENS = 4096
 RANK = 16
+DEVICE = "cuda"
 SCALE = 2.0  # alpha 32 / r 16
 
 
@@ -50,14 +57,15 @@ def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.float().pow(2).sum() / err))
 
 
-def make_case(n: int, k: int, recipe: str, seed: int = 0) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    x = torch.randn(M_TOKENS, k, device=dev, generator=g).bfloat16()
+def make_case(n: int, k: int, recipe: str, seed: int = 0, m: int | None = None) -> dict:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    dev = DEVICE
+    m = m or M_TOKENS
+    x = torch.randn(m, k, device=dev, generator=g).bfloat16()
     w = (torch.randn(n, k, device=dev, generator=g) / k ** 0.5).bfloat16()
     a = torch.randn(RANK, k, device=dev, generator=g) / k ** 0.5
     b = torch.randn(n, RANK, device=dev, generator=g) * 0.1
-    go = torch.randn(M_TOKENS, n, device=dev, generator=g).bfloat16()
+    go = torch.randn(m, n, device=dev, generator=g).bfloat16()
     r = get(recipe)
     wl = q.quantize_weight(w, r.weight_format.value)
     return dict(x=x, w=w, a=a, b=b, go=go, wl=wl, fmt=r.weight_format.value, fwd=r.forward.value,
@@ -190,6 +198,167 @@ def _row_text(row: dict) -> str:
     return " | ".join(parts)
 
 
+# ------------------------------------------------------------------ the persistent TMA kernel (--persistent)
+
+PERSISTENT_RECIPES = ("bf16", "fp8", "qfp8")
+# (M, N, K) of the validation cases: M a multiple of no tile; N and K of the second no multiple of 128 (but
+# of 16: the dgrad's reduction is N, and TMA reads FP8 rows in 16-byte steps, `variants.persistent_takes`).
+PERSISTENT_VALIDATE = ((1000, 1024, 2048), (1000, 1008, 1040))
+
+
+@contextlib.contextmanager
+def engine(name: str):
+    """Route the op's GEMMs as `name` says: "current" (today's routes: cuBLAS + LoRA addmm for bf16 with
+    K >= 4096 and for qfp8, the Triton kernel for fp8), "triton" (`_lora_gemm_kernel` everywhere),
+    "persistent" (`variants.PERSISTENT_SM90`)."""
+    before = variants.PERSISTENT_SM90, configs.FORCE_TRITON_GEMMS
+    variants.PERSISTENT_SM90 = name == "persistent"
+    configs.FORCE_TRITON_GEMMS = name == "triton"
+    try:
+        yield
+    finally:
+        variants.PERSISTENT_SM90, configs.FORCE_TRITON_GEMMS = before
+
+
+def _op_fwd(c, name):
+    """The whole forward op: LoRA hidden GEMM, activation quantize, the GEMM with its LoRA epilogue."""
+    with engine(name):
+        return _forward(c)[0]
+
+
+def _op_dgrad(c, gh, name):
+    """The whole dgrad: grad_output quantize (and the K-major weight copy for qfp8), the GEMM, the LoRA
+    term s * gh @ lora_a. gh = grad_output @ lora_b is the LoRA grads' (kernels/grad_lora.py), not timed."""
+    fmt, compute = WeightFormat(c["fmt"]), Compute(c["dg"])
+    with engine(name):
+        return launch.grad_input_cuda(c["go"], c["wl"], fmt, compute, c["x"].shape[1], gh, c["a"].bfloat16(), SCALE)
+
+
+def _cublas_alone(c, recipe):
+    """(forward, dgrad) of cuBLAS on pre-quantized operands: the GEMM alone, no quantize, no LoRA: the
+    target the whole persistent op must meet. bf16: torch.mm; fp8: torch._scaled_mm rowwise (dgrad: E5M2
+    grad x the cached K-major E4M3 transpose); qfp8: cuBLASLt block-scaled FP8 (dgrad on the K-major copy)."""
+    from surogate.kernels.transpose import transpose_fp8
+
+    x, go, wl = c["x"], c["go"], c["wl"]
+    if recipe == "bf16":
+        w = wl[0]
+        return (lambda: x @ w.t()), (lambda: go @ w)
+    if recipe == "fp8":
+        xq, xs, _ = q.quantize_fp8_rowwise(x, "e4m3")
+        gq, gs, _ = q.quantize_fp8_rowwise(go, "e5m2")
+        fwd = lambda: torch._scaled_mm(xq, wl[0].t(), scale_a=xs, scale_b=wl[1].view(1, -1),  # noqa: E731
+                                       out_dtype=torch.bfloat16)
+        dgrad = lambda: torch._scaled_mm(gq, wl[2].t(), scale_a=gs, scale_b=wl[3].view(1, -1),  # noqa: E731
+                                         out_dtype=torch.bfloat16)
+        return fwd, dgrad
+    xq, xs = q.quantize_fp8_block(x, (1, 128), "e4m3")
+    gq, gs = q.quantize_fp8_block(go, (1, 128), "e4m3")
+    w_t, ws_t = transpose_fp8(wl[0]), wl[1].t()
+    return (lambda: cublas.block_fp8_gemm(xq, xs, wl[0], wl[1], None, None, None, 1.0),
+            lambda: cublas.block_fp8_gemm(gq, gs, w_t, ws_t, None, None, None, 1.0))
+
+
+def _routes(fn) -> str:
+    with variants.trace() as ran:
+        fn()
+    return ", ".join(sorted({str(r) for r in ran}))
+
+
+def validate_persistent(recipes) -> dict:
+    """The persistent forward and dgrad against the plain-torch reference (SQNR dB) on the
+    PERSISTENT_VALIDATE shapes; each must also have run the persistent kernel (variants.trace)."""
+    from surogate.kernels import reference as ref
+
+    out = {}
+    for recipe in recipes:
+        for m, n, k in PERSISTENT_VALIDATE:
+            c = make_case(n, k, recipe, seed=3, m=m)
+            with engine("persistent"), variants.trace() as ran:
+                y, h = _forward(c)
+                gh = c["go"] @ c["b"].bfloat16()
+                gi = _op_dgrad(c, gh, "persistent")
+            y_r, h_r = ref.lora_linear_ref(c["x"], c["wl"], c["fmt"], c["a"], c["b"], None, None, SCALE, c["fwd"],
+                                           c["dg"])
+            gi_r = ref.lora_linear_backward_ref(c["go"], c["x"], c["wl"], c["fmt"], c["a"], c["b"], None, h_r, SCALE,
+                                                c["dg"])[0]
+            key = f"{recipe} M={m} N={n} K={k}"
+            out[key] = dict(output=sqnr(y, y_r), grad_input=sqnr(gi, gi_r), routes=sorted({str(r) for r in ran}))
+            ok = all(isinstance(v, float) and v > 20 for v in out[key].values() if not isinstance(v, list))
+            if not ok or not all(r.startswith("persistent_") for r in out[key]["routes"]):
+                print(f"VALIDATION FAILED {key}: {out[key]}", flush=True)
+            print(f"validate persistent {key}: {out[key]}", flush=True)
+    return out
+
+
+def bench_persistent(models: list[str], recipes: list[str], ms: list[int]) -> list[dict]:
+    """Per shape, M and recipe: cuBLAS alone (fwd, dgrad) and the whole op through the current route,
+    `_lora_gemm_kernel` ("triton") and the persistent kernel; the persistent outputs' SQNR against the
+    current route's at the benchmarked shape."""
+    rows = []
+    for model in models:
+        for lin, (n, k) in linear_shapes(model).items():
+            for m in ms:
+                for recipe in recipes:
+                    c = make_case(n, k, recipe, m=m)
+                    gh = c["go"] @ c["b"].bfloat16()
+                    f_cublas, d_cublas = _cublas_alone(c, recipe)
+                    row = dict(model=model, linear=lin, M=m, N=n, K=k, recipe=recipe, flops=2.0 * m * n * k,
+                               cublas_fwd_ms=_time(f_cublas), cublas_dgrad_ms=_time(d_cublas))
+                    names = ("current", "persistent") if recipe == "fp8" else ("current", "triton", "persistent")
+                    for name in names:  # fp8's current route is the Triton kernel
+                        row[f"{name}_fwd_ms"] = _time(lambda: _op_fwd(c, name))
+                        row[f"{name}_dgrad_ms"] = _time(lambda: _op_dgrad(c, gh, name))
+                        row[f"{name}_routes"] = _routes(lambda: (_op_fwd(c, name), _op_dgrad(c, gh, name)))
+                    if recipe == "fp8":
+                        for d in ("fwd", "dgrad"):
+                            row[f"triton_{d}_ms"] = row[f"current_{d}_ms"]
+                    row["sqnr_vs_current"] = dict(fwd=sqnr(_op_fwd(c, "persistent"), _op_fwd(c, "current")),
+                                                  dgrad=sqnr(_op_dgrad(c, gh, "persistent"),
+                                                             _op_dgrad(c, gh, "current")))
+                    for d in ("fwd", "dgrad"):
+                        row[f"persistent_{d}_vs_cublas"] = row[f"cublas_{d}_ms"] / row[f"persistent_{d}_ms"]
+                    rows.append(row)
+                    print(_persistent_row_text(row), flush=True)
+                    del c
+    return rows
+
+
+def _persistent_row_text(r: dict) -> str:
+    return (f"{r['model']:>4} {r['linear']:<7} M={r['M']:<5} N={r['N']:<5} K={r['K']:<5} {r['recipe']:<4} | "
+            + " | ".join(f"{d}: cublas {r[f'cublas_{d}_ms']:.3f} current {r[f'current_{d}_ms']:.3f} "
+                         f"triton {r[f'triton_{d}_ms']:.3f} persistent {r[f'persistent_{d}_ms']:.3f} "
+                         f"({r[f'persistent_{d}_vs_cublas']:.2f}x cublas, "
+                         f"{r[f'triton_{d}_ms'] / r[f'persistent_{d}_ms']:.2f}x triton)"
+                         for d in ("fwd", "dgrad"))
+            + f" | SQNR vs current {r['sqnr_vs_current']['fwd']:.1f}/{r['sqnr_vs_current']['dgrad']:.1f} dB")
+
+
+def persistent_markdown(meta: dict, rows: list[dict], valid: dict) -> str:
+    lines = [f"# The persistent TMA kernel on {meta['gpu']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, r={RANK}. Medians (ms) of "
+             "`triton.testing.do_bench_cudagraph`. cuBLAS: the GEMM alone on pre-quantized operands (torch.mm, "
+             "_scaled_mm rowwise, block-scaled scaled_mm). current / triton / persistent: the whole op (fwd: "
+             "LoRA hidden GEMM + quantize + GEMM + LoRA; dgrad: quantize (+ K-major copy for qfp8) + GEMM + "
+             "LoRA). xC = cuBLAS ms / persistent ms (the target: >= 1.0).", "",
+             "| model | linear | M | recipe | fwd cuBLAS | fwd current | fwd triton | fwd persistent (xC) | "
+             "dgrad cuBLAS | dgrad current | dgrad triton | dgrad persistent (xC) | SQNR vs current |",
+             "|" + "---|" * 13]
+    for r in rows:
+        cells = [r["model"], r["linear"], str(r["M"]), r["recipe"]]
+        for d in ("fwd", "dgrad"):
+            cells += [f"{r[f'cublas_{d}_ms']:.3f}", f"{r[f'current_{d}_ms']:.3f}", f"{r[f'triton_{d}_ms']:.3f}",
+                      f"{r[f'persistent_{d}_ms']:.3f} ({r[f'persistent_{d}_vs_cublas']:.2f}x)"]
+        cells.append(f"{r['sqnr_vs_current']['fwd']:.1f} / {r['sqnr_vs_current']['dgrad']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Routes (what ran): " + "; ".join(sorted({f"{r['recipe']} {k.split('_')[0]}: {r[k]}" for r in rows
+                                                         for k in r if k.endswith("_routes")})), "",
+              "Validation (persistent vs reference, SQNR dB):", ""]
+    for k, v in valid.items():
+        lines.append(f"- {k}: output {v['output']:.1f}, grad_input {v['grad_input']:.1f} ({', '.join(v['routes'])})")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(meta: dict, rows: list[dict], valid: dict) -> str:
     recipes = list(rows[0]["recipes"]) if rows else []
     lines = [f"# Fused LoRA-linear kernels on {meta['gpu']}", "",
@@ -215,14 +384,21 @@ def markdown(meta: dict, rows: list[dict], valid: dict) -> str:
 
 
 def main() -> None:
+    global M_TOKENS
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="0.6B,8B")
     p.add_argument("--recipes", default="")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--skip-validate", action="store_true")
+    p.add_argument("--m", default=str(M_TOKENS), help="token counts (rows M), comma-separated, e.g. 4096,16384")
+    p.add_argument("--persistent", action="store_true", help="measure the persistent TMA kernel (sm_90)")
     args = p.parse_args()
     arch = current_arch()
-    recipes = args.recipes.split(",") if args.recipes else [r for r in native_recipes(arch)]
+    ms = [int(v) for v in args.m.split(",")]
+    if args.persistent:
+        recipes = args.recipes.split(",") if args.recipes else list(PERSISTENT_RECIPES)
+    else:
+        recipes = args.recipes.split(",") if args.recipes else [r for r in native_recipes(arch)]
     models = args.models.split(",")
     import triton
 
@@ -230,6 +406,17 @@ def main() -> None:
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     meta = dict(gpu=torch.cuda.get_device_name(), arch=arch, torch=torch.__version__, triton=triton.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.persistent:
+        valid = {} if args.skip_validate else validate_persistent(recipes)
+        rows = bench_persistent(models, recipes, ms)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_persistent.json"), "w") as f:
+            json.dump(dict(meta=meta, validate=valid, rows=rows), f, indent=1)
+        with open(os.path.join(args.out, "kernels_persistent.md"), "w") as f:
+            f.write(persistent_markdown(meta, rows, valid))
+        print(persistent_markdown(meta, rows, valid))
+        return
+    M_TOKENS = ms[0]
     valid = {}
     if not args.skip_validate:
         cases = {f"{r} N=1024 K=2048": make_case(1024, 2048, r, seed=1) for r in recipes}
