@@ -220,10 +220,21 @@ def engine(name: str):
         variants.PERSISTENT_SM90, configs.FORCE_TRITON_GEMMS = before
 
 
-def _op_fwd(c, name):
-    """The whole forward op: LoRA hidden GEMM, activation quantize, the GEMM with its LoRA epilogue."""
+def _op_fwd(c, name, input_q=None):
+    """The whole forward op: LoRA hidden GEMM, activation quantize, the GEMM with its LoRA epilogue. With
+    `input_q` the activation arrives quantized, as from a fused producer (RMSNorm / SwiGLU, passes/producer.py)."""
     with engine(name):
-        return _forward(c)[0]
+        return launch.lora_linear_cuda(c["x"], c["wl"], c["fmt"], c["a"], c["b"], None, None, SCALE, c["fwd"],
+                                       c["dg"], input_q=input_q)[0]
+
+
+def _input_q(c, recipe):
+    """The input as the FP8 forward's producer would hand it over ([data, scale]); None for bf16."""
+    if recipe == "fp8":
+        return list(q.quantize_fp8_rowwise(c["x"], "e4m3")[:2])
+    if recipe == "qfp8":
+        return list(q.quantize_fp8_block(c["x"], (1, 128), "e4m3"))
+    return None
 
 
 def _op_dgrad(c, gh, name):
@@ -313,11 +324,16 @@ def bench_persistent(models: list[str], recipes: list[str], ms: list[int]) -> li
                     if recipe == "fp8":
                         for d in ("fwd", "dgrad"):
                             row[f"triton_{d}_ms"] = row[f"current_{d}_ms"]
+                    xq = _input_q(c, recipe)
+                    if xq is not None:  # the forward as the compiled model runs it behind a fused producer
+                        for name in ("current", "persistent"):
+                            row[f"{name}_fwd_q_ms"] = _time(lambda: _op_fwd(c, name, xq))
                     row["sqnr_vs_current"] = dict(fwd=sqnr(_op_fwd(c, "persistent"), _op_fwd(c, "current")),
                                                   dgrad=sqnr(_op_dgrad(c, gh, "persistent"),
                                                              _op_dgrad(c, gh, "current")))
-                    for d in ("fwd", "dgrad"):
-                        row[f"persistent_{d}_vs_cublas"] = row[f"cublas_{d}_ms"] / row[f"persistent_{d}_ms"]
+                    for d, base in (("fwd", "fwd"), ("dgrad", "dgrad"), ("fwd_q", "fwd")):
+                        if f"persistent_{d}_ms" in row:
+                            row[f"persistent_{d}_vs_cublas"] = row[f"cublas_{base}_ms"] / row[f"persistent_{d}_ms"]
                     rows.append(row)
                     print(_persistent_row_text(row), flush=True)
                     del c
@@ -331,6 +347,9 @@ def _persistent_row_text(r: dict) -> str:
                          f"({r[f'persistent_{d}_vs_cublas']:.2f}x cublas, "
                          f"{r[f'triton_{d}_ms'] / r[f'persistent_{d}_ms']:.2f}x triton)"
                          for d in ("fwd", "dgrad"))
+            + (f" | fwd, input from a producer: current {r['current_fwd_q_ms']:.3f} persistent "
+               f"{r['persistent_fwd_q_ms']:.3f} ({r['persistent_fwd_q_vs_cublas']:.2f}x cublas)"
+               if "persistent_fwd_q_ms" in r else "")
             + f" | SQNR vs current {r['sqnr_vs_current']['fwd']:.1f}/{r['sqnr_vs_current']['dgrad']:.1f} dB")
 
 
@@ -340,15 +359,23 @@ def persistent_markdown(meta: dict, rows: list[dict], valid: dict) -> str:
              "`triton.testing.do_bench_cudagraph`. cuBLAS: the GEMM alone on pre-quantized operands (torch.mm, "
              "_scaled_mm rowwise, block-scaled scaled_mm). current / triton / persistent: the whole op (fwd: "
              "LoRA hidden GEMM + quantize + GEMM + LoRA; dgrad: quantize (+ K-major copy for qfp8) + GEMM + "
-             "LoRA). xC = cuBLAS ms / persistent ms (the target: >= 1.0).", "",
+             "LoRA). fwd q: the forward with its input quantized by a fused producer (`input_q`: what the "
+             "compiled model runs behind RMSNorm / SwiGLU), current / persistent. xC = cuBLAS ms / persistent ms "
+             "(the target: >= 1.0).", "",
              "| model | linear | M | recipe | fwd cuBLAS | fwd current | fwd triton | fwd persistent (xC) | "
-             "dgrad cuBLAS | dgrad current | dgrad triton | dgrad persistent (xC) | SQNR vs current |",
-             "|" + "---|" * 13]
+             "dgrad cuBLAS | dgrad current | dgrad triton | dgrad persistent (xC) | fwd q current | "
+             "fwd q persistent (xC) | SQNR vs current |",
+             "|" + "---|" * 15]
     for r in rows:
         cells = [r["model"], r["linear"], str(r["M"]), r["recipe"]]
         for d in ("fwd", "dgrad"):
             cells += [f"{r[f'cublas_{d}_ms']:.3f}", f"{r[f'current_{d}_ms']:.3f}", f"{r[f'triton_{d}_ms']:.3f}",
                       f"{r[f'persistent_{d}_ms']:.3f} ({r[f'persistent_{d}_vs_cublas']:.2f}x)"]
+        if "persistent_fwd_q_ms" in r:
+            cells += [f"{r['current_fwd_q_ms']:.3f}",
+                      f"{r['persistent_fwd_q_ms']:.3f} ({r['persistent_fwd_q_vs_cublas']:.2f}x)"]
+        else:
+            cells += ["-", "-"]
         cells.append(f"{r['sqnr_vs_current']['fwd']:.1f} / {r['sqnr_vs_current']['dgrad']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Routes (what ran): " + "; ".join(sorted({f"{r['recipe']} {k.split('_')[0]}: {r[k]}" for r in rows

@@ -129,6 +129,15 @@ def test_route_takes_the_persistent_kernel_only_when_switched_on_on_sm90(monkeyp
         "grad_input_fp8_block"}
 
 
+def test_configs_are_for_sm90_only() -> None:
+    """sm_100 builds of this kernel came out without MMA or TMA instructions for some tiles: refused."""
+    for family in set(persistent.FAMILIES.values()):
+        assert configs.get_configs(family, "sm_90")
+        for arch in ("sm_89", "sm_100", "sm_120"):
+            with pytest.raises(ValueError, match="sm_90 only"):
+                configs.get_configs(family, arch)
+
+
 def test_tma_needs_aligned_row_strides() -> None:
     x = torch.zeros(8, 136, dtype=torch.bfloat16)
     assert persistent.tma_ok(x, None)

@@ -239,7 +239,8 @@ def _gemm_specs() -> list[KernelSpec]:
 
 def persistent_specs() -> tuple[KernelSpec, ...]:
     """The persistent TMA kernel (kernels/persistent.py), one spec per variant it runs (`Variant.persistent`),
-    named `Variant.persistent_kernel`, built for sm_90 and sm_100 with its family's first config and TMA on.
+    named `Variant.persistent_kernel`, built for sm_90 (its only arch, configs._persistent_archs) with its
+    family's first config and TMA on.
 
     Not in `specs()` while `variants.PERSISTENT_SM90` is off: no plan names these kernels yet, so `surogate
     info` would list kernels nothing runs. tests/test_kernels_persistent.py builds them (every config).
@@ -275,7 +276,7 @@ def persistent_specs() -> tuple[KernelSpec, ...]:
         usage = recipe_usage(v.kernel).get("sm_90", [])
         out.append(KernelSpec(
             v.persistent_kernel, P._persistent_lora_gemm_kernel, MappingProxyType(signature),
-            MappingProxyType(constexprs), tuple(usage), v.compute, archs=("sm_90", "sm_100"),
+            MappingProxyType(constexprs), tuple(usage), v.compute, archs=("sm_90",),
             ints=MappingProxyType(ints),
             config=lambda arch, family=family, name=v.persistent_kernel: _first_config(get_configs(family, arch), name,
                                                                                       arch),

@@ -180,18 +180,19 @@ def _sms(device: torch.device) -> int:
 def tma_ok(*operands: torch.Tensor | None) -> bool:
     """Whether TMA can read (and write) these 2-D operands: unit inner stride, 16-byte aligned bases and
     row strides (K % 16 for FP8, % 8 for bf16; the output's N % 8; LoRA rank % 8). None: absent."""
-    return all(t is None or (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0)
-               for t in operands)
+    return all(t is None or (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                             and (t.stride(0) * t.element_size()) % 16 == 0) for t in operands)
 
 
 def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
                            w: torch.Tensor, w_scale: torch.Tensor | None, w_mode: int, trans_w: bool, n_out: int,
                            hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
-                           lora_scale: float, *, tma: bool | None = None,
+                           lora_scale: float, *, tma: bool | None = None, config: triton.Config | None = None,
                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Run `_persistent_lora_gemm_kernel`: the arguments of `lora_linear.launch_lora_gemm` for the
     modes in `FAMILIES`. `w` is (n_out, K) K-major, or (K, n_out) with `trans_w` (bf16 only);
-    `tma=None` uses TMA where `tma_ok`. Returns `out (M, n_out)`."""
+    `tma=None` uses TMA where `tma_ok`; `config` runs that config instead of the tuned one (tests).
+    Returns `out (M, n_out)`."""
     M, K = a.shape
     N = n_out
     family = FAMILIES[(a_mode, w_mode)]
@@ -213,8 +214,11 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
     as_ = a_scale if a_scale is not None else dummy
     ws = w_scale if w_scale is not None else dummy
     sms = _sms(a.device)
-    run = tuning.runner(_persistent_lora_gemm_kernel, family, a.device,
-                        (a_mode, w_mode, trans_w, has_lora, bias is not None, tma))
+    if config is None:
+        run = tuning.runner(_persistent_lora_gemm_kernel, family, a.device,
+                            (a_mode, w_mode, trans_w, has_lora, bias is not None, tma))
+    else:
+        run = lambda grid, **kw: tuning.launch(_persistent_lora_gemm_kernel, grid, config, kw)  # noqa: E731
     grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     run(grid, a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, h_ptr=h, ut_ptr=ut,
         bias_ptr=bias if bias is not None else dummy, out_ptr=out, M=M, N=N, K=K, R=r,
