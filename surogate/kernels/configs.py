@@ -30,7 +30,7 @@ def interpret_config(family: str) -> dict:
     The persistent kernels' loop knobs are off there (the interpreter ignores them anyway)."""
     tiles = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
     if family.startswith("persistent"):
-        tiles.update(WARP_SPECIALIZE=False, FLATTEN=False)
+        tiles.update(WARP_SPECIALIZE=False, FLATTEN=False, K_UNROLL=1)
     return tiles
 
 
@@ -101,12 +101,15 @@ def get_lora_linear_dequant_configs(arch: str) -> list[triton.Config]:
 
 
 def _pcfg(bm: int, bn: int, bk: int, ws: bool, stages: int, warps: int | None = None, group: int = 8,
-          flatten: bool = False) -> triton.Config:
+          flatten: bool = False, unroll: int = 1) -> triton.Config:
     """A persistent-kernel config. Warp-specialized ones take num_warps=4: Triton's sm_90 pass then adds a
     producer warpgroup and runs two consumer warpgroups of BLOCK_M / 2 rows each (12 warps in all); with
-    8 warps it silently builds the unspecialized kernel."""
+    8 warps it silently builds the unspecialized kernel. `unroll`: the K loop's loop_unroll_factor (1: none).
+    No config unrolls: at 2 the specialized build fails (3.9) and the unspecialized 128x256 one stages 360 KB
+    of shared memory, so the knob stays for other tiles or Tritons."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "WARP_SPECIALIZE": ws,
-                          "FLATTEN": flatten}, num_warps=warps or (4 if ws else 8), num_stages=stages)
+                          "FLATTEN": flatten, "K_UNROLL": unroll}, num_warps=warps or (4 if ws else 8),
+                         num_stages=stages)
 
 
 def _fits_persistent(c: triton.Config, elem_bytes: float, arch: str) -> bool:

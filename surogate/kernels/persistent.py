@@ -85,6 +85,7 @@ def _persistent_lora_gemm_kernel(
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+    K_UNROLL: tl.constexpr,
 ):
     """out[M, N] = sum_k A[m, k] W'[k, n] (scaled) (+ bias[n]) + H[m, :] U[n, :]^T, tile by tile.
 
@@ -120,7 +121,7 @@ def _persistent_lora_gemm_kernel(
         cols_n = tl.where(mask_n, offs_n, 0)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
+        for ki in tl.range(k_tiles, loop_unroll_factor=K_UNROLL):
             k0 = ki * BLOCK_K
             a = _tile(a_src, off_m, k0, M, K, stride_am, BLOCK_M, BLOCK_K, TMA)
             if TRANS_W:
