@@ -22,7 +22,10 @@ how the work is scheduled, after Triton's tutorial 09 ("persistent matmul"):
 
 The activation arrives already quantized by its producer (`quantize_fp8_rowwise` /
 `quantize_fp8_block`, or the FX producer pass's fused RMSNorm / SwiGLU); `H = lora_hidden` (M, r)
-is computed beforehand as for the other kernels, and `U` arrives pre-scaled by lora_scale.
+is computed beforehand as for the other kernels. The LoRA up-projection is one more MMA step after the
+K loop, `acc += H[tile rows] @ U^T[:, tile cols]`, with both read through TMA: U^T (r, N) row-major,
+lora_scale folded in by the launcher. (Read by pointers, as `_lora_epilogue` does, that second dot
+made the warp-specialized build fail in both Tritons.)
 `TMA=False` reads the same tiles with masked pointer loads (unaligned shapes; the tests check both
 paths under the interpreter, bit for bit against `_lora_gemm_kernel`).
 
@@ -42,7 +45,7 @@ from surogate.compat import ensure_tma_allocator
 from surogate.kernels import tuning
 from surogate.kernels.configs import block_r, interpreting
 from surogate.kernels.lora_linear import _block_fp8_step, _gemm_metadata, _prescale
-from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, W_FP8_ROW, Gemm, Variant
+from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, W_BF16, W_FP8_BLOCK, W_FP8_ROW, Gemm, Variant
 
 
 @triton.jit
@@ -162,8 +165,8 @@ def _persistent_lora_gemm_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 # The variants this kernel runs (variants.Variant.persistent), by (A_MODE, W_MODE): the config family.
-FAMILIES = {(A_BF16, 0): "persistent_bf16", (A_FP8_ROW, W_FP8_ROW): "persistent_fp8",
-            (A_FP8_BLOCK, 2): "persistent_fp8_block"}
+FAMILIES = {(A_BF16, W_BF16): "persistent_bf16", (A_FP8_ROW, W_FP8_ROW): "persistent_fp8",
+            (A_FP8_BLOCK, W_FP8_BLOCK): "persistent_fp8_block"}
 
 
 @functools.lru_cache(maxsize=None)
