@@ -52,7 +52,7 @@ class AlreadyCompiledError(RuntimeError):
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False,
-            recompute_producers: bool = False) -> nn.Module:
+            recompute_producers: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -76,10 +76,10 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     partitioner recomputes them. Blocks are checkpointed only while autograd records and no KV
     cache is passed (a replay would write the cache twice).
 
-    `recompute_producers=True` (off by default until measured on a GPU): the RMSNorm and SwiGLU outputs
-    that the LoRA linears read are rebuilt in the backward from tensors it keeps anyway, instead of kept
-    from the forward (passes/recompute.py): about a third less activation memory per layer, the same
-    numbers, a few pointwise kernels more in the backward.
+    `recompute_producers=True` (the default): the RMSNorm and SwiGLU outputs that the LoRA linears read,
+    o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
+    anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
+    (bf16 35.9 -> 28.9 GiB, qfp8 29.4 -> 22.4) at the same tokens/s (bench/NOTES.md run 51).
     """
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
@@ -109,7 +109,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: bool, recompute_producers: bool = False) -> nn.Module:
+                     checkpoint: bool, recompute_producers: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)

@@ -83,7 +83,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
     cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
-    recompute_producers: bool = False  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
+    recompute_producers: bool = True  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
