@@ -175,9 +175,9 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     seen = {}
     monkeypatch.setattr(surogate.compiler, "compile", lambda model, **kw: seen.update(kw) or model)
     monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
-    setup.compile_model(object(), from_dict({"recompute_producers": True}))
-    assert seen["recompute_producers"] is True and seen["checkpoint"] is False
-    setup.compile_model(object(), from_dict({"gradient_checkpointing": True}))
+    setup.compile_model(object(), from_dict({}))
+    assert seen["recompute_producers"] is True and seen["checkpoint"] is False  # the defaults
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
 
 
