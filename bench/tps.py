@@ -142,12 +142,14 @@ def _host_model(config):
 # "+nograph" drives the model eagerly instead of through surogate.GraphedStep (the default),
 # "+ckpt" recomputes each decoder block in the backward (activation checkpointing), "+norecompute" keeps the
 # norm / SwiGLU / RoPE outputs and layout copies that recompute_producers (on by default) rebuilds in the backward
-# ("+recompute" asks for it explicitly), "+cpuload" builds the
+# ("+recompute" asks for it explicitly), "+nogradproducer" leaves the FP8 dgrad's gradient quantize to the op's own
+# kernel (grad_producer=False: no fusion into the SwiGLU / RMSNorm backward), "+cpuload" builds the
 # model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the way
 # (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
-                    "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False}}
+                    "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False},
+                    "nogradproducer": {"grad_producer": False}}
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load")  # read by build() / the worker, not surogate.compile options
 
 

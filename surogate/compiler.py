@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from surogate import moe
+from surogate import moe, ops
 from surogate.cache import source_tag
 from surogate.compat import compile_options_cache_tag, tag_compile_cache
 from surogate.kernels.plan import plan
@@ -52,7 +52,7 @@ class AlreadyCompiledError(RuntimeError):
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False,
-            recompute_producers: bool = True) -> nn.Module:
+            recompute_producers: bool = True, grad_producer: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -80,6 +80,11 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
     anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
     (bf16 35.9 -> 28.9 GiB, qfp8 29.4 -> 22.4) at the same tokens/s (bench/NOTES.md run 51).
+
+    `grad_producer=True` (the default; recipes with an FP8 dgrad: fp8, qfp8): the compiled backward quantizes
+    each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor fuses it into the
+    kernel that produces the gradient (SwiGLU backward, RMSNorm backward) instead of a separate quantize
+    kernel reading it back; the forward's `producer` for the backward. On the CPU the same bits either way.
     """
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
@@ -100,7 +105,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     try:
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
-                                checkpoint=checkpoint, recompute_producers=recompute_producers)
+                                checkpoint=checkpoint, recompute_producers=recompute_producers,
+                                grad_producer=grad_producer)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -109,7 +115,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: bool, recompute_producers: bool = True) -> nn.Module:
+                     checkpoint: bool, recompute_producers: bool = True, grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -136,7 +142,11 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
-    ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers}
+    ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers,
+                   "grad_producer": grad_producer}
+    if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
+        report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
+                    if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
     backend = make_backend(rec, arch_name, report, ctx_options)
     hf = peft_model.base_model.model
     if getattr(getattr(hf, "config", None), "use_cache", False):
@@ -461,7 +471,11 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 # --- capture ------------------------------------------------------------------------------------------
 
 def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
-    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA)."""
+    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA).
+
+    AOTAutograd traces the backward inside that call, running the ops' autograd formulas: the backend holds
+    `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
+    """
     options = options or {}
     # The passes tag nodes (node.meta), which the compile caches do not hash: the options go into the key.
     options_tag = "surogate-options-" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
@@ -470,12 +484,13 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
         report.pending = ""
         _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
         run_pipeline(gm, PassContext(recipe, arch, report, options))
-        if arch == CPU:
-            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-        from torch._inductor.compile_fx import compile_fx
+        with ops.grad_producer(options.get("grad_producer", True)):
+            if arch == CPU:
+                return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+            from torch._inductor.compile_fx import compile_fx
 
-        with compile_options_cache_tag(options_tag):
-            return compile_fx(gm, example_inputs)
+            with compile_options_cache_tag(options_tag):
+                return compile_fx(gm, example_inputs)
 
     return surogate_backend
 
