@@ -105,6 +105,7 @@ def _references(arch: str):
 def test_offload_same_numbers_inputs_on_host_buffers_reused(arch):
     ids = _ids(32)
     plain, ckpt, ckpt_model = _references(arch)
+    torch._dynamo.utils.counters.clear()
     model = _compiled(arch, "offload")
     offload = model.surogate_offload
     assert any("checkpoint='offload'" in n for n in model.surogate_report.notes)
@@ -138,6 +139,8 @@ def test_offload_same_numbers_inputs_on_host_buffers_reused(arch):
     _assert_equal(offloaded, ckpt)
     _step(model, _ids(32, seed=2))
     assert _buffer_pointers(offload) == pointers
+    # The recompute reads the input back from the buffer: the same guards, no second graph.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert offload.host_bytes() == (LAYERS - 1) * 2 * 32 * 64 * 2  # batch x seq x hidden in bf16 each, no more
 
 
@@ -173,11 +176,14 @@ def test_offload_under_graphed_step_and_shape_buckets():
     assert all(len(grown[key]) == 2 and grown[key][0] == pointers[key][0] for key in pointers)
 
 
-# --- the offload alone, on a toy block --------------------------------------------------------------------
+# --- the offload alone, on toy blocks ---------------------------------------------------------------------
 
-def _toy_blocks(offload: BlockInputOffload, n: int = 3):
+N_TOY = IN_FLIGHT + 3  # blocks 1 .. N_TOY - IN_FLIGHT - 1 leave the device (block 0's input is a leaf)
+
+
+def _toy_blocks(offload: BlockInputOffload):
     torch.manual_seed(0)
-    layers = [nn.Linear(8, 8) for _ in range(n)]
+    layers = [nn.Linear(8, 8) for _ in range(N_TOY)]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(layers):
@@ -198,15 +204,20 @@ def _grads(layers) -> list[torch.Tensor]:
     return grads
 
 
+def _inputs(n: int) -> list[torch.Tensor]:
+    return [torch.randn(4, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(n)]
+
+
 def test_two_forwards_before_their_backwards_take_other_buffers():
     offload = BlockInputOffload()
     layers, run = _toy_blocks(offload)
-    x1, x2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    x1, x2 = _inputs(2)
     run(x1).backward()
     want1 = _grads(layers)
     run(x2).backward()
     want2 = _grads(layers)
     loss1, loss2 = run(x1), run(x2)
+    assert sorted(key[0] for key in offload.buffers) == list(range(1, N_TOY))
     assert all(len(pool) == 2 for pool in offload.buffers.values())  # the first forward's are still busy
     loss2.backward()
     got2 = _grads(layers)
@@ -215,12 +226,25 @@ def test_two_forwards_before_their_backwards_take_other_buffers():
     assert all(torch.equal(a, b) for a, b in zip(got1 + got2, want1 + want2))
 
 
+def test_a_second_backward_reads_the_inputs_back_again():
+    offload = BlockInputOffload()
+    layers, run = _toy_blocks(offload)
+    (x,) = _inputs(1)
+    run(x).backward()
+    once = _grads(layers)
+    loss = run(x)
+    loss.backward(retain_graph=True)
+    loss.backward()  # every block recomputed again, its input copied back from its buffer once more
+    assert all(torch.equal(a, 2 * b) for a, b in zip(_grads(layers), once))
+
+
 def test_reading_back_after_a_later_forward_reused_the_buffer_raises():
     offload = BlockInputOffload()
-    layers, run = _toy_blocks(offload, n=IN_FLIGHT + 1)  # block 0 leaves the device
-    loss = run(torch.randn(4, 8, requires_grad=True))
+    layers, run = _toy_blocks(offload)
+    x, y = _inputs(2)
+    loss = run(x)
     loss.backward(retain_graph=True)  # unpacked: its buffers are free again
-    run(torch.randn(4, 8, requires_grad=True))  # takes them
+    run(y)  # takes them
     with pytest.raises(RuntimeError, match="reused its host buffer"):
         loss.backward()
 
