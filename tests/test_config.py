@@ -179,6 +179,14 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     assert seen["recompute_producers"] is True and seen["checkpoint"] is False  # the defaults
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": "offload"}))
+    assert seen["checkpoint"] == "offload"
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, None])
+def test_gradient_checkpointing_takes_true_false_or_offload(value):
+    with pytest.raises(ConfigError, match=r"^gradient_checkpointing: expected true, false or offload, got"):
+        from_dict({"gradient_checkpointing": value})
 
 
 @pytest.mark.parametrize("raw, expect", [
