@@ -129,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also greedy-decode the first K test questions and score their '#### N' (0: off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="decoding budget per question for --exact-match")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--finetune-seed", type=int, default=None,
+                   help="seed of the fine-tuning only (LoRA init, data order), on the same base; default --seed. "
+                        "A record of another seed is kept beside the main one as <recipe>-seed<N>: bf16 at "
+                        "several seeds gives the report its noise floor")
     p.add_argument("--data", default=None, help="directory with GSM8K train.jsonl/test.jsonl (default: "
                    "../shared/data/gsm8k beside the repo, else runs/gsm8k inside it)")
     p.add_argument("--work", default=str(REPO / "runs" / "fidelity"), help="cache of bases and per-recipe runs")
@@ -466,7 +470,9 @@ def finetune(args, recipe: str, support: str) -> dict:
     if not (base / "base.json").is_file():
         raise SystemExit(f"fidelity: no pretrained base at {base}; run --phase pretrain with the same settings")
     out = runs_dir(args)
-    record_path = out / f"{recipe}.json"
+    seed = args.seed if args.finetune_seed is None else args.finetune_seed
+    name = recipe if seed == args.seed else f"{recipe}-seed{seed}"
+    record_path = out / f"{name}.json"
     if record_path.is_file() and not args.redo:
         log(f"{recipe}: cached record {record_path} (--redo to run it again)")
         return json.loads(record_path.read_text())
@@ -479,7 +485,7 @@ def finetune(args, recipe: str, support: str) -> dict:
         "lr_scheduler_type": settings["scheduler"], "lora_rank": settings["lora_rank"],
         "lora_alpha": settings["lora_alpha"], "lora_dropout": 0.0, "lora_target_modules": settings["targets"],
         "dataset": {"path": str(args.data), "format": "gsm8k", "eval_split": None},
-        "output_dir": str(out / recipe), "max_steps": settings["steps"], "seed": args.seed,
+        "output_dir": str(out / name), "max_steps": settings["steps"], "seed": seed,
         "logging_steps": max(1, settings["steps"] // 20)})
     torch._dynamo.reset()  # no compiled graph of the previous recipe may serve this one
     t0 = time.perf_counter()
@@ -487,13 +493,13 @@ def finetune(args, recipe: str, support: str) -> dict:
     metrics = json.loads(result.metrics_path.read_text())
     evaluation = evaluate_adapter(args, base, result.adapter_dir, recipe, support == "emulated")
     record = {"recipe": recipe, "support": support, **evaluation, "exact_match": evaluation.get("exact_match"),
-              "steps": result.steps, "seed": args.seed, "final_train_loss": result.final_train_loss,
+              "steps": result.steps, "seed": seed, "final_train_loss": result.final_train_loss,
               "train_loss": [h["loss"] for h in result.history], "tokens_per_s": result.tokens_per_s,
               "time_to_first_step_s": metrics.get("time_to_first_step_s"), "compile": metrics.get("compile"),
               "wall_s": round(time.perf_counter() - t0, 1), "settings": settings, **environment()}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     em = record["exact_match"]
-    log(f"{recipe} ({support}): eval loss {record['eval_loss']:.4f} (base under the recipe "
+    log(f"{name} ({support}): eval loss {record['eval_loss']:.4f} (base under the recipe "
         f"{record['eval_loss_base']:.4f})" + ("" if em is None else f", exact match {em['correct']}/{em['k']}")
         + f", {record['wall_s']:.0f}s -> {record_path}")
     return record
@@ -505,7 +511,8 @@ def _row(rec: dict, bf16: dict | None) -> dict:
     ratio = rec["eval_loss"] / bf16["eval_loss"] if bf16 is not None else None
     target = None if rec["recipe"] == "bf16" else LOSS_TARGETS.get(rec["recipe"])
     em = rec.get("exact_match")
-    return {"recipe": rec["recipe"], "support": rec["support"], "eval_loss": rec["eval_loss"],
+    label = rec["recipe"] if bf16 is None or rec["seed"] == bf16["seed"] else f"{rec['recipe']} (seed {rec['seed']})"
+    return {"recipe": label, "support": rec["support"], "eval_loss": rec["eval_loss"],
             "ratio_to_bf16": ratio, "target_ratio": target,
             "target_met": None if ratio is None or target is None else ratio <= target,
             "eval_loss_base": rec["eval_loss_base"], "exact_match": None if em is None else em["accuracy"],
@@ -517,6 +524,8 @@ def _row(rec: dict, bf16: dict | None) -> dict:
 def _verdict(row: dict) -> str:
     if row["recipe"] == "bf16":
         return "reference"
+    if row["recipe"].startswith("bf16 (seed"):
+        return "noise floor"
     if row["target_met"] is None:
         return "no bf16 run" if row["ratio_to_bf16"] is None else "no target"
     return "met" if row["target_met"] else "MISSED"
@@ -537,6 +546,25 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def noise_floor(records: list[dict], reference: dict | None) -> dict | None:
+    """bf16's eval loss over the fine-tuning seeds run on the same base: how far a recipe's ratio to bf16
+    can move with the seed alone (None with fewer than two bf16 seeds)."""
+    losses = {r["seed"]: r["eval_loss"] for r in records if r["recipe"] == "bf16"}
+    if reference is None or len(losses) < 2:
+        return None
+    ratios = [v / reference["eval_loss"] for v in losses.values()]
+    return {"seeds": sorted(losses), "eval_losses": [losses[s] for s in sorted(losses)],
+            "max_ratio_spread": max(ratios) - min(ratios)}
+
+
+def noise_line(noise: dict | None) -> str:
+    if noise is None:
+        return "Noise floor: bf16 ran at one seed only (--finetune-seed N adds others)."
+    return (f"Noise floor: bf16 at {len(noise['seeds'])} fine-tuning seeds ({', '.join(map(str, noise['seeds']))}) on "
+            f"the same base: eval loss {min(noise['eval_losses']):.4f}-{max(noise['eval_losses']):.4f}, a spread "
+            f"of {noise['max_ratio_spread']:.2%} of bf16's; a recipe's 'vs bf16' within that is seed noise.")
+
+
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
     """Train loss per step of every recipe (top) and its difference to bf16's, 10-step mean (bottom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -548,7 +576,8 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     bf16 = next((r["train_loss"] for r in records if r["recipe"] == "bf16"), None)
     for r in records:
         steps = range(1, len(r["train_loss"]) + 1)
-        label = r["recipe"] + (" (emulated)" if r["support"] == "emulated" else "")
+        label = r["recipe"] + (" (emulated)" if r["support"] == "emulated" else "") + \
+            ("" if r["seed"] == r["settings"]["seed"] else f" (seed {r['seed']})")
         top.plot(steps, r["train_loss"], lw=1.0, label=label)
         if bf16 is not None:
             diff = torch.tensor(r["train_loss"][:len(bf16)]) - torch.tensor(bf16[:len(r["train_loss"])])
@@ -587,8 +616,12 @@ def report(args) -> list[dict]:
     if not records:
         raise SystemExit(f"fidelity: no recipe records in {src}; run --phase finetune with the same settings")
     order = names(include_aliases=False)
-    records = [records[n] for n in sorted(records, key=lambda n: order.index(n) if n in order else len(order))]
-    rows = [_row(r, next((b for b in records if b["recipe"] == "bf16"), None)) for r in records]
+    records = [records[n] for n in sorted(records, key=lambda n: (order.index(n.split("-seed")[0])
+                                                                  if n.split("-seed")[0] in order else len(order), n))]
+    reference = min((r for r in records if r["recipe"] == "bf16"), key=lambda r: r["seed"] != r["settings"]["seed"],
+                    default=None)
+    rows = [_row(r, reference) for r in records]
+    noise = noise_floor(records, reference)
     settings = records[0]["settings"]  # as the GPU run wrote them (this machine may key them differently)
     base_meta = json.loads((Path(args.work) / settings["base"] / "base.json").read_text())
     study = {"base": args.base, "base_dir": settings["base"], "base_params": base_meta["params"],
@@ -598,7 +631,8 @@ def report(args) -> list[dict]:
                      "one per row, prompt masked", **settings}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps({"study": study, "recipes": rows}, indent=2) + "\n")
+    (out / "fidelity.json").write_text(json.dumps({"study": study, "recipes": rows, "bf16_noise": noise},
+                                                  indent=2) + "\n")
     r0 = records[0]
     md = [f"# Recipe fidelity: LoRA on a pretrained Qwen3-{args.base} ({base_meta['params'] / 1e6:.1f}M params), GSM8K",
           "",
@@ -617,7 +651,7 @@ def report(args) -> list[dict]:
                                                        "as numbers." if args.exact_match else
                                                        " Exact match: not measured in this run (--exact-match K "
                                                        "decodes the first K test questions)."),
-          "", *table_lines(rows), "", "Train-loss curves: fidelity_loss.png."]
+          "", *table_lines(rows), "", noise_line(noise), "", "Train-loss curves: fidelity_loss.png."]
     (out / "fidelity.md").write_text("\n".join(md) + "\n")
     plot_curves(records, out / "fidelity_loss.png",
                 f"LoRA on Qwen3-{args.base} (pretrained on the stdlib), GSM8K, {r0['gpu']}")

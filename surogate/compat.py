@@ -62,6 +62,27 @@ def ensure_tma_allocator() -> None:
     triton.set_allocator(alloc)
 
 
+def compiling() -> bool:
+    """True while torch.compile traces or compiles a graph, also in code its backend runs that Dynamo does not
+    trace: AOTAutograd's make_fx running a custom op's autograd formula (`register_autograd`) while it
+    traces the joint forward + backward graph. False when a graph runs, and eagerly.
+
+    Root cause: `torch.compiler.is_compiling()` reads a flag that torch 2.13 holds True for the whole
+    compile session (pytorch#184614); on 2.11 and 2.12 only Dynamo's trace of user code sees True (Dynamo
+    folds the call), while code AOTAutograd runs inside the backend reads the flag as False (only
+    torch.export set it). There the `TracingContext` that Dynamo (and `compile_fx`) installs for the
+    compile says it: it is set while a frame is traced and compiled, not while a compiled graph runs
+    (Inductor's lazy backward compile enters it again, but runs no autograd formula).
+    """
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get() is not None
+
+
 @contextlib.contextmanager
 def quiet_peft_deprecations():
     """PEFT calls made without transformers' deprecation notice about them.

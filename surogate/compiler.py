@@ -5,7 +5,8 @@ attach LoRA through PEFT unless the model already has it; swap every target's ba
 frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free the bf16 copy);
 compile each decoder block with Dynamo and the surogate backend (regional compilation: one
 graph serves every identical block; the sequence dimension is marked dynamic); optionally
-checkpoint each block (its forward recomputed in the backward); route `labels=` calls through
+checkpoint each block (its forward recomputed in the backward; with "offload" its saved input waits in
+host memory, surogate/offload.py); route `labels=` calls through
 the chunked LM head + cross-entropy (`surogate.ops.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
@@ -25,10 +26,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from surogate import moe
+from surogate import moe, ops
 from surogate.cache import source_tag
 from surogate.compat import compile_options_cache_tag, tag_compile_cache
 from surogate.kernels.plan import plan
+from surogate.offload import BlockInputOffload
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.weight_packing import pack_shared_input_weights
@@ -41,6 +43,8 @@ from surogate.recipes.arch import CPU, current_arch
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                    "gate_up_proj")
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+# What `checkpoint=` takes: no checkpointing, recompute each block, or recompute with the inputs in host memory.
+CHECKPOINT_MODES = (False, True, "offload")
 # Config attributes that change the logits in ways the chunked loss does not model.
 _UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -51,8 +55,8 @@ class AlreadyCompiledError(RuntimeError):
 
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
-            horizontal: bool = True, chunked_loss: bool = True, checkpoint: bool = False,
-            recompute_producers: bool = False) -> nn.Module:
+            horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
+            recompute_producers: bool = True, grad_producer: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -76,14 +80,26 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     partitioner recomputes them. Blocks are checkpointed only while autograd records and no KV
     cache is passed (a replay would write the cache twice).
 
-    `recompute_producers=True` (off by default until measured on a GPU): the RMSNorm and SwiGLU outputs
-    that the LoRA linears read are rebuilt in the backward from tensors it keeps anyway, instead of kept
-    from the forward (passes/recompute.py): about a third less activation memory per layer, the same
-    numbers, a few pointwise kernels more in the backward.
+    `checkpoint="offload"`: checkpointing as above, and each block's saved input (the residual stream,
+    layers x batch x seq x hidden in bf16) waits in pinned host memory between forward and backward
+    instead of on the GPU: copied out on a side stream during the forward, copied back one block ahead
+    of its recompute (surogate/offload.py). Works under `surogate.GraphedStep` (static host buffers).
+    With `regional=False` the blocks still run as one shared compiled graph, called from the compiled
+    backbone through a graph break: the copies and their streams live outside Dynamo.
+
+    `recompute_producers=True` (the default): the RMSNorm and SwiGLU outputs that the LoRA linears read,
+    o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
+    anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
+    (bf16 35.9 -> 28.9 GiB, qfp8 29.4 -> 22.4) at the same tokens/s (bench/NOTES.md run 51).
+
+    `grad_producer=True` (the default; recipes with an FP8 dgrad: fp8, qfp8): the compiled backward quantizes
+    each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor fuses it into the
+    kernel that produces the gradient (SwiGLU backward, RMSNorm backward) instead of a separate quantize
+    kernel reading it back; the forward's `producer` for the backward. On the CPU the same bits either way.
     """
-    if not isinstance(checkpoint, bool):
-        raise TypeError(f"checkpoint takes True (recompute each decoder block in the backward) or False, "
-                        f"got {checkpoint!r}")
+    if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
+        raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
+                         f"'offload' (also keep the blocks' saved inputs in host memory), got {checkpoint!r}")
     rec = get(recipe)  # unknown names raise with the list of valid ones
     tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
@@ -100,7 +116,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     try:
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
-                                checkpoint=checkpoint, recompute_producers=recompute_producers)
+                                checkpoint=checkpoint, recompute_producers=recompute_producers,
+                                grad_producer=grad_producer)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -109,7 +126,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: bool, recompute_producers: bool = False) -> nn.Module:
+                     checkpoint: "bool | str", recompute_producers: bool = True, grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -136,7 +153,11 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
-    ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers}
+    ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers,
+                   "grad_producer": grad_producer}
+    if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
+        report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
+                    if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
     backend = make_backend(rec, arch_name, report, ctx_options)
     hf = peft_model.base_model.model
     if getattr(getattr(hf, "config", None), "use_cache", False):
@@ -152,14 +173,20 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
     blocks = _decoder_blocks(hf, targets)
-    if blocks and regional:
+    offload = BlockInputOffload() if checkpoint == "offload" else None
+    if blocks and (regional or offload is not None):
         # Block 0 would otherwise see an input without grad and compile a second graph.
         hf.enable_input_require_grads()
-        _compile_blocks(blocks, backend, dynamic, checkpoint)
+        _compile_blocks(blocks, backend, dynamic, checkpoint, offload)
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
                     "compiled graph")
-    else:
-        if checkpoint:
+    if not (blocks and regional):
+        if offload is not None:
+            # The offload's copies, streams and host buffers stay outside Dynamo: each block call is a graph
+            # break in the backbone, and the block runs its own shared compiled graph (compiled above).
+            for block in blocks:
+                block.forward = torch._dynamo.disable(block.forward)
+        elif checkpoint:
             _checkpoint_blocks(blocks)  # before the backbone is compiled: Dynamo captures each as a region
         # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
         body = getattr(hf, "base_model", hf)
@@ -170,6 +197,12 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if checkpoint:
         report.note(f"activation checkpointing on: each of the {len(blocks)} decoder blocks keeps only its inputs "
                     "and recomputes its forward in the backward")
+    if offload is not None:
+        how = ("copied inline (CPU: no streams)" if arch_name == CPU else
+               "pinned, copied out on a side stream and back one block ahead of its recompute")
+        report.note(f"checkpoint='offload': each block's saved input waits in host memory between forward and "
+                    f"backward, {how}"
+                    + ("" if regional else "; with regional=False each block call is a graph break in the backbone"))
     if chunked_loss:
         _attach_chunked_loss(hf, report)
     report.note(f"parameters: {parameter_counts(peft_model, rec.name)}")
@@ -177,6 +210,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                       "target layers")
     peft_model.surogate_report = report
     peft_model.surogate_plan = the_plan
+    if offload is not None:
+        peft_model.surogate_offload = offload  # its host buffers and copies (surogate/offload.py)
     peft_model._surogate_compiled = True
     return peft_model
 
@@ -461,7 +496,11 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 # --- capture ------------------------------------------------------------------------------------------
 
 def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
-    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA)."""
+    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA).
+
+    AOTAutograd traces the backward inside that call, running the ops' autograd formulas: the backend holds
+    `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
+    """
     options = options or {}
     # The passes tag nodes (node.meta), which the compile caches do not hash: the options go into the key.
     options_tag = "surogate-options-" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
@@ -470,12 +509,13 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
         report.pending = ""
         _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
         run_pipeline(gm, PassContext(recipe, arch, report, options))
-        if arch == CPU:
-            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-        from torch._inductor.compile_fx import compile_fx
+        with ops.grad_producer(options.get("grad_producer", True)):
+            if arch == CPU:
+                return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+            from torch._inductor.compile_fx import compile_fx
 
-        with compile_options_cache_tag(options_tag):
-            return compile_fx(gm, example_inputs)
+            with compile_options_cache_tag(options_tag):
+                return compile_fx(gm, example_inputs)
 
     return surogate_backend
 
@@ -513,21 +553,25 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
         ctx.report.graphs -= 1
 
 
-def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: bool = False) -> None:
+def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,
+                    offload: BlockInputOffload | None = None) -> None:
     """Compile the blocks' shared forward once; every block calls it (regional compilation).
 
     The sequence dimension of each call's tensors is marked dynamic, so one graph serves every length.
     With `checkpoint`, each call of the compiled graph runs under `torch.utils.checkpoint` (eager,
     non-reentrant): the recompute in the backward calls the same compiled graph with the same guards.
+    With `offload`, the inputs that checkpoint saves go to its host buffers (block i: `offload.hooks(i)`).
     """
     shared = torch.compile(_fresh_function(type(blocks[0]).forward), backend=backend, dynamic=None)
-    for block in blocks:
+    for index, block in enumerate(blocks):
         def forward(*args, _block=block, **kwargs):
             if dynamic:
                 _mark_sequence_dynamic(args, kwargs)
             return shared(_block, *args, **kwargs)
 
-        block.forward = _checkpointed(forward, _draws_random(block)) if checkpoint else forward
+        if checkpoint:
+            forward = _checkpointed(forward, _draws_random(block), offload, index)
+        block.forward = forward
 
 
 def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
@@ -550,13 +594,18 @@ def _draws_random(block: nn.Module) -> bool:
     return False
 
 
-def _checkpointed(fn, preserve_rng_state: bool = True):
-    """`fn` under non-reentrant activation checkpointing while autograd records and no KV cache is passed."""
+def _checkpointed(fn, preserve_rng_state: bool = True, offload: BlockInputOffload | None = None, block: int = 0):
+    """`fn` under non-reentrant activation checkpointing while autograd records and no KV cache is passed;
+    with `offload`, the inputs the checkpoint saves (the positional ones) wait in its host buffers."""
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
             return fn(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
-                                                 preserve_rng_state=preserve_rng_state, **kwargs)
+        if offload is None:
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                     preserve_rng_state=preserve_rng_state, **kwargs)
+        with offload.hooks(block):
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                     preserve_rng_state=preserve_rng_state, **kwargs)
 
     return forward
 

@@ -99,8 +99,8 @@ def _assert_same_numbers(plain, ckpt, loss_plain, loss_ckpt):
         assert torch.equal(g_ckpt[name], g_plain[name]), name
 
 
-def test_checkpoint_must_be_a_bool():
-    with pytest.raises(TypeError, match="checkpoint takes True"):
+def test_checkpoint_must_be_a_bool_or_offload():
+    with pytest.raises(ValueError, match=r"checkpoint takes False, True .* or 'offload'"):
         surogate.compile(_qwen3(), arch="cpu", checkpoint="yes")
 
 

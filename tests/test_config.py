@@ -175,10 +175,18 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     seen = {}
     monkeypatch.setattr(surogate.compiler, "compile", lambda model, **kw: seen.update(kw) or model)
     monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
-    setup.compile_model(object(), from_dict({"recompute_producers": True}))
-    assert seen["recompute_producers"] is True and seen["checkpoint"] is False
-    setup.compile_model(object(), from_dict({"gradient_checkpointing": True}))
+    setup.compile_model(object(), from_dict({}))
+    assert seen["recompute_producers"] is True and seen["checkpoint"] is False  # the defaults
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": "offload"}))
+    assert seen["checkpoint"] == "offload"
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, None])
+def test_gradient_checkpointing_takes_true_false_or_offload(value):
+    with pytest.raises(ConfigError, match=r"^gradient_checkpointing: expected true, false or offload, got"):
+        from_dict({"gradient_checkpointing": value})
 
 
 @pytest.mark.parametrize("raw, expect", [

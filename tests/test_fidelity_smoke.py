@@ -56,6 +56,21 @@ def test_report_compares_each_recipe_with_bf16_and_writes_its_files(tmp_path):
     saved = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     assert [r["recipe"] for r in saved["recipes"]] == ["bf16", "qfp8", "qnf4"] and saved["study"]["steps"] == 4
     assert (tmp_path / "out" / "fidelity_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bf16 ran at one seed only" in md and saved["bf16_noise"] is None
+
+    # bf16 again at two more fine-tuning seeds on the same base: the report's noise floor.
+    for seed, loss in ((43, 2.02), (44, 1.99)):
+        (runs / f"bf16-seed{seed}.json").write_text(json.dumps({
+            **json.loads((runs / "bf16.json").read_text()), "seed": seed, "eval_loss": loss}))
+    rows = {r["recipe"]: r for r in fidelity.report(args)}
+    assert rows["bf16"]["ratio_to_bf16"] == 1.0  # the reference stays the main seed's run
+    assert rows["bf16 (seed 43)"]["ratio_to_bf16"] == pytest.approx(1.01)
+    saved = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert saved["bf16_noise"]["seeds"] == [42, 43, 44]
+    assert saved["bf16_noise"]["max_ratio_spread"] == pytest.approx(0.015)
+    md = (tmp_path / "out" / "fidelity.md").read_text()
+    assert "| bf16 (seed 44) | reference | 1.9900 | 0.9950 | - | noise floor |" in md
+    assert "a spread of 1.50% of bf16's" in md
 
 
 def test_final_answer_is_the_number_after_the_hashes():

@@ -19,6 +19,7 @@ def _record(system: str, tok: float, emulated: bool = False) -> dict:
 
 def test_systems_parse_into_recipe_and_options():
     assert tps.surogate_system("surogate:qfp8+ckpt+nograph") == ("qfp8", {"checkpoint": True, "cuda_graphs": False})
+    assert tps.surogate_system("surogate:qnf4+offload+cpuload") == ("qnf4", {"checkpoint": "offload", "cpu_load": True})
     assert tps.recipe_of("bnb_nf4") == ("nf4 (bitsandbytes)", False)
     assert tps.recipe_of("hf_compile") == ("bf16", False)
     assert tps.recipe_of("surogate:qnf4+ckpt")[0] == "qnf4"

@@ -8,15 +8,15 @@ from torch import nn
 VOCAB = 512
 
 
-def cuda_lora_qwen3(seed: int = 0) -> nn.Module:
-    """2 layers of hidden 256, LoRA r=8 on the 7 projections, B initialised non-zero so that the
+def cuda_lora_qwen3(seed: int = 0, layers: int = 2) -> nn.Module:
+    """`layers` layers of hidden 256, LoRA r=8 on the 7 projections, B initialised non-zero so that the
     gradients of both LoRA factors (and the LoRA term of the output) are exercised."""
     import transformers as T
 
     from surogate.compiler import _attach_lora
 
     torch.manual_seed(seed)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=64, vocab_size=VOCAB)
     model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
     return _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})

@@ -43,8 +43,10 @@ block-FP8 row of fp8_block weights (A_MODE / W_MODE 2, family `fp8_block`), as t
   transposed view), as the dense dgrad (FP8 MMAs want the reduction contiguous). That copy is 5.6% of
   a Qwen3-30B-A3B qfp8 step (bench/results/profile_30b_a3b.md). `FP8_DGRAD_READS_STORED_STACK = True`
   reads the stored stack instead (`TRANS_W`: Triton transposes each tile through shared memory), the
-  same products in the same order (equal bit for bit under the interpreter); which is faster is for
-  bench/grouped_kernels.py on a GPU to say, so the copy stays the default until then;
+  same products in the same order (equal bit for bit under the interpreter). On the H200 it is slower:
+  a backward of 1.40 ms against the copy's 0.89 at the 30B gate_up shape (bench/results/
+  grouped_kernels_h200.md), so the copy is the default; the switch stays for archs whose FP8 MMAs may read
+  a transposed operand more cheaply (sm_100, not measured);
 so it computes `grouped_lora_linear_ref(..., "fp8")` to FP32 accumulation order. NVFP4 MMAs are not
 built. Tested under the Triton interpreter and on the H200 (tests/gpu/test_moe_gpu.py, bench/NOTES.md
 run 47); compiled ahead of time for the four archs (kernels/catalog.py, their SASS MMA class checked in
@@ -326,8 +328,8 @@ def _quantized(t: torch.Tensor, v: Variant) -> dict:
     return {"a": aq[0], "a_scale": aq[1] if len(aq) > 1 else None, "a_mode": v.a_mode}
 
 
-# The FP8 dgrad's weight operand: False = a K-major copy per call (measured, run 47), True = the stored
-# stack read transposed (TRANS_W; not yet measured on a GPU). bench/grouped_kernels.py times both.
+# The FP8 dgrad's weight operand: False = a K-major copy per call, True = the stored stack read transposed
+# (TRANS_W; 1.4-1.6x slower backward on the H200, bench/NOTES.md run 51). bench/grouped_kernels.py times both.
 FP8_DGRAD_READS_STORED_STACK = False
 
 

@@ -18,7 +18,18 @@ from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.transpose import transpose_fp8
-from surogate.kernels.variants import Engine, Gemm, Quantizer, Route, Variant, check_input_q, record, route, variant
+from surogate.kernels.variants import (
+    Engine,
+    Gemm,
+    Quantizer,
+    Route,
+    Variant,
+    check_grad_output_q,
+    check_input_q,
+    record,
+    route,
+    variant,
+)
 from surogate.recipes.arch import ARCHS
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK, NVFP4_SR_SEED
 from surogate.recipes.recipe import Compute, WeightFormat
@@ -137,9 +148,18 @@ def _cublas_forward(v: Variant, aq, weight, hidden, up, bias, lora_scale) -> tor
 
 
 def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
-                              lora_scale, grad_input_precision):
-    """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None."""
+                              lora_scale, grad_input_precision, grad_output_q=None):
+    """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None.
+
+    `grad_output_q` ([data, scale], FP8 dgrads only: `variants.check_grad_output_q`) is the gradient already
+    quantized, by the kernel that produced it in a compiled backward (ops/lora_linear.py); the dgrad GEMM
+    reads it instead of quantizing `grad_output`, the LoRA gradients read `grad_output`.
+    """
     fmt, compute = WeightFormat(weight_format), Compute(grad_input_precision)
+    gq = None
+    if grad_output_q is not None:
+        data, scale = check_grad_output_q(grad_output_q, grad_output, fmt, compute)
+        gq = (_rows(data), scale)  # block scales keep their M-contiguous strides
     k = input.shape[-1]
     dtype = grad_output.dtype
     g = _rows(grad_output)
@@ -176,7 +196,8 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
         # As the reference: the weight's values re-quantized to NVFP4 along N (its K-major copy).
         w = dequantize_nvfp4(weight[0], weight[1], weight[2], shape=(g.shape[1], k), dtype=torch.float32)
         weight = list(q.quantize_nvfp4(w.t().contiguous()))
-    gq = _quantize(g, r.variant.quantizer)
+    if gq is None:
+        gq = _quantize(g, r.variant.quantizer)
     if r.engine is Engine.CUBLAS:
         up = grad_input.lora_up(a)
         if r.variant.quantizer is Quantizer.FP8_BLOCK_E4M3:

@@ -5,10 +5,12 @@ operands in FP32. The code lives in small modules by concern, re-exported here:
 - `reference_formats`: FP8 (tensor/row/block), NVFP4, OCP MX quantizers (and, re-exported from
   `qtensor`, where the containers and their decoders live, the dequantizers), and the
   traceable FP8 activation quantizers an FX pass puts into a graph (`quantize_fp8_rowwise_ref`,
-  `quantize_fp8_block_ref`: the twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block`);
+  `quantize_fp8_block_ref`: the twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block`;
+  `quantize_fp8_rowwise_e5m2_ref`: the fp8_row dgrad's gradient quantizer);
 - `reference_nf4`: bitsandbytes-compatible NF4 with double quantization;
 - `reference_linear`: weight lists by `WeightFormat`, `lora_linear_ref` and its backward, and which
-  forward takes a pre-quantized input (`input_quantizer`, `check_input_q`).
+  forward takes a pre-quantized input (`input_quantizer`, `check_input_q`) and which dgrad a pre-quantized
+  gradient (`grad_output_quantizer`, `check_grad_output_q`).
 """
 
 from surogate.kernels.reference_formats import (
@@ -22,16 +24,20 @@ from surogate.kernels.reference_formats import (
     pack_nibbles,
     quantize_fp8_block_ref,
     quantize_fp8_ref,
+    quantize_fp8_rowwise_e5m2_ref,
     quantize_fp8_rowwise_ref,
     quantize_mx_ref,
     quantize_nvfp4_ref,
     unpack_nibbles,
 )
 from surogate.kernels.reference_linear import (
+    GRAD_OUTPUT_Q_QUANTIZERS,
     INPUT_Q_QUANTIZERS,
     NVFP4_SR_SEED,
+    check_grad_output_q,
     check_input_q,
     dequantize_weight_ref,
+    grad_output_quantizer,
     input_quantizer,
     lora_linear_backward_ref,
     lora_linear_ref,
@@ -47,10 +53,11 @@ from surogate.kernels.reference_nf4 import (
 )
 
 __all__ = [
-    "FP8_DTYPES", "FP8_MAX", "INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_input_q", "dequantize_blockwise_8bit_ref",
-    "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nf4_ref", "dequantize_nvfp4_ref", "dequantize_weight_ref",
-    "dynamic_map", "e2m1_decode", "e2m1_encode", "input_quantizer", "lora_linear_backward_ref", "lora_linear_ref",
-    "nf4_code", "pack_nibbles", "quantize_blockwise_8bit_ref", "quantize_fp8_block_ref", "quantize_fp8_ref",
-    "quantize_fp8_rowwise_ref", "quantize_mx_ref", "quantize_nf4_ref", "quantize_nvfp4_ref", "quantize_weight_ref",
-    "unpack_nibbles",
+    "FP8_DTYPES", "FP8_MAX", "GRAD_OUTPUT_Q_QUANTIZERS", "INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_grad_output_q",
+    "check_input_q", "dequantize_blockwise_8bit_ref", "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nf4_ref",
+    "dequantize_nvfp4_ref", "dequantize_weight_ref", "dynamic_map", "e2m1_decode", "e2m1_encode",
+    "grad_output_quantizer", "input_quantizer", "lora_linear_backward_ref", "lora_linear_ref", "nf4_code",
+    "pack_nibbles", "quantize_blockwise_8bit_ref", "quantize_fp8_block_ref", "quantize_fp8_ref",
+    "quantize_fp8_rowwise_e5m2_ref", "quantize_fp8_rowwise_ref", "quantize_mx_ref", "quantize_nf4_ref",
+    "quantize_nvfp4_ref", "quantize_weight_ref", "unpack_nibbles",
 ]

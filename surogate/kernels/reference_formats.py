@@ -36,7 +36,8 @@ from surogate.recipes.formats import (
 __all__ = [
     "FP8_DTYPES", "FP8_MAX", "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nvfp4_ref",
     "e2m1_decode", "e2m1_encode", "pack_nibbles", "quantize_fp8_block_ref", "quantize_fp8_ref",
-    "quantize_fp8_rowwise_ref", "quantize_mx_ref", "quantize_nvfp4_ref", "unpack_nibbles",
+    "quantize_fp8_rowwise_e5m2_ref", "quantize_fp8_rowwise_ref", "quantize_mx_ref", "quantize_nvfp4_ref",
+    "unpack_nibbles",
 ]
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -142,13 +143,14 @@ def quantize_fp8_ref(
 
 
 # --- Traceable activation quantizers ------------------------------------------------------------------
-# Twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block` launchers that an FX pass can put into
-# a graph (passes/producer.py): reductions and pointwise ops with static control flow only, so
-# make_fx/AOTAutograd trace them and Inductor fuses them into the kernel that produces the activation.
-# Eager, they equal `quantize_fp8_ref` bit for bit (tests/test_passes_producer.py) and, on CUDA, the
-# Triton kernels (tests/gpu/test_producer_gpu.py). Compiled by Inductor for CUDA, a code moves by one
-# FP8 step where x / scale is an exact tie: Inductor divides with the approximate `div.full.f32` (and
-# by a constant as a multiply by its reciprocal), where the Triton kernels use IEEE `div_rn`.
+# Twins of the Triton `quantize_fp8_rowwise` / `quantize_fp8_block` launchers that can be put into a graph
+# (activations: the FX pass passes/producer.py; gradients: the op's backward formula while compiling,
+# ops/lora_linear.py): reductions and pointwise ops with static control flow only, so make_fx/AOTAutograd
+# trace them and Inductor fuses them into the kernel that produces the activation or gradient.
+# Eager, they equal `quantize_fp8_ref` bit for bit (tests/test_passes_producer.py, tests/test_grad_producer.py)
+# and, on CUDA, the Triton kernels (tests/gpu/test_producer_gpu.py). Compiled by Inductor for CUDA, a code
+# moves by one FP8 step where x / scale is an exact tie: Inductor divides with the approximate
+# `div.full.f32` (and by a constant as a multiply by its reciprocal), where the Triton kernels use IEEE `div_rn`.
 
 def _stored_value(x: torch.Tensor) -> torch.Tensor:
     """x in fp32, as its dtype stores it: `x.float()`, with a bf16 rounding Inductor cannot drop.
@@ -184,6 +186,13 @@ def quantize_fp8_rowwise_ref(x: torch.Tensor, element: str = "e4m3") -> tuple[to
     xf = _stored_value(x)
     scale = _scale_from_amax(xf.abs().amax(-1, keepdim=True), FP8_MAX[element])
     return _cast_fp8(xf / scale, element), scale
+
+
+def quantize_fp8_rowwise_e5m2_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (..., K) float8_e5m2, scale (..., 1) fp32): `quantize_fp8_rowwise_ref(x, "e5m2")`, the gradient
+    quantizer of the fp8_row dgrad (E5M2's range: one scale spans a whole gradient row), as one named
+    function for the graphs and tables that hold it."""
+    return quantize_fp8_rowwise_ref(x, "e5m2")
 
 
 def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),

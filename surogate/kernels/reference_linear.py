@@ -21,6 +21,10 @@ Quantized GEMM operands, per `Compute`:
 the CUDA op would run on `input` returns it (`input_quantizer` names it). Only the FP8 forward kernels
 take it (lora_linear_fp8: E4M3 per row; lora_linear_fp8_block: E4M3 per 1x128); the LoRA branch and
 the backward read the bf16 `input` as always.
+`grad_output_q`: the same for the dgrad, grad_output already quantized, `[data, scale]` as the Triton
+quantizer the CUDA backward would run on `grad_output` returns it (`grad_output_quantizer` names it); only
+the FP8 dgrads take it (fp8_row: E5M2 per row; fp8_block: E4M3 per 1x128). The LoRA gradients read the
+bf16 `grad_output` as always.
 LoRA (bf16 compute, FP32 accumulation): lora_hidden = bf16(lora_input @ A.T);
 output = bf16(base + bias + s * lora_hidden @ B.T). Backward: t = bf16(grad_output @ B);
 grad_lora_b = s * grad_output.T @ lora_hidden; grad_lora_a = s * t.T @ lora_input (both in the
@@ -41,6 +45,7 @@ from surogate.kernels.reference_formats import (
     dequantize_nvfp4_ref,
     quantize_fp8_block_ref,
     quantize_fp8_ref,
+    quantize_fp8_rowwise_e5m2_ref,
     quantize_fp8_rowwise_ref,
     quantize_nvfp4_ref,
 )
@@ -55,8 +60,9 @@ from surogate.recipes.formats import (
 )
 from surogate.recipes.recipe import Compute, WeightFormat
 
-__all__ = ["INPUT_Q_QUANTIZERS", "check_input_q", "dequantize_weight_ref", "input_quantizer",
-           "lora_linear_backward_ref", "lora_linear_ref", "quantize_weight_ref"]
+__all__ = ["GRAD_OUTPUT_Q_QUANTIZERS", "INPUT_Q_QUANTIZERS", "check_grad_output_q", "check_input_q",
+           "dequantize_weight_ref", "grad_output_quantizer", "input_quantizer", "lora_linear_backward_ref",
+           "lora_linear_ref", "quantize_weight_ref"]
 
 # The forward kernels that take a pre-quantized input (`input_q`), each with the traceable twin of the
 # quantizer launch.py runs on `input` for it: `input_q` is exactly what that function returns.
@@ -65,6 +71,14 @@ __all__ = ["INPUT_Q_QUANTIZERS", "check_input_q", "dequantize_weight_ref", "inpu
 INPUT_Q_QUANTIZERS: dict[Quantizer, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     Quantizer.FP8_ROW_E4M3: quantize_fp8_rowwise_ref,  # E4M3, one scale per row: (data, scale (..., 1))
     Quantizer.FP8_BLOCK_E4M3: quantize_fp8_block_ref,  # E4M3, one scale per 1x128: (data, scale (..., K/128))
+}
+# The same for the dgrad kernels that take a pre-quantized gradient (`grad_output_q`): the traceable twin of
+# the quantizer launch.py runs on `grad_output`, which the op's backward formula puts into the compiled
+# backward graph (ops/lora_linear.py) for Inductor to fuse into the kernel that produces the gradient.
+# NVFP4 dgrads are not here (stochastic rounding from torch's generator, a whole-tensor scale).
+GRAD_OUTPUT_Q_QUANTIZERS: dict[Quantizer, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    Quantizer.FP8_ROW_E5M2: quantize_fp8_rowwise_e5m2_ref,  # fp8_row: E5M2, one scale per row (..., 1)
+    Quantizer.FP8_BLOCK_E4M3: quantize_fp8_block_ref,  # fp8_block: E4M3, one scale per 1x128 (..., N/128)
 }
 
 
@@ -92,6 +106,34 @@ def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat
     forward kernel of that pair quantizes its input itself (bf16, dequant and NVFP4 kernels)."""
     name = _input_q_kernel(forward, weight_format)
     return None if name is None else INPUT_Q_QUANTIZERS[name]
+
+
+def _grad_output_q_kernel(grad_input: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
+    """The quantizer of the dgrad variant of (grad_input, weight_format) when it takes `grad_output_q`, else None."""
+    dgrad, fmt = _compute(grad_input, "grad_input"), weight_format_of(weight_format)
+    try:
+        v = variant(Gemm.GRAD_INPUT, dgrad, fmt)
+    except ValueError:
+        return None
+    return v.quantizer if v.takes_grad_output_q else None
+
+
+def grad_output_quantizer(grad_input: "str | Compute", weight_format: "str | WeightFormat"
+                          ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The function whose outputs `grad_output_q` must be for (grad_input, weight_format), or None when the
+    dgrad kernel of that pair quantizes its gradient itself or reads it in bf16 (bf16, dequant, NVFP4)."""
+    name = _grad_output_q_kernel(grad_input, weight_format)
+    return None if name is None else GRAD_OUTPUT_Q_QUANTIZERS[name]
+
+
+def check_grad_output_q(grad_output_q: Sequence[torch.Tensor], grad_output: torch.Tensor,
+                        weight_format: "str | WeightFormat", grad_input: "str | Compute"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate `grad_output_q` against `grad_output` (..., N); return it as (data (M, N), scale (M, groups)).
+    The contract is the kernel table's (`variants.check_grad_output_q`); this names the reference twin."""
+    quantizer = GRAD_OUTPUT_Q_QUANTIZERS.get(_grad_output_q_kernel(grad_input, weight_format))
+    what = None if quantizer is None else f"what {quantizer.__name__}(grad_output) returns"
+    return variants.check_grad_output_q(grad_output_q, grad_output, weight_format, grad_input, what=what)
 
 
 def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_format: "str | WeightFormat",
@@ -187,8 +229,10 @@ def forward_base(x2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, n: int
     return _mm(quantize_nvfp4_ref(x2).dequantize(), w)
 
 
-def dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str) -> torch.Tensor:
-    """Q(grad_output) @ Q(W) in FP32, for a 2D grad_output (M, N)."""
+def dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, grad_input: str,
+               grad_output_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Q(grad_output) @ Q(W) in FP32, for a 2D grad_output (M, N); `grad_output_q` (checked, 2D) replaces
+    Q(grad_output)."""
     n = g2.shape[-1]
     if grad_input is Compute.BF16:
         return _mm(g2, dequantize_weight_ref(tensors, fmt, (n, k), torch.bfloat16).t())
@@ -200,7 +244,10 @@ def dgrad_base(g2: torch.Tensor, tensors: list[torch.Tensor], fmt: str, k: int, 
         else:
             w = dequantize_weight_ref(tensors, fmt, (n, k))
             w_t = quantize_fp8_ref(w.t().contiguous(), "e4m3", "row").dequantize()
-        if fmt is WeightFormat.FP8_BLOCK:
+        if grad_output_q is not None:
+            gq = Fp8Tensor(grad_output_q[0], grad_output_q[1],
+                           FP8_ACTIVATION_BLOCK if fmt is WeightFormat.FP8_BLOCK else (1, n))
+        elif fmt is WeightFormat.FP8_BLOCK:
             gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT[fmt.value], "block", FP8_ACTIVATION_BLOCK)
         else:
             gq = quantize_fp8_ref(g2, GRAD_FP8_ELEMENT["fp8_row"], "row")
@@ -280,6 +327,7 @@ def lora_linear_backward_ref(
     lora_hidden: torch.Tensor | None,
     lora_scale: float,
     grad_input: "str | Compute",
+    grad_output_q: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`surogate::lora_linear_backward`: (grad_input, grad_lora_a, grad_lora_b, grad_lora_input)."""
     fmt = weight_format_of(weight_format)
@@ -288,8 +336,9 @@ def lora_linear_backward_ref(
     n = grad_output.shape[-1]
     has_lora = _check_lora(lora_a, lora_b, k, n)
     dtype = input.dtype
+    gq = None if grad_output_q is None else check_grad_output_q(grad_output_q, grad_output, fmt, dgrad)
     g2 = grad_output.reshape(-1, n).to(dtype)
-    acc = dgrad_base(g2, weight, fmt, k, dgrad)
+    acc = dgrad_base(g2, weight, fmt, k, dgrad, gq)
     if not has_lora:
         return acc.to(dtype).reshape(input.shape), None, None, None
     li = (input if lora_input is None else lora_input).reshape(-1, k).to(dtype)

@@ -130,6 +130,12 @@ class Variant:
         """The name of this variant's specialization of the persistent kernel (catalog, plan)."""
         return f"persistent_{self.kernel}"
 
+    @property
+    def takes_grad_output_q(self) -> bool:
+        """Whether this dgrad reads its gradient pre-quantized (`grad_output_q`) when the kernel that
+        produces the gradient emits it (the FP8 dgrads: E5M2 per row, E4M3 per 1x128)."""
+        return self.gemm is Gemm.GRAD_INPUT and self.quantizer in (Quantizer.FP8_ROW_E5M2, Quantizer.FP8_BLOCK_E4M3)
+
     def describe_rule(self, arch: str) -> str:
         """The shape rule on `arch` as one line of text (plan, `surogate info`)."""
         parts = []
@@ -321,29 +327,57 @@ def check_input_q(input_q, input, weight_format: "WeightFormat | str", forward: 
     """Validate `input_q` (the op's pre-quantized input) against `input` (..., K) for the forward variant
     of (forward, weight_format); return it as (data (M, K), scale (M, groups)), the scale keeping its
     strides where it can (block scales are read M-contiguous)."""
-    import torch
-
     v = _BY_KEY.get((Gemm.OUTPUT, _COMPUTE_OF.get(forward), _FORMAT_OF.get(weight_format)))
     if v is None or not v.takes_input_q:
         raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
                          f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "
                          f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass input_q=None")
-    what = f"input_q ({what or f'the {v.quantizer.value} quantizer of the input'})"
-    if len(input_q) != 2:
-        raise ValueError(f"{what} holds [data, scale]; got {len(input_q)} tensors")
-    data, scale = input_q
-    k = input.shape[-1]
-    m = input.numel() // k if k else 0
-    groups = 1 if v.quantizer is Quantizer.FP8_ROW_E4M3 else -(-k // 128)
-    if data.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
-        raise TypeError(f"{what}: want data float8_e4m3fn and scale float32, got {data.dtype} and {scale.dtype}")
-    if data.device != input.device or scale.device != input.device:
-        raise ValueError(f"{what}: on {data.device}/{scale.device}, the input on {input.device}")
-    if data.shape[-1:] != (k,) or data.numel() != m * k or scale.numel() != m * groups \
+    return _check_quantized(input_q, input, v, f"input_q ({what or f'the {v.quantizer.value} quantizer of the input'})",
+                            "input", "K")
+
+
+def check_grad_output_q(grad_output_q, grad_output, weight_format: "WeightFormat | str",
+                        grad_input: "Compute | str", what: str | None = None):
+    """Validate `grad_output_q` (the backward op's pre-quantized gradient) against `grad_output` (..., N) for
+    the dgrad variant of (grad_input, weight_format); return it as (data (M, N), scale (M, groups)), the
+    scale keeping its strides where it can (block scales are read M-contiguous)."""
+    v = _BY_KEY.get((Gemm.GRAD_INPUT, _COMPUTE_OF.get(grad_input), _FORMAT_OF.get(weight_format)))
+    if v is None or not v.takes_grad_output_q:
+        raise ValueError(f"grad_output_q is only taken by the FP8 dgrad kernels (grad_input='fp8' with weight_format "
+                         f"'fp8_row' or 'fp8_block'); got grad_input={getattr(grad_input, 'value', grad_input)!r}, "
+                         f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass grad_output_q=None")
+    what = f"grad_output_q ({what or f'the {v.quantizer.value} quantizer of the gradient'})"
+    return _check_quantized(grad_output_q, grad_output, v, what, "grad_output", "N")
+
+
+# The FP8 element each activation quantizer writes (the others are not taken pre-quantized).
+_FP8_ELEMENT_OF = {Quantizer.FP8_ROW_E4M3: "float8_e4m3fn", Quantizer.FP8_ROW_E5M2: "float8_e5m2",
+                   Quantizer.FP8_BLOCK_E4M3: "float8_e4m3fn"}
+
+
+def _check_quantized(quantized, operand, v: Variant, what: str, name: str, dim: str):
+    """`quantized` = [data, scale] as `v.quantizer` leaves `operand` (..., D): data of its shape in the FP8
+    element, fp32 scales (M, 1) per row or (M, ceil(D/128)) per 1x128 block; returned 2-D."""
+    import torch
+
+    if len(quantized) != 2:
+        raise ValueError(f"{what} holds [data, scale]; got {len(quantized)} tensors")
+    data, scale = quantized
+    element = getattr(torch, _FP8_ELEMENT_OF[v.quantizer])
+    d = operand.shape[-1]
+    m = operand.numel() // d if d else 0
+    groups = -(-d // 128) if v.quantizer is Quantizer.FP8_BLOCK_E4M3 else 1
+    if data.dtype != element or scale.dtype != torch.float32:
+        raise TypeError(f"{what}: want data {_FP8_ELEMENT_OF[v.quantizer]} and scale float32, got {data.dtype} "
+                        f"and {scale.dtype}")
+    if data.device != operand.device or scale.device != operand.device:
+        raise ValueError(f"{what}: on {data.device}/{scale.device}, the {name} on {operand.device}")
+    if data.shape[-1:] != (d,) or data.numel() != m * d or scale.numel() != m * groups \
             or (scale.dim() and scale.shape[-1] != groups):
-        raise ValueError(f"{what}: for an input {tuple(input.shape)} want data (M={m}, K={k}) and scale "
-                         f"(M, {groups}) (or the input's leading dims), got {tuple(data.shape)} and {tuple(scale.shape)}")
-    return data.reshape(m, k), scale.reshape(m, groups)
+        raise ValueError(f"{what}: for the {name} {tuple(operand.shape)} want data (M={m}, {dim}={d}) and scale "
+                         f"(M, {groups}) (or the {name}'s leading dims), got {tuple(data.shape)} and "
+                         f"{tuple(scale.shape)}")
+    return data.reshape(m, d), scale.reshape(m, groups)
 
 
 _trace: list[Route] | None = None

@@ -17,6 +17,8 @@ Importing this package registers the ops; the other modules are imported where t
 from surogate.ops.grouped import grouped_lora_linear, prepare_expert_weights
 from surogate.ops.lora_linear import (
     check_finite,
+    grad_output_quantizer,
+    grad_producer,
     input_quantizer,
     lora_linear,
     out_features,
@@ -25,5 +27,5 @@ from surogate.ops.lora_linear import (
     validate,
 )
 
-__all__ = ["check_finite", "grouped_lora_linear", "input_quantizer", "lora_linear", "out_features", "prepare_expert_weights",
-           "prepare_weight", "set_check_finite", "validate"]
+__all__ = ["check_finite", "grad_output_quantizer", "grad_producer", "grouped_lora_linear", "input_quantizer",
+           "lora_linear", "out_features", "prepare_expert_weights", "prepare_weight", "set_check_finite", "validate"]

@@ -8,6 +8,11 @@ table's routes) is registered for CUDA tensors with `register_kernel("cuda")`. T
 the weight format and precisions as strings (torch.library has no enum type); they become
 `WeightFormat` / `Compute` here, once, and everything below takes the enums.
 Contracts (weight lists per format, shapes, dtypes): docs/internals.md.
+
+Gradient producer fusion: while torch.compile traces the backward, the autograd formula (`_backward`)
+quantizes an FP8 dgrad's gradient itself, with the traceable twin of the op's quantizer, and passes it as
+`grad_output_q`; Inductor then fuses that quantize into the kernel that produces the gradient (the SwiGLU
+backward, the RMSNorm backward with the residual's gradient). `grad_producer(False)` turns it off.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from surogate.compat import compiling
 from surogate.kernels import reference
 from surogate.kernels.variants import WEIGHT_LISTS, weight_format_of
 from surogate.recipes import Compute, WeightFormat
@@ -64,6 +70,31 @@ def _assert_finite(tensor: Tensor, what: str) -> None:
             f"surogate: {what} of a LoRA linear {tuple(tensor.shape)} contains NaN or Inf. The values came "
             "from the layer before it; lower the learning rate, check the data, or try recipe='bf16' "
             "to see whether low precision is the cause.")
+
+
+_grad_producer = True
+
+
+@contextlib.contextmanager
+def grad_producer(enabled: bool = True) -> Iterator[None]:
+    """Whether a compiled backward quantizes an FP8 dgrad's gradient in the graph (on by default).
+
+    Read by `_backward` while AOTAutograd traces it, so it is the compile-time state that counts: the surogate
+    backend (`surogate.compile(..., grad_producer=...)`) holds this around the AOTAutograd/Inductor call.
+    Why a flag and not an FX pass: the passes run on the forward graph Dynamo captures; the backward graph
+    does not exist until AOTAutograd traces it by running this module's autograd formula, and after that
+    Inductor partitions and lowers it within the same call (a joint-graph pass would be Inductor's global
+    `joint_custom_pre_pass`, absent under aot_eager, rewriting aten-level nodes). The formula is the one
+    place every backend traces, and a flag read there at trace time decides what the graph holds. The
+    compile caches cannot see the flag, so the backend puts its options into their keys
+    (`compat.compile_options_cache_tag`).
+    """
+    global _grad_producer
+    previous, _grad_producer = _grad_producer, enabled
+    try:
+        yield
+    finally:
+        _grad_producer = previous
 
 
 def out_features(weight: Sequence[Tensor], weight_format: "str | WeightFormat", in_features: int) -> int:
@@ -117,7 +148,13 @@ def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale
     return output, lora_hidden
 
 
-@torch.library.custom_op("surogate::lora_linear_backward", mutates_args=())
+_LORA_LINEAR_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor[] weight, str weight_format, "
+                                "Tensor? lora_a, Tensor? lora_b, Tensor? lora_input, Tensor? lora_hidden, "
+                                "float lora_scale, str grad_input, Tensor[]? grad_output_q=None) "
+                                "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("surogate::lora_linear_backward", mutates_args=(), schema=_LORA_LINEAR_BACKWARD_SCHEMA)
 def _lora_linear_backward_op(
     grad_output: Tensor,
     input: Tensor,
@@ -129,26 +166,33 @@ def _lora_linear_backward_op(
     lora_hidden: Tensor | None,
     lora_scale: float,
     grad_input: str,
+    grad_output_q: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors."""
+    """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors.
+
+    `grad_output_q` (FP8 dgrads only: `grad_output_quantizer(grad_input, weight_format)(grad_output)`) is the
+    gradient already quantized for the dgrad GEMM; the LoRA gradients read the bf16 `grad_output`."""
     _assert_finite(grad_output, "the gradient")
     grads = reference.lora_linear_backward_ref(grad_output, input, weight, WeightFormat(weight_format), lora_a,
-                                               lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input))
+                                               lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input),
+                                               grad_output_q)
     return tuple(_empty_if_none(g, grad_output) for g in grads)
 
 
 @_lora_linear_backward_op.register_kernel("cuda")
-def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input):
+def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
+      grad_output_q=None):
     from surogate.kernels import launch
 
     _assert_finite(grad_output, "the gradient")
     grads = launch.lora_linear_backward_cuda(grad_output, input, weight, WeightFormat(weight_format), lora_a, lora_b,
-                                             lora_input, lora_hidden, lora_scale, Compute(grad_input))
+                                             lora_input, lora_hidden, lora_scale, Compute(grad_input), grad_output_q)
     return tuple(_empty_if_none(g, grad_output) for g in grads)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input):
+def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
+      grad_output_q=None):
     return (
         torch.empty_like(input),
         grad_output.new_empty(0) if lora_a is None else torch.empty_like(lora_a),
@@ -187,9 +231,10 @@ def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
         lora_a, lora_b, lora_hidden, rest = rest[0], rest[1], rest[2], rest[3:]
     if ctx.has_lora_input:
         lora_input = rest[0]
+    grad_output = grad_output.contiguous()
     g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
-        grad_output.contiguous(), input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
-        ctx.lora_scale, ctx.grad_input_precision)
+        grad_output, input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
+        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output, input))
     grads = (
         g_input,
         [None] * ctx.n_weight,  # the frozen weight never gets a gradient
@@ -210,6 +255,19 @@ def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
 
 
 torch.library.register_autograd("surogate::lora_linear", _backward, setup_context=_setup_context)
+
+
+def _grad_output_q(ctx, grad_output: Tensor, input: Tensor) -> list[Tensor] | None:
+    """The dgrad's quantized gradient, put into the graph while a compile traces this backward (gradient
+    producer fusion, `grad_producer`); None eagerly, when off, and for dgrads that take no `grad_output_q`.
+
+    Eagerly nothing would fuse, and the twin would run as a dozen torch kernels where the op runs one. A
+    gradient in another dtype than the input is left to the op (the reference quantizes it after a cast to
+    the input dtype, the twin would not)."""
+    if not (_grad_producer and compiling()) or grad_output.dtype != input.dtype:
+        return None
+    quantizer = reference.grad_output_quantizer(ctx.grad_input_precision, ctx.weight_format)
+    return None if quantizer is None else list(quantizer(grad_output))
 
 
 def validate(input: Tensor, weight: Sequence[Tensor], weight_format: str, lora_a: Tensor | None,
@@ -242,6 +300,12 @@ def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat
     """The traceable function whose outputs an FP8 forward reads as `input_q` (the kernel table's
     quantizer of that variant, in plain torch), or None when the forward quantizes its input itself."""
     return reference.input_quantizer(forward, weight_format)
+
+
+def grad_output_quantizer(grad_input: "str | Compute", weight_format: "str | WeightFormat"):
+    """The traceable function whose outputs an FP8 dgrad reads as `grad_output_q` (the kernel table's quantizer
+    of that variant, in plain torch), or None when the dgrad quantizes nothing or its gradient itself."""
+    return reference.grad_output_quantizer(grad_input, weight_format)
 
 
 def lora_linear(

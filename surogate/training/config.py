@@ -82,8 +82,10 @@ class TrainConfig:
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true: the latest in output_dir
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
     cuda_graphs: str = "auto"  # "auto": capture the micro-step on CUDA with packed batches; "true"; "false"
-    gradient_checkpointing: bool = False  # recompute each decoder block in the backward (less memory)
-    recompute_producers: bool = False  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
+    # true: recompute each decoder block in the backward (less memory); offload: and keep the blocks' saved
+    # inputs in host memory between forward and backward (less still, for a GPU of 16 GB)
+    gradient_checkpointing: bool | str = False
+    recompute_producers: bool = True  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
@@ -147,6 +149,13 @@ def _cuda_graphs(key: str, v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return _str(key, v, choices=CUDA_GRAPH_MODES)
+
+
+def _checkpointing(key: str, v: Any) -> bool | str:
+    """surogate.compile's `checkpoint=`: false, true or offload."""
+    if isinstance(v, bool) or (isinstance(v, str) and v == "offload"):
+        return v
+    raise ConfigError(f"{key}: expected true, false or offload, got {v!r}")
 
 
 def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
@@ -403,7 +412,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.resume_from_checkpoint = _resume("resume_from_checkpoint", c.resume_from_checkpoint, c.output_dir)
     c.report_to = _report_to("report_to", c.report_to)
     c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
-    c.gradient_checkpointing = _bool("gradient_checkpointing", c.gradient_checkpointing)
+    c.gradient_checkpointing = _checkpointing("gradient_checkpointing", c.gradient_checkpointing)
     c.recompute_producers = _bool("recompute_producers", c.recompute_producers)
     c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
     c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)

@@ -189,7 +189,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             base.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(base_dir))
         base_ref = str(base_dir.resolve())
-    core = setup.compile_model(base.to(device), cfg)  # what surogate.compile returned: the PEFT model
+    # On a GPU, compile takes the model from the host and moves it one target at a time, quantized on the way:
+    # the bf16 model is never on the GPU whole (an 8B q-recipe run fits a 16 GB card).
+    on_host = device.type == "cuda" and str(cfg.arch).lower() != "cpu"
+    core = setup.compile_model(base if on_host else base.to(device), cfg)  # what surogate.compile returned
     core.train()
     counts = parameter_counts(core, cfg.recipe)
     log(f"model: {cfg.model}, recipe {cfg.recipe}, LoRA r={cfg.lora_rank} on {device.type}: {counts}")
