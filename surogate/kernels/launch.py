@@ -173,13 +173,14 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None
-    dx = grad_input_cuda(g, weight, fmt, compute, k, gh, a, lora_scale)
+    dx = grad_input_cuda(g, weight, fmt, compute, k, gh, a, lora_scale, gq)
     return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
 
 
-def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale):
+def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale, gq=None):
     """The dgrad GEMM of the backward: `g (M, N) @ W (+ lora_scale * gh @ a)` -> (M, K), `a` = lora_a (r, K)
-    in g's dtype (or None, with `gh`). Quantizes g as the route's variant says, runs the route."""
+    in g's dtype (or None, with `gh`). Quantizes g as the route's variant says (unless `gq`, g already
+    quantized by its producer, is given), runs the route."""
     if compute is Compute.NVFP4 and emulates_fp4(g.device):
         # As the reference: the gradient NVFP4 along N with stochastic rounding, the weight's values
         # re-quantized along N; a bf16 MMA over both (`gh`, the LoRA term, came from the exact gradient).
