@@ -143,8 +143,8 @@ def _host_model(config):
 # "+ckpt" recomputes each decoder block in the backward (activation checkpointing), "+offload" recomputes too and
 # keeps the blocks' saved inputs in pinned host memory between forward and backward (checkpoint="offload"),
 # "+norecompute" keeps the norm / SwiGLU / RoPE outputs and layout copies that recompute_producers (on by default)
-# rebuilds in the backward ("+recompute" asks for it explicitly), "+nogradproducer" leaves the FP8 dgrad's gradient
-# quantize to the op's own kernel (grad_producer=False: no fusion into the SwiGLU / RMSNorm backward), "+cpuload"
+# rebuilds in the backward ("+recompute" asks for it explicitly), "+gradproducer" fuses the FP8 dgrad's gradient
+# quantize into the kernel producing the gradient (grad_producer=True, off by default; "+nogradproducer" off), "+cpuload"
 # builds the model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the
 # way (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run; without it
 # peak_gib includes the bf16 build, train_peak_gib does not).
@@ -152,7 +152,7 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
                     "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False},
-                    "nogradproducer": {"grad_producer": False}}
+                    "gradproducer": {"grad_producer": True}, "nogradproducer": {"grad_producer": False}}
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load")  # read by build() / the worker, not surogate.compile options
 
 

@@ -2,7 +2,7 @@
 
 The backward op takes the gradient pre-quantized (`grad_output_q`); while torch.compile traces the backward,
 the op's autograd formula puts the traceable twin of the op's gradient quantizer into the graph and passes
-its outputs (`surogate.compile(..., grad_producer=True)`, the default). On CPU everything here is bit-exact:
+its outputs (`surogate.compile(..., grad_producer=True)`; off by default). On CPU everything here is bit-exact:
 the twin equals the quantizer the dgrad reference (and the CUDA path, in the Triton interpreter) runs, so
 the op with `grad_output_q` equals the op without, and a compiled model's gradients are the same with the
 option on and off. (On CUDA, Inductor fuses the twin into the gradient's producer:
@@ -313,3 +313,4 @@ def _ancestors(node) -> list:
 def test_bench_modifier_turns_it_off():
     tps = load_bench("tps")
     assert tps.surogate_system("surogate:qfp8+nogradproducer") == ("qfp8", {"grad_producer": False})
+    assert tps.surogate_system("surogate:qfp8+gradproducer") == ("qfp8", {"grad_producer": True})

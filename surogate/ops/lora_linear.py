@@ -12,7 +12,8 @@ Contracts (weight lists per format, shapes, dtypes): docs/internals.md.
 Gradient producer fusion: while torch.compile traces the backward, the autograd formula (`_backward`)
 quantizes an FP8 dgrad's gradient itself, with the traceable twin of the op's quantizer, and passes it as
 `grad_output_q`; Inductor then fuses that quantize into the kernel that produces the gradient (the SwiGLU
-backward, the RMSNorm backward with the residual's gradient). `grad_producer(False)` turns it off.
+backward, the RMSNorm backward with the residual's gradient). Off unless `grad_producer(True)` is held
+(`surogate.compile(..., grad_producer=True)`).
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def _assert_finite(tensor: Tensor, what: str) -> None:
             "to see whether low precision is the cause.")
 
 
-_grad_producer = True
+_grad_producer = False
 
 
 @contextlib.contextmanager
 def grad_producer(enabled: bool = True) -> Iterator[None]:
-    """Whether a compiled backward quantizes an FP8 dgrad's gradient in the graph (on by default).
+    """Whether a compiled backward quantizes an FP8 dgrad's gradient in the graph (off unless held on).
 
     Read by `_backward` while AOTAutograd traces it, so it is the compile-time state that counts: the surogate
     backend (`surogate.compile(..., grad_producer=...)`) holds this around the AOTAutograd/Inductor call.
