@@ -422,6 +422,16 @@ def markdown(meta: dict, rows: list[dict], valid: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: str, name: str, meta: dict, valid: dict, rows: list, md: str) -> None:
+    """<out>/<name>.json (meta, validation, rows) and <name>.md, and the table on stdout."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(dict(meta=meta, validate=valid, rows=rows), f, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def main() -> None:
     global M_TOKENS, REP_MS
     p = argparse.ArgumentParser()
@@ -451,12 +461,7 @@ def main() -> None:
     if args.persistent:
         valid = {} if args.skip_validate else validate_persistent(recipes)
         rows = bench_persistent(models, recipes, ms)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kernels_persistent.json"), "w") as f:
-            json.dump(dict(meta=meta, validate=valid, rows=rows), f, indent=1)
-        with open(os.path.join(args.out, "kernels_persistent.md"), "w") as f:
-            f.write(persistent_markdown(meta, rows, valid))
-        print(persistent_markdown(meta, rows, valid))
+        write_results(args.out, "kernels_persistent", meta, valid, rows, persistent_markdown(meta, rows, valid))
         return
     M_TOKENS = ms[0]
     valid = {}
@@ -466,12 +471,7 @@ def main() -> None:
         valid["fp8 accumulation (promote)"] = promote_accuracy()
         print("validate:", json.dumps(valid), flush=True)
     rows = bench(models, recipes)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump(dict(meta=meta, validate=valid, rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "kernels.md"), "w") as f:
-        f.write(markdown(meta, rows, valid))
-    print(markdown(meta, rows, valid))
+    write_results(args.out, "kernels", meta, valid, rows, markdown(meta, rows, valid))
 
 
 if __name__ == "__main__":

@@ -13,3 +13,17 @@ def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
     if err == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).sum().clamp_min(1e-300) / err))
+
+
+def odd_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """bf16 values a quantizer must survive: a wide dynamic range (1e-20 to 1e20 along the last dim), -0,
+    and, with four or more rows, an all-zero row, a row with a NaN and one with an Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-20, 20, shape[-1])
+    x2 = x.view(-1, shape[-1])
+    x2[0, 0] = -0.0
+    if x2.shape[0] > 3:
+        x2[1] = 0.0
+        x2[2, -1] = float("nan")
+        x2[3, 0] = float("inf")
+    return x.bfloat16()

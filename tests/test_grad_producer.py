@@ -19,6 +19,7 @@ import torch
 import transformers as T
 from bench_module import load_bench
 from bit_compare import bits
+from numerics import odd_values
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import surogate
@@ -35,19 +36,6 @@ FORMATS = ["fp8_row", "fp8_block"]  # the weight formats of fp8 and qfp8, the re
 ELEMENT = {"fp8_row": torch.float8_e5m2, "fp8_block": torch.float8_e4m3fn}
 
 
-def _odd_gradient(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Wide dynamic range, an all-zero row, -0, and a row poisoned by NaN and one by Inf."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g) * torch.logspace(-20, 20, shape[-1])
-    x2 = x.view(-1, shape[-1])
-    x2[0, 0] = -0.0
-    if x2.shape[0] > 3:
-        x2[1] = 0.0
-        x2[2, -1] = float("nan")
-        x2[3, 0] = float("inf")
-    return x.bfloat16()
-
-
 def _dgrad_reference_quantize(g: torch.Tensor, fmt: str):
     """What `reference_linear.dgrad_base` quantizes the gradient to (the definition)."""
     g2 = g.reshape(-1, g.shape[-1])
@@ -61,7 +49,7 @@ def _dgrad_reference_quantize(g: torch.Tensor, fmt: str):
 @pytest.mark.parametrize("shape", [(5, 123), (123,), (2, 3, 128), (7, 300), (130, 260)], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_twin_equals_the_dgrad_quantizer_bitwise(fmt, shape):
-    g = _odd_gradient(shape, seed=sum(shape))
+    g = odd_values(shape, seed=sum(shape))
     data, scale = ops.grad_output_quantizer("fp8", fmt)(g)
     want = _dgrad_reference_quantize(g, fmt)
     groups = -(-shape[-1] // 128) if fmt == "fp8_block" else 1
@@ -77,7 +65,7 @@ def test_twin_equals_the_dgrad_quantizer_bitwise(fmt, shape):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_twin_equals_the_quantizer_the_cuda_backward_runs(fmt, shape):
     """`launch._quantize` with the dgrad variant's quantizer: the Triton kernel (here in the interpreter)."""
-    g = _odd_gradient(shape, seed=shape[0])
+    g = odd_values(shape, seed=shape[0])
     twin = ops.grad_output_quantizer("fp8", fmt)(g)
     triton = launch._quantize(g, variant(Gemm.GRAD_INPUT, "fp8", fmt).quantizer)
     for got, want in zip(twin, triton):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from bit_compare import bits
+from numerics import odd_values
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -30,25 +31,12 @@ from surogate.passes.capture import capture_graph
 QUANTIZERS = tuple(ref.INPUT_Q_QUANTIZERS.values())
 
 
-def _odd_activation(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Wide dynamic range, an all-zero row, -0, and a row poisoned by NaN and one by Inf."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g) * torch.logspace(-20, 20, shape[-1])
-    x2 = x.view(-1, shape[-1])
-    x2[0, 0] = -0.0
-    if x2.shape[0] > 3:
-        x2[1] = 0.0
-        x2[2, -1] = float("nan")
-        x2[3, 0] = float("inf")
-    return x.bfloat16()
-
-
 # --- the traceable quantizers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(5, 123), (123,), (2, 3, 128), (7, 300), (130, 260)], ids=str)
 @pytest.mark.parametrize("element", ["e4m3", "e5m2"])
 def test_traceable_quantizers_equal_the_reference_bitwise(shape, element):
-    x = _odd_activation(shape, seed=sum(shape))
+    x = odd_values(shape, seed=sum(shape))
     data, scale = ref.quantize_fp8_rowwise_ref(x, element)
     want = ref.quantize_fp8_ref(x, element, "row")
     assert torch.equal(bits(data), bits(want.data)) and torch.equal(bits(scale), bits(want.scale))
@@ -64,13 +52,13 @@ def test_traceable_quantizers_equal_the_reference_bitwise(shape, element):
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda f: f.__name__)
 def test_traceable_quantizers_trace_to_plain_aten_ops_with_a_symbolic_row_count(quantizer):
-    x = _odd_activation((2, 5, 300), seed=1)
+    x = odd_values((2, 5, 300), seed=1)
     gm = make_fx(lambda t: quantizer(t), tracing_mode="symbolic")(x)
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.amax.default in targets  # one reduction, the rest pointwise and views
     assert all(getattr(t, "namespace", "aten") in ("aten", "prims") for t in targets
                if isinstance(t, torch._ops.OpOverload))
-    y = _odd_activation((3, 7, 300), seed=2)  # another row count through the same graph
+    y = odd_values((3, 7, 300), seed=2)  # another row count through the same graph
     for got, want in zip(gm(y), quantizer(y)):
         assert torch.equal(bits(got), bits(want))
 

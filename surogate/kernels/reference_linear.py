@@ -90,14 +90,22 @@ def _compute(compute: "str | Compute", what: str) -> Compute:
         raise ValueError(f"unknown {what} compute {compute!r}; valid: {valid}") from None
 
 
-def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
-    """The quantizer of the forward variant of (forward, weight_format) when it takes `input_q`, else None."""
-    fwd, fmt = _compute(forward, "forward"), weight_format_of(weight_format)
+def _prequantized_operand(gemm: Gemm, compute: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
+    """The quantizer of the (gemm, compute, weight_format) variant when that kernel reads its A operand
+    already quantized (`input_q` for the forward, `grad_output_q` for the dgrad), else None."""
+    what = "forward" if gemm is Gemm.OUTPUT else "grad_input"
+    comp, fmt = _compute(compute, what), weight_format_of(weight_format)
     try:
-        v = variant(Gemm.OUTPUT, fwd, fmt)
+        v = variant(gemm, comp, fmt)
     except ValueError:
         return None
-    return v.quantizer if v.takes_input_q else None
+    takes = v.takes_input_q if gemm is Gemm.OUTPUT else v.takes_grad_output_q
+    return v.quantizer if takes else None
+
+
+def _input_q_kernel(forward: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
+    """The quantizer of the forward variant of (forward, weight_format) when it takes `input_q`, else None."""
+    return _prequantized_operand(Gemm.OUTPUT, forward, weight_format)
 
 
 def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat"
@@ -110,12 +118,7 @@ def input_quantizer(forward: "str | Compute", weight_format: "str | WeightFormat
 
 def _grad_output_q_kernel(grad_input: "str | Compute", weight_format: "str | WeightFormat") -> Quantizer | None:
     """The quantizer of the dgrad variant of (grad_input, weight_format) when it takes `grad_output_q`, else None."""
-    dgrad, fmt = _compute(grad_input, "grad_input"), weight_format_of(weight_format)
-    try:
-        v = variant(Gemm.GRAD_INPUT, dgrad, fmt)
-    except ValueError:
-        return None
-    return v.quantizer if v.takes_grad_output_q else None
+    return _prequantized_operand(Gemm.GRAD_INPUT, grad_input, weight_format)
 
 
 def grad_output_quantizer(grad_input: "str | Compute", weight_format: "str | WeightFormat"
