@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def _host_model(config):
 # Suffixes of a surogate system name, for ablations: "surogate:bf16+whole" compiles the whole backbone,
 # "+nograph" drives the model eagerly instead of through surogate.GraphedStep (the default),
 # "+ckpt" recomputes each decoder block in the backward (activation checkpointing), "+offload" recomputes too and
-# keeps the blocks' saved inputs in pinned host memory between forward and backward (checkpoint="offload"),
+# keeps the blocks' saved inputs in pinned host memory between forward and backward (checkpoint="offload"); a
+# percentage after either checkpoints only that share of the blocks, the first ones ("+ckpt67", "+offload75":
+# checkpoint_fraction=0.67, 0.75; the rest keep their activations),
 # "+norecompute" keeps the norm / SwiGLU / RoPE outputs and layout copies that recompute_producers (on by default)
 # rebuilds in the backward ("+recompute" asks for it explicitly), "+gradproducer" fuses the FP8 dgrad's gradient
 # quantize into the kernel producing the gradient (grad_producer=True, off by default; "+nogradproducer" off), "+cpuload"
@@ -156,13 +159,22 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load")  # read by build() / the worker, not surogate.compile options
 
 
+# "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
+PARTIAL_CHECKPOINT = re.compile(r"^(ckpt|offload)([1-9][0-9]?)$")
+
+
 def surogate_system(system: str) -> tuple[str, dict]:
     """("bf16", {"regional": False}) for "surogate:bf16+whole": the recipe and surogate.compile options."""
     recipe, *flags = system.split(":", 1)[1].split("+")
     options: dict = {}
     for flag in flags:
+        partial = PARTIAL_CHECKPOINT.match(flag)
+        if partial:
+            options.update(SUROGATE_OPTIONS[partial[1]], checkpoint_fraction=int(partial[2]) / 100)
+            continue
         if flag not in SUROGATE_OPTIONS:
-            raise ValueError(f"unknown option +{flag} in {system!r}; known: {', '.join(SUROGATE_OPTIONS)}")
+            raise ValueError(f"unknown option +{flag} in {system!r}; known: {', '.join(SUROGATE_OPTIONS)} "
+                             "(+ckpt and +offload also with a percentage of the blocks, e.g. +ckpt67)")
         options.update(SUROGATE_OPTIONS[flag])
     return recipe, options
 

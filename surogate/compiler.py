@@ -5,8 +5,8 @@ attach LoRA through PEFT unless the model already has it; swap every target's ba
 frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free the bf16 copy);
 compile each decoder block with Dynamo and the surogate backend (regional compilation: one
 graph serves every identical block; the sequence dimension is marked dynamic); optionally
-checkpoint each block (its forward recomputed in the backward; with "offload" its saved input waits in
-host memory, surogate/offload.py); route `labels=` calls through
+checkpoint each block, or the first `checkpoint_fraction` of them (its forward recomputed in the backward;
+with "offload" its saved input waits in host memory, surogate/offload.py); route `labels=` calls through
 the chunked LM head + cross-entropy (`surogate.ops.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import types
 import warnings
 from typing import Any
@@ -56,7 +57,8 @@ class AlreadyCompiledError(RuntimeError):
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
-            recompute_producers: bool = True, grad_producer: bool = False) -> nn.Module:
+            checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
+            grad_producer: bool = False) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -87,6 +89,19 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     With `regional=False` the blocks still run as one shared compiled graph, called from the compiled
     backbone through a graph break: the copies and their streams live outside Dynamo.
 
+    `checkpoint_fraction` (with `checkpoint=True` or "offload"; in (0, 1], default 1.0: every block): checkpoint
+    only the first round(fraction x blocks) decoder blocks in forward order (halves round up, at least one); the
+    rest keep their activations as without checkpointing, and with "offload" only the checkpointed blocks'
+    inputs go to host memory. Each block left out keeps its activations (Qwen3-8B at 2 x 2048: about 0.3 GiB a
+    micro-batch) and skips its recompute (1/36 of the step time checkpointing adds there), so peak memory and
+    step time both move linearly between those of checkpoint=False (fraction 0) and checkpoint=True (1): for a
+    budget B, fraction = (peak_off - B) / (peak_off - peak_on) from those two runs. A fraction, not a block
+    count, because that interpolation does not depend on the depth: one value carries across model sizes.
+    Why the first blocks: the backward reaches the last blocks first, so their kept activations are freed
+    before any recompute starts: the peak holds either the kept activations or one block's recompute, never
+    both (with the un-checkpointed blocks first, every recompute runs while all of them are still held: one
+    block's activations more at the peak). And with "offload" the inputs that wait longest go to the host.
+
     `recompute_producers=True` (the default): the RMSNorm and SwiGLU outputs that the LoRA linears read,
     o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
     anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
@@ -102,6 +117,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
                          f"'offload' (also keep the blocks' saved inputs in host memory), got {checkpoint!r}")
+    _check_checkpoint_fraction(checkpoint, checkpoint_fraction)
     rec = get(recipe)  # unknown names raise with the list of valid ones
     tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
@@ -118,8 +134,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     try:
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
-                                checkpoint=checkpoint, recompute_producers=recompute_producers,
-                                grad_producer=grad_producer)
+                                checkpoint=checkpoint, checkpoint_fraction=checkpoint_fraction,
+                                recompute_producers=recompute_producers, grad_producer=grad_producer)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -128,7 +144,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: "bool | str", recompute_producers: bool = True, grad_producer: bool = False) -> nn.Module:
+                     checkpoint: "bool | str", checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
+                     grad_producer: bool = False) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -175,11 +192,12 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
     blocks = _decoder_blocks(hf, targets)
+    checkpointed = checkpointed_blocks(len(blocks), checkpoint_fraction) if checkpoint else 0
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
         # Block 0 would otherwise see an input without grad and compile a second graph.
         hf.enable_input_require_grads()
-        _compile_blocks(blocks, backend, dynamic, checkpoint, offload)
+        _compile_blocks(blocks, backend, dynamic, checkpoint, offload, checkpointed)
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
                     "compiled graph")
     if not (blocks and regional):
@@ -189,21 +207,25 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
             for block in blocks:
                 block.forward = torch._dynamo.disable(block.forward)
         elif checkpoint:
-            _checkpoint_blocks(blocks)  # before the backbone is compiled: Dynamo captures each as a region
+            _checkpoint_blocks(blocks[:checkpointed])  # before the backbone is compiled: Dynamo captures regions
         # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
         body = getattr(hf, "base_model", hf)
         # dynamic=None, never True: True turns Python floats (the LoRA scale) into graph inputs, which the
         # match pass refuses; automatic dynamic shapes still stop recompiling after the second length.
         body.forward = torch.compile(body.forward, backend=backend, dynamic=None)
         report.note("whole-backbone capture (no repeated decoder blocks found, or regional=False)")
-    if checkpoint:
+    if checkpoint and checkpointed == len(blocks):
         report.note(f"activation checkpointing on: each of the {len(blocks)} decoder blocks keeps only its inputs "
                     "and recomputes its forward in the backward")
+    elif checkpoint:
+        report.note(f"activation checkpointing on for the first {checkpointed} of the {len(blocks)} decoder blocks "
+                    f"(checkpoint_fraction={checkpoint_fraction:g}): each keeps only its inputs and recomputes its "
+                    f"forward in the backward; the last {len(blocks) - checkpointed} keep their activations")
     if offload is not None:
         how = ("copied inline (CPU: no streams)" if arch_name == CPU else
                "pinned, copied out on a side stream and back one block ahead of its recompute")
-        report.note(f"checkpoint='offload': each block's saved input waits in host memory between forward and "
-                    f"backward, {how}"
+        report.note(f"checkpoint='offload': each checkpointed block's saved input waits in host memory between "
+                    f"forward and backward, {how}"
                     + ("" if regional else "; with regional=False each block call is a graph break in the backbone"))
     if chunked_loss:
         _attach_chunked_loss(hf, report)
@@ -243,6 +265,21 @@ def _target_device(model: nn.Module, arch: str) -> "torch.device | None":
         raise ValueError(f"arch {arch} needs the model on a CUDA device (or on the CPU, to be moved by compile); "
                          f"it is on {sorted(devices)}; pass arch='cpu' to run the reference on the CPU")
     return None
+
+
+def _check_checkpoint_fraction(checkpoint: "bool | str", fraction: Any) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"checkpoint_fraction takes a number in (0, 1] (the share of decoder blocks checkpointed, "
+                         f"the first ones), got {fraction!r}")
+    if fraction < 1 and not checkpoint:
+        raise ValueError(f"checkpoint_fraction={fraction!r} needs checkpoint=True or 'offload' (it says how many "
+                         "of the decoder blocks to checkpoint); pass one, or leave checkpoint_fraction at 1.0")
+
+
+def checkpointed_blocks(n_blocks: int, fraction: float) -> int:
+    """How many decoder blocks `checkpoint_fraction` checkpoints (the first ones): the nearest whole number of
+    `fraction x n_blocks`, halves rounded up, at least one (a fraction above 0 asks for some)."""
+    return min(n_blocks, max(1, math.floor(fraction * n_blocks + 0.5)))
 
 
 def _check_checkpointable(model: nn.Module) -> None:
@@ -556,12 +593,12 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
 
 
 def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,
-                    offload: BlockInputOffload | None = None) -> None:
+                    offload: BlockInputOffload | None = None, checkpointed: int = 0) -> None:
     """Compile the blocks' shared forward once; every block calls it (regional compilation).
 
     The sequence dimension of each call's tensors is marked dynamic, so one graph serves every length.
-    With `checkpoint`, each call of the compiled graph runs under `torch.utils.checkpoint` (eager,
-    non-reentrant): the recompute in the backward calls the same compiled graph with the same guards.
+    With `checkpoint`, each call of the compiled graph by the first `checkpointed` blocks runs under `torch.utils.checkpoint` (eager, non-reentrant): the recompute in the backward calls the same
+    compiled graph with the same guards; the other blocks call it plainly.
     With `offload`, the inputs that checkpoint saves go to its host buffers (block i: `offload.hooks(i)`).
     """
     shared = torch.compile(_fresh_function(type(blocks[0]).forward), backend=backend, dynamic=None)
@@ -571,13 +608,13 @@ def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint:
                 _mark_sequence_dynamic(args, kwargs)
             return shared(_block, *args, **kwargs)
 
-        if checkpoint:
+        if checkpoint and index < checkpointed:
             forward = _checkpointed(forward, _draws_random(block), offload, index)
         block.forward = forward
 
 
 def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
-    """Wrap every block's forward in a checkpoint before the backbone is compiled (regional=False)."""
+    """Wrap each of `blocks`' forward in a checkpoint before the backbone is compiled (regional=False)."""
     for block in blocks:
         block.forward = _checkpointed(block.forward, _draws_random(block))
 

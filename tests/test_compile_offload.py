@@ -28,16 +28,17 @@ LAYERS = 4
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "init_lora_weights": False}
 
 
-def _model(arch: str) -> nn.Module:
+def _model(arch: str, layers: int = LAYERS) -> nn.Module:
     torch.manual_seed(0)
-    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": V}
     config = T.Qwen3Config(**shape) if arch == "qwen3" else T.LlamaConfig(**shape)
     return T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
 
 
-def _compiled(arch: str, checkpoint, regional: bool = True) -> nn.Module:
-    return surogate.compile(_model(arch), arch="cpu", lora=LORA, regional=regional, checkpoint=checkpoint).train()
+def _compiled(arch: str, checkpoint, regional: bool = True, fraction: float = 1.0, layers: int = LAYERS) -> nn.Module:
+    return surogate.compile(_model(arch, layers), arch="cpu", lora=LORA, regional=regional, checkpoint=checkpoint,
+                            checkpoint_fraction=fraction).train()
 
 
 def _ids(length: int, seed: int = 1) -> torch.Tensor:
@@ -56,10 +57,10 @@ def _step(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tenso
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _assert_equal(a, b) -> None:
+def _assert_equal(a, b, layers: int = LAYERS) -> None:
     (loss_a, grads_a), (loss_b, grads_b) = a, b
     assert torch.equal(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * LAYERS  # A and B of 7 linears a layer
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * layers  # A and B of 7 linears a layer
     for name in grads_a:
         assert grads_a[name].abs().sum() > 0, name
         assert torch.equal(grads_a[name], grads_b[name]), name
@@ -93,11 +94,11 @@ def test_checkpoint_value_is_checked():
 
 
 @functools.cache
-def _references(arch: str):
+def _references(arch: str, layers: int = LAYERS):
     """No checkpointing's and checkpoint=True's step on `_ids(32)`, and the checkpoint=True model (compiled once)."""
     ids = _ids(32)
-    plain = _step(_compiled(arch, False), ids)
-    ckpt_model = _compiled(arch, True)
+    plain = _step(_compiled(arch, False, layers=layers), ids)
+    ckpt_model = _compiled(arch, True, layers=layers)
     return plain, _step(ckpt_model, ids), ckpt_model
 
 
@@ -152,6 +153,36 @@ def test_offload_whole_backbone_same_numbers():
     assert len(model.surogate_report.rewritten) == 7
     assert len(model.surogate_offload.buffers) == LAYERS - 1
     assert model.surogate_offload.held_on_device() == []
+
+
+PARTIAL_LAYERS, FRACTION, CHECKPOINTED = 8, 0.75, 6  # blocks 0-5 checkpointed, 6 and 7 keep their activations
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_partial_offload_moves_only_the_checkpointed_inputs(regional):
+    ids = _ids(32)
+    plain, ckpt, _ = _references("qwen3", PARTIAL_LAYERS)
+    model = _compiled("qwen3", "offload", regional=regional, fraction=FRACTION, layers=PARTIAL_LAYERS)
+    offload = model.surogate_offload
+    # Host buffers for the checkpointed blocks but block 0 (a leaf); of those, the inputs but the newest IN_FLIGHT
+    # leave the device during the forward. The un-checkpointed blocks' inputs stay: their graphs keep them.
+    loss, seen = _forward_watching_inputs(model, ids)
+    assert sorted(key[0] for key in offload.buffers) == list(range(1, CHECKPOINTED))
+    for block, (value, ref) in enumerate(seen[1:CHECKPOINTED], start=1):
+        (pool,) = [pool for key, pool in offload.buffers.items() if key[0] == block]
+        assert torch.equal(pool[0].view(value.shape), value), block
+    if regional:  # with regional=False Dynamo traces the watching hook, and under pytest keeps its frame alive
+        assert [ref.expired() for _, ref in seen] == [block in range(1, CHECKPOINTED - IN_FLIGHT)
+                                                      for block in range(PARTIAL_LAYERS)]
+    assert len(offload.held_on_device()) == IN_FLIGHT
+    loss.backward()
+    assert offload.held_on_device() == []
+    assert any("first 6 of the 8 decoder blocks" in n for n in model.surogate_report.notes)
+    # The same bits as checkpoint=True and as no checkpointing.
+    offloaded = _step(model, ids)
+    _assert_equal(offloaded, plain, PARTIAL_LAYERS)
+    _assert_equal(offloaded, ckpt, PARTIAL_LAYERS)
+    assert offload.host_bytes() == (CHECKPOINTED - 1) * 2 * 32 * 64 * 2
 
 
 def test_offload_under_graphed_step_and_shape_buckets():

@@ -180,13 +180,33 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
     setup.compile_model(object(), from_dict({"gradient_checkpointing": "offload"}))
-    assert seen["checkpoint"] == "offload"
+    assert seen["checkpoint"] == "offload" and seen["checkpoint_fraction"] == 1.0  # the default: every block
+    setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "gradient_checkpointing_fraction": 0.67}))
+    assert seen["checkpoint"] is True and seen["checkpoint_fraction"] == 0.67
 
 
 @pytest.mark.parametrize("value", ["yes", "true", 1, None])
 def test_gradient_checkpointing_takes_true_false_or_offload(value):
     with pytest.raises(ConfigError, match=r"^gradient_checkpointing: expected true, false or offload, got"):
         from_dict({"gradient_checkpointing": value})
+
+
+@pytest.mark.parametrize("value, expect", [
+    (0, r"must be > 0"), (-0.5, r"must be > 0"), (1.5, r"must be <= 1.0"), ("most", r"expected a number"),
+    (True, r"expected a finite number"), (None, r"expected a finite number"),
+])
+def test_gradient_checkpointing_fraction_takes_a_share_of_the_blocks(value, expect):
+    with pytest.raises(ConfigError, match=rf"^gradient_checkpointing_fraction: {expect}"):
+        from_dict({"gradient_checkpointing": True, "gradient_checkpointing_fraction": value})
+
+
+def test_gradient_checkpointing_fraction_needs_checkpointing_on():
+    with pytest.raises(ConfigError, match=r"^gradient_checkpointing_fraction: 0.5 needs gradient_checkpointing: true "
+                                          r"or offload"):
+        from_dict({"gradient_checkpointing_fraction": 0.5})
+    assert from_dict({"gradient_checkpointing_fraction": 1}).gradient_checkpointing_fraction == 1.0
+    assert from_dict({"gradient_checkpointing": "offload",
+                      "gradient_checkpointing_fraction": "0.75"}).gradient_checkpointing_fraction == 0.75
 
 
 @pytest.mark.parametrize("raw, expect", [

@@ -25,6 +25,13 @@ def test_systems_parse_into_recipe_and_options():
     assert tps.recipe_of("surogate:qnf4+ckpt")[0] == "qnf4"
     with pytest.raises(ValueError, match="unknown option"):
         tps.surogate_system("surogate:bf16+fast")
+    # A percentage after +ckpt / +offload: checkpoint only that share of the blocks.
+    assert tps.surogate_system("surogate:qnf4+ckpt67") == ("qnf4", {"checkpoint": True, "checkpoint_fraction": 0.67})
+    assert tps.surogate_system("surogate:qnf4+offload75+cpuload") == \
+        ("qnf4", {"checkpoint": "offload", "checkpoint_fraction": 0.75, "cpu_load": True})
+    for wrong in ("ckpt0", "ckpt100", "ckpt067", "offload-50", "ckptx"):
+        with pytest.raises(ValueError, match="unknown option"):
+            tps.surogate_system(f"surogate:qnf4+{wrong}")
 
 
 def test_results_label_emulated_recipes_and_compare_with_the_best_peer(tmp_path):

@@ -85,6 +85,9 @@ class TrainConfig:
     # true: recompute each decoder block in the backward (less memory); offload: and keep the blocks' saved
     # inputs in host memory between forward and backward (less still, for a GPU of 16 GB)
     gradient_checkpointing: bool | str = False
+    # with gradient_checkpointing on: the share of decoder blocks checkpointed, the first ones (0, 1]; the rest keep
+    # their activations (more memory, no recompute): surogate.compile(checkpoint_fraction=...)
+    gradient_checkpointing_fraction: float = 1.0
     recompute_producers: bool = True  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
@@ -156,6 +159,16 @@ def _checkpointing(key: str, v: Any) -> bool | str:
     if isinstance(v, bool) or (isinstance(v, str) and v == "offload"):
         return v
     raise ConfigError(f"{key}: expected true, false or offload, got {v!r}")
+
+
+def _checkpointing_fraction(key: str, v: Any, checkpointing: bool | str) -> float:
+    """surogate.compile's `checkpoint_fraction=`: in (0, 1], below 1 only with checkpointing on."""
+    v = _float(key, v, maximum=1.0)
+    if v <= 0:
+        raise ConfigError(f"{key}: must be > 0 (the share of decoder blocks checkpointed), got {v}")
+    if v < 1 and not checkpointing:
+        raise ConfigError(f"{key}: {v} needs gradient_checkpointing: true or offload; set one, or drop {key}")
+    return v
 
 
 def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
@@ -413,6 +426,9 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.report_to = _report_to("report_to", c.report_to)
     c.cuda_graphs = _cuda_graphs("cuda_graphs", c.cuda_graphs)
     c.gradient_checkpointing = _checkpointing("gradient_checkpointing", c.gradient_checkpointing)
+    c.gradient_checkpointing_fraction = _checkpointing_fraction("gradient_checkpointing_fraction",
+                                                                c.gradient_checkpointing_fraction,
+                                                                c.gradient_checkpointing)
     c.recompute_producers = _bool("recompute_producers", c.recompute_producers)
     c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
     c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)

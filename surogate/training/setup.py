@@ -110,7 +110,8 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
     from surogate.compiler import compile as surogate_compile
 
-    options = {"checkpoint": cfg.gradient_checkpointing, "recompute_producers": cfg.recompute_producers}
+    options = {"checkpoint": cfg.gradient_checkpointing, "checkpoint_fraction": cfg.gradient_checkpointing_fraction,
+               "recompute_producers": cfg.recompute_producers}
     return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg, model), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation, **options)
 

@@ -5,7 +5,8 @@ The CPU tests (tests/test_compile_offload.py) check the bookkeeping bit for bit;
 GPU has: the numbers follow checkpoint=True (loss to 1e-3 relative, LoRA gradients to a cosine of 0.9999:
 two compilations may tune their kernels differently), the forward holds less device memory by the offloaded
 inputs' bytes (as the live tensors requested them), the host buffers are pinned, and a captured micro-step
-(two shape buckets) replays with the losses of eager training.
+(two shape buckets) replays with the losses of eager training. With `checkpoint_fraction`, the forward holds
+what the checkpointed blocks keep plus what the others keep without checkpointing: between the two.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def _requested() -> int:
     return torch.cuda.memory_stats()["requested_bytes.all.current"]
 
 
-def _measured_step(recipe: str, checkpoint):
+def _measured_step(recipe: str, checkpoint, fraction: float = 1.0):
     torch._dynamo.reset()
-    model = surogate.compile(cuda_lora_qwen3(layers=LAYERS), recipe=recipe, checkpoint=checkpoint)
+    model = surogate.compile(cuda_lora_qwen3(layers=LAYERS), recipe=recipe, checkpoint=checkpoint,
+                             checkpoint_fraction=fraction)
     ids = _ids()
     model(input_ids=ids, labels=ids).loss.backward()  # compiles; the next step is measured
     model.zero_grad(set_to_none=True)
@@ -72,6 +74,25 @@ def test_offload_follows_checkpoint_and_keeps_the_inputs_off_the_device(recipe):
     assert len(buffers) == LAYERS - 1 and all(b.data.is_pinned() for b in buffers)
     assert offload.host_bytes() == (LAYERS - 1) * INPUT_BYTES
     assert offload.held_on_device() == []
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "qnf4"])
+def test_partial_checkpoint_keeps_between_none_and_all(recipe):
+    """checkpoint_fraction=0.75: blocks 0-5 of 8 checkpointed, 6 and 7 keep their activations, so the forward
+    holds a quarter of the way from checkpoint=True to none; with "offload" less by the inputs it moves."""
+    _, _, _, kept_plain = _measured_step(recipe, False)
+    _, loss_ckpt, g_ckpt, kept_ckpt = _measured_step(recipe, True)
+    _, loss_part, g_part, kept_part = _measured_step(recipe, True, 0.75)
+    model, loss_off, g_off, kept_off = _measured_step(recipe, "offload", 0.75)
+    assert kept_ckpt < kept_part < kept_plain, (kept_ckpt, kept_part, kept_plain)
+    share = (kept_part - kept_ckpt) / (kept_plain - kept_ckpt)
+    assert abs(share - 2 / LAYERS) < 0.03, (share, kept_ckpt, kept_part, kept_plain)
+    offloaded = (6 - 1 - IN_FLIGHT) * INPUT_BYTES  # checkpointed blocks 1-3 (block 0's input is a leaf)
+    assert abs((kept_part - kept_off) - offloaded) <= 0.05 * offloaded, (kept_part, kept_off)
+    assert sorted(key[0] for key in model.surogate_offload.buffers) == list(range(1, 6))
+    for loss, grads in ((loss_part, g_part), (loss_off, g_off)):
+        assert abs(loss - loss_ckpt) <= 1e-3 * abs(loss_ckpt)
+        assert torch.nn.functional.cosine_similarity(grads, g_ckpt, dim=0).item() > 0.9999
 
 
 def test_offload_under_graphed_step_follows_eager():
