@@ -20,3 +20,25 @@ def cuda_lora_qwen3(seed: int = 0, layers: int = 2) -> nn.Module:
                         num_key_value_heads=2, head_dim=64, vocab_size=VOCAB)
     model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
     return _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+
+
+def train_losses(model: nn.Module, micro_step, steps: list[list[torch.Tensor]]) -> list[float]:
+    """Fused AdamW (lr 1e-3) over `model`'s trainable parameters, one optimizer step per list of micro-batch
+    ids in `steps`, each micro-batch through `micro_step(ids) -> loss`; the mean loss of every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    losses = []
+    for batches in steps:
+        losses.append(torch.stack([micro_step(ids).clone() for ids in batches]).mean().item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def eager_micro_step(model: nn.Module, loss_scale: float):
+    """`ids -> loss`: the eager forward and `(loss * loss_scale).backward()`, what GraphedStep replays."""
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss * loss_scale).backward()
+        return loss.detach()
+
+    return step

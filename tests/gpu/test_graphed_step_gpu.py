@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
-from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3, eager_micro_step, train_losses  # noqa: E402
 
 import surogate  # noqa: E402
 from surogate.training.graphed_step import GraphedStep  # noqa: E402
@@ -33,24 +33,10 @@ def test_graphed_training_follows_eager(recipe, checkpoint):
     g = torch.Generator("cuda").manual_seed(1)
     steps = [[torch.randint(0, VOCAB, (2, 128), device="cuda", generator=g) for _ in range(2)] for _ in range(3)]
 
-    def train(model, micro_step):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-        losses = []
-        for batches in steps:
-            losses.append(torch.stack([micro_step(ids).clone() for ids in batches]).mean().item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return losses
-
     step = GraphedStep(graphed_model, loss_scale=0.5)
-    graphed = train(graphed_model, lambda ids: step(input_ids=ids, labels=ids))
+    graphed = train_losses(graphed_model, lambda ids: step(input_ids=ids, labels=ids), steps)
 
-    def eager_step(ids):
-        loss = eager_model(input_ids=ids, labels=ids).loss
-        (loss * 0.5).backward()
-        return loss.detach()
-
-    eager = train(eager_model, eager_step)
+    eager = train_losses(eager_model, eager_micro_step(eager_model, 0.5), steps)
     assert step.replays == 6 and step.eager_calls == 0
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=0)
     lora = {n: p for n, p in eager_model.named_parameters() if p.requires_grad}

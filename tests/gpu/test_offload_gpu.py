@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
-from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3, eager_micro_step, train_losses  # noqa: E402
 
 import surogate  # noqa: E402
 from surogate.offload import IN_FLIGHT  # noqa: E402
@@ -106,15 +106,6 @@ def test_offload_under_graphed_step_follows_eager():
     lengths = [[256, 256], [256, 384], [384, 256]]
     steps = [[_ids(seq, seed=10 * i + j) for j, seq in enumerate(row)] for i, row in enumerate(lengths)]
 
-    def train(model, micro_step):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
-        losses = []
-        for batches in steps:
-            losses.append(torch.stack([micro_step(ids).clone() for ids in batches]).mean().item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return losses
-
     step = GraphedStep(graphed_model, loss_scale=0.5, strict=True)
     offload = graphed_model.surogate_offload
     first_pointers = {}
@@ -125,14 +116,9 @@ def test_offload_under_graphed_step_follows_eager():
             first_pointers.update({key: pool[0].data.data_ptr() for key, pool in offload.buffers.items()})
         return loss
 
-    graphed = train(graphed_model, graphed_step)
+    graphed = train_losses(graphed_model, graphed_step, steps)
 
-    def eager_step(ids):
-        loss = eager_model(input_ids=ids, labels=ids).loss
-        (loss * 0.5).backward()
-        return loss.detach()
-
-    eager = train(eager_model, eager_step)
+    eager = train_losses(eager_model, eager_micro_step(eager_model, 0.5), steps)
     assert step.replays == 6 and step.eager_calls == 0 and len(step.graphs) == 2
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=0)
     lora = {n: p for n, p in eager_model.named_parameters() if p.requires_grad}
