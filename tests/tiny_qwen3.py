@@ -42,3 +42,12 @@ def eager_micro_step(model: nn.Module, loss_scale: float):
         return loss.detach()
 
     return step
+
+
+def assert_same_lora(model: nn.Module, reference: nn.Module, min_cosine: float = 0.9999) -> None:
+    """Every trainable (LoRA) parameter of `model` points where `reference`'s does (cosine over the tensor)."""
+    ref = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            cos = torch.nn.functional.cosine_similarity(p.flatten().float(), ref[n].flatten().float(), dim=0)
+            assert cos > min_cosine, (n, cos.item())
