@@ -288,6 +288,22 @@ def _routes(fn) -> str:
     return ", ".join(sorted({str(r) for r in ran}))
 
 
+def _persistent_picks(m: int, nks: list[tuple[int, int]]) -> list[str]:
+    """The configs the tuner picked for the persistent kernel at M = m and these (N, K): which tile, warp
+    specialization, stages ran a validation case (a wrong number is then pinned to a config)."""
+    from surogate.kernels import persistent, tuning
+
+    picks = []
+    for key, c in tuning.tuner().picks().items():
+        if key[0] == persistent._persistent_lora_gemm_kernel.__name__ and (key[4], key[5]) in nks \
+                and key[6] == tuning.m_bucket(m):
+            kw = c.kwargs
+            picks.append(f"{key[1]} N={key[4]} K={key[5]}: {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
+                         f"ws={int(kw['WARP_SPECIALIZE'])} flatten={int(kw['FLATTEN'])} warps={c.num_warps} "
+                         f"stages={c.num_stages}")
+    return sorted(picks)
+
+
 def validate_persistent(recipes) -> dict:
     """The persistent forward and dgrad against the plain-torch reference (SQNR dB) on the
     PERSISTENT_VALIDATE shapes; each must also have run the persistent kernel (variants.trace)."""
@@ -306,8 +322,10 @@ def validate_persistent(recipes) -> dict:
             gi_r = ref.lora_linear_backward_ref(c["go"], c["x"], c["wl"], c["fmt"], c["a"], c["b"], None, h_r, SCALE,
                                                 c["dg"])[0]
             key = f"{recipe} M={m} N={n} K={k}"
-            out[key] = dict(output=sqnr(y, y_r), grad_input=sqnr(gi, gi_r), routes=sorted({str(r) for r in ran}))
-            ok = all(isinstance(v, float) and v > 20 for v in out[key].values() if not isinstance(v, list))
+            out[key] = dict(output=sqnr(y, y_r), grad_input=sqnr(gi, gi_r), routes=sorted({str(r) for r in ran}),
+                            nonfinite=[int((~torch.isfinite(y)).sum()), int((~torch.isfinite(gi)).sum())],
+                            configs=_persistent_picks(m, [(n, k), (k, n)]))
+            ok = all(isinstance(v, float) and v > 40 for v in out[key].values() if isinstance(v, float))
             if not ok or not all(r.startswith("persistent_") for r in out[key]["routes"]):
                 print(f"VALIDATION FAILED {key}: {out[key]}", flush=True)
             print(f"validate persistent {key}: {out[key]}", flush=True)
@@ -340,9 +358,13 @@ def bench_persistent(models: list[str], recipes: list[str], ms: list[int]) -> li
                     if xq is not None:  # the forward as the compiled model runs it behind a fused producer
                         for name in ("current", "persistent"):
                             row[f"{name}_fwd_q_ms"] = _time(lambda: _op_fwd(c, name, xq))
-                    row["sqnr_vs_current"] = dict(fwd=sqnr(_op_fwd(c, "persistent"), _op_fwd(c, "current")),
-                                                  dgrad=sqnr(_op_dgrad(c, gh, "persistent"),
-                                                             _op_dgrad(c, gh, "current")))
+                    p_fwd, c_fwd = _op_fwd(c, "persistent"), _op_fwd(c, "current")
+                    p_dgrad, c_dgrad = _op_dgrad(c, gh, "persistent"), _op_dgrad(c, gh, "current")
+                    row["sqnr_vs_current"] = dict(fwd=sqnr(p_fwd, c_fwd), dgrad=sqnr(p_dgrad, c_dgrad))
+                    # A NaN SQNR: which side is non-finite, and which persistent configs ran (run 54's NaN rows).
+                    row["nonfinite"] = {name: [int((~torch.isfinite(t)).sum()) for t in ts] for name, ts in
+                                        (("persistent", (p_fwd, p_dgrad)), ("current", (c_fwd, c_dgrad)))}
+                    row["persistent_configs"] = _persistent_picks(m, [(n, k), (k, n)])
                     for d, base in (("fwd", "fwd"), ("dgrad", "dgrad"), ("fwd_q", "fwd")):
                         if f"persistent_{d}_ms" in row:
                             row[f"persistent_{d}_vs_cublas"] = row[f"cublas_{base}_ms"] / row[f"persistent_{d}_ms"]
@@ -362,7 +384,9 @@ def _persistent_row_text(r: dict) -> str:
             + (f" | fwd, input from a producer: current {r['current_fwd_q_ms']:.3f} persistent "
                f"{r['persistent_fwd_q_ms']:.3f} ({r['persistent_fwd_q_vs_cublas']:.2f}x cublas)"
                if "persistent_fwd_q_ms" in r else "")
-            + f" | SQNR vs current {r['sqnr_vs_current']['fwd']:.1f}/{r['sqnr_vs_current']['dgrad']:.1f} dB")
+            + f" | SQNR vs current {r['sqnr_vs_current']['fwd']:.1f}/{r['sqnr_vs_current']['dgrad']:.1f} dB"
+            + (f" | non-finite {r['nonfinite']}" if any(sum(v) for v in r.get("nonfinite", {}).values()) else "")
+            + (f" | configs: {'; '.join(r['persistent_configs'])}" if r.get("persistent_configs") else ""))
 
 
 def persistent_markdown(meta: dict, rows: list[dict], valid: dict) -> str:
@@ -394,7 +418,9 @@ def persistent_markdown(meta: dict, rows: list[dict], valid: dict) -> str:
                                                          for k in r if k.endswith("_routes")})), "",
               "Validation (persistent vs reference, SQNR dB):", ""]
     for k, v in valid.items():
-        lines.append(f"- {k}: output {v['output']:.1f}, grad_input {v['grad_input']:.1f} ({', '.join(v['routes'])})")
+        lines.append(f"- {k}: output {v['output']:.1f}, grad_input {v['grad_input']:.1f} ({', '.join(v['routes'])})"
+                     + (f"; non-finite {v['nonfinite']}" if any(v.get("nonfinite", ())) else "")
+                     + (f"; configs: {'; '.join(v['configs'])}" if v.get("configs") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -6,12 +6,16 @@ config both accumulate the same K steps in the same order as `_lora_gemm_kernel`
 equal bit for bit, and both sit above the GEMM SQNR floor against the plain-torch reference. What the
 interpreter cannot show (warp specialization, wgmma, the real TMA engine) is checked in the sm_90
 SASS of ahead-of-time builds: HGMMA / QGMMA, UTMALDG / UTMASTG, setmaxnreg, no spills, shared memory
-within the SM's 227 KB, for every config the tuner may pick.
+within the SM's 227 KB, for every config the tuner may pick; and in their TTGIR, that the two consumer
+warpgroups of a warp-specialized build index their pointer-loaded rows once (bench/NOTES.md, run 54).
+Reads past the scale tensors (none: indices are clamped as in `_lora_gemm_kernel`) are checked with
+NaN-poisoned neighbours under the interpreter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -85,6 +89,53 @@ def test_persistent_equals_the_fused_kernel_bit_for_bit(mode, m, tma) -> None:
         assert sqnr(got, want) > FLOOR
 
 
+def _poisoned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t`'s values in a view of a larger buffer whose other elements are NaN (0x7F, an E4M3 NaN, for FP8),
+    with `t`'s layout (row-major, or the M-contiguous transpose of 1x128 scales) and 16-byte aligned base
+    and row stride (what TMA needs): any read past `t`'s extent returns NaN. (The interpreter converts
+    E4M3 0x7F to 480, not NaN: under it only the scales', bias' and bf16 operands' poison shows.)"""
+    if t is None:
+        return None
+    fp8 = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) != 1:  # M-contiguous block scales
+        return _poisoned(t.t().contiguous()).t()
+    rows, cols = (1, t.shape[0]) if t.dim() == 1 else t.shape
+    buf = torch.empty((rows + 6, (cols + 32 + 15) // 16 * 16), dtype=t.dtype, device=t.device)
+    if fp8:
+        buf.view(torch.uint8).fill_(0x7F)
+    else:
+        buf.fill_(float("nan"))
+    view = buf[3:3 + rows, 16:16 + cols]
+    view.copy_(t.reshape(rows, cols))
+    return view[0] if t.dim() == 1 else view
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "qfp8"])
+def test_reads_nothing_past_its_operands_and_scales(mode) -> None:
+    """Every operand, scale and bias in a NaN-filled neighbourhood, shapes with M, N and K tails (K % 128
+    = 16 with BLOCK_K 128), the family's first sm_90 tile (the GPU's BLOCK sizes): a read past a tensor
+    (an unmasked scale load, a TMA box beyond its descriptor) would make the output non-finite, which the
+    interpreter's own allocations could otherwise hide."""
+    m, n, k, r = 70, 272, 400, 16
+    x, w, a, b, bias, go, wl = _case(m, n, k, r, RECIPES[mode][1], seed=5)
+    fwd, dgrad = _operands(mode, x, go, wl)
+    hidden = x @ a.bfloat16().t()
+    gh = go @ b.bfloat16()
+    family = {"bf16": "bf16", "fp8": "fp8", "qfp8": "fp8_block"}[mode]
+    config = configs.get_configs(persistent.FAMILIES[(fwd[2], fwd[5])], "sm_90")[0]
+    for (aa, a_s, a_mode, ww, w_s, w_mode, trans), n_out, h, up, bb in (
+            (fwd, n, hidden, b.bfloat16(), bias), (dgrad, k, gh, a.bfloat16().t(), None)):
+        want = lora_linear.launch_lora_gemm(aa, a_s, a_mode, ww, w_s, w_mode, trans, n_out, h, up, bb, 2.0,
+                                            family=family)
+        for tma in (True, False):
+            got = persistent.launch_persistent_gemm(
+                _poisoned(aa), _poisoned(a_s), a_mode, _poisoned(ww), _poisoned(w_s), w_mode, trans, n_out,
+                _poisoned(h), up, _poisoned(bb), 2.0, tma=tma, config=config)
+            assert torch.isfinite(got).all(), f"{mode} n_out={n_out} tma={tma}: a read past an operand"
+            # Interpreter: the same sums up to FP32 order (BLOCK_K 128 here, 64 there); GPU: the GEMM floor.
+            assert sqnr(got, want) > (90 if DEVICE == "cpu" else FLOOR)
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) -> None:
     """With `variants.PERSISTENT_SM90` on, the op's forward and dgrad run the persistent kernel (the
@@ -149,6 +200,51 @@ def test_tma_needs_aligned_row_strides() -> None:
 
 # ---------------------------------------------------------------------- SASS of sm_90 builds
 
+def _partitions(ttgir: str) -> dict[str, str]:
+    """The regions of a `ttg.warp_specialize` (default: the TMA producer; partition0, 1: the consumers),
+    by name, as TTGIR text."""
+    out, name, lines = {}, None, []
+    for line in ttgir.splitlines():
+        m = re.match(r"\s*(default|partition\d+)\s*[({]", line)
+        if m:
+            if name:
+                out[name] = "\n".join(lines)
+            name, lines = m.group(1), []
+        elif name:
+            lines.append(line)
+    if name:
+        out[name] = "\n".join(lines)
+    return out
+
+
+def _rebased_pointer_indices(ttgir: str) -> list[str]:
+    """Consumer values `%v = arith.addi %x, %cN_i32 : i32` (a tile coordinate rebased by a constant: what
+    Triton's data partitioning makes of a TMA coordinate for the second consumer warpgroup) that feed a
+    `tt.splat`, i.e. pointer indices built on the rebased coordinate. The partitioning also slices the
+    `tl.arange` those indices add, so such a use counts the half-tile offset twice (run 54's H200 bug)."""
+    bad = []
+    for name, text in _partitions(ttgir).items():
+        rebased = re.findall(r"(%[\w.]+) = arith\.addi %[\w.]+, %c\d+_i32[\w.]* (?:\{[^}]*\} )?: i32\s*(?:loc\(.*\))?$",
+                             text, re.M)
+        bad += [f"{name} splats {v}" for v in rebased if re.search(rf"tt\.splat {re.escape(v)}\b", text)]
+    return bad
+
+
+def test_rebased_pointer_indices_flags_a_splatted_rebased_coordinate() -> None:
+    """The TTGIR signature of run 54's bug (HEAD's partition1, abridged) is flagged; the fixed form, where
+    the rebased coordinate only feeds the TMA store and the rows come from pid_m, is not."""
+    head = """    partition1(%arg0: i32) num_warps(4) {
+      %offs_m = tt.make_range {end = 128 : i32, start = 64 : i32} : tensor<64xi32>
+        %off_m = arith.muli %121, %c128_i32_18 {async_task_id = array<i32: 2>} : i32
+        %123 = arith.addi %off_m, %c64_i32_16 {async_task_id = array<i32: 2>} : i32
+        %offs_m_29 = tt.splat %123 {async_task_id = array<i32: 2>} : i32 -> tensor<64xi32>
+        ttng.async_tma_copy_local_to_global %out_src_23[%123, %off_n] %131
+"""
+    fixed = head.replace("tt.splat %123", "tt.splat %offs_m_32")
+    assert _rebased_pointer_indices(head) == ["partition1 splats %123"]
+    assert _rebased_pointer_indices(fixed) == []
+
+
 def _requests(all_configs: bool):
     out = []
     for spec in catalog.persistent_specs():
@@ -174,13 +270,18 @@ def _check_sm90(requests) -> list[str]:
                 bad.append(f"{build.shared_bytes} B of shared memory")
             if c.kwargs["WARP_SPECIALIZE"] and not ops.get("USETMAXREG"):
                 bad.append("not warp-specialized (no setmaxnreg)")
+            if c.kwargs["WARP_SPECIALIZE"] and "partition1" not in _partitions(build.ttgir):
+                bad.append("no second consumer partition in the TTGIR")  # the check below would be vacuous
+            for use in _rebased_pointer_indices(build.ttgir):
+                bad.append(f"double-offset pointer rows: {use}")
         problems += [f"{what}: {p}" for p in bad]
     return problems
 
 
 def test_first_configs_build_for_sm90_with_wgmma_and_tma() -> None:
     """The first (default) config of each persistent variant: QGMMA / HGMMA, TMA loads and stores, warp
-    specialization where the config asks for it, no spills, shared memory that fits."""
+    specialization where the config asks for it, no spills, shared memory that fits, and no consumer
+    warpgroup indexing its scales from a rebased TMA coordinate (`_rebased_pointer_indices`)."""
     reqs = _requests(all_configs=False)
     assert len(reqs) == 6
     assert _check_sm90(reqs) == []

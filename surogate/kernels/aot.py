@@ -68,6 +68,7 @@ class Build:
     local_memory_ops: int = 0  # STL + LDL instructions: spills (or local arrays)
     shared_bytes: int = 0
     sass: str = field(default="", repr=False)  # the disassembly, to look into a failure
+    ttgir: str = field(default="", repr=False)  # Triton's GPU IR (warp-specialized partitions: tests read it)
 
     @property
     def ok(self) -> bool:
@@ -273,6 +274,7 @@ def build_in_process(request: BuildRequest) -> Build:
         registers=usage.get("REG", 0), stack_bytes=usage.get("STACK", 0),
         local_memory_ops=opcodes.get("STL", 0) + opcodes.get("LDL", 0),
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0), sass=sass,
+        ttgir=compiled.asm.get("ttgir", ""),
     )
 
 

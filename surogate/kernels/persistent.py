@@ -19,6 +19,9 @@ how the work is scheduled, after Triton's tutorial 09 ("persistent matmul"):
   descriptors: with host-side `TensorDescriptor`s the split fails to compile (3.9: the consumers'
   half-tile loads no longer match the host block shape; 3.6: the descriptor store). Hence the
   device-side descriptors, and `compat.ensure_tma_allocator()` for the scratch they are written to.
+  What is read by pointer (the FP8 scales, the bias) is indexed from pid_m / pid_n, not from the TMA
+  coordinates: the split rebases those for the second consumer and would offset such indices twice
+  (see the tile loop; run 54's wrong FP8 numbers).
 
 The activation arrives already quantized by its producer (`quantize_fp8_rowwise` /
 `quantize_fp8_block`, or the FX producer pass's fused RMSNorm / SwiGLU); `H = lora_hidden` (M, r)
@@ -114,14 +117,24 @@ def _persistent_lora_gemm_kernel(
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
                             warp_specialize=WARP_SPECIALIZE and TMA):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
+        off_m = pid_m * BLOCK_M  # TMA coordinates of the tile
         off_n = pid_n * BLOCK_N
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
+        # Indices of what is read by pointer (row / channel / block scales, bias, the pointer path): from
+        # pid_m / pid_n in int64, never from the TMA coordinates off_m / off_n. Root cause (H200, run 54): on
+        # sm_90 the warp-specialized build splits BLOCK_M between two consumer warpgroups, and Triton's data
+        # partitioning (3.6 and 3.9) rebases the descriptor coordinate off_m by BLOCK_M / 2 for the second one
+        # *and* maps every use of that same value to the rebased one, while it also slices the arange to
+        # [BLOCK_M / 2, BLOCK_M): `off_m + tl.arange(0, BLOCK_M)` became off_m + BLOCK_M / 2 + [BLOCK_M / 2,
+        # BLOCK_M) there, so the second half of every tile took the scales of the rows BLOCK_M / 2 further on
+        # (the next tile's, or row 0 past M): fp8 22-23 dB. A base that is not a descriptor coordinate is not
+        # remapped (tests/test_kernels_persistent.py checks the sm_90 TTGIR for it).
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        rows_m = tl.where(mask_m, offs_m, 0).to(tl.int64)
+        rows_m = tl.where(mask_m, offs_m, 0)
         cols_n = tl.where(mask_n, offs_n, 0)
+        col0 = pid_n.to(tl.int64) * BLOCK_N  # = off_n for the block scales, never a rebased coordinate
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in tl.range(k_tiles, loop_unroll_factor=K_UNROLL):
@@ -135,7 +148,7 @@ def _persistent_lora_gemm_kernel(
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             if A_MODE == 2:  # block-scaled FP8: each 128-deep product promoted with both block scales
-                acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, off_n, stride_asm,
+                acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, col0, stride_asm,
                                       stride_ask, stride_ws0, stride_ws1, BLOCK_N, False)
             else:
                 acc = tl.dot(a, w, acc)

@@ -213,6 +213,11 @@ class Tuner:
         self._write(path, text, {"config": _describe(best), "ms": best_ms})
         return best
 
+    def picks(self) -> dict[tuple, triton.Config]:
+        """The configs chosen so far in this process, by key (kernel name, family, arch, modes, N, K, M bucket,
+        dtypes, source hash): what a GPU test or benchmark names when a kernel's numbers are wrong."""
+        return dict(self._memory)
+
     def clear_memory(self) -> None:
         """Forget the in-memory picks (the file stays): the next launches read the disk."""
         self._memory.clear()
