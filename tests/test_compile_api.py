@@ -235,7 +235,7 @@ def test_whole_model_capture_without_regions():
     assert torch.isfinite(loss) and len(model.surogate_report.rewritten) == 14  # 7 per layer, both layers
 
 
-def test_compile_tags_the_torch_compile_cache_with_surogates_sources(monkeypatch):
+def test_compile_tags_the_torch_compile_cache_with_surogates_sources():
     """Inductor's FX-graph cache does not hash a custom op's fake or kernels: the key carries surogate's
     source hash, beside a tag the user set."""
     import torch
@@ -243,11 +243,13 @@ def test_compile_tags_the_torch_compile_cache_with_surogates_sources(monkeypatch
     from surogate.cache import source_tag
     from surogate.compat import tag_compile_cache
 
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    assert tag_compile_cache(source_tag())
-    assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
-    tag_compile_cache(source_tag())  # idempotent
-    assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
+    # config.patch, not monkeypatch: pytest 9.2's undo deletes an attribute a config module serves through
+    # __getattr__, which breaks torch.compiler.config for every later test of the process.
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert tag_compile_cache(source_tag())
+        assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
+        tag_compile_cache(source_tag())  # idempotent
+        assert torch.compiler.config.cache_key_tag == f"mine+{source_tag()}"
     assert source_tag().startswith("surogate-") and len(source_tag()) == len("surogate-") + 12
 
 
@@ -262,12 +264,12 @@ def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
     from surogate.recipes import get
 
     seen = []
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
     monkeypatch.setattr(inductor_compile_fx, "compile_fx",
                         lambda gm, inputs: seen.append(torch.compiler.config.cache_key_tag) or gm)
-    for recompute in (False, True, False):
-        backend = make_backend(get("bf16"), "sm_90", CompileReport(recipe="bf16", arch="sm_90", backend="x"),
-                               {"horizontal": True, "producer": True, "recompute_producers": recompute})
-        backend(torch.fx.symbolic_trace(lambda x: x * 2), [torch.ones(2)])
-        assert torch.compiler.config.cache_key_tag == "mine"
+    with torch.compiler.config.patch(cache_key_tag="mine"):  # not monkeypatch: see the test above
+        for recompute in (False, True, False):
+            backend = make_backend(get("bf16"), "sm_90", CompileReport(recipe="bf16", arch="sm_90", backend="x"),
+                                   {"horizontal": True, "producer": True, "recompute_producers": recompute})
+            backend(torch.fx.symbolic_trace(lambda x: x * 2), [torch.ones(2)])
+            assert torch.compiler.config.cache_key_tag == "mine"
     assert seen[0] == seen[2] != seen[1] and all(t.startswith("mine+surogate-options-") for t in seen)
