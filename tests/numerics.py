@@ -27,3 +27,19 @@ def odd_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
         x2[2, -1] = float("nan")
         x2[3, 0] = float("inf")
     return x.bfloat16()
+
+
+def lora_gemm_case(m: int, n: int, k: int, r: int, fmt: str, seed: int, device: str):
+    """(x, w, lora_a, lora_b, bias, grad_output, w quantized to `fmt`): one LoRA linear's operands at unit
+    scale (w and lora_a scaled by 1/sqrt(k)), drawn on the CPU from `seed`, then moved to `device`."""
+    from surogate.kernels.quantize import quantize_weight
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    b = torch.randn(n, r, generator=g) * 0.2
+    bias = torch.randn(n, generator=g).bfloat16()
+    go = torch.randn(m, n, generator=g).bfloat16()
+    x, w, a, b, bias, go = (t.to(device) for t in (x, w, a, b, bias, go))
+    return x, w, a, b, bias, go, quantize_weight(w, fmt)

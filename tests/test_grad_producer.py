@@ -16,16 +16,15 @@ from unittest import mock
 
 import pytest
 import torch
-import transformers as T
 from bench_module import load_bench
 from bit_compare import bits
 from numerics import odd_values
+from tiny_qwen3 import cpu_lora_qwen3
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import surogate
 from surogate import ops
 from surogate.compat import compiling
-from surogate.compiler import _attach_lora
 from surogate.kernels import launch
 from surogate.kernels import reference as ref
 from surogate.kernels.variants import Gemm, Quantizer, variant
@@ -238,11 +237,7 @@ def _qwen3(recipe: str, grad_producer: bool):
         return lambda gm, inputs: aot_module_simplified(
             gm, inputs, fw_compiler=lambda fw, _: fw, bw_compiler=lambda bw, _: backward_graphs.append(bw) or bw)
 
-    torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64)
-    model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
-                         {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    model = cpu_lora_qwen3()
     compiled = surogate.compile(model, recipe=recipe, arch="cpu", grad_producer=grad_producer)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with mock.patch.object(torch._dynamo, "lookup_backend", recording):

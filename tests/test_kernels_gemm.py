@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import lora_gemm_case
 
 from surogate.kernels import configs, launch, variants
 from surogate.kernels import reference as ref
@@ -30,16 +31,7 @@ NVFP4_SR_FLOOR = 12.0  # NVFP4 dgrad: stochastic rounding from another RNG than 
 
 
 def _case(m: int, n: int, k: int, r: int, fmt: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = torch.randn(n, r, generator=g) * 0.2
-    bias = torch.randn(n, generator=g).bfloat16()
-    go = torch.randn(m, n, generator=g).bfloat16()
-    to = lambda t: t.to(DEVICE)  # noqa: E731
-    x, w, a, b, bias, go = map(to, (x, w, a, b, bias, go))
-    return x, w, a, b, bias, go, quantize_weight(w, fmt)
+    return lora_gemm_case(m, n, k, r, fmt, seed, DEVICE)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")

@@ -20,12 +20,12 @@ import re
 import pytest
 import torch
 
-from numerics import sqnr
+from numerics import lora_gemm_case, sqnr
 from surogate.kernels import catalog, configs, launch, lora_linear, persistent, variants
 from surogate.kernels import reference as ref
 from surogate.kernels.aot import build_many
 from surogate.kernels.plan import plan
-from surogate.kernels.quantize import quantize_fp8_block, quantize_fp8_rowwise, quantize_weight
+from surogate.kernels.quantize import quantize_fp8_block, quantize_fp8_rowwise
 from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, W_BF16, W_FP8_BLOCK, W_FP8_ROW
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,15 +35,7 @@ RECIPES = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8_row"), "qfp8": ("fp8", 
 
 
 def _case(m: int, n: int, k: int, r: int, fmt: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = torch.randn(n, r, generator=g) * 0.2
-    bias = torch.randn(n, generator=g).bfloat16()
-    go = torch.randn(m, n, generator=g).bfloat16()
-    x, w, a, b, bias, go = (t.to(DEVICE) for t in (x, w, a, b, bias, go))
-    return x, w, a, b, bias, go, quantize_weight(w, fmt)
+    return lora_gemm_case(m, n, k, r, fmt, seed, DEVICE)
 
 
 def _operands(mode: str, x, go, wl):

@@ -12,9 +12,9 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers as T
 from bit_compare import bits
 from numerics import odd_values
+from tiny_qwen3 import cpu_lora_qwen3
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -22,7 +22,6 @@ from toy_layers import rms_norm
 
 import surogate
 from surogate import ops
-from surogate.compiler import _attach_lora
 from surogate.kernels import reference as ref
 from surogate.ops.modules import SurogateLinear
 from surogate.passes import PIPELINE, PassContext, nodes, producer, run_pipeline
@@ -283,11 +282,7 @@ def test_input_kind():
 # --- a compiled tiny Qwen3 ------------------------------------------------------------------------------
 
 def _qwen3(recipe: str, producer_on: bool):
-    torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64)
-    model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
-                         {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    model = cpu_lora_qwen3()
     compiled = surogate.compile(model, recipe=recipe, arch="cpu", producer=producer_on)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     loss = compiled(input_ids=ids, labels=ids).loss

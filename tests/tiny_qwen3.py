@@ -51,3 +51,17 @@ def assert_same_lora(model: nn.Module, reference: nn.Module, min_cosine: float =
         if p.requires_grad:
             cos = torch.nn.functional.cosine_similarity(p.flatten().float(), ref[n].flatten().float(), dim=0)
             assert cos > min_cosine, (n, cos.item())
+
+
+def cpu_lora_qwen3() -> nn.Module:
+    """2 layers of hidden 64 in bf16 on the CPU, LoRA r=8 on the 7 projections with B non-zero: the compiled
+    model the producer and grad-producer CPU tests compare with an option on and off."""
+    import transformers as T
+
+    from surogate.compiler import _attach_lora
+
+    torch.manual_seed(0)
+    cfg = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64)
+    return _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
+                        {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
