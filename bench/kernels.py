@@ -211,9 +211,10 @@ PERSISTENT_VALIDATE = ((1008, 1024, 2048), (1008, 1008, 1040))
 
 @contextlib.contextmanager
 def engine(name: str):
-    """Route the op's GEMMs as `name` says: "current" (today's routes: cuBLAS + LoRA addmm for bf16 with
-    K >= 4096 and for qfp8, the Triton kernel for fp8), "triton" (`_lora_gemm_kernel` everywhere),
-    "persistent" (`variants.PERSISTENT_SM90`)."""
+    """Route the op's GEMMs as `name` says: "current" (the routes without the persistent kernel: cuBLAS + LoRA
+    addmm for bf16 with K >= 4096 and for qfp8, the Triton kernel for fp8), "triton" (`_lora_gemm_kernel`
+    everywhere), "persistent" (the persistent kernel for every variant it runs, `variants.PERSISTENT_SM90 =
+    True`; the default routes it for bf16 and fp8 only)."""
     before = variants.PERSISTENT_SM90, configs.FORCE_TRITON_GEMMS
     variants.PERSISTENT_SM90 = name == "persistent"
     configs.FORCE_TRITON_GEMMS = name == "triton"

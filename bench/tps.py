@@ -150,13 +150,15 @@ def _host_model(config):
 # quantize into the kernel producing the gradient (grad_producer=True, off by default; "+nogradproducer" off), "+cpuload"
 # builds the model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the
 # way (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run; without it
-# peak_gib includes the bf16 build, train_peak_gib does not).
+# peak_gib includes the bf16 build, train_peak_gib does not), "+nopersistent" keeps the sm_90 GEMMs off the persistent
+# TMA kernel (variants.PERSISTENT_SM90 = False: the routes before it), "+persistent" sends every variant it runs to it.
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
                     "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False},
-                    "gradproducer": {"grad_producer": True}, "nogradproducer": {"grad_producer": False}}
-DRIVER_OPTIONS = ("cuda_graphs", "cpu_load")  # read by build() / the worker, not surogate.compile options
+                    "gradproducer": {"grad_producer": True}, "nogradproducer": {"grad_producer": False},
+                    "persistent": {"persistent_sm90": True}, "nopersistent": {"persistent_sm90": False}}
+DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90")  # read by build() / the worker, not compile options
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -204,6 +206,10 @@ def build(size: str, system: str):
         import surogate
 
         recipe, options = surogate_system(system)
+        if "persistent_sm90" in options:  # this worker process only
+            from surogate.kernels import variants
+
+            variants.PERSISTENT_SM90 = options["persistent_sm90"]
         for option in DRIVER_OPTIONS:
             options.pop(option, None)
         # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.

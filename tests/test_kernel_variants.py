@@ -86,9 +86,11 @@ def test_every_table_entry_is_reached_or_named() -> None:
 def test_route_rules() -> None:
     v = variants.variant("output", "bf16", "nf4")
     assert variants.route(v, "sm_90", 64, 4096, 4096).variant is v  # fused in-register dequantization
-    big = variants.route(v, "sm_90", 4096, 4096, 4096)
+    big = variants.route(v, "sm_89", 4096, 4096, 4096)
     assert big.scratch and big.engine is variants.Engine.CUBLAS and big.variant.kernel == "lora_linear_bf16"
-    assert variants.route(v, "sm_90", 4096, 4096, 1024).engine is variants.Engine.TRITON  # short reduction
+    assert variants.route(v, "sm_89", 4096, 4096, 1024).engine is variants.Engine.TRITON  # short reduction
+    # sm_90: the bf16 route of the scratch is the persistent kernel (variants.PERSISTENT_SM90).
+    assert variants.route(v, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT
     q = variants.variant("output", "fp8", "fp8_block")
     assert variants.route(q, "sm_90", 4096, 4096, 4096).engine is variants.Engine.CUBLAS
     assert variants.route(q, "sm_90", 4095, 4096, 4096).engine is variants.Engine.TRITON  # M % 4

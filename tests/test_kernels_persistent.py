@@ -130,8 +130,8 @@ def test_reads_nothing_past_its_operands_and_scales(mode) -> None:
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) -> None:
-    """With `variants.PERSISTENT_SM90` on, the op's forward and dgrad run the persistent kernel (the
-    launcher's trace says so) and match the reference; off, nothing routes to it."""
+    """With `variants.PERSISTENT_SM90` True, the op's forward and dgrad run the persistent kernel (the
+    launcher's trace says so) and match the reference; by default, at these few rows, nothing routes to it."""
     compute, fmt = RECIPES[recipe]
     x, w, a, b, bias, go, wl = _case(37, 96, 256, 16, fmt, seed=7)
     with variants.trace() as off:
@@ -152,21 +152,35 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
         assert torch.equal(y, y_off) and torch.equal(gi, gi_off)
 
 
-def test_route_takes_the_persistent_kernel_only_when_switched_on_on_sm90(monkeypatch) -> None:
+def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_measured_rows(monkeypatch) -> None:
+    """The default (PERSISTENT_SM90 a set): bf16 and row-scaled fp8, forward and dgrad, from PERSISTENT_MIN_ROWS
+    rows, where TMA can read the operands; block-scaled FP8 keeps cuBLASLt (it lost there on the H200);
+    True sends every persistent variant at any row count, False none."""
+    rows = variants.PERSISTENT_MIN_ROWS
     fp8 = variants.variant("output", "fp8", "fp8_row")
-    nf4 = variants.variant("output", "bf16", "nf4")
-    assert not variants.PERSISTENT_SM90  # off until the H200 measurement says where it wins
-    assert variants.route(fp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.TRITON
-    assert "persistent" not in str(plan("fp8", "sm_90"))
-    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
-    assert variants.route(fp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT
-    assert variants.route(fp8, "sm_100", 4096, 4096, 4096).engine is variants.Engine.TRITON
-    assert variants.route(fp8, "sm_90", 4096, 4096, 4100).engine is variants.Engine.TRITON  # K % 16: no TMA
-    assert variants.route(fp8, "sm_90", 4096, 4100, 4096).engine is variants.Engine.TRITON  # N % 8
-    assert variants.route(nf4, "sm_90", 64, 4096, 4096).engine is variants.Engine.TRITON  # no persistent variant
+    bf16_dgrad = variants.variant("grad_input", "bf16", "bf16")
     qfp8 = variants.variant("grad_input", "fp8", "fp8_block")
-    assert variants.route(qfp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT  # ahead of cuBLAS
-    assert "the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
+    nf4 = variants.variant("output", "bf16", "nf4")
+    persistent_engine, triton_engine = variants.Engine.PERSISTENT, variants.Engine.TRITON
+    assert variants.route(fp8, "sm_90", rows, 4096, 4096).engine is persistent_engine
+    assert variants.route(bf16_dgrad, "sm_90", rows, 4096, 4096).engine is persistent_engine  # ahead of cuBLAS
+    assert variants.route(fp8, "sm_90", rows - 1, 4096, 4096).engine is triton_engine
+    assert variants.route(bf16_dgrad, "sm_90", rows - 1, 4096, 4096).engine is variants.Engine.CUBLAS
+    assert variants.route(fp8, "sm_100", rows, 4096, 4096).engine is triton_engine
+    assert variants.route(fp8, "sm_90", rows, 4096, 4100).engine is triton_engine  # K % 16: no TMA
+    assert variants.route(fp8, "sm_90", rows, 4100, 4096).engine is triton_engine  # N % 8
+    assert variants.route(qfp8, "sm_90", rows, 4096, 4096).engine is variants.Engine.CUBLAS
+    # qnf4 at these rows dequantizes into a bf16 scratch and runs the bf16 route: the persistent kernel.
+    scratch = variants.route(nf4, "sm_90", rows, 4096, 4096)
+    assert scratch.scratch and scratch.engine is persistent_engine
+    assert f"M >= {rows}: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
+    assert "persistent" not in str(plan("qfp8", "sm_90")) and "persistent" not in str(plan("fp8", "sm_89"))
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    assert variants.route(qfp8, "sm_90", 16, 4096, 4096).engine is persistent_engine  # every row count
+    assert variants.route(nf4, "sm_90", 64, 4096, 4096).engine is triton_engine  # no persistent variant
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", False)
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096).engine is triton_engine
+    assert "persistent" not in str(plan("fp8", "sm_90"))
     assert {v.kernel for v in variants.VARIANTS if v.persistent} == {
         "lora_linear_bf16", "lora_linear_fp8", "lora_linear_fp8_block", "grad_input_bf16", "grad_input_fp8",
         "grad_input_fp8_block"}

@@ -137,7 +137,7 @@ def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
     first (2 stages: 3 do not fit once specialized); K step 64 (128 bytes: one TMA swizzle row). Flatten
     only unspecialized: with warp specialization it neither specializes nor fits in registers."""
     arch = _persistent_archs(arch)
-    cands = [_pcfg(128, 256, 64, True, 2), _pcfg(128, 256, 64, False, 3), _pcfg(128, 128, 64, True, 4),
+    cands = [_pcfg(128, 256, 64, True, 2), _pcfg(128, 256, 64, False, 3),
              _pcfg(128, 128, 64, False, 4), _pcfg(256, 128, 64, True, 2),
              _pcfg(128, 256, 64, False, 3, flatten=True)]
     return [c for c in cands if _fits_persistent(c, 2, arch)]
@@ -146,7 +146,7 @@ def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
 def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
     """Persistent FP8 with row / channel scales: K step 128 (128 bytes), scales in the epilogue."""
     arch = _persistent_archs(arch)
-    cands = [_pcfg(128, 256, 128, True, 2), _pcfg(128, 256, 128, False, 3), _pcfg(128, 128, 128, True, 4),
+    cands = [_pcfg(128, 256, 128, True, 2), _pcfg(128, 256, 128, False, 3),
              _pcfg(128, 128, 128, False, 4), _pcfg(256, 128, 128, True, 2),
              _pcfg(128, 256, 128, False, 3, flatten=True)]
     return [c for c in cands if _fits_persistent(c, 1, arch)]
@@ -155,11 +155,22 @@ def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
 def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
     """Persistent block-scaled FP8: K step 128 (one scale block), each step's product scaled into the
     accumulator, so two accumulator tiles are live: warp specialization gives each consumer warpgroup half
-    of BLOCK_M (DeepGEMM's two math warpgroups), and the producer keeps the TMA loads ahead."""
+    of BLOCK_M (DeepGEMM's two math warpgroups), and the producer keeps the TMA loads ahead. But the only
+    specialized tiles that fit, 128x128 at 3 or 4 stages, compute wrong sums on the H200
+    (`persistent_probe_configs`), so none is specialized for now."""
     arch = _persistent_archs(arch)
-    cands = [_pcfg(128, 128, 128, True, 4), _pcfg(128, 128, 128, True, 3), _pcfg(128, 128, 128, False, 4),
-             _pcfg(64, 128, 128, False, 4, warps=4)]
+    cands = [_pcfg(128, 128, 128, False, 4), _pcfg(64, 128, 128, False, 4, warps=4)]
     return [c for c in cands if _fits_persistent(c, 1, arch)]
+
+
+def persistent_probe_configs(family: str) -> list[triton.Config]:
+    """Warp-specialized 128x128 configs kept out of the persistent families. At 4 and 3 stages they computed
+    wrong sums on the H200 (bench/NOTES.md run 55, Triton 3.6) in every family, bf16 included (so not the FP8
+    scales), with non-finite outputs spread over both consumer warpgroups' rows; the specialized 128x256 and
+    256x128 tiles at 2 stages were right. The 2-stage 128x128 build has not run there. tests/gpu/
+    test_persistent_gpu.py runs all three and prints their numbers, to admit any that comes out right."""
+    bk = 64 if family == "persistent_bf16" else 128
+    return [_pcfg(128, 128, bk, True, stages) for stages in (4, 3, 2)]
 
 
 def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:

@@ -79,11 +79,27 @@ BF16_CUBLAS_MIN_K = 4096
 # ~2% of the GEMM. Below it the GEMM is bound by reading the weight, and the packed one is 2-4x smaller.
 DEQUANT_SCRATCH_MIN_ROWS = 128
 
-# The switch of the persistent TMA kernel (kernels/persistent.py): True routes every sm_90 call of a
-# variant marked `persistent` (bf16, fp8 and fp8_block, forward and dgrad) to it, ahead of cuBLAS and of
-# `_lora_gemm_kernel`, wherever TMA can read the operands (`persistent_takes`). Off until the H200 run
-# of bench/kernels.py --persistent shows where it wins; `plan()` and the launcher both read it.
-PERSISTENT_SM90: bool = False
+# Where the persistent TMA kernel (kernels/persistent.py) runs on sm_90, ahead of cuBLAS and of
+# `_lora_gemm_kernel`, wherever TMA can read the operands (`persistent_takes`): a set of variant kernel names
+# (routed from PERSISTENT_MIN_ROWS rows), True (every `persistent` variant at any row count: tests,
+# benchmarks) or False (none). On the H200 (bench/results/kernels_persistent_h200.md, bench/NOTES.md runs
+# 54-55) it beat the current route at the 8B shapes for bf16 (cuBLAS + LoRA addmm, or `_lora_gemm_kernel`)
+# and row-scaled fp8 (`_lora_gemm_kernel`), forward and dgrad, and lost to cuBLASLt's block-scaled FP8
+# (qfp8), which keeps cuBLAS. `plan()` and the launcher both read it.
+PERSISTENT_SM90: "bool | frozenset[str]" = frozenset(
+    {"lora_linear_bf16", "grad_input_bf16", "lora_linear_fp8", "grad_input_fp8"})
+# Below this many rows the routed variants keep their current route: the persistent kernel's 128-row tiles
+# were measured from M = 1024 up only.
+PERSISTENT_MIN_ROWS = 1024
+
+
+def persistent_routed(v: "Variant", rows: int | None = None) -> bool:
+    """Whether PERSISTENT_SM90 routes `v` to the persistent kernel (at `rows` rows; None: at some row count)."""
+    if PERSISTENT_SM90 is True:
+        return v.persistent
+    return (bool(PERSISTENT_SM90) and v.persistent and v.kernel in PERSISTENT_SM90
+            and (rows is None or rows >= PERSISTENT_MIN_ROWS))
+
 
 # The tensors of each weight format's list, in order (docs/internals.md).
 WEIGHT_LISTS: dict[WeightFormat, tuple[str, ...]] = {
@@ -112,7 +128,7 @@ class Variant:
     trans_w: bool = False  # the kernel reads W transposed (dgrad through the (N, K) weight)
     cublas: CublasRule = CublasRule.NEVER
     scratch: bool = False  # dequantizing weight: at M >= DEQUANT_SCRATCH_MIN_ROWS dequantize once, run bf16
-    persistent: bool = False  # kernels/persistent.py runs it too (sm_90, behind PERSISTENT_SM90)
+    persistent: bool = False  # kernels/persistent.py can run it (sm_90; where: PERSISTENT_SM90)
     operands: str | None = None  # operand types in the SASS MMA mnemonic, e.g. "E4M3.E4M3"
     what: str = ""
 
@@ -144,8 +160,9 @@ class Variant:
                          f"(cuBLAS where the reduction is >= {BF16_CUBLAS_MIN_K})")
         if self.cublas is CublasRule.BF16_LONG_REDUCTION:
             parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
-        if self.persistent and PERSISTENT_SM90 and arch == "sm_90":
-            parts.append(f"the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
+        if persistent_routed(self) and arch == "sm_90":
+            rows = "" if PERSISTENT_SM90 is True else f"M >= {PERSISTENT_MIN_ROWS}: "
+            parts.append(f"{rows}the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
@@ -295,10 +312,10 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
 
 
 def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int) -> bool:
-    """Whether the persistent TMA kernel runs a call of `v` (PERSISTENT_SM90 on): sm_90, a `persistent`
-    variant, and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
+    """Whether the persistent TMA kernel runs a call of `v`: sm_90, a variant PERSISTENT_SM90 routes at these
+    rows, and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
     needs 8, 16 keeps one rule), the output's a multiple of 8 (16 bytes of bf16)."""
-    return (PERSISTENT_SM90 and v.persistent and arch == "sm_90" and rows > 0 and k_red % 16 == 0
+    return (arch == "sm_90" and rows > 0 and persistent_routed(v, rows) and k_red % 16 == 0
             and n_out % 8 == 0)
 
 
