@@ -133,3 +133,40 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
             failures.append(line)
     print(f"{recipe} {shape}:\n  " + "\n  ".join(lines))
     assert failures == [], "bad configs:\n  " + "\n  ".join(failures)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8", "qnf4"])
+def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(recipe, monkeypatch):
+    """The default routing (a set of variants, from PERSISTENT_MIN_ROWS rows) inside a compiled tiny Qwen3 at
+    2 x 1024 rows: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel, and the loss and the
+    LoRA gradients stay as close to eager PEFT as with the kernel switched off (the kernel's numerics in a
+    real graph: views, packed weights, the LoRA factors' dtypes, CUDA-graph-free here)."""
+    import copy
+
+    import surogate
+    from tiny_qwen3 import VOCAB, cuda_lora_qwen3
+
+    rows = 2 * 1024
+    assert rows >= variants.PERSISTENT_MIN_ROWS
+    ids = torch.randint(0, VOCAB, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    reference = cuda_lora_qwen3()
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    names = sorted(n for n, p in reference.named_parameters() if p.requires_grad)
+    g_ref = torch.cat([dict(reference.named_parameters())[n].grad.flatten().float() for n in names])
+    errors = {}
+    for setting in (variants.PERSISTENT_SM90, False):
+        monkeypatch.setattr(variants, "PERSISTENT_SM90", setting)
+        model = surogate.compile(copy.deepcopy(cuda_lora_qwen3()), recipe=recipe)
+        with variants.trace() as ran:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        engines = {r.engine for r in ran}
+        assert (variants.Engine.PERSISTENT in engines) == bool(setting), (setting, engines)
+        g = torch.cat([dict(model.named_parameters())[n].grad.flatten().float() for n in names])
+        errors[bool(setting)] = (abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+                                 ((g - g_ref).norm() / g_ref.norm()).item())
+    print(f"{recipe}: (loss, LoRA-gradient) relative error vs eager PEFT, persistent on {errors[True]}, "
+          f"off {errors[False]}")
+    (loss_on, grad_on), (loss_off, grad_off) = errors[True], errors[False]
+    assert loss_on <= max(2 * loss_off, 1e-3) and grad_on <= max(1.5 * grad_off, 0.02), errors
