@@ -153,27 +153,29 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
 
 
 def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_measured_rows(monkeypatch) -> None:
-    """The default (PERSISTENT_SM90 a set): bf16 and row-scaled fp8, forward and dgrad, from PERSISTENT_MIN_ROWS
-    rows, where TMA can read the operands; block-scaled FP8 keeps cuBLASLt (it lost there on the H200);
+    """The default (PERSISTENT_SM90 a mapping): row-scaled fp8 from 1024 rows and bf16 from 4096, forward and
+    dgrad, where TMA can read the operands; block-scaled FP8 keeps cuBLASLt (it lost there on the H200);
     True sends every persistent variant at any row count, False none."""
-    rows = variants.PERSISTENT_MIN_ROWS
     fp8 = variants.variant("output", "fp8", "fp8_row")
     bf16_dgrad = variants.variant("grad_input", "bf16", "bf16")
     qfp8 = variants.variant("grad_input", "fp8", "fp8_block")
     nf4 = variants.variant("output", "bf16", "nf4")
+    assert (variants.persistent_min_rows(fp8), variants.persistent_min_rows(bf16_dgrad)) == (1024, 4096)
+    assert variants.persistent_min_rows(qfp8) is None and variants.persistent_min_rows(nf4) is None
     persistent_engine, triton_engine = variants.Engine.PERSISTENT, variants.Engine.TRITON
-    assert variants.route(fp8, "sm_90", rows, 4096, 4096).engine is persistent_engine
-    assert variants.route(bf16_dgrad, "sm_90", rows, 4096, 4096).engine is persistent_engine  # ahead of cuBLAS
-    assert variants.route(fp8, "sm_90", rows - 1, 4096, 4096).engine is triton_engine
-    assert variants.route(bf16_dgrad, "sm_90", rows - 1, 4096, 4096).engine is variants.Engine.CUBLAS
-    assert variants.route(fp8, "sm_100", rows, 4096, 4096).engine is triton_engine
-    assert variants.route(fp8, "sm_90", rows, 4096, 4100).engine is triton_engine  # K % 16: no TMA
-    assert variants.route(fp8, "sm_90", rows, 4100, 4096).engine is triton_engine  # N % 8
-    assert variants.route(qfp8, "sm_90", rows, 4096, 4096).engine is variants.Engine.CUBLAS
-    # qnf4 at these rows dequantizes into a bf16 scratch and runs the bf16 route: the persistent kernel.
-    scratch = variants.route(nf4, "sm_90", rows, 4096, 4096)
+    assert variants.route(fp8, "sm_90", 1024, 4096, 4096).engine is persistent_engine
+    assert variants.route(fp8, "sm_90", 1023, 4096, 4096).engine is triton_engine
+    assert variants.route(bf16_dgrad, "sm_90", 4096, 4096, 4096).engine is persistent_engine  # ahead of cuBLAS
+    assert variants.route(bf16_dgrad, "sm_90", 4095, 4096, 4096).engine is variants.Engine.CUBLAS
+    assert variants.route(fp8, "sm_100", 4096, 4096, 4096).engine is triton_engine
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4100).engine is triton_engine  # K % 16: no TMA
+    assert variants.route(fp8, "sm_90", 4096, 4100, 4096).engine is triton_engine  # N % 8
+    assert variants.route(qfp8, "sm_90", 4096, 4096, 4096).engine is variants.Engine.CUBLAS
+    # qnf4 dequantizes into a bf16 scratch from 128 rows and runs the bf16 route: from 4096 rows the persistent kernel.
+    scratch = variants.route(nf4, "sm_90", 4096, 4096, 4096)
     assert scratch.scratch and scratch.engine is persistent_engine
-    assert f"M >= {rows}: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
+    assert "M >= 1024: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
+    assert "M >= 4096: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(plan("bf16", "sm_90"))
     assert "persistent" not in str(plan("qfp8", "sm_90")) and "persistent" not in str(plan("fp8", "sm_89"))
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
     assert variants.route(qfp8, "sm_90", 16, 4096, 4096).engine is persistent_engine  # every row count

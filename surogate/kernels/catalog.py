@@ -242,8 +242,9 @@ def persistent_specs() -> tuple[KernelSpec, ...]:
     named `Variant.persistent_kernel`, built for sm_90 (its only arch, configs._persistent_archs) with its
     family's first config and TMA on.
 
-    Not in `specs()` while `variants.PERSISTENT_SM90` is off: no plan names these kernels yet, so `surogate
-    info` would list kernels nothing runs. tests/test_kernels_persistent.py builds them (every config).
+    Not in `specs()`: a plan names a GEMM's variant kernel and says in its rule where the persistent kernel
+    takes over (`variants.PERSISTENT_SM90`: a row count), so these are a second build of the same variants.
+    tests/test_kernels_persistent.py builds them (every config) and checks their SASS.
     """
     from surogate.kernels import persistent as P
     from surogate.kernels import variants as V

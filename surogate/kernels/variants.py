@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from surogate.recipes.recipe import Compute, WeightFormat
 
@@ -80,25 +81,22 @@ BF16_CUBLAS_MIN_K = 4096
 DEQUANT_SCRATCH_MIN_ROWS = 128
 
 # Where the persistent TMA kernel (kernels/persistent.py) runs on sm_90, ahead of cuBLAS and of
-# `_lora_gemm_kernel`, wherever TMA can read the operands (`persistent_takes`): a set of variant kernel names
-# (routed from PERSISTENT_MIN_ROWS rows), True (every `persistent` variant at any row count: tests,
-# benchmarks) or False (none). On the H200 (bench/results/kernels_persistent_h200.md, bench/NOTES.md runs
-# 54-55) it beat the current route at the 8B shapes for bf16 (cuBLAS + LoRA addmm, or `_lora_gemm_kernel`)
-# and row-scaled fp8 (`_lora_gemm_kernel`), forward and dgrad, and lost to cuBLASLt's block-scaled FP8
-# (qfp8), which keeps cuBLAS. `plan()` and the launcher both read it.
-PERSISTENT_SM90: "bool | frozenset[str]" = frozenset(
-    {"lora_linear_bf16", "grad_input_bf16", "lora_linear_fp8", "grad_input_fp8"})
-# Below this many rows the routed variants keep their current route: the persistent kernel's 128-row tiles
-# were measured from M = 1024 up only.
-PERSISTENT_MIN_ROWS = 1024
+# `_lora_gemm_kernel`, wherever TMA can read the operands (`persistent_takes`): a mapping from variant kernel
+# name to the fewest rows it is routed at, True (every `persistent` variant at any row count: tests,
+# benchmarks) or False (none). Measured on the H200 at the 8B shapes (bench/results/kernels_persistent_h200.md,
+# bench/NOTES.md runs 54-56): row-scaled fp8 beat `_lora_gemm_kernel` from M = 1024 (the whole op 5-25%
+# faster, forward and dgrad; only the small kv forward lost at 1024); bf16 beat cuBLAS + LoRA addmm from
+# M = 4096 (2-10%) but mostly lost at 1024, where its 128-row tiles leave SMs idle; block-scaled FP8 (qfp8)
+# lost to cuBLASLt everywhere and keeps it. `plan()` and the launcher both read it.
+PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
+    {"lora_linear_fp8": 1024, "grad_input_fp8": 1024, "lora_linear_bf16": 4096, "grad_input_bf16": 4096})
 
 
-def persistent_routed(v: "Variant", rows: int | None = None) -> bool:
-    """Whether PERSISTENT_SM90 routes `v` to the persistent kernel (at `rows` rows; None: at some row count)."""
-    if PERSISTENT_SM90 is True:
-        return v.persistent
-    return (bool(PERSISTENT_SM90) and v.persistent and v.kernel in PERSISTENT_SM90
-            and (rows is None or rows >= PERSISTENT_MIN_ROWS))
+def persistent_min_rows(v: "Variant") -> int | None:
+    """The fewest rows at which PERSISTENT_SM90 routes `v` to the persistent kernel; None: never."""
+    if not v.persistent or PERSISTENT_SM90 is False:
+        return None
+    return 1 if PERSISTENT_SM90 is True else PERSISTENT_SM90.get(v.kernel)
 
 
 # The tensors of each weight format's list, in order (docs/internals.md).
@@ -160,9 +158,9 @@ class Variant:
                          f"(cuBLAS where the reduction is >= {BF16_CUBLAS_MIN_K})")
         if self.cublas is CublasRule.BF16_LONG_REDUCTION:
             parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
-        if persistent_routed(self) and arch == "sm_90":
-            rows = "" if PERSISTENT_SM90 is True else f"M >= {PERSISTENT_MIN_ROWS}: "
-            parts.append(f"{rows}the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
+        rows = persistent_min_rows(self)
+        if rows is not None and arch == "sm_90":
+            parts.append(f"M >= {rows}: the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
@@ -313,9 +311,10 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
 
 def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int) -> bool:
     """Whether the persistent TMA kernel runs a call of `v`: sm_90, a variant PERSISTENT_SM90 routes at these
-    rows, and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
+    rows (`persistent_min_rows`), and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
     needs 8, 16 keeps one rule), the output's a multiple of 8 (16 bytes of bf16)."""
-    return (arch == "sm_90" and rows > 0 and persistent_routed(v, rows) and k_red % 16 == 0
+    min_rows = persistent_min_rows(v)
+    return (arch == "sm_90" and min_rows is not None and rows >= max(min_rows, 1) and k_red % 16 == 0
             and n_out % 8 == 0)
 
 

@@ -137,8 +137,8 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["bf16", "fp8", "qnf4"])
 def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(recipe, monkeypatch):
-    """The default routing (a set of variants, from PERSISTENT_MIN_ROWS rows) inside a compiled tiny Qwen3 at
-    2 x 1024 rows: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel, and the loss and the
+    """The default routing (`variants.PERSISTENT_SM90`, by rows) inside a compiled tiny Qwen3 at 2 x 2048 rows,
+    enough for every routed variant: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel, and the loss and the
     LoRA gradients stay as close to eager PEFT as with the kernel switched off (the kernel's numerics in a
     real graph: views, packed weights, the LoRA factors' dtypes, CUDA-graph-free here)."""
     import copy
@@ -146,9 +146,9 @@ def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(rec
     import surogate
     from tiny_qwen3 import VOCAB, cuda_lora_qwen3
 
-    rows = 2 * 1024
-    assert rows >= variants.PERSISTENT_MIN_ROWS
-    ids = torch.randint(0, VOCAB, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    rows = 2 * 2048
+    assert rows >= max(variants.PERSISTENT_SM90.values())
+    ids = torch.randint(0, VOCAB, (2, rows // 2), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     reference = cuda_lora_qwen3()
     ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
