@@ -561,7 +561,8 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
 
 _REGION_IDS = itertools.count()
 # Decoder-layer keyword arguments that carry a KV cache: a checkpoint replay would update it twice.
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# transformers 5.x names it `past_key_values` (5.17) or `cache` (5.24); older models `layer_past`.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
 def _fresh_function(fn: types.FunctionType) -> types.FunctionType:

@@ -281,3 +281,23 @@ def test_whole_backbone_partial_checkpoint(monkeypatch):
     assert 0.3 < (kept_part - kept_ckpt) / (kept_plain - kept_ckpt) < 0.37, (kept_ckpt, kept_part, kept_plain)
     assert len(part.surogate_report.rewritten) == 7 * PARTIAL_LAYERS  # inside the regions and out
     assert frames_part == 1
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "past_key_value", "cache", "layer_past"])
+def test_a_block_given_a_kv_cache_runs_without_checkpointing(name):
+    """A checkpoint would replay the block in the backward and update its KV cache a second time, so a call
+    that passes one (under any of the names transformers has used: `cache` since 5.2x) runs the block plainly."""
+    from surogate.compiler import _checkpointed
+
+    calls = []
+
+    def block(x, **kwargs):
+        calls.append(kwargs.get(name))
+        return x * x  # saves x, so a checkpoint recomputes the block in the backward
+
+    x = torch.ones(3, requires_grad=True)
+    _checkpointed(block)(x, **{name: object()}).sum().backward()
+    assert len(calls) == 1  # no recompute in the backward
+    calls.clear()
+    _checkpointed(block)(x, **{name: None}).sum().backward()
+    assert len(calls) == 2  # checkpointed: forward, then the recompute
