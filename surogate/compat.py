@@ -37,6 +37,26 @@ def block_scaled_mm():
     return scaled_mm, ScalingType
 
 
+# Triton (major, minor) versions whose warp-specialized sm_90 builds of the persistent kernel were run and
+# found right on a GPU (tests/gpu/test_persistent_gpu.py on the H200, bench/NOTES.md run 56: Triton 3.6.0).
+WARP_SPECIALIZE_CHECKED_TRITON: tuple[tuple[int, int], ...] = ((3, 6),)
+
+
+@functools.cache
+def warp_specialize_checked() -> bool:
+    """Whether this Triton's warp-specialized Hopper builds were checked right on a GPU.
+
+    Root cause: Triton's automatic warp specialization on sm_90 is young. With 3.6 the specialized 128x128
+    tile built cleanly (wgmma, TMA, setmaxnreg) yet computed wrong sums on the H200 (run 55), so a clean
+    build proves nothing: a Triton whose specialized builds never ran on a GPU gets the persistent kernel's
+    unspecialized configs only (kernels/configs.py), which at the 8B shapes are the ones the tuner picked.
+    """
+    import triton
+
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) in WARP_SPECIALIZE_CHECKED_TRITON
+
+
 def ensure_tma_allocator() -> None:
     """Give Triton an allocator for the global scratch of device-side TMA descriptors, where none is set.
 

@@ -188,6 +188,29 @@ def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_meas
         "grad_input_fp8_block"}
 
 
+def test_warp_specialized_configs_only_on_a_triton_whose_specialized_builds_ran_right_on_a_gpu(monkeypatch) -> None:
+    """A clean specialized build proved nothing on the H200 (run 55), so the families offer warp-specialized
+    configs only on the Tritons listed in compat.WARP_SPECIALIZE_CHECKED_TRITON (3.6)."""
+    import triton
+
+    from surogate import compat
+
+    def specialized_configs() -> set[str]:
+        return {family for family in persistent.FAMILIES.values()
+                if any(c.kwargs["WARP_SPECIALIZE"] for c in configs.get_configs(family, "sm_90"))}
+
+    for version, checked in (("3.6.0", True), ("3.6.1", True), ("3.7.0", False), ("3.9.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert compat.warp_specialize_checked.__wrapped__() is checked, version
+    monkeypatch.setattr(configs, "PERSISTENT_WARP_SPECIALIZE", False)
+    assert specialized_configs() == set()
+    assert all(configs.get_configs(family, "sm_90") for family in persistent.FAMILIES.values())
+    monkeypatch.setattr(configs, "PERSISTENT_WARP_SPECIALIZE", True)
+    assert specialized_configs() == {"persistent_bf16", "persistent_fp8"}  # fp8_block: its 128x128 ones are out
+    monkeypatch.setattr(configs, "PERSISTENT_WARP_SPECIALIZE", None)
+    assert bool(specialized_configs()) is compat.warp_specialize_checked()
+
+
 def test_configs_are_for_sm90_only() -> None:
     """sm_100 builds of this kernel came out without MMA or TMA instructions for some tiles: refused."""
     for family in set(persistent.FAMILIES.values()):
@@ -286,7 +309,14 @@ def _check_sm90(requests) -> list[str]:
     return problems
 
 
-def test_first_configs_build_for_sm90_with_wgmma_and_tma() -> None:
+@pytest.fixture
+def specialized(monkeypatch):
+    """The warp-specialized configs in the families whatever this Triton (compat.warp_specialize_checked),
+    so that their builds are checked here on every Triton."""
+    monkeypatch.setattr(configs, "PERSISTENT_WARP_SPECIALIZE", True)
+
+
+def test_first_configs_build_for_sm90_with_wgmma_and_tma(specialized) -> None:
     """The first (default) config of each persistent variant: QGMMA / HGMMA, TMA loads and stores, warp
     specialization where the config asks for it, no spills, shared memory that fits, and no consumer
     warpgroup indexing its scales from a rebased TMA coordinate (`_rebased_pointer_indices`)."""
@@ -296,6 +326,6 @@ def test_first_configs_build_for_sm90_with_wgmma_and_tma() -> None:
 
 
 @pytest.mark.slow
-def test_every_config_builds_for_sm90_with_wgmma_and_tma() -> None:
+def test_every_config_builds_for_sm90_with_wgmma_and_tma(specialized) -> None:
     """Every config the tuner may pick on sm_90 (a config that does not fit would only be skipped there)."""
     assert _check_sm90(_requests(all_configs=True)) == []

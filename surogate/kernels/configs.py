@@ -122,6 +122,22 @@ def _fits_persistent(c: triton.Config, elem_bytes: float, arch: str) -> bool:
     return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes * c.num_stages + out_tile <= _SMEM[arch]
 
 
+# Whether the persistent families offer warp-specialized configs: None follows
+# `compat.warp_specialize_checked()` (only Tritons whose specialized builds ran right on a GPU); True / False
+# force it (tests that check the specialized builds' TTGIR and SASS on any Triton).
+PERSISTENT_WARP_SPECIALIZE: bool | None = None
+
+
+def _persistent_family(cands: list[triton.Config], elem_bytes: float, arch: str) -> list[triton.Config]:
+    """The candidates that fit in shared memory, without the warp-specialized ones on a Triton whose
+    specialized builds were never checked on a GPU (`PERSISTENT_WARP_SPECIALIZE`)."""
+    from surogate.compat import warp_specialize_checked
+
+    specialize = warp_specialize_checked() if PERSISTENT_WARP_SPECIALIZE is None else PERSISTENT_WARP_SPECIALIZE
+    return [c for c in cands
+            if _fits_persistent(c, elem_bytes, arch) and (specialize or not c.kwargs["WARP_SPECIALIZE"])]
+
+
 def _persistent_archs(arch: str) -> str:
     """sm_90 only. The same kernel built for sm_100 (Triton 3.9) is not fit to run: 128x256 specialized
     and flattened builds came out without any MMA or TMA instruction (4 registers), and others spill;
@@ -140,7 +156,7 @@ def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
     cands = [_pcfg(128, 256, 64, True, 2), _pcfg(128, 256, 64, False, 3),
              _pcfg(128, 128, 64, False, 4), _pcfg(256, 128, 64, True, 2),
              _pcfg(128, 256, 64, False, 3, flatten=True)]
-    return [c for c in cands if _fits_persistent(c, 2, arch)]
+    return _persistent_family(cands, 2, arch)
 
 
 def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
@@ -149,7 +165,7 @@ def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
     cands = [_pcfg(128, 256, 128, True, 2), _pcfg(128, 256, 128, False, 3),
              _pcfg(128, 128, 128, False, 4), _pcfg(256, 128, 128, True, 2),
              _pcfg(128, 256, 128, False, 3, flatten=True)]
-    return [c for c in cands if _fits_persistent(c, 1, arch)]
+    return _persistent_family(cands, 1, arch)
 
 
 def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
@@ -160,7 +176,7 @@ def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
     (`persistent_probe_configs`), so none is specialized for now."""
     arch = _persistent_archs(arch)
     cands = [_pcfg(128, 128, 128, False, 4), _pcfg(64, 128, 128, False, 4, warps=4)]
-    return [c for c in cands if _fits_persistent(c, 1, arch)]
+    return _persistent_family(cands, 1, arch)
 
 
 def persistent_probe_configs(family: str) -> list[triton.Config]:
