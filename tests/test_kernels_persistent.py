@@ -152,6 +152,18 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
         assert torch.equal(y, y_off) and torch.equal(gi, gi_off)
 
 
+def test_the_launcher_keeps_ranks_above_the_limit_off_the_persistent_kernel(monkeypatch) -> None:
+    """The op passes its LoRA rank to the route: at rank 32 (BLOCK_R 32) forward and dgrad take the Triton
+    kernel even with every persistent variant switched on."""
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    x, w, a, b, bias, go, wl = _case(37, 96, 256, 32, "fp8_row", seed=3)
+    with variants.trace() as ran:
+        y, h = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, bias, 2.0, "fp8", "fp8")
+        launch.lora_linear_backward_cuda(go, x, wl, "fp8_row", a, b, None, h, 2.0, "fp8")
+    assert h.shape[-1] == 32 > variants.PERSISTENT_MAX_RANK
+    assert [r.engine for r in ran] == [variants.Engine.TRITON] * 2
+
+
 def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_measured_rows(monkeypatch) -> None:
     """The default (PERSISTENT_SM90 a mapping): row-scaled fp8 from 1024 rows and bf16 from 4096, forward and
     dgrad, where TMA can read the operands; block-scaled FP8 keeps cuBLASLt (it lost there on the H200);
@@ -174,8 +186,14 @@ def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_meas
     # qnf4 dequantizes into a bf16 scratch from 128 rows and runs the bf16 route: from 4096 rows the persistent kernel.
     scratch = variants.route(nf4, "sm_90", 4096, 4096, 4096)
     assert scratch.scratch and scratch.engine is persistent_engine
-    assert "M >= 1024: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(plan("fp8", "sm_90"))
-    assert "M >= 4096: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(plan("bf16", "sm_90"))
+    # LoRA ranks up to 16 (BLOCK_R 16, the builds that ran on the H200); larger ones keep the other routes.
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16).engine is persistent_engine
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=32).engine is triton_engine
+    assert variants.route(bf16_dgrad, "sm_90", 4096, 4096, 4096, rank=64).engine is variants.Engine.CUBLAS
+    assert "M >= 1024 and LoRA rank <= 16: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(
+        plan("fp8", "sm_90"))
+    assert "M >= 4096 and LoRA rank <= 16: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(
+        plan("bf16", "sm_90"))
     assert "persistent" not in str(plan("qfp8", "sm_90")) and "persistent" not in str(plan("fp8", "sm_89"))
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
     assert variants.route(qfp8, "sm_90", 16, 4096, 4096).engine is persistent_engine  # every row count

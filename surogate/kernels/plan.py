@@ -68,13 +68,15 @@ class Plan:
     def gemm(self, name: "Gemm | str") -> GemmPlan:
         return next(g for g in self.gemms if g.gemm == Gemm(name))
 
-    def route(self, gemm: "Gemm | str", rows: int, n_out: int, k_red: int, cublas: bool = True) -> Route:
-        """What runs for one call of `gemm` with `rows` rows, `n_out` output columns and reduction
-        `k_red` (forward: N and K of the weight; dgrad: K and N), as the launcher decides it."""
+    def route(self, gemm: "Gemm | str", rows: int, n_out: int, k_red: int, cublas: bool = True,
+              rank: int | None = None) -> Route:
+        """What runs for one call of `gemm` with `rows` rows, `n_out` output columns, reduction `k_red`
+        (forward: N and K of the weight; dgrad: K and N) and LoRA `rank` (None: none), as the launcher
+        decides it."""
         g = self.gemm(gemm)
         if g.variant is None:
             raise ValueError(f"{g.gemm.value} has no kernel variant on {self.arch} (it is {g.kernel})")
-        return route(g.variant, self.arch, rows, n_out, k_red, cublas)
+        return route(g.variant, self.arch, rows, n_out, k_red, cublas, rank)
 
     def check(self, allow_emulation: bool = False) -> "Plan":
         """Raise unless the plan can run; warn when it runs emulated by request."""

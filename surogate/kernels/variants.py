@@ -90,6 +90,12 @@ DEQUANT_SCRATCH_MIN_ROWS = 128
 # lost to cuBLASLt everywhere and keeps it. `plan()` and the launcher both read it.
 PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
     {"lora_linear_fp8": 1024, "grad_input_fp8": 1024, "lora_linear_bf16": 4096, "grad_input_bf16": 4096})
+# The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
+# BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the warp-specialized and
+# flattened configs need 262-361 KB (sm_90 has 227), so the first config, which runs without tuning
+# (SUROGATE_AUTOTUNE=0, a capture before any tuning), would not launch; ranks 8 and 16 (BLOCK_R 16) are
+# the ones that ran on the H200. Larger ranks keep the other routes.
+PERSISTENT_MAX_RANK = 16
 
 
 def persistent_min_rows(v: "Variant") -> int | None:
@@ -160,7 +166,7 @@ class Variant:
             parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
         rows = persistent_min_rows(self)
         if rows is not None and arch == "sm_90":
-            parts.append(f"M >= {rows}: the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
+            parts.append(f"M >= {rows} and LoRA rank <= {PERSISTENT_MAX_RANK}: the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
@@ -309,29 +315,31 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
     return False
 
 
-def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int) -> bool:
+def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int, rank: int | None = None) -> bool:
     """Whether the persistent TMA kernel runs a call of `v`: sm_90, a variant PERSISTENT_SM90 routes at these
-    rows (`persistent_min_rows`), and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16
-    needs 8, 16 keeps one rule), the output's a multiple of 8 (16 bytes of bf16)."""
+    rows (`persistent_min_rows`), a LoRA `rank` of at most PERSISTENT_MAX_RANK (None: no LoRA term), and row
+    strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16 needs 8, 16 keeps one
+    rule), the output's a multiple of 8 (16 bytes of bf16)."""
     min_rows = persistent_min_rows(v)
     return (arch == "sm_90" and min_rows is not None and rows >= max(min_rows, 1) and k_red % 16 == 0
-            and n_out % 8 == 0)
+            and n_out % 8 == 0 and (rank is None or rank <= PERSISTENT_MAX_RANK))
 
 
 def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
-          cublas: "bool | Callable[[CublasRule], bool]" = True) -> Route:
+          cublas: "bool | Callable[[CublasRule], bool]" = True, rank: int | None = None) -> Route:
     """The route of one call of `v` on `arch`: `rows` (M), `n_out` output columns, reduction `k_red`.
 
     `cublas` says whether cuBLAS can run a rule's GEMM here at all (False, or a function of the rule
     answering False: no GPU, the Triton interpreter, a cuBLASLt without block scaling,
-    `configs.FORCE_TRITON_GEMMS`); then the Triton kernel runs instead.
+    `configs.FORCE_TRITON_GEMMS`); then the Triton kernel runs instead. `rank`: the call's LoRA rank (None:
+    no LoRA term), which bounds the persistent kernel (`PERSISTENT_MAX_RANK`).
     """
     if arch == "cpu":
         return Route(Engine.REFERENCE, v)
     if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
         bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
-        return Route(route(bf16, arch, rows, n_out, k_red, cublas).engine, bf16, scratch=True)
-    if persistent_takes(v, arch, rows, n_out, k_red):
+        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank).engine, bf16, scratch=True)
+    if persistent_takes(v, arch, rows, n_out, k_red, rank):
         return Route(Engine.PERSISTENT, v)
     if cublas_takes(v.cublas, arch, rows, n_out, k_red) and (cublas(v.cublas) if callable(cublas) else cublas):
         return Route(Engine.CUBLAS, v)
