@@ -139,6 +139,7 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
         gi_off = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
     assert variants.Engine.PERSISTENT not in {r.engine for r in off}
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    monkeypatch.setattr(variants, "PERSISTENT_BIAS", True)  # the kernel's bias epilogue, under the interpreter
     with variants.trace() as on:
         y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
         gi = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
@@ -152,16 +153,23 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
         assert torch.equal(y, y_off) and torch.equal(gi, gi_off)
 
 
-def test_the_launcher_keeps_ranks_above_the_limit_off_the_persistent_kernel(monkeypatch) -> None:
-    """The op passes its LoRA rank to the route: at rank 32 (BLOCK_R 32) forward and dgrad take the Triton
-    kernel even with every persistent variant switched on."""
+def test_the_launcher_keeps_large_ranks_and_biases_off_the_persistent_kernel(monkeypatch) -> None:
+    """The op passes its LoRA rank and whether it adds a bias to the route: at rank 32 (BLOCK_R 32) forward and
+    dgrad take the Triton kernel even with every persistent variant switched on; so does a forward with a bias."""
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
     x, w, a, b, bias, go, wl = _case(37, 96, 256, 32, "fp8_row", seed=3)
     with variants.trace() as ran:
-        y, h = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, bias, 2.0, "fp8", "fp8")
+        y, h = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, None, 2.0, "fp8", "fp8")
         launch.lora_linear_backward_cuda(go, x, wl, "fp8_row", a, b, None, h, 2.0, "fp8")
     assert h.shape[-1] == 32 > variants.PERSISTENT_MAX_RANK
     assert [r.engine for r in ran] == [variants.Engine.TRITON] * 2
+    # ... and a forward with a bias at rank 16 (variants.PERSISTENT_BIAS off); its dgrad has none.
+    x, w, a, b, bias, go, wl = _case(37, 96, 256, 16, "fp8_row", seed=3)
+    monkeypatch.setattr(variants, "PERSISTENT_BIAS", False)
+    with variants.trace() as ran:
+        y, h = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, bias, 2.0, "fp8", "fp8")
+        launch.lora_linear_backward_cuda(go, x, wl, "fp8_row", a, b, None, h, 2.0, "fp8")
+    assert bias is not None and [r.engine for r in ran] == [variants.Engine.TRITON, variants.Engine.PERSISTENT]
 
 
 def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_measured_rows(monkeypatch) -> None:
@@ -190,9 +198,13 @@ def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_meas
     assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16).engine is persistent_engine
     assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=32).engine is triton_engine
     assert variants.route(bf16_dgrad, "sm_90", 4096, 4096, 4096, rank=64).engine is variants.Engine.CUBLAS
-    assert "M >= 1024 and LoRA rank <= 16: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(
-        plan("fp8", "sm_90"))
-    assert "M >= 4096 and LoRA rank <= 16: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(
+    # A forward that adds a bias (Qwen2's q/k/v): not until that build has run on a GPU.
+    fp8_fwd_bias = variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16, bias=True)
+    assert fp8_fwd_bias.engine is triton_engine
+    text = str(plan("fp8", "sm_90"))
+    assert "M >= 1024 and LoRA rank <= 16, no bias: the persistent TMA kernel (persistent_lora_linear_fp8)" in text
+    assert "M >= 1024 and LoRA rank <= 16: the persistent TMA kernel (persistent_grad_input_fp8)" in text
+    assert "M >= 4096 and LoRA rank <= 16, no bias: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(
         plan("bf16", "sm_90"))
     assert "persistent" not in str(plan("qfp8", "sm_90")) and "persistent" not in str(plan("fp8", "sm_89"))
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)

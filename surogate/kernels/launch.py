@@ -91,12 +91,12 @@ def _nvfp4_round_trip(t: torch.Tensor, stochastic: bool = False) -> torch.Tensor
     return dequantize_nvfp4(packed, block_scale, tensor_scale, shape=t.shape)
 
 
-def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None) -> Route:
-    """The table's route for this call on `a`'s device (LoRA `rank`, None without), recorded for
-    `variants.trace()`."""
+def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None, bias: bool = False) -> Route:
+    """The table's route for this call on `a`'s device (LoRA `rank`, None without; whether it adds a `bias`),
+    recorded for `variants.trace()`."""
     arch = device_arch(a.device.index or 0) if a.is_cuda else "sm_90"  # the interpreter: cuBLAS never runs
     return record(route(v, arch, a.shape[0], n_out, k_red, cublas=lambda rule: cublas.available(a, rule),
-                        rank=rank))
+                        rank=rank, bias=bias))
 
 
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
@@ -124,7 +124,7 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         x, compute = _nvfp4_round_trip(x), Compute.BF16
     v = variant(Gemm.OUTPUT, compute, fmt)
     n = _out_features(weight, fmt, k)
-    r = _route(v, x, n, k, hidden.shape[1] if has_lora else None)
+    r = _route(v, x, n, k, hidden.shape[1] if has_lora else None, bias is not None)
     h = hidden if has_lora else None
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:

@@ -69,14 +69,14 @@ class Plan:
         return next(g for g in self.gemms if g.gemm == Gemm(name))
 
     def route(self, gemm: "Gemm | str", rows: int, n_out: int, k_red: int, cublas: bool = True,
-              rank: int | None = None) -> Route:
+              rank: int | None = None, bias: bool = False) -> Route:
         """What runs for one call of `gemm` with `rows` rows, `n_out` output columns, reduction `k_red`
-        (forward: N and K of the weight; dgrad: K and N) and LoRA `rank` (None: none), as the launcher
-        decides it."""
+        (forward: N and K of the weight; dgrad: K and N), LoRA `rank` (None: none) and `bias` (whether it adds
+        one), as the launcher decides it."""
         g = self.gemm(gemm)
         if g.variant is None:
             raise ValueError(f"{g.gemm.value} has no kernel variant on {self.arch} (it is {g.kernel})")
-        return route(g.variant, self.arch, rows, n_out, k_red, cublas, rank)
+        return route(g.variant, self.arch, rows, n_out, k_red, cublas, rank, bias)
 
     def check(self, allow_emulation: bool = False) -> "Plan":
         """Raise unless the plan can run; warn when it runs emulated by request."""

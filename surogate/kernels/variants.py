@@ -96,6 +96,9 @@ PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
 # (SUROGATE_AUTOTUNE=0, a capture before any tuning), would not launch; ranks 8 and 16 (BLOCK_R 16) are
 # the ones that ran on the H200. Larger ranks keep the other routes.
 PERSISTENT_MAX_RANK = 16
+# Whether a forward with a bias (Qwen2's q/k/v) may take the persistent kernel: its HAS_BIAS build has run only
+# under the interpreter, never on a GPU, so such calls keep the other routes until it has.
+PERSISTENT_BIAS = False
 
 
 def persistent_min_rows(v: "Variant") -> int | None:
@@ -166,7 +169,9 @@ class Variant:
             parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
         rows = persistent_min_rows(self)
         if rows is not None and arch == "sm_90":
-            parts.append(f"M >= {rows} and LoRA rank <= {PERSISTENT_MAX_RANK}: the persistent TMA kernel ({self.persistent_kernel}) where TMA can read the operands")
+            bias = "" if PERSISTENT_BIAS or self.gemm is Gemm.GRAD_INPUT else ", no bias"
+            parts.append(f"M >= {rows} and LoRA rank <= {PERSISTENT_MAX_RANK}{bias}: the persistent TMA kernel "
+                         f"({self.persistent_kernel}) where TMA can read the operands")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
@@ -315,31 +320,33 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
     return False
 
 
-def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int, rank: int | None = None) -> bool:
+def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int, rank: int | None = None,
+                     bias: bool = False) -> bool:
     """Whether the persistent TMA kernel runs a call of `v`: sm_90, a variant PERSISTENT_SM90 routes at these
-    rows (`persistent_min_rows`), a LoRA `rank` of at most PERSISTENT_MAX_RANK (None: no LoRA term), and row
+    rows (`persistent_min_rows`), a LoRA `rank` of at most PERSISTENT_MAX_RANK (None: no LoRA term), no `bias`
+    unless PERSISTENT_BIAS, and row
     strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16 needs 8, 16 keeps one
     rule), the output's a multiple of 8 (16 bytes of bf16)."""
     min_rows = persistent_min_rows(v)
     return (arch == "sm_90" and min_rows is not None and rows >= max(min_rows, 1) and k_red % 16 == 0
-            and n_out % 8 == 0 and (rank is None or rank <= PERSISTENT_MAX_RANK))
+            and n_out % 8 == 0 and (rank is None or rank <= PERSISTENT_MAX_RANK) and (PERSISTENT_BIAS or not bias))
 
 
 def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
-          cublas: "bool | Callable[[CublasRule], bool]" = True, rank: int | None = None) -> Route:
+          cublas: "bool | Callable[[CublasRule], bool]" = True, rank: int | None = None, bias: bool = False) -> Route:
     """The route of one call of `v` on `arch`: `rows` (M), `n_out` output columns, reduction `k_red`.
 
     `cublas` says whether cuBLAS can run a rule's GEMM here at all (False, or a function of the rule
     answering False: no GPU, the Triton interpreter, a cuBLASLt without block scaling,
     `configs.FORCE_TRITON_GEMMS`); then the Triton kernel runs instead. `rank`: the call's LoRA rank (None:
-    no LoRA term), which bounds the persistent kernel (`PERSISTENT_MAX_RANK`).
+    no LoRA term) and `bias`: whether it adds one, both bounding the persistent kernel (`persistent_takes`).
     """
     if arch == "cpu":
         return Route(Engine.REFERENCE, v)
     if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
         bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
-        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank).engine, bf16, scratch=True)
-    if persistent_takes(v, arch, rows, n_out, k_red, rank):
+        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank, bias).engine, bf16, scratch=True)
+    if persistent_takes(v, arch, rows, n_out, k_red, rank, bias):
         return Route(Engine.PERSISTENT, v)
     if cublas_takes(v.cublas, arch, rows, n_out, k_red) and (cublas(v.cublas) if callable(cublas) else cublas):
         return Route(Engine.CUBLAS, v)
