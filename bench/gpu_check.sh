@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu_check}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export GIT_COMMIT="${GIT_COMMIT:-$(python3 -c "from surogate.training.info import git_commit; print(git_commit())")}"  # "+modified": the files are not the .git HEAD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 

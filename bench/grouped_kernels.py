@@ -25,6 +25,7 @@ from kernels import _time  # noqa: E402  (bench/kernels.py: CUDA-graph replay, m
 
 from surogate.kernels import grouped  # noqa: E402
 from surogate.kernels import reference_grouped as rg  # noqa: E402
+from surogate.training.info import git_commit  # noqa: E402
 
 EXPERTS, TOP_K, TOKENS, RANK, SCALE = 128, 8, 2 * 2048, 16, 2.0
 DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1, tiny shapes) sets "cpu"
@@ -108,12 +109,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    import subprocess
 
     import triton
 
-    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = git_commit()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": commit}
     rows = run()

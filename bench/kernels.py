@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ from surogate.kernels.lora_linear import lora_linear_fp8  # noqa: E402
 from surogate.kernels.variants import variant  # noqa: E402
 from surogate.recipes import Compute, WeightFormat, get, current_arch  # noqa: E402
 from surogate.kernels.plan import native_recipes  # noqa: E402
+from surogate.training.info import git_commit  # noqa: E402
 
 MODELS = {  # hidden, intermediate, q heads, kv heads (head dim 128)
     "0.6B": (1024, 3072, 16, 8),
@@ -481,8 +481,7 @@ def main() -> None:
     models = args.models.split(",")
     import triton
 
-    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = git_commit()
     meta = dict(gpu=torch.cuda.get_device_name(), arch=arch, torch=torch.__version__, triton=triton.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if args.persistent:

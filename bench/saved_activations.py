@@ -126,14 +126,13 @@ def _flat(args) -> list:
 def environment() -> dict:
     """Versions and commit of the run (the partition depends on torch's partitioner)."""
     import platform
-    import subprocess
 
     import transformers
 
-    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    from surogate.training.info import git_commit
+
     return {"device": f"CPU ({platform.machine()})", "torch": torch.__version__,
-            "transformers": transformers.__version__, "commit": commit}
+            "transformers": transformers.__version__, "commit": git_commit()}
 
 
 def markdown(rows: list[dict], env: dict) -> str:

@@ -304,3 +304,26 @@ def test_train_a_moe_model_dir_trains_lora_on_every_expert(tmp_path, cache, caps
     assert "experts: 1 MoE blocks run as grouped ops (SurogateExperts: weights fp8_block, fp8 MMAs" in report
     adapter_cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter_cfg["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+
+
+def test_git_commit_flags_files_that_differ_from_head(tmp_path, monkeypatch):
+    """Benchmark results name their commit; "+modified" when tracked files differ from HEAD (uncommitted work,
+    or a copied tree whose .git is behind, as on the GPU machine), $GIT_COMMIT wins, no repository: unknown."""
+    from surogate.training.info import git_commit
+
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert git_commit(str(tmp_path)) == "unknown"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / "a.py").write_text("x = 1\n")
+    for args in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "one"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "untracked.txt").write_text("not part of the tree\n")
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(str(tmp_path)) == f"{head}+modified"
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert git_commit(str(tmp_path)) == "abc1234"

@@ -88,24 +88,37 @@ def distributed_line() -> str:
             "-m surogate train cfg.yaml (parallelism: ddp | fsdp)")
 
 
-def run_record(repo: "str | None" = None) -> dict[str, str]:
-    """`environment()` plus the Python version and the git commit: what every benchmark result records.
+def git_commit(repo: "str | None" = None) -> str:
+    """The commit a result was measured at: $GIT_COMMIT when set, else `git rev-parse --short HEAD` in `repo`
+    with "+modified" when tracked files differ from it, else "unknown".
 
-    The commit is $GIT_COMMIT when set (the GPU machine's copy of the tree has no .git), else
-    `git rev-parse --short HEAD` in `repo`, else "unknown".
+    "+modified" flags uncommitted work and a copy of the tree whose .git is behind its files (the GPU
+    machine's copy kept an old .git: session 10's results first read 05e4a1c for three later commits).
     """
     import os
-    import platform
     import subprocess
 
     commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                                    text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
-    record = {**environment(), "python": platform.python_version(), "commit": commit or "unknown"}
+    if commit:
+        return commit
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+modified"
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return commit or "unknown"
+
+
+def run_record(repo: "str | None" = None) -> dict[str, str]:
+    """`environment()` plus the Python version and the git commit (`git_commit`): what every benchmark
+    result records."""
+    import platform
+
+    record = {**environment(), "python": platform.python_version(), "commit": git_commit(repo)}
     if record["arch"] == "cpu":
         record["gpu"] = "cpu"  # a field for tables, not the sentence `surogate info` prints
     return record
