@@ -14,6 +14,8 @@ build (about 0.5 for noise; near 1.0 is run 54's bug, those rows scaled with the
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -102,7 +104,8 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
     """Each candidate config (warp-specialized ones included) and the pointer path, forward and dgrad,
     against the op's reference at tile tails. Every config runs (a non-finite one does not stop the
     loop); the message lists each bad one with its numbers. The probe configs kept out of the families
-    (`configs.persistent_probe_configs`) run too and are printed as "probe", without failing the test."""
+    (`configs.persistent_probe_configs`) run too and are reported as "probe" (printed, and as a warning in
+    pytest's summary), without failing the test."""
     compute, fmt = RECIPES[recipe]
     m, n, k = shape
     x, w, a, b, go, wl = _case(m, n, k, fmt, seed=1)
@@ -129,6 +132,8 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
         probe = any(config is p for p in probes)
         line = f"{'probe ' if probe else ''}{family} {_config_name(config)}: fwd {fwd_text}; dgrad {dgrad_text}"
         lines.append(line)
+        if probe:  # in pytest's warnings summary, which (unlike -s output) survives xdist
+            warnings.warn(f"{recipe} {shape}: {line}", UserWarning, stacklevel=1)
         if min(fwd, dgrad) <= FLOOR and not probe:
             failures.append(line)
     print(f"{recipe} {shape}:\n  " + "\n  ".join(lines))
