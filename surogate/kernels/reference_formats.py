@@ -216,10 +216,31 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
     tiles = padded.reshape(-1, bm, (k + pad_k) // bk, bk)  # (M/bm, bm, K/bk, bk)
     scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_MAX[element])
     data = _cast_fp8(tiles / scale[:, None, :, None], element)
-    data = data.reshape(m + pad_m, k + pad_k)[:m, :k].reshape(x.shape)
+    if pad_k == 0 and pad_m == 0:
+        data = _tiles_as(data, x.shape)
+    else:
+        data = data.reshape(m + pad_m, k + pad_k)[:m, :k].reshape(x.shape)
     if bm == 1:  # M-contiguous, as the Triton quantizer stores 1 x bk scales
         return data, scale.t().contiguous().t().reshape(*x.shape[:-1], scale.shape[-1])
     return data, scale
+
+
+def _tiles_as(tiles: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The contiguous, unpadded `tiles` (M/bm, bm, K/bk, bk) as x's shape: a view, taken with `as_strided`
+    rather than `reshape` because of what Inductor makes of each when an op reads the result.
+
+    A custom op (`surogate::lora_linear(_backward)`, exact strides) given a reshape of the unrealized
+    quantize copies it into a buffer of the reshaped shape, whose loop reads the block scale at
+    `m * K/bk + k // bk`: no longer the (M*K/bk, bk) split of the amax reduction, so the scheduler keeps
+    the FP8 cast out of the reduction's kernel: one kernel more per quantize on CUDA, in qfp8's forward
+    producer and grad_producer alike (run 56: the backward 8 launches more with grad_producer on,
+    bench/NOTES.md). `as_strided` realizes the tiles in their own shape first, and the op reads a view of
+    that buffer (tests/test_grad_producer.py plans it with Inductor's Triton scheduler)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step = step * size
+    return tiles.as_strided(shape, strides[::-1])
 
 
 def e2m1_encode(v: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:

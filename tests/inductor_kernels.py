@@ -1,0 +1,95 @@
+"""The kernels Inductor's Triton scheduler would emit for a compiled function, found on a machine without a GPU.
+
+Inductor plans the same fusions for CPU tensors with `cpu_backend="triton"` as for CUDA ones (the SIMD
+scheduler both share); only writing the Triton code needs a driver. So `triton_kernels` compiles with that
+backend, records the scheduler's fused nodes when codegen starts, and stops there. What differs from CUDA:
+on the CPU `aten.cat` always lowers to a ConcatKernel (CUDA may lower it pointwise), and device-sized
+heuristics (split reductions) see no GPU. For the compiled tiny Qwen3 of tests/gpu/test_grad_producer_gpu.py
+this reproduced the H200's backward launches with grad_producer on and off (run 56: qfp8 8 more, fp8 fewer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One Triton kernel of the plan: its group ((numel, rnumel)), and per scheduler node what it writes."""
+
+    group: tuple
+    dtypes: tuple[torch.dtype | None, ...]
+    reductions: int
+
+    def writes(self, *dtypes: torch.dtype) -> bool:
+        return any(d in dtypes for d in self.dtypes)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _kernel(node) -> Kernel:
+    dtypes, reductions = [], 0
+    for n in node.get_nodes():
+        try:
+            dtypes.append(n.node.get_dtype())
+        except Exception:  # a multi-output node has no single dtype
+            dtypes.append(None)
+        reductions += bool(n.is_reduction())
+    return Kernel(tuple(node.group[1]), tuple(dtypes), reductions)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[list[Kernel]]]:
+    """Inside the block, every graph Inductor compiles records its kernels (one list per graph) and is not
+    built: the compile raises at codegen (callers catch it; `triton_kernels` does)."""
+    from torch._inductor import scheduler as S
+
+    graphs: list[list[Kernel]] = []
+    original = S.Scheduler.codegen
+
+    def codegen(self):
+        graphs.append([_kernel(n) for n in self.nodes if not isinstance(
+            n, (S.ExternKernelSchedulerNode, S.NopKernelSchedulerNode))])
+        raise _Stop
+
+    S.Scheduler.codegen = codegen
+    try:
+        with torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
+            yield graphs
+    finally:
+        S.Scheduler.codegen = original
+
+
+def recording_inductor(gm: torch.fx.GraphModule, example_inputs):
+    """A stand-in for `compile_fx` inside `recording()`: Inductor plans every graph (forward and, when the
+    backward runs, backward), then each runs uncompiled, so a whole training step goes through."""
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner(graph: torch.fx.GraphModule, inputs, **kwargs):
+        try:
+            return compile_fx_inner(graph, inputs, **kwargs)
+        except Exception as e:  # our _Stop, possibly wrapped by Inductor
+            if not any(isinstance(x, _Stop) for x in (e, e.__cause__, getattr(e, "inner_exception", None))):
+                raise
+            return make_boxed_func(graph.forward)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner)
+
+
+def triton_kernels(fn: Callable, *args: torch.Tensor) -> list[Kernel]:
+    """The Triton kernels Inductor would emit for `fn(*args)` (one graph: forward only)."""
+    torch._dynamo.reset()
+    with recording() as graphs:
+        with contextlib.suppress(Exception):
+            torch.compile(fn, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected one compiled graph, Inductor planned {len(graphs)}")
+    return graphs[0]
