@@ -151,14 +151,17 @@ def _host_model(config):
 # builds the model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the
 # way (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run; without it
 # peak_gib includes the bf16 build, train_peak_gib does not), "+nopersistent" keeps the sm_90 GEMMs off the persistent
-# TMA kernel (variants.PERSISTENT_SM90 = False: the routes before it), "+persistent" sends every variant it runs to it.
+# TMA kernel (variants.PERSISTENT_SM90 = False: the routes before it), "+persistent" sends every variant it runs to it,
+# "+combo" turns on Inductor's combo kernels (independent small kernels, e.g. the LoRA factors' casts, in one launch).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
                     "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False},
                     "gradproducer": {"grad_producer": True}, "nogradproducer": {"grad_producer": False},
-                    "persistent": {"persistent_sm90": True}, "nopersistent": {"persistent_sm90": False}}
-DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90")  # read by build() / the worker, not compile options
+                    "persistent": {"persistent_sm90": True}, "nopersistent": {"persistent_sm90": False},
+                    "combo": {"combo_kernels": True}}
+# Read by build() / the worker, not surogate.compile options.
+DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -210,6 +213,10 @@ def build(size: str, system: str):
             from surogate.kernels import variants
 
             variants.PERSISTENT_SM90 = options["persistent_sm90"]
+        if options.get("combo_kernels"):  # this worker process only; part of Inductor's cache key
+            import torch._inductor.config as inductor_config
+
+            inductor_config.combo_kernels = True
         for option in DRIVER_OPTIONS:
             options.pop(option, None)
         # Emulated recipes (FP4 without FP4 tensor cores) are measured too, labelled in the results.
