@@ -324,9 +324,8 @@ def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int, r
                      bias: bool = False) -> bool:
     """Whether the persistent TMA kernel runs a call of `v`: sm_90, a variant PERSISTENT_SM90 routes at these
     rows (`persistent_min_rows`), a LoRA `rank` of at most PERSISTENT_MAX_RANK (None: no LoRA term), no `bias`
-    unless PERSISTENT_BIAS, and row
-    strides TMA can read: the reduction a multiple of 16 elements (16 bytes of FP8; bf16 needs 8, 16 keeps one
-    rule), the output's a multiple of 8 (16 bytes of bf16)."""
+    unless PERSISTENT_BIAS, and row strides TMA can read: the reduction a multiple of 16 elements (16 bytes of
+    FP8; bf16 needs 8, 16 keeps one rule), the output's a multiple of 8 (16 bytes of bf16)."""
     min_rows = persistent_min_rows(v)
     return (arch == "sm_90" and min_rows is not None and rows >= max(min_rows, 1) and k_red % 16 == 0
             and n_out % 8 == 0 and (rank is None or rank <= PERSISTENT_MAX_RANK) and (PERSISTENT_BIAS or not bias))
