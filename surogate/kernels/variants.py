@@ -160,22 +160,25 @@ class Variant:
         return self.gemm is Gemm.GRAD_INPUT and self.quantizer in (Quantizer.FP8_ROW_E5M2, Quantizer.FP8_BLOCK_E4M3)
 
     def describe_rule(self, arch: str) -> str:
-        """The shape rule on `arch` as one line of text (plan, `surogate info`)."""
-        parts = []
+        """The shape rule on `arch` as one line of text (plan, `surogate info`), in `route`'s order of precedence."""
         if self.scratch:
-            parts.append(f"M >= {DEQUANT_SCRATCH_MIN_ROWS}: weight dequantized to a bf16 scratch, then the bf16 route "
-                         f"(cuBLAS where the reduction is >= {BF16_CUBLAS_MIN_K})")
-        if self.cublas is CublasRule.BF16_LONG_REDUCTION:
-            parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
+            bf16 = variant(self.gemm, Compute.BF16, WeightFormat.BF16)
+            return (f"M >= {DEQUANT_SCRATCH_MIN_ROWS}: weight dequantized to a bf16 scratch, then the bf16 route "
+                    f"({bf16.describe_rule(arch)}); else this Triton kernel")
+        parts = []
         rows = persistent_min_rows(self)
         if rows is not None and arch == "sm_90":
             bias = "" if PERSISTENT_BIAS or self.gemm is Gemm.GRAD_INPUT else ", no bias"
             parts.append(f"M >= {rows} and LoRA rank <= {PERSISTENT_MAX_RANK}{bias}: the persistent TMA kernel "
                          f"({self.persistent_kernel}) where TMA can read the operands")
+        if self.cublas is CublasRule.BF16_LONG_REDUCTION:
+            parts.append(f"cuBLAS + LoRA addmm where the reduction is >= {BF16_CUBLAS_MIN_K}")
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
-        return "; ".join(parts) or "always this Triton kernel"
+        if not parts:
+            return "always this Triton kernel"
+        return "; else ".join(parts) + "; else this Triton kernel"
 
 
 def _v(gemm, compute, fmt, kernel, launcher, family, quantizer, a_mode=None, w_mode=None, trans_w=False, **kw):
