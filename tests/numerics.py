@@ -43,3 +43,15 @@ def lora_gemm_case(m: int, n: int, k: int, r: int, fmt: str, seed: int, device: 
     go = torch.randn(m, n, generator=g).bfloat16()
     x, w, a, b, bias, go = (t.to(device) for t in (x, w, a, b, bias, go))
     return x, w, a, b, bias, go, quantize_weight(w, fmt)
+
+
+def lora_op_case(k: int, n: int, r: int = 4) -> tuple[torch.Tensor, ...]:
+    """(x (2, 5, k) bf16, w (n, k) bf16, lora_a (r, k), lora_b (n, r), grad_output (2, 5, n) bf16) on the CPU,
+    seed 0: the op-level case of the producer and grad-producer tests."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    b = torch.randn(n, r, generator=g) * 0.1
+    go = torch.randn(2, 5, n, generator=g).bfloat16()
+    return x, w, a, b, go

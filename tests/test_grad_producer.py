@@ -18,7 +18,7 @@ import pytest
 import torch
 from bench_module import load_bench
 from bit_compare import bits
-from numerics import odd_values
+from numerics import lora_op_case, odd_values
 from tiny_qwen3 import cpu_lora_qwen3
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -89,13 +89,7 @@ def test_the_twin_follows_the_kernel_table():
 # --- the backward op's grad_output_q ---------------------------------------------------------------------
 
 def _case(k: int = 200, n: int = 300, r: int = 4):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = torch.randn(n, r, generator=g) * 0.1
-    go = torch.randn(2, 5, n, generator=g).bfloat16()
-    return x, w, a, b, go
+    return lora_op_case(k, n, r)
 
 
 @pytest.mark.parametrize("lora", ["lora", "lora_input", "none"])

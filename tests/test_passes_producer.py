@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bit_compare import bits
-from numerics import odd_values
+from numerics import lora_op_case, odd_values
 from tiny_qwen3 import cpu_lora_qwen3
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -74,12 +74,7 @@ def test_traceable_quantizers_refuse_bad_arguments():
 # --- the op's input_q --------------------------------------------------------------------------------
 
 def _case(k: int = 200, n: int = 256, r: int = 4):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = torch.randn(n, r, generator=g) * 0.1
-    return x, w, a, b
+    return lora_op_case(k, n, r)[:4]
 
 
 @pytest.mark.parametrize("fmt", ["fp8_row", "fp8_block"])

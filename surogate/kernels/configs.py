@@ -148,24 +148,25 @@ def _persistent_archs(arch: str) -> str:
     return arch
 
 
+def _persistent_one_scale_family(bk: int, elem_bytes: float, arch: str) -> list[triton.Config]:
+    """The bf16 and row-scaled FP8 families: the same tiles, a K step of 128 bytes (one TMA swizzle row)."""
+    arch = _persistent_archs(arch)
+    cands = [_pcfg(128, 256, bk, True, 2), _pcfg(128, 256, bk, False, 3),
+             _pcfg(128, 128, bk, False, 4), _pcfg(256, 128, bk, True, 2),
+             _pcfg(128, 256, bk, False, 3, flatten=True)]
+    return _persistent_family(cands, elem_bytes, arch)
+
+
 def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
     """Persistent bf16 (kernels/persistent.py): 128x256 tiles, the cuBLAS shape on Hopper, warp-specialized
-    first (2 stages: 3 do not fit once specialized); K step 64 (128 bytes: one TMA swizzle row). Flatten
-    only unspecialized: with warp specialization it neither specializes nor fits in registers."""
-    arch = _persistent_archs(arch)
-    cands = [_pcfg(128, 256, 64, True, 2), _pcfg(128, 256, 64, False, 3),
-             _pcfg(128, 128, 64, False, 4), _pcfg(256, 128, 64, True, 2),
-             _pcfg(128, 256, 64, False, 3, flatten=True)]
-    return _persistent_family(cands, 2, arch)
+    first (2 stages: 3 do not fit once specialized); K step 64. Flatten only unspecialized: with warp
+    specialization it neither specializes nor fits in registers."""
+    return _persistent_one_scale_family(64, 2, arch)
 
 
 def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
-    """Persistent FP8 with row / channel scales: K step 128 (128 bytes), scales in the epilogue."""
-    arch = _persistent_archs(arch)
-    cands = [_pcfg(128, 256, 128, True, 2), _pcfg(128, 256, 128, False, 3),
-             _pcfg(128, 128, 128, False, 4), _pcfg(256, 128, 128, True, 2),
-             _pcfg(128, 256, 128, False, 3, flatten=True)]
-    return _persistent_family(cands, 1, arch)
+    """Persistent FP8 with row / channel scales: the bf16 family's tiles, K step 128, scales in the epilogue."""
+    return _persistent_one_scale_family(128, 1, arch)
 
 
 def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
