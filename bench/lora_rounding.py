@@ -1,4 +1,4 @@
-"""How much of a young LoRA update survives bf16 rounding: one rounding (the fused kernels) against two (cuBLAS + addmm).
+"""How much of a young LoRA update survives bf16 rounding: once (the fused kernels) against twice (cuBLAS + addmm).
 
     python bench/lora_rounding.py            # CPU, about 10 s
 
@@ -87,7 +87,8 @@ def _rms_norm(x: torch.Tensor) -> torch.Tensor:
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
 
 
-def train_losses(one_rounding: bool, steps: int, width: int, layers: int, vocab: int, tokens: int, r: int) -> list[float]:
+def train_losses(one_rounding: bool, steps: int, width: int, layers: int, vocab: int, tokens: int,
+                 r: int) -> list[float]:
     """Per-step loss of a random-init MLP language model whose linears carry LoRA (B = 0 at the start)."""
     g = torch.Generator().manual_seed(0)
     emb = (torch.randn(vocab, width, generator=g) * 0.02).bfloat16()

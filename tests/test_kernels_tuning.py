@@ -133,6 +133,18 @@ def test_same_bucket_hits_memory_other_bucket_or_shape_tunes(tmp_path: Path) -> 
     assert tuner.counts["tuning_runs"] == 3 and bench.calls == 3 * len(CANDS)
 
 
+def test_each_lora_rank_tile_tunes_apart(tmp_path: Path) -> None:
+    """BLOCK_R sizes the LoRA step's shared memory, so a pick at one rank's tile is not reused at another's
+    (it may not even launch there); the same tile hits the pick, in memory and on disk."""
+    kernel = FakeKernel()
+    tuner, bench = _tuner(tmp_path, kernel)
+    for block_r in (16, 64, 16):
+        args = dict(_kwargs(4096), BLOCK_R=block_r)
+        tuner.config(kernel, FAMILY, ARCH, MODES, _grid(args), args)
+    assert tuner.counts["tuning_runs"] == 2 and tuner.counts["memory_hits"] == 1 and bench.calls == 2 * len(CANDS)
+    assert sorted(k.rsplit("|", 1)[1] for k in json.loads(tuner.path(ARCH).read_text())["entries"]) == ["r16", "r64"]
+
+
 def test_failing_config_is_skipped(tmp_path: Path) -> None:
     kernel = FakeKernel(fail=(_ident_cfg(CANDS[FASTEST]),))
     tuner, _ = _tuner(tmp_path, kernel)

@@ -177,7 +177,10 @@ class Tuner:
             return self.configs(family, arch)[0]
         dtypes = tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
         name = getattr(kernel, "__name__", type(kernel).__name__)
-        key = (name, family, arch, modes, kwargs["N"], kwargs["K"], m_bucket(kwargs["M"]), dtypes, self._source(kernel))
+        # BLOCK_R (the LoRA rank's tile) sizes the LoRA step's shared memory: a pick made at rank 16 may not
+        # launch at rank 128, so each gets its own.
+        key = (name, family, arch, modes, kwargs["N"], kwargs["K"], m_bucket(kwargs["M"]), dtypes, self._source(kernel),
+               kwargs.get("BLOCK_R"))
         hit = self._memory.get(key)
         if hit is not None:
             self.counts["memory_hits"] += 1
@@ -185,6 +188,8 @@ class Tuner:
         cands = self.configs(family, arch)
         path = self.path(arch)
         text = "|".join(map(str, key[:7] + (",".join(str(d).removeprefix("torch.") for d in dtypes), key[8])))
+        if key[9] is not None:
+            text += f"|r{key[9]}"
         stored = self._read(path).get(text)
         for c in cands:  # a stored pick that is no longer a candidate (config list edited) re-tunes
             if isinstance(stored, dict) and stored.get("config") == _describe(c):

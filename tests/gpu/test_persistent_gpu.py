@@ -35,12 +35,12 @@ SHAPES = [(1000, 1008, 1040), (1008, 1024, 2048), (4096, 4096, 4096), (4096, 102
 FLOOR = 35.0  # dB: both sides quantize alike; FP8 wgmma accumulates unpromoted (bench/NOTES.md run 2)
 
 
-def _case(m, n, k, fmt, seed=0):
+def _case(m, n, k, fmt, seed=0, rank=16):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
-    a = torch.randn(16, k, device="cuda", generator=g) / k ** 0.5
-    b = torch.randn(n, 16, device="cuda", generator=g) * 0.1
+    a = torch.randn(rank, k, device="cuda", generator=g) / k ** 0.5
+    b = torch.randn(n, rank, device="cuda", generator=g) * 0.1
     go = torch.randn(m, n, device="cuda", generator=g).bfloat16()
     return x, w, a, b, go, quantize_weight(w, fmt)
 
@@ -98,6 +98,49 @@ def test_op_with_the_switch_on_matches_the_reference(recipe, shape, monkeypatch)
     assert fwd > FLOOR and dgrad > FLOOR, f"fwd {fwd_text}; dgrad {dgrad_text}; tuned: {_tuned_picks()}"
 
 
+@pytest.mark.parametrize("rank", [32, 64, 128])
+@pytest.mark.parametrize("recipe", ["bf16", "fp8"])
+def test_what_the_guards_keep_off_larger_ranks_and_a_bias(recipe, rank, monkeypatch):
+    """The calls `variants.PERSISTENT_MAX_RANK` (16) and `PERSISTENT_BIAS` (off) keep off the kernel, forced
+    onto it: LoRA ranks 32-128 with a bias, tuned (configs that do not fit in shared memory are skipped) and
+    with each family's first config, the one that runs untuned. Passing here is what lifting a guard needs;
+    a first config that cannot launch at a rank says the families need per-rank configs first."""
+    compute, fmt = RECIPES[recipe]
+    m, n, k = 1008, 1024, 2048
+    x, w, a, b, go, wl = _case(m, n, k, fmt, seed=2, rank=rank)
+    bias = torch.randn(n, device="cuda").bfloat16()
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    monkeypatch.setattr(variants, "PERSISTENT_MAX_RANK", 128)
+    monkeypatch.setattr(variants, "PERSISTENT_BIAS", True)
+    y_r, h_r = ref.lora_linear_ref(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
+    gi_r = ref.lora_linear_backward_ref(go, x, wl, fmt, a, b, None, h_r, 2.0, compute)[0]
+    family = persistent.FAMILIES[(variants.variant("output", compute, fmt).a_mode,
+                                  variants.variant("output", compute, fmt).w_mode)]
+    results = {}
+    for name, config in (("tuned", None), ("first config", configs.get_configs(family, "sm_90")[0])):
+        def launcher(*args, **kw):
+            return original(*args, **kw, config=config)
+
+        original = persistent.launch_persistent_gemm
+        if config is not None:
+            monkeypatch.setattr(persistent, "launch_persistent_gemm", launcher)
+        try:
+            with variants.trace() as ran:
+                y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
+                gi = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
+            assert [r.engine for r in ran] == [variants.Engine.PERSISTENT] * 2
+            results[name] = (_diagnose(y, y_r, None), _diagnose(gi, gi_r, None))
+        except Exception as e:  # noqa: BLE001 (the failure is the finding: which config cannot launch, and why)
+            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            monkeypatch.setattr(persistent, "launch_persistent_gemm", original)
+    print(f"{recipe} rank {rank} + bias: {results}")
+    for name, got in results.items():
+        assert not isinstance(got, str), f"{name}: {got}"
+        (fwd, fwd_text), (dgrad, dgrad_text) = got
+        assert fwd > FLOOR and dgrad > FLOOR, f"{name}: fwd {fwd_text}; dgrad {dgrad_text}"
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
@@ -143,9 +186,9 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
 @pytest.mark.parametrize("recipe", ["bf16", "fp8", "qnf4"])
 def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(recipe, monkeypatch):
     """The default routing (`variants.PERSISTENT_SM90`, by rows) inside a compiled tiny Qwen3 at 2 x 2048 rows,
-    enough for every routed variant: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel, and the loss and the
-    LoRA gradients stay as close to eager PEFT as with the kernel switched off (the kernel's numerics in a
-    real graph: views, packed weights, the LoRA factors' dtypes, CUDA-graph-free here)."""
+    enough for every routed variant: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel,
+    and the loss and the LoRA gradients stay as close to eager PEFT as with the kernel switched off (the
+    kernel's numerics in a real graph: views, packed weights, the LoRA factors' dtypes; no CUDA graphs)."""
     import copy
 
     import surogate
