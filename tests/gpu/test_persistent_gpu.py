@@ -114,8 +114,8 @@ def test_what_the_guards_keep_off_larger_ranks_and_a_bias(recipe, rank, monkeypa
     monkeypatch.setattr(variants, "PERSISTENT_BIAS", True)
     y_r, h_r = ref.lora_linear_ref(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
     gi_r = ref.lora_linear_backward_ref(go, x, wl, fmt, a, b, None, h_r, 2.0, compute)[0]
-    family = persistent.FAMILIES[(variants.variant("output", compute, fmt).a_mode,
-                                  variants.variant("output", compute, fmt).w_mode)]
+    v_fwd = variants.variant("output", compute, fmt)
+    family = persistent.FAMILIES[(v_fwd.a_mode, v_fwd.w_mode)]
     results = {}
     for name, config in (("tuned", None), ("first config", configs.get_configs(family, "sm_90")[0])):
         def launcher(*args, **kw):
