@@ -460,7 +460,7 @@ def write_results(out: str, name: str, meta: dict, valid: dict, rows: list, md: 
 
 
 def main() -> None:
-    global M_TOKENS, REP_MS
+    global M_TOKENS, REP_MS, RANK
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="0.6B,8B")
     p.add_argument("--recipes", default="")
@@ -470,7 +470,9 @@ def main() -> None:
     p.add_argument("--persistent", action="store_true", help="measure the persistent TMA kernel (sm_90)")
     p.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep in ms (default 60; 20 with "
                    "--persistent: it times ~260 ops)")
+    p.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every case (default 16)")
     args = p.parse_args()
+    RANK = args.rank
     REP_MS = args.rep or (20 if args.persistent else REP_MS)
     arch = current_arch()
     ms = [int(v) for v in args.m.split(",")]

@@ -147,7 +147,7 @@ def _host_model(config):
 # checkpoint_fraction=0.67, 0.75; the rest keep their activations),
 # "+norecompute" keeps the norm / SwiGLU / RoPE outputs and layout copies that recompute_producers (on by default)
 # rebuilds in the backward ("+recompute" asks for it explicitly), "+gradproducer" fuses the FP8 dgrad's gradient
-# quantize into the kernel producing the gradient (grad_producer=True, off by default; "+nogradproducer" off), "+cpuload"
+# quantize into the kernel producing the gradient (grad_producer=True, on by default; "+nogradproducer" off), "+cpuload"
 # builds the model on the host and lets surogate.compile move it to the GPU one target at a time, quantized on the
 # way (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run; without it
 # peak_gib includes the bf16 build, train_peak_gib does not), "+nopersistent" keeps the sm_90 GEMMs off the persistent

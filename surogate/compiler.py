@@ -58,7 +58,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
             checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
-            grad_producer: bool = False) -> nn.Module:
+            grad_producer: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -107,12 +107,12 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
     (bf16 35.9 -> 28.9 GiB, qfp8 29.4 -> 22.4) at the same tokens/s (bench/NOTES.md run 51).
 
-    `grad_producer=True` (off by default; recipes with an FP8 dgrad: fp8, qfp8): the compiled backward
-    quantizes each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor fuses it
-    into the kernel that produces the gradient (SwiGLU backward, RMSNorm backward) instead of a separate
-    quantize kernel reading it back; the forward's `producer` for the backward. On the CPU the same bits
-    either way. Off until a GPU run shows it pays: on the H200 8B qfp8 ran at 16,559 tokens/s with it
-    against 16,519 without (bench/NOTES.md run 54).
+    `grad_producer=True` (the default; it matters for the recipes with an FP8 dgrad: fp8, qfp8): the compiled
+    backward quantizes each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor
+    fuses it into the kernel that produces the gradient (SwiGLU backward, RMSNorm backward) instead of a
+    separate quantize kernel reading it back; the forward's `producer` for the backward. On the CPU the same
+    bits either way. On the H200 (bench/NOTES.md run 58, same call) Qwen3-8B fp8 ran at 18,862 tokens/s with
+    it against 18,378 without (+2.6%), qfp8 at 16,934 against 16,707 (+1.4%).
     """
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
@@ -145,7 +145,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
-                     grad_producer: bool = False) -> nn.Module:
+                     grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -548,7 +548,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
         report.pending = ""
         _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
         run_pipeline(gm, PassContext(recipe, arch, report, options))
-        with ops.grad_producer(options.get("grad_producer", False)):
+        with ops.grad_producer(options.get("grad_producer", True)):
             if arch == CPU:
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
             from torch._inductor.compile_fx import compile_fx

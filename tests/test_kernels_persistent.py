@@ -154,16 +154,17 @@ def test_the_switch_routes_the_op_to_the_persistent_kernel(recipe, monkeypatch) 
 
 
 def test_the_launcher_keeps_large_ranks_and_biases_off_the_persistent_kernel(monkeypatch) -> None:
-    """The op passes its LoRA rank and whether it adds a bias to the route: at rank 32 (BLOCK_R 32) forward and
-    dgrad take the Triton kernel even with every persistent variant switched on; so does a forward with a bias."""
+    """The op passes its LoRA rank and whether it adds a bias to the route: at rank 136 (BLOCK_R 256) forward and
+    dgrad take the Triton kernel even with every persistent variant switched on; so does a forward with a bias
+    while PERSISTENT_BIAS is off."""
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
-    x, w, a, b, bias, go, wl = _case(37, 96, 256, 32, "fp8_row", seed=3)
+    x, w, a, b, bias, go, wl = _case(37, 96, 256, 136, "fp8_row", seed=3)
     with variants.trace() as ran:
         y, h = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, None, 2.0, "fp8", "fp8")
         launch.lora_linear_backward_cuda(go, x, wl, "fp8_row", a, b, None, h, 2.0, "fp8")
-    assert h.shape[-1] == 32 > variants.PERSISTENT_MAX_RANK
+    assert h.shape[-1] == 136 > variants.PERSISTENT_MAX_RANK
     assert [r.engine for r in ran] == [variants.Engine.TRITON] * 2
-    # ... and a forward with a bias at rank 16 (variants.PERSISTENT_BIAS off); its dgrad has none.
+    # ... and a forward with a bias at rank 16 with variants.PERSISTENT_BIAS off; its dgrad has none.
     x, w, a, b, bias, go, wl = _case(37, 96, 256, 16, "fp8_row", seed=3)
     monkeypatch.setattr(variants, "PERSISTENT_BIAS", False)
     with variants.trace() as ran:
@@ -194,17 +195,21 @@ def test_route_sends_bf16_and_fp8_to_the_persistent_kernel_on_sm90_from_the_meas
     # qnf4 dequantizes into a bf16 scratch from 128 rows and runs the bf16 route: from 4096 rows the persistent kernel.
     scratch = variants.route(nf4, "sm_90", 4096, 4096, 4096)
     assert scratch.scratch and scratch.engine is persistent_engine
-    # LoRA ranks up to 16 (BLOCK_R 16, the builds that ran on the H200); larger ones keep the other routes.
-    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16).engine is persistent_engine
-    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=32).engine is triton_engine
-    assert variants.route(bf16_dgrad, "sm_90", 4096, 4096, 4096, rank=64).engine is variants.Engine.CUBLAS
-    # A forward that adds a bias (Qwen2's q/k/v): not until that build has run on a GPU.
-    fp8_fwd_bias = variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16, bias=True)
-    assert fp8_fwd_bias.engine is triton_engine
+    # LoRA ranks up to 128 (BLOCK_R <= 128, ranks 8-128 ran on the H200); larger ones keep the other routes.
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=128).engine is persistent_engine
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=129).engine is triton_engine
+    assert variants.route(bf16_dgrad, "sm_90", 4096, 4096, 4096, rank=256).engine is variants.Engine.CUBLAS
+    # A forward that adds a bias (Qwen2's q/k/v) takes it too, unless PERSISTENT_BIAS is switched off.
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16, bias=True).engine is persistent_engine
+    monkeypatch.setattr(variants, "PERSISTENT_BIAS", False)
+    assert variants.route(fp8, "sm_90", 4096, 4096, 4096, rank=16, bias=True).engine is triton_engine
+    assert "M >= 1024 and LoRA rank <= 128, no bias: the persistent TMA kernel (persistent_lora_linear_fp8)" in str(
+        plan("fp8", "sm_90"))
+    monkeypatch.setattr(variants, "PERSISTENT_BIAS", True)
     text = str(plan("fp8", "sm_90"))
-    assert "M >= 1024 and LoRA rank <= 16, no bias: the persistent TMA kernel (persistent_lora_linear_fp8)" in text
-    assert "M >= 1024 and LoRA rank <= 16: the persistent TMA kernel (persistent_grad_input_fp8)" in text
-    assert "M >= 4096 and LoRA rank <= 16, no bias: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(
+    assert "M >= 1024 and LoRA rank <= 128: the persistent TMA kernel (persistent_lora_linear_fp8)" in text
+    assert "M >= 1024 and LoRA rank <= 128: the persistent TMA kernel (persistent_grad_input_fp8)" in text
+    assert "M >= 4096 and LoRA rank <= 128: the persistent TMA kernel (persistent_lora_linear_bf16)" in str(
         plan("bf16", "sm_90"))
     assert "persistent" not in str(plan("qfp8", "sm_90")) and "persistent" not in str(plan("fp8", "sm_89"))
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)

@@ -261,6 +261,38 @@ def test_capture_takes_the_default_without_recording(tmp_path: Path, monkeypatch
     assert tuner.counts["tuning_runs"] == 2
 
 
+@pytest.mark.parametrize("untuned", ["autotune off", "capture"])
+def test_untuned_launch_takes_the_first_config_that_fits(tmp_path: Path, monkeypatch, untuned: str) -> None:
+    """Untuned, a first config refused for shared memory (the persistent kernel's 128x256 tile at LoRA rank
+    64/128 on the H200, run 58) gives way to the next one, remembered per LoRA rank tile; one launch runs."""
+    if untuned == "autotune off":
+        monkeypatch.setenv("SUROGATE_AUTOTUNE", "0")
+    else:
+        monkeypatch.setattr(tuning, "stream_capturing", lambda: True)
+    kernel = FakeKernel(fail=(_ident_cfg(CANDS[0]), _ident_cfg(CANDS[1])))
+    tuner, bench = _tuner(tmp_path, kernel)
+    args = {**_kwargs(1000), "BLOCK_R": 64}
+    tuner.run(kernel, FAMILY, ARCH, MODES, _grid(args), args)
+    assert len(kernel.launches) == 1 and _ident(kernel.launches[0][1]) == _ident_cfg(CANDS[2])
+    assert tuner.counts["failed_configs"] == 2 and bench.calls == 0
+    tuner.run(kernel, FAMILY, ARCH, MODES, _grid(args), args)  # remembered: no second refusal
+    assert len(kernel.launches) == 2 and tuner.counts["failed_configs"] == 2
+    kernel.fail = ()  # another rank tile (which here would fit the first config) is its own key
+    args16 = {**_kwargs(1000), "BLOCK_R": 16}
+    tuner.run(kernel, FAMILY, ARCH, MODES, _grid(args16), args16)
+    assert _ident(kernel.launches[-1][1]) == _ident_cfg(CANDS[0])
+
+
+def test_untuned_launch_with_no_config_that_fits_raises(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SUROGATE_AUTOTUNE", "0")
+    kernel = FakeKernel(fail=tuple(_ident_cfg(c) for c in CANDS))
+    tuner, _ = _tuner(tmp_path, kernel)
+    args = {**_kwargs(1000), "BLOCK_R": 128}
+    with pytest.raises(RuntimeError, match="no bf16 config on sm_90 fits _fake_kernel at BLOCK_R=128"):
+        tuner.run(kernel, FAMILY, ARCH, MODES, _grid(args), args)
+    assert kernel.launches == []
+
+
 def test_module_stats_reset() -> None:
     tuning.reset_stats()
     tuning.tuner().counts["tuning_runs"] += 2

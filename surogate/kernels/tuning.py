@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import triton
 from triton.errors import TritonError
+from triton.runtime.errors import OutOfResources
 
 from surogate.kernels.configs import device_arch, get_configs, interpret_config, interpreting
 
@@ -116,6 +117,7 @@ class Tuner:
         self._directory = directory
         self.bench = bench or bench_median
         self._memory: dict[tuple, triton.Config] = {}
+        self._defaults: dict[tuple, triton.Config] = {}  # untuned launches: the first candidate that fit
         self._sources: dict[int, tuple[Any, str]] = {}
         self._candidates: dict[tuple[str, str], list[triton.Config]] = {}
         self._write_failed = False
@@ -172,10 +174,50 @@ class Tuner:
     def config(self, kernel: Any, family: str, arch: str, modes: tuple, grid: Callable[[dict], tuple],
                kwargs: dict[str, Any]) -> triton.Config:
         """The config to launch `kernel` with on these arguments (M, N, K and tensors in `kwargs`),
-        benchmarking the candidates on these very arguments the first time a bucket is met."""
+        benchmarking the candidates on these very arguments the first time a bucket is met; the family's
+        first config where nothing is tuned (`run` then falls back to the next one that fits)."""
+        return self._pick(kernel, family, arch, modes, grid, kwargs) or self.configs(family, arch)[0]
+
+    def run(self, kernel: Any, family: str, arch: str, modes: tuple, grid: Callable[[dict], tuple],
+            kwargs: dict[str, Any]) -> None:
+        """Launch `kernel` with the tuned config, or untuned (SUROGATE_AUTOTUNE=0, a CUDA-graph capture) with the
+        first candidate that fits this launch's shared memory. Why the fallback: the LoRA rank's tile (BLOCK_R)
+        adds to the shared memory a config needs, so a family's first config fits at rank 16 and not at 128
+        (the persistent kernel's 128x256 tile: 263 KB at BLOCK_R 64, 361 KB at 128, sm_90 has 227; H200 run 58).
+        A launch refused for resources has run nothing (Triton checks before loading the kernel)."""
+        pick = self._pick(kernel, family, arch, modes, grid, kwargs)
+        if pick is not None:
+            launch(kernel, grid, pick, kwargs)
+            return
+        name = getattr(kernel, "__name__", type(kernel).__name__)
+        key = (name, family, arch, modes, self._dtypes(kwargs), kwargs.get("BLOCK_R"))
+        known = self._defaults.get(key)
+        if known is not None:
+            launch(kernel, grid, known, kwargs)
+            return
+        error = None
+        for c in self.configs(family, arch):
+            try:
+                launch(kernel, grid, c, kwargs)
+            except OutOfResources as e:
+                self.counts["failed_configs"] += 1
+                error = e
+                continue
+            self._defaults[key] = c
+            return
+        raise RuntimeError(f"no {family} config on {arch} fits {name} at BLOCK_R={kwargs.get('BLOCK_R')}") from error
+
+    @staticmethod
+    def _dtypes(kwargs: dict[str, Any]) -> tuple:
+        return tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+    def _pick(self, kernel: Any, family: str, arch: str, modes: tuple, grid: Callable[[dict], tuple],
+              kwargs: dict[str, Any]) -> "triton.Config | None":
+        """The tuned config (memory, disk, or benchmarked now); None where nothing may be tuned: autotuning
+        off, or a CUDA-graph capture meeting a bucket it has no pick for."""
         if not autotune_enabled():
-            return self.configs(family, arch)[0]
-        dtypes = tuple(v.dtype for v in kwargs.values() if isinstance(v, torch.Tensor))
+            return None
+        dtypes = self._dtypes(kwargs)
         name = getattr(kernel, "__name__", type(kernel).__name__)
         # BLOCK_R (the LoRA rank's tile) sizes the LoRA step's shared memory: a pick made at rank 16 may not
         # launch at rank 128, so each gets its own.
@@ -198,7 +240,7 @@ class Tuner:
                 return c
         if stream_capturing():
             self.counts["capture_defaults"] += 1
-            return cands[0]
+            return None
         best, best_ms, error = None, float("inf"), None
         for c in cands:
             try:
@@ -226,6 +268,7 @@ class Tuner:
     def clear_memory(self) -> None:
         """Forget the in-memory picks (the file stays): the next launches read the disk."""
         self._memory.clear()
+        self._defaults.clear()
 
 
 _TUNER = Tuner()
@@ -255,4 +298,4 @@ def runner(kernel: Any, family: str, device: torch.device, modes: tuple) -> Call
         meta = interpret_config(family)
         return lambda grid, **kw: kernel[grid](**kw, **meta)
     arch = device_arch(device.index if device.index is not None else torch.cuda.current_device())
-    return lambda grid, **kw: launch(kernel, grid, _TUNER.config(kernel, family, arch, modes, grid, kw), kw)
+    return lambda grid, **kw: _TUNER.run(kernel, family, arch, modes, grid, kw)

@@ -91,14 +91,14 @@ DEQUANT_SCRATCH_MIN_ROWS = 128
 PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
     {"lora_linear_fp8": 1024, "grad_input_fp8": 1024, "lora_linear_bf16": 4096, "grad_input_bf16": 4096})
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
-# BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the warp-specialized and
-# flattened configs need 262-361 KB (sm_90 has 227), so the first config, which runs without tuning
-# (SUROGATE_AUTOTUNE=0, a capture before any tuning), would not launch; ranks 8 and 16 (BLOCK_R 16) are
-# the ones that ran on the H200. Larger ranks keep the other routes.
-PERSISTENT_MAX_RANK = 16
-# Whether a forward with a bias (Qwen2's q/k/v) may take the persistent kernel: its HAS_BIAS build has run only
-# under the interpreter, never on a GPU, so such calls keep the other routes until it has.
-PERSISTENT_BIAS = False
+# BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB
+# (sm_90 has 227), so tuning skips them and an untuned launch (SUROGATE_AUTOTUNE=0, a capture before any tuning)
+# takes the first config that fits (`tuning.Tuner.run`). On the H200 (run 58) ranks 32, 64 and 128 with a bias
+# matched the reference at 53-77 dB. Above 128 (BLOCK_R 256) no config is known to fit: the other routes.
+PERSISTENT_MAX_RANK = 128
+# Whether a forward with a bias (Qwen2's q/k/v) may take the persistent kernel: its HAS_BIAS epilogue matched the
+# reference on the H200 (run 58, bf16 and fp8, ranks 32-128).
+PERSISTENT_BIAS = True
 
 
 def persistent_min_rows(v: "Variant") -> int | None:

@@ -12,8 +12,8 @@ Contracts (weight lists per format, shapes, dtypes): docs/internals.md.
 Gradient producer fusion: while torch.compile traces the backward, the autograd formula (`_backward`)
 quantizes an FP8 dgrad's gradient itself, with the traceable twin of the op's quantizer, and passes it as
 `grad_output_q`; Inductor then fuses that quantize into the kernel that produces the gradient (the SwiGLU
-backward, the RMSNorm backward with the residual's gradient). Off unless `grad_producer(True)` is held
-(`surogate.compile(..., grad_producer=True)`).
+backward, the RMSNorm backward with the residual's gradient). The compile backend holds `grad_producer(...)`
+around AOTAutograd (`surogate.compile(..., grad_producer=True)`, the default); eagerly it is off.
 """
 
 from __future__ import annotations

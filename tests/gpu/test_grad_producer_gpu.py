@@ -8,7 +8,8 @@ same graph, so the loss is equal; the LoRA gradients differ only where Inductor'
 Triton one round an exact FP8 tie apart (Inductor's division is approximate, tests/gpu/test_producer_gpu.py),
 bounded at a cosine of 0.9999, and are no further from eager PEFT than with the option off.
 (3) The separate gradient quantize kernel is gone: the backward launches no Triton quantize kernel with the
-option on (it does with it off), and fewer kernels in all (the quantize rides in the producers' kernels).
+option on (it does with it off), and fewer kernels in all for fp8 (the quantize rides in the producers'
+kernels), as many for qfp8 (its quantizes have no producer that takes them).
 """
 
 from __future__ import annotations
@@ -113,7 +114,12 @@ def test_qwen3_grad_producer_on_follows_off_and_drops_the_quantize_kernel(recipe
     # Off, every dgrad quantizes its gradient with the Triton kernel; on, none does.
     assert quantize_off[0] > 0 and quantize_off[1] == quantize_off[0], quantize_off
     assert quantize_on == (0, 0), quantize_on
-    # ... and the quantize is not a kernel of its own in Inductor's code either: fewer launches in all. On a
-    # failure the message names the kernels each side launches more often (Counter differences).
+    # ... and the quantize is not a kernel of its own in Inductor's code either where a producer can take it:
+    # fp8 launches fewer kernels in all. qfp8's four quantizes have no producer that takes a 1 x 128 amax (the
+    # cats of gate/up and q/k/v, the RMSNorm backward's row reduction, the graph input: docs/compile.md), so
+    # each is one Inductor kernel in place of the Triton one: as many launches (193 and 193, run 58), never
+    # more (run 56's 201 was the extra cast kernel of a reshaped twin). On a failure the message names the
+    # kernels each side launches more often (Counter differences).
     more_on, more_off = Counter(kernels_on) - Counter(kernels_off), Counter(kernels_off) - Counter(kernels_on)
-    assert len(kernels_on) < len(kernels_off), (len(kernels_on), len(kernels_off), dict(more_on), dict(more_off))
+    fewer = len(kernels_on) < len(kernels_off) if recipe == "fp8" else len(kernels_on) <= len(kernels_off)
+    assert fewer, (len(kernels_on), len(kernels_off), dict(more_on), dict(more_off))

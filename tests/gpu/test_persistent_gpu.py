@@ -19,7 +19,6 @@ import warnings
 import pytest
 import torch
 
-from numerics import sqnr
 from surogate.kernels import configs, launch, persistent, tuning, variants
 from surogate.kernels import reference as ref
 from surogate.kernels.quantize import quantize_weight
@@ -100,40 +99,28 @@ def test_op_with_the_switch_on_matches_the_reference(recipe, shape, monkeypatch)
 
 @pytest.mark.parametrize("rank", [32, 64, 128])
 @pytest.mark.parametrize("recipe", ["bf16", "fp8"])
-def test_what_the_guards_keep_off_larger_ranks_and_a_bias(recipe, rank, monkeypatch):
-    """The calls `variants.PERSISTENT_MAX_RANK` (16) and `PERSISTENT_BIAS` (off) keep off the kernel, forced
-    onto it: LoRA ranks 32-128 with a bias, tuned (configs that do not fit in shared memory are skipped) and
-    with each family's first config, the one that runs untuned. Passing here is what lifting a guard needs;
-    a first config that cannot launch at a rank says the families need per-rank configs first."""
+def test_larger_ranks_and_a_bias_tuned_and_untuned(recipe, rank, monkeypatch):
+    """LoRA ranks 32-128 with a bias (`variants.PERSISTENT_MAX_RANK`, `PERSISTENT_BIAS`) on the persistent kernel,
+    tuned (configs that do not fit in shared memory are skipped) and untuned (SUROGATE_AUTOTUNE=0: the first
+    config that fits, `tuning.Tuner.run`; run 58 found the family's first config refused at 64 and 128)."""
     compute, fmt = RECIPES[recipe]
     m, n, k = 1008, 1024, 2048
     x, w, a, b, go, wl = _case(m, n, k, fmt, seed=2, rank=rank)
     bias = torch.randn(n, device="cuda").bfloat16()
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
-    monkeypatch.setattr(variants, "PERSISTENT_MAX_RANK", 128)
-    monkeypatch.setattr(variants, "PERSISTENT_BIAS", True)
     y_r, h_r = ref.lora_linear_ref(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
     gi_r = ref.lora_linear_backward_ref(go, x, wl, fmt, a, b, None, h_r, 2.0, compute)[0]
-    v_fwd = variants.variant("output", compute, fmt)
-    family = persistent.FAMILIES[(v_fwd.a_mode, v_fwd.w_mode)]
     results = {}
-    for name, config in (("tuned", None), ("first config", configs.get_configs(family, "sm_90")[0])):
-        def launcher(*args, **kw):
-            return original(*args, **kw, config=config)
-
-        original = persistent.launch_persistent_gemm
-        if config is not None:
-            monkeypatch.setattr(persistent, "launch_persistent_gemm", launcher)
+    for name, autotune in (("tuned", "1"), ("untuned", "0")):
+        monkeypatch.setenv("SUROGATE_AUTOTUNE", autotune)
         try:
             with variants.trace() as ran:
                 y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, 2.0, compute, compute)
                 gi = launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, 2.0, compute)[0]
             assert [r.engine for r in ran] == [variants.Engine.PERSISTENT] * 2
             results[name] = (_diagnose(y, y_r, None), _diagnose(gi, gi_r, None))
-        except Exception as e:  # noqa: BLE001 (the failure is the finding: which config cannot launch, and why)
+        except Exception as e:  # noqa: BLE001 (the failure is the finding: which launch fails, and why)
             results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        finally:
-            monkeypatch.setattr(persistent, "launch_persistent_gemm", original)
     print(f"{recipe} rank {rank} + bias: {results}")
     for name, got in results.items():
         assert not isinstance(got, str), f"{name}: {got}"
