@@ -11,7 +11,8 @@ GEMMs around this kernel in the forward, so the backward has no GEMM left).
 Per row, with x the row's logits in FP32 (after the softcap `tanh(x / c) * c` when c > 0):
   pass 1: online max m and sum d of exp(x - m) over BLOCK_V-wide column blocks; lse = m + log d;
           loss = lse - x[label]                                  (0 where label == IGNORE_INDEX)
-  pass 2: x[:] = softmax(x) - onehot(label), times (1 - tanh(x / c)^2) when capped (0 if ignored)
+  pass 2: x[:] = (softmax(x) - onehot(label)) * grad_scale, times (1 - tanh(x / c)^2) when capped
+          (0 if ignored); grad_scale is the loss's 1 / n_tokens, so the gradient is rounded once, as HF's
 Ignored rows load nothing: their loads are masked off, and pass 2 writes zeros. A label outside
 [0, V) gives a NaN loss (raising would need a host sync). `write_grad=False` skips pass 2 (eval).
 Its plain-torch twin, the definition this kernel meets, is `reference.cross_entropy_ref`.
@@ -46,7 +47,8 @@ def _tanh(y):
 
 
 @triton.jit(launch_metadata=_metadata)
-def _cross_entropy_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride_row, softcap, inv_softcap,
+def _cross_entropy_kernel(logits_ptr, labels_ptr, grad_scale_ptr, loss_ptr, lse_ptr, V, stride_row, softcap,
+                          inv_softcap,
                           IGNORE_INDEX: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
                           ROUND_BF16: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row: loss and lse, then (WRITE_GRAD) the gradient over the row's logits."""
@@ -86,6 +88,7 @@ def _cross_entropy_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride_r
     # Pass 2: d loss / d logits over the logits, in their dtype.
     if WRITE_GRAD:
         lse = tl.where(valid, lse, 0.0)
+        scale = tl.load(grad_scale_ptr)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
@@ -96,7 +99,7 @@ def _cross_entropy_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride_r
                 grad = (tl.exp(t * softcap - lse) - onehot) * (1.0 - t * t)
             else:
                 grad = tl.exp(x - lse) - onehot
-            grad = tl.where(valid, grad, 0.0)
+            grad = tl.where(valid, grad * scale, 0.0)
             if ROUND_BF16:  # the interpreter's fp32 -> bf16 cast truncates; round to nearest even first
                 grad = round_bf16(grad)
             tl.store(row_ptr + cols, grad, mask=mask)
@@ -109,10 +112,12 @@ def get_cross_entropy_configs(arch: str | None = None, vocab: int = 151936) -> d
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, softcap: float = 0.0, write_grad: bool = True,
-                  block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  grad_scale: torch.Tensor | None = None, block_v: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse), each (rows,) FP32, of the rows of `logits` (rows, V) against `labels` (rows,) int64
     (IGNORE_INDEX = -100: loss, lse and gradient 0). With `write_grad` the logits are overwritten by
-    d loss_row / d logits (pre-softcap). `block_v` overrides the config (tests)."""
+    d loss_row / d logits (pre-softcap) times `grad_scale` (an FP32 scalar tensor, read on the device:
+    no host sync; None: 1). `block_v` overrides the config (tests)."""
     if logits.dim() != 2 or logits.dtype not in _DTYPES or (logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError(f"cross_entropy takes (rows, V) row-major logits in {_DTYPES}, got "
                          f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
@@ -126,8 +131,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, softcap: float = 0
     cfg = get_cross_entropy_configs(vocab=vocab)
     if block_v is not None:
         cfg["BLOCK_V"] = block_v
+    if grad_scale is None:
+        grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
     _cross_entropy_kernel[(rows,)](
-        logits, labels.contiguous(), loss, lse, vocab, logits.stride(0), float(softcap),
+        logits, labels.contiguous(), grad_scale.float(), loss, lse, vocab, logits.stride(0), float(softcap),
         1.0 / softcap if softcap > 0 else 0.0,
         IGNORE_INDEX=IGNORE_INDEX, HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad,
         ROUND_BF16=logits.dtype == torch.bfloat16, **cfg)

@@ -58,10 +58,11 @@ from surogate.kernels.reference_nf4 import (
 IGNORE_INDEX = -100
 
 
-def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float = 0.0,
-                      write_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float = 0.0, write_grad: bool = True,
+                      grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse), each (rows,) FP32, of `logits` (rows, V) against `labels` (-100: 0); with `write_grad` the
-    logits are overwritten by d loss_row / d logits (pre-softcap), computed in FP32 and rounded to their dtype.
+    logits are overwritten by d loss_row / d logits (pre-softcap) times `grad_scale` (FP32 scalar tensor or
+    None), computed in FP32 and rounded to their dtype.
 
     Per row as the kernel: x = logits in FP32 (capped: tanh(x / c) * c), lse = logsumexp(x),
     loss = lse - x[label], gradient softmax(x) - onehot(label) (times 1 - tanh(x / c)^2); ignored rows 0.
@@ -80,6 +81,8 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float
         grad.scatter_add_(1, index, torch.full_like(grad[:, :1], -1.0))
         if t is not None:
             grad.mul_(t.mul_(t).neg_().add_(1.0))
+        if grad_scale is not None:
+            grad.mul_(grad_scale.float())
         logits.copy_(grad.masked_fill_(~valid.unsqueeze(1), 0.0))
     return loss, torch.where(valid, lse, 0.0)
 
