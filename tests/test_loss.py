@@ -55,6 +55,7 @@ def test_num_items_in_batch_and_frozen_head():
     ref = _hf(hidden, weight, labels, num_items=torch.tensor(40))
     loss = lm_head_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(40), chunk=3)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lm_head_cross_entropy(hidden, weight, labels, num_items_in_batch=40, chunk=3), loss)
     loss.backward()
     assert hidden.grad is not None and weight.grad is None
 

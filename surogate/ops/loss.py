@@ -1,25 +1,21 @@
-"""Chunked LM head + cross-entropy: no FP32 logits, and no LM-head GEMM in the backward.
+"""Chunked LM head + cross-entropy: no LM-head GEMM in the backward, no FP32 logits on the GPU.
 
-Why: for a 150k vocabulary the logits of one 2048-token sequence are 0.6 GB in bf16 (1.2 GB in FP32,
-plus as much again for their gradient). HF computes them all, upcasts and reduces, and its backward
-reads them again. Here the tokens are cut into chunks of `chunk_rows(vocab)` rows, and while a
-gradient is needed the forward does all the work of a chunk at once:
+Why: at a 150k vocabulary the logits of one 2048-token sequence are 0.6 GB in bf16; HF computes them
+all, upcasts them to FP32, and its backward reads them again. Here tokens go in chunks of
+`chunk_rows(vocab)` rows, and while a gradient is needed the forward does a chunk's whole work:
 
-    logits = hidden_c @ W^T (+ bias), in the model's dtype            one GEMM
-    cross_entropy(logits): loss per row, and d loss / d logits written over the logits, in place
-    grad_hidden_c = dlogits @ W (hidden's dtype); grad_W += dlogits^T @ hidden_c in FP32 if W trains
+    logits = hidden_c @ W^T (+ bias), in the model's dtype                   the one logits GEMM
+    cross_entropy: loss per row; d loss / d logits written over the logits   one kernel, in place
+    grad_hidden_c = dlogits @ W; grad_W += dlogits^T @ hidden_c (FP32) if W trains
 
-The loss is the rows' sum times `scale` (1 / the token count, known before the forward from the
-labels, as a device tensor), so the forward computes the gradient of the loss itself, scaled in
-FP32 before its one rounding to bf16, as HF's autograd does; the backward only multiplies what the
-forward kept by the loss's incoming gradient (1 for `loss.backward()`): no GEMM, no recompute. Without a gradient
-(eval, `torch.no_grad`) the loss-only op reads each chunk's logits once. The cross-entropy is the
-Triton kernel of `kernels/cross_entropy.py` on CUDA tensors and its plain-torch twin
-`reference.cross_entropy_ref` elsewhere (the CPU suite, CPU training): FP32 math over the logits
-of the GEMM's dtype, the gradient rounded to that dtype, as HF's autograd rounds it before its own
-dgrad GEMM. Ops, each one node for Dynamo, AOTAutograd and Inductor (fake impls registered):
-`surogate::lm_head_ce_fused` (loss and both gradients; autograd scales them) and
-`surogate::lm_head_ce` (the loss alone, no autograd).
+The loss is the rows' sum times `scale` = 1 / token count (from the labels, a device tensor), so the
+gradient is scaled in FP32 before its one rounding to the model's dtype, as in HF's autograd; the
+backward only multiplies the kept gradients by the loss's incoming gradient (1 for `loss.backward()`).
+Without a gradient (eval, `no_grad`) the loss-only op reads each chunk's logits once.
+`surogate::lm_head_ce_fused` (loss and gradients) and `surogate::lm_head_ce` (loss only) are single
+nodes for Dynamo, AOTAutograd and Inductor. On CUDA the cross-entropy is the Triton kernel of
+`kernels/cross_entropy.py`; elsewhere (the CPU suite, CPU training) its twin
+`reference.cross_entropy_ref`, the same math through a chunk-sized FP32 temporary.
 """
 
 from __future__ import annotations
@@ -112,6 +108,7 @@ def _fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, 
                 grad_weight.addmm_(logits.t(), h)
             else:  # a GEMM in the model's dtype (as HF's), its chunk sums accumulated in FP32
                 grad_weight += logits.t() @ h
+        del logits  # before the next chunk's logits exist: one chunk alive at a time
     return total * scale, grad_hidden, grad_weight
 
 
@@ -172,11 +169,13 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
     rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
+    # The loss is sum x scale, scale a device tensor: no host sync (CUDA graphs capture the step).
     if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
-        count = (shifted != IGNORE_INDEX).sum().clamp(min=1)
-    else:
-        count = torch.as_tensor(num_items_in_batch).to(hidden.device)
-    scale = 1.0 / count.to(torch.float32)  # a device tensor: no host sync
+        scale = 1.0 / (shifted != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+    elif isinstance(num_items_in_batch, Tensor):
+        scale = 1.0 / num_items_in_batch.to(hidden.device, torch.float32)
+    else:  # a number: filled on the device, not copied from the host
+        scale = torch.full((), 1.0 / num_items_in_batch, dtype=torch.float32, device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, _, _ = torch.ops.surogate.lm_head_ce_fused(flat, weight, bias, shifted, scale, cap, rows,
                                                          weight.requires_grad)
