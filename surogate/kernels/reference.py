@@ -66,6 +66,7 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float
 
     Per row as the kernel: x = logits in FP32 (capped: tanh(x / c) * c), lse = logsumexp(x),
     loss = lse - x[label], gradient softmax(x) - onehot(label) (times 1 - tanh(x / c)^2); ignored rows 0.
+    A label outside [0, V) raises here (`gather`); the kernel, which cannot raise without a sync, gives NaN.
     """
     x = logits.float()  # FP32 logits are `logits` itself: only written to when the gradient replaces them
     t = None
@@ -88,8 +89,9 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float
 
 
 __all__ = [
-    "FP8_DTYPES", "FP8_MAX", "GRAD_OUTPUT_Q_QUANTIZERS", "INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED", "check_grad_output_q",
-    "check_input_q", "cross_entropy_ref", "dequantize_blockwise_8bit_ref", "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nf4_ref",
+    "FP8_DTYPES", "FP8_MAX", "GRAD_OUTPUT_Q_QUANTIZERS", "IGNORE_INDEX", "INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED",
+    "check_grad_output_q", "check_input_q", "cross_entropy_ref", "dequantize_blockwise_8bit_ref", "dequantize_fp8_ref",
+    "dequantize_mx_ref", "dequantize_nf4_ref",
     "dequantize_nvfp4_ref", "dequantize_weight_ref", "dynamic_map", "e2m1_decode", "e2m1_encode",
     "grad_output_quantizer", "input_quantizer", "lora_linear_backward_ref", "lora_linear_ref", "nf4_code",
     "pack_nibbles", "quantize_blockwise_8bit_ref", "quantize_fp8_block_ref", "quantize_fp8_ref",
