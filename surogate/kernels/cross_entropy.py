@@ -12,7 +12,8 @@ Per row, with x the row's logits in FP32 (after the softcap `tanh(x / c) * c` wh
   pass 1: online max m and sum d of exp(x - m) over BLOCK_V-wide column blocks; lse = m + log d;
           loss = lse - x[label]                                  (0 where label == IGNORE_INDEX)
   pass 2: x[:] = (softmax(x) - onehot(label)) * grad_scale, times (1 - tanh(x / c)^2) when capped
-          (0 if ignored); grad_scale is the loss's 1 / n_tokens, so the gradient is rounded once, as HF's
+          (0 if ignored); grad_scale is the loss's 1 / n_tokens, applied in FP32 before the one
+          rounding to the logits' dtype, as in HF's autograd.
 Ignored rows load nothing: their loads are masked off, and pass 2 writes zeros. A label outside
 [0, V) gives a NaN loss (raising would need a host sync). `write_grad=False` skips pass 2 (eval).
 Its plain-torch twin, the definition this kernel meets, is `reference.cross_entropy_ref`.
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from surogate.kernels.bits import round_bf16
 from surogate.kernels.reference import IGNORE_INDEX
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
