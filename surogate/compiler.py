@@ -711,8 +711,8 @@ def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     hf.forward = types.MethodType(forward, hf)
-    report.note("lm_head + cross-entropy: surogate::lm_head_ce, chunked "
-                f"(softcap {softcap})" if softcap else "lm_head + cross-entropy: surogate::lm_head_ce, chunked")
+    what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
+    report.note(f"{what} (softcap {softcap})" if softcap else what)
 
 
 

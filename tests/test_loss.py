@@ -1,13 +1,19 @@
-"""Chunked LM head + cross-entropy against HF's ForCausalLMLoss: loss and gradients, odd chunkings."""
+"""Chunked LM head + cross-entropy against HF's ForCausalLMLoss: loss and gradients, odd chunkings; the
+fused path's GEMM count (one logits GEMM per chunk, none in the backward) and its graph under torch.compile."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from surogate.ops import loss as loss_mod
 from surogate.ops.loss import chunk_rows, lm_head_cross_entropy
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
 
 
 def _data(b=2, s=7, h=24, v=37, seed=0):
@@ -49,6 +55,7 @@ def test_num_items_in_batch_and_frozen_head():
     ref = _hf(hidden, weight, labels, num_items=torch.tensor(40))
     loss = lm_head_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(40), chunk=3)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lm_head_cross_entropy(hidden, weight, labels, num_items_in_batch=40, chunk=3), loss)
     loss.backward()
     assert hidden.grad is not None and weight.grad is None
 
@@ -70,12 +77,135 @@ def test_shape_error_and_chunk_heuristic():
     hidden, weight, labels = _data()
     with pytest.raises(ValueError, match="labels"):
         lm_head_cross_entropy(hidden, weight, labels[:, :3])
-    assert chunk_rows(151936) * 151936 <= 1 << 26 and chunk_rows(10) >= 16
+    # 256 MiB of bf16 logits a chunk, twice the rows of the old 256 MiB of FP32 logits
+    assert chunk_rows(151936) == 883 and chunk_rows(151936) * 151936 * 2 <= 256 * 2**20
+    assert chunk_rows(262144) == 512 and chunk_rows(10) >= 16
 
 
 def test_opcheck():
     hidden, weight, labels = _data(b=1, s=5)
-    shifted = labels.reshape(-1)
+    flat, shifted = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    for need_weight_grad in (False, True):
+        torch.library.opcheck(torch.ops.surogate.lm_head_ce_fused.default,
+                              (flat, weight, None, shifted, torch.tensor(0.25), 3.0, 2, need_weight_grad),
+                              test_utils=utils)
+    bias = torch.randn(weight.shape[0]).to(torch.bfloat16)
     torch.library.opcheck(torch.ops.surogate.lm_head_ce.default,
-                          (hidden.reshape(-1, hidden.shape[-1]), weight, None, shifted, 0.0, 2),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          (flat.detach(), weight.detach(), bias, shifted, 0.0, 2), test_utils=utils[:2])
+
+
+# --- numerics against HF, over dtypes, bias, frozen head, odd chunks, softcap --------------------
+
+def _hf_upcast(hidden, weight, labels, bias, softcap):
+    """HF's loss: the logits GEMM in the model dtype, upcast, (capped,) fp32 cross_entropy, mean."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return ForCausalLMLoss(logits, labels, vocab_size=weight.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_matches_hf_across_dtypes(dtype, softcap, bias, train_head):
+    g = torch.Generator().manual_seed(7)
+    b, s, h, v = 2, 13, 40, 301
+    hidden = (torch.randn(b, s, h, generator=g)).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype).requires_grad_(train_head)
+    bias_t = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[0, 1:7] = -100  # shifted: rows 0-5 ignored, i.e. the whole first chunk of 5 and one more
+    ref = _hf_upcast(hidden, weight, labels, bias_t, softcap)
+    ref_grads = torch.autograd.grad(ref, [hidden, weight] if train_head else [hidden])
+    loss = lm_head_cross_entropy(hidden, weight, labels, bias=bias_t, softcap=softcap, chunk=5)  # 26 = 5 x 5 + 1
+    grads = torch.autograd.grad(loss, [hidden, weight] if train_head else [hidden])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        if dtype == torch.float32:  # the same FP32 math, summed in another order
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            continue
+        # bf16: both round (p - y) / n to bf16 before the dgrad GEMM and the GEMM's output once, but the FP32
+        # values before each rounding differ by an ulp or so (exp, sums in another order), so an entry may
+        # land one bf16 ulp (2**-7 relative) away at each; sums that cancel are compared against the
+        # tensor's largest entry.
+        torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-8 * want.abs().max().item())
+        assert (got.float() - want.float()).norm() <= 2**-7 * want.float().norm()
+
+
+def test_no_targets_with_a_trained_head_gives_zero_loss_and_zero_grads():
+    hidden, weight, labels = _data(seed=4)
+    h = hidden.detach().clone().requires_grad_()
+    loss = lm_head_cross_entropy(h, weight, torch.full_like(labels, -100), chunk=3)
+    loss.backward()
+    assert loss.item() == 0.0 and not h.grad.any() and not weight.grad.any()
+
+
+# --- work done: one logits GEMM per chunk in the forward, none in the backward ---------------------
+
+def _gemms(prof) -> int:
+    return sum(e.name in GEMMS for e in prof.events())
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_path_runs_one_logits_gemm_per_chunk_and_a_backward_without_gemms(monkeypatch, train_head):
+    hidden, weight, labels = _data(b=2, s=11)
+    weight.requires_grad_(train_head)
+    calls, logits = [], loss_mod._logits
+    monkeypatch.setattr(loss_mod, "_logits", lambda *a: calls.append(a[0].shape[0]) or logits(*a))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as forward:
+        loss = lm_head_cross_entropy(hidden, weight, labels, chunk=4)  # 22 rows: 4+4+4+4+4+2
+    assert calls == [4, 4, 4, 4, 4, 2]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as backward:
+        loss.backward()
+    assert len(calls) == 6 and _gemms(backward) == 0  # no logits recomputed, no GEMM at all
+    assert not any(e.name.startswith("surogate::") for e in backward.events())
+    # per chunk: the logits GEMM, the dgrad GEMM, and with a trained head the weight-gradient GEMM
+    assert _gemms(forward) == 6 * (3 if train_head else 2)
+    names = {e.name for e in forward.events()}
+    assert "surogate::lm_head_ce_fused" in names and "surogate::lm_head_ce" not in names
+    assert hidden.grad is not None and (weight.grad is not None) == train_head
+
+
+def test_without_gradient_the_loss_only_op_runs_with_the_same_loss():
+    hidden, weight, labels = _data(seed=6)
+    with_grad = lm_head_cross_entropy(hidden, weight, labels, softcap=3.0, chunk=4)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        no_grad = lm_head_cross_entropy(hidden, weight, labels, softcap=3.0, chunk=4)
+    names = {e.name for e in prof.events()}
+    assert "surogate::lm_head_ce" in names and "surogate::lm_head_ce_fused" not in names
+    assert _gemms(prof) == 4  # 14 rows in chunks of 4: one logits GEMM each, no dgrad
+    assert torch.equal(no_grad, with_grad.detach())
+    frozen = lm_head_cross_entropy(hidden.detach(), weight.detach(), labels, softcap=3.0, chunk=4)
+    assert not frozen.requires_grad and torch.equal(frozen, no_grad)
+
+
+# --- under torch.compile: one node, a backward of scaling only, the eager numbers -----------------
+
+def test_compiled_matches_eager_with_one_fused_node_and_no_backward_gemm():
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm)
+        return compiler
+
+    def step(hidden, weight, labels, num_items):
+        return lm_head_cross_entropy(hidden, weight, labels, softcap=3.0, num_items_in_batch=num_items, chunk=5)
+
+    hidden, weight, labels = _data(b=2, s=9, seed=8)
+    eager = step(hidden, weight, labels, torch.tensor(11))
+    eager_grads = torch.autograd.grad(eager, [hidden, weight])
+    compiled = torch.compile(step, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    loss = compiled(hidden, weight, labels, torch.tensor(11))
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    assert torch.equal(loss, eager)
+    for got, want in zip(grads, eager_grads):
+        assert torch.equal(got, want)
+    targets = {name: [n.target for n in gm.graph.nodes if n.op == "call_function"] for name, gm in graphs.items()}
+    assert targets["forward"].count(torch.ops.surogate.lm_head_ce_fused.default) == 1
+    assert not any(str(t).startswith(("surogate.", "aten.mm", "aten.addmm")) for t in targets["backward"])

@@ -59,7 +59,7 @@ def test_rules_cover_every_category_but_idle_and_other():
 
 
 def test_context_puts_the_lm_head_and_optimizer_first():
-    assert bp.context_category([("aten::mm", False), ("surogate::lm_head_ce_backward", False)]) == bp.LOSS
+    assert bp.context_category([("aten::mm", False), ("surogate::lm_head_ce_fused", False)]) == bp.LOSS
     assert bp.context_category([("aten::mm", True), ("aten::linear", True)]) == bp.LOSS  # vocab-sized GEMM
     assert bp.context_category([("triton_per_fused_0", True), ("CompiledFunction", True)]) == bp.LOSS
     assert bp.context_category([("aten::mm", False), ("CompiledFunction", True)]) is None  # only ATen/Inductor

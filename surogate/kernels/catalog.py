@@ -487,9 +487,29 @@ def _quantizer_specs() -> list[KernelSpec]:
     ]
 
 
+def _loss_specs() -> list[KernelSpec]:
+    """The LM-head cross-entropy (ops/loss.py): no MMA; every recipe's training step runs it. Qwen3's
+    vocabulary, bf16 logits; Gemma's with the softcap."""
+    from surogate.kernels import cross_entropy as ce
+
+    def spec(name, vocab, softcap, what):
+        return KernelSpec(name, ce._cross_entropy_kernel,
+                          MappingProxyType(dict(logits_ptr="*bf16", labels_ptr="*i64", grad_scale_ptr="*fp32",
+                                                loss_ptr="*fp32", lse_ptr="*fp32", softcap="fp32",
+                                                inv_softcap="fp32")),
+                          MappingProxyType(dict(IGNORE_INDEX=ce.IGNORE_INDEX, HAS_SOFTCAP=softcap, WRITE_GRAD=True,
+                                                ROUND_BF16=True)),
+                          tuple(names(include_aliases=False)), None,
+                          ints=MappingProxyType(dict(V=vocab, stride_row=vocab)),
+                          config=lambda arch: ce.get_cross_entropy_configs(arch, vocab), what=what)
+
+    return [spec("cross_entropy", 151936, False, "LM-head loss per row, its gradient written over the logits"),
+            spec("cross_entropy_softcap", 262144, True, "the same with Gemma's logit softcap")]
+
+
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
-                  "surogate.kernels.transpose", "surogate.kernels.grouped")
+                  "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
@@ -504,7 +524,7 @@ def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
 @functools.lru_cache(maxsize=1)
 def specs() -> tuple[KernelSpec, ...]:
     """Every kernel in the catalog (imports the kernel modules on first call)."""
-    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs()))
+    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs() + _loss_specs()))
 
 
 def get(name: str) -> KernelSpec:

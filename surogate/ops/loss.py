@@ -1,105 +1,156 @@
-"""Chunked LM head + cross-entropy that never materialises the FP32 logits of a whole sequence.
+"""Chunked LM head + cross-entropy: no LM-head GEMM in the backward, no FP32 logits on the GPU.
 
-Why: for a 150k vocabulary the FP32 logits of one 2048-token sequence are 1.2 GB, plus as much
-again for their gradient; HF computes them all, upcasts, then reduces. Here the tokens are cut
-into chunks of `chunk_rows(vocab)` rows: each chunk's logits are computed (bf16 GEMM, upcast as
-HF does), reduced to its log-sum-exp and dropped; backward recomputes them chunk by chunk.
-It is one `torch.library` op (`surogate::lm_head_ce`) with a fake impl and registered autograd,
-so Dynamo, AOTAutograd and Inductor see one node.
+Why: at a 150k vocabulary the logits of one 2048-token sequence are 0.6 GB in bf16; HF computes them
+all, upcasts them to FP32, and its backward reads them again. Here tokens go in chunks of
+`chunk_rows(vocab)` rows, and while a gradient is needed the forward does a chunk's whole work:
+
+    logits = hidden_c @ W^T (+ bias), in the model's dtype                   the one logits GEMM
+    cross_entropy: loss per row; d loss / d logits written over the logits   one kernel, in place
+    grad_hidden_c = dlogits @ W; grad_W += dlogits^T @ hidden_c (FP32) if W trains
+
+The loss is the rows' sum times `scale` = 1 / token count (from the labels, a device tensor), so the
+gradient is scaled in FP32 before its one rounding to the model's dtype, as in HF's autograd; the
+backward only multiplies the kept gradients by the loss's incoming gradient (1 for `loss.backward()`).
+Without a gradient (eval, `no_grad`) the loss-only op reads each chunk's logits once.
+`surogate::lm_head_ce_fused` (loss and gradients) and `surogate::lm_head_ce` (loss only) are single
+nodes for Dynamo, AOTAutograd and Inductor. On CUDA the cross-entropy is the Triton kernel of
+`kernels/cross_entropy.py`; elsewhere (the CPU suite, CPU training) its twin
+`reference.cross_entropy_ref`, the same math through a chunk-sized FP32 temporary.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-# Elements of FP32 logits held at once (2**26 x 4 bytes = 256 MiB); a heuristic, not a tuned value.
-_CHUNK_ELEMENTS = 1 << 26
+from surogate.kernels.reference import IGNORE_INDEX, cross_entropy_ref
+
+# Elements of one chunk's logits: 2**27 x 2 bytes = 256 MiB in bf16 (512 MiB for an FP32 model). The
+# logits stay in the GEMM's dtype (no FP32 copy), so a chunk holds twice the rows the old FP32 budget
+# (2**26 x 4 bytes) allowed in the same memory, and the GEMMs get a larger M: 883 rows at Qwen3's
+# 151,936-token vocabulary, 512 at Gemma's 262,144. A heuristic, not a tuned value.
+_CHUNK_ELEMENTS = 1 << 27
+
+CrossEntropy = Callable[..., "tuple[Tensor, Tensor]"]  # (logits, labels, softcap, write_grad, grad_scale)
 
 
 def chunk_rows(vocab: int) -> int:
-    """Tokens per chunk so that one chunk's FP32 logits stay near `_CHUNK_ELEMENTS` elements."""
+    """Tokens per chunk so that one chunk's logits stay near `_CHUNK_ELEMENTS` elements."""
     return max(16, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float) -> Tensor:
-    """FP32 logits of one chunk: the GEMM in the model's dtype, then upcast (as HF's loss does)."""
-    logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
-    if softcap > 0:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One chunk's logits (rows, V), row-major, in the dtype of `hidden` and `weight` (already cast)."""
+    return F.linear(hidden, weight, bias)
+
+
+def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The head's weight and bias in the activations' dtype, cast once per call (not per chunk)."""
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+
+
+def _cuda_cross_entropy() -> CrossEntropy:
+    from surogate.kernels.cross_entropy import cross_entropy
+
+    return cross_entropy
+
+
+# --- the loss alone (no gradient) ----------------------------------------------------------------
+
+def _loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, softcap: float, chunk: int,
+          ce: CrossEntropy) -> Tensor:
+    w, b = _head(hidden, weight, bias)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        stop = min(start + chunk, hidden.shape[0])
+        loss, _ = ce(_logits(hidden[start:stop], w, b), labels[start:stop], softcap, False, None)
+        total += loss.sum()
+    return total
 
 
 @torch.library.custom_op("surogate::lm_head_ce", mutates_args=())
 def _lm_head_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, softcap: float,
-                chunk: int) -> tuple[Tensor, Tensor]:
-    """(sum of token losses over non-ignored labels (fp32 scalar), per-token log-sum-exp (T,) fp32)."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        stop = min(start + chunk, hidden.shape[0])
-        logits = _logits(hidden[start:stop], weight, bias, softcap)
-        lse_c = torch.logsumexp(logits, dim=-1)
-        lse[start:stop] = lse_c
-        lab = labels[start:stop]
-        valid = lab != IGNORE_INDEX
-        picked = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
-        total += torch.where(valid, lse_c - picked, 0.0).sum()
-    return total, lse
+                chunk: int) -> Tensor:
+    """Sum of the token losses over non-ignored labels (FP32 scalar); CPU and default: the reference."""
+    return _loss(hidden, weight, bias, labels, softcap, chunk, cross_entropy_ref)
+
+
+@_lm_head_ce.register_kernel("cuda")
+def _(hidden, weight, bias, labels, softcap, chunk):
+    return _loss(hidden, weight, bias, labels, softcap, chunk, _cuda_cross_entropy())
 
 
 @_lm_head_ce.register_fake
 def _(hidden, weight, bias, labels, softcap, chunk):
-    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    return hidden.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("surogate::lm_head_ce_backward", mutates_args=())
-def _lm_head_ce_backward(grad_total: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         lse: Tensor, softcap: float, chunk: int, need_weight_grad: bool) -> tuple[Tensor, Tensor]:
-    """(grad_hidden, grad_weight or an empty tensor); logits are recomputed chunk by chunk."""
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad \
-        else weight.new_empty(0)
-    w = weight.to(hidden.dtype)
+# --- loss and gradients in one forward -----------------------------------------------------------
+
+def _fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: Tensor, softcap: float,
+           chunk: int, need_weight_grad: bool, ce: CrossEntropy) -> tuple[Tensor, Tensor, Tensor]:
+    w, b = _head(hidden, weight, bias)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = hidden.new_empty(hidden.shape)
+    grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight_grad else weight.new_empty(0)
     for start in range(0, hidden.shape[0], chunk):
         stop = min(start + chunk, hidden.shape[0])
         h = hidden[start:stop]
-        logits = _logits(h, weight, bias, softcap)
-        lab = labels[start:stop]
-        valid = (lab != IGNORE_INDEX).unsqueeze(1)
-        grad = torch.exp(logits - lse[start:stop].unsqueeze(1))
-        grad.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(grad[:, :1], -1.0))
-        grad = torch.where(valid, grad, 0.0) * grad_total
-        if softcap > 0:
-            grad = grad * (1 - (logits / softcap) ** 2)
-        grad_hidden[start:stop] = (grad.to(hidden.dtype) @ w).to(hidden.dtype)
+        logits = _logits(h, w, b)
+        loss, _ = ce(logits, labels[start:stop], softcap, True, scale)  # logits now hold d (loss * scale) / d logits
+        total += loss.sum()
+        torch.mm(logits, w, out=grad_hidden[start:stop])
         if need_weight_grad:
-            grad_weight += grad.t() @ h.float()
-    return grad_hidden, grad_weight.to(weight.dtype) if need_weight_grad else grad_weight
+            if grad_weight.dtype == h.dtype:
+                grad_weight.addmm_(logits.t(), h)
+            else:  # a GEMM in the model's dtype (as HF's), its chunk sums accumulated in FP32
+                grad_weight += logits.t() @ h
+        del logits  # before the next chunk's logits exist: one chunk alive at a time
+    return total * scale, grad_hidden, grad_weight
 
 
-@_lm_head_ce_backward.register_fake
-def _(grad_total, hidden, weight, bias, labels, lse, softcap, chunk, need_weight_grad):
-    return torch.empty_like(hidden), (torch.empty_like(weight) if need_weight_grad else weight.new_empty(0))
+@torch.library.custom_op("surogate::lm_head_ce_fused", mutates_args=())
+def _lm_head_ce_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: Tensor,
+                      softcap: float, chunk: int, need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss = sum of the token losses x `scale` (FP32 scalars), its gradient w.r.t. hidden (hidden's dtype),
+    w.r.t. weight (FP32, or an empty tensor unless `need_weight_grad`)); CPU and default: the reference."""
+    return _fused(hidden, weight, bias, labels, scale, softcap, chunk, need_weight_grad, cross_entropy_ref)
+
+
+@_lm_head_ce_fused.register_kernel("cuda")
+def _(hidden, weight, bias, labels, scale, softcap, chunk, need_weight_grad):
+    return _fused(hidden, weight, bias, labels, scale, softcap, chunk, need_weight_grad, _cuda_cross_entropy())
+
+
+@_lm_head_ce_fused.register_fake
+def _(hidden, weight, bias, labels, scale, softcap, chunk, need_weight_grad):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape),
+            weight.new_empty(weight.shape, dtype=torch.float32) if need_weight_grad else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, softcap, chunk = inputs
-    ctx.softcap, ctx.chunk = softcap, chunk
-    ctx.need_weight_grad = weight.requires_grad
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    _, weight, _, _, _, _, _, need_weight_grad = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.weight_dtype, ctx.need_weight_grad = weight.dtype, need_weight_grad
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.set_materialize_grads(False)  # no zero-filled (T, H) / (V, H) gradients for the outputs above
+    ctx.save_for_backward(grad_hidden, grad_weight)
 
 
-def _backward(ctx, grad_total: Tensor, grad_lse: Tensor | None):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = torch.ops.surogate.lm_head_ce_backward(
-        grad_total, hidden, weight, bias, labels, lse, ctx.softcap, ctx.chunk, ctx.need_weight_grad)
-    return grad_hidden, (grad_weight if ctx.need_weight_grad else None), None, None, None, None
+def _backward(ctx, grad_loss: Tensor | None, _grad_hidden: None, _grad_weight: None):
+    if grad_loss is None:
+        return (None,) * 8
+    grad_hidden, grad_weight = ctx.saved_tensors
+    # In FP32 (a bf16 product would round grad_loss first); exact for 1 and for powers of two (1 / accum).
+    grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)
+    grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.need_weight_grad else None
+    return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-torch.library.register_autograd("surogate::lm_head_ce", _backward, setup_context=_setup_context)
+torch.library.register_autograd("surogate::lm_head_ce_fused", _backward, setup_context=_setup_context)
 
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
@@ -109,16 +160,24 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
 
     hidden (B, S, H) in the model dtype, labels (B, S) int. Mean over non-ignored tokens, or
     sum / `num_items_in_batch` when given (gradient accumulation), exactly as HF's ForCausalLMLoss.
+    Gradients reach `hidden` and `weight` (not `bias`). Whether to compute them in the forward is
+    decided here from grad mode and `requires_grad` (under torch.compile: once, at trace time).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match the hidden states' leading dims "
                          f"{tuple(hidden.shape[:-1])}")
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    rows = chunk or chunk_rows(weight.shape[0])
-    total, _ = torch.ops.surogate.lm_head_ce(flat, weight, bias, shifted, float(softcap or 0.0), int(rows))
+    rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
+    # The loss is sum x scale, scale a device tensor: no host sync (CUDA graphs capture the step).
     if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
-        return total / (shifted != IGNORE_INDEX).sum().clamp(min=1)
-    if isinstance(num_items_in_batch, Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        scale = 1.0 / (shifted != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+    elif isinstance(num_items_in_batch, Tensor):
+        scale = 1.0 / num_items_in_batch.to(hidden.device, torch.float32)
+    else:  # a number: filled on the device, not copied from the host
+        scale = torch.full((), 1.0 / num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        loss, _, _ = torch.ops.surogate.lm_head_ce_fused(flat, weight, bias, shifted, scale, cap, rows,
+                                                         weight.requires_grad)
+        return loss
+    return torch.ops.surogate.lm_head_ce(flat, weight, bias, shifted, cap, rows) * scale
