@@ -87,8 +87,9 @@ def test_lora_input_gets_the_lora_gradient_and_input_only_the_base_one():
 
 def test_plain_linear_without_lora_has_an_empty_hidden():
     x, w, _, _ = _case()
-    out, hidden = torch.ops.surogate.lora_linear(x, [w], "bf16", None, None, None, None, 1.0, "bf16", "bf16")
-    assert hidden.shape == (*x.shape[:-1], 0)
+    out, hidden, a_cast, b_cast = torch.ops.surogate.lora_linear(x, [w], "bf16", None, None, None, None, 1.0, "bf16",
+                                                                 "bf16")
+    assert hidden.shape == (*x.shape[:-1], 0) and a_cast.numel() == b_cast.numel() == 0
     torch.testing.assert_close(out.float(), (x.float() @ w.float().T), rtol=1e-2, atol=1e-2)
 
 

@@ -101,8 +101,8 @@ def test_input_q_gets_no_gradient_and_the_op_keeps_its_schema_default():
     weight = ops.prepare_weight(w, "fp8_block")
     data, scale = ref.quantize_fp8_block_ref(x)
     scale.requires_grad_()  # were the scale differentiable, nothing may flow into it
-    out, _ = torch.ops.surogate.lora_linear(x, weight, "fp8_block", a.requires_grad_(), b, None, None, 2.0, "fp8",
-                                            "fp8", [data, scale])
+    out = torch.ops.surogate.lora_linear(x, weight, "fp8_block", a.requires_grad_(), b, None, None, 2.0, "fp8",
+                                         "fp8", [data, scale])[0]
     out.float().sum().backward()
     assert scale.grad is None and a.grad is not None
     assert "Tensor[]? input_q=None" in str(torch.ops.surogate.lora_linear.default._schema)

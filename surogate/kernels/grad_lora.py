@@ -8,23 +8,56 @@ These are skinny GEMMs (one side is r = 8..64) whose cost is reading `g` and `x`
 `grad_lora` is three cuBLAS calls; a Triton version (one pass over `g` for both) was not written
 or measured (docs/kernels.md). FP32 accumulate, bf16 operands, results in the masters'
 dtype.
+
+Around the GEMMs every elementwise kernel works on a tensor of a few hundred KB and costs a launch (~1.3-2 us
+on an H200), so there are as few as the numbers allow: the factors arrive already in the compute dtype (the
+forward's casts, kept by the op), and the upcast of a product with its scaling is one multiply (`_scaled`),
+not a cast and then a multiply (bench/NOTES.md, "Copies in the fp8 step").
 """
 
 from __future__ import annotations
 
 import torch
 
+# One-element FP32 tensors holding a LoRA scale, per (device, scale): `_scaled`'s second operand.
+_SCALES: dict[tuple[torch.device, float], torch.Tensor] = {}
+
+
+def _scale_tensor(device: torch.device, lora_scale: float) -> torch.Tensor:
+    """`lora_scale` as a (1,) FP32 tensor on `device`, made once. Not kept when made during a CUDA graph
+    capture: its fill runs only when the graph replays, so an eager reader could find it unwritten."""
+    key = (device, float(lora_scale))
+    scale = _SCALES.get(key)
+    if scale is None:
+        scale = torch.full((1,), float(lora_scale), dtype=torch.float32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SCALES[key] = scale
+    return scale
+
+
+def _scaled(product: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`(product.float() * lora_scale).to(dtype)` in one kernel, with the same bits.
+
+    A one-element FP32 tensor operand promotes the multiply to FP32 (a Python scalar would not: bf16 x
+    scalar rounds to bf16), and on CUDA the multiply reads `product` with the cast (no temporary): the FP32
+    product of the same two FP32 values. FP32 masters need no further cast."""
+    return torch.mul(product, _scale_tensor(product.device, lora_scale)).to(dtype)
+
 
 def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
-              lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float
+              lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
+              grad_dtypes: tuple[torch.dtype, torch.dtype] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D operands in, `(grad_lora_a, grad_lora_b, grad_lora_hidden)` out.
 
+    `lora_a` / `lora_b` may already be in the compute dtype (the forward's casts); `grad_dtypes` are then the
+    dtypes of the masters, which the gradients take (default: those of `lora_a` and `lora_b`).
     `grad_lora_hidden` is unscaled and in the compute dtype; the caller folds `lora_scale`
     into the dgrad epilogue.
     """
     dtype = grad_output.dtype
+    a_dtype, b_dtype = grad_dtypes or (lora_a.dtype, lora_b.dtype)
     gh = grad_output @ lora_b.to(dtype)
-    grad_b = (grad_output.t() @ lora_hidden.to(dtype)).float() * lora_scale
-    grad_a = (gh.t() @ lora_input.to(dtype)).float() * lora_scale
-    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), gh
+    grad_b = _scaled(grad_output.t() @ lora_hidden.to(dtype), lora_scale, b_dtype)
+    grad_a = _scaled(gh.t() @ lora_input.to(dtype), lora_scale, a_dtype)
+    return grad_a, grad_b, gh

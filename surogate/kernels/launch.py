@@ -105,7 +105,8 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
 
     `input_q` ([data, scale], FP8 forwards only: `variants.check_input_q`) is the input already quantized,
     usually by the kernel that produced it (passes/producer.py); the GEMM reads it
-    instead of quantizing `input`.
+    instead of quantizing `input`. `lora_a` / `lora_b` may be the FP32 masters or already in `input`'s dtype
+    (the op casts them once and keeps the casts for its backward: ops/lora_linear.py `_cast_factors`).
     """
     fmt, compute = WeightFormat(weight_format), Compute(forward)
     lead, k = input.shape[:-1], input.shape[-1]
@@ -150,12 +151,14 @@ def _cublas_forward(v: Variant, aq, weight, hidden, up, bias, lora_scale) -> tor
 
 
 def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
-                              lora_scale, grad_input_precision, grad_output_q=None):
+                              lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
     """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None.
 
     `grad_output_q` ([data, scale], FP8 dgrads only: `variants.check_grad_output_q`) is the gradient already
     quantized, by the kernel that produced it in a compiled backward (ops/lora_linear.py); the dgrad GEMM
     reads it instead of quantizing `grad_output`, the LoRA gradients read `grad_output`.
+    `lora_a_cast` / `lora_b_cast`: the factors in `grad_output`'s dtype as the forward cast them (the op saves
+    them), read instead of casting the masters again; the gradients take the masters' dtypes.
     """
     fmt, compute = WeightFormat(weight_format), Compute(grad_input_precision)
     gq = None
@@ -170,8 +173,9 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     gh = a = None
     if has_lora:
         xl = _rows(input if lora_input is None else lora_input)
-        grad_a, grad_b, gh = grad_lora(g, xl, _rows(lora_hidden), lora_a, lora_b, lora_scale)
-        a = lora_a.to(dtype)
+        a = lora_a.to(dtype) if lora_a_cast is None else lora_a_cast
+        b = lora_b.to(dtype) if lora_b_cast is None else lora_b_cast
+        grad_a, grad_b, gh = grad_lora(g, xl, _rows(lora_hidden), a, b, lora_scale, (lora_a.dtype, lora_b.dtype))
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None

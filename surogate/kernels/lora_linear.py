@@ -307,10 +307,25 @@ def _runner(kernel, family: str, device: torch.device, modes: tuple):
 
 def _prescale(up: torch.Tensor, lora_scale: float) -> torch.Tensor:
     """lora_scale folded into the (small) up-projection, so the epilogue MMA accumulates straight
-    into the GEMM accumulator: a second 128x256 fp32 accumulator spilled registers on sm_90."""
+    into the GEMM accumulator: a second 128x256 fp32 accumulator spilled registers on sm_90.
+
+    One elementwise kernel: ATen multiplies a bf16/fp16 tensor by a Python scalar in fp32 (the scalar
+    read as fp32) and rounds once, the bits of `(up.float() * lora_scale).to(up.dtype)`, which took
+    three kernels (two casts and the multiply) on every GEMM call (tests/test_launch_copies.py)."""
     if lora_scale == 1.0:
         return up
-    return (up.float() * lora_scale).to(up.dtype)
+    return up * lora_scale
+
+
+def lora_up_rows(up: torch.Tensor, lora_scale: float) -> torch.Tensor:
+    """`_prescale(up, lora_scale).t().contiguous()`: U^T (r, N) row-major with lora_scale folded in, as the
+    persistent kernel's TMA reads it, written by the multiply itself (one kernel, not the multiply and then
+    a transposing copy). `up` is (N, r), any strides: the dgrad passes lora_a^T, whose U^T needs no copy at
+    scale 1."""
+    ut = up.t()
+    if lora_scale == 1.0:
+        return ut.contiguous()
+    return torch.mul(ut, lora_scale, out=torch.empty(ut.shape, dtype=up.dtype, device=up.device))
 
 
 def _grid(M: int, N: int):

@@ -47,7 +47,7 @@ import triton.language as tl
 from surogate.compat import ensure_tma_allocator
 from surogate.kernels import tuning
 from surogate.kernels.configs import block_r, interpreting
-from surogate.kernels.lora_linear import _block_fp8_step, _gemm_metadata, _prescale
+from surogate.kernels.lora_linear import _block_fp8_step, _gemm_metadata, lora_up_rows
 from surogate.kernels.variants import A_BF16, A_FP8_BLOCK, A_FP8_ROW, W_BF16, W_FP8_BLOCK, W_FP8_ROW, Gemm, Variant
 
 
@@ -221,7 +221,7 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
     # U^T (r, N) row-major, lora_scale folded in: the epilogue's MMA step reads it in [BLOCK_R, BLOCK_N] tiles.
-    ut = _prescale(up, lora_scale).t().contiguous() if has_lora else None
+    ut = lora_up_rows(up, lora_scale) if has_lora else None
     tma = tma_ok(a, w, out, hidden, ut) if tma is None else tma
     if tma:
         ensure_tma_allocator()

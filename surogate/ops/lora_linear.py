@@ -108,7 +108,26 @@ def out_features(weight: Sequence[Tensor], weight_format: "str | WeightFormat", 
 # Written out because infer_schema has no optional tensor list (`input_q`).
 _LORA_LINEAR_SCHEMA = ("(Tensor input, Tensor[] weight, str weight_format, Tensor? lora_a, Tensor? lora_b, "
                        "Tensor? lora_input, Tensor? bias, float lora_scale, str forward, str grad_input, "
-                       "Tensor[]? input_q=None) -> (Tensor, Tensor)")
+                       "Tensor[]? input_q=None) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _cast_factors(lora_a: Tensor | None, lora_b: Tensor | None, input: Tensor) -> tuple[Tensor, Tensor]:
+    """(lora_a_cast, lora_b_cast): the LoRA factors in the compute dtype (`input`'s), cast once by the forward
+    and saved for the backward, which would otherwise cast the FP32 masters again (two launches per LoRA linear
+    and micro-step, tests/test_launch_copies.py). A factor that is absent or already in that dtype gets an empty
+    tensor instead: an op output may not alias an input, and such a factor needs no cast. The fake
+    implementation decides the same from the dtypes (`_cast_shape`)."""
+    return tuple(input.new_empty(0) if t is None or t.dtype == input.dtype else t.to(input.dtype)
+                 for t in (lora_a, lora_b))
+
+
+def _cast_shape(t: Tensor | None, dtype: torch.dtype) -> tuple[int, ...]:
+    return (0,) if t is None or t.dtype == dtype else tuple(t.shape)
+
+
+def _given(cast: Tensor, master: Tensor | None) -> Tensor | None:
+    """The forward's cast of a factor where it made one, else the master (None without LoRA)."""
+    return master if cast.numel() == 0 else cast
 
 
 @torch.library.custom_op("surogate::lora_linear", mutates_args=(), schema=_LORA_LINEAR_SCHEMA)
@@ -124,20 +143,27 @@ def _lora_linear_op(
     forward: str,
     grad_input: str,
     input_q: list[Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The CPU (and default) implementation: the plain-torch reference."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CPU (and default) implementation: the plain-torch reference; -> (output, lora_hidden, lora_a_cast,
+    lora_b_cast), the last two kept for the backward (`_cast_factors`)."""
     _assert_finite(input, "the input")
-    return reference.lora_linear_ref(input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input, bias,
-                                     lora_scale, Compute(forward), Compute(grad_input), input_q)
+    output, hidden = reference.lora_linear_ref(input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input,
+                                               bias, lora_scale, Compute(forward), Compute(grad_input), input_q)
+    return output, hidden, *_cast_factors(lora_a, lora_b, input)
 
 
 @_lora_linear_op.register_kernel("cuda")
-def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input, input_q=None):
+def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input,
+                     input_q=None):
+    """The CUDA implementation (tests call it on CPU tensors, the Triton kernels under the interpreter)."""
     from surogate.kernels import launch
 
     _assert_finite(input, "the input")
-    return launch.lora_linear_cuda(input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input, bias,
-                                   lora_scale, Compute(forward), Compute(grad_input), input_q)
+    a_cast, b_cast = _cast_factors(lora_a, lora_b, input)
+    output, hidden = launch.lora_linear_cuda(input, weight, WeightFormat(weight_format), _given(a_cast, lora_a),
+                                             _given(b_cast, lora_b), lora_input, bias, lora_scale, Compute(forward),
+                                             Compute(grad_input), input_q)
+    return output, hidden, a_cast, b_cast
 
 
 @_lora_linear_op.register_fake
@@ -146,12 +172,14 @@ def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale
     rank = 0 if lora_a is None else lora_a.shape[0]
     output = input.new_empty((*input.shape[:-1], n))
     lora_hidden = input.new_empty((*input.shape[:-1], rank))
-    return output, lora_hidden
+    return (output, lora_hidden, input.new_empty(_cast_shape(lora_a, input.dtype)),
+            input.new_empty(_cast_shape(lora_b, input.dtype)))
 
 
 _LORA_LINEAR_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor[] weight, str weight_format, "
                                 "Tensor? lora_a, Tensor? lora_b, Tensor? lora_input, Tensor? lora_hidden, "
-                                "float lora_scale, str grad_input, Tensor[]? grad_output_q=None) "
+                                "float lora_scale, str grad_input, Tensor[]? grad_output_q=None, "
+                                "Tensor? lora_a_cast=None, Tensor? lora_b_cast=None) "
                                 "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
@@ -168,11 +196,16 @@ def _lora_linear_backward_op(
     lora_scale: float,
     grad_input: str,
     grad_output_q: list[Tensor] | None = None,
+    lora_a_cast: Tensor | None = None,
+    lora_b_cast: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors.
 
     `grad_output_q` (FP8 dgrads only: `grad_output_quantizer(grad_input, weight_format)(grad_output)`) is the
-    gradient already quantized for the dgrad GEMM; the LoRA gradients read the bf16 `grad_output`."""
+    gradient already quantized for the dgrad GEMM; the LoRA gradients read the bf16 `grad_output`.
+    `lora_a_cast` / `lora_b_cast` are `lora_a` / `lora_b` in the compute dtype as the forward cast them (its
+    outputs 2 and 3); the CUDA implementation reads them instead of casting again (the reference casts; the
+    values are the same). The gradients take the masters' dtype."""
     _assert_finite(grad_output, "the gradient")
     grads = reference.lora_linear_backward_ref(grad_output, input, weight, WeightFormat(weight_format), lora_a,
                                                lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input),
@@ -181,19 +214,21 @@ def _lora_linear_backward_op(
 
 
 @_lora_linear_backward_op.register_kernel("cuda")
-def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
-      grad_output_q=None):
+def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
+                              lora_scale, grad_input, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
+    """The CUDA implementation of the backward (as `lora_linear_cuda`)."""
     from surogate.kernels import launch
 
     _assert_finite(grad_output, "the gradient")
     grads = launch.lora_linear_backward_cuda(grad_output, input, weight, WeightFormat(weight_format), lora_a, lora_b,
-                                             lora_input, lora_hidden, lora_scale, Compute(grad_input), grad_output_q)
+                                             lora_input, lora_hidden, lora_scale, Compute(grad_input), grad_output_q,
+                                             lora_a_cast, lora_b_cast)
     return tuple(_empty_if_none(g, grad_output) for g in grads)
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
-      grad_output_q=None):
+      grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
     return (
         torch.empty_like(input),
         grad_output.new_empty(0) if lora_a is None else torch.empty_like(lora_a),
@@ -217,25 +252,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_lora_input = lora_input is not None
     saved = [input, *weight]
     if ctx.has_lora:
-        saved += [lora_a, lora_b, output[1]]
+        saved += [lora_a, lora_b, output[1], output[2], output[3]]
     if ctx.has_lora_input:
         saved.append(lora_input)
     ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, grad_output: Tensor, grad_lora_hidden: Tensor | None):
-    # lora_hidden is an internal output kept for this backward; nothing downstream differentiates it.
+def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
+    # lora_hidden and the factors' casts are internal outputs kept for this backward; nothing downstream
+    # differentiates them.
     saved = list(ctx.saved_tensors)
     input, weight, rest = saved[0], saved[1:1 + ctx.n_weight], saved[1 + ctx.n_weight:]
-    lora_a = lora_b = lora_hidden = lora_input = None
+    lora_a = lora_b = lora_hidden = lora_input = a_cast = b_cast = None
     if ctx.has_lora:
-        lora_a, lora_b, lora_hidden, rest = rest[0], rest[1], rest[2], rest[3:]
+        lora_a, lora_b, lora_hidden, a_cast, b_cast, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
+        a_cast, b_cast = (None if t.numel() == 0 else t for t in (a_cast, b_cast))
     if ctx.has_lora_input:
         lora_input = rest[0]
     grad_output = grad_output.contiguous()
     g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
         grad_output, input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
-        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output, input))
+        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output, input),
+        lora_a_cast=a_cast, lora_b_cast=b_cast)
     grads = (
         g_input,
         [None] * ctx.n_weight,  # the frozen weight never gets a gradient
@@ -329,10 +367,9 @@ def lora_linear(
     weight_format)(input)`), so that the producer of `input` can emit it; it gets no gradient.
     """
     validate(input, weight, weight_format, lora_a, lora_b, forward, grad_input, input_q)
-    output, _ = torch.ops.surogate.lora_linear(input, list(weight), _value(weight_format), lora_a, lora_b,
-                                               lora_input, bias, float(lora_scale), _value(forward),
-                                               _value(grad_input), None if input_q is None else list(input_q))
-    return output
+    return torch.ops.surogate.lora_linear(input, list(weight), _value(weight_format), lora_a, lora_b, lora_input, bias,
+                                          float(lora_scale), _value(forward), _value(grad_input),
+                                          None if input_q is None else list(input_q))[0]
 
 
 def prepare_weight(weight: Tensor, weight_format: "str | WeightFormat") -> list[Tensor]:
