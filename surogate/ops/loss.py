@@ -144,8 +144,9 @@ def _backward(ctx, grad_loss: Tensor | None, _grad_hidden: None, _grad_weight: N
     if grad_loss is None:
         return (None,) * 8
     grad_hidden, grad_weight = ctx.saved_tensors
-    # In FP32 (a bf16 product would round grad_loss first); exact for 1 and for powers of two (1 / accum).
-    grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)
+    # One kernel: a 0-dim FP32 factor leaves the result in hidden's dtype and the product is taken in FP32
+    # (ATen's opmath), the same bits as upcast, multiply, downcast; exact for 1 and powers of two (1 / accum).
+    grad_hidden = grad_hidden * grad_loss.float()
     grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.need_weight_grad else None
     return grad_hidden, grad_weight, None, None, None, None, None, None
 
