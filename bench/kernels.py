@@ -485,7 +485,7 @@ def main() -> None:
 
     commit = git_commit()
     meta = dict(gpu=torch.cuda.get_device_name(), arch=arch, torch=torch.__version__, triton=triton.__version__,
-                commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                commit=commit, rank=RANK, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if args.persistent:
         valid = {} if args.skip_validate else validate_persistent(recipes)
         rows = bench_persistent(models, recipes, ms)
