@@ -16,8 +16,9 @@ masked from the loss (labels -100), EOS appended. Two modes:
 The micro-batch sequence is fixed (seeded; epochs repeat, reshuffled, when --steps asks for more).
 Every optimizer step is --accum (4) micro-batches, then fused AdamW.
 
-Models: Qwen3-0.6B, Qwen3-8B (bench/tps.py configs) and Llama-3-8B, random weights, bf16; LoRA r=16,
-alpha 32 on the 7 projections. Systems: HF+PEFT eager, HF+PEFT under torch.compile(dynamic=True),
+Models: Qwen3-0.6B, Qwen3-8B and Llama-3-8B by default, or any other dense model of bench/tps.py by its key
+there (e.g. 1.7B, Gemma-2-2B): its configs, random weights, bf16; LoRA r=16, alpha 32 as its lora_config
+(the 7 projections; Phi-3: its 4 linears). Systems: HF+PEFT eager, HF+PEFT under torch.compile(dynamic=True),
 Liger-Kernel where importable, and every recipe native on this GPU ("surogate:<recipe>", suffixes as in
 bench/tps.py; an emulated recipe runs only when named, labelled so). Each (model, system, mode) runs in
 its own subprocess under --time-limit seconds: one that runs out is recorded as "timeout" with the last
@@ -75,39 +76,34 @@ def _load_tps() -> ModuleType:
 
 tps = _load_tps()
 
-MODELS = {"0.6B": "Qwen3-0.6B", "8B": "Qwen3-8B", "llama3-8B": "Llama-3-8B"}
+# The default models: key here -> bench/tps.py's key (records carry tps.model_name of it: "Llama-3-8B").
+MODELS = {"0.6B": "0.6B", "8B": "8B", "llama3-8B": "Llama-3-8B"}
 MODES = ("padded", "packed")
 PEERS = ["hf_eager", "hf_compile", "liger"]
-LIGER = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama"}
 PAD_TO = 128  # GraphedStep's shape bucket
 MARK = "SFT-PROGRESS "  # worker stdout lines the parent reads (the last one says how far a timeout got)
 DONE = "SFT-RESULT "
 PADDED_TARGET, PACKED_TARGET, LLAMA_FP8_TARGET = 1.5, 0.9, 17e3
 
 
+def tps_key(key: str) -> str:
+    """bench/tps.py's key of model `key`: "Llama-3-8B" for "llama3-8B"; a dense model of bench/tps.py (Qwen3
+    size or ARCHS name) as is. The MoE model is not run here."""
+    key = MODELS.get(key, key)
+    if key in tps.QWEN3 or key in tps.ARCHS:
+        return key
+    raise ValueError(f"unknown model {key!r}; known: {', '.join(dict.fromkeys([*MODELS, *tps.QWEN3, *tps.ARCHS]))}")
+
+
 def model_name(key: str) -> str:
-    """"Qwen3-0.6B" for "0.6B" (any bench/tps.py Qwen3 size), "Llama-3-8B" for "llama3-8B"."""
-    if key in MODELS:
-        return MODELS[key]
-    if key in tps.QWEN3:
-        return f"Qwen3-{key}"
-    raise ValueError(f"unknown model {key!r}; known: {', '.join(dict.fromkeys([*MODELS, *tps.QWEN3]))}")
-
-
-def llama3_8b_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5,
-                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                       max_position_embeddings=8192, tie_word_embeddings=False, torch_dtype="bfloat16")
+    """"Qwen3-0.6B" for "0.6B", "Llama-3-8B" for "llama3-8B": bench/tps.py's record names."""
+    return tps.model_name(tps_key(key))
 
 
 def model_config(key: str):
     """The model's config, `use_cache=False`: with a KV cache transformers skips the packed-sequence mask
     it builds from `position_ids` (and training needs no cache; surogate.compile sets the same)."""
-    model_name(key)
-    config = llama3_8b_config() if key == "llama3-8B" else tps.qwen3_config(key)
+    config = tps.model_config(tps_key(key))
     config.use_cache = False
     return config
 
@@ -130,12 +126,12 @@ def check_system(system: str) -> None:
 
 
 def available(system: str, key: str) -> str | None:
-    """None if `system` can train model `key` here, else why not (bench/tps.py's check, plus Liger's
+    """None if `system` can train model `key` here, else why not (bench/tps.py's checks, plus Liger's
     patch function for the model's architecture)."""
-    why = tps.available(system)
+    why = tps.available(system) or tps.unsupported(tps_key(key), system)
     if why or system != "liger":
         return why
-    fn = LIGER.get(model_config(key).model_type)
+    fn = tps.LIGER[model_config(key).model_type]
     try:
         module = importlib.import_module("liger_kernel.transformers")
         getattr(module, fn)
@@ -234,7 +230,7 @@ def build(key: str, system: str):
 
     config = model_config(key)
     if system == "liger":
-        getattr(importlib.import_module("liger_kernel.transformers"), LIGER[config.model_type])()
+        tps.apply_liger(config.model_type)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
@@ -244,8 +240,9 @@ def build(key: str, system: str):
         recipe, options = tps.surogate_system(system)
         options.pop("cuda_graphs", None)  # a driver option (micro_step_fn), not a compile option
         emulated = tps.recipe_of(system)[1]  # only when named: default_systems() has native recipes only
-        return surogate.compile(model, recipe=recipe, lora=tps.lora_config(), allow_emulation=emulated, **options)
-    model = get_peft_model(model, tps.lora_config())
+        return surogate.compile(model, recipe=recipe, lora=tps.lora_config(tps_key(key)), allow_emulation=emulated,
+                                **options)
+    model = get_peft_model(model, tps.lora_config(tps_key(key)))
     if system == "hf_compile":
         model = torch.compile(model, dynamic=True)
     return model
@@ -562,7 +559,7 @@ def plot(records: list[dict], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)} "
-                   f"(or another Qwen3 size of bench/tps.py)")
+                   f"(or another dense model of bench/tps.py by its key there: a Qwen3 size, or a name of its ARCHS)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of padded, packed")
     p.add_argument("--systems", default="all", help="comma list of hf_eager, hf_compile, liger, surogate:<recipe>"
                    "[+option], or 'all' (the peers and every recipe native on this GPU)")
@@ -644,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 shown = (f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB  first step "
                          f"{record['first_step_s']:6.1f} s  autotune {record['autotune_runs']}  recompiles "
                          f"{record['recompiles']}") if _ok(record) else record["error"].splitlines()[-1][:200]
-                print(f"{record['model']:11} {system:22} {mode:6} {shown}", flush=True)
+                print(f"{record['model']:14} {system:22} {mode:6} {shown}", flush=True)
                 write_results(records, skipped, env, settings, args.out, args.tps_json)
     print(write_results(records, skipped, env, settings, args.out, args.tps_json) if records else "no records")
     return 0

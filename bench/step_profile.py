@@ -226,7 +226,8 @@ def markdown(records: list[dict], env: dict) -> str:
              f"triton {env.get('triton', '?')}, commit {env.get('commit', '?')})", "",
              f"One optimizer step (batch {shape.get('batch', '?')} x seq {shape.get('seq', '?')}, "
              f"grad accumulation {shape.get('accum', '?')}, AdamW fused) under torch.profiler after "
-             f"{shape.get('warmup', '?')} warm-up steps; LoRA r=16 as bench/tps.py's lora_config (the 7 projections; MoE: attention and every expert). "
+             f"{shape.get('warmup', '?')} warm-up steps; LoRA r=16 as bench/tps.py's lora_config (the 7 projections; "
+             "Phi-3: its 4 linears; MoE: attention and every expert). "
              "Time per category is the sum of its GPU activities' durations, as a share of the profiled "
              "step's wall time; categories on concurrent streams may overlap. Idle = wall - union of GPU "
              "busy intervals; the profiler slows the CPU side, so it is an upper bound. surogate systems replay "
@@ -370,7 +371,7 @@ def _step(micro_step: Any, opt: Any, batches: list) -> Any:
 
 
 def _trace_path(out: Path, size: str, system: str) -> Path:
-    return out / f"trace_Qwen3-{size}_{re.sub(r'[^A-Za-z0-9.+-]', '-', system)}.json.gz"
+    return out / f"trace_{_tps().model_name(size)}_{re.sub(r'[^A-Za-z0-9.+-]', '-', system)}.json.gz"
 
 
 def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int, trace: Path | None) -> dict:
@@ -407,7 +408,8 @@ def worker(size: str, system: str, warmup: int, batch: int, seq: int, accum: int
         prof.export_chrome_trace(str(_trace_path(trace, size, system)))
     tokens = batch * seq * accum
     return {
-        "model": f"Qwen3-{size}", "system": system, "batch": batch, "seq": seq, "accum": accum, "warmup": warmup,
+        "model": tps.model_name(size), "system": system, "batch": batch, "seq": seq, "accum": accum,
+        "warmup": warmup,
         "step_s": wall, "tokens_per_s": tokens / wall, "unprofiled_step_s": unprofiled,
         "tokens_per_s_unprofiled": tokens / unprofiled if unprofiled else None,
         "loss": float(loss), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -434,7 +436,7 @@ def run_one(size: str, system: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", size, system, f"--warmup={args.warmup}",
            f"--batch={args.batch}", f"--seq={args.seq}", f"--accum={args.accum}", f"--out={args.out}"]
     cmd += ["--trace"] if args.trace else []
-    failed = {"model": f"Qwen3-{size}", "system": system}
+    failed = {"model": _tps().model_name(size), "system": system}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -447,15 +449,16 @@ def run_one(size: str, system: str, args: argparse.Namespace) -> dict:
 
 def _summary_line(r: dict) -> str:
     if "error" in r:
-        return f"{r['model']:11} {r['system']:22} FAILED: {_last_line(r['error'])}"
+        return f"{r['model']:14} {r['system']:22} FAILED: {_last_line(r['error'])}"
     shares = sorted(((v["share"], c) for c, v in r["categories"].items()), reverse=True)[:4]
-    return (f"{r['model']:11} {r['system']:22} step {1e3 * r['step_s']:8.1f} ms  {r['launches']:6d} kernels  "
+    return (f"{r['model']:14} {r['system']:22} step {1e3 * r['step_s']:8.1f} ms  {r['launches']:6d} kernels  "
             + ", ".join(f"{c} {100 * s:.0f}%" for s, c in shares))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="0.6B,8B", help="comma list of model sizes (bench/tps.py QWEN3 and QWEN3_MOE, e.g. 30B-A3B)")
+    p.add_argument("--models", default="0.6B,8B", help="comma list of bench/tps.py models: Qwen3 sizes (QWEN3, "
+                   "QWEN3_MOE, e.g. 30B-A3B) and other models by name (ARCHS, e.g. Gemma-2-2B)")
     p.add_argument("--systems", default="hf_compile,surogate:bf16,surogate:fp8",
                    help="comma list of bench/tps.py systems: hf_eager, hf_compile, liger, bnb_nf4, surogate:<recipe>")
     p.add_argument("--warmup", type=int, default=2, help="full optimizer steps before the profiled one")
@@ -483,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for size in args.models.split(","):
         for system in args.systems.split(","):
-            why = _available(system)
-            record = {"model": f"Qwen3-{size}", "system": system, "error": f"skipped: {why}"} if why \
+            why = _available(system) or _tps().unsupported(size, system)
+            record = {"model": _tps().model_name(size), "system": system, "error": f"skipped: {why}"} if why \
                 else run_one(size, system, args)
             records.append({**shape, **record, **env})
             print(_summary_line(record), flush=True)

@@ -2,14 +2,21 @@
 
     python bench/tps.py --models 0.6B,8B                      # every system that runs here
     python bench/tps.py --models 0.6B --systems hf_eager,surogate:qfp8 --steps 6
+    python bench/tps.py --models Gemma-2-2B,Phi-3-mini --systems hf_compile,surogate:bf16
 
 Each (model, system) runs in its own subprocess, so that one crash, OOM or compile cache does
-not leak into the next. Qwen3 models are built from their published configs with random
-weights (no download), directly on the GPU in bf16; LoRA r=16, alpha=32 on the 7 projections;
-batch 2 x seq 2048 packed (random token ids: throughput does not depend on the text), grad
-accumulation 4; AdamW. tokens/s = batch * seq * accum / median wall time of an optimizer step after warm-up.
-Models: dense Qwen3 0.6B, 1.7B, 4B, 8B, 14B; MoE Qwen3-30B-A3B (LoRA on attention + every expert via PEFT
-target_parameters; peers hf_eager, hf_compile, with HF's grouped_mm experts). A worker that runs out of
+not leak into the next. Models are built from their published configs with random weights (no
+download), directly on the GPU in bf16; LoRA r=16, alpha=32 on the 7 projections (Phi-3: its 4 linears,
+q/k/v and gate/up being fused); batch 2 x seq 2048 packed (random token ids: throughput does not depend
+on the text), grad accumulation 4; AdamW. tokens/s = batch * seq * accum / median wall time of an optimizer
+step after warm-up.
+Models (--models keys; records name them as in brackets):
+- Qwen3 dense by size: 0.6B, 1.7B, 4B, 8B, 14B ("Qwen3-0.6B", ...);
+- Qwen3 MoE 30B-A3B ("Qwen3-30B-A3B"; LoRA on attention + every expert via PEFT target_parameters; peers
+  hf_eager, hf_compile, with HF's grouped_mm experts);
+- other architectures by their full name: Llama-3-8B, Llama-3.1-8B, Llama-3.2-1B, Mistral-7B (v0.3),
+  Gemma-2-2B (HF runs it with eager attention: SDPA has no logit soft-capping), Phi-3-mini (4k).
+Liger runs each architecture's own patch (LIGER); one without is skipped. A worker that runs out of
 GPU memory is recorded as "OOM".
 Writes bench/results/tps.json (one record per measurement: model, system, recipe, emulated,
 tokens_per_s, peak_gib, first_step_s, losses, GPU, versions, commit), tps.md (with the speed-up over
@@ -28,6 +35,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,10 +62,54 @@ QWEN3_MOE = {
 # (PEFT target_parameters: one A/B pair per expert), since the experts are parameters, not nn.Linear.
 MOE_TARGETS = TARGETS[:4]
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+# Other architectures, by their published name: (transformers config class, the fields of the model's
+# config.json that shape it; the class defaults give the rest: activation, biases, dropout 0).
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "max_position_embeddings": 8192,
+             "tie_word_embeddings": False}
+# Llama 3.1 and 3.2: the same theta, long-context frequency scaling (factor 8; 3.2: 32).
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+ARCHS = {
+    "Llama-3-8B": ("LlamaConfig", LLAMA3_8B),  # bench/sft.py's "llama3-8B"
+    "Llama-3.1-8B": ("LlamaConfig", {**LLAMA3_8B, "rope_parameters": LLAMA31_ROPE, "max_position_embeddings": 131072}),
+    "Llama-3.2-1B": ("LlamaConfig", {**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192,
+                                     "num_hidden_layers": 16, "head_dim": 64, "max_position_embeddings": 131072,
+                                     "rope_parameters": {**LLAMA31_ROPE, "factor": 32.0}, "tie_word_embeddings": True}),
+    "Mistral-7B": ("MistralConfig", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                                     "vocab_size": 32768, "rms_norm_eps": 1e-5, "sliding_window": None,
+                                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                                     "max_position_embeddings": 32768, "tie_word_embeddings": False}),
+    "Gemma-2-2B": ("Gemma2Config", {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                                    "vocab_size": 256000, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                                    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+                                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "max_position_embeddings": 8192, "tie_word_embeddings": True}),
+    # Phi-3-mini-4k: multi-head attention (32 kv heads), q/k/v and gate/up each one fused linear; its
+    # config.json's 2047-token sliding window kept (at seq 2048 the first token drops out of the last's).
+    "Phi-3-mini": ("Phi3Config", {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+                                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                                  "rms_norm_eps": 1e-5, "sliding_window": 2047,
+                                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                                  "pad_token_id": 32000, "bos_token_id": 1, "eos_token_id": 32000,
+                                  "tie_word_embeddings": False}),
+}
+MODEL_KEYS = [*QWEN3, *QWEN3_MOE, *ARCHS]
+# LoRA targets where the 7 projections are not the linears (by config.model_type).
+FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+# Liger-Kernel's patch of each architecture (by config.model_type); one not here is skipped.
+LIGER = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama",
+         "mistral": "apply_liger_kernel_to_mistral", "gemma2": "apply_liger_kernel_to_gemma2",
+         "phi3": "apply_liger_kernel_to_phi3"}
 PEERS = ["hf_eager", "hf_compile", "liger", "bnb_nf4"]
 # Peers that only exist for dense models here, and why (a skipped (model, system), not a failure).
 MOE_UNSUPPORTED = {
-    "liger": "dense only here: build() applies Liger's dense-Qwen3 patch, not its Qwen3-MoE one",
     "bnb_nf4": "dense only: bnb Linear4bit quantizes nn.Linear, the experts are fused 3-D parameters",
 }
 SUROGATE_RECIPES = ["bf16", "fp8", "qfp8", "qfp8-bf16", "qnf4", "fp4", "qfp4"]
@@ -82,34 +137,64 @@ def qwen3_moe_config(size: str):
                           torch_dtype="bfloat16", experts_implementation="grouped_mm")
 
 
-def model_config(size: str):
-    """The config of any size of QWEN3 (dense) or QWEN3_MOE."""
-    if size in QWEN3:
-        return qwen3_config(size)
-    if size in QWEN3_MOE:
-        return qwen3_moe_config(size)
-    raise ValueError(f"unknown model {size!r}; known: {', '.join([*QWEN3, *QWEN3_MOE])}")
+def arch_config(name: str, **overrides) -> PretrainedConfig:
+    """The config of an ARCHS model; `overrides` replace published fields (the CPU tests shrink it)."""
+    import transformers
+
+    cls, fields = ARCHS[name]
+    return getattr(transformers, cls)(**{**fields, **overrides}, torch_dtype="bfloat16")
+
+
+def model_spec(key: str) -> tuple[str, PretrainedConfig]:
+    """(record name, config) of a --models key: the one place a key is resolved, so that records, traces and
+    the model built agree. Qwen3 keys are sizes ("0.6B" is "Qwen3-0.6B"); ARCHS keys are their own names."""
+    if key in QWEN3:
+        return f"Qwen3-{key}", qwen3_config(key)
+    if key in QWEN3_MOE:
+        return f"Qwen3-{key}", qwen3_moe_config(key)
+    if key in ARCHS:
+        return key, arch_config(key)
+    raise ValueError(f"unknown model {key!r}; known: {', '.join(MODEL_KEYS)}")
+
+
+def model_name(key: str) -> str:
+    """The name records, tables and traces give model `key` ("Qwen3-0.6B", "Gemma-2-2B")."""
+    return model_spec(key)[0]
+
+
+def model_config(key: str) -> PretrainedConfig:
+    """The config of any --models key: a size of QWEN3 (dense) or QWEN3_MOE, or a name of ARCHS."""
+    return model_spec(key)[1]
+
+
+def lora_targets(size: str | None = None) -> list[str]:
+    """The linears LoRA trains on `size`: TARGETS (also without a size), the attention of an MoE model, or
+    an architecture's fused linears (FUSED_TARGETS)."""
+    if size is None:
+        return TARGETS
+    if is_moe(size):
+        return MOE_TARGETS
+    return FUSED_TARGETS.get(model_config(size).model_type, TARGETS)
 
 
 def lora_config(size: str | None = None):
-    """The LoRA every system of the benchmark trains on `size` (r=16 on TARGETS; attention and experts for an
-    MoE model), so that they train the same thing."""
+    """The LoRA every system of the benchmark trains on `size` (r=16 on its lora_targets; and the experts
+    of an MoE model), so that they train the same thing."""
     from peft import LoraConfig
 
-    if is_moe(size):
-        return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MOE_TARGETS,
-                          target_parameters=MOE_TARGET_PARAMETERS, task_type="CAUSAL_LM")
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    experts = {"target_parameters": MOE_TARGET_PARAMETERS} if is_moe(size) else {}
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets(size), **experts,
+                      task_type="CAUSAL_LM")
 
 
-def _to_nf4(model):
-    """Swap the 7 projections for bitsandbytes Linear4bit (NF4, double quantization), as QLoRA does."""
+def _to_nf4(model, targets: list[str]):
+    """Swap the LoRA target linears for bitsandbytes Linear4bit (NF4, double quantization), as QLoRA does."""
     import bitsandbytes as bnb
     import torch
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
+            if child_name in targets and isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
@@ -191,11 +276,9 @@ def build(size: str, system: str):
     from transformers import AutoModelForCausalLM
 
     if unsupported(size, system):
-        raise ValueError(f"{system} on Qwen3-{size}: {unsupported(size, system)}")
+        raise ValueError(f"{system} on {model_name(size)}: {unsupported(size, system)}")
     if system == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-
-        apply_liger_kernel_to_qwen3()
+        apply_liger(model_config(size).model_type)
     torch.manual_seed(0)
     cpu_load = system.startswith("surogate:") and surogate_system(system)[1].get("cpu_load", False)
     if cpu_load:
@@ -204,7 +287,7 @@ def build(size: str, system: str):
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(model_config(size), torch_dtype=torch.bfloat16)
     if system == "bnb_nf4":
-        model = _to_nf4(model)
+        model = _to_nf4(model, lora_targets(size))
     if system.startswith("surogate:"):
         import surogate
 
@@ -225,6 +308,13 @@ def build(size: str, system: str):
     if system == "hf_compile":
         model = torch.compile(model)
     return model
+
+
+def apply_liger(model_type: str) -> None:
+    """Patch transformers' modules of `model_type` with Liger's kernels (before the model is built)."""
+    import importlib
+
+    getattr(importlib.import_module("liger_kernel.transformers"), LIGER[model_type])()
 
 
 def micro_step_fn(model, system: str, accum: int):
@@ -276,7 +366,7 @@ def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int
         losses.append(float(torch.stack(step_losses).mean()))
     median = statistics.median(times)
     return {
-        "model": f"Qwen3-{size}", "system": system, "tokens_per_s": batch * seq * accum / median,
+        "model": model_name(size), "system": system, "tokens_per_s": batch * seq * accum / median,
         "step_s": median, "peak_gib": max(build_peak_gib, torch.cuda.max_memory_allocated() / 2**30),
         "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": first_step_s,
         "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(math.isfinite, losses)),
@@ -307,8 +397,14 @@ def available(system: str) -> str | None:
 
 
 def unsupported(size: str, system: str) -> str | None:
-    """None if `system` can train model `size`, else why not (MoE models: the peers that are dense only)."""
-    return MOE_UNSUPPORTED.get(system) if is_moe(size) else None
+    """None if `system` can train model `size`, else why not (MoE models: the peers that are dense only;
+    Liger on an architecture it has no patch for)."""
+    if is_moe(size) and system in MOE_UNSUPPORTED:
+        return MOE_UNSUPPORTED[system]
+    model_type = model_config(size).model_type
+    if system == "liger" and model_type not in LIGER:
+        return f"no Liger patch wired up for {model_type} (bench/tps.py LIGER)"
+    return None
 
 
 OOM_SIGNS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory")
@@ -422,7 +518,8 @@ def _previous_records(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="0.6B", help=f"comma list of {', '.join([*QWEN3, *QWEN3_MOE])}")
+    p.add_argument("--models", default="0.6B", help=f"comma list of Qwen3 sizes ({', '.join([*QWEN3, *QWEN3_MOE])}) "
+                   f"and other models by name ({', '.join(ARCHS)})")
     p.add_argument("--systems", default="all", help="comma list of peers and surogate:<recipe>, or 'all'")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -454,22 +551,25 @@ def main(argv: list[str] | None = None) -> int:
             skipped[system] = why
             print(f"skip {system}: {why}", flush=True)
     for size in sizes:
-        for system in [s for s in systems if s not in skipped and unsupported(size, s)]:
-            skipped[f"Qwen3-{size} {system}"] = unsupported(size, system)
-            print(f"skip Qwen3-{size} {system}: {unsupported(size, system)}", flush=True)
+        for system in [s for s in systems if s not in skipped]:
+            why = unsupported(size, system)
+            if why:
+                skipped[f"{model_name(size)} {system}"] = why
+                print(f"skip {model_name(size)} {system}: {why}", flush=True)
     for size in sizes:
-        for system in [s for s in systems if s not in skipped and f"Qwen3-{size} {s}" not in skipped]:
+        name = model_name(size)
+        for system in [s for s in systems if s not in skipped and f"{name} {s}" not in skipped]:
             cmd = [sys.executable, __file__, "--worker", size, system] + \
                   [f"--{k}={v}" for k, v in shape.items()]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
                 last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
                 record = json.loads(last) if done.returncode == 0 else \
-                    {"model": f"Qwen3-{size}", "system": system, "error": failure(done.returncode, done.stderr)}
+                    {"model": name, "system": system, "error": failure(done.returncode, done.stderr)}
                 if record.get("error") == "OOM":  # the allocation that failed, and what was in use
                     record["detail"] = done.stderr.strip().splitlines()[-1][-400:]
             except subprocess.TimeoutExpired:
-                record = {"model": f"Qwen3-{size}", "system": system, "error": f"timed out after {args.timeout}s"}
+                record = {"model": name, "system": system, "error": f"timed out after {args.timeout}s"}
             record.update(env)
             record["recipe"], record["emulated"] = recipe_of(system)
             records = [r for r in records if (r["model"], r["system"]) != (record["model"], system)] + [record]
@@ -477,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{record['tokens_per_s']:9.0f} tok/s  {record['peak_gib']:5.1f} GiB (training {record['train_peak_gib']:5.1f})" \
                 f"  first step " \
                 f"{record['first_step_s']:6.1f} s  loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}"
-            print(f"Qwen3-{size:7} {system:22} {shown}", flush=True)
+            print(f"{name:14} {system:22} {shown}", flush=True)
             write_results(records, skipped, env, args.out)
     write_results(records, skipped, env, args.out)  # also when every (model, system) was skipped
     return 0

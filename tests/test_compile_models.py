@@ -106,6 +106,14 @@ def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([grads[k].flatten().float() for k in sorted(grads)])
 
 
+def assert_every_target_rewritten(report, targets: "list[str] | None" = None) -> None:
+    """No target linear of the compiled graph fell back (the report says why one did); with `targets` (the
+    LoRA target_modules), each of them is among the rewritten."""
+    assert report.linears and len(report.rewritten) == len(report.linears), str(report)
+    if targets is not None:
+        assert set(targets) <= {name.rsplit(".", 1)[-1] for name in report.rewritten}, str(report)
+
+
 def _same_operands(peft_model, recipe: str, dtype: torch.dtype = torch.bfloat16):
     """A copy of the PEFT model on the base layers `compile` swaps in (`SurogateLinear` of the recipe),
     run eagerly: the same quantized operands in forward and dgrad, the LoRA branch in FP32. `dtype`
@@ -155,7 +163,7 @@ def test_model_matches_eager_peft_and_trains(arch_name, recipe):
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     report = compiled.surogate_report  # filled when the first call compiles the block graph
-    assert report.linears and len(report.rewritten) == len(report.linears), str(report)
+    assert_every_target_rewritten(report)
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) / ref.item() < BOUNDS[recipe][0]
     _check_lora_grads(_lora_grads(compiled), _lora_grads(same), _lora_grads(eager), recipe)
 
