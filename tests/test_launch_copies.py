@@ -146,11 +146,19 @@ def test_one_kernel_scalings_have_the_bits_of_the_three_kernel_ones(scale):
     assert torch.equal(grad_lora._scaled(up, scale, BF16), (up.float() * scale).to(BF16))
 
 
-def test_bench_copies_scales_one_linear_to_the_model_shape():
-    """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 and maps the shapes back."""
+def test_bench_copies_scales_one_linear_to_the_model_shape(monkeypatch):
+    """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: `_lora_gemm_kernel`;
+    the persistent kernel when PERSISTENT_SM90 sends it there) and maps the shapes back."""
     from bench_module import load_bench
 
-    rows, routes = load_bench("copies").launches("fp8", 12288, 4096, 4096, 16, 2.0)
+    copies = load_bench("copies")
+    rows, routes = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
+    assert routes == ["lora_linear_fp8", "grad_input_fp8"]
+    assert [(r["op"], r["inputs"][0]) for r in rows] == [
+        ("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32"), ("mul", "(12288, 16) bfloat16"),
+        ("mul", "(12288, 16) bfloat16"), ("mul", "(16, 4096) bfloat16"), ("mul", "(4096, 16) bfloat16")]
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
+    rows, routes = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
     assert routes == ["persistent_lora_linear_fp8", "persistent_grad_input_fp8"]
     assert [(r["op"], r["inputs"][0]) for r in rows] == [
         ("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32"), ("mul", "(16, 12288) bfloat16"),
