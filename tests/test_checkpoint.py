@@ -216,3 +216,44 @@ def test_resume_keys_checked_by_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .* is not a checkpoint folder"):
         from_dict({"resume_from_checkpoint": str(tmp_path)})
     assert from_dict({"resume_from_checkpoint": False}).resume_from_checkpoint is None
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_update(model_dir, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 2 stops the run before the optimizer applies it: the LoRA weights stay step 1's, the
+    error names the step, the learning rate and what to try, and the CLI prints it as one line (exit 1)."""
+    import surogate.training.train as train_module
+    from surogate.training import setup, steps
+    from surogate.training.cli import main
+
+    real_eager, real_compile = steps.MicroStep.eager, setup.compile_model
+    seen: dict = {"calls": 0}
+
+    def nan_from_the_second_micro_step(self, batch):
+        loss = real_eager(self, batch)
+        seen["calls"] += 1
+        return loss * float("nan") if seen["calls"] >= 2 else loss
+
+    def keep_model(model, cfg):
+        seen["model"] = real_compile(model, cfg)
+        return seen["model"]
+
+    def snapshot(record: dict) -> None:
+        seen["after_1"] = {n: p.detach().clone() for n, p in seen["model"].named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(steps.MicroStep, "eager", nan_from_the_second_micro_step)
+    monkeypatch.setattr(setup, "compile_model", keep_model)
+    raw = tiny_raw_config(model_dir, tmp_path / "out", max_steps=3, gradient_accumulation_steps=1,
+                          recipe="qfp8", eval_steps=None, dataset={"eval_split": None})
+    with pytest.raises(FloatingPointError, match=r"^step 2: the loss is nan \(learning rate .*\); the weights are "
+                                                 r"step 1's, not updated with it\. Lower learning_rate, or train the "
+                                                 r"same config with recipe: bf16"):
+        train(from_dict(raw), log=_quiet, on_step=snapshot)
+    now = {n: p.detach() for n, p in seen["model"].named_parameters() if p.requires_grad}
+    assert now.keys() == seen["after_1"].keys() and all(torch.equal(now[n], seen["after_1"][n]) for n in now)
+
+    seen["calls"] = 0
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda cfg: real_train(cfg, log=_quiet))
+    assert main(["train", write_config(tmp_path / "c.yaml", raw)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("surogate: error: step 2: the loss is nan") and "Traceback" not in "\n".join(err)

@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _rank() == 0:  # the other ranks' errors print with their rank (distributed.fail_fast)
             print(f"surogate: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a NaN / Inf loss (train.non_finite_loss_message): the run stopped
+        if _rank() == 0:
+            print(f"surogate: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if _rank() == 0:
             print("surogate: interrupted", file=sys.stderr)

@@ -145,6 +145,16 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     return result
 
 
+def non_finite_loss_message(step: int, loss: float, lr: float, recipe: str) -> str:
+    """The one line a NaN / Inf loss stops the run with. It is checked before the optimizer step, so the
+    LoRA weights stay those of the last finite step; the cause is either the training (a learning rate too
+    high for the data) or the numerics (the recipe, a kernel), and the same config in bf16 tells which."""
+    other = "" if recipe == "bf16" else f", or train the same config with recipe: bf16 to tell a {recipe} fault " \
+        "from the training's"
+    return (f"step {step}: the loss is {loss} (learning rate {lr:.3g}); the weights are step {step - 1}'s, "
+            f"not updated with it. Lower learning_rate{other}")
+
+
 def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
            on_step: Callable[[dict], None] | None) -> TrainResult:
     from surogate.kernels.plan import plan
@@ -279,15 +289,15 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                         step_loss, agreed_stop = float(both[0]), float(both[1]) > 0  # the step's one host sync
                     else:
                         step_loss = float(torch.stack(losses).mean())  # the step's one host sync
+                    lr = opt.param_groups[0]["lr"]
+                    if not math.isfinite(step_loss):  # the mean over the ranks: every rank stops here
+                        raise FloatingPointError(non_finite_loss_message(step, step_loss, lr, cfg.recipe))
                     if cfg.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    lr = opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                     in_step, now = False, time.perf_counter()
-                    if not math.isfinite(step_loss):  # the mean over the ranks: every rank stops here
-                        raise FloatingPointError(f"step {step}: the loss is {step_loss}; lower learning_rate")
                     if first_step_s is None:  # compilation included: reported apart, never in tokens/s
                         first_step_s, time_to_first_step = now - t0, now - t_start
                     else:
