@@ -17,7 +17,11 @@ Phases (each one a separate command, so that each GPU call stays under 10 minute
             example per row, never packed), the same loss with the LoRA B matrices zeroed (the base
             as the recipe stores it) and, with --exact-match K, greedy-decoded "#### N" accuracy
             on the first K test questions. One record per recipe: <work>/runs/<key>/<recipe>.json.
-  report    fidelity.json, fidelity.md (targets met/missed) and fidelity_loss.png in --out.
+            A fine-tune whose loss turns NaN/Inf (the trainer's FloatingPointError) is a result too: its
+            record says "diverged" (message, step, the train losses so far, no eval), the other recipes
+            of the call still run, and the command then exits non-zero.
+  report    fidelity.json, fidelity.md (targets met/missed; DIVERGED rows; "No record:" for the recipes
+            this machine runs that have none, e.g. a crashed run) and fidelity_loss.png in --out.
 
 CPU smoke (tests/test_fidelity_smoke.py):
     python bench/fidelity.py --base tiny --recipes bf16,qfp8 --out /tmp/fid --work /tmp/fid/work
@@ -29,11 +33,19 @@ call, with the full GSM8K copied to runs/gsm8k (cp -r ../shared/data/gsm8k runs/
     python bench/fidelity.py --phase pretrain && python bench/fidelity.py --phase finetune --recipes bf16
     python bench/fidelity.py --phase finetune --recipes fp8,qfp8,qfp8-bf16
     python bench/fidelity.py --phase finetune --recipes qnf4,fp4,qfp4 && python bench/fidelity.py --phase report
+
+Ablation of the sm_90 persistent GEMM route (surogate.kernels.variants.PERSISTENT_SM90): under the
+library's routing (fp8 from 1,024 rows, this study's 2 x 512) fp8's loss turned NaN at step 5 on the H200,
+and with the route off fp8 trained fine. --persistent on sends every variant the persistent kernel runs
+there at any row count (True), off none (False); it changes nothing off sm_90. The record is kept beside
+the default run's as <recipe>+persistent / <recipe>+nopersistent (then -seed<N>). To reproduce the bug:
+    python bench/fidelity.py --phase finetune --recipes fp8 --persistent on
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -57,6 +69,11 @@ FORMAT_VERSION = "1"  # bump when a change to this file changes what a cached ba
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Eval-loss ceilings relative to bf16 (ratio = recipe / bf16). qfp8-bf16 stores the same weights as qfp8.
 LOSS_TARGETS = {"fp8": 1.01, "qfp8": 1.01, "qfp8-bf16": 1.01, "qnf4": 1.02, "fp4": 1.03, "qfp4": 1.03}
+# --persistent on/off -> the record name's suffix (no suffix: the library's own routing).
+PERSISTENT_TAGS = {"on": "+persistent", "off": "+nopersistent"}
+# What only a fine-tune that finished puts in its record (the evaluation, the speed): None where it diverged.
+RESULT_KEYS = ("eval_loss", "eval_examples", "eval_tokens", "eval_row_len", "exact_match", "eval_loss_base", "eval_s",
+               "tokens_per_s", "time_to_first_step_s", "compile")
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seed of the fine-tuning only (LoRA init, data order), on the same base; default --seed. "
                         "A record of another seed is kept beside the main one as <recipe>-seed<N>: bf16 at "
                         "several seeds gives the report its noise floor")
+    p.add_argument("--persistent", default=None, choices=tuple(PERSISTENT_TAGS),
+                   help="finetune: force the sm_90 persistent GEMM route on (variants.PERSISTENT_SM90 = True) or "
+                        "off (False); default: the library's routing. The record becomes <recipe>+persistent or "
+                        "<recipe>+nopersistent")
     p.add_argument("--data", default=None, help="directory with GSM8K train.jsonl/test.jsonl (default: "
                    "../shared/data/gsm8k beside the repo, else runs/gsm8k inside it)")
     p.add_argument("--work", default=str(REPO / "runs" / "fidelity"), help="cache of bases and per-recipe runs")
@@ -461,8 +482,36 @@ def evaluate_adapter(args, base: Path, adapter_dir: Path, recipe: str, emulated:
     return result
 
 
+def finetune_seed(args) -> int:
+    return args.seed if args.finetune_seed is None else args.finetune_seed
+
+
+def record_name(args, recipe: str) -> str:
+    """The record's file stem: <recipe>[+persistent|+nopersistent][-seed<N>], so that an ablation or another
+    fine-tuning seed is kept beside the default run's record instead of replacing it."""
+    seed = finetune_seed(args)
+    return recipe + PERSISTENT_TAGS.get(args.persistent, "") + ("" if seed == args.seed else f"-seed{seed}")
+
+
+@contextlib.contextmanager
+def persistent_routing(choice: str | None):
+    """variants.PERSISTENT_SM90 forced True ("on") or False ("off") while the block runs (None: the library's
+    routing), then restored, so that a later recipe or an in-process caller gets the default again."""
+    from surogate.kernels import variants
+
+    saved = variants.PERSISTENT_SM90
+    if choice is not None:
+        variants.PERSISTENT_SM90 = choice == "on"
+    try:
+        yield
+    finally:
+        variants.PERSISTENT_SM90 = saved
+
+
 def finetune(args, recipe: str, support: str) -> dict:
-    """LoRA on the cached base with `recipe` (surogate.training.train.train), then its evaluation; writes the record."""
+    """LoRA on the cached base with `recipe` (surogate.training.train.train), then its evaluation; writes the
+    record. A loss that turns NaN/Inf (the trainer raises FloatingPointError) writes a "diverged" record
+    instead: a recipe that cannot train is a result the report must show, not a missing row."""
     from surogate.training.config import from_dict
     from surogate.training.train import train
 
@@ -470,11 +519,10 @@ def finetune(args, recipe: str, support: str) -> dict:
     if not (base / "base.json").is_file():
         raise SystemExit(f"fidelity: no pretrained base at {base}; run --phase pretrain with the same settings")
     out = runs_dir(args)
-    seed = args.seed if args.finetune_seed is None else args.finetune_seed
-    name = recipe if seed == args.seed else f"{recipe}-seed{seed}"
+    seed, name = finetune_seed(args), record_name(args, recipe)
     record_path = out / f"{name}.json"
     if record_path.is_file() and not args.redo:
-        log(f"{recipe}: cached record {record_path} (--redo to run it again)")
+        log(f"{name}: cached record {record_path} (--redo to run it again)")
         return json.loads(record_path.read_text())
     settings = finetune_settings(args)
     cfg = from_dict({
@@ -489,32 +537,66 @@ def finetune(args, recipe: str, support: str) -> dict:
         "logging_steps": max(1, settings["steps"] // 20)})
     torch._dynamo.reset()  # no compiled graph of the previous recipe may serve this one
     t0 = time.perf_counter()
-    result = train(cfg, log=lambda line: log(f"{recipe}: {line}"))
-    metrics = json.loads(result.metrics_path.read_text())
-    evaluation = evaluate_adapter(args, base, result.adapter_dir, recipe, support == "emulated")
-    record = {"recipe": recipe, "support": support, **evaluation, "exact_match": evaluation.get("exact_match"),
-              "steps": result.steps, "seed": seed, "final_train_loss": result.final_train_loss,
-              "train_loss": [h["loss"] for h in result.history], "tokens_per_s": result.tokens_per_s,
-              "time_to_first_step_s": metrics.get("time_to_first_step_s"), "compile": metrics.get("compile"),
-              "wall_s": round(time.perf_counter() - t0, 1), "settings": settings, **environment()}
+    losses: list[float] = []  # each finished step's train loss: all a diverged run leaves
+    diverged = None
+    with persistent_routing(args.persistent):  # the evaluation runs the same GEMMs as the training
+        try:
+            result = train(cfg, log=lambda line: log(f"{name}: {line}"), on_step=lambda r: losses.append(r["loss"]))
+        except FloatingPointError as error:  # raised after the step's update, before on_step: len(losses) + 1
+            diverged = str(error)
+            outcome = {**dict.fromkeys(RESULT_KEYS), "steps": len(losses),
+                       "final_train_loss": losses[-1] if losses else None}
+        else:
+            metrics = json.loads(result.metrics_path.read_text())
+            outcome = {**dict.fromkeys(RESULT_KEYS), **evaluate_adapter(args, base, result.adapter_dir, recipe,
+                                                                        support == "emulated"),
+                       "steps": result.steps, "final_train_loss": result.final_train_loss,
+                       "tokens_per_s": result.tokens_per_s,
+                       "time_to_first_step_s": metrics.get("time_to_first_step_s"), "compile": metrics.get("compile")}
+    record = {"recipe": recipe, "support": support, "persistent": args.persistent, "diverged": diverged,
+              "diverged_step": len(losses) + 1 if diverged else None, **outcome,
+              "seed": seed, "train_loss": losses, "wall_s": round(time.perf_counter() - t0, 1),
+              "settings": settings, **environment()}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     em = record["exact_match"]
-    log(f"{name} ({support}): eval loss {record['eval_loss']:.4f} (base under the recipe "
-        f"{record['eval_loss_base']:.4f})" + ("" if em is None else f", exact match {em['correct']}/{em['k']}")
+    log(f"{name} ({support}): " + (f"DIVERGED: {diverged}" if diverged else
+                                   f"eval loss {record['eval_loss']:.4f} (base under the recipe "
+                                   f"{record['eval_loss_base']:.4f})"
+                                   + ("" if em is None else f", exact match {em['correct']}/{em['k']}"))
         + f", {record['wall_s']:.0f}s -> {record_path}")
     return record
 
 
 # --- phase 3: report ------------------------------------------------------------------------------
 
+def _label(rec: dict) -> str:
+    """The recipe, then what sets the run apart from the default one: "bf16", "fp8 (+persistent)",
+    "bf16 (+nopersistent, seed 43)". Records written before --persistent have no such field."""
+    tags = [PERSISTENT_TAGS[rec["persistent"]]] if rec.get("persistent") else []
+    tags += [] if rec["seed"] == rec["settings"]["seed"] else [f"seed {rec['seed']}"]
+    return rec["recipe"] + (f" ({', '.join(tags)})" if tags else "")
+
+
+def _sort_key(rec: dict, order: list[str]) -> tuple:
+    """The library's recipe order; after each recipe's default run its ablations, then its other seeds."""
+    return (order.index(rec["recipe"]) if rec["recipe"] in order else len(order), rec.get("persistent") or "",
+            rec["seed"] != rec["settings"]["seed"], rec["seed"])
+
+
+def _bf16_runs(records: list[dict]) -> list[dict]:
+    """bf16 runs that can serve as the reference or the noise floor: not diverged, default routing."""
+    return [r for r in records if r["recipe"] == "bf16" and not r.get("persistent") and not r.get("diverged")]
+
+
 def _row(rec: dict, bf16: dict | None) -> dict:
-    ratio = rec["eval_loss"] / bf16["eval_loss"] if bf16 is not None else None
+    diverged = rec.get("diverged")
+    ratio = None if bf16 is None or diverged else rec["eval_loss"] / bf16["eval_loss"]
     target = None if rec["recipe"] == "bf16" else LOSS_TARGETS.get(rec["recipe"])
     em = rec.get("exact_match")
-    label = rec["recipe"] if bf16 is None or rec["seed"] == bf16["seed"] else f"{rec['recipe']} (seed {rec['seed']})"
-    return {"recipe": label, "support": rec["support"], "eval_loss": rec["eval_loss"],
+    return {"recipe": _label(rec), "support": rec["support"], "persistent": rec.get("persistent"),
+            "diverged": diverged, "diverged_step": rec.get("diverged_step"), "eval_loss": rec["eval_loss"],
             "ratio_to_bf16": ratio, "target_ratio": target,
-            "target_met": None if ratio is None or target is None else ratio <= target,
+            "target_met": False if diverged else None if ratio is None or target is None else ratio <= target,
             "eval_loss_base": rec["eval_loss_base"], "exact_match": None if em is None else em["accuracy"],
             "exact_match_k": None if em is None else em["k"], "final_train_loss": rec["final_train_loss"],
             "steps": rec["steps"], "seed": rec["seed"], "tokens_per_s": rec["tokens_per_s"],
@@ -522,6 +604,8 @@ def _row(rec: dict, bf16: dict | None) -> dict:
 
 
 def _verdict(row: dict) -> str:
+    if row["diverged"]:
+        return f"DIVERGED (step {row['diverged_step']})"
     if row["recipe"] == "bf16":
         return "reference"
     if row["recipe"].startswith("bf16 (seed"):
@@ -541,15 +625,16 @@ def table_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         target = "-" if r["target_ratio"] is None else f"<= +{(r['target_ratio'] - 1) * 100:.0f}%"
         em = "-" if r["exact_match"] is None else f"{r['exact_match']:.1%} of {r['exact_match_k']}"
-        lines.append(f"| {r['recipe']} | {r['support']} | {r['eval_loss']:.4f} | "
-                     f"{_fmt(r['ratio_to_bf16'], '.4f')} | {target} | {_verdict(r)} | {r['eval_loss_base']:.4f} | {em} |")
+        lines.append(f"| {r['recipe']} | {r['support']} | {_fmt(r['eval_loss'], '.4f')} | "
+                     f"{_fmt(r['ratio_to_bf16'], '.4f')} | {target} | {_verdict(r)} | "
+                     f"{_fmt(r['eval_loss_base'], '.4f')} | {em} |")
     return lines
 
 
 def noise_floor(records: list[dict], reference: dict | None) -> dict | None:
     """bf16's eval loss over the fine-tuning seeds run on the same base: how far a recipe's ratio to bf16
-    can move with the seed alone (None with fewer than two bf16 seeds)."""
-    losses = {r["seed"]: r["eval_loss"] for r in records if r["recipe"] == "bf16"}
+    can move with the seed alone (None with fewer than two bf16 seeds that finished)."""
+    losses = {r["seed"]: r["eval_loss"] for r in _bf16_runs(records)}
     if reference is None or len(losses) < 2:
         return None
     ratios = [v / reference["eval_loss"] for v in losses.values()]
@@ -565,19 +650,24 @@ def noise_line(noise: dict | None) -> str:
             f"of {noise['max_ratio_spread']:.2%} of bf16's; a recipe's 'vs bf16' within that is seed noise.")
 
 
-def plot_curves(records: list[dict], path: Path, title: str) -> None:
-    """Train loss per step of every recipe (top) and its difference to bf16's, 10-step mean (bottom)."""
+def no_record_lines(missing: list[str]) -> list[str]:
+    return [f"No record: {', '.join(missing)}.", ""] if missing else []
+
+
+def plot_curves(records: list[dict], reference: dict | None, path: Path, title: str) -> None:
+    """Train loss per step of every recipe (top) and its difference to the bf16 reference's, 10-step mean
+    (bottom). A diverged run's curve stops at its last finite step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 6.5), dpi=120)
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (2, 1)})
-    bf16 = next((r["train_loss"] for r in records if r["recipe"] == "bf16"), None)
-    for r in records:
+    bf16 = None if reference is None else reference["train_loss"]
+    for r in (r for r in records if r["train_loss"]):
         steps = range(1, len(r["train_loss"]) + 1)
-        label = r["recipe"] + (" (emulated)" if r["support"] == "emulated" else "") + \
-            ("" if r["seed"] == r["settings"]["seed"] else f" (seed {r['seed']})")
+        label = _label(r) + (" (emulated)" if r["support"] == "emulated" else "") + \
+            (" (diverged)" if r.get("diverged") else "")
         top.plot(steps, r["train_loss"], lw=1.0, label=label)
         if bf16 is not None:
             diff = torch.tensor(r["train_loss"][:len(bf16)]) - torch.tensor(bf16[:len(r["train_loss"])])
@@ -616,12 +706,15 @@ def report(args) -> list[dict]:
     if not records:
         raise SystemExit(f"fidelity: no recipe records in {src}; run --phase finetune with the same settings")
     order = names(include_aliases=False)
-    records = [records[n] for n in sorted(records, key=lambda n: (order.index(n.split("-seed")[0])
-                                                                  if n.split("-seed")[0] in order else len(order), n))]
-    reference = min((r for r in records if r["recipe"] == "bf16"), key=lambda r: r["seed"] != r["settings"]["seed"],
-                    default=None)
+    records = sorted(records.values(), key=lambda r: _sort_key(r, order))
+    reference = min(_bf16_runs(records), key=lambda r: r["seed"] != r["settings"]["seed"], default=None)
     rows = [_row(r, reference) for r in records]
     noise = noise_floor(records, reference)
+    # a recipe this machine runs by default without any record: a run that crashed, or was never made
+    missing = [n for n in runnable_recipes() if n not in {r["recipe"] for r in records}]
+    evaluated = next((r for r in records if not r.get("diverged")), None)
+    scored = ("no run finished" if evaluated is None else
+              f"{evaluated['eval_examples']} examples, {evaluated['eval_tokens']:,} scored tokens")
     settings = records[0]["settings"]  # as the GPU run wrote them (this machine may key them differently)
     base_meta = json.loads((Path(args.work) / settings["base"] / "base.json").read_text())
     study = {"base": args.base, "base_dir": settings["base"], "base_params": base_meta["params"],
@@ -631,8 +724,8 @@ def report(args) -> list[dict]:
                      "one per row, prompt masked", **settings}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps({"study": study, "recipes": rows, "bf16_noise": noise},
-                                                  indent=2) + "\n")
+    (out / "fidelity.json").write_text(json.dumps({"study": study, "recipes": rows, "bf16_noise": noise,
+                                                   "no_record": missing}, indent=2) + "\n")
     r0 = records[0]
     md = [f"# Recipe fidelity: LoRA on a pretrained Qwen3-{args.base} ({base_meta['params'] / 1e6:.1f}M params), GSM8K",
           "",
@@ -644,18 +737,18 @@ def report(args) -> list[dict]:
           f"weight decay {settings['weight_decay']}, LoRA r={settings['lora_rank']} alpha={settings['lora_alpha']} "
           f"on the 7 projections, seed {settings['seed']}, same data order for every recipe.",
           "",
-          f"Eval loss: {study['eval']} ({records[0]['eval_examples']} examples, "
-          f"{records[0]['eval_tokens']:,} scored tokens). 'vs bf16' = eval loss / bf16's; a target is met when "
+          f"Eval loss: {study['eval']} ({scored}). 'vs bf16' = eval loss / bf16's; a target is met when "
           "the ratio is at or under it. 'base loss' is the same loss with the LoRA B matrices zeroed: the "
           "pretrained base as the recipe stores it." + (" Exact match: greedy decoding, '#### N' compared "
                                                        "as numbers." if args.exact_match else
                                                        " Exact match: not measured in this run (--exact-match K "
                                                        "decodes the first K test questions)."),
-          "", *table_lines(rows), "", noise_line(noise), "", "Train-loss curves: fidelity_loss.png."]
+          "", *table_lines(rows), "", *no_record_lines(missing), noise_line(noise), "",
+          "Train-loss curves: fidelity_loss.png."]
     (out / "fidelity.md").write_text("\n".join(md) + "\n")
-    plot_curves(records, out / "fidelity_loss.png",
+    plot_curves(records, reference, out / "fidelity_loss.png",
                 f"LoRA on Qwen3-{args.base} (pretrained on the stdlib), GSM8K, {r0['gpu']}")
-    print("\n".join(table_lines(rows)))
+    print("\n".join([*table_lines(rows), *no_record_lines(missing)]))
     log(f"report: {out / 'fidelity.json'}, {out / 'fidelity.md'}, {out / 'fidelity_loss.png'}")
     return rows
 
@@ -664,11 +757,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.phase in ("all", "pretrain"):
         pretrain(args)
+    diverged = []
     if args.phase in ("all", "finetune"):
         for recipe, support in chosen_recipes(args).items():
-            finetune(args, recipe, support)
+            record = finetune(args, recipe, support)
+            if record.get("diverged"):
+                diverged.append(f"{record_name(args, recipe)} ({record['diverged']})")
     if args.phase in ("all", "report"):
         report(args)
+    if diverged:  # after the other recipes and the report: the records are written, the exit status tells
+        raise SystemExit(f"fidelity: diverged (recorded): {'; '.join(diverged)}")
 
 
 if __name__ == "__main__":
