@@ -43,14 +43,20 @@ def _write_record(fidelity, args, name: str, loss: float | None, **fields) -> No
         "settings": fidelity.finetune_settings(args), "eval_examples": 16, "eval_tokens": 900, **env, **fields}))
 
 
-def test_report_compares_each_recipe_with_bf16_and_writes_its_files(tmp_path, monkeypatch):
-    """The report phase on records as the finetune phase writes them: ratios, targets, verdicts, files."""
-    fidelity = _fidelity()
+def _report_args(fidelity, tmp_path):
+    """The report phase's arguments over a work dir holding a (fake) tiny base's record, as pretrain leaves it."""
     args = fidelity.parse_args(["--phase", "report", "--base", "tiny", "--steps", "4", "--data", str(SAMPLE),
                                 "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     base = tmp_path / "work" / fidelity.finetune_settings(args)["base"]
     base.mkdir(parents=True)
     (base / "base.json").write_text(json.dumps({"params": 500_000, "heldout_loss": 3.2, "pretrain_s": 9.0}))
+    return args
+
+
+def test_report_compares_each_recipe_with_bf16_and_writes_its_files(tmp_path, monkeypatch):
+    """The report phase on records as the finetune phase writes them: ratios, targets, verdicts, files."""
+    fidelity = _fidelity()
+    args = _report_args(fidelity, tmp_path)
     runs = fidelity.runs_dir(args)
     for recipe, loss in (("bf16", 2.0), ("qfp8", 2.01), ("qnf4", 2.1)):
         _write_record(fidelity, args, recipe, loss)
@@ -93,11 +99,7 @@ def test_report_shows_a_diverged_recipe_and_the_ablation_labels(tmp_path, monkey
     """A diverged record is a row (never dropped, target missed); a --persistent record is labelled and sorted
     after its recipe's default run, a -seed one after that."""
     fidelity = _fidelity()
-    args = fidelity.parse_args(["--phase", "report", "--base", "tiny", "--steps", "4", "--data", str(SAMPLE),
-                                "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
-    base = tmp_path / "work" / fidelity.finetune_settings(args)["base"]
-    base.mkdir(parents=True)
-    (base / "base.json").write_text(json.dumps({"params": 500_000, "heldout_loss": 3.2, "pretrain_s": 9.0}))
+    args = _report_args(fidelity, tmp_path)
     monkeypatch.setattr(fidelity, "runnable_recipes", lambda: {"bf16": "reference", "fp8": "reference"})
     _write_record(fidelity, args, "fp8", None, diverged="step 5: the loss is nan; lower learning_rate",
                   diverged_step=5, persistent=None, train_loss=[2.2, 2.1, 2.0, 1.9])
