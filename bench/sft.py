@@ -17,7 +17,8 @@ The micro-batch sequence is fixed (seeded; epochs repeat, reshuffled, when --ste
 Every optimizer step is --accum (4) micro-batches, then fused AdamW.
 
 Models: Qwen3-0.6B, Qwen3-8B and Llama-3-8B by default, or any other dense model of bench/tps.py by its key
-there (e.g. 1.7B, Gemma-2-2B): its configs, random weights, bf16; LoRA r=16, alpha 32 as its lora_config
+there (e.g. 1.7B, Gemma-2-2B) or a local directory with a model's config.json (your own model; its vocabulary
+must hold the bundled tokenizer's 2048 ids): its configs, random weights, bf16; LoRA r=16, alpha 32 as its lora_config
 (the 7 projections; Phi-3: its 4 linears). Systems: HF+PEFT eager, HF+PEFT under torch.compile(dynamic=True),
 Liger-Kernel where importable, and every recipe native on this GPU ("surogate:<recipe>", suffixes as in
 bench/tps.py; an emulated recipe runs only when named, labelled so). Each (model, system, mode) runs in
@@ -88,11 +89,12 @@ PADDED_TARGET, PACKED_TARGET, LLAMA_FP8_TARGET = 1.5, 0.9, 17e3
 
 def tps_key(key: str) -> str:
     """bench/tps.py's key of model `key`: "Llama-3-8B" for "llama3-8B"; a dense model of bench/tps.py (Qwen3
-    size or ARCHS name) as is. The MoE model is not run here."""
+    size, ARCHS name or a local model directory) as is. MoE models are not run here."""
     key = MODELS.get(key, key)
-    if key in tps.QWEN3 or key in tps.ARCHS:
+    if key in tps.QWEN3 or key in tps.ARCHS or (tps.local_config_dir(key) is not None and not tps.is_moe(key)):
         return key
-    raise ValueError(f"unknown model {key!r}; known: {', '.join(dict.fromkeys([*MODELS, *tps.QWEN3, *tps.ARCHS]))}")
+    raise ValueError(f"unknown model {key!r}; known: {', '.join(dict.fromkeys([*MODELS, *tps.QWEN3, *tps.ARCHS]))}, "
+                     "or a local directory with the config.json of a dense model")
 
 
 def model_name(key: str) -> str:
@@ -157,6 +159,18 @@ def load_examples(data: "str | os.PathLike | None", limit: int | None = None) ->
     if not rows:
         raise ValueError(f"{path} has no examples")
     return tokenize_examples(rows, "gsm8k", load_tokenizer(None))
+
+
+def check_vocabularies(keys: list[str]) -> None:
+    """Refuse, before any worker starts, a model whose embedding cannot take the bundled tokenizer's ids (a
+    local model's, say): on the GPU such an id is a device-side assert, not an error message."""
+    from surogate.training.tokenizer import load_tokenizer
+
+    ids = len(load_tokenizer(None))
+    small = [f"{model_name(k)} ({model_config(k).vocab_size})" for k in keys if model_config(k).vocab_size < ids]
+    if small:
+        raise SystemExit(f"sft: the vocabulary of {', '.join(small)} is smaller than the bundled tokenizer's {ids} "
+                         "ids; measure a model with at least that many")
 
 
 def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: int = 1, seq: int = 4096,
@@ -615,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = default_systems(current_arch()) if args.systems == "all" else args.systems
     examples = load_examples(args.data, args.limit)  # fails here, once, on bad data; builds the tokenizer cache
+    check_vocabularies(args.models)
     env = tps.environment()
     settings = {**shape, "data": args.data or "bundled gsm8k/train.jsonl", "examples": len(examples),
                 "time_limit": args.time_limit}

@@ -7,7 +7,7 @@
 Each (model, system) runs in its own subprocess, so that one crash, OOM or compile cache does
 not leak into the next. Models are built from their published configs with random weights (no
 download), directly on the GPU in bf16; LoRA r=16, alpha=32 on the 7 projections (Phi-3: its 4 linears,
-q/k/v and gate/up being fused); batch 2 x seq 2048 packed (random token ids: throughput does not depend
+q/k/v and gate/up being fused; MoE: attention + every expert); batch 2 x seq 2048 packed (random token ids: throughput does not depend
 on the text), grad accumulation 4; AdamW. tokens/s = batch * seq * accum / median wall time of an optimizer
 step after warm-up.
 Models (--models keys; records name them as in brackets):
@@ -15,7 +15,11 @@ Models (--models keys; records name them as in brackets):
 - Qwen3 MoE 30B-A3B ("Qwen3-30B-A3B"; LoRA on attention + every expert via PEFT target_parameters; peers
   hf_eager, hf_compile, with HF's grouped_mm experts);
 - other architectures by their full name: Llama-3-8B, Llama-3.1-8B, Llama-3.2-1B, Mistral-7B (v0.3),
-  Gemma-2-2B (HF runs it with eager attention: SDPA has no logit soft-capping), Phi-3-mini (4k).
+  Gemma-2-2B (HF runs it with eager attention: SDPA has no logit soft-capping), Phi-3-mini (4k);
+- your own model: a local directory holding its config.json (or the file's path), e.g. a snapshot of a
+  hub model; only the config is read (random weights, as above), and the record is named after the
+  directory. LoRA trains the default targets the model has (surogate.compiler.DEFAULT_TARGETS: the 7
+  projections, or fused qkv_proj / gate_up_proj) and, in a mixture of experts, every expert.
 Liger runs each architecture's own patch (LIGER); one without is skipped. A worker that runs out of
 GPU memory is recorded as "OOM".
 Writes bench/results/tps.json (one record per measurement: model, system, recipe, emulated,
@@ -27,6 +31,7 @@ with the reason; missing packages travel as wheels (bench/NOTES.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -101,8 +106,6 @@ ARCHS = {
                                   "tie_word_embeddings": False}),
 }
 MODEL_KEYS = [*QWEN3, *QWEN3_MOE, *ARCHS]
-# LoRA targets where the 7 projections are not the linears (by config.model_type).
-FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 # Liger-Kernel's patch of each architecture (by config.model_type); one not here is skipped.
 LIGER = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama",
          "mistral": "apply_liger_kernel_to_mistral", "gemma2": "apply_liger_kernel_to_gemma2",
@@ -125,7 +128,31 @@ def qwen3_config(size: str):
 
 
 def is_moe(size: str | None) -> bool:
-    return size in QWEN3_MOE
+    """A mixture of experts: the Qwen3 MoE sizes, or a local config whose model has expert stacks."""
+    return size is not None and (size in QWEN3_MOE or (local_config_dir(size) is not None
+                                                        and bool(_meta_layout(size)[1])))
+
+
+def local_config_dir(key: str) -> Path | None:
+    """The directory of a --models key that is a local model (a directory with config.json, or that file)."""
+    path = Path(key).expanduser()
+    path = path.parent if path.name == "config.json" else path
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_layout(key: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(the last names of the model's nn.Linear modules, PEFT target_parameters for its experts): the model
+    built on the meta device from its config, no memory and no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surogate.moe import expert_target_parameters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(key))
+    linears = frozenset(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return linears, tuple(expert_target_parameters(model))
 
 
 def qwen3_moe_config(size: str):
@@ -154,7 +181,12 @@ def model_spec(key: str) -> tuple[str, PretrainedConfig]:
         return f"Qwen3-{key}", qwen3_moe_config(key)
     if key in ARCHS:
         return key, arch_config(key)
-    raise ValueError(f"unknown model {key!r}; known: {', '.join(MODEL_KEYS)}")
+    local = local_config_dir(key)
+    if local is not None:
+        from transformers import AutoConfig
+
+        return local.name, AutoConfig.from_pretrained(local, local_files_only=True)
+    raise ValueError(f"unknown model {key!r}; known: {', '.join(MODEL_KEYS)}, or a directory with a config.json")
 
 
 def model_name(key: str) -> str:
@@ -168,13 +200,26 @@ def model_config(key: str) -> PretrainedConfig:
 
 
 def lora_targets(size: str | None = None) -> list[str]:
-    """The linears LoRA trains on `size`: TARGETS (also without a size), the attention of an MoE model, or
-    an architecture's fused linears (FUSED_TARGETS)."""
+    """The linears LoRA trains on `size`: TARGETS without a size; else those of surogate's default targets
+    the model has (the 7 projections, or Phi-3's fused qkv_proj / gate_up_proj), as surogate.compile and
+    `surogate train` choose them; in an MoE model the experts come on top (lora_config)."""
+    from surogate.compiler import DEFAULT_TARGETS
+
     if size is None:
         return TARGETS
-    if is_moe(size):
+    if size in QWEN3_MOE:
         return MOE_TARGETS
-    return FUSED_TARGETS.get(model_config(size).model_type, TARGETS)
+    linears = _meta_layout(size)[0]
+    found = [t for t in DEFAULT_TARGETS if t in linears]
+    if not found:
+        raise ValueError(f"{model_name(size)} has none of the default LoRA targets ({', '.join(DEFAULT_TARGETS)}) "
+                         "among its linear layers")
+    return found
+
+
+def expert_parameters(size: str) -> list[str]:
+    """PEFT target_parameters of an MoE model's experts: one LoRA pair per expert on both stacks."""
+    return MOE_TARGET_PARAMETERS if size in QWEN3_MOE else list(_meta_layout(size)[1])
 
 
 def lora_config(size: str | None = None):
@@ -182,7 +227,7 @@ def lora_config(size: str | None = None):
     of an MoE model), so that they train the same thing."""
     from peft import LoraConfig
 
-    experts = {"target_parameters": MOE_TARGET_PARAMETERS} if is_moe(size) else {}
+    experts = {"target_parameters": expert_parameters(size)} if is_moe(size) else {}
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets(size), **experts,
                       task_type="CAUSAL_LM")
 
@@ -518,8 +563,8 @@ def _previous_records(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="0.6B", help=f"comma list of Qwen3 sizes ({', '.join([*QWEN3, *QWEN3_MOE])}) "
-                   f"and other models by name ({', '.join(ARCHS)})")
+    p.add_argument("--models", default="0.6B", help=f"comma list of Qwen3 sizes ({', '.join([*QWEN3, *QWEN3_MOE])}), "
+                   f"other models by name ({', '.join(ARCHS)}) and local model directories (their config.json)")
     p.add_argument("--systems", default="all", help="comma list of peers and surogate:<recipe>, or 'all'")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

@@ -89,3 +89,39 @@ def test_tiny_copy_compiles_and_every_target_is_rewritten(key):
     loss.backward()
     assert torch.isfinite(loss)
     assert_every_target_rewritten(compiled.surogate_report, tps.lora_targets(key))
+
+
+def test_a_local_model_directory_is_measured_by_its_config(tmp_path):
+    """--models takes a user's own model: a directory with its config.json (or the file), read with no download;
+    the record is named after the directory and LoRA trains the default targets it has (experts too)."""
+    from transformers import Qwen3MoeConfig
+
+    from test_compile_models import tiny_config
+
+    dense = tmp_path / "my-llama"
+    tiny_config("llama").save_pretrained(dense)
+    name, config = tps.model_spec(str(dense))
+    assert (name, config.model_type) == ("my-llama", "llama") and tps.model_spec(str(dense / "config.json"))[0] == name
+    assert tps.lora_targets(str(dense)) == tps.TARGETS and not tps.is_moe(str(dense))
+    phi = tmp_path / "my-phi3"
+    tiny_config("phi3").save_pretrained(phi)
+    assert tps.lora_targets(str(phi)) == ["o_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+    moe = tmp_path / "my-moe"
+    Qwen3MoeConfig(**{**tiny_config("qwen3_moe").to_dict(), "num_experts": 4}).save_pretrained(moe)
+    lora = tps.lora_config(str(moe))
+    assert tps.is_moe(str(moe)) and lora.target_parameters == ["experts.down_proj", "experts.gate_up_proj"]
+    assert set(lora.target_modules) == set(tps.TARGETS[:4])  # the experts are 3-D parameters, not nn.Linear
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    compiled = surogate.compile(model, recipe="bf16", lora=tps.lora_config(str(dense)), arch="cpu", dynamic=False)
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(compiled(input_ids=ids, labels=ids).loss)
+    assert_every_target_rewritten(compiled.surogate_report, tps.lora_targets(str(dense)))
+    with pytest.raises(ValueError, match=r"unknown model '.*nowhere'; known: .*, or a directory with a config.json"):
+        tps.model_spec(str(tmp_path / "nowhere"))
+    sft = load_bench("sft")  # real data: a dense local model is taken, an MoE one refused
+    assert sft.model_name(str(dense)) == "my-llama"
+    with pytest.raises(SystemExit, match=r"vocabulary of my-llama \(128\) is smaller than the bundled tokenizer's"):
+        sft.check_vocabularies([str(dense), "0.6B"])
+    with pytest.raises(ValueError, match="or a local directory with the config.json of a dense model"):
+        sft.model_name(str(moe))
