@@ -36,8 +36,9 @@ call, with the full GSM8K copied to runs/gsm8k (cp -r ../shared/data/gsm8k runs/
 
 Ablation of the sm_90 persistent GEMM route (surogate.kernels.variants.PERSISTENT_SM90): when the library
 routed fp8 there from 1,024 rows (this study's 2 x 512), fp8's loss turned NaN at step 5 on the H200 (step 6
-and 36 in reruns), and with the route off fp8 trained fine; fp8 has been off it by default since. --persistent on sends every variant the persistent kernel runs
-there at any row count (True), off none (False); it changes nothing off sm_90. The record is kept beside
+and 36 in reruns), and with the route off fp8 trained fine; fp8 has been off it by default since.
+--persistent on sends every variant the persistent kernel runs there at any row count (True), off none
+(False); it changes nothing off sm_90. The record is kept beside
 the default run's as <recipe>+persistent / <recipe>+nopersistent (then -seed<N>). To reproduce the bug:
     python bench/fidelity.py --phase finetune --recipes fp8 --persistent on
 """
@@ -542,7 +543,7 @@ def finetune(args, recipe: str, support: str) -> dict:
     with persistent_routing(args.persistent):  # the evaluation runs the same GEMMs as the training
         try:
             result = train(cfg, log=lambda line: log(f"{name}: {line}"), on_step=lambda r: losses.append(r["loss"]))
-        except FloatingPointError as error:  # raised after the step's update, before on_step: len(losses) + 1
+        except FloatingPointError as error:  # raised before the step's update and its on_step: len(losses) + 1
             diverged = str(error)
             outcome = {**dict.fromkeys(RESULT_KEYS), "steps": len(losses),
                        "final_train_loss": losses[-1] if losses else None}
