@@ -7,9 +7,9 @@
 Each (model, system) runs in its own subprocess, so that one crash, OOM or compile cache does
 not leak into the next. Models are built from their published configs with random weights (no
 download), directly on the GPU in bf16; LoRA r=16, alpha=32 on the 7 projections (Phi-3: its 4 linears,
-q/k/v and gate/up being fused; MoE: attention + every expert); batch 2 x seq 2048 packed (random token ids: throughput does not depend
-on the text), grad accumulation 4; AdamW. tokens/s = batch * seq * accum / median wall time of an optimizer
-step after warm-up.
+q/k/v and gate/up being fused; MoE: attention + every expert); batch 2 x seq 2048 packed (random token ids:
+throughput does not depend on the text), grad accumulation 4; AdamW. tokens/s = batch * seq * accum / median
+wall time of an optimizer step after warm-up.
 Models (--models keys; records name them as in brackets):
 - Qwen3 dense by size: 0.6B, 1.7B, 4B, 8B, 14B ("Qwen3-0.6B", ...);
 - Qwen3 MoE 30B-A3B ("Qwen3-30B-A3B"; LoRA on attention + every expert via PEFT target_parameters; peers
@@ -195,7 +195,7 @@ def model_name(key: str) -> str:
 
 
 def model_config(key: str) -> PretrainedConfig:
-    """The config of any --models key: a size of QWEN3 (dense) or QWEN3_MOE, or a name of ARCHS."""
+    """The config of any --models key: a size of QWEN3 (dense) or QWEN3_MOE, a name of ARCHS, a local model."""
     return model_spec(key)[1]
 
 
