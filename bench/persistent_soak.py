@@ -37,6 +37,7 @@ row as it goes; bench/results/persistent_soak.{json,md} (--out): environment, ta
 
 On the H200 (one call each, under the 10-minute limit):
     python bench/persistent_soak.py --out $OUT
+    python bench/persistent_soak.py --families fp8 --scratch-ring 64 --out $OUT/ring   # if the first finds faults
     python bench/persistent_soak.py --models 8B --m 4096 --iters 500
 (--out $OUT on the second too, for its files to come back.)
 """
@@ -281,6 +282,26 @@ def out_bytes(call: dict) -> int:
     return call["a"].shape[0] * call["n_out"] * torch.finfo(call["out_dtype"]).bits // 8
 
 
+class ScratchRing:
+    """Triton's allocator for the global scratch of device-side TMA descriptors (`triton.set_allocator`), handing
+    out `n` buffers per size in turn, all kept alive: no two of `n` consecutive launches write their descriptors
+    at the same address. The library's allocator (compat.ensure_tma_allocator) takes a fresh `torch.empty` per
+    launch, which the caching allocator mostly returns at the same address: the --scratch-ring A/B of the lead
+    that a stale descriptor of the previous GEMM at that address is used."""
+
+    def __init__(self, n: int, device: str) -> None:
+        self.n, self.device = n, device
+        self.buffers: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+        self.calls: collections.Counter = collections.Counter()
+
+    def __call__(self, size: int, alignment: int, stream) -> torch.Tensor:
+        ring = self.buffers[size]
+        if len(ring) < self.n:
+            ring.append(torch.empty(size, device=self.device, dtype=torch.int8))
+        self.calls[size] += 1
+        return ring[(self.calls[size] - 1) % self.n]
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How each row runs (the command line's choices) and when the soak stops (time.monotonic())."""
@@ -496,6 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NaN-fill the memory the output is allocated from before each launch")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                    help="launch the same shape's other direction (same config) between a row's launches")
+    p.add_argument("--scratch-ring", type=int, default=0, metavar="N",
+                   help="TMA descriptor scratch from N buffers in turn (ScratchRing) instead of the library's "
+                        "allocator (0): with mismatches at 0 and none at N, stale descriptors are the cause")
     p.add_argument("--time-limit", type=float, default=400.0, help="seconds; no row starts after them")
     p.add_argument("--out", default=str(HERE / "results"))
     return p.parse_args(argv)
@@ -546,9 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.graph and not graph:
         notes.append("--graph skipped: no CUDA here (CUDA graphs need a GPU); eager rows only.")
     s = Settings(args.iters, graph, args.graph_launches, args.poison, args.interleave, start + args.time_limit)
+    if args.scratch_ring:
+        triton.set_allocator(ScratchRing(args.scratch_ring, kb.DEVICE))
     meta = dict(run_record(str(HERE.parent)), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 iters=s.iters, graph=s.graph, graph_launches=s.group, poison=s.poison, interleave=s.interleave,
-                m=args.m, rank=kb.RANK, time_limit_s=args.time_limit)
+                m=args.m, rank=kb.RANK, time_limit_s=args.time_limit, scratch_ring=args.scratch_ring)
     specs = plan([make_target(recipe, name, args.m, n, k) for recipe in args.families.split(",")
                   for name, (n, k) in shapes(args).items()])
     print(f"{len(specs)} (family, direction, shape, config) to soak, {s.iters} launches each"

@@ -85,3 +85,17 @@ def test_a_spent_time_limit_lists_what_did_not_run(soak, tmp_path) -> None:
     data, md = _run(soak, tmp_path, "--families", "bf16", "--time-limit", "0")
     assert data["rows"] == [] and len(data["not_run"]) == 2 * len(soak.family_configs("persistent_bf16"))
     assert "Time limit (0 s) spent" in md and "Not run (time limit)" in data["verdict"]
+
+
+def test_scratch_ring_hands_out_n_buffers_in_turn_and_main_installs_it(soak, tmp_path, monkeypatch) -> None:
+    """--scratch-ring N: no two of N consecutive requests of a size share an address, the (N+1)th reuses the
+    first; main() gives it to Triton as the descriptor allocator and records N."""
+    ring = soak.ScratchRing(3, "cpu")
+    got = [ring(256, 128, None).data_ptr() for _ in range(7)]
+    assert len(set(got[:3])) == 3 and got[3:6] == got[:3] and got[6] == got[0]
+    assert ring(512, 128, None).data_ptr() not in got  # each size its own ring
+    installed = []
+    monkeypatch.setattr(soak.triton, "set_allocator", installed.append)
+    data, _ = _run(soak, tmp_path, "--families", "fp8", "--scratch-ring", "4", "--iters", "1", "--no-interleave")
+    assert [type(a).__name__ for a in installed] == ["ScratchRing"] and installed[0].n == 4
+    assert data["meta"]["scratch_ring"] == 4
