@@ -93,8 +93,9 @@ DEQUANT_SCRATCH_MIN_ROWS = 128
 # trained all 300 steps with it off (grad_producer on or off). The fault is intermittent and not yet located (a
 # warp-specialized config's race is the suspect: Triton 3.6's specialized 128x128 tiles computed wrong sums, see
 # configs.get_persistent_fp8_block_configs; upstream, triton-lang/triton#8311 is an open report of wrong results
-# from warp_specialize=True with a device-side descriptor; bench/persistent_soak.py hunts it). The cost: 8B fp8 ran 13% faster with the route (run 56: 18,726
-# tokens/s against 16,526). bf16's route stays: at the 8B shapes its loss equals hf_compile's (run 62: 12.156 both).
+# from warp_specialize=True with a device-side descriptor; bench/persistent_soak.py hunts it). The cost: 8B fp8
+# ran 13% faster with the route (run 56: 18,726 tokens/s against 16,526). bf16's route stays: at the 8B shapes its
+# loss equals hf_compile's (run 62: 12.156 both).
 PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType({"lora_linear_bf16": 4096, "grad_input_bf16": 4096})
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
 # BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB
