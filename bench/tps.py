@@ -282,16 +282,20 @@ def _host_model(config):
 # way (what a GPU too small for the bf16 model needs; peak_gib then is the real peak of the whole run; without it
 # peak_gib includes the bf16 build, train_peak_gib does not), "+nopersistent" keeps the sm_90 GEMMs off the persistent
 # TMA kernel (variants.PERSISTENT_SM90 = False: the routes before it), "+persistent" sends every variant it runs to it,
-# "+combo" turns on Inductor's combo kernels (independent small kernels, e.g. the LoRA factors' casts, in one launch).
+# "+combo" turns on Inductor's combo kernels (independent small kernels, e.g. the LoRA factors' casts, in one launch),
+# "+fp8cublas" / "+fp8cublasdgrad" send the row-scaled fp8 GEMMs (forward and dgrad / the dgrad only) to cuBLAS's
+# `_scaled_mm` + a LoRA addmm_ on sm_90 (variants.FP8_ROW_CUBLAS: off by default, not yet measured as a whole).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
                     "recompute": {"recompute_producers": True}, "norecompute": {"recompute_producers": False},
                     "gradproducer": {"grad_producer": True}, "nogradproducer": {"grad_producer": False},
                     "persistent": {"persistent_sm90": True}, "nopersistent": {"persistent_sm90": False},
-                    "combo": {"combo_kernels": True}}
+                    "combo": {"combo_kernels": True},
+                    "fp8cublas": {"fp8_row_cublas": ("ROW_FP8_FWD_SM90", "ROW_FP8_DGRAD_SM90")},
+                    "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)}}
 # Read by build() / the worker, not surogate.compile options.
-DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels")
+DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -337,10 +341,12 @@ def build(size: str, system: str):
         import surogate
 
         recipe, options = surogate_system(system)
-        if "persistent_sm90" in options:  # this worker process only
-            from surogate.kernels import variants
+        from surogate.kernels import variants
 
+        if "persistent_sm90" in options:  # this worker process only
             variants.PERSISTENT_SM90 = options["persistent_sm90"]
+        if "fp8_row_cublas" in options:  # this worker process only
+            variants.FP8_ROW_CUBLAS = frozenset(variants.CublasRule[rule] for rule in options["fp8_row_cublas"])
         if options.get("combo_kernels"):  # this worker process only; part of Inductor's cache key
             import torch._inductor.config as inductor_config
 

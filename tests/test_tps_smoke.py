@@ -32,6 +32,12 @@ def test_systems_parse_into_recipe_and_options():
     for wrong in ("ckpt0", "ckpt100", "ckpt067", "offload-50", "ckptx"):
         with pytest.raises(ValueError, match="unknown option"):
             tps.surogate_system(f"surogate:qnf4+{wrong}")
+    # The row-fp8 cuBLAS A/B: rule names the worker turns into variants.FP8_ROW_CUBLAS.
+    from surogate.kernels.variants import CublasRule
+
+    assert tps.surogate_system("surogate:fp8+fp8cublasdgrad") == ("fp8", {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)})
+    rules = {CublasRule[r] for r in tps.surogate_system("surogate:fp8+fp8cublas")[1]["fp8_row_cublas"]}
+    assert rules == {CublasRule.ROW_FP8_FWD_SM90, CublasRule.ROW_FP8_DGRAD_SM90}
 
 
 def test_results_label_emulated_recipes_and_compare_with_the_best_peer(tmp_path):

@@ -60,6 +60,8 @@ def available(a: torch.Tensor, rule: CublasRule) -> bool:
         return False
     if rule is CublasRule.BF16_LONG_REDUCTION:
         return a.dtype == torch.bfloat16
+    if rule in (CublasRule.ROW_FP8_FWD_SM90, CublasRule.ROW_FP8_DGRAD_SM90):  # torch._scaled_mm's row scaling
+        return True
     if block_scaled_mm() is None:
         return False
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
@@ -83,6 +85,19 @@ def block_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         a_scale = a_scale.t().contiguous().t()
     out = scaled_mm(a, b.t(), a_scale, scaling.BlockWise1x128, b_scale.contiguous().t(), scaling.BlockWise128x128,
                     output_dtype=torch.bfloat16)
+    return _add_lora_and_bias(out, hidden, up, bias, lora_scale)
+
+
+def row_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
+                 lora_scale: float) -> torch.Tensor:
+    """`a (M, K) @ b (N, K)^T` with FP8 row scales `a_scale (M, 1)` and per-output-channel `b_scale (N,)` (b
+    K-major: the forward weight, or the dgrad's cached transpose), + bias + lora_scale * hidden @ up^T; bf16
+    (M, N). cuBLASLt takes E4M3 x E4M3 and E5M2 x E4M3 (the dgrad) and applies both scales in its epilogue."""
+    if a.stride(1) != 1:  # cuBLASLt reads the activation row-major
+        a = a.contiguous()
+    out = torch._scaled_mm(a, b.t(), scale_a=a_scale.float().reshape(-1, 1).contiguous(),
+                           scale_b=b_scale.float().reshape(1, -1).contiguous(), out_dtype=torch.bfloat16)
     return _add_lora_and_bias(out, hidden, up, bias, lora_scale)
 
 

@@ -147,6 +147,8 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
 def _cublas_forward(v: Variant, aq, weight, hidden, up, bias, lora_scale) -> torch.Tensor:
     if v.quantizer is Quantizer.FP8_BLOCK_E4M3:
         return cublas.block_fp8_gemm(aq[0], aq[1], weight[0], weight[1], hidden, up, bias, lora_scale)
+    if v.quantizer is Quantizer.FP8_ROW_E4M3:
+        return cublas.row_fp8_gemm(aq[0], aq[1], weight[0], weight[1], hidden, up, bias, lora_scale)
     return cublas.bf16_gemm(aq[0], weight[0], hidden, up, bias, lora_scale)
 
 
@@ -209,6 +211,8 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
         up = grad_input.lora_up(a)
         if r.variant.quantizer is Quantizer.FP8_BLOCK_E4M3:
             dx = cublas.block_fp8_gemm(gq[0], gq[1], weight[0], weight[1], gh, up, None, lora_scale)
+        elif r.variant.quantizer is Quantizer.FP8_ROW_E5M2:  # the cached K-major transpose and its scales
+            dx = cublas.row_fp8_gemm(gq[0], gq[1], weight[2], weight[3], gh, up, None, lora_scale)
         else:
             dx = cublas.bf16_gemm(gq[0], weight[0].t(), gh, up, None, lora_scale)
     elif r.engine is Engine.PERSISTENT:

@@ -64,6 +64,8 @@ class CublasRule(str, enum.Enum):
     NEVER = "never"
     BF16_LONG_REDUCTION = "bf16_long_reduction"  # bf16 with a reduction >= BF16_CUBLAS_MIN_K
     BLOCK_FP8_SM90 = "block_fp8_sm90"  # sm_90, M % 4 == 0, reduction % 512 == 0, output % 16 == 0
+    ROW_FP8_FWD_SM90 = "row_fp8_fwd_sm90"  # row-scaled fp8 forward, sm_90, only while in FP8_ROW_CUBLAS
+    ROW_FP8_DGRAD_SM90 = "row_fp8_dgrad_sm90"  # row-scaled fp8 dgrad, sm_90, only while in FP8_ROW_CUBLAS
 
 
 # Operand modes of `_lora_gemm_kernel`: the single place where formats become constexpr integers.
@@ -97,6 +99,13 @@ DEQUANT_SCRATCH_MIN_ROWS = 128
 # ran 13% faster with the route (run 56: 18,726 tokens/s against 16,526). bf16's route stays: at the 8B shapes its
 # loss equals hf_compile's (run 62: 12.156 both).
 PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType({"lora_linear_bf16": 4096, "grad_input_bf16": 4096})
+# Which row-scaled fp8 GEMMs go to cuBLAS on sm_90 (`torch._scaled_mm` with row / channel scales, then the LoRA
+# `addmm_`, as qfp8's block-scaled route): none until the whole op is measured against the Triton kernel the fp8
+# recipe now takes. The GEMM alone ran at 0.123 ms (forward) and 0.124 ms (dgrad) at the 8B q shape, M = 4096,
+# against the Triton kernel's whole op at 0.187 / 0.185 (bench/results/kernels_persistent_h200.md); the addmm_
+# adds a read and a write of the output, which wide outputs (gate/up forward) pay most. `bench/tps.py
+# ...+fp8cublas` (both) / `+fp8cublasdgrad` runs the A/B.
+FP8_ROW_CUBLAS: frozenset = frozenset()
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
 # BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB
 # (sm_90 has 227), so tuning skips them and an untuned launch (SUROGATE_AUTOTUNE=0, a capture before any tuning)
@@ -183,6 +192,8 @@ class Variant:
         if self.cublas is CublasRule.BLOCK_FP8_SM90 and arch == "sm_90":
             parts.append("cuBLASLt block-scaled FP8 + LoRA addmm where M % 4 == 0, "
                          "the reduction % 512 == 0 and the output % 16 == 0")
+        if self.cublas in FP8_ROW_CUBLAS and arch == "sm_90":
+            parts.append("cuBLASLt row-scaled FP8 + LoRA addmm where the reduction and the output % 16 == 0")
         if not parts:
             return "always this Triton kernel"
         return "; else ".join(parts) + "; else this Triton kernel"
@@ -196,13 +207,15 @@ _O, _G = Gemm.OUTPUT, Gemm.GRAD_INPUT
 _BF16, _FP8, _FP4 = Compute.BF16, Compute.FP8, Compute.NVFP4
 _W = WeightFormat
 _LONG_K, _SM90 = CublasRule.BF16_LONG_REDUCTION, CublasRule.BLOCK_FP8_SM90
+_ROW_FWD, _ROW_DGRAD = CublasRule.ROW_FP8_FWD_SM90, CublasRule.ROW_FP8_DGRAD_SM90
 
 VARIANTS: tuple[Variant, ...] = (
     # ---- output (forward)
     _v(_O, _BF16, _W.BF16, "lora_linear_bf16", "lora_linear_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16,
        cublas=_LONG_K, operands="BF16", persistent=True, what="forward: bf16 x bf16 + LoRA epilogue"),
     _v(_O, _FP8, _W.FP8_ROW, "lora_linear_fp8", "lora_linear_fp8", "fp8", Quantizer.FP8_ROW_E4M3, A_FP8_ROW,
-       W_FP8_ROW, operands="E4M3.E4M3", persistent=True, what="forward: E4M3 x E4M3, row/channel scales"),
+       W_FP8_ROW, cublas=_ROW_FWD, operands="E4M3.E4M3", persistent=True,
+       what="forward: E4M3 x E4M3, row/channel scales"),
     _v(_O, _FP8, _W.FP8_BLOCK, "lora_linear_fp8_block", "lora_linear_fp8_block", "fp8_block",
        Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3", persistent=True,
        what="forward: E4M3 x E4M3, 1x128 / 128x128 block scales"),
@@ -226,7 +239,8 @@ VARIANTS: tuple[Variant, ...] = (
     _v(_G, _BF16, _W.BF16, "grad_input_bf16", "grad_input_bf16", "bf16", Quantizer.NONE, A_BF16, W_BF16, True,
        cublas=_LONG_K, operands="BF16", persistent=True, what="dgrad: bf16 grad x bf16 weight read transposed"),
     _v(_G, _FP8, _W.FP8_ROW, "grad_input_fp8", "grad_input_fp8", "fp8", Quantizer.FP8_ROW_E5M2, A_FP8_ROW,
-       W_FP8_ROW, operands="E5M2.E4M3", persistent=True, what="dgrad: E5M2 grad x cached K-major E4M3 transpose"),
+       W_FP8_ROW, cublas=_ROW_DGRAD, operands="E5M2.E4M3", persistent=True,
+       what="dgrad: E5M2 grad x cached K-major E4M3 transpose"),
     _v(_G, _FP8, _W.FP8_BLOCK, "grad_input_fp8_block", "grad_input_fp8_block", "fp8_block",
        Quantizer.FP8_BLOCK_E4M3, A_FP8_BLOCK, W_FP8_BLOCK, cublas=_SM90, operands="E4M3.E4M3", persistent=True,
        what="dgrad: E4M3 1x128 grad x block-FP8 weight made K-major (transpose_fp8)"),
@@ -327,6 +341,8 @@ def cublas_takes(rule: CublasRule, arch: str, rows: int, n_out: int, k_red: int)
         return k_red >= BF16_CUBLAS_MIN_K
     if rule is CublasRule.BLOCK_FP8_SM90:
         return arch == "sm_90" and rows > 0 and rows % 4 == 0 and k_red % 512 == 0 and n_out % 16 == 0
+    if rule in (CublasRule.ROW_FP8_FWD_SM90, CublasRule.ROW_FP8_DGRAD_SM90):  # cuBLASLt FP8: 16-byte leading dims
+        return rule in FP8_ROW_CUBLAS and arch == "sm_90" and rows > 0 and k_red % 16 == 0 and n_out % 16 == 0
     return False
 
 

@@ -206,3 +206,29 @@ def test_bf16_long_reductions_run_on_cublas_and_match_triton(k, monkeypatch) -> 
     assert engines[True] == ["triton", "triton"]
     assert sqnr(runs[False][0], runs[True][0]) > 45
     assert sqnr(runs[False][1], runs[True][1]) > 45
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096), (1000, 1024, 2048), (1000, 1032, 2048)],
+                         ids=["8b_q", "odd_m", "n_not_16"])
+def test_row_fp8_cublas_route_matches_triton(shape, monkeypatch) -> None:
+    """The opt-in row-scaled fp8 cuBLAS route (variants.FP8_ROW_CUBLAS, forward and dgrad: torch._scaled_mm with
+    row / channel scales, E5M2 x E4M3 in the dgrad, then the LoRA addmm_) computes what the Triton kernel does
+    to one more bf16 rounding; where N is not a multiple of 16 (the forward's output, the dgrad's reduction) both
+    keep the Triton kernel."""
+    from surogate.kernels import launch, variants
+
+    m, n, k = shape
+    x, w, a, b, bias, go, fmt, wl = _case("fp8", m, n, k, seed=13)
+    runs, engines = {}, {}
+    for rules in (frozenset(), frozenset({variants.CublasRule.ROW_FP8_FWD_SM90,
+                                          variants.CublasRule.ROW_FP8_DGRAD_SM90})):
+        monkeypatch.setattr(variants, "FP8_ROW_CUBLAS", rules)
+        with variants.trace() as ran:
+            y, h = launch.lora_linear_cuda(x, wl, fmt, a, b, None, bias, SCALE, "fp8", "fp8")
+            runs[bool(rules)] = (y, launch.lora_linear_backward_cuda(go, x, wl, fmt, a, b, None, h, SCALE, "fp8")[0])
+        engines[bool(rules)] = [r.engine.value for r in ran]
+    assert engines[False] == ["triton", "triton"]
+    if current_arch() == "sm_90":
+        assert engines[True] == ["cublas" if n % 16 == 0 else "triton"] * 2
+    assert sqnr(runs[True][0], runs[False][0]) > 45
+    assert sqnr(runs[True][1], runs[False][1]) > 45
