@@ -124,6 +124,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(e: Exception, status: int) -> int:
+    """One line on rank 0 (the other ranks' errors print with their rank: distributed.fail_fast); the status."""
+    if _rank() == 0:
+        print(f"surogate: error: {e}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `surogate` console script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -141,13 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _train(args)
     except (ConfigError, RecipeNotSupportedError, FileNotFoundError) as e:
-        if _rank() == 0:  # the other ranks' errors print with their rank (distributed.fail_fast)
-            print(f"surogate: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
     except FloatingPointError as e:  # a NaN / Inf loss (train.non_finite_loss_message): the run stopped
-        if _rank() == 0:
-            print(f"surogate: error: {e}", file=sys.stderr)
-        return 1
+        return _error(e, 1)
     except KeyboardInterrupt:
         if _rank() == 0:
             print("surogate: interrupted", file=sys.stderr)
