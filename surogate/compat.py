@@ -57,50 +57,6 @@ def warp_specialize_checked() -> bool:
     return (major, minor) in WARP_SPECIALIZE_CHECKED_TRITON
 
 
-# Descriptor scratch allocated while a CUDA graph is captured, kept for the graph's life: the innermost
-# `hold_tma_scratch` list, else this process-wide one (a capture surogate did not open, e.g. a user's own).
-_SCRATCH_HOLDERS: list[list] = []
-_SCRATCH_UNOWNED: list = []
-
-
-def _capturing() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-@contextlib.contextmanager
-def hold_tma_scratch(store: list):
-    """While the block captures a CUDA graph, every TMA-descriptor scratch buffer allocated goes into `store`,
-    so that it belongs to its captured launch until the caller drops `store` with the graph."""
-    _SCRATCH_HOLDERS.append(store)
-    try:
-        yield store
-    finally:
-        _SCRATCH_HOLDERS.remove(store)
-
-
-def tma_scratch(size: int, device: str = "cuda"):
-    """A scratch buffer for one launch's device-side TMA descriptors (Triton's allocator calls this).
-
-    Root cause of the holding: under CUDA-graph replay, and never eagerly, the persistent kernel's row-scaled
-    FP8 route gave NaN outputs from finite inputs (H200, bench/NOTES.md run 65: bench/fidelity.py's fp8
-    fine-tune with every launch checked against a plain-torch reference: 114,660 eager launches all right;
-    under graphs the first bad output came from a captured dgrad at about the 40th replay, loss NaN at step 12).
-    A buffer freed after its launch goes back to the graph's private pool, and
-    later kernels of the same graph write their tensors there; at each replay the kernel writes its
-    descriptors over those bytes and its TMA units read them back through the tensormap proxy, which only one
-    warp of each partition fences (Triton 3.6's sm_90 code). Held for the graph's life, a captured launch's
-    descriptors are the only bytes ever at their address, the same at every replay. Eager launches keep the
-    caching allocator's reuse (one descriptor set after another at the same address), which ran clean."""
-    import torch
-
-    buf = torch.empty(size, device=device, dtype=torch.int8)
-    if _capturing():
-        (_SCRATCH_HOLDERS[-1] if _SCRATCH_HOLDERS else _SCRATCH_UNOWNED).append(buf)
-    return buf
-
-
 def ensure_tma_allocator() -> None:
     """Give Triton an allocator for the global scratch of device-side TMA descriptors, where none is set.
 
@@ -110,14 +66,20 @@ def ensure_tma_allocator() -> None:
     (`triton.runtime._allocation._allocator`, the same in 3.6 and 3.9), so a thread that never set one
     (autograd's backward threads) has none: this sets it for the calling context when missing, and leaves
     a user's own allocator alone. Host-side `TensorDescriptor`s need no scratch, but on sm_90 they break
-    the warp-specialized build (see kernels/persistent.py). The buffers come from `tma_scratch`.
+    the warp-specialized build (see kernels/persistent.py).
     """
     import triton
     from triton.runtime import _allocation
 
     if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         return
-    triton.set_allocator(lambda size, alignment, stream: tma_scratch(size))
+
+    def alloc(size: int, alignment: int, stream):
+        import torch
+
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
 
 
 def compiling() -> bool:

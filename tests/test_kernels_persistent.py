@@ -368,23 +368,3 @@ def test_first_configs_build_for_sm90_with_wgmma_and_tma(specialized) -> None:
 def test_every_config_builds_for_sm90_with_wgmma_and_tma(specialized) -> None:
     """Every config the tuner may pick on sm_90 (a config that does not fit would only be skipped there)."""
     assert _check_sm90(_requests(all_configs=True)) == []
-
-
-def test_descriptor_scratch_of_a_captured_launch_is_held_for_the_graph(monkeypatch) -> None:
-    """compat.tma_scratch: a buffer allocated while a CUDA graph is captured stays referenced by the capture's
-    holder (CudaGraphCapture.tma_scratch), so its bytes cannot go to another tensor of the graph (run 65's NaN
-    under replay); outside a capture nothing is held, so eager launches reuse memory as before."""
-    from surogate import compat
-
-    store: list = []
-    with compat.hold_tma_scratch(store):
-        eager = compat.tma_scratch(256, device="cpu")
-        assert store == []
-        monkeypatch.setattr(compat, "_capturing", lambda: True)
-        captured = compat.tma_scratch(384, device="cpu")
-        assert len(store) == 1 and store[0] is captured and captured.numel() == 384
-    assert eager.numel() == 256 and compat._SCRATCH_HOLDERS == []
-    unowned = len(compat._SCRATCH_UNOWNED)
-    compat.tma_scratch(128, device="cpu")  # a capture no surogate holder wraps: held process-wide
-    assert len(compat._SCRATCH_UNOWNED) == unowned + 1
-    compat._SCRATCH_UNOWNED.pop()

@@ -36,8 +36,6 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from surogate.compat import hold_tma_scratch
-
 # Fill of each padded input (keys not listed pad with 0). position_ids pad with 0, 1, 2, ...
 PAD_VALUES = {"labels": -100, "attention_mask": 0, "input_ids": 0}
 
@@ -76,7 +74,6 @@ class CudaGraphCapture:
             shared["pool"] = torch.cuda.graph_pool_handle()
         self.stream, self.pool = shared["stream"], shared["pool"]
         self.graph = torch.cuda.CUDAGraph()
-        self.tma_scratch: list[torch.Tensor] = []  # descriptor scratch of the captured launches (compat.tma_scratch)
 
     def warmup(self, fn: Callable[[], None], iterations: int) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -96,10 +93,9 @@ class CudaGraphCapture:
         rng = generator.clone_state()  # a state object that was never registered with the capture
         stream = torch.cuda.current_stream()
         try:
-            with hold_tma_scratch(self.tma_scratch), torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
                 fn()
         except Exception as error:
-            self.tma_scratch.clear()
             torch.cuda.set_stream(stream)
             _quietly(self.graph.reset)
             generator.graphsafe_set_state(rng)
@@ -112,7 +108,6 @@ class CudaGraphCapture:
 
     def release(self) -> None:
         self.graph.reset()
-        self.tma_scratch.clear()
 
 
 def _quietly(fn: Callable[[], object]) -> None:
