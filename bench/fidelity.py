@@ -34,12 +34,13 @@ call, with the full GSM8K copied to runs/gsm8k (cp -r ../shared/data/gsm8k runs/
     python bench/fidelity.py --phase finetune --recipes fp8,qfp8,qfp8-bf16
     python bench/fidelity.py --phase finetune --recipes qnf4,fp4,qfp4 && python bench/fidelity.py --phase report
 
-Ablation of the sm_90 persistent GEMM route (surogate.kernels.variants.PERSISTENT_SM90): when the library
-routed fp8 there from 1,024 rows (this study's 2 x 512), fp8's loss turned NaN at step 5 on the H200 (step 6
-and 36 in reruns), and with the route off fp8 trained fine; fp8 has been off it by default since.
+Ablation of the sm_90 persistent GEMM route (surogate.kernels.variants.PERSISTENT_SM90): fp8 is routed there from
+1,024 rows (this study's 2 x 512). With Triton 3.6's warp-specialized configs, which the library no longer offers,
+fp8's loss turned NaN within 41 steps in 7 runs of 7 under CUDA graphs (bench/NOTES.md runs 63-70).
 --persistent on sends every variant the persistent kernel runs there at any row count (True), off none
 (False); it changes nothing off sm_90. The record is kept beside
-the default run's as <recipe>+persistent / <recipe>+nopersistent (then -seed<N>). To reproduce the bug:
+the default run's as <recipe>+persistent / <recipe>+nopersistent (then -seed<N>). To reproduce the old fault, set
+surogate.kernels.configs.PERSISTENT_WARP_SPECIALIZE = True and run
     python bench/fidelity.py --phase finetune --recipes fp8 --persistent on
 """
 

@@ -4,10 +4,15 @@ Why: training the fp8 recipe with its row-scaled GEMMs (forward and dgrad) on `_
 (surogate/kernels/persistent.py) hit a NaN loss at a random step (5, 6 and 36 in three runs, bench/NOTES.md
 runs 63-64) at the fidelity shapes: M = 1024 rows; (N, K) = (1024, 512) q/k/v fused, (512, 512) o, (2560, 512)
 gate/up fused, (512, 1280) down; the dgrads the same with N and K swapped (reading the cached K-major FP8
-weight transpose); LoRA rank 16. With the route off, training was fine, so fp8 is off it by default
-(`variants.PERSISTENT_SM90`). The suspects: a race in a warp-specialized config, an output tile never written
-(the launcher allocates its output with torch.empty), stale shared memory. A NaN once in thousands of launches
-is invisible to the validations (bench/kernels.py, tests/gpu/test_persistent_gpu.py), which launch once.
+weight transpose); LoRA rank 16. With the route off, training was fine. The suspects then: a race in a
+warp-specialized config, an output tile never written (the launcher allocates its output with torch.empty),
+stale shared memory or TMA descriptors. A NaN once in thousands of launches is invisible to the validations
+(bench/kernels.py, tests/gpu/test_persistent_gpu.py), which launch once.
+
+Outcome on the H200 (run 65): every fp8 config clean, 160,000 launches, with and without --scratch-ring 64. The
+fault needed training under CUDA graphs (runs 66-70: NaN from finite inputs at a random replay, never eagerly;
+gone without the warp-specialized configs, which the library no longer offers). So a clean soak is necessary,
+not sufficient; tests/gpu/test_graphed_step_gpu.py's fp8 replay test trains through graphs instead.
 
 What: for each family (--families: bf16, fp8, qfp8), direction (forward, dgrad), shape (--shapes, default the
 four fidelity ones at --m 1024; or --models 8B) and config of the family (`configs.get_configs(family, "sm_90")`

@@ -284,7 +284,8 @@ def _host_model(config):
 # TMA kernel (variants.PERSISTENT_SM90 = False: the routes before it), "+persistent" sends every variant it runs to it,
 # "+combo" turns on Inductor's combo kernels (independent small kernels, e.g. the LoRA factors' casts, in one launch),
 # "+fp8cublas" / "+fp8cublasdgrad" send the row-scaled fp8 GEMMs (forward and dgrad / the dgrad only) to cuBLAS's
-# `_scaled_mm` + a LoRA addmm_ on sm_90 (variants.FP8_ROW_CUBLAS: off by default, not yet measured as a whole).
+# `_scaled_mm` + a LoRA addmm_ on sm_90 where the persistent kernel does not take them (variants.FP8_ROW_CUBLAS, off
+# by default; with "+nopersistent" at 8B: runs 68, 71).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},

@@ -147,11 +147,12 @@ def test_one_kernel_scalings_have_the_bits_of_the_three_kernel_ones(scale):
 
 
 def test_bench_copies_scales_one_linear_to_the_model_shape(monkeypatch):
-    """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: `_lora_gemm_kernel`;
-    the persistent kernel when PERSISTENT_SM90 sends it there) and maps the shapes back."""
+    """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: the persistent
+    kernel; `_lora_gemm_kernel` when PERSISTENT_SM90 keeps it off) and maps the shapes back."""
     from bench_module import load_bench
 
     copies = load_bench("copies")
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", False)
     rows, routes = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
     assert routes == ["lora_linear_fp8", "grad_input_fp8"]
     assert [(r["op"], r["inputs"][0]) for r in rows] == [

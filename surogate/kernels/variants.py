@@ -90,21 +90,18 @@ DEQUANT_SCRATCH_MIN_ROWS = 128
 # faster, forward and dgrad; only the small kv forward lost at 1024); bf16 beat cuBLAS + LoRA addmm from
 # M = 4096 (2-10%) but mostly lost at 1024, where its 128-row tiles leave SMs idle; block-scaled FP8 (qfp8)
 # lost to cuBLASLt everywhere and keeps it. `plan()` and the launcher both read it.
-# Row-scaled fp8 is off it by default since run 63 (bench/NOTES.md runs 63-64): bench/fidelity.py's fp8 fine-tune
-# (2 x 512 rows, K = 512 / 1280) hit a NaN loss at step 5, 6 or 36 of three runs with the fp8 persistent route, and
-# trained all 300 steps with it off (grad_producer on or off). The fault is intermittent and not yet located (a
-# warp-specialized config's race is the suspect: Triton 3.6's specialized 128x128 tiles computed wrong sums, see
-# configs.get_persistent_fp8_block_configs; upstream, triton-lang/triton#8311 is an open report of wrong results
-# from warp_specialize=True with a device-side descriptor; bench/persistent_soak.py hunts it). The cost: 8B fp8
-# ran 13% faster with the route (run 56: 18,726 tokens/s against 16,526). bf16's route stays: at the 8B shapes its
-# loss equals hf_compile's (run 62: 12.156 both).
-PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType({"lora_linear_bf16": 4096, "grad_input_bf16": 4096})
+# Row-scaled fp8 was off it in runs 63-70: bench/fidelity.py's fp8 fine-tune (2 x 512 rows) hit NaN losses on it.
+# The cause was the warp-specialized configs under CUDA graphs (compat.warp_specialize_checked: none are offered
+# since); with the unspecialized ones that fine-tune trains to the other route's eval loss (3.7916 both, run 70)
+# and 8B fp8 runs at 21,368 tokens/s against 18,951 off the route (runs 68, 71).
+PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
+    {"lora_linear_fp8": 1024, "grad_input_fp8": 1024, "lora_linear_bf16": 4096, "grad_input_bf16": 4096})
 # Which row-scaled fp8 GEMMs go to cuBLAS on sm_90 (`torch._scaled_mm` with row / channel scales, then the LoRA
-# `addmm_`, as qfp8's block-scaled route): none until the whole op is measured against the Triton kernel the fp8
-# recipe now takes. The GEMM alone ran at 0.123 ms (forward) and 0.124 ms (dgrad) at the 8B q shape, M = 4096,
-# against the Triton kernel's whole op at 0.187 / 0.185 (bench/results/kernels_persistent_h200.md); the addmm_
-# adds a read and a write of the output, which wide outputs (gate/up forward) pay most. `bench/tps.py
-# ...+fp8cublas` (both) / `+fp8cublasdgrad` runs the A/B.
+# `addmm_`, as qfp8's block-scaled route) where the persistent kernel does not take them: none. Measured on the
+# H200 with the persistent route off (run 68, 8B): the Triton kernel 18,951 tokens/s, the dgrad on cuBLAS 19,443,
+# both on cuBLAS 19,772; the persistent route, which takes these GEMMs from 1,024 rows, 21,368 (run 71). Below
+# that the whole op was not measured. Eval loss with either on cuBLAS: 3.7916 / 3.7919, the Triton route's 3.7916
+# (run 69). `bench/tps.py ...+nopersistent+fp8cublas` (both) / `+fp8cublasdgrad` runs the A/B.
 FP8_ROW_CUBLAS: frozenset = frozenset()
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
 # BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB

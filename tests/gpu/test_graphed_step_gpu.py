@@ -40,3 +40,27 @@ def test_graphed_training_follows_eager(recipe, checkpoint):
     assert step.replays == 6 and step.eager_calls == 0
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=0)
     assert_same_lora(graphed_model, eager_model)
+
+
+@pytest.mark.gpu
+def test_fp8_on_the_persistent_route_stays_finite_over_many_replays():
+    """Regression of bench/NOTES.md runs 63-70: fp8 on the sm_90 persistent kernel (its default route from 1,024
+    rows) with Triton 3.6's warp-specialized configs gave NaN losses in training under CUDA graphs at a random
+    replay (the 2nd to the ~160th), never eagerly. Micro-batches of 2 x 512 = 1,024 rows, 40 optimizer steps of 2 (80 replays):
+    every loss finite and on the eager twin's trajectory (configs.PERSISTENT_WARP_SPECIALIZE = True brings the
+    specialized configs back, to reproduce the fault on a Triton that has it)."""
+    from surogate.kernels import variants
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the persistent kernel runs on sm_90 only")
+    graphed_model, eager_model = _models("fp8")
+    g = torch.Generator("cuda").manual_seed(3)
+    steps = [[torch.randint(0, VOCAB, (2, 512), device="cuda", generator=g) for _ in range(2)] for _ in range(40)]
+    step = GraphedStep(graphed_model, loss_scale=0.5)
+    with variants.trace() as ran:
+        graphed = train_losses(graphed_model, lambda ids: step(input_ids=ids, labels=ids), steps)
+    assert {r.variant.kernel for r in ran if r.engine is variants.Engine.PERSISTENT} == {
+        "lora_linear_fp8", "grad_input_fp8"}
+    assert step.replays == 80 and all(torch.isfinite(torch.tensor(graphed))), graphed
+    eager = train_losses(eager_model, eager_micro_step(eager_model, 0.5), steps)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-2, atol=0)

@@ -5,7 +5,7 @@ tests/test_launch_copies.py pins on the CPU, checked where the kernels run.
 in FP32 and rounds once, and reads bf16 with the cast when the other operand is a one-element FP32 tensor.
 (2) The op's CUDA forward + backward (the factors cast once, the casts passed to the backward) equals the
 launcher given the FP32 masters (casting them itself) bit for bit, on the persistent route (4096 rows on
-sm_90, the route switched on: fp8 is off it by default) and the Triton one (256 rows).
+sm_90) and the Triton one (256 rows).
 (3) What one forward + backward launches, by the profiler: the forward's two `bfloat16_copy` kernels and no
 `direct_copy` (before: 6 and 4, plus a strided copy on the persistent route; bench/NOTES.md "Copies in the
 fp8 step").
@@ -48,10 +48,9 @@ def test_one_kernel_scalings_have_the_old_bits_on_cuda(scale):
 
 @pytest.mark.parametrize("rows", [4096, 256])
 @pytest.mark.parametrize("scale", [2.0, 0.37])
-def test_the_op_path_equals_the_launcher_casting_itself(rows, scale, monkeypatch):
+def test_the_op_path_equals_the_launcher_casting_itself(rows, scale):
     from surogate.kernels import launch, variants
 
-    monkeypatch.setattr(variants, "PERSISTENT_SM90", {"lora_linear_fp8": 1024, "grad_input_fp8": 1024})
     x, _, a, b, _, go, wl = lora_gemm_case(rows, 1536, 2048, 16, "fp8_row", 1, "cuda")
     with variants.trace() as ran:
         y, (dx, ga, gb, _) = _step(x, wl, a, b, go, scale)

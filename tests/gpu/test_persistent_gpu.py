@@ -173,8 +173,7 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
 @pytest.mark.parametrize("recipe", ["bf16", "fp8", "qnf4"])
 def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(recipe, monkeypatch):
     """The default routing (`variants.PERSISTENT_SM90`, by rows) inside a compiled tiny Qwen3 at 2 x 2048 rows,
-    enough for every routed variant: bf16 and qnf4 (its bf16 scratch route) run the persistent kernel, fp8
-    with the route switched on (it is off by default),
+    enough for every routed variant: bf16, fp8 and qnf4 (its bf16 scratch route) run the persistent kernel,
     and the loss and the LoRA gradients stay as close to eager PEFT as with the kernel switched off (the
     kernel's numerics in a real graph: views, packed weights, the LoRA factors' dtypes; no CUDA graphs)."""
     import copy
@@ -191,8 +190,7 @@ def test_a_compiled_model_on_the_default_persistent_route_follows_eager_peft(rec
     names = sorted(n for n, p in reference.named_parameters() if p.requires_grad)
     g_ref = torch.cat([dict(reference.named_parameters())[n].grad.flatten().float() for n in names])
     errors = {}
-    on = True if recipe == "fp8" else variants.PERSISTENT_SM90  # fp8 is off the default route (NOTES runs 63-64)
-    for setting in (on, False):
+    for setting in (variants.PERSISTENT_SM90, False):
         monkeypatch.setattr(variants, "PERSISTENT_SM90", setting)
         model = surogate.compile(copy.deepcopy(cuda_lora_qwen3()), recipe=recipe)
         with variants.trace() as ran:
