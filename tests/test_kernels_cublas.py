@@ -60,8 +60,9 @@ def test_bf16_gemm_adds_bias_and_the_scaled_lora_term():
 
 
 def test_row_fp8_rules_are_opt_in_and_need_sm90_and_aligned_shapes(monkeypatch):
-    """Row-scaled fp8 goes to cuBLAS only for the rules variants.FP8_ROW_CUBLAS names (none by default: not yet
-    measured as a whole op), forward and dgrad each on its own, on sm_90, with 16-element leading dimensions."""
+    """Row-scaled fp8 goes to cuBLAS only for the rules variants.FP8_ROW_CUBLAS names (none by default: slower than
+    the persistent route at 8B, runs 68 and 71), forward and dgrad each on its own, on sm_90, with 16-element
+    leading dimensions, where the persistent kernel does not take the call (below 1024 rows)."""
     from surogate.kernels import variants
 
     fwd, dgrad = CublasRule.ROW_FP8_FWD_SM90, CublasRule.ROW_FP8_DGRAD_SM90
@@ -73,10 +74,11 @@ def test_row_fp8_rules_are_opt_in_and_need_sm90_and_aligned_shapes(monkeypatch):
     assert not cublas_takes(dgrad, "sm_90", 37, 4104, 1040)  # the output % 16
     assert not cublas_takes(dgrad, "sm_89", 37, 4096, 1040) and not cublas_takes(dgrad, "sm_90", 0, 4096, 1040)
     fp8_dgrad = variants.variant("grad_input", "fp8", "fp8_row")
-    assert variants.route(fp8_dgrad, "sm_90", 4096, 4096, 4096).engine is variants.Engine.CUBLAS
+    assert variants.route(fp8_dgrad, "sm_90", 512, 4096, 4096).engine is variants.Engine.CUBLAS
+    assert variants.route(fp8_dgrad, "sm_90", 4096, 4096, 4096).engine is variants.Engine.PERSISTENT  # ahead
     assert "cuBLASLt row-scaled FP8 + LoRA addmm" in fp8_dgrad.describe_rule("sm_90")
     fp8_fwd = variants.variant("output", "fp8", "fp8_row")
-    assert variants.route(fp8_fwd, "sm_90", 4096, 4096, 4096).engine is variants.Engine.TRITON
+    assert variants.route(fp8_fwd, "sm_90", 512, 4096, 4096).engine is variants.Engine.TRITON
 
 
 def test_row_fp8_gemm_is_the_scaled_product_plus_the_lora_term():
