@@ -61,20 +61,22 @@ class Launch:
     metrics: torch.Tensor
 
 
-def _nonfinite(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    counts = [(~torch.isfinite(t)).sum().float() for t in tensors if t is not None and t.is_floating_point()]
-    return torch.stack(counts).sum() if counts else torch.zeros(())
+def _nonfinite(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    counts = [(~torch.isfinite(t.float())).sum().float() for t in tensors if t is not None and t.is_floating_point()]
+    return torch.stack(counts).sum() if counts else torch.zeros((), device=device)
 
 
-def _error(got: Sequence[torch.Tensor | None], want: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The largest relative error over the pairs: max |got - want| / max |want| (NaN counted as huge)."""
+def _error(got: Sequence[torch.Tensor | None], want: Sequence[torch.Tensor | None],
+           device: torch.device) -> torch.Tensor:
+    """The largest relative error over the pairs: max |got - want| / max |want| (NaN counted as huge). Every
+    tensor is made on `device`: a host-to-device copy would break a CUDA-graph capture."""
     errors = []
     for g, w in zip(got, want):
         if g is None or w is None or g.numel() == 0:
             continue
         diff = (g.float() - w.float()).abs().nan_to_num(nan=1e30, posinf=1e30).amax()
         errors.append(diff / w.float().abs().nan_to_num(nan=0.0, posinf=0.0).amax().clamp_min(1e-30))
-    return torch.stack(errors).amax() if errors else torch.zeros(())
+    return torch.stack(errors).amax() if errors else torch.zeros((), device=device)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -108,8 +110,8 @@ class LaunchCheck:
 
     def _keep(self, direction: str, inputs: Sequence, outputs: Sequence, want: Sequence, shapes: str,
               fmt, compute, routes: list) -> None:
-        metrics = torch.stack([_nonfinite(inputs).to(outputs[0].device), _nonfinite(outputs).to(outputs[0].device),
-                               _error(outputs, want).to(outputs[0].device)])
+        device = outputs[0].device
+        metrics = torch.stack([_nonfinite(inputs, device), _nonfinite(outputs, device), _error(outputs, want, device)])
         self.launches += 1
         captured = _capturing(outputs[0])
         entry = Launch(self.launches, direction, shapes, getattr(fmt, "value", str(fmt)),
