@@ -19,3 +19,8 @@ if [ "${GPU_CHECK_BENCH:-0}" = 1 ]; then  # the dequant-scratch kernel benchmark
         --recipes "${BENCH_RECIPES:-qnf4,qfp8-bf16}" --skip-validate --out "$OUT" 2>&1 | tail -n 12
 fi
 echo "== main job"; timeout 150 python3 -m surogate train --output-dir /tmp/surogate-out 2>&1 | tee "$OUT/main_job.log" | tail -n 8
+# Every LoRA linear launch of a short fp8 run (8 x 128 = 1,024 rows: the persistent route) checked against the
+# reference, CUDA-graph replays included (bench/launch_check.py; exit 1 names a bad launch).
+echo "== launch check (fp8, 1,024 rows)"; timeout 150 python3 bench/launch_check.py --set recipe=fp8 \
+    --set per_device_train_batch_size=8 --set max_steps=40 --set output_dir=/tmp/surogate-lc --out "$OUT" 2>&1 \
+    | tee "$OUT/launch_check.log" | tail -n 4
