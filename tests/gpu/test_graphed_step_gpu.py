@@ -46,9 +46,9 @@ def test_graphed_training_follows_eager(recipe, checkpoint):
 def test_fp8_on_the_persistent_route_stays_finite_over_many_replays():
     """Regression of bench/NOTES.md runs 63-70: fp8 on the sm_90 persistent kernel (its default route from 1,024
     rows) with Triton 3.6's warp-specialized configs gave NaN losses in training under CUDA graphs at a random
-    replay (the 2nd to the ~160th), never eagerly. Micro-batches of 2 x 512 = 1,024 rows, 40 optimizer steps of 2 (80 replays):
-    every loss finite and on the eager twin's trajectory (configs.PERSISTENT_WARP_SPECIALIZE = True brings the
-    specialized configs back, to reproduce the fault on a Triton that has it)."""
+    replay (the 2nd to the ~160th), never eagerly. Micro-batches of 2 x 512 = 1,024 rows, 40 optimizer steps of 2
+    (80 replays): every loss finite and on the eager twin's trajectory (configs.PERSISTENT_WARP_SPECIALIZE = True
+    brings the specialized configs back, to reproduce the fault on a Triton that has it)."""
     from surogate.kernels import variants
 
     if torch.cuda.get_device_capability() != (9, 0):
