@@ -50,17 +50,17 @@ def test_fp8_on_the_persistent_route_stays_finite_over_many_replays():
     (80 replays): every loss finite and on the eager twin's trajectory (configs.PERSISTENT_WARP_SPECIALIZE = True
     brings the specialized configs back, to reproduce the fault on a Triton that has it)."""
     from surogate.kernels import variants
+    from surogate.recipes import current_arch
 
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the persistent kernel runs on sm_90 only")
     graphed_model, eager_model = _models("fp8")
     g = torch.Generator("cuda").manual_seed(3)
     steps = [[torch.randint(0, VOCAB, (2, 512), device="cuda", generator=g) for _ in range(2)] for _ in range(40)]
     step = GraphedStep(graphed_model, loss_scale=0.5)
     with variants.trace() as ran:
         graphed = train_losses(graphed_model, lambda ids: step(input_ids=ids, labels=ids), steps)
-    assert {r.variant.kernel for r in ran if r.engine is variants.Engine.PERSISTENT} == {
-        "lora_linear_fp8", "grad_input_fp8"}
+    persistent = {r.variant.kernel for r in ran if r.engine is variants.Engine.PERSISTENT}
+    # sm_90 runs the persistent kernel; other GPUs run the Triton kernel, checked the same way.
+    assert persistent == ({"lora_linear_fp8", "grad_input_fp8"} if current_arch() == "sm_90" else set())
     assert step.replays == 80 and all(torch.isfinite(torch.tensor(graphed))), graphed
     eager = train_losses(eager_model, eager_micro_step(eager_model, 0.5), steps)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-2, atol=0)
