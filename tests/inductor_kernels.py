@@ -93,3 +93,31 @@ def triton_kernels(fn: Callable, *args: torch.Tensor) -> list[Kernel]:
     if len(graphs) != 1:
         raise RuntimeError(f"expected one compiled graph, Inductor planned {len(graphs)}")
     return graphs[0]
+
+
+def tiny_qwen3_kernels(recipe: str, **compile_options) -> tuple[list[Kernel], list[Kernel]]:
+    """(forward, backward): the Triton kernels Inductor plans for the block of the GPU tests' tiny Qwen3 (hidden
+    256, intermediate 512, 2 x 128 rows, bf16, LoRA r=8) compiled by surogate on the CPU with Inductor in place
+    of aot_eager; `compile_options` go to `surogate.compile`."""
+    from unittest import mock
+
+    import transformers as T
+
+    import surogate
+    from surogate.compiler import _attach_lora
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, vocab_size=512)
+    model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
+                         {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    compiled = surogate.compile(model, recipe=recipe, arch="cpu", **compile_options)
+    ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+    lookup = torch._dynamo.lookup_backend
+    with recording() as graphs, mock.patch.object(
+            torch._dynamo, "lookup_backend", lambda name: recording_inductor if name == "aot_eager" else lookup(name)):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    forward, backward = graphs  # one block graph: forward, then backward
+    return forward, backward

@@ -326,31 +326,6 @@ def test_the_twin_rides_in_the_producers_kernel_as_inductor_plans_it_for_triton(
     assert kernels[0].writes(ELEMENT[fmt]) and kernels[0].reductions == 1, kernels
 
 
-def _gpu_sized_qwen3_backward_kernels(recipe: str, grad_producer: bool) -> list:
-    """The Triton kernels Inductor plans for the block backward of the GPU test's tiny Qwen3
-    (hidden 256, 2 x 128 rows, bf16) compiled on the CPU with Inductor in place of aot_eager."""
-    import transformers as T
-    from inductor_kernels import recording, recording_inductor
-
-    from surogate.compiler import _attach_lora
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=512)
-    model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
-                         {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    compiled = surogate.compile(model, recipe=recipe, arch="cpu", grad_producer=grad_producer)
-    ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
-    lookup = torch._dynamo.lookup_backend
-    with recording() as graphs, mock.patch.object(
-            torch._dynamo, "lookup_backend", lambda name: recording_inductor if name == "aot_eager" else lookup(name)):
-        compiled(input_ids=ids, labels=ids).loss.backward()
-    torch._dynamo.reset()
-    _, backward = graphs  # one block graph: forward, then backward
-    return backward
-
-
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
 @pytest.mark.parametrize("recipe", ["fp8", "qfp8"])
 def test_qwen3_backward_with_grad_producer_plans_no_more_kernels(recipe):
@@ -361,8 +336,10 @@ def test_qwen3_backward_with_grad_producer_plans_no_more_kernels(recipe):
     1x128 amax), from a cat (q/k/v, gate/up) or from the block's input, so no quantize shares a producer's
     kernel here; fp8's seven do (strictly fewer)."""
     pytest.importorskip("triton")
-    on = _gpu_sized_qwen3_backward_kernels(recipe, True)
-    off = _gpu_sized_qwen3_backward_kernels(recipe, False)
+    from inductor_kernels import tiny_qwen3_kernels
+
+    on = tiny_qwen3_kernels(recipe, grad_producer=True)[1]
+    off = tiny_qwen3_kernels(recipe, grad_producer=False)[1]
     quantize_launches = {"fp8": 7, "qfp8": 4}[recipe]  # one per FP8 dgrad of the block, with it off
     assert len(on) - quantize_launches <= len(off), (len(on), len(off))
     if recipe == "fp8":

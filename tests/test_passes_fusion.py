@@ -172,3 +172,38 @@ def test_unpacked_groups_keep_or_recompute_the_concatenated_weights():
     assert sorted(kept) == [(512, 256), (1024, 256)] and sorted(cats) == [(512, 256), (1024, 256)]
     kept, cats, _ = _frozen_concatenations("qfp8", packed=False)
     assert kept == [] and sorted(cats) == [(512, 256), (512, 256), (1024, 256), (1024, 256)]  # forward + again
+
+
+def _copied_pieces(gm) -> list[list[bool]]:
+    """Per fused GEMM's split, per member: whether the member's piece goes through a `.contiguous()` copy."""
+    out = []
+    for split in (n for n in gm.graph.nodes if n.target is torch.split):
+        pieces = sorted(split.users, key=lambda n: n.args[1])
+        out.append([any(u.op == "call_method" and u.target == "contiguous" for u in p.users) for p in pieces])
+    return out
+
+
+def test_only_a_piece_a_consumer_views_gets_a_contiguous_copy():
+    """v is `.view`ed (a column slice may not take every view): copied, and Inductor folds the copy into its
+    consumers. q, k, gate and up are read in place: a copy of gate and up, which SwiGLU's backward saves, was
+    materialized beside the activation (two more passes over (M, intermediate) a layer)."""
+    gm, inputs, counts, _ = _run(_model(), "bf16", torch.randn(2, 3, 128, dtype=torch.bfloat16))
+    assert counts["horizontal"] == 2
+    assert sorted(_copied_pieces(gm), key=len) == [[False, False], [False, False, True]]
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
+@pytest.mark.parametrize("recipe", ["bf16", "qfp8"])
+def test_swiglu_forward_writes_only_its_output(recipe):
+    """In the compiled tiny Qwen3's forward the SwiGLU kernel (rows x intermediate elements) writes one bf16
+    tensor, the activation (qfp8: also its FP8 copy and scales, the producer's quantize), not copies of gate
+    and up for the backward."""
+    pytest.importorskip("triton")
+    from inductor_kernels import tiny_qwen3_kernels
+
+    forward, _ = tiny_qwen3_kernels(recipe)
+    # 2 x s26 rows x 512: a pointwise kernel (numel, 1), or qfp8's 1x128-block reduction (numel / 128, 128).
+    swiglu = [k for k in forward if str(k.group[0] * k.group[1]) == "1024*s26" and torch.bfloat16 in k.dtypes]
+    assert len(swiglu) == 1, [(k.group, k.dtypes) for k in forward]
+    assert swiglu[0].dtypes.count(torch.bfloat16) == 1, swiglu
+    assert (torch.float8_e4m3fn in swiglu[0].dtypes) == (recipe == "qfp8"), swiglu

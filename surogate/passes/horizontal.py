@@ -131,8 +131,7 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
         parts = g.call_function(torch.split, (out, sizes, -1))
         for i, (_, old) in enumerate(members):
             piece = g.call_function(operator.getitem, (parts, i))
-            # contiguous: consumers may `view` the output; Inductor folds the copy into them on CUDA.
-            fresh = g.call_method("contiguous", (piece,))
+            fresh = g.call_method("contiguous", (piece,)) if _viewed(old) else piece
             if (val := N.meta_value(old)) is not None:
                 fresh.meta["example_value"] = val
             old.replace_all_uses_with(fresh)
@@ -144,6 +143,24 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
         for w in m.weight:  # a packed member's row slices, now unused
             if isinstance(w, fx.Node) and not w.users and N.is_getitem(w):
                 g.erase_node(w)
+
+
+# Methods whose result keeps its input's strides (a dtype cast), followed when looking for a `.view` consumer.
+_STRIDE_KEEPING = ("to", "type_as", "type")
+
+
+def _viewed(node: fx.Node) -> bool:
+    """Whether a consumer calls `.view` on the member's output (directly or after a cast), which a column slice of
+    the fused output may not take: that piece gets a contiguous copy, which Inductor folds into the consumers
+    (q/k/v: the head split and the q/k norms). The others read the slice in place. Why not copy every piece: a
+    copy that the backward needs is materialized (gate and up, saved for SwiGLU's backward: the forward kernel
+    wrote both copies beside its output, two more passes over (M, intermediate) a layer)."""
+    for user in node.users:
+        if user.op == "call_method" and user.target == "view":
+            return True
+        if user.op == "call_method" and user.target in _STRIDE_KEEPING and _viewed(user):
+            return True
+    return False
 
 
 def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
