@@ -131,7 +131,7 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
         parts = g.call_function(torch.split, (out, sizes, -1))
         for i, (_, old) in enumerate(members):
             piece = g.call_function(operator.getitem, (parts, i))
-            fresh = g.call_method("contiguous", (piece,)) if _viewed(old) else piece
+            fresh = piece if _read_in_place(old) else g.call_method("contiguous", (piece,))
             if (val := N.meta_value(old)) is not None:
                 fresh.meta["example_value"] = val
             old.replace_all_uses_with(fresh)
@@ -145,22 +145,32 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
                 g.erase_node(w)
 
 
-# Methods whose result keeps its input's strides (a dtype cast), followed when looking for a `.view` consumer.
-_STRIDE_KEEPING = ("to", "type_as", "type")
+# Consumers that read a column slice of the fused output in place, elementwise, whatever its row stride: the
+# activations and arithmetic of gated MLPs (HF's SiLU / GELU modules trace to these functions). Casts are followed.
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.sigmoid,
+    torch.tanh, torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu,
+    torch.nn.functional.sigmoid, torch.nn.functional.tanh})
+_ELEMENTWISE_METHODS = frozenset({"mul", "add", "sub", "sigmoid", "tanh"})
+_CASTS = frozenset({"to", "type_as", "type", "float", "bfloat16", "half"})
 
 
-def _viewed(node: fx.Node) -> bool:
-    """Whether a consumer calls `.view` on the member's output (directly or after a cast), which a column slice of
-    the fused output may not take: that piece gets a contiguous copy, which Inductor folds into the consumers
-    (q/k/v: the head split and the q/k norms). The others read the slice in place. Why not copy every piece: a
-    copy that the backward needs is materialized (gate and up, saved for SwiGLU's backward: the forward kernel
-    wrote both copies beside its output, two more passes over (M, intermediate) a layer)."""
+def _read_in_place(node: fx.Node) -> bool:
+    """Whether every consumer of a member's output reads it elementwise (after casts), so that its column slice
+    of the fused output can be used as it is. Otherwise the slice gets a contiguous copy: a `.view` may not
+    take a slice, nor may a kernel that assumes contiguous rows (an autograd.Function of another library);
+    Inductor folds that copy into the consumers it can (q/k/v: the head split and the q/k norms). Why not copy
+    every slice: a copy the backward needs is materialized (gate and up, saved for SwiGLU's backward: the
+    forward kernel wrote both copies beside the activation, two more passes over (M, intermediate) a layer)."""
     for user in node.users:
-        if user.op == "call_method" and user.target == "view":
-            return True
-        if user.op == "call_method" and user.target in _STRIDE_KEEPING and _viewed(user):
-            return True
-    return False
+        if user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS:
+            continue
+        if user.op == "call_method" and user.target in _ELEMENTWISE_METHODS:
+            continue
+        if user.op == "call_method" and user.target in _CASTS and _read_in_place(user):
+            continue
+        return False
+    return True
 
 
 def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
