@@ -146,22 +146,23 @@ def test_one_kernel_scalings_have_the_bits_of_the_three_kernel_ones(scale):
     assert torch.equal(grad_lora._scaled(up, scale, BF16), (up.float() * scale).to(BF16))
 
 
-def test_bench_copies_scales_one_linear_to_the_model_shape(monkeypatch):
+_F32_CASTS = [("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32")]
+
+
+@pytest.mark.parametrize("persistent,routes,scalings", [
+    (False, ["lora_linear_fp8", "grad_input_fp8"],
+     ["(12288, 16)", "(12288, 16)", "(16, 4096)", "(4096, 16)"]),
+    (True, ["persistent_lora_linear_fp8", "persistent_grad_input_fp8"],
+     ["(16, 12288)", "(12288, 16)", "(16, 4096)", "(16, 4096)"]),
+])
+def test_bench_copies_scales_one_linear_to_the_model_shape(persistent, routes, scalings, monkeypatch):
     """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: the persistent
     kernel; `_lora_gemm_kernel` when PERSISTENT_SM90 keeps it off) and maps the shapes back."""
     from bench_module import load_bench
 
     copies = load_bench("copies")
-    monkeypatch.setattr(variants, "PERSISTENT_SM90", False)
-    rows, routes = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
-    assert routes == ["lora_linear_fp8", "grad_input_fp8"]
-    assert [(r["op"], r["inputs"][0]) for r in rows] == [
-        ("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32"), ("mul", "(12288, 16) bfloat16"),
-        ("mul", "(12288, 16) bfloat16"), ("mul", "(16, 4096) bfloat16"), ("mul", "(4096, 16) bfloat16")]
-    monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
-    rows, routes = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
-    assert routes == ["persistent_lora_linear_fp8", "persistent_grad_input_fp8"]
-    assert [(r["op"], r["inputs"][0]) for r in rows] == [
-        ("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32"), ("mul", "(16, 12288) bfloat16"),
-        ("mul", "(12288, 16) bfloat16"), ("mul", "(16, 4096) bfloat16"), ("mul", "(16, 4096) bfloat16")]
+    monkeypatch.setattr(variants, "PERSISTENT_SM90", persistent)
+    rows, ran = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
+    assert ran == routes
+    assert [(r["op"], r["inputs"][0]) for r in rows] == _F32_CASTS + [("mul", f"{s} bfloat16") for s in scalings]
     assert rows[0]["bytes"] == 16 * 4096 * (4 + 2)
