@@ -111,6 +111,30 @@ def compiling() -> bool:
     return TracingContext.try_get() is not None
 
 
+def register_concat_lowering(op) -> bool:
+    """Have Inductor lower `op` (a `cat` of the same signature, `surogate::concat`) as its ConcatKernel: each
+    input computed into its slice of the output. False where this Inductor has no such API (the op then stays
+    unused: passes/concat.py rewrites nothing).
+
+    Root cause: Inductor's `cat` lowering picks between ConcatKernel and a masked pointwise kernel by its
+    own heuristic, with no per-node switch; `register_lowering`, `ir.ConcatKernel.create` and `ir.TensorBox`
+    are Inductor internals (the same in torch 2.11-2.13).
+    """
+    try:
+        from torch._inductor import ir
+        from torch._inductor.lowering import register_lowering
+    except ImportError:
+        return False
+    if not hasattr(ir, "ConcatKernel") or not hasattr(ir, "TensorBox"):
+        return False
+
+    @register_lowering(op, type_promotion_kind=None)
+    def _concat(tensors, dim):
+        return ir.TensorBox(ir.ConcatKernel.create(list(tensors), dim))
+
+    return True
+
+
 @contextlib.contextmanager
 def quiet_peft_deprecations():
     """PEFT calls made without transformers' deprecation notice about them.

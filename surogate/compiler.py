@@ -35,7 +35,7 @@ from surogate.offload import BlockInputOffload
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.weight_packing import pack_shared_input_weights
-from surogate.passes import CompileReport, PassContext, run_pipeline
+from surogate.passes import CompileReport, PassContext, concat, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
 
@@ -553,8 +553,10 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
             from torch._inductor.compile_fx import compile_fx
 
+            post_grad = concat.post_grad_pass()
+            patches = {"post_grad_custom_post_pass": post_grad} if post_grad is not None else None
             with compile_options_cache_tag(options_tag):
-                return compile_fx(gm, example_inputs)
+                return compile_fx(gm, example_inputs, config_patches=patches)
 
     return surogate_backend
 

@@ -54,34 +54,35 @@ def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
     nf4_ptr, out_ptr, n,
     BLOCKSIZE: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    """One program: BLOCK/2 packed bytes -> BLOCK outputs. Absmax per element block; when
-    DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] + offset."""
-    HALF: tl.constexpr = BLOCK // 2
-    byte_idx = tl.program_id(0).to(tl.int64) * HALF + tl.arange(0, HALF)
+    """One program: BLOCKS quantization blocks, as a (BLOCKS, BLOCKSIZE / 2) tile of packed bytes. Each block's
+    absmax is loaded once (when DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] +
+    offset), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    byte_idx = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
     bmask = byte_idx * 2 < n
     byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
     hi_val = tl.load(nf4_ptr + (byte >> 4))
     lo_val = tl.load(nf4_ptr + (byte & 15))
-    blk = (byte_idx * 2) // BLOCKSIZE  # both elements of a byte share a block (BLOCKSIZE is even)
+    kmask = blk * BLOCKSIZE < n
     if DOUBLE_QUANT:
-        q = tl.load(absmax_q_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        q = tl.load(absmax_q_ptr + blk, mask=kmask, other=0).to(tl.int32)
         code = tl.load(absmax_code_ptr + q)
-        s = tl.load(absmax_scale_ptr + blk // DQ_BLOCK, mask=bmask, other=0.0)
+        s = tl.load(absmax_scale_ptr + blk // DQ_BLOCK, mask=kmask, other=0.0)
         absmax = _mul_rn(code, s, INTERPRET) + tl.load(absmax_offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
-    idx = tl.arange(0, HALF)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    vals = tl.join(hi_val * absmax, lo_val * absmax)  # (HALF, 2): element 2i, then 2i+1
-    out_idx = tl.program_id(0).to(tl.int64) * BLOCK + idx
+        absmax = tl.load(absmax_ptr + blk, mask=kmask, other=0.0)
+    vals = tl.join(hi_val * absmax[:, None], lo_val * absmax[:, None])  # (BLOCKS, HALF, 2): element 2i, then 2i+1
+    vals = tl.reshape(vals, (BLOCKS, BLOCKSIZE))
+    out_idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     _store_out(out_ptr + out_idx, vals, out_idx < n, ROUND_BF16)
 
 
-def get_dequantize_nf4_configs(arch: str | None = None) -> dict:
-    """Elementwise: 4K outputs per program (2 KB of packed input). H100: 4 warps 26 / 68 us
-    for 4096 x 4096 / 4096 x 12288 (1.6-1.85 TB/s), 8 warps 28 / 71 us."""
-    return dict(BLOCK=4096, num_warps=4)
+def get_dequantize_nf4_configs(arch: str | None = None, blocksize: int = NF4_BLOCK) -> dict:
+    """Elementwise: 4K outputs per program (2 KB of packed input), 4 warps."""
+    return dict(BLOCKS=max(1, 4096 // blocksize), num_warps=4)
 
 
 _NF4_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -108,8 +109,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
     n = 1
     for d in shape:
         n *= d
-    if blocksize % 2 or blocksize <= 0:
-        raise ValueError(f"NF4 blocksize must be a positive even number, got {blocksize}")
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"NF4 blocksize must be a power of two >= 2 (bitsandbytes uses 64), got {blocksize}")
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed must be uint8 with ceil({n}/2) elements for shape {shape}, "
                          f"got {packed.dtype} with {packed.numel()}")
@@ -121,8 +122,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
     if n == 0:
         return out
     dummy = _nf4_table(device)  # stands in for the pointers the chosen branch never reads
-    cfg = get_dequantize_nf4_configs()
-    _dequantize_nf4_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+    cfg = get_dequantize_nf4_configs(None, blocksize)
+    _dequantize_nf4_kernel[(triton.cdiv(triton.cdiv(n, blocksize), cfg["BLOCKS"]),)](
         packed.contiguous(), dummy if double else absmax.float().contiguous(),
         absmax_q.contiguous() if double else dummy, absmax_code.float().contiguous() if double else dummy,
         absmax_scale.float().contiguous() if double else dummy,

@@ -206,7 +206,7 @@ def _sweep() -> list[dict]:
             dict(BLOCK_M=1, BLOCK_K=2048, ONE_TILE=False, num_warps=4),
             dict(BLOCK_M=2, BLOCK_K=4096, ONE_TILE=False, num_warps=8)],
         (D, "get_dequantize_nf4_configs", "nf4"): [
-            dict(BLOCK=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)],
+            dict(BLOCKS=b // 64, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)],
         (Q, "get_quantize_nvfp4_configs", "nvfp4"): [
             dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w) for bm in (4, 8, 16) for bk in (128, 256) for w in (4, 8)],
         (Q, "get_quantize_fp8_block_configs", "block128"): [

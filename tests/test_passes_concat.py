@@ -1,0 +1,94 @@
+"""surogate/passes/concat.py: which cats become `surogate::concat` (Inductor's ConcatKernel), on hand-made
+graphs and in the compiled tiny Qwen3, and that Inductor plans the SwiGLU backward into the cat's slices as
+one kernel. The lowering's numbers (ConcatKernel vs the masked cat, bit for bit) are checked on the GPU
+(tests/gpu/test_concat_gpu.py): on the CPU Inductor always lowers cat as a ConcatKernel."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from inductor_kernels import tiny_qwen3_kernels
+from surogate.passes import concat
+
+CONCAT = torch.ops.surogate.concat.default
+CAT = torch.ops.aten.cat.default
+
+
+def _rewritten(fn, *shapes) -> tuple[int, list]:
+    gm = make_fx(fn, tracing_mode="fake")(*[torch.randn(s, dtype=torch.bfloat16) for s in shapes])
+    count = concat.realize_cats_into_slices(gm.graph)
+    return count, [n.target for n in gm.graph.nodes if n.target in (CAT, CONCAT)]
+
+
+def test_a_computed_feature_cat_that_a_surogate_op_reads_becomes_concat() -> None:
+    # surogate::concat itself stands in for the surogate GEMM op reading the cat.
+    count, cats = _rewritten(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), (4, 8), (4, 8))
+    assert count == 1 and cats == [CONCAT, CONCAT]
+    assert torch.equal(concat.concat([torch.ones(2, 3), torch.zeros(2, 1)], 1), torch.cat([torch.ones(2, 3),
+                                                                                          torch.zeros(2, 1)], 1))
+
+
+def test_other_cats_are_left_to_inductor() -> None:
+    read = lambda t: CONCAT([t], 0)  # noqa: E731  (a surogate op reading the cat)
+    cases = {
+        "graph inputs": lambda a, b: read(torch.cat([a, b], -1)),
+        "along rows": lambda a, b: read(torch.cat([a * 2, b + 1], 0)),
+        "only pointwise readers (RoPE's rotate_half)": lambda a, b: torch.cat([-a, b], -1) * 3,
+        "mixed dtypes": lambda a, b: read(torch.cat([a * 2, (b + 1).float()], -1)),
+    }
+    for why, fn in cases.items():
+        count, cats = _rewritten(fn, (4, 8), (4, 8))
+        assert count == 0 and CAT in cats, why
+
+
+def test_disabled_gives_inductor_no_pass(monkeypatch) -> None:
+    assert concat.lowered()  # this torch has the Inductor API the pass needs (compat.register_concat_lowering)
+    assert concat.post_grad_pass() is not None and concat.post_grad_pass().uuid() is not None
+    monkeypatch.setattr(concat, "ENABLED", False)
+    assert concat.post_grad_pass() is None
+
+
+def _plan_with_pass(recipe: str):
+    """(forward, backward) kernel plans of the tiny Qwen3 with the pass as Inductor's post-grad pass, and per
+    graph the (surogate::concat nodes, their readers) it left."""
+    from torch._inductor import config
+
+    seen = []
+    inner = concat.post_grad_pass()
+
+    class Recording(type(inner)):
+        def __call__(self, graph):
+            inner(graph)
+            seen.append([sorted(str(u.target) for u in n.users) for n in graph.nodes if n.target is CONCAT])
+
+    with config.patch(post_grad_custom_post_pass=Recording()):
+        plans = tiny_qwen3_kernels(recipe)
+    return plans, seen
+
+
+def test_the_fused_gemms_gradient_cats_become_concat_in_the_compiled_backward() -> None:
+    (forward, backward), (fwd_concats, bwd_concats) = _plan_with_pass("bf16")
+    assert fwd_concats == []  # the forward's cats are of weights / LoRA factors (graph inputs, along rows)
+    # gate/up's SwiGLU gradients and q/k/v's gradients, each read by the fused GEMM's backward op
+    assert bwd_concats == [["surogate.lora_linear_backward.default"]] * 2
+    # Inductor planned the SwiGLU backward into the cat's two slices as one kernel: M x intermediate
+    # (2 x 128 x 512) elements, two bf16 stores.
+    rows, inter = 2 * 128, 512
+    swiglu = [k for k in backward if _numel(k.group) == rows * inter and k.dtypes == (torch.bfloat16,) * 2]
+    assert len(swiglu) == 1, backward
+
+
+def test_qfp8s_gradient_cat_read_by_its_quantizer_too_becomes_concat() -> None:
+    _, (_, bwd_concats) = _plan_with_pass("qfp8")
+    readers = sorted(r for users in bwd_concats for r in users)
+    assert "surogate.lora_linear_backward.default" in readers and len(bwd_concats) == 2, bwd_concats
+    assert any(r.startswith("prims.convert_element_type") for r in readers), readers  # the grad quantizer
+
+
+def _numel(group: tuple) -> int:
+    """numel of a kernel group whose first entry is a sympy expression in the sequence length (128 here)."""
+    import sympy
+
+    n = group[0]
+    return int(n.subs({s: 128 for s in n.free_symbols})) if isinstance(n, sympy.Expr) else int(n)
