@@ -52,17 +52,21 @@ def _store_out(ptr, v, mask, ROUND_BF16: tl.constexpr):
 @triton.jit(launch_metadata=bytes_metadata("dequantize_nf4", 2.6))
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-    nf4_ptr, out_ptr, n,
+    nf4_ptr, out_ptr, n, n_bytes,
     BLOCKSIZE: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     """One program: BLOCKS quantization blocks, as a (BLOCKS, BLOCKSIZE / 2) tile of packed bytes. Each block's
     absmax is loaded once (when DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] +
-    offset), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth."""
+    offset), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth.
+    bf16 out (ROUND_BF16): `out_ptr` is the output as int32 words, one per packed byte, its two bf16 values
+    packed in registers (element 2i in the low half), so the tile is stored as it was loaded, with no
+    interleave through shared memory; fp32 out: the values interleaved (join + reshape). The tile's mask is on
+    bytes (`n_bytes` = ceil(n / 2)), whose divisibility Triton sees, so loads and stores are vectorized."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     byte_idx = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    bmask = byte_idx * 2 < n
+    bmask = byte_idx < n_bytes
     byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
     hi_val = tl.load(nf4_ptr + (byte >> 4))
     lo_val = tl.load(nf4_ptr + (byte & 15))
@@ -74,10 +78,16 @@ def _dequantize_nf4_kernel(
         absmax = _mul_rn(code, s, INTERPRET) + tl.load(absmax_offset_ptr)
     else:
         absmax = tl.load(absmax_ptr + blk, mask=kmask, other=0.0)
-    vals = tl.join(hi_val * absmax[:, None], lo_val * absmax[:, None])  # (BLOCKS, HALF, 2): element 2i, then 2i+1
-    vals = tl.reshape(vals, (BLOCKS, BLOCKSIZE))
-    out_idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    _store_out(out_ptr + out_idx, vals, out_idx < n, ROUND_BF16)
+    hi = hi_val * absmax[:, None]
+    lo = lo_val * absmax[:, None]
+    if ROUND_BF16:
+        hi_bits = (round_bf16(hi).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        lo_bits = (round_bf16(lo).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        tl.store(out_ptr + byte_idx, hi_bits | (lo_bits << 16), mask=bmask)
+    else:
+        vals = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))  # element 2i, then 2i+1
+        out_idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + out_idx, vals, mask=out_idx < n)
 
 
 def get_dequantize_nf4_configs(arch: str | None = None, blocksize: int = NF4_BLOCK) -> dict:
@@ -118,7 +128,12 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
     if double and any(t is None for t in (absmax_q, absmax_scale, absmax_offset, absmax_code)):
         raise ValueError("give either absmax (plain NF4) or all of absmax_q, absmax_scale, absmax_offset, absmax_code")
     device = packed.device
-    out = torch.empty(shape, device=device, dtype=dtype)
+    round_bf16 = _out_flag(dtype)
+    if round_bf16:  # whole int32 words: one bf16 more when n is odd, not part of the result
+        words = torch.empty(n + (n & 1), device=device, dtype=dtype)
+        out, out_arg = words[:n].view(shape), words.view(torch.int32)
+    else:
+        out = out_arg = torch.empty(shape, device=device, dtype=dtype)
     if n == 0:
         return out
     dummy = _nf4_table(device)  # stands in for the pointers the chosen branch never reads
@@ -128,9 +143,9 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
         absmax_q.contiguous() if double else dummy, absmax_code.float().contiguous() if double else dummy,
         absmax_scale.float().contiguous() if double else dummy,
         absmax_offset.float().reshape(1) if double else dummy,
-        _nf4_table(device), out, n,
+        _nf4_table(device), out_arg, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, DQ_BLOCK=NF4_DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=double,
-        ROUND_BF16=_out_flag(dtype), INTERPRET=triton_interpreting(), **cfg)
+        ROUND_BF16=round_bf16, INTERPRET=triton_interpreting(), **cfg)
     return out
 
 
