@@ -99,6 +99,18 @@ def tiny_qwen3_kernels(recipe: str, **compile_options) -> tuple[list[Kernel], li
     """(forward, backward): the Triton kernels Inductor plans for the block of the GPU tests' tiny Qwen3 (hidden
     256, intermediate 512, 2 x 128 rows, bf16, LoRA r=8) compiled by surogate on the CPU with Inductor in place
     of aot_eager; `compile_options` go to `surogate.compile`."""
+    import transformers as T
+
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, vocab_size=512)
+    forward, backward = tiny_model_kernels(cfg, recipe, **compile_options)  # one block graph each way
+    return forward, backward
+
+
+def tiny_model_kernels(cfg, recipe: str, **compile_options) -> list[list[Kernel]]:
+    """The kernel plans, as `tiny_qwen3_kernels`, of every graph a training step of a model built from `cfg` (a
+    transformers config; its `vocab_size` ids, 2 x 128 rows) compiles: the block graphs' forwards, then their
+    backwards (one block graph each way, or one per kind of block, e.g. Gemma-2's local and global layers)."""
     from unittest import mock
 
     import transformers as T
@@ -108,16 +120,13 @@ def tiny_qwen3_kernels(recipe: str, **compile_options) -> tuple[list[Kernel], li
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, vocab_size=512)
     model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
                          {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     compiled = surogate.compile(model, recipe=recipe, arch="cpu", **compile_options)
-    ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1))
     lookup = torch._dynamo.lookup_backend
     with recording() as graphs, mock.patch.object(
             torch._dynamo, "lookup_backend", lambda name: recording_inductor if name == "aot_eager" else lookup(name)):
         compiled(input_ids=ids, labels=ids).loss.backward()
     torch._dynamo.reset()
-    forward, backward = graphs  # one block graph: forward, then backward
-    return forward, backward
+    return graphs

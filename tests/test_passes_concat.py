@@ -5,10 +5,11 @@ one kernel. The lowering's numbers (ConcatKernel vs the masked cat, bit for bit)
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from inductor_kernels import tiny_qwen3_kernels
+from inductor_kernels import tiny_model_kernels, tiny_qwen3_kernels
 from surogate.passes import concat
 
 CONCAT = torch.ops.surogate.concat.default
@@ -49,9 +50,9 @@ def test_disabled_gives_inductor_no_pass(monkeypatch) -> None:
     assert concat.post_grad_pass() is None
 
 
-def _plan_with_pass(recipe: str):
-    """(forward, backward) kernel plans of the tiny Qwen3 with the pass as Inductor's post-grad pass, and per
-    graph the (surogate::concat nodes, their readers) it left."""
+def _plan_with_pass(recipe: str, model_config=None):
+    """(forward, backward) kernel plans of the tiny Qwen3 (or a model of `config`) with the pass as Inductor's
+    post-grad pass, and per graph the readers of each surogate::concat node it left."""
     from torch._inductor import config
 
     seen = []
@@ -63,7 +64,7 @@ def _plan_with_pass(recipe: str):
             seen.append([sorted(str(u.target) for u in n.users) for n in graph.nodes if n.target is CONCAT])
 
     with config.patch(post_grad_custom_post_pass=Recording()):
-        plans = tiny_qwen3_kernels(recipe)
+        plans = tiny_qwen3_kernels(recipe) if model_config is None else tiny_model_kernels(model_config, recipe)
     return plans, seen
 
 
@@ -92,3 +93,26 @@ def _numel(group: tuple) -> int:
 
     n = group[0]
     return int(n.subs({s: 128 for s in n.free_symbols})) if isinstance(n, sympy.Expr) else int(n)
+
+
+# Per architecture, the gradient cats a block's backward reads into fused GEMMs: q/k/v and gate/up where they are
+# separate linears (Llama, Gemma-2 with its two kinds of layers); OPT: q/k/v (with biases), no gated MLP; Phi-3:
+# its own gate_up_proj's output chunked into gate and up (qkv_proj's split feeds the attention, no cat read by
+# a GEMM); Falcon (parallel attention): query_key_value and dense_h_to_4h read the same norm output and fuse.
+ARCH_CONCATS = {"llama": 2, "gemma2": 2, "phi3": 1, "opt": 1, "falcon": 1}
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_CONCATS))
+def test_inductor_plans_the_concats_on_other_architectures(name) -> None:
+    from test_compile_models import tiny_config
+
+    cfg = tiny_config(name)
+    for key in ("max_position_embeddings", "n_positions"):  # the plans run 128-token rows
+        if hasattr(cfg, key):
+            setattr(cfg, key, 128)
+    plans, seen = _plan_with_pass("bf16", cfg)
+    assert all(plans) and len(seen) == len(plans) and len(plans) % 2 == 0, (len(plans), seen)
+    # A forward and a backward per kind of block (Gemma-2: two): the forwards have no concat, each backward
+    # has the architecture's.
+    assert sum(s == [] for s in seen) == len(seen) // 2, seen
+    assert all(s == [["surogate.lora_linear_backward.default"]] * ARCH_CONCATS[name] for s in seen if s), seen
