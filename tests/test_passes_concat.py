@@ -50,6 +50,37 @@ def test_disabled_gives_inductor_no_pass(monkeypatch) -> None:
     assert concat.post_grad_pass() is None
 
 
+def test_an_inductor_without_the_lowering_gets_no_pass_and_no_rewrite(monkeypatch) -> None:
+    """Where compat.register_concat_lowering finds no Inductor API, nothing is handed to Inductor and no cat is
+    rewritten into an op it could not lower."""
+    monkeypatch.setattr(concat, "lowered", lambda: False)
+    assert concat.post_grad_pass() is None
+    count, cats = _rewritten(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), (4, 8), (4, 8))
+    assert count == 0 and cats == [CAT, CONCAT]
+
+
+def test_a_users_own_post_grad_pass_still_runs_after_ours(monkeypatch) -> None:
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    ran = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph):
+            ran.append(sum(n.target is CONCAT for n in graph.nodes))
+
+        def uuid(self):
+            return "theirs-1"
+
+    monkeypatch.setattr(config, "post_grad_custom_post_pass", Theirs())
+    ours = concat.post_grad_pass()
+    gm = make_fx(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), tracing_mode="fake")(
+        torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16))
+    ours(gm.graph)
+    assert ran == [2]  # theirs saw the graph after our rewrite
+    assert ours.uuid()[1] == "theirs-1"  # and its key is part of ours (Inductor's cache)
+
+
 def _plan_with_pass(recipe: str, model_config=None):
     """(forward, backward) kernel plans of the tiny Qwen3 (or a model of `config`) with the pass as Inductor's
     post-grad pass, and per graph the readers of each surogate::concat node it left."""
