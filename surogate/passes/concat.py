@@ -12,8 +12,9 @@ once and stores both halves.
 Which cats: along the last dimension (features of rows: the fused GEMMs' gradients), at least one reader
 is a surogate op (an extern kernel reads the cat from memory, so it is written out whatever the lowering),
 the inputs are computed in this graph (not graph inputs: those would only be copied), share one dtype,
-and there are two or more. A cat read only by pointwise code (RoPE's
-`rotate_half`) keeps the masked form, which fuses the cat away.
+and there are two or more. A cat read only by pointwise code (RoPE's `rotate_half`) keeps the masked
+form, which fuses the cat away. The same cat comes from a model's own fused linear chunked into parts
+(Phi-3's gate_up_proj) and from any group horizontal fusion joins (Falcon's parallel attention).
 
 This runs inside Inductor (`post_grad_custom_post_pass`) on the aten graphs AOTAutograd hands it, forward
 and backward, after the torch-level passes of this package (`run_pipeline`).
