@@ -59,7 +59,7 @@ def test_an_inductor_without_the_lowering_gets_no_pass_and_no_rewrite(monkeypatc
     assert count == 0 and cats == [CAT, CONCAT]
 
 
-def test_a_users_own_post_grad_pass_still_runs_after_ours(monkeypatch) -> None:
+def test_a_users_own_post_grad_pass_still_runs_after_ours() -> None:
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -72,8 +72,8 @@ def test_a_users_own_post_grad_pass_still_runs_after_ours(monkeypatch) -> None:
         def uuid(self):
             return "theirs-1"
 
-    monkeypatch.setattr(config, "post_grad_custom_post_pass", Theirs())
-    ours = concat.post_grad_pass()
+    with config.patch(post_grad_custom_post_pass=Theirs()):  # not monkeypatch: its undo deletes the key
+        ours = concat.post_grad_pass()
     gm = make_fx(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), tracing_mode="fake")(
         torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16))
     ours(gm.graph)
