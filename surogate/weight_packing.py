@@ -65,6 +65,7 @@ def _why_not(members: list[tuple[str, nn.Module]], recipe: Recipe) -> str | None
         "computes": [(recipe.forward, recipe.grad_input)] * len(members),
         "has_bias": tuple(b.bias is not None for b in bases),
         "out_features": [b.out_features for b in bases],
+        "in_features": bases[0].in_features,
     }
     return horizontal.why_not(recipe, "", meta)
 
@@ -87,12 +88,16 @@ def pack_shared_input_weights(targets: list[tuple[str, nn.Module]], recipe: Reci
                 if undo is not None:
                     undo.swapped.append((module, base))
             bases.append(module.base_layer)
-        lists = [b.weight_list() for b in bases]  # bf16 / fp8_block: every part has N (or N/128) rows
+        lists = [b.weight_list() for b in bases]  # every part has rows along N (N, N/128, N*K/64 ...)
+        shared = horizontal.shared_parts(recipe.weight_format)
+        if any(not torch.equal(own[i], lists[0][i]) for own in lists for i in shared):
+            continue  # e.g. NF4 absmax code tables that differ: the fused list could hold only one
         with torch.no_grad():
-            parts = [torch.cat([parts[i] for parts in lists]) for i in range(len(lists[0]))]
+            parts = [lists[0][i] if i in shared else torch.cat([own[i] for own in lists]) for i in range(len(lists[0]))]
         starts = [0] * len(parts)
         for base, own in zip(bases, lists):
-            rows = tuple((starts[i], starts[i] + p.shape[0]) for i, p in enumerate(own))
+            rows = tuple((0, p.shape[0]) if i in shared else (starts[i], starts[i] + p.shape[0])
+                         for i, p in enumerate(own))
             starts = [stop for _, stop in rows]
             base.pack(parts, rows)
             if id(base) in originals and originals[id(base)].weight.device == base.w0.device:

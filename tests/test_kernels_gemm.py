@@ -145,6 +145,25 @@ def test_configs_fit_each_arch(arch: str) -> None:
     assert configs.block_r(4) == 16 and configs.block_r(33) == 64
 
 
+def test_nf4_lists_concatenated_along_n_keep_each_members_scales(monkeypatch) -> None:
+    """Horizontal fusion's packed NF4 list (two members, their own absmax means, one code table): both the
+    in-register and the scratch dequant GEMM compute each member's linear, forward and dgrad."""
+    g = torch.Generator().manual_seed(5)
+    ws = [(torch.randn(64, 256, generator=g) * s).bfloat16().to(DEVICE) for s in (0.02, 0.2)]
+    lists = [quantize_weight(w, "nf4") for w in ws]
+    whole = [torch.cat(pair) for pair in zip(*lists)][:4] + [lists[0][4]]
+    x = (torch.randn(37, 256, generator=g)).bfloat16().to(DEVICE)
+    go = (torch.randn(37, 128, generator=g)).bfloat16().to(DEVICE)
+    want = torch.cat([ref.lora_linear_ref(x, t, "nf4", None, None, None, None, 1.0, "bf16", "bf16")[0] for t in lists], -1)
+    want_gi = sum(ref.lora_linear_backward_ref(gp, x, t, "nf4", None, None, None, None, 1.0, "bf16")[0]
+                  for gp, t in zip(go.split(64, -1), lists))
+    for min_rows in (10**9, 1):  # fused in-register dequantization, then the scratch buffer
+        monkeypatch.setattr(variants, "DEQUANT_SCRATCH_MIN_ROWS", min_rows)
+        y, h = launch.lora_linear_cuda(x, whole, "nf4", None, None, None, None, 1.0, "bf16", "bf16")
+        gi = launch.lora_linear_backward_cuda(go, x, whole, "nf4", None, None, None, h, 1.0, "bf16")[0]
+        assert sqnr(y, want) > FLOOR and sqnr(gi, want_gi.to(gi.dtype)) > FLOOR
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "fp8_block", "nvfp4"])
 def test_dequantize_to_scratch_equals_the_fused_dequant_path(fmt, monkeypatch) -> None:
     """Large-M dequant GEMMs dequantize once to a bf16 buffer; both paths compute the same function."""

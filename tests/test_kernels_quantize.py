@@ -295,6 +295,20 @@ def test_dequantize_nf4_double_quant_matches_reference(shape, seed):
     assert torch.equal(_bits(got32), _bits(RN.dequantize_nf4_ref(q)))
 
 
+def test_dequantize_nf4_reads_each_group_offset_of_concatenated_lists():
+    """Two weights' lists concatenated along N (horizontal fusion's packed NF4): each 256-code group keeps its
+    own weight's scale and mean, so the whole decodes to the two decodes stacked, bit for bit."""
+    ws = [_sample((64 * m, 256), 7 + m, torch.bfloat16, specials=False) * m for m in (1, 3)]  # different means
+    lists = [RN.quantize_nf4_ref(w).tensors() for w in ws]
+    assert lists[0][3][0] != lists[1][3][0] and torch.equal(lists[0][4], lists[1][4])
+    whole = [torch.cat(pair) for pair in zip(*lists)][:4] + [lists[0][4]]  # one code table, shared
+    got = D.dequantize_nf4(*whole, (64 * 4, 256))
+    want = torch.cat([D.dequantize_nf4(*t, w.shape) for t, w in zip(lists, ws)])
+    assert torch.equal(_bits(got), _bits(want))
+    assert torch.equal(_bits(want), _bits(torch.cat([RN.dequantize_nf4_ref(RN.quantize_nf4_ref(w), torch.bfloat16)
+                                                    for w in ws])))
+
+
 @pytest.mark.parametrize("shape", [(70, 130), (70, 96), (64, 160)])
 def test_dequantize_nf4_double_quant_equals_bitsandbytes(shape):
     """The kernel on bitsandbytes' double-quantized NF4 state equals the independent decode of that
@@ -338,7 +352,7 @@ def test_quantize_weight_lists_follow_internals(fmt):
                     ((k,), torch.float32)],
         "fp8_block": [((n, k), torch.float8_e4m3fn), ((2, 1), torch.float32)],
         "nvfp4": [((n, kp // 2), torch.uint8), ((n, kp // 16), torch.float8_e4m3fn), ((), torch.float32)],
-        "nf4": [((n * k // 2,), torch.uint8), ((157,), torch.uint8), ((1,), torch.float32), ((), torch.float32),
+        "nf4": [((n * k // 2,), torch.uint8), ((157,), torch.uint8), ((1,), torch.float32), ((1,), torch.float32),
                 ((256,), torch.float32)],
     }
     assert shapes == want.get(fmt, want["nvfp4"])

@@ -133,7 +133,7 @@ def test_weight_lists_match_internals(fmt):
         "fp8_block": ([(n, k), (2, 1)], [e4m3, f32]),
         "nvfp4": ([(n, k // 2), (n, k // 16), ()], [u8, e4m3, f32]),
         "nvfp4_cached": ([(n, k // 2), (n, k // 16), ()], [u8, e4m3, f32]),
-        "nf4": ([(n * k // 2,), (n * k // 64,), (1,), (), (256,)], [u8, u8, f32, f32, f32]),
+        "nf4": ([(n * k // 2,), (n * k // 64,), (1,), (1,), (256,)], [u8, u8, f32, f32, f32]),
     }[fmt]
     assert (shapes, dtypes) == want
     back = ref.dequantize_weight_ref(wl, fmt, (n, k))

@@ -46,7 +46,7 @@ def _step(model, seed: int = 1):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "qfp8"])
+@pytest.mark.parametrize("recipe", ["bf16", "qfp8", "qnf4"])
 def test_compile_packs_each_group_once_and_stores_nothing_twice(recipe):
     model = _qwen3()
     originals = {name: _layer(model.model.layers[0], name).weight.detach().clone() for group in GROUPS for name in group}
@@ -58,13 +58,20 @@ def test_compile_packs_each_group_once_and_stores_nothing_twice(recipe):
         assert len({b.w0.data_ptr() for b in bases}) == 1  # one buffer, registered in every member
         rows = 0
         for name, base in zip(group, bases):
-            # Each member reads exactly the parts it held before packing.
+            # Each member reads exactly the parts it held before packing (NF4: its own mean as the offset of
+            # each of its 256-code groups, the one absmax code table shared).
             for got, want in zip(base.weight_list(), prepare_weight(originals[name], base.weight_format)):
                 assert torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got,
                                    want.view(torch.uint8) if want.dtype.itemsize == 1 else want)
-            assert base.weight_list()[0].data_ptr() == base.w0.data_ptr() + rows * base.w0.stride(0) * base.w0.element_size()
-            rows += base.out_features
+            start, stop = base._rows[0]
+            assert start == rows and stop - start == base.weight_list()[0].shape[0]
+            assert base.weight_list()[0].data_ptr() == base.w0.data_ptr() + start * base.w0.stride(0) * base.w0.element_size()
+            rows = stop
         assert rows == bases[0].w0.shape[0]
+        if recipe == "qnf4":
+            assert all(b.w4 is bases[0].w4 and b._rows[4] == (0, 256) for b in bases)
+            offsets = bases[0].w3  # one mean per member, repeated over its groups
+            assert len(torch.unique(offsets)) == len(bases) and offsets.numel() == bases[0].w2.numel()
         if recipe == "bf16":  # the kept bf16 weight is a view of the packed rows, not a second copy
             assert all(b.weight.data_ptr() == b.weight_list()[0].data_ptr() for b in bases)
     if recipe == "bf16":
@@ -87,15 +94,55 @@ def test_packed_step_equals_the_step_over_weights_concatenated_in_the_graph(reci
         assert torch.equal(grads_p[name], grads_c[name]), name
 
 
+def test_nf4_groups_run_one_gemm_and_follow_the_unfused_model():
+    """NF4 q/k/v and gate/up: one GEMM over the packed lists (each member's absmax scales and mean read by its
+    own 256-code groups), the loss and LoRA gradients those of the same model with horizontal fusion off."""
+    fused = surogate.compile(_qwen3(), recipe="qnf4", arch="cpu")
+    apart = surogate.compile(_qwen3(), recipe="qnf4", arch="cpu", horizontal=False)
+    for model in (fused, apart):  # nonzero B, so that A has a gradient and B's term reaches the output
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    # The packed list, read whole as the fused GEMM reads it, decodes to the members' weights stacked, bit for bit.
+    from surogate.kernels.reference import dequantize_weight_ref
+
+    block = _block(fused)
+    for group in GROUPS:
+        bases = [_base(block, name) for name in group]
+        whole = [getattr(bases[0], f"w{i}") for i in range(5)]
+        n = sum(b.out_features for b in bases)
+        stacked = torch.cat([dequantize_weight_ref(b.weight_list(), "nf4", (b.out_features, 256)) for b in bases])
+        assert torch.equal(dequantize_weight_ref(whole, "nf4", (n, 256)), stacked)
+        assert torch.equal(stacked.bfloat16(), torch.cat([b.dequantize() for b in bases]))  # through the op
+    loss_f, grads_f = _step(fused)
+    loss_a, grads_a = _step(apart)
+    report = str(fused.surogate_report)
+    assert report.count("one GEMM over the packed weights [nf4]") == 2, report  # q/k/v, gate/up (one block graph)
+    assert "over the packed weights" not in str(apart.surogate_report)
+    assert torch.allclose(loss_f, loss_a, rtol=1e-3)
+    assert grads_f.keys() == grads_a.keys() and len(grads_f) == 28
+    for name in grads_f:
+        assert ((grads_f[name] - grads_a[name]).norm() / grads_a[name].norm()).item() < 2e-2, name
+    # Undone packing (a model changed after compile): NF4 is not concatenated in the graph, not fused.
+    weight_packing.unpack(fused)
+    torch._dynamo.reset()
+    _step(fused)
+    assert "nf4 weights not packed at compile" in str(fused.surogate_report)
+
+
 def test_packing_follows_what_horizontal_fusion_can_fuse():
     # qfp8 with k/v of 64 rows: FP8 128-blocks do not concatenate, so only gate/up is packed.
     model = surogate.compile(_qwen3(n_kv_dim=32), recipe="qfp8", arch="cpu")
     block = _block(model)
     assert _base(block, "q_proj")._rows is None and _base(block, "k_proj")._rows is None
     assert _base(block, "gate_proj")._rows is not None
-    # NF4 has a per-member double-quantized absmax: nothing is packed, nothing fused.
-    model = surogate.compile(_qwen3(), recipe="qnf4", arch="cpu")
-    assert all(b._rows is None for b in model.modules() if isinstance(b, SurogateLinear))
+    # NF4 with k/v of 32 x 256 weights (8,192 values, half an absmax scale group): only gate/up is packed.
+    model = surogate.compile(_qwen3(n_kv_dim=16), recipe="qnf4", arch="cpu")
+    block = _block(model)
+    assert _base(block, "q_proj")._rows is None and _base(block, "k_proj")._rows is None
+    assert _base(block, "gate_proj")._rows is not None
     # Dropout on the branch: the members would share one mask, so they are neither fused nor packed.
     model = surogate.compile(_qwen3(), recipe="bf16", arch="cpu", lora={"r": 8, "lora_dropout": 0.1})
     assert not any(isinstance(b, SurogateLinear) and b._rows is not None for b in model.modules())

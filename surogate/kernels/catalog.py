@@ -325,8 +325,9 @@ def _grouped_specs() -> list[KernelSpec]:
         V.W_DEQ_NVFP4: (("*u8", "*fp8e4nv", "*fp32", unused, unused), (n_w * k_w // 2, k_w // 2, 1),
                         (n_w * k_w // 16, k_w // 16, 1), (1, 0, 0)),
         # packed flat per expert; ws = the absmax code table (E, 256); aux = absmax_q, absmax_scale, absmax_offset
+        # (the last two one value per 256 absmax codes)
         V.W_DEQ_NF4: (("*u8", "*fp32", "*u8", "*fp32", "*fp32"), (n_w * k_w // 2, 0, 0), (256, 1, 0),
-                      (n_w * k_w // 64, n_w * k_w // 64 // 256, 1)),
+                      (n_w * k_w // 64, n_w * k_w // 64 // 256, n_w * k_w // 64 // 256)),
     }
 
     def runs_on(recipes: tuple[str, ...]) -> tuple[str, ...]:

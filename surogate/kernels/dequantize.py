@@ -16,6 +16,7 @@ import triton.language as tl
 
 from surogate.compat import triton_interpreting
 from surogate.kernels.bits import bytes_metadata, e2m1_value, fp8_value, round_bf16
+from surogate.kernels.qtensor import nf4_offset_per_group
 from surogate.recipes.formats import FP8_WEIGHT_BLOCK, NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK, NF4_VALUES, NVFP4_BLOCK
 
 _OUT_DTYPES = {torch.bfloat16: True, torch.float32: False}  # dtype -> ROUND_BF16 constexpr
@@ -58,7 +59,7 @@ def _dequantize_nf4_kernel(
 ):
     """One program: BLOCKS quantization blocks, as a (BLOCKS, BLOCKSIZE / 2) tile of packed bytes. Each block's
     absmax is loaded once (when DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] +
-    offset), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth.
+    absmax_offset[block // DQ_BLOCK]), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth.
     bf16 out (ROUND_BF16): `out_ptr` is the output as int32 words, one per packed byte, its two bf16 values
     packed in registers (element 2i in the low half), so the tile is stored as it was loaded, with no
     interleave through shared memory; fp32 out: the values interleaved (join + reshape). The tile's mask is on
@@ -75,7 +76,7 @@ def _dequantize_nf4_kernel(
         q = tl.load(absmax_q_ptr + blk, mask=kmask, other=0).to(tl.int32)
         code = tl.load(absmax_code_ptr + q)
         s = tl.load(absmax_scale_ptr + blk // DQ_BLOCK, mask=kmask, other=0.0)
-        absmax = _mul_rn(code, s, INTERPRET) + tl.load(absmax_offset_ptr)
+        absmax = _mul_rn(code, s, INTERPRET) + tl.load(absmax_offset_ptr + blk // DQ_BLOCK, mask=kmask, other=0.0)
     else:
         absmax = tl.load(absmax_ptr + blk, mask=kmask, other=0.0)
     hi = hi_val * absmax[:, None]
@@ -91,8 +92,9 @@ def _dequantize_nf4_kernel(
 
 
 def get_dequantize_nf4_configs(arch: str | None = None, blocksize: int = NF4_BLOCK) -> dict:
-    """Elementwise: 4K outputs per program (2 KB of packed input), 4 warps."""
-    return dict(BLOCKS=max(1, 4096 // blocksize), num_warps=4)
+    """Elementwise: 8K outputs per program (4 KB of packed input), 4 warps: the best of 1-8K x 4/8 warps on
+    the H200 at 4096 x 4096 and 4096 x 12288 (2.6 TB/s at the larger; bench/NOTES.md run 77)."""
+    return dict(BLOCKS=max(1, 8192 // blocksize), num_warps=4)
 
 
 _NF4_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -113,7 +115,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
     """NF4 -> `dtype` of `shape`, equal to bitsandbytes' `dequantize_4bit`.
 
     Double-quantized: give absmax_q, absmax_scale, absmax_offset, absmax_code (the `nf4` weight
-    list order). Plain: give `absmax` (fp32, one per block) and None for the four.
+    list order; the offset one per 256-code group as weight lists hold it, or bitsandbytes' scalar).
+    Plain: give `absmax` (fp32, one per block) and None for the four.
     """
     shape = tuple(shape)
     n = 1
@@ -142,7 +145,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
         packed.contiguous(), dummy if double else absmax.float().contiguous(),
         absmax_q.contiguous() if double else dummy, absmax_code.float().contiguous() if double else dummy,
         absmax_scale.float().contiguous() if double else dummy,
-        absmax_offset.float().reshape(1) if double else dummy,
+        nf4_offset_per_group(absmax_offset.float(), absmax_scale.numel()) if double else dummy,
         _nf4_table(device), out_arg, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, DQ_BLOCK=NF4_DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=double,
         ROUND_BF16=round_bf16, INTERPRET=triton_interpreting(), **cfg)

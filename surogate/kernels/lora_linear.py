@@ -42,7 +42,7 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_row
     broadcast by a reshape, so the prologue costs a few ALU ops per element, not a gather each.
     fp8_block: E4M3 (N, K) x FP32 scale per 128x128.
     nf4: packed bytes of the flattened (N*K) weight, element 2i in the high nibble; absmax per 64
-    = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset (bitsandbytes double quant);
+    = absmax_code[absmax_q] * absmax_scale[b // 256] + absmax_offset[b // 256] (bitsandbytes double quant);
     `ws_ptr` holds absmax_code; the 16 NF4 values are decoded by `nf4_value` (kernels/bits.py).
     nvfp4: packed (N, Kp/2), element 2i in the low nibble, E4M3 scale per 16 along K, FP32 tensor scale.
     """
@@ -67,7 +67,8 @@ def _dequant_tile(w_ptr, ws_ptr, aux0_ptr, aux1_ptr, aux2_ptr, rows, col0, n_row
             blk = r64[:, None] * (Kw // 64) + (col0 // 64 + tl.arange(0, C // 64))[None, :]
             smask = rmask[:, None] & ((col0 + tl.arange(0, C // 64) * 64) < n_cols)[None, :]
             qabs = tl.load(aux0_ptr + blk, mask=smask, other=0).to(tl.int32)
-            sc = tl.load(ws_ptr + qabs) * tl.load(aux1_ptr + blk // 256, mask=smask, other=0.0) + tl.load(aux2_ptr)
+            sc = (tl.load(ws_ptr + qabs) * tl.load(aux1_ptr + blk // 256, mask=smask, other=0.0)
+                  + tl.load(aux2_ptr + blk // 256, mask=smask, other=0.0))
         else:  # W_DEQ_NVFP4
             byte = tl.load(w_ptr + r64[:, None] * stride_w0 + bcols[None, :], mask=bmask, other=0).to(tl.int32)
             codes = tl.reshape(tl.join(byte & 15, byte >> 4), (R, C))

@@ -25,7 +25,7 @@ from surogate.recipes.formats import (
 __all__ = [
     "E8M0_NAN", "Fp8Tensor", "MXTensor", "NF4Tensor", "NVFP4Tensor", "QTensor", "dequantize_blockwise_8bit_ref",
     "dequantize_fp8_ref", "dequantize_mx_ref", "dequantize_nf4_ref", "dequantize_nvfp4_ref", "e2m1_decode",
-    "expand_blocks", "nf4_absmax", "nf4_code", "pack_nibbles", "unpack_nibbles",
+    "expand_blocks", "nf4_absmax", "nf4_code", "nf4_offset_per_group", "pack_nibbles", "unpack_nibbles",
 ]
 
 E8M0_NAN = 255  # the E8M0 scale byte that stands for NaN (OCP MX v1.0)
@@ -121,7 +121,8 @@ class NF4Tensor(_QuantizedTensor):
 
     With double quantization `absmax` is None and the absmaxes are stored as 8-bit codes of
     the bitsandbytes dynamic map (`absmax_code`), one FP32 `absmax_scale` per 256 codes,
-    plus the mean `absmax_offset` that was subtracted first. Without it, `absmax` holds the
+    plus the mean `absmax_offset` that was subtracted first (a scalar, as bitsandbytes stores it, or one
+    value per 256-code group: the weight list's layout, see `tensors`). Without it, `absmax` holds the
     FP32 absmaxes and the `absmax_*` fields are None.
     """
 
@@ -141,7 +142,8 @@ class NF4Tensor(_QuantizedTensor):
     def tensors(self) -> list[torch.Tensor]:
         """The weight list of docs/internals.md (`[packed, absmax]` when not double-quantized)."""
         if self.double_quant:
-            return [self.packed, self.absmax_q, self.absmax_scale, self.absmax_offset, self.absmax_code]
+            return [self.packed, self.absmax_q, self.absmax_scale,
+                    nf4_offset_per_group(self.absmax_offset, self.absmax_scale.numel()), self.absmax_code]
         return [self.packed, self.absmax]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -259,7 +261,23 @@ def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
     """The FP32 absmax per block (decoding the double quantization: code[q] x scale + offset)."""
     if not q.double_quant:
         return q.absmax
-    return dequantize_blockwise_8bit_ref(q.absmax_q, q.absmax_scale, q.absmax_code) + q.absmax_offset
+    absmax = dequantize_blockwise_8bit_ref(q.absmax_q, q.absmax_scale, q.absmax_code)
+    groups = q.absmax_scale.numel()
+    offset = nf4_offset_per_group(q.absmax_offset, groups).repeat_interleave(NF4_DOUBLE_QUANT_BLOCK)
+    return absmax + offset[:absmax.numel()]
+
+
+def nf4_offset_per_group(offset: torch.Tensor, groups: int) -> torch.Tensor:
+    """The double quantization's offset as one FP32 value per 256-code group (the weight list's layout).
+
+    bitsandbytes stores one scalar per tensor; a weight list repeats it per group so that the lists of
+    linears sharing an input concatenate along N (passes/horizontal.py), each member keeping its own mean."""
+    offset = offset.reshape(-1)
+    if offset.numel() == groups:
+        return offset
+    if offset.numel() != 1:
+        raise ValueError(f"an NF4 absmax offset is one value or one per 256-code group ({groups}); got {offset.numel()}")
+    return offset.expand(groups).contiguous()
 
 
 def dequantize_nf4_ref(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -504,7 +504,6 @@ def quantize_weight(weight: torch.Tensor, weight_format) -> list[torch.Tensor]:
         # One-time weight preparation: the reference runs on CUDA tensors as is (bit-exact by construction).
         from surogate.kernels.reference import quantize_nf4_ref
 
-        q = quantize_nf4_ref(weight)
-        return [q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code]
+        return quantize_nf4_ref(weight).tensors()
     raise ValueError(f"unknown weight_format {fmt!r}; valid: bf16, fp8_row, fp8_block, nvfp4, nvfp4_cached, nf4")
 

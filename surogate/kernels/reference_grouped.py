@@ -25,7 +25,8 @@ Contract (docs/moe.md):
   `variants.WEIGHT_LISTS`) of every expert, each tensor stacked along a new leading dim E
   (`stack_expert_weights`). So `expert_weight(weight, e)` is exactly expert e's dense list.
   nf4: `[packed (E, N*K/2) u8, absmax_q (E, N*K/64) u8, absmax_scale (E, ceil(N*K/64/256)) f32,
-  absmax_offset (E,) f32, absmax_code (E, 256) f32]`: each expert double-quantized on its own.
+  absmax_offset (E, ceil(N*K/64/256)) f32, absmax_code (E, 256) f32]`: each expert double-quantized on
+  its own (its offset repeated per 256-code group, as in a dense list).
   fp8_block: `[data (E, N, K) e4m3, block_scale (E, ceil(N/128), ceil(K/128)) f32]`.
 - No bias (Qwen3-MoE, Mixtral and Qwen2-MoE experts have none) and no separate LoRA input:
   PEFT refuses dropout on a targeted parameter (`ParamWrapper`), since x cannot be factored out.

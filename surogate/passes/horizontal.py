@@ -4,8 +4,10 @@ What is fused: the group becomes ONE `surogate::lora_linear` call over the weigh
 along N (so the shared input is read, and for FP8 recipes quantized, once, and one GEMM runs),
 LoRA A stacked along r and LoRA B as a block-diagonal (N_total, r_total) matrix (gradients flow
 back to each member through `cat`/`block_diag`). The output is split back per member.
-Only formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0),
-and never branches with dropout (members would share one mask).
+Only formats whose lists concatenate exactly along N are fused (bf16; fp8_block with N % 128 == 0; nf4
+with N*K % 16384 == 0, so that no 256-code group of the double-quantized absmaxes straddles two members:
+each group carries its member's scale and mean, and the members share one absmax code table), and never
+branches with dropout (members would share one mask).
 Weights: `surogate.compile` stores each group's frozen weights packed once (`surogate.weight_packing`): the
 members' weight parts are row slices of one buffer, and the fused GEMM reads that buffer, no copy.
 Groups that are not packed (other names, a model changed after compile) get the weights concatenated
@@ -13,8 +15,9 @@ in the graph, a copy per step. The backward needs it too, and Inductor's partiti
 forward (it may not recompute what feeds a custom op): on Qwen3-8B that is ~8.4 GiB (bf16) / ~4.2 GiB
 (fp8_block) per micro-batch held between forward and backward. Recipes that free the bf16 copy
 (memory first) tag that concatenation MUST_RECOMPUTE instead: copied again in the backward, never held.
+nf4 groups are fused only when packed (the code tables are checked equal there).
 Refused (reported): fp8_row (the K-major dgrad copy has per-input-channel scales of each
-member), nvfp4 (one tensor scale per member), nf4 (double-quantized absmax per member).
+member), nvfp4 (one tensor scale per member).
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ from torch.utils.checkpoint import CheckpointPolicy
 from surogate.passes import nodes as N
 from surogate.passes.match import LoraMatch
 from surogate.recipes import Recipe, WeightFormat
+from surogate.recipes.formats import NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK
 
-FUSABLE_FORMATS = (WeightFormat.BF16, WeightFormat.FP8_BLOCK)
+FUSABLE_FORMATS = (WeightFormat.BF16, WeightFormat.FP8_BLOCK, WeightFormat.NF4)
 _BLOCK = 128
+_NF4_GROUP = NF4_BLOCK * NF4_DOUBLE_QUANT_BLOCK  # weight elements under one absmax scale and offset
+# Weight-list parts every member holds the same copy of (NF4's absmax code table): the fused list takes one.
+SHARED_PARTS = {WeightFormat.NF4: (4,)}
+
+
+def shared_parts(weight_format) -> tuple[int, ...]:
+    return SHARED_PARTS.get(WeightFormat(weight_format), ())
 
 
 def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
@@ -47,6 +58,9 @@ def why_not(recipe: Recipe, arch: str, meta: dict) -> str | None:
         return "fp8_block members need N % 128 == 0 to concatenate their block scales"
     if any(n is None for n in meta["out_features"]):
         return "output sizes unknown (no shape metadata)"
+    k = meta.get("in_features")
+    if meta["weight_format"] == WeightFormat.NF4 and (k is None or any(n * k % _NF4_GROUP for n in meta["out_features"])):
+        return f"nf4 members need N*K % {_NF4_GROUP} == 0 so that no absmax scale group straddles two of them"
     return None
 
 
@@ -64,6 +78,7 @@ def _group_meta(members: list[tuple[LoraMatch, fx.Node]]) -> dict:
         "computes": [(m.weight_format, m.forward, m.grad_input) for m, _ in members],
         "has_bias": tuple(m.bias is not None for m, _ in members),
         "out_features": [None if v is None else v.shape[-1] for v in outs],
+        "in_features": None if (x := N.meta_value(members[0][0].input)) is None else x.shape[-1],
     }
 
 
@@ -82,7 +97,8 @@ def _row_slice(node: fx.Node) -> tuple[fx.Node, int, int] | None:
 def _packed(members: list[tuple[LoraMatch, fx.Node]]) -> tuple[list[tuple[LoraMatch, fx.Node]], list[fx.Node]] | None:
     """(members in row order, the packed buffers) when every weight part of the members is a row slice of
     one buffer and the slices, in some order of the members, tile that buffer from its first row to its
-    last; else None (the weights are concatenated in the graph)."""
+    last (a shared part: every member reads the whole buffer); else None (the weights are concatenated in
+    the graph)."""
     slices = []
     for m, _ in members:
         parts = [_row_slice(w) for w in m.weight]
@@ -90,9 +106,16 @@ def _packed(members: list[tuple[LoraMatch, fx.Node]]) -> tuple[list[tuple[LoraMa
             return None
         slices.append(parts)
     order = sorted(range(len(members)), key=lambda j: slices[j][0][1])
+    shared = shared_parts(members[0][0].weight_format)
     buffers = []
     for i in range(len(slices[0])):
         base, row = slices[order[0]][i][0], 0
+        if i in shared:
+            whole = (0, N.meta_value(base).shape[0])
+            if any(s[i][0] is not base or s[i][1:] != whole for s in slices):
+                return None
+            buffers.append(base)
+            continue
         for j in order:
             b, start, stop = slices[j][i]
             if b is not base or start != row:
@@ -193,6 +216,9 @@ def fuse_shared_input(gm: fx.GraphModule, ctx) -> int:
             ctx.report.group(f"shared input, not fused ({reason or 'horizontal fusion off'})", names)
             continue
         packing = _packed(members)
+        if packing is None and shared_parts(meta["weight_format"]):
+            ctx.report.group(f"shared input, not fused ({meta['weight_format']} weights not packed at compile)", names)
+            continue
         if packing is not None:
             members = packing[0]
             _fuse(gm, members, _group_meta(members)["out_features"], packed=packing[1])

@@ -135,7 +135,7 @@ def test_quantize_weight_gpu_equals_reference(fmt):
         want = [r.data, r.scale]
     elif fmt == "nf4":
         r = RN.quantize_nf4_ref(w)
-        want = [r.packed, r.absmax_q, r.absmax_scale, r.absmax_offset, r.absmax_code]
+        want = r.tensors()  # the weight list: the offset repeated per 256-code group
     else:
         r = _cpu(RF.quantize_nvfp4_ref)(w)
         want = [r.packed, r.block_scale, r.tensor_scale]
@@ -176,7 +176,7 @@ def main(out_path: str | None = None) -> list[dict]:
         p, b, ts = Q.quantize_nvfp4(x)
         d8, s8 = Q.quantize_fp8_block(x, (128, 128))
         cases["dequantize_nf4 -> bf16"] = (
-            lambda: D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset, q.absmax_code, x.shape),
+            lambda: D.dequantize_nf4(*q.tensors(), x.shape),  # as the GEMM path calls it: a weight list
             n // 2 + n // 64 + 2 * n)
         cases["torch ref dequantize_nf4 (GPU)"] = (lambda: RN.dequantize_nf4_ref(q, torch.bfloat16), n // 2 + 2 * n)
         cases["dequantize_nvfp4 -> bf16"] = (lambda: D.dequantize_nvfp4(p, b, ts), n // 2 + n // 16 + 2 * n)
@@ -220,8 +220,7 @@ def _sweep() -> list[dict]:
         ts = Q.nvfp4_tensor_scale(x)
         calls = {
             "rowwise": (lambda: Q.quantize_fp8_rowwise(x, "e4m3"), 3 * n),
-            "nf4": (lambda: D.dequantize_nf4(q.packed, q.absmax_q, q.absmax_scale, q.absmax_offset,
-                                             q.absmax_code, x.shape), n // 2 + 2 * n),
+            "nf4": (lambda: D.dequantize_nf4(*q.tensors(), x.shape), n // 2 + 2 * n),
             "nvfp4": (lambda: Q.quantize_nvfp4(x, tensor_scale=ts), 2 * n + n // 2),
             "block128": (lambda: Q.quantize_fp8_block(x, (128, 128)), 3 * n),
         }
