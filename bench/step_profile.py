@@ -90,6 +90,7 @@ EMBEDDING_CONTEXT = re.compile(r"embedding", re.IGNORECASE)
 RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")
 LAUNCH_CALL = re.compile(r"^cu(da)?(LaunchKernel|LaunchCooperativeKernel|GraphLaunch)")
 TOP_KERNELS = 15
+SHORT_KERNEL_US = 10.0  # kernels averaging less than this: launch-latency-bound, candidates for fusing away
 
 Kernel = tuple  # (name, start_us or None, dur_us) or (name, start_us or None, dur_us, category or None)
 Chain = Sequence[tuple[str, bool]]  # (op name, has an input with a vocabulary-sized dim), launcher first
@@ -161,7 +162,9 @@ def summarize(kernels: Sequence[Kernel], wall_us: float) -> dict:
     busy = busy_us((k[1], k[2]) for k in kernels) if timed else sum(float(k[2]) for k in kernels)
     per_category[IDLE] = max(0.0, wall_us - busy)
     wall = max(wall_us, 1e-9)
-    top = sorted(per_kernel.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1][1])
+    top = ranked[:TOP_KERNELS]
+    short = [(count, us) for _, (count, us) in ranked if us < SHORT_KERNEL_US * count]
     return {
         "launches": len(kernels),
         "gpu_busy_s": busy / 1e6,
@@ -171,6 +174,11 @@ def summarize(kernels: Sequence[Kernel], wall_us: float) -> dict:
         "categories": {c: {"ms": per_category[c] / 1e3, "share": per_category[c] / wall} for c in CATEGORIES},
         "top_kernels": [{"name": name, "category": cat, "count": int(count), "ms": us / 1e3, "share": us / wall}
                         for (name, cat), (count, us) in top],
+        # Every kernel, for the long tail the top list hides (the 8B step has ~17k launches).
+        "kernels": [{"name": name, "category": cat, "count": int(count), "ms": us / 1e3}
+                    for (name, cat), (count, us) in ranked],
+        "short_launches": int(sum(c for c, _ in short)),
+        "short_s": sum(us for _, us in short) / 1e6,
     }
 
 
@@ -210,6 +218,9 @@ def _step_line(r: dict) -> str:
             f"GPU busy {1e3 * r['gpu_busy_s']:.1f} ms, idle {1e3 * r['idle_s']:.1f} ms = "
             f"{100 * r['idle_s'] / r['step_s']:.1f}% of the profiled step; "
             f"{r.get('placed_by_context', 0)} kernels placed by their launching op")
+    if "short_launches" in r:
+        line += (f"; {r['short_launches']} launches of kernels averaging < {SHORT_KERNEL_US:.0f} us take "
+                 f"{1e3 * r['short_s']:.1f} ms")
     if r.get("unprofiled_step_s"):
         idle = max(0.0, r["unprofiled_step_s"] - r["gpu_busy_s"])
         line += (f"; without the profiler the step takes {1e3 * r['unprofiled_step_s']:.1f} ms "

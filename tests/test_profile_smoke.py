@@ -111,6 +111,19 @@ def test_summarize_shares_idle_and_top_kernels():
     assert len(many) == bp.TOP_KERNELS == 15 and many[0]["name"] == "k19" and many[-1]["name"] == "k5"
 
 
+def test_summarize_keeps_every_kernel_and_counts_the_short_ones():
+    """The whole kernel list goes to the JSON (the tail the top 15 hide), and launches of kernels averaging
+    under SHORT_KERNEL_US are counted with their time."""
+    kernels = [(f"k{i}", 100.0 * i, 1.0 + i) for i in range(20)] + [("k0", 3000.0, 3.0)]
+    s = bp.summarize(kernels, wall_us=5000.0)
+    by_name = {k["name"]: k for k in s["kernels"]}
+    assert len(s["kernels"]) == 20 and s["kernels"][-1]["name"] == "k1"  # 2 us in all; k0 has 1 + 3
+    assert by_name["k0"] == {"name": "k0", "category": bp.OTHER, "count": 2, "ms": pytest.approx(0.004)}
+    short = [k for k in kernels if k[0] in {f"k{i}" for i in range(9)}]  # k0 (mean 2 us) .. k8 (9 us)
+    assert s["short_launches"] == len(short) == 10
+    assert s["short_s"] == pytest.approx(sum(k[2] for k in short) / 1e6)
+
+
 def test_summarize_without_timestamps_sums_and_says_so():
     s = bp.summarize([("flash_fwd_kernel", None, 300.0), ("flash_bwd_kernel", None, 300.0)], wall_us=1000.0)
     assert s["gpu_busy_s"] == pytest.approx(600e-6) and s["idle_s"] == pytest.approx(400e-6)

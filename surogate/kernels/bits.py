@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["bytes_metadata", "e2m1_unpack_rows", "e2m1_value", "fp8_value", "nf4_value", "round_bf16"]
+__all__ = ["bytes_metadata", "e2m1_unpack_rows", "e2m1_value", "fp8_value", "nf4_value", "pack_bf16x2", "round_bf16"]
 
 
 def bytes_metadata(name: str, bytes_per_element: float):
@@ -53,6 +53,24 @@ def round_bf16(v):
     bits = v.to(tl.int32, bitcast=True)
     r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def pack_bf16x2(low, high, INTERPRET: tl.constexpr):
+    """Two fp32 tensors -> one int32 word each of their nearest-even bf16 values, `low` in the low half.
+
+    On the GPU it is one `cvt.rn.bf16x2.f32` a word (sm_80+): the NF4 dequantize spent ~15 integer
+    instructions a word rounding and packing on the bits, a third of its SASS (bench/NOTES.md run 82).
+    Under the interpreter (whose bf16 cast truncates) the same bits come from `round_bf16`.
+    """
+    if INTERPRET:
+        lo_bits = (round_bf16(low).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        hi_bits = (round_bf16(high).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        return lo_bits | (hi_bits << 16)
+    else:
+        # cvt.rn.bf16x2.f32 d, a, b puts a in the upper half and b in the lower.
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [low, high], dtype=tl.int32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from surogate.compat import triton_interpreting
-from surogate.kernels.bits import bytes_metadata, e2m1_value, fp8_value, round_bf16
+from surogate.kernels.bits import bytes_metadata, e2m1_value, fp8_value, pack_bf16x2, round_bf16
 from surogate.kernels.qtensor import nf4_offset_per_group
 from surogate.recipes.formats import FP8_WEIGHT_BLOCK, NF4_BLOCK, NF4_DOUBLE_QUANT_BLOCK, NF4_VALUES, NVFP4_BLOCK
 
@@ -61,7 +61,7 @@ def _dequantize_nf4_kernel(
     absmax is loaded once (when DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] +
     absmax_offset[block // DQ_BLOCK]), not once per byte: per-byte loads of it made the kernel issue-bound at ~40% of HBM bandwidth.
     bf16 out (ROUND_BF16): `out_ptr` is the output as int32 words, one per packed byte, its two bf16 values
-    packed in registers (element 2i in the low half), so the tile is stored as it was loaded, with no
+    packed in registers (element 2i in the low half; one `cvt.rn.bf16x2.f32` on the GPU), so the tile is stored as it was loaded, with no
     interleave through shared memory; fp32 out: the values interleaved (join + reshape). The tile's mask is on
     bytes (`n_bytes` = ceil(n / 2)), whose divisibility Triton sees, so loads and stores are vectorized."""
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -69,8 +69,11 @@ def _dequantize_nf4_kernel(
     byte_idx = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
     bmask = byte_idx < n_bytes
     byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
-    hi_val = tl.load(nf4_ptr + (byte >> 4))
-    lo_val = tl.load(nf4_ptr + (byte & 15))
+    # The 16 values gathered from shared memory (`tl.gather`: one 32-bit address a value), not from global
+    # memory (a 64-bit address, two instructions, a value).
+    table = tl.load(nf4_ptr + tl.arange(0, 16))
+    hi_val = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (BLOCKS * HALF,)), 0), (BLOCKS, HALF))
+    lo_val = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (BLOCKS * HALF,)), 0), (BLOCKS, HALF))
     kmask = blk * BLOCKSIZE < n
     if DOUBLE_QUANT:
         q = tl.load(absmax_q_ptr + blk, mask=kmask, other=0).to(tl.int32)
@@ -82,9 +85,7 @@ def _dequantize_nf4_kernel(
     hi = hi_val * absmax[:, None]
     lo = lo_val * absmax[:, None]
     if ROUND_BF16:
-        hi_bits = (round_bf16(hi).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
-        lo_bits = (round_bf16(lo).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
-        tl.store(out_ptr + byte_idx, hi_bits | (lo_bits << 16), mask=bmask)
+        tl.store(out_ptr + byte_idx, pack_bf16x2(hi, lo, INTERPRET), mask=bmask)
     else:
         vals = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))  # element 2i, then 2i+1
         out_idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
