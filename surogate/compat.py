@@ -185,3 +185,16 @@ def tag_compile_cache(tag: str) -> bool:
     if tag not in current.split("+"):
         config.cache_key_tag = f"{current}+{tag}" if current else tag
     return True
+
+
+@functools.cache
+def fp32_out_addmm() -> bool:
+    """Whether `torch.addmm(..., out_dtype=torch.float32)` exists: a bf16 x bf16 GEMM written in FP32 with
+    `alpha` applied to the FP32 product, in one cuBLAS call (kernels/grad_lora.py).
+
+    Root cause: `aten::addmm.dtype` is a CUDA-only kernel (its CPU dispatch raises, torch 2.13); where it is
+    missing the LoRA gradients take the bf16 product and scale it in a second kernel.
+    """
+    import torch
+
+    return hasattr(torch.ops.aten.addmm, "dtype")

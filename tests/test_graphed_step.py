@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 from surogate.training.config import TrainConfig
@@ -143,6 +144,47 @@ def test_shapes_past_max_graphs_run_eagerly_with_one_warning():
             step(**b)
     assert len(step.graphs) == 2 and step.eager_calls == 2 and step.replays == 2
     for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_replay_adds_its_gradients_in_one_foreach_add_not_one_add_per_parameter():
+    """The backward assigns each parameter's gradient and one `_foreach_add_` adds them all into the buffers
+    (autograd would launch an `add_` per parameter); the sums are eager's, bit for bit."""
+    model, ref = _pair()
+    batches = _batches(3)
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
+    step(**batches[0])
+    step(**batches[1])  # captured: replays from here
+    with _OpCounter() as counter:
+        step(**batches[2])
+    assert counter.ops.count("aten._foreach_add_") == 1 and "aten.add_" not in counter.ops, counter.ops
+    for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_post_accumulate_hooks_see_the_accumulated_gradient():
+    """A post-accumulate-grad hook (grad_sync's overlapped reduction) must see the sum so far: with one
+    registered, autograd accumulates as before."""
+    model, ref = _pair()
+    seen = []
+    model.a.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    batches = _batches(3)
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
+    for b in batches:
+        step(**b)
+    expected = _eager_grads(ref, batches, 1.0)
+    torch.testing.assert_close(seen[-1], expected[0], rtol=0, atol=0)
+    for g, e in zip(_grads(model), expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 

@@ -9,15 +9,20 @@ These are skinny GEMMs (one side is r = 8..64) whose cost is reading `g` and `x`
 or measured (docs/kernels.md). FP32 accumulate, bf16 operands, results in the masters'
 dtype.
 
-Around the GEMMs every elementwise kernel works on a tensor of a few hundred KB and costs a launch (~1.3-2 us
-on an H200), so there are as few as the numbers allow: the factors arrive already in the compute dtype (the
-forward's casts, kept by the op), and the upcast of a product with its scaling is one multiply (`_scaled`),
-not a cast and then a multiply (bench/NOTES.md, "Copies in the fp8 step").
+Around the GEMMs every elementwise kernel works on a tensor of a few hundred KB and costs a launch (~2-5 us
+on an H200, with the gap after it), so there are as few as the numbers allow: the factors arrive already in the
+compute dtype (the forward's casts, kept by the op). On CUDA the two weight gradients are each one cuBLAS call
+that writes the FP32 product scaled by `alpha` (`aten::addmm.dtype`): the reference's formula, with no bf16
+rounding of the product and no multiply kernel after it (1,152 launches a Qwen3-8B step, bench/NOTES.md run 83).
+Where that op is missing (the CPU, where the tests run the kernels) the bf16 product is scaled in one multiply
+(`_scaled`), not a cast and then a multiply (bench/NOTES.md, "Copies in the fp8 step").
 """
 
 from __future__ import annotations
 
 import torch
+
+from surogate.compat import fp32_out_addmm
 
 # One-element FP32 tensors holding a LoRA scale, per (device, scale): `_scaled`'s second operand.
 _SCALES: dict[tuple[torch.device, float], torch.Tensor] = {}
@@ -44,6 +49,29 @@ def _scaled(product: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> tor
     return torch.mul(product, _scale_tensor(product.device, lora_scale)).to(dtype)
 
 
+def _weight_grad(p: torch.Tensor, q: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`lora_scale * p @ q` in `dtype` (a master's): on CUDA one GEMM writing the FP32 product times the scale;
+    elsewhere the product in `p`'s dtype, then `_scaled`."""
+    if p.is_cuda and fp32_out_addmm():
+        zero = _zero(p.device).expand(p.shape[0], q.shape[1])  # beta = 0: never read, not copied
+        out = torch.addmm(zero, p, q, beta=0, alpha=float(lora_scale), out_dtype=torch.float32)
+        return out if dtype == torch.float32 else out.to(dtype)
+    return _scaled(p @ q, lora_scale, dtype)
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A 0-d FP32 zero on `device`, made once (addmm's `input` at beta = 0; not kept if made in a capture)."""
+    zero = _ZEROS.get(device)
+    if zero is None:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ZEROS[device] = zero
+    return zero
+
+
 def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
               lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
               grad_dtypes: tuple[torch.dtype, torch.dtype] | None = None
@@ -58,6 +86,6 @@ def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: 
     dtype = grad_output.dtype
     a_dtype, b_dtype = grad_dtypes or (lora_a.dtype, lora_b.dtype)
     gh = grad_output @ lora_b.to(dtype)
-    grad_b = _scaled(grad_output.t() @ lora_hidden.to(dtype), lora_scale, b_dtype)
-    grad_a = _scaled(gh.t() @ lora_input.to(dtype), lora_scale, a_dtype)
+    grad_b = _weight_grad(grad_output.t(), lora_hidden.to(dtype), lora_scale, b_dtype)
+    grad_a = _weight_grad(gh.t(), lora_input.to(dtype), lora_scale, a_dtype)
     return grad_a, grad_b, gh

@@ -72,3 +72,35 @@ def test_one_forward_and_backward_launch_two_casts_and_no_upcast():
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     copies = [n for n in names if "copy" in n.lower()]
     assert sum("bfloat16_copy" in n for n in copies) == 2 and len(copies) == 2, copies
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.37])
+def test_lora_weight_gradients_are_one_fp32_gemm_each(scale):
+    """(4) On CUDA each LoRA weight gradient is one cuBLAS call writing `scale * (p @ q)` in FP32 (addmm with
+    out_dtype, beta 0): the reference's formula (FP32 products of the bf16 values, no bf16 rounding of the
+    product), and no multiply or fill kernel after the GEMMs."""
+    from surogate.compat import fp32_out_addmm
+    from surogate.kernels import grad_lora
+
+    if not fp32_out_addmm():
+        pytest.skip("this torch has no addmm out_dtype: the gradients take the bf16 product and _scaled")
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(4096, 1536, generator=g).bfloat16().cuda()
+    x = torch.randn(4096, 2048, generator=g).bfloat16().cuda()
+    h = torch.randn(4096, 16, generator=g).bfloat16().cuda()
+    a = (torch.randn(16, 2048, generator=g) * 0.02).bfloat16().cuda()
+    b = (torch.randn(1536, 16, generator=g) * 0.02).bfloat16().cuda()
+    ga, gb, gh = grad_lora.grad_lora(go, x, h, a, b, scale, (torch.float32, torch.float32))
+    want_b = scale * (go.double().t() @ h.double())
+    want_a = scale * (gh.double().t() @ x.double())
+    for got, want in ((gb, want_b), (ga, want_a)):
+        assert got.dtype == torch.float32
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        rounded = ((want.bfloat16().double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5 < rounded, (err, rounded)  # FP32 sums; a bf16 product would be off by ~1e-3
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        grad_lora.grad_lora(go, x, h, a, b, scale, (torch.float32, torch.float32))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not [n for n in names if "elementwise" in n or "Fill" in n or "copy" in n.lower()], names
