@@ -94,7 +94,7 @@ def _dequantize_nf4_kernel(
 
 def get_dequantize_nf4_configs(arch: str | None = None, blocksize: int = NF4_BLOCK) -> dict:
     """Elementwise: 8K outputs per program (4 KB of packed input), 4 warps: the best of 1-8K x 4/8 warps on
-    the H200 at 4096 x 4096 and 4096 x 12288 (2.6 TB/s at the larger; bench/NOTES.md run 77)."""
+    the H200 at 4096 x 12288 (3.0 TB/s, bench/NOTES.md run 83; 64 and 32 blocks within 2%)."""
     return dict(BLOCKS=max(1, 8192 // blocksize), num_warps=4)
 
 

@@ -24,20 +24,21 @@ import torch
 
 from surogate.compat import fp32_out_addmm
 
-# One-element FP32 tensors holding a LoRA scale, per (device, scale): `_scaled`'s second operand.
-_SCALES: dict[tuple[torch.device, float], torch.Tensor] = {}
+# One-element FP32 constants per (device, value): `_scaled`'s second operand (a LoRA scale) and addmm's
+# unread `input` at beta = 0.
+_CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
 
 
-def _scale_tensor(device: torch.device, lora_scale: float) -> torch.Tensor:
-    """`lora_scale` as a (1,) FP32 tensor on `device`, made once. Not kept when made during a CUDA graph
+def _fp32_constant(device: torch.device, value: float) -> torch.Tensor:
+    """`value` as a (1,) FP32 tensor on `device`, made once. Not kept when made during a CUDA graph
     capture: its fill runs only when the graph replays, so an eager reader could find it unwritten."""
-    key = (device, float(lora_scale))
-    scale = _SCALES.get(key)
-    if scale is None:
-        scale = torch.full((1,), float(lora_scale), dtype=torch.float32, device=device)
+    key = (device, float(value))
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = torch.full((1,), float(value), dtype=torch.float32, device=device)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _SCALES[key] = scale
-    return scale
+            _CONSTANTS[key] = constant
+    return constant
 
 
 def _scaled(product: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -46,30 +47,17 @@ def _scaled(product: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> tor
     A one-element FP32 tensor operand promotes the multiply to FP32 (a Python scalar would not: bf16 x
     scalar rounds to bf16), and on CUDA the multiply reads `product` with the cast (no temporary): the FP32
     product of the same two FP32 values. FP32 masters need no further cast."""
-    return torch.mul(product, _scale_tensor(product.device, lora_scale)).to(dtype)
+    return torch.mul(product, _fp32_constant(product.device, lora_scale)).to(dtype)
 
 
 def _weight_grad(p: torch.Tensor, q: torch.Tensor, lora_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """`lora_scale * p @ q` in `dtype` (a master's): on CUDA one GEMM writing the FP32 product times the scale;
     elsewhere the product in `p`'s dtype, then `_scaled`."""
     if p.is_cuda and fp32_out_addmm():
-        zero = _zero(p.device).expand(p.shape[0], q.shape[1])  # beta = 0: never read, not copied
+        zero = _fp32_constant(p.device, 0.0).expand(p.shape[0], q.shape[1])  # beta = 0: never read or copied
         out = torch.addmm(zero, p, q, beta=0, alpha=float(lora_scale), out_dtype=torch.float32)
         return out if dtype == torch.float32 else out.to(dtype)
     return _scaled(p @ q, lora_scale, dtype)
-
-
-_ZEROS: dict[torch.device, torch.Tensor] = {}
-
-
-def _zero(device: torch.device) -> torch.Tensor:
-    """A 0-d FP32 zero on `device`, made once (addmm's `input` at beta = 0; not kept if made in a capture)."""
-    zero = _ZEROS.get(device)
-    if zero is None:
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _ZEROS[device] = zero
-    return zero
 
 
 def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
