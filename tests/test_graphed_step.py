@@ -172,6 +172,29 @@ def test_a_replay_adds_its_gradients_in_one_foreach_add_not_one_add_per_paramete
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+def test_a_failed_backward_leaves_the_accumulated_gradients_as_they_were():
+    """The gradients are off the parameters while the backward runs: one that raises (the op's NaN check, an
+    interrupt) puts the accumulated ones back, unchanged, and the next micro-steps accumulate on them."""
+    model, ref = _pair()
+    batches = _batches(3)
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=1)
+    step(**batches[0])
+    before = _grads(model)
+
+    def fail(grad):
+        raise FloatingPointError("non-finite gradient")
+
+    handle = model.a.register_hook(fail)
+    with pytest.raises(FloatingPointError):
+        step(**batches[1])
+    handle.remove()
+    for g, b in zip(_grads(model), before):
+        torch.testing.assert_close(g, b, rtol=0, atol=0)
+    step(**batches[2])
+    for g, e in zip(_grads(model), _eager_grads(ref, [batches[0], batches[2]], 1.0)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_post_accumulate_hooks_see_the_accumulated_gradient():
     """A post-accumulate-grad hook (grad_sync's overlapped reduction) must see the sum so far: with one
     registered, autograd accumulates as before."""

@@ -237,7 +237,11 @@ class GraphedStep:
         if loss is None:
             raise ValueError("the model returned no loss; pass labels=")
         accumulated = self._take_grads()
-        (loss * self.loss_scale).backward()
+        try:
+            (loss * self.loss_scale).backward()
+        except BaseException:  # a failed backward (a NaN check, an interrupt) leaves the gradients as they were
+            self._put_back(accumulated)
+            raise
         self._add_grads(accumulated)
         return loss.detach()
 
@@ -253,6 +257,11 @@ class GraphedStep:
         for p in self.params:
             p.grad = None
         return taken
+
+    def _put_back(self, taken: list[Tensor | None] | None) -> None:
+        if taken is not None:
+            for p, old in zip(self.params, taken):
+                p.grad = old
 
     def _add_grads(self, taken: list[Tensor | None] | None) -> None:
         if taken is None:
