@@ -166,3 +166,14 @@ def test_bench_copies_scales_one_linear_to_the_model_shape(persistent, routes, s
     assert ran == routes
     assert [(r["op"], r["inputs"][0]) for r in rows] == _F32_CASTS + [("mul", f"{s} bfloat16") for s in scalings]
     assert rows[0]["bytes"] == 16 * 4096 * (4 + 2)
+
+
+def test_this_torch_has_the_fp32_out_gemm_the_cuda_gradients_use():
+    """On CUDA each LoRA weight gradient is one `addmm(out_dtype=float32)` (`grad_lora._weight_grad`); the
+    operator must exist in every supported torch, or the gradients fall back to the bf16 product silently.
+    Its CPU kernel does not exist, so the CPU tests above run the fallback; the schema is checked here."""
+    from surogate.compat import fp32_out_addmm
+
+    assert fp32_out_addmm()
+    schema = str(torch.ops.aten.addmm.dtype._schema)
+    assert "ScalarType out_dtype" in schema and "Scalar beta" in schema and "Scalar alpha" in schema

@@ -82,8 +82,9 @@ def test_lora_weight_gradients_are_one_fp32_gemm_each(scale):
     from surogate.compat import fp32_out_addmm
     from surogate.kernels import grad_lora
 
-    if not fp32_out_addmm():
-        pytest.skip("this torch has no addmm out_dtype: the gradients take the bf16 product and _scaled")
+    # Every supported torch (2.11-2.13) has it; without it the gradients would fall back to the bf16 product
+    # and `_scaled` silently, one launch more each.
+    assert fp32_out_addmm(), "torch.addmm(out_dtype=) is missing: LoRA gradients fell back to the slower path"
     g = torch.Generator().manual_seed(3)
     go = torch.randn(4096, 1536, generator=g).bfloat16().cuda()
     x = torch.randn(4096, 2048, generator=g).bfloat16().cuda()
