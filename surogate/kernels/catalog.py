@@ -262,7 +262,8 @@ def persistent_specs() -> tuple[KernelSpec, ...]:
         signature = dict(a_ptr=a_types[v.quantizer], as_ptr="*fp32" if fp8 else "*bf16",
                          w_ptr="*fp8e4nv" if fp8 else "*bf16", ws_ptr="*fp32" if fp8 else "*bf16", h_ptr="*bf16",
                          ut_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", g_ptr="*bf16", hid_ptr="*bf16",
-                         x_ptr="*bf16", gh_ptr="*bf16", grad_b_ptr="*fp32", grad_a_ptr="*fp32", grad_scale="fp32")
+                         x_ptr="*bf16", gh_ptr="*bf16", grad_b_ptr="*fp32", grad_a_ptr="*fp32", queue_ptr="*i32",
+                         grad_scale="fp32")
         # Weight scales: per channel (N,); 128x128 blocks (N/128, K/128), the dgrad's K-major copy's a
         # transposed view. Activation scales: (M, 1), or 1x128 blocks stored M-contiguous. U^T (r, N)
         # contiguous: the pre-scaled copy of lora_b^T, or of lora_a (dgrad).

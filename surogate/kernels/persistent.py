@@ -176,21 +176,10 @@ def _weight_grad_tile(p0, l_src, r_src, out_ptr, M, P, R, stride_l, stride_r, st
     tl.store(out_ptr + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or, acc * scale, mask=mask)
 
 
-@triton.jit
-def _schedule(t, n_out, n_grad, period):
-    """Work item `t` of the persistent loop with weight-gradient tiles: every `period`-th item (while they
-    last) is weight-gradient tile `t // period`, the others are output tiles in order. Spread so, the
-    memory-bound gradient tiles run a few at a time beside the compute-bound output tiles instead of
-    all at once (where HBM bandwidth would bound them). Returns (is_grad, index)."""
-    is_grad = (t % period == period - 1) & (t // period < n_grad)
-    index = tl.where(is_grad, t // period, t - tl.minimum(t // period, n_grad))
-    return is_grad, index
-
-
 @triton.jit(launch_metadata=_gemm_metadata)
 def _persistent_lora_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, ut_ptr, bias_ptr, out_ptr,
-    g_ptr, hid_ptr, x_ptr, gh_ptr, grad_b_ptr, grad_a_ptr,
+    g_ptr, hid_ptr, x_ptr, gh_ptr, grad_b_ptr, grad_a_ptr, queue_ptr,
     M, N, K, R, P_B, P_A,
     stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1, stride_hm, stride_ut, stride_om,
     stride_g, stride_hid, stride_x, stride_gh, grad_scale,
@@ -211,7 +200,8 @@ def _persistent_lora_gemm_kernel(
     WEIGHT_GRADS (a dgrad, unspecialized configs): the same programs also compute the LoRA weight
     gradients in FP32, `grad_b (P_B, r) = grad_scale * G^T @ Hid` and `grad_a (r, P_A) = grad_scale *
     (X^T @ GH)^T`, with G (M, P_B) the bf16 output gradient, Hid (M, r) the forward's LoRA hidden,
-    X (M, P_A) the layer input, GH = G @ lora_b (M, r): `_weight_grad_tile`s spread among the output tiles.
+    X (M, P_A) the layer input, GH = G @ lora_b (M, r): `_weight_grad_tile`s after the output tiles, all
+    taken from the work queue `queue_ptr` (one int32, zero at launch).
     """
     a_src = _operand(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, TMA)
     if TRANS_W:
@@ -227,27 +217,30 @@ def _persistent_lora_gemm_kernel(
     n_out = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
 
     if WEIGHT_GRADS:
+        # Work items taken from a queue (an atomic counter, zero at launch): the output tiles in their grouped
+        # order, then the weight-gradient tiles. The memory-bound gradient tiles so fill the last wave's idle
+        # programs (a static split by count would give every program the same number of each and stretch all
+        # of them; bench/NOTES.md run 86), and output tiles run in the order that shares weight tiles in L2.
         g_src = _operand(g_ptr, M, P_B, stride_g, BLOCK_S, BLOCK_P, TMA)
         hid_src = _operand(hid_ptr, M, R, stride_hid, BLOCK_S, BLOCK_R, TMA)
         x_src = _operand(x_ptr, M, P_A, stride_x, BLOCK_S, BLOCK_P, TMA)
         gh_src = _operand(gh_ptr, M, R, stride_gh, BLOCK_S, BLOCK_R, TMA)
         n_grad_b = tl.cdiv(P_B, BLOCK_P)
-        n_grad = n_grad_b + tl.cdiv(P_A, BLOCK_P)
-        period = (n_out + n_grad) // n_grad
-        for t in tl.range(tl.program_id(0), n_out + n_grad, NUM_SMS):
-            is_grad, index = _schedule(t, n_out, n_grad, period)
-            if is_grad:
-                if index < n_grad_b:
-                    _weight_grad_tile(index * BLOCK_P, g_src, hid_src, grad_b_ptr, M, P_B, R, stride_g, stride_hid,
-                                      R, 1, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
-                else:
-                    _weight_grad_tile((index - n_grad_b) * BLOCK_P, x_src, gh_src, grad_a_ptr, M, P_A, R, stride_x,
-                                      stride_gh, 1, P_A, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
-            else:
-                _output_tile(index, a_src, as_ptr, w_src, ws_ptr, h_src, ut_src, bias_ptr, out_src, out_ptr,
+        n_items = n_out + n_grad_b + tl.cdiv(P_A, BLOCK_P)
+        item = tl.atomic_add(queue_ptr, 1)
+        while item < n_items:
+            if item < n_out:
+                _output_tile(item, a_src, as_ptr, w_src, ws_ptr, h_src, ut_src, bias_ptr, out_src, out_ptr,
                              M, N, K, R, stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1,
                              stride_hm, stride_ut, stride_om, A_MODE, W_MODE, TRANS_W, HAS_LORA, HAS_BIAS, TMA,
                              UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, K_UNROLL)
+            elif item < n_out + n_grad_b:
+                _weight_grad_tile((item - n_out) * BLOCK_P, g_src, hid_src, grad_b_ptr, M, P_B, R, stride_g,
+                                  stride_hid, R, 1, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
+            else:
+                _weight_grad_tile((item - n_out - n_grad_b) * BLOCK_P, x_src, gh_src, grad_a_ptr, M, P_A, R,
+                                  stride_x, stride_gh, 1, P_A, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
+            item = tl.atomic_add(queue_ptr, 1)
     else:
         # Warp specialization splits the loop around TMA loads: the pointer path runs unspecialized.
         for tile_id in tl.range(tl.program_id(0), n_out, NUM_SMS, flatten=FLATTEN,
@@ -363,11 +356,15 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
     g, hid, x, gh = grads or (dummy,) * 4
     grad_b = weight_grads.grad_b if weight_grads is not None else dummy
     grad_a = weight_grads.grad_a if weight_grads is not None else dummy
+    # The work queue's counter: zeroed by a memset each launch (stream-ordered, captured into CUDA graphs).
+    queue = torch.zeros((1,), dtype=torch.int32, device=a.device) if weight_grads is not None else dummy
     sms = _sms(a.device)
     if config is None:
         run = tuning.runner(_persistent_lora_gemm_kernel, family, a.device,
                             (a_mode, w_mode, trans_w, has_lora, bias is not None, tma))
     else:
+        if weight_grads is not None and "BLOCK_P" not in config.kwargs:
+            raise ValueError(f"a launch with weight_grads takes a {family} config (BLOCK_P, BLOCK_S); got {config}")
         run = lambda grid, **kw: tuning.launch(_persistent_lora_gemm_kernel, grid, config, kw)  # noqa: E731
     p_b, p_a = (g.shape[1], x.shape[1]) if grads else (0, 0)
 
@@ -379,7 +376,7 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
 
     run(grid, a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, h_ptr=h, ut_ptr=ut,
         bias_ptr=bias if bias is not None else dummy, out_ptr=out,
-        g_ptr=g, hid_ptr=hid, x_ptr=x, gh_ptr=gh, grad_b_ptr=grad_b, grad_a_ptr=grad_a,
+        g_ptr=g, hid_ptr=hid, x_ptr=x, gh_ptr=gh, grad_b_ptr=grad_b, grad_a_ptr=grad_a, queue_ptr=queue,
         M=M, N=N, K=K, R=r, P_B=p_b, P_A=p_a,
         stride_am=a.stride(0), stride_asm=as_.stride(0) if as_.dim() > 0 else 0,
         stride_ask=as_.stride(1) if as_.dim() > 1 else 0, stride_w0=w.stride(0),
