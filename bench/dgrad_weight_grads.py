@@ -53,6 +53,44 @@ def dgrad_only(c: dict) -> torch.Tensor:
                                   c["x"].shape[1], gh, c["a16"], 2.0)
 
 
+def sweep(c: dict, r: int) -> list[dict]:
+    """Each config on the persistent kernel alone: the plain dgrad (bf16 family, warp-specialized included)
+    and the dgrad with the weight gradients at several gradient-tile shapes (BLOCK_P x BLOCK_S)."""
+    import dataclasses  # noqa: F401
+
+    from surogate.kernels import configs
+    from surogate.kernels.variants import A_BF16, W_BF16
+
+    g, w, k = c["g"], c["w"][0], c["x"].shape[1]
+    gh = g @ c["b16"]
+    out = []
+    for cfg in configs.get_configs("persistent_bf16", "sm_90"):
+        ms = timed(lambda: persistent.launch_persistent_gemm(g, None, A_BF16, w, None, W_BF16, True, k, gh,
+                                                             c["a16"].t(), None, 2.0, config=cfg))
+        out.append(dict(kind="plain", config=_name(cfg), ms=ms))
+    for cfg in configs.get_configs("persistent_bf16_wgrad", "sm_90"):
+        for bp, bs in ((128, 64), (128, 128), (256, 64), (128, 256)):
+            tile = triton.Config({**cfg.kwargs, "BLOCK_P": bp, "BLOCK_S": bs}, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+            wg = persistent.WeightGrads.of(g, c["h"], c["x"], gh, 2.0)
+            try:
+                ms = timed(lambda: persistent.launch_persistent_gemm(g, None, A_BF16, w, None, W_BF16, True, k, gh,
+                                                                     c["a16"].t(), None, 2.0, config=tile,
+                                                                     weight_grads=wg))
+            except Exception as e:  # noqa: BLE001 (out of shared memory: recorded)
+                ms = float("nan")
+                print(f"  {_name(tile)}: {type(e).__name__}")
+            out.append(dict(kind="with grads", config=_name(tile), ms=ms))
+    return out
+
+
+def _name(cfg) -> str:
+    kw = cfg.kwargs
+    text = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} ws={int(kw['WARP_SPECIALIZE'])} " \
+           f"fl={int(kw['FLATTEN'])} w{cfg.num_warps} s{cfg.num_stages}"
+    return text + (f" P{kw['BLOCK_P']} S{kw['BLOCK_S']}" if "BLOCK_P" in kw else "")
+
+
 def timed(fn) -> float:
     fn()  # the tuner's picks, outside the timing
     torch.cuda.synchronize()
@@ -64,6 +102,7 @@ def main() -> None:
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--sweep", action="store_true", help="also time each config of the persistent kernel alone")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/dgrad_weight_grads.py needs a CUDA GPU (sm_90 for the persistent route)")
@@ -77,7 +116,9 @@ def main() -> None:
         floor = timed(lambda: dgrad_only(c))
         persistent.WEIGHT_GRADS_IN_DGRAD = True
         rows.append(dict(linear=name, m=args.m, n=n, k=k, rank=args.rank, in_dgrad_ms=fused, cublas_ms=apart,
-                         dgrad_only_ms=floor, speedup=apart / fused))
+                         dgrad_only_ms=floor, speedup=apart / fused, sweep=sweep(c, args.rank) if args.sweep else []))
+        for line in rows[-1]["sweep"]:
+            print(f"  {line['kind']:10s} {line['config']:44s} {line['ms']:.3f} ms", flush=True)
         print(f"{name:8s} M={args.m} N={n:6d} K={k:6d}  in dgrad {fused:.3f} ms  cuBLAS {apart:.3f} ms  "
               f"dgrad only {floor:.3f} ms  x{apart / fused:.3f}", flush=True)
     env = run_record()
