@@ -278,87 +278,6 @@ def test_tma_needs_aligned_row_strides() -> None:
     assert not persistent.tma_ok(x.t())  # inner stride not 1
 
 
-def _weight_grad_case(m: int, n: int, k: int, r: int, seed: int):
-    """A bf16 dgrad's operands: g (M, N), W (N, K), lora_a (r, K), x (M, K), hidden = x A^T, gh = g B."""
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(m, n, generator=gen).bfloat16().to(DEVICE)
-    x = torch.randn(m, k, generator=gen).bfloat16().to(DEVICE)
-    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16().to(DEVICE)
-    a = (torch.randn(r, k, generator=gen) * 0.1).bfloat16().to(DEVICE)
-    b = (torch.randn(n, r, generator=gen) * 0.1).bfloat16().to(DEVICE)
-    return g, x, w, a, (x @ a.t()), (g @ b)
-
-
-def _nan_filled(wg: persistent.WeightGrads) -> persistent.WeightGrads:
-    """`wg` with its outputs NaN: a gradient row no tile writes stays NaN."""
-    wg.grad_a.fill_(float("nan"))
-    wg.grad_b.fill_(float("nan"))
-    return wg
-
-
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-@pytest.mark.parametrize("m,n,k,r", [(37, 80, 144, 16), (70, 272, 400, 8), (1, 64, 48, 16), (0, 64, 48, 16)])
-def test_the_dgrad_computes_the_lora_weight_gradients_too(m, n, k, r, tma) -> None:
-    """`WeightGrads` in a bf16 dgrad launch: the output equal bit for bit to the launch without them (the same
-    output tiles, only scheduled among the gradient tiles), and `grad_b = s g^T h`, `grad_a = s gh^T x` in FP32
-    against the float64 formula, every row written (outputs NaN before), with M, N and K not multiples of the
-    tiles (the interpreter's BLOCK_P 32, BLOCK_S 16) and M = 0 (zero gradients)."""
-    g, x, w, a, h, gh = _weight_grad_case(m, n, k, r, seed=m + r)
-    scale = 0.37
-    wg = _nan_filled(persistent.WeightGrads.of(g, h, x, gh, scale))
-    got = persistent.launch_persistent_gemm(g, None, A_BF16, w, None, W_BF16, True, k, gh, a.t(), None, scale,
-                                            tma=tma, weight_grads=wg)
-    want = persistent.launch_persistent_gemm(g, None, A_BF16, w, None, W_BF16, True, k, gh, a.t(), None, scale,
-                                             tma=tma)
-    assert torch.equal(got, want)
-    want_b = scale * (g.double().t() @ h.double())
-    want_a = scale * (gh.double().t() @ x.double())
-    for got_grad, want_grad in ((wg.grad_b, want_b), (wg.grad_a, want_a)):
-        assert got_grad.dtype == torch.float32 and got_grad.shape == want_grad.shape
-        assert torch.isfinite(got_grad).all()
-        err = (got_grad.double() - want_grad).abs().max().item()
-        assert err <= 1e-5 * max(want_grad.abs().max().item(), 1.0), err  # FP32 sums of exact bf16 products
-
-
-def test_the_weight_gradient_tiles_read_nothing_past_their_operands() -> None:
-    """g, hidden, x and gh in NaN-filled neighbourhoods with M, N and K tails, the wgrad family's first sm_90
-    config (BLOCK_P 128, BLOCK_S 64: the GPU's tiles): a TMA box or masked load beyond an operand would make a
-    gradient non-finite."""
-    m, n, k, r = 70, 272, 400, 16
-    g, x, w, a, h, gh = _weight_grad_case(m, n, k, r, seed=11)
-    config = configs.get_configs("persistent_bf16_wgrad", "sm_90")[0]
-    want = persistent.WeightGrads.of(g, h, x, gh, 2.0)
-    persistent.launch_persistent_gemm(g, None, A_BF16, w, None, W_BF16, True, k, gh, a.t(), None, 2.0,
-                                      weight_grads=want)
-    for tma in (True, False):
-        wg = _nan_filled(persistent.WeightGrads.of(_poisoned(g), _poisoned(h), _poisoned(x), _poisoned(gh), 2.0))
-        persistent.launch_persistent_gemm(_poisoned(g), None, A_BF16, w, None, W_BF16, True, k, gh, a.t(), None,
-                                          2.0, tma=tma, config=config, weight_grads=wg)
-        for got, ref_grad in ((wg.grad_a, want.grad_a), (wg.grad_b, want.grad_b)):
-            assert torch.isfinite(got).all(), f"tma={tma}: a read past an operand"
-            assert torch.allclose(got, ref_grad, rtol=1e-5, atol=1e-4)
-
-
-def test_only_bf16_dgrads_take_the_weight_gradients(monkeypatch) -> None:
-    """An FP8 family refuses them (its A operand is quantized; the gradients read bf16 g); `takes_weight_grads`
-    is False for a forward, off the GPU, for unaligned operands and with the switch off."""
-    g, x, w, a, h, gh = _weight_grad_case(64, 64, 64, 16, seed=1)
-    wg = persistent.WeightGrads.of(g, h, x, gh, 1.0)
-    gq, gs, _ = quantize_fp8_rowwise(g, "e5m2")
-    w8 = torch.zeros(64, 64, device=DEVICE).to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="do not compute LoRA weight gradients"):
-        persistent.launch_persistent_gemm(gq, gs, A_FP8_ROW, w8, torch.ones(64, device=DEVICE), W_FP8_ROW, False,
-                                          64, gh, a.t(), None, 1.0, weight_grads=wg)
-    on_gpu = g.is_cuda
-    assert persistent.takes_weight_grads(g, A_BF16, W_BF16, True, wg) is on_gpu
-    assert not persistent.takes_weight_grads(g, A_BF16, W_BF16, False, wg)
-    assert not persistent.takes_weight_grads(g, A_FP8_ROW, W_FP8_ROW, False, wg)
-    unaligned = torch.empty(64, 65, dtype=torch.bfloat16, device=DEVICE)[:, 1:]
-    assert not persistent.takes_weight_grads(g, A_BF16, W_BF16, True, persistent.WeightGrads.of(g, h, unaligned, gh, 1.0))
-    monkeypatch.setattr(persistent, "WEIGHT_GRADS_IN_DGRAD", False)
-    assert not persistent.takes_weight_grads(g, A_BF16, W_BF16, True, wg)
-
-
 # ---------------------------------------------------------------------- SASS of sm_90 builds
 
 def _partitions(ttgir: str) -> dict[str, str]:
@@ -410,8 +329,6 @@ def _requests(all_configs: bool):
     out = []
     for spec in catalog.persistent_specs():
         family = persistent.FAMILIES[(spec.constexprs["A_MODE"], spec.constexprs["W_MODE"])]
-        if spec.constexprs["WEIGHT_GRADS"]:
-            family = persistent.WEIGHT_GRAD_FAMILIES[family]
         cands = configs.get_configs(family, "sm_90")
         for c in cands if all_configs else cands[:1]:
             out.append((spec, c, dataclasses.replace(spec, config=lambda arch, c=c: c).request("sm_90")))
@@ -453,7 +370,7 @@ def test_first_configs_build_for_sm90_with_wgmma_and_tma(specialized) -> None:
     specialization where the config asks for it, no spills, shared memory that fits, and no consumer
     warpgroup indexing its scales from a rebased TMA coordinate (`_rebased_pointer_indices`)."""
     reqs = _requests(all_configs=False)
-    assert len(reqs) == 7  # 3 operand families x forward / dgrad, and the bf16 dgrad with the weight gradients
+    assert len(reqs) == 6
     assert _check_sm90(reqs) == []
 
 

@@ -261,9 +261,7 @@ def persistent_specs() -> tuple[KernelSpec, ...]:
         family = P.FAMILIES[(v.a_mode, v.w_mode)]
         signature = dict(a_ptr=a_types[v.quantizer], as_ptr="*fp32" if fp8 else "*bf16",
                          w_ptr="*fp8e4nv" if fp8 else "*bf16", ws_ptr="*fp32" if fp8 else "*bf16", h_ptr="*bf16",
-                         ut_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", g_ptr="*bf16", hid_ptr="*bf16",
-                         x_ptr="*bf16", gh_ptr="*bf16", grad_b_ptr="*fp32", grad_a_ptr="*fp32", queue_ptr="*i32",
-                         grad_scale="fp32")
+                         ut_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
         # Weight scales: per channel (N,); 128x128 blocks (N/128, K/128), the dgrad's K-major copy's a
         # transposed view. Activation scales: (M, 1), or 1x128 blocks stored M-contiguous. U^T (r, N)
         # contiguous: the pre-scaled copy of lora_b^T, or of lora_a (dgrad).
@@ -277,19 +275,13 @@ def persistent_specs() -> tuple[KernelSpec, ...]:
         constexprs = dict(A_MODE=v.a_mode, W_MODE=v.w_mode, TRANS_W=v.trans_w, HAS_LORA=True, HAS_BIAS=False,
                           TMA=True, UPCAST=False, BLOCK_R=block_r(r), NUM_SMS=132)
         usage = recipe_usage(v.kernel).get("sm_90", [])
-        # The weight-gradient operands (WEIGHT_GRADS): G (M, K) as the dgrad's A, X (M, N), H and G B (M, r).
-        grads = dict(P_B=k, P_A=n, stride_g=k, stride_hid=r, stride_x=n, stride_gh=r)
-        kinds = [(v.persistent_kernel, family, False)]
-        if family in P.WEIGHT_GRAD_FAMILIES and v.trans_w:
-            kinds.append((f"{v.persistent_kernel}_wgrad", P.WEIGHT_GRAD_FAMILIES[family], True))
-        for name, fam, wgrad in kinds:
-            out.append(KernelSpec(
-                name, P._persistent_lora_gemm_kernel, MappingProxyType(signature),
-                MappingProxyType({**constexprs, "WEIGHT_GRADS": wgrad}), tuple(usage), v.compute, archs=("sm_90",),
-                ints=MappingProxyType({**ints, **grads}),
-                config=lambda arch, fam=fam, name=name: _first_config(get_configs(fam, arch), name, arch),
-                operands=v.operands,
-                what=f"persistent TMA: {v.what}" + (", with the LoRA weight gradients" if wgrad else "")))
+        out.append(KernelSpec(
+            v.persistent_kernel, P._persistent_lora_gemm_kernel, MappingProxyType(signature),
+            MappingProxyType(constexprs), tuple(usage), v.compute, archs=("sm_90",),
+            ints=MappingProxyType(ints),
+            config=lambda arch, family=family, name=v.persistent_kernel: _first_config(get_configs(family, arch), name,
+                                                                                      arch),
+            operands=v.operands, what=f"persistent TMA: {v.what}"))
     return tuple(out)
 
 

@@ -31,8 +31,6 @@ def interpret_config(family: str) -> dict:
     tiles = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
     if family.startswith("persistent"):
         tiles.update(WARP_SPECIALIZE=False, FLATTEN=False, K_UNROLL=1)
-    if family.endswith("_wgrad"):
-        tiles.update(BLOCK_P=32, BLOCK_S=16)
     return tiles
 
 
@@ -166,19 +164,6 @@ def get_persistent_bf16_configs(arch: str) -> list[triton.Config]:
     return _persistent_one_scale_family(64, 2, arch)
 
 
-def get_persistent_bf16_wgrad_configs(arch: str) -> list[triton.Config]:
-    """The bf16 dgrad that also computes the LoRA weight gradients (persistent.py, WEIGHT_GRADS): the bf16
-    family's unspecialized, unflattened tiles (its loop holds two kinds of work, which neither transform
-    takes), and the weight-gradient tiles: BLOCK_P gradient rows, BLOCK_S rows of M a step."""
-    out = []
-    for c in get_persistent_bf16_configs(arch):
-        if c.kwargs["WARP_SPECIALIZE"] or c.kwargs["FLATTEN"]:
-            continue
-        out.append(triton.Config({**c.kwargs, "BLOCK_P": 128, "BLOCK_S": 64}, num_warps=c.num_warps,
-                                 num_stages=c.num_stages))
-    return out
-
-
 def get_persistent_fp8_configs(arch: str) -> list[triton.Config]:
     """Persistent FP8 with row / channel scales: the bf16 family's tiles, K step 128, scales in the epilogue."""
     return _persistent_one_scale_family(128, 1, arch)
@@ -248,7 +233,6 @@ FAMILIES = {
     "dequant": get_lora_linear_dequant_configs,
     "nvfp4": get_lora_linear_nvfp4_configs,
     "persistent_bf16": get_persistent_bf16_configs,
-    "persistent_bf16_wgrad": get_persistent_bf16_wgrad_configs,
     "persistent_fp8": get_persistent_fp8_configs,
     "persistent_fp8_block": get_persistent_fp8_block_configs,
 }

@@ -16,8 +16,7 @@ from surogate.kernels import cublas, grad_input, lora_linear, persistent
 from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
-from surogate.kernels.grad_lora import grad_hidden
-from surogate.kernels.grad_lora import weight_grads as weight_grads_gemms
+from surogate.kernels.grad_lora import grad_hidden, weight_grads
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.variants import (
     Engine,
@@ -173,45 +172,61 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     g = _rows(grad_output)
     has_lora = lora_a is not None and lora_b is not None
     grad_a = grad_b = grad_lora_input = None
-    gh = a = wg = None
+    gh = a = None
     if has_lora:
         xl = _rows(input if lora_input is None else lora_input).to(dtype)
         a = lora_a.to(dtype) if lora_a_cast is None else lora_a_cast
         b = lora_b.to(dtype) if lora_b_cast is None else lora_b_cast
         h = _rows(lora_hidden).to(dtype)
         gh = grad_hidden(g, b)
-        # The two weight gradients: inside a bf16 dgrad on the persistent route, else two cuBLAS GEMMs.
-        wg = (persistent.WeightGrads.of(g, h, xl, gh, lora_scale)
-              if _dgrad_is_persistent(g, fmt, compute, k, h.shape[1]) else None)
-        if wg is None:
-            grad_a, grad_b = weight_grads_gemms(g, xl, h, gh, lora_scale, (lora_a.dtype, lora_b.dtype))
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
     dgh, da = (None, None) if lora_input is not None else (gh, a)
-    dx = grad_input_cuda(g, weight, fmt, compute, k, dgh, da, lora_scale, gq, wg)
-    if wg is not None:
-        grad_a, grad_b = wg.grad_a.to(lora_a.dtype), wg.grad_b.to(lora_b.dtype)
+    if not has_lora:
+        dx = grad_input_cuda(g, weight, fmt, compute, k, dgh, da, lora_scale, gq)
+    else:
+        def lora_weight_grads():
+            return weight_grads(g, xl, h, gh, lora_scale, (lora_a.dtype, lora_b.dtype))
+
+        dx, (grad_a, grad_b) = _beside(g.device, lambda: grad_input_cuda(g, weight, fmt, compute, k, dgh, da,
+                                                                         lora_scale, gq), lora_weight_grads)
     return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
 
 
-def _dgrad_is_persistent(g: torch.Tensor, fmt: WeightFormat, compute: Compute, k: int, rank: int) -> bool:
-    """Whether this dgrad will run on the persistent route in a family that also takes the weight gradients
-    (a prediction that may err: `grad_input_cuda` computes them itself where its launch did not)."""
-    if not (g.is_cuda and persistent.WEIGHT_GRADS_IN_DGRAD) or compute is Compute.NVFP4:
-        return False
-    v = variant(Gemm.GRAD_INPUT, compute, fmt)
-    r = route(v, device_arch(g.device.index or 0), g.shape[0], k, g.shape[1],
-              cublas=lambda rule: cublas.available(g, rule), rank=rank)
-    return (r.engine is Engine.PERSISTENT and r.variant.trans_w
-            and persistent.FAMILIES.get((r.variant.a_mode, r.variant.w_mode)) in persistent.WEIGHT_GRAD_FAMILIES)
+# Whether the LoRA weight-gradient GEMMs run on a side stream beside the dgrad GEMM (bench A/B: "+serialgrads").
+WEIGHT_GRADS_BESIDE_DGRAD: bool = True
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
-def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale, gq=None,
-                    weight_grads: persistent.WeightGrads | None = None):
+def _beside(device: torch.device, main_work, side_work):
+    """`(main_work(), side_work())`; on CUDA `side_work` runs on a side stream that starts where the current
+    stream stands before `main_work` is queued, and the current stream waits for it after.
+
+    Why: the dgrad GEMM holds every SM until its last wave, whose programs finish at different times; the
+    two memory-bound weight-gradient GEMMs, which do not depend on it, then start on the SMs it frees instead
+    of after it (bench/NOTES.md run 89). The caller's stream sees both done, as before. Inside a CUDA-graph
+    capture the fork and join are captured as two branches. Memory: what the side stream allocates is used
+    after the join only, in the current stream's order; the current stream's tensors it reads are held by the
+    caller through the join, and each fork starts after every kernel queued before it."""
+    if not (WEIGHT_GRADS_BESIDE_DGRAD and device.type == "cuda"):
+        return main_work(), side_work()
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    fork = main.record_event()
+    out = main_work()  # queued first: its programs take the SMs first
+    side.wait_event(fork)
+    with torch.cuda.stream(side):
+        side_out = side_work()
+    main.wait_stream(side)
+    return out, side_out
+
+
+def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale, gq=None):
     """The dgrad GEMM of the backward: `g (M, N) @ W (+ lora_scale * gh @ a)` -> (M, K), `a` = lora_a (r, K)
     in g's dtype (or None, with `gh`). Quantizes g as the route's variant says (unless `gq`, g already
-    quantized by its producer, is given), runs the route. `weight_grads` (only where `_dgrad_is_persistent`)
-    are written by the same launch."""
+    quantized by its producer, is given), runs the route."""
     if compute is Compute.NVFP4 and emulates_fp4(g.device):
         # As the reference: the gradient NVFP4 along N with stochastic rounding, the weight's values
         # re-quantized along N; a bf16 MMA over both (`gh`, the LoRA term, came from the exact gradient).
@@ -239,17 +254,7 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
         else:
             dx = cublas.bf16_gemm(gq[0], weight[0].t(), gh, up, None, lora_scale)
     elif r.engine is Engine.PERSISTENT:
-        takes = weight_grads is not None and persistent.takes_weight_grads(
-            gq[0], r.variant.a_mode, r.variant.w_mode, r.variant.trans_w, weight_grads)
-        dx = persistent.persistent_grad_input(r.variant, gq, weight, k, gh, a, lora_scale,
-                                              weight_grads if takes else None)
-        if takes:
-            weight_grads = None  # written
+        dx = persistent.persistent_grad_input(r.variant, gq, weight, k, gh, a, lora_scale)
     else:
         dx = getattr(grad_input, r.variant.launcher)(r.variant, gq, weight, k, gh, a, lora_scale)
-    if weight_grads is not None:  # asked for, not taken by the launch: the two GEMMs, into its outputs
-        wg = weight_grads
-        grad_a, grad_b = weight_grads_gemms(wg.g, wg.x, wg.hidden, wg.grad_hidden, wg.scale, (torch.float32,) * 2)
-        wg.grad_a.copy_(grad_a)
-        wg.grad_b.copy_(grad_b)
     return dx

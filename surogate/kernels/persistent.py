@@ -39,7 +39,6 @@ from 1024 rows, is off it by default: its route hit NaN losses in training (vari
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -84,111 +83,16 @@ def _tile(src, row0, col0, n_rows, n_cols, stride, R: tl.constexpr, C: tl.conste
         return tl.load(src + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
 
 
-@triton.jit
-def _output_tile(tile_id, a_src, as_ptr, w_src, ws_ptr, h_src, ut_src, bias_ptr, out_src, out_ptr,
-                 M, N, K, R, stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1, stride_hm,
-                 stride_ut, stride_om,
-                 A_MODE: tl.constexpr, W_MODE: tl.constexpr, TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                 K_UNROLL: tl.constexpr):
-    """Output tile `tile_id` of `out`: the K loop, the scales, the bias, the LoRA MMA step, the store."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-    off_m = pid_m * BLOCK_M  # TMA coordinates of the tile
-    off_n = pid_n * BLOCK_N
-    # Indices of what is read by pointer (row / channel / block scales, bias, the pointer path): from
-    # pid_m / pid_n in int64, never from the TMA coordinates off_m / off_n. Root cause (H200, run 54): on
-    # sm_90 the warp-specialized build splits BLOCK_M between two consumer warpgroups, and Triton's data
-    # partitioning (3.6 and 3.9) rebases the descriptor coordinate off_m by BLOCK_M / 2 for the second one
-    # *and* maps every use of that same value to the rebased one, while it also slices the arange to
-    # [BLOCK_M / 2, BLOCK_M): `off_m + tl.arange(0, BLOCK_M)` became off_m + BLOCK_M / 2 + [BLOCK_M / 2,
-    # BLOCK_M) there, so the second half of every tile took the scales of the rows BLOCK_M / 2 further on
-    # (the next tile's, or row 0 past M): fp8 22-23 dB. A base that is not a descriptor coordinate is not
-    # remapped (tests/test_kernels_persistent.py checks the sm_90 TTGIR for it).
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows_m = tl.where(mask_m, offs_m, 0)
-    cols_n = tl.where(mask_n, offs_n, 0)
-    col0 = pid_n.to(tl.int64) * BLOCK_N  # = off_n for the block scales, never a rebased coordinate
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ki in tl.range(tl.cdiv(K, BLOCK_K), loop_unroll_factor=K_UNROLL):
-        k0 = ki * BLOCK_K
-        a = _tile(a_src, off_m, k0, M, K, stride_am, BLOCK_M, BLOCK_K, TMA)
-        if TRANS_W:
-            w = _tile(w_src, k0, off_n, K, N, stride_w0, BLOCK_K, BLOCK_N, TMA)
-        else:
-            w = tl.trans(_tile(w_src, off_n, k0, N, K, stride_w0, BLOCK_N, BLOCK_K, TMA))
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if A_MODE == 2:  # block-scaled FP8: each 128-deep product promoted with both block scales
-            acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, col0, stride_asm,
-                                  stride_ask, stride_ws0, stride_ws1, BLOCK_N, False)
-        else:
-            acc = tl.dot(a, w, acc)
-
-    # Row / channel scales after the loop: per-row activation and per-output-channel weight scales.
-    if A_MODE == 1:
-        acc = acc * tl.load(as_ptr + rows_m * stride_asm)[:, None]
-    if W_MODE == 1:
-        acc = acc * tl.load(ws_ptr + cols_n * stride_ws0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
-    if HAS_LORA:  # one more MMA step: H[tile rows, :r] @ U^T[:r, tile cols], both through TMA
-        h = _tile(h_src, off_m, 0, M, R, stride_hm, BLOCK_M, BLOCK_R, TMA)
-        ut = _tile(ut_src, 0, off_n, R, N, stride_ut, BLOCK_R, BLOCK_N, TMA)
-        if UPCAST:
-            h = h.to(tl.float32)
-            ut = ut.to(tl.float32)
-        acc = tl.dot(h, ut, acc)
-    out = acc.to(out_ptr.dtype.element_ty)
-    if TMA:
-        out_src.store([off_m, off_n], out)
-    else:
-        tl.store(out_src + rows_m[:, None] * stride_om + offs_n[None, :], out,
-                 mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _weight_grad_tile(p0, l_src, r_src, out_ptr, M, P, R, stride_l, stride_r, stride_op, stride_or, scale,
-                      TMA: tl.constexpr, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
-    """Rows [p0, p0 + BLOCK_P) of `out (P, R) = scale * L^T @ Rm` in FP32, summed over all M rows of
-    L (M, P) and Rm (M, R): one block of a LoRA weight gradient, written with strides (stride_op, stride_or)
-    (grad_lora_b (N, r) row-major; grad_lora_a (r, K) through its transpose)."""
-    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    for si in tl.range(tl.cdiv(M, BLOCK_S)):
-        s0 = si * BLOCK_S
-        lt = _tile(l_src, s0, p0, M, P, stride_l, BLOCK_S, BLOCK_P, TMA)
-        rt = _tile(r_src, s0, 0, M, R, stride_r, BLOCK_S, BLOCK_R, TMA)
-        if UPCAST:
-            lt = lt.to(tl.float32)
-            rt = rt.to(tl.float32)
-        acc = tl.dot(tl.trans(lt), rt, acc)
-    offs_p = p0.to(tl.int64) + tl.arange(0, BLOCK_P)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask = (offs_p < P)[:, None] & (offs_r < R)[None, :]
-    tl.store(out_ptr + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or, acc * scale, mask=mask)
-
-
 @triton.jit(launch_metadata=_gemm_metadata)
 def _persistent_lora_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, ut_ptr, bias_ptr, out_ptr,
-    g_ptr, hid_ptr, x_ptr, gh_ptr, grad_b_ptr, grad_a_ptr, queue_ptr,
-    M, N, K, R, P_B, P_A,
+    M, N, K, R,
     stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1, stride_hm, stride_ut, stride_om,
-    stride_g, stride_hid, stride_x, stride_gh, grad_scale,
     A_MODE: tl.constexpr, W_MODE: tl.constexpr, TRANS_W: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
-    K_UNROLL: tl.constexpr, WEIGHT_GRADS: tl.constexpr = False, BLOCK_P: tl.constexpr = 128,
-    BLOCK_S: tl.constexpr = 64,
+    K_UNROLL: tl.constexpr,
 ):
     """out[M, N] = sum_k A[m, k] W'[k, n] (scaled) (+ bias[n]) + H[m, :] U[n, :]^T, tile by tile.
 
@@ -196,12 +100,6 @@ def _persistent_lora_gemm_kernel(
     weight, the FP8 dgrad's K-major copy) unless TRANS_W (W stored (K, N): the bf16 dgrad through
     the forward weight). Modes as `_lora_gemm_kernel`: A_MODE 0 bf16 / 1 FP8 per row / 2 FP8 1x128;
     W_MODE 0 bf16 / 1 FP8 per output channel / 2 FP8 128x128.
-
-    WEIGHT_GRADS (a dgrad, unspecialized configs): the same programs also compute the LoRA weight
-    gradients in FP32, `grad_b (P_B, r) = grad_scale * G^T @ Hid` and `grad_a (r, P_A) = grad_scale *
-    (X^T @ GH)^T`, with G (M, P_B) the bf16 output gradient, Hid (M, r) the forward's LoRA hidden,
-    X (M, P_A) the layer input, GH = G @ lora_b (M, r): `_weight_grad_tile`s after the output tiles, all
-    taken from the work queue `queue_ptr` (one int32, zero at launch).
     """
     a_src = _operand(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, TMA)
     if TRANS_W:
@@ -209,46 +107,73 @@ def _persistent_lora_gemm_kernel(
     else:
         w_src = _operand(w_ptr, N, K, stride_w0, BLOCK_N, BLOCK_K, TMA)
     out_src = _operand(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, TMA)
-    h_src = a_src  # read only with HAS_LORA
-    ut_src = a_src
     if HAS_LORA:
         h_src = _operand(h_ptr, M, R, stride_hm, BLOCK_M, BLOCK_R, TMA)
         ut_src = _operand(ut_ptr, R, N, stride_ut, BLOCK_R, BLOCK_N, TMA)
-    n_out = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
 
-    if WEIGHT_GRADS:
-        # Work items taken from a queue (an atomic counter, zero at launch): the output tiles in their grouped
-        # order, then the weight-gradient tiles. The memory-bound gradient tiles so fill the last wave's idle
-        # programs (a static split by count would give every program the same number of each and stretch all
-        # of them; bench/NOTES.md run 86), and output tiles run in the order that shares weight tiles in L2.
-        g_src = _operand(g_ptr, M, P_B, stride_g, BLOCK_S, BLOCK_P, TMA)
-        hid_src = _operand(hid_ptr, M, R, stride_hid, BLOCK_S, BLOCK_R, TMA)
-        x_src = _operand(x_ptr, M, P_A, stride_x, BLOCK_S, BLOCK_P, TMA)
-        gh_src = _operand(gh_ptr, M, R, stride_gh, BLOCK_S, BLOCK_R, TMA)
-        n_grad_b = tl.cdiv(P_B, BLOCK_P)
-        n_items = n_out + n_grad_b + tl.cdiv(P_A, BLOCK_P)
-        item = tl.atomic_add(queue_ptr, 1)
-        while item < n_items:
-            if item < n_out:
-                _output_tile(item, a_src, as_ptr, w_src, ws_ptr, h_src, ut_src, bias_ptr, out_src, out_ptr,
-                             M, N, K, R, stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1,
-                             stride_hm, stride_ut, stride_om, A_MODE, W_MODE, TRANS_W, HAS_LORA, HAS_BIAS, TMA,
-                             UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, K_UNROLL)
-            elif item < n_out + n_grad_b:
-                _weight_grad_tile((item - n_out) * BLOCK_P, g_src, hid_src, grad_b_ptr, M, P_B, R, stride_g,
-                                  stride_hid, R, 1, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # Warp specialization splits the loop around TMA loads: the pointer path runs unspecialized.
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
+                            warp_specialize=WARP_SPECIALIZE and TMA):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M  # TMA coordinates of the tile
+        off_n = pid_n * BLOCK_N
+        # Indices of what is read by pointer (row / channel / block scales, bias, the pointer path): from
+        # pid_m / pid_n in int64, never from the TMA coordinates off_m / off_n. Root cause (H200, run 54): on
+        # sm_90 the warp-specialized build splits BLOCK_M between two consumer warpgroups, and Triton's data
+        # partitioning (3.6 and 3.9) rebases the descriptor coordinate off_m by BLOCK_M / 2 for the second one
+        # *and* maps every use of that same value to the rebased one, while it also slices the arange to
+        # [BLOCK_M / 2, BLOCK_M): `off_m + tl.arange(0, BLOCK_M)` became off_m + BLOCK_M / 2 + [BLOCK_M / 2,
+        # BLOCK_M) there, so the second half of every tile took the scales of the rows BLOCK_M / 2 further on
+        # (the next tile's, or row 0 past M): fp8 22-23 dB. A base that is not a descriptor coordinate is not
+        # remapped (tests/test_kernels_persistent.py checks the sm_90 TTGIR for it).
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        rows_m = tl.where(mask_m, offs_m, 0)
+        cols_n = tl.where(mask_n, offs_n, 0)
+        col0 = pid_n.to(tl.int64) * BLOCK_N  # = off_n for the block scales, never a rebased coordinate
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in tl.range(k_tiles, loop_unroll_factor=K_UNROLL):
+            k0 = ki * BLOCK_K
+            a = _tile(a_src, off_m, k0, M, K, stride_am, BLOCK_M, BLOCK_K, TMA)
+            if TRANS_W:
+                w = _tile(w_src, k0, off_n, K, N, stride_w0, BLOCK_K, BLOCK_N, TMA)
             else:
-                _weight_grad_tile((item - n_out - n_grad_b) * BLOCK_P, x_src, gh_src, grad_a_ptr, M, P_A, R,
-                                  stride_x, stride_gh, 1, P_A, grad_scale, TMA, UPCAST, BLOCK_P, BLOCK_S, BLOCK_R)
-            item = tl.atomic_add(queue_ptr, 1)
-    else:
-        # Warp specialization splits the loop around TMA loads: the pointer path runs unspecialized.
-        for tile_id in tl.range(tl.program_id(0), n_out, NUM_SMS, flatten=FLATTEN,
-                                warp_specialize=WARP_SPECIALIZE and TMA):
-            _output_tile(tile_id, a_src, as_ptr, w_src, ws_ptr, h_src, ut_src, bias_ptr, out_src, out_ptr,
-                         M, N, K, R, stride_am, stride_asm, stride_ask, stride_w0, stride_ws0, stride_ws1,
-                         stride_hm, stride_ut, stride_om, A_MODE, W_MODE, TRANS_W, HAS_LORA, HAS_BIAS, TMA,
-                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, K_UNROLL)
+                w = tl.trans(_tile(w_src, off_n, k0, N, K, stride_w0, BLOCK_N, BLOCK_K, TMA))
+            if UPCAST:  # the interpreter's bf16 tl.dot is wrong; fp32 is exact enough for tests
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if A_MODE == 2:  # block-scaled FP8: each 128-deep product promoted with both block scales
+                acc = _block_fp8_step(acc, a, w, as_ptr, ws_ptr, rows_m, cols_n, k0, col0, stride_asm,
+                                      stride_ask, stride_ws0, stride_ws1, BLOCK_N, False)
+            else:
+                acc = tl.dot(a, w, acc)
+
+        # Row / channel scales after the loop: per-row activation and per-output-channel weight scales.
+        if A_MODE == 1:
+            acc = acc * tl.load(as_ptr + rows_m * stride_asm)[:, None]
+        if W_MODE == 1:
+            acc = acc * tl.load(ws_ptr + cols_n * stride_ws0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols_n).to(tl.float32)[None, :]
+        if HAS_LORA:  # one more MMA step: H[tile rows, :r] @ U^T[:r, tile cols], both through TMA
+            h = _tile(h_src, off_m, 0, M, R, stride_hm, BLOCK_M, BLOCK_R, TMA)
+            ut = _tile(ut_src, 0, off_n, R, N, stride_ut, BLOCK_R, BLOCK_N, TMA)
+            if UPCAST:
+                h = h.to(tl.float32)
+                ut = ut.to(tl.float32)
+            acc = tl.dot(h, ut, acc)
+        out = acc.to(out_ptr.dtype.element_ty)
+        if TMA:
+            out_src.store([off_m, off_n], out)
+        else:
+            tl.store(out_src + rows_m[:, None] * stride_om + offs_n[None, :], out,
+                     mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -277,75 +202,28 @@ def tma_ok(*operands: torch.Tensor | None) -> bool:
                              and (t.stride(0) * t.element_size()) % 16 == 0) for t in operands)
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightGrads:
-    """The LoRA weight gradients a bf16 dgrad launch computes beside its output (`WEIGHT_GRADS`), with
-    their operands: `grad_b = scale * g^T @ hidden` (N, r) and `grad_a = scale * grad_hidden^T @ x` (r, K),
-    FP32, written by the launch (the formula and precision of `grad_lora._weight_grad` on CUDA)."""
-    g: torch.Tensor            # (M, N) the output gradient, bf16
-    hidden: torch.Tensor       # (M, r) the forward's LoRA hidden
-    x: torch.Tensor            # (M, K) the LoRA input
-    grad_hidden: torch.Tensor  # (M, r) g @ lora_b
-    scale: float
-    grad_b: torch.Tensor       # (N, r) FP32, written
-    grad_a: torch.Tensor       # (r, K) FP32, written
-
-    @classmethod
-    def of(cls, g: torch.Tensor, hidden: torch.Tensor, x: torch.Tensor, grad_hidden: torch.Tensor,
-           scale: float) -> "WeightGrads":
-        r = hidden.shape[1]
-        return cls(g, hidden, x, grad_hidden, float(scale),
-                   torch.empty((g.shape[1], r), dtype=torch.float32, device=g.device),
-                   torch.empty((r, x.shape[1]), dtype=torch.float32, device=g.device))
-
-    def operands(self) -> tuple[torch.Tensor, ...]:
-        return self.g, self.hidden, self.x, self.grad_hidden
-
-
-# The dgrad families whose launches may take the weight gradients: their WEIGHT_GRADS config family.
-WEIGHT_GRAD_FAMILIES = {"persistent_bf16": "persistent_bf16_wgrad"}
-# Whether bf16 dgrads on the persistent route compute the LoRA weight gradients (bench A/B: `+nowgrad`).
-WEIGHT_GRADS_IN_DGRAD: bool = True
-
-
-def takes_weight_grads(a: torch.Tensor, a_mode: int, w_mode: int, trans_w: bool, grads: WeightGrads) -> bool:
-    """Whether this persistent launch can compute `grads` too: a bf16 dgrad whose operands TMA reads."""
-    return (WEIGHT_GRADS_IN_DGRAD and trans_w and (a_mode, w_mode) == (A_BF16, W_BF16) and a.is_cuda
-            and grads.hidden.shape[1] <= 64 and tma_ok(*grads.operands()))
-
-
 def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
                            w: torch.Tensor, w_scale: torch.Tensor | None, w_mode: int, trans_w: bool, n_out: int,
                            hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
                            lora_scale: float, *, tma: bool | None = None, config: triton.Config | None = None,
-                           out_dtype: torch.dtype = torch.bfloat16, weight_grads: WeightGrads | None = None
-                           ) -> torch.Tensor:
+                           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Run `_persistent_lora_gemm_kernel`: the arguments of `lora_linear.launch_lora_gemm` for the
     modes in `FAMILIES`. `w` is (n_out, K) K-major, or (K, n_out) with `trans_w` (bf16 only);
     `tma=None` uses TMA where `tma_ok`; `config` runs that config instead of the tuned one (tests).
-    `weight_grads` (bf16 dgrads, `WEIGHT_GRAD_FAMILIES`): also write its two gradients.
     Returns `out (M, n_out)`."""
     M, K = a.shape
     N = n_out
     family = FAMILIES[(a_mode, w_mode)]
     if trans_w and a_mode != A_BF16:
         raise ValueError("the FP8 persistent kernels read the weight K-major (the dgrad's cached transpose)")
-    if weight_grads is not None:
-        if family not in WEIGHT_GRAD_FAMILIES:
-            raise ValueError(f"{family} launches do not compute LoRA weight gradients")
-        family = WEIGHT_GRAD_FAMILIES[family]
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
-        if weight_grads is not None:
-            weight_grads.grad_b.zero_()
-            weight_grads.grad_a.zero_()
         return out
     has_lora = hidden is not None
-    r = hidden.shape[1] if has_lora else (weight_grads.hidden.shape[1] if weight_grads is not None else 0)
+    r = hidden.shape[1] if has_lora else 0
     # U^T (r, N) row-major, lora_scale folded in: the epilogue's MMA step reads it in [BLOCK_R, BLOCK_N] tiles.
     ut = lora_up_rows(up, lora_scale) if has_lora else None
-    grads = weight_grads.operands() if weight_grads is not None else ()
-    tma = tma_ok(a, w, out, hidden, ut, *grads) if tma is None else tma
+    tma = tma_ok(a, w, out, hidden, ut) if tma is None else tma
     if tma:
         ensure_tma_allocator()
     dummy = out  # any pointer for arguments a mode ignores
@@ -353,39 +231,21 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
     ut = ut if has_lora else dummy
     as_ = a_scale if a_scale is not None else dummy
     ws = w_scale if w_scale is not None else dummy
-    g, hid, x, gh = grads or (dummy,) * 4
-    grad_b = weight_grads.grad_b if weight_grads is not None else dummy
-    grad_a = weight_grads.grad_a if weight_grads is not None else dummy
-    # The work queue's counter: zeroed by a memset each launch (stream-ordered, captured into CUDA graphs).
-    queue = torch.zeros((1,), dtype=torch.int32, device=a.device) if weight_grads is not None else dummy
     sms = _sms(a.device)
     if config is None:
         run = tuning.runner(_persistent_lora_gemm_kernel, family, a.device,
                             (a_mode, w_mode, trans_w, has_lora, bias is not None, tma))
     else:
-        if weight_grads is not None and "BLOCK_P" not in config.kwargs:
-            raise ValueError(f"a launch with weight_grads takes a {family} config (BLOCK_P, BLOCK_S); got {config}")
         run = lambda grid, **kw: tuning.launch(_persistent_lora_gemm_kernel, grid, config, kw)  # noqa: E731
-    p_b, p_a = (g.shape[1], x.shape[1]) if grads else (0, 0)
-
-    def grid(meta: dict) -> tuple[int]:  # one program per SM, or per work item where there are fewer
-        items = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        if grads:
-            items += triton.cdiv(p_b, meta["BLOCK_P"]) + triton.cdiv(p_a, meta["BLOCK_P"])
-        return (min(sms, items),)
-
+    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     run(grid, a_ptr=a, as_ptr=as_, w_ptr=w, ws_ptr=ws, h_ptr=h, ut_ptr=ut,
-        bias_ptr=bias if bias is not None else dummy, out_ptr=out,
-        g_ptr=g, hid_ptr=hid, x_ptr=x, gh_ptr=gh, grad_b_ptr=grad_b, grad_a_ptr=grad_a, queue_ptr=queue,
-        M=M, N=N, K=K, R=r, P_B=p_b, P_A=p_a,
+        bias_ptr=bias if bias is not None else dummy, out_ptr=out, M=M, N=N, K=K, R=r,
         stride_am=a.stride(0), stride_asm=as_.stride(0) if as_.dim() > 0 else 0,
         stride_ask=as_.stride(1) if as_.dim() > 1 else 0, stride_w0=w.stride(0),
         stride_ws0=ws.stride(0) if ws.dim() > 0 else 0, stride_ws1=ws.stride(1) if ws.dim() > 1 else 0,
         stride_hm=h.stride(0), stride_ut=ut.stride(0), stride_om=out.stride(0),
-        stride_g=g.stride(0), stride_hid=hid.stride(0), stride_x=x.stride(0), stride_gh=gh.stride(0),
-        grad_scale=weight_grads.scale if weight_grads is not None else 1.0,
         A_MODE=a_mode, W_MODE=w_mode, TRANS_W=trans_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        TMA=tma, UPCAST=interpreting(), BLOCK_R=block_r(r), NUM_SMS=sms, WEIGHT_GRADS=weight_grads is not None)
+        TMA=tma, UPCAST=interpreting(), BLOCK_R=block_r(r), NUM_SMS=sms)
     return out
 
 
@@ -406,11 +266,9 @@ def persistent_output(v: Variant, aq, weight, k, hidden, up, bias, lora_scale) -
                                   bias, lora_scale)
 
 
-def persistent_grad_input(v: Variant, aq, weight, k, gh, lora_a, lora_scale,
-                          weight_grads: WeightGrads | None = None) -> torch.Tensor:
-    """The dgrad of a `persistent` variant: `grad_input.<launcher>`'s arguments; U = lora_a^T (K, r).
-    `weight_grads`: computed too where `takes_weight_grads` (the caller checks)."""
+def persistent_grad_input(v: Variant, aq, weight, k, gh, lora_a, lora_scale) -> torch.Tensor:
+    """The dgrad of a `persistent` variant: `grad_input.<launcher>`'s arguments; U = lora_a^T (K, r)."""
     a, a_scale, w, w_scale = _operands(v, aq, weight)
     up = None if lora_a is None else lora_a.t()
     return launch_persistent_gemm(a, a_scale, v.a_mode, w, w_scale, v.w_mode, v.trans_w, k, gh, up, None,
-                                  lora_scale, weight_grads=weight_grads)
+                                  lora_scale)

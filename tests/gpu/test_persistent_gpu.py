@@ -144,8 +144,6 @@ def test_every_config_computes_the_same_gemm(recipe, shape, monkeypatch):
     v_fwd = variants.variant("output", compute, fmt)
     family = persistent.FAMILIES[(v_fwd.a_mode, v_fwd.w_mode)]
     monkeypatch.setattr(variants, "PERSISTENT_SM90", True)
-    # This family's configs on both GEMMs (the dgrad's weight-gradient family: test_persistent_weight_grads_gpu.py).
-    monkeypatch.setattr(persistent, "WEIGHT_GRADS_IN_DGRAD", False)
     failures, lines = [], []
     probes = configs.persistent_probe_configs(family)
     for config in [*configs.get_configs(family, "sm_90"), None, *probes]:
