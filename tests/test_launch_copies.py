@@ -62,10 +62,9 @@ def test_an_fp8_lora_linear_launches_two_casts_and_four_multiplies(persistent, m
     assert (forward[2].name, forward[2].inputs[0][0], forward[2].dtype) == (
         "mul", (R, N) if persistent else (N, R), BF16), listing
     assert not [x for x in backward if x.is_copy], listing
-    # The dgrad first (its weight-gradient GEMMs follow it, beside it on a GPU: launch._beside).
     assert [(x.name, x.inputs[0][:2], x.dtype) for x in backward] == [
-        ("mul", ((R, K) if persistent else (K, R), BF16), BF16),  # the dgrad's U = lora_a^T, prescaled
-        ("mul", ((N, R), BF16), F32), ("mul", ((R, K), BF16), F32)], listing  # the LoRA gradients, scaled, upcast
+        ("mul", ((N, R), BF16), F32), ("mul", ((R, K), BF16), F32),  # the LoRA gradients, scaled and upcast
+        ("mul", ((R, K) if persistent else (K, R), BF16), BF16)], listing  # the dgrad's U = lora_a^T, prescaled
 
 
 def test_the_backward_reads_the_casts_the_forward_made():
@@ -152,9 +151,9 @@ _F32_CASTS = [("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) floa
 
 @pytest.mark.parametrize("persistent,routes,scalings", [
     (False, ["lora_linear_fp8", "grad_input_fp8"],
-     ["(12288, 16)", "(4096, 16)", "(12288, 16)", "(16, 4096)"]),
+     ["(12288, 16)", "(12288, 16)", "(16, 4096)", "(4096, 16)"]),
     (True, ["persistent_lora_linear_fp8", "persistent_grad_input_fp8"],
-     ["(16, 12288)", "(16, 4096)", "(12288, 16)", "(16, 4096)"]),
+     ["(16, 12288)", "(12288, 16)", "(16, 4096)", "(16, 4096)"]),
 ])
 def test_bench_copies_scales_one_linear_to_the_model_shape(persistent, routes, scalings, monkeypatch):
     """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: the persistent

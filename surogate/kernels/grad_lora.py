@@ -60,23 +60,6 @@ def _weight_grad(p: torch.Tensor, q: torch.Tensor, lora_scale: float, dtype: tor
     return _scaled(p @ q, lora_scale, dtype)
 
 
-def grad_hidden(grad_output: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """`grad_lora_hidden = g @ lora_b` (M, r), unscaled, in the compute dtype: the dgrad epilogue's LoRA term
-    (the caller folds `lora_scale` in) and `grad_lora_a`'s operand."""
-    return grad_output @ lora_b.to(grad_output.dtype)
-
-
-def weight_grads(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
-                 gh: torch.Tensor, lora_scale: float, grad_dtypes: tuple[torch.dtype, torch.dtype]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(grad_lora_a, grad_lora_b)` in the masters' `grad_dtypes` from `gh = grad_hidden(...)`: two GEMMs.
-    (A bf16 dgrad on the persistent route computes both inside its own launch instead: persistent.WeightGrads.)"""
-    dtype = grad_output.dtype
-    grad_b = _weight_grad(grad_output.t(), lora_hidden.to(dtype), lora_scale, grad_dtypes[1])
-    grad_a = _weight_grad(gh.t(), lora_input.to(dtype), lora_scale, grad_dtypes[0])
-    return grad_a, grad_b
-
-
 def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
               lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
               grad_dtypes: tuple[torch.dtype, torch.dtype] | None = None
@@ -88,7 +71,9 @@ def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: 
     `grad_lora_hidden` is unscaled and in the compute dtype; the caller folds `lora_scale`
     into the dgrad epilogue.
     """
-    gh = grad_hidden(grad_output, lora_b)
-    grad_a, grad_b = weight_grads(grad_output, lora_input, lora_hidden, gh, lora_scale,
-                                  grad_dtypes or (lora_a.dtype, lora_b.dtype))
+    dtype = grad_output.dtype
+    a_dtype, b_dtype = grad_dtypes or (lora_a.dtype, lora_b.dtype)
+    gh = grad_output @ lora_b.to(dtype)
+    grad_b = _weight_grad(grad_output.t(), lora_hidden.to(dtype), lora_scale, b_dtype)
+    grad_a = _weight_grad(gh.t(), lora_input.to(dtype), lora_scale, a_dtype)
     return grad_a, grad_b, gh

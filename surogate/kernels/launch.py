@@ -16,7 +16,7 @@ from surogate.kernels import cublas, grad_input, lora_linear, persistent
 from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
-from surogate.kernels.grad_lora import grad_hidden, weight_grads
+from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.variants import (
     Engine,
@@ -174,53 +174,15 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     grad_a = grad_b = grad_lora_input = None
     gh = a = None
     if has_lora:
-        xl = _rows(input if lora_input is None else lora_input).to(dtype)
+        xl = _rows(input if lora_input is None else lora_input)
         a = lora_a.to(dtype) if lora_a_cast is None else lora_a_cast
         b = lora_b.to(dtype) if lora_b_cast is None else lora_b_cast
-        h = _rows(lora_hidden).to(dtype)
-        gh = grad_hidden(g, b)
+        grad_a, grad_b, gh = grad_lora(g, xl, _rows(lora_hidden), a, b, lora_scale, (lora_a.dtype, lora_b.dtype))
         if lora_input is not None:  # the LoRA branch had its own input (dropout): its grad is separate
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
-    dgh, da = (None, None) if lora_input is not None else (gh, a)
-    if not has_lora:
-        dx = grad_input_cuda(g, weight, fmt, compute, k, dgh, da, lora_scale, gq)
-    else:
-        def lora_weight_grads():
-            return weight_grads(g, xl, h, gh, lora_scale, (lora_a.dtype, lora_b.dtype))
-
-        dx, (grad_a, grad_b) = _beside(g.device, lambda: grad_input_cuda(g, weight, fmt, compute, k, dgh, da,
-                                                                         lora_scale, gq), lora_weight_grads)
+            gh = a = None
+    dx = grad_input_cuda(g, weight, fmt, compute, k, gh, a, lora_scale, gq)
     return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
-
-
-# Whether the LoRA weight-gradient GEMMs run on a side stream beside the dgrad GEMM (bench A/B: "+serialgrads").
-WEIGHT_GRADS_BESIDE_DGRAD: bool = True
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
-def _beside(device: torch.device, main_work, side_work):
-    """`(main_work(), side_work())`; on CUDA `side_work` runs on a side stream that starts where the current
-    stream stands before `main_work` is queued, and the current stream waits for it after.
-
-    Why: the dgrad GEMM holds every SM until its last wave, whose programs finish at different times; the
-    two memory-bound weight-gradient GEMMs, which do not depend on it, then start on the SMs it frees instead
-    of after it (bench/NOTES.md run 89). The caller's stream sees both done, as before. Inside a CUDA-graph
-    capture the fork and join are captured as two branches. Memory: what the side stream allocates is used
-    after the join only, in the current stream's order; the current stream's tensors it reads are held by the
-    caller through the join, and each fork starts after every kernel queued before it."""
-    if not (WEIGHT_GRADS_BESIDE_DGRAD and device.type == "cuda"):
-        return main_work(), side_work()
-    main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    fork = main.record_event()
-    out = main_work()  # queued first: its programs take the SMs first
-    side.wait_event(fork)
-    with torch.cuda.stream(side):
-        side_out = side_work()
-    main.wait_stream(side)
-    return out, side_out
 
 
 def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale, gq=None):
