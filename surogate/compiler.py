@@ -105,7 +105,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     `recompute_producers=True` (the default): the RMSNorm and SwiGLU outputs that the LoRA linears read,
     o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
     anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
-    (bf16 35.9 -> 28.9 GiB, qfp8 29.4 -> 22.4) at the same tokens/s (bench/NOTES.md run 51).
+    (bf16 35.3 -> 28.2 GiB, qfp8 29.4 -> 22.4) for 2.2% of bf16's speed (bench/NOTES.md runs 51, 91): False
+    where memory is not the limit.
 
     `grad_producer=True` (the default; it matters for the recipes with an FP8 dgrad: fp8, qfp8): the compiled
     backward quantizes each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor
