@@ -78,6 +78,27 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(model_dir, tmp
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
 
 
+def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(model_dir, tmp_path):
+    """A 2-step run (its schedule decays to 0 at step 2) resumed with max_steps 4: steps 3 and 4 take the
+    learning rates of a straight 4-step run; the optimizer state's saved rate (the old schedule's) is not
+    used for step 3. Resuming it with fewer steps than it has done is refused, and its outputs stay."""
+    extra = {"eval_steps": None, "lr_scheduler_type": "linear", "warmup_steps": 0, "save_steps": 2,
+             "dataset": {"max_train_samples": 8, "eval_split": None}}
+    straight = train(_cfg(model_dir, tmp_path / "straight", max_steps=4, **extra), log=_quiet)
+    short = train(_cfg(model_dir, tmp_path / "grow", max_steps=2, **extra), log=_quiet)
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "grow")] == [2]
+    grown = train(_cfg(model_dir, tmp_path / "grow", max_steps=4, resume_from_checkpoint=True, **extra), log=_quiet)
+    lrs = [h["lr"] for h in straight.history]
+    assert lrs[2] > 0 and [h["lr"] for h in grown.history][2:] == lrs[2:]
+    adapter = (grown.adapter_dir / "adapter_model.safetensors").read_bytes()
+    metrics = (tmp_path / "grow" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="is at step 4, past this run's 3 steps; set max_steps"):
+        train(_cfg(model_dir, tmp_path / "grow", max_steps=3, resume_from_checkpoint=True, **extra), log=_quiet)
+    assert short.adapter_dir == grown.adapter_dir
+    assert (grown.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter  # the 4 steps' adapter, kept
+    assert (tmp_path / "grow" / "metrics.jsonl").read_text() == metrics
+
+
 def test_checkpoint_contents_and_rotation(model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -168,6 +168,7 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     if _sharded(model):
         _restore_sharded(d, model, optimizer)
         scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+        _follow_schedule(optimizer, scheduler)
         return read_state(d)
     saved = load_file(str(d / ADAPTER_WEIGHTS))
     peft_model = find_peft_model(model)
@@ -179,7 +180,21 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
                            "rank?); resume with the config the checkpoint was trained with")
     optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    _follow_schedule(optimizer, scheduler)
     return read_state(d)
+
+
+def _follow_schedule(optimizer, scheduler) -> None:
+    """Set each group's learning rate to what this run's schedule gives at the restored step. The optimizer
+    state brings back the rate the checkpoint's run had there (its schedule's, for its total steps); a resume
+    with another max_steps follows the new total from its first step, not from the second."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # not a LambdaLR: its state is the schedule
+        return
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _restore_sharded(d: Path, model, optimizer) -> None:

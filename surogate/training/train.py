@@ -222,6 +222,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     evals: list[dict] = []
     tokens_total, start = 0, 1
     if state is not None:
+        train_checks.check_resume_steps(state, total, resume_dir)
         state = checkpoint.restore(resume_dir, model, opt, sched)
         history, evals, tokens_total = state["history"], state["evals"], state["tokens_total"]
         start = state["global_step"] + 1

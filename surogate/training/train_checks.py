@@ -164,6 +164,16 @@ def run_layout(cfg: TrainConfig, world: int) -> dict[str, Any]:
     return {"world_size": world, "parallelism": cfg.parallelism if world > 1 else None}
 
 
+def check_resume_steps(state: dict[str, Any], total: int, path: Path) -> None:
+    """The run's total steps reach past the checkpoint's step: resuming below it would rewrite the outputs of
+    a longer run with those of a shorter one (its adapter, metrics) without training anything."""
+    done = state["global_step"]
+    if done > total:
+        raise ConfigError(f"resume_from_checkpoint: {path.name} is at step {done}, past this run's {total} steps; "
+                          f"set max_steps (or num_epochs) to at least {done}, or start a new run in another "
+                          "output_dir")
+
+
 def check_resumable(cfg: TrainConfig, state: dict[str, Any], fingerprint: str, path: Path, world: int = 1) -> None:
     """The checkpoint at `path` was trained with this config's data order and LoRA shape, on as many
     processes (and with the same parallelism) as this job has."""
