@@ -238,6 +238,38 @@ def test_json_array_file_reports_the_line_of_a_bad_row(tmp_path, tok):
     assert read_rows(jl).rows == [{"text": "a"}, {"text": "b"}]
 
 
+def test_a_json_file_is_one_array_with_commas_between_its_objects(tmp_path):
+    """Two arrays one after the other (`cat a.json b.json`), a missing comma, an unclosed array: each a DataError
+    at its line, not rows read up to the first `]` (the second array was dropped without a word)."""
+    one = json.dumps([{"text": "a"}, {"text": "b"}], indent=1)
+    cases = {"two.json": (one + "\n" + one + "\n", r"two\.json:9: not valid JSON \(more data after the array\)"),
+             "comma.json": ('[\n{"text": "a"}\n{"text": "b"}\n]\n', r"comma\.json:3: .*expected ',' or ']'"),
+             "open.json": ('[\n{"text": "a"},\n{"text": "b"}\n', r"open\.json:4: .*the array is not closed")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_rows(tmp_path / name)
+    (tmp_path / "ok.json").write_text('[ {"text": "a"} ,\n {"text": "b"} ]\n\n')
+    assert read_rows(tmp_path / "ok.json").rows == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "empty.json").write_text("[]")
+    assert read_rows(tmp_path / "empty.json").rows == []
+
+
+def test_non_utf8_bytes_are_a_data_error_at_their_line_and_a_bom_is_read(tmp_path):
+    """A Latin-1 byte on line 3: one line naming file and line (was a UnicodeDecodeError traceback), in JSON
+    lines and in a .json array; a UTF-8 byte-order mark (what Windows editors write) is skipped."""
+    rows = ['{"text": "a"}', '{"text": "b"}', '{"text": "caf\xe9"}']
+    (tmp_path / "latin.jsonl").write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.jsonl:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        read_rows(tmp_path / "latin.jsonl")
+    (tmp_path / "latin.json").write_bytes(("[\n" + ",\n".join(rows) + "\n]").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.json:4: not UTF-8 text"):
+        read_rows(tmp_path / "latin.json")
+    for name in ("bom.jsonl", "bom.json"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + '{"text": "a"}\n{"text": "b"}\n'.encode())
+        assert read_rows(tmp_path / name).rows == [{"text": "a"}, {"text": "b"}]
+
+
 def test_folder_with_splits_in_different_file_types(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}, {"text": "two"}])
     (tmp_path / "test.json").write_text(json.dumps([{"text": "three"}]))

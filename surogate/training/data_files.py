@@ -68,13 +68,30 @@ def _object(path, lineno: int, row) -> dict:
     return row
 
 
+def _not_utf8(path, lineno: int, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
+
+
+def _text(path: "str | os.PathLike") -> str:
+    """The whole file as text (UTF-8, a byte-order mark allowed); a non-UTF-8 byte is a DataError at its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data.count(b"\n", 0, e.start) + 1, e) from None
+
+
 def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
     """The first `limit` (all when None) JSON objects of a JSON-lines file, with their line numbers."""
     rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lineno, e) from None
             if not line.strip():
                 continue
             try:
@@ -87,26 +104,44 @@ def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows
 
 
 def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
-    """A `.json` file: an array of objects (each with the line it starts on), or JSON lines."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A `.json` file: one array of objects (each with the line it starts on), or JSON lines."""
+    text = _text(path)
     start = len(text) - len(text.lstrip())
     if not text[start:start + 1] == "[":
         return read_jsonl_rows(path, limit)
     decoder = json.JSONDecoder()
     rows, lines = [], []
-    i = start + 1
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
+
+    def skip_space(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
             i += 1
-        if i >= len(text) or text[i] == "]" or (limit is not None and len(rows) >= limit):
-            break
-        lineno = text.count("\n", 0, i) + 1
-        try:
-            row, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected an array of objects") from None
-        rows.append(_object(path, lineno, row))
-        lines.append(lineno)
+        return i
+
+    def bad(i: int, what: str) -> DataError:
+        return DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: not valid JSON ({what}); expected one array of "
+                         "objects")
+
+    i = skip_space(start + 1)
+    if text[i:i + 1] != "]":
+        while limit is None or len(rows) < limit:
+            lineno = text.count("\n", 0, i) + 1
+            try:
+                row, i = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected an array of objects") from None
+            rows.append(_object(path, lineno, row))
+            lines.append(lineno)
+            i = skip_space(i)
+            if text[i:i + 1] == "]":
+                break
+            if text[i:i + 1] != ",":
+                raise bad(i, "expected ',' or ']' after an element" if i < len(text) else "the array is not closed")
+            i = skip_space(i + 1)
+        else:
+            return Rows(str(path), rows, lines)
+    end = skip_space(i + 1)
+    if end < len(text):
+        raise bad(end, "more data after the array")
     return Rows(str(path), rows, lines)
 
 
