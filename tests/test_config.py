@@ -136,6 +136,20 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load_config(p, ["max_stepz=3"])
 
 
+def test_set_values_yaml_would_not_take_as_written_are_strings_and_dataset_keys_name_the_key(tmp_path):
+    """A Jinja chat_template is not valid YAML (was a yaml ScannerError traceback) and `out/run #2` would lose
+    its `#2` as a YAML comment: both are taken as written. An unknown or bad dataset key from --set is named
+    as --set wrote it, not blamed on the config file the user did not edit."""
+    p = _write(tmp_path, {"max_steps": 5})
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    cfg = load_config(p, [f"dataset.chat_template={template}", "output_dir=out/run #2", "max_steps=7"])
+    assert cfg.dataset.chat_template == template and cfg.output_dir == "out/run #2" and cfg.max_steps == 7
+    for override, message in (("dataset.formatt=x", r"^unknown key dataset\.'formatt'; did you mean 'format'\?$"),
+                              ("dataset.format=alpacaa", r"^dataset\.format: 'alpacaa' is not one of")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(p, [override])
+
+
 def test_example_configs_are_valid(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are plausible names, not looked up
     configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))

@@ -453,11 +453,30 @@ def default_config_path() -> Path:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` (YAML value; dotted keys reach into dataset) from `--set`."""
+    """`key=value` from `--set` (dotted keys reach into dataset). The value is read as YAML (numbers, lists,
+    null), except where YAML would not take it as written: a value that is not valid YAML (a Jinja
+    `chat_template` such as `{% for m in messages %}...`) or that holds ` #` (YAML would cut a comment off,
+    `output_dir=out/run #2`) is taken as the string it is."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: write it as key=value, e.g. --set max_steps=10")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key.strip(), None
+    if re.search(r"\s#", value):
+        return key.strip(), value.strip()
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value.strip()
+
+
+def _names_override(message: str, key: str) -> bool:
+    """Whether a from_dict error is about `key` as --set wrote it (dotted for the dataset's keys)."""
+    starts = [f"{key}:", f"unknown key {key!r}"]
+    if "." in key:
+        section, name = key.split(".", 1)
+        starts.append(f"unknown key {section}.{name!r}")
+    return message.startswith(tuple(starts))
 
 
 def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -487,7 +506,7 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     try:
         return from_dict(raw)
     except ConfigError as e:
-        if any(str(e).startswith((f"{key}:", f"unknown key {key!r}")) for key in overridden):
+        if any(_names_override(str(e), key) for key in overridden):
             raise  # the value came from --set / --output-dir, not from the file
         raise ConfigError(f"{p}: {e}") from None
     except TypeError as e:  # a dataclass rejected something the checks above did not foresee
