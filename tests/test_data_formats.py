@@ -415,6 +415,11 @@ def test_row_without_its_field_names_file_and_line(tmp_path, tok):
     with pytest.raises(DataError, match=r"rows\.jsonl:3: row has no 'output' \(format alpaca needs instruction, "
                                         r"output\)"):
         load_splits(cfg_for(write_jsonl(tmp_path / "rows.jsonl", rows)), tok)
+    # present but null: said so (was "row has no 'output' ...; it has ['input', 'instruction', 'output']")
+    rows[2] = {"instruction": "x", "input": "", "output": None}
+    with pytest.raises(DataError, match=r"rows2\.jsonl:3: row's 'output' is null \(format alpaca needs instruction, "
+                                        r"output\)"):
+        load_splits(cfg_for(write_jsonl(tmp_path / "rows2.jsonl", rows)), tok)
 
 
 def test_alpaca_rows_under_gsm8k_say_which_format_they_look_like(tmp_path, tok):

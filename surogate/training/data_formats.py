@@ -120,7 +120,8 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
         other = detect(row)
         hint = (f"; its keys {sorted(row)} look like format {other.name}: set dataset.format: {other.name} (or auto)"
                 if other is not None and other is not fmt else f"; it has {sorted(row)}")
-        raise DataError(f"{where}: row has no {missing[0]!r} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
+        what = f"row's {missing[0]!r} is null" if missing[0] in row else f"row has no {missing[0]!r}"
+        raise DataError(f"{where}: {what} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
     if fmt.pieces is None:
         return {**row, "messages": _check_messages(row["messages"], where)}
     out = dict(row)

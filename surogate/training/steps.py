@@ -93,6 +93,12 @@ class MicroBatches:
         raise RuntimeError("the train split yields no batch")
 
     @property
+    def left_out(self) -> int:
+        """Rows each epoch leaves out: those past the last whole micro-batch (every micro-batch has one shape, so
+        one CUDA graph serves them all). The order is reshuffled every epoch, so over several epochs they differ."""
+        return len(self.dataset) - self.per_epoch * self.batch_size if self.drop_last else 0
+
+    @property
     def epochs_done(self) -> float:
         """Epochs as a fraction (for the log)."""
         return round(self.epoch + self.index / self.per_epoch, 4)

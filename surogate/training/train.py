@@ -214,6 +214,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             f"{world} x {rows} = {world * rows} rows; rank 0 logs and writes")
 
     micro = steps.MicroBatches(train_set, cfg, world=world)
+    if micro.left_out:
+        log(f"data: an epoch is {micro.per_epoch} micro-batches of {micro.batch_size} rows, so {micro.left_out} of the "
+            f"{len(train_set)} rows are left out of each (others each epoch: the order is reshuffled)")
     total = _total_steps(cfg, micro.per_epoch)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
