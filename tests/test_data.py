@@ -153,6 +153,19 @@ def test_pack_examples_keeps_boundaries_first_fit():
         pack_examples([], 8)
 
 
+def test_examples_longer_than_seq_len_are_counted_cut_and_left_out():
+    """Both layouts count the examples longer than seq_len: cut to it, or left out where the cut leaves no target
+    (a prompt longer than seq_len); `cut_line` is the log's line on them (none when nothing was cut)."""
+    ex = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]),  # fits
+          Example(list(range(10, 22)), list(range(10, 22))),  # 12 tokens: cut to 8, targets left
+          Example(list(range(30, 42)), [IGNORE_INDEX] * 10 + [40, 41])]  # its targets past 8: left out
+    for rows in (pack_examples(ex, 8), data.one_per_row(ex, 8)):
+        assert (rows.examples, rows.cut, rows.dropped, len(rows)) == (3, 2, 1, 2)
+        assert rows.cut_line("train") == ("data: 2 of 3 train examples are longer than sequence_len 8: 1 cut to it, "
+                                          "1 left out (no target token within it); raise sequence_len to keep them whole")
+    assert pack_examples(ex[:1], 8).cut_line("train") is None
+
+
 def test_train_on_inputs_keeps_the_prompt_as_targets(tok):
     examples = read_jsonl(split_path(None, "test"), 2)
     trained = tokenize_examples(examples, "gsm8k", tok, train_on_inputs=True)

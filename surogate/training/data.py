@@ -81,9 +81,21 @@ class ExampleRows:
     positions: list[list[int]] | None  # None: one example per row (padded layout)
     seq_len: int
     pad_id: int = 0
+    examples: int = 0  # examples laid out, kept or not
+    cut: int = 0  # of them, longer than seq_len: truncated, or dropped where no target was left
+    dropped: int = 0  # of the cut ones, dropped
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def cut_line(self, what: str) -> str | None:
+        """One log line on the examples longer than seq_len (None: there were none)."""
+        if not self.cut:
+            return None
+        kept = self.cut - self.dropped
+        return (f"data: {self.cut} of {self.examples} {what} examples are longer than sequence_len {self.seq_len}: "
+                f"{kept} cut to it, {self.dropped} left out (no target token within it); raise sequence_len to "
+                "keep them whole")
 
     @property
     def packed(self) -> bool:
@@ -134,9 +146,12 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> Exa
     rows: list[tuple[list[int], list[int], list[int]]] = []
     room: list[int] = []  # free tokens per row, for first fit
     open_rows: list[int] = []  # rows with room left
+    cut = dropped = 0
     for ex in examples:
         ids, labels = ex.input_ids[:seq_len], ex.labels[:seq_len]
+        cut += len(ex.input_ids) > seq_len
         if not _has_target(labels):
+            dropped += len(ex.input_ids) > seq_len
             continue
         target = next((r for r in open_rows if room[r] >= len(ids)), None)
         if target is None:
@@ -154,7 +169,8 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> Exa
     if not rows:
         raise DataError(f"no examples to pack: none has a target token within {seq_len} tokens "
                          "(raise sequence_len, or set train_on_inputs: true)")
-    return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id)
+    return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id,
+                       len(examples), cut, dropped)
 
 
 def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0) -> ExampleRows:
@@ -163,8 +179,10 @@ def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0) -> Examp
     if not kept:
         raise DataError(f"no examples: none has a target token within {seq_len} tokens (raise sequence_len, "
                          "or set train_on_inputs: true)")
+    long = [ex for ex in examples if len(ex.input_ids) > seq_len]
+    dropped = sum(not _has_target(ex.labels[:seq_len]) for ex in long)
     return ExampleRows([ex.input_ids[:seq_len] for ex in kept], [ex.labels[:seq_len] for ex in kept], None,
-                       seq_len, pad_id)
+                       seq_len, pad_id, len(examples), len(long), dropped)
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:

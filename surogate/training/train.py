@@ -178,6 +178,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
         + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
+    for split, what in ((train_set, "train"), (eval_set, "eval")):
+        line = getattr(split, "cut_line", lambda _: None)(what)
+        if line:
+            log(line)
     fingerprint = train_checks.data_fingerprint(train_set, cfg)
     state = None
     if resume_dir is not None:
