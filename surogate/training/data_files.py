@@ -122,9 +122,10 @@ def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
                          "objects")
 
     i = skip_space(start + 1)
+    lineno, counted = 1, 0  # the line of position `counted`, advanced row by row (not recounted from 0)
     if text[i:i + 1] != "]":
         while limit is None or len(rows) < limit:
-            lineno = text.count("\n", 0, i) + 1
+            lineno, counted = lineno + text.count("\n", counted, i), i
             try:
                 row, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
