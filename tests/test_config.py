@@ -150,6 +150,13 @@ def test_set_values_yaml_would_not_take_as_written_are_strings_and_dataset_keys_
             load_config(p, [override])
 
 
+def test_lora_alpha_zero_is_refused(tmp_path):
+    """lora_alpha 0 makes the LoRA scale 0: a run that trains nothing (the eval loss never moved); one line."""
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: lora_alpha: must be > 0 \(the LoRA scale"):
+        load_config(_write(tmp_path, {"lora_alpha": 0}))
+    assert load_config(_write(tmp_path, {"lora_alpha": 0.5})).lora_alpha == 0.5
+
+
 def test_example_configs_are_valid(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are plausible names, not looked up
     configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))

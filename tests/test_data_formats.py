@@ -5,6 +5,7 @@ the seeded `val_set_size` hold-out, and the one-line errors a user gets instead 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -444,6 +445,10 @@ def test_dataset_keys_checked_at_config_time(tmp_path):
         from_dict({"dataset": {"train_on_inputs": "yes"}})
     with pytest.raises(ConfigError, match=r"^dataset\.path: .*nope\.jsonl' does not exist; give a"):
         from_dict({"dataset": {"path": str(tmp_path / "nope.jsonl")}})
+    # a relative file name that is missing is said to be missing, not taken for a hub id (tried ~40 s offline)
+    for missing in ("data/train.csv", "train.CSV", "corpus.txt"):
+        with pytest.raises(ConfigError, match=rf"^dataset\.path: '{re.escape(missing)}' does not exist; give a"):
+            from_dict({"dataset": {"path": missing}})
 
 
 def test_bundled_default_is_unchanged(tok):

@@ -402,6 +402,9 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.max_grad_norm = _float("max_grad_norm", c.max_grad_norm, 0.0, optional=True)
     c.lora_rank = _int("lora_rank", c.lora_rank, 1)
     c.lora_alpha = _float("lora_alpha", c.lora_alpha, 0.0)
+    if c.lora_alpha == 0:
+        raise ConfigError("lora_alpha: must be > 0 (the LoRA scale is lora_alpha / lora_rank: at 0 nothing trains); "
+                          "the usual value is 2 x lora_rank")
     c.lora_dropout = _float("lora_dropout", c.lora_dropout, 0.0, 0.999)
     c.lora_target_modules = _targets("lora_target_modules", c.lora_target_modules)
     c.lora_target_parameters = _parameter_targets("lora_target_parameters", c.lora_target_parameters)

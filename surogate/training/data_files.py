@@ -195,9 +195,15 @@ def hf_disk_splits(folder: Path) -> list[str] | None:
     return list(json.loads(info.read_text(encoding="utf-8")).get("splits", [])) if info.is_file() else None
 
 
+# File suffixes that make a path a file name, not a hub id (the readable ones and others a user may try).
+_FILE_LIKE = (*FILE_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml")
+
+
 def looks_like_hub_id(path: str) -> bool:
-    """`name` or `owner/name`, not a relative path nor a file name."""
-    return bool(HUB_ID.match(path)) and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_SUFFIXES
+    """`name` or `owner/name`, not a relative path nor a file name (a missing `data/train.csv` is then said
+    to be missing at once, not looked up on the hub)."""
+    return (bool(HUB_ID.match(path)) and not path.startswith((".", "/", "~"))
+            and Path(path).suffix.lower() not in _FILE_LIKE)
 
 
 def has_module(name: str) -> bool:
