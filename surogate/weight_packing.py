@@ -116,3 +116,68 @@ def unpack(model: nn.Module) -> int:
             module.unpack()
             count += 1
     return count
+
+
+def _rank(module: nn.Module) -> int:
+    return int(module.r[module.active_adapters[0]])
+
+
+def reserve_wide_weights(targets: list[tuple[str, nn.Module]], recipe: Recipe, arch: str, undo=None) -> int:
+    """Store each bf16 target's frozen weight once with spare columns and rows for its LoRA term, on an arch
+    where the bf16 op then runs as one cuBLAS GEMM (kernels/wide.py, `variants.WIDE_SM`); a packed group's buffer
+    gets the spare of the members' ranks together (its fused GEMM's rank). Call once the weights are on their
+    device. `undo` (compile's) gets a step that gives every weight a contiguous copy back. Returns the weights
+    stored wide."""
+    from surogate.kernels import variants, wide
+
+    if recipe.weight_format not in variants.WIDE_FORMATS or arch not in variants.WIDE_SM:
+        return 0
+    packed: dict[int, list[tuple[nn.Module, SurogateLinear]]] = {}
+    singles: list[tuple[nn.Module, nn.Module]] = []
+    for _, module in targets:
+        base = module.base_layer
+        if isinstance(base, SurogateLinear) and base.weight_format == "bf16" and base._rows is not None:
+            packed.setdefault(base.w0.untyped_storage().data_ptr(), []).append((module, base))
+        elif (isinstance(base, SurogateLinear) and base.weight_format == "bf16") or type(base) is nn.Linear:
+            singles.append((module, base))
+    count = 0
+    originals = {id(base): original for module, original in (undo.swapped if undo is not None else ())
+                 for base in (module.base_layer,)}
+    with torch.no_grad():
+        for members in packed.values():
+            buffer = members[0][1].w0
+            stored = wide.reserve(buffer, wide.spare_for(sum(_rank(m) for m, _ in members)))
+            for _, base in members:
+                base.w0 = stored
+                base.weight = nn.Parameter(base.weight_list()[0], requires_grad=False)
+                if id(base) in originals and originals[id(base)].weight.device == stored.device:
+                    originals[id(base)].weight.data = base.weight_list()[0]  # not the old buffer, kept alive
+            count += 1
+        for module, base in singles:
+            weight = base.weight if type(base) is nn.Linear else base.w0
+            if weight.dtype != torch.bfloat16:
+                continue
+            stored = wide.reserve(weight.data, wide.spare_for(_rank(module)))
+            if type(base) is nn.Linear:
+                base.weight.data = stored
+            else:
+                base.w0 = stored
+                base.weight = nn.Parameter(stored, requires_grad=False)
+            count += 1
+    if undo is not None and count:
+        undo.steps.append(lambda: _contiguous_weights(targets))
+    return count
+
+
+def _contiguous_weights(targets: list[tuple[str, nn.Module]]) -> None:
+    """Every target's frozen weight as its own contiguous tensor again (undoes `reserve_wide_weights`)."""
+    for _, module in targets:
+        base = module.base_layer
+        if isinstance(base, SurogateLinear):
+            base.unpack()
+            if base.weight_format == "bf16" and not base.w0.is_contiguous():
+                base.w0 = base.w0.contiguous()
+                if base.weight is not None:
+                    base.weight = nn.Parameter(base.w0, requires_grad=False)
+        elif isinstance(getattr(base, "weight", None), torch.Tensor) and not base.weight.is_contiguous():
+            base.weight.data = base.weight.data.contiguous()

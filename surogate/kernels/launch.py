@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from surogate.kernels import cublas, grad_input, lora_linear, persistent
+from surogate.kernels import cublas, grad_input, lora_linear, persistent, wide
 from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
@@ -91,12 +91,23 @@ def _nvfp4_round_trip(t: torch.Tensor, stochastic: bool = False) -> torch.Tensor
     return dequantize_nvfp4(packed, block_scale, tensor_scale, shape=t.shape)
 
 
-def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None, bias: bool = False) -> Route:
-    """The table's route for this call on `a`'s device (LoRA `rank`, None without; whether it adds a `bias`),
-    recorded for `variants.trace()`."""
+def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None, bias: bool = False,
+           wide: bool = False) -> Route:
+    """The table's route for this call on `a`'s device (LoRA `rank`, None without; whether it adds a `bias`;
+    whether its operands are stored `wide`), recorded for `variants.trace()`."""
     arch = device_arch(a.device.index or 0) if a.is_cuda else "sm_90"  # the interpreter: cuBLAS never runs
     return record(route(v, arch, a.shape[0], n_out, k_red, cublas=lambda rule: cublas.available(a, rule),
-                        rank=rank, bias=bias))
+                        rank=rank, bias=bias, wide=wide))
+
+
+def _stored_wide(v: Variant, prepared: tuple | None, k: int, weight: list[torch.Tensor], rank: int | None
+                 ) -> torch.Tensor | None:
+    """The activation stored wide (M, k + spare) when both it and the weight have room for a LoRA term of
+    `rank` (kernels/wide.py), else None."""
+    if prepared is None or not v.takes_wide or not rank:
+        return None
+    a_wide = prepared[0]
+    return a_wide if a_wide.shape[1] - k >= rank and wide.reserved_spare(weight[0]) >= rank else None
 
 
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
@@ -125,17 +136,22 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         x, compute = _nvfp4_round_trip(x), Compute.BF16
     v = variant(Gemm.OUTPUT, compute, fmt)
     n = _out_features(weight, fmt, k)
-    r = _route(v, x, n, k, hidden.shape[1] if has_lora else None, bias is not None)
+    rank = hidden.shape[1] if has_lora else None
+    # input_q: FP8 forwards, the input quantized by its producer; bf16, the input stored wide by it
+    prepared = check_input_q(input_q, input, fmt, compute) if input_q is not None else None
+    x_wide = _stored_wide(v, prepared, k, weight, rank)
+    r = _route(v, x, n, k, rank, bias is not None, wide=x_wide is not None)
     h = hidden if has_lora else None
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:
         weight = _dequantize_weight(weight, fmt, k)
-    if input_q is not None:
-        data, scale = check_input_q(input_q, input, fmt, compute)
-        aq = (_rows(data), scale)  # block scales keep their M-contiguous strides
+    if prepared is not None and not v.takes_wide:
+        aq = (_rows(prepared[0]), prepared[1])  # block scales keep their M-contiguous strides
     else:
         aq = _quantize(x, r.variant.quantizer)
-    if r.engine is Engine.CUBLAS:
+    if r.engine is Engine.CUBLAS_WIDE:
+        out = wide.output(x_wide, k, weight[0], h, up, b, lora_scale)
+    elif r.engine is Engine.CUBLAS:
         out = _cublas_forward(r.variant, aq, weight, h, up, b, lora_scale)
     elif r.engine is Engine.PERSISTENT:
         out = persistent.persistent_output(r.variant, aq, weight, k, h, up, b, lora_scale)
@@ -164,9 +180,9 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     """
     fmt, compute = WeightFormat(weight_format), Compute(grad_input_precision)
     gq = None
-    if grad_output_q is not None:
-        data, scale = check_grad_output_q(grad_output_q, grad_output, fmt, compute)
-        gq = (_rows(data), scale)  # block scales keep their M-contiguous strides
+    if grad_output_q is not None:  # FP8 dgrads: quantized by the gradient's producer; bf16: stored wide by it
+        gq = check_grad_output_q(grad_output_q, grad_output, fmt, compute)
+        gq = gq if len(gq) == 1 else (_rows(gq[0]), gq[1])  # block scales keep their M-contiguous strides
     k = input.shape[-1]
     dtype = grad_output.dtype
     g = _rows(grad_output)
@@ -196,7 +212,13 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
         weight, fmt, compute = [_nvfp4_round_trip(w.t().contiguous()).t().contiguous()], WeightFormat.BF16, Compute.BF16
         g = _nvfp4_round_trip(g, stochastic=True)
     v = variant(Gemm.GRAD_INPUT, compute, fmt)
-    r = _route(v, g, k, g.shape[1], None if gh is None else gh.shape[-1])
+    rank = None if gh is None else gh.shape[-1]
+    g_wide = _stored_wide(v, gq, g.shape[1], weight, rank)
+    r = _route(v, g, k, g.shape[1], rank, wide=g_wide is not None)
+    if r.engine is Engine.CUBLAS_WIDE:
+        return wide.grad_input(g_wide, g.shape[1], weight[0], gh, a, lora_scale)
+    if v.takes_wide:
+        gq = None  # the wide gradient is read as `g` (its first N columns)
     if r.scratch:
         weight = _dequantize_weight(weight, fmt, k)
     elif v.quantizer is Quantizer.FP8_BLOCK_E4M3:  # both routes read the K-major copy
