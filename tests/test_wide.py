@@ -179,3 +179,28 @@ def test_undo_gives_every_weight_its_own_contiguous_copy_back(cpu_is_wide) -> No
     weight = layer.mlp.down_proj.base_layer.weight
     assert weight.is_contiguous() and torch.equal(weight, before)
     assert layer.self_attn.q_proj.base_layer.w0.is_contiguous()
+
+
+def test_nf4_dequantizes_into_a_wide_scratch_and_runs_the_wide_gemm() -> None:
+    from surogate import ops
+    from surogate.kernels.dequantize import dequantize_nf4
+
+    x, w, a, b, go, _ = _case()
+    nf4 = ops.prepare_weight(w, "nf4")
+    dense = dequantize_nf4(*nf4, shape=(N, K))
+    into = wide.wide_scratch(N, K, 16, x.device)
+    assert torch.equal(dequantize_nf4(*nf4, shape=(N, K), out=into), dense)  # the rows 16 further apart
+    with pytest.raises(ValueError, match="unit column stride"):
+        dequantize_nf4(*nf4, shape=(N, K), out=torch.empty(K, N, dtype=torch.bfloat16).t())
+    xv, xw = _stored_wide(x, 16)
+    with variants.trace() as ran:
+        out, hidden = launch.lora_linear_cuda(xv, nf4, WeightFormat.NF4, a, b, None, None, SCALE, Compute.BF16,
+                                              Compute.BF16, input_q=[xw])
+        gv, gw = _stored_wide(go, 16)
+        dx, _, _, _ = launch.lora_linear_backward_cuda(gv, xv, nf4, WeightFormat.NF4, a, b, None, hidden, SCALE,
+                                                       Compute.BF16, grad_output_q=[gw])
+    assert [(r.engine, r.scratch) for r in ran] == [(variants.Engine.CUBLAS_WIDE, True)] * 2
+    ref, _ = lora_linear_ref(x, [dense], WeightFormat.BF16, a, b, None, None, SCALE, Compute.BF16, Compute.BF16)
+    rdx, _, _, _ = lora_linear_backward_ref(go, x, [dense], WeightFormat.BF16, a, b, None, hidden, SCALE, Compute.BF16)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dx.float(), rdx.float(), rtol=1e-2, atol=1e-2)

@@ -19,6 +19,7 @@ from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, de
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.variants import (
+    WIDE_SCRATCH_FORMATS,
     Engine,
     Gemm,
     Quantizer,
@@ -52,8 +53,12 @@ def _out_features(weight: list[torch.Tensor], fmt: WeightFormat, k: int) -> int:
     return _nf4_rows(weight, k) if fmt is WeightFormat.NF4 else weight[0].shape[0]
 
 
-def _dequantize_weight(weight: list[torch.Tensor], fmt: WeightFormat, k: int) -> list[torch.Tensor]:
-    """The frozen weight as a one-tensor bf16 (N, K) list, by the Triton dequantization kernels."""
+def _dequantize_weight(weight: list[torch.Tensor], fmt: WeightFormat, k: int, spare: int = 0) -> list[torch.Tensor]:
+    """The frozen weight as a one-tensor bf16 (N, K) list, by the Triton dequantization kernels; with `spare`
+    columns and rows more in its buffer (NF4: the wide GEMM's scratch, kernels/wide.py)."""
+    if spare:
+        n = _nf4_rows(weight, k)
+        return [dequantize_nf4(*weight, shape=(n, k), out=wide.wide_scratch(n, k, spare, weight[0].device))]
     if fmt is WeightFormat.FP8_BLOCK:
         return [dequantize_fp8_block(weight[0], weight[1])]
     if fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
@@ -100,6 +105,12 @@ def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None
                         rank=rank, bias=bias, wide=wide))
 
 
+def _scratch_spare(r: Route, a_wide: torch.Tensor | None, d: int) -> int:
+    """The spare columns and rows a dequantized weight's scratch needs: those of the activation stored wide when the
+    call runs as one wide GEMM, else 0."""
+    return a_wide.shape[1] - d if r.engine is Engine.CUBLAS_WIDE and a_wide is not None else 0
+
+
 def _stored_wide(v: Variant, prepared: tuple | None, k: int, weight: list[torch.Tensor], rank: int | None
                  ) -> torch.Tensor | None:
     """The activation stored wide (M, k + spare) when both it and the weight have room for a LoRA term of
@@ -107,7 +118,8 @@ def _stored_wide(v: Variant, prepared: tuple | None, k: int, weight: list[torch.
     if prepared is None or not v.takes_wide or not rank:
         return None
     a_wide = prepared[0]
-    return a_wide if a_wide.shape[1] - k >= rank and wide.reserved_spare(weight[0]) >= rank else None
+    room = v.weight_format in WIDE_SCRATCH_FORMATS or wide.reserved_spare(weight[0]) >= rank  # scratch: made wide
+    return a_wide if a_wide.shape[1] - k >= rank and room else None
 
 
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
@@ -144,7 +156,7 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
     h = hidden if has_lora else None
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:
-        weight = _dequantize_weight(weight, fmt, k)
+        weight = _dequantize_weight(weight, fmt, k, _scratch_spare(r, x_wide, k))
     if prepared is not None and not v.takes_wide:
         aq = (_rows(prepared[0]), prepared[1])  # block scales keep their M-contiguous strides
     else:
@@ -215,12 +227,14 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
     rank = None if gh is None else gh.shape[-1]
     g_wide = _stored_wide(v, gq, g.shape[1], weight, rank)
     r = _route(v, g, k, g.shape[1], rank, wide=g_wide is not None)
+    if r.scratch:
+        weight = _dequantize_weight(weight, fmt, k, _scratch_spare(r, g_wide, g.shape[1]))
     if r.engine is Engine.CUBLAS_WIDE:
         return wide.grad_input(g_wide, g.shape[1], weight[0], gh, a, lora_scale)
     if v.takes_wide:
         gq = None  # the wide gradient is read as `g` (its first N columns)
     if r.scratch:
-        weight = _dequantize_weight(weight, fmt, k)
+        pass  # dequantized above
     elif v.quantizer is Quantizer.FP8_BLOCK_E4M3:  # both routes read the K-major copy
         weight = [transpose_fp8(weight[0]), weight[1].t()]
     elif v.quantizer is Quantizer.NVFP4_SR:

@@ -111,8 +111,10 @@ FP8_ROW_CUBLAS: frozenset = frozenset()
 # run 92; `bench/tps.py ...+wide` routes sm_90 from 1024 rows).
 WIDE_SM: "dict[str, int]" = {}
 WIDE_SM_CANDIDATE: "dict[str, int]" = {"sm_90": 1024}
-# The weight formats whose GEMMs take the wide operands: bf16 (its weight reserved wide once).
-WIDE_FORMATS = frozenset({WeightFormat.BF16})
+# The weight formats whose GEMMs take the wide operands: bf16 (its weight reserved wide once) and the formats whose
+# weight is dequantized into a bf16 scratch, which is then made wide (`WIDE_SCRATCH_FORMATS`).
+WIDE_SCRATCH_FORMATS = frozenset({WeightFormat.NF4})
+WIDE_FORMATS = frozenset({WeightFormat.BF16}) | WIDE_SCRATCH_FORMATS
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
 # BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB
 # (sm_90 has 227), so tuning skips them and an untuned launch (SUROGATE_AUTOTUNE=0, a capture before any tuning)
@@ -196,6 +198,9 @@ class Variant:
             return (f"M >= {DEQUANT_SCRATCH_MIN_ROWS}: weight dequantized to a bf16 scratch, then the bf16 route "
                     f"({bf16.describe_rule(arch)}); else this Triton kernel")
         parts = []
+        if self.takes_wide and arch in WIDE_SM:
+            parts.append(f"M >= {WIDE_SM[arch]} with input and weight stored wide (surogate.compile, wide_lora): one "
+                         "cuBLAS GEMM over the reduction widened by the LoRA rank")
         rows = persistent_min_rows(self)
         if rows is not None and arch == "sm_90":
             bias = "" if PERSISTENT_BIAS or self.gemm is Gemm.GRAD_INPUT else ", no bias"
@@ -394,7 +399,7 @@ def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
         return Route(Engine.REFERENCE, v)
     if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
         bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
-        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank, bias).engine, bf16, scratch=True)
+        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank, bias, wide).engine, bf16, scratch=True)
     if wide and wide_takes(v, arch, rows, rank):
         return Route(Engine.CUBLAS_WIDE, v)
     if persistent_takes(v, arch, rows, n_out, k_red, rank, bias):

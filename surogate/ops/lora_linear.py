@@ -26,7 +26,7 @@ from torch import Tensor
 
 from surogate.compat import compiling
 from surogate.kernels import reference
-from surogate.kernels.variants import WEIGHT_LISTS, weight_format_of
+from surogate.kernels.variants import WEIGHT_LISTS, WIDE_SCRATCH_FORMATS, weight_format_of
 from surogate.kernels.wide import spare_for
 from surogate.recipes import Compute, WeightFormat
 
@@ -36,6 +36,7 @@ _FORMATS = frozenset(f.value for f in WeightFormat)
 _COMPUTES = frozenset(c.value for c in Compute)
 _LIST_LEN = {f.value: len(names) for f, names in WEIGHT_LISTS.items()}
 _NF4 = WeightFormat.NF4.value
+_WIDE_SCRATCH = frozenset(f.value for f in WIDE_SCRATCH_FORMATS)
 
 
 def _value(x: "str | WeightFormat | Compute") -> str:
@@ -243,9 +244,14 @@ def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _weight_has_room(weight: Sequence[Tensor], weight_format: str, grad_input: str, lora_a: Tensor | None) -> bool:
-    """Whether a bf16 dgrad's weight was stored with spare rows for its LoRA term (`wide.reserve`), as its strides
-    say (also of the fake tensors a compile traces with; the op checks the real weight again)."""
-    if lora_a is None or grad_input != Compute.BF16.value or weight_format != WeightFormat.BF16.value:
+    """Whether a bf16 dgrad's weight has spare rows for its LoRA term: stored so (`wide.reserve`), as its strides
+    say (also of the fake tensors a compile traces with; the op checks the real weight again), or dequantized
+    into a scratch the op makes wide (NF4)."""
+    if lora_a is None or grad_input != Compute.BF16.value:
+        return False
+    if weight_format in _WIDE_SCRATCH:
+        return True  # dequantized into a scratch the op makes wide
+    if weight_format != WeightFormat.BF16.value:
         return False
     w = weight[0]
     return w.dim() == 2 and w.stride(-1) == 1 and w.stride(0) - w.shape[1] >= spare_for(lora_a.shape[0])

@@ -123,13 +123,17 @@ def _rank(lora_a) -> int | None:
 def wide_spare(node: fx.Node, arch: str) -> int:
     """The spare columns to store a bf16 op's input with (kernels/wide.py), or 0: a bf16 forward on a weight
     format the wide GEMM takes, a LoRA term, an arch of `variants.WIDE_SM` and at least its rows, static
-    shapes, and a weight that `wide.reserve` left room in (its row stride says so; the op checks again)."""
+    shapes, and a weight that `wide.reserve` left room in (its row stride says so; the op checks again) or that
+    is dequantized into a scratch the op makes wide (`variants.WIDE_SCRATCH_FORMATS`)."""
     forward, fmt = N.op_arg(node, "forward"), N.op_arg(node, "weight_format")
-    v = variants.variant(variants.Gemm.OUTPUT, forward, fmt)
+    try:
+        v = variants.variant(variants.Gemm.OUTPUT, forward, fmt)
+    except ValueError:
+        return 0
     rank = _rank(N.op_arg(node, "lora_a"))
     x, weights = N.meta_value(N.op_arg(node, "input")), N.op_arg(node, "weight")
     w = N.meta_value(weights[0]) if isinstance(weights, (list, tuple)) and weights else None
-    if x is None or w is None or not rank or w.dim() != 2 or not isinstance(x.shape[-1], int):
+    if x is None or w is None or not rank or not isinstance(x.shape[-1], int):
         return 0
     # Rows: the sequence dim is usually symbolic here (one graph for every length); the op then routes each call
     # by its own rows, and a static count below the arch's minimum is not worth the spare columns.
@@ -137,7 +141,8 @@ def wide_spare(node: fx.Node, arch: str) -> int:
     if not variants.wide_takes(v, arch, rows if isinstance(rows, int) else 1 << 62, rank):
         return 0
     spare = spare_for(rank)
-    return spare if spare <= x.shape[-1] and w.stride(0) - w.shape[1] >= spare else 0
+    room = v.weight_format in variants.WIDE_SCRATCH_FORMATS or (w.dim() == 2 and w.stride(0) - w.shape[1] >= spare)
+    return spare if spare <= x.shape[-1] and room else 0
 
 
 def _layout_view(x: fx.Node) -> bool:
