@@ -286,10 +286,7 @@ def _host_model(config):
 # "+fp8cublas" / "+fp8cublasdgrad" send the row-scaled fp8 GEMMs (forward and dgrad / the dgrad only) to cuBLAS's
 # `_scaled_mm` + a LoRA addmm_ on sm_90 where the persistent kernel does not take them (variants.FP8_ROW_CUBLAS, off
 # by default; with "+nopersistent" at 8B: runs 68, 71), "+catmasked" leaves every cat to Inductor's own lowering (the
-# fused gate/up and q/k/v GEMMs' gradient cats as one masked pointwise kernel; surogate/passes/concat.py), "+nowide"
-# runs the bf16 LoRA linears without their operands stored wide (wide_lora=False: the persistent kernel / cuBLAS +
-# LoRA addmm instead of one cuBLAS GEMM over the widened reduction, kernels/wide.py), "+wide" routes the wide GEMM
-# where variants.WIDE_SM_CANDIDATE says (while WIDE_SM, the default, is empty).
+# fused gate/up and q/k/v GEMMs' gradient cats as one masked pointwise kernel; surogate/passes/concat.py).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -299,11 +296,9 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "combo": {"combo_kernels": True},
                     "fp8cublas": {"fp8_row_cublas": ("ROW_FP8_FWD_SM90", "ROW_FP8_DGRAD_SM90")},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
-                    "catmasked": {"cat_slices": False}, "nowide": {"wide_lora": False},
-                    "wide": {"wide_sm": True}}
+                    "catmasked": {"cat_slices": False}}
 # Read by build() / the worker, not surogate.compile options.
-DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
-                  "wide_sm")
+DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -353,8 +348,6 @@ def build(size: str, system: str):
 
         if "persistent_sm90" in options:  # this worker process only
             variants.PERSISTENT_SM90 = options["persistent_sm90"]
-        if options.get("wide_sm"):  # this worker process only
-            variants.WIDE_SM = dict(variants.WIDE_SM_CANDIDATE)
         if "cat_slices" in options:  # this worker process only
             from surogate.passes import concat
 

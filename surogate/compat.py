@@ -129,36 +129,10 @@ def register_concat_lowering(op) -> bool:
         return False
 
     @register_lowering(op, type_promotion_kind=None)
-    def _concat(tensors, dim, spare=0):
-        if not spare:
-            return ir.TensorBox(ir.ConcatKernel.create(list(tensors), dim))
-        return ir.TensorBox(_concat_with_spare(ir, list(tensors), dim, spare))
+    def _concat(tensors, dim):
+        return ir.TensorBox(ir.ConcatKernel.create(list(tensors), dim))
 
     return True
-
-
-def _concat_with_spare(ir, inputs: list, dim: int, spare: int):
-    """ConcatKernel.create's buffer with `spare` more columns along `dim` that nothing writes (kernels/wide.py:
-    the op writes them before its GEMM reads them), each input realized into its slice."""
-    from torch._inductor.virtualized import V
-
-    size = list(inputs[0].get_size())
-    starts, total = [], 0
-    for t in inputs:
-        starts.append(total)
-        total = total + t.get_size()[dim]
-    size[dim] = total + spare
-    layout = ir.FixedLayout(device=inputs[0].get_device(), dtype=inputs[0].get_dtype(), size=size,
-                            stride=ir.FlexibleLayout.contiguous_strides(size))
-    kernel = ir.ConcatKernel(name=None, layout=layout, inputs=[])
-    box = ir.StorageBox(kernel)
-    for t, start in zip(inputs, starts):
-        end = start + t.get_size()[dim]
-        kernel.inputs.append(ir.ConcatKernel.realize_into(t, ir.SliceView.create(box, dim, start, end, clamp=False)))
-    kernel.name = V.graph.register_buffer(kernel)
-    kernel.inputs = ir.ConcatKernel.unwrap_storage(kernel.inputs)
-    V.graph.register_operation(kernel)
-    return box
 
 
 @contextlib.contextmanager

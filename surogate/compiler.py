@@ -34,7 +34,7 @@ from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
-from surogate.weight_packing import pack_shared_input_weights, reserve_wide_weights
+from surogate.weight_packing import pack_shared_input_weights
 from surogate.passes import CompileReport, PassContext, concat, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
@@ -58,7 +58,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
             checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
-            grad_producer: bool = True, wide_lora: bool = True) -> nn.Module:
+            grad_producer: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -114,11 +114,6 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     separate quantize kernel reading it back; the forward's `producer` for the backward. On the CPU the same
     bits either way. On the H200 (bench/NOTES.md run 58, same call) Qwen3-8B fp8 ran at 18,862 tokens/s with
     it against 18,378 without (+2.6%), qfp8 at 16,934 against 16,707 (+1.4%).
-
-    `wide_lora=True` (the default; bf16 recipe, on the archs of `kernels.variants.WIDE_SM`: sm_90): each
-    target's frozen weight is stored once with spare columns and rows for its LoRA factors, each input's producer
-    writes it with spare columns, and the compiled backward stores each gradient likewise, so that the whole op
-    (base GEMM + LoRA term) runs as one cuBLAS GEMM over the reduction widened by the rank (kernels/wide.py).
     """
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
@@ -141,8 +136,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
                                 checkpoint=checkpoint, checkpoint_fraction=checkpoint_fraction,
-                                recompute_producers=recompute_producers, grad_producer=grad_producer,
-                                wide_lora=wide_lora)
+                                recompute_producers=recompute_producers, grad_producer=grad_producer)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -152,7 +146,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
-                     grad_producer: bool = True, wide_lora: bool = True) -> nn.Module:
+                     grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
@@ -179,13 +173,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
-    if wide_lora:
-        widened = reserve_wide_weights(targets, rec, arch_name, undo)
-        if widened:
-            report.note(f"{widened} frozen weights stored with spare columns and rows for their LoRA factors: the "
-                        "bf16 LoRA linears run as one cuBLAS GEMM over the widened reduction")
     ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers,
-                   "grad_producer": grad_producer, "wide_lora": wide_lora}
+                   "grad_producer": grad_producer}
     if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
         report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
                     if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
@@ -349,7 +338,6 @@ class _Undo:
                         for c in attention._configs(self.hf)]
         self.had_grad_hook = hasattr(self.hf, "_require_grads_hook")
         self.moved = False  # compile moved a CPU model to the GPU
-        self.steps: list = []  # more to undo, after the base layers are back (functions of no argument)
 
     def attach(self, model: nn.Module, config: Any) -> nn.Module:
         self.peft_model = _get_peft_model(model, config)
@@ -358,8 +346,6 @@ class _Undo:
     def restore(self) -> None:
         for module, base in reversed(self.swapped):
             module.base_layer = base
-        for step in reversed(self.steps):
-            step()
         for owner, attr, original in reversed(self.replaced):
             setattr(owner, attr, original)
         for module, cls in reversed(self.classes):

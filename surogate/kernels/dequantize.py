@@ -53,9 +53,9 @@ def _store_out(ptr, v, mask, ROUND_BF16: tl.constexpr):
 @triton.jit(launch_metadata=bytes_metadata("dequantize_nf4", 2.6))
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, absmax_q_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-    nf4_ptr, out_ptr, n, n_bytes, row_len, row_pad,
+    nf4_ptr, out_ptr, n, n_bytes,
     BLOCKSIZE: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCKS: tl.constexpr, PADDED: tl.constexpr,
+    ROUND_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     """One program: BLOCKS quantization blocks, as a (BLOCKS, BLOCKSIZE / 2) tile of packed bytes. Each block's
     absmax is loaded once (when DOUBLE_QUANT, absmax = code[absmax_q] * absmax_scale[block // DQ_BLOCK] +
@@ -63,9 +63,7 @@ def _dequantize_nf4_kernel(
     bf16 out (ROUND_BF16): `out_ptr` is the output as int32 words, one per packed byte, its two bf16 values
     packed in registers (element 2i in the low half; one `cvt.rn.bf16x2.f32` on the GPU), so the tile is stored as it was loaded, with no
     interleave through shared memory; fp32 out: the values interleaved (join + reshape). The tile's mask is on
-    bytes (`n_bytes` = ceil(n / 2)), whose divisibility Triton sees, so loads and stores are vectorized.
-    PADDED (bf16 only): the output's rows of `row_len` values are `row_pad` int32 words (2 values each) further
-    apart than packed (a scratch stored wide, kernels/wide.py); a block never straddles two rows."""
+    bytes (`n_bytes` = ceil(n / 2)), whose divisibility Triton sees, so loads and stores are vectorized."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     byte_idx = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -87,11 +85,7 @@ def _dequantize_nf4_kernel(
     hi = hi_val * absmax[:, None]
     lo = lo_val * absmax[:, None]
     if ROUND_BF16:
-        if PADDED:
-            word = byte_idx + ((blk * BLOCKSIZE) // row_len * row_pad)[:, None]
-        else:
-            word = byte_idx
-        tl.store(out_ptr + word, pack_bf16x2(hi, lo, INTERPRET), mask=bmask)
+        tl.store(out_ptr + byte_idx, pack_bf16x2(hi, lo, INTERPRET), mask=bmask)
     else:
         vals = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))  # element 2i, then 2i+1
         out_idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -118,14 +112,12 @@ def _nf4_table(device: torch.device) -> torch.Tensor:
 def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_scale: torch.Tensor | None,
                    absmax_offset: torch.Tensor | None, absmax_code: torch.Tensor | None, shape,
                    absmax: torch.Tensor | None = None, blocksize: int = NF4_BLOCK,
-                   dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """NF4 -> `dtype` of `shape`, equal to bitsandbytes' `dequantize_4bit`.
 
     Double-quantized: give absmax_q, absmax_scale, absmax_offset, absmax_code (the `nf4` weight
     list order; the offset one per 256-code group as weight lists hold it, or bitsandbytes' scalar).
     Plain: give `absmax` (fp32, one per block) and None for the four.
-    `out`: a bf16 2-D `shape` tensor with unit column stride to write into, its rows further apart than
-    packed (`wide.wide_scratch`), each a whole number of blocks.
     """
     shape = tuple(shape)
     n = 1
@@ -141,16 +133,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
         raise ValueError("give either absmax (plain NF4) or all of absmax_q, absmax_scale, absmax_offset, absmax_code")
     device = packed.device
     round_bf16 = _out_flag(dtype)
-    row_len, row_pad = 1, 0
-    if out is not None:
-        if not round_bf16 or out.dtype != torch.bfloat16 or len(shape) != 2 or tuple(out.shape) != shape \
-                or out.stride(1) != 1 or (out.stride(0) - shape[1]) % 2 or shape[1] % blocksize:
-            raise ValueError(f"out must be a bf16 {shape} tensor with unit column stride, rows a whole number of "
-                             f"{blocksize}-blocks and an even padding; got {out.dtype} {tuple(out.shape)} "
-                             f"strides {out.stride()}")
-        row_len, row_pad = shape[1], (out.stride(0) - shape[1]) // 2
-        out_arg = torch.as_strided(out, (out.stride(0) * (shape[0] - 1) + shape[1],), (1,)).view(torch.int32)
-    elif round_bf16:  # whole int32 words: one bf16 more when n is odd, not part of the result
+    if round_bf16:  # whole int32 words: one bf16 more when n is odd, not part of the result
         words = torch.empty(n + (n & 1), device=device, dtype=dtype)
         out, out_arg = words[:n].view(shape), words.view(torch.int32)
     else:
@@ -164,9 +147,9 @@ def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor | None, absmax_s
         absmax_q.contiguous() if double else dummy, absmax_code.float().contiguous() if double else dummy,
         absmax_scale.float().contiguous() if double else dummy,
         nf4_offset_per_group(absmax_offset.float(), absmax_scale.numel()) if double else dummy,
-        _nf4_table(device), out_arg, n, (n + 1) // 2, row_len, row_pad,
+        _nf4_table(device), out_arg, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, DQ_BLOCK=NF4_DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=double,
-        ROUND_BF16=round_bf16, INTERPRET=triton_interpreting(), PADDED=row_pad > 0, **cfg)
+        ROUND_BF16=round_bf16, INTERPRET=triton_interpreting(), **cfg)
     return out
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from surogate.kernels import cublas, grad_input, lora_linear, persistent, wide
+from surogate.kernels import cublas, grad_input, lora_linear, persistent
 from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
 from surogate.kernels.grad_lora import grad_lora
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.variants import (
-    WIDE_SCRATCH_FORMATS,
     Engine,
     Gemm,
     Quantizer,
@@ -53,12 +52,8 @@ def _out_features(weight: list[torch.Tensor], fmt: WeightFormat, k: int) -> int:
     return _nf4_rows(weight, k) if fmt is WeightFormat.NF4 else weight[0].shape[0]
 
 
-def _dequantize_weight(weight: list[torch.Tensor], fmt: WeightFormat, k: int, spare: int = 0) -> list[torch.Tensor]:
-    """The frozen weight as a one-tensor bf16 (N, K) list, by the Triton dequantization kernels; with `spare`
-    columns and rows more in its buffer (NF4: the wide GEMM's scratch, kernels/wide.py)."""
-    if spare:
-        n = _nf4_rows(weight, k)
-        return [dequantize_nf4(*weight, shape=(n, k), out=wide.wide_scratch(n, k, spare, weight[0].device))]
+def _dequantize_weight(weight: list[torch.Tensor], fmt: WeightFormat, k: int) -> list[torch.Tensor]:
+    """The frozen weight as a one-tensor bf16 (N, K) list, by the Triton dequantization kernels."""
     if fmt is WeightFormat.FP8_BLOCK:
         return [dequantize_fp8_block(weight[0], weight[1])]
     if fmt in (WeightFormat.NVFP4, WeightFormat.NVFP4_CACHED):
@@ -96,30 +91,12 @@ def _nvfp4_round_trip(t: torch.Tensor, stochastic: bool = False) -> torch.Tensor
     return dequantize_nvfp4(packed, block_scale, tensor_scale, shape=t.shape)
 
 
-def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None, bias: bool = False,
-           wide: bool = False) -> Route:
-    """The table's route for this call on `a`'s device (LoRA `rank`, None without; whether it adds a `bias`;
-    whether its operands are stored `wide`), recorded for `variants.trace()`."""
+def _route(v: Variant, a: torch.Tensor, n_out: int, k_red: int, rank: int | None, bias: bool = False) -> Route:
+    """The table's route for this call on `a`'s device (LoRA `rank`, None without; whether it adds a `bias`),
+    recorded for `variants.trace()`."""
     arch = device_arch(a.device.index or 0) if a.is_cuda else "sm_90"  # the interpreter: cuBLAS never runs
     return record(route(v, arch, a.shape[0], n_out, k_red, cublas=lambda rule: cublas.available(a, rule),
-                        rank=rank, bias=bias, wide=wide))
-
-
-def _scratch_spare(r: Route, a_wide: torch.Tensor | None, d: int) -> int:
-    """The spare columns and rows a dequantized weight's scratch needs: those of the activation stored wide when the
-    call runs as one wide GEMM, else 0."""
-    return a_wide.shape[1] - d if r.engine is Engine.CUBLAS_WIDE and a_wide is not None else 0
-
-
-def _stored_wide(v: Variant, prepared: tuple | None, k: int, weight: list[torch.Tensor], rank: int | None
-                 ) -> torch.Tensor | None:
-    """The activation stored wide (M, k + spare) when both it and the weight have room for a LoRA term of
-    `rank` (kernels/wide.py), else None."""
-    if prepared is None or not v.takes_wide or not rank:
-        return None
-    a_wide = prepared[0]
-    room = v.weight_format in WIDE_SCRATCH_FORMATS or wide.reserved_spare(weight[0]) >= rank  # scratch: made wide
-    return a_wide if a_wide.shape[1] - k >= rank and room else None
+                        rank=rank, bias=bias))
 
 
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
@@ -148,22 +125,17 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         x, compute = _nvfp4_round_trip(x), Compute.BF16
     v = variant(Gemm.OUTPUT, compute, fmt)
     n = _out_features(weight, fmt, k)
-    rank = hidden.shape[1] if has_lora else None
-    # input_q: FP8 forwards, the input quantized by its producer; bf16, the input stored wide by it
-    prepared = check_input_q(input_q, input, fmt, compute) if input_q is not None else None
-    x_wide = _stored_wide(v, prepared, k, weight, rank)
-    r = _route(v, x, n, k, rank, bias is not None, wide=x_wide is not None)
+    r = _route(v, x, n, k, hidden.shape[1] if has_lora else None, bias is not None)
     h = hidden if has_lora else None
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:
-        weight = _dequantize_weight(weight, fmt, k, _scratch_spare(r, x_wide, k))
-    if prepared is not None and not v.takes_wide:
-        aq = (_rows(prepared[0]), prepared[1])  # block scales keep their M-contiguous strides
+        weight = _dequantize_weight(weight, fmt, k)
+    if input_q is not None:
+        data, scale = check_input_q(input_q, input, fmt, compute)
+        aq = (_rows(data), scale)  # block scales keep their M-contiguous strides
     else:
         aq = _quantize(x, r.variant.quantizer)
-    if r.engine is Engine.CUBLAS_WIDE:
-        out = wide.output(x_wide, k, weight[0], h, up, b, lora_scale)
-    elif r.engine is Engine.CUBLAS:
+    if r.engine is Engine.CUBLAS:
         out = _cublas_forward(r.variant, aq, weight, h, up, b, lora_scale)
     elif r.engine is Engine.PERSISTENT:
         out = persistent.persistent_output(r.variant, aq, weight, k, h, up, b, lora_scale)
@@ -192,9 +164,9 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     """
     fmt, compute = WeightFormat(weight_format), Compute(grad_input_precision)
     gq = None
-    if grad_output_q is not None:  # FP8 dgrads: quantized by the gradient's producer; bf16: stored wide by it
-        gq = check_grad_output_q(grad_output_q, grad_output, fmt, compute)
-        gq = gq if len(gq) == 1 else (_rows(gq[0]), gq[1])  # block scales keep their M-contiguous strides
+    if grad_output_q is not None:
+        data, scale = check_grad_output_q(grad_output_q, grad_output, fmt, compute)
+        gq = (_rows(data), scale)  # block scales keep their M-contiguous strides
     k = input.shape[-1]
     dtype = grad_output.dtype
     g = _rows(grad_output)
@@ -224,17 +196,9 @@ def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, 
         weight, fmt, compute = [_nvfp4_round_trip(w.t().contiguous()).t().contiguous()], WeightFormat.BF16, Compute.BF16
         g = _nvfp4_round_trip(g, stochastic=True)
     v = variant(Gemm.GRAD_INPUT, compute, fmt)
-    rank = None if gh is None else gh.shape[-1]
-    g_wide = _stored_wide(v, gq, g.shape[1], weight, rank)
-    r = _route(v, g, k, g.shape[1], rank, wide=g_wide is not None)
+    r = _route(v, g, k, g.shape[1], None if gh is None else gh.shape[-1])
     if r.scratch:
-        weight = _dequantize_weight(weight, fmt, k, _scratch_spare(r, g_wide, g.shape[1]))
-    if r.engine is Engine.CUBLAS_WIDE:
-        return wide.grad_input(g_wide, g.shape[1], weight[0], gh, a, lora_scale)
-    if v.takes_wide:
-        gq = None  # the wide gradient is read as `g` (its first N columns)
-    if r.scratch:
-        pass  # dequantized above
+        weight = _dequantize_weight(weight, fmt, k)
     elif v.quantizer is Quantizer.FP8_BLOCK_E4M3:  # both routes read the K-major copy
         weight = [transpose_fp8(weight[0]), weight[1].t()]
     elif v.quantizer is Quantizer.NVFP4_SR:

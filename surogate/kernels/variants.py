@@ -44,7 +44,6 @@ class Engine(str, enum.Enum):
     TRITON = "triton"  # the fused kernel: base GEMM + LoRA up-projection in its epilogue
     PERSISTENT = "persistent"  # sm_90: the persistent TMA / warp-specialized kernel (kernels/persistent.py)
     CUBLAS = "cublas"  # cuBLAS GEMM, then the LoRA term by a second GEMM into the output (addmm_)
-    CUBLAS_WIDE = "cublas_wide"  # one cuBLAS GEMM over the reduction widened by the LoRA rank (kernels/wide.py)
     REFERENCE = "reference"  # no GPU: the plain-torch reference
 
 
@@ -104,17 +103,6 @@ PERSISTENT_SM90: "bool | Mapping[str, int]" = MappingProxyType(
 # that the whole op was not measured. Eval loss with either on cuBLAS: 3.7916 / 3.7919, the Triton route's 3.7916
 # (run 69). `bench/tps.py ...+nopersistent+fp8cublas` (both) / `+fp8cublasdgrad` runs the A/B.
 FP8_ROW_CUBLAS: frozenset = frozenset()
-# Where the whole bf16 op runs as one cuBLAS GEMM over the reduction widened by the LoRA rank (kernels/wide.py), by
-# arch: the fewest rows it is routed at. It runs only where both operands arrive stored wide: the activation from
-# its producer (`input_q` / `grad_output_q`: passes/producer.py, ops/lora_linear.py), the weight reserved with spare
-# columns and rows (`wide.reserve`, surogate.compile on these archs). Empty until measured on the H200 (bench/NOTES.md
-# run 92; `bench/tps.py ...+wide` routes sm_90 from 1024 rows).
-WIDE_SM: "dict[str, int]" = {}
-WIDE_SM_CANDIDATE: "dict[str, int]" = {"sm_90": 1024}
-# The weight formats whose GEMMs take the wide operands: bf16 (its weight reserved wide once) and the formats whose
-# weight is dequantized into a bf16 scratch, which is then made wide (`WIDE_SCRATCH_FORMATS`).
-WIDE_SCRATCH_FORMATS = frozenset({WeightFormat.NF4})
-WIDE_FORMATS = frozenset({WeightFormat.BF16}) | WIDE_SCRATCH_FORMATS
 # The largest LoRA rank the persistent kernel takes (any routing). Its LoRA step stages H and U^T tiles of
 # BLOCK_R = max(16, next power of two) columns in shared memory: at 64 and 128 the 128x256 configs need 263-361 KB
 # (sm_90 has 227), so tuning skips them and an untuned launch (SUROGATE_AUTOTUNE=0, a capture before any tuning)
@@ -174,13 +162,6 @@ class Variant:
         return self.gemm is Gemm.OUTPUT and self.quantizer in (Quantizer.FP8_ROW_E4M3, Quantizer.FP8_BLOCK_E4M3)
 
     @property
-    def takes_wide(self) -> bool:
-        """Whether this GEMM can read its activation and weight stored wide (kernels/wide.py): bf16 compute on
-        a format of WIDE_FORMATS, output or dgrad."""
-        return (self.gemm is not Gemm.GRAD_LORA and self.compute is Compute.BF16 and self.quantizer is Quantizer.NONE
-                and self.weight_format in WIDE_FORMATS)
-
-    @property
     def persistent_kernel(self) -> str:
         """The name of this variant's specialization of the persistent kernel (catalog, plan)."""
         return f"persistent_{self.kernel}"
@@ -198,9 +179,6 @@ class Variant:
             return (f"M >= {DEQUANT_SCRATCH_MIN_ROWS}: weight dequantized to a bf16 scratch, then the bf16 route "
                     f"({bf16.describe_rule(arch)}); else this Triton kernel")
         parts = []
-        if self.takes_wide and arch in WIDE_SM:
-            parts.append(f"M >= {WIDE_SM[arch]} with input and weight stored wide (surogate.compile, wide_lora): one "
-                         "cuBLAS GEMM over the reduction widened by the LoRA rank")
         rows = persistent_min_rows(self)
         if rows is not None and arch == "sm_90":
             bias = "" if PERSISTENT_BIAS or self.gemm is Gemm.GRAD_INPUT else ", no bias"
@@ -344,8 +322,7 @@ class Route:
     scratch: bool = False
 
     def __str__(self) -> str:
-        what = {Engine.TRITON: self.variant.kernel, Engine.PERSISTENT: self.variant.persistent_kernel,
-                Engine.CUBLAS_WIDE: f"cuBLAS over the widened reduction ({self.variant.kernel}'s GEMM + LoRA)"}.get(
+        what = {Engine.TRITON: self.variant.kernel, Engine.PERSISTENT: self.variant.persistent_kernel}.get(
             self.engine, f"cuBLAS ({self.variant.kernel}'s GEMM)")
         return f"dequantize to bf16, then {what}" if self.scratch else what
 
@@ -377,31 +354,20 @@ def persistent_takes(v: Variant, arch: str, rows: int, n_out: int, k_red: int, r
             and n_out % 8 == 0 and (rank is None or rank <= PERSISTENT_MAX_RANK) and (PERSISTENT_BIAS or not bias))
 
 
-def wide_takes(v: Variant, arch: str, rows: int, rank: int | None) -> bool:
-    """Whether a call of `v` with both operands stored wide runs as one cuBLAS GEMM (`WIDE_SM`): a LoRA term, a
-    variant that `takes_wide`, an arch of WIDE_SM and at least its rows."""
-    min_rows = WIDE_SM.get(arch)
-    return rank is not None and rank > 0 and v.takes_wide and min_rows is not None and rows >= min_rows
-
-
 def route(v: Variant, arch: str, rows: int, n_out: int, k_red: int,
-          cublas: "bool | Callable[[CublasRule], bool]" = True, rank: int | None = None, bias: bool = False,
-          wide: bool = False) -> Route:
+          cublas: "bool | Callable[[CublasRule], bool]" = True, rank: int | None = None, bias: bool = False) -> Route:
     """The route of one call of `v` on `arch`: `rows` (M), `n_out` output columns, reduction `k_red`.
 
     `cublas` says whether cuBLAS can run a rule's GEMM here at all (False, or a function of the rule
     answering False: no GPU, the Triton interpreter, a cuBLASLt without block scaling,
     `configs.FORCE_TRITON_GEMMS`); then the Triton kernel runs instead. `rank`: the call's LoRA rank (None:
     no LoRA term) and `bias`: whether it adds one, both bounding the persistent kernel (`persistent_takes`).
-    `wide`: whether the activation and the weight of the call are stored wide (`wide_takes`).
     """
     if arch == "cpu":
         return Route(Engine.REFERENCE, v)
     if v.scratch and rows >= DEQUANT_SCRATCH_MIN_ROWS:
         bf16 = variant(v.gemm, Compute.BF16, WeightFormat.BF16)
-        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank, bias, wide).engine, bf16, scratch=True)
-    if wide and wide_takes(v, arch, rows, rank):
-        return Route(Engine.CUBLAS_WIDE, v)
+        return Route(route(bf16, arch, rows, n_out, k_red, cublas, rank, bias).engine, bf16, scratch=True)
     if persistent_takes(v, arch, rows, n_out, k_red, rank, bias):
         return Route(Engine.PERSISTENT, v)
     if cublas_takes(v.cublas, arch, rows, n_out, k_red) and (cublas(v.cublas) if callable(cublas) else cublas):
@@ -415,8 +381,6 @@ def check_input_q(input_q, input, weight_format: "WeightFormat | str", forward: 
     of (forward, weight_format); return it as (data (M, K), scale (M, groups)), the scale keeping its
     strides where it can (block scales are read M-contiguous)."""
     v = _BY_KEY.get((Gemm.OUTPUT, _COMPUTE_OF.get(forward), _FORMAT_OF.get(weight_format)))
-    if v is not None and v.takes_wide:
-        return _check_wide(input_q, input, "input_q", "input")
     if v is None or not v.takes_input_q:
         raise ValueError(f"input_q is only taken by the FP8 forward kernels (forward='fp8' with weight_format "
                          f"'fp8_row' or 'fp8_block'); got forward={getattr(forward, 'value', forward)!r}, "
@@ -431,29 +395,12 @@ def check_grad_output_q(grad_output_q, grad_output, weight_format: "WeightFormat
     the dgrad variant of (grad_input, weight_format); return it as (data (M, N), scale (M, groups)), the
     scale keeping its strides where it can (block scales are read M-contiguous)."""
     v = _BY_KEY.get((Gemm.GRAD_INPUT, _COMPUTE_OF.get(grad_input), _FORMAT_OF.get(weight_format)))
-    if v is not None and v.takes_wide:
-        return _check_wide(grad_output_q, grad_output, "grad_output_q", "grad_output")
     if v is None or not v.takes_grad_output_q:
         raise ValueError(f"grad_output_q is only taken by the FP8 dgrad kernels (grad_input='fp8' with weight_format "
                          f"'fp8_row' or 'fp8_block'); got grad_input={getattr(grad_input, 'value', grad_input)!r}, "
                          f"weight_format={getattr(weight_format, 'value', weight_format)!r}: pass grad_output_q=None")
     what = f"grad_output_q ({what or f'the {v.quantizer.value} quantizer of the gradient'})"
     return _check_quantized(grad_output_q, grad_output, v, what, "grad_output", "N")
-
-
-def _check_wide(wide, operand, what: str, name: str):
-    """`wide` = [the bf16 `operand` (..., D) stored wide]: one tensor (..., D + spare) of its dtype and device
-    holding `operand` in its first D columns (kernels/wide.py); returned as the 1-tuple of its 2-D view."""
-    if len(wide) != 1:
-        raise ValueError(f"{what} of a bf16 GEMM holds one tensor, the {name} stored with spare columns; "
-                         f"got {len(wide)}")
-    (t,) = wide
-    d = operand.shape[-1]
-    if t.dtype != operand.dtype or t.device != operand.device or t.shape[:-1] != operand.shape[:-1] \
-            or t.shape[-1] <= d:
-        raise ValueError(f"{what}: want the {name} {tuple(operand.shape)} ({operand.dtype}) with spare columns, "
-                         f"(..., {d} + spare) of its dtype and device; got {tuple(t.shape)} ({t.dtype}, {t.device})")
-    return (t.reshape(-1, t.shape[-1]),)
 
 
 # The FP8 element each activation quantizer writes (the others are not taken pre-quantized).

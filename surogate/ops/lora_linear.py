@@ -26,8 +26,7 @@ from torch import Tensor
 
 from surogate.compat import compiling
 from surogate.kernels import reference
-from surogate.kernels.variants import WEIGHT_LISTS, WIDE_SCRATCH_FORMATS, weight_format_of
-from surogate.kernels.wide import spare_for
+from surogate.kernels.variants import WEIGHT_LISTS, weight_format_of
 from surogate.recipes import Compute, WeightFormat
 
 # What the traced wrappers below check against: plain strings, because Dynamo (torch 2.11) graph-breaks
@@ -36,7 +35,6 @@ _FORMATS = frozenset(f.value for f in WeightFormat)
 _COMPUTES = frozenset(c.value for c in Compute)
 _LIST_LEN = {f.value: len(names) for f, names in WEIGHT_LISTS.items()}
 _NF4 = WeightFormat.NF4.value
-_WIDE_SCRATCH = frozenset(f.value for f in WIDE_SCRATCH_FORMATS)
 
 
 def _value(x: "str | WeightFormat | Compute") -> str:
@@ -243,25 +241,9 @@ def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if tensor is None else tensor
 
 
-def _weight_has_room(weight: Sequence[Tensor], weight_format: str, grad_input: str, lora_a: Tensor | None) -> bool:
-    """Whether a bf16 dgrad's weight has spare rows for its LoRA term: stored so (`wide.reserve`), as its strides
-    say (also of the fake tensors a compile traces with; the op checks the real weight again), or dequantized
-    into a scratch the op makes wide (NF4)."""
-    if lora_a is None or grad_input != Compute.BF16.value:
-        return False
-    if weight_format in _WIDE_SCRATCH:
-        return True  # dequantized into a scratch the op makes wide
-    if weight_format != WeightFormat.BF16.value:
-        return False
-    w = weight[0]
-    return w.dim() == 2 and w.stride(-1) == 1 and w.stride(0) - w.shape[1] >= spare_for(lora_a.shape[0])
-
-
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input, input_q = inputs
     ctx.n_input_q = None if input_q is None else len(input_q)
-    # A bf16 dgrad whose weight has room for its LoRA term (kernels/wide.py) gets its gradient stored wide.
-    ctx.wide = _weight_has_room(weight, weight_format, grad_input, lora_a)
     ctx.n_weight = len(weight)
     ctx.weight_format = weight_format
     ctx.lora_scale = lora_scale
@@ -288,10 +270,10 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
     if ctx.has_lora_input:
         lora_input = rest[0]
     grad_output = grad_output.contiguous()
-    grad_output, grad_output_q = _gradient_for_dgrad(ctx, grad_output, input, lora_a)
     g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
         grad_output, input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
-        ctx.lora_scale, ctx.grad_input_precision, grad_output_q, lora_a_cast=a_cast, lora_b_cast=b_cast)
+        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output, input),
+        lora_a_cast=a_cast, lora_b_cast=b_cast)
     grads = (
         g_input,
         [None] * ctx.n_weight,  # the frozen weight never gets a gradient
@@ -312,19 +294,6 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
 
 
 torch.library.register_autograd("surogate::lora_linear", _backward, setup_context=_setup_context)
-
-
-def _gradient_for_dgrad(ctx, grad_output: Tensor, input: Tensor, lora_a: Tensor | None
-                        ) -> tuple[Tensor, list[Tensor] | None]:
-    """(grad_output, grad_output_q) as the backward op takes them. While a compile traces this backward
-    (`grad_producer`): an FP8 dgrad's gradient quantized in the graph (`_grad_output_q`); the gradient of a bf16
-    forward that read its input stored wide, stored wide as well, `cat([g, zeros])` with grad_output its first N
-    columns (Inductor then computes g straight into that buffer: kernels/wide.py)."""
-    if ctx.wide and lora_a is not None and _grad_producer and compiling() and grad_output.dtype == input.dtype:
-        spare = spare_for(lora_a.shape[0])
-        stored = torch.cat([grad_output, grad_output.new_zeros((*grad_output.shape[:-1], spare))], -1)
-        return stored[..., :grad_output.shape[-1]], [stored]
-    return grad_output, _grad_output_q(ctx, grad_output, input)
 
 
 def _grad_output_q(ctx, grad_output: Tensor, input: Tensor) -> list[Tensor] | None:

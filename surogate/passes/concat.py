@@ -34,25 +34,15 @@ _CAT = torch.ops.aten.cat.default
 ENABLED = True
 
 
-def _with_spare(tensors: list[torch.Tensor], dim: int, spare: int) -> torch.Tensor:
-    if not spare:
-        return torch.cat(tensors, dim)
-    shape = list(tensors[0].shape)
-    shape[dim] = spare
-    return torch.cat([*tensors, tensors[0].new_zeros(shape)], dim)
-
-
 @torch.library.custom_op("surogate::concat", mutates_args=())
-def concat(tensors: list[torch.Tensor], dim: int, spare: int = 0) -> torch.Tensor:
-    """`torch.cat`, which Inductor lowers as a ConcatKernel (`compat.register_concat_lowering`); with `spare`
-    more columns along `dim` whose values are unspecified (zeros here; left unwritten by Inductor): an operand
-    stored wide, whose spare columns its reader writes first (kernels/wide.py)."""
-    return _with_spare(tensors, dim, spare)
+def concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """`torch.cat`, which Inductor lowers as a ConcatKernel (`compat.register_concat_lowering`)."""
+    return torch.cat(tensors, dim)
 
 
 @concat.register_fake
-def _(tensors: list[torch.Tensor], dim: int, spare: int = 0) -> torch.Tensor:
-    return _with_spare(tensors, dim, spare)
+def _(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat(tensors, dim)
 
 
 @functools.cache
@@ -72,54 +62,6 @@ def _dtype(node) -> torch.dtype | None:
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
-def _flattened(tensors, dim: int, ndim: int) -> list:
-    """`tensors` with each input that is itself a cat along `dim` read by this cat alone replaced by that cat's
-    inputs: a gradient stored wide (`cat([cat([d gate, d up]), zeros])`, kernels/wide.py) is then one
-    ConcatKernel whose producers all write straight into it (a cat's output, fixed in its own buffer, would be
-    copied)."""
-    out = []
-    for t in tensors:
-        inner = t.args[0] if isinstance(t, fx.Node) and t.target is _CAT and len(t.users) == 1 else None
-        inner_dim = (t.args[1] if len(t.args) > 1 else t.kwargs.get("dim", 0)) if inner is not None else None
-        if inner is not None and isinstance(inner, (list, tuple)) and inner_dim % ndim == dim:
-            out.extend(_flattened(inner, dim, ndim))
-        else:
-            out.append(t)
-    return out
-
-
-_ZERO_FILLS = (torch.ops.aten.full.default, torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default,
-               torch.ops.aten.zeros_like.default)
-_SLICE = torch.ops.aten.slice.Tensor
-
-
-def _spare(t, cat: fx.Node) -> int:
-    """The columns of `t` when it is a zero fill last in `cat` and `cat` is an operand stored wide (kernels/wide.py):
-    read by surogate ops only as their `input_q` / `grad_output_q` (never as a plain operand, which would read
-    the zeros) and by slices of its other columns; else 0. The zero fill itself may be shared (Inductor's CSE)."""
-    if not isinstance(t, fx.Node) or t.target not in _ZERO_FILLS:
-        return 0
-    if t.target is torch.ops.aten.full.default and t.args[1] != 0:
-        return 0
-    value, whole = t.meta.get("val"), cat.meta.get("val")
-    width = value.shape[-1] if isinstance(value, torch.Tensor) else None
-    if not isinstance(width, int) or not isinstance(whole, torch.Tensor):
-        return 0
-    for user in cat.users:
-        if _is_surogate_op(user):
-            if cat in user.args or cat in user.kwargs.values():
-                return 0  # read whole, zeros included
-        elif not (user.target is _SLICE and user.args[1] % whole.dim() == whole.dim() - 1
-                  and user.args[2] == 0 and user.args[3] == whole.shape[-1] - width):
-            return 0
-    return width
-
-
-def _read_by_surogate_op_through_slice(user: fx.Node) -> bool:
-    """A slice of the cat (the first columns of an operand stored wide) that a surogate op reads."""
-    return user.op == "call_function" and user.target is _SLICE and any(_is_surogate_op(u) for u in user.users)
-
-
 def realize_cats_into_slices(graph: fx.Graph) -> int:
     """Replace each qualifying `aten.cat` (module docstring) with `surogate::concat`; returns how many."""
     if not lowered():
@@ -135,34 +77,17 @@ def realize_cats_into_slices(graph: fx.Graph) -> int:
             continue
         if value.dim() < 2 or dim % value.dim() != value.dim() - 1:
             continue  # along the features of rows; a cat of weights (dim 0) reads graph inputs anyway
-        if not any(_is_surogate_op(user) or _read_by_surogate_op_through_slice(user) for user in node.users):
+        if not any(_is_surogate_op(user) for user in node.users):
             continue
-        tensors = _flattened(tensors, dim % value.dim(), value.dim())
-        spare = _spare(tensors[-1], node)
-        if spare:  # an operand stored wide: its zeros are left unwritten (the op writes them first)
-            tensors = tensors[:-1]
-        computed = ("call_function", "placeholder") if spare else ("call_function",)  # wide: a copy anyway
-        if any(not isinstance(t, fx.Node) or t.op not in computed or _dtype(t) != value.dtype for t in tensors):
+        if any(not isinstance(t, fx.Node) or t.op != "call_function" or _dtype(t) != value.dtype for t in tensors):
             continue
         with graph.inserting_before(node):
-            fresh = graph.call_function(torch.ops.surogate.concat.default, (list(tensors), dim % value.dim(), spare))
+            fresh = graph.call_function(torch.ops.surogate.concat.default, (list(tensors), dim % value.dim()))
         fresh.meta.update(node.meta)
-        inner = [t for t in node.args[0] if isinstance(t, fx.Node) and t.target is _CAT and t not in tensors]
         node.replace_all_uses_with(fresh)
         graph.erase_node(node)
-        for t in inner:  # flattened into `fresh`: read by nothing now
-            _erase_unread(graph, t)
         count += 1
     return count
-
-
-def _erase_unread(graph: fx.Graph, node: fx.Node) -> None:
-    if node.users:
-        return
-    parts = [t for t in node.args[0] if isinstance(t, fx.Node) and t.target is _CAT]
-    graph.erase_node(node)
-    for t in parts:
-        _erase_unread(graph, t)
 
 
 def post_grad_pass():

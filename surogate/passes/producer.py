@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from surogate.kernels import variants
-from surogate.kernels.wide import spare_for
 from surogate.ops import input_quantizer
 from surogate.passes import nodes as N
 from surogate.recipes import Compute, Recipe
@@ -109,86 +107,18 @@ def _insert_quantize(gm: fx.GraphModule, x: fx.Node, quantizer: Callable, ops: l
     return q
 
 
-def _rank(lora_a) -> int | None:
-    """The LoRA rank of an op's `lora_a` node: its rows, or the sum of its parts' (horizontal fusion's cat)."""
-    value = N.meta_value(lora_a)
-    if value is not None:
-        return int(value.shape[0])
-    if N.is_call(lora_a, (torch.cat,)):
-        ranks = [_rank(part) for part in lora_a.args[0]]
-        return None if None in ranks else sum(ranks)
-    return None
-
-
-def wide_spare(node: fx.Node, arch: str) -> int:
-    """The spare columns to store a bf16 op's input with (kernels/wide.py), or 0: a bf16 forward on a weight
-    format the wide GEMM takes, a LoRA term, an arch of `variants.WIDE_SM` and at least its rows, static
-    shapes, and a weight that `wide.reserve` left room in (its row stride says so; the op checks again) or that
-    is dequantized into a scratch the op makes wide (`variants.WIDE_SCRATCH_FORMATS`)."""
-    forward, fmt = N.op_arg(node, "forward"), N.op_arg(node, "weight_format")
-    try:
-        v = variants.variant(variants.Gemm.OUTPUT, forward, fmt)
-    except ValueError:
-        return 0
-    rank = _rank(N.op_arg(node, "lora_a"))
-    x, weights = N.meta_value(N.op_arg(node, "input")), N.op_arg(node, "weight")
-    w = N.meta_value(weights[0]) if isinstance(weights, (list, tuple)) and weights else None
-    if x is None or w is None or not rank or not isinstance(x.shape[-1], int):
-        return 0
-    # Rows: the sequence dim is usually symbolic here (one graph for every length); the op then routes each call
-    # by its own rows, and a static count below the arch's minimum is not worth the spare columns.
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not variants.wide_takes(v, arch, rows if isinstance(rows, int) else 1 << 62, rank):
-        return 0
-    spare = spare_for(rank)
-    room = v.weight_format in variants.WIDE_SCRATCH_FORMATS or (w.dim() == 2 and w.stride(0) - w.shape[1] >= spare)
-    return spare if spare <= x.shape[-1] and room else 0
-
-
-def _layout_view(x: fx.Node) -> bool:
-    """A view or reshape (o_proj's attention output): Inductor would copy it into the wide buffer once more after
-    making it contiguous, so such inputs are left as they are."""
-    return N.is_method(x, ("contiguous", "reshape", "view", "transpose", "permute")) or \
-        N.is_call(x, (torch.reshape, torch.transpose, torch.permute))
-
-
-def _store_wide(gm: fx.GraphModule, x: fx.Node, spare: int, ops: list[fx.Node]) -> None:
-    """`stored = cat([x, zeros(..., spare)], -1)` right after x (so Inductor computes x into its slice before
-    anything else reads it); each op of `ops` reads `stored[..., :K]` as its input and `stored` as `input_q`."""
-    k = N.meta_value(x).shape[-1]
-    with gm.graph.inserting_after(x):  # zeros shaped from x itself: its leading dims may be symbolic
-        head = gm.graph.call_function(operator.getitem, (x, (Ellipsis, slice(None, spare))))
-    with gm.graph.inserting_after(head):
-        zeros = gm.graph.call_function(torch.zeros_like, (head,))
-    with gm.graph.inserting_after(zeros):
-        stored = gm.graph.call_function(torch.cat, ([x, zeros], -1))
-    with gm.graph.inserting_after(stored):
-        view = gm.graph.call_function(operator.getitem, (stored, (Ellipsis, slice(None, k))))
-    view.meta["surogate_wide_of"] = x  # passes/recompute.py walks back from x
-    view.meta["surogate_wide_nodes"] = (view, stored, zeros, head)
-    for op in ops:
-        N.set_op_arg(op, "input", view)
-        N.set_op_arg(op, "input_q", [stored])
-
-
 def fuse_producers(gm: fx.GraphModule, ctx) -> int:
-    """Give every FP8-forward op an `input_q` computed next to its producer, and every bf16 op that runs as one
-    wide GEMM its input stored wide (`wide_spare`). Returns the quantize nodes and wide inputs added.
+    """Give every FP8-forward op an `input_q` computed next to its producer. Returns the quantize nodes added.
 
     Ops that already have an `input_q` are left alone, so a second run adds nothing.
     """
     groups: dict[tuple, list[fx.Node]] = {}
-    wide: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if not N.is_surogate_op(node) or N.op_arg(node, "input_q") is not None:
             continue
         forward, fmt = N.op_arg(node, "forward"), N.op_arg(node, "weight_format")
         if forward == Compute.BF16:
-            x = N.op_arg(node, "input")
-            spare = wide_spare(node, ctx.arch) if ctx.options.get("wide_lora", True) else 0
-            if spare and input_kind(x) not in _NO_PRODUCER_KERNEL and not _layout_view(x):
-                wide.setdefault((x, spare), []).append(node)
-            continue  # nothing to quantize
+            continue  # nothing to quantize, nothing to report
         x = N.op_arg(node, "input")
         kind = input_kind(x)
         reason = why_not(ctx.recipe, ctx.arch, {"kind": kind, "forward": forward, "weight_format": fmt})
@@ -204,11 +134,6 @@ def fuse_producers(gm: fx.GraphModule, ctx) -> int:
             continue
         _insert_quantize(gm, x, quantizer, ops)
         ctx.report.group(_fused_what(kind, quantizer), consumers)
-        fused += 1
-    for (x, spare), ops in wide.items():
-        _store_wide(gm, x, spare, ops)
-        ctx.report.group(f"{input_kind(x)} -> bf16 GEMM: input stored with {spare} spare columns, the LoRA term in "
-                         "the GEMM's reduction (one cuBLAS GEMM)", tuple(_consumer_name(op) for op in ops))
         fused += 1
     return fused
 

@@ -131,12 +131,7 @@ def recompute_producers(gm: fx.GraphModule, ctx) -> int:
         elif N.is_surogate_op(node) and N.op_arg(node, "input") not in seen:
             x = N.op_arg(node, "input")
             seen.add(x)
-            # An input stored wide (passes/producer.py) is a view of cat([x, zeros]): rebuilt with its producer.
-            source = x.meta.get("surogate_wide_of", x) if isinstance(x, fx.Node) else x
-            nodes = producer_nodes(source)
-            if nodes and source is not x:
-                nodes += list(x.meta["surogate_wide_nodes"])
-            what = f"{input_producer(source)} -> GEMM input: rebuilt in the backward, not kept"
+            nodes, what = producer_nodes(x), f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept"
             consumers = "+".join(node.meta.get("surogate_members", (node.name,)))
         else:
             continue
