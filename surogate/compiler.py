@@ -16,11 +16,13 @@ what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
 import types
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,10 +32,12 @@ from torch import nn
 from surogate import moe, ops
 from surogate.cache import source_tag
 from surogate.compat import compile_options_cache_tag, tag_compile_cache
+from surogate.forward import attach_forward
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
+from surogate.unload import attach_unload
 from surogate.weight_packing import pack_shared_input_weights
 from surogate.passes import CompileReport, PassContext, concat, run_pipeline
 from surogate.recipes import Recipe, get, normalize_arch
@@ -46,8 +50,6 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 # What `checkpoint=` takes: no checkpointing, recompute each block, or recompute with the inputs in host memory.
 CHECKPOINT_MODES = (False, True, "offload")
-# Config attributes that change the logits in ways the chunked loss does not model.
-_UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class AlreadyCompiledError(RuntimeError):
@@ -63,6 +65,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
     `.loss.backward()` and any optimizer; `model.save_pretrained(dir)` writes a PEFT adapter;
+    `model.merge_and_unload()` gives back the plain HF model with LoRA merged (surogate/unload.py);
     `model.surogate_report` says what every target linear became (from the first forward on, when
     Dynamo compiles; until then it says that it is pending).
 
@@ -148,6 +151,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
                      grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
+    undo.own_configs()  # before anything writes on them
     peft_model = model if config is None else undo.attach(model, config)
     targets = _lora_layers(peft_model)
     if config is not None:  # a PeftModel given was checked before
@@ -228,8 +232,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"checkpoint='offload': each checkpointed block's saved input waits in host memory between "
                     f"forward and backward, {how}"
                     + ("" if regional else "; with regional=False each block call is a graph break in the backbone"))
-    if chunked_loss:
-        _attach_chunked_loss(hf, report)
+    attach_forward(hf, report, chunked_loss)
     report.note(f"parameters: {parameter_counts(peft_model, rec.name)}")
     report.pending = (f"linears: pending until the first forward (Dynamo compiles lazily); {len(targets)} LoRA "
                       "target layers")
@@ -238,6 +241,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if offload is not None:
         peft_model.surogate_offload = offload  # its host buffers and copies (surogate/offload.py)
     peft_model._surogate_compiled = True
+    undo.attributes.set(hf, "_surogate_compiled", True)  # the model given, compiled again: AlreadyCompiledError
+    attach_unload(peft_model, undo.unwrap())  # PEFT's merge on plain base layers, then the HF model as it was
     return peft_model
 
 
@@ -245,8 +250,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
 
 def _refuse_compiled(model: nn.Module) -> None:
     if getattr(model, "_surogate_compiled", False):
-        raise AlreadyCompiledError("this model was already passed through surogate.compile; compile the original "
-                                   "model once (reload it to change the recipe)")
+        raise AlreadyCompiledError("this model was already passed through surogate.compile; train the model it "
+                                   "returned, or reload the model to change the recipe")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise AlreadyCompiledError("this model is already wrapped by torch.compile; pass the uncompiled model "
                                    "(model._orig_mod) to surogate.compile")
@@ -316,10 +321,41 @@ def _check_frozen(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> Non
 _MISSING = object()
 
 
+class _Attributes:
+    """Instance attributes `compile` sets on a model's modules (forwards, attention markers, config copies, the
+    compiled mark), each with its value before; `restore` puts those back. A failed compile restores them with
+    the rest of `_Undo`; `merge_and_unload()` / `unload()` of the compiled model restore what is left of them."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[nn.Module, str, Any]] = []
+
+    def record(self, modules: Any, attr: str) -> None:
+        """Save the current `attr` of each of `modules` (which a later step may set)."""
+        self.saved += [(m, attr, vars(m).get(attr, _MISSING)) for m in modules]
+
+    def set(self, module: nn.Module, attr: str, value: Any) -> None:
+        self.record([module], attr)
+        setattr(module, attr, value)
+
+    def changed(self) -> "_Attributes":
+        """Only the entries that differ now: what unload must put back, without keeping the rest alive (the
+        original base layers of a q-recipe among them)."""
+        kept = _Attributes()
+        kept.saved = [(m, a, v) for m, a, v in self.saved if vars(m).get(a, _MISSING) is not v]
+        return kept
+
+    def restore(self) -> None:
+        for module, attr, value in reversed(self.saved):
+            if value is _MISSING:
+                vars(module).pop(attr, None)
+            else:
+                setattr(module, attr, value)
+
+
 class _Undo:
     """What `compile` changes on a model that passed its checks, recorded so that a failure half-way
     (a bug, a format that refuses a shape) hands the model back as it came: LoRA detached, base layers,
-    requires_grad flags, forwards, attention implementation, use_cache, the input-grad hook."""
+    requires_grad flags, forwards, the config copies (attention implementation, use_cache), the input-grad hook."""
 
     def __init__(self, model: nn.Module) -> None:
         from peft import PeftModel
@@ -332,16 +368,32 @@ class _Undo:
         self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (owner, attribute, original module)
         self.classes: list[tuple[nn.Module, type]] = []  # (module, its original class)
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self.forwards = [(m, vars(m).get("forward", _MISSING)) for m in model.modules()]
-        self.marked = [(m, vars(m).get(attention._ORIGINAL_ATTR, _MISSING)) for m in model.modules()]
-        self.configs = [(c, getattr(c, "_attn_implementation_internal", None), getattr(c, "use_cache", _MISSING))
-                        for c in attention._configs(self.hf)]
+        self.attributes = _Attributes()
+        self.attributes.record(model.modules(), "forward")
+        self.attributes.record(model.modules(), attention._ORIGINAL_ATTR)
         self.had_grad_hook = hasattr(self.hf, "_require_grads_hook")
         self.moved = False  # compile moved a CPU model to the GPU
+
+    def own_configs(self) -> None:
+        """Give the model copies of its config and sub-configs (text_config, ...) before `compile` writes on
+        them: models built by `from_config(cfg)` share `cfg`, and a sibling would see this one's attention
+        implementation and use_cache (compiling it: surogate attention calling itself; left uncompiled: its
+        padding mask ignored)."""
+        from transformers import PretrainedConfig
+
+        memo: dict = {}  # one memo: a sub-config that several modules hold maps to one copy
+        for module in self.hf.modules():
+            config = vars(module).get("config")
+            if isinstance(config, PretrainedConfig):
+                self.attributes.set(module, "config", copy.deepcopy(config, memo))
 
     def attach(self, model: nn.Module, config: Any) -> nn.Module:
         self.peft_model = _get_peft_model(model, config)
         return self.peft_model
+
+    def unwrap(self) -> "_Unwrap":
+        """What `merge_and_unload()` / `unload()` of the compiled model put back."""
+        return _Unwrap(self.hf, self.attributes.changed(), self.had_grad_hook)
 
     def restore(self) -> None:
         for module, base in reversed(self.swapped):
@@ -350,18 +402,7 @@ class _Undo:
             setattr(owner, attr, original)
         for module, cls in reversed(self.classes):
             module.__class__ = cls
-        for restore_list, attr in ((self.forwards, "forward"), (self.marked, attention._ORIGINAL_ATTR)):
-            for module, value in restore_list:
-                if value is _MISSING:
-                    vars(module).pop(attr, None)
-                else:
-                    setattr(module, attr, value)
-        for config, implementation, use_cache in self.configs:
-            config._attn_implementation_internal = implementation
-            if use_cache is not _MISSING:
-                config.use_cache = use_cache
-        if not self.had_grad_hook and hasattr(self.hf, "_require_grads_hook"):
-            self.hf.disable_input_require_grads()
+        self.unwrap().restore()
         if self.peft_model is not None:
             self.peft_model.base_model.unload()  # the original base layers back in place of PEFT's
             if not self.had_peft_config:
@@ -370,6 +411,21 @@ class _Undo:
             p.requires_grad_(flag)
         if self.moved:
             self.model.to("cpu")
+
+
+@dataclasses.dataclass
+class _Unwrap:
+    """The HF model's own forwards, attention markers and config objects, and its input-grad hook, as before
+    `compile`."""
+
+    hf: nn.Module
+    attributes: _Attributes
+    had_grad_hook: bool
+
+    def restore(self) -> None:
+        self.attributes.restore()
+        if not self.had_grad_hook and hasattr(self.hf, "_require_grads_hook"):
+            self.hf.disable_input_require_grads()
 
 
 # --- preparation --------------------------------------------------------------------------------------
@@ -396,12 +452,21 @@ def _lora_config(model: nn.Module, lora: Any):
     if isinstance(model, PeftModel):
         if lora is not None:
             raise ValueError("the model already has PEFT adapters; pass lora=None")
+        for config in model.peft_config.values():
+            _check_lora_fields(config)
         return None
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"surogate.compile takes a Hugging Face PreTrainedModel or a PeftModel, "
                         f"got {type(model).__name__}")
     if isinstance(lora, LoraConfig):
+        _check_lora_fields(lora)
+        if lora.target_modules is None and not getattr(lora, "target_parameters", None):
+            # PEFT would guess the targets from the model type (and fail on one it does not list): ours instead
+            return dataclasses.replace(lora, target_modules=_default_targets(model))
         return lora
+    if lora is not None and not isinstance(lora, Mapping):
+        raise TypeError(f"lora takes a dict of LoraConfig options (e.g. {{'r': 8}}) or a peft.LoraConfig, "
+                        f"got {type(lora).__name__} {lora!r}")
     options = {**DEFAULT_LORA, **(lora or {})}
     if "target_modules" not in options:
         options["target_modules"] = _default_targets(model)
@@ -411,7 +476,26 @@ def _lora_config(model: nn.Module, lora: Any):
         raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
                          "lora={'target_modules': [...]} naming its linear layers")
     options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
-    return LoraConfig(task_type="CAUSAL_LM", **options)
+    config = LoraConfig(task_type="CAUSAL_LM", **options)
+    _check_lora_fields(config)
+    return config
+
+
+# LoraConfig fields whose LoRA variants the fused kernels do not run, with the value they must keep.
+_PLAIN_LORA_FIELDS = {"use_dora": False, "lora_bias": False, "bias": "none", "use_qalora": False,
+                      "alora_invocation_tokens": None, "velora_config": None, "monteclora_config": None,
+                      "kasa_config": None, "arrow_config": None, "use_bdlora": None, "layer_replication": None,
+                      "megatron_config": None}
+
+
+def _check_lora_fields(config: Any) -> None:
+    """Refuse LoRA variants surogate does not run (DoRA, LoRA biases, ...), naming the field: PEFT would accept
+    them and every linear would stay unfused."""
+    for field, plain in _PLAIN_LORA_FIELDS.items():
+        value = getattr(config, field, plain)
+        if value != plain and not (plain is None and not value):
+            raise ValueError(f"lora {field}={value!r} is not supported: surogate runs plain LoRA; drop {field} "
+                             "(or train this variant with PEFT alone)")
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -463,8 +547,10 @@ def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
     if odd:
         raise ValueError(f"LoRA target {odd[0][0]} is a {type(odd[0][1]).__name__}, not a linear layer; name linear "
                          f"layers in target_modules: {available}")
-    if wanted is not None and not isinstance(wanted, str):
-        missing = unmatched_targets(sorted(wanted), [n for n, _ in planned])
+    if wanted is not None and not isinstance(wanted, str) and set(wanted) != set(DEFAULT_TARGETS):
+        # Against every module name, not the planned ones: a target that exclude_modules removes does exist.
+        # The default list passed as a list (`surogate train`) means "those the model has": no warning.
+        missing = unmatched_targets(sorted(wanted), [n for n, _ in model.named_modules() if n])
         if missing:
             warnings.warn(f"LoRA target_modules {missing} match no layer of {type(model).__name__}; LoRA goes on "
                           f"the others (its linear layers: {available})", stacklevel=3)
@@ -672,61 +758,3 @@ def _mark_sequence_dynamic(args: tuple, kwargs: dict) -> None:
 
     visit(args)
     visit(list(kwargs.values()))
-
-
-# --- LM head + loss -----------------------------------------------------------------------------------
-
-def _attach_chunked_loss(hf: nn.Module, report: CompileReport) -> None:
-    """Route `labels=` calls through `surogate.ops.loss.lm_head_cross_entropy` (no full FP32 logits)."""
-    config = getattr(hf, "config", None)
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    backbone = getattr(hf, "base_model", hf)
-    bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
-    if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
-        why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
-        report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
-        return
-    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
-    original = hf.forward
-    own_attention = attention.original_implementation(hf) is not None
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        from surogate.ops.loss import lm_head_cross_entropy
-
-        if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
-            with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache
-                return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.setdefault("use_cache", False)
-        if own_attention:
-            attention_mask = _segments_into(kwargs, attention_mask)
-        elif kwargs.get("position_ids") is not None and attention_mask is None:
-            raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
-                             "attend across examples; pad the examples instead of packing them (sample_packing: false)")
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out[0]
-        loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
-                                     num_items_in_batch=num_items_in_batch)
-        # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
-        # backbone's (`out.past_key_values`) is deprecated in transformers 5.
-        return CausalLMOutputWithPast(loss=loss, logits=None)
-
-    hf.forward = types.MethodType(forward, hf)
-    what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
-    report.note(f"{what} (softcap {softcap})" if softcap else what)
-
-
-
-def _segments_into(kwargs: dict, attention_mask):
-    """Put the segment ids of `position_ids` / a 2-D `attention_mask` into the layer kwargs (surogate
-    attention reads them); returns the mask to hand the backbone (None: surogate attention builds its own)."""
-    if attention_mask is not None and attention_mask.dim() != 2:
-        return attention_mask  # a prepared 4-D mask or BlockMask: the caller's own, passed through
-    segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
-    if segments is not None:
-        kwargs[attention.SEGMENTS_KWARG] = segments
-        if attention.uses_flex(segments.device):
-            kwargs[attention.BLOCK_MASK_KWARG] = attention.document_block_mask(segments)
-    return None

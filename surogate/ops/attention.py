@@ -106,6 +106,8 @@ def install(model: nn.Module) -> str | None:
         return getattr(model, _ORIGINAL_ATTR)
     _register()
     original = model.config._attn_implementation or "sdpa"
+    if original == IMPLEMENTATION:  # a config already pointed at surogate: its own original is unknown, never itself
+        original = "sdpa"
     for module in model.modules():
         if module is model or "Attention" in type(module).__name__:
             setattr(module, _ORIGINAL_ATTR, original)

@@ -1,0 +1,116 @@
+"""The HF model's forward as `surogate.compile` wraps it: segments for surogate attention, the chunked LM head +
+loss, and HF's rules for `labels`.
+
+Why a wrapper: the surogate attention implementation gets no mask from transformers (surogate/ops/attention.py),
+so whatever computes the loss (the chunked op or HF's own head and loss) needs the segment ids of the call's
+`position_ids` and 2-D `attention_mask` put into the layer kwargs first. Calls without labels (inference,
+`generate()`) run HF's forward with the original implementation and transformers' own masks and KV cache.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from surogate.ops import attention
+from surogate.kernels.reference import IGNORE_INDEX
+from surogate.passes import CompileReport
+
+# Config attributes that change the logits in ways the chunked loss does not model.
+_UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = True) -> None:
+    """Wrap `hf.forward`: `labels=` calls get the segment ids surogate attention reads, whichever loss runs,
+    and with `chunked_loss` (where the head allows it) `surogate.ops.loss.lm_head_cross_entropy` (no full
+    FP32 logits) instead of HF's head and loss."""
+    config = getattr(hf, "config", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    backbone = getattr(hf, "base_model", hf)
+    own_attention = attention.original_implementation(hf) is not None
+    chunked = chunked_loss and _chunked_loss_applies(hf, head, backbone, report)
+    if not (own_attention or chunked):
+        return  # nothing to route: HF's forward as it is
+    softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
+    original = hf.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from surogate.ops.loss import lm_head_cross_entropy
+
+        hf_loss = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}  # HF's loss reads it
+        if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
+            with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache
+                return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
+        check_labels(labels, vocab)
+        kwargs.setdefault("use_cache", False)
+        if own_attention:
+            attention_mask = _segments_into(kwargs, attention_mask)
+        elif kwargs.get("position_ids") is not None and attention_mask is None:
+            raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
+                             "attend across examples; pad the examples instead of packing them (sample_packing: false)")
+        if not chunked:
+            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        loss = lm_head_cross_entropy(out[0], head.weight, labels, bias=head.bias, softcap=softcap,
+                                     num_items_in_batch=num_items_in_batch)
+        # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
+        # backbone's (`out.past_key_values`) is deprecated in transformers 5.
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    hf.forward = types.MethodType(forward, hf)
+    if not chunked:
+        return
+    what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
+    report.note(f"{what} (softcap {softcap})" if softcap else what)
+
+
+def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.Module,
+                          report: CompileReport) -> bool:
+    """Whether the chunked loss models `hf`'s logits (a linear head over a separate backbone, no logit scaling);
+    if not, the report says why HF's head is kept."""
+    config = getattr(hf, "config", None)
+    bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
+        why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
+        report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
+        return False
+    return True
+
+
+def check_labels(labels: Tensor, vocab: "int | None") -> None:
+    """HF's rules for `labels`, checked before the compiled step: int64 always (a dtype costs nothing); the
+    values (-100 or a token id below `vocab`) only when the labels are on the CPU, where reading them needs no
+    device sync. On a GPU an out-of-vocabulary label gives a NaN loss (surogate/kernels/cross_entropy.py)."""
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 token ids (-100 where ignored), got {labels.dtype}; pass labels.long()")
+    if labels.device.type != "cpu":
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (vocab or torch.iinfo(torch.int64).max)))
+    if bad.any():
+        raise ValueError(f"labels hold {labels[bad][0].item()}: a label is a token id in [0, {vocab}) or "
+                         f"{IGNORE_INDEX} (ignored); mask prompt and padding tokens with {IGNORE_INDEX}")
+
+
+def _segments_into(kwargs: dict, attention_mask: "Tensor | None") -> "Tensor | None":
+    """Put the segment ids of `position_ids` / a 2-D `attention_mask` into the layer kwargs (surogate
+    attention reads them); returns the mask to hand the backbone.
+
+    A 2-D mask goes on to the backbone too: transformers builds no mask from it for the surogate implementation
+    (no host sync), but some models derive their positions from it (OPT's learned positions: cumsum of the
+    mask), and must get the ones HF computes. A prepared 4-D mask or BlockMask is the caller's own, passed through.
+    """
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return attention_mask
+    segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
+    if segments is not None:
+        kwargs[attention.SEGMENTS_KWARG] = segments
+        if attention.uses_flex(segments.device):
+            kwargs[attention.BLOCK_MASK_KWARG] = attention.document_block_mask(segments)
+    return attention_mask
