@@ -214,8 +214,9 @@ def test_step_logs_as_they_happen_metrics_jsonl_and_tensorboard(model_dir, tmp_p
     assert [(r["step"], "eval_loss" in r) for r in final] == [(0, True), (1, False), (2, False), (2, True),
                                                               (3, False), (3, True)]
 
-    assert list((out / "runs").glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(out / "runs"))
+    (run_dir,) = (out / "runs").iterdir()  # the run's own folder
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in final if "loss" in r])

@@ -38,7 +38,7 @@ def test_unknown_key_named_with_hint(key, value, expect):
 
 
 def test_unknown_dataset_key_named():
-    with pytest.raises(ConfigError, match=r"unknown key dataset\.'pth'.*did you mean 'path'"):
+    with pytest.raises(ConfigError, match=r"^unknown key 'dataset\.pth'; did you mean 'dataset\.path'\?$"):
         from_dict({"dataset": {"pth": "x"}})
 
 
@@ -144,7 +144,8 @@ def test_set_values_yaml_would_not_take_as_written_are_strings_and_dataset_keys_
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     cfg = load_config(p, [f"dataset.chat_template={template}", "output_dir=out/run #2", "max_steps=7"])
     assert cfg.dataset.chat_template == template and cfg.output_dir == "out/run #2" and cfg.max_steps == 7
-    for override, message in (("dataset.formatt=x", r"^unknown key dataset\.'formatt'; did you mean 'format'\?$"),
+    for override, message in (("dataset.formatt=x",
+                               r"^unknown key 'dataset\.formatt'; did you mean 'dataset\.format'\?$"),
                               ("dataset.format=alpacaa", r"^dataset\.format: 'alpacaa' is not one of")):
         with pytest.raises(ConfigError, match=message):
             load_config(p, [override])
@@ -277,3 +278,27 @@ def test_model_name_that_is_a_mistyped_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and no cached hub model of that name
     with pytest.raises(ConfigError, match=r"^model: 'nobody-xyz/no-model' is not a local folder, and HF_HUB_OFFLINE"):
         from_dict({"model": "nobody-xyz/no-model"})
+
+
+@pytest.mark.parametrize("key, value", [("train_on_inputs", True), ("chat_template", "chatml"), ("val_set_size", 0.1)])
+def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
+    """Axolotl writes these at the top level (they got no hint, or "did you mean 'eval_steps'?")."""
+    with pytest.raises(ConfigError, match=rf"^unknown key '{key}'; it belongs under dataset: write dataset\.{key}"):
+        from_dict({key: value})
+
+
+def test_a_key_set_twice_in_the_yaml_is_an_error_with_its_lines(tmp_path):
+    """YAML keeps the last of two equal keys silently; the config names both lines."""
+    p = tmp_path / "cfg.yaml"
+    p.write_text("max_steps: 5\nlearning_rate: 1.0e-3\ndataset:\n  format: text\n  format: alpaca\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml:5: key 'format' is set twice \(first on line 4\); keep one$"):
+        load_config(p)
+    p.write_text("base: &b {max_steps: 5}\n<<: *b\nlearning_rate: 1.0e-3\n")  # a merge key may override: not an error
+    with pytest.raises(ConfigError, match="unknown key 'base'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("value", [0, -1e-3])
+def test_learning_rate_must_be_positive_says_so(value):
+    with pytest.raises(ConfigError, match=rf"^learning_rate: must be > 0, got {value}$"):
+        from_dict({"learning_rate": value})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,21 +150,23 @@ def test_pack_examples_keeps_boundaries_first_fit():
     batch = rows.batch([0])
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]  # the padding is a segment of its own
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5] + [IGNORE_INDEX] * 3]
-    with pytest.raises(ValueError, match="no examples to pack"):
+    with pytest.raises(ValueError, match="^the examples: no examples$"):
         pack_examples([], 8)
 
 
 def test_examples_longer_than_seq_len_are_counted_cut_and_left_out():
     """Both layouts count the examples longer than seq_len: cut to it, or left out where the cut leaves no target
-    (a prompt longer than seq_len); `cut_line` is the log's line on them (none when nothing was cut)."""
+    (a prompt longer than seq_len); `log_lines` is the log's line on them (none when nothing was cut)."""
     ex = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]),  # fits
           Example(list(range(10, 22)), list(range(10, 22))),  # 12 tokens: cut to 8, targets left
           Example(list(range(30, 42)), [IGNORE_INDEX] * 10 + [40, 41])]  # its targets past 8: left out
-    for rows in (pack_examples(ex, 8), data.one_per_row(ex, 8)):
+    where = "a.jsonl (train split)"
+    for rows in (pack_examples(ex, 8, where=where), data.one_per_row(ex, 8, where=where)):
         assert (rows.examples, rows.cut, rows.dropped, len(rows)) == (3, 2, 1, 2)
-        assert rows.cut_line("train") == ("data: 2 of 3 train examples are longer than sequence_len 8: 1 cut to it, "
-                                          "1 left out (no target token within it); raise sequence_len to keep them whole")
-    assert pack_examples(ex[:1], 8).cut_line("train") is None
+        assert rows.log_lines() == ["data: 2 of 3 examples of a.jsonl (train split) are longer than sequence_len 8: "
+                                    "1 cut to it, 1 left out (no target token within it); raise sequence_len to keep "
+                                    "them whole"]
+    assert pack_examples(ex[:1], 8).log_lines() == []
 
 
 def test_train_on_inputs_keeps_the_prompt_as_targets(tok):
@@ -172,3 +175,24 @@ def test_train_on_inputs_keeps_the_prompt_as_targets(tok):
     assert all(e.labels == e.input_ids for e in trained)
     text = tokenize_examples([{"text": "plain words"}], "text", tok)[0]
     assert text.labels == text.input_ids
+
+
+def test_examples_without_a_target_are_counted_and_named_with_split_and_file(tok, tmp_path):
+    """An empty alpaca output or a conversation without an assistant turn teaches nothing: left out, as before,
+    but the log counts them per split and file (they went without a word), and when none is left the error
+    says so, naming the split and the file (it blamed sequence_len)."""
+    rows = [{"instruction": f"Add {i} and {i}", "input": "", "output": "" if i % 3 == 0 else str(2 * i)}
+            for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for packing in (True, False):
+        split = build_split(tmp_path, "train", "alpaca", tok, 256, packing=packing)
+        assert (split.examples, split.untrained, split.cut) == (6, 2, 0)
+        assert split.log_lines() == [f"data: 2 of 6 examples of {tmp_path / 'train.jsonl'} (split 'train') have no "
+                                     "target token (an empty answer, or no assistant turn): left out"]
+    convs = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in convs))
+    test_file = re.escape(str(tmp_path / "test.jsonl"))
+    with pytest.raises(data.DataError, match=rf"^{test_file} \(split 'test'\): none of the 3 examples has a target "
+                                             r"token \(an empty answer, or a conversation without an assistant "
+                                             r"turn\); give them one, or set dataset\.train_on_inputs: true"):
+        build_split(tmp_path, "test", "messages", tok, 256, chat_template="chatml")

@@ -112,6 +112,19 @@ def test_messages_train_only_assistant_turns_exactly(tok):
     assert everything.input_ids == ex.input_ids and everything.labels == everything.input_ids
 
 
+def test_a_conversation_ending_on_a_user_turn_gets_no_eos_even_with_train_on_inputs(tok):
+    """EOS follows an answer: with train_on_inputs the last user turn is trained, but no EOS is put after it
+    (it was, teaching the model to stop after a user's words)."""
+    conv = [*CONVERSATION, {"role": "user", "content": "thanks"}]
+    for on_inputs in (False, True):
+        ex = tokenize_examples([{"messages": conv}], "messages", tok, train_on_inputs=on_inputs,
+                               chat_template=CHATML)[0]
+        assert tok.eos_token_id not in ex.input_ids
+        assert tok.decode(ex.input_ids).endswith("<|im_start|>user\nthanks<|im_end|>\n")
+    ex = tokenize_examples([{"messages": CONVERSATION}], "messages", tok, train_on_inputs=True, chat_template=CHATML)[0]
+    assert ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id  # after an assistant turn: trained
+
+
 def test_messages_end_of_turn_eos_is_trained_once(tok):
     """A template that ends each turn with the EOS token: EOS trained after assistant turns, masked after user
     turns, and not appended a second time at the end."""

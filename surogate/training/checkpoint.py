@@ -66,6 +66,18 @@ def latest(output_dir: "str | os.PathLike") -> Path | None:
     return found[-1][1] if found else None
 
 
+def not_continued(output_dir: "str | os.PathLike", resume: "str | os.PathLike | None") -> list[Path]:
+    """The checkpoints in `output_dir` that a run from checkpoint `resume` (None: a fresh run) does not
+    continue: all of them, unless `resume` is one of them; then those of later steps (another branch)."""
+    out = Path(output_dir)
+    found = list_checkpoints(out)
+    if resume is None or not out.is_dir() or Path(resume).resolve().parent != out.resolve():
+        return [path for _, path in found]
+    m = _NAME.match(Path(resume).name)
+    step = int(m.group(1)) if m else -1
+    return [path for s, path in found if s > step and path.name != Path(resume).name]
+
+
 def read_state(path: "str | os.PathLike") -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 

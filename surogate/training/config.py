@@ -71,6 +71,7 @@ class TrainConfig:
     lora_target_parameters: list[str] | None = None  # None: every expert of a MoE model; []: none
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     output_dir: str = "surogate-out"
+    overwrite_output_dir: bool = False  # a fresh run replaces the checkpoints of another run in output_dir
     max_steps: int | None = None  # optimizer steps; wins over num_epochs
     num_epochs: float = 1.0
     seed: int = 42
@@ -109,7 +110,8 @@ def _int(key: str, v: Any, minimum: int | None = None, optional: bool = False) -
 
 
 def _float(key: str, v: Any, minimum: float | None = None, maximum: float | None = None,
-           optional: bool = False) -> float | None:
+           optional: bool = False, above: float | None = None) -> float | None:
+    """A finite number in [minimum, maximum] (`above`: strictly greater than it)."""
     if v is None and optional:
         return None
     if isinstance(v, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
@@ -121,6 +123,8 @@ def _float(key: str, v: Any, minimum: float | None = None, maximum: float | None
         raise ConfigError(f"{key}: expected a finite number, got {v!r}")
     if minimum is not None and v < minimum:
         raise ConfigError(f"{key}: must be >= {minimum}, got {v}")
+    if above is not None and v <= above:
+        raise ConfigError(f"{key}: must be > {above:g}, got {v}")
     if maximum is not None and v > maximum:
         raise ConfigError(f"{key}: must be <= {maximum}, got {v}")
     return float(v)
@@ -329,10 +333,18 @@ def _parameter_targets(key: str, v: Any) -> list[str] | None:
 
 
 def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
-    for k in sorted(keys):
+    """The first unknown key, with the likeliest meant one: a dataset key written at the top level (as
+    Axolotl's train_on_inputs, chat_template, val_set_size) is `dataset.<key>`."""
+    dataset_keys = [f.name for f in dataclasses.fields(DatasetConfig)] if not where else []
+    for k in sorted(keys, key=str):
         close = difflib.get_close_matches(str(k), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-        raise ConfigError(f"unknown key {where}{k!r}{hint}")
+        if k in dataset_keys:
+            hint = f"; it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
+        elif close:
+            hint = f"; did you mean {where + close[0]!r}?"
+        else:
+            hint = f"; valid keys: {', '.join(valid)}"
+        raise ConfigError(f"unknown key {where + str(k)!r}{hint}")
 
 
 def _dataset(raw: Any) -> DatasetConfig:
@@ -393,18 +405,16 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.per_device_train_batch_size = _int("per_device_train_batch_size", c.per_device_train_batch_size, 1)
     c.per_device_eval_batch_size = _int("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, optional=True)
     c.gradient_accumulation_steps = _int("gradient_accumulation_steps", c.gradient_accumulation_steps, 1)
-    c.learning_rate = _float("learning_rate", c.learning_rate, 0.0)
-    if c.learning_rate == 0:
-        raise ConfigError("learning_rate: must be > 0")
+    c.learning_rate = _float("learning_rate", c.learning_rate, above=0.0)
     c.warmup_steps = _int("warmup_steps", c.warmup_steps, 0)
     c.weight_decay = _float("weight_decay", c.weight_decay, 0.0)
     c.lr_scheduler_type = _str("lr_scheduler_type", c.lr_scheduler_type, choices=SCHEDULERS)
     c.max_grad_norm = _float("max_grad_norm", c.max_grad_norm, 0.0, optional=True)
     c.lora_rank = _int("lora_rank", c.lora_rank, 1)
-    c.lora_alpha = _float("lora_alpha", c.lora_alpha, 0.0)
-    if c.lora_alpha == 0:
-        raise ConfigError("lora_alpha: must be > 0 (the LoRA scale is lora_alpha / lora_rank: at 0 nothing trains); "
-                          "the usual value is 2 x lora_rank")
+    c.lora_alpha = _float("lora_alpha", c.lora_alpha)
+    if c.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha: must be > 0 (the LoRA scale is lora_alpha / lora_rank: at 0 nothing trains), "
+                          f"got {c.lora_alpha:g}; the usual value is 2 x lora_rank")
     c.lora_dropout = _float("lora_dropout", c.lora_dropout, 0.0, 0.999)
     c.lora_target_modules = _targets("lora_target_modules", c.lora_target_modules)
     c.lora_target_parameters = _parameter_targets("lora_target_parameters", c.lora_target_parameters)
@@ -412,10 +422,11 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError("lora_dropout: must be 0 with lora_target_parameters (PEFT cannot drop out the input of "
                           "an expert's LoRA); set lora_dropout: 0, or lora_target_parameters: [] for no expert LoRA")
     c.output_dir = _output_dir("output_dir", c.output_dir)
+    c.overwrite_output_dir = _bool("overwrite_output_dir", c.overwrite_output_dir)
     c.max_steps = _int("max_steps", c.max_steps, 1, optional=True)
     c.num_epochs = _float("num_epochs", c.num_epochs, 0.0)
     if c.max_steps is None and c.num_epochs == 0:
-        raise ConfigError("num_epochs: must be > 0 when max_steps is not set")
+        raise ConfigError("num_epochs: must be > 0 when max_steps is not set, got 0")
     c.seed = _int("seed", c.seed, 0)
     c.logging_steps = _int("logging_steps", c.logging_steps, 1)
     c.eval_steps = _int("eval_steps", c.eval_steps, 1, optional=True)
@@ -475,11 +486,28 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _names_override(message: str, key: str) -> bool:
     """Whether a from_dict error is about `key` as --set wrote it (dotted for the dataset's keys)."""
-    starts = [f"{key}:", f"unknown key {key!r}"]
-    if "." in key:
-        section, name = key.split(".", 1)
-        starts.append(f"unknown key {section}.{name!r}")
-    return message.startswith(tuple(starts))
+    return message.startswith((f"{key}:", f"unknown key {key!r}"))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping: YAML would keep the last silently."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping (with both lines)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        merges = any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value)  # `<<: *base` then overrides
+        for key_node, _ in [] if merges else node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)):  # unhashable: the loader's own error follows
+                continue
+            if key in seen:
+                raise _DuplicateKey(f"{line}: key {key!r} is set twice (first on line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -489,7 +517,9 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
         raise ConfigError(f"config file {str(p)!r} does not exist; run `surogate train` with no argument for "
                           "the embedded default, or see examples/configs/")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}:{e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     raw = {} if raw is None else raw

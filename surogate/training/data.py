@@ -84,18 +84,23 @@ class ExampleRows:
     examples: int = 0  # examples laid out, kept or not
     cut: int = 0  # of them, longer than seq_len: truncated, or dropped where no target was left
     dropped: int = 0  # of the cut ones, dropped
+    untrained: int = 0  # examples without any target token (an empty answer, no assistant turn): dropped
+    source: str = "the examples"  # where they came from (a file), for the log
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def cut_line(self, what: str) -> str | None:
-        """One log line on the examples longer than seq_len (None: there were none)."""
-        if not self.cut:
-            return None
-        kept = self.cut - self.dropped
-        return (f"data: {self.cut} of {self.examples} {what} examples are longer than sequence_len {self.seq_len}: "
-                f"{kept} cut to it, {self.dropped} left out (no target token within it); raise sequence_len to "
-                "keep them whole")
+    def log_lines(self) -> list[str]:
+        """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
+        lines = []
+        if self.untrained:
+            lines.append(f"data: {self.untrained} of {self.examples} examples of {self.source} have no target token "
+                         f"(an empty answer, or no assistant turn): left out")
+        if self.cut:
+            lines.append(f"data: {self.cut} of {self.examples} examples of {self.source} are longer than "
+                         f"sequence_len {self.seq_len}: {self.cut - self.dropped} cut to it, {self.dropped} left out "
+                         "(no target token within it); raise sequence_len to keep them whole")
+        return lines
 
     @property
     def packed(self) -> bool:
@@ -137,22 +142,46 @@ def _has_target(labels: list[int]) -> bool:
     return any(t != IGNORE_INDEX for t in labels[1:])
 
 
-def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> ExampleRows:
+def _sort(examples: list[Example], seq_len: int, where: str) -> tuple[list[Example], int, int, int]:
+    """(the examples with a target within `seq_len`, how many are cut, how many of those lose every target,
+    how many have no target at all); a DataError naming `where` and the reason when none is left."""
+    kept, cut, dropped, untrained = [], 0, 0, 0
+    for ex in examples:
+        long = len(ex.input_ids) > seq_len
+        cut += long
+        if not _has_target(ex.labels):
+            untrained += 1
+        elif not _has_target(ex.labels[:seq_len]):
+            dropped += long
+        else:
+            kept.append(ex)
+    if not examples:
+        raise DataError(f"{where}: no examples")
+    if not kept:
+        if untrained == len(examples):
+            raise DataError(f"{where}: none of the {len(examples)} examples has a target token (an empty answer, or a "
+                            "conversation without an assistant turn); give them one, or set dataset.train_on_inputs: "
+                            "true to train on the prompts")
+        none = f"; {untrained} have none at all (an empty answer, or no assistant turn)" if untrained else ""
+        raise DataError(f"{where}: no example has a target token within sequence_len {seq_len}: {dropped} lose theirs "
+                        f"to the cut (a prompt longer than it){none}; raise sequence_len, or set "
+                        "dataset.train_on_inputs: true")
+    return kept, cut, dropped, untrained
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0, where: str = "the examples") -> ExampleRows:
     """Whole examples placed first-fit into rows of at most `seq_len` tokens, in order; an example longer
-    than `seq_len` is truncated to it, and dropped if no target is left (a prompt cut before its answer).
-    Each example's first label is IGNORE_INDEX (it has no predecessor in its own example)."""
+    than `seq_len` is truncated to it, and dropped if no target is left (a prompt cut before its answer), as is
+    one without any target. Each example's first label is IGNORE_INDEX (it has no predecessor in its own
+    example). `where` names the examples (split and file) in the log and in errors."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    kept, cut, dropped, untrained = _sort(examples, seq_len, where)
     rows: list[tuple[list[int], list[int], list[int]]] = []
     room: list[int] = []  # free tokens per row, for first fit
     open_rows: list[int] = []  # rows with room left
-    cut = dropped = 0
-    for ex in examples:
+    for ex in kept:
         ids, labels = ex.input_ids[:seq_len], ex.labels[:seq_len]
-        cut += len(ex.input_ids) > seq_len
-        if not _has_target(labels):
-            dropped += len(ex.input_ids) > seq_len
-            continue
         target = next((r for r in open_rows if room[r] >= len(ids)), None)
         if target is None:
             rows.append(([], [], []))
@@ -166,23 +195,16 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0) -> Exa
         room[target] -= len(ids)
         if room[target] == 0:
             open_rows.remove(target)
-    if not rows:
-        raise DataError(f"no examples to pack: none has a target token within {seq_len} tokens "
-                         "(raise sequence_len, or set train_on_inputs: true)")
     return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id,
-                       len(examples), cut, dropped)
+                       len(examples), cut, dropped, untrained, where)
 
 
-def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0) -> ExampleRows:
-    """One example per row, truncated to `seq_len` (batches pad to their longest row)."""
-    kept = [ex for ex in examples if _has_target(ex.labels[:seq_len])]
-    if not kept:
-        raise DataError(f"no examples: none has a target token within {seq_len} tokens (raise sequence_len, "
-                         "or set train_on_inputs: true)")
-    long = [ex for ex in examples if len(ex.input_ids) > seq_len]
-    dropped = sum(not _has_target(ex.labels[:seq_len]) for ex in long)
+def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0, where: str = "the examples") -> ExampleRows:
+    """One example per row, truncated to `seq_len` (batches pad to their longest row); the same ones left out
+    as by `pack_examples`."""
+    kept, cut, dropped, untrained = _sort(examples, seq_len, where)
     return ExampleRows([ex.input_ids[:seq_len] for ex in kept], [ex.labels[:seq_len] for ex in kept], None,
-                       seq_len, pad_id, len(examples), len(long), dropped)
+                       seq_len, pad_id, len(examples), cut, dropped, untrained, where)
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
@@ -265,12 +287,13 @@ def _nonempty(rows: Rows, split: str) -> Rows:
 
 
 def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, train_on_inputs: bool = False,
-           chat_template: str | None = None) -> ExampleRows:
+           chat_template: str | None = None, split: str = "split 'train'") -> ExampleRows:
     """Tokenize rows (read text masked unless `train_on_inputs`) and pack them with their boundaries (or lay
-    them out one example per row)."""
+    them out one example per row); `split` names them in the log and in errors, with their file."""
     tokenized = tokenize_examples(rows, fmt, tokenizer, train_on_inputs, chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_examples(tokenized, seq_len, pad_id) if packing else one_per_row(tokenized, seq_len, pad_id)
+    where = f"{rows.source} ({split})"
+    return (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where)
 
 
 def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
@@ -279,7 +302,8 @@ def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, t
     """Read one split of a dataset path (a file, a folder of `<split>.<ext>` files, a Hugging Face
     dataset; None: the bundled sample), tokenize it and lay it out (see `layout`)."""
     rows = _nonempty(read_split(bundled_dataset_dir() if dataset_dir is None else dataset_dir, split, limit), split)
-    return layout(rows, fmt, tokenizer, seq_len, packing, train_on_inputs, resolve_chat_template(chat_template))
+    return layout(rows, fmt, tokenizer, seq_len, packing, train_on_inputs, resolve_chat_template(chat_template),
+                  f"split {split!r}")
 
 
 def load_rows(ds, seed: int) -> tuple[Rows, Rows | None]:
@@ -309,7 +333,9 @@ def load_splits(cfg, tokenizer) -> tuple[ExampleRows, ExampleRows | None]:
     fmt = resolve_format(train_rows, ds.format).name
     template = resolve_chat_template(ds.chat_template)
     on_inputs = ds.train_on_inputs
-    train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template)
+    train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
+                   f"train split {ds.train_split!r}")
     evaluation = None if eval_rows is None else layout(
-        eval_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template)
+        eval_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
+        "eval split: val_set_size of train" if ds.eval_split is None else f"eval split {ds.eval_split!r}")
     return train, evaluation

@@ -219,7 +219,8 @@ def start_tokens(tokenizer) -> list[int]:
 def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_inputs: bool = False,
                       chat_template: str | None = None) -> list[Example]:
     """Rows -> examples. Read pieces get IGNORE_INDEX labels unless `train_on_inputs`; start tokens (BOS)
-    are prepended unless present and never trained; EOS is appended (trained) after a trained end, unless
+    are prepended unless present and never trained; EOS is appended (trained) after an example that ends on
+    its answer (a trained piece of the format: not a user turn, even with `train_on_inputs`), unless
     the example already ends with it, or, for messages, the last assistant turn already holds it (a template
     whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>)."""
     rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
@@ -232,15 +233,18 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
     if eos is None:
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
     per_row: list[Pieces] = []
+    ends_answered: list[bool] = []  # the example ends on its answer (trained by the format, not by train_on_inputs)
     for i, raw in enumerate(rows.rows):
         row = check_row(raw, form, rows.where(i))
-        pieces = chat_pieces(row["messages"], tokenizer, template, rows.where(i)) if chat else form.pieces(row)
-        per_row.append([(t, trained or train_on_inputs) for t, trained in pieces if t])
+        pieces = [(t, trained) for t, trained in (chat_pieces(row["messages"], tokenizer, template, rows.where(i))
+                                                  if chat else form.pieces(row)) if t]
+        ends_answered.append(bool(pieces) and pieces[-1][1])
+        per_row.append([(t, trained or train_on_inputs) for t, trained in pieces])
     flat = [t for pieces in per_row for t, _ in pieces]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     start = start_tokens(tokenizer)
     out = []
-    for pieces in per_row:
+    for pieces, answered in zip(per_row, ends_answered):
         ids: list[int] = []
         labels: list[int] = []
         last: list[int] = []
@@ -253,9 +257,8 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
                 ids = start + ids
                 labels = [IGNORE_INDEX] * len(start) + labels
             labels[:len(start)] = [IGNORE_INDEX] * len(start)
-        ends_trained = bool(pieces) and pieces[-1][1]
         has_eos = (eos in last) if chat else (ids[-1:] == [eos])
-        if ends_trained and not has_eos:
+        if answered and not has_eos:
             ids, labels = ids + [eos], labels + [eos]
         out.append(Example(ids, labels))
     return out

@@ -3,15 +3,18 @@
 `output_dir/metrics.jsonl`: one JSON object a line, flushed as it is written, so that a run cut off
 at any point keeps every step it finished (`tail -f` follows it). Train lines carry `step`, `epoch`,
 `loss`, `lr`, `tokens`, `elapsed_s`; eval lines carry `step` and `eval_loss`. With
-`report_to: tensorboard`, the same scalars go to TensorBoard event files in `output_dir/runs/`
-(`train/loss`, `train/learning_rate`, `train/tokens`, `eval/loss`). A resumed run rewrites the file
-from the checkpoint's log, so steps after the checkpoint (which it repeats) are not listed twice.
+`report_to: tensorboard`, the same scalars go to TensorBoard event files in a folder of the run's own,
+`output_dir/runs/<start time>/` (`train/loss`, `train/learning_rate`, `train/tokens`, `eval/loss`), so
+that the curves of two runs in one output_dir stay apart; a resumed run goes on in its checkpoint's
+folder. A resumed run rewrites metrics.jsonl from the checkpoint's log, so steps after the checkpoint
+(which it repeats) are not listed twice.
 In a job of several processes rank 0 alone writes them (the others get a `NullRunLog`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 METRICS_LOG = "metrics.jsonl"
@@ -25,11 +28,22 @@ def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
+def new_tensorboard_dir(output_dir: Path) -> str:
+    """A fresh run's TensorBoard folder under `output_dir/runs/`, named by its start time (`_2`... when taken),
+    relative to `output_dir` (what a checkpoint records for a resume)."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    name, n = stamp, 1
+    while (Path(output_dir) / TENSORBOARD_DIR / name).exists():
+        n += 1
+        name = f"{stamp}_{n}"
+    return f"{TENSORBOARD_DIR}/{name}"
+
+
 class RunLog:
     """metrics.jsonl (always) and TensorBoard (when `report_to` names it) for one run."""
 
     def __init__(self, output_dir: Path, report_to: list[str], earlier: list[dict] | None = None,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, tensorboard_dir: str | None = None) -> None:
         self.path = Path(output_dir) / METRICS_LOG
         self._file = self.path.open("w", encoding="utf-8")
         for record in earlier or []:
@@ -37,7 +51,7 @@ class RunLog:
         self.writer = None
         if "tensorboard" in report_to:
             # purge_step: events past the checkpoint, written before an interrupt, are dropped on resume
-            self.writer = tensorboard_writer(Path(output_dir) / TENSORBOARD_DIR,
+            self.writer = tensorboard_writer(Path(output_dir) / (tensorboard_dir or new_tensorboard_dir(output_dir)),
                                              None if resume_step is None else resume_step + 1)
 
     def _write(self, record: dict) -> None:

@@ -5,8 +5,9 @@ gradient accumulation, fixed-length packed batches, eval loss on a held-out spli
 first step, every `eval_steps`, at the end), each step's numbers appended to `metrics.jsonl` as
 it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/training/checkpoint.py) that
 `resume_from_checkpoint` continues exactly, then the adapter, a metrics JSON and a loss chart in
-`output_dir`. What the config cannot know alone (the model's positions and layer names) is checked
-from the model's config before any weight loads. The parts are public, each in its file, so that the
+`output_dir`, which the run holds alone (`run_lock`) and whose checkpoints must be its own
+(`train_checks.check_output_dir`). What the config cannot know alone (the model's positions and layer
+names) is checked from the model's config before any weight loads. The parts are public, each in its file, so that the
 examples can write the same loop by hand: `setup` builds the model, optimizer and schedule, `steps` runs
 micro-batches and the eval loss, `outputs` writes what a finished run leaves.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from surogate.training import (
     checkpoint,
     distributed,
     outputs,
+    run_lock,
     setup,
     steps,
     train_checks,
@@ -51,15 +54,23 @@ def _silent(line: str) -> None:
 
 
 class StopOnInterrupt:
-    """While the loop runs, the first Ctrl-C (SIGINT) or, in one process, SIGTERM (what SLURM and other
-    schedulers send before they kill a job) asks it to stop after the current step, where a checkpoint is
-    saved; a second one stops at once. Under torchrun SIGTERM keeps its default: the agent sends it to the
-    other ranks when one fails, and they must end then, not finish a step. Outside the main thread nothing
-    is installed."""
+    """From the first step to the last output, the first Ctrl-C (SIGINT) or, in one process, SIGTERM (what
+    SLURM and other schedulers send before they kill a job) asks the run to stop after the current step,
+    where a checkpoint is saved (during the final eval: at once, `stop_at_once`; while the outputs are
+    written: once they are); a second one stops at once. Under torchrun SIGTERM keeps its default: the
+    agent sends it to the other ranks when one fails, and they must end then, not finish a step. Outside
+    the main thread nothing is installed."""
 
     def __init__(self, log: Log, distributed: bool = False) -> None:
-        self.log, self.requested, self._previous = log, False, {}
+        self.log, self.requested, self.immediate, self._previous = log, False, False, {}
         self.signals = (signal.SIGINT,) if distributed else (signal.SIGINT, signal.SIGTERM)
+
+    def stop_at_once(self, on: bool = True) -> None:
+        """From now on (`on`) the first signal stops at once, as in work that can be dropped and redone (the
+        final eval); one that came already stops here."""
+        self.immediate = on
+        if on and self.requested:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> "StopOnInterrupt":
         try:
@@ -70,7 +81,8 @@ class StopOnInterrupt:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or self.immediate:
+            self.requested = True
             raise KeyboardInterrupt
         self.requested = True
         try:
@@ -92,6 +104,21 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def _epochs_line(cfg: TrainConfig, batches_per_epoch: int, total: int) -> str | None:
+    """The log line when `num_epochs` is not what the run trains: a step takes whole micro-batches
+    (`gradient_accumulation_steps` of them), so the steps round up; None when they fit (or max_steps is set)."""
+    if cfg.max_steps is not None:
+        return None
+    ga = cfg.gradient_accumulation_steps
+    epochs = total * ga / batches_per_epoch
+    if math.isclose(epochs, cfg.num_epochs):
+        return None
+    wanted = cfg.num_epochs * batches_per_epoch
+    return (f"num_epochs: {cfg.num_epochs:g} is {wanted:g} micro-batch{'' if wanted == 1 else 'es'} (an epoch is "
+            f"{batches_per_epoch}), rounded up to {total} optimizer step{'s' if total != 1 else ''} of {ga}: the "
+            f"run trains {epochs:.4g} epochs (set max_steps, or lower gradient_accumulation_steps, to train fewer)")
 
 
 def _spread(model: nn.Module, cfg: TrainConfig, info: distributed.DistInfo, device: torch.device,
@@ -120,7 +147,7 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
 
     `on_step(record)` is called after each optimizer step (its metrics line written, its eval and
     checkpoint done). A KeyboardInterrupt (Ctrl-C, or raised by `on_step`) saves a checkpoint of the last
-    finished step, then propagates.
+    finished step (after the last step, during the final eval, the adapter too), then propagates.
 
     Launched by torchrun (RANK, WORLD_SIZE... in the environment), every rank runs it: it joins the job
     (`distributed.init`), and an exception on any rank ends every rank with that error
@@ -135,7 +162,8 @@ def train(config: "TrainConfig | str | os.PathLike | None" = None, log: Log = lo
     stopped = False
     with distributed.fail_fast():
         try:
-            result = _train(cfg, info, log if info.is_main else _silent, on_step)
+            with run_lock.hold(cfg.output_dir) if info.is_main else contextlib.nullcontext():  # one run a folder
+                result = _train(cfg, info, log if info.is_main else _silent, on_step)
         except _AgreedStop:  # not a failure: every rank saved the checkpoint and stops here
             stopped = True
     if info.distributed and not joined:
@@ -160,15 +188,17 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     from surogate.kernels.plan import plan
     from surogate.ops.modules import parameter_counts
     from surogate.training.data import load_splits
-    from surogate.training.run_log import NullRunLog, RunLog
+    from surogate.training.run_log import NullRunLog, RunLog, new_tensorboard_dir
 
     t_start = time.perf_counter()
     main, world = info.is_main, info.world
+    device = info.device if info.distributed else setup.pick_device()
+    train_checks.check_device(cfg, device)  # arch or cuda_graphs that need a GPU this machine lacks
     plan(cfg.recipe, cfg.arch).check(cfg.allow_emulation)  # refuse before loading anything
     resume_dir = train_checks.resume_path(cfg)
-    targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
-    device = info.device if info.distributed else setup.pick_device()
     out = Path(cfg.output_dir).expanduser()
+    replaced = train_checks.check_output_dir(cfg, resume_dir)  # other runs' checkpoints: refused or replaced
+    targets_checked = train_checks.check_model(cfg)  # positions and LoRA targets, from the model's config
     setup.set_seed(cfg.seed)  # the same on every rank: the same LoRA init, data order and dropout draws
 
     tokenizer = setup.load_tokenizer_for(cfg, log)
@@ -178,18 +208,13 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
         + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
-    for split, what in ((train_set, "train"), (eval_set, "eval")):
-        line = getattr(split, "cut_line", lambda _: None)(what)
-        if line:
-            log(line)
+    for line in train_set.log_lines() + ([] if eval_set is None else eval_set.log_lines()):
+        log(line)  # examples left out or cut, per split and file
     fingerprint = train_checks.data_fingerprint(train_set, cfg)
     state = None
     if resume_dir is not None:
         state = checkpoint.read_state(resume_dir)
         train_checks.check_resumable(cfg, state, fingerprint, resume_dir, world)
-    elif checkpoint.list_checkpoints(out):
-        log(f"{out} holds checkpoints of an earlier run; this run starts over (resume_from_checkpoint: true "
-            "continues the latest)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -222,22 +247,29 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         log(f"data: an epoch is {micro.per_epoch} micro-batches of {micro.batch_size} rows, so {micro.left_out} of the "
             f"{len(train_set)} rows are left out of each (others each epoch: the order is reshuffled)")
     total = _total_steps(cfg, micro.per_epoch)
+    line = _epochs_line(cfg, micro.per_epoch, total)
+    if line:
+        log(line)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
     eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
     history: list[dict] = []
     evals: list[dict] = []
     tokens_total, start = 0, 1
+    tensorboard_dir = None
     if state is not None:
         train_checks.check_resume_steps(state, total, resume_dir)
         state = checkpoint.restore(resume_dir, model, opt, sched)
         history, evals, tokens_total = state["history"], state["evals"], state["tokens_total"]
+        tensorboard_dir = state.get("tensorboard_dir")  # the resumed run's curves go on in its folder
         start = state["global_step"] + 1
         micro = steps.MicroBatches(train_set, cfg, epoch=state["epoch"], index=state["micro_batch"], world=world)
         log(f"resumed from {resume_dir}: step {start - 1} of {total} done, epoch {state['epoch']}, "
             f"micro-batch {state['micro_batch']} of its order")
-    run_log = (RunLog(out, cfg.report_to, outputs.merged_log(history, evals), None if state is None else start - 1)
-               if main else NullRunLog())
+    if "tensorboard" in cfg.report_to and tensorboard_dir is None:
+        tensorboard_dir = new_tensorboard_dir(out)
+    run_log = (RunLog(out, cfg.report_to, outputs.merged_log(history, evals), None if state is None else start - 1,
+                      tensorboard_dir) if main else NullRunLog())
 
     def run_eval(step: int) -> None:
         t_eval = time.perf_counter()
@@ -245,19 +277,43 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
         log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
 
-    saved: list[int] = []
+    def take_over() -> None:  # overwrite_output_dir: other runs' checkpoints go once this run writes its own
+        if replaced and main:
+            for path in replaced:
+                shutil.rmtree(path, ignore_errors=True)
+            log(f"overwrite_output_dir: removed {', '.join(p.name for p in replaced)} of an earlier run")
+        replaced.clear()
+
+    # the checkpoint this run resumed from is one of its own: an interrupt right away need not write it again
+    saved: list[int] = [start - 1] if resume_dir is not None and resume_dir.parent.resolve() == out.resolve() and \
+        resume_dir.name == f"checkpoint-{start - 1}" else []
 
     def save_checkpoint(step: int) -> Path:  # every rank: FSDP gathers the shards, rank 0 writes
+        take_over()
         trainer_state = {"global_step": step, "total_steps": total, "epoch": micro.epoch, "micro_batch": micro.index,
                          "micro_batches_per_epoch": micro.per_epoch,
                          "tokens_total": tokens_total, "history": history, "evals": evals,
                          "resume_keys": train_checks.resume_keys(cfg), "train_data": fingerprint,
-                         **train_checks.run_layout(cfg, world)}
+                         "tensorboard_dir": tensorboard_dir, **train_checks.run_layout(cfg, world)}
         path = checkpoint.save(out, step, model, opt, sched, trainer_state, tokenizer, base_ref)
         if cfg.save_total_limit and main:
             checkpoint.rotate(out, cfg.save_total_limit, protect=path)
         saved.append(step)
         return path
+
+    def save_adapter() -> Path:  # every rank: FSDP gathers the shards, rank 0 writes
+        take_over()
+        adapter_dir = distributed.save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)
+        if main:
+            tokenizer.save_pretrained(str(adapter_dir))
+        return adapter_dir
+
+    def save_interrupted(step: int, when: str) -> None:
+        """What an interrupt after `step` keeps: its checkpoint, and once every step is done the adapter too."""
+        path = out / f"checkpoint-{step}" if step in saved else save_checkpoint(step)
+        adapter = f", the trained adapter to {save_adapter()}" if step == total else ""
+        log(f"interrupted {when}: checkpoint saved to {path}{adapter}; continue with "
+            "`--set resume_from_checkpoint=true`" + (f" (on {world} ranks again)" if info.distributed else ""))
 
     try:
         if eval_set is not None and cfg.eval_on_start and state is None:
@@ -343,41 +399,57 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                 elif step < start:
                     log("interrupted before the first step: nothing to save")
                 else:
-                    path = out / f"checkpoint-{step}" if step in saved else save_checkpoint(step)
-                    log(f"interrupted after step {step}: checkpoint saved to {path}; continue with "
-                        "`--set resume_from_checkpoint=true`"
-                        + (f" (on {world} ranks again)" if info.distributed else ""))
+                    save_interrupted(step, f"after step {step}")
                 raise
-        t_end = time.perf_counter()
-        tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
+            t_end = time.perf_counter()
+            tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
 
-        first_eval = None
-        if eval_set is not None:
-            run_eval(total)
-            first_eval = evals[0]["loss"] if len(evals) > 1 else None
+            if eval_set is not None:
+                # one process: a Ctrl-C drops the final eval at once (a resume runs it again); several: every
+                # rank is in its collectives, so it finishes and the ranks agree below
+                try:
+                    stop.stop_at_once(not info.distributed)
+                    run_eval(total)
+                    stop.stop_at_once(False)
+                except KeyboardInterrupt:
+                    if not info.distributed:
+                        save_interrupted(total, "during the final eval")
+                    raise
+            # the loss before training: step 0's eval (none with eval_on_start: false, or a resume without it)
+            first_eval = evals[0]["loss"] if evals and evals[0]["step"] == 0 and len(evals) > 1 else None
+
+            # a Ctrl-C from here on waits for the outputs: they take seconds, and half of them would be worse
+            adapter_dir = save_adapter()  # every rank
+            chart = out / "loss.png"
+            if main:
+                where = device.type if not info.distributed else f"{world} x {device.type}"
+                outputs.plot_losses(history, evals, chart,
+                                    title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {where}")
+            result = TrainResult(
+                output_dir=out, adapter_dir=adapter_dir, metrics_path=out / "metrics.json", chart_path=chart,
+                steps=total, train_tokens=tokens_total, tokens_per_s=tokens_per_s,
+                final_train_loss=history[-1]["loss"] if history else float("nan"),
+                final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
+                wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s,
+                resumed_from=resume_dir, rank=info.rank, world_size=world)
+            report = getattr(core, "surogate_report", None)
+            if main:
+                if report is not None:
+                    (out / "compile_report.txt").write_text(f"{report}\n")
+                    log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
+                        f"({report.backend}); details in {out / 'compile_report.txt'}")
+                outputs.write_metrics(result, cfg, evals, device, time_to_first_step, report, counts,
+                                      t_end - t_train, distributed.describe(model) if info.distributed else None)
+            if _stop_requested(stop, info, device):
+                log(f"interrupted while writing the outputs: they are complete in {out}")
+                raise _AgreedStop if info.distributed else KeyboardInterrupt
     finally:
         run_log.close()
-
-    adapter_dir = distributed.save_adapter(model, out / "adapter", base_model_name_or_path=base_ref)  # every rank
-    chart = out / "loss.png"
-    if main:
-        tokenizer.save_pretrained(str(adapter_dir))
-        where = device.type if not info.distributed else f"{world} x {device.type}"
-        outputs.plot_losses(history, evals, chart,
-                    title=f"{cfg.model} | recipe {cfg.recipe} | LoRA r={cfg.lora_rank} | {where}")
-    result = TrainResult(
-        output_dir=out, adapter_dir=adapter_dir, metrics_path=out / "metrics.json", chart_path=chart, steps=total,
-        train_tokens=tokens_total, tokens_per_s=tokens_per_s,
-        final_train_loss=history[-1]["loss"] if history else float("nan"),
-        final_eval_loss=evals[-1]["loss"] if evals else None, first_eval_loss=first_eval,
-        wall_s=time.perf_counter() - t_start, history=history, first_step_s=first_step_s, resumed_from=resume_dir,
-        rank=info.rank, world_size=world)
-    report = getattr(core, "surogate_report", None)
-    if main:
-        if report is not None:
-            (out / "compile_report.txt").write_text(f"{report}\n")
-            log(f"compile: {len(report.rewritten)} of {len(report.linears)} linears rewritten "
-                f"({report.backend}); details in {out / 'compile_report.txt'}")
-        outputs.write_metrics(result, cfg, evals, device, time_to_first_step, report, counts, t_end - t_train,
-                       distributed.describe(model) if info.distributed else None)
     return result
+
+
+def _stop_requested(stop: StopOnInterrupt, info: distributed.DistInfo, device: torch.device) -> bool:
+    """Whether a Ctrl-C came (on any rank: one collective) while the run finished."""
+    if not info.distributed:
+        return stop.requested
+    return float(distributed.mean_over_ranks(torch.full((), float(stop.requested), device=device))) > 0

@@ -139,6 +139,41 @@ def resume_path(cfg: TrainConfig) -> Path | None:
     return path
 
 
+def check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """`arch` and `cuda_graphs: true` against the device the run takes: on a machine without a GPU, a GPU
+    arch or CUDA graphs fail here, before any data loads, not at compile or at the first step."""
+    if device.type == "cuda":
+        return
+    if cfg.arch not in (None, "cpu"):
+        raise ConfigError(f"arch: {cfg.arch} needs a GPU, and this machine has none (torch sees no CUDA device); "
+                          "drop arch, or set arch: cpu, to train on the CPU reference")
+    if cfg.cuda_graphs == "true":
+        raise ConfigError("cuda_graphs: true needs a GPU, and this machine has none (torch sees no CUDA device); "
+                          "set cuda_graphs: auto or false")
+
+
+def _names(paths: list[Path]) -> str:
+    shown = ", ".join(p.name for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def check_output_dir(cfg: TrainConfig, resume: Path | None) -> list[Path]:
+    """The checkpoints in `output_dir` that this run does not continue (`checkpoint.not_continued`): they
+    would outrank its own in `resume_from_checkpoint: true` and `save_total_limit`, which go by step.
+    Refused, unless `overwrite_output_dir: true`; then returned, for the run to delete once it writes its own."""
+    out = Path(cfg.output_dir).expanduser()
+    others = checkpoint.not_continued(out, resume)
+    if not others or cfg.overwrite_output_dir:
+        return others
+    if resume is None:
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} holds checkpoints of an earlier run ({_names(others)}); "
+                          "continue it with resume_from_checkpoint: true, write to another output_dir, or set "
+                          "overwrite_output_dir: true to replace them")
+    raise ConfigError(f"output_dir: {cfg.output_dir!r} holds {_names(others)}, not on the way to {resume.name} that "
+                      "this run continues from (resume_from_checkpoint: true and save_total_limit would take them for "
+                      "this run's); move them away, or set overwrite_output_dir: true to replace them")
+
+
 def data_fingerprint(rows, cfg: TrainConfig) -> str:
     """A short hash of the train rows as the run sees them: count, tokens, the first rows in order and
     in the seeded shuffled order. A resumed run on other data (another dataset, sequence_len, packing or
