@@ -30,6 +30,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     backbone = getattr(hf, "base_model", hf)
     own_attention = attention.original_implementation(hf) is not None
+    needs = attention.mask_needs(hf)
     chunked = chunked_loss and _chunked_loss_applies(hf, head, backbone, report)
     if not (own_attention or chunked):
         return  # nothing to route: HF's forward as it is
@@ -50,7 +51,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         check_labels(labels, vocab)
         kwargs.setdefault("use_cache", False)
         if own_attention:
-            attention_mask = _segments_into(kwargs, attention_mask)
+            attention_mask = _segments_into(kwargs, attention_mask, input_ids, needs)
         elif kwargs.get("position_ids") is not None and attention_mask is None:
             raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
                              "attend across examples; pad the examples instead of packing them (sample_packing: false)")
@@ -98,9 +99,10 @@ def check_labels(labels: Tensor, vocab: "int | None") -> None:
                          f"{IGNORE_INDEX} (ignored); mask prompt and padding tokens with {IGNORE_INDEX}")
 
 
-def _segments_into(kwargs: dict, attention_mask: "Tensor | None") -> "Tensor | None":
-    """Put the segment ids of `position_ids` / a 2-D `attention_mask` into the layer kwargs (surogate
-    attention reads them); returns the mask to hand the backbone.
+def _segments_into(kwargs: dict, attention_mask: "Tensor | None", input_ids: "Tensor | None",
+                   needs: attention.MaskNeeds) -> "Tensor | None":
+    """Put the segment ids of `position_ids` / a 2-D `attention_mask`, and the FlexAttention masks the layers
+    need, into the layer kwargs (surogate attention reads them); returns the mask to hand the backbone.
 
     A 2-D mask goes on to the backbone too: transformers builds no mask from it for the surogate implementation
     (no host sync), but some models derive their positions from it (OPT's learned positions: cumsum of the
@@ -109,8 +111,9 @@ def _segments_into(kwargs: dict, attention_mask: "Tensor | None") -> "Tensor | N
     if attention_mask is not None and attention_mask.dim() != 2:
         return attention_mask
     segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
-    if segments is not None:
-        kwargs[attention.SEGMENTS_KWARG] = segments
-        if attention.uses_flex(segments.device):
-            kwargs[attention.BLOCK_MASK_KWARG] = attention.document_block_mask(segments)
+    rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if rows is not None:
+        attention.masks_into(kwargs, segments, rows.shape[1], rows.device, needs)
+    elif segments is not None:
+        attention.masks_into(kwargs, segments, segments.shape[1], segments.device, needs)
     return attention_mask

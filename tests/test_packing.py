@@ -134,3 +134,69 @@ def test_calls_without_labels_run_the_original_attention_with_its_masks():
         alone = model(input_ids=ids).logits[0].float()
     assert _relative(padded, alone) < 0.02
     assert hf.config._attn_implementation == "surogate"  # switched back after the call
+
+
+# --- FlexAttention masks: which calls get them, and what they compute -----------------------------------
+
+def test_mask_needs_follow_the_config():
+    from surogate.ops.attention import mask_needs
+
+    def needs(name, **overrides):
+        config = tiny_config(name)
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        return mask_needs(T.AutoModelForCausalLM.from_config(config))
+
+    assert needs("llama").window_mask(4096) is None
+    phi3 = needs("phi3", sliding_window=24)
+    assert (phi3.window, phi3.softcap) == (24, False)
+    assert phi3.window_mask(25) == 24 and phi3.window_mask(24) is None
+    gemma2 = needs("gemma2", sliding_window=24)
+    assert (gemma2.window, gemma2.softcap) == (24, True) and gemma2.window_mask(64) is None  # eager path kept
+    assert needs("qwen3", sliding_window=24).window is None  # use_sliding_window: false
+
+
+@pytest.mark.parametrize("window, softcap, packed", [(24, None, False), (None, None, True), (None, 20.0, True)])
+def test_flex_masks_compute_what_the_dense_masks_do(monkeypatch, window, softcap, packed):
+    """surogate_attention with the BlockMasks `masks_into` builds (FlexAttention, run eagerly here) against the
+    dense path the CPU runs; the layer's window and soft-cap come as transformers passes them."""
+    from surogate.ops import attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, s, d = 2, 4, 2, 40, 16
+    q, k, v = (torch.randn(b, n, s, d, generator=g) for n in (h, hkv, hkv))
+    # a layer of Gemma 2's modeling file: its eager function (soft-capping and all) is the dense path's original
+    module = type("Attention", (torch.nn.Module,), {"__module__": "transformers.models.gemma2.modeling_gemma2"})()
+    setattr(module, attention._ORIGINAL_ATTR, "eager" if softcap else "sdpa")
+    module.num_key_value_groups = h // hkv
+    module.training = False
+    positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(b, -1) if packed else None
+    segments = attention.segment_ids(positions)
+    layer = {"sliding_window": window, "softcap": softcap}
+    needs = attention.MaskNeeds(window, bool(softcap))
+    dense_kwargs, flex_kwargs = {}, {}
+    attention.masks_into(dense_kwargs, segments, s, q.device, needs)  # CPU: segments only
+    assert attention.BLOCK_MASK_KWARG not in dense_kwargs and attention.WINDOW_MASK_KWARG not in dense_kwargs
+    monkeypatch.setattr(attention, "uses_flex", lambda device: True)
+    attention.masks_into(flex_kwargs, segments, s, q.device, needs)
+    assert (attention.WINDOW_MASK_KWARG in flex_kwargs) == (window is not None)
+    assert (attention.BLOCK_MASK_KWARG in flex_kwargs) == packed
+    dense, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **dense_kwargs)
+    flex, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **flex_kwargs)
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_which_rows_get_which_masks(monkeypatch):
+    from surogate.ops import attention
+
+    monkeypatch.setattr(attention, "uses_flex", lambda device: True)
+    cpu = torch.device("cpu")
+    plain, longer_window, softcapped, packed = {}, {}, {}, {}
+    attention.masks_into(longer_window, None, 64, cpu, attention.MaskNeeds(128, False))
+    attention.masks_into(softcapped, None, 64, cpu, attention.MaskNeeds(16, True))
+    assert longer_window == {} and softcapped == {}  # SDPA's causal kernel / the eager path
+    attention.masks_into(plain, None, 64, cpu, attention.MaskNeeds(16, False))
+    assert set(plain) == {attention.WINDOW_MASK_KWARG} and plain[attention.WINDOW_MASK_KWARG][0] == 16
+    segments = attention.segment_ids(torch.arange(64)[None])
+    attention.masks_into(packed, segments, 64, cpu, attention.MaskNeeds(16, False))
+    assert set(packed) == {attention.SEGMENTS_KWARG, attention.BLOCK_MASK_KWARG}  # the window: dense path

@@ -15,12 +15,15 @@ model's forward computed once from `position_ids` and the padding mask (`segment
 attends to the earlier tokens of its own segment. The decision between paths depends only on which
 keyword arguments are present, never on tensor values, so warm-up, capture and replay agree:
 
-- no segments (plain causal rows; right-padded rows with their padding masked from the loss):
-  the model's original implementation with `attention_mask=None`, i.e. SDPA's causal flash kernel;
-- segments on CUDA: FlexAttention with a document mask (blocks that cross an example are skipped, so
-  packed rows of short examples cost less attention than one long causal row);
-- segments elsewhere (CPU reference, dropout, `SUROGATE_ATTENTION=dense`): the original implementation
-  with a dense boolean mask built from the segments.
+- no segments (plain causal rows; right-padded rows with their padding masked from the loss), no window
+  shorter than the rows, no soft-capping: the model's original implementation with `attention_mask=None`,
+  i.e. SDPA's causal kernel (cuDNN's on Hopper with torch 2.11, bench/results/attention_backends_h200.md);
+- segments, or plain rows longer than a sliding window (Phi-3's 2047 at 2048-token rows; not with soft-capped
+  logits), on CUDA: FlexAttention with a BlockMask built once per forward (`masks_into`: blocks that cross an
+  example or fall outside the window are skipped, so packed rows of short examples cost less attention than one
+  long causal row; SDPA would need a dense mask);
+- those cases elsewhere (CPU reference, dropout, `SUROGATE_ATTENTION=dense`): the original implementation
+  with a dense mask built from the segments and the window.
 
 Sliding windows (`sliding_window`) and logit soft-capping (`softcap`, Gemma 2) are applied on every
 path that has segments or needs them. Architectures whose attention does not go through
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 IMPLEMENTATION = "surogate"
 SEGMENTS_KWARG = "surogate_segments"
 BLOCK_MASK_KWARG = "surogate_block_mask"
+WINDOW_MASK_KWARG = "surogate_window_block_mask"
 # Attribute set on the model and its attention modules: the implementation that ran before `install`
 # (what no-segment calls use). Not on the config, which `save_pretrained` would write out.
 _ORIGINAL_ATTR = "_surogate_original_attn_implementation"
@@ -75,16 +80,66 @@ def uses_flex(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SUROGATE_ATTENTION", "flex") != "dense"
 
 
-def document_block_mask(segments: Tensor):
-    """FlexAttention's BlockMask for causal attention inside each segment, built once per forward outside
-    the compiled layers (tensor ops only: capturable); every layer without a sliding window reuses it."""
+@dataclass(frozen=True)
+class MaskNeeds:
+    """What a model's attention layers need beyond SDPA's causal kernel, read from its config at compile time."""
+
+    window: int | None  # the sliding window of its windowed layers (None: none)
+    softcap: bool  # soft-capped attention logits (Gemma 2)
+
+    def window_mask(self, seq_len: int) -> int | None:
+        """The window for which plain rows of `seq_len` tokens get a FlexAttention mask: one shorter than the
+        rows (Phi-3's 2047 at 2048 tokens; run 98: +19% tokens/s), not with soft-capping (Gemma 2: FlexAttention
+        measured slower than its eager path at head dim 256, and failed to lower at head dim 64 under
+        torch 2.11)."""
+        if self.softcap or self.window is None or seq_len <= self.window:
+            return None
+        return self.window
+
+
+def mask_needs(model: nn.Module) -> MaskNeeds:
+    """`MaskNeeds` from the config: `sliding_window` where the model uses it (not with `use_sliding_window: false`,
+    nor when `layer_types` names no sliding layer), `attn_logit_softcapping`."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "use_sliding_window", True) is False or (layer_types and "sliding_attention" not in layer_types):
+        window = None
+    return MaskNeeds(window, bool(getattr(config, "attn_logit_softcapping", None)))
+
+
+def block_mask(segments: Tensor | None, seq_len: int, window: int | None, device: torch.device):
+    """FlexAttention's BlockMask: causal, inside `window` (q - k < window, as transformers' sliding layers) when
+    given, inside each segment when given. Built once per forward outside the compiled layers (tensor ops only:
+    capturable); every layer it fits reuses it. Blocks wholly outside it are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+        keep = kv_idx <= q_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if segments is not None:
+            keep = keep & (segments[b, q_idx] == segments[b, kv_idx])
+        return keep
 
-    b, s = segments.shape
-    return create_block_mask(mask_mod, b, None, s, s, device=segments.device)
+    batch = None if segments is None else segments.shape[0]
+    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
+def masks_into(kwargs: dict, segments: Tensor | None, seq_len: int, device: torch.device, needs: MaskNeeds) -> None:
+    """Put the call's segments and, on CUDA, the BlockMask its layers will use into the layer kwargs: with
+    segments the document mask (windowed layers whose window is shorter than the rows take the dense path);
+    without, `(window, mask)` for windowed layers when `needs.window_mask` says so. Plain rows otherwise get
+    none (SDPA's causal kernel)."""
+    if segments is not None:
+        kwargs[SEGMENTS_KWARG] = segments
+        if uses_flex(device):
+            kwargs[BLOCK_MASK_KWARG] = block_mask(segments, seq_len, None, device)
+        return
+    window = needs.window_mask(seq_len)
+    if window is not None and uses_flex(device):
+        kwargs[WINDOW_MASK_KWARG] = (window, block_mask(None, seq_len, window, device))
 
 
 def supports(model: nn.Module) -> bool:
@@ -205,7 +260,8 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     ((B, S, H, D), None). `attention_mask` is ignored (transformers passes None for this implementation);
     the segments come as the `surogate_segments` kwarg."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
-    block_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
+    causal_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
+    windowed = kwargs.pop(WINDOW_MASK_KWARG, None)
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     name, original = _original_function(module)
@@ -215,8 +271,12 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     window_matters = window is not None and kv_len > window
     if segments is None and not window_matters and name != "eager" and not softcap:
         return original(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    if block_mask is not None and not window_matters and dropout == 0.0:
-        return _flex(query, key, value, block_mask, scaling, softcap), None
+    if window_matters:  # the windowed mask, if it was built for this layer's window
+        flex_mask = windowed[1] if windowed is not None and windowed[0] == window else None
+    else:
+        flex_mask = causal_mask
+    if flex_mask is not None and dropout == 0.0 and q_len == kv_len:
+        return _flex(query, key, value, flex_mask, scaling, softcap), None
     keep = _allowed(segments, q_len, kv_len, window if window_matters else None, query.device)
     if name == "eager":  # additive float mask, as the eager functions expect
         mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)

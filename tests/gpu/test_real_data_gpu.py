@@ -123,6 +123,30 @@ def test_packed_rows_on_cuda_equal_their_examples_alone(name):
 
 
 @pytest.mark.gpu
+def test_rows_longer_than_the_window_through_flex_follow_the_dense_path(monkeypatch):
+    """Plain rows longer than Phi-3's sliding window (every layer windowed, head dim 96) take FlexAttention on
+    CUDA (surogate/ops/attention.py masks_into); SUROGATE_ATTENTION=dense gives the dense-mask path, the reference."""
+    from surogate.ops import attention
+
+    model, twin = _pair("phi3", hidden_size=384, sliding_window=100)
+    windows = []  # the windows of the BlockMasks built (eagerly, in the model's forward)
+    build = attention.block_mask
+    monkeypatch.setattr(attention, "block_mask", lambda *args: windows.append(args[2]) or build(*args))
+    ids = torch.randint(1, 120, (2, 160), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    flex_loss = model(input_ids=ids, labels=ids).loss
+    flex_loss.backward()
+    assert windows == [100]
+    monkeypatch.setenv("SUROGATE_ATTENTION", "dense")
+    dense_loss = twin(input_ids=ids, labels=ids).loss
+    dense_loss.backward()
+    torch.testing.assert_close(flex_loss, dense_loss, rtol=5e-3, atol=0)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.requires_grad:
+            rel = ((p.grad.float() - q.grad.float()).norm() / q.grad.float().norm()).item()
+            assert rel < 3e-2, (n, rel)
+
+
+@pytest.mark.gpu
 def test_padded_batches_of_many_lengths_replay_per_bucket_and_follow_eager():
     """Lengths 70..300 fall into 3 buckets of 128: three graphs, every call replayed, losses as eager."""
     model, twin = _pair("llama")
