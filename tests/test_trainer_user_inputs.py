@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_model, tiny_raw_config, write_config
+from test_checkpoint import _cfg, _quiet, cache, model_dir  # noqa: F401, F811  (test_checkpoint's fixtures and helpers)
+from tiny_models import tiny_raw_config, write_config
 
 from surogate.training import checkpoint, run_lock
 from surogate.training.cli import main
@@ -21,24 +22,6 @@ from surogate.training.config import ConfigError, from_dict
 from surogate.training.train import _epochs_line, train
 
 NO_EVAL = {"eval_steps": None, "dataset": {"eval_split": None}}
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"))
-
-
-def _quiet(line: str) -> None:
-    pass
-
-
-def _cfg(model_dir: Path, out: Path, **extra):
-    return from_dict(tiny_raw_config(model_dir, out, **extra))
 
 
 def _one_line_error(capsys) -> str:
