@@ -44,9 +44,11 @@ from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
 
 # The default LoRA targets, "those of these the model has" (surogate.compile and `surogate train`):
-# separate and fused (Phi-3's qkv_proj, gate_up_proj) projections.
+# separate and fused (Phi-3's qkv_proj, gate_up_proj) projections, and OPT's / BioGPT's / XGLM's names for the
+# attention output and the MLP (out_proj, fc1, fc2), which have q/k/v_proj beside them: without these three only
+# the attention inputs of those models would get LoRA.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                   "gate_up_proj")
+                   "gate_up_proj", "out_proj", "fc1", "fc2")
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 # What `checkpoint=` takes: no checkpointing, recompute each block, or recompute with the inputs in host memory.
 CHECKPOINT_MODES = (False, True, "offload")
@@ -566,7 +568,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    """q,k,v,o,gate,up,down (and fused qkv / gate_up) where they exist, else every linear in the blocks."""
+    """q,k,v,o,gate,up,down (fused qkv / gate_up; OPT's out_proj, fc1, fc2) where they exist, else every linear in
+    the blocks."""
     blocks = _decoder_blocks(model, None)
     names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
     found = [t for t in DEFAULT_TARGETS if t in names]

@@ -133,6 +133,17 @@ def test_merge_and_unload_gives_the_plain_model_with_the_users_config(name, reci
 
 # --- LoRA options ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name, linears", [
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("opt", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),  # not q/k/v alone
+    ("gpt2", {"c_attn", "c_proj", "c_fc"}),  # none of the names: every linear in the blocks
+])
+def test_default_targets_cover_every_linear_of_the_blocks(name, linears):
+    compiled = surogate.compile(_model(name), arch="cpu")
+    lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in compiled.named_parameters() if ".lora_A" in n}
+    assert lora == linears
+
+
 def test_lora_config_without_targets_gets_the_default_targets():
     compiled = surogate.compile(_model(), lora=LoraConfig(r=8, lora_alpha=16), arch="cpu")
     assert set(compiled.peft_config["default"].target_modules) == {
