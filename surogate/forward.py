@@ -111,9 +111,7 @@ def _segments_into(kwargs: dict, attention_mask: "Tensor | None", input_ids: "Te
     if attention_mask is not None and attention_mask.dim() != 2:
         return attention_mask
     segments = attention.segment_ids(kwargs.get("position_ids"), attention_mask)
-    rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    rows = next((t for t in (input_ids, kwargs.get("inputs_embeds"), segments) if t is not None), None)  # (B, S, ...)
     if rows is not None:
         attention.masks_into(kwargs, segments, rows.shape[1], rows.device, needs)
-    elif segments is not None:
-        attention.masks_into(kwargs, segments, segments.shape[1], segments.device, needs)
     return attention_mask
