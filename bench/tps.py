@@ -95,6 +95,13 @@ ARCHS = {
                                     "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
                                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
                                     "max_position_embeddings": 8192, "tie_word_embeddings": True}),
+    # Gemma-3-1B (text only): one kv head of dim 256, a 512-token sliding window on 5 layers of 6 (their own RoPE
+    # theta: the class defaults), no soft-capping, a 262k vocabulary.
+    "Gemma-3-1B": ("Gemma3TextConfig", {"hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                                        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                                        "vocab_size": 262144, "query_pre_attn_scalar": 256, "sliding_window": 512,
+                                        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+                                        "max_position_embeddings": 32768, "tie_word_embeddings": True}),
     # Phi-3-mini-4k: multi-head attention (32 kv heads), q/k/v and gate/up each one fused linear; its
     # config.json's 2047-token sliding window kept (at seq 2048 the first token drops out of the last's).
     "Phi-3-mini": ("Phi3Config", {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
@@ -109,7 +116,7 @@ MODEL_KEYS = [*QWEN3, *QWEN3_MOE, *ARCHS]
 # Liger-Kernel's patch of each architecture (by config.model_type); one not here is skipped.
 LIGER = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama",
          "mistral": "apply_liger_kernel_to_mistral", "gemma2": "apply_liger_kernel_to_gemma2",
-         "phi3": "apply_liger_kernel_to_phi3"}
+         "phi3": "apply_liger_kernel_to_phi3", "gemma3_text": "apply_liger_kernel_to_gemma3_text"}
 PEERS = ["hf_eager", "hf_compile", "liger", "bnb_nf4"]
 # Peers that only exist for dense models here, and why (a skipped (model, system), not a failure).
 MOE_UNSUPPORTED = {

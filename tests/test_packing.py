@@ -156,7 +156,8 @@ def test_mask_needs_follow_the_config():
     assert needs("qwen3", sliding_window=24).window is None  # use_sliding_window: false
 
 
-@pytest.mark.parametrize("window, softcap, packed", [(24, None, False), (None, None, True), (None, 20.0, True)])
+@pytest.mark.parametrize("window, softcap, packed", [(24, None, False), (24, None, True), (None, None, True),
+                                                     (None, 20.0, True)])
 def test_flex_masks_compute_what_the_dense_masks_do(monkeypatch, window, softcap, packed):
     """surogate_attention with the BlockMasks `masks_into` builds (FlexAttention, run eagerly here) against the
     dense path the CPU runs; the layer's window and soft-cap come as transformers passes them."""
@@ -199,4 +200,8 @@ def test_which_rows_get_which_masks(monkeypatch):
     assert set(plain) == {attention.WINDOW_MASK_KWARG} and plain[attention.WINDOW_MASK_KWARG][0] == 16
     segments = attention.segment_ids(torch.arange(64)[None])
     attention.masks_into(packed, segments, 64, cpu, attention.MaskNeeds(16, False))
-    assert set(packed) == {attention.SEGMENTS_KWARG, attention.BLOCK_MASK_KWARG}  # the window: dense path
+    assert set(packed) == {attention.SEGMENTS_KWARG, attention.BLOCK_MASK_KWARG, attention.WINDOW_MASK_KWARG}
+    assert packed[attention.WINDOW_MASK_KWARG][0] == 16  # windowed layers: window and document mask in one
+    packed_softcapped = {}
+    attention.masks_into(packed_softcapped, segments, 64, cpu, attention.MaskNeeds(16, True))
+    assert set(packed_softcapped) == {attention.SEGMENTS_KWARG, attention.BLOCK_MASK_KWARG}  # windowed: dense path

@@ -20,7 +20,8 @@ bp = load_bench("step_profile")
 
 # (model_type, parameters of the published checkpoint: embeddings once where tied).
 PUBLISHED = {"Llama-3-8B": ("llama", 8.03e9), "Llama-3.1-8B": ("llama", 8.03e9), "Llama-3.2-1B": ("llama", 1.24e9),
-             "Mistral-7B": ("mistral", 7.25e9), "Gemma-2-2B": ("gemma2", 2.61e9), "Phi-3-mini": ("phi3", 3.82e9)}
+             "Mistral-7B": ("mistral", 7.25e9), "Gemma-2-2B": ("gemma2", 2.61e9), "Phi-3-mini": ("phi3", 3.82e9),
+             "Gemma-3-1B": ("gemma3_text", 1.0e9)}
 
 
 def test_every_architecture_is_checked_here():

@@ -18,10 +18,10 @@ keyword arguments are present, never on tensor values, so warm-up, capture and r
 - no segments (plain causal rows; right-padded rows with their padding masked from the loss), no window
   shorter than the rows, no soft-capping: the model's original implementation with `attention_mask=None`,
   i.e. SDPA's causal kernel (cuDNN's on Hopper with torch 2.11, bench/results/attention_backends_h200.md);
-- segments, or plain rows longer than a sliding window (Phi-3's 2047 at 2048-token rows; not with soft-capped
-  logits), on CUDA: FlexAttention with a BlockMask built once per forward (`masks_into`: blocks that cross an
-  example or fall outside the window are skipped, so packed rows of short examples cost less attention than one
-  long causal row; SDPA would need a dense mask);
+- segments, or rows longer than a sliding window (Phi-3's 2047 at 2048-token rows, Gemma 3's 512; not with
+  soft-capped logits), on CUDA: FlexAttention with a BlockMask built once per forward (`masks_into`: blocks that
+  cross an example or fall outside the window are skipped, so packed rows of short examples cost less attention
+  than one long causal row; SDPA would need a dense mask). Windowed layers of packed rows get one mask of both;
 - those cases elsewhere (CPU reference, dropout, `SUROGATE_ATTENTION=dense`): the original implementation
   with a dense mask built from the segments and the window.
 
@@ -128,18 +128,19 @@ def block_mask(segments: Tensor | None, seq_len: int, window: int | None, device
 
 
 def masks_into(kwargs: dict, segments: Tensor | None, seq_len: int, device: torch.device, needs: MaskNeeds) -> None:
-    """Put the call's segments and, on CUDA, the BlockMask its layers will use into the layer kwargs: with
-    segments the document mask (windowed layers whose window is shorter than the rows take the dense path);
-    without, `(window, mask)` for windowed layers when `needs.window_mask` says so. Plain rows otherwise get
-    none (SDPA's causal kernel)."""
+    """Put the call's segments and, on CUDA, the BlockMasks its layers will use into the layer kwargs: with
+    segments the document mask; `(window, mask)` for windowed layers when `needs.window_mask` says the window is
+    shorter than the rows (with segments, window and document mask together). Plain rows otherwise get none
+    (SDPA's causal kernel)."""
     if segments is not None:
         kwargs[SEGMENTS_KWARG] = segments
-        if uses_flex(device):
-            kwargs[BLOCK_MASK_KWARG] = block_mask(segments, seq_len, None, device)
+    if not uses_flex(device):
         return
+    if segments is not None:
+        kwargs[BLOCK_MASK_KWARG] = block_mask(segments, seq_len, None, device)
     window = needs.window_mask(seq_len)
-    if window is not None and uses_flex(device):
-        kwargs[WINDOW_MASK_KWARG] = (window, block_mask(None, seq_len, window, device))
+    if window is not None:
+        kwargs[WINDOW_MASK_KWARG] = (window, block_mask(segments, seq_len, window, device))
 
 
 def supports(model: nn.Module) -> bool:

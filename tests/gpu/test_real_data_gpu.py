@@ -21,7 +21,7 @@ import surogate  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
 from surogate.training.graphed_step import GraphedStep  # noqa: E402
 
-ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "opt", "gpt_neox", "falcon"]
+ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "falcon"]
 
 
 # The CPU matrix's configs, widened: Inductor's CUDA codegen asserted on the hidden-64 ones (torch 2.11).
@@ -103,10 +103,13 @@ def _token_losses(model, **inputs) -> torch.Tensor:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["qwen3", "gemma2"])
-def test_packed_rows_on_cuda_equal_their_examples_alone(name):
-    """FlexAttention's document mask (gemma2: with softcap and a sliding window shorter than the row)."""
-    model, _ = _pair(name)
+@pytest.mark.parametrize("name, overrides", [("qwen3", {}), ("gemma2", {}), ("gemma3", {}),
+                                             ("phi3", {"sliding_window": 24})])
+def test_packed_rows_on_cuda_equal_their_examples_alone(name, overrides):
+    """FlexAttention's document mask; gemma2: soft-capped, its sliding layers (window 16, shorter than the row) on
+    the dense path; gemma3 (window 16) and phi3 (24), no soft-capping: window and document mask in
+    one BlockMask, the examples alone (30 and 50 tokens longer than the window) through the plain window mask."""
+    model, _ = _pair(name, **overrides)
     lengths = (30, 50, 20, 28)
     batch = _packed_batch(torch.Generator("cuda").manual_seed(2), lengths)
     packed = _token_losses(model, **batch)[0]
@@ -123,9 +126,12 @@ def test_packed_rows_on_cuda_equal_their_examples_alone(name):
 
 
 @pytest.mark.gpu
-def test_rows_longer_than_the_window_through_flex_follow_the_dense_path(monkeypatch):
-    """Plain rows longer than Phi-3's sliding window (every layer windowed, head dim 96) take FlexAttention on
-    CUDA (surogate/ops/attention.py masks_into); SUROGATE_ATTENTION=dense gives the dense-mask path, the reference."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_longer_than_the_window_through_flex_follow_the_dense_path(monkeypatch, packed):
+    """Rows longer than Phi-3's sliding window (every layer windowed, head dim 96) take FlexAttention on CUDA
+    (surogate/ops/attention.py masks_into): plain rows the window mask, packed rows (an example of 130 tokens, one
+    of 30) the document mask and one of window and document; SUROGATE_ATTENTION=dense gives the dense-mask path,
+    the reference."""
     from surogate.ops import attention
 
     model, twin = _pair("phi3", hidden_size=384, sliding_window=100)
@@ -133,11 +139,14 @@ def test_rows_longer_than_the_window_through_flex_follow_the_dense_path(monkeypa
     build = attention.block_mask
     monkeypatch.setattr(attention, "block_mask", lambda *args: windows.append(args[2]) or build(*args))
     ids = torch.randint(1, 120, (2, 160), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    flex_loss = model(input_ids=ids, labels=ids).loss
+    batch = {"input_ids": ids, "labels": ids}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(130), torch.arange(30)]).cuda()[None].expand(2, -1)
+    flex_loss = model(**batch).loss
     flex_loss.backward()
-    assert windows == [100]
+    assert windows == ([None, 100] if packed else [100])
     monkeypatch.setenv("SUROGATE_ATTENTION", "dense")
-    dense_loss = twin(input_ids=ids, labels=ids).loss
+    dense_loss = twin(**batch).loss
     dense_loss.backward()
     torch.testing.assert_close(flex_loss, dense_loss, rtol=5e-3, atol=0)
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
