@@ -2,7 +2,7 @@
 CUDA graph) and the eval loss, each as the loop and a hand-written loop (examples/) both call them.
 
 The token counts live here too, taken on the host before a batch moves (`real_tokens` for tokens/s,
-`predicted_tokens` for the loss's denominator), so that counting never costs a GPU sync.
+`predicted_tokens` and `step_items` for the loss's denominator), so that counting never costs a GPU sync.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ def wants_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 class MicroStep:
-    """Forward + backward of one micro-batch, the loss scaled for gradient accumulation; replayed from
+    """Forward + backward of one micro-batch, the loss scaled by 1 / accumulation; replayed from
     CUDA graphs (`surogate.GraphedStep`, one per shape bucket) when `cfg.cuda_graphs` allows. Returns the loss.
     A capture that fails warns once and the run continues eagerly (`cuda_graphs: true` makes it an error).
     `graphs=False` turns the graphs off whatever the config says (FSDP); `items`, when given, is the
-    `num_items_in_batch` the loss divides its sum by (several ranks: see `surogate.training.distributed`)."""
+    `num_items_in_batch` the loss divides its sum by (`step_items`: the step's token mean); None: the
+    micro-batch's own token mean."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
                  graphs: bool = True) -> None:
@@ -131,6 +132,19 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss averages over (labels shift by one inside the model)."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def step_items(batches: list[dict[str, torch.Tensor]], shares: int, device: torch.device) -> torch.Tensor:
+    """The `num_items_in_batch` of every micro-step of one optimizer step, so that its loss and gradient are
+    the mean over all the step's target tokens (Hugging Face's Trainer since 4.46), not an equal average of
+    micro-batch means that lets a micro-batch of few targets weigh as much as one of many.
+
+    `batches` are the step's global micro-batches (every rank's rows), counted on the host (no GPU sync);
+    `shares` is accumulation x world: a micro-step's loss, its token sum x shares / the step's targets,
+    scaled by 1 / accumulation (MicroStep) and averaged over the ranks (DDP/FSDP), sums to the step's
+    token mean. A step without targets divides by 1 (loss 0, zero gradients, not 0/0)."""
+    targets = sum(predicted_tokens(batch) for batch in batches)
+    return torch.full((), max(targets, 1) / shares, device=device)
 
 
 # --- evaluation ----------------------------------------------------------------------------------

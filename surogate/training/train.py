@@ -1,9 +1,10 @@
 """The training loop behind `surogate train`: a plain PyTorch loop over a surogate.compile'd model.
 
 Nothing here hides the loop: AdamW over the LoRA parameters, a warmup + decay schedule,
-gradient accumulation, fixed-length packed batches, eval loss on a held-out split (before the
-first step, every `eval_steps`, at the end), each step's numbers appended to `metrics.jsonl` as
-it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/training/checkpoint.py) that
+gradient accumulation weighted by target tokens (a step's loss is the mean over all its target tokens, as
+in Hugging Face's Trainer since 4.46: `steps.step_items`), fixed-length packed batches, eval loss on a
+held-out split (before the first step, every `eval_steps`, at the end), each step's numbers appended to
+`metrics.jsonl` as it happens, checkpoints every `save_steps` and on Ctrl-C (surogate/training/checkpoint.py) that
 `resume_from_checkpoint` continues exactly, then the adapter, a metrics JSON and a loss chart in
 `output_dir`, which the run holds alone (`run_lock`) and whose checkpoints must be its own
 (`train_checks.check_output_dir`). What the config cannot know alone (the model's positions and layer
@@ -13,9 +14,9 @@ micro-batches and the eval loss, `outputs` writes what a finished run leaves.
 
 Under `torchrun --nproc-per-node N` the same loop runs on N ranks (surogate/training/distributed.py): every rank
 draws the same seeded order of global micro-batches of N x `per_device_train_batch_size` rows and trains
-its 1/N of each (`distributed.shard`), the loss of each rank normalised by the global micro-batch's
-target count (`num_items_in_batch`, as `distributed.items_per_rank`), so that N ranks of B rows take the
-steps of one process of N x B rows. The model is wrapped per `parallelism` (DDP, or FSDP2), gradients
+its 1/N of each (`distributed.shard`), the loss of each rank normalised by the optimizer step's global
+target count (`num_items_in_batch`: `steps.step_items`), so that N ranks of B rows take the steps of one
+process of N x B rows. The model is wrapped per `parallelism` (DDP, or FSDP2), gradients
 accumulate under `no_sync` until the last micro-step; with CUDA graphs under DDP the model stays
 unwrapped and `all_reduce_grads` runs after the last replay. Rank 0 alone logs and writes; an error
 on one rank ends the job (`distributed.fail_fast`); the ranks agree on where a Ctrl-C stops.
@@ -330,16 +331,14 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             try:
                 for step in range(start, total + 1):
                     in_step, t0 = True, time.perf_counter()
-                    losses, step_tokens = [], 0
-                    for k in range(cfg.gradient_accumulation_steps):
-                        batch = next(micro)  # on the host: counting its tokens costs no GPU sync
-                        step_tokens += steps.real_tokens(batch)  # the global micro-batch's
-                        items = None
+                    # The step's global micro-batches first, on the host (counting costs no GPU sync): the loss of
+                    # every micro-step divides by the step's target tokens (steps.step_items), not its own.
+                    step_batches = [next(micro) for _ in range(cfg.gradient_accumulation_steps)]
+                    step_tokens = sum(steps.real_tokens(batch) for batch in step_batches)
+                    items = steps.step_items(step_batches, cfg.gradient_accumulation_steps * world, device)
+                    losses = []
+                    for k, batch in enumerate(step_batches):
                         if info.distributed:
-                            # = distributed.items_per_rank(labels), without its all-reduce: every rank holds
-                            # the global micro-batch. Each rank's loss is then its token sum x world / (the
-                            # global micro-batch's targets): averaged by DDP/FSDP, the global token mean.
-                            items = torch.full((), max(steps.predicted_tokens(batch), 1) / world, device=device)
                             batch = distributed.shard(batch)
                         last = k == cfg.gradient_accumulation_steps - 1
                         with contextlib.nullcontext() if last or not wrapped else distributed.no_sync(model):
@@ -347,6 +346,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                     if reduce_by_hand:  # CUDA graphs under DDP: one all-reduce after the last replay
                         distributed.all_reduce_grads(params)
                     agreed_stop = False
+                    # The micro-steps' losses are their token sums x accumulation x world / the step's targets: their
+                    # mean (over the ranks too) is the step's token mean.
                     if info.distributed:  # one collective: the loss's mean over the ranks, and any rank's Ctrl-C
                         flag = torch.full((), float(stop.requested), device=device)
                         both = distributed.mean_over_ranks(torch.stack([torch.stack(losses).mean().float(), flag]))
