@@ -240,6 +240,9 @@ def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | Non
     return keep
 
 
+_FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float | None,
           softcap: float | None) -> Tensor:
     """FlexAttention over a prepared document BlockMask; output (B, S, H, D)."""
@@ -250,8 +253,11 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float 
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
 
+    # FORCE_USE_FLEX_ATTENTION: rows shorter than 128 tokens would take Inductor's flex-decoding kernel, built for
+    # inference, which found no valid config (NoValidChoicesError) at head dim 64 on the H200 (torch 2.11, NOTES
+    # run 99).
     out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                         enable_gqa=query.shape[1] != key.shape[1])
+                         enable_gqa=query.shape[1] != key.shape[1], kernel_options=_FLEX_KERNEL_OPTIONS)
     return out.transpose(1, 2).contiguous()
 
 
