@@ -132,6 +132,7 @@ def _fuse(gm: fx.GraphModule, members: list[tuple[LoraMatch, fx.Node]], sizes: l
     g = gm.graph
     first_op = min((out.args[0] for _, out in members), key=lambda n: _order(gm)[n])
     m0 = members[0][0]
+    _hoist(gm, [n for m, _ in members for n in (*m.weight, m.lora_a, m.lora_b, m.bias)], first_op)
     with g.inserting_before(first_op):
         n_parts = len(m0.weight)
         if packed is not None:
@@ -200,13 +201,47 @@ def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
+def _by_packed_buffer(members: list[tuple[LoraMatch, fx.Node]]) -> list[list[tuple[LoraMatch, fx.Node]]]:
+    """Split a shared-input group by the packed buffer its members' weights are row slices of (members that are
+    not slices: one part). Parallel blocks (Cohere, Phi-1/2, GPT-J) feed q/k/v and the MLP's gate/up or fc1 one
+    normalized input, while their weights are packed per sibling group (q/k/v apart from gate/up): each packed
+    group is one GEMM over its own buffer, no copy, rather than all of them over a concatenation."""
+    parts: dict[object, list[tuple[LoraMatch, fx.Node]]] = {}
+    for m, out in members:
+        sliced = _row_slice(m.weight[0]) if m.weight else None
+        parts.setdefault(None if sliced is None else sliced[0], []).append((m, out))
+    return list(parts.values())
+
+
+def _hoist(gm: fx.GraphModule, nodes: list, anchor: fx.Node) -> None:
+    """Move the nodes in `nodes` (and what they read) that come after `anchor` to just before it, so that the
+    fused op inserted there sees them defined: a member's weight slice (`buffer[a:b]`) is traced beside that
+    member's own GEMM, which may come after the group's first GEMM (Phi's fc1 after q/k/v)."""
+    order = _order(gm)
+    seen: set[fx.Node] = set()
+
+    def visit(node: fx.Node) -> None:
+        if node in seen or order[node] < order[anchor]:
+            return
+        seen.add(node)
+        if node.op not in ("call_function", "call_method", "get_attr") or node is anchor:
+            raise RuntimeError(f"horizontal fusion: operand {node} of the fused GEMM is computed after {anchor}")
+        for arg in node.all_input_nodes:
+            visit(arg)
+        anchor.prepend(node)
+
+    for node in nodes:
+        if isinstance(node, fx.Node):
+            visit(node)
+
+
 def fuse_shared_input(gm: fx.GraphModule, ctx) -> int:
     """Fuse each group of >= 2 rewritten linears reading the same input. Returns the groups fused."""
     groups: dict[fx.Node, list[tuple[LoraMatch, fx.Node]]] = {}
     for m, out in getattr(ctx, "rewritten", []):
         groups.setdefault(m.input, []).append((m, out))
     fused = 0
-    for members in groups.values():
+    for members in (part for group in groups.values() for part in _by_packed_buffer(group)):
         if len(members) < 2:
             continue
         names = tuple(m.name for m, _ in members)
