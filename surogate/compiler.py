@@ -16,6 +16,7 @@ what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -49,6 +50,14 @@ from surogate.recipes.arch import CPU, current_arch
 # the attention inputs of those models would get LoRA.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                    "gate_up_proj", "out_proj", "fc1", "fc2")
+# Projections that architectures with some default names call the rest of their attention and MLP, added when a
+# default name is found (alone they would be too wide: GPT-2's c_proj without c_attn, GPT-NeoX's dense alone):
+# Phi-1/2's attention output `dense`, StarCoder2's and GPT-Neo's `c_fc`/`c_proj`, GPT-J's and CodeGen's
+# `fc_in`/`fc_out`, Granite-MoE-shared's shared MLP, DeepSeek-V2/V3's low-rank (MLA) q and kv projections. Not
+# routers (`router`, `gate`, `shared_expert_gate`: a LoRA on the expert choice) nor Gemma 3n/4's per-layer-input
+# projections.
+COMPANION_TARGETS = ("dense", "c_fc", "c_proj", "fc_in", "fc_out", "input_linear", "output_linear", "q_a_proj",
+                     "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 # What `checkpoint=` takes: no checkpointing, recompute each block, or recompute with the inputs in host memory.
 CHECKPOINT_MODES = (False, True, "offload")
@@ -443,8 +452,31 @@ def _get_peft_model(model: nn.Module, config: Any) -> nn.Module:
 
     from surogate.compat import quiet_peft_deprecations
 
-    with quiet_peft_deprecations():
+    with quiet_peft_deprecations(), _no_v4_target_conversion():
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _no_v4_target_conversion():
+    """Attach LoRA with the targets as given. PEFT >= 0.18 rewrites a new adapter's targets for MoE model types
+    whose experts transformers 5 fused (Qwen3-MoE, GLM-4-MoE, DeepSeek-V2/V3, ERNIE-4.5-MoE, HunYuan-MoE,
+    dots1, ...; meant for adapters trained on transformers 4): `gate_proj`, `up_proj`, `down_proj` leave
+    `target_modules` for `target_parameters`, so the dense MLPs (shared experts, the first dense layers) got no
+    LoRA at all, without a word. The targets surogate plans (and checks) are transformers 5's module names."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a PEFT without the conversion
+        yield
+        return
+    original = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if original is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 def _lora_config(model: nn.Module, lora: Any):
@@ -568,12 +600,12 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    """q,k,v,o,gate,up,down (fused qkv / gate_up; OPT's out_proj, fc1, fc2) where they exist, else every linear in
-    the blocks."""
+    """q,k,v,o,gate,up,down (fused qkv / gate_up; OPT's out_proj, fc1, fc2) where they exist, with the companions
+    their architecture names its other projections by (COMPANION_TARGETS), else every linear in the blocks."""
     blocks = _decoder_blocks(model, None)
     names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
     found = [t for t in DEFAULT_TARGETS if t in names]
-    return found or sorted(names)
+    return found + [t for t in COMPANION_TARGETS if t in names] if found else sorted(names)
 
 
 def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
