@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from torch import nn
@@ -123,5 +124,11 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device
                      "expert in the epilogue)")
     if left:
         lines.append(f"experts left as PEFT runs them ({len(left)}): {left[0]}")
+        # Most of an MoE model's weights are its experts: left unrewritten they stay bf16 whatever the recipe, in
+        # PEFT's per-expert loop (which also rounds each expert's LoRA update into the bf16 stack). Worth a warning,
+        # not only a report line.
+        held = "" if recipe.keeps_bf16_weight else f", not stored as {recipe.name} asks"
+        warnings.warn(f"{len(left)} MoE experts modules stay as PEFT runs them (bf16{held}): {left[0]}",
+                      stacklevel=3)
     return lines
 
