@@ -452,17 +452,19 @@ def _get_peft_model(model: nn.Module, config: Any) -> nn.Module:
 
     from surogate.compat import quiet_peft_deprecations
 
-    with quiet_peft_deprecations(), _no_v4_target_conversion():
+    with quiet_peft_deprecations(), _linear_targets_kept(model):
         return get_peft_model(model, config)
 
 
 @contextlib.contextmanager
-def _no_v4_target_conversion():
-    """Attach LoRA with the targets as given. PEFT >= 0.18 rewrites a new adapter's targets for MoE model types
-    whose experts transformers 5 fused (Qwen3-MoE, GLM-4-MoE, DeepSeek-V2/V3, ERNIE-4.5-MoE, HunYuan-MoE,
-    dots1, ...; meant for adapters trained on transformers 4): `gate_proj`, `up_proj`, `down_proj` leave
-    `target_modules` for `target_parameters`, so the dense MLPs (shared experts, the first dense layers) got no
-    LoRA at all, without a word. The targets surogate plans (and checks) are transformers 5's module names."""
+def _linear_targets_kept(model: nn.Module):
+    """PEFT's v4 -> v5 target conversion, with the names that still name linears of `model` kept as targets.
+
+    PEFT >= 0.18 rewrites a new adapter's targets for MoE model types whose experts transformers 5 fused
+    (Qwen3-MoE, Mixtral, GLM-4-MoE, DeepSeek-V2/V3, ERNIE-4.5-MoE, HunYuan-MoE, dots1, ...): `gate_proj`, `up_proj`,
+    `down_proj` move from `target_modules` to the expert stacks' `target_parameters`. That is what a config written
+    for transformers 4 means for the experts, but the dense MLPs of the same model (shared experts, the first dense
+    layers of GLM-4-MoE and DeepSeek) are still linears of those names, and lost their LoRA without a word."""
     try:
         from peft.utils import transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without the conversion
@@ -472,7 +474,19 @@ def _no_v4_target_conversion():
     if original is None:
         yield
         return
-    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    linears = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+
+    def convert(peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+        before = peft_config.target_modules
+        result = original(peft_config, *args, **kwargs)
+        after = peft_config.target_modules
+        if isinstance(before, (list, tuple, set)) and isinstance(after, (list, tuple, set)):
+            lost = [t for t in before if t not in after and t.rsplit(".", 1)[-1] in linears]
+            if lost:
+                peft_config.target_modules = set(after) | set(lost)
+        return result
+
+    conversion.convert_peft_config_for_transformers = convert
     try:
         yield
     finally:

@@ -31,6 +31,7 @@ from test_compile_models import (
     _lora_grads,
     _same_operands,
     assert_every_target_rewritten,
+    tiny_config,
 )
 
 import surogate
@@ -136,3 +137,17 @@ def test_experts_surogate_does_not_run_warn():
                                          r"asks\): .*GptOssExperts: is_concatenated=False"):
         compiled = surogate.compile(_model("gpt_oss"), recipe="qnf4", arch="cpu")
     assert "experts left as PEFT runs them (2)" in str(compiled.surogate_report)
+
+
+@pytest.mark.parametrize("arch_name", ["glm4_moe", "qwen3_moe"])
+def test_a_users_mlp_names_reach_the_dense_mlps_and_the_experts(arch_name):
+    """A LoraConfig written for transformers 4 (`gate_proj`, `up_proj`, `down_proj`): PEFT's conversion sends the
+    names to the fused expert stacks, and the dense MLPs that still have linears of those names (GLM-4-MoE's first
+    layer) keep them too. Qwen3-MoE has no dense MLP: its experts take them."""
+    from peft import LoraConfig
+
+    model = _model(arch_name) if arch_name in CONFIGS else T.AutoModelForCausalLM.from_config(tiny_config(arch_name))
+    lora = LoraConfig(r=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    found = _lora_targets(_attach_lora(model, lora))
+    assert "experts" in found and "q_proj" in found
+    assert ({"gate_proj", "up_proj", "down_proj"} <= found) == (arch_name == "glm4_moe")
