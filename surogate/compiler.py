@@ -510,14 +510,14 @@ def _lora_config(model: nn.Module, lora: Any):
         _check_lora_fields(lora)
         if lora.target_modules is None and not getattr(lora, "target_parameters", None):
             # PEFT would guess the targets from the model type (and fail on one it does not list): ours instead
-            return dataclasses.replace(lora, target_modules=_default_targets(model))
+            return dataclasses.replace(lora, target_modules=default_targets(model))
         return lora
     if lora is not None and not isinstance(lora, Mapping):
         raise TypeError(f"lora takes a dict of LoraConfig options (e.g. {{'r': 8}}) or a peft.LoraConfig, "
                         f"got {type(lora).__name__} {lora!r}")
     options = {**DEFAULT_LORA, **(lora or {})}
     if "target_modules" not in options:
-        options["target_modules"] = _default_targets(model)
+        options["target_modules"] = default_targets(model)
     if "target_parameters" not in options and moe.expert_modules(model):
         options["target_parameters"] = moe.expert_target_parameters(model)  # one LoRA pair per expert
     if not options["target_modules"] and not options.get("target_parameters"):
@@ -613,7 +613,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _default_targets(model: nn.Module) -> list[str]:
+def default_targets(model: nn.Module) -> list[str]:
     """q,k,v,o,gate,up,down (fused qkv / gate_up; OPT's out_proj, fc1, fc2) where they exist, with the companions
     their architecture names its other projections by (COMPANION_TARGETS), else every linear in the blocks."""
     blocks = _decoder_blocks(model, None)

@@ -151,3 +151,19 @@ def test_a_users_mlp_names_reach_the_dense_mlps_and_the_experts(arch_name):
     found = _lora_targets(_attach_lora(model, lora))
     assert "experts" in found and "q_proj" in found
     assert ({"gate_proj", "up_proj", "down_proj"} <= found) == (arch_name == "glm4_moe")
+
+
+@pytest.mark.parametrize("arch_name, expected", [("starcoder2", {"c_fc", "c_proj"}), ("phi", {"dense", "fc1", "fc2"})])
+def test_surogate_train_default_targets_are_compiles(arch_name, expected):
+    """`surogate train`'s default `lora_target_modules` (the DEFAULT_TARGETS list) resolve to the model's own
+    default targets, as `surogate.compile` picks them: StarCoder2's MLP, Phi's attention output."""
+    from surogate.compiler import default_targets
+    from surogate.training.config import TrainConfig
+    from surogate.training.setup import lora_config
+    from surogate.training.train_checks import check_lora_targets
+
+    model = _model(arch_name)
+    cfg = TrainConfig()
+    check_lora_targets(cfg, model)  # the default list needs no match of its own
+    targets = set(lora_config(cfg, model).target_modules)
+    assert targets == set(default_targets(model)) and expected <= targets

@@ -90,8 +90,11 @@ def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
     from peft import LoraConfig
 
     from surogate import moe
+    from surogate.compiler import DEFAULT_TARGETS, default_targets
 
     targets = cfg.lora_target_modules
+    if model is not None and list(targets) == list(DEFAULT_TARGETS):  # the default: the model's own, as compile's
+        targets = default_targets(model)  # (those it has, with the names its blocks give their other projections)
     parameters = cfg.lora_target_parameters
     if parameters is None:
         parameters = moe.expert_target_parameters(model) if model is not None else []

@@ -92,14 +92,15 @@ def meta_model(config) -> nn.Module | None:
 
 def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     """Every name in `lora_target_modules` must match a linear layer (PEFT's suffix rule). The default list
-    means "those of the seven the model has", so it needs one match only."""
+    means the model's own default targets (surogate.compile's rule: those of the list it has, with their
+    companions, else every linear of its blocks), so it needs no match."""
     from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
 
     targets = cfg.lora_target_modules
     if targets == ["all-linear"]:
         return
     missing = unmatched_targets(targets, linear_module_names(model))
-    if not missing or (list(targets) == list(DEFAULT_TARGETS) and len(missing) < len(targets)):
+    if not missing or list(targets) == list(DEFAULT_TARGETS):  # the default resolves to the model's own targets
         return
     verb = "matches" if len(missing) == 1 else "match"
     raise ConfigError(f"lora_target_modules: {', '.join(missing)} {verb} no linear layer of {cfg.model}; its linear "
