@@ -5,7 +5,7 @@
         --data-dir ../shared/data/gsm8k --steps 200                    # a real run on a GPU
 
 The loop is written out: AdamW over the LoRA parameters, linear warmup + decay, gradient
-accumulation, fixed-length packed sequences, eval loss on the test split, the adapter at the end.
+accumulation weighted by target tokens, fixed-length packed sequences, eval loss on the test split, the adapter at the end.
 `surogate train CONFIG.yaml` runs the same loop (surogate/training/train.py) from a config file.
 """
 
@@ -20,7 +20,7 @@ import surogate
 from surogate.training.config import from_dict
 from surogate.training.data import build_split
 from surogate.training.setup import load_base_model, load_tokenizer_for, lora_config, make_scheduler, pick_device
-from surogate.training.steps import evaluate
+from surogate.training.steps import evaluate, step_items
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,13 +61,18 @@ def main() -> None:
     print(f"eval loss before: {evaluate(model, eval_set, args.batch_size, device):.4f}")
     model.train()
     for step in range(1, args.steps + 1):
-        t0, step_loss = time.perf_counter(), 0.0
+        t0, step_loss, step_batches = time.perf_counter(), 0.0, []
         for _ in range(args.grad_accum):
             batch = next(batches, None)
             if batch is None:  # next epoch
                 batches = train_set.batches(args.batch_size, shuffle=True, seed=cfg.seed + step, drop_last=True)
                 batch = next(batches)
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            step_batches.append(batch)
+        # Every micro-batch's loss divides its token sum by the step's target tokens / accumulation: the step's loss
+        # is the mean over all its target tokens (as Hugging Face's Trainer), counted on the host (no GPU sync).
+        items = step_items(step_batches, args.grad_accum, device)
+        for batch in step_batches:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=items).loss
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
