@@ -142,33 +142,33 @@ def _check_lora_grads(grads: dict, same_operands: dict, truth: dict, recipe: str
     assert 1 / NORM_RATIO < (g.norm() / t.norm()).item() < NORM_RATIO
 
 
-@pytest.mark.parametrize("arch_name,recipe", CASES)
-def test_model_matches_eager_peft_and_trains(arch_name, recipe):
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(tiny_config(arch_name)).to(torch.bfloat16)
-    peft_model = _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+def check_against_eager_peft(peft_model, recipe: str, low_id: int = 0, targets: "list[str] | None" = None):
+    """Compile `peft_model` for `recipe` on the CPU: every target rewritten (with `targets`, each of them), the loss
+    and the LoRA gradients within BOUNDS of eager PEFT (the same operands, and the truth). Returns (compiled, ids,
+    loss) for `check_training_lowers_the_loss`."""
     # PEFT runs an expert's LoRA by adding s * B_e A_e to the bf16 weight stack, which rounds the update away
     # (expert-gradient cosine 0.96 against FP32 on tiny Qwen3-MoE; surogate's grouped op 0.9999): the
     # references of MoE models run in FP32.
-    dtype = torch.float32 if expert_modules(model) else torch.bfloat16
+    dtype = torch.float32 if expert_modules(peft_model) else torch.bfloat16
     eager = copy.deepcopy(peft_model).to(dtype)
     # bf16: the same operands are the truth's (measured equal: a bf16 SurogateLinear is the plain GEMM).
     same = eager if recipe == "bf16" else _same_operands(peft_model, recipe, dtype)
     compiled = surogate.compile(peft_model, recipe=recipe, arch="cpu", dynamic=False)
-    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(low_id, V, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = eager(input_ids=ids, labels=ids).loss
     ref.backward()
     if same is not eager:
         same(input_ids=ids, labels=ids).loss.backward()
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
-    report = compiled.surogate_report  # filled when the first call compiles the block graph
-    assert_every_target_rewritten(report)
+    assert_every_target_rewritten(compiled.surogate_report, targets)  # filled when the first call compiles
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) / ref.item() < BOUNDS[recipe][0]
     _check_lora_grads(_lora_grads(compiled), _lora_grads(same), _lora_grads(eager), recipe)
+    return compiled, ids, loss
 
-    if (arch_name, recipe) in NO_TRAIN:
-        return
+
+def check_training_lowers_the_loss(compiled, ids: torch.Tensor, loss: torch.Tensor) -> None:
+    """STEPS AdamW steps at LR on the one batch take the loss below LOSS_RATIO of its first value."""
     opt = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=LR)
     first = loss.item()
     for _ in range(STEPS):
@@ -177,6 +177,18 @@ def test_model_matches_eager_peft_and_trains(arch_name, recipe):
         loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
     assert torch.isfinite(loss) and loss.item() < LOSS_RATIO * first
+
+
+@pytest.mark.parametrize("arch_name,recipe", CASES)
+def test_model_matches_eager_peft_and_trains(arch_name, recipe):
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(arch_name)).to(torch.bfloat16)
+    peft_model = _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    compiled, ids, loss = check_against_eager_peft(peft_model, recipe)
+    report = compiled.surogate_report
+    if (arch_name, recipe) in NO_TRAIN:
+        return
+    check_training_lowers_the_loss(compiled, ids, loss)
     # One block graph for every layer and every step; models that mix sliding-window and full layers
     # (Gemma 2) compile one per layer type: the attention reads its window (surogate/ops/attention.py).
     layer_types = getattr(compiled.base_model.model.config, "layer_types", None) or ["full_attention"]

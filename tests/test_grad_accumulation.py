@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_checkpoint import cache, model_dir  # noqa: F401, F811  (test_checkpoint's fixtures)
 from test_distributed import _env, _run
-from tiny_models import save_tiny_model, tiny_raw_config, write_config
+from tiny_models import tiny_raw_config, write_config
 from tiny_qwen3 import cpu_lora_qwen3
 
 import surogate
@@ -35,16 +36,6 @@ WORDS = ["so", "she", "sold", "forty", "eight", "and", "twenty", "four", "clips"
 STEP = {"max_steps": 1, "lr_scheduler_type": "constant", "warmup_steps": 0, "sample_packing": False,
         "learning_rate": 1e-2}
 GRAD_RTOL = 1e-5  # bs 2 x ga 1 against bs 1 x ga 2: measured 8e-8 (the old weighting: 1.5)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 def _completion(words: int, prompt_copies: int) -> dict:
