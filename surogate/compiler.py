@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 import types
 import warnings
 from collections.abc import Mapping
@@ -510,7 +511,9 @@ def _lora_config(model: nn.Module, lora: Any):
         _check_lora_fields(lora)
         if lora.target_modules is None and not getattr(lora, "target_parameters", None):
             # PEFT would guess the targets from the model type (and fail on one it does not list): ours instead
-            return dataclasses.replace(lora, target_modules=default_targets(model))
+            targets = default_targets(model)
+            exclude = lora.exclude_modules or default_exclude(model, targets)
+            return dataclasses.replace(lora, target_modules=targets, exclude_modules=exclude)
         return lora
     if lora is not None and not isinstance(lora, Mapping):
         raise TypeError(f"lora takes a dict of LoraConfig options (e.g. {{'r': 8}}) or a peft.LoraConfig, "
@@ -518,6 +521,8 @@ def _lora_config(model: nn.Module, lora: Any):
     options = {**DEFAULT_LORA, **(lora or {})}
     if "target_modules" not in options:
         options["target_modules"] = default_targets(model)
+        if options.get("exclude_modules") is None:
+            options["exclude_modules"] = default_exclude(model, options["target_modules"])
     if "target_parameters" not in options and moe.expert_modules(model):
         options["target_parameters"] = moe.expert_target_parameters(model)  # one LoRA pair per expert
     if not options["target_modules"] and not options.get("target_parameters"):
@@ -620,6 +625,31 @@ def default_targets(model: nn.Module) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
     found = [t for t in DEFAULT_TARGETS if t in names]
     return found + [t for t in COMPANION_TARGETS if t in names] if found else sorted(names)
+
+
+def default_exclude(model: nn.Module, targets: "list[str] | tuple[str, ...]") -> str | None:
+    """PEFT `exclude_modules` (a regex) for the parts of `model` outside its decoder blocks that hold linears named
+    like `targets`, or None: a multimodal model's vision tower (Gemma 3's SigLIP q/k/v_proj), which text training
+    never runs, would otherwise get LoRA pairs that no step trains and every adapter carries."""
+    blocks = {id(b) for b in _decoder_blocks(model, None)}
+    modules = dict(model.named_modules())
+    block_names = [n for n, m in modules.items() if id(m) in blocks]
+    if not block_names:
+        return None
+
+    def holds_a_block(prefix: str) -> bool:
+        return any(b == prefix or b.startswith(prefix + ".") for b in block_names)
+
+    prefixes = set()
+    for name, module in modules.items():
+        if (not name or not _is_linear(module) or any(name.startswith(b + ".") for b in block_names)
+                or not any(target_matches(t, name) for t in targets)):
+            continue
+        parts = name.split(".")  # its highest ancestor that holds no decoder block: the tower, not the model
+        prefixes.add(next(".".join(parts[:i]) for i in range(1, len(parts) + 1) if not holds_a_block(".".join(parts[:i]))))
+    if not prefixes:
+        return None
+    return "(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(?:\..*)?"
 
 
 def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:

@@ -132,3 +132,38 @@ def test_surogate_train_default_targets_are_compiles(arch_name, expected):
     check_lora_targets(cfg, model)  # the default list needs no match of its own
     targets = set(lora_config(cfg, model).target_modules)
     assert targets == set(default_targets(model)) and expected <= targets
+
+
+def _gemma3_with_vision() -> torch.nn.Module:
+    """Gemma 3 as AutoModelForCausalLM builds it from a multimodal config: Gemma3ForConditionalGeneration, whose
+    SigLIP vision tower has q/k/v_proj too."""
+    text = {**BASE, "query_pre_attn_scalar": 16, "sliding_window": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(T.Gemma3Config(text_config=text, vision_config=vision,
+                                                            mm_tokens_per_image=4)).to(torch.bfloat16)
+
+
+def test_default_targets_of_a_multimodal_model_stay_in_its_language_model():
+    """compile's and `surogate train`'s defaults put LoRA on the decoder blocks only, not on the vision tower's
+    same-named linears (which text training never runs); the compiled model trains; text-only models get no
+    exclusion."""
+    from surogate.compiler import default_exclude, default_targets
+    from surogate.training.config import TrainConfig
+    from surogate.training.setup import lora_config
+
+    model = _gemma3_with_vision()
+    assert any("vision_tower" in n and n.endswith("q_proj") for n, _ in model.named_modules())
+    assert default_exclude(model, default_targets(model)) == r"(?:model\.vision_tower)(?:\..*)?"
+    train_config = lora_config(TrainConfig(), model)
+    assert train_config.exclude_modules == default_exclude(model, default_targets(model))
+    compiled = surogate.compile(model, recipe="bf16", arch="cpu")
+    lora = [n for n, _ in compiled.named_parameters() if "lora_A" in n]
+    assert len(lora) == 14 and all(".language_model.layers." in n for n in lora)  # 2 layers x 7 projections
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    check_training_lowers_the_loss(compiled, ids, loss)
+    text_only = T.AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    assert default_exclude(text_only, default_targets(text_only)) is None

@@ -90,11 +90,13 @@ def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
     from peft import LoraConfig
 
     from surogate import moe
-    from surogate.compiler import DEFAULT_TARGETS, default_targets
+    from surogate.compiler import DEFAULT_TARGETS, default_exclude, default_targets
 
     targets = cfg.lora_target_modules
+    exclude = None
     if model is not None and list(targets) == list(DEFAULT_TARGETS):  # the default: the model's own, as compile's
         targets = default_targets(model)  # (those it has, with the names its blocks give their other projections)
+        exclude = default_exclude(model, targets)  # none outside the decoder blocks (a vision tower)
     parameters = cfg.lora_target_parameters
     if parameters is None:
         parameters = moe.expert_target_parameters(model) if model is not None else []
@@ -105,7 +107,7 @@ def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
     return LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets), task_type="CAUSAL_LM",
-        target_parameters=list(parameters) or None,
+        target_parameters=list(parameters) or None, exclude_modules=exclude,
     )
 
 
