@@ -479,7 +479,11 @@ def _linear_targets_kept(model: nn.Module):
 
     def convert(peft_config: Any, *args: Any, **kwargs: Any) -> Any:
         before = peft_config.target_modules
+        patterns = {name: dict(getattr(peft_config, name, None) or {}) for name in ("rank_pattern", "alpha_pattern")}
         result = original(peft_config, *args, **kwargs)
+        for name, kept in patterns.items():  # the conversion's keys name fused parameters, which PEFT 0.21 matches
+            if hasattr(peft_config, name):  # against no module: it ignores them, with a warning each compile
+                setattr(peft_config, name, kept)
         after = peft_config.target_modules
         if isinstance(before, (list, tuple, set)) and isinstance(after, (list, tuple, set)):
             lost = [t for t in before if t not in after and t.rsplit(".", 1)[-1] in linears]

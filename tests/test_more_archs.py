@@ -45,9 +45,14 @@ CONFIGS = {
 }
 
 
-def _model(name: str) -> torch.nn.Module:
+def _model(name: str, **overrides) -> torch.nn.Module:
+    """The tiny model of CONFIGS[name] in bf16; `overrides` set config attributes it has (the GPU tests widen it)."""
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(torch.bfloat16)
+    config = CONFIGS[name]()
+    for key, value in overrides.items():
+        if getattr(config, key, None) is not None:
+            setattr(config, key, value)
+    model = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     with torch.no_grad():  # routers with clear winners: the FP32 reference and bf16 pick the same experts (below)
         for name_, module in model.named_modules():
             if name_.endswith("mlp.gate") and isinstance(getattr(module, "weight", None), torch.Tensor):
