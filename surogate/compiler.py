@@ -16,7 +16,6 @@ what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -453,49 +452,12 @@ def _get_peft_model(model: nn.Module, config: Any) -> nn.Module:
 
     from surogate.compat import quiet_peft_deprecations
 
-    with quiet_peft_deprecations(), _linear_targets_kept(model):
+    # PEFT's transformers-4 target conversion runs as PEFT runs it (on MoE model types such as GLM-4-MoE or DeepSeek
+    # it sends gate_proj/up_proj/down_proj to the fused expert stacks, so a dense MLP of those names gets no LoRA):
+    # PeftModel.from_pretrained runs it again on the saved config, and an adapter trained on other targets would
+    # not load back (tests/test_more_archs.py, the save/load round trip).
+    with quiet_peft_deprecations():
         return get_peft_model(model, config)
-
-
-@contextlib.contextmanager
-def _linear_targets_kept(model: nn.Module):
-    """PEFT's v4 -> v5 target conversion, with the names that still name linears of `model` kept as targets.
-
-    PEFT >= 0.18 rewrites a new adapter's targets for MoE model types whose experts transformers 5 fused
-    (Qwen3-MoE, Mixtral, GLM-4-MoE, DeepSeek-V2/V3, ERNIE-4.5-MoE, HunYuan-MoE, dots1, ...): `gate_proj`, `up_proj`,
-    `down_proj` move from `target_modules` to the expert stacks' `target_parameters`. That is what a config written
-    for transformers 4 means for the experts, but the dense MLPs of the same model (shared experts, the first dense
-    layers of GLM-4-MoE and DeepSeek) are still linears of those names, and lost their LoRA without a word."""
-    try:
-        from peft.utils import transformers_weight_conversion as conversion
-    except ImportError:  # a PEFT without the conversion
-        yield
-        return
-    original = getattr(conversion, "convert_peft_config_for_transformers", None)
-    if original is None:
-        yield
-        return
-    linears = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
-
-    def convert(peft_config: Any, *args: Any, **kwargs: Any) -> Any:
-        before = peft_config.target_modules
-        patterns = {name: dict(getattr(peft_config, name, None) or {}) for name in ("rank_pattern", "alpha_pattern")}
-        result = original(peft_config, *args, **kwargs)
-        for name, kept in patterns.items():  # the conversion's keys name fused parameters, which PEFT 0.21 matches
-            if hasattr(peft_config, name):  # against no module: it ignores them, with a warning each compile
-                setattr(peft_config, name, kept)
-        after = peft_config.target_modules
-        if isinstance(before, (list, tuple, set)) and isinstance(after, (list, tuple, set)):
-            lost = [t for t in before if t not in after and t.rsplit(".", 1)[-1] in linears]
-            if lost:
-                peft_config.target_modules = set(after) | set(lost)
-        return result
-
-    conversion.convert_peft_config_for_transformers = convert
-    try:
-        yield
-    finally:
-        conversion.convert_peft_config_for_transformers = original
 
 
 def _lora_config(model: nn.Module, lora: Any):

@@ -72,9 +72,10 @@ CASES = [
     ("cohere", "qnf4", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 1),
     ("phi", "bf16", {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}, 1),
     ("starcoder2", "qfp8", {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}, 1),
-    ("glm4_moe", "qnf4", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"}, 2),
-    ("deepseek_v3", "bf16", {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
-                             "up_proj", "down_proj", "experts"}, 2),
+    # GLM-4-MoE and DeepSeek: PEFT's transformers-4 conversion sends gate/up/down to the experts, so their dense
+    # MLPs get none (as PeftModel.from_pretrained will load the adapter: test_a_saved_adapter_loads_back_in_peft)
+    ("glm4_moe", "qnf4", {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}, 2),
+    ("deepseek_v3", "bf16", {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts"}, 2),
 ]
 
 
@@ -109,18 +110,36 @@ def test_experts_surogate_does_not_run_warn():
     assert "experts left as PEFT runs them (2)" in str(compiled.surogate_report)
 
 
-@pytest.mark.parametrize("arch_name", ["glm4_moe", "qwen3_moe"])
-def test_a_users_mlp_names_reach_the_dense_mlps_and_the_experts(arch_name):
-    """A LoraConfig written for transformers 4 (`gate_proj`, `up_proj`, `down_proj`): PEFT's conversion sends the
-    names to the fused expert stacks, and the dense MLPs that still have linears of those names (GLM-4-MoE's first
-    layer) keep them too. Qwen3-MoE has no dense MLP: its experts take them."""
+@pytest.mark.parametrize("arch_name, user_targets", [("glm4_moe", None), ("qwen3_moe", None),
+                                                    ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"])])
+def test_a_saved_adapter_loads_back_in_peft(arch_name, user_targets, tmp_path):
+    """What `compile` trains is what PeftModel.from_pretrained builds from the saved adapter (PEFT runs its
+    transformers-4 target conversion again there): the same LoRA tensors, shapes and values. A config written for
+    transformers 4 (`gate_proj`, `up_proj`, `down_proj`) reaches Qwen3-MoE's experts."""
     from peft import LoraConfig
 
-    model = _model(arch_name) if arch_name in CONFIGS else T.AutoModelForCausalLM.from_config(tiny_config(arch_name))
-    lora = LoraConfig(r=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
-    found = _lora_targets(_attach_lora(model, lora))
-    assert "experts" in found and "q_proj" in found
-    assert ({"gate_proj", "up_proj", "down_proj"} <= found) == (arch_name == "glm4_moe")
+    from surogate.training.adapters import load_adapter
+
+    def build():
+        if arch_name in CONFIGS:
+            return _model(arch_name)
+        torch.manual_seed(0)
+        return T.AutoModelForCausalLM.from_config(tiny_config(arch_name)).to(torch.bfloat16)
+
+    lora = None if user_targets is None else LoraConfig(r=8, target_modules=user_targets)
+    compiled = surogate.compile(build(), recipe="bf16", arch="cpu", lora=lora)
+    with torch.no_grad():
+        for name, p in compiled.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    trained = {n: p.detach().clone() for n, p in compiled.named_parameters() if "lora_" in n}
+    if user_targets is not None:
+        assert "experts" in _lora_targets(compiled) and "q_proj" in _lora_targets(compiled)
+    surogate.save_adapter(compiled, tmp_path / "adapter")
+    loaded = {n: p for n, p in load_adapter(build(), tmp_path / "adapter").named_parameters() if "lora_" in n}
+    assert loaded.keys() == trained.keys()
+    for name, p in loaded.items():
+        assert torch.equal(p, trained[name]), name
 
 
 @pytest.mark.parametrize("arch_name, expected", [("starcoder2", {"c_fc", "c_proj"}), ("phi", {"dense", "fc1", "fc2"})])
