@@ -169,7 +169,7 @@ def _gemma3_with_vision() -> torch.nn.Module:
                                                             mm_tokens_per_image=4)).to(torch.bfloat16)
 
 
-def test_default_targets_of_a_multimodal_model_stay_in_its_language_model():
+def test_default_targets_of_a_multimodal_model_stay_in_its_language_model(tmp_path):
     """compile's and `surogate train`'s defaults put LoRA on the decoder blocks only, not on the vision tower's
     same-named linears (which text training never runs); the compiled model trains; text-only models get no
     exclusion."""
@@ -189,5 +189,11 @@ def test_default_targets_of_a_multimodal_model_stay_in_its_language_model():
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     check_training_lowers_the_loss(compiled, ids, loss)
+    from surogate.training.adapters import load_adapter  # the exclusion is saved: PEFT builds the same pairs
+
+    surogate.save_adapter(compiled, tmp_path / "adapter")
+    loaded = {n: p for n, p in load_adapter(_gemma3_with_vision(), tmp_path / "adapter").named_parameters()
+              if "lora_" in n}
+    assert loaded.keys() == {n for n, _ in compiled.named_parameters() if "lora_" in n}
     text_only = T.AutoModelForCausalLM.from_config(tiny_config("qwen3"))
     assert default_exclude(text_only, default_targets(text_only)) is None
