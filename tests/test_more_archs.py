@@ -110,8 +110,9 @@ def test_experts_surogate_does_not_run_warn():
     assert "experts left as PEFT runs them (2)" in str(compiled.surogate_report)
 
 
-@pytest.mark.parametrize("arch_name, user_targets", [("glm4_moe", None), ("qwen3_moe", None),
-                                                    ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"])])
+@pytest.mark.parametrize("arch_name, user_targets", [
+    ("glm4_moe", None), ("deepseek_v3", None), ("granitemoeshared", None), ("starcoder2", None), ("qwen3_moe", None),
+    ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"])])
 def test_a_saved_adapter_loads_back_in_peft(arch_name, user_targets, tmp_path):
     """What `compile` trains is what PeftModel.from_pretrained builds from the saved adapter (PEFT runs its
     transformers-4 target conversion again there): the same LoRA tensors, shapes and values. A config written for
