@@ -88,8 +88,8 @@ class MaskNeeds:
     softcap: bool  # soft-capped attention logits (Gemma 2)
 
     def window_mask(self, seq_len: int) -> int | None:
-        """The window for which plain rows of `seq_len` tokens get a FlexAttention mask: one shorter than the
-        rows (Phi-3's 2047 at 2048 tokens; run 98: +19% tokens/s), not with soft-capping (Gemma 2: FlexAttention
+        """The window for which rows of `seq_len` tokens (plain or packed) get a FlexAttention mask: one shorter than
+        the rows (Phi-3's 2047 at 2048 tokens; run 98: +19% tokens/s), not with soft-capping (Gemma 2: FlexAttention
         measured slower than its eager path at head dim 256, and failed to lower at head dim 64 under
         torch 2.11)."""
         if self.softcap or self.window is None or seq_len <= self.window:
@@ -116,12 +116,9 @@ def block_mask(segments: Tensor | None, seq_len: int, window: int | None, device
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = kv_idx <= q_idx
-        if window is not None:
-            keep = keep & (q_idx - kv_idx < window)
-        if segments is not None:
-            keep = keep & (segments[b, q_idx] == segments[b, kv_idx])
-        return keep
+        if segments is None:
+            return _keep(q_idx, kv_idx, window)
+        return _keep(q_idx, kv_idx, window, segments[b, q_idx], segments[b, kv_idx])
 
     batch = None if segments is None else segments.shape[0]
     return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
@@ -227,17 +224,25 @@ def _original_function(module: nn.Module):
     return name, ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | None, device) -> Tensor:
-    """(B or 1, 1, S, S) bool: causal, inside the window, same segment."""
-    q = torch.arange(q_len, device=device)[:, None]
-    k = torch.arange(kv_len, device=device)[None, :]
-    keep = k <= q
+def _keep(q_idx: Tensor, kv_idx: Tensor, window: int | None, seg_q: Tensor | None = None,
+          seg_k: Tensor | None = None) -> Tensor:
+    """Whether query `q_idx` attends to key `kv_idx`: causal, inside `window` (q - k < window, as transformers'
+    sliding layers) when given, inside one segment when given. The one rule of the BlockMask and the dense mask."""
+    keep = kv_idx <= q_idx
     if window is not None:
-        keep = keep & (q - k < window)
-    keep = keep[None, None]
-    if segments is not None:
-        keep = keep & (segments[:, None, :, None] == segments[:, None, None, :])
+        keep = keep & (q_idx - kv_idx < window)
+    if seg_q is not None:
+        keep = keep & (seg_q == seg_k)
     return keep
+
+
+def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | None, device) -> Tensor:
+    """(B or 1, 1, S, S) bool: `_keep` over every (query, key) pair."""
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    k = torch.arange(kv_len, device=device)[None, None, None, :]
+    if segments is None:
+        return _keep(q, k, window)
+    return _keep(q, k, window, segments[:, None, :, None], segments[:, None, None, :])
 
 
 _FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
