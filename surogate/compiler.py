@@ -70,7 +70,7 @@ class AlreadyCompiledError(RuntimeError):
 def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None, arch: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
-            checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
+            checkpoint_fraction: float = 1.0, recompute_producers: "bool | str" = "auto",
             grad_producer: bool = True) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
@@ -116,11 +116,13 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     both (with the un-checkpointed blocks first, every recompute runs while all of them are still held: one
     block's activations more at the peak). And with "offload" the inputs that wait longest go to the host.
 
-    `recompute_producers=True` (the default): the RMSNorm and SwiGLU outputs that the LoRA linears read,
-    o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it keeps
-    anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
-    (bf16 35.3 -> 28.2 GiB, qfp8 29.4 -> 22.4) for 2.2% of bf16's speed (bench/NOTES.md runs 51, 91): False
-    where memory is not the limit.
+    `recompute_producers` ("auto", the default; True; False): with True the RMSNorm and SwiGLU outputs that the
+    LoRA linears read, o_proj's layout copy and the attention's q/k/v are rebuilt in the backward from tensors it
+    keeps anyway, instead of kept from the forward (passes/recompute.py): on an H200, Qwen3-8B keeps 7 GiB less
+    (bf16 35.3 -> 28.2 GiB, qfp8 29.4 -> 22.4) for 2.2% of bf16's speed (bench/NOTES.md runs 51, 91). "auto"
+    keeps them for the recipes that keep bf16 weights (bf16, fp8, fp4) when they take at most a fifth of the
+    GPU memory free at compile time, and rebuilds them otherwise: for the recipes that store their weights
+    quantized, with activation checkpointing, on the CPU. The report says what it chose and why.
 
     `grad_producer=True` (the default; it matters for the recipes with an FP8 dgrad: fp8, qfp8): the compiled
     backward quantizes each dgrad's gradient with the traceable twin of the op's quantizer, so that Inductor
@@ -133,6 +135,11 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
                          f"'offload' (also keep the blocks' saved inputs in host memory), got {checkpoint!r}")
     _check_checkpoint_fraction(checkpoint, checkpoint_fraction)
+    if recompute_producers not in (True, False, "auto"):
+        raise ValueError(f"recompute_producers takes 'auto' (keep the norm / SwiGLU outputs where memory is plenty), "
+                         f"True (rebuild them in the backward) or False (keep them), got {recompute_producers!r}")
+    if checkpoint and recompute_producers == "auto":
+        recompute_producers = True  # checkpointing asks for memory first
     rec = get(recipe)  # unknown names raise with the list of valid ones
     tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
@@ -159,8 +166,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
 def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str, the_plan, undo: "_Undo",
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
-                     checkpoint: "bool | str", checkpoint_fraction: float = 1.0, recompute_producers: bool = True,
-                     grad_producer: bool = True) -> nn.Module:
+                     checkpoint: "bool | str", checkpoint_fraction: float = 1.0,
+                     recompute_producers: "bool | str" = "auto", grad_producer: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     undo.own_configs()  # before anything writes on them
     peft_model = model if config is None else undo.attach(model, config)
@@ -188,13 +195,17 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         report.note(f"model moved to {device} layer by layer, each target quantized on the way")
     if the_plan.support.value == "emulated":
         report.note(the_plan.explain())
+    hf = peft_model.base_model.model
+    blocks = _decoder_blocks(hf, targets)
+    # How often one compiled graph runs per forward: each decoder block calls the shared one (what pass 5's "auto"
+    # multiplies a graph's kept bytes by); the whole-backbone graph holds every block itself.
+    graph_calls = len(blocks) if blocks and regional else 1
     ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers,
-                   "grad_producer": grad_producer}
+                   "grad_producer": grad_producer, "graph_calls": graph_calls}
     if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
         report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
                     if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
     backend = make_backend(rec, arch_name, report, ctx_options)
-    hf = peft_model.base_model.model
     if getattr(getattr(hf, "config", None), "use_cache", False):
         # A KV cache in training makes each block update its own cache slot (a guard on layer_idx):
         # one recompile per layer. Training needs no cache; generate() can still pass use_cache=True.
@@ -207,7 +218,6 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     else:
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
-    blocks = _decoder_blocks(hf, targets)
     checkpointed = checkpointed_blocks(len(blocks), checkpoint_fraction) if checkpoint else 0
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
@@ -673,13 +683,12 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
     `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
     """
     options = options or {}
-    # The passes tag nodes (node.meta), which the compile caches do not hash: the options go into the key.
-    options_tag = "surogate-options-" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
         report.pending = ""
-        _run_pipeline_in_checkpoint_bodies(gm, PassContext(recipe, arch, report, options))
-        run_pipeline(gm, PassContext(recipe, arch, report, options))
+        ctx = PassContext(recipe, arch, report, dict(options))  # the passes write their decisions into its options
+        _run_pipeline_in_checkpoint_bodies(gm, ctx)
+        run_pipeline(gm, ctx)
         with ops.grad_producer(options.get("grad_producer", True)):
             if arch == CPU:
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
@@ -687,6 +696,9 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
 
             post_grad = concat.post_grad_pass()
             patches = {"post_grad_custom_post_pass": post_grad} if post_grad is not None else None
+            # The passes tag nodes (node.meta), which the compile caches do not hash: the options as the passes
+            # decided them (recompute_producers "auto" -> True / False) go into the key.
+            options_tag = "surogate-options-" + ",".join(f"{k}={v}" for k, v in sorted(ctx.options.items()))
             with compile_options_cache_tag(options_tag):
                 return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -256,7 +256,7 @@ def test_compile_tags_the_torch_compile_cache_with_surogates_sources():
 def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
     """AOTAutograd's cache strips node.meta, where the passes steer the partition (recompute_producers):
     two backends that differ only in an option must compile under different cache keys, or one is served
-    the other's partition (bench/NOTES.md run 51); the user's tag is back after each compile. Each compile hands
+    the other's partition (bench/NOTES.md run 51), and "auto" compiles under the key of what it decided; the user's tag is back after each compile. Each compile hands
     Inductor the post-grad pass that builds the fused GEMMs' gradient cats in place (passes/concat.py)."""
     import torch._inductor.compile_fx as inductor_compile_fx
 
@@ -268,10 +268,11 @@ def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", lambda gm, inputs, config_patches=None: (
         seen.append(torch.compiler.config.cache_key_tag), patches.append(config_patches)) and gm)
     with torch.compiler.config.patch(cache_key_tag="mine"):  # not monkeypatch: see the test above
-        for recompute in (False, True, False):
+        for recompute in (False, True, False, "auto"):
             backend = make_backend(get("bf16"), "sm_90", CompileReport(recipe="bf16", arch="sm_90", backend="x"),
                                    {"horizontal": True, "producer": True, "recompute_producers": recompute})
             backend(torch.fx.symbolic_trace(lambda x: x * 2), [torch.ones(2)])
             assert torch.compiler.config.cache_key_tag == "mine"
     assert seen[0] == seen[2] != seen[1] and all(t.startswith("mine+surogate-options-") for t in seen)
+    assert seen[3] == seen[1]  # "auto" is keyed as what it decided (here: nothing to weigh, so rebuilt)
     assert all(type(p["post_grad_custom_post_pass"]).__name__ == "RealizeCatsIntoSlices" for p in patches)

@@ -198,9 +198,14 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     monkeypatch.setattr(surogate.compiler, "compile", lambda model, **kw: seen.update(kw) or model)
     monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
     setup.compile_model(object(), from_dict({}))
-    assert seen["recompute_producers"] is True and seen["checkpoint"] is False  # the defaults
+    assert seen["recompute_producers"] == "auto" and seen["checkpoint"] is False  # the defaults
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
+    setup.compile_model(object(), from_dict({"recompute_producers": True}))
+    assert seen["recompute_producers"] is True
+    # Padded batches vary in length, and "auto" weighs the first batch: rebuilt, whatever the memory.
+    setup.compile_model(object(), from_dict({"sample_packing": False}))
+    assert seen["recompute_producers"] is True
     setup.compile_model(object(), from_dict({"gradient_checkpointing": "offload"}))
     assert seen["checkpoint"] == "offload" and seen["checkpoint_fraction"] == 1.0  # the default: every block
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "gradient_checkpointing_fraction": 0.67}))

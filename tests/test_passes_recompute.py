@@ -21,9 +21,9 @@ TOKENS = 40  # no other dimension of the model is 40: the sequence dimension is 
 saved_activations = load_bench("saved_activations")
 
 
-def _qwen3(seed: int = 0) -> torch.nn.Module:
+def _qwen3(seed: int = 0, layers: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=64, vocab_size=128)
     return T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
 
@@ -118,3 +118,69 @@ def test_what_the_pass_tags_in_a_qwen3_layer():
     assert not any(n.op == "placeholder" for n in rebuilt)
     assert any(N.is_add(n) for n in rebuilt)  # RoPE's q * cos + rotate_half(q) * sin
     assert not any(N.is_call(n, (torch.rsqrt,)) for n in rebuilt)
+
+
+# --- "auto": keep the producers where GPU memory is plenty -----------------------------------------------
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("recipe, free, rebuild", [
+    ("bf16", 100 * GIB, False), ("fp8", 100 * GIB, False),  # bf16 weights kept: speed first where memory allows
+    ("bf16", 4 * GIB, True),  # 1 GiB would be 25% of what is free: rebuilt
+    ("bf16", None, True),  # the CPU backend
+    ("qfp8", 100 * GIB, True), ("qnf4", 100 * GIB, True),  # quantized storage: memory first
+])
+def test_auto_keeps_the_producers_only_for_bf16_weights_and_plenty_of_memory(recipe, free, rebuild):
+    from surogate.passes.recompute import rebuild_producers
+    from surogate.recipes import get
+
+    decided, why = rebuild_producers("auto", get(recipe), GIB, free)
+    assert decided is rebuild and why.startswith("recompute_producers auto: " + ("rebuilt" if rebuild else "kept"))
+    assert rebuild_producers(True, get(recipe), GIB, free) == (True, "")
+    assert rebuild_producers(False, get(recipe), GIB, free) == (False, "")
+
+
+def test_auto_estimates_what_the_partition_keeps(monkeypatch):
+    """What "auto" weighs (the rebuilt tensors' bytes, from the graph, times the blocks sharing it) is close to
+    what rebuilding really takes off the forward's kept tensors under Inductor's partitioner."""
+    from surogate.passes import recompute
+
+    saved_partition = (saved_activations.activation_bytes_per_token(_kept("bf16", False), TOKENS)
+                       - saved_activations.activation_bytes_per_token(_kept("bf16", True), TOKENS)) * TOKENS
+    weighed, rebuild = [], recompute.rebuild_producers
+    monkeypatch.setattr(recompute, "rebuild_producers", lambda *a: weighed.append(a[2]) or rebuild(*a))
+    model = surogate.compile(_qwen3(layers=3), recipe="bf16", arch="cpu")
+    ids = torch.randint(0, 128, (1, TOKENS))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(weighed) == 1  # one graph, shared by the 3 blocks
+    assert 0.9 * 3 * saved_partition <= weighed[0] <= 1.1 * 3 * saved_partition, (weighed, saved_partition)
+
+
+def _auto_compile(monkeypatch, recipe: str, free: int, **options):
+    from surogate.passes import recompute
+
+    monkeypatch.setattr(recompute, "free_device_bytes", lambda arch: free)
+    model = surogate.compile(_qwen3(), recipe=recipe, arch="cpu", **options)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return str(model.surogate_report)
+
+
+def test_auto_is_the_default_and_says_what_it_chose(monkeypatch):
+    report = _auto_compile(monkeypatch, "bf16", 100 * GIB)
+    assert "recompute_producers auto: kept, not rebuilt" in report and "rebuilt in the backward" not in report, report
+    report = _auto_compile(monkeypatch, "bf16", 1 << 10)
+    assert "recompute_producers auto: rebuilt" in report and "swiglu -> GEMM input: rebuilt" in report, report
+    report = _auto_compile(monkeypatch, "qfp8", 100 * GIB)
+    assert "rebuilt (qfp8 stores its weights for memory" in report and "rebuilt in the backward" in report, report
+    # Checkpointing asks for memory first: "auto" rebuilds without weighing.
+    report = _auto_compile(monkeypatch, "bf16", 100 * GIB, checkpoint=True)
+    assert "recompute_producers auto" not in report and "rebuilt in the backward" in report, report
+
+
+def test_bad_recompute_producers_value_is_refused_before_anything_changes():
+    model = _qwen3()
+    with pytest.raises(ValueError, match="recompute_producers takes 'auto'"):
+        surogate.compile(model, recipe="bf16", arch="cpu", recompute_producers="sometimes")
+    assert not hasattr(model, "peft_config")

@@ -1,5 +1,5 @@
-"""Pass 5 (opt-in, `surogate.compile(..., recompute_producers=True)`): rebuild the RMSNorm and SwiGLU
-outputs (and layout copies, such as the attention output's) that LoRA linears read in the backward
+"""Pass 5 (`surogate.compile(..., recompute_producers=...)`, "auto" by default): rebuild the RMSNorm and
+SwiGLU outputs (and layout copies, such as the attention output's) that LoRA linears read in the backward
 instead of keeping them from the forward.
 
 Each `surogate::lora_linear` keeps its input for the backward (LoRA A's gradient reads it). When that
@@ -13,8 +13,11 @@ partitioner obeys: the backward recomputes them, one pointwise kernel each, and 
 nothing extra. The values are the same ops on the same tensors, so the numbers are bit for bit those of
 a run without the pass.
 
-Measured on the CPU with the partitioner CUDA training runs (bench/saved_activations.py): see
-bench/results/saved_activations.md. Its time on a GPU is not measured yet, so it is off by default.
+Rebuilding costs time (on an H200, Qwen3-8B bf16 runs 2.2% slower and keeps 7.1 GiB less: bench/NOTES.md
+run 91), so "auto" (`rebuild_producers`) keeps them where memory is plenty: the recipes that keep bf16
+weights (bf16, fp8, fp4: chosen for speed) on a GPU where the kept tensors take at most `KEEP_SHARE` of
+the free memory; the recipes that store the weights quantized (chosen for memory), the CPU, and short
+GPUs rebuild. Bytes kept: bench/saved_activations.py (bench/results/saved_activations.md).
 """
 
 from __future__ import annotations
@@ -115,29 +118,91 @@ def attention_input_nodes(attention: fx.Node) -> list[fx.Node]:
     return _walk(list(attention.args[:3]), _attention_input_step)
 
 
-def recompute_producers(gm: fx.GraphModule, ctx) -> int:
-    """Tag for recompute in the backward the producers of every op's input (`producer_nodes`) and of every
-    attention call's q/k/v (`attention_input_nodes`), when the `recompute_producers` option is on.
-    Returns the inputs and attention calls tagged."""
-    if not ctx.options.get("recompute_producers", False):
-        return 0
-    tagged = 0
-    seen: set[fx.Node] = set()
+# "auto" keeps the producers when they take at most this share of the GPU memory free when the graph compiles
+# (weights loaded, activations not yet). What a Qwen3 layer keeps in all is ~1.8x what rebuilding saves
+# (docs/compile.md), so at this share the whole micro-batch's activations stay under ~40% of that memory.
+KEEP_SHARE = 0.2
+GIB = 1 << 30
+
+
+def _tagged_groups(gm: fx.GraphModule) -> list[tuple[list[fx.Node], str, str, list[fx.Node]]]:
+    """(nodes to rebuild, what, consumers, tensors kept without the rebuild) for every op input and attention
+    call with a producer the backward can rebuild."""
+    groups, seen = [], set()
     for node in list(gm.graph.nodes):
         if N.is_call(node, _ATTENTION_TARGETS):
-            nodes, what = attention_input_nodes(node), ("attention q/k/v (head views, q/k norms, RoPE): rebuilt in "
-                                                         "the backward from the QKV GEMM's output, not kept")
-            consumers = node.name
+            nodes = attention_input_nodes(node)
+            what = "attention q/k/v (head views, q/k norms, RoPE): rebuilt in the backward from the QKV GEMM's output, not kept"
+            groups.append((nodes, what, node.name, [a for a in node.args[:2] if a in nodes]))
         elif N.is_surogate_op(node) and N.op_arg(node, "input") not in seen:
             x = N.op_arg(node, "input")
             seen.add(x)
-            nodes, what = producer_nodes(x), f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept"
-            consumers = "+".join(node.meta.get("surogate_members", (node.name,)))
-        else:
-            continue
+            what = f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept"
+            groups.append((producer_nodes(x), what, "+".join(node.meta.get("surogate_members", (node.name,))), [x]))
+    return [g for g in groups if g[0]]
+
+
+def _bytes(node: fx.Node) -> int:
+    """Bytes of `node`'s tensor, a dynamic dimension at the size this graph is compiled for."""
+    value = N.meta_value(node)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    numel = 1
+    for d in value.shape:
+        numel *= d if isinstance(d, int) else (d.node.hint or 1)
+    return numel * value.element_size()
+
+
+def kept_bytes(groups: list) -> int:
+    """Bytes one call of the graph keeps for the backward when `groups` (`_tagged_groups`) are not rebuilt."""
+    return sum(_bytes(t) for _, _, _, tensors in groups for t in tensors)
+
+
+def free_device_bytes(arch: str) -> int | None:
+    """Bytes the caching allocator can still hand out on the current CUDA device (free to the driver plus
+    reserved and unused); None for the CPU backend."""
+    if arch == "cpu" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def rebuild_producers(option: "bool | str", recipe, kept_bytes: int, free_bytes: int | None) -> tuple[bool, str]:
+    """Whether to rebuild the producers (option True / False, or "auto" decided from the recipe and
+    memory), and the report's reason for an "auto" decision ("" otherwise)."""
+    if option != "auto":
+        return bool(option), ""
+    kept = f"keeping them would take {kept_bytes / GIB:.2f} GiB"
+    if not recipe.keeps_bf16_weight:
+        return True, f"recompute_producers auto: rebuilt ({recipe.name} stores its weights for memory; {kept})"
+    if free_bytes is None:
+        return True, f"recompute_producers auto: rebuilt (not on a GPU; {kept})"
+    share = kept_bytes / max(free_bytes, 1)
+    where = f"{kept} of the {free_bytes / GIB:.1f} GiB free ({share:.0%})"
+    if share <= KEEP_SHARE:
+        return False, f"recompute_producers auto: kept, not rebuilt ({where}; True keeps less, a little slower)"
+    return True, f"recompute_producers auto: rebuilt ({where}, over {KEEP_SHARE:.0%})"
+
+
+def recompute_producers(gm: fx.GraphModule, ctx) -> int:
+    """Tag for recompute in the backward the producers of every op's input (`producer_nodes`) and of every
+    attention call's q/k/v (`attention_input_nodes`), when `rebuild_producers` says so. The decision is
+    written back into `ctx.options["recompute_producers"]` (the compile cache key carries it). Returns the
+    inputs and attention calls tagged."""
+    option = ctx.options.get("recompute_producers", False)
+    if option is False:
+        return 0
+    groups = _tagged_groups(gm)
+    kept = kept_bytes(groups) * ctx.options.get("graph_calls", 1)
+    free = free_device_bytes(ctx.arch) if option == "auto" and groups else None
+    rebuild, why = rebuild_producers(option, ctx.recipe, kept, free)
+    ctx.options["recompute_producers"] = rebuild
+    if why and groups:
+        ctx.report.note(why)
+    if not rebuild:
+        return 0
+    for nodes, what, consumers, _ in groups:
         for n in nodes:
             n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-        if nodes:
-            tagged += 1
-            ctx.report.group(what, (consumers,))
-    return tagged
+        ctx.report.group(what, (consumers,))
+    return len(groups)

@@ -89,7 +89,9 @@ class TrainConfig:
     # with gradient_checkpointing on: the share of decoder blocks checkpointed, the first ones (0, 1]; the rest keep
     # their activations (more memory, no recompute): surogate.compile(checkpoint_fraction=...)
     gradient_checkpointing_fraction: float = 1.0
-    recompute_producers: bool = True  # rebuild norm / SwiGLU / RoPE outputs in the backward (surogate.compile)
+    # rebuild norm / SwiGLU / RoPE outputs in the backward (true), keep them (false), or "auto": keep them where GPU
+    # memory is plenty and the recipe keeps bf16 weights (surogate.compile(recompute_producers=...))
+    recompute_producers: bool | str = "auto"
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
@@ -163,6 +165,13 @@ def _checkpointing(key: str, v: Any) -> bool | str:
     if isinstance(v, bool) or (isinstance(v, str) and v == "offload"):
         return v
     raise ConfigError(f"{key}: expected true, false or offload, got {v!r}")
+
+
+def _recompute_producers(key: str, v: Any) -> bool | str:
+    """surogate.compile's `recompute_producers=`: true, false or auto."""
+    if isinstance(v, bool) or v == "auto":
+        return v
+    raise ConfigError(f"{key}: expected auto, true or false, got {v!r}")
 
 
 def _checkpointing_fraction(key: str, v: Any, checkpointing: bool | str) -> float:
@@ -443,7 +452,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.gradient_checkpointing_fraction = _checkpointing_fraction("gradient_checkpointing_fraction",
                                                                 c.gradient_checkpointing_fraction,
                                                                 c.gradient_checkpointing)
-    c.recompute_producers = _bool("recompute_producers", c.recompute_producers)
+    c.recompute_producers = _recompute_producers("recompute_producers", c.recompute_producers)
     c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
     c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)
     if c.fsdp_lora == "sharded" and c.parallelism != "fsdp":

@@ -115,8 +115,11 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
     from surogate.compiler import compile as surogate_compile
 
+    recompute = cfg.recompute_producers
+    if recompute == "auto" and not cfg.sample_packing:
+        recompute = True  # padded batches vary in length: "auto" would weigh the first one's, not the longest's
     options = {"checkpoint": cfg.gradient_checkpointing, "checkpoint_fraction": cfg.gradient_checkpointing_fraction,
-               "recompute_producers": cfg.recompute_producers}
+               "recompute_producers": recompute}
     return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg, model), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation, **options)
 

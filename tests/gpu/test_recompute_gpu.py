@@ -47,3 +47,20 @@ def test_recompute_on_cuda_follows_recompute_off(recipe):
     assert kept_on < 0.85 * kept_off, (kept_on, kept_off)
     assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off)
     assert torch.nn.functional.cosine_similarity(g_on, g_off, dim=0).item() > 0.9999
+
+
+def test_auto_keeps_the_producers_for_bf16_and_rebuilds_them_for_qfp8():
+    """On a GPU with memory to spare (this tiny model's producers take far less than a fifth of what is free),
+    "auto" (the default) keeps them for bf16 weights and rebuilds them for a recipe stored for memory."""
+    import surogate
+
+    reports = {}
+    for recipe in ("bf16", "qfp8"):
+        torch._dynamo.reset()
+        model = surogate.compile(cuda_lora_qwen3(), recipe=recipe)
+        ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        reports[recipe] = str(model.surogate_report)
+    assert "recompute_producers auto: kept" in reports["bf16"], reports["bf16"]
+    assert "rebuilt in the backward" not in reports["bf16"]
+    assert "recompute_producers auto: rebuilt (qfp8" in reports["qfp8"] and "rebuilt in the backward" in reports["qfp8"]
