@@ -1,0 +1,76 @@
+"""Qwen3.5 and Qwen3-Next (gated DeltaNet linear-attention layers beside full attention; Qwen3-Next's MLP a mixture
+of experts) compiled by Inductor for CUDA (marked `gpu`; deselected without CUDA).
+
+On the CPU these models do not compile: the reference backend (aot_eager) runs the backward's `view`s on tensors
+whose strides differ from the traced ones (docs/compile.md, "Architectures beyond the tested ones"). Inductor
+plans its own layouts. transformers runs the DeltaNet rule in its PyTorch form here (no flash-linear-attention on
+the GPU machine), which Dynamo traces like the rest of the block.
+
+The reference is eager PEFT in FP32 (the truth: bf16 PEFT rounds an expert's LoRA update into the bf16 stack);
+the bounds are bf16's distance from it on the tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+import surogate
+from surogate.compiler import _attach_lora
+
+pytestmark = pytest.mark.gpu
+
+V = 128
+BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": V, "max_position_embeddings": 512, "pad_token_id": 0,
+        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+        "full_attention_interval": 2}
+CONFIGS = {  # name: (config class, its arguments past BASE)
+    "qwen3_5": ("Qwen3_5TextConfig", {}),
+    "qwen3_next": ("Qwen3NextConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                       "shared_expert_intermediate_size": 128}),
+}
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+@pytest.mark.parametrize("name, recipe", [("qwen3_5", "bf16"), ("qwen3_5", "qnf4"), ("qwen3_next", "bf16")])
+def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
+    config_class, extra = CONFIGS[name]
+    if not hasattr(T, config_class):
+        pytest.skip(f"this transformers ({T.__version__}) has no {config_class}")
+    torch.manual_seed(0)
+    config = getattr(T, config_class)(**BASE, **extra)
+    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).cuda()
+    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    truth = copy.deepcopy(peft_model).float()
+    model = surogate.compile(peft_model, recipe=recipe)
+    ids = torch.randint(3, V, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    expected = truth(input_ids=ids, labels=ids).loss
+    expected.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    report = model.surogate_report
+    assert report.linears and len(report.rewritten) == len(report.linears), str(report)
+    assert torch.isfinite(loss) and abs(loss.item() - expected.item()) < 1e-2 * expected.item()
+    grads, ref = _lora_grads(model), _lora_grads(truth)
+    assert grads.keys() == ref.keys() and grads
+    floor = 0.99 if recipe == "bf16" else 0.97
+    for n in grads:
+        cos = F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0).item()
+        assert cos > floor, (n, cos)
+    # And it trains: a few AdamW steps on the one batch lower the loss.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = loss.item()
+    for _ in range(5):
+        opt.step()
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert torch.isfinite(loss) and loss.item() < 0.97 * first
