@@ -7,8 +7,9 @@
   default whenever the user's LoRA options do not say otherwise.
 - `swap_experts(peft_model, recipe, undo)`: every experts module becomes a `SurogateExperts` (the
   recipe's experts format; q-recipes free the bf16 stacks), and the outermost PEFT `ParamWrapper` on it
-  runs it with PEFT's factors (`ops/experts.py`). Experts surogate cannot run stay as PEFT runs them,
-  and the report says why.
+  runs it with PEFT's factors (`ops/experts.py`); a block that runs every expert on every token (Llama 4)
+  gets the class that runs only its top-k pairs (`ops/routed_blocks.py`). Experts surogate cannot run stay
+  as PEFT runs them, and the report says why.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from surogate.ops.experts import (
     experts_weight_format,
     unsupported_experts,
 )
+from surogate.ops.experts_layout import Routing, experts_layout
+from surogate.ops.routed_blocks import routed_block_class
 from surogate.recipes import Recipe
 
 
@@ -99,6 +102,10 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device
         if not _is_experts(experts) or hasattr(experts, "base_layer"):
             continue
         why = unsupported_experts(experts, experts_weight_format(recipe))
+        block_class = None
+        if not why and experts_layout(experts).routing is Routing.INPUT:
+            block_class = routed_block_class(parent)  # the block's dense routing, run top-k
+            why = block_class if isinstance(block_class, str) else None
         if why:
             left.append(f"{name} ({type(experts).__name__}: {why})")
             continue
@@ -115,6 +122,10 @@ def swap_experts(peft_model: nn.Module, recipe: Recipe, undo: Any = None, device
             if undo is not None:
                 undo.classes.append((outer, type(outer)))
             outer.__class__ = _lora_class(type(outer))
+        if block_class is not None:
+            if undo is not None:
+                undo.classes.append((parent, type(parent)))
+            parent.__class__ = block_class
         swapped += 1
     lines = []
     if swapped:

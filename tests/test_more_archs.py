@@ -8,7 +8,9 @@
 - PEFT's transformers-4 target conversion (GLM-4-MoE, DeepSeek-V2/V3, ERNIE-4.5-MoE, HunYuan-MoE, dots1, ...) moved
   `gate_proj`/`up_proj`/`down_proj` from target_modules to target_parameters: the dense MLPs (first dense layers,
   shared experts) trained no LoRA, silently.
-- Experts surogate does not run (GPT-OSS, Llama 4) stay as PEFT runs them: now a warning, not only a report line.
+- Experts surogate does not run stay as PEFT runs them: now a warning, not only a report line. GPT-OSS's and
+  Llama 4's stayed (transposed, interleaved, biased, a clamped gate, routing weight on the input): now run as grouped
+  ops (surogate/ops/experts_layout.py; block-level checks of each layout field in tests/test_moe_layouts.py).
 
 Checks as in test_compile_models.py: every target rewritten, loss and LoRA gradients against eager PEFT within the
 recipe's bounds, a few AdamW steps lower the loss.
@@ -42,7 +44,12 @@ CONFIGS = {
     "granitemoeshared": lambda: T.GraniteMoeSharedConfig(**BASE, num_local_experts=4, num_experts_per_tok=2,
                                                          shared_intermediate_size=64),
     "gpt_oss": lambda: T.GptOssConfig(**BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+    "llama4": lambda: T.Llama4TextConfig(**{**BASE, "intermediate_size": 64}, intermediate_size_mlp=128,
+                                         num_local_experts=4, num_experts_per_tok=2),
+    "aria": lambda: T.AriaTextConfig(**{**BASE, "intermediate_size": 64}, moe_num_experts=4, moe_topk=2,
+                                     moe_num_shared_experts=1),
 }
+ROUTERS = ("mlp.gate", "mlp.router", "feed_forward.router")
 
 
 def _model(name: str, **overrides) -> torch.nn.Module:
@@ -53,10 +60,14 @@ def _model(name: str, **overrides) -> torch.nn.Module:
         if getattr(config, key, None) is not None:
             setattr(config, key, value)
     model = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # routers with clear winners: the FP32 reference and bf16 pick the same experts (below)
         for name_, module in model.named_modules():
-            if name_.endswith("mlp.gate") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            if name_.endswith(ROUTERS) and isinstance(getattr(module, "weight", None), torch.Tensor):
                 module.weight.mul_(30)
+        for name_, p in model.named_parameters():  # GPT-OSS starts its expert biases at zero: a dropped one would pass
+            if name_.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model
 
 
@@ -76,6 +87,13 @@ CASES = [
     # MLPs get none (as PeftModel.from_pretrained will load the adapter: test_a_saved_adapter_loads_back_in_peft)
     ("glm4_moe", "qnf4", {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}, 2),
     ("deepseek_v3", "bf16", {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts"}, 2),
+    # GPT-OSS (transposed, interleaved, biased experts, clamped gate), Llama 4 (transposed, its block's dense routing
+    # run top-k; a shared expert), Aria (transposed): surogate/ops/experts_layout.py; blocks: tests/test_moe_layouts.py
+    ("gpt_oss", "bf16", {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}, 2),  # sliding and full layers
+    ("gpt_oss", "qnf4", {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}, 2),
+    ("llama4", "bf16", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"}, 1),
+    ("llama4", "qfp8", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"}, 1),
+    ("aria", "bf16", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"}, 1),
 ]
 
 
@@ -102,17 +120,19 @@ def test_shared_mlp_of_granite_moe_shared_gets_lora():
 
 
 def test_experts_surogate_does_not_run_warn():
-    """GPT-OSS's experts (gate and up interleaved, with biases, a clamped gate) stay with PEFT: a warning that
-    names the reason, and the report line."""
+    """Experts surogate cannot hold as the recipe asks (NF4 of Llama 4 experts of size 32) stay with PEFT: a warning
+    that names the reason, and the report line."""
     with pytest.warns(UserWarning, match=r"2 MoE experts modules stay as PEFT runs them \(bf16, not stored as qnf4 "
-                                         r"asks\): .*GptOssExperts: is_concatenated=False"):
-        compiled = surogate.compile(_model("gpt_oss"), recipe="qnf4", arch="cpu")
+                                         r"asks\): .*Llama4TextExperts: NF4 experts need hidden and expert sizes "
+                                         r"divisible by 64 \(got 64 and 32\); use qfp8"):
+        compiled = surogate.compile(_model("llama4", intermediate_size=32), recipe="qnf4", arch="cpu")
     assert "experts left as PEFT runs them (2)" in str(compiled.surogate_report)
+    assert type(compiled.base_model.model.model.layers[0].feed_forward).__name__ == "Llama4TextMoe"  # HF's routing
 
 
 @pytest.mark.parametrize("arch_name, user_targets", [
     ("glm4_moe", None), ("deepseek_v3", None), ("granitemoeshared", None), ("starcoder2", None), ("qwen3_moe", None),
-    ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"])])
+    ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"]), ("gpt_oss", None), ("llama4", None)])
 def test_a_saved_adapter_loads_back_in_peft(arch_name, user_targets, tmp_path):
     """What `compile` trains is what PeftModel.from_pretrained builds from the saved adapter (PEFT runs its
     transformers-4 target conversion again there): the same LoRA tensors, shapes and values. A config written for

@@ -28,8 +28,9 @@ Contract (docs/moe.md):
   absmax_offset (E, ceil(N*K/64/256)) f32, absmax_code (E, 256) f32]`: each expert double-quantized on
   its own (its offset repeated per 256-code group, as in a dense list).
   fp8_block: `[data (E, N, K) e4m3, block_scale (E, ceil(N/128), ceil(K/128)) f32]`.
-- No bias (Qwen3-MoE, Mixtral and Qwen2-MoE experts have none) and no separate LoRA input:
-  PEFT refuses dropout on a targeted parameter (`ParamWrapper`), since x cannot be factored out.
+- No bias (GPT-OSS's expert biases, the only ones, are added by `SurogateExperts` around the op, a gather
+  and an add that the compiler fuses) and no separate LoRA input: PEFT refuses dropout on a targeted
+  parameter (`ParamWrapper`), since x cannot be factored out.
 - Compute: "bf16" (weights dequantized, bf16 operands) and "fp8" (every FP8 activation scale is
   per row or per 1x128 block, so the groups do not change it). "nvfp4" is refused: its activation
   tensor scale is an amax over the whole tensor, and whether that is per group or over all tokens

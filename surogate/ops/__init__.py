@@ -6,7 +6,9 @@
 - `grouped.py`: `surogate::grouped_lora_linear`, the experts of a MoE block as one op per GEMM, and
   `prepare_expert_weights` (an (E, N, K) stack in any format).
 - `experts.py`: `SurogateExperts`, the frozen experts of a MoE block run as two grouped ops, with PEFT's
-  per-expert LoRA factors.
+  per-expert LoRA factors; `experts_layout.py`: what each model's experts compute around the two GEMMs
+  (transposed stacks, interleaved gate/up, biases, the gate, where the routing weight enters);
+  `routed_blocks.py`: Llama 4's dense MoE block rerouted to its top-k pairs.
 - `loss.py`: the chunked LM head + cross-entropy that never holds FP32 logits.
 - `attention.py`: the "surogate" attention implementation (packed rows never attend across examples).
 - `formats.py`: `quantize(tensor, fmt)` into the numeric formats, for inspection and tests.

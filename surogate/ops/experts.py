@@ -1,16 +1,18 @@
 """`SurogateExperts`: the frozen experts of a MoE block, held as the recipe says and run as two grouped ops.
 
-transformers 5 keeps the experts of Qwen3-MoE, Mixtral, Qwen2-MoE (and the other models decorated with
-`use_experts_implementation`) as two 3-D parameters, `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`,
-called as `experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))`. PEFT 0.21 adapts them
-with `target_parameters`: nested `ParamWrapper`s whose forward adds `s * B_e A_e` to the whole weight
-stack on every call. surogate swaps the innermost module (the HF experts) for `SurogateExperts` and
-turns the outermost wrapper into `ExpertsLora`, whose forward hands PEFT's factors (as views, so the
-gradients land in PEFT's own parameters and `save_pretrained` writes PEFT's adapter) to
-`SurogateExperts.forward`: sort the (token, expert) pairs by expert, gate_up as one grouped op,
-the gate, down as one grouped op, weight and sum back per token. Module, not graph rewrite, for the
-reason `SurogateLinear` gives: the quantized stacks must exist, and the bf16 ones be freed, before
-capture; and one forward then serves every `experts_implementation` the config may name.
+transformers 5 keeps the experts of Qwen3-MoE, Mixtral, Qwen2-MoE, GPT-OSS, Llama 4 (and the other models
+decorated with `use_experts_implementation`) as two 3-D parameters, `gate_up_proj` and `down_proj`, `(E, 2I, H)`
+and `(E, H, I)` or transposed, `(E, H, 2I)` and `(E, I, H)` (GPT-OSS, Llama 4), called as `experts(hidden (T, H),
+top_k_index (T, k), top_k_weights (T, k))` (Llama 4's block: routed_blocks.py). PEFT 0.21 adapts them with
+`target_parameters`: nested `ParamWrapper`s whose forward adds `s * B_e A_e` to the whole weight stack on every
+call. surogate swaps the innermost module (the HF experts) for `SurogateExperts` and turns the outermost wrapper
+into `ExpertsLora`, whose forward hands PEFT's factors (as views, so the gradients land in PEFT's own parameters
+and `save_pretrained` writes PEFT's adapter) to `SurogateExperts.forward`: sort the (token, expert) pairs by
+expert, gate_up as one grouped op (plus the expert's bias), the gate, down as one grouped op (plus its bias),
+weight and sum back per token. What differs between models around the two GEMMs (layout, biases, gate, where the
+routing weight enters) is one `ExpertsLayout` (experts_layout.py). Module, not graph rewrite, for the reason
+`SurogateLinear` gives: the quantized stacks must exist, and the bf16 ones be freed, before capture; and one
+forward then serves every `experts_implementation` the config may name.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from surogate.kernels.variants import grouped_compute
+from surogate.ops.experts_layout import ExpertsLayout, Routing, experts_layout
 from surogate.ops.grouped import grouped_lora_linear, prepare_expert_weights
 from surogate.recipes import Recipe, WeightFormat, get
 
-# (name of the 3-D parameter, what it computes) of the experts layouts surogate runs.
+# The 3-D parameters of an experts module, gate_up first; an expert bias is `<name>_bias` (GPT-OSS).
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
@@ -35,36 +38,49 @@ def experts_weight_format(recipe: "str | Recipe") -> WeightFormat:
 
 
 def unsupported_experts(module: nn.Module, weight_format: "WeightFormat | str | None" = None) -> str | None:
-    """Why surogate cannot run this experts module (None when it can): the layouts of Qwen3-MoE,
-    Mixtral and Qwen2-MoE (gate and up concatenated, (E, N, K) weights, no bias, the default gate), and
-    the shapes `weight_format` can hold (NF4 experts: K of both GEMMs a multiple of 64)."""
+    """Why surogate cannot run this experts module (None when it can): a layout `experts_layout` has no entry
+    for, stacks that are not `(E, 2I, H)` and `(E, H, I)` (transposed: `(E, H, 2I)` and `(E, I, H)`), biases that
+    are not `(E, 2I)` and `(E, H)`, or shapes `weight_format` cannot hold (NF4: hidden and expert sizes multiples
+    of 64)."""
     params = {name: getattr(module, name, None) for name in EXPERT_PARAMETERS}
     if not all(isinstance(p, Tensor) and p.dim() == 3 for p in params.values()):
         return "no 3-D gate_up_proj and down_proj parameters"
-    for flag, wanted in (("has_gate", True), ("is_concatenated", True), ("is_transposed", False),
-                         ("has_bias", False), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
-        if getattr(module, flag, wanted) != wanted:
-            return f"{flag}={not wanted} (surogate runs gate_up concatenated, untransposed, without bias)"
-    gate = getattr(type(module), "_apply_gate", None)
-    if gate is not None and gate.__name__ != "_default_apply_gate":
-        return f"a custom gate ({type(module).__name__}._apply_gate)"
-    if not hasattr(module, "act_fn") or not hasattr(module, "num_experts"):
-        return "no act_fn / num_experts"
-    e, n2, h = params["gate_up_proj"].shape
-    if n2 % 2 or params["down_proj"].shape != (e, h, n2 // 2):
+    layout = experts_layout(module)
+    if isinstance(layout, str):
+        return layout
+    if not hasattr(module, "num_experts"):
+        return "no num_experts"
+    gate_up, down = (_layout_view(params[name], layout) for name in EXPERT_PARAMETERS)
+    e, n2, h = gate_up.shape
+    if n2 % 2 or down.shape != (e, h, n2 // 2):
+        want = "(E, H, 2I) and (E, I, H)" if layout.transposed else "(E, 2I, H) and (E, H, I)"
         return f"gate_up_proj {tuple(params['gate_up_proj'].shape)} and down_proj " \
-               f"{tuple(params['down_proj'].shape)} are not (E, 2I, H) and (E, H, I)"
+               f"{tuple(params['down_proj'].shape)} are not {want}"
+    if layout.bias:
+        biases = {name: getattr(module, f"{name}_bias", None) for name in EXPERT_PARAMETERS}
+        if not all(isinstance(b, Tensor) for b in biases.values()) \
+                or biases["gate_up_proj"].shape != (e, n2) or biases["down_proj"].shape != (e, h):
+            return f"has_bias=True without gate_up_proj_bias ({e}, {n2}) and down_proj_bias ({e}, {h})"
     if weight_format is not None and WeightFormat(weight_format) is WeightFormat.NF4 and (h % 64 or n2 // 2 % 64):
         return f"NF4 experts need hidden and expert sizes divisible by 64 (got {h} and {n2 // 2}); use qfp8"
     return None
 
 
-class SurogateExperts(nn.Module):
-    """The frozen experts `(E, 2I, H)` / `(E, H, I)` of one MoE block in the recipe's experts format.
+def _layout_view(stack: Tensor, layout: ExpertsLayout) -> Tensor:
+    """A 3-D stack seen in the other layout: the model's as the grouped op's `(E, N, K)`, or back. A transposed
+    view where the model stores `(E, K, N)` (the transpose is its own inverse), else the stack itself."""
+    return stack.transpose(1, 2) if layout.transposed else stack
 
-    Buffers `gate_up_w0..` and `down_w0..` hold `prepare_expert_weights` of each stack. bf16-keeping
-    recipes keep the stacks themselves as frozen parameters `gate_up_proj` / `down_proj` (the buffers
-    are the same tensors); q-recipes drop them.
+
+class SurogateExperts(nn.Module):
+    """The frozen experts of one MoE block in the recipe's experts format, laid out `(E, N, K)` for the grouped op.
+
+    Buffers `gate_up_w0..` and `down_w0..` hold `prepare_expert_weights` of each stack, `(E, 2I, H)` and
+    `(E, H, I)` (a transposed layout, GPT-OSS's and Llama 4's `(E, H, 2I)` / `(E, I, H)`, is copied into these
+    once). bf16-keeping recipes keep the stacks as frozen parameters `gate_up_proj` / `down_proj` in the model's
+    own layout (the buffers' tensors, or transposed views of them), so PEFT's merge writes into what the grouped op
+    reads; q-recipes drop them. Expert biases (GPT-OSS) stay the module's own parameters `gate_up_proj_bias` /
+    `down_proj_bias`, bf16 in every recipe and frozen unless they came trainable.
     """
 
     def __init__(self, experts: nn.Module, recipe: "str | Recipe", device: "torch.device | None" = None) -> None:
@@ -73,20 +89,27 @@ class SurogateExperts(nn.Module):
         why = unsupported_experts(experts, self.weight_format)
         if why:
             raise ValueError(f"surogate cannot run {type(experts).__name__}: {why}")
+        self.layout: ExpertsLayout = experts_layout(experts)
         self.num_experts = int(experts.num_experts)
-        self.act_fn = experts.act_fn
+        self.act_fn = getattr(experts, "act_fn", None)  # the clamped gate (GPT-OSS) has its own
         # qfp8: FP8 MMAs on the fp8_block experts; every other recipe: bf16 MMAs (dequantized in registers).
         self.compute = grouped_compute(get(recipe).forward, self.weight_format).value
-        self.hidden_size, self.intermediate_size = experts.down_proj.shape[1], experts.down_proj.shape[2]
         self._n_parts = {}
         for name in EXPERT_PARAMETERS:
             stack = getattr(experts, name).detach().to(device)  # one stack on the GPU at a time when moving
+            stack = _layout_view(stack, self.layout).contiguous()  # a copy only where transposed
             parts = prepare_expert_weights(stack, self.weight_format)
             self._n_parts[name] = len(parts)
             for i, part in enumerate(parts):
                 self.register_buffer(f"{name}_w{i}", part, persistent=False)
             keep = self.weight_format == WeightFormat.BF16.value
-            setattr(self, name, nn.Parameter(stack, requires_grad=False) if keep else None)
+            setattr(self, name, nn.Parameter(_layout_view(stack, self.layout), requires_grad=False) if keep else None)
+            bias = getattr(experts, f"{name}_bias") if self.layout.bias else None
+            if bias is not None and device is not None:
+                bias = nn.Parameter(bias.detach().to(device), requires_grad=bias.requires_grad)
+            setattr(self, f"{name}_bias", bias)
+            if name == "down_proj":
+                self.hidden_size, self.intermediate_size = stack.shape[1], stack.shape[2]
 
     def weight_list(self, name: str) -> list[Tensor]:
         return [getattr(self, f"{name}_w{i}") for i in range(self._n_parts[name])]
@@ -102,13 +125,22 @@ class SurogateExperts(nn.Module):
         bounds = torch.arange(self.num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
         offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
         rows = (order // top_k).to(torch.int32)  # the kernels read each token through the index: no (T*k, H) copy
-        gate_up = self._grouped(hidden_states, offsets, "gate_up_proj", lora, rows)
-        gate, up = gate_up.chunk(2, dim=-1)
+        weight = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
+        if self.layout.routing is Routing.INPUT:  # Llama 4: each pair's input is its token times the score
+            gate_up = self._grouped(hidden_states[rows] * weight, offsets, "gate_up_proj", lora)
+        else:
+            gate_up = self._grouped(hidden_states, offsets, "gate_up_proj", lora, rows)
+        if self.layout.bias:
+            gate_up = gate_up + self.gate_up_proj_bias[sorted_ids]
+        act = self.layout.apply_gate(gate_up, self.act_fn)
         # The routing weight scales the down projection's input rather than its output (the GEMM is linear in
-        # each row): the backward then keeps the (T*k, I) input, not the (T*k, H) output, for the weight's
-        # gradient: 84 MB less per layer on Qwen3-30B-A3B at 4096 tokens.
-        weight = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(gate.dtype)
-        out = self._grouped(self.act_fn(gate) * up * weight, offsets, "down_proj", lora)
+        # each row; its bias is scaled apart): the backward then keeps the (T*k, I) input, not the (T*k, H)
+        # output, for the weight's gradient: 84 MB less per layer on Qwen3-30B-A3B at 4096 tokens.
+        scaled = self.layout.routing is Routing.OUTPUT
+        out = self._grouped(act * weight if scaled else act, offsets, "down_proj", lora)
+        if self.layout.bias:
+            bias = self.down_proj_bias[sorted_ids]
+            out = out + (bias * weight if scaled else bias)
         unsorted = torch.empty_like(out).index_copy(0, order, out)
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
@@ -119,7 +151,8 @@ class SurogateExperts(nn.Module):
 
     @torch.no_grad()
     def dequantize(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-        """The `(E, N, K)` stack `name` as the grouped GEMMs see it (exact for bf16, dequantized otherwise)."""
+        """The stack `name` as the grouped GEMMs see it (exact for bf16, dequantized otherwise), in the layout of
+        the experts module it replaced (`(E, N, K)`, or `(E, K, N)` where transposed)."""
         stack = getattr(self, name)
         if stack is not None:
             return stack.to(dtype)
@@ -130,11 +163,12 @@ class SurogateExperts(nn.Module):
         eye = torch.eye(k, dtype=torch.bfloat16, device=device).repeat(e, 1)
         offsets = torch.arange(e + 1, device=device, dtype=torch.int32) * k
         out = grouped_lora_linear(eye, offsets, self.weight_list(name), self.weight_format)  # bf16 MMA: exact
-        return out.view(e, k, -1).transpose(1, 2).contiguous().to(dtype)
+        stack = out.view(e, k, -1).transpose(1, 2)  # (E, N, K)
+        return _layout_view(stack, self.layout).contiguous().to(dtype)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"weight_format={self.weight_format}, compute={self.compute}")
+                f"weight_format={self.weight_format}, compute={self.compute}, layout={self.layout}")
 
 
 def lora_factors_from_peft(lora_a_weight: torch.Tensor, lora_b_weight: torch.Tensor, num_experts: int
@@ -157,19 +191,25 @@ def lora_factors_from_peft(lora_a_weight: torch.Tensor, lora_b_weight: torch.Ten
     return a, b
 
 
-def peft_expert_factors(wrapper: nn.Module, adapter: str) -> tuple[Tensor, Tensor, float]:
-    """PEFT 0.21's factors of one targeted expert parameter as `(A (E, r, K), B (E, N, r), scale)` views.
+def peft_expert_factors(wrapper: nn.Module, adapter: str, transposed: bool = False) -> tuple[Tensor, Tensor, float]:
+    """PEFT 0.21's factors of one targeted expert parameter as the grouped op's `(A (E, r, K), B (E, N, r), scale)`
+    views, for a parameter stored `(E, N, K)` or, `transposed`, `(E, K, N)`.
 
-    `lora_A.weight (r*E, K)` holds expert e's rows at `e*r:(e+1)*r` (expert-major); `lora_B.weight
-    (N, r*E)` holds expert e's rank j at column `j*E + e` (rank-major); the delta of expert e is
-    `scaling * B_e @ A_e` (PEFT's `ParamWrapper.get_delta_weight`; pinned by tests/test_moe.py).
+    `lora_factors_from_peft` reads `lora_A.weight` and `lora_B.weight` as `(E, r, in)` and `(E, out, r)`, where
+    PEFT takes (in, out) from the parameter's shape: dims (1, 2) when the experts module says `is_transposed`,
+    else (2, 1) (`_did_swap_in_out_features`, `ParamWrapper.update_layer`). That is the GEMM's (K, N) unless PEFT's
+    reading and the stored layout disagree: Llama 4 stores `(E, K, N)` without saying so, so PEFT's A is the
+    grouped op's B transposed and its B the op's A transposed (the delta `s * B_e A_e` of the stored `W[e]` is
+    `s * (A_e^T B_e^T)` of the GEMM's). Pinned against PEFT by tests/test_moe_layouts.py.
     """
     a, b = lora_factors_from_peft(wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight,
                                   wrapper.num_experts)
+    if wrapper._did_swap_in_out_features == transposed:
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
     return a, b, wrapper.scaling[adapter]
 
 
-def _lora_of(outer: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
+def _lora_of(outer: nn.Module, transposed: bool) -> dict[str, tuple[Tensor, Tensor, float]]:
     """The active adapter's factors of every wrapper in the nested chain, by parameter name."""
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -179,7 +219,7 @@ def _lora_of(outer: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
         if not layer.disable_adapters and not layer.merged:
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A:
-                    lora[layer.parameter_name] = peft_expert_factors(layer, adapter)
+                    lora[layer.parameter_name] = peft_expert_factors(layer, adapter, transposed)
         layer = layer.base_layer
     return lora
 
@@ -190,7 +230,8 @@ def experts_lora_class(wrapper_class: type) -> type:
 
     class ExpertsLora(wrapper_class):
         def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-            return self.get_base_layer()(x, *args, lora=_lora_of(self), **kwargs)
+            experts = self.get_base_layer()
+            return experts(x, *args, lora=_lora_of(self, experts.layout.transposed), **kwargs)
 
     ExpertsLora.__qualname__ = ExpertsLora.__name__ = f"Surogate{wrapper_class.__name__}"
     return ExpertsLora

@@ -1,7 +1,7 @@
 """Mixture-of-experts on CUDA: the grouped Triton kernels at Qwen3-30B-A3B's expert shapes against the
-grouped reference, and tiny Qwen3-MoE / Mixtral / Qwen2-MoE models compiled for CUDA against PEFT's
-`target_parameters` LoRA run in FP32 (PEFT in bf16 rounds the expert update into the weight stack),
-eagerly and captured in a CUDA graph."""
+grouped reference, and tiny Qwen3-MoE / Mixtral / Qwen2-MoE / GPT-OSS / Llama 4 models compiled for CUDA
+against PEFT's `target_parameters` LoRA run in FP32 (PEFT in bf16 rounds the expert update into the weight
+stack), eagerly and captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import transformers as T  # noqa: E402
 
 import surogate  # noqa: E402
 from test_moe import moe_configs  # noqa: E402
+from test_more_archs import _model  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
 from surogate.kernels import grouped  # noqa: E402
 from surogate.kernels import reference_grouped as rg  # noqa: E402
@@ -100,6 +101,22 @@ def test_grouped_kernels_gather_rows_at_qwen3_30b_a3b_shapes(fmt, compute):
 C = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          vocab_size=512, max_position_embeddings=512)
 CONFIGS = moe_configs(C, head_dim=64, experts=16, top_k=4, expert_size=128)
+# GPT-OSS and Llama 4 as tests/test_more_archs.py builds them (routers with clear winners, GPT-OSS's expert biases
+# random), widened as tests/gpu/test_more_archs_gpu.py does: experts (E=4, top-2) of size 512, hidden 256.
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+
+
+def _base(name: str) -> torch.nn.Module:
+    """The tiny bf16 model `name` on the GPU (random weights, seed 0)."""
+    torch.manual_seed(0)
+    if name in CONFIGS:
+        return T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(torch.bfloat16).cuda()
+    return _model(name, **WIDE).cuda()
+
+
+def _ids(name: str, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    low, high = (1, 500) if name in CONFIGS else (3, 120)  # vocabularies 512 and 128
+    return torch.randint(low, high, shape, device="cuda", generator=generator)
 
 
 def _expert_grads(model) -> dict[str, torch.Tensor]:
@@ -125,16 +142,19 @@ def _truth(peft_model, compiled) -> torch.nn.Module:
     return model
 
 
+# GPT-OSS: transposed, interleaved, biased experts with the clamped gate; Llama 4: transposed, its block's dense
+# routing run top-k (surogate/ops/experts_layout.py, routed_blocks.py; on the CPU: tests/test_moe_layouts.py).
 @pytest.mark.parametrize("name,recipe", [("qwen3_moe", "bf16"), ("qwen3_moe", "qfp8"), ("qwen3_moe", "qnf4"),
-                                         ("mixtral", "qnf4"), ("qwen2_moe", "qfp8")])
+                                         ("mixtral", "qnf4"), ("qwen2_moe", "qfp8"), ("gpt_oss", "bf16"),
+                                         ("gpt_oss", "qfp8"), ("gpt_oss", "qnf4"), ("llama4", "bf16"),
+                                         ("llama4", "qfp8"), ("llama4", "qnf4")])
 def test_moe_model_on_cuda_follows_fp32_peft(name, recipe):
-    torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).to(torch.bfloat16).cuda()
+    base = _base(name)
     peft_model = _attach_lora(base, EXPERTS_ONLY)
     twin = copy.deepcopy(peft_model)
     compiled = surogate.compile(twin, recipe=recipe)
     truth = _truth(peft_model, compiled)
-    ids = torch.randint(1, 500, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ids = _ids(name, (2, 128), torch.Generator("cuda").manual_seed(1))
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     ref = truth(input_ids=ids, labels=ids).loss
@@ -151,15 +171,13 @@ def test_moe_model_on_cuda_follows_fp32_peft(name, recipe):
         assert cos > (0.97 if recipe == "qfp8" else 0.98), (key, cos)
 
 
-def test_moe_step_is_captured_in_a_cuda_graph_and_follows_eager():
-    torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(CONFIGS["qwen3_moe"]()).to(torch.bfloat16).cuda()
-    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss", "llama4"])
+def test_moe_step_is_captured_in_a_cuda_graph_and_follows_eager(name):
+    peft_model = _attach_lora(_base(name), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     twin = copy.deepcopy(peft_model)
     model, twin = surogate.compile(peft_model, recipe="qnf4"), surogate.compile(twin, recipe="qnf4")
     g = torch.Generator("cuda").manual_seed(2)
-    batches = [{"input_ids": (ids := torch.randint(1, 500, (2, 96), device="cuda", generator=g)), "labels": ids}
-               for _ in range(3)]
+    batches = [{"input_ids": (ids := _ids(name, (2, 96), g)), "labels": ids} for _ in range(3)]
     step = GraphedStep(model, loss_scale=0.5, strict=True)
     losses = torch.stack([step(**b).clone() for b in batches])
     assert step.failure is None and step.replays == 3
@@ -171,16 +189,16 @@ def test_moe_step_is_captured_in_a_cuda_graph_and_follows_eager():
     torch.testing.assert_close(losses, torch.stack(expected), rtol=5e-3, atol=0)
 
 
-def test_compile_moves_a_cpu_model_to_the_gpu_quantizing_each_target_on_the_way():
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])  # GPT-OSS: its expert biases move with the stacks
+def test_compile_moves_a_cpu_model_to_the_gpu_quantizing_each_target_on_the_way(name):
     """A model whose bf16 weights would not fit the GPU: compile moves it there one target at a time."""
-    torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(CONFIGS["qwen3_moe"]()).to(torch.bfloat16)  # on the CPU
+    base = _base(name).cpu()
     twin = copy.deepcopy(base).cuda()
     moved = surogate.compile(base, recipe="qnf4")
     direct = surogate.compile(twin, recipe="qnf4")
     assert all(t.is_cuda for t in [*moved.parameters(), *moved.buffers()])
     assert "moved to cuda" in str(moved.surogate_report)
-    ids = torch.randint(1, 500, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    ids = _ids(name, (2, 64), torch.Generator("cuda").manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(moved(input_ids=ids, labels=ids).loss, direct(input_ids=ids, labels=ids).loss,
                                    rtol=1e-3, atol=0)

@@ -1,8 +1,9 @@
 """The architectures of tests/test_more_archs.py on CUDA (Inductor, CUDA graphs): parallel attention + MLP blocks
 whose q/k/v and gate/up are packed apart (Cohere, Phi-1/2: one GEMM per packed group), StarCoder2's biased MLP
 (companion targets c_fc / c_proj), GLM-4-MoE's dense first layer beside its experts, DeepSeek-V3's MLA projections,
-and GPT-OSS with its experts left to PEFT. Each compiled twice from one PEFT model: one captured and replayed, one
-run eagerly; the replays follow the eager twin."""
+and GPT-OSS with its experts as grouped ops (biases, interleaved gate/up, the clamped gate; tests/gpu/test_moe_gpu.py
+compares them with FP32 PEFT). Each compiled twice from one PEFT model: one captured and replayed, one run eagerly;
+the replays follow the eager twin."""
 
 from __future__ import annotations
 
