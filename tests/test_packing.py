@@ -161,6 +161,8 @@ def test_mask_needs_follow_the_config():
 def test_flex_masks_compute_what_the_dense_masks_do(monkeypatch, window, softcap, packed):
     """surogate_attention with the BlockMasks `masks_into` builds (FlexAttention, run eagerly here) against the
     dense path the CPU runs; the layer's window and soft-cap come as transformers passes them."""
+    import transformers.models.gemma2.modeling_gemma2  # noqa: F401  (the dense path's eager function, run alone too)
+
     from surogate.ops import attention
 
     g = torch.Generator().manual_seed(0)
@@ -185,6 +187,40 @@ def test_flex_masks_compute_what_the_dense_masks_do(monkeypatch, window, softcap
     dense, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **dense_kwargs)
     flex, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **flex_kwargs)
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, packed", [(24, False), (24, True), (None, True)])
+def test_flex_masks_keep_gpt_oss_attention_sinks(monkeypatch, window, packed):
+    """GPT-OSS's attention sinks (`s_aux`, one logit per head in every softmax) on the FlexAttention path: its
+    windowed layers take it on CUDA at rows longer than the window, as every layer of packed rows does. Without
+    them the sliding layers' outputs were off by 21-30% here (the GPU's expert LoRA gradients of layer 0 at
+    cosine 0.87-0.90 against FP32 PEFT, tests/gpu/test_moe_gpu.py), while the CPU's dense path kept them."""
+    import transformers.models.gpt_oss.modeling_gpt_oss  # noqa: F401  (the dense path's eager function)
+
+    from surogate.ops import attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, s, d = 2, 4, 2, 40, 16
+    q, k, v = (torch.randn(b, n, s, d, generator=g) for n in (h, hkv, hkv))
+    module = type("Attention", (torch.nn.Module,), {"__module__": "transformers.models.gpt_oss.modeling_gpt_oss"})()
+    setattr(module, attention._ORIGINAL_ATTR, "eager")  # GPT-OSS has no SDPA path
+    module.num_key_value_groups = h // hkv
+    module.training = False
+    module.sinks = torch.randn(h, generator=g)  # the eager function reads the module's, FlexAttention gets s_aux
+    positions = torch.cat([torch.arange(15), torch.arange(25)])[None].expand(b, -1) if packed else None
+    segments = attention.segment_ids(positions)
+    layer = {"sliding_window": window, "s_aux": module.sinks}
+    dense_kwargs, flex_kwargs = {}, {}
+    attention.masks_into(dense_kwargs, segments, s, q.device, attention.MaskNeeds(window, False))
+    monkeypatch.setattr(attention, "uses_flex", lambda device: True)
+    attention.masks_into(flex_kwargs, segments, s, q.device, attention.MaskNeeds(window, False))
+    assert (attention.WINDOW_MASK_KWARG in flex_kwargs) == (window is not None)
+    dense, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **dense_kwargs)
+    flex_calls, flex = [], attention._flex
+    monkeypatch.setattr(attention, "_flex", lambda *args: flex_calls.append(args) or flex(*args))
+    flexed, _ = attention.surogate_attention(module, q, k, v, None, scaling=d ** -0.5, **layer, **flex_kwargs)
+    assert len(flex_calls) == 1  # the FlexAttention path ran
+    torch.testing.assert_close(flexed, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_which_rows_get_which_masks(monkeypatch):

@@ -25,8 +25,9 @@ keyword arguments are present, never on tensor values, so warm-up, capture and r
 - those cases elsewhere (CPU reference, dropout, `SUROGATE_ATTENTION=dense`): the original implementation
   with a dense mask built from the segments and the window.
 
-Sliding windows (`sliding_window`) and logit soft-capping (`softcap`, Gemma 2) are applied on every
-path that has segments or needs them. Architectures whose attention does not go through
+Sliding windows (`sliding_window`), logit soft-capping (`softcap`, Gemma 2) and attention sinks (`s_aux`,
+GPT-OSS: FlexAttention's output renormalized from its log-sum-exp) are applied on every path that has
+segments or needs them. Architectures whose attention does not go through
 `ALL_ATTENTION_FUNCTIONS` (Falcon, ...) keep transformers' own masks: `install` returns None for them.
 """
 
@@ -249,9 +250,15 @@ _FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float | None,
-          softcap: float | None) -> Tensor:
-    """FlexAttention over a prepared document BlockMask; output (B, S, H, D)."""
-    from torch.nn.attention.flex_attention import flex_attention
+          softcap: float | None, sinks: Tensor | None = None) -> Tensor:
+    """FlexAttention over a prepared document BlockMask; output (B, S, H, D).
+
+    `sinks (H,)`: GPT-OSS's attention sinks (`s_aux`), one extra logit per head in every query's softmax whose
+    value is dropped (its eager function). FlexAttention has no such column, so the output is renormalized from
+    its log-sum-exp, as transformers' flex integration does: `out * sum / (sum + exp(sink)) = out * sigmoid(lse -
+    sink)`; differentiable through the LSE (FlexAttention's backward takes its gradient), so q, k, v and the sinks
+    get theirs."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     score_mod = None
     if softcap:
@@ -261,8 +268,14 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float 
     # FORCE_USE_FLEX_ATTENTION: rows shorter than 128 tokens would take Inductor's flex-decoding kernel, built for
     # inference, which found no valid config (NoValidChoicesError) at head dim 64 on the H200 (torch 2.11, NOTES
     # run 99).
-    out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                         enable_gqa=query.shape[1] != key.shape[1], kernel_options=_FLEX_KERNEL_OPTIONS)
+    kwargs = {"score_mod": score_mod, "block_mask": block_mask, "scale": scaling,
+              "enable_gqa": query.shape[1] != key.shape[1], "kernel_options": _FLEX_KERNEL_OPTIONS}
+    if sinks is None:
+        out = flex_attention(query, key, value, **kwargs)
+    else:
+        out, aux = flex_attention(query, key, value, return_aux=AuxRequest(lse=True), **kwargs)
+        keep = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # (B, H, S) FP32; a fully masked row: 0
+        out = (out.float() * keep.unsqueeze(-1)).to(query.dtype)
     return out.transpose(1, 2).contiguous()
 
 
@@ -288,7 +301,7 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     else:
         flex_mask = causal_mask
     if flex_mask is not None and dropout == 0.0 and q_len == kv_len:
-        return _flex(query, key, value, flex_mask, scaling, softcap), None
+        return _flex(query, key, value, flex_mask, scaling, softcap, kwargs.get("s_aux")), None
     keep = _allowed(segments, q_len, kv_len, window if window_matters else None, query.device)
     if name == "eager":  # additive float mask, as the eager functions expect
         mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
