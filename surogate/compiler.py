@@ -11,7 +11,8 @@ the chunked LM head + cross-entropy (`surogate.ops.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
 rewritten graph runs through AOTAutograd without Inductor (`aot_eager`: seconds of compile,
-what CI and the CPU main job need); on CUDA through Inductor (`compile_fx`).
+what CI and the CPU main job need; `SUROGATE_CPU_BACKEND=inductor` for Inductor's C++ backend instead,
+`cpu_backend()`); on CUDA through Inductor (`compile_fx`).
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
     the_plan = plan(rec, arch_name).check(allow_emulation)
+    if arch_name == CPU:
+        cpu_backend()  # a misspelt SUROGATE_CPU_BACKEND is refused before anything changes
     # Every check runs on the model as given, before anything changes it: a refused model is left as it was.
     _refuse_compiled(model)
     if checkpoint:
@@ -175,7 +178,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if config is not None:  # a PeftModel given was checked before
         _check_frozen(peft_model, targets)
     report = CompileReport(recipe=rec.name, arch=arch_name,
-                           backend="aot_eager (no Inductor)" if arch_name == CPU else "inductor")
+                           backend="aot_eager (no Inductor)" if arch_name == CPU and cpu_backend() == "aot_eager"
+                           else "inductor")
     swapped = _swap_base_layers(targets, rec, undo, device)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
@@ -676,13 +680,32 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 
 # --- capture ------------------------------------------------------------------------------------------
 
+CPU_BACKENDS = ("aot_eager", "inductor")
+
+
+def cpu_backend() -> str:
+    """What compiles the graphs of `arch="cpu"`: "aot_eager" (the default: AOTAutograd running the aten ops as
+    they are, seconds of compile) or "inductor" (`SUROGATE_CPU_BACKEND=inductor`: the compiler the GPU runs, with
+    its C++ codegen; minutes of compile). Inductor plans its own layouts, so it runs graphs whose backward
+    aot_eager cannot (Qwen3.5 / Qwen3-Next's DeltaNet layers: docs/compile.md), and it checks on a CPU what the
+    GPU's compiler does with a model."""
+    import os
+
+    name = os.environ.get("SUROGATE_CPU_BACKEND", "aot_eager")
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"SUROGATE_CPU_BACKEND={name!r}: use one of {', '.join(CPU_BACKENDS)} (or unset it)")
+    return name
+
+
 def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
-    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU) or Inductor (CUDA).
+    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU, unless `cpu_backend()`
+    says Inductor) or Inductor (CUDA).
 
     AOTAutograd traces the backward inside that call, running the ops' autograd formulas: the backend holds
     `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
     """
     options = options or {}
+    inductor = arch != CPU or cpu_backend() == "inductor"
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
         report.pending = ""
@@ -690,7 +713,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
         _run_pipeline_in_checkpoint_bodies(gm, ctx)
         run_pipeline(gm, ctx)
         with ops.grad_producer(options.get("grad_producer", True)):
-            if arch == CPU:
+            if not inductor:
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
             from torch._inductor.compile_fx import compile_fx
 

@@ -13,14 +13,19 @@ the bounds are bf16's distance from it on the tiny models.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
 
-import surogate
-from surogate.compiler import _attach_lora
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from test_more_archs import sharpen_routers  # noqa: E402
+
+import surogate  # noqa: E402
+from surogate.compiler import _attach_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +52,9 @@ def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
         pytest.skip(f"this transformers ({T.__version__}) has no {config_class}")
     torch.manual_seed(0)
     config = getattr(T, config_class)(**BASE, **extra)
-    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).cuda()
+    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    sharpen_routers(base)  # Qwen3-Next's experts: bf16 and the FP32 truth route alike
+    base = base.cuda()
     peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft_model).float()
     model = surogate.compile(peft_model, recipe=recipe)
