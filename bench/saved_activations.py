@@ -53,7 +53,7 @@ def kept_for_backward(model: torch.nn.Module, recipe: str, tokens: int, **option
 
     records: list[dict] = []
 
-    def backend_with_partitioner(rec, arch, report, options=None):
+    def backend_with_partitioner(rec, arch, report, options=None, inductor=None):  # the partition stands in for either
         def backend(gm, example_inputs):
             run_pipeline(gm, PassContext(rec, arch, report, options or {}))
             # The forward graph returns the block's own outputs first, then what the backward keeps.

@@ -11,8 +11,8 @@ the chunked LM head + cross-entropy (`surogate.ops.loss`).
 
 Backend (docs/compile.md): the FX passes run on the torch-level graph, then on CPU the
 rewritten graph runs through AOTAutograd without Inductor (`aot_eager`: seconds of compile,
-what CI and the CPU main job need; `SUROGATE_CPU_BACKEND=inductor` for Inductor's C++ backend instead,
-`cpu_backend()`); on CUDA through Inductor (`compile_fx`).
+what CI and the CPU main job need; Inductor's C++ backend for models aot_eager cannot run, or as
+`SUROGATE_CPU_BACKEND` says: `cpu_backend`); on CUDA through Inductor (`compile_fx`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import re
 import types
 import warnings
@@ -145,8 +146,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     tag_compile_cache(source_tag())  # a persistent Inductor cache never serves code of another surogate
     arch_name = current_arch() if arch is None else normalize_arch(arch)
     the_plan = plan(rec, arch_name).check(allow_emulation)
-    if arch_name == CPU:
-        cpu_backend()  # a misspelt SUROGATE_CPU_BACKEND is refused before anything changes
+    inductor = arch_name != CPU or cpu_backend(model) == "inductor"  # a misspelt SUROGATE_CPU_BACKEND stops here
     # Every check runs on the model as given, before anything changes it: a refused model is left as it was.
     _refuse_compiled(model)
     if checkpoint:
@@ -160,7 +160,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         return _compile_checked(model, config, rec, arch_name, the_plan, undo, device, regional=regional, dynamic=dynamic,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
                                 checkpoint=checkpoint, checkpoint_fraction=checkpoint_fraction,
-                                recompute_producers=recompute_producers, grad_producer=grad_producer)
+                                recompute_producers=recompute_producers, grad_producer=grad_producer,
+                                inductor=inductor)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -170,7 +171,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      device: "torch.device | None", *,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0,
-                     recompute_producers: "bool | str" = "auto", grad_producer: bool = True) -> nn.Module:
+                     recompute_producers: "bool | str" = "auto", grad_producer: bool = True,
+                     inductor: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     undo.own_configs()  # before anything writes on them
     peft_model = model if config is None else undo.attach(model, config)
@@ -178,8 +180,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if config is not None:  # a PeftModel given was checked before
         _check_frozen(peft_model, targets)
     report = CompileReport(recipe=rec.name, arch=arch_name,
-                           backend="aot_eager (no Inductor)" if arch_name == CPU and cpu_backend() == "aot_eager"
-                           else "inductor")
+                           backend="inductor" if inductor else "aot_eager (no Inductor)")
     swapped = _swap_base_layers(targets, rec, undo, device)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
@@ -209,7 +210,11 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
         report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
                     if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
-    backend = make_backend(rec, arch_name, report, ctx_options)
+    if inductor and arch_name == CPU:
+        report.note("CPU graphs compiled by Inductor (C++), not aot_eager: "
+                    + ("SUROGATE_CPU_BACKEND=inductor" if os.environ.get("SUROGATE_CPU_BACKEND") else
+                       "this model's linear-attention layers fail aot_eager's backward (docs/compile.md)"))
+    backend = make_backend(rec, arch_name, report, ctx_options, inductor=inductor)
     if getattr(getattr(hf, "config", None), "use_cache", False):
         # A KV cache in training makes each block update its own cache slot (a guard on layer_idx):
         # one recompile per layer. Training needs no cache; generate() can still pass use_cache=True.
@@ -683,29 +688,37 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 CPU_BACKENDS = ("aot_eager", "inductor")
 
 
-def cpu_backend() -> str:
-    """What compiles the graphs of `arch="cpu"`: "aot_eager" (the default: AOTAutograd running the aten ops as
-    they are, seconds of compile) or "inductor" (`SUROGATE_CPU_BACKEND=inductor`: the compiler the GPU runs, with
-    its C++ codegen; minutes of compile). Inductor plans its own layouts, so it runs graphs whose backward
-    aot_eager cannot (Qwen3.5 / Qwen3-Next's DeltaNet layers: docs/compile.md), and it checks on a CPU what the
-    GPU's compiler does with a model."""
-    import os
+# Layer kinds whose backward aot_eager cannot run (a stride fault of torch's in the DeltaNet layers of Qwen3.5 /
+# Qwen3-Next): on the CPU their models compile with Inductor unless SUROGATE_CPU_BACKEND says otherwise.
+_INDUCTOR_LAYER_TYPES = ("linear_attention",)
 
-    name = os.environ.get("SUROGATE_CPU_BACKEND", "aot_eager")
+
+def cpu_backend(model: nn.Module | None = None) -> str:
+    """What compiles the graphs of `arch="cpu"`: "aot_eager" (AOTAutograd running the aten ops as they are, seconds
+    of compile) or "inductor" (the compiler the GPU runs, with its C++ codegen: minutes of compile, and a C++
+    compiler needed). `SUROGATE_CPU_BACKEND` decides when set; otherwise "aot_eager", except for models with
+    layers whose backward aot_eager cannot run (`_INDUCTOR_LAYER_TYPES`: Qwen3.5 / Qwen3-Next, docs/compile.md)."""
+    name = os.environ.get("SUROGATE_CPU_BACKEND")
+    if name is None:
+        config = getattr(model, "config", None)
+        layer_types = getattr(getattr(config, "get_text_config", lambda: config)(), "layer_types", None) or ()
+        return "inductor" if any(t in _INDUCTOR_LAYER_TYPES for t in layer_types) else "aot_eager"
     if name not in CPU_BACKENDS:
         raise ValueError(f"SUROGATE_CPU_BACKEND={name!r}: use one of {', '.join(CPU_BACKENDS)} (or unset it)")
     return name
 
 
-def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None):
-    """A Dynamo backend: run the surogate passes on the graph, then aot_eager (CPU, unless `cpu_backend()`
-    says Inductor) or Inductor (CUDA).
+def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None,
+                 inductor: bool | None = None):
+    """A Dynamo backend: run the surogate passes on the graph, then aot_eager or Inductor (`inductor`; by default
+    Inductor on CUDA, and on the CPU when `cpu_backend()` says so).
 
     AOTAutograd traces the backward inside that call, running the ops' autograd formulas: the backend holds
     `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
     """
     options = options or {}
-    inductor = arch != CPU or cpu_backend() == "inductor"
+    if inductor is None:
+        inductor = arch != CPU or cpu_backend() == "inductor"
 
     def surogate_backend(gm: torch.fx.GraphModule, example_inputs):
         report.pending = ""

@@ -2,8 +2,9 @@
 
 The CPU's reference backend (aot_eager) cannot run their backward: it replays an `aten.view` of a `_to_copy`
 whose eager strides differ from the traced ones (a torch fault: plain `torch.compile(backend="aot_eager")` of the
-HF layer fails the same way). Inductor plans its own layouts, and it is the compiler the GPU runs, so these
-tests compile through Inductor's C++ backend (`SUROGATE_CPU_BACKEND=inductor`): the passes, the rewritten ops
+HF layer fails the same way). Inductor plans its own layouts, and it is the compiler the GPU runs, so surogate
+compiles such models through Inductor's C++ backend on the CPU (`cpu_backend`; `SUROGATE_CPU_BACKEND` overrides
+it), and these tests check what that runs: the passes, the rewritten ops
 and the DeltaNet rule's PyTorch form (transformers' fallback without flash-linear-attention) in one graph per
 layer kind, against eager PEFT in FP32 (the truth). About 1.5 minutes of compile each on two cores.
 """
@@ -38,9 +39,13 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", pytest.param("qwen3_next", marks=pytest.mark.slow)])
-def test_deltanet_model_through_inductor_follows_fp32_peft(name, monkeypatch):
-    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
+@pytest.mark.parametrize("name, env", [("qwen3_5", None), pytest.param("qwen3_next", "inductor", marks=pytest.mark.slow)])
+def test_deltanet_model_through_inductor_follows_fp32_peft(name, env, monkeypatch):
+    """Qwen3.5 takes Inductor by itself (no environment variable); Qwen3-Next with SUROGATE_CPU_BACKEND=inductor."""
+    if env is None:
+        monkeypatch.delenv("SUROGATE_CPU_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("SUROGATE_CPU_BACKEND", env)
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(MODELS[name]()).to(torch.bfloat16)
     sharpen_routers(base)  # Qwen3-Next's experts: bf16 and the FP32 truth route alike
@@ -55,6 +60,7 @@ def test_deltanet_model_through_inductor_follows_fp32_peft(name, monkeypatch):
     loss.backward()
     report = model.surogate_report
     assert report.backend == "inductor"
+    assert any(n.startswith("CPU graphs compiled by Inductor") for n in report.notes), str(report)
     assert report.linears and len(report.rewritten) == len(report.linears), str(report)
     assert report.graphs == 2, str(report)  # one per layer kind, each shared by its layers
     assert abs(loss.item() - expected.item()) < 2e-3 * expected.item()
@@ -64,6 +70,20 @@ def test_deltanet_model_through_inductor_follows_fp32_peft(name, monkeypatch):
     for n in grads:
         cos = F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0).item()
         assert cos > 0.98, (n, cos)
+
+
+def test_cpu_backend_is_inductor_only_for_linear_attention_models_unless_told(monkeypatch):
+    from surogate.compiler import cpu_backend
+
+    qwen3 = T.AutoModelForCausalLM.from_config(T.Qwen3Config(**{k: v for k, v in BASE.items() if "linear" not in k
+                                                                and k != "full_attention_interval"}))
+    qwen3_5 = T.AutoModelForCausalLM.from_config(MODELS["qwen3_5"]())
+    monkeypatch.delenv("SUROGATE_CPU_BACKEND", raising=False)
+    assert (cpu_backend(qwen3), cpu_backend(qwen3_5), cpu_backend()) == ("aot_eager", "inductor", "aot_eager")
+    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "aot_eager")
+    assert cpu_backend(qwen3_5) == "aot_eager"
+    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
+    assert cpu_backend(qwen3) == "inductor"
 
 
 def test_unknown_cpu_backend_is_refused_before_anything_changes(monkeypatch):

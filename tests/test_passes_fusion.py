@@ -125,7 +125,7 @@ def _frozen_concatenations(recipe: str, packed: bool = True) -> tuple[list, list
         return [n for n in graph.nodes if n.target is torch.ops.aten.cat.default and n.meta["val"].dtype != torch.float32
                 and n.meta["val"].dim() == 2 and n.meta["val"].shape[-1] == 256]
 
-    def backend_with_partitioner(rec, arch, report, options=None):
+    def backend_with_partitioner(rec, arch, report, options=None, inductor=None):
         def backend(gm, example_inputs):
             run_pipeline(gm, PassContext(rec, arch, report, options or {}))
 
