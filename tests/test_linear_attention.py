@@ -32,6 +32,9 @@ MODELS = {
     "qwen3_5": lambda: T.Qwen3_5TextConfig(**BASE),
     "qwen3_next": lambda: T.Qwen3NextConfig(**BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                             shared_expert_intermediate_size=64),
+    "qwen3_5_moe": lambda: T.Qwen3_5MoeTextConfig(**{k: v for k, v in BASE.items() if k != "intermediate_size"},
+                                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                                  shared_expert_intermediate_size=64),
 }
 
 
@@ -39,16 +42,18 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
-@pytest.mark.parametrize("name, env", [("qwen3_5", None), pytest.param("qwen3_next", "inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name, env", [("qwen3_5", None), pytest.param("qwen3_next", "inductor", marks=pytest.mark.slow),
+                                       pytest.param("qwen3_5_moe", None, marks=pytest.mark.slow)])
 def test_deltanet_model_through_inductor_follows_fp32_peft(name, env, monkeypatch):
-    """Qwen3.5 takes Inductor by itself (no environment variable); Qwen3-Next with SUROGATE_CPU_BACKEND=inductor."""
+    """Qwen3.5 (dense and MoE) takes Inductor by itself (no environment variable); Qwen3-Next with
+    SUROGATE_CPU_BACKEND=inductor."""
     if env is None:
         monkeypatch.delenv("SUROGATE_CPU_BACKEND", raising=False)
     else:
         monkeypatch.setenv("SUROGATE_CPU_BACKEND", env)
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(MODELS[name]()).to(torch.bfloat16)
-    sharpen_routers(base)  # Qwen3-Next's experts: bf16 and the FP32 truth route alike
+    sharpen_routers(base)  # the MoE models' experts: bf16 and the FP32 truth route alike
     assert {"linear_attention", "full_attention"} <= set(base.config.layer_types)
     peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft_model).float()

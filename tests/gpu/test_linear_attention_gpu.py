@@ -1,10 +1,9 @@
-"""Qwen3.5 and Qwen3-Next (gated DeltaNet linear-attention layers beside full attention; Qwen3-Next's MLP a mixture
-of experts) compiled by Inductor for CUDA (marked `gpu`; deselected without CUDA).
+"""Qwen3.5 (dense and MoE) and Qwen3-Next (gated DeltaNet linear-attention layers beside full attention) compiled by
+Inductor for CUDA (marked `gpu`; deselected without CUDA): tests/test_linear_attention.py's models, wider.
 
-On the CPU these models do not compile: the reference backend (aot_eager) runs the backward's `view`s on tensors
-whose strides differ from the traced ones (docs/compile.md, "Architectures beyond the tested ones"). Inductor
-plans its own layouts. transformers runs the DeltaNet rule in its PyTorch form here (no flash-linear-attention on
-the GPU machine), which Dynamo traces like the rest of the block.
+On the CPU surogate compiles them with Inductor's C++ backend (aot_eager cannot run their backward).
+transformers runs the DeltaNet rule in its PyTorch form here too (no flash-linear-attention on the GPU machine),
+which Dynamo traces like the rest of the block.
 
 The reference is eager PEFT in FP32 (the truth: bf16 PEFT rounds an expert's LoRA update into the bf16 stack);
 the bounds are bf16's distance from it on the tiny models.
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import transformers as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from test_linear_attention import MODELS, V, _lora_grads  # noqa: E402
 from test_more_archs import sharpen_routers  # noqa: E402
 
 import surogate  # noqa: E402
@@ -29,31 +29,24 @@ from surogate.compiler import _attach_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-V = 128
-BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": V, "max_position_embeddings": 512, "pad_token_id": 0,
-        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
-        "full_attention_interval": 2}
-CONFIGS = {  # name: (config class, its arguments past BASE)
-    "qwen3_5": ("Qwen3_5TextConfig", {}),
-    "qwen3_next": ("Qwen3NextConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                                       "shared_expert_intermediate_size": 128}),
-}
+# Inductor's CUDA codegen asserted on hidden-64 configs (tests/gpu/test_real_data_gpu.py): the CPU test's models, wider.
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64, "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128}
 
 
-def _lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
-
-
-@pytest.mark.parametrize("name, recipe", [("qwen3_5", "bf16"), ("qwen3_5", "qnf4"), ("qwen3_next", "bf16")])
+@pytest.mark.parametrize("name, recipe", [("qwen3_5", "bf16"), ("qwen3_5", "qnf4"), ("qwen3_next", "bf16"),
+                                          ("qwen3_5_moe", "qfp8")])
 def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
-    config_class, extra = CONFIGS[name]
-    if not hasattr(T, config_class):
-        pytest.skip(f"this transformers ({T.__version__}) has no {config_class}")
+    try:
+        config = MODELS[name]()
+    except AttributeError as error:  # a transformers without the model class
+        pytest.skip(f"transformers {T.__version__}: {error}")
+    for key, value in WIDE.items():
+        if getattr(config, key, None) is not None:
+            setattr(config, key, value)
     torch.manual_seed(0)
-    config = getattr(T, config_class)(**BASE, **extra)
     base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    sharpen_routers(base)  # Qwen3-Next's experts: bf16 and the FP32 truth route alike
+    sharpen_routers(base)  # the MoE models' experts: bf16 and the FP32 truth route alike
     base = base.cuda()
     peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft_model).float()
@@ -68,7 +61,7 @@ def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
     assert torch.isfinite(loss) and abs(loss.item() - expected.item()) < 1e-2 * expected.item()
     grads, ref = _lora_grads(model), _lora_grads(truth)
     assert grads.keys() == ref.keys() and grads
-    floor = 0.99 if recipe == "bf16" else 0.97
+    floor = 0.99 if recipe == "bf16" else 0.97  # tests/test_moe*.py's floors for the quantized recipes
     for n in grads:
         cos = F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0).item()
         assert cos > floor, (n, cos)
