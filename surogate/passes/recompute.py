@@ -167,18 +167,18 @@ def free_device_bytes(arch: str) -> int | None:
     return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
-def rebuild_producers(option: "bool | str", recipe, kept_bytes: int, free_bytes: int | None) -> tuple[bool, str]:
-    """Whether to rebuild the producers (option True / False, or "auto" decided from the recipe and
-    memory), and the report's reason for an "auto" decision ("" otherwise)."""
+def rebuild_producers(option: "bool | str", recipe, kept: int, free_bytes: int | None) -> tuple[bool, str]:
+    """Whether to rebuild the producers (option True / False, or "auto" decided from the recipe, the `kept` bytes
+    and the free memory), and the report's reason for an "auto" decision ("" otherwise)."""
     if option != "auto":
         return bool(option), ""
-    kept = f"keeping them would take {kept_bytes / GIB:.2f} GiB"
+    size = f"keeping them would take {kept / GIB:.2f} GiB"
     if not recipe.keeps_bf16_weight:
-        return True, f"recompute_producers auto: rebuilt ({recipe.name} stores its weights for memory; {kept})"
+        return True, f"recompute_producers auto: rebuilt ({recipe.name} stores its weights for memory; {size})"
     if free_bytes is None:
-        return True, f"recompute_producers auto: rebuilt (not on a GPU; {kept})"
-    share = kept_bytes / max(free_bytes, 1)
-    where = f"{kept} of the {free_bytes / GIB:.1f} GiB free ({share:.0%})"
+        return True, f"recompute_producers auto: rebuilt (not on a GPU; {size})"
+    share = kept / max(free_bytes, 1)
+    where = f"{size} of the {free_bytes / GIB:.1f} GiB free ({share:.0%})"
     if share <= KEEP_SHARE:
         return False, f"recompute_producers auto: kept, not rebuilt ({where}; True keeps less, a little slower)"
     return True, f"recompute_producers auto: rebuilt ({where}, over {KEEP_SHARE:.0%})"
