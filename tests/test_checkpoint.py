@@ -240,6 +240,14 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: the train rows differ"):
         train(_cfg(model_dir, out, resume_from_checkpoint=str(out / "checkpoint-1"), eval_steps=None,
                    dataset={"max_train_samples": 12, "eval_split": None}), log=_quiet)
+    # the restored optimizer and scheduler states would bring the checkpoint's values back without a word
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with learning_rate: "):
+        train(_cfg(model_dir, out, learning_rate=1e-5, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with weight_decay: 0.0, "
+                                          r"the config has 0.5"):
+        train(_cfg(model_dir, out, weight_decay=0.5, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
 
 
 def test_resume_keys_checked_by_the_config(tmp_path):

@@ -145,6 +145,32 @@ def test_model_mismatches_are_one_line_before_the_model_loads(extra, expect, arc
     assert not (tmp_path / "out").exists()
 
 
+def test_tokenizer_larger_than_the_embedding_is_one_line_before_the_data(tiny_model_dir, tmp_path, cache,
+                                                                         no_model_load, monkeypatch, capsys):
+    """A model whose vocab_size is below its tokenizer's length would index past its embedding: refused from
+    the config, before the data is tokenized (not a traceback after)."""
+    import json
+    import shutil
+
+    from surogate.training import data
+
+    small = tmp_path / "small-vocab"
+    shutil.copytree(tiny_model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 1000  # the embedded default tokenizer has 2048
+    (small / "config.json").write_text(json.dumps(config))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data loaded before the error")
+
+    monkeypatch.setattr(data, "load_splits", refuse)
+    assert main(["train", _config(tmp_path, small)]) == 2
+    err = capsys.readouterr().err  # after the line saying the folder has no tokenizer
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("surogate: error: tokenizer: ")
+    assert f"tokenizer: the embedded default ({small} has none) has 2048 tokens, but the model's embedding has " \
+           "1000" in err
+
+
 def test_output_dir_naming_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("x")
     assert main(["train", "--output-dir", str(tmp_path / "taken")]) == 2

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surogate.training.config import TrainConfig
-from surogate.training.train_checks import is_local_model
+from surogate.training.config import ConfigError, TrainConfig
+from surogate.training.train_checks import is_local_model, vocab_message
 
 Log = Callable[[str], None]
 
@@ -78,9 +78,8 @@ def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.
         model = AutoModelForCausalLM.from_pretrained(str(Path(cfg.model).expanduser()) if is_local_model(cfg.model)
                                                      else cfg.model, dtype=torch.bfloat16)
     vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab}; "
-                         "set `tokenizer:` to the model's own tokenizer")
+    if len(tokenizer) > vocab:  # train_checks.check_vocab refuses it from the config; here for a config without
+        raise ConfigError(vocab_message(len(tokenizer), vocab, cfg))  # vocab_size, or a caller that skips it
     return model
 
 

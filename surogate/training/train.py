@@ -203,6 +203,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     setup.set_seed(cfg.seed)  # the same on every rank: the same LoRA init, data order and dropout draws
 
     tokenizer = setup.load_tokenizer_for(cfg, log)
+    train_checks.check_vocab(cfg, tokenizer)  # before the data is tokenized with ids the model lacks
     ds = cfg.dataset
     train_set, eval_set = load_splits(cfg, tokenizer)
     layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed

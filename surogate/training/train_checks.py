@@ -19,9 +19,11 @@ from torch import nn
 from surogate.training import checkpoint
 from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig
 
-# Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape.
+# Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; and
+# the optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
+# optimizer and scheduler states bring back, so that a changed value would be ignored without a word.
 RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
-               "lora_target_modules")
+               "lora_target_modules", "learning_rate", "weight_decay")
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
@@ -120,6 +122,33 @@ def check_model(cfg: TrainConfig) -> bool:
         return False
     check_lora_targets(cfg, meta)
     return True
+
+
+def check_vocab(cfg: TrainConfig, tokenizer) -> None:
+    """The tokenizer's ids fit the model's embedding (`vocab_size` in its config): a larger tokenizer would
+    index past the embedding at the first step. Checked from the config, before the data is tokenized; the
+    embedded default is sized to its tokenizer, and a config without `vocab_size` is checked after the load."""
+    if cfg.model == "default":
+        return
+    config = model_config(cfg.model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(vocab_message(len(tokenizer), vocab, cfg))
+
+
+def vocab_message(tokens: int, vocab: int, cfg: TrainConfig) -> str:
+    """The one line for a tokenizer larger than the model's embedding, naming which tokenizer was taken."""
+    from surogate.training.tokenizer import has_tokenizer_files
+
+    if cfg.tokenizer is not None:
+        source = repr(cfg.tokenizer)
+    elif is_local_model(cfg.model) and not has_tokenizer_files(Path(cfg.model).expanduser()):
+        source = f"the embedded default ({cfg.model} has none)"
+    else:
+        source = f"{cfg.model}'s own"
+    return (f"tokenizer: {source} has {tokens} tokens, but the model's embedding has {vocab} (its vocab_size); "
+            f"set tokenizer: to one of at most {vocab} tokens, such as the one the model was trained with")
 
 
 def resume_path(cfg: TrainConfig) -> Path | None:
