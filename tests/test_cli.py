@@ -191,7 +191,9 @@ def test_mistyped_local_model_folder(tiny_model_dir, tmp_path, monkeypatch, caps
         _one_line_error(capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["train", "--set", "model=my-own-model"]) == 2
-    assert "is not a local folder, and HF_HUB_OFFLINE is set" in _one_line_error(capsys)
+    err = _one_line_error(capsys)
+    assert "'my-own-model' is not a local folder nor a cached hub model, and HF_HUB_OFFLINE is set (offline mode); " \
+           "download it first (hf download my-own-model)" in err and "write ./" not in err
     assert main(["train", "--set", "model=tiny-model", "--set", "sequence_len=192", "--print-config"]) == 0
 
 
@@ -202,10 +204,20 @@ def test_hub_id_the_hub_does_not_give_is_one_line(tmp_path, monkeypatch, capsys)
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\n(88 more lines)")
 
+    def not_there(*args, **kwargs):
+        raise OSError("someone/some-model is not a valid model identifier listed on 'https://huggingface.co/models'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_there)
+    assert main(["train", "--set", "model=someone/some-model", "--output-dir", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "model: 'someone/some-model' is not a local folder, and the hub gave no config for it (someone/" in err
+    # no network: the name may be right, so the line says what is missing rather than how to write a folder
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
     assert main(["train", "--set", "model=someone/some-model", "--output-dir", str(tmp_path / "o")]) == 2
     err = _one_line_error(capsys)
-    assert "model: 'someone/some-model' is not a local folder, and the hub gave no config for it (We couldn't " in err
+    assert "model: 'someone/some-model' is not a local folder nor a cached hub model, and the hub could not be " \
+           "reached (no network, or offline mode); download it first (hf download someone/some-model)" in err
+    assert "write ./" not in err
     assert not (tmp_path / "o").exists()
 
 

@@ -281,7 +281,8 @@ def test_model_name_that_is_a_mistyped_folder(tmp_path, monkeypatch):
         from_dict({"model": "models/zzz"})
     assert from_dict({"model": "Qwen/Qwen3-0.6B"}).model == "Qwen/Qwen3-0.6B"  # not checked against the hub here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and no cached hub model of that name
-    with pytest.raises(ConfigError, match=r"^model: 'nobody-xyz/no-model' is not a local folder, and HF_HUB_OFFLINE"):
+    with pytest.raises(ConfigError, match=r"^model: 'nobody-xyz/no-model' is not a local folder nor a cached hub "
+                                          r"model, and HF_HUB_OFFLINE is set \(offline mode\); download it first"):
         from_dict({"model": "nobody-xyz/no-model"})
 
 

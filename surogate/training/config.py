@@ -203,6 +203,10 @@ def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
     if why:
         raise ConfigError(f"{key}: {v!r} is not a local folder{why}; write ./{v} for a local folder, or a hub id "
                           "such as Qwen/Qwen3-0.6B")
+    if _hub_offline() and not _hub_cached(v):  # a right hub id, maybe: say what is missing, not how to spell it
+        raise ConfigError(f"{key}: {v!r} is not a local folder nor a cached hub model, and HF_HUB_OFFLINE is set "
+                          f"(offline mode); download it first (hf download {v}) on a machine with network, or point "
+                          f"{key} at a local folder of the model")
     return v
 
 
@@ -224,16 +228,17 @@ def _not_a_hub_id(v: str) -> str:
             return f" (did you mean {str(where / close[0]) if tail else close[0]!r}?)"
         if tail:
             return f" ({head}/ is a local folder without {tail})"
-    if _hub_offline():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = isinstance(try_to_load_from_cache(v, "config.json"), str)
-        except Exception:  # an id the hub library refuses is no cached hub id either
-            cached = False
-        if not cached:
-            return ", and HF_HUB_OFFLINE is set with no cached hub model of that name"
     return ""
+
+
+def _hub_cached(v: str) -> bool:
+    """Whether hub id `v` has a config.json in the local hub cache (what an offline run can load)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(v, "config.json"), str)
+    except Exception:  # an id the hub library refuses is no cached hub id either
+        return False
 
 
 def _output_dir(key: str, v: Any) -> str:

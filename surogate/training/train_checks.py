@@ -63,11 +63,28 @@ def model_config(name: str, key: str = "model"):
     try:
         return AutoConfig.from_pretrained(name)
     except Exception as e:  # not found, no network, offline without a cached copy: hub errors come in many types
+        if _hub_unreachable(e):  # the name may well be right: say what is missing, not how to spell it
+            raise ConfigError(f"{key}: {name!r} is not a local folder nor a cached hub model, and the hub could not "
+                              f"be reached (no network, or offline mode); download it first (hf download {name}) "
+                              f"on a machine with network, or point {key} at a local folder of the model") from None
         raise ConfigError(f"{key}: {name!r} is not a local folder, and the hub gave no config for it "
                           f"({_first_line(e)}); write ./{name} for a local folder, or a hub id such as "
                           "Qwen/Qwen3-0.6B") from None
     finally:
         hub_logger.setLevel(level)
+
+
+def _hub_unreachable(e: BaseException) -> bool:
+    """Whether the hub failed for want of a connection (or in offline mode) rather than for the name:
+    huggingface_hub raises LocalEntryNotFoundError then, which transformers wraps in an OSError."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, LocalEntryNotFoundError) or "couldn't connect to" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def max_positions(config) -> int | None:
