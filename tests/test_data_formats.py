@@ -165,6 +165,27 @@ def test_messages_without_chat_template_says_how_to_give_one(tmp_path, tok):
     assert len(train) == 1
 
 
+def test_chatml_on_a_tokenizer_without_its_markers_is_logged_once(tmp_path, tok):
+    """The embedded tokenizer has no <|im_start|> / <|im_end|>: chatml's markers become several plain tokens,
+    said in one log line; a tokenizer that has them as special tokens, or text rows, log nothing."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 3)
+    lines: list[str] = []
+    load_splits(cfg_for(chat, chat_template="chatml"), tok, lines.append)
+    start, end = len(enc(tok, "<|im_start|>")), len(enc(tok, "<|im_end|>"))
+    assert start > 1 and end > 1
+    assert lines == [f"warning: dataset.chat_template chatml: <|im_start|> and <|im_end|> are not single tokens in this "
+                     f"tokenizer (<|im_start|> is {start} pieces, <|im_end|> is {end} pieces), so the model learns to "
+                     "end a turn with several plain tokens, not one stop token; use the model's own chat template "
+                     "(drop dataset.chat_template) or a tokenizer that has these special tokens"]
+    lines.clear()
+    load_splits(cfg_for(write_jsonl(tmp_path / "text.jsonl", [{"text": "a b"}] * 3), chat_template="chatml"), tok,
+                lines.append)
+    assert lines == []  # no messages: the template is not used
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    load_splits(cfg_for(chat, chat_template="chatml"), tok, lines.append)
+    assert lines == []
+
+
 def test_chat_template_from_a_file(tmp_path, tok):
     (tmp_path / "t.jinja").write_text(CHATML_IN_TEST)
     cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}]), chat_template=str(tmp_path / "t.jinja"))

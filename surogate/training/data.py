@@ -22,7 +22,7 @@ holds the bundled GSM8K sample, the default config and the embedded model config
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,8 @@ import torch
 from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, hold_out,  # noqa: F401
                                           package_data_dir, read_jsonl_rows, read_split)
 from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
-                                            resolve_chat_template, resolve_format, tokenize_examples)
+                                            chatml_marker_note, resolve_chat_template, resolve_format,
+                                            tokenize_examples)
 
 
 def read_jsonl(path: "str | os.PathLike", limit: int | None = None) -> list[dict]:
@@ -324,13 +325,17 @@ def load_rows(ds, seed: int) -> tuple[Rows, Rows | None]:
     return train.head(ds.max_train_samples), held.head(ds.max_eval_samples)
 
 
-def load_splits(cfg, tokenizer) -> tuple[ExampleRows, ExampleRows | None]:
+def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[ExampleRows, ExampleRows | None]:
     """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
     `cfg.sample_packing` says: the one entry point `surogate train` reads its data through. `auto` is
-    resolved on the train rows, and the eval rows are read in the same format."""
+    resolved on the train rows, and the eval rows are read in the same format. `log` gets a warning on
+    a chat template whose markers the tokenizer splits (`chatml_marker_note`)."""
     ds = cfg.dataset
     train_rows, eval_rows = load_rows(ds, cfg.seed)
     fmt = resolve_format(train_rows, ds.format).name
+    note = chatml_marker_note(ds.chat_template, tokenizer) if fmt == "messages" else None
+    if note and log is not None:
+        log(note)
     template = resolve_chat_template(ds.chat_template)
     on_inputs = ds.train_on_inputs
     train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,

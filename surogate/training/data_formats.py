@@ -162,6 +162,23 @@ def resolve_chat_template(value: "str | os.PathLike | None") -> str | None:
     return path.read_text(encoding="utf-8")
 
 
+def chatml_marker_note(template_name: "str | os.PathLike | None", tokenizer) -> str | None:
+    """A log line when `dataset.chat_template: chatml` meets a tokenizer without <|im_start|> / <|im_end|> as
+    special tokens: they are then split into ordinary pieces, so the model learns its end of turn as several
+    plain tokens and a chat frontend's stop token never comes. None when they are single tokens (or no chatml)."""
+    if template_name != "chatml":
+        return None
+    counts = {m: len(tokenizer(m, add_special_tokens=False)["input_ids"]) for m in ("<|im_start|>", "<|im_end|>")}
+    split = {m: n for m, n in counts.items() if n != 1}
+    if not split:
+        return None
+    pieces = ", ".join(f"{m} is {n} pieces" for m, n in split.items())
+    return (f"warning: dataset.chat_template chatml: {' and '.join(split)} "
+            f"{'is not a single token' if len(split) == 1 else 'are not single tokens'} in this tokenizer ({pieces}), "
+            "so the model learns to end a turn with several plain tokens, not one stop token; use the model's own chat template (drop "
+            "dataset.chat_template) or a tokenizer that has these special tokens")
+
+
 def chat_template_for(tokenizer, configured: str | None) -> str | None:
     """The template messages are rendered with: `dataset.chat_template` when set, else None for the
     tokenizer's own (which `apply_chat_template` picks); an error when there is neither."""

@@ -205,7 +205,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     tokenizer = setup.load_tokenizer_for(cfg, log)
     train_checks.check_vocab(cfg, tokenizer)  # before the data is tokenized with ids the model lacks
     ds = cfg.dataset
-    train_set, eval_set = load_splits(cfg, tokenizer)
+    train_set, eval_set = load_splits(cfg, tokenizer, log)
     layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
