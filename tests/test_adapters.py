@@ -130,6 +130,28 @@ def test_merge_equals_base_plus_adapter(base_dir, tmp_path, dtype, tol):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+def test_merge_takes_the_dtype_names_of_the_cli(base_dir, tmp_path, monkeypatch):
+    """`dtype="float16"`, as `surogate merge --dtype` spells it, writes float16; a dtype a merged model is
+    not written in is refused before anything loads."""
+    from surogate.training import adapters
+
+    model = _peft(base_dir)
+    surogate.save_adapter(model, tmp_path / "a")
+    out = surogate.merge(base_dir, tmp_path / "a", tmp_path / "m", dtype="float16")
+    saved = load_file(next(out.glob("*.safetensors")))
+    assert {v.dtype for k, v in saved.items() if k.endswith("proj.weight")} == {torch.float16}
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the dtype was checked")
+
+    monkeypatch.setattr(adapters, "load_adapter", no_load)
+    for bad in ("fp16", "half", torch.int8, 16):
+        with pytest.raises(ValueError, match=r"^dtype: .* is not one a merged model is written in; give one of "
+                                             r"bfloat16, float16, float32"):
+            surogate.merge(base_dir, tmp_path / "a", tmp_path / "x", dtype=bad)
+    assert not (tmp_path / "x").exists()
+
+
 def test_adapter_of_a_compiled_model_loads_onto_the_plain_base(base_dir, tmp_path):
     """What surogate.compile returns saves an adapter that plain PEFT on the bf16 base reproduces."""
     from peft import LoraConfig, PeftModel

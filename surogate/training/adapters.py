@@ -137,14 +137,31 @@ def _copy_tokenizer(sources: list[Path], out: Path) -> None:
             return
 
 
+# The dtypes a merged model is written in, by the names `surogate merge --dtype` takes.
+MERGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def merge_dtype(dtype: "torch.dtype | str") -> torch.dtype:
+    """`dtype` as a torch dtype: one of MERGE_DTYPES, by name (as the CLI takes it) or as the dtype itself.
+    Checked before the merge loads anything (a name passed on to torch fails late, as a device string)."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in MERGE_DTYPES:
+        return MERGE_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in MERGE_DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype: {dtype!r} is not one a merged model is written in; give one of "
+                     f"{', '.join(MERGE_DTYPES)} (a name or the torch dtype)")
+
+
 def merge(model_dir: "str | os.PathLike", adapter_dir: "str | os.PathLike", out_dir: "str | os.PathLike",
-          dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write base + adapter as one plain Hugging Face checkpoint in `dtype` (bf16 by default).
+          dtype: "torch.dtype | str" = torch.bfloat16) -> Path:
+    """Write base + adapter as one plain Hugging Face checkpoint in `dtype` (bf16 by default; a torch dtype
+    or its name: bfloat16, float16, float32).
 
     The merge runs in FP32 (W + scale * B @ A) and rounds once to `dtype`, so the merged model
     differs from base + adapter only by that rounding. The tokenizer is copied along when the
     model or adapter directory has one.
     """
+    dtype = merge_dtype(dtype)
     d = _check_adapter_dir(adapter_dir)
     out = Path(out_dir)
     merged = load_adapter(model_dir, d, dtype=torch.float32).merge_and_unload()

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("base", help="the base model: a local folder or a hub id (the one the adapter was trained on)")
     m.add_argument("adapter", help="an adapter folder (output_dir/adapter or output_dir/checkpoint-<step>)")
     m.add_argument("out", help="the folder to write (new, or empty)")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),  # adapters.MERGE_DTYPES
                    help="dtype of the merged weights (default bfloat16)")
 
     i = sub.add_parser("info", help="what surogate runs on this machine or on a given GPU architecture")
@@ -94,11 +94,9 @@ def _merge(args: argparse.Namespace) -> int:
     check_model_name("BASE", args.base, allow_default=False)  # a missing folder, or a mistyped one
     model_config(args.base, key="BASE")  # a folder without a readable config.json, or a hub id the hub lacks
     _quiet_libraries()
-    import torch
-
     from surogate.training.adapters import merge
 
-    written = merge(args.base, adapter, out, dtype=getattr(torch, args.dtype))
+    written = merge(args.base, adapter, out, dtype=args.dtype)
     print(f"merged: {written}")
     return 0
 
