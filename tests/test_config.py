@@ -103,6 +103,34 @@ def test_missing_dataset_dir_and_split(tmp_path):
     assert cfg.dataset.eval_split is None
 
 
+@pytest.mark.parametrize("name", ["validation", "val"])
+def test_a_folder_without_test_evaluates_on_its_validation_split(tmp_path, name):
+    """eval_split left at its default "test": a folder of train/validation files evaluates on validation; one
+    set explicitly is taken as written."""
+    (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / f"{name}.jsonl").write_text('{"text": "ho"}\n')
+    assert from_dict({"dataset": {"path": str(tmp_path)}}).dataset.eval_split == name
+    with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist \(nor test\.json, "
+                                          r"test\.parquet\); set eval_split: null"):
+        from_dict({"dataset": {"path": str(tmp_path), "eval_split": "test"}})
+    (tmp_path / "test.jsonl").write_text('{"text": "hu"}\n')
+    assert from_dict({"dataset": {"path": str(tmp_path)}}).dataset.eval_split == "test"  # test first, as ever
+
+
+def test_an_error_from_a_set_value_does_not_name_the_file(tmp_path):
+    """A dataset path from --set without a test split: the file did not write eval_split nor the path, so
+    the error is not prefixed with the file's name; with the path in the file, it is."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hi"}\n')
+    p = _write(tmp_path, {"max_steps": 5})
+    with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist \(nor test\.json, "
+                                          r"test\.parquet, nor a validation or val split\)"):
+        load_config(p, [f"dataset.path={tmp_path / 'data'}"])
+    p = _write(tmp_path, {"dataset": {"path": str(tmp_path / "data")}})
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: dataset\.eval_split: .*test\.jsonl does not exist"):
+        load_config(p, ["max_steps=3"])
+
+
 def test_tokenizer_with_default_model_refused():
     with pytest.raises(ConfigError, match=r"^tokenizer"):
         from_dict({"tokenizer": "Qwen/Qwen3-0.6B"})

@@ -375,8 +375,9 @@ def test_hf_save_to_disk_and_load_dataset_folder(tmp_path, tok):
     d.save_to_disk(str(tmp_path / "saved"))
     train, evaluation = load_splits(cfg_for(tmp_path / "saved", eval_split="validation"), tok)
     assert sum(p.count(0) for p in train.positions) == 2 and evaluation.input_ids[0] == enc(tok, "e f") + [tok.eos_token_id]
+    assert cfg_for(tmp_path / "saved").dataset.eval_split == "validation"  # the default "test" is absent
     with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*has no split 'test'; its splits: train, validation"):
-        cfg_for(tmp_path / "saved")
+        cfg_for(tmp_path / "saved", eval_split="test")
     raw = tmp_path / "raw"  # no <split>.<ext> files: load_dataset infers the split from the file name
     raw.mkdir()
     write_jsonl(raw / "my_train_part.jsonl", [{"prompt": "Q:", "completion": " A"}])

@@ -503,6 +503,19 @@ def _names_override(message: str, key: str) -> bool:
     return message.startswith((f"{key}:", f"unknown key {key!r}"))
 
 
+# Keys whose default can be wrong for another key's value: the splits are checked against dataset.path's files.
+_DEPENDS_ON = {"dataset.eval_split": "dataset.path", "dataset.train_split": "dataset.path"}
+
+
+def _written(raw: dict, key: str) -> bool:
+    """Whether the config file's mapping `raw` writes `key` (dotted for the dataset's keys)."""
+    section, _, name = key.partition(".")
+    if not name:
+        return section in raw
+    ds = raw.get(section)
+    return name in ds if isinstance(ds, dict) else (isinstance(ds, str) and name == "path")
+
+
 class _DuplicateKey(yaml.YAMLError):
     """A key written twice in one mapping: YAML would keep the last silently."""
 
@@ -539,6 +552,7 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a config must be a mapping of keys to values, got {type(raw).__name__}")
+    from_file = dict(raw)  # the file's keys (the overrides below replace the dataset mapping, never change it)
     overridden = []
     for item in overrides or []:
         key, value = parse_override(item)
@@ -555,6 +569,9 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     except ConfigError as e:
         if any(_names_override(str(e), key) for key in overridden):
             raise  # the value came from --set / --output-dir, not from the file
+        key = str(e).split(":", 1)[0]
+        if _DEPENDS_ON.get(key) in overridden and not _written(from_file, key):
+            raise  # a default the file does not write, wrong for a value --set gave (eval_split for a --set path)
         raise ConfigError(f"{p}: {e}") from None
     except TypeError as e:  # a dataclass rejected something the checks above did not foresee
         raise ConfigError(f"{p}: {e}") from None

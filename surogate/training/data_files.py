@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,6 +283,18 @@ def hold_out(rows: Rows, size: float | int, seed: int) -> tuple[Rows, Rows]:
 
 # --- config checks (before the model loads) -----------------------------------------------------------
 
+# The eval split's other common names, taken in this order when `eval_split` is left at its default ("test")
+# and the dataset has no test split: a folder of train/validation files evaluates on validation, as a user means.
+EVAL_SPLIT_ALIASES = ("validation", "val")
+
+
+def _default_eval_split(eval_split: str | None, eval_given: bool, has: Callable[[str], bool]) -> str | None:
+    """`eval_split`, or for the default "test" that the dataset lacks, the first alias it has."""
+    if eval_given or eval_split != "test" or has("test"):
+        return eval_split
+    return next((s for s in EVAL_SPLIT_ALIASES if has(s)), eval_split)
+
+
 def check_path(path: str | None, train_split: str, eval_split: str | None, eval_given: bool) -> str | None:
     """Check `dataset.path` and its splits as far as can be known without reading the data; returns the
     eval split (None for a single file, which is the train split alone). Raises ConfigError naming the key."""
@@ -302,19 +315,23 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
         splits = hf_disk_splits(p)
         if splits is None:  # one saved Dataset: the train split alone, as a single file
             splits, eval_split = ["train"], eval_split if eval_given else None
+        eval_split = _default_eval_split(eval_split, eval_given, splits.__contains__)
         for key, split in (("dataset.train_split", train_split), ("dataset.eval_split", eval_split)):
             if split is not None and split not in splits:
                 raise ConfigError(f"{key}: {path!r} has no split {split!r}; its splits: {', '.join(splits)}")
         files = []
     elif p.is_dir():
+        eval_split = _default_eval_split(eval_split, eval_given, lambda s: split_file(p, s) is not None)
         files = [split_file(p, s) for s in (train_split, eval_split) if s is not None]
         if files[0] is None and has_module("datasets"):
             files = []  # not <split>.<ext> files: datasets' load_dataset reads the folder
         for key, split, f in zip(("dataset.train_split", "dataset.eval_split"), (train_split, eval_split), files):
             if f is None:
-                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet)"
-                                  + ("; set eval_split: null, or dataset.val_set_size to hold out part of train"
-                                     if key.endswith("eval_split") else ""))
+                aliases = "" if eval_given or key.endswith("train_split") else \
+                    f", nor a {' or '.join(EVAL_SPLIT_ALIASES)} split"
+                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet"
+                                  f"{aliases})" + ("; set eval_split: null, or dataset.val_set_size to hold out part "
+                                                   "of train" if key.endswith("eval_split") else ""))
     elif looks_like_hub_id(path):
         if not has_module("datasets"):
             raise ConfigError(f"dataset.path: {path!r} is not a file or folder here; as a Hugging Face hub dataset "
