@@ -198,3 +198,15 @@ def fp32_out_addmm() -> bool:
     import torch
 
     return hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def autograd_inside_op() -> contextlib.AbstractContextManager:
+    """Autograd on inside a custom op's implementation, which the dispatcher runs with the autograd keys excluded
+    (`_AutoDispatchBelowAutograd`): `surogate::gated_delta_rule_backward` differentiates transformers' rule by
+    running it again. Private dispatcher API (torch 2.11-2.13 have it): the keys excluded now, less autograd's."""
+    import torch
+
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "ADInplaceOrView", "AutogradOther"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)

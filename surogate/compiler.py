@@ -38,7 +38,7 @@ from surogate.compat import compile_options_cache_tag, tag_compile_cache
 from surogate.forward import attach_forward
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
-from surogate.ops import attention
+from surogate.ops import attention, linear_attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.unload import attach_unload
 from surogate.weight_packing import pack_shared_input_weights
@@ -213,7 +213,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if inductor and arch_name == CPU:
         report.note("CPU graphs compiled by Inductor (C++), not aot_eager: "
                     + ("SUROGATE_CPU_BACKEND=inductor" if os.environ.get("SUROGATE_CPU_BACKEND") else
-                       "this model's linear-attention layers fail aot_eager's backward (docs/compile.md)"))
+                       "this model's linear-attention layers are not ones surogate recognizes, and their "
+                       "traced backward fails aot_eager (docs/compile.md)"))
     backend = make_backend(rec, arch_name, report, ctx_options, inductor=inductor)
     if getattr(getattr(hf, "config", None), "use_cache", False):
         # A KV cache in training makes each block update its own cache slot (a guard on layer_idx):
@@ -227,6 +228,10 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     else:
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
+    deltanet = linear_attention.install(hf, undo.attributes.set)
+    if deltanet:
+        report.note(f"linear attention: {deltanet} gated DeltaNet layers run the delta rule as one op "
+                    "(surogate::gated_delta_rule, backward by recompute), packed examples kept apart")
     checkpointed = checkpointed_blocks(len(blocks), checkpoint_fraction) if checkpoint else 0
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
@@ -688,21 +693,15 @@ def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | Non
 CPU_BACKENDS = ("aot_eager", "inductor")
 
 
-# Layer kinds whose backward aot_eager cannot run (a stride fault of torch's in the DeltaNet layers of Qwen3.5 /
-# Qwen3-Next): on the CPU their models compile with Inductor unless SUROGATE_CPU_BACKEND says otherwise.
-_INDUCTOR_LAYER_TYPES = ("linear_attention",)
-
-
 def cpu_backend(model: nn.Module | None = None) -> str:
     """What compiles the graphs of `arch="cpu"`: "aot_eager" (AOTAutograd running the aten ops as they are, seconds
     of compile) or "inductor" (the compiler the GPU runs, with its C++ codegen: minutes of compile, and a C++
-    compiler needed). `SUROGATE_CPU_BACKEND` decides when set; otherwise "aot_eager", except for models with
-    layers whose backward aot_eager cannot run (`_INDUCTOR_LAYER_TYPES`: Qwen3.5 / Qwen3-Next, docs/compile.md)."""
+    compiler needed). `SUROGATE_CPU_BACKEND` decides when set; otherwise "aot_eager", except for models with gated
+    DeltaNet layers that `linear_attention.install` does not recognize: transformers' traced delta rule fails
+    aot_eager's backward (a stride fault of torch's), which its op form (`surogate::gated_delta_rule`) avoids."""
     name = os.environ.get("SUROGATE_CPU_BACKEND")
     if name is None:
-        config = getattr(model, "config", None)
-        layer_types = getattr(getattr(config, "get_text_config", lambda: config)(), "layer_types", None) or ()
-        return "inductor" if any(t in _INDUCTOR_LAYER_TYPES for t in layer_types) else "aot_eager"
+        return "inductor" if model is not None and linear_attention.unrecognized(model) else "aot_eager"
     if name not in CPU_BACKENDS:
         raise ValueError(f"SUROGATE_CPU_BACKEND={name!r}: use one of {', '.join(CPU_BACKENDS)} (or unset it)")
     return name

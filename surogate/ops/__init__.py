@@ -11,6 +11,8 @@
   `routed_blocks.py`: Llama 4's dense MoE block rerouted to its top-k pairs.
 - `loss.py`: the chunked LM head + cross-entropy that never holds FP32 logits.
 - `attention.py`: the "surogate" attention implementation (packed rows never attend across examples).
+- `linear_attention.py`: gated DeltaNet layers (Qwen3.5, Qwen3-Next): the delta rule as one op
+  (`surogate::gated_delta_rule`), packed examples kept apart.
 - `formats.py`: `quantize(tensor, fmt)` into the numeric formats, for inspection and tests.
 
 Importing this package registers the ops; the other modules are imported where they are used.

@@ -1,9 +1,9 @@
 """Qwen3.5 (dense and MoE) and Qwen3-Next (gated DeltaNet linear-attention layers beside full attention) compiled by
 Inductor for CUDA (marked `gpu`; deselected without CUDA): tests/test_linear_attention.py's models, wider.
 
-On the CPU surogate compiles them with Inductor's C++ backend (aot_eager cannot run their backward).
-transformers runs the DeltaNet rule in its PyTorch form here too (no flash-linear-attention on the GPU machine),
-which Dynamo traces like the rest of the block.
+The delta rule runs as one op (`surogate::gated_delta_rule`, surogate/ops/linear_attention.py), whose implementation
+is transformers' PyTorch form here (no flash-linear-attention on the GPU machine). Traced in place instead, a 2-layer
+Qwen3.5's first 256-token step did not finish compiling in 250 s on an H200 (bench/NOTES.md run 108).
 
 The reference is eager PEFT in FP32 (the truth: bf16 PEFT rounds an expert's LoRA update into the bf16 stack);
 the bounds are bf16's distance from it on the tiny models.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
-from test_linear_attention import MODELS, V, _lora_grads  # noqa: E402
+from test_linear_attention import MODELS, V, _lora_grads, _loss_alone, _packed  # noqa: E402
 from test_more_archs import sharpen_routers  # noqa: E402
 
 import surogate  # noqa: E402
@@ -74,3 +74,32 @@ def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     assert torch.isfinite(loss) and loss.item() < 0.97 * first
+
+
+def test_packed_qwen3_5_rows_on_cuda_equal_their_examples_alone_and_replay_in_a_cuda_graph():
+    """Three examples packed in one row through the DeltaNet op on CUDA: the loss as each example alone (FP32
+    PEFT), then the micro-step captured (GraphedStep, strict: the op's eager rule must be capturable) and replayed
+    with the same loss as the eager step."""
+    from surogate.training.graphed_step import GraphedStep
+
+    config = MODELS["qwen3_5"]()
+    for key, value in WIDE.items():
+        if getattr(config, key, None) is not None:
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).cuda()
+    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    truth = copy.deepcopy(peft_model).float()
+    model = surogate.compile(peft_model, recipe="bf16")
+    examples, ids, positions = _packed([70, 130, 56])
+    examples, ids, positions = [e.cuda() for e in examples], ids.cuda(), positions.cuda()
+    with torch.no_grad():
+        expected = _loss_alone(truth, examples).item()
+        loss = model(input_ids=ids, labels=ids, position_ids=positions).loss.item()
+    assert abs(loss - expected) < 3e-3 * expected, (loss, expected)
+    eager = model(input_ids=ids, labels=ids, position_ids=positions).loss.item()
+    model.zero_grad(set_to_none=True)
+    step = GraphedStep(model, loss_scale=1.0, strict=True)
+    replayed = [step(input_ids=ids, labels=ids, position_ids=positions).item() for _ in range(3)]
+    assert step.replays >= 1 and step.eager_calls == 0
+    assert abs(replayed[-1] - eager) < 2e-3 * eager, (replayed, eager)
