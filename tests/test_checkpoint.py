@@ -103,10 +103,11 @@ def test_the_log_says_how_many_rows_an_epoch_leaves_out(model_dir, tmp_path):
     """8 examples -> 7 packed rows -> 3 micro-batches of 2 an epoch: 1 row waits for the next epoch's shuffle,
     and the log says so (it was left out without a word)."""
     lines: list[str] = []
-    train(_cfg(model_dir, tmp_path / "run", max_steps=1, eval_steps=None,
-               dataset={"max_train_samples": 8, "eval_split": None}), log=lines.append)
-    assert any("an epoch is 3 micro-batches of 2 rows, so 1 of the 7 rows are left out of each" in line
+    result = train(_cfg(model_dir, tmp_path / "run", max_steps=1, eval_steps=None,
+                        dataset={"max_train_samples": 8, "eval_split": None}), log=lines.append)
+    assert any("an epoch is 3 micro-batches of 2 rows, so 1 of the 7 rows is left out of each" in line
                for line in lines), lines
+    assert result.summary().startswith("done: 1 step, ")  # one, not "1 steps"
 
 
 def test_checkpoint_contents_and_rotation(model_dir, tmp_path):

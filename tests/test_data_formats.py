@@ -290,6 +290,17 @@ def test_a_json_file_is_one_array_with_commas_between_its_objects(tmp_path):
     assert read_rows(tmp_path / "empty.json").rows == []
 
 
+def test_malformed_json_names_the_column(tmp_path):
+    """json's "Invalid control character at" keeps the position apart: the line says the column (it read cut off)."""
+    (tmp_path / "tab.jsonl").write_text('{"text": "a"}\n{"text": "b\tc"}\n')
+    with pytest.raises(DataError, match=r"tab\.jsonl:2: not valid JSON \(Invalid control character at column 12\); "
+                                        r"expected one object per line$"):
+        read_rows(tmp_path / "tab.jsonl")
+    (tmp_path / "cut.json").write_text('[\n{"text": "a"},\n{"text": }\n]\n')
+    with pytest.raises(DataError, match=r"cut\.json:3: not valid JSON \(Expecting value at column 10\)"):
+        read_rows(tmp_path / "cut.json")
+
+
 def test_non_utf8_bytes_are_a_data_error_at_their_line_and_a_bom_is_read(tmp_path):
     """A Latin-1 byte on line 3: one line naming file and line (was a UnicodeDecodeError traceback), in JSON
     lines and in a .json array; a UTF-8 byte-order mark (what Windows editors write) is skipped."""

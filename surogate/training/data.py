@@ -33,6 +33,7 @@ from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, 
 from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
                                             chatml_marker_note, resolve_chat_template, resolve_format,
                                             tokenize_examples)
+from surogate.training.outputs import counted
 
 
 def read_jsonl(path: "str | os.PathLike", limit: int | None = None) -> list[dict]:
@@ -95,10 +96,12 @@ class ExampleRows:
         """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
         lines = []
         if self.untrained:
-            lines.append(f"data: {self.untrained} of {self.examples} examples of {self.source} have no target token "
+            lines.append(f"data: {self.untrained} of {counted(self.examples, 'example')} of {self.source} "
+                         f"{'has' if self.untrained == 1 else 'have'} no target token "
                          f"(an empty answer, or no assistant turn): left out")
         if self.cut:
-            lines.append(f"data: {self.cut} of {self.examples} examples of {self.source} are longer than "
+            lines.append(f"data: {self.cut} of {counted(self.examples, 'example')} of {self.source} "
+                         f"{'is' if self.cut == 1 else 'are'} longer than "
                          f"sequence_len {self.seq_len}: {self.cut - self.dropped} cut to it, {self.dropped} left out "
                          "(no target token within it); raise sequence_len to keep them whole")
         return lines

@@ -82,6 +82,12 @@ def _text(path: "str | os.PathLike") -> str:
         raise _not_utf8(path, data.count(b"\n", 0, e.start) + 1, e) from None
 
 
+def _json_error(e: json.JSONDecodeError) -> str:
+    """json's message with its column: some end on "at" ("Invalid control character at"), the position
+    being kept apart in the exception, so alone they read cut off."""
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+
 def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
     """The first `limit` (all when None) JSON objects of a JSON-lines file, with their line numbers."""
     rows, lines = [], []
@@ -98,7 +104,7 @@ def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({_json_error(e)}); expected one object per line") from None
             rows.append(_object(path, lineno, row))
             lines.append(lineno)
     return Rows(str(path), rows, lines)
@@ -130,7 +136,7 @@ def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
             try:
                 row, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected an array of objects") from None
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({_json_error(e)}); expected an array of objects") from None
             rows.append(_object(path, lineno, row))
             lines.append(lineno)
             i = skip_space(i)

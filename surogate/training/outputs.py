@@ -15,6 +15,11 @@ import torch
 from surogate.training.config import TrainConfig
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and `noun`, plural unless n is 1: "1 row", "13 rows" (the log and the summary read as English)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 @dataclass
 class TrainResult:
     """Where the run wrote its outputs and what it measured."""
@@ -47,7 +52,7 @@ class TrainResult:
         else:
             speed = f"first step {self.first_step_s:.1f} s (compile), then {self.tokens_per_s:,.0f} tokens/s"
         final = "n/a" if math.isnan(self.final_train_loss) else f"{self.final_train_loss:.4f}"
-        return (f"done: {self.steps} steps, {self.train_tokens:,} tokens in {self.wall_s:.1f}s; {speed}; "
+        return (f"done: {counted(self.steps, 'step')}, {self.train_tokens:,} tokens in {self.wall_s:.1f}s; {speed}; "
                 f"final train loss {final}{ev}\n"
                 f"adapter: {self.adapter_dir}\nloss chart: {self.chart_path}\nmetrics: {self.metrics_path}")
 

@@ -46,7 +46,7 @@ from surogate.training import (
     train_checks,
 )
 from surogate.training.config import TrainConfig, load_config
-from surogate.training.outputs import TrainResult
+from surogate.training.outputs import TrainResult, counted
 from surogate.training.setup import Log, log_stderr
 
 
@@ -208,8 +208,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     train_set, eval_set = load_splits(cfg, tokenizer, log)
     layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
-    log(f"data: {train_set.num_tokens:,} train tokens in {len(train_set)} rows, {layout}"
-        + ("" if eval_set is None else f", {len(eval_set)} eval rows") + f" ({ds.path or 'bundled GSM8K sample'})")
+    log(f"data: {train_set.num_tokens:,} train tokens in {counted(len(train_set), 'row')}, {layout}"
+        + ("" if eval_set is None else f", {counted(len(eval_set), 'eval row')}") + f" ({ds.path or 'bundled GSM8K sample'})")
     for line in train_set.log_lines() + ([] if eval_set is None else eval_set.log_lines()):
         log(line)  # examples left out or cut, per split and file
     fingerprint = train_checks.data_fingerprint(train_set, cfg)
@@ -246,8 +246,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
 
     micro = steps.MicroBatches(train_set, cfg, world=world)
     if micro.left_out:
-        log(f"data: an epoch is {micro.per_epoch} micro-batches of {micro.batch_size} rows, so {micro.left_out} of the "
-            f"{len(train_set)} rows are left out of each (others each epoch: the order is reshuffled)")
+        log(f"data: an epoch is {counted(micro.per_epoch, 'micro-batch', 'micro-batches')} of "
+            f"{counted(micro.batch_size, 'row')}, so {micro.left_out} of the {counted(len(train_set), 'row')} "
+            f"{'is' if micro.left_out == 1 else 'are'} left out of each (others each epoch: the order is reshuffled)")
     total = _total_steps(cfg, micro.per_epoch)
     line = _epochs_line(cfg, micro.per_epoch, total)
     if line:

@@ -18,6 +18,7 @@ from torch import nn
 
 from surogate.training import checkpoint
 from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig
+from surogate.training.outputs import counted
 
 # Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; and
 # the optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
@@ -251,7 +252,7 @@ def check_resume_steps(state: dict[str, Any], total: int, path: Path) -> None:
     a longer run with those of a shorter one (its adapter, metrics) without training anything."""
     done = state["global_step"]
     if done > total:
-        raise ConfigError(f"resume_from_checkpoint: {path.name} is at step {done}, past this run's {total} steps; "
+        raise ConfigError(f"resume_from_checkpoint: {path.name} is at step {done}, past this run's {counted(total, 'step')}; "
                           f"set max_steps (or num_epochs) to at least {done}, or start a new run in another "
                           "output_dir")
 
