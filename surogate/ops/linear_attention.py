@@ -37,7 +37,6 @@ from surogate.ops.attention import SEGMENTS_KWARG
 
 RULE, CONV = "torch_chunk_gated_delta_rule", "causal_conv1d_fn"  # the module globals a DeltaNet forward calls
 RESET = -100.0  # log-decay at a segment's first token: exp(-100) ~ 4e-44, the carried state is gone in FP32
-_INSTALLED = "_surogate_delta_rule"  # marks a layer whose forward `install` replaced
 
 
 def _segment_starts(segments: Tensor) -> Tensor:
@@ -189,12 +188,11 @@ def install(model: nn.Module, set_attribute: Callable[[nn.Module, str, object], 
     count = 0
     for module in model.modules():
         forward = _deltanet_forward(module)
-        if forward is None or getattr(module, _INSTALLED, False):
+        if forward is None:
             continue
         function = types.FunctionType(forward.__code__, vars(_shadow_module(forward.__globals__)), forward.__name__,
                                       forward.__defaults__, forward.__closure__)
         function.__kwdefaults__ = forward.__kwdefaults__
         set_attribute(module, "forward", types.MethodType(function, module))
-        set_attribute(module, _INSTALLED, True)
         count += 1
     return count
