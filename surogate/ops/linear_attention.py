@@ -11,9 +11,10 @@ before it.
 `install` gives every such layer its own forward: transformers' code as it is (its LoRA linears compiled and
 rewritten as everywhere else), with two of the module's globals replaced for that layer alone:
 - `torch_chunk_gated_delta_rule` -> `surogate::gated_delta_rule`, a custom op that Dynamo sees as one node whatever
-  the length. Its implementation calls transformers' own function (flash-linear-attention's kernel where that is
-  installed); its backward runs that function again under autograd (a second forward of the rule, as activation
-  checkpointing would, instead of keeping its chunk intermediates).
+  the length. Its implementation is `ops/delta_rule.py` (transformers' PyTorch algorithm with its pass over chunks
+  one Triton kernel each way on CUDA), or transformers' own function where that is flash-linear-attention's
+  kernel (the package installed); its backward runs the rule again under autograd (a second forward of the rule,
+  as activation checkpointing would, instead of keeping its chunk intermediates).
 - `causal_conv1d_fn` -> the same causal depthwise convolution, reading no token of another segment.
 Both read surogate's segment ids (`attention.SEGMENTS_KWARG`: packed rows, left padding). At a segment's first
 token the rule's log-decay g is set to `RESET`: exp(RESET) underflows, so the state carried in is multiplied by
@@ -23,6 +24,8 @@ as alone, where it multiplies a zero state). Calls with a KV cache (generation) 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 import sys
 import types
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from surogate.compat import autograd_inside_op
 from surogate.ops.attention import SEGMENTS_KWARG
+from surogate.ops.delta_rule import chunk_gated_delta_rule
 
 RULE, CONV = "torch_chunk_gated_delta_rule", "causal_conv1d_fn"  # the module globals a DeltaNet forward calls
 RESET = -100.0  # log-decay at a segment's first token: exp(-100) ~ 4e-44, the carried state is gone in FP32
@@ -46,12 +50,22 @@ def _segment_starts(segments: Tensor) -> Tensor:
     return starts
 
 
+@functools.cache
+def _fla_installed() -> bool:
+    """Whether transformers' chunked rule is flash-linear-attention's kernel (the package imports), not its PyTorch
+    loop."""
+    return importlib.util.find_spec("fla") is not None
+
+
 def _rule(query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, segments: Tensor | None,
           use_qk_l2norm: bool, module: str) -> Tensor:
-    """transformers' chunked rule of modeling module `module` (no initial state, no final state), each segment from
-    an empty state."""
+    """The chunked rule (no initial state, no final state), each segment from an empty state: surogate's
+    (`ops/delta_rule.py`: transformers' PyTorch algorithm, its pass over chunks one kernel) unless transformers'
+    function of modeling module `module` is flash-linear-attention's."""
     if segments is not None:
         g = g.masked_fill(_segment_starts(segments).unsqueeze(-1), RESET)
+    if not _fla_installed():
+        return chunk_gated_delta_rule(query, key, value, g, beta, use_qk_l2norm)
     out, _ = getattr(sys.modules[module], RULE)(query, key, value, g=g, beta=beta, initial_state=None,
                                                 output_final_state=False, use_qk_l2norm_in_kernel=use_qk_l2norm)
     return out
