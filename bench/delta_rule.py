@@ -48,7 +48,7 @@ def _systems() -> dict:
     return {
         "transformers (PyTorch loop)": lambda *x: hf(*x[:3], g=x[3], beta=x[4], use_qk_l2norm_in_kernel=True)[0],
         "surogate rule": lambda *x: chunk_gated_delta_rule(*x, use_qk_l2norm=True),
-        "surogate op (as compiled)": lambda *x: torch.ops.surogate.gated_delta_rule(*x, None, True, MODULE),
+        "surogate op (as compiled)": lambda *x: torch.ops.surogate.gated_delta_rule(*x, None, True),
     }
 
 

@@ -163,7 +163,7 @@ def test_delta_rule_op_gradients_equal_the_traced_rule():
               -torch.rand(B, S, H), torch.rand(B, S, H)]
     inputs = [t.requires_grad_() for t in inputs]
     segments = torch.tensor([[0] * 30 + [1] * 40], dtype=torch.int32)
-    out = torch.ops.surogate.gated_delta_rule(*inputs, segments, True, module_name)
+    out = torch.ops.surogate.gated_delta_rule(*inputs, segments, True)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, inputs, grad)
     for lo, hi in ((0, 30), (30, 70)):  # each segment alone through transformers' function

@@ -103,7 +103,7 @@ def delta_scan_forward(u: Tensor, w: Tensor, kd: Tensor, gamma: Tensor) -> tuple
     block_k, block_v, warps = _blocks(dk, dv)
     _scan_forward_kernel[(bh, triton.cdiv(dv, block_v))](
         u, w, kd, gamma, v_new, states, n, C=c, DK=dk, DV=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-        F32_DOT=triton_interpreting(), num_warps=warps)
+        F32_DOT=triton_interpreting(), num_warps=warps, num_stages=1)
     return v_new, states
 
 
@@ -118,5 +118,5 @@ def delta_scan_backward(p: Tensor, r: Tensor, w: Tensor, kd: Tensor, gamma: Tens
     block_k, block_v, warps = _blocks(dk, dv)
     _scan_backward_kernel[(bh, triton.cdiv(dv, block_v))](
         p, r, w, kd, gamma, dv_out, grad_next, n, C=c, DK=dk, DV=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-        F32_DOT=triton_interpreting(), num_warps=warps)
+        F32_DOT=triton_interpreting(), num_warps=warps, num_stages=1)
     return dv_out, grad_next

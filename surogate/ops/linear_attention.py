@@ -11,10 +11,13 @@ before it.
 `install` gives every such layer its own forward: transformers' code as it is (its LoRA linears compiled and
 rewritten as everywhere else), with two of the module's globals replaced for that layer alone:
 - `torch_chunk_gated_delta_rule` -> `surogate::gated_delta_rule`, a custom op that Dynamo sees as one node whatever
-  the length. Its implementation is `ops/delta_rule.py` (transformers' PyTorch algorithm with its pass over chunks
-  one Triton kernel each way on CUDA), or transformers' own function where that is flash-linear-attention's
-  kernel (the package installed); its backward runs the rule again under autograd (a second forward of the rule,
-  as activation checkpointing would, instead of keeping its chunk intermediates).
+  the length. Its implementation is `ops/delta_rule.py`: transformers' PyTorch algorithm with its pass over chunks
+  one Triton kernel each way on CUDA (H200, 2 x 2,048 tokens, 16 heads of 128: 4.7 ms forward + backward against
+  transformers' 30.0 ms; bench/results/delta_rule_h200.md). Its backward runs the rule again under autograd (a
+  second forward of the rule, as activation checkpointing would, instead of keeping its chunk intermediates).
+  flash-linear-attention, where installed, is not used for training: fla 0.6 refuses Hopper under Triton < 3.7.1
+  (the torch 2.11 stack's Triton 3.6) in its backward, mid-step (bench/NOTES.md run 113); generation (a KV cache)
+  still runs transformers' function, fla's kernel where it is installed.
 - `causal_conv1d_fn` -> the same causal depthwise convolution, reading no token of another segment.
 Both read surogate's segment ids (`attention.SEGMENTS_KWARG`: packed rows, left padding). At a segment's first
 token the rule's log-decay g is set to `RESET`: exp(RESET) underflows, so the state carried in is multiplied by
@@ -24,8 +27,6 @@ as alone, where it multiplies a zero state). Calls with a KV cache (generation) 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import inspect
 import sys
 import types
@@ -50,69 +51,55 @@ def _segment_starts(segments: Tensor) -> Tensor:
     return starts
 
 
-@functools.cache
-def _fla_installed() -> bool:
-    """Whether transformers' chunked rule is flash-linear-attention's kernel (the package imports), not its PyTorch
-    loop."""
-    return importlib.util.find_spec("fla") is not None
-
-
 def _rule(query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, segments: Tensor | None,
-          use_qk_l2norm: bool, module: str) -> Tensor:
-    """The chunked rule (no initial state, no final state), each segment from an empty state: surogate's
-    (`ops/delta_rule.py`: transformers' PyTorch algorithm, its pass over chunks one kernel) unless transformers'
-    function of modeling module `module` is flash-linear-attention's."""
+          use_qk_l2norm: bool) -> Tensor:
+    """The chunked rule (no initial state, no final state), each segment from an empty state."""
     if segments is not None:
         g = g.masked_fill(_segment_starts(segments).unsqueeze(-1), RESET)
-    if not _fla_installed():
-        return chunk_gated_delta_rule(query, key, value, g, beta, use_qk_l2norm)
-    out, _ = getattr(sys.modules[module], RULE)(query, key, value, g=g, beta=beta, initial_state=None,
-                                                output_final_state=False, use_qk_l2norm_in_kernel=use_qk_l2norm)
-    return out
+    return chunk_gated_delta_rule(query, key, value, g, beta, use_qk_l2norm)
 
 
 @torch.library.custom_op("surogate::gated_delta_rule", mutates_args=())
 def _rule_op(query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, segments: Tensor | None,
-             use_qk_l2norm: bool, module: str) -> Tensor:
+             use_qk_l2norm: bool) -> Tensor:
     """query/key (B, S, Hk, Dk), value (B, S, Hv, Dv), g/beta (B, S, Hv), segments (B|1, S) int or None ->
     (B, S, Hv, Dv) in the query's dtype."""
-    return _rule(query, key, value, g, beta, segments, use_qk_l2norm, module).contiguous()
+    return _rule(query, key, value, g, beta, segments, use_qk_l2norm).contiguous()
 
 
 @_rule_op.register_fake
-def _(query, key, value, g, beta, segments, use_qk_l2norm, module):
+def _(query, key, value, g, beta, segments, use_qk_l2norm):
     return value.new_empty(value.shape, dtype=query.dtype)
 
 
 @torch.library.custom_op("surogate::gated_delta_rule_backward", mutates_args=())
 def _rule_backward_op(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor,
-                      segments: Tensor | None, use_qk_l2norm: bool, module: str) -> list[Tensor]:
+                      segments: Tensor | None, use_qk_l2norm: bool) -> list[Tensor]:
     """The gradients w.r.t. query, key, value, g, beta (contiguous): the rule run again under autograd."""
     inputs = [t.detach().requires_grad_() for t in (query, key, value, g, beta)]
     with autograd_inside_op(), torch.enable_grad():
-        out = _rule(*inputs, segments, use_qk_l2norm, module)
+        out = _rule(*inputs, segments, use_qk_l2norm)
         grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
     return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if d is None else d.contiguous()
             for t, d in zip(inputs, grads)]
 
 
 @_rule_backward_op.register_fake
-def _(grad, query, key, value, g, beta, segments, use_qk_l2norm, module):
+def _(grad, query, key, value, g, beta, segments, use_qk_l2norm):
     return [t.new_empty(t.shape) for t in (query, key, value, g, beta)]  # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, segments, use_qk_l2norm, module = inputs
-    ctx.use_qk_l2norm, ctx.module, ctx.has_segments = use_qk_l2norm, module, segments is not None
+    *tensors, segments, use_qk_l2norm = inputs
+    ctx.use_qk_l2norm, ctx.has_segments = use_qk_l2norm, segments is not None
     ctx.save_for_backward(*tensors, *([segments] if segments is not None else []))
 
 
 def _backward(ctx, grad: Tensor):
     saved = list(ctx.saved_tensors)
     segments = saved.pop() if ctx.has_segments else None
-    grads = torch.ops.surogate.gated_delta_rule_backward(grad.contiguous(), *saved, segments, ctx.use_qk_l2norm,
-                                                         ctx.module)
-    return (*grads, None, None, None)
+    grads = torch.ops.surogate.gated_delta_rule_backward(grad.contiguous(), *saved, segments, ctx.use_qk_l2norm)
+    return (*grads, None, None)
 
 
 torch.library.register_autograd("surogate::gated_delta_rule", _backward, setup_context=_setup_context)
@@ -140,8 +127,8 @@ def segment_conv1d(hidden_states: Tensor, weight: Tensor, bias: Tensor | None, a
     return out.to(hidden_states.dtype)
 
 
-def _replacements(module_name: str, original_rule: Callable, original_conv: Callable) -> dict[str, Callable]:
-    """The two globals a DeltaNet forward of transformers module `module_name` calls, as surogate runs them."""
+def _replacements(original_rule: Callable, original_conv: Callable) -> dict[str, Callable]:
+    """The two globals a DeltaNet forward calls, as surogate runs them (the originals: with a KV cache)."""
 
     def rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
              use_qk_l2norm_in_kernel=False, **kwargs):
@@ -150,7 +137,7 @@ def _replacements(module_name: str, original_rule: Callable, original_conv: Call
                                  output_final_state=output_final_state,
                                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
         out = torch.ops.surogate.gated_delta_rule(query, key, value, g, beta, kwargs.get(SEGMENTS_KWARG),
-                                                  use_qk_l2norm_in_kernel, module_name)
+                                                  use_qk_l2norm_in_kernel)
         return out, None
 
     def conv(hidden_states, weight, bias=None, activation=None, **kwargs):
@@ -189,7 +176,7 @@ def _shadow_module(env: dict) -> types.ModuleType:
     if shadow is None:
         shadow = types.ModuleType(name)
         vars(shadow).update(env)
-        vars(shadow).update(_replacements(env["__name__"], env[RULE], env[CONV]))
+        vars(shadow).update(_replacements(env[RULE], env[CONV]))
         shadow.__name__ = name
         sys.modules[name] = shadow
     return shadow
