@@ -20,6 +20,11 @@ from surogate.recipes import ARCHS, normalize_arch
 _SMEM = {"sm_89": 99 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024, "sm_120": 99 * 1024}
 
 
+def shared_memory_bytes(arch: str) -> int:
+    """The most shared memory one program (CTA) may use on `arch`."""
+    return _SMEM[normalize_arch(arch)]
+
+
 def interpreting() -> bool:
     """True under the Triton CPU interpreter (tests): one small config, fp32 MMAs."""
     return triton_interpreting()

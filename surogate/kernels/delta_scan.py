@@ -76,12 +76,15 @@ def _scan_backward_kernel(p_ptr, r_ptr, w_ptr, kd_ptr, gamma_ptr, dv_ptr, grad_n
             grad = grad * gamma + r - tl.dot(tl.trans(w), d)
 
 
-def _blocks(dk: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_V, num_warps): the whole key dimension in one block; value slices of 32 columns (64 where
-    the key block is small), so a 128 x 32 FP32 state slice sits in 4 warps' registers."""
+def scan_config(dk: int, dv: int) -> dict[str, int]:
+    """BLOCK_K, BLOCK_V, num_warps, num_stages of both scans: the whole key dimension in one block; value slices of
+    32 columns (64 where the key block is small), so a 128 x 32 FP32 state slice sits in 4 warps' registers. One
+    stage: the loop is a dependent chain with nothing to overlap, and its 64 x Dk FP32 loads pipelined 3 deep ask
+    for 240 KB of shared memory at Dk = 128 (more than any GPU has; H200 run 114), 40-57 KB at one
+    (tests/test_kernels_delta_scan.py builds them for every arch)."""
     block_k = max(16, triton.next_power_of_2(dk))
     block_v = min(max(16, triton.next_power_of_2(dv)), 64 if block_k <= 64 else 32)
-    return block_k, block_v, 4 if block_k <= 128 else 8
+    return {"BLOCK_K": block_k, "BLOCK_V": block_v, "num_warps": 4 if block_k <= 128 else 8, "num_stages": 1}
 
 
 def _check(chunked: list[Tensor], gamma: Tensor) -> None:
@@ -100,10 +103,9 @@ def delta_scan_forward(u: Tensor, w: Tensor, kd: Tensor, gamma: Tensor) -> tuple
     bh, n, c, dv = u.shape
     dk = w.shape[-1]
     v_new, states = torch.empty_like(u), u.new_empty(bh, n, dk, dv)
-    block_k, block_v, warps = _blocks(dk, dv)
-    _scan_forward_kernel[(bh, triton.cdiv(dv, block_v))](
-        u, w, kd, gamma, v_new, states, n, C=c, DK=dk, DV=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-        F32_DOT=triton_interpreting(), num_warps=warps, num_stages=1)
+    config = scan_config(dk, dv)
+    _scan_forward_kernel[(bh, triton.cdiv(dv, config["BLOCK_V"]))](
+        u, w, kd, gamma, v_new, states, n, C=c, DK=dk, DV=dv, F32_DOT=triton_interpreting(), **config)
     return v_new, states
 
 
@@ -115,8 +117,7 @@ def delta_scan_backward(p: Tensor, r: Tensor, w: Tensor, kd: Tensor, gamma: Tens
     bh, n, c, dv = p.shape
     dk = w.shape[-1]
     dv_out, grad_next = torch.empty_like(p), torch.empty_like(r)
-    block_k, block_v, warps = _blocks(dk, dv)
-    _scan_backward_kernel[(bh, triton.cdiv(dv, block_v))](
-        p, r, w, kd, gamma, dv_out, grad_next, n, C=c, DK=dk, DV=dv, BLOCK_K=block_k, BLOCK_V=block_v,
-        F32_DOT=triton_interpreting(), num_warps=warps, num_stages=1)
+    config = scan_config(dk, dv)
+    _scan_backward_kernel[(bh, triton.cdiv(dv, config["BLOCK_V"]))](
+        p, r, w, kd, gamma, dv_out, grad_next, n, C=c, DK=dk, DV=dv, F32_DOT=triton_interpreting(), **config)
     return dv_out, grad_next
