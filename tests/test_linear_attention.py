@@ -198,3 +198,27 @@ def test_unknown_cpu_backend_is_refused_before_anything_changes(monkeypatch):
     with pytest.raises(ValueError, match="SUROGATE_CPU_BACKEND='eager': use one of aot_eager, inductor"):
         surogate.compile(model, recipe="bf16", arch="cpu")
     assert not hasattr(model, "peft_config")
+
+
+def test_deltanet_input_projections_train_when_targeted():
+    """The defaults put LoRA on a DeltaNet layer's out_proj only (a default name); its input projections
+    (in_proj_qkv, in_proj_z), as Axolotl's Qwen3.5 examples add them, are rewritten and follow FP32 PEFT too."""
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(MODELS["qwen3_5"]()).to(torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv",
+               "in_proj_z", "out_proj"]
+    peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False, "target_modules": targets})
+    truth = copy.deepcopy(peft_model).float()
+    model = surogate.compile(peft_model, recipe="bf16", arch="cpu")
+    ids = torch.randint(3, V, (2, 48), generator=torch.Generator().manual_seed(1))
+    expected = truth(input_ids=ids, labels=ids).loss
+    expected.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    report = model.surogate_report
+    assert len(report.rewritten) == len(report.linears) == 10, str(report)
+    assert abs(loss.item() - expected.item()) < 2e-3 * expected.item()
+    grads, ref = _lora_grads(model), _lora_grads(truth)
+    assert {n.split(".")[-4] for n in grads} == set(targets)
+    for n in grads:
+        assert F.cosine_similarity(grads[n].flatten(), ref[n].flatten(), dim=0).item() > 0.98, n
