@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from surogate.compiler import DEFAULT_TARGETS
 from surogate.training.config import ConfigError, TrainConfig, default_config_path, from_dict, load_config
 
 
@@ -22,6 +23,10 @@ def test_default_config_loads_and_matches_dataclass_defaults_where_unset():
     assert cfg.dataset.path is None and cfg.dataset.eval_split == "test"
     assert cfg.max_steps is not None  # the embedded run is bounded
     assert default_config_path().is_file()
+    # The targets are the model's own, so that `--set model=...` works for any architecture (an explicit
+    # list of the 7 projections refused Phi-3, whose q/k/v and gate/up are fused).
+    assert "lora_target_modules" not in yaml.safe_load(default_config_path().read_text())
+    assert cfg.lora_target_modules == list(DEFAULT_TARGETS)
 
 
 def test_empty_mapping_gives_dataclass_defaults():
