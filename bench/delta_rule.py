@@ -3,7 +3,10 @@ PyTorch rule (what HF+PEFT runs without flash-linear-attention) against surogate
 the same algorithm, its pass over chunks one Triton kernel each way) and surogate's op as a compiled model runs
 it (`surogate::gated_delta_rule`: the backward runs the rule again under autograd).
 
-    python bench/delta_rule.py [--out bench/results]
+    python bench/delta_rule.py [--out bench/results] [--profile]
+
+`--profile` adds where the op's forward + backward spends its GPU time at the first shape and row (torch.profiler:
+the kernels by total CUDA time), the breakdown to read before the next kernel.
 
 Inputs as a Qwen3.5 DeltaNet layer hands them over (q, k, v, beta bf16; g FP32; q/k l2-normalized in the rule).
 Errors are relative (Frobenius) against transformers' rule in FP32 without TF32. Writes delta_rule_<gpu>.json /
@@ -74,9 +77,31 @@ def measure(run, inputs, grad, ref) -> dict:
             "rel_err": err}
 
 
+def profile(run, inputs, grad, top: int = 15) -> list[dict]:
+    """The kernels of one forward + backward of `run` by total CUDA time (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def both():
+        for t in inputs:
+            t.grad = None
+        torch.autograd.backward(run(*inputs), grad)
+
+    both()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        both()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1.0
+    return [{"kernel": e.key[:90], "calls": e.count, "cuda_ms": e.device_time_total / 1e3,
+             "share": e.device_time_total / total} for e in events[:top]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--profile", action="store_true", help="the op's kernels by CUDA time at the first shape and row")
     args = p.parse_args()
     from surogate.training.info import run_record
 
@@ -96,10 +121,16 @@ def main() -> None:
                       flush=True)
             del inputs, grad, ref
             torch.cuda.empty_cache()
+    kernels = []
+    if args.profile:
+        (h, dk, dv), (b, s) = next(iter(SHAPES.values())), ROWS[0]
+        kernels = profile(systems["surogate op (as compiled)"], *_inputs(b, s, h, dk, dv))
+        for k in kernels:
+            print(f"{k['share']:6.1%} {k['cuda_ms']:8.3f} ms {k['calls']:5d} x  {k['kernel']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"delta_rule_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / f"delta_rule_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "profile": kernels}, indent=1))
     lines = [f"# Gated delta rule, forward / forward + backward ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; "
              "relative error against transformers' rule in FP32 (no TF32).", "",
@@ -108,6 +139,11 @@ def main() -> None:
         e = r["rel_err"]
         lines.append(f"| {r['shape']} {tuple(r['heads'])} | {r['batch']}x{r['seq']} | {r['system']} | "
                      f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {e['out']:.1e} / {e['dq']:.1e} / {e['dg']:.1e} |")
+    if kernels:
+        (h, dk, dv), (b, s) = next(iter(SHAPES.values())), ROWS[0]
+        lines += ["", f"The op's forward + backward at {h} heads of {dk}, {b} x {s}: kernels by CUDA time", "",
+                  "| share | CUDA ms | calls | kernel |", "|---|---|---|---|"]
+        lines += [f"| {k['share']:.1%} | {k['cuda_ms']:.3f} | {k['calls']} | `{k['kernel']}` |" for k in kernels]
     (out / f"delta_rule_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
