@@ -175,12 +175,15 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      inductor: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     undo.own_configs()  # before anything writes on them
-    peft_model = model if config is None else undo.attach(model, config)
+    wanted = None if config is None or config.target_modules is None else copy.copy(config.target_modules)
+    peft_model = model if config is None else undo.attach(model, config)  # PEFT may rewrite config's targets
     targets = _lora_layers(peft_model)
     if config is not None:  # a PeftModel given was checked before
         _check_frozen(peft_model, targets)
     report = CompileReport(recipe=rec.name, arch=arch_name,
                            backend="inductor" if inductor else "aot_eager (no Inductor)")
+    if config is not None:
+        _warn_unmatched_targets(peft_model, wanted, peft_model.peft_config["default"], report)
     swapped = _swap_base_layers(targets, rec, undo, device)
     report.note(f"{swapped} base layers hold their weight as {rec.weight_format.value}"
                 + ("" if rec.keeps_bf16_weight else " (bf16 copy freed)"))
@@ -590,14 +593,31 @@ def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
     if odd:
         raise ValueError(f"LoRA target {odd[0][0]} is a {type(odd[0][1]).__name__}, not a linear layer; name linear "
                          f"layers in target_modules: {available}")
-    if wanted is not None and not isinstance(wanted, str) and set(wanted) != set(DEFAULT_TARGETS):
-        # Against every module name, not the planned ones: a target that exclude_modules removes does exist.
-        # The default list passed as a list (`surogate train`) means "those the model has": no warning.
-        missing = unmatched_targets(sorted(wanted), [n for n, _ in model.named_modules() if n])
-        if missing:
-            warnings.warn(f"LoRA target_modules {missing} match no layer of {type(model).__name__}; LoRA goes on "
-                          f"the others (its linear layers: {available})", stacklevel=3)
     return planned
+
+
+def _warn_unmatched_targets(model: nn.Module, wanted: Any, attached: Any, report: "CompileReport") -> None:
+    """Warn about the names of the `target_modules` asked for (`wanted`, as they were before PEFT) that match no
+    layer of the PEFT model `model` and that PEFT did not send to the experts either: its transformers-4 conversion
+    takes an MoE model's gate_proj / up_proj / down_proj off `target_modules` (of `attached`, the config PEFT holds,
+    changed in place) and LoRA reaches the expert stacks through `target_parameters`, which the report says
+    instead. The default list passed as a list (`surogate train`) means "those the model has": no warning."""
+    if wanted is None or isinstance(wanted, str) or set(wanted) == set(DEFAULT_TARGETS):
+        return
+    # Against every module name, not the planned ones: a target that exclude_modules removes does exist.
+    missing = unmatched_targets(sorted(wanted), [n for n, _ in model.named_modules() if n and "lora_" not in n])
+    kept = set(attached.target_modules or ())
+    converted = [t for t in missing if t not in kept]
+    if converted and getattr(attached, "target_parameters", None):
+        report.note(f"LoRA target_modules {converted} are the experts' here: PEFT trains them through "
+                    f"target_parameters {sorted(attached.target_parameters)}")
+    missing = [t for t in missing if t in kept]
+    if missing:
+        names = {n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in linear_module_names(model) if ".lora_" not in n}
+        available = ", ".join(sorted(names)) or "none"
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        warnings.warn(f"LoRA target_modules {missing} match no layer of {type(base).__name__}; LoRA goes on "
+                      f"the others (its linear layers: {available})", stacklevel=4)
 
 
 def _show(targets: Any) -> str:

@@ -145,6 +145,21 @@ def test_model_mismatches_are_one_line_before_the_model_loads(extra, expect, arc
     assert not (tmp_path / "out").exists()
 
 
+def test_mlp_names_on_an_moe_model_say_where_its_experts_get_lora(tmp_path, cache, no_model_load, capsys):
+    """A dense model's target list on Qwen3-MoE: gate/up/down_proj are no linear layers there (the experts are 3-D
+    parameters); the error says that lora_target_parameters trains them and to leave the names out. A typo alone
+    gets no such hint."""
+    model = save_tiny_model(tmp_path / "moe", arch="qwen3_moe")
+    dense = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert main(["train", _config(tmp_path, model, lora_target_modules=dense, lora_dropout=0.0)]) == 2
+    error = _one_line_error(capsys)
+    assert "gate_proj, up_proj, down_proj match no linear layer" in error
+    assert ("lora_target_parameters (by default [experts.down_proj, experts.gate_up_proj], one pair per expert): "
+            "leave those names out") in error
+    assert main(["train", _config(tmp_path, model, lora_target_modules=["q_porj"], lora_dropout=0.0)]) == 2
+    assert "lora_target_parameters" not in _one_line_error(capsys)
+
+
 def test_tokenizer_larger_than_the_embedding_is_one_line_before_the_data(tiny_model_dir, tmp_path, cache,
                                                                          no_model_load, monkeypatch, capsys):
     """A model whose vocab_size is below its tokenizer's length would index past its embedding: refused from

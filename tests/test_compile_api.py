@@ -126,6 +126,31 @@ def test_targets_matching_nothing_are_refused_before_peft():
     assert len(compiled.surogate_report.pending) > 0
 
 
+def test_mlp_names_peft_sends_to_the_experts_are_not_called_unmatched():
+    """A dense target list on an MoE model: PEFT's conversion takes gate/up/down_proj off target_modules and trains
+    the expert stacks through target_parameters. That is said in the report, with no warning that they match no
+    layer (the warning used to say so, and that LoRA went on the others only); a real typo is still warned about,
+    at the caller's line, under the model's class name."""
+    import warnings
+
+    cfg = T.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, num_experts=4,
+                           num_experts_per_tok=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = surogate.compile(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), arch="cpu",
+                                 lora=LoraConfig(r=8, target_modules=targets))
+    assert not [w for w in caught if "match no layer" in str(w.message)]
+    assert any("['down_proj', 'gate_proj', 'up_proj'] are the experts' here" in n
+               for n in model.surogate_report.notes), model.surogate_report.notes
+    assert any(".experts." in n for n, _ in model.named_parameters() if "lora_A" in n)
+    with pytest.warns(UserWarning, match=r"\['qq_proj'\] match no layer of Qwen3MoeForCausalLM") as record:
+        surogate.compile(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), arch="cpu",
+                         lora=LoraConfig(r=8, target_modules=["q_proj", "qq_proj"]))
+    assert any(w.filename == __file__ for w in record if "qq_proj" in str(w.message))
+
+
 def test_report_is_complete_on_return_or_says_why_not():
     model = surogate.compile(_qwen3(), recipe="qfp8", arch="cpu")
     text = str(model.surogate_report)

@@ -115,6 +115,7 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     means the model's own default targets (surogate.compile's rule: those of the list it has, with their
     companions, else every linear of its blocks), so it needs no match."""
     from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
+    from surogate.moe import expert_target_parameters
 
     targets = cfg.lora_target_modules
     if targets == ["all-linear"]:
@@ -123,8 +124,13 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     if not missing or list(targets) == list(DEFAULT_TARGETS):  # the default resolves to the model's own targets
         return
     verb = "matches" if len(missing) == 1 else "match"
+    experts = expert_target_parameters(model)  # e.g. experts.gate_up_proj: the pieces gate, up
+    pieces = {p for e in experts for p in e.rsplit(".", 1)[-1].removesuffix("_proj").split("_")}
+    hint = (f"; the experts are 3-D parameters that get LoRA through lora_target_parameters (by default "
+            f"[{', '.join(experts)}], one pair per expert): leave those names out"
+            if any(t.removesuffix("_proj") in pieces for t in missing) else "")
     raise ConfigError(f"lora_target_modules: {', '.join(missing)} {verb} no linear layer of {cfg.model}; its linear "
-                      f"layers: {', '.join(short_linear_names(model))} (or [all-linear])")
+                      f"layers: {', '.join(short_linear_names(model))} (or [all-linear]){hint}")
 
 
 def check_model(cfg: TrainConfig) -> bool:
