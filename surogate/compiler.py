@@ -507,7 +507,7 @@ def _lora_config(model: nn.Module, lora: Any):
             targets = default_targets(model)
             exclude = lora.exclude_modules or default_exclude(model, targets)
             return dataclasses.replace(lora, target_modules=targets, exclude_modules=exclude)
-        return lora
+        return copy.deepcopy(lora)  # PEFT rewrites the config it attaches (an MoE model's targets): not the user's
     if lora is not None and not isinstance(lora, Mapping):
         raise TypeError(f"lora takes a dict of LoraConfig options (e.g. {{'r': 8}}) or a peft.LoraConfig, "
                         f"got {type(lora).__name__} {lora!r}")

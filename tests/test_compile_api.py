@@ -137,11 +137,12 @@ def test_mlp_names_peft_sends_to_the_experts_are_not_called_unmatched():
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, num_experts=4,
                            num_experts_per_tok=2)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=8, target_modules=targets)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = surogate.compile(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), arch="cpu",
-                                 lora=LoraConfig(r=8, target_modules=targets))
+        model = surogate.compile(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16), arch="cpu", lora=lora)
     assert not [w for w in caught if "match no layer" in str(w.message)]
+    assert lora.target_modules == set(targets) and not lora.target_parameters  # the user's config as it was
     assert any("['down_proj', 'gate_proj', 'up_proj'] are the experts' here" in n
                for n in model.surogate_report.notes), model.surogate_report.notes
     assert any(".experts." in n for n, _ in model.named_parameters() if "lora_A" in n)
