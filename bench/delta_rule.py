@@ -116,7 +116,8 @@ def main() -> None:
             for system, run in systems.items():
                 r = measure(run, inputs, grad, ref)
                 rows.append({"shape": name, "heads": [h, dk, dv], "batch": b, "seq": s, "system": system, **r})
-                print(f"{name:36s} {b}x{s:<5d} {system:28s} fwd {r['fwd_ms']:7.2f} ms  fwd+bwd {r['fwd_bwd_ms']:7.2f} ms"
+                print(f"{name:36s} {b}x{s:<5d} {system:28s} fwd {r['fwd_ms']:7.2f} ms  "
+                      f"fwd+bwd {r['fwd_bwd_ms']:7.2f} ms"
                       f"  err out {r['rel_err']['out']:.1e} dq {r['rel_err']['dq']:.1e} dg {r['rel_err']['dg']:.1e}",
                       flush=True)
             del inputs, grad, ref
@@ -134,7 +135,8 @@ def main() -> None:
     lines = [f"# Gated delta rule, forward / forward + backward ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; "
              "relative error against transformers' rule in FP32 (no TF32).", "",
-             "| heads, Dk, Dv | rows | system | fwd ms | fwd+bwd ms | rel err out / dq / dg |", "|---|---|---|---|---|---|"]
+             "| heads, Dk, Dv | rows | system | fwd ms | fwd+bwd ms | rel err out / dq / dg |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         e = r["rel_err"]
         lines.append(f"| {r['shape']} {tuple(r['heads'])} | {r['batch']}x{r['seq']} | {r['system']} | "

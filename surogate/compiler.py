@@ -613,7 +613,8 @@ def _warn_unmatched_targets(model: nn.Module, wanted: Any, attached: Any, report
                     f"target_parameters {sorted(attached.target_parameters)}")
     missing = [t for t in missing if t in kept]
     if missing:
-        names = {n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in linear_module_names(model) if ".lora_" not in n}
+        names = {n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in linear_module_names(model)
+                 if ".lora_" not in n}
         available = ", ".join(sorted(names)) or "none"
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         warnings.warn(f"LoRA target_modules {missing} match no layer of {type(base).__name__}; LoRA goes on "
