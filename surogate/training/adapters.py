@@ -109,9 +109,11 @@ def _check_adapter_dir(adapter_dir: "str | os.PathLike") -> Path:
 
 
 def _load_base(model_dir: "str | os.PathLike", dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    from surogate.training.model_class import causal_lm_class
+
+    return causal_lm_class(AutoConfig.from_pretrained(str(model_dir))).from_pretrained(str(model_dir), dtype=dtype)
 
 
 def load_adapter(model: "nn.Module | str | os.PathLike", adapter_dir: "str | os.PathLike",

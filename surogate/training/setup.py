@@ -75,8 +75,12 @@ def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.
         torch.manual_seed(cfg.seed if seed is None else seed)
         model = AutoModelForCausalLM.from_config(embedded_model_config(tokenizer), dtype=torch.bfloat16)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(cfg.model).expanduser()) if is_local_model(cfg.model)
-                                                     else cfg.model, dtype=torch.bfloat16)
+        from transformers import AutoConfig
+
+        from surogate.training.model_class import causal_lm_class
+
+        source = str(Path(cfg.model).expanduser()) if is_local_model(cfg.model) else cfg.model
+        model = causal_lm_class(AutoConfig.from_pretrained(source)).from_pretrained(source, dtype=torch.bfloat16)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:  # train_checks.check_vocab refuses it from the config; here for a config without
         raise ConfigError(vocab_message(len(tokenizer), vocab, cfg))  # vocab_size, or a caller that skips it

@@ -101,11 +101,11 @@ def max_positions(config) -> int | None:
 def meta_model(config) -> nn.Module | None:
     """The model's layers on the meta device (names and shapes, no memory), or None when the architecture
     cannot be built there (then the names are read after the load, before LoRA is attached)."""
-    from transformers import AutoModelForCausalLM
+    from surogate.training.model_class import causal_lm_class
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return causal_lm_class(config).from_config(config)
     except Exception:  # an architecture whose construction needs real tensors: checked after the load instead
         return None
 
