@@ -29,12 +29,21 @@ TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "linear_key_head_dim": 16, "linear_value_head_dim": 16, "full_attention_interval": 2,
         "vocab_size": DEFAULT_VOCAB_SIZE, "max_position_embeddings": 256, "tie_word_embeddings": True}
 VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+MOE_TEXT = {**{k: v for k, v in TEXT.items() if k != "intermediate_size"}, "num_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
 
 
-def _vlm(seed: int = 0) -> torch.nn.Module:
+def _vlm(moe: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A tiny Qwen3.5 (or Qwen3.5-MoE, routers sharpened as in the MoE tests) vision-language model."""
+    from test_more_archs import sharpen_routers
+
     torch.manual_seed(seed)
-    config = T.Qwen3_5Config(text_config=TEXT, vision_config=VISION, tie_word_embeddings=True)
-    return VLM(config).to(torch.bfloat16)
+    if not moe:
+        return VLM(T.Qwen3_5Config(text_config=TEXT, vision_config=VISION, tie_word_embeddings=True)).to(torch.bfloat16)
+    config = T.Qwen3_5MoeConfig(text_config=MOE_TEXT, vision_config=VISION, tie_word_embeddings=True)
+    model = T.Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16)
+    sharpen_routers(model)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +53,10 @@ def vlm_dir(tmp_path_factory):
     return path
 
 
-def test_the_class_is_the_checkpoints_for_qwen3_5_only(vlm_dir):
+def test_the_class_is_the_checkpoints_for_qwen3_5_only(vlm_dir, tmp_path):
     assert causal_lm_class(T.AutoConfig.from_pretrained(vlm_dir)) is VLM
+    _vlm(moe=True).save_pretrained(tmp_path / "moe")
+    assert causal_lm_class(T.AutoConfig.from_pretrained(tmp_path / "moe")) is T.Qwen3_5MoeForConditionalGeneration
     assert causal_lm_class(T.Qwen3_5TextConfig(**TEXT)) is T.AutoModelForCausalLM  # a text checkpoint
     assert causal_lm_class(T.Qwen3Config()) is T.AutoModelForCausalLM
     llama4 = T.Llama4Config()
@@ -53,10 +64,11 @@ def test_the_class_is_the_checkpoints_for_qwen3_5_only(vlm_dir):
     assert causal_lm_class(llama4) is T.AutoModelForCausalLM
 
 
-def test_the_vlm_class_follows_fp32_peft_and_keeps_packed_examples_apart():
+@pytest.mark.parametrize("moe", [False, True])
+def test_the_vlm_class_follows_fp32_peft_and_keeps_packed_examples_apart(moe):
     """Text rows through the VLM class compiled: loss and LoRA gradients against FP32 PEFT on the same class;
     a packed row's loss equals its examples' alone."""
-    peft_model = _attach_lora(_vlm(), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    peft_model = _attach_lora(_vlm(moe), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft_model).float()
     model = surogate.compile(peft_model, recipe="bf16", arch="cpu")
     assert not any("visual" in n for n, _ in model.named_parameters() if "lora_" in n)
@@ -70,6 +82,7 @@ def test_the_vlm_class_follows_fp32_peft_and_keeps_packed_examples_apart():
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     ref = {n: p.grad for n, p in truth.named_parameters() if "lora_" in n}
     assert grads.keys() == ref.keys() and any(".language_model.layers." in n for n in grads)
+    assert not moe or any(".experts." in n for n in grads)
     for n in grads:
         assert F.cosine_similarity(grads[n].float().flatten(), ref[n].float().flatten(), dim=0).item() > 0.98, n
     examples = [torch.randint(3, DEFAULT_VOCAB_SIZE, (1, n), generator=gen) for n in (20, 28)]
