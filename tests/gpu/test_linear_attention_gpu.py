@@ -49,17 +49,25 @@ def _on_held_weights(truth: torch.nn.Module, model: torch.nn.Module) -> torch.nn
 
 
 @pytest.mark.parametrize("name, recipe", [("qwen3_5", "bf16"), ("qwen3_5", "qnf4"), ("qwen3_next", "bf16"),
-                                          ("qwen3_5_moe", "qfp8")])
+                                          ("qwen3_5_moe", "qfp8"), ("qwen3_5_vlm", "bf16")])
 def test_linear_attention_model_on_cuda_follows_fp32_peft(name, recipe):
+    """qwen3_5_vlm: the published checkpoints' class (Qwen3_5ForConditionalGeneration, as `surogate train` builds
+    them: surogate/training/model_class.py) on text rows."""
     try:
-        config = MODELS[name]()
+        config = MODELS[name.removesuffix("_vlm")]()
     except AttributeError as error:  # a transformers without the model class
         pytest.skip(f"transformers {T.__version__}: {error}")
     for key, value in WIDE.items():
         if getattr(config, key, None) is not None:
             setattr(config, key, value)
     torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    if name.endswith("_vlm"):
+        vision = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                  "out_hidden_size": config.hidden_size}
+        config = T.Qwen3_5Config(text_config=config.to_dict(), vision_config=vision)
+        base = T.Qwen3_5ForConditionalGeneration(config).to(torch.bfloat16)
+    else:
+        base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     sharpen_routers(base)  # the MoE models' experts: bf16 and the FP32 truth route alike
     base = base.cuda()
     peft_model = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
