@@ -79,7 +79,7 @@ def test_scan_kernels_build_for_every_arch_within_its_shared_memory():
         for name, fn in (("forward", delta_scan._scan_forward_kernel), ("backward", delta_scan._scan_backward_kernel)):
             signature = {**{f"{p}_ptr": "*fp32" for p in pointers[name]}, "N": "i32"}
             requests.append(BuildRequest(f"delta_scan_{name}", fn, signature,
-                                         dict(C=64, DK=128, DV=128, F32_DOT=False, **tiles), arch,
+                                         dict(C=64, DK=128, DV=128, PRECISION="tf32", **tiles), arch,
                                          num_warps=config["num_warps"], num_stages=config["num_stages"],
                                          divisible=tuple(n for n in signature if n.endswith("_ptr"))))
     for request, build in zip(requests, build_many(requests)):
