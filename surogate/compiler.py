@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -227,7 +228,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     original_attention = attention.install(hf)
     if original_attention is None:
         report.note("attention: transformers' own masks (this architecture does not call through "
-                     "ALL_ATTENTION_FUNCTIONS): packed rows with position_ids are refused; pad instead")
+                     "ALL_ATTENTION_FUNCTIONS, or its layers do not pass their kwargs on to it): packed rows with "
+                     "position_ids are refused; pad instead")
     else:
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
@@ -256,6 +258,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         # dynamic=None, never True: True turns Python floats (the LoRA scale) into graph inputs, which the
         # match pass refuses; automatic dynamic shapes still stop recompiling after the second length.
         body.forward = torch.compile(body.forward, backend=backend, dynamic=None)
+        if checkpoint and checkpointed:
+            body.forward = _side_effects_not_replayed(body.forward)
         report.note("whole-backbone capture (no repeated decoder blocks found, or regional=False)")
     if checkpoint and checkpointed == len(blocks):
         report.note(f"activation checkpointing on: each of the {len(blocks)} decoder blocks keeps only its inputs "
@@ -820,6 +824,21 @@ def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
     """Wrap each of `blocks`' forward in a checkpoint before the backbone is compiled (regional=False)."""
     for block in blocks:
         block.forward = _checkpointed(block.forward, _draws_random(block))
+
+
+def _side_effects_not_replayed(compiled):
+    """`compiled` (the backbone with checkpoint regions inside) traced with Dynamo's
+    `skip_fwd_side_effects_in_bwd_under_checkpoint`: the layers' forward may set Python state that it restores
+    before returning (with the `kernels` package, which transformers 5.25 installs, each attention layer sets and
+    resets the hub-kernel routing table). Dynamo refuses such a side effect inside a checkpoint region unless told
+    the recompute need not replay it, and otherwise falls back to eager for the whole backbone: nothing rewritten.
+    The flag is set only while the backbone runs (traced lazily, on a call), not for the rest of the process."""
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def _draws_random(block: nn.Module) -> bool:

@@ -56,9 +56,12 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
             raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
                              "attend across examples; pad the examples instead of packing them (sample_packing: false)")
         if not chunked:
-            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
+            with attention.segments_sent(kwargs):
+                return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss,
+                                **kwargs)
         kwargs.pop("logits_to_keep", None)
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with attention.segments_sent(kwargs):
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = lm_head_cross_entropy(out[0], head.weight, labels, bias=head.bias, softcap=softcap,
                                      num_items_in_batch=num_items_in_batch)
         # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the

@@ -160,6 +160,23 @@ def test_mlp_names_on_an_moe_model_say_where_its_experts_get_lora(tmp_path, cach
     assert "lora_target_parameters" not in _one_line_error(capsys)
 
 
+def test_packing_on_a_model_whose_attention_cannot_keep_examples_apart_is_one_line(tmp_path, cache, no_model_load,
+                                                                                    capsys):
+    """StableLM's decoder layers drop the layer kwargs, so surogate's segment ids never reach its attention and
+    packed examples would attend to each other: refused from the config, with what to set."""
+    from transformers import StableLmConfig
+
+    from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE
+
+    model = tmp_path / "stablelm"
+    StableLmConfig(vocab_size=DEFAULT_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256).save_pretrained(model)
+    assert main(["train", _config(tmp_path, model, lora_target_modules=["q_proj", "v_proj"])]) == 2
+    assert ("sample_packing: StableLmForCausalLM keeps transformers' own attention masks"
+            in _one_line_error(capsys))
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_larger_than_the_embedding_is_one_line_before_the_data(tiny_model_dir, tmp_path, cache,
                                                                          no_model_load, monkeypatch, capsys):
     """A model whose vocab_size is below its tokenizer's length would index past its embedding: refused from

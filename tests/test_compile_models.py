@@ -72,6 +72,7 @@ def tiny_config(name: str):
         "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=H, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, vocab_size=V, max_position_embeddings=64),
         "falcon": lambda: T.FalconConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, vocab_size=V),
+        "stablelm": lambda: T.StableLmConfig(**c),
     }[name]()
 
 

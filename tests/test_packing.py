@@ -110,13 +110,40 @@ def test_segment_ids_follow_position_ids_and_padding():
     assert segment_ids() is None
 
 
-def test_an_architecture_without_the_attention_interface_refuses_packed_rows():
-    """Falcon's attention ignores transformers' attention functions; packing there would attend across
-    examples, so it is refused with a message that says to pad instead."""
-    model = _compiled("falcon")
+@pytest.mark.parametrize("name", ["falcon", "stablelm"])
+def test_an_architecture_whose_attention_cannot_get_the_segments_refuses_packed_rows(name):
+    """Falcon's attention ignores transformers' attention functions (up to transformers 5.24) or gets none of
+    the layer kwargs (5.25: its backbone and decoder layers drop them); StableLM's decoder layers drop them in
+    both. Packing there would attend across examples, so it is refused with a message that says to pad."""
+    model = _compiled(name)
     assert any("transformers' own masks" in note for note in model.surogate_report.notes)
     _, row, positions, labels = _row(torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="pad the examples"):
+        model(input_ids=row, labels=labels, position_ids=positions)
+    assert torch.isfinite(model(input_ids=row, labels=labels).loss)
+
+
+def test_which_architectures_pass_the_layer_kwargs_down_to_attention():
+    from surogate.ops.attention import passes_layer_kwargs
+
+    built = {name: T.AutoModelForCausalLM.from_config(tiny_config(name)) for name in ("llama", "gpt2", "stablelm")}
+    assert {name: passes_layer_kwargs(m) for name, m in built.items()} == {"llama": True, "gpt2": True,
+                                                                            "stablelm": False}
+
+
+def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):
+    """The run-time guard for an architecture the static check lets through by mistake: StableLM taken as one
+    that passes its kwargs on; its attention then gets no segments for a packed row, and says so, instead of
+    attending across examples. Plain rows (no segments sent) run."""
+    from surogate.ops import attention
+
+    monkeypatch.setattr(attention, "passes_layer_kwargs", lambda model: True)
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(tiny_config("stablelm")).to(torch.bfloat16)
+    model = surogate.compile(_attach_lora(base, {"r": 8, "lora_alpha": 16}), recipe="bf16", arch="cpu")
+    assert any(note.startswith("attention: surogate") for note in model.surogate_report.notes)
+    _, row, positions, labels = _row(torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="StableLmAttention got no segment ids"):
         model(input_ids=row, labels=labels, position_ids=positions)
     assert torch.isfinite(model(input_ids=row, labels=labels).loss)
 

@@ -28,12 +28,15 @@ keyword arguments are present, never on tensor values, so warm-up, capture and r
 Sliding windows (`sliding_window`), logit soft-capping (`softcap`, Gemma 2) and attention sinks (`s_aux`,
 GPT-OSS: FlexAttention's output renormalized from its log-sum-exp) are applied on every path that has
 segments or needs them. Architectures whose attention does not go through
-`ALL_ATTENTION_FUNCTIONS` (Falcon, ...) keep transformers' own masks: `install` returns None for them.
+`ALL_ATTENTION_FUNCTIONS` (Bloom, MPT, Falcon before transformers 5.25), or whose layers do not hand the layer kwargs
+on to it (Falcon in 5.25), keep transformers' own masks: `install` returns None for them.
 """
 
 from __future__ import annotations
 
+import dis
 import functools
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -143,12 +146,57 @@ def masks_into(kwargs: dict, segments: Tensor | None, seq_len: int, device: torc
 
 def supports(model: nn.Module) -> bool:
     """Whether `model`'s attention layers call through transformers' `ALL_ATTENTION_FUNCTIONS` (so that
-    registering an implementation reaches them, with the layer kwargs) and the model can switch to it."""
+    registering an implementation reaches them), every module on the way to them passes its keyword arguments
+    on (so the segments reach them: `passes_layer_kwargs`), and the model can switch implementation."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
     module = sys.modules.get(type(model).__module__)
-    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module)
+    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module) and passes_layer_kwargs(model)
+
+
+# Globals whose use marks a layer that reads the segments: softmax attention through transformers' functions, and
+# the gated DeltaNet layers' chunked rule (ops/linear_attention.py).
+_SEGMENT_READERS = ("ALL_ATTENTION_FUNCTIONS", "torch_chunk_gated_delta_rule")
+
+
+def passes_layer_kwargs(model: nn.Module) -> bool:
+    """Whether the layer kwargs given to `model` reach the layers that read the segments: each module from the
+    model down to every such layer in its text decoder's blocks (`get_decoder()`'s ModuleLists; a vision tower or
+    an audio encoder inside the embeddings gets no segments) hands its `**kwargs` to a call. Falcon in transformers 5.25 calls the attention functions but its backbone and
+    decoder layers drop their kwargs: the segments would never arrive, and packed or padded rows would attend
+    across examples."""
+    modules = dict(model.named_modules())
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    prefix = next((f"{name}." if name else "" for name, m in modules.items() if m is decoder), "")
+    blocks = [f"{prefix}{name}." for name, child in decoder.named_children() if isinstance(child, nn.ModuleList)]
+    readers = [name for name, m in modules.items() if name.startswith(tuple(blocks) or prefix)
+               and any(g in _code_names(m) for g in _SEGMENT_READERS)]
+    on_the_way = {type(modules[".".join(path[:i])]) for path in (r.split(".") for r in readers)
+                  for i in range(len(path) + 1)}
+    containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+    return bool(readers) and all(_passes_its_kwargs(cls.forward) for cls in on_the_way if not issubclass(cls, containers))
+
+
+def _code_names(module: nn.Module) -> tuple[str, ...]:
+    """The global and attribute names `module`'s class forward reads (empty when it is not Python code)."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return code.co_names if code is not None else ()
+
+
+def _passes_its_kwargs(forward: Any) -> bool:
+    """Whether `forward` takes `**kwargs` and passes them to a call (loads them and calls with ** unpacking)."""
+    code = getattr(inspect.unwrap(forward), "__code__", None)
+    if code is None or not code.co_flags & inspect.CO_VARKEYWORDS:
+        return False
+    name = code.co_varnames[code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & inspect.CO_VARARGS)]
+    loaded = unpacked = False
+    for instruction in dis.get_instructions(code):
+        value = instruction.argval
+        if instruction.opname.startswith("LOAD_FAST") and (value == name or isinstance(value, tuple) and name in value):
+            loaded = True
+        unpacked |= instruction.opname == "CALL_FUNCTION_EX"
+    return loaded and unpacked
 
 
 def install(model: nn.Module) -> str | None:
@@ -279,12 +327,42 @@ def _flex(query: Tensor, key: Tensor, value: Tensor, block_mask, scaling: float 
     return out.transpose(1, 2).contiguous()
 
 
+_segments_sent = False  # True while a call runs whose layer kwargs carry segments (`segments_sent`)
+
+
+class segments_sent:
+    """`with segments_sent(kwargs):` around a model call whose layer kwargs may carry the segments: while it
+    runs, a layer that reads segments and gets none raises (`check_segments_arrived`) instead of attending across
+    examples. `passes_layer_kwargs` keeps the architectures known to drop kwargs off surogate attention; this
+    catches the ones it cannot see. Read (and guarded by Dynamo) only where a layer got no segments."""
+
+    def __init__(self, kwargs: dict) -> None:
+        self.sent = SEGMENTS_KWARG in kwargs
+
+    def __enter__(self) -> None:
+        global _segments_sent
+        self.before, _segments_sent = _segments_sent, self.sent
+
+    def __exit__(self, *exc: object) -> None:
+        global _segments_sent
+        _segments_sent = self.before
+
+
+def check_segments_arrived(layer: str, segments: Tensor | None) -> None:
+    """Raise when the running call sent segments and `layer` (one that reads them) got none."""
+    if segments is None and _segments_sent:
+        raise ValueError(f"{layer} got no segment ids: this architecture's layers do not pass their "
+                         "keyword arguments on, so packed or left-padded rows would attend across examples; train "
+                         "on right-padded rows without packing (sample_packing: false) and report the architecture")
+
+
 def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                        dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """The "surogate" entry of `ALL_ATTENTION_FUNCTIONS`: query (B, H, S, D), key/value (B, Hkv, S, D) ->
     ((B, S, H, D), None). `attention_mask` is ignored (transformers passes None for this implementation);
     the segments come as the `surogate_segments` kwarg."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
+    check_segments_arrived(type(module).__name__, segments)
     causal_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
     windowed = kwargs.pop(WINDOW_MASK_KWARG, None)
     window = kwargs.get("sliding_window")

@@ -18,7 +18,8 @@ rewritten as everywhere else), with two of the module's globals replaced for tha
   flash-linear-attention, where installed, is not used for training: fla 0.6 refuses Hopper under Triton < 3.7.1
   (the torch 2.11 stack's Triton 3.6) in its backward, mid-step (bench/NOTES.md run 113); generation (a KV cache)
   still runs transformers' function, fla's kernel where it is installed.
-- `causal_conv1d_fn` -> the same causal depthwise convolution, reading no token of another segment.
+- `causal_conv1d_fn` (transformers <= 5.24) or `causal_conv1d_forward` (5.25, the convolution with its cache) -> the
+  same causal depthwise convolution, reading no token of another segment.
 Both read surogate's segment ids (`attention.SEGMENTS_KWARG`: packed rows, left padding). At a segment's first
 token the rule's log-decay g is set to `RESET`: exp(RESET) underflows, so the state carried in is multiplied by
 zero and the segment starts from an empty state, as it would alone (the first token's g then gets no gradient,
@@ -37,10 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surogate.compat import autograd_inside_op
-from surogate.ops.attention import SEGMENTS_KWARG
+from surogate.ops.attention import SEGMENTS_KWARG, check_segments_arrived
 from surogate.ops.delta_rule import chunk_gated_delta_rule
 
-RULE, CONV = "torch_chunk_gated_delta_rule", "causal_conv1d_fn"  # the module globals a DeltaNet forward calls
+# The module globals a DeltaNet forward calls: the rule, and the short convolution either directly (transformers
+# <= 5.24: `causal_conv1d_fn(x, weight, bias, activation)`) or through its cache-aware wrapper (5.25:
+# `causal_conv1d_forward(conv1d, x, cache, layer_idx, activation)`).
+RULE, CONV, CONV_FORWARD = "torch_chunk_gated_delta_rule", "causal_conv1d_fn", "causal_conv1d_forward"
 RESET = -100.0  # log-decay at a segment's first token: exp(-100) ~ 4e-44, the carried state is gone in FP32
 
 
@@ -127,8 +131,10 @@ def segment_conv1d(hidden_states: Tensor, weight: Tensor, bias: Tensor | None, a
     return out.to(hidden_states.dtype)
 
 
-def _replacements(original_rule: Callable, original_conv: Callable) -> dict[str, Callable]:
-    """The two globals a DeltaNet forward calls, as surogate runs them (the originals: with a KV cache)."""
+def _replacements(env: dict) -> dict[str, Callable]:
+    """The globals of a modeling module (`env`) that a DeltaNet forward calls, as surogate runs them: the rule and
+    whichever convolution entry the module has (transformers' own with a KV cache, or with no segments)."""
+    original_rule = env[RULE]
 
     def rule(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
              use_qk_l2norm_in_kernel=False, **kwargs):
@@ -136,17 +142,33 @@ def _replacements(original_rule: Callable, original_conv: Callable) -> dict[str,
             return original_rule(query, key, value, g=g, beta=beta, chunk_size=chunk_size, initial_state=initial_state,
                                  output_final_state=output_final_state,
                                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
-        out = torch.ops.surogate.gated_delta_rule(query, key, value, g, beta, kwargs.get(SEGMENTS_KWARG),
-                                                  use_qk_l2norm_in_kernel)
+        segments = kwargs.get(SEGMENTS_KWARG)
+        check_segments_arrived("the gated delta rule", segments)
+        out = torch.ops.surogate.gated_delta_rule(query, key, value, g, beta, segments, use_qk_l2norm_in_kernel)
         return out, None
 
-    def conv(hidden_states, weight, bias=None, activation=None, **kwargs):
-        segments = kwargs.get(SEGMENTS_KWARG)
-        if segments is None:
-            return original_conv(hidden_states, weight, bias, activation=activation, **kwargs)
-        return segment_conv1d(hidden_states, weight, bias, activation, segments)
+    replaced: dict[str, Callable] = {RULE: rule}
+    if CONV in env:
+        original_conv = env[CONV]
 
-    return {RULE: rule, CONV: conv}
+        def conv(hidden_states, weight, bias=None, activation=None, **kwargs):
+            segments = kwargs.get(SEGMENTS_KWARG)
+            if segments is None:
+                return original_conv(hidden_states, weight, bias, activation=activation, **kwargs)
+            return segment_conv1d(hidden_states, weight, bias, activation, segments)
+
+        replaced[CONV] = conv
+    if CONV_FORWARD in env:
+        original_forward = env[CONV_FORWARD]
+
+        def conv_forward(conv1d, hidden_states, cache, layer_idx, activation=None, **kwargs):
+            segments = kwargs.get(SEGMENTS_KWARG)
+            if segments is None or cache is not None:  # no boundaries to keep, or a KV cache: transformers' own
+                return original_forward(conv1d, hidden_states, cache, layer_idx, activation=activation, **kwargs)
+            return segment_conv1d(hidden_states, conv1d.weight.squeeze(1), conv1d.bias, activation, segments)
+
+        replaced[CONV_FORWARD] = conv_forward
+    return replaced
 
 
 def _deltanet_forward(module: nn.Module) -> types.FunctionType | None:
@@ -156,7 +178,8 @@ def _deltanet_forward(module: nn.Module) -> types.FunctionType | None:
     if not isinstance(forward, types.FunctionType):
         return None
     names, env = forward.__code__.co_names, forward.__globals__
-    return forward if RULE in names and CONV in names and RULE in env and CONV in env else None
+    calls = {name for name in (RULE, CONV, CONV_FORWARD) if name in names and name in env}
+    return forward if RULE in calls and calls & {CONV, CONV_FORWARD} else None
 
 
 def unrecognized(model: nn.Module) -> bool:
@@ -176,7 +199,7 @@ def _shadow_module(env: dict) -> types.ModuleType:
     if shadow is None:
         shadow = types.ModuleType(name)
         vars(shadow).update(env)
-        vars(shadow).update(_replacements(env[RULE], env[CONV]))
+        vars(shadow).update(_replacements(env))
         shadow.__name__ = name
         sys.modules[name] = shadow
     return shadow

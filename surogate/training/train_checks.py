@@ -134,8 +134,8 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def check_model(cfg: TrainConfig) -> bool:
-    """`sequence_len` against the model's positions and `lora_target_modules` against its linear layers,
-    from its config alone. Returns whether the targets were checked (False: check them after the load)."""
+    """`sequence_len` against the model's positions, `sample_packing` against its attention and
+    `lora_target_modules` against its linear layers, from its config alone. Returns whether the targets were checked (False: check them after the load)."""
     config = model_config(cfg.model)
     limit = max_positions(config)
     if limit is not None and cfg.sequence_len > limit:
@@ -144,8 +144,20 @@ def check_model(cfg: TrainConfig) -> bool:
     meta = meta_model(config)
     if meta is None:
         return False
+    check_packing(cfg, meta)
     check_lora_targets(cfg, meta)
     return True
+
+
+def check_packing(cfg: TrainConfig, model: nn.Module) -> None:
+    """`sample_packing` on a model whose attention surogate cannot keep packed examples apart (it keeps
+    transformers' own masks: `surogate.ops.attention.supports`), refused before the data is laid out in rows."""
+    from surogate.ops import attention
+
+    if cfg.sample_packing and not attention.supports(model):
+        raise ConfigError(f"sample_packing: {type(model).__name__} keeps transformers' own attention masks (its "
+                          "attention does not take surogate's segment ids), so packed examples would attend to each "
+                          "other; set sample_packing: false (one example per row, padded)")
 
 
 def check_vocab(cfg: TrainConfig, tokenizer) -> None:
