@@ -30,10 +30,11 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     backbone = getattr(hf, "base_model", hf)
     own_attention = attention.original_implementation(hf) is not None
+    refusal = attention.packing_refusal(hf)  # why packed rows cannot train here, if they cannot
     needs = attention.mask_needs(hf)
     chunked = chunked_loss and _chunked_loss_applies(hf, head, backbone, report)
-    if not (own_attention or chunked):
-        return  # nothing to route: HF's forward as it is
+    if not (own_attention or chunked or refusal):
+        return  # nothing to route or refuse: HF's forward as it is
     softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
     weight = getattr(head, "weight", None)
     vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
@@ -50,11 +51,11 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
         check_labels(labels, vocab)
         kwargs.setdefault("use_cache", False)
+        if refusal and kwargs.get("position_ids") is not None and attention_mask is None:
+            raise ValueError(f"{type(hf).__name__} {refusal}; pad the examples instead of packing them "
+                             "(sample_packing: false)")
         if own_attention:
             attention_mask = _segments_into(kwargs, attention_mask, input_ids, needs)
-        elif kwargs.get("position_ids") is not None and attention_mask is None:
-            raise ValueError(f"{type(hf).__name__} keeps transformers' own attention masks, which let packed rows "
-                             "attend across examples; pad the examples instead of packing them (sample_packing: false)")
         if not chunked:
             with attention.segments_sent(kwargs):
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss,

@@ -145,14 +145,42 @@ def masks_into(kwargs: dict, segments: Tensor | None, seq_len: int, device: torc
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether `model`'s attention layers call through transformers' `ALL_ATTENTION_FUNCTIONS` (so that
-    registering an implementation reaches them), every module on the way to them passes its keyword arguments
-    on (so the segments reach them: `passes_layer_kwargs`), and the model can switch implementation."""
+    """Whether surogate attention can serve `model`: its attention layers call through transformers'
+    `ALL_ATTENTION_FUNCTIONS` (so that registering an implementation reaches them), every module on the way to
+    them passes its keyword arguments on (so the segments reach them: `passes_layer_kwargs`), they are causal
+    (an encoder's bidirectional attention, BERT's and its kin's unless `is_decoder`, must not become causal), and
+    the model can switch implementation."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
     module = sys.modules.get(type(model).__module__)
-    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module) and passes_layer_kwargs(model)
+    if module is None or "ALL_ATTENTION_FUNCTIONS" not in vars(module):
+        return False
+    readers = _segment_readers(model)
+    return passes_layer_kwargs(model) and all(getattr(m, "is_causal", True) is not False for m in readers.values())
+
+
+def reads_position_ids(model: nn.Module) -> bool:
+    """Whether `model`'s text decoder takes `position_ids`: a packed row's positions restart at each example only
+    there. Decoders that count positions themselves (BART's and its kin's learned positions) would give a packed
+    example the positions of where it sits in the row."""
+    forward = inspect.unwrap(type(_decoder(model)[0]).forward)
+    try:
+        return "position_ids" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # not a Python function: nothing to read
+        return False
+
+
+def packing_refusal(model: nn.Module) -> str | None:
+    """Why packed rows (examples end to end, `position_ids` restarting) cannot train on `model` as its examples
+    would alone, or None when they can."""
+    if not supports(model):
+        return ("keeps transformers' own attention masks (its attention cannot take surogate's segment ids), so "
+                "packed examples would attend to each other")
+    if not reads_position_ids(model):
+        return ("counts its positions itself (its decoder takes no position_ids), so a packed example would get "
+                "the positions of where it sits in the row")
+    return None
 
 
 # Globals whose use marks a layer that reads the segments: softmax attention through transformers' functions, and
@@ -160,18 +188,30 @@ def supports(model: nn.Module) -> bool:
 _SEGMENT_READERS = ("ALL_ATTENTION_FUNCTIONS", "torch_chunk_gated_delta_rule")
 
 
-def passes_layer_kwargs(model: nn.Module) -> bool:
-    """Whether the layer kwargs given to `model` reach the layers that read the segments: each module from the
-    model down to every such layer in its text decoder's blocks (`get_decoder()`'s ModuleLists; a vision tower or
-    an audio encoder inside the embeddings gets no segments) hands its `**kwargs` to a call. Falcon in transformers 5.25 calls the attention functions but its backbone and
-    decoder layers drop their kwargs: the segments would never arrive, and packed or padded rows would attend
-    across examples."""
-    modules = dict(model.named_modules())
+def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
+    """`model`'s text decoder (`get_decoder()`: the language model of a vision-language model) and the prefix of
+    its modules' names."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    prefix = next((f"{name}." if name else "" for name, m in modules.items() if m is decoder), "")
-    blocks = [f"{prefix}{name}." for name, child in decoder.named_children() if isinstance(child, nn.ModuleList)]
-    readers = [name for name, m in modules.items() if name.startswith(tuple(blocks) or prefix)
-               and any(g in _code_names(m) for g in _SEGMENT_READERS)]
+    prefix = next((f"{name}." if name else "" for name, m in model.named_modules() if m is decoder), "")
+    return decoder, prefix
+
+
+def _segment_readers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers that read the segments in the text decoder's blocks (its ModuleLists; a vision tower, or an
+    audio encoder inside the embeddings, gets no segments), by name."""
+    decoder, prefix = _decoder(model)
+    blocks = tuple(f"{prefix}{name}." for name, child in decoder.named_children() if isinstance(child, nn.ModuleList))
+    return {name: m for name, m in model.named_modules() if name.startswith(blocks or prefix)
+            and any(g in _code_names(m) for g in _SEGMENT_READERS)}
+
+
+def passes_layer_kwargs(model: nn.Module) -> bool:
+    """Whether the layer kwargs given to `model` reach the layers that read the segments (`_segment_readers`):
+    each module from the model down to every such layer hands its `**kwargs` to a call. Falcon in transformers
+    5.25 calls the attention functions but its backbone and decoder layers drop their kwargs, and StableLM's
+    decoder layers do: the segments would never arrive, and packed or padded rows would attend across examples."""
+    modules = dict(model.named_modules())
+    readers = _segment_readers(model)
     on_the_way = {type(modules[".".join(path[:i])]) for path in (r.split(".") for r in readers)
                   for i in range(len(path) + 1)}
     containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
@@ -285,6 +325,14 @@ def _keep(q_idx: Tensor, kv_idx: Tensor, window: int | None, seg_q: Tensor | Non
     return keep
 
 
+def _within(mask: Tensor, keep: Tensor) -> Tensor:
+    """`mask` (bool: True attends; or additive float) restricted to the pairs `keep` allows. A layer that builds
+    its own mask from transformers' (None under surogate) would otherwise lose causality and the segments."""
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
 def _allowed(segments: Tensor | None, q_len: int, kv_len: int, window: int | None, device) -> Tensor:
     """(B or 1, 1, S, S) bool: `_keep` over every (query, key) pair."""
     q = torch.arange(q_len, device=device)[None, None, :, None]
@@ -359,8 +407,9 @@ def check_segments_arrived(layer: str, segments: Tensor | None) -> None:
 def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                        dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """The "surogate" entry of `ALL_ATTENTION_FUNCTIONS`: query (B, H, S, D), key/value (B, Hkv, S, D) ->
-    ((B, S, H, D), None). `attention_mask` is ignored (transformers passes None for this implementation);
-    the segments come as the `surogate_segments` kwarg."""
+    ((B, S, H, D), None). transformers builds no mask for this implementation; the segments come as the
+    `surogate_segments` kwarg. A 4-D mask that arrives anyway (built by the layer itself, as Doge's dynamic mask,
+    or the caller's) is kept where it is causal, within the window and within a segment."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
     check_segments_arrived(type(module).__name__, segments)
     causal_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
@@ -368,10 +417,14 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     name, original = _original_function(module)
-    if attention_mask is not None:  # a mask the caller prepared (4-D tensor): theirs, as is
-        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     window_matters = window is not None and kv_len > window
+    if isinstance(attention_mask, Tensor):  # a 4-D mask the layer built (Doge's dynamic mask) or the caller gave
+        keep = _allowed(segments, q_len, kv_len, window if window_matters else None, query.device)
+        return original(module, query, key, value, _within(attention_mask[..., :kv_len], keep), dropout=dropout,
+                        scaling=scaling, **kwargs)
+    if attention_mask is not None:  # the caller's own BlockMask: theirs, as is
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if segments is None and not window_matters and name != "eager" and not softcap:
         return original(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if window_matters:  # the windowed mask, if it was built for this layer's window

@@ -150,14 +150,14 @@ def check_model(cfg: TrainConfig) -> bool:
 
 
 def check_packing(cfg: TrainConfig, model: nn.Module) -> None:
-    """`sample_packing` on a model whose attention surogate cannot keep packed examples apart (it keeps
-    transformers' own masks: `surogate.ops.attention.supports`), refused before the data is laid out in rows."""
+    """`sample_packing` on a model where packed examples cannot train as they would alone
+    (`surogate.ops.attention.packing_refusal`), refused before the data is laid out in rows."""
     from surogate.ops import attention
 
-    if cfg.sample_packing and not attention.supports(model):
-        raise ConfigError(f"sample_packing: {type(model).__name__} keeps transformers' own attention masks (its "
-                          "attention does not take surogate's segment ids), so packed examples would attend to each "
-                          "other; set sample_packing: false (one example per row, padded)")
+    refusal = attention.packing_refusal(model) if cfg.sample_packing else None
+    if refusal:
+        raise ConfigError(f"sample_packing: {type(model).__name__} {refusal}; set sample_packing: false (one "
+                          "example per row, padded)")
 
 
 def check_vocab(cfg: TrainConfig, tokenizer) -> None:
