@@ -633,11 +633,20 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+# PEFT refuses LoRA on these names in Mamba-based models (peft.tuners.tuners_utils, the model types below: their
+# fused kernels read the mixer's out_proj weight directly), so they are never a default there.
+_MAMBA_MODEL_TYPES = ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h")
+_MAMBA_REFUSED = ("out_proj", "conv1d")
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """q,k,v,o,gate,up,down (fused qkv / gate_up; OPT's out_proj, fc1, fc2) where they exist, with the companions
-    their architecture names its other projections by (COMPANION_TARGETS), else every linear in the blocks."""
+    their architecture names its other projections by (COMPANION_TARGETS), else every linear in the blocks; in
+    Mamba-based models not the names PEFT refuses there."""
     blocks = _decoder_blocks(model, None)
     names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
+    if getattr(getattr(model, "config", None), "model_type", None) in _MAMBA_MODEL_TYPES:
+        names -= set(_MAMBA_REFUSED)
     found = [t for t in DEFAULT_TARGETS if t in names]
     return found + [t for t in COMPANION_TARGETS if t in names] if found else sorted(names)
 

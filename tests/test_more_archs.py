@@ -225,3 +225,18 @@ def test_default_targets_of_a_multimodal_model_stay_in_its_language_model(tmp_pa
     assert loaded.keys() == {n for n, _ in compiled.named_parameters() if "lora_" in n}
     text_only = T.AutoModelForCausalLM.from_config(tiny_config("qwen3"))
     assert default_exclude(text_only, default_targets(text_only)) is None
+
+
+def test_mamba_default_targets_leave_out_what_peft_refuses_there():
+    """PEFT refuses LoRA on a Mamba mixer's out_proj (its kernels read the weight directly): the default targets
+    named it on Falcon-Mamba (alone of the default list there) and Falcon-H1, and compile failed in PEFT."""
+    from surogate.compiler import default_targets
+
+    torch.manual_seed(0)
+    mamba = T.AutoModelForCausalLM.from_config(T.FalconMambaConfig(
+        hidden_size=64, num_hidden_layers=2, vocab_size=V, state_size=8, intermediate_size=128, time_step_rank=8))
+    assert "out_proj" not in default_targets(mamba) and "in_proj" in default_targets(mamba)
+    model = surogate.compile(mamba.to(torch.bfloat16), recipe="bf16", arch="cpu", lora={"r": 4, "lora_alpha": 8})
+    ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+

@@ -156,6 +156,19 @@ def test_bidirectional_attention_keeps_its_masks_and_decoders_that_count_positio
     assert reads_position_ids(llama) and packing_refusal(llama) is None and packing_refusal(_bert(True)) is None
 
 
+def test_packing_is_refused_where_a_mamba_mixer_would_carry_state_across_examples():
+    """Falcon-H1 runs a Mamba-2 mixer beside each attention layer: its attention takes the segments, its scan and
+    short convolution do not, so a packed example would start from the state of the one before it."""
+    from surogate.ops.attention import packing_refusal, supports
+
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(T.FalconH1Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=V, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8))
+    assert supports(model)
+    assert "(FalconH1Mixer: a causal convolution, a state-space scan)" in packing_refusal(model)
+
+
 def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):
     """The run-time guard for an architecture the static check lets through by mistake: StableLM taken as one
     that passes its kwargs on; its attention then gets no segments for a packed row, and says so, instead of

@@ -180,7 +180,26 @@ def packing_refusal(model: nn.Module) -> str | None:
     if not reads_position_ids(model):
         return ("counts its positions itself (its decoder takes no position_ids), so a packed example would get "
                 "the positions of where it sits in the row")
+    mixers = unsegmented_mixers(model)
+    if mixers:
+        return (f"has layers that carry state from token to token without surogate's segment ids ({', '.join(mixers)}: "
+                "a causal convolution, a state-space scan), so a packed example would start from the one before it")
     return None
+
+
+def unsegmented_mixers(model: nn.Module) -> list[str]:
+    """The classes of the token mixers in `model`'s decoder blocks that carry state along the row and read no
+    segments: those that own a causal convolution (`nn.Conv1d`: Mamba's and Mamba-2's mixers in Falcon-H1, Jamba,
+    Bamba, LFM2's short convolution), except the gated DeltaNet layers, which surogate gives the segments."""
+    decoder, prefix = _decoder(model)
+    blocks = [child for child in decoder.children() if isinstance(child, nn.ModuleList)]
+    found = set()
+    for block in blocks:
+        for module in block.modules():
+            owns_conv = any(isinstance(c, nn.Conv1d) for c in module.children())
+            if owns_conv and not any(g in _code_names(module) for g in _SEGMENT_READERS):
+                found.add(type(module).__name__)
+    return sorted(found)
 
 
 # Globals whose use marks a layer that reads the segments: softmax attention through transformers' functions, and
