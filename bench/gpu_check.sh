@@ -15,7 +15,7 @@ WORKERS="${GPU_TEST_WORKERS:-8}"; export TORCHINDUCTOR_COMPILE_THREADS="${TORCHI
 echo "== GPU tests ($WORKERS workers)"; timeout 420 python3 -m pytest tests/gpu tests/test_compile_gpu.py -m gpu -q \
     -n "$WORKERS" -p no:cacheprovider -p no:logging --tb=short --durations=12 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
 if [ "${GPU_CHECK_BENCH:-0}" = 1 ]; then  # the dequant-scratch kernel benchmark, when the call has time for it
-    echo "== dequant kernels, 8B shapes"; timeout 120 python3 bench/kernels.py --models 8B \
+    echo "== dequant kernels, 8B shapes"; timeout 120 python3 bench/fused_kernels.py --models 8B \
         --recipes "${BENCH_RECIPES:-qnf4,qfp8-bf16}" --skip-validate --out "$OUT" 2>&1 | tail -n 12
 fi
 echo "== main job"; timeout 150 python3 -m surogate train --output-dir /tmp/surogate-out 2>&1 | tee "$OUT/main_job.log" | tail -n 8

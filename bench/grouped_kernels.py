@@ -3,7 +3,7 @@
 One micro-batch of bench/tps.py's 30B-A3B run: 2 x 2048 tokens routed top-8 over 128 experts
 (uniform random routing, so groups of about 256 rows), LoRA r=16; gate_up (N 1536, K 2048, the
 tokens read through `rows`) and down (N 2048, K 768). Each case is timed as one CUDA-graph replay
-(bench/kernels.py's `_time`). The fp8_block experts in FP8 compute (what qfp8 runs) are timed twice:
+(bench/fused_kernels.py's `_time`). The fp8_block experts in FP8 compute (what qfp8 runs) are timed twice:
 the dgrad against a K-major copy of the stack made per call (today's default), and reading the stored
 stack transposed (`FP8_DGRAD_READS_STORED_STACK`), after checking that both give the same bits.
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from kernels import _time  # noqa: E402  (bench/kernels.py: CUDA-graph replay, median)
+from fused_kernels import _time  # noqa: E402  (CUDA-graph replay, median)
 
 from surogate.kernels import grouped  # noqa: E402
 from surogate.kernels import reference_grouped as rg  # noqa: E402

@@ -7,7 +7,7 @@ gate/up fused, (512, 1280) down; the dgrads the same with N and K swapped (readi
 weight transpose); LoRA rank 16. With the route off, training was fine. The suspects then: a race in a
 warp-specialized config, an output tile never written (the launcher allocates its output with torch.empty),
 stale shared memory or TMA descriptors. A NaN once in thousands of launches is invisible to the validations
-(bench/kernels.py, tests/gpu/test_persistent_gpu.py), which launch once.
+(bench/fused_kernels.py, tests/gpu/test_persistent_gpu.py), which launch once.
 
 Outcome on the H200 (run 65): every fp8 config clean, 160,000 launches, with and without --scratch-ring 64. The
 fault needed training under CUDA graphs (runs 66-70: NaN from finite inputs at a random replay, never eagerly;
@@ -18,7 +18,7 @@ What: for each family (--families: bf16, fp8, qfp8), direction (forward, dgrad),
 four fidelity ones at --m 1024; or --models 8B) and config of the family (`configs.get_configs(family, "sm_90")`
 with `configs.PERSISTENT_WARP_SPECIALIZE = True`, so the warp-specialized configs are in), the kernel runs
 --iters times on fixed inputs, each output compared with the first (torch.equal):
-- the inputs are the op's own: bench/kernels.py's `make_case`, and the arguments `_op_fwd` / `_op_dgrad` pass
+- the inputs are the op's own: bench/fused_kernels.py's `make_case`, and the arguments `_op_fwd` / `_op_dgrad` pass
   `launch_persistent_gemm` on the persistent route (recorded, not run: `op_call`), the config then pinned;
 - --poison (default on): before each launch, blocks of the output's size are filled with NaN and handed back
   to the caching allocator, so the output (torch.empty) lands on NaN: a tile the kernel never writes shows as
@@ -76,13 +76,14 @@ from surogate.training.info import run_record  # noqa: E402
 
 
 def _load_kernels_bench() -> ModuleType:
-    """bench/kernels.py by path (bench/ is no package), as the module "bench_kernels" (the smoke tests' name)."""
-    if "bench_kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
+    """bench/fused_kernels.py by path (bench/ is no package), as the module "bench_fused_kernels" (the smoke tests'
+    name)."""
+    if "bench_fused_kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_fused_kernels", HERE / "fused_kernels.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_kernels"] = module
+        sys.modules["bench_fused_kernels"] = module
         spec.loader.exec_module(module)
-    return sys.modules["bench_kernels"]
+    return sys.modules["bench_fused_kernels"]
 
 
 kb = _load_kernels_bench()
@@ -145,7 +146,7 @@ def _recording(calls: list[dict]) -> Iterator[None]:
 
 
 def _grad_hidden(c: dict) -> torch.Tensor:
-    """gh = grad_output @ lora_b, the dgrad's LoRA input (as bench/kernels.py's validation makes it)."""
+    """gh = grad_output @ lora_b, the dgrad's LoRA input (as bench/fused_kernels.py's validation makes it)."""
     return c["go"] @ c["b"].bfloat16()
 
 
@@ -173,7 +174,7 @@ def references(c: dict) -> dict[str, torch.Tensor]:
 
 
 def make_target(recipe: str, linear: str, m: int, n: int, k: int) -> Target:
-    """bench/kernels.py's case for one linear (seed 0), its recorded calls and references."""
+    """bench/fused_kernels.py's case for one linear (seed 0), its recorded calls and references."""
     c = kb.make_case(n, k, recipe, seed=0, m=m)
     return Target(recipe, linear, m, n, k, {d: op_call(c, d) for d in DIRECTIONS}, references(c))
 
@@ -467,7 +468,7 @@ def _header(meta: dict) -> str:
     """The md's paragraph on what ran: environment and settings."""
     interleave = "on (the other direction launched between launches)" if meta["interleave"] else "off"
     return (f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. "
-            f"{meta['iters']} launches a row on fixed inputs (bench/kernels.py's `make_case`, LoRA rank "
+            f"{meta['iters']} launches a row on fixed inputs (bench/fused_kernels.py's `make_case`, LoRA rank "
             f"{meta['rank']}), each output compared with the first; poison {'on' if meta['poison'] else 'off'} "
             "(the output lands on NaN-filled memory: a tile never written is NaN); graph rows: "
             f"{meta['graph_launches']} launches a CUDA graph, replayed; interleave {interleave}. GEMM: M x N_out x "
@@ -511,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{','.join(kb.PERSISTENT_RECIPES)} (fp8: row-scaled FP8; qfp8: 1x128 / 128x128 blocks)")
     p.add_argument("--shapes", default="", help="linears as name=NxK (forward N, K), comma-separated; default "
                    "the fidelity shapes " + ",".join(f"{k}={n}x{kk}" for k, (n, kk) in FIDELITY_SHAPES.items()))
-    p.add_argument("--models", default="", help="bench/kernels.py models whose linears run (e.g. 8B), beside "
+    p.add_argument("--models", default="", help="bench/fused_kernels.py models whose linears run (e.g. 8B), beside "
                    "--shapes, instead of the fidelity shapes")
     p.add_argument("--m", type=int, default=1024, help="rows M of every GEMM")
     p.add_argument("--iters", type=int, default=2000, help="launches per row")

@@ -611,12 +611,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _unshadow() -> None:
-    """Run as a script, bench/ is sys.path[0]: bench/kernels.py would answer `import kernels` (the
-    kernels-community package that transformers and bitsandbytes probe for)."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, rows=args.rows, seq=args.seq,
@@ -663,5 +657,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _unshadow()
     raise SystemExit(main())

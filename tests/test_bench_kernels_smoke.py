@@ -1,18 +1,21 @@
-"""bench/kernels.py --persistent on CPU: the Triton interpreter, tiny shapes, each timing one call.
+"""bench/fused_kernels.py --persistent on CPU: the Triton interpreter, tiny shapes, each timing one call.
 
 What it checks is that the GPU run needs no edit: every column is filled, the persistent column really ran
 the persistent kernel (and the others did not), validation reads the reference, the tables render."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+from pathlib import Path
 
 import torch
-from bench_module import load_bench
+from bench_module import REPO, load_bench
 
 
 def test_persistent_bench_runs_validates_and_writes(tmp_path, monkeypatch) -> None:
-    kb = load_bench("kernels")
+    kb = load_bench("fused_kernels")
     monkeypatch.setattr(kb, "DEVICE", "cpu")
     monkeypatch.setattr(kb, "linear_shapes", lambda model: {"q": (256, 128), "down": (128, 144)})
     monkeypatch.setattr(kb, "PERSISTENT_VALIDATE", ((37, 64, 128), (37, 48, 144)))
@@ -22,7 +25,7 @@ def test_persistent_bench_runs_validates_and_writes(tmp_path, monkeypatch) -> No
         return (lambda: c["x"] @ c["w"].t()), (lambda: c["go"] @ c["w"])
 
     monkeypatch.setattr(kb, "_cublas_alone", cublas_alone)
-    monkeypatch.setattr("sys.argv", ["kernels.py", "--persistent", "--models", "tiny", "--m", "5,40",
+    monkeypatch.setattr("sys.argv", ["fused_kernels.py", "--persistent", "--models", "tiny", "--m", "5,40",
                                      "--out", str(tmp_path)])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu (interpreter)")
     monkeypatch.setattr(kb, "current_arch", lambda: "sm_90")
@@ -40,3 +43,14 @@ def test_persistent_bench_runs_validates_and_writes(tmp_path, monkeypatch) -> No
         assert all(r.startswith("persistent_") for r in v["routes"]), key
     md = (tmp_path / "kernels_persistent.md").read_text()
     assert md.count("\n| tiny |") == 12 and "xC" in md
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """A script run as `python bench/x.py` puts bench/ first on sys.path, so bench/<name>.py answers `import <name>`:
+    bench/kernels.py answered transformers 5.25's `import kernels` (the hub-kernels package it now requires) and
+    every benchmark that imports transformers failed. No script may take an installed top-level module's name."""
+    bench = REPO / "bench"
+    path = [p for p in sys.path if Path(p or ".").resolve() not in (bench, REPO)]
+    taken = [s.stem for s in bench.glob("*.py")
+             if any(importlib.machinery.PathFinder.find_spec(s.stem, [p]) for p in path if p)]
+    assert taken == [], taken

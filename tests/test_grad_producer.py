@@ -123,6 +123,19 @@ def test_backward_op_keeps_its_schema_default_and_passes_opcheck():
     torch.library.opcheck(torch.ops.surogate.lora_linear_backward, args, test_utils=("test_faketensor",))
 
 
+def test_backward_op_fake_matches_a_transposed_input():
+    """An input that is a transposed view (Falcon-Mamba's x_proj reads one): the fake promised the input's strides
+    (`empty_like`), the implementation returns the GEMM's contiguous gradient, and Inductor's stride assertion
+    failed in the backward."""
+    x, w, a, b, go = _case(k=128, n=256)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x.is_contiguous()
+    weight = ops.prepare_weight(w, "bf16")
+    hidden = ref.lora_linear_ref(x, weight, "bf16", a, b, None, None, 2.0, "bf16", "bf16")[1]
+    args = (go, x, weight, "bf16", a, b, x * 0.5, hidden, 2.0, "bf16")
+    torch.library.opcheck(torch.ops.surogate.lora_linear_backward, args, test_utils=("test_faketensor",))
+
+
 def test_bad_grad_output_q_says_what_is_wrong():
     x, w, a, b, go = _case()
     row, block = ops.prepare_weight(w, "fp8_row"), ops.prepare_weight(w, "fp8_block")

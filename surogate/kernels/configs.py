@@ -212,7 +212,7 @@ def get_lora_linear_nvfp4_configs(arch: str) -> list[triton.Config]:
 # (max_num_imprecise_acc = 2**30); over long K that can lose bits. Promoting each K step breaks the
 # wgmma accumulator chain: measured on the H100 (bench/NOTES.md runs 2-3) it cost 20-25% on 8B
 # shapes while the unpromoted result stayed far above the FP8 quantization noise against the FP32
-# reference, so it is off; bench/kernels.py sets it to measure both sides.
+# reference, so it is off; bench/fused_kernels.py sets it to measure both sides.
 FP8_PROMOTE: bool = False
 # True runs the Triton kernels where cuBLAS would (kernels/cublas.py), for measurement and tests.
 FORCE_TRITON_GEMMS: bool = False

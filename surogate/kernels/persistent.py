@@ -33,7 +33,7 @@ made the warp-specialized build fail in both Tritons.)
 paths under the interpreter, bit for bit against `_lora_gemm_kernel`).
 
 Routing: `variants.PERSISTENT_SM90` sends the variants marked `persistent` here on sm_90 where the H200
-measurement (bench/kernels.py --persistent) found it faster: bf16 from 4096 rows. Row-scaled fp8, faster
+measurement (bench/fused_kernels.py --persistent) found it faster: bf16 from 4096 rows. Row-scaled fp8, faster
 from 1024 rows, is off it by default: its route hit NaN losses in training (variants.PERSISTENT_SM90).
 """
 

@@ -210,7 +210,7 @@ def _lora_linear_backward_op(
     grads = reference.lora_linear_backward_ref(grad_output, input, weight, WeightFormat(weight_format), lora_a,
                                                lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input),
                                                grad_output_q)
-    return tuple(_empty_if_none(g, grad_output) for g in grads)
+    return tuple(_empty_if_none(g, grad_output).contiguous() for g in grads)
 
 
 @_lora_linear_backward_op.register_kernel("cuda")
@@ -223,18 +223,17 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     grads = launch.lora_linear_backward_cuda(grad_output, input, weight, WeightFormat(weight_format), lora_a, lora_b,
                                              lora_input, lora_hidden, lora_scale, Compute(grad_input), grad_output_q,
                                              lora_a_cast, lora_b_cast)
-    return tuple(_empty_if_none(g, grad_output) for g in grads)
+    return tuple(_empty_if_none(g, grad_output).contiguous() for g in grads)
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
       grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
-    return (
-        torch.empty_like(input),
-        grad_output.new_empty(0) if lora_a is None else torch.empty_like(lora_a),
-        grad_output.new_empty(0) if lora_b is None else torch.empty_like(lora_b),
-        grad_output.new_empty(0) if lora_input is None else torch.empty_like(lora_input),
-    )
+    # Contiguous whatever the inputs' strides, as the implementations' GEMMs write them: `empty_like` of an input
+    # that is a transposed view (Falcon-Mamba's x_proj reads one) would promise its strides, and Inductor's
+    # stride assertion failed in the backward.
+    return tuple(grad_output.new_empty(0) if t is None else t.new_empty(t.shape)
+                 for t in (input, lora_a, lora_b, lora_input))
 
 
 def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:

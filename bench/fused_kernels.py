@@ -11,8 +11,8 @@ and the fused FP8 GEMM alone on the same pre-quantized operands (`gemm_only`).
 the current route, forward and dgrad, per recipe (bf16, fp8, qfp8) and M (`--m`); `validate_persistent()`
 runs first; results go to bench/results/kernels_persistent.{json,md}.
 
-    python bench/kernels.py [--models 0.6B,8B] [--recipes bf16,fp8,...] [--m 4096] [--out bench/results]
-    python bench/kernels.py --persistent --models 8B --m 4096,16384 [--recipes bf16,fp8,qfp8]
+    python bench/fused_kernels.py [--models 0.6B,8B] [--recipes bf16,fp8,...] [--m 4096] [--out bench/results]
+    python bench/fused_kernels.py --persistent --models 8B --m 4096,16384 [--recipes bf16,fp8,qfp8]
 """
 
 from __future__ import annotations
