@@ -233,6 +233,9 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     else:
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
+        refusal = attention.packing_refusal(hf)
+        if refusal:
+            report.note(f"packed rows with position_ids are refused: the model {refusal}; pad instead")
     deltanet = linear_attention.install(hf, undo.attributes.set)
     if deltanet:
         report.note(f"linear attention: {deltanet} gated DeltaNet layers run the delta rule as one op "

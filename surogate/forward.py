@@ -9,6 +9,7 @@ so whatever computes the loss (the chunked op or HF's own head and loss) needs t
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -84,9 +85,23 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
     bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
     if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
         why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
-        report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
-        return False
-    return True
+    elif not _head_reads_the_backbone(hf, head, backbone):
+        why = (f"{type(hf).__name__}'s forward does not hand its backbone's output straight to its head (a prediction "
+               "transform between them, as BERT's)")
+    else:
+        return True
+    report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
+    return False
+
+
+def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
+    """Whether the head and the backbone are both children of `hf` that its forward calls by name: the chunked
+    loss computes `head(backbone(...)[0])`, which a head nested in a prediction module (BERT's `cls.predictions`:
+    dense, activation and LayerNorm before the decoder) would skip, a silently different loss."""
+    code = getattr(inspect.unwrap(type(hf).forward), "__code__", None)
+    children = {id(child): name for name, child in hf.named_children()}
+    names = (children.get(id(head)), children.get(id(backbone)))
+    return code is not None and all(name is not None and name in code.co_names for name in names)
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

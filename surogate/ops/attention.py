@@ -28,8 +28,10 @@ keyword arguments are present, never on tensor values, so warm-up, capture and r
 Sliding windows (`sliding_window`), logit soft-capping (`softcap`, Gemma 2) and attention sinks (`s_aux`,
 GPT-OSS: FlexAttention's output renormalized from its log-sum-exp) are applied on every path that has
 segments or needs them. Architectures whose attention does not go through
-`ALL_ATTENTION_FUNCTIONS` (Bloom, MPT, Falcon before transformers 5.25), or whose layers do not hand the layer kwargs
-on to it (Falcon in 5.25), keep transformers' own masks: `install` returns None for them.
+`ALL_ATTENTION_FUNCTIONS` (Bloom, MPT, Falcon before transformers 5.25), whose layers do not hand the layer kwargs
+on to it (StableLM, Falcon in 5.25), or whose attention is bidirectional (`is_causal = False`) keep transformers' own
+masks: `install` returns None for them. `packing_refusal` says where packed rows cannot train as their examples
+alone, and why (those, decoders that count their positions themselves, Mamba mixers that carry state).
 """
 
 from __future__ import annotations
@@ -191,8 +193,7 @@ def unsegmented_mixers(model: nn.Module) -> list[str]:
     """The classes of the token mixers in `model`'s decoder blocks that carry state along the row and read no
     segments: those that own a causal convolution (`nn.Conv1d`: Mamba's and Mamba-2's mixers in Falcon-H1, Jamba,
     Bamba, LFM2's short convolution), except the gated DeltaNet layers, which surogate gives the segments."""
-    decoder, prefix = _decoder(model)
-    blocks = [child for child in decoder.children() if isinstance(child, nn.ModuleList)]
+    blocks = [child for child in _decoder(model)[0].children() if isinstance(child, nn.ModuleList)]
     found = set()
     for block in blocks:
         for module in block.modules():
