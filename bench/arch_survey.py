@@ -111,8 +111,9 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
     for row in rows.values():
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
     lines = [f"# Architecture survey (CPU, bf16, tiny configs): {', '.join(f'{v} {k}' for k, v in counts.items())}",
-             "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commit "
-             f"{meta['commit']}. Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
+             "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commits "
+             f"{', '.join(sorted({row.get('commit', meta['commit']) for row in rows.values()}))} (each row's in the "
+             "JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
              f"{LOSS_BOUND:.0%} of FP32 PEFT. `python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
              "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | packed vs alone | "
              "crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|"]
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one type, one JSON line
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per type")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--update", action="store_true",
+                   help="re-run the given types into the existing results (each row keeps the commit it ran at)")
     args = p.parse_args(argv)
     import warnings
 
@@ -147,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     from surogate.training.info import git_commit
 
     types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    commit = os.environ.get("GIT_COMMIT") or git_commit()
+    previous = args.out / "arch_survey_cpu.json"
     rows = {}
+    if args.update and previous.exists():
+        before = json.loads(previous.read_text())
+        rows = {name: {"commit": before["meta"]["commit"], **row} for name, row in before["types"].items()}
     for i, name in enumerate(types, 1):
-        rows[name] = _run_isolated(name, args.timeout)
+        rows[name] = {**_run_isolated(name, args.timeout), "commit": commit}
         print(f"[{i}/{len(types)}] {name}: {json.dumps(rows[name])}", flush=True)
     meta = {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
-            "commit": os.environ.get("GIT_COMMIT") or git_commit()}
+            "commit": commit}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arch_survey_cpu.json").write_text(json.dumps({"meta": meta, "types": rows}, indent=1))
     md = markdown(meta, rows)
