@@ -12,7 +12,8 @@ the default LoRA targets, then:
   surogate refuses packed rows on the model; `crossing` is the same row without position_ids (one long
   sequence), which shows how far the check could see an example attending to another.
 Each type runs in its own process (a crash or a hang costs only that type). A type whose tiny config
-transformers' own eager forward rejects is listed as such: the survey's config, not surogate, is at fault there.
+transformers itself rejects (building it, or its own eager bf16 forward with labels) is listed as skipped: the
+survey's config, not surogate, is at fault there.
 Writes bench/results/arch_survey_cpu.{json,md} with the versions and commit.
 """
 
@@ -50,19 +51,19 @@ def survey_one(model_type: str) -> dict:
     import surogate
     from surogate.compiler import _attach_lora
 
-    base_config = T.AutoConfig.for_model(model_type)
-    if base_config.get_text_config() is not base_config:
-        return {"outcome": "skipped", "why": "vision-language type"}
-    config = T.AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items() if hasattr(base_config, k)})
-    torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(config)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     try:
+        base_config = T.AutoConfig.for_model(model_type)
+        if base_config.get_text_config() is not base_config:
+            return {"outcome": "skipped", "why": "vision-language type"}
+        config = T.AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items() if hasattr(base_config, k)})
+        torch.manual_seed(0)
+        base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
         with torch.no_grad():
-            base(input_ids=ids)
+            base(input_ids=ids, labels=ids)
     except Exception as e:  # noqa: BLE001 - the survey's config, not surogate: recorded as such
-        return {"outcome": "skipped", "why": f"HF eager rejects the tiny config ({type(e).__name__})"}
-    peft = _attach_lora(base.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+        return {"outcome": "skipped", "why": f"transformers rejects the tiny config in bf16 ({type(e).__name__})"}
+    peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft).float()
     try:
         model = surogate.compile(peft, recipe="bf16", arch="cpu")

@@ -156,6 +156,19 @@ def test_bidirectional_attention_keeps_its_masks_and_decoders_that_count_positio
     assert reads_position_ids(llama) and packing_refusal(llama) is None and packing_refusal(_bert(True)) is None
 
 
+def test_sparse_attention_with_an_indexer_keeps_transformers_masks():
+    """DeepSeek-V3.2's (and GLM-MoE-DSA's, HY-V4's) indexer picks its top-k keys from transformers' attention mask,
+    which is None under surogate attention: HY-V4 failed at the first step (bench/arch_survey.py)."""
+    from surogate.ops.attention import supports
+
+    config = T.AutoConfig.for_model("deepseek_v32", num_hidden_layers=2)
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+    assert not supports(model)
+    with torch.device("meta"):
+        assert supports(T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model("deepseek_v3", num_hidden_layers=2)))
+
+
 def test_packing_is_refused_where_a_mamba_mixer_would_carry_state_across_examples():
     """Falcon-H1 runs a Mamba-2 mixer beside each attention layer: its attention takes the segments, its scan and
     short convolution do not, so a packed example would start from the state of the one before it."""

@@ -150,16 +150,18 @@ def supports(model: nn.Module) -> bool:
     """Whether surogate attention can serve `model`: its attention layers call through transformers'
     `ALL_ATTENTION_FUNCTIONS` (so that registering an implementation reaches them), every module on the way to
     them passes its keyword arguments on (so the segments reach them: `passes_layer_kwargs`), they are causal
-    (an encoder's bidirectional attention, BERT's and its kin's unless `is_decoder`, must not become causal), and
-    the model can switch implementation."""
+    (an encoder's bidirectional attention, BERT's and its kin's unless `is_decoder`, must not become causal), no
+    sparse-attention indexer reads transformers' mask itself (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4: it failed on the
+    None mask surogate leaves), and the model can switch implementation."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
     module = sys.modules.get(type(model).__module__)
     if module is None or "ALL_ATTENTION_FUNCTIONS" not in vars(module):
         return False
-    readers = _segment_readers(model)
-    return passes_layer_kwargs(model) and all(getattr(m, "is_causal", True) is not False for m in readers.values())
+    readers = _segment_readers(model).values()
+    return (passes_layer_kwargs(model) and all(getattr(m, "is_causal", True) is not False for m in readers)
+            and not any(isinstance(getattr(m, "indexer", None), nn.Module) for m in readers))
 
 
 def reads_position_ids(model: nn.Module) -> bool:
