@@ -201,8 +201,8 @@ def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):
 
 def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss():
     """BERT's LM head is `cls.predictions`: dense, activation and LayerNorm, then the decoder linear. The chunked
-    loss (`head(backbone(...)[0])`) skipped the transform: 1.8e-3 off FP32 PEFT here, 1.2% in bench/arch_survey.py,
-    and Electra's generator head, narrower than its backbone, failed at the first step. HF's head runs there now."""
+    loss (`head(backbone(...)[0])`) skipped the transform: 1.8e-3 off FP32 PEFT here, 1.2% in bench/arch_survey.py.
+    HF's head runs there now."""
     import copy
 
     torch.manual_seed(0)
