@@ -116,7 +116,7 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
     lines = [f"# Architecture survey (CPU, bf16, tiny configs): {', '.join(f'{v} {k}' for k, v in counts.items())}",
              "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commits "
              f"{', '.join(sorted({row.get('commit', meta['commit']) for row in rows.values()}))} (each row's in the "
-             "JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
+             f"JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
              f"{LOSS_BOUND:.0%} of FP32 PEFT. `python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
              "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | packed vs alone | "
              "crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|"]
