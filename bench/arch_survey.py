@@ -57,6 +57,9 @@ def survey_one(model_type: str) -> dict:
         if base_config.get_text_config() is not base_config:
             return {"outcome": "skipped", "why": "vision-language type"}
         config = T.AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items() if hasattr(base_config, k)})
+        for name, value in vars(config).items():  # every dropout off (Seed-OSS's residual_dropout is 0.1): the
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):  # comparisons need one answer
+                setattr(config, name, 0.0)
         torch.manual_seed(0)
         base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
         with torch.no_grad():

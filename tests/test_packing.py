@@ -179,7 +179,24 @@ def test_packing_is_refused_where_a_mamba_mixer_would_carry_state_across_example
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=V, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8))
     assert supports(model)
-    assert "(FalconH1Mixer: a causal convolution, a state-space scan)" in packing_refusal(model)
+    assert "(FalconH1Mixer: a causal convolution" in packing_refusal(model)
+
+
+def test_packing_is_refused_where_some_blocks_mix_tokens_without_attention():
+    """MiniMax's linear-attention blocks run a lightning attention of its own between its softmax-attention ones:
+    no segments reach it, and packed rows were 0.09 nats a token off their examples alone, silently
+    (bench/results/arch_survey_cpu.md). A list of blocks that all attend stays accepted."""
+    from surogate.ops.attention import packing_refusal, supports
+
+    config = T.AutoConfig.for_model("minimax", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=V, num_local_experts=4,
+                                    num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+        assert supports(model)
+        assert "(MiniMaxLightningAttention: " in packing_refusal(model)
+        config.layer_types = ["full_attention", "full_attention"]
+        assert packing_refusal(T.AutoModelForCausalLM.from_config(config)) is None
 
 
 def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):

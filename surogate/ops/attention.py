@@ -40,6 +40,7 @@ import dis
 import functools
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -187,23 +188,33 @@ def packing_refusal(model: nn.Module) -> str | None:
     mixers = unsegmented_mixers(model)
     if mixers:
         return (f"has layers that carry state from token to token without surogate's segment ids ({', '.join(mixers)}: "
-                "a causal convolution, a state-space scan), so a packed example would start from the one before it")
+                "a causal convolution, a state-space scan, a linear attention of its own), so a packed example would start from the one before it")
     return None
 
 
 def unsegmented_mixers(model: nn.Module) -> list[str]:
     """The classes of the token mixers in `model`'s decoder blocks that carry state along the row and read no
     segments: those that own a causal convolution (`nn.Conv1d`: Mamba's and Mamba-2's mixers in Falcon-H1, Jamba,
-    Bamba, LFM2's short convolution), except the gated DeltaNet layers, which surogate gives the segments."""
-    blocks = [child for child in _decoder(model)[0].children() if isinstance(child, nn.ModuleList)]
+    Bamba, LFM2's short convolution), except the gated DeltaNet layers, which surogate gives the segments; and a
+    block with no layer that reads them, in a list of blocks where others have one (MiniMax's lightning attention:
+    a linear attention of its own, whose state would run on from one packed example into the next)."""
     found = set()
-    for block in blocks:
-        for module in block.modules():
-            owns_conv = any(isinstance(c, nn.Conv1d) for c in module.children())
-            if owns_conv and not any(g in _code_names(module) for g in _SEGMENT_READERS):
-                found.add(type(module).__name__)
+    for blocks in (child for child in _decoder(model)[0].children() if isinstance(child, nn.ModuleList)):
+        readers = [[name for name, m in block.named_modules() if _reads_segments(m)] for block in blocks]
+        where = {name for names in readers for name in names}  # where the other blocks hold their attention
+        for block, names in zip(blocks, readers):
+            if where and not names:
+                modules = dict(block.named_modules())
+                mixer = next((modules[n] for n in sorted(where) if n and n in modules), block)
+                if not _FEED_FORWARD.search(type(mixer).__name__):  # Nemotron-H's MLP-only blocks mix no tokens
+                    found.add(type(mixer).__name__)
+            for module in block.modules():
+                if any(isinstance(c, nn.Conv1d) for c in module.children()) and not _reads_segments(module):
+                    found.add(type(module).__name__)
     return sorted(found)
 
+
+_FEED_FORWARD = re.compile(r"MLP|MoE|Moe|Experts|FeedForward|FFN")
 
 # Globals whose use marks a layer that reads the segments: softmax attention through transformers' functions, and
 # the gated DeltaNet layers' chunked rule (ops/linear_attention.py).
@@ -223,8 +234,12 @@ def _segment_readers(model: nn.Module) -> dict[str, nn.Module]:
     audio encoder inside the embeddings, gets no segments), by name."""
     decoder, prefix = _decoder(model)
     blocks = tuple(f"{prefix}{name}." for name, child in decoder.named_children() if isinstance(child, nn.ModuleList))
-    return {name: m for name, m in model.named_modules() if name.startswith(blocks or prefix)
-            and any(g in _code_names(m) for g in _SEGMENT_READERS)}
+    return {name: m for name, m in model.named_modules() if name.startswith(blocks or prefix) and _reads_segments(m)}
+
+
+def _reads_segments(module: nn.Module) -> bool:
+    """Whether `module`'s forward reads one of `_SEGMENT_READERS`."""
+    return any(g in _code_names(module) for g in _SEGMENT_READERS)
 
 
 def passes_layer_kwargs(model: nn.Module) -> bool:
