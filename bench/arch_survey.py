@@ -6,7 +6,8 @@
 For each model type in transformers' causal-LM mapping (text models; a vision-language type is skipped), a tiny
 config (hidden 64, 2 layers, where the config has those fields), `surogate.compile(recipe="bf16", arch="cpu")` with
 the default LoRA targets, then:
-- loss: a plain batch's loss against FP32 PEFT eager (the reference); surogate's masks must keep the model's
+- loss: a plain batch's loss against FP32 PEFT eager (the reference; transformers' own bf16 eager error beside it,
+  the scale of rounding on the model: CPM-Ant's loss of ~24 nats is 0.8% off in bf16); surogate's masks must keep the model's
   causality (Doge's self-built mask lost it: tests/test_packing.py);
 - packing: a row of three examples (positions restarting) against each example alone, per token, or the reason
   surogate refuses packed rows on the model; `crossing` is the same row without position_ids (one long
@@ -68,6 +69,8 @@ def survey_one(model_type: str) -> dict:
         return {"outcome": "skipped", "why": f"transformers rejects the tiny config in bf16 ({type(e).__name__})"}
     peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft).float()
+    with torch.no_grad():  # transformers' own bf16 error: the scale of rounding on this model
+        hf_bf16 = copy.deepcopy(peft)(input_ids=ids, labels=ids).loss.item()
     try:
         model = surogate.compile(peft, recipe="bf16", arch="cpu")
         loss = model(input_ids=ids, labels=ids).loss.item()
@@ -77,7 +80,8 @@ def survey_one(model_type: str) -> dict:
     report = model.surogate_report
     row = {"attention": next((n.split(" (")[0].removeprefix("attention: ") for n in report.notes
                               if n.startswith("attention:")), "?"),
-           "rewritten": len(report.rewritten), "loss_rel": round(abs(loss - reference) / abs(reference), 5)}
+           "rewritten": len(report.rewritten), "loss_rel": round(abs(loss - reference) / abs(reference), 5),
+           "hf_bf16_rel": round(abs(hf_bf16 - reference) / abs(reference), 5)}
     examples, packed_row, positions, labels = _row(torch.Generator().manual_seed(1))
     keep = labels[0, 1:] != -100
     try:
@@ -92,7 +96,7 @@ def survey_one(model_type: str) -> dict:
         crossing = _token_losses(model, input_ids=packed_row, labels=labels)[0]
         row["packed_vs_alone"] = round(_max_diff(packed[keep], alone[keep]), 4)
         row["crossing_vs_alone"] = round(_max_diff(crossing[keep], alone[keep]), 4)
-    wrong = row["loss_rel"] > LOSS_BOUND or row.get("packed_vs_alone", 0.0) > PACKED_BOUND
+    wrong = row["loss_rel"] > max(LOSS_BOUND, 2 * row["hf_bf16_rel"]) or row.get("packed_vs_alone", 0.0) > PACKED_BOUND
     row["outcome"] = "WRONG" if wrong else "ok"
     return row
 
@@ -120,12 +124,12 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
              "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commits "
              f"{', '.join(sorted({row.get('commit', meta['commit']) for row in rows.values()}))} (each row's in the "
              f"JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
-             f"{LOSS_BOUND:.0%} of FP32 PEFT. `python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
-             "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | packed vs alone | "
-             "crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|"]
+             f"{LOSS_BOUND:.0%} of FP32 PEFT (or twice transformers' own bf16 error, where larger). `python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
+             "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | HF bf16 vs FP32 PEFT | "
+             "packed vs alone | crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['outcome']} | {row.get('attention', '')} | {row.get('rewritten', '')} | "
-                     f"{row.get('loss_rel', '')} | {row.get('packed_vs_alone', '')} | "
+                     f"{row.get('loss_rel', '')} | {row.get('hf_bf16_rel', '')} | {row.get('packed_vs_alone', '')} | "
                      f"{row.get('crossing_vs_alone', '')} | {row.get('packing', row.get('why', ''))} |")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,6 @@ so whatever computes the loss (the chunked op or HF's own head and loss) needs t
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import torch
@@ -88,6 +87,9 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
     elif not _head_reads_the_backbone(hf, head, backbone):
         why = (f"{type(hf).__name__}'s forward does not hand its backbone's output straight to its head (a prediction "
                "transform between them, as BERT's)")
+    elif "loss_function" not in attention.code_names(hf):
+        why = (f"{type(hf).__name__}'s forward computes its own loss, not transformers' shifted causal-LM "
+               "`loss_function` (CPM-Ant's and TrOCR's do not shift the labels)")
     else:
         return True
     report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
@@ -98,10 +100,9 @@ def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module
     """Whether the head and the backbone are both children of `hf` that its forward calls by name: the chunked
     loss computes `head(backbone(...)[0])`, which a head nested in a prediction module (BERT's `cls.predictions`:
     dense, activation and LayerNorm before the decoder) would skip, a silently different loss."""
-    code = getattr(inspect.unwrap(type(hf).forward), "__code__", None)
     children = {id(child): name for name, child in hf.named_children()}
     names = (children.get(id(head)), children.get(id(backbone)))
-    return code is not None and all(name is not None and name in code.co_names for name in names)
+    return all(name is not None and name in attention.code_names(hf) for name in names)
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

@@ -239,7 +239,7 @@ def _segment_readers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _reads_segments(module: nn.Module) -> bool:
     """Whether `module`'s forward reads one of `_SEGMENT_READERS`."""
-    return any(g in _code_names(module) for g in _SEGMENT_READERS)
+    return any(g in code_names(module) for g in _SEGMENT_READERS)
 
 
 def passes_layer_kwargs(model: nn.Module) -> bool:
@@ -255,7 +255,7 @@ def passes_layer_kwargs(model: nn.Module) -> bool:
     return bool(readers) and all(_passes_its_kwargs(cls.forward) for cls in on_the_way if not issubclass(cls, containers))
 
 
-def _code_names(module: nn.Module) -> tuple[str, ...]:
+def code_names(module: nn.Module) -> tuple[str, ...]:
     """The global and attribute names `module`'s class forward reads (empty when it is not Python code)."""
     code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
     return code.co_names if code is not None else ()
