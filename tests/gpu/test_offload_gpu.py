@@ -45,8 +45,10 @@ def _requested() -> int:
 
 def _measured_step(recipe: str, checkpoint, fraction: float = 1.0):
     torch._dynamo.reset()
+    # recompute_producers=True throughout: "auto" keeps bf16's norm / SwiGLU outputs without checkpointing and
+    # rebuilds them with it, which would make the blocks without checkpointing keep different things (run 116).
     model = surogate.compile(cuda_lora_qwen3(layers=LAYERS), recipe=recipe, checkpoint=checkpoint,
-                             checkpoint_fraction=fraction)
+                             checkpoint_fraction=fraction, recompute_producers=True)
     ids = _ids()
     model(input_ids=ids, labels=ids).loss.backward()  # compiles; the next step is measured
     model.zero_grad(set_to_none=True)
