@@ -4,7 +4,7 @@ Steps: resolve the recipe's plan for the arch (errors and warnings first, before
 attach LoRA through PEFT unless the model already has it; swap every target's base layer for a
 frozen `SurogateLinear` holding the weight as the recipe says (q-recipes free the bf16 copy);
 compile each decoder block with Dynamo and the surogate backend (regional compilation: one
-graph serves every identical block; the sequence dimension is marked dynamic); optionally
+graph serves every block of a class; the sequence dimension is marked dynamic); optionally
 checkpoint each block, or the first `checkpoint_fraction` of them (its forward recomputed in the backward;
 with "offload" its saved input waits in host memory, surogate/offload.py); route `labels=` calls through
 the chunked LM head + cross-entropy (`surogate.ops.loss`).
@@ -246,8 +246,9 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         # Block 0 would otherwise see an input without grad and compile a second graph.
         hf.enable_input_require_grads()
         _compile_blocks(blocks, backend, dynamic, checkpoint, offload, checkpointed)
-        report.note(f"regional compilation: {len(blocks)} decoder blocks of {type(blocks[0]).__name__} share one "
-                    "compiled graph")
+        classes = list(dict.fromkeys(type(b).__name__ for b in blocks))
+        report.note(f"regional compilation: {len(blocks)} decoder blocks of {' and '.join(classes)} share one "
+                    f"compiled graph{' per class' if len(classes) > 1 else ''}")
     if not (blocks and regional):
         if offload is not None:
             # The offload's copies, streams and host buffers stay outside Dynamo: each block call is a graph
@@ -337,7 +338,7 @@ def _check_checkpointable(model: nn.Module) -> None:
     blocks = _decoder_blocks(model, None)
     if not blocks:
         raise ValueError("checkpoint=True checkpoints the decoder blocks, but the model has no ModuleList of "
-                         "identical blocks holding linears; pass checkpoint=False")
+                         "blocks holding linears; pass checkpoint=False")
     if any(getattr(b, "gradient_checkpointing", False) for b in blocks):
         raise ValueError("the model has Hugging Face gradient checkpointing on; with checkpoint=True surogate "
                          "checkpoints the blocks itself: call model.gradient_checkpointing_disable() first")
@@ -712,13 +713,13 @@ def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo
 
 
 def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | None) -> list[nn.Module]:
-    """The longest ModuleList of identically typed blocks that hold linears (the decoder layers)."""
+    """The longest ModuleList of blocks that each hold linears (the decoder layers). A hybrid's blocks may be of
+    two classes (OLMo-hybrid: attention layers between gated-DeltaNet ones)."""
     best: list[nn.Module] = []
     for module in model.modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 1:
             continue
-        kinds = {type(b) for b in module}
-        if len(kinds) != 1 or not any(_is_linear(m) for m in module[0].modules()):
+        if not all(any(_is_linear(m) for m in block.modules()) for block in module):
             continue
         if len(module) > len(best):
             best = list(module)
@@ -813,19 +814,20 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
 
 def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,
                     offload: BlockInputOffload | None = None, checkpointed: int = 0) -> None:
-    """Compile the blocks' shared forward once; every block calls it (regional compilation).
+    """Compile the blocks' shared forward once per block class; every block calls its class's (regional compilation).
 
     The sequence dimension of each call's tensors is marked dynamic, so one graph serves every length.
     With `checkpoint`, each call of the compiled graph by the first `checkpointed` blocks runs under `torch.utils.checkpoint` (eager, non-reentrant): the recompute in the backward calls the same
     compiled graph with the same guards; the other blocks call it plainly.
     With `offload`, the inputs that checkpoint saves go to its host buffers (block i: `offload.hooks(i)`).
     """
-    shared = torch.compile(_fresh_function(type(blocks[0]).forward), backend=backend, dynamic=None)
+    shared = {cls: torch.compile(_fresh_function(cls.forward), backend=backend, dynamic=None)
+              for cls in dict.fromkeys(type(b) for b in blocks)}
     for index, block in enumerate(blocks):
-        def forward(*args, _block=block, **kwargs):
+        def forward(*args, _block=block, _shared=shared[type(block)], **kwargs):
             if dynamic:
                 _mark_sequence_dynamic(args, kwargs)
-            return shared(_block, *args, **kwargs)
+            return _shared(_block, *args, **kwargs)
 
         if checkpoint and index < checkpointed:
             forward = _checkpointed(forward, _draws_random(block), offload, index)

@@ -112,7 +112,7 @@ def test_checkpoint_refuses_models_it_cannot_checkpoint():
             self.config = T.PretrainedConfig()
             self.proj = nn.Linear(8, 8)
 
-    with pytest.raises(ValueError, match="no ModuleList of identical blocks"):
+    with pytest.raises(ValueError, match="no ModuleList of blocks holding linears"):
         surogate.compile(NoBlocks(), arch="cpu", checkpoint=True)
     model = _qwen3()
     model.gradient_checkpointing_enable()

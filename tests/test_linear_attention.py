@@ -34,6 +34,10 @@ MODELS = {
     "qwen3_5_moe": lambda: T.Qwen3_5MoeTextConfig(**{k: v for k, v in BASE.items() if k != "intermediate_size"},
                                                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                                   shared_expert_intermediate_size=64),
+    # Two decoder-layer classes (attention and DeltaNet layers) in one list: no blocks were found, and compile
+    # failed for want of targets before regional compilation took one graph per class.
+    "olmo_hybrid": lambda: T.OlmoHybridConfig(**{k: v for k, v in BASE.items() if k != "full_attention_interval"},
+                                              layer_types=["linear_attention", "full_attention"]),
 }
 
 
@@ -49,11 +53,12 @@ INPUT_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @pytest.mark.parametrize("name, env, targets", [("qwen3_5", None, None), ("qwen3_5", "inductor", None),
                                                 ("qwen3_5", None, INPUT_PROJECTIONS),
+                                                ("olmo_hybrid", None, None),
                                                 pytest.param("qwen3_next", None, None, marks=pytest.mark.slow),
                                                 pytest.param("qwen3_5_moe", None, None, marks=pytest.mark.slow)])
 def test_deltanet_model_follows_fp32_peft(name, env, targets, monkeypatch):
-    """Qwen3.5 (dense and MoE) and Qwen3-Next on the default CPU backend (aot_eager); Qwen3.5 through Inductor too,
-    and with LoRA on its DeltaNet input projections."""
+    """Qwen3.5 (dense and MoE), Qwen3-Next and OLMo-hybrid on the default CPU backend (aot_eager); Qwen3.5 through
+    Inductor too, and with LoRA on its DeltaNet input projections."""
     if env is None:
         monkeypatch.delenv("SUROGATE_CPU_BACKEND", raising=False)
     else:

@@ -111,11 +111,12 @@ def describe(model: nn.Module | None = None) -> str:
 # --- wrapping -------------------------------------------------------------------------------------
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The longest ModuleList of identically typed blocks that hold trainable (LoRA) parameters."""
+    """The longest ModuleList of blocks that each hold trainable (LoRA) parameters (of one class, or of two in a
+    hybrid: compiler._decoder_blocks)."""
     best: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(b) for b in module}) == 1:
-            if any(p.requires_grad for p in module[0].parameters()):
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            if all(any(p.requires_grad for p in block.parameters()) for block in module):
                 best = list(module)
     return best
 
