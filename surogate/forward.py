@@ -86,7 +86,7 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
         why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
     elif not _head_reads_the_backbone(hf, head, backbone):
         why = (f"{type(hf).__name__}'s forward does not hand its backbone's output straight to its head (a prediction "
-               "transform between them, as BERT's)")
+               "transform between them, as BERT's and Electra's)")
     elif "loss_function" not in attention.code_names(hf):
         why = (f"{type(hf).__name__}'s forward computes its own loss, not transformers' shifted causal-LM "
                "`loss_function` (CPM-Ant's and TrOCR's do not shift the labels)")
@@ -97,12 +97,16 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
 
 
 def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
-    """Whether the head and the backbone are both children of `hf` that its forward calls by name: the chunked
-    loss computes `head(backbone(...)[0])`, which a head nested in a prediction module (BERT's `cls.predictions`:
-    dense, activation and LayerNorm before the decoder) would skip, a silently different loss."""
+    """Whether the head and the backbone are both children of `hf` that its forward calls by name, and it calls
+    no other child that holds weights: the chunked loss computes `head(backbone(...)[0])`, which a head nested in
+    a prediction module (BERT's `cls.predictions`: dense, activation and LayerNorm before the decoder) or a
+    transform beside it (Electra's `generator_predictions`) would skip, a silently different loss."""
+    read = attention.code_names(hf)
     children = {id(child): name for name, child in hf.named_children()}
     names = (children.get(id(head)), children.get(id(backbone)))
-    return all(name is not None and name in attention.code_names(hf) for name in names)
+    others = [name for name, child in hf.named_children() if child is not head and child is not backbone
+              and name in read and next(child.parameters(), None) is not None]
+    return all(name is not None and name in read for name in names) and not others
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

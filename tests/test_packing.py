@@ -216,15 +216,21 @@ def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):
     assert torch.isfinite(model(input_ids=row, labels=labels).loss)
 
 
-def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss():
+@pytest.mark.parametrize("name", ["bert", "electra"])
+def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss(name):
     """BERT's LM head is `cls.predictions`: dense, activation and LayerNorm, then the decoder linear. The chunked
     loss (`head(backbone(...)[0])`) skipped the transform: 1.8e-3 off FP32 PEFT here, 1.2% in bench/arch_survey.py.
-    HF's head runs there now."""
+    Electra's head is a direct child, with its transform (`generator_predictions`) beside it: at an embedding size
+    equal to the hidden size the chunked loss skipped it silently (at another size the GEMM failed). HF's head
+    runs there now."""
     import copy
 
     torch.manual_seed(0)
-    peft = _attach_lora(_bert(is_decoder=True).to(torch.bfloat16), {"r": 8, "lora_alpha": 16,
-                                                                   "init_lora_weights": False})
+    hf = _bert(is_decoder=True) if name == "bert" else T.AutoModelForCausalLM.from_config(T.ElectraConfig(
+        hidden_size=64, embedding_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=V, max_position_embeddings=64, is_decoder=True, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    peft = _attach_lora(hf.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
     truth = copy.deepcopy(peft).float()
     model = surogate.compile(peft, recipe="bf16", arch="cpu")
     ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
