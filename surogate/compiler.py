@@ -36,7 +36,7 @@ from torch import nn
 from surogate import moe, ops
 from surogate.cache import source_tag
 from surogate.compat import compile_options_cache_tag, tag_compile_cache
-from surogate.forward import attach_forward
+from surogate.forward import attach_forward, backbone_of
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention, linear_attention
@@ -258,7 +258,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         elif checkpoint:
             _checkpoint_blocks(blocks[:checkpointed])  # before the backbone is compiled: Dynamo captures regions
         # The backbone, not the CausalLM: both the chunked-loss path and HF's forward go through it.
-        body = getattr(hf, "base_model", hf)
+        body = backbone_of(hf)
         # dynamic=None, never True: True turns Python floats (the LoRA scale) into graph inputs, which the
         # match pass refuses; automatic dynamic shapes still stop recompiling after the second length.
         body.forward = torch.compile(body.forward, backend=backend, dynamic=None)

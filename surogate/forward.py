@@ -28,7 +28,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     FP32 logits) instead of HF's head and loss."""
     config = getattr(hf, "config", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    backbone = getattr(hf, "base_model", hf)
+    backbone = backbone_of(hf)
     own_attention = attention.original_implementation(hf) is not None
     refusal = attention.packing_refusal(hf)  # why packed rows cannot train here, if they cannot
     needs = attention.mask_needs(hf)
@@ -74,6 +74,18 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         return
     what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
     report.note(f"{what} (softcap {softcap})" if softcap else what)
+
+
+def backbone_of(hf: nn.Module) -> nn.Module:
+    """`hf.base_model`, or where its `base_model_prefix` names no child (Llama4ForCausalLM's says
+    "language_model", its backbone is `model`) its one child that is a transformers model; `hf` when neither."""
+    from transformers import PreTrainedModel
+
+    backbone = getattr(hf, "base_model", hf)
+    if backbone is hf:
+        models = [child for child in hf.children() if isinstance(child, PreTrainedModel)]
+        return models[0] if len(models) == 1 else hf
+    return backbone
 
 
 def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.Module,

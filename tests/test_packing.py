@@ -19,6 +19,7 @@ from test_compile_models import V, tiny_config
 import surogate
 from surogate.ops.attention import segment_ids
 from surogate.compiler import _attach_lora
+from surogate.forward import backbone_of
 
 LENGTHS = (5, 9, 7)
 
@@ -36,7 +37,7 @@ def _token_losses(model, **inputs) -> torch.Tensor:
     """Per-token cross-entropy (fp32) of the compiled model's labels path, from the backbone's output."""
     hf = model.base_model.model
     grabbed = {}
-    hook = hf.base_model.register_forward_hook(lambda m, i, out: grabbed.__setitem__("h", out[0]))
+    hook = backbone_of(hf).register_forward_hook(lambda m, i, out: grabbed.__setitem__("h", out[0]))
     try:
         model(**inputs)
     finally:
