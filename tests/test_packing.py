@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 import transformers as T
 from test_compile_models import V, tiny_config
 
@@ -217,6 +218,17 @@ def test_a_layer_that_gets_no_segments_while_they_were_sent_raises(monkeypatch):
     assert torch.isfinite(model(input_ids=row, labels=labels).loss)
 
 
+def _against_fp32_peft(hf: nn.Module) -> tuple[nn.Module, float, float]:
+    """`hf` in bf16 with LoRA, compiled: the compiled model, its loss on a plain batch, and FP32 PEFT's."""
+    import copy
+
+    peft = _attach_lora(hf.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    truth = copy.deepcopy(peft).float()
+    model = surogate.compile(peft, recipe="bf16", arch="cpu")
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    return model, model(input_ids=ids, labels=ids).loss.item(), truth(input_ids=ids, labels=ids).loss.item()
+
+
 @pytest.mark.parametrize("name", ["bert", "electra"])
 def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss(name):
     """BERT's LM head is `cls.predictions`: dense, activation and LayerNorm, then the decoder linear. The chunked
@@ -224,18 +236,12 @@ def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss(name):
     Electra's head is a direct child, with its transform (`generator_predictions`) beside it: at an embedding size
     equal to the hidden size the chunked loss skipped it silently (at another size the GEMM failed). HF's head
     runs there now."""
-    import copy
-
     torch.manual_seed(0)
-    hf = _bert(is_decoder=True) if name == "bert" else T.AutoModelForCausalLM.from_config(T.ElectraConfig(
+    model, loss, expected = _against_fp32_peft(_bert(is_decoder=True) if name == "bert" else
+                                               T.AutoModelForCausalLM.from_config(T.ElectraConfig(
         hidden_size=64, embedding_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         vocab_size=V, max_position_embeddings=64, is_decoder=True, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0))
-    peft = _attach_lora(hf.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    truth = copy.deepcopy(peft).float()
-    model = surogate.compile(peft, recipe="bf16", arch="cpu")
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-    loss, expected = model(input_ids=ids, labels=ids).loss.item(), truth(input_ids=ids, labels=ids).loss.item()
+        attention_probs_dropout_prob=0.0)))
     assert abs(loss - expected) / expected < 5e-4, (loss, expected)  # measured 4e-5 (before: 1.8e-3)
     assert any("prediction transform" in why for _, why in model.surogate_report.fallbacks)
 
@@ -244,36 +250,24 @@ def test_a_model_with_its_own_unshifted_loss_keeps_hf_s_loss():
     """TrOCR's (and CPM-Ant's) forward takes cross-entropy of the logits against the labels unshifted, not through
     transformers' `loss_function`: the chunked loss (which shifts) gave another number, 14% off FP32 PEFT in
     bench/arch_survey.py. HF's loss runs there now."""
-    import copy
-
     config = T.TrOCRConfig(d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
                            vocab_size=V, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
                            activation_dropout=0.0)
     torch.manual_seed(0)
-    peft = _attach_lora(T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16),
-                        {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    truth = copy.deepcopy(peft).float()
-    model = surogate.compile(peft, recipe="bf16", arch="cpu")
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-    loss, expected = model(input_ids=ids, labels=ids).loss.item(), truth(input_ids=ids, labels=ids).loss.item()
+    model, loss, expected = _against_fp32_peft(T.AutoModelForCausalLM.from_config(config))
     assert abs(loss - expected) / expected < 5e-3, (loss, expected)
     assert any("computes its own loss" in why for _, why in model.surogate_report.fallbacks)
+
 
 def test_a_layer_that_builds_its_own_mask_stays_causal_and_inside_its_example():
     """Doge's attention builds its dynamic mask from transformers' causal mask, which is None under surogate: the
     mask it hands on had no causality, and the loss read the future (before: 4.8024 against FP32 PEFT's 4.8247,
     now 4.8244). surogate restricts such a mask to causal pairs within a segment."""
-    import copy
-
     cfg = T.DogeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=V, max_position_embeddings=64)
     torch.manual_seed(0)
-    peft = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16),
-                        {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    truth = copy.deepcopy(peft).float()
-    model = surogate.compile(peft, recipe="bf16", arch="cpu")
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
-    assert abs(model(input_ids=ids, labels=ids).loss.item() - truth(input_ids=ids, labels=ids).loss.item()) < 2e-3
+    model, loss, expected = _against_fp32_peft(T.AutoModelForCausalLM.from_config(cfg))
+    assert abs(loss - expected) < 2e-3
     examples, row, positions, labels = _row(torch.Generator().manual_seed(1))
     packed = _token_losses(model, input_ids=row, labels=labels, position_ids=positions)[0]
     alone = torch.cat([torch.cat([torch.zeros(1), _token_losses(model, input_ids=e[None], labels=e[None])[0]])
