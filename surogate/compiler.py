@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import dis
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -243,8 +245,12 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     checkpointed = checkpointed_blocks(len(blocks), checkpoint_fraction) if checkpoint else 0
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
-        # Block 0 would otherwise see an input without grad and compile a second graph.
-        hf.enable_input_require_grads()
+        # Block 0 would otherwise see an input without grad and compile a second graph; a backbone that scales its
+        # embedding output in place (CTRL) cannot take a leaf that requires grad there: it pays that graph instead.
+        if _scales_embeddings_in_place(backbone_of(hf)):
+            report.note("input embeddings scaled in place by the backbone: block 0 compiles a graph of its own")
+        else:
+            hf.enable_input_require_grads()
         _compile_blocks(blocks, backend, dynamic, checkpoint, offload, checkpointed)
         classes = list(dict.fromkeys(type(b).__name__ for b in blocks))
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {' and '.join(classes)} share one "
@@ -648,11 +654,37 @@ def default_targets(model: nn.Module) -> list[str]:
     their architecture names its other projections by (COMPANION_TARGETS), else every linear in the blocks; in
     Mamba-based models not the names PEFT refuses there."""
     blocks = _decoder_blocks(model, None)
-    names = {name.rsplit(".", 1)[-1] for b in blocks for name, m in b.named_modules() if _is_linear(m)}
+    paths = sorted({name for b in blocks for name, m in b.named_modules() if _is_linear(m)})
+    names = {path.rsplit(".", 1)[-1] for path in paths}
     if getattr(getattr(model, "config", None), "model_type", None) in _MAMBA_MODEL_TYPES:
         names -= set(_MAMBA_REFUSED)
     found = [t for t in DEFAULT_TARGETS if t in names]
-    return found + [t for t in COMPANION_TARGETS if t in names] if found else sorted(names)
+    chosen = found + [t for t in COMPANION_TARGETS if t in names] if found else sorted(names)
+    return _unambiguous(model, chosen, paths)
+
+
+def _unambiguous(model: nn.Module, targets: list[str], paths: list[str]) -> list[str]:
+    """`targets` (the linears' last names), each lengthened to the shortest dotted suffix of the linears' `paths`
+    in a block that matches no module that is not a linear: PEFT refused those. CTRL's `ffn` is a Sequential (its
+    linears are "0" and "2", which matched the blocks `h.0` and `h.2`); Reformer's `dense` names its feed-forward module
+    and the linear inside it."""
+    others = [name for name, m in model.named_modules() if name and not _is_linear(m)]
+
+    def clashes(target: str) -> bool:  # a list index alone would name a block of any model deep enough
+        return target.isdigit() or any(target_matches(target, name) for name in others)
+
+    result: list[str] = []
+    for target in targets:
+        if not clashes(target):
+            result.append(target)
+            continue
+        for path in (p for p in paths if p.rsplit(".", 1)[-1] == target):
+            parts = path.split(".")
+            suffix = next((".".join(parts[-k:]) for k in range(2, len(parts) + 1)
+                           if not clashes(".".join(parts[-k:]))), None)
+            if suffix is not None and suffix not in result:
+                result.append(suffix)
+    return result
 
 
 def default_exclude(model: nn.Module, targets: "list[str] | tuple[str, ...]") -> str | None:
@@ -681,7 +713,8 @@ def default_exclude(model: nn.Module, targets: "list[str] | tuple[str, ...]") ->
 
 
 def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
-    return any(type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
+    return any(type(m).__name__ == "Conv1D" and any(target_matches(t, n) for t in targets)
+               for n, m in model.named_modules())
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -810,6 +843,22 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
         done.add(id(body))
         run_pipeline(body, dataclasses.replace(ctx, matches=[], rewritten=[]))
         ctx.report.graphs -= 1
+
+
+def _scales_embeddings_in_place(backbone: nn.Module) -> bool:
+    """Whether `backbone`'s forward updates `inputs_embeds` with an augmented assignment (`inputs_embeds *= ...`:
+    in place on a tensor), which fails on the leaf that `enable_input_require_grads` makes of it."""
+    code = getattr(inspect.unwrap(type(backbone).forward), "__code__", None)
+    if code is None:
+        return False
+    before = None
+    for instruction in dis.get_instructions(code):
+        if (instruction.opname.startswith("STORE_FAST") and instruction.argval == "inputs_embeds" and before is not None
+                and (before.opname.startswith("INPLACE_") or before.opname == "BINARY_OP" and
+                     before.argrepr.endswith("=") and before.argrepr not in ("==", "!=", "<=", ">="))):
+            return True
+        before = instruction
+    return False
 
 
 def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,

@@ -243,3 +243,30 @@ def test_mamba_default_targets_leave_out_what_peft_refuses_there():
     ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
+
+
+def test_default_targets_name_only_linears_where_a_short_name_is_ambiguous():
+    """PEFT matches a target name as a suffix of module names. CTRL's feed-forward is a Sequential (linears "0" and
+    "2", which also name blocks `h.0`, `h.2`) and Reformer's `dense` names a feed-forward module and the linear in it:
+    PEFT refused those containers, and compile failed. The targets are lengthened to suffixes that name linears only."""
+    from surogate.compiler import _is_linear, default_targets, target_matches
+
+    ctrl = T.AutoModelForCausalLM.from_config(T.CTRLConfig(n_embd=64, dff=128, n_layer=3, n_head=4, vocab_size=V,
+                                                           n_positions=64))
+    reformer = T.AutoModelForCausalLM.from_config(T.ReformerConfig(
+        hidden_size=64, feed_forward_size=128, num_attention_heads=4, attention_head_size=16, vocab_size=V,
+        axial_pos_embds=False, max_position_embeddings=64, attn_layers=["local", "local"], is_decoder=True))
+    assert sorted(default_targets(ctrl)) == ["Wk", "Wq", "Wv", "dense", "ffn.0", "ffn.2"]
+    assert sorted(default_targets(reformer)) == ["dense.dense", "key", "output.dense", "query", "value"]
+    notes = {}
+    for name, model in (("ctrl", ctrl), ("reformer", reformer)):
+        targets = default_targets(model)
+        matched = [m for n, m in model.named_modules() if any(target_matches(t, n) for t in targets)]
+        assert matched and all(_is_linear(m) for m in matched)
+        compiled = surogate.compile(model.to(torch.bfloat16), recipe="bf16", arch="cpu", lora={"r": 4, "lora_alpha": 8})
+        ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(compiled(input_ids=ids, labels=ids).loss)
+        notes[name] = any("scaled in place" in n for n in compiled.surogate_report.notes)
+    # CTRL scales its embedding output in place (`inputs_embeds *= sqrt(d)`), which failed at the first step on the
+    # leaf that `enable_input_require_grads` made of it: not set there (block 0 compiles a graph of its own).
+    assert notes == {"ctrl": True, "reformer": False}
