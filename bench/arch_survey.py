@@ -4,8 +4,8 @@
     python bench/arch_survey.py llama doge ...   # some
 
 For each model type in transformers' causal-LM mapping (text models; a vision-language type is skipped), a tiny
-config (hidden 64, 2 layers, where the config has those fields), `surogate.compile(recipe="bf16", arch="cpu")` with
-the default LoRA targets, then:
+config (hidden 64, 2 layers, where the config has those fields; OVERRIDES where an architecture needs more),
+`surogate.compile(recipe="bf16", arch="cpu")` with the default LoRA targets, then:
 - loss: a plain batch's loss against FP32 PEFT eager (the reference; transformers' own bf16 eager error beside it,
   the scale of rounding on the model: CPM-Ant's loss of ~24 nats is 0.8% off in bf16); surogate's masks must keep the model's
   causality (Doge's self-built mask lost it: tests/test_packing.py);
@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,99 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             n_positions=64, ffn_dim=128, d_model=64, num_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             sliding_window=16, hidden_dropout=0.0, attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, dropout=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# Per type, merged over TINY (None drops a TINY key), where TINY alone makes no valid model (transformers rejects it):
+MLA = {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+       "v_head_dim": 16, "head_dim": 8}  # latent attention: a key/value head per query head; head_dim: the rotary part
+INDEXER = {"index_head_dim": 16, "index_n_heads": 2, "index_topk": 8}  # DeepSeek sparse attention's token selector
+LINEAR = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+          "linear_value_head_dim": 16}
+MAMBA = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16,
+         "mamba_chunk_size": 16}  # heads * head = expand (2) * hidden
+DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 128}  # num_hidden_layers is the
+# encoder's (and sizes the cache), so the decoder's 12 layers overran it
+HYBRID = ["linear_attention", "full_attention"]  # one of each: with no attention layer the cache has no mask size
+GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "layer_types": ["sliding_attention", "full_attention"],
+          "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128}  # head_dim is per layer
+OVERRIDES: dict[str, dict] = {
+    "axk1": {**MLA, "n_group": 1, "topk_group": 1},  # one expert group of the 4 experts
+    "axk2": {**MLA, **INDEXER},
+    "bailing_hybrid": {**MLA, "layer_types": HYBRID, "mlp_layer_types": ["dense", "sparse"], "linear_head_dim": 16,
+                       "linear_num_heads": 4, "num_experts_per_token": 2, "num_expert_group": 1, "topk_group": 1,
+                       "first_k_dense_replace": 1, "expert_swiglu_limit_list": [0, 0],
+                       "share_expert_swiglu_limit_list": [0, 0]},  # both lists have an entry per layer
+    "bamba": {**MAMBA, "attn_layer_indices": [1]},  # Mamba2, then attention
+    "bart": DECODER,
+    "bigbird_pegasus": DECODER,
+    "blenderbot": DECODER,
+    "blenderbot-small": DECODER,
+    "codegen": {"rotary_dim": 8},  # rotary_dim (64) must fit the head (16)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [4, 2, 2]}}},  # none by default
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # DbrxAttention reads
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},  # rope_theta there and
+    # cannot clamp with clip_qkv None
+    "deepseek_v2": {**MLA, "first_k_dense_replace": 1},  # a dense layer, then MoE
+    "deepseek_v3": {**MLA, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1},
+    "deepseek_v32": {**MLA, **INDEXER, "n_group": 1, "topk_group": 1},
+    "dots1": {"n_shared_experts": 1},  # None by default, which the shared expert's size multiplies
+    "dots3_note_text": {**MLA, **INDEXER, "num_attention_heads": 4, "head_dim": 24, "per_layer_config": {},
+                        "layer_types": ["indexed_attention", "sliding_attention"],
+                        "mlp_layer_types": ["dense", "sparse"], "shared_experts_intermediate_size": 64},  # its heads
+    # are per layer by default; the sliding layers' head is qk_nope + qk_rope
+    "falcon": {"head_dim": None},  # a read-only property (hidden / heads)
+    "gemma3n_text": {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                     "num_kv_shared_layers": 2, "activation_sparsity_pattern": [0.0] * 4, "laurel_rank": 8,
+                     "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128},  # the last 2 layers reuse
+    # the keys and values of the first 2 (15 layers of the 2 by default)
+    "gemma4_text": GEMMA4,
+    "gemma4_unified_text": GEMMA4,
+    "glm4_moe_lite": MLA,
+    "glm_moe_dsa": {**MLA, **INDEXER},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 16},  # must name each of the 2 layers
+    "gptj": {"rotary_dim": 8},  # rotary_dim (64) must fit the head (16)
+    "granitemoehybrid": {**MAMBA, "layer_types": ["mamba", "attention"], "shared_intermediate_size": 64},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8},  # Mamba, then attention
+    "kimi_linear": {**MLA, "q_lora_rank": None, "layer_types": HYBRID, "mlp_layer_types": ["dense", "sparse"],
+                    "linear_head_dim": 16, "linear_num_heads": 4, "num_experts_per_token": 2},
+    "kolibri1_1": {"layer_types": ["sliding_attention", "indexed_attention"], "index_layers": [1],
+                   "kv_source_layers": [0, 1], "index_num_heads": 2, "index_pool_size": 16, "index_compression": 4,
+                   "index_topk": 8, "index_num_local_tokens": 4, "index_num_sink_tokens": 2, "mlp_only_layers": [0],
+                   "mlp_only_intermediate_size": 128, "shared_expert_intermediate_size": 64},  # every 5th layer indexed
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # None by default
+    "longcat_flash": {**MLA, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 64, "moe_topk": 2,
+                      "zero_expert_num": 2},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},  # heads * head_dim = expand (2) * hidden
+    "marian": DECODER,
+    "mbart": DECODER,
+    "minicpm3": MLA,
+    "mvp": DECODER,
+    "pegasus": DECODER,
+    "plbart": DECODER,
+    "prophetnet": {"num_hidden_layers": None, "num_encoder_layers": 2, "num_decoder_layers": 2,
+                   "num_decoder_attention_heads": 4, "decoder_ffn_dim": 128},  # refuses num_hidden_layers
+    "qwen3_5_moe_text": {**LINEAR, "layer_types": HYBRID, "shared_expert_intermediate_size": 64},
+    "qwen3_5_text": {**LINEAR, "layer_types": HYBRID},
+    "qwen3_next": {**LINEAR, "layer_types": HYBRID, "shared_expert_intermediate_size": 64},
+    "qwen4_exp_text": {**LINEAR, "layer_types": HYBRID, "shared_expert_intermediate_size": 64, "hc_lowrank": 8,
+                       "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 4, "split_ngram_parts": 4, "ngram_vocab_size_base": 128},  # the
+    # indexer has no sizes by default
+    "recurrent_gemma": {"lru_width": 64, "attention_window_size": 16, "block_types": ["recurrent", "attention"]},
+    "reformer": {"is_decoder": True, "axial_pos_embds": False, "attn_layers": ["local", "lsh"],
+                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "attention_head_size": 16,
+                 "feed_forward_size": 128},  # axial positions in training need the length to be exactly their product
+    "sarvam_mla": MLA,
+    "whisper": DECODER,
+    "xlnet": {"max_position_embeddings": None, "d_inner": 128},  # refuses a length limit
+    "xlstm": {"qk_dim_factor": 1.0},  # hidden * 0.5 is rounded up to 64 in some places, not in others
+    "xmod": {"default_language": "en_XX"},  # its adapters need a language
+    "youtu": MLA,
+    "zamba": {"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid"] * 2,
+              "mamba_dt_rank": 8},  # its shared attention block is tied across hybrid layers: it needs two
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "n_mamba_heads": 8, "mamba_d_state": 16,
+               "chunk_size": 16},
+    "zaya": {"num_experts_per_tok": 1},  # the only value it supports
+}
 PACKED_BOUND, LOSS_BOUND = 0.03, 0.01  # nats per token (bf16 rounding: ~0.003); relative loss (bf16: ~1e-4)
 
 
@@ -57,7 +151,9 @@ def survey_one(model_type: str) -> dict:
         base_config = T.AutoConfig.for_model(model_type)
         if base_config.get_text_config() is not base_config:
             return {"outcome": "skipped", "why": "vision-language type"}
-        config = T.AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items() if hasattr(base_config, k)})
+        override = OVERRIDES.get(model_type, {})  # its keys need no `hasattr`: Gemma 4's head_dim raises there
+        config = T.AutoConfig.for_model(model_type, **{k: v for k, v in {**TINY, **override}.items()
+                                                       if v is not None and (k in override or hasattr(base_config, k))})
         for name, value in vars(config).items():  # every dropout off (Seed-OSS's residual_dropout is 0.1): the
             if ("dropout" in name or "pdrop" in name) and isinstance(value, float):  # comparisons need one answer
                 setattr(config, name, 0.0)
@@ -67,15 +163,16 @@ def survey_one(model_type: str) -> dict:
             base(input_ids=ids, labels=ids)
     except Exception as e:  # noqa: BLE001 - the survey's config, not surogate: recorded as such
         return {"outcome": "skipped", "why": f"transformers rejects the tiny config in bf16 ({type(e).__name__})"}
-    peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    truth = copy.deepcopy(peft).float()
-    with torch.no_grad():  # transformers' own bf16 error: the scale of rounding on this model
-        hf_bf16 = copy.deepcopy(peft)(input_ids=ids, labels=ids).loss.item()
     try:
+        peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+        truth = copy.deepcopy(peft).float()
+        with torch.no_grad():  # transformers' own bf16 error: the scale of rounding on this model
+            hf_bf16 = copy.deepcopy(peft)(input_ids=ids, labels=ids).loss.item()
         model = surogate.compile(peft, recipe="bf16", arch="cpu")
         loss = model(input_ids=ids, labels=ids).loss.item()
-    except Exception as e:  # noqa: BLE001 - what a user would meet, recorded
-        return {"outcome": "compile or first step fails", "why": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    except Exception as e:  # noqa: BLE001 - what a user would meet, recorded on one line, a module's repr (in PEFT's
+        why = " ".join(re.sub(r"\(\n.*\n\)", "(...)", str(e), flags=re.DOTALL).split())[:200]  # refusal) cut out
+        return {"outcome": "compile or first step fails", "why": f"{type(e).__name__}: {why}"}
     reference = truth(input_ids=ids, labels=ids).loss.item()
     report = model.surogate_report
     row = {"attention": next((n.split(" (")[0].removeprefix("attention: ") for n in report.notes
