@@ -246,9 +246,9 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
         # Block 0 would otherwise see an input without grad and compile a second graph; a backbone that scales its
-        # embedding output in place (CTRL) cannot take a leaf that requires grad there: it pays that graph instead.
-        if _scales_embeddings_in_place(backbone_of(hf)):
-            report.note("input embeddings scaled in place by the backbone: block 0 compiles a graph of its own")
+        # embedding output in place (CTRL, GIT) cannot take a leaf that requires grad there: it pays that graph.
+        if _updates_embeddings_in_place(hf):
+            report.note("input embeddings updated in place by the model: block 0 compiles a graph of its own")
         else:
             hf.enable_input_require_grads()
         _compile_blocks(blocks, backend, dynamic, checkpoint, offload, checkpointed)
@@ -845,18 +845,35 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
         ctx.report.graphs -= 1
 
 
-def _scales_embeddings_in_place(backbone: nn.Module) -> bool:
-    """Whether `backbone`'s forward updates `inputs_embeds` with an augmented assignment (`inputs_embeds *= ...`:
-    in place on a tensor), which fails on the leaf that `enable_input_require_grads` makes of it."""
-    code = getattr(inspect.unwrap(type(backbone).forward), "__code__", None)
+def _updates_embeddings_in_place(hf: nn.Module) -> bool:
+    """Whether the module that calls `hf`'s input embeddings updates their output in place with an augmented
+    assignment (CTRL's backbone: `inputs_embeds *= sqrt(d)`; GIT's embeddings: `embeddings += positions`), which
+    fails on the leaf that `enable_input_require_grads` makes of that output."""
+    embeddings = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
+    owners = [(owner, name) for owner in hf.modules() for name, child in owner.named_children() if child is embeddings]
+    return any(_augments_what_it_called(type(owner).forward, name) for owner, name in owners)
+
+
+def _augments_what_it_called(forward: Any, attribute: str) -> bool:
+    """Whether `forward` stores the result of its first call of `self.<attribute>` in a local and then updates that
+    local with an augmented assignment (in place on a tensor)."""
+    code = getattr(inspect.unwrap(forward), "__code__", None)
     if code is None:
         return False
-    before = None
+    called, fresh, before = False, set(), None
     for instruction in dis.get_instructions(code):
-        if (instruction.opname.startswith("STORE_FAST") and instruction.argval == "inputs_embeds" and before is not None
-                and (before.opname.startswith("INPLACE_") or before.opname == "BINARY_OP" and
-                     before.argrepr.endswith("=") and before.argrepr not in ("==", "!=", "<=", ">="))):
-            return True
+        stored = instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,)
+        if instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and instruction.argval == attribute and not fresh:
+            called = True
+        elif instruction.opname.startswith("STORE_FAST"):
+            augmented = before is not None and (before.opname.startswith("INPLACE_") or before.opname == "BINARY_OP"
+                                                and before.argrepr.endswith("=") and before.argrepr not in
+                                                ("==", "!=", "<=", ">="))
+            if augmented and fresh.intersection(stored):
+                return True
+            if called:
+                fresh.update(stored[:1])
+                called = False
         before = instruction
     return False
 
