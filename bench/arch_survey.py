@@ -7,8 +7,8 @@ For each model type in transformers' causal-LM mapping (text models; a vision-la
 config (hidden 64, 2 layers, where the config has those fields; OVERRIDES where an architecture needs more),
 `surogate.compile(recipe="bf16", arch="cpu")` with the default LoRA targets, then:
 - loss: a plain batch's loss against FP32 PEFT eager (the reference; transformers' own bf16 eager error beside it,
-  the scale of rounding on the model: CPM-Ant's loss of ~24 nats is 0.8% off in bf16); surogate's masks must keep the model's
-  causality (Doge's self-built mask lost it: tests/test_packing.py);
+  the scale of rounding on the model: CPM-Ant's loss of ~24 nats is 0.8% off in bf16); surogate's masks must keep
+  the model's causality (Doge's self-built mask lost it: tests/test_packing.py);
 - packing: a row of three examples (positions restarting) against each example alone, per token, or the reason
   surogate refuses packed rows on the model; `crossing` is the same row without position_ids (one long
   sequence), which shows how far the check could see an example attending to another.
@@ -221,7 +221,8 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
              "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commits "
              f"{', '.join(sorted({row.get('commit', meta['commit']) for row in rows.values()}))} (each row's in the "
              f"JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
-             f"{LOSS_BOUND:.0%} of FP32 PEFT (or twice transformers' own bf16 error, where larger). `python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
+             f"{LOSS_BOUND:.0%} of FP32 PEFT (or twice transformers' own bf16 error, where larger). "
+             "`python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
              "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | HF bf16 vs FP32 PEFT | "
              "packed vs alone | crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():

@@ -863,19 +863,27 @@ def _augments_what_it_called(forward: Any, attribute: str) -> bool:
     called, fresh, before = False, set(), None
     for instruction in dis.get_instructions(code):
         stored = instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,)
-        if instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD")) and instruction.argval == attribute and not fresh:
+        loads = instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD"))
+        if loads and instruction.argval == attribute and not fresh:
             called = True
         elif instruction.opname.startswith("STORE_FAST"):
-            augmented = before is not None and (before.opname.startswith("INPLACE_") or before.opname == "BINARY_OP"
-                                                and before.argrepr.endswith("=") and before.argrepr not in
-                                                ("==", "!=", "<=", ">="))
-            if augmented and fresh.intersection(stored):
+            if _is_augmented(before) and fresh.intersection(stored):
                 return True
             if called:
                 fresh.update(stored[:1])
                 called = False
         before = instruction
     return False
+
+
+def _is_augmented(instruction: "dis.Instruction | None") -> bool:
+    """Whether `instruction` is the operation of an augmented assignment (`x += y`: INPLACE_* before Python 3.11,
+    BINARY_OP with an operator ending in "=" since)."""
+    if instruction is None:
+        return False
+    return instruction.opname.startswith("INPLACE_") or (instruction.opname == "BINARY_OP" and
+                                                        instruction.argrepr.endswith("=") and
+                                                        instruction.argrepr not in ("==", "!=", "<=", ">="))
 
 
 def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,

@@ -188,7 +188,8 @@ def packing_refusal(model: nn.Module) -> str | None:
     mixers = unsegmented_mixers(model)
     if mixers:
         return (f"has layers that carry state from token to token without surogate's segment ids ({', '.join(mixers)}: "
-                "a causal convolution, a state-space scan, a linear attention of its own), so a packed example would start from the one before it")
+                "a causal convolution, a state-space scan, a linear attention of its own), so a packed example would "
+                "start from the one before it")
     return None
 
 
