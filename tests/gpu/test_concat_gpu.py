@@ -21,14 +21,12 @@ from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def _step(recipe: str, slices: bool, monkeypatch, members: bool = True) -> tuple[float, torch.Tensor, list[str]]:
-    """(loss, flat LoRA grads, backward kernel names) of the second step of the compiled tiny Qwen3; `members`:
-    qfp8's gradient quantize per member of the cats (surogate/passes/member_quantize.py)."""
+def _step(recipe: str, slices: bool, monkeypatch) -> tuple[float, torch.Tensor, list[str]]:
+    """(loss, flat LoRA grads, backward kernel names) of the second step of the compiled tiny Qwen3."""
     import surogate
-    from surogate.passes import concat, member_quantize
+    from surogate.passes import concat
 
     monkeypatch.setattr(concat, "ENABLED", slices)
-    monkeypatch.setattr(member_quantize, "ENABLED", members)
     monkeypatch.setenv("SUROGATE_AUTOTUNE", "0")  # both compiles launch the same GEMM configs
     torch._dynamo.reset()
     model = surogate.compile(cuda_lora_qwen3(), recipe=recipe)
@@ -59,15 +57,3 @@ def test_gradient_cats_as_concat_kernels_change_no_bit_and_no_longer_run_a_cat_k
     assert rel < 1e-3, rel
     assert _swiglu_cat_kernels(kernels_off), kernels_off  # Inductor's masked pointwise cat, one a layer
     assert not _swiglu_cat_kernels(kernels_on), _swiglu_cat_kernels(kernels_on)
-
-
-def test_qfp8s_gradient_quantized_per_member_changes_no_bit_and_launches_fewer_kernels(monkeypatch):
-    """member_quantize.py: the same 1x128 blocks, quantized where each member is computed: the same loss, the
-    gradients to the bound above, and fewer backward launches (gate/up's quantize rides in the SwiGLU backward;
-    the CPU plan: 21 -> 19 kernels a block, tests/test_passes_member_quantize.py)."""
-    loss_on, grads_on, kernels_on = _step("qfp8", True, monkeypatch, members=True)
-    loss_off, grads_off, kernels_off = _step("qfp8", True, monkeypatch, members=False)
-    assert loss_on == loss_off  # the forward is the same graph
-    rel = ((grads_on - grads_off).norm() / grads_off.norm()).item()
-    assert rel < 1e-3, rel
-    assert len(kernels_on) < len(kernels_off), (len(kernels_on), len(kernels_off))
