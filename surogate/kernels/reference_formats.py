@@ -208,10 +208,14 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
         raise ValueError(f"block must be two positive ints (bm, bk), e.g. (1, 128) or (128, 128); got {block}")
     bm, bk = block
     k = x.shape[-1]
-    data, scale = fp8_block_tiles(x, block, element)
-    m = x.numel() // k
+    xf = _stored_value(x).reshape(-1, k)
+    m = xf.shape[0]
     pad_k = -k % bk
     pad_m = 0 if bm == 1 else -m % bm
+    padded = torch.nn.functional.pad(xf, (0, pad_k, 0, pad_m))
+    tiles = padded.reshape(-1, bm, (k + pad_k) // bk, bk)  # (M/bm, bm, K/bk, bk)
+    scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_MAX[element])
+    data = _cast_fp8(tiles / scale[:, None, :, None], element)
     if pad_k == 0 and pad_m == 0:
         data = _tiles_as(data, x.shape)
     else:
@@ -219,22 +223,6 @@ def quantize_fp8_block_ref(x: torch.Tensor, block: tuple[int, int] = (1, 128),
     if bm == 1:  # M-contiguous, as the Triton quantizer stores 1 x bk scales
         return data, scale.t().contiguous().t().reshape(*x.shape[:-1], scale.shape[-1])
     return data, scale
-
-
-def fp8_block_tiles(x: torch.Tensor, block: tuple[int, int] = (1, 128),
-                    element: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
-    """(tiles fp8 (M/bm, bm, K/bk, bk), scale fp32 (M/bm, K/bk)): `quantize_fp8_block_ref`'s numbers before its
-    layout, over x seen as (M, K) and zero-padded to whole blocks. Apart so that a caller can lay out the tiles
-    of several tensors in one buffer (passes/member_quantize.py) with the same bits."""
-    bm, bk = block
-    k = x.shape[-1]
-    xf = _stored_value(x).reshape(-1, k)
-    pad_k = -k % bk
-    pad_m = 0 if bm == 1 else -xf.shape[0] % bm
-    padded = torch.nn.functional.pad(xf, (0, pad_k, 0, pad_m))
-    tiles = padded.reshape(-1, bm, (k + pad_k) // bk, bk)  # (M/bm, bm, K/bk, bk)
-    scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_MAX[element])
-    return _cast_fp8(tiles / scale[:, None, :, None], element), scale
 
 
 def _tiles_as(tiles: torch.Tensor, shape: torch.Size) -> torch.Tensor:
