@@ -3,7 +3,8 @@
     python bench/copies.py --model 8B --recipe fp8      # writes bench/results/copies_<recipe>_<model>.{json,md}
 
 Around its Triton and cuBLAS kernels the op's CUDA implementation (ops/lora_linear.py, kernels/launch.py and the
-launchers) runs eager ATen calls: casts of the LoRA factors, their scaling, layout copies. On a GPU each is a
+launchers) runs eager ATen calls: the LoRA factors' scaling, layout copies (their casts, with the persistent
+kernel's U^T, are one Triton launch, kernels/lora_factors.py, which this does not list). On a GPU each is a
 kernel of its own, on tensors of a few hundred KB, so each costs about a launch (the H200 profile of the 8B
 fp8 step: 6,064 small `bfloat16_copy` kernels at ~1.3 us each, bench/NOTES.md "Copies in the fp8 step").
 This runs each projection's forward and backward through that implementation on small CPU tensors (Triton

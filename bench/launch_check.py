@@ -6,16 +6,16 @@ Why: a NaN loss says nothing about where it started, and a fault of one kernel c
 or an eager run. This check found that one: every launch of a real fine-tune compared with the reference, in the
 captured graphs too.
 
-What: `surogate.kernels.launch.lora_linear_cuda` and `lora_linear_backward_cuda` (every route: the persistent
-kernel, `_lora_gemm_kernel`, cuBLAS + LoRA) are wrapped. After each call, as device tensors (no host sync, so a
-CUDA-graph capture records them and every replay updates them): the non-finite count of the call's inputs, that
-of its outputs, and its error: the largest |output - reference| over the reference's largest |value|, where the
-reference is `surogate.kernels.reference_linear`'s same op on the same tensors (the same quantization, in torch),
-for the output (forward) or for the input and LoRA gradients (backward). They are read after each optimizer step.
-A launch whose inputs are all finite is bad when its outputs have NaN/Inf or its error is above --tolerance
-(default 0.05; the kernels differ from the reference by rounding, ~1e-2 at most); one with non-finite inputs
-only counts as downstream of an earlier fault (or of the data). The MoE expert ops (grouped_lora_linear) are
-not wrapped.
+What: `surogate.kernels.launch.lora_linear_with_casts_cuda` (the op's forward, which `lora_linear_cuda` calls too)
+and `lora_linear_backward_cuda` (every route: the persistent kernel, `_lora_gemm_kernel`, cuBLAS + LoRA) are
+wrapped. After each call, as device tensors (no host sync, so a CUDA-graph capture records them and every replay
+updates them): the non-finite count of the call's inputs, that of its outputs, and its error: the largest
+|output - reference| over the reference's largest |value|, where the reference is
+`surogate.kernels.reference_linear`'s same op on the same tensors (the same quantization, in torch), for the
+output (forward) or for the input and LoRA gradients (backward). They are read after each optimizer step. A launch
+whose inputs are all finite is bad when its outputs have NaN/Inf or its error is above --tolerance (default 0.05;
+the kernels differ from the reference by rounding, ~1e-2 at most); one with non-finite inputs only counts as
+downstream of an earlier fault (or of the data). The MoE expert ops (grouped_lora_linear) are not wrapped.
 
 Output: the first bad launches (step, forward / backward, shapes, format, the routes it ran, captured or eager),
 launch counts, bench/results/launch_check.{json,md} (--out); exit 1 when a launch was bad. The check costs a
@@ -97,10 +97,10 @@ class LaunchCheck:
         self._restore: dict[str, Callable] = {}
 
     def __enter__(self) -> "LaunchCheck":
-        self._restore = {"lora_linear_cuda": launch.lora_linear_cuda,
+        self._restore = {"lora_linear_with_casts_cuda": launch.lora_linear_with_casts_cuda,
                          "lora_linear_backward_cuda": launch.lora_linear_backward_cuda}
         self.inner = dict(self._restore)
-        launch.lora_linear_cuda = self._forward
+        launch.lora_linear_with_casts_cuda = self._forward
         launch.lora_linear_backward_cuda = self._backward
         return self
 
@@ -122,13 +122,14 @@ class LaunchCheck:
     def _forward(self, input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
                  grad_input_precision, input_q=None):
         with variants.trace() as routes:
-            out, hidden = self.inner["lora_linear_cuda"](input, weight, weight_format, lora_a, lora_b, lora_input,
-                                                         bias, lora_scale, forward, grad_input_precision, input_q)
+            out, hidden, *casts = self.inner["lora_linear_with_casts_cuda"](
+                input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
+                grad_input_precision, input_q)
         want, _ = ref.lora_linear_ref(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
                                       Compute(forward), Compute(grad_input_precision), input_q)
         shapes = f"x {tuple(input.shape)} -> {tuple(out.shape)}"
         self._keep("forward", [input, lora_a, lora_b], [out], [want], shapes, weight_format, forward, routes)
-        return out, hidden
+        return out, hidden, *casts
 
     def _backward(self, grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
                   lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):

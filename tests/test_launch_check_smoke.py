@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from bench_module import load_bench
 from numerics import lora_gemm_case
@@ -22,26 +21,27 @@ def _case():
 def test_a_right_launch_passes_and_a_wrong_one_is_named():
     check_mod = load_bench("launch_check")
     x, wl, a, b, go = _case()
-    original = launch.lora_linear_cuda
+    original = launch.lora_linear_with_casts_cuda  # what the op's forward calls, and lora_linear_cuda too
     with check_mod.LaunchCheck() as check:
-        assert launch.lora_linear_cuda is not original
+        assert launch.lora_linear_with_casts_cuda is not original
         out, hidden = launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, None, 2.0, "fp8", "fp8")
         launch.lora_linear_backward_cuda(go, x, wl, "fp8_row", a, b, None, hidden, 2.0, "fp8")
         assert check.scan(1) == [] and check.launches == 2
         right = out
 
         def wrong(*args, **kwargs):
-            y, h = original(*args, **kwargs)
-            return y.index_fill(0, torch.tensor([3]), 0.0) * 1.0, h  # a row never written
+            y, *rest = original(*args, **kwargs)
+            return y.index_fill(0, torch.tensor([3]), 0.0) * 1.0, *rest  # a row never written
 
-        check.inner["lora_linear_cuda"] = wrong
+        check.inner["lora_linear_with_casts_cuda"] = wrong
         launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, None, 2.0, "fp8", "fp8")
-        check.inner["lora_linear_cuda"] = lambda *a_, **k: (torch.full_like(right, float("nan")), hidden)
+        check.inner["lora_linear_with_casts_cuda"] = lambda *a_, **k: (torch.full_like(right, float("nan")), hidden,
+                                                                       None, None)
         launch.lora_linear_cuda(x, wl, "fp8_row", a, b, None, None, 2.0, "fp8", "fp8")
         launch.lora_linear_cuda(x.index_fill(0, torch.tensor([0]), float("nan")), wl, "fp8_row", a, b, None, None,
                                 2.0, "fp8", "fp8")  # non-finite input: downstream, not this launch's fault
         bad = check.scan(2)
-    assert launch.lora_linear_cuda is original
+    assert launch.lora_linear_with_casts_cuda is original
     assert [(b_["launch"], b_["direction"], b_["nonfinite_outputs"] > 0) for b_ in bad] == [
         (3, "forward", False), (4, "forward", True)]
     assert bad[0]["error"] > check_mod.TOLERANCE and bad[0]["shapes"] == "x (32, 128) -> (32, 64)"

@@ -5,9 +5,10 @@ On the H200 (bench/results/profile_8b_fp8_h200.md) one Qwen3-8B fp8 step ran 6,1
 linear the FP32 factors cast to bf16 in the forward and again in the backward, the lora_scale folded into
 the up-projection as upcast, multiply, downcast (twice: forward and dgrad), a transposing copy of it for the
 persistent kernel, and each LoRA gradient upcast before its scaling (bench/NOTES.md, "Copies in the fp8
-step"). Now the forward casts each factor once and the op keeps the casts for its backward; every scaling is
-one multiply. These tests run the op's CUDA implementation on CPU tensors (Triton under the interpreter), so
-they see the same ATen calls a GPU run makes, and pin them, and check that the bits did not move.
+step"). Now the forward casts both factors in one Triton launch (kernels/lora_factors.py, which also writes the
+persistent kernel's U^T) and the op keeps the casts for its backward; every other scaling is one multiply.
+These tests run the op's CUDA implementation on CPU tensors (Triton under the interpreter), so they see the same
+ATen calls a GPU run makes, and pin them, and check that the bits did not move.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from aten_launches import AtenLaunches
 from numerics import lora_gemm_case
 from surogate import ops
-from surogate.kernels import grad_lora, launch, lora_linear, variants
+from surogate.kernels import grad_lora, launch, lora_factors, lora_linear, variants
 
 L = importlib.import_module("surogate.ops.lora_linear")
 F32, BF16 = torch.float32, torch.bfloat16
@@ -40,28 +41,31 @@ def _step(x, wl, a, b, go, scale=2.0, log=None):
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "triton"])
-def test_an_fp8_lora_linear_launches_two_casts_and_four_multiplies(persistent, monkeypatch):
-    """Forward: lora_a and lora_b cast to bf16 once, lora_scale folded into U by one multiply (for the persistent
-    kernel written as U^T directly). Backward: no cast; each LoRA gradient upcast and scaled by one multiply;
-    the dgrad's U one multiply. Before: 14 launches on the Triton route, 15 on the persistent one (11 copies)."""
+def test_an_fp8_lora_linear_launches_one_factor_kernel_and_three_or_four_multiplies(persistent, monkeypatch):
+    """Forward: lora_a and lora_b cast to bf16 by one Triton launch (`lora_factors`), which for the persistent
+    kernel also writes U^T with lora_scale folded in; on the Triton route lora_scale is folded into U by one
+    multiply. Backward: no cast; each LoRA gradient upcast and scaled by one multiply; the dgrad's U one
+    multiply. The forward's ATen launches fell from 3 (two casts and the multiply, U^T for the persistent
+    kernel) to 0 on the persistent route and 1 on the Triton one, plus the one `lora_factors` launch. Before
+    that: 14 launches on the Triton route, 15 on the persistent one (11 copies)."""
     monkeypatch.setattr(variants, "PERSISTENT_SM90", persistent)
     x, _, a, b, _, go, wl = lora_gemm_case(M, N, K, R, "fp8_row", seed=0, device="cpu")
     _step(x, wl, a, b, go)  # the scale tensor of the LoRA gradients is made once per device and scale
+    fused = []  # the up_t_scale of each `lora_factors` launch: a Triton kernel, which AtenLaunches does not see
+    monkeypatch.setattr(launch, "lora_factors", lambda *args: fused.append(args[3]) or lora_factors.lora_factors(*args))
     with variants.trace() as ran, AtenLaunches() as log:
         n_forward = _step(x, wl, a, b, go, log=log)[2]
     engine = variants.Engine.PERSISTENT if persistent else variants.Engine.TRITON
     assert [r.engine for r in ran] == [engine] * 2
+    assert fused == [2.0 if persistent else None]
     launches = log.elementwise()
     listing = "\n".join(map(str, launches))
-    assert n_forward == 3 and len(launches) == 6, listing
-    forward, backward = launches[:3], launches[3:]
-    casts = [x for x in forward if x.is_copy]
-    assert [(c.inputs[0][:2], c.dtype) for c in casts] == [(((R, K), F32), BF16), (((N, R), F32), BF16)], listing
-    assert all(c.site.startswith("ops/lora_linear.py") for c in casts), listing
-    # U prescaled; for the persistent kernel written as U^T (r, N) by the multiply, which reads U transposed.
-    assert (forward[2].name, forward[2].inputs[0][0], forward[2].dtype) == (
-        "mul", (R, N) if persistent else (N, R), BF16), listing
-    assert not [x for x in backward if x.is_copy], listing
+    assert not [x for x in launches if x.is_copy], listing
+    forward, backward = launches[:n_forward], launches[n_forward:]
+    if persistent:
+        assert forward == [], listing
+    else:  # U prescaled by one multiply
+        assert [(x.name, x.inputs[0][0], x.dtype) for x in forward] == [("mul", (N, R), BF16)], listing
     assert [(x.name, x.inputs[0][:2], x.dtype) for x in backward] == [
         ("mul", ((N, R), BF16), F32), ("mul", ((R, K), BF16), F32),  # the LoRA gradients, scaled and upcast
         ("mul", ((R, K) if persistent else (K, R), BF16), BF16)], listing  # the dgrad's U = lora_a^T, prescaled
@@ -146,26 +150,24 @@ def test_one_kernel_scalings_have_the_bits_of_the_three_kernel_ones(scale):
     assert torch.equal(grad_lora._scaled(up, scale, BF16), (up.float() * scale).to(BF16))
 
 
-_F32_CASTS = [("_to_copy", "(16, 4096) float32"), ("_to_copy", "(12288, 16) float32")]
-
-
 @pytest.mark.parametrize("persistent,routes,scalings", [
     (False, ["lora_linear_fp8", "grad_input_fp8"],
      ["(12288, 16)", "(12288, 16)", "(16, 4096)", "(4096, 16)"]),
     (True, ["persistent_lora_linear_fp8", "persistent_grad_input_fp8"],
-     ["(16, 12288)", "(12288, 16)", "(16, 4096)", "(16, 4096)"]),
+     ["(12288, 16)", "(16, 4096)", "(16, 4096)"]),
 ])
 def test_bench_copies_scales_one_linear_to_the_model_shape(persistent, routes, scalings, monkeypatch):
     """bench/copies.py runs the same step on the route the 8B gate_proj takes on sm_90 (fp8: the persistent
-    kernel; `_lora_gemm_kernel` when PERSISTENT_SM90 keeps it off) and maps the shapes back."""
+    kernel; `_lora_gemm_kernel` when PERSISTENT_SM90 keeps it off) and maps the shapes back. The factors'
+    casts (and the persistent kernel's U^T) are one Triton launch now, not ATen ones: no row of their own."""
     from bench_module import load_bench
 
     copies = load_bench("copies")
     monkeypatch.setattr(variants, "PERSISTENT_SM90", persistent)
     rows, ran = copies.launches("fp8", 12288, 4096, 4096, 16, 2.0)
     assert ran == routes
-    assert [(r["op"], r["inputs"][0]) for r in rows] == _F32_CASTS + [("mul", f"{s} bfloat16") for s in scalings]
-    assert rows[0]["bytes"] == 16 * 4096 * (4 + 2)
+    assert [(r["op"], r["inputs"][0]) for r in rows] == [("mul", f"{s} bfloat16") for s in scalings]
+    assert rows[-1]["bytes"] == 16 * 4096 * (2 + 2)  # the dgrad's U, prescaled: bf16 read and written
 
 
 def test_this_torch_has_the_fp32_out_gemm_the_cuda_gradients_use():

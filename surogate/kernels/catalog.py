@@ -434,12 +434,13 @@ def _grouped_specs() -> list[KernelSpec]:
 
 
 def _quantizer_specs() -> list[KernelSpec]:
-    """Quantize / dequantize kernels: no MMA; built for every arch."""
+    """Quantize / dequantize kernels and the other elementwise ones: no MMA; built for every arch."""
     from surogate.kernels import dequantize as dq
+    from surogate.kernels import lora_factors as lf
     from surogate.kernels import quantize as q
     from surogate.kernels import transpose as tr
 
-    k, m = SHAPE["K"], SHAPE["M"]
+    k, m, r = SHAPE["K"], SHAPE["M"], SHAPE["R"]
 
     def spec(name, fn, signature, constexprs, ints, config, recipes, what):
         return KernelSpec(name, fn, MappingProxyType(signature), MappingProxyType(constexprs), recipes, None,
@@ -486,6 +487,12 @@ def _quantizer_specs() -> list[KernelSpec]:
         spec("transpose_bytes", tr._transpose_bytes_kernel, dict(x_ptr="*u8", y_ptr="*u8"), {},
              dict(R=m, C=k, stride_xr=k, stride_yr=m), tr.get_transpose_bytes_configs, ("qfp8",),
              "K-major copy of a block-FP8 weight for the dgrad"),
+        spec("lora_factors", lf._lora_factors_kernel,
+             {"a_ptr": "*fp32", "b_ptr": "*fp32", "a_out_ptr": "*bf16", "b_out_ptr": "*bf16", "ut_ptr": "*bf16",
+              "up_t_scale": "fp32"}, {"WRITE_UT": True},
+             {"R": r, "K": k, "N": SHAPE["N"], "stride_a0": k, "stride_a1": 1, "stride_b0": r, "stride_b1": 1},
+             lambda arch: lf.get_lora_factors_configs(r), tuple(names(include_aliases=False)),
+             "FP32 LoRA factors to bf16 and the persistent kernel's U^T, one launch per forward"),
     ]
 
 
@@ -511,7 +518,8 @@ def _loss_specs() -> list[KernelSpec]:
 
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
-                  "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy")
+                  "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy",
+                  "surogate.kernels.lora_factors")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:

@@ -1,11 +1,13 @@
 """The CUDA implementation of the `surogate::lora_linear` ops: quantize activations, route, launch.
 
 `lora_linear_cuda` / `lora_linear_backward_cuda` have exactly the signatures and semantics of
-`reference.lora_linear_ref` / `lora_linear_backward_ref` (docs/internals.md); the op layer
-registers them as the ops' CUDA kernels. Each GEMM looks up its row of the kernel table
-(`variants.variant`), applies the table's shape rule (`variants.route`, the function `plan()`
-uses too), then runs the route: the variant's Triton launcher, cuBLAS + the LoRA term, or the
-weight dequantized once into a bf16 scratch and the bf16 route. Nothing here branches on a name.
+`reference.lora_linear_ref` / `lora_linear_backward_ref` (docs/internals.md); the op layer's CUDA
+kernels call `lora_linear_with_casts_cuda` (`lora_linear_cuda` that also returns the LoRA factors'
+casts, which the op keeps for its backward) and `lora_linear_backward_cuda`. Each GEMM looks up its
+row of the kernel table (`variants.variant`), applies the table's shape rule (`variants.route`, the
+function `plan()` uses too), then runs the route: the variant's Triton launcher, cuBLAS + the LoRA
+term, or the weight dequantized once into a bf16 scratch and the bf16 route. Nothing here branches
+on a name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from surogate.kernels import quantize as q
 from surogate.kernels.configs import device_arch
 from surogate.kernels.dequantize import dequantize_fp8_block, dequantize_nf4, dequantize_nvfp4
 from surogate.kernels.grad_lora import grad_lora
+from surogate.kernels.lora_factors import lora_factors
 from surogate.kernels.transpose import transpose_fp8
 from surogate.kernels.variants import (
     Engine,
@@ -103,29 +106,43 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
                      grad_input_precision, input_q=None):
     """-> (output (..., N) bf16, lora_hidden (..., r)); see docs/internals.md for the contract.
 
+    `lora_linear_with_casts_cuda` without the factors' casts, which only the op keeps."""
+    return lora_linear_with_casts_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale,
+                                       forward, grad_input_precision, input_q)[:2]
+
+
+def lora_linear_with_casts_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward,
+                                grad_input_precision, input_q=None):
+    """-> (output (..., N) bf16, lora_hidden (..., r), lora_a_cast, lora_b_cast): the op's forward.
+
     `input_q` ([data, scale], FP8 forwards only: `variants.check_input_q`) is the input already quantized,
-    usually by the kernel that produced it (passes/producer.py); the GEMM reads it
-    instead of quantizing `input`. `lora_a` / `lora_b` may be the FP32 masters or already in `input`'s dtype
-    (the op casts them once and keeps the casts for its backward: ops/lora_linear.py `_cast_factors`).
+    usually by the kernel that produced it (passes/producer.py); the GEMM reads it instead of quantizing
+    `input`. `lora_a` / `lora_b` may be the FP32 masters or already in `input`'s dtype. The casts are each
+    factor in `input`'s dtype where its master is in another (None where it is absent or needs none); the op
+    keeps them for its backward (ops/lora_linear.py). They come from one `lora_factors` launch, which on the
+    persistent route also writes that kernel's U^T (three launches before: two casts and `lora_up_rows`).
     """
     fmt, compute = WeightFormat(weight_format), Compute(forward)
     lead, k = input.shape[:-1], input.shape[-1]
     dtype = input.dtype
     x = _rows(input)
-    has_lora = lora_a is not None and lora_b is not None
-    if has_lora:
-        xl = x if lora_input is None else _rows(lora_input).to(dtype)
-        hidden = xl @ lora_a.to(dtype).t()  # (M, r): one skinny cuBLAS GEMM reading x once
-        up = lora_b.to(dtype)
-    else:
-        hidden, up = x.new_empty((x.shape[0], 0)), None
+    gemm_input = x
     if compute is Compute.NVFP4 and emulates_fp4(x.device):
         # As the reference: the input's NVFP4 values times the weight's, here by a bf16 MMA (the LoRA
-        # branch above keeps the unquantized input).
-        x, compute = _nvfp4_round_trip(x), Compute.BF16
+        # branch keeps the unquantized input `x`).
+        gemm_input, compute = _nvfp4_round_trip(x), Compute.BF16
     v = variant(Gemm.OUTPUT, compute, fmt)
     n = _out_features(weight, fmt, k)
-    r = _route(v, x, n, k, hidden.shape[1] if has_lora else None, bias is not None)
+    has_lora = lora_a is not None and lora_b is not None
+    r = _route(v, gemm_input, n, k, lora_a.shape[0] if has_lora else None, bias is not None)
+    a_cast = b_cast = up_t = None
+    if has_lora:
+        a, up, up_t = _lora_factors(lora_a, lora_b, dtype, lora_scale, r.engine is Engine.PERSISTENT)
+        a_cast, b_cast = (cast if master.dtype != dtype else None for cast, master in ((a, lora_a), (up, lora_b)))
+        xl = x if lora_input is None else _rows(lora_input).to(dtype)
+        hidden = xl @ a.t()  # (M, r): one skinny cuBLAS GEMM reading x once
+    else:
+        hidden, up = x.new_empty((x.shape[0], 0)), None
     h = hidden if has_lora else None
     b = bias.to(dtype) if bias is not None else None
     if r.scratch:
@@ -134,14 +151,24 @@ def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, b
         data, scale = check_input_q(input_q, input, fmt, compute)
         aq = (_rows(data), scale)  # block scales keep their M-contiguous strides
     else:
-        aq = _quantize(x, r.variant.quantizer)
+        aq = _quantize(gemm_input, r.variant.quantizer)
     if r.engine is Engine.CUBLAS:
         out = _cublas_forward(r.variant, aq, weight, h, up, b, lora_scale)
     elif r.engine is Engine.PERSISTENT:
-        out = persistent.persistent_output(r.variant, aq, weight, k, h, up, b, lora_scale)
+        out = persistent.persistent_output(r.variant, aq, weight, k, h, up, b, lora_scale, ut=up_t)
     else:
         out = getattr(lora_linear, r.variant.launcher)(r.variant, aq, weight, k, h, up, b, lora_scale)
-    return out.view(*lead, out.shape[-1]), hidden.view(*lead, hidden.shape[-1])
+    return out.view(*lead, out.shape[-1]), hidden.view(*lead, hidden.shape[-1]), a_cast, b_cast
+
+
+def _lora_factors(lora_a, lora_b, dtype: torch.dtype, lora_scale: float,
+                  up_t: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(lora_a, lora_b, U^T or None) in `dtype` for the forward. Masters in another dtype (FP32) are cast by one
+    `lora_factors` launch, which writes the persistent kernel's U^T (lora_scale folded in) too where `up_t`;
+    factors already in `dtype` are read as they are (the persistent launcher then makes U^T itself)."""
+    if lora_a.dtype == dtype and lora_b.dtype == dtype:
+        return lora_a, lora_b, None
+    return lora_factors(lora_a, lora_b, dtype, lora_scale if up_t else None)
 
 
 def _cublas_forward(v: Variant, aq, weight, hidden, up, bias, lora_scale) -> torch.Tensor:

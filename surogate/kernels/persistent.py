@@ -27,7 +27,8 @@ The activation arrives already quantized by its producer (`quantize_fp8_rowwise`
 `quantize_fp8_block`, or the FX producer pass's fused RMSNorm / SwiGLU); `H = lora_hidden` (M, r)
 is computed beforehand as for the other kernels. The LoRA up-projection is one more MMA step after the
 K loop, `acc += H[tile rows] @ U^T[:, tile cols]`, with both read through TMA: U^T (r, N) row-major,
-lora_scale folded in by the launcher. (Read by pointers, as `_lora_epilogue` does, that second dot
+lora_scale folded in (in the forward by the kernel that casts the FP32 factors, `lora_factors.py`; else by
+the launcher). (Read by pointers, as `_lora_epilogue` does, that second dot
 made the warp-specialized build fail in both Tritons.)
 `TMA=False` reads the same tiles with masked pointer loads (unaligned shapes; the tests check both
 paths under the interpreter, bit for bit against `_lora_gemm_kernel`).
@@ -205,12 +206,14 @@ def tma_ok(*operands: torch.Tensor | None) -> bool:
 def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode: int,
                            w: torch.Tensor, w_scale: torch.Tensor | None, w_mode: int, trans_w: bool, n_out: int,
                            hidden: torch.Tensor | None, up: torch.Tensor | None, bias: torch.Tensor | None,
-                           lora_scale: float, *, tma: bool | None = None, config: triton.Config | None = None,
+                           lora_scale: float, *, ut: torch.Tensor | None = None, tma: bool | None = None,
+                           config: triton.Config | None = None,
                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Run `_persistent_lora_gemm_kernel`: the arguments of `lora_linear.launch_lora_gemm` for the
     modes in `FAMILIES`. `w` is (n_out, K) K-major, or (K, n_out) with `trans_w` (bf16 only);
-    `tma=None` uses TMA where `tma_ok`; `config` runs that config instead of the tuned one (tests).
-    Returns `out (M, n_out)`."""
+    `ut`: U^T (r, n_out) row-major with lora_scale folded in, when the caller made it already (the forward's
+    `lora_factors`, with the casts of the factors), else made here from `up`; `tma=None` uses TMA where
+    `tma_ok`; `config` runs that config instead of the tuned one (tests). Returns `out (M, n_out)`."""
     M, K = a.shape
     N = n_out
     family = FAMILIES[(a_mode, w_mode)]
@@ -222,7 +225,8 @@ def launch_persistent_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, a_mode
     has_lora = hidden is not None
     r = hidden.shape[1] if has_lora else 0
     # U^T (r, N) row-major, lora_scale folded in: the epilogue's MMA step reads it in [BLOCK_R, BLOCK_N] tiles.
-    ut = lora_up_rows(up, lora_scale) if has_lora else None
+    if has_lora and ut is None:
+        ut = lora_up_rows(up, lora_scale)
     tma = tma_ok(a, w, out, hidden, ut) if tma is None else tma
     if tma:
         ensure_tma_allocator()
@@ -259,11 +263,12 @@ def _operands(v: Variant, aq, weight) -> tuple:
     return a, a_scale, weight[0], (weight[1] if len(weight) > 1 else None)
 
 
-def persistent_output(v: Variant, aq, weight, k, hidden, up, bias, lora_scale) -> torch.Tensor:
-    """The forward of a `persistent` variant: `lora_linear.<launcher>`'s arguments."""
+def persistent_output(v: Variant, aq, weight, k, hidden, up, bias, lora_scale, ut=None) -> torch.Tensor:
+    """The forward of a `persistent` variant: `lora_linear.<launcher>`'s arguments, and `ut` (U^T, lora_scale
+    folded in) where the caller made it with the factors' casts (`launch_persistent_gemm`)."""
     a, a_scale, w, w_scale = _operands(v, aq, weight)
     return launch_persistent_gemm(a, a_scale, v.a_mode, w, w_scale, v.w_mode, v.trans_w, w.shape[0], hidden, up,
-                                  bias, lora_scale)
+                                  bias, lora_scale, ut=ut)
 
 
 def persistent_grad_input(v: Variant, aq, weight, k, gh, lora_a, lora_scale) -> torch.Tensor:

@@ -116,18 +116,14 @@ def _cast_factors(lora_a: Tensor | None, lora_b: Tensor | None, input: Tensor) -
     and saved for the backward, which would otherwise cast the FP32 masters again (two launches per LoRA linear
     and micro-step, tests/test_launch_copies.py). A factor that is absent or already in that dtype gets an empty
     tensor instead: an op output may not alias an input, and such a factor needs no cast. The fake
-    implementation decides the same from the dtypes (`_cast_shape`)."""
+    implementation decides the same from the dtypes (`_cast_shape`); the CUDA one makes the same casts in one
+    kernel launch with what its route reads of them (`launch.lora_linear_with_casts_cuda`)."""
     return tuple(input.new_empty(0) if t is None or t.dtype == input.dtype else t.to(input.dtype)
                  for t in (lora_a, lora_b))
 
 
 def _cast_shape(t: Tensor | None, dtype: torch.dtype) -> tuple[int, ...]:
     return (0,) if t is None or t.dtype == dtype else tuple(t.shape)
-
-
-def _given(cast: Tensor, master: Tensor | None) -> Tensor | None:
-    """The forward's cast of a factor where it made one, else the master (None without LoRA)."""
-    return master if cast.numel() == 0 else cast
 
 
 @torch.library.custom_op("surogate::lora_linear", mutates_args=(), schema=_LORA_LINEAR_SCHEMA)
@@ -155,15 +151,15 @@ def _lora_linear_op(
 @_lora_linear_op.register_kernel("cuda")
 def lora_linear_cuda(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale, forward, grad_input,
                      input_q=None):
-    """The CUDA implementation (tests call it on CPU tensors, the Triton kernels under the interpreter)."""
+    """The CUDA implementation (tests call it on CPU tensors, the Triton kernels under the interpreter); the
+    launcher casts the factors (`_cast_factors`' outputs) in the same launch as what its route reads of them."""
     from surogate.kernels import launch
 
     _assert_finite(input, "the input")
-    a_cast, b_cast = _cast_factors(lora_a, lora_b, input)
-    output, hidden = launch.lora_linear_cuda(input, weight, WeightFormat(weight_format), _given(a_cast, lora_a),
-                                             _given(b_cast, lora_b), lora_input, bias, lora_scale, Compute(forward),
-                                             Compute(grad_input), input_q)
-    return output, hidden, a_cast, b_cast
+    output, hidden, a_cast, b_cast = launch.lora_linear_with_casts_cuda(
+        input, weight, WeightFormat(weight_format), lora_a, lora_b, lora_input, bias, lora_scale, Compute(forward),
+        Compute(grad_input), input_q)
+    return output, hidden, _empty_if_none(a_cast, input), _empty_if_none(b_cast, input)
 
 
 @_lora_linear_op.register_fake

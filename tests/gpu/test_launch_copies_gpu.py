@@ -6,9 +6,12 @@ in FP32 and rounds once, and reads bf16 with the cast when the other operand is 
 (2) The op's CUDA forward + backward (the factors cast once, the casts passed to the backward) equals the
 launcher given the FP32 masters (casting them itself) bit for bit, on the persistent route (4096 rows on
 sm_90) and the Triton one (256 rows).
-(3) What one forward + backward launches, by the profiler: the forward's two `bfloat16_copy` kernels and no
-`direct_copy` (before: 6 and 4, plus a strided copy on the persistent route; bench/NOTES.md "Copies in the
-fp8 step").
+(3) What one forward + backward launches, by the profiler: no copy kernel; the factors' casts are one
+`_lora_factors_kernel` (before it: two `bfloat16_copy` kernels; before those, 6 and 4 `direct_copy`, plus a
+strided copy on the persistent route; bench/NOTES.md "Copies in the fp8 step").
+(5) `lora_factors` has the bits of `lora_a.to(bf16)`, `lora_b.to(bf16)` and `lora_up_rows`, and the op's forward
+that runs it those of the forward given the `.to()` casts (no fused launch), on the persistent, Triton and cuBLAS
+routes.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def test_the_op_path_equals_the_launcher_casting_itself(rows, scale):
         assert {r.engine for r in ran} == {variants.Engine.PERSISTENT}
 
 
-def test_one_forward_and_backward_launch_two_casts_and_no_upcast():
+def test_one_forward_and_backward_launch_one_factor_kernel_and_no_copy():
     x, _, a, b, _, go, wl = lora_gemm_case(4096, 1536, 2048, 16, "fp8_row", 2, "cuda")
     _step(x, wl, a, b, go, 2.0)  # tuning, the scale tensor
     torch.cuda.synchronize()
@@ -70,8 +73,8 @@ def test_one_forward_and_backward_launch_two_casts_and_no_upcast():
         _step(x, wl, a, b, go, 2.0)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    copies = [n for n in names if "copy" in n.lower()]
-    assert sum("bfloat16_copy" in n for n in copies) == 2 and len(copies) == 2, copies
+    assert not [n for n in names if "copy" in n.lower()], names
+    assert sum("_lora_factors_kernel" in n for n in names) == 1, names
 
 
 @pytest.mark.parametrize("scale", [2.0, 0.37])
@@ -105,3 +108,44 @@ def test_lora_weight_gradients_are_one_fp32_gemm_each(scale):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert not [n for n in names if "elementwise" in n or "Fill" in n or "copy" in n.lower()], names
+
+
+@pytest.mark.parametrize("r", [8, 16, 48, 64])
+@pytest.mark.parametrize("scale", [1.0, 2.0, 0.37, 1.5])
+def test_the_factor_kernel_has_the_bits_of_the_casts_on_cuda(r, scale):
+    """(5) FP32 masters over 1e-30..1e30, K and N not multiples of the tile."""
+    from surogate.kernels import lora_linear
+    from surogate.kernels.lora_factors import lora_factors
+
+    g = torch.Generator().manual_seed(r)
+    a = (torch.randn(r, 2053, generator=g) * torch.logspace(-30, 30, 2053)).cuda()
+    b = (torch.randn(1543, r, generator=g) * torch.logspace(-30, 30, r)).cuda()
+    a_cast, b_cast, ut = lora_factors(a, b, torch.bfloat16, scale)
+    assert torch.equal(a_cast, a.bfloat16()) and torch.equal(b_cast, b.bfloat16())
+    assert torch.equal(ut, lora_linear.lora_up_rows(b.bfloat16(), scale))
+
+
+# (weight format, forward precision, rows, K, the route on sm_90): 4096 rows take the persistent kernel there
+# (nf4 through its bf16 scratch), fp8 at 256 rows the Triton kernel, bf16 with K >= BF16_CUBLAS_MIN_K cuBLAS.
+_ROUTES = [("fp8_row", "fp8", 4096, 2048, "persistent"), ("bf16", "bf16", 4096, 2048, "persistent"),
+           ("nf4", "bf16", 4096, 2048, "persistent"), ("fp8_row", "fp8", 256, 2048, "triton"),
+           ("bf16", "bf16", 256, 4096, "cublas")]
+
+
+@pytest.mark.parametrize("fmt,compute,rows,k,engine", _ROUTES)
+@pytest.mark.parametrize("scale", [2.0, 0.37])
+def test_the_forward_op_has_the_bits_of_the_unfused_casts_on_cuda(fmt, compute, rows, k, engine, scale):
+    """(5) (output, hidden, a_cast, b_cast) of the op's forward equal the launcher given `lora_a.to(bf16)`,
+    `lora_b.to(bf16)` (which runs no `lora_factors`; the persistent launcher makes U^T by `lora_up_rows`)."""
+    from surogate.kernels import launch, variants
+
+    op = importlib.import_module("surogate.ops.lora_linear")
+    x, _, a, b, bias, _, wl = lora_gemm_case(rows, 1536, k, 16, fmt, 4, "cuda")
+    with variants.trace() as ran:
+        y, h, a_cast, b_cast = op.lora_linear_cuda(x, wl, fmt, a, b, None, bias, scale, compute, compute)
+    want_a, want_b = a.bfloat16(), b.bfloat16()
+    y0, h0 = launch.lora_linear_cuda(x, wl, fmt, want_a, want_b, None, bias, scale, compute, compute)
+    for got, want in ((y, y0), (h, h0), (a_cast, want_a), (b_cast, want_b)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    if torch.cuda.get_device_capability() == (9, 0) or engine == "cublas":
+        assert ran[0].engine is variants.Engine(engine), ran
