@@ -45,7 +45,8 @@ from surogate.ops import attention, linear_attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
 from surogate.unload import attach_unload
 from surogate.weight_packing import pack_shared_input_weights
-from surogate.passes import CompileReport, PassContext, concat, run_pipeline
+from surogate.passes import CompileReport, PassContext, run_pipeline
+from surogate.passes.post_grad import post_grad_pass
 from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
 
@@ -800,7 +801,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
             from torch._inductor.compile_fx import compile_fx
 
-            post_grad = concat.post_grad_pass()
+            post_grad = post_grad_pass()
             patches = {"post_grad_custom_post_pass": post_grad} if post_grad is not None else None
             # The passes tag nodes (node.meta), which the compile caches do not hash: the options as the passes
             # decided them (recompute_producers "auto" -> True / False) go into the key.

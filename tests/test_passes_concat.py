@@ -10,7 +10,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from inductor_kernels import tiny_model_kernels, tiny_qwen3_kernels
-from surogate.passes import concat
+from surogate.passes import concat, post_grad, swiglu
 
 CONCAT = torch.ops.surogate.concat.default
 CAT = torch.ops.aten.cat.default
@@ -45,16 +45,19 @@ def test_other_cats_are_left_to_inductor() -> None:
 
 def test_disabled_gives_inductor_no_pass(monkeypatch) -> None:
     assert concat.lowered()  # this torch has the Inductor API the pass needs (compat.register_concat_lowering)
-    assert concat.post_grad_pass() is not None and concat.post_grad_pass().uuid() is not None
+    assert post_grad.post_grad_pass() is not None and post_grad.post_grad_pass().uuid() is not None
     monkeypatch.setattr(concat, "ENABLED", False)
-    assert concat.post_grad_pass() is None
+    assert post_grad.post_grad_pass() is not None  # swiglu.py's step still runs
+    monkeypatch.setattr(swiglu, "ENABLED", False)
+    assert post_grad.post_grad_pass() is None
 
 
 def test_an_inductor_without_the_lowering_gets_no_pass_and_no_rewrite(monkeypatch) -> None:
     """Where compat.register_concat_lowering finds no Inductor API, nothing is handed to Inductor and no cat is
     rewritten into an op it could not lower."""
     monkeypatch.setattr(concat, "lowered", lambda: False)
-    assert concat.post_grad_pass() is None
+    monkeypatch.setattr(swiglu, "ENABLED", False)
+    assert post_grad.post_grad_pass() is None
     count, cats = _rewritten(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), (4, 8), (4, 8))
     assert count == 0 and cats == [CAT, CONCAT]
 
@@ -73,12 +76,12 @@ def test_a_users_own_post_grad_pass_still_runs_after_ours() -> None:
             return "theirs-1"
 
     with config.patch(post_grad_custom_post_pass=Theirs()):  # not monkeypatch: its undo deletes the key
-        ours = concat.post_grad_pass()
+        ours = post_grad.post_grad_pass()
     gm = make_fx(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), tracing_mode="fake")(
         torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16))
     ours(gm.graph)
     assert ran == [2]  # theirs saw the graph after our rewrite
-    assert ours.uuid()[1] == "theirs-1"  # and its key is part of ours (Inductor's cache)
+    assert ours.uuid()[-1] == "theirs-1"  # and its key is part of ours (Inductor's cache)
 
 
 def _plan_with_pass(recipe: str, model_config=None):
@@ -87,7 +90,7 @@ def _plan_with_pass(recipe: str, model_config=None):
     from torch._inductor import config
 
     seen = []
-    inner = concat.post_grad_pass()
+    inner = post_grad.post_grad_pass()
 
     class Recording(type(inner)):
         def __call__(self, graph):

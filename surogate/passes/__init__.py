@@ -19,6 +19,7 @@ from surogate.passes.producer import fuse_producers
 from surogate.passes.recompute import recompute_producers
 from surogate.passes.report import CompileReport
 from surogate.passes.rewrite import rewrite_lora_linears
+from surogate.passes.swiglu import use_swiglu_op
 from surogate.recipes import Recipe, get
 
 Pass = Callable[[fx.GraphModule, "PassContext"], int]
@@ -27,6 +28,7 @@ PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("match", match_lora_linears),
     ("rewrite", rewrite_lora_linears),
     ("horizontal", fuse_shared_input),
+    ("swiglu", use_swiglu_op),
     ("producer", fuse_producers),
     ("recompute", recompute_producers),
 )

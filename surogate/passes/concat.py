@@ -16,8 +16,8 @@ and there are two or more. A cat read only by pointwise code (RoPE's `rotate_hal
 form, which fuses the cat away. The same cat comes from a model's own fused linear chunked into parts
 (Phi-3's gate_up_proj) and from any group horizontal fusion joins (Falcon's parallel attention).
 
-This runs inside Inductor (`post_grad_custom_post_pass`) on the aten graphs AOTAutograd hands it, forward
-and backward, after the torch-level passes of this package (`run_pipeline`).
+This runs inside Inductor on the aten graphs AOTAutograd hands it, forward and backward, after the
+torch-level passes of this package (`run_pipeline`): post_grad.py chains it after swiglu.py's step 2.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _dtype(node) -> torch.dtype | None:
 
 def realize_cats_into_slices(graph: fx.Graph) -> int:
     """Replace each qualifying `aten.cat` (module docstring) with `surogate::concat`; returns how many."""
-    if not lowered():
+    if not ENABLED or not lowered():
         return 0
     count = 0
     for node in list(graph.nodes):
@@ -88,28 +88,3 @@ def realize_cats_into_slices(graph: fx.Graph) -> int:
         graph.erase_node(node)
         count += 1
     return count
-
-
-def post_grad_pass():
-    """The pass as Inductor's `post_grad_custom_post_pass` (a CustomGraphPass: its uuid, this file's hash, keys
-    Inductor's FX-graph cache), chained before `previous` when the user set one; None when Inductor cannot
-    lower `surogate::concat` here (then nothing is rewritten)."""
-    if not ENABLED or not lowered():
-        return None
-    from torch._inductor import config
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-
-    previous = config.post_grad_custom_post_pass
-
-    class RealizeCatsIntoSlices(CustomGraphPass):
-        def __call__(self, graph: fx.Graph) -> None:
-            realize_cats_into_slices(graph)
-            if previous is not None:
-                previous(graph)
-
-        def uuid(self):
-            if previous is not None and not hasattr(previous, "uuid"):
-                return None  # a user's pass Inductor cannot key: it bypasses its cache, as it would without us
-            return (get_hash_for_files((__file__,)), previous.uuid() if previous is not None else None)
-
-    return RealizeCatsIntoSlices()

@@ -28,6 +28,13 @@ def surogate_op():
     return torch.ops.surogate.lora_linear.default
 
 
+def is_swiglu(node: Any) -> bool:
+    """A call of `surogate.ops.swiglu.swiglu` (what passes/swiglu.py puts in place of `silu(g) * u`)."""
+    from surogate.ops.swiglu import swiglu
+
+    return is_call(node, (swiglu,))
+
+
 def is_call(node: Any, targets: tuple) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 

@@ -62,8 +62,11 @@ def supports(recipe: Recipe, arch: str, meta: dict) -> bool:
 
 
 def producer_kind(node: fx.Node) -> str | None:
-    """'rmsnorm' for `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, 'swiglu' for `silu(g) * u`."""
+    """'rmsnorm' for `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, 'swiglu' for `silu(g) * u` (or the
+    `swiglu` call passes/swiglu.py puts in its place)."""
     node = N.strip_casts(node)
+    if N.is_swiglu(node):
+        return "swiglu"
     if not N.is_mul(node):
         return None
     for side in node.args:

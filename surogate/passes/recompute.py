@@ -45,8 +45,8 @@ def _gate(node: fx.Node) -> bool:
 
 def _pointwise(node: fx.Node) -> bool:
     """A node the backward may rebuild for the price of one elementwise pass: a multiply, a cast, a gate
-    activation (silu, gelu)."""
-    return N.is_mul(node) or N.is_cast(node) or _gate(node)
+    activation (silu, gelu), the `swiglu` call of passes/swiglu.py (its forward is silu and a multiply)."""
+    return N.is_mul(node) or N.is_cast(node) or _gate(node) or N.is_swiglu(node)
 
 
 def _gated(node: fx.Node) -> bool:

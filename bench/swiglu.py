@@ -1,0 +1,112 @@
+"""SwiGLU's backward over a fused gate/up output, and qfp8's 1 x 128 quantize of the gradient: Inductor's kernels
+(what a compiled qfp8 step ran before surogate/passes/swiglu.py: the SwiGLU backward into the cat's slices, then
+the quantizer's twin reading it back) against `surogate::swiglu_backward` (kernels/swiglu.py, one kernel).
+
+    python bench/swiglu.py [--out bench/results]
+
+Rows M (tokens of a micro-batch) x intermediate I of Qwen3 / Llama MLPs; time by triton.testing.do_bench; GB/s
+from the bytes each must move at least (dh, g, u read; dg, du written; with the quantize their E4M3 codes and
+scales). Also checked: the op's gradient within an ulp of Inductor's, its codes equal to Inductor's but where
+Inductor's approximate division moves an exact tie (tests/gpu/test_producer_gpu.py). Writes swiglu_<gpu>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name: intermediate size
+MLPS = {"Qwen3-0.6B": 3072, "Qwen3-8B": 12288, "Llama-3-8B": 14336}
+ROWS = [4096, 16384]
+
+
+def _inductor(quantize: bool):
+    """The backward as the compiled qfp8 graph computed it: Inductor's fused SwiGLU backward written into the
+    slices of `surogate::concat` (passes/concat.py), then `quantize_fp8_block_ref` of the cat."""
+    from surogate.kernels.reference_formats import quantize_fp8_block_ref
+    from surogate.passes import concat
+
+    concat.lowered()
+
+    def fn(dh, gate_up):
+        g, u = gate_up.float().chunk(2, dim=-1)
+        s = torch.sigmoid(g)
+        d32 = dh.float()
+        parts = [(d32 * u * s * (1.0 + g * (1.0 - s))).to(dh.dtype), (d32 * (g * s)).to(dh.dtype)]
+        d = torch.ops.surogate.concat(parts, dh.dim() - 1)
+        return (d, *quantize_fp8_block_ref(d)) if quantize else (d,)
+
+    return torch.compile(fn, dynamic=False)
+
+
+def _surogate(quantize: bool):
+    import surogate.ops.swiglu  # noqa: F401  (registers surogate::swiglu_backward)
+
+    return lambda dh, gate_up: torch.ops.surogate.swiglu_backward(dh, gate_up, quantize)
+
+
+def _bytes(m: int, i: int, quantize: bool) -> int:
+    return m * i * 2 * 5 + (m * 2 * i + m * 2 * i // 128 * 4 if quantize else 0)
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args()
+    from surogate.training.info import run_record
+
+    env = run_record(str(Path(__file__).resolve().parent))
+    rows = []
+    for name, inter in MLPS.items():
+        for m in ROWS:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            dh = torch.randn(m, inter, device="cuda", generator=gen).bfloat16()
+            gate_up = (torch.randn(m, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
+            for quantize in (True, False):
+                systems = {"Inductor (before)": _inductor(quantize), "surogate::swiglu_backward": _surogate(quantize)}
+                outs = {s: fn(dh, gate_up) for s, fn in systems.items()}
+                ours, theirs = outs["surogate::swiglu_backward"], outs["Inductor (before)"]
+                ulps = (ours[0].view(torch.int16).int() - theirs[0].view(torch.int16).int()).abs()
+                check = {"max_ulps": int(ulps.max()), "share_apart": float((ulps > 0).float().mean())}
+                if quantize:
+                    apart = ours[1].view(torch.uint8) != theirs[1].view(torch.uint8)
+                    check["codes_apart"] = float(apart.float().mean())
+                for system, fn in systems.items():
+                    ms = do_bench(lambda fn=fn, args=(dh, gate_up): fn(*args), warmup=10, rep=50)
+                    gbs = _bytes(m, inter, quantize) / ms / 1e6
+                    rows.append({"mlp": name, "M": m, "I": inter, "quantize": quantize, "system": system, "ms": ms,
+                                 "GB/s": gbs, **check})
+                    print(f"{name:11s} M={m:<6d} I={inter:<6d} {'quantize' if quantize else 'bf16    '} {system:26s} "
+                          f"{ms * 1e3:8.1f} us {gbs:7.0f} GB/s  ulps<= {check['max_ulps']} "
+                          f"({check['share_apart']:.1e})" + (f" codes apart {check['codes_apart']:.1e}"
+                                                              if quantize else ""), flush=True)
+            del dh, gate_up, outs
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = env.get("gpu", "gpu").split()[-1].lower()
+    (out / f"swiglu_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    lines = [f"# SwiGLU backward (+ qfp8's 1 x 128 gradient quantize): Inductor vs surogate::swiglu_backward "
+             f"({env.get('gpu')})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; GB/s of "
+             "the bytes each must move; ulps: the op's bf16 gradient against Inductor's; codes apart: E4M3 codes "
+             "that differ (exact ties, Inductor's approximate division).", "",
+             "| MLP | M | I | quantize | system | us | GB/s | max ulps (share) | codes apart |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mlp']} | {r['M']} | {r['I']} | {'yes' if r['quantize'] else 'no'} | {r['system']} | "
+                     f"{r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['max_ulps']} ({r['share_apart']:.1e}) | "
+                     f"{r.get('codes_apart', float('nan')):.1e} |")
+    (out / f"swiglu_{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

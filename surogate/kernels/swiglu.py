@@ -1,0 +1,127 @@
+"""SwiGLU's backward over a fused gate/up GEMM's output, with the FP8 dgrad's gradient quantized in the same pass.
+
+The forward of a Llama-class MLP is h = silu(g) * u, where [g | u] is the output of one fused gate/up GEMM
+(passes/horizontal.py). Its backward gives that GEMM's gradient [dg | du] (M, 2I), which qfp8's dgrad reads
+quantized to E4M3 with one FP32 scale per 1 x 128 block. Inductor made that two kernels a layer: the SwiGLU
+backward writing [dg | du], then a quantize reading it back (39 ms of a Qwen3-8B qfp8 step on the H200,
+bench/results/profile_8b_h200.md); it would not fuse the quantize into the producer on CUDA (bench/NOTES.md
+run 121). Here one program reads a [TILE_M, 128] tile of dh, g and u, writes the tiles of dg and du, and, with
+QUANTIZE, their FP8 codes and one scale per row of each tile. A 1 x 128 block lies in g or in u as long as
+I % 128 == 0 (the launcher checks).
+
+Numbers: dg = dh * u * s * (1 + g * (1 - s)), du = dh * g * s with s = sigmoid(g), in FP32 from the bf16
+inputs and rounded once to bf16 (as Inductor's fused kernel computes it; eager PyTorch rounds dh * u first).
+The FP8 codes and scales are `quantize_fp8_block_ref` of the rounded gradient, bit for bit
+(tests/test_swiglu.py). The plain-torch twin is `reference_swiglu.swiglu_backward_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from surogate.kernels.bits import round_bf16
+from surogate.kernels.quantize import _amax_nan, _fp8_code, _scale_from_amax, fp8_constexprs
+
+BLOCK = 128  # the 1 x 128 scale blocks of qfp8's gradients
+
+
+def _swiglu_metadata(grid, kernel, args):
+    """Name, shape and bytes moved for profilers (STYLE.md 3): dh, g, u read; dg, du written, and with
+    QUANTIZE their codes and scales."""
+    m, i = args["M"], args["INTER"]
+    moved = m * i * 2 * (3 + 2) + (m * 2 * i + m * 2 * i // BLOCK * 4 if args["QUANTIZE"] else 0)
+    return {"name": f"{kernel.name} M={m} I={i} quantize={bool(args['QUANTIZE'])}", "bytes": moved}
+
+
+@triton.jit
+def _quantize_rows(x, q_ptr, scale_ptr, rows, row_in, cols, mask, block, stride_qm, stride_sm, stride_sk,
+                   FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr):
+    """E4M3 codes of the [TILE_M, 128] tile `x` (bf16 values held in FP32), one scale per row, stored at
+    scale block `block` of each row."""
+    scale = _scale_from_amax(_amax_nan(tl.abs(x), 1), FP8_MAX, False)
+    code = _fp8_code(tl.math.div_rn(x, scale[:, None]), FP8_MAX, MANT, BIAS)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], code.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + block * stride_sk, scale, mask=row_in)
+
+
+@triton.jit(launch_metadata=_swiglu_metadata)
+def _swiglu_backward_kernel(
+    dh_ptr, gu_ptr, d_ptr, q_ptr, scale_ptr, M, INTER,
+    stride_dh, stride_gu, stride_d, stride_qm, stride_sm, stride_sk,
+    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
+    TILE_M: tl.constexpr, BK: tl.constexpr,
+):
+    """Program (pid_m, pid_k): rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK) of g (and the same
+    columns of u, INTER = I further on). Scale blocks: pid_k for dg, I / BK + pid_k for du."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_k * BK + tl.arange(0, BK)
+    row_in = rows < M
+    mask = row_in[:, None] & (cols < INTER)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    dh = tl.load(dh_ptr + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = round_bf16(dh * u * s * (1.0 + g * (1.0 - s)))
+    du = round_bf16(dh * (g * s))
+    tl.store(d_ptr + r64 * stride_d + cols[None, :], dg.to(d_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptr + r64 * stride_d + INTER + cols[None, :], du.to(d_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        _quantize_rows(dg, q_ptr, scale_ptr, rows, row_in, cols, mask, pid_k, stride_qm, stride_sm, stride_sk,
+                       FP8_MAX, MANT, BIAS)
+        _quantize_rows(du, q_ptr, scale_ptr, rows, row_in, cols + INTER, mask, pid_k + INTER // BK, stride_qm,
+                       stride_sm, stride_sk, FP8_MAX, MANT, BIAS)
+
+
+def get_swiglu_backward_configs(arch: str | None = None) -> dict:
+    """16 rows of one 128-column block a program, as the 1 x 128 quantizer (quantize.py)."""
+    return dict(TILE_M=16, BK=BLOCK, num_warps=4)
+
+
+def check_shapes(grad_h: torch.Tensor, gate_up: torch.Tensor) -> int:
+    """I, after checking what the kernel needs: gate_up (..., 2I) bf16 with I a multiple of 128, grad_h (..., I)
+    of the same rows and dtype."""
+    if gate_up.dtype != torch.bfloat16 or grad_h.dtype != gate_up.dtype:
+        raise ValueError(f"swiglu_backward takes bf16 tensors, got grad_h {grad_h.dtype} and gate_up {gate_up.dtype}")
+    i = gate_up.shape[-1] // 2
+    if gate_up.shape[-1] != 2 * i or i % BLOCK or tuple(grad_h.shape) != (*gate_up.shape[:-1], i):
+        raise ValueError(f"swiglu_backward needs gate_up (..., 2I) with I a multiple of {BLOCK} and grad_h (..., I); "
+                         f"got gate_up {tuple(gate_up.shape)}, grad_h {tuple(grad_h.shape)}")
+    return i
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` as (rows, width) with unit column stride: a view where the strides allow it, else a copy."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool = False):
+    """(d_gate_up (..., 2I) bf16, data (..., 2I) E4M3, scale (..., 2I / 128) FP32 stored M-contiguous) on CUDA;
+    without `quantize` the last two are empty. What `reference_swiglu.swiglu_backward_ref` computes."""
+    i = check_shapes(grad_h, gate_up)
+    dh, gu = _rows(grad_h, i), _rows(gate_up, 2 * i)
+    m = gu.shape[0]
+    lead = gate_up.shape[:-1]
+    d = torch.empty((m, 2 * i), device=gu.device, dtype=gu.dtype)
+    if quantize:
+        data = torch.empty((m, 2 * i), device=gu.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty((2 * i // BLOCK, m), device=gu.device, dtype=torch.float32).t()
+    else:
+        data = torch.empty(0, device=gu.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(0, device=gu.device, dtype=torch.float32)
+    if m:
+        cfg = get_swiglu_backward_configs()
+        grid = (triton.cdiv(m, cfg["TILE_M"]), i // BLOCK)
+        q = data.view(torch.uint8)
+        _swiglu_backward_kernel[grid](
+            dh, gu, d, q, scale, m, i, dh.stride(0), gu.stride(0), d.stride(0), 2 * i,
+            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, **fp8_constexprs("e4m3"), **cfg)
+    d = d.view(*lead, 2 * i)
+    if not quantize:
+        return d, data, scale
+    return d, data.view(*lead, 2 * i), scale.view(*lead, 2 * i // BLOCK)

@@ -1,0 +1,168 @@
+"""SwiGLU's backward as one kernel that also quantizes the gradient qfp8's fused gate/up dgrad reads.
+
+Why: with qfp8 the fused gate/up GEMM's dgrad reads its gradient [dg | du] as E4M3 in 1 x 128 blocks. Inductor
+built that as two kernels a layer, the SwiGLU backward writing [dg | du] and a quantize reading it back, and
+would not fuse them on CUDA (bench/NOTES.md runs 120-121). `surogate::swiglu_backward` (kernels/swiglu.py)
+computes the gradient and its FP8 blocks in one pass over dh, g and u.
+
+Two steps:
+1. `use_swiglu_op` (torch-level pipeline, after horizontal fusion): `silu(g) * u`, where g and u are the two
+   halves of one fused gate/up `surogate::lora_linear`'s output whose dgrad quantizes 1 x 128 blocks
+   (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up)`. Its forward is the same torch ops (so
+   the producer pass's quantize still fuses into it, and the recompute pass still rebuilds it); its backward
+   is `surogate::swiglu_backward(dh, gate_up, quantize=False)`, the whole gradient in one buffer (no cat).
+2. `quantize_in_swiglu_backward` (inside Inductor, post-grad): a `surogate::lora_linear_backward` whose
+   gradient is that op's output and whose `grad_output_q` is the traced quantizer of it (grad_producer)
+   reads the op's own FP8 outputs instead (`quantize=True`); the old quantize, now unread, is erased.
+
+Requirements (else nothing changes): bf16 values, I a multiple of 128 (each scale block lies in g or in u),
+no dtype-changing cast between the split and the product, grad_producer on. Off with `ENABLED = False`
+(bench/tps.py "+noswiglu"). On the CPU (aot_eager) step 2 does not run; the op's backward then quantizes
+with the traced quantizer, the same bits.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from surogate.kernels.reference_formats import quantize_fp8_block_ref
+from surogate.kernels.reference_linear import grad_output_quantizer
+from surogate.passes import nodes as N
+
+# False: the SwiGLU product stays as the model wrote it (the A/B: bench/tps.py "+noswiglu").
+ENABLED = True
+_BLOCK = 128
+_SPLITS = (torch.split, torch.functional.split)
+_GRAD_OUTPUT_Q = 10  # the schema's position of grad_output_q (ops/lora_linear.py _LORA_LINEAR_BACKWARD_SCHEMA)
+
+
+def _dtype(node) -> torch.dtype | None:
+    value = N.meta_value(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _half(node, index: int, width: int, rank: int) -> fx.Node | None:
+    """The split node when `node` (casts stripped) is piece `index` of a split of a tensor into two pieces
+    `width` wide along its last dimension (`rank` dimensions), else None."""
+    node = N.strip_casts(node)
+    if not N.is_getitem(node, index):
+        return None
+    split = node.args[0]
+    chunked = N.is_call(split, (torch.chunk,)) or N.is_method(split, ("chunk",))
+    if not (chunked or N.is_call(split, _SPLITS) or N.is_method(split, ("split",))):
+        return None
+    sizes = N.arg(split, 1, "chunks" if chunked else "split_size_or_sections")
+    dim = N.arg(split, 2, "dim", 0)
+    if dim not in (-1, rank - 1) or sizes not in ((2,) if chunked else (width, [width, width], (width, width))):
+        return None
+    return split
+
+
+def gate_up_source(mul: fx.Node) -> fx.Node | None:
+    """The fused gate/up output [g | u] when `mul` is `silu(g) * u` on its two halves, all bf16, else None."""
+    if not N.is_mul(mul) or len(mul.args) != 2 or mul.kwargs:
+        return None
+    for act, up in (mul.args, mul.args[::-1]):
+        act_node = N.strip_casts(act)
+        if not (N.is_call(act_node, (F.silu,)) and not act_node.kwargs.get("inplace", False)):
+            continue
+        value = N.meta_value(mul)
+        if not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int) or value.shape[-1] % _BLOCK:
+            return None
+        width, rank = value.shape[-1], value.dim()
+        split = _half(act_node.args[0], 0, width, rank)
+        if split is None or split is not _half(up, 1, width, rank):
+            continue
+        if any(_dtype(n) not in (torch.bfloat16, None) for n in (act, act_node, up, act_node.args[0])):
+            return None  # a cast to another dtype between the split and the product
+        return split.args[0] if value.dtype == torch.bfloat16 else None
+    return None
+
+
+def _quantizes_blocks(op: fx.Node) -> bool:
+    """Whether the dgrad of `op` (a `surogate::lora_linear`) reads its gradient quantized in 1 x 128 blocks."""
+    return grad_output_quantizer(N.op_arg(op, "grad_input"), N.op_arg(op, "weight_format")) is quantize_fp8_block_ref
+
+
+def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
+    """Step 1 (module docstring): returns how many products were replaced."""
+    from surogate.ops.swiglu import swiglu
+
+    if not ENABLED or not ctx.options.get("grad_producer", True):
+        return 0
+    count = 0
+    for node in list(gm.graph.nodes):
+        source = gate_up_source(node) if N.is_mul(node) else None
+        if source is None or not (N.is_getitem(source, 0) and N.is_surogate_op(source.args[0])):
+            continue
+        if not _quantizes_blocks(source.args[0]):
+            continue
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(swiglu, (source,))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        _erase_unread(gm.graph, [node])
+        ctx.report.group("swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient "
+                         "(surogate::swiglu_backward)", (N.module_name(source.args[0]),))
+        count += 1
+    return count
+
+
+def _erase_unread(graph: fx.Graph, roots) -> None:
+    """Erase `roots` and what only they read, once nothing reads them."""
+    stack, erased = [r for r in roots if isinstance(r, fx.Node)], set()
+    while stack:
+        node = stack.pop()
+        if node not in erased and node.op in ("call_function", "call_method") and not node.users:
+            stack.extend(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)
+
+
+def _swiglu_backward_of(grad_output) -> fx.Node | None:
+    """The `surogate::swiglu_backward` node (not yet quantizing) whose output 0 is `grad_output`, else None."""
+    if not (isinstance(grad_output, fx.Node) and grad_output.target is operator.getitem and grad_output.args[1] == 0):
+        return None
+    node = grad_output.args[0]
+    if not isinstance(node, fx.Node) or node.target is not torch.ops.surogate.swiglu_backward.default:
+        return None
+    return None if node.args[2] else node
+
+
+def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
+    """Step 2 (module docstring), on an aten graph; returns how many backward ops now read the op's FP8."""
+    if not ENABLED:
+        return 0
+    from torch._guards import detect_fake_mode
+
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear_backward.default:
+            continue
+        old = node.args[_GRAD_OUTPUT_Q] if len(node.args) > _GRAD_OUTPUT_Q else node.kwargs.get("grad_output_q")
+        producer = _swiglu_backward_of(node.args[0])
+        if not old or producer is None:
+            continue
+        if grad_output_quantizer(node.args[9], node.args[3]) is not quantize_fp8_block_ref:
+            continue
+        grad_h, gate_up = producer.args[:2]
+        vals = [grad_h.meta["val"], gate_up.meta["val"]]
+        with detect_fake_mode(vals) or torch._subclasses.FakeTensorMode():
+            outputs = torch.ops.surogate.swiglu_backward.default(*vals, True)
+        producer.update_arg(2, True)
+        producer.meta["val"] = outputs
+        with graph.inserting_after(producer):
+            scale = graph.call_function(operator.getitem, (producer, 2))
+            data = graph.call_function(operator.getitem, (producer, 1))
+        data.meta["val"], scale.meta["val"] = outputs[1], outputs[2]
+        if len(node.args) > _GRAD_OUTPUT_Q:
+            node.update_arg(_GRAD_OUTPUT_Q, [data, scale])
+        else:
+            node.update_kwarg("grad_output_q", [data, scale])
+        _erase_unread(graph, old)
+        count += 1
+    return count

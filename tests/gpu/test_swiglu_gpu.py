@@ -1,0 +1,81 @@
+"""surogate::swiglu_backward on the GPU (marked `gpu`; deselected without CUDA).
+
+(1) The Triton kernel against its plain-torch twin (within a bf16 ulp: CUDA's sigmoid is not torch's to the last
+FP32 bit) and its E4M3 codes and scales against the Triton 1 x 128 quantizer of its own gradient, bit for bit
+(both divide with IEEE `div_rn`). (2) The tiny Qwen3 compiled for qfp8 with passes/swiglu.py and without: the
+forward is the same graph (the loss is equal), the LoRA gradients agree to the quantizer's tie rounding and are
+no further from eager PEFT, and the backward runs one `_swiglu_backward_kernel` a layer and fewer kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from bit_compare import bits  # noqa: E402
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("lead,inter", [((2, 2048), 12288), ((37,), 384), ((3, 100), 3072)], ids=str)
+def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter):
+    from test_swiglu import assert_within_an_ulp
+
+    from surogate.kernels import reference_swiglu
+    from surogate.kernels.quantize import quantize_fp8_block
+    from surogate.kernels.swiglu import swiglu_backward
+
+    gen = torch.Generator(device="cuda").manual_seed(inter)
+    grad_h = torch.randn(*lead, inter, device="cuda", generator=gen).bfloat16()
+    gate_up = (torch.randn(*lead, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
+    d, data, scale = swiglu_backward(grad_h, gate_up, True)
+    assert_within_an_ulp(d, reference_swiglu.swiglu_backward_ref(grad_h, gate_up)[0], share=2e-3)
+    want_data, want_scale = quantize_fp8_block(d)
+    assert data.shape == want_data.shape and scale.shape == want_scale.shape
+    assert scale.stride() == want_scale.stride()
+    assert torch.equal(bits(data), bits(want_data)) and torch.equal(bits(scale), bits(want_scale))
+
+
+def _step(recipe: str | None, swiglu_op: bool, monkeypatch):
+    """(loss, flat LoRA grads, backward kernel names) of the second step of the tiny Qwen3 (eager PEFT for None)."""
+    import surogate
+    from surogate.passes import swiglu
+
+    monkeypatch.setattr(swiglu, "ENABLED", swiglu_op)
+    monkeypatch.setenv("SUROGATE_AUTOTUNE", "0")  # both compiles launch the same GEMM configs
+    torch._dynamo.reset()
+    model = cuda_lora_qwen3()
+    if recipe is not None:
+        model = surogate.compile(model, recipe=recipe)
+    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()  # compiles
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        loss.backward()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    params = dict(model.named_parameters())
+    grads = torch.cat([params[n].grad.flatten().float() for n in sorted(n for n in params if "lora_" in n)])
+    return loss.item(), grads, kernels
+
+
+def test_qfp8_with_the_op_follows_the_model_without_it_in_fewer_kernels(monkeypatch):
+    _, g_eager, _ = _step(None, False, monkeypatch)
+    loss_on, g_on, kernels_on = _step("qfp8", True, monkeypatch)
+    loss_off, g_off, kernels_off = _step("qfp8", False, monkeypatch)
+    assert loss_on == loss_off  # the forward is the same graph
+    cosine = torch.nn.functional.cosine_similarity(g_on, g_off, dim=0).item()
+    assert cosine > 0.9999, cosine
+    rel = lambda g: ((g - g_eager).norm() / g_eager.norm()).item()  # noqa: E731
+    assert rel(g_on) < 1.05 * rel(g_off), (rel(g_on), rel(g_off))
+    assert sum("_swiglu_backward_kernel" in k for k in kernels_on) == 2  # one a layer
+    assert not any("_swiglu_backward_kernel" in k for k in kernels_off)
+    assert len(kernels_on) < len(kernels_off), (len(kernels_on), len(kernels_off))

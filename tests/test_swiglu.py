@@ -1,0 +1,300 @@
+"""SwiGLU's backward as one op (kernels/swiglu.py, ops/swiglu.py, passes/swiglu.py).
+
+The Triton kernel (under the interpreter) against its plain-torch twin and against autograd through the
+model's own `silu(g) * u`; its FP8 outputs against `quantize_fp8_block_ref` of its bf16 gradient, bit for bit;
+the op's fake against its implementation (opcheck); the torch-level pass's choices; the post-grad rewrite on a
+traced backward; Inductor's plan of the tiny Qwen3's qfp8 backward; and a compiled qfp8 model through Inductor
+on the CPU with the passes and without. tests/gpu/test_swiglu_gpu.py runs the kernel and the model on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bit_compare import bits
+from numerics import odd_values
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from surogate import ops
+from surogate.kernels import reference_swiglu
+from surogate.kernels import swiglu as kernel
+from surogate.kernels.reference_formats import quantize_fp8_block_ref
+from surogate.ops.swiglu import swiglu, swiglu_backward_cuda
+from surogate.passes import post_grad
+from surogate.passes import swiglu as swiglu_pass
+
+BF16 = torch.bfloat16
+OP = torch.ops.surogate.swiglu_backward.default
+BACKWARD = torch.ops.surogate.lora_linear_backward.default
+
+
+def assert_within_an_ulp(got: torch.Tensor, want: torch.Tensor, share: float = 1e-3) -> None:
+    """The same bf16 values but for at most `share` of them one ulp apart (the interpreter's and CUDA's sigmoid
+    are not torch's to the last FP32 bit), NaN where the other has NaN."""
+    a, b = bits(got).int(), bits(want).int()
+    assert torch.equal(got.isnan(), want.isnan())
+    apart = (a - b).abs()
+    assert apart.max() <= 1 and (apart > 0).float().mean() <= share, (apart > 0).sum()
+
+
+def _operands(lead: tuple[int, ...], inter: int, seed: int, odd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_h (..., I), gate_up (..., 2I)) bf16; `odd`: gate_up over a wide range with -0, zeros, NaN and Inf
+    (numerics.odd_values), the blocks whose scales are 1 or NaN."""
+    g = torch.Generator().manual_seed(seed)
+    gate_up = odd_values((*lead, 2 * inter), seed) if odd else (torch.randn(*lead, 2 * inter, generator=g) * 3).to(BF16)
+    return torch.randn(*lead, inter, generator=g).to(BF16), gate_up
+
+
+@pytest.mark.parametrize("lead,inter", [((40,), 256), ((2, 7), 128), ((3, 5), 384), ((1,), 128)], ids=str)
+@pytest.mark.parametrize("odd", [False, True], ids=["normal", "odd values"])
+def test_the_kernel_gives_its_twins_bits_and_quantizes_its_own_gradient(lead, inter, odd):
+    grad_h, gate_up = _operands(lead, inter, seed=inter + len(lead), odd=odd)
+    d, data, scale = swiglu_backward_cuda(grad_h, gate_up, True)
+    want_d, want_data, want_scale = reference_swiglu.swiglu_backward_ref(grad_h, gate_up, True)
+    assert_within_an_ulp(d, want_d)
+    # the FP8 outputs are the 1x128 quantizer's of the gradient the kernel wrote, layout included
+    q_data, q_scale = quantize_fp8_block_ref(d)
+    assert data.shape == q_data.shape and data.stride() == q_data.stride()
+    assert scale.shape == q_scale.shape and scale.stride() == q_scale.stride() == want_scale.stride()
+    assert torch.equal(bits(data), bits(q_data)) and torch.equal(bits(scale), bits(q_scale))
+    plain, empty_data, empty_scale = swiglu_backward_cuda(grad_h, gate_up, False)
+    assert torch.equal(bits(plain), bits(d)) and empty_data.numel() == empty_scale.numel() == 0
+
+
+def test_the_kernel_reads_a_gate_up_with_a_row_stride_of_its_own():
+    grad_h, wide = _operands((24,), 384, seed=3)
+    gate_up = wide[:, :256]  # rows 768 apart, as a slice of a wider buffer
+    got = swiglu_backward_cuda(grad_h[:, :128], gate_up, True)
+    want = swiglu_backward_cuda(grad_h[:, :128], gate_up.contiguous(), True)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want))
+
+
+def test_the_gradient_is_autograds_through_the_models_product_and_closer_to_fp32():
+    """Autograd of `silu(g) * u` in bf16 rounds silu(g) and dh * u on the way; the op rounds once, so it is nearer
+    the FP32 gradient than eager bf16 is (first principles: autograd in FP32 of the same bf16 inputs)."""
+    grad_h, gate_up = _operands((64,), 256, seed=5)
+
+    def autograd(dtype):
+        leaf = gate_up.to(dtype).requires_grad_()
+        gate, up = leaf.split([256, 256], -1)
+        (F.silu(gate) * up).backward(grad_h.to(dtype))
+        return leaf.grad.float()
+
+    exact, eager = autograd(torch.float32), autograd(BF16)
+    d = swiglu_backward_cuda(grad_h, gate_up, False)[0].float()
+    torch.testing.assert_close(d, eager, rtol=2 ** -7, atol=1e-6)
+    assert (d - exact).abs().sum() < 0.8 * (eager - exact).abs().sum()
+
+
+@pytest.mark.parametrize("case", ["I not whole blocks", "fp32", "grad_h of another width"])
+def test_shapes_the_kernel_cannot_take_get_a_clear_error(case):
+    ones = lambda *shape, dtype=BF16: torch.ones(*shape, dtype=dtype)  # noqa: E731
+    grad_h, gate_up = {"I not whole blocks": (ones(4, 96), ones(4, 192)),
+                       "fp32": (ones(4, 128, dtype=torch.float32), ones(4, 256, dtype=torch.float32)),
+                       "grad_h of another width": (ones(4, 256), ones(4, 256))}[case]
+    with pytest.raises(ValueError, match="swiglu_backward"):
+        kernel.swiglu_backward(grad_h, gate_up)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_the_ops_fake_matches_its_implementation(quantize):
+    grad_h, gate_up = _operands((2, 6), 128, seed=7)
+    torch.library.opcheck(OP, (grad_h, gate_up, quantize))
+
+
+def test_swiglu_computes_the_models_product_and_differentiates_through_the_op():
+    grad_h, gate_up = _operands((3, 4), 128, seed=9)
+    leaf = gate_up.clone().requires_grad_()
+    h = swiglu(leaf)
+    gate, up = gate_up.chunk(2, -1)
+    assert torch.equal(bits(h), bits(F.silu(gate) * up))
+    h.backward(grad_h)
+    assert torch.equal(bits(leaf.grad), bits(reference_swiglu.swiglu_backward_ref(grad_h, gate_up)[0]))  # CPU: the twin
+
+
+# --- The torch-level pass ---------------------------------------------------------------------------------------
+
+def _compiled_swiglu_calls(recipe: str, **options) -> tuple[int, str]:
+    """(swiglu calls in the compiled block graphs, the report) of the CPU tiny Qwen3 after one training step."""
+    from tiny_qwen3 import cpu_lora_qwen3
+
+    import surogate
+    from surogate.passes import nodes as N
+
+    torch._dynamo.reset()
+    calls = []
+    original = swiglu_pass.use_swiglu_op
+
+    def counting(gm, ctx):
+        count = original(gm, ctx)
+        calls.append(sum(N.is_swiglu(n) for n in gm.graph.nodes))
+        return count
+
+    import surogate.passes as P
+    pipeline = tuple((name, counting if name == "swiglu" else fn) for name, fn in P.PIPELINE)
+    from unittest import mock
+    with mock.patch.object(P, "PIPELINE", pipeline), mock.patch("surogate.compiler.run_pipeline",
+                                                                lambda gm, ctx: P.run_pipeline(gm, ctx, pipeline)):
+        model = surogate.compile(cpu_lora_qwen3(), recipe=recipe, arch="cpu", **options)
+        ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    return sum(calls), str(model.surogate_report)
+
+
+def test_the_pass_puts_the_op_in_qfp8s_mlp_and_reports_it():
+    calls, report = _compiled_swiglu_calls("qfp8")
+    assert calls == 1  # one block graph, shared by the layers: its gate/up product
+    assert "surogate::swiglu_backward" in report
+
+
+@pytest.mark.parametrize("recipe,options", [("bf16", {}), ("fp8", {}), ("qnf4", {}),
+                                            ("qfp8", {"grad_producer": False}), ("qfp8", {"horizontal": False})],
+                         ids=["bf16", "fp8 (row-scaled dgrad)", "qnf4", "qfp8 without grad_producer",
+                              "qfp8 without horizontal fusion"])
+def test_the_pass_leaves_products_whose_gradient_is_not_quantized_in_blocks(recipe, options):
+    calls, report = _compiled_swiglu_calls(recipe, **options)
+    assert calls == 0 and "swiglu_backward" not in report
+
+
+def test_the_pass_matches_only_silu_of_the_first_half_times_the_second():
+    """Hand-made torch-level graphs: the product on the halves of a split, with the casts the models insert; not
+    the halves swapped, not a split into unequal parts, not a cast to fp32 in between."""
+    def graph(fn, width=256):
+        gm = torch.fx.symbolic_trace(fn)
+        x = torch.zeros(4, width, dtype=BF16)
+        ShapeProp(gm).propagate(x)
+        for n in gm.graph.nodes:
+            tm = n.meta.get("tensor_meta")
+            if isinstance(tm, TensorMetadata):
+                n.meta["example_value"] = torch.empty(tm.shape, dtype=tm.dtype)
+        return gm
+
+    cases = {
+        "the model's product": (lambda t: F.silu(torch.split(t, [128, 128], -1)[0].to(BF16))
+                                * torch.split(t, [128, 128], -1)[1], False),
+        "one split, casts": (lambda t: (lambda p: F.silu(p[0].to(BF16)) * p[1].to(BF16))(torch.split(t, 128, -1)),
+                             True),
+        "chunk": (lambda t: (lambda p: F.silu(p[0]) * p[1])(t.chunk(2, -1)), True),
+        "halves swapped": (lambda t: (lambda p: F.silu(p[1]) * p[0])(torch.split(t, 128, -1)), False),
+        "unequal parts": (lambda t: (lambda p: F.silu(p[0]) * p[1][..., :64])(torch.split(t, [64, 192], -1)), False),
+        "fp32 in between": (lambda t: (lambda p: (F.silu(p[0].float()) * p[1].float()).to(BF16))(
+            torch.split(t, 128, -1)), False),
+    }
+    for why, (fn, found) in cases.items():
+        gm = graph(fn)
+        sources = [swiglu_pass.gate_up_source(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        assert any(s is not None for s in sources) == found, why
+
+
+# --- The post-grad rewrite --------------------------------------------------------------------------------------
+
+def _backward_graph(fmt="fp8_block", quantized=True):
+    """A traced backward like qfp8's gate/up: the op's gradient, quantized by the traced quantizer as grad_producer
+    puts it, read by the fused GEMM's backward -> (graph module, example inputs)."""
+    inter, k = 128, 128
+    weight = ops.prepare_weight(torch.randn(2 * inter, k).to(BF16) / 16, fmt)
+    quantizer = ops.grad_output_quantizer("fp8", fmt)
+
+    def backward(x, weight, grad_h, gate_up):
+        g = OP(grad_h, gate_up, False)[0]
+        g_q = list(quantizer(g)) if quantized else None
+        return BACKWARD(g, x, weight, fmt, None, None, None, None, 1.0, "fp8", g_q)[0]
+
+    grad_h, gate_up = _operands((2, 8), inter, seed=11)
+    inputs = [torch.randn(2, 8, k).to(BF16), weight, grad_h, gate_up]
+    return make_fx(backward, tracing_mode="fake")(*inputs), inputs
+
+
+def test_the_rewrite_hands_the_dgrad_the_ops_fp8_and_keeps_the_bits():
+    gm, inputs = _backward_graph()
+    want = gm(*inputs)
+    assert swiglu_pass.quantize_in_swiglu_backward(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    producer = next(n for n in gm.graph.nodes if n.target is OP)
+    backward = next(n for n in gm.graph.nodes if n.target is BACKWARD)
+    assert producer.args[2] is True and [a.args for a in backward.args[10]] == [(producer, 1), (producer, 2)]
+    assert not any(n.target is torch.ops.aten.amax.default for n in gm.graph.nodes)  # the old quantize is gone
+    assert torch.equal(bits(gm(*inputs)), bits(want))
+    assert swiglu_pass.quantize_in_swiglu_backward(gm.graph) == 0  # safe on a graph it has processed
+
+
+@pytest.mark.parametrize("case", ["the fp8_row dgrad (a scale per row)", "no grad_output_q"])
+def test_the_rewrite_leaves_other_dgrads(case):
+    kwargs = {"the fp8_row dgrad (a scale per row)": {"fmt": "fp8_row"}, "no grad_output_q": {"quantized": False}}
+    gm, _ = _backward_graph(**kwargs[case])
+    before = [(n.target, n.args) for n in gm.graph.nodes]
+    assert swiglu_pass.quantize_in_swiglu_backward(gm.graph) == 0
+    assert [(n.target, n.args) for n in gm.graph.nodes] == before
+
+
+def test_inductor_plans_no_kernel_reading_the_gate_up_gradient_back():
+    """The tiny Qwen3's qfp8 backward (M = 2 x 128, intermediate 512) with the post-grad passes as compile runs
+    them: the op quantizes gate/up's gradient, so no kernel reduces over it (before: the SwiGLU backward and a
+    1x128 quantize reading its output, bench/results/profile_8b_h200.md), and q/k/v's cat is the one concat."""
+    pytest.importorskip("triton")
+    from inductor_kernels import tiny_qwen3_kernels
+    from test_passes_concat import _numel
+    from torch._inductor import config
+
+    counts = []
+    inner = post_grad.post_grad_pass()
+
+    class Counting(type(inner)):
+        def __call__(self, graph):
+            counts.append(post_grad.run(graph))
+
+    with config.patch(post_grad_custom_post_pass=Counting()):
+        _, backward = tiny_qwen3_kernels("qfp8")
+    assert counts == [{"swiglu": 0, "concat": 0}, {"swiglu": 1, "concat": 1}], counts
+    rows, inter = 2 * 128, 512
+    assert not [k for k in backward if k.reductions and _numel(k.group) * 128 == rows * 2 * inter], backward
+    assert not [k for k in backward if _numel(k.group) == rows * inter and len(k.dtypes) >= 2], backward
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
+def test_a_compiled_qfp8_model_through_inductor_with_the_op_and_without(monkeypatch):
+    """Same forward (the loss bit for bit); gradients within the op's one rounding of each SwiGLU gradient."""
+    import transformers as T
+
+    import surogate
+    from surogate.compiler import _attach_lora
+
+    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
+
+    def step(on: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        monkeypatch.setattr(swiglu_pass, "ENABLED", on)
+        cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, vocab_size=512)
+        model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(BF16),
+                             {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+        compiled = surogate.compile(model, recipe="qfp8", arch="cpu")
+        ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, \
+            str(compiled.surogate_report)
+
+    (loss_on, grads_on, report_on), (loss_off, grads_off, _) = step(True), step(False)
+    torch._dynamo.reset()
+    assert "surogate::swiglu_backward" in report_on
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and len(grads_on) == 28
+    for name, grad in grads_on.items():
+        cos = F.cosine_similarity(grad.flatten().double(), grads_off[name].flatten().double(), dim=0)
+        assert cos > 0.999, (name, cos.item())
+
+
+def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_does(monkeypatch):
+    from bench_module import load_bench
+
+    on = post_grad.post_grad_pass().uuid()
+    monkeypatch.setattr(swiglu_pass, "ENABLED", False)
+    assert post_grad.post_grad_pass().uuid() != on  # a cached graph of the other setting is never served
+    gm, _ = _backward_graph()
+    assert swiglu_pass.quantize_in_swiglu_backward(gm.graph) == 0
+    assert load_bench("tps").surogate_system("surogate:qfp8+noswiglu") == ("qfp8", {"swiglu_op": False})
