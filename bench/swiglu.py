@@ -55,11 +55,35 @@ def _bytes(m: int, i: int, quantize: bool) -> int:
     return m * i * 2 * 5 + (m * 2 * i + m * 2 * i // 128 * 4 if quantize else 0)
 
 
+def _sweep() -> list[dict]:
+    """The kernel's time at Qwen3-8B's M = 4096 under other (TILE_M, num_warps) than its config function's."""
+    from triton.testing import do_bench
+
+    from surogate.kernels import swiglu as kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dh = torch.randn(4096, 12288, device="cuda", generator=gen).bfloat16()
+    gate_up = (torch.randn(4096, 2 * 12288, device="cuda", generator=gen) * 3).bfloat16()
+    original, rows = kernel.get_swiglu_backward_configs, []
+    try:
+        for tile_m in (8, 16, 32, 64):
+            for warps in (2, 4, 8):
+                kernel.get_swiglu_backward_configs = lambda arch=None, t=tile_m, w=warps: dict(
+                    TILE_M=t, BK=kernel.BLOCK, num_warps=w)
+                ms = do_bench(lambda: kernel.swiglu_backward(dh, gate_up, True), warmup=10, rep=50)
+                rows.append({"TILE_M": tile_m, "num_warps": warps, "ms": ms})
+                print(f"sweep TILE_M={tile_m:<3d} num_warps={warps}  {ms * 1e3:7.1f} us", flush=True)
+    finally:
+        kernel.get_swiglu_backward_configs = original
+    return rows
+
+
 def main() -> None:
     from triton.testing import do_bench
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--sweep", action="store_true", help="also time the op's kernel at other tile configs (8B, M=4096)")
     args = p.parse_args()
     from surogate.training.info import run_record
 
@@ -71,6 +95,7 @@ def main() -> None:
             dh = torch.randn(m, inter, device="cuda", generator=gen).bfloat16()
             gate_up = (torch.randn(m, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
             for quantize in (True, False):
+                torch._dynamo.reset()  # one compile a shape (no recompile limit, no dynamic shapes)
                 systems = {"Inductor (before)": _inductor(quantize), "surogate::swiglu_backward": _surogate(quantize)}
                 outs = {s: fn(dh, gate_up) for s, fn in systems.items()}
                 ours, theirs = outs["surogate::swiglu_backward"], outs["Inductor (before)"]
@@ -90,10 +115,11 @@ def main() -> None:
                                                               if quantize else ""), flush=True)
             del dh, gate_up, outs
             torch.cuda.empty_cache()
+    sweep = _sweep() if args.sweep else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"swiglu_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / f"swiglu_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
     lines = [f"# SwiGLU backward (+ qfp8's 1 x 128 gradient quantize): Inductor vs surogate::swiglu_backward "
              f"({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; GB/s of "
@@ -105,6 +131,10 @@ def main() -> None:
         lines.append(f"| {r['mlp']} | {r['M']} | {r['I']} | {'yes' if r['quantize'] else 'no'} | {r['system']} | "
                      f"{r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['max_ulps']} ({r['share_apart']:.1e}) | "
                      f"{r.get('codes_apart', float('nan')):.1e} |")
+    if sweep:
+        lines += ["", "The op's kernel at other tile configs (Qwen3-8B, M = 4096, with the quantize)", "",
+                  "| TILE_M | num_warps | us |", "|---|---|---|"]
+        lines += [f"| {r['TILE_M']} | {r['num_warps']} | {r['ms'] * 1e3:.1f} |" for r in sweep]
     (out / f"swiglu_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

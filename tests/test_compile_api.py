@@ -301,4 +301,4 @@ def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
             assert torch.compiler.config.cache_key_tag == "mine"
     assert seen[0] == seen[2] != seen[1] and all(t.startswith("mine+surogate-options-") for t in seen)
     assert seen[3] == seen[1]  # "auto" is keyed as what it decided (here: nothing to weigh, so rebuilt)
-    assert all(type(p["post_grad_custom_post_pass"]).__name__ == "RealizeCatsIntoSlices" for p in patches)
+    assert all(type(p["post_grad_custom_post_pass"]).__name__ == "SurogatePostGrad" for p in patches)

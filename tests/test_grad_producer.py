@@ -235,8 +235,11 @@ def _is_fp8_cast(node) -> bool:
 
 def _qwen3(recipe: str, grad_producer: bool):
     """(loss, LoRA grads, report, backward graphs) of a compiled 2-layer Qwen3: aot_eager with its
-    backward graphs recorded."""
+    backward graphs recorded; the SwiGLU product as the model wrote it (passes/swiglu.py, which needs
+    grad_producer, computes the SwiGLU gradient with one rounding: tests/test_swiglu.py)."""
     from torch._functorch.aot_autograd import aot_module_simplified
+
+    from surogate.passes import swiglu
 
     backward_graphs = []
     lookup = torch._dynamo.lookup_backend
@@ -250,7 +253,7 @@ def _qwen3(recipe: str, grad_producer: bool):
     model = cpu_lora_qwen3()
     compiled = surogate.compile(model, recipe=recipe, arch="cpu", grad_producer=grad_producer)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    with mock.patch.object(torch._dynamo, "lookup_backend", recording):
+    with mock.patch.object(torch._dynamo, "lookup_backend", recording), mock.patch.object(swiglu, "ENABLED", False):
         loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
     grads = {n: p.grad for n, p in compiled.named_parameters() if "lora_" in n}

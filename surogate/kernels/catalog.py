@@ -438,6 +438,7 @@ def _quantizer_specs() -> list[KernelSpec]:
     from surogate.kernels import dequantize as dq
     from surogate.kernels import lora_factors as lf
     from surogate.kernels import quantize as q
+    from surogate.kernels import swiglu as sw
     from surogate.kernels import transpose as tr
 
     k, m, r = SHAPE["K"], SHAPE["M"], SHAPE["R"]
@@ -493,6 +494,12 @@ def _quantizer_specs() -> list[KernelSpec]:
              {"R": r, "K": k, "N": SHAPE["N"], "stride_a0": k, "stride_a1": 1, "stride_b0": r, "stride_b1": 1},
              lambda arch: lf.get_lora_factors_configs(r), tuple(names(include_aliases=False)),
              "FP32 LoRA factors to bf16 and the persistent kernel's U^T, one launch per forward"),
+        spec("swiglu_backward", sw._swiglu_backward_kernel,
+             dict(dh_ptr="*bf16", gu_ptr="*bf16", d_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
+             dict(e4m3, QUANTIZE=True, INTERPRET=False),
+             dict(M=m, INTER=3 * k, stride_dh=3 * k, stride_gu=6 * k, stride_d=6 * k, stride_qm=6 * k, stride_sm=1,
+                  stride_sk=m), sw.get_swiglu_backward_configs, ("qfp8",),
+             "SwiGLU's backward over the fused gate/up output and its gradient to E4M3 in 1x128 blocks, one pass"),
     ]
 
 
@@ -519,7 +526,7 @@ def _loss_specs() -> list[KernelSpec]:
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
                   "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy",
-                  "surogate.kernels.lora_factors")
+                  "surogate.kernels.lora_factors", "surogate.kernels.swiglu")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from surogate.kernels.bits import round_bf16
-from surogate.kernels.quantize import _amax_nan, _fp8_code, _scale_from_amax, fp8_constexprs
+from surogate.compat import triton_interpreting
+from surogate.kernels.quantize import _fp8_code, _scale_from_amax, fp8_constexprs
 
 BLOCK = 128  # the 1 x 128 scale blocks of qfp8's gradients
 
@@ -36,13 +37,50 @@ def _swiglu_metadata(grid, kernel, args):
 
 
 @triton.jit
+def _amax_bits(a):
+    """max over axis 1 of non-negative `a`, NaN if a row holds a NaN (as torch.amax), in one reduction: the bits
+    of non-negative floats order as int32 as the floats do, and every NaN's lie above Inf's."""
+    return tl.max(a.to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _div_rn_rows(x, scale):
+    """x / scale[:, None] rounded to nearest even, as `div_rn` gives it, with one division a row: the row's
+    reciprocal r = RN(1 / s), q = RN(x r), then one correction by the exact residual e = x - q s (an FMA):
+    RN(q + e r) (Markstein's step; checked bit for bit against `div_rn` on the GPU, tests/gpu/test_swiglu_gpu.py).
+    Rows whose scale lies below 2^-100 are lifted by 2^64 first (exact), so that 1 / s stays finite; e == 0
+    (exact quotients, -0 among them) keeps q and its sign."""
+    lift = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+    s = scale * lift
+    r = tl.math.div_rn(1.0, s)
+    xs = x * lift[:, None]
+    q = xs * r[:, None]
+    e = tl.fma(-q, s[:, None], xs)
+    return tl.where(e == 0.0, q, tl.fma(e, r[:, None], q))
+
+
+@triton.jit
+def _bf16(v, INTERPRET: tl.constexpr):
+    """`v` rounded to nearest even bf16: the hardware cast on the GPU, `round_bf16` under the interpreter (whose
+    cast truncates)."""
+    if INTERPRET:
+        return round_bf16(v).to(tl.bfloat16)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
 def _quantize_rows(x, q_ptr, scale_ptr, rows, row_in, cols, mask, block, stride_qm, stride_sm, stride_sk,
-                   FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr):
+                   FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, INTERPRET: tl.constexpr):
     """E4M3 codes of the [TILE_M, 128] tile `x` (bf16 values held in FP32), one scale per row, stored at
-    scale block `block` of each row."""
-    scale = _scale_from_amax(_amax_nan(tl.abs(x), 1), FP8_MAX, False)
-    code = _fp8_code(tl.math.div_rn(x, scale[:, None]), FP8_MAX, MANT, BIAS)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], code.to(tl.uint8), mask=mask)
+    scale block `block` of each row. On the GPU the code is the hardware's `cvt.rn.satfinite` (what `_fp8_code`
+    computes on the bits: saturate, round to nearest even, NaN to 0x7f), under the interpreter `_fp8_code`."""
+    scale = _scale_from_amax(_amax_bits(tl.abs(x)), FP8_MAX, False)
+    if INTERPRET:
+        code = _fp8_code(tl.math.div_rn(x, scale[:, None]), FP8_MAX, MANT, BIAS).to(tl.uint8)
+    else:
+        code = _div_rn_rows(x, scale).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], code, mask=mask)
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + block * stride_sk, scale, mask=row_in)
 
 
@@ -51,7 +89,7 @@ def _swiglu_backward_kernel(
     dh_ptr, gu_ptr, d_ptr, q_ptr, scale_ptr, M, INTER,
     stride_dh, stride_gu, stride_d, stride_qm, stride_sm, stride_sk,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
-    TILE_M: tl.constexpr, BK: tl.constexpr,
+    INTERPRET: tl.constexpr, TILE_M: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (pid_m, pid_k): rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK) of g (and the same
     columns of u, INTER = I further on). Scale blocks: pid_k for dg, I / BK + pid_k for du."""
@@ -66,15 +104,15 @@ def _swiglu_backward_kernel(
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    dg = round_bf16(dh * u * s * (1.0 + g * (1.0 - s)))
-    du = round_bf16(dh * (g * s))
-    tl.store(d_ptr + r64 * stride_d + cols[None, :], dg.to(d_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_ptr + r64 * stride_d + INTER + cols[None, :], du.to(d_ptr.dtype.element_ty), mask=mask)
+    dg = _bf16(dh * u * s * (1.0 + g * (1.0 - s)), INTERPRET)
+    du = _bf16(dh * (g * s), INTERPRET)
+    tl.store(d_ptr + r64 * stride_d + cols[None, :], dg, mask=mask)
+    tl.store(d_ptr + r64 * stride_d + INTER + cols[None, :], du, mask=mask)
     if QUANTIZE:
-        _quantize_rows(dg, q_ptr, scale_ptr, rows, row_in, cols, mask, pid_k, stride_qm, stride_sm, stride_sk,
-                       FP8_MAX, MANT, BIAS)
-        _quantize_rows(du, q_ptr, scale_ptr, rows, row_in, cols + INTER, mask, pid_k + INTER // BK, stride_qm,
-                       stride_sm, stride_sk, FP8_MAX, MANT, BIAS)
+        _quantize_rows(dg.to(tl.float32), q_ptr, scale_ptr, rows, row_in, cols, mask, pid_k, stride_qm, stride_sm,
+                       stride_sk, FP8_MAX, MANT, BIAS, INTERPRET)
+        _quantize_rows(du.to(tl.float32), q_ptr, scale_ptr, rows, row_in, cols + INTER, mask, pid_k + INTER // BK,
+                       stride_qm, stride_sm, stride_sk, FP8_MAX, MANT, BIAS, INTERPRET)
 
 
 def get_swiglu_backward_configs(arch: str | None = None) -> dict:
@@ -120,7 +158,8 @@ def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool 
         q = data.view(torch.uint8)
         _swiglu_backward_kernel[grid](
             dh, gu, d, q, scale, m, i, dh.stride(0), gu.stride(0), d.stride(0), 2 * i,
-            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, **fp8_constexprs("e4m3"), **cfg)
+            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, INTERPRET=triton_interpreting(),
+            **fp8_constexprs("e4m3"), **cfg)
     d = d.view(*lead, 2 * i)
     if not quantize:
         return d, data, scale
