@@ -462,7 +462,7 @@ def _quantizer_specs() -> list[KernelSpec]:
              dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), e4m3, dict(n=m * k),
              q.get_quantize_fp8_tensorwise_configs, (), "E4M3 with one tensor scale (formats API; no recipe runs it)"),
         spec("quantize_fp8_block", q._quantize_fp8_block_kernel,
-             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e4m3, POW2=False),
+             dict(x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"), dict(e4m3, POW2=False, FAST=True),
              dict(M=m, K=k, stride_xm=k, stride_qm=k, stride_sm=1, stride_sk=m),
              lambda arch: q.get_quantize_fp8_block_configs(arch, (1, 128)), ("qfp8",),
              "activations and gradients to E4M3, 1x128 block scales (stored M-contiguous)"),

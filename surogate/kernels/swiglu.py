@@ -23,7 +23,7 @@ import triton.language as tl
 
 from surogate.kernels.bits import round_bf16
 from surogate.compat import triton_interpreting
-from surogate.kernels.quantize import _fp8_code, _scale_from_amax, fp8_constexprs
+from surogate.kernels.quantize import _amax_bits, _div_rn_rows, _fp8_code, _scale_from_amax, fp8_constexprs
 
 BLOCK = 128  # the 1 x 128 scale blocks of qfp8's gradients
 
@@ -34,29 +34,6 @@ def _swiglu_metadata(grid, kernel, args):
     m, i = args["M"], args["INTER"]
     moved = m * i * 2 * (3 + 2) + (m * 2 * i + m * 2 * i // BLOCK * 4 if args["QUANTIZE"] else 0)
     return {"name": f"{kernel.name} M={m} I={i} quantize={bool(args['QUANTIZE'])}", "bytes": moved}
-
-
-@triton.jit
-def _amax_bits(a):
-    """max over axis 1 of non-negative `a`, NaN if a row holds a NaN (as torch.amax), in one reduction: the bits
-    of non-negative floats order as int32 as the floats do, and every NaN's lie above Inf's."""
-    return tl.max(a.to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _div_rn_rows(x, scale):
-    """x / scale[:, None] rounded to nearest even, as `div_rn` gives it, with one division a row: the row's
-    reciprocal r = RN(1 / s), q = RN(x r), then one correction by the exact residual e = x - q s (an FMA):
-    RN(q + e r) (Markstein's step; checked bit for bit against `div_rn` on the GPU, tests/gpu/test_swiglu_gpu.py).
-    Rows whose scale lies below 2^-100 are lifted by 2^64 first (exact), so that 1 / s stays finite; e == 0
-    (exact quotients, -0 among them) keeps q and its sign."""
-    lift = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
-    s = scale * lift
-    r = tl.math.div_rn(1.0, s)
-    xs = x * lift[:, None]
-    q = xs * r[:, None]
-    e = tl.fma(-q, s[:, None], xs)
-    return tl.where(e == 0.0, q, tl.fma(e, r[:, None], q))
 
 
 @triton.jit

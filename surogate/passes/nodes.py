@@ -1,4 +1,5 @@
-"""Small predicates over torch-level FX nodes (what Dynamo hands a custom backend).
+"""Small predicates over torch-level FX nodes (what Dynamo hands a custom backend), and the few helpers the
+post-grad passes share on aten graphs (`erase_unread`, a backward op's `grad_output_q`).
 
 One place that knows the spellings Dynamo uses for the same operation: `torch._C._nn.linear`
 or `F.linear`, `x.to(dtype)` or `x.float()`, `operator.mul` or `torch.mul`, and so on.
@@ -146,3 +147,35 @@ def module_name(node: fx.Node) -> str:
             break
         parts.append(token)
     return ".".join(parts) or text
+
+
+# --- aten graphs (the post-grad passes) ---------------------------------------------------------------------------
+
+_GRAD_OUTPUT_Q = 10  # the schema's position of grad_output_q (ops/lora_linear.py _LORA_LINEAR_BACKWARD_SCHEMA)
+
+
+def grad_output_q(node: fx.Node) -> Any:
+    """The `grad_output_q` argument of a `surogate::lora_linear_backward` node, wherever it was passed."""
+    if len(node.args) > _GRAD_OUTPUT_Q:
+        return node.args[_GRAD_OUTPUT_Q]
+    return node.kwargs.get("grad_output_q")
+
+
+def set_grad_output_q(node: fx.Node, value: Any) -> None:
+    """Set the `grad_output_q` argument of a `surogate::lora_linear_backward` node, wherever it was passed."""
+    if len(node.args) > _GRAD_OUTPUT_Q:
+        node.update_arg(_GRAD_OUTPUT_Q, value)
+    else:
+        node.update_kwarg("grad_output_q", value)
+
+
+def erase_unread(graph: fx.Graph, roots: Any) -> None:
+    """Erase `roots` (a node or a list of them) and what only they read, once nothing reads them."""
+    roots = roots if isinstance(roots, (list, tuple)) else [roots]
+    stack, erased = [r for r in roots if isinstance(r, fx.Node)], set()
+    while stack:
+        node = stack.pop()
+        if node not in erased and node.op in ("call_function", "call_method") and not node.users:
+            stack.extend(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)

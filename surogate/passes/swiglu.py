@@ -37,7 +37,6 @@ from surogate.passes import nodes as N
 ENABLED = True
 _BLOCK = 128
 _SPLITS = (torch.split, torch.functional.split)
-_GRAD_OUTPUT_Q = 10  # the schema's position of grad_output_q (ops/lora_linear.py _LORA_LINEAR_BACKWARD_SCHEMA)
 
 
 def _dtype(node) -> torch.dtype | None:
@@ -105,22 +104,11 @@ def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
             fused = gm.graph.call_function(swiglu, (source,))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
-        _erase_unread(gm.graph, [node])
+        N.erase_unread(gm.graph, [node])
         ctx.report.group("swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient "
                          "(surogate::swiglu_backward)", (N.module_name(source.args[0]),))
         count += 1
     return count
-
-
-def _erase_unread(graph: fx.Graph, roots) -> None:
-    """Erase `roots` and what only they read, once nothing reads them."""
-    stack, erased = [r for r in roots if isinstance(r, fx.Node)], set()
-    while stack:
-        node = stack.pop()
-        if node not in erased and node.op in ("call_function", "call_method") and not node.users:
-            stack.extend(node.all_input_nodes)
-            graph.erase_node(node)
-            erased.add(node)
 
 
 def _swiglu_backward_of(grad_output) -> fx.Node | None:
@@ -143,7 +131,7 @@ def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear_backward.default:
             continue
-        old = node.args[_GRAD_OUTPUT_Q] if len(node.args) > _GRAD_OUTPUT_Q else node.kwargs.get("grad_output_q")
+        old = N.grad_output_q(node)
         producer = _swiglu_backward_of(node.args[0])
         if not old or producer is None:
             continue
@@ -159,10 +147,7 @@ def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
             scale = graph.call_function(operator.getitem, (producer, 2))
             data = graph.call_function(operator.getitem, (producer, 1))
         data.meta["val"], scale.meta["val"] = outputs[1], outputs[2]
-        if len(node.args) > _GRAD_OUTPUT_Q:
-            node.update_arg(_GRAD_OUTPUT_Q, [data, scale])
-        else:
-            node.update_kwarg("grad_output_q", [data, scale])
-        _erase_unread(graph, old)
+        N.set_grad_output_q(node, [data, scale])
+        N.erase_unread(graph, old)
         count += 1
     return count

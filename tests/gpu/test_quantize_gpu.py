@@ -82,6 +82,21 @@ def test_fp8_tensorwise_and_block_gpu(shape):
             assert torch.equal(_bits(back), _bits(_cpu(RF.dequantize_fp8_ref)(ref, torch.bfloat16)))
 
 
+def test_fp8_block_1x128_fast_path_on_odd_values_gpu():
+    """The 1 x 128 E4M3 path (one amax reduction on the bits, one division a row with Markstein's correction, the
+    hardware cast) against the reference bit for bit where it could slip: values over 1e-20..1e20 with -0, a zero
+    row, NaN and Inf rows (numerics.odd_values), and rows so small that their scale is subnormal (lifted by 2^64)."""
+    from numerics import odd_values
+
+    x = odd_values((64, 1024), seed=5).cuda()
+    x[5] = (torch.randn(1024, device="cuda") * 1e-38).to(torch.bfloat16)  # scale ~2e-41: subnormal
+    x[6, ::2] = -0.0
+    x[7] = (torch.randn(1024, device="cuda") * 1e-33).to(torch.bfloat16)  # scale below 2^-100, normal
+    data, s = Q.quantize_fp8_block(x, (1, 128))
+    ref = _cpu(RF.quantize_fp8_ref)(x, "e4m3", scaling="block", block=(1, 128))
+    assert torch.equal(_bits(s), _bits(ref.scale)) and torch.equal(_bits(data), _bits(ref.data))
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_nvfp4_gpu(shape):
     x = _x(shape, 3)
