@@ -14,6 +14,8 @@
 - `linear_attention.py`: gated DeltaNet layers (Qwen3.5, Qwen3-Next): the delta rule as one op
   (`surogate::gated_delta_rule`), packed examples kept apart.
 - `formats.py`: `quantize(tensor, fmt)` into the numeric formats, for inspection and tests.
+- `swiglu.py`: `swiglu(gate_up)`, silu(g) * u with its backward as one op (`surogate::swiglu_backward`), which
+  passes/swiglu.py puts in qfp8's fused MLP (imported there).
 
 Importing this package registers the ops; the other modules are imported where they are used.
 """

@@ -22,7 +22,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe, bound", [("bf16", 2e-2), ("fp8", 0.1), ("qfp8", 0.1), ("qnf4", 2e-2)])
+# qnf4: 0.0202 on the H200 from 34e7239 on (bench/NOTES.md, session 27; 2e-2 passed in run 97): the merged bf16
+# weight rounds W_nf4 + s B A once more; the untrained base sits at 1.38.
+@pytest.mark.parametrize("recipe, bound", [("bf16", 2e-2), ("fp8", 0.1), ("qfp8", 0.1), ("qnf4", 3e-2)])
 def test_merge_and_unload_after_training_on_cuda(recipe, bound):
     peft_model = cuda_lora_qwen3()
     g = torch.Generator("cuda").manual_seed(3)
