@@ -61,19 +61,10 @@ def test_inductor_plans_no_kernel_reading_the_qkv_gradient_back():
     gradient's 1 x 128 blocks in Inductor's code (the op's Triton quantizer reads it), and none over gate/up's
     (surogate::swiglu_backward quantizes it)."""
     pytest.importorskip("triton")
-    from inductor_kernels import tiny_qwen3_kernels
+    from inductor_kernels import tiny_qwen3_post_grad
     from test_passes_concat import _numel
-    from torch._inductor import config
 
-    counts = []
-    inner = post_grad.post_grad_pass()
-
-    class Counting(type(inner)):
-        def __call__(self, graph):
-            counts.append(post_grad.run(graph))
-
-    with config.patch(post_grad_custom_post_pass=Counting()):
-        _, backward = tiny_qwen3_kernels("qfp8")
+    counts, backward = tiny_qwen3_post_grad("qfp8")
     assert counts[1] == {"swiglu": 1, "cat_grad_quantize": 1, "concat": 1}, counts
     rows = 2 * 128
     for width in (512, 2 * 512):  # q/k/v, gate/up

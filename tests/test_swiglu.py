@@ -236,19 +236,10 @@ def test_inductor_plans_no_kernel_reading_the_gate_up_gradient_back():
     them: the op quantizes gate/up's gradient, so no kernel reduces over it (before: the SwiGLU backward and a
     1x128 quantize reading its output, bench/results/profile_8b_h200.md), and q/k/v's cat is the one concat."""
     pytest.importorskip("triton")
-    from inductor_kernels import tiny_qwen3_kernels
+    from inductor_kernels import tiny_qwen3_post_grad
     from test_passes_concat import _numel
-    from torch._inductor import config
 
-    counts = []
-    inner = post_grad.post_grad_pass()
-
-    class Counting(type(inner)):
-        def __call__(self, graph):
-            counts.append(post_grad.run(graph))
-
-    with config.patch(post_grad_custom_post_pass=Counting()):
-        _, backward = tiny_qwen3_kernels("qfp8")
+    counts, backward = tiny_qwen3_post_grad("qfp8")
     assert [c["swiglu"] for c in counts] == [0, 1] and counts[1]["concat"] == 1, counts
     rows, inter = 2 * 128, 512
     assert not [k for k in backward if k.reductions and _numel(k.group) * 128 == rows * 2 * inter], backward

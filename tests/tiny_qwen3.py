@@ -22,6 +22,24 @@ def cuda_lora_qwen3(seed: int = 0, layers: int = 2) -> nn.Module:
     return _attach_lora(model, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
 
 
+def second_step(model: nn.Module) -> tuple[float, torch.Tensor, list[str]]:
+    """(loss, flat LoRA grads, CUDA kernel names of the backward) of `model`'s second step on fixed ids (2 x 128):
+    the first compiles (and autotunes), the second's backward runs under the profiler."""
+    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        loss.backward()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    params = dict(model.named_parameters())
+    grads = torch.cat([params[n].grad.flatten().float() for n in sorted(n for n in params if "lora_" in n)])
+    return loss.item(), grads, kernels
+
+
 def train_losses(model: nn.Module, micro_step, steps: list[list[torch.Tensor]]) -> list[float]:
     """Fused AdamW (lr 1e-3) over `model`'s trainable parameters, one optimizer step per list of micro-batch
     ids in `steps`, each micro-batch through `micro_step(ids) -> loss`; the mean loss of every step."""

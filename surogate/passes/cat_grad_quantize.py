@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from surogate.kernels.reference_formats import quantize_fp8_block_ref
-from surogate.kernels.reference_linear import grad_output_quantizer
-from surogate.passes.nodes import erase_unread, grad_output_q, set_grad_output_q
+from surogate.passes.nodes import block_quantized_backwards, erase_unread, set_grad_output_q
 
 # False: the cat's quantize stays in the graph (the A/B: bench/tps.py "+catgraphquantize").
 ENABLED = True
@@ -37,13 +35,8 @@ def quantize_cats_in_the_op(graph: fx.Graph) -> int:
     if not ENABLED:
         return 0
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear_backward.default:
-            continue
-        old = grad_output_q(node)
-        if not old or not _is_cat(node.args[0]):
-            continue
-        if grad_output_quantizer(node.args[9], node.args[3]) is not quantize_fp8_block_ref:
+    for node, old in block_quantized_backwards(graph):
+        if not _is_cat(node.args[0]):
             continue
         set_grad_output_q(node, None)
         erase_unread(graph, old)

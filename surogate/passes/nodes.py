@@ -169,6 +169,22 @@ def set_grad_output_q(node: fx.Node, value: Any) -> None:
         node.update_kwarg("grad_output_q", value)
 
 
+def block_quantized_backwards(graph: fx.Graph) -> list[tuple[fx.Node, Any]]:
+    """(node, its grad_output_q) for each `surogate::lora_linear_backward` of `graph` that is handed its gradient
+    quantized and whose dgrad reads 1 x 128 E4M3 blocks (`quantize_fp8_block_ref`: qfp8)."""
+    from surogate.kernels.reference_formats import quantize_fp8_block_ref
+    from surogate.kernels.reference_linear import grad_output_quantizer
+
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear_backward.default:
+            continue
+        old = grad_output_q(node)
+        if old and grad_output_quantizer(node.args[9], node.args[3]) is quantize_fp8_block_ref:
+            found.append((node, old))
+    return found
+
+
 def erase_unread(graph: fx.Graph, roots: Any) -> None:
     """Erase `roots` (a node or a list of them) and what only they read, once nothing reads them."""
     roots = roots if isinstance(roots, (list, tuple)) else [roots]

@@ -128,14 +128,9 @@ def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
     from torch._guards import detect_fake_mode
 
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear_backward.default:
-            continue
-        old = N.grad_output_q(node)
+    for node, old in N.block_quantized_backwards(graph):
         producer = _swiglu_backward_of(node.args[0])
-        if not old or producer is None:
-            continue
-        if grad_output_quantizer(node.args[9], node.args[3]) is not quantize_fp8_block_ref:
+        if producer is None:
             continue
         grad_h, gate_up = producer.args[:2]
         vals = [grad_h.meta["val"], gate_up.meta["val"]]

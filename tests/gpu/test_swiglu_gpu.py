@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
 from bit_compare import bits  # noqa: E402
-from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+from tiny_qwen3 import cuda_lora_qwen3, second_step  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -52,19 +52,7 @@ def _step(recipe: str | None, swiglu_op: bool, monkeypatch):
     model = cuda_lora_qwen3()
     if recipe is not None:
         model = surogate.compile(model, recipe=recipe)
-    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    model(input_ids=ids, labels=ids).loss.backward()  # compiles
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        loss.backward()
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Memcpy", "Memset"))]
-    params = dict(model.named_parameters())
-    grads = torch.cat([params[n].grad.flatten().float() for n in sorted(n for n in params if "lora_" in n)])
-    return loss.item(), grads, kernels
+    return second_step(model)
 
 
 def test_qfp8_with_the_op_follows_the_model_without_it_in_fewer_kernels(monkeypatch):
