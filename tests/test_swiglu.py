@@ -116,11 +116,15 @@ def test_swiglu_computes_the_models_product_and_differentiates_through_the_op():
 
 # --- The torch-level pass ---------------------------------------------------------------------------------------
 
-def _compiled_swiglu_calls(recipe: str, **options) -> tuple[int, str]:
-    """(swiglu calls in the compiled block graphs, the report) of the CPU tiny Qwen3 after one training step."""
+def _compiled_swiglu_calls(recipe: str, model=None, **options) -> tuple[int, str, torch.Tensor, dict]:
+    """(swiglu calls in the compiled block graphs, the report, the loss, the LoRA grads) of one training step of
+    `model` (default: the CPU tiny Qwen3) compiled on the CPU."""
+    from unittest import mock
+
     from tiny_qwen3 import cpu_lora_qwen3
 
     import surogate
+    import surogate.passes as P
     from surogate.passes import nodes as N
 
     torch._dynamo.reset()
@@ -132,20 +136,21 @@ def _compiled_swiglu_calls(recipe: str, **options) -> tuple[int, str]:
         calls.append(sum(N.is_swiglu(n) for n in gm.graph.nodes))
         return count
 
-    import surogate.passes as P
     pipeline = tuple((name, counting if name == "swiglu" else fn) for name, fn in P.PIPELINE)
-    from unittest import mock
     with mock.patch.object(P, "PIPELINE", pipeline), mock.patch("surogate.compiler.run_pipeline",
                                                                 lambda gm, ctx: P.run_pipeline(gm, ctx, pipeline)):
-        model = surogate.compile(cpu_lora_qwen3(), recipe=recipe, arch="cpu", **options)
+        model = surogate.compile(model if model is not None else cpu_lora_qwen3(), recipe=recipe, arch="cpu",
+                                 **options)
         ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
     torch._dynamo.reset()
-    return sum(calls), str(model.surogate_report)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return sum(calls), str(model.surogate_report), loss.detach(), grads
 
 
 def test_the_pass_puts_the_op_in_qfp8s_mlp_and_reports_it():
-    calls, report = _compiled_swiglu_calls("qfp8")
+    calls, report, _, _ = _compiled_swiglu_calls("qfp8")
     assert calls == 1  # one block graph, shared by the layers: its gate/up product
     assert "surogate::swiglu_backward" in report
 
@@ -155,8 +160,33 @@ def test_the_pass_puts_the_op_in_qfp8s_mlp_and_reports_it():
                          ids=["bf16", "fp8 (row-scaled dgrad)", "qnf4", "qfp8 without grad_producer",
                               "qfp8 without horizontal fusion"])
 def test_the_pass_leaves_products_whose_gradient_is_not_quantized_in_blocks(recipe, options):
-    calls, report = _compiled_swiglu_calls(recipe, **options)
+    calls, report, _, _ = _compiled_swiglu_calls(recipe, **options)
     assert calls == 0 and "swiglu_backward" not in report
+
+
+@pytest.mark.parametrize("name,calls", [("llama", 1), ("mistral", 1), ("qwen2", 1), ("phi3", 1), ("gemma2", 0)])
+def test_other_architectures_get_the_op_where_their_mlp_is_swiglu_and_keep_their_loss(name, calls, monkeypatch):
+    """Llama, Mistral, Qwen2 (gate_proj/up_proj fused horizontally) and Phi-3 (its own gate_up_proj, chunked, the
+    product written `up * silu(gate)`) get the op in qfp8; Gemma-2's GELU-gated MLP does not. With the op and
+    without: the same forward (the loss bit for bit), the gradients within the op's single rounding."""
+    import transformers as T
+    from test_compile_models import tiny_config
+
+    from surogate.compiler import _attach_lora
+
+    def model():
+        torch.manual_seed(0)
+        base = T.AutoModelForCausalLM.from_config(tiny_config(name)).to(BF16)
+        return _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+
+    found, report, loss_on, grads_on = _compiled_swiglu_calls("qfp8", model())
+    monkeypatch.setattr(swiglu_pass, "ENABLED", False)
+    _, _, loss_off, grads_off = _compiled_swiglu_calls("qfp8", model())
+    assert found == calls and ("surogate::swiglu_backward" in report) == bool(calls)
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and grads_on
+    for key, grad in grads_on.items():
+        cos = F.cosine_similarity(grad.flatten().double(), grads_off[key].flatten().double(), dim=0)
+        assert cos > 0.999, (key, cos.item())
 
 
 def test_the_pass_matches_only_silu_of_the_first_half_times_the_second():

@@ -62,7 +62,8 @@ def _half(node, index: int, width: int, rank: int) -> fx.Node | None:
 
 
 def gate_up_source(mul: fx.Node) -> fx.Node | None:
-    """The fused gate/up output [g | u] when `mul` is `silu(g) * u` on its two halves, all bf16, else None."""
+    """The fused gate/up output [g | u] when `mul` is `silu(g) * u` (or `u * silu(g)`) on its two halves, all bf16
+    (casts to bf16 between them stripped), else None."""
     if not N.is_mul(mul) or len(mul.args) != 2 or mul.kwargs:
         return None
     for act, up in (mul.args, mul.args[::-1]):
@@ -78,7 +79,11 @@ def gate_up_source(mul: fx.Node) -> fx.Node | None:
             continue
         if any(_dtype(n) not in (torch.bfloat16, None) for n in (act, act_node, up, act_node.args[0])):
             return None  # a cast to another dtype between the split and the product
-        return split.args[0] if value.dtype == torch.bfloat16 else None
+        source = N.strip_casts(split.args[0])  # PEFT's `.to(dtype)` of the op's output (Phi-3's gate_up_proj)
+        if value.dtype != torch.bfloat16 or _dtype(source) not in (torch.bfloat16, None) or \
+                _dtype(split.args[0]) not in (torch.bfloat16, None):
+            return None
+        return source
     return None
 
 
