@@ -295,9 +295,10 @@ def _host_model(config):
 # by default; with "+nopersistent" at 8B: runs 68, 71), "+catmasked" leaves every cat to Inductor's own lowering (the
 # fused gate/up and q/k/v GEMMs' gradient cats as one masked pointwise kernel; surogate/passes/concat.py), "+noswiglu"
 # leaves qfp8's SwiGLU product as the model wrote it (its backward and the gate/up gradient's quantize to Inductor, two
-# kernels a layer, where surogate::swiglu_backward is one: surogate/passes/swiglu.py), "+catgraphquantize" keeps qfp8's
-# quantize of a cat gradient (q/k/v's) in the backward graph (Inductor's kernel reading the cat back) instead of the
-# op's Triton quantizer (surogate/passes/cat_grad_quantize.py).
+# kernels a layer, where surogate::swiglu_backward is one: surogate/passes/swiglu.py), "+graphgradquantize" keeps qfp8's
+# quantize of a gradient no kernel produces (q/k/v's cat, down_proj's graph input) in the backward graph (Inductor's
+# kernel reading it back) instead of the op's Triton quantizer (surogate/passes/op_grad_quantize.py).
+# (Run 126 measured "+catgraphquantize", that pass when it took cats only.)
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -308,10 +309,10 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "fp8cublas": {"fp8_row_cublas": ("ROW_FP8_FWD_SM90", "ROW_FP8_DGRAD_SM90")},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
-                    "catgraphquantize": {"cat_grad_quantize": False}}
+                    "graphgradquantize": {"op_grad_quantize": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
-                  "swiglu_op", "cat_grad_quantize")
+                  "swiglu_op", "op_grad_quantize")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -369,10 +370,10 @@ def build(size: str, system: str):
             from surogate.passes import swiglu
 
             swiglu.ENABLED = options["swiglu_op"]
-        if "cat_grad_quantize" in options:  # this worker process only
-            from surogate.passes import cat_grad_quantize
+        if "op_grad_quantize" in options:  # this worker process only
+            from surogate.passes import op_grad_quantize
 
-            cat_grad_quantize.ENABLED = options["cat_grad_quantize"]
+            op_grad_quantize.ENABLED = options["op_grad_quantize"]
         if "fp8_row_cublas" in options:  # this worker process only
             variants.FP8_ROW_CUBLAS = frozenset(variants.CublasRule[rule] for rule in options["fp8_row_cublas"])
         if options.get("combo_kernels"):  # this worker process only; part of Inductor's cache key

@@ -10,7 +10,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from inductor_kernels import tiny_model_kernels, tiny_qwen3_kernels
-from surogate.passes import cat_grad_quantize, concat, post_grad, swiglu
+from surogate.passes import op_grad_quantize, concat, post_grad, swiglu
 
 CONCAT = torch.ops.surogate.concat.default
 CAT = torch.ops.aten.cat.default
@@ -47,9 +47,9 @@ def test_disabled_gives_inductor_no_pass(monkeypatch) -> None:
     assert concat.lowered()  # this torch has the Inductor API the pass needs (compat.register_concat_lowering)
     assert post_grad.post_grad_pass() is not None and post_grad.post_grad_pass().uuid() is not None
     monkeypatch.setattr(concat, "ENABLED", False)
-    assert post_grad.post_grad_pass() is not None  # swiglu.py's and cat_grad_quantize.py's steps still run
+    assert post_grad.post_grad_pass() is not None  # swiglu.py's and op_grad_quantize.py's steps still run
     monkeypatch.setattr(swiglu, "ENABLED", False)
-    monkeypatch.setattr(cat_grad_quantize, "ENABLED", False)
+    monkeypatch.setattr(op_grad_quantize, "ENABLED", False)
     assert post_grad.post_grad_pass() is None
 
 
@@ -58,7 +58,7 @@ def test_an_inductor_without_the_lowering_gets_no_pass_and_no_rewrite(monkeypatc
     rewritten into an op it could not lower."""
     monkeypatch.setattr(concat, "lowered", lambda: False)
     monkeypatch.setattr(swiglu, "ENABLED", False)
-    monkeypatch.setattr(cat_grad_quantize, "ENABLED", False)
+    monkeypatch.setattr(op_grad_quantize, "ENABLED", False)
     assert post_grad.post_grad_pass() is None
     count, cats = _rewritten(lambda a, b: CONCAT([torch.cat([a * 2, b + 1], -1)], 0), (4, 8), (4, 8))
     assert count == 0 and cats == [CAT, CONCAT]
@@ -118,7 +118,7 @@ def test_the_fused_gemms_gradient_cats_become_concat_in_the_compiled_backward() 
 
 def test_qfp8s_gradient_cat_becomes_concat_read_by_the_op_alone() -> None:
     """q/k/v's (gate/up's gradient is one op's output in qfp8: passes/swiglu.py); the op quantizes it itself
-    (passes/cat_grad_quantize.py), so no quantizer in the graph reads it."""
+    (passes/op_grad_quantize.py), so no quantizer in the graph reads it."""
     _, (_, bwd_concats) = _plan_with_pass("qfp8")
     assert bwd_concats == [["surogate.lora_linear_backward.default"]], bwd_concats
 

@@ -8,7 +8,7 @@ same graph, so the loss is equal; the LoRA gradients differ only where Inductor'
 Triton one round an exact FP8 tie apart (Inductor's division is approximate, tests/gpu/test_producer_gpu.py),
 bounded at a cosine of 0.9999, and are no further from eager PEFT than with the option off.
 (3) The separate gradient quantize kernel is gone: the backward launches no Triton quantize kernel with the
-option on (it does with it off; qfp8's q/k/v cat is the exception, quantized by the op), and fewer kernels in all (fp8: the quantize rides in the producers' kernels;
+option on (it does with it off; qfp8's q/k/v cat and block input are the exceptions, quantized by the op), and fewer kernels in all (fp8: the quantize rides in the producers' kernels;
 qfp8: the gate/up gradient's in surogate::swiglu_backward).
 """
 
@@ -111,10 +111,11 @@ def test_qwen3_grad_producer_on_follows_off_and_drops_the_quantize_kernel(recipe
     cosine = torch.nn.functional.cosine_similarity(g_on, g_off, dim=0).item()
     assert cosine > 0.995, cosine  # as the forward's producer test; measured 0.99990 (qfp8, H200, run 54)
     assert _rel(g_on, g_eager) < 1.05 * _rel(g_off, g_eager), (_rel(g_on, g_eager), _rel(g_off, g_eager))
-    # Off, every dgrad quantizes its gradient with the Triton kernel; on, none does, but for qfp8's q/k/v, whose
-    # gradient is a cat that no kernel produces: the op's quantizer reads it (passes/cat_grad_quantize.py), one a layer.
+    # Off, every dgrad quantizes its gradient with the Triton kernel; on, none does, but for qfp8's gradients that no
+    # kernel produces, q/k/v's cat and down_proj's graph input: the op's quantizer reads them (passes/
+    # op_grad_quantize.py), two a layer.
     assert quantize_off[0] > 0 and quantize_off[1] == quantize_off[0], quantize_off
-    assert quantize_on == ((0, 0) if recipe == "fp8" else (2, 2)), quantize_on
+    assert quantize_on == ((0, 0) if recipe == "fp8" else (4, 4)), quantize_on
     # ... and the quantize is not a kernel of its own in Inductor's code either where a producer can take it:
     # fp8 launches fewer kernels in all. qfp8's q/k/v cat, RMSNorm backward (a row reduction) and graph input have
     # no producer that takes a 1 x 128 amax (docs/compile.md): one Inductor kernel each in place of the Triton one
