@@ -1,6 +1,7 @@
 """SwiGLU's backward over a fused gate/up output, and qfp8's 1 x 128 quantize of the gradient: Inductor's kernels
 (what a compiled qfp8 step ran before surogate/passes/swiglu.py: the SwiGLU backward into the cat's slices, then
-the quantizer's twin reading it back) against `surogate::swiglu_backward` (kernels/swiglu.py, one kernel).
+the quantizer's twin reading it back) against `surogate::swiglu_backward` (kernels/swiglu.py, one kernel); and the
+forward with the quantize of h for down_proj against `surogate::swiglu_forward` (swiglu.FORWARD_OP).
 
     python bench/swiglu.py [--out bench/results]
 
@@ -45,14 +46,40 @@ def _inductor(quantize: bool):
     return torch.compile(fn, dynamic=False)
 
 
-def _surogate(quantize: bool):
-    import surogate.ops.swiglu  # noqa: F401  (registers surogate::swiglu_backward)
+def _inductor_forward():
+    """The forward as the compiled qfp8 graph computes it: the model's `silu(g) * u` and the producer pass's
+    quantize of h for down_proj (passes/producer.py), Inductor's kernels."""
+    import torch.nn.functional as F
 
-    return lambda dh, gate_up: torch.ops.surogate.swiglu_backward(dh, gate_up, quantize)
+    from surogate.kernels.reference_formats import quantize_fp8_block_ref
+
+    def fn(gate_up):
+        g, u = gate_up.chunk(2, dim=-1)
+        h = F.silu(g) * u
+        return (h, *quantize_fp8_block_ref(h))
+
+    return torch.compile(fn, dynamic=False)
 
 
-def _bytes(m: int, i: int, quantize: bool) -> int:
-    return m * i * 2 * 5 + (m * 2 * i + m * 2 * i // 128 * 4 if quantize else 0)
+def _systems(direction: str, quantize: bool) -> dict:
+    import surogate.ops.swiglu  # noqa: F401  (registers surogate::swiglu_backward / _forward)
+
+    if direction == "forward":
+        return {"Inductor (before)": _inductor_forward(),
+                "surogate::swiglu_forward": lambda gate_up: torch.ops.surogate.swiglu_forward(gate_up, quantize)}
+    return {"Inductor (before)": _inductor(quantize),
+            "surogate::swiglu_backward": lambda dh, gate_up: torch.ops.surogate.swiglu_backward(dh, gate_up, quantize)}
+
+
+# (direction, quantize): the backward with qfp8's gradient quantize and without it; the forward with h's quantize.
+CASES = [("backward", True), ("backward", False), ("forward", True)]
+
+
+def _bytes(direction: str, m: int, i: int, quantize: bool) -> int:
+    """What a pass must move at least: backward dh, g, u read, dg, du written; forward g, u read, h written; plus
+    the E4M3 codes and FP32 scales of what it quantizes."""
+    moved, quantized = (m * i * 2 * 5, m * 2 * i) if direction == "backward" else (m * i * 2 * 3, m * i)
+    return moved + (quantized + quantized // 128 * 4 if quantize else 0)
 
 
 def _sweep() -> list[dict]:
@@ -94,23 +121,23 @@ def main() -> None:
             gen = torch.Generator(device="cuda").manual_seed(0)
             dh = torch.randn(m, inter, device="cuda", generator=gen).bfloat16()
             gate_up = (torch.randn(m, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
-            for quantize in (True, False):
+            for direction, quantize in CASES:
                 torch._dynamo.reset()  # one compile a shape (no recompile limit, no dynamic shapes)
-                systems = {"Inductor (before)": _inductor(quantize), "surogate::swiglu_backward": _surogate(quantize)}
-                outs = {s: fn(dh, gate_up) for s, fn in systems.items()}
-                ours, theirs = outs["surogate::swiglu_backward"], outs["Inductor (before)"]
+                systems, args = _systems(direction, quantize), (dh, gate_up) if direction == "backward" else (gate_up,)
+                outs = {s: fn(*args) for s, fn in systems.items()}
+                theirs, ours = outs.values()
                 ulps = (ours[0].view(torch.int16).int() - theirs[0].view(torch.int16).int()).abs()
                 check = {"max_ulps": int(ulps.max()), "share_apart": float((ulps > 0).float().mean())}
                 if quantize:
                     apart = ours[1].view(torch.uint8) != theirs[1].view(torch.uint8)
                     check["codes_apart"] = float(apart.float().mean())
                 for system, fn in systems.items():
-                    ms = do_bench(lambda fn=fn, args=(dh, gate_up): fn(*args), warmup=10, rep=50)
-                    gbs = _bytes(m, inter, quantize) / ms / 1e6
-                    rows.append({"mlp": name, "M": m, "I": inter, "quantize": quantize, "system": system, "ms": ms,
-                                 "GB/s": gbs, **check})
-                    print(f"{name:11s} M={m:<6d} I={inter:<6d} {'quantize' if quantize else 'bf16    '} {system:26s} "
-                          f"{ms * 1e3:8.1f} us {gbs:7.0f} GB/s  ulps<= {check['max_ulps']} "
+                    ms = do_bench(lambda fn=fn, args=args: fn(*args), warmup=10, rep=50)
+                    gbs = _bytes(direction, m, inter, quantize) / ms / 1e6
+                    rows.append({"mlp": name, "M": m, "I": inter, "direction": direction, "quantize": quantize,
+                                 "system": system, "ms": ms, "GB/s": gbs, **check})
+                    print(f"{name:11s} M={m:<6d} I={inter:<6d} {direction:8s} {'quantize' if quantize else 'bf16    '} "
+                          f"{system:26s} {ms * 1e3:8.1f} us {gbs:7.0f} GB/s  ulps<= {check['max_ulps']} "
                           f"({check['share_apart']:.1e})" + (f" codes apart {check['codes_apart']:.1e}"
                                                               if quantize else ""), flush=True)
             del dh, gate_up, outs
@@ -120,15 +147,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = env.get("gpu", "gpu").split()[-1].lower()
     (out / f"swiglu_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
-    lines = [f"# SwiGLU backward (+ qfp8's 1 x 128 gradient quantize): Inductor vs surogate::swiglu_backward "
+    lines = [f"# SwiGLU backward (+ qfp8's 1 x 128 gradient quantize) and forward (+ h's): Inductor vs surogate's ops "
              f"({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; GB/s of "
              "the bytes each must move; ulps: the op's bf16 gradient against Inductor's; codes apart: E4M3 codes "
              "that differ (exact ties, Inductor's approximate division).", "",
-             "| MLP | M | I | quantize | system | us | GB/s | max ulps (share) | codes apart |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| MLP | M | I | direction | quantize | system | us | GB/s | max ulps (share) | codes apart |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mlp']} | {r['M']} | {r['I']} | {'yes' if r['quantize'] else 'no'} | {r['system']} | "
+        lines.append(f"| {r['mlp']} | {r['M']} | {r['I']} | {r.get('direction', 'backward')} | "
+                     f"{'yes' if r['quantize'] else 'no'} | {r['system']} | "
                      f"{r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['max_ulps']} ({r['share_apart']:.1e}) | "
                      f"{r.get('codes_apart', float('nan')):.1e} |")
     if sweep:

@@ -132,9 +132,10 @@ def tiny_model_kernels(cfg, recipe: str, **compile_options) -> list[list[Kernel]
     return graphs
 
 
-def tiny_qwen3_post_grad(recipe: str) -> tuple[list[dict[str, int]], list[Kernel]]:
-    """(per compiled graph, what each of surogate's post-grad passes rewrote; the backward's kernel plan) of the
-    tiny Qwen3 (`tiny_qwen3_kernels`), the passes run as compile runs them (surogate/passes/post_grad.py)."""
+def tiny_qwen3_post_grad(recipe: str) -> tuple[list[dict[str, int]], list[Kernel], list[Kernel]]:
+    """(per compiled graph, what each of surogate's post-grad passes rewrote; the forward's and the backward's
+    kernel plans) of the tiny Qwen3 (`tiny_qwen3_kernels`), the passes run as compile runs them
+    (surogate/passes/post_grad.py)."""
     from torch._inductor import config
 
     from surogate.passes import post_grad
@@ -147,5 +148,5 @@ def tiny_qwen3_post_grad(recipe: str) -> tuple[list[dict[str, int]], list[Kernel
             counts.append(post_grad.run(graph))
 
     with config.patch(post_grad_custom_post_pass=Counting()):
-        _, backward = tiny_qwen3_kernels(recipe)
-    return counts, backward
+        forward, backward = tiny_qwen3_kernels(recipe)
+    return counts, forward, backward

@@ -70,8 +70,8 @@ def test_inductor_plans_no_kernel_reading_an_unproduced_gradient_back():
     from inductor_kernels import tiny_qwen3_post_grad
     from test_passes_concat import _numel
 
-    counts, backward = tiny_qwen3_post_grad("qfp8")
-    assert counts[1] == {"swiglu": 1, "op_grad_quantize": 2, "concat": 1}, counts
+    counts, _, backward = tiny_qwen3_post_grad("qfp8")
+    assert counts[1] == {"swiglu": 1, "swiglu_forward": 0, "op_grad_quantize": 2, "concat": 1}, counts
     rows = 2 * 128
     blocks = [_numel(k.group) * 128 // rows for k in backward if k.reductions and k.group[1] == 128]
     assert blocks == [256], backward  # o_proj's gradient (hidden 256) alone

@@ -21,12 +21,13 @@ from surogate import ops
 from surogate.kernels import reference_swiglu
 from surogate.kernels import swiglu as kernel
 from surogate.kernels.reference_formats import quantize_fp8_block_ref
-from surogate.ops.swiglu import swiglu, swiglu_backward_cuda
+from surogate.ops.swiglu import swiglu, swiglu_backward_cuda, swiglu_forward_cuda, swiglu_fused
 from surogate.passes import post_grad
 from surogate.passes import swiglu as swiglu_pass
 
 BF16 = torch.bfloat16
 OP = torch.ops.surogate.swiglu_backward.default
+FORWARD_OP = torch.ops.surogate.swiglu_forward.default
 BACKWARD = torch.ops.surogate.lora_linear_backward.default
 
 
@@ -37,6 +38,11 @@ def assert_within_an_ulp(got: torch.Tensor, want: torch.Tensor, share: float = 1
     assert torch.equal(got.isnan(), want.isnan())
     apart = (a - b).abs()
     assert apart.max() <= 1 and (apart > 0).float().mean() <= share, (apart > 0).sum()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that matter: those of dimensions longer than 1."""
+    return tuple(st for st, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def _operands(lead: tuple[int, ...], inter: int, seed: int, odd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +63,24 @@ def test_the_kernel_gives_its_twins_bits_and_quantizes_its_own_gradient(lead, in
     # the FP8 outputs are the 1x128 quantizer's of the gradient the kernel wrote, layout included
     q_data, q_scale = quantize_fp8_block_ref(d)
     assert data.shape == q_data.shape and data.stride() == q_data.stride()
-    assert scale.shape == q_scale.shape and scale.stride() == q_scale.stride() == want_scale.stride()
+    assert scale.shape == q_scale.shape and _strides(scale) == _strides(q_scale) == _strides(want_scale)
     assert torch.equal(bits(data), bits(q_data)) and torch.equal(bits(scale), bits(q_scale))
     plain, empty_data, empty_scale = swiglu_backward_cuda(grad_h, gate_up, False)
     assert torch.equal(bits(plain), bits(d)) and empty_data.numel() == empty_scale.numel() == 0
+
+
+@pytest.mark.parametrize("lead,inter", [((40,), 256), ((2, 7), 128), ((1,), 384)], ids=str)
+@pytest.mark.parametrize("odd", [False, True], ids=["normal", "odd values"])
+def test_the_forward_kernel_gives_its_twins_h_and_quantizes_it(lead, inter, odd):
+    _, gate_up = _operands(lead, inter, seed=inter + 3, odd=odd)
+    h, data, scale = swiglu_forward_cuda(gate_up, True)
+    want_h = reference_swiglu.swiglu_forward_ref(gate_up)[0]
+    assert_within_an_ulp(h, want_h)
+    q_data, q_scale = quantize_fp8_block_ref(h)
+    assert data.stride() == q_data.stride() and scale.shape == q_scale.shape and _strides(scale) == _strides(q_scale)
+    assert torch.equal(bits(data), bits(q_data)) and torch.equal(bits(scale), bits(q_scale))
+    plain, empty_data, _ = swiglu_forward_cuda(gate_up, False)
+    assert torch.equal(bits(plain), bits(h)) and empty_data.numel() == 0
 
 
 def test_the_kernel_reads_a_gate_up_with_a_row_stride_of_its_own():
@@ -94,14 +114,24 @@ def test_shapes_the_kernel_cannot_take_get_a_clear_error(case):
     grad_h, gate_up = {"I not whole blocks": (ones(4, 96), ones(4, 192)),
                        "fp32": (ones(4, 128, dtype=torch.float32), ones(4, 256, dtype=torch.float32)),
                        "grad_h of another width": (ones(4, 256), ones(4, 256))}[case]
-    with pytest.raises(ValueError, match="swiglu_backward"):
+    with pytest.raises(ValueError, match="swiglu kernels"):
         kernel.swiglu_backward(grad_h, gate_up)
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_the_ops_fake_matches_its_implementation(quantize):
+def test_the_ops_fakes_match_their_implementations(quantize):
     grad_h, gate_up = _operands((2, 6), 128, seed=7)
     torch.library.opcheck(OP, (grad_h, gate_up, quantize))
+    torch.library.opcheck(FORWARD_OP, (gate_up, quantize))
+
+
+def test_swiglu_fused_runs_the_forward_op_and_the_same_backward():
+    grad_h, gate_up = _operands((3, 4), 128, seed=10)
+    leaf = gate_up.clone().requires_grad_()
+    h = swiglu_fused(leaf)
+    assert torch.equal(bits(h), bits(reference_swiglu.swiglu_forward_ref(gate_up)[0]))
+    h.backward(grad_h)
+    assert torch.equal(bits(leaf.grad), bits(reference_swiglu.swiglu_backward_ref(grad_h, gate_up)[0]))
 
 
 def test_swiglu_computes_the_models_product_and_differentiates_through_the_op():
@@ -269,7 +299,7 @@ def test_inductor_plans_no_kernel_reading_the_gate_up_gradient_back():
     from inductor_kernels import tiny_qwen3_post_grad
     from test_passes_concat import _numel
 
-    counts, backward = tiny_qwen3_post_grad("qfp8")
+    counts, _, backward = tiny_qwen3_post_grad("qfp8")
     assert [c["swiglu"] for c in counts] == [0, 1] and counts[1]["concat"] == 1, counts
     rows, inter = 2 * 128, 512
     assert not [k for k in backward if k.reductions and _numel(k.group) * 128 == rows * 2 * inter], backward
@@ -310,6 +340,55 @@ def test_a_compiled_qfp8_model_through_inductor_with_the_op_and_without(monkeypa
         assert cos > 0.999, (name, cos.item())
 
 
+def test_with_the_forward_op_inductor_plans_no_kernel_quantizing_h_and_the_backward_rebuilds_h_alone(monkeypatch):
+    """FORWARD_OP (off by default): the tiny Qwen3's qfp8 forward gets down_proj's FP8 blocks of h from
+    `surogate::swiglu_forward` (no 1 x 128 reduction over h, M x 512, in Inductor's forward plan); the backward's
+    rebuilt h (recompute) is the op without the quantize."""
+    pytest.importorskip("triton")
+    from inductor_kernels import tiny_qwen3_post_grad
+    from test_passes_concat import _numel
+
+    rows, inter = 2 * 128, 512
+    _, forward_before, _ = tiny_qwen3_post_grad("qfp8")
+    assert [k for k in forward_before if k.reductions and k.group[1] == 128 and _numel(k.group) * 128 == rows * inter]
+    monkeypatch.setattr(swiglu_pass, "FORWARD_OP", True)
+    counts, forward, _ = tiny_qwen3_post_grad("qfp8")
+    assert [c["swiglu_forward"] for c in counts] == [1, 0], counts
+    assert not [k for k in forward if k.reductions and k.group[1] == 128 and _numel(k.group) * 128 == rows * inter]
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
+def test_a_compiled_qfp8_model_through_inductor_with_the_forward_op_and_without(monkeypatch):
+    """The op rounds h once, as Inductor's fused SwiGLU does: the loss within 1e-3, the gradients at cosine 0.999."""
+    import transformers as T
+
+    import surogate
+    from surogate.compiler import _attach_lora
+
+    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
+
+    def step(forward_op: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        monkeypatch.setattr(swiglu_pass, "FORWARD_OP", forward_op)
+        cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, vocab_size=512)
+        model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(BF16),
+                             {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+        compiled = surogate.compile(model, recipe="qfp8", arch="cpu")
+        ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_on, grads_on), (loss_off, grads_off) = step(True), step(False)
+    torch._dynamo.reset()
+    assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off) and grads_on.keys() == grads_off.keys()
+    for name, grad in grads_on.items():
+        cos = F.cosine_similarity(grad.flatten().double(), grads_off[name].flatten().double(), dim=0)
+        assert cos > 0.999, (name, cos.item())
+
+
 def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_does(monkeypatch):
     from bench_module import load_bench
 
@@ -319,3 +398,7 @@ def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_doe
     gm, _ = _backward_graph()
     assert swiglu_pass.quantize_in_swiglu_backward(gm.graph) == 0
     assert load_bench("tps").surogate_system("surogate:qfp8+noswiglu") == ("qfp8", {"swiglu_op": False})
+    monkeypatch.setattr(swiglu_pass, "ENABLED", True)
+    monkeypatch.setattr(swiglu_pass, "FORWARD_OP", True)
+    assert post_grad.post_grad_pass().uuid() != on
+    assert load_bench("tps").surogate_system("surogate:qfp8+swiglufwd") == ("qfp8", {"swiglu_forward_op": True})

@@ -500,6 +500,12 @@ def _quantizer_specs() -> list[KernelSpec]:
              dict(M=m, INTER=3 * k, stride_dh=3 * k, stride_gu=6 * k, stride_d=6 * k, stride_qm=6 * k, stride_sm=1,
                   stride_sk=m), sw.get_swiglu_backward_configs, ("qfp8",),
              "SwiGLU's backward over the fused gate/up output and its gradient to E4M3 in 1x128 blocks, one pass"),
+        spec("swiglu_forward", sw._swiglu_forward_kernel,
+             dict(gu_ptr="*bf16", h_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
+             dict(e4m3, QUANTIZE=True, INTERPRET=False),
+             dict(M=m, INTER=3 * k, stride_gu=6 * k, stride_h=3 * k, stride_qm=3 * k, stride_sm=1, stride_sk=m),
+             sw.get_swiglu_backward_configs, ("qfp8",),
+             "SwiGLU over the fused gate/up output and h to E4M3 in 1x128 blocks, one pass (swiglu.FORWARD_OP)"),
     ]
 
 

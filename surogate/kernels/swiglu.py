@@ -1,4 +1,4 @@
-"""SwiGLU's backward over a fused gate/up GEMM's output, with the FP8 dgrad's gradient quantized in the same pass.
+"""SwiGLU over a fused gate/up GEMM's output, its forward and backward, each with qfp8's FP8 quantize in the same pass.
 
 The forward of a Llama-class MLP is h = silu(g) * u, where [g | u] is the output of one fused gate/up GEMM
 (passes/horizontal.py). Its backward gives that GEMM's gradient [dg | du] (M, 2I), which qfp8's dgrad reads
@@ -7,12 +7,13 @@ backward writing [dg | du], then a quantize reading it back (39 ms of a Qwen3-8B
 bench/results/profile_8b_h200.md); it would not fuse the quantize into the producer on CUDA (bench/NOTES.md
 run 121). Here one program reads a [TILE_M, 128] tile of dh, g and u, writes the tiles of dg and du, and, with
 QUANTIZE, their FP8 codes and one scale per row of each tile. A 1 x 128 block lies in g or in u as long as
-I % 128 == 0 (the launcher checks).
+I % 128 == 0 (the launcher checks). The forward kernel is the same over g and u: h, and with QUANTIZE the 1 x 128
+blocks of h that qfp8's down_proj reads (Inductor's SwiGLU and its producer quantize were two kernels there too).
 
 Numbers: dg = dh * u * s * (1 + g * (1 - s)), du = dh * g * s with s = sigmoid(g), in FP32 from the bf16
 inputs and rounded once to bf16 (as Inductor's fused kernel computes it; eager PyTorch rounds dh * u first).
 The FP8 codes and scales are `quantize_fp8_block_ref` of the rounded gradient, bit for bit
-(tests/test_swiglu.py). The plain-torch twin is `reference_swiglu.swiglu_backward_ref`.
+(tests/test_swiglu.py). The plain-torch twins are in `reference_swiglu`.
 """
 
 from __future__ import annotations
@@ -92,20 +93,56 @@ def _swiglu_backward_kernel(
                        stride_qm, stride_sm, stride_sk, FP8_MAX, MANT, BIAS, INTERPRET)
 
 
+def _swiglu_forward_metadata(grid, kernel, args):
+    """Name, shape and bytes moved for profilers: g and u read; h written, and with QUANTIZE its codes and scales."""
+    m, i = args["M"], args["INTER"]
+    moved = m * i * 2 * 3 + (m * i + m * i // BLOCK * 4 if args["QUANTIZE"] else 0)
+    return {"name": f"{kernel.name} M={m} I={i} quantize={bool(args['QUANTIZE'])}", "bytes": moved}
+
+
+@triton.jit(launch_metadata=_swiglu_forward_metadata)
+def _swiglu_forward_kernel(
+    gu_ptr, h_ptr, q_ptr, scale_ptr, M, INTER, stride_gu, stride_h, stride_qm, stride_sm, stride_sk,
+    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
+    INTERPRET: tl.constexpr, TILE_M: tl.constexpr, BK: tl.constexpr,
+):
+    """Program (pid_m, pid_k): h = silu(g) * u over rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK), in
+    FP32 and rounded once to bf16 (as Inductor's fused kernel); with QUANTIZE also h's E4M3 codes and the scale of
+    each row's block pid_k (what qfp8's down_proj reads)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_k * BK + tl.arange(0, BK)
+    row_in = rows < M
+    mask = row_in[:, None] & (cols < INTER)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = _bf16(g * tl.sigmoid(g) * u, INTERPRET)
+    tl.store(h_ptr + r64 * stride_h + cols[None, :], h, mask=mask)
+    if QUANTIZE:
+        _quantize_rows(h.to(tl.float32), q_ptr, scale_ptr, rows, row_in, cols, mask, pid_k, stride_qm, stride_sm,
+                       stride_sk, FP8_MAX, MANT, BIAS, INTERPRET)
+
+
 def get_swiglu_backward_configs(arch: str | None = None) -> dict:
-    """16 rows of one 128-column block a program, as the 1 x 128 quantizer (quantize.py)."""
+    """16 rows of one 128-column block a program, as the 1 x 128 quantizer (quantize.py); the forward kernel too
+    (the backward's tile sweep was flat from 8 to 32 rows, bench/results/swiglu_h200.md)."""
     return dict(TILE_M=16, BK=BLOCK, num_warps=4)
 
 
-def check_shapes(grad_h: torch.Tensor, gate_up: torch.Tensor) -> int:
-    """I, after checking what the kernel needs: gate_up (..., 2I) bf16 with I a multiple of 128, grad_h (..., I)
-    of the same rows and dtype."""
-    if gate_up.dtype != torch.bfloat16 or grad_h.dtype != gate_up.dtype:
-        raise ValueError(f"swiglu_backward takes bf16 tensors, got grad_h {grad_h.dtype} and gate_up {gate_up.dtype}")
+def check_shapes(gate_up: torch.Tensor, grad_h: torch.Tensor | None = None) -> int:
+    """I, after checking what the kernels need: gate_up (..., 2I) bf16 with I a multiple of 128, and grad_h (..., I)
+    of the same rows and dtype when given (the backward)."""
+    if gate_up.dtype != torch.bfloat16 or (grad_h is not None and grad_h.dtype != gate_up.dtype):
+        got = f"gate_up {gate_up.dtype}" + ("" if grad_h is None else f" and grad_h {grad_h.dtype}")
+        raise ValueError(f"swiglu kernels take bf16 tensors, got {got}")
     i = gate_up.shape[-1] // 2
-    if gate_up.shape[-1] != 2 * i or i % BLOCK or tuple(grad_h.shape) != (*gate_up.shape[:-1], i):
-        raise ValueError(f"swiglu_backward needs gate_up (..., 2I) with I a multiple of {BLOCK} and grad_h (..., I); "
-                         f"got gate_up {tuple(gate_up.shape)}, grad_h {tuple(grad_h.shape)}")
+    grad_ok = grad_h is None or tuple(grad_h.shape) == (*gate_up.shape[:-1], i)
+    if gate_up.shape[-1] != 2 * i or i % BLOCK or not grad_ok:
+        got = f"gate_up {tuple(gate_up.shape)}" + ("" if grad_h is None else f", grad_h {tuple(grad_h.shape)}")
+        raise ValueError(f"swiglu kernels need gate_up (..., 2I) with I a multiple of {BLOCK} (and grad_h (..., I)); "
+                         f"got {got}")
     return i
 
 
@@ -115,29 +152,54 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _fp8_outputs(m: int, width: int, device, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (m, width) E4M3, scale (m, width / 128) stored M-contiguous), or two empty tensors."""
+    if not quantize:
+        return (torch.empty(0, device=device, dtype=torch.float8_e4m3fn),
+                torch.empty(0, device=device, dtype=torch.float32))
+    return (torch.empty((m, width), device=device, dtype=torch.float8_e4m3fn),
+            torch.empty((width // BLOCK, m), device=device, dtype=torch.float32).t())
+
+
+def _as_lead(outputs, lead, width: int, quantize: bool):
+    """The launchers' (m, ...) outputs viewed with the input's leading dims."""
+    out, data, scale = outputs
+    out = out.view(*lead, out.shape[-1])
+    if not quantize:
+        return out, data, scale
+    return out, data.view(*lead, width), scale.view(*lead, width // BLOCK)
+
+
+def swiglu_forward(gate_up: torch.Tensor, quantize: bool = False):
+    """(h (..., I) bf16, data (..., I) E4M3, scale (..., I / 128) FP32 stored M-contiguous) on CUDA; without
+    `quantize` the last two are empty. What `reference_swiglu.swiglu_forward_ref` computes."""
+    i = check_shapes(gate_up)
+    gu = _rows(gate_up, 2 * i)
+    m = gu.shape[0]
+    h = torch.empty((m, i), device=gu.device, dtype=gu.dtype)
+    data, scale = _fp8_outputs(m, i, gu.device, quantize)
+    if m:
+        cfg = get_swiglu_backward_configs()
+        _swiglu_forward_kernel[(triton.cdiv(m, cfg["TILE_M"]), i // BLOCK)](
+            gu, h, data.view(torch.uint8), scale, m, i, gu.stride(0), h.stride(0), i,
+            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, INTERPRET=triton_interpreting(),
+            **fp8_constexprs("e4m3"), **cfg)
+    return _as_lead((h, data, scale), gate_up.shape[:-1], i, quantize)
+
+
 def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool = False):
     """(d_gate_up (..., 2I) bf16, data (..., 2I) E4M3, scale (..., 2I / 128) FP32 stored M-contiguous) on CUDA;
     without `quantize` the last two are empty. What `reference_swiglu.swiglu_backward_ref` computes."""
-    i = check_shapes(grad_h, gate_up)
+    i = check_shapes(gate_up, grad_h)
     dh, gu = _rows(grad_h, i), _rows(gate_up, 2 * i)
     m = gu.shape[0]
-    lead = gate_up.shape[:-1]
     d = torch.empty((m, 2 * i), device=gu.device, dtype=gu.dtype)
-    if quantize:
-        data = torch.empty((m, 2 * i), device=gu.device, dtype=torch.float8_e4m3fn)
-        scale = torch.empty((2 * i // BLOCK, m), device=gu.device, dtype=torch.float32).t()
-    else:
-        data = torch.empty(0, device=gu.device, dtype=torch.float8_e4m3fn)
-        scale = torch.empty(0, device=gu.device, dtype=torch.float32)
+    data, scale = _fp8_outputs(m, 2 * i, gu.device, quantize)
     if m:
         cfg = get_swiglu_backward_configs()
         grid = (triton.cdiv(m, cfg["TILE_M"]), i // BLOCK)
-        q = data.view(torch.uint8)
         _swiglu_backward_kernel[grid](
-            dh, gu, d, q, scale, m, i, dh.stride(0), gu.stride(0), d.stride(0), 2 * i,
+            dh, gu, d, data.view(torch.uint8), scale, m, i, dh.stride(0), gu.stride(0), d.stride(0), 2 * i,
             *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, INTERPRET=triton_interpreting(),
             **fp8_constexprs("e4m3"), **cfg)
-    d = d.view(*lead, 2 * i)
-    if not quantize:
-        return d, data, scale
-    return d, data.view(*lead, 2 * i), scale.view(*lead, 2 * i // BLOCK)
+    return _as_lead((d, data, scale), gate_up.shape[:-1], 2 * i, quantize)

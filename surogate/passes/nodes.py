@@ -30,10 +30,11 @@ def surogate_op():
 
 
 def is_swiglu(node: Any) -> bool:
-    """A call of `surogate.ops.swiglu.swiglu` (what passes/swiglu.py puts in place of `silu(g) * u`)."""
-    from surogate.ops.swiglu import swiglu
+    """A call of `surogate.ops.swiglu.swiglu` or `swiglu_fused` (what passes/swiglu.py puts in place of
+    `silu(g) * u`)."""
+    from surogate.ops.swiglu import swiglu, swiglu_fused
 
-    return is_call(node, (swiglu,))
+    return is_call(node, (swiglu, swiglu_fused))
 
 
 def is_call(node: Any, targets: tuple) -> bool:

@@ -14,6 +14,7 @@ from surogate.passes import op_grad_quantize, concat, swiglu
 def run(graph: fx.Graph) -> dict[str, int]:
     """The passes on `graph`, in order; {pass: how many things it rewrote}."""
     return {"swiglu": swiglu.quantize_in_swiglu_backward(graph),
+            "swiglu_forward": swiglu.quantize_in_swiglu_forward(graph),
             "op_grad_quantize": op_grad_quantize.quantize_in_the_op(graph),
             "concat": concat.realize_cats_into_slices(graph)}
 
@@ -40,7 +41,8 @@ def post_grad_pass():
             if previous is not None and not hasattr(previous, "uuid"):
                 return None  # a user's pass Inductor cannot key: it bypasses its cache, as it would without us
             files = (__file__, concat.__file__, swiglu.__file__, op_grad_quantize.__file__)
-            return (get_hash_for_files(files), concat.ENABLED, swiglu.ENABLED, op_grad_quantize.ENABLED,
+            switches = (concat.ENABLED, swiglu.ENABLED, swiglu.FORWARD_OP, op_grad_quantize.ENABLED)
+            return (get_hash_for_files(files), *switches,
                     previous.uuid() if previous is not None else None)
 
     return SurogatePostGrad()

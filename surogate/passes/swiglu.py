@@ -14,6 +14,9 @@ Two steps:
 2. `quantize_in_swiglu_backward` (inside Inductor, post-grad): a `surogate::lora_linear_backward` whose
    gradient is that op's output and whose `grad_output_q` is the traced quantizer of it (grad_producer)
    reads the op's own FP8 outputs instead (`quantize=True`); the old quantize, now unread, is erased.
+3. With `FORWARD_OP` (off by default: not yet measured on a GPU), step 1 puts `swiglu_fused` instead, whose
+   forward is `surogate::swiglu_forward`, and `quantize_in_swiglu_forward` gives down_proj that op's FP8 blocks of
+   h in place of the producer pass's traced quantizer (Inductor ran the SwiGLU and that quantize as two kernels).
 
 Requirements (else nothing changes): bf16 values, I a multiple of 128 (each scale block lies in g or in u),
 no dtype-changing cast between the split and the product, grad_producer on. Off with `ENABLED = False`
@@ -35,6 +38,9 @@ from surogate.passes import nodes as N
 
 # False: the SwiGLU product stays as the model wrote it (the A/B: bench/tps.py "+noswiglu").
 ENABLED = True
+# True: the forward is one op too (`swiglu_fused`), which writes h's 1 x 128 blocks for down_proj (step 3). Off until
+# an H200 A/B says it pays (bench/tps.py "+swiglufwd"; bench/NOTES.md, session 27).
+FORWARD_OP = False
 _BLOCK = 128
 _SPLITS = (torch.split, torch.functional.split)
 
@@ -94,7 +100,7 @@ def _quantizes_blocks(op: fx.Node) -> bool:
 
 def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
     """Step 1 (module docstring): returns how many products were replaced."""
-    from surogate.ops.swiglu import swiglu
+    from surogate.ops.swiglu import swiglu, swiglu_fused
 
     if not ENABLED or not ctx.options.get("grad_producer", True):
         return 0
@@ -106,7 +112,7 @@ def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
         if not _quantizes_blocks(source.args[0]):
             continue
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(swiglu, (source,))
+            fused = gm.graph.call_function(swiglu_fused if FORWARD_OP else swiglu, (source,))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         N.erase_unread(gm.graph, [node])
@@ -116,38 +122,68 @@ def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
     return count
 
 
-def _swiglu_backward_of(grad_output) -> fx.Node | None:
-    """The `surogate::swiglu_backward` node (not yet quantizing) whose output 0 is `grad_output`, else None."""
-    if not (isinstance(grad_output, fx.Node) and grad_output.target is operator.getitem and grad_output.args[1] == 0):
+def _unquantizing(value, op) -> fx.Node | None:
+    """The `op` node (a `surogate::swiglu_*` overload, its `quantize` argument last and False) whose output 0 is
+    `value`, else None."""
+    if not (isinstance(value, fx.Node) and value.target is operator.getitem and value.args[1] == 0):
         return None
-    node = grad_output.args[0]
-    if not isinstance(node, fx.Node) or node.target is not torch.ops.surogate.swiglu_backward.default:
+    node = value.args[0]
+    if not isinstance(node, fx.Node) or node.target is not op or node.args[-1]:
         return None
-    return None if node.args[2] else node
+    return node
+
+
+def _quantizing(graph: fx.Graph, producer: fx.Node) -> list[fx.Node]:
+    """Sets `producer`'s `quantize` argument (its last) and returns [data, scale]: getitems 1 and 2 of it, with the
+    fake values Inductor reads (the op's fake implementation run again on its inputs' fake values)."""
+    from torch._guards import detect_fake_mode
+
+    args = [a.meta["val"] if isinstance(a, fx.Node) else a for a in producer.args[:-1]]
+    with detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)]) or torch._subclasses.FakeTensorMode():
+        outputs = producer.target(*args, True)
+    producer.update_arg(len(producer.args) - 1, True)
+    producer.meta["val"] = outputs
+    with graph.inserting_after(producer):
+        scale = graph.call_function(operator.getitem, (producer, 2))
+        data = graph.call_function(operator.getitem, (producer, 1))
+    data.meta["val"], scale.meta["val"] = outputs[1], outputs[2]
+    return [data, scale]
 
 
 def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
     """Step 2 (module docstring), on an aten graph; returns how many backward ops now read the op's FP8."""
     if not ENABLED:
         return 0
-    from torch._guards import detect_fake_mode
-
     count = 0
     for node, old in N.block_quantized_backwards(graph):
-        producer = _swiglu_backward_of(node.args[0])
+        producer = _unquantizing(node.args[0], torch.ops.surogate.swiglu_backward.default)
         if producer is None:
             continue
-        grad_h, gate_up = producer.args[:2]
-        vals = [grad_h.meta["val"], gate_up.meta["val"]]
-        with detect_fake_mode(vals) or torch._subclasses.FakeTensorMode():
-            outputs = torch.ops.surogate.swiglu_backward.default(*vals, True)
-        producer.update_arg(2, True)
-        producer.meta["val"] = outputs
-        with graph.inserting_after(producer):
-            scale = graph.call_function(operator.getitem, (producer, 2))
-            data = graph.call_function(operator.getitem, (producer, 1))
-        data.meta["val"], scale.meta["val"] = outputs[1], outputs[2]
-        N.set_grad_output_q(node, [data, scale])
+        N.set_grad_output_q(node, _quantizing(graph, producer))
+        N.erase_unread(graph, old)
+        count += 1
+    return count
+
+
+def quantize_in_swiglu_forward(graph: fx.Graph) -> int:
+    """Step 3 (module docstring; `FORWARD_OP` only), on an aten graph: a forward op whose input is a
+    `surogate::swiglu_forward` output and whose `input_q` is the traced 1 x 128 quantizer of it reads the op's own
+    FP8 outputs instead; returns how many. The backward's rebuilt h (recompute) has no quantizer: it stays h only."""
+    from surogate.kernels.reference_linear import input_quantizer
+
+    if not ENABLED:
+        return 0
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.surogate.lora_linear.default:
+            continue
+        old = N.op_arg(node, "input_q")
+        producer = _unquantizing(N.op_arg(node, "input"), torch.ops.surogate.swiglu_forward.default)
+        if not old or producer is None:
+            continue
+        if input_quantizer(N.op_arg(node, "forward"), N.op_arg(node, "weight_format")) is not quantize_fp8_block_ref:
+            continue
+        N.set_op_arg(node, "input_q", _quantizing(graph, producer))
         N.erase_unread(graph, old)
         count += 1
     return count

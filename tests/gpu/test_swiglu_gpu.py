@@ -1,7 +1,7 @@
-"""surogate::swiglu_backward on the GPU (marked `gpu`; deselected without CUDA).
+"""surogate::swiglu_backward (and swiglu_forward) on the GPU (marked `gpu`; deselected without CUDA).
 
-(1) The Triton kernel against its plain-torch twin (within a bf16 ulp: CUDA's sigmoid is not torch's to the last
-FP32 bit) and its E4M3 codes and scales against the Triton 1 x 128 quantizer of its own gradient, bit for bit
+(1) The Triton kernels against their plain-torch twins (within a bf16 ulp: CUDA's sigmoid is not torch's to the
+last FP32 bit) and their E4M3 codes and scales against the Triton 1 x 128 quantizer of what they wrote, bit for bit
 (both divide with IEEE `div_rn`). (2) The tiny Qwen3 compiled for qfp8 with passes/swiglu.py and without: the
 forward is the same graph (the loss is equal), the LoRA gradients agree to the quantizer's tie rounding and are
 no further from eager PEFT, and the backward runs one `_swiglu_backward_kernel` a layer and fewer kernels.
@@ -41,12 +41,29 @@ def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inte
     assert torch.equal(bits(data), bits(want_data)) and torch.equal(bits(scale), bits(want_scale))
 
 
-def _step(recipe: str | None, swiglu_op: bool, monkeypatch):
+@pytest.mark.parametrize("lead,inter", [((2, 2048), 12288), ((37,), 384)], ids=str)
+def test_the_forward_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter):
+    from test_swiglu import assert_within_an_ulp
+
+    from surogate.kernels import reference_swiglu
+    from surogate.kernels.quantize import quantize_fp8_block
+    from surogate.kernels.swiglu import swiglu_forward
+
+    gen = torch.Generator(device="cuda").manual_seed(inter)
+    gate_up = (torch.randn(*lead, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
+    h, data, scale = swiglu_forward(gate_up, True)
+    assert_within_an_ulp(h, reference_swiglu.swiglu_forward_ref(gate_up)[0], share=2e-3)
+    want_data, want_scale = quantize_fp8_block(h)
+    assert torch.equal(bits(data), bits(want_data)) and torch.equal(bits(scale), bits(want_scale))
+
+
+def _step(recipe: str | None, swiglu_op: bool, monkeypatch, forward_op: bool = False):
     """(loss, flat LoRA grads, backward kernel names) of the second step of the tiny Qwen3 (eager PEFT for None)."""
     import surogate
     from surogate.passes import swiglu
 
     monkeypatch.setattr(swiglu, "ENABLED", swiglu_op)
+    monkeypatch.setattr(swiglu, "FORWARD_OP", forward_op)
     monkeypatch.setenv("SUROGATE_AUTOTUNE", "0")  # both compiles launch the same GEMM configs
     torch._dynamo.reset()
     model = cuda_lora_qwen3()
@@ -67,3 +84,15 @@ def test_qfp8_with_the_op_follows_the_model_without_it_in_fewer_kernels(monkeypa
     assert sum("_swiglu_backward_kernel" in k for k in kernels_on) == 2  # one a layer
     assert not any("_swiglu_backward_kernel" in k for k in kernels_off)
     assert len(kernels_on) < len(kernels_off), (len(kernels_on), len(kernels_off))
+
+
+def test_qfp8_with_the_forward_op_follows_the_model_without_it(monkeypatch):
+    """swiglu.FORWARD_OP (off by default until measured): h and its FP8 blocks from `surogate::swiglu_forward`,
+    rounded once as Inductor's fused SwiGLU: the loss within 1e-3, the gradients at cosine 0.9999, one forward
+    kernel a layer (and one more in the backward, rebuilding h)."""
+    loss_on, g_on, kernels_on = _step("qfp8", True, monkeypatch, forward_op=True)
+    loss_off, g_off, _ = _step("qfp8", True, monkeypatch)
+    assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off)
+    assert torch.nn.functional.cosine_similarity(g_on, g_off, dim=0).item() > 0.9999
+    assert sum("_swiglu_forward_kernel" in k for k in kernels_on) == 2  # the backward's recompute of h
+
