@@ -213,10 +213,8 @@ def test_other_architectures_get_the_op_where_their_mlp_is_swiglu_and_keep_their
     monkeypatch.setattr(swiglu_pass, "ENABLED", False)
     _, _, loss_off, grads_off = _compiled_swiglu_calls("qfp8", model())
     assert found == calls and ("surogate::swiglu_backward" in report) == bool(calls)
-    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and grads_on
-    for key, grad in grads_on.items():
-        cos = F.cosine_similarity(grad.flatten().double(), grads_off[key].flatten().double(), dim=0)
-        assert cos > 0.999, (key, cos.item())
+    assert torch.equal(loss_on, loss_off)
+    _assert_close_grads(grads_on, grads_off)
 
 
 def test_the_pass_matches_only_silu_of_the_first_half_times_the_second():
@@ -306,38 +304,47 @@ def test_inductor_plans_no_kernel_reading_the_gate_up_gradient_back():
     assert not [k for k in backward if _numel(k.group) == rows * inter and len(k.dtypes) >= 2], backward
 
 
-@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
-def test_a_compiled_qfp8_model_through_inductor_with_the_op_and_without(monkeypatch):
-    """Same forward (the loss bit for bit); gradients within the op's one rounding of each SwiGLU gradient."""
+def _compiled_qfp8_step(monkeypatch, **switches) -> tuple[torch.Tensor, dict, str]:
+    """(loss, LoRA grads, report) of one step of a 2-layer Qwen3 (hidden 256, intermediate 512) compiled for qfp8
+    through Inductor on the CPU, with passes/swiglu.py's `switches` (ENABLED, FORWARD_OP) set."""
     import transformers as T
 
     import surogate
     from surogate.compiler import _attach_lora
 
     monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
-
-    def step(on: bool):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        monkeypatch.setattr(swiglu_pass, "ENABLED", on)
-        cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=64, vocab_size=512)
-        model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(BF16),
-                             {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-        compiled = surogate.compile(model, recipe="qfp8", arch="cpu")
-        ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
-        loss = compiled(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, \
-            str(compiled.surogate_report)
-
-    (loss_on, grads_on, report_on), (loss_off, grads_off, _) = step(True), step(False)
     torch._dynamo.reset()
-    assert "surogate::swiglu_backward" in report_on
-    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys() and len(grads_on) == 28
-    for name, grad in grads_on.items():
-        cos = F.cosine_similarity(grad.flatten().double(), grads_off[name].flatten().double(), dim=0)
-        assert cos > 0.999, (name, cos.item())
+    torch.manual_seed(0)
+    for name, value in switches.items():
+        monkeypatch.setattr(swiglu_pass, name, value)
+    cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, vocab_size=512)
+    model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(BF16),
+                         {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    compiled = surogate.compile(model, recipe="qfp8", arch="cpu")
+    ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch._dynamo.reset()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, str(compiled.surogate_report)
+
+
+def _assert_close_grads(grads: dict, want: dict, cosine: float = 0.999) -> None:
+    assert grads.keys() == want.keys() and grads
+    for name, grad in grads.items():
+        cos = F.cosine_similarity(grad.flatten().double(), want[name].flatten().double(), dim=0)
+        assert cos > cosine, (name, cos.item())
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
+def test_a_compiled_qfp8_model_through_inductor_with_the_op_and_without(monkeypatch):
+    """Same forward (the loss bit for bit); gradients within the op's one rounding of each SwiGLU gradient."""
+    loss_on, grads_on, report_on = _compiled_qfp8_step(monkeypatch, ENABLED=True)
+    loss_off, grads_off, _ = _compiled_qfp8_step(monkeypatch, ENABLED=False)
+    assert "surogate::swiglu_backward" in report_on and len(grads_on) == 28
+    assert torch.equal(loss_on, loss_off)
+    _assert_close_grads(grads_on, grads_off)
 
 
 def test_with_the_forward_op_inductor_plans_no_kernel_quantizing_h_and_the_backward_rebuilds_h_alone(monkeypatch):
@@ -360,33 +367,10 @@ def test_with_the_forward_op_inductor_plans_no_kernel_quantizing_h_and_the_backw
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")
 def test_a_compiled_qfp8_model_through_inductor_with_the_forward_op_and_without(monkeypatch):
     """The op rounds h once, as Inductor's fused SwiGLU does: the loss within 1e-3, the gradients at cosine 0.999."""
-    import transformers as T
-
-    import surogate
-    from surogate.compiler import _attach_lora
-
-    monkeypatch.setenv("SUROGATE_CPU_BACKEND", "inductor")
-
-    def step(forward_op: bool):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        monkeypatch.setattr(swiglu_pass, "FORWARD_OP", forward_op)
-        cfg = T.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=64, vocab_size=512)
-        model = _attach_lora(T.AutoModelForCausalLM.from_config(cfg).to(BF16),
-                             {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-        compiled = surogate.compile(model, recipe="qfp8", arch="cpu")
-        ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
-        loss = compiled(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    (loss_on, grads_on), (loss_off, grads_off) = step(True), step(False)
-    torch._dynamo.reset()
-    assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off) and grads_on.keys() == grads_off.keys()
-    for name, grad in grads_on.items():
-        cos = F.cosine_similarity(grad.flatten().double(), grads_off[name].flatten().double(), dim=0)
-        assert cos > 0.999, (name, cos.item())
+    loss_on, grads_on, _ = _compiled_qfp8_step(monkeypatch, ENABLED=True, FORWARD_OP=True)
+    loss_off, grads_off, _ = _compiled_qfp8_step(monkeypatch, ENABLED=True, FORWARD_OP=False)
+    assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off)
+    _assert_close_grads(grads_on, grads_off)
 
 
 def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_does(monkeypatch):

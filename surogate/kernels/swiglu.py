@@ -38,6 +38,17 @@ def _swiglu_metadata(grid, kernel, args):
 
 
 @triton.jit
+def _tile(M, INTER, TILE_M: tl.constexpr, BK: tl.constexpr):
+    """This program's tile, rows [pid_m * TILE_M, +TILE_M) x columns [pid_k * BK, +BK) of g: (pid_k, rows, rows in
+    range, columns, the tile's mask, rows as int64 offsets (M x 2I elements may pass 2^31))."""
+    pid_k = tl.program_id(1)
+    rows = tl.program_id(0) * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_k * BK + tl.arange(0, BK)
+    row_in = rows < M
+    return pid_k, rows, row_in, cols, row_in[:, None] & (cols < INTER)[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
 def _bf16(v, INTERPRET: tl.constexpr):
     """`v` rounded to nearest even bf16: the hardware cast on the GPU, `round_bf16` under the interpreter (whose
     cast truncates)."""
@@ -71,13 +82,7 @@ def _swiglu_backward_kernel(
 ):
     """Program (pid_m, pid_k): rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK) of g (and the same
     columns of u, INTER = I further on). Scale blocks: pid_k for dg, I / BK + pid_k for du."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
-    cols = pid_k * BK + tl.arange(0, BK)
-    row_in = rows < M
-    mask = row_in[:, None] & (cols < INTER)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    pid_k, rows, row_in, cols, mask, r64 = _tile(M, INTER, TILE_M, BK)
     dh = tl.load(dh_ptr + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -109,13 +114,7 @@ def _swiglu_forward_kernel(
     """Program (pid_m, pid_k): h = silu(g) * u over rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK), in
     FP32 and rounded once to bf16 (as Inductor's fused kernel); with QUANTIZE also h's E4M3 codes and the scale of
     each row's block pid_k (what qfp8's down_proj reads)."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
-    cols = pid_k * BK + tl.arange(0, BK)
-    row_in = rows < M
-    mask = row_in[:, None] & (cols < INTER)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    pid_k, rows, row_in, cols, mask, r64 = _tile(M, INTER, TILE_M, BK)
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = _bf16(g * tl.sigmoid(g) * u, INTERPRET)
