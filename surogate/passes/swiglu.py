@@ -5,7 +5,7 @@ built that as two kernels a layer, the SwiGLU backward writing [dg | du] and a q
 would not fuse them on CUDA (bench/NOTES.md runs 120-121). `surogate::swiglu_backward` (kernels/swiglu.py)
 computes the gradient and its FP8 blocks in one pass over dh, g and u.
 
-Two steps:
+The steps:
 1. `use_swiglu_op` (torch-level pipeline, after horizontal fusion): `silu(g) * u`, where g and u are the two
    halves of one fused gate/up `surogate::lora_linear`'s output whose dgrad quantizes 1 x 128 blocks
    (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up)`. Its forward is the same torch ops (so
