@@ -22,11 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from surogate.kernels.bits import round_bf16
 from surogate.compat import triton_interpreting
+from surogate.kernels.bits import round_bf16
 from surogate.kernels.quantize import _amax_bits, _div_rn_rows, _fp8_code, _scale_from_amax, fp8_constexprs
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
-BLOCK = 128  # the 1 x 128 scale blocks of qfp8's gradients
+BLOCK = FP8_ACTIVATION_BLOCK[1]  # the 1 x 128 scale blocks of qfp8's activations and gradients
 
 
 def _swiglu_metadata(grid, kernel, args):

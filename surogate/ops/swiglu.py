@@ -17,8 +17,9 @@ from torch import Tensor
 
 from surogate.kernels import reference_swiglu
 from surogate.ops.lora_linear import _assert_finite
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
-_BLOCK = 128
+_BLOCK = FP8_ACTIVATION_BLOCK[1]  # qfp8's 1 x 128 scale blocks
 
 
 def _fake_fp8(like: Tensor, quantize: bool) -> tuple[Tensor, Tensor]:
@@ -35,8 +36,7 @@ def _fake_fp8(like: Tensor, quantize: bool) -> tuple[Tensor, Tensor]:
 def _swiglu_backward_op(grad_h: Tensor, gate_up: Tensor, quantize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d_gate_up, data, scale): the CPU implementation, the plain-torch reference (`swiglu_backward_ref`)."""
     _assert_finite(grad_h, "the gradient")
-    d, data, scale = reference_swiglu.swiglu_backward_ref(grad_h, gate_up, quantize)
-    return d, data, scale
+    return reference_swiglu.swiglu_backward_ref(grad_h, gate_up, quantize)
 
 
 @_swiglu_backward_op.register_kernel("cuda")

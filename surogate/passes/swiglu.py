@@ -35,13 +35,14 @@ from torch import fx
 from surogate.kernels.reference_formats import quantize_fp8_block_ref
 from surogate.kernels.reference_linear import grad_output_quantizer
 from surogate.passes import nodes as N
+from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
 # False: the SwiGLU product stays as the model wrote it (the A/B: bench/tps.py "+noswiglu").
 ENABLED = True
 # True: the forward is one op too (`swiglu_fused`), which writes h's 1 x 128 blocks for down_proj (step 3). Off until
 # an H200 A/B says it pays (bench/tps.py "+swiglufwd"; bench/NOTES.md, session 27).
 FORWARD_OP = False
-_BLOCK = 128
+_BLOCK = FP8_ACTIVATION_BLOCK[1]  # qfp8's 1 x 128 scale blocks
 _SPLITS = (torch.split, torch.functional.split)
 
 
