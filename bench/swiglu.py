@@ -123,8 +123,9 @@ def main() -> None:
             gate_up = (torch.randn(m, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
             for direction, quantize in CASES:
                 torch._dynamo.reset()  # one compile a shape (no recompile limit, no dynamic shapes)
-                systems, args = _systems(direction, quantize), (dh, gate_up) if direction == "backward" else (gate_up,)
-                outs = {s: fn(*args) for s, fn in systems.items()}
+                systems = _systems(direction, quantize)
+                inputs = (dh, gate_up) if direction == "backward" else (gate_up,)
+                outs = {s: fn(*inputs) for s, fn in systems.items()}
                 theirs, ours = outs.values()
                 ulps = (ours[0].view(torch.int16).int() - theirs[0].view(torch.int16).int()).abs()
                 check = {"max_ulps": int(ulps.max()), "share_apart": float((ulps > 0).float().mean())}
@@ -132,7 +133,7 @@ def main() -> None:
                     apart = ours[1].view(torch.uint8) != theirs[1].view(torch.uint8)
                     check["codes_apart"] = float(apart.float().mean())
                 for system, fn in systems.items():
-                    ms = do_bench(lambda fn=fn, args=args: fn(*args), warmup=10, rep=50)
+                    ms = do_bench(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=10, rep=50)
                     gbs = _bytes(direction, m, inter, quantize) / ms / 1e6
                     rows.append({"mlp": name, "M": m, "I": inter, "direction": direction, "quantize": quantize,
                                  "system": system, "ms": ms, "GB/s": gbs, **check})

@@ -298,8 +298,9 @@ def _host_model(config):
 # kernels a layer, where surogate::swiglu_backward is one: surogate/passes/swiglu.py), "+graphgradquantize" keeps qfp8's
 # quantize of a gradient no kernel produces (q/k/v's cat, down_proj's graph input) in the backward graph (Inductor's
 # kernel reading it back) instead of the op's Triton quantizer (surogate/passes/op_grad_quantize.py).
-# (Run 126 measured "+catgraphquantize", that pass when it took cats only.) "+swiglufwd" runs qfp8's SwiGLU forward
-# as one op too, which writes h's FP8 blocks for down_proj (surogate/passes/swiglu.py FORWARD_OP, off by default).
+# (Run 126 measured "+catgraphquantize", that pass when it took cats only.) "+noswiglufwd" leaves qfp8's SwiGLU
+# forward and the quantize of h for down_proj to Inductor (two kernels a layer) where surogate::swiglu_forward writes
+# both in one (surogate/passes/swiglu.py FORWARD_OP; run 133 measured it as "+swiglufwd", then off by default).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -310,7 +311,7 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "fp8cublas": {"fp8_row_cublas": ("ROW_FP8_FWD_SM90", "ROW_FP8_DGRAD_SM90")},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
-                    "graphgradquantize": {"op_grad_quantize": False}, "swiglufwd": {"swiglu_forward_op": True}}
+                    "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
                   "swiglu_op", "op_grad_quantize", "swiglu_forward_op")

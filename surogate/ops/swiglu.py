@@ -5,7 +5,7 @@ producer quantize as before, passes/producer.py); the backward is `surogate::swi
 kernel on CUDA (kernels/swiglu.py) that writes the fused GEMM's whole gradient [dg | du] (no cat) and, once
 the post-grad pass sets `quantize` (passes/swiglu.py), the E4M3 1 x 128 blocks qfp8's dgrad reads.
 `swiglu_fused(gate_up)` also runs the forward as one op, `surogate::swiglu_forward`, which with `quantize` set
-writes h's 1 x 128 blocks for qfp8's down_proj (passes/swiglu.py `FORWARD_OP`, off until measured on a GPU).
+writes h's 1 x 128 blocks for qfp8's down_proj (passes/swiglu.py `FORWARD_OP`, on by default).
 The pass puts these in place of `silu(g) * u` where that pays; they are not a user-facing API.
 """
 

@@ -14,7 +14,7 @@ The steps:
 2. `quantize_in_swiglu_backward` (inside Inductor, post-grad): a `surogate::lora_linear_backward` whose
    gradient is that op's output and whose `grad_output_q` is the traced quantizer of it (grad_producer)
    reads the op's own FP8 outputs instead (`quantize=True`); the old quantize, now unread, is erased.
-3. With `FORWARD_OP` (off by default: not yet measured on a GPU), step 1 puts `swiglu_fused` instead, whose
+3. With `FORWARD_OP` (on by default: +0.8% on Qwen3-8B qfp8, H200), step 1 puts `swiglu_fused` instead, whose
    forward is `surogate::swiglu_forward`, and `quantize_in_swiglu_forward` gives down_proj that op's FP8 blocks of
    h in place of the producer pass's traced quantizer (Inductor ran the SwiGLU and that quantize as two kernels).
 
@@ -39,9 +39,10 @@ from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
 # False: the SwiGLU product stays as the model wrote it (the A/B: bench/tps.py "+noswiglu").
 ENABLED = True
-# True: the forward is one op too (`swiglu_fused`), which writes h's 1 x 128 blocks for down_proj (step 3). Off until
-# an H200 A/B says it pays (bench/tps.py "+swiglufwd"; bench/NOTES.md, session 27).
-FORWARD_OP = False
+# True: the forward is one op too (`swiglu_fused`), which writes h's 1 x 128 blocks for down_proj (step 3). On an
+# H200, Qwen3-8B qfp8 20,141 tokens/s against 19,978 without it, same call (bench/tps.py "+noswiglufwd"; bench/NOTES.md
+# run 133).
+FORWARD_OP = True
 _BLOCK = FP8_ACTIVATION_BLOCK[1]  # qfp8's 1 x 128 scale blocks
 _SPLITS = (torch.split, torch.functional.split)
 
@@ -117,8 +118,10 @@ def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         N.erase_unread(gm.graph, [node])
-        ctx.report.group("swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient "
-                         "(surogate::swiglu_backward)", (N.module_name(source.args[0]),))
+        what = ("swiglu -> quantized down_proj input and dgrad: SwiGLU's forward quantizes h, its backward the gate/up "
+                "gradient (surogate::swiglu_forward, surogate::swiglu_backward)" if FORWARD_OP else
+                "swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient (surogate::swiglu_backward)")
+        ctx.report.group(what, (N.module_name(source.args[0]),))
         count += 1
     return count
 
