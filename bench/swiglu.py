@@ -22,32 +22,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# name: intermediate size
-MLPS = {"Qwen3-0.6B": 3072, "Qwen3-8B": 12288, "Llama-3-8B": 14336}
+# name: (intermediate size, gate activation)
+MLPS = {"Qwen3-0.6B": (3072, "silu"), "Qwen3-8B": (12288, "silu"), "Llama-3-8B": (14336, "silu"),
+        "Gemma-2-9B": (14336, "gelu_tanh")}
 ROWS = [4096, 16384]
 
 
-def _inductor(quantize: bool):
+def _inductor(quantize: bool, activation: str):
     """The backward as the compiled qfp8 graph computed it: Inductor's fused SwiGLU backward written into the
     slices of `surogate::concat` (passes/concat.py), then `quantize_fp8_block_ref` of the cat."""
     from surogate.kernels.reference_formats import quantize_fp8_block_ref
+    from surogate.kernels.reference_swiglu import gated_grads
     from surogate.passes import concat
 
     concat.lowered()
 
     def fn(dh, gate_up):
         g, u = gate_up.float().chunk(2, dim=-1)
-        s = torch.sigmoid(g)
-        d32 = dh.float()
-        parts = [(d32 * u * s * (1.0 + g * (1.0 - s))).to(dh.dtype), (d32 * (g * s)).to(dh.dtype)]
+        parts = [p.to(dh.dtype) for p in gated_grads(dh.float(), g, u, activation)]
         d = torch.ops.surogate.concat(parts, dh.dim() - 1)
         return (d, *quantize_fp8_block_ref(d)) if quantize else (d,)
 
     return torch.compile(fn, dynamic=False)
 
 
-def _inductor_forward():
-    """The forward as the compiled qfp8 graph computes it: the model's `silu(g) * u` and the producer pass's
+def _inductor_forward(activation: str):
+    """The forward as the compiled qfp8 graph computes it: the model's `act(g) * u` and the producer pass's
     quantize of h for down_proj (passes/producer.py), Inductor's kernels."""
     import torch.nn.functional as F
 
@@ -55,20 +55,21 @@ def _inductor_forward():
 
     def fn(gate_up):
         g, u = gate_up.chunk(2, dim=-1)
-        h = F.silu(g) * u
+        h = (F.gelu(g, approximate="tanh") if activation == "gelu_tanh" else F.silu(g)) * u
         return (h, *quantize_fp8_block_ref(h))
 
     return torch.compile(fn, dynamic=False)
 
 
-def _systems(direction: str, quantize: bool) -> dict:
+def _systems(direction: str, quantize: bool, activation: str) -> dict:
     import surogate.ops.swiglu  # noqa: F401  (registers surogate::swiglu_backward / _forward)
 
+    ops = torch.ops.surogate
     if direction == "forward":
-        return {"Inductor (before)": _inductor_forward(),
-                "surogate::swiglu_forward": lambda gate_up: torch.ops.surogate.swiglu_forward(gate_up, quantize)}
-    return {"Inductor (before)": _inductor(quantize),
-            "surogate::swiglu_backward": lambda dh, gate_up: torch.ops.surogate.swiglu_backward(dh, gate_up, quantize)}
+        return {"Inductor (before)": _inductor_forward(activation),
+                "surogate::swiglu_forward": lambda gate_up: ops.swiglu_forward(gate_up, activation, quantize)}
+    return {"Inductor (before)": _inductor(quantize, activation),
+            "surogate::swiglu_backward": lambda dh, gate_up: ops.swiglu_backward(dh, gate_up, activation, quantize)}
 
 
 # (direction, quantize): the backward with qfp8's gradient quantize and without it; the forward with h's quantize.
@@ -116,14 +117,14 @@ def main() -> None:
 
     env = run_record(str(Path(__file__).resolve().parent))
     rows = []
-    for name, inter in MLPS.items():
+    for name, (inter, activation) in MLPS.items():
         for m in ROWS:
             gen = torch.Generator(device="cuda").manual_seed(0)
             dh = torch.randn(m, inter, device="cuda", generator=gen).bfloat16()
             gate_up = (torch.randn(m, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
             for direction, quantize in CASES:
                 torch._dynamo.reset()  # one compile a shape (no recompile limit, no dynamic shapes)
-                systems = _systems(direction, quantize)
+                systems = _systems(direction, quantize, activation)
                 inputs = (dh, gate_up) if direction == "backward" else (gate_up,)
                 outs = {s: fn(*inputs) for s, fn in systems.items()}
                 theirs, ours = outs.values()
@@ -135,7 +136,8 @@ def main() -> None:
                 for system, fn in systems.items():
                     ms = do_bench(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=10, rep=50)
                     gbs = _bytes(direction, m, inter, quantize) / ms / 1e6
-                    rows.append({"mlp": name, "M": m, "I": inter, "direction": direction, "quantize": quantize,
+                    rows.append({"mlp": name, "M": m, "I": inter, "activation": activation, "direction": direction,
+                                 "quantize": quantize,
                                  "system": system, "ms": ms, "GB/s": gbs, **check})
                     print(f"{name:11s} M={m:<6d} I={inter:<6d} {direction:8s} {'quantize' if quantize else 'bf16    '} "
                           f"{system:26s} {ms * 1e3:8.1f} us {gbs:7.0f} GB/s  ulps<= {check['max_ulps']} "

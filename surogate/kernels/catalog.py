@@ -448,7 +448,7 @@ def _quantizer_specs() -> list[KernelSpec]:
                           ints=MappingProxyType(ints), config=config, what=what)
 
     e4m3 = q.fp8_constexprs("e4m3")
-    return [
+    specs = [
         spec("amax", q._amax_kernel, dict(x_ptr="*bf16", partial_ptr="*fp32"), {}, dict(n=m * k),
              q.get_amax_configs, ("fp4", "qfp4"), "max |x| of a tensor (NVFP4 tensor scales)"),
         spec("amax_finish", q._amax_finish_kernel, dict(partial_ptr="*fp32", amax_ptr="*fp32", scale_ptr="*fp32"),
@@ -494,19 +494,23 @@ def _quantizer_specs() -> list[KernelSpec]:
              {"R": r, "K": k, "N": SHAPE["N"], "stride_a0": k, "stride_a1": 1, "stride_b0": r, "stride_b1": 1},
              lambda arch: lf.get_lora_factors_configs(r), tuple(names(include_aliases=False)),
              "FP32 LoRA factors to bf16 and the persistent kernel's U^T, one launch per forward"),
-        spec("swiglu_backward", sw._swiglu_backward_kernel,
-             dict(dh_ptr="*bf16", gu_ptr="*bf16", d_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
-             dict(e4m3, QUANTIZE=True, INTERPRET=False),
-             dict(M=m, INTER=3 * k, stride_dh=3 * k, stride_gu=6 * k, stride_d=6 * k, stride_qm=6 * k, stride_sm=1,
-                  stride_sk=m), sw.get_swiglu_backward_configs, ("qfp8",),
-             "SwiGLU's backward over the fused gate/up output and its gradient to E4M3 in 1x128 blocks, one pass"),
-        spec("swiglu_forward", sw._swiglu_forward_kernel,
-             dict(gu_ptr="*bf16", h_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
-             dict(e4m3, QUANTIZE=True, INTERPRET=False),
-             dict(M=m, INTER=3 * k, stride_gu=6 * k, stride_h=3 * k, stride_qm=3 * k, stride_sm=1, stride_sk=m),
-             sw.get_swiglu_backward_configs, ("qfp8",),
-             "SwiGLU over the fused gate/up output and h to E4M3 in 1x128 blocks, one pass (swiglu.FORWARD_OP)"),
     ]
+    for gelu, name, mlp in ((False, "swiglu", "SwiGLU"), (True, "geglu", "GeGLU (tanh GELU, Gemma)")):
+        specs += [
+            spec(f"{name}_backward", sw._swiglu_backward_kernel,
+                 dict(dh_ptr="*bf16", gu_ptr="*bf16", d_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
+                 dict(e4m3, QUANTIZE=True, GELU=gelu, INTERPRET=False),
+                 dict(M=m, INTER=3 * k, stride_dh=3 * k, stride_gu=6 * k, stride_d=6 * k, stride_qm=6 * k,
+                      stride_sm=1, stride_sk=m), sw.get_swiglu_backward_configs, ("qfp8",),
+                 f"{mlp}'s backward over the fused gate/up output and its gradient to E4M3 in 1x128 blocks, one pass"),
+            spec(f"{name}_forward", sw._swiglu_forward_kernel,
+                 dict(gu_ptr="*bf16", h_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32"),
+                 dict(e4m3, QUANTIZE=True, GELU=gelu, INTERPRET=False),
+                 dict(M=m, INTER=3 * k, stride_gu=6 * k, stride_h=3 * k, stride_qm=3 * k, stride_sm=1, stride_sk=m),
+                 sw.get_swiglu_backward_configs, ("qfp8",),
+                 f"{mlp} over the fused gate/up output and h to E4M3 in 1x128 blocks, one pass (swiglu.FORWARD_OP)"),
+        ]
+    return specs
 
 
 def _loss_specs() -> list[KernelSpec]:

@@ -12,6 +12,9 @@ blocks of h that qfp8's down_proj reads (Inductor's SwiGLU and its producer quan
 
 Numbers: dg = dh * u * s * (1 + g * (1 - s)), du = dh * g * s with s = sigmoid(g), in FP32 from the bf16
 inputs and rounded once to bf16 (as Inductor's fused kernel computes it; eager PyTorch rounds dh * u first).
+With GELU (Gemma's GeGLU MLP, `gelu(g, approximate="tanh") * u`) the gate is a(g) = g/2 (1 + t) with
+t = tanh(c (g + 0.044715 g^3)), c = sqrt(2/pi), and a'(g) = (1 + t)/2 + g/2 (1 - t^2) c (1 + 3 * 0.044715 g^2),
+in the order of PyTorch's own GELU backward; t = 2 sigmoid(2x) - 1 (Triton has no tanh of its own).
 The FP8 codes and scales are `quantize_fp8_block_ref` of the rounded gradient, bit for bit
 (tests/test_swiglu.py). The plain-torch twins are in `reference_swiglu`.
 """
@@ -28,6 +31,7 @@ from surogate.kernels.quantize import _amax_bits, _div_rn_rows, _fp8_code, _scal
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
 BLOCK = FP8_ACTIVATION_BLOCK[1]  # the 1 x 128 scale blocks of qfp8's activations and gradients
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gate: SwiGLU's, or GeGLU's with the tanh GELU (Gemma)
 
 
 def _swiglu_metadata(grid, kernel, args):
@@ -60,6 +64,13 @@ def _bf16(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _gelu_tanh(g):
+    """t = tanh(c (g + 0.044715 g^3)), c = sqrt(2 / pi), in FP32 (the interpreter takes no constexpr globals in
+    arithmetic, so the numbers are written here)."""
+    return 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (g + 0.044715 * (g * g * g)))) - 1.0
+
+
+@triton.jit
 def _quantize_rows(x, q_ptr, scale_ptr, rows, row_in, cols, mask, block, stride_qm, stride_sm, stride_sk,
                    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, INTERPRET: tl.constexpr):
     """E4M3 codes of the [TILE_M, 128] tile `x` (bf16 values held in FP32), one scale per row, stored at
@@ -78,18 +89,25 @@ def _quantize_rows(x, q_ptr, scale_ptr, rows, row_in, cols, mask, block, stride_
 def _swiglu_backward_kernel(
     dh_ptr, gu_ptr, d_ptr, q_ptr, scale_ptr, M, INTER,
     stride_dh, stride_gu, stride_d, stride_qm, stride_sm, stride_sk,
-    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr, GELU: tl.constexpr,
     INTERPRET: tl.constexpr, TILE_M: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (pid_m, pid_k): rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK) of g (and the same
-    columns of u, INTER = I further on). Scale blocks: pid_k for dg, I / BK + pid_k for du."""
+    columns of u, INTER = I further on). Scale blocks: pid_k for dg, I / BK + pid_k for du. GELU: the tanh GELU gate
+    in place of silu."""
     pid_k, rows, row_in, cols, mask, r64 = _tile(M, INTER, TILE_M, BK)
     dh = tl.load(dh_ptr + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    dg = _bf16(dh * u * s * (1.0 + g * (1.0 - s)), INTERPRET)
-    du = _bf16(dh * (g * s), INTERPRET)
+    if GELU:
+        t = _gelu_tanh(g)
+        da = 0.5 * (1.0 + t) + (0.5 * g) * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * (g * g))
+        dg = _bf16(dh * u * da, INTERPRET)
+        du = _bf16(dh * (0.5 * g * (1.0 + t)), INTERPRET)
+    else:
+        s = tl.sigmoid(g)
+        dg = _bf16(dh * u * s * (1.0 + g * (1.0 - s)), INTERPRET)
+        du = _bf16(dh * (g * s), INTERPRET)
     tl.store(d_ptr + r64 * stride_d + cols[None, :], dg, mask=mask)
     tl.store(d_ptr + r64 * stride_d + INTER + cols[None, :], du, mask=mask)
     if QUANTIZE:
@@ -109,16 +127,19 @@ def _swiglu_forward_metadata(grid, kernel, args):
 @triton.jit(launch_metadata=_swiglu_forward_metadata)
 def _swiglu_forward_kernel(
     gu_ptr, h_ptr, q_ptr, scale_ptr, M, INTER, stride_gu, stride_h, stride_qm, stride_sm, stride_sk,
-    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, QUANTIZE: tl.constexpr, GELU: tl.constexpr,
     INTERPRET: tl.constexpr, TILE_M: tl.constexpr, BK: tl.constexpr,
 ):
-    """Program (pid_m, pid_k): h = silu(g) * u over rows [pid_m * TILE_M, +TILE_M), columns [pid_k * BK, +BK), in
-    FP32 and rounded once to bf16 (as Inductor's fused kernel); with QUANTIZE also h's E4M3 codes and the scale of
-    each row's block pid_k (what qfp8's down_proj reads)."""
+    """Program (pid_m, pid_k): h = silu(g) * u (GELU: the tanh GELU of g) over rows [pid_m * TILE_M, +TILE_M),
+    columns [pid_k * BK, +BK), in FP32 and rounded once to bf16 (as Inductor's fused kernel); with QUANTIZE also h's
+    E4M3 codes and the scale of each row's block pid_k (what qfp8's down_proj reads)."""
     pid_k, rows, row_in, cols, mask, r64 = _tile(M, INTER, TILE_M, BK)
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = _bf16(g * tl.sigmoid(g) * u, INTERPRET)
+    if GELU:
+        h = _bf16(0.5 * g * (1.0 + _gelu_tanh(g)) * u, INTERPRET)
+    else:
+        h = _bf16(g * tl.sigmoid(g) * u, INTERPRET)
     tl.store(h_ptr + r64 * stride_h + cols[None, :], h, mask=mask)
     if QUANTIZE:
         _quantize_rows(h.to(tl.float32), q_ptr, scale_ptr, rows, row_in, cols, mask, pid_k, stride_qm, stride_sm,
@@ -131,9 +152,11 @@ def get_swiglu_backward_configs(arch: str | None = None) -> dict:
     return dict(TILE_M=16, BK=BLOCK, num_warps=4)
 
 
-def check_shapes(gate_up: torch.Tensor, grad_h: torch.Tensor | None = None) -> int:
+def check_shapes(gate_up: torch.Tensor, grad_h: torch.Tensor | None = None, activation: str = "silu") -> int:
     """I, after checking what the kernels need: gate_up (..., 2I) bf16 with I a multiple of 128, and grad_h (..., I)
-    of the same rows and dtype when given (the backward)."""
+    of the same rows and dtype when given (the backward); `activation` one of ACTIVATIONS."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"swiglu kernels take activation {' or '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
     if gate_up.dtype != torch.bfloat16 or (grad_h is not None and grad_h.dtype != gate_up.dtype):
         got = f"gate_up {gate_up.dtype}" + ("" if grad_h is None else f" and grad_h {grad_h.dtype}")
         raise ValueError(f"swiglu kernels take bf16 tensors, got {got}")
@@ -170,10 +193,10 @@ def _as_lead(outputs, lead, width: int, quantize: bool):
     return out, data.view(*lead, width), scale.view(*lead, width // BLOCK)
 
 
-def swiglu_forward(gate_up: torch.Tensor, quantize: bool = False):
+def swiglu_forward(gate_up: torch.Tensor, quantize: bool = False, activation: str = "silu"):
     """(h (..., I) bf16, data (..., I) E4M3, scale (..., I / 128) FP32 stored M-contiguous) on CUDA; without
     `quantize` the last two are empty. What `reference_swiglu.swiglu_forward_ref` computes."""
-    i = check_shapes(gate_up)
+    i = check_shapes(gate_up, activation=activation)
     gu = _rows(gate_up, 2 * i)
     m = gu.shape[0]
     h = torch.empty((m, i), device=gu.device, dtype=gu.dtype)
@@ -182,15 +205,15 @@ def swiglu_forward(gate_up: torch.Tensor, quantize: bool = False):
         cfg = get_swiglu_backward_configs()
         _swiglu_forward_kernel[(triton.cdiv(m, cfg["TILE_M"]), i // BLOCK)](
             gu, h, data.view(torch.uint8), scale, m, i, gu.stride(0), h.stride(0), i,
-            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, INTERPRET=triton_interpreting(),
-            **fp8_constexprs("e4m3"), **cfg)
+            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, GELU=activation == "gelu_tanh",
+            INTERPRET=triton_interpreting(), **fp8_constexprs("e4m3"), **cfg)
     return _as_lead((h, data, scale), gate_up.shape[:-1], i, quantize)
 
 
-def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool = False):
+def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool = False, activation: str = "silu"):
     """(d_gate_up (..., 2I) bf16, data (..., 2I) E4M3, scale (..., 2I / 128) FP32 stored M-contiguous) on CUDA;
     without `quantize` the last two are empty. What `reference_swiglu.swiglu_backward_ref` computes."""
-    i = check_shapes(gate_up, grad_h)
+    i = check_shapes(gate_up, grad_h, activation)
     dh, gu = _rows(grad_h, i), _rows(gate_up, 2 * i)
     m = gu.shape[0]
     d = torch.empty((m, 2 * i), device=gu.device, dtype=gu.dtype)
@@ -200,6 +223,6 @@ def swiglu_backward(grad_h: torch.Tensor, gate_up: torch.Tensor, quantize: bool 
         grid = (triton.cdiv(m, cfg["TILE_M"]), i // BLOCK)
         _swiglu_backward_kernel[grid](
             dh, gu, d, data.view(torch.uint8), scale, m, i, dh.stride(0), gu.stride(0), d.stride(0), 2 * i,
-            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, INTERPRET=triton_interpreting(),
-            **fp8_constexprs("e4m3"), **cfg)
+            *(scale.stride() if quantize else (0, 0)), QUANTIZE=quantize, GELU=activation == "gelu_tanh",
+            INTERPRET=triton_interpreting(), **fp8_constexprs("e4m3"), **cfg)
     return _as_lead((d, data, scale), gate_up.shape[:-1], 2 * i, quantize)

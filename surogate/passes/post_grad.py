@@ -41,7 +41,7 @@ def post_grad_pass():
             if previous is not None and not hasattr(previous, "uuid"):
                 return None  # a user's pass Inductor cannot key: it bypasses its cache, as it would without us
             files = (__file__, concat.__file__, swiglu.__file__, op_grad_quantize.__file__)
-            switches = (concat.ENABLED, swiglu.ENABLED, swiglu.FORWARD_OP, op_grad_quantize.ENABLED)
+            switches = (concat.ENABLED, swiglu.ENABLED, swiglu.FORWARD_OP, swiglu.GEGLU, op_grad_quantize.ENABLED)
             return (get_hash_for_files(files), *switches,
                     previous.uuid() if previous is not None else None)
 

@@ -8,9 +8,11 @@ computes the gradient and its FP8 blocks in one pass over dh, g and u.
 The steps:
 1. `use_swiglu_op` (torch-level pipeline, after horizontal fusion): `silu(g) * u`, where g and u are the two
    halves of one fused gate/up `surogate::lora_linear`'s output whose dgrad quantizes 1 x 128 blocks
-   (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up)`. Its forward is the same torch ops (so
-   the producer pass's quantize still fuses into it, and the recompute pass still rebuilds it); its backward
-   is `surogate::swiglu_backward(dh, gate_up, quantize=False)`, the whole gradient in one buffer (no cat).
+   (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up, "silu")`; with `GEGLU` (off until run on a
+   GPU) Gemma's `gelu(g, approximate="tanh") * u` becomes `swiglu(gate_up, "gelu_tanh")` (never the exact
+   GELU). Its forward is the same torch ops (so the producer pass's quantize still fuses into it, and the
+   recompute pass still rebuilds it); its backward is `surogate::swiglu_backward(dh, gate_up, activation,
+   quantize=False)`, the whole gradient in one buffer (no cat).
 2. `quantize_in_swiglu_backward` (inside Inductor, post-grad): a `surogate::lora_linear_backward` whose
    gradient is that op's output and whose `grad_output_q` is the traced quantizer of it (grad_producer)
    reads the op's own FP8 outputs instead (`quantize=True`); the old quantize, now unread, is erased.
@@ -43,6 +45,9 @@ ENABLED = True
 # H200, Qwen3-8B qfp8 20,141 tokens/s against 19,978 without it, same call (bench/tps.py "+noswiglufwd"; bench/NOTES.md
 # run 133).
 FORWARD_OP = True
+# True: Gemma's GeGLU (`gelu(g, approximate="tanh") * u`) takes the same ops with the tanh-GELU gate. CPU-tested (the
+# interpreter against the twins, Gemma-2/3 compiled), built for sm_89-sm_120; off until its kernels run on a GPU.
+GEGLU = False
 _BLOCK = FP8_ACTIVATION_BLOCK[1]  # qfp8's 1 x 128 scale blocks
 _SPLITS = (torch.split, torch.functional.split)
 
@@ -69,14 +74,25 @@ def _half(node, index: int, width: int, rank: int) -> fx.Node | None:
     return split
 
 
-def gate_up_source(mul: fx.Node) -> fx.Node | None:
-    """The fused gate/up output [g | u] when `mul` is `silu(g) * u` (or `u * silu(g)`) on its two halves, all bf16
-    (casts to bf16 between them stripped), else None."""
+def _activation(node: fx.Node) -> str | None:
+    """The kernels' name of `node`'s gate activation (kernels/swiglu.py ACTIVATIONS): "silu", "gelu_tanh" (Gemma's
+    `gelu_pytorch_tanh`, with `GEGLU`), else None (the exact GELU among them: it has no kernel)."""
+    if N.is_call(node, (F.silu,)) and not N.arg(node, 1, "inplace", False):
+        return "silu"
+    if GEGLU and N.is_call(node, (F.gelu, torch._C._nn.gelu)) and N.arg(node, 1, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    return None
+
+
+def gate_up_source(mul: fx.Node) -> tuple[fx.Node, str] | None:
+    """(the fused gate/up output [g | u], the activation) when `mul` is `act(g) * u` (or `u * act(g)`) on its two
+    halves, act silu or the tanh GELU, all bf16 (casts to bf16 between them stripped), else None."""
     if not N.is_mul(mul) or len(mul.args) != 2 or mul.kwargs:
         return None
     for act, up in (mul.args, mul.args[::-1]):
         act_node = N.strip_casts(act)
-        if not (N.is_call(act_node, (F.silu,)) and not act_node.kwargs.get("inplace", False)):
+        activation = _activation(act_node) if isinstance(act_node, fx.Node) else None
+        if activation is None:
             continue
         value = N.meta_value(mul)
         if not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int) or value.shape[-1] % _BLOCK:
@@ -91,7 +107,7 @@ def gate_up_source(mul: fx.Node) -> fx.Node | None:
         if value.dtype != torch.bfloat16 or _dtype(source) not in (torch.bfloat16, None) or \
                 _dtype(split.args[0]) not in (torch.bfloat16, None):
             return None
-        return source
+        return source, activation
     return None
 
 
@@ -108,19 +124,21 @@ def use_swiglu_op(gm: fx.GraphModule, ctx) -> int:
         return 0
     count = 0
     for node in list(gm.graph.nodes):
-        source = gate_up_source(node) if N.is_mul(node) else None
-        if source is None or not (N.is_getitem(source, 0) and N.is_surogate_op(source.args[0])):
+        found = gate_up_source(node) if N.is_mul(node) else None
+        if found is None:
             continue
-        if not _quantizes_blocks(source.args[0]):
+        source, activation = found
+        if not (N.is_getitem(source, 0) and N.is_surogate_op(source.args[0])) or not _quantizes_blocks(source.args[0]):
             continue
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(swiglu_fused if FORWARD_OP else swiglu, (source,))
+            fused = gm.graph.call_function(swiglu_fused if FORWARD_OP else swiglu, (source, activation))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         N.erase_unread(gm.graph, [node])
-        what = ("swiglu -> quantized down_proj input and dgrad: SwiGLU's forward quantizes h, its backward the gate/up "
-                "gradient (surogate::swiglu_forward, surogate::swiglu_backward)" if FORWARD_OP else
-                "swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient (surogate::swiglu_backward)")
+        what = ("swiglu -> quantized down_proj input and dgrad: SwiGLU's forward quantizes h, its backward the "
+                "gate/up gradient (surogate::swiglu_forward, surogate::swiglu_backward)" if FORWARD_OP else
+                "swiglu -> quantized dgrad: SwiGLU's backward quantizes the gate/up gradient "
+                "(surogate::swiglu_backward)")
         ctx.report.group(what, (N.module_name(source.args[0]),))
         count += 1
     return count

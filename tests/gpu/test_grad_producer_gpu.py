@@ -102,7 +102,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "qfp8"])
-def test_qwen3_grad_producer_on_follows_off_and_drops_the_quantize_kernel(recipe):
+def test_qwen3_grad_producer_on_follows_off_and_drops_the_quantize_kernel(recipe, monkeypatch):
+    from surogate.passes import swiglu
+
+    # qfp8's SwiGLU forward op comes with grad_producer (passes/swiglu.py) and rounds h's E4M3 ties apart from
+    # Inductor's: off here, so that both sides run the same forward graph (test_swiglu_gpu.py compares it).
+    monkeypatch.setattr(swiglu, "FORWARD_OP", False)
     _, g_eager, _, _, _ = _step(None)
     loss_on, g_on, report, quantize_on, kernels_on = _step(recipe, True)
     loss_off, g_off, report_off, quantize_off, kernels_off = _step(recipe, False)

@@ -1,8 +1,9 @@
 """surogate::swiglu_backward (and swiglu_forward) on the GPU (marked `gpu`; deselected without CUDA).
 
-(1) The Triton kernels against their plain-torch twins (within a bf16 ulp: CUDA's sigmoid is not torch's to the
-last FP32 bit) and their E4M3 codes and scales against the Triton 1 x 128 quantizer of what they wrote, bit for bit
-(both divide with IEEE `div_rn`). (2) The tiny Qwen3 compiled for qfp8 with passes/swiglu.py and without: the
+(1) The Triton kernels, SiLU and tanh-GELU gates, against their plain-torch twins (within a bf16 ulp: CUDA's
+sigmoid is not torch's to the last FP32 bit, nor the kernel's 2 sigmoid(2x) - 1 torch's tanh) and their E4M3
+codes and scales against the Triton 1 x 128 quantizer of what they wrote, bit for bit (both divide with IEEE
+`div_rn`). (2) The tiny Qwen3 compiled for qfp8 with passes/swiglu.py and without: with the backward op alone the
 forward is the same graph (the loss is equal), the LoRA gradients agree to the quantizer's tie rounding and are
 no further from eager PEFT, and the backward runs one `_swiglu_backward_kernel` a layer and fewer kernels.
 """
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("lead,inter", [((2, 2048), 12288), ((37,), 384), ((3, 100), 3072)], ids=str)
-def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter):
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter, activation):
     from test_swiglu import assert_within_an_ulp
 
     from surogate.kernels import reference_swiglu
@@ -33,8 +35,8 @@ def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inte
     gen = torch.Generator(device="cuda").manual_seed(inter)
     grad_h = torch.randn(*lead, inter, device="cuda", generator=gen).bfloat16()
     gate_up = (torch.randn(*lead, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
-    d, data, scale = swiglu_backward(grad_h, gate_up, True)
-    assert_within_an_ulp(d, reference_swiglu.swiglu_backward_ref(grad_h, gate_up)[0], share=2e-3)
+    d, data, scale = swiglu_backward(grad_h, gate_up, True, activation)
+    assert_within_an_ulp(d, reference_swiglu.swiglu_backward_ref(grad_h, gate_up, False, activation)[0], share=2e-3)
     want_data, want_scale = quantize_fp8_block(d)
     assert data.shape == want_data.shape and scale.shape == want_scale.shape
     assert scale.stride() == want_scale.stride()
@@ -42,7 +44,8 @@ def test_the_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inte
 
 
 @pytest.mark.parametrize("lead,inter", [((2, 2048), 12288), ((37,), 384)], ids=str)
-def test_the_forward_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter):
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_the_forward_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(lead, inter, activation):
     from test_swiglu import assert_within_an_ulp
 
     from surogate.kernels import reference_swiglu
@@ -51,8 +54,8 @@ def test_the_forward_kernel_on_cuda_against_its_twin_and_the_triton_quantizer(le
 
     gen = torch.Generator(device="cuda").manual_seed(inter)
     gate_up = (torch.randn(*lead, 2 * inter, device="cuda", generator=gen) * 3).bfloat16()
-    h, data, scale = swiglu_forward(gate_up, True)
-    assert_within_an_ulp(h, reference_swiglu.swiglu_forward_ref(gate_up)[0], share=2e-3)
+    h, data, scale = swiglu_forward(gate_up, True, activation)
+    assert_within_an_ulp(h, reference_swiglu.swiglu_forward_ref(gate_up, False, activation)[0], share=2e-3)
     want_data, want_scale = quantize_fp8_block(h)
     assert torch.equal(bits(data), bits(want_data)) and torch.equal(bits(scale), bits(want_scale))
 
