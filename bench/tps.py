@@ -301,6 +301,7 @@ def _host_model(config):
 # (Run 126 measured "+catgraphquantize", that pass when it took cats only.) "+noswiglufwd" leaves qfp8's SwiGLU
 # forward and the quantize of h for down_proj to Inductor (two kernels a layer) where surogate::swiglu_forward writes
 # both in one (surogate/passes/swiglu.py FORWARD_OP; run 133 measured it as "+swiglufwd", then off by default).
+# "+geglu" gives Gemma's GeGLU MLP (the tanh GELU) the same ops in qfp8 (swiglu.GEGLU, off until measured).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -311,10 +312,11 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "fp8cublas": {"fp8_row_cublas": ("ROW_FP8_FWD_SM90", "ROW_FP8_DGRAD_SM90")},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
-                    "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False}}
+                    "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False},
+                    "geglu": {"geglu": True}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
-                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op")
+                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -376,6 +378,10 @@ def build(size: str, system: str):
             from surogate.passes import swiglu
 
             swiglu.FORWARD_OP = options["swiglu_forward_op"]
+        if "geglu" in options:  # this worker process only
+            from surogate.passes import swiglu
+
+            swiglu.GEGLU = options["geglu"]
         if "op_grad_quantize" in options:  # this worker process only
             from surogate.passes import op_grad_quantize
 

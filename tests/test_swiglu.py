@@ -424,4 +424,5 @@ def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_doe
     assert off_forward != on
     monkeypatch.setattr(swiglu_pass, "GEGLU", True)
     assert post_grad.post_grad_pass().uuid() not in (on, off_forward)
+    assert load_bench("tps").surogate_system("surogate:qfp8+geglu") == ("qfp8", {"geglu": True})
     assert load_bench("tps").surogate_system("surogate:qfp8+noswiglufwd") == ("qfp8", {"swiglu_forward_op": False})
