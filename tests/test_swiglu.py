@@ -54,6 +54,10 @@ def _operands(lead: tuple[int, ...], inter: int, seed: int, odd: bool = False) -
 
 
 ACTIVATIONS = pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+# (the kernels' name, the model's own torch function) of each gate
+GATES = pytest.mark.parametrize("activation,act", [("silu", F.silu),
+                                                   ("gelu_tanh", lambda g: F.gelu(g, approximate="tanh"))],
+                                ids=["silu", "gelu_tanh"])
 
 
 @pytest.mark.parametrize("lead,inter", [((40,), 256), ((2, 7), 128), ((3, 5), 384), ((1,), 128)], ids=str)
@@ -96,8 +100,7 @@ def test_the_kernel_reads_a_gate_up_with_a_row_stride_of_its_own():
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want))
 
 
-@pytest.mark.parametrize("activation,act", [("silu", F.silu), ("gelu_tanh", lambda g: F.gelu(g, approximate="tanh"))],
-                         ids=["silu", "gelu_tanh"])
+@GATES
 def test_the_gradient_is_autograds_through_the_models_product_and_closer_to_fp32(activation, act):
     """Autograd of `act(g) * u` in bf16 rounds act(g) and dh * u on the way; the op rounds once, so it is nearer
     the FP32 gradient than eager bf16 is (first principles: autograd in FP32 of the same bf16 inputs). For the
@@ -148,8 +151,7 @@ def test_swiglu_fused_runs_the_forward_op_and_the_same_backward(activation):
     assert torch.equal(bits(leaf.grad), bits(want))
 
 
-@pytest.mark.parametrize("activation,act", [("silu", F.silu), ("gelu_tanh", lambda g: F.gelu(g, approximate="tanh"))],
-                         ids=["silu", "gelu_tanh"])
+@GATES
 def test_swiglu_computes_the_models_product_and_differentiates_through_the_op(activation, act):
     grad_h, gate_up = _operands((3, 4), 128, seed=9)
     leaf = gate_up.clone().requires_grad_()

@@ -65,9 +65,10 @@ def _bf16(v, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _gelu_tanh(g):
-    """t = tanh(c (g + 0.044715 g^3)), c = sqrt(2 / pi), in FP32 (the interpreter takes no constexpr globals in
-    arithmetic, so the numbers are written here)."""
-    return 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (g + 0.044715 * (g * g * g)))) - 1.0
+    """(t, a): t = tanh(c (g + 0.044715 g^3)), c = sqrt(2 / pi), and the gate a = g / 2 (1 + t), in FP32 (the
+    interpreter takes no constexpr globals in arithmetic, so the numbers are written here)."""
+    t = 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (g + 0.044715 * (g * g * g)))) - 1.0
+    return t, 0.5 * g * (1.0 + t)
 
 
 @triton.jit
@@ -100,10 +101,10 @@ def _swiglu_backward_kernel(
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        t = _gelu_tanh(g)
+        t, a = _gelu_tanh(g)
         da = 0.5 * (1.0 + t) + (0.5 * g) * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * (g * g))
         dg = _bf16(dh * u * da, INTERPRET)
-        du = _bf16(dh * (0.5 * g * (1.0 + t)), INTERPRET)
+        du = _bf16(dh * a, INTERPRET)
     else:
         s = tl.sigmoid(g)
         dg = _bf16(dh * u * s * (1.0 + g * (1.0 - s)), INTERPRET)
@@ -137,7 +138,8 @@ def _swiglu_forward_kernel(
     g = tl.load(gu_ptr + r64 * stride_gu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + r64 * stride_gu + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        h = _bf16(0.5 * g * (1.0 + _gelu_tanh(g)) * u, INTERPRET)
+        t, a = _gelu_tanh(g)
+        h = _bf16(a * u, INTERPRET)
     else:
         h = _bf16(g * tl.sigmoid(g) * u, INTERPRET)
     tl.store(h_ptr + r64 * stride_h + cols[None, :], h, mask=mask)
