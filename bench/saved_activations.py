@@ -55,7 +55,8 @@ def kept_for_backward(model: torch.nn.Module, recipe: str, tokens: int, **option
 
     def backend_with_partitioner(rec, arch, report, options=None, inductor=None):  # the partition stands in for either
         def backend(gm, example_inputs):
-            run_pipeline(gm, PassContext(rec, arch, report, options or {}))
+            ctx = PassContext(rec, arch, report, dict(options or {}))
+            run_pipeline(gm, ctx)
             # The forward graph returns the block's own outputs first, then what the backward keeps.
             user_outputs = len(_flat(next(n for n in gm.graph.nodes if n.op == "output").args[0]))
 
@@ -70,9 +71,10 @@ def kept_for_backward(model: torch.nn.Module, recipe: str, tokens: int, **option
                                         "node": node.name})
                 return fw
 
-            return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
-                                         bw_compiler=lambda bw, _inputs: bw,
-                                         partition_fn=min_cut_rematerialization_partition)
+            with compiler.backward_trace_flags(ctx.options):  # what the ops' autograd formulas read, as the backend
+                return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                             bw_compiler=lambda bw, _inputs: bw,
+                                             partition_fn=min_cut_rematerialization_partition)
         return backend
 
     vocab = model.config.vocab_size

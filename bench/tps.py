@@ -302,6 +302,8 @@ def _host_model(config):
 # forward and the quantize of h for down_proj to Inductor (two kernels a layer) where surogate::swiglu_forward writes
 # both in one (surogate/passes/swiglu.py FORWARD_OP; run 133 measured it as "+swiglufwd", then off by default).
 # "+geglu" gives Gemma's GeGLU MLP (the tanh GELU) the same ops in qfp8 (swiglu.GEGLU, off until measured).
+# "+savefp8" keeps the FP8 copy of each FP8-forward LoRA linear's input for the backward (save_fp8_inputs=True; by
+# default "auto": on where the bf16 inputs would be kept, fp8), "+nosavefp8" keeps bf16 (passes/save_fp8.py).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -313,7 +315,8 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
                     "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False},
-                    "geglu": {"geglu": True}}
+                    "geglu": {"geglu": True}, "savefp8": {"save_fp8_inputs": True},
+                    "nosavefp8": {"save_fp8_inputs": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
                   "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu")

@@ -17,6 +17,7 @@ what CI and the CPU main job need; Inductor's C++ backend for models aot_eager c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import dis
@@ -28,7 +29,7 @@ import os
 import re
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
             checkpoint_fraction: float = 1.0, recompute_producers: "bool | str" = "auto",
-            grad_producer: bool = True) -> nn.Module:
+            grad_producer: bool = True, save_fp8_inputs: "bool | str" = "auto") -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -136,6 +137,14 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     separate quantize kernel reading it back; the forward's `producer` for the backward. On the CPU the same
     bits either way. On the H200 (bench/NOTES.md run 58, same call) Qwen3-8B fp8 ran at 18,862 tokens/s with
     it against 18,378 without (+2.6%), qfp8 at 16,934 against 16,707 (+1.4%).
+
+    `save_fp8_inputs` ("auto", the default; True; False; it matters for the recipes with an FP8 forward: fp8,
+    qfp8): with True each LoRA linear whose forward GEMM reads an FP8 copy of its input made by the input's
+    producer keeps that copy for the backward (LoRA A's gradient) instead of the bf16 input: about half the bytes,
+    and nothing to rebuild (passes/save_fp8.py). A's gradient then reads the values the forward GEMM read.
+    "auto" turns it on where `recompute_producers` keeps those inputs (fp8 on a GPU with memory to spare): the
+    FP8 copy is kept instead of the bf16 one. Where they are rebuilt (qfp8, checkpointing) nothing of them is kept,
+    and it stays off; True keeps the FP8 copies there too, more bytes for no rebuild.
     """
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
@@ -144,6 +153,10 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     if recompute_producers not in (True, False, "auto"):
         raise ValueError(f"recompute_producers takes 'auto' (keep the norm / SwiGLU outputs where memory is plenty), "
                          f"True (rebuild them in the backward) or False (keep them), got {recompute_producers!r}")
+    if save_fp8_inputs not in (True, False, "auto"):
+        raise ValueError(f"save_fp8_inputs takes 'auto' (on where the inputs would be kept in bf16), True (keep the "
+                         f"FP8 copy of the LoRA linears' inputs for the backward) or False (keep bf16), "
+                         f"got {save_fp8_inputs!r}")
     if checkpoint and recompute_producers == "auto":
         recompute_producers = True  # checkpointing asks for memory first
     rec = get(recipe)  # unknown names raise with the list of valid ones
@@ -165,7 +178,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
                                 producer=producer, horizontal=horizontal, chunked_loss=chunked_loss,
                                 checkpoint=checkpoint, checkpoint_fraction=checkpoint_fraction,
                                 recompute_producers=recompute_producers, grad_producer=grad_producer,
-                                inductor=inductor)
+                                save_fp8_inputs=save_fp8_inputs, inductor=inductor)
     except BaseException:
         undo.restore()  # a step past the checks failed: put the model back as it came
         raise
@@ -176,7 +189,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0,
                      recompute_producers: "bool | str" = "auto", grad_producer: bool = True,
-                     inductor: bool = True) -> nn.Module:
+                     save_fp8_inputs: "bool | str" = "auto", inductor: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     undo.own_configs()  # before anything writes on them
     wanted = None if config is None or config.target_modules is None else copy.copy(config.target_modules)
@@ -213,7 +226,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     # multiplies a graph's kept bytes by); the whole-backbone graph holds every block itself.
     graph_calls = len(blocks) if blocks and regional else 1
     ctx_options = {"horizontal": horizontal, "producer": producer, "recompute_producers": recompute_producers,
-                   "grad_producer": grad_producer, "graph_calls": graph_calls}
+                   "grad_producer": grad_producer, "save_fp8_inputs": save_fp8_inputs, "graph_calls": graph_calls}
     if ops.grad_output_quantizer(rec.grad_input, rec.weight_format) is not None:
         report.note("backward: the FP8 dgrad's gradient quantized in the kernel that produces it (grad_producer)"
                     if grad_producer else "backward: the FP8 dgrad quantizes its gradient itself (grad_producer off)")
@@ -779,13 +792,22 @@ def cpu_backend(model: nn.Module | None = None) -> str:
     return name
 
 
+@contextlib.contextmanager
+def backward_trace_flags(options: dict) -> Iterator[None]:
+    """The op-level flags the ops' autograd formulas read while AOTAutograd traces them, set from the passes'
+    options as they decided them: `ops.grad_producer` and `ops.save_input_q` (passes/save_fp8.py)."""
+    with ops.grad_producer(options.get("grad_producer", True)), \
+            ops.save_input_q(options.get("save_fp8_inputs") is True):
+        yield
+
+
 def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict | None = None,
                  inductor: bool | None = None):
     """A Dynamo backend: run the surogate passes on the graph, then aot_eager or Inductor (`inductor`; by default
     Inductor on CUDA, and on the CPU when `cpu_backend()` says so).
 
     AOTAutograd traces the backward inside that call, running the ops' autograd formulas: the backend holds
-    `ops.grad_producer(options["grad_producer"])` around it, which is what the formulas read.
+    `backward_trace_flags` (`ops.grad_producer`, `ops.save_input_q`) around it, which is what the formulas read.
     """
     options = options or {}
     if inductor is None:
@@ -796,7 +818,7 @@ def make_backend(recipe: Recipe, arch: str, report: CompileReport, options: dict
         ctx = PassContext(recipe, arch, report, dict(options))  # the passes write their decisions into its options
         _run_pipeline_in_checkpoint_bodies(gm, ctx)
         run_pipeline(gm, ctx)
-        with ops.grad_producer(options.get("grad_producer", True)):
+        with backward_trace_flags(ctx.options):
             if not inductor:
                 return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
             from torch._inductor.compile_fx import compile_fx

@@ -206,6 +206,7 @@ def test_example_configs_are_valid(monkeypatch):
     ({"save_total_limit": 0}, "save_total_limit"),
     ({"eval_on_start": "yes"}, "eval_on_start"),
     ({"recompute_producers": "sometimes"}, "recompute_producers"),
+    ({"save_fp8_inputs": "yes"}, "save_fp8_inputs"),
     ({"report_to": "wandb"}, "report_to"),
     ({"report_to": 3}, "report_to"),
     ({"resume_from_checkpoint": 5}, "resume_from_checkpoint"),
@@ -232,6 +233,9 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
     setup.compile_model(object(), from_dict({}))
     assert seen["recompute_producers"] == "auto" and seen["checkpoint"] is False  # the defaults
+    assert seen["save_fp8_inputs"] == "auto"
+    setup.compile_model(object(), from_dict({"save_fp8_inputs": True}))
+    assert seen["save_fp8_inputs"] is True
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))
     assert seen["recompute_producers"] is False and seen["checkpoint"] is True
     setup.compile_model(object(), from_dict({"recompute_producers": True}))

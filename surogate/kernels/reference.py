@@ -39,6 +39,7 @@ from surogate.kernels.reference_linear import (
     NVFP4_SR_SEED,
     check_grad_output_q,
     check_input_q,
+    dequantize_input_q,
     dequantize_weight_ref,
     grad_output_quantizer,
     input_quantizer,
@@ -91,7 +92,7 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, softcap: float
 __all__ = [
     "FP8_DTYPES", "FP8_MAX", "GRAD_OUTPUT_Q_QUANTIZERS", "IGNORE_INDEX", "INPUT_Q_QUANTIZERS", "NVFP4_SR_SEED",
     "check_grad_output_q", "check_input_q", "cross_entropy_ref", "dequantize_blockwise_8bit_ref", "dequantize_fp8_ref",
-    "dequantize_mx_ref", "dequantize_nf4_ref",
+    "dequantize_input_q", "dequantize_mx_ref", "dequantize_nf4_ref",
     "dequantize_nvfp4_ref", "dequantize_weight_ref", "dynamic_map", "e2m1_decode", "e2m1_encode",
     "grad_output_quantizer", "input_quantizer", "lora_linear_backward_ref", "lora_linear_ref", "nf4_code",
     "pack_nibbles", "quantize_blockwise_8bit_ref", "quantize_fp8_block_ref", "quantize_fp8_ref",

@@ -61,8 +61,8 @@ from surogate.recipes.formats import (
 from surogate.recipes.recipe import Compute, WeightFormat
 
 __all__ = ["GRAD_OUTPUT_Q_QUANTIZERS", "INPUT_Q_QUANTIZERS", "check_grad_output_q", "check_input_q",
-           "dequantize_weight_ref", "grad_output_quantizer", "input_quantizer", "lora_linear_backward_ref",
-           "lora_linear_ref", "quantize_weight_ref"]
+           "dequantize_input_q", "dequantize_weight_ref", "grad_output_quantizer", "input_quantizer",
+           "lora_linear_backward_ref", "lora_linear_ref", "quantize_weight_ref"]
 
 # The forward kernels that take a pre-quantized input (`input_q`), each with the traceable twin of the
 # quantizer launch.py runs on `input` for it: `input_q` is exactly what that function returns.
@@ -147,6 +147,25 @@ def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_f
     quantizer = INPUT_Q_QUANTIZERS.get(name)
     return variants.check_input_q(input_q, input, weight_format, forward,
                                   what=None if quantizer is None else f"what {quantizer.__name__}(input) returns")
+
+
+def dequantize_input_q(input_q: Sequence[torch.Tensor], forward: "str | Compute", weight_format: "str | WeightFormat",
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The input that `input_q` (what `input_quantizer(forward, weight_format)(input)` returned) stands for, in
+    `dtype`: each FP8 element times its scale in FP32, then one cast. Traceable and pointwise, so a compiled
+    backward that keeps `input_q` instead of the input (`ops.save_input_q`) rebuilds the input in one fused
+    kernel. Row scales `(..., 1)` broadcast; 1 x 128 block scales `(..., ceil(K/128))` are widened along K."""
+    data, scale = input_q
+    values = data.float()
+    if _input_q_kernel(forward, weight_format) is Quantizer.FP8_BLOCK_E4M3:
+        k, groups, bk = data.shape[-1], scale.shape[-1], FP8_ACTIVATION_BLOCK[1]
+        if k == groups * bk:
+            values = (values.unflatten(-1, (groups, bk)) * scale.unsqueeze(-1)).flatten(-2)
+        else:  # a ragged last block
+            values = values * scale.repeat_interleave(bk, -1)[..., :k]
+    else:
+        values = values * scale
+    return values.to(dtype)
 
 
 def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:

@@ -29,9 +29,11 @@ from surogate.ops.lora_linear import (
     lora_linear,
     out_features,
     prepare_weight,
+    save_input_q,
     set_check_finite,
     validate,
 )
 
 __all__ = ["check_finite", "grad_output_quantizer", "grad_producer", "grouped_lora_linear", "input_quantizer",
-           "lora_linear", "out_features", "prepare_expert_weights", "prepare_weight", "set_check_finite", "validate"]
+           "lora_linear", "out_features", "prepare_expert_weights", "prepare_weight", "save_input_q",
+           "set_check_finite", "validate"]

@@ -232,6 +232,27 @@ def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lor
                  for t in (input, lora_a, lora_b, lora_input))
 
 
+_save_input_q = False
+
+
+@contextlib.contextmanager
+def save_input_q(enabled: bool = True) -> Iterator[None]:
+    """Whether a compiled op given `input_q` keeps that FP8 copy of its input for the backward instead of the
+    bf16 input (off unless held on; `surogate.compile(..., save_fp8_inputs=...)`, passes/save_fp8.py).
+
+    The backward reads the input only for LoRA A's gradient, `s * (g @ B)^T @ x`; it then reads the input the
+    FP8 forward GEMM read, rebuilt in one pointwise pass (`reference.dequantize_input_q`): half the bytes kept
+    between forward and backward for the norm / SwiGLU outputs, no rebuild of them. Read by `_setup_context`
+    while AOTAutograd traces the forward, like `grad_producer`; eagerly the op keeps its input as given.
+    """
+    global _save_input_q
+    previous, _save_input_q = _save_input_q, enabled
+    try:
+        yield
+    finally:
+        _save_input_q = previous
+
+
 def _empty_if_none(tensor: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if tensor is None else tensor
 
@@ -241,11 +262,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.n_input_q = None if input_q is None else len(input_q)
     ctx.n_weight = len(weight)
     ctx.weight_format = weight_format
+    ctx.forward_precision = forward
     ctx.lora_scale = lora_scale
     ctx.grad_input_precision = grad_input
     ctx.has_lora = lora_a is not None
     ctx.has_lora_input = lora_input is not None
-    saved = [input, *weight]
+    # The backward reads the input for LoRA A's gradient (and its shape and dtype); kept as the forward's FP8
+    # copy it is half the bytes (`save_input_q`).
+    ctx.input_dtype = input.dtype
+    ctx.input_from_q = input_q is not None and _save_input_q and compiling()
+    saved = [*input_q, *weight] if ctx.input_from_q else [input, *weight]
     if ctx.has_lora:
         saved += [lora_a, lora_b, output[1], output[2], output[3]]
     if ctx.has_lora_input:
@@ -257,7 +283,12 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
     # lora_hidden and the factors' casts are internal outputs kept for this backward; nothing downstream
     # differentiates them.
     saved = list(ctx.saved_tensors)
-    input, weight, rest = saved[0], saved[1:1 + ctx.n_weight], saved[1 + ctx.n_weight:]
+    n_input = ctx.n_input_q if ctx.input_from_q else 1
+    input, weight, rest = saved[:n_input], saved[n_input:n_input + ctx.n_weight], saved[n_input + ctx.n_weight:]
+    if ctx.input_from_q:
+        input = reference.dequantize_input_q(input, ctx.forward_precision, ctx.weight_format, ctx.input_dtype)
+    else:
+        input = input[0]
     lora_a = lora_b = lora_hidden = lora_input = a_cast = b_cast = None
     if ctx.has_lora:
         lora_a, lora_b, lora_hidden, a_cast, b_cast, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]

@@ -19,6 +19,7 @@ from surogate.passes.producer import fuse_producers
 from surogate.passes.recompute import recompute_producers
 from surogate.passes.report import CompileReport
 from surogate.passes.rewrite import rewrite_lora_linears
+from surogate.passes.save_fp8 import save_fp8_inputs
 from surogate.passes.swiglu import use_swiglu_op
 from surogate.recipes import Recipe, get
 
@@ -31,6 +32,7 @@ PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("swiglu", use_swiglu_op),
     ("producer", fuse_producers),
     ("recompute", recompute_producers),
+    ("save_fp8", save_fp8_inputs),
 )
 
 

@@ -125,16 +125,21 @@ KEEP_SHARE = 0.2
 GIB = 1 << 30
 
 
-def _tagged_groups(gm: fx.GraphModule) -> list[tuple[list[fx.Node], str, str, list[fx.Node]]]:
+def _tagged_groups(gm: fx.GraphModule, fp8_inputs: bool = False) -> list[tuple[list[fx.Node], str, str, list[fx.Node]]]:
     """(nodes to rebuild, what, consumers, tensors kept without the rebuild) for every op input and attention
-    call with a producer the backward can rebuild."""
+    call with a producer the backward can rebuild; with `fp8_inputs` (`save_fp8_inputs=True`, passes/save_fp8.py) not
+    the inputs of ops that keep their FP8 copy instead (their backward reads no bf16 input)."""
     groups, seen = [], set()
+
+    def fp8_kept(op: fx.Node) -> bool:
+        return fp8_inputs and bool(N.op_arg(op, "input_q"))
+
     for node in list(gm.graph.nodes):
         if N.is_call(node, _ATTENTION_TARGETS):
             nodes = attention_input_nodes(node)
             what = "attention q/k/v (head views, q/k norms, RoPE): rebuilt in the backward from the QKV GEMM's output, not kept"
             groups.append((nodes, what, node.name, [a for a in node.args[:2] if a in nodes]))
-        elif N.is_surogate_op(node) and N.op_arg(node, "input") not in seen:
+        elif N.is_surogate_op(node) and N.op_arg(node, "input") not in seen and not fp8_kept(node):
             x = N.op_arg(node, "input")
             seen.add(x)
             what = f"{input_producer(x)} -> GEMM input: rebuilt in the backward, not kept"
@@ -192,7 +197,7 @@ def recompute_producers(gm: fx.GraphModule, ctx) -> int:
     option = ctx.options.get("recompute_producers", False)
     if option is False:
         return 0
-    groups = _tagged_groups(gm)
+    groups = _tagged_groups(gm, ctx.options.get("save_fp8_inputs") is True)
     kept = kept_bytes(groups) * ctx.options.get("graph_calls", 1)
     free = free_device_bytes(ctx.arch) if option == "auto" and groups else None
     rebuild, why = rebuild_producers(option, ctx.recipe, kept, free)

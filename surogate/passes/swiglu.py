@@ -190,7 +190,9 @@ def quantize_in_swiglu_backward(graph: fx.Graph) -> int:
 def quantize_in_swiglu_forward(graph: fx.Graph) -> int:
     """Step 3 (module docstring; `FORWARD_OP` only), on an aten graph: a forward op whose input is a
     `surogate::swiglu_forward` output and whose `input_q` is the traced 1 x 128 quantizer of it reads the op's own
-    FP8 outputs instead; returns how many. The backward's rebuilt h (recompute) has no quantizer: it stays h only."""
+    FP8 outputs instead; returns how many. Every other reader of the traced quantizer's outputs (the forward's
+    outputs, when the op keeps its FP8 input for the backward: passes/save_fp8.py) reads the op's too. The
+    backward's rebuilt h (recompute) has no quantizer: it stays h only."""
     from surogate.kernels.reference_linear import input_quantizer
 
     if not ENABLED:
@@ -205,7 +207,11 @@ def quantize_in_swiglu_forward(graph: fx.Graph) -> int:
             continue
         if input_quantizer(N.op_arg(node, "forward"), N.op_arg(node, "weight_format")) is not quantize_fp8_block_ref:
             continue
-        N.set_op_arg(node, "input_q", _quantizing(graph, producer))
+        new = _quantizing(graph, producer)
+        N.set_op_arg(node, "input_q", new)
+        for before, after in zip(old, new):  # other readers too: the FP8 copy kept for the backward (save_fp8)
+            if isinstance(before, fx.Node):
+                before.replace_all_uses_with(after)
         N.erase_unread(graph, old)
         count += 1
     return count

@@ -92,6 +92,9 @@ class TrainConfig:
     # rebuild norm / SwiGLU / RoPE outputs in the backward (true), keep them (false), or "auto": keep them where GPU
     # memory is plenty and the recipe keeps bf16 weights (surogate.compile(recompute_producers=...))
     recompute_producers: bool | str = "auto"
+    # fp8 / qfp8: keep the FP8 copy of the LoRA linears' inputs for the backward instead of bf16 (true), never
+    # (false), or "auto": where recompute_producers keeps the inputs (surogate.compile(save_fp8_inputs=...))
+    save_fp8_inputs: bool | str = "auto"
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
@@ -167,8 +170,8 @@ def _checkpointing(key: str, v: Any) -> bool | str:
     raise ConfigError(f"{key}: expected true, false or offload, got {v!r}")
 
 
-def _recompute_producers(key: str, v: Any) -> bool | str:
-    """surogate.compile's `recompute_producers=`: true, false or auto."""
+def _auto_or_bool(key: str, v: Any) -> bool | str:
+    """surogate.compile's `recompute_producers=` / `save_fp8_inputs=`: true, false or auto."""
     if isinstance(v, bool) or v == "auto":
         return v
     raise ConfigError(f"{key}: expected auto, true or false, got {v!r}")
@@ -457,7 +460,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.gradient_checkpointing_fraction = _checkpointing_fraction("gradient_checkpointing_fraction",
                                                                 c.gradient_checkpointing_fraction,
                                                                 c.gradient_checkpointing)
-    c.recompute_producers = _recompute_producers("recompute_producers", c.recompute_producers)
+    c.recompute_producers = _auto_or_bool("recompute_producers", c.recompute_producers)
+    c.save_fp8_inputs = _auto_or_bool("save_fp8_inputs", c.save_fp8_inputs)
     c.parallelism = _str("parallelism", c.parallelism, choices=PARALLELISMS)
     c.fsdp_lora = _str("fsdp_lora", c.fsdp_lora, choices=FSDP_LORA)
     if c.fsdp_lora == "sharded" and c.parallelism != "fsdp":

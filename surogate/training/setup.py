@@ -122,7 +122,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if recompute == "auto" and not cfg.sample_packing:
         recompute = True  # padded batches vary in length: "auto" would weigh the first one's, not the longest's
     options = {"checkpoint": cfg.gradient_checkpointing, "checkpoint_fraction": cfg.gradient_checkpointing_fraction,
-               "recompute_producers": recompute}
+               "recompute_producers": recompute, "save_fp8_inputs": cfg.save_fp8_inputs}
     return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg, model), arch=cfg.arch,
                       allow_emulation=cfg.allow_emulation, **options)
 

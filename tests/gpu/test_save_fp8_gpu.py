@@ -1,0 +1,75 @@
+"""`save_fp8_inputs` compiled by Inductor for CUDA (marked `gpu`; deselected without CUDA).
+
+On the CPU (tests/test_save_fp8.py) only LoRA A's gradients change, to exactly what the op gives for the
+dequantized FP8 input. Here Inductor compiles the forward without the bf16 inputs kept (the RMSNorm / SwiGLU
+kernels no longer write them for the backward) and the backward with the dequantize: the forward keeps less,
+the loss and B's gradients follow the run that keeps bf16 (Inductor may fuse differently: a tight closeness,
+not equality), and A's gradients stay as close to eager PEFT's as they were. qfp8 runs its SwiGLU forward op,
+whose FP8 outputs the backward then keeps (passes/swiglu.py's `quantize_in_swiglu_forward`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _step(recipe: str | None, save: bool):
+    """(loss, {A, B}: flat LoRA grads, report, bytes the forward keeps) of the second step on fixed ids."""
+    import surogate
+
+    torch._dynamo.reset()
+    model = cuda_lora_qwen3()
+    if recipe is not None:
+        model = surogate.compile(model, recipe=recipe, recompute_producers=False, save_fp8_inputs=save)
+    ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()  # compiles; the next forward is measured
+    model.zero_grad(set_to_none=True)
+    before = torch.cuda.memory_allocated()
+    loss = model(input_ids=ids, labels=ids).loss
+    kept = torch.cuda.memory_allocated() - before
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {f: torch.cat([params[n].grad.flatten().float() for n in sorted(params) if f"lora_{f}" in n])
+             for f in "AB"}
+    return loss.item(), grads, str(getattr(model, "surogate_report", "")), kept
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "qfp8"])
+def test_fp8_copies_on_cuda_keep_less_and_move_only_lora_a(recipe):
+    _, g_eager, _, _ = _step(None, False)
+    loss_off, g_off, _, kept_off = _step(recipe, False)
+    loss_on, g_on, report, kept_on = _step(recipe, True)
+    assert "kept for the backward in FP8" in report, report
+    assert kept_on < 0.9 * kept_off, (kept_on, kept_off)
+    assert abs(loss_on - loss_off) <= 1e-3 * abs(loss_off)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()  # noqa: E731
+    assert cos(g_on["B"], g_off["B"]) > 0.9999
+    assert cos(g_on["A"], g_off["A"]) > 0.999
+    rel = lambda g, f: ((g[f] - g_eager[f]).norm() / g_eager[f].norm()).item()  # noqa: E731
+    print(recipe, "A rel to eager PEFT: keeping bf16", rel(g_off, "A"), "keeping FP8", rel(g_on, "A"))
+    assert rel(g_on, "A") < 1.5 * rel(g_off, "A") + 1e-3, (rel(g_on, "A"), rel(g_off, "A"))
+
+
+def test_auto_keeps_fp8_copies_for_fp8_and_none_for_qfp8():
+    """Under the defaults on a GPU with memory to spare: fp8 keeps its producers (recompute "auto"), so their FP8
+    copies are kept instead; qfp8 rebuilds them, and keeps no copy."""
+    import surogate
+
+    reports = {}
+    for recipe in ("fp8", "qfp8"):
+        torch._dynamo.reset()
+        model = surogate.compile(cuda_lora_qwen3(), recipe=recipe)
+        ids = torch.randint(0, VOCAB, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        reports[recipe] = str(model.surogate_report)
+    assert "save_fp8_inputs auto: on" in reports["fp8"] and "kept for the backward in FP8" in reports["fp8"]
+    assert "save_fp8_inputs auto: off" in reports["qfp8"] and "kept for the backward in FP8" not in reports["qfp8"]
