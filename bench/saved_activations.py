@@ -16,6 +16,7 @@ Writes bench/results/saved_activations.{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -142,12 +143,15 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"transformers {env['transformers']}, commit {env['commit']})", "",
              f"Per layer per token, and per micro-batch of bench/tps.py ({MICRO_BATCH_TOKENS} tokens, all layers); "
              "computed tensors only (graph inputs such as the block input and the frozen weights are references). "
-             "`recompute_producers`: surogate.compile's option (passes/recompute.py).", "",
-             "| model | recipe | recompute_producers | bytes / token / layer | GiB / micro-batch | "
-             "largest kept (op, dtype, width: bytes/token) |", "|---|---|---|---|---|---|"]
+             "`recompute_producers`, `save_fp8_inputs`: surogate.compile's options (passes/recompute.py, "
+             "passes/save_fp8.py).", "",
+             "| model | recipe | recompute_producers | save_fp8_inputs | bytes / token / layer | GiB / micro-batch | "
+             "largest kept (op, dtype, width: bytes/token) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         top = "; ".join(f"{t['kind']} {t['dtype']} {t['width']}: {t['bytes_per_token']:.0f}" for t in r["top"][:6])
-        lines.append(f"| {r['model']} | {r['recipe']} | {'on' if r['options'].get('recompute_producers') else 'off'} | "
+        on_off = lambda key: "on" if r["options"].get(key) else "off"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['recipe']} | {on_off('recompute_producers')} | "
+                     f"{on_off('save_fp8_inputs')} | "
                      f"{r['bytes_per_token_per_layer']:.0f} | {r['gib_per_micro_batch']:.2f} | {top} |")
     return "\n".join(lines) + "\n"
 
@@ -159,15 +163,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    from surogate.recipes import Compute, get
+
     rows = []
     for size in args.models.split(","):
         for recipe in args.recipes.split(","):
-            for recompute in (False, True):
-                row = saved_by_layer(size, recipe, args.tokens, recompute_producers=recompute)
+            # save_fp8_inputs (passes/save_fp8.py) both ways for the recipes with an FP8 forward, off otherwise.
+            fp8_forward = get(recipe).forward is Compute.FP8
+            for recompute, save_fp8 in itertools.product((False, True), (False, True) if fp8_forward else (False,)):
+                row = saved_by_layer(size, recipe, args.tokens, recompute_producers=recompute,
+                                     save_fp8_inputs=save_fp8)
                 rows.append(row)
-                print(f"{row['model']} {recipe:8s} recompute {'on ' if recompute else 'off'} "
-                      f"{row['bytes_per_token_per_layer']:8.0f} B/token/layer  {row['gib_per_micro_batch']:6.2f} "
-                      "GiB/micro-batch", flush=True)
+                print(f"{row['model']} {recipe:8s} recompute {'on ' if recompute else 'off'} save_fp8 "
+                      f"{'on ' if save_fp8 else 'off'} {row['bytes_per_token_per_layer']:8.0f} B/token/layer  "
+                      f"{row['gib_per_micro_batch']:6.2f} GiB/micro-batch", flush=True)
     env = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "saved_activations.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))

@@ -301,9 +301,10 @@ def _host_model(config):
 # (Run 126 measured "+catgraphquantize", that pass when it took cats only.) "+noswiglufwd" leaves qfp8's SwiGLU
 # forward and the quantize of h for down_proj to Inductor (two kernels a layer) where surogate::swiglu_forward writes
 # both in one (surogate/passes/swiglu.py FORWARD_OP; run 133 measured it as "+swiglufwd", then off by default).
-# "+geglu" gives Gemma's GeGLU MLP (the tanh GELU) the same ops in qfp8 (swiglu.GEGLU, off until measured).
-# "+savefp8" keeps the FP8 copy of each FP8-forward LoRA linear's input for the backward (save_fp8_inputs=True; by
-# default "auto": on where the bf16 inputs would be kept, fp8), "+nosavefp8" keeps bf16 (passes/save_fp8.py).
+# "+nogeglu" leaves Gemma's GeGLU MLP (the tanh GELU) to Inductor in qfp8 where swiglu.GEGLU (on by default since run
+# 138, where it was measured as "+geglu") gives it the same ops.
+# "+savefp8" keeps the FP8 copy of each FP8-forward LoRA linear's input for the backward (save_fp8_inputs=True, off by
+# default; "+nosavefp8" off explicitly; passes/save_fp8.py).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -315,7 +316,7 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "fp8cublasdgrad": {"fp8_row_cublas": ("ROW_FP8_DGRAD_SM90",)},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
                     "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False},
-                    "geglu": {"geglu": True}, "savefp8": {"save_fp8_inputs": True},
+                    "geglu": {"geglu": True}, "nogeglu": {"geglu": False}, "savefp8": {"save_fp8_inputs": True},
                     "nosavefp8": {"save_fp8_inputs": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",

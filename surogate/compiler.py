@@ -78,7 +78,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
             allow_emulation: bool = False, *, regional: bool = True, dynamic: bool = True, producer: bool = True,
             horizontal: bool = True, chunked_loss: bool = True, checkpoint: "bool | str" = False,
             checkpoint_fraction: float = 1.0, recompute_producers: "bool | str" = "auto",
-            grad_producer: bool = True, save_fp8_inputs: "bool | str" = "auto") -> nn.Module:
+            grad_producer: bool = True, save_fp8_inputs: "bool | str" = False) -> nn.Module:
     """Turn a HF causal LM (or a PEFT model of one) into a LoRA training model for `recipe`.
 
     Returns the PEFT model, changed in place: drive it with `model(input_ids=..., labels=...)`,
@@ -138,13 +138,14 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     bits either way. On the H200 (bench/NOTES.md run 58, same call) Qwen3-8B fp8 ran at 18,862 tokens/s with
     it against 18,378 without (+2.6%), qfp8 at 16,934 against 16,707 (+1.4%).
 
-    `save_fp8_inputs` ("auto", the default; True; False; it matters for the recipes with an FP8 forward: fp8,
+    `save_fp8_inputs` (False, the default; True; "auto"; it matters for the recipes with an FP8 forward: fp8,
     qfp8): with True each LoRA linear whose forward GEMM reads an FP8 copy of its input made by the input's
     producer keeps that copy for the backward (LoRA A's gradient) instead of the bf16 input: about half the bytes,
-    and nothing to rebuild (passes/save_fp8.py). A's gradient then reads the values the forward GEMM read.
-    "auto" turns it on where `recompute_producers` keeps those inputs (fp8 on a GPU with memory to spare): the
-    FP8 copy is kept instead of the bf16 one. Where they are rebuilt (qfp8, checkpointing) nothing of them is kept,
-    and it stays off; True keeps the FP8 copies there too, more bytes for no rebuild.
+    and nothing to rebuild (passes/save_fp8.py). A's gradient then reads the values the forward GEMM read. "auto"
+    turns it on where `recompute_producers` keeps those inputs (fp8 on a GPU with memory to spare) and off where it
+    rebuilds them (qfp8, checkpointing), which keeps nothing of them. Off by default: the backward rebuilds the
+    input from its copy in a pointwise kernel of its own, and on an H200 Qwen3-8B fp8 kept 2.3 GiB less for 2.3% of
+    its speed (bench/NOTES.md run 139).
     """
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "
@@ -154,8 +155,8 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
         raise ValueError(f"recompute_producers takes 'auto' (keep the norm / SwiGLU outputs where memory is plenty), "
                          f"True (rebuild them in the backward) or False (keep them), got {recompute_producers!r}")
     if save_fp8_inputs not in (True, False, "auto"):
-        raise ValueError(f"save_fp8_inputs takes 'auto' (on where the inputs would be kept in bf16), True (keep the "
-                         f"FP8 copy of the LoRA linears' inputs for the backward) or False (keep bf16), "
+        raise ValueError(f"save_fp8_inputs takes False (keep the LoRA linears' bf16 inputs for the backward), True "
+                         f"(keep their FP8 copies) or 'auto' (FP8 where the bf16 inputs would be kept), "
                          f"got {save_fp8_inputs!r}")
     if checkpoint and recompute_producers == "auto":
         recompute_producers = True  # checkpointing asks for memory first
@@ -189,7 +190,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
                      regional: bool, dynamic: bool, producer: bool, horizontal: bool, chunked_loss: bool,
                      checkpoint: "bool | str", checkpoint_fraction: float = 1.0,
                      recompute_producers: "bool | str" = "auto", grad_producer: bool = True,
-                     save_fp8_inputs: "bool | str" = "auto", inductor: bool = True) -> nn.Module:
+                     save_fp8_inputs: "bool | str" = False, inductor: bool = True) -> nn.Module:
     """The changes `compile` makes, once every check passed; each is recorded in `undo`."""
     undo.own_configs()  # before anything writes on them
     wanted = None if config is None or config.target_modules is None else copy.copy(config.target_modules)

@@ -233,7 +233,7 @@ def test_memory_keys_reach_surogate_compile(monkeypatch):
     monkeypatch.setattr(setup, "lora_config", lambda cfg, model: None)
     setup.compile_model(object(), from_dict({}))
     assert seen["recompute_producers"] == "auto" and seen["checkpoint"] is False  # the defaults
-    assert seen["save_fp8_inputs"] == "auto"
+    assert seen["save_fp8_inputs"] is False
     setup.compile_model(object(), from_dict({"save_fp8_inputs": True}))
     assert seen["save_fp8_inputs"] is True
     setup.compile_model(object(), from_dict({"gradient_checkpointing": True, "recompute_producers": False}))

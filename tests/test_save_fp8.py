@@ -143,7 +143,7 @@ def _train_step(recipe: str, arch_name: str = "qwen3", **options):
 @pytest.mark.parametrize("recipe, arch_name", [("fp8", "qwen3"), ("qfp8", "qwen3"), ("qfp8", "llama")])
 def test_only_lora_a_gradients_change_and_only_slightly(recipe, arch_name):
     loss_off, grads_off, _ = _train_step(recipe, arch_name, recompute_producers=False, save_fp8_inputs=False)
-    loss_on, grads_on, report = _train_step(recipe, arch_name, recompute_producers=False)  # "auto": on
+    loss_on, grads_on, report = _train_step(recipe, arch_name, recompute_producers=False, save_fp8_inputs="auto")
     assert "save_fp8_inputs auto: on" in report and "kept for the backward in FP8" in report, report
     assert torch.equal(loss_off, loss_on)
     assert grads_off.keys() == grads_on.keys() and len(grads_on) == 28
@@ -166,9 +166,11 @@ def test_auto_follows_what_recompute_decided(option, rebuilt, keep):
 
 
 def test_auto_is_off_where_producers_are_rebuilt_and_bf16_recipes_have_nothing_to_keep():
-    _, _, report = _train_step("qfp8")  # recompute "auto" rebuilds on the CPU
+    _, _, report = _train_step("qfp8", save_fp8_inputs="auto")  # recompute "auto" rebuilds on the CPU
     assert "save_fp8_inputs auto: off" in report and "kept for the backward in FP8" not in report, report
-    _, _, report = _train_step("bf16", recompute_producers=False)
+    _, _, report = _train_step("fp8")  # off by default
+    assert "save_fp8_inputs" not in report and "kept for the backward in FP8" not in report, report
+    _, _, report = _train_step("bf16", recompute_producers=False, save_fp8_inputs="auto")
     assert "save_fp8_inputs" not in report and "kept for the backward in FP8" not in report, report
 
 

@@ -218,7 +218,7 @@ def test_the_pass_leaves_products_whose_gradient_is_not_quantized_in_blocks(reci
 def test_other_architectures_get_the_op_where_their_mlp_is_swiglu_and_keep_their_loss(name, calls, monkeypatch):
     """Llama, Mistral, Qwen2 (gate_proj/up_proj fused horizontally) and Phi-3 (its own gate_up_proj, chunked, the
     product written `up * silu(gate)`) get the op in qfp8, and so do Gemma-2 and Gemma-3 (GeGLU: the tanh GELU)
-    with `GEGLU` (off by default: none then). With the backward op and without: the same forward (the loss bit for
+    with `GEGLU` (on by default; none without). With the backward op and without: the same forward (the loss bit for
     bit), the gradients within the op's single rounding. With the forward op too (the default), h is rounded once
     where eager bf16 rounds act(g) first: the loss within 1e-3."""
     import transformers as T
@@ -232,7 +232,8 @@ def test_other_architectures_get_the_op_where_their_mlp_is_swiglu_and_keep_their
         return _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
 
     if name.startswith("gemma"):
-        assert _compiled_swiglu_calls("qfp8", model())[0] == 0  # GEGLU off: not yet run on a GPU
+        monkeypatch.setattr(swiglu_pass, "GEGLU", False)
+        assert _compiled_swiglu_calls("qfp8", model())[0] == 0  # the GELU gate only with GEGLU
         monkeypatch.setattr(swiglu_pass, "GEGLU", True)
     found, report, loss_fused, grads_fused = _compiled_swiglu_calls("qfp8", model())
     assert found == calls and ("surogate::swiglu_forward" in report) == bool(calls)
@@ -424,7 +425,7 @@ def test_switching_it_off_changes_inductors_cache_key_and_the_bench_modifier_doe
     monkeypatch.setattr(swiglu_pass, "FORWARD_OP", False)
     off_forward = post_grad.post_grad_pass().uuid()
     assert off_forward != on
-    monkeypatch.setattr(swiglu_pass, "GEGLU", True)
+    monkeypatch.setattr(swiglu_pass, "GEGLU", False)
     assert post_grad.post_grad_pass().uuid() not in (on, off_forward)
-    assert load_bench("tps").surogate_system("surogate:qfp8+geglu") == ("qfp8", {"geglu": True})
+    assert load_bench("tps").surogate_system("surogate:qfp8+nogeglu") == ("qfp8", {"geglu": False})
     assert load_bench("tps").surogate_system("surogate:qfp8+noswiglufwd") == ("qfp8", {"swiglu_forward_op": False})

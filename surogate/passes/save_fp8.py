@@ -1,4 +1,4 @@
-"""After the producer and recompute passes (`surogate.compile(..., save_fp8_inputs=...)`, "auto" by default): the
+"""After the producer and recompute passes (`surogate.compile(..., save_fp8_inputs=...)`, off by default): the
 LoRA linears whose forward GEMM reads an FP8 copy of its input (`input_q`, from the producer pass) keep that copy
 for the backward instead of the bf16 input: DESIGN's "saving activations in FP8" for the recipes that compute in
 FP8 (fp8, qfp8).
@@ -18,6 +18,11 @@ partitioner keeps their outputs rather than rebuilding them in the backward from
 or `recompute_producers=False`) their FP8 copies are kept instead, half the bytes; where it rebuilds them (qfp8,
 checkpointing, short memory) the backward keeps nothing of them, and this stays off. True keeps the FP8 copies
 even then (about 3.5 GiB for Qwen3-8B at 2 x 2048), for the rebuild's time; recompute then leaves those inputs.
+
+Off by default, because the rebuild of x is a kernel of its own: bf16 written and read back once more. On an H200,
+Qwen3-8B fp8 (bench/NOTES.md run 139) kept 2.3 GiB less at its peak (48.0 -> 45.7 GiB) for 2.3% of its speed (22,397
+-> 21,888 tokens/s). LoRA A's gradient reading the FP8 copy directly (a skinny GEMM dequantizing in its loads) would
+remove that kernel.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ computes the gradient and its FP8 blocks in one pass over dh, g and u.
 The steps:
 1. `use_swiglu_op` (torch-level pipeline, after horizontal fusion): `silu(g) * u`, where g and u are the two
    halves of one fused gate/up `surogate::lora_linear`'s output whose dgrad quantizes 1 x 128 blocks
-   (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up, "silu")`; with `GEGLU` (off until run on a
-   GPU) Gemma's `gelu(g, approximate="tanh") * u` becomes `swiglu(gate_up, "gelu_tanh")` (never the exact
+   (`quantize_fp8_block_ref`), becomes `ops.swiglu.swiglu(gate_up, "silu")`; with `GEGLU` (on) Gemma's `gelu(g, approximate="tanh") * u` becomes `swiglu(gate_up, "gelu_tanh")` (never the exact
    GELU). Its forward is the same torch ops (so the producer pass's quantize still fuses into it, and the
    recompute pass still rebuilds it); its backward is `surogate::swiglu_backward(dh, gate_up, activation,
    quantize=False)`, the whole gradient in one buffer (no cat).
@@ -45,9 +44,10 @@ ENABLED = True
 # H200, Qwen3-8B qfp8 20,141 tokens/s against 19,978 without it, same call (bench/tps.py "+noswiglufwd"; bench/NOTES.md
 # run 133).
 FORWARD_OP = True
-# True: Gemma's GeGLU (`gelu(g, approximate="tanh") * u`) takes the same ops with the tanh-GELU gate. CPU-tested (the
-# interpreter against the twins, Gemma-2/3 compiled), built for sm_89-sm_120; off until its kernels run on a GPU.
-GEGLU = False
+# True: Gemma's GeGLU (`gelu(g, approximate="tanh") * u`) takes the same ops with the tanh-GELU gate. On an H200
+# (bench/NOTES.md run 138): the kernels within an ulp of their twins, Gemma-2 no further from eager PEFT, and
+# Gemma-2-2B qfp8 35,272 tokens/s against 34,806 without (+1.3%, same call; bench/tps.py "+nogeglu" turns it off).
+GEGLU = True
 _BLOCK = FP8_ACTIVATION_BLOCK[1]  # qfp8's 1 x 128 scale blocks
 _SPLITS = (torch.split, torch.functional.split)
 

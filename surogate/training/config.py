@@ -92,9 +92,10 @@ class TrainConfig:
     # rebuild norm / SwiGLU / RoPE outputs in the backward (true), keep them (false), or "auto": keep them where GPU
     # memory is plenty and the recipe keeps bf16 weights (surogate.compile(recompute_producers=...))
     recompute_producers: bool | str = "auto"
-    # fp8 / qfp8: keep the FP8 copy of the LoRA linears' inputs for the backward instead of bf16 (true), never
-    # (false), or "auto": where recompute_producers keeps the inputs (surogate.compile(save_fp8_inputs=...))
-    save_fp8_inputs: bool | str = "auto"
+    # fp8 / qfp8: keep the FP8 copy of the LoRA linears' inputs for the backward instead of bf16 (true: less
+    # memory, a little slower), never (false), or "auto": where recompute_producers keeps them
+    # (surogate.compile(save_fp8_inputs=...))
+    save_fp8_inputs: bool | str = False
     parallelism: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (frozen bytes sharded)
     fsdp_lora: str = "replicated"  # fsdp: LoRA weights whole on every rank, or "sharded" with their block
 
