@@ -38,7 +38,7 @@ def test_dequantize_input_q_is_the_reference_dequantization(forward, fmt, k):
     x = (torch.randn(3, 5, k) * torch.logspace(-3, 3, k)).to(torch.bfloat16)
     quantizer = reference.input_quantizer(forward, fmt)
     data, scale = quantizer(x)
-    out = reference.dequantize_input_q([data, scale], forward, fmt, torch.bfloat16)
+    out = reference.dequantize_input_q([data, scale], torch.bfloat16)
     scaling, block = ("row", None) if fmt == "fp8_row" else ("block", (1, 128))
     expected = reference.dequantize_fp8_ref(reference.quantize_fp8_ref(x, "e4m3", scaling, block), torch.bfloat16)
     assert out.shape == x.shape and out.dtype == torch.bfloat16
@@ -80,13 +80,43 @@ def test_compiled_op_keeping_input_q_gives_the_gradients_of_the_dequantized_inpu
     torch._dynamo.reset()
     out, gx, ga, gb = step(x, True, True)
     ref_out, ref_gx, _, ref_gb = step(x, True, False)
-    x_q = reference.dequantize_input_q(quantizer(x), "fp8", fmt, torch.bfloat16)
+    x_q = reference.dequantize_input_q(quantizer(x), torch.bfloat16)
     _, _, ref_ga, _ = step(x_q, False, False)
     _, _, bf16_ga, _ = step(x, True, False)
     assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx) and torch.equal(gb, ref_gb)
     assert torch.equal(ga, ref_ga)
     assert not torch.equal(ga, bf16_ga)  # it did read the FP8 copy
     assert torch.nn.functional.cosine_similarity(ga.flatten(), bf16_ga.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("fmt, k, r", [("fp8_row", 256, 8), ("fp8_block", 384, 16), ("fp8_block", 200, 24),
+                                       ("fp8_row", 64, 32)])
+def test_the_cuda_backward_reading_input_q_matches_it_reading_the_dequantized_input(fmt, k, r):
+    """The CUDA implementation (Triton under the interpreter): A's gradient from `grad_lora_fp8`'s kernel, which
+    dequantizes in its loads, against cuBLAS's path on the dequantized input (same bf16 values, FP32 sums in
+    another order); B's gradient and the input gradient the same numbers (they never read the input)."""
+    from surogate.kernels import launch
+
+    torch.manual_seed(2)
+    m, n = 150, 256  # 150 rows: not a multiple of the kernel's 64-row tiles
+    x = (torch.randn(3, m // 3, k) * 4).to(torch.bfloat16)
+    weight = ops.prepare_weight(torch.randn(n, k) / 16, fmt)
+    a, b = torch.randn(r, k) / 16, torch.randn(n, r) / 16
+    go = torch.randn(3, m // 3, n, dtype=torch.bfloat16)
+    h = (x.float() @ a.t()).to(torch.bfloat16)
+    input_q = list(ops.input_quantizer("fp8", fmt)(x))
+    x_q = reference.dequantize_input_q(input_q, torch.bfloat16)
+    want = launch.lora_linear_backward_cuda(go, x_q, weight, fmt, a, b, None, h, 2.0, "fp8")
+    got = launch.lora_linear_backward_cuda(go, input_q[0], weight, fmt, a, b, None, h, 2.0, "fp8", input_q=input_q)
+    assert got[0].dtype == torch.bfloat16 and got[0].shape == x.shape and got[1].dtype == a.dtype
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    # A's gradient against its formula in FP32 (the CPU's stand-in for cuBLAS rounds the product to bf16; on
+    # CUDA cuBLAS writes it in FP32, as the kernel does).
+    gh = go.reshape(m, n) @ b.to(torch.bfloat16)
+    want_a = (gh.float().t() @ x_q.reshape(m, k).float()) * 2.0
+    torch.testing.assert_close(got[1], want_a, rtol=1e-5, atol=1e-5 * want_a.abs().max().item())
+    bf16 = launch.lora_linear_backward_cuda(go, x, weight, fmt, a, b, None, h, 2.0, "fp8")
+    assert not torch.allclose(got[1], bf16[1], rtol=1e-5, atol=0)  # it read the FP8 copy, not the input
 
 
 # --- the pass on a model ------------------------------------------------------------------------------

@@ -67,10 +67,13 @@ class KernelSpec:
     # A MoE grouped kernel (kernels/grouped.py): not a GEMM of plan(); `recipes` are those whose
     # experts it runs on a MoE model, on every arch the kernel is built for.
     grouped: bool = False
+    # A LoRA weight-gradient kernel (kernels/grad_lora_fp8.py): not a GEMM of plan(); `recipes` are those that run
+    # it (with save_fp8_inputs), on every arch.
+    lora_grad: bool = False
 
     def recipes_on(self, arch: str) -> tuple[str, ...]:
         """The recipes that run this kernel on `arch` (a dense GEMM: from the plan, refused plans excluded)."""
-        if self.precision is None or self.grouped:
+        if self.precision is None or self.grouped or self.lora_grad:
             return self.recipes
         return tuple(recipe_usage(self.name).get(normalize_arch(arch), ()))
 
@@ -513,6 +516,24 @@ def _quantizer_specs() -> list[KernelSpec]:
     return specs
 
 
+def _lora_grad_specs() -> list[KernelSpec]:
+    """LoRA A's gradient from the FP8 copy of the input (save_fp8_inputs): bf16 MMA, the 128 columns of a tile as
+    its M side (wgmma on sm_90). Qwen3-8B's down_proj input (K = 12288) at M = 4096, r = 16, 1 x 128 scales."""
+    from surogate.kernels import grad_lora_fp8 as g
+
+    m, k, r = SHAPE["M"], 3 * SHAPE["K"], SHAPE["R"]
+    return [KernelSpec("grad_lora_a_fp8", g._grad_lora_a_fp8_kernel,
+                       MappingProxyType(dict(gh_ptr="*bf16", x_ptr="*fp8e4nv", s_ptr="*fp32", out_ptr="*fp32")),
+                       MappingProxyType(dict(BLOCK_SCALES=True, BLOCK_M=g.BLOCK_M, BLOCK_K=g.BLOCK_K,
+                                             BLOCK_R=r, UPCAST=False)),
+                       ("fp8", "qfp8"), Compute.BF16, lora_grad=True,
+                       ints=MappingProxyType(dict(M=m, K=k, R=r, rows_per_split=m // g.splits_for(m, k),
+                                                  stride_gm=r, stride_gr=1, stride_xm=k, stride_xk=1, stride_sm=1,
+                                                  stride_sg=m, stride_os=r * k, stride_or=k, stride_ok=1)),
+                       config=lambda arch: dict(num_warps=4, num_stages=3),
+                       what="LoRA A's gradient read from the input's FP8 copy, dequantized in the loads")]
+
+
 def _loss_specs() -> list[KernelSpec]:
     """The LM-head cross-entropy (ops/loss.py): no MMA; every recipe's training step runs it. Qwen3's
     vocabulary, bf16 logits; Gemma's with the softcap."""
@@ -536,7 +557,7 @@ def _loss_specs() -> list[KernelSpec]:
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
                   "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy",
-                  "surogate.kernels.lora_factors", "surogate.kernels.swiglu")
+                  "surogate.kernels.lora_factors", "surogate.kernels.swiglu", "surogate.kernels.grad_lora_fp8")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
@@ -551,7 +572,8 @@ def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
 @functools.lru_cache(maxsize=1)
 def specs() -> tuple[KernelSpec, ...]:
     """Every kernel in the catalog (imports the kernel modules on first call)."""
-    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs() + _loss_specs()))
+    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs() + _lora_grad_specs()
+                               + _loss_specs()))
 
 
 def get(name: str) -> KernelSpec:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from surogate.compat import fp32_out_addmm
+from surogate.kernels.grad_lora_fp8 import grad_lora_a_fp8
 
 # One-element FP32 constants per (device, value): `_scaled`'s second operand (a LoRA scale) and addmm's
 # unread `input` at beta = 0.
@@ -60,11 +61,15 @@ def _weight_grad(p: torch.Tensor, q: torch.Tensor, lora_scale: float, dtype: tor
     return _scaled(p @ q, lora_scale, dtype)
 
 
-def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: torch.Tensor,
-              lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
+def grad_lora(grad_output: torch.Tensor, lora_input: "torch.Tensor | tuple[torch.Tensor, torch.Tensor]",
+              lora_hidden: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_scale: float,
               grad_dtypes: tuple[torch.dtype, torch.dtype] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D operands in, `(grad_lora_a, grad_lora_b, grad_lora_hidden)` out.
+
+    `lora_input` may be the input's FP8 copy `(data (M, K), scale (M, groups))` (`save_fp8_inputs`): A's gradient
+    is then `grad_lora_fp8.grad_lora_a_fp8`, one Triton kernel dequantizing in its loads, where the input itself
+    is one cuBLAS call.
 
     `lora_a` / `lora_b` may already be in the compute dtype (the forward's casts); `grad_dtypes` are then the
     dtypes of the masters, which the gradients take (default: those of `lora_a` and `lora_b`).
@@ -75,5 +80,8 @@ def grad_lora(grad_output: torch.Tensor, lora_input: torch.Tensor, lora_hidden: 
     a_dtype, b_dtype = grad_dtypes or (lora_a.dtype, lora_b.dtype)
     gh = grad_output @ lora_b.to(dtype)
     grad_b = _weight_grad(grad_output.t(), lora_hidden.to(dtype), lora_scale, b_dtype)
-    grad_a = _weight_grad(gh.t(), lora_input.to(dtype), lora_scale, a_dtype)
+    if isinstance(lora_input, tuple):
+        grad_a = grad_lora_a_fp8(gh, *lora_input, lora_scale, a_dtype)
+    else:
+        grad_a = _weight_grad(gh.t(), lora_input.to(dtype), lora_scale, a_dtype)
     return grad_a, grad_b, gh

@@ -180,7 +180,8 @@ def _cublas_forward(v: Variant, aq, weight, hidden, up, bias, lora_scale) -> tor
 
 
 def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
-                              lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
+                              lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None,
+                              input_q=None):
     """-> (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are None.
 
     `grad_output_q` ([data, scale], FP8 dgrads only: `variants.check_grad_output_q`) is the gradient already
@@ -188,6 +189,9 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     reads it instead of quantizing `grad_output`, the LoRA gradients read `grad_output`.
     `lora_a_cast` / `lora_b_cast`: the factors in `grad_output`'s dtype as the forward cast them (the op saves
     them), read instead of casting the masters again; the gradients take the masters' dtypes.
+    `input_q` ([data, scale], the forward's FP8 copy kept instead of the input): LoRA A's gradient reads it
+    (`grad_lora_fp8`, dequantizing in its loads); `input` is then the FP8 data, for the shape, and the input
+    gradient takes `grad_output`'s dtype.
     """
     fmt, compute = WeightFormat(weight_format), Compute(grad_input_precision)
     gq = None
@@ -201,7 +205,10 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
     grad_a = grad_b = grad_lora_input = None
     gh = a = None
     if has_lora:
-        xl = _rows(input if lora_input is None else lora_input)
+        if lora_input is None and input_q is not None:  # LoRA A's gradient reads the FP8 copy
+            xl = (_rows(input_q[0]), input_q[1].reshape(-1, input_q[1].shape[-1]))
+        else:
+            xl = _rows(input if lora_input is None else lora_input)
         a = lora_a.to(dtype) if lora_a_cast is None else lora_a_cast
         b = lora_b.to(dtype) if lora_b_cast is None else lora_b_cast
         grad_a, grad_b, gh = grad_lora(g, xl, _rows(lora_hidden), a, b, lora_scale, (lora_a.dtype, lora_b.dtype))
@@ -209,7 +216,7 @@ def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a,
             grad_lora_input = ((gh @ a) * lora_scale).to(lora_input.dtype).view(lora_input.shape)
             gh = a = None
     dx = grad_input_cuda(g, weight, fmt, compute, k, gh, a, lora_scale, gq)
-    return dx.view(input.shape).to(input.dtype), grad_a, grad_b, grad_lora_input
+    return dx.view(input.shape).to(dtype if input_q is not None else input.dtype), grad_a, grad_b, grad_lora_input
 
 
 def grad_input_cuda(g, weight, fmt: WeightFormat, compute: Compute, k: int, gh, a, lora_scale, gq=None):

@@ -149,22 +149,21 @@ def check_input_q(input_q: Sequence[torch.Tensor], input: torch.Tensor, weight_f
                                   what=None if quantizer is None else f"what {quantizer.__name__}(input) returns")
 
 
-def dequantize_input_q(input_q: Sequence[torch.Tensor], forward: "str | Compute", weight_format: "str | WeightFormat",
-                       dtype: torch.dtype) -> torch.Tensor:
-    """The input that `input_q` (what `input_quantizer(forward, weight_format)(input)` returned) stands for, in
-    `dtype`: each FP8 element times its scale in FP32, then one cast. Traceable and pointwise, so a compiled
-    backward that keeps `input_q` instead of the input (`ops.save_input_q`) rebuilds the input in one fused
-    kernel. Row scales `(..., 1)` broadcast; 1 x 128 block scales `(..., ceil(K/128))` are widened along K."""
+def dequantize_input_q(input_q: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The input that `input_q` (what an `input_quantizer(...)` returned: E4M3 data (..., K) and FP32 scales)
+    stands for, in `dtype`: each element times its scale in FP32, then one cast. The scales say the layout: one a
+    row `(..., 1)` (fp8_row, or fp8_block with K <= 128, the same thing), else one per 1 x 128 block
+    `(..., ceil(K/128))`. Traceable; what LoRA A's gradient reads when an op keeps its input in FP8
+    (`ops.save_input_q`; `kernels/grad_lora_fp8.py` dequantizes the same way in its loads)."""
     data, scale = input_q
     values = data.float()
-    if _input_q_kernel(forward, weight_format) is Quantizer.FP8_BLOCK_E4M3:
-        k, groups, bk = data.shape[-1], scale.shape[-1], FP8_ACTIVATION_BLOCK[1]
-        if k == groups * bk:
-            values = (values.unflatten(-1, (groups, bk)) * scale.unsqueeze(-1)).flatten(-2)
-        else:  # a ragged last block
-            values = values * scale.repeat_interleave(bk, -1)[..., :k]
-    else:
+    k, groups, bk = data.shape[-1], scale.shape[-1], FP8_ACTIVATION_BLOCK[1]
+    if groups == 1:
         values = values * scale
+    elif k == groups * bk:
+        values = (values.unflatten(-1, (groups, bk)) * scale.unsqueeze(-1)).flatten(-2)
+    else:  # a ragged last block
+        values = values * scale.repeat_interleave(bk, -1)[..., :k]
     return values.to(dtype)
 
 

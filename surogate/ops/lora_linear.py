@@ -175,7 +175,7 @@ def _(input, weight, weight_format, lora_a, lora_b, lora_input, bias, lora_scale
 _LORA_LINEAR_BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor[] weight, str weight_format, "
                                 "Tensor? lora_a, Tensor? lora_b, Tensor? lora_input, Tensor? lora_hidden, "
                                 "float lora_scale, str grad_input, Tensor[]? grad_output_q=None, "
-                                "Tensor? lora_a_cast=None, Tensor? lora_b_cast=None) "
+                                "Tensor? lora_a_cast=None, Tensor? lora_b_cast=None, Tensor[]? input_q=None) "
                                 "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
@@ -194,8 +194,13 @@ def _lora_linear_backward_op(
     grad_output_q: list[Tensor] | None = None,
     lora_a_cast: Tensor | None = None,
     lora_b_cast: Tensor | None = None,
+    input_q: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_input, grad_lora_a, grad_lora_b, grad_lora_input); absent ones are empty tensors.
+
+    `input_q` (the forward's FP8 copy of the input, kept instead of it: `save_input_q`) is what LoRA A's gradient
+    reads then, dequantized; `input` only gives the shape (the autograd formula passes the FP8 data), and the
+    input gradient takes `grad_output`'s dtype.
 
     `grad_output_q` (FP8 dgrads only: `grad_output_quantizer(grad_input, weight_format)(grad_output)`) is the
     gradient already quantized for the dgrad GEMM; the LoRA gradients read the bf16 `grad_output`.
@@ -203,6 +208,8 @@ def _lora_linear_backward_op(
     outputs 2 and 3); the CUDA implementation reads them instead of casting again (the reference casts; the
     values are the same). The gradients take the masters' dtype."""
     _assert_finite(grad_output, "the gradient")
+    if input_q is not None:
+        input = reference.dequantize_input_q(input_q, grad_output.dtype)
     grads = reference.lora_linear_backward_ref(grad_output, input, weight, WeightFormat(weight_format), lora_a,
                                                lora_b, lora_input, lora_hidden, lora_scale, Compute(grad_input),
                                                grad_output_q)
@@ -211,25 +218,27 @@ def _lora_linear_backward_op(
 
 @_lora_linear_backward_op.register_kernel("cuda")
 def lora_linear_backward_cuda(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
-                              lora_scale, grad_input, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
+                              lora_scale, grad_input, grad_output_q=None, lora_a_cast=None, lora_b_cast=None,
+                              input_q=None):
     """The CUDA implementation of the backward (as `lora_linear_cuda`)."""
     from surogate.kernels import launch
 
     _assert_finite(grad_output, "the gradient")
     grads = launch.lora_linear_backward_cuda(grad_output, input, weight, WeightFormat(weight_format), lora_a, lora_b,
                                              lora_input, lora_hidden, lora_scale, Compute(grad_input), grad_output_q,
-                                             lora_a_cast, lora_b_cast)
+                                             lora_a_cast, lora_b_cast, input_q)
     return tuple(_empty_if_none(g, grad_output).contiguous() for g in grads)
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale, grad_input,
-      grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
+      grad_output_q=None, lora_a_cast=None, lora_b_cast=None, input_q=None):
     # Contiguous whatever the inputs' strides, as the implementations' GEMMs write them: `empty_like` of an input
     # that is a transposed view (Falcon-Mamba's x_proj reads one) would promise its strides, and Inductor's
-    # stride assertion failed in the backward.
-    return tuple(grad_output.new_empty(0) if t is None else t.new_empty(t.shape)
-                 for t in (input, lora_a, lora_b, lora_input))
+    # stride assertion failed in the backward. With `input_q`, `input` is the FP8 data: the gradient is bf16.
+    grad_in = input.new_empty(input.shape, dtype=grad_output.dtype if input_q is not None else input.dtype)
+    return (grad_in, *(grad_output.new_empty(0) if t is None else t.new_empty(t.shape)
+                       for t in (lora_a, lora_b, lora_input)))
 
 
 _save_input_q = False
@@ -241,9 +250,10 @@ def save_input_q(enabled: bool = True) -> Iterator[None]:
     bf16 input (off unless held on; `surogate.compile(..., save_fp8_inputs=...)`, passes/save_fp8.py).
 
     The backward reads the input only for LoRA A's gradient, `s * (g @ B)^T @ x`; it then reads the input the
-    FP8 forward GEMM read, rebuilt in one pointwise pass (`reference.dequantize_input_q`): half the bytes kept
-    between forward and backward for the norm / SwiGLU outputs, no rebuild of them. Read by `_setup_context`
-    while AOTAutograd traces the forward, like `grad_producer`; eagerly the op keeps its input as given.
+    FP8 forward GEMM read, dequantized where it is read (the backward op's `input_q`; on CUDA in the loads of
+    `kernels/grad_lora_fp8.py`): about half the bytes kept between forward and backward for the norm / SwiGLU
+    outputs, and nothing rebuilt. Read by `_setup_context` while AOTAutograd traces the forward, like
+    `grad_producer`; eagerly the op keeps its input as given.
     """
     global _save_input_q
     previous, _save_input_q = _save_input_q, enabled
@@ -262,7 +272,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.n_input_q = None if input_q is None else len(input_q)
     ctx.n_weight = len(weight)
     ctx.weight_format = weight_format
-    ctx.forward_precision = forward
     ctx.lora_scale = lora_scale
     ctx.grad_input_precision = grad_input
     ctx.has_lora = lora_a is not None
@@ -270,7 +279,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # The backward reads the input for LoRA A's gradient (and its shape and dtype); kept as the forward's FP8
     # copy it is half the bytes (`save_input_q`).
     ctx.input_dtype = input.dtype
-    ctx.input_from_q = input_q is not None and _save_input_q and compiling()
+    ctx.input_from_q = input_q is not None and _save_input_q and compiling()  # the op's gradient: input's dtype
     saved = [*input_q, *weight] if ctx.input_from_q else [input, *weight]
     if ctx.has_lora:
         saved += [lora_a, lora_b, output[1], output[2], output[3]]
@@ -284,11 +293,9 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
     # differentiates them.
     saved = list(ctx.saved_tensors)
     n_input = ctx.n_input_q if ctx.input_from_q else 1
-    input, weight, rest = saved[:n_input], saved[n_input:n_input + ctx.n_weight], saved[n_input + ctx.n_weight:]
-    if ctx.input_from_q:
-        input = reference.dequantize_input_q(input, ctx.forward_precision, ctx.weight_format, ctx.input_dtype)
-    else:
-        input = input[0]
+    kept, weight, rest = saved[:n_input], saved[n_input:n_input + ctx.n_weight], saved[n_input + ctx.n_weight:]
+    # Kept in FP8 (`save_input_q`), the op reads the copy and takes the FP8 data for the input's shape.
+    input, input_q = (kept[0], kept) if ctx.input_from_q else (kept[0], None)
     lora_a = lora_b = lora_hidden = lora_input = a_cast = b_cast = None
     if ctx.has_lora:
         lora_a, lora_b, lora_hidden, a_cast, b_cast, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
@@ -298,8 +305,10 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
     grad_output = grad_output.contiguous()
     g_input, g_a, g_b, g_lora_input = torch.ops.surogate.lora_linear_backward(
         grad_output, input, weight, ctx.weight_format, lora_a, lora_b, lora_input, lora_hidden,
-        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output, input),
-        lora_a_cast=a_cast, lora_b_cast=b_cast)
+        ctx.lora_scale, ctx.grad_input_precision, _grad_output_q(ctx, grad_output),
+        lora_a_cast=a_cast, lora_b_cast=b_cast, input_q=input_q)
+    if input_q is not None and g_input.dtype != ctx.input_dtype:
+        g_input = g_input.to(ctx.input_dtype)  # the op gives grad_output's dtype then
     grads = (
         g_input,
         [None] * ctx.n_weight,  # the frozen weight never gets a gradient
@@ -322,14 +331,14 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
 torch.library.register_autograd("surogate::lora_linear", _backward, setup_context=_setup_context)
 
 
-def _grad_output_q(ctx, grad_output: Tensor, input: Tensor) -> list[Tensor] | None:
+def _grad_output_q(ctx, grad_output: Tensor) -> list[Tensor] | None:
     """The dgrad's quantized gradient, put into the graph while a compile traces this backward (gradient
     producer fusion, `grad_producer`); None eagerly, when off, and for dgrads that take no `grad_output_q`.
 
     Eagerly nothing would fuse, and the twin would run as a dozen torch kernels where the op runs one. A
     gradient in another dtype than the input is left to the op (the reference quantizes it after a cast to
     the input dtype, the twin would not)."""
-    if not (_grad_producer and compiling()) or grad_output.dtype != input.dtype:
+    if not (_grad_producer and compiling()) or grad_output.dtype != ctx.input_dtype:
         return None
     quantizer = reference.grad_output_quantizer(ctx.grad_input_precision, ctx.weight_format)
     return None if quantizer is None else list(quantizer(grad_output))

@@ -1,8 +1,9 @@
 """`save_fp8_inputs` compiled by Inductor for CUDA (marked `gpu`; deselected without CUDA).
 
 On the CPU (tests/test_save_fp8.py) only LoRA A's gradients change, to exactly what the op gives for the
-dequantized FP8 input. Here Inductor compiles the forward without the bf16 inputs kept (the RMSNorm / SwiGLU
-kernels no longer write them for the backward) and the backward with the dequantize: the forward keeps less,
+dequantized FP8 input. Here the kernel that reads the FP8 copy (kernels/grad_lora_fp8.py) against its formula, and
+Inductor compiles the forward without the bf16 inputs kept (the RMSNorm / SwiGLU kernels no longer write them for
+the backward) and the backward with A's gradient from the copy: the forward keeps less,
 the loss and B's gradients follow the run that keeps bf16 (Inductor may fuse differently: a tight closeness,
 not equality), and A's gradients stay as close to eager PEFT's as they were. qfp8 runs its SwiGLU forward op,
 whose FP8 outputs the backward then keeps (passes/swiglu.py's `quantize_in_swiglu_forward`).
@@ -20,6 +21,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from tiny_qwen3 import VOCAB, cuda_lora_qwen3  # noqa: E402
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("fmt", ["fp8_row", "fp8_block"])
+@pytest.mark.parametrize("m,k,r", [(4096, 12288, 16), (1000, 4000, 24), (37, 384, 8)], ids=str)
+def test_the_kernel_on_cuda_against_its_formula(fmt, m, k, r):
+    """`grad_lora_a_fp8` against `s * gh^T @ dequantize(data, scale)` in FP32 (cuBLAS, the same bf16 values):
+    the sums in another order only. 1000 x 4000: rows not a multiple of the 64-row tile, a ragged 1 x 128 block."""
+    from surogate.kernels.grad_lora_fp8 import grad_lora_a_fp8
+    from surogate.kernels.reference import dequantize_input_q, input_quantizer
+
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    x = (torch.randn(m, k, device="cuda", generator=gen) * 3).bfloat16()
+    gh = torch.randn(m, r, device="cuda", generator=gen).bfloat16()
+    data, scale = input_quantizer("fp8", fmt)(x)
+    got = grad_lora_a_fp8(gh, data, scale, 2.0, torch.float32)
+    want = (gh.float().t() @ dequantize_input_q([data, scale], torch.bfloat16).float()) * 2.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def _step(recipe: str | None, save: bool):

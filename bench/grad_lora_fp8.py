@@ -1,0 +1,89 @@
+"""LoRA A's gradient `s * gh^T @ x` three ways, on the GPU: from the bf16 input (cuBLAS, what runs by default), from
+the input's FP8 copy rebuilt to bf16 first (what `save_fp8_inputs` ran before kernels/grad_lora_fp8.py: Inductor's
+dequantize, then cuBLAS), and from the FP8 copy directly (`grad_lora_a_fp8`, dequantizing in its loads).
+
+    python bench/grad_lora_fp8.py [--out bench/results]
+
+Rows M (tokens of a micro-batch) x K of Qwen3-8B's LoRA inputs (4096: q/k/v, o, gate/up; 12288: down), r = 16,
+both FP8 layouts (fp8: a scale a row; qfp8: a scale per 1 x 128 block). Time by triton.testing.do_bench; GB/s from
+the bytes each must read at least (x in its dtype, gh). Checked: the kernel's gradient against the rebuild-then-
+cuBLAS one (the same bf16 values; FP32 sums in another order). Writes grad_lora_fp8_<gpu>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = [(4096, 4096), (4096, 12288), (16384, 4096), (16384, 12288)]  # (M, K)
+RANK = 16
+LORA_SCALE = 2.0
+
+
+def _systems(fmt: str) -> dict:
+    from surogate.kernels.grad_lora import _weight_grad
+    from surogate.kernels.grad_lora_fp8 import grad_lora_a_fp8
+    from surogate.kernels.reference import dequantize_input_q
+
+    rebuild = torch.compile(lambda data, scale: dequantize_input_q([data, scale], torch.bfloat16), dynamic=False)
+    return {
+        "bf16 input, cuBLAS": lambda gh, x, data, scale: _weight_grad(gh.t(), x, LORA_SCALE, torch.float32),
+        "FP8 copy, rebuild + cuBLAS": lambda gh, x, data, scale: _weight_grad(gh.t(), rebuild(data, scale),
+                                                                             LORA_SCALE, torch.float32),
+        "FP8 copy, grad_lora_a_fp8": lambda gh, x, data, scale: grad_lora_a_fp8(gh, data, scale, LORA_SCALE,
+                                                                                torch.float32),
+    }
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    from surogate.kernels.reference import input_quantizer
+    from surogate.training.info import run_record
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args()
+    env = run_record(str(Path(__file__).resolve().parent))
+    rows = []
+    for fmt, layout in (("fp8_row", "row scales (fp8)"), ("fp8_block", "1 x 128 scales (qfp8)")):
+        systems = _systems(fmt)
+        for m, k in SHAPES:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+            gh = torch.randn(m, RANK, device="cuda", generator=gen).bfloat16()
+            data, scale = input_quantizer("fp8", fmt)(x)
+            outs = {name: fn(gh, x, data, scale) for name, fn in systems.items()}
+            ref = outs["FP8 copy, rebuild + cuBLAS"]
+            rel = float((outs["FP8 copy, grad_lora_a_fp8"] - ref).norm() / ref.norm())
+            for name, fn in systems.items():
+                inputs = (gh, x, data, scale)
+                ms = do_bench(lambda fn=fn, inputs=inputs: fn(*inputs), warmup=10, rep=50)
+                read = m * k * (2 if name.startswith("bf16") else 1) + m * RANK * 2
+                rows.append({"layout": layout, "M": m, "K": k, "r": RANK, "system": name, "ms": ms,
+                             "GB/s": read / ms / 1e6, "rel_to_rebuild": rel})
+                print(f"{layout:22s} M={m:<6d} K={k:<6d} {name:28s} {ms * 1e3:8.1f} us {read / ms / 1e6:7.0f} GB/s  "
+                      f"kernel vs rebuild {rel:.1e}", flush=True)
+            del x, gh, data, scale, outs, inputs
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = env.get("gpu", "gpu").split()[-1].lower()
+    (out / f"grad_lora_fp8_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    lines = [f"# LoRA A's gradient from the bf16 input or its FP8 copy ({env.get('gpu')})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
+             "GB/s of the bytes each must read (x, gh); rel: the kernel against rebuild + cuBLAS (same bf16 values).",
+             "", "| layout | M | K | system | us | GB/s | rel |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['M']} | {r['K']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+              f"{r['rel_to_rebuild']:.1e} |" for r in rows]
+    (out / f"grad_lora_fp8_{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
