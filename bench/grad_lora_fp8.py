@@ -41,6 +41,40 @@ def _systems(fmt: str) -> dict:
     }
 
 
+def _sweep() -> list[dict]:
+    """The kernel at other launch configs (`grad_lora_fp8.Config`), each checked against the formula first."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from surogate.kernels.grad_lora_fp8 import Config, grad_lora_a_fp8
+    from surogate.kernels.reference import dequantize_input_q, input_quantizer
+
+    rows = []
+    for fmt, (m, k) in itertools.product(("fp8_row", "fp8_block"), [(4096, 4096), (4096, 12288), (16384, 12288)]):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+        gh = torch.randn(m, RANK, device="cuda", generator=gen).bfloat16()
+        data, scale = input_quantizer("fp8", fmt)(x)
+        want = (gh.float().t() @ dequantize_input_q([data, scale], torch.bfloat16).float()) * LORA_SCALE
+        for block_m, warps, stages, programs in itertools.product((64, 128, 256), (4, 8), (2, 3), (264, 1056)):
+            config = Config(block_m, warps, stages, programs)
+            try:
+                got = grad_lora_a_fp8(gh, data, scale, LORA_SCALE, torch.float32, config)
+            except Exception as e:  # noqa: BLE001 (a config the GPU cannot run: out of shared memory)
+                print(f"{fmt} {m}x{k} {config}: {type(e).__name__}", flush=True)
+                continue
+            rel = float((got - want).norm() / want.norm())
+            ms = do_bench(lambda c=config, a=(gh, data, scale): grad_lora_a_fp8(*a, LORA_SCALE, torch.float32, c),
+                          warmup=5, rep=20)
+            rows.append({"format": fmt, "M": m, "K": k, **vars(config), "ms": ms, "GB/s": m * k / ms / 1e6,
+                         "rel": rel})
+        best = min((r for r in rows if (r["format"], r["M"], r["K"]) == (fmt, m, k)), key=lambda r: r["ms"])
+        print(f"sweep {fmt} {m}x{k}: best {best}", flush=True)
+        del x, gh, data, scale, want
+    return rows
+
+
 def main() -> None:
     from triton.testing import do_bench
 
@@ -49,6 +83,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--sweep", action="store_true", help="also time the kernel at other launch configs")
     args = p.parse_args()
     env = run_record(str(Path(__file__).resolve().parent))
     rows = []
@@ -72,16 +107,25 @@ def main() -> None:
                       f"kernel vs rebuild {rel:.1e}", flush=True)
             del x, gh, data, scale, outs, inputs
             torch.cuda.empty_cache()
+    sweep = _sweep() if args.sweep else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"grad_lora_fp8_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / f"grad_lora_fp8_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
     lines = [f"# LoRA A's gradient from the bf16 input or its FP8 copy ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
              "GB/s of the bytes each must read (x, gh); rel: the kernel against rebuild + cuBLAS (same bf16 values).",
              "", "| layout | M | K | system | us | GB/s | rel |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layout']} | {r['M']} | {r['K']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
               f"{r['rel_to_rebuild']:.1e} |" for r in rows]
+    if sweep:
+        lines += ["", "The kernel at other launch configs (`grad_lora_fp8.Config`), fastest first per shape", "",
+                  "| format | M | K | block_m | num_warps | num_stages | programs | us | GB/s | rel |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(sweep, key=lambda r: (r["format"], r["M"], r["K"], r["ms"])):
+            lines.append(f"| {r['format']} | {r['M']} | {r['K']} | {r['block_m']} | {r['num_warps']} | "
+                         f"{r['num_stages']} | {r['programs']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+                         f"{r['rel']:.1e} |")
     (out / f"grad_lora_fp8_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -524,13 +524,13 @@ def _lora_grad_specs() -> list[KernelSpec]:
     m, k, r = SHAPE["M"], 3 * SHAPE["K"], SHAPE["R"]
     return [KernelSpec("grad_lora_a_fp8", g._grad_lora_a_fp8_kernel,
                        MappingProxyType(dict(gh_ptr="*bf16", x_ptr="*fp8e4nv", s_ptr="*fp32", out_ptr="*fp32")),
-                       MappingProxyType(dict(BLOCK_SCALES=True, BLOCK_M=g.BLOCK_M, BLOCK_K=g.BLOCK_K,
+                       MappingProxyType(dict(BLOCK_SCALES=True, BLOCK_M=g.DEFAULT.block_m, BLOCK_K=g.BLOCK_K,
                                              BLOCK_R=r, UPCAST=False)),
                        ("fp8", "qfp8"), Compute.BF16, lora_grad=True,
                        ints=MappingProxyType(dict(M=m, K=k, R=r, rows_per_split=m // g.splits_for(m, k),
                                                   stride_gm=r, stride_gr=1, stride_xm=k, stride_xk=1, stride_sm=1,
                                                   stride_sg=m, stride_os=r * k, stride_or=k, stride_ok=1)),
-                       config=lambda arch: dict(num_warps=4, num_stages=3),
+                       config=lambda arch: dict(num_warps=g.DEFAULT.num_warps, num_stages=g.DEFAULT.num_stages),
                        what="LoRA A's gradient read from the input's FP8 copy, dequantized in the loads")]
 
 

@@ -17,6 +17,8 @@ cuBLAS's bf16 GEMM; the sums run in another order, so the two agree to FP32 roun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -26,9 +28,21 @@ from surogate.kernels.configs import block_r, interpreting
 from surogate.recipes.formats import FP8_ACTIVATION_BLOCK
 
 BLOCK_K = FP8_ACTIVATION_BLOCK[1]  # one scale column of a 1 x 128 block per column tile
-BLOCK_M = 64
-# Enough programs to fill an H200's 132 SMs about twice: splits = ceil(TARGET_PROGRAMS / column tiles).
-TARGET_PROGRAMS = 264
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters: rows a loop step (`block_m`), warps, pipeline stages, and the programs the grid aims
+    for (splits = ceil(programs / column tiles)). Run 141 (H200): block_m 64, 4 warps, 3 stages, 264 programs
+    read 450-730 GB/s; bench/grad_lora_fp8.py --sweep times the others."""
+
+    block_m: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    programs: int = 528
+
+
+DEFAULT = Config()
 
 
 @triton.jit
@@ -57,32 +71,33 @@ def _grad_lora_a_fp8_kernel(
         data = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         scale = tl.load(s_ptr + offs_m * stride_sm + group * stride_sg, mask=m_ok, other=0.0)
-        x = round_bf16(data.to(tl.float32) * scale[:, None])  # as dequantize_input_q: one FP32 multiply, one round
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; the bf16 values are exact in fp32
-            acc += tl.dot(tl.trans(x), gh.to(tl.float32))
+        x = data.to(tl.float32) * scale[:, None]  # as dequantize_input_q: one FP32 multiply, one round to bf16
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong and its bf16 cast truncates: round, dot in fp32
+            acc += tl.dot(tl.trans(round_bf16(x)), gh.to(tl.float32))
         else:
             acc = tl.dot(tl.trans(x.to(tl.bfloat16)), gh, acc)
     tl.store(out_ptr + pid_s * stride_os + offs_k[:, None] * stride_ok + offs_r[None, :] * stride_or, acc,
              mask=k_ok[:, None] & r_ok[None, :])
 
 
-def splits_for(m: int, k: int) -> int:
-    """Row splits: enough programs for the GPU, each split a whole number of BLOCK_M rows."""
+def splits_for(m: int, k: int, config: Config = DEFAULT) -> int:
+    """Row splits: enough programs for the GPU, each split a whole number of `config.block_m` rows."""
     tiles = triton.cdiv(k, BLOCK_K)
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(m, BLOCK_M)))
+    return max(1, min(triton.cdiv(config.programs, tiles), triton.cdiv(m, config.block_m)))
 
 
 def grad_lora_a_fp8(gh: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, lora_scale: float,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, config: Config = DEFAULT) -> torch.Tensor:
     """`lora_scale * gh^T @ dequantize(data, scale)` in `dtype` (the master's): gh (M, r) bf16, data (M, K) E4M3,
-    scale (M, 1) or (M, ceil(K/128)) FP32."""
+    scale (M, 1) or (M, ceil(K/128)) FP32. `config`: the launch (`Config`); under the interpreter 16-row steps."""
     m, k = data.shape
     r = gh.shape[1]
     if gh.shape[0] != m or scale.shape[0] != m or scale.shape[1] not in (1, triton.cdiv(k, BLOCK_K)):
         raise ValueError(f"grad_lora_a_fp8: gh {tuple(gh.shape)}, data {tuple(data.shape)}, scale "
                          f"{tuple(scale.shape)} do not fit (want (M, r), (M, K), (M, 1) or (M, ceil(K/128)))")
-    splits = splits_for(m, k)
-    rows = triton.cdiv(triton.cdiv(m, splits), BLOCK_M) * BLOCK_M
+    block_m = 16 if interpreting() else config.block_m
+    splits = splits_for(m, k, config)
+    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows) if m else 1
     partial = torch.empty((splits, r, k), dtype=torch.float32, device=data.device)
     if m == 0:
@@ -93,7 +108,7 @@ def grad_lora_a_fp8(gh: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, l
             gh, data, scale, partial, m, k, r, rows,
             gh.stride(0), gh.stride(1), data.stride(0), data.stride(1), scale.stride(0), scale.stride(1),
             partial.stride(0), partial.stride(1), partial.stride(2),
-            BLOCK_SCALES=scale.shape[1] > 1, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=block_r(r),
-            UPCAST=interpreting())
+            BLOCK_SCALES=scale.shape[1] > 1, BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r(r),
+            UPCAST=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages)
     total = partial[0] if splits == 1 else partial.sum(0)
     return (total * lora_scale).to(dtype)
