@@ -143,9 +143,9 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     producer keeps that copy for the backward (LoRA A's gradient) instead of the bf16 input: about half the bytes,
     and nothing to rebuild (passes/save_fp8.py). A's gradient then reads the values the forward GEMM read. "auto"
     turns it on where `recompute_producers` keeps those inputs (fp8 on a GPU with memory to spare) and off where it
-    rebuilds them (qfp8, checkpointing), which keeps nothing of them. Off by default: the backward rebuilds the
-    input from its copy in a pointwise kernel of its own, and on an H200 Qwen3-8B fp8 kept 2.3 GiB less for 2.3% of
-    its speed (bench/NOTES.md run 139).
+    rebuilds them (qfp8, checkpointing), which keeps nothing of them. Off by default: on an H200 Qwen3-8B fp8 keeps
+    2.3 GiB less for 2.1-2.4% of its speed (bench/NOTES.md runs 139-142; A's gradient read from the copy,
+    `kernels/grad_lora_fp8.py`, is slower than cuBLAS on the bf16 input).
     """
     if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint in CHECKPOINT_MODES)):
         raise ValueError(f"checkpoint takes False, True (recompute each decoder block in the backward) or "

@@ -6,9 +6,10 @@ FP8 (fp8, qfp8).
 The backward reads a LoRA linear's input only for LoRA A's gradient, `s * (g @ B)^T @ x`. Kept in FP8 (E4M3 and
 an FP32 scale per row or per 1 x 128 block) it takes a little over half the bytes of bf16, and the forward already
 computed it, in the kernel that produced the input (the RMSNorm, the SwiGLU, o_proj's layout copy). The backward
-rebuilds x from it in one pointwise kernel (`reference.dequantize_input_q`). So A's gradient reads the values
-the forward GEMM read, not the bf16 ones: the rounding the forward already has, applied to one more product.
-Nothing else changes: the loss, B's gradients and every input gradient are the same numbers.
+op takes the copy (`input_q`) and A's gradient reads it: on CUDA `kernels/grad_lora_fp8.py` dequantizes in its
+loads, the reference dequantizes first (`reference.dequantize_input_q`, the same bf16 values). So A's gradient
+reads the values the forward GEMM read, not the bf16 ones: the rounding the forward already has, applied to one
+more product. Nothing else changes: the loss, B's gradients and every input gradient are the same numbers.
 
 How: the op's autograd formula keeps `input_q` when `ops.save_input_q` is held while AOTAutograd traces it
 (the backend holds it with this pass's decision), and this pass tags the quantize nodes `MUST_SAVE`, so the
@@ -19,10 +20,12 @@ or `recompute_producers=False`) their FP8 copies are kept instead, half the byte
 checkpointing, short memory) the backward keeps nothing of them, and this stays off. True keeps the FP8 copies
 even then (about 3.5 GiB for Qwen3-8B at 2 x 2048), for the rebuild's time; recompute then leaves those inputs.
 
-Off by default, because the rebuild of x is a kernel of its own: bf16 written and read back once more. On an H200,
-Qwen3-8B fp8 (bench/NOTES.md run 139) kept 2.3 GiB less at its peak (48.0 -> 45.7 GiB) for 2.3% of its speed (22,397
--> 21,888 tokens/s). LoRA A's gradient reading the FP8 copy directly (a skinny GEMM dequantizing in its loads) would
-remove that kernel.
+Off by default: on an H200 it costs Qwen3-8B fp8 2.1-2.4% of its speed for 2.3 GiB (48.0 -> 45.7 GiB at the peak;
+bench/NOTES.md runs 139, 141, 142), and saves qfp8 nothing (its producers are rebuilt: 3.3 GiB more for +0.9%).
+Why the cost: A's gradient from the copy is slower than from bf16 although it reads half the bytes. First a
+pointwise rebuild then cuBLAS (run 139), now one Triton kernel (runs 141-142: 0.5-1.3 TB/s, where cuBLAS reads the
+bf16 input at 1.7-3.8 TB/s; bench/results/grad_lora_fp8_h200.md). A kernel that streams the copy at cuBLAS's rate
+would make it free; until then it is the option for a run that keeps its producers and needs those GiB.
 """
 
 from __future__ import annotations
