@@ -279,7 +279,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # The backward reads the input for LoRA A's gradient (and its shape and dtype); kept as the forward's FP8
     # copy it is half the bytes (`save_input_q`).
     ctx.input_dtype = input.dtype
-    ctx.input_from_q = input_q is not None and _save_input_q and compiling()  # the op's gradient: input's dtype
+    ctx.input_from_q = input_q is not None and _save_input_q and compiling()
     saved = [*input_q, *weight] if ctx.input_from_q else [input, *weight]
     if ctx.has_lora:
         saved += [lora_a, lora_b, output[1], output[2], output[3]]
@@ -295,7 +295,7 @@ def _backward(ctx, grad_output: Tensor, *internal: Tensor | None):
     n_input = ctx.n_input_q if ctx.input_from_q else 1
     kept, weight, rest = saved[:n_input], saved[n_input:n_input + ctx.n_weight], saved[n_input + ctx.n_weight:]
     # Kept in FP8 (`save_input_q`), the op reads the copy and takes the FP8 data for the input's shape.
-    input, input_q = (kept[0], kept) if ctx.input_from_q else (kept[0], None)
+    input, input_q = kept[0], (kept if ctx.input_from_q else None)
     lora_a = lora_b = lora_hidden = lora_input = a_cast = b_cast = None
     if ctx.has_lora:
         lora_a, lora_b, lora_hidden, a_cast, b_cast, rest = rest[0], rest[1], rest[2], rest[3], rest[4], rest[5:]
