@@ -209,3 +209,31 @@ def test_bad_save_fp8_inputs_value_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="save_fp8_inputs takes False .* got 'sometimes'"):
         surogate.compile(model, recipe="fp8", arch="cpu", save_fp8_inputs="sometimes")
     assert not hasattr(model, "peft_config")
+
+
+@pytest.mark.parametrize("arch_name, options", [("llama", {"checkpoint": True}), ("gemma2", {})])
+def test_padded_batches_of_several_lengths_keep_the_loss_of_bf16_inputs(arch_name, options):
+    """What a user runs: padded batches of three lengths (one dynamic graph), the prompt masked, with activation
+    checkpointing (Llama) or Gemma-2's GeGLU ops (qfp8): the FP8 copies change no loss and every gradient is finite."""
+    runs = []
+    for save in (False, True):
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(tiny_config(arch_name)).to(torch.bfloat16)
+        model = surogate.compile(model, recipe="qfp8", arch="cpu", save_fp8_inputs=save, **options)
+        torch.manual_seed(3)
+        losses = []
+        for length in (17, 40, 9):
+            ids = torch.randint(0, 128, (2, length))
+            mask = torch.ones_like(ids)
+            mask[1, length // 2:] = 0
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, : length // 3] = -100
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        runs.append((torch.stack(losses), str(model.surogate_report)))
+    (loss_off, report_off), (loss_on, report_on) = runs
+    assert torch.equal(loss_off, loss_on)
+    assert report_on.count("kept for the backward in FP8") == 4 and "kept for the backward in FP8" not in report_off
