@@ -156,15 +156,10 @@ def dequantize_input_q(input_q: Sequence[torch.Tensor], dtype: torch.dtype) -> t
     `(..., ceil(K/128))`. Traceable; what LoRA A's gradient reads when an op keeps its input in FP8
     (`ops.save_input_q`; `kernels/grad_lora_fp8.py` dequantizes the same way in its loads)."""
     data, scale = input_q
-    values = data.float()
-    k, groups, bk = data.shape[-1], scale.shape[-1], FP8_ACTIVATION_BLOCK[1]
+    groups = scale.shape[-1]
     if groups == 1:
-        values = values * scale
-    elif k == groups * bk:
-        values = (values.unflatten(-1, (groups, bk)) * scale.unsqueeze(-1)).flatten(-2)
-    else:  # a ragged last block
-        values = values * scale.repeat_interleave(bk, -1)[..., :k]
-    return values.to(dtype)
+        return Fp8Tensor(data, scale, (1, data.shape[-1])).dequantize(dtype)
+    return Fp8Tensor(data, scale.reshape(-1, groups), FP8_ACTIVATION_BLOCK).dequantize(dtype)
 
 
 def quantize_weight_ref(weight: torch.Tensor, weight_format: "str | WeightFormat") -> list[torch.Tensor]:
