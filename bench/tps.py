@@ -305,6 +305,8 @@ def _host_model(config):
 # 138, where it was measured as "+geglu") gives it the same ops.
 # "+savefp8" keeps the FP8 copy of each FP8-forward LoRA linear's input for the backward (save_fp8_inputs=True, off by
 # default; "+nosavefp8" off explicitly; passes/save_fp8.py).
+# "+addmm" adds the LoRA term after a cuBLAS GEMM (qfp8's block-scaled GEMMs on sm_90) by cuBLAS's addmm_, as before
+# kernels/lora_add.py (cublas.LORA_ADD_KERNEL = False).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -317,10 +319,10 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
                     "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False},
                     "geglu": {"geglu": True}, "nogeglu": {"geglu": False}, "savefp8": {"save_fp8_inputs": True},
-                    "nosavefp8": {"save_fp8_inputs": False}}
+                    "nosavefp8": {"save_fp8_inputs": False}, "addmm": {"lora_add_kernel": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
-                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu")
+                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu", "lora_add_kernel")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).
@@ -390,6 +392,10 @@ def build(size: str, system: str):
             from surogate.passes import op_grad_quantize
 
             op_grad_quantize.ENABLED = options["op_grad_quantize"]
+        if "lora_add_kernel" in options:  # this worker process only
+            from surogate.kernels import cublas
+
+            cublas.LORA_ADD_KERNEL = options["lora_add_kernel"]
         if "fp8_row_cublas" in options:  # this worker process only
             variants.FP8_ROW_CUBLAS = frozenset(variants.CublasRule[rule] for rule in options["fp8_row_cublas"])
         if options.get("combo_kernels"):  # this worker process only; part of Inductor's cache key

@@ -214,7 +214,7 @@ def test_every_planned_kernel_is_in_the_catalog_with_the_plans_mma():
                 assert spec.expected_mma(arch) == g.mma, (g.kernel, arch)
                 assert recipe in spec.recipes
                 seen.add(g.kernel)
-    gemms = {s.name for s in catalog.specs() if s.precision is not None and not s.grouped and not s.lora_grad}
+    gemms = {s.name for s in catalog.specs() if s.precision is not None and not s.grouped and not s.lora_branch}
     assert gemms == seen, "catalog GEMM kernels that no plan uses: " + ", ".join(sorted(gemms - seen))
 
 

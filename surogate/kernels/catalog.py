@@ -67,13 +67,13 @@ class KernelSpec:
     # A MoE grouped kernel (kernels/grouped.py): not a GEMM of plan(); `recipes` are those whose
     # experts it runs on a MoE model, on every arch the kernel is built for.
     grouped: bool = False
-    # A LoRA weight-gradient kernel (kernels/grad_lora_fp8.py): not a GEMM of plan(); `recipes` are those that run
-    # it (with save_fp8_inputs), on every arch.
-    lora_grad: bool = False
+    # A kernel of the LoRA branch beside plan()'s GEMMs (A's gradient from the FP8 copy, kernels/grad_lora_fp8.py;
+    # the LoRA term added after a cuBLAS GEMM, kernels/lora_add.py): `recipes` are those that run it, on every arch.
+    lora_branch: bool = False
 
     def recipes_on(self, arch: str) -> tuple[str, ...]:
         """The recipes that run this kernel on `arch` (a dense GEMM: from the plan, refused plans excluded)."""
-        if self.precision is None or self.grouped or self.lora_grad:
+        if self.precision is None or self.grouped or self.lora_branch:
             return self.recipes
         return tuple(recipe_usage(self.name).get(normalize_arch(arch), ()))
 
@@ -516,22 +516,36 @@ def _quantizer_specs() -> list[KernelSpec]:
     return specs
 
 
-def _lora_grad_specs() -> list[KernelSpec]:
+def _lora_branch_specs() -> list[KernelSpec]:
     """LoRA A's gradient from the FP8 copy of the input (save_fp8_inputs): bf16 MMA, the 128 columns of a tile as
-    its M side (wgmma on sm_90). Qwen3-8B's down_proj input (K = 12288) at M = 4096, r = 16, 1 x 128 scales."""
+    its M side (wgmma on sm_90). Qwen3-8B's down_proj input (K = 12288) at M = 4096, r = 16, 1 x 128 scales.
+    The LoRA term added into a cuBLAS GEMM's output (qfp8's block-scaled GEMMs on sm_90; the other cuBLAS routes):
+    Qwen3-8B's gate/up output (N = 6K), r = 16, one bf16 MMA step."""
     from surogate.kernels import grad_lora_fp8 as g
+    from surogate.kernels import lora_add as la
 
     m, k, r = SHAPE["M"], 3 * SHAPE["K"], SHAPE["R"]
     return [KernelSpec("grad_lora_a_fp8", g._grad_lora_a_fp8_kernel,
                        MappingProxyType(dict(gh_ptr="*bf16", x_ptr="*fp8e4nv", s_ptr="*fp32", out_ptr="*fp32")),
                        MappingProxyType(dict(BLOCK_SCALES=True, BLOCK_M=g.DEFAULT.block_m, BLOCK_K=g.BLOCK_K,
                                              BLOCK_R=r, UPCAST=False)),
-                       ("fp8", "qfp8"), Compute.BF16, lora_grad=True,
+                       ("fp8", "qfp8"), Compute.BF16, lora_branch=True,
                        ints=MappingProxyType(dict(M=m, K=k, R=r, rows_per_split=m // g.splits_for(m, k),
                                                   stride_gm=r, stride_gr=1, stride_xm=k, stride_xk=1, stride_sm=1,
                                                   stride_sg=m, stride_os=r * k, stride_or=k, stride_ok=1)),
                        config=lambda arch: dict(num_warps=g.DEFAULT.num_warps, num_stages=g.DEFAULT.num_stages),
-                       what="LoRA A's gradient read from the input's FP8 copy, dequantized in the loads")]
+                       what="LoRA A's gradient read from the input's FP8 copy, dequantized in the loads"),
+            KernelSpec("lora_add", la._lora_add_kernel,
+                       MappingProxyType(dict(out_ptr="*bf16", h_ptr="*bf16", u_ptr="*bf16", bias_ptr="*bf16",
+                                             scale="fp32")),
+                       MappingProxyType(dict(HAS_LORA=True, HAS_BIAS=False, INTERPRET=False,
+                                             BLOCK_M=la.DEFAULT.block_m, BLOCK_N=la.DEFAULT.block_n,
+                                             BLOCK_R=la.block_r(r))),
+                       ("bf16", "fp8", "qfp8"), Compute.BF16, lora_branch=True,
+                       ints=MappingProxyType(dict(M=m, N=6 * SHAPE["K"], R=r, stride_om=6 * SHAPE["K"], stride_hm=r,
+                                                  stride_hr=1, stride_un=r, stride_ur=1)),
+                       config=lambda arch: dict(num_warps=la.DEFAULT.num_warps, num_stages=1),
+                       what="the LoRA term added into a cuBLAS GEMM's output in place, one pass")]
 
 
 def _loss_specs() -> list[KernelSpec]:
@@ -557,7 +571,8 @@ def _loss_specs() -> list[KernelSpec]:
 # The modules whose `_*_kernel` functions must all be in the catalog (tests check it).
 KERNEL_MODULES = ("surogate.kernels.lora_linear", "surogate.kernels.quantize", "surogate.kernels.dequantize",
                   "surogate.kernels.transpose", "surogate.kernels.grouped", "surogate.kernels.cross_entropy",
-                  "surogate.kernels.lora_factors", "surogate.kernels.swiglu", "surogate.kernels.grad_lora_fp8")
+                  "surogate.kernels.lora_factors", "surogate.kernels.swiglu", "surogate.kernels.grad_lora_fp8",
+                  "surogate.kernels.lora_add")
 
 
 def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
@@ -572,7 +587,7 @@ def _check_unique(specs: list[KernelSpec]) -> list[KernelSpec]:
 @functools.lru_cache(maxsize=1)
 def specs() -> tuple[KernelSpec, ...]:
     """Every kernel in the catalog (imports the kernel modules on first call)."""
-    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs() + _lora_grad_specs()
+    return tuple(_check_unique(_gemm_specs() + _grouped_specs() + _quantizer_specs() + _lora_branch_specs()
                                + _loss_specs()))
 
 

@@ -7,9 +7,10 @@ Measured on the H100 (bench/results/gemm_configs.md, kernels.md):
 - bf16 with a long reduction (K >= 4096, the 8B shapes): the Triton kernel is at 0.80-0.97x of
   cuBLAS + a separate LoRA GEMM; at the 0.6B shapes it is 1.0-1.4x faster (the fused LoRA epilogue
   saves a pass over the output), so those stay on Triton.
-The LoRA term is a second cuBLAS GEMM accumulating into the output (`addmm_`): one more read and
-write of it. Which shapes go here is the kernel table's rule (`variants.CublasRule`, applied by
-`variants.route`); this module answers only whether cuBLAS can run at all (`available`) and runs it.
+The LoRA term (and the bias) is one more pass over the output: on the GPU `lora_add.lora_add_` (one read
+and write at the copy rate), elsewhere or where it does not take the shape `addmm_`. Which shapes go here
+is the kernel table's rule (`variants.CublasRule`, applied by `variants.route`); this module answers only
+whether cuBLAS can run at all (`available`) and runs it.
 `configs.FORCE_TRITON_GEMMS = True` runs Triton everywhere, for measurement and tests.
 """
 
@@ -18,15 +19,19 @@ from __future__ import annotations
 import torch
 
 from surogate.compat import block_scaled_mm
-from surogate.kernels import configs
+from surogate.kernels import configs, lora_add
 from surogate.kernels.variants import CublasRule
 
 _PROBED: dict[int, bool] = {}  # device index -> cuBLASLt took a block-scaled GEMM
+# The LoRA term added by kernels/lora_add.py on the GPU; False: by cuBLAS's addmm_ (bench/tps.py "+addmm").
+LORA_ADD_KERNEL: bool = True
 
 
 def _add_lora_and_bias(out: torch.Tensor, hidden: torch.Tensor | None, up: torch.Tensor | None,
                        bias: torch.Tensor | None, lora_scale: float) -> torch.Tensor:
     """out + bias + lora_scale * hidden @ up^T, in place (hidden (M, r), up (N, r))."""
+    if LORA_ADD_KERNEL and out.is_cuda and lora_add.takes(out, hidden):
+        return lora_add.lora_add_(out, hidden, up, bias, lora_scale)
     if bias is not None:
         out.add_(bias.to(out.dtype))
     if hidden is not None:
