@@ -6,8 +6,8 @@ kernels/lora_add.py, on the GPU.
 Outputs of Qwen3-8B's linears where qfp8 runs cuBLAS (N = 4096: o, down and the dgrads of q/k/v, o, gate/up;
 6144: q/k/v; 12288: down's dgrad; 24576: gate/up) at M = 4096 and 16384 rows, r = 16. Time by
 triton.testing.do_bench; GB/s of the bytes each must move (the output read and written, H and U read). Checked:
-the share of outputs bit-equal to addmm_'s and the largest difference in bf16 ulps (the r-term sum in another
-order). --sweep also times the kernel at other launch configs (`lora_add.Config`). Writes lora_add_<gpu>.json/.md.
+the share of each one's outputs equal to the exact sum (FP64) rounded once to bf16. --sweep also times the kernel at
+other launch configs (`lora_add.Config`), each checked so. Writes lora_add_<gpu>.json/.md.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ def _inputs(m: int, n: int):
     return out, hidden, up
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    """(share of outputs bit-equal, largest difference in ulps of the wanted value)."""
-    ulp = want.float().abs().clamp_min(1e-30) * 2.0 ** -7
-    return float((got == want).float().mean()), float(((got.float() - want.float()).abs() / ulp).max())
+def _rounded_once(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """The share of `got` equal to the exact sum rounded once to bf16."""
+    return float((got == exact).float().mean())
 
 
 def _moved(m: int, n: int) -> int:
@@ -62,26 +61,25 @@ def main() -> None:
     rows, sweep = [], []
     for m, n in itertools.product(ROWS, OUTPUTS):
         out, hidden, up = _inputs(m, n)
-        want = out.clone().addmm_(hidden, up.t(), alpha=LORA_SCALE)
-        equal, ulps = _compare(lora_add_(out.clone(), hidden, up, None, LORA_SCALE), want)
+        exact = (out.double() + LORA_SCALE * (hidden.double() @ up.double().t())).bfloat16()
         for name, fn in systems.items():
+            correct = _rounded_once(fn(out.clone(), hidden, up, DEFAULT), exact)
             ms = do_bench(lambda fn=fn, a=(out, hidden, up): fn(*a, DEFAULT), warmup=10, rep=50)
             rows.append({"M": m, "N": n, "r": RANK, "system": name, "ms": ms, "GB/s": _moved(m, n) / ms / 1e6,
-                         "equal": equal, "max_ulps": ulps})
+                         "rounded_once": correct})
             print(f"M={m:<6d} N={n:<6d} {name:14s} {ms * 1e3:8.1f} us {_moved(m, n) / ms / 1e6:7.0f} GB/s  "
-                  f"equal to addmm_ {equal:.4f}, max {ulps:.1f} ulp", flush=True)
+                  f"exact sum rounded once: {correct:.4f}", flush=True)
         if args.sweep:
-            for bm, bn, warps in itertools.product((32, 64, 128), (128, 256, 512), (4, 8)):
+            for bm, bn, warps in itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8)):
                 config = Config(bm, bn, warps)
-                got = lora_add_(out.clone(), hidden, up, None, LORA_SCALE, config)
-                if _compare(got, want)[1] > 1.0:
-                    raise AssertionError(f"{config} at M={m} N={n}: more than one ulp from addmm_")
+                correct = _rounded_once(lora_add_(out.clone(), hidden, up, None, LORA_SCALE, config), exact)
                 ms = do_bench(lambda c=config, a=(out, hidden, up): lora_add_(*a, None, LORA_SCALE, c),
                               warmup=5, rep=20)
-                sweep.append({"M": m, "N": n, **vars(config), "ms": ms, "GB/s": _moved(m, n) / ms / 1e6})
+                sweep.append({"M": m, "N": n, **vars(config), "ms": ms, "GB/s": _moved(m, n) / ms / 1e6,
+                              "rounded_once": correct})
             best = min((r for r in sweep if (r["M"], r["N"]) == (m, n)), key=lambda r: r["ms"])
             print(f"sweep M={m} N={n}: best {best}", flush=True)
-        del out, hidden, up, want
+        del out, hidden, up, exact
         torch.cuda.empty_cache()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,15 +88,17 @@ def main() -> None:
     lines = [f"# The LoRA term added into a GEMM output: cuBLAS addmm_ vs kernels/lora_add.py ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
              f"default config {DEFAULT}; GB/s of the bytes each must move (the output read and written, H, U); "
-             "equal: share of outputs bit-equal to addmm_'s; max ulps: the largest difference.", "",
-             "| M | N | system | us | GB/s | equal | max ulps |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['M']} | {r['N']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['equal']:.4f} | "
-              f"{r['max_ulps']:.1f} |" for r in rows]
+             "rounded once: the share of outputs equal to the exact sum rounded once to bf16.", "",
+             "| M | N | system | us | GB/s | rounded once |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['M']} | {r['N']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+              f"{r['rounded_once']:.4f} |" for r in rows]
     if sweep:
         lines += ["", "The kernel at other launch configs, fastest first per shape", "",
-                  "| M | N | block_m | block_n | num_warps | us | GB/s |", "|---|---|---|---|---|---|---|"]
+                  "| M | N | block_m | block_n | num_warps | us | GB/s | rounded once |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['M']} | {r['N']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['ms'] * 1e3:.1f} | "
-                  f"{r['GB/s']:.0f} |" for r in sorted(sweep, key=lambda r: (r["M"], r["N"], r["ms"]))]
+                  f"{r['GB/s']:.0f} | {r['rounded_once']:.4f} |"
+                  for r in sorted(sweep, key=lambda r: (r["M"], r["N"], r["ms"]))]
     (out_dir / f"lora_add_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -15,6 +15,20 @@ def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum().clamp_min(1e-300) / err))
 
 
+def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values (8 significant bits) at each |v|, as FP64 (the smallest normal's at 0)."""
+    _, exp = torch.frexp(v.double().abs().clamp_min(2.0 ** -126))
+    return torch.ldexp(torch.ones_like(v, dtype=torch.float64), exp - 8)
+
+
+def rounded_once(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, fp32_terms: int) -> float:
+    """The largest `|got - exact|` over what one rounding to bf16 allows (half an ulp of `exact`) plus the FP32
+    error of summing `fp32_terms` terms whose absolute values add up to `magnitude`: <= 1 when `got` is the exact
+    value rounded once to bf16, summed in FP32 in any order."""
+    allowed = 0.5 * bf16_ulp(exact) + fp32_terms * 2.0 ** -24 * magnitude.double()
+    return float(((got.double() - exact.double()).abs() / allowed).max())
+
+
 def odd_values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """bf16 values a quantizer must survive: a wide dynamic range (1e-20 to 1e20 along the last dim), -0,
     and, with four or more rows, an all-zero row, a row with a NaN and one with an Inf."""
