@@ -28,10 +28,12 @@ MAX_RANK = 128  # one K block of the MMA; a larger rank takes the addmm_ path
 
 @dataclass(frozen=True)
 class Config:
-    """Launch settings: the output tile and warps (a plain streaming pass: tiles of 32 KiB of bf16 per way)."""
+    """Launch settings: the output tile and warps. Small tiles (8 KiB of bf16), many programs in flight: run 144's
+    sweep (bench/lora_add.py --sweep) found 32 x 128 with 4 warps the fastest at 7 of Qwen3-8B's 8 shapes, 2.6-3.7
+    TB/s, 1.1-1.2x the 64 x 256 tile's rate."""
 
-    block_m: int = 64
-    block_n: int = 256
+    block_m: int = 32
+    block_n: int = 128
     num_warps: int = 4
 
 
