@@ -56,6 +56,7 @@ class TrainConfig:
     allow_emulation: bool = False
     sequence_len: int = 256
     sample_packing: bool = True
+    group_by_length: bool = False  # padded batches (sample_packing: false) of examples of similar lengths
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int | None = None  # None: the train batch size
     gradient_accumulation_steps: int = 1
@@ -420,6 +421,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.allow_emulation = _bool("allow_emulation", c.allow_emulation)
     c.sequence_len = _int("sequence_len", c.sequence_len, 2)
     c.sample_packing = _bool("sample_packing", c.sample_packing)
+    c.group_by_length = _bool("group_by_length", c.group_by_length)
     c.per_device_train_batch_size = _int("per_device_train_batch_size", c.per_device_train_batch_size, 1)
     c.per_device_eval_batch_size = _int("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, optional=True)
     c.gradient_accumulation_steps = _int("gradient_accumulation_steps", c.gradient_accumulation_steps, 1)

@@ -11,7 +11,8 @@ part masked from the loss, the trained part not), and are laid out here. Two lay
   reads the boundaries from `position_ids`, so no token attends across examples. Rows are padded to
   `seq_len`: every batch has one shape.
 - padded: one example per row, each batch right-padded to its longest row (GraphedStep rounds that up
-  to a shape bucket); padding is masked from the loss.
+  to a shape bucket); padding is masked from the loss. With `group_by_length` (`grouped_batch_rows`) each
+  batch takes examples of similar lengths, so it holds little padding (`padding_share` measures it).
 `pack` / `pad` / `TokenDataset` are the plain-text layouts (a stream cut into rows), used for pretraining
 corpora where boundaries do not matter (bench/fidelity.py).
 
@@ -68,6 +69,49 @@ def batch_rows(n: int, batch_size: int, shuffle: bool = False, seed: int = 0,
         yield order[start:start + batch_size]
 
 
+# Examples sorted by length within windows of this many batches (Hugging Face's LengthGroupedSampler's 50).
+GROUP_WINDOW = 50
+
+
+def grouped_batch_rows(lengths: list[int], batch_size: int, seed: int = 0,
+                       drop_last: bool = False) -> list[torch.Tensor]:
+    """Row indices of each batch over rows of `lengths`, rows of similar lengths together (`group_by_length`).
+
+    The rows are shuffled by `seed`, cut into windows of `GROUP_WINDOW` batches, and each window sorted longest
+    first and cut into batches; the batches are then shuffled (by `seed` too), except that the one holding the
+    longest row comes first, so the peak memory (and the largest CUDA graph) is met at the first step. Which rows
+    meet in a batch depends on the seed, not only on their lengths. With `drop_last` the one short batch (the
+    last window's tail) is left out."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    window = GROUP_WINDOW * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        rows = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        batches += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if not batches:
+        return []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    first = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
+    shuffled.insert(0, shuffled.pop(first))
+    return [torch.tensor(b) for b in shuffled]
+
+
+def padding_share(lengths: list[int], batches: list[torch.Tensor], pad_to: int = 1) -> float:
+    """The share of the tokens computed that are padding when each batch of `batches` (row indices) is padded
+    to its longest row rounded up to a multiple of `pad_to` (GraphedStep's shape bucket)."""
+    real = computed = 0
+    for b in batches:
+        rows = [lengths[i] for i in b.tolist()]
+        real += sum(rows)
+        computed += -(-max(rows) // pad_to) * pad_to * len(rows)
+    return 1.0 - real / computed if computed else 0.0
+
+
 class Batch(dict):
     """Model keyword arguments (a dict) that also know how many real tokens they hold (`num_tokens`)."""
 
@@ -115,12 +159,33 @@ class ExampleRows:
         """Tokens of the examples (padding not counted)."""
         return sum(map(len, self.input_ids))
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def batch_rows(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                   group_by_length: bool = False) -> list[torch.Tensor]:
+        """Row indices of each batch: `batch_rows`, or for padded rows with `group_by_length` (and `shuffle`)
+        `grouped_batch_rows` (packed rows all have `seq_len` tokens: nothing to group)."""
+        if group_by_length and shuffle and not self.packed:
+            return grouped_batch_rows(list(map(len, self.input_ids)), batch_size, seed, drop_last)
+        return list(batch_rows(len(self), batch_size, shuffle, seed, drop_last))
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Batches as model keyword arguments: packed rows padded to `seq_len` with `position_ids`;
         single examples padded to the batch's longest with `attention_mask` (1 on real tokens)."""
-        for rows in batch_rows(len(self), batch_size, shuffle, seed, drop_last):
+        for rows in self.batch_rows(batch_size, shuffle, seed, drop_last, group_by_length):
             yield self.batch(rows.tolist())
+
+    def padding_note(self, batch_size: int, seed: int, pad_to: int, group_by_length: bool) -> str | None:
+        """The log's line on the padding a padded layout computes over one epoch (None when packed)."""
+        if self.packed or not len(self):
+            return None
+        lengths = list(map(len, self.input_ids))
+        share = {g: padding_share(lengths, self.batch_rows(batch_size, True, seed, len(self) >= batch_size, g),
+                                  pad_to) for g in (False, True)}
+        line = (f"data: padded batches of {batch_size}: {share[group_by_length]:.0%} of the tokens computed are "
+                f"padding (each batch padded to its longest row, rounded up to a multiple of {pad_to})")
+        if not group_by_length and share[False] - share[True] >= 0.05:
+            line += f"; group_by_length: true would cut that to {share[True]:.0%}"
+        return line
 
     def batch(self, rows: list[int]) -> Batch:
         width = self.seq_len if self.packed else max(len(self.input_ids[i]) for i in rows)

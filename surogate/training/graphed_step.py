@@ -36,6 +36,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+PAD_TO = 128  # the default shape bucket: lengths rounded up to a multiple of this
 # Fill of each padded input (keys not listed pad with 0). position_ids pad with 0, 1, 2, ...
 PAD_VALUES = {"labels": -100, "attention_mask": 0, "input_ids": 0}
 
@@ -165,7 +166,7 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, loss_scale: float = 1.0, warmup: int = 2, capture=None,
-                 pad_to: int = 128, max_graphs: int = 16, strict: bool = False) -> None:
+                 pad_to: int = PAD_TO, max_graphs: int = 16, strict: bool = False) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; attach LoRA (surogate.compile) first")

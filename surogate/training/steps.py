@@ -67,10 +67,12 @@ class MicroBatches:
     position: `epoch` and `index` (micro-batches of that epoch taken), which a checkpoint stores and a
     resumed run starts from. With `world` ranks these are the global micro-batches of `world` x
     `per_device_train_batch_size` rows, the same on every rank (each trains its `distributed.shard`):
-    the order of one process with a batch `world` times larger."""
+    the order of one process with a batch `world` times larger. `cfg.group_by_length` batches padded rows of
+    similar lengths together (`data.grouped_batch_rows`)."""
 
     def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0, world: int = 1) -> None:
         self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
+        self.group_by_length = cfg.group_by_length
         self.drop_last = len(dataset) >= self.batch_size
         self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
         self.epoch, self.index = epoch, index
@@ -82,8 +84,9 @@ class MicroBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         for _ in range(2):
             if self._it is None:
+                grouped = {"group_by_length": True} if self.group_by_length else {}  # TokenDataset has no such
                 self._it = iter(self.dataset.batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch,
-                                                     drop_last=self.drop_last))
+                                                     drop_last=self.drop_last, **grouped))
                 for _ in range(self.index):  # resumed in the middle of this epoch: its order, from there
                     next(self._it)
             batch = next(self._it, None)

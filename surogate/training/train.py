@@ -46,6 +46,7 @@ from surogate.training import (
     train_checks,
 )
 from surogate.training.config import TrainConfig, load_config
+from surogate.training.graphed_step import PAD_TO
 from surogate.training.outputs import TrainResult, counted
 from surogate.training.setup import Log, log_stderr
 
@@ -249,6 +250,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         log(f"data: an epoch is {counted(micro.per_epoch, 'micro-batch', 'micro-batches')} of "
             f"{counted(micro.batch_size, 'row')}, so {micro.left_out} of the {counted(len(train_set), 'row')} "
             f"{'is' if micro.left_out == 1 else 'are'} left out of each (others each epoch: the order is reshuffled)")
+    if cfg.group_by_length and train_set.packed:
+        log("group_by_length: no effect with sample_packing: true (every packed row has sequence_len tokens)")
+    padding = train_set.padding_note(micro.batch_size, cfg.seed, PAD_TO if graphs else 1, cfg.group_by_length)
+    if padding:
+        log(padding)
     total = _total_steps(cfg, micro.per_epoch)
     line = _epochs_line(cfg, micro.per_epoch, total)
     if line:

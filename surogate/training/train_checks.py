@@ -24,7 +24,7 @@ from surogate.training.outputs import counted
 # the optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
 # optimizer and scheduler states bring back, so that a changed value would be ignored without a word.
 RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
-               "lora_target_modules", "learning_rate", "weight_decay")
+               "lora_target_modules", "learning_rate", "weight_decay", "group_by_length")
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
