@@ -9,7 +9,11 @@ masked from the loss (labels -100), EOS appended. Two modes:
 - padded: micro-batches of --batch (8) examples in a seeded shuffled order, right-padded to the batch's
   longest. Peers get `attention_mask`; surogate systems do not (the padding follows every real token and
   its labels are -100, so causal attention is exact without it; what `surogate train` does), and
-  GraphedStep pads each batch further to a multiple of 128 (its shape bucket).
+  GraphedStep pads each batch further to its shape bucket: the smallest of up to 12 lengths chosen from the
+  timed micro-batches' widths (`surogate.training.buckets.choose`, as `surogate train` chooses them from an
+  epoch's batches), or with "+pad128" the next multiple of 128 (before those were chosen).
+- grouped (named with --modes): padded, the batches of examples of similar lengths (`group_by_length: true`,
+  surogate.training.data.grouped_batch_rows) for every system.
 - packed: whole examples first-fit into rows of --seq (4096) tokens, `position_ids` restarting at each
   example (peers: transformers builds the block-diagonal mask from them; surogate: its attention reads
   them), --rows (1) row per micro-batch: 4096 tokens a micro-step, as bench/tps.py's 2 x 2048.
@@ -25,7 +29,7 @@ bench/tps.py; an emulated recipe runs only when named, labelled so). Each (model
 its own subprocess under --time-limit seconds: one that runs out is recorded as "timeout" with the last
 progress line it printed (phase, optimizer steps done, partial tokens/s of the timed steps done).
 
-Warm-up: first one micro-batch of every shape bucket (batch rows, length rounded up to 128) that the
+Warm-up: first one micro-batch of every shape bucket (batch rows, length padded to its bucket) that the
 timed micro-batches contain, in order of first appearance, then the next timed micro-batches until at
 least --warmup optimizer steps are filled. So every shape the timed steps see has been compiled, tuned
 and (surogate) captured before the clock starts; packed mode has one shape. Then the timed pass runs
@@ -79,7 +83,7 @@ tps = _load_tps()
 
 # The default models: key here -> bench/tps.py's key (records carry tps.model_name of it: "Llama-3-8B").
 MODELS = {"0.6B": "0.6B", "8B": "8B", "llama3-8B": "Llama-3-8B"}
-MODES = ("padded", "packed")
+MODES = ("padded", "grouped", "packed")
 PEERS = ["hf_eager", "hf_compile", "liger"]
 PAD_TO = 128  # GraphedStep's shape bucket
 MARK = "SFT-PROGRESS "  # worker stdout lines the parent reads (the last one says how far a timeout got)
@@ -182,7 +186,7 @@ def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: i
 
     if mode == "packed":
         layout, size = pack_examples(examples, seq, pad_id), rows
-    elif mode == "padded":
+    elif mode in ("padded", "grouped"):
         layout, size = one_per_row(examples, seq, pad_id), batch
     else:
         raise ValueError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
@@ -191,7 +195,8 @@ def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: i
     out: list = []
     epoch = 0
     while len(out) < count:
-        for b in layout.batches(size, shuffle=True, seed=seed + epoch, drop_last=True):
+        for b in layout.batches(size, shuffle=True, seed=seed + epoch, drop_last=True,
+                                group_by_length=mode == "grouped"):
             if len(out) == count:
                 break
             out.append(b)
@@ -199,22 +204,31 @@ def micro_batches(examples: list, mode: str, count: int, batch: int = 8, rows: i
     return out
 
 
-def shape_key(batch) -> tuple[int, int]:
-    """(rows, length rounded up to the 128-token bucket): what decides a compiled shape and a CUDA graph."""
-    from surogate.training.graphed_step import bucket_length
+def shape_buckets(timed: list, mode: str) -> tuple[int, ...]:
+    """The CUDA graph lengths `surogate train` would choose for these micro-batches (`buckets.choose` over their
+    widths; packed rows: none, they have one shape)."""
+    from surogate.training import buckets
+
+    return () if mode == "packed" else buckets.choose([b["input_ids"].shape[1] for b in timed])
+
+
+def shape_key(batch, chosen: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(rows, length padded to its shape bucket: one of `chosen`, else a multiple of 128): what decides a compiled
+    shape and a CUDA graph."""
+    from surogate.training.buckets import padded_length
 
     n, length = batch["input_ids"].shape
-    return n, bucket_length(length, PAD_TO)
+    return n, padded_length(length, chosen, PAD_TO)
 
 
-def warmup_indices(timed: list, accum: int, warmup_steps: int) -> list[int]:
+def warmup_indices(timed: list, accum: int, warmup_steps: int, chosen: tuple[int, ...] = ()) -> list[int]:
     """Indices into `timed` for the warm-up: the first micro-batch of each shape bucket, then the next
     ones until `warmup_steps` optimizer steps of `accum` are filled (whole steps where `timed` allows)."""
     seen: set = set()
     idx = []
     for i, b in enumerate(timed):
-        if shape_key(b) not in seen:
-            seen.add(shape_key(b))
+        if shape_key(b, chosen) not in seen:
+            seen.add(shape_key(b, chosen))
             idx.append(i)
     chosen = set(idx)
     for i in range(len(timed)):
@@ -225,12 +239,15 @@ def warmup_indices(timed: list, accum: int, warmup_steps: int) -> list[int]:
     return idx
 
 
-def data_summary(batches: list) -> dict:
-    """Real tokens, shape buckets and padding share of a list of micro-batches (before bucket padding)."""
+def data_summary(batches: list, chosen: tuple[int, ...] = ()) -> dict:
+    """Real tokens, shape buckets and padding shares of a list of micro-batches: before the bucket padding
+    (pad_fraction) and after it (bucket_pad_fraction, what a CUDA-graphed surogate step computes)."""
     real = sum(b.num_tokens for b in batches)
     fed = sum(b["input_ids"].numel() for b in batches)
-    return {"micro_batches": len(batches), "tokens": real, "buckets": len({shape_key(b) for b in batches}),
-            "pad_fraction": 1 - real / fed if fed else 0.0}
+    bucketed = sum(shape_key(b, chosen)[0] * shape_key(b, chosen)[1] for b in batches)
+    return {"micro_batches": len(batches), "tokens": real, "buckets": len({shape_key(b, chosen) for b in batches}),
+            "shape_buckets": list(chosen), "pad_fraction": 1 - real / fed if fed else 0.0,
+            "bucket_pad_fraction": 1 - real / bucketed if bucketed else 0.0}
 
 
 # ----------------------------------------------------------------------------- worker (GPU)
@@ -252,7 +269,8 @@ def build(key: str, system: str):
         import surogate
 
         recipe, options = tps.surogate_system(system)
-        options.pop("cuda_graphs", None)  # a driver option (micro_step_fn), not a compile option
+        options.pop("cuda_graphs", None)  # driver options (micro_step_fn), not compile options
+        options.pop("data_buckets", None)
         emulated = tps.recipe_of(system)[1]  # only when named: default_systems() has native recipes only
         return surogate.compile(model, recipe=recipe, lora=tps.lora_config(tps_key(key)), allow_emulation=emulated,
                                 **options)
@@ -262,13 +280,15 @@ def build(key: str, system: str):
     return model
 
 
-def micro_step_fn(model, system: str, accum: int):
+def micro_step_fn(model, system: str, accum: int, chosen: tuple[int, ...] = ()):
     """(`batch -> loss`, the GraphedStep or None): forward + backward of one micro-batch (loss / accum);
-    surogate systems replay it from CUDA graphs unless "+nograph", peers run eagerly."""
-    if system.startswith("surogate:") and tps.surogate_system(system)[1].get("cuda_graphs", True):
+    surogate systems replay it from CUDA graphs unless "+nograph" (their shapes: the `chosen` buckets, as
+    `surogate train` chooses them, unless "+pad128": every multiple of 128), peers run eagerly."""
+    options = tps.surogate_system(system)[1] if system.startswith("surogate:") else {}
+    if system.startswith("surogate:") and options.get("cuda_graphs", True):
         from surogate.training.graphed_step import GraphedStep
 
-        graphed = GraphedStep(model, loss_scale=1 / accum)
+        graphed = GraphedStep(model, loss_scale=1 / accum, buckets=chosen if options.get("data_buckets", True) else ())
         return (lambda batch: graphed(**batch)), graphed
 
     def eager(batch):
@@ -292,7 +312,9 @@ def worker(key: str, system: str, mode: str, steps: int, warmup: int, batch: int
 
     examples = load_examples(data, limit)
     timed_cpu = micro_batches(examples, mode, steps * accum, batch=batch, rows=rows, seq=seq, seed=seed)
-    warm_idx = warmup_indices(timed_cpu, accum, warmup)
+    data_buckets = system.startswith("surogate:") and tps.surogate_system(system)[1].get("data_buckets", True)
+    chosen = shape_buckets(timed_cpu, mode) if data_buckets else ()
+    warm_idx = warmup_indices(timed_cpu, accum, warmup, chosen)
     drop_mask = system.startswith("surogate:")  # right padding, labels -100: causal attention is exact
     gpu = [{k: v.cuda() for k, v in b.items() if not (drop_mask and k == "attention_mask")} for b in timed_cpu]
     tokens = [b.num_tokens for b in timed_cpu]
@@ -302,7 +324,7 @@ def worker(key: str, system: str, mode: str, steps: int, warmup: int, batch: int
     model = build(key, system)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
                             fused=True)
-    micro_step, graphed = micro_step_fn(model, system, accum)
+    micro_step, graphed = micro_step_fn(model, system, accum, chosen)
     state = {"first_step_s": None, "timed_s": 0.0, "timed_tokens": 0, "losses": [], "times": []}
 
     def run(indices: list[int], phase: str) -> None:
@@ -348,7 +370,7 @@ def worker(key: str, system: str, mode: str, steps: int, warmup: int, batch: int
         "graph_failure": graphed.failure if graphed else None, "loss_first": losses[0], "loss_last": losses[-1],
         "finite": all(map(math.isfinite, losses)),
         "data": str(data) if data else "bundled gsm8k/train.jsonl", "examples": len(examples),
-        **data_summary(timed_cpu),
+        **data_summary(timed_cpu, chosen),
     }
 
 
@@ -574,7 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)} "
                    f"(or another dense model of bench/tps.py by its key there: a Qwen3 size, or a name of its ARCHS)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list of padded, packed")
+    p.add_argument("--modes", default="padded,packed", help="comma list of padded, grouped (padded batches of "
+                   "similar lengths: group_by_length), packed")
     p.add_argument("--systems", default="all", help="comma list of hf_eager, hf_compile, liger, surogate:<recipe>"
                    "[+option], or 'all' (the peers and every recipe native on this GPU)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (each --accum micro-batches)")

@@ -306,7 +306,8 @@ def _host_model(config):
 # "+savefp8" keeps the FP8 copy of each FP8-forward LoRA linear's input for the backward (save_fp8_inputs=True, off by
 # default; "+nosavefp8" off explicitly; passes/save_fp8.py).
 # "+addmm" adds the LoRA term after a cuBLAS GEMM (qfp8's block-scaled GEMMs on sm_90) by cuBLAS's addmm_, as before
-# kernels/lora_add.py (cublas.LORA_ADD_KERNEL = False).
+# kernels/lora_add.py (cublas.LORA_ADD_KERNEL = False). "+pad128" (bench/sft.py's padded modes) pads each batch to a
+# multiple of 128 tokens instead of the CUDA graph lengths chosen from the data (training/buckets.py).
 SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False}, "noproducer": {"producer": False},
                     "ckpt": {"checkpoint": True}, "offload": {"checkpoint": "offload"},
                     "nograph": {"cuda_graphs": False}, "cpuload": {"cpu_load": True},
@@ -319,10 +320,11 @@ SUROGATE_OPTIONS = {"whole": {"regional": False}, "nohz": {"horizontal": False},
                     "catmasked": {"cat_slices": False}, "noswiglu": {"swiglu_op": False},
                     "graphgradquantize": {"op_grad_quantize": False}, "noswiglufwd": {"swiglu_forward_op": False},
                     "geglu": {"geglu": True}, "nogeglu": {"geglu": False}, "savefp8": {"save_fp8_inputs": True},
-                    "nosavefp8": {"save_fp8_inputs": False}, "addmm": {"lora_add_kernel": False}}
+                    "nosavefp8": {"save_fp8_inputs": False}, "addmm": {"lora_add_kernel": False},
+                    "pad128": {"data_buckets": False}}
 # Read by build() / the worker, not surogate.compile options.
 DRIVER_OPTIONS = ("cuda_graphs", "cpu_load", "persistent_sm90", "combo_kernels", "fp8_row_cublas", "cat_slices",
-                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu", "lora_add_kernel")
+                  "swiglu_op", "op_grad_quantize", "swiglu_forward_op", "geglu", "lora_add_kernel", "data_buckets")
 
 
 # "+ckpt67" / "+offload75": checkpointing of the first 67% / 75% of the blocks (1 to 99).

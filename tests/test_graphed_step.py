@@ -127,12 +127,29 @@ def test_rows_pad_to_their_bucket_and_shorter_rows_leave_no_trace():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_bucket_length_rule():
-    from surogate.training.graphed_step import bucket_length
+def test_padded_length_rule():
+    from surogate.training.buckets import padded_length
 
-    assert [bucket_length(n, 128) for n in (1, 127, 128, 129, 600)] == [128, 128, 128, 256, 640]
-    assert bucket_length(1000, 128, limit=1024) == 1024 and bucket_length(1000, 128, limit=1000) == 1000
-    assert bucket_length(77, 1) == 77
+    assert [padded_length(n, (), 128) for n in (1, 127, 128, 129, 600)] == [128, 128, 128, 256, 640]
+    assert padded_length(1000, (), 128, limit=1024) == 1024 and padded_length(1000, (), 128, limit=1000) == 1000
+    assert padded_length(77, (), 1) == 77
+    assert [padded_length(n, (16, 48), 128) for n in (1, 16, 17, 48, 49)] == [16, 16, 48, 48, 128]
+
+
+def test_given_buckets_decide_the_graphs_and_the_numbers_stay_those_of_the_rows():
+    """Buckets (6, 12): lengths 3 and 5 share the graph of 6, 9 gets 12, 13 (past them) the multiple of pad_to."""
+    model, ref = _pair()
+    batches = [_batches(1, shape=(2, n), seed=n)[0] for n in (5, 3, 9, 13)]
+    step = GraphedStep(model, capture=EagerCapture(), pad_to=8, buckets=[12, 6, 6])
+    assert step.buckets == (6, 12)
+    losses = [step(**b).clone() for b in batches]
+    assert sorted(g.inputs["labels"].shape[1] for g in step.graphs.values()) == [6, 12, 16]
+    for loss, b in zip(losses, batches):
+        torch.testing.assert_close(loss, ref(**b).loss.detach(), rtol=1e-6, atol=0)
+    for g, e in zip(_grads(model), _eager_grads(ref, batches, 1.0)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="buckets must be positive lengths"):
+        GraphedStep(model, capture=EagerCapture(), buckets=[0, 8])
 
 
 def test_shapes_past_max_graphs_run_eagerly_with_one_warning():

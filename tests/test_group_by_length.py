@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import save_tiny_model, tiny_raw_config
 
-from surogate.training import steps
+from surogate.training import buckets, steps
 from surogate.training.config import ConfigError, from_dict
 from surogate.training.data import ExampleRows, grouped_batch_rows, padding_share
 from surogate.training.train import train
@@ -57,11 +57,13 @@ def test_padded_rows_group_packed_rows_do_not_and_the_log_line_says_so():
     assert padding_share(LENGTHS, grouped) < padding_share(LENGTHS, plain)
     assert [b.tolist() for b in rows.batch_rows(8, group_by_length=True)] == \
         [b.tolist() for b in rows.batch_rows(8)]  # unshuffled (evaluation): in order
-    note = rows.padding_note(8, 0, 128, group_by_length=False)
+    note = rows.padding_note(8, 0, True, group_by_length=False)
     assert note.startswith("data: padded batches of 8: ") and "group_by_length: true would cut that to" in note
-    assert "would cut" not in rows.padding_note(8, 0, 128, group_by_length=True)
+    assert "lengths chosen from the data" in note
+    assert "would cut" not in rows.padding_note(8, 0, True, group_by_length=True)
+    assert "lengths chosen" not in rows.padding_note(8, 0, False, group_by_length=True)  # no CUDA graphs
     packed = ExampleRows([[1] * 10], [[1] * 10], [list(range(10))], 16)
-    assert packed.padding_note(8, 0, 128, True) is None
+    assert packed.padding_note(8, 0, True, True) is None
     assert [b.tolist() for b in packed.batch_rows(1, True, 0, group_by_length=True)] == [[0]]
 
 
@@ -78,6 +80,24 @@ def test_the_config_key_and_micro_batches(tmp_path):
     assert [s[1] for s in first] == [max(LENGTHS[i] for i in b.tolist()) for b in want]
     resumed = steps.MicroBatches(rows, cfg, epoch=0, index=5)
     assert next(resumed)["input_ids"].shape == first[5]
+    chosen = micro.shape_buckets()  # the CUDA graph lengths, from the widths of the first epoch's batches
+    assert chosen == buckets.choose([s[1] for s in first]) and 1 < len(chosen) <= buckets.MOST
+
+
+def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
+    from surogate.training import graphed_step
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, model, **kwargs):
+            made.update(kwargs)
+            self.buckets, self.pad_to, self.failure = kwargs["buckets"], 128, None
+
+    monkeypatch.setattr(graphed_step, "GraphedStep", Recorder)
+    cfg = from_dict({"cuda_graphs": "true"})
+    steps.MicroStep(torch.nn.Linear(2, 2), cfg, torch.device("cuda"), graphs=True, buckets=(96, 160))
+    assert made["buckets"] == (96, 160)
 
 
 @pytest.fixture(scope="module")

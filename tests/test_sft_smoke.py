@@ -56,6 +56,22 @@ def test_padded_batches_of_8_padded_per_batch(examples):
         assert (b["labels"][mask == 0] == IGNORE_INDEX).all()
 
 
+def test_grouped_batches_and_the_chosen_buckets_pad_less(examples):
+    """grouped: batches of similar lengths (group_by_length); surogate's CUDA graph lengths chosen from the widths
+    (buckets.choose) pad less than the 128-token multiples, and the warm-up meets each of them once first."""
+    padded = sft.micro_batches(examples, "padded", 8, batch=8, seed=0)
+    grouped = sft.micro_batches(examples, "grouped", 8, batch=8, seed=0)
+    assert sum(b.num_tokens for b in grouped) == sum(b.num_tokens for b in padded)  # the same epoch's rows
+    assert sft.data_summary(grouped)["pad_fraction"] < sft.data_summary(padded)["pad_fraction"] / 2
+    chosen = sft.shape_buckets(grouped, "grouped")
+    assert chosen and sft.shape_buckets(grouped, "packed") == ()
+    with_chosen, by_128 = sft.data_summary(grouped, chosen), sft.data_summary(grouped)
+    assert with_chosen["bucket_pad_fraction"] < by_128["bucket_pad_fraction"]
+    assert with_chosen["shape_buckets"] == list(chosen)
+    warm = sft.warmup_indices(grouped, 4, 1, chosen)
+    assert {sft.shape_key(grouped[i], chosen) for i in warm} == {sft.shape_key(b, chosen) for b in grouped}
+
+
 def test_packed_rows_keep_boundaries_within_4096(examples):
     batches = sft.micro_batches(examples, "packed", 3, rows=1, seq=4096, seed=0)
     assert all(b["input_ids"].shape == (1, 4096) for b in batches)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from surogate.training import buckets
 from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, hold_out,  # noqa: F401
                                           package_data_dir, read_jsonl_rows, read_split)
 from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
@@ -101,14 +102,19 @@ def grouped_batch_rows(lengths: list[int], batch_size: int, seed: int = 0,
     return [torch.tensor(b) for b in shuffled]
 
 
-def padding_share(lengths: list[int], batches: list[torch.Tensor], pad_to: int = 1) -> float:
+def batch_widths(lengths: list[int], batches: list[torch.Tensor]) -> list[int]:
+    """The width each batch of `batches` (row indices) is padded to: its longest row."""
+    return [max(lengths[i] for i in b.tolist()) for b in batches]
+
+
+def padding_share(lengths: list[int], batches: list[torch.Tensor], shape_buckets: tuple[int, ...] = (),
+                  pad_to: int = 1) -> float:
     """The share of the tokens computed that are padding when each batch of `batches` (row indices) is padded
-    to its longest row rounded up to a multiple of `pad_to` (GraphedStep's shape bucket)."""
+    to its longest row, then to GraphedStep's shape bucket (`buckets.padded_length`)."""
     real = computed = 0
-    for b in batches:
-        rows = [lengths[i] for i in b.tolist()]
-        real += sum(rows)
-        computed += -(-max(rows) // pad_to) * pad_to * len(rows)
+    for b, width in zip(batches, batch_widths(lengths, batches)):
+        real += sum(lengths[i] for i in b.tolist())
+        computed += buckets.padded_length(width, shape_buckets, pad_to) * len(b)
     return 1.0 - real / computed if computed else 0.0
 
 
@@ -174,15 +180,28 @@ class ExampleRows:
         for rows in self.batch_rows(batch_size, shuffle, seed, drop_last, group_by_length):
             yield self.batch(rows.tolist())
 
-    def padding_note(self, batch_size: int, seed: int, pad_to: int, group_by_length: bool) -> str | None:
-        """The log's line on the padding a padded layout computes over one epoch (None when packed)."""
+    def widths(self, batch_size: int, seed: int, group_by_length: bool = False) -> list[int]:
+        """The width of each shuffled batch of one epoch (seed `seed`, the last short batch left out where there
+        is a whole one): what `buckets.choose` picks CUDA graph shapes from."""
+        if self.packed:
+            return [self.seq_len] * max(1, len(self) // batch_size)
+        rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, group_by_length)
+        return batch_widths(list(map(len, self.input_ids)), rows)
+
+    def padding_note(self, batch_size: int, seed: int, graphs: bool, group_by_length: bool) -> str | None:
+        """The log's line on the padding a padded layout computes over one epoch (None when packed): each batch
+        padded to its longest row, and with CUDA `graphs` to the bucket `buckets.choose` picks for it."""
         if self.packed or not len(self):
             return None
         lengths = list(map(len, self.input_ids))
-        share = {g: padding_share(lengths, self.batch_rows(batch_size, True, seed, len(self) >= batch_size, g),
-                                  pad_to) for g in (False, True)}
+        share = {}
+        for g in (False, True):
+            rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, g)
+            chosen = buckets.choose(batch_widths(lengths, rows)) if graphs else ()
+            share[g] = padding_share(lengths, rows, chosen)
         line = (f"data: padded batches of {batch_size}: {share[group_by_length]:.0%} of the tokens computed are "
-                f"padding (each batch padded to its longest row, rounded up to a multiple of {pad_to})")
+                "padding (each batch padded to its longest row" + (", then to one of the CUDA graphs' lengths chosen "
+                                                                   "from the data)" if graphs else ")"))
         if not group_by_length and share[False] - share[True] >= 0.05:
             line += f"; group_by_length: true would cut that to {share[True]:.0%}"
         return line

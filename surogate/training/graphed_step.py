@@ -10,13 +10,16 @@ launches the whole micro-step at once.
     optimizer.step(); optimizer.zero_grad()
 
 Shape buckets: real data has rows of many lengths. Each call's sequence length is rounded up to
-the next multiple of `pad_to` (128 by default) and the row is padded to it (labels -100, so the loss
+the smallest of `buckets` it fits (lengths chosen from the data: `surogate.training.buckets.choose`, what
+`surogate train` passes for padded batches), else to the next multiple of `pad_to` (128 by default), and
+the row is padded to it (labels -100, so the loss
 and the gradients are those of the unpadded row: padding is appended after every real token, which
 causal attention never lets a real token see; `attention_mask` is padded with 0 and `position_ids`
 restart at 0, a segment of their own). One graph is captured per (batch size, bucket length, dtypes),
 up to `max_graphs`; later shapes run eagerly. All graphs share one memory pool (they never run at
 the same time), so the graphs of several buckets cost about the memory of the largest one, plus
-each graph's static inputs and loss. Padding costs compute: at most `pad_to - 1` tokens a row.
+each graph's static inputs and loss. Padding costs compute: up to the next bucket, or at most `pad_to - 1`
+tokens a row.
 
 The first call of a bucket runs `warmup` eager micro-steps (compilation, autotuning, cuBLAS
 workspaces), then captures; the gradients are as if only the real calls had run. If a capture
@@ -27,26 +30,19 @@ lives in the graph's memory: the next call overwrites it, so `.clone()` it to ke
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from surogate.training.buckets import padded_length
+
 PAD_TO = 128  # the default shape bucket: lengths rounded up to a multiple of this
 # Fill of each padded input (keys not listed pad with 0). position_ids pad with 0, 1, 2, ...
 PAD_VALUES = {"labels": -100, "attention_mask": 0, "input_ids": 0}
-
-
-def bucket_length(length: int, pad_to: int, limit: int | None = None) -> int:
-    """`length` rounded up to a multiple of `pad_to` (no padding past `limit`, e.g. a model's positions)."""
-    if pad_to <= 1:
-        return length
-    padded = math.ceil(length / pad_to) * pad_to
-    return length if limit is not None and padded > limit else padded
 
 
 class Capture(Protocol):
@@ -166,7 +162,8 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, loss_scale: float = 1.0, warmup: int = 2, capture=None,
-                 pad_to: int = PAD_TO, max_graphs: int = 16, strict: bool = False) -> None:
+                 pad_to: int = PAD_TO, max_graphs: int = 16, strict: bool = False,
+                 buckets: "Sequence[int] | None" = None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; attach LoRA (surogate.compile) first")
@@ -184,7 +181,11 @@ class GraphedStep:
         self.warmup = warmup
         self.capture_class = capture if isinstance(capture, type) else type(capture)
         self.pad_to, self.max_graphs, self.strict = pad_to, max_graphs, strict
+        if any(not isinstance(b, int) or b < 1 for b in buckets or ()):
+            raise ValueError(f"buckets must be positive lengths, got {list(buckets)}")
         self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = self.max_positions
+        self.buckets = tuple(sorted({b for b in buckets or () if limit is None or b <= limit}))  # none past positions
         self.shared: dict = {}  # the stream and memory pool every graph of this step uses
         self.graphs: dict[tuple, _Graph] = {}
         self.grads: list[Tensor] | None = None
@@ -208,7 +209,7 @@ class GraphedStep:
         if self.failure is not None:
             return self._eager(inputs)
         length = inputs["labels"].shape[-1]
-        padded = bucket_length(length, self.pad_to, self.max_positions)
+        padded = padded_length(length, self.buckets, self.pad_to, self.max_positions)
         key = _signature({k: v[:, :0] if _is_row(v, length) else v for k, v in inputs.items()}) + (padded,)
         graph = self.graphs.get(key)
         if graph is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surogate.training import distributed
+from surogate.training import buckets, distributed
 from surogate.training.config import TrainConfig
 from surogate.training.setup import Log, log_stderr
 
@@ -29,7 +29,7 @@ class MicroStep:
     micro-batch's own token mean."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, buckets: tuple[int, ...] = ()) -> None:
         self.model, self.mode, self.log = model, cfg.cuda_graphs, log
         self.loss_scale = 1.0 / cfg.gradient_accumulation_steps
         if self.mode == "true" and device.type != "cuda":
@@ -38,7 +38,7 @@ class MicroStep:
         if graphs and wants_cuda_graphs(cfg, device):
             from surogate.training.graphed_step import GraphedStep
 
-            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true")
+            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true", buckets=buckets)
         self._said = False
 
     def eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,8 +55,12 @@ class MicroStep:
         if not self._said:
             self._said = True
             if self.graphed.failure is None:
+                chosen = self.graphed.buckets
+                shapes = (f"rows padded to one of {len(chosen)} lengths chosen from the data, "
+                          f"{', '.join(map(str, chosen))}" if chosen else f"rows padded to a multiple of "
+                                                                          f"{self.graphed.pad_to}")
                 self.log("cuda_graphs: each micro-step (forward + backward) is captured and replayed as a CUDA "
-                         f"graph, one per shape bucket (rows padded to a multiple of {self.graphed.pad_to})")
+                         f"graph, one per shape bucket ({shapes})")
             else:
                 self.log(f"cuda_graphs: capture failed ({self.graphed.failure}); training without CUDA graphs")
         return loss
@@ -68,7 +72,9 @@ class MicroBatches:
     resumed run starts from. With `world` ranks these are the global micro-batches of `world` x
     `per_device_train_batch_size` rows, the same on every rank (each trains its `distributed.shard`):
     the order of one process with a batch `world` times larger. `cfg.group_by_length` batches padded rows of
-    similar lengths together (`data.grouped_batch_rows`)."""
+    similar lengths together (`data.grouped_batch_rows`); `shape_buckets` are the CUDA graph lengths chosen
+    from the widths of its first epoch's batches (padded rows; later epochs have other batches of the same
+    rows)."""
 
     def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0, world: int = 1) -> None:
         self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
@@ -95,6 +101,11 @@ class MicroBatches:
                 return batch
             self.epoch, self.index, self._it = self.epoch + 1, 0, None
         raise RuntimeError("the train split yields no batch")
+
+    def shape_buckets(self) -> tuple[int, ...]:
+        if getattr(self.dataset, "packed", True):  # packed rows (and TokenDataset) have one shape
+            return ()
+        return buckets.choose(self.dataset.widths(self.batch_size, self.seed, self.group_by_length))
 
     @property
     def left_out(self) -> int:

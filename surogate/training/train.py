@@ -46,7 +46,6 @@ from surogate.training import (
     train_checks,
 )
 from surogate.training.config import TrainConfig, load_config
-from surogate.training.graphed_step import PAD_TO
 from surogate.training.outputs import TrainResult, counted
 from surogate.training.setup import Log, log_stderr
 
@@ -252,7 +251,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             f"{'is' if micro.left_out == 1 else 'are'} left out of each (others each epoch: the order is reshuffled)")
     if cfg.group_by_length and train_set.packed:
         log("group_by_length: no effect with sample_packing: true (every packed row has sequence_len tokens)")
-    padding = train_set.padding_note(micro.batch_size, cfg.seed, PAD_TO if graphs else 1, cfg.group_by_length)
+    padding = train_set.padding_note(micro.batch_size, cfg.seed, graphs, cfg.group_by_length)
     if padding:
         log(padding)
     total = _total_steps(cfg, micro.per_epoch)
@@ -329,7 +328,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             run_eval(0)
         if state is not None:
             checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
-        micro_step = steps.MicroStep(model, cfg, device, log, graphs=graphs)
+        micro_step = steps.MicroStep(model, cfg, device, log, graphs=graphs, buckets=micro.shape_buckets())
         params = setup.trainable_parameters(model)
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
