@@ -55,8 +55,10 @@ def test_padded_rows_group_packed_rows_do_not_and_the_log_line_says_so():
     assert [b.tolist() for b in grouped] == [b.tolist() for b in grouped_batch_rows(LENGTHS, 8, 0)]
     plain = rows.batch_rows(8, shuffle=True, seed=0)
     assert padding_share(LENGTHS, grouped) < padding_share(LENGTHS, plain)
-    assert [b.tolist() for b in rows.batch_rows(8, group_by_length=True)] == \
-        [b.tolist() for b in rows.batch_rows(8)]  # unshuffled (evaluation): in order
+    longest_first = rows.batch_rows(8, group_by_length=True)  # unshuffled (evaluation): longest first
+    assert sorted(torch.cat(longest_first).tolist()) == list(range(len(LENGTHS)))
+    widths = [max(LENGTHS[i] for i in b.tolist()) for b in longest_first]
+    assert widths == sorted(widths, reverse=True) and padding_share(LENGTHS, longest_first) < 0.05
     note = rows.padding_note(8, 0, True, group_by_length=False)
     assert note.startswith("data: padded batches of 8: ") and "group_by_length: true would cut that to" in note
     assert "lengths chosen from the data" in note
@@ -128,6 +130,20 @@ def test_a_grouped_run_logs_its_padding_and_resumes_exactly(model_dir, tmp_path,
         train(from_dict(tiny_raw_config(model_dir, tmp_path / "cut", **{**extra, "group_by_length": False,
                                                                         "max_steps": 4},
                                         resume_from_checkpoint=True)), log=lambda line: None)
+
+
+def test_evaluation_batches_padded_rows_longest_first_and_the_loss_is_the_same(model_dir):
+    """steps.evaluate's token-weighted mean over length-sorted batches equals the mean over the rows one by one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 100, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (9,), generator=g)]
+    rows = ExampleRows(ids, ids, None, 64)
+    got = steps.evaluate(model, rows, 4, torch.device("cpu"))
+    single = [(steps.predicted_tokens(rows.batch([i])), model(**rows.batch([i])).loss) for i in range(len(rows))]
+    want = sum(float(loss) * n for n, loss in single) / sum(n for n, _ in single)
+    assert abs(got - want) < 1e-5
 
 
 def test_packed_runs_say_grouping_has_no_effect(model_dir, tmp_path, monkeypatch):

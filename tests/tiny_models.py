@@ -27,7 +27,15 @@ def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
         config = Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     else:
         config = Qwen3Config(**shape) if arch == "qwen3" else LlamaConfig(**shape)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would land in tests' captured stderr
+    try:
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
     return path
 
 

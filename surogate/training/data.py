@@ -167,10 +167,16 @@ class ExampleRows:
 
     def batch_rows(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                    group_by_length: bool = False) -> list[torch.Tensor]:
-        """Row indices of each batch: `batch_rows`, or for padded rows with `group_by_length` (and `shuffle`)
-        `grouped_batch_rows` (packed rows all have `seq_len` tokens: nothing to group)."""
-        if group_by_length and shuffle and not self.packed:
-            return grouped_batch_rows(list(map(len, self.input_ids)), batch_size, seed, drop_last)
+        """Row indices of each batch: `batch_rows`; for padded rows with `group_by_length`, `grouped_batch_rows`
+        when shuffled (training), the rows longest first when not (evaluation, whose token-weighted mean does
+        not depend on the order). Packed rows all have `seq_len` tokens: nothing to group."""
+        if group_by_length and not self.packed:
+            lengths = list(map(len, self.input_ids))
+            if shuffle:
+                return grouped_batch_rows(lengths, batch_size, seed, drop_last)
+            order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+            stop = len(order) - len(order) % batch_size if drop_last else len(order)
+            return [torch.tensor(order[i:i + batch_size]) for i in range(0, stop, batch_size)]
         return list(batch_rows(len(self), batch_size, shuffle, seed, drop_last))
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,

@@ -180,14 +180,17 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
     `world` > 1 (a job of several processes; every rank calls it with the same `dataset`): each global
     batch of `world` x `batch_size` rows is split over the ranks, each runs its rows (padding rows
     included, so that FSDP's gathers match), and the token sums and counts are added over the ranks:
-    the result equals one process's with `world` x `batch_size` rows a batch.
+    the result equals one process's with `world` x `batch_size` rows a batch. Padded example rows are batched
+    longest first (`group_by_length`): the mean does not depend on the order, and batches of similar lengths
+    compute little padding.
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     rows = batch_size * world
+    grouped = {"group_by_length": True} if not getattr(dataset, "packed", True) else {}  # TokenDataset: no such
     try:
-        for batch in dataset.batches(rows):
+        for batch in dataset.batches(rows, **grouped):
             batch = _pad_rows(batch, rows)
             if world > 1:
                 batch = distributed.shard(batch)
