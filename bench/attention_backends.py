@@ -13,9 +13,6 @@ Writes attention_backends_<gpu>.json / .md with the GPU, versions and commit.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
+from microbench import command_line, write_results  # noqa: E402
 
 # name: (query heads, key/value heads, head dim)
 SHAPES = {
@@ -127,13 +126,7 @@ def reference(b, s, h, hkv, d):
 
 def main() -> None:
     torch._dynamo.config.recompile_limit = 256  # one FlexAttention graph per shape measured
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--shapes", default=",".join(SHAPES), help="names from SHAPES, comma-separated")
-    args = p.parse_args()
-    from surogate.training.info import run_record
-
-    env = run_record(str(Path(__file__).resolve().parent))
+    args, env = command_line(__doc__, "--shapes", default=",".join(SHAPES), help="names from SHAPES, comma-separated")
     rows = []
     kinds = [("flash", False), ("cudnn", False), ("cudnn", True), ("efficient", False), ("flex", False)]
     for name in args.shapes.split(","):
@@ -151,10 +144,6 @@ def main() -> None:
                 print(f"{name:36s} {b}x{s:<5d} {label:22s} {cell}", flush=True)
             del ref
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"attention_backends_{tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     lines = [f"# Causal attention forward / forward+backward by backend ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, commit {env.get('commit')}; bf16, do_bench; rel. error vs FP32 math.", "",
              "| heads (q, kv, d) | rows | backend | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out / dq |",
@@ -167,7 +156,7 @@ def main() -> None:
         lines.append(f"| {r['shape']} {tuple(r['heads'])} | {r['batch']}x{r['seq']} | {r['backend']} | "
                      f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | "
                      f"{r['rel_err']['out']:.1e} / {r['rel_err']['dq']:.1e} |")
-    (out / f"attention_backends_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "attention_backends", env, {"rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ Errors are relative (Frobenius) against transformers' rule in FP32 without TF32.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
+from microbench import command_line, write_results  # noqa: E402
 
 MODULE = "transformers.models.qwen3_5.modeling_qwen3_5"
 # name: (heads, key head dim, value head dim)
@@ -99,13 +99,8 @@ def profile(run, inputs, grad, top: int = 15) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--profile", action="store_true", help="the op's kernels by CUDA time at the first shape and row")
-    args = p.parse_args()
-    from surogate.training.info import run_record
-
-    env = run_record(str(Path(__file__).resolve().parent))
+    args, env = command_line(__doc__, "--profile", action="store_true",
+                             help="the op's kernels by CUDA time at the first shape and row")
     systems, rows = _systems(), []
     for name, (h, dk, dv) in SHAPES.items():
         for b, s in ROWS:
@@ -128,10 +123,6 @@ def main() -> None:
         kernels = profile(systems["surogate op (as compiled)"], *_inputs(b, s, h, dk, dv))
         for k in kernels:
             print(f"{k['share']:6.1%} {k['cuda_ms']:8.3f} ms {k['calls']:5d} x  {k['kernel']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"delta_rule_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "profile": kernels}, indent=1))
     lines = [f"# Gated delta rule, forward / forward + backward ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; "
              "relative error against transformers' rule in FP32 (no TF32).", "",
@@ -146,7 +137,7 @@ def main() -> None:
         lines += ["", f"The op's forward + backward at {h} heads of {dk}, {b} x {s}: kernels by CUDA time", "",
                   "| share | CUDA ms | calls | kernel |", "|---|---|---|---|"]
         lines += [f"| {k['share']:.1%} | {k['cuda_ms']:.3f} | {k['calls']} | `{k['kernel']}` |" for k in kernels]
-    (out / f"delta_rule_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "delta_rule", env, {"rows": rows, "profile": kernels}, lines)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ cuBLAS one (the same bf16 values; FP32 sums in another order). Writes grad_lora_
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
+from microbench import command_line, write_results  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 12288), (16384, 4096), (16384, 12288)]  # (M, K)
 RANK = 16
@@ -79,13 +79,9 @@ def main() -> None:
     from triton.testing import do_bench
 
     from surogate.kernels.reference import input_quantizer
-    from surogate.training.info import run_record
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--sweep", action="store_true", help="also time the kernel at other launch configs")
-    args = p.parse_args()
-    env = run_record(str(Path(__file__).resolve().parent))
+    args, env = command_line(__doc__, "--sweep", action="store_true",
+                             help="also time the kernel at other launch configs")
     rows = []
     for fmt, layout in (("fp8_row", "row scales (fp8)"), ("fp8_block", "1 x 128 scales (qfp8)")):
         systems = _systems(fmt)
@@ -108,10 +104,6 @@ def main() -> None:
             del x, gh, data, scale, outs, inputs
             torch.cuda.empty_cache()
     sweep = _sweep() if args.sweep else []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"grad_lora_fp8_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
     lines = [f"# LoRA A's gradient from the bf16 input or its FP8 copy ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
              "GB/s of the bytes each must read (x, gh); rel: the kernel against rebuild + cuBLAS (same bf16 values).",
@@ -126,7 +118,7 @@ def main() -> None:
             lines.append(f"| {r['format']} | {r['M']} | {r['K']} | {r['block_m']} | {r['num_warps']} | "
                          f"{r['num_stages']} | {r['programs']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
                          f"{r['rel']:.1e} |")
-    (out / f"grad_lora_fp8_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "grad_lora_fp8", env, {"rows": rows, "sweep": sweep}, lines)
 
 
 if __name__ == "__main__":

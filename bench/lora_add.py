@@ -12,15 +12,15 @@ other launch configs (`lora_add.Config`), each checked so. Writes lora_add_<gpu>
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
+from microbench import command_line, write_results  # noqa: E402
 
 ROWS = (4096, 16384)
 OUTPUTS = (4096, 6144, 12288, 24576)
@@ -49,13 +49,9 @@ def main() -> None:
     from triton.testing import do_bench
 
     from surogate.kernels.lora_add import DEFAULT, Config, lora_add_
-    from surogate.training.info import run_record
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--sweep", action="store_true", help="also time the kernel at other launch configs")
-    args = p.parse_args()
-    env = run_record(str(Path(__file__).resolve().parent))
+    args, env = command_line(__doc__, "--sweep", action="store_true",
+                             help="also time the kernel at other launch configs")
     systems = {"cuBLAS addmm_": lambda out, h, u, c: out.addmm_(h, u.t(), alpha=LORA_SCALE),
                "lora_add_": lambda out, h, u, c: lora_add_(out, h, u, None, LORA_SCALE, c)}
     rows, sweep = [], []
@@ -82,10 +78,6 @@ def main() -> None:
             print(f"sweep M={m} N={n}: best {best}", flush=True)
         del out, work, hidden, up, exact
         torch.cuda.empty_cache()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out_dir / f"lora_add_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
     lines = [f"# The LoRA term added into a GEMM output: cuBLAS addmm_ vs kernels/lora_add.py ({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
              f"default config {DEFAULT}; GB/s of the bytes each must move (the output read and written, H, U); "
@@ -100,7 +92,7 @@ def main() -> None:
         lines += [f"| {r['M']} | {r['N']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['ms'] * 1e3:.1f} | "
                   f"{r['GB/s']:.0f} | {r['rounded_once']:.4f} |"
                   for r in sorted(sweep, key=lambda r: (r["M"], r["N"], r["ms"]))]
-    (out_dir / f"lora_add_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "lora_add", env, {"rows": rows, "sweep": sweep}, lines)
 
 
 if __name__ == "__main__":

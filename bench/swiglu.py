@@ -13,14 +13,14 @@ Inductor's approximate division moves an exact tie (tests/gpu/test_producer_gpu.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
+from microbench import command_line, write_results  # noqa: E402
 
 # name: (intermediate size, gate activation)
 MLPS = {"Qwen3-0.6B": (3072, "silu"), "Qwen3-8B": (12288, "silu"), "Llama-3-8B": (14336, "silu"),
@@ -109,13 +109,8 @@ def _sweep() -> list[dict]:
 def main() -> None:
     from triton.testing import do_bench
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--sweep", action="store_true", help="also time the op's kernel at other tile configs (8B, M=4096)")
-    args = p.parse_args()
-    from surogate.training.info import run_record
-
-    env = run_record(str(Path(__file__).resolve().parent))
+    args, env = command_line(__doc__, "--sweep", action="store_true",
+                             help="also time the op's kernel at other tile configs (8B, M=4096)")
     rows = []
     for name, (inter, activation) in MLPS.items():
         for m in ROWS:
@@ -146,10 +141,6 @@ def main() -> None:
             del dh, gate_up, outs
             torch.cuda.empty_cache()
     sweep = _sweep() if args.sweep else []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = env.get("gpu", "gpu").split()[-1].lower()
-    (out / f"swiglu_{tag}.json").write_text(json.dumps({"env": env, "rows": rows, "sweep": sweep}, indent=1))
     lines = [f"# SwiGLU backward (+ qfp8's 1 x 128 gradient quantize) and forward (+ h's): Inductor vs surogate's ops "
              f"({env.get('gpu')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; GB/s of "
@@ -166,7 +157,7 @@ def main() -> None:
         lines += ["", "The op's kernel at other tile configs (Qwen3-8B, M = 4096, with the quantize)", "",
                   "| TILE_M | num_warps | us |", "|---|---|---|"]
         lines += [f"| {r['TILE_M']} | {r['num_warps']} | {r['ms'] * 1e3:.1f} |" for r in sweep]
-    (out / f"swiglu_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "swiglu", env, {"rows": rows, "sweep": sweep}, lines)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,18 @@ def test_no_bench_script_shadows_an_installed_module():
     taken = [s.stem for s in bench.glob("*.py")
              if any(importlib.machinery.PathFinder.find_spec(s.stem, [p]) for p in path if p)]
     assert taken == [], taken
+
+
+def test_microbench_command_line_and_result_files(tmp_path, monkeypatch) -> None:
+    """bench/microbench.py, which the GPU microbenchmarks (lora_add, grad_lora_fp8, swiglu, delta_rule,
+    attention_backends) share: --out and the script's own option; <stem>_<gpu>.json / .md in --out."""
+    mb = load_bench("microbench")
+    for script in ("lora_add", "grad_lora_fp8", "swiglu", "delta_rule", "attention_backends"):
+        assert "command_line(__doc__" in (REPO / "bench" / f"{script}.py").read_text()
+    monkeypatch.setattr(sys, "argv", ["x.py", "--out", str(tmp_path), "--sweep"])
+    args, env = mb.command_line("One line.\n\nMore.", "--sweep", action="store_true")
+    assert args.sweep and args.out == str(tmp_path) and "commit" in env
+    md = mb.write_results(args.out, "thing", {"gpu": "NVIDIA H200", "commit": "abc"}, {"rows": [1, 2]}, ["# t", "x"])
+    assert md == tmp_path / "thing_h200.md" and md.read_text() == "# t\nx\n"
+    saved = json.loads((tmp_path / "thing_h200.json").read_text())
+    assert saved == {"env": {"gpu": "NVIDIA H200", "commit": "abc"}, "rows": [1, 2]}

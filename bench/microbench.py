@@ -1,0 +1,33 @@
+"""What bench/'s GPU microbenchmarks share (lora_add, grad_lora_fp8, swiglu, delta_rule, attention_backends): their
+command line (--out and one option of their own) and their result files, <stem>_<gpu>.json and .md in --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def command_line(doc: str, *option: str, **option_kwargs) -> tuple[argparse.Namespace, dict]:
+    """(the parsed arguments, the run record: GPU, versions, commit). `option` and `option_kwargs` are the script's
+    own option, as `ArgumentParser.add_argument` takes them."""
+    from surogate.training.info import run_record
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument(*option, **option_kwargs)
+    return p.parse_args(), run_record(str(HERE))
+
+
+def write_results(out: "str | Path", stem: str, env: dict, payload: dict, lines: list[str]) -> Path:
+    """`{"env": env, **payload}` as <out>/<stem>_<gpu>.json and `lines` as the .md beside it (the GPU's last word,
+    "h200"); returns the .md's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = env.get("gpu", "gpu").split()[-1].lower()
+    (out / f"{stem}_{tag}.json").write_text(json.dumps({"env": env, **payload}, indent=1))
+    md = out / f"{stem}_{tag}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
