@@ -411,6 +411,9 @@ def test_check_catches_a_missing_or_slower_mma_class_and_wrong_operands():
     assert "expected no MMA" in quant.check(_build({"HMMA.16816.F32.BF16": 1}, "sm_89"))[0]
     failed = Build("k", "sm_90", "sm_90a", error="PTXASError: out of registers")
     assert "does not compile" in fp8.check(failed)[0]
+    streaming = KernelSpec("k", None, {}, {}, (), Compute.BF16, streaming=True)  # lora_add: any tensor-core MMA
+    assert streaming.check(_build({"HMMA.16816.F32.BF16": 8}, "sm_90")) == []
+    assert "expected a tensor-core MMA" in streaming.check(_build({}, "sm_90"))[0]
 
 
 def test_request_specializes_ones_and_marks_16_divisible_args():

@@ -70,6 +70,9 @@ class KernelSpec:
     # A kernel of the LoRA branch beside plan()'s GEMMs (A's gradient from the FP8 copy, kernels/grad_lora_fp8.py;
     # the LoRA term added after a cuBLAS GEMM, kernels/lora_add.py): `recipes` are those that run it, on every arch.
     lora_branch: bool = False
+    # A memory-bound pass whose MMA is a small side product (lora_add's rank-r term over a streamed output tile): any
+    # tensor-core class does (its small tiles take mma.sync, not wgmma, on sm_90 and sm_100), FMA does not.
+    streaming: bool = False
 
     def recipes_on(self, arch: str) -> tuple[str, ...]:
         """The recipes that run this kernel on `arch` (a dense GEMM: from the plan, refused plans excluded)."""
@@ -114,7 +117,10 @@ class KernelSpec:
         found = set(build.mma_classes)
         if expected is None and found:
             problems.append(f"expected no MMA, found {sorted(found)}")
-        if expected is not None:
+        if expected is not None and self.streaming:
+            if not found:
+                problems.append(f"expected a tensor-core MMA, found {sorted(found) or 'no MMA'}")
+        elif expected is not None:
             if expected not in found:
                 problems.append(f"expected {expected}, found {sorted(found) or 'no MMA'}")
             slow = found & SLOW_MMA[build.arch]
@@ -541,7 +547,7 @@ def _lora_branch_specs() -> list[KernelSpec]:
                        MappingProxyType(dict(HAS_LORA=True, HAS_BIAS=False, INTERPRET=False,
                                              BLOCK_M=la.DEFAULT.block_m, BLOCK_N=la.DEFAULT.block_n,
                                              BLOCK_R=la.block_r(r))),
-                       ("bf16", "fp8", "qfp8"), Compute.BF16, lora_branch=True,
+                       ("bf16", "fp8", "qfp8"), Compute.BF16, lora_branch=True, streaming=True,
                        ints=MappingProxyType(dict(M=m, N=6 * SHAPE["K"], R=r, stride_om=6 * SHAPE["K"], stride_hm=r,
                                                   stride_hr=1, stride_un=r, stride_ur=1)),
                        config=lambda arch: dict(num_warps=la.DEFAULT.num_warps, num_stages=1),
