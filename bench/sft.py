@@ -40,8 +40,10 @@ all --steps optimizer steps. Counted over the timed steps only:
 - recompiles: `torch._dynamo.utils.counters["stats"]["unique_graphs"]` (graphs Dynamo compiled; every
   recompilation and every graph break adds one; present in torch 2.0 to 2.13). frames_compiled is
   `counters["frames"]["ok"]` (frames converted), recorded beside it.
-peak_gib is the whole run's max_memory_allocated; first_step_s the time from the start of model build to
-the end of the first optimizer step (compilation included; disk caches of earlier subprocesses help).
+step_s is the median timed optimizer step, step_times_s each of them (the same batches for every system: an
+outlier shows there). peak_gib is the whole run's max_memory_allocated; first_step_s the time from the start of
+model build to the end of the first optimizer step (compilation included; disk caches of earlier subprocesses
+help).
 
 Writes bench/results/sft.json (one record per (model, system, mode)), sft.md (speed-up of each surogate
 recipe over the best peer per (model, mode), and the targets: padded, every native recipe >= 1.5x the
@@ -364,7 +366,8 @@ def worker(key: str, system: str, mode: str, steps: int, warmup: int, batch: int
         "autotune_runs": tuning.stats()["tuning_runs"] - tuned0,
         "recompiles": counters["stats"]["unique_graphs"] - graphs0,
         "frames_compiled": counters["frames"]["ok"] - frames0, "autotune_runs_warmup": tuned0,
-        "step_s": statistics.median(state["times"]), "steps": steps, "warmup_micro_batches": len(warm_idx),
+        "step_s": statistics.median(state["times"]), "step_times_s": state["times"], "steps": steps,
+        "warmup_micro_batches": len(warm_idx),
         "cuda_graphs": len(graphed.graphs) if graphed else 0,
         "eager_calls": (graphed.eager_calls - eager0) if graphed else None,
         "graph_failure": graphed.failure if graphed else None, "loss_first": losses[0], "loss_last": losses[-1],
