@@ -98,7 +98,7 @@ def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
 
     monkeypatch.setattr(graphed_step, "GraphedStep", Recorder)
     cfg = from_dict({"cuda_graphs": "true"})
-    steps.MicroStep(torch.nn.Linear(2, 2), cfg, torch.device("cuda"), graphs=True, buckets=(96, 160))
+    steps.MicroStep(torch.nn.Linear(2, 2), cfg, torch.device("cuda"), graphs=True, shape_buckets=(96, 160))
     assert made["buckets"] == (96, 160)
 
 

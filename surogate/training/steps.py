@@ -29,7 +29,7 @@ class MicroStep:
     micro-batch's own token mean."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, log: Log = log_stderr,
-                 graphs: bool = True, buckets: tuple[int, ...] = ()) -> None:
+                 graphs: bool = True, shape_buckets: tuple[int, ...] = ()) -> None:
         self.model, self.mode, self.log = model, cfg.cuda_graphs, log
         self.loss_scale = 1.0 / cfg.gradient_accumulation_steps
         if self.mode == "true" and device.type != "cuda":
@@ -38,7 +38,8 @@ class MicroStep:
         if graphs and wants_cuda_graphs(cfg, device):
             from surogate.training.graphed_step import GraphedStep
 
-            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true", buckets=buckets)
+            self.graphed = GraphedStep(model, loss_scale=self.loss_scale, strict=self.mode == "true",
+                                       buckets=shape_buckets)
         self._said = False
 
     def eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,6 +104,8 @@ class MicroBatches:
         raise RuntimeError("the train split yields no batch")
 
     def shape_buckets(self) -> tuple[int, ...]:
+        """The CUDA graph lengths for these micro-batches (`buckets.choose` over the first epoch's batch widths);
+        none for packed rows, which have one shape."""
         if getattr(self.dataset, "packed", True):  # packed rows (and TokenDataset) have one shape
             return ()
         return buckets.choose(self.dataset.widths(self.batch_size, self.seed, self.group_by_length))

@@ -329,7 +329,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         if state is not None:
             checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
         micro_step = steps.MicroStep(model, cfg, device, log, graphs=graphs,
-                                     buckets=micro.shape_buckets() if graphs else ())
+                                     shape_buckets=micro.shape_buckets() if graphs else ())
         params = setup.trainable_parameters(model)
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
