@@ -20,11 +20,6 @@ ALIGN = 16  # bucket lengths are multiples of this (GEMM rows, attention tiles)
 _CANDIDATES = 256  # distinct widths the search takes at most (coarser alignment beyond: O(most x candidates^2))
 
 
-def _aligned(width: int, align: int, limit: int | None) -> int:
-    padded = -(-width // align) * align
-    return width if limit is not None and padded > limit else padded
-
-
 def choose(widths: Sequence[int], most: int = MOST, align: int = ALIGN, limit: int | None = None) -> tuple[int, ...]:
     """At most `most` bucket lengths (ascending, multiples of `align`, none past `limit` but a width itself)
     minimising the padding `widths` (one per batch, equal rows each) get when each is padded to the smallest
@@ -33,10 +28,10 @@ def choose(widths: Sequence[int], most: int = MOST, align: int = ALIGN, limit: i
         raise ValueError(f"most and align must be >= 1, got {most} and {align}")
     if not widths:
         return ()
-    counts = Counter(_aligned(w, align, limit) for w in widths)
+    counts = Counter(padded_length(w, (), align, limit) for w in widths)  # each width on the grid of `align`
     while len(counts) > _CANDIDATES:  # very long rows: a coarser grid keeps the search quick
         align *= 2
-        counts = Counter(_aligned(w, align, limit) for w in widths)
+        counts = Counter(padded_length(w, (), align, limit) for w in widths)
     values = sorted(counts)
     k = len(values)
     n_below, sum_below = [0], [0]  # prefix sums: batches, and their widths, below each value

@@ -174,9 +174,8 @@ class ExampleRows:
             lengths = list(map(len, self.input_ids))
             if shuffle:
                 return grouped_batch_rows(lengths, batch_size, seed, drop_last)
-            order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-            stop = len(order) - len(order) % batch_size if drop_last else len(order)
-            return [torch.tensor(order[i:i + batch_size]) for i in range(0, stop, batch_size)]
+            order = torch.tensor(sorted(range(len(lengths)), key=lambda i: -lengths[i]), dtype=torch.long)
+            return [order[b] for b in batch_rows(len(order), batch_size, drop_last=drop_last)]
         return list(batch_rows(len(self), batch_size, shuffle, seed, drop_last))
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
