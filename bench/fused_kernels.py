@@ -241,12 +241,24 @@ def _input_q(c, recipe):
     return None
 
 
-def _op_dgrad(c, gh, name):
+def _grad_q(c, recipe):
+    """The output gradient as the FP8 dgrad's producer would hand it over (grad_producer: the SwiGLU / attention
+    backward quantizing what it writes): [data, scale] in the route's format; None for bf16."""
+    if recipe == "fp8":
+        return list(q.quantize_fp8_rowwise(c["go"], "e5m2")[:2])
+    if recipe == "qfp8":
+        return list(q.quantize_fp8_block(c["go"], (1, 128), "e4m3"))
+    return None
+
+
+def _op_dgrad(c, gh, name, gq=None):
     """The whole dgrad: grad_output quantize (and the K-major weight copy for qfp8), the GEMM, the LoRA
-    term s * gh @ lora_a. gh = grad_output @ lora_b is the LoRA grads' (kernels/grad_lora.py), not timed."""
+    term s * gh @ lora_a. gh = grad_output @ lora_b is the LoRA grads' (kernels/grad_lora.py), not timed.
+    With `gq` the gradient arrives quantized, as from a fused producer (`_grad_q`)."""
     fmt, compute = WeightFormat(c["fmt"]), Compute(c["dg"])
     with engine(name):
-        return launch.grad_input_cuda(c["go"], c["wl"], fmt, compute, c["x"].shape[1], gh, c["a"].bfloat16(), SCALE)
+        return launch.grad_input_cuda(c["go"], c["wl"], fmt, compute, c["x"].shape[1], gh, c["a"].bfloat16(), SCALE,
+                                      gq=gq)
 
 
 def _cublas_alone(c, recipe):
@@ -356,9 +368,11 @@ def bench_persistent(models: list[str], recipes: list[str], ms: list[int]) -> li
                         for d in ("fwd", "dgrad"):
                             row[f"triton_{d}_ms"] = row[f"current_{d}_ms"]
                     xq = _input_q(c, recipe)
-                    if xq is not None:  # the forward as the compiled model runs it behind a fused producer
+                    if xq is not None:  # the forward and dgrad as the compiled model runs them behind fused producers
+                        gq = _grad_q(c, recipe)
                         for name in ("current", "persistent"):
                             row[f"{name}_fwd_q_ms"] = _time(lambda: _op_fwd(c, name, xq))
+                            row[f"{name}_dgrad_q_ms"] = _time(lambda: _op_dgrad(c, gh, name, gq))
                     p_fwd, c_fwd = _op_fwd(c, "persistent"), _op_fwd(c, "current")
                     p_dgrad, c_dgrad = _op_dgrad(c, gh, "persistent"), _op_dgrad(c, gh, "current")
                     row["sqnr_vs_current"] = dict(fwd=sqnr(p_fwd, c_fwd), dgrad=sqnr(p_dgrad, c_dgrad))
@@ -366,7 +380,7 @@ def bench_persistent(models: list[str], recipes: list[str], ms: list[int]) -> li
                     row["nonfinite"] = {name: [int((~torch.isfinite(t)).sum()) for t in ts] for name, ts in
                                         (("persistent", (p_fwd, p_dgrad)), ("current", (c_fwd, c_dgrad)))}
                     row["persistent_configs"] = _persistent_picks(m, [(n, k), (k, n)])
-                    for d, base in (("fwd", "fwd"), ("dgrad", "dgrad"), ("fwd_q", "fwd")):
+                    for d, base in (("fwd", "fwd"), ("dgrad", "dgrad"), ("fwd_q", "fwd"), ("dgrad_q", "dgrad")):
                         if f"persistent_{d}_ms" in row:
                             row[f"persistent_{d}_vs_cublas"] = row[f"cublas_{base}_ms"] / row[f"persistent_{d}_ms"]
                     rows.append(row)
@@ -382,9 +396,9 @@ def _persistent_row_text(r: dict) -> str:
                          f"({r[f'persistent_{d}_vs_cublas']:.2f}x cublas, "
                          f"{r[f'triton_{d}_ms'] / r[f'persistent_{d}_ms']:.2f}x triton)"
                          for d in ("fwd", "dgrad"))
-            + (f" | fwd, input from a producer: current {r['current_fwd_q_ms']:.3f} persistent "
-               f"{r['persistent_fwd_q_ms']:.3f} ({r['persistent_fwd_q_vs_cublas']:.2f}x cublas)"
-               if "persistent_fwd_q_ms" in r else "")
+            + "".join(f" | {d}, {what} from a producer: current {r[f'current_{d}_q_ms']:.3f} persistent "
+                      f"{r[f'persistent_{d}_q_ms']:.3f} ({r[f'persistent_{d}_q_vs_cublas']:.2f}x cublas)"
+                      for d, what in (("fwd", "input"), ("dgrad", "gradient")) if f"persistent_{d}_q_ms" in r)
             + f" | SQNR vs current {r['sqnr_vs_current']['fwd']:.1f}/{r['sqnr_vs_current']['dgrad']:.1f} dB"
             + (f" | non-finite {r['nonfinite']}" if any(sum(v) for v in r.get("nonfinite", {}).values()) else "")
             + (f" | configs: {'; '.join(r['persistent_configs'])}" if r.get("persistent_configs") else ""))
@@ -397,22 +411,24 @@ def persistent_markdown(meta: dict, rows: list[dict], valid: dict) -> str:
              "_scaled_mm rowwise, block-scaled scaled_mm). current / triton / persistent: the whole op (fwd: "
              "LoRA hidden GEMM + quantize + GEMM + LoRA; dgrad: quantize (+ K-major copy for qfp8) + GEMM + "
              "LoRA). fwd q: the forward with its input quantized by a fused producer (`input_q`: what the "
-             "compiled model runs behind RMSNorm / SwiGLU), current / persistent. xC = cuBLAS ms / persistent ms "
-             "(the target: >= 1.0).", "",
+             "compiled model runs behind RMSNorm / SwiGLU), current / persistent; dgrad q: the dgrad with its "
+             "gradient quantized by a fused producer (grad_producer: SwiGLU / attention backward). xC = cuBLAS ms / "
+             "persistent ms (the target: >= 1.0).", "",
              "| model | linear | M | recipe | fwd cuBLAS | fwd current | fwd triton | fwd persistent (xC) | "
              "dgrad cuBLAS | dgrad current | dgrad triton | dgrad persistent (xC) | fwd q current | "
-             "fwd q persistent (xC) | SQNR vs current |",
-             "|" + "---|" * 15]
+             "fwd q persistent (xC) | dgrad q current | dgrad q persistent (xC) | SQNR vs current |",
+             "|" + "---|" * 17]
     for r in rows:
         cells = [r["model"], r["linear"], str(r["M"]), r["recipe"]]
         for d in ("fwd", "dgrad"):
             cells += [f"{r[f'cublas_{d}_ms']:.3f}", f"{r[f'current_{d}_ms']:.3f}", f"{r[f'triton_{d}_ms']:.3f}",
                       f"{r[f'persistent_{d}_ms']:.3f} ({r[f'persistent_{d}_vs_cublas']:.2f}x)"]
-        if "persistent_fwd_q_ms" in r:
-            cells += [f"{r['current_fwd_q_ms']:.3f}",
-                      f"{r['persistent_fwd_q_ms']:.3f} ({r['persistent_fwd_q_vs_cublas']:.2f}x)"]
-        else:
-            cells += ["-", "-"]
+        for d in ("fwd", "dgrad"):
+            if f"persistent_{d}_q_ms" in r:
+                cells += [f"{r[f'current_{d}_q_ms']:.3f}",
+                          f"{r[f'persistent_{d}_q_ms']:.3f} ({r[f'persistent_{d}_q_vs_cublas']:.2f}x)"]
+            else:
+                cells += ["-", "-"]
         cells.append(f"{r['sqnr_vs_current']['fwd']:.1f} / {r['sqnr_vs_current']['dgrad']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Routes (what ran): " + "; ".join(sorted({f"{r['recipe']} {k.split('_')[0]}: {r[k]}" for r in rows

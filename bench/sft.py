@@ -11,7 +11,8 @@ masked from the loss (labels -100), EOS appended. Two modes:
   its labels are -100, so causal attention is exact without it; what `surogate train` does), and
   GraphedStep pads each batch further to its shape bucket: the smallest of up to 12 lengths chosen from the
   timed micro-batches' widths (`surogate.training.buckets.choose`, as `surogate train` chooses them from an
-  epoch's batches), or with "+pad128" the next multiple of 128 (before those were chosen).
+  epoch's batches for a long run: this measures the steady state, after every bucket's capture; a short run
+  takes fewer, `choose(runs=...)`), or with "+pad128" the next multiple of 128 (before those were chosen).
 - grouped (named with --modes): padded, the batches of examples of similar lengths (`group_by_length: true`,
   surogate.training.data.grouped_batch_rows) for every system.
 - packed: whole examples first-fit into rows of --seq (4096) tokens, `position_ids` restarting at each

@@ -37,6 +37,7 @@ def test_persistent_bench_runs_validates_and_writes(tmp_path, monkeypatch) -> No
         assert row["sqnr_vs_current"]["fwd"] > 40 and row["sqnr_vs_current"]["dgrad"] > 40
         assert row["persistent_fwd_vs_cublas"] == 1.0 and row["triton_dgrad_ms"] == 1.0
         assert ("persistent_fwd_q_ms" in row) == (row["recipe"] != "bf16")  # the producer-quantized forward
+        assert ("persistent_dgrad_q_vs_cublas" in row) == (row["recipe"] != "bf16")  # and dgrad
     assert len(data["validate"]) == 2 * 3
     for key, v in data["validate"].items():
         assert v["output"] > 40 and v["grad_input"] > 40, key

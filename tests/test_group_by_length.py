@@ -62,6 +62,8 @@ def test_padded_rows_group_packed_rows_do_not_and_the_log_line_says_so():
     note = rows.padding_note(8, 0, True, group_by_length=False)
     assert note.startswith("data: padded batches of 8: ") and "group_by_length: true would cut that to" in note
     assert "lengths chosen from the data" in note
+    short = rows.padding_note(8, 0, True, group_by_length=False, runs=1)  # a one-epoch run: fewer buckets
+    assert float(short.split(": ")[2].split("%")[0]) > float(note.split(": ")[2].split("%")[0])
     assert "would cut" not in rows.padding_note(8, 0, True, group_by_length=True)
     assert "lengths chosen" not in rows.padding_note(8, 0, False, group_by_length=True)  # no CUDA graphs
     packed = ExampleRows([[1] * 10], [[1] * 10], [list(range(10))], 16)
@@ -84,6 +86,10 @@ def test_the_config_key_and_micro_batches(tmp_path):
     assert next(resumed)["input_ids"].shape == first[5]
     chosen = micro.shape_buckets()  # the CUDA graph lengths, from the widths of the first epoch's batches
     assert chosen == buckets.choose([s[1] for s in first]) and 1 < len(chosen) <= buckets.MOST
+    # For a run of so many micro-steps: as many buckets as pay for their capture (one epoch: fewer; very long: all).
+    short = micro.shape_buckets(micro_steps=micro.per_epoch)
+    assert short == buckets.choose([s[1] for s in first], runs=1) and len(short) < len(chosen)
+    assert micro.shape_buckets(micro_steps=10_000 * micro.per_epoch) == chosen
 
 
 def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
@@ -96,10 +102,22 @@ def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
             made.update(kwargs)
             self.buckets, self.pad_to, self.failure = kwargs["buckets"], 128, None
 
+        def __call__(self, **batch):
+            return torch.tensor(1.0)
+
     monkeypatch.setattr(graphed_step, "GraphedStep", Recorder)
     cfg = from_dict({"cuda_graphs": "true"})
-    steps.MicroStep(torch.nn.Linear(2, 2), cfg, torch.device("cuda"), graphs=True, shape_buckets=(96, 160))
-    assert made["buckets"] == (96, 160)
+    said = {}
+    for chosen in ((96, 160), (480,), ()):
+        lines: list[str] = []
+        step = steps.MicroStep(torch.nn.Linear(2, 2), cfg, torch.device("cuda"), lines.append, graphs=True,
+                               shape_buckets=chosen)
+        assert made["buckets"] == chosen
+        step({"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+        said[chosen] = lines[0]
+    assert "one of 2 lengths chosen from the data and the run's length, 96, 160" in said[(96, 160)]
+    assert "rows padded to 480, the one length chosen" in said[(480,)]
+    assert "rows padded to a multiple of 128" in said[()]
 
 
 @pytest.fixture(scope="module")

@@ -193,16 +193,18 @@ class ExampleRows:
         rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, group_by_length)
         return batch_widths(list(map(len, self.input_ids)), rows)
 
-    def padding_note(self, batch_size: int, seed: int, graphs: bool, group_by_length: bool) -> str | None:
+    def padding_note(self, batch_size: int, seed: int, graphs: bool, group_by_length: bool,
+                     runs: float | None = None) -> str | None:
         """The log's line on the padding a padded layout computes over one epoch (None when packed): each batch
-        padded to its longest row, and with CUDA `graphs` to the bucket `buckets.choose` picks for it."""
+        padded to its longest row, and with CUDA `graphs` to the bucket `buckets.choose` picks for it (for a run
+        of `runs` epochs, as the trainer chooses them)."""
         if self.packed or not len(self):
             return None
         lengths = list(map(len, self.input_ids))
         share = {}
         for g in (False, True):
             rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, g)
-            chosen = buckets.choose(batch_widths(lengths, rows)) if graphs else ()
+            chosen = buckets.choose(batch_widths(lengths, rows), runs=runs) if graphs else ()
             share[g] = padding_share(lengths, rows, chosen)
         line = (f"data: padded batches of {batch_size}: {share[group_by_length]:.0%} of the tokens computed are "
                 "padding (each batch padded to its longest row" + (", then to one of the CUDA graphs' lengths chosen "

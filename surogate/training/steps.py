@@ -57,9 +57,13 @@ class MicroStep:
             self._said = True
             if self.graphed.failure is None:
                 chosen = self.graphed.buckets
-                shapes = (f"rows padded to one of {len(chosen)} lengths chosen from the data, "
-                          f"{', '.join(map(str, chosen))}" if chosen else f"rows padded to a multiple of "
-                                                                          f"{self.graphed.pad_to}")
+                if len(chosen) > 1:
+                    shapes = (f"rows padded to one of {len(chosen)} lengths chosen from the data and the run's "
+                              f"length, {', '.join(map(str, chosen))}")
+                elif chosen:
+                    shapes = f"rows padded to {chosen[0]}, the one length chosen from the data and the run's length"
+                else:
+                    shapes = f"rows padded to a multiple of {self.graphed.pad_to}"
                 self.log("cuda_graphs: each micro-step (forward + backward) is captured and replayed as a CUDA "
                          f"graph, one per shape bucket ({shapes})")
             else:
@@ -103,12 +107,14 @@ class MicroBatches:
             self.epoch, self.index, self._it = self.epoch + 1, 0, None
         raise RuntimeError("the train split yields no batch")
 
-    def shape_buckets(self) -> tuple[int, ...]:
-        """The CUDA graph lengths for these micro-batches (`buckets.choose` over the first epoch's batch widths);
-        none for packed rows, which have one shape."""
+    def shape_buckets(self, micro_steps: int | None = None) -> tuple[int, ...]:
+        """The CUDA graph lengths for these micro-batches (`buckets.choose` over the first epoch's batch widths,
+        as many as pay for themselves over the run's `micro_steps`, when given); none for packed rows, which have
+        one shape."""
         if getattr(self.dataset, "packed", True):  # packed rows (and TokenDataset) have one shape
             return ()
-        return buckets.choose(self.dataset.widths(self.batch_size, self.seed, self.group_by_length))
+        runs = None if micro_steps is None else micro_steps / self.per_epoch
+        return buckets.choose(self.dataset.widths(self.batch_size, self.seed, self.group_by_length), runs=runs)
 
     @property
     def left_out(self) -> int:

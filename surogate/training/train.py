@@ -251,10 +251,12 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
             f"{'is' if micro.left_out == 1 else 'are'} left out of each (others each epoch: the order is reshuffled)")
     if cfg.group_by_length and train_set.packed:
         log("group_by_length: no effect with sample_packing: true (every packed row has sequence_len tokens)")
-    padding = train_set.padding_note(micro.batch_size, cfg.seed, graphs, cfg.group_by_length)
+    total = _total_steps(cfg, micro.per_epoch)
+    micro_steps = total * cfg.gradient_accumulation_steps  # the whole run's (a resumed run keeps its buckets)
+    padding = train_set.padding_note(micro.batch_size, cfg.seed, graphs, cfg.group_by_length,
+                                     runs=micro_steps / micro.per_epoch)
     if padding:
         log(padding)
-    total = _total_steps(cfg, micro.per_epoch)
     line = _epochs_line(cfg, micro.per_epoch, total)
     if line:
         log(line)
@@ -329,7 +331,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         if state is not None:
             checkpoint.restore_rng(resume_dir)  # last: nothing between here and the first step draws from them
         micro_step = steps.MicroStep(model, cfg, device, log, graphs=graphs,
-                                     shape_buckets=micro.shape_buckets() if graphs else ())
+                                     shape_buckets=micro.shape_buckets(micro_steps) if graphs else ())
         params = setup.trainable_parameters(model)
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
