@@ -1,5 +1,6 @@
-"""What bench/'s GPU microbenchmarks share (lora_add, grad_lora_fp8, swiglu, delta_rule, attention_backends): their
-command line (--out and one option of their own) and their result files, <stem>_<gpu>.json and .md in --out."""
+"""What bench/'s GPU microbenchmarks share (lora_add, grad_lora_fp8, swiglu, delta_rule, attention_backends,
+gemm_ceiling): their command line (--out and one option of their own) and their result files, <stem>_<gpu>.json
+and .md in --out."""
 
 from __future__ import annotations
 

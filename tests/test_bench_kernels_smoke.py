@@ -59,9 +59,9 @@ def test_no_bench_script_shadows_an_installed_module():
 
 def test_microbench_command_line_and_result_files(tmp_path, monkeypatch) -> None:
     """bench/microbench.py, which the GPU microbenchmarks (lora_add, grad_lora_fp8, swiglu, delta_rule,
-    attention_backends) share: --out and the script's own option; <stem>_<gpu>.json / .md in --out."""
+    attention_backends, gemm_ceiling) share: --out and the script's own option; <stem>_<gpu>.json / .md in --out."""
     mb = load_bench("microbench")
-    for script in ("lora_add", "grad_lora_fp8", "swiglu", "delta_rule", "attention_backends"):
+    for script in ("lora_add", "grad_lora_fp8", "swiglu", "delta_rule", "attention_backends", "gemm_ceiling"):
         assert "command_line(__doc__" in (REPO / "bench" / f"{script}.py").read_text()
     monkeypatch.setattr(sys, "argv", ["x.py", "--out", str(tmp_path), "--sweep"])
     args, env = mb.command_line("One line.\n\nMore.", "--sweep", action="store_true")
