@@ -100,9 +100,10 @@ def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
     class Recorder:
         def __init__(self, model, **kwargs):
             made.update(kwargs)
-            self.buckets, self.pad_to, self.failure = kwargs["buckets"], 128, None
+            self.buckets, self.pad_to, self.failure, self.graphs = kwargs["buckets"], 128, None, {}
 
-        def __call__(self, **batch):
+        def __call__(self, **batch):  # a graph per length, as GraphedStep keys them: (..., padded length)
+            self.graphs.setdefault(("rows", batch["input_ids"].shape[-1]), None)
             return torch.tensor(1.0)
 
     monkeypatch.setattr(graphed_step, "GraphedStep", Recorder)
@@ -118,6 +119,11 @@ def test_micro_step_hands_the_chosen_buckets_to_graphed_step(monkeypatch):
     assert "one of 2 lengths chosen from the data and the run's length, 96, 160" in said[(96, 160)]
     assert "rows padded to 480, the one length chosen" in said[(480,)]
     assert "rows padded to a multiple of 128" in said[()]
+    lines.clear()
+    for width in (4, 4, 9, 4):  # a later length's first batch captures a graph: one line, none on replays
+        step({"input_ids": torch.zeros(1, width, dtype=torch.long)})
+    assert len(lines) == 1 and lines[0].startswith("cuda_graphs: captured the graph of rows padded to 9 tokens in ")
+    assert lines[0].endswith("(warm-up, capture; 2 graphs now)")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ The token counts live here too, taken on the host before a batch moves (`real_to
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -52,7 +54,12 @@ class MicroStep:
             batch = {**batch, "num_items_in_batch": items}
         if self.graphed is None:
             return self.eager(batch)
+        before, start = set(self.graphed.graphs), time.perf_counter()
         loss = self.graphed(**batch)
+        new = set(self.graphed.graphs) - before
+        if new and self._said:  # a later bucket's first batch: say why this step is slow
+            self.log(f"cuda_graphs: captured the graph of rows padded to {next(iter(new))[-1]} tokens in "
+                     f"{time.perf_counter() - start:.1f} s (warm-up, capture; {len(self.graphed.graphs)} graphs now)")
         if not self._said:
             self._said = True
             if self.graphed.failure is None:
