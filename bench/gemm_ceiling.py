@@ -37,12 +37,6 @@ def _sqnr(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.float().pow(2).mean() / err.clamp_min(1e-30)))
 
 
-def _rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 with one scale per row (the fp8 recipe's activation / weight format)."""
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
-
-
 def _time(fn) -> float:
     from triton.testing import do_bench_cudagraph
 
@@ -79,6 +73,7 @@ def _family_rows(name: str, m: int, n: int, k: int, dtype: str, cublas_ms: float
 
 def measure(name: str, m: int, n: int, k: int, projections: int) -> list[dict]:
     from surogate.kernels.persistent import launch_persistent_gemm
+    from surogate.kernels.quantize import quantize_fp8_rowwise
     from surogate.kernels.variants import A_BF16, A_FP8_ROW, W_BF16, W_FP8_ROW
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -115,8 +110,8 @@ def measure(name: str, m: int, n: int, k: int, projections: int) -> list[dict]:
                  "sqnr": _sqnr(out, ref_op)})
 
     # fp8, row / channel scales
-    xq, xs = _rows_fp8(x)
-    wq, wsc = _rows_fp8(w)
+    xq, xs = quantize_fp8_rowwise(x, "e4m3")[:2]  # E4M3, a scale per row (M, 1): the fp8 recipe's activation
+    wq, wsc = quantize_fp8_rowwise(w, "e4m3")[:2]  # and per output channel (N, 1): its weight
     sb = wsc.reshape(1, -1).contiguous()
 
     def cublas_fp8():

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
-from microbench import command_line, write_results  # noqa: E402
+from microbench import MICROSECONDS, command_line, formatted, table, write_results  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 12288), (16384, 4096), (16384, 12288)]  # (M, K)
 RANK = 16
@@ -75,6 +75,24 @@ def _sweep() -> list[dict]:
     return rows
 
 
+def markdown(env: dict, rows: list[dict], sweep: list[dict]) -> list[str]:
+    """The result file: each layout's systems per shape; with --sweep, the kernel's launch configs, fastest first."""
+    gbs = ("GB/s", formatted("GB/s", ".0f"))
+    lines = [f"# LoRA A's gradient from the bf16 input or its FP8 copy ({env.get('gpu')})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
+             "GB/s of the bytes each must read (x, gh); rel: the kernel against rebuild + cuBLAS (same bf16 values).",
+             ""]
+    lines += table([("layout", "layout"), ("M", "M"), ("K", "K"), ("system", "system"), MICROSECONDS, gbs,
+                    ("rel", formatted("rel_to_rebuild", ".1e"))], rows)
+    if sweep:
+        lines += ["", "The kernel at other launch configs (`grad_lora_fp8.Config`), fastest first per shape", ""]
+        lines += table([("format", "format"), ("M", "M"), ("K", "K"), ("block_m", "block_m"),
+                        ("num_warps", "num_warps"), ("num_stages", "num_stages"), ("programs", "programs"),
+                        MICROSECONDS, gbs, ("rel", formatted("rel", ".1e"))],
+                       sorted(sweep, key=lambda r: (r["format"], r["M"], r["K"], r["ms"])))
+    return lines
+
+
 def main() -> None:
     from triton.testing import do_bench
 
@@ -104,20 +122,7 @@ def main() -> None:
             del x, gh, data, scale, outs, inputs
             torch.cuda.empty_cache()
     sweep = _sweep() if args.sweep else []
-    lines = [f"# LoRA A's gradient from the bf16 input or its FP8 copy ({env.get('gpu')})", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
-             "GB/s of the bytes each must read (x, gh); rel: the kernel against rebuild + cuBLAS (same bf16 values).",
-             "", "| layout | M | K | system | us | GB/s | rel |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['layout']} | {r['M']} | {r['K']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
-              f"{r['rel_to_rebuild']:.1e} |" for r in rows]
-    if sweep:
-        lines += ["", "The kernel at other launch configs (`grad_lora_fp8.Config`), fastest first per shape", "",
-                  "| format | M | K | block_m | num_warps | num_stages | programs | us | GB/s | rel |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(sweep, key=lambda r: (r["format"], r["M"], r["K"], r["ms"])):
-            lines.append(f"| {r['format']} | {r['M']} | {r['K']} | {r['block_m']} | {r['num_warps']} | "
-                         f"{r['num_stages']} | {r['programs']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
-                         f"{r['rel']:.1e} |")
+    lines = markdown(env, rows, sweep)
     write_results(args.out, "grad_lora_fp8", env, {"rows": rows, "sweep": sweep}, lines)
 
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: microbench
-from microbench import command_line, write_results  # noqa: E402
+from microbench import MICROSECONDS, command_line, formatted, table, write_results  # noqa: E402
 
 ROWS = (4096, 16384)
 OUTPUTS = (4096, 6144, 12288, 24576)
@@ -43,6 +43,24 @@ def _rounded_once(got: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _moved(m: int, n: int) -> int:
     return (2 * m * n + (m + n) * RANK) * 2
+
+
+def markdown(env: dict, rows: list[dict], sweep: list[dict]) -> list[str]:
+    """The result file: the two systems per shape; with --sweep, the kernel's launch configs, fastest first."""
+    from surogate.kernels.lora_add import DEFAULT
+
+    gbs, once = ("GB/s", formatted("GB/s", ".0f")), ("rounded once", formatted("rounded_once", ".4f"))
+    lines = [f"# The LoRA term added into a GEMM output: cuBLAS addmm_ vs kernels/lora_add.py ({env.get('gpu')})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
+             f"default config {DEFAULT}; GB/s of the bytes each must move (the output read and written, H, U); "
+             "rounded once: the share of outputs equal to the exact sum rounded once to bf16.", ""]
+    lines += table([("M", "M"), ("N", "N"), ("system", "system"), MICROSECONDS, gbs, once], rows)
+    if sweep:
+        lines += ["", "The kernel at other launch configs, fastest first per shape", ""]
+        lines += table([("M", "M"), ("N", "N"), ("block_m", "block_m"), ("block_n", "block_n"),
+                        ("num_warps", "num_warps"), MICROSECONDS, gbs, once],
+                       sorted(sweep, key=lambda r: (r["M"], r["N"], r["ms"])))
+    return lines
 
 
 def main() -> None:
@@ -78,20 +96,7 @@ def main() -> None:
             print(f"sweep M={m} N={n}: best {best}", flush=True)
         del out, work, hidden, up, exact
         torch.cuda.empty_cache()
-    lines = [f"# The LoRA term added into a GEMM output: cuBLAS addmm_ vs kernels/lora_add.py ({env.get('gpu')})", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; do_bench; r = {RANK}; "
-             f"default config {DEFAULT}; GB/s of the bytes each must move (the output read and written, H, U); "
-             "rounded once: the share of outputs equal to the exact sum rounded once to bf16.", "",
-             "| M | N | system | us | GB/s | rounded once |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['M']} | {r['N']} | {r['system']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
-              f"{r['rounded_once']:.4f} |" for r in rows]
-    if sweep:
-        lines += ["", "The kernel at other launch configs, fastest first per shape", "",
-                  "| M | N | block_m | block_n | num_warps | us | GB/s | rounded once |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['M']} | {r['N']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['ms'] * 1e3:.1f} | "
-                  f"{r['GB/s']:.0f} | {r['rounded_once']:.4f} |"
-                  for r in sorted(sweep, key=lambda r: (r["M"], r["N"], r["ms"]))]
+    lines = markdown(env, rows, sweep)
     write_results(args.out, "lora_add", env, {"rows": rows, "sweep": sweep}, lines)
 
 

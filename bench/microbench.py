@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,3 +33,24 @@ def write_results(out: "str | Path", stem: str, env: dict, payload: dict, lines:
     md = out / f"{stem}_{tag}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+# A result table's column: its header and its cell, a row's key (written as it is) or a function of the row.
+Column = tuple[str, "str | Callable[[dict], str]"]
+
+
+def formatted(key: str, spec: str) -> Callable[[dict], str]:
+    """The cell `format(row[key], spec)`."""
+    return lambda row: format(row[key], spec)
+
+
+MICROSECONDS: Column = ("us", lambda row: f"{row['ms'] * 1e3:.1f}")  # the row's time, kept in ms
+
+
+def table(columns: Sequence[Column], rows: Iterable[dict]) -> list[str]:
+    """The Markdown lines of a table: the header, its rule, a line per row."""
+    def cell(row: dict, how) -> str:
+        return how(row) if callable(how) else str(row[how])
+
+    return (["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(row, how) for _, how in columns) + " |" for row in rows])

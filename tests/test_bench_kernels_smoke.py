@@ -70,3 +70,38 @@ def test_microbench_command_line_and_result_files(tmp_path, monkeypatch) -> None
     assert md == tmp_path / "thing_h200.md" and md.read_text() == "# t\nx\n"
     saved = json.loads((tmp_path / "thing_h200.json").read_text())
     assert saved == {"env": {"gpu": "NVIDIA H200", "commit": "abc"}, "rows": [1, 2]}
+
+
+def test_microbenchmark_result_tables() -> None:
+    """lora_add's and grad_lora_fp8's result files through microbench.table: the lines their inline builders wrote
+    before (sweeps fastest first), from rows shaped as their GPU runs record them."""
+    env = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc"}
+    lora_add = load_bench("lora_add")
+    rows = [{"M": 4096, "N": 6144, "r": 16, "system": "lora_add_", "ms": 0.0789, "GB/s": 3419.4,
+             "rounded_once": 1.0}]
+    sweep = [{"M": 4096, "N": 6144, "block_m": 32, "block_n": 128, "num_warps": 4, "ms": 0.0812, "GB/s": 3300.2,
+              "rounded_once": 1.0},
+             {"M": 4096, "N": 6144, "block_m": 16, "block_n": 256, "num_warps": 8, "ms": 0.0790, "GB/s": 3410.0,
+              "rounded_once": 1.0}]
+    lines = lora_add.markdown(env, rows, sweep)
+    assert lines[0] == "# The LoRA term added into a GEMM output: cuBLAS addmm_ vs kernels/lora_add.py (NVIDIA H200)"
+    assert lines[4:] == [
+        "| M | N | system | us | GB/s | rounded once |", "|---|---|---|---|---|---|",
+        "| 4096 | 6144 | lora_add_ | 78.9 | 3419 | 1.0000 |", "",
+        "The kernel at other launch configs, fastest first per shape", "",
+        "| M | N | block_m | block_n | num_warps | us | GB/s | rounded once |", "|---|---|---|---|---|---|---|---|",
+        "| 4096 | 6144 | 16 | 256 | 8 | 79.0 | 3410 | 1.0000 |",
+        "| 4096 | 6144 | 32 | 128 | 4 | 81.2 | 3300 | 1.0000 |"]
+    assert lora_add.markdown(env, rows, [])[-1] == "| 4096 | 6144 | lora_add_ | 78.9 | 3419 | 1.0000 |"
+
+    grad = load_bench("grad_lora_fp8")
+    rows = [{"layout": "fp8", "M": 4096, "K": 4096, "r": 16, "system": "FP8 copy, grad_lora_a_fp8", "ms": 0.0123,
+             "GB/s": 2800.4, "rel_to_rebuild": 3.2e-4}]
+    sweep = [{"format": "fp8", "M": 4096, "K": 4096, "block_m": 64, "num_warps": 4, "num_stages": 3, "programs": 132,
+              "ms": 0.013, "GB/s": 2700.0, "rel": 3.3e-4}]
+    assert grad.markdown(env, rows, sweep)[4:] == [
+        "| layout | M | K | system | us | GB/s | rel |", "|---|---|---|---|---|---|---|",
+        "| fp8 | 4096 | 4096 | FP8 copy, grad_lora_a_fp8 | 12.3 | 2800 | 3.2e-04 |", "",
+        "The kernel at other launch configs (`grad_lora_fp8.Config`), fastest first per shape", "",
+        "| format | M | K | block_m | num_warps | num_stages | programs | us | GB/s | rel |",
+        "|---|---|---|---|---|---|---|---|---|---|", "| fp8 | 4096 | 4096 | 64 | 4 | 3 | 132 | 13.0 | 2700 | 3.3e-04 |"]
