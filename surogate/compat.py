@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import logging
 import os
+import sys
 import warnings
 
 
@@ -146,6 +149,41 @@ def quiet_peft_deprecations():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def import_bitsandbytes_offline() -> None:
+    """Import bitsandbytes (where installed) without the network call it makes on import.
+
+    Root cause: bitsandbytes 0.50 on a CPU with AVX512-BF16 asks the Hugging Face Hub for a CPU 4-bit GEMM
+    (`kernels.get_kernel("kernels-community/quantization-bitsandbytes")`) while it is imported, and PEFT imports
+    it: a run-time download attempt from every process that imports PEFT (tests, `surogate train`), and offline a
+    logged "Failed to load CPU gemm_4bit_forward". surogate never runs that kernel; bitsandbytes' own CPU code is
+    what it falls back to. So the import runs with `get_kernel` refusing, that one warning dropped.
+    """
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    try:
+        import kernels
+    except ImportError:  # bitsandbytes then warns that `kernels` is missing: the same warning, dropped below
+        kernels = None
+
+    def refuse(repo_id: str, *args, **kwargs):
+        raise RuntimeError(f"surogate fetches no Hub kernel ({repo_id}) while bitsandbytes is imported")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    fetch = getattr(kernels, "get_kernel", None)
+    if fetch is not None:
+        kernels.get_kernel = refuse
+    logger.addFilter(keep)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        logger.removeFilter(keep)
+        if fetch is not None:
+            kernels.get_kernel = fetch
 
 
 @contextlib.contextmanager

@@ -18,6 +18,10 @@ if not HAS_CUDA:
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from surogate.compat import import_bitsandbytes_offline  # noqa: E402
+
+import_bitsandbytes_offline()  # tests import PEFT, which imports bitsandbytes: no Hub fetch from a test
+
 settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

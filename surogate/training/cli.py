@@ -68,11 +68,15 @@ def _info(arch: str | None, check_sass: bool = True) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Keep the progress lines readable: no HF progress bars (PEFT's deprecation noise is silenced where
-    surogate calls it: surogate.compat.quiet_peft_deprecations)."""
+    """Keep the progress lines readable: no HF progress bars, no Hub fetch by bitsandbytes on import
+    (surogate.compat.import_bitsandbytes_offline; PEFT's deprecation noise is silenced where surogate calls it:
+    surogate.compat.quiet_peft_deprecations)."""
     from transformers.utils import logging as hf_logging
 
+    from surogate.compat import import_bitsandbytes_offline
+
     hf_logging.disable_progress_bar()
+    import_bitsandbytes_offline()
 
 
 def _merge(args: argparse.Namespace) -> int:
