@@ -22,7 +22,6 @@ and gate/up as one op, whose concatenated factors Inductor builds) is not applie
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,10 +31,12 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on the CPU
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: microbench
 
 import torch  # noqa: E402
 
 from aten_launches import AtenLaunches  # noqa: E402  (tests/aten_launches.py)
+from microbench import load_script  # noqa: E402  (bench/microbench.py)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -45,12 +46,8 @@ BYTES_PER_S = 3.5e12  # an H200's effective copy bandwidth (DESIGN.md: 4.3 TB/s 
 
 
 def _tps():
-    """bench/tps.py (the model widths and LoRA targets), loaded by path: bench/ need not be on sys.path."""
-    if "bench_tps" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_tps", HERE / "tps.py")
-        sys.modules["bench_tps"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_tps"])
-    return sys.modules["bench_tps"]
+    """bench/tps.py (the model widths and LoRA targets)."""
+    return load_script("tps")
 
 
 def projections(model: str) -> dict[str, tuple[int, int]]:

@@ -1,15 +1,30 @@
 """What bench/'s GPU microbenchmarks share (lora_add, grad_lora_fp8, swiglu, delta_rule, attention_backends,
 gemm_ceiling): their command line (--out and one option of their own) and their result files, <stem>_<gpu>.json
-and .md in --out."""
+and .md in --out; and how one script of bench/ uses another (`load_script`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
+
+
+def load_script(script: str) -> ModuleType:
+    """bench/<script>.py as the module `bench_<script>`, loaded once a process (bench/ is no package; the name the
+    smoke tests give it too, tests/bench_module.py)."""
+    name = f"bench_{script}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def command_line(doc: str, *option: str, **option_kwargs) -> tuple[argparse.Namespace, dict]:

@@ -53,21 +53,21 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import importlib.util
 import inspect
 import json
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import triton
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # bench/: microbench
 
+from microbench import load_script  # noqa: E402
 from surogate.kernels import configs, persistent  # noqa: E402
 from surogate.kernels import reference as ref  # noqa: E402
 from surogate.kernels.configs import interpreting  # noqa: E402
@@ -75,18 +75,7 @@ from surogate.recipes import current_arch  # noqa: E402
 from surogate.training.info import run_record  # noqa: E402
 
 
-def _load_kernels_bench() -> ModuleType:
-    """bench/fused_kernels.py by path (bench/ is no package), as the module "bench_fused_kernels" (the smoke tests'
-    name)."""
-    if "bench_fused_kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_fused_kernels", HERE / "fused_kernels.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_fused_kernels"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_fused_kernels"]
-
-
-kb = _load_kernels_bench()
+kb = load_script("fused_kernels")
 
 # (N, K) of the forward GEMMs of bench/fidelity.py's "small" Qwen3 base (hidden 512, 8 + 2 x 4 heads of 64,
 # intermediate 1280), q/k/v and gate/up fused as trained; its fine-tune's micro-batch is 2 x 512 = 1024 rows.

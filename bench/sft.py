@@ -56,7 +56,6 @@ tests/test_sft_smoke.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -66,23 +65,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/: microbench
+
+from microbench import load_script  # noqa: E402
+
 RESULTS = HERE / "results"
-
-
-def _load_tps() -> ModuleType:
-    """bench/tps.py by path (bench/ is no package; the same module step_profile.py loads as "tps")."""
-    if "tps" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tps", HERE / "tps.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["tps"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["tps"]
-
-
-tps = _load_tps()
+tps = load_script("tps")
 
 # The default models: key here -> bench/tps.py's key (records carry tps.model_name of it: "Llama-3-8B").
 MODELS = {"0.6B": "0.6B", "8B": "8B", "llama3-8B": "Llama-3-8B"}

@@ -30,7 +30,6 @@ tests/test_profile_smoke.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import subprocess
@@ -42,6 +41,10 @@ from types import ModuleType
 from typing import Any, Iterable, Sequence
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/: microbench
+
+from microbench import load_script  # noqa: E402
+
 RESULTS = HERE / "results"
 
 GEMM_SUROGATE = "gemm (surogate fused)"
@@ -356,19 +359,8 @@ def averaged_kernels(prof: Any) -> list[Kernel]:
 
 
 def _tps() -> ModuleType:
-    """bench/tps.py, loaded by path (bench/ must not be on sys.path: see `_unshadow_stdlib`)."""
-    if "tps" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tps", HERE / "tps.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["tps"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["tps"]
-
-
-def _unshadow_stdlib() -> None:
-    """Run as a script, bench/ is sys.path[0] and this file would shadow the standard library's `profile`,
-    which cProfile (imported by torch._dynamo) reads at import time."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    """bench/tps.py (the model widths, systems and the worker's pieces)."""
+    return load_script("tps")
 
 
 def _step(micro_step: Any, opt: Any, batches: list) -> Any:
@@ -510,5 +502,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _unshadow_stdlib()
     raise SystemExit(main())
