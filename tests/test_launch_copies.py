@@ -99,8 +99,9 @@ def test_the_backward_reads_the_casts_the_forward_made():
 
 
 def _saved(node: torch.fx.Node) -> torch.fx.Node:
-    """The value a saved tensor was (autograd's saved tensors are traced as detaches of it)."""
-    while node.target is torch.ops.aten.detach.default:
+    """The value a saved tensor was (make_fx traces autograd's saved tensors as detaches of it, torch 2.15 as
+    aliases)."""
+    while node.target in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
         node = node.args[0]
     return node
 
