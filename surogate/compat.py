@@ -1,6 +1,7 @@
 """Every workaround for a torch / Triton version difference lives here, with its root cause.
 
-Supported: torch 2.11-2.13, Triton 3.6 and newer.
+Supported: torch 2.11-2.13, Triton 3.6 and newer (GPU runs: torch 2.11, Triton 3.6; the CPU suite also passes on
+torch 2.15 with Triton 3.9).
 """
 
 from __future__ import annotations
