@@ -2,7 +2,7 @@
 kernel on import on CPUs with AVX512-BF16 (surogate.compat.import_bitsandbytes_offline says why that is refused).
 
 Each case runs in a fresh interpreter that counts `kernels.get_kernel` calls and makes bitsandbytes see
-AVX512-BF16 whatever this CPU has, so the control (PEFT imported alone) shows the fetch on any machine."""
+AVX512-BF16 whatever this CPU has, so the control (bitsandbytes imported alone) shows the fetch on any machine."""
 
 from __future__ import annotations
 
@@ -49,18 +49,19 @@ PROBE = textwrap.dedent('''
     sys.meta_path.insert(0, SeeAvx512Bf16())
     if sys.argv[1] == "surogate":
         import surogate.compiler
-    import peft
+        import peft
+    import bitsandbytes
     print("fetches:", calls)
 ''')
 
 
-@pytest.mark.parametrize("first", ["peft", "surogate"])
+@pytest.mark.parametrize("first", ["bitsandbytes", "surogate"])
 def test_importing_surogate_fetches_no_hub_kernel(first, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     done = subprocess.run([sys.executable, str(probe), first], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    if first == "peft":  # the control: PEFT alone makes bitsandbytes fetch, and warn offline
+    if first == "bitsandbytes":  # the control: bitsandbytes imported alone fetches, and warns offline
         assert "fetches: ['kernels-community/" in done.stdout
         assert "gemm_4bit_forward" in done.stderr
     else:
