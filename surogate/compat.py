@@ -152,6 +152,49 @@ def quiet_peft_deprecations():
         yield
 
 
+class DependencyError(ImportError):
+    """An installed dependency outside the versions surogate requires (its message says what to install)."""
+
+
+@functools.cache
+def check_dependencies() -> None:
+    """Refuse in one line a torch / Triton / transformers / PEFT outside surogate's requirements, as installed.
+
+    Root cause: pip enforces the requirements, but an environment made otherwise (`pip install --no-deps`, conda, a
+    pinned image) can hold transformers 4.x, where MoE and newer models failed deep inside (no
+    `transformers.integrations.moe`, no Qwen3.5; 75 tests of the suite with transformers 4.57 and PEFT 0.17).
+    The versions are read from surogate's own installed metadata (pyproject.toml): nothing to check when surogate
+    runs from a source tree without being installed. A build is judged by its release: a nightly (2.16.0.dev...) or
+    a container's torch (NGC's 2.11.0a0+git...) passes where 2.16.0 / 2.11.0 would.
+    """
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("surogate") or []
+    except metadata.PackageNotFoundError:
+        return
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    for line in requirements:
+        requirement = Requirement(line)
+        if not requirement.specifier or (requirement.marker is not None and
+                                         not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            found = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:  # missing altogether: its import says so
+            continue
+        try:
+            release = Version(found).base_version
+        except InvalidVersion:  # not a version pip could compare either: nothing to say
+            continue
+        if not requirement.specifier.contains(release):
+            wanted = f"{requirement.name}{requirement.specifier}"
+            raise DependencyError(f"surogate needs {wanted}, found {requirement.name} {found}: "
+                                  f"pip install -U '{wanted}'")
+
+
 def import_bitsandbytes_offline() -> None:
     """Import bitsandbytes (where installed) without the network call it makes on import.
 

@@ -38,7 +38,8 @@ from torch import nn
 
 from surogate import moe, ops
 from surogate.cache import source_tag
-from surogate.compat import compile_options_cache_tag, import_bitsandbytes_offline, tag_compile_cache
+from surogate.compat import (check_dependencies, compile_options_cache_tag, import_bitsandbytes_offline,
+                             tag_compile_cache)
 from surogate.forward import attach_forward, backbone_of
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
@@ -51,6 +52,7 @@ from surogate.passes.post_grad import post_grad_pass
 from surogate.recipes import Recipe, get, normalize_arch
 from surogate.recipes.arch import CPU, current_arch
 
+check_dependencies()  # transformers 4.x and the like: one line saying what to install, not a failure deep inside
 import_bitsandbytes_offline()  # before PEFT imports it: no Hub fetch at import (its docstring says why)
 
 # The default LoRA targets, "those of these the model has" (surogate.compile and `surogate train`):

@@ -136,6 +136,12 @@ def _error(e: Exception, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `surogate` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    from surogate.compat import DependencyError, check_dependencies
+
+    try:
+        check_dependencies()  # before the imports below: they would fail on what it names
+    except DependencyError as e:
+        return _error(e, 2)
     from surogate.recipes import RecipeNotSupportedError
     from surogate.training.config import ConfigError
 
