@@ -54,6 +54,8 @@ DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim":
 HYBRID = ["linear_attention", "full_attention"]  # one of each: with no attention layer the cache has no mask size
 GEMMA4 = {"head_dim": 16, "global_head_dim": 32, "layer_types": ["sliding_attention", "full_attention"],
           "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128}  # head_dim is per layer
+BLT_PART = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "num_hidden_layers": 2}  # each of BLT's four transformers (patcher, byte encoder and decoder, global)
 OVERRIDES: dict[str, dict] = {
     "axk1": {**MLA, "n_group": 1, "topk_group": 1},  # one expert group of the 4 experts
     "axk2": {**MLA, **INDEXER},
@@ -62,6 +64,12 @@ OVERRIDES: dict[str, dict] = {
                        "first_k_dense_replace": 1, "expert_swiglu_limit_list": [0, 0],
                        "share_expert_swiglu_limit_list": [0, 0]},  # both lists have an entry per layer
     "bamba": {**MAMBA, "attn_layer_indices": [1]},  # Mamba2, then attention
+    "blt": {"encoder_hash_byte_group_vocab": 256, "local_attention_window_len": 16, "use_cache": False,
+            "patcher_config": {**BLT_PART, "vocab_size": 128},
+            "encoder_config": {**BLT_PART, "num_hidden_layers": 1, "hidden_size_global": 128, "vocab_size": 128},
+            "decoder_config": {**BLT_PART, "hidden_size_global": 128, "vocab_size": 128},
+            "global_config": {**BLT_PART, "hidden_size": 128, "intermediate_size": 256}},  # its parts keep their
+    # published sizes (a 12 GB hash embedding) unless given; its cache reads a num_hidden_layers BltConfig lacks
     "bart": DECODER,
     "bigbird_pegasus": DECODER,
     "blenderbot": DECODER,
@@ -242,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-run the given types into the existing results (each row keeps the commit it ran at)")
     args = p.parse_args(argv)
     import warnings
+
+    from surogate.compat import import_bitsandbytes_offline
+
+    import_bitsandbytes_offline()  # before PEFT imports bitsandbytes: no Hub fetch (surogate/compat.py)
 
     warnings.filterwarnings("ignore")
     from transformers import logging as hf_logging

@@ -441,6 +441,9 @@ def micro_step_fn(model, system: str, accum: int):
 def worker(size: str, system: str, steps: int, warmup: int, batch: int, seq: int, accum: int) -> dict:
     import torch
 
+    from surogate.compat import import_bitsandbytes_offline
+
+    import_bitsandbytes_offline()  # the peers import PEFT, which imports bitsandbytes: no Hub fetch there either
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = build(size, system)

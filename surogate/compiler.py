@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import dis
 import functools
-import inspect
 import itertools
 import math
 import os
@@ -35,12 +33,14 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from surogate import moe, ops
 from surogate.cache import source_tag
 from surogate.compat import (check_dependencies, compile_options_cache_tag, import_bitsandbytes_offline,
                              tag_compile_cache)
 from surogate.forward import attach_forward, backbone_of
+from surogate.input_grad import make_inputs_require_grad
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention, linear_attention
@@ -264,12 +264,9 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     checkpointed = checkpointed_blocks(len(blocks), checkpoint_fraction) if checkpoint else 0
     offload = BlockInputOffload() if checkpoint == "offload" else None
     if blocks and (regional or offload is not None):
-        # Block 0 would otherwise see an input without grad and compile a second graph; a backbone that scales its
-        # embedding output in place (CTRL, GIT) cannot take a leaf that requires grad there: it pays that graph.
-        if _updates_embeddings_in_place(hf):
-            report.note("input embeddings updated in place by the model: block 0 compiles a graph of its own")
-        else:
-            hf.enable_input_require_grads()
+        hook = make_inputs_require_grad(hf)  # else block 0 sees an input without grad: a second graph
+        if hook is not None:
+            undo.hooks.append(hook)
         _compile_blocks(blocks, backend, dynamic, checkpoint, offload, checkpointed)
         classes = list(dict.fromkeys(type(b).__name__ for b in blocks))
         report.note(f"regional compilation: {len(blocks)} decoder blocks of {' and '.join(classes)} share one "
@@ -442,7 +439,7 @@ class _Undo:
         self.attributes = _Attributes()
         self.attributes.record(model.modules(), "forward")
         self.attributes.record(model.modules(), attention._ORIGINAL_ATTR)
-        self.had_grad_hook = hasattr(self.hf, "_require_grads_hook")
+        self.hooks: list[RemovableHandle] = []  # compile's own (the input-grad hook)
         self.moved = False  # compile moved a CPU model to the GPU
 
     def own_configs(self) -> None:
@@ -464,7 +461,7 @@ class _Undo:
 
     def unwrap(self) -> "_Unwrap":
         """What `merge_and_unload()` / `unload()` of the compiled model put back."""
-        return _Unwrap(self.hf, self.attributes.changed(), self.had_grad_hook)
+        return _Unwrap(self.attributes.changed(), self.hooks)
 
     def restore(self) -> None:
         for module, base in reversed(self.swapped):
@@ -486,17 +483,16 @@ class _Undo:
 
 @dataclasses.dataclass
 class _Unwrap:
-    """The HF model's own forwards, attention markers and config objects, and its input-grad hook, as before
-    `compile`."""
+    """The HF model's own forwards, attention markers and config objects as before `compile`, without compile's
+    hooks."""
 
-    hf: nn.Module
     attributes: _Attributes
-    had_grad_hook: bool
+    hooks: list[RemovableHandle]
 
     def restore(self) -> None:
         self.attributes.restore()
-        if not self.had_grad_hook and hasattr(self.hf, "_require_grads_hook"):
-            self.hf.disable_input_require_grads()
+        for hook in self.hooks:
+            hook.remove()
 
 
 # --- preparation --------------------------------------------------------------------------------------
@@ -871,47 +867,6 @@ def _run_pipeline_in_checkpoint_bodies(gm: torch.fx.GraphModule, ctx: PassContex
         done.add(id(body))
         run_pipeline(body, dataclasses.replace(ctx, matches=[], rewritten=[]))
         ctx.report.graphs -= 1
-
-
-def _updates_embeddings_in_place(hf: nn.Module) -> bool:
-    """Whether the module that calls `hf`'s input embeddings updates their output in place with an augmented
-    assignment (CTRL's backbone: `inputs_embeds *= sqrt(d)`; GIT's embeddings: `embeddings += positions`), which
-    fails on the leaf that `enable_input_require_grads` makes of that output."""
-    embeddings = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
-    owners = [(owner, name) for owner in hf.modules() for name, child in owner.named_children() if child is embeddings]
-    return any(_augments_what_it_called(type(owner).forward, name) for owner, name in owners)
-
-
-def _augments_what_it_called(forward: Any, attribute: str) -> bool:
-    """Whether `forward` stores the result of its first call of `self.<attribute>` in a local and then updates that
-    local with an augmented assignment (in place on a tensor)."""
-    code = getattr(inspect.unwrap(forward), "__code__", None)
-    if code is None:
-        return False
-    called, fresh, before = False, set(), None
-    for instruction in dis.get_instructions(code):
-        stored = instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,)
-        loads = instruction.opname.startswith(("LOAD_ATTR", "LOAD_METHOD"))
-        if loads and instruction.argval == attribute and not fresh:
-            called = True
-        elif instruction.opname.startswith("STORE_FAST"):
-            if _is_augmented(before) and fresh.intersection(stored):
-                return True
-            if called:
-                fresh.update(stored[:1])
-                called = False
-        before = instruction
-    return False
-
-
-def _is_augmented(instruction: "dis.Instruction | None") -> bool:
-    """Whether `instruction` is the operation of an augmented assignment (`x += y`: INPLACE_* before Python 3.11,
-    BINARY_OP with an operator ending in "=" since)."""
-    if instruction is None:
-        return False
-    return instruction.opname.startswith("INPLACE_") or (instruction.opname == "BINARY_OP" and
-                                                        instruction.argrepr.endswith("=") and
-                                                        instruction.argrepr not in ("==", "!=", "<=", ">="))
 
 
 def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint: "bool | str" = False,

@@ -11,7 +11,8 @@ positional tensor inputs, i.e. the hidden states, as saved tensors; `BlockInputO
 call in `saved_tensors_hooks`, whose pack copies the input to a host buffer and whose unpack (run when the
 backward starts block i's recompute) hands it back. Keyword inputs (RoPE cos/sin, masks: one set shared by
 every block) stay where they are; the tensors a block saves inside the checkpoint are the checkpoint's own.
-So does a leaf that requires grad, the first block's input (autograd holds it anyway).
+So does a leaf that requires grad (autograd holds it anyway): the first block's input where the user marked
+the embedding output with transformers' `enable_input_require_grads()`.
 
 On CUDA:
 - pack: the copy to pinned host memory runs on a side stream after an event recorded on the compute stream,
@@ -182,8 +183,8 @@ class BlockInputOffload:
         if tensor.numel() == 0 or tensor.layout != torch.strided or not tensor.is_contiguous():
             return tensor  # kept as it is: nothing to gain, or a layout the flat buffers do not hold
         if tensor.is_leaf and tensor.requires_grad:
-            # The first block's input (the embedding output that `enable_input_require_grads` marks): autograd's
-            # AccumulateGrad node holds it on the device anyway, so a copy would free nothing.
+            # The first block's input where the user called `enable_input_require_grads()` (surogate's own hook
+            # makes no leaf): autograd's AccumulateGrad node holds it on the device anyway, so a copy frees nothing.
             return tensor
         value = tensor.detach()
         copies = self._copies_for(value.device)

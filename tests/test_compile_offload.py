@@ -115,10 +115,11 @@ def test_offload_same_numbers_inputs_on_host_buffers_reused(arch):
 
     # After the forward: every block input but the newest IN_FLIGHT is gone from the compute device and its
     # value sits in the block's host buffer. (checkpoint=True, the control, keeps every one alive.) Block 0's
-    # input is the leaf that enable_input_require_grads marks, held by autograd in every mode: not offloaded.
+    # input too: the copy of the embedding output that surogate.input_grad makes require grad is no leaf, which
+    # autograd would hold anyway.
     loss, seen = _forward_watching_inputs(model, ids)
-    assert len(seen) == LAYERS and sorted(key[0] for key in offload.buffers) == list(range(1, LAYERS))
-    for block, (value, ref) in enumerate(seen[1:], start=1):
+    assert len(seen) == LAYERS and sorted(key[0] for key in offload.buffers) == list(range(LAYERS))
+    for block, (value, ref) in enumerate(seen):
         (pool,) = [pool for key, pool in offload.buffers.items() if key[0] == block]
         assert len(pool) == 1 and torch.equal(pool[0].view(value.shape), value), block
         assert ref.expired() == (block < LAYERS - IN_FLIGHT), block
@@ -134,7 +135,7 @@ def test_offload_same_numbers_inputs_on_host_buffers_reused(arch):
     # The same bits as checkpoint=True and as no checkpointing (LoRA dropout on: the RNG was replayed),
     # and the next steps reuse the same host buffers.
     pointers = _buffer_pointers(offload)
-    assert len(pointers) == LAYERS - 1 and all(len(p) == 1 for p in pointers.values())
+    assert len(pointers) == LAYERS and all(len(p) == 1 for p in pointers.values())
     offloaded = _step(model, ids)
     _assert_equal(offloaded, plain)
     _assert_equal(offloaded, ckpt)
@@ -142,7 +143,7 @@ def test_offload_same_numbers_inputs_on_host_buffers_reused(arch):
     assert _buffer_pointers(offload) == pointers
     # The recompute reads the input back from the buffer: the same guards, no second graph.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert offload.host_bytes() == (LAYERS - 1) * 2 * 32 * 64 * 2  # batch x seq x hidden in bf16 each, no more
+    assert offload.host_bytes() == LAYERS * 2 * 32 * 64 * 2  # batch x seq x hidden in bf16 each, no more
 
 
 def test_offload_whole_backbone_same_numbers():
@@ -151,7 +152,7 @@ def test_offload_whole_backbone_same_numbers():
     _assert_equal(_step(model, _ids(32)), _references("qwen3")[0])
     # The blocks run their own shared graph (a graph break each in the backbone), and offload the same way.
     assert len(model.surogate_report.rewritten) == 7
-    assert len(model.surogate_offload.buffers) == LAYERS - 1
+    assert len(model.surogate_offload.buffers) == LAYERS
     assert model.surogate_offload.held_on_device() == []
 
 
@@ -164,15 +165,15 @@ def test_partial_offload_moves_only_the_checkpointed_inputs(regional):
     plain, ckpt, _ = _references("qwen3", PARTIAL_LAYERS)
     model = _compiled("qwen3", "offload", regional=regional, fraction=FRACTION, layers=PARTIAL_LAYERS)
     offload = model.surogate_offload
-    # Host buffers for the checkpointed blocks but block 0 (a leaf); of those, the inputs but the newest IN_FLIGHT
-    # leave the device during the forward. The un-checkpointed blocks' inputs stay: their graphs keep them.
+    # Host buffers for the checkpointed blocks; of those, the inputs but the newest IN_FLIGHT leave the device
+    # during the forward. The un-checkpointed blocks' inputs stay: their graphs keep them.
     loss, seen = _forward_watching_inputs(model, ids)
-    assert sorted(key[0] for key in offload.buffers) == list(range(1, CHECKPOINTED))
-    for block, (value, ref) in enumerate(seen[1:CHECKPOINTED], start=1):
+    assert sorted(key[0] for key in offload.buffers) == list(range(CHECKPOINTED))
+    for block, (value, ref) in enumerate(seen[:CHECKPOINTED]):
         (pool,) = [pool for key, pool in offload.buffers.items() if key[0] == block]
         assert torch.equal(pool[0].view(value.shape), value), block
     if regional:  # with regional=False Dynamo traces the watching hook, and under pytest keeps its frame alive
-        assert [ref.expired() for _, ref in seen] == [block in range(1, CHECKPOINTED - IN_FLIGHT)
+        assert [ref.expired() for _, ref in seen] == [block in range(CHECKPOINTED - IN_FLIGHT)
                                                       for block in range(PARTIAL_LAYERS)]
     assert len(offload.held_on_device()) == IN_FLIGHT
     loss.backward()
@@ -182,7 +183,7 @@ def test_partial_offload_moves_only_the_checkpointed_inputs(regional):
     offloaded = _step(model, ids)
     _assert_equal(offloaded, plain, PARTIAL_LAYERS)
     _assert_equal(offloaded, ckpt, PARTIAL_LAYERS)
-    assert offload.host_bytes() == (CHECKPOINTED - 1) * 2 * 32 * 64 * 2
+    assert offload.host_bytes() == CHECKPOINTED * 2 * 32 * 64 * 2
 
 
 def test_offload_under_graphed_step_and_shape_buckets():
