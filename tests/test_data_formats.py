@@ -492,8 +492,10 @@ def test_dataset_keys_checked_at_config_time(tmp_path):
     with pytest.raises(ConfigError, match=r"^dataset\.path: .*nope\.jsonl' does not exist; give a"):
         from_dict({"dataset": {"path": str(tmp_path / "nope.jsonl")}})
     # a relative file name that is missing is said to be missing, not taken for a hub id (tried ~40 s offline)
+    # (relative paths are read from the current directory, which the message names)
     for missing in ("data/train.csv", "train.CSV", "corpus.txt"):
-        with pytest.raises(ConfigError, match=rf"^dataset\.path: '{re.escape(missing)}' does not exist; give a"):
+        with pytest.raises(ConfigError, match=rf"^dataset\.path: '{re.escape(missing)}' does not exist in the current "
+                                              rf"directory \({re.escape(str(Path.cwd()))}\); give a"):
             from_dict({"dataset": {"path": missing}})
 
 

@@ -344,7 +344,8 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
                               "it needs the `datasets` package: pip install datasets (or pip install 'surogate[data]')")
         files = []
     else:
-        raise ConfigError(f"dataset.path: {path!r} does not exist; give a {'/'.join(FILE_SUFFIXES)} "
+        where = "" if Path(path).expanduser().is_absolute() else f" in the current directory ({Path.cwd()})"
+        raise ConfigError(f"dataset.path: {path!r} does not exist{where}; give a {'/'.join(FILE_SUFFIXES)} "
                           "file, a folder of <split>.jsonl files, or a Hugging Face dataset (omit it for the bundled "
                           "GSM8K sample)")
     if any(f.suffix == ".parquet" for f in files) and not has_module("pyarrow"):
