@@ -1,14 +1,15 @@
 """Every causal-LM architecture transformers ships, as a new user would bring it: compile, packing, causality.
 
-    python bench/arch_survey.py                  # CPU, every type (about 40 min on 2 cores)
+    python bench/arch_survey.py                  # CPU, every type (about an hour on 2 cores)
     python bench/arch_survey.py llama doge ...   # some
 
 For each model type in transformers' causal-LM mapping (text models; a vision-language type is skipped), a tiny
 config (hidden 64, 2 layers, where the config has those fields; OVERRIDES where an architecture needs more),
 `surogate.compile(recipe="bf16", arch="cpu")` with the default LoRA targets, then:
-- loss: a plain batch's loss against FP32 PEFT eager (the reference; transformers' own bf16 eager error beside it,
-  the scale of rounding on the model: CPM-Ant's loss of ~24 nats is 0.8% off in bf16); surogate's masks must keep
-  the model's causality (Doge's self-built mask lost it: tests/test_packing.py);
+- loss and gradients: a plain batch's loss, and the LoRA gradients of its backward, against FP32 PEFT eager (the
+  reference; transformers' own bf16 eager errors beside them, the scale of rounding on the model: CPM-Ant's loss
+  of ~24 nats is 0.8% off in bf16, its LoRA gradients 45%); surogate's masks must keep the model's causality
+  (Doge's self-built mask lost it: tests/test_packing.py);
 - packing: a row of three examples (positions restarting) against each example alone, per token, or the reason
   surogate refuses packed rows on the model; `crossing` is the same row without position_ids (one long
   sequence), which shows how far the check could see an example attending to another.
@@ -143,6 +144,7 @@ OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},  # the only value it supports
 }
 PACKED_BOUND, LOSS_BOUND = 0.03, 0.01  # nats per token (bf16 rounding: ~0.003); relative loss (bf16: ~1e-4)
+GRAD_BOUND = 0.05  # relative L2 error of the LoRA gradients (bf16 activations and weights: ~1e-2)
 
 
 def survey_one(model_type: str) -> dict:
@@ -174,19 +176,26 @@ def survey_one(model_type: str) -> dict:
     try:
         peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
         truth = copy.deepcopy(peft).float()
-        with torch.no_grad():  # transformers' own bf16 error: the scale of rounding on this model
-            hf_bf16 = copy.deepcopy(peft)(input_ids=ids, labels=ids).loss.item()
+        hf = copy.deepcopy(peft)  # transformers' own bf16 error: the scale of rounding on this model
+        hf_out = hf(input_ids=ids, labels=ids)
+        hf_out.loss.backward()
+        hf_bf16 = hf_out.loss.item()
         model = surogate.compile(peft, recipe="bf16", arch="cpu")
-        loss = model(input_ids=ids, labels=ids).loss.item()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        loss = out.loss.item()
     except Exception as e:  # noqa: BLE001 - what a user would meet, recorded on one line, a module's repr (in PEFT's
         why = " ".join(re.sub(r"\(\n.*\n\)", "(...)", str(e), flags=re.DOTALL).split())[:200]  # refusal) cut out
         return {"outcome": "compile or first step fails", "why": f"{type(e).__name__}: {why}"}
-    reference = truth(input_ids=ids, labels=ids).loss.item()
+    truth_out = truth(input_ids=ids, labels=ids)
+    truth_out.loss.backward()
+    reference = truth_out.loss.item()
     report = model.surogate_report
     row = {"attention": next((n.split(" (")[0].removeprefix("attention: ") for n in report.notes
                               if n.startswith("attention:")), "?"),
            "rewritten": len(report.rewritten), "loss_rel": round(abs(loss - reference) / abs(reference), 5),
-           "hf_bf16_rel": round(abs(hf_bf16 - reference) / abs(reference), 5)}
+           "hf_bf16_rel": round(abs(hf_bf16 - reference) / abs(reference), 5),
+           "grad_rel": _grad_error(model, truth), "hf_bf16_grad_rel": _grad_error(hf, truth)}
     examples, packed_row, positions, labels = _row(torch.Generator().manual_seed(1))
     keep = labels[0, 1:] != -100
     try:
@@ -201,9 +210,25 @@ def survey_one(model_type: str) -> dict:
         crossing = _token_losses(model, input_ids=packed_row, labels=labels)[0]
         row["packed_vs_alone"] = round(_max_diff(packed[keep], alone[keep]), 4)
         row["crossing_vs_alone"] = round(_max_diff(crossing[keep], alone[keep]), 4)
-    wrong = row["loss_rel"] > max(LOSS_BOUND, 2 * row["hf_bf16_rel"]) or row.get("packed_vs_alone", 0.0) > PACKED_BOUND
+    wrong = (row["loss_rel"] > max(LOSS_BOUND, 2 * row["hf_bf16_rel"])
+             or row["grad_rel"] > max(GRAD_BOUND, 2 * row["hf_bf16_grad_rel"])
+             or row.get("packed_vs_alone", 0.0) > PACKED_BOUND)
     row["outcome"] = "WRONG" if wrong else "ok"
     return row
+
+
+def _grad_error(model, truth) -> float:
+    """The LoRA gradients of the first step against FP32 PEFT's: ||g - g_ref|| / ||g_ref|| over every LoRA
+    parameter that gets one in the reference (1.0 where surogate's gets none)."""
+    got = dict(model.named_parameters())
+    diff = norm = 0.0
+    for name, ref in truth.named_parameters():
+        if "lora_" not in name or ref.grad is None:
+            continue
+        grad = got[name].grad
+        diff += (ref.grad if grad is None else grad.float() - ref.grad).square().sum().item()
+        norm += ref.grad.square().sum().item()
+    return round((diff / norm) ** 0.5, 4) if norm else 0.0
 
 
 def _run_isolated(model_type: str, timeout: float) -> dict:
@@ -229,13 +254,16 @@ def markdown(meta: dict, rows: dict[str, dict]) -> str:
              "", f"transformers {meta['transformers']}, peft {meta['peft']}, torch {meta['torch']}, commits "
              f"{', '.join(sorted({row.get('commit', meta['commit']) for row in rows.values()}))} (each row's in the "
              f"JSON). Bounds: packed vs alone <= {PACKED_BOUND} nats a token, loss within "
-             f"{LOSS_BOUND:.0%} of FP32 PEFT (or twice transformers' own bf16 error, where larger). "
+             f"{LOSS_BOUND:.0%} of FP32 PEFT (or twice transformers' own bf16 error, where larger), LoRA gradients "
+             f"within {GRAD_BOUND:.0%} of FP32 PEFT's (relative L2; or twice transformers' bf16 error). "
              "`python bench/arch_survey.py` (bench/arch_survey.py says what runs).", "",
              "| model type | outcome | attention | linears rewritten | loss vs FP32 PEFT | HF bf16 vs FP32 PEFT | "
-             "packed vs alone | crossing vs alone | packing refused / why |", "|---|---|---|---|---|---|---|---|---|"]
+             "LoRA grads vs FP32 PEFT | HF bf16 grads | packed vs alone | crossing vs alone | packing refused / why |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['outcome']} | {row.get('attention', '')} | {row.get('rewritten', '')} | "
-                     f"{row.get('loss_rel', '')} | {row.get('hf_bf16_rel', '')} | {row.get('packed_vs_alone', '')} | "
+                     f"{row.get('loss_rel', '')} | {row.get('hf_bf16_rel', '')} | {row.get('grad_rel', '')} | "
+                     f"{row.get('hf_bf16_grad_rel', '')} | {row.get('packed_vs_alone', '')} | "
                      f"{row.get('crossing_vs_alone', '')} | {row.get('packing', row.get('why', ''))} |")
     return "\n".join(lines) + "\n"
 

@@ -31,7 +31,7 @@ class _RequireGrad(torch.autograd.Function):
         return None, None
 
 
-_ANCHOR = torch.zeros((), requires_grad=True)
+_ANCHOR = torch.zeros((), requires_grad=True)  # 0-dim on the CPU: a scalar that a graph on any device takes
 
 
 def _hand_on_a_copy_that_requires_grad(module: nn.Module, args: Any, output: Any) -> "Tensor | None":
