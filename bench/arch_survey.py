@@ -65,12 +65,12 @@ OVERRIDES: dict[str, dict] = {
                        "first_k_dense_replace": 1, "expert_swiglu_limit_list": [0, 0],
                        "share_expert_swiglu_limit_list": [0, 0]},  # both lists have an entry per layer
     "bamba": {**MAMBA, "attn_layer_indices": [1]},  # Mamba2, then attention
-    "blt": {"encoder_hash_byte_group_vocab": 256, "local_attention_window_len": 16, "use_cache": False,
+    "blt": {"encoder_hash_byte_group_vocab": 256, "local_attention_window_len": 16,
             "patcher_config": {**BLT_PART, "vocab_size": 128},
             "encoder_config": {**BLT_PART, "num_hidden_layers": 1, "hidden_size_global": 128, "vocab_size": 128},
             "decoder_config": {**BLT_PART, "hidden_size_global": 128, "vocab_size": 128},
             "global_config": {**BLT_PART, "hidden_size": 128, "intermediate_size": 256}},  # its parts keep their
-    # published sizes (a 12 GB hash embedding) unless given; its cache reads a num_hidden_layers BltConfig lacks
+    # published sizes (a 12 GB hash embedding) unless given
     "bart": DECODER,
     "bigbird_pegasus": DECODER,
     "blenderbot": DECODER,
@@ -167,6 +167,8 @@ def survey_one(model_type: str) -> dict:
         for name, value in vars(config).items():  # every dropout off (Seed-OSS's residual_dropout is 0.1): the
             if ("dropout" in name or "pdrop" in name) and isinstance(value, float):  # comparisons need one answer
                 setattr(config, name, 0.0)
+        if hasattr(config, "use_cache"):  # as training runs (and surogate sets it): Dory's looped layers read a
+            config.use_cache = False  # cache across loops (LoRA gradients 9% apart); BLT's cache fails its forward
         torch.manual_seed(0)
         base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
         with torch.no_grad():

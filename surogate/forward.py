@@ -96,6 +96,9 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
     bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
     if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
         why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
+    elif type(head).forward is not nn.Linear.forward:
+        why = (f"its output embedding ({type(head).__name__}) computes its logits in a forward of its own (Dory's "
+               "scales each token's logit), which the chunked loss would skip")
     elif not _head_reads_the_backbone(hf, head, backbone):
         why = (f"{type(hf).__name__}'s forward does not hand its backbone's output straight to its head (a prediction "
                "transform between them, as BERT's and Electra's)")

@@ -246,6 +246,24 @@ def test_a_head_behind_a_prediction_transform_keeps_hf_s_loss(name):
     assert any("prediction transform" in why for _, why in model.surogate_report.fallbacks)
 
 
+@pytest.mark.skipif(not hasattr(T, "DoryConfig"), reason="Dory is in transformers >= 5.25 only")
+def test_an_output_embedding_with_a_forward_of_its_own_keeps_hf_s_loss():
+    """Dory's lm_head is an nn.Linear subclass that scales each token's logit (a learned `logit_scale`, 1 at
+    initialization). The chunked loss read only its weight: with trained scales (2 here) the loss was silently
+    another model's, 16% off FP32 PEFT. HF's head runs there now."""
+    config = T.DoryConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=V, max_position_embeddings=64,
+                          use_cache=False)
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(50)  # logits of a trained model (~1), not ~0.02, so that the scale shows
+        hf.lm_head.logit_scale.fill_(2 * config.initializer_range)  # a logit scale of 2
+    model, loss, expected = _against_fp32_peft(hf)
+    assert abs(loss - expected) / expected < 5e-3, (loss, expected)  # measured 9e-4 (before: 16%)
+    assert any("DoryLMHead" in why for _, why in model.surogate_report.fallbacks)
+
+
 def test_a_model_with_its_own_unshifted_loss_keeps_hf_s_loss():
     """TrOCR's (and CPM-Ant's) forward takes cross-entropy of the logits against the labels unshifted, not through
     transformers' `loss_function`: the chunked loss (which shifts) gave another number, 14% off FP32 PEFT in
