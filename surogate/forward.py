@@ -9,6 +9,8 @@ so whatever computes the loss (the chunked op or HF's own head and loss) needs t
 
 from __future__ import annotations
 
+import dis
+import inspect
 import types
 
 import torch
@@ -105,6 +107,10 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
     elif "loss_function" not in attention.code_names(hf):
         why = (f"{type(hf).__name__}'s forward computes its own loss, not transformers' shifted causal-LM "
                "`loss_function` (CPM-Ant's and TrOCR's do not shift the labels)")
+    elif _arithmetic_around_the_head(hf, head, backbone):
+        why = (f"{type(hf).__name__}'s forward computes on the hidden states or the logits between its backbone, "
+               "its head and its loss (Inkling divides the hidden states by a muP multiplier and cuts the logits "
+               "to the unpadded vocabulary)")
     else:
         return True
     report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
@@ -122,6 +128,33 @@ def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module
     others = [name for name, child in hf.named_children() if child is not head and child is not backbone
               and name in read and next(child.parameters(), None) is not None]
     return all(name is not None and name in read for name in names) and not others
+
+
+def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
+    """Whether `hf`'s forward does arithmetic between reading its backbone and calling its loss other than Gemma's
+    soft-capping (which the chunked loss applies): a scale of the hidden states before the head, a slice or a scale
+    of the logits after it. The chunked loss computes `head(backbone(...)[0])` alone; slicing the hidden states to
+    `logits_to_keep` (before the head) is a subscript it may skip."""
+    code = getattr(inspect.unwrap(type(hf).forward), "__code__", None)
+    names = {child: name for name, child in hf.named_children()}
+    if code is None:
+        return False
+    stage, previous = "before", None
+    for instruction in dis.get_instructions(code):
+        loads = instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")
+        if loads and stage == "before" and instruction.argval == names.get(backbone):
+            stage = "hidden"
+        elif loads and stage == "hidden" and instruction.argval == names.get(head):
+            stage = "logits"
+        elif loads and stage == "logits" and instruction.argval == "loss_function":
+            return False
+        elif stage != "before" and instruction.opname in ("BINARY_OP", "BINARY_SUBSCR"):
+            subscript = instruction.opname == "BINARY_SUBSCR" or instruction.argrepr == "[]"  # 3.14: one opcode
+            softcap = previous is not None and previous.argval == "final_logit_softcapping"
+            if not softcap and (stage == "logits" or not subscript):
+                return True
+        previous = instruction
+    return False
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

@@ -273,6 +273,39 @@ def test_an_output_embedding_with_a_forward_of_its_own_keeps_hf_s_loss():
     assert any("_ScaledLogitsHead" in why for _, why in model.surogate_report.fallbacks)
 
 
+def _falcon_h1() -> nn.Module:
+    config = T.FalconH1Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=V, max_position_embeddings=64,
+                              mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+                              mamba_chunk_size=16,
+                              lm_head_multiplier=4.0)  # published checkpoints set their own
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def _recurrent_gemma() -> nn.Module:
+    config = T.RecurrentGemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=V, lru_width=64,
+                                    attention_window_size=16, block_types=["recurrent", "attention"],
+                                    logits_soft_cap=2.0)  # 30 published, against logits of a trained model
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("build", [_falcon_h1, _recurrent_gemma], ids=["falcon_h1", "recurrent_gemma"])
+def test_arithmetic_around_the_head_keeps_hf_s_loss(build):
+    """Falcon-H1 multiplies its logits by `lm_head_multiplier`, RecurrentGemma soft-caps them with
+    `logits_soft_cap` (Inkling divides its hidden states by a muP multiplier; xLSTM soft-caps too): the chunked
+    loss computed `head(backbone(...)[0])` without them, silently another model's loss on a published checkpoint
+    (here: Falcon-H1 75% off FP32 PEFT, RecurrentGemma 24 times its loss; a multiplier of 1 and logits far below
+    the cap at initialization hid it from the survey's forward). HF's head runs there now."""
+    torch.manual_seed(0)
+    hf = build()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(50)  # logits of a trained model (~1), not ~0.02
+    model, loss, expected = _against_fp32_peft(hf)
+    assert abs(loss - expected) / expected < 5e-3, (loss, expected)
+    assert any("between its backbone, its head and its loss" in why for _, why in model.surogate_report.fallbacks)
+
+
 def test_a_model_with_its_own_unshifted_loss_keeps_hf_s_loss():
     """TrOCR's (and CPM-Ant's) forward takes cross-entropy of the logits against the labels unshifted, not through
     transformers' `loss_function`: the chunked loss (which shifts) gave another number, 14% off FP32 PEFT in
