@@ -175,20 +175,26 @@ def survey_one(model_type: str) -> dict:
             base(input_ids=ids, labels=ids)
     except Exception as e:  # noqa: BLE001 - the survey's config, not surogate: recorded as such
         return {"outcome": "skipped", "why": f"transformers rejects the tiny config in bf16 ({type(e).__name__})"}
-    try:
+    try:  # surogate's default targets: PEFT may refuse them
         peft = _attach_lora(base, {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-        truth = copy.deepcopy(peft).float()
-        hf = copy.deepcopy(peft)  # transformers' own bf16 error: the scale of rounding on this model
+    except Exception as e:  # noqa: BLE001
+        return _fails(e)
+    truth = copy.deepcopy(peft).float()
+    hf = copy.deepcopy(peft)  # transformers' own bf16 error: the scale of rounding on this model
+    try:
         hf_out = hf(input_ids=ids, labels=ids)
         hf_out.loss.backward()
         hf_bf16 = hf_out.loss.item()
+    except Exception as e:  # noqa: BLE001 - PEFT on transformers' model, without surogate: not surogate's to fix
+        return {"outcome": "skipped", "why": f"PEFT's own bf16 training step fails ({type(e).__name__}: "
+                f"{str(e)[:80]})"}
+    try:
         model = surogate.compile(peft, recipe="bf16", arch="cpu")
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         loss = out.loss.item()
-    except Exception as e:  # noqa: BLE001 - what a user would meet, recorded on one line, a module's repr (in PEFT's
-        why = " ".join(re.sub(r"\(\n.*\n\)", "(...)", str(e), flags=re.DOTALL).split())[:200]  # refusal) cut out
-        return {"outcome": "compile or first step fails", "why": f"{type(e).__name__}: {why}"}
+    except Exception as e:  # noqa: BLE001 - what a user would meet
+        return _fails(e)
     truth_out = truth(input_ids=ids, labels=ids)
     truth_out.loss.backward()
     reference = truth_out.loss.item()
@@ -217,6 +223,12 @@ def survey_one(model_type: str) -> dict:
              or row.get("packed_vs_alone", 0.0) > PACKED_BOUND)
     row["outcome"] = "WRONG" if wrong else "ok"
     return row
+
+
+def _fails(e: Exception) -> dict:
+    """A failure a user would meet, on one line (a module's repr, in PEFT's refusals, cut out)."""
+    why = " ".join(re.sub(r"\(\n.*\n\)", "(...)", str(e), flags=re.DOTALL).split())[:200]
+    return {"outcome": "compile or first step fails", "why": f"{type(e).__name__}: {why}"}
 
 
 def _grad_error(model, truth) -> float:
