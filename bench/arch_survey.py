@@ -151,6 +151,7 @@ def survey_one(model_type: str) -> dict:
     """One type: compile, plain loss against FP32 PEFT, packed row against its examples alone."""
     import torch
     import transformers as T
+    from test_more_archs import sharpen_routers
     from test_packing import _max_diff, _row, _token_losses
 
     import surogate
@@ -171,6 +172,7 @@ def survey_one(model_type: str) -> dict:
             config.use_cache = False  # cache across loops (LoRA gradients 9% apart); BLT's cache fails its forward
         torch.manual_seed(0)
         base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+        sharpen_routers(base)  # MoE: FP32 and bf16 pick the same experts (a flipped near-tie moves their gradients)
         with torch.no_grad():
             base(input_ids=ids, labels=ids)
     except Exception as e:  # noqa: BLE001 - the survey's config, not surogate: recorded as such
