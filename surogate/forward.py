@@ -22,6 +22,9 @@ from surogate.passes import CompileReport
 
 # Config attributes that change the logits in ways the chunked loss does not model.
 _UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+# Operands of the forward's arithmetic around the head that the chunked loss models: Gemma's soft-capping (applied),
+# and the attributes above (their value checked: 1 is the identity, any other keeps HF's head).
+_MODELLED_LOGIT_ATTRS = ("final_logit_softcapping", *_UNSUPPORTED_LOGIT_ATTRS)
 
 
 def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = True) -> None:
@@ -132,9 +135,10 @@ def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module
 
 def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
     """Whether `hf`'s forward does arithmetic between reading its backbone and calling its loss other than Gemma's
-    soft-capping (which the chunked loss applies): a scale of the hidden states before the head, a slice or a scale
-    of the logits after it. The chunked loss computes `head(backbone(...)[0])` alone; slicing the hidden states to
-    `logits_to_keep` (before the head) is a subscript it may skip."""
+    soft-capping (which the chunked loss applies) and the logit scales whose value is checked apart: a scale of
+    the hidden states before the head, a slice or a scale of the logits after it. The chunked loss computes
+    `head(backbone(...)[0])` alone; slicing the hidden states to `logits_to_keep` (before the head) is a subscript
+    it may skip."""
     code = getattr(inspect.unwrap(type(hf).forward), "__code__", None)
     names = {child: name for name, child in hf.named_children()}
     if code is None:
@@ -150,8 +154,8 @@ def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Mod
             return False
         elif stage != "before" and instruction.opname in ("BINARY_OP", "BINARY_SUBSCR"):
             subscript = instruction.opname == "BINARY_SUBSCR" or instruction.argrepr == "[]"  # 3.14: one opcode
-            softcap = previous is not None and previous.argval == "final_logit_softcapping"
-            if not softcap and (stage == "logits" or not subscript):
+            modelled = previous is not None and previous.argval in _MODELLED_LOGIT_ATTRS
+            if not modelled and (stage == "logits" or not subscript):
                 return True
         previous = instruction
     return False
