@@ -13,6 +13,8 @@ runs first; results go to bench/results/kernels_persistent.{json,md}.
 
     python bench/fused_kernels.py [--models 0.6B,8B] [--recipes bf16,fp8,...] [--m 4096] [--out bench/results]
     python bench/fused_kernels.py --persistent --models 8B --m 4096,16384 [--recipes bf16,fp8,qfp8]
+                                  [--warp-specialize]   (every specialized config offered: a Triton's trial;
+                                                         results to kernels_persistent_ws.{json,md})
 """
 
 from __future__ import annotations
@@ -207,6 +209,17 @@ PERSISTENT_RECIPES = ("bf16", "fp8", "qfp8")
 # FP8 rows in 16-byte steps (`variants.persistent_takes`), and Triton then specializes every integer
 # argument as the benchmark's (no second compile of each config). M % 16 != 0: tests/gpu/test_persistent_gpu.py.
 PERSISTENT_VALIDATE = ((1008, 1024, 2048), (1008, 1008, 1040))
+
+
+def offer_warp_specialized_configs() -> None:
+    """Put every warp-specialized config in the persistent families, the probes kept out of them included, so
+    that the tuner and the validation meet them: the trial of a Triton whose specialized builds were never
+    checked on a GPU (`compat.warp_specialize_checked`), e.g. a newer one than the machine's own."""
+    configs.PERSISTENT_WARP_SPECIALIZE = True
+    for family in ("persistent_bf16", "persistent_fp8", "persistent_fp8_block"):
+        own = configs.FAMILIES[family]
+        configs.FAMILIES[family] = lambda arch, own=own, family=family: [*own(arch),
+                                                                         *configs.persistent_probe_configs(family)]
 
 
 @contextlib.contextmanager
@@ -487,7 +500,11 @@ def main() -> None:
     p.add_argument("--rep", type=int, default=None, help="do_bench_cudagraph rep in ms (default 60; 20 with "
                    "--persistent: it times ~260 ops)")
     p.add_argument("--rank", type=int, default=RANK, help="LoRA rank of every case (default 16)")
+    p.add_argument("--warp-specialize", action="store_true", help="with --persistent: offer the warp-specialized "
+                   "configs (the families' own and `configs.persistent_probe_configs`), whatever this Triton")
     args = p.parse_args()
+    if args.warp_specialize:
+        offer_warp_specialized_configs()
     RANK = args.rank
     REP_MS = args.rep or (20 if args.persistent else REP_MS)
     arch = current_arch()
@@ -501,11 +518,13 @@ def main() -> None:
 
     commit = git_commit()
     meta = dict(gpu=torch.cuda.get_device_name(), arch=arch, torch=torch.__version__, triton=triton.__version__,
-                commit=commit, rank=RANK, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                commit=commit, rank=RANK, warp_specialize=args.warp_specialize,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if args.persistent:
         valid = {} if args.skip_validate else validate_persistent(recipes)
         rows = bench_persistent(models, recipes, ms)
-        write_results(args.out, "kernels_persistent", meta, valid, rows, persistent_markdown(meta, rows, valid))
+        name = "kernels_persistent_ws" if args.warp_specialize else "kernels_persistent"
+        write_results(args.out, name, meta, valid, rows, persistent_markdown(meta, rows, valid))
         return
     M_TOKENS = ms[0]
     valid = {}
