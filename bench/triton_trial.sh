@@ -30,7 +30,7 @@ print("inductor max abs diff", (eager - compiled).abs().max().item())
 EOF
 fi
 if step compile; then echo "== surogate.compile of a tiny Qwen3 vs eager PEFT (every recipe)"
-    timeout 180 python3 -m pytest tests/test_compile_gpu.py -m gpu -q -p no:cacheprovider -p no:logging --tb=line \
+    timeout 180 python3 -m pytest tests/test_compile_gpu.py -m gpu -q -n 7 -p no:cacheprovider -p no:logging --tb=line \
         2>&1 | tail -n 15 | tee "$OUT/trial_compile.log"; fi
 if step configs; then echo "== every persistent config, warp-specialized ones offered"
     timeout 240 python3 -c "
