@@ -247,16 +247,18 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
         hf.config.use_cache = False
         report.note("config.use_cache set to False (training needs no KV cache; it would recompile per layer)")
     original_attention = attention.install(hf)
+    refusal = attention.packing_refusal(hf)
+    refused = f"packed rows with position_ids are refused: the model {refusal}; pad instead"
     if original_attention is None:
         report.note("attention: transformers' own masks (this architecture does not call through "
-                     "ALL_ATTENTION_FUNCTIONS, or its layers do not pass their kwargs on to it): packed rows with "
-                     "position_ids are refused; pad instead")
+                    "ALL_ATTENTION_FUNCTIONS, or its layers do not pass their kwargs on to it): "
+                    + (refused if refusal else "packed rows keep their examples apart in transformers' masks, built "
+                       "from position_ids (a dense mask each step: padded rows cost less)"))
     else:
         report.note(f"attention: surogate (masks from position_ids / attention_mask inside the layers, no host "
                     f"sync; plain causal rows run {original_attention}'s causal kernel)")
-        refusal = attention.packing_refusal(hf)
         if refusal:
-            report.note(f"packed rows with position_ids are refused: the model {refusal}; pad instead")
+            report.note(refused)
     deltanet = linear_attention.install(hf, undo.attributes.set)
     if deltanet:
         report.note(f"linear attention: {deltanet} gated DeltaNet layers run the delta rule as one op "

@@ -162,18 +162,17 @@ def test_mlp_names_on_an_moe_model_say_where_its_experts_get_lora(tmp_path, cach
 
 def test_packing_on_a_model_whose_attention_cannot_keep_examples_apart_is_one_line(tmp_path, cache, no_model_load,
                                                                                     capsys):
-    """StableLM's decoder layers drop the layer kwargs, so surogate's segment ids never reach its attention and
+    """Bloom keeps transformers' own attention masks and builds them without the row's position_ids (ALiBi), so
     packed examples would attend to each other: refused from the config, with what to set."""
-    from transformers import StableLmConfig
+    from transformers import BloomConfig
 
     from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE
 
-    model = tmp_path / "stablelm"
-    StableLmConfig(vocab_size=DEFAULT_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256).save_pretrained(model)
-    assert main(["train", _config(tmp_path, model, lora_target_modules=["q_proj", "v_proj"])]) == 2
-    assert ("sample_packing: StableLmForCausalLM keeps transformers' own attention masks"
-            in _one_line_error(capsys))
+    model = tmp_path / "bloom"
+    BloomConfig(vocab_size=DEFAULT_VOCAB_SIZE, hidden_size=32, n_layer=1, n_head=2).save_pretrained(model)
+    assert main(["train", _config(tmp_path, model, lora_target_modules=["query_key_value"])]) == 2
+    assert ("sample_packing: BloomForCausalLM keeps transformers' own attention masks, built without the row's "
+            "position_ids" in _one_line_error(capsys))
     assert not (tmp_path / "out").exists()
 
 

@@ -73,6 +73,14 @@ def tiny_config(name: str):
                                             num_attention_heads=4, vocab_size=V, max_position_embeddings=64),
         "falcon": lambda: T.FalconConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, vocab_size=V),
         "stablelm": lambda: T.StableLmConfig(**c),
+        "gpt_neo": lambda: T.GPTNeoConfig(hidden_size=H, num_layers=2, num_heads=4, intermediate_size=128,
+                                          attention_types=[[["global", "local"], 1]], window_size=8, vocab_size=V,
+                                          max_position_embeddings=64, embed_dropout=0.0, attention_dropout=0.0,
+                                          resid_dropout=0.0),
+        "bloom": lambda: T.BloomConfig(hidden_size=H, n_layer=2, n_head=4, vocab_size=V, hidden_dropout=0.0,
+                                       attention_dropout=0.0),
+        "mpt": lambda: T.MptConfig(d_model=H, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64,
+                                   vocab_size=V, resid_pdrop=0.0, emb_pdrop=0.0),
     }[name]()
 
 

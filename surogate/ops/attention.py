@@ -30,18 +30,22 @@ GPT-OSS: FlexAttention's output renormalized from its log-sum-exp) are applied o
 segments or needs them. Architectures whose attention does not go through
 `ALL_ATTENTION_FUNCTIONS` (Bloom, MPT, Falcon before transformers 5.25), whose layers do not hand the layer kwargs
 on to it (StableLM, Falcon in 5.25), or whose attention is bidirectional (`is_causal = False`) keep transformers' own
-masks: `install` returns None for them. `packing_refusal` says where packed rows cannot train as their examples
-alone, and why (those, decoders that count their positions themselves, Mamba mixers that carry state).
+masks: `install` returns None for them, and they pack only where those masks are built from the row's
+`position_ids` (`own_masks_keep_examples_apart`). `packing_refusal` says where packed rows cannot train as their
+examples alone, and why (masks built without the positions, decoders that count their positions themselves, Mamba
+mixers that carry state).
 """
 
 from __future__ import annotations
 
+import ast
 import dis
 import functools
 import inspect
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,12 +180,58 @@ def reads_position_ids(model: nn.Module) -> bool:
         return False
 
 
+# transformers' causal mask builders (masking_utils): handed the row's `position_ids` and no padding mask, they find
+# the packed examples in it (`find_packed_sequence_indices`) and keep each one's tokens to itself.
+_PACKING_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+# The implementations that apply those masks; FlashAttention takes none (the examples would reach it only through
+# the layer kwargs, which are what these models drop).
+_MASKED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+# A call that builds a mask (`create_causal_mask`, `_update_causal_mask`, `_prepare_4d_attention_mask`, ...), not one
+# that uses one (`masked_fill`).
+_MASK_BUILDER = re.compile(r"(create|make|prepare|update|build|get|compute)_\w*mask", re.IGNORECASE)
+
+
+def own_masks_keep_examples_apart(model: nn.Module) -> bool:
+    """Whether transformers' own masks keep packed examples apart on `model` (where surogate attention cannot serve
+    it): its text decoder builds every mask with transformers' causal builders and hands each the row's
+    `position_ids` (by keyword, or in a dict literal it unpacks), and its attention implementation applies them.
+    Falcon (transformers 5.25), StableLM, Nemotron, GPT-Neo and DeepSeek-V3.2 do; Bloom and MPT build theirs
+    without the positions (ALiBi), so their packed examples would attend to each other. Read from the forward's
+    source: a decoder without Python source, or one that builds any mask another way, is taken as not keeping
+    them apart."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in _MASKED_IMPLEMENTATIONS:
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(type(_decoder(model)[0]).forward))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    dict_keys = {node.targets[0].id: {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+                 for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                 and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
+
+    def called(call: ast.Call) -> str:
+        return getattr(call.func, "id", None) or getattr(call.func, "attr", "")
+
+    def hands_positions(call: ast.Call) -> bool:
+        return any(kw.arg == "position_ids" or kw.arg is None and isinstance(kw.value, ast.Name)
+                   and "position_ids" in dict_keys.get(kw.value.id, ()) for kw in call.keywords)
+
+    builders = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _MASK_BUILDER.search(called(n))]
+    return bool(builders) and all(called(n) in _PACKING_MASK_BUILDERS and hands_positions(n) for n in builders)
+
+
 def packing_refusal(model: nn.Module) -> str | None:
     """Why packed rows (examples end to end, `position_ids` restarting) cannot train on `model` as its examples
     would alone, or None when they can."""
-    if not supports(model):
-        return ("keeps transformers' own attention masks (its attention cannot take surogate's segment ids), so "
-                "packed examples would attend to each other")
+    if not supports(model) and not own_masks_keep_examples_apart(model):
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if implementation not in _MASKED_IMPLEMENTATIONS and implementation is not None:
+            return (f"keeps transformers' own attention masks, which its attention implementation ({implementation}) "
+                    "does not apply (its attention cannot take surogate's segment ids), so packed examples would "
+                    "attend to each other; load it with attn_implementation='sdpa' to pack")
+        return ("keeps transformers' own attention masks, built without the row's position_ids (its attention "
+                "cannot take surogate's segment ids), so packed examples would attend to each other")
     if not reads_position_ids(model):
         return ("counts its positions itself (its decoder takes no position_ids), so a packed example would get "
                 "the positions of where it sits in the row")
