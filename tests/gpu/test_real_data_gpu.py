@@ -21,7 +21,7 @@ import surogate  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
 from surogate.training.graphed_step import GraphedStep  # noqa: E402
 
-ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "falcon"]
+ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "falcon", "stablelm"]
 
 
 # The CPU matrix's configs, widened: Inductor's CUDA codegen asserted on the hidden-64 ones (torch 2.11).
@@ -71,9 +71,12 @@ def _eager_step(model, batch, scale):
 @pytest.mark.parametrize("name", ARCHS)
 def test_capture_on_every_dense_architecture(name):
     """The step is captured (strict: a failed capture raises) and follows the eager twin, with plain rows
-    and, where the attention takes segments, packed rows."""
+    and, where the model packs, packed rows: through surogate attention, or (StableLM; Falcon from transformers
+    5.25) through transformers' masks built from position_ids, which capture computes inside the graph."""
+    from surogate.ops.attention import packing_refusal
+
     model, twin = _pair(name)
-    packable = not name.startswith("falcon")
+    packable = packing_refusal(model.base_model.model) is None
     g = torch.Generator("cuda").manual_seed(1)
     plain = {"input_ids": (ids := torch.randint(1, 120, (2, 96), device="cuda", generator=g)), "labels": ids}
     batches = [plain] + ([_packed_batch(g)] if packable else [])
@@ -106,11 +109,12 @@ def _token_losses(model, **inputs) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, overrides", [("qwen3", {}), ("gemma2", {}), ("gemma3", {}),
-                                             ("phi3", {"sliding_window": 24})])
+                                             ("phi3", {"sliding_window": 24}), ("stablelm", {})])
 def test_packed_rows_on_cuda_equal_their_examples_alone(name, overrides):
     """FlexAttention's document mask; gemma2: soft-capped, its sliding layers (window 16, shorter than the row) on
     the dense path; gemma3 (window 16) and phi3 (24), no soft-capping: window and document mask in
-    one BlockMask, the examples alone (30 and 50 tokens longer than the window) through the plain window mask."""
+    one BlockMask, the examples alone (30 and 50 tokens longer than the window) through the plain window mask;
+    stablelm: transformers' own SDPA masks, built from position_ids."""
     model, _ = _pair(name, **overrides)
     lengths = (30, 50, 20, 28)
     batch = _packed_batch(torch.Generator("cuda").manual_seed(2), lengths)
