@@ -40,7 +40,7 @@ from surogate.cache import source_tag
 from surogate.compat import (check_dependencies, compile_options_cache_tag, import_bitsandbytes_offline,
                              tag_compile_cache)
 from surogate.forward import attach_forward, backbone_of
-from surogate.input_grad import make_inputs_require_grad
+from surogate.input_grad import make_inputs_require_grad, quiet_grad_reads
 from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention, linear_attention
@@ -886,7 +886,8 @@ def _compile_blocks(blocks: list[nn.Module], backend, dynamic: bool, checkpoint:
         def forward(*args, _block=block, _shared=shared[type(block)], **kwargs):
             if dynamic:
                 _mark_sequence_dynamic(args, kwargs)
-            return _shared(_block, *args, **kwargs)
+            with quiet_grad_reads():  # block 0's input is no leaf: Dynamo's read of its .grad under `-W error`
+                return _shared(_block, *args, **kwargs)
 
         if checkpoint and index < checkpointed:
             forward = _checkpointed(forward, _draws_random(block), offload, index)

@@ -19,6 +19,7 @@ recipe's bounds, a few AdamW steps lower the loss.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -307,3 +308,24 @@ def test_a_model_that_updates_its_embedding_output_in_place_trains_in_one_block_
     embeddings = compiled.get_input_embeddings()
     compiled.unload()
     assert not embeddings._forward_hooks  # the hook leaves with surogate
+
+
+def test_a_compiled_model_trains_where_warnings_raise():
+    """Dynamo reads `.grad` of block 0's input (the copy that surogate.input_grad hands on: no leaf) and hides the
+    warning that makes by swapping `warnings.showwarning`, which a filter that raises never reaches: under `-W
+    error` (or pytest's `filterwarnings = error`) the block's compile failed with "InternalTorchDynamoError:
+    UserWarning: The .grad attribute of a Tensor that is not a leaf Tensor ..." (found on the H200 by a GPU test
+    that runs under such a filter). The block's call ignores that one warning while such a filter is set; any
+    other warning still raises, and the filters are as they were after."""
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(tiny_config("qwen3")).to(torch.bfloat16)
+    compiled = surogate.compile(_attach_lora(base, {"r": 4, "lora_alpha": 8}), recipe="bf16", arch="cpu")
+    ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        before = list(warnings.filters)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        assert warnings.filters == before
+        with pytest.raises(UserWarning, match="still raises"):
+            warnings.warn("any other warning still raises", UserWarning)
+    assert all(p.grad is not None for n, p in compiled.named_parameters() if "lora_B" in n)
