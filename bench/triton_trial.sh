@@ -5,12 +5,18 @@
 # persistent kernel needs them to pass cuBLASLt (issue #19).
 #   bash bench/triton_trial.sh .tw/triton-3.9.0.tar.xz      (on the GPU machine, from the repository root)
 # The tarball holds `triton/` and its dist-info, stripped to what an NVIDIA Hopper run needs (a whole wheel is over
-# the 64 MiB a call may carry; bench/NOTES.md says how it was cut). Results and logs go to $OUT.
+# the 64 MiB a call may carry): libtriton.so through `strip --strip-unneeded` (500 -> 192 MB), without the AMD
+# backend, CUPTI, proton, the instrumentation library, ptxas-blackwell and nvdisasm; `tar -cJ`: 51 MB for 3.9.0.
+# Results and logs go to $OUT.
 # TRIAL_STEPS picks the steps (default "import inductor compile configs bench"); TRIAL_RECIPES the bench's recipes.
 set -uo pipefail
 TARBALL="$1"; SITE=/tmp/triton-trial
 OUT="${OUT:-bench/results/triton_trial}"; mkdir -p "$OUT"
 if [ ! -d "$SITE/triton" ]; then mkdir -p "$SITE" && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$TARBALL" "$SITE" || exit 1; fi
+# What the cut left dangling (run 155): the dist-info's entry point to the AMD backend (import fails without it),
+# and ptxas-blackwell, whose version 3.9's NVIDIA backend reads for every arch (the bundled ptxas serves sm_90).
+sed -i '/amd/d' "$SITE"/triton-*.dist-info/entry_points.txt 2>/dev/null
+BIN="$SITE/triton/backends/nvidia/bin"; [ -e "$BIN/ptxas-blackwell" ] || ln -s ptxas "$BIN/ptxas-blackwell"
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 MPLBACKEND=Agg TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-2}"
 export SUROGATE_CACHE_DIR=/tmp/surogate-trial-cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-trial-cache  # not 3.6's
 STEPS="${TRIAL_STEPS:-import inductor compile configs bench}"

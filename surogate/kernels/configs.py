@@ -178,8 +178,11 @@ def get_persistent_fp8_block_configs(arch: str) -> list[triton.Config]:
     """Persistent block-scaled FP8: K step 128 (one scale block), each step's product scaled into the
     accumulator, so two accumulator tiles are live: warp specialization gives each consumer warpgroup half
     of BLOCK_M (DeepGEMM's two math warpgroups), and the producer keeps the TMA loads ahead. But the only
-    specialized tiles that fit, 128x128 at 3 or 4 stages, compute wrong sums on the H200
-    (`persistent_probe_configs`), so none is specialized for now."""
+    specialized tiles that fit, 128x128 at 3 or 4 stages, compute wrong sums on the H200 with Triton 3.6
+    (`persistent_probe_configs`), so none is specialized for now. With Triton 3.9 they compute right and the
+    tuner picks them, yet the op is no faster (0.59-0.77x cuBLASLt's GEMM alone at the 8B shapes against
+    3.6's unspecialized 0.63-0.74x: bench/results/kernels_persistent_h200_triton39_ws.md): specialization
+    does not lift this kernel past cuBLASLt, which keeps qfp8's GEMM."""
     arch = _persistent_archs(arch)
     cands = [_pcfg(128, 128, 128, False, 4), _pcfg(64, 128, 128, False, 4, warps=4)]
     return _persistent_family(cands, 1, arch)
@@ -189,8 +192,9 @@ def persistent_probe_configs(family: str) -> list[triton.Config]:
     """Warp-specialized 128x128 configs kept out of the persistent families. At 4 and 3 stages they computed
     wrong sums on the H200 (bench/NOTES.md run 55, Triton 3.6) in every family, bf16 included (so not the FP8
     scales), with non-finite outputs spread over both consumer warpgroups' rows; the specialized 128x256 and
-    256x128 tiles at 2 stages were right. The 2-stage 128x128 build has not run there. tests/gpu/
-    test_persistent_gpu.py runs all three and prints their numbers, to admit any that comes out right."""
+    256x128 tiles at 2 stages were right. With Triton 3.9 all three (2 stages too) are right in every family
+    (48-82 dB, the unspecialized configs' SQNR; run 155). tests/gpu/test_persistent_gpu.py runs
+    all three and prints their numbers, to admit any that comes out right."""
     bk = 64 if family == "persistent_bf16" else 128
     return [_pcfg(128, 128, bk, True, stages) for stages in (4, 3, 2)]
 
