@@ -197,6 +197,44 @@ def test_chat_template_from_a_file(tmp_path, tok):
         cfg_for(tmp_path / "chat.jsonl", chat_template=str(tmp_path / "missing.jinja"))
 
 
+def test_sharegpt_conversations_train_as_the_same_messages(tmp_path, tok):
+    """ShareGPT's layout (`conversations` of `from` / `value`: human, gpt, system), as many public chat datasets
+    ship, was refused ("row has no 'messages'"): it trains as the OpenAI-style messages it stands for, the same
+    ids and targets, found by `auto` too; a speaker it does not know is named with its line."""
+    tok.chat_template = CHATML_IN_TEST
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in CONVERSATION]}
+    as_messages = tokenize_examples([{"messages": CONVERSATION}], "messages", tok)[0]
+    assert tokenize_examples([sharegpt], "sharegpt", tok)[0] == as_messages
+    assert detect(sharegpt).name == "sharegpt"
+    train, _ = load_splits(cfg_for(write_jsonl(tmp_path / "sg.jsonl", [sharegpt] * 2)), tok)
+    assert train.input_ids[0][:len(as_messages.input_ids)] == as_messages.input_ids
+    bad = {"conversations": [{"from": "narrator", "value": "x"}]}
+    cfg = cfg_for(write_jsonl(tmp_path / "bad.jsonl", [sharegpt, bad]), format="sharegpt")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: conversations\[0\] must be an object with from \(system, "
+                                        r"human, "):
+        load_splits(cfg, tok)
+    cfg = cfg_for(write_jsonl(tmp_path / "under_messages.jsonl", [sharegpt]), format="messages")
+    with pytest.raises(DataError, match=r"look like format sharegpt: set dataset\.format: sharegpt"):
+        load_splits(cfg, tok)
+
+
+def test_content_as_a_list_of_text_parts_is_joined_and_other_parts_are_refused(tmp_path, tok):
+    """Newer chat datasets write a turn's content as parts (`[{"type": "text", "text": ...}]`): text parts
+    train as their joined string (they were refused); an image part is refused in one line with its line."""
+    tok.chat_template = CHATML_IN_TEST
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:1]}, {"type": "text", "text": m["content"][1:]}]}
+             for m in CONVERSATION]
+    assert tokenize_examples([{"messages": parts}], "messages", tok) == \
+        tokenize_examples([{"messages": CONVERSATION}], "messages", tok)
+    assert parts[0]["content"][0]["type"] == "text"  # the user's row is left as it was
+    image = [CONVERSATION[1], {"role": "assistant", "content": [{"type": "image", "url": "x.png"}]}]
+    cfg = cfg_for(write_jsonl(tmp_path / "img.jsonl", [{"messages": CONVERSATION}, {"messages": image}]))
+    with pytest.raises(DataError, match=r"img\.jsonl:2: messages\[1\] has a content part of type 'image'; surogate "
+                                        r"trains on text"):
+        load_splits(cfg, tok)
+
+
 def test_bad_messages_named_with_their_line(tmp_path, tok):
     rows = [{"messages": CONVERSATION}, {"messages": [{"role": "assistent", "content": "x"}]}]
     cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", rows), chat_template="chatml")
@@ -252,7 +290,8 @@ def test_auto_reads_each_format_and_refuses_unknown_rows_in_one_line(tmp_path, t
     assert train.input_ids[0] == tokenize_examples([ALPACA], "alpaca", tok)[0].input_ids
     cfg = cfg_for(write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}]))
     with pytest.raises(DataError, match=r"odd\.jsonl:1: cannot tell the format of a row with keys \['bar', 'foo'\]; "
-                                        r"set dataset\.format, one of messages \(messages\); alpaca") as e:
+                                        r"set dataset\.format, one of messages \(messages\); sharegpt \(conversations\); "
+                                        r"alpaca") as e:
         load_splits(cfg, tok)
     assert "\n" not in str(e.value)
 
@@ -425,10 +464,18 @@ def test_val_set_size_through_load_splits_uses_the_run_seed(tmp_path, tok):
     assert held.isdisjoint(tok.decode(r[:-1]) for r in train.input_ids)
 
 
-@pytest.mark.parametrize("value", [0, 0.0, 1.0, 1.5, -1, True, "ten"])
+@pytest.mark.parametrize("value", [1.0, 1.5, -1, True, "ten"])
 def test_val_set_size_must_be_a_fraction_or_a_count(value):
     with pytest.raises(ConfigError, match=r"^dataset\.val_set_size: expected a fraction in \(0, 1\) or a count"):
         from_dict({"dataset": {"val_set_size": value, "eval_split": None}})
+
+
+@pytest.mark.parametrize("value", [0, 0.0])
+def test_val_set_size_zero_holds_nothing_out(value):
+    """Axolotl's default and its way to say "no eval from train": accepted as no hold-out (it was refused with a
+    message that named no way to turn the hold-out off), leaving eval_split as it was set."""
+    assert from_dict({"dataset": {"val_set_size": value}}).dataset.val_set_size is None
+    assert from_dict({"dataset": {"val_set_size": value, "eval_split": None}}).dataset.eval_split is None
 
 
 def test_val_set_size_and_eval_split_are_exclusive():
@@ -485,8 +532,8 @@ def test_non_string_field_refused(tmp_path, tok):
 
 
 def test_dataset_keys_checked_at_config_time(tmp_path):
-    with pytest.raises(ConfigError, match=r"^dataset\.format: 'sharegpt' is not one of auto, messages, alpaca"):
-        from_dict({"dataset": {"format": "sharegpt"}})
+    with pytest.raises(ConfigError, match=r"^dataset\.format: 'chatml' is not one of auto, messages, sharegpt, alpaca"):
+        from_dict({"dataset": {"format": "chatml"}})
     with pytest.raises(ConfigError, match=r"^dataset\.train_on_inputs: expected true or false"):
         from_dict({"dataset": {"train_on_inputs": "yes"}})
     with pytest.raises(ConfigError, match=r"^dataset\.path: .*nope\.jsonl' does not exist; give a"):

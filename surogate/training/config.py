@@ -35,7 +35,7 @@ class DatasetConfig:
     """Where the examples are and how to read them."""
 
     path: str | None = None  # a .jsonl/.json/.parquet file, a folder, or a HF dataset; None: the bundled GSM8K sample
-    format: str = "auto"  # auto, messages, alpaca, completion, gsm8k, text (surogate/training/data_formats.py)
+    format: str = "auto"  # auto, messages, sharegpt, alpaca, completion, gsm8k, text (surogate/training/data_formats.py)
     train_split: str = "train"
     eval_split: str | None = "test"  # None: no evaluation; a single file has none
     val_set_size: float | int | None = None  # hold out this fraction (0, 1) or count of train as eval (Axolotl)
@@ -390,11 +390,13 @@ def _dataset(raw: Any) -> DatasetConfig:
     d.train_on_inputs = _bool("dataset.train_on_inputs", d.train_on_inputs)
     d.chat_template = _str("dataset.chat_template", d.chat_template, optional=True)
     resolve_chat_template(d.chat_template)  # a missing .jinja file fails here, naming the key
+    if not isinstance(d.val_set_size, bool) and d.val_set_size == 0:
+        d.val_set_size = None  # Axolotl's "hold nothing out" (its default): no eval rows taken from train
     if d.val_set_size is not None:
         v = d.val_set_size
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (isinstance(v, int) and v >= 1)):
             raise ConfigError(f"dataset.val_set_size: expected a fraction in (0, 1) or a count >= 1 of train rows "
-                              f"to hold out for eval, got {v!r}")
+                              f"to hold out for eval (0 or null: none), got {v!r}")
         if "eval_split" in raw and d.eval_split is not None:
             raise ConfigError(f"dataset.val_set_size: set together with dataset.eval_split ({d.eval_split!r}); use "
                               "one: set eval_split: null to hold out part of train")

@@ -5,12 +5,15 @@ A row becomes a list of text pieces, each read (masked from the loss, label IGNO
 | format | fields | read | trained |
 |---|---|---|---|
 | `messages` | messages (OpenAI-style) | everything else | each assistant turn and its end-of-turn text |
+| `sharegpt` | conversations (ShareGPT: `from` human / gpt / system, `value`) | as messages | as messages |
 | `alpaca` | instruction, input (optional), output | the Stanford Alpaca prompt | output |
 | `completion` | prompt, completion | prompt | completion (TRL's prompt-completion) |
 | `gsm8k` | question, answer | "Question: <question>\\nAnswer:" | " <answer>" |
 | `text` | text | nothing | text |
 
-`auto` takes the first format, in the order of the table (`FORMATS`), whose fields the first row has.
+`auto` takes the first format, in the order of the table (`FORMATS`), whose fields the first row has. A
+ShareGPT conversation becomes OpenAI-style messages (`SHAREGPT_ROLES`); a turn's content may also be a list of
+text parts (`[{"type": "text", "text": ...}]`, joined), as in newer chat datasets.
 The pieces are tokenized apart, so a boundary between read and trained text is exact, then joined. The
 tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first, as Llama's and Mistral's
 do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
@@ -61,11 +64,13 @@ class Example:
 @dataclass(frozen=True)
 class RowFormat:
     """A format: the fields a row must have and how its text splits into read and trained pieces
-    (`pieces` None: the row is a conversation rendered by a chat template)."""
+    (`pieces` None: the row is a conversation rendered by a chat template, whose checked OpenAI-style
+    messages `messages(row, where)` gives)."""
 
     name: str
     fields: tuple[str, ...]
     pieces: Callable[[dict], Pieces] | None
+    messages: Callable[[dict, str], list[dict]] | None = None
 
 
 def _gsm8k(row: dict) -> Pieces:
@@ -79,9 +84,31 @@ def _alpaca(row: dict) -> Pieces:
     return [(prompt, False), (row["output"], True)]
 
 
+# ShareGPT's speakers (`from`) as OpenAI roles: the names datasets in that layout use (lower-cased).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "tool": "tool", "function": "tool",
+                  "observation": "tool"}
+
+
+def _sharegpt(row: dict, where: str) -> list[dict]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for n, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None or "value" not in turn:
+            raise DataError(f"{where}: conversations[{n}] must be an object with from ({', '.join(SHAREGPT_ROLES)}) "
+                            f"and value, got {turn!r:.80}")
+        messages.append({"role": role, "content": turn["value"]})
+    return _check_messages(messages, where, "conversations")
+
+
 # The table every user reads; its order is the order `auto` tries.
 FORMATS: dict[str, RowFormat] = {f.name: f for f in (
-    RowFormat("messages", ("messages",), None),
+    RowFormat("messages", ("messages",), None, lambda row, where: _check_messages(row["messages"], where)),
+    RowFormat("sharegpt", ("conversations",), None, _sharegpt),
     RowFormat("alpaca", ("instruction", "output"), _alpaca),
     RowFormat("completion", ("prompt", "completion"), lambda r: [(r["prompt"], False), (r["completion"], True)]),
     RowFormat("gsm8k", ("question", "answer"), _gsm8k),
@@ -123,7 +150,7 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
         what = f"row's {missing[0]!r} is null" if missing[0] in row else f"row has no {missing[0]!r}"
         raise DataError(f"{where}: {what} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
     if fmt.pieces is None:
-        return {**row, "messages": _check_messages(row["messages"], where)}
+        return {**row, "messages": fmt.messages(row, where)}
     out = dict(row)
     for k in (*fmt.fields, "input"):
         v = row.get(k)
@@ -134,14 +161,34 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
     return out
 
 
-def _check_messages(messages, where: str) -> list[dict]:
+def _check_messages(messages, where: str, field: str = "messages") -> list[dict]:
+    """`messages` checked, each content as one string (a list of text parts joined); the user's rows untouched."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
     for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{n}] must be an object with a role ({', '.join(ROLES)}) and a "
+        content = _text(m.get("content"), f"{where}: {field}[{n}]") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or content is None:
+            raise DataError(f"{where}: {field}[{n}] must be an object with a role ({', '.join(ROLES)}) and a "
                             f"string content, got {m!r:.80}")
-    return messages
+        out.append({**m, "content": content})
+    return out
+
+
+def _text(content, where: str) -> str | None:
+    """A turn's content as one string: a string, or a list of text parts (`{"type": "text", "text": ...}`,
+    joined as chat templates join them); None for anything else. A part of another type (an image) is an
+    error that says so: these are text models."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content or not all(isinstance(p, dict) for p in content):
+        return None
+    other = next((p.get("type") for p in content if p.get("type") != "text"), None)
+    if other is not None:
+        raise DataError(f"{where} has a content part of type {other!r}; surogate trains on text: keep the "
+                        "text parts only")
+    texts = [p.get("text") for p in content]
+    return "".join(texts) if all(isinstance(t, str) for t in texts) else None
 
 
 # --- chat templates ------------------------------------------------------------------------------
