@@ -193,15 +193,18 @@ _MASK_BUILDER = re.compile(r"(create|make|prepare|update|build|get|compute)_\w*m
 
 def own_masks_keep_examples_apart(model: nn.Module) -> bool:
     """Whether transformers' own masks keep packed examples apart on `model` (where surogate attention cannot serve
-    it): its text decoder builds every mask with transformers' causal builders and hands each the row's
-    `position_ids` (by keyword, or in a dict literal it unpacks), and its attention implementation applies them.
-    Falcon (transformers 5.25), StableLM, Nemotron, GPT-Neo and DeepSeek-V3.2 do; Bloom and MPT build theirs
-    without the positions (ALiBi), so their packed examples would attend to each other. Read from the forward's
-    source: a decoder without Python source, or one that builds any mask another way, is taken as not keeping
-    them apart."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in _MASKED_IMPLEMENTATIONS:
-        return False
+    it): its text decoder builds them from the row's `position_ids` (`_masks_built_from_positions`) and its
+    attention implementation applies them. Falcon (transformers 5.25), StableLM, Nemotron, GPT-Neo and
+    DeepSeek-V3.2 do; Bloom and MPT build theirs without the positions (ALiBi), so their packed examples would
+    attend to each other."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return implementation in _MASKED_IMPLEMENTATIONS and _masks_built_from_positions(model)
+
+
+def _masks_built_from_positions(model: nn.Module) -> bool:
+    """Whether `model`'s text decoder builds every mask with transformers' causal builders and hands each the row's
+    `position_ids` (by keyword, or in a dict literal it unpacks). Read from the forward's source: a decoder without
+    Python source, or one that builds any mask another way, is taken as not doing so."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(type(_decoder(model)[0]).forward))))
     except (OSError, TypeError, SyntaxError):
@@ -225,8 +228,8 @@ def packing_refusal(model: nn.Module) -> str | None:
     """Why packed rows (examples end to end, `position_ids` restarting) cannot train on `model` as its examples
     would alone, or None when they can."""
     if not supports(model) and not own_masks_keep_examples_apart(model):
-        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if implementation not in _MASKED_IMPLEMENTATIONS and implementation is not None:
+        if _masks_built_from_positions(model):
+            implementation = getattr(model.config, "_attn_implementation", None)
             return (f"keeps transformers' own attention masks, which its attention implementation ({implementation}) "
                     "does not apply (its attention cannot take surogate's segment ids), so packed examples would "
                     "attend to each other; load it with attn_implementation='sdpa' to pack")
