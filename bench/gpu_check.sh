@@ -15,8 +15,10 @@ python3 -c "import torch, triton, transformers, peft; print(torch.__version__, t
 # the one GPU; no test measures time or memory across processes.
 WORKERS="${GPU_TEST_WORKERS:-8}"; export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-2}"
 read -r -a TESTS <<< "${GPU_TESTS:-tests/gpu tests/test_compile_gpu.py}"
-echo "== GPU tests ($WORKERS workers): ${TESTS[*]}"; timeout "${GPU_TESTS_TIMEOUT:-420}" python3 -m pytest "${TESTS[@]}" -m gpu -q \
-    -n "$WORKERS" -p no:cacheprovider -p no:logging --tb=short --durations=12 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+# -v: each failure is named as it happens, so a run that its bound cuts short still names them (run 156 did not).
+echo "== GPU tests ($WORKERS workers): ${TESTS[*]}"; timeout "${GPU_TESTS_TIMEOUT:-420}" python3 -m pytest "${TESTS[@]}" -m gpu -v \
+    -n "$WORKERS" -p no:cacheprovider -p no:logging --tb=short --durations=12 2>&1 | tee "$OUT/gpu_tests.log" \
+    | grep -E "FAILED|ERROR|^E  |passed|failed" | tail -n 40
 if [ "${GPU_CHECK_BENCH:-0}" = 1 ]; then  # the dequant-scratch kernel benchmark, when the call has time for it
     echo "== dequant kernels, 8B shapes"; timeout 120 python3 bench/fused_kernels.py --models 8B \
         --recipes "${BENCH_RECIPES:-qnf4,qfp8-bf16}" --skip-validate --out "$OUT" 2>&1 | tail -n 12
