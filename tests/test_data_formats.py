@@ -200,7 +200,8 @@ def test_chat_template_from_a_file(tmp_path, tok):
 def test_sharegpt_conversations_train_as_the_same_messages(tmp_path, tok):
     """ShareGPT's layout (`conversations` of `from` / `value`: human, gpt, system), as many public chat datasets
     ship, was refused ("row has no 'messages'"): it trains as the OpenAI-style messages it stands for, the same
-    ids and targets, found by `auto` too; a speaker it does not know is named with its line."""
+    ids and targets, found by `auto` too; so do its speaker names under `messages` (any case) and its turns
+    written as role / content; a speaker it does not know is named with its line."""
     tok.chat_template = CHATML_IN_TEST
     speaker = {"system": "system", "user": "human", "assistant": "gpt"}
     sharegpt = {"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in CONVERSATION]}
@@ -209,6 +210,11 @@ def test_sharegpt_conversations_train_as_the_same_messages(tmp_path, tok):
     assert detect(sharegpt).name == "sharegpt"
     train, _ = load_splits(cfg_for(write_jsonl(tmp_path / "sg.jsonl", [sharegpt] * 2)), tok)
     assert train.input_ids[0][:len(as_messages.input_ids)] == as_messages.input_ids
+    as_role_content = {"conversations": [{"role": t["from"], "content": t["value"]} for t in sharegpt["conversations"]]}
+    assert tokenize_examples([as_role_content], "sharegpt", tok)[0] == as_messages  # some exports write these keys
+    speakers_in_messages = {"messages": [{"role": t["from"].upper(), "content": t["value"]}
+                                         for t in sharegpt["conversations"]]}
+    assert tokenize_examples([speakers_in_messages], "messages", tok)[0] == as_messages
     bad = {"conversations": [{"from": "narrator", "value": "x"}]}
     cfg = cfg_for(write_jsonl(tmp_path / "bad.jsonl", [sharegpt, bad]), format="sharegpt")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: conversations\[0\] must be an object with from \(system, "
@@ -290,8 +296,8 @@ def test_auto_reads_each_format_and_refuses_unknown_rows_in_one_line(tmp_path, t
     assert train.input_ids[0] == tokenize_examples([ALPACA], "alpaca", tok)[0].input_ids
     cfg = cfg_for(write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}]))
     with pytest.raises(DataError, match=r"odd\.jsonl:1: cannot tell the format of a row with keys \['bar', 'foo'\]; "
-                                        r"set dataset\.format, one of messages \(messages\); sharegpt \(conversations\); "
-                                        r"alpaca") as e:
+                                        r"set dataset\.format, one of messages \(messages\); sharegpt "
+                                        r"\(conversations\); alpaca") as e:
         load_splits(cfg, tok)
     assert "\n" not in str(e.value)
 

@@ -95,13 +95,14 @@ def _sharegpt(row: dict, where: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
     messages = []
-    for n, turn in enumerate(turns):
-        speaker = turn.get("from") if isinstance(turn, dict) else None
+    for n, turn in enumerate(turns):  # from / value, or role / content as some ShareGPT exports write them
+        speaker = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
-        if role is None or "value" not in turn:
+        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if role is None or text is None:
             raise DataError(f"{where}: conversations[{n}] must be an object with from ({', '.join(SHAREGPT_ROLES)}) "
                             f"and value, got {turn!r:.80}")
-        messages.append({"role": role, "content": turn["value"]})
+        messages.append({"role": role, "content": text})
     return _check_messages(messages, where, "conversations")
 
 
@@ -168,10 +169,12 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
     out = []
     for n, m in enumerate(messages):
         content = _text(m.get("content"), f"{where}: {field}[{n}]") if isinstance(m, dict) else None
-        if not isinstance(m, dict) or m.get("role") not in ROLES or content is None:
+        role = m.get("role") if isinstance(m, dict) else None
+        role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role  # human, gpt: user, assistant
+        if role not in ROLES or content is None:
             raise DataError(f"{where}: {field}[{n}] must be an object with a role ({', '.join(ROLES)}) and a "
                             f"string content, got {m!r:.80}")
-        out.append({**m, "content": content})
+        out.append({**m, "role": role, "content": content})
     return out
 
 
