@@ -4,6 +4,7 @@ the seeded `val_set_size` hold-out, and the one-line errors a user gets instead 
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import sys
@@ -370,9 +371,37 @@ def test_folder_with_splits_in_different_file_types(tmp_path, tok):
 
 
 def test_unsupported_file_suffix_refused_at_config(tmp_path):
-    (tmp_path / "rows.csv").write_text("text\nhi\n")
-    with pytest.raises(ConfigError, match=r"^dataset\.path: .*rows\.csv' is not a \.jsonl, \.json, \.parquet file"):
-        cfg_for(tmp_path / "rows.csv")
+    (tmp_path / "rows.xlsx").write_text("text\nhi\n")
+    with pytest.raises(ConfigError, match=r"^dataset\.path: .*rows\.xlsx' is not a \.jsonl, \.json, \.parquet, "
+                                          r"\.csv, \.tsv file"):
+        cfg_for(tmp_path / "rows.xlsx")
+
+
+def test_csv_and_tsv_rows_train_as_their_jsonl_twins_and_name_their_line(tmp_path, tok):
+    """A CSV with a header (Alpaca's columns; a quoted cell holding the separator, a quote and a line break) and
+    its TSV twin read as the same rows as JSON lines: the same ids and targets (CSV was refused before). A bad
+    record is named by the line it starts on; an empty cell is "" (Alpaca's optional input), a short record's
+    missing cell a missing field."""
+    rows = [ALPACA, {"instruction": 'Say "hi", twice', "input": "", "output": "hi\nhi"}, {**ALPACA, "output": "7"}]
+    (tmp_path / "rows.csv").write_text('instruction,input,output\nAdd the numbers.,2 and 3,5\n'
+                                       '"Say ""hi"", twice",,"hi\nhi"\nAdd the numbers.,2 and 3,7\n')
+    with open(tmp_path / "rows.tsv", "w", newline="") as f:  # as a spreadsheet exports it
+        writer = csv.DictWriter(f, ["instruction", "input", "output"], delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    want = tokenize_examples(rows, "alpaca", tok)
+    for name in ("rows.csv", "rows.tsv"):
+        read = read_rows(tmp_path / name)
+        assert read.rows == rows and read.lines == [2, 3, 5], name
+        train, _ = load_splits(cfg_for(tmp_path / name, val_set_size=0), tok)
+        assert sum(p.count(0) for p in train.positions) == 3
+        assert tokenize_examples(read, "auto", tok) == want
+    (tmp_path / "short.csv").write_text("instruction,input,output\nAdd.,1,2\nAdd.\n")
+    with pytest.raises(DataError, match=r"short\.csv:3: row's 'output' is null \(format alpaca"):
+        load_splits(cfg_for(tmp_path / "short.csv"), tok)
+    (tmp_path / "wide.csv").write_text("text\nfine\ntwo,cells\n")
+    with pytest.raises(DataError, match=r"wide\.csv:3: 2 cells under a header of 1 \(text\); quote cells"):
+        read_rows(tmp_path / "wide.csv")
 
 
 def test_single_file_has_no_eval_split(tmp_path):

@@ -1,7 +1,7 @@
-"""Where training rows come from: a `.jsonl`/`.json`/`.parquet` file, a folder of `<split>.<ext>` files,
-or a Hugging Face `datasets` dataset; and the seeded hold-out of part of train (`val_set_size`).
+"""Where training rows come from: a `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file, a folder of `<split>.<ext>`
+files, or a Hugging Face `datasets` dataset; and the seeded hold-out of part of train (`val_set_size`).
 
-Every row keeps where it came from (`file:line` for JSON lines and JSON arrays, `file row N` otherwise),
+Every row keeps where it came from (`file:line` for JSON lines, JSON arrays and CSV, `file row N` otherwise),
 so that a bad row is reported where the user can find it. A user-fixable problem raises `DataError`, a
 `ConfigError`: `surogate train` prints it as one line and exits with status 2. The optional readers
 (`pyarrow` for Parquet, `datasets` for Hugging Face datasets) are imported only when a path needs them, and
@@ -10,7 +10,9 @@ their absence is one line saying what to install.
 
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import json
 import math
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from surogate.training.config import HUB_ID, ConfigError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 HF_DISK_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
 _INSTALL = {"pyarrow": "pip install pyarrow", "datasets": "pip install datasets"}
 
@@ -162,7 +164,34 @@ def read_parquet_rows(path: "str | os.PathLike", limit: int | None = None) -> Ro
     return Rows(str(path), table.to_pylist())
 
 
-_READERS = {".jsonl": read_jsonl_rows, ".json": read_json_rows, ".parquet": read_parquet_rows}
+def read_csv_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
+    """A `.csv` (`.tsv`: tab-separated) file with a header row: each record as a dict of its cells (strings; an
+    empty cell is ""), with the line it starts on (a quoted cell may span lines). A record with more cells than
+    the header has names is an error at its line; one with fewer has None in the rest (a missing field)."""
+    separator = "\t" if Path(path).suffix == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=separator)
+    rows, lines = [], []
+    try:
+        if reader.fieldnames is None:
+            return Rows(str(path), [], [])
+        while limit is None or len(rows) < limit:
+            start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                break
+            if None in row:
+                raise DataError(f"{path}:{start}: {len(row[None]) + len(reader.fieldnames)} cells under a header of "
+                                f"{len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); quote cells that hold "
+                                "the separator")
+            rows.append(row)
+            lines.append(start)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return Rows(str(path), rows, lines)
+
+
+_READERS = {".jsonl": read_jsonl_rows, ".json": read_json_rows, ".parquet": read_parquet_rows,
+            ".csv": read_csv_rows, ".tsv": read_csv_rows}
 
 
 def read_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
@@ -335,7 +364,8 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
             if f is None:
                 aliases = "" if eval_given or key.endswith("train_split") else \
                     f", nor a {' or '.join(EVAL_SPLIT_ALIASES)} split"
-                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet"
+                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet, "
+                                  f"{split}.csv, {split}.tsv"
                                   f"{aliases})" + ("; set eval_split: null, or dataset.val_set_size to hold out part "
                                                    "of train" if key.endswith("eval_split") else ""))
     elif looks_like_hub_id(path):
