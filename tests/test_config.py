@@ -116,7 +116,7 @@ def test_a_folder_without_test_evaluates_on_its_validation_split(tmp_path, name)
     (tmp_path / f"{name}.jsonl").write_text('{"text": "ho"}\n')
     assert from_dict({"dataset": {"path": str(tmp_path)}}).dataset.eval_split == name
     with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist \(nor test\.json, "
-                                          r"test\.parquet\); set eval_split: null"):
+                                          r"test\.parquet, test\.csv, test\.tsv\); set eval_split: null"):
         from_dict({"dataset": {"path": str(tmp_path), "eval_split": "test"}})
     (tmp_path / "test.jsonl").write_text('{"text": "hu"}\n')
     assert from_dict({"dataset": {"path": str(tmp_path)}}).dataset.eval_split == "test"  # test first, as ever
@@ -129,7 +129,7 @@ def test_an_error_from_a_set_value_does_not_name_the_file(tmp_path):
     (tmp_path / "data" / "train.jsonl").write_text('{"text": "hi"}\n')
     p = _write(tmp_path, {"max_steps": 5})
     with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist \(nor test\.json, "
-                                          r"test\.parquet, nor a validation or val split\)"):
+                                          r"test\.parquet, test\.csv, test\.tsv, nor a validation or val split\)"):
         load_config(p, [f"dataset.path={tmp_path / 'data'}"])
     p = _write(tmp_path, {"dataset": {"path": str(tmp_path / "data")}})
     with pytest.raises(ConfigError, match=r"cfg\.yaml: dataset\.eval_split: .*test\.jsonl does not exist"):
