@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from surogate.training.config import ConfigError, from_dict
 from surogate.training.data import load_splits
 from surogate.training.data_files import DataError, Rows, hold_out, read_rows
-from surogate.training.data_formats import CHATML, IGNORE_INDEX, chat_pieces, detect, tokenize_examples
+from surogate.training.data_formats import (CHATML, FORMATS, IGNORE_INDEX, chat_pieces, check_row, detect,
+                                            tokenize_examples)
 from surogate.training.tokenizer import load_tokenizer
 
 X = IGNORE_INDEX
@@ -246,6 +248,190 @@ def test_bad_messages_named_with_their_line(tmp_path, tok):
     rows = [{"messages": CONVERSATION}, {"messages": [{"role": "assistent", "content": "x"}]}]
     cfg = cfg_for(write_jsonl(tmp_path / "chat.jsonl", rows), chat_template="chatml")
     with pytest.raises(DataError, match=r"chat\.jsonl:2: messages\[0\] must be an object with a role"):
+        load_splits(cfg, tok)
+
+
+# --- tool calls and reasoning ------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}}}}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees."},
+]
+# Written for these tests in the layout of Qwen3's template: tool results inside a user turn, the tool calls after
+# the content (a newline between them only when there is content), the reasoning in a think block that the turns
+# after the last user message keep (and the last turn always, empty when it has none).
+QWEN3_LIKE = (
+    "{%- if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{%- set ns = namespace(last_user=0) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{%- for m in messages %}{% if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{% set reasoning = m.reasoning_content or '' %}"
+    "{%- if '</think>' in content %}{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1].lstrip() %}{% endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+    "{{- '<think>\\n' + reasoning.strip() + '\\n</think>\\n\\n' }}{% endif %}{{- content }}"
+    "{%- for c in m.tool_calls or [] %}{% if content or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{- '<tool_call>\\n' + c.function | tojson + '\\n</tool_call>' }}{% endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# In the layout of Llama 3.1's: a message with the key tool_calls is written as its call alone, content ignored.
+LLAMA31_LIKE = (
+    "{%- for m in messages %}{% if 'tool_calls' in m %}"
+    "{{- '<|header|>assistant\\n' + m.tool_calls[0].function | tojson + '<|eot|>' }}"
+    "{%- else %}{{ '<|header|>' + m.role + '\\n' + m.content + '<|eot|>' }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|header|>assistant\\n' }}{% endif %}")
+
+
+def _trained(pieces) -> list[str]:
+    return [text for text, trained in pieces if trained]
+
+
+def test_tool_call_turns_train_their_calls_and_read_the_results(tok):
+    """An assistant turn that only calls a tool (content null) was refused: it trains as the text the template
+    writes for the call, with its end of turn; the tool's result and the row's tools are read. Each template
+    writes calls its own way (after the content, or alone with the content dropped)."""
+    row = check_row({"messages": TOOL_CONVERSATION, "tools": json.dumps([WEATHER])}, FORMATS["messages"], "x")
+    assert row["tools"] == [WEATHER] and row["messages"][1]["content"] == ""  # JSON text parsed; a call, no text
+    assert TOOL_CONVERSATION[1]["content"] is None  # the user's row is left as it was
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    pieces = chat_pieces(row["messages"], tok, QWEN3_LIKE, "x", row["tools"])
+    assert pieces == [
+        (f"<|im_start|>system\n{json.dumps(WEATHER)}<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        (f"<tool_call>\n{call}\n</tool_call><|im_end|>\n", True),
+        ('<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>\n<|im_start|>assistant\n'
+         "<think>\n\n</think>\n\n", False),
+        ("21 degrees.<|im_end|>\n", True),
+    ]
+    as_object = [*TOOL_CONVERSATION[:2], {"role": "tool", "content": {"temp": 21}}, TOOL_CONVERSATION[3]]
+    assert check_row({"messages": as_object}, FORMATS["messages"], "x")["messages"] == row["messages"]  # JSON text
+    assert _trained(chat_pieces(row["messages"], tok, LLAMA31_LIKE, "x")) == [f"{call}<|eot|>", "21 degrees.<|eot|>"]
+    assert _trained(chat_pieces(row["messages"], tok, CHATML, "x", row["tools"])) == [
+        f"<tool_call>\n{call}\n</tool_call><|im_end|>\n", "21 degrees.<|im_end|>\n"]
+    # text before the call and two calls in one turn: all of it trained, as one span
+    both = [{**TOOL_CONVERSATION[1], "content": "Checking.", "tool_calls": TOOL_CONVERSATION[1]["tool_calls"] * 2}]
+    row = check_row({"messages": [TOOL_CONVERSATION[0], *both]}, FORMATS["messages"], "x")
+    assert _trained(chat_pieces(row["messages"], tok, QWEN3_LIKE, "x")) == [
+        f"Checking.\n<tool_call>\n{call}\n</tool_call>\n<tool_call>\n{call}\n</tool_call><|im_end|>\n"]
+
+
+def test_tool_conversations_train_through_load_splits(tmp_path, tok):
+    """The example config's data: every assistant turn trained, calls included, and nothing else."""
+    examples = Path(__file__).parents[1] / "examples"
+    raw = yaml.safe_load((examples / "configs" / "chat-tools.yaml").read_text())
+    raw["dataset"].update(path=str(examples / "data" / "chat-tools.jsonl"), val_set_size=0)
+    train, _ = load_splits(from_dict(raw), tok)
+    assert len(train) == 8 and all(X not in labels[-1:] for labels in train.labels)  # whole: each ends trained
+    text = [tok.decode([t for t, label in zip(ids, labels) if label != X]) for ids, labels in
+            zip(train.input_ids, train.labels)]
+    assert all(t.count("<tool_call>") == t.count("</tool_call>") >= 1 for t in text)
+    assert all("get_weather" in t or "convert_currency" in t for t in text)
+    assert not any("<tool_response>" in t or "temperature_c" in t or "# Tools" in t for t in text)
+
+
+def test_reasoning_is_trained_with_its_turn(tok):
+    """A turn's reasoning (reasoning_content, or a think block opening its content) that the template writes
+    before the content was read, not trained (or refused, written inline): the turn is now cut where the
+    generation prompt ends, so the think block is trained; a turn without reasoning keeps its empty think
+    block read, as before."""
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    inline = [conv[0], {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    for messages in (conv, inline):
+        assert chat_pieces(messages, tok, QWEN3_LIKE, "x") == [
+            ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("<think>\nadd\n</think>\n\n4<|im_end|>\n", True)]
+    assert _trained(chat_pieces(conv, tok, CHATML, "x")) == ["<think>\nadd\n</think>\n\n4<|im_end|>\n"]
+    plain = [conv[0], {"role": "assistant", "content": "4"}]
+    assert _trained(chat_pieces(plain, tok, QWEN3_LIKE, "x")) == ["4<|im_end|>\n"]
+
+
+def test_reasoning_a_template_leaves_out_is_logged_once(tmp_path, tok):
+    """A template that does not write a turn's reasoning (Llama 3's writes content only; Qwen3's drops it from
+    the turns before the last user message) trains the turn without it: one warning line with the count."""
+    turn = {"role": "assistant", "content": "4", "reasoning_content": "add"}
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, turn]}] * 3
+    lines: list[str] = []
+    load_splits(cfg_for(write_jsonl(tmp_path / "r.jsonl", rows), chat_template=LLAMA31_LIKE), tok, lines.append)
+    assert lines == ["warning: the chat template leaves out the reasoning of 3 of 3 assistant turns that have one "
+                     f"(first: {tmp_path / 'r.jsonl'}:1); they train without it (Qwen3's template keeps it only "
+                     "after the last user turn); to train it, set dataset.chat_template to one that writes it "
+                     "(chatml does)"]
+    two_turns = [{"messages": [{"role": "user", "content": "2+2?"}, turn, {"role": "user", "content": "3+3?"},
+                               {**turn, "content": "6"}]}]  # the same reasoning twice: each turn is checked apart
+    lines.clear()
+    load_splits(cfg_for(write_jsonl(tmp_path / "q.jsonl", two_turns), chat_template=QWEN3_LIKE), tok, lines.append)
+    assert len(lines) == 1 and "reasoning of 1 of 2 assistant turns" in lines[0]
+    lines.clear()
+    load_splits(cfg_for(write_jsonl(tmp_path / "c.jsonl", two_turns), chat_template="chatml"), tok, lines.append)
+    assert not any("reasoning" in line for line in lines)
+
+
+def test_null_keys_as_parquet_gives_them_are_absent_keys(tmp_path, tok):
+    """Parquet (and Hugging Face datasets) give each message every key some message has, null where absent:
+    Llama 3's template asks `'tool_calls' in message`, so a plain turn with tool_calls: null failed. Null keys
+    are now absent keys: the Parquet file trains as its JSON lines twin."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": TOOL_CONVERSATION}, {"messages": CONVERSATION}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    read = read_rows(tmp_path / "train.parquet").rows
+    assert read[1]["messages"][0]["tool_calls"] is None  # what the user's file holds
+    for template in (LLAMA31_LIKE, QWEN3_LIKE):
+        assert tokenize_examples(read, "messages", tok, chat_template=template) == \
+            tokenize_examples(rows, "messages", tok, chat_template=template)
+
+
+def test_sharegpt_function_call_and_observation_turns(tok):
+    """LLaMA-Factory's ShareGPT layout for tools: a `function_call` turn (the JSON text of {name, arguments})
+    is the assistant's tool call, an `observation` turn the tool's result, `tools` JSON text: the same
+    example as the messages it stands for."""
+    call = TOOL_CONVERSATION[1]["tool_calls"][0]["function"]
+    sharegpt = {"tools": json.dumps([WEATHER]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": '{"temp": 21}'}, {"from": "gpt", "value": "21 degrees."}]}
+    assert tokenize_examples([sharegpt], "sharegpt", tok, chat_template=CHATML) == \
+        tokenize_examples([{"messages": TOOL_CONVERSATION, "tools": [WEATHER]}], "messages", tok,
+                          chat_template=CHATML)
+
+
+def test_tools_and_calls_a_template_does_not_write_are_refused(tok):
+    """A template without tools (plain ChatML of old) would train a tool-call turn as its end of turn alone and
+    never show the tools: one line saying which, where the old behaviour was a silent loss."""
+    row = check_row({"messages": TOOL_CONVERSATION}, FORMATS["messages"], "f.jsonl:3")
+    with pytest.raises(DataError, match=r"^f\.jsonl:3: the chat template does not write assistant message 1's "
+                                        r"tool call 'get_weather'; set dataset\.chat_template to one that writes"):
+        chat_pieces(row["messages"], tok, CHATML_IN_TEST, "f.jsonl:3")
+    with pytest.raises(DataError, match=r"^x: the chat template does not write the row's tools \(no 'get_weather' "
+                                        r"in its output\)"):
+        chat_pieces(CONVERSATION, tok, CHATML_IN_TEST, "x", [WEATHER])
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"messages": [{"role": "assistant", "content": None}]},
+     r": messages\[0\] must be an object with a role .* string content; a turn that only calls tools gives them as "
+     r"tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+     r": messages\[0\]: tool_calls\[0\] must be an object with a function \{name, arguments\}"),
+    ({"messages": [{"role": "assistant", "tool_calls": "get_weather"}]}, r": messages\[0\]: tool_calls must be a list"),
+    ({"messages": CONVERSATION, "tools": "[{"}, r": 'tools' is not JSON text of a list of function schemas"),
+    ({"messages": CONVERSATION, "tools": {"name": "f"}}, r": 'tools' must be a list of function schemas"),
+    ({"conversations": [{"from": "function_call", "value": "get_weather(Paris)"}]},
+     r": conversations\[0\]: a function_call's value must be the JSON text of \{name, arguments\}"),
+])
+def test_bad_tool_data_named_with_its_line(tmp_path, tok, row, expect):
+    good = {"conversations": [{"from": "human", "value": "Hi"}]} if "conversations" in row else \
+        {"messages": CONVERSATION}
+    cfg = cfg_for(write_jsonl(tmp_path / "t.jsonl", [good, row]), chat_template="chatml")
+    with pytest.raises(DataError, match=r"t\.jsonl:2" + expect):
         load_splits(cfg, tok)
 
 

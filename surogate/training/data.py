@@ -382,10 +382,11 @@ def _nonempty(rows: Rows, split: str) -> Rows:
 
 
 def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, train_on_inputs: bool = False,
-           chat_template: str | None = None, split: str = "split 'train'") -> ExampleRows:
+           chat_template: str | None = None, split: str = "split 'train'",
+           log: Callable[[str], None] | None = None) -> ExampleRows:
     """Tokenize rows (read text masked unless `train_on_inputs`) and pack them with their boundaries (or lay
     them out one example per row); `split` names them in the log and in errors, with their file."""
-    tokenized = tokenize_examples(rows, fmt, tokenizer, train_on_inputs, chat_template)
+    tokenized = tokenize_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     where = f"{rows.source} ({split})"
     return (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where)
@@ -423,7 +424,8 @@ def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tup
     """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
     `cfg.sample_packing` says: the one entry point `surogate train` reads its data through. `auto` is
     resolved on the train rows, and the eval rows are read in the same format. `log` gets a warning on
-    a chat template whose markers the tokenizer splits (`chatml_marker_note`)."""
+    a chat template whose markers the tokenizer splits (`chatml_marker_note`) or that leaves out the reasoning
+    of the train split's assistant turns."""
     ds = cfg.dataset
     train_rows, eval_rows = load_rows(ds, cfg.seed)
     fmt = resolve_format(train_rows, ds.format).name
@@ -433,7 +435,7 @@ def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tup
     template = resolve_chat_template(ds.chat_template)
     on_inputs = ds.train_on_inputs
     train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
-                   f"train split {ds.train_split!r}")
+                   f"train split {ds.train_split!r}", log)
     evaluation = None if eval_rows is None else layout(
         eval_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
         "eval split: val_set_size of train" if ds.eval_split is None else f"eval split {ds.eval_split!r}")

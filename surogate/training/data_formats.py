@@ -4,7 +4,7 @@ A row becomes a list of text pieces, each read (masked from the loss, label IGNO
 
 | format | fields | read | trained |
 |---|---|---|---|
-| `messages` | messages (OpenAI-style) | everything else | each assistant turn and its end-of-turn text |
+| `messages` | messages (OpenAI-style), optional tools | everything else | each assistant turn, end of turn included |
 | `sharegpt` | conversations (ShareGPT: `from` human / gpt / system, `value`) | as messages | as messages |
 | `alpaca` | instruction, input (optional), output | the Stanford Alpaca prompt | output |
 | `completion` | prompt, completion | prompt | completion (TRL's prompt-completion) |
@@ -12,8 +12,10 @@ A row becomes a list of text pieces, each read (masked from the loss, label IGNO
 | `text` | text | nothing | text |
 
 `auto` takes the first format, in the order of the table (`FORMATS`), whose fields the first row has. A
-ShareGPT conversation becomes OpenAI-style messages (`SHAREGPT_ROLES`); a turn's content may also be a list of
-text parts (`[{"type": "text", "text": ...}]`, joined), as in newer chat datasets.
+ShareGPT conversation becomes OpenAI-style messages (`SHAREGPT_ROLES`; a `function_call` turn becomes an
+assistant turn's tool call); a turn's content may also be a list of text parts (`[{"type": "text", "text": ...}]`,
+joined), as in newer chat datasets. An assistant turn may call tools (`tool_calls`, content null) and carry its
+reasoning (`reasoning_content`); a row's `tools` (a list, or its JSON text) go to the template.
 The pieces are tokenized apart, so a boundary between read and trained text is exact, then joined. The
 tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first, as Llama's and Mistral's
 do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
@@ -23,13 +25,16 @@ Messages go through the tokenizer's chat template (or `dataset.chat_template`). 
 i is found by rendering the whole conversation again with that turn's content replaced by a marker: the
 text before the marker and after it must equal the real rendering's start and end, so whatever lies
 between is the rendered content, whatever the template does around it (a system prompt, a think block,
-a BOS). The turn's end-of-turn text (ChatML's "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template
-writes after the content of a conversation's last turn; it is trained with the turn, so the model learns
-to stop.
+a BOS). What else the turn holds (its tool calls, its reasoning: `GENERATED_KEYS`) is left out of the marked
+copy, so the span covers it too, and where the template writes some of it before the content (Qwen3's think
+block), the span starts where the generation prompt ends: the model writes all of it at inference. The
+turn's end-of-turn text (ChatML's "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template writes after
+the content of a conversation's last turn; it is trained with the turn, so the model learns to stop.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +44,25 @@ from surogate.training.data_files import DataError, Rows
 
 IGNORE_INDEX = -100  # label value Hugging Face losses skip
 ROLES = ("system", "user", "assistant", "tool")
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# What an assistant turn holds that the model writes besides its content: trained with the turn (see chat_pieces).
+GENERATED_KEYS = ("tool_calls", "reasoning_content", "reasoning", "thinking")
+# ChatML; a row's tools go in a system turn as JSON schemas, an assistant's tool calls after its content in
+# <tool_call> tags (Hermes's and Qwen's layout), its reasoning_content in a think block before it.
+CHATML = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n\nTo call a function, write <tool_call>\n{\"name\": <name>, \"arguments\": <arguments>}\n"
+    "</tool_call>. The functions:\n<tools>{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
+    "{%- for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['reasoning_content'] %}{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
+    "{% endif %}{{ message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] %}{% set f = call['function'] or call %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}"
+    "{{ f['arguments'] if f['arguments'] is string else f['arguments'] | tojson }}{{ '}\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 _MARKER = "@@surogate-assistant-content@@"
 
@@ -87,7 +109,7 @@ def _alpaca(row: dict) -> Pieces:
 # ShareGPT's speakers (`from`) as OpenAI roles: the names datasets in that layout use (lower-cased).
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "tool": "tool", "function": "tool",
-                  "observation": "tool"}
+                  "observation": "tool", "function_call": "assistant"}
 
 
 def _sharegpt(row: dict, where: str) -> list[dict]:
@@ -102,8 +124,22 @@ def _sharegpt(row: dict, where: str) -> list[dict]:
         if role is None or text is None:
             raise DataError(f"{where}: conversations[{n}] must be an object with from ({', '.join(SHAREGPT_ROLES)}) "
                             f"and value, got {turn!r:.80}")
-        messages.append({"role": role, "content": text})
+        if speaker.lower() == "function_call":  # LLaMA-Factory's tool call: value is the JSON of {name, arguments}
+            calls = _function_call(text, f"{where}: conversations[{n}]")
+            messages.append({"role": role, "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": text})
     return _check_messages(messages, where, "conversations")
+
+
+def _function_call(value, where: str) -> list[dict]:
+    """A ShareGPT `function_call` turn's value (JSON text of one {name, arguments} object or a list of them) as
+    OpenAI-style tool calls."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: a function_call's value must be the JSON text of {{name, arguments}}: {e}") from None
+    return [{"type": "function", "function": c} for c in (calls if isinstance(calls, list) else [calls])]
 
 
 # The table every user reads; its order is the order `auto` tries.
@@ -151,7 +187,7 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
         what = f"row's {missing[0]!r} is null" if missing[0] in row else f"row has no {missing[0]!r}"
         raise DataError(f"{where}: {what} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
     if fmt.pieces is None:
-        return {**row, "messages": fmt.messages(row, where)}
+        return {**row, "messages": fmt.messages(row, where), "tools": _check_tools(row.get("tools"), where)}
     out = dict(row)
     for k in (*fmt.fields, "input"):
         v = row.get(k)
@@ -163,19 +199,58 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
 
 
 def _check_messages(messages, where: str, field: str = "messages") -> list[dict]:
-    """`messages` checked, each content as one string (a list of text parts joined); the user's rows untouched."""
+    """`messages` checked, each content as one string (a list of text parts joined); the user's rows untouched.
+    A null key is dropped (Parquet and Hugging Face datasets give every message each key any message has, null
+    where absent: a template asks `'tool_calls' in message`); a turn that only calls tools gets content ""."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
     for n, m in enumerate(messages):
-        content = _text(m.get("content"), f"{where}: {field}[{n}]") if isinstance(m, dict) else None
-        role = m.get("role") if isinstance(m, dict) else None
+        at = f"{where}: {field}[{n}]"
+        m = {k: v for k, v in m.items() if v is not None and v != []} if isinstance(m, dict) else {}
+        role = m.get("role")
         role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role  # human, gpt: user, assistant
+        if role == "assistant" and "tool_calls" in m:
+            m["tool_calls"] = _check_tool_calls(m["tool_calls"], at)
+            m.setdefault("content", "")
+        elif role == "tool" and isinstance(m.get("content"), dict):  # a tool's result as a JSON object
+            m["content"] = json.dumps(m["content"], ensure_ascii=False)
+        content = _text(m.get("content"), at)
         if role not in ROLES or content is None:
-            raise DataError(f"{where}: {field}[{n}] must be an object with a role ({', '.join(ROLES)}) and a "
-                            f"string content, got {m!r:.80}")
+            hint = "; a turn that only calls tools gives them as tool_calls" if role == "assistant" else ""
+            raise DataError(f"{at} must be an object with a role ({', '.join(ROLES)}) and a string content{hint}, "
+                            f"got {messages[n]!r:.80}")
         out.append({**m, "role": role, "content": content})
     return out
+
+
+def _check_tool_calls(calls, where: str) -> list:
+    """OpenAI-style tool calls: each `{"function": {"name", "arguments"}}` (or the function object itself, as
+    some exports write it); the arguments go to the template as given."""
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: tool_calls must be a list of {{function: {{name, arguments}}}} objects, "
+                        f"got {calls!r:.80}")
+    for k, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}: tool_calls[{k}] must be an object with a function {{name, arguments}}, "
+                            f"got {call!r:.80}")
+    return calls
+
+
+def _check_tools(tools, where: str) -> list[dict] | None:
+    """A row's `tools` (the JSON schemas of the functions the conversation may call) as a list of objects:
+    given as one, or as its JSON text (as datasets with a string column store it); None without."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'tools' is not JSON text of a list of function schemas: {e}") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: 'tools' must be a list of function schemas (objects), got {tools!r:.80}")
+    return tools
 
 
 def _text(content, where: str) -> str | None:
@@ -239,39 +314,68 @@ def chat_template_for(tokenizer, configured: str | None) -> str | None:
     return configured
 
 
-def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str) -> Pieces:
+def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str,
+                tools: list[dict] | None = None) -> Pieces:
     """The rendered conversation cut into read text and trained assistant turns (see the module docstring)."""
     import jinja2
 
-    def render(msgs: list[dict]) -> str:
+    def render(msgs: list[dict], generation_prompt: bool = False) -> str:
         try:
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
-        except jinja2.TemplateError as e:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tools=tools, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: the template's own code on this data
             raise DataError(f"{where}: the chat template failed on this conversation: {' '.join(str(e).split())}") \
                 from None
 
     full = render(messages)
+    unwritten = [name for name in _function_names(tools or ()) if name not in full]
+    if unwritten:
+        raise DataError(f"{where}: the chat template does not write the row's tools (no {unwritten[0]!r} in its "
+                        "output); set dataset.chat_template to one that takes tools (chatml does)")
     pieces: Pieces = []
     done = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        marked = render([*messages[:i], {**m, "content": _MARKER}, *messages[i + 1:]])
+        stand_in = {**{k: v for k, v in m.items() if k not in GENERATED_KEYS}, "content": _MARKER}
+        marked = render([*messages[:i], stand_in, *messages[i + 1:]])
         start = marked.find(_MARKER)
         after = marked[start + len(_MARKER):]
         end = len(full) - len(after)
-        if (marked.count(_MARKER) != 1 or start < done or end < start or not full.startswith(marked[:start])
-                or not full.endswith(after)):
+        if marked.count(_MARKER) == 1 and full.endswith(after) and not full.startswith(marked[:start]):
+            # the template writes part of the turn before its content (a think block): the turn is what the
+            # model writes after the generation prompt
+            prompt = render(messages[:i], generation_prompt=True)
+            start = len(prompt) if full.startswith(prompt) else -1
+        if marked.count(_MARKER) != 1 or start < done or end < start or not full.endswith(after):
             raise DataError(f"{where}: cannot locate assistant message {i} in the chat template's output (the "
                             "template rewrites it); set dataset.chat_template to one that writes content as given")
-        last = render([*messages[:i], {**m, "content": _MARKER}])
+        last = render([*messages[:i], stand_in])
         end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
         end += len(os.path.commonprefix([full[end:], end_of_turn]))
+        unwritten = [name for name in _function_names(m.get("tool_calls", ())) if name not in full[start:end]]
+        if unwritten:
+            raise DataError(f"{where}: the chat template does not write assistant message {i}'s tool call "
+                            f"{unwritten[0]!r}; set dataset.chat_template to one that writes tool_calls (chatml does)")
         pieces += [(full[done:start], False), (full[start:end], True)]
         done = end
     if done < len(full):
         pieces.append((full[done:], False))
     return pieces
+
+
+def _function_names(calls_or_tools) -> list[str]:
+    """The function names of tool calls or tool schemas (`{"function": {"name"}}` or `{"name"}`)."""
+    return [n for c in calls_or_tools if isinstance(n := (c.get("function") or c).get("name"), str)]
+
+
+def reasoning_of(message: dict) -> str | None:
+    """An assistant turn's reasoning: its reasoning_content (or reasoning, thinking), or the think block its
+    content opens with; None without."""
+    text = next((message[k] for k in GENERATED_KEYS[1:] if isinstance(message.get(k), str)), None)
+    if text is None and "</think>" in message["content"]:
+        text = message["content"].split("</think>")[0].split("<think>")[-1]
+    return text.strip() or None if text is not None else None
 
 
 # --- tokenization ----------------------------------------------------------------------------------
@@ -284,12 +388,13 @@ def start_tokens(tokenizer) -> list[int]:
 
 
 def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_inputs: bool = False,
-                      chat_template: str | None = None) -> list[Example]:
+                      chat_template: str | None = None, log: Callable[[str], None] | None = None) -> list[Example]:
     """Rows -> examples. Read pieces get IGNORE_INDEX labels unless `train_on_inputs`; start tokens (BOS)
     are prepended unless present and never trained; EOS is appended (trained) after an example that ends on
     its answer (a trained piece of the format: not a user turn, even with `train_on_inputs`), unless
     the example already ends with it, or, for messages, the last assistant turn already holds it (a template
-    whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>)."""
+    whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>). `log` gets a warning
+    when the chat template leaves out the reasoning of assistant turns that have one."""
     rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
     if not rows.rows:
         return []
@@ -301,10 +406,19 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
     per_row: list[Pieces] = []
     ends_answered: list[bool] = []  # the example ends on its answer (trained by the format, not by train_on_inputs)
+    reasoning_left_out: list[str] = []  # where an assistant turn's reasoning is not in its trained text
+    reasoning_turns = 0
     for i, raw in enumerate(rows.rows):
         row = check_row(raw, form, rows.where(i))
-        pieces = [(t, trained) for t, trained in (chat_pieces(row["messages"], tokenizer, template, rows.where(i))
-                                                  if chat else form.pieces(row)) if t]
+        pieces = (chat_pieces(row["messages"], tokenizer, template, rows.where(i), row["tools"]) if chat
+                  else form.pieces(row))
+        if chat:  # one trained piece per assistant turn, in order
+            turns = zip([m for m in row["messages"] if m["role"] == "assistant"],
+                        [t for t, trained in pieces if trained])
+            reasonings = [(r, text) for m, text in turns if (r := reasoning_of(m))]
+            reasoning_turns += len(reasonings)
+            reasoning_left_out += [rows.where(i) for r, text in reasonings if r not in text]
+        pieces = [(t, trained) for t, trained in pieces if t]
         ends_answered.append(bool(pieces) and pieces[-1][1])
         per_row.append([(t, trained or train_on_inputs) for t, trained in pieces])
     flat = [t for pieces in per_row for t, _ in pieces]
@@ -328,4 +442,9 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
         if answered and not has_eos:
             ids, labels = ids + [eos], labels + [eos]
         out.append(Example(ids, labels))
+    if reasoning_left_out and log is not None:
+        log(f"warning: the chat template leaves out the reasoning of {len(reasoning_left_out)} of {reasoning_turns} "
+            f"assistant turns that have one (first: {reasoning_left_out[0]}); they train without it (Qwen3's "
+            "template keeps it only after the last user turn); to train it, set dataset.chat_template to one that "
+            "writes it (chatml does)")
     return out
