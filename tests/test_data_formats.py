@@ -415,6 +415,29 @@ def test_tools_and_calls_a_template_does_not_write_are_refused(tok):
         chat_pieces(CONVERSATION, tok, CHATML_IN_TEST, "x", [WEATHER])
 
 
+def test_conversational_prompt_completion_trains_the_completion_only(tmp_path, tok):
+    """TRL's conversational prompt-completion (`prompt` and `completion` as lists of messages) was refused
+    ("field 'prompt' is a list"): it is one conversation whose completion's assistant turns train, the
+    prompt's (a few-shot history) read; `auto` finds it; a row mixing a string and a list is one line."""
+    prompt, completion = CONVERSATION[:4], CONVERSATION[4:]
+    row = {"prompt": prompt, "completion": completion}
+    pieces = chat_pieces(CONVERSATION, tok, CHATML_IN_TEST, "x", first_trained=4)
+    assert _trained(pieces) == ["4<|im_end|>\n"] and "".join(t for t, _ in pieces) == \
+        tok.apply_chat_template(CONVERSATION, chat_template=CHATML_IN_TEST, tokenize=False)
+    whole = tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML_IN_TEST)[0]
+    ex = tokenize_examples([row], "completion", tok, chat_template=CHATML_IN_TEST)[0]
+    assert ex.input_ids == whole.input_ids
+    history = len(enc(tok, "".join(t for t, _ in pieces[:-1])))  # everything before the completion's turn
+    assert set(ex.labels[:history]) == {X} and ex.labels[history:] == whole.labels[history:] != [X] * 3
+    train, _ = load_splits(cfg_for(write_jsonl(tmp_path / "pc.jsonl", [row, row]), chat_template=CHATML_IN_TEST),
+                           tok)
+    assert train.input_ids[0][:len(ex.input_ids)] == ex.input_ids
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [row, {"prompt": "2+2?", "completion": completion}])
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: format completion: 'prompt' and 'completion' must both be "
+                                        r"strings, or both lists of messages \(a conversation\), got a str and a list"):
+        load_splits(cfg_for(mixed, chat_template="chatml"), tok)
+
+
 @pytest.mark.parametrize("row, expect", [
     ({"messages": [{"role": "assistant", "content": None}]},
      r": messages\[0\] must be an object with a role .* string content; a turn that only calls tools gives them as "

@@ -428,8 +428,9 @@ def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tup
     of the train split's assistant turns."""
     ds = cfg.dataset
     train_rows, eval_rows = load_rows(ds, cfg.seed)
-    fmt = resolve_format(train_rows, ds.format).name
-    note = chatml_marker_note(ds.chat_template, tokenizer) if FORMATS[fmt].pieces is None else None
+    form = resolve_format(train_rows, ds.format)
+    fmt = form.name
+    note = chatml_marker_note(ds.chat_template, tokenizer) if form.pieces is None else None
     if note and log is not None:
         log(note)
     template = resolve_chat_template(ds.chat_template)

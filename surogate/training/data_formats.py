@@ -7,7 +7,7 @@ A row becomes a list of text pieces, each read (masked from the loss, label IGNO
 | `messages` | messages (OpenAI-style), optional tools | everything else | each assistant turn, end of turn included |
 | `sharegpt` | conversations (ShareGPT: `from` human / gpt / system, `value`) | as messages | as messages |
 | `alpaca` | instruction, input (optional), output | the Stanford Alpaca prompt | output |
-| `completion` | prompt, completion | prompt | completion (TRL's prompt-completion) |
+| `completion` | prompt, completion (strings, or lists of messages) | prompt | completion (TRL's prompt-completion) |
 | `gsm8k` | question, answer | "Question: <question>\\nAnswer:" | " <answer>" |
 | `text` | text | nothing | text |
 
@@ -87,12 +87,13 @@ class Example:
 class RowFormat:
     """A format: the fields a row must have and how its text splits into read and trained pieces
     (`pieces` None: the row is a conversation rendered by a chat template, whose checked OpenAI-style
-    messages `messages(row, where)` gives)."""
+    messages `messages(row, where)` gives; its assistant turns from `first_trained(row)` on are trained)."""
 
     name: str
     fields: tuple[str, ...]
     pieces: Callable[[dict], Pieces] | None
     messages: Callable[[dict, str], list[dict]] | None = None
+    first_trained: Callable[[dict], int] = lambda row: 0
 
 
 def _gsm8k(row: dict) -> Pieces:
@@ -142,6 +143,20 @@ def _function_call(value, where: str) -> list[dict]:
     return [{"type": "function", "function": c} for c in (calls if isinstance(calls, list) else [calls])]
 
 
+def _conversational_completion(row: dict, where: str) -> list[dict]:
+    """TRL's conversational prompt-completion: `prompt` and `completion` lists of messages, one conversation."""
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, list) or not isinstance(completion, list):
+        raise DataError(f"{where}: format completion: 'prompt' and 'completion' must both be strings, or both lists "
+                        f"of messages (a conversation), got a {type(prompt).__name__} and a "
+                        f"{type(completion).__name__}")
+    return _check_messages(prompt, where, "prompt") + _check_messages(completion, where, "completion")
+
+
+# `completion` whose first row holds lists of messages: only the completion's assistant turns train.
+CONVERSATIONAL_COMPLETION = RowFormat("completion", ("prompt", "completion"), None, _conversational_completion,
+                                      lambda row: len(row["prompt"]))
+
 # The table every user reads; its order is the order `auto` tries.
 FORMATS: dict[str, RowFormat] = {f.name: f for f in (
     RowFormat("messages", ("messages",), None, lambda row, where: _check_messages(row["messages"], where)),
@@ -164,15 +179,19 @@ def detect(row: dict) -> RowFormat | None:
 
 
 def resolve_format(rows: Rows, name: str) -> RowFormat:
-    """The format `name`, or for `auto` the one the first row looks like."""
+    """The format `name`, or for `auto` the one the first row looks like; `completion` whose first prompt is a
+    list of messages (and its completion too) is `CONVERSATIONAL_COMPLETION`."""
     if name != "auto":
         if name not in FORMATS:
             raise DataError(f"dataset.format: {name!r} is not one of {', '.join(FORMAT_NAMES)}")
-        return FORMATS[name]
-    found = detect(rows.rows[0])
+        found = FORMATS[name]
+    else:
+        found = detect(rows.rows[0])
     if found is None:
         raise DataError(f"{rows.where(0)}: cannot tell the format of a row with keys {sorted(rows.rows[0])}; "
                         f"set dataset.format, one of {_fields_help()}")
+    if found.name == "completion" and all(isinstance(rows.rows[0].get(k), list) for k in found.fields):
+        return CONVERSATIONAL_COMPLETION
     return found
 
 
@@ -183,18 +202,20 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
     if missing:
         other = detect(row)
         hint = (f"; its keys {sorted(row)} look like format {other.name}: set dataset.format: {other.name} (or auto)"
-                if other is not None and other is not fmt else f"; it has {sorted(row)}")
+                if other is not None and other.name != fmt.name else f"; it has {sorted(row)}")
         what = f"row's {missing[0]!r} is null" if missing[0] in row else f"row has no {missing[0]!r}"
         raise DataError(f"{where}: {what} (format {fmt.name} needs {', '.join(fmt.fields)}){hint}")
     if fmt.pieces is None:
-        return {**row, "messages": fmt.messages(row, where), "tools": _check_tools(row.get("tools"), where)}
+        return {**row, "messages": fmt.messages(row, where), "tools": _check_tools(row.get("tools"), where),
+                "first_trained": fmt.first_trained(row)}
     out = dict(row)
     for k in (*fmt.fields, "input"):
         v = row.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = str(v)
         elif v is not None and not isinstance(v, str):
-            raise DataError(f"{where}: field {k!r} is a {type(v).__name__}; format {fmt.name} needs a string")
+            also = " (or prompt and completion both lists of messages)" if fmt.name == "completion" else ""
+            raise DataError(f"{where}: field {k!r} is a {type(v).__name__}; format {fmt.name} needs a string{also}")
     return out
 
 
@@ -315,8 +336,9 @@ def chat_template_for(tokenizer, configured: str | None) -> str | None:
 
 
 def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str,
-                tools: list[dict] | None = None) -> Pieces:
-    """The rendered conversation cut into read text and trained assistant turns (see the module docstring)."""
+                tools: list[dict] | None = None, first_trained: int = 0) -> Pieces:
+    """The rendered conversation cut into read text and trained assistant turns, those from message
+    `first_trained` on (see the module docstring)."""
     import jinja2
 
     def render(msgs: list[dict], generation_prompt: bool = False) -> str:
@@ -335,7 +357,7 @@ def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: st
     pieces: Pieces = []
     done = 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
         stand_in = {**{k: v for k, v in m.items() if k not in GENERATED_KEYS}, "content": _MARKER}
         marked = render([*messages[:i], stand_in, *messages[i + 1:]])
@@ -410,10 +432,10 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
     reasoning_turns = 0
     for i, raw in enumerate(rows.rows):
         row = check_row(raw, form, rows.where(i))
-        pieces = (chat_pieces(row["messages"], tokenizer, template, rows.where(i), row["tools"]) if chat
-                  else form.pieces(row))
-        if chat:  # one trained piece per assistant turn, in order
-            turns = zip([m for m in row["messages"] if m["role"] == "assistant"],
+        pieces = (chat_pieces(row["messages"], tokenizer, template, rows.where(i), row["tools"], row["first_trained"])
+                  if chat else form.pieces(row))
+        if chat:  # one trained piece per trained assistant turn, in order
+            turns = zip([m for m in row["messages"][row["first_trained"]:] if m["role"] == "assistant"],
                         [t for t, trained in pieces if trained])
             reasonings = [(r, text) for m, text in turns if (r := reasoning_of(m))]
             reasoning_turns += len(reasonings)
