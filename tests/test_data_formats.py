@@ -499,6 +499,16 @@ def test_detect(row, name):
     assert detect(row).name == name
 
 
+def test_preference_pairs_are_named_as_such(tmp_path, tok):
+    """DPO data (prompt / chosen / rejected, or chosen and rejected conversations) got "cannot tell the format";
+    it is named for what it is, with what to write instead."""
+    for row in ({"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                {"chosen": CONVERSATION, "rejected": CONVERSATION}):
+        with pytest.raises(DataError, match=r"dpo\.jsonl:1: rows with 'chosen' and 'rejected' are preference pairs "
+                                            r"\(for DPO\); surogate train fine-tunes on one answer per row: write"):
+            load_splits(cfg_for(write_jsonl(tmp_path / "dpo.jsonl", [row])), tok)
+
+
 def test_auto_reads_each_format_and_refuses_unknown_rows_in_one_line(tmp_path, tok):
     cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", [ALPACA]))
     assert cfg.dataset.format == "auto" and cfg.dataset.eval_split is None

@@ -187,6 +187,10 @@ def resolve_format(rows: Rows, name: str) -> RowFormat:
         found = FORMATS[name]
     else:
         found = detect(rows.rows[0])
+    if found is None and {"chosen", "rejected"} <= rows.rows[0].keys():
+        raise DataError(f"{rows.where(0)}: rows with 'chosen' and 'rejected' are preference pairs (for DPO); "
+                        "surogate train fine-tunes on one answer per row: write the chosen one as completion (with "
+                        "prompt) or as the last assistant turn of messages")
     if found is None:
         raise DataError(f"{rows.where(0)}: cannot tell the format of a row with keys {sorted(rows.rows[0])}; "
                         f"set dataset.format, one of {_fields_help()}")
