@@ -289,6 +289,18 @@ LLAMA31_LIKE = (
     "{%- else %}{{ '<|header|>' + m.role + '\\n' + m.content + '<|eot|>' }}{% endif %}{% endfor %}"
     "{%- if add_generation_prompt %}{{ '<|header|>assistant\\n' }}{% endif %}")
 
+# In the layout of Mistral v3's: it checks that the turns other than tool calls and tool results alternate, so a
+# copy of the conversation with a tool-call turn made plain is refused.
+MISTRAL_LIKE = (
+    "{%- for m in messages | rejectattr('role', 'equalto', 'tool') | selectattr('tool_calls', 'undefined') %}"
+    "{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{% endfor %}"
+    "{%- for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
+    "{%- elif m.tool_calls is defined %}{{ '[TOOL_CALLS] ' + m.tool_calls | map(attribute='function') | list | tojson"
+    " + eos_token }}"
+    "{%- elif m.role == 'assistant' %}{{ ' ' + m.content + eos_token }}"
+    "{%- else %}{{ '[TOOL_RESULTS] ' + m.content + '[/TOOL_RESULTS]' }}{% endif %}{% endfor %}")
+
 
 def _trained(pieces) -> list[str]:
     return [text for text, trained in pieces if trained]
@@ -316,6 +328,10 @@ def test_tool_call_turns_train_their_calls_and_read_the_results(tok):
     assert _trained(chat_pieces(row["messages"], tok, LLAMA31_LIKE, "x")) == [f"{call}<|eot|>", "21 degrees.<|eot|>"]
     assert _trained(chat_pieces(row["messages"], tok, CHATML, "x", row["tools"])) == [
         f"<tool_call>\n{call}\n</tool_call><|im_end|>\n", "21 degrees.<|im_end|>\n"]
+    # a template that refuses the marked copy (roles must alternate once the call is taken out): the turn is
+    # found from the end of the generation prompt to where the conversation cut after it stops matching
+    assert _trained(chat_pieces(row["messages"], tok, MISTRAL_LIKE, "x")) == [
+        f"[TOOL_CALLS] [{call}]<|endoftext|>", "21 degrees.<|endoftext|>"]
     # text before the call and two calls in one turn: all of it trained, as one span
     both = [{**TOOL_CONVERSATION[1], "content": "Checking.", "tool_calls": TOOL_CONVERSATION[1]["tool_calls"] * 2}]
     row = check_row({"messages": [TOOL_CONVERSATION[0], *both]}, FORMATS["messages"], "x")

@@ -27,7 +27,8 @@ text before the marker and after it must equal the real rendering's start and en
 between is the rendered content, whatever the template does around it (a system prompt, a think block,
 a BOS). What else the turn holds (its tool calls, its reasoning: `GENERATED_KEYS`) is left out of the marked
 copy, so the span covers it too, and where the template writes some of it before the content (Qwen3's think
-block), the span starts where the generation prompt ends: the model writes all of it at inference. The
+block), the span starts where the generation prompt ends: the model writes all of it at inference. A
+template that refuses the marked copy (it checks that a tool result follows a call) gets `_prefix_span`. The
 turn's end-of-turn text (ChatML's "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template writes after
 the content of a conversation's last turn; it is trained with the turn, so the model learns to stop.
 """
@@ -363,22 +364,11 @@ def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: st
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < first_trained:
             continue
-        stand_in = {**{k: v for k, v in m.items() if k not in GENERATED_KEYS}, "content": _MARKER}
-        marked = render([*messages[:i], stand_in, *messages[i + 1:]])
-        start = marked.find(_MARKER)
-        after = marked[start + len(_MARKER):]
-        end = len(full) - len(after)
-        if marked.count(_MARKER) == 1 and full.endswith(after) and not full.startswith(marked[:start]):
-            # the template writes part of the turn before its content (a think block): the turn is what the
-            # model writes after the generation prompt
-            prompt = render(messages[:i], generation_prompt=True)
-            start = len(prompt) if full.startswith(prompt) else -1
-        if marked.count(_MARKER) != 1 or start < done or end < start or not full.endswith(after):
+        span = _marked_span(render, messages, i, full)
+        if span is None or span[0] < done:
             raise DataError(f"{where}: cannot locate assistant message {i} in the chat template's output (the "
                             "template rewrites it); set dataset.chat_template to one that writes content as given")
-        last = render([*messages[:i], stand_in])
-        end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
-        end += len(os.path.commonprefix([full[end:], end_of_turn]))
+        start, end = span
         unwritten = [name for name in _function_names(m.get("tool_calls", ())) if name not in full[start:end]]
         if unwritten:
             raise DataError(f"{where}: the chat template does not write assistant message {i}'s tool call "
@@ -388,6 +378,50 @@ def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: st
     if done < len(full):
         pieces.append((full[done:], False))
     return pieces
+
+
+def _marked_span(render: Callable[..., str], messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
+    """Where assistant message i lies in the rendered conversation `full`, end-of-turn text included, found by
+    rendering it again with the turn replaced by a marker (see the module docstring); None when not found."""
+    m = messages[i]
+    stand_in = {**{k: v for k, v in m.items() if k not in GENERATED_KEYS}, "content": _MARKER}
+    try:
+        marked = render([*messages[:i], stand_in, *messages[i + 1:]])
+    except DataError:  # the template checks the conversation's shape (a tool result must follow a call)
+        return _prefix_span(render, messages, i, full)
+    start = marked.find(_MARKER)
+    after = marked[start + len(_MARKER):]
+    end = len(full) - len(after)
+    if marked.count(_MARKER) != 1 or not full.endswith(after):
+        return None
+    if not full.startswith(marked[:start]):
+        # the template writes part of the turn before its content (a think block): the turn is what the model
+        # writes after the generation prompt
+        prompt = render(messages[:i], generation_prompt=True)
+        if not full.startswith(prompt):
+            return None
+        start = len(prompt)
+    if end < start:
+        return None
+    last = render([*messages[:i], stand_in])
+    end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
+    return start, end + len(os.path.commonprefix([full[end:], end_of_turn]))
+
+
+def _prefix_span(render: Callable[..., str], messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
+    """Assistant message i's span for a template that refuses the marked copy: from the end of the generation
+    prompt to where the conversation cut after the turn stops matching `full`; None unless the turn's text (its
+    answer after any think block) lies within."""
+    try:
+        prompt = render(messages[:i], generation_prompt=True)
+        cut = render(messages[:i + 1])
+    except DataError:
+        return None
+    end = len(os.path.commonprefix([full, cut]))
+    answer = messages[i]["content"].split("</think>")[-1].strip()
+    if not full.startswith(prompt) or end <= len(prompt) or answer not in full[len(prompt):end]:
+        return None
+    return len(prompt), end
 
 
 def _function_names(calls_or_tools) -> list[str]:
