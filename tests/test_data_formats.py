@@ -429,6 +429,11 @@ def test_tools_and_calls_a_template_does_not_write_are_refused(tok):
     with pytest.raises(DataError, match=r"^x: the chat template does not write the row's tools \(no 'get_weather' "
                                         r"in its output\)"):
         chat_pieces(CONVERSATION, tok, CHATML_IN_TEST, "x", [WEATHER])
+    only_chat = "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}" + \
+        CHATML_IN_TEST[len("{% for m in messages %}"):]
+    with pytest.raises(DataError, match=r"^x: the chat template failed on this conversation: no tool role; it has "
+                                        r"tool turns: set dataset\.chat_template to one that writes them"):
+        chat_pieces(row["messages"], tok, only_chat, "x")
 
 
 def test_conversational_prompt_completion_trains_the_completion_only(tmp_path, tok):

@@ -351,8 +351,11 @@ def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: st
             return tokenizer.apply_chat_template(msgs, chat_template=template, tools=tools, tokenize=False,
                                                  add_generation_prompt=generation_prompt)
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: the template's own code on this data
-            raise DataError(f"{where}: the chat template failed on this conversation: {' '.join(str(e).split())}") \
-                from None
+            tooled = any(m["role"] == "tool" or "tool_calls" in m for m in msgs)
+            hint = "; it has tool turns: set dataset.chat_template to one that writes them (chatml does)" \
+                if tooled else ""
+            raise DataError(f"{where}: the chat template failed on this conversation: {' '.join(str(e).split())}"
+                            f"{hint}") from None
 
     full = render(messages)
     unwritten = [name for name in _function_names(tools or ()) if name not in full]
