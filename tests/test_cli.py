@@ -396,3 +396,18 @@ def test_git_commit_flags_files_that_differ_from_head(tmp_path, monkeypatch):
     assert git_commit(str(tmp_path)) == f"{head}+modified"
     monkeypatch.setenv("GIT_COMMIT", "abc1234")
     assert git_commit(str(tmp_path)) == "abc1234"
+
+
+def test_train_on_a_mix_of_datasets(tmp_path, tiny_model_dir, cache, capsys):
+    """`dataset` as a list: an Alpaca file and a chat file (ChatML) trained on together, from the CLI."""
+    examples = Path(__file__).parents[1] / "examples" / "data"
+    mix = [{"path": str(examples / "alpaca.jsonl"), "val_set_size": 2},
+           {"path": str(examples / "chat.jsonl"), "chat_template": "chatml"}]
+    raw = tiny_raw_config(tiny_model_dir, tmp_path / "out", max_steps=2, sequence_len=256)
+    raw["dataset"] = mix
+    assert main(["train", write_config(tmp_path / "mix.yaml", raw)]) == 0
+    err = capsys.readouterr().err
+    data_line = next(line for line in err.splitlines() if line.startswith("data: ") and "train tokens" in line)
+    assert f"({examples / 'alpaca.jsonl'}, {examples / 'chat.jsonl'})" in data_line and "1 eval row " in data_line
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and [e["step"] for e in metrics["eval"]] == [0, 2]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from surogate.compiler import DEFAULT_TARGETS
-from surogate.training.config import ConfigError, TrainConfig, default_config_path, from_dict, load_config
+from surogate.training.config import (ConfigError, TrainConfig, dataset_sources, default_config_path, from_dict,
+                                      load_config)
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -345,3 +346,49 @@ def test_a_key_set_twice_in_the_yaml_is_an_error_with_its_lines(tmp_path):
 def test_learning_rate_must_be_positive_says_so(value):
     with pytest.raises(ConfigError, match=rf"^learning_rate: must be > 0, got {value}$"):
         from_dict({"learning_rate": value})
+
+
+# --- a mix of datasets ---------------------------------------------------------------------------------
+
+def test_dataset_list_is_a_mix_whose_errors_name_the_source(tmp_path):
+    """`dataset` as a list of sources (a mix): each checked as `dataset` is, its errors naming `dataset[n]`; a
+    list of one is one source; Axolotl's `datasets` key says what to write."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"text": "x"}\n')
+    b.write_text('{"text": "y"}\n')
+    cfg = from_dict({"dataset": [{"path": str(a)}, {"path": str(b), "format": "text", "val_set_size": 0.5}]})
+    assert [d.path for d in dataset_sources(cfg)] == [str(a), str(b)] and cfg.dataset[1].val_set_size == 0.5
+    one = from_dict({"dataset": [{"path": str(a)}]})
+    assert one.dataset.path == str(a) and dataset_sources(one) == [one.dataset]
+    for raw, expect in [
+        ([{"path": str(a)}, {"path": str(b), "fromat": "text"}], r"^unknown key 'dataset\[1\]\.fromat'; did you mean "
+                                                                  r"'dataset\[1\]\.format'\?"),
+        ([{"path": str(a)}, {"path": str(tmp_path / "c.jsonl")}], r"^dataset\[1\]\.path: .*c\.jsonl' does not exist"),
+        ([{"path": str(a)}, {"path": str(b), "eval_split": "test"}], r"^dataset\[1\]\.eval_split: dataset\[1\]\.path "
+                                                                      r"is one file"),
+        ([str(a), 3], r"^dataset\[1\]: expected a mapping"),
+        ([], r"^dataset: an empty list"),
+    ]:
+        with pytest.raises(ConfigError, match=expect):
+            from_dict({"dataset": raw})
+    with pytest.raises(ConfigError, match=r"^unknown key 'datasets'; write dataset: a mapping for one source, or a "
+                                          r"list of them for a mix"):
+        from_dict({"datasets": [{"path": str(a)}]})
+
+
+def test_a_mix_evaluates_on_the_sources_that_have_an_eval_split(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"text": "x"}\n{"text": "y"}\n')
+    from_dict({"eval_steps": 5, "dataset": [{"path": str(a)}, {"path": str(a), "val_set_size": 1}]})
+    with pytest.raises(ConfigError, match=r"^eval_steps: set, but there is no eval split"):
+        from_dict({"eval_steps": 5, "dataset": [{"path": str(a)}, {"path": str(a)}]})
+
+
+def test_set_into_a_listed_dataset_says_where_to_write_it(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text('{"text": "x"}\n')
+    path = _write(tmp_path, {"dataset": [{"path": str(a)}, {"path": str(a)}]})
+    assert len(load_config(path).dataset) == 2
+    with pytest.raises(ConfigError, match=r"^--set dataset\.max_train_samples: .*cfg\.yaml's dataset is a list of "
+                                          r"sources; set max_train_samples in the file, under the source"):
+        load_config(path, ["dataset.max_train_samples=3"])

@@ -761,6 +761,29 @@ def test_val_set_size_and_eval_split_are_exclusive():
 
 # --- errors: one line, where to look, what to do -------------------------------------------------------
 
+def test_a_mix_of_sources_trains_on_each_as_its_keys_say(tmp_path, tok):
+    """`dataset` as a list: each source read in its own format, template and train_on_inputs, laid out apart
+    (its log lines name its file), then trained on together; the eval rows are those of the sources that have
+    an eval split."""
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA] * 4 + [{**ALPACA, "output": "long " * 300}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 3)
+    sources = [{"path": str(alpaca), "val_set_size": 1},
+               {"path": str(chat), "chat_template": CHATML_IN_TEST, "train_on_inputs": True}]
+    cfg = from_dict({"dataset": sources, "sequence_len": 256})
+    lines: list[str] = []
+    train, evaluation = load_splits(cfg, tok, lines.append)
+    alone = [load_splits(from_dict({"dataset": s, "sequence_len": 256}), tok) for s in sources]
+    assert train.input_ids == alone[0][0].input_ids + alone[1][0].input_ids
+    assert train.labels == alone[0][0].labels + alone[1][0].labels  # chat: everything trained (train_on_inputs)
+    assert sum(row.count(X) for row in alone[1][0].labels) == 3  # only each packed example's first token
+    assert sum(row.count(X) for row in alone[0][0].labels) > 4 * len(enc(tok, "### Instruction:"))  # prompts
+    assert evaluation.input_ids == alone[0][1].input_ids and alone[1][1] is None
+    assert train.examples == 4 + 3 and train.packed
+    assert lines == []  # no chatml note: the template is given as Jinja
+    assert train.log_lines() == alone[0][0].log_lines() and len(train.log_lines()) == 1  # the long one, cut
+    assert "alpaca.jsonl (train split" in train.log_lines()[0]
+
+
 def test_empty_train_file(tmp_path, tok):
     (tmp_path / "train.jsonl").write_text("\n")
     (tmp_path / "test.jsonl").write_text('{"text": "x"}\n')

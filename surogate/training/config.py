@@ -70,7 +70,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     lora_target_parameters: list[str] | None = None  # None: every expert of a MoE model; []: none
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: DatasetConfig | list[DatasetConfig] = field(default_factory=DatasetConfig)  # a list: a mix
     output_dir: str = "surogate-out"
     overwrite_output_dir: bool = False  # a fresh run replaces the checkpoints of another run in output_dir
     max_steps: int | None = None  # optimizer steps; wins over num_epochs
@@ -359,6 +359,8 @@ def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
         close = difflib.get_close_matches(str(k), valid, n=1)
         if k in dataset_keys:
             hint = f"; it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
+        elif k == "datasets":  # Axolotl's key
+            hint = "; write dataset: a mapping for one source, or a list of them for a mix"
         elif close:
             hint = f"; did you mean {where + close[0]!r}?"
         else:
@@ -366,43 +368,60 @@ def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
         raise ConfigError(f"unknown key {where + str(k)!r}{hint}")
 
 
-def _dataset(raw: Any) -> DatasetConfig:
+def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
+    """One source of examples (`key`: how errors name it, `dataset` or `dataset[1]` in a mix)."""
     if raw is None:
         return DatasetConfig()
     if isinstance(raw, str):
         raw = {"path": raw}
     if not isinstance(raw, dict):
-        raise ConfigError(f"dataset: expected a mapping with path/format/train_split/eval_split, got {raw!r}")
+        raise ConfigError(f"{key}: expected a mapping with path/format/train_split/eval_split, got {raw!r}")
     valid = [f.name for f in dataclasses.fields(DatasetConfig)]
-    _unknown("dataset.", set(raw) - set(valid), valid)
+    _unknown(f"{key}.", set(raw) - set(valid), valid)
     d = DatasetConfig(**raw)
-    d.path = _str("dataset.path", d.path, optional=True)
+    d.path = _str(f"{key}.path", d.path, optional=True)
     if d.path in ("default", "gsm8k-sample"):
         d.path = None
     from surogate.training import data_files
     from surogate.training.data_formats import FORMAT_NAMES, resolve_chat_template
 
-    d.format = _str("dataset.format", d.format, choices=FORMAT_NAMES)
-    d.train_split = _str("dataset.train_split", d.train_split)
-    d.eval_split = _str("dataset.eval_split", d.eval_split, optional=True)
-    d.max_train_samples = _int("dataset.max_train_samples", d.max_train_samples, 1, optional=True)
-    d.max_eval_samples = _int("dataset.max_eval_samples", d.max_eval_samples, 1, optional=True)
-    d.train_on_inputs = _bool("dataset.train_on_inputs", d.train_on_inputs)
-    d.chat_template = _str("dataset.chat_template", d.chat_template, optional=True)
+    d.format = _str(f"{key}.format", d.format, choices=FORMAT_NAMES)
+    d.train_split = _str(f"{key}.train_split", d.train_split)
+    d.eval_split = _str(f"{key}.eval_split", d.eval_split, optional=True)
+    d.max_train_samples = _int(f"{key}.max_train_samples", d.max_train_samples, 1, optional=True)
+    d.max_eval_samples = _int(f"{key}.max_eval_samples", d.max_eval_samples, 1, optional=True)
+    d.train_on_inputs = _bool(f"{key}.train_on_inputs", d.train_on_inputs)
+    d.chat_template = _str(f"{key}.chat_template", d.chat_template, optional=True)
     resolve_chat_template(d.chat_template)  # a missing .jinja file fails here, naming the key
     if not isinstance(d.val_set_size, bool) and d.val_set_size == 0:
         d.val_set_size = None  # Axolotl's "hold nothing out" (its default): no eval rows taken from train
     if d.val_set_size is not None:
         v = d.val_set_size
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (isinstance(v, int) and v >= 1)):
-            raise ConfigError(f"dataset.val_set_size: expected a fraction in (0, 1) or a count >= 1 of train rows "
+            raise ConfigError(f"{key}.val_set_size: expected a fraction in (0, 1) or a count >= 1 of train rows "
                               f"to hold out for eval (0 or null: none), got {v!r}")
         if "eval_split" in raw and d.eval_split is not None:
-            raise ConfigError(f"dataset.val_set_size: set together with dataset.eval_split ({d.eval_split!r}); use "
+            raise ConfigError(f"{key}.val_set_size: set together with {key}.eval_split ({d.eval_split!r}); use "
                               "one: set eval_split: null to hold out part of train")
         d.eval_split = None
-    d.eval_split = data_files.check_path(d.path, d.train_split, d.eval_split, "eval_split" in raw)
+    d.eval_split = data_files.check_path(d.path, d.train_split, d.eval_split, "eval_split" in raw, key)
     return d
+
+
+def _datasets(raw: Any) -> DatasetConfig | list[DatasetConfig]:
+    """`dataset`: one source, or a list of them (a mix: each read, tokenized and laid out as its own keys say,
+    then trained on together)."""
+    if not isinstance(raw, list):
+        return _dataset(raw)
+    if not raw:
+        raise ConfigError("dataset: an empty list; give one source (a mapping with path, format...) or several")
+    sources = [_dataset(entry if entry is not None else {}, f"dataset[{n}]") for n, entry in enumerate(raw)]
+    return sources[0] if len(sources) == 1 else sources
+
+
+def dataset_sources(cfg: "TrainConfig") -> list[DatasetConfig]:
+    """The run's sources of examples: `cfg.dataset` as a list."""
+    return list(cfg.dataset) if isinstance(cfg.dataset, list) else [cfg.dataset]
 
 
 def from_dict(raw: dict[str, Any]) -> TrainConfig:
@@ -414,7 +433,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     valid = [f.name for f in dataclasses.fields(TrainConfig)]
     _unknown("", set(raw) - set(valid), valid)
     raw = dict(raw)
-    dataset = _dataset(raw.pop("dataset", None))
+    dataset = _datasets(raw.pop("dataset", None))
     c = TrainConfig(**raw, dataset=dataset)
     c.model = check_model_name("model", c.model)
     c.tokenizer = _tokenizer("tokenizer", c.tokenizer)
@@ -452,7 +471,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.seed = _int("seed", c.seed, 0)
     c.logging_steps = _int("logging_steps", c.logging_steps, 1)
     c.eval_steps = _int("eval_steps", c.eval_steps, 1, optional=True)
-    if c.eval_steps is not None and c.dataset.eval_split is None and getattr(c.dataset, "val_set_size", None) is None:
+    if c.eval_steps is not None and all(d.eval_split is None and d.val_set_size is None for d in dataset_sources(c)):
         raise ConfigError("eval_steps: set, but there is no eval split (dataset.eval_split is null); name an eval "
                           "split, set dataset.val_set_size to hold out part of train, or drop eval_steps")
     c.eval_on_start = _bool("eval_on_start", c.eval_on_start)
@@ -568,6 +587,9 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
         overridden.append(key)
         if key.startswith("dataset."):
             ds = raw.get("dataset") or {}
+            if isinstance(ds, list):
+                raise ConfigError(f"--set {key}: {p}'s dataset is a list of sources; set {key.split('.', 1)[1]} "
+                                  "in the file, under the source it belongs to")
             ds = {"path": ds} if isinstance(ds, str) else dict(ds)
             ds[key.split(".", 1)[1]] = value
             raw["dataset"] = ds

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,12 +138,28 @@ class ExampleRows:
     dropped: int = 0  # of the cut ones, dropped
     untrained: int = 0  # examples without any target token (an empty answer, no assistant turn): dropped
     source: str = "the examples"  # where they came from (a file), for the log
+    parts: "list[ExampleRows]" = field(default_factory=list)  # a mix (`concat`): the sources, for the log
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @classmethod
+    def concat(cls, parts: "list[ExampleRows]") -> "ExampleRows":
+        """The rows of several sources laid out alike (a mix of datasets), trained on as one; the log keeps each
+        source's lines."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        positions = None if first.positions is None else [r for p in parts for r in p.positions]
+        return cls([r for p in parts for r in p.input_ids], [r for p in parts for r in p.labels], positions,
+                   first.seq_len, first.pad_id, *(sum(getattr(p, k) for p in parts)
+                                                  for k in ("examples", "cut", "dropped", "untrained")),
+                   " + ".join(p.source for p in parts), list(parts))
+
     def log_lines(self) -> list[str]:
         """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
+        if self.parts:
+            return [line for part in self.parts for line in part.log_lines()]
         lines = []
         if self.untrained:
             lines.append(f"data: {self.untrained} of {counted(self.examples, 'example')} of {self.source} "
@@ -423,21 +439,26 @@ def load_rows(ds, seed: int) -> tuple[Rows, Rows | None]:
 def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[ExampleRows, ExampleRows | None]:
     """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
     `cfg.sample_packing` says: the one entry point `surogate train` reads its data through. `auto` is
-    resolved on the train rows, and the eval rows are read in the same format. `log` gets a warning on
-    a chat template whose markers the tokenizer splits (`chatml_marker_note`) or that leaves out the reasoning
-    of the train split's assistant turns."""
-    ds = cfg.dataset
-    train_rows, eval_rows = load_rows(ds, cfg.seed)
-    form = resolve_format(train_rows, ds.format)
-    fmt = form.name
-    note = chatml_marker_note(ds.chat_template, tokenizer) if form.pieces is None else None
-    if note and log is not None:
-        log(note)
-    template = resolve_chat_template(ds.chat_template)
-    on_inputs = ds.train_on_inputs
-    train = layout(train_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
-                   f"train split {ds.train_split!r}", log)
-    evaluation = None if eval_rows is None else layout(
-        eval_rows, fmt, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
-        "eval split: val_set_size of train" if ds.eval_split is None else f"eval split {ds.eval_split!r}")
-    return train, evaluation
+    resolved on the train rows, and the eval rows are read in the same format. A mix (`dataset` a list)
+    reads each source as its own keys say and trains on them together; the eval split gathers those of the
+    sources that have one. `log` gets a warning on a chat template whose markers the tokenizer splits
+    (`chatml_marker_note`) or that leaves out the reasoning of the train split's assistant turns."""
+    from surogate.training.config import dataset_sources
+
+    train, evaluation, notes = [], [], []
+    for ds in dataset_sources(cfg):
+        train_rows, eval_rows = load_rows(ds, cfg.seed)
+        form = resolve_format(train_rows, ds.format)
+        note = chatml_marker_note(ds.chat_template, tokenizer) if form.pieces is None else None
+        if note and log is not None and note not in notes:
+            log(note)
+            notes.append(note)
+        template = resolve_chat_template(ds.chat_template)
+        on_inputs = ds.train_on_inputs
+        train.append(layout(train_rows, form.name, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs,
+                            template, f"train split {ds.train_split!r}", log))
+        if eval_rows is not None:
+            evaluation.append(layout(
+                eval_rows, form.name, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
+                "eval split: val_set_size of train" if ds.eval_split is None else f"eval split {ds.eval_split!r}"))
+    return ExampleRows.concat(train), ExampleRows.concat(evaluation) if evaluation else None

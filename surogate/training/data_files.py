@@ -330,55 +330,59 @@ def _default_eval_split(eval_split: str | None, eval_given: bool, has: Callable[
     return next((s for s in EVAL_SPLIT_ALIASES if has(s)), eval_split)
 
 
-def check_path(path: str | None, train_split: str, eval_split: str | None, eval_given: bool) -> str | None:
+def check_path(path: str | None, train_split: str, eval_split: str | None, eval_given: bool,
+               source_key: str = "dataset") -> str | None:
     """Check `dataset.path` and its splits as far as can be known without reading the data; returns the
-    eval split (None for a single file, which is the train split alone). Raises ConfigError naming the key."""
+    eval split (None for a single file, which is the train split alone). Raises ConfigError naming the key
+    (under `source_key`: `dataset`, or `dataset[1]` in a mix)."""
     p = bundled_dataset_dir() if path is None else Path(path).expanduser()
     if p.is_file():
         if p.suffix not in FILE_SUFFIXES:
-            raise ConfigError(f"dataset.path: {path!r} is not a {', '.join(FILE_SUFFIXES)} file")
+            raise ConfigError(f"{source_key}.path: {path!r} is not a {', '.join(FILE_SUFFIXES)} file")
         if train_split != "train" or (eval_given and eval_split is not None):
-            key = "dataset.train_split" if train_split != "train" else "dataset.eval_split"
-            raise ConfigError(f"{key}: dataset.path is one file (the train split), it has no splits; drop the key, "
-                              "set dataset.val_set_size to hold out part of it, or point path at a folder")
+            name = f"{source_key}.train_split" if train_split != "train" else f"{source_key}.eval_split"
+            raise ConfigError(f"{name}: {source_key}.path is one file (the train split), it has no splits; drop the "
+                              f"key, set {source_key}.val_set_size to hold out part of it, or point path at a folder")
         eval_split = None
         files = [p]
     elif p.is_dir() and is_hf_disk_dataset(p):
         if not has_module("datasets"):
-            raise ConfigError(f"dataset.path: {path!r} is a Hugging Face dataset (save_to_disk); reading it needs "
+            raise ConfigError(f"{source_key}.path: {path!r} is a Hugging Face dataset (save_to_disk); reading it needs "
                               "the `datasets` package: pip install datasets (or pip install 'surogate[data]')")
         splits = hf_disk_splits(p)
         if splits is None:  # one saved Dataset: the train split alone, as a single file
             splits, eval_split = ["train"], eval_split if eval_given else None
         eval_split = _default_eval_split(eval_split, eval_given, splits.__contains__)
-        for key, split in (("dataset.train_split", train_split), ("dataset.eval_split", eval_split)):
+        for name, split in ((f"{source_key}.train_split", train_split), (f"{source_key}.eval_split", eval_split)):
             if split is not None and split not in splits:
-                raise ConfigError(f"{key}: {path!r} has no split {split!r}; its splits: {', '.join(splits)}")
+                raise ConfigError(f"{name}: {path!r} has no split {split!r}; its splits: {', '.join(splits)}")
         files = []
     elif p.is_dir():
         eval_split = _default_eval_split(eval_split, eval_given, lambda s: split_file(p, s) is not None)
         files = [split_file(p, s) for s in (train_split, eval_split) if s is not None]
         if files[0] is None and has_module("datasets"):
             files = []  # not <split>.<ext> files: datasets' load_dataset reads the folder
-        for key, split, f in zip(("dataset.train_split", "dataset.eval_split"), (train_split, eval_split), files):
+        names = (f"{source_key}.train_split", f"{source_key}.eval_split")
+        for name, split, f in zip(names, (train_split, eval_split), files):
             if f is None:
-                aliases = "" if eval_given or key.endswith("train_split") else \
+                aliases = "" if eval_given or name.endswith("train_split") else \
                     f", nor a {' or '.join(EVAL_SPLIT_ALIASES)} split"
-                raise ConfigError(f"{key}: {p / (split + '.jsonl')} does not exist (nor {split}.json, {split}.parquet, "
-                                  f"{split}.csv, {split}.tsv"
-                                  f"{aliases})" + ("; set eval_split: null, or dataset.val_set_size to hold out part "
-                                                   "of train" if key.endswith("eval_split") else ""))
+                raise ConfigError(f"{name}: {p / (split + '.jsonl')} does not exist (nor {split}.json, "
+                                  f"{split}.parquet, {split}.csv, {split}.tsv{aliases})"
+                                  + (f"; set eval_split: null, or {source_key}.val_set_size to hold out part of train"
+                                     if name.endswith("eval_split") else ""))
     elif looks_like_hub_id(path):
         if not has_module("datasets"):
-            raise ConfigError(f"dataset.path: {path!r} is not a file or folder here; as a Hugging Face hub dataset "
-                              "it needs the `datasets` package: pip install datasets (or pip install 'surogate[data]')")
+            raise ConfigError(f"{source_key}.path: {path!r} is not a file or folder here; as a Hugging Face hub "
+                              "dataset it needs the `datasets` package: pip install datasets (or pip install "
+                              "'surogate[data]')")
         files = []
     else:
         where = "" if Path(path).expanduser().is_absolute() else f" in the current directory ({Path.cwd()})"
-        raise ConfigError(f"dataset.path: {path!r} does not exist{where}; give a {'/'.join(FILE_SUFFIXES)} "
+        raise ConfigError(f"{source_key}.path: {path!r} does not exist{where}; give a {'/'.join(FILE_SUFFIXES)} "
                           "file, a folder of <split>.jsonl files, or a Hugging Face dataset (omit it for the bundled "
                           "GSM8K sample)")
     if any(f.suffix == ".parquet" for f in files) and not has_module("pyarrow"):
-        raise ConfigError(f"dataset.path: reading {[f for f in files if f.suffix == '.parquet'][0]} needs the "
+        raise ConfigError(f"{source_key}.path: reading {[f for f in files if f.suffix == '.parquet'][0]} needs the "
                           "`pyarrow` package: pip install pyarrow (or pip install 'surogate[data]')")
     return eval_split

@@ -45,7 +45,7 @@ from surogate.training import (
     steps,
     train_checks,
 )
-from surogate.training.config import TrainConfig, load_config
+from surogate.training.config import TrainConfig, dataset_sources, load_config
 from surogate.training.outputs import TrainResult, counted
 from surogate.training.setup import Log, log_stderr
 
@@ -204,12 +204,12 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
 
     tokenizer = setup.load_tokenizer_for(cfg, log)
     train_checks.check_vocab(cfg, tokenizer)  # before the data is tokenized with ids the model lacks
-    ds = cfg.dataset
     train_set, eval_set = load_splits(cfg, tokenizer, log)
+    paths = ", ".join(ds.path or "bundled GSM8K sample" for ds in dataset_sources(cfg))
     layout = (f"packed into rows of {cfg.sequence_len} tokens (example boundaries kept)" if train_set.packed
               else f"one example per row (up to {cfg.sequence_len} tokens, padded per batch)")
     log(f"data: {train_set.num_tokens:,} train tokens in {counted(len(train_set), 'row')}, {layout}"
-        + ("" if eval_set is None else f", {counted(len(eval_set), 'eval row')}") + f" ({ds.path or 'bundled GSM8K sample'})")
+        + ("" if eval_set is None else f", {counted(len(eval_set), 'eval row')}") + f" ({paths})")
     for line in train_set.log_lines() + ([] if eval_set is None else eval_set.log_lines()):
         log(line)  # examples left out or cut, per split and file
     fingerprint = train_checks.data_fingerprint(train_set, cfg)
