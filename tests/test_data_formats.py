@@ -459,6 +459,24 @@ def test_conversational_prompt_completion_trains_the_completion_only(tmp_path, t
         load_splits(cfg_for(mixed, chat_template="chatml"), tok)
 
 
+def test_a_turn_marked_weight_0_or_train_false_is_read(tmp_path, tok):
+    """Axolotl's per-turn `weight` (0 / 1), or `train` (false / true): a turn marked 0 is read, not trained (it
+    was trained: the key was ignored); another value is one line with the row's line."""
+    for key, off in (("weight", 0), ("train", False)):
+        conv = [*CONVERSATION[:2], {**CONVERSATION[2], key: off}, *CONVERSATION[3:]]
+        assert _trained(chat_pieces(check_row({"messages": conv}, FORMATS["messages"], "x")["messages"], tok,
+                                    CHATML_IN_TEST, "x")) == ["4<|im_end|>\n"]
+        on = [*CONVERSATION[:2], {**CONVERSATION[2], key: 1 if key == "weight" else True}, *CONVERSATION[3:]]
+        assert tokenize_examples([{"messages": on}], "messages", tok, chat_template=CHATML_IN_TEST) == \
+            tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML_IN_TEST)
+    bad = [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0.5}]
+    cfg = cfg_for(write_jsonl(tmp_path / "w.jsonl", [{"messages": CONVERSATION}, {"messages": bad}]),
+                  chat_template="chatml")
+    with pytest.raises(DataError, match=r"w\.jsonl:2: messages\[2\]: weight must be 0 or 1 \(whether the turn is "
+                                        r"trained\), got 0\.5"):
+        load_splits(cfg, tok)
+
+
 @pytest.mark.parametrize("row, expect", [
     ({"messages": [{"role": "assistant", "content": None}]},
      r": messages\[0\] must be an object with a role .* string content; a turn that only calls tools gives them as "

@@ -236,6 +236,8 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
         m = {k: v for k, v in m.items() if v is not None and v != []} if isinstance(m, dict) else {}
         role = m.get("role")
         role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role  # human, gpt: user, assistant
+        if "weight" in m or "train" in m:  # Axolotl's weight 0 / 1 (or train false / true): whether the turn trains
+            m["train"] = _train_flag(m, at)
         if role == "assistant" and "tool_calls" in m:
             m["tool_calls"] = _check_tool_calls(m["tool_calls"], at)
             m.setdefault("content", "")
@@ -248,6 +250,16 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
                             f"got {messages[n]!r:.80}")
         out.append({**m, "role": role, "content": content})
     return out
+
+
+def _train_flag(message: dict, where: str) -> bool:
+    """A turn's `train` (true / false) or `weight` (1 / 0, as Axolotl writes it) as one flag."""
+    flag = message.get("train", message.get("weight"))
+    if flag not in (True, False):  # 1 and 0 are among them
+        key = "train" if "train" in message else "weight"
+        raise DataError(f"{where}: {key} must be {'true or false' if key == 'train' else '0 or 1'} (whether the "
+                        f"turn is trained), got {flag!r}")
+    return bool(flag)
 
 
 def _check_tool_calls(calls, where: str) -> list:
@@ -365,7 +377,7 @@ def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: st
     pieces: Pieces = []
     done = 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < first_trained:
+        if m["role"] != "assistant" or i < first_trained or not m.get("train", True):
             continue
         span = _marked_span(render, messages, i, full)
         if span is None or span[0] < done:
@@ -476,8 +488,8 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
         pieces = (chat_pieces(row["messages"], tokenizer, template, rows.where(i), row["tools"], row["first_trained"])
                   if chat else form.pieces(row))
         if chat:  # one trained piece per trained assistant turn, in order
-            turns = zip([m for m in row["messages"][row["first_trained"]:] if m["role"] == "assistant"],
-                        [t for t, trained in pieces if trained])
+            turns = zip([m for m in row["messages"][row["first_trained"]:] if m["role"] == "assistant"
+                         and m.get("train", True)], [t for t, trained in pieces if trained])
             reasonings = [(r, text) for m, text in turns if (r := reasoning_of(m))]
             reasoning_turns += len(reasonings)
             reasoning_left_out += [rows.where(i) for r, text in reasonings if r not in text]
