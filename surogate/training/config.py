@@ -43,6 +43,7 @@ class DatasetConfig:
     max_eval_samples: int | None = None
     train_on_inputs: bool = False  # train on the read part too (prompts, user turns): Axolotl's train_on_inputs
     chat_template: str | None = None  # messages: chatml, a Jinja string or a .jinja file; None: the tokenizer's
+    cache: bool = True  # keep the tokenized examples under the cache dir for the next run (training/data_cache.py)
 
 
 @dataclass
@@ -392,6 +393,7 @@ def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
     d.max_eval_samples = _int(f"{key}.max_eval_samples", d.max_eval_samples, 1, optional=True)
     d.train_on_inputs = _bool(f"{key}.train_on_inputs", d.train_on_inputs)
     d.chat_template = _str(f"{key}.chat_template", d.chat_template, optional=True)
+    d.cache = _bool(f"{key}.cache", d.cache)
     resolve_chat_template(d.chat_template)  # a missing .jinja file fails here, naming the key
     if not isinstance(d.val_set_size, bool) and d.val_set_size == 0:
         d.val_set_size = None  # Axolotl's "hold nothing out" (its default): no eval rows taken from train

@@ -1,0 +1,114 @@
+"""Tokenized examples kept on disk between runs.
+
+Tokenizing a chat dataset renders each conversation through its template a few times per assistant turn
+(`data_formats.chat_pieces`): minutes for a few hundred thousand conversations, on every run and on every
+rank. The examples of one split are kept under `cache_dir()/data`, keyed by all they depend on: the rows
+themselves (not the file's name or date), the format, the chat template, `train_on_inputs`, the tokenizer
+and surogate's own sources (`cache.source_tag`). A split of fewer than `MIN_ROWS` rows is not kept: it
+tokenizes in about a second. A file that cannot be read or written is skipped: the examples are tokenized
+as if there were no cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from surogate.cache import cache_dir, source_tag
+from surogate.training.data_files import Rows
+from surogate.training.data_formats import IGNORE_INDEX, Example
+
+MIN_ROWS = 1000  # smaller splits tokenize in about a second: not worth a file
+
+
+def examples_key(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_template: str | None) -> str:
+    """A digest of everything the tokenized examples of `rows` depend on."""
+    digest = hashlib.sha256()
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    digest.update(json.dumps([source_tag(), fmt, train_on_inputs, template, specials]).encode())
+    digest.update(_tokenizer_fingerprint(tokenizer))
+    digest.update(pickle.dumps(rows.rows, protocol=5))
+    return digest.hexdigest()[:32]
+
+
+def _tokenizer_fingerprint(tokenizer) -> bytes:
+    """The tokenizer's whole definition (vocabulary, merges, normalizer, post-processor) as bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str().encode()
+    return json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+
+
+def cache_path(key: str) -> Path:
+    return cache_dir() / "data" / f"examples-{key}.npz"
+
+
+def save(path: Path, examples: list[Example], notes: list[str]) -> bool:
+    """Write `examples` (and the log lines tokenizing them gave) to `path` atomically; False when it cannot."""
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(offsets[-1]))
+    trained = np.fromiter((label != IGNORE_INDEX for e in examples for label in e.labels), dtype=bool,
+                          count=int(offsets[-1]))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, trained=trained, offsets=offsets, notes=np.array(json.dumps(notes)))
+        os.replace(tmp, path)  # another rank writing the same file at once leaves one whole copy
+        return True
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+
+
+def load(path: Path) -> tuple[list[Example], list[str]] | None:
+    """The examples and log lines kept in `path`; None when it is missing or unreadable."""
+    try:
+        with np.load(path) as data:
+            ids, trained, offsets = data["ids"], data["trained"], data["offsets"]
+            notes = json.loads(str(data["notes"]))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    labels = np.where(trained, ids, IGNORE_INDEX)
+    bounds = offsets.tolist()
+    ids_list, labels_list = ids.tolist(), labels.tolist()
+    return [Example(ids_list[a:b], labels_list[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], notes
+
+
+def cached_examples(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_template: str | None,
+                    tokenize: Callable[[Callable[[str], None]], list[Example]], what: str,
+                    log: Callable[[str], None] | None = None) -> list[Example]:
+    """`tokenize(note)` of `rows`, or the examples a run before kept for the same rows and settings. The log
+    lines tokenizing gives (`note`) are kept with them and given to `log` again on a hit; `what` names the
+    split and file in the line saying where the examples came from."""
+    say = log or (lambda line: None)
+    if len(rows) < MIN_ROWS:
+        return tokenize(say)
+    path = cache_path(examples_key(rows, fmt, tokenizer, train_on_inputs, chat_template))
+    kept = load(path) if path.is_file() else None
+    if kept is not None:
+        examples, notes = kept
+        for line in notes:
+            say(line)
+        say(f"data: {len(examples):,} tokenized examples of {what} read from the cache ({path})")
+        return examples
+    notes: list[str] = []
+    start = time.perf_counter()
+    examples = tokenize(lambda line: (notes.append(line), say(line)))
+    seconds = time.perf_counter() - start
+    if save(path, examples, notes):
+        say(f"data: tokenized {len(examples):,} examples of {what} in {seconds:.1f} s; kept for the next run "
+            f"in {path}")
+    return examples

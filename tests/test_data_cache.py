@@ -1,0 +1,98 @@
+"""The tokenized-examples cache (`surogate/training/data_cache.py`): a second run on the same rows and settings
+reads the examples back, identical, without tokenizing; any change that alters them (a row, the template,
+train_on_inputs, the tokenizer) misses; a broken or unwritable cache only costs the tokenizing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from surogate.training import data, data_cache
+from surogate.training.config import from_dict
+from surogate.training.data import load_splits
+from surogate.training.tokenizer import load_tokenizer
+
+CHATML = "chatml"
+TURN = {"role": "assistant", "content": "4", "reasoning_content": "add"}
+PLAIN = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SUROGATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_cache, "MIN_ROWS", 4)
+    return tmp_path / "cache" / "data"
+
+
+@pytest.fixture()
+def tok():
+    return load_tokenizer(None)
+
+
+def _rows(tmp_path: Path, n: int = 6, name: str = "chat.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{k} + {k}?"}, {**TURN, "content":
+                                                      str(2 * k)}]}) + "\n" for k in range(n)))
+    return path
+
+
+def _cfg(path: Path, **dataset):
+    return from_dict({"dataset": {"path": str(path), "chat_template": PLAIN, **dataset}, "sequence_len": 64})
+
+
+def test_a_second_run_reads_the_examples_back_without_tokenizing(tmp_path, cache, tok, monkeypatch):
+    lines: list[str] = []
+    first, _ = load_splits(_cfg(_rows(tmp_path)), tok, lines.append)
+    assert len(list(cache.glob("examples-*.npz"))) == 1
+    assert lines[0].startswith("warning: the chat template leaves out the reasoning of 6 of 6")  # PLAIN drops it
+    assert lines[1].startswith("data: tokenized 6 examples of ") and "kept for the next run in" in lines[1]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "tokenize_examples", no_tokenizing)
+    again: list[str] = []
+    second, _ = load_splits(_cfg(_rows(tmp_path)), tok, again.append)
+    assert (second.input_ids, second.labels, second.positions) == (first.input_ids, first.labels, first.positions)
+    assert again[0] == lines[0]  # the warning tokenizing gave, given again
+    assert again[1].startswith("data: 6 tokenized examples of ") and "read from the cache" in again[1]
+
+
+@pytest.mark.parametrize("change", ["row", "template", "train_on_inputs", "tokenizer"])
+def test_what_changes_the_examples_misses_the_cache(tmp_path, cache, tok, change):
+    load_splits(_cfg(_rows(tmp_path)), tok)
+    path, dataset = _rows(tmp_path), {}
+    if change == "row":
+        path.write_text(path.read_text().replace('"0 + 0?"', '"0 + 0 ?"'))
+    elif change == "template":
+        dataset["chat_template"] = CHATML
+    elif change == "train_on_inputs":
+        dataset["train_on_inputs"] = True
+    else:
+        tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    lines: list[str] = []
+    load_splits(_cfg(path, **dataset), tok, lines.append)
+    assert any(line.startswith("data: tokenized 6 examples") for line in lines)
+    assert len(list(cache.glob("examples-*.npz"))) == 2
+
+
+def test_small_splits_and_cache_false_keep_nothing(tmp_path, cache, tok):
+    load_splits(_cfg(_rows(tmp_path, n=3)), tok)  # under MIN_ROWS
+    load_splits(_cfg(_rows(tmp_path, name="other.jsonl"), cache=False), tok)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_a_broken_or_unwritable_cache_only_costs_the_tokenizing(tmp_path, cache, tok, monkeypatch):
+    first, _ = load_splits(_cfg(_rows(tmp_path)), tok)
+    (kept,) = cache.glob("examples-*.npz")
+    kept.write_bytes(b"not a zip file")
+    lines: list[str] = []
+    again, _ = load_splits(_cfg(_rows(tmp_path)), tok, lines.append)
+    assert again.input_ids == first.input_ids and any("data: tokenized 6 examples" in line for line in lines)
+    assert data_cache.load(kept) is not None  # written whole again
+    monkeypatch.setenv("SUROGATE_CACHE_DIR", str(kept))  # a file where the folder should be: cannot write
+    lines.clear()
+    assert load_splits(_cfg(_rows(tmp_path)), tok, lines.append)[0].input_ids == first.input_ids
+    assert not any("kept for the next run" in line for line in lines)
