@@ -96,3 +96,40 @@ def test_a_broken_or_unwritable_cache_only_costs_the_tokenizing(tmp_path, cache,
     lines.clear()
     assert load_splits(_cfg(_rows(tmp_path)), tok, lines.append)[0].input_ids == first.input_ids
     assert not any("kept for the next run" in line for line in lines)
+
+
+# --- tokenizing in several processes -------------------------------------------------------------------------
+
+def test_several_processes_give_the_examples_of_one_in_order(tmp_path, tok, monkeypatch):
+    """Many rows are tokenized in forked processes (chunks in row order): the same examples as one process, one
+    warning with the counts of all chunks, and a bad row's error is the first one in row order."""
+    from surogate.training import data_formats
+    from surogate.training.data_files import read_rows
+    from surogate.training.data_formats import DataError, tokenize_examples
+
+    rows = read_rows(_rows(tmp_path, n=40))
+    lines: list[str] = []
+    one = tokenize_examples(rows, "messages", tok, chat_template=PLAIN, log=lines.append)
+    monkeypatch.setattr(data_formats, "tokenizing_workers", lambda n: 3)
+    forked: list[str] = []
+    assert tokenize_examples(rows, "messages", tok, chat_template=PLAIN, log=forked.append) == one
+    assert forked == lines and "reasoning of 40 of 40 assistant turns" in lines[0]
+    bad = tmp_path / "bad.jsonl"
+    text = _rows(tmp_path, n=40).read_text().splitlines()
+    text[25] = text[33] = json.dumps({"messages": [{"role": "narrator", "content": "x"}]})
+    bad.write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:26: messages\[0\] must be an object with a role"):
+        tokenize_examples(read_rows(bad), "messages", tok, chat_template=PLAIN)
+    assert data_formats._JOB is None  # nothing left behind for the next call
+
+
+def test_workers_share_the_cpus_with_the_other_ranks(monkeypatch):
+    from surogate.training import data_formats
+
+    monkeypatch.setattr(data_formats.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data_formats.tokenizing_workers(3999) == 1  # below PARALLEL_MIN_ROWS
+    assert data_formats.tokenizing_workers(6000) == 3  # one per 2,000 rows
+    assert data_formats.tokenizing_workers(10**6) == data_formats.MAX_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data_formats.tokenizing_workers(10**6) == 4  # 32 CPUs among 8 ranks

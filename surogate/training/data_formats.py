@@ -469,37 +469,69 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
     its answer (a trained piece of the format: not a user turn, even with `train_on_inputs`), unless
     the example already ends with it, or, for messages, the last assistant turn already holds it (a template
     whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>). `log` gets a warning
-    when the chat template leaves out the reasoning of assistant turns that have one."""
+    when the chat template leaves out the reasoning of assistant turns that have one. Many rows are
+    tokenized in several processes (`tokenizing_workers`), in order."""
     rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
     if not rows.rows:
         return []
     form = resolve_format(rows, fmt)
-    chat = form.pieces is None
-    template = chat_template_for(tokenizer, chat_template) if chat else None
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    template = chat_template_for(tokenizer, chat_template) if form.pieces is None else None
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
+    job = _Job(rows, form, tokenizer, template, train_on_inputs)
+    workers = tokenizing_workers(len(rows))
+    parts = _in_processes(job, workers) if workers > 1 else [_tokenize_rows(job, 0, len(rows))]
+    left_out = [where for part in parts for where in part.reasoning_left_out]
+    if left_out and log is not None:
+        log(f"warning: the chat template leaves out the reasoning of {len(left_out)} of "
+            f"{sum(part.reasoning_turns for part in parts)} assistant turns that have one (first: {left_out[0]}); "
+            "they train without it (Qwen3's template keeps it only after the last user turn); to train it, set "
+            "dataset.chat_template to one that writes it (chatml does)")
+    return [example for part in parts for example in part.examples]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What tokenizing rows needs: the worker processes inherit it (fork), so that only row bounds travel."""
+
+    rows: Rows
+    form: RowFormat
+    tokenizer: object
+    template: str | None
+    train_on_inputs: bool
+
+
+@dataclass
+class _Tokenized:
+    examples: list[Example]
+    reasoning_left_out: list[str]  # where an assistant turn's reasoning is not in its trained text
+    reasoning_turns: int
+
+
+def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
+    """`tokenize_examples` of rows lo..hi of the job."""
+    rows, form, tokenizer = job.rows, job.form, job.tokenizer
+    chat = form.pieces is None
+    eos = tokenizer.eos_token_id
     per_row: list[Pieces] = []
     ends_answered: list[bool] = []  # the example ends on its answer (trained by the format, not by train_on_inputs)
-    reasoning_left_out: list[str] = []  # where an assistant turn's reasoning is not in its trained text
-    reasoning_turns = 0
-    for i, raw in enumerate(rows.rows):
-        row = check_row(raw, form, rows.where(i))
-        pieces = (chat_pieces(row["messages"], tokenizer, template, rows.where(i), row["tools"], row["first_trained"])
-                  if chat else form.pieces(row))
+    done = _Tokenized([], [], 0)
+    for i in range(lo, hi):
+        row = check_row(rows.rows[i], form, rows.where(i))
+        pieces = (chat_pieces(row["messages"], tokenizer, job.template, rows.where(i), row["tools"],
+                              row["first_trained"]) if chat else form.pieces(row))
         if chat:  # one trained piece per trained assistant turn, in order
             turns = zip([m for m in row["messages"][row["first_trained"]:] if m["role"] == "assistant"
                          and m.get("train", True)], [t for t, trained in pieces if trained])
             reasonings = [(r, text) for m, text in turns if (r := reasoning_of(m))]
-            reasoning_turns += len(reasonings)
-            reasoning_left_out += [rows.where(i) for r, text in reasonings if r not in text]
+            done.reasoning_turns += len(reasonings)
+            done.reasoning_left_out += [rows.where(i) for r, text in reasonings if r not in text]
         pieces = [(t, trained) for t, trained in pieces if t]
         ends_answered.append(bool(pieces) and pieces[-1][1])
-        per_row.append([(t, trained or train_on_inputs) for t, trained in pieces])
+        per_row.append([(t, trained or job.train_on_inputs) for t, trained in pieces])
     flat = [t for pieces in per_row for t, _ in pieces]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     start = start_tokens(tokenizer)
-    out = []
     for pieces, answered in zip(per_row, ends_answered):
         ids: list[int] = []
         labels: list[int] = []
@@ -516,10 +548,56 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
         has_eos = (eos in last) if chat else (ids[-1:] == [eos])
         if answered and not has_eos:
             ids, labels = ids + [eos], labels + [eos]
-        out.append(Example(ids, labels))
-    if reasoning_left_out and log is not None:
-        log(f"warning: the chat template leaves out the reasoning of {len(reasoning_left_out)} of {reasoning_turns} "
-            f"assistant turns that have one (first: {reasoning_left_out[0]}); they train without it (Qwen3's "
-            "template keeps it only after the last user turn); to train it, set dataset.chat_template to one that "
-            "writes it (chatml does)")
-    return out
+        done.examples.append(Example(ids, labels))
+    return done
+
+
+# --- several processes ---------------------------------------------------------------------------------
+
+PARALLEL_MIN_ROWS = 4000  # fewer rows tokenize in a few seconds: not worth starting processes
+MAX_WORKERS = 8
+_JOB: _Job | None = None  # the job the forked workers read
+
+
+def tokenizing_workers(rows: int) -> int:
+    """How many processes tokenize `rows` rows: one below PARALLEL_MIN_ROWS or without fork (not Linux), else
+    this process's CPUs shared among the GPUs' processes on this machine (LOCAL_WORLD_SIZE, which torchrun
+    sets), at most MAX_WORKERS and one per 2,000 rows."""
+    import multiprocessing
+
+    if rows < PARALLEL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_WORKERS, cpus // local, rows // 2000))
+
+
+def _run_chunk(bounds: tuple[int, int]) -> _Tokenized:
+    assert _JOB is not None
+    return _tokenize_rows(_JOB, *bounds)
+
+
+def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
+    """The job's rows in chunks over `workers` forked processes, the results in row order; a row's error is the
+    first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
+    they use neither torch nor CUDA."""
+    global _JOB
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = len(job.rows)
+    size = -(-n // (workers * 4))  # four chunks a worker: a slow chunk does not hold the others up
+    bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set before the fork: the tokenizers library's warning stays quiet
+    _JOB = job
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        return list(pool.map(_run_chunk, bounds))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _JOB = None
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
