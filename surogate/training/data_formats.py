@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -593,7 +594,9 @@ def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
     _JOB = job
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
-        return list(pool.map(_run_chunk, bounds))
+        with warnings.catch_warnings():  # Python >= 3.12 warns on any fork of a process with threads (torch's)
+            warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks", DeprecationWarning)
+            return list(pool.map(_run_chunk, bounds))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         _JOB = None
