@@ -16,8 +16,8 @@ import yaml
 from surogate.training.config import ConfigError, from_dict
 from surogate.training.data import load_splits
 from surogate.training.data_files import DataError, Rows, hold_out, read_rows
-from surogate.training.data_formats import (CHATML, FORMATS, IGNORE_INDEX, chat_pieces, check_row, detect,
-                                            tokenize_examples)
+from surogate.training.chat_template import CHATML, chat_pieces
+from surogate.training.data_formats import FORMATS, IGNORE_INDEX, check_row, detect, tokenize_examples
 from surogate.training.tokenizer import load_tokenizer
 
 X = IGNORE_INDEX

@@ -384,7 +384,8 @@ def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
     if d.path in ("default", "gsm8k-sample"):
         d.path = None
     from surogate.training import data_files
-    from surogate.training.data_formats import FORMAT_NAMES, resolve_chat_template
+    from surogate.training.chat_template import resolve_chat_template
+    from surogate.training.data_formats import FORMAT_NAMES
 
     d.format = _str(f"{key}.format", d.format, choices=FORMAT_NAMES)
     d.train_split = _str(f"{key}.train_split", d.train_split)

@@ -32,10 +32,10 @@ import torch
 from surogate.training import buckets
 from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, hold_out,  # noqa: F401
                                           package_data_dir, read_jsonl_rows, read_split)
-from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
-                                            chatml_marker_note, resolve_chat_template, resolve_format,
-                                            tokenize_examples)
+from surogate.training.chat_template import chatml_marker_note, resolve_chat_template
 from surogate.training.data_cache import cached_examples
+from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
+                                            resolve_format, tokenize_examples)
 from surogate.training.outputs import counted
 
 

@@ -1,7 +1,7 @@
 """Tokenized examples kept on disk between runs.
 
 Tokenizing a chat dataset renders each conversation through its template a few times per assistant turn
-(`data_formats.chat_pieces`): minutes for a few hundred thousand conversations, on every run and on every
+(`chat_template.chat_pieces`): minutes for a few hundred thousand conversations, on every run and on every
 rank. The examples of one split are kept under `cache_dir()/data`, keyed by all they depend on: the rows
 themselves (not the file's name or date), the format, the chat template, `train_on_inputs`, the tokenizer
 and surogate's own sources (`cache.source_tag`). A split of fewer than `MIN_ROWS` rows is not kept: it

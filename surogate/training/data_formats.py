@@ -21,16 +21,8 @@ tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first
 do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
 writes its BOS); EOS comes last (see `tokenize_examples`).
 
-Messages go through the tokenizer's chat template (or `dataset.chat_template`). The span of assistant turn
-i is found by rendering the whole conversation again with that turn's content replaced by a marker: the
-text before the marker and after it must equal the real rendering's start and end, so whatever lies
-between is the rendered content, whatever the template does around it (a system prompt, a think block,
-a BOS). What else the turn holds (its tool calls, its reasoning: `GENERATED_KEYS`) is left out of the marked
-copy, so the span covers it too, and where the template writes some of it before the content (Qwen3's think
-block), the span starts where the generation prompt ends: the model writes all of it at inference. A
-template that refuses the marked copy (it checks that a tool result follows a call) gets `_prefix_span`. The
-turn's end-of-turn text (ChatML's "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template writes after
-the content of a conversation's last turn; it is trained with the turn, so the model learns to stop.
+Messages go through the tokenizer's chat template (or `dataset.chat_template`), cut into read text and
+trained assistant turns by `chat_template.chat_pieces`.
 """
 
 from __future__ import annotations
@@ -40,42 +32,18 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from surogate.training.chat_template import Pieces, chat_pieces, chat_template_for, reasoning_of
 from surogate.training.data_files import DataError, Rows
 
 IGNORE_INDEX = -100  # label value Hugging Face losses skip
 ROLES = ("system", "user", "assistant", "tool")
-# What an assistant turn holds that the model writes besides its content: trained with the turn (see chat_pieces).
-GENERATED_KEYS = ("tool_calls", "reasoning_content", "reasoning", "thinking")
-# ChatML; a row's tools go in a system turn as JSON schemas, an assistant's tool calls after its content in
-# <tool_call> tags (Hermes's and Qwen's layout), its reasoning_content in a think block before it.
-CHATML = (
-    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
-    "{% endif %}# Tools\n\nTo call a function, write <tool_call>\n{\"name\": <name>, \"arguments\": <arguments>}\n"
-    "</tool_call>. The functions:\n<tools>{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
-    "{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
-    "{%- for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['reasoning_content'] %}{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
-    "{% endif %}{{ message['content'] }}"
-    "{%- for call in message['tool_calls'] or [] %}{% set f = call['function'] or call %}"
-    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
-    "{{ '<tool_call>\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}"
-    "{{ f['arguments'] if f['arguments'] is string else f['arguments'] | tojson }}{{ '}\n</tool_call>' }}"
-    "{%- endfor %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-BUILTIN_TEMPLATES = {"chatml": CHATML}
-_MARKER = "@@surogate-assistant-content@@"
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
                  "context. Write a response that appropriately completes the request.\n\n"
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-Pieces = list[tuple[str, bool]]  # (text, trained)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -306,152 +274,6 @@ def _text(content, where: str) -> str | None:
                         "text parts only")
     texts = [p.get("text") for p in content]
     return "".join(texts) if all(isinstance(t, str) for t in texts) else None
-
-
-# --- chat templates ------------------------------------------------------------------------------
-
-def resolve_chat_template(value: "str | os.PathLike | None") -> str | None:
-    """`dataset.chat_template`: None, a built-in name (chatml), a Jinja string, or a path to a Jinja file."""
-    if value is None:
-        return None
-    value = str(value)
-    if value in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[value]
-    if "{{" in value or "{%" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise DataError(f"dataset.chat_template: {value!r} is not a built-in template ({', '.join(BUILTIN_TEMPLATES)}),"
-                        " a Jinja string, or an existing .jinja file")
-    return path.read_text(encoding="utf-8")
-
-
-def chatml_marker_note(template_name: "str | os.PathLike | None", tokenizer) -> str | None:
-    """A log line when `dataset.chat_template: chatml` meets a tokenizer without <|im_start|> / <|im_end|> as
-    special tokens: they are then split into ordinary pieces, so the model learns its end of turn as several
-    plain tokens and a chat frontend's stop token never comes. None when they are single tokens (or no chatml)."""
-    if template_name != "chatml":
-        return None
-    counts = {m: len(tokenizer(m, add_special_tokens=False)["input_ids"]) for m in ("<|im_start|>", "<|im_end|>")}
-    split = {m: n for m, n in counts.items() if n != 1}
-    if not split:
-        return None
-    pieces = ", ".join(f"{m} is {n} pieces" for m, n in split.items())
-    return (f"warning: dataset.chat_template chatml: {' and '.join(split)} "
-            f"{'is not a single token' if len(split) == 1 else 'are not single tokens'} in this tokenizer ({pieces}), "
-            "so the model learns to end a turn with several plain tokens, not one stop token; use the model's own chat template (drop "
-            "dataset.chat_template) or a tokenizer that has these special tokens")
-
-
-def chat_template_for(tokenizer, configured: str | None) -> str | None:
-    """The template messages are rendered with: `dataset.chat_template` when set, else None for the
-    tokenizer's own (which `apply_chat_template` picks); an error when there is neither."""
-    if configured is None and not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or "the embedded default"
-        raise DataError(f"dataset.format messages: tokenizer {name!r} has no chat template; set "
-                        "dataset.chat_template to chatml (built in), a Jinja string, or a path to a .jinja file")
-    return configured
-
-
-def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str,
-                tools: list[dict] | None = None, first_trained: int = 0) -> Pieces:
-    """The rendered conversation cut into read text and trained assistant turns, those from message
-    `first_trained` on (see the module docstring)."""
-    import jinja2
-
-    def render(msgs: list[dict], generation_prompt: bool = False) -> str:
-        try:
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tools=tools, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        except (jinja2.TemplateError, TypeError) as e:  # TypeError: the template's own code on this data
-            tooled = any(m["role"] == "tool" or "tool_calls" in m for m in msgs)
-            hint = "; it has tool turns: set dataset.chat_template to one that writes them (chatml does)" \
-                if tooled else ""
-            raise DataError(f"{where}: the chat template failed on this conversation: {' '.join(str(e).split())}"
-                            f"{hint}") from None
-
-    full = render(messages)
-    unwritten = [name for name in _function_names(tools or ()) if name not in full]
-    if unwritten:
-        raise DataError(f"{where}: the chat template does not write the row's tools (no {unwritten[0]!r} in its "
-                        "output); set dataset.chat_template to one that takes tools (chatml does)")
-    pieces: Pieces = []
-    done = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < first_trained or not m.get("train", True):
-            continue
-        span = _marked_span(render, messages, i, full)
-        if span is None or span[0] < done:
-            raise DataError(f"{where}: cannot locate assistant message {i} in the chat template's output (the "
-                            "template rewrites it); set dataset.chat_template to one that writes content as given")
-        start, end = span
-        unwritten = [name for name in _function_names(m.get("tool_calls", ())) if name not in full[start:end]]
-        if unwritten:
-            raise DataError(f"{where}: the chat template does not write assistant message {i}'s tool call "
-                            f"{unwritten[0]!r}; set dataset.chat_template to one that writes tool_calls (chatml does)")
-        pieces += [(full[done:start], False), (full[start:end], True)]
-        done = end
-    if done < len(full):
-        pieces.append((full[done:], False))
-    return pieces
-
-
-def _marked_span(render: Callable[..., str], messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
-    """Where assistant message i lies in the rendered conversation `full`, end-of-turn text included, found by
-    rendering it again with the turn replaced by a marker (see the module docstring); None when not found."""
-    m = messages[i]
-    stand_in = {**{k: v for k, v in m.items() if k not in GENERATED_KEYS}, "content": _MARKER}
-    try:
-        marked = render([*messages[:i], stand_in, *messages[i + 1:]])
-    except DataError:  # the template checks the conversation's shape (a tool result must follow a call)
-        return _prefix_span(render, messages, i, full)
-    start = marked.find(_MARKER)
-    after = marked[start + len(_MARKER):]
-    end = len(full) - len(after)
-    if marked.count(_MARKER) != 1 or not full.endswith(after):
-        return None
-    if not full.startswith(marked[:start]):
-        # the template writes part of the turn before its content (a think block): the turn is what the model
-        # writes after the generation prompt
-        prompt = render(messages[:i], generation_prompt=True)
-        if not full.startswith(prompt):
-            return None
-        start = len(prompt)
-    if end < start:
-        return None
-    last = render([*messages[:i], stand_in])
-    end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
-    return start, end + len(os.path.commonprefix([full[end:], end_of_turn]))
-
-
-def _prefix_span(render: Callable[..., str], messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
-    """Assistant message i's span for a template that refuses the marked copy: from the end of the generation
-    prompt to where the conversation cut after the turn stops matching `full`; None unless the turn's text (its
-    answer after any think block) lies within."""
-    try:
-        prompt = render(messages[:i], generation_prompt=True)
-        cut = render(messages[:i + 1])
-    except DataError:
-        return None
-    end = len(os.path.commonprefix([full, cut]))
-    answer = messages[i]["content"].split("</think>")[-1].strip()
-    if not full.startswith(prompt) or end <= len(prompt) or answer not in full[len(prompt):end]:
-        return None
-    return len(prompt), end
-
-
-def _function_names(calls_or_tools) -> list[str]:
-    """The function names of tool calls or tool schemas (`{"function": {"name"}}` or `{"name"}`)."""
-    return [n for c in calls_or_tools if isinstance(n := (c.get("function") or c).get("name"), str)]
-
-
-def reasoning_of(message: dict) -> str | None:
-    """An assistant turn's reasoning: its reasoning_content (or reasoning, thinking), or the think block its
-    content opens with; None without."""
-    text = next((message[k] for k in GENERATED_KEYS[1:] if isinstance(message.get(k), str)), None)
-    if text is None and "</think>" in message["content"]:
-        text = message["content"].split("</think>")[0].split("<think>")[-1]
-    return text.strip() or None if text is not None else None
 
 
 # --- tokenization ----------------------------------------------------------------------------------
