@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,19 @@ def test_pack_examples_keeps_boundaries_first_fit():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5] + [IGNORE_INDEX] * 3]
     with pytest.raises(ValueError, match="^the examples: no examples$"):
         pack_examples([], 8)
+
+
+def test_rows_are_stored_flat_at_12_bytes_a_token():
+    """Packed rows keep ids, labels and positions as int32 arrays (12 bytes a token), not lists of Python ints
+    (~86 bytes a token); the lists come back unchanged, and so do the batches."""
+    ex = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [4, 5]),
+          Example(list(range(10, 17)), list(range(10, 17)))]
+    rows = pack_examples(ex, 8)
+    assert rows.ids.dtype == rows.targets.dtype == rows.pos.dtype == np.int32
+    assert rows.ids.nbytes + rows.targets.nbytes + rows.pos.nbytes == 12 * rows.num_tokens == 12 * 12
+    again = data.ExampleRows(rows.input_ids, rows.labels, rows.positions, 8)  # from the lists: the same rows
+    assert all(torch.equal(again.batch([0, 1])[k], rows.batch([0, 1])[k]) for k in ("input_ids", "labels",
+                                                                                   "position_ids"))
 
 
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():

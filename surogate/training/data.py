@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from surogate.training import buckets
@@ -125,24 +126,50 @@ class Batch(dict):
     num_tokens: int = 0
 
 
-@dataclass
 class ExampleRows:
-    """Rows of whole examples: packed (several per row, `positions` restarting at each) or one per row."""
+    """Rows of whole examples: packed (several per row, `positions` restarting at each) or one per row.
 
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    positions: list[list[int]] | None  # None: one example per row (padded layout)
-    seq_len: int
-    pad_id: int = 0
-    examples: int = 0  # examples laid out, kept or not
-    cut: int = 0  # of them, longer than seq_len: truncated, or dropped where no target was left
-    dropped: int = 0  # of the cut ones, dropped
-    untrained: int = 0  # examples without any target token (an empty answer, no assistant turn): dropped
-    source: str = "the examples"  # where they came from (a file), for the log
-    parts: "list[ExampleRows]" = field(default_factory=list)  # a mix (`concat`): the sources, for the log
+    Stored flat: every row's tokens one after another in int32 arrays, with the rows' offsets: 12 bytes a token
+    with the positions, where lists of Python ints took ~86 (gigabytes on every rank for 10^8 tokens).
+    `input_ids`, `labels` and `positions` give the rows back as lists of ints."""
+
+    def __init__(self, input_ids, labels, positions, seq_len: int, pad_id: int = 0, examples: int = 0,
+                 cut: int = 0, dropped: int = 0, untrained: int = 0, source: str = "the examples",
+                 parts: "list[ExampleRows] | None" = None):
+        """From rows given as lists (or arrays) of ids, labels and positions (None: one example per row)."""
+        self.offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum([len(row) for row in input_ids], out=self.offsets[1:])
+        self.ids, self.targets = _flat(input_ids), _flat(labels)
+        self.pos = None if positions is None else _flat(positions)
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self.examples = examples  # examples laid out, kept or not
+        self.cut = cut  # of them, longer than seq_len: truncated, or dropped where no target was left
+        self.dropped = dropped  # of the cut ones, dropped
+        self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
+        self.source = source  # where they came from (a file), for the log
+        self.parts = list(parts or [])  # a mix (`concat`): the sources, for the log
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.offsets) - 1
+
+    def _rows(self, flat: np.ndarray) -> list[list[int]]:
+        bounds = self.offsets.tolist()
+        return [flat[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return self._rows(self.ids)
+
+    @property
+    def labels(self) -> list[list[int]]:
+        return self._rows(self.targets)
+
+    @property
+    def positions(self) -> list[list[int]] | None:
+        return None if self.pos is None else self._rows(self.pos)
+
+    def row_lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
 
     @classmethod
     def concat(cls, parts: "list[ExampleRows]") -> "ExampleRows":
@@ -151,11 +178,16 @@ class ExampleRows:
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        positions = None if first.positions is None else [r for p in parts for r in p.positions]
-        return cls([r for p in parts for r in p.input_ids], [r for p in parts for r in p.labels], positions,
-                   first.seq_len, first.pad_id, *(sum(getattr(p, k) for p in parts)
-                                                  for k in ("examples", "cut", "dropped", "untrained")),
-                   " + ".join(p.source for p in parts), list(parts))
+        out = cls([], [], None, first.seq_len, first.pad_id, *(sum(getattr(p, k) for p in parts)
+                                                              for k in ("examples", "cut", "dropped", "untrained")),
+                  " + ".join(p.source for p in parts), parts)
+        out.ids = np.concatenate([p.ids for p in parts])
+        out.targets = np.concatenate([p.targets for p in parts])
+        out.pos = None if first.pos is None else np.concatenate([p.pos for p in parts])
+        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        out.offsets = np.concatenate([np.zeros(1, np.int64)]
+                                     + [p.offsets[1:] + shift for p, shift in zip(parts, shifts)])
+        return out
 
     def log_lines(self) -> list[str]:
         """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
@@ -175,12 +207,12 @@ class ExampleRows:
 
     @property
     def packed(self) -> bool:
-        return self.positions is not None
+        return self.pos is not None
 
     @property
     def num_tokens(self) -> int:
         """Tokens of the examples (padding not counted)."""
-        return sum(map(len, self.input_ids))
+        return int(self.offsets[-1])
 
     def batch_rows(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                    group_by_length: bool = False) -> list[torch.Tensor]:
@@ -188,7 +220,7 @@ class ExampleRows:
         when shuffled (training), the rows longest first when not (evaluation, whose token-weighted mean does
         not depend on the order). Packed rows all have `seq_len` tokens: nothing to group."""
         if group_by_length and not self.packed:
-            lengths = list(map(len, self.input_ids))
+            lengths = self.row_lengths()
             if shuffle:
                 return grouped_batch_rows(lengths, batch_size, seed, drop_last)
             order = torch.tensor(sorted(range(len(lengths)), key=lambda i: -lengths[i]), dtype=torch.long)
@@ -208,7 +240,7 @@ class ExampleRows:
         if self.packed:
             return [self.seq_len] * max(1, len(self) // batch_size)
         rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, group_by_length)
-        return batch_widths(list(map(len, self.input_ids)), rows)
+        return batch_widths(self.row_lengths(), rows)
 
     def padding_note(self, batch_size: int, seed: int, graphs: bool, group_by_length: bool,
                      runs: float | None = None) -> str | None:
@@ -217,7 +249,7 @@ class ExampleRows:
         of `runs` epochs, as the trainer chooses them)."""
         if self.packed or not len(self):
             return None
-        lengths = list(map(len, self.input_ids))
+        lengths = self.row_lengths()
         share = {}
         for g in (False, True):
             rows = self.batch_rows(batch_size, True, seed, len(self) >= batch_size, g)
@@ -231,22 +263,28 @@ class ExampleRows:
         return line
 
     def batch(self, rows: list[int]) -> Batch:
-        width = self.seq_len if self.packed else max(len(self.input_ids[i]) for i in rows)
+        bounds = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in rows]
+        width = self.seq_len if self.packed else max(b - a for a, b in bounds)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         extra = torch.zeros((len(rows), width), dtype=torch.long)  # position_ids or attention_mask
-        for r, i in enumerate(rows):
-            k = len(self.input_ids[i])
-            ids[r, :k] = torch.tensor(self.input_ids[i])
-            labels[r, :k] = torch.tensor(self.labels[i])
+        for r, (a, b) in enumerate(bounds):
+            k = b - a
+            ids[r, :k] = torch.from_numpy(self.ids[a:b])
+            labels[r, :k] = torch.from_numpy(self.targets[a:b])
             if self.packed:  # the padding is a segment of its own: positions restart at 0
-                extra[r, :k] = torch.tensor(self.positions[i])
+                extra[r, :k] = torch.from_numpy(self.pos[a:b])
                 extra[r, k:] = torch.arange(width - k)
             else:
                 extra[r, :k] = 1
         out = Batch(input_ids=ids, labels=labels, **{"position_ids" if self.packed else "attention_mask": extra})
-        out.num_tokens = sum(len(self.input_ids[i]) for i in rows)
+        out.num_tokens = sum(b - a for a, b in bounds)
         return out
+
+
+def _flat(rows) -> np.ndarray:
+    """Rows (lists or arrays of ints) one after another, as int32."""
+    return np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if len(rows) else np.zeros(0, np.int32)
 
 
 def _has_target(labels: list[int]) -> bool:
@@ -313,19 +351,24 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0, where:
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     kept, cut, dropped, untrained = _sort(examples, seq_len, where)
-    rows: list[tuple[list[int], list[int], list[int]]] = []
+    rows: list[list[Example]] = []
     first_fit = _FirstFit(len(kept), seq_len)
     for ex in kept:
-        ids, labels = ex.input_ids[:seq_len], ex.labels[:seq_len]
-        target = first_fit.take(len(ids))
+        target = first_fit.take(min(len(ex.input_ids), seq_len))
         if target == len(rows):
-            rows.append(([], [], []))
-        row_ids, row_labels, row_pos = rows[target]
-        row_ids += ids
-        row_labels += [IGNORE_INDEX] + labels[1:]
-        row_pos += range(len(ids))
-    return ExampleRows([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seq_len, pad_id,
-                       len(examples), cut, dropped, untrained, where)
+            rows.append([])
+        rows[target].append(ex)
+    placed = [ex for row in rows for ex in row]
+    out = ExampleRows([], [], [], seq_len, pad_id, len(examples), cut, dropped, untrained, where)
+    lengths = np.array([min(len(ex.input_ids), seq_len) for ex in placed], dtype=np.int64)
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    out.ids = _flat([ex.input_ids[:seq_len] for ex in placed])
+    out.targets = _flat([ex.labels[:seq_len] for ex in placed])
+    out.targets[starts[:-1]] = IGNORE_INDEX  # an example's first token has no predecessor in its own example
+    out.pos = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
+    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum([sum(min(len(ex.input_ids), seq_len)
+                                                                         for ex in row) for row in rows])])
+    return out
 
 
 def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0, where: str = "the examples") -> ExampleRows:
