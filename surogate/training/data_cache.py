@@ -3,10 +3,10 @@
 Tokenizing a chat dataset renders each conversation through its template a few times per assistant turn
 (`chat_template.chat_pieces`): minutes for a few hundred thousand conversations, on every run and on every
 rank. The examples of one split are kept under `cache_dir()/data`, keyed by all they depend on: the rows
-themselves (not the file's name or date), the format, the chat template, `train_on_inputs`, the tokenizer
-and surogate's own sources (`cache.source_tag`). A split of fewer than `MIN_ROWS` rows is not kept: it
-tokenizes in about a second. A file that cannot be read or written is skipped: the examples are tokenized
-as if there were no cache.
+themselves (not the file's name or date), the format, the chat template, `train_on_inputs`, the tokenizer,
+the versions of the packages that render and tokenize, and surogate's own sources (`cache.source_tag`). A
+split of fewer than `MIN_ROWS` rows is not kept: it tokenizes in about a second. A file that cannot be read
+or written is skipped: the examples are tokenized as if there were no cache.
 """
 
 from __future__ import annotations
@@ -33,10 +33,20 @@ def examples_key(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_te
     digest = hashlib.sha256()
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    digest.update(json.dumps([source_tag(), fmt, train_on_inputs, template, specials]).encode())
+    versions = [_version(name) for name in ("transformers", "tokenizers", "jinja2")]  # they render and tokenize
+    digest.update(json.dumps([source_tag(), versions, fmt, train_on_inputs, template, specials]).encode())
     digest.update(_tokenizer_fingerprint(tokenizer))
     digest.update(pickle.dumps(rows.rows, protocol=5))
     return digest.hexdigest()[:32]
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _tokenizer_fingerprint(tokenizer) -> bytes:
