@@ -3,7 +3,8 @@
 `load_splits` is the one entry point of `surogate train`: rows come from `data_files` (a .jsonl/.json/
 .parquet file, a folder of `<split>.<ext>` files, a Hugging Face dataset; `val_set_size` held out of
 train), become examples through `data_formats` (gsm8k, alpaca, completion, text, messages, auto: the read
-part masked from the loss, the trained part not), and are laid out here. Two layouts:
+part masked from the loss, the trained part not; kept between runs by `data_cache`), and are laid out here
+(a mix of sources: each laid out on its own, then joined). Rows are stored flat (`ExampleRows`). Two layouts:
 - packed (`pack_examples`, the default of `surogate train`): whole examples placed into rows of
   `seq_len` tokens (first fit), in Hugging Face's padding-free convention (TRL's `padding_free`,
   `DataCollatorWithFlattening`): `position_ids` restart at 0 at each example, and the first token of
