@@ -408,14 +408,19 @@ def test_null_keys_as_parquet_gives_them_are_absent_keys(tmp_path, tok):
 
 def test_sharegpt_function_call_and_observation_turns(tok):
     """LLaMA-Factory's ShareGPT layout for tools: a `function_call` turn (the JSON text of {name, arguments})
-    is the assistant's tool call, an `observation` turn the tool's result, `tools` JSON text: the same
-    example as the messages it stands for."""
+    is the assistant's tool call, an `observation` turn the tool's result, `tools` JSON text, `system` a column:
+    the same example as the messages it stands for."""
     call = TOOL_CONVERSATION[1]["tool_calls"][0]["function"]
     sharegpt = {"tools": json.dumps([WEATHER]), "conversations": [
         {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": json.dumps(call)},
         {"from": "observation", "value": '{"temp": 21}'}, {"from": "gpt", "value": "21 degrees."}]}
     assert tokenize_examples([sharegpt], "sharegpt", tok, chat_template=CHATML) == \
         tokenize_examples([{"messages": TOOL_CONVERSATION, "tools": [WEATHER]}], "messages", tok,
+                          chat_template=CHATML)
+    # its `system` column is the system turn (unless the conversation opens with one)
+    system = {"role": "system", "content": "Use the tools."}
+    assert tokenize_examples([{**sharegpt, "system": system["content"]}], "sharegpt", tok, chat_template=CHATML) == \
+        tokenize_examples([{"messages": [system, *TOOL_CONVERSATION], "tools": [WEATHER]}], "messages", tok,
                           chat_template=CHATML)
 
 

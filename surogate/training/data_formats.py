@@ -13,9 +13,10 @@ A row becomes a list of text pieces, each read (masked from the loss, label IGNO
 
 `auto` takes the first format, in the order of the table (`FORMATS`), whose fields the first row has. A
 ShareGPT conversation becomes OpenAI-style messages (`SHAREGPT_ROLES`; a `function_call` turn becomes an
-assistant turn's tool call); a turn's content may also be a list of text parts (`[{"type": "text", "text": ...}]`,
-joined), as in newer chat datasets. An assistant turn may call tools (`tool_calls`, content null) and carry its
-reasoning (`reasoning_content`); a row's `tools` (a list, or its JSON text) go to the template.
+assistant turn's tool call, a row's `system` the system turn); a turn's content may also be a list of text
+parts (`[{"type": "text", "text": ...}]`, joined), as in newer chat datasets. An assistant turn may call tools
+(`tool_calls`, content null) and carry its reasoning (`reasoning_content`); a row's `tools` (a list, or its
+JSON text) go to the template.
 The pieces are tokenized apart, so a boundary between read and trained text is exact, then joined. The
 tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first, as Llama's and Mistral's
 do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
@@ -100,6 +101,9 @@ def _sharegpt(row: dict, where: str) -> list[dict]:
             messages.append({"role": role, "content": "", "tool_calls": calls})
         else:
             messages.append({"role": role, "content": text})
+    system = row.get("system")  # LLaMA-Factory's layout keeps the system prompt in a column of its own
+    if isinstance(system, str) and system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
     return _check_messages(messages, where, "conversations")
 
 
