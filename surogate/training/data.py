@@ -36,8 +36,8 @@ from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, 
                                           package_data_dir, read_jsonl_rows, read_split)
 from surogate.training.chat_template import chatml_marker_note, resolve_chat_template
 from surogate.training.data_cache import cached_examples
-from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example, check_row,  # noqa: F401
-                                            resolve_format, tokenize_examples)
+from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example,  # noqa: F401
+                                            FlatExamples, check_row, resolve_format, tokenize_examples, tokenize_flat)
 from surogate.training.outputs import counted
 
 
@@ -288,36 +288,41 @@ def _flat(rows) -> np.ndarray:
     return np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if len(rows) else np.zeros(0, np.int32)
 
 
-def _has_target(labels: list[int]) -> bool:
-    """Whether a (truncated) example still teaches something: a target after its first token."""
-    return any(t != IGNORE_INDEX for t in labels[1:])
-
-
-def _sort(examples: list[Example], seq_len: int, where: str) -> tuple[list[Example], int, int, int]:
-    """(the examples with a target within `seq_len`, how many are cut, how many of those lose every target,
-    how many have no target at all); a DataError naming `where` and the reason when none is left."""
-    kept, cut, dropped, untrained = [], 0, 0, 0
-    for ex in examples:
-        long = len(ex.input_ids) > seq_len
-        cut += long
-        if not _has_target(ex.labels):
-            untrained += 1
-        elif not _has_target(ex.labels[:seq_len]):
-            dropped += long
-        else:
-            kept.append(ex)
-    if not examples:
+def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
+          ) -> tuple[FlatExamples, np.ndarray, int, int, int]:
+    """(the examples stored flat, the indices of those with a target within `seq_len` (a target after an
+    example's first token), how many are cut, how many of those lose every target, how many have no target at
+    all); a DataError naming `where` and the reason when none is left."""
+    flat = examples if isinstance(examples, FlatExamples) else FlatExamples.of(examples)
+    starts, lengths = flat.offsets[:-1], flat.lengths()
+    target = flat.labels != IGNORE_INDEX
+    target[starts[lengths > 0]] = False  # an example's first token has no predecessor in its own example
+    before = np.concatenate([np.zeros(1, np.int64), np.cumsum(target, dtype=np.int64)])  # targets before token t
+    anywhere = before[flat.offsets[1:]] - before[starts] > 0
+    within = before[starts + np.minimum(lengths, seq_len)] - before[starts] > 0
+    long = lengths > seq_len
+    kept = np.flatnonzero(within)
+    cut, dropped, untrained = int(long.sum()), int((long & anywhere & ~within).sum()), int((~anywhere).sum())
+    if not len(flat):
         raise DataError(f"{where}: no examples")
-    if not kept:
-        if untrained == len(examples):
-            raise DataError(f"{where}: none of the {len(examples)} examples has a target token (an empty answer, or a "
+    if not len(kept):
+        if untrained == len(flat):
+            raise DataError(f"{where}: none of the {len(flat)} examples has a target token (an empty answer, or a "
                             "conversation without an assistant turn); give them one, or set dataset.train_on_inputs: "
                             "true to train on the prompts")
         none = f"; {untrained} have none at all (an empty answer, or no assistant turn)" if untrained else ""
         raise DataError(f"{where}: no example has a target token within sequence_len {seq_len}: {dropped} lose theirs "
                         f"to the cut (a prompt longer than it){none}; raise sequence_len, or set "
                         "dataset.train_on_inputs: true")
-    return kept, cut, dropped, untrained
+    return flat, kept, cut, dropped, untrained
+
+
+def _gather(flat: FlatExamples, order: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The examples `order` (indices), each cut to `seq_len`, one after another: (ids, labels, lengths)."""
+    lengths = np.minimum(flat.lengths()[order], seq_len)
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    index = np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1] - flat.offsets[order], lengths)
+    return flat.ids[index], flat.labels[index], lengths
 
 
 class _FirstFit:
@@ -344,40 +349,43 @@ class _FirstFit:
         return row
 
 
-def pack_examples(examples: list[Example], seq_len: int, pad_id: int = 0, where: str = "the examples") -> ExampleRows:
+def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
+                  where: str = "the examples") -> ExampleRows:
     """Whole examples placed first-fit into rows of at most `seq_len` tokens, in order; an example longer
     than `seq_len` is truncated to it, and dropped if no target is left (a prompt cut before its answer), as is
     one without any target. Each example's first label is IGNORE_INDEX (it has no predecessor in its own
     example). `where` names the examples (split and file) in the log and in errors."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    kept, cut, dropped, untrained = _sort(examples, seq_len, where)
-    rows: list[list[Example]] = []
+    flat, kept, cut, dropped, untrained = _sort(examples, seq_len, where)
+    sizes = np.minimum(flat.lengths()[kept], seq_len).tolist()
     first_fit = _FirstFit(len(kept), seq_len)
-    for ex in kept:
-        target = first_fit.take(min(len(ex.input_ids), seq_len))
+    rows: list[list[int]] = []  # the examples of each row
+    for j, size in zip(kept.tolist(), sizes):
+        target = first_fit.take(size)
         if target == len(rows):
             rows.append([])
-        rows[target].append(ex)
-    placed = [ex for row in rows for ex in row]
-    out = ExampleRows([], [], [], seq_len, pad_id, len(examples), cut, dropped, untrained, where)
-    lengths = np.array([min(len(ex.input_ids), seq_len) for ex in placed], dtype=np.int64)
+        rows[target].append(j)
+    ids, labels, lengths = _gather(flat, np.array([j for row in rows for j in row], dtype=np.int64), seq_len)
     starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-    out.ids = _flat([ex.input_ids[:seq_len] for ex in placed])
-    out.targets = _flat([ex.labels[:seq_len] for ex in placed])
-    out.targets[starts[:-1]] = IGNORE_INDEX  # an example's first token has no predecessor in its own example
+    labels[starts[:-1]] = IGNORE_INDEX  # an example's first token has no predecessor in its own example
+    out = ExampleRows([], [], [], seq_len, pad_id, len(flat), cut, dropped, untrained, where)
+    out.ids, out.targets = ids, labels
     out.pos = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
-    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum([sum(min(len(ex.input_ids), seq_len)
-                                                                         for ex in row) for row in rows])])
+    row_sizes = [sum(min(int(flat.offsets[j + 1] - flat.offsets[j]), seq_len) for j in row) for row in rows]
+    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(row_sizes, dtype=np.int64)])
     return out
 
 
-def one_per_row(examples: list[Example], seq_len: int, pad_id: int = 0, where: str = "the examples") -> ExampleRows:
+def one_per_row(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
+                where: str = "the examples") -> ExampleRows:
     """One example per row, truncated to `seq_len` (batches pad to their longest row); the same ones left out
     as by `pack_examples`."""
-    kept, cut, dropped, untrained = _sort(examples, seq_len, where)
-    return ExampleRows([ex.input_ids[:seq_len] for ex in kept], [ex.labels[:seq_len] for ex in kept], None,
-                       seq_len, pad_id, len(examples), cut, dropped, untrained, where)
+    flat, kept, cut, dropped, untrained = _sort(examples, seq_len, where)
+    out = ExampleRows([], [], None, seq_len, pad_id, len(flat), cut, dropped, untrained, where)
+    out.ids, out.targets, lengths = _gather(flat, kept, seq_len)
+    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    return out
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
@@ -467,8 +475,8 @@ def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, 
     the tokenized examples are kept on disk for the next run (`data_cache`)."""
     where = f"{rows.source} ({split})"
 
-    def tokenize(note: Callable[[str], None] | None) -> list[Example]:
-        return tokenize_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, note)
+    def tokenize(note: Callable[[str], None] | None) -> FlatExamples:
+        return tokenize_flat(rows, fmt, tokenizer, train_on_inputs, chat_template, note)
 
     tokenized = (cached_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, tokenize, where, log) if cache
                  else tokenize(log))

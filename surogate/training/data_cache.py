@@ -23,7 +23,7 @@ import numpy as np
 
 from surogate.cache import cache_dir, source_tag
 from surogate.training.data_files import Rows
-from surogate.training.data_formats import IGNORE_INDEX, Example
+from surogate.training.data_formats import IGNORE_INDEX, FlatExamples
 
 MIN_ROWS = 1000  # smaller splits tokenize in about a second: not worth a file
 
@@ -61,18 +61,14 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "data" / f"examples-{key}.npz"
 
 
-def save(path: Path, examples: list[Example], notes: list[str]) -> bool:
+def save(path: Path, examples: FlatExamples, notes: list[str]) -> bool:
     """Write `examples` (and the log lines tokenizing them gave) to `path` atomically; False when it cannot."""
-    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(offsets[-1]))
-    trained = np.fromiter((label != IGNORE_INDEX for e in examples for label in e.labels), dtype=bool,
-                          count=int(offsets[-1]))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, trained=trained, offsets=offsets, notes=np.array(json.dumps(notes)))
+            np.savez(f, ids=examples.ids, trained=examples.labels != IGNORE_INDEX, offsets=examples.offsets,
+                     notes=np.array(json.dumps(notes)))
         os.replace(tmp, path)  # another rank writing the same file at once leaves one whole copy
         return True
     except OSError:
@@ -83,7 +79,7 @@ def save(path: Path, examples: list[Example], notes: list[str]) -> bool:
         return False
 
 
-def load(path: Path) -> tuple[list[Example], list[str]] | None:
+def load(path: Path) -> tuple[FlatExamples, list[str]] | None:
     """The examples and log lines kept in `path`; None when it is missing or unreadable."""
     try:
         with np.load(path) as data:
@@ -91,15 +87,12 @@ def load(path: Path) -> tuple[list[Example], list[str]] | None:
             notes = json.loads(str(data["notes"]))
     except (OSError, ValueError, KeyError, EOFError):
         return None
-    labels = np.where(trained, ids, IGNORE_INDEX)
-    bounds = offsets.tolist()
-    ids_list, labels_list = ids.tolist(), labels.tolist()
-    return [Example(ids_list[a:b], labels_list[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], notes
+    return FlatExamples(ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32), offsets), notes
 
 
 def cached_examples(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_template: str | None,
-                    tokenize: Callable[[Callable[[str], None]], list[Example]], what: str,
-                    log: Callable[[str], None] | None = None) -> list[Example]:
+                    tokenize: Callable[[Callable[[str], None]], FlatExamples], what: str,
+                    log: Callable[[str], None] | None = None) -> FlatExamples:
     """`tokenize(note)` of `rows`, or the examples a run before kept for the same rows and settings. The log
     lines tokenizing gives (`note`) are kept with them and given to `log` again on a hit; `what` names the
     split and file in the line saying where the examples came from."""

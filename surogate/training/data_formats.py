@@ -34,6 +34,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from surogate.training.chat_template import Pieces, chat_pieces, chat_template_for, reasoning_of
 from surogate.training.data_files import DataError, Rows
 
@@ -52,6 +54,43 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+
+
+class FlatExamples:
+    """Examples stored flat: their ids and labels one after another (int32), with each example's offset: 8 bytes
+    a token, where `Example` lists of Python ints take ~50-100 (gigabytes per rank for 10^8 tokens). What
+    tokenizing gives in bulk (`tokenize_flat`), the cache keeps and the layouts read."""
+
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+        self.ids, self.labels, self.offsets = ids, labels, offsets
+
+    @classmethod
+    def of(cls, examples: "list[Example]") -> "FlatExamples":
+        lengths = [len(ex.input_ids) for ex in examples]
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+
+        def flat(rows) -> np.ndarray:
+            return np.fromiter((t for row in rows for t in row), dtype=np.int32, count=int(offsets[-1]))
+
+        return cls(flat(ex.input_ids for ex in examples), flat(ex.labels for ex in examples), offsets)
+
+    @classmethod
+    def concat(cls, parts: "list[FlatExamples]") -> "FlatExamples":
+        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        return cls(np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int32),
+                   np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int32),
+                   np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, shifts)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def to_list(self) -> "list[Example]":
+        bounds, ids, labels = self.offsets.tolist(), self.ids.tolist(), self.labels.tolist()
+        return [Example(ids[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -296,25 +335,32 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
     its answer (a trained piece of the format: not a user turn, even with `train_on_inputs`), unless
     the example already ends with it, or, for messages, the last assistant turn already holds it (a template
     whose end-of-turn token is the EOS, as Llama 3's <|eot_id|> or Qwen3's <|im_end|>). `log` gets a warning
-    when the chat template leaves out the reasoning of assistant turns that have one. Many rows are
-    tokenized in several processes (`tokenizing_workers`), in order."""
+    when the chat template leaves out the reasoning of assistant turns that have one."""
+    return tokenize_flat(examples, fmt, tokenizer, train_on_inputs, chat_template, log).to_list()
+
+
+def tokenize_flat(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_inputs: bool = False,
+                  chat_template: str | None = None, log: Callable[[str], None] | None = None) -> FlatExamples:
+    """`tokenize_examples` stored flat: chunk by chunk, so that the lists of one chunk at a time exist; many rows
+    are tokenized in several processes (`tokenizing_workers`), in order."""
     rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
     if not rows.rows:
-        return []
+        return FlatExamples.concat([])
     form = resolve_format(rows, fmt)
     template = chat_template_for(tokenizer, chat_template) if form.pieces is None else None
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
     job = _Job(rows, form, tokenizer, template, train_on_inputs)
     workers = tokenizing_workers(len(rows))
-    parts = _in_processes(job, workers) if workers > 1 else [_tokenize_rows(job, 0, len(rows))]
+    parts = (_in_processes(job, workers) if workers > 1 else
+             [_tokenize_rows(job, lo, min(lo + CHUNK_ROWS, len(rows))) for lo in range(0, len(rows), CHUNK_ROWS)])
     left_out = [where for part in parts for where in part.reasoning_left_out]
     if left_out and log is not None:
         log(f"warning: the chat template leaves out the reasoning of {len(left_out)} of "
             f"{sum(part.reasoning_turns for part in parts)} assistant turns that have one (first: {left_out[0]}); "
             "they train without it (Qwen3's template keeps it only after the last user turn); to train it, set "
             "dataset.chat_template to one that writes it (chatml does)")
-    return [example for part in parts for example in part.examples]
+    return FlatExamples.concat([part.examples for part in parts])
 
 
 @dataclass(frozen=True)
@@ -330,7 +376,7 @@ class _Job:
 
 @dataclass
 class _Tokenized:
-    examples: list[Example]
+    examples: FlatExamples
     reasoning_left_out: list[str]  # where an assistant turn's reasoning is not in its trained text
     reasoning_turns: int
 
@@ -342,7 +388,8 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
     eos = tokenizer.eos_token_id
     per_row: list[Pieces] = []
     ends_answered: list[bool] = []  # the example ends on its answer (trained by the format, not by train_on_inputs)
-    done = _Tokenized([], [], 0)
+    done = _Tokenized(FlatExamples.concat([]), [], 0)
+    examples: list[Example] = []
     for i in range(lo, hi):
         row = check_row(rows.rows[i], form, rows.where(i))
         pieces = (chat_pieces(row["messages"], tokenizer, job.template, rows.where(i), row["tools"],
@@ -375,13 +422,15 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         has_eos = (eos in last) if chat else (ids[-1:] == [eos])
         if answered and not has_eos:
             ids, labels = ids + [eos], labels + [eos]
-        done.examples.append(Example(ids, labels))
+        examples.append(Example(ids, labels))
+    done.examples = FlatExamples.of(examples)
     return done
 
 
 # --- several processes ---------------------------------------------------------------------------------
 
 PARALLEL_MIN_ROWS = 4000  # fewer rows tokenize in a few seconds: not worth starting processes
+CHUNK_ROWS = 2000  # rows tokenized at a time in one process: their lists, then stored flat
 MAX_WORKERS = 8
 _JOB: _Job | None = None  # the job the forked workers read
 
