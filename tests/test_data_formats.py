@@ -364,7 +364,9 @@ def test_reasoning_is_trained_with_its_turn(tok):
         assert chat_pieces(messages, tok, QWEN3_LIKE, "x") == [
             ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
             ("<think>\nadd\n</think>\n\n4<|im_end|>\n", True)]
-    assert _trained(chat_pieces(conv, tok, CHATML, "x")) == ["<think>\nadd\n</think>\n\n4<|im_end|>\n"]
+    for key in ("reasoning_content", "reasoning", "thinking"):  # the keys datasets use; chatml writes each
+        as_key = [conv[0], {"role": "assistant", "content": "4", key: "add"}]
+        assert _trained(chat_pieces(as_key, tok, CHATML, "x")) == ["<think>\nadd\n</think>\n\n4<|im_end|>\n"]
     plain = [conv[0], {"role": "assistant", "content": "4"}]
     assert _trained(chat_pieces(plain, tok, QWEN3_LIKE, "x")) == ["4<|im_end|>\n"]
 

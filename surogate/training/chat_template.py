@@ -25,7 +25,8 @@ Pieces = list[tuple[str, bool]]  # (text, trained)
 # What an assistant turn holds that the model writes besides its content: trained with the turn (see chat_pieces).
 GENERATED_KEYS = ("tool_calls", "reasoning_content", "reasoning", "thinking")
 # ChatML; a row's tools go in a system turn as JSON schemas, an assistant's tool calls after its content in
-# <tool_call> tags (Hermes's and Qwen's layout), its reasoning_content in a think block before it.
+# <tool_call> tags (Hermes's and Qwen's layout), its reasoning (reasoning_content, reasoning or thinking) in a
+# think block before it.
 CHATML = (
     "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
     "{% endif %}# Tools\n\nTo call a function, write <tool_call>\n{\"name\": <name>, \"arguments\": <arguments>}\n"
@@ -33,8 +34,8 @@ CHATML = (
     "{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
     "{%- for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['reasoning_content'] %}{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
-    "{% endif %}{{ message['content'] }}"
+    "{%- set reasoning = message['reasoning_content'] or message['reasoning'] or message['thinking'] %}"
+    "{%- if reasoning %}{{ '<think>\n' + reasoning + '\n</think>\n\n' }}{% endif %}{{ message['content'] }}"
     "{%- for call in message['tool_calls'] or [] %}{% set f = call['function'] or call %}"
     "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<tool_call>\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}"
