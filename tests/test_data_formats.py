@@ -545,6 +545,30 @@ def test_detect(row, name):
     assert detect(row).name == name
 
 
+@pytest.mark.parametrize("row, mapping", [
+    ({"instruction": "Add.", "context": "2 and 3", "response": "5", "category": "math"},  # Dolly
+     {"response": "output", "context": "input"}),
+    ({"system_prompt": "", "question": "Add 2 and 3.", "response": "5"},  # OpenOrca
+     {"question": "instruction", "response": "output"}),
+    ({"prompt": "2+3=", "response": " 5"}, {"response": "completion"}),
+])
+def test_columns_map_a_datasets_field_names_and_the_error_says_which(tmp_path, tok, row, mapping):
+    """Rows whose fields name the prompt and the answer otherwise (Dolly, OpenOrca, prompt / response) were
+    "cannot tell the format": the error now gives the `dataset.columns` that maps them, and with it they train
+    as the format's own rows."""
+    path = write_jsonl(tmp_path / "d.jsonl", [row, row])
+    with pytest.raises(DataError, match=r"cannot tell the format .*; or map its fields to \w+'s with "
+                                        r"dataset\.columns: \{" + re.escape(", ".join(f"{k}: {v}" for k, v in
+                                                                                      mapping.items())) + r"\}$"):
+        load_splits(cfg_for(path), tok)
+    train, _ = load_splits(cfg_for(path, columns=mapping), tok)
+    as_format = {mapping.get(k, k): v for k, v in row.items()}
+    fmt = "completion" if "completion" in as_format else "alpaca"
+    assert train.input_ids[0][:len(ex := tokenize_examples([as_format], fmt, tok)[0].input_ids)] == ex
+    with pytest.raises(ConfigError, match=r"^dataset\.columns: expected a mapping of your rows' field names"):
+        cfg_for(path, columns=["response"])
+
+
 def test_preference_pairs_are_named_as_such(tmp_path, tok):
     """DPO data (prompt / chosen / rejected, or chosen and rejected conversations) got "cannot tell the format";
     it is named for what it is, with what to write instead."""

@@ -44,6 +44,7 @@ class DatasetConfig:
     train_on_inputs: bool = False  # train on the read part too (prompts, user turns): Axolotl's train_on_inputs
     chat_template: str | None = None  # messages: chatml, a Jinja string or a .jinja file; None: the tokenizer's
     cache: bool = True  # keep the tokenized examples under the cache dir for the next run (training/data_cache.py)
+    columns: dict[str, str] | None = None  # rename the rows' fields to a format's: {response: output, context: input}
 
 
 @dataclass
@@ -395,6 +396,10 @@ def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
     d.train_on_inputs = _bool(f"{key}.train_on_inputs", d.train_on_inputs)
     d.chat_template = _str(f"{key}.chat_template", d.chat_template, optional=True)
     d.cache = _bool(f"{key}.cache", d.cache)
+    if d.columns is not None and (not isinstance(d.columns, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in d.columns.items())):
+        raise ConfigError(f"{key}.columns: expected a mapping of your rows' field names to a format's, such as "
+                          f"{{response: output, context: input}}; got {d.columns!r}")
     resolve_chat_template(d.chat_template)  # a missing .jinja file fails here, naming the key
     if not isinstance(d.val_set_size, bool) and d.val_set_size == 0:
         d.val_set_size = None  # Axolotl's "hold nothing out" (its default): no eval rows taken from train

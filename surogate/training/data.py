@@ -512,6 +512,13 @@ def load_rows(ds, seed: int) -> tuple[Rows, Rows | None]:
     return train.head(ds.max_train_samples), held.head(ds.max_eval_samples)
 
 
+def renamed(rows: Rows, columns: dict[str, str] | None) -> Rows:
+    """`rows` with their fields renamed as `dataset.columns` says (your name -> the format's); the rest kept."""
+    if not columns:
+        return rows
+    return Rows(rows.source, [{columns.get(k, k): v for k, v in row.items()} for row in rows.rows], rows.lines)
+
+
 def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[ExampleRows, ExampleRows | None]:
     """The train split and the eval split (None without one) of a `TrainConfig`'s dataset, laid out as
     `cfg.sample_packing` says: the one entry point `surogate train` reads its data through. `auto` is
@@ -524,6 +531,7 @@ def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tup
     train, evaluation, notes = [], [], []
     for ds in dataset_sources(cfg):
         train_rows, eval_rows = load_rows(ds, cfg.seed)
+        train_rows, eval_rows = renamed(train_rows, ds.columns), eval_rows and renamed(eval_rows, ds.columns)
         form = resolve_format(train_rows, ds.format)
         note = chatml_marker_note(ds.chat_template, tokenizer) if form.pieces is None else None
         if note and log is not None and note not in notes:

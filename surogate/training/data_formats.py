@@ -186,6 +186,23 @@ def _fields_help() -> str:
     return "; ".join(f"{f.name} ({', '.join(f.fields)})" for f in FORMATS.values())
 
 
+def _columns_hint(row: dict) -> str:
+    """How `dataset.columns` would map a row whose fields name a prompt and an answer otherwise than the formats do
+    (Dolly's instruction / context / response, OpenOrca's question / response, prompt / response); '' when its
+    fields name no answer."""
+    answer = next((k for k in ("response", "answer", "output", "chosen") if k in row), None)
+    if answer is None:
+        return ""
+    if "prompt" in row:
+        return f"; or map its fields to completion's with dataset.columns: {{{answer}: completion}}"
+    question = next((k for k in ("instruction", "question", "query") if k in row), None)
+    if question is None:
+        return ""
+    mapping = {question: "instruction", answer: "output", **({"context": "input"} if "context" in row else {})}
+    pairs = ", ".join(f"{k}: {v}" for k, v in mapping.items() if k != v)
+    return f"; or map its fields to alpaca's with dataset.columns: {{{pairs}}}"
+
+
 def detect(row: dict) -> RowFormat | None:
     """The first format (in table order) whose fields `row` has; None when none fits."""
     return next((f for f in FORMATS.values() if all(k in row for k in f.fields)), None)
@@ -206,7 +223,7 @@ def resolve_format(rows: Rows, name: str) -> RowFormat:
                         "prompt) or as the last assistant turn of messages")
     if found is None:
         raise DataError(f"{rows.where(0)}: cannot tell the format of a row with keys {sorted(rows.rows[0])}; "
-                        f"set dataset.format, one of {_fields_help()}")
+                        f"set dataset.format, one of {_fields_help()}{_columns_hint(rows.rows[0])}")
     if found.name == "completion" and all(isinstance(rows.rows[0].get(k), list) for k in found.fields):
         return CONVERSATIONAL_COMPLETION
     return found
