@@ -166,7 +166,7 @@ def test_rows_are_stored_flat_at_12_bytes_a_token():
     flat = data.FlatExamples.of(ex)  # what tokenizing gives in bulk: 8 bytes a token, and the same rows packed
     assert flat.ids.nbytes + flat.labels.nbytes == 8 * 12 and flat.to_list() == ex
     assert pack_examples(flat, 8).input_ids == rows.input_ids and pack_examples(flat, 8).labels == rows.labels
-    again = data.ExampleRows(rows.input_ids, rows.labels, rows.positions, 8)  # from the lists: the same rows
+    again = data.ExampleRows.from_lists(rows.input_ids, rows.labels, rows.positions, 8)  # from the lists: the same rows
     assert all(torch.equal(again.batch([0, 1])[k], rows.batch([0, 1])[k]) for k in ("input_ids", "labels",
                                                                                    "position_ids"))
 

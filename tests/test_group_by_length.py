@@ -46,7 +46,7 @@ def test_grouping_cuts_the_padding_computed():
 
 def _rows(lengths: list[int]) -> ExampleRows:
     ids = [[1] * n for n in lengths]
-    return ExampleRows(ids, ids, None, max(lengths))
+    return ExampleRows.from_lists(ids, ids, None, max(lengths))
 
 
 def test_padded_rows_group_packed_rows_do_not_and_the_log_line_says_so():
@@ -66,7 +66,7 @@ def test_padded_rows_group_packed_rows_do_not_and_the_log_line_says_so():
     assert float(short.split(": ")[2].split("%")[0]) > float(note.split(": ")[2].split("%")[0])
     assert "would cut" not in rows.padding_note(8, 0, True, group_by_length=True)
     assert "lengths chosen" not in rows.padding_note(8, 0, False, group_by_length=True)  # no CUDA graphs
-    packed = ExampleRows([[1] * 10], [[1] * 10], [list(range(10))], 16)
+    packed = ExampleRows.from_lists([[1] * 10], [[1] * 10], [list(range(10))], 16)
     assert packed.padding_note(8, 0, True, True) is None
     assert [b.tolist() for b in packed.batch_rows(1, True, 0, group_by_length=True)] == [[0]]
 
@@ -163,7 +163,7 @@ def test_evaluation_batches_padded_rows_longest_first_and_the_loss_is_the_same(m
     model = AutoModelForCausalLM.from_pretrained(model_dir).float()
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 100, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (9,), generator=g)]
-    rows = ExampleRows(ids, ids, None, 64)
+    rows = ExampleRows.from_lists(ids, ids, None, 64)
     got = steps.evaluate(model, rows, 4, torch.device("cpu"))
     single = [(steps.predicted_tokens(rows.batch([i])), model(**rows.batch([i])).loss) for i in range(len(rows))]
     want = sum(float(loss) * n for n, loss in single) / sum(n for n, _ in single)

@@ -37,7 +37,8 @@ from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, 
 from surogate.training.chat_template import chatml_marker_note, resolve_chat_template
 from surogate.training.data_cache import cached_examples
 from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example,  # noqa: F401
-                                            FlatExamples, check_row, resolve_format, tokenize_examples, tokenize_flat)
+                                            FlatExamples, check_row, offsets_of, resolve_format, tokenize_examples,
+                                            tokenize_flat)
 from surogate.training.outputs import counted
 
 
@@ -134,14 +135,12 @@ class ExampleRows:
     with the positions, where lists of Python ints took ~86 (gigabytes on every rank for 10^8 tokens).
     `input_ids`, `labels` and `positions` give the rows back as lists of ints."""
 
-    def __init__(self, input_ids, labels, positions, seq_len: int, pad_id: int = 0, examples: int = 0,
-                 cut: int = 0, dropped: int = 0, untrained: int = 0, source: str = "the examples",
-                 parts: "list[ExampleRows] | None" = None):
-        """From rows given as lists (or arrays) of ids, labels and positions (None: one example per row)."""
-        self.offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
-        np.cumsum([len(row) for row in input_ids], out=self.offsets[1:])
-        self.ids, self.targets = _flat(input_ids), _flat(labels)
-        self.pos = None if positions is None else _flat(positions)
+    def __init__(self, ids: np.ndarray, targets: np.ndarray, pos: np.ndarray | None, offsets: np.ndarray,
+                 seq_len: int, pad_id: int = 0, examples: int = 0, cut: int = 0, dropped: int = 0,
+                 untrained: int = 0, source: str = "the examples", parts: "list[ExampleRows] | None" = None):
+        self.ids, self.targets = ids, targets  # (tokens,) int32: the rows' ids and labels, one row after another
+        self.pos = pos  # (tokens,) int32 positions within each example; None: one example per row (padded layout)
+        self.offsets = offsets  # (rows + 1,) int64: where each row starts
         self.seq_len, self.pad_id = seq_len, pad_id
         self.examples = examples  # examples laid out, kept or not
         self.cut = cut  # of them, longer than seq_len: truncated, or dropped where no target was left
@@ -149,6 +148,12 @@ class ExampleRows:
         self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
         self.source = source  # where they came from (a file), for the log
         self.parts = list(parts or [])  # a mix (`concat`): the sources, for the log
+
+    @classmethod
+    def from_lists(cls, input_ids, labels, positions, seq_len: int, pad_id: int = 0) -> "ExampleRows":
+        """From rows given as lists (or arrays) of ids, labels and positions (None: one example per row)."""
+        return cls(_flat(input_ids), _flat(labels), None if positions is None else _flat(positions),
+                   offsets_of([len(row) for row in input_ids]), seq_len, pad_id)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -179,16 +184,11 @@ class ExampleRows:
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        out = cls([], [], None, first.seq_len, first.pad_id, *(sum(getattr(p, k) for p in parts)
-                                                              for k in ("examples", "cut", "dropped", "untrained")),
-                  " + ".join(p.source for p in parts), parts)
-        out.ids = np.concatenate([p.ids for p in parts])
-        out.targets = np.concatenate([p.targets for p in parts])
-        out.pos = None if first.pos is None else np.concatenate([p.pos for p in parts])
-        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
-        out.offsets = np.concatenate([np.zeros(1, np.int64)]
-                                     + [p.offsets[1:] + shift for p, shift in zip(parts, shifts)])
-        return out
+        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.targets for p in parts]),
+                   None if first.pos is None else np.concatenate([p.pos for p in parts]),
+                   offsets_of([int(n) for p in parts for n in np.diff(p.offsets)]), first.seq_len, first.pad_id,
+                   *(sum(getattr(p, k) for p in parts) for k in ("examples", "cut", "dropped", "untrained")),
+                   " + ".join(p.source for p in parts), parts)
 
     def log_lines(self) -> list[str]:
         """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
@@ -320,7 +320,7 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
 def _gather(flat: FlatExamples, order: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The examples `order` (indices), each cut to `seq_len`, one after another: (ids, labels, lengths)."""
     lengths = np.minimum(flat.lengths()[order], seq_len)
-    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    starts = offsets_of(lengths)
     index = np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1] - flat.offsets[order], lengths)
     return flat.ids[index], flat.labels[index], lengths
 
@@ -367,14 +367,12 @@ def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id
             rows.append([])
         rows[target].append(j)
     ids, labels, lengths = _gather(flat, np.array([j for row in rows for j in row], dtype=np.int64), seq_len)
-    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    starts = offsets_of(lengths)
     labels[starts[:-1]] = IGNORE_INDEX  # an example's first token has no predecessor in its own example
-    out = ExampleRows([], [], [], seq_len, pad_id, len(flat), cut, dropped, untrained, where)
-    out.ids, out.targets = ids, labels
-    out.pos = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
+    positions = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
     row_sizes = [sum(min(int(flat.offsets[j + 1] - flat.offsets[j]), seq_len) for j in row) for row in rows]
-    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(row_sizes, dtype=np.int64)])
-    return out
+    return ExampleRows(ids, labels, positions, offsets_of(row_sizes), seq_len, pad_id, len(flat), cut, dropped,
+                       untrained, where)
 
 
 def one_per_row(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
@@ -382,10 +380,9 @@ def one_per_row(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: 
     """One example per row, truncated to `seq_len` (batches pad to their longest row); the same ones left out
     as by `pack_examples`."""
     flat, kept, cut, dropped, untrained = _sort(examples, seq_len, where)
-    out = ExampleRows([], [], None, seq_len, pad_id, len(flat), cut, dropped, untrained, where)
-    out.ids, out.targets, lengths = _gather(flat, kept, seq_len)
-    out.offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-    return out
+    ids, labels, lengths = _gather(flat, kept, seq_len)
+    return ExampleRows(ids, labels, None, offsets_of(lengths), seq_len, pad_id, len(flat), cut, dropped, untrained,
+                       where)
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:

@@ -56,6 +56,11 @@ class Example:
     labels: list[int]
 
 
+def offsets_of(lengths) -> np.ndarray:
+    """Where each of the sequences of `lengths` starts when they are stored one after another, and the end."""
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
+
+
 class FlatExamples:
     """Examples stored flat: their ids and labels one after another (int32), with each example's offset: 8 bytes
     a token, where `Example` lists of Python ints take ~50-100 (gigabytes per rank for 10^8 tokens). What
@@ -66,9 +71,7 @@ class FlatExamples:
 
     @classmethod
     def of(cls, examples: "list[Example]") -> "FlatExamples":
-        lengths = [len(ex.input_ids) for ex in examples]
-        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        offsets = offsets_of([len(ex.input_ids) for ex in examples])
 
         def flat(rows) -> np.ndarray:
             return np.fromiter((t for row in rows for t in row), dtype=np.int32, count=int(offsets[-1]))
@@ -77,10 +80,9 @@ class FlatExamples:
 
     @classmethod
     def concat(cls, parts: "list[FlatExamples]") -> "FlatExamples":
-        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
         return cls(np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int32),
                    np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int32),
-                   np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, shifts)]))
+                   offsets_of(np.concatenate([p.lengths() for p in parts]) if parts else []))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
