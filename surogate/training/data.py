@@ -37,8 +37,8 @@ from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, 
 from surogate.training.chat_template import chatml_marker_note, resolve_chat_template
 from surogate.training.data_cache import cached_examples
 from surogate.training.data_formats import (FORMAT_NAMES, FORMATS, IGNORE_INDEX, Example,  # noqa: F401
-                                            FlatExamples, check_row, offsets_of, resolve_format, tokenize_examples,
-                                            tokenize_flat)
+                                            FlatExamples, check_row, flat_int32, offsets_of, resolve_format,
+                                            tokenize_examples, tokenize_flat)
 from surogate.training.outputs import counted
 
 
@@ -152,7 +152,8 @@ class ExampleRows:
     @classmethod
     def from_lists(cls, input_ids, labels, positions, seq_len: int, pad_id: int = 0) -> "ExampleRows":
         """From rows given as lists (or arrays) of ids, labels and positions (None: one example per row)."""
-        return cls(_flat(input_ids), _flat(labels), None if positions is None else _flat(positions),
+        return cls(flat_int32(input_ids), flat_int32(labels),
+                   None if positions is None else flat_int32(positions),
                    offsets_of([len(row) for row in input_ids]), seq_len, pad_id)
 
     def __len__(self) -> int:
@@ -281,11 +282,6 @@ class ExampleRows:
         out = Batch(input_ids=ids, labels=labels, **{"position_ids" if self.packed else "attention_mask": extra})
         out.num_tokens = sum(b - a for a, b in bounds)
         return out
-
-
-def _flat(rows) -> np.ndarray:
-    """Rows (lists or arrays of ints) one after another, as int32."""
-    return np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if len(rows) else np.zeros(0, np.int32)
 
 
 def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str

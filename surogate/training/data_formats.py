@@ -56,6 +56,11 @@ class Example:
     labels: list[int]
 
 
+def flat_int32(rows) -> np.ndarray:
+    """Rows (lists or arrays of ints) one after another, as int32."""
+    return np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if len(rows) else np.zeros(0, np.int32)
+
+
 def offsets_of(lengths) -> np.ndarray:
     """Where each of the sequences of `lengths` starts when they are stored one after another, and the end."""
     return np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
@@ -71,12 +76,8 @@ class FlatExamples:
 
     @classmethod
     def of(cls, examples: "list[Example]") -> "FlatExamples":
-        offsets = offsets_of([len(ex.input_ids) for ex in examples])
-
-        def flat(rows) -> np.ndarray:
-            return np.fromiter((t for row in rows for t in row), dtype=np.int32, count=int(offsets[-1]))
-
-        return cls(flat(ex.input_ids for ex in examples), flat(ex.labels for ex in examples), offsets)
+        return cls(flat_int32([ex.input_ids for ex in examples]), flat_int32([ex.labels for ex in examples]),
+                   offsets_of([len(ex.input_ids) for ex in examples]))
 
     @classmethod
     def concat(cls, parts: "list[FlatExamples]") -> "FlatExamples":
