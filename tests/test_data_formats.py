@@ -128,6 +128,13 @@ def test_a_conversation_ending_on_a_user_turn_gets_no_eos_even_with_train_on_inp
     assert ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id  # after an assistant turn: trained
 
 
+def test_the_data_api_takes_a_built_in_template_by_name(tok):
+    """tokenize_examples(..., chat_template="chatml") renders the built-in template, as the config key does; it
+    rendered the word "chatml" as a template and then failed to find every assistant turn."""
+    assert tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template="chatml") == \
+        tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML)
+
+
 def test_messages_end_of_turn_eos_is_trained_once(tok):
     """A template that ends each turn with the EOS token: EOS trained after assistant turns, masked after user
     turns, and not appended a second time at the end."""

@@ -80,13 +80,15 @@ def chatml_marker_note(template_name: "str | os.PathLike | None", tokenizer) -> 
 
 
 def chat_template_for(tokenizer, configured: str | None) -> str | None:
-    """The template messages are rendered with: `dataset.chat_template` when set, else None for the
-    tokenizer's own (which `apply_chat_template` picks); an error when there is neither."""
+    """The template messages are rendered with: `dataset.chat_template` when set (a built-in name or a path
+    resolved here too, so that a caller of the data API passing "chatml" gets the template, not that word
+    rendered), else None for the tokenizer's own (which `apply_chat_template` picks); an error when there is
+    neither."""
     if configured is None and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the embedded default"
         raise DataError(f"dataset.format messages: tokenizer {name!r} has no chat template; set "
                         "dataset.chat_template to chatml (built in), a Jinja string, or a path to a .jinja file")
-    return configured
+    return resolve_chat_template(configured)
 
 
 def chat_pieces(messages: list[dict], tokenizer, template: str | None, where: str,

@@ -473,10 +473,20 @@ def _run_chunk(bounds: tuple[int, int]) -> _Tokenized:
     return _tokenize_rows(_JOB, *bounds)
 
 
+def _ignore_interrupts() -> None:
+    """A tokenizing worker's start: Ctrl-C is the parent's to handle (it stops the workers), not each worker's
+    traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
     """The job's rows in chunks over `workers` forked processes, the results in row order; a row's error is the
     first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
-    they use neither torch nor CUDA."""
+    they use neither torch nor CUDA. They ignore Ctrl-C; on an error or Ctrl-C here they are killed at once
+    (left alone, ProcessPoolExecutor's workers go on with the chunks already handed to them: Ctrl-C took ~30 s).
+    A worker killed from outside (out of memory) is an error here (BrokenProcessPool), not a hang."""
     global _JOB
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -487,11 +497,16 @@ def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set before the fork: the tokenizers library's warning stays quiet
     _JOB = job
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_interrupts)
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns on any fork of a process with threads (torch's)
             warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks", DeprecationWarning)
             return list(pool.map(_run_chunk, bounds))
+    except BaseException:
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.kill()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         _JOB = None
