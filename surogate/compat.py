@@ -154,6 +154,32 @@ def quiet_peft_deprecations():
         yield
 
 
+@contextlib.contextmanager
+def masks_as_under_capture():
+    """transformers' attention-mask builders deciding as they will while a CUDA graph records: for the warm-up
+    runs before a capture, so that both hand the compiled layers the same mask.
+
+    Root cause: `transformers.masking_utils` reads `is_tracing()`, true while a CUDA stream captures (5.x), as
+    "read no tensor's values": there SDPA's causal skip is refused (5.17 to 5.2x, also without a padding mask)
+    and a row of one example gets a packed-sequence mask (5.17-5.25); eagerly the same batch gets no mask. A
+    model whose decoder builds its mask with them (StableLM, GPT-Neo, Nemotron, Falcon) handed its compiled
+    layers None in the warm-up and a dense mask in the capture; Dynamo compiled again inside the capture and
+    the capture failed (H200 run 157), so the trainer trained it without CUDA graphs. The trace-safe branch
+    builds the same mask eagerly (from the tensors, on the device), at the price of SDPA without its causal
+    skip; models that take surogate attention build no transformers mask.
+    """
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "is_tracing", None)
+    if not callable(original):
+        yield
+        return
+    masking.is_tracing = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        masking.is_tracing = original
+
+
 class DependencyError(ImportError):
     """An installed dependency outside the versions surogate requires (its message says what to install)."""
 

@@ -316,3 +316,33 @@ def test_graphed_step_drives_a_surogate_compiled_model():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, named[n].grad, rtol=0, atol=0)
+
+
+def test_the_warm_up_builds_the_mask_the_capture_will(monkeypatch):
+    """StableLM builds its attention mask with transformers' helpers, which decide otherwise while a CUDA stream
+    captures (`is_tracing`): rows of one example each got no mask eagerly and a dense one under capture, so the
+    compiled layers compiled again inside the capture, which failed (H200 run 157: the trainer fell back to
+    eager). GraphedStep's warm-up runs under `compat.masks_as_under_capture`: it builds the capture's mask."""
+    import transformers as T
+    from test_compile_models import tiny_config
+
+    from surogate.compat import masks_as_under_capture
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("stablelm"), attn_implementation="sdpa")
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    ids = torch.randint(1, 100, (2, 24))
+    batch = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, 24), "use_cache": False}
+    with torch.no_grad():
+        model(**batch)  # eagerly
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            model(**batch)  # as a CUDA graph records it
+        with masks_as_under_capture():
+            model(**batch)  # the warm-up
+        model(**batch)  # eagerly again: the helpers are as they were
+    eager, captured, warm_up, after = seen
+    assert eager is None and after is None and captured is not None  # what failed the capture
+    assert warm_up is not None and torch.equal(warm_up, captured)

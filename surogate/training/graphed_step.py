@@ -38,6 +38,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from surogate.compat import masks_as_under_capture
 from surogate.training.buckets import padded_length
 
 PAD_TO = 128  # the default shape bucket: lengths rounded up to a multiple of this
@@ -74,7 +75,7 @@ class CudaGraphCapture:
 
     def warmup(self, fn: Callable[[], None], iterations: int) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), masks_as_under_capture():
             for _ in range(iterations):
                 fn()
         torch.cuda.current_stream().wait_stream(self.stream)

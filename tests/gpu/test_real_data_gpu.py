@@ -21,7 +21,8 @@ import surogate  # noqa: E402
 from surogate.compiler import _attach_lora  # noqa: E402
 from surogate.training.graphed_step import GraphedStep  # noqa: E402
 
-ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "falcon"]
+ARCHS = ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "falcon", "stablelm",
+         "gpt_neo"]
 
 
 # The CPU matrix's configs, widened: Inductor's CUDA codegen asserted on the hidden-64 ones (torch 2.11).
@@ -72,9 +73,10 @@ def _eager_step(model, batch, scale):
 def test_capture_on_every_dense_architecture(name):
     """The step is captured (strict: a failed capture raises) and follows the eager twin, with plain rows
     and, where the model packs, packed rows: through surogate attention, or through transformers' masks built
-    from position_ids (Falcon from transformers 5.25; the H200's 5.17 refuses packing it). (StableLM is
-    not here: its plain rows get no mask in the warm-up, SDPA's causal skip, and a dense one under capture, a
-    second graph compiled inside the capture, which fails: H200 run 157. The trainer then trains it eagerly.)"""
+    from position_ids (Falcon from transformers 5.25; the H200's 5.17 refuses packing it). StableLM and
+    GPT-Neo build their masks with transformers' helpers: plain rows got no mask in the warm-up (SDPA's causal
+    skip) and a dense one under capture, a second graph compiled inside the capture, which failed (H200 run
+    157); the warm-up now builds the capture's mask (compat.masks_as_under_capture)."""
     from surogate.ops.attention import packing_refusal
 
     model, twin = _pair(name)
