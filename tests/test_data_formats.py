@@ -346,6 +346,26 @@ def test_tool_call_turns_train_their_calls_and_read_the_results(tok):
         f"Checking.\n<tool_call>\n{call}\n</tool_call>\n<tool_call>\n{call}\n</tool_call><|im_end|>\n"]
 
 
+def test_tool_call_arguments_as_json_text_render_as_their_object(tok):
+    """OpenAI's API writes a call's arguments as JSON text: Llama 3.1's `tojson` quoted that text again (a string
+    holding JSON, not the object the model writes at inference, where vLLM decodes it first). The text is decoded
+    to its object, so every template writes the same call as for the object; empty arguments are {}; text that
+    is no JSON object stays as it is."""
+    def calls(arguments):
+        turn = {**TOOL_CONVERSATION[1], "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                        "arguments": arguments}}]}
+        return check_row({"messages": [TOOL_CONVERSATION[0], turn]}, FORMATS["messages"], "x")["messages"]
+
+    for template in (LLAMA31_LIKE, QWEN3_LIKE, CHATML):
+        assert chat_pieces(calls('{"city":"Paris"}'), tok, template, "x") == \
+            chat_pieces(calls({"city": "Paris"}), tok, template, "x")
+    assert calls("")[1]["tool_calls"][0]["function"]["arguments"] == {} == \
+        calls(None)[1]["tool_calls"][0]["function"]["arguments"]
+    assert calls("Paris")[1]["tool_calls"][0]["function"]["arguments"] == "Paris"
+    assert calls("[1, 2]")[1]["tool_calls"][0]["function"]["arguments"] == "[1, 2]"
+    assert TOOL_CONVERSATION[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}  # rows left as given
+
+
 def test_tool_conversations_train_through_load_splits(tmp_path, tok):
     """The example config's data: every assistant turn trained, calls included, and nothing else."""
     examples = Path(__file__).parents[1] / "examples"

@@ -296,16 +296,35 @@ def _train_flag(message: dict, where: str) -> bool:
 
 def _check_tool_calls(calls, where: str) -> list:
     """OpenAI-style tool calls: each `{"function": {"name", "arguments"}}` (or the function object itself, as
-    some exports write it); the arguments go to the template as given."""
+    some exports write it). Arguments given as JSON text (OpenAI's API writes them so) go to the template as the
+    object they encode, as vLLM hands them to it at inference (`tojson` in Llama 3.1's template wrote the text
+    again, quoted; ChatML-style templates write text as is, objects as JSON: both now write the object); empty
+    or null arguments are {}; text that is no JSON object stays text."""
     if not isinstance(calls, list):
         raise DataError(f"{where}: tool_calls must be a list of {{function: {{name, arguments}}}} objects, "
                         f"got {calls!r:.80}")
+    checked = []
     for k, call in enumerate(calls):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise DataError(f"{where}: tool_calls[{k}] must be an object with a function {{name, arguments}}, "
                             f"got {call!r:.80}")
-    return calls
+        function = {**function, "arguments": _arguments_object(function.get("arguments"))}
+        checked.append({**call, "function": function} if "function" in call else function)
+    return checked
+
+
+def _arguments_object(arguments):
+    """A tool call's arguments as an object where its JSON text encodes one (see _check_tool_calls)."""
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+        return decoded if isinstance(decoded, dict) else arguments
+    return arguments
 
 
 def _check_tools(tools, where: str) -> list[dict] | None:
