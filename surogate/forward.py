@@ -69,7 +69,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         with attention.segments_sent(kwargs):
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = lm_head_cross_entropy(out[0], head.weight, labels, bias=head.bias, softcap=softcap,
-                                     num_items_in_batch=num_items_in_batch)
+                                     num_items_in_batch=num_items_in_batch, max_trained=forward.max_trained)
         # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
         # backbone's (`out.past_key_values`) is deprecated in transformers 5.
         return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -77,8 +77,23 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     hf.forward = types.MethodType(forward, hf)
     if not chunked:
         return
+    forward.max_trained = None  # set by bound_trained_tokens; it goes with the wrapper when the model is unloaded
     what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
     report.note(f"{what} (softcap {softcap})" if softcap else what)
+
+
+def bound_trained_tokens(model: nn.Module, max_trained: "int | None") -> bool:
+    """Promise that no call of `model` (a surogate.compile'd model) with `labels` has more than `max_trained`
+    tokens with a label (after the shift by one); the chunked LM head then runs on that many rows instead of
+    every token (`surogate.ops.loss.trained_rows`: chat data with the prompt masked). A call that breaks the
+    promise loses the labelled tokens past the bound from its loss, so the bound must come from the data (the
+    trainer's: `ExampleRows.max_trained`). None lifts it. False where the model has no chunked head."""
+    hf = getattr(getattr(model, "base_model", None), "model", model)
+    wrapper = getattr(getattr(hf, "forward", None), "__func__", None)
+    if not hasattr(wrapper, "max_trained"):
+        return False
+    wrapper.max_trained = None if max_trained is None else int(max_trained)
+    return True
 
 
 def backbone_of(hf: nn.Module) -> nn.Module:

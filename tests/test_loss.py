@@ -209,3 +209,35 @@ def test_compiled_matches_eager_with_one_fused_node_and_no_backward_gemm():
     targets = {name: [n.target for n in gm.graph.nodes if n.op == "call_function"] for name, gm in graphs.items()}
     assert targets["forward"].count(torch.ops.surogate.lm_head_ce_fused.default) == 1
     assert not any(str(t).startswith(("surogate.", "aten.mm", "aten.addmm")) for t in targets["backward"])
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_the_head_on_the_labelled_rows_only_equals_every_row(softcap):
+    """Chat data masks the prompt: with the data's bound on labelled tokens the head runs on those rows only
+    (padded to a multiple of 64 with an always-ignored row), and the loss and both gradients are those of the head
+    over every row, in training and in eval; no compaction where it would not cut the rows below 90%."""
+    g = torch.Generator().manual_seed(3)
+    b, s, h, v = 3, 100, 24, 37
+    hidden = torch.randn(b, s, h, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(torch.bfloat16).requires_grad_()
+    labels = torch.full((b, s), -100)
+    for row, (start, stop) in enumerate([(60, 90), (10, 30), (75, 100)]):  # answers after masked prompts
+        labels[row, start:stop] = torch.randint(0, v, (stop - start,), generator=g)
+    labelled = int((labels[:, 1:] != -100).sum())  # 75
+    assert loss_mod.compacted_rows(b * s, labelled) == 128 and loss_mod.compacted_rows(b * s, 280) is None
+    results = []
+    for bound in (None, labelled, 200):  # every row; 128 rows; 256 rows
+        hidden.grad = weight.grad = None
+        loss = lm_head_cross_entropy(hidden, weight, labels, softcap=softcap, chunk=40, max_trained=bound)
+        loss.backward()
+        with torch.no_grad():
+            eval_loss = lm_head_cross_entropy(hidden, weight, labels, softcap=softcap, chunk=40, max_trained=bound)
+        results.append((loss.detach(), eval_loss, hidden.grad.clone(), weight.grad.clone()))
+    for (loss, eval_loss, grad_hidden, grad_weight), want in zip(results[1:], results[:1] * 2):
+        torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(eval_loss, want[1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(grad_hidden, want[2])  # row by row: the same products
+        # the weight's gradient sums bf16 chunk products in FP32: other chunks, other roundings (one bf16 ulp)
+        torch.testing.assert_close(grad_weight, want[3], rtol=1e-2, atol=1e-3)
+    rows = loss_mod.trained_rows(F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1), labelled)
+    assert rows.shape == (128,) and (rows[75:] == b * s - 1).all()  # the fill: the last row, never labelled

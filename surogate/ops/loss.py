@@ -156,19 +156,24 @@ torch.library.register_autograd("surogate::lm_head_ce_fused", _backward, setup_c
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
                           softcap: float | None = None, num_items_in_batch: "int | Tensor | None" = None,
-                          chunk: int | None = None) -> Tensor:
+                          chunk: int | None = None, max_trained: int | None = None) -> Tensor:
     """HF's causal-LM loss of `hidden @ weight.T` against `labels` (shifted by one inside, -100 ignored).
 
     hidden (B, S, H) in the model dtype, labels (B, S) int. Mean over non-ignored tokens, or
     sum / `num_items_in_batch` when given (gradient accumulation), exactly as HF's ForCausalLMLoss.
     Gradients reach `hidden` and `weight` (not `bias`). Whether to compute them in the forward is
     decided here from grad mode and `requires_grad` (under torch.compile: once, at trace time).
+    `max_trained`: a bound the caller guarantees on the tokens with a label in this call (the trainer's,
+    from its data); the head then runs on `trained_rows` of them only (see there), not on every token.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match the hidden states' leading dims "
                          f"{tuple(hidden.shape[:-1])}")
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
+    rows = trained_rows(shifted, max_trained)
+    if rows is not None:
+        flat, shifted = flat.index_select(0, rows), shifted.index_select(0, rows)
     rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
     # The loss is sum x scale, scale a device tensor: no host sync (CUDA graphs capture the step).
     if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
@@ -182,3 +187,32 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
                                                          weight.requires_grad)
         return loss
     return torch.ops.surogate.lm_head_ce(flat, weight, bias, shifted, cap, rows) * scale
+
+
+# Compacting the head's rows pays only below this share of the tokens (the gather and its scatter cost little,
+# but a chunk's GEMMs shrink in proportion).
+_COMPACT_BELOW = 0.9
+
+
+def compacted_rows(tokens: int, max_trained: int | None) -> int | None:
+    """How many rows the head runs on for `tokens` tokens of which at most `max_trained` have a label: that bound
+    rounded up to a multiple of 64 (one row count per bound, so one graph), None where it is no gain."""
+    if max_trained is None:
+        return None
+    rows = -(-max(int(max_trained), 1) // 64) * 64
+    return rows if rows < _COMPACT_BELOW * tokens else None
+
+
+def trained_rows(shifted: Tensor, max_trained: int | None) -> Tensor | None:
+    """The positions of the tokens with a label, in order, padded to `compacted_rows` with the last position
+    (whose shifted label is always ignored: no loss, no gradient); None: every row.
+
+    Why: in chat and instruction data the prompt is masked, often most of the tokens, yet the LM head's GEMMs
+    and cross-entropy ran on every token (a quarter of Qwen3-0.6B's linear FLOPs). `nonzero_static` has a fixed
+    output size and no host sync (CUDA graphs capture it); the caller's bound keeps every labelled token in.
+    """
+    size = compacted_rows(shifted.numel(), max_trained)
+    if size is None:
+        return None
+    last = shifted.numel() - 1
+    return torch.nonzero_static(shifted != IGNORE_INDEX, size=size, fill_value=last).view(-1)

@@ -211,6 +211,14 @@ class ExampleRows:
     def packed(self) -> bool:
         return self.pos is not None
 
+    def max_trained(self, batch_size: int) -> int:
+        """The most tokens with a label (after the shift by one: a row's first token predicts nothing) that a
+        batch of `batch_size` rows can hold: the sum of the largest rows' counts, whatever rows a batch takes."""
+        trained = np.concatenate([[0], np.cumsum(self.targets != IGNORE_INDEX, dtype=np.int64)])
+        starts, ends = self.offsets[:-1], self.offsets[1:]
+        per_row = np.where(ends > starts, trained[ends] - trained[np.minimum(starts + 1, ends)], 0)
+        return int(np.sort(per_row)[::-1][:batch_size].sum())
+
     @property
     def num_tokens(self) -> int:
         """Tokens of the examples (padding not counted)."""

@@ -189,6 +189,28 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
     return {k: torch.cat([v, v.new_full((rows - have, *v.shape[1:]), fill[k])]) for k, v in batch.items()}
 
 
+def bound_head_rows(model: nn.Module, dataset, batch_size: int) -> int | None:
+    """Tell the compiled model the most labelled tokens a micro-batch of `batch_size` rows of `dataset` holds,
+    so that its LM head runs on those rows only (`surogate.forward.bound_trained_tokens`); the bound, or None
+    where the model has no chunked head or the dataset cannot say (a TokenDataset)."""
+    from surogate.forward import bound_trained_tokens
+
+    bound = dataset.max_trained(batch_size) if hasattr(dataset, "max_trained") else None
+    return bound if bound_trained_tokens(model, bound) and bound is not None else None
+
+
+def head_rows_line(bound: int | None, batch_size: int, seq_len: int) -> str | None:
+    """The log's line on the LM head's rows when the bound cuts them (None when it does not)."""
+    from surogate.ops.loss import compacted_rows
+
+    tokens = batch_size * seq_len
+    rows = compacted_rows(tokens, bound)
+    if rows is None:
+        return None
+    return (f"lm head: on {rows:,} rows of a micro-batch's {tokens:,} tokens at most (the data's most tokens with "
+            f"a label in {batch_size} rows, {bound:,}: prompts and padding are masked, so the head skips them)")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, world: int = 1) -> float:
     """Mean cross-entropy per predicted token over `dataset`.

@@ -260,9 +260,13 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     line = _epochs_line(cfg, micro.per_epoch, total)
     if line:
         log(line)
+    eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+    head_bound = steps.bound_head_rows(core, train_set, micro.batch_size)
+    line = steps.head_rows_line(head_bound, micro.batch_size, cfg.sequence_len)
+    if line:
+        log(line)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
-    eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
     history: list[dict] = []
     evals: list[dict] = []
     tokens_total, start = 0, 1
@@ -283,7 +287,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
 
     def run_eval(step: int) -> None:
         t_eval = time.perf_counter()
-        evals.append({"step": step, "loss": steps.evaluate(core, eval_set, eval_bs, device, world)})
+        steps.bound_head_rows(core, eval_set, eval_bs)  # eval batches have their own size
+        try:
+            evals.append({"step": step, "loss": steps.evaluate(core, eval_set, eval_bs, device, world)})
+        finally:
+            steps.bound_head_rows(core, train_set, micro.batch_size)
         run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
         log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
 
