@@ -171,6 +171,24 @@ def test_rows_are_stored_flat_at_12_bytes_a_token():
                                                                                    "position_ids"))
 
 
+def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
+    """`ExampleRows.max_trained(b)`, the bound the LM head's rows are cut to, is the most labelled tokens (after
+    the shift: a row's first token predicts nothing) that any b rows hold: checked against every batch of b
+    rows, packed and padded, and it is reached."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in torch.randint(2, 9, (14,), generator=g).tolist():
+        prompt = int(torch.randint(0, n, (), generator=g))
+        examples.append(Example(list(range(1, n + 1)), [IGNORE_INDEX] * prompt + list(range(prompt + 1, n + 1))))
+    for rows in (pack_examples(examples, 12), data.one_per_row(examples, 12)):
+        batches = [rows.batch(list(c)) for b in (1, 2, 3) for c in itertools.combinations(range(len(rows)), b)]
+        for b in (1, 2, 3):
+            counts = [int((x["labels"][:, 1:] != IGNORE_INDEX).sum()) for x in batches if len(x["labels"]) == b]
+            assert rows.max_trained(b) == max(counts)
+
+
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():
     """The packer's max-tree (`_FirstFit`, logarithmic) places every example where the plain first-fit scan
     of the open rows puts it (it was that scan: quadratic, minutes for 10^5 examples that nearly fill a row)."""

@@ -241,3 +241,41 @@ def test_the_head_on_the_labelled_rows_only_equals_every_row(softcap):
         torch.testing.assert_close(grad_weight, want[3], rtol=1e-2, atol=1e-3)
     rows = loss_mod.trained_rows(F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1), labelled)
     assert rows.shape == (128,) and (rows[75:] == b * s - 1).all()  # the fill: the last row, never labelled
+
+
+def test_a_compiled_model_trains_the_same_under_the_bound(monkeypatch):
+    """`surogate.forward.bound_trained_tokens` on a compiled model: its head runs on the labelled rows only, and
+    the loss and every LoRA gradient are those without the bound (the hidden states' gradient is the same row by
+    row); a model without the chunked head, or unloaded, takes no bound."""
+    import transformers as T
+
+    import surogate
+    from surogate.forward import bound_trained_tokens
+
+    config = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=96)
+    torch.manual_seed(0)
+    model = surogate.compile(T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16), recipe="bf16", arch="cpu")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 80), generator=g)
+    labels = ids.clone()
+    labels[:, :60] = -100  # the prompt
+    head_rows = []
+    rows_of = loss_mod.trained_rows
+    monkeypatch.setattr(loss_mod, "trained_rows", lambda *a: head_rows.append(rows_of(*a)) or head_rows[-1])
+    runs = []
+    for bound in (None, 40):
+        assert bound_trained_tokens(model, bound)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (bounded_loss, bounded_grads) = runs
+    assert head_rows[0] is None and head_rows[1].shape == (64,)  # 40 labelled rows, and the fill
+    torch.testing.assert_close(bounded_loss, loss, rtol=1e-6, atol=0)
+    assert grads.keys() == bounded_grads.keys() and all(torch.equal(grads[n], bounded_grads[n]) for n in grads)
+    torch.manual_seed(0)
+    plain = surogate.compile(T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16), recipe="bf16", arch="cpu",
+                             chunked_loss=False)
+    assert not bound_trained_tokens(plain, 40)
+    assert not bound_trained_tokens(model.merge_and_unload(), 40)
