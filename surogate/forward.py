@@ -12,6 +12,7 @@ from __future__ import annotations
 import dis
 import inspect
 import types
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         with attention.segments_sent(kwargs):
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         loss = lm_head_cross_entropy(out[0], head.weight, labels, bias=head.bias, softcap=softcap,
-                                     num_items_in_batch=num_items_in_batch, max_trained=forward.max_trained)
+                                     num_items_in_batch=num_items_in_batch, max_trained=_bound(forward, labels))
         # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
         # backbone's (`out.past_key_values`) is deprecated in transformers 5.
         return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -82,18 +83,26 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     report.note(f"{what} (softcap {softcap})" if softcap else what)
 
 
-def bound_trained_tokens(model: nn.Module, max_trained: "int | None") -> bool:
+def bound_trained_tokens(model: nn.Module, max_trained: "int | Callable[[int], int] | None") -> bool:
     """Promise that no call of `model` (a surogate.compile'd model) with `labels` has more than `max_trained`
-    tokens with a label (after the shift by one); the chunked LM head then runs on that many rows instead of
-    every token (`surogate.ops.loss.trained_rows`: chat data with the prompt masked). A call that breaks the
-    promise loses the labelled tokens past the bound from its loss, so the bound must come from the data (the
-    trainer's: `ExampleRows.max_trained`). None lifts it. False where the model has no chunked head."""
+    tokens with a label (after the shift by one), or `max_trained(width)` for labels `width` tokens wide; the
+    chunked LM head then runs on that many rows instead of every token (`surogate.ops.loss.trained_rows`: chat
+    data with the prompt masked). A call that breaks the promise loses the labelled tokens past the bound from
+    its loss, so the bound must come from the data (the trainer's: `ExampleRows.max_trained`). None lifts it.
+    False where the model has no chunked head."""
     hf = getattr(getattr(model, "base_model", None), "model", model)
     wrapper = getattr(getattr(hf, "forward", None), "__func__", None)
     if not hasattr(wrapper, "max_trained"):
         return False
-    wrapper.max_trained = None if max_trained is None else int(max_trained)
+    wrapper.max_trained = max_trained if max_trained is None or callable(max_trained) else int(max_trained)
     return True
+
+
+def _bound(forward: Callable, labels: Tensor) -> int | None:
+    """The bound `bound_trained_tokens` set, for labels as wide as these (a function of the width: per shape,
+    so one CUDA graph per shape keeps its rows)."""
+    bound = forward.max_trained
+    return bound(labels.shape[-1]) if callable(bound) else bound
 
 
 def backbone_of(hf: nn.Module) -> nn.Module:

@@ -174,7 +174,7 @@ def test_rows_are_stored_flat_at_12_bytes_a_token():
 def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
     """`ExampleRows.max_trained(b)`, the bound the LM head's rows are cut to, is the most labelled tokens (after
     the shift: a row's first token predicts nothing) that any b rows hold: checked against every batch of b
-    rows, packed and padded, and it is reached."""
+    rows, packed and padded (and for padded batches of a width, among the rows no longer), and it is reached."""
     import itertools
 
     g = torch.Generator().manual_seed(0)
@@ -187,6 +187,12 @@ def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
         for b in (1, 2, 3):
             counts = [int((x["labels"][:, 1:] != IGNORE_INDEX).sum()) for x in batches if len(x["labels"]) == b]
             assert rows.max_trained(b) == max(counts)
+        if not rows.packed:  # a padded batch w wide holds rows no longer than w: the bound of those
+            for width in (4, 6, 8):
+                counts = [int((x["labels"][:, 1:] != IGNORE_INDEX).sum()) for x in batches
+                          if len(x["labels"]) == 2 and x["labels"].shape[1] <= width]
+                assert rows.max_trained(2, width) == max(counts)
+            assert rows.max_trained(2, 4) < rows.max_trained(2)  # tighter for the narrow batches
 
 
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():

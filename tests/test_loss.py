@@ -246,7 +246,8 @@ def test_the_head_on_the_labelled_rows_only_equals_every_row(softcap):
 def test_a_compiled_model_trains_the_same_under_the_bound(monkeypatch):
     """`surogate.forward.bound_trained_tokens` on a compiled model: its head runs on the labelled rows only, and
     the loss and every LoRA gradient are those without the bound (the hidden states' gradient is the same row by
-    row); a model without the chunked head, or unloaded, takes no bound."""
+    row), the bound a number or a function of the batch's width; a model without the chunked head, or
+    unloaded, takes no bound."""
     import transformers as T
 
     import surogate
@@ -264,16 +265,17 @@ def test_a_compiled_model_trains_the_same_under_the_bound(monkeypatch):
     rows_of = loss_mod.trained_rows
     monkeypatch.setattr(loss_mod, "trained_rows", lambda *a: head_rows.append(rows_of(*a)) or head_rows[-1])
     runs = []
-    for bound in (None, 40):
+    for bound in (None, 40, lambda width: {80: 40}.get(width)):  # a number, or one per width (padded batches)
         assert bound_trained_tokens(model, bound)
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (loss, grads), (bounded_loss, bounded_grads) = runs
-    assert head_rows[0] is None and head_rows[1].shape == (64,)  # 40 labelled rows, and the fill
-    torch.testing.assert_close(bounded_loss, loss, rtol=1e-6, atol=0)
-    assert grads.keys() == bounded_grads.keys() and all(torch.equal(grads[n], bounded_grads[n]) for n in grads)
+    (loss, grads), *bounded = runs
+    assert head_rows[0] is None and head_rows[1].shape == head_rows[2].shape == (64,)  # 40 labelled, the fill
+    for bounded_loss, bounded_grads in bounded:
+        torch.testing.assert_close(bounded_loss, loss, rtol=1e-6, atol=0)
+        assert grads.keys() == bounded_grads.keys() and all(torch.equal(grads[n], bounded_grads[n]) for n in grads)
     torch.manual_seed(0)
     plain = surogate.compile(T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16), recipe="bf16", arch="cpu",
                              chunked_loss=False)

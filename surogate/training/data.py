@@ -148,6 +148,7 @@ class ExampleRows:
         self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
         self.source = source  # where they came from (a file), for the log
         self.parts = list(parts or [])  # a mix (`concat`): the sources, for the log
+        self._trained: np.ndarray | None = None  # each row's labelled tokens (max_trained), once asked
 
     @classmethod
     def from_lists(cls, input_ids, labels, positions, seq_len: int, pad_id: int = 0) -> "ExampleRows":
@@ -211,13 +212,16 @@ class ExampleRows:
     def packed(self) -> bool:
         return self.pos is not None
 
-    def max_trained(self, batch_size: int) -> int:
+    def max_trained(self, batch_size: int, width: int | None = None) -> int:
         """The most tokens with a label (after the shift by one: a row's first token predicts nothing) that a
-        batch of `batch_size` rows can hold: the sum of the largest rows' counts, whatever rows a batch takes."""
-        trained = np.concatenate([[0], np.cumsum(self.targets != IGNORE_INDEX, dtype=np.int64)])
-        starts, ends = self.offsets[:-1], self.offsets[1:]
-        per_row = np.where(ends > starts, trained[ends] - trained[np.minimum(starts + 1, ends)], 0)
-        return int(np.sort(per_row)[::-1][:batch_size].sum())
+        batch of `batch_size` rows can hold: the sum of the largest rows' counts, whatever rows a batch takes;
+        with `width`, among the rows no longer than it (a padded batch that wide holds no longer row)."""
+        if self._trained is None:
+            trained = np.concatenate([[0], np.cumsum(self.targets != IGNORE_INDEX, dtype=np.int64)])
+            starts, ends = self.offsets[:-1], self.offsets[1:]
+            self._trained = np.where(ends > starts, trained[ends] - trained[np.minimum(starts + 1, ends)], 0)
+        counts = self._trained if width is None else self._trained[np.diff(self.offsets) <= width]
+        return int(np.sort(counts)[::-1][:batch_size].sum())
 
     @property
     def num_tokens(self) -> int:

@@ -190,25 +190,36 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
 
 
 def bound_head_rows(model: nn.Module, dataset, batch_size: int) -> int | None:
-    """Tell the compiled model the most labelled tokens a micro-batch of `batch_size` rows of `dataset` holds,
-    so that its LM head runs on those rows only (`surogate.forward.bound_trained_tokens`); the bound, or None
-    where the model has no chunked head or the dataset cannot say (a TokenDataset)."""
+    """Tell the compiled model the most labelled tokens a micro-batch of `batch_size` rows of `dataset` holds
+    (padded rows: per batch width, among the rows no wider), so that its LM head runs on those rows only
+    (`surogate.forward.bound_trained_tokens`). The bound for the widest batch, or None where the model has no
+    chunked head or the dataset cannot say (a TokenDataset)."""
+    import functools
+
     from surogate.forward import bound_trained_tokens
 
-    bound = dataset.max_trained(batch_size) if hasattr(dataset, "max_trained") else None
-    return bound if bound_trained_tokens(model, bound) and bound is not None else None
+    if not hasattr(dataset, "max_trained"):
+        bound_trained_tokens(model, None)
+        return None
+    bound = (dataset.max_trained(batch_size) if dataset.packed else
+             functools.cache(functools.partial(dataset.max_trained, batch_size)))
+    if not bound_trained_tokens(model, bound):
+        return None
+    return dataset.max_trained(batch_size)
 
 
-def head_rows_line(bound: int | None, batch_size: int, seq_len: int) -> str | None:
-    """The log's line on the LM head's rows when the bound cuts them (None when it does not)."""
+def head_rows_line(bound: int | None, batch_size: int, seq_len: int, packed: bool = True) -> str | None:
+    """The log's line on the LM head's rows when the bound cuts them at full width (None when it does not)."""
     from surogate.ops.loss import compacted_rows
 
     tokens = batch_size * seq_len
     rows = compacted_rows(tokens, bound)
     if rows is None:
         return None
+    narrower = "" if packed else "; narrower padded batches by the bound of their rows"
     return (f"lm head: on {rows:,} rows of a micro-batch's {tokens:,} tokens at most (the data's most tokens with "
-            f"a label in {batch_size} rows, {bound:,}: prompts and padding are masked, so the head skips them)")
+            f"a label in {batch_size} rows, {bound:,}: prompts and padding are masked, so the head skips them"
+            f"{narrower})")
 
 
 @torch.no_grad()

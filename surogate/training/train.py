@@ -262,7 +262,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         log(line)
     eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
     head_bound = steps.bound_head_rows(core, train_set, micro.batch_size)
-    line = steps.head_rows_line(head_bound, micro.batch_size, cfg.sequence_len)
+    line = steps.head_rows_line(head_bound, micro.batch_size, cfg.sequence_len, train_set.packed)
     if line:
         log(line)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
