@@ -21,11 +21,13 @@ from surogate.ops import attention
 from surogate.kernels.reference import IGNORE_INDEX
 from surogate.passes import CompileReport
 
-# Config attributes that change the logits in ways the chunked loss does not model.
-_UNSUPPORTED_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
-# Operands of the forward's arithmetic around the head that the chunked loss models: Gemma's soft-capping (applied),
-# and the attributes above (their value checked: 1 is the identity, any other keeps HF's head).
-_MODELLED_LOGIT_ATTRS = ("final_logit_softcapping", *_UNSUPPORTED_LOGIT_ATTRS)
+# Logit scales: a number the forward multiplies or divides the logits by (Cohere's `logit_scale`, Granite's
+# `logits_scaling` divides, HyperCLOVA X's multiplies). The chunked loss scales the hidden states by it instead
+# (the same logits up to one bf16 rounding), read from the forward's bytecode which way.
+_LOGIT_SCALE_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+# Operands of the forward's arithmetic around the head that the chunked loss models: Gemma's soft-capping (applied
+# by the cross-entropy kernel) and the scales above.
+_MODELLED_LOGIT_ATTRS = ("final_logit_softcapping", *_LOGIT_SCALE_ATTRS)
 
 
 def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = True) -> None:
@@ -38,7 +40,8 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     own_attention = attention.original_implementation(hf) is not None
     refusal = attention.packing_refusal(hf)  # why packed rows cannot train here, if they cannot
     needs = attention.mask_needs(hf)
-    chunked = chunked_loss and _chunked_loss_applies(hf, head, backbone, report)
+    multiplier = _chunked_loss_multiplier(hf, head, backbone, report) if chunked_loss else None
+    chunked = multiplier is not None
     if not (own_attention or chunked or refusal):
         return  # nothing to route or refuse: HF's forward as it is
     softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
@@ -69,7 +72,8 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         kwargs.pop("logits_to_keep", None)
         with attention.segments_sent(kwargs):
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        loss = lm_head_cross_entropy(out[0], head.weight, labels, bias=head.bias, softcap=softcap,
+        hidden = out[0] if multiplier == 1.0 else out[0] * multiplier  # (h m) W^T = m (h W^T): the logit scale
+        loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
                                      num_items_in_batch=num_items_in_batch, max_trained=_bound(forward, labels))
         # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
         # backbone's (`out.past_key_values`) is deprecated in transformers 5.
@@ -80,7 +84,8 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         return
     forward.max_trained = None  # set by bound_trained_tokens; it goes with the wrapper when the model is unloaded
     what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
-    report.note(f"{what} (softcap {softcap})" if softcap else what)
+    report.note(f"{what} (softcap {softcap})" if softcap else f"{what} (logits x {multiplier:g})" if multiplier != 1
+                else what)
 
 
 def bound_trained_tokens(model: nn.Module, max_trained: "int | Callable[[int], int] | None") -> bool:
@@ -117,14 +122,21 @@ def backbone_of(hf: nn.Module) -> nn.Module:
     return backbone
 
 
-def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.Module,
-                          report: CompileReport) -> bool:
-    """Whether the chunked loss models `hf`'s logits (a linear head over a separate backbone, no logit scaling);
-    if not, the report says why HF's head is kept."""
+def _chunked_loss_multiplier(hf: nn.Module, head: "nn.Module | None", backbone: nn.Module,
+                             report: CompileReport) -> float | None:
+    """The number the chunked loss multiplies the hidden states by to give `hf`'s logits (1: none; a logit scale
+    otherwise), or None where it does not model them (a linear head over a separate backbone, arithmetic between
+    them it knows): then the report says why HF's head is kept."""
     config = getattr(hf, "config", None)
-    bad = [a for a in _UNSUPPORTED_LOGIT_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
-    if head is None or backbone is hf or not isinstance(head, nn.Linear) or bad:
-        why = f"config sets {bad}" if bad else "no separate backbone / linear output embedding"
+    set_scales = [a for a in _LOGIT_SCALE_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
+    other, scales = _arithmetic_around_the_head(hf, head, backbone) if head is not None and backbone is not hf \
+        else (False, [])
+    multiplier = _logit_multiplier(hf, scales)
+    unread = [a for a in set_scales if a not in {attr for attr, _ in scales}]
+    if head is None or backbone is hf or not isinstance(head, nn.Linear):
+        why = "no separate backbone / linear output embedding"
+    elif unread:
+        why = f"config sets {unread}, which its forward does not apply as a multiplier or divisor of the logits"
     elif type(head).forward is not nn.Linear.forward:
         why = (f"its output embedding ({type(head).__name__}) computes its logits in a forward of its own (Dory's "
                "scales each token's logit), which the chunked loss would skip")
@@ -134,14 +146,33 @@ def _chunked_loss_applies(hf: nn.Module, head: "nn.Module | None", backbone: nn.
     elif "loss_function" not in attention.code_names(hf):
         why = (f"{type(hf).__name__}'s forward computes its own loss, not transformers' shifted causal-LM "
                "`loss_function` (CPM-Ant's and TrOCR's do not shift the labels)")
-    elif _arithmetic_around_the_head(hf, head, backbone):
+    elif other:
         why = (f"{type(hf).__name__}'s forward computes on the hidden states or the logits between its backbone, "
                "its head and its loss (Inkling divides the hidden states by a muP multiplier and cuts the logits "
                "to the unpadded vocabulary)")
+    elif multiplier is None:
+        why = f"its logit scale ({', '.join(a for a, _ in scales)}) is no number on the model or its config"
+    elif multiplier != 1.0 and (getattr(config, "final_logit_softcapping", None) or head.bias is not None):
+        why = "it scales its logits and also soft-caps them or has a head bias (not modelled together)"
     else:
-        return True
+        return multiplier
     report.fallbacks.append(("lm_head + cross-entropy", f"kept HF's (full logits): {why}"))
-    return False
+    return None
+
+
+def _logit_multiplier(hf: nn.Module, scales: list[tuple[str, str]]) -> float | None:
+    """The product of the logit scales `(attribute, "*" or "/")` the forward applies, each read from the model
+    (Cohere keeps `self.logit_scale`), its config or the config's text_config; None where one is no number."""
+    config = getattr(hf, "config", None)
+    multiplier = 1.0
+    for attr, op in scales:
+        found = (vars(hf).get(attr), getattr(config, attr, None), getattr(getattr(config, "text_config", None), attr,
+                                                                         None))
+        value = next((v for v in found if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
+        if value is None or value == 0:
+            return None
+        multiplier = multiplier * value if op == "*" else multiplier / value
+    return float(multiplier)
 
 
 def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
@@ -157,16 +188,18 @@ def _head_reads_the_backbone(hf: nn.Module, head: nn.Module, backbone: nn.Module
     return all(name is not None and name in read for name in names) and not others
 
 
-def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Module) -> bool:
-    """Whether `hf`'s forward does arithmetic between reading its backbone and calling its loss other than Gemma's
-    soft-capping (which the chunked loss applies) and the logit scales whose value is checked apart: a scale of
-    the hidden states before the head, a slice or a scale of the logits after it. The chunked loss computes
-    `head(backbone(...)[0])` alone; slicing the hidden states to `logits_to_keep` (before the head) is a subscript
-    it may skip."""
+def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Module
+                                ) -> tuple[bool, list[tuple[str, str]]]:
+    """(whether `hf`'s forward does arithmetic between reading its backbone and calling its loss that the chunked
+    loss does not model, the logit scales it applies: `(attribute, "*" or "/")`). Modelled: Gemma's soft-capping
+    (which the chunked loss applies) and a multiplication or division by one of `_LOGIT_SCALE_ATTRS`. The chunked
+    loss computes `head(backbone(...)[0])` alone; slicing the hidden states to `logits_to_keep` (before the head)
+    is a subscript it may skip."""
     code = getattr(inspect.unwrap(type(hf).forward), "__code__", None)
     names = {child: name for name, child in hf.named_children()}
+    scales: list[tuple[str, str]] = []
     if code is None:
-        return False
+        return False, scales
     stage, previous = "before", None
     for instruction in dis.get_instructions(code):
         loads = instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")
@@ -175,15 +208,17 @@ def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Mod
         elif loads and stage == "hidden" and instruction.argval == names.get(head):
             stage = "logits"
         elif loads and stage == "logits" and instruction.argval == "loss_function":
-            return False
+            return False, scales
         elif stage != "before" and instruction.opname in ("BINARY_OP", "BINARY_SUBSCR"):
             subscript = instruction.opname == "BINARY_SUBSCR" or instruction.argrepr == "[]"  # 3.14: one opcode
-            modelled = previous is not None and previous.argval in _MODELLED_LOGIT_ATTRS
-            if not modelled and (stage == "logits" or not subscript):
-                return True
+            operand = previous.argval if previous is not None else None
+            op = instruction.argrepr.rstrip("=")
+            if operand in _LOGIT_SCALE_ATTRS and op in ("*", "/"):  # of the hidden states or the logits: the same
+                scales.append((operand, op))
+            elif operand not in _MODELLED_LOGIT_ATTRS and (stage == "logits" or not subscript):
+                return True, scales
         previous = instruction
-    return False
-
+    return False, scales
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:
     """HF's rules for `labels`, checked before the compiled step: int64 always (a dtype costs nothing); the

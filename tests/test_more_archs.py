@@ -126,6 +126,24 @@ def test_arch_matches_eager_peft_and_trains(arch_name, recipe, targets, graphs):
     assert any(n.startswith("lm_head + cross-entropy: surogate::") for n in report.notes), str(report)
 
 
+@pytest.mark.parametrize("name, config, multiplier", [
+    ("cohere", lambda: T.CohereConfig(**BASE, logit_scale=0.0625), 0.0625),  # logits * self.logit_scale
+    ("granite", lambda: T.GraniteConfig(**BASE, logits_scaling=8.0), 0.125),  # logits / config.logits_scaling
+    ("hyperclovax", lambda: T.HyperCLOVAXConfig(**BASE, logits_scaling=4.0), 4.0),  # head(h) * config.logits_scaling
+])
+def test_models_that_scale_their_logits_take_the_chunked_head(name, config, multiplier):
+    """A logit scale (Cohere's `logit_scale`; `logits_scaling`, which Granite divides by and HyperCLOVA X multiplies
+    by) kept HF's head: full FP32 logits, 4 GB a micro-batch at Command-R's 256k vocabulary. The chunked head scales
+    the hidden states instead, which way read from the forward: loss and LoRA gradients as eager PEFT's."""
+    torch.manual_seed(0)
+    peft_model = _attach_lora(T.AutoModelForCausalLM.from_config(config()).to(torch.bfloat16),
+                              {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    compiled, _, _ = check_against_eager_peft(peft_model, "bf16")
+    report = compiled.surogate_report
+    assert any(f"chunked (logits x {multiplier:g})" in note for note in report.notes), report.notes
+    assert not any(what.startswith("lm_head") for what, _ in report.fallbacks)
+
+
 def test_shared_mlp_of_granite_moe_shared_gets_lora():
     assert _lora_targets(_attach_lora(_model("granitemoeshared"), {"r": 8})) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear", "experts"}
