@@ -220,6 +220,7 @@ def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Mod
         previous = instruction
     return False, scales
 
+
 def check_labels(labels: Tensor, vocab: "int | None") -> None:
     """HF's rules for `labels`, checked before the compiled step: int64 always (a dtype costs nothing); the
     values (-100 or a token id below `vocab`) only when the labels are on the CPU, where reading them needs no

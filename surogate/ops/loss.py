@@ -171,9 +171,9 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
                          f"{tuple(hidden.shape[:-1])}")
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    rows = trained_rows(shifted, max_trained)
-    if rows is not None:
-        flat, shifted = flat.index_select(0, rows), shifted.index_select(0, rows)
+    labelled = trained_rows(shifted, max_trained)
+    if labelled is not None:
+        flat, shifted = flat.index_select(0, labelled), shifted.index_select(0, labelled)
     rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
     # The loss is sum x scale, scale a device tensor: no host sync (CUDA graphs capture the step).
     if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
