@@ -92,8 +92,9 @@ def bound_trained_tokens(model: nn.Module, max_trained: "int | Callable[[int], i
     """Promise that no call of `model` (a surogate.compile'd model) with `labels` has more than `max_trained`
     tokens with a label (after the shift by one), or `max_trained(width)` for labels `width` tokens wide; the
     chunked LM head then runs on that many rows instead of every token (`surogate.ops.loss.trained_rows`: chat
-    data with the prompt masked). A call that breaks the promise loses the labelled tokens past the bound from
-    its loss, so the bound must come from the data (the trainer's: `ExampleRows.max_trained`). None lifts it.
+    data with the prompt masked). A call that breaks the promise returns a NaN loss (its labelled tokens past the
+    bound would be lost), so the bound must come from the data (the trainer's: `MicroBatches.labelled_bound`,
+    over the run's batches). None lifts it.
     False where the model has no chunked head."""
     hf = getattr(getattr(model, "base_model", None), "model", model)
     wrapper = getattr(getattr(hf, "forward", None), "__func__", None)

@@ -195,6 +195,43 @@ def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
             assert rows.max_trained(2, 4) < rows.max_trained(2)  # tighter for the narrow batches
 
 
+def test_labelled_bound_is_the_most_of_the_runs_own_batches():
+    """`MicroBatches.labelled_bound(n)`: the most labelled tokens one rank's share of a micro-batch holds over the
+    epochs of the run's n micro-batches (reshuffled each), checked against the batches the run takes (each rank's shard, as
+    `distributed.shard` splits them): packed, padded, grouped by length, 1 and 2 ranks. It is reached, holds for
+    every batch (padded: at its width), and is below the bound of any rows (`max_trained`) on this data."""
+    from surogate.training import distributed, steps
+    from surogate.training.config import from_dict
+
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in torch.randint(3, 30, (90,), generator=g).tolist():
+        prompt = int(torch.randint(1, n, (), generator=g))
+        examples.append(Example(list(range(1, n + 1)), [IGNORE_INDEX] * prompt + list(range(prompt + 1, n + 1))))
+    for rows in (pack_examples(examples, 48), data.one_per_row(examples, 48)):
+        for world, grouped in ((1, False), (2, False), (2, True)):
+            cfg = from_dict({"sample_packing": rows.packed, "group_by_length": grouped and not rows.packed,
+                             "per_device_train_batch_size": 3, "seed": 5})
+            micro = steps.MicroBatches(rows, cfg, world=world)
+            runs = 3 * micro.per_epoch  # three epochs, each its own order (a run into an epoch takes it whole)
+            bound = micro.labelled_bound(runs)
+            at = bound if callable(bound) else (lambda width: bound)
+            seen = {}
+            for _ in range(runs):
+                batch = next(micro)
+                width = batch["labels"].shape[1]
+                for rank in range(world):
+                    count = int((distributed.shard(batch, rank, world)["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    assert count <= at(width)
+                    seen[width] = max(seen.get(width, 0), count)
+            if rows.packed:
+                assert bound == max(seen.values()) < rows.max_trained(3)
+            else:  # per width: the most of the batches no wider
+                for width in seen:
+                    assert at(width) == max(c for w, c in seen.items() if w <= width)
+                assert at(48) < rows.max_trained(3)
+
+
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():
     """The packer's max-tree (`_FirstFit`, logarithmic) places every example where the plain first-fit scan
     of the open rows puts it (it was that scan: quadratic, minutes for 10^5 examples that nearly fill a row)."""

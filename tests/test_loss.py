@@ -241,13 +241,23 @@ def test_the_head_on_the_labelled_rows_only_equals_every_row(softcap):
         torch.testing.assert_close(grad_weight, want[3], rtol=1e-2, atol=1e-3)
     rows = loss_mod.trained_rows(F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1), labelled)
     assert rows.shape == (128,) and (rows[75:] == b * s - 1).all()  # the fill: the last row, never labelled
+    # a bound below the labelled tokens (64 rows for 75): a NaN loss, in training and eval, with or without
+    # num_items_in_batch, where the rows past the bound would have left the loss quietly
+    for items in (None, labelled, torch.tensor(labelled)):
+        loss = lm_head_cross_entropy(hidden, weight, labels, chunk=40, max_trained=60, num_items_in_batch=items)
+        with torch.no_grad():
+            eval_loss = lm_head_cross_entropy(hidden, weight, labels, chunk=40, max_trained=60,
+                                              num_items_in_batch=items)
+        assert loss.isnan() and eval_loss.isnan()
+        assert not lm_head_cross_entropy(hidden, weight, labels, chunk=40, max_trained=labelled,
+                                         num_items_in_batch=items).isnan()  # 128 rows: room for 75
 
 
 def test_a_compiled_model_trains_the_same_under_the_bound(monkeypatch):
     """`surogate.forward.bound_trained_tokens` on a compiled model: its head runs on the labelled rows only, and
     the loss and every LoRA gradient are those without the bound (the hidden states' gradient is the same row by
-    row), the bound a number or a function of the batch's width; a model without the chunked head, or
-    unloaded, takes no bound."""
+    row), the bound a number or a function of the batch's width; a bound below the labelled tokens gives a NaN
+    loss; a model without the chunked head, or unloaded, takes no bound."""
     import transformers as T
 
     import surogate
@@ -273,6 +283,9 @@ def test_a_compiled_model_trains_the_same_under_the_bound(monkeypatch):
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (loss, grads), *bounded = runs
     assert head_rows[0] is None and head_rows[1].shape == head_rows[2].shape == (64,)  # 40 labelled, the fill
+    longer = ids.clone()
+    longer[:, :20] = -100  # 120 labelled tokens, 64 rows kept for the bound 40: NaN, not a quiet loss
+    assert bound_trained_tokens(model, 40) and model(input_ids=ids, labels=longer).loss.isnan()
     for bounded_loss, bounded_grads in bounded:
         torch.testing.assert_close(bounded_loss, loss, rtol=1e-6, atol=0)
         assert grads.keys() == bounded_grads.keys() and all(torch.equal(grads[n], bounded_grads[n]) for n in grads)

@@ -172,16 +172,19 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
     labelled = trained_rows(shifted, max_trained)
+    targets = (shifted != IGNORE_INDEX).sum()
     if labelled is not None:
         flat, shifted = flat.index_select(0, labelled), shifted.index_select(0, labelled)
     rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
     # The loss is sum x scale, scale a device tensor: no host sync (CUDA graphs capture the step).
     if num_items_in_batch is None:  # a batch without targets has loss 0 (and zero gradients), not 0/0
-        scale = 1.0 / (shifted != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+        scale = 1.0 / targets.clamp(min=1).to(torch.float32)
     elif isinstance(num_items_in_batch, Tensor):
         scale = 1.0 / num_items_in_batch.to(hidden.device, torch.float32)
     else:  # a number: filled on the device, not copied from the host
         scale = torch.full((), 1.0 / num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    if labelled is not None:  # a broken bound left targets out: a NaN loss (the trainer stops on it), not a quiet one
+        scale = torch.where(targets > labelled.numel(), torch.full_like(scale, float("nan")), scale)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, _, _ = torch.ops.surogate.lm_head_ce_fused(flat, weight, bias, shifted, scale, cap, rows,
                                                          weight.requires_grad)

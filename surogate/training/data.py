@@ -212,15 +212,21 @@ class ExampleRows:
     def packed(self) -> bool:
         return self.pos is not None
 
-    def max_trained(self, batch_size: int, width: int | None = None) -> int:
-        """The most tokens with a label (after the shift by one: a row's first token predicts nothing) that a
-        batch of `batch_size` rows can hold: the sum of the largest rows' counts, whatever rows a batch takes;
-        with `width`, among the rows no longer than it (a padded batch that wide holds no longer row)."""
+    def trained_counts(self) -> np.ndarray:
+        """Each row's tokens with a label after the shift by one (a row's first token predicts nothing): the
+        rows the LM head must run on."""
         if self._trained is None:
             trained = np.concatenate([[0], np.cumsum(self.targets != IGNORE_INDEX, dtype=np.int64)])
             starts, ends = self.offsets[:-1], self.offsets[1:]
             self._trained = np.where(ends > starts, trained[ends] - trained[np.minimum(starts + 1, ends)], 0)
-        counts = self._trained if width is None else self._trained[np.diff(self.offsets) <= width]
+        return self._trained
+
+    def max_trained(self, batch_size: int, width: int | None = None) -> int:
+        """The most tokens with a label that a batch of `batch_size` rows can hold: the sum of the largest rows'
+        counts, whatever rows a batch takes; with `width`, among the rows no longer than it (a padded batch that
+        wide holds no longer row)."""
+        counts = self.trained_counts()
+        counts = counts if width is None else counts[np.diff(self.offsets) <= width]
         return int(np.sort(counts)[::-1][:batch_size].sum())
 
     @property

@@ -7,8 +7,11 @@ The token counts live here too, taken on the host before a batch moves (`real_to
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,6 +93,7 @@ class MicroBatches:
 
     def __init__(self, dataset, cfg: TrainConfig, epoch: int = 0, index: int = 0, world: int = 1) -> None:
         self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
+        self.world = world
         self.group_by_length = cfg.group_by_length
         self.drop_last = len(dataset) >= self.batch_size
         self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
@@ -122,6 +126,41 @@ class MicroBatches:
             return ()
         runs = None if micro_steps is None else micro_steps / self.per_epoch
         return buckets.choose(self.dataset.widths(self.batch_size, self.seed, self.group_by_length), runs=runs)
+
+    def labelled_bound(self, micro_steps: int) -> "int | Callable[[int], int] | None":
+        """The most tokens with a label that one rank's rows of a micro-batch hold, over the micro-batches of the
+        run's `micro_steps`: the rows the LM head must run on (`bound_head_rows`). Every epoch's order follows
+        from the seed, so the run's batches are known, and their largest is often well below the sum of the
+        largest rows (`ExampleRows.max_trained`, the bound of runs too long to go through). Packed rows: one
+        number; padded rows: a function of the width (the batches no wider than it), one bound per graph shape.
+        None where the dataset cannot say (a TokenDataset)."""
+        data = self.dataset
+        if not hasattr(data, "trained_counts"):
+            return None
+        per_rank = self.batch_size // self.world
+        epochs = -(-max(int(micro_steps), 1) // self.per_epoch)
+        if epochs * len(data) > _BOUND_ROWS_READ:
+            return labelled_bound(data, per_rank)
+        counts, lengths = data.trained_counts(), np.diff(data.offsets)
+        sums, widths = [], []
+        for epoch in range(epochs):
+            rows = np.stack([b.numpy() for b in data.batch_rows(self.batch_size, True, self.seed + epoch,
+                                                                 self.drop_last, self.group_by_length)])
+            shares = self.world if rows.shape[1] % self.world == 0 else 1  # distributed.shard's split
+            sums.append(counts[rows].reshape(len(rows), shares, -1).sum(-1).max(-1))
+            widths.append(lengths[rows].max(-1))
+        sums, widths = np.concatenate(sums), np.concatenate(widths)
+        if data.packed:
+            return int(sums.max())
+        order = np.argsort(widths, kind="stable")
+        widest, most = widths[order], np.maximum.accumulate(sums[order])
+
+        @functools.cache
+        def bound(width: int) -> int:
+            i = int(np.searchsorted(widest, width, side="right"))
+            return int(most[i - 1]) if i else data.max_trained(per_rank, width)  # narrower than any batch
+
+        return bound
 
     @property
     def left_out(self) -> int:
@@ -189,23 +228,31 @@ def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
     return {k: torch.cat([v, v.new_full((rows - have, *v.shape[1:]), fill[k])]) for k, v in batch.items()}
 
 
-def bound_head_rows(model: nn.Module, dataset, batch_size: int) -> int | None:
-    """Tell the compiled model the most labelled tokens a micro-batch of `batch_size` rows of `dataset` holds
-    (padded rows: per batch width, among the rows no wider), so that its LM head runs on those rows only
-    (`surogate.forward.bound_trained_tokens`). The bound for the widest batch, or None where the model has no
-    chunked head or the dataset cannot say (a TokenDataset)."""
-    import functools
+# `MicroBatches.labelled_bound` goes through the run's batches up to this many rows read (epochs x rows: a few
+# seconds); past it, the bound of any rows (the largest rows' sum).
+_BOUND_ROWS_READ = 20_000_000
 
+
+def labelled_bound(dataset, batch_size: int) -> "int | Callable[[int], int] | None":
+    """The most tokens with a label any `batch_size` rows of `dataset` hold (`ExampleRows.max_trained`): for
+    padded rows a function of the batch width (the rows no wider); None where the dataset cannot say."""
+    if not hasattr(dataset, "max_trained"):
+        return None
+    if dataset.packed:
+        return dataset.max_trained(batch_size)
+    return functools.cache(functools.partial(dataset.max_trained, batch_size))
+
+
+def bound_head_rows(model: nn.Module, bound: "int | Callable[[int], int] | None", widest: int) -> int | None:
+    """Tell the compiled model the most labelled tokens one of its calls holds (`MicroBatches.labelled_bound`
+    for training, `labelled_bound` for eval), so that its LM head runs on those rows only
+    (`surogate.forward.bound_trained_tokens`); None lifts it. The bound at the `widest` batch, or None where
+    there is none or the model has no chunked head."""
     from surogate.forward import bound_trained_tokens
 
-    if not hasattr(dataset, "max_trained"):
-        bound_trained_tokens(model, None)
+    if not bound_trained_tokens(model, bound) or bound is None:
         return None
-    bound = (dataset.max_trained(batch_size) if dataset.packed else
-             functools.cache(functools.partial(dataset.max_trained, batch_size)))
-    if not bound_trained_tokens(model, bound):
-        return None
-    return dataset.max_trained(batch_size)
+    return bound(widest) if callable(bound) else bound
 
 
 def head_rows_line(bound: int | None, batch_size: int, seq_len: int, packed: bool = True) -> str | None:
@@ -217,9 +264,9 @@ def head_rows_line(bound: int | None, batch_size: int, seq_len: int, packed: boo
     if rows is None:
         return None
     narrower = "" if packed else "; narrower padded batches by the bound of their rows"
-    return (f"lm head: on {rows:,} rows of a micro-batch's {tokens:,} tokens at most (the data's most tokens with "
-            f"a label in {batch_size} rows, {bound:,}: prompts and padding are masked, so the head skips them"
-            f"{narrower})")
+    return (f"lm head: on {rows:,} rows of a micro-batch's {tokens:,} tokens at most (the run's micro-batches of "
+            f"{batch_size} rows hold at most {bound:,} tokens with a label: prompts and padding are masked, so the "
+            f"head skips them{narrower})")
 
 
 @torch.no_grad()

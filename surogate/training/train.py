@@ -261,8 +261,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     if line:
         log(line)
     eval_bs = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
-    head_bound = steps.bound_head_rows(core, train_set, micro.batch_size)
-    line = steps.head_rows_line(head_bound, micro.batch_size, cfg.sequence_len, train_set.packed)
+    train_bound = micro.labelled_bound(micro_steps)  # the LM head's rows: the labelled tokens of the run's batches
+    head_bound = steps.bound_head_rows(core, train_bound, cfg.sequence_len)
+    line = steps.head_rows_line(head_bound, cfg.per_device_train_batch_size, cfg.sequence_len, train_set.packed)
     if line:
         log(line)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
@@ -287,11 +288,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
 
     def run_eval(step: int) -> None:
         t_eval = time.perf_counter()
-        steps.bound_head_rows(core, eval_set, eval_bs)  # eval batches have their own size
+        steps.bound_head_rows(core, steps.labelled_bound(eval_set, eval_bs), cfg.sequence_len)  # its own batches
         try:
             evals.append({"step": step, "loss": steps.evaluate(core, eval_set, eval_bs, device, world)})
         finally:
-            steps.bound_head_rows(core, train_set, micro.batch_size)
+            steps.bound_head_rows(core, train_bound, cfg.sequence_len)
         run_log.eval({"step": step, "eval_loss": evals[-1]["loss"]})
         log(f"eval  step {step}: loss {evals[-1]['loss']:.4f} ({time.perf_counter() - t_eval:.1f}s)")
 
