@@ -197,9 +197,9 @@ def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
 
 def test_labelled_bound_is_the_most_of_the_runs_own_batches():
     """`MicroBatches.labelled_bound(n)`: the most labelled tokens one rank's share of a micro-batch holds over the
-    epochs of the run's n micro-batches (reshuffled each), checked against the batches the run takes (each rank's shard, as
-    `distributed.shard` splits them): packed, padded, grouped by length, 1 and 2 ranks. It is reached, holds for
-    every batch (padded: at its width), and is below the bound of any rows (`max_trained`) on this data."""
+    epochs of the run's n micro-batches (reshuffled each), checked against the batches the run takes (each rank's
+    shard, as `distributed.shard` splits them): packed, padded, grouped by length, 1 and 2 ranks. It is reached,
+    holds for every batch (padded: at its width), and is below the bound of any rows (`max_trained`) here."""
     from surogate.training import distributed, steps
     from surogate.training.config import from_dict
 
