@@ -201,17 +201,22 @@ def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Mod
     scales: list[tuple[str, str]] = []
     if code is None:
         return False, scales
+    # Stages: before the backbone is read, the hidden states, the head's arguments (the head is loaded before
+    # them: `self.lm_head(hidden_states[:, slice_indices, :])`, transformers < 5.2x, slices between the load and
+    # the call), the logits (after the head's call).
     stage, previous = "before", None
     for instruction in dis.get_instructions(code):
         loads = instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")
         if loads and stage == "before" and instruction.argval == names.get(backbone):
             stage = "hidden"
         elif loads and stage == "hidden" and instruction.argval == names.get(head):
+            stage = "head arguments"
+        elif stage == "head arguments" and instruction.opname.startswith("CALL"):  # the first call: the head's
             stage = "logits"
         elif loads and stage == "logits" and instruction.argval == "loss_function":
             return False, scales
-        elif stage != "before" and instruction.opname in ("BINARY_OP", "BINARY_SUBSCR"):
-            subscript = instruction.opname == "BINARY_SUBSCR" or instruction.argrepr == "[]"  # 3.14: one opcode
+        elif stage != "before" and instruction.opname in ("BINARY_OP", "BINARY_SUBSCR", "BINARY_SLICE"):
+            subscript = instruction.opname != "BINARY_OP" or instruction.argrepr == "[]"  # 3.14: one opcode
             operand = previous.argval if previous is not None else None
             op = instruction.argrepr.rstrip("=")
             if operand in _LOGIT_SCALE_ATTRS and op in ("*", "/"):  # of the hidden states or the logits: the same

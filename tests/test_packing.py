@@ -341,6 +341,58 @@ def test_arithmetic_around_the_head_keeps_hf_s_loss(build):
     assert any("between its backbone, its head and its loss" in why for _, why in model.surogate_report.fallbacks)
 
 
+class _HeadOnASlice(T.LlamaForCausalLM):
+    """The causal LMs of transformers 5.17 (the GPU's; 5.25 slices in a helper first): the hidden states cut to
+    `logits_to_keep` inside the head's call, so the subscript's bytecode comes after the head is loaded."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, logits_to_keep=0,
+                **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :] * self.config.logits_scaling)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _MupInTheHeadsCall(_HeadOnASlice):
+    def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden_states = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        logits = self.lm_head(hidden_states[:, -logits_to_keep:, :] / self.config.mup_width)  # not a logit scale
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0])
+def test_a_head_called_on_a_slice_of_the_hidden_states_takes_the_chunked_loss(scaling):
+    """Every causal LM of transformers 5.17 calls `self.lm_head(hidden_states[:, slice_indices, :])`: the
+    arithmetic check read that slice as an operation on the logits (the head is loaded before its argument) and
+    kept HF's head with its full FP32 logits on every model there (the H100 run of 5 Dec: no `lm head:` line).
+    The chunked loss runs there now, a logit scale in the call too; arithmetic in the call that is no logit
+    scale (a muP divisor) still keeps HF's head."""
+    config = tiny_config("llama")
+    config.logits_scaling, config.mup_width = scaling, 4.0
+    torch.manual_seed(0)
+    hf = _HeadOnASlice(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(50)  # logits of a trained model (~1), not ~0.02, so that a scale shows
+    model, loss, expected = _against_fp32_peft(hf)
+    assert abs(loss - expected) / expected < 5e-3, (loss, expected)
+    assert not [why for what, why in model.surogate_report.fallbacks if what.startswith("lm_head")]
+    assert (f"logits x {scaling:g}" in str(model.surogate_report)) == (scaling != 1.0)
+    config.logits_scaling = 1.0
+    torch.manual_seed(0)
+    model, loss, expected = _against_fp32_peft(_MupInTheHeadsCall(config))
+    assert abs(loss - expected) / expected < 5e-3, (loss, expected)
+    assert any("between its backbone, its head and its loss" in why for _, why in model.surogate_report.fallbacks)
+
+
 def test_a_model_with_its_own_unshifted_loss_keeps_hf_s_loss():
     """TrOCR's (and CPM-Ant's) forward takes cross-entropy of the logits against the labels unshifted, not through
     transformers' `loss_function`: the chunked loss (which shifts) gave another number, 14% off FP32 PEFT in
