@@ -195,7 +195,7 @@ def test_max_trained_bounds_the_labelled_tokens_of_any_batch():
             assert rows.max_trained(2, 4) < rows.max_trained(2)  # tighter for the narrow batches
 
 
-def test_labelled_bound_is_the_most_of_the_runs_own_batches():
+def test_labelled_bound_is_the_most_of_the_runs_own_batches(monkeypatch):
     """`MicroBatches.labelled_bound(n)`: the most labelled tokens one rank's share of a micro-batch holds over the
     epochs of the run's n micro-batches (reshuffled each), checked against the batches the run takes (each rank's
     shard, as `distributed.shard` splits them): packed, padded, grouped by length, 1 and 2 ranks. It is reached,
@@ -230,6 +230,11 @@ def test_labelled_bound_is_the_most_of_the_runs_own_batches():
                 for width in seen:
                     assert at(width) == max(c for w, c in seen.items() if w <= width)
                 assert at(48) < rows.max_trained(3)
+    # a run too long to go through (more rows read than the budget): the bound of any rows
+    monkeypatch.setattr(steps, "_BOUND_ROWS_READ", 10)
+    packed = pack_examples(examples, 48)
+    assert steps.MicroBatches(packed, from_dict({"per_device_train_batch_size": 3})).labelled_bound(9) == \
+        packed.max_trained(3)
 
 
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():

@@ -63,12 +63,17 @@ def format_example(example: dict, fmt: str) -> str:
     return "".join(prompt_and_completion(example, fmt))
 
 
+def row_order(n: int, shuffle: bool = False, seed: int = 0) -> torch.Tensor:
+    """The order `batch_rows` takes `n` rows in: one permutation drawn from `seed` when shuffled."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+
+
 def batch_rows(n: int, batch_size: int, shuffle: bool = False, seed: int = 0,
                drop_last: bool = False) -> Iterator[torch.Tensor]:
     """Row indices of each batch over `n` rows; `shuffle` draws one permutation from `seed`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    order = row_order(n, shuffle, seed)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield order[start:start + batch_size]
@@ -246,6 +251,14 @@ class ExampleRows:
             order = torch.tensor(sorted(range(len(lengths)), key=lambda i: -lengths[i]), dtype=torch.long)
             return [order[b] for b in batch_rows(len(order), batch_size, drop_last=drop_last)]
         return list(batch_rows(len(self), batch_size, shuffle, seed, drop_last))
+
+    def epoch_rows(self, batch_size: int, seed: int, drop_last: bool, group_by_length: bool = False) -> np.ndarray:
+        """One shuffled epoch's batches, as `batch_rows(..., shuffle=True)` gives them, in one (batches, rows)
+        array of row indices; whole batches as one reshape of the order (no tensor a batch)."""
+        if (group_by_length and not self.packed) or not drop_last:
+            return np.stack([b.numpy() for b in self.batch_rows(batch_size, True, seed, drop_last, group_by_length)])
+        whole = len(self) - len(self) % batch_size
+        return row_order(len(self), True, seed)[:whole].view(-1, batch_size).numpy()
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                 group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
