@@ -180,6 +180,38 @@ def masks_as_under_capture():
         masking.is_tracing = original
 
 
+@contextlib.contextmanager
+def capturable_eager_masks():
+    """transformers' masks for eager attention built without a copy from the host, for CUDA-graph warm-up and
+    capture alike (the same function in both, so that nothing compiled sees another).
+
+    Root cause: transformers 5.17's `masking_utils.eager_mask` makes its 0 with `torch.tensor(0.0, device=...)`,
+    a copy from pageable host memory, which a capture refuses ("Cannot copy between CPU and CUDA tensors during
+    CUDA graph capture"): GPT-Neo (eager attention only) trained without CUDA graphs (H100 run B, session 37).
+    5.25 fills that 0 on the device (`torch.zeros(())`); this is the same, where the installed one copies."""
+    import torch
+
+    masking = sys.modules.get("transformers.masking_utils")
+    functions = getattr(getattr(masking, "ALL_MASK_ATTENTION_FUNCTIONS", None), "_global_mapping", None)
+    original = functions.get("eager") if isinstance(functions, dict) else None
+    if original is None or "tensor" not in getattr(getattr(original, "__code__", None), "co_names", ()):
+        yield
+        return
+
+    def eager_mask(*args, dtype=torch.float32, **kwargs):
+        kwargs.pop("allow_is_causal_skip", None)
+        mask = masking.sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+        if mask is not None:  # 0 where attended, the dtype's lowest elsewhere, as transformers' own
+            mask = torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+        return mask
+
+    functions["eager"] = eager_mask
+    try:
+        yield
+    finally:
+        functions["eager"] = original
+
+
 class DependencyError(ImportError):
     """An installed dependency outside the versions surogate requires (its message says what to install)."""
 

@@ -5,6 +5,7 @@ checked against a plain eager loop. tests/gpu/test_graphed_step_gpu.py replays r
 from __future__ import annotations
 
 import copy
+import sys
 import types
 
 import pytest
@@ -346,3 +347,55 @@ def test_the_warm_up_builds_the_mask_the_capture_will(monkeypatch):
     eager, captured, warm_up, after = seen
     assert eager is None and after is None and captured is not None  # what failed the capture
     assert warm_up is not None and torch.equal(warm_up, captured)
+
+
+def test_eager_attention_masks_are_built_without_a_copy_from_the_host(monkeypatch):
+    """GPT-Neo (eager attention only) failed its capture on transformers 5.17 (H100, session 37): `eager_mask` made
+    its 0 with `torch.tensor(0.0, device=...)`, a host copy a capture refuses. Inside `capturable_eager_masks`
+    (GraphedStep's warm-up and capture) the eager mask is filled on the device: the same masks (plain, padded,
+    packed rows), no tensor made from host data while the model builds them; a builder written the 5.17 way is
+    swapped for the capture and back after."""
+    import transformers as T
+    from transformers import masking_utils
+    from test_compile_models import tiny_config
+
+    from surogate.compat import capturable_eager_masks
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("gpt_neo"))
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    ids = torch.randint(1, 100, (2, 12))
+    padded = torch.ones(2, 12, dtype=torch.long)
+    padded[1, 9:] = 0
+    batches = [{"input_ids": ids}, {"input_ids": ids, "attention_mask": padded},
+               {"input_ids": ids, "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 2)}]
+    made = []
+    tensor = torch.tensor
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+            with capturable_eager_masks(), monkeypatch.context() as patch:
+                patch.setattr(torch, "tensor", lambda *a, **k: made.append(sys._getframe(1).f_globals["__name__"])
+                              or tensor(*a, **k))
+                model(**batch, use_cache=False)
+    # nothing copied from the host by the mask builders (GPT-Neo's attention makes its own, inside the compiled
+    # layers on the GPU: a constant there)
+    assert made and "transformers.masking_utils" not in made
+    for eager, captured in zip(seen[::2], seen[1::2]):
+        assert captured is not None and torch.equal(eager, captured)
+
+    def eager_mask_as_in_5_17(*args, dtype=torch.float32, **kwargs):
+        kwargs.pop("allow_is_causal_skip", None)
+        mask = masking_utils.sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+        return torch.where(mask, torch.tensor(0.0, device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+    monkeypatch.setitem(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "eager", eager_mask_as_in_5_17)
+    with torch.no_grad():
+        model(**batches[1], use_cache=False)
+        with capturable_eager_masks():
+            assert masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["eager"] is not eager_mask_as_in_5_17
+            model(**batches[1], use_cache=False)
+    assert masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["eager"] is eager_mask_as_in_5_17
+    assert torch.equal(seen[-2], seen[-1])

@@ -38,7 +38,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from surogate.compat import masks_as_under_capture
+from surogate.compat import capturable_eager_masks, masks_as_under_capture
 from surogate.training.buckets import padded_length
 
 PAD_TO = 128  # the default shape bucket: lengths rounded up to a multiple of this
@@ -75,7 +75,7 @@ class CudaGraphCapture:
 
     def warmup(self, fn: Callable[[], None], iterations: int) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream), masks_as_under_capture():
+        with torch.cuda.stream(self.stream), masks_as_under_capture(), capturable_eager_masks():
             for _ in range(iterations):
                 fn()
         torch.cuda.current_stream().wait_stream(self.stream)
@@ -91,7 +91,7 @@ class CudaGraphCapture:
         rng = generator.clone_state()  # a state object that was never registered with the capture
         stream = torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+            with capturable_eager_masks(), torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
                 fn()
         except Exception as error:
             torch.cuda.set_stream(stream)
