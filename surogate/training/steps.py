@@ -258,6 +258,7 @@ def bound_head_rows(model: nn.Module, bound: "int | Callable[[int], int] | None"
 def head_rows_line(bound: int | None, batch_size: int, seq_len: int, packed: bool = True) -> str | None:
     """The log's line on the LM head's rows when the bound cuts them at full width (None when it does not)."""
     from surogate.ops.loss import compacted_rows
+    from surogate.training.outputs import counted
 
     tokens = batch_size * seq_len
     rows = compacted_rows(tokens, bound)
@@ -265,8 +266,8 @@ def head_rows_line(bound: int | None, batch_size: int, seq_len: int, packed: boo
         return None
     narrower = "" if packed else "; narrower padded batches by the bound of their rows"
     return (f"lm head: on {rows:,} rows of a micro-batch's {tokens:,} tokens at most (the run's micro-batches of "
-            f"{batch_size} rows hold at most {bound:,} tokens with a label: prompts and padding are masked, so the "
-            f"head skips them{narrower})")
+            f"{counted(batch_size, 'row')} hold at most {bound:,} tokens with a label: prompts and padding are "
+            f"masked, so the head skips them{narrower})")
 
 
 @torch.no_grad()
