@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What bench/NOTES.md's "Not yet run on a GPU" list asks (end of session 36), as device calls:
+# What bench/NOTES.md's "Not yet run on a GPU" lists ask (sessions 36, 37), as device calls:
 #   bash bench/gpu_pending.sh 1     the GPU tests of real data, offload and the loss; the main job; bench/head_rows.py
 #   bash bench/gpu_pending.sh 2     8,000 chat rows (forked tokenizing, the cache) on a Qwen3-0.6B-shaped model, the
 #                                   head on labelled rows and on every row; padded buckets; StableLM, graphs on / off
