@@ -172,7 +172,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: 
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device, torch.long)
     flat = hidden.reshape(-1, hidden.shape[-1])
     labelled = trained_rows(shifted, max_trained)
-    targets = (shifted != IGNORE_INDEX).sum()
+    # counted where the scale or the bound's check needs it (not on every call with num_items_in_batch)
+    targets = (shifted != IGNORE_INDEX).sum() if num_items_in_batch is None or labelled is not None else None
     if labelled is not None:
         flat, shifted = flat.index_select(0, labelled), shifted.index_select(0, labelled)
     rows, cap = int(chunk or chunk_rows(weight.shape[0])), float(softcap or 0.0)
