@@ -132,11 +132,12 @@ class LaunchCheck:
         return out, hidden, *casts
 
     def _backward(self, grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden,
-                  lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None):
+                  lora_scale, grad_input_precision, grad_output_q=None, lora_a_cast=None, lora_b_cast=None,
+                  input_q=None):
         with variants.trace() as routes:
             grads = self.inner["lora_linear_backward_cuda"](
                 grad_output, input, weight, weight_format, lora_a, lora_b, lora_input, lora_hidden, lora_scale,
-                grad_input_precision, grad_output_q, lora_a_cast, lora_b_cast)
+                grad_input_precision, grad_output_q, lora_a_cast, lora_b_cast, input_q)
         want = ref.lora_linear_backward_ref(grad_output, input, weight, weight_format, lora_a, lora_b, lora_input,
                                             lora_hidden, lora_scale, Compute(grad_input_precision), grad_output_q)
         shapes = f"dy {tuple(grad_output.shape)} -> dx {tuple(grads[0].shape)}"
