@@ -171,6 +171,7 @@ def compile(model: nn.Module, recipe: "str | Recipe" = "bf16", lora: Any = None,
     inductor = arch_name != CPU or cpu_backend(model) == "inductor"  # a misspelt SUROGATE_CPU_BACKEND stops here
     # Every check runs on the model as given, before anything changes it: a refused model is left as it was.
     _refuse_compiled(model)
+    _refuse_hf_checkpointing(model, checkpoint)
     if checkpoint:
         _check_checkpointable(model)
     config = _lora_config(model, lora)
@@ -358,14 +359,26 @@ def checkpointed_blocks(n_blocks: int, fraction: float) -> int:
     return min(n_blocks, max(1, math.floor(fraction * n_blocks + 0.5)))
 
 
+def _refuse_hf_checkpointing(model: nn.Module, checkpoint: "bool | str") -> None:
+    """Transformers' checkpointing wraps each block call in `torch.utils.checkpoint`, through which Dynamo captures
+    nothing: every LoRA linear would silently run eagerly. Surogate's own `checkpoint=True` saves the same memory."""
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return
+    # transformers 5.2x renamed it (the old name still works, with a FutureWarning)
+    off = "activation" if hasattr(model, "activation_checkpointing_disable") else "gradient"
+    if checkpoint:
+        raise ValueError("the model has Hugging Face gradient checkpointing on; with checkpoint=True surogate "
+                         f"checkpoints the blocks itself: call model.{off}_checkpointing_disable() first")
+    raise ValueError("the model has Hugging Face gradient checkpointing on, which torch.compile cannot capture (no "
+                     f"linear would be rewritten): call model.{off}_checkpointing_disable() first and pass "
+                     "checkpoint=True (surogate checkpoints the decoder blocks itself, the same memory saving)")
+
+
 def _check_checkpointable(model: nn.Module) -> None:
     blocks = _decoder_blocks(model, None)
     if not blocks:
         raise ValueError("checkpoint=True checkpoints the decoder blocks, but the model has no ModuleList of "
                          "blocks holding linears; pass checkpoint=False")
-    if any(getattr(b, "gradient_checkpointing", False) for b in blocks):
-        raise ValueError("the model has Hugging Face gradient checkpointing on; with checkpoint=True surogate "
-                         "checkpoints the blocks itself: call model.gradient_checkpointing_disable() first")
 
 
 def _check_dtype(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> None:

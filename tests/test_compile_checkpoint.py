@@ -116,8 +116,25 @@ def test_checkpoint_refuses_models_it_cannot_checkpoint():
         surogate.compile(NoBlocks(), arch="cpu", checkpoint=True)
     model = _qwen3()
     model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+    with pytest.raises(ValueError, match="_checkpointing_disable"):
         surogate.compile(model, arch="cpu", checkpoint=True)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_hugging_face_checkpointing_is_refused_without_checkpoint_too(use_reentrant):
+    """With transformers' checkpointing on, Dynamo captured no graph and every LoRA linear ran eagerly, with no
+    word (the report said "pending" after training): refused in one line, the model left as it came."""
+    model = _qwen3()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"_checkpointing_disable\(\) first and pass checkpoint=True"):
+        surogate.compile(model, arch="cpu")
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    model.gradient_checkpointing_disable()
+    compiled = surogate.compile(model, arch="cpu", checkpoint=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert len(compiled.surogate_report.rewritten) == 7
 
 
 def test_regional_checkpoint_same_numbers_less_kept_no_extra_compile():
