@@ -339,6 +339,9 @@ def _target_device(model: nn.Module, arch: str) -> "torch.device | None":
     if arch != CPU and "cuda" not in devices:
         if devices == {"cpu"} and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
+        if devices == {"cpu"}:  # compile would move it, but there is no GPU to move it to
+            raise ValueError(f"arch {arch} runs on a CUDA GPU, but torch sees none here (torch "
+                             f"{torch.__version__}); pass arch='cpu' to run the reference on the CPU")
         raise ValueError(f"arch {arch} needs the model on a CUDA device (or on the CPU, to be moved by compile); "
                          f"it is on {sorted(devices)}; pass arch='cpu' to run the reference on the CPU")
     return None

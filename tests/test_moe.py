@@ -277,7 +277,7 @@ def test_grouped_op_reading_rows_through_an_index_equals_the_gathered_copy():
 def test_a_cpu_model_for_a_gpu_arch_without_cuda_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = _base("qwen3_moe")
-    with pytest.raises(ValueError, match="arch sm_90 needs the model on a CUDA device .*pass arch='cpu'"):
+    with pytest.raises(ValueError, match="arch sm_90 runs on a CUDA GPU, but torch sees none here .*pass arch='cpu'"):
         surogate.compile(model, recipe="qnf4", arch="sm_90")
     assert not hasattr(model, "peft_config")
 
