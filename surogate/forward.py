@@ -59,6 +59,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
             with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
         check_labels(labels, vocab)
+        labels = unscored_after_padding(labels, attention_mask)
         kwargs.setdefault("use_cache", False)
         if refusal and kwargs.get("position_ids") is not None and attention_mask is None:
             raise ValueError(f"{type(hf).__name__} {refusal}; pad the examples instead of packing them "
@@ -239,6 +240,19 @@ def check_labels(labels: Tensor, vocab: "int | None") -> None:
     if bad.any():
         raise ValueError(f"labels hold {labels[bad][0].item()}: a label is a token id in [0, {vocab}) or "
                          f"{IGNORE_INDEX} (ignored); mask prompt and padding tokens with {IGNORE_INDEX}")
+
+
+def unscored_after_padding(labels: Tensor, attention_mask: "Tensor | None") -> Tensor:
+    """`labels` with -100 wherever the token before is padding (a 2-D mask's 0): the first real token of a
+    left-padded row. Its prediction comes from a padding position, which no implementation computes from the row:
+    HF's SDPA gives that row no attention at all, HF's eager attention spreads it over the whole row (the very
+    token it predicts included), surogate lets the padding attend to itself. So the loss equals HF's with that
+    label masked, whatever the attention. Right-padded and unpadded rows are unchanged. No host sync."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != labels.shape:
+        return labels
+    after_padding = torch.zeros_like(labels, dtype=torch.bool)
+    after_padding[:, 1:] = attention_mask[:, :-1] == 0
+    return labels.masked_fill(after_padding, IGNORE_INDEX)
 
 
 def _segments_into(kwargs: dict, attention_mask: "Tensor | None", input_ids: "Tensor | None",

@@ -86,6 +86,38 @@ def test_left_padded_loss_and_grads_match_hf_eager(name):
     assert torch.nn.functional.cosine_similarity(_lora_grads(compiled), _lora_grads(eager), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("chunked_loss", [True, False])
+def test_a_label_predicted_from_padding_is_not_scored(chunked_loss):
+    """Left padding with labels masked on the padding only (a collator's `labels[mask == 0] = -100`): the first
+    real token's prediction comes from a padding position, which HF's SDPA computes with no attention and its
+    eager attention from the whole row, the predicted token included (checked below: a leak). surogate does not
+    score it: the same loss and gradients as with that label masked, and those are HF's."""
+    compiled, eager = _pair("llama", chunked_loss=chunked_loss)
+    ids, mask, labels = _left_padded()
+    scored = torch.where(mask == 1, ids, -100)  # the first real token's label kept
+    assert not torch.equal(scored, labels)
+    loss = compiled(input_ids=ids, attention_mask=mask, labels=scored).loss
+    loss.backward()
+    grads = _lora_grads(compiled)
+    compiled.zero_grad()
+    masked = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+    masked.backward()
+    assert torch.equal(loss, masked) and torch.equal(grads, _lora_grads(compiled))
+    assert torch.equal(scored, torch.where(mask == 1, ids, -100))  # the caller's labels untouched
+    ref = eager(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-3
+    assert torch.nn.functional.cosine_similarity(grads, _lora_grads(eager), dim=0) > 0.999
+
+    leaky = copy.deepcopy(eager).float()
+    leaky.config._attn_implementation = "eager"
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % V  # the token the padding position predicts
+    with torch.no_grad():
+        at_pad = [leaky(input_ids=x, attention_mask=mask).logits[0, 4] for x in (ids, changed)]
+    assert (at_pad[0] - at_pad[1]).abs().max() > 1e-3  # HF eager's prediction there sees its own target
+
+
 def test_chunked_loss_off_keeps_padding_and_packed_rows():
     """chunked_loss=False runs HF's head and loss, but the attention still needs the segments of the mask and
     of packed position_ids, in training and in inference."""
