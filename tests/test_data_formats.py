@@ -740,6 +740,34 @@ def test_parquet_file(tmp_path, tok):
     assert len(train) == 1 and len(evaluation) == 1
 
 
+def test_a_bad_parquet_row_is_named_by_its_row_in_the_file_after_the_hold_out(tmp_path, tok):
+    """Files without line numbers name rows by position: after `val_set_size` took rows out, the position in the
+    train part named the wrong row (row 2 for the file's row 3)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "Q:", "completion": " A"}, {"prompt": "R:", "completion": " B"},
+            {"prompt": "S:", "completion": None}, {"prompt": "T:", "completion": " D"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    for seed in range(4):  # the held-out row differs with the seed; the bad row is row 3 in every split
+        cfg = cfg_for(tmp_path / "rows.parquet", val_set_size=1)
+        cfg.seed = seed
+        with pytest.raises(DataError, match=r"rows\.parquet row 3\b"):
+            load_splits(cfg, tok)
+    train, held = hold_out(read_rows(tmp_path / "rows.parquet"), 2, seed=0)
+    assert sorted([train.where(0), train.where(1), held.where(0), held.where(1)]) == [
+        f"{tmp_path / 'rows.parquet'} row {i}" for i in (1, 2, 3, 4)]
+
+
+def test_a_hold_out_larger_than_the_data_says_what_to_set(tmp_path):
+    rows = Rows("rows.jsonl", [{"text": "a"}] * 4, [1, 2, 3, 4])
+    with pytest.raises(DataError, match=r"^dataset\.val_set_size: 10 of 4 rows: 10 rows held out, 0 left to train on; "
+                                        r"both need at least one: set val_set_size between 1 and 3"):
+        hold_out(rows, 10, seed=0)
+    with pytest.raises(DataError, match=r"one row cannot be split"):
+        hold_out(Rows("one.jsonl", [{"text": "a"}], [1]), 0.5, seed=0)
+
+
 def test_parquet_without_pyarrow_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "rows.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError

@@ -540,7 +540,8 @@ def renamed(rows: Rows, columns: dict[str, str] | None) -> Rows:
     """`rows` with their fields renamed as `dataset.columns` says (your name -> the format's); the rest kept."""
     if not columns:
         return rows
-    return Rows(rows.source, [{columns.get(k, k): v for k, v in row.items()} for row in rows.rows], rows.lines)
+    return Rows(rows.source, [{columns.get(k, k): v for k, v in row.items()} for row in rows.rows], rows.lines,
+                rows.numbers)
 
 
 def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tuple[ExampleRows, ExampleRows | None]:

@@ -43,21 +43,27 @@ def require(module: str, why: str):
 
 @dataclass
 class Rows:
-    """Rows of one split and where each came from (`lines`: 1-based line in `source`, None: row numbers)."""
+    """Rows of one split and where each came from: `lines`, the 1-based line in `source` (text files); else
+    `numbers`, the 1-based row in `source` (None: the rows in order, as read), kept through a hold-out's `take`."""
 
     source: str
     rows: list[dict]
     lines: list[int] | None = None
+    numbers: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def where(self, i: int) -> str:
-        return f"{self.source}:{self.lines[i]}" if self.lines is not None else f"{self.source} row {i + 1}"
+        if self.lines is not None:
+            return f"{self.source}:{self.lines[i]}"
+        return f"{self.source} row {i + 1 if self.numbers is None else self.numbers[i]}"
 
     def take(self, index: list[int]) -> "Rows":
-        return Rows(self.source, [self.rows[i] for i in index],
-                    None if self.lines is None else [self.lines[i] for i in index])
+        if self.lines is not None:
+            return Rows(self.source, [self.rows[i] for i in index], [self.lines[i] for i in index])
+        numbers = self.numbers or range(1, len(self.rows) + 1)
+        return Rows(self.source, [self.rows[i] for i in index], None, [numbers[i] for i in index])
 
     def head(self, limit: int | None) -> "Rows":
         return self if limit is None or limit >= len(self) else self.take(list(range(limit)))
@@ -310,8 +316,11 @@ def hold_out(rows: Rows, size: float | int, seed: int) -> tuple[Rows, Rows]:
     n = len(rows)
     n_eval = math.ceil(size * n) if isinstance(size, float) else size
     if not 0 < n_eval < n:
-        raise DataError(f"dataset.val_set_size: {size} of {n} rows leaves {n - n_eval} to train on and {n_eval} "
-                        "to evaluate; both need at least one")
+        held = f"{n_eval} rows held out" if n_eval else "no row held out"
+        raise DataError(f"dataset.val_set_size: {size} of {n} rows: {held}, {max(n - n_eval, 0)} left to train on; "
+                        f"both need at least one: set val_set_size between 1 and {n - 1} (or a fraction)"
+                        if n > 1 else f"dataset.val_set_size: {size} of {n} row: one row cannot be split into a train "
+                        "and an eval part; add rows or set val_set_size: null")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return rows.take(sorted(order[n_eval:])), rows.take(sorted(order[:n_eval]))
 
