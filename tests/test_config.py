@@ -153,6 +153,14 @@ def test_errors_carry_the_file_name(tmp_path):
         load_config(p)
 
 
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("recipe: bf16\nmodel: a: b\n")  # an unquoted ': ' inside a value
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:9: not valid YAML: mapping values are not allowed here "
+                                          r"\(a value with ': ' or '#' in it needs quotes\)$"):
+        load_config(p)
+
+
 def test_non_mapping_yaml(tmp_path):
     p = tmp_path / "list.yaml"
     p.write_text("- a\n- b\n")

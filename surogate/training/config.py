@@ -584,6 +584,10 @@ def load_config(path: "str | os.PathLike | None" = None, overrides: list[str] | 
     except _DuplicateKey as e:
         raise ConfigError(f"{p}:{e}") from None
     except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped (0-based line and column)
+        if mark is not None and getattr(e, "problem", None):
+            raise ConfigError(f"{p}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {e.problem} (a value with "
+                              "': ' or '#' in it needs quotes)") from None
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
