@@ -160,6 +160,23 @@ def test_mlp_names_on_an_moe_model_say_where_its_experts_get_lora(tmp_path, cach
     assert "lora_target_parameters" not in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3"])
+def test_a_wrong_expert_target_is_one_line_before_the_model_loads(arch, tmp_path, cache, no_model_load, capsys):
+    """`lora_target_parameters` naming no parameter (the MoE's pieces, a dense model) gave compile's traceback after
+    the model loaded; one line from the config now, with the names it has. A comma-separated string is a list."""
+    model = save_tiny_model(tmp_path / arch, arch=arch)
+    config = _config(tmp_path, model, lora_target_parameters="experts.gate_proj, experts.down_proj", lora_dropout=0.0)
+    assert main(["train", config]) == 2
+    error = _one_line_error(capsys).rstrip()
+    assert error.startswith("surogate: error: ") and "lora_target_parameters: LoRA target_parameters " in error
+    if arch == "qwen3_moe":
+        assert "['experts.gate_proj'] match no parameter" in error
+        assert error.endswith("set names from that list, or [] for no expert LoRA")
+    else:
+        assert error.endswith("none (not a mixture-of-experts model); leave it out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_packing_on_a_model_whose_attention_cannot_keep_examples_apart_is_one_line(tmp_path, cache, no_model_load,
                                                                                     capsys):
     """Bloom keeps transformers' own attention masks and builds them without the row's position_ids (ALiBi), so

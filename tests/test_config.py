@@ -161,6 +161,17 @@ def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
         load_config(p)
 
 
+def test_targets_written_as_one_comma_separated_string_are_a_list():
+    """`lora_target_modules: q_proj, v_proj` is one YAML string: it matched no layer, and the error listed both
+    names among the model's layers."""
+    cfg = from_dict({"lora_target_modules": "q_proj, v_proj", "lora_dropout": 0.0,
+                     "lora_target_parameters": "experts.down_proj"})
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora_target_parameters == ["experts.down_proj"]
+    with pytest.raises(ConfigError, match=r"^lora_target_modules: expected a non-empty list"):
+        from_dict({"lora_target_modules": "q_proj,,v_proj"})
+
+
 def test_non_mapping_yaml(tmp_path):
     p = tmp_path / "list.yaml"
     p.write_text("- a\n- b\n")

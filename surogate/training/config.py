@@ -333,9 +333,13 @@ def _arch(key: str, v: Any) -> str | None:
         raise ConfigError(f"{key}: {e}") from None
 
 
+def _names(v: Any) -> Any:
+    """A string of names as a list: `q_proj, v_proj` (YAML reads it as one string) means [q_proj, v_proj]."""
+    return [name.strip() for name in v.split(",")] if isinstance(v, str) else v
+
+
 def _targets(key: str, v: Any) -> list[str]:
-    if isinstance(v, str):
-        v = [v]
+    v = _names(v)
     if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
         raise ConfigError(f"{key}: expected a non-empty list of module names like [q_proj, v_proj] "
                           f"(or 'all-linear'), got {v!r}")
@@ -345,8 +349,7 @@ def _targets(key: str, v: Any) -> list[str]:
 def _parameter_targets(key: str, v: Any) -> list[str] | None:
     if v is None:
         return None
-    if isinstance(v, str):
-        v = [v]
+    v = _names(v)
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         raise ConfigError(f"{key}: expected a list of parameter names like [experts.gate_up_proj, "
                           f"experts.down_proj], [] for none, or null for every expert of a MoE model; got {v!r}")

@@ -115,8 +115,13 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     means the model's own default targets (surogate.compile's rule: those of the list it has, with their
     companions, else every linear of its blocks), so it needs no match."""
     from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
-    from surogate.moe import expert_target_parameters
+    from surogate.moe import check_target_parameters, expert_target_parameters
 
+    try:  # the 3-D expert parameters: refused here in one line, not after the load by compile's traceback
+        check_target_parameters(model, cfg.lora_target_parameters)
+    except ValueError as e:
+        what = "set names from that list, or [] for no expert LoRA" if expert_target_parameters(model) else "leave it out"
+        raise ConfigError(f"lora_target_parameters: {e}; {what}") from None
     targets = cfg.lora_target_modules
     if targets == ["all-linear"]:
         return
