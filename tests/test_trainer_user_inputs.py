@@ -48,6 +48,18 @@ def _sigint_in(monkeypatch, module, name: str, when=lambda *args: True) -> None:
     monkeypatch.setattr(module, name, interrupted)
 
 
+def test_ctrl_c_during_the_first_imports_is_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (torch importing, the dependency check) gave a KeyboardInterrupt traceback."""
+    import surogate.compat
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surogate.compat, "check_dependencies", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "surogate: interrupted\n"
+
+
 def test_ctrl_c_during_the_final_eval_keeps_the_adapter_and_a_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
     """SIGINT in the final eval (was: the handler already gone, a KeyboardInterrupt, nothing saved) drops the
     eval at once, saves the trained adapter and the last step's checkpoint, says where, exits 130; the resume

@@ -134,7 +134,17 @@ def _error(e: Exception, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `surogate` console script; returns the exit status."""
+    """Entry point of the `surogate` console script; returns the exit status (130 on Ctrl-C, whenever it comes:
+    during the first seconds' imports too, which gave a traceback)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            print("surogate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     from surogate.compat import DependencyError, check_dependencies
 
@@ -159,10 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(e, 2)
     except FloatingPointError as e:  # a NaN / Inf loss (train.non_finite_loss_message): the run stopped
         return _error(e, 1)
-    except KeyboardInterrupt:
-        if _rank() == 0:
-            print("surogate: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
