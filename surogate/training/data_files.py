@@ -369,7 +369,9 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
     elif p.is_dir():
         eval_split = _default_eval_split(eval_split, eval_given, lambda s: split_file(p, s) is not None)
         files = [split_file(p, s) for s in (train_split, eval_split) if s is not None]
-        if files[0] is None and has_module("datasets"):
+        found = sorted({f.stem for f in p.iterdir() if f.is_file() and f.suffix in FILE_SUFFIXES})
+        layout = any(split_file(p, s) for s in ("train", "test", *EVAL_SPLIT_ALIASES))  # <split>.<ext> files
+        if files[0] is None and has_module("datasets") and not layout:
             files = []  # not <split>.<ext> files: datasets' load_dataset reads the folder
         names = (f"{source_key}.train_split", f"{source_key}.eval_split")
         for name, split, f in zip(names, (train_split, eval_split), files):
@@ -378,6 +380,7 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
                     f", nor a {' or '.join(EVAL_SPLIT_ALIASES)} split"
                 raise ConfigError(f"{name}: {p / (split + '.jsonl')} does not exist (nor {split}.json, "
                                   f"{split}.parquet, {split}.csv, {split}.tsv{aliases})"
+                                  + (f"; the folder's splits: {', '.join(found)}" if found else "")
                                   + (f"; set eval_split: null, or {source_key}.val_set_size to hold out part of train"
                                      if name.endswith("eval_split") else ""))
     elif looks_like_hub_id(path):
