@@ -117,8 +117,8 @@ def test_a_folder_without_test_evaluates_on_its_validation_split(tmp_path, name)
     (tmp_path / f"{name}.jsonl").write_text('{"text": "ho"}\n')
     assert from_dict({"dataset": {"path": str(tmp_path)}}).dataset.eval_split == name
     with pytest.raises(ConfigError, match=r"^dataset\.eval_split: .*test\.jsonl does not exist \(nor test\.json, "
-                                          rf"test\.parquet, test\.csv, test\.tsv\); the folder's splits: train, {name}; "
-                                          r"set eval_split: null"):
+                                          r"test\.parquet, test\.csv, test\.tsv\); "
+                                          rf"the folder's splits: train, {name}; set eval_split: null"):
         from_dict({"dataset": {"path": str(tmp_path), "eval_split": "test"}})
     # a mistyped train split names the folder's files too (was datasets' load_dataset error where it is installed)
     with pytest.raises(ConfigError, match=r"^dataset\.train_split: .*training\.jsonl does not exist \(nor "

@@ -117,10 +117,11 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
     from surogate.moe import check_target_parameters, expert_target_parameters
 
+    experts = expert_target_parameters(model)  # e.g. experts.gate_up_proj: the pieces gate, up
     try:  # the 3-D expert parameters: refused here in one line, not after the load by compile's traceback
         check_target_parameters(model, cfg.lora_target_parameters)
     except ValueError as e:
-        what = "set names from that list, or [] for no expert LoRA" if expert_target_parameters(model) else "leave it out"
+        what = "set names from that list, or [] for no expert LoRA" if experts else "leave it out"
         raise ConfigError(f"lora_target_parameters: {e}; {what}") from None
     targets = cfg.lora_target_modules
     if targets == ["all-linear"]:
@@ -129,7 +130,6 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     if not missing or list(targets) == list(DEFAULT_TARGETS):  # the default resolves to the model's own targets
         return
     verb = "matches" if len(missing) == 1 else "match"
-    experts = expert_target_parameters(model)  # e.g. experts.gate_up_proj: the pieces gate, up
     pieces = {p for e in experts for p in e.rsplit(".", 1)[-1].removesuffix("_proj").split("_")}
     hint = (f"; the experts are 3-D parameters that get LoRA through lora_target_parameters (by default "
             f"[{', '.join(experts)}], one pair per expert): leave those names out"
