@@ -76,6 +76,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(model_dir, tmp
     # metrics.jsonl lists every step once: the resumed run rewrote it from the checkpoint's log
     lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    elapsed = [r["elapsed_s"] for r in lines]
+    assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from the checkpoint's (it restarted at 0)
 
 
 def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(model_dir, tmp_path):

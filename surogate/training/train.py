@@ -345,6 +345,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
         t_train = time.perf_counter()
+        elapsed_before = history[-1].get("elapsed_s", 0.0) if history else 0.0  # a resumed run's clock goes on
         step, in_step = start - 1, False
         with StopOnInterrupt(log, info.distributed) as stop:
             try:
@@ -389,7 +390,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                         window_tokens, window_s = window_tokens + step_tokens, window_s + (now - t0)
                     tokens_total += step_tokens
                     record = {"step": step, "epoch": micro.epochs_done, "loss": step_loss, "lr": lr,
-                              "tokens": step_tokens, "elapsed_s": round(now - t_train, 3)}
+                              "tokens": step_tokens, "elapsed_s": round(elapsed_before + now - t_train, 3)}
                     history.append(record)
                     run_log.train(record)
                     if step == start or step % cfg.logging_steps == 0 or step == total:
