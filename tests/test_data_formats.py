@@ -511,6 +511,16 @@ def test_a_turn_marked_weight_0_or_train_false_is_read(tmp_path, tok):
         load_splits(cfg, tok)
 
 
+def test_a_number_as_a_turns_content_is_its_text_as_in_the_other_formats(tok):
+    """`"content": 4` (a math answer written as a JSON number) was refused, where prompt / completion / alpaca
+    fields take numbers as text; a boolean is still no content."""
+    numeric = [*CONVERSATION[:4], {"role": "assistant", "content": 4}]
+    assert tokenize_examples([{"messages": numeric}], "messages", tok, chat_template=CHATML_IN_TEST) == \
+        tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML_IN_TEST)
+    with pytest.raises(DataError, match=r"x: messages\[4\] must be an object with a role"):
+        check_row({"messages": [*CONVERSATION[:4], {"role": "assistant", "content": True}]}, FORMATS["messages"], "x")
+
+
 @pytest.mark.parametrize("row, expect", [
     ({"messages": [{"role": "assistant", "content": None}]},
      r": messages\[0\] must be an object with a role .* string content; a turn that only calls tools gives them as "

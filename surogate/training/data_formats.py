@@ -344,10 +344,12 @@ def _check_tools(tools, where: str) -> list[dict] | None:
 
 def _text(content, where: str) -> str | None:
     """A turn's content as one string: a string, or a list of text parts (`{"type": "text", "text": ...}`,
-    joined as chat templates join them); None for anything else. A part of another type (an image) is an
-    error that says so: these are text models."""
+    joined as chat templates join them), a number as its text (as the other formats take it: a math answer); None
+    for anything else. A part of another type (an image) is an error that says so: these are text models."""
     if isinstance(content, str):
         return content
+    if isinstance(content, (int, float)) and not isinstance(content, bool):
+        return str(content)
     if not isinstance(content, list) or not content or not all(isinstance(p, dict) for p in content):
         return None
     other = next((p.get("type") for p in content if p.get("type") != "text"), None)
