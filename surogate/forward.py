@@ -9,6 +9,7 @@ so whatever computes the loss (the chunked op or HF's own head and loss) needs t
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import inspect
 import types
@@ -56,7 +57,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
 
         hf_loss = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}  # HF's loss reads it
         if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
-            with attention.uninstalled(hf):  # inference / generation: transformers' masks and KV cache
+            with attention.uninstalled(hf), _eager_with_a_kv_cache(kwargs):  # inference: transformers' masks, cache
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
         check_labels(labels, vocab)
         labels = unscored_after_padding(labels, attention_mask)
@@ -226,6 +227,16 @@ def _arithmetic_around_the_head(hf: nn.Module, head: nn.Module, backbone: nn.Mod
                 return True, scales
         previous = instruction
     return False, scales
+
+
+def _eager_with_a_kv_cache(kwargs: dict) -> "contextlib.AbstractContextManager":
+    """Calls that use a KV cache (`generate()`'s) run the blocks eagerly: compiled, each new cache state (its
+    length, Gemma 2's sliding layers, the first call that fills it) recompiled a block, and a train / eval / generate
+    loop reached Dynamo's recompile limit (8), after which a new training shape ran eagerly too. Decoding a token
+    at a time gains little from the compiled blocks; training keeps its graphs."""
+    if kwargs.get("past_key_values") is None and not kwargs.get("use_cache"):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

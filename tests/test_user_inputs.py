@@ -118,6 +118,26 @@ def test_a_label_predicted_from_padding_is_not_scored(chunked_loss):
     assert (at_pad[0] - at_pad[1]).abs().max() > 1e-3  # HF eager's prediction there sees its own target
 
 
+@pytest.mark.parametrize("name", ["gemma2", "llama"])
+def test_generate_between_training_steps_compiles_nothing_and_decodes_as_peft(name):
+    """`generate()` (a KV cache) runs the blocks eagerly: compiled, every cache state recompiled a block, and a
+    Gemma-2 train / eval / generate loop reached Dynamo's recompile limit (8) in two rounds, a 15-line warning,
+    after which a new training shape would have run eagerly."""
+    from torch._dynamo.utils import counters
+
+    compiled, eager = _pair(name)
+    ids = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        with torch.no_grad():
+            out = compiled.generate(input_ids=ids[:1, :4], max_new_tokens=6, do_sample=False)
+            ref = eager.generate(input_ids=ids[:1, :4], max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, ref)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs  # neither generate nor the steps after it compiled
+
+
 def test_chunked_loss_off_keeps_padding_and_packed_rows():
     """chunked_loss=False runs HF's head and loss, but the attention still needs the segments of the mask and
     of packed position_ids, in training and in inference."""
