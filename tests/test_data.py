@@ -237,6 +237,28 @@ def test_labelled_bound_is_the_most_of_the_runs_own_batches(monkeypatch):
         packed.max_trained(3)
 
 
+def test_a_split_smaller_than_the_global_batch_splits_evenly_over_the_ranks():
+    """3 packed rows on 2 ranks of 2 (the bundled chat config under torchrun): the one short batch of 3 rows did
+    not split over 2 ranks and both ranks died at step 1 with a traceback. The short batch is now a whole number
+    per rank (2 rows; 1 left out of each epoch, reshuffled, as drop_last leaves rows out of larger splits); one
+    row for 2 ranks is refused in one line, before the model loads."""
+    from surogate.training import distributed, steps
+    from surogate.training.config import ConfigError, from_dict
+
+    rows = pack_examples([Example(list(range(1, 9)), list(range(1, 9))) for _ in range(3)], 8)
+    cfg = from_dict({"per_device_train_batch_size": 2})
+    micro = steps.MicroBatches(rows, cfg, world=2)
+    assert (micro.batch_size, micro.per_epoch, micro.left_out) == (2, 1, 1)
+    for _ in range(4):
+        batch = next(micro)
+        assert [len(distributed.shard(batch, rank, 2)["input_ids"]) for rank in (0, 1)] == [1, 1]
+    alone = steps.MicroBatches(rows, from_dict({"per_device_train_batch_size": 4}), world=1)
+    assert len(next(alone)["input_ids"]) == 3 and alone.left_out == 0  # one process takes the 3 rows, as before
+    assert len(next(steps.MicroBatches(rows, cfg, world=3))["input_ids"]) == 3  # 3 rows split over 3 ranks
+    with pytest.raises(ConfigError, match=r"^the train split has 1 row for 2 ranks, and every rank needs one"):
+        steps.MicroBatches(pack_examples([Example([1, 2, 3], [1, 2, 3])], 8), cfg, world=2)
+
+
 def test_first_fit_picks_the_lowest_row_with_room_as_a_scan_of_the_rows_does():
     """The packer's max-tree (`_FirstFit`, logarithmic) places every example where the plain first-fit scan
     of the open rows puts it (it was that scan: quadratic, minutes for 10^5 examples that nearly fill a row)."""

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 _FAILED_KEY = "surogate/failed"  # the first rank that fails writes its error here (see fail_fast)
+_STOP_GRACE_S = 5.0  # how long a rank that saw another fail waits for it to exit before exiting itself
 
 
 T = TypeVar("T")
@@ -123,6 +125,9 @@ class _Watchdog(threading.Thread):
             if self.stopped.is_set():
                 return
             print(f"[rank {self.rank}] stopping: {message}", file=sys.stderr, flush=True)
+            # The failing rank exits first, so that torchrun's summary names it as the root cause (this rank,
+            # exiting at once, was named instead); its agent then stops this one, or the exit below does.
+            time.sleep(_STOP_GRACE_S)
             os._exit(1)  # the main thread may sit in a collective that never returns
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from surogate.training import buckets, distributed
-from surogate.training.config import TrainConfig
+from surogate.training.config import ConfigError, TrainConfig
 from surogate.training.setup import Log, log_stderr
 
 
@@ -95,7 +95,13 @@ class MicroBatches:
         self.dataset, self.batch_size, self.seed = dataset, cfg.per_device_train_batch_size * world, cfg.seed
         self.world = world
         self.group_by_length = cfg.group_by_length
-        self.drop_last = len(dataset) >= self.batch_size
+        rows = len(dataset)
+        if rows < self.batch_size and rows % world:  # one short batch, which must split evenly over the ranks
+            if rows < world:
+                raise ConfigError(f"the train split has {rows} row{'s' if rows > 1 else ''} for {world} ranks, and "
+                                  "every rank needs one: add rows, or run on fewer processes")
+            self.batch_size = rows - rows % world  # the rest is left out of each epoch (reshuffled), as drop_last
+        self.drop_last = rows >= self.batch_size
         self.per_epoch = max(1, len(dataset) // self.batch_size if self.drop_last else 1)
         self.epoch, self.index = epoch, index
         self._it = None

@@ -212,6 +212,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         + ("" if eval_set is None else f", {counted(len(eval_set), 'eval row')}") + f" ({paths})")
     for line in train_set.log_lines() + ([] if eval_set is None else eval_set.log_lines()):
         log(line)  # examples left out or cut, per split and file
+    micro = steps.MicroBatches(train_set, cfg, world=world)  # before the model: a split too small for the ranks
     fingerprint = train_checks.data_fingerprint(train_set, cfg)
     state = None
     if resume_dir is not None:
@@ -240,11 +241,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     model, graphs, reduce_by_hand = _spread(core, cfg, info, device, log)
     wrapped = info.distributed and not reduce_by_hand  # DDP or FSDP: no_sync until the last micro-step
     if info.distributed:
-        rows = cfg.per_device_train_batch_size
-        log(f"distributed: {distributed.describe(model)}; {rows} rows per rank per micro-step, global micro-batch "
-            f"{world} x {rows} = {world * rows} rows; rank 0 logs and writes")
+        rows = min(micro.batch_size, len(train_set)) // world  # fewer than per_device_train_batch_size: a small split
+        log(f"distributed: {distributed.describe(model)}; {counted(rows, 'row')} per rank per micro-step, global "
+            f"micro-batch {world} x {rows} = {world * rows} rows; rank 0 logs and writes")
 
-    micro = steps.MicroBatches(train_set, cfg, world=world)
     if micro.left_out:
         log(f"data: an epoch is {counted(micro.per_epoch, 'micro-batch', 'micro-batches')} of "
             f"{counted(micro.batch_size, 'row')}, so {micro.left_out} of the {counted(len(train_set), 'row')} "
