@@ -139,7 +139,8 @@ def fail_fast(poll_s: float = 1.0) -> Iterator[None]:
     in the job's store (the first failure wins), and re-raises, so the process exits non-zero with
     its traceback. Every other rank inside `fail_fast` polls the store every `poll_s` seconds from a
     daemon thread; seeing the record, it prints it and exits with status 1 after a 5 s grace (the failing
-    rank exits first), even from inside a collective that would otherwise wait until the timeout (NCCL does not notice a dead peer).
+    rank exits first), even from inside a collective that would otherwise wait until the timeout (NCCL
+    does not notice a dead peer).
     Under torchrun the agent also stops the other workers when one exits non-zero, and reports the
     failing rank's error (decorate `main` with `torch.distributed.elastic.multiprocessing.errors.record`
     for the traceback in its summary); under `torch.multiprocessing.spawn`, `join` raises the error.
