@@ -311,6 +311,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     peft_model.surogate_plan = the_plan
     if offload is not None:
         peft_model.surogate_offload = offload  # its host buffers and copies (surogate/offload.py)
+    _refuse_hf_checkpointing_later(hf, undo.attributes, checkpoint)
     peft_model._surogate_compiled = True
     undo.attributes.set(hf, "_surogate_compiled", True)  # the model given, compiled again: AlreadyCompiledError
     attach_unload(peft_model, undo.unwrap())  # PEFT's merge on plain base layers, then the HF model as it was
@@ -375,6 +376,22 @@ def _refuse_hf_checkpointing(model: nn.Module, checkpoint: "bool | str") -> None
     raise ValueError("the model has Hugging Face gradient checkpointing on, which torch.compile cannot capture (no "
                      f"linear would be rewritten): call model.{off}_checkpointing_disable() first and pass "
                      "checkpoint=True (surogate checkpoints the decoder blocks itself, the same memory saving)")
+
+
+def _refuse_hf_checkpointing_later(hf: nn.Module, attributes: "_Attributes", checkpoint: "bool | str") -> None:
+    """Turning transformers' checkpointing on after `compile` is refused too: `Trainer` does it at `train()` for
+    `gradient_checkpointing=True` (TRL's `SFTConfig` sets it by default), and then the compiled blocks ran eagerly
+    without a word (0 graphs, every LoRA linear unfused), as `_refuse_hf_checkpointing` says."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        done = "surogate already checkpoints the blocks" if checkpoint else \
+            "for its memory saving pass checkpoint=True to surogate.compile"
+        raise ValueError("Hugging Face gradient checkpointing cannot run inside a model compiled by surogate (no "
+                         "linear would stay fused): set gradient_checkpointing=False in TrainingArguments / "
+                         f"SFTConfig (SFTConfig turns it on by default); {done}")
+
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        if hasattr(hf, name):
+            attributes.set(hf, name, refuse)
 
 
 def _check_checkpointable(model: nn.Module) -> None:

@@ -49,8 +49,21 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     weight = getattr(head, "weight", None)
     vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
     original = hf.forward
+    if own_attention and backbone is not hf:
+        _segment_direct_backbone_calls(backbone, needs)
+    positional = _positional_names(original)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, **kwargs):
+        """HF's forward, its signature and positional order kept (Trainer keeps the dataset columns it names)."""
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes {len(positional)} positional arguments but {len(args)} were given")
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument '{name}'")
+            kwargs[name] = value
+        return call(**kwargs)
+
+    def call(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         from surogate.ops.loss import lm_head_cross_entropy
@@ -76,18 +89,66 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0] if multiplier == 1.0 else out[0] * multiplier  # (h m) W^T = m (h W^T): the logit scale
         loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
-                                     num_items_in_batch=num_items_in_batch, max_trained=_bound(forward, labels))
+                                     num_items_in_batch=num_items_in_batch, max_trained=_bound(outer, labels))
         # No KV cache on this path (use_cache is off unless asked): the output carries none, and reading the
         # backbone's (`out.past_key_values`) is deprecated in transformers 5.
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    hf.forward = types.MethodType(forward, hf)
+    forward.__signature__ = _with_self(inspect.signature(original))
+    outer = _outside_an_outer_compile(forward)
+    hf.forward = types.MethodType(outer, hf)
     if not chunked:
         return
-    forward.max_trained = None  # set by bound_trained_tokens; it goes with the wrapper when the model is unloaded
+    outer.max_trained = None  # set by bound_trained_tokens; it goes with the wrapper when the model is unloaded
     what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
     report.note(f"{what} (softcap {softcap})" if softcap else f"{what} (logits x {multiplier:g})" if multiplier != 1
                 else what)
+
+
+def _positional_names(method: Callable) -> list[str]:
+    """The names `method` (HF's bound forward) binds positional arguments to, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(method).parameters.values() if p.kind in kinds]
+
+
+def _with_self(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` (a bound method's) with `self` in front: the wrapper is bound, and `inspect` drops its first
+    parameter. Trainer's `remove_unused_columns` keeps the dataset columns this names (it dropped `position_ids`,
+    the wrapper naming only input_ids, attention_mask and labels)."""
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return signature.replace(parameters=[this, *signature.parameters.values()])
+
+
+def _segment_direct_backbone_calls(backbone: nn.Module, needs: attention.MaskNeeds) -> None:
+    """Calls of the backbone itself (TRL's fused LM head runs `model.base_model(...)` with packed rows'
+    `position_ids`, skipping the CausalLM's forward) get the segment ids too, while surogate attention is
+    installed: without them its layers attended across the packed examples (0.4 nats off on a tiny Llama).
+    Calls from the wrapper above, which has put the segments in, and calls under `attention.uninstalled`
+    (inference, transformers' masks) pass through."""
+    inner = backbone.forward
+    config = getattr(backbone, "config", None)
+
+    def forward(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if (args or attention.SEGMENTS_KWARG in kwargs or kwargs.get("past_key_values") is not None
+                or getattr(config, "_attn_implementation", None) != attention.IMPLEMENTATION
+                or (kwargs.get("position_ids") is None and (mask is None or mask.dim() != 2))):
+            return inner(*args, **kwargs)
+        kwargs["attention_mask"] = _segments_into(kwargs, mask, kwargs.get("input_ids"), needs)
+        with attention.segments_sent(kwargs):
+            return inner(**kwargs)
+
+    backbone.forward = _outside_an_outer_compile(forward)
+
+
+def _outside_an_outer_compile(wrapper: Callable) -> Callable:
+    """`wrapper` run eagerly when the model is itself wrapped in `torch.compile` (Trainer's `torch_compile=True`,
+    accelerate's `torch.compile(model)`): Dynamo tracing through it failed on the blocks' `maybe_mark_dynamic`, and
+    would otherwise inline surogate's compiled blocks into a graph without its passes. The outer compile breaks
+    its graph here; the blocks inside run surogate's compiled code as they do without it."""
+    disabled = torch._dynamo.disable(wrapper)
+    disabled.__signature__ = inspect.signature(wrapper)  # what Trainer reads (`remove_unused_columns`)
+    return disabled
 
 
 def bound_trained_tokens(model: nn.Module, max_trained: "int | Callable[[int], int] | None") -> bool:

@@ -1,0 +1,76 @@
+"""A compiled model under Hugging Face `Trainer` / TRL's `SFTTrainer` (found by a new-user pass): the columns
+Trainer keeps, checkpointing Trainer turns on after `compile`, and the backbone called directly (TRL's fused LM
+head) with packed rows."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from test_user_inputs import _pair, _rel
+from test_compile_models import V
+
+
+def _packed(first: int = 9, second: int = 13):
+    """Two examples packed in one row with `position_ids` restarting at 0, and each alone."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(1, V, (1, first), generator=g), torch.randint(1, V, (1, second), generator=g)
+    positions = torch.cat([torch.arange(first), torch.arange(second)])[None]
+    return torch.cat([a, b], 1), positions, a, b
+
+
+def test_forward_keeps_hfs_signature_so_trainer_keeps_position_ids():
+    """Trainer's `remove_unused_columns` keeps the dataset columns the forward names: the wrapper named only
+    input_ids, attention_mask and labels, so a `position_ids` column (packed rows) was dropped silently."""
+    model, eager = _pair("llama")
+    hf, plain = model.get_base_model(), eager.get_base_model()
+    assert inspect.signature(hf.forward) == inspect.signature(plain.forward)
+    ids, positions, _, _ = _packed()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():  # HF's positional order: input_ids, attention_mask, position_ids
+        by_position = hf(ids, mask, positions, labels=ids).loss
+        by_name = hf(input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids).loss
+    assert by_position == by_name
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        hf(ids, input_ids=ids)
+
+
+@pytest.mark.parametrize("method", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_hf_checkpointing_turned_on_after_compile_is_refused(method):
+    """Trainer turns transformers' checkpointing on at `train()` (SFTConfig by default), after `compile`: the
+    blocks then ran eagerly without a word (0 graphs). Refused in one line; `merge_and_unload()` gives it back."""
+    model, _ = _pair("llama")
+    with pytest.raises(ValueError, match="set gradient_checkpointing=False in TrainingArguments"):
+        getattr(model, method)()
+    hf = model.merge_and_unload()
+    hf.activation_checkpointing_enable()
+    assert hf.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_backbone_called_directly_keeps_packed_examples_apart(name):
+    """TRL's fused LM head calls `model.base_model(...)` with packed rows' `position_ids`, past the CausalLM's
+    forward that computes the segments: each packed example attended to the one before it (0.4 nats off)."""
+    model, eager = _pair(name)
+    ids, positions, a, b = _packed()
+    with torch.no_grad():
+        packed = model.get_base_model().model(input_ids=ids, position_ids=positions).last_hidden_state
+        alone = eager.get_base_model().model(input_ids=b).last_hidden_state
+    assert _rel(packed[:, a.shape[1]:], alone) < 0.02
+
+
+def test_an_outer_torch_compile_runs_surogates_compiled_blocks():
+    """Trainer's `torch_compile=True` wraps the compiled model in `torch.compile` again: Dynamo traced into the
+    blocks and failed (`maybe_mark_dynamic` is forbidden there). The outer compile now breaks its graph at the
+    model's forward, which runs as without it: the same loss, no graph added to surogate's."""
+    model, _ = _pair("llama")
+    ids, positions, _, _ = _packed()
+    loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+    graphs = model.surogate_report.graphs
+    outer = torch.compile(model, backend="eager")
+    again = outer(input_ids=ids, position_ids=positions, labels=ids).loss
+    again.backward()
+    assert torch.equal(loss.detach(), again.detach())
+    assert model.surogate_report.graphs == graphs
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
