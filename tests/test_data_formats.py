@@ -338,12 +338,27 @@ def test_tool_call_turns_train_their_calls_and_read_the_results(tok):
     # a template that refuses the marked copy (roles must alternate once the call is taken out): the turn is
     # found from the end of the generation prompt to where the conversation cut after it stops matching
     assert _trained(chat_pieces(row["messages"], tok, MISTRAL_LIKE, "x")) == [
-        f"[TOOL_CALLS] [{call}]<|endoftext|>", "21 degrees.<|endoftext|>"]
+        f"[TOOL_CALLS] [{call}]<|endoftext|>", " 21 degrees.<|endoftext|>"]
     # text before the call and two calls in one turn: all of it trained, as one span
     both = [{**TOOL_CONVERSATION[1], "content": "Checking.", "tool_calls": TOOL_CONVERSATION[1]["tool_calls"] * 2}]
     row = check_row({"messages": [TOOL_CONVERSATION[0], *both]}, FORMATS["messages"], "x")
     assert _trained(chat_pieces(row["messages"], tok, QWEN3_LIKE, "x")) == [
         f"Checking.\n<tool_call>\n{call}\n</tool_call>\n<tool_call>\n{call}\n</tool_call><|im_end|>\n"]
+
+
+def test_a_space_the_template_writes_before_the_answer_is_trained_with_it(tok):
+    """Llama 2's and Mistral's templates write ' ' + content after '[/INST]', the end of the generation prompt: the
+    space was read and tokenized apart ('Ġ', 'He'), a sequence the whole text never gives and the model never
+    writes after '[/INST]'; it is the model's to write, so it trains with the answer, as the whole text's 'ĠHe'."""
+    template = ("{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
+                "{% else %}{{ ' ' + m.content | trim + eos_token }}{% endif %}{% endfor %}")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye"}]
+    assert _trained(chat_pieces(conv, tok, template, "x")) == [" Hello there<|endoftext|>", " Bye<|endoftext|>"]
+    ex = tokenize_examples([{"messages": conv}], "messages", tok, chat_template=template)[0]
+    assert ex.input_ids == enc(tok, tok.apply_chat_template(conv, chat_template=template, tokenize=False))
+    # ChatML's generation prompt ends where the content starts: nothing moves
+    assert _trained(chat_pieces(conv, tok, CHATML_IN_TEST, "x")) == ["Hello there<|im_end|>\n", "Bye<|im_end|>\n"]
 
 
 def test_tool_call_arguments_as_json_text_render_as_their_object(tok):

@@ -6,8 +6,10 @@ and end, so whatever lies between is the turn, whatever the template does around
 think block, a BOS). What else the turn holds besides its content (its tool calls, its reasoning:
 `GENERATED_KEYS`) is left out of the marked copy, so the span covers it too; where the template writes some
 of it before the content (Qwen3's think block), the span starts where the generation prompt ends: the model
-writes all of it at inference. A template that refuses the marked copy (it checks that a tool result
-follows a call: Mistral v3, gpt-oss) gets `_prefix_span`. The turn's end-of-turn text (ChatML's
+writes all of it at inference. So it does where the template writes only a space or newline between the two
+(Llama 2's and Mistral's ' ' + content): that is tokenized with the answer (' Hello', as in the whole text). A
+template that refuses the marked copy (it checks that a tool result follows a call: Mistral v3, gpt-oss) gets
+`_prefix_span`. The turn's end-of-turn text (ChatML's
 "<|im_end|>\\n", Llama 3's "<|eot_id|>") is what the template writes after the content of a conversation's
 last turn; it is trained with the turn, so the model learns to stop.
 """
@@ -155,6 +157,12 @@ def _marked_span(render: Callable[..., str], messages: list[dict], i: int, full:
         if not full.startswith(prompt):
             return None
         start = len(prompt)
+    elif start and full[start - 1].isspace():
+        # a space or newline between the generation prompt and the content (Llama 2's and Mistral's ' ' + content)
+        # is the model's to write: trained with the answer and tokenized with it (' Hello', not ' ' and 'Hello')
+        prompt = render(messages[:i], generation_prompt=True)
+        if full.startswith(prompt) and len(prompt) < start and not full[len(prompt):start].strip():
+            start = len(prompt)
     if end < start:
         return None
     last = render([*messages[:i], stand_in])
