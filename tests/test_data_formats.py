@@ -745,6 +745,24 @@ def test_csv_and_tsv_rows_train_as_their_jsonl_twins_and_name_their_line(tmp_pat
         read_rows(tmp_path / "wide.csv")
 
 
+def test_a_quoted_csv_cell_left_open_is_an_error_at_its_line_not_rows_swallowed(tmp_path):
+    """csv's lenient default read an unclosed quote's cell on through the next records (one row fewer, another's
+    text in this one's instruction) or to the file's end, silently: it is an error naming the record's line."""
+    (tmp_path / "open.csv").write_text('instruction,output\n"Add 2 and 3",5\n"Say hi,hi\n"Count",3\n')
+    with pytest.raises(DataError, match=r"open\.csv:3: not valid CSV \(.*\); a quoted cell must end with a quote"):
+        read_rows(tmp_path / "open.csv")
+    (tmp_path / "end.csv").write_text('text\ngood\n"never closed\nx\n')
+    with pytest.raises(DataError, match=r"end\.csv:3: not valid CSV \(unexpected end of data\)"):
+        read_rows(tmp_path / "end.csv")
+
+
+def test_a_jsonl_error_at_the_end_of_its_line_names_that_column(tmp_path):
+    """json read the line with its line break and placed an error at the line's end at column 1 (of the next line)."""
+    (tmp_path / "cut.jsonl").write_text('{"text": "a"}\n{"text": "bad", \r\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: not valid JSON \(.* at column 17\)"):
+        read_rows(tmp_path / "cut.jsonl")
+
+
 def test_single_file_has_no_eval_split(tmp_path):
     p = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}])
     with pytest.raises(ConfigError, match=r"^dataset\.eval_split: dataset\.path is one file .*val_set_size"):

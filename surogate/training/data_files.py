@@ -109,8 +109,8 @@ def read_jsonl_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows
                 raise _not_utf8(path, lineno, e) from None
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
+            try:  # without its line break: an error at the line's end is at its column, not at column 1 of the next
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({_json_error(e)}); expected one object per line") from None
             rows.append(_object(path, lineno, row))
@@ -173,10 +173,12 @@ def read_parquet_rows(path: "str | os.PathLike", limit: int | None = None) -> Ro
 def read_csv_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
     """A `.csv` (`.tsv`: tab-separated) file with a header row: each record as a dict of its cells (strings; an
     empty cell is ""), with the line it starts on (a quoted cell may span lines). A record with more cells than
-    the header has names is an error at its line; one with fewer has None in the rest (a missing field)."""
+    the header has names is an error at its line; one with fewer has None in the rest (a missing field). Read
+    strictly: a quoted cell left open swallowed the records after it into its text, silently (one row fewer)."""
     separator = "\t" if Path(path).suffix == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=separator)
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=separator, strict=True)
     rows, lines = [], []
+    start = 1
     try:
         if reader.fieldnames is None:
             return Rows(str(path), [], [])
@@ -192,7 +194,8 @@ def read_csv_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
             rows.append(row)
             lines.append(start)
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+        raise DataError(f"{path}:{start}: not valid CSV ({e}); a quoted cell must end with a quote followed by the "
+                        'separator or the line\'s end; write a quote inside it as ""') from None
     return Rows(str(path), rows, lines)
 
 
