@@ -580,6 +580,43 @@ def test_bos_added_once_and_never_a_target(tok):
     assert chat.input_ids.count(bos) == 1 and chat.input_ids[0] == bos and chat.labels[0] == X
 
 
+def _sentencepiece_like():
+    """A tokenizer as Llama 2's, Mistral's, TinyLlama's and Phi-3's: Metaspace (spaces as '▁', one '▁' put before a
+    text's start), no merge across a line break (SentencePiece's byte fallback), BOS <s>, EOS </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"]
+             for line in (Path(__file__).parents[1] / "surogate/data/gsm8k/train.jsonl").read_text().splitlines()[:300]]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace()])
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=list("<>|#:\n")))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tk.decoder = decoders.Metaspace(prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_pieces_are_the_whole_texts_tokens_without_a_space_before_each():
+    """Tokenized apart, every piece got the '▁' a SentencePiece tokenizer puts before a text: Alpaca's output and
+    each answer after '<|assistant|>\\n' trained as ' The ...' (a space the data does not have, learned at the
+    start of every answer) and a '▁' read before each later turn. The pieces are now the whole text's tokens cut
+    where they meet; where a token spans the meeting point they stay apart, as before."""
+    tok = _sentencepiece_like()
+    zephyr = ("{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content + eos_token + '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The sum is 5"},
+            {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Then 6"}]
+    ex = tokenize_examples([{"messages": conv}], "messages", tok, chat_template=zephyr)[0]
+    text = tok.apply_chat_template(conv, chat_template=zephyr, tokenize=False)
+    assert ex.input_ids == enc(tok, text) and tok.decode(ex.input_ids) == text
+    assert tok.decode([i for i, label in zip(ex.input_ids, ex.labels) if label != X]) == "The sum is 5</s>\nThen 6</s>\n"
+    row = {"instruction": "Add two and three", "input": "", "output": "The sum is 5"}
+    ex = tokenize_examples([row], "alpaca", tok)[0]
+    assert ex.input_ids[:-1] == enc(tok, "".join(t for t, _ in FORMATS["alpaca"].pieces(row)))
+    assert not tok.convert_ids_to_tokens([i for i in ex.labels if i != X])[0].startswith("▁")  # 'T', not '▁T'
+
+
 def test_no_bos_when_the_tokenizer_adds_none(tok):
     assert tok.bos_token_id is None
     ex = tokenize_examples([{"text": "ab"}], "text", tok)[0]

@@ -17,7 +17,8 @@ assistant turn's tool call, a row's `system` the system turn); a turn's content 
 parts (`[{"type": "text", "text": ...}]`, joined), as in newer chat datasets. An assistant turn may call tools
 (`tool_calls`, content null) and carry its reasoning (`reasoning_content`); a row's `tools` (a list, or its
 JSON text) go to the template.
-The pieces are tokenized apart, so a boundary between read and trained text is exact, then joined. The
+The pieces are the whole text's tokens cut where they meet (`_whole_text_pieces`); where a token spans a meeting
+point they are tokenized apart, so a boundary between read and trained text is exact, then joined. The
 tokenizer's start tokens (its BOS, when `add_special_tokens=True` puts one first, as Llama's and Mistral's
 do; Qwen's and GPT-2's add none) come first unless the text already starts with them (a chat template that
 writes its BOS); EOS comes last (see `tokenize_examples`).
@@ -28,6 +29,7 @@ trained assistant turns by `chat_template.chat_pieces`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import warnings
@@ -446,13 +448,15 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         per_row.append([(t, trained or job.train_on_inputs) for t, trained in pieces])
     flat = [t for pieces in per_row for t, _ in pieces]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    wholes = _whole_text_pieces(tokenizer, per_row)
     start = start_tokens(tokenizer)
-    for pieces, answered in zip(per_row, ends_answered):
+    for pieces, answered, whole in zip(per_row, ends_answered, wholes):
         ids: list[int] = []
         labels: list[int] = []
         last: list[int] = []
-        for _, trained in pieces:
-            last = next(encoded)
+        apart = [next(encoded) for _ in pieces]
+        for piece_ids, (_, trained) in zip(whole or apart, pieces):
+            last = piece_ids
             ids += last
             labels += last if trained else [IGNORE_INDEX] * len(last)
         if start:  # the start tokens once, never a target
@@ -466,6 +470,33 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         examples.append(Example(ids, labels))
     done.examples = FlatExamples.of(examples)
     return done
+
+
+def _whole_text_pieces(tokenizer, per_row: list[Pieces]) -> list[list[list[int]] | None]:
+    """Each row's pieces as the tokens of its whole text, cut where the pieces meet; None for a row where a token
+    spans a meeting point (ChatML's '\\n' + 'Hello' merged by a tokenizer), whose pieces are then tokenized apart, so
+    that the boundary stays exact. Apart alone, a SentencePiece tokenizer (Llama 2, Mistral, TinyLlama, Phi-3)
+    begins every piece with its '▁': 'Hello' after '<|assistant|>\\n' trained as '▁Hello', a space the text does
+    not have, and a '▁' read before each later turn. Slow tokenizers (no offsets) keep the pieces apart."""
+    several = [i for i, pieces in enumerate(per_row) if len(pieces) > 1]
+    out: list[list[list[int]] | None] = [None] * len(per_row)
+    if not several or not getattr(tokenizer, "is_fast", False):
+        return out
+    texts = ["".join(t for t, _ in per_row[i]) for i in several]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for i, ids, offsets in zip(several, enc["input_ids"], enc["offset_mapping"]):
+        starts = [a for a, _ in offsets]
+        cuts, at = [0], 0
+        for text, _ in per_row[i][:-1]:
+            at += len(text)
+            j = bisect.bisect_left(starts, at)  # the first token that starts at or after the meeting point
+            if j <= cuts[-1] or j == len(ids) or starts[j] != at or offsets[j - 1][1] != at:
+                break  # a token spans it, or a piece has no token of its own
+            cuts.append(j)
+        else:
+            cuts.append(len(ids))
+            out[i] = [ids[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    return out
 
 
 # --- several processes ---------------------------------------------------------------------------------
