@@ -610,7 +610,8 @@ def test_sentencepiece_pieces_are_the_whole_texts_tokens_without_a_space_before_
     ex = tokenize_examples([{"messages": conv}], "messages", tok, chat_template=zephyr)[0]
     text = tok.apply_chat_template(conv, chat_template=zephyr, tokenize=False)
     assert ex.input_ids == enc(tok, text) and tok.decode(ex.input_ids) == text
-    assert tok.decode([i for i, label in zip(ex.input_ids, ex.labels) if label != X]) == "The sum is 5</s>\nThen 6</s>\n"
+    trained = [i for i, label in zip(ex.input_ids, ex.labels) if label != X]
+    assert tok.decode(trained) == "The sum is 5</s>\nThen 6</s>\n"
     row = {"instruction": "Add two and three", "input": "", "output": "The sum is 5"}
     ex = tokenize_examples([row], "alpaca", tok)[0]
     assert ex.input_ids[:-1] == enc(tok, "".join(t for t, _ in FORMATS["alpaca"].pieces(row)))
