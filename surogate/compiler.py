@@ -404,9 +404,24 @@ def _check_checkpointable(model: nn.Module) -> None:
 def _check_dtype(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> None:
     for name, module in targets:
         weight = getattr(module, "weight", None)
+        if weight is not None and _quantized_by_a_loader(weight):
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
+            raise TypeError(f"{name} is a {kind} (weights stored as {weight.dtype}: the model was loaded with a "
+                            "quantization_config); surogate quantizes bf16 weights itself: call model.dequantize() "
+                            "on the transformers model before get_peft_model (or load it in bfloat16 without "
+                            f"quantization_config), then compile with recipe={recipe.name!r}"
+                            + (" (bitsandbytes' NF4 with double quantization)" if recipe.name == "qnf4" else ""))
         if weight is not None and weight.dtype != torch.bfloat16:
             raise TypeError(f"recipe {recipe.name!r} takes bfloat16 base weights, but {name} holds {weight.dtype}; "
                             "load the model with dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
+
+
+def _quantized_by_a_loader(weight: torch.Tensor) -> bool:
+    """Whether a target's base weight was quantized when the model loaded (bitsandbytes' Linear4bit / Linear8bitLt,
+    transformers' FP8Linear, GPTQ, AWQ...): integer or FP8 storage. For such a model "load it in bfloat16" is no
+    advice: it was, and the loader quantized it after."""
+    return not weight.dtype.is_floating_point or weight.dtype.itemsize == 1 or hasattr(weight, "quant_state")
 
 
 def _check_frozen(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:

@@ -94,6 +94,34 @@ def test_float32_model_is_refused_untouched_then_compiles_in_bf16():
     _train_one_step(surogate.compile(model, recipe="qfp8", arch="cpu"))
 
 
+def test_a_model_quantized_by_its_loader_is_refused_with_how_to_dequantize(tmp_path):
+    """A QLoRA script loads the model with bitsandbytes' `quantization_config` (its linears Linear4bit, weights
+    uint8): the dtype message said "load the model with dtype=torch.bfloat16", which the user had done. It names
+    the quantized layer and `model.dequantize()`, the model left as it came; after the dequantize it compiles."""
+    bnb = pytest.importorskip("bitsandbytes")  # in the test extras; the FP8 case below runs without it
+    _qwen3().save_pretrained(tmp_path)
+    config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.bfloat16)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    before = _shape(model)
+    with pytest.raises(TypeError, match=r"q_proj is a bitsandbytes Linear4bit \(weights stored as torch\.uint8: "
+                                        r"the model was loaded with a quantization_config\).*model\.dequantize\(\)"
+                                        r".*recipe='qnf4' \(bitsandbytes' NF4"):
+        surogate.compile(model, recipe="qnf4", arch="cpu")
+    assert _shape(model) == before and not isinstance(model, PeftModel)
+    _train_one_step(surogate.compile(model.dequantize(), recipe="qnf4", arch="cpu"))
+
+
+def test_fp8_stored_weights_are_refused_as_quantized_not_as_a_dtype():
+    """transformers' FP8 checkpoints (FP8Linear: float8_e4m3fn weights) are quantized by the loader, as above."""
+    model = _qwen3()
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.weight = nn.Parameter(proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(TypeError, match=r"q_proj is a torch Linear \(weights stored as torch\.float8_e4m3fn"):
+        surogate.compile(model, recipe="fp8", arch="cpu")
+
+
 def test_failure_after_the_checks_hands_the_model_back(monkeypatch):
     """A step past the checks that fails (here the third base-layer swap) undoes LoRA, swaps and flags."""
     model = _qwen3()
