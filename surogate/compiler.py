@@ -408,9 +408,10 @@ def _check_dtype(targets: list[tuple[str, nn.Module]], recipe: Recipe) -> None:
             base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             kind = f"{type(base).__module__.split('.')[0]} {type(base).__name__}"
             raise TypeError(f"{name} is a {kind} (weights stored as {weight.dtype}: the model was loaded with a "
-                            "quantization_config); surogate quantizes bf16 weights itself: call model.dequantize() "
-                            "on the transformers model before get_peft_model (or load it in bfloat16 without "
-                            f"quantization_config), then compile with recipe={recipe.name!r}"
+                            "quantization_config); surogate quantizes bf16 weights itself: call "
+                            "model.dequantize(dtype=torch.bfloat16) on the transformers model before get_peft_model "
+                            "(or load it in bfloat16 without quantization_config), then compile with "
+                            f"recipe={recipe.name!r}"
                             + (" (bitsandbytes' NF4 with double quantization)" if recipe.name == "qnf4" else ""))
         if weight is not None and weight.dtype != torch.bfloat16:
             raise TypeError(f"recipe {recipe.name!r} takes bfloat16 base weights, but {name} holds {weight.dtype}; "

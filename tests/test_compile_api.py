@@ -97,7 +97,7 @@ def test_float32_model_is_refused_untouched_then_compiles_in_bf16():
 def test_a_model_quantized_by_its_loader_is_refused_with_how_to_dequantize(tmp_path):
     """A QLoRA script loads the model with bitsandbytes' `quantization_config` (its linears Linear4bit, weights
     uint8): the dtype message said "load the model with dtype=torch.bfloat16", which the user had done. It names
-    the quantized layer and `model.dequantize()`, the model left as it came; after the dequantize it compiles."""
+    the quantized layer and `model.dequantize(dtype=...)`, the model left as it came; after the dequantize it compiles."""
     bnb = pytest.importorskip("bitsandbytes")  # in the test extras; the FP8 case below runs without it
     _qwen3().save_pretrained(tmp_path)
     config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -106,11 +106,11 @@ def test_a_model_quantized_by_its_loader_is_refused_with_how_to_dequantize(tmp_p
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     before = _shape(model)
     with pytest.raises(TypeError, match=r"q_proj is a bitsandbytes Linear4bit \(weights stored as torch\.uint8: "
-                                        r"the model was loaded with a quantization_config\).*model\.dequantize\(\)"
+                                        r"the model was loaded with a quantization_config\).*model\.dequantize\(dtype=torch\.bfloat16\)"
                                         r".*recipe='qnf4' \(bitsandbytes' NF4"):
         surogate.compile(model, recipe="qnf4", arch="cpu")
     assert _shape(model) == before and not isinstance(model, PeftModel)
-    _train_one_step(surogate.compile(model.dequantize(), recipe="qnf4", arch="cpu"))
+    _train_one_step(surogate.compile(model.dequantize(dtype=torch.bfloat16), recipe="qnf4", arch="cpu"))
 
 
 def test_fp8_stored_weights_are_refused_as_quantized_not_as_a_dtype():
@@ -330,3 +330,24 @@ def test_backend_puts_its_options_in_the_compile_cache_key(monkeypatch):
     assert seen[0] == seen[2] != seen[1] and all(t.startswith("mine+surogate-options-") for t in seen)
     assert seen[3] == seen[1]  # "auto" is keyed as what it decided (here: nothing to weigh, so rebuilt)
     assert all(type(p["post_grad_custom_post_pass"]).__name__ == "SurogatePostGrad" for p in patches)
+
+
+def test_the_trainer_dequantizes_a_checkpoint_stored_quantized(tmp_path, capsys):
+    """`surogate train` on a "-bnb-4bit" checkpoint: transformers loads it quantized whatever `dtype` says, and
+    compile then refused it (above), with advice a config cannot follow. The trainer dequantizes it on load, says
+    so, and hands the recipe bf16 weights equal to the dequantized NF4 ones."""
+    pytest.importorskip("bitsandbytes")
+    from surogate.training.config import from_dict
+    from surogate.training.setup import load_base_model
+
+    _qwen3().save_pretrained(tmp_path / "bf16")
+    config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = T.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=config,
+                                                       dtype=torch.bfloat16)
+    quantized.save_pretrained(tmp_path / "nf4")
+    expected = quantized.dequantize(dtype=torch.bfloat16).model.layers[0].mlp.up_proj.weight
+    model = load_base_model(from_dict({"model": str(tmp_path / "nf4")}), [0] * 100)
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is nn.Linear and up.weight.dtype == torch.bfloat16 and torch.equal(up.weight, expected)
+    assert "is stored quantized (bitsandbytes): dequantized to bf16 on load" in capsys.readouterr().out

@@ -81,10 +81,31 @@ def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.
 
         source = str(Path(cfg.model).expanduser()) if is_local_model(cfg.model) else cfg.model
         model = causal_lm_class(AutoConfig.from_pretrained(source)).from_pretrained(source, dtype=torch.bfloat16)
+        model = _dequantized(model, cfg.model)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:  # train_checks.check_vocab refuses it from the config; here for a config without
         raise ConfigError(vocab_message(len(tokenizer), vocab, cfg))  # vocab_size, or a caller that skips it
     return model
+
+
+def _dequantized(model: nn.Module, name: str) -> nn.Module:
+    """`model` in bf16 where its checkpoint is stored quantized (a "-bnb-4bit" upload, an FP8 one): transformers
+    loads such a checkpoint quantized whatever `dtype` says, and surogate's recipes quantize bf16 weights
+    themselves (`qnf4` is bitsandbytes' NF4), so the weights go back to bf16 on the host first."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    method = getattr(quantizer.quantization_config, "quant_method", "a quantization_config")
+    method = str(getattr(method, "value", method))  # transformers' QuantizationMethod enum: "bitsandbytes", "fp8"
+    try:
+        model = model.dequantize(dtype=torch.bfloat16)
+    except Exception as e:  # a method transformers cannot undo (GPTQ, AWQ, ...)
+        raise ConfigError(f"model: {name} is stored quantized ({method}), which transformers cannot turn back "
+                          f"into bf16 ({str(e).splitlines()[0]}); point `model` at the unquantized checkpoint "
+                          "(the recipe quantizes it)") from None
+    print(f"note: {name} is stored quantized ({method}): dequantized to bf16 on load; the recipe "
+          "quantizes it itself")
+    return model.to(torch.bfloat16)
 
 
 def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
