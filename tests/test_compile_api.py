@@ -97,7 +97,7 @@ def test_float32_model_is_refused_untouched_then_compiles_in_bf16():
 def test_a_model_quantized_by_its_loader_is_refused_with_how_to_dequantize(tmp_path):
     """A QLoRA script loads the model with bitsandbytes' `quantization_config` (its linears Linear4bit, weights
     uint8): the dtype message said "load the model with dtype=torch.bfloat16", which the user had done. It names
-    the quantized layer and `model.dequantize(dtype=...)`, the model left as it came; after the dequantize it compiles."""
+    the quantized layer and `model.dequantize(dtype=...)`, the model left as it came; dequantized, it compiles."""
     bnb = pytest.importorskip("bitsandbytes")  # in the test extras; the FP8 case below runs without it
     _qwen3().save_pretrained(tmp_path)
     config = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -106,8 +106,9 @@ def test_a_model_quantized_by_its_loader_is_refused_with_how_to_dequantize(tmp_p
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     before = _shape(model)
     with pytest.raises(TypeError, match=r"q_proj is a bitsandbytes Linear4bit \(weights stored as torch\.uint8: "
-                                        r"the model was loaded with a quantization_config\).*model\.dequantize\(dtype=torch\.bfloat16\)"
-                                        r".*recipe='qnf4' \(bitsandbytes' NF4"):
+                                        r"the model was loaded with a quantization_config\).*"
+                                        r"model\.dequantize\(dtype=torch\.bfloat16\).*"
+                                        r"recipe='qnf4' \(bitsandbytes' NF4"):
         surogate.compile(model, recipe="qnf4", arch="cpu")
     assert _shape(model) == before and not isinstance(model, PeftModel)
     _train_one_step(surogate.compile(model.dequantize(dtype=torch.bfloat16), recipe="qnf4", arch="cpu"))
