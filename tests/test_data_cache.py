@@ -78,6 +78,23 @@ def test_what_changes_the_examples_misses_the_cache(tmp_path, cache, tok, change
     assert len(list(cache.glob("examples-*.npz"))) == 2
 
 
+def test_a_slow_tokenizer_s_settings_are_part_of_the_key(tmp_path, cache):
+    """A Python (slow) tokenizer has no backend JSON: its settings (here `do_lower_case`) change its tokens as much
+    as its vocabulary, so the examples a run kept with the other setting must not be read back."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "</s>", "say", "hi", "ok", "?"]) + "\n")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "Say HI?", "completion": " ok"}) + "\n" for _ in range(6)))
+    cfg = from_dict({"dataset": {"path": str(path)}, "sequence_len": 64})
+    lower, _ = load_splits(cfg, BertTokenizerLegacy(str(vocab), do_lower_case=True, eos_token="</s>"))
+    lines: list[str] = []
+    cased, _ = load_splits(cfg, BertTokenizerLegacy(str(vocab), do_lower_case=False, eos_token="</s>"), lines.append)
+    assert any(line.startswith("data: tokenized 6 examples") for line in lines)
+    assert cased.input_ids != lower.input_ids  # [UNK] for 'Say' and 'HI', not 'say' and 'hi'
+
+
 def test_small_splits_and_cache_false_keep_nothing(tmp_path, cache, tok):
     load_splits(_cfg(_rows(tmp_path, n=3)), tok)  # under MIN_ROWS
     load_splits(_cfg(_rows(tmp_path, name="other.jsonl"), cache=False), tok)

@@ -49,12 +49,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+_WHERE_KEYS = ("name_or_path", "is_local", "local_files_only", "cache_dir", "_commit_hash")  # where, not what
+
+
 def _tokenizer_fingerprint(tokenizer) -> bytes:
-    """The tokenizer's whole definition (vocabulary, merges, normalizer, post-processor) as bytes."""
+    """The tokenizer's whole definition (vocabulary, merges, normalizer, post-processor) as bytes. A Python
+    (slow) tokenizer has no `backend_tokenizer`: its class and settings (`do_lower_case`, `strip_accents`, ...)
+    shape its tokens as much as its vocabulary does, so they are in the digest too, less the keys that say
+    where it was loaded from."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return backend.to_str().encode()
-    return json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                if k not in _WHERE_KEYS and not k.endswith("_file")}
+    return json.dumps([type(tokenizer).__qualname__, sorted(tokenizer.get_vocab().items()), settings],
+                      sort_keys=True, default=repr).encode()
 
 
 def cache_path(key: str) -> Path:
