@@ -45,7 +45,7 @@ from surogate.kernels.plan import plan
 from surogate.offload import BlockInputOffload
 from surogate.ops import attention, linear_attention
 from surogate.ops.modules import SurogateLinear, parameter_counts
-from surogate.unload import attach_unload
+from surogate.unload import attach_merge_guard, attach_unload
 from surogate.weight_packing import pack_shared_input_weights
 from surogate.passes import CompileReport, PassContext, run_pipeline
 from surogate.passes.post_grad import post_grad_pass
@@ -315,6 +315,8 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     peft_model._surogate_compiled = True
     undo.attributes.set(hf, "_surogate_compiled", True)  # the model given, compiled again: AlreadyCompiledError
     attach_unload(peft_model, undo.unwrap())  # PEFT's merge on plain base layers, then the HF model as it was
+    attach_merge_guard(peft_model, rec.name)
+    _check_added_adapters(peft_model)
     return peft_model
 
 
@@ -622,6 +624,19 @@ def _check_lora_fields(config: Any) -> None:
         if value != plain and not (plain is None and not value):
             raise ValueError(f"lora {field}={value!r} is not supported: surogate runs plain LoRA; drop {field} "
                              "(or train this variant with PEFT alone)")
+
+
+def _check_added_adapters(peft_model: nn.Module) -> None:
+    """Run `_check_lora_fields` on adapters added after compile (`add_adapter`): PEFT would attach DoRA etc. to the
+    SurogateLinear base layers, which ran unfused (bf16) or failed inside PEFT (q-recipes: no bf16 weight)."""
+    peft_method = peft_model.add_adapter
+
+    def add_adapter(adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> None:
+        _check_lora_fields(peft_config)
+        return peft_method(adapter_name, peft_config, *args, **kwargs)
+
+    add_adapter.__doc__ = peft_method.__doc__
+    peft_model.add_adapter = add_adapter
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -34,6 +34,27 @@ def attach_unload(peft_model: nn.Module, unwrap: Any) -> None:
         setattr(peft_model, name, method)
 
 
+def attach_merge_guard(peft_model: nn.Module, recipe: str) -> None:
+    """Refuse `merge_adapter()` where a LoRA layer's base is a `SurogateLinear` whose GEMMs read a quantized copy:
+    PEFT would add B @ A to the kept bf16 `weight` (fp8, fp4: the GEMMs never see it, so the adapter silently
+    dropped out of the outputs) or fail on the freed one (q-recipes: an AttributeError from inside PEFT)."""
+    from peft.tuners.lora import LoraLayer
+
+    peft_method = peft_model.base_model.merge_adapter
+
+    def merge_adapter(*args: Any, **kwargs: Any) -> None:
+        quantized = any(isinstance(getattr(m, "base_layer", None), SurogateLinear)
+                        and m.base_layer.weight_format != "bf16" for m in peft_model.modules() if isinstance(m, LoraLayer))
+        if quantized:
+            raise ValueError(f"merge_adapter() cannot merge into the base weights recipe {recipe!r} holds quantized; "
+                             "use merge_and_unload() (a plain model), or model.save_pretrained(dir) and "
+                             "surogate.merge(base_dir, dir, out_dir)")
+        return peft_method(*args, **kwargs)
+
+    merge_adapter.__doc__ = peft_method.__doc__
+    peft_model.merge_adapter = merge_adapter
+
+
 def plain_base_layers(model: nn.Module) -> int:
     """Put back, in place of every `SurogateLinear` base layer of `model`'s LoRA layers, a plain `nn.Linear`
     (`Conv1D` where the LoRA layer is `fan_in_fan_out`, GPT-2) holding its weight as the GEMMs see it: exact

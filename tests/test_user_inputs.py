@@ -183,6 +183,41 @@ def test_merge_and_unload_gives_the_plain_model_with_the_users_config(name, reci
     surogate.compile(merged, arch="cpu")
 
 
+@pytest.mark.parametrize("recipe", ["fp8", "qnf4"])
+def test_merge_adapter_into_quantized_base_weights_is_refused(recipe):
+    """fp8 keeps a bf16 weight that its GEMMs never read: PEFT's merge_adapter() added B @ A there and the
+    adapter silently left the outputs; qnf4 freed it and PEFT failed with an AttributeError from inside."""
+    compiled = surogate.compile(_model(), recipe=recipe, lora=LORA, arch="cpu")
+    ids, mask, labels = _left_padded()
+    with torch.no_grad():
+        before = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with pytest.raises(ValueError, match="merge_adapter\\(\\) cannot merge .* use merge_and_unload\\(\\)"):
+            compiled.merge_adapter()
+        assert torch.equal(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss, before)
+
+
+def test_merge_adapter_on_bf16_runs_peft_merge():
+    """The bf16 recipe's GEMMs read the weight PEFT merges into (packed views included): its merge is kept."""
+    compiled, eager = _pair("llama")
+    ids, mask, labels = _left_padded()
+    for model in (compiled, eager):
+        model.merge_adapter()
+    with torch.no_grad():
+        assert _rel(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                    eager(input_ids=ids, attention_mask=mask, labels=labels).loss) < 1e-3
+
+
+def test_an_adapter_variant_added_after_compile_is_refused_by_name():
+    """add_adapter after compile skipped compile's check: DoRA ran unfused (bf16) or failed inside PEFT on a
+    q-recipe's freed weight (TypeError: Input weight should be of type nn.Parameter)."""
+    compiled = surogate.compile(_model(), recipe="qnf4", lora=LORA, arch="cpu")
+    with pytest.raises(ValueError, match="lora use_dora=True is not supported"):
+        compiled.add_adapter("dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "dora" not in compiled.peft_config
+    compiled.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
+    assert "plain" in compiled.peft_config
+
+
 # --- LoRA options ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, linears", [
