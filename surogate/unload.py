@@ -37,18 +37,24 @@ def attach_unload(peft_model: nn.Module, unwrap: Any) -> None:
 def attach_merge_guard(peft_model: nn.Module, recipe: str) -> None:
     """Refuse `merge_adapter()` where a LoRA layer's base is a `SurogateLinear` whose GEMMs read a quantized copy:
     PEFT would add B @ A to the kept bf16 `weight` (fp8, fp4: the GEMMs never see it, so the adapter silently
-    dropped out of the outputs) or fail on the freed one (q-recipes: an AttributeError from inside PEFT)."""
+    dropped out of the outputs) or fail on the freed one (q-recipes: an AttributeError from inside PEFT). On bf16
+    PEFT's in-place merge reaches the packed buffers the GEMMs read; `safe_merge=True` assigns a new tensor, which
+    the packed q/k/v and gate/up never saw (measured: a loss between the base's and the merged one's)."""
     from peft.tuners.lora import LoraLayer
 
     peft_method = peft_model.base_model.merge_adapter
 
     def merge_adapter(*args: Any, **kwargs: Any) -> None:
-        quantized = any(isinstance(getattr(m, "base_layer", None), SurogateLinear)
-                        and m.base_layer.weight_format != "bf16" for m in peft_model.modules() if isinstance(m, LoraLayer))
-        if quantized:
+        formats = {m.base_layer.weight_format for m in peft_model.modules()
+                   if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), SurogateLinear)}
+        if formats - {"bf16"}:
             raise ValueError(f"merge_adapter() cannot merge into the base weights recipe {recipe!r} holds quantized; "
                              "use merge_and_unload() (a plain model), or model.save_pretrained(dir) and "
                              "surogate.merge(base_dir, dir, out_dir)")
+        if formats and kwargs.get("safe_merge", args[1] if len(args) > 1 else False):
+            raise ValueError("merge_adapter(safe_merge=True) puts a new weight tensor in place of the one the fused "
+                             "GEMMs read (q/k/v and gate/up packed in one buffer), so part of the merge would be "
+                             "lost; merge in place (safe_merge=False) or use merge_and_unload()")
         return peft_method(*args, **kwargs)
 
     merge_adapter.__doc__ = peft_method.__doc__

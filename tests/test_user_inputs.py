@@ -197,14 +197,21 @@ def test_merge_adapter_into_quantized_base_weights_is_refused(recipe):
 
 
 def test_merge_adapter_on_bf16_runs_peft_merge():
-    """The bf16 recipe's GEMMs read the weight PEFT merges into (packed views included): its merge is kept."""
+    """The bf16 recipe's GEMMs read the weight PEFT merges into in place (packed views included): its merge is
+    kept; safe_merge=True (a new tensor, which the packed buffers never see) is refused."""
     compiled, eager = _pair("llama")
     ids, mask, labels = _left_padded()
+    with torch.no_grad():
+        with compiled.disable_adapter():
+            base = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with pytest.raises(ValueError, match=r"merge_adapter\(safe_merge=True\) puts a new weight tensor"):
+            compiled.merge_adapter(safe_merge=True)  # the packed q/k/v, gate/up would keep the unmerged weights
     for model in (compiled, eager):
         model.merge_adapter()
     with torch.no_grad():
-        assert _rel(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss,
-                    eager(input_ids=ids, attention_mask=mask, labels=labels).loss) < 1e-3
+        merged = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert _rel(merged, eager(input_ids=ids, attention_mask=mask, labels=labels).loss) < 1e-3
+        assert _rel(merged, base) > 1e-3  # the adapter is in the outputs
 
 
 def test_an_adapter_variant_added_after_compile_is_refused_by_name():
