@@ -382,14 +382,15 @@ def _refuse_hf_checkpointing(model: nn.Module, checkpoint: "bool | str") -> None
 
 def _refuse_hf_checkpointing_later(hf: nn.Module, attributes: "_Attributes", checkpoint: "bool | str") -> None:
     """Turning transformers' checkpointing on after `compile` is refused too: `Trainer` does it at `train()` for
-    `gradient_checkpointing=True` (TRL's `SFTConfig` sets it by default), and then the compiled blocks ran eagerly
+    `gradient_checkpointing=True` (TRL's configs, `SFTConfig`, `DPOConfig`, `GRPOConfig`, ..., set it by default), and then the compiled blocks ran eagerly
     without a word (0 graphs, every LoRA linear unfused), as `_refuse_hf_checkpointing` says."""
     def refuse(*args: Any, **kwargs: Any) -> None:
         done = "surogate already checkpoints the blocks" if checkpoint else \
             "for its memory saving pass checkpoint=True to surogate.compile"
         raise ValueError("Hugging Face gradient checkpointing cannot run inside a model compiled by surogate (no "
-                         "linear would stay fused): set gradient_checkpointing=False in TrainingArguments / "
-                         f"SFTConfig (SFTConfig turns it on by default); {done}")
+                         "linear would stay fused): set gradient_checkpointing=False in TrainingArguments or "
+                         f"the TRL config (TRL's SFTConfig, DPOConfig, GRPOConfig, KTOConfig, RewardConfig turn it on "
+                         f"by default); {done}")
 
     for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         if hasattr(hf, name):

@@ -38,11 +38,13 @@ def test_forward_keeps_hfs_signature_so_trainer_keeps_position_ids():
 
 @pytest.mark.parametrize("method", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
 def test_hf_checkpointing_turned_on_after_compile_is_refused(method):
-    """Trainer turns transformers' checkpointing on at `train()` (SFTConfig by default), after `compile`: the
-    blocks then ran eagerly without a word (0 graphs). Refused in one line; `merge_and_unload()` gives it back."""
+    """Trainer turns transformers' checkpointing on at `train()` (every TRL config by default), after `compile`: the
+    blocks then ran eagerly without a word (0 graphs). Refused in one line that names the config a DPO or GRPO
+    user holds, not only SFTConfig; `merge_and_unload()` gives it back."""
     model, _ = _pair("llama")
-    with pytest.raises(ValueError, match="set gradient_checkpointing=False in TrainingArguments"):
+    with pytest.raises(ValueError, match="set gradient_checkpointing=False in TrainingArguments") as refused:
         getattr(model, method)()
+    assert "DPOConfig, GRPOConfig" in str(refused.value)
     hf = model.merge_and_unload()
     hf.activation_checkpointing_enable()
     assert hf.is_activation_checkpointing
@@ -74,3 +76,34 @@ def test_an_outer_torch_compile_runs_surogates_compiled_blocks():
     assert torch.equal(loss.detach(), again.detach())
     assert model.surogate_report.graphs == graphs
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_reference_adapter_and_disabled_adapter_match_peft():
+    """TRL's DPO, KTO and GRPO (beta > 0) score a reference with the same compiled model: a PeftModel given to them
+    gets a frozen copy of its adapter, "ref", added after `compile` and made active around the reference forward;
+    a model given with `peft_config` runs under `disable_adapter()`. Each state must be PEFT's, not the graph traced
+    for another (Dynamo guards on the active adapter and on `disable_adapters`)."""
+    model, eager = _pair("llama")
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    for m in (model, eager):
+        m.add_adapter("ref", m.peft_config["default"])
+        with torch.no_grad():
+            params = dict(m.named_parameters())
+            for name, p in params.items():
+                if ".default." in name:
+                    params[name.replace(".default.", ".ref.")].copy_(p)
+                    if "lora_B" in name:
+                        p.mul_(-2.0)  # the policy moved away from the reference
+    with torch.no_grad():
+        outputs = {}
+        for adapter in ("ref", "default", None, "ref"):
+            if adapter is None:
+                with model.disable_adapter(), eager.disable_adapter():
+                    got, want = model(input_ids=ids).logits, eager(input_ids=ids).logits
+            else:
+                model.set_adapter(adapter), eager.set_adapter(adapter)
+                got, want = model(input_ids=ids).logits, eager(input_ids=ids).logits
+            assert _rel(got, want) < 0.04, adapter  # bf16 rounding of the LoRA branch: 0.02
+            outputs[adapter] = want
+    # the three states are far apart, so a graph of one state served for another would fail the bound above
+    assert min(_rel(outputs[a], outputs[b]) for a, b in (("ref", "default"), ("ref", None), ("default", None))) > 0.2
