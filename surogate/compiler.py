@@ -317,7 +317,26 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     attach_unload(peft_model, undo.unwrap())  # PEFT's merge on plain base layers, then the HF model as it was
     attach_merge_guard(peft_model, rec.name)
     _check_added_adapters(peft_model)
+    _allow_more_call_kinds(report)
     return peft_model
+
+
+# Graphs Dynamo may keep per compiled function before it runs further kinds of call eagerly (its default: 8)
+RECOMPILE_LIMIT = 64
+
+
+def _allow_more_call_kinds(report: CompileReport) -> None:
+    """Raise Dynamo's `recompile_limit` (process-wide) to RECOMPILE_LIMIT. All decoder blocks of one class share
+    one compiled function, and each kind of call gets its own graph of it: with or without gradients, labels,
+    the adapter active, another one ("ref", TRL's DPO / KTO / GRPO reference), disabled. A DPO run with eval
+    used 7; the 9th kind ran every linear unfused, with only torch's one warning (the report still said
+    rewritten). Shapes do not add graphs (`dynamic`)."""
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        report.note(f"Dynamo's recompile_limit raised from {config.recompile_limit} to {RECOMPILE_LIMIT} "
+                    "(process-wide): each kind of call (grad or not, labels or not, adapter set or disabled) "
+                    "compiles the blocks once, and past the limit one would run unfused")
+        config.recompile_limit = RECOMPILE_LIMIT
 
 
 # --- checks -------------------------------------------------------------------------------------------
@@ -382,8 +401,9 @@ def _refuse_hf_checkpointing(model: nn.Module, checkpoint: "bool | str") -> None
 
 def _refuse_hf_checkpointing_later(hf: nn.Module, attributes: "_Attributes", checkpoint: "bool | str") -> None:
     """Turning transformers' checkpointing on after `compile` is refused too: `Trainer` does it at `train()` for
-    `gradient_checkpointing=True` (TRL's configs, `SFTConfig`, `DPOConfig`, `GRPOConfig`, ..., set it by default), and then the compiled blocks ran eagerly
-    without a word (0 graphs, every LoRA linear unfused), as `_refuse_hf_checkpointing` says."""
+    `gradient_checkpointing=True` (TRL's configs, `SFTConfig`, `DPOConfig`, `GRPOConfig`, ..., set it by default),
+    and then the compiled blocks ran eagerly without a word (0 graphs, every LoRA linear unfused), as
+    `_refuse_hf_checkpointing` says."""
     def refuse(*args: Any, **kwargs: Any) -> None:
         done = "surogate already checkpoints the blocks" if checkpoint else \
             "for its memory saving pass checkpoint=True to surogate.compile"
