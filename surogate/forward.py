@@ -80,7 +80,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
                              "(sample_packing: false)")
         if own_attention:
             attention_mask = _segments_into(kwargs, attention_mask, input_ids, needs)
-        if not chunked:
+        if not chunked or _router_aux_loss(config, kwargs):
             with attention.segments_sent(kwargs):
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss,
                                 **kwargs)
@@ -103,6 +103,17 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     what = "lm_head + cross-entropy: surogate::lm_head_ce_fused (gradients in the forward; eval: lm_head_ce), chunked"
     report.note(f"{what} (softcap {softcap})" if softcap else f"{what} (logits x {multiplier:g})" if multiplier != 1
                 else what)
+    if getattr(config, "output_router_logits", False):
+        report.note("router load-balancing loss on (output_router_logits): calls with labels run HF's lm_head and "
+                    "loss (full logits), which add it; set output_router_logits=False for the chunked head")
+
+
+def _router_aux_loss(config: object, kwargs: dict) -> bool:
+    """Whether HF's forward adds the MoE router's load-balancing loss to this call's loss (`output_router_logits`,
+    the call's or the config's): the chunked head returns the LM loss alone, so such calls run HF's head and loss
+    (full logits) instead of training the router without its balancing term."""
+    asked = kwargs.get("output_router_logits")
+    return bool(getattr(config, "output_router_logits", False) if asked is None else asked)
 
 
 def _positional_names(method: Callable) -> list[str]:

@@ -290,3 +290,27 @@ def test_nf4_experts_of_a_shape_nf4_cannot_hold_stay_with_peft_and_say_what_to_u
     report = str(compiled.surogate_report)
     assert "experts left as PEFT runs them (2)" in report and "divisible by 64 (got 32 and 16); use qfp8" in report
     assert not any(isinstance(m, SurogateExperts) for m in compiled.modules())
+
+
+def test_the_router_load_balancing_loss_is_in_the_loss_when_the_config_asks_for_it():
+    """`output_router_logits=True` makes HF add `router_aux_loss_coef * aux` to the loss; the chunked head returned
+    the LM loss alone (Mixtral / Qwen3-MoE: 6.26 against HF's 7.27), so the router trained without balancing."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = CONFIGS["qwen3_moe"]()
+    config.output_router_logits, config.router_aux_loss_coef = True, 0.5
+    base = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    peft = get_peft_model(base, LoraConfig(**LORA, target_modules=["q_proj", "v_proj", "gate"]))
+    compiled = surogate.compile(copy.deepcopy(peft), recipe="bf16", arch="cpu")
+    ids = _ids()
+    want = peft(input_ids=ids, labels=ids)
+    got = compiled(input_ids=ids, labels=ids)
+    assert want.aux_loss > 1.0  # the term is large enough that leaving it out cannot pass
+    assert abs(got.loss.item() - want.loss.item()) < 0.01 * want.loss.item()
+    want.loss.backward()
+    got.loss.backward()
+    router = [n for n, p in peft.named_parameters() if ".gate.lora_B" in n]
+    grads = dict(compiled.named_parameters())
+    for n in router:
+        assert _rel(grads[n].grad.float(), dict(peft.named_parameters())[n].grad.float()) < 0.1, n
