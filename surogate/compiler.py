@@ -330,7 +330,7 @@ def _allow_more_call_kinds(report: CompileReport) -> None:
     one compiled function, and each kind of call gets its own graph of it: with or without gradients, labels,
     the adapter active, another one ("ref", TRL's DPO / KTO / GRPO reference), disabled. A DPO run with eval
     used 7; the 9th kind ran every linear unfused, with only torch's one warning (the report still said
-    rewritten). Shapes do not add graphs (`dynamic`)."""
+    rewritten). Shapes add few (`dynamic`): a plain loop over nine batch shapes, sizes 1 among them, made 4."""
     config = torch._dynamo.config
     if config.recompile_limit < RECOMPILE_LIMIT:
         report.note(f"Dynamo's recompile_limit raised from {config.recompile_limit} to {RECOMPILE_LIMIT} "
