@@ -2,7 +2,8 @@
 
     model = surogate.compile(model, recipe="qfp8")
 
-Submodules are imported lazily so that `import surogate` stays cheap and free of side effects.
+Submodules are imported lazily so that `import surogate` stays cheap; its one side effect is an import hook
+that keeps bitsandbytes' first import off the network (`compat.bitsandbytes_imports_offline`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 from surogate import recipes  # noqa: E402  (pure data, cheap)
+from surogate.compat import bitsandbytes_imports_offline  # noqa: E402  (standard library only)
+
+bitsandbytes_imports_offline()  # no Hub fetch when PEFT imports bitsandbytes later (compat says why)
 
 _LAZY = {
     "formats": ("surogate.ops.formats", None),

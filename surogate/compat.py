@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
 import importlib.util
 import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 
 def triton_interpreting() -> bool:
@@ -266,6 +268,43 @@ def import_bitsandbytes_offline() -> None:
     """
     if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
         return
+    with _hub_kernels_refused():
+        import bitsandbytes  # noqa: F401
+
+
+def bitsandbytes_imports_offline() -> None:
+    """Make bitsandbytes' first import, whoever makes it, run as `import_bitsandbytes_offline` does: `import
+    surogate` installs this (an import hook: no import of torch or bitsandbytes now). The usual script imports
+    surogate, then calls PEFT's `get_peft_model`, which imports bitsandbytes before `surogate.compile` runs."""
+    if "bitsandbytes" in sys.modules or any(isinstance(f, _OfflineBitsandbytes) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _OfflineBitsandbytes())
+
+
+class _OfflineBitsandbytes(importlib.abc.MetaPathFinder):
+    """Finds bitsandbytes as the other finders do, and runs its module under `_hub_kernels_refused` (the
+    submodules it imports while it runs included). It removes itself at that first import."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "bitsandbytes":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            with _hub_kernels_refused():
+                run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+@contextlib.contextmanager
+def _hub_kernels_refused():
+    """`kernels.get_kernel` raising, and bitsandbytes' "gemm_4bit_forward" warning dropped, while it lasts."""
     try:
         import kernels
     except ImportError:  # bitsandbytes then warns that `kernels` is missing: the same warning, dropped below
@@ -283,7 +322,7 @@ def import_bitsandbytes_offline() -> None:
         kernels.get_kernel = refuse
     logger.addFilter(keep)
     try:
-        import bitsandbytes  # noqa: F401
+        yield
     finally:
         logger.removeFilter(keep)
         if fetch is not None:

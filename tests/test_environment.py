@@ -56,12 +56,16 @@ PROBE = textwrap.dedent('''
     if sys.argv[1] == "surogate":
         import surogate.compiler
         import peft
+    elif sys.argv[1] == "surogate-then-peft":  # a script's order: PEFT imports bitsandbytes before any compile
+        import surogate
+        import peft
+        assert "bitsandbytes" in sys.modules and "surogate.compiler" not in sys.modules
     import bitsandbytes
     print("fetches:", calls)
 ''')
 
 
-@pytest.mark.parametrize("first", ["bitsandbytes", "surogate"])
+@pytest.mark.parametrize("first", ["bitsandbytes", "surogate", "surogate-then-peft"])
 def test_importing_surogate_fetches_no_hub_kernel(first, tmp_path):
     pytest.importorskip("bitsandbytes")  # the test extra installs it
     probe = tmp_path / "probe.py"
