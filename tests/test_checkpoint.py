@@ -170,6 +170,29 @@ def test_interrupt_while_saving_leaves_no_checkpoint(model_dir, tmp_path, monkey
     assert not list(out.glob(".checkpoint-*"))
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoint(model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """torch.save on a full disk raises "unexpected pos ..." (a RuntimeError): the command said only that, in a
+    traceback. Now one line names the checkpoint, the free space and the one to resume from; exit status 1."""
+    from surogate.training.cli import main
+
+    out = tmp_path / "run"
+    cfg = tiny_raw_config(model_dir, out, max_steps=3, save_steps=1, eval_steps=None, dataset={"eval_split": None})
+    real_save = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        if Path(path).parent.name == ".checkpoint-2.tmp":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 295360 vs 295252")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["train", write_config(tmp_path / "cfg.yaml", cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"surogate: error: checkpoint: could not write {out / 'checkpoint-2'} ([enforce fail")
+    assert "MB free there); free space or write to another output_dir, then resume from checkpoint-1" in err
+    assert checkpoint.latest(out) == out / "checkpoint-1" and not list(out.glob(".checkpoint-*"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, tmp_path, monkeypatch, capsys, sig):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) during a step: the step finishes, a checkpoint of
@@ -250,6 +273,19 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with weight_decay: 0.0, "
                                           r"the config has 0.5"):
         train(_cfg(model_dir, out, weight_decay=0.5, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
+
+
+@pytest.mark.parametrize("shape", [{"num_hidden_layers": 2}, {"hidden_size": 64}])
+def test_resume_on_another_model_is_one_config_error(model_dir, tmp_path, shape):
+    """A resume whose `model:` changed to another model of the same tokenizer passes the checks before the load;
+    its adapter then does not fit: one line naming a tensor that differs, not PEFT's traceback."""
+    out = tmp_path / "run"
+    train(_cfg(model_dir, out, max_steps=1, save_steps=1, eval_steps=None, dataset={"eval_split": None}), log=_quiet)
+    other = save_tiny_model(tmp_path / "other", **shape)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1's adapter does not fit this "
+                                          r"model's LoRA layers \((\d+ LoRA tensors differ|.* is \[)[^\n]*$"):
+        train(_cfg(other, out, max_steps=2, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)
 
 

@@ -13,8 +13,9 @@ MAX_POSITIONS = 256
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
-    """A 1-layer, hidden-32 causal LM in bf16 with the default tokenizer's vocabulary, saved to `path`."""
+def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0, **shape_overrides: int) -> Path:
+    """A 1-layer, hidden-32 causal LM in bf16 with the default tokenizer's vocabulary, saved to `path`
+    (`shape_overrides`, e.g. num_hidden_layers=2: another model of the same tokenizer)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE
@@ -22,7 +23,7 @@ def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     shape = {"vocab_size": DEFAULT_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-             "max_position_embeddings": MAX_POSITIONS, "initializer_range": 0.1}
+             "max_position_embeddings": MAX_POSITIONS, "initializer_range": 0.1, **shape_overrides}
     if arch == "qwen3_moe":  # 4 experts of 16, top-2
         config = Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     else:

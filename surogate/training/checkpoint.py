@@ -34,6 +34,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from surogate.training.config import ConfigError
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -144,11 +146,31 @@ def save(output_dir: "str | os.PathLike", step: int, model, optimizer, scheduler
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save's is "unexpected pos 295360 vs 295252"
+        raise CheckpointWriteError(_write_failure(final, e)) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder turned read-only): `surogate train` prints it as
+    one line and exits with status 1; the temporary folder is removed, the earlier checkpoints stay."""
+
+
+def _write_failure(final: Path, e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = (text[0] if text else type(e).__name__)[:200]
+    try:
+        free = f"; {shutil.disk_usage(final.parent).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = ""
+    kept = latest(final.parent)
+    return (f"checkpoint: could not write {final} ({first}{free}); free space or write to another output_dir, then "
+            + (f"resume from {kept.name} with --set resume_from_checkpoint=true" if kept is not None
+               else "run again (no checkpoint was kept)"))
 
 
 def rotate(output_dir: "str | os.PathLike", keep: int, protect: "str | os.PathLike | None" = None) -> list[Path]:
@@ -184,16 +206,39 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
         return read_state(d)
     saved = load_file(str(d / ADAPTER_WEIGHTS))
     peft_model = find_peft_model(model)
-    result = set_peft_model_state_dict(peft_model, saved)
-    loaded = adapter_state_dict(peft_model)
-    if getattr(result, "unexpected_keys", None) or set(loaded) != set(saved) or not all(
-            torch.equal(loaded[k], saved[k].to(loaded[k].dtype)) for k in saved):
-        raise RuntimeError(f"{d / ADAPTER_WEIGHTS} does not fit this model's LoRA layers (different targets or "
-                           "rank?); resume with the config the checkpoint was trained with")
+    mismatch = _adapter_mismatch(saved, adapter_state_dict(peft_model))
+    if mismatch is None:
+        result = set_peft_model_state_dict(peft_model, saved)
+        loaded = adapter_state_dict(peft_model)
+        if getattr(result, "unexpected_keys", None) or set(loaded) != set(saved) or not all(
+                torch.equal(loaded[k], saved[k].to(loaded[k].dtype)) for k in saved):
+            mismatch = "its weights did not load"
+    if mismatch is not None:
+        # a ConfigError (one line, exit 2): a resume with another model of the same tokenizer passes every check
+        # before the load, and PEFT's own error was a traceback of one size-mismatch line per layer
+        raise ConfigError(f"resume_from_checkpoint: {d.name}'s adapter does not fit this model's LoRA layers "
+                          f"({mismatch}); resume with the model and LoRA settings it was trained with, or start a "
+                          "new run in another output_dir")
     optimizer.load_state_dict(torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     _follow_schedule(optimizer, scheduler)
     return read_state(d)
+
+
+def _adapter_mismatch(saved: dict, here: dict) -> str | None:
+    """What keeps a checkpoint's adapter tensors `saved` from loading into this model's (`here`, same names,
+    PEFT's saved form): a missing or extra layer (another model's depth, other targets) or another shape
+    (another model's width, another rank); None when they fit."""
+    missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    if missing or extra:
+        name, where = (missing[0], "this model has it, the checkpoint not") if missing else (
+            extra[0], "the checkpoint has it, this model not")
+        return f"{len(missing) + len(extra)} LoRA tensors differ, e.g. {name}: {where}"
+    for name in sorted(saved):
+        if tuple(saved[name].shape) != tuple(here[name].shape):
+            return (f"{name} is {list(saved[name].shape)} in the checkpoint, {list(here[name].shape)} here: "
+                    "another model or lora_rank")
+    return None
 
 
 def _follow_schedule(optimizer, scheduler) -> None:

@@ -153,6 +153,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except DependencyError as e:
         return _error(e, 2)
     from surogate.recipes import RecipeNotSupportedError
+    from surogate.training.checkpoint import CheckpointWriteError
     from surogate.training.config import ConfigError
 
     try:
@@ -168,6 +169,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except (ConfigError, RecipeNotSupportedError, FileNotFoundError) as e:
         return _error(e, 2)
     except FloatingPointError as e:  # a NaN / Inf loss (train.non_finite_loss_message): the run stopped
+        return _error(e, 1)
+    except CheckpointWriteError as e:  # a full disk while saving: the earlier checkpoints stay
         return _error(e, 1)
 
 
