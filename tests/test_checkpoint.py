@@ -101,6 +101,17 @@ def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(m
     assert (tmp_path / "grow" / "metrics.jsonl").read_text() == metrics
 
 
+def test_the_last_step_is_checkpointed_so_a_finished_run_can_be_extended(model_dir, tmp_path):
+    """save_steps 2 over 3 steps: checkpoint-3 too (as HF's Trainer), else more max_steps could not go on from step 3."""
+    out = tmp_path / "run"
+    extra = {"eval_steps": None, "save_steps": 2, "dataset": {"eval_split": None}}
+    train(_cfg(model_dir, out, max_steps=3, **extra), log=_quiet)
+    assert [step for step, _ in checkpoint.list_checkpoints(out)] == [2, 3]
+    lines: list[str] = []
+    train(_cfg(model_dir, out, max_steps=4, resume_from_checkpoint=True, **extra), log=lines.append)
+    assert any(line.startswith(f"resumed from {out / 'checkpoint-3'}: step 3 of 4 done") for line in lines)
+
+
 def test_the_log_says_how_many_rows_an_epoch_leaves_out(model_dir, tmp_path):
     """8 examples -> 7 packed rows -> 3 micro-batches of 2 an epoch: 1 row waits for the next epoch's shuffle,
     and the log says so (it was left out without a word)."""

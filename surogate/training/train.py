@@ -401,7 +401,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                         window_tokens, window_s = 0, 0.0
                     if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
                         run_eval(step)
-                    if cfg.save_steps and step % cfg.save_steps == 0:
+                    # and the last step, as HF's Trainer does: a run of 9 steps with save_steps 4 left no checkpoint of
+                    # its end, so it could not be extended (more max_steps or num_epochs) without losing step 9
+                    if cfg.save_steps and (step % cfg.save_steps == 0 or step == total):
                         log(f"checkpoint: {save_checkpoint(step)}")
                     if on_step is not None:
                         on_step(dict(record))

@@ -201,7 +201,7 @@ def resume_path(cfg: TrainConfig) -> Path | None:
         found = checkpoint.latest(Path(cfg.output_dir).expanduser())
         if found is None:
             raise ConfigError(f"resume_from_checkpoint: true, but {cfg.output_dir!r} holds no checkpoint-<step>/ "
-                              "folder; drop the key to start a new run")
+                              "folder (a run writes them with save_steps); drop the key to start a new run")
         return found
     path = Path(value).expanduser()
     if not checkpoint.is_checkpoint(path):
