@@ -102,7 +102,8 @@ def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(m
 
 
 def test_the_last_step_is_checkpointed_so_a_finished_run_can_be_extended(model_dir, tmp_path):
-    """save_steps 2 over 3 steps: checkpoint-3 too (as HF's Trainer), else more max_steps could not go on from step 3."""
+    """save_steps 2 over 3 steps: checkpoint-3 too (as HF's Trainer), else more max_steps could not go on from
+    step 3."""
     out = tmp_path / "run"
     extra = {"eval_steps": None, "save_steps": 2, "dataset": {"eval_split": None}}
     train(_cfg(model_dir, out, max_steps=3, **extra), log=_quiet)

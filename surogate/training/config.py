@@ -81,7 +81,7 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int | None = None  # None: evaluate before the first step and at the end only
     eval_on_start: bool = True  # evaluate before the first step (step 0)
-    save_steps: int | None = None  # write output_dir/checkpoint-<step>/ every N steps and the last (and on Ctrl-C always)
+    save_steps: int | None = None  # output_dir/checkpoint-<step>/ every N steps and the last (on Ctrl-C always)
     save_total_limit: int | None = None  # keep the N newest checkpoints
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true: the latest in output_dir
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
