@@ -355,6 +355,42 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
         from_dict({key: value})
 
 
+@pytest.mark.parametrize("raw, expect", [
+    ({"max_seq_length": 512}, r"^unknown key 'max_seq_length'; write sequence_len$"),  # TRL: no hint before
+    ({"max_length": 512}, r"^unknown key 'max_length'; write sequence_len$"),
+    ({"adapter": "qlora"}, r"^unknown key 'adapter'; surogate always trains a LoRA adapter: drop it; for QLoRA set "
+                           r"recipe: qnf4"),
+    ({"load_in_4bit": True}, r"^unknown key 'load_in_4bit'; write recipe: qnf4"),
+    ({"deepspeed": "ds.json"}, r"^unknown key 'deepspeed'; run under torchrun with parallelism"),  # was: 'seed'?
+    ({"warmup_ratio": 0.1}, r"^unknown key 'warmup_ratio'; write warmup_steps: a count of optimizer steps"),
+    ({"lora_target_linear": True}, r"^unknown key 'lora_target_linear'; write lora_target_modules: all-linear$"),
+    ({"dataset": {"type": "alpaca"}}, r"^unknown key 'dataset\.type'; write dataset\.format: alpaca, messages"),
+    ({"dataset": [{"type": "alpaca"}]}, r"^unknown key 'dataset\[0\]\.type'; write dataset\[0\]\.format"),
+    ({"dataset": [{}, {"field_messages": "chat"}]}, r"^unknown key 'dataset\[1\]\.field_messages'; write "
+                                                   r"dataset\[1\]\.columns: \{<your field>: messages\}$"),
+])
+def test_another_trainers_key_says_what_to_write(raw, expect):
+    """Axolotl's, TRL's and Unsloth's names got no hint (max_seq_length, adapter, dataset.type) or a wrong one
+    (deepspeed: "did you mean 'seed'?"; warmup_ratio: warmup_steps, which counts steps)."""
+    with pytest.raises(ConfigError, match=expect):
+        from_dict(raw)
+
+
+def test_foreign_key_hints_name_real_keys():
+    """A hint's `write <key>` names a key surogate has, and no foreign name shadows one of surogate's."""
+    import dataclasses
+    import re
+
+    from surogate.training.config import DATASET_FOREIGN_KEYS, FOREIGN_KEYS, DatasetConfig
+
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    ds = {f"dataset.{f.name}" for f in dataclasses.fields(DatasetConfig)}
+    assert not (set(FOREIGN_KEYS) & top) and not ({f"dataset.{k}" for k in DATASET_FOREIGN_KEYS} & ds)
+    for hint in [*FOREIGN_KEYS.values(), *DATASET_FOREIGN_KEYS.values()]:
+        for key in re.findall(r"(?:write|set) ([\w.]+)", hint):
+            assert key in top | ds, (key, hint)
+
+
 def test_a_key_set_twice_in_the_yaml_is_an_error_with_its_lines(tmp_path):
     """YAML keeps the last of two equal keys silently; the config names both lines."""
     p = tmp_path / "cfg.yaml"

@@ -356,16 +356,91 @@ def _parameter_targets(key: str, v: Any) -> list[str] | None:
     return list(v)
 
 
+_MODEL_KEY = "write model: (a local Hugging Face folder or a hub id)"
+_NO_PRECISION = "the recipe sets the precision (recipe: bf16 is the default; surogate info lists the others): drop it"
+_NO_ATTENTION = "surogate chooses the attention kernels itself: drop it"
+_NO_WANDB = ("write report_to: tensorboard (Weights & Biases is not supported; metrics.jsonl in output_dir is always "
+             "written)")
+_MASKED = ("the prompt and every turn but the assistant's are masked by default: drop it (dataset.train_on_inputs: "
+           "true trains them too)")
+# Other trainers' keys (Axolotl, TRL / Hugging Face, Unsloth) and what to write here. difflib alone gave no hint for
+# most (max_seq_length, adapter, load_in_4bit, dataset.type) and a wrong one for some (deepspeed: "did you mean
+# 'seed'?", warmup_ratio: warmup_steps, which counts steps).
+FOREIGN_KEYS = {
+    "base_model": _MODEL_KEY, "model_name_or_path": _MODEL_KEY,
+    "model_type": "surogate loads AutoModelForCausalLM: drop it",
+    "tokenizer_type": "surogate loads AutoTokenizer (from tokenizer:, else the model's folder): drop it",
+    "adapter": "surogate always trains a LoRA adapter: drop it; for QLoRA set recipe: qnf4 (the frozen base stored "
+               "as bitsandbytes' NF4)",
+    "load_in_4bit": "write recipe: qnf4 (the frozen base stored as bitsandbytes' NF4; surogate quantizes it)",
+    "load_in_8bit": "write recipe: qfp8 (the frozen base stored as FP8; surogate quantizes it)",
+    "lora_r": "write lora_rank", "r": "write lora_rank",
+    "target_modules": "write lora_target_modules",
+    "lora_target_linear": "write lora_target_modules: all-linear",
+    "lora_modules_to_save": "not supported: surogate trains the LoRA factors only; drop it",
+    "micro_batch_size": "write per_device_train_batch_size",
+    "num_train_epochs": "write num_epochs",
+    "max_length": "write sequence_len", "max_seq_length": "write sequence_len", "max_seq_len": "write sequence_len",
+    "packing": "write sample_packing (true by default)",
+    "pad_to_sequence_len": "packed rows (sample_packing: true) are always sequence_len tokens, and padded batches "
+                           "are padded to their longest row: drop it",
+    "lr_scheduler": "write lr_scheduler_type (linear, cosine or constant)",
+    "warmup_ratio": "write warmup_steps: a count of optimizer steps (the ratio times the run's steps)",
+    "optimizer": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay): drop it",
+    "optim": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay): drop it",
+    "bf16": _NO_PRECISION, "fp16": _NO_PRECISION, "tf32": _NO_PRECISION,
+    "flash_attention": _NO_ATTENTION, "sdp_attention": _NO_ATTENTION, "xformers_attention": _NO_ATTENTION,
+    "attn_implementation": _NO_ATTENTION,
+    "wandb_project": _NO_WANDB, "wandb_entity": _NO_WANDB, "wandb_name": _NO_WANDB,
+    "special_tokens": "surogate uses the tokenizer's special tokens (a missing pad token is the EOS): save a "
+                      "tokenizer with yours and set tokenizer: to its folder",
+    "completion_only_loss": _MASKED, "assistant_only_loss": _MASKED,
+    "dataset_text_field": "write dataset.columns: {<your field>: text}",
+    "eval_strategy": "write eval_steps: N (without it: an eval before training and at the end)",
+    "evaluation_strategy": "write eval_steps: N (without it: an eval before training and at the end)",
+    "evals_per_epoch": "write eval_steps: N (optimizer steps)",
+    "save_strategy": "write save_steps: N", "saves_per_epoch": "write save_steps: N (optimizer steps)",
+    "deepspeed": "run under torchrun with parallelism: fsdp or ddp (docs/cli.md, Several GPUs)",
+    "fsdp": "run under torchrun with parallelism: fsdp (docs/cli.md, Several GPUs)",
+    "use_gradient_checkpointing": "write gradient_checkpointing (true, false or offload)",
+    "random_state": "write seed",
+    "use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
+                  "lora_alpha: alpha x sqrt(rank))",
+    "lora_task_type": "surogate trains causal LMs: drop it",
+    "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
+}
+DATASET_FOREIGN_KEYS = {
+    "type": "write dataset.format: alpaca, messages (Axolotl's chat_template; sharegpt for from / value turns), text "
+            "(Axolotl's completion: raw text, all trained), completion (prompt / completion rows) or auto",
+    "split": "write dataset.train_split",
+    "data_files": "write dataset.path: (a file, or a folder of <split> files)",
+    "ds_type": "the file's suffix says its type (.jsonl, .json, .parquet, .csv, .tsv): drop it",
+    "field_messages": "write dataset.columns: {<your field>: messages}",
+    "message_property_mappings": "a message's role / content (ShareGPT's from / value) are read as they are: rename "
+                                 "other keys in the data",
+    "roles_to_train": "the assistant turns are trained (a turn with train: false or weight: 0 is read), the others "
+                      "read: drop it (dataset.train_on_inputs: true trains them all)",
+    "train_on_eos": "each assistant turn's end-of-turn text is trained (Axolotl's train_on_eos: turn): drop it",
+    "field_instruction": "write dataset.columns: {<your field>: instruction}",
+    "field_input": "write dataset.columns: {<your field>: input}",
+    "field_output": "write dataset.columns: {<your field>: output}",
+}
+
+
 def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
     """The first unknown key, with the likeliest meant one: a dataset key written at the top level (as
-    Axolotl's train_on_inputs, chat_template, val_set_size) is `dataset.<key>`."""
+    Axolotl's train_on_inputs, chat_template, val_set_size) is `dataset.<key>`; another trainer's key
+    (FOREIGN_KEYS) says what to write here."""
     dataset_keys = [f.name for f in dataclasses.fields(DatasetConfig)] if not where else []
+    foreign = DATASET_FOREIGN_KEYS if where else FOREIGN_KEYS
     for k in sorted(keys, key=str):
         close = difflib.get_close_matches(str(k), valid, n=1)
         if k in dataset_keys:
             hint = f"; it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
         elif k == "datasets":  # Axolotl's key
             hint = "; write dataset: a mapping for one source, or a list of them for a mix"
+        elif k in foreign:  # a dataset key's hint names it as the error does (dataset[1].format in a mix)
+            hint = "; " + (foreign[k].replace("dataset.", where) if where else foreign[k])
         elif close:
             hint = f"; did you mean {where + close[0]!r}?"
         else:
