@@ -860,6 +860,21 @@ def test_parquet_without_pyarrow_is_one_line_saying_what_to_install(tmp_path, mo
         read_rows(tmp_path / "rows.parquet")
 
 
+def test_a_compressed_data_file_says_to_decompress_it(tmp_path):
+    """A .jsonl.gz (Axolotl and datasets read it) was answered 'is not a .jsonl, .json, ... file'."""
+    import gzip
+
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"text": "a"}\n')
+    with pytest.raises(ConfigError, match=r"^dataset\.path: '.*rows\.jsonl\.gz' is compressed; decompress it "
+                                          r"\(gunzip -k .*\) and point dataset\.path at the \.jsonl file$"):
+        cfg_for(path)
+    (tmp_path / "rows.jsonl.bak").write_text("")  # not compressed: the suffixes read
+    with pytest.raises(ConfigError, match=r"^dataset\.path: '.*rows\.jsonl\.bak' is not a \.jsonl, \.json"):
+        cfg_for(tmp_path / "rows.jsonl.bak")
+
+
 def test_hf_datasets_missing_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     saved = tmp_path / "saved"

@@ -342,6 +342,9 @@ def _default_eval_split(eval_split: str | None, eval_given: bool, has: Callable[
     return next((s for s in EVAL_SPLIT_ALIASES if has(s)), eval_split)
 
 
+_DECOMPRESS = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "xz -dk", ".zst": "unzstd", ".zip": "unzip"}
+
+
 def check_path(path: str | None, train_split: str, eval_split: str | None, eval_given: bool,
                source_key: str = "dataset") -> str | None:
     """Check `dataset.path` and its splits as far as can be known without reading the data; returns the
@@ -349,6 +352,10 @@ def check_path(path: str | None, train_split: str, eval_split: str | None, eval_
     (under `source_key`: `dataset`, or `dataset[1]` in a mix)."""
     p = bundled_dataset_dir() if path is None else Path(path).expanduser()
     if p.is_file():
+        if p.suffix in _DECOMPRESS and Path(p.stem).suffix in FILE_SUFFIXES:  # data.jsonl.gz: say what to do
+            tool = _DECOMPRESS[p.suffix]
+            raise ConfigError(f"{source_key}.path: {path!r} is compressed; decompress it ({tool} {path}) and point "
+                              f"{source_key}.path at the {Path(p.stem).suffix} file")
         if p.suffix not in FILE_SUFFIXES:
             raise ConfigError(f"{source_key}.path: {path!r} is not a {', '.join(FILE_SUFFIXES)} file")
         if train_split != "train" or (eval_given and eval_split is not None):
