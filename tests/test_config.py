@@ -366,6 +366,9 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
     ({"lora_target_linear": True}, r"^unknown key 'lora_target_linear'; write lora_target_modules: all-linear$"),
     ({"dataset": {"type": "alpaca"}}, r"^unknown key 'dataset\.type'; write dataset\.format: alpaca, messages"),
     ({"dataset": [{"type": "alpaca"}]}, r"^unknown key 'dataset\[0\]\.type'; write dataset\[0\]\.format"),
+    ({"chat_template_jinja": "{{ x }}"}, r"^unknown key 'chat_template_jinja'; write dataset\.chat_template: "),
+    ({"dataset": {"chat_template": "tokenizer_default"}}, r"^dataset\.chat_template: tokenizer_default is Axolotl's "
+                                                          r"name for the tokenizer's own template; drop the key"),
     ({"dataset": [{}, {"field_messages": "chat"}]}, r"^unknown key 'dataset\[1\]\.field_messages'; write "
                                                    r"dataset\[1\]\.columns: \{<your field>: messages\}$"),
 ])

@@ -57,6 +57,9 @@ def resolve_chat_template(value: "str | os.PathLike | None") -> str | None:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
         return value
+    if value == "tokenizer_default":  # Axolotl's name for the tokenizer's own template
+        raise DataError("dataset.chat_template: tokenizer_default is Axolotl's name for the tokenizer's own template; "
+                        "drop the key (null: the tokenizer's)")
     path = Path(value).expanduser()
     if not path.is_file():
         raise DataError(f"dataset.chat_template: {value!r} is not a built-in template ({', '.join(BUILTIN_TEMPLATES)}),"

@@ -404,6 +404,7 @@ FOREIGN_KEYS = {
     "fsdp": "run under torchrun with parallelism: fsdp (docs/cli.md, Several GPUs)",
     "use_gradient_checkpointing": "write gradient_checkpointing (true, false or offload)",
     "random_state": "write seed",
+    "chat_template_jinja": "write dataset.chat_template: (the Jinja string, or a path to a .jinja file)",
     "use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
                   "lora_alpha: alpha x sqrt(rank))",
     "lora_task_type": "surogate trains causal LMs: drop it",
@@ -413,6 +414,7 @@ DATASET_FOREIGN_KEYS = {
     "type": "write dataset.format: alpaca, messages (Axolotl's chat_template; sharegpt for from / value turns), text "
             "(Axolotl's completion: raw text, all trained), completion (prompt / completion rows) or auto",
     "split": "write dataset.train_split",
+    "chat_template_jinja": "write dataset.chat_template: (the Jinja string, or a path to a .jinja file)",
     "data_files": "write dataset.path: (a file, or a folder of <split> files)",
     "ds_type": "the file's suffix says its type (.jsonl, .json, .parquet, .csv, .tsv): drop it",
     "field_messages": "write dataset.columns: {<your field>: messages}",
