@@ -875,6 +875,19 @@ def test_a_compressed_data_file_says_to_decompress_it(tmp_path):
         cfg_for(tmp_path / "rows.jsonl.bak")
 
 
+def test_a_json_object_holding_the_rows_says_where_they_are(tmp_path):
+    """{"data": [rows]} pretty-printed (what datasets reads with field=) was 'not valid JSON ... at column 2'."""
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"version": 1, "data": [ALPACA]}, indent=2))
+    with pytest.raises(DataError, match=r"rows\.json: one JSON object \(keys 'version', 'data'\), not an array of rows "
+                                        r"nor one object a line; its rows look to be under 'data': write that list "
+                                        r"alone \(jq '\.data' .*rows\.json > rows\.json\)$"):
+        read_rows(path)
+    path.write_text('{"a": 1}\n{"b": ')  # JSON lines, the second one broken: still its line
+    with pytest.raises(DataError, match=r"rows\.json:2: not valid JSON"):
+        read_rows(path)
+
+
 def test_hf_datasets_missing_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     saved = tmp_path / "saved"

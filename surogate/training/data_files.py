@@ -123,7 +123,11 @@ def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
     text = _text(path)
     start = len(text) - len(text.lstrip())
     if not text[start:start + 1] == "[":
-        return read_jsonl_rows(path, limit)
+        try:
+            return read_jsonl_rows(path, limit)
+        except DataError:
+            _one_object(path, text)  # a whole-file object ({"data": [rows]}), valid JSON: said so, not "not valid"
+            raise
     decoder = json.JSONDecoder()
     rows, lines = [], []
 
@@ -159,6 +163,21 @@ def read_json_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
     if end < len(text):
         raise bad(end, "more data after the array")
     return Rows(str(path), rows, lines)
+
+
+def _one_object(path, text: str) -> None:
+    """Raise a DataError when `text` is one JSON object spread over several lines (rows held under a key, as
+    {"data": [...]}, which `datasets` reads with field=): neither an array of rows nor JSON lines."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        fix = (f"its rows look to be under {lists[0]!r}: write that list alone (jq '.{lists[0]}' {path} > rows.json)"
+               if lists else "write the rows as an array of objects or one object a line")
+        raise DataError(f"{path}: one JSON object (keys {', '.join(map(repr, list(whole)[:5]))}), not an array of rows "
+                        f"nor one object a line; {fix}")
 
 
 def read_parquet_rows(path: "str | os.PathLike", limit: int | None = None) -> Rows:
