@@ -369,6 +369,8 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
     ({"chat_template_jinja": "{{ x }}"}, r"^unknown key 'chat_template_jinja'; write dataset\.chat_template: "),
     ({"dataset": {"chat_template": "tokenizer_default"}}, r"^dataset\.chat_template: tokenizer_default is Axolotl's "
                                                           r"name for the tokenizer's own template; drop the key"),
+    ({"lr_scheduler_type": "constant_with_warmup"}, r"^lr_scheduler_type: constant_with_warmup is constant here "
+                                                     r"\(it warms up over warmup_steps\); write constant$"),
     ({"dataset": [{}, {"field_messages": "chat"}]}, r"^unknown key 'dataset\[1\]\.field_messages'; write "
                                                    r"dataset\[1\]\.columns: \{<your field>: messages\}$"),
 ])

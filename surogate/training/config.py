@@ -537,6 +537,9 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.learning_rate = _float("learning_rate", c.learning_rate, above=0.0)
     c.warmup_steps = _int("warmup_steps", c.warmup_steps, 0)
     c.weight_decay = _float("weight_decay", c.weight_decay, 0.0)
+    if c.lr_scheduler_type == "constant_with_warmup":  # Hugging Face's name: its constant skips warmup_steps
+        raise ConfigError("lr_scheduler_type: constant_with_warmup is constant here (it warms up over warmup_steps); "
+                          "write constant")
     c.lr_scheduler_type = _str("lr_scheduler_type", c.lr_scheduler_type, choices=SCHEDULERS)
     c.max_grad_norm = _float("max_grad_norm", c.max_grad_norm, 0.0, optional=True)
     c.lora_rank = _int("lora_rank", c.lora_rank, 1)
