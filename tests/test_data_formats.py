@@ -518,6 +518,12 @@ def test_a_turn_marked_weight_0_or_train_false_is_read(tmp_path, tok):
         on = [*CONVERSATION[:2], {**CONVERSATION[2], key: 1 if key == "weight" else True}, *CONVERSATION[3:]]
         assert tokenize_examples([{"messages": on}], "messages", tok, chat_template=CHATML_IN_TEST) == \
             tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML_IN_TEST)
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}  # ShareGPT's turns keep it too (they trained)
+    for key, off in (("weight", 0), ("train", False)):
+        turns = [{"from": speaker[m["role"]], "value": m["content"], **({key: off} if n == 2 else {})}
+                 for n, m in enumerate(CONVERSATION)]
+        assert _trained(chat_pieces(check_row({"conversations": turns}, FORMATS["sharegpt"], "x")["messages"], tok,
+                                    CHATML_IN_TEST, "x")) == ["4<|im_end|>\n"]
     bad = [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0.5}]
     cfg = cfg_for(write_jsonl(tmp_path / "w.jsonl", [{"messages": CONVERSATION}, {"messages": bad}]),
                   chat_template="chatml")

@@ -145,6 +145,8 @@ def _sharegpt(row: dict, where: str) -> list[dict]:
             messages.append({"role": role, "content": "", "tool_calls": calls})
         else:
             messages.append({"role": role, "content": text})
+        # Axolotl's weight 0 / train false on a turn (read, not trained), as under messages: it was dropped here
+        messages[-1].update({k: turn[k] for k in ("weight", "train") if turn.get(k) is not None})
     system = row.get("system")  # LLaMA-Factory's layout keeps the system prompt in a column of its own
     if isinstance(system, str) and system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
