@@ -509,9 +509,10 @@ def test_conversational_prompt_completion_trains_the_completion_only(tmp_path, t
 
 
 def test_a_turn_marked_weight_0_or_train_false_is_read(tmp_path, tok):
-    """Axolotl's per-turn `weight` (0 / 1), or `train` (false / true): a turn marked 0 is read, not trained (it
-    was trained: the key was ignored); another value is one line with the row's line."""
-    for key, off in (("weight", 0), ("train", False)):
+    """Axolotl's per-turn `weight` (0 / 1), or `train` / `training` (false / true): a turn marked 0 is read, not
+    trained (it trained: the key was ignored, and under ShareGPT all were); another value is one line with the
+    row's line."""
+    for key, off in (("weight", 0), ("train", False), ("training", False)):  # training: Axolotl's docs' key
         conv = [*CONVERSATION[:2], {**CONVERSATION[2], key: off}, *CONVERSATION[3:]]
         assert _trained(chat_pieces(check_row({"messages": conv}, FORMATS["messages"], "x")["messages"], tok,
                                     CHATML_IN_TEST, "x")) == ["4<|im_end|>\n"]
@@ -519,7 +520,7 @@ def test_a_turn_marked_weight_0_or_train_false_is_read(tmp_path, tok):
         assert tokenize_examples([{"messages": on}], "messages", tok, chat_template=CHATML_IN_TEST) == \
             tokenize_examples([{"messages": CONVERSATION}], "messages", tok, chat_template=CHATML_IN_TEST)
     speaker = {"system": "system", "user": "human", "assistant": "gpt"}  # ShareGPT's turns keep it too (they trained)
-    for key, off in (("weight", 0), ("train", False)):
+    for key, off in (("weight", 0), ("train", False), ("training", False)):
         turns = [{"from": speaker[m["role"]], "value": m["content"], **({key: off} if n == 2 else {})}
                  for n, m in enumerate(CONVERSATION)]
         assert _trained(chat_pieces(check_row({"conversations": turns}, FORMATS["sharegpt"], "x")["messages"], tok,

@@ -422,6 +422,9 @@ DATASET_FOREIGN_KEYS = {
                                  "other keys in the data",
     "roles_to_train": "the assistant turns are trained (a turn with train: false or weight: 0 is read), the others "
                       "read: drop it (dataset.train_on_inputs: true trains them all)",
+    "message_field_training": "a turn's train / training (false) or weight (0) key is read as it is (the turn is read, "
+                              "not trained): drop it, and rename another key in the data",
+    "message_field_training_detail": "not supported: a turn trains whole or not at all; drop it",
     "train_on_eos": "each assistant turn's end-of-turn text is trained (Axolotl's train_on_eos: turn): drop it",
     "field_instruction": "write dataset.columns: {<your field>: instruction}",
     "field_input": "write dataset.columns: {<your field>: input}",

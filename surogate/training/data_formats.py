@@ -128,6 +128,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "observation": "tool", "function_call": "assistant"}
 
 
+# A turn's keys that say whether it trains: Axolotl reads the one its message_field_training names (train, training
+# in its docs' examples, weight in its older ShareGPT rows).
+TRAIN_KEYS = ("train", "training", "weight")
+
+
 def _sharegpt(row: dict, where: str) -> list[dict]:
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
@@ -146,7 +151,7 @@ def _sharegpt(row: dict, where: str) -> list[dict]:
         else:
             messages.append({"role": role, "content": text})
         # Axolotl's weight 0 / train false on a turn (read, not trained), as under messages: it was dropped here
-        messages[-1].update({k: turn[k] for k in ("weight", "train") if turn.get(k) is not None})
+        messages[-1].update({k: turn[k] for k in TRAIN_KEYS if turn.get(k) is not None})
     system = row.get("system")  # LLaMA-Factory's layout keeps the system prompt in a column of its own
     if isinstance(system, str) and system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
@@ -272,7 +277,7 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
         m = {k: v for k, v in m.items() if v is not None and v != []} if isinstance(m, dict) else {}
         role = m.get("role")
         role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role  # human, gpt: user, assistant
-        if "weight" in m or "train" in m:  # Axolotl's weight 0 / 1 (or train false / true): whether the turn trains
+        if any(k in m for k in TRAIN_KEYS):  # Axolotl's weight 0 / 1 (or train false / true): whether the turn trains
             m["train"] = _train_flag(m, at)
         if role == "assistant" and "tool_calls" in m:
             m["tool_calls"] = _check_tool_calls(m["tool_calls"], at)
@@ -289,11 +294,11 @@ def _check_messages(messages, where: str, field: str = "messages") -> list[dict]
 
 
 def _train_flag(message: dict, where: str) -> bool:
-    """A turn's `train` (true / false) or `weight` (1 / 0, as Axolotl writes it) as one flag."""
-    flag = message.get("train", message.get("weight"))
+    """A turn's `train` / `training` (true / false) or `weight` (1 / 0, as Axolotl writes it) as one flag."""
+    key = next(k for k in TRAIN_KEYS if k in message)
+    flag = message[key]
     if flag not in (True, False):  # 1 and 0 are among them
-        key = "train" if "train" in message else "weight"
-        raise DataError(f"{where}: {key} must be {'true or false' if key == 'train' else '0 or 1'} (whether the "
+        raise DataError(f"{where}: {key} must be {'0 or 1' if key == 'weight' else 'true or false'} (whether the "
                         f"turn is trained), got {flag!r}")
     return bool(flag)
 
