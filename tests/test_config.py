@@ -381,6 +381,13 @@ def test_another_trainers_key_says_what_to_write(raw, expect):
         from_dict(raw)
 
 
+def test_several_unknown_keys_are_all_named():
+    """An Axolotl config has a dozen keys to change: the error named one a run."""
+    with pytest.raises(ConfigError, match=r"^unknown key 'adapter'; .* \(also unknown: 'base_model', 'lora_r', "
+                                          r"'zzz'\)$"):
+        from_dict({"adapter": "lora", "lora_r": 8, "base_model": "x", "zzz": 1, "seed": 1})
+
+
 def test_foreign_key_hints_name_real_keys():
     """A hint's `write <key>` names a key surogate has, and no foreign name shadows one of surogate's."""
     import dataclasses

@@ -435,10 +435,13 @@ DATASET_FOREIGN_KEYS = {
 def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
     """The first unknown key, with the likeliest meant one: a dataset key written at the top level (as
     Axolotl's train_on_inputs, chat_template, val_set_size) is `dataset.<key>`; another trainer's key
-    (FOREIGN_KEYS) says what to write here."""
+    (FOREIGN_KEYS) says what to write here. The others are named too, so that a config brought from another
+    trainer shows at once how much there is to change."""
     dataset_keys = [f.name for f in dataclasses.fields(DatasetConfig)] if not where else []
     foreign = DATASET_FOREIGN_KEYS if where else FOREIGN_KEYS
-    for k in sorted(keys, key=str):
+    ordered = sorted(keys, key=str)
+    more = f" (also unknown: {', '.join(repr(where + str(k)) for k in ordered[1:])})" if len(ordered) > 1 else ""
+    for k in ordered:
         close = difflib.get_close_matches(str(k), valid, n=1)
         if k in dataset_keys:
             hint = f"; it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
@@ -450,7 +453,7 @@ def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
             hint = f"; did you mean {where + close[0]!r}?"
         else:
             hint = f"; valid keys: {', '.join(valid)}"
-        raise ConfigError(f"unknown key {where + str(k)!r}{hint}")
+        raise ConfigError(f"unknown key {where + str(k)!r}{hint}{more}")
 
 
 def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
