@@ -371,6 +371,8 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
                                                           r"name for the tokenizer's own template; drop the key"),
     ({"lr_scheduler_type": "constant_with_warmup"}, r"^lr_scheduler_type: constant_with_warmup is constant here "
                                                      r"\(it warms up over warmup_steps\); write constant$"),
+    ({"max_steps": -1}, r"^max_steps: -1 is Hugging Face's 'not set'; write null or drop the key \(num_epochs "
+                        r"decides\)$"),
     ({"dataset": [{}, {"field_messages": "chat"}]}, r"^unknown key 'dataset\[1\]\.field_messages'; write "
                                                    r"dataset\[1\]\.columns: \{<your field>: messages\}$"),
 ])

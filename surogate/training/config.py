@@ -561,6 +561,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
                           "an expert's LoRA); set lora_dropout: 0, or lora_target_parameters: [] for no expert LoRA")
     c.output_dir = _output_dir("output_dir", c.output_dir)
     c.overwrite_output_dir = _bool("overwrite_output_dir", c.overwrite_output_dir)
+    if c.max_steps == -1:  # Hugging Face's default, its "not set"
+        raise ConfigError("max_steps: -1 is Hugging Face's 'not set'; write null or drop the key (num_epochs decides)")
     c.max_steps = _int("max_steps", c.max_steps, 1, optional=True)
     c.num_epochs = _float("num_epochs", c.num_epochs, 0.0)
     if c.max_steps is None and c.num_epochs == 0:
