@@ -173,6 +173,9 @@ def test_messages_without_chat_template_says_how_to_give_one(tmp_path, tok):
     assert "\n" not in str(e.value)
     train, _ = load_splits(cfg_for(tmp_path / "chat.jsonl", chat_template="chatml"), tok)
     assert len(train) == 1
+    sharegpt = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    with pytest.raises(DataError, match=r"^dataset\.format sharegpt: tokenizer .* has no chat template"):
+        load_splits(cfg_for(write_jsonl(tmp_path / "sg.jsonl", sharegpt)), tok)
 
 
 def test_chatml_on_a_tokenizer_without_its_markers_is_logged_once(tmp_path, tok):

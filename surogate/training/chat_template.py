@@ -84,14 +84,14 @@ def chatml_marker_note(template_name: "str | os.PathLike | None", tokenizer) -> 
             "dataset.chat_template) or a tokenizer that has these special tokens")
 
 
-def chat_template_for(tokenizer, configured: str | None) -> str | None:
+def chat_template_for(tokenizer, configured: str | None, fmt: str = "messages") -> str | None:
     """The template messages are rendered with: `dataset.chat_template` when set (a built-in name or a path
     resolved here too, so that a caller of the data API passing "chatml" gets the template, not that word
     rendered), else None for the tokenizer's own (which `apply_chat_template` picks); an error when there is
-    neither."""
+    neither (naming `fmt`, the rows' format: sharegpt rows were said to be messages)."""
     if configured is None and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the embedded default"
-        raise DataError(f"dataset.format messages: tokenizer {name!r} has no chat template; set "
+        raise DataError(f"dataset.format {fmt}: tokenizer {name!r} has no chat template; set "
                         "dataset.chat_template to chatml (built in), a Jinja string, or a path to a .jinja file")
     return resolve_chat_template(configured)
 

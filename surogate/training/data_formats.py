@@ -397,7 +397,7 @@ def tokenize_flat(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_i
     if not rows.rows:
         return FlatExamples.concat([])
     form = resolve_format(rows, fmt)
-    template = chat_template_for(tokenizer, chat_template) if form.pieces is None else None
+    template = chat_template_for(tokenizer, chat_template, form.name) if form.pieces is None else None
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
     job = _Job(rows, form, tokenizer, template, train_on_inputs)
