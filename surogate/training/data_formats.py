@@ -453,16 +453,16 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         pieces = [(t, trained) for t, trained in pieces if t]
         ends_answered.append(bool(pieces) and pieces[-1][1])
         per_row.append([(t, trained or job.train_on_inputs) for t, trained in pieces])
-    flat = [t for pieces in per_row for t, _ in pieces]
-    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     wholes = _whole_text_pieces(tokenizer, per_row)
+    flat = [t for pieces, whole in zip(per_row, wholes) if whole is None for t, _ in pieces]  # the rest: apart
+    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     start = start_tokens(tokenizer)
     for pieces, answered, whole in zip(per_row, ends_answered, wholes):
         ids: list[int] = []
         labels: list[int] = []
         last: list[int] = []
-        apart = [next(encoded) for _ in pieces]
-        for piece_ids, (_, trained) in zip(whole or apart, pieces):
+        for piece_ids, (_, trained) in zip(whole if whole is not None else [next(encoded) for _ in pieces],
+                                           pieces):
             last = piece_ids
             ids += last
             labels += last if trained else [IGNORE_INDEX] * len(last)
