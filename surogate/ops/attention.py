@@ -71,6 +71,11 @@ def segment_ids(position_ids: Tensor | None = None, attention_mask: Tensor | Non
     (no fully masked row, no NaN). Pure tensor ops: no host sync, capturable.
     """
     seg = None
+    if position_ids is not None and position_ids.dim() == 3:
+        # M-RoPE (Qwen2-VL and kin): (3, B, S) temporal / height / width positions, which an image's tokens do not
+        # count up by one, mark no examples (nor do they in transformers); (4, B, S) leads with the text positions,
+        # transformers' packing convention. Flattened, they gave a (1, 3 B S) row of segments.
+        position_ids = position_ids[0] if position_ids.shape[0] == 4 else None
     if position_ids is not None:
         pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
         starts = torch.ones_like(pos, dtype=torch.bool)
@@ -344,8 +349,7 @@ def install(model: nn.Module) -> str | None:
     for module in model.modules():
         if module is model or "Attention" in type(module).__name__:
             setattr(module, _ORIGINAL_ATTR, original)
-    for cfg in _configs(model):
-        cfg._attn_implementation = IMPLEMENTATION
+    _set_implementation(model, IMPLEMENTATION)
     return original
 
 
@@ -363,19 +367,29 @@ class uninstalled:
 
     def __enter__(self) -> None:
         if self.original is not None:
-            for cfg in _configs(self.model):
-                cfg._attn_implementation = self.original
+            _set_implementation(self.model, self.original)
 
     def __exit__(self, *exc: object) -> None:
         if self.original is not None:
-            for cfg in _configs(self.model):
-                cfg._attn_implementation = IMPLEMENTATION
+            _set_implementation(self.model, IMPLEMENTATION)
+
+
+def _set_implementation(model: nn.Module, name: str) -> None:
+    """Point the text decoder's configs (`_configs`) at `name`, each alone: transformers' setter would pass a plain
+    name on to the sub-configs, a vision tower's among them."""
+    for cfg in _configs(model):
+        cfg._attn_implementation = {"": name}
 
 
 def _configs(model: nn.Module) -> list[Any]:
-    """The model's config and its sub-configs (text_config etc.), each once."""
+    """The configs the text decoder's attention and masks read, each once: those of the decoder's modules and of
+    the modules above it (a vision-language model's own). A vision tower's or audio encoder's keeps its
+    implementation: its attention is bidirectional and gets no segments (switched, an eager SigLIP or Qwen2-VL
+    tower became causal, and a padded batch's text segments reached its layers through the kwargs)."""
+    decoder, prefix = _decoder(model)
+    above = [m for name, m in model.named_modules() if name == "" or prefix.startswith(f"{name}.")]
     seen, out = set(), []
-    for module in model.modules():
+    for module in (*above, *decoder.modules()):
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
             seen.add(id(cfg))

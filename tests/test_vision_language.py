@@ -1,0 +1,87 @@
+"""Vision-language models fine-tuned with LoRA: tiny random configs, CPU, against eager PEFT.
+
+The text decoder takes surogate attention; the vision tower keeps its own (bidirectional, no segments), its LoRA
+trained where the targets reach it ("all-linear").
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers as T
+from test_compile_models import BOUNDS, _check_lora_grads, _lora_grads
+
+import surogate
+from surogate.compiler import _attach_lora
+from surogate.ops.attention import segment_ids
+
+V, IMAGE, START, END = 256, 250, 248, 249
+
+
+def _qwen2_vl(attn: str) -> torch.nn.Module:
+    """Qwen2-VL, 2 text layers of hidden 64 (M-RoPE sections 2/3/3 of head dim 16), one vision block of 32."""
+    text = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                        "rope_theta": 10000.0})
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = T.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=251,
+                             vision_start_token_id=START, vision_end_token_id=END)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return T.Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+
+
+def _image_batch(padded: bool) -> dict:
+    """Two rows of 24 tokens, each with one 4x4-patch image (4 tokens after the 2x2 merge); the second row's last
+    5 tokens padding when `padded`."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 240, (2, 24), generator=g)
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = START, IMAGE, END
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    batch = {"input_ids": ids, "labels": labels, "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+             "pixel_values": torch.randn(32, 3 * 2 * 4 * 4, generator=g).to(torch.bfloat16),
+             "mm_token_type_ids": (ids == IMAGE).long()}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, -5:] = 0
+        labels[1, -5:] = -100
+        batch["attention_mask"] = mask
+    return batch
+
+
+def test_vision_tower_keeps_its_bidirectional_attention():
+    """An eager Qwen2-VL with LoRA on every linear ("all-linear": the vision tower's too): the vision tower's
+    attention stays bidirectional and its LoRA gradients follow eager PEFT, on plain and padded batches. Before,
+    compile switched the vision config to surogate attention too: its eager path made the tower causal (vision
+    LoRA gradients at cosine 0.36 against PEFT), and a padded batch's text segments reached the tower's layers
+    (a shape error, or 'SiglipAttention got no segment ids' on Gemma 3)."""
+    for padded in (False, True):
+        peft = _attach_lora(_qwen2_vl("eager"), {"r": 8, "lora_alpha": 16, "init_lora_weights": False,
+                                                 "target_modules": "all-linear"})
+        eager = copy.deepcopy(peft)
+        compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
+        assert compiled.base_model.model.config.vision_config._attn_implementation == "eager"
+        batch = _image_batch(padded)
+        ref = eager(**batch).loss
+        ref.backward()
+        loss = compiled(**batch).loss
+        loss.backward()
+        assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
+        grads, expected = _lora_grads(compiled), _lora_grads(eager)
+        assert any(".visual." in name for name in grads)
+        _check_lora_grads(grads, expected, expected, "bf16")
+
+
+def test_mrope_position_ids_mark_examples_only_with_a_text_row():
+    """3-D M-RoPE positions: (3, B, S) mark no examples (an image's tokens do not count up by one; transformers
+    reads none either); (4, B, S) lead with the text positions, transformers' packing convention. Before, both
+    were flattened into one (1, 3 B S) row of segments, and compile failed on a shape error."""
+    rows = torch.arange(6).expand(2, -1)
+    mrope = torch.stack([rows, rows // 2, rows % 2])  # an image's height and width positions
+    assert segment_ids(mrope) is None
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    assert torch.equal(segment_ids(mrope, mask), segment_ids(None, mask))
+    packed = torch.tensor([0, 1, 2, 0, 1, 2]).expand(2, -1)
+    assert torch.equal(segment_ids(torch.stack([packed, *mrope])), segment_ids(packed))
