@@ -41,6 +41,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     own_attention = attention.original_implementation(hf) is not None
     refusal = attention.packing_refusal(hf)  # why packed rows cannot train here, if they cannot
     needs = attention.mask_needs(hf)
+    token_types = own_attention and attention.masks_from_token_types(hf)
     multiplier = _chunked_loss_multiplier(hf, head, backbone, report) if chunked_loss else None
     chunked = multiplier is not None
     if not (own_attention or chunked or refusal):
@@ -78,14 +79,18 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         if refusal and kwargs.get("position_ids") is not None and attention_mask is None:
             raise ValueError(f"{type(hf).__name__} {refusal}; pad the examples instead of packing them "
                              "(sample_packing: false)")
-        if own_attention:
+        # Token types (Gemma 3's images, PaliGemma's prefix) attend both ways in transformers' masks, which surogate's
+        # causal segments would drop: such calls run the original attention with those masks (a dense mask).
+        own_masks = token_types and kwargs.get("token_type_ids") is not None
+        if own_attention and not own_masks:
             attention_mask = _segments_into(kwargs, attention_mask, input_ids, needs)
+        masks = attention.uninstalled(hf) if own_masks else contextlib.nullcontext()
         if not chunked or _router_aux_loss(config, kwargs):
-            with attention.segments_sent(kwargs):
+            with masks, attention.segments_sent(kwargs):
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss,
                                 **kwargs)
         kwargs.pop("logits_to_keep", None)
-        with attention.segments_sent(kwargs):
+        with masks, attention.segments_sent(kwargs):
             out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0] if multiplier == 1.0 else out[0] * multiplier  # (h m) W^T = m (h W^T): the logit scale
         loss = lm_head_cross_entropy(hidden, head.weight, labels, bias=head.bias, softcap=softcap,
@@ -95,6 +100,9 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     forward.__signature__ = _with_self(inspect.signature(original))
+    if token_types:
+        report.note("attention: calls with token_type_ids run transformers' masks (their image or prefix tokens "
+                    "attend both ways; a dense mask), the others surogate's")
     outer = _outside_an_outer_compile(forward)
     hf.forward = types.MethodType(outer, hf)
     if not chunked:

@@ -229,6 +229,24 @@ def _masks_built_from_positions(model: nn.Module) -> bool:
     return bool(builders) and all(called(n) in _PACKING_MASK_BUILDERS and hands_positions(n) for n in builders)
 
 
+def masks_from_token_types(model: nn.Module) -> bool:
+    """Whether `model`, or a module above its text decoder, builds transformers' masks from `token_type_ids` so that
+    tokens attend both ways inside a block (Gemma 3's image tokens, PaliGemma's image and prompt prefix:
+    `block_sequence_ids`, an `or_mask_function`). Surogate attention is causal: calls that pass token types run
+    transformers' masks instead. Read from the forwards' source."""
+    _, prefix = _decoder(model)
+    for name, module in model.named_modules():
+        if name != "" and not prefix.startswith(f"{name}."):
+            continue
+        try:
+            source = inspect.getsource(inspect.unwrap(type(module).forward))
+        except (OSError, TypeError):
+            continue
+        if "token_type_ids" in source and ("block_sequence_ids" in source or "or_mask_function" in source):
+            return True
+    return False
+
+
 def packing_refusal(model: nn.Module) -> str | None:
     """Why packed rows (examples end to end, `position_ids` restarting) cannot train on `model` as its examples
     would alone, or None when they can."""
