@@ -849,9 +849,17 @@ def _swap_base_layers(targets: list[tuple[str, nn.Module]], recipe: Recipe, undo
 
 def _decoder_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]] | None) -> list[nn.Module]:
     """The longest ModuleList of blocks that each hold linears (the decoder layers). A hybrid's blocks may be of
-    two classes (OLMo-hybrid: attention layers between gated-DeltaNet ones)."""
+    two classes (OLMo-hybrid: attention layers between gated-DeltaNet ones). In a multimodal model (a config with a
+    text config of its own), the longest in its text decoder (`get_decoder()`): a vision tower may have more blocks
+    (Qwen2-VL-7B's and Qwen2.5-VL-7B's 32 against 28, PaliGemma-3B's 27 against 18), and the default targets, the
+    exclusion and the compiled blocks were the tower's, the language model left without LoRA."""
+    config = getattr(model, "config", None)
+    root = model
+    if config is not None and hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        root = decoder if isinstance(decoder, nn.Module) else model
     best: list[nn.Module] = []
-    for module in model.modules():
+    for module in root.modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 1:
             continue
         if not all(any(_is_linear(m) for m in block.modules()) for block in module):

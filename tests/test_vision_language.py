@@ -19,12 +19,12 @@ from surogate.ops.attention import segment_ids
 V, IMAGE, START, END = 256, 250, 248, 249
 
 
-def _qwen2_vl(attn: str) -> torch.nn.Module:
-    """Qwen2-VL, 2 text layers of hidden 64 (M-RoPE sections 2/3/3 of head dim 16), one vision block of 32."""
+def _qwen2_vl(attn: str, vision_blocks: int = 1) -> torch.nn.Module:
+    """Qwen2-VL, 2 text layers of hidden 64 (M-RoPE sections 2/3/3 of head dim 16), vision blocks of 32."""
     text = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                         "rope_theta": 10000.0})
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+    vision = dict(depth=vision_blocks, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
                   temporal_patch_size=2)
     config = T.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=251,
                              vision_start_token_id=START, vision_end_token_id=END)
@@ -144,3 +144,21 @@ def test_models_whose_token_types_make_blocks_bidirectional_are_recognized():
     assert masks_from_token_types(pali)
     assert not masks_from_token_types(T.Gemma3ForCausalLM(T.Gemma3TextConfig(**text)))
     assert not masks_from_token_types(T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
+
+
+def test_default_targets_are_the_language_models_when_the_vision_tower_is_deeper():
+    """Qwen2-VL-7B's vision tower has 32 blocks, its language model 28 (PaliGemma-3B: 27 and 18): the default targets,
+    their exclusion and the compiled blocks are the language model's. Before, the longest list of blocks won: LoRA
+    went on the vision tower's fc1/fc2 alone (PaliGemma: SigLIP's, the language model excluded), and a text batch's
+    loss had no gradient."""
+    from surogate.compiler import default_exclude, default_targets
+
+    model = _qwen2_vl("sdpa", vision_blocks=3)
+    targets = default_targets(model)
+    assert targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert default_exclude(model, targets) is None  # the vision tower's linears are qkv, proj, fc1, fc2
+    compiled = surogate.compile(model, recipe="bf16", arch="cpu", dynamic=False)
+    assert all(".language_model.layers." in n for n, _ in compiled.named_parameters() if "lora_A" in n)
+    ids = torch.randint(3, 240, (2, 12), generator=torch.Generator().manual_seed(1))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert any("Qwen2VLDecoderLayer" in note for note in compiled.surogate_report.notes)
