@@ -513,6 +513,7 @@ class _Undo:
         self.attributes = _Attributes()
         self.attributes.record(model.modules(), "forward")
         self.attributes.record(model.modules(), attention._ORIGINAL_ATTR)
+        self.attributes.record(model.modules(), attention._CROSS_ATTR)
         self.hooks: list[RemovableHandle] = []  # compile's own (the input-grad hook)
         self.moved = False  # compile moved a CPU model to the GPU
 

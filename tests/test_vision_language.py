@@ -162,3 +162,43 @@ def test_default_targets_are_the_language_models_when_the_vision_tower_is_deeper
     ids = torch.randint(3, 240, (2, 12), generator=torch.Generator().manual_seed(1))
     compiled(input_ids=ids, labels=ids).loss.backward()
     assert any("Qwen2VLDecoderLayer" in note for note in compiled.surogate_report.notes)
+
+
+def test_mllama_cross_attention_reads_every_image_token():
+    """Llama 3.2 Vision's cross-attention layers attend from the text to the image's tokens with their own mask:
+    no causality, no segments. Before, surogate attention made them causal over the image's tokens (a text token at
+    position i read image tokens 0..i only): cross-attention LoRA gradients at cosine 0.19 against PEFT once the
+    layer's gates are open (they start at zero, which hides it)."""
+    text = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=32, patch_size=4, max_num_tiles=1, vision_output_dim=64, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1]])
+    torch.manual_seed(0)
+    model = T.MllamaForConditionalGeneration(T.MllamaConfig(text_config=text, vision_config=vision,
+                                                            image_token_index=IMAGE))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name and p.numel() == 1:
+                p.fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 240, (2, 24), generator=g)
+    ids[:, 1] = IMAGE
+    cross = torch.zeros(2, 24, 1, 1, dtype=torch.long)
+    cross[:, 1:] = 1
+    batch = {"input_ids": ids, "labels": ids.masked_fill(ids == IMAGE, -100), "cross_attention_mask": cross,
+             "pixel_values": torch.randn(2, 1, 1, 3, 32, 32, generator=g).to(torch.bfloat16),
+             "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
+             "aspect_ratio_mask": torch.ones(2, 1, 1, dtype=torch.long)}
+    peft = _attach_lora(model.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    eager = copy.deepcopy(peft)
+    compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
+    ref = eager(**batch).loss
+    ref.backward()
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
+    grads, expected = _lora_grads(compiled), _lora_grads(eager)
+    assert any(".cross_attn." in name for name in grads)
+    _check_lora_grads(grads, expected, expected, "bf16")

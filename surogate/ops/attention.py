@@ -59,6 +59,8 @@ WINDOW_MASK_KWARG = "surogate_window_block_mask"
 # Attribute set on the model and its attention modules: the implementation that ran before `install`
 # (what no-segment calls use). Not on the config, which `save_pretrained` would write out.
 _ORIGINAL_ATTR = "_surogate_original_attn_implementation"
+# Set on cross-attention layers (`_is_cross_attention`): they run their original implementation with their own mask.
+_CROSS_ATTR = "_surogate_cross_attention"
 
 
 def segment_ids(position_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor | None:
@@ -367,8 +369,20 @@ def install(model: nn.Module) -> str | None:
     for module in model.modules():
         if module is model or "Attention" in type(module).__name__:
             setattr(module, _ORIGINAL_ATTR, original)
+            if _is_cross_attention(module):
+                setattr(module, _CROSS_ATTR, True)
     _set_implementation(model, IMPLEMENTATION)
     return original
+
+
+def _is_cross_attention(module: nn.Module) -> bool:
+    """Whether `module` attends from the text to another sequence (Mllama's text cross-attention reads the image's
+    `cross_attention_states`): its keys are not the queries' tokens, so neither causality nor the segments apply."""
+    try:
+        parameters = inspect.signature(inspect.unwrap(type(module).forward)).parameters
+    except (TypeError, ValueError):
+        return False
+    return "CrossAttention" in type(module).__name__ or "cross_attention_states" in parameters
 
 
 def original_implementation(model: nn.Module) -> str | None:
@@ -534,6 +548,11 @@ def surogate_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     `surogate_segments` kwarg. A 4-D mask that arrives anyway (built by the layer itself, as Doge's dynamic mask,
     or the caller's) is kept where it is causal, within the window and within a segment."""
     segments = kwargs.pop(SEGMENTS_KWARG, None)
+    if getattr(module, _CROSS_ATTR, False):  # keys from another sequence: its own mask (Mllama's images), as is
+        kwargs.pop(BLOCK_MASK_KWARG, None)
+        kwargs.pop(WINDOW_MASK_KWARG, None)
+        return _original_function(module)[1](module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, **kwargs)
     check_segments_arrived(type(module).__name__, segments)
     causal_mask = kwargs.pop(BLOCK_MASK_KWARG, None)
     windowed = kwargs.pop(WINDOW_MASK_KWARG, None)
