@@ -50,6 +50,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     weight = getattr(head, "weight", None)
     vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
     original = hf.forward
+    token_labels = labels_are_next_tokens(hf)
     if own_attention and backbone is not hf:
         _segment_direct_backbone_calls(backbone, needs)
     positional = _positional_names(original)
@@ -73,8 +74,9 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         if labels is None or kwargs.get("return_dict") is False or kwargs.get("output_hidden_states"):
             with attention.uninstalled(hf), _eager_with_a_kv_cache(kwargs):  # inference: transformers' masks, cache
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss, **kwargs)
-        check_labels(labels, vocab)
-        labels = unscored_after_padding(labels, attention_mask)
+        if token_labels:
+            check_labels(labels, vocab)
+            labels = unscored_after_padding(labels, attention_mask)
         kwargs.setdefault("use_cache", False)
         if refusal and kwargs.get("position_ids") is not None and attention_mask is None:
             raise ValueError(f"{type(hf).__name__} {refusal}; pad the examples instead of packing them "
@@ -317,6 +319,17 @@ def _eager_with_a_kv_cache(kwargs: dict) -> "contextlib.AbstractContextManager":
     if kwargs.get("past_key_values") is None and not kwargs.get("use_cache"):
         return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
+
+
+def labels_are_next_tokens(hf: nn.Module) -> bool:
+    """Whether `hf`'s `labels` are causal-LM token ids, scored against the position before (HF's `ForCausalLMLoss`,
+    also the default for a model of no known loss type): `check_labels` and `unscored_after_padding` are the rules of
+    those. A classification or QA head's labels (a class or a float per row, a class per token, unshifted) were
+    refused when float (regression, a reward model) or lost the first token of a left-padded row."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    loss_type = getattr(hf, "loss_type", None)
+    return loss_type not in LOSS_MAPPING or LOSS_MAPPING[loss_type] is ForCausalLMLoss
 
 
 def check_labels(labels: Tensor, vocab: "int | None") -> None:

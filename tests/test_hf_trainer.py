@@ -5,12 +5,17 @@ head) with packed rows."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 
 import pytest
 import torch
-from test_user_inputs import _pair, _rel
-from test_compile_models import V
+import transformers as T
+from peft import LoraConfig, get_peft_model
+from test_user_inputs import LORA, _lora_grads, _pair, _rel
+from test_compile_models import V, tiny_config
+
+import surogate
 
 
 def _packed(first: int = 9, second: int = 13):
@@ -139,3 +144,42 @@ def test_many_kinds_of_call_stay_compiled():
     graphs = model.surogate_report.graphs
     every_kind()
     assert model.surogate_report.graphs == graphs  # each kind's graph is reused
+
+
+def _head_pair(head: str, num_labels: int):
+    """(compiled, eager PEFT copy) of a tiny Llama with a classification head (`score`, trained in full, as PEFT's
+    SEQ_CLS and TOKEN_CLS tasks save it), no dropout."""
+    config = tiny_config("llama")
+    config.num_labels, config.pad_token_id, config.classifier_dropout = num_labels, 0, 0.0
+    torch.manual_seed(0)
+    cls = {"seq": T.AutoModelForSequenceClassification, "token": T.AutoModelForTokenClassification}[head]
+    model = cls.from_config(config).to(torch.bfloat16)
+    task = {"seq": "SEQ_CLS", "token": "TOKEN_CLS"}[head]
+    peft_model = get_peft_model(model, LoraConfig(task_type=task, **LORA))
+    eager = copy.deepcopy(peft_model)
+    with pytest.warns(UserWarning, match="non-LoRA parameters are trainable"):  # the head
+        return surogate.compile(peft_model, recipe="bf16", arch="cpu"), eager
+
+
+@pytest.mark.parametrize("head", ["seq", "token"])
+def test_a_classification_heads_labels_are_its_own(head):
+    """A sequence-classification head with `num_labels=1` (a reward model, regression) takes a float per row, a
+    token-classification head a class per token, unshifted: the causal LM's label rules refused the floats and
+    dropped the label of a left-padded row's first real token (LoRA gradients 0.29 off PEFT's)."""
+    model, eager = _head_pair(head, 1 if head == "seq" else 5)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, V, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0  # left-padded
+    if head == "seq":
+        labels = torch.tensor([0.5, -1.0])
+    else:
+        labels = torch.randint(0, 5, (2, 12), generator=g)
+        labels[0, :4] = -100
+    losses = []
+    for m in (model, eager):
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert _rel(losses[0], losses[1]) < 2e-3  # measured 1e-5 (token), 2e-4 (seq)
+    assert _rel(_lora_grads(model), _lora_grads(eager)) < 0.04  # bf16 rounding of the LoRA branch: 0.009
