@@ -51,6 +51,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
     original = hf.forward
     token_labels = labels_are_next_tokens(hf)
+    patched = _options_of_a_patched_forward(hf, original)
     if own_attention and backbone is not hf:
         _segment_direct_backbone_calls(backbone, needs)
     positional = _positional_names(original)
@@ -87,7 +88,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         if own_attention and not own_masks:
             attention_mask = _segments_into(kwargs, attention_mask, input_ids, needs)
         masks = attention.uninstalled(hf) if own_masks else contextlib.nullcontext()
-        if not chunked or _router_aux_loss(config, kwargs):
+        if not chunked or _router_aux_loss(config, kwargs) or patched.intersection(kwargs):
             with masks, attention.segments_sent(kwargs):
                 return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_loss,
                                 **kwargs)
@@ -124,6 +125,19 @@ def _router_aux_loss(config: object, kwargs: dict) -> bool:
     (full logits) instead of training the router without its balancing term."""
     asked = kwargs.get("output_router_logits")
     return bool(getattr(config, "output_router_logits", False) if asked is None else asked)
+
+
+def _options_of_a_patched_forward(hf: nn.Module, forward: Callable) -> frozenset[str]:
+    """Keyword options that a forward put on the instance before `compile` names and the class's forward does not
+    (TRL's fused LM head, `fused_lm_head` and `shift_labels`, patched in by a trainer given `peft_config` before the
+    model was compiled). Calls that pass one run that forward, with the segments: the chunked head skipped it, and
+    TRL failed reading `log_probs` off the output (AttributeError)."""
+    if getattr(forward, "__func__", None) is getattr(type(hf), "forward", None):
+        return frozenset()
+    own = inspect.signature(type(hf).forward).parameters
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(name for name, p in inspect.signature(forward, follow_wrapped=False).parameters.items()
+                     if p.kind in keyword and name not in own)
 
 
 def _positional_names(method: Callable) -> list[str]:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 
 import pytest
 import torch
 import transformers as T
 from peft import LoraConfig, get_peft_model
-from test_user_inputs import LORA, _lora_grads, _pair, _rel
+from test_user_inputs import LORA, _lora_grads, _model, _pair, _rel
 from test_compile_models import V, tiny_config
 
 import surogate
+from surogate.compiler import _attach_lora
 
 
 def _packed(first: int = 9, second: int = 13):
@@ -183,3 +185,30 @@ def test_a_classification_heads_labels_are_its_own(head):
         losses.append(loss.detach())
     assert _rel(losses[0], losses[1]) < 2e-3  # measured 1e-5 (token), 2e-4 (seq)
     assert _rel(_lora_grads(model), _lora_grads(eager)) < 0.04  # bf16 rounding of the LoRA branch: 0.009
+
+
+def test_a_forward_patched_before_compile_keeps_its_own_options():
+    """TRL's preference trainers given `peft_config` put a fused log-prob head on the model's forward (wrapped with
+    `functools.wraps`, an option `fused_lm_head`) before the user compiles it: the chunked loss ran instead, and
+    TRL failed reading `log_probs` off its output (AttributeError). A call that sets such an option runs the
+    patched forward; the others keep the chunked head."""
+    peft_model = _attach_lora(_model("llama"), LORA)
+    eager = copy.deepcopy(peft_model)
+    for m in (peft_model.get_base_model(), eager.get_base_model()):
+        original = m.forward
+
+        @functools.wraps(original)
+        def fused(*args, fused_lm_head=False, _original=original, _m=m, **kwargs):
+            if not fused_lm_head:
+                return _original(*args, **kwargs)
+            hidden = _m.model(input_ids=kwargs["input_ids"]).last_hidden_state
+            return {"log_probs": torch.log_softmax(_m.lm_head(hidden).float(), -1)}
+
+        m.forward = fused
+    model = surogate.compile(peft_model, recipe="bf16", arch="cpu")
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model(input_ids=ids, labels=ids, fused_lm_head=True)["log_probs"]
+        want = eager(input_ids=ids, labels=ids, fused_lm_head=True)["log_probs"]
+        assert _rel(got, want) < 0.02  # measured 0.003
+        assert model(input_ids=ids, labels=ids).logits is None  # the chunked head
