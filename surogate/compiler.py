@@ -626,10 +626,17 @@ def _lora_config(model: nn.Module, lora: Any):
         raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
                          "lora={'target_modules': [...]} naming its linear layers")
     options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
-    config = LoraConfig(task_type="CAUSAL_LM", **options)
+    options.setdefault("task_type", _PEFT_TASKS.get(getattr(model, "loss_type", None), "CAUSAL_LM"))
+    config = LoraConfig(**options)
     _check_lora_fields(config)
     return config
 
+
+# PEFT's task for a model's head (transformers' `loss_type`): the PeftModel class that runs it, and for a
+# classification head that head trained in full (`modules_to_save`). As CAUSAL_LM a classification model failed in
+# PEFT (no `prepare_inputs_for_generation`).
+_PEFT_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+               "ForQuestionAnswering": "QUESTION_ANS"}
 
 # LoraConfig fields whose LoRA variants the fused kernels do not run, with the value they must keep.
 _PLAIN_LORA_FIELDS = {"use_dora": False, "lora_bias": False, "bias": "none", "use_qalora": False,

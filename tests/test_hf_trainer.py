@@ -212,3 +212,26 @@ def test_a_forward_patched_before_compile_keeps_its_own_options():
         want = eager(input_ids=ids, labels=ids, fused_lm_head=True)["log_probs"]
         assert _rel(got, want) < 0.02  # measured 0.003
         assert model(input_ids=ids, labels=ids).logits is None  # the chunked head
+
+
+@pytest.mark.parametrize("cls,head,task", [(T.AutoModelForSequenceClassification, "score", "SEQ_CLS"),
+                                           (T.AutoModelForQuestionAnswering, "qa_outputs", "QUESTION_ANS")])
+@pytest.mark.parametrize("named", [False, True])
+def test_a_classification_model_without_peft_gets_its_peft_task(cls, head, task, named):
+    """`compile` attaches LoRA to a model without PEFT as PEFT's task for its head: as CAUSAL_LM a classification
+    model failed in PEFT (no `prepare_inputs_for_generation`), and a task named in the options failed twice named
+    (TypeError). The head trains in full (PEFT's `modules_to_save`)."""
+    config = tiny_config("llama")
+    config.num_labels, config.pad_token_id = 2, 0
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="non-LoRA parameters are trainable"):
+        model = surogate.compile(cls.from_config(config).to(torch.bfloat16), recipe="bf16", arch="cpu",
+                                 lora={"task_type": task} if named else None)
+    assert model.peft_config["default"].task_type == task
+    assert {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == {head}
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    if head == "score":
+        model(input_ids=ids).logits.float().sum().backward()
+    else:
+        model(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
