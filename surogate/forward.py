@@ -42,7 +42,10 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     refusal = attention.packing_refusal(hf)  # why packed rows cannot train here, if they cannot
     needs = attention.mask_needs(hf)
     token_types = own_attention and attention.masks_from_token_types(hf)
-    multiplier = _chunked_loss_multiplier(hf, head, backbone, report) if chunked_loss else None
+    token_labels = labels_are_next_tokens(hf)
+    if not token_labels:  # no LM head to chunk: not a fallback
+        report.note(f"loss: {type(hf).__name__}'s own head and loss, as in HF ({getattr(hf, 'loss_type', None)})")
+    multiplier = _chunked_loss_multiplier(hf, head, backbone, report) if chunked_loss and token_labels else None
     chunked = multiplier is not None
     if not (own_attention or chunked or refusal):
         return  # nothing to route or refuse: HF's forward as it is
@@ -50,7 +53,6 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     weight = getattr(head, "weight", None)
     vocab = weight.shape[0] if isinstance(weight, Tensor) else getattr(config, "vocab_size", None)
     original = hf.forward
-    token_labels = labels_are_next_tokens(hf)
     patched = _options_of_a_patched_forward(hf, original)
     if own_attention and backbone is not hf:
         _segment_direct_backbone_calls(backbone, needs)
