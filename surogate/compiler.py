@@ -312,6 +312,7 @@ def _compile_checked(model: nn.Module, config: Any, rec: Recipe, arch_name: str,
     if offload is not None:
         peft_model.surogate_offload = offload  # its host buffers and copies (surogate/offload.py)
     _refuse_hf_checkpointing_later(hf, undo.attributes, checkpoint)
+    _refuse_deepcopy(peft_model, hf, undo.attributes)
     peft_model._surogate_compiled = True
     undo.attributes.set(hf, "_surogate_compiled", True)  # the model given, compiled again: AlreadyCompiledError
     attach_unload(peft_model, undo.unwrap())  # PEFT's merge on plain base layers, then the HF model as it was
@@ -415,6 +416,18 @@ def _refuse_hf_checkpointing_later(hf: nn.Module, attributes: "_Attributes", che
     for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         if hasattr(hf, name):
             attributes.set(hf, name, refuse)
+
+
+def _refuse_deepcopy(peft_model: nn.Module, hf: nn.Module, attributes: "_Attributes") -> None:
+    """`copy.deepcopy` of a compiled model (a reference or EMA copy made after `compile`) gave a model whose
+    forwards ran the original's modules (the wrappers hold them): the copy's own weights were never read, and
+    training the original moved the copy too. Refused in one line; `merge_and_unload()` gives it back."""
+    def refuse(memo: dict) -> None:
+        raise TypeError("a model compiled by surogate cannot be deep-copied (its forwards would run the original's "
+                        "modules): deep-copy the model before surogate.compile, and compile the copy if it trains")
+
+    for model in (peft_model, hf):
+        attributes.set(model, "__deepcopy__", refuse)
 
 
 def _check_checkpointable(model: nn.Module) -> None:

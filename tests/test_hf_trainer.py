@@ -236,3 +236,19 @@ def test_a_classification_model_without_peft_gets_its_peft_task(cls, head, task,
     else:
         model(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_compiled_model_is_not_deep_copied():
+    """A reference (or EMA) model made by `copy.deepcopy` after `compile` ran the original's modules: its own weights
+    were never read (a DPO reference equal to the policy at every step, without a word). Refused in one line;
+    after `merge_and_unload()` the plain model copies as usual."""
+    model, _ = _pair("llama")
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    for m in (model, model.get_base_model()):
+        with pytest.raises(TypeError, match="deep-copy the model before surogate.compile"):
+            copy.deepcopy(m)
+    hf = model.merge_and_unload()
+    twin = copy.deepcopy(hf)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1.0)
+        assert _rel(twin(input_ids=ids).logits, hf(input_ids=ids).logits) > 1.0  # the copy runs its own weights
