@@ -55,7 +55,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     original = hf.forward
     patched = _options_of_a_patched_forward(hf, original)
     if own_attention and backbone is not hf:
-        _segment_direct_backbone_calls(backbone, needs)
+        _segment_direct_backbone_calls(hf, backbone, needs, token_types)
     positional = _positional_names(original)
 
     def forward(self, *args, **kwargs):
@@ -156,21 +156,27 @@ def _with_self(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[this, *signature.parameters.values()])
 
 
-def _segment_direct_backbone_calls(backbone: nn.Module, needs: attention.MaskNeeds) -> None:
+def _segment_direct_backbone_calls(hf: nn.Module, backbone: nn.Module, needs: attention.MaskNeeds,
+                                   token_types: bool) -> None:
     """Calls of the backbone itself (TRL's fused LM head runs `model.base_model(...)` with packed rows'
     `position_ids`, skipping the CausalLM's forward) get the segment ids too, while surogate attention is
     installed: without them its layers attended across the packed examples (0.4 nats off on a tiny Llama).
     Calls from the wrapper above, which has put the segments in, and calls under `attention.uninstalled`
-    (inference, transformers' masks) pass through."""
+    (inference, transformers' masks) pass through; with `token_types` (`attention.masks_from_token_types`), a call
+    passing `token_type_ids` runs transformers' masks, as through the wrapper (Gemma 3's image tokens both ways)."""
     inner = backbone.forward
     config = getattr(backbone, "config", None)
 
     def forward(*args, **kwargs):
         mask = kwargs.get("attention_mask")
+        typed = token_types and kwargs.get("token_type_ids") is not None
         if (args or attention.SEGMENTS_KWARG in kwargs or kwargs.get("past_key_values") is not None
                 or getattr(config, "_attn_implementation", None) != attention.IMPLEMENTATION
-                or (kwargs.get("position_ids") is None and (mask is None or mask.dim() != 2))):
+                or (not typed and kwargs.get("position_ids") is None and (mask is None or mask.dim() != 2))):
             return inner(*args, **kwargs)
+        if typed:
+            with attention.uninstalled(hf):
+                return inner(**kwargs)
         kwargs["attention_mask"] = _segments_into(kwargs, mask, kwargs.get("input_ids"), needs)
         with attention.segments_sent(kwargs):
             return inner(**kwargs)

@@ -128,6 +128,12 @@ def test_gemma3_image_tokens_attend_both_ways():
     _check_lora_grads(grads, expected, expected, "bf16")
     text_only = {k: v for k, v in batch.items() if k != "token_type_ids"}  # causal, as in transformers
     assert compiled(**text_only).loss.item() != loss.item()
+    # TRL's fused head calls the backbone directly: the token types keep their masks there too
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        direct = compiled.get_base_model().model(**inputs).last_hidden_state
+        expected = eager.get_base_model().model(**inputs).last_hidden_state
+    assert (direct - expected).float().norm() / expected.float().norm() < 0.02
 
 
 def test_models_whose_token_types_make_blocks_bidirectional_are_recognized():
