@@ -57,6 +57,7 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
     if own_attention and backbone is not hf:
         _segment_direct_backbone_calls(hf, backbone, needs, token_types)
     positional = _positional_names(original)
+    takes_use_cache = _accepts(original, "use_cache")
 
     def forward(self, *args, **kwargs):
         """HF's forward, its signature and positional order kept (Trainer keeps the dataset columns it names)."""
@@ -80,7 +81,8 @@ def attach_forward(hf: nn.Module, report: CompileReport, chunked_loss: bool = Tr
         if token_labels:
             check_labels(labels, vocab)
             labels = unscored_after_padding(labels, attention_mask)
-        kwargs.setdefault("use_cache", False)
+        if takes_use_cache:
+            kwargs.setdefault("use_cache", False)
         if refusal and kwargs.get("position_ids") is not None and attention_mask is None:
             raise ValueError(f"{type(hf).__name__} {refusal}; pad the examples instead of packing them "
                              "(sample_packing: false)")
@@ -146,6 +148,13 @@ def _positional_names(method: Callable) -> list[str]:
     """The names `method` (HF's bound forward) binds positional arguments to, in order."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p.name for p in inspect.signature(method).parameters.values() if p.kind in kinds]
+
+
+def _accepts(method: Callable, name: str) -> bool:
+    """Whether `method` takes the keyword `name` (by name or through `**kwargs`): a user's own module's forward may
+    take neither, and failed on the `use_cache=False` the wrapper adds (TypeError)."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _with_self(signature: inspect.Signature) -> inspect.Signature:
@@ -347,9 +356,14 @@ def labels_are_next_tokens(hf: nn.Module) -> bool:
     """Whether `hf`'s `labels` are causal-LM token ids, scored against the position before (HF's `ForCausalLMLoss`,
     also the default for a model of no known loss type): `check_labels` and `unscored_after_padding` are the rules of
     those. A classification or QA head's labels (a class or a float per row, a class per token, unshifted) were
-    refused when float (regression, a reward model) or lost the first token of a left-padded row."""
+    refused when float (regression, a reward model) or lost the first token of a left-padded row; so were those of
+    a module of the user's own (not a `PreTrainedModel`: a head on `LlamaModel`, its loss computed in its forward)."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
+    from transformers import PreTrainedModel
+
+    if not isinstance(hf, PreTrainedModel):  # a user's own module (a head on a backbone): its labels and loss its own
+        return False
     loss_type = getattr(hf, "loss_type", None)
     return loss_type not in LOSS_MAPPING or LOSS_MAPPING[loss_type] is ForCausalLMLoss
 
