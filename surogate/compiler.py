@@ -639,7 +639,7 @@ def _lora_config(model: nn.Module, lora: Any):
         raise ValueError("the model has no linear layer inside its decoder blocks to target; pass "
                          "lora={'target_modules': [...]} naming its linear layers")
     options.setdefault("fan_in_fan_out", _uses_conv1d(model, options["target_modules"]))
-    options.setdefault("task_type", _PEFT_TASKS.get(getattr(model, "loss_type", None), "CAUSAL_LM"))
+    options.setdefault("task_type", _peft_task(model))
     config = LoraConfig(**options)
     _check_lora_fields(config)
     return config
@@ -650,6 +650,19 @@ def _lora_config(model: nn.Module, lora: Any):
 # PEFT (no `prepare_inputs_for_generation`).
 _PEFT_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
                "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _peft_task(model: nn.Module) -> str | None:
+    """PEFT's task for `model`: its head's (`_PEFT_TASKS`); SEQ_2_SEQ_LM for an encoder-decoder reading `input_ids`
+    (T5, BART), CAUSAL_LM for a model that generates from them; otherwise none (PEFT's plain PeftModel, which passes
+    the call on as given). As CAUSAL_LM a masked LM or a headless backbone (`Qwen3Model` for embeddings) failed in
+    PEFT (no `prepare_inputs_for_generation`), and Whisper on its `input_ids=None` (given twice)."""
+    task = _PEFT_TASKS.get(getattr(model, "loss_type", None))
+    if task is not None:
+        return task
+    if getattr(model, "main_input_name", None) != "input_ids" or not hasattr(model, "prepare_inputs_for_generation"):
+        return None
+    return "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
 
 # LoraConfig fields whose LoRA variants the fused kernels do not run, with the value they must keep.
 _PLAIN_LORA_FIELDS = {"use_dora": False, "lora_bias": False, "bias": "none", "use_qalora": False,
@@ -813,7 +826,11 @@ def _unambiguous(model: nn.Module, targets: list[str], paths: list[str]) -> list
 def default_exclude(model: nn.Module, targets: "list[str] | tuple[str, ...]") -> str | None:
     """PEFT `exclude_modules` (a regex) for the parts of `model` outside its decoder blocks that hold linears named
     like `targets`, or None: a multimodal model's vision tower (Gemma 3's SigLIP q/k/v_proj), which text training
-    never runs, would otherwise get LoRA pairs that no step trains and every adapter carries."""
+    never runs, would otherwise get LoRA pairs that no step trains and every adapter carries. None for an
+    encoder-decoder (T5, BART, Whisper): every step runs both stacks, and the longest list of blocks is one of them
+    (T5's is a block's three layers), which left the other stack, or T5's other blocks, without LoRA."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
     blocks = {id(b) for b in _decoder_blocks(model, None)}
     modules = dict(model.named_modules())
     block_names = [n for n, m in modules.items() if id(m) in blocks]

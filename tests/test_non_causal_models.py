@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from test_compile_models import BOUNDS, V, _check_lora_grads, _lora_grads, tiny_config
 
 import surogate
+from surogate.compiler import _attach_lora
 
 
 class _PooledHead(torch.nn.Module):
@@ -74,3 +75,91 @@ def test_a_decoder_made_bidirectional_keeps_transformers_masks():
     with torch.device("meta"):
         assert not supports(T.Gemma3TextModel(config))
         assert supports(T.Gemma3TextModel(tiny_config("gemma3")))
+
+
+def _bart() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, decoder_start_token_id=2)).to(torch.bfloat16)
+
+
+def _t5() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)).to(torch.bfloat16)
+
+
+def _whisper() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=V, num_mel_bins=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, d_model=64, max_source_positions=16,
+        max_target_positions=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+        decoder_start_token_id=1, eos_token_id=2, bos_token_id=1, suppress_tokens=None,
+        begin_suppress_tokens=None)).to(torch.bfloat16)
+
+
+def _lora_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+            and len(m.lora_A)]
+
+
+@pytest.mark.parametrize("make, stacks", [(_bart, ("model.encoder.layers.1.", "model.decoder.layers.1.")),
+                                          (_t5, ("encoder.block.1.", "decoder.block.1.")),
+                                          (_whisper, ("model.encoder.layers.1.", "model.decoder.layers.1."))])
+def test_default_lora_of_an_encoder_decoder_covers_both_stacks(make, stacks):
+    """Before, the default LoRA excluded what lay outside the longest list of blocks: BART's and Whisper's whole
+    decoder, T5's encoder and every decoder block but the first (its longest list, in a tiny model, is a block's
+    three layers). Both stacks now get LoRA on every block, and BART trains as eager PEFT does."""
+    options = {"r": 8, "lora_alpha": 16, "init_lora_weights": False}
+    peft = _attach_lora(make(), options)
+    names = _lora_modules(peft)
+    assert all(any(stack in name for name in names) for stack in stacks), names
+    if make is not _bart:
+        return
+    eager = copy.deepcopy(peft)
+    compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, V, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, -4:], mask[1, -4:] = 1, 0
+    labels = torch.randint(5, V, (2, 8), generator=g)
+    labels[1, -3:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ref = eager(**batch).loss
+    ref.backward()
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
+    expected = _lora_grads(eager)
+    _check_lora_grads(_lora_grads(compiled), expected, expected, "bf16")
+
+
+@pytest.mark.parametrize("make, task", [
+    (lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=128, max_position_embeddings=64)), None),
+    (lambda: T.Qwen3Model(tiny_config("qwen3")), None),
+    (_whisper, None),
+    (_t5, "SEQ_2_SEQ_LM"),
+])
+def test_compile_attaches_lora_with_a_task_peft_can_run(make, task):
+    """LoRA attached by `compile` (no PeftModel given) to a model that is not a causal LM: a masked LM or a headless
+    backbone failed in PEFT as CAUSAL_LM (no `prepare_inputs_for_generation`), Whisper in its forward (`input_ids`
+    given twice); they take PEFT's plain PeftModel, T5 and BART PEFT's seq2seq task."""
+    torch.manual_seed(0)
+    model = surogate.compile(make().to(torch.bfloat16), recipe="bf16", arch="cpu", dynamic=False,
+                             lora={"r": 8, "lora_alpha": 16, "init_lora_weights": False})
+    assert model.peft_config["default"].task_type == task
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, V, (2, 8), generator=g)
+    if isinstance(model.get_base_model(), T.WhisperForConditionalGeneration):
+        out = model(input_features=torch.randn(2, 16, 32, generator=g).to(torch.bfloat16), labels=ids)
+    elif isinstance(model.get_base_model(), T.Qwen3Model):
+        out = model(input_ids=ids)
+    else:
+        out = model(input_ids=ids, labels=ids)
+    (out.loss if out.get("loss") is not None else out.last_hidden_state.float().square().mean()).backward()
+    assert _lora_grads(model) and all(g.abs().sum() > 0 for g in _lora_grads(model).values())
