@@ -79,3 +79,30 @@ def test_plain_linear_is_not_a_target():
     gm, _ = capture_graph(Proj().to(torch.bfloat16), torch.randn(2, 32, dtype=torch.bfloat16))
     ctx = PassContext("bf16", "cpu")
     assert match_lora_linears(gm, ctx) == 0 and not ctx.report.linears
+
+
+class DroppedProj(Proj):
+    """A dropout of the model's own before the target (T5's `wo`, Whisper's `fc2`, ModernBERT's `Wo`)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.plain(self.q(self.drop(x)))
+
+
+@pytest.mark.parametrize("p, lora_dropout", [(0.0, 0.0), (0.1, 0.0), (0.1, 0.2)])
+def test_a_models_dropout_before_the_layer_is_its_input(p, lora_dropout):
+    """Both the base layer and the LoRA branch read the dropout's output: that is the layer's input, and only the
+    LoRA branch's own dropout is the match's. Before, the walk down the LoRA branch went past the model's dropout
+    too, and such layers were left unfused ("the LoRA branch does not read the base layer's input")."""
+    torch.manual_seed(0)
+    model = get_peft_model(DroppedProj(p).to(torch.bfloat16).train(),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q"], lora_dropout=lora_dropout,
+                                      init_lora_weights=False))
+    n, ctx = _match(model)
+    assert n == 1 and not ctx.report.fallbacks, str(ctx.report)
+    m = ctx.matches[0]
+    assert (m.dropout is not None) == (lora_dropout > 0)
+    assert m.input is m.dead[-1].args[0]

@@ -86,7 +86,9 @@ def match_branch(lora_a_linear: fx.Node) -> LoraMatch:
         raise NoMatch("the base GEMM output is used outside the LoRA sum")
     branch_in, dropout = la.args[0], None
     casts: list[fx.Node] = []
-    while N.is_cast(branch_in) or N.is_dropout(branch_in):
+    # Down to the base layer's input, no further: a model's own dropout before the layer (T5's `wo`, Whisper's `fc2`,
+    # ModernBERT's `Wo`) is part of that input, and stripping it too unfused those layers.
+    while branch_in is not N.strip_casts(x) and (N.is_cast(branch_in) or N.is_dropout(branch_in)):
         if N.is_dropout(branch_in):
             p, training = N.arg(branch_in, 1, "p", 0.5), N.arg(branch_in, 2, "training", True)
             if isinstance(p, fx.Node) or isinstance(training, fx.Node):
