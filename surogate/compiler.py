@@ -59,8 +59,7 @@ import_bitsandbytes_offline()  # before PEFT imports it: no Hub fetch at import 
 # separate and fused (Phi-3's qkv_proj, gate_up_proj) projections, and OPT's / BioGPT's / XGLM's names for the
 # attention output and the MLP (out_proj, fc1, fc2), which have q/k/v_proj beside them: without these three only
 # the attention inputs of those models would get LoRA.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                   "gate_up_proj", "out_proj", "fc1", "fc2")
+from surogate.lora_targets import DEFAULT_TARGETS  # noqa: E402  (a module of its own: the config reads it too)
 # Projections that architectures with some default names call the rest of their attention and MLP, added when a
 # default name is found (alone they would be too wide: GPT-2's c_proj without c_attn, GPT-NeoX's dense alone):
 # Phi-1/2's attention output `dense`, StarCoder2's and GPT-Neo's `c_fc`/`c_proj`, GPT-J's and CodeGen's

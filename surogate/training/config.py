@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from surogate.compiler import DEFAULT_TARGETS  # the same default as surogate.compile: those the model has
+from surogate.lora_targets import DEFAULT_TARGETS  # the same default as surogate.compile (no torch imported)
 
 SCHEDULERS = ("linear", "cosine", "constant")
 # What a Hugging Face hub id looks like (`name` or `owner/name`): a path that matches it and is not on disk
