@@ -160,6 +160,19 @@ def test_messages_history_rendered_differently_from_the_last_turn(tok):
     ]
 
 
+def test_messages_last_turn_end_of_turn_reuses_the_marked_rendering(tok, monkeypatch):
+    """The end of turn of a conversation's last assistant turn is read from its marked rendering (the same
+    messages): no render of its own. CONVERSATION (2 assistant turns, the last one last) renders: the whole, then
+    per turn the marked copy and the generation prompt, and the first turn's end of turn: 6, not 7."""
+    calls = []
+    render = type(tok).apply_chat_template
+    monkeypatch.setattr(type(tok), "apply_chat_template",
+                        lambda self, *a, **k: (calls.append(1), render(self, *a, **k))[1])
+    pieces = chat_pieces(CONVERSATION, tok, CHATML, "x")
+    assert len(calls) == 6
+    assert [t for t, trained in pieces if trained] == ["Hello!<|im_end|>\n", "4<|im_end|>\n"]
+
+
 def test_messages_template_that_rewrites_content_is_refused(tok):
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
     with pytest.raises(DataError, match=r"^x: cannot locate assistant message 2 .*dataset\.chat_template"):

@@ -168,7 +168,9 @@ def _marked_span(render: Callable[..., str], messages: list[dict], i: int, full:
             start = len(prompt)
     if end < start:
         return None
-    last = render([*messages[:i], stand_in])
+    # the end of turn as the template writes it after a conversation's last turn: the marked rendering itself when
+    # this turn is the last (a conversation's usual end), one render fewer
+    last = marked if i == len(messages) - 1 else render([*messages[:i], stand_in])
     end_of_turn = last[last.index(_MARKER) + len(_MARKER):]
     return start, end + len(os.path.commonprefix([full[end:], end_of_turn]))
 
