@@ -221,7 +221,7 @@ class ExampleRows:
         """Each row's tokens with a label after the shift by one (a row's first token predicts nothing): the
         rows the LM head must run on."""
         if self._trained is None:
-            trained = np.concatenate([[0], np.cumsum(self.targets != IGNORE_INDEX, dtype=np.int64)])
+            trained = _counts_before(self.targets != IGNORE_INDEX)
             starts, ends = self.offsets[:-1], self.offsets[1:]
             self._trained = np.where(ends > starts, trained[ends] - trained[np.minimum(starts + 1, ends)], 0)
         return self._trained
@@ -315,6 +315,15 @@ class ExampleRows:
         return out
 
 
+def _counts_before(mask: np.ndarray) -> np.ndarray:
+    """How many of `mask` are set before each index, and in all (len(mask) + 1 int64). Cast first, then summed in
+    place: `np.cumsum(mask, dtype=np.int64)` casts bools element by element, ~9x slower (1.4 s for 5 * 10^7 tokens)."""
+    counts = np.zeros(len(mask) + 1, np.int64)
+    counts[1:] = mask
+    np.cumsum(counts[1:], out=counts[1:])
+    return counts
+
+
 def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
           ) -> tuple[FlatExamples, np.ndarray, int, int, int]:
     """(the examples stored flat, the indices of those with a target within `seq_len` (a target after an
@@ -324,7 +333,7 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
     starts, lengths = flat.offsets[:-1], flat.lengths()
     target = flat.labels != IGNORE_INDEX
     target[starts[lengths > 0]] = False  # an example's first token has no predecessor in its own example
-    before = np.concatenate([np.zeros(1, np.int64), np.cumsum(target, dtype=np.int64)])  # targets before token t
+    before = _counts_before(target)  # targets before token t
     anywhere = before[flat.offsets[1:]] - before[starts] > 0
     within = before[starts + np.minimum(lengths, seq_len)] - before[starts] > 0
     long = lengths > seq_len
