@@ -36,8 +36,16 @@ def examples_key(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_te
     versions = [_version(name) for name in ("transformers", "tokenizers", "jinja2")]  # they render and tokenize
     digest.update(json.dumps([source_tag(), versions, fmt, train_on_inputs, template, specials]).encode())
     digest.update(_tokenizer_fingerprint(tokenizer))
-    digest.update(pickle.dumps(rows.rows, protocol=5))
+    pickle.Pickler(_Hashing(digest), protocol=5).dump(rows.rows)  # the bytes of pickle.dumps, never all held
     return digest.hexdigest()[:32]
+
+
+class _Hashing:
+    """A file that hashes what is written to it: the rows' pickle goes to the digest as it is made, not first
+    into one bytes object as large as the data set (hundreds of MB)."""
+
+    def __init__(self, digest):
+        self.write = digest.update
 
 
 def _version(package: str) -> str | None:
@@ -96,7 +104,7 @@ def load(path: Path) -> tuple[FlatExamples, list[str]] | None:
             notes = json.loads(str(data["notes"]))
     except (OSError, ValueError, KeyError, EOFError):
         return None
-    return FlatExamples(ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32), offsets), notes
+    return FlatExamples(ids, np.where(trained, ids, np.int32(IGNORE_INDEX)), offsets), notes
 
 
 def cached_examples(rows: Rows, fmt: str, tokenizer, train_on_inputs: bool, chat_template: str | None,
