@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from surogate.compiler import DEFAULT_TARGETS
-import subprocess
-import sys
 from surogate.training.config import (ConfigError, TrainConfig, dataset_sources, default_config_path, from_dict,
                                       load_config)
 
@@ -478,5 +479,5 @@ def test_checking_a_config_imports_no_torch():
             "if m in sys.modules))")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": str(root)})
     assert out.stdout.strip() == "[]"
