@@ -127,17 +127,22 @@ def main() -> None:
         rows.append({"recipe": recipe, "first": losses[0], "last": losses[-1], "peft_last": reference[-1],
                      "worst_rel": worst, "apart": _packed_apart(recipe, tokenizer)})
         print(rows[-1], flush=True)
+    _write(args, env, rows, reference, None)  # the SFT rows kept if the bitsandbytes run is cut short
     bnb = _bnb_checkpoint_trains(tokenizer, Path("/tmp/trainer_check/bnb"))
     print(bnb, flush=True)
+    _write(args, env, rows, reference, bnb)
+
+
+def _write(args, env: dict, rows: list[dict], reference: list[float], bnb: dict | None) -> None:
     lines = [f"# SFTTrainer (packing=True) on {env['gpu']}: surogate against eager PEFT, {args.steps} steps", "",
              *table([("recipe", "recipe"), ("loss, step 1", lambda r: f"{r['first']:.4f}"),
                      ("last", lambda r: f"{r['last']:.4f}"), ("PEFT's last", lambda r: f"{r['peft_last']:.4f}"),
                      ("worst step, relative", lambda r: f"{r['worst_rel']:.2e}"),
                      ("packed example vs alone", lambda r: f"{r['apart']:.2e}")], rows), "",
-             f"`surogate train` (qnf4) on a bitsandbytes NF4 checkpoint: exit {bnb['rc']}, note printed: {bnb['note']}"]
+             "`surogate train` (qnf4) on a bitsandbytes NF4 checkpoint: " +
+             (f"exit {bnb['rc']}, note printed: {bnb['note']}" if bnb else "not run yet")]
     print("\n".join(lines))
     write_results(args.out, "trainer_check", env, {"sft": rows, "peft": reference, "bnb_checkpoint": bnb}, lines)
-
 
 if __name__ == "__main__":
     main()
