@@ -27,19 +27,13 @@ echo "== main job"; timeout 100 python3 -m surogate train --output-dir /tmp/so 2
 fi
 if [ "${1:-1}" != 1 ]; then
 python3 - <<'PY'
-import json
+import json, sys
 import transformers as T
+sys.path.insert(0, "bench")
+from microbench import varied_chat_rows
 from surogate.training.tokenizer import load_tokenizer
-rows = [json.loads(l) for l in open("examples/data/chat.jsonl")]
 with open("/tmp/chat8k.jsonl", "w") as f:
-    for i in range(8000):
-        r = json.loads(json.dumps(rows[i % len(rows)]))
-        for m in r["messages"]:
-            if m["role"] == "user":
-                m["content"] += f" (variant {i})" + " Please explain every step." * (i % 5)
-            if m["role"] == "assistant":
-                m["content"] += f" Checked {i} times." * (1 + i % 7)
-        f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in varied_chat_rows(8000))
 tok = load_tokenizer(None)
 for name, cfg in {"q06": T.Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),

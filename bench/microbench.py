@@ -69,3 +69,19 @@ def table(columns: Sequence[Column], rows: Iterable[dict]) -> list[str]:
 
     return (["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
             + ["| " + " | ".join(cell(row, how) for _, how in columns) + " |" for row in rows])
+
+
+def varied_chat_rows(n: int) -> list[dict]:
+    """`n` messages rows made from the bundled chat examples, each varied in content and length (a prompt of up to
+    five more sentences, an answer of one to seven), so that packed rows hold several examples of unlike lengths."""
+    base = [json.loads(line) for line in (HERE.parent / "examples/data/chat.jsonl").read_text().splitlines()]
+    rows = []
+    for i in range(n):
+        row = json.loads(json.dumps(base[i % len(base)]))
+        for m in row["messages"]:
+            if m["role"] == "user":
+                m["content"] += f" (variant {i})" + " Please explain every step." * (i % 5)
+            elif m["role"] == "assistant":
+                m["content"] += f" Checked {i} times." * (1 + i % 7)
+        rows.append(row)
+    return rows

@@ -11,7 +11,6 @@ and datasets (bitsandbytes for the last row); writes trainer_check_<gpu>.json/.m
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,26 +20,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from microbench import command_line, table, write_results  # noqa: E402
+from microbench import command_line, table, varied_chat_rows, write_results  # noqa: E402
 
 RECIPES = ("bf16", "qfp8", "qnf4")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run of the script itself
 
 
 def _rows(n: int = 96) -> list[dict]:
-    """The bundled chat examples as plain text (the bundled tokenizer has no chat template), varied in content and
-    length so that packed rows hold several of them."""
-    base = [json.loads(line) for line in (ROOT / "examples/data/chat.jsonl").read_text().splitlines()]
-    rows = []
-    for i in range(n):
-        row = json.loads(json.dumps(base[i % len(base)]))
-        for m in row["messages"]:
-            if m["role"] == "user":
-                m["content"] += f" (case {i})" + " Explain." * (i % 4)
-            elif m["role"] == "assistant":
-                m["content"] += f" Checked {i} times." * (1 + i % 5)
-        rows.append({"text": "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])})
-    return rows
+    """The varied chat rows as plain text (the bundled tokenizer has no chat template): packed rows hold several."""
+    return [{"text": "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])}
+            for row in varied_chat_rows(n)]
 
 
 def _model(tokenizer):

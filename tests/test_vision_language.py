@@ -51,6 +51,22 @@ def _image_batch(padded: bool) -> dict:
     return batch
 
 
+def _follows_eager_peft(peft: torch.nn.Module, batch: dict, part: str | None = None):
+    """(compiled, eager copy, compiled loss): `peft` compiled (bf16) against its eager copy on `batch`: the loss and
+    the LoRA gradients within bf16 rounding, and LoRA gradients reaching a module named with `part`."""
+    eager = copy.deepcopy(peft)
+    compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
+    ref = eager(**batch).loss
+    ref.backward()
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
+    grads, expected = _lora_grads(compiled), _lora_grads(eager)
+    assert part is None or any(part in name for name in grads)
+    _check_lora_grads(grads, expected, expected, "bf16")
+    return compiled, eager, loss
+
+
 def test_vision_tower_keeps_its_bidirectional_attention():
     """An eager Qwen2-VL with LoRA on every linear ("all-linear": the vision tower's too): the vision tower's
     attention stays bidirectional and its LoRA gradients follow eager PEFT, on plain and padded batches. Before,
@@ -60,18 +76,8 @@ def test_vision_tower_keeps_its_bidirectional_attention():
     for padded in (False, True):
         peft = _attach_lora(_qwen2_vl("eager"), {"r": 8, "lora_alpha": 16, "init_lora_weights": False,
                                                  "target_modules": "all-linear"})
-        eager = copy.deepcopy(peft)
-        compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
+        compiled, _, _ = _follows_eager_peft(peft, _image_batch(padded), ".visual.")
         assert compiled.base_model.model.config.vision_config._attn_implementation == "eager"
-        batch = _image_batch(padded)
-        ref = eager(**batch).loss
-        ref.backward()
-        loss = compiled(**batch).loss
-        loss.backward()
-        assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
-        grads, expected = _lora_grads(compiled), _lora_grads(eager)
-        assert any(".visual." in name for name in grads)
-        _check_lora_grads(grads, expected, expected, "bf16")
 
 
 def test_mrope_position_ids_mark_examples_only_with_a_text_row():
@@ -117,15 +123,7 @@ def test_gemma3_image_tokens_attend_both_ways():
     batch = {"input_ids": ids, "labels": ids.clone(), "token_type_ids": (ids == IMAGE).long(),
              "pixel_values": (4 * torch.randn(2, 3, 32, 32, generator=g)).to(torch.bfloat16)}
     peft = _attach_lora(_gemma3(), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    eager = copy.deepcopy(peft)
-    compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
-    ref = eager(**batch).loss
-    ref.backward()
-    loss = compiled(**batch).loss
-    loss.backward()
-    assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
-    grads, expected = _lora_grads(compiled), _lora_grads(eager)
-    _check_lora_grads(grads, expected, expected, "bf16")
+    compiled, eager, loss = _follows_eager_peft(peft, batch)
     text_only = {k: v for k, v in batch.items() if k != "token_type_ids"}  # causal, as in transformers
     assert compiled(**text_only).loss.item() != loss.item()
     # TRL's fused head calls the backbone directly: the token types keep their masks there too
@@ -198,13 +196,4 @@ def test_mllama_cross_attention_reads_every_image_token():
              "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
              "aspect_ratio_mask": torch.ones(2, 1, 1, dtype=torch.long)}
     peft = _attach_lora(model.to(torch.bfloat16), {"r": 8, "lora_alpha": 16, "init_lora_weights": False})
-    eager = copy.deepcopy(peft)
-    compiled = surogate.compile(peft, recipe="bf16", arch="cpu", dynamic=False)
-    ref = eager(**batch).loss
-    ref.backward()
-    loss = compiled(**batch).loss
-    loss.backward()
-    assert abs(loss.item() - ref.item()) / ref.item() < BOUNDS["bf16"][0]
-    grads, expected = _lora_grads(compiled), _lora_grads(eager)
-    assert any(".cross_attn." in name for name in grads)
-    _check_lora_grads(grads, expected, expected, "bf16")
+    _follows_eager_peft(peft, batch, ".cross_attn.")
