@@ -358,9 +358,8 @@ def labels_are_next_tokens(hf: nn.Module) -> bool:
     those. A classification or QA head's labels (a class or a float per row, a class per token, unshifted) were
     refused when float (regression, a reward model) or lost the first token of a left-padded row; so were those of
     a module of the user's own (not a `PreTrainedModel`: a head on `LlamaModel`, its loss computed in its forward)."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
     from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
     if not isinstance(hf, PreTrainedModel):  # a user's own module (a head on a backbone): its labels and loss its own
         return False

@@ -237,10 +237,7 @@ def masks_from_token_types(model: nn.Module) -> bool:
     tokens attend both ways inside a block (Gemma 3's image tokens, PaliGemma's image and prompt prefix:
     `block_sequence_ids`, an `or_mask_function`). Surogate attention is causal: calls that pass token types run
     transformers' masks instead. Read from the forwards' source."""
-    _, prefix = _decoder(model)
-    for name, module in model.named_modules():
-        if name != "" and not prefix.startswith(f"{name}."):
-            continue
+    for module in _decoder_and_above(model)[1]:
         try:
             source = inspect.getsource(inspect.unwrap(type(module).forward))
         except (OSError, TypeError):
@@ -307,6 +304,13 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     prefix = next((f"{name}." if name else "" for name, m in model.named_modules() if m is decoder), "")
     return decoder, prefix
+
+
+def _decoder_and_above(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """`model`'s text decoder and the modules above it, `model` first (a vision-language model and its language
+    model wrapper: what builds the decoder's masks), the towers beside it left out."""
+    decoder, prefix = _decoder(model)
+    return decoder, [m for name, m in model.named_modules() if name == "" or prefix.startswith(f"{name}.")]
 
 
 def _segment_readers(model: nn.Module) -> dict[str, nn.Module]:
@@ -429,8 +433,7 @@ def _configs(model: nn.Module) -> list[Any]:
 
 
 def _decoder_configs(model: nn.Module) -> list[Any]:
-    decoder, prefix = _decoder(model)
-    above = [m for name, m in model.named_modules() if name == "" or prefix.startswith(f"{name}.")]
+    decoder, above = _decoder_and_above(model)
     seen, out = set(), []
     for module in (*above, *decoder.modules()):
         cfg = getattr(module, "config", None)
