@@ -2,7 +2,7 @@
 on a checkpoint stored in bitsandbytes' 4-bit format: what the CPU tests of tests/test_hf_trainer.py and
 test_compile_api.py check, on CUDA (FlexAttention's block masks for packed rows, bitsandbytes' CUDA loader).
 
-    python bench/trainer_check.py [--out bench/results] [--steps 8]
+    python bench/trainer_check.py [--out bench/results] [--steps 8]     (--steps 0: the bitsandbytes part alone)
 
 SFTTrainer packs (`packing=True`: padding-free rows whose `position_ids` restart) and computes its loss with its
 fused LM head, which calls the backbone directly: surogate must keep the packed examples apart there. Needs trl
@@ -108,9 +108,9 @@ def main() -> None:
     from surogate.training.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
-    reference = _sft_losses(None, tokenizer, args.steps)
+    reference = _sft_losses(None, tokenizer, args.steps) if args.steps else []
     rows = []
-    for recipe in RECIPES:
+    for recipe in RECIPES if args.steps else ():
         losses = _sft_losses(recipe, tokenizer, args.steps)
         worst = max(abs(x - y) / abs(y) for x, y in zip(losses, reference))
         rows.append({"recipe": recipe, "first": losses[0], "last": losses[-1], "peft_last": reference[-1],
