@@ -124,6 +124,19 @@ def test_the_log_says_how_many_rows_an_epoch_leaves_out(model_dir, tmp_path):
     assert result.summary().startswith("done: 1 step, ")  # one, not "1 steps"
 
 
+def test_step_intervals_given_as_ratios_of_the_run(model_dir, tmp_path):
+    """eval_steps / save_steps below 1 (Hugging Face's ratios) run every ceil(ratio x steps): 0.5 of 4 is every 2."""
+    out, lines = tmp_path / "run", []
+    train(_cfg(model_dir, out, max_steps=4, save_steps=0.5, eval_steps=0.3, logging_steps=0.5), log=lines.append)
+    assert [step for step, _ in checkpoint.list_checkpoints(out)] == [2, 4]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+    assert "logging_steps: 0.5 of 4 steps is every 2; eval_steps: 0.3 of 4 steps is every 2; save_steps: 0.5 of 4 " \
+           "steps is every 2" in lines
+    assert [line.split("|")[0].strip() for line in lines if line.startswith("step ")] == ["step 1/4", "step 2/4",
+                                                                                         "step 4/4"]
+
+
 def test_checkpoint_contents_and_rotation(model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -285,6 +298,15 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with weight_decay: 0.0, "
                                           r"the config has 0.5"):
         train(_cfg(model_dir, out, weight_decay=0.5, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
+    # the schedule rebuilt at the restored step with another shape: the learning rate would jump
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with lr_scheduler_type: "
+                                          r"'linear', the config has 'cosine'"):
+        train(_cfg(model_dir, out, lr_scheduler_type="cosine", resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with warmup_steps: 1, "
+                                          r"the config has 3"):
+        train(_cfg(model_dir, out, warmup_steps=3, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)
 
 

@@ -69,6 +69,10 @@ def test_unknown_dataset_key_named():
     ({"max_steps": 0}, "max_steps"),
     ({"num_epochs": 0}, "num_epochs"),
     ({"warmup_steps": -1}, "warmup_steps"),
+    ({"eval_steps": 1.5}, "eval_steps"),
+    ({"save_steps": 0}, "save_steps"),
+    ({"logging_steps": -0.5}, "logging_steps"),
+    ({"save_steps": True}, "save_steps"),
     ({"dataset": {"format": "alpacca"}}, "dataset.format"),
     ({"dataset": {"max_train_samples": 0}}, "dataset.max_train_samples"),
     ({"dataset": 5}, "dataset"),
@@ -76,6 +80,17 @@ def test_unknown_dataset_key_named():
 def test_bad_value_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=rf"^{key}\b"):
         from_dict(raw)
+
+
+def test_step_intervals_take_hugging_faces_ratios():
+    """Below 1 an interval is a ratio of the run's steps (HF's Trainer), rounded up once the total is known;
+    a whole float is a step count."""
+    from surogate.training.config import every_steps
+
+    cfg = from_dict({"eval_steps": 0.25, "save_steps": 2.0, "logging_steps": 0.1})
+    assert (cfg.eval_steps, cfg.save_steps, cfg.logging_steps) == (0.25, 2, 0.1)
+    assert type(cfg.save_steps) is int
+    assert [every_steps(v, 10) for v in (0.25, 2, 0.1, 0.01)] == [3, 2, 1, 1]
 
 
 def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):

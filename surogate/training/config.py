@@ -78,10 +78,10 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; wins over num_epochs
     num_epochs: float = 1.0
     seed: int = 42
-    logging_steps: int = 1
-    eval_steps: int | None = None  # None: evaluate before the first step and at the end only
+    logging_steps: int | float = 1  # a step count, or (below 1) a ratio of the run's steps, as Hugging Face's
+    eval_steps: int | float | None = None  # None: evaluate before the first step and at the end only
     eval_on_start: bool = True  # evaluate before the first step (step 0)
-    save_steps: int | None = None  # output_dir/checkpoint-<step>/ every N steps and the last (on Ctrl-C always)
+    save_steps: int | float | None = None  # output_dir/checkpoint-<step>/ every N steps and the last (Ctrl-C: always)
     save_total_limit: int | None = None  # keep the N newest checkpoints
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true: the latest in output_dir
     report_to: list[str] = field(default_factory=list)  # [] (metrics.jsonl only) or [tensorboard]
@@ -116,6 +116,25 @@ def _int(key: str, v: Any, minimum: int | None = None, optional: bool = False) -
     if minimum is not None and v < minimum:
         raise ConfigError(f"{key}: must be >= {minimum}, got {v}")
     return v
+
+
+def _every(key: str, v: Any, optional: bool = False) -> int | float | None:
+    """A step interval: a whole number of optimizer steps, or a ratio in (0, 1) of the run's steps (Hugging Face's
+    `eval_steps: 0.1`, which configs brought from its Trainer hold), turned into steps once the run's total is known."""
+    if isinstance(v, float) and not isinstance(v, bool) and math.isfinite(v):
+        if 0 < v < 1:
+            return v
+        if v.is_integer() and v >= 1:
+            return int(v)
+    if v is None and optional or isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    raise ConfigError(f"{key}: expected a whole number of steps (>= 1) or a ratio of the run's steps in (0, 1), "
+                      f"got {v!r}")
+
+
+def every_steps(value: int | float, total: int) -> int:
+    """`_every`'s interval in steps for a run of `total` steps: a ratio rounds up, as Hugging Face's Trainer does."""
+    return value if isinstance(value, int) else max(1, math.ceil(value * total))
 
 
 def _float(key: str, v: Any, minimum: float | None = None, maximum: float | None = None,
@@ -568,13 +587,13 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     if c.max_steps is None and c.num_epochs == 0:
         raise ConfigError("num_epochs: must be > 0 when max_steps is not set, got 0")
     c.seed = _int("seed", c.seed, 0)
-    c.logging_steps = _int("logging_steps", c.logging_steps, 1)
-    c.eval_steps = _int("eval_steps", c.eval_steps, 1, optional=True)
+    c.logging_steps = _every("logging_steps", c.logging_steps)
+    c.eval_steps = _every("eval_steps", c.eval_steps, optional=True)
     if c.eval_steps is not None and all(d.eval_split is None and d.val_set_size is None for d in dataset_sources(c)):
         raise ConfigError("eval_steps: set, but there is no eval split (dataset.eval_split is null); name an eval "
                           "split, set dataset.val_set_size to hold out part of train, or drop eval_steps")
     c.eval_on_start = _bool("eval_on_start", c.eval_on_start)
-    c.save_steps = _int("save_steps", c.save_steps, 1, optional=True)
+    c.save_steps = _every("save_steps", c.save_steps, optional=True)
     c.save_total_limit = _int("save_total_limit", c.save_total_limit, 1, optional=True)
     c.resume_from_checkpoint = _resume("resume_from_checkpoint", c.resume_from_checkpoint, c.output_dir)
     c.report_to = _report_to("report_to", c.report_to)

@@ -45,7 +45,7 @@ from surogate.training import (
     steps,
     train_checks,
 )
-from surogate.training.config import TrainConfig, dataset_sources, load_config
+from surogate.training.config import TrainConfig, dataset_sources, every_steps, load_config
 from surogate.training.outputs import TrainResult, counted
 from surogate.training.setup import Log, log_stderr
 
@@ -252,6 +252,12 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     if cfg.group_by_length and train_set.packed:
         log("group_by_length: no effect with sample_packing: true (every packed row has sequence_len tokens)")
     total = _total_steps(cfg, micro.per_epoch)
+    intervals = {"logging_steps": cfg.logging_steps, "eval_steps": cfg.eval_steps, "save_steps": cfg.save_steps}
+    log_every, eval_every, save_every = (every_steps(v, total) if v else None for v in intervals.values())
+    ratios = [f"{key}: {v:g} of {total} steps is every {every_steps(v, total)}"
+              for key, v in intervals.items() if isinstance(v, float)]
+    if ratios:  # Hugging Face's ratios of the run's steps
+        log("; ".join(ratios))
     micro_steps = total * cfg.gradient_accumulation_steps  # the whole run's (a resumed run keeps its buckets)
     padding = train_set.padding_note(micro.batch_size, cfg.seed, graphs, cfg.group_by_length,
                                      runs=micro_steps / micro.per_epoch)
@@ -393,17 +399,17 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                               "tokens": step_tokens, "elapsed_s": round(elapsed_before + now - t_train, 3)}
                     history.append(record)
                     run_log.train(record)
-                    if step == start or step % cfg.logging_steps == 0 or step == total:
+                    if step == start or step % log_every == 0 or step == total:
                         speed = (f"first step {first_step_s:.1f} s (compile)" if step == start
                                  else f"{window_tokens / max(window_s, 1e-9):,.0f} tokens/s")
                         log(f"step {step:>{len(str(total))}}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
                             f"{speed} | {now - t_start:.1f}s")
                         window_tokens, window_s = 0, 0.0
-                    if eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total:
+                    if eval_set is not None and eval_every and step % eval_every == 0 and step != total:
                         run_eval(step)
                     # and the last step, as HF's Trainer does: a run of 9 steps with save_steps 4 left no checkpoint of
                     # its end, so it could not be extended (more max_steps or num_epochs) without losing step 9
-                    if cfg.save_steps and (step % cfg.save_steps == 0 or step == total):
+                    if save_every and (step % save_every == 0 or step == total):
                         log(f"checkpoint: {save_checkpoint(step)}")
                     if on_step is not None:
                         on_step(dict(record))

@@ -20,11 +20,13 @@ from surogate.training import checkpoint
 from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig
 from surogate.training.outputs import counted
 
-# Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; and
-# the optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
-# optimizer and scheduler states bring back, so that a changed value would be ignored without a word.
+# Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; the
+# optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
+# optimizer and scheduler states bring back, so that a changed value would be ignored without a word; and the
+# schedule's shape (its type, the warmup), which the restored step count would enter mid-way: the rate would jump.
 RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
-               "lora_target_modules", "learning_rate", "weight_decay", "group_by_length")
+               "lora_target_modules", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
+               "group_by_length")
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
