@@ -230,6 +230,13 @@ def test_a_classification_model_without_peft_gets_its_peft_task(cls, head, task,
                                  lora={"task_type": task} if named else None)
     assert model.peft_config["default"].task_type == task
     assert {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n} == {head}
+    from surogate.ops.modules import _human_count, parameter_counts
+
+    counts = parameter_counts(model)
+    whole = sum(p.numel() for p in getattr(model.get_base_model(), head).parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert (counts.trainable, counts.trainable_other) == (lora + whole, whole)  # the head is not counted as LoRA
+    assert f"params (LoRA {_human_count(lora)} + {_human_count(whole)} other)" in str(counts)
     ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(1))
     if head == "score":
         model(input_ids=ids).logits.float().sum().backward()

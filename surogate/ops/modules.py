@@ -121,26 +121,31 @@ class SurogateLinear(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class ParameterCounts:
     """Trainable (LoRA) and frozen (base) parameters; a quantized base counts its weights' elements, and
-    `frozen_bytes` is the memory the frozen base takes as stored (e.g. FP8 or NF4 plus their scales)."""
+    `frozen_bytes` is the memory the frozen base takes as stored (e.g. FP8 or NF4 plus their scales).
+    `trainable_other`: trainable parameters that are not LoRA factors (a classification head PEFT trains whole)."""
 
     trainable: int
     frozen: int
     frozen_bytes: int
     recipe: str | None = None
+    trainable_other: int = 0
 
     def __str__(self) -> str:
         how = f" ({self.recipe})" if self.recipe else ""
-        return (f"trainable {_human_count(self.trainable)} params (LoRA), frozen {_human_count(self.frozen)} params "
+        what = (f"LoRA {_human_count(self.trainable - self.trainable_other)} + "
+                f"{_human_count(self.trainable_other)} other" if self.trainable_other else "LoRA")
+        return (f"trainable {_human_count(self.trainable)} params ({what}), frozen {_human_count(self.frozen)} params "
                 f"stored in {_human_bytes(self.frozen_bytes)}{how}")
 
 
 def parameter_counts(model: nn.Module, recipe: str | None = None) -> ParameterCounts:
     """Count `model`'s parameters as users expect: trainable = those that train (the LoRA factors);
     frozen = the base's, quantized weights (SurogateLinear without a bf16 copy) by their element count."""
-    trainable = frozen = frozen_bytes = 0
-    for p in model.parameters():
+    trainable = frozen = frozen_bytes = other = 0
+    for name, p in model.named_parameters():
         if p.requires_grad:
             trainable += p.numel()
+            other += 0 if "lora_" in name else p.numel()
         else:
             frozen += p.numel()
             frozen_bytes += p.numel() * p.element_size()
@@ -156,7 +161,7 @@ def parameter_counts(model: nn.Module, recipe: str | None = None) -> ParameterCo
             for name in EXPERT_PARAMETERS:
                 frozen_bytes += sum(t.numel() * t.element_size() for t in module.weight_list(name))
             frozen += 3 * module.num_experts * module.hidden_size * module.intermediate_size  # (E, 2I, H) + (E, H, I)
-    return ParameterCounts(trainable, frozen, frozen_bytes, recipe)
+    return ParameterCounts(trainable, frozen, frozen_bytes, recipe, other)
 
 
 def _human_count(n: int) -> str:
