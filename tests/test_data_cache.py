@@ -117,6 +117,33 @@ def test_a_broken_or_unwritable_cache_only_costs_the_tokenizing(tmp_path, cache,
 
 # --- tokenizing in several processes -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_many_rows_say_they_are_tokenizing_and_how_far_and_the_cache_keeps_no_progress(tmp_path, cache, tok,
+                                                                                        monkeypatch, workers):
+    """A large split printed nothing while it tokenized (minutes for 100k chat rows on a few cores): a line as it
+    starts and one every PROGRESS_S; they are not the notes the cache keeps and says again on a hit."""
+    from surogate.training import data_formats
+
+    monkeypatch.setattr(data_formats, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(data_formats, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(data_formats, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(data_formats, "tokenizing_workers", lambda n: workers)
+    path = _rows(tmp_path, n=40)
+    lines: list[str] = []
+    first, _ = load_splits(_cfg(path), tok, lines.append)
+    lines = [line for line in lines if not line.startswith("warning: ")]  # PLAIN leaves the reasoning out
+    start = f"data: tokenizing 40 rows of {path}" + (" in 2 processes" if workers > 1 else "")
+    progress = [line for line in lines if " rows tokenized (" in line]
+    assert lines[0] == start and progress and progress[0].startswith(
+        "data: 8 of 40 rows tokenized (20%, " if workers == 1 else "data: 5 of 40 rows tokenized (12%, ")  # chunks
+    counts = [int(line.split()[1]) for line in progress]
+    assert counts == sorted(counts) and counts[-1] < 40  # the last chunk's line is the "tokenized ... kept" one
+    again: list[str] = []
+    second, _ = load_splits(_cfg(path), tok, again.append)
+    assert second.input_ids == first.input_ids
+    assert not [line for line in again if "tokenizing" in line or " rows tokenized (" in line]
+
+
 def test_several_processes_give_the_examples_of_one_in_order(tmp_path, tok, monkeypatch):
     """Many rows are tokenized in forked processes (chunks in row order): the same examples as one process, one
     warning with the counts of all chunks, and a bad row's error is the first one in row order."""

@@ -509,7 +509,7 @@ def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, 
     where = f"{rows.source} ({split})"
 
     def tokenize(note: Callable[[str], None] | None) -> FlatExamples:
-        return tokenize_flat(rows, fmt, tokenizer, train_on_inputs, chat_template, note)
+        return tokenize_flat(rows, fmt, tokenizer, train_on_inputs, chat_template, note, progress=log)
 
     tokenized = (cached_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, tokenize, where, log) if cache
                  else tokenize(log))

@@ -32,8 +32,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -390,9 +391,11 @@ def tokenize_examples(examples: "list[dict] | Rows", fmt: str, tokenizer, train_
 
 
 def tokenize_flat(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_inputs: bool = False,
-                  chat_template: str | None = None, log: Callable[[str], None] | None = None) -> FlatExamples:
+                  chat_template: str | None = None, log: Callable[[str], None] | None = None,
+                  progress: Callable[[str], None] | None = None) -> FlatExamples:
     """`tokenize_examples` stored flat: chunk by chunk, so that the lists of one chunk at a time exist; many rows
-    are tokenized in several processes (`tokenizing_workers`), in order."""
+    are tokenized in several processes (`tokenizing_workers`), in order. `progress` gets a line as many rows start
+    and every PROGRESS_S while they tokenize (not `log`'s notes, which the cache keeps and says again)."""
     rows = examples if isinstance(examples, Rows) else Rows("example", list(examples))
     if not rows.rows:
         return FlatExamples.concat([])
@@ -402,8 +405,9 @@ def tokenize_flat(examples: "list[dict] | Rows", fmt: str, tokenizer, train_on_i
         raise DataError("the tokenizer has no EOS token; examples need one at their end")
     job = _Job(rows, form, tokenizer, template, train_on_inputs)
     workers = tokenizing_workers(len(rows))
-    parts = (_in_processes(job, workers) if workers > 1 else
-             [_tokenize_rows(job, lo, min(lo + CHUNK_ROWS, len(rows))) for lo in range(0, len(rows), CHUNK_ROWS)])
+    done = _Progress(len(rows), workers, rows.source, progress if len(rows) >= PARALLEL_MIN_ROWS else None)
+    parts = [done.add(part) for part in (_in_processes(job, workers) if workers > 1 else
+             (_tokenize_rows(job, lo, min(lo + CHUNK_ROWS, len(rows))) for lo in range(0, len(rows), CHUNK_ROWS)))]
     left_out = [where for part in parts for where in part.reasoning_left_out]
     if left_out and log is not None:
         log(f"warning: the chat template leaves out the reasoning of {len(left_out)} of "
@@ -508,7 +512,8 @@ def _whole_text_pieces(tokenizer, per_row: list[Pieces]) -> list[list[list[int]]
 
 # --- several processes ---------------------------------------------------------------------------------
 
-PARALLEL_MIN_ROWS = 4000  # fewer rows tokenize in a few seconds: not worth starting processes
+PARALLEL_MIN_ROWS = 4000  # fewer rows tokenize in a few seconds: not worth starting processes (nor a progress line)
+PROGRESS_S = 15.0  # seconds between the progress lines of a long tokenizing
 CHUNK_ROWS = 2000  # rows tokenized at a time in one process: their lists, then stored flat
 MAX_WORKERS = 8
 _JOB: _Job | None = None  # the job the forked workers read
@@ -527,6 +532,27 @@ def tokenizing_workers(rows: int) -> int:
     return max(1, min(MAX_WORKERS, cpus // local, rows // 2000))
 
 
+class _Progress:
+    """The progress lines of tokenizing many rows: one as it starts, then one every PROGRESS_S as chunks finish
+    (a split of 100k chat rows takes minutes on a few cores: the run said nothing meanwhile)."""
+
+    def __init__(self, total: int, workers: int, source: str, say: Callable[[str], None] | None) -> None:
+        self.total, self.rows, self.say = total, 0, say
+        self.start = self.last = time.perf_counter()
+        if say is not None:
+            say(f"data: tokenizing {total:,} rows of {source}" +
+                (f" in {workers} processes" if workers > 1 else ""))
+
+    def add(self, part: "_Tokenized") -> "_Tokenized":
+        self.rows += len(part.examples)
+        now = time.perf_counter()
+        if self.say is not None and now - self.last >= PROGRESS_S and self.rows < self.total:
+            self.last = now
+            self.say(f"data: {self.rows:,} of {self.total:,} rows tokenized ({self.rows / self.total:.0%}, "
+                     f"{now - self.start:.0f} s)")
+        return part
+
+
 def _run_chunk(bounds: tuple[int, int]) -> _Tokenized:
     assert _JOB is not None
     return _tokenize_rows(_JOB, *bounds)
@@ -540,8 +566,8 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
-    """The job's rows in chunks over `workers` forked processes, the results in row order; a row's error is the
+def _in_processes(job: _Job, workers: int) -> Iterator[_Tokenized]:
+    """The job's rows in chunks over `workers` forked processes, the results in row order as they finish; a row's error is the
     first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
     they use neither torch nor CUDA. They ignore Ctrl-C; on an error or Ctrl-C here they are killed at once
     (left alone, ProcessPoolExecutor's workers go on with the chunks already handed to them: Ctrl-C took ~30 s).
@@ -561,7 +587,7 @@ def _in_processes(job: _Job, workers: int) -> list[_Tokenized]:
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns on any fork of a process with threads (torch's)
             warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks", DeprecationWarning)
-            return list(pool.map(_run_chunk, bounds))
+            yield from pool.map(_run_chunk, bounds)
     except BaseException:
         for worker in set(multiprocessing.active_children()) - before:
             worker.kill()
