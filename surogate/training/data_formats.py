@@ -567,8 +567,8 @@ def _ignore_interrupts() -> None:
 
 
 def _in_processes(job: _Job, workers: int) -> Iterator[_Tokenized]:
-    """The job's rows in chunks over `workers` forked processes, the results in row order as they finish; a row's error is the
-    first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
+    """The job's rows in chunks over `workers` forked processes, the results in row order as they come; a row's
+    error is the first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
     they use neither torch nor CUDA. They ignore Ctrl-C; on an error or Ctrl-C here they are killed at once
     (left alone, ProcessPoolExecutor's workers go on with the chunks already handed to them: Ctrl-C took ~30 s).
     A worker killed from outside (out of memory) is an error here (BrokenProcessPool), not a hang."""
