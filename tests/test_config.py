@@ -387,6 +387,10 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
     ({"chat_template_jinja": "{{ x }}"}, r"^unknown key 'chat_template_jinja'; write dataset\.chat_template: "),
     ({"dataset": {"chat_template": "tokenizer_default"}}, r"^dataset\.chat_template: tokenizer_default is Axolotl's "
                                                           r"name for the tokenizer's own template; drop the key"),
+    ({"dataset": {"chat_template": "llama3"}}, r"^dataset\.chat_template: 'llama3' is Axolotl's name for a model "
+                                               r"family's template; the model's tokenizer carries its own: drop the"),
+    ({"dataset": {"chat_template": "jinja"}}, r"^dataset\.chat_template: jinja is Axolotl's pointer to "
+                                              r"chat_template_jinja; write the Jinja string itself"),
     ({"lr_scheduler_type": "constant_with_warmup"}, r"^lr_scheduler_type: constant_with_warmup is constant here "
                                                      r"\(it warms up over warmup_steps\); write constant$"),
     ({"max_steps": -1}, r"^max_steps: -1 is Hugging Face's 'not set'; write null or drop the key \(num_epochs "

@@ -45,6 +45,11 @@ CHATML = (
     "{%- endfor %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 BUILTIN_TEMPLATES = {"chatml": CHATML}
+# Axolotl's names of model families' templates: the model's own tokenizer carries that template already.
+_FAMILY_TEMPLATES = {"alpaca", "cohere", "command_a", "deepseek_v2", "deepseek_v3", "exaone", "falcon_h1", "gemma",
+                     "gemma3", "gemma3n", "jamba", "llama2", "llama3", "llama3_2_vision", "llama4", "llava",
+                     "metharme", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "phi_3",
+                     "phi_35", "phi_4", "pixtral", "qwen2_vl", "qwen3", "qwen_25", "vicuna", "zephyr"}
 _MARKER = "@@surogate-assistant-content@@"
 
 
@@ -60,6 +65,13 @@ def resolve_chat_template(value: "str | os.PathLike | None") -> str | None:
     if value == "tokenizer_default":  # Axolotl's name for the tokenizer's own template
         raise DataError("dataset.chat_template: tokenizer_default is Axolotl's name for the tokenizer's own template; "
                         "drop the key (null: the tokenizer's)")
+    if value == "jinja":  # Axolotl's "the template is in chat_template_jinja"
+        raise DataError("dataset.chat_template: jinja is Axolotl's pointer to chat_template_jinja; write the Jinja "
+                        "string itself, or a path to a .jinja file, as dataset.chat_template")
+    if value in _FAMILY_TEMPLATES:
+        raise DataError(f"dataset.chat_template: {value!r} is Axolotl's name for a model family's template; the "
+                        "model's tokenizer carries its own: drop the key (null: the tokenizer's), or write chatml, a "
+                        "Jinja string or a .jinja file")
     path = Path(value).expanduser()
     if not path.is_file():
         raise DataError(f"dataset.chat_template: {value!r} is not a built-in template ({', '.join(BUILTIN_TEMPLATES)}),"
