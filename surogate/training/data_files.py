@@ -73,8 +73,21 @@ class Rows:
 
 def _object(path, lineno: int, row) -> dict:
     if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{path}:{lineno}: expected a JSON object ({{...}}), got {_json_kind(row)}")
     return row
+
+
+def _json_kind(value) -> str:
+    """What a JSON value that is no object is, in JSON's words (not Python's NoneType), with the fix where it is
+    plain: an array of objects on one line is several rows."""
+    if value is None:
+        return "null; drop the line"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        rows = value and all(isinstance(v, dict) for v in value)
+        return "an array" + ("; write each of its objects on a line of its own" if rows else "")
+    return "a string" if isinstance(value, str) else "a number"
 
 
 def _not_utf8(path, lineno: int, e: UnicodeDecodeError) -> DataError:

@@ -1,0 +1,51 @@
+"""Messy row contents a user's data holds: text the tokenizer cannot encode, missing values written as NaN,
+lines that are no object. Each is one line naming the row's `file:line`, never a traceback nor a silent
+training on the wrong text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from surogate.training.config import from_dict
+from surogate.training.data import load_splits
+from surogate.training.data_files import DataError, read_rows
+from surogate.training.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def load(path: Path, tok, **dataset):
+    return load_splits(from_dict({"dataset": {"path": str(path), "cache": False, **dataset}, "sequence_len": 64}), tok)
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = '{"prompt": "Q: 1+1?", "completion": " 2"}'
+
+
+@pytest.mark.parametrize("line, said", [
+    ("null", "got null; drop the line"),
+    ("[1, 2]", "got an array$"),
+    (f"[{GOOD}, {GOOD}]", "got an array; write each of its objects on a line of its own"),
+    ('"text"', "got a string"),
+    ("true", "got true"),
+])
+def test_a_line_that_is_no_object_says_what_it_is_in_json_words(tmp_path, line, said):
+    with pytest.raises(DataError, match=rf"rows\.jsonl:2: expected a JSON object \(\{{\.\.\.\}}\), {said}"):
+        read_rows(write(tmp_path / "rows.jsonl", [GOOD, line]))
