@@ -39,6 +39,21 @@ def write(path: Path, lines: list[str]) -> Path:
 GOOD = '{"prompt": "Q: 1+1?", "completion": " 2"}'
 
 
+@pytest.mark.parametrize("row, field", [
+    ('{"prompt": "Q", "completion": NaN}', "'completion' is nan"),
+    ('{"instruction": "Q", "input": Infinity, "output": "A"}', "'input' is inf"),
+])
+def test_nan_where_text_belongs_is_a_missing_value_not_the_text_nan(tmp_path, tok, row, field):
+    # json.dumps writes a float NaN (a pandas missing value) as NaN; it was trained as the text "nan"
+    with pytest.raises(DataError, match=rf"nan\.jsonl:2: field {field} \(JSON's NaN / Infinity: a missing value"):
+        load(write(tmp_path / "nan.jsonl", [row.replace("NaN", '"x"').replace("Infinity", '"y"'), row]), tok)
+    chat = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}'
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: messages\[1\] must be an object with a role"):
+        load(write(tmp_path / "chat.jsonl", [chat]), tok, chat_template="chatml")
+    train, _ = load(write(tmp_path / "num.jsonl", ['{"prompt": "Q", "completion": 42}']), tok)
+    assert tok.decode(train.input_ids[0]) == "Q42<|endoftext|>"  # a finite number is still its text
+
+
 @pytest.mark.parametrize("line, said", [
     ("null", "got null; drop the line"),
     ("[1, 2]", "got an array$"),

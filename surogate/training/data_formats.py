@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import time
 import warnings
@@ -258,6 +259,9 @@ def check_row(row: dict, fmt: RowFormat, where: str) -> dict:
     out = dict(row)
     for k in (*fmt.fields, "input"):
         v = row.get(k)
+        if isinstance(v, float) and not math.isfinite(v):  # json.dumps writes a missing value (pandas' NaN) so
+            raise DataError(f"{where}: field {k!r} is {v} (JSON's NaN / Infinity: a missing value, not text); format "
+                            f"{fmt.name} needs a string: fill it in or drop the row")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = str(v)
         elif v is not None and not isinstance(v, str):
@@ -354,12 +358,12 @@ def _check_tools(tools, where: str) -> list[dict] | None:
 
 def _text(content, where: str) -> str | None:
     """A turn's content as one string: a string, or a list of text parts (`{"type": "text", "text": ...}`,
-    joined as chat templates join them), a number as its text (as the other formats take it: a math answer); None
-    for anything else. A part of another type (an image) is an error that says so: these are text models."""
+    joined as chat templates join them), a finite number as its text (as the other formats take it: a math answer);
+    None for anything else. A part of another type (an image) is an error that says so: these are text models."""
     if isinstance(content, str):
         return content
     if isinstance(content, (int, float)) and not isinstance(content, bool):
-        return str(content)
+        return str(content) if math.isfinite(content) else None  # NaN: a missing value, not the text "nan"
     if not isinstance(content, list) or not content or not all(isinstance(p, dict) for p in content):
         return None
     other = next((p.get("type") for p in content if p.get("type") != "text"), None)
