@@ -39,6 +39,20 @@ def write(path: Path, lines: list[str]) -> Path:
 GOOD = '{"prompt": "Q: 1+1?", "completion": " 2"}'
 
 
+def test_a_lone_surrogate_is_one_line_at_its_row_and_a_whole_pair_trains(tmp_path, tok):
+    # JSON may write half of an emoji's UTF-16 pair; Python reads it, the tokenizers library raised a TypeError
+    rows = [GOOD, r'{"prompt": "a whole pair \ud83d\ude00", "completion": " ok"}',
+            r'{"prompt": "cut \ud83d", "completion": " x"}']
+    lone = r"bad\.jsonl:3: the text holds a lone UTF-16 surrogate \(\\ud83d after 'cut '\)"
+    with pytest.raises(DataError, match=lone):
+        load(write(tmp_path / "bad.jsonl", rows), tok)
+    chat = r'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\udc00"}]}'
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: the text holds a lone UTF-16 surrogate \(\\udc00"):
+        load(write(tmp_path / "chat.jsonl", [chat.replace(r"\udc00", "fine"), chat]), tok, chat_template="chatml")
+    train, _ = load(write(tmp_path / "pair.jsonl", rows[:2]), tok)
+    assert "\U0001F600" in tok.decode(train.input_ids[0])
+
+
 @pytest.mark.parametrize("row, field", [
     ('{"prompt": "Q", "completion": NaN}', "'completion' is nan"),
     ('{"instruction": "Q", "input": Infinity, "output": "A"}', "'input' is inf"),

@@ -461,9 +461,13 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         pieces = [(t, trained) for t, trained in pieces if t]
         ends_answered.append(bool(pieces) and pieces[-1][1])
         per_row.append([(t, trained or job.train_on_inputs) for t, trained in pieces])
-    wholes = _whole_text_pieces(tokenizer, per_row)
-    flat = [t for pieces, whole in zip(per_row, wholes) if whole is None for t, _ in pieces]  # the rest: apart
-    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    try:
+        wholes = _whole_text_pieces(tokenizer, per_row)
+        flat = [t for pieces, whole in zip(per_row, wholes) if whole is None for t, _ in pieces]  # the rest: apart
+        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    except TypeError:  # the tokenizers library's answer to a text it cannot encode: say which row
+        _check_encodable(rows, lo, per_row)
+        raise
     start = start_tokens(tokenizer)
     for pieces, answered, whole in zip(per_row, ends_answered, wholes):
         ids: list[int] = []
@@ -485,6 +489,22 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
         examples.append(Example(ids, labels))
     done.examples = FlatExamples.of(examples)
     return done
+
+
+def _check_encodable(rows: Rows, lo: int, per_row: list[Pieces]) -> None:
+    """A DataError at the first of the rows from `lo` whose text is no UTF-8: a lone UTF-16 surrogate, which JSON
+    can write (`"\\ud83d"`, half of an emoji's pair, as text cut by UTF-16 length leaves it) and Python reads,
+    but the tokenizers library refuses with a TypeError that names no row."""
+    for k, pieces in enumerate(per_row):
+        for text, _ in pieces:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                before = text[max(e.start - 20, 0):e.start]
+                raise DataError(f"{rows.where(lo + k)}: the text holds a lone UTF-16 surrogate "
+                                f"(\\u{ord(text[e.start]):04x} after {before!r}), half of a character pair, which is "
+                                "no character and cannot be tokenized; fix or drop the row (an emoji cut in two?)"
+                                ) from None
 
 
 def _whole_text_pieces(tokenizer, per_row: list[Pieces]) -> list[list[list[int]] | None]:
