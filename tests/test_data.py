@@ -318,7 +318,8 @@ def test_examples_without_a_target_are_counted_and_named_with_split_and_file(tok
         split = build_split(tmp_path, "train", "alpaca", tok, 256, packing=packing)
         assert (split.examples, split.untrained, split.cut) == (6, 2, 0)
         assert split.log_lines() == [f"data: 2 of 6 examples of {tmp_path / 'train.jsonl'} (split 'train') have no "
-                                     "target token (an empty answer, or no assistant turn): left out"]
+                                     "target token (an empty answer, or no assistant turn): left out (first: "
+                                     f"{tmp_path / 'train.jsonl'}:1)"]
     convs = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in convs))
     test_file = re.escape(str(tmp_path / "test.jsonl"))

@@ -78,3 +78,25 @@ def test_nan_where_text_belongs_is_a_missing_value_not_the_text_nan(tmp_path, to
 def test_a_line_that_is_no_object_says_what_it_is_in_json_words(tmp_path, line, said):
     with pytest.raises(DataError, match=rf"rows\.jsonl:2: expected a JSON object \(\{{\.\.\.\}}\), {said}"):
         read_rows(write(tmp_path / "rows.jsonl", [GOOD, line]))
+
+
+def test_the_log_names_the_first_row_cut_left_out_or_without_a_target(tmp_path, tok):
+    """The log counted the examples cut by sequence_len, left out by it, or without any target; a user with
+    thousands of rows could not tell which: it names the first of each kind, as the rows' `file:line`, through a
+    hold-out too."""
+    long = " ".join(str(i) for i in range(80))
+    rows = [GOOD, f'{{"prompt": "Q", "completion": " {long}"}}', '{"prompt": "Q: empty", "completion": ""}',
+            f'{{"prompt": "{long}", "completion": " late"}}', '{"prompt": "Q", "completion": ""}',
+            f'{{"prompt": "Q", "completion": " {long}"}}']
+    path = write(tmp_path / "rows.jsonl", rows)
+    for packing in (True, False):
+        train, _ = load_splits(from_dict({"dataset": {"path": str(path), "cache": False}, "sequence_len": 64,
+                                          "sample_packing": packing}), tok)
+        assert train.log_lines() == [
+            f"data: 2 of 6 examples of {path} (train split 'train') have no target token (an empty answer, or no "
+            f"assistant turn): left out (first: {path}:3)",
+            f"data: 3 of 6 examples of {path} (train split 'train') are longer than sequence_len 64: 2 cut to it "
+            f"(first: {path}:2), 1 left out (no target token within it; first: {path}:4); raise sequence_len to keep "
+            "them whole"]
+    _, held = load(path, tok, val_set_size=3)  # lines 1, 3 and 4 with seed 42: the hold-out keeps their lines
+    assert held.log_lines()[0].endswith(f"left out (first: {path}:3)")

@@ -142,7 +142,8 @@ class ExampleRows:
 
     def __init__(self, ids: np.ndarray, targets: np.ndarray, pos: np.ndarray | None, offsets: np.ndarray,
                  seq_len: int, pad_id: int = 0, examples: int = 0, cut: int = 0, dropped: int = 0,
-                 untrained: int = 0, source: str = "the examples", parts: "list[ExampleRows] | None" = None):
+                 untrained: int = 0, source: str = "the examples", parts: "list[ExampleRows] | None" = None,
+                 firsts: dict[str, int] | None = None):
         self.ids, self.targets = ids, targets  # (tokens,) int32: the rows' ids and labels, one row after another
         self.pos = pos  # (tokens,) int32 positions within each example; None: one example per row (padded layout)
         self.offsets = offsets  # (rows + 1,) int64: where each row starts
@@ -153,6 +154,8 @@ class ExampleRows:
         self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
         self.source = source  # where they came from (a file), for the log
         self.parts = list(parts or [])  # a mix (`concat`): the sources, for the log
+        self.firsts = dict(firsts or {})  # the first example of each kind the log counts (cut, dropped, untrained)
+        self.where_of: Callable[[int], str] | None = None  # an example's row (file:line), to name the firsts in the log
         self._trained: np.ndarray | None = None  # each row's labelled tokens (max_trained), once asked
 
     @classmethod
@@ -198,19 +201,28 @@ class ExampleRows:
                    " + ".join(p.source for p in parts), parts)
 
     def log_lines(self) -> list[str]:
-        """The log's lines on the examples left out or cut (none when all fit), naming their split and file."""
+        """The log's lines on the examples left out or cut (none when all fit), naming their split and file, and
+        the first row of each kind where the rows' places are known (`where_of`), so that a user can look."""
         if self.parts:
             return [line for part in self.parts for line in part.log_lines()]
+
+        def first(kind: str, sep: str = " (") -> str:
+            close = ")" if sep == " (" else ""
+            return "" if self.where_of is None or kind not in self.firsts else \
+                f"{sep}first: {self.where_of(self.firsts[kind])}{close}"
+
         lines = []
         if self.untrained:
             lines.append(f"data: {self.untrained} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'has' if self.untrained == 1 else 'have'} no target token "
-                         f"(an empty answer, or no assistant turn): left out")
+                         f"(an empty answer, or no assistant turn): left out{first('untrained')}")
         if self.cut:
+            kept = self.cut - self.dropped
             lines.append(f"data: {self.cut} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'is' if self.cut == 1 else 'are'} longer than "
-                         f"sequence_len {self.seq_len}: {self.cut - self.dropped} cut to it, {self.dropped} left out "
-                         "(no target token within it); raise sequence_len to keep them whole")
+                         f"sequence_len {self.seq_len}: {kept} cut to it{first('cut') if kept else ''}, "
+                         f"{self.dropped} left out (no target token within it{first('dropped', '; ')}); raise "
+                         "sequence_len to keep them whole")
         return lines
 
     @property
@@ -325,10 +337,11 @@ def _counts_before(mask: np.ndarray) -> np.ndarray:
 
 
 def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
-          ) -> tuple[FlatExamples, np.ndarray, int, int, int]:
+          ) -> tuple[FlatExamples, np.ndarray, int, int, int, dict[str, int]]:
     """(the examples stored flat, the indices of those with a target within `seq_len` (a target after an
     example's first token), how many are cut, how many of those lose every target, how many have no target at
-    all); a DataError naming `where` and the reason when none is left."""
+    all, the first example of each of these kinds (`cut`: cut and kept)); a DataError naming `where` and the reason
+    when none is left."""
     flat = examples if isinstance(examples, FlatExamples) else FlatExamples.of(examples)
     starts, lengths = flat.offsets[:-1], flat.lengths()
     target = flat.labels != IGNORE_INDEX
@@ -338,7 +351,9 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
     within = before[starts + np.minimum(lengths, seq_len)] - before[starts] > 0
     long = lengths > seq_len
     kept = np.flatnonzero(within)
-    cut, dropped, untrained = int(long.sum()), int((long & anywhere & ~within).sum()), int((~anywhere).sum())
+    kinds = {"cut": long & within, "dropped": long & anywhere & ~within, "untrained": ~anywhere}
+    firsts = {kind: int(np.argmax(mask)) for kind, mask in kinds.items() if mask.any()}
+    cut, dropped, untrained = int(long.sum()), int(kinds["dropped"].sum()), int(kinds["untrained"].sum())
     if not len(flat):
         raise DataError(f"{where}: no examples")
     if not len(kept):
@@ -350,7 +365,7 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
         raise DataError(f"{where}: no example has a target token within sequence_len {seq_len}: {dropped} lose theirs "
                         f"to the cut (a prompt longer than it){none}; raise sequence_len, or set "
                         "dataset.train_on_inputs: true")
-    return flat, kept, cut, dropped, untrained
+    return flat, kept, cut, dropped, untrained, firsts
 
 
 def _gather(flat: FlatExamples, order: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -393,7 +408,7 @@ def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id
     example). `where` names the examples (split and file) in the log and in errors."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    flat, kept, cut, dropped, untrained = _sort(examples, seq_len, where)
+    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where)
     sizes = np.minimum(flat.lengths()[kept], seq_len).tolist()
     first_fit = _FirstFit(len(kept), seq_len)
     rows: list[list[int]] = []  # the examples of each row
@@ -408,17 +423,17 @@ def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id
     positions = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
     row_sizes = [sum(min(int(flat.offsets[j + 1] - flat.offsets[j]), seq_len) for j in row) for row in rows]
     return ExampleRows(ids, labels, positions, offsets_of(row_sizes), seq_len, pad_id, len(flat), cut, dropped,
-                       untrained, where)
+                       untrained, where, firsts=firsts)
 
 
 def one_per_row(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
                 where: str = "the examples") -> ExampleRows:
     """One example per row, truncated to `seq_len` (batches pad to their longest row); the same ones left out
     as by `pack_examples`."""
-    flat, kept, cut, dropped, untrained = _sort(examples, seq_len, where)
+    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where)
     ids, labels, lengths = _gather(flat, kept, seq_len)
     return ExampleRows(ids, labels, None, offsets_of(lengths), seq_len, pad_id, len(flat), cut, dropped, untrained,
-                       where)
+                       where, firsts=firsts)
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
@@ -514,7 +529,9 @@ def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, 
     tokenized = (cached_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, tokenize, where, log) if cache
                  else tokenize(log))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where)
+    laid_out = (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where)
+    laid_out.where_of = rows.where  # one example a row, in order: the log names a cut or left-out one's row
+    return laid_out
 
 
 def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
