@@ -428,6 +428,11 @@ FOREIGN_KEYS = {
                   "lora_alpha: alpha x sqrt(rank))",
     "lora_task_type": "surogate trains causal LMs: drop it",
     "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
+    "excess_length_strategy": "an example longer than sequence_len keeps its first sequence_len tokens (Axolotl's "
+                              "truncate), and is left out where none of its targets is within them; the log counts "
+                              "and names both: drop it",
+    "truncation_mode": "an example longer than sequence_len keeps its first sequence_len tokens (TRL's keep_start): "
+                       "drop it",
 }
 DATASET_FOREIGN_KEYS = {
     "type": "write dataset.format: alpaca, messages (Axolotl's chat_template; sharegpt for from / value turns), text "
