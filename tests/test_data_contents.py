@@ -100,3 +100,17 @@ def test_the_log_names_the_first_row_cut_left_out_or_without_a_target(tmp_path, 
             "them whole"]
     _, held = load(path, tok, val_set_size=3)  # lines 1, 3 and 4 with seed 42: the hold-out keeps their lines
     assert held.log_lines()[0].endswith(f"left out (first: {path}:3)")
+
+
+def test_an_example_longer_than_the_tokenizers_maximum_gets_no_indexing_errors_warning(tmp_path, capfd):
+    """transformers warned "Token indices sequence length is longer than the specified maximum sequence length for
+    this model ... will result in indexing errors" on a long row (a tokenizer of model_max_length 2048, as
+    TinyLlama's and Phi-2's): not so here, where the example is cut to sequence_len, which the config checks
+    against the model's positions."""
+    small = load_tokenizer(None)
+    small.model_max_length = 8
+    long = " ".join(str(i) for i in range(80))
+    train, _ = load(write(tmp_path / "long.jsonl", [f'{{"prompt": "Q", "completion": " {long}"}}']), small)
+    assert train.cut == 1 and len(train.input_ids[0]) == 64
+    load(write(tmp_path / "text.jsonl", [f'{{"text": "{long}"}}']), small)  # one piece a row: the other call
+    assert "indexing errors" not in capfd.readouterr().err

@@ -441,7 +441,7 @@ def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; packing needs one between examples")
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # cut to rows: no length warning
     return [ids + [eos] for ids in encoded]
 
 

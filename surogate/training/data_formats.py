@@ -464,7 +464,7 @@ def _tokenize_rows(job: _Job, lo: int, hi: int) -> _Tokenized:
     try:
         wholes = _whole_text_pieces(tokenizer, per_row)
         flat = [t for pieces, whole in zip(per_row, wholes) if whole is None for t, _ in pieces]  # the rest: apart
-        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        encoded = iter(tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else [])
     except TypeError:  # the tokenizers library's answer to a text it cannot encode: say which row
         _check_encodable(rows, lo, per_row)
         raise
@@ -518,7 +518,9 @@ def _whole_text_pieces(tokenizer, per_row: list[Pieces]) -> list[list[list[int]]
     if not several or not getattr(tokenizer, "is_fast", False):
         return out
     texts = ["".join(t for t, _ in per_row[i]) for i in several]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: transformers' "longer than the specified maximum sequence length ... indexing errors" is not
+    # for these texts, which the layouts cut to sequence_len (the model's positions, checked with the config)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     for i, ids, offsets in zip(several, enc["input_ids"], enc["offset_mapping"]):
         starts = [a for a, _ in offsets]
         cuts, at = [0], 0
