@@ -1,9 +1,11 @@
-"""Messy row contents a user's data holds: text the tokenizer cannot encode, missing values written as NaN,
-lines that are no object. Each is one line naming the row's `file:line`, never a traceback nor a silent
-training on the wrong text."""
+"""Messy rows and the lengths of real data: text the tokenizer cannot encode, missing values written as NaN, lines
+that are no object (each one line naming the row's `file:line`, never a traceback nor a silent training on the
+wrong text); examples longer than sequence_len or without a target (counted, the first named); a tokenizer whose
+maximum length is below the rows'; a chat template with generation markers, against HF's assistant mask."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,10 @@ def load(path: Path, tok, **dataset):
 def write(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 GOOD = '{"prompt": "Q: 1+1?", "completion": " 2"}'
@@ -114,3 +120,34 @@ def test_an_example_longer_than_the_tokenizers_maximum_gets_no_indexing_errors_w
     assert train.cut == 1 and len(train.input_ids[0]) == 64
     load(write(tmp_path / "text.jsonl", [f'{{"text": "{long}"}}']), small)  # one piece a row: the other call
     assert "indexing errors" not in capfd.readouterr().err
+
+
+GENERATION = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+              "{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generation_markers_are_not_needed_and_the_turns_match_hf_s_assistant_mask_but_the_newline(tmp_path, tok):
+    """What docs/cli.md says of `{% generation %}`: the ids are the template's, and the trained tokens are those
+    of HF's assistant mask (TRL's assistant_only_loss) plus the newline the template writes after each
+    <|im_end|>, outside the markers, and the EOS after the conversation."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "more"}, {"role": "assistant", "content": "sure thing"}]
+    marked = load_tokenizer(None)
+    marked.chat_template = GENERATION
+    path = write(tmp_path / "chat.jsonl", [json.dumps({"messages": messages})])
+    train, _ = load_splits(from_dict({"dataset": {"path": str(path), "cache": False}, "sequence_len": 256,
+                                      "sample_packing": False}), marked)
+    ids, labels = train.input_ids[0], train.labels[0]
+    hf = marked.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+    assert ids == hf["input_ids"] + [marked.eos_token_id]
+    newline = enc(marked, "\n")
+    assert len(newline) == 1
+    ours = [i for i, label in zip(ids, labels) if label != -100]
+    theirs = [i for i, m in zip(hf["input_ids"], hf["assistant_masks"]) if m]
+    end = enc(marked, "<|im_end|>")
+    assert marked.decode(theirs) == "hello<|im_end|>sure thing<|im_end|>"
+    assert ours == enc(marked, "hello") + end + newline + enc(marked, "sure thing") + end + newline + \
+        [marked.eos_token_id]
+
