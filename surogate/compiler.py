@@ -670,14 +670,24 @@ _PLAIN_LORA_FIELDS = {"use_dora": False, "lora_bias": False, "bias": "none", "us
                       "megatron_config": None}
 
 
-def _check_lora_fields(config: Any) -> None:
-    """Refuse LoRA variants surogate does not run (DoRA, LoRA biases, ...), naming the field: PEFT would accept
-    them and every linear would stay unfused."""
+def lora_variant(config: Any) -> "tuple[str, Any] | None":
+    """The first field of a LoraConfig that makes a LoRA variant surogate does not run (DoRA, LoRA biases, ...),
+    with its value; None for plain LoRA."""
     for field, plain in _PLAIN_LORA_FIELDS.items():
         value = getattr(config, field, plain)
         if value != plain and not (plain is None and not value):
-            raise ValueError(f"lora {field}={value!r} is not supported: surogate runs plain LoRA; drop {field} "
-                             "(or train this variant with PEFT alone)")
+            return field, value
+    return None
+
+
+def _check_lora_fields(config: Any) -> None:
+    """Refuse LoRA variants surogate does not run, naming the field: PEFT would accept them and every linear
+    would stay unfused."""
+    found = lora_variant(config)
+    if found is not None:
+        field, value = found
+        raise ValueError(f"lora {field}={value!r} is not supported: surogate runs plain LoRA; drop {field} "
+                         "(or train this variant with PEFT alone)")
 
 
 def _check_added_adapters(peft_model: nn.Module) -> None:
