@@ -346,8 +346,8 @@ def test_a_non_finite_loss_stops_the_run_before_its_update(model_dir, tmp_path, 
         seen["calls"] += 1
         return loss * float("nan") if seen["calls"] >= 2 else loss
 
-    def keep_model(model, cfg):
-        seen["model"] = real_compile(model, cfg)
+    def keep_model(model, cfg, *log):
+        seen["model"] = real_compile(model, cfg, *log)
         return seen["model"]
 
     def snapshot(record: dict) -> None:

@@ -72,6 +72,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     lora_target_parameters: list[str] | None = None  # None: every expert of a MoE model; []: none
+    # an adapter to start from (Axolotl's key): its rank, alpha and targets are the run's (training/start_adapter.py)
+    lora_model_dir: str | None = None
     dataset: DatasetConfig | list[DatasetConfig] = field(default_factory=DatasetConfig)  # a list: a mix
     output_dir: str = "surogate-out"
     overwrite_output_dir: bool = False  # a fresh run replaces the checkpoints of another run in output_dir
@@ -223,6 +225,10 @@ def check_model_name(key: str, v: Any, allow_default: bool = True) -> str:
                               "a hub id like 'Qwen/Qwen3-0.6B'"
                               + (", or 'default' for the embedded tiny model" if allow_default else ""))
         if not (p / "config.json").exists():
+            if (p / "adapter_config.json").exists():
+                from surogate.training.start_adapter import adapter_not_model
+
+                raise ConfigError(adapter_not_model(key, v, p))
             raise ConfigError(f"{key}: {v!r} has no config.json; save the model there with save_pretrained()")
         return v
     why = _not_a_hub_id(v)
@@ -397,6 +403,7 @@ FOREIGN_KEYS = {
     "target_modules": "write lora_target_modules",
     "lora_target_linear": "write lora_target_modules: all-linear",
     "lora_modules_to_save": "not supported: surogate trains the LoRA factors only; drop it",
+    "adapter_name_or_path": "write lora_model_dir (an adapter to start from)",
     "micro_batch_size": "write per_device_train_batch_size",
     "num_train_epochs": "write num_epochs",
     "max_length": "write sequence_len", "max_seq_length": "write sequence_len", "max_seq_len": "write sequence_len",
@@ -580,6 +587,11 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.lora_dropout = _float("lora_dropout", c.lora_dropout, 0.0, 0.999)
     c.lora_target_modules = _targets("lora_target_modules", c.lora_target_modules)
     c.lora_target_parameters = _parameter_targets("lora_target_parameters", c.lora_target_parameters)
+    c.lora_model_dir = _str("lora_model_dir", c.lora_model_dir, optional=True)
+    if c.lora_model_dir is not None:  # the adapter's shape is what the run trains
+        from surogate.training.start_adapter import take_shape
+
+        take_shape(c, set(raw))
     if c.lora_target_parameters and c.lora_dropout:
         raise ConfigError("lora_dropout: must be 0 with lora_target_parameters (PEFT cannot drop out the input of "
                           "an expert's LoRA); set lora_dropout: 0, or lora_target_parameters: [] for no expert LoRA")

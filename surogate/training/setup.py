@@ -135,8 +135,9 @@ def lora_config(cfg: TrainConfig, model: nn.Module | None = None):
     )
 
 
-def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The single integration point with `surogate.compile`: attach LoRA and compile for the recipe."""
+def compile_model(model: nn.Module, cfg: TrainConfig, log: Log = log_stderr) -> nn.Module:
+    """The single integration point with `surogate.compile`: attach LoRA (new, or the adapter in `lora_model_dir`,
+    its weights loaded: `start_adapter.attach`) and compile for the recipe."""
     from surogate.compiler import compile as surogate_compile
 
     recompute = cfg.recompute_producers
@@ -144,8 +145,14 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         recompute = True  # padded batches vary in length: "auto" would weigh the first one's, not the longest's
     options = {"checkpoint": cfg.gradient_checkpointing, "checkpoint_fraction": cfg.gradient_checkpointing_fraction,
                "recompute_producers": recompute, "save_fp8_inputs": cfg.save_fp8_inputs}
-    return surogate_compile(model, recipe=cfg.recipe, lora=lora_config(cfg, model), arch=cfg.arch,
-                      allow_emulation=cfg.allow_emulation, **options)
+    if cfg.lora_model_dir is not None:
+        from surogate.training import start_adapter
+
+        model, lora = start_adapter.attach(model, cfg, log), None
+    else:
+        lora = lora_config(cfg, model)
+    return surogate_compile(model, recipe=cfg.recipe, lora=lora, arch=cfg.arch,
+                            allow_emulation=cfg.allow_emulation, **options)
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------

@@ -234,7 +234,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     # On a GPU, compile takes the model from the host and moves it one target at a time, quantized on the way:
     # the bf16 model is never on the GPU whole (an 8B q-recipe run fits a 16 GB card).
     on_host = device.type == "cuda" and str(cfg.arch).lower() != "cpu"
-    core = setup.compile_model(base if on_host else base.to(device), cfg)  # what surogate.compile returned
+    core = setup.compile_model(base if on_host else base.to(device), cfg, log)  # what surogate.compile returned
     core.train()
     counts = parameter_counts(core, cfg.recipe)
     log(f"model: {cfg.model}, recipe {cfg.recipe}, LoRA r={cfg.lora_rank} on {device.type}: {counts}")

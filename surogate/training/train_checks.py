@@ -115,7 +115,11 @@ def meta_model(config) -> nn.Module | None:
 def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
     """Every name in `lora_target_modules` must match a linear layer (PEFT's suffix rule). The default list
     means the model's own default targets (surogate.compile's rule: those of the list it has, with their
-    companions, else every linear of its blocks), so it needs no match."""
+    companions, else every linear of its blocks), so it needs no match. With `lora_model_dir` the adapter's own
+    targets are the run's, checked against the model's layers with its weights' shapes (`check_model`, or when
+    the adapter is attached)."""
+    if cfg.lora_model_dir is not None:
+        return
     from surogate.compiler import linear_module_names, short_linear_names, unmatched_targets
     from surogate.moe import check_target_parameters, expert_target_parameters
 
@@ -142,7 +146,8 @@ def check_lora_targets(cfg: TrainConfig, model: nn.Module) -> None:
 
 def check_model(cfg: TrainConfig) -> bool:
     """`sequence_len` against the model's positions, `sample_packing` against its attention and
-    `lora_target_modules` against its linear layers, from its config alone. Returns whether the targets were checked (False: check them after the load)."""
+    `lora_target_modules` (or the adapter in `lora_model_dir`) against its linear layers, from its config alone.
+    Returns whether the targets were checked (False: check them after the load)."""
     config = model_config(cfg.model)
     limit = max_positions(config)
     if limit is not None and cfg.sequence_len > limit:
@@ -152,7 +157,12 @@ def check_model(cfg: TrainConfig) -> bool:
     if meta is None:
         return False
     check_packing(cfg, meta)
-    check_lora_targets(cfg, meta)
+    if cfg.lora_model_dir is not None:
+        from surogate.training import start_adapter
+
+        start_adapter.check_fits(cfg, meta)
+    else:
+        check_lora_targets(cfg, meta)
     return True
 
 
