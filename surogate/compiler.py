@@ -732,6 +732,11 @@ def _planned_targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
             raise ValueError("the model has no LoRA linear to train: pass lora=LoraConfig(target_modules=[...]) "
                              "naming its linear layers")
         _check_frozen(model, _lora_layers(model))
+        if not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n):
+            warnings.warn("the PeftModel's LoRA weights are all frozen, so nothing will train: PeftModel."
+                          "from_pretrained loads an adapter for inference unless is_trainable=True; load it with "
+                          "is_trainable=True (surogate.load_adapter(base, path, is_trainable=True)) to train on "
+                          "from it", stacklevel=3)
         return targets
     from peft.tuners.tuners_utils import check_target_module_exists
 

@@ -351,3 +351,18 @@ def test_compile_trains_on_a_loaded_adapter_as_eager_peft_does(recipe, tmp_path)
     assert _rel_err(loss, truth_loss) < loss_bound, (loss, truth_loss)
     assert _rel(grads, same_grads) < grad_bound
     assert float(torch.nn.functional.cosine_similarity(grads, truth_grads, dim=0)) > cos_floor
+
+
+def test_compile_warns_when_the_loaded_adapter_is_frozen(tmp_path):
+    """PeftModel.from_pretrained loads an adapter for inference (LoRA frozen) unless is_trainable=True: compiled,
+    nothing would train, which PEFT says nowhere; compile warns with the fix."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(tiny_config("qwen3")).to(torch.bfloat16)
+    get_peft_model(base, LoraConfig(**SHAPE)).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    frozen = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_config(tiny_config("qwen3")).to(torch.bfloat16),
+                                       tmp_path)
+    with pytest.warns(UserWarning, match=r"LoRA weights are all frozen, so nothing will train: .*is_trainable=True"):
+        surogate.compile(frozen, arch="cpu")

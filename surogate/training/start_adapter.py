@@ -91,7 +91,7 @@ def read_adapter_config(folder: str, key: str = "lora_model_dir") -> dict[str, A
 def _adapter_shape(raw: dict[str, Any]) -> dict[str, Any]:
     """The run's shape keys as the adapter's config gives them."""
     targets = raw.get("target_modules")
-    return {"lora_rank": raw.get("r"), "lora_alpha": float(raw.get("lora_alpha") or 0),
+    return {"lora_rank": raw.get("r", 8), "lora_alpha": float(raw.get("lora_alpha", 8)),  # PEFT's defaults
             "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets] if targets else [],
             "lora_target_parameters": sorted(raw.get("target_parameters") or [])}
 
