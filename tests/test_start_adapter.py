@@ -332,7 +332,7 @@ def test_compile_trains_on_a_loaded_adapter_as_eager_peft_does(recipe, tmp_path)
     def loss_and_grads(model):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return float(loss), _flat({k.replace("_orig_mod.", ""): v for k, v in _lora_grads(model).items()})
+        return float(loss.detach()), _flat({k.replace("_orig_mod.", ""): v for k, v in _lora_grads(model).items()})
 
     truth_loss, truth_grads = loss_and_grads(PeftModel.from_pretrained(base(torch.float32), tmp_path,
                                                                        is_trainable=True))
