@@ -30,6 +30,16 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    """SUROGATE_CACHE_DIR in the test session's temporary folder for a module's tests (the data cache and tuned
+    configs of a test never land in the user's ~/.cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
+    yield
+    mp.undo()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect (not skip) GPU tests on machines without CUDA, and say so once."""
     if HAS_CUDA:

@@ -16,12 +16,7 @@ from surogate.training.data_files import DataError, read_rows
 from surogate.training.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SUROGATE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "surogate-cache"))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
 @pytest.fixture()

@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A config key is unknown, has a bad value, or names a file that does not exist."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (at most 200 characters): what a one-line ConfigError quotes of a library's error."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
 @dataclass
 class DatasetConfig:
     """Where the examples are and how to read them."""

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surogate.training.config import ConfigError, TrainConfig
+from surogate.training.config import ConfigError, TrainConfig, first_line
 
 if TYPE_CHECKING:
     from surogate.training.setup import Log
@@ -39,11 +39,6 @@ _WHOLE_MODULES = ("modules_to_save", "trainable_token_indices")
 # The run's keys that the adapter's shape sets, and its adapter_config.json fields.
 SHAPE_KEYS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_target_modules": "target_modules",
               "lora_target_parameters": "target_parameters"}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def read_adapter_config(folder: str, key: str = "lora_model_dir") -> dict[str, Any]:
@@ -64,7 +59,7 @@ def read_adapter_config(folder: str, key: str = "lora_model_dir") -> dict[str, A
     try:
         raw = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: {p / CONFIG_FILE} cannot be read as JSON ({_first_line(e)})") from None
+        raise ConfigError(f"{key}: {p / CONFIG_FILE} cannot be read as JSON ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: {p / CONFIG_FILE} is not a mapping of PEFT's config fields")
     kind = raw.get("peft_type")
@@ -179,7 +174,7 @@ def _lora_layers(model, cfg: TrainConfig, config):
         with quiet_peft_deprecations():  # the base named: this run's (PEFT would warn that it renamed the adapter's)
             return get_peft_model(model, dataclasses.replace(config, base_model_name_or_path=None))
     except (ValueError, KeyError, RuntimeError, TypeError) as e:  # PEFT: "Target modules {...} not found"
-        raise _fit_error(cfg, base, f"PEFT: {_first_line(e)}") from None
+        raise _fit_error(cfg, base, f"PEFT: {first_line(e)}") from None
 
 
 def _layer_shapes(peft_model) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from surogate.training import checkpoint
-from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig
+from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig, first_line
 from surogate.training.outputs import counted
 
 # Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; the
@@ -28,11 +28,6 @@ RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_ste
                "lora_target_modules", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
                "group_by_length")
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def is_local_model(name: str) -> bool:
@@ -55,7 +50,7 @@ def model_config(name: str, key: str = "model"):
             return AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{key}: {path / 'config.json'} is not a config transformers reads "
-                              f"({_first_line(e)})") from None
+                              f"({first_line(e)})") from None
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)  # a cached hub model: no network
     except (OSError, ValueError):
@@ -71,7 +66,7 @@ def model_config(name: str, key: str = "model"):
                               f"be reached (no network, or offline mode); download it first (hf download {name}) "
                               f"on a machine with network, or point {key} at a local folder of the model") from None
         raise ConfigError(f"{key}: {name!r} is not a local folder, and the hub gave no config for it "
-                          f"({_first_line(e)}); write ./{name} for a local folder, or a hub id such as "
+                          f"({first_line(e)}); write ./{name} for a local folder, or a hub id such as "
                           "Qwen/Qwen3-0.6B") from None
     finally:
         hub_logger.setLevel(level)
