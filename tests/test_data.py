@@ -299,6 +299,20 @@ def test_examples_longer_than_seq_len_are_counted_cut_and_left_out():
                                "it, 0 left out (no target token within it); raise sequence_len to keep them whole"]
 
 
+def test_the_log_lines_on_cut_and_untargeted_examples_write_thousands_as_the_totals_do():
+    """Every count of the line has its thousands separated, as the total of examples beside it: "1,200 of 1,201
+    examples", not "1200 of 1,201 examples"."""
+    ex = ([Example(list(range(10, 22)), list(range(10, 22)))] * 1100 +  # cut to 8, targets left
+          [Example(list(range(30, 42)), [IGNORE_INDEX] * 10 + [40, 41])] * 1050 +  # targets past 8: left out
+          [Example([1, 2, 3], [IGNORE_INDEX] * 3)] * 1001)  # no target at all
+    rows = pack_examples(ex, 8, where="a.jsonl (train split)")
+    assert rows.log_lines() == [
+        "data: 1,001 of 3,151 examples of a.jsonl (train split) have no target token (an empty answer, or no assistant "
+        "turn): left out",
+        "data: 2,150 of 3,151 examples of a.jsonl (train split) are longer than sequence_len 8: 1,100 cut to it, 1,050 "
+        "left out (no target token within it); raise sequence_len to keep them whole"]
+
+
 def test_train_on_inputs_keeps_the_prompt_as_targets(tok):
     examples = read_jsonl(split_path(None, "test"), 2)
     trained = tokenize_examples(examples, "gsm8k", tok, train_on_inputs=True)

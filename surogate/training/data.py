@@ -213,15 +213,15 @@ class ExampleRows:
 
         lines = []
         if self.untrained:
-            lines.append(f"data: {self.untrained} of {counted(self.examples, 'example')} of {self.source} "
+            lines.append(f"data: {self.untrained:,} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'has' if self.untrained == 1 else 'have'} no target token "
                          f"(an empty answer, or no assistant turn): left out{first('untrained')}")
         if self.cut:
             kept = self.cut - self.dropped
-            lines.append(f"data: {self.cut} of {counted(self.examples, 'example')} of {self.source} "
+            lines.append(f"data: {self.cut:,} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'is' if self.cut == 1 else 'are'} longer than "
-                         f"sequence_len {self.seq_len}: {kept} cut to it{first('cut') if kept else ''}, "
-                         f"{self.dropped} left out (no target token within it{first('dropped', '; ')}); raise "
+                         f"sequence_len {self.seq_len}: {kept:,} cut to it{first('cut') if kept else ''}, "
+                         f"{self.dropped:,} left out (no target token within it{first('dropped', '; ')}); raise "
                          "sequence_len to keep them whole")
         return lines
 
