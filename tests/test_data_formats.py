@@ -17,7 +17,7 @@ from surogate.training.config import ConfigError, from_dict
 from surogate.training.data import load_splits
 from surogate.training.data_files import DataError, Rows, hold_out, read_rows
 from surogate.training.chat_template import CHATML, chat_pieces
-from surogate.training.data_formats import FORMATS, IGNORE_INDEX, check_row, detect, tokenize_examples
+from surogate.training.data_formats import FORMATS, IGNORE_INDEX, check_row, detect, resolve_format, tokenize_examples
 from surogate.training.tokenizer import load_tokenizer
 
 X = IGNORE_INDEX
@@ -904,6 +904,14 @@ def test_a_json_object_holding_the_rows_says_where_they_are(tmp_path):
     path.write_text('{"a": 1}\n{"b": ')  # JSON lines, the second one broken: still its line
     with pytest.raises(DataError, match=r"rows\.json:2: not valid JSON"):
         read_rows(path)
+    # the same object on one line reads as one JSON line: it said "cannot tell the format of a row with keys"
+    path.write_text(json.dumps({"version": 1, "data": [ALPACA, ALPACA]}) + "\n")
+    with pytest.raises(DataError, match=r"rows\.json:1: one JSON object holding rows under 'data', not a row; write "
+                                        r"that list alone \(jq '\.data' .*rows\.json > rows\.json\), or one object"):
+        resolve_format(read_rows(path), "auto")
+    one_chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path.write_text(json.dumps(one_chat) + "\n")  # a one-row chat file: its list holds turns, not rows
+    assert resolve_format(read_rows(path), "auto").name == "messages"
 
 
 def test_hf_datasets_missing_is_one_line_saying_what_to_install(tmp_path, monkeypatch):

@@ -235,6 +235,11 @@ def resolve_format(rows: Rows, name: str) -> RowFormat:
         raise DataError(f"{rows.where(0)}: rows with 'chosen' and 'rejected' are preference pairs (for DPO); "
                         "surogate train fine-tunes on one answer per row: write the chosen one as completion (with "
                         "prompt) or as the last assistant turn of messages")
+    held = [k for k, v in rows.rows[0].items() if isinstance(v, list) and v and all(isinstance(r, dict) and
+                                                                               detect(r) for r in v)]
+    if found is None and len(rows) == 1 and held:  # a whole file's object written on one line: {"data": [rows]}
+        raise DataError(f"{rows.where(0)}: one JSON object holding rows under {held[0]!r}, not a row; write that "
+                        f"list alone (jq '.{held[0]}' {rows.source} > rows.json), or one object a line")
     if found is None:
         raise DataError(f"{rows.where(0)}: cannot tell the format of a row with keys {sorted(rows.rows[0])}; "
                         f"set dataset.format, one of {_fields_help()}{_columns_hint(rows.rows[0])}")
@@ -594,8 +599,8 @@ def _ignore_interrupts() -> None:
 
 def _in_processes(job: _Job, workers: int) -> Iterator[_Tokenized]:
     """The job's rows in chunks over `workers` forked processes, the results in row order as they come; a row's
-    error is the first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is pickled);
-    they use neither torch nor CUDA. They ignore Ctrl-C; on an error or Ctrl-C here they are killed at once
+    error is the first one in order. Forked, the workers inherit the rows and the tokenizer (nothing of them is
+    pickled); they use neither torch nor CUDA. They ignore Ctrl-C; on an error or Ctrl-C here they are killed at once
     (left alone, ProcessPoolExecutor's workers go on with the chunks already handed to them: Ctrl-C took ~30 s).
     A worker killed from outside (out of memory) is an error here (BrokenProcessPool), not a hang."""
     global _JOB
