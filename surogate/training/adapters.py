@@ -71,6 +71,39 @@ def adapter_state_dict(model: object, adapter_name: str | None = None,
     return out
 
 
+def lora_mismatch(saved: dict[str, tuple[int, ...]], here: dict[str, tuple[int, ...]], what: str) -> str | None:
+    """What keeps the LoRA tensors `saved` (PEFT's saved name -> shape, from `what`: "the checkpoint", "the adapter")
+    from being this model's (`here`): a layer one has and the other not (another depth, other targets) or another
+    shape (another width, another rank); None when they fit."""
+    missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    short = lambda name: name.removeprefix("base_model.model.")  # noqa: E731
+    if missing or extra:
+        name, where = ((extra[0], f"{what} has it, this model no such layer") if extra else
+                       (missing[0], f"this model has the layer, {what} no weights for it"))
+        return f"{len(missing) + len(extra)} LoRA tensors differ, e.g. {short(name)}: {where}"
+    for name in sorted(saved):
+        if saved[name] != here[name]:
+            return f"{short(name)} is {list(saved[name])} in {what}, {list(here[name])} in this model"
+    return None
+
+
+def load_lora_weights(peft_model: nn.Module, saved: dict[str, torch.Tensor], what: str) -> str | None:
+    """Load `saved` (PEFT's saved names) into `peft_model`'s LoRA layers and read them back: None when they now are
+    exactly those tensors, else why not (`lora_mismatch`, or "its weights did not load"), before or without loading."""
+    from peft import set_peft_model_state_dict
+
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    why = lora_mismatch(shapes(saved), shapes(adapter_state_dict(peft_model)), what)
+    if why is not None:
+        return why
+    result = set_peft_model_state_dict(peft_model, saved)
+    loaded = adapter_state_dict(peft_model)
+    if getattr(result, "unexpected_keys", None) or set(loaded) != set(saved) or not all(
+            torch.equal(loaded[k].cpu(), saved[k].to(loaded[k].dtype).cpu()) for k in saved):
+        return "its weights did not load"
+    return None
+
+
 def save_adapter(model: object, out_dir: "str | os.PathLike", base_model_name_or_path: str | None = None,
                  adapter_name: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` to `out_dir`; returns the directory.

@@ -189,14 +189,9 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     checkpoint at `path`; returns its trainer state. The RNG states are set apart (`restore_rng`), right
     before the first step, so that nothing in between draws from them."""
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from surogate.training.adapters import (
-        ADAPTER_WEIGHTS,
-        adapter_state_dict,
-        find_peft_model,
-    )
+    from surogate.training.adapters import ADAPTER_WEIGHTS, find_peft_model, load_lora_weights
 
     d = Path(path)
     if _sharded(model):
@@ -204,15 +199,7 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
         scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
         _follow_schedule(optimizer, scheduler)
         return read_state(d)
-    saved = load_file(str(d / ADAPTER_WEIGHTS))
-    peft_model = find_peft_model(model)
-    mismatch = _adapter_mismatch(saved, adapter_state_dict(peft_model))
-    if mismatch is None:
-        result = set_peft_model_state_dict(peft_model, saved)
-        loaded = adapter_state_dict(peft_model)
-        if getattr(result, "unexpected_keys", None) or set(loaded) != set(saved) or not all(
-                torch.equal(loaded[k], saved[k].to(loaded[k].dtype)) for k in saved):
-            mismatch = "its weights did not load"
+    mismatch = load_lora_weights(find_peft_model(model), load_file(str(d / ADAPTER_WEIGHTS)), "the checkpoint")
     if mismatch is not None:
         # a ConfigError (one line, exit 2): a resume with another model of the same tokenizer passes every check
         # before the load, and PEFT's own error was a traceback of one size-mismatch line per layer
@@ -223,22 +210,6 @@ def restore(path: "str | os.PathLike", model, optimizer, scheduler) -> dict[str,
     scheduler.load_state_dict(torch.load(d / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     _follow_schedule(optimizer, scheduler)
     return read_state(d)
-
-
-def _adapter_mismatch(saved: dict, here: dict) -> str | None:
-    """What keeps a checkpoint's adapter tensors `saved` from loading into this model's (`here`, same names,
-    PEFT's saved form): a missing or extra layer (another model's depth, other targets) or another shape
-    (another model's width, another rank); None when they fit."""
-    missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
-    if missing or extra:
-        name, where = (missing[0], "this model has it, the checkpoint not") if missing else (
-            extra[0], "the checkpoint has it, this model not")
-        return f"{len(missing) + len(extra)} LoRA tensors differ, e.g. {name}: {where}"
-    for name in sorted(saved):
-        if tuple(saved[name].shape) != tuple(here[name].shape):
-            return (f"{name} is {list(saved[name].shape)} in the checkpoint, {list(here[name].shape)} here: "
-                    "another model or lora_rank")
-    return None
 
 
 def _follow_schedule(optimizer, scheduler) -> None:

@@ -235,9 +235,9 @@ def resolve_format(rows: Rows, name: str) -> RowFormat:
         raise DataError(f"{rows.where(0)}: rows with 'chosen' and 'rejected' are preference pairs (for DPO); "
                         "surogate train fine-tunes on one answer per row: write the chosen one as completion (with "
                         "prompt) or as the last assistant turn of messages")
-    held = [k for k, v in rows.rows[0].items() if isinstance(v, list) and v and all(isinstance(r, dict) and
-                                                                               detect(r) for r in v)]
-    if found is None and len(rows) == 1 and held:  # a whole file's object written on one line: {"data": [rows]}
+    held = [k for k, v in rows.rows[0].items() if isinstance(v, list) and v and all(
+        isinstance(r, dict) and detect(r) for r in v)] if found is None and len(rows) == 1 else []
+    if held:  # a whole file's object written on one line: {"data": [rows]}
         raise DataError(f"{rows.where(0)}: one JSON object holding rows under {held[0]!r}, not a row; write that "
                         f"list alone (jq '.{held[0]}' {rows.source} > rows.json), or one object a line")
     if found is None:

@@ -177,13 +177,6 @@ def _lora_layers(model, cfg: TrainConfig, config):
         raise _fit_error(cfg, base, f"PEFT: {first_line(e)}") from None
 
 
-def _layer_shapes(peft_model) -> dict[str, tuple[int, ...]]:
-    """The LoRA tensors of `peft_model` by PEFT's saved name (as the adapter file has them), with their shapes."""
-    from peft import get_peft_model_state_dict
-
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
 def _file_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """The adapter file's tensor shapes by name, from its header (safetensors) or loaded onto the meta device."""
     import torch
@@ -209,31 +202,17 @@ def _file_tensors(folder: Path) -> dict:
     return torch.load(folder / WEIGHT_FILES[1], map_location="cpu", weights_only=True)
 
 
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
-def mismatch(saved: dict[str, tuple[int, ...]], here: dict[str, tuple[int, ...]]) -> str | None:
-    """What keeps the adapter's tensors (`saved`: name -> shape) from being this model's LoRA layers' (`here`): a
-    layer one has and the other not (another depth, other module names) or another shape (another width); None
-    when they fit."""
-    missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
-    if missing or extra:
-        name, where = ((extra[0], "the adapter has it, this model no such layer") if extra else
-                       (missing[0], "this model has the layer, the adapter no weights for it"))
-        return f"{len(missing) + len(extra)} LoRA tensors differ, e.g. {_short(name)}: {where}"
-    for name in sorted(saved):
-        if saved[name] != here[name]:
-            return f"{_short(name)} is {list(saved[name])} in the adapter, {list(here[name])} in this model"
-    return None
-
-
 def check_fits(cfg: TrainConfig, meta) -> None:
     """Before any weight loads: the adapter's tensors are those of the LoRA layers PEFT builds on `meta` (the run's
     model on the meta device, changed here: a throwaway copy), by name and shape."""
+    from peft import get_peft_model_state_dict
+
+    from surogate.training.adapters import lora_mismatch
+
     config = lora_config(cfg)
     base = config.base_model_name_or_path
-    why = mismatch(_file_shapes(Path(cfg.lora_model_dir).expanduser()), _layer_shapes(_lora_layers(meta, cfg, config)))
+    here = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(_lora_layers(meta, cfg, config)).items()}
+    why = lora_mismatch(_file_shapes(Path(cfg.lora_model_dir).expanduser()), here, "the adapter")
     if why is not None:
         raise _fit_error(cfg, base, why)
 
@@ -241,21 +220,14 @@ def check_fits(cfg: TrainConfig, meta) -> None:
 def attach(model, cfg: TrainConfig, log: Log):
     """The PeftModel of `model` with the adapter in `cfg.lora_model_dir` as its trainable LoRA weights, read back
     to be sure they are the file's."""
-    import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from surogate.training.adapters import load_lora_weights
 
     folder = Path(cfg.lora_model_dir).expanduser()
     config = lora_config(cfg)
     base = config.base_model_name_or_path
     peft_model = _lora_layers(model, cfg, config)
     saved = _file_tensors(folder)
-    why = mismatch({k: tuple(v.shape) for k, v in saved.items()}, _layer_shapes(peft_model))
-    if why is None:
-        result = set_peft_model_state_dict(peft_model, saved)
-        loaded = get_peft_model_state_dict(peft_model)
-        if getattr(result, "unexpected_keys", None) or not all(
-                torch.equal(loaded[k].cpu(), saved[k].to(loaded[k].dtype)) for k in saved):
-            why = "its weights did not load"
+    why = load_lora_weights(peft_model, saved, "the adapter")
     if why is not None:
         raise _fit_error(cfg, base, why)
     if base and cfg.model != "default" and Path(base).name.lower() != Path(cfg.model).name.lower():
