@@ -397,10 +397,11 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
                         r"decides\)$"),
     ({"dataset": [{}, {"field_messages": "chat"}]}, r"^unknown key 'dataset\[1\]\.field_messages'; write "
                                                    r"dataset\[1\]\.columns: \{<your field>: messages\}$"),
-    ({"excess_length_strategy": "drop"}, r"^unknown key 'excess_length_strategy'; an example longer than "
-                                         r"sequence_len keeps its first sequence_len tokens \(Axolotl's truncate\)"),
     ({"truncation_mode": "keep_end"}, r"^unknown key 'truncation_mode'; an example longer than sequence_len keeps its "
-                                      r"first sequence_len tokens \(TRL's keep_start\): drop it$"),
+                                      r"first sequence_len tokens \(TRL's keep_start; keep_end is not supported\): "
+                                      r"drop it, or write excess_length_strategy: drop or raise$"),
+    ({"excess_length_strategy": "keep_end"}, r"^excess_length_strategy: 'keep_end' is not one of truncate, drop, "
+                                             r"raise$"),
 ])
 def test_another_trainers_key_says_what_to_write(raw, expect):
     """Axolotl's, TRL's and Unsloth's names got no hint (max_seq_length, adapter, dataset.type) or a wrong one

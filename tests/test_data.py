@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from surogate.training import data
-from surogate.training.data import (IGNORE_INDEX, Example, build_split, format_example, pack, pack_examples,
+from surogate.training.data import (IGNORE_INDEX, DataError, Example, build_split, format_example, pack, pack_examples,
                                     pad, read_jsonl, split_path, tokenize_examples)
 from surogate.training.tokenizer import DEFAULT_VOCAB_SIZE, EOS_TOKEN, default_tokenizer_path, load_tokenizer
 
@@ -297,6 +297,43 @@ def test_examples_longer_than_seq_len_are_counted_cut_and_left_out():
     one = pack_examples(ex[:2], 8, where=where)  # one example cut: "1 of 2 examples ... is"
     assert one.log_lines() == ["data: 1 of 2 examples of a.jsonl (train split) is longer than sequence_len 8: 1 cut to "
                                "it, 0 left out (no target token within it); raise sequence_len to keep them whole"]
+
+
+def test_excess_length_strategy_drop_leaves_every_long_example_out_and_raise_stops_at_the_first():
+    """Axolotl's default (`drop`) leaves out an example longer than seq_len whole, where truncate (TRL's, the
+    default) trains its start; `raise` stops before any layout, naming the first long example and how many there
+    are; the log line says what became of them. Both layouts alike."""
+    ex = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]),  # fits
+          Example(list(range(10, 22)), list(range(10, 22))),  # 12 tokens, targets within 8: truncate keeps it
+          Example([4, 5, 6, 7], [IGNORE_INDEX, 5, 6, 7]),  # fits
+          Example(list(range(30, 42)), [IGNORE_INDEX] * 10 + [40, 41])]  # its targets past 8: left out by both
+    where, where_of = "a.jsonl (train split)", lambda i: f"a.jsonl:{i + 1}"
+    for lay_out in (pack_examples, data.one_per_row):
+        truncated = lay_out(ex, 8, where=where, where_of=where_of)
+        assert sum(len(row) for row in truncated.input_ids) == 3 + 8 + 4  # the long one's first 8 tokens kept
+        dropped = lay_out(ex, 8, where=where, excess="drop", where_of=where_of)
+        assert sum(len(row) for row in dropped.input_ids) == 3 + 4  # the two short examples alone
+        assert not any(t >= 10 for row in dropped.input_ids for t in row)
+        assert (dropped.examples, dropped.cut, dropped.excess) == (4, 2, "drop")
+        assert dropped.log_lines() == [
+            "data: 2 of 4 examples of a.jsonl (train split) are longer than sequence_len 8: left out "
+            "(excess_length_strategy: drop; first: a.jsonl:2); raise sequence_len to keep them, or set "
+            "excess_length_strategy: truncate to train on their starts"]
+        with pytest.raises(DataError, match=r"^a\.jsonl:2: 12 tokens, longer than sequence_len 8 \(the first of 2 "
+                                            r"such examples of a\.jsonl \(train split\)\); excess_length_strategy: "
+                                            r"raise stops here: raise sequence_len, shorten them, or set "
+                                            r"excess_length_strategy: truncate .* or drop \(left out\)$"):
+            lay_out(ex, 8, where=where, excess="raise", where_of=where_of)
+        fits = lay_out([ex[0], ex[2]], 8, where=where, excess="raise")  # nothing long: laid out as truncate does
+        assert fits.input_ids == lay_out([ex[0], ex[2]], 8, where=where).input_ids and fits.log_lines() == []
+        with pytest.raises(DataError, match=r"^a\.jsonl \(train split\), example 1: 12 tokens, .* shorten it,"):
+            lay_out(ex[1:2], 8, where=where, excess="raise")
+        with pytest.raises(DataError, match=r"^a\.jsonl \(train split\): every example with a target token is longer "
+                                            r"than sequence_len 8, and excess_length_strategy: drop leaves them out; "
+                                            r"raise sequence_len, or set excess_length_strategy: truncate$"):
+            lay_out([ex[1], ex[3]], 8, where=where, excess="drop")
+        with pytest.raises(ValueError, match="excess must be one of truncate, drop, raise, got 'keep_end'"):
+            lay_out(ex, 8, excess="keep_end")
 
 
 def test_the_log_lines_on_cut_and_untargeted_examples_write_thousands_as_the_totals_do():

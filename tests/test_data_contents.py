@@ -103,6 +103,36 @@ def test_the_log_names_the_first_row_cut_left_out_or_without_a_target(tmp_path, 
     assert held.log_lines()[0].endswith(f"left out (first: {path}:3)")
 
 
+def test_excess_length_strategy_from_the_config_reaches_both_splits_and_names_the_row(tmp_path, tok):
+    """`excess_length_strategy` (Axolotl's key) decides the long examples: `drop` leaves them out (the log names
+    the first row), `raise` stops at the first one's file:line before any training; truncate, the default, keeps
+    their first sequence_len tokens. A hold-out whose examples are all long says so, naming its split."""
+    long = " ".join(str(i) for i in range(80))
+    rows = [GOOD, GOOD, f'{{"prompt": "Q", "completion": " {long}"}}', GOOD, f'{{"prompt": "Q", "completion": " {long}"}}']
+    path = write(tmp_path / "rows.jsonl", rows)
+
+    def splits(strategy: str, packing: bool, **dataset):
+        return load_splits(from_dict({"dataset": {"path": str(path), "cache": False, **dataset}, "sequence_len": 64,
+                                      "sample_packing": packing, "excess_length_strategy": strategy}), tok)
+
+    for packing in (True, False):
+        (train, _), (kept, _) = splits("drop", packing), splits("truncate", packing)
+        assert (train.examples, train.cut, kept.cut) == (5, 2, 2)
+        assert max(map(len, kept.input_ids)) == 64  # truncate: a long one fills its row
+        short = len(enc(tok, "Q: 1+1?")) + len(enc(tok, " 2")) + 1  # + EOS
+        assert sum(map(len, train.input_ids)) == 3 * short  # drop: the three short ones alone
+        assert train.log_lines() == [
+            f"data: 2 of 5 examples of {path} (train split 'train') are longer than sequence_len 64: left out "
+            f"(excess_length_strategy: drop; first: {path}:3); raise sequence_len to keep them, or set "
+            "excess_length_strategy: truncate to train on their starts"]
+        with pytest.raises(DataError, match=rf"^{path}:3: \d+ tokens, longer than sequence_len 64 \(the first of 2 "
+                                            "such examples .*excess_length_strategy: raise stops here"):
+            splits("raise", packing)
+        with pytest.raises(DataError, match=r"\(eval split: val_set_size of train\): every example with a target "
+                                            "token is longer than sequence_len 64, and excess_length_strategy: drop"):
+            splits("drop", packing, val_set_size=2)  # seed 42 holds out the two long ones
+
+
 def test_an_example_longer_than_the_tokenizers_maximum_gets_no_indexing_errors_warning(tmp_path, capfd):
     """transformers warned "Token indices sequence length is longer than the specified maximum sequence length for
     this model ... will result in indexing errors" on a long row (a tokenizer of model_max_length 2048, as

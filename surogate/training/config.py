@@ -63,6 +63,9 @@ class TrainConfig:
     arch: str | None = None  # None: the current GPU (or the CPU reference); "sm_90" etc.
     allow_emulation: bool = False
     sequence_len: int = 256
+    # an example longer than sequence_len: "truncate" (its first sequence_len tokens train, as TRL's SFT), "drop"
+    # (left out, as Axolotl's default) or "raise" (stop, naming the first one's row)
+    excess_length_strategy: str = "truncate"
     sample_packing: bool = True
     group_by_length: bool = False  # padded batches (sample_packing: false) of examples of similar lengths
     per_device_train_batch_size: int = 4
@@ -183,6 +186,8 @@ def _str(key: str, v: Any, optional: bool = False, choices: tuple[str, ...] | No
 
 
 CUDA_GRAPH_MODES = ("auto", "true", "false")
+# an example longer than sequence_len: cut to it (TRL's SFT), left out (Axolotl's default), or stop (training/data.py)
+EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
 PARALLELISMS = ("ddp", "fsdp")  # surogate.training.distributed.Parallelism
 FSDP_LORA = ("replicated", "sharded")  # surogate.training.distributed.LoraPlacement
 
@@ -441,11 +446,8 @@ FOREIGN_KEYS = {
                   "lora_alpha: alpha x sqrt(rank))",
     "lora_task_type": "surogate trains causal LMs: drop it",
     "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
-    "excess_length_strategy": "an example longer than sequence_len keeps its first sequence_len tokens (Axolotl's "
-                              "truncate), and is left out where none of its targets is within them; the log counts "
-                              "and names both: drop it",
-    "truncation_mode": "an example longer than sequence_len keeps its first sequence_len tokens (TRL's keep_start): "
-                       "drop it",
+    "truncation_mode": "an example longer than sequence_len keeps its first sequence_len tokens (TRL's keep_start; "
+                       "keep_end is not supported): drop it, or write excess_length_strategy: drop or raise",
 }
 DATASET_FOREIGN_KEYS = {
     "type": "write dataset.format: alpaca, messages (Axolotl's chat_template; sharegpt for from / value turns), text "
@@ -572,6 +574,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.arch = _arch("arch", c.arch)
     c.allow_emulation = _bool("allow_emulation", c.allow_emulation)
     c.sequence_len = _int("sequence_len", c.sequence_len, 2)
+    c.excess_length_strategy = _str("excess_length_strategy", c.excess_length_strategy,
+                                    choices=EXCESS_LENGTH_STRATEGIES)
     c.sample_packing = _bool("sample_packing", c.sample_packing)
     c.group_by_length = _bool("group_by_length", c.group_by_length)
     c.per_device_train_batch_size = _int("per_device_train_batch_size", c.per_device_train_batch_size, 1)

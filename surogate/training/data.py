@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from surogate.training import buckets
+from surogate.training.config import EXCESS_LENGTH_STRATEGIES
 from surogate.training.data_files import (DataError, Rows, bundled_dataset_dir, hold_out,  # noqa: F401
                                           package_data_dir, read_jsonl_rows, read_split)
 from surogate.training.chat_template import chatml_marker_note, resolve_chat_template
@@ -143,7 +144,7 @@ class ExampleRows:
     def __init__(self, ids: np.ndarray, targets: np.ndarray, pos: np.ndarray | None, offsets: np.ndarray,
                  seq_len: int, pad_id: int = 0, examples: int = 0, cut: int = 0, dropped: int = 0,
                  untrained: int = 0, source: str = "the examples", parts: "list[ExampleRows] | None" = None,
-                 firsts: dict[str, int] | None = None):
+                 firsts: dict[str, int] | None = None, excess: str = "truncate"):
         self.ids, self.targets = ids, targets  # (tokens,) int32: the rows' ids and labels, one row after another
         self.pos = pos  # (tokens,) int32 positions within each example; None: one example per row (padded layout)
         self.offsets = offsets  # (rows + 1,) int64: where each row starts
@@ -151,6 +152,7 @@ class ExampleRows:
         self.examples = examples  # examples laid out, kept or not
         self.cut = cut  # of them, longer than seq_len: truncated, or dropped where no target was left
         self.dropped = dropped  # of the cut ones, dropped
+        self.excess = excess  # what became of the long ones: "truncate" (as said above) or "drop" (every one left out)
         self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
         self.source = source  # where they came from (a file), for the log
         self.parts = list(parts or [])  # a mix (`concat`): the sources, for the log
@@ -198,7 +200,7 @@ class ExampleRows:
                    None if first.pos is None else np.concatenate([p.pos for p in parts]),
                    offsets_of([int(n) for p in parts for n in np.diff(p.offsets)]), first.seq_len, first.pad_id,
                    *(sum(getattr(p, k) for p in parts) for k in ("examples", "cut", "dropped", "untrained")),
-                   " + ".join(p.source for p in parts), parts)
+                   " + ".join(p.source for p in parts), parts, excess=first.excess)
 
     def log_lines(self) -> list[str]:
         """The log's lines on the examples left out or cut (none when all fit), naming their split and file, and
@@ -216,7 +218,12 @@ class ExampleRows:
             lines.append(f"data: {self.untrained:,} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'has' if self.untrained == 1 else 'have'} no target token "
                          f"(an empty answer, or no assistant turn): left out{first('untrained')}")
-        if self.cut:
+        if self.cut and self.excess == "drop":
+            lines.append(f"data: {self.cut:,} of {counted(self.examples, 'example')} of {self.source} "
+                         f"{'is' if self.cut == 1 else 'are'} longer than sequence_len {self.seq_len}: left out "
+                         f"(excess_length_strategy: drop{first('dropped', '; ')}); raise sequence_len to keep them, "
+                         "or set excess_length_strategy: truncate to train on their starts")
+        elif self.cut:
             kept = self.cut - self.dropped
             lines.append(f"data: {self.cut:,} of {counted(self.examples, 'example')} of {self.source} "
                          f"{'is' if self.cut == 1 else 'are'} longer than "
@@ -336,20 +343,35 @@ def _counts_before(mask: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
+def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str, excess: str = "truncate",
+          where_of: Callable[[int], str] | None = None
           ) -> tuple[FlatExamples, np.ndarray, int, int, int, dict[str, int]]:
     """(the examples stored flat, the indices of those with a target within `seq_len` (a target after an
-    example's first token), how many are cut, how many of those lose every target, how many have no target at
-    all, the first example of each of these kinds (`cut`: cut and kept)); a DataError naming `where` and the reason
-    when none is left."""
+    example's first token), how many are longer than it, how many of those are left out for it, how many have
+    no target at all, the first example of each of these kinds (`cut`: cut and kept)); a DataError naming `where`
+    and the reason when none is left. `excess` says what becomes of an example longer than `seq_len`: cut to it
+    ("truncate"), left out ("drop"), or a DataError naming the first (`where_of` its row) and how many ("raise")."""
+    if excess not in EXCESS_LENGTH_STRATEGIES:
+        raise ValueError(f"excess must be one of {', '.join(EXCESS_LENGTH_STRATEGIES)}, got {excess!r}")
     flat = examples if isinstance(examples, FlatExamples) else FlatExamples.of(examples)
     starts, lengths = flat.offsets[:-1], flat.lengths()
+    long = lengths > seq_len
+    if excess == "raise" and long.any():
+        first, count = int(np.argmax(long)), int(long.sum())
+        them = "it" if count == 1 else "them"
+        many = "" if count == 1 else f" (the first of {count:,} such examples of {where})"
+        at = where_of(first) if where_of else f"{where}, example {first + 1:,}"
+        raise DataError(f"{at}: {int(lengths[first]):,} tokens, longer than "
+                        f"sequence_len {seq_len}{many}; excess_length_strategy: raise stops here: raise sequence_len, "
+                        f"shorten {them}, or set excess_length_strategy: truncate (the first sequence_len tokens "
+                        "train) or drop (left out)")
     target = flat.labels != IGNORE_INDEX
     target[starts[lengths > 0]] = False  # an example's first token has no predecessor in its own example
     before = _counts_before(target)  # targets before token t
     anywhere = before[flat.offsets[1:]] - before[starts] > 0
     within = before[starts + np.minimum(lengths, seq_len)] - before[starts] > 0
-    long = lengths > seq_len
+    if excess == "drop":  # Axolotl's default: a long example is left out whole
+        within &= ~long
     kept = np.flatnonzero(within)
     kinds = {"cut": long & within, "dropped": long & anywhere & ~within, "untrained": ~anywhere}
     firsts = {kind: int(np.argmax(mask)) for kind, mask in kinds.items() if mask.any()}
@@ -362,6 +384,10 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str
                             "conversation without an assistant turn); give them one, or set dataset.train_on_inputs: "
                             "true to train on the prompts")
         none = f"; {untrained} have none at all (an empty answer, or no assistant turn)" if untrained else ""
+        if excess == "drop":
+            raise DataError(f"{where}: every example with a target token is longer than sequence_len {seq_len}, and "
+                            f"excess_length_strategy: drop leaves them out{none}; raise sequence_len, or set "
+                            "excess_length_strategy: truncate")
         raise DataError(f"{where}: no example has a target token within sequence_len {seq_len}: {dropped} lose theirs "
                         f"to the cut (a prompt longer than it){none}; raise sequence_len, or set "
                         "dataset.train_on_inputs: true")
@@ -401,14 +427,16 @@ class _FirstFit:
 
 
 def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
-                  where: str = "the examples") -> ExampleRows:
+                  where: str = "the examples", excess: str = "truncate",
+                  where_of: Callable[[int], str] | None = None) -> ExampleRows:
     """Whole examples placed first-fit into rows of at most `seq_len` tokens, in order; an example longer
     than `seq_len` is truncated to it, and dropped if no target is left (a prompt cut before its answer), as is
-    one without any target. Each example's first label is IGNORE_INDEX (it has no predecessor in its own
-    example). `where` names the examples (split and file) in the log and in errors."""
+    one without any target (`excess`: "drop" leaves every long one out, "raise" stops at the first). Each
+    example's first label is IGNORE_INDEX (it has no predecessor in its own example). `where` names the examples
+    (split and file) in the log and in errors, `where_of` an example's row (file:line)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where)
+    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where, excess, where_of)
     sizes = np.minimum(flat.lengths()[kept], seq_len).tolist()
     first_fit = _FirstFit(len(kept), seq_len)
     rows: list[list[int]] = []  # the examples of each row
@@ -422,18 +450,23 @@ def pack_examples(examples: "list[Example] | FlatExamples", seq_len: int, pad_id
     labels[starts[:-1]] = IGNORE_INDEX  # an example's first token has no predecessor in its own example
     positions = (np.arange(int(starts[-1]), dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(np.int32)
     row_sizes = [sum(min(int(flat.offsets[j + 1] - flat.offsets[j]), seq_len) for j in row) for row in rows]
-    return ExampleRows(ids, labels, positions, offsets_of(row_sizes), seq_len, pad_id, len(flat), cut, dropped,
-                       untrained, where, firsts=firsts)
+    packed = ExampleRows(ids, labels, positions, offsets_of(row_sizes), seq_len, pad_id, len(flat), cut, dropped,
+                         untrained, where, firsts=firsts, excess=excess)
+    packed.where_of = where_of
+    return packed
 
 
 def one_per_row(examples: "list[Example] | FlatExamples", seq_len: int, pad_id: int = 0,
-                where: str = "the examples") -> ExampleRows:
+                where: str = "the examples", excess: str = "truncate",
+                where_of: Callable[[int], str] | None = None) -> ExampleRows:
     """One example per row, truncated to `seq_len` (batches pad to their longest row); the same ones left out
-    as by `pack_examples`."""
-    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where)
+    as by `pack_examples`, and `excess` alike."""
+    flat, kept, cut, dropped, untrained, firsts = _sort(examples, seq_len, where, excess, where_of)
     ids, labels, lengths = _gather(flat, kept, seq_len)
-    return ExampleRows(ids, labels, None, offsets_of(lengths), seq_len, pad_id, len(flat), cut, dropped, untrained,
-                       where, firsts=firsts)
+    rows = ExampleRows(ids, labels, None, offsets_of(lengths), seq_len, pad_id, len(flat), cut, dropped, untrained,
+                       where, firsts=firsts, excess=excess)
+    rows.where_of = where_of
+    return rows
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
@@ -517,10 +550,11 @@ def _nonempty(rows: Rows, split: str) -> Rows:
 
 def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, train_on_inputs: bool = False,
            chat_template: str | None = None, split: str = "split 'train'",
-           log: Callable[[str], None] | None = None, cache: bool = False) -> ExampleRows:
+           log: Callable[[str], None] | None = None, cache: bool = False, excess: str = "truncate") -> ExampleRows:
     """Tokenize rows (read text masked unless `train_on_inputs`) and pack them with their boundaries (or lay
     them out one example per row); `split` names them in the log and in errors, with their file. With `cache`,
-    the tokenized examples are kept on disk for the next run (`data_cache`)."""
+    the tokenized examples are kept on disk for the next run (`data_cache`). `excess`: what becomes of an
+    example longer than `seq_len` (`pack_examples`)."""
     where = f"{rows.source} ({split})"
 
     def tokenize(note: Callable[[str], None] | None) -> FlatExamples:
@@ -529,9 +563,8 @@ def layout(rows: Rows, fmt: str, tokenizer, seq_len: int, packing: bool = True, 
     tokenized = (cached_examples(rows, fmt, tokenizer, train_on_inputs, chat_template, tokenize, where, log) if cache
                  else tokenize(log))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    laid_out = (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where)
-    laid_out.where_of = rows.where  # one example a row, in order: the log names a cut or left-out one's row
-    return laid_out
+    # one example a row, in order: the log and errors name an example's row
+    return (pack_examples if packing else one_per_row)(tokenized, seq_len, pad_id, where, excess, rows.where)
 
 
 def build_split(dataset_dir: "str | os.PathLike | None", split: str, fmt: str, tokenizer, seq_len: int,
@@ -591,10 +624,10 @@ def load_splits(cfg, tokenizer, log: Callable[[str], None] | None = None) -> tup
         template = resolve_chat_template(ds.chat_template)
         on_inputs = ds.train_on_inputs
         train.append(layout(train_rows, form.name, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs,
-                            template, f"train split {ds.train_split!r}", log, ds.cache))
+                            template, f"train split {ds.train_split!r}", log, ds.cache, cfg.excess_length_strategy))
         if eval_rows is not None:
             evaluation.append(layout(
                 eval_rows, form.name, tokenizer, cfg.sequence_len, cfg.sample_packing, on_inputs, template,
                 "eval split: val_set_size of train" if ds.eval_split is None else f"eval split {ds.eval_split!r}",
-                log, ds.cache))
+                log, ds.cache, cfg.excess_length_strategy))
     return ExampleRows.concat(train), ExampleRows.concat(evaluation) if evaluation else None
