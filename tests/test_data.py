@@ -294,6 +294,10 @@ def test_examples_longer_than_seq_len_are_counted_cut_and_left_out():
                                     "1 cut to it, 1 left out (no target token within it); raise sequence_len to keep "
                                     "them whole"]
     assert pack_examples(ex[:1], 8).log_lines() == []
+    untrained_long = pack_examples([ex[0], Example(list(range(50, 62)), [IGNORE_INDEX] * 12)], 8, where=where)
+    assert untrained_long.log_lines() == [  # counted once, as untrained: it was also "1 cut to it"
+        "data: 1 of 2 examples of a.jsonl (train split) has no target token (an empty answer, or no assistant turn): "
+        "left out"]
     one = pack_examples(ex[:2], 8, where=where)  # one example cut: "1 of 2 examples ... is"
     assert one.log_lines() == ["data: 1 of 2 examples of a.jsonl (train split) is longer than sequence_len 8: 1 cut to "
                                "it, 0 left out (no target token within it); raise sequence_len to keep them whole"]

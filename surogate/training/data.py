@@ -150,7 +150,7 @@ class ExampleRows:
         self.offsets = offsets  # (rows + 1,) int64: where each row starts
         self.seq_len, self.pad_id = seq_len, pad_id
         self.examples = examples  # examples laid out, kept or not
-        self.cut = cut  # of them, longer than seq_len: truncated, or dropped where no target was left
+        self.cut = cut  # of them, with a target and longer than seq_len: truncated, or dropped where none was left
         self.dropped = dropped  # of the cut ones, dropped
         self.excess = excess  # what became of the long ones: "truncate" (as said above) or "drop" (every one left out)
         self.untrained = untrained  # examples without any target token (an empty answer, no assistant turn): dropped
@@ -347,9 +347,9 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str, ex
           where_of: Callable[[int], str] | None = None
           ) -> tuple[FlatExamples, np.ndarray, int, int, int, dict[str, int]]:
     """(the examples stored flat, the indices of those with a target within `seq_len` (a target after an
-    example's first token), how many are longer than it, how many of those are left out for it, how many have
-    no target at all, the first example of each of these kinds (`cut`: cut and kept)); a DataError naming `where`
-    and the reason when none is left. `excess` says what becomes of an example longer than `seq_len`: cut to it
+    example's first token), how many with a target are longer than it, how many of those are left out for it, how
+    many have no target at all, the first example of each of these kinds (`cut`: cut and kept)); a DataError naming
+    `where` and the reason when none is left. `excess` says what becomes of an example longer than `seq_len`: cut to it
     ("truncate"), left out ("drop"), or a DataError naming the first (`where_of` its row) and how many ("raise")."""
     if excess not in EXCESS_LENGTH_STRATEGIES:
         raise ValueError(f"excess must be one of {', '.join(EXCESS_LENGTH_STRATEGIES)}, got {excess!r}")
@@ -375,7 +375,8 @@ def _sort(examples: "list[Example] | FlatExamples", seq_len: int, where: str, ex
     kept = np.flatnonzero(within)
     kinds = {"cut": long & within, "dropped": long & anywhere & ~within, "untrained": ~anywhere}
     firsts = {kind: int(np.argmax(mask)) for kind, mask in kinds.items() if mask.any()}
-    cut, dropped, untrained = int(long.sum()), int(kinds["dropped"].sum()), int(kinds["untrained"].sum())
+    # a long example without any target is counted once, with those that have none
+    cut, dropped, untrained = int((long & anywhere).sum()), int(kinds["dropped"].sum()), int(kinds["untrained"].sum())
     if not len(flat):
         raise DataError(f"{where}: no examples")
     if not len(kept):
