@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_train_from_local_model_dir_end_to_end(tmp_path, tiny_model_dir, cache, 
     assert "step 3/3" in err and "has no tokenizer" in err
     assert "step 1/3 | " in err and "first step" in err.split("step 1/3")[1].splitlines()[0]  # compile apart
     assert "tokens/s" in err.split("step 2/3")[1].splitlines()[0]
+    # the time left at the mean steady step: from the second step on, none on the first (compile) or the last
+    assert re.search(r"\| \d+s left$", err.split("step 2/3")[1].splitlines()[0])
+    assert "left" not in err.split("step 1/3")[1].splitlines()[0] + err.split("step 3/3")[1].splitlines()[0]
     assert "adapter:" in out and "loss chart:" in out and "then" in out and "tokens/s" in out
 
     run = tmp_path / "out"
@@ -428,3 +432,11 @@ def test_train_on_a_mix_of_datasets(tmp_path, tiny_model_dir, cache, capsys):
     assert f"({examples / 'alpaca.jsonl'}, {examples / 'chat.jsonl'})" in data_line and "1 eval row " in data_line
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and [e["step"] for e in metrics["eval"]] == [0, 2]
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (44.6, "45s"), (59.6, "1m00s"), (200, "3m20s"),
+                                           (3599, "59m59s"), (3600, "1h00m"), (7530, "2h05m"), (-3, "0s")])
+def test_the_time_left_reads_as_a_person_writes_it(seconds, text):
+    from surogate.training.outputs import duration
+
+    assert duration(seconds) == text

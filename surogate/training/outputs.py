@@ -20,6 +20,16 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
+def duration(seconds: float) -> str:
+    """A wait as a person reads it: "45s", "3m20s", "2h05m" (the step line's time left)."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 @dataclass
 class TrainResult:
     """Where the run wrote its outputs and what it measured."""

@@ -350,6 +350,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         params = setup.trainable_parameters(model)
         first_step_s = time_to_first_step = None
         steady_tokens, steady_s, window_tokens, window_s = 0, 0.0, 0, 0.0
+        steady_steps = 0  # steps after the first (compile), whose mean time says how long the rest will take
         t_train = time.perf_counter()
         elapsed_before = history[-1].get("elapsed_s", 0.0) if history else 0.0  # a resumed run's clock goes on
         step, in_step = start - 1, False
@@ -393,6 +394,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                         first_step_s, time_to_first_step = now - t0, now - t_start
                     else:
                         steady_tokens, steady_s = steady_tokens + step_tokens, steady_s + (now - t0)
+                        steady_steps += 1
                         window_tokens, window_s = window_tokens + step_tokens, window_s + (now - t0)
                     tokens_total += step_tokens
                     record = {"step": step, "epoch": micro.epochs_done, "loss": step_loss, "lr": lr,
@@ -402,8 +404,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
                     if step == start or step % log_every == 0 or step == total:
                         speed = (f"first step {first_step_s:.1f} s (compile)" if step == start
                                  else f"{window_tokens / max(window_s, 1e-9):,.0f} tokens/s")
+                        # the steps left at the mean steady step (evals and checkpoints not counted)
+                        left = (f" | {outputs.duration(steady_s / steady_steps * (total - step))} left"
+                                if steady_steps and step < total else "")
                         log(f"step {step:>{len(str(total))}}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                            f"{speed} | {now - t_start:.1f}s")
+                            f"{speed} | {now - t_start:.1f}s{left}")
                         window_tokens, window_s = 0, 0.0
                     if eval_set is not None and eval_every and step % eval_every == 0 and step != total:
                         run_eval(step)
