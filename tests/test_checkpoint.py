@@ -299,6 +299,10 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
                                           r"the config has 0.5"):
         train(_cfg(model_dir, out, weight_decay=0.5, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with adam_beta2: 0.999, "
+                                          r"the config has 0.95"):
+        train(_cfg(model_dir, out, adam_beta2=0.95, resume_from_checkpoint=True, eval_steps=None,
+                   dataset={"eval_split": None}), log=_quiet)
     # the schedule rebuilt at the restored step with another shape: the learning rate would jump
     with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: checkpoint-1 was trained with lr_scheduler_type: "
                                           r"'linear', the config has 'cosine'"):
@@ -308,6 +312,15 @@ def test_resume_refuses_other_data_order_before_the_model_loads(model_dir, tmp_p
                                           r"the config has 3"):
         train(_cfg(model_dir, out, warmup_steps=3, resume_from_checkpoint=True, eval_steps=None,
                    dataset={"eval_split": None}), log=_quiet)
+
+
+def test_adam_keys_reach_the_optimizer_the_checkpoint_holds(model_dir, tmp_path):
+    """adam_beta1 / adam_beta2 / adam_epsilon are the optimizer's (its saved param groups say so)."""
+    out = tmp_path / "run"
+    train(_cfg(model_dir, out, max_steps=1, save_steps=1, eval_steps=None, adam_beta1=0.8, adam_beta2=0.95,
+               adam_epsilon=1e-6, dataset={"eval_split": None}), log=_quiet)
+    group = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)["param_groups"][0]
+    assert (tuple(group["betas"]), group["eps"]) == ((0.8, 0.95), 1e-6)
 
 
 @pytest.mark.parametrize("shape", [{"num_hidden_layers": 2}, {"hidden_size": 64}])

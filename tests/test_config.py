@@ -402,6 +402,10 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
                                       r"drop it, or write excess_length_strategy: drop or raise$"),
     ({"excess_length_strategy": "keep_end"}, r"^excess_length_strategy: 'keep_end' is not one of truncate, drop, "
                                              r"raise$"),
+    ({"load_best_model_at_end": True}, r"^unknown key 'load_best_model_at_end'; not supported: .* metrics\.jsonl gives "
+                                       r"each checkpoint-<step>'s eval loss to pick the best by: drop it$"),
+    ({"lr_scheduler_kwargs": {}}, r"^unknown key 'lr_scheduler_kwargs'; not supported: write lr_scheduler_type "
+                                  r"\(linear, cosine, constant\) and warmup_steps: drop it$"),
 ])
 def test_another_trainers_key_says_what_to_write(raw, expect):
     """Axolotl's, TRL's and Unsloth's names got no hint (max_seq_length, adapter, dataset.type) or a wrong one
@@ -441,6 +445,25 @@ def test_a_key_set_twice_in_the_yaml_is_an_error_with_its_lines(tmp_path):
     p.write_text("base: &b {max_steps: 5}\n<<: *b\nlearning_rate: 1.0e-3\n")  # a merge key may override: not an error
     with pytest.raises(ConfigError, match="unknown key 'base'"):
         load_config(p)
+
+
+@pytest.mark.parametrize("raw, expect", [
+    ({"adam_beta2": 1}, r"^adam_beta2: must be < 1, got 1 \(the usual values: adam_beta1 0\.9, adam_beta2 0\.999 or "
+                        r"0\.95\)$"),
+    ({"adam_beta1": -0.1}, r"^adam_beta1: must be >= 0\.0, got -0\.1$"),
+    ({"adam_beta1": 1.5}, r"^adam_beta1: must be <= 1\.0, got 1\.5$"),
+    ({"adam_epsilon": 0}, r"^adam_epsilon: must be > 0, got 0$"),
+    ({"adam_epsilon": "tiny"}, r"^adam_epsilon: expected a number, got 'tiny'$"),
+])
+def test_adam_keys_out_of_range_say_so(raw, expect):
+    with pytest.raises(ConfigError, match=expect):
+        from_dict(raw)
+
+
+def test_adam_keys_are_hugging_faces_defaults_and_take_yaml_strings():
+    assert [getattr(from_dict({}), k) for k in ("adam_beta1", "adam_beta2", "adam_epsilon")] == [0.9, 0.999, 1e-8]
+    cfg = from_dict({"adam_beta1": 0, "adam_beta2": 0.95, "adam_epsilon": "1e-6"})  # YAML 1.1 reads 1e-6 as a string
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.0, 0.95, 1e-6)
 
 
 @pytest.mark.parametrize("value", [0, -1e-3])

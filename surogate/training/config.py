@@ -74,6 +74,9 @@ class TrainConfig:
     learning_rate: float = 2e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9  # AdamW's betas and epsilon (Hugging Face's names and defaults)
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     lr_scheduler_type: str = "linear"
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     lora_rank: int = 16
@@ -172,6 +175,14 @@ def _float(key: str, v: Any, minimum: float | None = None, maximum: float | None
 def _bool(key: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _beta(key: str, v: Any) -> float:
+    """An Adam moment's decay: in [0, 1) (at 1 the moment never moves from its start)."""
+    v = _float(key, v, 0.0, 1.0)
+    if v == 1.0:
+        raise ConfigError(f"{key}: must be < 1, got 1 (the usual values: adam_beta1 0.9, adam_beta2 0.999 or 0.95)")
     return v
 
 
@@ -423,8 +434,10 @@ FOREIGN_KEYS = {
                            "are padded to their longest row: drop it",
     "lr_scheduler": "write lr_scheduler_type (linear, cosine or constant)",
     "warmup_ratio": "write warmup_steps: a count of optimizer steps (the ratio times the run's steps)",
-    "optimizer": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay): drop it",
-    "optim": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay): drop it",
+    "optimizer": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay, adam_beta1, "
+                 "adam_beta2, adam_epsilon): drop it",
+    "optim": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay, adam_beta1, adam_beta2, "
+             "adam_epsilon): drop it",
     "bf16": _NO_PRECISION, "fp16": _NO_PRECISION, "tf32": _NO_PRECISION,
     "flash_attention": _NO_ATTENTION, "sdp_attention": _NO_ATTENTION, "xformers_attention": _NO_ATTENTION,
     "attn_implementation": _NO_ATTENTION,
@@ -445,6 +458,13 @@ FOREIGN_KEYS = {
     "use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
                   "lora_alpha: alpha x sqrt(rank))",
     "lora_task_type": "surogate trains causal LMs: drop it",
+    **dict.fromkeys(("early_stopping_patience", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"),
+                    "not supported: the run trains max_steps or num_epochs; with eval_steps and save_steps, "
+                    "metrics.jsonl gives each checkpoint-<step>'s eval loss to pick the best by: drop it"),
+    "neftune_noise_alpha": "not supported (NEFTune's noise on the embeddings): drop it",
+    "loraplus_lr_ratio": "not supported (LoRA+'s larger learning rate for lora_B): drop it",
+    "lr_scheduler_kwargs": f"not supported: write lr_scheduler_type ({', '.join(SCHEDULERS)}) and warmup_steps: "
+                           "drop it",
     "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
     "truncation_mode": "an example longer than sequence_len keeps its first sequence_len tokens (TRL's keep_start; "
                        "keep_end is not supported): drop it, or write excess_length_strategy: drop or raise",
@@ -584,6 +604,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.learning_rate = _float("learning_rate", c.learning_rate, above=0.0)
     c.warmup_steps = _int("warmup_steps", c.warmup_steps, 0)
     c.weight_decay = _float("weight_decay", c.weight_decay, 0.0)
+    c.adam_beta1, c.adam_beta2 = (_beta(key, getattr(c, key)) for key in ("adam_beta1", "adam_beta2"))
+    c.adam_epsilon = _float("adam_epsilon", c.adam_epsilon, above=0.0)
     if c.lr_scheduler_type == "constant_with_warmup":  # Hugging Face's name: its constant skips warmup_steps
         raise ConfigError("lr_scheduler_type: constant_with_warmup is constant here (it warms up over warmup_steps); "
                           "write constant")

@@ -165,12 +165,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over the trainable (LoRA) parameters only; the fused CUDA kernel (one launch for every
     parameter) when they live on a GPU."""
     params = trainable_parameters(model)
     fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
 
 
 def lr_factor(step: int, kind: str, warmup_steps: int, total_steps: int) -> float:

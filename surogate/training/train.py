@@ -272,7 +272,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     line = steps.head_rows_line(head_bound, cfg.per_device_train_batch_size, cfg.sequence_len, train_set.packed)
     if line:
         log(line)
-    opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                               cfg.adam_epsilon)
     sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
     history: list[dict] = []
     evals: list[dict] = []

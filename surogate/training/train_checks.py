@@ -21,12 +21,13 @@ from surogate.training.config import DEFAULT_TARGETS, ConfigError, TrainConfig, 
 from surogate.training.outputs import counted
 
 # Keys a resumed run must share with its checkpoint: they decide the data order and the LoRA shape; the
-# optimizer's param groups (its learning rate, the schedule's base, and weight decay), which the restored
-# optimizer and scheduler states bring back, so that a changed value would be ignored without a word; and the
-# schedule's shape (its type, the warmup), which the restored step count would enter mid-way: the rate would jump.
+# optimizer's param groups (its learning rate, the schedule's base, weight decay, Adam's betas and epsilon), which
+# the restored optimizer and scheduler states bring back, so that a changed value would be ignored without a word;
+# and the schedule's shape (its type, the warmup), which the restored step count would enter mid-way: the rate
+# would jump.
 RESUME_KEYS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank", "lora_alpha",
                "lora_target_modules", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
-               "group_by_length")
+               "group_by_length", "adam_beta1", "adam_beta2", "adam_epsilon")
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
@@ -308,5 +309,5 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], fingerprint: str, p
                               "another output_dir")
     if state.get("train_data") != fingerprint:
         raise ConfigError(f"resume_from_checkpoint: the train rows differ from those {path.name} was trained on "
-                          "(dataset, sequence_len, sample_packing or tokenizer changed); resume with the same data, "
-                          "or start a new run in another output_dir")
+                          "(dataset, sequence_len, excess_length_strategy, sample_packing or tokenizer changed); "
+                          "resume with the same data, or start a new run in another output_dir")
