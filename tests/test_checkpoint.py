@@ -127,12 +127,16 @@ def test_the_log_says_how_many_rows_an_epoch_leaves_out(model_dir, tmp_path):
 def test_step_intervals_given_as_ratios_of_the_run(model_dir, tmp_path):
     """eval_steps / save_steps below 1 (Hugging Face's ratios) run every ceil(ratio x steps): 0.5 of 4 is every 2."""
     out, lines = tmp_path / "run", []
-    train(_cfg(model_dir, out, max_steps=4, save_steps=0.5, eval_steps=0.3, logging_steps=0.5), log=lines.append)
+    train(_cfg(model_dir, out, max_steps=4, save_steps=0.5, eval_steps=0.3, logging_steps=0.5, warmup_steps=0.3,
+               lr_scheduler_type="constant"), log=lines.append)
     assert [step for step, _ in checkpoint.list_checkpoints(out)] == [2, 4]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     assert "logging_steps: 0.5 of 4 steps is every 2; eval_steps: 0.3 of 4 steps is every 2; save_steps: 0.5 of 4 " \
-           "steps is every 2" in lines
+           "steps is every 2; warmup_steps: 0.3 of 4 steps is 2" in lines
+    # warmup over ceil(0.3 x 4) = 2 steps: step k of them at k / 3 of the rate, then the constant rate
+    lr = _cfg(model_dir, out).learning_rate
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])
     assert [line.split("|")[0].strip() for line in lines if line.startswith("step ")] == ["step 1/4", "step 2/4",
                                                                                          "step 4/4"]
 

@@ -380,7 +380,8 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
                            r"recipe: qnf4"),
     ({"load_in_4bit": True}, r"^unknown key 'load_in_4bit'; write recipe: qnf4"),
     ({"deepspeed": "ds.json"}, r"^unknown key 'deepspeed'; run under torchrun with parallelism"),  # was: 'seed'?
-    ({"warmup_ratio": 0.1}, r"^unknown key 'warmup_ratio'; write warmup_steps: a count of optimizer steps"),
+    ({"warmup_ratio": 0.1}, r"^unknown key 'warmup_ratio'; write warmup_steps: <the ratio> \(below 1 it is a ratio of "
+                            r"the run's steps, as Hugging Face's\)$"),
     ({"lora_target_linear": True}, r"^unknown key 'lora_target_linear'; write lora_target_modules: all-linear$"),
     ({"dataset": {"type": "alpaca"}}, r"^unknown key 'dataset\.type'; write dataset\.format: alpaca, messages"),
     ({"dataset": [{"type": "alpaca"}]}, r"^unknown key 'dataset\[0\]\.type'; write dataset\[0\]\.format"),
@@ -409,7 +410,7 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
 ])
 def test_another_trainers_key_says_what_to_write(raw, expect):
     """Axolotl's, TRL's and Unsloth's names got no hint (max_seq_length, adapter, dataset.type) or a wrong one
-    (deepspeed: "did you mean 'seed'?"; warmup_ratio: warmup_steps, which counts steps)."""
+    (deepspeed: "did you mean 'seed'?")."""
     with pytest.raises(ConfigError, match=expect):
         from_dict(raw)
 

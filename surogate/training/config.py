@@ -72,7 +72,7 @@ class TrainConfig:
     per_device_eval_batch_size: int | None = None  # None: the train batch size
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # steps, or (below 1) a ratio of the run's steps, as Hugging Face's
     weight_decay: float = 0.0
     adam_beta1: float = 0.9  # AdamW's betas and epsilon (Hugging Face's names and defaults)
     adam_beta2: float = 0.999
@@ -132,17 +132,18 @@ def _int(key: str, v: Any, minimum: int | None = None, optional: bool = False) -
     return v
 
 
-def _every(key: str, v: Any, optional: bool = False) -> int | float | None:
-    """A step interval: a whole number of optimizer steps, or a ratio in (0, 1) of the run's steps (Hugging Face's
-    `eval_steps: 0.1`, which configs brought from its Trainer hold), turned into steps once the run's total is known."""
+def _every(key: str, v: Any, optional: bool = False, least: int = 1) -> int | float | None:
+    """A count of optimizer steps (>= `least`), or a ratio in (0, 1) of the run's steps (Hugging Face's
+    `eval_steps: 0.1`, `warmup_steps: 0.1`, which configs brought from its Trainer hold), turned into steps once the
+    run's total is known."""
     if isinstance(v, float) and not isinstance(v, bool) and math.isfinite(v):
         if 0 < v < 1:
             return v
-        if v.is_integer() and v >= 1:
+        if v.is_integer() and v >= least:
             return int(v)
-    if v is None and optional or isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+    if v is None and optional or isinstance(v, int) and not isinstance(v, bool) and v >= least:
         return v
-    raise ConfigError(f"{key}: expected a whole number of steps (>= 1) or a ratio of the run's steps in (0, 1), "
+    raise ConfigError(f"{key}: expected a whole number of steps (>= {least}) or a ratio of the run's steps in (0, 1), "
                       f"got {v!r}")
 
 
@@ -433,7 +434,7 @@ FOREIGN_KEYS = {
     "pad_to_sequence_len": "packed rows (sample_packing: true) are always sequence_len tokens, and padded batches "
                            "are padded to their longest row: drop it",
     "lr_scheduler": "write lr_scheduler_type (linear, cosine or constant)",
-    "warmup_ratio": "write warmup_steps: a count of optimizer steps (the ratio times the run's steps)",
+    "warmup_ratio": "write warmup_steps: <the ratio> (below 1 it is a ratio of the run's steps, as Hugging Face's)",
     "optimizer": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay, adam_beta1, "
                  "adam_beta2, adam_epsilon): drop it",
     "optim": "surogate trains the LoRA factors with AdamW (set learning_rate, weight_decay, adam_beta1, adam_beta2, "
@@ -602,7 +603,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c.per_device_eval_batch_size = _int("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, optional=True)
     c.gradient_accumulation_steps = _int("gradient_accumulation_steps", c.gradient_accumulation_steps, 1)
     c.learning_rate = _float("learning_rate", c.learning_rate, above=0.0)
-    c.warmup_steps = _int("warmup_steps", c.warmup_steps, 0)
+    c.warmup_steps = _every("warmup_steps", c.warmup_steps, least=0)
     c.weight_decay = _float("weight_decay", c.weight_decay, 0.0)
     c.adam_beta1, c.adam_beta2 = (_beta(key, getattr(c, key)) for key in ("adam_beta1", "adam_beta2"))
     c.adam_epsilon = _float("adam_epsilon", c.adam_epsilon, above=0.0)

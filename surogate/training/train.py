@@ -256,6 +256,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
     log_every, eval_every, save_every = (every_steps(v, total) if v else None for v in intervals.values())
     ratios = [f"{key}: {v:g} of {total} steps is every {every_steps(v, total)}"
               for key, v in intervals.items() if isinstance(v, float)]
+    warmup = every_steps(cfg.warmup_steps, total) if cfg.warmup_steps else 0
+    if isinstance(cfg.warmup_steps, float):
+        ratios.append(f"warmup_steps: {cfg.warmup_steps:g} of {total} steps is {warmup}")
     if ratios:  # Hugging Face's ratios of the run's steps
         log("; ".join(ratios))
     micro_steps = total * cfg.gradient_accumulation_steps  # the whole run's (a resumed run keeps its buckets)
@@ -274,7 +277,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         log(line)
     opt = setup.make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                cfg.adam_epsilon)
-    sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, cfg.warmup_steps, total)
+    sched = setup.make_scheduler(opt, cfg.lr_scheduler_type, warmup, total)
     history: list[dict] = []
     evals: list[dict] = []
     tokens_total, start = 0, 1
