@@ -415,11 +415,21 @@ def test_another_trainers_key_says_what_to_write(raw, expect):
         from_dict(raw)
 
 
-def test_several_unknown_keys_are_all_named():
-    """An Axolotl config has a dozen keys to change: the error named one a run."""
-    with pytest.raises(ConfigError, match=r"^unknown key 'adapter'; .* \(also unknown: 'base_model', 'lora_r', "
-                                          r"'zzz'\)$"):
-        from_dict({"adapter": "lora", "lora_r": 8, "base_model": "x", "zzz": 1, "seed": 1})
+def test_several_unknown_keys_are_all_named_each_with_what_to_write():
+    """An Axolotl config has a dozen keys to change: the error named one a run, then named the others without
+    their answers (a run each to learn them)."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({"adapter": "lora", "lora_r": 8, "base_model": "x", "zzz": 1, "seed": 1, "local_rank": 0})
+    lines = str(e.value).splitlines()
+    assert lines[0] == "5 unknown keys, each with what to write:"
+    assert lines[1].startswith("  adapter: surogate always trains a LoRA adapter: drop it")
+    assert lines[2:6] == ["  base_model: write model: (a local Hugging Face folder or a hub id)",
+                          "  local_rank: torchrun gives each process its rank: drop it",  # was "did you mean lora_rank"
+                          "  lora_r: write lora_rank", "  zzz: not a key here"]
+    assert lines[6].startswith("  (valid keys: model, tokenizer, ") and len(lines) == 7
+    with pytest.raises(ConfigError, match=r"^2 unknown keys, each with what to write:\n  dataset\.path_: did you mean "
+                                          r"'dataset\.path'\?\n  dataset\.type: write dataset\.format"):
+        from_dict({"dataset": {"type": "alpaca", "path_": "x"}})
 
 
 def test_foreign_key_hints_name_real_keys():

@@ -459,6 +459,32 @@ FOREIGN_KEYS = {
     "use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
                   "lora_alpha: alpha x sqrt(rank))",
     "lora_task_type": "surogate trains causal LMs: drop it",
+    "local_rank": "torchrun gives each process its rank: drop it",
+    "fsdp_config": "run under torchrun with parallelism: fsdp (docs/cli.md, Several GPUs); surogate wraps the model "
+                   "itself: drop it",
+    "gradient_checkpointing_kwargs": "surogate checkpoints whole decoder blocks itself (gradient_checkpointing: true "
+                                     "or offload): drop it",
+    **dict.fromkeys(("hub_model_id", "push_to_hub", "hub_strategy", "hub_private_repo"),
+                    "surogate uploads nothing: the adapter is in output_dir/adapter (huggingface_hub's upload_folder "
+                    "takes it): drop it"),
+    "max_packed_sequence_len": "write sequence_len (a packed row holds sequence_len tokens)",
+    "strict": "surogate refuses unknown keys, and a key is replaced from the command line with --set: drop it",
+    "dataset_prepared_path": "surogate keeps the tokenized data in its cache (dataset.cache; $SUROGATE_CACHE_DIR says "
+                             "where): drop it",
+    "lora_fan_in_fan_out": "PEFT reads each layer's layout (GPT-2's Conv1D) itself: drop it",
+    **dict.fromkeys(("eval_table_size", "eval_max_new_tokens"), "not supported (generations during eval): drop it"),
+    "debug": "not supported (--print-config shows the run's config; the data log counts cut and left-out examples): "
+             "drop it",
+    **dict.fromkeys(("torch_compile", "torch_compile_backend", "torch_compile_mode"),
+                    "surogate compiles the model itself: drop it"),
+    "eval_sample_packing": "the eval rows are laid out as sample_packing says: drop it",
+    "auto_resume_from_checkpoints": "write resume_from_checkpoint: true (the latest checkpoint in output_dir)",
+    "save_safetensors": "the adapter (and each checkpoint's) is saved as safetensors: drop it",
+    **dict.fromkeys(("dataloader_num_workers", "dataloader_pin_memory", "dataloader_prefetch_factor"),
+                    "surogate makes its batches from rows tokenized before the first step: drop it"),
+    **dict.fromkeys(("plugins", "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_layer_norm",
+                     "liger_fused_linear_cross_entropy", "cut_cross_entropy"),
+                    "surogate fuses the norms, RoPE, SwiGLU and the LM head's loss itself: drop it"),
     **dict.fromkeys(("early_stopping_patience", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"),
                     "not supported: the run trains max_steps or num_epochs; with eval_steps and save_steps, "
                     "metrics.jsonl gives each checkpoint-<step>'s eval loss to pick the best by: drop it"),
@@ -493,27 +519,33 @@ DATASET_FOREIGN_KEYS = {
 
 
 def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
-    """The first unknown key, with the likeliest meant one: a dataset key written at the top level (as
-    Axolotl's train_on_inputs, chat_template, val_set_size) is `dataset.<key>`; another trainer's key
-    (FOREIGN_KEYS) says what to write here. The others are named too, so that a config brought from another
-    trainer shows at once how much there is to change."""
+    """Unknown keys, each with the likeliest meant one: a dataset key written at the top level (as Axolotl's
+    train_on_inputs, chat_template, val_set_size) is `dataset.<key>`; another trainer's key (FOREIGN_KEYS) says
+    what to write here. Several are listed one a line, each with its answer, so that a config brought from another
+    trainer is mended in one pass (one a run took a dozen runs)."""
+    if not keys:
+        return
     dataset_keys = [f.name for f in dataclasses.fields(DatasetConfig)] if not where else []
     foreign = DATASET_FOREIGN_KEYS if where else FOREIGN_KEYS
-    ordered = sorted(keys, key=str)
-    more = f" (also unknown: {', '.join(repr(where + str(k)) for k in ordered[1:])})" if len(ordered) > 1 else ""
-    for k in ordered:
+
+    def hint(k: str) -> str | None:
         close = difflib.get_close_matches(str(k), valid, n=1)
         if k in dataset_keys:
-            hint = f"; it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
-        elif k == "datasets":  # Axolotl's key
-            hint = "; write dataset: a mapping for one source, or a list of them for a mix"
-        elif k in foreign:  # a dataset key's hint names it as the error does (dataset[1].format in a mix)
-            hint = "; " + (foreign[k].replace("dataset.", where) if where else foreign[k])
-        elif close:
-            hint = f"; did you mean {where + close[0]!r}?"
-        else:
-            hint = f"; valid keys: {', '.join(valid)}"
-        raise ConfigError(f"unknown key {where + str(k)!r}{hint}{more}")
+            return f"it belongs under dataset: write dataset.{k} (--set dataset.{k}=...)"
+        if k == "datasets":  # Axolotl's key
+            return "write dataset: a mapping for one source, or a list of them for a mix"
+        if k in foreign:  # a dataset key's hint names it as the error does (dataset[1].format in a mix)
+            return foreign[k].replace("dataset.", where) if where else foreign[k]
+        return f"did you mean {where + close[0]!r}?" if close else None
+
+    ordered = sorted(keys, key=str)
+    valid_line = f"valid keys: {', '.join(valid)}"
+    if len(ordered) == 1:
+        k = ordered[0]
+        raise ConfigError(f"unknown key {where + str(k)!r}; {hint(k) or valid_line}")
+    lines = [f"  {where + str(k)}: {hint(k) or 'not a key here'}" for k in ordered]
+    head = f"{len(ordered)} unknown keys, each with what to write:"
+    raise ConfigError("\n".join([head, *lines, f"  ({valid_line})"]))
 
 
 def _dataset(raw: Any, key: str = "dataset") -> DatasetConfig:
