@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune LoRA adapters from a YAML config (none: the embedded default)",
                        description="Fine-tune LoRA adapters. With no CONFIG, runs the embedded default: a tiny "
-                                   "Qwen3 on the bundled GSM8K sample (no download). Keys: docs/cli.md.")
+                                   "Qwen3 on the bundled GSM8K sample (no download). Keys: --print-config lists them "
+                                   "with their defaults; docs/cli.md in the source explains them.")
     t.add_argument("config", nargs="?", default=None, help="YAML config file (default: the embedded default)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set max_steps=10 --set dataset.max_train_samples=50")

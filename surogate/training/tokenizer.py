@@ -60,7 +60,8 @@ def _default_cache_key(vocab_size: int, texts: list[str]) -> str:
 
 
 def default_tokenizer_path(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
-    """The cached `tokenizer.json` of the embedded default, trained on first use."""
+    """The cached `tokenizer.json` of the embedded default, trained on first use (OSError: the cache dir
+    cannot be written)."""
     texts = _training_texts()
     path = cache_dir() / "tokenizers" / f"gsm8k-bpe-{vocab_size}-{_default_cache_key(vocab_size, texts)}.json"
     if not path.exists():
@@ -68,10 +69,14 @@ def default_tokenizer_path(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
         text = train_default_tokenizer_json(vocab_size, texts)
         # Write then rename, so that two processes building at once never leave a torn file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
+            os.replace(tmp, path)
+        except OSError:  # a full disk: leave no partial file behind
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -79,8 +84,14 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
     """The embedded default as a `transformers` fast tokenizer (EOS doubles as padding)."""
     from transformers import PreTrainedTokenizerFast
 
+    try:
+        source = {"tokenizer_file": str(default_tokenizer_path(vocab_size))}
+    except OSError:  # no writable cache dir (a read-only home): trained in memory, about a second each run
+        from tokenizers import Tokenizer
+
+        source = {"tokenizer_object": Tokenizer.from_str(train_default_tokenizer_json(vocab_size))}
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(default_tokenizer_path(vocab_size)),
+        **source,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
         model_max_length=1 << 20,
