@@ -405,6 +405,10 @@ def test_a_dataset_key_at_the_top_level_points_under_dataset(key, value):
                                              r"raise$"),
     ({"load_best_model_at_end": True}, r"^unknown key 'load_best_model_at_end'; not supported: .* metrics\.jsonl gives "
                                        r"each checkpoint-<step>'s eval loss to pick the best by: drop it$"),
+    ({"train_on_eos": "turn"}, r"^unknown key 'train_on_eos'; a dataset key: each assistant turn's end-of-turn text "
+                               r"is trained"),  # Axolotl writes it at the top level too: it listed every key
+    ({"cosine_min_lr_ratio": 0.1}, r"^unknown key 'cosine_min_lr_ratio'; not supported: lr_scheduler_type is one of "
+                                   r"linear, cosine, constant: drop it$"),
     ({"lr_scheduler_kwargs": {}}, r"^unknown key 'lr_scheduler_kwargs'; not supported: write lr_scheduler_type "
                                   r"\(linear, cosine, constant\) and warmup_steps: drop it$"),
 ])

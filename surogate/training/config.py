@@ -493,6 +493,29 @@ FOREIGN_KEYS = {
     "lr_scheduler_kwargs": f"not supported: write lr_scheduler_type ({', '.join(SCHEDULERS)}) and warmup_steps: "
                            "drop it",
     "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
+    "dataset_processes": "surogate tokenizes a large split in several processes itself: drop it",
+    **dict.fromkeys(("modules_to_save", "unfrozen_parameters"),
+                    "not supported: surogate trains the LoRA factors only; drop it"),
+    **dict.fromkeys(("use_dora", "peft_use_dora"), "not supported: DoRA (the fused kernels take plain LoRA): drop it"),
+    "peft_use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), "
+                       "write lora_alpha: alpha x sqrt(rank))",
+    "tokens": "not supported: new tokens need their embeddings trained (surogate trains the LoRA factors only): "
+              "drop it",
+    **dict.fromkeys(("use_wandb", "wandb_mode", "wandb_watch", "wandb_log_model", "wandb_run_id"), _NO_WANDB),
+    **dict.fromkeys(("mlflow_experiment_name", "mlflow_tracking_uri", "mlflow_run_name"),
+                    "write report_to: tensorboard (MLflow is not supported; metrics.jsonl in output_dir is always "
+                    "written)"),
+    "remove_unused_columns": "surogate reads the format's fields only: drop it",
+    "bf16_full_eval": "the eval runs in the recipe's precision: drop it",
+    "shuffle_merged_datasets": "a mix's rows are shuffled together each epoch (by seed): drop it",
+    **dict.fromkeys(("sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size"),
+                    "not supported: several GPUs run parallelism: ddp or fsdp under torchrun (docs/cli.md): drop it"),
+    **dict.fromkeys(("device_map", "max_memory"),
+                    "surogate puts the whole model on the GPU (one a process under torchrun): drop it"),
+    **dict.fromkeys(("lr_quadratic_warmup", "cosine_min_lr_ratio", "cosine_constant_lr_ratio"),
+                    f"not supported: lr_scheduler_type is one of {', '.join(SCHEDULERS)}: drop it"),
+    "peft_layers_to_transform": "not supported in the config (in a script, PEFT's LoraConfig(layers_to_transform=...) "
+                                "before surogate.compile is): drop it",
     "truncation_mode": "an example longer than sequence_len keeps its first sequence_len tokens (TRL's keep_start; "
                        "keep_end is not supported): drop it, or write excess_length_strategy: drop or raise",
 }
@@ -536,6 +559,8 @@ def _unknown(where: str, keys: set[str], valid: list[str]) -> None:
             return "write dataset: a mapping for one source, or a list of them for a mix"
         if k in foreign:  # a dataset key's hint names it as the error does (dataset[1].format in a mix)
             return foreign[k].replace("dataset.", where) if where else foreign[k]
+        if not where and k in DATASET_FOREIGN_KEYS:  # a dataset source's key of another trainer, at the top level
+            return f"a dataset key: {DATASET_FOREIGN_KEYS[k]}"
         return f"did you mean {where + close[0]!r}?" if close else None
 
     ordered = sorted(keys, key=str)
