@@ -169,12 +169,27 @@ def supports(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return False
-    module = sys.modules.get(type(model).__module__)
-    if module is None or "ALL_ATTENTION_FUNCTIONS" not in vars(module):
+    if not _defined_with_attention_functions(type(model)):
         return False
     readers = _segment_readers(model).values()
     return (passes_layer_kwargs(model) and all(getattr(m, "is_causal", True) is not False for m in readers)
             and not any(isinstance(getattr(m, "indexer", None), nn.Module) for m in readers))
+
+
+def _defined_with_attention_functions(cls: type) -> bool:
+    """Whether `cls`, or a model class it subclasses, is defined in a module that holds `ALL_ATTENTION_FUNCTIONS`.
+    The base classes count: remote code (`trust_remote_code`) that subclasses transformers' Llama lives in a module
+    of its own that imports only `LlamaForCausalLM`. transformers' `PreTrainedModel` and above do not count (its
+    module holds the registry for every model)."""
+    from transformers import PreTrainedModel
+
+    for base in cls.__mro__:
+        if base is PreTrainedModel:
+            return False
+        module = sys.modules.get(base.__module__)
+        if module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module):
+            return True
+    return False
 
 
 def reads_position_ids(model: nn.Module) -> bool:

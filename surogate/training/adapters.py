@@ -141,24 +141,26 @@ def _check_adapter_dir(adapter_dir: "str | os.PathLike") -> Path:
     return d
 
 
-def _load_base(model_dir: "str | os.PathLike", dtype: torch.dtype) -> nn.Module:
+def _load_base(model_dir: "str | os.PathLike", dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoConfig
 
     from surogate.training.model_class import causal_lm_class
 
-    return causal_lm_class(AutoConfig.from_pretrained(str(model_dir))).from_pretrained(str(model_dir), dtype=dtype)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return causal_lm_class(config).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_adapter(model: "nn.Module | str | os.PathLike", adapter_dir: "str | os.PathLike",
-                 is_trainable: bool = False, dtype: torch.dtype = torch.bfloat16):
+                 is_trainable: bool = False, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False):
     """A `PeftModel`: the adapter in `adapter_dir` on `model` (a module, or a model directory / hub id
-    loaded in `dtype`). `is_trainable=True` to continue training it."""
+    loaded in `dtype`; `trust_remote_code=True` for one that ships its own modeling code). `is_trainable=True` to
+    continue training it."""
     from peft import PeftModel
 
     from surogate.compat import quiet_peft_deprecations
 
     d = _check_adapter_dir(adapter_dir)
-    base = model if isinstance(model, nn.Module) else _load_base(model, dtype)
+    base = model if isinstance(model, nn.Module) else _load_base(model, dtype, trust_remote_code)
     with quiet_peft_deprecations():
         return PeftModel.from_pretrained(base, str(d), is_trainable=is_trainable)
 
@@ -188,18 +190,20 @@ def merge_dtype(dtype: "torch.dtype | str") -> torch.dtype:
 
 
 def merge(model_dir: "str | os.PathLike", adapter_dir: "str | os.PathLike", out_dir: "str | os.PathLike",
-          dtype: "torch.dtype | str" = torch.bfloat16) -> Path:
+          dtype: "torch.dtype | str" = torch.bfloat16, trust_remote_code: bool = False) -> Path:
     """Write base + adapter as one plain Hugging Face checkpoint in `dtype` (bf16 by default; a torch dtype
     or its name: bfloat16, float16, float32).
 
     The merge runs in FP32 (W + scale * B @ A) and rounds once to `dtype`, so the merged model
     differs from base + adapter only by that rounding. The tokenizer is copied along when the
-    model or adapter directory has one.
+    model or adapter directory has one. `trust_remote_code=True` for a base that ships its own modeling code
+    (its files are written beside the merged weights).
     """
     dtype = merge_dtype(dtype)
     d = _check_adapter_dir(adapter_dir)
     out = Path(out_dir)
-    merged = load_adapter(model_dir, d, dtype=torch.float32).merge_and_unload()
+    merged = load_adapter(model_dir, d, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged = merged.merge_and_unload()
     merged = merged.to(dtype)
     merged.config.dtype = dtype
     out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="the folder to write (new, or empty)")
     m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),  # adapters.MERGE_DTYPES
                    help="dtype of the merged weights (default bfloat16)")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="load a BASE that ships its own modeling code (runs its Python files)")
 
     i = sub.add_parser("info", help="what surogate runs on this machine or on a given GPU architecture")
     i.add_argument("--arch", default=None, help="an architecture such as sm_90 or sm_120 (default: this GPU)")
@@ -97,11 +99,11 @@ def _merge(args: argparse.Namespace) -> int:
         raise ConfigError(f"OUT: {args.out!r} exists and is {'a file' if not out.is_dir() else 'not empty'}; "
                           "name a new folder")
     check_model_name("BASE", args.base, allow_default=False)  # a missing folder, or a mistyped one
-    model_config(args.base, key="BASE")  # a folder without a readable config.json, or a hub id the hub lacks
+    model_config(args.base, key="BASE", trust_remote_code=args.trust_remote_code)  # unreadable, or not on the hub
     _quiet_libraries()
     from surogate.training.adapters import merge
 
-    written = merge(args.base, adapter, out, dtype=args.dtype)
+    written = merge(args.base, adapter, out, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged: {written}")
     return 0
 

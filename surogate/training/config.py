@@ -59,6 +59,7 @@ class TrainConfig:
 
     model: str = "default"  # "default", a local HF directory, or a hub id
     tokenizer: str | None = None  # None: the model's own, else the embedded default
+    trust_remote_code: bool = False  # run the model's / tokenizer's own Python code (auto_map): remote_code.py
     recipe: str = "bf16"
     arch: str | None = None  # None: the current GPU (or the CPU reference); "sm_90" etc.
     allow_emulation: bool = False
@@ -648,6 +649,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     c = TrainConfig(**raw, dataset=dataset)
     c.model = check_model_name("model", c.model)
     c.tokenizer = _tokenizer("tokenizer", c.tokenizer)
+    c.trust_remote_code = _bool("trust_remote_code", c.trust_remote_code)
     c.recipe = _recipe("recipe", c.recipe)
     c.arch = _arch("arch", c.arch)
     c.allow_emulation = _bool("allow_emulation", c.allow_emulation)

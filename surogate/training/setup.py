@@ -47,11 +47,11 @@ def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
     from surogate.training.tokenizer import has_tokenizer_files, load_tokenizer
 
     if cfg.tokenizer is not None or cfg.model == "default":
-        return load_tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if is_local_model(cfg.model) and not has_tokenizer_files(Path(cfg.model).expanduser()):
         log(f"{cfg.model} has no tokenizer; using the embedded default (set `tokenizer:` to choose one)")
         return load_tokenizer(None)
-    return load_tokenizer(cfg.model)
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
 
 
 def embedded_model_config(tokenizer=None):
@@ -80,7 +80,9 @@ def load_base_model(cfg: TrainConfig, tokenizer, seed: int | None = None) -> nn.
         from surogate.training.model_class import causal_lm_class
 
         source = str(Path(cfg.model).expanduser()) if is_local_model(cfg.model) else cfg.model
-        model = causal_lm_class(AutoConfig.from_pretrained(source)).from_pretrained(source, dtype=torch.bfloat16)
+        trust = cfg.trust_remote_code  # the folder's own code runs only when the config says so (remote_code.py)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        model = causal_lm_class(config).from_pretrained(source, dtype=torch.bfloat16, trust_remote_code=trust)
         model = _dequantized(model, cfg.model)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:  # train_checks.check_vocab refuses it from the config; here for a config without

@@ -102,10 +102,11 @@ def is_default(name: "str | os.PathLike | None") -> bool:
     return name is None or str(name) == "default"
 
 
-def load_tokenizer(name: "str | os.PathLike | None" = None):
+def load_tokenizer(name: "str | os.PathLike | None" = None, trust_remote_code: bool = False):
     """A tokenizer from a local directory, a hub id, or (None / "default") the embedded default.
 
     A tokenizer without a pad token gets its EOS token as pad, since packing and padding need one.
+    `trust_remote_code` is passed explicitly: transformers prompts on a terminal when it is None.
     """
     if is_default(name):
         return default_tokenizer()
@@ -113,9 +114,9 @@ def load_tokenizer(name: "str | os.PathLike | None" = None):
 
     path = Path(str(name)).expanduser()
     if path.exists():
-        tok = AutoTokenizer.from_pretrained(str(path))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(name))  # a hub id (may download)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    else:  # a hub id (may download)
+        tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name!s} has no EOS token; surogate needs one to separate packed examples")
     if tok.pad_token_id is None:

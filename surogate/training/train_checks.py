@@ -36,10 +36,13 @@ def is_local_model(name: str) -> bool:
     return Path(name).expanduser().is_dir()
 
 
-def model_config(name: str, key: str = "model"):
+def model_config(name: str, key: str = "model", trust_remote_code: bool = False):
     """The config of model `name` without its weights: the embedded one ("default"), a local folder's
-    config.json, or the hub's (a few kB); one that cannot be read is a ConfigError naming `key`."""
+    config.json, or the hub's (a few kB); one that cannot be read is a ConfigError naming `key`, and one that
+    needs its own code without `trust_remote_code` the line saying so (surogate/training/remote_code.py)."""
     from transformers import AutoConfig
+
+    from surogate.training import remote_code
 
     if name == "default":
         from surogate.training.setup import embedded_model_config
@@ -48,20 +51,25 @@ def model_config(name: str, key: str = "model"):
     if is_local_model(name):
         path = Path(name).expanduser()
         try:
-            return AutoConfig.from_pretrained(str(path))
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:
+            if not trust_remote_code and remote_code.needs_remote_code(str(path)):
+                raise ConfigError(remote_code.refusal(key, str(path))) from None
             raise ConfigError(f"{key}: {path / 'config.json'} is not a config transformers reads "
                               f"({first_line(e)})") from None
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)  # a cached hub model: no network
+        return AutoConfig.from_pretrained(name, local_files_only=True,  # a cached hub model: no network
+                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         pass
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry lines ("Retrying in 8s") would bury the one-line error
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # not found, no network, offline without a cached copy: hub errors come in many types
+        if not trust_remote_code and remote_code.needs_remote_code(name):
+            raise ConfigError(remote_code.refusal(key, name)) from None
         if _hub_unreachable(e):  # the name may well be right: say what is missing, not how to spell it
             raise ConfigError(f"{key}: {name!r} is not a local folder nor a cached hub model, and the hub could not "
                               f"be reached (no network, or offline mode); download it first (hf download {name}) "
@@ -96,14 +104,14 @@ def max_positions(config) -> int | None:
     return None
 
 
-def meta_model(config) -> nn.Module | None:
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module | None:
     """The model's layers on the meta device (names and shapes, no memory), or None when the architecture
     cannot be built there (then the names are read after the load, before LoRA is attached)."""
     from surogate.training.model_class import causal_lm_class
 
     try:
         with torch.device("meta"):
-            return causal_lm_class(config).from_config(config)
+            return causal_lm_class(config).from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # an architecture whose construction needs real tensors: checked after the load instead
         return None
 
@@ -144,12 +152,12 @@ def check_model(cfg: TrainConfig) -> bool:
     """`sequence_len` against the model's positions, `sample_packing` against its attention and
     `lora_target_modules` (or the adapter in `lora_model_dir`) against its linear layers, from its config alone.
     Returns whether the targets were checked (False: check them after the load)."""
-    config = model_config(cfg.model)
+    config = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     limit = max_positions(config)
     if limit is not None and cfg.sequence_len > limit:
         raise ConfigError(f"sequence_len: {cfg.sequence_len} is more than the model's max_position_embeddings "
                           f"({limit}); set sequence_len to {limit} or less")
-    meta = meta_model(config)
+    meta = meta_model(config, cfg.trust_remote_code)
     if meta is None:
         return False
     check_packing(cfg, meta)
@@ -179,7 +187,7 @@ def check_vocab(cfg: TrainConfig, tokenizer) -> None:
     embedded default is sized to its tokenizer, and a config without `vocab_size` is checked after the load."""
     if cfg.model == "default":
         return
-    config = model_config(cfg.model)
+    config = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
