@@ -222,3 +222,27 @@ def save_remote_code_model(path: Path, kind: str = "plain", seed: int = 0, **sha
         if was_on:
             hf_logging.enable_progress_bar()
     return path
+
+
+TOKENIZATION = '''
+from transformers import PreTrainedTokenizerFast
+
+
+class TinyRemoteTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def save_remote_code_tokenizer(path: Path) -> Path:
+    """The embedded default tokenizer saved to `path` as a class of the folder's own code (tokenizer_config.json's
+    auto_map), as Qwen-1's and ChatGLM's are; loading it needs `trust_remote_code=True`."""
+    from surogate.training.tokenizer import default_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    default_tokenizer().save_pretrained(path)
+    (path / "tokenization_tiny_remote.py").write_text(TOKENIZATION)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="TinyRemoteTokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_tiny_remote.TinyRemoteTokenizer"]})
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from remote_code_models import save_remote_code_model
+from remote_code_models import save_remote_code_model, save_remote_code_tokenizer
 from test_compile_models import BOUNDS, _flat, _lora_grads, _rel, _same_operands, assert_every_target_rewritten
-from tiny_models import tiny_raw_config, write_config
+from tiny_models import save_tiny_model, tiny_raw_config, write_config
 from transformers import AutoModelForCausalLM
 
 import surogate
@@ -65,6 +65,22 @@ def test_without_the_key_the_folder_is_refused_in_one_line(remote_dir, tmp_path,
                           " modeling_tiny_remote.py, named by auto_map in its config.json); set trust_remote_code: "
                           "true to load it"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_of_its_own_code_is_refused_without_the_key_and_loads_with_it(tmp_path, capsys):
+    """`tokenizer:` a folder whose tokenizer_config.json maps AutoTokenizer to its own file (Qwen-1, ChatGLM): one
+    line before anything loads (was: transformers' ValueError traceback); with the key, the tokenizer is that class."""
+    tokenizer = save_remote_code_tokenizer(tmp_path / "tok")
+    raw = tiny_raw_config(save_tiny_model(tmp_path / "model"), tmp_path / "out", tokenizer=str(tokenizer))
+    assert main(["train", write_config(tmp_path / "run.yaml", raw)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"surogate: error: tokenizer: {tokenizer} ships its own tokenizer code "
+                       "(tokenization_tiny_remote.py, named by auto_map in its tokenizer_config.json); set "
+                       "trust_remote_code: true to load it (that runs its Python code on this machine: read it "
+                       "first)"), err
+    assert not any("Traceback" in line for line in err)
+    loaded = setup.load_tokenizer_for(from_dict({**raw, "trust_remote_code": True}), _quiet)
+    assert type(loaded).__name__ == "TinyRemoteTokenizer" and len(loaded) == 2048
 
 
 def test_packing_is_refused_where_the_model_attends_on_its_own(tmp_path, capsys):

@@ -21,22 +21,50 @@ def needs_remote_code(name: str) -> bool:
     return bool(auto_map) and raw.get("model_type") not in CONFIG_MAPPING
 
 
-def code_files(name: str) -> list[str]:
-    """The Python files `name`'s config.json maps its classes to (for the message)."""
-    from transformers import PretrainedConfig
+def tokenizer_needs_remote_code(name: str) -> bool:
+    """Whether `name`'s tokenizer_config.json maps AutoTokenizer to its own code for a tokenizer class transformers
+    does not have (one it has loads as transformers' class without the option)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = _tokenizer_config(name)
+    known = config.get("tokenizer_class") and tokenizer_class_from_name(config["tokenizer_class"]) is not None
+    return bool((config.get("auto_map") or {}).get("AutoTokenizer")) and not known
+
+
+def _tokenizer_config(name: str) -> dict:
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
     try:
-        raw, _ = PretrainedConfig.get_config_dict(name)
+        return get_tokenizer_config(name)
     except (OSError, ValueError):
-        return []
-    refs = [ref for ref in (raw.get("auto_map") or {}).values() for ref in (ref if isinstance(ref, list) else [ref])]
+        return {}
+
+
+def _tokenizer_auto_map(name: str) -> dict:
+    return _tokenizer_config(name).get("auto_map") or {}
+
+
+def code_files(name: str, tokenizer: bool = False) -> list[str]:
+    """The Python files `name`'s config.json (`tokenizer`: tokenizer_config.json) maps its classes to."""
+    from transformers import PretrainedConfig
+
+    if tokenizer:
+        auto_map = _tokenizer_auto_map(name)
+    else:
+        try:
+            auto_map = PretrainedConfig.get_config_dict(name)[0].get("auto_map") or {}
+        except (OSError, ValueError):
+            return []
+    refs = [ref for ref in auto_map.values() for ref in (ref if isinstance(ref, (list, tuple)) else [ref])]
     return sorted({f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in refs if isinstance(ref, str)})
 
 
-def refusal(key: str, name: str) -> str:
-    """The one line for a model that needs remote code and lacks the option (`surogate merge`'s BASE: the flag)."""
-    files = ", ".join(code_files(name)) or "its own Python files"
+def refusal(key: str, name: str, tokenizer: bool = False) -> str:
+    """The one line for a model (`tokenizer`: a tokenizer) that needs remote code and lacks the option (`surogate
+    merge`'s BASE: the flag)."""
+    files = ", ".join(code_files(name, tokenizer)) or "its own Python files"
+    what, where = ("tokenizer", "tokenizer_config.json") if tokenizer else ("modeling", "config.json")
     option = "pass --trust-remote-code" if key == "BASE" else "set trust_remote_code: true"
-    return (f"{key}: {name} ships its own modeling code ({files}, named by auto_map in its config.json); {option} "
+    return (f"{key}: {name} ships its own {what} code ({files}, named by auto_map in its {where}); {option} "
             "to load it (that runs its Python code on this machine: read it first)")
 

@@ -44,14 +44,24 @@ def pick_device() -> torch.device:
 
 def load_tokenizer_for(cfg: TrainConfig, log: Log = log_stderr):
     """The tokenizer for `cfg`: explicit > the model directory's own > the embedded default."""
-    from surogate.training.tokenizer import has_tokenizer_files, load_tokenizer
+    from surogate.training.tokenizer import has_tokenizer_files
 
     if cfg.tokenizer is not None or cfg.model == "default":
-        return load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        return _load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     if is_local_model(cfg.model) and not has_tokenizer_files(Path(cfg.model).expanduser()):
         log(f"{cfg.model} has no tokenizer; using the embedded default (set `tokenizer:` to choose one)")
-        return load_tokenizer(None)
-    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return _load_tokenizer(None, False)
+    return _load_tokenizer(cfg.model, cfg.trust_remote_code)
+
+
+def _load_tokenizer(name: str | None, trust_remote_code: bool):
+    """`load_tokenizer`, with a tokenizer of its own code refused in one line without `trust_remote_code`."""
+    from surogate.training import remote_code
+    from surogate.training.tokenizer import load_tokenizer
+
+    if name not in (None, "default") and not trust_remote_code and remote_code.tokenizer_needs_remote_code(name):
+        raise ConfigError(remote_code.refusal("tokenizer", name, tokenizer=True))
+    return load_tokenizer(name, trust_remote_code=trust_remote_code)
 
 
 def embedded_model_config(tokenizer=None):
