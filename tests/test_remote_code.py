@@ -137,6 +137,19 @@ def test_the_run_trains_and_peft_reproduces_its_eval_loss(remote_dir, tmp_path, 
     assert abs(merged_loss - got) < SAME_TOL * got, (merged_loss, got)
 
 
+def test_a_loss_of_its_own_is_said_where_accumulation_would_weigh_it_otherwise(compile_dir):
+    """The plain decoder's forward computes F.cross_entropy's mean and drops `num_items_in_batch`: with gradient
+    accumulation its micro-batches weigh equally, which the run says in one line; the Llama subclass's
+    `loss_function` takes the count (no line), and one micro-batch a step needs none."""
+    kind, folder = compile_dir
+    model = _load(folder)
+    note = steps.own_loss_note(model, 2)
+    assert (note is not None) == (kind == "plain"), note
+    assert note is None or note.startswith("note: TinyPlainForCausalLM computes its own loss (its forward takes no "
+                                           "num_items_in_batch): with 2 micro-batches a step, each weighs the same")
+    assert steps.own_loss_note(model, 1) is None
+
+
 @pytest.mark.parametrize("recipe", ["bf16", "qnf4"])
 def test_compile_matches_eager_peft(compile_dir, recipe):
     """surogate.compile on the model loaded with trust_remote_code=True: every LoRA linear rewritten, the loss within

@@ -222,6 +222,22 @@ def step_items(batches: list[dict[str, torch.Tensor]], shares: int, device: torc
     return torch.full((), max(targets, 1) / shares, device=device)
 
 
+def own_loss_note(model: nn.Module, shares: int) -> str | None:
+    """The line saying that `step_items` cannot reach `model`'s loss, or None when it can or need not (`shares`,
+    accumulation x world, is 1). A forward that neither calls transformers' `loss_function` nor names
+    `num_items_in_batch` (remote code with its own `CrossEntropyLoss()`) drops the count: each micro-batch's loss is
+    its own mean, and the micro-batches weigh equally."""
+    import inspect
+
+    code = getattr(inspect.unwrap(type(model).forward), "__code__", None)
+    if shares <= 1 or code is None or "loss_function" in code.co_names or "num_items_in_batch" in code.co_varnames:
+        return None
+    return (f"note: {type(model).__name__} computes its own loss (its forward takes no num_items_in_batch): with "
+            f"{shares} micro-batches a step, each weighs the same whatever its target count (Hugging Face's Trainer "
+            "before 4.46), not the step's token mean; one micro-batch a step (gradient_accumulation_steps: 1, "
+            "one process) avoids it")
+
+
 # --- evaluation ----------------------------------------------------------------------------------
 
 def _pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:

@@ -222,6 +222,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, log: Log,
         out.mkdir(parents=True, exist_ok=True)
 
     base = setup.load_base_model(cfg, tokenizer)
+    note = steps.own_loss_note(base, cfg.gradient_accumulation_steps * world)
+    if note and main:
+        log(note)
     if not targets_checked:
         train_checks.check_lora_targets(cfg, base)
     base_ref = str(Path(cfg.model).expanduser().resolve()) if train_checks.is_local_model(cfg.model) else cfg.model
