@@ -426,7 +426,8 @@ FOREIGN_KEYS = {
     "lora_r": "write lora_rank", "r": "write lora_rank",
     "target_modules": "write lora_target_modules",
     "lora_target_linear": "write lora_target_modules: all-linear",
-    "lora_modules_to_save": "not supported: surogate trains the LoRA factors only; drop it",
+    **dict.fromkeys(("lora_modules_to_save", "modules_to_save", "unfrozen_parameters"),
+                    "not supported: surogate trains the LoRA factors only; drop it"),
     "adapter_name_or_path": "write lora_model_dir (an adapter to start from)",
     "micro_batch_size": "write per_device_train_batch_size",
     "num_train_epochs": "write num_epochs",
@@ -457,8 +458,9 @@ FOREIGN_KEYS = {
     "use_gradient_checkpointing": "write gradient_checkpointing (true, false or offload)",
     "random_state": "write seed",
     "chat_template_jinja": "write dataset.chat_template: (the Jinja string, or a path to a .jinja file)",
-    "use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
-                  "lora_alpha: alpha x sqrt(rank))",
+    **dict.fromkeys(("use_rslora", "peft_use_rslora"),
+                    "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), write "
+                    "lora_alpha: alpha x sqrt(rank))"),
     "lora_task_type": "surogate trains causal LMs: drop it",
     "local_rank": "torchrun gives each process its rank: drop it",
     "fsdp_config": "run under torchrun with parallelism: fsdp (docs/cli.md, Several GPUs); surogate wraps the model "
@@ -493,13 +495,9 @@ FOREIGN_KEYS = {
     "loraplus_lr_ratio": "not supported (LoRA+'s larger learning rate for lora_B): drop it",
     "lr_scheduler_kwargs": f"not supported: write lr_scheduler_type ({', '.join(SCHEDULERS)}) and warmup_steps: "
                            "drop it",
-    "dataset_num_proc": "surogate tokenizes a large split in several processes itself: drop it",
-    "dataset_processes": "surogate tokenizes a large split in several processes itself: drop it",
-    **dict.fromkeys(("modules_to_save", "unfrozen_parameters"),
-                    "not supported: surogate trains the LoRA factors only; drop it"),
+    **dict.fromkeys(("dataset_num_proc", "dataset_processes"),
+                    "surogate tokenizes a large split in several processes itself: drop it"),
     **dict.fromkeys(("use_dora", "peft_use_dora"), "not supported: DoRA (the fused kernels take plain LoRA): drop it"),
-    "peft_use_rslora": "not supported: the LoRA scale is lora_alpha / lora_rank (for rsLoRA's alpha / sqrt(rank), "
-                       "write lora_alpha: alpha x sqrt(rank))",
     "tokens": "not supported: new tokens need their embeddings trained (surogate trains the LoRA factors only): "
               "drop it",
     **dict.fromkeys(("use_wandb", "wandb_mode", "wandb_watch", "wandb_log_model", "wandb_run_id"), _NO_WANDB),

@@ -10,15 +10,20 @@ from __future__ import annotations
 def needs_remote_code(name: str) -> bool:
     """Whether `name`'s config names its own code for a model type transformers does not know (what transformers
     refuses to load without `trust_remote_code=True`). Reads config.json alone (the folder's, or the hub's)."""
-    from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    raw = _model_config(name)
+    return bool(raw.get("auto_map")) and raw.get("model_type") not in CONFIG_MAPPING
+
+
+def _model_config(name: str) -> dict:
+    """`name`'s config.json as a dict ({} when it cannot be read)."""
+    from transformers import PretrainedConfig
+
     try:
-        raw, _ = PretrainedConfig.get_config_dict(name)
+        return PretrainedConfig.get_config_dict(name)[0]
     except (OSError, ValueError):
-        return False
-    auto_map = raw.get("auto_map") or {}
-    return bool(auto_map) and raw.get("model_type") not in CONFIG_MAPPING
+        return {}
 
 
 def tokenizer_needs_remote_code(name: str) -> bool:
@@ -40,21 +45,9 @@ def _tokenizer_config(name: str) -> dict:
         return {}
 
 
-def _tokenizer_auto_map(name: str) -> dict:
-    return _tokenizer_config(name).get("auto_map") or {}
-
-
 def code_files(name: str, tokenizer: bool = False) -> list[str]:
     """The Python files `name`'s config.json (`tokenizer`: tokenizer_config.json) maps its classes to."""
-    from transformers import PretrainedConfig
-
-    if tokenizer:
-        auto_map = _tokenizer_auto_map(name)
-    else:
-        try:
-            auto_map = PretrainedConfig.get_config_dict(name)[0].get("auto_map") or {}
-        except (OSError, ValueError):
-            return []
+    auto_map = (_tokenizer_config(name) if tokenizer else _model_config(name)).get("auto_map") or {}
     refs = [ref for ref in auto_map.values() for ref in (ref if isinstance(ref, (list, tuple)) else [ref])]
     return sorted({f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in refs if isinstance(ref, str)})
 
